@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# The main job on this machine: set up, build trt-diff, write an MLP model as ONNX in four precisions and build
+# real TensorRT engines from them (the TensorRT-RTX builder runs without a GPU), then show what was built.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cd "$root"
+bash scripts/setup.sh
+cargo build --release --bins --examples
+bin=target/release/trt-diff
+out=target/demo
+mkdir -p "$out"
+"$bin" doctor
+for p in f32 f16 fp8 nvfp4; do
+  target/release/examples/write_mlp "$out/mlp_$p.onnx" "$p" --dynamic --hidden 256
+  "$bin" build "$out/mlp_$p.onnx" --out "$out/mlp_$p.plan" --shapes x=1x64:8x64:64x64 --timing-cache "$out/timing.cache"
+done
+"$bin" build "$out/mlp_nvfp4.onnx" --out "$out/mlp_nvfp4_blackwell.plan" --shapes x=1x64:8x64:64x64 --targets sm120,sm121
+"$bin" inspect "$out/mlp_nvfp4.onnx"
+"$bin" inspect "$out/mlp_nvfp4_blackwell.plan"

@@ -1,0 +1,68 @@
+#!/usr/bin/env bash
+# Installs into the project-local cache (.cache/) what a fresh machine lacks:
+#   - the TensorRT-RTX builder/parser libraries (PyPI tensorrt-rtx-cu13-libs)
+#   - TensorRT headers from the trtx-sys source package (cargo fetch; headers only, never built)
+#   - ONNX Runtime (PyPI onnxruntime) for the CPU backend
+#   - a Python venv with onnx, onnxruntime, ml-dtypes, numpy for the tests
+# Idempotent: a finished step is skipped, so re-running offline works once it has run online.
+set -euo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+cache=${TRT_DIFF_CACHE:-$root/.cache}
+mkdir -p "$cache/lib"
+log() { printf '[setup] %s\n' "$*" >&2; }
+
+TRT_RTX_PIN="tensorrt-rtx-cu13-libs==1.7.1.116"
+TRTX_SYS_PIN="=0.9.1"
+PY_PKGS=(onnx==1.23.2 onnxruntime==1.32.0 ml-dtypes==0.6.0 numpy==2.4.6)
+
+# 1. Python venv with the reference tools and the wheels that carry native libraries.
+venv="$cache/venv"
+stamp="$venv/.trt-diff-setup-v1"
+if [ ! -f "$stamp" ]; then
+  log "creating Python venv in $venv"
+  python3 -m venv "$venv"
+  "$venv/bin/pip" install --quiet "${PY_PKGS[@]}" "$TRT_RTX_PIN"
+  touch "$stamp"
+else
+  log "venv present ($venv)"
+fi
+site=$("$venv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+
+# 2. Native libraries: link them into one cache folder that trt-diff searches.
+rtx_dir="$site/tensorrt_rtx_libs"
+for so in libtensorrt_rtx.so.1 libtensorrt_onnxparser_rtx.so.1; do
+  f=$(ls "$rtx_dir"/$so* 2>/dev/null | head -n1 || true)
+  [ -n "$f" ] || { log "error: $so not found in $rtx_dir (is $TRT_RTX_PIN installed?)"; exit 1; }
+  ln -sfn "$f" "$cache/lib/$so"
+done
+ort=$(ls "$site"/onnxruntime/capi/libonnxruntime.so.1.* 2>/dev/null | head -n1 || true)
+[ -n "$ort" ] || { log "error: libonnxruntime.so not found under $site/onnxruntime/capi"; exit 1; }
+ln -sfn "$ort" "$cache/lib/libonnxruntime.so"
+
+# 3. TensorRT headers from the trtx-sys source package (only its TensorRT-Headers folder is used).
+hdr_link="$cache/trt-headers"
+if [ ! -d "$hdr_link/TRT-RTX-1.7" ]; then
+  log "fetching trtx-sys $TRTX_SYS_PIN sources for the TensorRT headers"
+  fetch_dir="$cache/trtx-fetch"
+  mkdir -p "$fetch_dir/src"
+  cat >"$fetch_dir/Cargo.toml" <<TOML
+[package]
+name = "trtx-headers-fetch"
+version = "0.0.0"
+edition = "2021"
+publish = false
+[dependencies]
+trtx-sys = "$TRTX_SYS_PIN"
+[workspace]
+TOML
+  : >"$fetch_dir/src/lib.rs"
+  (cd "$fetch_dir" && cargo fetch --quiet)
+  cargo_home=${CARGO_HOME:-$HOME/.cargo}
+  src=$(ls -d "$cargo_home"/registry/src/*/trtx-sys-0.9.1* 2>/dev/null | head -n1 || true)
+  [ -n "$src" ] && [ -d "$src/TensorRT-Headers" ] || { log "error: trtx-sys sources not found under $cargo_home/registry/src"; exit 1; }
+  ln -sfn "$src/TensorRT-Headers" "$hdr_link"
+else
+  log "TensorRT headers present ($hdr_link)"
+fi
+
+log "done: libraries in $cache/lib, headers in $hdr_link, venv in $venv"

@@ -1,0 +1,192 @@
+//! Command-line definitions and their mapping onto library calls; no logic of its own.
+use crate::fsutil::human_bytes;
+use crate::trt::shapes::{join, parse_shapes};
+use crate::trt::{BuildOptions, TrtChoice};
+use anyhow::{Result, bail};
+use clap::{Args, Parser, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "trt-diff",
+    version,
+    about = "Build TensorRT engines from diffusion models and small LLMs"
+)]
+pub struct Cli {
+    /// More log output (-v debug, -vv trace, TensorRT's own log included).
+    #[arg(short, long, action = clap::ArgAction::Count, global = true)]
+    pub verbose: u8,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand)]
+pub enum Command {
+    /// Report GPUs, driver, TensorRT flavours and ONNX Runtime found on this machine.
+    Doctor {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        trt: TrtArgs,
+    },
+    /// Build a TensorRT engine (NAME.plan + NAME.plan.json manifest) from an ONNX file.
+    Build(BuildArgs),
+    /// Show what is inside a .onnx or .plan file.
+    Inspect {
+        file: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct TrtArgs {
+    /// Folder with the TensorRT libraries (searched before TRT_LIB_DIR, LD_LIBRARY_PATH and standard places).
+    #[arg(long, value_name = "DIR")]
+    pub trt_lib_dir: Option<PathBuf>,
+}
+
+#[derive(Args)]
+pub struct BuildArgs {
+    /// The ONNX model (external data files beside it are read too).
+    pub input: PathBuf,
+    /// Output plan; the manifest is written beside it as <out>.json.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// TensorRT flavour.
+    #[arg(long, value_enum, default_value_t = TrtChoice::Auto)]
+    pub trt: TrtChoice,
+    #[command(flatten)]
+    pub lib: TrtArgs,
+    /// Optimization profile of dynamic inputs: NAME=MIN:OPT:MAX, dimensions joined by x
+    /// (e.g. tokens=1x10x32:2x10x32:8x10x32). Repeat or join with commas.
+    #[arg(long, value_name = "SPEC")]
+    pub shapes: Vec<String>,
+    /// Builder optimization level 0-5 (higher: slower build, maybe faster engine).
+    #[arg(long, value_name = "N")]
+    pub opt_level: Option<i32>,
+    /// Workspace memory-pool limit in MiB.
+    #[arg(long, value_name = "MIB")]
+    pub workspace: Option<u64>,
+    /// Timing cache file: loaded when present, saved after the build.
+    #[arg(long, value_name = "FILE")]
+    pub timing_cache: Option<PathBuf>,
+    /// TensorRT-RTX target GPUs, e.g. sm86,sm89,sm120 (default: TensorRT-RTX's own set).
+    #[arg(long, value_delimiter = ',')]
+    pub targets: Vec<String>,
+    /// Make the engine refittable (weights can be replaced without a rebuild).
+    #[arg(long)]
+    pub refit: bool,
+    /// Allow weight streaming (weights stay in host memory, streamed to the GPU at run time).
+    #[arg(long)]
+    pub weight_streaming: bool,
+    /// Hide the progress bars.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+fn init_logging(verbose: u8) {
+    use tracing_subscriber::EnvFilter;
+    let default = match verbose {
+        0 => "info,tensorrt=warn",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter =
+        EnvFilter::try_from_env("TRT_DIFF_LOG").unwrap_or_else(|_| EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_target(verbose > 0)
+        .without_time()
+        .try_init();
+}
+
+pub fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose);
+    match run(cli) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.command {
+        Command::Doctor { json, trt } => {
+            let r = crate::doctor::report(trt.trt_lib_dir.as_deref());
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print!("{r}");
+            }
+            Ok(())
+        }
+        Command::Build(a) => build(a),
+        Command::Inspect { file, json } => crate::inspect::inspect(&file, json),
+    }
+}
+
+fn build(a: BuildArgs) -> Result<()> {
+    if !a.input.exists() {
+        bail!(
+            "cannot open '{}': no such file; check the path",
+            a.input.display()
+        );
+    }
+    if a.input.extension().is_none_or(|e| e != "onnx") {
+        bail!(
+            "'{}' is not an .onnx file: `trt-diff build` takes an ONNX model (rename it if it is one)",
+            a.input.display()
+        );
+    }
+    let opts = BuildOptions {
+        onnx: a.input,
+        out: a.out,
+        trt: a.trt,
+        trt_lib_dir: a.lib.trt_lib_dir,
+        shapes: parse_shapes(&a.shapes)?,
+        opt_level: a.opt_level,
+        workspace_bytes: a.workspace.map(|m| m << 20),
+        timing_cache: a.timing_cache,
+        targets: a.targets,
+        refit: a.refit,
+        weight_streaming: a.weight_streaming,
+        progress: !a.no_progress,
+    };
+    let o = crate::trt::build_engine(&opts)?;
+    let m = &o.manifest;
+    println!(
+        "built {} ({}) with {} {} in {:.2}s (TensorRT parse {:.2}s, build {:.2}s)",
+        o.plan.display(),
+        human_bytes(m.plan.bytes),
+        m.tensorrt.flavor_display(),
+        m.tensorrt.version,
+        o.timings.total,
+        o.timings.trt_parse,
+        o.timings.trt_build
+    );
+    for t in &m.io {
+        let profile = t
+            .profile
+            .as_ref()
+            .map(|p| {
+                format!(
+                    "  profile {}:{}:{}",
+                    join(&p.min),
+                    join(&p.opt),
+                    join(&p.max)
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<6} {:<24} {:<12} {:?}{profile}",
+            t.mode, t.name, t.dtype, t.shape
+        );
+    }
+    println!("manifest {}", o.manifest_path.display());
+    Ok(())
+}

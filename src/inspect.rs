@@ -1,0 +1,172 @@
+//! `trt-diff inspect FILE`: a readable account of .onnx and .plan files.
+use crate::fsutil::human_bytes;
+use crate::manifest::{check_plan, looks_like_plan};
+use crate::onnx::OnnxFile;
+use crate::onnx::summary::OnnxSummary;
+use crate::trt::shapes::join;
+use anyhow::{Result, bail};
+use std::io::Read;
+use std::path::Path;
+
+enum Kind {
+    Onnx,
+    Plan,
+}
+
+fn kind(path: &Path) -> Result<Kind> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("onnx") => return Ok(Kind::Onnx),
+        Some("plan" | "engine" | "trt") => return Ok(Kind::Plan),
+        _ => {}
+    }
+    let mut head = [0u8; 8];
+    let n = std::fs::File::open(path)
+        .and_then(|mut f| f.read(&mut head))
+        .map_err(|e| anyhow::anyhow!("cannot open '{}': {e}; check the path", path.display()))?;
+    if looks_like_plan(&head[..n]) {
+        return Ok(Kind::Plan);
+    }
+    bail!(
+        "'{}': unknown file kind; inspect reads .onnx models and .plan engines (name the file accordingly)",
+        path.display()
+    )
+}
+
+pub fn inspect(path: &Path, json: bool) -> Result<()> {
+    match kind(path)? {
+        Kind::Onnx => {
+            let s = OnnxSummary::of(&OnnxFile::load(path)?);
+            if json {
+                println!("{}", serde_json::to_string_pretty(&s)?);
+            } else {
+                print_onnx(&s);
+            }
+        }
+        Kind::Plan => {
+            let r = check_plan(path)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r.manifest)?);
+                return Ok(());
+            }
+            println!(
+                "{}: TensorRT plan, {}",
+                r.path.display(),
+                human_bytes(r.bytes)
+            );
+            let Some(m) = r.manifest else {
+                println!(
+                    "  no manifest beside it (not built by trt-diff): nothing more is known without TensorRT"
+                );
+                return Ok(());
+            };
+            println!("  sha256      {} (matches manifest)", m.plan.sha256);
+            println!(
+                "  TensorRT    {} {} (headers {}), {}",
+                m.tensorrt.flavor_display(),
+                m.tensorrt.version,
+                m.tensorrt.header_version,
+                m.tensorrt.library
+            );
+            let targets = if m.tensorrt.targets.is_empty() {
+                "flavour default".to_string()
+            } else {
+                m.tensorrt.targets.join(", ")
+            };
+            println!("  targets     {targets}");
+            println!("  created     {} by {}", m.created, m.created_by);
+            let b = &m.builder;
+            println!(
+                "  builder     strongly typed, {} layers, opt level {}, workspace {}, refit {}, weight streaming {}",
+                b.layers,
+                b.optimization_level
+                    .map(|v| v.to_string())
+                    .unwrap_or_else(|| "default".into()),
+                b.workspace_bytes
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "default".into()),
+                b.refittable,
+                b.weight_streaming
+            );
+            println!(
+                "  build time  parse {:.3}s, build {:.3}s",
+                b.parse_seconds, b.build_seconds
+            );
+            println!(
+                "  source      {} ({}, sha256 {})",
+                m.source.onnx,
+                human_bytes(m.source.bytes),
+                m.source.sha256
+            );
+            for e in &m.source.external_data {
+                println!("              + {} ({})", e.file, human_bytes(e.bytes));
+            }
+            for t in &m.io {
+                let p = t
+                    .profile
+                    .as_ref()
+                    .map(|p| {
+                        format!(
+                            "  profile {}:{}:{}",
+                            join(&p.min),
+                            join(&p.opt),
+                            join(&p.max)
+                        )
+                    })
+                    .unwrap_or_default();
+                println!(
+                    "  {:<6} {:<24} {:<12} {:?}{p}",
+                    t.mode, t.name, t.dtype, t.shape
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+fn print_onnx(s: &OnnxSummary) {
+    println!(
+        "{}: ONNX IR {}, {}, produced by {}",
+        s.path,
+        s.ir_version,
+        human_bytes(s.file_bytes),
+        s.producer
+    );
+    let opsets: Vec<String> = s.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
+    println!("  opsets      {}", opsets.join(", "));
+    for (label, list) in [("input", &s.inputs), ("output", &s.outputs)] {
+        for t in list {
+            println!(
+                "  {label:<6}      {:<24} {:<12} [{}]",
+                t.name,
+                t.dtype,
+                t.shape.join(", ")
+            );
+        }
+    }
+    println!("  nodes       {}", s.nodes);
+    for (op, n) in &s.op_histogram {
+        println!("              {n:>6} {op}");
+    }
+    println!("  initializers");
+    for (dt, b) in &s.initializers {
+        println!(
+            "              {:<14} {:>6} tensors  {:>12} inline  {:>12} external",
+            dt,
+            b.count,
+            human_bytes(b.inline_bytes),
+            human_bytes(b.external_bytes)
+        );
+    }
+    if !s.external_files.is_empty() {
+        println!("  external    {}", s.external_files.join(", "));
+    }
+    if !s.qdq.is_empty() {
+        println!("  quantization ({} Q/DQ nodes)", s.qdq.len());
+        for q in &s.qdq {
+            println!(
+                "              {:<32} {:<24} {:<40} {}",
+                q.node, q.op, q.format, q.granularity
+            );
+        }
+    }
+}

@@ -1,0 +1,13 @@
+//! trt-diff: builds NVIDIA TensorRT engines from ONNX graphs (and, as the project grows, from diffusion and LLM
+//! checkpoints) and runs their pipelines. The library does the work; the `trt-diff` binary is a thin CLI on it.
+pub mod backend;
+pub mod cli;
+pub mod cuda;
+pub mod doctor;
+pub mod fsutil;
+pub mod inspect;
+pub mod manifest;
+pub mod models;
+pub mod onnx;
+pub mod quant;
+pub mod trt;

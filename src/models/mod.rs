@@ -1,0 +1,2 @@
+//! Models: plain config structs and one function each that emits the ONNX graph.
+pub mod mlp;

@@ -1,0 +1,303 @@
+//! A small typed graph builder. Models call it to emit ONNX: every value carries its dtype and (symbolic) shape,
+//! names are stable and unique (refit maps weights by name), and initializers hold `Bytes` so weights taken from a
+//! memory-mapped checkpoint are never copied before they are written.
+use super::dtype::DataType;
+use super::proto::*;
+use anyhow::{Result, bail};
+use bytes::Bytes;
+use std::collections::{BTreeMap, HashSet};
+
+/// One dimension: a fixed size or a named symbolic size (a dynamic axis).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Dim {
+    Fixed(i64),
+    Sym(String),
+}
+
+impl From<i64> for Dim {
+    fn from(v: i64) -> Self {
+        Dim::Fixed(v)
+    }
+}
+impl From<&str> for Dim {
+    fn from(v: &str) -> Self {
+        Dim::Sym(v.to_string())
+    }
+}
+
+/// Builds a `Vec<Dim>` from a mix of sizes and names: `shape![ "batch", 64 ]`.
+#[macro_export]
+macro_rules! shape {
+    ($($d:expr),* $(,)?) => { vec![$($crate::onnx::Dim::from($d)),*] };
+}
+
+/// A value in the graph under construction.
+#[derive(Clone, Debug)]
+pub struct Value {
+    pub name: String,
+    pub dtype: DataType,
+    pub shape: Vec<Dim>,
+}
+
+pub enum Attr {
+    Int(i64),
+    Float(f32),
+    Str(String),
+    Ints(Vec<i64>),
+    Floats(Vec<f32>),
+}
+
+pub struct GraphBuilder {
+    name: String,
+    opsets: BTreeMap<String, i64>,
+    nodes: Vec<NodeProto>,
+    inputs: Vec<ValueInfoProto>,
+    outputs: Vec<ValueInfoProto>,
+    initializers: Vec<TensorProto>,
+    names: HashSet<String>,
+    node_names: HashSet<String>,
+    producer: String,
+}
+
+fn unique_in(set: &mut HashSet<String>, base: &str) -> String {
+    let mut candidate = base.to_string();
+    let mut i = 0;
+    while set.contains(&candidate) {
+        i += 1;
+        candidate = format!("{base}_{i}");
+    }
+    set.insert(candidate.clone());
+    candidate
+}
+
+pub fn value_info(name: &str, dtype: DataType, shape: &[Dim]) -> ValueInfoProto {
+    let dim = shape
+        .iter()
+        .map(|d| Dimension {
+            value: Some(match d {
+                Dim::Fixed(v) => DimensionValue::DimValue(*v),
+                Dim::Sym(s) => DimensionValue::DimParam(s.clone()),
+            }),
+            denotation: String::new(),
+        })
+        .collect();
+    ValueInfoProto {
+        name: name.to_string(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: dtype.0,
+                shape: Some(TensorShapeProto { dim }),
+            }),
+            denotation: String::new(),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+impl GraphBuilder {
+    /// A graph importing the default ONNX domain at `opset`.
+    pub fn new(name: &str, opset: i64) -> Self {
+        let mut opsets = BTreeMap::new();
+        opsets.insert(String::new(), opset);
+        Self {
+            name: name.to_string(),
+            opsets,
+            nodes: Vec::new(),
+            inputs: Vec::new(),
+            outputs: Vec::new(),
+            initializers: Vec::new(),
+            names: HashSet::new(),
+            node_names: HashSet::new(),
+            producer: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
+        }
+    }
+
+    /// Imports another operator domain (e.g. "trt" for TensorRT's own ops).
+    pub fn use_domain(&mut self, domain: &str, version: i64) {
+        self.opsets.insert(domain.to_string(), version);
+    }
+
+    fn claim(&mut self, name: &str) -> Result<String> {
+        if name.is_empty() || !self.names.insert(name.to_string()) {
+            bail!(
+                "ONNX value name '{name}' is empty or already used in graph '{}'",
+                self.name
+            );
+        }
+        Ok(name.to_string())
+    }
+
+    /// A value name not yet used, derived from `base` (`base`, `base_1`, `base_2`, ...).
+    pub fn unique(&mut self, base: &str) -> String {
+        unique_in(&mut self.names, base)
+    }
+
+    pub fn input(&mut self, name: &str, dtype: DataType, shape: Vec<Dim>) -> Result<Value> {
+        let name = self.claim(name)?;
+        self.inputs.push(value_info(&name, dtype, &shape));
+        Ok(Value { name, dtype, shape })
+    }
+
+    /// Marks a value as a graph output.
+    pub fn output(&mut self, v: &Value) {
+        self.outputs.push(value_info(&v.name, v.dtype, &v.shape));
+    }
+
+    /// A constant tensor from raw little-endian bytes (packed for sub-byte types, element 0 in the low nibble).
+    pub fn initializer(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        dims: &[i64],
+        data: Bytes,
+    ) -> Result<Value> {
+        let count: i64 = dims.iter().product();
+        let Some(expected) = dtype.storage_bytes(count.max(0) as u64) else {
+            bail!("initializer '{name}': dtype {dtype} cannot be stored as raw data");
+        };
+        if data.len() as u64 != expected {
+            bail!(
+                "initializer '{name}': {} bytes given, {expected} expected for {dtype} {dims:?}",
+                data.len()
+            );
+        }
+        let name = self.claim(name)?;
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: dtype.0,
+            name: name.clone(),
+            raw_data: data,
+            ..Default::default()
+        });
+        Ok(Value {
+            name,
+            dtype,
+            shape: dims.iter().map(|&d| Dim::Fixed(d)).collect(),
+        })
+    }
+
+    pub fn const_f32(&mut self, name: &str, dims: &[i64], values: &[f32]) -> Result<Value> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::FLOAT, dims, Bytes::from(bytes))
+    }
+
+    pub fn const_i64(&mut self, name: &str, dims: &[i64], values: &[i64]) -> Result<Value> {
+        let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+        self.initializer(name, DataType::INT64, dims, Bytes::from(bytes))
+    }
+
+    /// Adds a node of the default domain; see [`GraphBuilder::node_in`].
+    pub fn node(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        outputs: Vec<(DataType, Vec<Dim>)>,
+    ) -> Result<Vec<Value>> {
+        self.node_in("", op, name, inputs, attrs, outputs)
+    }
+
+    /// Adds a node; a single output is named like the node (or `<node>:out` when that value name is taken),
+    /// several outputs `<node>:out<i>`.
+    pub fn node_in(
+        &mut self,
+        domain: &str,
+        op: &str,
+        name: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        outputs: Vec<(DataType, Vec<Dim>)>,
+    ) -> Result<Vec<Value>> {
+        if !domain.is_empty() && !self.opsets.contains_key(domain) {
+            bail!(
+                "node '{name}' uses domain '{domain}', which the graph does not import (use_domain)"
+            );
+        }
+        let node_name = unique_in(&mut self.node_names, name);
+        let single = outputs.len() == 1;
+        let mut values = Vec::with_capacity(outputs.len());
+        for (i, (dtype, shape)) in outputs.into_iter().enumerate() {
+            let out = if single && !self.names.contains(&node_name) {
+                node_name.clone()
+            } else if single {
+                format!("{node_name}:out")
+            } else {
+                format!("{node_name}:out{i}")
+            };
+            let out = self.claim(&out)?;
+            values.push(Value {
+                name: out,
+                dtype,
+                shape,
+            });
+        }
+        let attribute = attrs
+            .into_iter()
+            .map(|(n, a)| {
+                let mut p = AttributeProto {
+                    name: n.to_string(),
+                    ..Default::default()
+                };
+                match a {
+                    Attr::Int(v) => (p.r#type, p.i) = (attr_type::INT, v),
+                    Attr::Float(v) => (p.r#type, p.f) = (attr_type::FLOAT, v),
+                    Attr::Str(v) => (p.r#type, p.s) = (attr_type::STRING, v.into_bytes()),
+                    Attr::Ints(v) => (p.r#type, p.ints) = (attr_type::INTS, v),
+                    Attr::Floats(v) => (p.r#type, p.floats) = (attr_type::FLOATS, v),
+                }
+                p
+            })
+            .collect();
+        self.nodes.push(NodeProto {
+            input: inputs.iter().map(|v| v.name.clone()).collect(),
+            output: values.iter().map(|v| v.name.clone()).collect(),
+            name: node_name,
+            op_type: op.to_string(),
+            domain: domain.to_string(),
+            attribute,
+            doc_string: String::new(),
+        });
+        Ok(values)
+    }
+
+    /// Single-output convenience form of [`GraphBuilder::node`].
+    pub fn op(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        dtype: DataType,
+        shape: Vec<Dim>,
+    ) -> Result<Value> {
+        Ok(self
+            .node(op, name, inputs, attrs, vec![(dtype, shape)])?
+            .remove(0))
+    }
+
+    pub fn finish(self) -> ModelProto {
+        let default_opset = self.opsets.get("").copied().unwrap_or(0);
+        // IR 11 is the first to allow opset 23 (float4e2m1); older opsets keep IR 10 for wider compatibility.
+        let ir_version = if default_opset >= 23 { 11 } else { 10 };
+        ModelProto {
+            ir_version,
+            opset_import: self
+                .opsets
+                .into_iter()
+                .map(|(domain, version)| OperatorSetIdProto { domain, version })
+                .collect(),
+            producer_name: self.producer,
+            producer_version: env!("CARGO_PKG_VERSION").to_string(),
+            graph: Some(GraphProto {
+                node: self.nodes,
+                name: self.name,
+                initializer: self.initializers,
+                input: self.inputs,
+                output: self.outputs,
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+}

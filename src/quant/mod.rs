@@ -1,0 +1,4 @@
+//! Number formats and the Q/DQ patterns TensorRT reads.
+pub mod minifloat;
+pub mod nvfp4;
+pub mod qdq;

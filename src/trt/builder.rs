@@ -1,0 +1,349 @@
+//! `trt-diff build FILE.onnx`: parse with TensorRT's ONNX parser, build a strongly typed engine, stream the plan
+//! to disk and write its manifest. Outputs appear only when everything succeeded.
+use super::discovery::{Flavor, Loaded, TrtChoice, select};
+use super::ffi::bridge;
+use super::observer::BuildObserver;
+use super::shapes::{ShapeRange, resolve_profiles};
+use crate::fsutil::{AtomicFile, sha256_file};
+use crate::manifest::{
+    BuilderInfo, ExternalFile, IoTensor, Manifest, PlanInfo, SourceInfo, TensorRtInfo,
+};
+use crate::onnx::OnnxFile;
+use crate::onnx::model::external_ref;
+use crate::onnx::summary::dims_of;
+use anyhow::{Context, Result, bail};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+/// TensorRT-RTX compute-capability targets accepted by `--targets`.
+pub const RTX_TARGETS: &[&str] = &["sm75", "sm80", "sm86", "sm89", "sm120", "sm121"];
+
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    pub onnx: PathBuf,
+    pub out: PathBuf,
+    pub trt: TrtChoice,
+    pub trt_lib_dir: Option<PathBuf>,
+    pub shapes: Vec<ShapeRange>,
+    pub opt_level: Option<i32>,
+    pub workspace_bytes: Option<u64>,
+    pub timing_cache: Option<PathBuf>,
+    pub targets: Vec<String>,
+    pub refit: bool,
+    pub weight_streaming: bool,
+    pub progress: bool,
+}
+
+/// Wall-clock split of one build, for the overhead benchmark.
+#[derive(Clone, Debug, Default)]
+pub struct BuildTimings {
+    pub total: f64,
+    /// Inside TensorRT: ONNX parse and engine build.
+    pub trt_parse: f64,
+    pub trt_build: f64,
+}
+
+pub struct BuildOutcome {
+    pub manifest: Manifest,
+    pub plan: PathBuf,
+    pub manifest_path: PathBuf,
+    pub timings: BuildTimings,
+}
+
+fn check_options(o: &BuildOptions) -> Result<()> {
+    if let Some(l) = o.opt_level
+        && !(0..=5).contains(&l)
+    {
+        bail!("--opt-level {l}: TensorRT's builder optimization level is 0..=5");
+    }
+    if o.out.extension().is_some_and(|e| e == "onnx") {
+        bail!(
+            "--out '{}' ends in .onnx: give the engine a .plan name",
+            o.out.display()
+        );
+    }
+    if same_file(&o.onnx, &o.out) {
+        bail!(
+            "--out '{}' is the input file: choose another output name",
+            o.out.display()
+        );
+    }
+    if !o.targets.is_empty() && o.trt == TrtChoice::Trt11 {
+        bail!(
+            "--targets selects TensorRT-RTX compute capabilities and cannot be combined with --trt trt11"
+        );
+    }
+    for t in &o.targets {
+        if !RTX_TARGETS.contains(&t.as_str()) {
+            bail!(
+                "--targets '{t}' is not a TensorRT-RTX target; choose from {}",
+                RTX_TARGETS.join(", ")
+            );
+        }
+    }
+    if o.workspace_bytes == Some(0) {
+        bail!(
+            "--workspace 0 leaves TensorRT no scratch memory; give a size in MiB or leave it out"
+        );
+    }
+    Ok(())
+}
+
+fn same_file(a: &Path, b: &Path) -> bool {
+    match (a.canonicalize(), b.canonicalize()) {
+        (Ok(x), Ok(y)) => x == y,
+        _ => a == b,
+    }
+}
+
+/// Non-initializer graph inputs with their dimensions.
+fn graph_inputs(onnx: &OnnxFile) -> Vec<(String, Vec<crate::onnx::Dim>)> {
+    let Some(g) = &onnx.model.graph else {
+        return vec![];
+    };
+    let inits: std::collections::HashSet<&str> =
+        g.initializer.iter().map(|t| t.name.as_str()).collect();
+    g.input
+        .iter()
+        .filter(|v| !inits.contains(v.name.as_str()))
+        .map(|v| (v.name.clone(), dims_of(v).unwrap_or_default()))
+        .collect()
+}
+
+fn check_versions(lib: &Loaded) -> Result<i32> {
+    let compiled: Vec<String> = bridge::compiled_flavors();
+    if !compiled.iter().any(|f| f == lib.flavor.key()) {
+        bail!(
+            "this trt-diff was compiled without {} headers, so it cannot drive '{}'; run scripts/setup.sh (or set \
+             TENSORRT_INCLUDE_DIR) and rebuild trt-diff",
+            lib.flavor.display(),
+            lib.core.display()
+        );
+    }
+    let header = bridge::header_version(lib.flavor.key());
+    if header / 10000 != lib.version / 10000 {
+        bail!(
+            "'{}' is {} {} but trt-diff was compiled against {} headers: install a {}.x library or rebuild trt-diff \
+             with matching headers (TENSORRT_INCLUDE_DIR)",
+            lib.core.display(),
+            lib.flavor.display(),
+            Flavor::version_string(lib.version),
+            Flavor::version_string(header),
+            header / 10000
+        );
+    }
+    Ok(header)
+}
+
+fn parse_failure(onnx: &Path, report: &bridge::BuildReport, lib: &Loaded) -> anyhow::Error {
+    let mut msg = format!(
+        "'{}': the {} {} ONNX parser rejected the model:",
+        onnx.display(),
+        lib.flavor.display(),
+        Flavor::version_string(lib.version)
+    );
+    for i in &report.parse_issues {
+        if i.node >= 0 {
+            msg.push_str(&format!(
+                "\n  node {} '{}' (op {}): {}",
+                i.node, i.node_name, i.op, i.desc
+            ));
+        } else {
+            msg.push_str(&format!("\n  {}", i.desc));
+        }
+    }
+    msg.push_str(
+        "\nFix: replace or decompose the named node (unsupported op, attribute or type for this TensorRT), or \
+         re-export the model if the file is damaged.",
+    );
+    anyhow::anyhow!(msg)
+}
+
+fn hash_sources(onnx: &OnnxFile) -> Result<(String, Vec<ExternalFile>)> {
+    let sha = sha256_file(&onnx.path)?;
+    let mut files: Vec<String> = Vec::new();
+    if let Some(g) = &onnx.model.graph {
+        for t in &g.initializer {
+            if let Some(r) = external_ref(t)
+                && !files.contains(&r.location)
+            {
+                files.push(r.location);
+            }
+        }
+    }
+    let mut ext = Vec::new();
+    for f in files {
+        let p = onnx.dir().join(&f);
+        ext.push(ExternalFile {
+            bytes: std::fs::metadata(&p)?.len(),
+            sha256: sha256_file(&p)?,
+            file: f,
+        });
+    }
+    Ok((sha, ext))
+}
+
+pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
+    let start = Instant::now();
+    check_options(o)?;
+    let onnx = OnnxFile::load(&o.onnx)?;
+    let profiles = resolve_profiles(&graph_inputs(&onnx), &o.shapes)?;
+    let gpu_cc = crate::cuda::query()
+        .ok()
+        .and_then(|r| r.gpus.first().map(|g| g.compute_capability));
+    let lib = select(o.trt, o.trt_lib_dir.as_deref(), gpu_cc)?;
+    if !o.targets.is_empty() && lib.flavor != Flavor::Rtx {
+        bail!(
+            "--targets applies to TensorRT-RTX, but {} was selected; drop --targets or use --trt rtx",
+            lib.flavor.display()
+        );
+    }
+    let header = check_versions(&lib)?;
+
+    let timing_in = match &o.timing_cache {
+        Some(p) if p.exists() => std::fs::read(p)
+            .with_context(|| format!("cannot read timing cache '{}'", p.display()))?,
+        _ => Vec::new(),
+    };
+    // The sources are hashed on another thread while TensorRT parses and builds.
+    let hasher = std::thread::scope(|scope| -> Result<_> {
+        let hashing = scope.spawn(|| hash_sources(&onnx));
+        let plan_file = AtomicFile::create(&o.out)?;
+        let spec = bridge::BuildSpec {
+            flavor: lib.flavor.key().into(),
+            create_builder: lib.create_builder,
+            create_parser: lib.create_parser,
+            onnx_path: o.onnx.to_string_lossy().into_owned(),
+            plan_path: plan_file.temp_path().to_string_lossy().into_owned(),
+            profiles: profiles
+                .iter()
+                .map(|p| bridge::ProfileSpec {
+                    name: p.name.clone(),
+                    min: p.min.clone(),
+                    opt: p.opt.clone(),
+                    max: p.max.clone(),
+                })
+                .collect(),
+            opt_level: o.opt_level.unwrap_or(-1),
+            workspace_bytes: o.workspace_bytes.unwrap_or(0),
+            refit: o.refit,
+            weight_streaming: o.weight_streaming,
+            targets: o.targets.clone(),
+            use_timing_cache: o.timing_cache.is_some(),
+            timing_cache_in: timing_in,
+        };
+        let observer = BuildObserver::new(o.progress);
+        let report = bridge::build_engine(&spec, &observer);
+        let hashes = hashing
+            .join()
+            .map_err(|_| anyhow::anyhow!("hashing thread failed"))?;
+        Ok((plan_file, report, observer, hashes))
+    });
+    let (plan_file, report, observer, hashes) = hasher?;
+    if !report.ok {
+        if !report.parse_issues.is_empty() {
+            return Err(parse_failure(&o.onnx, &report, &lib));
+        }
+        let mut msg = format!(
+            "building '{}' with {} failed: {}",
+            o.onnx.display(),
+            lib.flavor.display(),
+            report.error
+        );
+        for e in observer.errors() {
+            msg.push_str(&format!("\n  TensorRT: {e}"));
+        }
+        bail!(msg);
+    }
+    let (source_sha, external) = hashes?;
+    let mut timing_written = None;
+    if let Some(p) = &o.timing_cache {
+        let mut f = AtomicFile::create(p)?;
+        std::io::Write::write_all(&mut f, &report.timing_cache)?;
+        f.commit()?;
+        timing_written = Some(p.display().to_string());
+    }
+
+    let profile_of = |name: &str| profiles.iter().find(|p| p.name == name).cloned();
+    let manifest = Manifest {
+        format: crate::manifest::FORMAT.into(),
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        created_by: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
+        plan: PlanInfo {
+            file: o
+                .out
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default(),
+            bytes: report.plan_bytes,
+            sha256: observer.plan_sha256(),
+        },
+        tensorrt: TensorRtInfo {
+            flavor: lib.flavor,
+            version: Flavor::version_string(lib.version),
+            header_version: Flavor::version_string(header),
+            library: lib.core.display().to_string(),
+            targets: o.targets.clone(),
+        },
+        io: report
+            .io
+            .iter()
+            .map(|t| IoTensor {
+                name: t.name.clone(),
+                mode: if t.is_input { "input" } else { "output" }.into(),
+                dtype: t.dtype.clone(),
+                shape: t.dims.clone(),
+                profile: if t.is_input {
+                    profile_of(&t.name)
+                } else {
+                    None
+                },
+            })
+            .collect(),
+        builder: BuilderInfo {
+            strongly_typed: true,
+            optimization_level: o.opt_level,
+            workspace_bytes: o.workspace_bytes,
+            refittable: o.refit,
+            weight_streaming: o.weight_streaming,
+            timing_cache: timing_written,
+            layers: report.num_layers,
+            parse_seconds: report.parse_seconds,
+            build_seconds: report.build_seconds,
+        },
+        source: SourceInfo {
+            onnx: o.onnx.display().to_string(),
+            bytes: onnx.file_bytes,
+            sha256: source_sha,
+            external_data: external,
+        },
+    };
+    let pending = manifest.write_pending(&o.out)?;
+    plan_file.commit()?;
+    pending.commit()?;
+    Ok(BuildOutcome {
+        manifest_path: crate::manifest::sidecar_path(&o.out),
+        plan: o.out.clone(),
+        manifest,
+        timings: BuildTimings {
+            total: start.elapsed().as_secs_f64(),
+            trt_parse: report.parse_seconds,
+            trt_build: report.build_seconds,
+        },
+    })
+}
+
+/// Flavours compiled into this binary, with the TensorRT version of their headers and the header folder.
+pub fn compiled_flavors() -> Vec<(Flavor, String, &'static str)> {
+    bridge::compiled_flavors()
+        .iter()
+        .filter_map(|k| {
+            let f = Flavor::ALL.into_iter().find(|f| f.key() == k)?;
+            let dir = match f {
+                Flavor::Rtx => env!("TRTD_HEADERS_RTX"),
+                Flavor::Trt11 => env!("TRTD_HEADERS_TRT11"),
+            };
+            Some((f, Flavor::version_string(bridge::header_version(k)), dir))
+        })
+        .collect()
+}

@@ -1,0 +1,80 @@
+//! The cxx bridge to cpp/: plain data in, plain data out, and a Rust observer that receives TensorRT's log and
+//! builder progress. The C++ side holds every TensorRT object; nothing TensorRT-typed crosses the boundary.
+
+#[cxx::bridge(namespace = "trtdiff")]
+pub(crate) mod bridge {
+    /// min/opt/max dimensions of one dynamic network input.
+    struct ProfileSpec {
+        name: String,
+        min: Vec<i64>,
+        opt: Vec<i64>,
+        max: Vec<i64>,
+    }
+
+    struct BuildSpec {
+        /// "rtx" or "trt11".
+        flavor: String,
+        /// Addresses of `createInferBuilder_INTERNAL` and `createNvOnnxParser_INTERNAL` in the loaded libraries.
+        create_builder: usize,
+        create_parser: usize,
+        onnx_path: String,
+        plan_path: String,
+        profiles: Vec<ProfileSpec>,
+        /// Builder optimization level; negative keeps TensorRT's default.
+        opt_level: i32,
+        /// Workspace memory-pool limit in bytes; 0 keeps TensorRT's default.
+        workspace_bytes: u64,
+        refit: bool,
+        weight_streaming: bool,
+        /// TensorRT-RTX compute-capability targets ("sm86", "sm120", ...).
+        targets: Vec<String>,
+        use_timing_cache: bool,
+        timing_cache_in: Vec<u8>,
+    }
+
+    struct TensorInfo {
+        name: String,
+        is_input: bool,
+        dtype: String,
+        dims: Vec<i64>,
+    }
+
+    struct ParseIssue {
+        node: i32,
+        node_name: String,
+        op: String,
+        desc: String,
+        code: i32,
+    }
+
+    struct BuildReport {
+        ok: bool,
+        error: String,
+        parse_issues: Vec<ParseIssue>,
+        io: Vec<TensorInfo>,
+        num_layers: i32,
+        plan_bytes: u64,
+        timing_cache: Vec<u8>,
+        parse_seconds: f64,
+        build_seconds: f64,
+        header_version: i32,
+    }
+
+    extern "Rust" {
+        type BuildObserver;
+        fn log(self: &BuildObserver, severity: i32, msg: &str);
+        fn phase_start(self: &BuildObserver, parent: &str, phase: &str, steps: i32);
+        fn step_complete(self: &BuildObserver, phase: &str, step: i32) -> bool;
+        fn phase_finish(self: &BuildObserver, phase: &str);
+        fn plan_chunk(self: &BuildObserver, data: &[u8]);
+    }
+
+    unsafe extern "C++" {
+        include!("trt-diff/include/trtdiff/bridge.h");
+        fn build_engine(spec: &BuildSpec, observer: &BuildObserver) -> BuildReport;
+        fn compiled_flavors() -> Vec<String>;
+        fn header_version(flavor: &str) -> i32;
+    }
+}
+
+pub(crate) use super::observer::BuildObserver;
