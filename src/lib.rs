@@ -10,4 +10,5 @@ pub mod manifest;
 pub mod models;
 pub mod onnx;
 pub mod quant;
+pub mod samplers;
 pub mod trt;
