@@ -35,11 +35,10 @@ impl AtomicFile {
 
     pub fn commit(mut self) -> Result<()> {
         if let Some(mut w) = self.writer.take() {
+            // No fsync: the rename alone guarantees readers never see a partial file, and syncing a large plan
+            // would cost more than the rest of trt-diff's work around a build.
             w.flush()
                 .with_context(|| format!("writing '{}' failed", self.temp.display()))?;
-            w.get_ref()
-                .sync_all()
-                .with_context(|| format!("syncing '{}' failed", self.temp.display()))?;
         }
         std::fs::rename(&self.temp, &self.target).with_context(|| {
             format!(
@@ -83,21 +82,38 @@ fn temp_path(target: &Path) -> PathBuf {
     target.with_file_name(format!(".{name}.partial-{}", std::process::id()))
 }
 
-/// Streaming sha256 of a file (hex), reading in 1 MiB chunks so large files never sit in memory.
-pub fn sha256_file(path: &Path) -> Result<String> {
+/// Feeds a file to `sink` in 1 MiB chunks so large files never sit in memory.
+fn stream_file(path: &Path, mut sink: impl FnMut(&[u8])) -> Result<()> {
     let mut file = File::open(path).with_context(|| format!("cannot open '{}'", path.display()))?;
-    let mut hasher = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
         let n = file
             .read(&mut buf)
             .with_context(|| format!("reading '{}' failed", path.display()))?;
         if n == 0 {
-            break;
+            return Ok(());
         }
-        hasher.update(&buf[..n]);
+        sink(&buf[..n]);
     }
+}
+
+/// sha256 of a file (hex): the identity of source models.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    let mut hasher = Sha256::new();
+    stream_file(path, |b| hasher.update(b))?;
     Ok(hex(&hasher.finalize()))
+}
+
+/// XXH3-128 of a file (hex): a checksum for large artifacts (plans, weights), an order of magnitude faster than
+/// sha256, so checking a multi-GB plan costs little next to TensorRT's own work.
+pub fn xxh3_file(path: &Path) -> Result<String> {
+    let mut hasher = xxhash_rust::xxh3::Xxh3::new();
+    stream_file(path, |b| hasher.update(b))?;
+    Ok(xxh3_hex(&hasher))
+}
+
+pub fn xxh3_hex(h: &xxhash_rust::xxh3::Xxh3) -> String {
+    format!("{:032x}", h.digest128())
 }
 
 pub fn hex(bytes: &[u8]) -> String {

@@ -59,7 +59,7 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
                 );
                 return Ok(());
             };
-            println!("  sha256      {} (matches manifest)", m.plan.sha256);
+            println!("  xxh3-128    {} (matches manifest)", m.plan.xxh3_128);
             println!(
                 "  TensorRT    {} {} (headers {}), {}",
                 m.tensorrt.flavor_display(),

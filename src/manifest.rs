@@ -1,6 +1,6 @@
 //! The engine file: a standard TensorRT plan (loadable by trtexec, Triton, ...) plus a JSON sidecar manifest
 //! `<plan>.json` that says what the plan holds and how it was made.
-use crate::fsutil::{AtomicFile, human_bytes, sha256_file};
+use crate::fsutil::{AtomicFile, human_bytes, xxh3_file};
 use crate::trt::Flavor;
 use crate::trt::shapes::ShapeRange;
 use anyhow::{Context, Result, bail};
@@ -27,7 +27,7 @@ pub struct PlanInfo {
     /// File name of the plan, relative to the manifest.
     pub file: String,
     pub bytes: u64,
-    pub sha256: String,
+    pub xxh3_128: String,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -78,7 +78,7 @@ pub struct SourceInfo {
 pub struct ExternalFile {
     pub file: String,
     pub bytes: u64,
-    pub sha256: String,
+    pub xxh3_128: String,
 }
 
 impl TensorRtInfo {
@@ -135,7 +135,7 @@ pub struct PlanReport {
     pub manifest: Option<Manifest>,
 }
 
-/// Checks a plan against its manifest (size, then sha256) and TensorRT's serialized-engine header.
+/// Checks a plan against its manifest (size, then checksum) and TensorRT's serialized-engine header.
 pub fn check_plan(path: &Path) -> Result<PlanReport> {
     let meta = std::fs::metadata(path).with_context(|| {
         format!(
@@ -179,10 +179,9 @@ pub fn check_plan(path: &Path) -> Result<PlanReport> {
                 m.plan.bytes
             );
         }
-        let sha = sha256_file(path)?;
-        if sha != m.plan.sha256 {
+        if xxh3_file(path)? != m.plan.xxh3_128 {
             bail!(
-                "'{}' does not match the sha256 in its manifest: the plan is corrupt or was replaced; rebuild it",
+                "'{}' does not match the checksum in its manifest: the plan is corrupt or was replaced; rebuild it",
                 path.display()
             );
         }

@@ -11,6 +11,8 @@ pub struct OnnxFile {
     pub path: PathBuf,
     pub file_bytes: u64,
     pub model: ModelProto,
+    /// The whole mapped file (initializers' `raw_data` point into it).
+    pub raw: Bytes,
 }
 
 /// Where an initializer's bytes live when they are outside the .onnx file.
@@ -57,7 +59,8 @@ impl OnnxFile {
         // SAFETY: the map is read-only; a file changed underneath us gives wrong data, not unsoundness in practice.
         let map = unsafe { memmap2::Mmap::map(&file) }
             .with_context(|| format!("cannot memory-map '{}'", path.display()))?;
-        let model = ModelProto::decode(Bytes::from_owner(map)).map_err(|e| {
+        let raw = Bytes::from_owner(map);
+        let model = ModelProto::decode(raw.clone()).map_err(|e| {
             anyhow::anyhow!(
                 "'{}' is not a valid ONNX model ({e}): the file is truncated or corrupt; re-export or re-download it",
                 path.display()
@@ -67,6 +70,7 @@ impl OnnxFile {
             path: path.to_path_buf(),
             file_bytes,
             model,
+            raw,
         };
         onnx.validate()?;
         Ok(onnx)
@@ -137,6 +141,34 @@ impl OnnxFile {
             }
         }
         Ok(())
+    }
+
+    /// Maps the external data files and returns every external initializer's bytes, by name.
+    pub fn external_weights(&self) -> Result<Vec<(String, Bytes)>> {
+        let mut files: std::collections::HashMap<String, Bytes> = std::collections::HashMap::new();
+        let mut out = Vec::new();
+        for t in self.model.graph.iter().flat_map(|g| &g.initializer) {
+            let Some(r) = external_ref(t) else { continue };
+            let data = match files.get(&r.location) {
+                Some(b) => b.clone(),
+                None => {
+                    let path = self.dir().join(&r.location);
+                    let f = std::fs::File::open(&path).with_context(|| {
+                        format!("cannot open external data '{}'", path.display())
+                    })?;
+                    // SAFETY: read-only map of a file we do not modify.
+                    let map = unsafe { memmap2::Mmap::map(&f) }
+                        .with_context(|| format!("cannot memory-map '{}'", path.display()))?;
+                    let b = Bytes::from_owner(map);
+                    files.insert(r.location.clone(), b.clone());
+                    b
+                }
+            };
+            let start = r.offset as usize;
+            let end = r.length.map(|l| start + l as usize).unwrap_or(data.len());
+            out.push((t.name.clone(), data.slice(start..end)));
+        }
+        Ok(out)
     }
 
     /// Opset version imported for a domain ("" is the default ONNX domain).

@@ -4,7 +4,7 @@ use super::discovery::{Flavor, Loaded, TrtChoice, select};
 use super::ffi::bridge;
 use super::observer::BuildObserver;
 use super::shapes::{ShapeRange, resolve_profiles};
-use crate::fsutil::{AtomicFile, sha256_file};
+use crate::fsutil::{AtomicFile, sha256_file, xxh3_file};
 use crate::manifest::{
     BuilderInfo, ExternalFile, IoTensor, Manifest, PlanInfo, SourceInfo, TensorRtInfo,
 };
@@ -38,9 +38,14 @@ pub struct BuildOptions {
 #[derive(Clone, Debug, Default)]
 pub struct BuildTimings {
     pub total: f64,
-    /// Inside TensorRT: ONNX parse and engine build.
+    /// Loading the TensorRT libraries (dlopen), which any TensorRT program pays.
+    pub library_load: f64,
+    /// Inside TensorRT: builder creation, ONNX parse, engine build and plan streaming, without our hashing.
+    pub trt_total: f64,
     pub trt_parse: f64,
     pub trt_build: f64,
+    /// Hashing the sources, on a thread running beside TensorRT.
+    pub source_hash: f64,
 }
 
 pub struct BuildOutcome {
@@ -87,6 +92,39 @@ fn check_options(o: &BuildOptions) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// FP8 compute needs sm89+, FP4 needs Blackwell (sm120+): catch impossible `--targets` before TensorRT does.
+fn check_targets_support(onnx: &OnnxFile, targets: &[String]) -> Result<()> {
+    if targets.is_empty() {
+        return Ok(());
+    }
+    let summary = crate::onnx::summary::OnnxSummary::of(onnx);
+    let uses = |fmt: &str| summary.qdq.iter().any(|q| q.format.starts_with(fmt));
+    let sm = |t: &str| t.trim_start_matches("sm").parse::<u32>().unwrap_or(0);
+    for (fmt, min, what) in [
+        ("float4e2m1", 120, "FP4 (NVFP4)"),
+        ("float8e4m3fn", 89, "FP8"),
+    ] {
+        let too_old: Vec<&str> = targets
+            .iter()
+            .map(|t| t.as_str())
+            .filter(|t| sm(t) < min)
+            .collect();
+        if uses(fmt) && !too_old.is_empty() {
+            bail!(
+                "'{}' computes in {what}, which target(s) {} cannot run (needs sm{min} or newer); drop them from \
+                 --targets or export the model in a higher precision",
+                onnx.path.display(),
+                too_old.join(", ")
+            );
+        }
+    }
+    Ok(())
+}
+
+fn absolute(p: &Path) -> PathBuf {
+    std::path::absolute(p).unwrap_or_else(|_| p.to_path_buf())
 }
 
 fn same_file(a: &Path, b: &Path) -> bool {
@@ -176,7 +214,7 @@ fn hash_sources(onnx: &OnnxFile) -> Result<(String, Vec<ExternalFile>)> {
         let p = onnx.dir().join(&f);
         ext.push(ExternalFile {
             bytes: std::fs::metadata(&p)?.len(),
-            sha256: sha256_file(&p)?,
+            xxh3_128: xxh3_file(&p)?,
             file: f,
         });
     }
@@ -187,33 +225,63 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     let start = Instant::now();
     check_options(o)?;
     let onnx = OnnxFile::load(&o.onnx)?;
+    for t in onnx.model.graph.iter().flat_map(|g| &g.initializer) {
+        if let Some(r) = external_ref(t)
+            && same_file(&onnx.dir().join(&r.location), &o.out)
+        {
+            bail!(
+                "--out '{}' is the model's external data file: choose another output name",
+                o.out.display()
+            );
+        }
+    }
+    tracing::debug!("model read in {:.3}s", start.elapsed().as_secs_f64());
     let profiles = resolve_profiles(&graph_inputs(&onnx), &o.shapes)?;
     let gpu_cc = crate::cuda::query()
         .ok()
         .and_then(|r| r.gpus.first().map(|g| g.compute_capability));
+    let load_start = Instant::now();
     let lib = select(o.trt, o.trt_lib_dir.as_deref(), gpu_cc)?;
+    let library_load = load_start.elapsed().as_secs_f64();
     if !o.targets.is_empty() && lib.flavor != Flavor::Rtx {
         bail!(
             "--targets applies to TensorRT-RTX, but {} was selected; drop --targets or use --trt rtx",
             lib.flavor.display()
         );
     }
+    tracing::debug!("TensorRT loaded at {:.3}s", start.elapsed().as_secs_f64());
     let header = check_versions(&lib)?;
+    check_targets_support(&onnx, &o.targets)?;
 
     let timing_in = match &o.timing_cache {
         Some(p) if p.exists() => std::fs::read(p)
             .with_context(|| format!("cannot read timing cache '{}'", p.display()))?,
         _ => Vec::new(),
     };
+    // Mapped external weights, handed to the parser by address; they outlive the build below.
+    let weights = onnx.external_weights()?;
     // The sources are hashed on another thread while TensorRT parses and builds.
     let hasher = std::thread::scope(|scope| -> Result<_> {
-        let hashing = scope.spawn(|| hash_sources(&onnx));
+        let hashing = scope.spawn(|| {
+            let t = Instant::now();
+            hash_sources(&onnx).map(|h| (h, t.elapsed().as_secs_f64()))
+        });
         let plan_file = AtomicFile::create(&o.out)?;
         let spec = bridge::BuildSpec {
             flavor: lib.flavor.key().into(),
             create_builder: lib.create_builder,
             create_parser: lib.create_parser,
-            onnx_path: o.onnx.to_string_lossy().into_owned(),
+            onnx_path: absolute(&o.onnx).to_string_lossy().into_owned(),
+            model_ptr: onnx.raw.as_ptr() as usize,
+            model_len: onnx.raw.len(),
+            weights: weights
+                .iter()
+                .map(|(name, b)| bridge::WeightRef {
+                    name: name.clone(),
+                    ptr: b.as_ptr() as usize,
+                    len: b.len(),
+                })
+                .collect(),
             plan_path: plan_file.temp_path().to_string_lossy().into_owned(),
             profiles: profiles
                 .iter()
@@ -232,8 +300,9 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             use_timing_cache: o.timing_cache.is_some(),
             timing_cache_in: timing_in,
         };
-        let observer = BuildObserver::new(o.progress);
+        let observer = BuildObserver::new(o.progress, gpu_cc.is_some());
         let report = bridge::build_engine(&spec, &observer);
+        tracing::debug!("TensorRT done at {:.3}s", start.elapsed().as_secs_f64());
         let hashes = hashing
             .join()
             .map_err(|_| anyhow::anyhow!("hashing thread failed"))?;
@@ -250,12 +319,35 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             lib.flavor.display(),
             report.error
         );
-        for e in observer.errors() {
+        let errors = observer.errors();
+        for e in &errors {
             msg.push_str(&format!("\n  TensorRT: {e}"));
+        }
+        if gpu_cc.is_none()
+            && errors
+                .iter()
+                .any(|e| super::observer::is_no_cuda_message(e))
+        {
+            msg.push_str(
+                "\nFix: this build needs a CUDA GPU and driver, and this machine has none. TensorRT-RTX builds \
+                 refittable engines (--refit) only with a GPU; build on a machine with an NVIDIA GPU or drop --refit.",
+            );
         }
         bail!(msg);
     }
-    let (source_sha, external) = hashes?;
+    let ((source_sha, external), source_hash) = hashes?;
+    if let Some(p) = &o.timing_cache
+        && observer
+            .warnings()
+            .iter()
+            .any(|w| w.contains("deserialize timing cache"))
+    {
+        tracing::warn!(
+            "timing cache '{}' could not be read (damaged, or from another TensorRT version): the build started \
+             from an empty cache and the file is replaced",
+            p.display()
+        );
+    }
     let mut timing_written = None;
     if let Some(p) = &o.timing_cache {
         let mut f = AtomicFile::create(p)?;
@@ -276,7 +368,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
                 .map(|n| n.to_string_lossy().into_owned())
                 .unwrap_or_default(),
             bytes: report.plan_bytes,
-            sha256: observer.plan_sha256(),
+            xxh3_128: observer.plan_xxh3(),
         },
         tensorrt: TensorRtInfo {
             flavor: lib.flavor,
@@ -318,17 +410,22 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             external_data: external,
         },
     };
+    tracing::debug!("sources hashed at {:.3}s", start.elapsed().as_secs_f64());
     let pending = manifest.write_pending(&o.out)?;
     plan_file.commit()?;
     pending.commit()?;
+    tracing::debug!("outputs committed at {:.3}s", start.elapsed().as_secs_f64());
     Ok(BuildOutcome {
         manifest_path: crate::manifest::sidecar_path(&o.out),
         plan: o.out.clone(),
         manifest,
         timings: BuildTimings {
             total: start.elapsed().as_secs_f64(),
+            library_load,
+            trt_total: report.total_seconds - observer.plan_hash_seconds(),
             trt_parse: report.parse_seconds,
             trt_build: report.build_seconds,
+            source_hash,
         },
     })
 }

@@ -11,6 +11,13 @@ pub(crate) mod bridge {
         max: Vec<i64>,
     }
 
+    /// Weights handed to the parser from memory (mapped external data), so it does not read and copy them.
+    struct WeightRef {
+        name: String,
+        ptr: usize,
+        len: usize,
+    }
+
     struct BuildSpec {
         /// "rtx" or "trt11".
         flavor: String,
@@ -18,6 +25,10 @@ pub(crate) mod bridge {
         create_builder: usize,
         create_parser: usize,
         onnx_path: String,
+        /// The serialized model (the mapped .onnx file).
+        model_ptr: usize,
+        model_len: usize,
+        weights: Vec<WeightRef>,
         plan_path: String,
         profiles: Vec<ProfileSpec>,
         /// Builder optimization level; negative keeps TensorRT's default.
@@ -57,6 +68,8 @@ pub(crate) mod bridge {
         timing_cache: Vec<u8>,
         parse_seconds: f64,
         build_seconds: f64,
+        /// Everything inside the C++ call: builder creation, parse, build, plan streaming.
+        total_seconds: f64,
         header_version: i32,
     }
 

@@ -1,19 +1,23 @@
 //! Receives TensorRT's log and builder progress from C++: log lines go to `tracing` by severity (target
 //! "tensorrt"), progress phases become progress bars, the streamed plan is hashed on the way to disk.
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
-use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 pub struct BuildObserver {
     errors: Mutex<Vec<String>>,
+    warnings: Mutex<Vec<String>>,
+    /// Without a GPU, TensorRT-RTX logs CUDA-runtime errors from probes it recovers from; those are kept quiet
+    /// (debug level) and only reported if the build fails.
+    gpu_present: bool,
     bars: Mutex<HashMap<String, ProgressBar>>,
     multi: MultiProgress,
-    plan_hash: Mutex<Sha256>,
+    plan_hash: Mutex<xxhash_rust::xxh3::Xxh3>,
+    plan_hash_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl BuildObserver {
-    pub fn new(show_progress: bool) -> Self {
+    pub fn new(show_progress: bool, gpu_present: bool) -> Self {
         let target = if show_progress {
             ProgressDrawTarget::stderr()
         } else {
@@ -21,9 +25,12 @@ impl BuildObserver {
         };
         Self {
             errors: Mutex::new(Vec::new()),
+            warnings: Mutex::new(Vec::new()),
+            gpu_present,
             bars: Mutex::new(HashMap::new()),
             multi: MultiProgress::with_draw_target(target),
-            plan_hash: Mutex::new(Sha256::new()),
+            plan_hash: Mutex::new(xxhash_rust::xxh3::Xxh3::new()),
+            plan_hash_nanos: Default::default(),
         }
     }
 
@@ -32,21 +39,37 @@ impl BuildObserver {
         self.errors.lock().map(|e| e.clone()).unwrap_or_default()
     }
 
-    pub fn plan_sha256(&self) -> String {
-        let h = self.plan_hash.lock().map(|h| h.clone()).unwrap_or_default();
-        crate::fsutil::hex(&h.finalize())
+    /// Warning-severity messages TensorRT logged.
+    pub fn warnings(&self) -> Vec<String> {
+        self.warnings.lock().map(|e| e.clone()).unwrap_or_default()
+    }
+
+    pub fn plan_xxh3(&self) -> String {
+        match self.plan_hash.lock() {
+            Ok(h) => crate::fsutil::xxh3_hex(&h),
+            Err(_) => String::new(),
+        }
     }
 
     // Called from C++ (see ffi.rs). None of these may panic: a panic across the bridge aborts.
     pub(crate) fn log(&self, severity: i32, msg: &str) {
         match severity {
             0 | 1 => {
-                tracing::error!(target: "tensorrt", "{msg}");
+                if !self.gpu_present && is_no_cuda_message(msg) {
+                    tracing::debug!(target: "tensorrt", "{msg}");
+                } else {
+                    tracing::error!(target: "tensorrt", "{msg}");
+                }
                 if let Ok(mut e) = self.errors.lock() {
                     e.push(msg.to_string());
                 }
             }
-            2 => tracing::warn!(target: "tensorrt", "{msg}"),
+            2 => {
+                tracing::warn!(target: "tensorrt", "{msg}");
+                if let Ok(mut w) = self.warnings.lock() {
+                    w.push(msg.to_string());
+                }
+            }
             3 => tracing::debug!(target: "tensorrt", "{msg}"),
             _ => tracing::trace!(target: "tensorrt", "{msg}"),
         }
@@ -85,8 +108,27 @@ impl BuildObserver {
     }
 
     pub(crate) fn plan_chunk(&self, data: &[u8]) {
+        let t = std::time::Instant::now();
         if let Ok(mut h) = self.plan_hash.lock() {
             h.update(data);
         }
+        let ns = t.elapsed().as_nanos() as u64;
+        self.plan_hash_nanos
+            .fetch_add(ns, std::sync::atomic::Ordering::Relaxed);
     }
+
+    /// Time spent hashing the plan inside TensorRT's write callbacks (ours, not TensorRT's).
+    pub fn plan_hash_seconds(&self) -> f64 {
+        self.plan_hash_nanos
+            .load(std::sync::atomic::Ordering::Relaxed) as f64
+            * 1e-9
+    }
+}
+
+/// TensorRT's messages for "no usable CUDA driver/device".
+pub fn is_no_cuda_message(msg: &str) -> bool {
+    msg.contains("cudaError 35")
+        || msg.contains("CUDA driver version is insufficient")
+        || msg.contains("CHECK(status == CUDA_SUCCESS)")
+        || msg.contains("cudaError 100")
 }

@@ -1,0 +1,74 @@
+//! Helpers shared by the integration tests: the built binary, scratch folders and small models.
+#![allow(dead_code)]
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use trt_diff::models::mlp::MlpConfig;
+use trt_diff::onnx::{SaveOptions, save};
+
+pub fn bin() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_trt-diff"))
+}
+
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+fn to_run(o: Output) -> Run {
+    Run {
+        code: o.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&o.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&o.stderr).into_owned(),
+    }
+}
+
+/// Runs trt-diff with `args`; panics with its output if the exit status is not `expect_ok`.
+pub fn run(args: &[&str], expect_ok: bool) -> Run {
+    run_env(args, &[], expect_ok)
+}
+
+pub fn run_env(args: &[&str], env: &[(&str, &str)], expect_ok: bool) -> Run {
+    let mut c = bin();
+    c.args(args);
+    for (k, v) in env {
+        c.env(k, v);
+    }
+    let r = to_run(c.output().expect("trt-diff runs"));
+    assert_eq!(
+        r.code == 0,
+        expect_ok,
+        "trt-diff {args:?} exited {}\nstdout:\n{}\nstderr:\n{}",
+        r.code,
+        r.stdout,
+        r.stderr
+    );
+    assert!(!r.stderr.contains("panicked"), "panic: {}", r.stderr);
+    r
+}
+
+pub fn write_model(dir: &Path, name: &str, cfg: &MlpConfig) -> PathBuf {
+    let path = dir.join(name);
+    save(cfg.graph().unwrap(), &path, &SaveOptions::default()).unwrap();
+    path
+}
+
+pub fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Files in `dir` whose names look like leftovers of an interrupted write, or plans/manifests.
+pub fn outputs_in(dir: &Path) -> Vec<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.contains(".partial") || n.ends_with(".plan") || n.ends_with(".json"))
+        .collect()
+}
+
+/// Python of the set-up venv (onnx, onnxruntime, ml-dtypes, numpy).
+pub fn python() -> PathBuf {
+    let p = trt_diff::trt::discovery::cache_dir().join("venv/bin/python");
+    assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
+    p
+}
