@@ -1,6 +1,8 @@
 //! ONNX: protobuf messages, a graph builder for models, reading files made elsewhere, writing with external data,
 //! and the summary `inspect` prints.
 pub mod builder;
+pub mod cpu_pass;
+pub mod dequantize;
 pub mod dtype;
 pub mod model;
 pub mod proto;
