@@ -1,4 +1,4 @@
-//! Writes the MLP model in one precision as ONNX: `cargo run --example write_mlp -- OUT.onnx [f32|f16|fp8|nvfp4]
+//! Writes the MLP model in one precision as ONNX: `cargo run --example write_mlp -- OUT.onnx [f32|f16|fp8|fp8-per-channel|int4|nvfp4]
 //! [--dynamic] [--hidden N --layers N]`. Used by scripts/main-job.sh and the build benchmark.
 use anyhow::{Context, Result, bail};
 use trt_diff::models::mlp::MlpConfig;
@@ -8,7 +8,7 @@ use trt_diff::quant::qdq::LinearPrecision;
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let out = args.first().context(
-        "usage: write_mlp OUT.onnx [f32|f16|fp8|nvfp4] [--dynamic] [--hidden N] [--layers N]",
+        "usage: write_mlp OUT.onnx [f32|f16|fp8|fp8-per-channel|int4|nvfp4] [--dynamic] [--hidden N] [--layers N]",
     )?;
     let mut cfg = MlpConfig::default();
     let mut i = 1;
@@ -18,6 +18,8 @@ fn main() -> Result<()> {
             "f16" => cfg.precision = LinearPrecision::F16,
             "fp8" => cfg.precision = LinearPrecision::Fp8,
             "nvfp4" => cfg.precision = LinearPrecision::Nvfp4,
+            "fp8-per-channel" => cfg.precision = LinearPrecision::Fp8PerChannel,
+            "int4" => cfg.precision = LinearPrecision::Int4 { block: 32 },
             "--dynamic" => cfg.batch = Dim::Sym("batch".into()),
             "--hidden" | "--layers" => {
                 let v: usize = args.get(i + 1).context("missing value")?.parse()?;

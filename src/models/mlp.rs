@@ -68,11 +68,7 @@ impl MlpConfig {
         if self.precision == LinearPrecision::Nvfp4 {
             g.use_domain("trt", 1);
         }
-        let float = if self.precision == LinearPrecision::F16 {
-            crate::onnx::DataType::FLOAT16
-        } else {
-            crate::onnx::DataType::FLOAT
-        };
+        let float = self.precision.float_type();
         let mut x: Value = g.input(
             "x",
             float,

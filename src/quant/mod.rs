@@ -1,4 +1,5 @@
 //! Number formats and the Q/DQ patterns TensorRT reads.
 pub mod minifloat;
 pub mod nvfp4;
+pub mod policy;
 pub mod qdq;

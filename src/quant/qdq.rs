@@ -1,5 +1,7 @@
-//! Linear layers in the precisions TensorRT builds: plain f32/f16 MatMul, FP8 (per-tensor activation Q/DQ and an
-//! FP8 weight with DQ) and NVFP4 (FP4 weights with two DQs, activations through `trt::TRT_FP4DynamicQuantize`).
+//! Layers in the precisions TensorRT builds, as the ONNX patterns it recognises: plain f32/f16 MatMul; FP8
+//! (per-tensor activation Q/DQ, FP8 weight with a per-tensor or per-channel DQ); NVFP4 (FP4 weight with two DQs,
+//! activations through `trt::TRT_FP4DynamicQuantize`); INT4 weight-only (blockwise DQ along the reduction axis);
+//! and the FP8 attention pattern (Q/DQ on the inputs of both batched matmuls and on the softmax output).
 //! Weights arrive in PyTorch's Linear layout [out, in].
 use super::minifloat::E4M3FN;
 use super::nvfp4;
@@ -11,17 +13,45 @@ use bytes::Bytes;
 pub enum LinearPrecision {
     F32,
     F16,
+    /// FP8 E4M3 activations (per-tensor) and weights (one scale).
     Fp8,
+    /// FP8 E4M3 activations (per-tensor) and weights (one scale per output channel).
+    Fp8PerChannel,
     Nvfp4,
+    /// INT4 weights in blocks of `block` input features, activations in f32 (weight-only).
+    Int4 {
+        block: usize,
+    },
 }
 
 impl LinearPrecision {
-    /// The default-domain opset the pattern needs (FP8 Q/DQ: 19; blocked FP4 DQ: 23).
+    /// The default-domain opset the pattern needs (FP8 Q/DQ: 19; blocked DQ: 21; FP4: 23).
     pub fn min_opset(self) -> i64 {
         match self {
             LinearPrecision::F32 | LinearPrecision::F16 => 17,
-            LinearPrecision::Fp8 => 19,
+            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => 19,
+            LinearPrecision::Int4 { .. } => 21,
             LinearPrecision::Nvfp4 => 23,
+        }
+    }
+
+    /// The float type activations flow in.
+    pub fn float_type(self) -> DataType {
+        if self == LinearPrecision::F16 {
+            DataType::FLOAT16
+        } else {
+            DataType::FLOAT
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            LinearPrecision::F32 => "f32".into(),
+            LinearPrecision::F16 => "f16".into(),
+            LinearPrecision::Fp8 => "fp8".into(),
+            LinearPrecision::Fp8PerChannel => "fp8-per-channel".into(),
+            LinearPrecision::Nvfp4 => "nvfp4".into(),
+            LinearPrecision::Int4 { block } => format!("int4-block{block}"),
         }
     }
 }
@@ -44,16 +74,14 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-fn f32_bytes(v: &[f32]) -> Bytes {
-    Bytes::from(v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>())
-}
-
-fn f16_bytes(v: &[f32]) -> Bytes {
-    Bytes::from(
-        v.iter()
+fn float_bytes(v: &[f32], dtype: DataType) -> Bytes {
+    Bytes::from(match dtype {
+        DataType::FLOAT16 => v
+            .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
             .collect::<Vec<u8>>(),
-    )
+        _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    })
 }
 
 fn with_last(shape: &[Dim], last: usize) -> Vec<Dim> {
@@ -64,12 +92,274 @@ fn with_last(shape: &[Dim], last: usize) -> Vec<Dim> {
     s
 }
 
-fn scalar(g: &mut GraphBuilder, name: &str, dtype: DataType, v: f32) -> Result<Value> {
-    let data = match dtype {
-        DataType::FLOAT16 => f16_bytes(&[v]),
-        _ => f32_bytes(&[v]),
+fn fixed(d: &[usize]) -> Vec<Dim> {
+    d.iter().map(|&v| Dim::Fixed(v as i64)).collect()
+}
+
+fn amax(v: &[f32]) -> f32 {
+    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+}
+
+/// Per-tensor FP8 Q/DQ of an activation with scale amax/448: TensorRT fuses it into the consuming op.
+pub fn fp8_qdq(g: &mut GraphBuilder, name: &str, x: &Value, act_amax: f32) -> Result<Value> {
+    let s = g.initializer(
+        &format!("{name}.scale"),
+        x.dtype,
+        &[],
+        float_bytes(&[act_amax.max(1e-12) / 448.0], x.dtype),
+    )?;
+    let zp = g.initializer(
+        &format!("{name}.zero_point"),
+        DataType::FLOAT8E4M3FN,
+        &[],
+        Bytes::from(vec![0u8]),
+    )?;
+    let q = g.op(
+        "QuantizeLinear",
+        &format!("{name}/q"),
+        &[x, &s, &zp],
+        vec![],
+        DataType::FLOAT8E4M3FN,
+        x.shape.clone(),
+    )?;
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/dq"),
+        &[&q, &s],
+        vec![],
+        x.dtype,
+        x.shape.clone(),
+    )
+}
+
+/// FP8 weight [k, n] (already transposed) with a per-tensor or per-output-channel scale.
+fn fp8_weight(
+    g: &mut GraphBuilder,
+    name: &str,
+    wt: &[f32],
+    k: usize,
+    n: usize,
+    per_channel: bool,
+    float: DataType,
+) -> Result<Value> {
+    let scales: Vec<f32> = if per_channel {
+        (0..n)
+            .map(|c| {
+                (0..k)
+                    .fold(0f32, |m, r| m.max(wt[r * n + c].abs()))
+                    .max(1e-12)
+                    / 448.0
+            })
+            .collect()
+    } else {
+        vec![amax(wt).max(1e-12) / 448.0]
     };
-    g.initializer(name, dtype, &[], data)
+    let codes: Vec<u8> = wt
+        .iter()
+        .enumerate()
+        .map(|(i, v)| E4M3FN.encode(v / scales[if per_channel { i % n } else { 0 }], true))
+        .collect();
+    let wq = g.initializer(
+        &format!("{name}.weight"),
+        DataType::FLOAT8E4M3FN,
+        &[k as i64, n as i64],
+        Bytes::from(codes),
+    )?;
+    let scale_dims: &[i64] = if per_channel { &[n as i64] } else { &[] };
+    let sw = g.initializer(
+        &format!("{name}.weight_scale"),
+        float,
+        scale_dims,
+        float_bytes(&scales, float),
+    )?;
+    let attrs = if per_channel {
+        vec![("axis", Attr::Int(1))]
+    } else {
+        vec![]
+    };
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_dq"),
+        &[&wq, &sw],
+        attrs,
+        float,
+        fixed(&[k, n]),
+    )
+}
+
+/// Symmetric INT4 weight [k, n] in blocks of `block` along k (the reduction axis): scale = block amax / 7.
+fn int4_weight(
+    g: &mut GraphBuilder,
+    name: &str,
+    wt: &[f32],
+    k: usize,
+    n: usize,
+    block: usize,
+    float: DataType,
+) -> Result<Value> {
+    if block == 0 || !k.is_multiple_of(block) {
+        bail!("{name}: INT4 block size {block} must divide in_features {k}");
+    }
+    let kb = k / block;
+    let mut scales = vec![0f32; kb * n];
+    for b in 0..kb {
+        for c in 0..n {
+            let m = (b * block..(b + 1) * block).fold(0f32, |m, r| m.max(wt[r * n + c].abs()));
+            scales[b * n + c] = if m > 0.0 { m / 7.0 } else { 1.0 };
+        }
+    }
+    let codes: Vec<u8> = wt
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            let s = scales[(i / n / block) * n + i % n];
+            ((v / s).round_ties_even().clamp(-8.0, 7.0) as i8) as u8 & 0xF
+        })
+        .collect();
+    let wq = g.initializer(
+        &format!("{name}.weight"),
+        DataType::INT4,
+        &[k as i64, n as i64],
+        Bytes::from(super::minifloat::pack_nibbles(&codes)),
+    )?;
+    let sw = g.initializer(
+        &format!("{name}.weight_scale"),
+        float,
+        &[kb as i64, n as i64],
+        float_bytes(&scales, float),
+    )?;
+    let attrs = vec![
+        ("axis", Attr::Int(0)),
+        ("block_size", Attr::Int(block as i64)),
+    ];
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_dq"),
+        &[&wq, &sw],
+        attrs,
+        float,
+        fixed(&[k, n]),
+    )
+}
+
+/// NVFP4 weight [n, k] (blocks along k) with two DQs, transposed to [k, n] for MatMul.
+fn nvfp4_weight(
+    g: &mut GraphBuilder,
+    name: &str,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    float: DataType,
+) -> Result<Value> {
+    if !k.is_multiple_of(nvfp4::BLOCK) {
+        bail!(
+            "{name}: NVFP4 needs in_features divisible by {}, got {k}",
+            nvfp4::BLOCK
+        );
+    }
+    let q = nvfp4::quantize(w);
+    let wq = g.initializer(
+        &format!("{name}.weight"),
+        DataType::FLOAT4E2M1,
+        &[n as i64, k as i64],
+        Bytes::from(q.packed),
+    )?;
+    let kb = k / nvfp4::BLOCK;
+    let bs = g.initializer(
+        &format!("{name}.weight_scale"),
+        DataType::FLOAT8E4M3FN,
+        &[n as i64, kb as i64],
+        Bytes::from(q.block_scales),
+    )?;
+    let sw = g.initializer(
+        &format!("{name}.weight_scale_2"),
+        float,
+        &[],
+        float_bytes(&[q.global_scale], float),
+    )?;
+    let bsd = g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_scale_dq"),
+        &[&bs, &sw],
+        vec![],
+        float,
+        fixed(&[n, kb]),
+    )?;
+    let wd = g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_dq"),
+        &[&wq, &bsd],
+        blocked16(),
+        float,
+        fixed(&[n, k]),
+    )?;
+    g.op(
+        "Transpose",
+        &format!("{name}/weight_t"),
+        &[&wd],
+        vec![("perm", Attr::Ints(vec![1, 0]))],
+        float,
+        fixed(&[k, n]),
+    )
+}
+
+fn blocked16() -> Vec<(&'static str, Attr)> {
+    vec![
+        ("axis", Attr::Int(-1)),
+        ("block_size", Attr::Int(nvfp4::BLOCK as i64)),
+    ]
+}
+
+/// NVFP4 activation: dynamic E2M1 quantization with E4M3 block scales under a global scale amax/(6*448).
+pub fn nvfp4_activation(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    act_amax: f32,
+) -> Result<Value> {
+    let k = match x.shape.last() {
+        Some(Dim::Fixed(k)) if (*k as usize).is_multiple_of(nvfp4::BLOCK) => *k as usize,
+        _ => bail!(
+            "{name}: NVFP4 activations need a fixed last dimension divisible by {}",
+            nvfp4::BLOCK
+        ),
+    };
+    let sx = g.initializer(
+        &format!("{name}.input_scale"),
+        x.dtype,
+        &[],
+        float_bytes(&[nvfp4::global_scale(act_amax)], x.dtype),
+    )?;
+    let scale_shape = with_last(&x.shape, k / nvfp4::BLOCK);
+    let mut attrs = blocked16();
+    attrs.push(("scale_type", Attr::Int(DataType::FLOAT8E4M3FN.0 as i64)));
+    let outs = g.node_in(
+        "trt",
+        "TRT_FP4DynamicQuantize",
+        &format!("{name}/input_fp4"),
+        &[x, &sx],
+        attrs,
+        vec![
+            (DataType::FLOAT4E2M1, x.shape.clone()),
+            (DataType::FLOAT8E4M3FN, scale_shape.clone()),
+        ],
+    )?;
+    let xs = g.op(
+        "DequantizeLinear",
+        &format!("{name}/input_scale_dq"),
+        &[&outs[1], &sx],
+        vec![],
+        x.dtype,
+        scale_shape,
+    )?;
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/input_dq"),
+        &[&outs[0], &xs],
+        blocked16(),
+        x.dtype,
+        x.shape.clone(),
+    )
 }
 
 /// Emits `y = x @ W^T (+ b)` named `name`; `act_amax` is the calibrated absolute maximum of `x` (FP8 and NVFP4).
@@ -89,211 +379,65 @@ pub fn linear(
             n * k
         );
     }
-    let float = if precision == LinearPrecision::F16 {
-        DataType::FLOAT16
-    } else {
-        DataType::FLOAT
-    };
+    let float = precision.float_type();
     if x.dtype != float {
         bail!(
-            "{name}: input is {}, {precision:?} expects {float}",
-            x.dtype
+            "{name}: input is {}, {} expects {float}",
+            x.dtype,
+            precision.name()
         );
     }
     let out_shape = with_last(&x.shape, n);
-    let wt = transpose(w.weight, n, k);
-    let y = match precision {
+    let (xin, wv) = match precision {
         LinearPrecision::F32 | LinearPrecision::F16 => {
-            let data = if float == DataType::FLOAT16 {
-                f16_bytes(&wt)
-            } else {
-                f32_bytes(&wt)
-            };
-            let wv = g.initializer(
-                &format!("{name}.weight"),
-                float,
-                &[k as i64, n as i64],
-                data,
-            )?;
-            g.op(
-                "MatMul",
-                &format!("{name}/MatMul"),
-                &[x, &wv],
-                vec![],
-                float,
-                out_shape.clone(),
-            )?
+            let wt = transpose(w.weight, n, k);
+            (
+                x.clone(),
+                g.initializer(
+                    &format!("{name}.weight"),
+                    float,
+                    &[k as i64, n as i64],
+                    float_bytes(&wt, float),
+                )?,
+            )
         }
-        LinearPrecision::Fp8 => {
-            let sx = scalar(
-                g,
-                &format!("{name}.input_scale"),
-                float,
-                act_amax.max(1e-12) / 448.0,
-            )?;
-            let zp = g.initializer(
-                &format!("{name}.input_zero_point"),
-                DataType::FLOAT8E4M3FN,
-                &[],
-                Bytes::from(vec![0u8]),
-            )?;
-            let q = g.op(
-                "QuantizeLinear",
-                &format!("{name}/input_q"),
-                &[x, &sx, &zp],
-                vec![],
-                DataType::FLOAT8E4M3FN,
-                x.shape.clone(),
-            )?;
-            let xd = g.op(
-                "DequantizeLinear",
-                &format!("{name}/input_dq"),
-                &[&q, &sx],
-                vec![],
-                float,
-                x.shape.clone(),
-            )?;
-            let wamax = wt.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12);
-            let sw_v = wamax / 448.0;
-            let codes: Vec<u8> = wt.iter().map(|v| E4M3FN.encode(v / sw_v, true)).collect();
-            let wq = g.initializer(
-                &format!("{name}.weight"),
-                DataType::FLOAT8E4M3FN,
-                &[k as i64, n as i64],
-                Bytes::from(codes),
-            )?;
-            let sw = scalar(g, &format!("{name}.weight_scale"), float, sw_v)?;
-            let wd = g.op(
-                "DequantizeLinear",
-                &format!("{name}/weight_dq"),
-                &[&wq, &sw],
-                vec![],
-                float,
-                shape_of(&[k, n]),
-            )?;
-            g.op(
-                "MatMul",
-                &format!("{name}/MatMul"),
-                &[&xd, &wd],
-                vec![],
-                float,
-                out_shape.clone(),
-            )?
+        LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => {
+            let wt = transpose(w.weight, n, k);
+            let per_channel = precision == LinearPrecision::Fp8PerChannel;
+            (
+                fp8_qdq(g, &format!("{name}.input"), x, act_amax)?,
+                fp8_weight(g, name, &wt, k, n, per_channel, float)?,
+            )
         }
-        LinearPrecision::Nvfp4 => {
-            if !k.is_multiple_of(nvfp4::BLOCK) {
-                bail!(
-                    "{name}: NVFP4 needs in_features divisible by {}, got {k}",
-                    nvfp4::BLOCK
-                );
-            }
-            let q = nvfp4::quantize(w.weight);
-            let wq = g.initializer(
-                &format!("{name}.weight"),
-                DataType::FLOAT4E2M1,
-                &[n as i64, k as i64],
-                Bytes::from(q.packed),
-            )?;
-            let bs = g.initializer(
-                &format!("{name}.weight_scale"),
-                DataType::FLOAT8E4M3FN,
-                &[n as i64, (k / nvfp4::BLOCK) as i64],
-                Bytes::from(q.block_scales),
-            )?;
-            let sw = scalar(g, &format!("{name}.weight_scale_2"), float, q.global_scale)?;
-            let bsd = g.op(
-                "DequantizeLinear",
-                &format!("{name}/weight_scale_dq"),
-                &[&bs, &sw],
-                vec![],
-                float,
-                shape_of(&[n, k / nvfp4::BLOCK]),
-            )?;
-            let blocked = || {
-                vec![
-                    ("axis", Attr::Int(-1)),
-                    ("block_size", Attr::Int(nvfp4::BLOCK as i64)),
-                ]
-            };
-            let wd = g.op(
-                "DequantizeLinear",
-                &format!("{name}/weight_dq"),
-                &[&wq, &bsd],
-                blocked(),
-                float,
-                shape_of(&[n, k]),
-            )?;
-            let wt_v = g.op(
-                "Transpose",
-                &format!("{name}/weight_t"),
-                &[&wd],
-                vec![("perm", Attr::Ints(vec![1, 0]))],
-                float,
-                shape_of(&[k, n]),
-            )?;
-            let sx = scalar(
-                g,
-                &format!("{name}.input_scale"),
-                float,
-                nvfp4::global_scale(act_amax),
-            )?;
-            let mut scale_shape = x.shape.clone();
-            if let Some(l) = scale_shape.last_mut() {
-                *l = Dim::Fixed((k / nvfp4::BLOCK) as i64);
-            }
-            let outs = g.node_in(
-                "trt",
-                "TRT_FP4DynamicQuantize",
-                &format!("{name}/input_fp4"),
-                &[x, &sx],
-                vec![
-                    ("axis", Attr::Int(-1)),
-                    ("block_size", Attr::Int(nvfp4::BLOCK as i64)),
-                    ("scale_type", Attr::Int(17)),
-                ],
-                vec![
-                    (DataType::FLOAT4E2M1, x.shape.clone()),
-                    (DataType::FLOAT8E4M3FN, scale_shape.clone()),
-                ],
-            )?;
-            let xs = g.op(
-                "DequantizeLinear",
-                &format!("{name}/input_scale_dq"),
-                &[&outs[1], &sx],
-                vec![],
-                float,
-                scale_shape,
-            )?;
-            let xd = g.op(
-                "DequantizeLinear",
-                &format!("{name}/input_dq"),
-                &[&outs[0], &xs],
-                blocked(),
-                float,
-                x.shape.clone(),
-            )?;
-            g.op(
-                "MatMul",
-                &format!("{name}/MatMul"),
-                &[&xd, &wt_v],
-                vec![],
-                float,
-                out_shape.clone(),
-            )?
+        LinearPrecision::Int4 { block } => {
+            let wt = transpose(w.weight, n, k);
+            (x.clone(), int4_weight(g, name, &wt, k, n, block, float)?)
         }
+        LinearPrecision::Nvfp4 => (
+            nvfp4_activation(g, name, x, act_amax)?,
+            nvfp4_weight(g, name, w.weight, k, n, float)?,
+        ),
     };
+    let y = g.op(
+        "MatMul",
+        &format!("{name}/MatMul"),
+        &[&xin, &wv],
+        vec![],
+        float,
+        out_shape.clone(),
+    )?;
     match w.bias {
         None => Ok(y),
         Some(b) => {
             if b.len() != n {
                 bail!("{name}: bias has {} values, expected {n}", b.len());
             }
-            let data = if float == DataType::FLOAT16 {
-                f16_bytes(b)
-            } else {
-                f32_bytes(b)
-            };
-            let bv = g.initializer(&format!("{name}.bias"), float, &[n as i64], data)?;
+            let bv = g.initializer(
+                &format!("{name}.bias"),
+                float,
+                &[n as i64],
+                float_bytes(b, float),
+            )?;
             g.op(
                 "Add",
                 &format!("{name}/bias"),
@@ -306,6 +450,91 @@ pub fn linear(
     }
 }
 
-fn shape_of(d: &[usize]) -> Vec<Dim> {
-    d.iter().map(|&v| Dim::Fixed(v as i64)).collect()
+/// Calibrated absolute maxima for the FP8 attention pattern.
+#[derive(Clone, Copy, Debug)]
+pub struct AttentionAmax {
+    pub q: f32,
+    pub k: f32,
+    pub v: f32,
+}
+
+/// Scaled dot-product attention `softmax(q k^T * scale) v` over [batch, heads, seq, head_dim] values; with `fp8`,
+/// Q/DQ on q and k (BMM1 inputs), on the softmax output (amax 1) and on v (BMM2 inputs), as TensorRT's fused FP8
+/// attention kernels expect.
+pub fn attention(
+    g: &mut GraphBuilder,
+    name: &str,
+    q: &Value,
+    k: &Value,
+    v: &Value,
+    fp8: Option<AttentionAmax>,
+) -> Result<Value> {
+    let [b, h, sq, d] = q.shape.as_slice() else {
+        bail!("{name}: q must be [batch, heads, seq, head_dim]")
+    };
+    let Dim::Fixed(dv) = d else {
+        bail!("{name}: head_dim must be fixed")
+    };
+    let sk = k.shape.get(2).cloned().unwrap_or(Dim::Fixed(0));
+    let float = q.dtype;
+    let (q, k, v) = match fp8 {
+        Some(a) => (
+            fp8_qdq(g, &format!("{name}.q"), q, a.q)?,
+            fp8_qdq(g, &format!("{name}.k"), k, a.k)?,
+            fp8_qdq(g, &format!("{name}.v"), v, a.v)?,
+        ),
+        None => (q.clone(), k.clone(), v.clone()),
+    };
+    let kt = g.op(
+        "Transpose",
+        &format!("{name}/k_t"),
+        &[&k],
+        vec![("perm", Attr::Ints(vec![0, 1, 3, 2]))],
+        float,
+        vec![b.clone(), h.clone(), d.clone(), sk.clone()],
+    )?;
+    let scores_shape = vec![b.clone(), h.clone(), sq.clone(), sk];
+    let s = g.op(
+        "MatMul",
+        &format!("{name}/bmm1"),
+        &[&q, &kt],
+        vec![],
+        float,
+        scores_shape.clone(),
+    )?;
+    let scale = g.initializer(
+        &format!("{name}.softmax_scale"),
+        float,
+        &[],
+        float_bytes(&[1.0 / (*dv as f32).sqrt()], float),
+    )?;
+    let s = g.op(
+        "Mul",
+        &format!("{name}/scale"),
+        &[&s, &scale],
+        vec![],
+        float,
+        scores_shape.clone(),
+    )?;
+    let p = g.op(
+        "Softmax",
+        &format!("{name}/softmax"),
+        &[&s],
+        vec![("axis", Attr::Int(-1))],
+        float,
+        scores_shape,
+    )?;
+    let p = if fp8.is_some() {
+        fp8_qdq(g, &format!("{name}.softmax"), &p, 1.0)?
+    } else {
+        p
+    };
+    g.op(
+        "MatMul",
+        &format!("{name}/bmm2"),
+        &[&p, &v],
+        vec![],
+        float,
+        q.shape.clone(),
+    )
 }

@@ -1,6 +1,6 @@
 """Checks the CPU pass against onnx.reference.
 
-usage: fp4_reference.py ORIGINAL.onnx PASSED.onnx INPUT.npy
+usage: fp4_reference.py ORIGINAL.onnx PASSED.onnx NAME=INPUT.npy ...
 Evaluates ORIGINAL (with TensorRT's NVFP4 ops) in onnx.reference, giving `trt::TRT_FP4DynamicQuantize` its
 TensorRT semantics via ml_dtypes (per 16-block: scale = fp8_e4m3(min(amax / (6 * sx), 448)), x_fp4 = e2m1(x / (scale * sx)),
 round to nearest even, saturating), then evaluates PASSED (standard ops only) in onnx.reference and in ONNX
@@ -31,17 +31,16 @@ class TRT_FP4DynamicQuantize(OpRun):
         return (q.reshape(x.shape), scale.reshape(*x.shape[:-1], -1))
 
 
-def main(original, passed, inp):
-    x = np.load(inp)
-    name = onnx.load(original).graph.input[0].name
-    ref = ReferenceEvaluator(original, new_ops=[TRT_FP4DynamicQuantize]).run(None, {name: x})[0]
-    ref_passed = ReferenceEvaluator(passed).run(None, {name: x})[0]
+def main(original, passed, *inputs):
+    feeds = {k: np.load(v) for k, v in (a.split("=", 1) for a in inputs)}
+    ref = ReferenceEvaluator(original, new_ops=[TRT_FP4DynamicQuantize]).run(None, feeds)[0]
+    ref_passed = ReferenceEvaluator(passed).run(None, feeds)[0]
 
     # whose negative values survive): basic optimizations keep the graph's numerics.
     so = ort.SessionOptions()
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     sess = ort.InferenceSession(passed, so, providers=["CPUExecutionProvider"])
-    got = sess.run(None, {name: x})[0]
+    got = sess.run(None, feeds)[0]
     print(json.dumps({
         "ref_vs_passed_ref": float(np.abs(ref.astype(np.float64) - ref_passed).max()),
         "ref_vs_ort": float(np.abs(ref.astype(np.float64) - got).max()),
