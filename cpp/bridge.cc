@@ -2,6 +2,9 @@
 #include "trt-diff/include/trtdiff/bridge.h"
 #include "trt-diff/src/trt/ffi.rs.h"
 
+#include <stdexcept>
+#include <string>
+
 namespace trtdiff {
 
 BuildReport build_engine(const BuildSpec& spec, const BuildObserver& observer) {
@@ -19,6 +22,13 @@ rust::Vec<rust::String> compiled_flavors() {
   if (have_rtx()) v.push_back(rust::String("rtx"));
   if (have_trt11()) v.push_back(rust::String("trt11"));
   return v;
+}
+
+std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, const uint8_t* plan, size_t len) {
+  std::string f(flavor);
+  if (f == "rtx") return runtime_open_rtx(create_runtime, plan, len);
+  if (f == "trt11") return runtime_open_trt11(create_runtime, plan, len);
+  throw std::runtime_error("unknown TensorRT flavour '" + f + "'");
 }
 
 int32_t header_version(rust::Str flavor) {

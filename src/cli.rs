@@ -31,12 +31,38 @@ pub enum Command {
     },
     /// Build a TensorRT engine (NAME.plan + NAME.plan.json manifest) from an ONNX file.
     Build(BuildArgs),
+    /// Run an engine (.plan, or .onnx on the CPU) on .npy inputs; write .npy outputs, print latency statistics.
+    Run(RunArgs),
     /// Show what is inside a .onnx or .plan file.
     Inspect {
         file: PathBuf,
         #[arg(long)]
         json: bool,
     },
+}
+
+#[derive(Args)]
+pub struct RunArgs {
+    /// The engine: a .plan built by `trt-diff build`, or an .onnx file (CPU backend).
+    #[arg(long)]
+    pub engine: PathBuf,
+    /// An input as NAME=FILE.npy (repeat for each input).
+    #[arg(long, value_name = "NAME=FILE")]
+    pub input: Vec<String>,
+    /// Folder for the outputs, one NAME.npy each.
+    #[arg(long, value_name = "DIR")]
+    pub out: Option<PathBuf>,
+    #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
+    pub backend: crate::runner::BackendChoice,
+    /// Timed runs (after one warm-up run when more than one).
+    #[arg(long, default_value_t = 1)]
+    pub iterations: usize,
+    /// Also run on this backend and print the max abs / relative difference of every output.
+    #[arg(long, value_enum, value_name = "BACKEND")]
+    pub compare_with: Option<crate::runner::BackendChoice>,
+    /// ONNX Runtime intra-op threads (0: its default).
+    #[arg(long, default_value_t = 0)]
+    pub threads: usize,
 }
 
 #[derive(Args)]
@@ -127,7 +153,42 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Build(a) => build(a),
         Command::Inspect { file, json } => crate::inspect::inspect(&file, json),
+        Command::Run(a) => run_engine(a),
     }
+}
+
+fn run_engine(a: RunArgs) -> Result<()> {
+    use crate::runner::{compare, load_inputs, open_engine, timed_runs};
+    let ort = crate::backend::ort_backend::OrtOptions { threads: a.threads, ..Default::default() };
+    let inputs = load_inputs(&a.input)?;
+    let mut engine = open_engine(&a.engine, a.backend, &ort)?;
+    let (outputs, lat) = timed_runs(engine.as_mut(), &inputs, a.iterations)?;
+    println!("{} on {}", a.engine.display(), engine.backend());
+    println!(
+        "latency over {} run(s): min {:.3} ms, median {:.3} ms, p99 {:.3} ms",
+        lat.runs, lat.min_ms, lat.median_ms, lat.p99_ms
+    );
+    for (name, t) in &outputs {
+        println!("  output {name} {} {:?}", t.dtype, t.shape);
+    }
+    if let Some(dir) = &a.out {
+        std::fs::create_dir_all(dir)
+            .map_err(|e| anyhow::anyhow!("cannot create output folder '{}': {e}", dir.display()))?;
+        for (name, t) in &outputs {
+            let file: String = name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+            crate::npy::write(&dir.join(format!("{file}.npy")), t)?;
+        }
+        println!("wrote {} output(s) to {}", outputs.len(), dir.display());
+    }
+    if let Some(other) = a.compare_with {
+        let mut second = open_engine(&a.engine, other, &ort)?;
+        let (theirs, lat2) = timed_runs(second.as_mut(), &inputs, a.iterations)?;
+        println!("compared with {} (median {:.3} ms):", second.backend(), lat2.median_ms);
+        for d in compare(&outputs, &theirs)? {
+            println!("  {:<24} max abs {:.3e}  max rel {:.3e}", d.name, d.max_abs, d.max_rel);
+        }
+    }
+    Ok(())
 }
 
 fn build(a: BuildArgs) -> Result<()> {

@@ -3,8 +3,28 @@
 #pragma once
 #include "rust/cxx.h"
 #include <cstdint>
+#include <memory>
 
 namespace trtdiff {
+// A deserialized engine and its execution context; each flavour derives its own (cpp/flavor_impl.inc).
+class RuntimeEngine {
+ public:
+  virtual ~RuntimeEngine() = default;
+  virtual int32_t io_count() const = 0;
+  virtual rust::String io_name(int32_t index) const = 0;
+  virtual bool io_is_input(int32_t index) const = 0;
+  virtual rust::String io_dtype(int32_t index) const = 0;
+  virtual rust::Vec<int64_t> io_dims(int32_t index) const = 0;
+  virtual bool set_input_shape(rust::Str name, rust::Slice<const int64_t> dims) = 0;
+  virtual rust::Vec<int64_t> context_dims(rust::Str name) const = 0;
+  virtual bool set_address(rust::Str name, uint64_t device_ptr) = 0;
+  virtual bool enqueue(uint64_t stream) = 0;
+};
+
+std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, const uint8_t* plan, size_t len);
+std::unique_ptr<RuntimeEngine> runtime_open_rtx(size_t create_runtime, const uint8_t* plan, size_t len);
+std::unique_ptr<RuntimeEngine> runtime_open_trt11(size_t create_runtime, const uint8_t* plan, size_t len);
+
 struct BuildSpec;
 struct BuildReport;
 struct BuildObserver;

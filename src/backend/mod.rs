@@ -1,2 +1,141 @@
-//! Execution backends. For now: locating the ONNX Runtime library that the CPU backend loads.
+//! Execution backends behind one `Engine` interface: ONNX Runtime on the CPU (the embedded default, and the
+//! backbone of the tests) and TensorRT (see `trt::runtime`). Pipelines and `trt-diff run` only see `Engine`.
+pub mod ort_backend;
 pub mod ort_lib;
+
+use crate::onnx::DataType;
+use anyhow::{Result, bail};
+
+/// A tensor in host memory: raw little-endian elements in C order.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    pub dtype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Vec<u8>,
+}
+
+impl HostTensor {
+    pub fn from_f32(shape: &[usize], values: &[f32]) -> Self {
+        HostTensor {
+            dtype: DataType::FLOAT,
+            shape: shape.to_vec(),
+            data: values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Values widened to f64 (for comparisons and statistics); None for non-numeric types.
+    pub fn to_f64(&self) -> Option<Vec<f64>> {
+        let d = &self.data;
+        Some(match self.dtype {
+            DataType::FLOAT => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::FLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            DataType::BFLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f64())
+                .collect(),
+            DataType(11) => d
+                .chunks_exact(8)
+                .map(|b| f64::from_le_bytes(b.try_into().unwrap()))
+                .collect(),
+            DataType::INT64 => d
+                .chunks_exact(8)
+                .map(|b| i64::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::INT32 => d
+                .chunks_exact(4)
+                .map(|b| i32::from_le_bytes(b.try_into().unwrap()) as f64)
+                .collect(),
+            DataType::INT8 => d.iter().map(|&b| b as i8 as f64).collect(),
+            DataType::UINT8 | DataType::BOOL => d.iter().map(|&b| b as f64).collect(),
+            _ => return None,
+        })
+    }
+}
+
+/// An engine input or output: -1 marks a dynamic dimension.
+#[derive(Clone, Debug, PartialEq)]
+pub struct TensorDesc {
+    pub name: String,
+    pub dtype: DataType,
+    pub shape: Vec<i64>,
+}
+
+impl std::fmt::Display for TensorDesc {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let dims: Vec<String> = self
+            .shape
+            .iter()
+            .map(|d| if *d < 0 { "?".into() } else { d.to_string() })
+            .collect();
+        write!(f, "{} {} [{}]", self.name, self.dtype, dims.join(", "))
+    }
+}
+
+pub trait Engine {
+    /// "onnxruntime (cpu)", "TensorRT-RTX 1.7.1", ...
+    fn backend(&self) -> String;
+    fn inputs(&self) -> &[TensorDesc];
+    fn outputs(&self) -> &[TensorDesc];
+    /// Runs once on host tensors named like `inputs()`; outputs come back in `outputs()` order.
+    fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+}
+
+/// Checks named inputs against an engine's descriptions: every input present once, dtypes equal, ranks equal and
+/// fixed dimensions equal. Errors list what the engine expects.
+pub fn check_inputs(
+    engine: &str,
+    expected: &[TensorDesc],
+    given: &[(String, HostTensor)],
+) -> Result<()> {
+    let list = || {
+        expected
+            .iter()
+            .map(|d| format!("  {d}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    for (name, t) in given {
+        let Some(d) = expected.iter().find(|d| d.name == *name) else {
+            bail!(
+                "'{engine}' has no input '{name}'; its inputs are:\n{}",
+                list()
+            );
+        };
+        if d.dtype != t.dtype {
+            bail!(
+                "input '{name}' of '{engine}' is {}, got {} (convert the array, e.g. numpy .astype)",
+                d.dtype,
+                t.dtype
+            );
+        }
+        let fits = d.shape.len() == t.shape.len()
+            && d.shape
+                .iter()
+                .zip(&t.shape)
+                .all(|(&e, &g)| e < 0 || e as usize == g);
+        if !fits {
+            bail!(
+                "input '{name}' of '{engine}' has shape {:?}, which does not fit {d}",
+                t.shape
+            );
+        }
+    }
+    for d in expected {
+        match given.iter().filter(|(n, _)| *n == d.name).count() {
+            0 => bail!(
+                "input '{}' of '{engine}' is missing; its inputs are:\n{}",
+                d.name,
+                list()
+            ),
+            1 => {}
+            _ => bail!("input '{}' is given more than once", d.name),
+        }
+    }
+    Ok(())
+}

@@ -167,6 +167,7 @@ pub struct Loaded {
     pub version: i32,
     pub(crate) create_builder: usize,
     pub(crate) create_parser: usize,
+    pub(crate) create_runtime: usize,
 }
 
 fn symbol(lib: &'static libloading::Library, path: &Path, name: &str) -> Result<usize> {
@@ -219,6 +220,7 @@ impl Loaded {
             parser: parser_path.clone(),
             version,
             create_builder: symbol(core, &found.core, "createInferBuilder_INTERNAL")?,
+            create_runtime: symbol(core, &found.core, "createInferRuntime_INTERNAL")?,
             create_parser: symbol(parser, parser_path, "createNvOnnxParser_INTERNAL")?,
         });
         cache
@@ -247,6 +249,15 @@ fn not_found(flavors: &[Flavor], dirs: &[SearchDir]) -> anyhow::Error {
         msg.push_str(&format!("  {}: {}\n", f.display(), f.install_hint()));
     }
     anyhow::anyhow!(msg.trim_end().to_string())
+}
+
+/// Loads one flavour (for running a plan built by it).
+pub fn load_flavor(flavor: Flavor, cli_dir: Option<&Path>) -> Result<Arc<Loaded>> {
+    let dirs = search_dirs(cli_dir);
+    match find(flavor, &dirs) {
+        Some(found) => Loaded::load(&found),
+        None => Err(not_found(&[flavor], &dirs)),
+    }
 }
 
 /// Chooses and loads a flavour. With `auto`: the only one found, else TensorRT 11 on data-center GPUs

@@ -74,6 +74,8 @@ pub(crate) mod bridge {
     }
 
     extern "Rust" {
+        /// TensorRT's log outside a build (runtime), mapped onto `tracing`.
+        fn runtime_log(severity: i32, msg: &str);
         type BuildObserver;
         fn log(self: &BuildObserver, severity: i32, msg: &str);
         fn phase_start(self: &BuildObserver, parent: &str, phase: &str, steps: i32);
@@ -87,7 +89,28 @@ pub(crate) mod bridge {
         fn build_engine(spec: &BuildSpec, observer: &BuildObserver) -> BuildReport;
         fn compiled_flavors() -> Vec<String>;
         fn header_version(flavor: &str) -> i32;
+
+        /// A deserialized engine with one execution context (both flavours implement it).
+        type RuntimeEngine;
+        /// Deserializes `plan` with the flavour's runtime; errors carry TensorRT's own message.
+        unsafe fn runtime_open(
+            flavor: &str,
+            create_runtime: usize,
+            plan: *const u8,
+            len: usize,
+        ) -> Result<UniquePtr<RuntimeEngine>>;
+        fn io_count(self: &RuntimeEngine) -> i32;
+        fn io_name(self: &RuntimeEngine, index: i32) -> String;
+        fn io_is_input(self: &RuntimeEngine, index: i32) -> bool;
+        fn io_dtype(self: &RuntimeEngine, index: i32) -> String;
+        /// Engine-level dimensions (-1 where dynamic).
+        fn io_dims(self: &RuntimeEngine, index: i32) -> Vec<i64>;
+        fn set_input_shape(self: Pin<&mut RuntimeEngine>, name: &str, dims: &[i64]) -> bool;
+        /// Dimensions in the context, after input shapes are set.
+        fn context_dims(self: &RuntimeEngine, name: &str) -> Vec<i64>;
+        fn set_address(self: Pin<&mut RuntimeEngine>, name: &str, device_ptr: u64) -> bool;
+        fn enqueue(self: Pin<&mut RuntimeEngine>, stream: u64) -> bool;
     }
 }
 
-pub(crate) use super::observer::BuildObserver;
+pub(crate) use super::observer::{BuildObserver, runtime_log};

@@ -3,6 +3,7 @@ pub mod builder;
 pub mod discovery;
 mod ffi;
 mod observer;
+pub mod runtime;
 pub mod shapes;
 
 pub use builder::{BuildOptions, BuildOutcome, build_engine, compiled_flavors};

@@ -125,6 +125,16 @@ impl BuildObserver {
     }
 }
 
+/// TensorRT's log from the runtime (no build in progress).
+pub(crate) fn runtime_log(severity: i32, msg: &str) {
+    match severity {
+        0 | 1 => tracing::error!(target: "tensorrt", "{msg}"),
+        2 => tracing::warn!(target: "tensorrt", "{msg}"),
+        3 => tracing::debug!(target: "tensorrt", "{msg}"),
+        _ => tracing::trace!(target: "tensorrt", "{msg}"),
+    }
+}
+
 /// TensorRT's messages for "no usable CUDA driver/device".
 pub fn is_no_cuda_message(msg: &str) -> bool {
     msg.contains("cudaError 35")

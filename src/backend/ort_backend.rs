@@ -1,0 +1,239 @@
+//! The CPU backend: ONNX Runtime (loaded at run time) running the same ONNX graphs TensorRT builds. NVFP4/INT4
+//! graphs go through the CPU pass first; graphs with FP8 Q/DQ run without ORT's graph optimizations, which change
+//! their numerics (ORT 1.32 fuses Relu into an FP8 QuantizeLinear, correct only for uint8).
+use super::{Engine, HostTensor, TensorDesc, check_inputs};
+use crate::onnx::cpu_pass::{CpuPassOptions, apply};
+use crate::onnx::summary::OnnxSummary;
+use crate::onnx::{DataType, OnnxFile, SaveOptions, save};
+use anyhow::{Context, Result, bail};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+#[derive(Clone, Debug, Default)]
+pub struct OrtOptions {
+    /// Intra-op threads; 0 lets ONNX Runtime choose.
+    pub threads: usize,
+    /// None: all optimizations, or none for graphs with FP8 Q/DQ.
+    pub optimization: Option<GraphOptimizationLevel>,
+}
+
+pub struct OrtEngine {
+    name: String,
+    session: Session,
+    inputs: Vec<TensorDesc>,
+    outputs: Vec<TensorDesc>,
+    /// Holds the CPU-pass rewrite of the model while the session lives.
+    _rewritten: Option<tempfile::TempDir>,
+}
+
+fn environment() -> Result<&'static ort::environment::Environment> {
+    static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
+        OnceLock::new();
+    let env = ENV.get_or_init(|| {
+        let lib = super::ort_lib::find().map_err(|e| format!("{e:#}"))?;
+        ort::init_from(&lib.path)
+            .map_err(|e| format!("cannot load ONNX Runtime '{}': {e}", lib.path.display()))?
+            .with_name("trt-diff")
+            .build()
+            .map_err(|e| format!("ONNX Runtime failed to start: {e}"))
+    });
+    env.as_ref().map_err(|e| anyhow::anyhow!(e.clone()))
+}
+
+fn to_dtype(t: TensorElementType) -> DataType {
+    match t {
+        TensorElementType::Float32 => DataType::FLOAT,
+        TensorElementType::Float16 => DataType::FLOAT16,
+        TensorElementType::Bfloat16 => DataType::BFLOAT16,
+        TensorElementType::Float64 => DataType(11),
+        TensorElementType::Int64 => DataType::INT64,
+        TensorElementType::Int32 => DataType::INT32,
+        TensorElementType::Int16 => DataType(5),
+        TensorElementType::Int8 => DataType::INT8,
+        TensorElementType::Uint8 => DataType::UINT8,
+        TensorElementType::Uint16 => DataType(4),
+        TensorElementType::Bool => DataType::BOOL,
+        _ => DataType(0),
+    }
+}
+
+fn desc(name: &str, ty: &ValueType) -> TensorDesc {
+    match ty {
+        ValueType::Tensor { ty, shape, .. } => TensorDesc {
+            name: name.into(),
+            dtype: to_dtype(*ty),
+            shape: shape.iter().copied().collect(),
+        },
+        _ => TensorDesc {
+            name: name.into(),
+            dtype: DataType(0),
+            shape: vec![],
+        },
+    }
+}
+
+/// Does the model need the CPU pass (FP4/INT4 weights or TensorRT's own ops)?
+fn needs_cpu_pass(s: &OnnxSummary) -> bool {
+    s.op_histogram.keys().any(|k| k.starts_with("trt::"))
+        || ["float4e2m1", "int4", "uint4", "float8e8m0"]
+            .iter()
+            .any(|t| s.initializers.contains_key(*t))
+}
+
+fn has_fp8_qdq(s: &OnnxSummary) -> bool {
+    s.qdq.iter().any(|q| q.format.starts_with("float8"))
+}
+
+impl OrtEngine {
+    pub fn open(path: &Path, opts: &OrtOptions) -> Result<Self> {
+        let onnx = OnnxFile::load(path)?;
+        let summary = OnnxSummary::of(&onnx);
+        let mut model_path: PathBuf = path.to_path_buf();
+        let mut rewritten = None;
+        if needs_cpu_pass(&summary) {
+            let (model, report) = apply(&onnx, CpuPassOptions::default())?;
+            let dir = tempfile::Builder::new().prefix("trt-diff-cpu-").tempdir()?;
+            model_path = dir.path().join("model.onnx");
+            save(model, &model_path, &SaveOptions::default())?;
+            tracing::info!(
+                "'{}': CPU pass folded {} dequantize nodes and emulated {} FP4 activation quantizers for ONNX Runtime",
+                path.display(),
+                report.folded,
+                report.emulated_fp4_activations
+            );
+            rewritten = Some(dir);
+        }
+        let level = opts.optimization.unwrap_or_else(|| {
+            if has_fp8_qdq(&summary) {
+                tracing::debug!(
+                    "FP8 Q/DQ present: ONNX Runtime graph optimizations disabled to keep numerics"
+                );
+                GraphOptimizationLevel::Disable
+            } else {
+                GraphOptimizationLevel::All
+            }
+        });
+        let env = environment()?;
+        let err = |e: &dyn std::fmt::Display| {
+            anyhow::anyhow!("ONNX Runtime cannot load '{}': {e}", path.display())
+        };
+        let mut builder = Session::builder(env).map_err(|e| err(&e))?;
+        builder = builder
+            .with_optimization_level(level)
+            .map_err(|e| err(&e))?;
+        if opts.threads > 0 {
+            builder = builder
+                .with_intra_threads(opts.threads)
+                .map_err(|e| err(&e))?;
+        }
+        let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
+        let inputs = session
+            .inputs()
+            .iter()
+            .map(|o| desc(o.name(), o.dtype()))
+            .collect();
+        let outputs = session
+            .outputs()
+            .iter()
+            .map(|o| desc(o.name(), o.dtype()))
+            .collect();
+        Ok(OrtEngine {
+            name: path.display().to_string(),
+            session,
+            inputs,
+            outputs,
+            _rewritten: rewritten,
+        })
+    }
+}
+
+fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    macro_rules! typed {
+        ($ty:ty, $n:expr, $conv:expr) => {{
+            let v: Vec<$ty> = t.data.chunks_exact($n).map($conv).collect();
+            Tensor::from_array((shape, v)).map(|t| t.into_dyn())
+        }};
+    }
+    let v = match t.dtype {
+        DataType::FLOAT => typed!(f32, 4, |b| f32::from_le_bytes(b.try_into().unwrap())),
+        DataType::FLOAT16 => typed!(half::f16, 2, |b| half::f16::from_le_bytes([b[0], b[1]])),
+        DataType::BFLOAT16 => typed!(half::bf16, 2, |b| half::bf16::from_le_bytes([b[0], b[1]])),
+        DataType(11) => typed!(f64, 8, |b| f64::from_le_bytes(b.try_into().unwrap())),
+        DataType::INT64 => typed!(i64, 8, |b| i64::from_le_bytes(b.try_into().unwrap())),
+        DataType::INT32 => typed!(i32, 4, |b| i32::from_le_bytes(b.try_into().unwrap())),
+        DataType::INT8 => typed!(i8, 1, |b| b[0] as i8),
+        DataType::UINT8 => typed!(u8, 1, |b| b[0]),
+        DataType::BOOL => typed!(bool, 1, |b| b[0] != 0),
+        other => bail!("input '{name}': {other} tensors are not supported by the CPU backend"),
+    };
+    v.map_err(|e| anyhow::anyhow!("input '{name}': {e}"))
+}
+
+fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
+    macro_rules! typed {
+        ($ty:ty, $dt:expr, $bytes:expr) => {{
+            let (shape, data) = v
+                .try_extract_tensor::<$ty>()
+                .map_err(|e| anyhow::anyhow!("output '{name}': {e}"))?;
+            HostTensor {
+                dtype: $dt,
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                data: data.iter().flat_map($bytes).collect(),
+            }
+        }};
+    }
+    let ty = match v.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => bail!("output '{name}' is {other:?}, not a tensor"),
+    };
+    Ok(match ty {
+        TensorElementType::Float32 => typed!(f32, DataType::FLOAT, |x: &f32| x.to_le_bytes()),
+        TensorElementType::Float16 => typed!(half::f16, DataType::FLOAT16, |x: &half::f16| x
+            .to_le_bytes()),
+        TensorElementType::Bfloat16 => typed!(half::bf16, DataType::BFLOAT16, |x: &half::bf16| x
+            .to_le_bytes()),
+        TensorElementType::Float64 => typed!(f64, DataType(11), |x: &f64| x.to_le_bytes()),
+        TensorElementType::Int64 => typed!(i64, DataType::INT64, |x: &i64| x.to_le_bytes()),
+        TensorElementType::Int32 => typed!(i32, DataType::INT32, |x: &i32| x.to_le_bytes()),
+        TensorElementType::Int8 => typed!(i8, DataType::INT8, |x: &i8| x.to_le_bytes()),
+        TensorElementType::Uint8 => typed!(u8, DataType::UINT8, |x: &u8| x.to_le_bytes()),
+        TensorElementType::Bool => typed!(bool, DataType::BOOL, |x: &bool| [*x as u8]),
+        other => bail!("output '{name}': {other:?} tensors are not supported by the CPU backend"),
+    })
+}
+
+impl Engine for OrtEngine {
+    fn backend(&self) -> String {
+        "ONNX Runtime (CPU)".into()
+    }
+    fn inputs(&self) -> &[TensorDesc] {
+        &self.inputs
+    }
+    fn outputs(&self) -> &[TensorDesc] {
+        &self.outputs
+    }
+    fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        check_inputs(&self.name, &self.inputs, inputs)?;
+        let values: Vec<(String, DynValue)> = inputs
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_value(n, t)?)))
+            .collect::<Result<_>>()?;
+        let outputs = self
+            .session
+            .run(values)
+            .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        self.outputs
+            .iter()
+            .map(|d| {
+                let v = outputs
+                    .get(&d.name)
+                    .with_context(|| format!("output '{}' missing", d.name))?;
+                Ok((d.name.clone(), from_value(&d.name, v)?))
+            })
+            .collect()
+    }
+}
