@@ -159,7 +159,10 @@ fn run(cli: Cli) -> Result<()> {
 
 fn run_engine(a: RunArgs) -> Result<()> {
     use crate::runner::{compare, load_inputs, open_engine, timed_runs};
-    let ort = crate::backend::ort_backend::OrtOptions { threads: a.threads, ..Default::default() };
+    let ort = crate::backend::ort_backend::OrtOptions {
+        threads: a.threads,
+        ..Default::default()
+    };
     let inputs = load_inputs(&a.input)?;
     let mut engine = open_engine(&a.engine, a.backend, &ort)?;
     let (outputs, lat) = timed_runs(engine.as_mut(), &inputs, a.iterations)?;
@@ -175,7 +178,16 @@ fn run_engine(a: RunArgs) -> Result<()> {
         std::fs::create_dir_all(dir)
             .map_err(|e| anyhow::anyhow!("cannot create output folder '{}': {e}", dir.display()))?;
         for (name, t) in &outputs {
-            let file: String = name.chars().map(|c| if c.is_alphanumeric() || "-_.".contains(c) { c } else { '_' }).collect();
+            let file: String = name
+                .chars()
+                .map(|c| {
+                    if c.is_alphanumeric() || "-_.".contains(c) {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
             crate::npy::write(&dir.join(format!("{file}.npy")), t)?;
         }
         println!("wrote {} output(s) to {}", outputs.len(), dir.display());
@@ -183,9 +195,16 @@ fn run_engine(a: RunArgs) -> Result<()> {
     if let Some(other) = a.compare_with {
         let mut second = open_engine(&a.engine, other, &ort)?;
         let (theirs, lat2) = timed_runs(second.as_mut(), &inputs, a.iterations)?;
-        println!("compared with {} (median {:.3} ms):", second.backend(), lat2.median_ms);
+        println!(
+            "compared with {} (median {:.3} ms):",
+            second.backend(),
+            lat2.median_ms
+        );
         for d in compare(&outputs, &theirs)? {
-            println!("  {:<24} max abs {:.3e}  max rel {:.3e}", d.name, d.max_abs, d.max_rel);
+            println!(
+                "  {:<24} max abs {:.3e}  max rel {:.3e}",
+                d.name, d.max_abs, d.max_rel
+            );
         }
     }
     Ok(())
