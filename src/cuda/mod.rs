@@ -1,5 +1,9 @@
 //! CUDA through cudarc (driver API, loaded dynamically): a machine without a driver gets an error value, never a
-//! panic. For now this answers what GPUs exist; device buffers and kernels come with the runtime.
+//! panic. `query` says what GPUs exist; `device` holds the kernels run between engine calls; `host` the same
+//! operations on host buffers.
+pub mod device;
+pub mod host;
+
 use cudarc::driver::{result, sys};
 use serde::Serialize;
 
