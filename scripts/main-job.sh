@@ -17,3 +17,11 @@ done
 "$bin" build "$out/mlp_nvfp4.onnx" --out "$out/mlp_nvfp4_blackwell.plan" --shapes x=1x64:8x64:64x64 --targets sm120,sm121
 "$bin" inspect "$out/mlp_nvfp4.onnx"
 "$bin" inspect "$out/mlp_nvfp4_blackwell.plan"
+# A real model: stories260K (llama2.c) as a KV-cache decoder engine, in fp32 and NVFP4, then text from it
+# (on the CPU through ONNX Runtime when no TensorRT-capable GPU is present).
+data=${TRT_DIFF_SHARED_DATA:-$root/../shared/data}
+for p in fp32 nvfp4; do
+  "$bin" build "$data/llm/stories260K.bin" --arch llama2c --tokenizer "$data/llm/tok512.bin" --precision "$p" \
+    --out "$out/stories_$p.plan"
+  "$bin" generate --engine "$out/stories_$p.plan" --prompt "Once upon a time" --max-tokens 60
+done

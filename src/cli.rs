@@ -33,6 +33,8 @@ pub enum Command {
     Build(BuildArgs),
     /// Run an engine (.plan, or .onnx on the CPU) on .npy inputs; write .npy outputs, print latency statistics.
     Run(RunArgs),
+    /// Generate text with an LLM engine built by `trt-diff build --arch ...`.
+    Generate(GenerateArgs),
     /// Show what is inside a .onnx or .plan file.
     Inspect {
         file: PathBuf,
@@ -66,6 +68,30 @@ pub struct RunArgs {
 }
 
 #[derive(Args)]
+pub struct GenerateArgs {
+    /// The engine written by `trt-diff build --arch ...` (its manifest names the pipeline).
+    #[arg(long)]
+    pub engine: PathBuf,
+    #[arg(long)]
+    pub prompt: String,
+    #[arg(long, default_value_t = 64)]
+    pub max_tokens: usize,
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = 0.0)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probabilities reach p (1: off).
+    #[arg(long, default_value_t = 1.0)]
+    pub top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
+    pub backend: crate::runner::BackendChoice,
+}
+
+#[derive(Args)]
 pub struct TrtArgs {
     /// Folder with the TensorRT libraries (searched before TRT_LIB_DIR, LD_LIBRARY_PATH and standard places).
     #[arg(long, value_name = "DIR")]
@@ -74,8 +100,18 @@ pub struct TrtArgs {
 
 #[derive(Args)]
 pub struct BuildArgs {
-    /// The ONNX model (external data files beside it are read too).
+    /// The ONNX model (external data files beside it are read too), or with --arch a model checkpoint.
     pub input: PathBuf,
+    /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer).
+    #[arg(long, value_name = "ARCH")]
+    pub arch: Option<String>,
+    /// Tokenizer file for --arch llama2c (llama2.c tokenizer .bin).
+    #[arg(long, value_name = "FILE")]
+    pub tokenizer: Option<PathBuf>,
+    /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
+    /// norms and the LM head in fp32).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
     /// Output plan; the manifest is written beside it as <out>.json.
     #[arg(long, short)]
     pub out: PathBuf,
@@ -153,6 +189,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Build(a) => build(a),
         Command::Inspect { file, json } => crate::inspect::inspect(&file, json),
+        Command::Generate(a) => generate(a),
         Command::Run(a) => run_engine(a),
     }
 }
@@ -210,12 +247,85 @@ fn run_engine(a: RunArgs) -> Result<()> {
     Ok(())
 }
 
+fn generate(a: GenerateArgs) -> Result<()> {
+    use std::io::Write;
+    let params = crate::pipelines::llm::SamplingParams {
+        temperature: a.temperature,
+        top_k: a.top_k,
+        top_p: a.top_p,
+        seed: a.seed,
+        max_tokens: a.max_tokens,
+    };
+    let mut out = std::io::stdout();
+    let stats = crate::pipelines::llm::generate_with_engine(
+        &a.engine,
+        a.backend,
+        &a.prompt,
+        &params,
+        |t| {
+            out.write_all(t.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        },
+    )?;
+    println!();
+    eprintln!(
+        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens in {:.3}s ({:.1} tok/s){}",
+        stats.prompt_tokens,
+        stats.prompt_seconds,
+        stats.prompt_tokens as f64 / stats.prompt_seconds.max(1e-9),
+        stats.generated_tokens,
+        stats.generation_seconds,
+        stats.generated_tokens as f64 / stats.generation_seconds.max(1e-9),
+        if stats.stopped_by_eos {
+            ", stopped at end of text"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
 fn build(a: BuildArgs) -> Result<()> {
     if !a.input.exists() {
         bail!(
             "cannot open '{}': no such file; check the path",
             a.input.display()
         );
+    }
+    if let Some(arch) = &a.arch {
+        if arch != "llama2c" {
+            bail!("--arch {arch} is not supported yet; supported: llama2c");
+        }
+        let Some(tok) = &a.tokenizer else {
+            bail!("--arch llama2c needs --tokenizer TOKENIZER.bin (llama2.c's tokenizer file)");
+        };
+        let opts = BuildOptions {
+            out: a.out.clone(),
+            trt: a.trt,
+            trt_lib_dir: a.lib.trt_lib_dir.clone(),
+            shapes: parse_shapes(&a.shapes)?,
+            opt_level: a.opt_level,
+            workspace_bytes: a.workspace.map(|m| m << 20),
+            timing_cache: a.timing_cache.clone(),
+            targets: a.targets.clone(),
+            refit: a.refit,
+            weight_streaming: a.weight_streaming,
+            progress: !a.no_progress,
+            ..Default::default()
+        };
+        let o = crate::pipelines::llm_build::build_llama2c(&a.input, tok, &a.precision, &opts)?;
+        println!(
+            "built {} ({}, {} precision) with {} {}; source {}, manifest {}",
+            o.plan.display(),
+            human_bytes(o.manifest.plan.bytes),
+            a.precision,
+            o.manifest.tensorrt.flavor_display(),
+            o.manifest.tensorrt.version,
+            o.manifest.source.onnx,
+            o.manifest_path.display()
+        );
+        return Ok(());
     }
     if a.input.extension().is_none_or(|e| e != "onnx") {
         bail!(
@@ -236,6 +346,7 @@ fn build(a: BuildArgs) -> Result<()> {
         refit: a.refit,
         weight_streaming: a.weight_streaming,
         progress: !a.no_progress,
+        pipeline: None,
     };
     let o = crate::trt::build_engine(&opts)?;
     let m = &o.manifest;

@@ -20,6 +20,21 @@ pub struct Manifest {
     pub io: Vec<IoTensor>,
     pub builder: BuilderInfo,
     pub source: SourceInfo,
+    /// Set when the plan is a whole pipeline's engine (e.g. an LLM decoder with its tokenizer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipeline: Option<Pipeline>,
+}
+
+/// What `generate` needs beyond the plan, with files named relative to the manifest.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum Pipeline {
+    Llm {
+        arch: String,
+        config: crate::models::llama::LlamaConfig,
+        tokenizer: String,
+        precision: String,
+    },
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

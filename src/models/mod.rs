@@ -1,2 +1,3 @@
 //! Models: plain config structs and one function each that emits the ONNX graph.
+pub mod llama;
 pub mod mlp;

@@ -127,9 +127,20 @@ impl GraphBuilder {
         Ok(name.to_string())
     }
 
-    /// A value name not yet used, derived from `base` (`base`, `base_1`, `base_2`, ...).
+    /// A value name not yet used, derived from `base` (`base`, `base_1`, `base_2`, ...), reserved.
     pub fn unique(&mut self, base: &str) -> String {
         unique_in(&mut self.names, base)
+    }
+
+    /// Like [`GraphBuilder::unique`] but not reserved: for handing to `input`/`initializer`, which reserve it.
+    pub fn fresh(&self, base: &str) -> String {
+        let mut candidate = base.to_string();
+        let mut i = 0;
+        while self.names.contains(&candidate) {
+            i += 1;
+            candidate = format!("{base}_{i}");
+        }
+        candidate
     }
 
     pub fn input(&mut self, name: &str, dtype: DataType, shape: Vec<Dim>) -> Result<Value> {

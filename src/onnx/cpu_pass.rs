@@ -292,6 +292,18 @@ pub fn apply(onnx: &OnnxFile, opts: CpuPassOptions) -> Result<(ModelProto, CpuPa
     }
     graph.node = nodes;
     graph.initializer.extend(new_inits);
+    // Initializers left in the source's external data are taken in (zero-copy, from the mapping) so the result
+    // can be saved anywhere: their old relative locations would not resolve next to a new file.
+    let external: HashMap<String, Bytes> = onnx.external_weights()?.into_iter().collect();
+    for t in graph.initializer.iter_mut() {
+        if external_ref(t).is_some()
+            && let Some(b) = external.get(&t.name)
+        {
+            t.raw_data = b.clone();
+            t.external_data.clear();
+            t.data_location = 0;
+        }
+    }
     // Drop initializers nothing reads any more (the packed FP4 weights and their scales).
     let used: HashSet<String> = graph
         .node

@@ -32,6 +32,8 @@ pub struct BuildOptions {
     pub refit: bool,
     pub weight_streaming: bool,
     pub progress: bool,
+    /// Recorded in the manifest for pipeline engines.
+    pub pipeline: Option<crate::manifest::Pipeline>,
 }
 
 /// Wall-clock split of one build, for the overhead benchmark.
@@ -409,6 +411,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             sha256: source_sha,
             external_data: external,
         },
+        pipeline: o.pipeline.clone(),
     };
     tracing::debug!("sources hashed at {:.3}s", start.elapsed().as_secs_f64());
     let pending = manifest.write_pending(&o.out)?;

@@ -16,10 +16,10 @@ pub struct ShapeRange {
 fn parse_dims(s: &str, whole: &str) -> Result<Vec<i64>> {
     s.split('x')
         .map(|d| {
-            d.trim().parse::<i64>().ok().filter(|&v| v > 0).ok_or_else(|| {
+            d.trim().parse::<i64>().ok().filter(|&v| v >= 0).ok_or_else(|| {
                 anyhow::anyhow!(
-                    "--shapes '{whole}': '{d}' is not a positive dimension (write dimensions joined by x, e.g. \
-                     tokens=1x10x32:2x10x32:8x10x32)"
+                    "--shapes '{whole}': '{d}' is not a dimension (whole numbers >= 0 joined by x, e.g. \
+                     tokens=1x10x32:2x10x32:8x10x32; 0 allows empty inputs such as a first-step KV cache)"
                 )
             })
         })
@@ -202,7 +202,7 @@ mod tests {
 
     #[test]
     fn rejects_bad_ranges() {
-        for bad in ["x=1x2:3", "x=8:4:2", "x=1x2:1:1x2", "x", "x=0", "x=ax1"] {
+        for bad in ["x=1x2:3", "x=8:4:2", "x=1x2:1:1x2", "x", "x=-1", "x=ax1"] {
             assert!(parse_shapes(&[bad.into()]).is_err(), "{bad}");
         }
     }

@@ -1,0 +1,459 @@
+//! Llama-family decoder (Llama 2, llama2.c's models; Qwen2 shares the shape) as one ONNX graph that serves both
+//! prefill and decode: new tokens plus the KV cache of earlier positions in, logits plus the extended cache out.
+//!
+//! Inputs: `input_ids` [1, seq] int64, `position_ids` [1, seq] int64 (absolute positions of the new tokens),
+//! `past_key_{i}` / `past_value_{i}` [1, n_kv_heads, past, head_dim] f32 (past may be 0).
+//! Outputs: `logits` [1, seq, vocab], `present_key_{i}` / `present_value_{i}` [1, n_kv_heads, past+seq, head_dim].
+//! Grouped-query attention multiplies q reshaped to [1, kv, rep, seq, hd] with k/v broadcast over `rep`, so the
+//! cache is never repeated in memory.
+use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
+use crate::quant::policy::{LayerKind, Policy};
+use crate::quant::qdq::{LinearPrecision, LinearWeights, linear};
+use anyhow::{Context, Result};
+use std::collections::HashMap;
+
+#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct LlamaConfig {
+    pub dim: usize,
+    pub hidden_dim: usize,
+    pub n_layers: usize,
+    pub n_heads: usize,
+    pub n_kv_heads: usize,
+    pub vocab_size: usize,
+    pub max_seq_len: usize,
+    pub rope_theta: f32,
+    pub norm_eps: f32,
+    /// RoPE on adjacent pairs (llama2.c, Meta's reference) rather than on the two halves (Hugging Face layout).
+    pub rope_interleaved: bool,
+    pub tied_embeddings: bool,
+}
+
+impl LlamaConfig {
+    pub fn head_dim(&self) -> usize {
+        self.dim / self.n_heads
+    }
+}
+
+const F32: DataType = DataType::FLOAT;
+
+fn seq() -> Dim {
+    Dim::Sym("seq".into())
+}
+
+struct Emitter<'a> {
+    g: GraphBuilder,
+    cfg: &'a LlamaConfig,
+    w: &'a HashMap<String, Vec<f32>>,
+    policy: &'a Policy,
+}
+
+impl Emitter<'_> {
+    fn weight(&self, name: &str) -> Result<&Vec<f32>> {
+        self.w
+            .get(name)
+            .with_context(|| format!("checkpoint has no tensor '{name}'"))
+    }
+
+    fn const_i64(&mut self, base: &str, v: &[i64]) -> Result<Value> {
+        let name = self.g.fresh(base);
+        self.g.const_i64(&name, &[v.len() as i64], v)
+    }
+
+    fn op(
+        &mut self,
+        op: &str,
+        name: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        dtype: DataType,
+    ) -> Result<Value> {
+        self.g.op(op, name, inputs, attrs, dtype, vec![])
+    }
+
+    fn rms_norm(&mut self, name: &str, x: &Value, weight: &str) -> Result<Value> {
+        let w = self.weight(weight)?.clone();
+        let wv = self.g.const_f32(weight, &[w.len() as i64], &w)?;
+        let eps = self
+            .g
+            .const_f32(&format!("{name}.eps"), &[], &[self.cfg.norm_eps])?;
+        let sq = self.op("Mul", &format!("{name}/sq"), &[x, x], vec![], F32)?;
+        let axes = self.const_i64(&format!("{name}.axes"), &[-1])?;
+        let ms = self.op(
+            "ReduceMean",
+            &format!("{name}/mean"),
+            &[&sq, &axes],
+            vec![("keepdims", Attr::Int(1))],
+            F32,
+        )?;
+        let ms = self.op("Add", &format!("{name}/eps_add"), &[&ms, &eps], vec![], F32)?;
+        let rms = self.op("Sqrt", &format!("{name}/sqrt"), &[&ms], vec![], F32)?;
+        let y = self.op("Div", &format!("{name}/div"), &[x, &rms], vec![], F32)?;
+        let mut out = self.op("Mul", &format!("{name}/scale"), &[&y, &wv], vec![], F32)?;
+        out.shape = x.shape.clone();
+        Ok(out)
+    }
+
+    fn proj(&mut self, name: &str, x: &Value, out: usize, inp: usize) -> Result<Value> {
+        let w = self.weight(&format!("{name}.weight"))?.clone();
+        let mut precision = self
+            .policy
+            .decide(name, LayerKind::Linear)
+            .unwrap_or(LinearPrecision::F32);
+        // Block formats need whole blocks along the input features; other layers stay high precision (as ModelOpt
+        // leaves them).
+        let block = match precision {
+            LinearPrecision::Nvfp4 => 16,
+            LinearPrecision::Int4 { block } => block,
+            _ => 1,
+        };
+        if !inp.is_multiple_of(block) {
+            tracing::debug!(
+                "{name}: {inp} input features are not a multiple of {block}; kept in f32"
+            );
+            precision = LinearPrecision::F32;
+        }
+        let lw = LinearWeights {
+            weight: &w,
+            bias: None,
+            out_features: out,
+            in_features: inp,
+        };
+        // Activation amax for static FP8 scales: RMS-normed inputs of small models stay within a few units.
+        linear(&mut self.g, name, x, &lw, precision, 8.0)
+    }
+
+    /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
+    fn rope(&mut self, name: &str, x: &Value, cos: &Value, sin: &Value) -> Result<Value> {
+        let hd = self.cfg.head_dim() as i64;
+        let (x0, x1) = if self.cfg.rope_interleaved {
+            let pairs = self.const_i64(&format!("{name}.pairs"), &[0, 0, 0, hd / 2, 2])?;
+            let xp = self.op(
+                "Reshape",
+                &format!("{name}/pairs"),
+                &[x, &pairs],
+                vec![],
+                F32,
+            )?;
+            (
+                self.slice(name, &xp, 0, 1, -1)?,
+                self.slice(name, &xp, 1, 2, -1)?,
+            )
+        } else {
+            (
+                self.slice(name, x, 0, hd / 2, -1)?,
+                self.slice(name, x, hd / 2, hd, -1)?,
+            )
+        };
+        // cos/sin broadcast over heads (and over the pair axis when interleaved).
+        let axes: &[i64] = if self.cfg.rope_interleaved {
+            &[2, 4]
+        } else {
+            &[2]
+        };
+        let ax = self.const_i64(&format!("{name}.bcast"), axes)?;
+        let c = self.op(
+            "Unsqueeze",
+            &format!("{name}/cos"),
+            &[cos, &ax],
+            vec![],
+            F32,
+        )?;
+        let s = self.op(
+            "Unsqueeze",
+            &format!("{name}/sin"),
+            &[sin, &ax],
+            vec![],
+            F32,
+        )?;
+        let a = self.op("Mul", &format!("{name}/x0c"), &[&x0, &c], vec![], F32)?;
+        let b = self.op("Mul", &format!("{name}/x1s"), &[&x1, &s], vec![], F32)?;
+        let r0 = self.op("Sub", &format!("{name}/r0"), &[&a, &b], vec![], F32)?;
+        let a = self.op("Mul", &format!("{name}/x0s"), &[&x0, &s], vec![], F32)?;
+        let b = self.op("Mul", &format!("{name}/x1c"), &[&x1, &c], vec![], F32)?;
+        let r1 = self.op("Add", &format!("{name}/r1"), &[&a, &b], vec![], F32)?;
+        let cat = self.op(
+            "Concat",
+            &format!("{name}/cat"),
+            &[&r0, &r1],
+            vec![("axis", Attr::Int(-1))],
+            F32,
+        )?;
+        if self.cfg.rope_interleaved {
+            let back = self.const_i64(&format!("{name}.unpairs"), &[0, 0, 0, hd])?;
+            self.op(
+                "Reshape",
+                &format!("{name}/unpairs"),
+                &[&cat, &back],
+                vec![],
+                F32,
+            )
+        } else {
+            Ok(cat)
+        }
+    }
+
+    fn slice(&mut self, name: &str, x: &Value, start: i64, end: i64, axis: i64) -> Result<Value> {
+        let s = self.const_i64(&format!("{name}.s{start}"), &[start])?;
+        let e = self.const_i64(&format!("{name}.e{end}"), &[end])?;
+        let a = self.const_i64(&format!("{name}.a"), &[axis])?;
+        self.op(
+            "Slice",
+            &format!("{name}/slice{start}"),
+            &[x, &s, &e, &a],
+            vec![],
+            F32,
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn layer(
+        &mut self,
+        i: usize,
+        h: &Value,
+        cos: &Value,
+        sin: &Value,
+        mask: &Value,
+        pk: &Value,
+        pv: &Value,
+    ) -> Result<Value> {
+        let c = self.cfg.clone();
+        let (d, hd, kv, heads) = (c.dim, c.head_dim(), c.n_kv_heads, c.n_heads);
+        let p = format!("model.layers.{i}");
+        let xn = self.rms_norm(
+            &format!("{p}.input_layernorm"),
+            h,
+            &format!("{p}.input_layernorm.weight"),
+        )?;
+        let q = self.proj(&format!("{p}.self_attn.q_proj"), &xn, d, d)?;
+        let k = self.proj(&format!("{p}.self_attn.k_proj"), &xn, kv * hd, d)?;
+        let v = self.proj(&format!("{p}.self_attn.v_proj"), &xn, kv * hd, d)?;
+        let qs = self.const_i64(&format!("{p}.q_shape"), &[0, 0, heads as i64, hd as i64])?;
+        let ks = self.const_i64(&format!("{p}.kv_shape"), &[0, 0, kv as i64, hd as i64])?;
+        let q = self.op("Reshape", &format!("{p}/q_heads"), &[&q, &qs], vec![], F32)?;
+        let k = self.op("Reshape", &format!("{p}/k_heads"), &[&k, &ks], vec![], F32)?;
+        let v = self.op("Reshape", &format!("{p}/v_heads"), &[&v, &ks], vec![], F32)?;
+        let q = self.rope(&format!("{p}.rope_q"), &q, cos, sin)?;
+        let k = self.rope(&format!("{p}.rope_k"), &k, cos, sin)?;
+        let perm = || vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))];
+        let q = self.op("Transpose", &format!("{p}/q_t"), &[&q], perm(), F32)?;
+        let k = self.op("Transpose", &format!("{p}/k_t"), &[&k], perm(), F32)?;
+        let v = self.op("Transpose", &format!("{p}/v_t"), &[&v], perm(), F32)?;
+        let cache_shape = |len: &str| {
+            vec![
+                Dim::Fixed(1),
+                Dim::Fixed(kv as i64),
+                Dim::Sym(len.into()),
+                Dim::Fixed(hd as i64),
+            ]
+        };
+        let cat = || vec![("axis", Attr::Int(2))];
+        let mut k_all = self.op("Concat", &format!("present_key_{i}"), &[pk, &k], cat(), F32)?;
+        let mut v_all = self.op(
+            "Concat",
+            &format!("present_value_{i}"),
+            &[pv, &v],
+            cat(),
+            F32,
+        )?;
+        k_all.shape = cache_shape("total");
+        v_all.shape = cache_shape("total");
+        self.g.output(&k_all);
+        self.g.output(&v_all);
+        // Grouped-query attention without repeating the cache: q as [1, kv, rep, seq, hd], k/v as [1, kv, 1, T, hd].
+        let rep = (heads / kv) as i64;
+        let qg = self.const_i64(
+            &format!("{p}.q_groups"),
+            &[1, kv as i64, rep, -1, hd as i64],
+        )?;
+        let q = self.op("Reshape", &format!("{p}/q_groups"), &[&q, &qg], vec![], F32)?;
+        let ax = self.const_i64(&format!("{p}.kv_axis"), &[2])?;
+        let k5 = self.op("Unsqueeze", &format!("{p}/k5"), &[&k_all, &ax], vec![], F32)?;
+        let v5 = self.op("Unsqueeze", &format!("{p}/v5"), &[&v_all, &ax], vec![], F32)?;
+        let kt = self.op(
+            "Transpose",
+            &format!("{p}/k5_t"),
+            &[&k5],
+            vec![("perm", Attr::Ints(vec![0, 1, 2, 4, 3]))],
+            F32,
+        )?;
+        let scores = self.op("MatMul", &format!("{p}/qk"), &[&q, &kt], vec![], F32)?;
+        let scale =
+            self.g
+                .const_f32(&format!("{p}.attn_scale"), &[], &[1.0 / (hd as f32).sqrt()])?;
+        let scores = self.op(
+            "Mul",
+            &format!("{p}/scaled"),
+            &[&scores, &scale],
+            vec![],
+            F32,
+        )?;
+        let scores = self.op("Add", &format!("{p}/masked"), &[&scores, mask], vec![], F32)?;
+        let probs = self.op(
+            "Softmax",
+            &format!("{p}/softmax"),
+            &[&scores],
+            vec![("axis", Attr::Int(-1))],
+            F32,
+        )?;
+        let ctx = self.op("MatMul", &format!("{p}/pv"), &[&probs, &v5], vec![], F32)?;
+        let hs = self.const_i64(
+            &format!("{p}.heads_shape"),
+            &[1, heads as i64, -1, hd as i64],
+        )?;
+        let ctx = self.op(
+            "Reshape",
+            &format!("{p}/ctx_heads"),
+            &[&ctx, &hs],
+            vec![],
+            F32,
+        )?;
+        let ctx = self.op("Transpose", &format!("{p}/ctx_t"), &[&ctx], perm(), F32)?;
+        let flat = self.const_i64(&format!("{p}.flat"), &[1, -1, d as i64])?;
+        let mut ctx = self.op("Reshape", &format!("{p}/ctx"), &[&ctx, &flat], vec![], F32)?;
+        ctx.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
+        let o = self.proj(&format!("{p}.self_attn.o_proj"), &ctx, d, d)?;
+        let mut h = self.op("Add", &format!("{p}/attn_residual"), &[h, &o], vec![], F32)?;
+        h.shape = ctx.shape.clone();
+        let xn = self.rms_norm(
+            &format!("{p}.post_attention_layernorm"),
+            &h,
+            &format!("{p}.post_attention_layernorm.weight"),
+        )?;
+        let gate = self.proj(&format!("{p}.mlp.gate_proj"), &xn, c.hidden_dim, d)?;
+        let up = self.proj(&format!("{p}.mlp.up_proj"), &xn, c.hidden_dim, d)?;
+        let sg = self.op("Sigmoid", &format!("{p}/sigmoid"), &[&gate], vec![], F32)?;
+        let silu = self.op("Mul", &format!("{p}/silu"), &[&gate, &sg], vec![], F32)?;
+        let mut act = self.op("Mul", &format!("{p}/swiglu"), &[&silu, &up], vec![], F32)?;
+        act.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(c.hidden_dim as i64)];
+        let down = self.proj(&format!("{p}.mlp.down_proj"), &act, d, c.hidden_dim)?;
+        let mut out = self.op(
+            "Add",
+            &format!("{p}/ffn_residual"),
+            &[&h, &down],
+            vec![],
+            F32,
+        )?;
+        out.shape = h.shape.clone();
+        Ok(out)
+    }
+}
+
+/// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
+pub fn decoder_graph(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    policy: &Policy,
+) -> Result<ModelProto> {
+    let opset = policy.target.min_opset().max(18);
+    let mut e = Emitter {
+        g: GraphBuilder::new("llama_decoder", opset),
+        cfg,
+        w: weights,
+        policy,
+    };
+    if policy.target == LinearPrecision::Nvfp4 {
+        e.g.use_domain("trt", 1);
+    }
+    let (d, hd) = (cfg.dim, cfg.head_dim());
+    let ids =
+        e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+    let pos =
+        e.g.input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+    let emb = e.weight("model.embed_tokens.weight")?.clone();
+    let table = e.g.const_f32(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size as i64, d as i64],
+        &emb,
+    )?;
+    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
+    h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
+    // RoPE tables [max_seq, hd/2], gathered by absolute position.
+    let half = hd / 2;
+    let (mut cos_t, mut sin_t) = (
+        Vec::with_capacity(cfg.max_seq_len * half),
+        Vec::with_capacity(cfg.max_seq_len * half),
+    );
+    for p in 0..cfg.max_seq_len {
+        for j in 0..half {
+            let freq = 1.0 / (cfg.rope_theta as f64).powf((2 * j) as f64 / hd as f64);
+            let a = p as f64 * freq;
+            cos_t.push(a.cos() as f32);
+            sin_t.push(a.sin() as f32);
+        }
+    }
+    let dims = [cfg.max_seq_len as i64, half as i64];
+    let ct = e.g.const_f32("rope.cos", &dims, &cos_t)?;
+    let st = e.g.const_f32("rope.sin", &dims, &sin_t)?;
+    let cos = e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?;
+    let sin = e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?;
+    let cache_shape = vec![
+        Dim::Fixed(1),
+        Dim::Fixed(cfg.n_kv_heads as i64),
+        Dim::Sym("past".into()),
+        Dim::Fixed(hd as i64),
+    ];
+    let mut past = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let k =
+            e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
+        let v =
+            e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
+        past.push((k, v));
+    }
+    // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
+    let i64t = DataType::INT64;
+    let past_shape = e.op("Shape", "mask/past_shape", &[&past[0].0], vec![], i64t)?;
+    let two = e.g.const_i64("mask.two", &[], &[2])?;
+    let past_len = e.op(
+        "Gather",
+        "mask/past_len",
+        &[&past_shape, &two],
+        vec![],
+        i64t,
+    )?;
+    let ids_shape = e.op("Shape", "mask/ids_shape", &[&ids], vec![], i64t)?;
+    let one = e.g.const_i64("mask.one", &[], &[1])?;
+    let new_len = e.op("Gather", "mask/new_len", &[&ids_shape, &one], vec![], i64t)?;
+    let total = e.op("Add", "mask/total", &[&past_len, &new_len], vec![], i64t)?;
+    let zero = e.g.const_i64("mask.zero", &[], &[0])?;
+    let keys = e.op("Range", "mask/keys", &[&zero, &total, &one], vec![], i64t)?;
+    let last = e.const_i64("mask.last_axis", &[-1])?;
+    let qpos = e.op("Unsqueeze", "mask/query_pos", &[&pos, &last], vec![], i64t)?;
+    let hidden = e.op(
+        "Greater",
+        "mask/future",
+        &[&keys, &qpos],
+        vec![],
+        DataType::BOOL,
+    )?;
+    let neg = e.g.const_f32("mask.neg", &[], &[-1e30])?;
+    let zf = e.g.const_f32("mask.zero_f", &[], &[0.0])?;
+    let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
+    let ax = e.const_i64("mask.bcast", &[1, 2])?;
+    let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
+    for (i, (pk, pv)) in past.iter().enumerate() {
+        h = e.layer(i, &h, &cos, &sin, &mask, pk, pv)?;
+    }
+    let hn = e.rms_norm("model.norm", &h, "model.norm.weight")?;
+    let head = e.weight("lm_head.weight")?.clone();
+    let precision = policy
+        .decide("lm_head", LayerKind::Linear)
+        .unwrap_or(LinearPrecision::F32);
+    let lw = LinearWeights {
+        weight: &head,
+        bias: None,
+        out_features: cfg.vocab_size,
+        in_features: d,
+    };
+    let mut logits = linear(&mut e.g, "lm_head", &hn, &lw, precision, 8.0)?;
+    logits = e.g.op(
+        "Identity",
+        "logits",
+        &[&logits],
+        vec![],
+        F32,
+        vec![Dim::Fixed(1), seq(), Dim::Fixed(cfg.vocab_size as i64)],
+    )?;
+    e.g.output(&logits);
+    Ok(e.g.finish())
+}

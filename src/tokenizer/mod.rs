@@ -1,0 +1,2 @@
+//! Tokenizers.
+pub mod llama2c;

@@ -1,0 +1,2 @@
+//! Checkpoint readers. Each maps its format's tensors onto the names the model files use.
+pub mod llama2c;
