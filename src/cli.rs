@@ -35,6 +35,18 @@ pub enum Command {
     Run(RunArgs),
     /// Generate text with an LLM engine built by `trt-diff build --arch ...`.
     Generate(GenerateArgs),
+    /// Serve an LLM engine over HTTP: /v1/generate (SSE streaming), /v1/completions, /health, /metrics.
+    Serve {
+        #[arg(long)]
+        engine: PathBuf,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        /// 0 picks a free port (printed as `listening on ...`).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
+        backend: crate::runner::BackendChoice,
+    },
     /// Show what is inside a .onnx or .plan file.
     Inspect {
         file: PathBuf,
@@ -190,6 +202,12 @@ fn run(cli: Cli) -> Result<()> {
         Command::Build(a) => build(a),
         Command::Inspect { file, json } => crate::inspect::inspect(&file, json),
         Command::Generate(a) => generate(a),
+        Command::Serve {
+            engine,
+            host,
+            port,
+            backend,
+        } => crate::server::serve(&engine, backend, &host, port),
         Command::Run(a) => run_engine(a),
     }
 }

@@ -14,6 +14,7 @@ pub mod pipelines;
 pub mod quant;
 pub mod runner;
 pub mod samplers;
+pub mod server;
 pub mod tokenizer;
 pub mod trt;
 pub mod weights;

@@ -1,0 +1,453 @@
+//! `trt-diff serve`: an HTTP server (axum) for LLM engines.
+//! - `POST /v1/generate` `{"prompt", "max_tokens", "temperature", "top_k", "top_p", "seed", "stream"}`: with
+//!   `"stream": true` server-sent events, one `data:` event per text piece and a final one with usage and timings;
+//!   otherwise one JSON body.
+//! - `POST /v1/completions`: the OpenAI completions API (streaming too, ending with `data: [DONE]`).
+//! - `GET /health`, `GET /metrics` (Prometheus text).
+//!
+//! One worker thread owns the engine and serves requests in arrival order (a queue); a streaming client that goes
+//! away stops its generation at the next token. Errors are JSON `{"error": {"message", "type"}}` with 4xx codes.
+use crate::pipelines::llm::{GenerationStats, Generator, SamplingParams, TextTokenizer};
+use anyhow::{Context, Result};
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::mpsc;
+
+const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Request fields shared by both APIs; unknown fields are rejected so typos do not pass silently.
+#[derive(Deserialize, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct GenerateRequest {
+    pub prompt: String,
+    #[serde(default = "default_max_tokens")]
+    pub max_tokens: usize,
+    #[serde(default)]
+    pub temperature: f32,
+    #[serde(default)]
+    pub top_k: usize,
+    #[serde(default = "one")]
+    pub top_p: f32,
+    #[serde(default)]
+    pub seed: u64,
+    #[serde(default)]
+    pub stream: bool,
+    /// OpenAI clients send the model name; accepted and echoed.
+    #[serde(default)]
+    pub model: Option<String>,
+}
+
+fn default_max_tokens() -> usize {
+    64
+}
+fn one() -> f32 {
+    1.0
+}
+
+enum Piece {
+    Text(String),
+    Done(Result<GenerationStats, String>),
+}
+
+struct Job {
+    req: GenerateRequest,
+    out: mpsc::Sender<Piece>,
+}
+
+#[derive(Default)]
+struct Metrics {
+    requests: AtomicU64,
+    errors: AtomicU64,
+    prompt_tokens: AtomicU64,
+    generated_tokens: AtomicU64,
+    in_flight: AtomicU64,
+}
+
+struct AppState {
+    jobs: mpsc::Sender<Job>,
+    metrics: Arc<Metrics>,
+    model: String,
+    max_seq_len: usize,
+}
+
+fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response {
+    (
+        status,
+        Json(json!({"error": {"message": message.into(), "type": kind}})),
+    )
+        .into_response()
+}
+
+fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), Response> {
+    let bad = |m: String| Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", m));
+    if req.max_tokens == 0 || req.max_tokens >= max_seq_len {
+        return bad(format!(
+            "max_tokens must be between 1 and {}",
+            max_seq_len - 1
+        ));
+    }
+    if !(0.0..=10.0).contains(&req.temperature) {
+        return bad("temperature must be between 0 and 10".into());
+    }
+    if !(0.0..=1.0).contains(&req.top_p) || req.top_p == 0.0 {
+        return bad("top_p must be in (0, 1]".into());
+    }
+    // Bytes bound tokens from above (byte fallback), so this rejects hopeless prompts before queueing.
+    if req.prompt.len() > 16 * max_seq_len {
+        return bad(format!(
+            "prompt is too long for a context of {max_seq_len} tokens"
+        ));
+    }
+    Ok(())
+}
+
+/// Runs jobs one after another on the engine (its own thread: engines are not shared across threads).
+/// Metrics are kept here, where every outcome is known, including clients that left mid-stream.
+fn worker(
+    mut engine: Box<dyn crate::backend::Engine>,
+    tok: Box<dyn TextTokenizer>,
+    cfg: crate::models::llama::LlamaConfig,
+    metrics: Arc<Metrics>,
+    mut jobs: mpsc::Receiver<Job>,
+) {
+    while let Some(job) = jobs.blocking_recv() {
+        let params = SamplingParams {
+            temperature: job.req.temperature,
+            top_k: job.req.top_k,
+            top_p: job.req.top_p,
+            seed: job.req.seed,
+            max_tokens: job.req.max_tokens,
+        };
+        let mut g = Generator {
+            engine: engine.as_mut(),
+            n_layers: cfg.n_layers,
+            n_kv_heads: cfg.n_kv_heads,
+            head_dim: cfg.head_dim(),
+            max_seq_len: cfg.max_seq_len,
+        };
+        let out = job.out.clone();
+        let m = metrics.clone();
+        let result = g.generate(tok.as_ref(), &job.req.prompt, &params, |t| {
+            m.generated_tokens.fetch_add(1, Ordering::Relaxed);
+            // A closed channel means the client left: stop generating.
+            out.blocking_send(Piece::Text(t.to_string()))
+                .map_err(|_| anyhow::anyhow!("client disconnected"))
+        });
+        metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        match &result {
+            Ok(s) => {
+                metrics
+                    .prompt_tokens
+                    .fetch_add(s.prompt_tokens as u64, Ordering::Relaxed);
+            }
+            Err(_) => {
+                metrics.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+        let _ = job
+            .out
+            .blocking_send(Piece::Done(result.map_err(|e| format!("{e:#}"))));
+    }
+}
+
+fn finish_reason(stats: &GenerationStats) -> &'static str {
+    if stats.stopped_by_eos {
+        "stop"
+    } else {
+        "length"
+    }
+}
+
+fn usage(stats: &GenerationStats) -> serde_json::Value {
+    json!({
+        "prompt_tokens": stats.prompt_tokens,
+        "completion_tokens": stats.generated_tokens,
+        "total_tokens": stats.prompt_tokens + stats.generated_tokens,
+    })
+}
+
+fn timings(stats: &GenerationStats) -> serde_json::Value {
+    json!({
+        "prompt_ms": stats.prompt_seconds * 1e3,
+        "generation_ms": stats.generation_seconds * 1e3,
+        "generation_tokens_per_second": stats.generated_tokens as f64 / stats.generation_seconds.max(1e-9),
+    })
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Api {
+    Native,
+    OpenAi,
+}
+
+async fn submit(
+    state: Arc<AppState>,
+    body: Result<Json<GenerateRequest>, JsonRejection>,
+    api: Api,
+) -> Response {
+    state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+    let req = match body {
+        Ok(Json(r)) => r,
+        Err(e) => {
+            state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                e.status()
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return error(status, "invalid_request_error", e.body_text());
+        }
+    };
+    if let Err(r) = validate(&req, state.max_seq_len) {
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        return r;
+    }
+    let stream = req.stream;
+    let model = req.model.clone().unwrap_or_else(|| state.model.clone());
+    let (tx, mut rx) = mpsc::channel(64);
+    state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
+    if state.jobs.send(Job { req, out: tx }).await.is_err() {
+        state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "server_error",
+            "the generation worker has stopped",
+        );
+    }
+    let created = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
+    let id = format!(
+        "cmpl-{created}-{}",
+        state.metrics.requests.load(Ordering::Relaxed)
+    );
+    if !stream {
+        let mut text = String::new();
+        while let Some(p) = rx.recv().await {
+            match p {
+                Piece::Text(t) => text.push_str(&t),
+                Piece::Done(r) => {
+                    return match r {
+                        Ok(s) if api == Api::Native => Json(json!({
+                            "text": text, "finish_reason": finish_reason(&s), "usage": usage(&s), "timings": timings(&s),
+                        }))
+                        .into_response(),
+                        Ok(s) => Json(json!({
+                            "id": id, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "text": text, "finish_reason": finish_reason(&s), "logprobs": null}],
+                            "usage": usage(&s),
+                        }))
+                        .into_response(),
+                        Err(e) => error(StatusCode::BAD_REQUEST, "invalid_request_error", e),
+                    };
+                }
+            }
+        }
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "generation ended without a result",
+        );
+    }
+    let events = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+        let (id, model) = (id.clone(), model.clone());
+        async move {
+            if done {
+                return None;
+            }
+            let event = match rx.recv().await? {
+                Piece::Text(t) => match api {
+                    Api::Native => json!({"text": t}),
+                    Api::OpenAi => {
+                        json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                        "choices": [{"index": 0, "text": t, "finish_reason": null}]})
+                    }
+                },
+                Piece::Done(r) => {
+                    let last = match (&r, api) {
+                        (Ok(s), Api::Native) => {
+                            json!({"done": true, "finish_reason": finish_reason(s), "usage": usage(s), "timings": timings(s)})
+                        }
+                        (Ok(s), Api::OpenAi) => {
+                            json!({"id": id, "object": "text_completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(s)}], "usage": usage(s)})
+                        }
+                        (Err(e), _) => json!({"error": {"message": e, "type": "server_error"}}),
+                    };
+                    let mut events = vec![Ok::<Event, std::convert::Infallible>(
+                        Event::default().data(last.to_string()),
+                    )];
+                    if api == Api::OpenAi {
+                        events.push(Ok(Event::default().data("[DONE]")));
+                    }
+                    return Some((futures_util::stream::iter(events), (rx, true)));
+                }
+            };
+            Some((
+                futures_util::stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
+                (rx, false),
+            ))
+        }
+    });
+    use futures_util::StreamExt;
+    Sse::new(events.flatten())
+        .keep_alive(KeepAlive::default())
+        .into_response()
+}
+
+async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
+    let m = &state.metrics;
+    let body = format!(
+        "# HELP trt_diff_requests_total Generation requests received.\n# TYPE trt_diff_requests_total counter\n\
+         trt_diff_requests_total {}\n# HELP trt_diff_request_errors_total Requests answered with an error.\n\
+         # TYPE trt_diff_request_errors_total counter\ntrt_diff_request_errors_total {}\n\
+         # HELP trt_diff_prompt_tokens_total Prompt tokens processed.\n# TYPE trt_diff_prompt_tokens_total counter\n\
+         trt_diff_prompt_tokens_total {}\n# HELP trt_diff_generated_tokens_total Tokens generated.\n\
+         # TYPE trt_diff_generated_tokens_total counter\ntrt_diff_generated_tokens_total {}\n\
+         # HELP trt_diff_requests_in_flight Requests queued or generating.\n# TYPE trt_diff_requests_in_flight gauge\n\
+         trt_diff_requests_in_flight {}\n",
+        m.requests.load(Ordering::Relaxed),
+        m.errors.load(Ordering::Relaxed),
+        m.prompt_tokens.load(Ordering::Relaxed),
+        m.generated_tokens.load(Ordering::Relaxed),
+        m.in_flight.load(Ordering::Relaxed),
+    );
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        body,
+    )
+        .into_response()
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+    tracing::info!("shutting down: finishing requests in progress");
+}
+
+/// Serves an LLM engine until SIGINT/SIGTERM. Prints `listening on ADDR` once bound (port 0 picks a free port).
+pub fn serve(
+    engine_path: &std::path::Path,
+    backend: crate::runner::BackendChoice,
+    host: &str,
+    port: u16,
+) -> Result<()> {
+    use crate::manifest::{Manifest, Pipeline, sidecar_path};
+    if !engine_path.exists() {
+        anyhow::bail!(
+            "cannot open engine '{}': no such file; check the path",
+            engine_path.display()
+        );
+    }
+    let manifest = Manifest::read(&sidecar_path(engine_path))?;
+    let Some(Pipeline::Llm {
+        config, tokenizer, ..
+    }) = manifest.pipeline.clone()
+    else {
+        anyhow::bail!(
+            "'{}' is not an LLM engine; serve takes engines built with `trt-diff build --arch ...`",
+            engine_path.display()
+        );
+    };
+    let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
+    let tok = crate::tokenizer::llama2c::Llama2cTokenizer::load(
+        &dir.join(&tokenizer),
+        config.vocab_size,
+    )?;
+    let (tx, rx) = mpsc::channel::<Job>(256);
+    let cfg = config.clone();
+    let metrics = Arc::new(Metrics::default());
+    let worker_metrics = metrics.clone();
+    // The engine is opened on the thread that uses it (engines need not be Send); open errors come back here.
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let path = engine_path.to_path_buf();
+    std::thread::Builder::new()
+        .name("generate".into())
+        .spawn(
+            move || match crate::runner::open_engine(&path, backend, &Default::default()) {
+                Ok(engine) => {
+                    let _ = ready_tx.send(Ok(()));
+                    worker(engine, Box::new(tok), cfg, worker_metrics, rx)
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("{e:#}")));
+                }
+            },
+        )
+        .context("cannot start the generation thread")?;
+    ready_rx
+        .recv()
+        .context("the generation thread stopped before opening the engine")?
+        .map_err(|e| anyhow::anyhow!(e))?;
+    let state = Arc::new(AppState {
+        jobs: tx,
+        metrics,
+        model: engine_path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        max_seq_len: config.max_seq_len,
+    });
+    let app = Router::new()
+        .route(
+            "/v1/generate",
+            post(|State(s): State<Arc<AppState>>, b| submit(s, b, Api::Native)),
+        )
+        .route(
+            "/v1/completions",
+            post(|State(s): State<Arc<AppState>>, b| submit(s, b, Api::OpenAi)),
+        )
+        .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+        .route("/metrics", get(metrics_text))
+        .fallback(|| async {
+            error(
+                StatusCode::NOT_FOUND,
+                "not_found",
+                "no such route; see /v1/generate, /v1/completions, /health, /metrics",
+            )
+        })
+        .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
+        .with_state(state);
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async move {
+        let listener = tokio::net::TcpListener::bind((host, port))
+            .await
+            .with_context(|| {
+                format!("cannot listen on {host}:{port} (in use? choose another --port)")
+            })?;
+        let addr = listener.local_addr()?;
+        println!("listening on http://{addr}");
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown_signal())
+            .await?;
+        Ok(())
+    })
+}
