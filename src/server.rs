@@ -87,8 +87,9 @@ fn error(status: StatusCode, kind: &str, message: impl Into<String>) -> Response
         .into_response()
 }
 
-fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), Response> {
-    let bad = |m: String| Err(error(StatusCode::BAD_REQUEST, "invalid_request_error", m));
+/// Checks a request's values; the error is the message for a 400 answer.
+fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), String> {
+    let bad = |m: String| Err(m);
     if req.max_tokens == 0 || req.max_tokens >= max_seq_len {
         return bad(format!(
             "max_tokens must be between 1 and {}",
@@ -207,9 +208,9 @@ async fn submit(
             return error(status, "invalid_request_error", e.body_text());
         }
     };
-    if let Err(r) = validate(&req, state.max_seq_len) {
+    if let Err(m) = validate(&req, state.max_seq_len) {
         state.metrics.errors.fetch_add(1, Ordering::Relaxed);
-        return r;
+        return error(StatusCode::BAD_REQUEST, "invalid_request_error", m);
     }
     let stream = req.stream;
     let model = req.model.clone().unwrap_or_else(|| state.model.clone());
