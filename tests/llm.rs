@@ -255,3 +255,85 @@ fn cli_build_and_generate_in_every_precision() {
         r.stderr
     );
 }
+
+#[test]
+fn logits_match_transformers() {
+    // Golden file from scripts/golden/llm_logits.py (transformers' LlamaForCausalLM on the same weights).
+    let golden: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/llm/stories260K_logits.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    let ids: Vec<i64> = golden["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let tok = Llama2cTokenizer::load(&data("llm/tok512.bin"), 512).unwrap();
+    let mut ours: Vec<i64> = vec![1];
+    ours.extend(tok.encode("Once upon a time").iter().map(|&t| t as i64));
+    assert_eq!(ours, ids, "tokenizer ids");
+    let model = Llama2c::load(&data("llm/stories260K.bin")).unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let onnx = d.path().join("s.onnx");
+    trt_diff::onnx::save(
+        decoder_graph(
+            &model.config,
+            &model.tensors,
+            &Policy::uniform(LinearPrecision::F32),
+        )
+        .unwrap(),
+        &onnx,
+        &Default::default(),
+    )
+    .unwrap();
+    let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+    use trt_diff::backend::{Engine, HostTensor};
+    let t = |v: &[i64]| HostTensor {
+        dtype: trt_diff::onnx::DataType::INT64,
+        shape: vec![1, v.len()],
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    };
+    let pos: Vec<i64> = (0..ids.len() as i64).collect();
+    let mut inputs = vec![
+        ("input_ids".to_string(), t(&ids)),
+        ("position_ids".to_string(), t(&pos)),
+    ];
+    for i in 0..5 {
+        for kind in ["key", "value"] {
+            inputs.push((
+                format!("past_{kind}_{i}"),
+                HostTensor {
+                    dtype: trt_diff::onnx::DataType::FLOAT,
+                    shape: vec![1, 4, 0, 8],
+                    data: vec![],
+                },
+            ));
+        }
+    }
+    let out = engine.run(&inputs).unwrap();
+    let logits = out
+        .iter()
+        .find(|(n, _)| n == "logits")
+        .unwrap()
+        .1
+        .to_f64()
+        .unwrap();
+    let want: Vec<f64> = golden["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|r| r.as_array().unwrap().iter().map(|v| v.as_f64().unwrap()))
+        .collect();
+    assert_eq!(logits.len(), want.len());
+    let max = logits
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    assert!(max <= 1e-4, "max abs logit difference {max}");
+}
