@@ -8,6 +8,12 @@
 set -euo pipefail
 root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cache=${TRT_DIFF_CACHE:-$root/.cache}
+# A complete cache that is not ours to write (e.g. the nix dev shell's TRT_DIFF_CACHE) is used as it is.
+if [ -e "$cache/lib/libtensorrt_rtx.so.1" ] && [ -d "$cache/trt-headers/TRT-RTX-1.7" ] && [ -x "$cache/venv/bin/python" ] \
+  && [ ! -w "$cache" ]; then
+  printf '[setup] using the read-only cache %s\n' "$cache" >&2
+  exit 0
+fi
 mkdir -p "$cache/lib"
 log() { printf '[setup] %s\n' "$*" >&2; }
 

@@ -99,6 +99,19 @@ pub struct GenerateArgs {
     pub top_p: f32,
     #[arg(long, default_value_t = 0)]
     pub seed: u64,
+    /// Drop tokens less likely than min-p times the most likely one (0: off).
+    #[arg(long, default_value_t = 0.0)]
+    pub min_p: f32,
+    /// Penalize tokens already in the context (1: off; llama.cpp's repeat penalty).
+    #[arg(long, default_value_t = 1.0)]
+    pub repeat_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub presence_penalty: f32,
+    #[arg(long, default_value_t = 0.0)]
+    pub frequency_penalty: f32,
+    /// Stop before this text (repeatable).
+    #[arg(long)]
+    pub stop: Vec<String>,
     #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
     pub backend: crate::runner::BackendChoice,
 }
@@ -273,6 +286,11 @@ fn generate(a: GenerateArgs) -> Result<()> {
         top_p: a.top_p,
         seed: a.seed,
         max_tokens: a.max_tokens,
+        min_p: a.min_p,
+        repetition_penalty: a.repeat_penalty,
+        presence_penalty: a.presence_penalty,
+        frequency_penalty: a.frequency_penalty,
+        stop: a.stop.clone(),
     };
     let mut out = std::io::stdout();
     let stats = crate::pipelines::llm::generate_with_engine(
@@ -297,6 +315,8 @@ fn generate(a: GenerateArgs) -> Result<()> {
         stats.generated_tokens as f64 / stats.generation_seconds.max(1e-9),
         if stats.stopped_by_eos {
             ", stopped at end of text"
+        } else if stats.stopped_by_stop_string {
+            ", stopped at a stop string"
         } else {
             ""
         }

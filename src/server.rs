@@ -41,9 +41,27 @@ pub struct GenerateRequest {
     pub seed: u64,
     #[serde(default)]
     pub stream: bool,
+    #[serde(default)]
+    pub min_p: f32,
+    #[serde(default = "one", alias = "repeat_penalty")]
+    pub repetition_penalty: f32,
+    #[serde(default)]
+    pub presence_penalty: f32,
+    #[serde(default)]
+    pub frequency_penalty: f32,
+    /// A string or a list of strings (as OpenAI's API takes it).
+    #[serde(default)]
+    pub stop: Option<StopField>,
     /// OpenAI clients send the model name; accepted and echoed.
     #[serde(default)]
     pub model: Option<String>,
+}
+
+#[derive(Deserialize, Debug, Clone)]
+#[serde(untagged)]
+pub enum StopField {
+    One(String),
+    Many(Vec<String>),
 }
 
 fn default_max_tokens() -> usize {
@@ -102,6 +120,12 @@ fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), String> {
     if !(0.0..=1.0).contains(&req.top_p) || req.top_p == 0.0 {
         return bad("top_p must be in (0, 1]".into());
     }
+    if !(0.0..=1.0).contains(&req.min_p) {
+        return bad("min_p must be in [0, 1]".into());
+    }
+    if !(req.repetition_penalty > 0.0 && req.repetition_penalty <= 10.0) {
+        return bad("repetition_penalty must be in (0, 10]".into());
+    }
     // Bytes bound tokens from above (byte fallback), so this rejects hopeless prompts before queueing.
     if req.prompt.len() > 16 * max_seq_len {
         return bad(format!(
@@ -127,6 +151,15 @@ fn worker(
             top_p: job.req.top_p,
             seed: job.req.seed,
             max_tokens: job.req.max_tokens,
+            min_p: job.req.min_p,
+            repetition_penalty: job.req.repetition_penalty,
+            presence_penalty: job.req.presence_penalty,
+            frequency_penalty: job.req.frequency_penalty,
+            stop: match &job.req.stop {
+                None => Vec::new(),
+                Some(StopField::One(s)) => vec![s.clone()],
+                Some(StopField::Many(v)) => v.clone(),
+            },
         };
         let mut g = Generator {
             engine: engine.as_mut(),

@@ -15,6 +15,16 @@ pub struct SamplingParams {
     pub top_p: f32,
     pub seed: u64,
     pub max_tokens: usize,
+    /// Drop tokens less likely than min_p times the most likely one (0 = off).
+    pub min_p: f32,
+    /// llama.cpp-style repetition penalty on tokens already in the context (1 = off).
+    pub repetition_penalty: f32,
+    /// Subtracted once from the logit of every token already generated or in the prompt (0 = off).
+    pub presence_penalty: f32,
+    /// Subtracted per occurrence (0 = off).
+    pub frequency_penalty: f32,
+    /// Generation stops before the first of these strings; it is not part of the output.
+    pub stop: Vec<String>,
 }
 
 impl Default for SamplingParams {
@@ -25,6 +35,11 @@ impl Default for SamplingParams {
             top_p: 1.0,
             seed: 0,
             max_tokens: 64,
+            min_p: 0.0,
+            repetition_penalty: 1.0,
+            presence_penalty: 0.0,
+            frequency_penalty: 0.0,
+            stop: Vec::new(),
         }
     }
 }
@@ -36,6 +51,81 @@ pub struct GenerationStats {
     pub prompt_seconds: f64,
     pub generation_seconds: f64,
     pub stopped_by_eos: bool,
+    pub stopped_by_stop_string: bool,
+}
+
+/// Penalties on tokens already in the context (`counts`: token -> occurrences), as llama.cpp applies them.
+pub fn apply_penalties(
+    row: &mut [f32],
+    counts: &std::collections::HashMap<u32, usize>,
+    p: &SamplingParams,
+) {
+    for (&t, &n) in counts {
+        let Some(l) = row.get_mut(t as usize) else {
+            continue;
+        };
+        if p.repetition_penalty != 1.0 {
+            *l = if *l > 0.0 {
+                *l / p.repetition_penalty
+            } else {
+                *l * p.repetition_penalty
+            };
+        }
+        *l -= n as f32 * p.frequency_penalty + if n > 0 { p.presence_penalty } else { 0.0 };
+    }
+}
+
+/// Holds back text that might be the start of a stop string; reports the stop when it appears.
+#[derive(Default)]
+pub struct StopFilter {
+    stops: Vec<String>,
+    held: String,
+}
+
+impl StopFilter {
+    pub fn new(stops: &[String]) -> Self {
+        StopFilter {
+            stops: stops.iter().filter(|s| !s.is_empty()).cloned().collect(),
+            held: String::new(),
+        }
+    }
+
+    /// Text safe to emit now, and whether a stop string was reached.
+    pub fn push(&mut self, text: &str) -> (String, bool) {
+        self.held.push_str(text);
+        if let Some(i) = self
+            .stops
+            .iter()
+            .filter_map(|s| self.held.find(s.as_str()))
+            .min()
+        {
+            let out = self.held[..i].to_string();
+            self.held.clear();
+            return (out, true);
+        }
+        // Keep the longest tail that is a proper prefix of some stop string.
+        let keep = self
+            .stops
+            .iter()
+            .flat_map(|s| {
+                (1..s.len())
+                    .filter(|&k| s.is_char_boundary(k))
+                    .map(move |k| &s[..k])
+            })
+            .filter(|pre| self.held.ends_with(pre))
+            .map(|pre| pre.len())
+            .max()
+            .unwrap_or(0);
+        let cut = self.held.len() - keep;
+        let out = self.held[..cut].to_string();
+        self.held.drain(..cut);
+        (out, false)
+    }
+
+    /// Whatever is still held when generation ends for another reason.
+    pub fn finish(&mut self) -> String {
+        std::mem::take(&mut self.held)
+    }
 }
 
 /// What the generator needs of a tokenizer.
@@ -199,6 +289,11 @@ impl Generator<'_> {
         let mut rng = Rng(params.seed);
         let mut next_rand = || rng.next_f32();
         let mut stream = Utf8Stream::default();
+        let mut stops = StopFilter::new(&params.stop);
+        let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
+        for &t in &tokens {
+            *counts.entry(t).or_default() += 1;
+        }
         let mut new_ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let mut pos0 = 0usize;
         let mut prev = tokens.last().copied();
@@ -241,18 +336,29 @@ impl Generator<'_> {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
             }
             pos0 += new_ids.len();
+            let mut row = row;
+            apply_penalties(&mut row, &counts, params);
             let next = sample(&row, params, &mut next_rand);
             if Some(next) == tok.eos() {
                 stats.stopped_by_eos = true;
                 break;
             }
             stats.generated_tokens += 1;
-            let text = stream.push(&tok.piece_bytes(prev, next));
+            *counts.entry(next).or_default() += 1;
+            let (text, stopped) = stops.push(&stream.push(&tok.piece_bytes(prev, next)));
             if !text.is_empty() {
                 on_text(&text)?;
             }
+            if stopped {
+                stats.stopped_by_stop_string = true;
+                break;
+            }
             prev = Some(next);
             new_ids = vec![next as i64];
+        }
+        let rest = stops.finish();
+        if !rest.is_empty() {
+            on_text(&rest)?;
         }
         stats.generation_seconds = t0.elapsed().as_secs_f64() - stats.prompt_seconds;
         Ok(stats)
@@ -301,4 +407,49 @@ pub fn generate_with_engine(
         max_seq_len: config.max_seq_len,
     };
     generator.generate(&tok, prompt, params, on_text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stop_filter_holds_back_prefixes() {
+        let mut f = StopFilter::new(&["END".into(), "\n\n".into()]);
+        assert_eq!(f.push("hello E"), ("hello ".into(), false));
+        assert_eq!(f.push("N"), (String::new(), false));
+        assert_eq!(f.push("x"), ("ENx".into(), false));
+        assert_eq!(f.push(" done\n"), (" done".into(), false));
+        assert_eq!(f.push("\nmore"), (String::new(), true));
+        let mut g = StopFilter::new(&["END".into()]);
+        assert_eq!(g.push("abcEN"), ("abc".into(), false));
+        assert_eq!(g.finish(), "EN");
+    }
+
+    #[test]
+    fn penalties_and_min_p() {
+        let mut row = vec![2.0, -2.0, 1.0];
+        let counts = std::collections::HashMap::from([(0u32, 2usize), (1, 1)]);
+        let p = SamplingParams {
+            repetition_penalty: 2.0,
+            presence_penalty: 0.5,
+            frequency_penalty: 0.25,
+            ..Default::default()
+        };
+        apply_penalties(&mut row, &counts, &p);
+        assert_eq!(row, vec![2.0 / 2.0 - 0.5 - 0.5, -4.0 - 0.25 - 0.5, 1.0]);
+        // min_p keeps only tokens within a factor of the best one.
+        let p = SamplingParams {
+            temperature: 1.0,
+            min_p: 0.5,
+            ..Default::default()
+        };
+        let logits = [0.0, 10.0, 9.9, -5.0];
+        let mut r = 0.0f32;
+        for _ in 0..50 {
+            r = (r + 0.137) % 1.0;
+            let t = sample(&logits, &p, &mut || r);
+            assert!(t == 1 || t == 2);
+        }
+    }
 }
