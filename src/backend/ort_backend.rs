@@ -29,7 +29,8 @@ pub struct OrtEngine {
     _rewritten: Option<tempfile::TempDir>,
 }
 
-fn environment() -> Result<&'static ort::environment::Environment> {
+/// The process-wide ONNX Runtime environment (ONNX Runtime allows one per process).
+pub fn environment() -> Result<&'static ort::environment::Environment> {
     static ENV: OnceLock<std::result::Result<ort::environment::Environment, String>> =
         OnceLock::new();
     let env = ENV.get_or_init(|| {
