@@ -121,6 +121,53 @@ impl Minifloat {
     }
 }
 
+/// FP8 E4M3FN encoding specialised for speed (the quantizers' inner loop). Same results as
+/// `E4M3FN.encode(x, saturate)` for every input; the tests check that.
+#[inline(always)]
+pub fn e4m3fn(x: f32, saturate: bool) -> u8 {
+    fp8_fast::<3, 7, 0x7E>(x, if saturate { 0x7E } else { 0x7F }, 0x7F)
+}
+
+/// FP8 E5M2 encoding specialised for speed; same results as `E5M2.encode(x, saturate)`.
+#[inline(always)]
+pub fn e5m2(x: f32, saturate: bool) -> u8 {
+    fp8_fast::<2, 15, 0x7B>(x, if saturate { 0x7B } else { 0x7C }, 0x7F)
+}
+
+/// Round-to-nearest-even from f32 bits: subnormal targets by exact scaling plus the 2^23 trick (rounds a
+/// value below 2^22 to an integer), normal targets by the carry-into-exponent bit rounding.
+#[inline(always)]
+fn fp8_fast<const M: u32, const BIAS: i32, const MAX: u32>(x: f32, overflow: u8, nan: u8) -> u8 {
+    let bits = x.to_bits();
+    let sign = ((bits >> 24) & 0x80) as u8;
+    let a = bits & 0x7FFF_FFFF;
+    if a > 0x7F80_0000 {
+        return nan | sign;
+    }
+    let min_normal = ((127 + 1 - BIAS) as u32) << 23;
+    let code = if a < min_normal {
+        // Steps of 2^(1 - BIAS - M): scale by the inverse (a power of two, exact) and round.
+        let steps = f32::from_bits(a) * f32::from_bits(((127 - 1 + BIAS + M as i32) as u32) << 23);
+        (steps + 8_388_608.0).to_bits() - 0x4B00_0000
+    } else {
+        let shift = 23 - M;
+        let r = a + ((1 << (shift - 1)) - 1) + ((a >> shift) & 1);
+        (r >> shift) - (((127 - BIAS) as u32) << M)
+    };
+    if code > MAX {
+        overflow | sign
+    } else {
+        code as u8 | sign
+    }
+}
+
+/// E4M3FN code -> value, as a table (the block quantizers decode one scale per block).
+pub fn e4m3fn_value(code: u8) -> f32 {
+    static TABLE: std::sync::LazyLock<[f32; 256]> =
+        std::sync::LazyLock::new(|| std::array::from_fn(|c| E4M3FN.decode(c as u8)));
+    TABLE[code as usize]
+}
+
 /// Packs 4-bit codes two to a byte, element 0 in the low nibble (ONNX and ModelOpt order).
 pub fn pack_nibbles(codes: &[u8]) -> Vec<u8> {
     codes

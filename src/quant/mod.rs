@@ -1,4 +1,9 @@
 //! Number formats and the Q/DQ patterns TensorRT reads.
+pub mod bnb;
+pub mod checkpoint;
+pub mod elem;
+pub mod fp8;
+pub mod int;
 pub mod minifloat;
 pub mod nvfp4;
 pub mod policy;

@@ -1,2 +1,3 @@
 //! Checkpoint readers. Each maps its format's tensors onto the names the model files use.
+pub mod gguf;
 pub mod llama2c;
