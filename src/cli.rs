@@ -53,6 +53,40 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt layouts).
+    Quantize(QuantizeArgs),
+    /// Samplers and schedules: list them, print a schedule, or check a sampler on an exact problem.
+    Samplers {
+        #[command(subcommand)]
+        cmd: SamplersCmd,
+    },
+}
+
+#[derive(Args)]
+pub struct QuantizeArgs {
+    /// The input .safetensors checkpoint.
+    pub input: PathBuf,
+    #[arg(long, value_enum)]
+    pub format: crate::quant::checkpoint::Format,
+    /// Output .safetensors file (written to a temporary name, renamed when complete).
+    #[arg(long, short)]
+    pub out: PathBuf,
+    /// Elements per scale block (nf4/fp4: 32..4096, default 64; int4: default 128; int8: per channel
+    /// without it; nvfp4 16 and mxfp8 32 are fixed).
+    #[arg(long, value_name = "N")]
+    pub block_size: Option<usize>,
+    /// nf4/fp4: quantize the block absmax again (bitsandbytes' compress_statistics).
+    #[arg(long)]
+    pub double_quant: bool,
+    /// Quantize only tensors whose names match (repeatable; default: every float `*.weight` of rank >= 2).
+    #[arg(long, value_name = "GLOB")]
+    pub include: Vec<String>,
+    /// Keep tensors whose names match unquantized (repeatable).
+    #[arg(long, value_name = "GLOB")]
+    pub exclude: Vec<String>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
 }
 
 #[derive(Args)]
@@ -222,6 +256,8 @@ fn run(cli: Cli) -> Result<()> {
             backend,
         } => crate::server::serve(&engine, backend, &host, port),
         Command::Run(a) => run_engine(a),
+        Command::Quantize(a) => quantize(a),
+        Command::Samplers { cmd } => samplers(cmd),
     }
 }
 
@@ -417,5 +453,155 @@ fn build(a: BuildArgs) -> Result<()> {
         );
     }
     println!("manifest {}", o.manifest_path.display());
+    Ok(())
+}
+
+fn quantize(a: QuantizeArgs) -> Result<()> {
+    let r = crate::quant::checkpoint::quantize_file(&crate::quant::checkpoint::QuantizeOptions {
+        input: a.input,
+        output: a.out.clone(),
+        format: a.format,
+        block_size: a.block_size,
+        double_quant: a.double_quant,
+        include: a.include,
+        exclude: a.exclude,
+        progress: !a.no_progress,
+    })?;
+    println!(
+        "wrote {} ({}): {} tensors quantized, {} passed through, from {} in {:.2}s",
+        a.out.display(),
+        human_bytes(r.output_bytes),
+        r.quantized,
+        r.passed_through,
+        human_bytes(r.input_bytes),
+        r.seconds
+    );
+    Ok(())
+}
+
+#[derive(Subcommand)]
+pub enum SamplersCmd {
+    /// Every registered sampler: family, order, stages, model calls per step, stochastic or not.
+    List,
+    /// Print a schedule, one sigma per line (highest first).
+    Sigmas {
+        /// simple, sgm_uniform, karras, exponential, ddim_uniform, beta, normal, linear_quadratic,
+        /// kl_optimal, beta57, bong_tangent, polyexponential, laplace, vp, flow_shift.
+        #[arg(long, default_value = "karras")]
+        scheduler: String,
+        #[arg(long, default_value_t = 20)]
+        steps: usize,
+        /// The model whose sigmas the discrete schedulers use, and the default range: sd15, sdxl, sd3, flux.
+        #[arg(long, default_value = "sdxl")]
+        model: String,
+        #[arg(long)]
+        sigma_min: Option<f64>,
+        #[arg(long)]
+        sigma_max: Option<f64>,
+        /// img2img strength in (0, 1]: the last `steps` sigmas of a `steps/denoise`-step schedule.
+        #[arg(long, default_value_t = 1.0)]
+        denoise: f64,
+    },
+    /// Run a sampler on the analytic Gaussian-data problem and print its error against the exact solution.
+    ///
+    /// The data: n independent elements x0_i ~ N(mu_i, s_i^2), mu_i = 0.8 sin(1.7 i),
+    /// s_i = 0.3 + 0.25 (1 + cos(0.9 i)). In k-diffusion's VE convention x = x0 + sigma eps the exact
+    /// denoiser is D(x, sigma) = mu + s^2/(s^2 + sigma^2) (x - mu), and the probability-flow ODE
+    /// dx/dsigma = (x - D)/sigma has the closed-form solution
+    /// x(sigma) = mu + (x(sigma0) - mu) sqrt(s^2 + sigma^2) / sqrt(s^2 + sigma0^2).
+    /// With --flow (x_t = (1-t) x0 + t eps, sigma = t): D = mu + (1-t) s^2/V (x - (1-t) mu),
+    /// V = (1-t)^2 s^2 + t^2, and x(t) = (1-t) mu + (x(t0) - (1-t0) mu) sqrt(V(t)/V(t0)).
+    /// The start is a draw from the marginal at sigma_max (Philox, --seed) unless --init is given. With
+    /// several step counts (--steps 8,16,32) it prints the empirical order log(e_a/e_b)/log(n_b/n_a).
+    Check {
+        #[arg(long)]
+        sampler: String,
+        /// Step counts, comma separated.
+        #[arg(long, value_delimiter = ',', default_value = "10,20,40")]
+        steps: Vec<usize>,
+        #[arg(long, default_value = "exponential")]
+        scheduler: String,
+        #[arg(long, default_value_t = 0.05)]
+        sigma_min: f64,
+        #[arg(long, default_value_t = 10.0)]
+        sigma_max: f64,
+        /// Keep the schedule's final 0 (the last step is then the sampler's denoise step).
+        #[arg(long)]
+        to_zero: bool,
+        /// Rectified-flow convention (use a sigma range inside (0, 1]).
+        #[arg(long)]
+        flow: bool,
+        #[arg(long, default_value_t = 64)]
+        elements: usize,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Noise amount of stochastic samplers (0 makes them deterministic).
+        #[arg(long, default_value_t = 1.0)]
+        eta: f64,
+        /// Run on f32 buffers (default f64, so round-off does not hide the order).
+        #[arg(long)]
+        f32: bool,
+        /// Start from this .npy (float32/float64, `elements` values).
+        #[arg(long)]
+        init: Option<PathBuf>,
+        /// Write the final sample of the last run as a float64 .npy.
+        #[arg(long)]
+        dump: Option<PathBuf>,
+    },
+}
+
+fn samplers(cmd: SamplersCmd) -> Result<()> {
+    use crate::samplers::{check::CheckSpec, registry::SamplerOptions, report};
+    match cmd {
+        SamplersCmd::List => print!("{}", report::list_table()),
+        SamplersCmd::Sigmas {
+            scheduler,
+            steps,
+            model,
+            sigma_min,
+            sigma_max,
+            denoise,
+        } => {
+            let s = report::sigmas(&scheduler, steps, &model, (sigma_min, sigma_max), denoise)?;
+            for v in s {
+                println!("{v}");
+            }
+        }
+        SamplersCmd::Check {
+            sampler,
+            steps,
+            scheduler,
+            sigma_min,
+            sigma_max,
+            to_zero,
+            flow,
+            elements,
+            seed,
+            eta,
+            f32,
+            init,
+            dump,
+        } => {
+            let spec = CheckSpec {
+                sampler,
+                scheduler,
+                sigma_min,
+                sigma_max,
+                to_zero,
+                flow,
+                elements,
+                seed,
+                f32,
+                opts: SamplerOptions {
+                    eta,
+                    ..Default::default()
+                },
+            };
+            print!(
+                "{}",
+                report::check(&spec, &steps, init.as_deref(), dump.as_deref())?
+            );
+        }
+    }
     Ok(())
 }

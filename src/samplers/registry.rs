@@ -1,0 +1,200 @@
+//! The catalogue: every sampler name that is implemented and tested, with what `samplers list` shows, and
+//! the one constructor that maps a name (and options) to a [`Sampler`].
+use super::buffer::Buffer;
+use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk};
+use super::kdiff;
+use super::rk::Rk;
+use super::stepper::Sampler;
+use super::tableau::{Kind, TABLEAUX, Tableau, proven_order};
+use anyhow::{Result, bail};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Family {
+    KDiffusion,
+    Explicit,
+    DiagImplicit,
+    Implicit,
+    Exponential,
+    Multistep,
+}
+impl Family {
+    pub fn as_str(&self) -> &'static str {
+        match self {
+            Self::KDiffusion => "k-diffusion",
+            Self::Explicit => "explicit RK",
+            Self::DiagImplicit => "diag. implicit RK",
+            Self::Implicit => "implicit RK",
+            Self::Exponential => "exponential RK",
+            Self::Multistep => "multistep",
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+pub struct SamplerInfo {
+    pub name: &'static str,
+    pub family: Family,
+    /// Order of convergence on the probability-flow ODE (deterministic samplers; 0 = not an ODE solver).
+    pub order: usize,
+    pub stages: usize,
+    /// Model calls per step (steady state, default options).
+    pub calls: usize,
+    pub stochastic: bool,
+}
+
+/// Options that some samplers read; defaults are the reference implementations' defaults.
+#[derive(Clone, Debug)]
+pub struct SamplerOptions {
+    pub eta: f64,
+    pub s_noise: f64,
+    /// dpmpp_sde's midpoint fraction.
+    pub r: f64,
+    /// LMS order.
+    pub lms_order: usize,
+    /// Fixed-point sweeps of implicit RK (None: the tableau's order).
+    pub implicit_sweeps: Option<usize>,
+}
+impl Default for SamplerOptions {
+    fn default() -> Self {
+        Self {
+            eta: 1.0,
+            s_noise: 1.0,
+            r: 0.5,
+            lms_order: 4,
+            implicit_sweeps: None,
+        }
+    }
+}
+
+const KDIFF: &[(&str, usize, usize, usize, bool)] = &[
+    // name, order, stages, calls, stochastic
+    ("euler", 1, 1, 1, false),
+    ("euler_ancestral", 1, 1, 1, true),
+    ("heun", 2, 2, 2, false),
+    ("dpm_2", 2, 2, 2, false),
+    ("dpm_2_ancestral", 1, 2, 2, true),
+    ("lms", 2, 1, 1, false), // 4th-order steps, but the Euler start limits the global order to 2
+    ("dpmpp_2s_ancestral", 1, 2, 2, true),
+    ("dpmpp_sde", 1, 2, 2, true),
+    ("dpmpp_2m", 2, 1, 1, false),
+    ("dpmpp_2m_sde", 1, 1, 1, true),
+    ("dpmpp_2m_sde_heun", 1, 1, 1, true),
+    ("dpmpp_3m_sde", 1, 1, 1, true), // eta = 0: order 2 (low-order start)
+];
+const MULTISTEP: &[(&str, usize, usize, &str)] = &[
+    // name, points used (current + history), order reached, warm-up single-step method
+    ("res_2m", 2, 2, "res_2s"),
+    ("res_3m", 3, 2, "res_3s"), // RES4LYF's gamma rule is third order only for c3 = 1
+    ("abnorsett_2m", 2, 2, "res_2s"),
+    ("abnorsett_3m", 3, 3, "res_3s"),
+    ("abnorsett_4m", 4, 4, "res_4s_strehmel_weiner"),
+];
+
+/// The tableaux we register: all of RES4LYF's whose coefficients meet the order conditions of their order
+/// (a few published ones do not, see `excluded_tableaux`), except "euler" which k-diffusion's Euler covers.
+pub fn tableaux() -> Vec<&'static Tableau> {
+    static OK: std::sync::OnceLock<Vec<&'static Tableau>> = std::sync::OnceLock::new();
+    OK.get_or_init(|| {
+        TABLEAUX
+            .iter()
+            .filter(|t| t.name != "euler" && proven_order(t, 1e-12) >= t.order)
+            .collect()
+    })
+    .clone()
+}
+/// RES4LYF tableaux left out because their published coefficients fail the order conditions.
+pub fn excluded_tableaux() -> Vec<&'static str> {
+    TABLEAUX
+        .iter()
+        .filter(|t| proven_order(t, 1e-12) < t.order)
+        .map(|t| t.name)
+        .collect()
+}
+
+/// All registered samplers, in listing order.
+pub fn list() -> Vec<SamplerInfo> {
+    let mut v = Vec::new();
+    for &(name, order, stages, calls, stochastic) in KDIFF {
+        v.push(SamplerInfo {
+            name,
+            family: Family::KDiffusion,
+            order,
+            stages,
+            calls,
+            stochastic,
+        });
+    }
+    for m in EXP_METHODS {
+        v.push(SamplerInfo {
+            name: m.name,
+            family: Family::Exponential,
+            order: m.order,
+            stages: m.stages,
+            calls: m.stages,
+            stochastic: false,
+        });
+    }
+    for &(name, _, order, _) in MULTISTEP {
+        v.push(SamplerInfo {
+            name,
+            family: Family::Multistep,
+            order,
+            stages: 1,
+            calls: 1,
+            stochastic: false,
+        });
+    }
+    for t in tableaux() {
+        let family = match t.kind() {
+            Kind::Explicit => Family::Explicit,
+            Kind::DiagonallyImplicit => Family::DiagImplicit,
+            Kind::FullyImplicit => Family::Implicit,
+        };
+        v.push(SamplerInfo {
+            name: t.name,
+            family,
+            order: t.order,
+            stages: t.stages(),
+            calls: Rk::<Vec<f32>>::calls(t, t.order),
+            stochastic: false,
+        });
+    }
+    v
+}
+
+pub fn info(name: &str) -> Option<SamplerInfo> {
+    list().into_iter().find(|i| i.name == name)
+}
+
+/// Build a sampler by name.
+pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<dyn Sampler<B>>> {
+    use kdiff::*;
+    Ok(match name {
+        "euler" => Box::new(Euler::default()),
+        "euler_ancestral" => Box::new(EulerAncestral::new(o.eta, o.s_noise)),
+        "heun" => Box::new(Heun::default()),
+        "dpm_2" => Box::new(Dpm2::default()),
+        "dpm_2_ancestral" => Box::new(Dpm2Ancestral::new(o.eta, o.s_noise)),
+        "lms" => Box::new(Lms::new(o.lms_order)),
+        "dpmpp_2s_ancestral" => Box::new(Dpmpp2sAncestral::new(o.eta, o.s_noise)),
+        "dpmpp_sde" => Box::new(DpmppSde::new(o.eta, o.s_noise, o.r)),
+        "dpmpp_2m" => Box::new(Dpmpp2m::default()),
+        "dpmpp_2m_sde" => Box::new(Dpmpp2mSde::new(o.eta, o.s_noise, SolverType::Midpoint)),
+        "dpmpp_2m_sde_heun" => Box::new(Dpmpp2mSde::new(o.eta, o.s_noise, SolverType::Heun)),
+        "dpmpp_3m_sde" => Box::new(Dpmpp3mSde::new(o.eta, o.s_noise)),
+        _ => {
+            if let Some(m) = ExpMethod::by_name(name) {
+                return Ok(Box::new(ExpRk::new(m)));
+            }
+            if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
+                let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");
+                return Ok(Box::new(ExpMultistep::new(n, points, w)));
+            }
+            if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {
+                return Ok(Box::new(Rk::new(t, o.implicit_sweeps)));
+            }
+            let names: Vec<&str> = list().iter().map(|i| i.name).collect();
+            bail!("unknown sampler '{name}'; valid: {}", names.join(", "))
+        }
+    })
+}

@@ -1,0 +1,92 @@
+//! Runge-Kutta on the probability-flow ODE in sigma, `dx/dsigma = (x - D(x, sigma)) / sigma`, for any static
+//! [`Tableau`]: explicit ones stage by stage, implicit ones (diagonally or fully) by fixed-point sweeps that
+//! cost one model call per stage per sweep. A step to sigma = 0 is the plain denoise (the derivative is
+//! singular there), as k-diffusion's Heun does.
+use super::buffer::Buffer;
+use super::stepper::{Ctx, Sampler, Scratch};
+use super::tableau::{Kind, Tableau};
+use anyhow::Result;
+
+pub struct Rk<B> {
+    pub tab: &'static Tableau,
+    /// Fixed-point sweeps for implicit tableaux (each sweep gains about one order; default: the order).
+    pub sweeps: usize,
+    s: Scratch<B>,
+}
+impl<B> Rk<B> {
+    pub fn new(tab: &'static Tableau, sweeps: Option<usize>) -> Self {
+        Self {
+            tab,
+            sweeps: sweeps.unwrap_or(tab.order),
+            s: Scratch::new(),
+        }
+    }
+    /// Model calls per step.
+    pub fn calls(tab: &Tableau, sweeps: usize) -> usize {
+        match tab.kind() {
+            Kind::Explicit => tab.stages(),
+            _ => 1 + sweeps * tab.stages(),
+        }
+    }
+}
+
+/// `f = (X - D(X, sig)) / sig` into `f`, using `den` as scratch.
+fn deriv<B: Buffer>(cx: &mut Ctx<'_, B>, xs: &B, sig: f64, den: &mut B, f: &mut B) -> Result<()> {
+    cx.model.denoise(xs, sig, den)?;
+    f.lincomb(0.0, &[(1.0 / sig, xs), (-1.0 / sig, &*den)])
+}
+
+impl<B: Buffer> Sampler<B> for Rk<B> {
+    fn step(&mut self, cx: &mut Ctx<'_, B>, x: &mut B, i: usize) -> Result<()> {
+        let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
+        let tab = self.tab;
+        let n = tab.stages();
+        let bufs = self.s.get(n + 2, x)?;
+        let (f, rest) = bufs.split_at_mut(n);
+        let (xs, den) = rest.split_at_mut(1);
+        let (xs, den) = (&mut xs[0], &mut den[0]);
+        if sn == 0.0 {
+            cx.model.denoise(x, s, den)?;
+            return x.copy_from(den);
+        }
+        let h = sn - s;
+        let stage = |k: usize, f: &[B], xs: &mut B, upto: usize| -> Result<()> {
+            let terms: Vec<(f64, &B)> = (0..upto)
+                .filter(|&j| tab.a[k][j] != 0.0)
+                .map(|j| (h * tab.a[k][j], &f[j]))
+                .collect();
+            xs.lincomb(0.0, &[(1.0, &*x)])?;
+            xs.lincomb(1.0, &terms)
+        };
+        match tab.kind() {
+            Kind::Explicit => {
+                for k in 0..n {
+                    stage(k, f, xs, k)?;
+                    let (_, cur) = f.split_at_mut(k);
+                    deriv(cx, xs, s + tab.c[k] * h, den, &mut cur[0])?;
+                }
+            }
+            _ => {
+                // Predictor: every stage derivative = f(x, sigma); then Gauss-Seidel sweeps.
+                deriv(cx, x, s, den, &mut f[0])?;
+                for k in 1..n {
+                    let (a, b) = f.split_at_mut(k);
+                    b[0].copy_from(&a[0])?;
+                }
+                for _ in 0..self.sweeps {
+                    for k in 0..n {
+                        stage(k, f, xs, n)?;
+                        let sig = s + tab.c[k] * h;
+                        cx.model.denoise(xs, sig, den)?;
+                        f[k].lincomb(0.0, &[(1.0 / sig, &*xs), (-1.0 / sig, &*den)])?;
+                    }
+                }
+            }
+        }
+        let terms: Vec<(f64, &B)> = (0..n)
+            .filter(|&j| tab.b[j] != 0.0)
+            .map(|j| (h * tab.b[j], &f[j]))
+            .collect();
+        x.lincomb(1.0, &terms)
+    }
+}

@@ -1,0 +1,118 @@
+//! Every deterministic sampler reaches its claimed order on the analytic Gaussian-data problem, whose
+//! probability-flow ODE has a closed-form solution (see `trt-diff samplers check --help`).
+use trt_diff::samplers::check::{CheckSpec, run};
+use trt_diff::samplers::registry::{self, SamplerOptions};
+
+const NS: &[usize] = &[
+    2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024,
+];
+
+/// Slope log2(e(n)/e(2n)) for the largest n whose errors are still asymptotic (e(n) < 1e-2) and above
+/// f64 round-off (e(2n) > 1e-9).
+fn slope(spec: &CheckSpec) -> (usize, f64, f64, f64) {
+    let err = |n| run(spec, n, None).unwrap().max_err;
+    let mut best = None;
+    for &n in NS {
+        if !NS.contains(&(2 * n)) {
+            break;
+        }
+        let (a, b) = (err(n), err(2 * n));
+        // Take the pair even when e(2n) already sits at round-off: that only underestimates the slope.
+        if a < 1e-2 && (best.is_none() || b >= 1e-9) {
+            best = Some((n, a, b, (a / b).log2()));
+        }
+        if b < 1e-9 {
+            break;
+        }
+    }
+    best.unwrap_or_else(|| panic!("{}: no asymptotic pair of step counts", spec.sampler))
+}
+
+fn check_family(flow: bool, filter: impl Fn(&registry::SamplerInfo) -> bool) {
+    let mut failures = vec![];
+    for info in registry::list()
+        .into_iter()
+        .filter(|i| !i.stochastic && filter(i))
+    {
+        let mut spec = CheckSpec {
+            sampler: info.name.into(),
+            opts: SamplerOptions {
+                eta: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        if flow {
+            spec.flow = true;
+            spec.sigma_max = 0.98;
+            spec.sigma_min = 0.02;
+        }
+        let (n, a, b, p) = slope(&spec);
+        // Very high orders hit round-off before their slope shows; 6 is what f64 can resolve here.
+        let want = info.order.min(6) as f64 - 0.3;
+        eprintln!(
+            "{:<32} order {:>2}: e({n})={a:.2e} e({})={b:.2e} slope {p:.2}",
+            info.name,
+            info.order,
+            2 * n
+        );
+        if p < want {
+            failures.push(format!("{} slope {p:.2} < {want}", info.name));
+        }
+    }
+    assert!(failures.is_empty(), "{failures:#?}");
+}
+
+#[test]
+fn deterministic_samplers_reach_their_order_ve() {
+    check_family(false, |i| i.calls <= 40);
+}
+
+#[test]
+fn expensive_implicit_samplers_reach_their_order_ve() {
+    check_family(false, |i| i.calls > 40);
+}
+
+#[test]
+fn samplers_reach_their_order_flow() {
+    let some = [
+        "euler",
+        "heun",
+        "dpmpp_2m",
+        "res_2s",
+        "res_3s",
+        "res_4s_krogstad",
+        "rk4_4s",
+        "gauss-legendre_2s",
+        "res_2m",
+        "abnorsett_3m",
+        "lms",
+    ];
+    check_family(true, |i| some.contains(&i.name));
+}
+
+/// Stochastic samplers with eta = 0 are deterministic ODE solvers of their nominal order.
+#[test]
+fn ancestral_samplers_with_eta_zero() {
+    for (name, order) in [
+        ("euler_ancestral", 1.0),
+        ("dpm_2_ancestral", 2.0),
+        ("dpmpp_2s_ancestral", 2.0),
+        ("dpmpp_sde", 2.0),
+        ("dpmpp_2m_sde", 2.0),
+        ("dpmpp_2m_sde_heun", 2.0),
+        ("dpmpp_3m_sde", 2.0),
+    ] {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                eta: 0.0,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (_, _, _, p) = slope(&spec);
+        eprintln!("{name} eta=0 slope {p:.2}");
+        assert!(p > order - 0.3, "{name}: slope {p}");
+    }
+}
