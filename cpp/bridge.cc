@@ -24,10 +24,11 @@ rust::Vec<rust::String> compiled_flavors() {
   return v;
 }
 
-std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, const uint8_t* plan, size_t len) {
+std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, size_t create_refitter,
+                                            const uint8_t* plan, size_t len) {
   std::string f(flavor);
-  if (f == "rtx") return runtime_open_rtx(create_runtime, plan, len);
-  if (f == "trt11") return runtime_open_trt11(create_runtime, plan, len);
+  if (f == "rtx") return runtime_open_rtx(create_runtime, create_refitter, plan, len);
+  if (f == "trt11") return runtime_open_trt11(create_runtime, create_refitter, plan, len);
   throw std::runtime_error("unknown TensorRT flavour '" + f + "'");
 }
 

@@ -15,7 +15,7 @@
 namespace trtdiff {
 bool have_rtx() { return false; }
 int32_t header_version_rtx() { return 0; }
-std::unique_ptr<RuntimeEngine> runtime_open_rtx(size_t, const uint8_t*, size_t) {
+std::unique_ptr<RuntimeEngine> runtime_open_rtx(size_t, size_t, const uint8_t*, size_t) {
   throw std::runtime_error("this trt-diff binary was compiled without TensorRT-RTX headers; rebuild it after scripts/setup.sh");
 }
 BuildReport build_engine_rtx(const BuildSpec&, const BuildObserver&) {

@@ -14,7 +14,7 @@
 namespace trtdiff {
 bool have_trt11() { return false; }
 int32_t header_version_trt11() { return 0; }
-std::unique_ptr<RuntimeEngine> runtime_open_trt11(size_t, const uint8_t*, size_t) {
+std::unique_ptr<RuntimeEngine> runtime_open_trt11(size_t, size_t, const uint8_t*, size_t) {
   throw std::runtime_error("this trt-diff binary was compiled without TensorRT 11 headers; rebuild it after scripts/setup.sh");
 }
 BuildReport build_engine_trt11(const BuildSpec&, const BuildObserver&) {

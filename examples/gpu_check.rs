@@ -6,10 +6,14 @@
 use anyhow::Result;
 use cudarc::driver::CudaSlice;
 use std::time::Instant;
+use trt_diff::cuda::buffer::DeviceBuffer;
 use trt_diff::cuda::device::Device;
 use trt_diff::cuda::host;
 use trt_diff::samplers::buffer::Buffer;
-use trt_diff::samplers::noise::fill_normal_host;
+use trt_diff::samplers::noise::{PhiloxNoise, fill_normal_host};
+use trt_diff::samplers::registry::{self, SamplerOptions};
+use trt_diff::samplers::schedule;
+use trt_diff::samplers::stepper::sample;
 
 struct Rng(u64);
 impl Rng {
@@ -242,6 +246,75 @@ fn main() -> Result<()> {
     println!(
         "\nEuler step with CFG on 16x128x128 f32: {step_us:.2} us per step (2 kernel launches)"
     );
+
+    // Whole samplers on device buffers against the same samplers on host Vec<f32>: the steppers only call
+    // Buffer::lincomb and fill_normal, so the results must be bit-identical. The denoiser is the exact one for
+    // Gaussian data with a shared std s (D = a x + b mu, scalar a, b), itself a lincomb.
+    let m = 4096 * 3 + 5;
+    let mu_h: Vec<f32> = rng.vec(m).iter().map(|v| v * 0.2).collect();
+    let x0_h = rng.vec(m);
+    let mu_d = DeviceBuffer::from_host(&d, &mu_h)?;
+    let sig = schedule::karras(12, 0.03, 14.6, 7.0);
+    for name in [
+        "euler",
+        "heun",
+        "dpmpp_2m",
+        "res_2s",
+        "res_3m",
+        "euler_ancestral",
+        "dpmpp_2m_sde",
+    ] {
+        let opts = SamplerOptions::default();
+        let s2 = 0.25f64;
+        let coef = move |sigma: f64| {
+            (
+                s2 / (s2 + sigma * sigma),
+                sigma * sigma / (s2 + sigma * sigma),
+            )
+        };
+        let mut host_x = x0_h.clone();
+        let mut hs = registry::build::<Vec<f32>>(name, &opts)?;
+        let mut hden = |x: &Vec<f32>, sigma: f64, out: &mut Vec<f32>| {
+            let (a, b) = coef(sigma);
+            out.lincomb(0.0, &[(a, x), (b, &mu_h)])
+        };
+        let mut hn = PhiloxNoise {
+            seed: 7,
+            next_stream: 0,
+        };
+        sample(
+            hs.as_mut(),
+            &mut hden,
+            &mut hn,
+            &mut host_x,
+            &sig,
+            &mut |_, _| {},
+        )?;
+        let mut dev_x = DeviceBuffer::from_host(&d, &x0_h)?;
+        let mut ds = registry::build::<DeviceBuffer>(name, &opts)?;
+        let mut dden = |x: &DeviceBuffer, sigma: f64, out: &mut DeviceBuffer| {
+            let (a, b) = coef(sigma);
+            out.lincomb(0.0, &[(a, x), (b, &mu_d)])
+        };
+        let mut dn = PhiloxNoise {
+            seed: 7,
+            next_stream: 0,
+        };
+        sample(
+            ds.as_mut(),
+            &mut dden,
+            &mut dn,
+            &mut dev_x,
+            &sig,
+            &mut |_, _| {},
+        )?;
+        let got = dev_x.to_host()?;
+        checks.push((
+            format!("sampler {name} (12 steps) device vs host"),
+            mismatches(&got, &host_x),
+            m,
+        ));
+    }
 
     // TensorRT-RTX runtime on a plan built on the CPU machine.
     let mut trt = serde_json::Map::new();

@@ -111,6 +111,16 @@ pub struct RunArgs {
     /// ONNX Runtime intra-op threads (0: its default).
     #[arg(long, default_value_t = 0)]
     pub threads: usize,
+    /// TensorRT: replay executions as a CUDA graph while shapes stay the same.
+    #[arg(long)]
+    pub cuda_graph: bool,
+    /// TensorRT: device memory for weights in MiB; the rest streams from host memory (plans built with
+    /// --weight-streaming).
+    #[arg(long, value_name = "MIB")]
+    pub weight_budget: Option<i64>,
+    /// TensorRT: refit the plan (built with --refit) with the same-named tensors of this safetensors file first.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub refit: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -268,7 +278,14 @@ fn run_engine(a: RunArgs) -> Result<()> {
         ..Default::default()
     };
     let inputs = load_inputs(&a.input)?;
-    let mut engine = open_engine(&a.engine, a.backend, &ort)?;
+    let trt = crate::runner::TrtSetup {
+        run: crate::trt::runtime::TrtRunOptions {
+            weight_budget: a.weight_budget.map(|m| m << 20),
+            cuda_graph: a.cuda_graph,
+        },
+        refit: a.refit.clone(),
+    };
+    let mut engine = crate::runner::open_engine_with(&a.engine, a.backend, &ort, &trt)?;
     let (outputs, lat) = timed_runs(engine.as_mut(), &inputs, a.iterations)?;
     println!("{} on {}", a.engine.display(), engine.backend());
     println!(

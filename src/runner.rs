@@ -48,6 +48,23 @@ pub fn open_engine(
     choice: BackendChoice,
     ort: &OrtOptions,
 ) -> Result<Box<dyn Engine>> {
+    open_engine_with(path, choice, ort, &TrtSetup::default())
+}
+
+/// What only the TensorRT backend does: run options and weights to refit after loading.
+#[derive(Clone, Debug, Default)]
+pub struct TrtSetup {
+    pub run: crate::trt::runtime::TrtRunOptions,
+    pub refit: Option<PathBuf>,
+}
+
+/// [`open_engine`] with TensorRT run options.
+pub fn open_engine_with(
+    path: &Path,
+    choice: BackendChoice,
+    ort: &OrtOptions,
+    trt: &TrtSetup,
+) -> Result<Box<dyn Engine>> {
     if !path.exists() {
         bail!(
             "cannot open engine '{}': no such file; check the path",
@@ -86,7 +103,23 @@ pub fn open_engine(
                 path.display()
             );
         }
-        return Ok(Box::new(crate::trt::runtime::TrtEngine::open(path)?));
+        let mut e = crate::trt::runtime::TrtEngine::open_with(path, trt.run.clone())?;
+        if let Some(w) = &trt.refit {
+            let n = e.refit_from_safetensors(w)?;
+            tracing::info!(
+                "refitted {n} weights of '{}' from '{}'",
+                path.display(),
+                w.display()
+            );
+        }
+        return Ok(Box::new(e));
+    }
+    if trt.refit.is_some() || trt.run.weight_budget.is_some() || trt.run.cuda_graph {
+        bail!(
+            "--refit, --weight-budget and --cuda-graph apply to TensorRT engines, and '{}' runs on the CPU backend \
+             here; drop them, or run on a machine where TensorRT can execute the plan",
+            path.display()
+        );
     }
     let onnx = if plan {
         source_onnx(path)?

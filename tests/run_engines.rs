@@ -251,6 +251,22 @@ fn bad_inputs_are_clear_errors() {
         false,
     );
     assert!(r.stderr.contains("needs a TensorRT plan"), "{}", r.stderr);
+    // TensorRT-only options on the CPU backend are refused, not silently ignored.
+    for opt in [
+        vec!["--cuda-graph"],
+        vec!["--weight-budget", "64"],
+        vec!["--refit", "w.safetensors"],
+    ] {
+        let good_arg = format!("x={}", s(&good));
+        let mut args = vec!["run", "--engine", e, "--input", good_arg.as_str()];
+        args.extend(opt.iter().copied());
+        let r = run(&args, false);
+        assert!(
+            r.stderr.contains("apply to TensorRT engines") && r.stderr.contains("m.onnx"),
+            "{opt:?}: {}",
+            r.stderr
+        );
+    }
     let r = run(&["run", "--engine", s(&d.path().join("none.plan"))], false);
     assert!(
         r.stderr.contains("none.plan") && r.stderr.contains("no such file"),

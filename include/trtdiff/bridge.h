@@ -6,7 +6,10 @@
 #include <memory>
 
 namespace trtdiff {
-// A deserialized engine and its execution context; each flavour derives its own (cpp/flavor_impl.inc).
+struct RefitWeight;
+
+// A deserialized engine and its execution contexts (addressed by index); each flavour derives its own
+// (cpp/flavor_impl.inc). Methods that can fail for a reason TensorRT explains throw with that reason.
 class RuntimeEngine {
  public:
   virtual ~RuntimeEngine() = default;
@@ -15,15 +18,30 @@ class RuntimeEngine {
   virtual bool io_is_input(int32_t index) const = 0;
   virtual rust::String io_dtype(int32_t index) const = 0;
   virtual rust::Vec<int64_t> io_dims(int32_t index) const = 0;
-  virtual bool set_input_shape(rust::Str name, rust::Slice<const int64_t> dims) = 0;
-  virtual rust::Vec<int64_t> context_dims(rust::Str name) const = 0;
-  virtual bool set_address(rust::Str name, uint64_t device_ptr) = 0;
-  virtual bool enqueue(uint64_t stream) = 0;
+  virtual int32_t profile_count() const = 0;
+  // which: 0 min, 1 opt, 2 max.
+  virtual rust::Vec<int64_t> profile_dims(rust::Str name, int32_t profile, int32_t which) const = 0;
+  virtual int64_t device_memory_size() const = 0;
+  virtual int64_t streamable_weights_size() const = 0;
+  virtual bool set_weight_streaming_budget(int64_t bytes) = 0;
+  virtual bool refittable() const = 0;
+  virtual int32_t create_context(bool user_memory, bool graph) = 0;
+  virtual bool set_profile(int32_t ctx, int32_t profile, uint64_t stream) = 0;
+  virtual bool set_input_shape(int32_t ctx, rust::Str name, rust::Slice<const int64_t> dims) = 0;
+  virtual rust::Vec<int64_t> context_dims(int32_t ctx, rust::Str name) const = 0;
+  virtual bool set_address(int32_t ctx, rust::Str name, uint64_t device_ptr) = 0;
+  virtual void set_device_memory(int32_t ctx, uint64_t device_ptr, int64_t size) = 0;
+  virtual bool enqueue(int32_t ctx, uint64_t stream) = 0;
+  virtual rust::Vec<rust::String> refittable_weights() = 0;
+  virtual void refit(rust::Slice<const RefitWeight> weights, uint64_t stream) = 0;
 };
 
-std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, const uint8_t* plan, size_t len);
-std::unique_ptr<RuntimeEngine> runtime_open_rtx(size_t create_runtime, const uint8_t* plan, size_t len);
-std::unique_ptr<RuntimeEngine> runtime_open_trt11(size_t create_runtime, const uint8_t* plan, size_t len);
+std::unique_ptr<RuntimeEngine> runtime_open(rust::Str flavor, size_t create_runtime, size_t create_refitter,
+                                            const uint8_t* plan, size_t len);
+std::unique_ptr<RuntimeEngine> runtime_open_rtx(size_t create_runtime, size_t create_refitter, const uint8_t* plan,
+                                                size_t len);
+std::unique_ptr<RuntimeEngine> runtime_open_trt11(size_t create_runtime, size_t create_refitter, const uint8_t* plan,
+                                                  size_t len);
 
 struct BuildSpec;
 struct BuildReport;

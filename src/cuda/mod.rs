@@ -1,6 +1,7 @@
 //! CUDA through cudarc (driver API, loaded dynamically): a machine without a driver gets an error value, never a
 //! panic. `query` says what GPUs exist; `device` holds the kernels run between engine calls; `host` the same
 //! operations on host buffers.
+pub mod buffer;
 pub mod device;
 pub mod host;
 

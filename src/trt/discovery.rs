@@ -168,6 +168,7 @@ pub struct Loaded {
     pub(crate) create_builder: usize,
     pub(crate) create_parser: usize,
     pub(crate) create_runtime: usize,
+    pub(crate) create_refitter: usize,
 }
 
 fn symbol(lib: &'static libloading::Library, path: &Path, name: &str) -> Result<usize> {
@@ -221,6 +222,7 @@ impl Loaded {
             version,
             create_builder: symbol(core, &found.core, "createInferBuilder_INTERNAL")?,
             create_runtime: symbol(core, &found.core, "createInferRuntime_INTERNAL")?,
+            create_refitter: symbol(core, &found.core, "createInferRefitter_INTERNAL")?,
             create_parser: symbol(parser, parser_path, "createNvOnnxParser_INTERNAL")?,
         });
         cache

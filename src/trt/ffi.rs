@@ -18,6 +18,14 @@ pub(crate) mod bridge {
         len: usize,
     }
 
+    /// Host weights for a refit: `count` elements of `dtype` ("float32", "float16", "bfloat16", ...) at `ptr`.
+    struct RefitWeight {
+        name: String,
+        dtype: String,
+        ptr: usize,
+        count: i64,
+    }
+
     struct BuildSpec {
         /// "rtx" or "trt11".
         flavor: String,
@@ -90,12 +98,13 @@ pub(crate) mod bridge {
         fn compiled_flavors() -> Vec<String>;
         fn header_version(flavor: &str) -> i32;
 
-        /// A deserialized engine with one execution context (both flavours implement it).
+        /// A deserialized engine and its execution contexts, addressed by index (both flavours implement it).
         type RuntimeEngine;
         /// Deserializes `plan` with the flavour's runtime; errors carry TensorRT's own message.
         unsafe fn runtime_open(
             flavor: &str,
             create_runtime: usize,
+            create_refitter: usize,
             plan: *const u8,
             len: usize,
         ) -> Result<UniquePtr<RuntimeEngine>>;
@@ -105,11 +114,53 @@ pub(crate) mod bridge {
         fn io_dtype(self: &RuntimeEngine, index: i32) -> String;
         /// Engine-level dimensions (-1 where dynamic).
         fn io_dims(self: &RuntimeEngine, index: i32) -> Vec<i64>;
-        fn set_input_shape(self: Pin<&mut RuntimeEngine>, name: &str, dims: &[i64]) -> bool;
-        /// Dimensions in the context, after input shapes are set.
-        fn context_dims(self: &RuntimeEngine, name: &str) -> Vec<i64>;
-        fn set_address(self: Pin<&mut RuntimeEngine>, name: &str, device_ptr: u64) -> bool;
-        fn enqueue(self: Pin<&mut RuntimeEngine>, stream: u64) -> bool;
+        fn profile_count(self: &RuntimeEngine) -> i32;
+        /// An input's dimensions in an optimization profile; `which`: 0 min, 1 opt, 2 max.
+        fn profile_dims(self: &RuntimeEngine, name: &str, profile: i32, which: i32) -> Vec<i64>;
+        /// Device memory one execution context needs (for user-managed context memory).
+        fn device_memory_size(self: &RuntimeEngine) -> i64;
+        fn streamable_weights_size(self: &RuntimeEngine) -> i64;
+        fn set_weight_streaming_budget(self: Pin<&mut RuntimeEngine>, bytes: i64) -> bool;
+        fn refittable(self: &RuntimeEngine) -> bool;
+        /// A new execution context; returns its index. `user_memory`: the caller supplies its device memory;
+        /// `graph`: TensorRT-RTX captures and replays CUDA graphs itself (ignored by TensorRT 11).
+        fn create_context(
+            self: Pin<&mut RuntimeEngine>,
+            user_memory: bool,
+            graph: bool,
+        ) -> Result<i32>;
+        fn set_profile(
+            self: Pin<&mut RuntimeEngine>,
+            ctx: i32,
+            profile: i32,
+            stream: u64,
+        ) -> Result<bool>;
+        fn set_input_shape(
+            self: Pin<&mut RuntimeEngine>,
+            ctx: i32,
+            name: &str,
+            dims: &[i64],
+        ) -> Result<bool>;
+        /// Dimensions in a context, after input shapes are set.
+        fn context_dims(self: &RuntimeEngine, ctx: i32, name: &str) -> Result<Vec<i64>>;
+        fn set_address(
+            self: Pin<&mut RuntimeEngine>,
+            ctx: i32,
+            name: &str,
+            device_ptr: u64,
+        ) -> Result<bool>;
+        fn set_device_memory(
+            self: Pin<&mut RuntimeEngine>,
+            ctx: i32,
+            device_ptr: u64,
+            size: i64,
+        ) -> Result<()>;
+        fn enqueue(self: Pin<&mut RuntimeEngine>, ctx: i32, stream: u64) -> Result<bool>;
+        /// Names of the weights a refittable engine can take.
+        fn refittable_weights(self: Pin<&mut RuntimeEngine>) -> Result<Vec<String>>;
+        /// Sets the named weights (host memory) and refits the engine on `stream`.
+        fn refit(self: Pin<&mut RuntimeEngine>, weights: &[RefitWeight], stream: u64)
+        -> Result<()>;
     }
 }
 
