@@ -52,6 +52,10 @@ pub enum Command {
         file: PathBuf,
         #[arg(long)]
         json: bool,
+        /// For a quantized .safetensors: the original checkpoint; prints each quantized tensor's error
+        /// (RMSE, max abs, SQNR) after dequantization.
+        #[arg(long, value_name = "ORIGINAL")]
+        against: Option<PathBuf>,
     },
     /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt layouts).
     Quantize(QuantizeArgs),
@@ -257,7 +261,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Command::Build(a) => build(a),
-        Command::Inspect { file, json } => crate::inspect::inspect(&file, json),
+        Command::Inspect {
+            file,
+            json,
+            against,
+        } => crate::inspect::inspect(&file, json, against.as_deref()),
         Command::Generate(a) => generate(a),
         Command::Serve {
             engine,

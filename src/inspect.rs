@@ -11,12 +11,14 @@ use std::path::Path;
 enum Kind {
     Onnx,
     Plan,
+    Safetensors,
 }
 
 fn kind(path: &Path) -> Result<Kind> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("onnx") => return Ok(Kind::Onnx),
         Some("plan" | "engine" | "trt") => return Ok(Kind::Plan),
+        Some("safetensors") => return Ok(Kind::Safetensors),
         _ => {}
     }
     let mut head = [0u8; 8];
@@ -27,13 +29,29 @@ fn kind(path: &Path) -> Result<Kind> {
         return Ok(Kind::Plan);
     }
     bail!(
-        "'{}': unknown file kind; inspect reads .onnx models and .plan engines (name the file accordingly)",
+        "'{}': unknown file kind; inspect reads .onnx models, .plan engines and .safetensors checkpoints (name the file accordingly)",
         path.display()
     )
 }
 
-pub fn inspect(path: &Path, json: bool) -> Result<()> {
-    match kind(path)? {
+/// `against`: for a quantized safetensors checkpoint, the original it was quantized from (per-tensor error).
+pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
+    let kind = kind(path)?;
+    if against.is_some() && !matches!(kind, Kind::Safetensors) {
+        bail!(
+            "--against compares a quantized .safetensors checkpoint with its original; '{}' is not a .safetensors file",
+            path.display()
+        );
+    }
+    match kind {
+        Kind::Safetensors => {
+            let r = crate::quant::inspect::inspect_checkpoint(path, against)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                print_checkpoint(&r);
+            }
+        }
         Kind::Onnx => {
             let s = OnnxSummary::of(&OnnxFile::load(path)?);
             if json {
@@ -121,6 +139,48 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_checkpoint(r: &crate::quant::inspect::CheckpointReport) {
+    println!(
+        "{}: safetensors, {}, {} tensors",
+        r.path,
+        human_bytes(r.file_bytes),
+        r.tensors.len()
+    );
+    for (k, v) in &r.metadata {
+        println!("  metadata    {k} = {v}");
+    }
+    let errors = r.tensors.iter().any(|t| t.error.is_some());
+    for t in &r.tensors {
+        let shape = t
+            .shape
+            .iter()
+            .map(|d| d.to_string())
+            .collect::<Vec<_>>()
+            .join("x");
+        let err = t
+            .error
+            .as_ref()
+            .map(|e| {
+                format!(
+                    "  rmse {:.3e}  max {:.3e}  sqnr {:.2} dB",
+                    e.rmse, e.max_abs, e.sqnr_db
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<48} {:<8} {:<7} {:<16} {:>10}{err}",
+            t.name,
+            t.format.as_deref().unwrap_or("-"),
+            t.dtype,
+            shape,
+            human_bytes(t.bytes)
+        );
+    }
+    if !errors && r.tensors.iter().any(|t| t.format.is_some()) {
+        println!("  (add --against ORIGINAL.safetensors for each quantized tensor's error)");
+    }
 }
 
 fn print_onnx(s: &OnnxSummary) {

@@ -90,6 +90,69 @@ fn quantized_files_match_what_python_loaded() {
                 &bad[..bad.len().min(4)]
             );
         }
+        // inspect --against: formats, companions and per-tensor error, the error recomputed here from the
+        // values the Python references dequantized.
+        let run = common::run(
+            &[
+                "inspect",
+                out.to_str().unwrap(),
+                "--json",
+                "--against",
+                input.to_str().unwrap(),
+            ],
+            true,
+        );
+        let rep: serde_json::Value = serde_json::from_str(&run.stdout).unwrap();
+        let base = r["args"][1].as_str().unwrap();
+        let orig_bytes = std::fs::read(&input).unwrap();
+        let orig = safetensors::SafeTensors::deserialize(&orig_bytes).unwrap();
+        let quantized: Vec<&str> = r["quantized"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        for row in rep["tensors"].as_array().unwrap() {
+            let name = row["name"].as_str().unwrap();
+            if !quantized.contains(&name) {
+                assert!(row["format"].is_null(), "{cfg} {name}: {row}");
+                continue;
+            }
+            assert_eq!(row["format"], base, "{cfg} {name}");
+            assert!(!row["companions"].as_array().unwrap().is_empty());
+            let t = orig.tensor(name).unwrap();
+            let reference =
+                trt_diff::quant::elem::Values::from_bytes(&format!("{:?}", t.dtype()), t.data())
+                    .unwrap()
+                    .to_f32();
+            let mut deq = f32s(
+                &std::fs::read(golden_dir().join(format!("ckpt.{cfg}.{name}.deq.bin"))).unwrap(),
+            );
+            if bnb {
+                // Our error is against the f32 dequantization, before bitsandbytes' cast to the weight dtype.
+                deq = dequantize_named(&out, name).unwrap();
+            }
+            let want = trt_diff::quant::inspect::error_stats(&reference, &deq);
+            let got = &row["error"];
+            let (se, ss): (f64, f64) = reference
+                .iter()
+                .zip(&deq)
+                .map(|(&a, &b)| ((a as f64 - b as f64).powi(2), (a as f64).powi(2)))
+                .fold((0.0, 0.0), |x, y| (x.0 + y.0, x.1 + y.1));
+            let sqnr = 10.0 * (ss / se).log10();
+            for (k, v) in [
+                ("rmse", want.rmse),
+                ("max_abs", want.max_abs),
+                ("sqnr_db", sqnr),
+            ] {
+                let g = got[k].as_f64().unwrap();
+                assert!(
+                    (g - v).abs() <= 1e-9 * v.abs().max(1e-12),
+                    "{cfg} {name} {k}: {g} vs {v}"
+                );
+            }
+            assert!(sqnr > 8.0, "{cfg} {name}: implausible SQNR {sqnr}");
+        }
         // Options are recorded; the input's own metadata survives.
         let bytes = std::fs::read(&out).unwrap();
         let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();

@@ -579,13 +579,26 @@ fn quantize_tensor(
 /// Reads a tensor of a safetensors file written by `quantize` (or any other) as f32 values, dequantizing the
 /// formats above from their companion tensors. Used by tests and `inspect`.
 pub fn dequantize_named(path: &Path, name: &str) -> Result<Vec<f32>> {
-    let bytes = std::fs::read(path).with_context(|| format!("cannot read '{}'", path.display()))?;
-    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot read '{}'", path.display()))?;
+    // SAFETY: read-only map of a file nothing else writes while we read it.
+    let map = unsafe { memmap2::Mmap::map(&file) }
+        .with_context(|| format!("cannot map '{}'", path.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&map).map_err(|e| {
         anyhow::anyhow!(
             "'{}' is not a readable safetensors file ({e:?})",
             path.display()
         )
     })?;
+    dequantize_tensor(&st, path, name)
+}
+
+/// [`dequantize_named`] on an already opened file (`path` only names it in errors).
+pub fn dequantize_tensor(
+    st: &safetensors::SafeTensors<'_>,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<f32>> {
     let get = |n: &str| st.tensor(n).ok();
     let f32v = |b: &[u8]| -> Vec<f32> {
         b.chunks_exact(4)

@@ -3,6 +3,7 @@ pub mod bnb;
 pub mod checkpoint;
 pub mod elem;
 pub mod fp8;
+pub mod inspect;
 pub mod int;
 pub mod minifloat;
 pub mod nvfp4;
