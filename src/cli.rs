@@ -55,6 +55,29 @@ pub enum Command {
     },
     /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt layouts).
     Quantize(QuantizeArgs),
+    /// Token ids of text with the tokenizer in a GGUF file (no BOS), or with --decode the text of ids.
+    Tokenize {
+        /// A GGUF file with tokenizer metadata (vocab-only files work).
+        #[arg(long)]
+        vocab: PathBuf,
+        /// Text to tokenize, or with --decode ids separated by spaces or commas.
+        text: String,
+        #[arg(long)]
+        decode: bool,
+        /// Let special tokens written in the text (e.g. <|im_start|>) become those tokens.
+        #[arg(long)]
+        parse_special: bool,
+    },
+    /// Convert a checkpoint to GGUF: `convert llama2c MODEL.bin --tokenizer TOK.bin --out MODEL.gguf`.
+    Convert {
+        /// Source format: llama2c.
+        format: String,
+        input: PathBuf,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Samplers and schedules: list them, print a schedule, or check a sampler on an exact problem.
     Samplers {
         #[command(subcommand)]
@@ -258,6 +281,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_engine(a),
         Command::Quantize(a) => quantize(a),
         Command::Samplers { cmd } => samplers(cmd),
+        Command::Tokenize {
+            vocab,
+            text,
+            decode,
+            parse_special,
+        } => {
+            let out =
+                crate::tokenizer::llm_cli::tokenize_command(&vocab, &text, decode, parse_special)?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Convert {
+            format,
+            input,
+            tokenizer,
+            out,
+        } => {
+            if format != "llama2c" {
+                bail!("convert {format}: unknown source format; supported: llama2c");
+            }
+            let n = crate::weights::gguf_convert::llama2c_to_gguf(&input, &tokenizer, &out)?;
+            println!("wrote {} ({n} tensors)", out.display());
+            Ok(())
+        }
     }
 }
 

@@ -33,6 +33,9 @@ fn kind(path: &Path) -> Result<Kind> {
 }
 
 pub fn inspect(path: &Path, json: bool) -> Result<()> {
+    if crate::weights::gguf::looks_like_gguf(path) {
+        return crate::weights::gguf::inspect(path, json);
+    }
     match kind(path)? {
         Kind::Onnx => {
             let s = OnnxSummary::of(&OnnxFile::load(path)?);

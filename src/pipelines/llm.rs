@@ -135,6 +135,10 @@ pub trait TextTokenizer {
     fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8>;
     fn bos(&self) -> Option<u32>;
     fn eos(&self) -> Option<u32>;
+    /// Whether `id` ends generation (EOS, and end-of-turn tokens of chat models).
+    fn is_end(&self, id: u32) -> bool {
+        Some(id) == self.eos()
+    }
 }
 
 impl TextTokenizer for crate::tokenizer::llama2c::Llama2cTokenizer {
@@ -218,6 +222,14 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
         .collect();
     let sum: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|v| *v /= sum);
+    if p.min_p > 0.0 {
+        // Sorted descending: keep the prefix within min_p of the best token.
+        let floor = probs[0] * p.min_p;
+        let keep = probs.iter().take_while(|&&v| v >= floor).count().max(1);
+        probs.truncate(keep);
+        let s: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|v| *v /= s);
+    }
     if p.top_p < 1.0 {
         let mut acc = 0.0;
         let keep = probs.iter().position(|&v| {
@@ -339,7 +351,7 @@ impl Generator<'_> {
             let mut row = row;
             apply_penalties(&mut row, &counts, params);
             let next = sample(&row, params, &mut next_rand);
-            if Some(next) == tok.eos() {
+            if tok.is_end(next) {
                 stats.stopped_by_eos = true;
                 break;
             }
@@ -444,7 +456,7 @@ mod tests {
             min_p: 0.5,
             ..Default::default()
         };
-        let logits = [0.0, 10.0, 9.9, -5.0];
+        let logits = [0.0, 2.0, 1.9, 1.0]; // without min_p, token 3 would take 17% of draws
         let mut r = 0.0f32;
         for _ in 0..50 {
             r = (r + 0.137) % 1.0;

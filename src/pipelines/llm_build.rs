@@ -38,11 +38,12 @@ pub fn decoder_profiles(c: &LlamaConfig) -> Vec<ShapeRange> {
 pub fn precision_from_name(name: &str) -> Result<LinearPrecision> {
     Ok(match name {
         "fp32" | "f32" => LinearPrecision::F32,
+        "fp16" | "f16" => LinearPrecision::F16,
         "fp8" => LinearPrecision::Fp8,
         "nvfp4" => LinearPrecision::Nvfp4,
         "int4" => LinearPrecision::Int4 { block: 32 },
         other => bail!(
-            "--precision {other} is not available for LLM decoders; choose fp32, fp8, nvfp4 or int4"
+            "--precision {other} is not available for LLM decoders; choose fp32, fp16, fp8, nvfp4 or int4"
         ),
     })
 }
