@@ -184,10 +184,14 @@ pub struct TrtArgs {
 pub struct BuildArgs {
     /// The ONNX model (external data files beside it are read too), or with --arch a model checkpoint.
     pub input: PathBuf,
-    /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer).
+    /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer). GGUF files (llama,
+    /// qwen2) and Hugging Face folders (config.json + safetensors, + --tokenizer FILE.gguf) need no --arch.
     #[arg(long, value_name = "ARCH")]
     pub arch: Option<String>,
-    /// Tokenizer file for --arch llama2c (llama2.c tokenizer .bin).
+    /// LLM builds: cap the context length (the engine's profile and RoPE table follow it).
+    #[arg(long, value_name = "TOKENS")]
+    pub max_context: Option<usize>,
+    /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c, a GGUF file for Hugging Face folders.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
@@ -414,13 +418,15 @@ fn build(a: BuildArgs) -> Result<()> {
             a.input.display()
         );
     }
-    if let Some(arch) = &a.arch {
-        if arch != "llama2c" {
-            bail!("--arch {arch} is not supported yet; supported: llama2c");
-        }
-        let Some(tok) = &a.tokenizer else {
-            bail!("--arch llama2c needs --tokenizer TOKENIZER.bin (llama2.c's tokenizer file)");
-        };
+    let is_llm = a.arch.is_some()
+        || crate::weights::gguf::looks_like_gguf(&a.input)
+        || a.input.join("config.json").exists();
+    if is_llm {
+        let source = crate::pipelines::llm_build::detect_source(
+            &a.input,
+            a.arch.as_deref(),
+            a.tokenizer.as_deref(),
+        )?;
         let opts = BuildOptions {
             out: a.out.clone(),
             trt: a.trt,
@@ -435,7 +441,13 @@ fn build(a: BuildArgs) -> Result<()> {
             progress: !a.no_progress,
             ..Default::default()
         };
-        let o = crate::pipelines::llm_build::build_llama2c(&a.input, tok, &a.precision, &opts)?;
+        let o = crate::pipelines::llm_build::build_llm(
+            &a.input,
+            source,
+            &a.precision,
+            a.max_context,
+            &opts,
+        )?;
         println!(
             "built {} ({}, {} precision) with {} {}; source {}, manifest {}",
             o.plan.display(),

@@ -139,7 +139,7 @@ fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), String> {
 /// Metrics are kept here, where every outcome is known, including clients that left mid-stream.
 fn worker(
     mut engine: Box<dyn crate::backend::Engine>,
-    tok: Box<dyn TextTokenizer>,
+    tok: Box<dyn TextTokenizer + Send>,
     cfg: crate::models::llama::LlamaConfig,
     metrics: Arc<Metrics>,
     mut jobs: mpsc::Receiver<Job>,
@@ -408,10 +408,7 @@ pub fn serve(
         );
     };
     let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok = crate::tokenizer::llama2c::Llama2cTokenizer::load(
-        &dir.join(&tokenizer),
-        config.vocab_size,
-    )?;
+    let tok = crate::pipelines::llm::load_tokenizer(&dir.join(&tokenizer), config.vocab_size)?;
     let (tx, rx) = mpsc::channel::<Job>(256);
     let cfg = config.clone();
     let metrics = Arc::new(Metrics::default());
@@ -425,7 +422,7 @@ pub fn serve(
             move || match crate::runner::open_engine(&path, backend, &Default::default()) {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    worker(engine, Box::new(tok), cfg, worker_metrics, rx)
+                    worker(engine, tok, cfg, worker_metrics, rx)
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("{e:#}")));

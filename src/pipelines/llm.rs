@@ -139,6 +139,43 @@ pub trait TextTokenizer {
     fn is_end(&self, id: u32) -> bool {
         Some(id) == self.eos()
     }
+    /// The Jinja chat template stored with the tokenizer, if any.
+    fn chat_template(&self) -> Option<&str> {
+        None
+    }
+    /// Text of a token for templates (BOS/EOS strings).
+    fn token_text(&self, _id: u32) -> Option<&str> {
+        None
+    }
+    /// Tokens of a rendered chat prompt: special tokens written in it count as those tokens, and BOS is added
+    /// only when the template did not write it.
+    fn encode_chat(&self, text: &str) -> Vec<u32> {
+        let mut t: Vec<u32> = self.bos().into_iter().collect();
+        t.extend(self.encode(text));
+        t
+    }
+}
+
+/// Opens the tokenizer stored beside an engine: a GGUF vocabulary (`.gguf`) or a llama2.c tokenizer file.
+pub fn load_tokenizer(
+    path: &std::path::Path,
+    vocab_size: usize,
+) -> Result<Box<dyn TextTokenizer + Send>> {
+    if crate::weights::gguf::looks_like_gguf(path) {
+        let v = crate::tokenizer::llm_vocab::Vocab::open(path)?;
+        if v.n_tokens() > vocab_size {
+            bail!(
+                "tokenizer '{}' has {} tokens but the model only {}; rebuild the engine",
+                path.display(),
+                v.n_tokens(),
+                vocab_size
+            );
+        }
+        return Ok(Box::new(v));
+    }
+    Ok(Box::new(crate::tokenizer::llama2c::Llama2cTokenizer::load(
+        path, vocab_size,
+    )?))
 }
 
 impl TextTokenizer for crate::tokenizer::llama2c::Llama2cTokenizer {
@@ -275,10 +312,24 @@ impl Generator<'_> {
         tok: &dyn TextTokenizer,
         prompt: &str,
         params: &SamplingParams,
-        mut on_text: impl FnMut(&str) -> Result<()>,
+        on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<GenerationStats> {
         let mut tokens: Vec<u32> = tok.bos().into_iter().collect();
         tokens.extend(tok.encode(prompt));
+        self.generate_tokens(tok, tokens, params, on_text)
+    }
+
+    /// Generates after the prompt tokens `tokens` (BOS included when the model wants one).
+    pub fn generate_tokens(
+        &mut self,
+        tok: &dyn TextTokenizer,
+        tokens: Vec<u32>,
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<GenerationStats> {
+        if tokens.is_empty() {
+            bail!("the prompt is empty and the model has no BOS token to start from");
+        }
         if tokens.len() + params.max_tokens > self.max_seq_len {
             bail!(
                 "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
@@ -408,8 +459,7 @@ pub fn generate_with_engine(
         );
     };
     let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok =
-        crate::tokenizer::llama2c::Llama2cTokenizer::load(&dir.join(tokenizer), config.vocab_size)?;
+    let tok = load_tokenizer(&dir.join(tokenizer), config.vocab_size)?;
     let mut engine = crate::runner::open_engine(engine_path, backend, &Default::default())?;
     let mut generator = Generator {
         engine: engine.as_mut(),
@@ -418,7 +468,7 @@ pub fn generate_with_engine(
         head_dim: config.head_dim(),
         max_seq_len: config.max_seq_len,
     };
-    generator.generate(&tok, prompt, params, on_text)
+    generator.generate(tok.as_ref(), prompt, params, on_text)
 }
 
 #[cfg(test)]

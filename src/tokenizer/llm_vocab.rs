@@ -464,4 +464,18 @@ impl crate::pipelines::llm::TextTokenizer for Vocab {
     fn is_end(&self, id: u32) -> bool {
         self.is_eog(id)
     }
+    fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+    fn encode_chat(&self, text: &str) -> Vec<u32> {
+        let mut t = self.tokenize(text, true, true);
+        // Templates that write BOS themselves would otherwise start with two.
+        if self.add_bos && t.len() >= 2 && t[0] == t[1] && Some(t[0]) == self.bos {
+            t.remove(0);
+        }
+        t
+    }
 }

@@ -149,7 +149,12 @@ fn llama2c_tokenizer(w: &mut GgufWriter, tok: &Path, vocab: usize) -> Result<()>
     let mut types = Vec::with_capacity(vocab);
     for id in 0..vocab as u32 {
         let (piece, score) = t.raw(id);
-        let text = String::from_utf8_lossy(piece).into_owned();
+        // llama2.c's export writes BOS/EOS as "\n<s>\n" / "\n</s>\n"; SentencePiece's pieces are "<s>" / "</s>".
+        let text = match id {
+            1 => "<s>".to_string(),
+            2 => "</s>".to_string(),
+            _ => String::from_utf8_lossy(piece).into_owned(),
+        };
         let ty = match id {
             0 => 2,     // <unk>
             1 | 2 => 3, // <s>, </s>
