@@ -35,7 +35,19 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
     };
     let dim = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
-    let rope_scaling = match &c["rope_scaling"] {
+    // transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_theta` and
+    // `rope_scaling`.
+    let rp = &c["rope_parameters"];
+    let rope_theta = c["rope_theta"]
+        .as_f64()
+        .or(rp["rope_theta"].as_f64())
+        .unwrap_or(10000.0);
+    let scaling = if c["rope_scaling"].is_null() && rp.is_object() {
+        rp
+    } else {
+        &c["rope_scaling"]
+    };
+    let rope_scaling = match scaling {
         J::Null => None,
         s => {
             let kind = s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or("");
@@ -74,7 +86,7 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
             .map_or(n_heads, |v| v as usize),
         vocab_size: int("vocab_size")?,
         max_seq_len: ctx,
-        rope_theta: c["rope_theta"].as_f64().unwrap_or(10000.0) as f32,
+        rope_theta: rope_theta as f32,
         norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
         rope_interleaved: false,
         tied_embeddings: c["tie_word_embeddings"]
