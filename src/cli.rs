@@ -59,6 +59,29 @@ pub enum Command {
     },
     /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt layouts).
     Quantize(QuantizeArgs),
+    /// Token ids of text with the tokenizer in a GGUF file (no BOS), or with --decode the text of ids.
+    Tokenize {
+        /// A GGUF file with tokenizer metadata (vocab-only files work).
+        #[arg(long)]
+        vocab: PathBuf,
+        /// Text to tokenize, or with --decode ids separated by spaces or commas.
+        text: String,
+        #[arg(long)]
+        decode: bool,
+        /// Let special tokens written in the text (e.g. <|im_start|>) become those tokens.
+        #[arg(long)]
+        parse_special: bool,
+    },
+    /// Convert a checkpoint to GGUF: `convert llama2c MODEL.bin --tokenizer TOK.bin --out MODEL.gguf`.
+    Convert {
+        /// Source format: llama2c.
+        format: String,
+        input: PathBuf,
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long, short)]
+        out: PathBuf,
+    },
     /// Samplers and schedules: list them, print a schedule, or check a sampler on an exact problem.
     Samplers {
         #[command(subcommand)]
@@ -175,10 +198,14 @@ pub struct TrtArgs {
 pub struct BuildArgs {
     /// The ONNX model (external data files beside it are read too), or with --arch a model checkpoint.
     pub input: PathBuf,
-    /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer).
+    /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer). GGUF files (llama,
+    /// qwen2) and Hugging Face folders (config.json + safetensors, + --tokenizer FILE.gguf) need no --arch.
     #[arg(long, value_name = "ARCH")]
     pub arch: Option<String>,
-    /// Tokenizer file for --arch llama2c (llama2.c tokenizer .bin).
+    /// LLM builds: cap the context length (the engine's profile and RoPE table follow it).
+    #[arg(long, value_name = "TOKENS")]
+    pub max_context: Option<usize>,
+    /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c, a GGUF file for Hugging Face folders.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
@@ -276,6 +303,30 @@ fn run(cli: Cli) -> Result<()> {
         Command::Run(a) => run_engine(a),
         Command::Quantize(a) => quantize(a),
         Command::Samplers { cmd } => samplers(cmd),
+        Command::Tokenize {
+            vocab,
+            text,
+            decode,
+            parse_special,
+        } => {
+            let out =
+                crate::tokenizer::llm_cli::tokenize_command(&vocab, &text, decode, parse_special)?;
+            println!("{out}");
+            Ok(())
+        }
+        Command::Convert {
+            format,
+            input,
+            tokenizer,
+            out,
+        } => {
+            if format != "llama2c" {
+                bail!("convert {format}: unknown source format; supported: llama2c");
+            }
+            let n = crate::weights::gguf_convert::llama2c_to_gguf(&input, &tokenizer, &out)?;
+            println!("wrote {} ({n} tensors)", out.display());
+            Ok(())
+        }
     }
 }
 
@@ -392,13 +443,15 @@ fn build(a: BuildArgs) -> Result<()> {
             a.input.display()
         );
     }
-    if let Some(arch) = &a.arch {
-        if arch != "llama2c" {
-            bail!("--arch {arch} is not supported yet; supported: llama2c");
-        }
-        let Some(tok) = &a.tokenizer else {
-            bail!("--arch llama2c needs --tokenizer TOKENIZER.bin (llama2.c's tokenizer file)");
-        };
+    let is_llm = a.arch.is_some()
+        || crate::weights::gguf::looks_like_gguf(&a.input)
+        || a.input.join("config.json").exists();
+    if is_llm {
+        let source = crate::pipelines::llm_build::detect_source(
+            &a.input,
+            a.arch.as_deref(),
+            a.tokenizer.as_deref(),
+        )?;
         let opts = BuildOptions {
             out: a.out.clone(),
             trt: a.trt,
@@ -413,7 +466,13 @@ fn build(a: BuildArgs) -> Result<()> {
             progress: !a.no_progress,
             ..Default::default()
         };
-        let o = crate::pipelines::llm_build::build_llama2c(&a.input, tok, &a.precision, &opts)?;
+        let o = crate::pipelines::llm_build::build_llm(
+            &a.input,
+            source,
+            &a.precision,
+            a.max_context,
+            &opts,
+        )?;
         println!(
             "built {} ({}, {} precision) with {} {}; source {}, manifest {}",
             o.plan.display(),

@@ -29,13 +29,16 @@ fn kind(path: &Path) -> Result<Kind> {
         return Ok(Kind::Plan);
     }
     bail!(
-        "'{}': unknown file kind; inspect reads .onnx models, .plan engines and .safetensors checkpoints (name the file accordingly)",
+        "'{}': unknown file kind; inspect reads .onnx models, .plan engines, .safetensors checkpoints and .gguf files (name the file accordingly)",
         path.display()
     )
 }
 
 /// `against`: for a quantized safetensors checkpoint, the original it was quantized from (per-tensor error).
 pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
+    if against.is_none() && crate::weights::gguf::looks_like_gguf(path) {
+        return crate::weights::gguf::inspect(path, json);
+    }
     let kind = kind(path)?;
     if against.is_some() && !matches!(kind, Kind::Safetensors) {
         bail!(

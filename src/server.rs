@@ -3,6 +3,8 @@
 //!   `"stream": true` server-sent events, one `data:` event per text piece and a final one with usage and timings;
 //!   otherwise one JSON body.
 //! - `POST /v1/completions`: the OpenAI completions API (streaming too, ending with `data: [DONE]`).
+//! - `POST /v1/chat/completions`: the OpenAI chat API (streaming too); the prompt is the model's chat template
+//!   (GGUF `tokenizer.chat_template`, ChatML without one) rendered for the messages.
 //! - `GET /health`, `GET /metrics` (Prometheus text).
 //!
 //! One worker thread owns the engine and serves requests in arrival order (a queue); a streaming client that goes
@@ -55,6 +57,9 @@ pub struct GenerateRequest {
     /// OpenAI clients send the model name; accepted and echoed.
     #[serde(default)]
     pub model: Option<String>,
+    /// Chat requests (`/v1/chat/completions`): the conversation, rendered with the model's chat template.
+    #[serde(skip)]
+    pub messages: Option<Vec<crate::pipelines::chat::ChatMessage>>,
 }
 
 #[derive(Deserialize, Debug, Clone)]
@@ -126,8 +131,18 @@ fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), String> {
     if !(req.repetition_penalty > 0.0 && req.repetition_penalty <= 10.0) {
         return bad("repetition_penalty must be in (0, 10]".into());
     }
+    if req.messages.as_ref().is_some_and(|m| m.is_empty()) {
+        return bad("messages must hold at least one message".into());
+    }
+    let prompt_bytes = req.prompt.len()
+        + req
+            .messages
+            .iter()
+            .flatten()
+            .map(|m| m.content.len())
+            .sum::<usize>();
     // Bytes bound tokens from above (byte fallback), so this rejects hopeless prompts before queueing.
-    if req.prompt.len() > 16 * max_seq_len {
+    if prompt_bytes > 16 * max_seq_len {
         return bad(format!(
             "prompt is too long for a context of {max_seq_len} tokens"
         ));
@@ -139,7 +154,7 @@ fn validate(req: &GenerateRequest, max_seq_len: usize) -> Result<(), String> {
 /// Metrics are kept here, where every outcome is known, including clients that left mid-stream.
 fn worker(
     mut engine: Box<dyn crate::backend::Engine>,
-    tok: Box<dyn TextTokenizer>,
+    tok: Box<dyn TextTokenizer + Send>,
     cfg: crate::models::llama::LlamaConfig,
     metrics: Arc<Metrics>,
     mut jobs: mpsc::Receiver<Job>,
@@ -170,12 +185,17 @@ fn worker(
         };
         let out = job.out.clone();
         let m = metrics.clone();
-        let result = g.generate(tok.as_ref(), &job.req.prompt, &params, |t| {
+        let on_text = |t: &str| {
             m.generated_tokens.fetch_add(1, Ordering::Relaxed);
             // A closed channel means the client left: stop generating.
             out.blocking_send(Piece::Text(t.to_string()))
                 .map_err(|_| anyhow::anyhow!("client disconnected"))
-        });
+        };
+        let result = match &job.req.messages {
+            None => g.generate(tok.as_ref(), &job.req.prompt, &params, on_text),
+            Some(messages) => chat_tokens(tok.as_ref(), messages)
+                .and_then(|ids| g.generate_tokens(tok.as_ref(), ids, &params, on_text)),
+        };
         metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
         match &result {
             Ok(s) => {
@@ -193,8 +213,26 @@ fn worker(
     }
 }
 
+/// The conversation rendered with the model's template (ChatML without one) and tokenized with special tokens.
+fn chat_tokens(
+    tok: &dyn TextTokenizer,
+    messages: &[crate::pipelines::chat::ChatMessage],
+) -> Result<Vec<u32>> {
+    use crate::pipelines::chat::{CHATML, render};
+    let text_of = |id: Option<u32>| id.and_then(|i| tok.token_text(i)).unwrap_or("").to_string();
+    let template = tok.chat_template().unwrap_or(CHATML);
+    let prompt = render(
+        template,
+        messages,
+        &text_of(tok.bos()),
+        &text_of(tok.eos()),
+        true,
+    )?;
+    Ok(tok.encode_chat(&prompt))
+}
+
 fn finish_reason(stats: &GenerationStats) -> &'static str {
-    if stats.stopped_by_eos {
+    if stats.stopped_by_eos || stats.stopped_by_stop_string {
         "stop"
     } else {
         "length"
@@ -221,6 +259,71 @@ fn timings(stats: &GenerationStats) -> serde_json::Value {
 enum Api {
     Native,
     OpenAi,
+    Chat,
+}
+
+/// `/v1/chat/completions`: the body is checked like a completions request, with `messages` in place of `prompt`.
+async fn submit_chat(
+    state: Arc<AppState>,
+    body: Result<Json<serde_json::Value>, JsonRejection>,
+) -> Response {
+    let reject = |state: &AppState, status: StatusCode, m: String| {
+        state.metrics.requests.fetch_add(1, Ordering::Relaxed);
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        error(status, "invalid_request_error", m)
+    };
+    let mut v = match body {
+        Ok(Json(v)) => v,
+        Err(e) => {
+            let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
+                e.status()
+            } else {
+                StatusCode::BAD_REQUEST
+            };
+            return reject(&state, status, e.body_text());
+        }
+    };
+    let Some(obj) = v.as_object_mut() else {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object".into(),
+        );
+    };
+    if obj.contains_key("prompt") {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "chat requests take `messages`, not `prompt` (use /v1/completions for a raw prompt)"
+                .into(),
+        );
+    }
+    let Some(messages) = obj.remove("messages") else {
+        return reject(
+            &state,
+            StatusCode::BAD_REQUEST,
+            "missing field `messages`".into(),
+        );
+    };
+    let messages: Vec<crate::pipelines::chat::ChatMessage> = match serde_json::from_value(messages)
+    {
+        Ok(m) => m,
+        Err(e) => {
+            return reject(
+                &state,
+                StatusCode::BAD_REQUEST,
+                format!("messages: {e} (each message is {{\"role\": ..., \"content\": \"text\"}})"),
+            );
+        }
+    };
+    obj.insert("prompt".into(), serde_json::Value::String(String::new()));
+    match serde_json::from_value::<GenerateRequest>(v) {
+        Ok(mut req) => {
+            req.messages = Some(messages);
+            submit(state, Ok(Json(req)), Api::Chat).await
+        }
+        Err(e) => reject(&state, StatusCode::BAD_REQUEST, e.to_string()),
+    }
 }
 
 async fn submit(
@@ -262,7 +365,8 @@ async fn submit(
         .map(|d| d.as_secs())
         .unwrap_or(0);
     let id = format!(
-        "cmpl-{created}-{}",
+        "{}-{created}-{}",
+        if api == Api::Chat { "chatcmpl" } else { "cmpl" },
         state.metrics.requests.load(Ordering::Relaxed)
     );
     if !stream {
@@ -274,6 +378,13 @@ async fn submit(
                     return match r {
                         Ok(s) if api == Api::Native => Json(json!({
                             "text": text, "finish_reason": finish_reason(&s), "usage": usage(&s), "timings": timings(&s),
+                        }))
+                        .into_response(),
+                        Ok(s) if api == Api::Chat => Json(json!({
+                            "id": id, "object": "chat.completion", "created": created, "model": model,
+                            "choices": [{"index": 0, "message": {"role": "assistant", "content": text},
+                                "finish_reason": finish_reason(&s)}],
+                            "usage": usage(&s),
                         }))
                         .into_response(),
                         Ok(s) => Json(json!({
@@ -293,7 +404,7 @@ async fn submit(
             "generation ended without a result",
         );
     }
-    let events = futures_util::stream::unfold((rx, false), move |(mut rx, done)| {
+    let events = futures_util::stream::unfold((rx, false, true), move |(mut rx, done, first)| {
         let (id, model) = (id.clone(), model.clone());
         async move {
             if done {
@@ -306,6 +417,16 @@ async fn submit(
                         json!({"id": id, "object": "text_completion", "created": created, "model": model,
                         "choices": [{"index": 0, "text": t, "finish_reason": null}]})
                     }
+                    Api::Chat => {
+                        // The first chunk names the role, as OpenAI's stream does.
+                        let delta = if first {
+                            json!({"role": "assistant", "content": t})
+                        } else {
+                            json!({"content": t})
+                        };
+                        json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": null}]})
+                    }
                 },
                 Piece::Done(r) => {
                     let last = match (&r, api) {
@@ -316,20 +437,24 @@ async fn submit(
                             json!({"id": id, "object": "text_completion", "created": created, "model": model,
                             "choices": [{"index": 0, "text": "", "finish_reason": finish_reason(s)}], "usage": usage(s)})
                         }
+                        (Ok(s), Api::Chat) => {
+                            json!({"id": id, "object": "chat.completion.chunk", "created": created, "model": model,
+                            "choices": [{"index": 0, "delta": {}, "finish_reason": finish_reason(s)}], "usage": usage(s)})
+                        }
                         (Err(e), _) => json!({"error": {"message": e, "type": "server_error"}}),
                     };
                     let mut events = vec![Ok::<Event, std::convert::Infallible>(
                         Event::default().data(last.to_string()),
                     )];
-                    if api == Api::OpenAi {
+                    if api != Api::Native {
                         events.push(Ok(Event::default().data("[DONE]")));
                     }
-                    return Some((futures_util::stream::iter(events), (rx, true)));
+                    return Some((futures_util::stream::iter(events), (rx, true, false)));
                 }
             };
             Some((
                 futures_util::stream::iter(vec![Ok(Event::default().data(event.to_string()))]),
-                (rx, false),
+                (rx, false, false),
             ))
         }
     });
@@ -408,10 +533,7 @@ pub fn serve(
         );
     };
     let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok = crate::tokenizer::llama2c::Llama2cTokenizer::load(
-        &dir.join(&tokenizer),
-        config.vocab_size,
-    )?;
+    let tok = crate::pipelines::llm::load_tokenizer(&dir.join(&tokenizer), config.vocab_size)?;
     let (tx, rx) = mpsc::channel::<Job>(256);
     let cfg = config.clone();
     let metrics = Arc::new(Metrics::default());
@@ -425,7 +547,7 @@ pub fn serve(
             move || match crate::runner::open_engine(&path, backend, &Default::default()) {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
-                    worker(engine, Box::new(tok), cfg, worker_metrics, rx)
+                    worker(engine, tok, cfg, worker_metrics, rx)
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -455,13 +577,17 @@ pub fn serve(
             "/v1/completions",
             post(|State(s): State<Arc<AppState>>, b| submit(s, b, Api::OpenAi)),
         )
+        .route(
+            "/v1/chat/completions",
+            post(|State(s): State<Arc<AppState>>, b| submit_chat(s, b)),
+        )
         .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
         .route("/metrics", get(metrics_text))
         .fallback(|| async {
             error(
                 StatusCode::NOT_FOUND,
                 "not_found",
-                "no such route; see /v1/generate, /v1/completions, /health, /metrics",
+                "no such route; see /v1/generate, /v1/completions, /v1/chat/completions, /health, /metrics",
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))

@@ -26,6 +26,63 @@ pub struct LlamaConfig {
     /// RoPE on adjacent pairs (llama2.c, Meta's reference) rather than on the two halves (Hugging Face layout).
     pub rope_interleaved: bool,
     pub tied_embeddings: bool,
+    /// Biases on the q/k/v projections (Qwen2).
+    #[serde(default)]
+    pub attn_bias: bool,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeScaling>,
+}
+
+/// RoPE frequency scaling of long-context checkpoints.
+#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
+#[serde(tag = "type", rename_all = "lowercase")]
+pub enum RopeScaling {
+    /// Positions divided by `factor`.
+    Linear { factor: f32 },
+    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
+    Llama3 {
+        factor: f32,
+        low_freq_factor: f32,
+        high_freq_factor: f32,
+        original_context: usize,
+    },
+}
+
+/// Inverse RoPE frequencies per pair (transformers' rope init functions; `factors`: GGUF `rope_freqs`).
+pub fn rope_inv_freq(cfg: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f64> {
+    let hd = cfg.head_dim();
+    (0..hd / 2)
+        .map(|j| {
+            let f = 1.0 / (cfg.rope_theta as f64).powf((2 * j) as f64 / hd as f64);
+            let f = match cfg.rope_scaling {
+                None => f,
+                Some(RopeScaling::Linear { factor }) => f / factor as f64,
+                Some(RopeScaling::Llama3 {
+                    factor,
+                    low_freq_factor,
+                    high_freq_factor,
+                    original_context,
+                }) => {
+                    let (factor, lo, hi) = (
+                        factor as f64,
+                        low_freq_factor as f64,
+                        high_freq_factor as f64,
+                    );
+                    let orig = original_context as f64;
+                    let wavelen = 2.0 * std::f64::consts::PI / f;
+                    if wavelen > orig / lo {
+                        f / factor
+                    } else if wavelen < orig / hi {
+                        f
+                    } else {
+                        let smooth = (orig / wavelen - lo) / (hi - lo);
+                        (1.0 - smooth) * f / factor + smooth * f
+                    }
+                }
+            };
+            f / factors.and_then(|v| v.get(j)).map_or(1.0, |&x| x as f64)
+        })
+        .collect()
 }
 
 impl LlamaConfig {
@@ -112,14 +169,14 @@ impl Emitter<'_> {
             );
             precision = LinearPrecision::F32;
         }
+        let bias = self.w.get(&format!("{name}.bias")).cloned();
         let lw = LinearWeights {
             weight: &w,
-            bias: None,
+            bias: bias.as_deref(),
             out_features: out,
             in_features: inp,
         };
-        // Activation amax for static FP8 scales: RMS-normed inputs of small models stay within a few units.
-        linear(&mut self.g, name, x, &lw, precision, 8.0)
+        linear_f32_io(&mut self.g, name, x, &lw, precision)
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -338,6 +395,39 @@ impl Emitter<'_> {
     }
 }
 
+/// A projection whose input and output are f32 whatever its precision: fp16 layers cast around the MatMul.
+fn linear_f32_io(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    lw: &LinearWeights,
+    precision: LinearPrecision,
+) -> Result<Value> {
+    // Activation amax for static FP8 scales: RMS-normed inputs of small models stay within a few units.
+    if precision != LinearPrecision::F16 {
+        return linear(g, name, x, lw, precision, 8.0);
+    }
+    let to = |t: DataType| vec![("to", Attr::Int(t.0 as i64))];
+    let xh = g.op(
+        "Cast",
+        &format!("{name}/to_f16"),
+        &[x],
+        to(DataType::FLOAT16),
+        DataType::FLOAT16,
+        x.shape.clone(),
+    )?;
+    let y = linear(g, name, &xh, lw, precision, 8.0)?;
+    let shape = y.shape.clone();
+    g.op(
+        "Cast",
+        &format!("{name}/to_f32"),
+        &[&y],
+        to(F32),
+        F32,
+        shape,
+    )
+}
+
 /// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
 pub fn decoder_graph(
     cfg: &LlamaConfig,
@@ -373,9 +463,9 @@ pub fn decoder_graph(
         Vec::with_capacity(cfg.max_seq_len * half),
         Vec::with_capacity(cfg.max_seq_len * half),
     );
+    let inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
     for p in 0..cfg.max_seq_len {
-        for j in 0..half {
-            let freq = 1.0 / (cfg.rope_theta as f64).powf((2 * j) as f64 / hd as f64);
+        for &freq in &inv_freq {
             let a = p as f64 * freq;
             cos_t.push(a.cos() as f32);
             sin_t.push(a.sin() as f32);
@@ -445,7 +535,7 @@ pub fn decoder_graph(
         out_features: cfg.vocab_size,
         in_features: d,
     };
-    let mut logits = linear(&mut e.g, "lm_head", &hn, &lw, precision, 8.0)?;
+    let mut logits = linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?;
     logits = e.g.op(
         "Identity",
         "logits",

@@ -135,6 +135,47 @@ pub trait TextTokenizer {
     fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8>;
     fn bos(&self) -> Option<u32>;
     fn eos(&self) -> Option<u32>;
+    /// Whether `id` ends generation (EOS, and end-of-turn tokens of chat models).
+    fn is_end(&self, id: u32) -> bool {
+        Some(id) == self.eos()
+    }
+    /// The Jinja chat template stored with the tokenizer, if any.
+    fn chat_template(&self) -> Option<&str> {
+        None
+    }
+    /// Text of a token for templates (BOS/EOS strings).
+    fn token_text(&self, _id: u32) -> Option<&str> {
+        None
+    }
+    /// Tokens of a rendered chat prompt: special tokens written in it count as those tokens, and BOS is added
+    /// only when the template did not write it.
+    fn encode_chat(&self, text: &str) -> Vec<u32> {
+        let mut t: Vec<u32> = self.bos().into_iter().collect();
+        t.extend(self.encode(text));
+        t
+    }
+}
+
+/// Opens the tokenizer stored beside an engine: a GGUF vocabulary (`.gguf`) or a llama2.c tokenizer file.
+pub fn load_tokenizer(
+    path: &std::path::Path,
+    vocab_size: usize,
+) -> Result<Box<dyn TextTokenizer + Send>> {
+    if crate::weights::gguf::looks_like_gguf(path) {
+        let v = crate::tokenizer::llm_vocab::Vocab::open(path)?;
+        if v.n_tokens() > vocab_size {
+            bail!(
+                "tokenizer '{}' has {} tokens but the model only {}; rebuild the engine",
+                path.display(),
+                v.n_tokens(),
+                vocab_size
+            );
+        }
+        return Ok(Box::new(v));
+    }
+    Ok(Box::new(crate::tokenizer::llama2c::Llama2cTokenizer::load(
+        path, vocab_size,
+    )?))
 }
 
 impl TextTokenizer for crate::tokenizer::llama2c::Llama2cTokenizer {
@@ -218,6 +259,14 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
         .collect();
     let sum: f32 = probs.iter().sum();
     probs.iter_mut().for_each(|v| *v /= sum);
+    if p.min_p > 0.0 {
+        // Sorted descending: keep the prefix within min_p of the best token.
+        let floor = probs[0] * p.min_p;
+        let keep = probs.iter().take_while(|&&v| v >= floor).count().max(1);
+        probs.truncate(keep);
+        let s: f32 = probs.iter().sum();
+        probs.iter_mut().for_each(|v| *v /= s);
+    }
     if p.top_p < 1.0 {
         let mut acc = 0.0;
         let keep = probs.iter().position(|&v| {
@@ -263,10 +312,24 @@ impl Generator<'_> {
         tok: &dyn TextTokenizer,
         prompt: &str,
         params: &SamplingParams,
-        mut on_text: impl FnMut(&str) -> Result<()>,
+        on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<GenerationStats> {
         let mut tokens: Vec<u32> = tok.bos().into_iter().collect();
         tokens.extend(tok.encode(prompt));
+        self.generate_tokens(tok, tokens, params, on_text)
+    }
+
+    /// Generates after the prompt tokens `tokens` (BOS included when the model wants one).
+    pub fn generate_tokens(
+        &mut self,
+        tok: &dyn TextTokenizer,
+        tokens: Vec<u32>,
+        params: &SamplingParams,
+        mut on_text: impl FnMut(&str) -> Result<()>,
+    ) -> Result<GenerationStats> {
+        if tokens.is_empty() {
+            bail!("the prompt is empty and the model has no BOS token to start from");
+        }
         if tokens.len() + params.max_tokens > self.max_seq_len {
             bail!(
                 "the prompt ({} tokens) plus max_tokens ({}) exceeds the model's context of {} tokens",
@@ -339,7 +402,7 @@ impl Generator<'_> {
             let mut row = row;
             apply_penalties(&mut row, &counts, params);
             let next = sample(&row, params, &mut next_rand);
-            if Some(next) == tok.eos() {
+            if tok.is_end(next) {
                 stats.stopped_by_eos = true;
                 break;
             }
@@ -396,8 +459,7 @@ pub fn generate_with_engine(
         );
     };
     let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok =
-        crate::tokenizer::llama2c::Llama2cTokenizer::load(&dir.join(tokenizer), config.vocab_size)?;
+    let tok = load_tokenizer(&dir.join(tokenizer), config.vocab_size)?;
     let mut engine = crate::runner::open_engine(engine_path, backend, &Default::default())?;
     let mut generator = Generator {
         engine: engine.as_mut(),
@@ -406,7 +468,7 @@ pub fn generate_with_engine(
         head_dim: config.head_dim(),
         max_seq_len: config.max_seq_len,
     };
-    generator.generate(&tok, prompt, params, on_text)
+    generator.generate(tok.as_ref(), prompt, params, on_text)
 }
 
 #[cfg(test)]
@@ -444,7 +506,7 @@ mod tests {
             min_p: 0.5,
             ..Default::default()
         };
-        let logits = [0.0, 10.0, 9.9, -5.0];
+        let logits = [0.0, 2.0, 1.9, 1.0]; // without min_p, token 3 would take 17% of draws
         let mut r = 0.0f32;
         for _ in 0..50 {
             r = (r + 0.137) % 1.0;

@@ -38,11 +38,12 @@ pub fn decoder_profiles(c: &LlamaConfig) -> Vec<ShapeRange> {
 pub fn precision_from_name(name: &str) -> Result<LinearPrecision> {
     Ok(match name {
         "fp32" | "f32" => LinearPrecision::F32,
+        "fp16" | "f16" => LinearPrecision::F16,
         "fp8" => LinearPrecision::Fp8,
         "nvfp4" => LinearPrecision::Nvfp4,
         "int4" => LinearPrecision::Int4 { block: 32 },
         other => bail!(
-            "--precision {other} is not available for LLM decoders; choose fp32, fp8, nvfp4 or int4"
+            "--precision {other} is not available for LLM decoders; choose fp32, fp16, fp8, nvfp4 or int4"
         ),
     })
 }
@@ -53,6 +54,118 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     out.with_file_name(format!("{stem}{suffix}"))
+}
+
+/// Where a decoder's weights come from.
+pub enum LlmSource<'a> {
+    /// llama.2c checkpoint and its tokenizer file.
+    Llama2c { tokenizer: &'a Path },
+    /// A GGUF model (llama or qwen2) with its tokenizer in the metadata.
+    Gguf,
+    /// A Hugging Face folder (config.json + safetensors) and a GGUF file holding the tokenizer.
+    Hf { tokenizer: &'a Path },
+}
+
+/// Picks the source from the input: `--arch llama2c`, a `.gguf` file, or a folder with `config.json`.
+pub fn detect_source<'a>(
+    input: &Path,
+    arch: Option<&str>,
+    tokenizer: Option<&'a Path>,
+) -> Result<LlmSource<'a>> {
+    match arch {
+        Some("llama2c") => Ok(LlmSource::Llama2c {
+            tokenizer: tokenizer.context(
+                "--arch llama2c needs --tokenizer TOKENIZER.bin (llama2.c's tokenizer file)",
+            )?,
+        }),
+        Some("gguf") | None if crate::weights::gguf::looks_like_gguf(input) => Ok(LlmSource::Gguf),
+        Some("hf") | None if input.join("config.json").exists() => Ok(LlmSource::Hf {
+            tokenizer: tokenizer.with_context(|| {
+                format!(
+                    "'{}' is a Hugging Face checkpoint: give its tokenizer as a GGUF file with --tokenizer FILE.gguf",
+                    input.display()
+                )
+            })?,
+        }),
+        Some(other) => bail!(
+            "--arch {other} does not match '{}' (supported: llama2c; GGUF files and Hugging Face folders are detected)",
+            input.display()
+        ),
+        None => bail!(
+            "'{}' is neither a GGUF file nor a Hugging Face folder with config.json; give --arch llama2c for llama2.c checkpoints",
+            input.display()
+        ),
+    }
+}
+
+/// Writes the tokenizer metadata (`tokenizer.*`) of `src` as a vocab-only GGUF.
+fn write_vocab_gguf(src: &crate::weights::gguf::GgufFile, out: &Path) -> Result<()> {
+    let mut w = crate::weights::gguf_write::GgufWriter::default();
+    for (k, v) in &src.metadata {
+        if k.starts_with("tokenizer.") || k == "general.architecture" {
+            w.set(k, v.clone());
+        }
+    }
+    w.write(out)
+}
+
+/// Exports and builds a decoder from any supported source; `max_context` caps the context length.
+pub fn build_llm(
+    input: &Path,
+    source: LlmSource,
+    precision: &str,
+    max_context: Option<usize>,
+    base: &BuildOptions,
+) -> Result<BuildOutcome> {
+    let p = precision_from_name(precision)?;
+    let (arch, config, tensors, tok_out) = match source {
+        LlmSource::Llama2c { tokenizer } => {
+            return build_llama2c(input, tokenizer, precision, base);
+        }
+        LlmSource::Gguf => {
+            let g = crate::weights::gguf::GgufFile::open(input)?;
+            crate::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
+            let m = crate::weights::gguf_model::load(&g, max_context)?;
+            let tok_out = sibling(&base.out, ".tokenizer.gguf");
+            write_vocab_gguf(&g, &tok_out)?;
+            (m.arch, m.config, m.tensors, tok_out)
+        }
+        LlmSource::Hf { tokenizer } => {
+            let g = crate::weights::gguf::GgufFile::open(tokenizer)?;
+            let v = crate::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
+            let m = crate::weights::hf::load(input, max_context)?;
+            if v.n_tokens() > m.config.vocab_size {
+                bail!(
+                    "tokenizer '{}' has {} tokens, more than the model's vocabulary of {}",
+                    tokenizer.display(),
+                    v.n_tokens(),
+                    m.config.vocab_size
+                );
+            }
+            let tok_out = sibling(&base.out, ".tokenizer.gguf");
+            write_vocab_gguf(&g, &tok_out)?;
+            (m.arch, m.config, m.tensors, tok_out)
+        }
+    };
+    let graph = decoder_graph(&config, &tensors, &Policy::defaults(p))?;
+    drop(tensors);
+    let onnx = sibling(&base.out, ".onnx");
+    save(graph, &onnx, &SaveOptions::default())?;
+    let mut opts = base.clone();
+    opts.onnx = onnx;
+    if opts.shapes.is_empty() {
+        opts.shapes = decoder_profiles(&config);
+    }
+    opts.pipeline = Some(Pipeline::Llm {
+        arch,
+        config,
+        tokenizer: tok_out
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default(),
+        precision: precision.into(),
+    });
+    build_engine(&opts)
 }
 
 /// Exports and builds a llama2.c checkpoint; `base` carries the TensorRT options.

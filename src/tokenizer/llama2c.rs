@@ -67,6 +67,15 @@ impl Llama2cTokenizer {
         })
     }
 
+    /// The stored piece and score of `id` (for conversion to other formats).
+    pub fn raw(&self, id: u32) -> (&[u8], f32) {
+        let i = id as usize;
+        (
+            self.pieces.get(i).map_or(&[][..], |p| &p[..]),
+            self.scores.get(i).copied().unwrap_or(0.0),
+        )
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()
     }

@@ -1,2 +1,7 @@
 //! Tokenizers.
 pub mod llama2c;
+pub mod llm_bpe;
+pub mod llm_cli;
+pub mod llm_spm;
+pub mod llm_vocab;
+pub mod llm_wpm;

@@ -754,6 +754,19 @@ fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
     }
 }
 
+/// A `.gguf` name, or a file that starts with the GGUF magic.
+pub fn looks_like_gguf(path: &Path) -> bool {
+    use std::io::Read;
+    if path.extension().is_some_and(|e| e == "gguf") {
+        return true;
+    }
+    let mut head = [0u8; 4];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head == MAGIC
+}
+
 /// `trt-diff inspect FILE.gguf`: metadata and tensors.
 pub fn inspect(path: &Path, json: bool) -> Result<()> {
     let g = GgufFile::open(path)?;

@@ -161,6 +161,8 @@ impl Llama2c {
                 norm_eps: 1e-5,
                 rope_interleaved: true,
                 tied_embeddings: shared,
+                attn_bias: false,
+                rope_scaling: None,
             },
             tensors,
         })

@@ -92,3 +92,4 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
     out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
     std::fs::write(path, out).unwrap();
 }
+pub mod http;

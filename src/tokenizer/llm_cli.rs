@@ -1,0 +1,34 @@
+//! `trt-diff tokenize --vocab FILE.gguf TEXT [--decode]`.
+use crate::tokenizer::llm_vocab::Vocab;
+use anyhow::{Result, bail};
+use std::path::Path;
+
+/// Ids joined by spaces (no BOS), or with `decode` the text of the ids given as `text`.
+pub fn tokenize_command(
+    vocab: &Path,
+    text: &str,
+    decode: bool,
+    parse_special: bool,
+) -> Result<String> {
+    let v = Vocab::open(vocab)?;
+    if !decode {
+        let ids = v.tokenize(text, false, parse_special);
+        return Ok(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
+    }
+    let mut ids = Vec::new();
+    for t in text
+        .split(|c: char| c.is_whitespace() || c == ',')
+        .filter(|t| !t.is_empty())
+    {
+        match t.parse::<u32>() {
+            Ok(id) if (id as usize) < v.n_tokens() => ids.push(id),
+            _ => bail!(
+                "--decode: '{t}' is not a token id of '{}' (0..{})",
+                vocab.display(),
+                v.n_tokens()
+            ),
+        }
+    }
+    let bytes = v.detokenize(&ids, parse_special);
+    Ok(String::from_utf8_lossy(&bytes).into_owned())
+}

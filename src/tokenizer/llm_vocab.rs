@@ -1,0 +1,481 @@
+//! LLM vocabularies from GGUF metadata (`tokenizer.ggml.*`), tokenized as llama.cpp does: special tokens are cut
+//! out of the text first (user-defined always, control/unknown only when `parse_special`), then each raw-text
+//! fragment goes to the model's algorithm: SPM (`llama`: score-ordered merges, dummy-prefix space, `▁` for spaces,
+//! `<0xNN>` byte fallback), BPE (`gpt2`: pre-tokenizer regex, byte-to-unicode mapping, ranked merges) or WPM
+//! (`bert`: greedy longest match with a `▁` word prefix). `token_to_piece` gives a token's bytes; the
+//! [`crate::pipelines::llm::Utf8Stream`] turns pieces into text without ever splitting a character.
+use crate::weights::gguf::{GgufFile, Value};
+use anyhow::{Context, Result, bail};
+use std::collections::{HashMap, HashSet};
+
+/// llama.cpp's token attributes (llama.h `llama_token_attr`).
+pub mod attr {
+    pub const UNKNOWN: u32 = 1 << 0;
+    pub const UNUSED: u32 = 1 << 1;
+    pub const NORMAL: u32 = 1 << 2;
+    pub const CONTROL: u32 = 1 << 3;
+    pub const USER_DEFINED: u32 = 1 << 4;
+    pub const BYTE: u32 = 1 << 5;
+}
+
+/// GGUF `tokenizer.ggml.token_type` values to attributes.
+fn attr_of_type(t: i64) -> u32 {
+    match t {
+        1 => attr::NORMAL,
+        2 => attr::UNKNOWN,
+        3 => attr::CONTROL,
+        4 => attr::USER_DEFINED,
+        5 => attr::UNUSED,
+        6 => attr::BYTE,
+        _ => 0,
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VocabKind {
+    Spm,
+    Bpe,
+    Wpm,
+}
+
+/// Texts llama.cpp treats as end-of-generation whatever their declared type.
+const EOG_TEXTS: &[&str] = &[
+    "<|eot_id|>",
+    "<|im_end|>",
+    "<|end|>",
+    "<end_of_turn>",
+    "<|endoftext|>",
+    "<|eom_id|>",
+    "<EOT>",
+    "<|end_of_text|>",
+];
+
+pub struct Vocab {
+    pub kind: VocabKind,
+    /// `tokenizer.ggml.pre` (BPE pre-tokenizer name).
+    pub pre: String,
+    pub tokens: Vec<String>,
+    pub scores: Vec<f32>,
+    pub attrs: Vec<u32>,
+    pub(crate) token_to_id: HashMap<String, u32>,
+    pub(crate) bpe_ranks: HashMap<(String, String), u32>,
+    pub bos: Option<u32>,
+    pub eos: Option<u32>,
+    pub unk: Option<u32>,
+    pub sep: Option<u32>,
+    pub add_bos: bool,
+    pub add_eos: bool,
+    pub add_space_prefix: bool,
+    pub ignore_merges: bool,
+    pub eog: HashSet<u32>,
+    /// BERT normalizer: lowercase (and strip accents).
+    pub lowercase: bool,
+    pub max_token_len: usize,
+    /// Control/user-defined/unknown tokens, longest text first (the order they are cut out of text).
+    special_cache: Vec<u32>,
+    pub chat_template: Option<String>,
+    pub(crate) bpe: Option<crate::tokenizer::llm_bpe::PreTokenizer>,
+}
+
+fn str_array<'a>(g: &'a GgufFile, key: &str) -> Result<Option<Vec<&'a str>>> {
+    let Some(v) = g.get(key) else {
+        return Ok(None);
+    };
+    let items = v.as_array().with_context(|| {
+        format!(
+            "'{}': {key} is {}, expected an array of strings",
+            g.path().display(),
+            v.type_name()
+        )
+    })?;
+    items
+        .iter()
+        .map(|x| {
+            x.as_str()
+                .with_context(|| format!("'{}': {key} holds a non-string", g.path().display()))
+        })
+        .collect::<Result<Vec<_>>>()
+        .map(Some)
+}
+
+fn num_array(g: &GgufFile, key: &str) -> Option<Vec<f64>> {
+    g.get(key)?
+        .as_array()?
+        .iter()
+        .map(Value::as_f64)
+        .collect::<Option<Vec<_>>>()
+}
+
+impl Vocab {
+    pub fn from_gguf(g: &GgufFile) -> Result<Self> {
+        let path = g.path().display().to_string();
+        let model = g.get_str("tokenizer.ggml.model").with_context(|| {
+            format!("'{path}' has no tokenizer (metadata tokenizer.ggml.model is missing)")
+        })?;
+        let (kind, mut bos, mut eos, mut unk, mut sep) = match model {
+            "llama" => (VocabKind::Spm, Some(1), Some(2), Some(0), None),
+            "gpt2" => (VocabKind::Bpe, Some(11), Some(11), None, None),
+            "bert" => (VocabKind::Wpm, Some(101), None, Some(100), Some(102)),
+            other => bail!(
+                "'{path}': tokenizer model '{other}' is not supported (supported: llama (SPM), gpt2 (BPE), bert (WPM))"
+            ),
+        };
+        let tokens: Vec<String> = str_array(g, "tokenizer.ggml.tokens")?
+            .with_context(|| format!("'{path}': tokenizer.ggml.tokens is missing"))?
+            .into_iter()
+            .enumerate()
+            .map(|(i, t)| {
+                if t.is_empty() {
+                    format!("[EMPTY_{i}]")
+                } else {
+                    t.to_string()
+                }
+            })
+            .collect();
+        let n = tokens.len();
+        let scores = match num_array(g, "tokenizer.ggml.scores") {
+            Some(s) if s.len() >= n => s.iter().map(|&v| v as f32).collect(),
+            Some(s) => bail!(
+                "'{path}': tokenizer.ggml.scores has {} entries for {n} tokens",
+                s.len()
+            ),
+            None => vec![0.0; n],
+        };
+        let mut attrs = match num_array(g, "tokenizer.ggml.token_type") {
+            Some(t) if t.len() >= n => t.iter().map(|&v| attr_of_type(v as i64)).collect(),
+            Some(t) => bail!(
+                "'{path}': tokenizer.ggml.token_type has {} entries for {n} tokens",
+                t.len()
+            ),
+            None => vec![attr::NORMAL; n],
+        };
+        let mut token_to_id = HashMap::with_capacity(n);
+        for (i, t) in tokens.iter().enumerate() {
+            if let Some(prev) = token_to_id.insert(t.clone(), i as u32) {
+                bail!("'{path}': duplicate token {t:?} (ids {prev} and {i})");
+            }
+        }
+        let mut bpe_ranks = HashMap::new();
+        if kind == VocabKind::Bpe {
+            let merges = str_array(g, "tokenizer.ggml.merges")?.with_context(|| {
+                format!("'{path}': a gpt2 tokenizer needs tokenizer.ggml.merges")
+            })?;
+            for (i, m) in merges.iter().enumerate() {
+                // The separator is the first space after the first character (a merge may start with a space).
+                let first_len = m.chars().next().map_or(0, char::len_utf8);
+                if let Some(p) = m[first_len..].find(' ') {
+                    let p = p + first_len;
+                    bpe_ranks
+                        .entry((m[..p].to_string(), m[p + 1..].to_string()))
+                        .or_insert(i as u32);
+                }
+            }
+        }
+        let pre = g
+            .get_str("tokenizer.ggml.pre")
+            .unwrap_or("default")
+            .to_string();
+        let (mut add_bos, mut add_eos) = (false, false);
+        let mut add_space_prefix = false;
+        let mut ignore_merges = false;
+        match kind {
+            VocabKind::Spm => {
+                add_space_prefix = true;
+                add_bos = true;
+            }
+            VocabKind::Wpm => add_bos = true,
+            VocabKind::Bpe => {
+                if matches!(
+                    pre.as_str(),
+                    "llama3" | "llama-v3" | "llama-bpe" | "falcon3"
+                ) {
+                    ignore_merges = true;
+                    add_bos = true;
+                }
+            }
+        }
+        let bpe = if kind == VocabKind::Bpe {
+            Some(
+                crate::tokenizer::llm_bpe::PreTokenizer::for_name(&pre)
+                    .with_context(|| format!("'{path}'"))?,
+            )
+        } else {
+            None
+        };
+        if let Some(b) = g.get_bool("tokenizer.ggml.add_space_prefix") {
+            add_space_prefix = b;
+        }
+        let id_key = |key: &str, slot: &mut Option<u32>| {
+            if let Some(v) = g.get_u64(key) {
+                if (v as usize) < n {
+                    *slot = Some(v as u32);
+                }
+            } else if slot.is_some_and(|v| v as usize >= n) {
+                *slot = None;
+            }
+        };
+        id_key("tokenizer.ggml.bos_token_id", &mut bos);
+        id_key("tokenizer.ggml.eos_token_id", &mut eos);
+        id_key("tokenizer.ggml.unknown_token_id", &mut unk);
+        id_key("tokenizer.ggml.seperator_token_id", &mut sep);
+        let mut eot = None;
+        id_key("tokenizer.ggml.eot_token_id", &mut eot);
+        if let Some(b) = g.get_bool("tokenizer.ggml.add_bos_token") {
+            add_bos = b;
+        }
+        if let Some(b) = g.get_bool("tokenizer.ggml.add_eos_token") {
+            add_eos = b;
+        }
+        let lowercase = g
+            .get_bool("tokenizer.ggml.normalizer.lowercase")
+            .unwrap_or(false);
+        let mut eog: HashSet<u32> = eos.into_iter().chain(eot).collect();
+        for t in EOG_TEXTS {
+            if let Some(&id) = token_to_id.get(*t) {
+                eog.insert(id);
+                attrs[id as usize] |= attr::CONTROL;
+            }
+        }
+        let mut special_cache: Vec<u32> = (0..n as u32)
+            .filter(|&i| {
+                attrs[i as usize] & (attr::CONTROL | attr::USER_DEFINED | attr::UNKNOWN) != 0
+            })
+            .collect();
+        // Stable sort: equal lengths keep id order, as std::sort happens to in llama.cpp for these vocabularies.
+        special_cache.sort_by_key(|&i| std::cmp::Reverse(tokens[i as usize].len()));
+        let max_token_len = tokens.iter().map(String::len).max().unwrap_or(0);
+        Ok(Vocab {
+            kind,
+            pre,
+            tokens,
+            scores,
+            attrs,
+            token_to_id,
+            bpe_ranks,
+            bos,
+            eos,
+            unk,
+            sep,
+            add_bos,
+            add_eos,
+            add_space_prefix,
+            ignore_merges,
+            eog,
+            lowercase,
+            max_token_len,
+            special_cache,
+            chat_template: g.get_str("tokenizer.chat_template").map(str::to_string),
+            bpe,
+        })
+    }
+
+    /// Reads only the metadata of a GGUF file (vocab-only files have no tensors).
+    pub fn open(path: &std::path::Path) -> Result<Self> {
+        Self::from_gguf(&GgufFile::open(path)?)
+    }
+
+    pub fn n_tokens(&self) -> usize {
+        self.tokens.len()
+    }
+
+    pub fn text_to_token(&self, text: &str) -> Option<u32> {
+        self.token_to_id.get(text).copied()
+    }
+
+    pub fn is_eog(&self, id: u32) -> bool {
+        self.eog.contains(&id)
+    }
+
+    /// Token ids for `text`; `add_special` adds BOS/EOS/SEP as the vocabulary asks, `parse_special` lets control
+    /// tokens written in the text (e.g. `<|im_start|>`) become those tokens.
+    pub fn tokenize(&self, text: &str, add_special: bool, parse_special: bool) -> Vec<u32> {
+        let fragments = self.partition(text, parse_special);
+        let mut out = Vec::new();
+        match self.kind {
+            VocabKind::Spm => {
+                if add_special && self.add_bos {
+                    out.extend(self.bos);
+                }
+                let mut prev_special = true;
+                for f in fragments {
+                    match f {
+                        Fragment::Text(t) => {
+                            let mut s = String::new();
+                            if self.add_space_prefix && prev_special {
+                                s.push(' ');
+                            }
+                            s.push_str(t);
+                            crate::tokenizer::llm_spm::tokenize(
+                                self,
+                                &s.replace(' ', "\u{2581}"),
+                                &mut out,
+                            );
+                            prev_special = false;
+                        }
+                        Fragment::Token(id) => {
+                            out.push(id);
+                            prev_special = true;
+                        }
+                    }
+                }
+                if add_special && self.add_eos {
+                    out.extend(self.eos);
+                }
+            }
+            VocabKind::Bpe => {
+                if add_special && self.add_bos {
+                    out.extend(self.bos);
+                }
+                for f in fragments {
+                    match f {
+                        Fragment::Text(t) => crate::tokenizer::llm_bpe::tokenize(self, t, &mut out),
+                        Fragment::Token(id) => out.push(id),
+                    }
+                }
+                if add_special && self.add_eos {
+                    out.extend(self.eos);
+                }
+            }
+            VocabKind::Wpm => {
+                if add_special {
+                    out.extend(self.bos);
+                }
+                for f in fragments {
+                    match f {
+                        Fragment::Text(t) => crate::tokenizer::llm_wpm::tokenize(self, t, &mut out),
+                        Fragment::Token(id) => out.push(id),
+                    }
+                }
+                if add_special {
+                    out.extend(self.sep);
+                }
+            }
+        }
+        out
+    }
+
+    /// Cuts special tokens out of the text, longest first (llama.cpp `tokenizer_st_partition`).
+    fn partition<'a>(&self, text: &'a str, parse_special: bool) -> Vec<Fragment<'a>> {
+        let mut frags = if text.is_empty() {
+            vec![]
+        } else {
+            vec![Fragment::Text(text)]
+        };
+        for &id in &self.special_cache {
+            let a = self.attrs[id as usize];
+            if !parse_special && a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+                continue;
+            }
+            let tok = self.tokens[id as usize].as_str();
+            let mut next = Vec::with_capacity(frags.len());
+            for f in frags {
+                let Fragment::Text(mut rest) = f else {
+                    next.push(f);
+                    continue;
+                };
+                while let Some(i) = rest.find(tok) {
+                    if i > 0 {
+                        next.push(Fragment::Text(&rest[..i]));
+                    }
+                    next.push(Fragment::Token(id));
+                    rest = &rest[i + tok.len()..];
+                }
+                if !rest.is_empty() {
+                    next.push(Fragment::Text(rest));
+                }
+            }
+            frags = next;
+        }
+        frags
+    }
+
+    /// The bytes a token stands for; control/unknown tokens give nothing unless `special`.
+    pub fn token_to_piece(&self, id: u32, special: bool) -> Vec<u8> {
+        let Some(text) = self.tokens.get(id as usize) else {
+            return Vec::new();
+        };
+        let a = self.attrs[id as usize];
+        if a & (attr::CONTROL | attr::UNKNOWN) != 0 {
+            return if special {
+                text.as_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+        }
+        if a & attr::USER_DEFINED != 0 {
+            return text.as_bytes().to_vec();
+        }
+        if a & attr::BYTE != 0
+            && text.len() == 6
+            && let Ok(b) = u8::from_str_radix(&text[3..5], 16)
+        {
+            return vec![b];
+        }
+        if a & attr::NORMAL == 0 {
+            return Vec::new();
+        }
+        match self.kind {
+            VocabKind::Spm | VocabKind::Wpm => text.replace('\u{2581}', " ").into_bytes(),
+            VocabKind::Bpe => crate::tokenizer::llm_bpe::decode_text(text),
+        }
+    }
+
+    /// Bytes of `ids` joined; the SPM dummy-prefix space of the first piece is removed.
+    pub fn detokenize(&self, ids: &[u32], special: bool) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut remove_space = self.add_space_prefix;
+        for &id in ids {
+            let p = self.token_to_piece(id, special);
+            let p = if remove_space && p.first() == Some(&b' ') {
+                &p[1..]
+            } else {
+                &p[..]
+            };
+            remove_space = false;
+            out.extend_from_slice(p);
+        }
+        out
+    }
+}
+
+enum Fragment<'a> {
+    Text(&'a str),
+    Token(u32),
+}
+
+impl crate::pipelines::llm::TextTokenizer for Vocab {
+    fn encode(&self, text: &str) -> Vec<u32> {
+        self.tokenize(text, false, false)
+    }
+    fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8> {
+        let p = self.token_to_piece(id, false);
+        // The first piece after BOS carries the SPM dummy prefix, which is not part of the text.
+        if self.add_space_prefix && prev.is_some() && prev == self.bos && p.first() == Some(&b' ') {
+            return p[1..].to_vec();
+        }
+        p
+    }
+    fn bos(&self) -> Option<u32> {
+        if self.add_bos { self.bos } else { None }
+    }
+    fn eos(&self) -> Option<u32> {
+        self.eos
+    }
+    fn is_end(&self, id: u32) -> bool {
+        self.is_eog(id)
+    }
+    fn chat_template(&self) -> Option<&str> {
+        self.chat_template.as_deref()
+    }
+    fn token_text(&self, id: u32) -> Option<&str> {
+        self.tokens.get(id as usize).map(String::as_str)
+    }
+    fn encode_chat(&self, text: &str) -> Vec<u32> {
+        let mut t = self.tokenize(text, true, true);
+        // Templates that write BOS themselves would otherwise start with two.
+        if self.add_bos && t.len() >= 2 && t[0] == t[1] && Some(t[0]) == self.bos {
+            t.remove(0);
+        }
+        t
+    }
+}

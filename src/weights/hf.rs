@@ -1,0 +1,175 @@
+//! Hugging Face checkpoints of Llama and Qwen2: `config.json` plus `model.safetensors` or shards listed in
+//! `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names); F32/F16/BF16 are
+//! read as f32. HF checkpoints hold q/k in the halves RoPE layout.
+use crate::models::llama::{LlamaConfig, RopeScaling};
+use anyhow::{Context, Result, bail};
+use serde_json::Value as J;
+use std::collections::HashMap;
+use std::path::Path;
+
+pub struct HfModel {
+    pub arch: String,
+    pub config: LlamaConfig,
+    pub tensors: HashMap<String, Vec<f32>>,
+}
+
+fn read_json(path: &Path) -> Result<J> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read '{}'", path.display()))?;
+    serde_json::from_str(&text).with_context(|| format!("'{}' is not valid JSON", path.display()))
+}
+
+/// The model config from `config.json` (model_type llama or qwen2).
+pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaConfig)> {
+    let path = dir.join("config.json");
+    let c = read_json(&path)?;
+    let p = path.display();
+    let arch = c["model_type"].as_str().unwrap_or("").to_string();
+    if arch != "llama" && arch != "qwen2" {
+        bail!("'{p}': model_type '{arch}' is not supported (supported: llama, qwen2)");
+    }
+    let int = |k: &str| -> Result<usize> {
+        c[k].as_u64()
+            .map(|v| v as usize)
+            .with_context(|| format!("'{p}': '{k}' is missing or not an integer"))
+    };
+    let dim = int("hidden_size")?;
+    let n_heads = int("num_attention_heads")?;
+    // transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_theta` and
+    // `rope_scaling`.
+    let rp = &c["rope_parameters"];
+    let rope_theta = c["rope_theta"]
+        .as_f64()
+        .or(rp["rope_theta"].as_f64())
+        .unwrap_or(10000.0);
+    let scaling = if c["rope_scaling"].is_null() && rp.is_object() {
+        rp
+    } else {
+        &c["rope_scaling"]
+    };
+    let rope_scaling = match scaling {
+        J::Null => None,
+        s => {
+            let kind = s["rope_type"].as_str().or(s["type"].as_str()).unwrap_or("");
+            let f = |k: &str| s[k].as_f64().map(|v| v as f32);
+            match kind {
+                "linear" => Some(RopeScaling::Linear {
+                    factor: f("factor")
+                        .with_context(|| format!("'{p}': rope_scaling.factor missing"))?,
+                }),
+                "llama3" => Some(RopeScaling::Llama3 {
+                    factor: f("factor").unwrap_or(8.0),
+                    low_freq_factor: f("low_freq_factor").unwrap_or(1.0),
+                    high_freq_factor: f("high_freq_factor").unwrap_or(4.0),
+                    original_context: s["original_max_position_embeddings"]
+                        .as_u64()
+                        .unwrap_or(8192) as usize,
+                }),
+                "default" | "" => None,
+                other => {
+                    bail!("'{p}': rope_scaling type '{other}' is not supported (linear, llama3)")
+                }
+            }
+        }
+    };
+    let mut ctx = int("max_position_embeddings")?;
+    if let Some(m) = max_context {
+        ctx = ctx.min(m);
+    }
+    let cfg = LlamaConfig {
+        dim,
+        hidden_dim: int("intermediate_size")?,
+        n_layers: int("num_hidden_layers")?,
+        n_heads,
+        n_kv_heads: c["num_key_value_heads"]
+            .as_u64()
+            .map_or(n_heads, |v| v as usize),
+        vocab_size: int("vocab_size")?,
+        max_seq_len: ctx,
+        rope_theta: rope_theta as f32,
+        norm_eps: c["rms_norm_eps"].as_f64().unwrap_or(1e-6) as f32,
+        rope_interleaved: false,
+        tied_embeddings: c["tie_word_embeddings"]
+            .as_bool()
+            .unwrap_or(arch == "qwen2"),
+        attn_bias: arch == "qwen2" || c["attention_bias"].as_bool().unwrap_or(false),
+        rope_scaling,
+    };
+    if c["head_dim"]
+        .as_u64()
+        .is_some_and(|h| h as usize != dim / n_heads)
+    {
+        bail!("'{p}': head_dim differs from hidden_size / num_attention_heads; not supported");
+    }
+    Ok((arch, cfg))
+}
+
+fn to_f32(name: &str, file: &Path, view: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
+    use safetensors::Dtype;
+    let b = view.data();
+    Ok(match view.dtype() {
+        Dtype::F32 => b
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect(),
+        Dtype::F16 => b
+            .chunks_exact(2)
+            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        Dtype::BF16 => b
+            .chunks_exact(2)
+            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+            .collect(),
+        other => bail!(
+            "'{}': tensor '{name}' is {other:?}; only F32, F16 and BF16 checkpoints are read",
+            file.display()
+        ),
+    })
+}
+
+/// Loads config and every tensor of the checkpoint folder.
+pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
+    let (arch, config) = config(dir, max_context)?;
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<std::path::PathBuf> = if index.exists() {
+        let j = read_json(&index)?;
+        let map = j["weight_map"]
+            .as_object()
+            .with_context(|| format!("'{}' has no weight_map", index.display()))?;
+        let mut f: Vec<String> = map
+            .values()
+            .filter_map(|v| v.as_str().map(String::from))
+            .collect();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut tensors = HashMap::new();
+    for file in &files {
+        let bytes = std::fs::read(file).with_context(|| {
+            format!(
+                "cannot read '{}': check the checkpoint folder",
+                file.display()
+            )
+        })?;
+        let st = safetensors::SafeTensors::deserialize(&bytes)
+            .map_err(|e| anyhow::anyhow!("'{}' is not a safetensors file: {e}", file.display()))?;
+        for (name, view) in st.tensors() {
+            tensors.insert(name.clone(), to_f32(&name, file, &view)?);
+        }
+    }
+    if !tensors.contains_key("lm_head.weight") {
+        let e = tensors
+            .get("model.embed_tokens.weight")
+            .with_context(|| format!("'{}': no model.embed_tokens.weight", dir.display()))?
+            .clone();
+        tensors.insert("lm_head.weight".into(), e);
+    }
+    Ok(HfModel {
+        arch,
+        config,
+        tensors,
+    })
+}

@@ -1,0 +1,175 @@
+//! GGUF: dequantization equals gguf-py's bit for bit, `convert llama2c` writes what gguf-py reads (golden from
+//! scripts/golden/llm_gguf.py), and the converted stories260K builds and generates llama2.c's reference text.
+mod common;
+use common::*;
+use sha2::{Digest, Sha256};
+use std::path::PathBuf;
+use trt_diff::weights::gguf::{GgufFile, Value};
+
+fn data(rel: &str) -> PathBuf {
+    let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
+    base.join(rel)
+}
+
+fn golden(name: &str) -> PathBuf {
+    PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/llm")).join(name)
+}
+
+#[test]
+fn dequantization_matches_gguf_py_bit_for_bit() {
+    let g = GgufFile::open(&golden("dequant.gguf")).unwrap();
+    let mut types = Vec::new();
+    for t in g.tensors.iter().filter(|t| !t.name.ends_with(".expected")) {
+        let ours = g.tensor_f32(&t.name).unwrap();
+        let want = g.tensor_f32(&format!("{}.expected", t.name)).unwrap();
+        assert_eq!(ours.len(), want.len(), "{}", t.name);
+        let differ = ours
+            .iter()
+            .zip(&want)
+            .filter(|(a, b)| a.to_bits() != b.to_bits())
+            .count();
+        assert_eq!(differ, 0, "{} ({}): {differ} values differ", t.name, t.ty);
+        types.push(t.ty.to_string());
+    }
+    types.sort();
+    assert_eq!(
+        types,
+        [
+            "BF16", "F16", "Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q6_K", "Q8_0"
+        ]
+    );
+}
+
+fn json_of(v: &Value) -> serde_json::Value {
+    match v {
+        Value::String(s) => s.clone().into(),
+        Value::Bool(b) => (*b).into(),
+        Value::F32(f) => (*f as f64).into(),
+        Value::F64(f) => (*f).into(),
+        Value::Array(_, items) => items.iter().map(json_of).collect::<Vec<_>>().into(),
+        other => other.as_i64().unwrap().into(),
+    }
+}
+
+#[test]
+fn convert_llama2c_writes_what_gguf_py_reads() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("stories260K.gguf");
+    run(
+        &[
+            "convert",
+            "llama2c",
+            s(&data("llm/stories260K.bin")),
+            "--tokenizer",
+            s(&data("llm/tok512.bin")),
+            "--out",
+            s(&out),
+        ],
+        true,
+    );
+    let want: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden("stories260K_gguf.json")).unwrap())
+            .unwrap();
+    let g = GgufFile::open(&out).unwrap();
+    let meta = want["metadata"].as_object().unwrap();
+    assert_eq!(g.metadata.len(), meta.len());
+    for (k, v) in &g.metadata {
+        assert_eq!(&json_of(v), &meta[k], "metadata {k}");
+    }
+    let tensors = want["tensors"].as_array().unwrap();
+    assert_eq!(g.tensors.len(), tensors.len());
+    for (t, w) in g.tensors.iter().zip(tensors) {
+        assert_eq!(t.name, w["name"].as_str().unwrap());
+        let shape: Vec<u64> = w["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap())
+            .collect();
+        assert_eq!(t.shape(), shape, "{}", t.name);
+        assert_eq!(t.ty.to_string(), w["type"].as_str().unwrap());
+        let sha = trt_diff::fsutil::hex(&Sha256::digest(g.tensor_bytes(t)));
+        assert_eq!(sha, w["sha256"].as_str().unwrap(), "{}", t.name);
+    }
+    // inspect reads it; the tokenizer in it tokenizes as the llama2.c tokenizer does.
+    let r = run(&["inspect", s(&out)], true);
+    assert!(
+        r.stdout.contains("GGUF v3") && r.stdout.contains("blk.4.ffn_down.weight"),
+        "{}",
+        r.stdout
+    );
+    let vocab = trt_diff::tokenizer::llm_vocab::Vocab::open(&out).unwrap();
+    let l2c =
+        trt_diff::tokenizer::llama2c::Llama2cTokenizer::load(&data("llm/tok512.bin"), 512).unwrap();
+    for text in [
+        "Once upon a time",
+        "Lily saw a big dog. Ünïcödé ✓",
+        "  two  spaces",
+    ] {
+        assert_eq!(
+            vocab.tokenize(text, false, false),
+            l2c.encode(text),
+            "{text:?}"
+        );
+    }
+}
+
+#[test]
+fn gguf_builds_and_generates_the_reference_text() {
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("stories260K.gguf");
+    run(
+        &[
+            "convert",
+            "llama2c",
+            s(&data("llm/stories260K.bin")),
+            "--tokenizer",
+            s(&data("llm/tok512.bin")),
+            "--out",
+            s(&gguf),
+        ],
+        true,
+    );
+    let plan = d.path().join("s.plan");
+    let r = run(
+        &["build", s(&gguf), "--out", s(&plan), "--no-progress"],
+        true,
+    );
+    assert!(r.stdout.contains("built"), "{}", r.stdout);
+    assert!(d.path().join("s.tokenizer.gguf").exists());
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&plan),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "30",
+        ],
+        true,
+    );
+    assert!(
+        r.stdout.starts_with(
+            ", there was a little girl named Lily. She loved to play outside in the park."
+        ),
+        "{}",
+        r.stdout
+    );
+    // A truncated GGUF is a clear error naming the file.
+    let bytes = std::fs::read(&gguf).unwrap();
+    let bad = d.path().join("cut.gguf");
+    std::fs::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let r = run(
+        &["build", s(&bad), "--out", s(&d.path().join("b.plan"))],
+        false,
+    );
+    assert!(
+        r.stderr.contains("cut.gguf") && r.stderr.contains("truncated"),
+        "{}",
+        r.stderr
+    );
+    assert!(!d.path().join("b.plan").exists());
+}

@@ -1,0 +1,227 @@
+//! A tiny random Qwen2 (q/k/v biases, rope_theta 1e6, separate lm_head) from a Hugging Face folder and from GGUF
+//! matches transformers' Qwen2ForCausalLM logits (golden from scripts/golden/llm_qwen2.py), through prefill and
+//! KV-cache decode; the Qwen2 and stories260K decoder graphs build with the TensorRT-RTX builder in fp16, FP8 and
+//! NVFP4.
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+use trt_diff::backend::{Engine, HostTensor};
+use trt_diff::models::llama::{LlamaConfig, decoder_graph};
+use trt_diff::onnx::DataType;
+use trt_diff::quant::policy::Policy;
+use trt_diff::quant::qdq::LinearPrecision;
+
+fn golden_dir() -> PathBuf {
+    PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/llm/tiny_qwen2"
+    ))
+}
+
+fn golden() -> (Vec<i64>, Vec<Vec<f64>>) {
+    let j: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("logits.json")).unwrap())
+            .unwrap();
+    let ids = j["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_i64().unwrap())
+        .collect();
+    let rows = j["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            r.as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_f64().unwrap())
+                .collect()
+        })
+        .collect();
+    (ids, rows)
+}
+
+fn ids(v: &[i64]) -> HostTensor {
+    HostTensor {
+        dtype: DataType::INT64,
+        shape: vec![1, v.len()],
+        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+    }
+}
+
+/// Logits rows for `all`, fed as a prefill of `split` tokens then one token per call with the KV cache.
+fn run_cached(
+    dir: &Path,
+    c: &LlamaConfig,
+    w: &HashMap<String, Vec<f32>>,
+    p: LinearPrecision,
+    all: &[i64],
+    split: usize,
+) -> Vec<Vec<f64>> {
+    let onnx = dir.join(format!("m_{}.onnx", p.name()));
+    trt_diff::onnx::save(
+        decoder_graph(c, w, &Policy::uniform(p)).unwrap(),
+        &onnx,
+        &Default::default(),
+    )
+    .unwrap();
+    let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+    let hd = c.head_dim();
+    let mut past: Vec<HostTensor> = (0..2 * c.n_layers)
+        .map(|_| HostTensor {
+            dtype: DataType::FLOAT,
+            shape: vec![1, c.n_kv_heads, 0, hd],
+            data: vec![],
+        })
+        .collect();
+    let mut rows = Vec::new();
+    let mut pos = 0;
+    let chunks: Vec<&[i64]> = std::iter::once(&all[..split])
+        .chain(all[split..].chunks(1))
+        .collect();
+    for chunk in chunks {
+        let positions: Vec<i64> = (pos..pos + chunk.len() as i64).collect();
+        let mut inputs = vec![
+            ("input_ids".to_string(), ids(chunk)),
+            ("position_ids".to_string(), ids(&positions)),
+        ];
+        for (i, t) in past.iter().enumerate() {
+            let kind = if i % 2 == 0 { "key" } else { "value" };
+            inputs.push((format!("past_{kind}_{}", i / 2), t.clone()));
+        }
+        let out = e.run(&inputs).unwrap();
+        let get = |n: &str| out.iter().find(|(k, _)| k == n).unwrap().1.clone();
+        let logits = get("logits").to_f64().unwrap();
+        rows.extend(logits.chunks(c.vocab_size).map(|r| r.to_vec()));
+        for i in 0..c.n_layers {
+            past[2 * i] = get(&format!("present_key_{i}"));
+            past[2 * i + 1] = get(&format!("present_value_{i}"));
+        }
+        pos += chunk.len() as i64;
+    }
+    rows
+}
+
+fn max_diff(a: &[Vec<f64>], b: &[Vec<f64>]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| x.iter().zip(y).map(|(p, q)| (p - q).abs()))
+        .fold(0.0, f64::max)
+}
+
+#[test]
+fn hf_and_gguf_qwen2_match_transformers() {
+    let (all, want) = golden();
+    let d = tempfile::tempdir().unwrap();
+    let hf = trt_diff::weights::hf::load(&golden_dir(), None).unwrap();
+    let c = &hf.config;
+    assert_eq!(hf.arch, "qwen2");
+    assert!(c.attn_bias && !c.tied_embeddings && !c.rope_interleaved);
+    assert_eq!((c.rope_theta, c.n_kv_heads, c.max_seq_len), (1e6, 2, 64));
+    let got = run_cached(d.path(), c, &hf.tensors, LinearPrecision::F32, &all, 6);
+    let diff = max_diff(&got, &want);
+    eprintln!("HF checkpoint: max abs logit difference {diff:.2e}");
+    assert!(
+        diff <= 1e-4,
+        "HF checkpoint: max abs logit difference {diff}"
+    );
+    let g = trt_diff::weights::gguf::GgufFile::open(&golden_dir().join("tiny_qwen2.gguf")).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    assert_eq!(m.arch, "qwen2");
+    assert_eq!(&m.config, c, "GGUF and config.json describe the same model");
+    let got = run_cached(
+        d.path(),
+        &m.config,
+        &m.tensors,
+        LinearPrecision::F32,
+        &all,
+        3,
+    );
+    let diff = max_diff(&got, &want);
+    eprintln!("GGUF: max abs logit difference {diff:.2e}");
+    assert!(diff <= 1e-4, "GGUF: max abs logit difference {diff}");
+    // The fp16 graph (f16 weights and matmuls) runs on ONNX Runtime; its CPU provider computes f16 MatMul in f32
+    // (these weights are bf16 values, exact in f16), so this checks the graph, not f16 rounding.
+    let got = run_cached(d.path(), c, &hf.tensors, LinearPrecision::F16, &all, 6);
+    let diff = max_diff(&got, &want);
+    eprintln!("fp16: max abs logit difference {diff:.2e}");
+    assert!(diff <= 5e-2, "fp16: max abs logit difference {diff}");
+}
+
+#[test]
+fn hf_config_errors_are_clear() {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(
+        d.path().join("config.json"),
+        r#"{"model_type": "gpt_neox"}"#,
+    )
+    .unwrap();
+    let e = trt_diff::weights::hf::load(d.path(), None)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("gpt_neox") && e.contains("config.json"), "{e}");
+    let mut cfg: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("config.json")).unwrap())
+            .unwrap();
+    cfg["vocab_size"] = 128.into();
+    std::fs::write(d.path().join("config.json"), cfg.to_string()).unwrap();
+    let e = format!(
+        "{:#}",
+        trt_diff::weights::hf::load(d.path(), None).err().unwrap()
+    );
+    assert!(e.contains("model.safetensors"), "{e}");
+}
+
+#[test]
+fn decoders_build_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
+    use trt_diff::pipelines::llm_build::decoder_profiles;
+    use trt_diff::trt::{BuildOptions, build_engine};
+    let d = tempfile::tempdir().unwrap();
+    let qwen = trt_diff::weights::hf::load(&golden_dir(), None).unwrap();
+    let data = std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
+    let stories =
+        trt_diff::weights::llama2c::Llama2c::load(&data.join("llm/stories260K.bin")).unwrap();
+    for (name, c, w) in [
+        ("qwen2", &qwen.config, &qwen.tensors),
+        ("stories", &stories.config, &stories.tensors),
+    ] {
+        for p in ["fp16", "fp8", "nvfp4"] {
+            let prec = trt_diff::pipelines::llm_build::precision_from_name(p).unwrap();
+            let onnx = d.path().join(format!("{name}_{p}.onnx"));
+            trt_diff::onnx::save(
+                decoder_graph(c, w, &Policy::defaults(prec)).unwrap(),
+                &onnx,
+                &Default::default(),
+            )
+            .unwrap();
+            let summary = trt_diff::onnx::summary::OnnxSummary::of(
+                &trt_diff::onnx::OnnxFile::load(&onnx).unwrap(),
+            );
+            match p {
+                "fp16" => assert!(summary.op_histogram.contains_key("Cast")),
+                "fp8" => assert!(summary.op_histogram.contains_key("QuantizeLinear")),
+                _ => assert!(
+                    summary
+                        .op_histogram
+                        .contains_key("trt::TRT_FP4DynamicQuantize")
+                ),
+            }
+            let o = build_engine(&BuildOptions {
+                onnx: onnx.clone(),
+                out: d.path().join(format!("{name}_{p}.plan")),
+                shapes: decoder_profiles(c),
+                progress: false,
+                ..Default::default()
+            })
+            .unwrap_or_else(|e| panic!("{name} {p}: {e:#}"));
+            assert!(o.manifest.builder.layers > 0, "{name} {p}");
+            assert!(o.plan.exists());
+        }
+    }
+}
