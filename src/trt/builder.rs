@@ -13,6 +13,7 @@ use crate::onnx::model::external_ref;
 use crate::onnx::summary::dims_of;
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
 /// TensorRT-RTX compute-capability targets accepted by `--targets`.
@@ -223,6 +224,36 @@ fn hash_sources(onnx: &OnnxFile) -> Result<(String, Vec<ExternalFile>)> {
     Ok((sha, ext))
 }
 
+/// While TensorRT builds, gives the resident pages of the mapped weights back to the kernel every few
+/// milliseconds. TensorRT copies every weight into its own memory; pages it has read need not stay resident in
+/// this process too (peak RSS would hold the weights twice). The mappings stay valid: a page read again refaults
+/// from the page cache (a minor fault, no I/O).
+fn release_mapped_pages(regions: &[(usize, usize)], building: &AtomicBool) {
+    // SAFETY: sysconf has no preconditions.
+    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+    while building.load(Ordering::Relaxed) {
+        for &(ptr, len) in regions {
+            let begin = ptr.next_multiple_of(page);
+            let end = (ptr + len) / page * page;
+            if end > begin {
+                // SAFETY: whole pages inside a live read-only file mapping (owned by `weights`, which outlives the
+                // build); MADV_DONTNEED on such pages only drops them from this process's page tables.
+                unsafe {
+                    libc::madvise(begin as *mut libc::c_void, end - begin, libc::MADV_DONTNEED)
+                };
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+}
+
+struct StopOnDrop<'a>(&'a AtomicBool);
+impl Drop for StopOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Relaxed);
+    }
+}
+
 pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     let start = Instant::now();
     check_options(o)?;
@@ -263,11 +294,19 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     // Mapped external weights, handed to the parser by address; they outlive the build below.
     let weights = onnx.external_weights()?;
     // The sources are hashed on another thread while TensorRT parses and builds.
+    let building = AtomicBool::new(true);
+    let regions: Vec<(usize, usize)> = weights
+        .iter()
+        .map(|(_, b)| (b.as_ptr() as usize, b.len()))
+        .collect();
     let hasher = std::thread::scope(|scope| -> Result<_> {
         let hashing = scope.spawn(|| {
             let t = Instant::now();
             hash_sources(&onnx).map(|h| (h, t.elapsed().as_secs_f64()))
         });
+        scope.spawn(|| release_mapped_pages(&regions, &building));
+        // Stops the page releaser on every way out of this closure, so the scope can end.
+        let _stop = StopOnDrop(&building);
         let plan_file = AtomicFile::create(&o.out)?;
         let spec = bridge::BuildSpec {
             flavor: lib.flavor.key().into(),
