@@ -289,6 +289,23 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
     idx[probs.len() - 1] as u32
 }
 
+/// The logits of the last position (prefill returns every position's; only the last one is sampled).
+fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
+    let vocab = *logits.shape.last().unwrap_or(&0);
+    if logits.dtype == DataType::FLOAT && logits.data.len() >= 4 * vocab {
+        let tail = &logits.data[logits.data.len() - 4 * vocab..];
+        return Ok(tail
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    let all = logits.to_f64().context("logits are not numeric")?;
+    Ok(all[all.len().saturating_sub(vocab)..]
+        .iter()
+        .map(|&v| v as f32)
+        .collect())
+}
+
 fn ids_tensor(ids: &[i64]) -> HostTensor {
     HostTensor {
         dtype: DataType::INT64,
@@ -381,9 +398,7 @@ impl Generator<'_> {
                 .find(|(n, _)| n == "logits")
                 .context("engine has no 'logits' output")?
                 .1;
-            let vocab = *logits.shape.last().unwrap_or(&0);
-            let all = logits.to_f64().context("logits are not numeric")?;
-            let row: Vec<f32> = all[all.len() - vocab..].iter().map(|&v| v as f32).collect();
+            let row = last_row(logits)?;
             for i in 0..self.n_layers {
                 for (slot, kind) in [(2 * i, "key"), (2 * i + 1, "value")] {
                     let name = format!("present_{kind}_{i}");
