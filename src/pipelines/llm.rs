@@ -289,6 +289,14 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
     idx[probs.len() - 1] as u32
 }
 
+fn empty_tensor() -> HostTensor {
+    HostTensor {
+        dtype: DataType::FLOAT,
+        shape: vec![],
+        data: vec![],
+    }
+}
+
 /// The logits of the last position (prefill returns every position's; only the last one is sampled).
 fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
     let vocab = *logits.shape.last().unwrap_or(&0);
@@ -384,15 +392,16 @@ impl Generator<'_> {
                 ("input_ids".to_string(), ids_tensor(&new_ids)),
                 ("position_ids".to_string(), ids_tensor(&positions)),
             ];
-            for (i, t) in past.iter().enumerate() {
+            // The cache moves into the inputs (no copy); the outputs' present_* replace it below.
+            for (i, t) in past.iter_mut().enumerate() {
                 let name = if i % 2 == 0 {
                     format!("past_key_{}", i / 2)
                 } else {
                     format!("past_value_{}", i / 2)
                 };
-                inputs.push((name, t.clone()));
+                inputs.push((name, std::mem::replace(t, empty_tensor())));
             }
-            let outputs = self.engine.run(&inputs)?;
+            let mut outputs = self.engine.run(&inputs)?;
             let logits = &outputs
                 .iter()
                 .find(|(n, _)| n == "logits")
@@ -402,12 +411,11 @@ impl Generator<'_> {
             for i in 0..self.n_layers {
                 for (slot, kind) in [(2 * i, "key"), (2 * i + 1, "value")] {
                     let name = format!("present_{kind}_{i}");
-                    past[slot] = outputs
-                        .iter()
+                    let out = outputs
+                        .iter_mut()
                         .find(|(n, _)| *n == name)
-                        .with_context(|| format!("engine has no '{name}' output"))?
-                        .1
-                        .clone();
+                        .with_context(|| format!("engine has no '{name}' output"))?;
+                    past[slot] = std::mem::replace(&mut out.1, empty_tensor());
                 }
             }
             if step == 0 {
