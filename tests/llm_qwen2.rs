@@ -225,3 +225,73 @@ fn decoders_build_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
         }
     }
 }
+
+#[test]
+fn cli_builds_and_generates_from_a_hf_folder() {
+    // The tiny model has 128 token ids; the 125-token BERT golden vocabulary serves as its tokenizer.
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let d = tempfile::tempdir().unwrap();
+    let plan = d.path().join("q.plan");
+    let vocab = golden_dir().join("../wpm/wpm.gguf");
+    let out = std::process::Command::new(bin)
+        .args([
+            "build",
+            golden_dir().to_str().unwrap(),
+            "--tokenizer",
+            vocab.to_str().unwrap(),
+        ])
+        .args([
+            "--precision",
+            "fp16",
+            "--no-progress",
+            "--out",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Llm {
+        arch, tokenizer, ..
+    }) = m.pipeline
+    else {
+        panic!("no LLM pipeline in the manifest");
+    };
+    assert_eq!(
+        (arch.as_str(), tokenizer.as_str()),
+        ("qwen2", "q.tokenizer.gguf")
+    );
+    let out = std::process::Command::new(bin)
+        .args([
+            "generate",
+            "--engine",
+            plan.to_str().unwrap(),
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("generated:"), "{err}");
+    // Without --tokenizer the error says what to give.
+    let out = std::process::Command::new(bin)
+        .args([
+            "build",
+            golden_dir().to_str().unwrap(),
+            "--out",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tokenizer FILE.gguf"),
+        "{err}"
+    );
+}
