@@ -19,9 +19,12 @@ fn golden_dir() -> PathBuf {
 }
 
 fn golden() -> (Vec<i64>, Vec<Vec<f64>>) {
+    golden_in(&golden_dir())
+}
+
+fn golden_in(dir: &Path) -> (Vec<i64>, Vec<Vec<f64>>) {
     let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("logits.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
     let ids = j["ids"]
         .as_array()
         .unwrap()
@@ -294,4 +297,34 @@ fn cli_builds_and_generates_from_a_hf_folder() {
         !out.status.success() && err.contains("--tokenizer FILE.gguf"),
         "{err}"
     );
+}
+
+#[test]
+fn hf_llama_with_llama3_rope_scaling_and_tied_embeddings_matches_transformers() {
+    // Golden from scripts/golden/llm_llama_rope.py: 40 positions over an original context of 16, so every RoPE
+    // band (scaled, blended, kept) matters.
+    let dir = golden_dir().join("../tiny_llama3");
+    let (all, want) = golden_in(&dir);
+    let m = trt_diff::weights::hf::load(&dir, None).unwrap();
+    assert_eq!(m.arch, "llama");
+    assert!(m.config.tied_embeddings && !m.config.attn_bias);
+    assert!(matches!(
+        m.config.rope_scaling,
+        Some(trt_diff::models::llama::RopeScaling::Llama3 {
+            original_context: 16,
+            ..
+        })
+    ));
+    let d = tempfile::tempdir().unwrap();
+    let got = run_cached(
+        d.path(),
+        &m.config,
+        &m.tensors,
+        LinearPrecision::F32,
+        &all,
+        30,
+    );
+    let diff = max_diff(&got, &want);
+    eprintln!("llama3 rope: max abs logit difference {diff:.2e}");
+    assert!(diff <= 1e-4, "llama3 rope: max abs logit difference {diff}");
 }
