@@ -58,7 +58,7 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 
 /// Where a decoder's weights come from.
 pub enum LlmSource<'a> {
-    /// llama.2c checkpoint and its tokenizer file.
+    /// A llama2.c checkpoint and its tokenizer file.
     Llama2c { tokenizer: &'a Path },
     /// A GGUF model (llama or qwen2) with its tokenizer in the metadata.
     Gguf,
