@@ -25,3 +25,8 @@ for p in fp32 nvfp4; do
     --out "$out/stories_$p.plan"
   "$bin" generate --engine "$out/stories_$p.plan" --prompt "Once upon a time" --max-tokens 60
 done
+# The same model as an ordinary GGUF (llama architecture, tokenizer in the metadata), built in fp16 and run.
+"$bin" convert llama2c "$data/llm/stories260K.bin" --tokenizer "$data/llm/tok512.bin" --out "$out/stories260K.gguf"
+"$bin" tokenize --vocab "$out/stories260K.gguf" "Once upon a time"
+"$bin" build "$out/stories260K.gguf" --precision fp16 --out "$out/stories_gguf_fp16.plan"
+"$bin" generate --engine "$out/stories_gguf_fp16.plan" --prompt "Once upon a time" --max-tokens 60

@@ -13,8 +13,17 @@ fn templates_match_jinja2() {
     )
     .unwrap();
     let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 16);
+    assert_eq!(cases.len(), 20);
+    let qwen2 = trt_diff::tokenizer::llm_vocab::Vocab::open(&std::path::PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/tokenizers/ggml-vocab-qwen2.gguf"
+    )))
+    .unwrap();
     for c in cases {
+        if c["name"].as_str().unwrap().starts_with("gguf:") {
+            // The real template, as our GGUF reader finds it in llama.cpp's qwen2 vocab file.
+            assert_eq!(qwen2.chat_template.as_deref(), c["template"].as_str());
+        }
         let messages: Vec<ChatMessage> = serde_json::from_value(c["messages"].clone()).unwrap();
         let got = render(
             c["template"].as_str().unwrap(),

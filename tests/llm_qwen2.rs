@@ -19,9 +19,12 @@ fn golden_dir() -> PathBuf {
 }
 
 fn golden() -> (Vec<i64>, Vec<Vec<f64>>) {
+    golden_in(&golden_dir())
+}
+
+fn golden_in(dir: &Path) -> (Vec<i64>, Vec<Vec<f64>>) {
     let j: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(golden_dir().join("logits.json")).unwrap())
-            .unwrap();
+        serde_json::from_str(&std::fs::read_to_string(dir.join("logits.json")).unwrap()).unwrap();
     let ids = j["ids"]
         .as_array()
         .unwrap()
@@ -224,4 +227,104 @@ fn decoders_build_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
             assert!(o.plan.exists());
         }
     }
+}
+
+#[test]
+fn cli_builds_and_generates_from_a_hf_folder() {
+    // The tiny model has 128 token ids; the 125-token BERT golden vocabulary serves as its tokenizer.
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let d = tempfile::tempdir().unwrap();
+    let plan = d.path().join("q.plan");
+    let vocab = golden_dir().join("../wpm/wpm.gguf");
+    let out = std::process::Command::new(bin)
+        .args([
+            "build",
+            golden_dir().to_str().unwrap(),
+            "--tokenizer",
+            vocab.to_str().unwrap(),
+        ])
+        .args([
+            "--precision",
+            "fp16",
+            "--no-progress",
+            "--out",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Llm {
+        arch, tokenizer, ..
+    }) = m.pipeline
+    else {
+        panic!("no LLM pipeline in the manifest");
+    };
+    assert_eq!(
+        (arch.as_str(), tokenizer.as_str()),
+        ("qwen2", "q.tokenizer.gguf")
+    );
+    let out = std::process::Command::new(bin)
+        .args([
+            "generate",
+            "--engine",
+            plan.to_str().unwrap(),
+            "--prompt",
+            "hello world",
+            "--max-tokens",
+            "8",
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("generated:"), "{err}");
+    // Without --tokenizer the error says what to give.
+    let out = std::process::Command::new(bin)
+        .args([
+            "build",
+            golden_dir().to_str().unwrap(),
+            "--out",
+            plan.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("--tokenizer FILE.gguf"),
+        "{err}"
+    );
+}
+
+#[test]
+fn hf_llama_with_llama3_rope_scaling_and_tied_embeddings_matches_transformers() {
+    // Golden from scripts/golden/llm_llama_rope.py: 40 positions over an original context of 16, so every RoPE
+    // band (scaled, blended, kept) matters.
+    let dir = golden_dir().join("../tiny_llama3");
+    let (all, want) = golden_in(&dir);
+    let m = trt_diff::weights::hf::load(&dir, None).unwrap();
+    assert_eq!(m.arch, "llama");
+    assert!(m.config.tied_embeddings && !m.config.attn_bias);
+    assert!(matches!(
+        m.config.rope_scaling,
+        Some(trt_diff::models::llama::RopeScaling::Llama3 {
+            original_context: 16,
+            ..
+        })
+    ));
+    let d = tempfile::tempdir().unwrap();
+    let got = run_cached(
+        d.path(),
+        &m.config,
+        &m.tensors,
+        LinearPrecision::F32,
+        &all,
+        30,
+    );
+    let diff = max_diff(&got, &want);
+    eprintln!("llama3 rope: max abs logit difference {diff:.2e}");
+    assert!(diff <= 1e-4, "llama3 rope: max abs logit difference {diff}");
 }

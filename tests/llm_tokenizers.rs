@@ -146,3 +146,28 @@ fn cli_tokenize_and_decode() {
     let r = run(&["tokenize", "--vocab", "/nonexistent.gguf", "x"], false);
     assert!(r.stderr.contains("/nonexistent.gguf"), "{}", r.stderr);
 }
+
+#[test]
+fn bert_wpm_matches_hf_tokenizers() {
+    // Golden from scripts/golden/llm_wpm.py: HF tokenizers' WordPiece + BertNormalizer + BertPreTokenizer, and the
+    // same vocabulary as llama.cpp's converter writes it.
+    let dir = PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/llm/wpm"));
+    let v = Vocab::open(&dir.join("wpm.gguf")).unwrap();
+    assert_eq!(v.kind, trt_diff::tokenizer::llm_vocab::VocabKind::Wpm);
+    let cases: Vec<serde_json::Value> =
+        serde_json::from_str(&std::fs::read_to_string(dir.join("cases.json")).unwrap()).unwrap();
+    assert_eq!(cases.len(), 10);
+    for c in &cases {
+        let text = c["text"].as_str().unwrap();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(v.tokenize(text, false, false), want, "{text:?}");
+    }
+    // add_special wraps in [CLS] ... [SEP].
+    let ids = v.tokenize("hello", true, false);
+    assert_eq!((ids[0], *ids.last().unwrap()), (2, 3));
+}

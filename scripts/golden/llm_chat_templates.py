@@ -1,10 +1,12 @@
 """Golden renderings of chat templates, made with jinja2 configured as transformers' apply_chat_template configures
 it (ImmutableSandboxedEnvironment, trim_blocks, lstrip_blocks, loopcontrols, raise_exception, tojson).
 
-usage: python scripts/golden/llm_chat_templates.py tests/golden/llm/chat_templates.json
+usage: python scripts/golden/llm_chat_templates.py tests/golden/llm/chat_templates.json \
+           ../shared/data/tokenizers/ggml-vocab-qwen2.gguf
 Needs jinja2 (the reference venv). The templates are written here in the style of the common families (ChatML as
 Qwen2 ships it, Llama 2 [INST] with <<SYS>>, Llama 3 headers); the test renders them with our minijinja set-up."""
 import json
+import os
 import sys
 
 import jinja2
@@ -66,9 +68,15 @@ def render(template, messages, gen):
                                             add_generation_prompt=gen)
 
 
-def main(out):
+def main(out, vocab=None):
     cases = []
-    for name, t in [("qwen2", QWEN2), ("llama2", LLAMA2), ("llama3", LLAMA3), ("tojson", TOJSON)]:
+    templates = [("qwen2", QWEN2), ("llama2", LLAMA2), ("llama3", LLAMA3), ("tojson", TOJSON)]
+    if vocab:
+        # The real template stored in llama.cpp's qwen2 vocab file (read back from the file by the test).
+        import gguf
+        r = gguf.GGUFReader(vocab)
+        templates.append(("gguf:" + os.path.basename(vocab), r.fields["tokenizer.chat_template"].contents()))
+    for name, t in templates:
         for conv in CONVERSATIONS:
             for gen in (True, False):
                 cases.append({"name": name, "template": t, "messages": conv, "add_generation_prompt": gen,
@@ -83,4 +91,4 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1])
+    main(*sys.argv[1:3])

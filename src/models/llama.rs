@@ -434,6 +434,17 @@ pub fn decoder_graph(
     weights: &HashMap<String, Vec<f32>>,
     policy: &Policy,
 ) -> Result<ModelProto> {
+    decoder_graph_with(cfg, weights, policy, false)
+}
+
+/// As [`decoder_graph`]; with `last_logits_only` the LM head runs on the last position only (`logits` is
+/// [1, 1, vocab]): generation samples only that row, and prefill skips a [seq, vocab] product.
+pub fn decoder_graph_with(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    policy: &Policy,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
     let opset = policy.target.min_opset().max(18);
     let mut e = Emitter {
         g: GraphBuilder::new("llama_decoder", opset),
@@ -524,7 +535,14 @@ pub fn decoder_graph(
     for (i, (pk, pv)) in past.iter().enumerate() {
         h = e.layer(i, &h, &cos, &sin, &mask, pk, pv)?;
     }
-    let hn = e.rms_norm("model.norm", &h, "model.norm.weight")?;
+    let mut hn = e.rms_norm("model.norm", &h, "model.norm.weight")?;
+    let logits_seq = if last_logits_only {
+        hn = e.slice("last", &hn, -1, i64::MAX, 1)?;
+        hn.shape = vec![Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(d as i64)];
+        Dim::Fixed(1)
+    } else {
+        seq()
+    };
     let head = e.weight("lm_head.weight")?.clone();
     let precision = policy
         .decide("lm_head", LayerKind::Linear)
@@ -542,7 +560,7 @@ pub fn decoder_graph(
         &[&logits],
         vec![],
         F32,
-        vec![Dim::Fixed(1), seq(), Dim::Fixed(cfg.vocab_size as i64)],
+        vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
     )?;
     e.g.output(&logits);
     Ok(e.g.finish())

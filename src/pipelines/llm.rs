@@ -289,6 +289,31 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
     idx[probs.len() - 1] as u32
 }
 
+fn empty_tensor() -> HostTensor {
+    HostTensor {
+        dtype: DataType::FLOAT,
+        shape: vec![],
+        data: vec![],
+    }
+}
+
+/// The logits of the last position (prefill returns every position's; only the last one is sampled).
+fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
+    let vocab = *logits.shape.last().unwrap_or(&0);
+    if logits.dtype == DataType::FLOAT && logits.data.len() >= 4 * vocab {
+        let tail = &logits.data[logits.data.len() - 4 * vocab..];
+        return Ok(tail
+            .chunks_exact(4)
+            .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+            .collect());
+    }
+    let all = logits.to_f64().context("logits are not numeric")?;
+    Ok(all[all.len().saturating_sub(vocab)..]
+        .iter()
+        .map(|&v| v as f32)
+        .collect())
+}
+
 fn ids_tensor(ids: &[i64]) -> HostTensor {
     HostTensor {
         dtype: DataType::INT64,
@@ -367,32 +392,30 @@ impl Generator<'_> {
                 ("input_ids".to_string(), ids_tensor(&new_ids)),
                 ("position_ids".to_string(), ids_tensor(&positions)),
             ];
-            for (i, t) in past.iter().enumerate() {
+            // The cache moves into the inputs (no copy); the outputs' present_* replace it below.
+            for (i, t) in past.iter_mut().enumerate() {
                 let name = if i % 2 == 0 {
                     format!("past_key_{}", i / 2)
                 } else {
                     format!("past_value_{}", i / 2)
                 };
-                inputs.push((name, t.clone()));
+                inputs.push((name, std::mem::replace(t, empty_tensor())));
             }
-            let outputs = self.engine.run(&inputs)?;
+            let mut outputs = self.engine.run(&inputs)?;
             let logits = &outputs
                 .iter()
                 .find(|(n, _)| n == "logits")
                 .context("engine has no 'logits' output")?
                 .1;
-            let vocab = *logits.shape.last().unwrap_or(&0);
-            let all = logits.to_f64().context("logits are not numeric")?;
-            let row: Vec<f32> = all[all.len() - vocab..].iter().map(|&v| v as f32).collect();
+            let row = last_row(logits)?;
             for i in 0..self.n_layers {
                 for (slot, kind) in [(2 * i, "key"), (2 * i + 1, "value")] {
                     let name = format!("present_{kind}_{i}");
-                    past[slot] = outputs
-                        .iter()
+                    let out = outputs
+                        .iter_mut()
                         .find(|(n, _)| *n == name)
-                        .with_context(|| format!("engine has no '{name}' output"))?
-                        .1
-                        .clone();
+                        .with_context(|| format!("engine has no '{name}' output"))?;
+                    past[slot] = std::mem::replace(&mut out.1, empty_tensor());
                 }
             }
             if step == 0 {

@@ -2,7 +2,7 @@
 //! `NAME.onnx` (+ external data) beside the plan, the tokenizer to `NAME.tokenizer.bin`, the engine to `NAME.plan`
 //! with a manifest that says how `generate` runs it. Without a usable GPU, `generate` runs `NAME.onnx` on the CPU.
 use crate::manifest::Pipeline;
-use crate::models::llama::{LlamaConfig, decoder_graph};
+use crate::models::llama::{LlamaConfig, decoder_graph_with};
 use crate::onnx::{SaveOptions, save};
 use crate::quant::policy::Policy;
 use crate::quant::qdq::LinearPrecision;
@@ -58,7 +58,7 @@ fn sibling(out: &Path, suffix: &str) -> PathBuf {
 
 /// Where a decoder's weights come from.
 pub enum LlmSource<'a> {
-    /// llama.2c checkpoint and its tokenizer file.
+    /// A llama2.c checkpoint and its tokenizer file.
     Llama2c { tokenizer: &'a Path },
     /// A GGUF model (llama or qwen2) with its tokenizer in the metadata.
     Gguf,
@@ -147,7 +147,7 @@ pub fn build_llm(
             (m.arch, m.config, m.tensors, tok_out)
         }
     };
-    let graph = decoder_graph(&config, &tensors, &Policy::defaults(p))?;
+    let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");
     save(graph, &onnx, &SaveOptions::default())?;
@@ -179,7 +179,7 @@ pub fn build_llama2c(
     // Loading validates the tokenizer against the model's vocabulary before anything is written.
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
     let p = precision_from_name(precision)?;
-    let graph = decoder_graph(&model.config, &model.tensors, &Policy::defaults(p))?;
+    let graph = decoder_graph_with(&model.config, &model.tensors, &Policy::defaults(p), true)?;
     let onnx = sibling(&base.out, ".onnx");
     save(graph, &onnx, &SaveOptions::default())?;
     let tok_out = sibling(&base.out, ".tokenizer.bin");

@@ -1,0 +1,232 @@
+//! `cargo bench --bench llm_tokens`: CPU tokens/s of trt-diff's decoder (ONNX Runtime) beside llama.cpp
+//! (llama-cpp-python) on the same GGUF files and the same prompt ids, greedy, in one run:
+//! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
+//! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
+//!   prompt (time to first token), 32 generated tokens.
+//!
+//! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
+//! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
+//! `LLM_BENCH_THREADS` (default 2) sets both engines' threads.
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+use trt_diff::pipelines::llm::{Generator, SamplingParams, TextTokenizer};
+use trt_diff::quant::policy::Policy;
+
+/// Generation that never stops early: random weights may well emit EOS.
+struct NoEnd<'a>(&'a dyn TextTokenizer);
+impl TextTokenizer for NoEnd<'_> {
+    fn encode(&self, t: &str) -> Vec<u32> {
+        self.0.encode(t)
+    }
+    fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8> {
+        self.0.piece_bytes(prev, id)
+    }
+    fn bos(&self) -> Option<u32> {
+        None
+    }
+    fn eos(&self) -> Option<u32> {
+        None
+    }
+    fn is_end(&self, _: u32) -> bool {
+        false
+    }
+}
+
+struct Numbers {
+    prompt_tokens: usize,
+    prompt_s: f64,
+    generated: usize,
+    gen_s: f64,
+}
+
+fn ids(n: usize, lo: u32, hi: u32) -> Vec<u32> {
+    let mut x = 0x2545_F491_4F6C_DD1Du64;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            lo + (x % (hi - lo) as u64) as u32
+        })
+        .collect()
+}
+
+fn ours(
+    dir: &Path,
+    gguf: &Path,
+    precision: &str,
+    prompt: &[u32],
+    n_gen: usize,
+    threads: usize,
+) -> anyhow::Result<Numbers> {
+    let g = trt_diff::weights::gguf::GgufFile::open(gguf)?;
+    let vocab = trt_diff::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
+    let m = trt_diff::weights::gguf_model::load(&g, Some(1024))?;
+    drop(g);
+    let p = trt_diff::pipelines::llm_build::precision_from_name(precision)?;
+    let onnx = dir.join(format!(
+        "{}_{precision}.onnx",
+        gguf.file_stem().unwrap().to_string_lossy()
+    ));
+    let graph = trt_diff::models::llama::decoder_graph_with(
+        &m.config,
+        &m.tensors,
+        &Policy::uniform(p),
+        true,
+    )?;
+    drop(m.tensors);
+    trt_diff::onnx::save(graph, &onnx, &Default::default())?;
+    let mut engine = OrtEngine::open(
+        &onnx,
+        &OrtOptions {
+            threads,
+            ..Default::default()
+        },
+    )?;
+    let c = &m.config;
+    let mut g = Generator {
+        engine: &mut engine,
+        n_layers: c.n_layers,
+        n_kv_heads: c.n_kv_heads,
+        head_dim: c.head_dim(),
+        max_seq_len: c.max_seq_len,
+    };
+    let tok = NoEnd(&vocab);
+    let params = |n| SamplingParams {
+        max_tokens: n,
+        ..Default::default()
+    };
+    // Warm-up: ORT's first runs allocate and pick kernels.
+    g.generate_tokens(&tok, prompt[..8].to_vec(), &params(4), |_| Ok(()))?;
+    let s = g.generate_tokens(&tok, prompt.to_vec(), &params(n_gen), |_| Ok(()))?;
+    Ok(Numbers {
+        prompt_tokens: s.prompt_tokens,
+        prompt_s: s.prompt_seconds,
+        generated: s.generated_tokens,
+        gen_s: s.generation_seconds,
+    })
+}
+
+fn peer(
+    python: &Path,
+    gguf: &Path,
+    prompt: &[u32],
+    n_gen: usize,
+    threads: usize,
+) -> anyhow::Result<Numbers> {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench/llm_peer.py");
+    let list: Vec<String> = prompt.iter().map(u32::to_string).collect();
+    let out = Command::new(python)
+        .args([
+            script,
+            gguf.to_str().unwrap(),
+            &list.join(","),
+            &n_gen.to_string(),
+            &threads.to_string(),
+        ])
+        .output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "llm_peer.py failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let line = String::from_utf8_lossy(&out.stdout);
+    let j: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
+    // llama.cpp generates n_gen tokens after the prefill's first one; count like ours (first token in the prefill).
+    Ok(Numbers {
+        prompt_tokens: j["prompt_tokens"].as_u64().unwrap_or(0) as usize,
+        prompt_s: j["prompt_seconds"].as_f64().unwrap_or(f64::NAN),
+        generated: j["generated"].as_u64().unwrap_or(0) as usize,
+        gen_s: j["generation_seconds"].as_f64().unwrap_or(f64::NAN),
+    })
+}
+
+fn row(model: &str, engine: &str, n: &Numbers) {
+    println!(
+        "| {model} | {engine} | {} | {:.1} | {:.3} | {:.1} |",
+        n.prompt_tokens,
+        n.prompt_tokens as f64 / n.prompt_s,
+        n.prompt_s,
+        n.generated as f64 / n.gen_s
+    );
+}
+
+fn main() -> anyhow::Result<()> {
+    let dir = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("llm_tokens");
+    std::fs::create_dir_all(&dir)?;
+    let data = std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
+    let threads: usize = std::env::var("LLM_BENCH_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    let python = std::env::var_os("LLM_BENCH_PYTHON").map(PathBuf::from);
+    let stories = dir.join("stories260K.gguf");
+    trt_diff::weights::gguf_convert::llama2c_to_gguf(
+        &data.join("llm/stories260K.bin"),
+        &data.join("llm/tok512.bin"),
+        &stories,
+    )?;
+    let qwen = dir.join("qwen05b_f16.gguf");
+    if !qwen.exists() {
+        let py = python.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is missing: set LLM_BENCH_PYTHON to a Python with numpy and gguf",
+                qwen.display()
+            )
+        })?;
+        let st = Command::new(py)
+            .args([
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/scripts/bench/make_qwen05b_gguf.py"
+                ),
+                qwen.to_str().unwrap(),
+                data.join("tokenizers/ggml-vocab-qwen2.gguf")
+                    .to_str()
+                    .unwrap(),
+            ])
+            .status()?;
+        anyhow::ensure!(st.success(), "make_qwen05b_gguf.py failed");
+    }
+    // (name, file, graph precisions, prompt ids, tokens to generate)
+    type Case<'a> = (&'a str, &'a Path, &'a [&'a str], Vec<u32>, usize);
+    let cases: [Case; 2] = [
+        (
+            "stories260K (F32)",
+            &stories,
+            &["fp32"],
+            ids(256, 3, 512),
+            128,
+        ),
+        (
+            "Qwen2.5-0.5B-shaped (F16)",
+            &qwen,
+            &["fp16", "fp32"],
+            ids(512, 1000, 100_000),
+            32,
+        ),
+    ];
+    println!(
+        "{threads} threads; time to first token = prompt processing plus the first token's logits\n"
+    );
+    println!(
+        "| model | engine | prompt tokens | prompt tok/s | time to first token (s) | generation tok/s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for (name, file, precisions, prompt, n_gen) in cases {
+        for p in precisions {
+            let n = ours(&dir, file, p, &prompt, n_gen, threads)?;
+            row(name, &format!("trt-diff ORT CPU, {p} graph"), &n);
+        }
+        if let Some(py) = &python {
+            match peer(py, file, &prompt, n_gen, threads) {
+                Ok(n) => row(name, "llama.cpp (llama-cpp-python)", &n),
+                Err(e) => println!("| {name} | llama.cpp | failed: {e} | | | |"),
+            }
+        }
+    }
+    Ok(())
+}

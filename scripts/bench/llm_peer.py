@@ -1,0 +1,36 @@
+"""llama.cpp (llama-cpp-python) on a GGUF: prompt processing and generation speed, greedy, CPU.
+
+usage: python scripts/bench/llm_peer.py MODEL.gguf PROMPT_IDS(comma separated) GEN_TOKENS THREADS
+Prints one JSON line: prompt_tokens, prompt_seconds (= time to first token: prefill plus the first sample),
+generated, generation_seconds. Called by `cargo bench --bench llm_tokens` with the same ids it feeds trt-diff."""
+import json
+import sys
+import time
+
+import numpy as np
+from llama_cpp import Llama
+
+
+def main(model, ids, gen, threads):
+    ids = [int(x) for x in ids.split(",")]
+    gen, threads = int(gen), int(threads)
+    llm = Llama(model_path=model, n_ctx=len(ids) + gen + 8, n_threads=threads, n_threads_batch=threads,
+                n_batch=len(ids), n_ubatch=len(ids), verbose=False, logits_all=False)
+    # Warm-up (first evaluation allocates buffers).
+    llm.reset()
+    llm.eval(ids[:8])
+    llm.reset()
+    t0 = time.perf_counter()
+    llm.eval(ids)
+    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t1 = time.perf_counter()
+    for _ in range(gen - 1):
+        llm.eval([tok])
+        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    t2 = time.perf_counter()
+    print(json.dumps({"prompt_tokens": len(ids), "prompt_seconds": t1 - t0, "generated": gen,
+                      "generation_seconds": t2 - t1}))
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:5])
