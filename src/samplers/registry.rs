@@ -136,6 +136,7 @@ const MULTISTEP: &[(&str, usize, usize, &str)] = &[
     // name, points used (current + history), order reached, warm-up single-step method
     ("res_2m", 2, 2, "res_2s"),
     ("res_3m", 3, 2, "res_3s"), // RES4LYF's gamma rule is third order only for c3 = 1
+    ("dpmpp_3m", 3, 2, "dpmpp_3s"),
     ("abnorsett_2m", 2, 2, "res_2s"),
     ("abnorsett_3m", 3, 3, "res_3s"),
     ("abnorsett_4m", 4, 4, "res_4s_strehmel_weiner"),
