@@ -6,6 +6,7 @@
 //! `x' = x + h sum_j b_j (D_j - x)` (RES4LYF's form, `epsilon = denoised - x_0`). Each method is a short
 //! function from `(h, c2, c3)` to `(a, b, c)` with the coefficients as RES4LYF publishes them.
 use super::buffer::Buffer;
+use super::noise_mode::{NoiseMode, sde_step};
 use super::phi::PhiAt;
 use super::stepper::{Ctx, Sampler, Scratch};
 use anyhow::Result;
@@ -851,15 +852,29 @@ impl ExpMethod {
     }
 }
 
-/// Single-step exponential RK sampler. A step to sigma = 0 is the plain denoise (h is infinite there).
+/// SDE settings of a single-step exponential sampler (RES4LYF's noise modes, see [`super::noise_mode`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ExpSde {
+    pub mode: NoiseMode,
+    pub eta: f64,
+    pub s_noise: f64,
+    pub vp: bool,
+    pub sigma_max: f64,
+}
+
+/// Single-step exponential RK sampler. A step to sigma = 0 is the plain denoise (h is infinite there). With
+/// `sde`, each step lands on the noise mode's sigma_down and then `x = alpha_ratio x + s_noise sigma_up z`
+/// (RES4LYF's add_noise, without its per-channel z-score renormalization of z).
 pub struct ExpRk<B> {
     pub method: &'static ExpMethod,
+    pub sde: Option<ExpSde>,
     s: Scratch<B>,
 }
 impl<B> ExpRk<B> {
     pub fn new(method: &'static ExpMethod) -> Self {
         Self {
             method,
+            sde: None,
             s: Scratch::new(),
         }
     }
@@ -915,9 +930,26 @@ impl<B: Buffer> Sampler<B> for ExpRk<B> {
             cx.model.denoise(x, s, &mut d[0])?;
             return x.copy_from(&d[0]);
         }
-        let h = (s / sn).ln();
-        let k = self.method.at(h);
-        exp_step(cx, x, bufs, &k, s, h)
+        let Some(sde) = self.sde else {
+            let h = (s / sn).ln();
+            let k = self.method.at(h);
+            return exp_step(cx, x, bufs, &k, s, h);
+        };
+        let st = sde_step(sde.mode, s, sn, sde.eta, sde.vp, sde.sigma_max, false);
+        if st.sigma_down > 0.0 && st.sigma_down < s {
+            let h = (s / st.sigma_down).ln();
+            let k = self.method.at(h);
+            exp_step(cx, x, bufs, &k, s, h)?;
+        } else if st.sigma_down <= 0.0 {
+            cx.model.denoise(x, s, &mut bufs[0])?;
+            x.copy_from(&bufs[0])?;
+        }
+        if st.sigma_up > 0.0 && sde.s_noise > 0.0 {
+            let n = &mut bufs[1];
+            cx.noise(n, s, sn)?;
+            x.lincomb(st.alpha_ratio, &[(sde.s_noise * st.sigma_up, &*n)])?;
+        }
+        Ok(())
     }
 }
 

@@ -6,6 +6,7 @@ pub mod exprk;
 pub mod kdiff;
 pub mod model;
 pub mod noise;
+pub mod noise_mode;
 pub mod phi;
 pub mod registry;
 pub mod report;

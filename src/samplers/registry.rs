@@ -2,7 +2,7 @@
 //! the one constructor that maps a name (and options) to a [`Sampler`].
 use super::buffer::Buffer;
 use super::comfy;
-use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk};
+use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk, ExpSde};
 use super::kdiff;
 use super::rk::Rk;
 use super::stepper::Sampler;
@@ -63,6 +63,14 @@ pub struct SamplerOptions {
     /// SA-Solver's stochastic interval (sigma_hi, sigma_lo): tau = 1 inside, 0 outside. Default: ComfyUI's
     /// `percent_to_sigma(0.2)` and `(0.8)` of the SD 1.x/SDXL table; pipelines should pass their model's.
     pub sa_tau_sigmas: (f64, f64),
+    /// RES4LYF SDE noise mode for the single-step exponential samplers (res_*, etdrk*, lawson*, dpmpp_*s,
+    /// ddim): `None` keeps them deterministic ODE solvers; otherwise each step lands on the mode's sigma_down
+    /// and adds `s_noise * sigma_up` of noise scaled by `eta`.
+    pub noise_mode: super::noise_mode::NoiseMode,
+    /// Variance-preserving / rectified-flow model (RES4LYF's VARIANCE_PRESERVING) for the noise modes.
+    pub noise_vp: bool,
+    /// The model's largest sigma, which the noise modes normalize by (1 for flow models).
+    pub noise_sigma_max: f64,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -77,6 +85,9 @@ impl Default for SamplerOptions {
                 let ms = super::schedule::ModelSampling::sd();
                 (ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8))
             },
+            noise_mode: super::noise_mode::NoiseMode::None,
+            noise_vp: false,
+            noise_sigma_max: super::schedule::ModelSampling::sd().sigma_max(),
         }
     }
 }
@@ -291,7 +302,15 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         "uni_pc_bh2" => Box::new(comfy::UniPc::new(true)),
         _ => {
             if let Some(m) = ExpMethod::by_name(name) {
-                return Ok(Box::new(ExpRk::new(m)));
+                let mut s = ExpRk::new(m);
+                s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
+                    mode: o.noise_mode,
+                    eta: o.eta,
+                    s_noise: o.s_noise,
+                    vp: o.noise_vp,
+                    sigma_max: o.noise_sigma_max,
+                });
+                return Ok(Box::new(s));
             }
             if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
                 let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");
