@@ -46,7 +46,58 @@ EXPONENTIAL = [
     "res_3s_strehmel_weiner", "res_3s_cox_matthews", "res_3s_lie", "res_3s_sunstar", "res_4s_krogstad",
     "res_4s_strehmel_weiner", "res_4s_cox_matthews", "etdrk2_2s", "etdrk3_a_3s", "etdrk3_b_3s",
     "etdrk4_4s", "etdrk4_4s_alt", "dpmpp_2s", "dpmpp_sde_2s", "dpmpp_3s",
+    "res_4s_krogstad_alt", "res_4s_strehmel_weiner_alt", "res_4s_cfree4", "res_4s_friedli", "res_4s_minchev",
+    "res_4s_munthe-kaas", "res_5s", "res_5s_hochbruck-ostermann", "res_6s", "res_8s", "res_10s",
+    "lawson2a_2s", "lawson2b_2s", "lawson4_4s", "lawson41-gen_4s", "lawson41-gen-mod_4s",
 ]
+
+
+def load_noise_modes(root):
+    """RES4LYF's RK_NoiseSampler.get_sde_step / get_sde_coeff / get_vpsde_step_RF, taken from its source by ast
+    (the module itself imports ComfyUI) and bound to a minimal object holding the two fields they read."""
+    import ast
+    import torch
+
+    src = open(os.path.join(root, "beta", "rk_noise_sampler_beta.py")).read()
+    tree = ast.parse(src)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RK_NoiseSampler")
+    fns = [n for n in cls.body if isinstance(n, ast.FunctionDef)
+           and n.name in ("get_sde_step", "get_sde_coeff", "get_vpsde_step_RF")]
+    ns = {"torch": torch, "Tensor": torch.Tensor, "Optional": __import__("typing").Optional,
+          "Tuple": __import__("typing").Tuple, "RESplain": lambda *a, **k: None}
+    exec(compile(ast.Module(body=fns, type_ignores=[]), "rk_noise_sampler_beta.py", "exec"), ns)
+
+    class NS:
+        pass
+
+    for f in ("get_sde_step", "get_sde_coeff", "get_vpsde_step_RF"):
+        setattr(NS, f, ns[f])
+    return NS
+
+
+NOISE_MODES = ["hard", "lorentzian", "soft", "soft-linear", "softer", "eps", "sinusoidal", "exp", "vpsde", "er4",
+               "hard_var"]
+
+
+def noise_modes(root):
+    import torch
+
+    NS = load_noise_modes(root)
+    out = []
+    for vp, sigma_max, pairs in [(False, 14.6146, [(14.0, 9.0), (3.0, 2.2), (0.5, 0.3)]),
+                                 (True, 1.0, [(0.95, 0.8), (0.5, 0.42), (0.1, 0.05)])]:
+        ns = NS()
+        ns.sigma_max, ns.VARIANCE_PRESERVING = sigma_max, vp
+        for mode in NOISE_MODES:
+            for s, sn in pairs:
+                for eta in [0.25, 0.5, 1.0]:
+                    for down in [False, True]:
+                        su, _, sd, ar = ns.get_sde_step(torch.tensor(s, dtype=torch.float64),
+                                                        torch.tensor(sn, dtype=torch.float64), eta, mode, down)
+                        out.append({"mode": mode, "vp": vp, "sigma_max": sigma_max, "sigma": s, "sigma_next": sn,
+                                    "eta": eta, "down": down, "sigma_up": float(su), "sigma_down": float(sd),
+                                    "alpha_ratio": float(ar)})
+    return out
 
 
 def main():
@@ -70,6 +121,7 @@ def main():
             )
             fl = lambda m: [[float(x) for x in row] for row in m]
             g["exponential"].append({"name": name, "h": hv, "a": fl(a), "b": fl(b)[0], "c": [float(x) for x in ci]})
+    g["noise_modes"] = noise_modes(root)
     with open(out, "w") as f:
         json.dump(g, f, separators=(",", ":"))
     print(f"wrote {out}: {len(g['tableaux'])} tableaux, {len(g['exponential'])} exponential evaluations")

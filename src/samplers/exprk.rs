@@ -6,6 +6,7 @@
 //! `x' = x + h sum_j b_j (D_j - x)` (RES4LYF's form, `epsilon = denoised - x_0`). Each method is a short
 //! function from `(h, c2, c3)` to `(a, b, c)` with the coefficients as RES4LYF publishes them.
 use super::buffer::Buffer;
+use super::noise_mode::{NoiseMode, sde_step};
 use super::phi::PhiAt;
 use super::stepper::{Ctx, Sampler, Scratch};
 use anyhow::Result;
@@ -246,6 +247,298 @@ fn dpmpp_3s(h: f64, c2: f64, c3: f64) -> ExpCoeffs {
     ExpCoeffs { a, b, c }
 }
 
+fn res_4s_krogstad_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[2][1] = 4.0 * p.s(2, 2);
+    a[3][2] = 2.0 * p.f(2);
+    let w = 2.0 * p.f(2) - 4.0 * p.f(3);
+    let mut b = vec![0.0, w, w, -p.f(2) + 4.0 * p.f(3)];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_4s_strehmel_weiner_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[2][1] = 2.0 * p.s(2, 2);
+    a[3][1] = -2.0 * p.f(2);
+    a[3][2] = 4.0 * p.f(2);
+    let mut b = vec![
+        0.0,
+        0.0,
+        4.0 * p.f(2) - 8.0 * p.f(3),
+        -p.f(2) + 4.0 * p.f(3),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_4s_cfree4(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[1][0] = c[1] * p.s(1, 2);
+    a[2][1] = c[2] * p.s(1, 2);
+    a[3][0] = 0.5 * p.s(1, 2) * (p.s(0, 2) - 1.0);
+    a[3][2] = p.s(1, 2);
+    let b = vec![
+        0.5 * p.f(1) - (1.0 / 3.0) * p.s(1, 2),
+        (1.0 / 3.0) * p.f(1),
+        (1.0 / 3.0) * p.f(1),
+        -(1.0 / 6.0) * p.f(1) + (1.0 / 3.0) * p.s(1, 2),
+    ];
+    ExpCoeffs { a, b, c }
+}
+fn res_4s_friedli(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[2][1] = 2.0 * p.s(2, 2);
+    a[3][1] = -(26.0 / 25.0) * p.f(1) + (2.0 / 25.0) * p.f(2);
+    a[3][2] = (26.0 / 25.0) * p.f(1) + (48.0 / 25.0) * p.f(2);
+    let mut b = vec![
+        0.0,
+        0.0,
+        4.0 * p.f(2) - 8.0 * p.f(3),
+        -p.f(2) + 4.0 * p.f(3),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_4s_munthe_kaas(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[1][0] = c[1] * p.s(1, 2);
+    a[2][0] = (h / 8.0) * p.s(1, 2);
+    a[2][1] = 0.5 * (1.0 - h / 4.0) * p.s(1, 2);
+    a[3][2] = p.f(1);
+    let b = vec![
+        (1.0 / 6.0) * p.f(1) * (1.0 + h / 2.0),
+        (1.0 / 3.0) * p.f(1),
+        (1.0 / 3.0) * p.f(1),
+        (1.0 / 6.0) * p.f(1) * (1.0 - h / 2.0),
+    ];
+    ExpCoeffs { a, b, c }
+}
+fn res_4s_minchev(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[2][1] = (4.0 / 25.0) * p.s(1, 2) + (24.0 / 25.0) * p.s(2, 2);
+    // RES4LYF computes a4_2 = 21/5 phi_2 - 108/5 phi_3 but leaves it out of the matrix; so do we.
+    a[3][2] = (1.0 / 20.0) * p.f(1) - (33.0 / 10.0) * p.f(2) + (123.0 / 5.0) * p.f(3);
+    let mut b = vec![
+        0.0,
+        -(1.0 / 10.0) * p.f(1) + (1.0 / 5.0) * p.f(2) - 4.0 * p.f(3) + 12.0 * p.f(4),
+        (1.0 / 30.0) * p.f(1) + (23.0 / 5.0) * p.f(2) - 8.0 * p.f(3) - 4.0 * p.f(4),
+        (1.0 / 30.0) * p.f(1) - (7.0 / 5.0) * p.f(2) + 6.0 * p.f(3) - 4.0 * p.f(4),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_5s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0, 0.5];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(5);
+    a[2][1] = p.s(2, 3);
+    a[3][1] = p.s(2, 4);
+    a[4][1] = 0.5 * p.s(2, 5) - p.s(3, 4) + 0.25 * p.s(2, 4) - 0.5 * p.s(3, 5);
+    a[3][2] = a[3][1];
+    a[4][2] = a[4][1];
+    a[4][3] = 0.25 * p.s(2, 5) - a[4][1];
+    let mut b = vec![
+        0.0,
+        0.0,
+        0.0,
+        -p.f(2) + 4.0 * p.f(3),
+        4.0 * p.f(2) - 8.0 * p.f(3),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_5s_hochbruck_ostermann(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0, 0.5];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(5);
+    a[2][1] = 4.0 * p.s(2, 2);
+    a[3][1] = p.f(2);
+    a[4][1] = 0.25 * p.f(2) - p.f(3) + 2.0 * p.s(2, 2) - 4.0 * p.s(3, 2);
+    a[3][2] = p.f(2);
+    a[4][2] = a[4][1];
+    a[4][3] = p.s(2, 2) - a[4][1];
+    let mut b = vec![
+        0.0,
+        0.0,
+        0.0,
+        -p.f(2) + 4.0 * p.f(3),
+        4.0 * p.f(2) - 8.0 * p.f(3),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_6s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0 / 3.0, 1.0 / 3.0, 5.0 / 6.0];
+    let p = PhiAt { h, c: &c };
+    let (c2, c3, c4, c5, c6) = (c[1], c[2], c[3], c[4], c[5]);
+    let mut a = zeros(6);
+    a[1][0] = c2 * p.s(1, 2);
+    a[2][1] = (c3 * c3 / c2) * p.s(2, 3);
+    a[3][1] = (c4 * c4 / c2) * p.s(2, 4);
+    a[3][2] = (c4 * c4 * p.s(2, 4) - a[3][1] * c2) / c3;
+    a[4][2] = (-c4 * c5 * c5 * p.s(2, 5) + 2.0 * c5.powi(3) * p.s(3, 5)) / (c3 * (c3 - c4));
+    a[4][3] = (-c3 * c5 * c5 * p.s(2, 5) + 2.0 * c5.powi(3) * p.s(3, 5)) / (c4 * (c4 - c3));
+    a[5][2] = (-c4 * c6 * c6 * p.s(2, 6) + 2.0 * c6.powi(3) * p.s(3, 6)) / (c3 * (c3 - c4));
+    a[5][3] = (-c3 * c6 * c6 * p.s(2, 6) + 2.0 * c6.powi(3) * p.s(3, 6)) / (c4 * (c4 - c3));
+    a[5][4] = (c6 * c6 * p.s(2, 6) - a[5][2] * c3 - a[5][3] * c4) / c5;
+    let mut b = vec![
+        0.0,
+        0.0,
+        0.0,
+        0.0,
+        (-c6 * p.f(2) + 2.0 * p.f(3)) / (c5 * (c5 - c6)),
+        (-c5 * p.f(2) + 2.0 * p.f(3)) / (c6 * (c6 - c5)),
+    ];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+/// res_8s (RES4LYF notes it is not EXPRK5S8; its res_8s_alt, which would be, raises in RES4LYF itself because
+/// its node list is commented out, so it is not registered).
+fn res_8s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 0.25, 0.5, 0.2, 2.0 / 3.0, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(8);
+    let phi = |j, i| p.s(j, i);
+    a[2][1] = 0.5 * phi(2, 3);
+    a[3][2] = (1.0 / 8.0) * phi(2, 4);
+    a[4][2] = -0.5 * phi(2, 5) + 2.0 * phi(3, 5);
+    a[4][3] = 2.0 * phi(2, 5) - 4.0 * phi(3, 5);
+    a[5][3] = (8.0 / 25.0) * phi(2, 6) - (32.0 / 125.0) * phi(3, 6);
+    a[5][4] = (2.0 / 25.0) * phi(2, 6) - 0.5 * a[5][3];
+    let a64 = a[5][3];
+    a[6][3] = (-125.0 / 162.0) * a64;
+    a[6][4] = (125.0 / 1944.0) * a64 - (16.0 / 27.0) * phi(2, 7) + (320.0 / 81.0) * phi(3, 7);
+    a[6][5] = (3125.0 / 3888.0) * a64 + (100.0 / 27.0) * phi(2, 7) - (800.0 / 81.0) * phi(3, 7);
+    let big = (5.0 / 32.0) * a64 - (1.0 / 28.0) * phi(2, 6) + (36.0 / 175.0) * phi(2, 7)
+        - (48.0 / 25.0) * phi(3, 7)
+        + (6.0 / 175.0) * phi(4, 6)
+        + (192.0 / 35.0) * phi(4, 7)
+        + 6.0 * phi(4, 8);
+    let (f2, f3) = (phi(2, 8), phi(3, 8));
+    a[7][4] = (208.0 / 3.0) * f3 - (16.0 / 3.0) * f2 - 40.0 * big;
+    a[7][5] = (-250.0 / 3.0) * f3 + (250.0 / 21.0) * f2 + (250.0 / 7.0) * big;
+    a[7][6] = -27.0 * f3 + (27.0 / 14.0) * f2 + (135.0 / 7.0) * big;
+    let mut b = vec![0.0; 8];
+    b[5] = (125.0 / 14.0) * p.f(2) - (625.0 / 14.0) * p.f(3) + (1125.0 / 14.0) * p.f(4);
+    b[6] = (-27.0 / 14.0) * p.f(2) + (162.0 / 7.0) * p.f(3) - (405.0 / 7.0) * p.f(4);
+    b[7] = 0.5 * p.f(2) - 6.5 * p.f(3) + 22.5 * p.f(4);
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_10s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![
+        0.0,
+        0.5,
+        0.5,
+        1.0 / 3.0,
+        0.5,
+        1.0 / 3.0,
+        0.25,
+        0.3,
+        0.75,
+        1.0,
+    ];
+    let p = PhiAt { h, c: &c };
+    let ci = |i: usize| c[i - 1];
+    let mut a = zeros(10);
+    a[2][1] = (ci(3) * ci(3) / ci(2)) * p.s(2, 3);
+    a[3][1] = (ci(4) * ci(4) / ci(2)) * p.s(2, 4);
+    for i in 5..8 {
+        for (j, k) in [(3, 4), (4, 3)] {
+            a[i - 1][j - 1] = (-ci(i).powi(2) * ci(k) * p.s(2, i)
+                + 2.0 * ci(i).powi(3) * p.s(3, i))
+                / (ci(j) * (ci(j) - ci(k)));
+        }
+    }
+    for i in 8..11 {
+        for (j, k, l) in [(5, 6, 7), (6, 5, 7), (7, 5, 6)] {
+            a[i - 1][j - 1] = (ci(i).powi(2) * ci(k) * ci(l) * p.s(2, i)
+                - 2.0 * ci(i).powi(3) * (ci(k) + ci(l)) * p.s(3, i)
+                + 6.0 * ci(i).powi(4) * p.s(4, i))
+                / (ci(j) * (ci(j) - ci(k)) * (ci(j) - ci(l)));
+        }
+    }
+    let bj = |j: usize, k: usize, l: usize| {
+        (ci(k) * ci(l) * p.f(2) - 2.0 * (ci(k) + ci(l)) * p.f(3) + 6.0 * p.f(4))
+            / (ci(j) * (ci(j) - ci(k)) * (ci(j) - ci(l)))
+    };
+    let mut b = vec![0.0; 10];
+    b[7] = bj(8, 9, 10);
+    b[8] = bj(9, 8, 10);
+    b[9] = bj(10, 8, 9);
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn lawson2a_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(2);
+    a[1][0] = c[1] * p.s(0, 2);
+    ExpCoeffs {
+        a,
+        b: vec![0.0, p.s(0, 2)],
+        c,
+    }
+}
+fn lawson2b_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(2);
+    a[1][0] = p.f(0);
+    ExpCoeffs {
+        a,
+        b: vec![0.5 * p.f(0), 0.5],
+        c,
+    }
+}
+fn lawson4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[1][0] = c[1] * p.s(0, 2);
+    a[2][1] = 0.5;
+    a[3][2] = p.s(0, 2);
+    let b = vec![
+        (1.0 / 6.0) * p.f(0),
+        (1.0 / 3.0) * p.s(0, 2),
+        (1.0 / 3.0) * p.s(0, 2),
+        1.0 / 6.0,
+    ];
+    ExpCoeffs { a, b, c }
+}
+fn lawson41_gen(h: f64, modified: bool) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let mut a = zeros(4);
+    a[2][1] = 0.5;
+    a[3][2] = p.s(0, 2);
+    let b4 = if modified {
+        p.f(2) - (1.0 / 3.0) * p.s(0, 2)
+    } else {
+        1.0 / 6.0
+    };
+    let mut b = vec![0.0, (1.0 / 3.0) * p.s(0, 2), (1.0 / 3.0) * p.s(0, 2), b4];
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn lawson41_gen_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    lawson41_gen(h, false)
+}
+fn lawson41_gen_mod_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    lawson41_gen(h, true)
+}
+
 /// The exponential single-step methods. `order` is the order RES4LYF's coefficients actually reach on the
 /// analytic problem (checked by the convergence tests); several are lower than their names suggest, e.g.
 /// res_3s's gamma rule gives order 3 only for c3 = 1, and etdrk4_4s has a32 = phi_1(-h/2) where Cox-Matthews
@@ -420,6 +713,134 @@ pub static EXP_METHODS: &[ExpMethod] = &[
         c2: 0.5,
         c3: 1.0,
     },
+    ExpMethod {
+        name: "res_4s_krogstad_alt",
+        stages: 4,
+        order: 2,
+        coeffs: res_4s_krogstad_alt,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_4s_strehmel_weiner_alt",
+        stages: 4,
+        order: 2,
+        coeffs: res_4s_strehmel_weiner_alt,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_4s_cfree4",
+        stages: 4,
+        order: 4,
+        coeffs: res_4s_cfree4,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_4s_friedli",
+        stages: 4,
+        order: 2,
+        coeffs: res_4s_friedli,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_4s_minchev",
+        stages: 4,
+        order: 2,
+        coeffs: res_4s_minchev,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_4s_munthe-kaas",
+        stages: 4,
+        order: 2,
+        coeffs: res_4s_munthe_kaas,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_5s",
+        stages: 5,
+        order: 4,
+        coeffs: res_5s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_5s_hochbruck-ostermann",
+        stages: 5,
+        order: 2,
+        coeffs: res_5s_hochbruck_ostermann,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_6s",
+        stages: 6,
+        order: 4,
+        coeffs: res_6s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_8s",
+        stages: 8,
+        order: 4,
+        coeffs: res_8s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_10s",
+        stages: 10,
+        order: 5,
+        coeffs: res_10s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "lawson2a_2s",
+        stages: 2,
+        order: 2,
+        coeffs: lawson2a_2s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "lawson2b_2s",
+        stages: 2,
+        order: 2,
+        coeffs: lawson2b_2s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "lawson4_4s",
+        stages: 4,
+        order: 4,
+        coeffs: lawson4_4s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "lawson41-gen_4s",
+        stages: 4,
+        order: 4,
+        coeffs: lawson41_gen_4s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "lawson41-gen-mod_4s",
+        stages: 4,
+        order: 4,
+        coeffs: lawson41_gen_mod_4s,
+        c2: 0.5,
+        c3: 1.0,
+    },
 ];
 
 impl ExpMethod {
@@ -431,15 +852,29 @@ impl ExpMethod {
     }
 }
 
-/// Single-step exponential RK sampler. A step to sigma = 0 is the plain denoise (h is infinite there).
+/// SDE settings of a single-step exponential sampler (RES4LYF's noise modes, see [`super::noise_mode`]).
+#[derive(Clone, Copy, Debug)]
+pub struct ExpSde {
+    pub mode: NoiseMode,
+    pub eta: f64,
+    pub s_noise: f64,
+    pub vp: bool,
+    pub sigma_max: f64,
+}
+
+/// Single-step exponential RK sampler. A step to sigma = 0 is the plain denoise (h is infinite there). With
+/// `sde`, each step lands on the noise mode's sigma_down and then `x = alpha_ratio x + s_noise sigma_up z`
+/// (RES4LYF's add_noise, without its per-channel z-score renormalization of z).
 pub struct ExpRk<B> {
     pub method: &'static ExpMethod,
+    pub sde: Option<ExpSde>,
     s: Scratch<B>,
 }
 impl<B> ExpRk<B> {
     pub fn new(method: &'static ExpMethod) -> Self {
         Self {
             method,
+            sde: None,
             s: Scratch::new(),
         }
     }
@@ -495,9 +930,26 @@ impl<B: Buffer> Sampler<B> for ExpRk<B> {
             cx.model.denoise(x, s, &mut d[0])?;
             return x.copy_from(&d[0]);
         }
-        let h = (s / sn).ln();
-        let k = self.method.at(h);
-        exp_step(cx, x, bufs, &k, s, h)
+        let Some(sde) = self.sde else {
+            let h = (s / sn).ln();
+            let k = self.method.at(h);
+            return exp_step(cx, x, bufs, &k, s, h);
+        };
+        let st = sde_step(sde.mode, s, sn, sde.eta, sde.vp, sde.sigma_max, false);
+        if st.sigma_down > 0.0 && st.sigma_down < s {
+            let h = (s / st.sigma_down).ln();
+            let k = self.method.at(h);
+            exp_step(cx, x, bufs, &k, s, h)?;
+        } else if st.sigma_down <= 0.0 {
+            cx.model.denoise(x, s, &mut bufs[0])?;
+            x.copy_from(&bufs[0])?;
+        }
+        if st.sigma_up > 0.0 && sde.s_noise > 0.0 {
+            let n = &mut bufs[1];
+            cx.noise(n, s, sn)?;
+            x.lincomb(st.alpha_ratio, &[(sde.s_noise * st.sigma_up, &*n)])?;
+        }
+        Ok(())
     }
 }
 
@@ -540,6 +992,11 @@ fn multistep_b(name: &str, h: f64, c: &[f64]) -> Vec<f64> {
             let b3 = p.f(2) / (g * c2 + c3);
             let b2 = g * b3;
             vec![p.f(1) - b2 - b3, b2, b3]
+        }
+        // dpmpp_3s's b with c2, c3 behind.
+        "dpmpp_3m" => {
+            let b3 = p.f(2) / c[2];
+            vec![p.f(1) - b3, 0.0, b3]
         }
         // Adams-Bashforth-Norsett for equal steps (RES4LYF's coefficients ignore the node positions).
         "abnorsett_2m" => vec![p.f(1) + p.f(2), -p.f(2)],

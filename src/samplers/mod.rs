@@ -1,10 +1,12 @@
 //! Samplers and schedulers (RES4LYF, k-diffusion, ComfyUI, diffusers), as data driven by a few generic steppers.
 pub mod buffer;
 pub mod check;
+pub mod comfy;
 pub mod exprk;
 pub mod kdiff;
 pub mod model;
 pub mod noise;
+pub mod noise_mode;
 pub mod phi;
 pub mod registry;
 pub mod report;

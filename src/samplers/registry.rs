@@ -1,7 +1,8 @@
 //! The catalogue: every sampler name that is implemented and tested, with what `samplers list` shows, and
 //! the one constructor that maps a name (and options) to a [`Sampler`].
 use super::buffer::Buffer;
-use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk};
+use super::comfy;
+use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk, ExpSde};
 use super::kdiff;
 use super::rk::Rk;
 use super::stepper::Sampler;
@@ -16,6 +17,8 @@ pub enum Family {
     Implicit,
     Exponential,
     Multistep,
+    ComfyUi,
+    Diffusers,
 }
 impl Family {
     pub fn as_str(&self) -> &'static str {
@@ -26,6 +29,8 @@ impl Family {
             Self::Implicit => "implicit RK",
             Self::Exponential => "exponential RK",
             Self::Multistep => "multistep",
+            Self::ComfyUi => "ComfyUI",
+            Self::Diffusers => "diffusers",
         }
     }
 }
@@ -53,6 +58,19 @@ pub struct SamplerOptions {
     pub lms_order: usize,
     /// Fixed-point sweeps of implicit RK (None: the tableau's order).
     pub implicit_sweeps: Option<usize>,
+    /// gradient_estimation's gamma.
+    pub ge_gamma: f64,
+    /// SA-Solver's stochastic interval (sigma_hi, sigma_lo): tau = 1 inside, 0 outside. Default: ComfyUI's
+    /// `percent_to_sigma(0.2)` and `(0.8)` of the SD 1.x/SDXL table; pipelines should pass their model's.
+    pub sa_tau_sigmas: (f64, f64),
+    /// RES4LYF SDE noise mode for the single-step exponential samplers (res_*, etdrk*, lawson*, dpmpp_*s,
+    /// ddim): `None` keeps them deterministic ODE solvers; otherwise each step lands on the mode's sigma_down
+    /// and adds `s_noise * sigma_up` of noise scaled by `eta`.
+    pub noise_mode: super::noise_mode::NoiseMode,
+    /// Variance-preserving / rectified-flow model (RES4LYF's VARIANCE_PRESERVING) for the noise modes.
+    pub noise_vp: bool,
+    /// The model's largest sigma, which the noise modes normalize by (1 for flow models).
+    pub noise_sigma_max: f64,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -62,6 +80,14 @@ impl Default for SamplerOptions {
             r: 0.5,
             lms_order: 4,
             implicit_sweeps: None,
+            ge_gamma: 2.0,
+            sa_tau_sigmas: {
+                let ms = super::schedule::ModelSampling::sd();
+                (ms.percent_to_sigma(0.2), ms.percent_to_sigma(0.8))
+            },
+            noise_mode: super::noise_mode::NoiseMode::None,
+            noise_vp: false,
+            noise_sigma_max: super::schedule::ModelSampling::sd().sigma_max(),
         }
     }
 }
@@ -81,10 +107,47 @@ const KDIFF: &[(&str, usize, usize, usize, bool)] = &[
     ("dpmpp_2m_sde_heun", 1, 1, 1, true),
     ("dpmpp_3m_sde", 1, 1, 1, true), // eta = 0: order 2 (low-order start)
 ];
+const COMFY: &[(&str, usize, usize, usize, bool)] = &[
+    // name, order, stages, calls, stochastic (orders measured on the analytic problem, see
+    // tests/samplers_convergence.rs; 0 = not a fixed-step ODE solver)
+    ("euler_cfg_pp", 1, 1, 1, false),
+    ("euler_ancestral_cfg_pp", 1, 1, 1, true),
+    ("heunpp2", 1, 3, 3, false),
+    ("dpm_fast", 0, 3, 1, false), // its own step grid; last orders follow nfe mod 3,
+    ("dpm_adaptive", 0, 3, 3, false), // tolerance-driven, not step-count-driven,
+    ("dpmpp_2s_ancestral_cfg_pp", 1, 2, 2, true),
+    ("dpmpp_2m_cfg_pp", 2, 1, 1, false),
+    ("ddpm", 1, 1, 1, true),
+    ("lcm", 0, 1, 1, true),
+    ("ipndm", 2, 1, 1, false),
+    ("ipndm_v", 2, 1, 1, false),
+    ("deis", 2, 1, 1, false),
+    ("res_multistep", 2, 1, 1, false),
+    ("res_multistep_cfg_pp", 2, 1, 1, false),
+    ("res_multistep_ancestral", 1, 1, 1, true),
+    ("res_multistep_ancestral_cfg_pp", 1, 1, 1, true),
+    ("gradient_estimation", 1, 1, 1, false),
+    ("gradient_estimation_cfg_pp", 1, 1, 1, false),
+    ("er_sde", 1, 1, 1, true),
+    ("seeds_2", 1, 2, 2, true),
+    ("seeds_3", 1, 3, 3, true),
+    ("sa_solver", 1, 1, 1, true),
+    ("sa_solver_pece", 1, 1, 2, true),
+    ("uni_pc", 2, 1, 1, false), // order 3 inside; the order-1 final step limits it,
+    ("uni_pc_bh2", 2, 1, 1, false),
+];
+/// diffusers' flow-match scheduler names: the same steps as k-diffusion's Euler and Heun on a flow schedule
+/// (`schedule::flow_match`), proven against diffusers in tests/samplers_golden.rs.
+const DIFFUSERS: &[(&str, &str, usize, usize)] = &[
+    // name, same stepper as, order, calls
+    ("flow_match_euler", "euler", 1, 1),
+    ("flow_match_heun", "heun", 2, 2),
+];
 const MULTISTEP: &[(&str, usize, usize, &str)] = &[
     // name, points used (current + history), order reached, warm-up single-step method
     ("res_2m", 2, 2, "res_2s"),
     ("res_3m", 3, 2, "res_3s"), // RES4LYF's gamma rule is third order only for c3 = 1
+    ("dpmpp_3m", 3, 2, "dpmpp_3s"),
     ("abnorsett_2m", 2, 2, "res_2s"),
     ("abnorsett_3m", 3, 3, "res_3s"),
     ("abnorsett_4m", 4, 4, "res_4s_strehmel_weiner"),
@@ -122,6 +185,26 @@ pub fn list() -> Vec<SamplerInfo> {
             stages,
             calls,
             stochastic,
+        });
+    }
+    for &(name, order, stages, calls, stochastic) in COMFY {
+        v.push(SamplerInfo {
+            name,
+            family: Family::ComfyUi,
+            order,
+            stages,
+            calls,
+            stochastic,
+        });
+    }
+    for &(name, _, order, calls) in DIFFUSERS {
+        v.push(SamplerInfo {
+            name,
+            family: Family::Diffusers,
+            order,
+            stages: calls,
+            calls,
+            stochastic: false,
         });
     }
     for m in EXP_METHODS {
@@ -182,9 +265,52 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         "dpmpp_2m_sde" => Box::new(Dpmpp2mSde::new(o.eta, o.s_noise, SolverType::Midpoint)),
         "dpmpp_2m_sde_heun" => Box::new(Dpmpp2mSde::new(o.eta, o.s_noise, SolverType::Heun)),
         "dpmpp_3m_sde" => Box::new(Dpmpp3mSde::new(o.eta, o.s_noise)),
+        "flow_match_euler" => Box::new(Euler::default()),
+        "flow_match_heun" => Box::new(Heun::default()),
+        "euler_cfg_pp" => Box::new(comfy::EulerCfgPp::new(0.0, 0.0)),
+        "euler_ancestral_cfg_pp" => Box::new(comfy::EulerCfgPp::new(o.eta, o.s_noise)),
+        "heunpp2" => Box::new(comfy::Heunpp2::default()),
+        "dpm_fast" => Box::new(comfy::DpmFast::default()),
+        "dpm_adaptive" => Box::new(comfy::DpmAdaptive::default()),
+        "dpmpp_2s_ancestral_cfg_pp" => {
+            Box::new(comfy::Dpmpp2sAncestralCfgPp::new(o.eta, o.s_noise))
+        }
+        "dpmpp_2m_cfg_pp" => Box::new(comfy::Dpmpp2mCfgPp::default()),
+        "ddpm" => Box::new(comfy::Ddpm::default()),
+        "lcm" => Box::new(comfy::Lcm::new(o.s_noise)),
+        "ipndm" => Box::new(comfy::Ipndm::new(false)),
+        "ipndm_v" => Box::new(comfy::Ipndm::new(true)),
+        "deis" => Box::new(comfy::Deis::new(3)),
+        "res_multistep" => Box::new(comfy::ResMultistep::new(0.0, o.s_noise, false)),
+        "res_multistep_cfg_pp" => Box::new(comfy::ResMultistep::new(0.0, o.s_noise, true)),
+        "res_multistep_ancestral" => Box::new(comfy::ResMultistep::new(o.eta, o.s_noise, false)),
+        "res_multistep_ancestral_cfg_pp" => {
+            Box::new(comfy::ResMultistep::new(o.eta, o.s_noise, true))
+        }
+        "gradient_estimation" => Box::new(comfy::GradientEstimation::new(o.ge_gamma, false)),
+        "gradient_estimation_cfg_pp" => Box::new(comfy::GradientEstimation::new(o.ge_gamma, true)),
+        "er_sde" => Box::new(comfy::ErSde::new(o.s_noise)),
+        "seeds_2" => Box::new(comfy::Seeds::new(2, o.eta, o.s_noise)),
+        "seeds_3" => Box::new(comfy::Seeds::new(3, o.eta, o.s_noise)),
+        "sa_solver" | "sa_solver_pece" => Box::new(comfy::SaSolver::new(
+            o.sa_tau_sigmas.0,
+            o.sa_tau_sigmas.1,
+            o.s_noise,
+            name == "sa_solver_pece",
+        )),
+        "uni_pc" => Box::new(comfy::UniPc::new(false)),
+        "uni_pc_bh2" => Box::new(comfy::UniPc::new(true)),
         _ => {
             if let Some(m) = ExpMethod::by_name(name) {
-                return Ok(Box::new(ExpRk::new(m)));
+                let mut s = ExpRk::new(m);
+                s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
+                    mode: o.noise_mode,
+                    eta: o.eta,
+                    s_noise: o.s_noise,
+                    vp: o.noise_vp,
+                    sigma_max: o.noise_sigma_max,
+                });
+                return Ok(Box::new(s));
             }
             if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
                 let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");

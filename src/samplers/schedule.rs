@@ -79,6 +79,21 @@ impl ModelSampling {
             Self::Flux { .. } => sigma,
         }
     }
+    /// ComfyUI `percent_to_sigma`: the sigma at a fraction of the way through sampling (0 = start).
+    pub fn percent_to_sigma(&self, percent: f64) -> f64 {
+        if percent <= 0.0 {
+            return 999_999_999.9;
+        }
+        if percent >= 1.0 {
+            return 0.0;
+        }
+        let p = 1.0 - percent;
+        match self {
+            Self::Discrete { .. } => self.sigma(p * 999.0),
+            Self::Flow { .. } => self.sigma(p * 1000.0),
+            Self::Flux { .. } => self.sigma(p),
+        }
+    }
     /// ComfyUI `sigma(timestep)`: log-linear interpolation in the table (discrete) or the shift formula.
     pub fn sigma(&self, t: f64) -> f64 {
         match self {

@@ -20,6 +20,10 @@ impl<B: Buffer> Ctx<'_, B> {
     pub fn noise(&mut self, out: &mut B, sigma: f64, sigma_next: f64) -> Result<()> {
         self.noise.sample(out, sigma, sigma_next)
     }
+    /// The guided prediction and the unconditional one (CFG++ samplers); without guidance both are `D`.
+    pub fn denoise_uncond(&mut self, x: &B, sigma: f64, out: &mut B, uncond: &mut B) -> Result<()> {
+        self.model.denoise_with_uncond(x, sigma, out, uncond)
+    }
 }
 
 pub trait Sampler<B: Buffer> {
