@@ -1,3 +1,6 @@
 //! Models: plain config structs and one function each that emits the ONNX graph.
+pub mod clip;
 pub mod llama;
 pub mod mlp;
+pub mod ops;
+pub mod t5;

@@ -1,2 +1,4 @@
 //! Tokenizers.
+pub mod clip;
 pub mod llama2c;
+pub mod t5;
