@@ -45,6 +45,13 @@ fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
         / scale
 }
 
+/// mean |a - b| / mean |b|.
+fn mean_rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
+    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
+    let num: f64 = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).sum();
+    num / b.iter().map(|v| v.abs()).sum::<f64>()
+}
+
 fn run(onnx: &Path, inputs: &HashMap<String, HostTensor>) -> Vec<(String, HostTensor)> {
     let mut e = OrtEngine::open(onnx, &OrtOptions::default()).unwrap();
     let given: Vec<(String, HostTensor)> = e
@@ -134,4 +141,69 @@ fn bad_checkpoints_are_named() {
     );
     let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().collect();
     assert!(left.is_empty(), "partial files left: {left:?}");
+}
+
+/// Calibrates on the golden inputs (amax per activation from the calibration graph), as the pipeline does over its
+/// calibration prompts.
+fn calibrate(dir: &Path, io: &HashMap<String, HostTensor>) -> HashMap<String, f32> {
+    let opts = ExportOptions {
+        calibration: true,
+        ..Default::default()
+    };
+    let (onnx, _, _) = export("flux_dev.safetensors", "flux_dev", &opts, dir);
+    let out = run(&onnx, io);
+    assert!(out.len() > 10, "calibration outputs: {}", out.len());
+    let mut amax = HashMap::new();
+    flux::merge_amax(&mut amax, &out[1..]);
+    assert!(amax.contains_key("transformer_blocks.0.attn.to_q"));
+    assert!(amax.contains_key("single_transformer_blocks.1.proj_out"));
+    amax
+}
+
+#[test]
+fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
+    use trt_diff::trt::{BuildOptions, TrtChoice, build_engine};
+    let d = tempfile::tempdir().unwrap();
+    let io = io("flux_dev_io.safetensors");
+    let amax = calibrate(d.path(), &io);
+    // (precision, file, bound on max |err| / max |ref|): FP8 E4M3 keeps 3 mantissa bits, NVFP4 (E2M1) 1.
+    for (precision, file, bound) in [
+        (FluxPrecision::Fp8, "flux_dev_bfl.safetensors", 0.05),
+        (FluxPrecision::Nvfp4, "flux_dev_bfl.safetensors", 0.10),
+        (FluxPrecision::Nvfp4, "flux_dev.safetensors", 0.10),
+    ] {
+        let sub = d.path().join(format!("{precision:?}_{file}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let opts = ExportOptions {
+            precision,
+            amax: amax.clone(),
+            ..Default::default()
+        };
+        let (onnx, cfg, _) = export(file, "flux_dev", &opts, &sub);
+        let out = run(&onnx, &io);
+        let err = rel_err(&out[0].1, &io["sample"]);
+        println!(
+            "{precision:?} {file}: max rel err vs fp32 diffusers {err:.3e}, mean rel err {:.3e}",
+            mean_rel_err(&out[0].1, &io["sample"])
+        );
+        assert!(err < bound, "{precision:?} {file}: {err}");
+        assert!(err > 1e-5, "{precision:?}: no quantization happened? {err}");
+        if file.ends_with("_bfl.safetensors") {
+            let plan = sub.join("transformer.plan");
+            let o = build_engine(&BuildOptions {
+                onnx: onnx.clone(),
+                out: plan.clone(),
+                trt: TrtChoice::Rtx,
+                shapes: flux::profile(&cfg, [1, 2, 2], [64, 64, 128], 7).unwrap(),
+                ..Default::default()
+            })
+            .unwrap();
+            assert!(o.manifest.builder.layers > 0);
+            println!(
+                "{precision:?}: TensorRT-RTX built {} bytes, {} layers",
+                std::fs::metadata(&plan).unwrap().len(),
+                o.manifest.builder.layers
+            );
+        }
+    }
 }
