@@ -1,5 +1,6 @@
 //! Models: plain config structs and one function each that emits the ONNX graph.
 pub mod clip;
+pub mod flux;
 pub mod llama;
 pub mod mlp;
 pub mod ops;
