@@ -17,7 +17,7 @@ use std::time::Instant;
 
 /// What differs between Flux variants and what `generate` defaults to; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FluxConfig {
+pub struct FluxPipelineConfig {
     /// "flux-dev" or "flux-schnell".
     pub arch: String,
     /// Distilled guidance input (dev).
@@ -41,7 +41,7 @@ pub struct FluxConfig {
     pub default_height: usize,
 }
 
-impl FluxConfig {
+impl FluxPipelineConfig {
     pub fn for_arch(arch: &str) -> Result<Self> {
         let dev = match arch {
             "flux-dev" => true,
@@ -106,10 +106,12 @@ pub struct FluxEngines {
 }
 
 pub struct FluxPipeline {
-    pub config: FluxConfig,
+    pub config: FluxPipelineConfig,
     pub clip_tok: ClipTokenizer,
     pub t5_tok: T5Tokenizer,
     pub engines: FluxEngines,
+    /// When set, every transformer run's `amax.<key>` outputs (a calibration graph's) are folded in here.
+    pub amax: Option<std::collections::HashMap<String, f32>>,
 }
 
 pub struct StepInfo {
@@ -210,7 +212,7 @@ struct Cond {
 
 /// The sigma schedule (n+1 values ending in 0): "flux" is diffusers' FluxPipeline (`linspace(1, 1/n, n)`,
 /// time-shifted by mu when dynamic), other names come from the samplers' schedules.
-pub fn flux_sigmas(cfg: &FluxConfig, scheduler: &str, steps: usize, tokens: usize) -> Result<Vec<f64>> {
+pub fn flux_sigmas(cfg: &FluxPipelineConfig, scheduler: &str, steps: usize, tokens: usize) -> Result<Vec<f64>> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -364,6 +366,7 @@ impl FluxPipeline {
             tae_decoder,
             ..
         } = &mut self.engines;
+        let amax = &mut self.amax;
         let mut velocity = |x: &Vec<f32>, sigma: f64, cond: &Cond| -> Result<Vec<f32>> {
             let e = transformer.as_ref();
             let d = cond.t5_dim;
@@ -380,7 +383,10 @@ impl FluxPipeline {
                 inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
             }
             let out = transformer.run(&inputs).context("Flux transformer")?;
-            output_f32(&out, "output")
+            if let Some(map) = amax.as_mut() {
+                crate::models::flux::merge_amax(map, &out);
+            }
+            output_f32(&out, "sample")
         };
         // Denoiser in k-diffusion's convention for the flow parameterization: D = x - sigma v.
         let cfg_scale = req.cfg;
@@ -476,7 +482,7 @@ impl FluxPipeline {
         let name = e.inputs()[0].name.clone();
         let input = float_input(e, &name, &[b, c.latent_channels, lh, lw], &z)?;
         let out = self.engines.vae_decoder.run(&[input]).context("VAE decoder")?;
-        let img = output_f32(&out, "sample")?;
+        let img = output_f32(&out, "image")?;
         let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
         if img.len() != b * 3 * h * w {
             bail!("the VAE decoder returned {} values, {} expected", img.len(), b * 3 * h * w);
@@ -504,7 +510,7 @@ impl FluxPipeline {
         let name = enc.inputs()[0].name.clone();
         let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], &img)?;
         let out = enc.run(&[input]).context("VAE encoder")?;
-        let m = output_f32(&out, "latent")?;
+        let m = output_f32(&out, "mean")?;
         let per = c.latent_channels * lh * lw;
         // An encoder returning the moments [mean, logvar] gives its mean (diffusers' mode()).
         if m.len() != per && m.len() != 2 * per {
@@ -519,15 +525,13 @@ impl FluxPipeline {
 }
 
 /// The first image of packed latents (an x0 estimate) through the tiny autoencoder's decoder, as RGB8.
-fn preview(tae: &mut dyn Engine, c: &FluxConfig, x: &[f32], lh: usize, lw: usize) -> Result<Vec<u8>> {
+fn preview(tae: &mut dyn Engine, c: &FluxPipelineConfig, x: &[f32], lh: usize, lw: usize) -> Result<Vec<u8>> {
     let per = lh / 2 * (lw / 2) * c.latent_channels * 4;
     if x.len() < per {
         bail!("no latents to preview yet");
     }
-    let z: Vec<f32> = unpack(&x[..per], 1, c.latent_channels, lh, lw)
-        .iter()
-        .map(|v| v / c.scaling_factor + c.shift_factor)
-        .collect();
+    // TAESD works on the sampler's latent space itself: unpacked, no VAE scaling or shift.
+    let z = unpack(&x[..per], 1, c.latent_channels, lh, lw);
     let name = tae.inputs()[0].name.clone();
     let input = float_input(tae, &name, &[1, c.latent_channels, lh, lw], &z)?;
     let out = tae.run(&[input]).context("TAE preview decoder")?;
