@@ -207,3 +207,45 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
         }
     }
 }
+
+#[test]
+fn taef2_matches_its_test_vectors() {
+    use trt_diff::models::taesd::{self, TaeKind, TaeLayer, TaesdConfig};
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
+    let npy = |n: &str| trt_diff::npy::read(&data.join(n)).unwrap();
+    let image = npy("testvec_input_1x3x128x128.npy");
+    let latent = npy("testvec_latent_1x32x16x16.npy");
+    let decoded = npy("testvec_decoded_1x3x128x128.npy");
+    let d = tempfile::tempdir().unwrap();
+    for (kind, file, input, want) in [
+        (
+            TaeKind::Encoder,
+            "taef2_encoder.safetensors",
+            &image,
+            &latent,
+        ),
+        (
+            TaeKind::Decoder,
+            "taef2_decoder.safetensors",
+            &latent,
+            &decoded,
+        ),
+    ] {
+        let ck = Checkpoint::open(&data.join(file)).unwrap();
+        let cfg = TaesdConfig::from_checkpoint(&ck, kind).unwrap();
+        assert_eq!(cfg.latent_channels, 32);
+        let pools = cfg
+            .layers
+            .iter()
+            .filter(|l| matches!(l, TaeLayer::Block { pool: true, .. }))
+            .count();
+        assert_eq!(pools, 3, "taef2 has three GroupNorm mid-blocks");
+        let onnx = taesd::export(&data.join(file), kind, d.path()).unwrap();
+        let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+        let name = e.inputs()[0].name.clone();
+        let out = e.run(&[(name, input.clone())]).unwrap();
+        let err = rel_err(&out[0].1, want);
+        println!("taef2 {kind:?}: max rel err {err:.2e}");
+        assert!(err < 1e-4, "{kind:?}: {err}");
+    }
+}

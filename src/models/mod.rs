@@ -3,3 +3,4 @@ pub mod flux;
 pub mod llama;
 pub mod mlp;
 pub mod ops;
+pub mod taesd;
