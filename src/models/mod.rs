@@ -4,3 +4,4 @@ pub mod llama;
 pub mod mlp;
 pub mod ops;
 pub mod taesd;
+pub mod vae;
