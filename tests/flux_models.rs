@@ -207,3 +207,84 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
         }
     }
 }
+
+#[test]
+fn taef2_matches_its_test_vectors() {
+    use trt_diff::models::taesd::{self, TaeKind, TaeLayer, TaesdConfig};
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
+    let npy = |n: &str| trt_diff::npy::read(&data.join(n)).unwrap();
+    let image = npy("testvec_input_1x3x128x128.npy");
+    let latent = npy("testvec_latent_1x32x16x16.npy");
+    let decoded = npy("testvec_decoded_1x3x128x128.npy");
+    let d = tempfile::tempdir().unwrap();
+    for (kind, file, input, want) in [
+        (
+            TaeKind::Encoder,
+            "taef2_encoder.safetensors",
+            &image,
+            &latent,
+        ),
+        (
+            TaeKind::Decoder,
+            "taef2_decoder.safetensors",
+            &latent,
+            &decoded,
+        ),
+    ] {
+        let ck = Checkpoint::open(&data.join(file)).unwrap();
+        let cfg = TaesdConfig::from_checkpoint(&ck, kind).unwrap();
+        assert_eq!(cfg.latent_channels, 32);
+        let pools = cfg
+            .layers
+            .iter()
+            .filter(|l| matches!(l, TaeLayer::Block { pool: true, .. }))
+            .count();
+        assert_eq!(pools, 3, "taef2 has three GroupNorm mid-blocks");
+        let onnx = taesd::export(&data.join(file), kind, d.path()).unwrap();
+        let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+        let name = e.inputs()[0].name.clone();
+        let out = e.run(&[(name, input.clone())]).unwrap();
+        let err = rel_err(&out[0].1, want);
+        println!("taef2 {kind:?}: max rel err {err:.2e}");
+        assert!(err < 1e-4, "{kind:?}: {err}");
+    }
+}
+
+#[test]
+fn vae_matches_diffusers_autoencoderkl_in_both_layouts() {
+    use trt_diff::models::vae::{self, VaeConfig, VaeLayout};
+    let io = io("vae_io.safetensors");
+    for (file, layout) in [
+        ("vae.safetensors", VaeLayout::Diffusers),
+        ("vae_original.safetensors", VaeLayout::Original),
+    ] {
+        let d = tempfile::tempdir().unwrap();
+        let ck = Checkpoint::open(&golden(file)).unwrap();
+        let mut cfg = VaeConfig::from_checkpoint(&ck).unwrap();
+        assert_eq!(cfg.layout, layout);
+        assert_eq!(
+            (
+                cfg.latent_channels,
+                cfg.block_out_channels.clone(),
+                cfg.layers_per_block
+            ),
+            (16, vec![16, 32], 1)
+        );
+        cfg.norm_num_groups = 4; // the golden config's (not recorded in weights)
+        let (dec, enc) =
+            vae::export_with(&ck, &cfg, trt_diff::onnx::DataType::FLOAT, d.path()).unwrap();
+        let mut e = OrtEngine::open(&dec, &OrtOptions::default()).unwrap();
+        let out = e.run(&[("latent".into(), io["latent"].clone())]).unwrap();
+        let err = rel_err(&out[0].1, &io["decoded"]);
+        println!("{file} decoder: max rel err {err:.2e}");
+        assert!(err < 1e-4, "decoder {err}");
+        let mut e = OrtEngine::open(&enc, &OrtOptions::default()).unwrap();
+        let out = e.run(&[("image".into(), io["image"].clone())]).unwrap();
+        for (i, name) in ["mean", "logvar"].iter().enumerate() {
+            assert_eq!(out[i].0, *name);
+            let err = rel_err(&out[i].1, &io[*name]);
+            println!("{file} encoder {name}: max rel err {err:.2e}");
+            assert!(err < 1e-4, "{name} {err}");
+        }
+    }
+}

@@ -1,5 +1,6 @@
 """Golden files for the Flux image models: tiny random FluxTransformer2DModel (dev with guidance, schnell without)
-and a tiny 16-channel AutoencoderKL from diffusers, with inputs and reference outputs.
+and a tiny 16-channel AutoencoderKL from diffusers, with inputs and reference outputs. The VAE is also written in
+the original (LDM / BFL `ae.safetensors`) layout as `vae_original.safetensors`.
 
 usage: /work/refvenv/bin/python scripts/golden/flux_models.py tests/golden/flux
 Needs torch and diffusers (not in CI). Writes, per model, `<name>.safetensors` (diffusers layout), for the
@@ -13,6 +14,7 @@ Parameters are re-drawn from a seeded normal distribution (diffusers' init leave
 which would hide mistakes); everything runs in float32 on the CPU."""
 import json
 import os
+import re
 import sys
 
 import torch
@@ -121,8 +123,34 @@ def transformer(out_dir, name, guidance, seed):
     io = {k: v.contiguous() for k, v in inputs.items()}
     io["sample"] = sample.contiguous()
     save_file(io, os.path.join(out_dir, f"{name}_io.safetensors"))
-    json.dump(dict(model.config), open(os.path.join(out_dir, f"{name}_config.json"), "w"), indent=1, default=list)
+    dump_config(model, os.path.join(out_dir, f"{name}_config.json"))
     print(name, "sample", tuple(sample.shape), float(sample.abs().max()))
+
+
+def vae_to_original(sd, levels):
+    """diffusers AutoencoderKL names -> the original LDM names of BFL's ae.safetensors (the inverse of diffusers'
+    convert_ldm_vae_checkpoint): down/up levels, block_N, mid.block_1/attn_1/block_2, nin_shortcut, norm_out, and
+    the mid attention's q/k/v/proj_out as 1x1 convs."""
+    out = {}
+    for k, v in sd.items():
+        side, rest = k.split(".", 1)
+        r = rest
+        r = re.sub(r"^down_blocks\.(\d+)\.resnets\.(\d+)", r"down.\1.block.\2", r)
+        r = re.sub(r"^down_blocks\.(\d+)\.downsamplers\.0", r"down.\1.downsample", r)
+        r = re.sub(r"^up_blocks\.(\d+)", lambda m: f"up.{levels - 1 - int(m.group(1))}", r)
+        r = re.sub(r"^up\.(\d+)\.resnets\.(\d+)", r"up.\1.block.\2", r)
+        r = re.sub(r"^up\.(\d+)\.upsamplers\.0", r"up.\1.upsample", r)
+        r = re.sub(r"^mid_block\.resnets\.(\d+)", lambda m: f"mid.block_{int(m.group(1)) + 1}", r)
+        r = r.replace("mid_block.attentions.0.", "mid.attn_1.")
+        r = r.replace("conv_shortcut", "nin_shortcut").replace("conv_norm_out", "norm_out")
+        attn = r.startswith("mid.attn_1.")
+        if attn:
+            r = (r.replace("group_norm", "norm").replace("to_q", "q").replace("to_k", "k").replace("to_v", "v")
+                 .replace("to_out.0", "proj_out"))
+            if v.ndim == 2:
+                v = v[:, :, None, None]
+        out[f"{side}.{r}"] = v.contiguous()
+    return out
 
 
 def vae(out_dir, seed):
@@ -137,12 +165,19 @@ def vae(out_dir, seed):
     with torch.no_grad():
         dist = model.encode(image).latent_dist
         decoded = model.decode(latent).sample
-    save_file({k: v.half().contiguous() for k, v in model.state_dict().items()},
-              os.path.join(out_dir, "vae.safetensors"))
+    sd = {k: v.half().contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, "vae.safetensors"))
+    save_file(vae_to_original(sd, 2), os.path.join(out_dir, "vae_original.safetensors"))
     save_file({"image": image, "mean": dist.mean.contiguous(), "logvar": dist.logvar.contiguous(),
                "latent": latent, "decoded": decoded.contiguous()}, os.path.join(out_dir, "vae_io.safetensors"))
-    json.dump(dict(model.config), open(os.path.join(out_dir, "vae_config.json"), "w"), indent=1, default=list)
+    dump_config(model, os.path.join(out_dir, "vae_config.json"))
     print("vae mean", tuple(dist.mean.shape), "decoded", tuple(decoded.shape))
+
+
+def dump_config(model, path):
+    cfg = dict(model.config)
+    cfg.pop("_use_default_values", None)  # a set: its order changes from run to run
+    json.dump(cfg, open(path, "w"), indent=1, default=list)
 
 
 def main(out_dir):

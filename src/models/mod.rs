@@ -5,3 +5,5 @@ pub mod llama;
 pub mod mlp;
 pub mod ops;
 pub mod t5;
+pub mod taesd;
+pub mod vae;
