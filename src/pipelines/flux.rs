@@ -212,7 +212,12 @@ struct Cond {
 
 /// The sigma schedule (n+1 values ending in 0): "flux" is diffusers' FluxPipeline (`linspace(1, 1/n, n)`,
 /// time-shifted by mu when dynamic), other names come from the samplers' schedules.
-pub fn flux_sigmas(cfg: &FluxPipelineConfig, scheduler: &str, steps: usize, tokens: usize) -> Result<Vec<f64>> {
+pub fn flux_sigmas(
+    cfg: &FluxPipelineConfig,
+    scheduler: &str,
+    steps: usize,
+    tokens: usize,
+) -> Result<Vec<f64>> {
     if steps == 0 {
         bail!("--steps must be at least 1");
     }
@@ -248,7 +253,9 @@ pub fn flux_sigmas(cfg: &FluxPipelineConfig, scheduler: &str, steps: usize, toke
 
 impl FluxPipeline {
     fn encode(&mut self, prompt: &str) -> Result<Cond> {
-        let (clip_ids, dropped) = self.clip_tok.encode_padded(prompt, crate::tokenizer::clip::MAX_LEN);
+        let (clip_ids, dropped) = self
+            .clip_tok
+            .encode_padded(prompt, crate::tokenizer::clip::MAX_LEN);
         if dropped > 0 {
             // As diffusers: CLIP only gives the pooled vector; T5 carries the whole prompt.
             tracing::warn!("the prompt is longer than CLIP's 77 tokens; CLIP sees the first 75");
@@ -312,7 +319,10 @@ impl FluxPipeline {
         let mut sigmas = flux_sigmas(&c, &scheduler, steps, tokens)?;
         let true_cfg = req.cfg > 1.0;
         if true_cfg && req.negative_prompt.is_none() {
-            bail!("--cfg {} needs --negative-prompt (true CFG compares the two predictions)", req.cfg);
+            bail!(
+                "--cfg {} needs --negative-prompt (true CFG compares the two predictions)",
+                req.cfg
+            );
         }
         let mut sampler = registry::build::<Vec<f32>>(&sampler_name, &Default::default())?;
         let cond = self.encode(&req.prompt)?;
@@ -341,7 +351,10 @@ impl FluxPipeline {
             }
             let t_start = steps - ((steps as f32 * req.strength) as usize).min(steps);
             if t_start >= steps {
-                bail!("--strength {} leaves no step to run with {steps} steps", req.strength);
+                bail!(
+                    "--strength {} leaves no step to run with {steps} steps",
+                    req.strength
+                );
             }
             sigmas = sigmas[t_start..].to_vec();
             let x0 = self.encode_image(path, w, h, lh, lw)?;
@@ -373,7 +386,12 @@ impl FluxPipeline {
             let pd = cond.pooled.len();
             let mut inputs = vec![
                 float_input(e, "hidden_states", &[b, tokens, ch], x)?,
-                float_input(e, "encoder_hidden_states", &[b, t5_len, d], &cond.t5.repeat(b))?,
+                float_input(
+                    e,
+                    "encoder_hidden_states",
+                    &[b, t5_len, d],
+                    &cond.t5.repeat(b),
+                )?,
                 float_input(e, "pooled_projections", &[b, pd], &cond.pooled.repeat(b))?,
                 float_input(e, "timestep", &[b], &vec![sigma as f32; b])?,
                 float_input(e, "img_ids", &[tokens, 3], &ids)?,
@@ -425,14 +443,15 @@ impl FluxPipeline {
                     seconds: s,
                 };
                 if step_err.is_none() {
-                    let r = on_step(&info).and_then(|_| match (&req.preview, tae_decoder.as_mut()) {
-                        (Some(path), Some(tae)) => {
-                            let rgb = preview(tae.as_mut(), &c, &last_x0.borrow(), lh, lw)?;
-                            let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
-                            crate::pipelines::flux_image::write_png(path, &rgb, w, h, &[])
-                        }
-                        _ => Ok(()),
-                    });
+                    let r =
+                        on_step(&info).and_then(|_| match (&req.preview, tae_decoder.as_mut()) {
+                            (Some(path), Some(tae)) => {
+                                let rgb = preview(tae.as_mut(), &c, &last_x0.borrow(), lh, lw)?;
+                                let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
+                                crate::pipelines::flux_image::write_png(path, &rgb, w, h, &[])
+                            }
+                            _ => Ok(()),
+                        });
                     if let Err(e) = r {
                         step_err = Some(e);
                     }
@@ -481,11 +500,19 @@ impl FluxPipeline {
         let e = self.engines.vae_decoder.as_ref();
         let name = e.inputs()[0].name.clone();
         let input = float_input(e, &name, &[b, c.latent_channels, lh, lw], &z)?;
-        let out = self.engines.vae_decoder.run(&[input]).context("VAE decoder")?;
+        let out = self
+            .engines
+            .vae_decoder
+            .run(&[input])
+            .context("VAE decoder")?;
         let img = output_f32(&out, "image")?;
         let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
         if img.len() != b * 3 * h * w {
-            bail!("the VAE decoder returned {} values, {} expected", img.len(), b * 3 * h * w);
+            bail!(
+                "the VAE decoder returned {} values, {} expected",
+                img.len(),
+                b * 3 * h * w
+            );
         }
         Ok(to_rgb8(&img, b, h, w))
     }
@@ -514,7 +541,10 @@ impl FluxPipeline {
         let per = c.latent_channels * lh * lw;
         // An encoder returning the moments [mean, logvar] gives its mean (diffusers' mode()).
         if m.len() != per && m.len() != 2 * per {
-            bail!("the VAE encoder returned {} values, {per} expected", m.len());
+            bail!(
+                "the VAE encoder returned {} values, {per} expected",
+                m.len()
+            );
         }
         let z: Vec<f32> = m[..per]
             .iter()
@@ -525,7 +555,13 @@ impl FluxPipeline {
 }
 
 /// The first image of packed latents (an x0 estimate) through the tiny autoencoder's decoder, as RGB8.
-fn preview(tae: &mut dyn Engine, c: &FluxPipelineConfig, x: &[f32], lh: usize, lw: usize) -> Result<Vec<u8>> {
+fn preview(
+    tae: &mut dyn Engine,
+    c: &FluxPipelineConfig,
+    x: &[f32],
+    lh: usize,
+    lw: usize,
+) -> Result<Vec<u8>> {
     let per = lh / 2 * (lw / 2) * c.latent_channels * 4;
     if x.len() < per {
         bail!("no latents to preview yet");
@@ -536,10 +572,17 @@ fn preview(tae: &mut dyn Engine, c: &FluxPipelineConfig, x: &[f32], lh: usize, l
     let input = float_input(tae, &name, &[1, c.latent_channels, lh, lw], &z)?;
     let out = tae.run(&[input]).context("TAE preview decoder")?;
     // TAESD decoders give [0, 1]; map to the VAE's [-1, 1] for the shared conversion.
-    let img: Vec<f32> = output_f32(&out, "")?.iter().map(|v| v * 2.0 - 1.0).collect();
+    let img: Vec<f32> = output_f32(&out, "")?
+        .iter()
+        .map(|v| v * 2.0 - 1.0)
+        .collect();
     let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
     if img.len() != 3 * h * w {
-        bail!("the TAE decoder returned {} values, {} expected", img.len(), 3 * h * w);
+        bail!(
+            "the TAE decoder returned {} values, {} expected",
+            img.len(),
+            3 * h * w
+        );
     }
     Ok(to_rgb8(&img, 1, h, w).remove(0))
 }

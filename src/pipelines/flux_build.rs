@@ -95,11 +95,7 @@ fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 
 impl ModelFiles {
     /// Finds the components; tokenizer paths may be given explicitly (folders without tokenizer files).
-    pub fn find(
-        model: &Path,
-        clip_tok: Option<&Path>,
-        t5_tok: Option<&Path>,
-    ) -> Result<Self> {
+    pub fn find(model: &Path, clip_tok: Option<&Path>, t5_tok: Option<&Path>) -> Result<Self> {
         if !model.is_dir() {
             bail!(
                 "'{}' is not a folder: --arch flux-* builds take a diffusers-layout model folder (transformer/, \
@@ -205,8 +201,16 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         bail!(
             "'{}' {} a guidance embedding, so it is not {arch}; use --arch {}",
             files.transformer.display(),
-            if transformer.guidance_embed { "has" } else { "lacks" },
-            if transformer.guidance_embed { "flux-dev" } else { "flux-schnell" }
+            if transformer.guidance_embed {
+                "has"
+            } else {
+                "lacks"
+            },
+            if transformer.guidance_embed {
+                "flux-dev"
+            } else {
+                "flux-schnell"
+            }
         );
     }
     let clip = clip::ClipTextConfig::from_json(&read_json(&files.clip.join("config.json"))?)?;
@@ -219,8 +223,9 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
     config.latent_channels = vae.latent_channels;
     config.vae_scale_factor = 1 << (vae.block_out_channels.len().max(1) - 1);
     if let Ok(text) = std::fs::read_to_string(files.vae.join("config.json")) {
-        let v: serde_json::Value = serde_json::from_str(&text)
-            .with_context(|| format!("'{}' is not JSON", files.vae.join("config.json").display()))?;
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!("'{}' is not JSON", files.vae.join("config.json").display())
+        })?;
         if let Some(s) = v.get("scaling_factor").and_then(|x| x.as_f64()) {
             config.scaling_factor = s as f32;
         }
@@ -234,8 +239,16 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
             4 * vae.latent_channels,
             "transformer input channels vs 4 x VAE latent channels",
         ),
-        (transformer.context_dim, t5.d_model, "transformer context dim vs T5 d_model"),
-        (transformer.vec_dim, clip.hidden_size, "transformer pooled dim vs CLIP hidden size"),
+        (
+            transformer.context_dim,
+            t5.d_model,
+            "transformer context dim vs T5 d_model",
+        ),
+        (
+            transformer.vec_dim,
+            clip.hidden_size,
+            "transformer pooled dim vs CLIP hidden size",
+        ),
     ];
     for (a, b, what) in checks {
         if a != b {
@@ -284,7 +297,11 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
     let opts = SaveOptions::default();
     let ck = Checkpoint::open(&p.files.clip)?;
     // CLIP-L is fine in f16/bf16; T5 never in f16.
-    save(clip::clip_text_graph(&p.clip, &ck, text)?, &paths.clip, &opts)?;
+    save(
+        clip::clip_text_graph(&p.clip, &ck, text)?,
+        &paths.clip,
+        &opts,
+    )?;
     let ck = Checkpoint::open(&p.files.t5)?;
     let t5_dt = if text == DataType::FLOAT16 {
         DataType::BFLOAT16
@@ -307,7 +324,11 @@ pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> 
     Ok(())
 }
 
-fn transformer_options(p: &Plan, precision: &str, amax: HashMap<String, f32>) -> Result<fluxm::ExportOptions> {
+fn transformer_options(
+    p: &Plan,
+    precision: &str,
+    amax: HashMap<String, f32>,
+) -> Result<fluxm::ExportOptions> {
     let prec = fluxm::FluxPrecision::parse(precision)?;
     let policy = match prec {
         fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => {
@@ -340,14 +361,20 @@ pub fn export_flux(
 ) -> Result<OnnxPaths> {
     let p = plan(ModelFiles::find(model, clip_tok, t5_tok)?, arch, None)?;
     if precision == "fp8" {
-        bail!("FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates");
+        bail!(
+            "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
+        );
     }
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
     let paths = OnnxPaths::new(out_dir, None);
     let (text, vae_dt) = aux_precisions(&p, precision)?;
     export_aux(&p, &paths, text, vae_dt)?;
-    export_transformer(&p, &transformer_options(&p, precision, HashMap::new())?, &paths.transformer)?;
+    export_transformer(
+        &p,
+        &transformer_options(&p, precision, HashMap::new())?,
+        &paths.transformer,
+    )?;
     Ok(paths)
 }
 
@@ -387,9 +414,14 @@ fn calibrate(p: &Plan, dir: &Path, backend: BackendChoice) -> Result<HashMap<Str
         amax: Some(HashMap::new()),
     };
     let r = &p.recipe.precision;
-    let px = (r.calibration_px / 16).max(1) * 16;
+    // At most the profile's optimum size: calibration only needs typical activations.
+    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;
     for (i, prompt) in r.calibration_prompts.iter().enumerate() {
-        tracing::info!("calibrating on prompt {}/{}", i + 1, r.calibration_prompts.len());
+        tracing::info!(
+            "calibrating on prompt {}/{}",
+            i + 1,
+            r.calibration_prompts.len()
+        );
         let req = FluxRequest {
             prompt: prompt.clone(),
             steps: Some(r.calibration_steps),
@@ -487,6 +519,8 @@ pub struct FluxBuildOptions {
     /// madebyollin TAE (taef1) decoder for previews.
     pub tae_decoder: Option<PathBuf>,
     pub t5_max_len: Option<usize>,
+    /// Image side range (min, opt, max pixels) for the engines' profiles instead of the recipe's.
+    pub image_px: Option<[i64; 3]>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
     pub base: BuildOptions,
@@ -517,6 +551,15 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         &o.arch,
         o.t5_max_len,
     )?;
+    let mut p = p;
+    if let Some(px) = o.image_px {
+        if px.iter().any(|v| *v <= 0 || v % 16 != 0) || px[0] > px[1] || px[1] > px[2] {
+            bail!(
+                "--image-px {px:?}: three increasing multiples of 16 (min, opt, max side in pixels)"
+            );
+        }
+        p.recipe.shapes.image_px = px;
+    }
     let stem = o
         .base
         .out
@@ -541,12 +584,20 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         HashMap::new()
     };
     tracing::info!("exporting the transformer ({})", o.precision);
-    export_transformer(&p, &transformer_options(&p, &o.precision, amax)?, &paths.transformer)?;
+    export_transformer(
+        &p,
+        &transformer_options(&p, &o.precision, amax)?,
+        &paths.transformer,
+    )?;
     let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
     let clip_tok = clip_tok.with_file_name(format!(
         "{}{}",
         file_name(&clip_tok),
-        if p.files.clip_tokenizer.extension().is_some_and(|e| e == "gz") {
+        if p.files
+            .clip_tokenizer
+            .extension()
+            .is_some_and(|e| e == "gz")
+        {
             ".txt.gz"
         } else {
             ".txt"
@@ -557,9 +608,8 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         (&p.files.clip_tokenizer, &clip_tok),
         (&p.files.t5_tokenizer, &t5_tok),
     ] {
-        std::fs::copy(src, dst).with_context(|| {
-            format!("cannot copy '{}' to '{}'", src.display(), dst.display())
-        })?;
+        std::fs::copy(src, dst)
+            .with_context(|| format!("cannot copy '{}' to '{}'", src.display(), dst.display()))?;
     }
     // Tokenizers are checked before any engine is built.
     load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
@@ -575,7 +625,11 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         let ck = Checkpoint::open(tae)?;
         let cfg = taesd::TaesdConfig::from_checkpoint(&ck, taesd::TaeKind::Decoder)?;
         let out = sibling(&o.base.out, ".tae_decoder.onnx");
-        save(taesd::graph(&ck, &cfg, DataType::FLOAT)?, &out, &SaveOptions::default())?;
+        save(
+            taesd::graph(&ck, &cfg, DataType::FLOAT)?,
+            &out,
+            &SaveOptions::default(),
+        )?;
         aux.push(("tae_decoder", out));
     }
     let profiles = profiles(&p);
@@ -633,7 +687,11 @@ pub fn read_bundle(engine: &Path) -> Result<Option<FluxBundle>> {
 }
 
 /// Opens every component of a bundle on `backend` (TensorRT when usable, else the ONNX on ONNX Runtime).
-pub fn open_bundle(engine: &Path, bundle: &FluxBundle, backend: BackendChoice) -> Result<FluxPipeline> {
+pub fn open_bundle(
+    engine: &Path,
+    bundle: &FluxBundle,
+    backend: BackendChoice,
+) -> Result<FluxPipeline> {
     let dir = engine.parent().unwrap_or(Path::new("."));
     let ort = Default::default();
     let open = |name: &str, required: bool| -> Result<Option<Box<dyn crate::backend::Engine>>> {

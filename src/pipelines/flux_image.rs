@@ -77,7 +77,13 @@ pub fn to_rgb8(x: &[f32], b: usize, h: usize, w: usize) -> Vec<Vec<u8>> {
 }
 
 /// Writes an RGB8 PNG with `text` entries as tEXt chunks (e.g. "parameters"), to a temporary name then renamed.
-pub fn write_png(path: &Path, rgb: &[u8], w: usize, h: usize, text: &[(&str, String)]) -> Result<()> {
+pub fn write_png(
+    path: &Path,
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    text: &[(&str, String)],
+) -> Result<()> {
     let mut file = crate::fsutil::AtomicFile::create(path)?;
     {
         let mut enc = png::Encoder::new(&mut file, w as u32, h as u32);
@@ -132,10 +138,7 @@ mod tests {
         let p = pack(&x, b, c, h, w);
         // token (n=1, i=1, j=2), channel 2, (di, dj) = (1, 0)
         let tok = (h / 2 + 1) * (w / 2) + 2;
-        assert_eq!(
-            p[tok * 4 * c + 2 * 4 + 2],
-            x[((c + 2) * h + 3) * w + 4]
-        );
+        assert_eq!(p[tok * 4 * c + 2 * 4 + 2], x[((c + 2) * h + 3) * w + 4]);
         assert_eq!(unpack(&p, b, c, h, w), x);
         assert_eq!(&image_ids(4, 6)[9..12], &[0.0, 1.0, 0.0]);
     }
@@ -144,10 +147,20 @@ mod tests {
     fn png_carries_parameters() {
         let d = tempfile::tempdir().unwrap();
         let p = d.path().join("a.png");
-        write_png(&p, &[255, 0, 0, 0, 255, 0], 2, 1, &[("parameters", "seed: 1".into())]).unwrap();
+        write_png(
+            &p,
+            &[255, 0, 0, 0, 255, 0],
+            2,
+            1,
+            &[("parameters", "seed: 1".into())],
+        )
+        .unwrap();
         let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&p).unwrap()));
         let r = dec.read_info().unwrap();
         let t = &r.info().uncompressed_latin1_text;
-        assert_eq!((t[0].keyword.as_str(), t[0].text.as_str()), ("parameters", "seed: 1"));
+        assert_eq!(
+            (t[0].keyword.as_str(), t[0].text.as_str()),
+            ("parameters", "seed: 1")
+        );
     }
 }

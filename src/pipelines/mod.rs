@@ -1,5 +1,7 @@
 //! Pipelines: orchestration of engines, tokenizers and samplers.
+pub mod flux;
+pub mod flux_build;
+pub mod flux_image;
+pub mod flux_run;
 pub mod llm;
 pub mod llm_build;
-pub mod flux;
-pub mod flux_image;

@@ -43,19 +43,25 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// Reads the gzip'd merges file (`bpe_simple_vocab_16e6.txt.gz`).
+    /// Reads openai's gzip'd merges file (`bpe_simple_vocab_16e6.txt.gz`) or Hugging Face's plain `merges.txt`
+    /// (the same lines).
     pub fn load(path: &Path) -> Result<Self> {
-        let file = std::fs::File::open(path)
+        let bytes = std::fs::read(path)
             .with_context(|| format!("cannot open the CLIP vocabulary '{}'", path.display()))?;
         let mut text = String::new();
-        flate2::read::GzDecoder::new(file)
-            .read_to_string(&mut text)
-            .with_context(|| {
-                format!(
-                    "'{}' is not a gzip'd CLIP merges file (bpe_simple_vocab_16e6.txt.gz)",
-                    path.display()
-                )
-            })?;
+        let bad = || {
+            format!(
+                "'{}' is not a CLIP merges file (bpe_simple_vocab_16e6.txt.gz or merges.txt)",
+                path.display()
+            )
+        };
+        if bytes.starts_with(&[0x1f, 0x8b]) {
+            flate2::read::GzDecoder::new(&bytes[..])
+                .read_to_string(&mut text)
+                .with_context(bad)?;
+        } else {
+            text = String::from_utf8(bytes).ok().with_context(bad)?;
+        }
         Self::from_merges(&text).with_context(|| format!("in '{}'", path.display()))
     }
 
