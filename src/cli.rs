@@ -250,6 +250,12 @@ pub struct BuildArgs {
     /// Flux: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
     #[arg(long, value_delimiter = ',', value_name = "MIN,OPT,MAX")]
     pub image_px: Option<Vec<i64>>,
+    /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
+    #[arg(long, value_name = "TEXT")]
+    pub calibration_prompt: Vec<String>,
+    /// Flux FP8: sampler steps per calibration prompt (default: the recipe's).
+    #[arg(long)]
+    pub calibration_steps: Option<usize>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
     /// norms and the LM head in fp32).
     #[arg(long, default_value = "fp32")]
@@ -540,6 +546,8 @@ fn build_flux(a: &BuildArgs, arch: &str) -> Result<()> {
             tae_decoder: a.tae_decoder.clone(),
             t5_max_len: a.t5_max_len,
             image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
             calibration_backend: crate::runner::BackendChoice::Auto,
             base: BuildOptions {
                 out: a.out.clone(),

@@ -239,3 +239,58 @@ fn build_and_generate_end_to_end() {
     }
     bad(&["--out", &s(&png)], "component vae_decoder");
 }
+
+/// FP8 (calibrated through the sampler loop) and NVFP4 bundles: TensorRT-RTX builds every engine, and the CPU
+/// emulation of the quantized transformer ends within a stated error of diffusers' f32 final latents.
+#[test]
+fn quantized_bundles_build_and_stay_close() {
+    use trt_diff::pipelines::flux_build::{FluxBuildOptions, build_flux, open_bundle, read_bundle};
+    let dir = tempfile::tempdir().unwrap();
+    let (ct, tt) = toks();
+    let model = model_dir(dir.path());
+    let io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
+    let init = io.get("initial_latents").unwrap().to_f32().unwrap();
+    let want = io.get("final_latents").unwrap().to_f32().unwrap();
+    for (precision, bound) in [("fp8", 2e-2), ("nvfp4", 5e-2)] {
+        let out = dir.path().join(precision).join("flux.plan");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        let o = FluxBuildOptions {
+            model: model.clone(),
+            arch: "flux-dev".into(),
+            precision: precision.into(),
+            clip_tokenizer: Some(ct.clone()),
+            t5_tokenizer: Some(tt.clone()),
+            tae_decoder: None,
+            t5_max_len: None,
+            image_px: Some([32, 32, 64]),
+            calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
+            calibration_steps: Some(2),
+            calibration_backend: BackendChoice::Cpu,
+            base: trt_diff::trt::BuildOptions {
+                out: out.clone(),
+                progress: false,
+                ..Default::default()
+            },
+        };
+        build_flux(&o).unwrap();
+        let bundle = read_bundle(&out).unwrap().unwrap();
+        assert_eq!(bundle.precision, precision);
+        let mut pipe = open_bundle(&out, &bundle, BackendChoice::Cpu).unwrap();
+        let req = FluxRequest {
+            prompt: PROMPT.into(),
+            steps: Some(4),
+            width: Some(32),
+            height: Some(32),
+            cfg: 1.0,
+            batch: 1,
+            strength: 1.0,
+            initial_noise: Some(init.clone()),
+            latents_only: true,
+            ..Default::default()
+        };
+        let r = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+        let e = max_rel(&r.latents, &want);
+        eprintln!("{precision}: final latents max rel err {e:.3e} against diffusers f32");
+        assert!(e < bound, "{precision}: {e}");
+    }
+}

@@ -390,14 +390,26 @@ fn aux_precisions(p: &Plan, precision: &str) -> Result<(DataType, DataType)> {
 
 /// Runs the f32 calibration transformer through the sampler loop over the recipe's prompts (CPU or GPU) and
 /// returns the per-layer activation amax.
-fn calibrate(p: &Plan, dir: &Path, backend: BackendChoice) -> Result<HashMap<String, f32>> {
-    let paths = OnnxPaths::new(dir, Some("calib"));
-    export_aux(p, &paths, DataType::FLOAT, DataType::FLOAT)?;
+/// `aux` holds the f32 text encoders and VAE already exported.
+fn calibrate(
+    p: &Plan,
+    dir: &Path,
+    aux: &OnnxPaths,
+    backend: BackendChoice,
+) -> Result<HashMap<String, f32>> {
+    let calib = dir.join("calibration.transformer.onnx");
     let opts = fluxm::ExportOptions {
         calibration: true,
         ..Default::default()
     };
-    export_transformer(p, &opts, &paths.transformer)?;
+    export_transformer(p, &opts, &calib)?;
+    let paths = OnnxPaths {
+        transformer: calib,
+        clip: aux.clip.clone(),
+        t5: aux.t5.clone(),
+        vae_decoder: aux.vae_decoder.clone(),
+        vae_encoder: aux.vae_encoder.clone(),
+    };
     let ort = Default::default();
     let mut pipe = FluxPipeline {
         config: p.config.clone(),
@@ -521,6 +533,9 @@ pub struct FluxBuildOptions {
     pub t5_max_len: Option<usize>,
     /// Image side range (min, opt, max pixels) for the engines' profiles instead of the recipe's.
     pub image_px: Option<[i64; 3]>,
+    /// Calibration prompts and steps instead of the recipe's.
+    pub calibration_prompts: Option<Vec<String>>,
+    pub calibration_steps: Option<usize>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
     pub base: BuildOptions,
@@ -552,6 +567,14 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         o.t5_max_len,
     )?;
     let mut p = p;
+    if let Some(v) = &o.calibration_prompts
+        && !v.is_empty()
+    {
+        p.recipe.precision.calibration_prompts = v.clone();
+    }
+    if let Some(n) = o.calibration_steps {
+        p.recipe.precision.calibration_steps = n.max(1);
+    }
     if let Some(px) = o.image_px {
         if px.iter().any(|v| *v <= 0 || v % 16 != 0) || px[0] > px[1] || px[1] > px[2] {
             bail!(
@@ -576,10 +599,20 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     let paths = OnnxPaths::new(&dir, Some(&stem));
     let (text, vae_dt) = aux_precisions(&p, &o.precision)?;
     tracing::info!("exporting the text encoders and the VAE");
-    export_aux(&p, &paths, text, vae_dt)?;
+    // The bundle's ONNX graphs are what the CPU backend runs: f32 compute (ONNX Runtime's CPU provider has no
+    // bf16/f16 MatMul). Engines in another precision are built from their own graphs (`<stem>.trt.<c>.onnx`).
+    let f32t = DataType::FLOAT;
+    export_aux(&p, &paths, f32t, f32t)?;
+    let trt_paths = if (text, vae_dt) == (f32t, f32t) {
+        None
+    } else {
+        let tp = OnnxPaths::new(&dir, Some(&format!("{stem}.trt")));
+        export_aux(&p, &tp, text, vae_dt)?;
+        Some(tp)
+    };
     let amax = if o.precision == "fp8" {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
-        calibrate(&p, tmp.path(), o.calibration_backend)?
+        calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
     } else {
         HashMap::new()
     };
@@ -615,11 +648,20 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
     T5Tokenizer::load(&t5_tok)?;
     let mut components = BTreeMap::new();
+    let src = trt_paths.as_ref().unwrap_or(&paths);
     let mut aux = vec![
-        ("clip", paths.clip.clone()),
-        ("t5", paths.t5.clone()),
-        ("vae_decoder", paths.vae_decoder.clone()),
-        ("vae_encoder", paths.vae_encoder.clone()),
+        ("clip", paths.clip.clone(), src.clip.clone()),
+        ("t5", paths.t5.clone(), src.t5.clone()),
+        (
+            "vae_decoder",
+            paths.vae_decoder.clone(),
+            src.vae_decoder.clone(),
+        ),
+        (
+            "vae_encoder",
+            paths.vae_encoder.clone(),
+            src.vae_encoder.clone(),
+        ),
     ];
     if let Some(tae) = &o.tae_decoder {
         let ck = Checkpoint::open(tae)?;
@@ -630,14 +672,14 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
             &out,
             &SaveOptions::default(),
         )?;
-        aux.push(("tae_decoder", out));
+        aux.push(("tae_decoder", out.clone(), out));
     }
     let profiles = profiles(&p);
-    for (name, onnx) in &aux {
+    for (name, onnx, trt_onnx) in &aux {
         let plan_path = sibling(&o.base.out, &format!(".{name}.plan"));
         tracing::info!("building the {name} engine");
         let mut opts = o.base.clone();
-        opts.onnx = onnx.clone();
+        opts.onnx = trt_onnx.clone();
         opts.out = plan_path.clone();
         opts.shapes = profiles.get(name).cloned().unwrap_or_default();
         opts.pipeline = None;
@@ -694,6 +736,21 @@ pub fn open_bundle(
 ) -> Result<FluxPipeline> {
     let dir = engine.parent().unwrap_or(Path::new("."));
     let ort = Default::default();
+    // One decision for all components: TensorRT plans, or the bundle's f32 ONNX graphs on ONNX Runtime.
+    let use_trt = match backend {
+        BackendChoice::Cpu => false,
+        BackendChoice::Trt => true,
+        BackendChoice::Auto => match crate::trt::runtime::usable_gpu() {
+            Ok(gpu) => {
+                tracing::info!("running the bundle on {gpu} with TensorRT");
+                true
+            }
+            Err(why) => {
+                tracing::info!("running the bundle on the CPU backend (ONNX Runtime): {why}");
+                false
+            }
+        },
+    };
     let open = |name: &str, required: bool| -> Result<Option<Box<dyn crate::backend::Engine>>> {
         let Some(c) = bundle.components.get(name) else {
             if required {
@@ -705,11 +762,9 @@ pub fn open_bundle(
             }
             return Ok(None);
         };
-        let plan = c.plan.as_ref().map(|p| dir.join(p));
-        let onnx = dir.join(&c.onnx);
-        let path = match plan {
-            Some(p) if p.exists() => p,
-            _ => onnx,
+        let path = match (&c.plan, use_trt) {
+            (Some(p), true) => dir.join(p),
+            _ => dir.join(&c.onnx),
         };
         if !path.exists() {
             bail!(
@@ -721,7 +776,12 @@ pub fn open_bundle(
                 engine.display()
             );
         }
-        open_engine(&path, backend, &ort)
+        let choice = if use_trt {
+            BackendChoice::Trt
+        } else {
+            BackendChoice::Cpu
+        };
+        open_engine(&path, choice, &ort)
             .with_context(|| format!("opening the {name} component"))
             .map(Some)
     };
