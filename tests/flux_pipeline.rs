@@ -150,6 +150,8 @@ fn build_and_generate_end_to_end() {
             &s(&tt),
             "--image-px",
             "32,32,64",
+            "--tae-decoder",
+            &s(&golden("pipeline/tae_decoder.safetensors")),
             "--no-progress",
         ],
         true,
@@ -180,10 +182,15 @@ fn build_and_generate_end_to_end() {
         v.extend(extra.iter().map(|x| x.to_string()));
         v
     };
-    let args = gen_args(&["--out", &s(&png)]);
+    let preview = dir.path().join("preview.png");
+    let args = gen_args(&["--out", &s(&png), "--preview", &s(&preview)]);
     let argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
     let r = run(&argv, true);
     assert!(r.stdout.contains("wrote"), "{}", r.stdout);
+    // The tiny TAE decodes the 16x16 latent 8x.
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&preview).unwrap()));
+    let info = dec.read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (128, 128));
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
     let info = dec.read_info().unwrap();
     assert_eq!((info.info().width, info.info().height), (32, 32));

@@ -446,8 +446,8 @@ impl FluxPipeline {
                     let r =
                         on_step(&info).and_then(|_| match (&req.preview, tae_decoder.as_mut()) {
                             (Some(path), Some(tae)) => {
-                                let rgb = preview(tae.as_mut(), &c, &last_x0.borrow(), lh, lw)?;
-                                let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
+                                let (rgb, w, h) =
+                                    preview(tae.as_mut(), &c, &last_x0.borrow(), lh, lw)?;
                                 crate::pipelines::flux_image::write_png(path, &rgb, w, h, &[])
                             }
                             _ => Ok(()),
@@ -554,14 +554,14 @@ impl FluxPipeline {
     }
 }
 
-/// The first image of packed latents (an x0 estimate) through the tiny autoencoder's decoder, as RGB8.
+/// The first image of packed latents (an x0 estimate) through the tiny autoencoder's decoder: (RGB8, w, h).
 fn preview(
     tae: &mut dyn Engine,
     c: &FluxPipelineConfig,
     x: &[f32],
     lh: usize,
     lw: usize,
-) -> Result<Vec<u8>> {
+) -> Result<(Vec<u8>, usize, usize)> {
     let per = lh / 2 * (lw / 2) * c.latent_channels * 4;
     if x.len() < per {
         bail!("no latents to preview yet");
@@ -571,18 +571,11 @@ fn preview(
     let name = tae.inputs()[0].name.clone();
     let input = float_input(tae, &name, &[1, c.latent_channels, lh, lw], &z)?;
     let out = tae.run(&[input]).context("TAE preview decoder")?;
+    let shape = out.first().map(|o| o.1.shape.clone()).unwrap_or_default();
+    let [1, 3, h, w] = shape[..] else {
+        bail!("the TAE decoder returned shape {shape:?}, [1, 3, H, W] expected");
+    };
     // TAESD decoders give [0, 1]; map to the VAE's [-1, 1] for the shared conversion.
-    let img: Vec<f32> = output_f32(&out, "")?
-        .iter()
-        .map(|v| v * 2.0 - 1.0)
-        .collect();
-    let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
-    if img.len() != 3 * h * w {
-        bail!(
-            "the TAE decoder returned {} values, {} expected",
-            img.len(),
-            3 * h * w
-        );
-    }
-    Ok(to_rgb8(&img, 1, h, w).remove(0))
+    let img: Vec<f32> = output_f32(&out, "")?.iter().map(|v| v * 2.0 - 1.0).collect();
+    Ok((to_rgb8(&img, 1, h, w).remove(0), w, h))
 }
