@@ -188,7 +188,9 @@ fn build_and_generate_end_to_end() {
     let r = run(&argv, true);
     assert!(r.stdout.contains("wrote"), "{}", r.stdout);
     // The tiny TAE decodes the 16x16 latent 8x.
-    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&preview).unwrap()));
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&preview).unwrap(),
+    ));
     let info = dec.read_info().unwrap();
     assert_eq!((info.info().width, info.info().height), (128, 128));
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
@@ -300,4 +302,43 @@ fn quantized_bundles_build_and_stay_close() {
         eprintln!("{precision}: final latents max rel err {e:.3e} against diffusers f32");
         assert!(e < bound, "{precision}: {e}");
     }
+}
+
+/// The default "flux" schedule equals diffusers' FluxPipeline + FlowMatchEulerDiscreteScheduler for dev (dynamic
+/// shift) and schnell (none), golden from scripts/golden/flux_sigmas.py.
+#[test]
+fn flux_schedule_matches_diffusers() {
+    let text = std::fs::read_to_string(golden("sigmas.json")).unwrap();
+    let cases: Vec<serde_json::Value> = serde_json::from_str(&text).unwrap();
+    assert_eq!(cases.len(), 8);
+    for c in cases {
+        let arch = c["arch"].as_str().unwrap();
+        let cfg = trt_diff::pipelines::flux::FluxPipelineConfig::for_arch(arch).unwrap();
+        let steps = c["steps"].as_u64().unwrap() as usize;
+        let tokens = c["tokens"].as_u64().unwrap() as usize;
+        let got = trt_diff::pipelines::flux::flux_sigmas(&cfg, "flux", steps, tokens).unwrap();
+        let want: Vec<f64> = c["sigmas"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        assert_eq!(got.len(), want.len());
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (a - b).abs() < 1e-6,
+                "{arch} {steps} {tokens}: {got:?} vs {want:?}"
+            );
+        }
+    }
+    // Other schedulers by name; unknown ones are clear errors.
+    let cfg = trt_diff::pipelines::flux::FluxPipelineConfig::for_arch("flux-dev").unwrap();
+    assert_eq!(
+        trt_diff::pipelines::flux::flux_sigmas(&cfg, "karras", 10, 4096)
+            .unwrap()
+            .len(),
+        11
+    );
+    let e = trt_diff::pipelines::flux::flux_sigmas(&cfg, "nope", 10, 4096).unwrap_err();
+    assert!(e.to_string().contains("unknown scheduler"), "{e}");
 }

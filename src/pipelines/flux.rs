@@ -576,6 +576,9 @@ fn preview(
         bail!("the TAE decoder returned shape {shape:?}, [1, 3, H, W] expected");
     };
     // TAESD decoders give [0, 1]; map to the VAE's [-1, 1] for the shared conversion.
-    let img: Vec<f32> = output_f32(&out, "")?.iter().map(|v| v * 2.0 - 1.0).collect();
+    let img: Vec<f32> = output_f32(&out, "")?
+        .iter()
+        .map(|v| v * 2.0 - 1.0)
+        .collect();
     Ok((to_rgb8(&img, 1, h, w).remove(0), w, h))
 }
