@@ -305,6 +305,64 @@ impl Names {
     }
 }
 
+/// Every tensor of a checkpoint of `cfg` in the BFL layout, with its shape, in file order (for synthetic
+/// checkpoints in tests and benchmarks).
+pub fn bfl_tensor_shapes(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, m, hd) = (cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim());
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut lin = |name: String, i: usize, o: usize| {
+        v.push((format!("{name}.weight"), vec![o, i]));
+        v.push((format!("{name}.bias"), vec![o]));
+    };
+    lin("img_in".into(), cfg.in_channels, d);
+    lin("txt_in".into(), cfg.context_dim, d);
+    for (e, i) in [
+        ("time_in", 256),
+        ("vector_in", cfg.vec_dim),
+        ("guidance_in", 256),
+    ] {
+        if e == "guidance_in" && !cfg.guidance_embed {
+            continue;
+        }
+        lin(format!("{e}.in_layer"), i, d);
+        lin(format!("{e}.out_layer"), d, d);
+    }
+    for b in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            let p = format!("double_blocks.{b}.{s}");
+            lin(format!("{p}_mod.lin"), d, 6 * d);
+            lin(format!("{p}_attn.qkv"), d, 3 * d);
+            lin(format!("{p}_attn.proj"), d, d);
+            lin(format!("{p}_mlp.0"), d, m);
+            lin(format!("{p}_mlp.2"), m, d);
+        }
+    }
+    for b in 0..cfg.depth_single {
+        let p = format!("single_blocks.{b}");
+        lin(format!("{p}.linear1"), d, 3 * d + m);
+        lin(format!("{p}.linear2"), d + m, d);
+        lin(format!("{p}.modulation.lin"), d, 3 * d);
+    }
+    lin("final_layer.adaLN_modulation.1".into(), d, 2 * d);
+    lin("final_layer.linear".into(), d, cfg.out_channels);
+    for b in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                v.push((
+                    format!("double_blocks.{b}.{s}_attn.norm.{n}.scale"),
+                    vec![hd],
+                ));
+            }
+        }
+    }
+    for b in 0..cfg.depth_single {
+        for n in ["query_norm", "key_norm"] {
+            v.push((format!("single_blocks.{b}.norm.{n}.scale"), vec![hd]));
+        }
+    }
+    v
+}
+
 /// What the graph computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FluxPrecision {
@@ -1380,6 +1438,17 @@ mod tests {
         let n = FluxConfig::dev().param_count();
         assert!((11_850_000_000..11_950_000_000).contains(&n), "{n}");
         assert!(FluxConfig::schnell().param_count() < n);
+    }
+
+    #[test]
+    fn bfl_shapes_cover_every_parameter() {
+        for cfg in [FluxConfig::dev(), FluxConfig::schnell()] {
+            let n: u64 = bfl_tensor_shapes(&cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>() as u64)
+                .sum();
+            assert_eq!(n, cfg.param_count());
+        }
     }
 
     #[test]
