@@ -29,6 +29,24 @@ fn peak_rss_bytes() -> u64 {
         .map_or(0, |kb| kb * 1024)
 }
 
+/// User + system CPU seconds of this process so far (/proc/self/stat, clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
 fn drop_cache(p: &Path) {
     let _ = Command::new("dd")
         .arg(format!("if={}", p.display()))
@@ -178,6 +196,8 @@ fn main() {
     drop_cache(&ck_path);
     peak_rss_reset();
     let rss_before = peak_rss_bytes();
+    let load_before = load_average();
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     let ck = Checkpoint::open(&ck_path).unwrap();
     let opts = ExportOptions {
@@ -189,23 +209,26 @@ fn main() {
     let unsynced_s = t.elapsed().as_secs_f64();
     sync();
     let export_s = t.elapsed().as_secs_f64();
+    let export_cpu = cpu_seconds() - cpu0;
     let peak = peak_rss_bytes();
 
     // Plain sequential read of the checkpoint + write of as many bytes as the export wrote.
     let _ = std::fs::remove_dir_all(&out_dir);
     drop_cache(&ck_path);
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     let read = plain_copy(&ck_path, &dir.join("plain.bin"), report.bytes);
     let plain_unsynced_s = t.elapsed().as_secs_f64();
     sync();
     let plain_s = t.elapsed().as_secs_f64();
+    let plain_cpu = cpu_seconds() - cpu0;
     let _ = std::fs::remove_dir_all(&dir);
 
     let gb = |b: u64| b as f64 / 1e9;
-    println!("| step | bytes in | bytes out | wall s | GB/s in | peak RSS |");
-    println!("|---|---|---|---|---|---|");
+    println!("| step | bytes in | bytes out | wall s | CPU s | GB/s in | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
     println!(
-        "| export + NVFP4 (trt-diff) | {:.2} GB | {:.2} GB | {export_s:.1} | {:.2} | {} (before: {}) |",
+        "| export + NVFP4 (trt-diff) | {:.2} GB | {:.2} GB | {export_s:.1} | {export_cpu:.1} | {:.2} | {} (before: {}) |",
         gb(ck_bytes),
         gb(report.bytes),
         gb(ck_bytes) / export_s,
@@ -213,12 +236,17 @@ fn main() {
         trt_diff::fsutil::human_bytes(rss_before)
     );
     println!(
-        "| plain read + write | {:.2} GB | {:.2} GB | {plain_s:.1} | {:.2} | - |",
+        "| plain read + write | {:.2} GB | {:.2} GB | {plain_s:.1} | {plain_cpu:.1} | {:.2} | - |",
         gb(read),
         gb(report.bytes),
         gb(read) / plain_s
     );
-    println!("before the final sync: export {unsynced_s:.1} s, plain {plain_unsynced_s:.1} s");
+    println!(
+        "before the final sync: export {unsynced_s:.1} s, plain {plain_unsynced_s:.1} s; load average at the start \
+         {load_before}, at the end {} ({} cores)",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     println!(
         "ratio export / plain: {:.2}x (target <= 1.5x); peak RSS {:.2} GB (target <= 2 GB); layers {:?}",
         export_s / plain_s,

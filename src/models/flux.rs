@@ -32,7 +32,7 @@
 use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, SaveOptions, Value, proto::ModelProto, save};
 use crate::quant::policy::{LayerKind, Policy};
-use crate::quant::qdq::{LinearPrecision, LinearWeights, attention, linear};
+use crate::quant::qdq::{LinearPrecision, LinearWeights, attention, linear, linear_nvfp4};
 use crate::trt::shapes::ShapeRange;
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Context, Result, bail};
@@ -561,16 +561,37 @@ impl Emitter<'_> {
                         p.name()
                     ),
                 };
-                let wf = w.to_f32()?;
                 let bf = b.as_ref().map(|b| b.to_f32()).transpose()?;
-                let lw = LinearWeights {
-                    weight: &wf,
-                    bias: bf.as_deref(),
-                    out_features: n,
-                    in_features: k,
-                };
                 *self.layers.entry(p.name()).or_default() += 1;
-                linear(&mut self.o.g, &name, x, &lw, p, amax)?
+                if p == LinearPrecision::Nvfp4 {
+                    // Quantized straight from the mapped checkpoint in its own element type: no f32 copy.
+                    let g = &mut self.o.g;
+                    let d = &w.data[..];
+                    let aligned = |align: usize| (d.as_ptr() as usize).is_multiple_of(align);
+                    match w.dtype {
+                        DataType::BFLOAT16 if aligned(2) => {
+                            let v: &[half::bf16] = bytemuck::cast_slice(d);
+                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
+                        }
+                        DataType::FLOAT16 if aligned(2) => {
+                            let v: &[half::f16] = bytemuck::cast_slice(d);
+                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
+                        }
+                        _ => {
+                            let wf = w.to_f32()?;
+                            linear_nvfp4(g, &name, x, &wf, bf.as_deref(), n, k, amax)?
+                        }
+                    }
+                } else {
+                    let wf = w.to_f32()?;
+                    let lw = LinearWeights {
+                        weight: &wf,
+                        bias: bf.as_deref(),
+                        out_features: n,
+                        in_features: k,
+                    };
+                    linear(&mut self.o.g, &name, x, &lw, p, amax)?
+                }
             }
             _ => {
                 *self.layers.entry("kept".into()).or_default() += 1;

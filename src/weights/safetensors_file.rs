@@ -213,8 +213,12 @@ impl Checkpoint {
         // stretch of the file asynchronously (exporters visit tensors roughly in file order), so disk reads
         // overlap with the caller's work. Page cache only; nothing is mapped into the process until touched.
         let ahead = (e.end + READ_AHEAD).min(map.len());
-        if ahead > e.start {
-            let _ = map.advise_range(memmap2::Advice::WillNeed, e.start, ahead - e.start);
+        if ahead > e.end {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, e.end, ahead - e.end);
+        }
+        // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported).
+        if e.end > e.start {
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, e.start, e.end - e.start);
         }
         let whole = Bytes::from_owner(Shared(map.clone()));
         Ok(Tensor {
