@@ -32,7 +32,7 @@
 use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, SaveOptions, Value, proto::ModelProto, save};
 use crate::quant::policy::{LayerKind, Policy};
-use crate::quant::qdq::{LinearPrecision, LinearWeights, attention, linear};
+use crate::quant::qdq::{LinearPrecision, LinearWeights, attention, linear, linear_nvfp4};
 use crate::trt::shapes::ShapeRange;
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Context, Result, bail};
@@ -305,6 +305,64 @@ impl Names {
     }
 }
 
+/// Every tensor of a checkpoint of `cfg` in the BFL layout, with its shape, in file order (for synthetic
+/// checkpoints in tests and benchmarks).
+pub fn bfl_tensor_shapes(cfg: &FluxConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, m, hd) = (cfg.hidden_size, cfg.mlp_hidden, cfg.head_dim());
+    let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+    let mut lin = |name: String, i: usize, o: usize| {
+        v.push((format!("{name}.weight"), vec![o, i]));
+        v.push((format!("{name}.bias"), vec![o]));
+    };
+    lin("img_in".into(), cfg.in_channels, d);
+    lin("txt_in".into(), cfg.context_dim, d);
+    for (e, i) in [
+        ("time_in", 256),
+        ("vector_in", cfg.vec_dim),
+        ("guidance_in", 256),
+    ] {
+        if e == "guidance_in" && !cfg.guidance_embed {
+            continue;
+        }
+        lin(format!("{e}.in_layer"), i, d);
+        lin(format!("{e}.out_layer"), d, d);
+    }
+    for b in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            let p = format!("double_blocks.{b}.{s}");
+            lin(format!("{p}_mod.lin"), d, 6 * d);
+            lin(format!("{p}_attn.qkv"), d, 3 * d);
+            lin(format!("{p}_attn.proj"), d, d);
+            lin(format!("{p}_mlp.0"), d, m);
+            lin(format!("{p}_mlp.2"), m, d);
+        }
+    }
+    for b in 0..cfg.depth_single {
+        let p = format!("single_blocks.{b}");
+        lin(format!("{p}.linear1"), d, 3 * d + m);
+        lin(format!("{p}.linear2"), d + m, d);
+        lin(format!("{p}.modulation.lin"), d, 3 * d);
+    }
+    lin("final_layer.adaLN_modulation.1".into(), d, 2 * d);
+    lin("final_layer.linear".into(), d, cfg.out_channels);
+    for b in 0..cfg.depth {
+        for s in ["img", "txt"] {
+            for n in ["query_norm", "key_norm"] {
+                v.push((
+                    format!("double_blocks.{b}.{s}_attn.norm.{n}.scale"),
+                    vec![hd],
+                ));
+            }
+        }
+    }
+    for b in 0..cfg.depth_single {
+        for n in ["query_norm", "key_norm"] {
+            v.push((format!("single_blocks.{b}.norm.{n}.scale"), vec![hd]));
+        }
+    }
+    v
+}
+
 /// What the graph computes in.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum FluxPrecision {
@@ -503,16 +561,37 @@ impl Emitter<'_> {
                         p.name()
                     ),
                 };
-                let wf = w.to_f32()?;
                 let bf = b.as_ref().map(|b| b.to_f32()).transpose()?;
-                let lw = LinearWeights {
-                    weight: &wf,
-                    bias: bf.as_deref(),
-                    out_features: n,
-                    in_features: k,
-                };
                 *self.layers.entry(p.name()).or_default() += 1;
-                linear(&mut self.o.g, &name, x, &lw, p, amax)?
+                if p == LinearPrecision::Nvfp4 {
+                    // Quantized straight from the mapped checkpoint in its own element type: no f32 copy.
+                    let g = &mut self.o.g;
+                    let d = &w.data[..];
+                    let aligned = |align: usize| (d.as_ptr() as usize).is_multiple_of(align);
+                    match w.dtype {
+                        DataType::BFLOAT16 if aligned(2) => {
+                            let v: &[half::bf16] = bytemuck::cast_slice(d);
+                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
+                        }
+                        DataType::FLOAT16 if aligned(2) => {
+                            let v: &[half::f16] = bytemuck::cast_slice(d);
+                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
+                        }
+                        _ => {
+                            let wf = w.to_f32()?;
+                            linear_nvfp4(g, &name, x, &wf, bf.as_deref(), n, k, amax)?
+                        }
+                    }
+                } else {
+                    let wf = w.to_f32()?;
+                    let lw = LinearWeights {
+                        weight: &wf,
+                        bias: bf.as_deref(),
+                        out_features: n,
+                        in_features: k,
+                    };
+                    linear(&mut self.o.g, &name, x, &lw, p, amax)?
+                }
             }
             _ => {
                 *self.layers.entry("kept".into()).or_default() += 1;
@@ -1380,6 +1459,17 @@ mod tests {
         let n = FluxConfig::dev().param_count();
         assert!((11_850_000_000..11_950_000_000).contains(&n), "{n}");
         assert!(FluxConfig::schnell().param_count() < n);
+    }
+
+    #[test]
+    fn bfl_shapes_cover_every_parameter() {
+        for cfg in [FluxConfig::dev(), FluxConfig::schnell()] {
+            let n: u64 = bfl_tensor_shapes(&cfg)
+                .iter()
+                .map(|(_, s)| s.iter().product::<usize>() as u64)
+                .sum();
+            assert_eq!(n, cfg.param_count());
+        }
     }
 
     #[test]

@@ -9,6 +9,9 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+/// Bytes past the requested tensor that [`Checkpoint::get`] asks the kernel to read ahead.
+const READ_AHEAD: usize = 256 << 20;
+
 struct Shared(Arc<memmap2::Mmap>);
 impl AsRef<[u8]> for Shared {
     fn as_ref(&self) -> &[u8] {
@@ -206,6 +209,17 @@ impl Checkpoint {
             );
         };
         let map = &self.files[e.file].1;
+        // Page faults on a cold mapping read a little at a time: ask the kernel to read this tensor and the next
+        // stretch of the file asynchronously (exporters visit tensors roughly in file order), so disk reads
+        // overlap with the caller's work. Page cache only; nothing is mapped into the process until touched.
+        let ahead = (e.end + READ_AHEAD).min(map.len());
+        if ahead > e.end {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, e.end, ahead - e.end);
+        }
+        // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported).
+        if e.end > e.start {
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, e.start, e.end - e.start);
+        }
         let whole = Bytes::from_owner(Shared(map.clone()));
         Ok(Tensor {
             name: name.to_string(),
