@@ -104,18 +104,36 @@ impl ModelFiles {
             );
         }
         let mut missing = Vec::new();
-        let mut need = |sub: &str| {
+        // Black Forest Labs' single files (flux1-dev.safetensors, ae.safetensors) stand in for transformer/ and
+        // vae/ (the emitters read both layouts).
+        let bfl = std::fs::read_dir(model)
+            .with_context(|| format!("cannot list '{}'", model.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("flux1-") && n.ends_with(".safetensors")
+                })
+            })
+            .min();
+        let mut need = |sub: &str, single: Option<PathBuf>| {
             let p = model.join(sub);
-            if !p.is_dir() {
-                missing.push(sub.to_string());
+            if p.is_dir() {
+                return p;
             }
-            p
+            match single {
+                Some(f) if f.is_file() => f,
+                _ => {
+                    missing.push(format!("{sub}/"));
+                    p
+                }
+            }
         };
         let (transformer, clip, t5, vae) = (
-            need("transformer"),
-            need("text_encoder"),
-            need("text_encoder_2"),
-            need("vae"),
+            need("transformer", bfl),
+            need("text_encoder", None),
+            need("text_encoder_2", None),
+            need("vae", Some(model.join("ae.safetensors"))),
         );
         let clip_tokenizer = match clip_tok {
             Some(p) => Some(p.to_path_buf()),
@@ -136,7 +154,7 @@ impl ModelFiles {
         }
         if !missing.is_empty() {
             bail!(
-                "model folder '{}' lacks: {}; it must have diffusers' FLUX.1 layout",
+                "model folder '{}' lacks: {}; it must have diffusers' FLUX.1 layout (flux1-*.safetensors and ae.safetensors may stand in for transformer/ and vae/)",
                 model.display(),
                 missing.join(", ")
             );
@@ -222,7 +240,10 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
     let vae = vae::VaeConfig::from_checkpoint(&vck)?;
     config.latent_channels = vae.latent_channels;
     config.vae_scale_factor = 1 << (vae.block_out_channels.len().max(1) - 1);
-    if let Ok(text) = std::fs::read_to_string(files.vae.join("config.json")) {
+    // ae.safetensors has no config: Flux's scaling and shift stay.
+    if files.vae.is_dir()
+        && let Ok(text) = std::fs::read_to_string(files.vae.join("config.json"))
+    {
         let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
             format!("'{}' is not JSON", files.vae.join("config.json").display())
         })?;
@@ -264,6 +285,35 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         t5,
         vae,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_diffusers_folders_and_bfl_single_files() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path();
+        for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+            std::fs::create_dir_all(m.join(sub)).unwrap();
+        }
+        std::fs::write(m.join("tokenizer/merges.txt"), "").unwrap();
+        std::fs::write(m.join("tokenizer_2/tokenizer.json"), "").unwrap();
+        let e = ModelFiles::find(m, None, None).err().unwrap().to_string();
+        assert!(e.contains("transformer/") && e.contains("vae/"), "{e}");
+        std::fs::write(m.join("flux1-dev.safetensors"), "").unwrap();
+        std::fs::write(m.join("ae.safetensors"), "").unwrap();
+        let f = ModelFiles::find(m, None, None).unwrap();
+        assert_eq!(f.transformer, m.join("flux1-dev.safetensors"));
+        assert_eq!(f.vae, m.join("ae.safetensors"));
+        assert_eq!(f.clip_tokenizer, m.join("tokenizer/merges.txt"));
+        std::fs::create_dir_all(m.join("transformer")).unwrap();
+        assert_eq!(
+            ModelFiles::find(m, None, None).unwrap().transformer,
+            m.join("transformer")
+        );
+    }
 }
 
 /// Where each component's ONNX goes.
