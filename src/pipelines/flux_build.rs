@@ -154,7 +154,8 @@ impl ModelFiles {
         }
         if !missing.is_empty() {
             bail!(
-                "model folder '{}' lacks: {}; it must have diffusers' FLUX.1 layout (flux1-*.safetensors and ae.safetensors may stand in for transformer/ and vae/)",
+                "model folder '{}' lacks: {}; it must have diffusers' FLUX.1 layout (flux1-*.safetensors and \
+                 ae.safetensors may stand in for transformer/ and vae/)",
                 model.display(),
                 missing.join(", ")
             );
@@ -285,35 +286,6 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         t5,
         vae,
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_diffusers_folders_and_bfl_single_files() {
-        let d = tempfile::tempdir().unwrap();
-        let m = d.path();
-        for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
-            std::fs::create_dir_all(m.join(sub)).unwrap();
-        }
-        std::fs::write(m.join("tokenizer/merges.txt"), "").unwrap();
-        std::fs::write(m.join("tokenizer_2/tokenizer.json"), "").unwrap();
-        let e = ModelFiles::find(m, None, None).err().unwrap().to_string();
-        assert!(e.contains("transformer/") && e.contains("vae/"), "{e}");
-        std::fs::write(m.join("flux1-dev.safetensors"), "").unwrap();
-        std::fs::write(m.join("ae.safetensors"), "").unwrap();
-        let f = ModelFiles::find(m, None, None).unwrap();
-        assert_eq!(f.transformer, m.join("flux1-dev.safetensors"));
-        assert_eq!(f.vae, m.join("ae.safetensors"));
-        assert_eq!(f.clip_tokenizer, m.join("tokenizer/merges.txt"));
-        std::fs::create_dir_all(m.join("transformer")).unwrap();
-        assert_eq!(
-            ModelFiles::find(m, None, None).unwrap().transformer,
-            m.join("transformer")
-        );
-    }
 }
 
 /// Where each component's ONNX goes.
@@ -851,4 +823,33 @@ pub fn open_bundle(
         engines,
         amax: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_diffusers_folders_and_bfl_single_files() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path();
+        for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+            std::fs::create_dir_all(m.join(sub)).unwrap();
+        }
+        std::fs::write(m.join("tokenizer/merges.txt"), "").unwrap();
+        std::fs::write(m.join("tokenizer_2/tokenizer.json"), "").unwrap();
+        let e = ModelFiles::find(m, None, None).err().unwrap().to_string();
+        assert!(e.contains("transformer/") && e.contains("vae/"), "{e}");
+        std::fs::write(m.join("flux1-dev.safetensors"), "").unwrap();
+        std::fs::write(m.join("ae.safetensors"), "").unwrap();
+        let f = ModelFiles::find(m, None, None).unwrap();
+        assert_eq!(f.transformer, m.join("flux1-dev.safetensors"));
+        assert_eq!(f.vae, m.join("ae.safetensors"));
+        assert_eq!(f.clip_tokenizer, m.join("tokenizer/merges.txt"));
+        std::fs::create_dir_all(m.join("transformer")).unwrap();
+        assert_eq!(
+            ModelFiles::find(m, None, None).unwrap().transformer,
+            m.join("transformer")
+        );
+    }
 }
