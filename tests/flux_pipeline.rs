@@ -125,6 +125,18 @@ fn final_latents_match_diffusers_flux_pipeline() {
     eprintln!("final latents: max rel err {e:.2e}; image: max abs err {img_err:.2e} (of 1.0)");
     assert!(e < 1e-3, "{e}");
     assert!(img_err < 3.0 / 255.0, "{img_err}");
+    // True CFG: diffusers' `negative_prompt` + `true_cfg_scale=2.0`.
+    let req = FluxRequest {
+        negative_prompt: Some("blurry, low quality".into()),
+        cfg: 2.0,
+        latents_only: true,
+        ..req
+    };
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let want = io.get("final_latents_true_cfg").unwrap().to_f32().unwrap();
+    let e = max_rel(&out.latents, &want);
+    eprintln!("true CFG final latents: max rel err {e:.2e}");
+    assert!(e < 1e-3, "{e}");
 }
 
 #[test]
@@ -156,6 +168,23 @@ fn build_and_generate_end_to_end() {
         ],
         true,
     );
+    // The tiny transformer has a guidance embedding: building it as schnell is refused.
+    let r = run(
+        &[
+            "build",
+            &s(&model),
+            "--arch",
+            "flux-schnell",
+            "--out",
+            &s(&dir.path().join("schnell.plan")),
+            "--clip-tokenizer",
+            &s(&ct),
+            "--t5-tokenizer",
+            &s(&tt),
+        ],
+        false,
+    );
+    assert!(r.stderr.contains("use --arch flux-dev"), "{}", r.stderr);
     let png = dir.path().join("fox.png");
     let gen_args = |extra: &[&str]| {
         let mut v: Vec<String> = [
@@ -212,6 +241,10 @@ fn build_and_generate_end_to_end() {
         "0.7",
         "--sampler",
         "euler_ancestral",
+        "--negative-prompt",
+        "blurry",
+        "--cfg",
+        "2",
     ]);
     let argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
     run(&argv, true);

@@ -6,7 +6,7 @@ usage: /work/refvenv/bin/python scripts/golden/flux_pipeline.py tests/golden/flu
 Needs torch, diffusers, transformers (not in CI). Writes pipeline/transformer and pipeline/vae (save_pretrained:
 the diffusers folder layout and file names, bfloat16 / float16 weights; the reference runs in float32 on the
 same rounded values) and pipeline_io.safetensors: the packed initial latents, the final packed latents and the
-decoded image (float32, [0, 1]) for PROMPT at 32x32, guidance 3.5, 512 T5 tokens, dev's scheduler config.
+decoded image (float32, [0, 1]), and the final latents with true CFG 2.0 and NEGATIVE, for PROMPT at 32x32, guidance 3.5, 512 T5 tokens, dev's scheduler config.
 With --bench N it also times N end-to-end calls on the CPU and prints the median seconds."""
 import gzip
 import json
@@ -21,6 +21,7 @@ from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
 PROMPT = "a watercolor painting of a fox in the snow, 4k"
+NEGATIVE = "blurry, low quality"
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATA = os.environ.get("TRT_DIFF_SHARED_DATA", os.path.join(HERE, "..", "..", "..", "shared", "data"))
 
@@ -94,6 +95,8 @@ def main(out, bench):
         with torch.no_grad():
             final = pipe(**args, latents=latents.clone(), output_type="latent").images
             image = pipe(**args, latents=latents.clone(), output_type="pt").images
+            true_cfg = pipe(**args, latents=latents.clone(), output_type="latent", negative_prompt=NEGATIVE,
+                            true_cfg_scale=2.0).images
         if bench:
             times = []
             for _ in range(bench):
@@ -109,7 +112,7 @@ def main(out, bench):
     transformer.to(torch.bfloat16).save_pretrained(os.path.join(pdir, "transformer"))
     vae.to(torch.float16).save_pretrained(os.path.join(pdir, "vae"))
     save_file({"initial_latents": latents.contiguous(), "final_latents": final.float().contiguous(),
-               "image": image.float().contiguous()}, os.path.join(out, "pipeline_io.safetensors"))
+               "image": image.float().contiguous(), "final_latents_true_cfg": true_cfg.float().contiguous()}, os.path.join(out, "pipeline_io.safetensors"))
     print("final latents", tuple(final.shape), float(final.abs().max()), "image", tuple(image.shape))
 
 
