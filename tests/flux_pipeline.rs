@@ -168,6 +168,27 @@ fn build_and_generate_end_to_end() {
         ],
         true,
     );
+    // `export`: one ONNX graph per component.
+    let exported = dir.path().join("onnx");
+    let r = run(
+        &[
+            "export",
+            &s(&model),
+            "--arch",
+            "flux-dev",
+            "--out",
+            &s(&exported),
+            "--clip-tokenizer",
+            &s(&ct),
+            "--t5-tokenizer",
+            &s(&tt),
+        ],
+        true,
+    );
+    for c in ["transformer", "clip", "t5", "vae_decoder", "vae_encoder"] {
+        let f = exported.join(format!("{c}.onnx"));
+        assert!(f.exists() && r.stdout.contains(&s(&f)), "{c}: {}", r.stdout);
+    }
     // The tiny transformer has a guidance embedding: building it as schnell is refused.
     let r = run(
         &[
