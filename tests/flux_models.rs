@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
 use trt_diff::backend::{Engine, HostTensor};
 use trt_diff::models::flux::{self, ExportOptions, FluxConfig, FluxPrecision, Layout};
+use trt_diff::onnx::DataType;
 use trt_diff::weights::safetensors_file::Checkpoint;
 
 fn golden(name: &str) -> PathBuf {
@@ -167,23 +168,27 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
     let io = io("flux_dev_io.safetensors");
     let amax = calibrate(d.path(), &io);
     // (precision, file, bound on max |err| / max |ref|): FP8 E4M3 keeps 3 mantissa bits, NVFP4 (E2M1) 1.
-    for (precision, file, bound) in [
-        (FluxPrecision::Fp8, "flux_dev_bfl.safetensors", 0.05),
-        (FluxPrecision::Nvfp4, "flux_dev_bfl.safetensors", 0.10),
-        (FluxPrecision::Nvfp4, "flux_dev.safetensors", 0.10),
+    let (f32t, f16t) = (DataType::FLOAT, DataType::FLOAT16);
+    for (precision, compute, file, bound) in [
+        (FluxPrecision::Fp8, f32t, "flux_dev_bfl.safetensors", 0.05),
+        (FluxPrecision::Nvfp4, f32t, "flux_dev_bfl.safetensors", 0.10),
+        (FluxPrecision::Nvfp4, f32t, "flux_dev.safetensors", 0.10),
+        // NVIDIA-demo style: f16 outside the quantized GEMMs.
+        (FluxPrecision::Nvfp4, f16t, "flux_dev_bfl.safetensors", 0.10),
     ] {
-        let sub = d.path().join(format!("{precision:?}_{file}"));
+        let sub = d.path().join(format!("{precision:?}_{}_{file}", compute.0));
         std::fs::create_dir_all(&sub).unwrap();
         let opts = ExportOptions {
             precision,
             amax: amax.clone(),
+            quantized_compute: compute,
             ..Default::default()
         };
         let (onnx, cfg, _) = export(file, "flux_dev", &opts, &sub);
         let out = run(&onnx, &io);
         let err = rel_err(&out[0].1, &io["sample"]);
         println!(
-            "{precision:?} {file}: max rel err vs fp32 diffusers {err:.3e}, mean rel err {:.3e}",
+            "{precision:?} (compute {compute}) {file}: max rel err vs fp32 diffusers {err:.3e}, mean rel err {:.3e}",
             mean_rel_err(&out[0].1, &io["sample"])
         );
         assert!(err < bound, "{precision:?} {file}: {err}");
@@ -200,7 +205,7 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
             .unwrap();
             assert!(o.manifest.builder.layers > 0);
             println!(
-                "{precision:?}: TensorRT-RTX built {} bytes, {} layers",
+                "{precision:?} (compute {compute}): TensorRT-RTX built {} bytes, {} layers",
                 std::fs::metadata(&plan).unwrap().len(),
                 o.manifest.builder.layers
             );

@@ -421,6 +421,9 @@ pub struct ExportOptions {
     pub amax: HashMap<String, f32>,
     /// NVFP4 activation amax for layers missing from `amax` (sets the global scale; block scales stay dynamic).
     pub nvfp4_default_amax: f32,
+    /// Compute dtype of FP8/NVFP4 graphs outside their quantized GEMMs: FLOAT (default), FLOAT16 or BFLOAT16
+    /// (as NVIDIA's demos run them; each quantized GEMM then reads and writes through a Cast to/from f32).
+    pub quantized_compute: DataType,
     /// Adds an `amax.<key>` output per linear-layer input activation (use with F32 for calibration runs).
     pub calibration: bool,
 }
@@ -432,6 +435,7 @@ impl Default for ExportOptions {
             policy: None,
             amax: HashMap::new(),
             nvfp4_default_amax: 256.0,
+            quantized_compute: DataType::FLOAT,
             calibration: false,
         }
     }
@@ -563,7 +567,11 @@ impl Emitter<'_> {
                 };
                 let bf = b.as_ref().map(|b| b.to_f32()).transpose()?;
                 *self.layers.entry(p.name()).or_default() += 1;
-                if p == LinearPrecision::Nvfp4 {
+                // The Q/DQ patterns take f32 activations; other compute types cast around them.
+                let dt = self.o.dtype;
+                let xq = self.o.cast(&format!("{name}/in_f32"), x, DataType::FLOAT)?;
+                let x = &xq;
+                let y = if p == LinearPrecision::Nvfp4 {
                     // Quantized straight from the mapped checkpoint in its own element type: no f32 copy.
                     let g = &mut self.o.g;
                     let d = &w.data[..];
@@ -591,7 +599,8 @@ impl Emitter<'_> {
                         in_features: k,
                     };
                     linear(&mut self.o.g, &name, x, &lw, p, amax)?
-                }
+                };
+                self.o.cast(&format!("{name}/out"), &y, dt)?
             }
             _ => {
                 *self.layers.entry("kept".into()).or_default() += 1;
@@ -1162,7 +1171,17 @@ fn emit(
         (None, None) => None,
     };
     let opset = target.map_or(18, |t| t.min_opset()).max(18);
-    let mut o = Ops::new("flux_transformer", opset, opts.precision.compute());
+    let compute = match target {
+        Some(_) => opts.quantized_compute,
+        None => opts.precision.compute(),
+    };
+    if !matches!(
+        compute,
+        DataType::FLOAT | DataType::FLOAT16 | DataType::BFLOAT16
+    ) {
+        bail!("quantized_compute must be FLOAT, FLOAT16 or BFLOAT16, not {compute}");
+    }
+    let mut o = Ops::new("flux_transformer", opset, compute);
     if target == Some(LinearPrecision::Nvfp4) {
         o.g.use_domain("trt", 1);
     }
