@@ -30,3 +30,16 @@ done
 "$bin" tokenize --vocab "$out/stories260K.gguf" "Once upon a time"
 "$bin" build "$out/stories260K.gguf" --precision fp16 --out "$out/stories_gguf_fp16.plan"
 "$bin" generate --engine "$out/stories_gguf_fp16.plan" --prompt "Once upon a time" --max-tokens 60
+# Flux: a tiny random FLUX.1-dev in diffusers' folder layout (real formats: safetensors + config.json per component,
+# the real CLIP BPE and T5 tokenizers) built into an NVFP4 bundle (TensorRT-RTX engines for every component), then an
+# image from it with live previews (on the CPU through ONNX Runtime when no TensorRT-capable GPU is present).
+flux="$out/tiny-flux-dev"
+rm -rf "$flux"
+mkdir -p "$flux"
+for c in transformer vae; do ln -s "$root/tests/golden/flux/pipeline/$c" "$flux/$c"; done
+for c in text_encoder text_encoder_2; do ln -s "$root/tests/golden/flux/$c" "$flux/$c"; done
+"$bin" build "$flux" --arch flux-dev --precision nvfp4 --out "$out/flux.plan" --image-px 32,64,128 \
+  --clip-tokenizer "$data/tokenizers/bpe_simple_vocab_16e6.txt.gz" --t5-tokenizer "$data/tokenizers/t5_tokenizer.json" \
+  --tae-decoder "$root/tests/golden/flux/pipeline/tae_decoder.safetensors" --no-progress
+"$bin" generate --engine "$out/flux.plan" --prompt "a watercolor painting of a fox in the snow" --width 64 --height 64 \
+  --steps 4 --seed 1 --preview "$out/flux_preview.png" --out "$out/flux.png"

@@ -33,8 +33,10 @@ pub enum Command {
     Build(BuildArgs),
     /// Run an engine (.plan, or .onnx on the CPU) on .npy inputs; write .npy outputs, print latency statistics.
     Run(RunArgs),
-    /// Generate text with an LLM engine built by `trt-diff build --arch ...`.
+    /// Generate text with an LLM engine, or images with a Flux bundle, built by `trt-diff build --arch ...`.
     Generate(GenerateArgs),
+    /// Export a model folder to ONNX, one graph per component (Flux: transformer, clip, t5, vae_decoder, vae_encoder).
+    Export(ExportArgs),
     /// Serve an LLM engine over HTTP: /v1/generate (SSE streaming), /v1/completions, /health, /metrics.
     Serve {
         #[arg(long)]
@@ -185,6 +187,72 @@ pub struct GenerateArgs {
     pub stop: Vec<String>,
     #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
     pub backend: crate::runner::BackendChoice,
+    #[command(flatten)]
+    pub image: ImageArgs,
+}
+
+/// Options of image pipelines (Flux bundles); unset ones take the bundle's recipe defaults.
+#[derive(Args)]
+pub struct ImageArgs {
+    /// Output PNG (a batch writes NAME-0.png, NAME-1.png, ...).
+    #[arg(long, value_name = "FILE.png")]
+    pub out: Option<PathBuf>,
+    #[arg(long)]
+    pub steps: Option<usize>,
+    /// Any name of `trt-diff samplers list` (default: the recipe's, euler).
+    #[arg(long)]
+    pub sampler: Option<String>,
+    /// "flux" (diffusers' FluxPipeline schedule, default) or any `trt-diff samplers sigmas` scheduler.
+    #[arg(long)]
+    pub scheduler: Option<String>,
+    /// Image width in pixels (a multiple of 16).
+    #[arg(long)]
+    pub width: Option<usize>,
+    /// Image height in pixels (a multiple of 16).
+    #[arg(long)]
+    pub height: Option<usize>,
+    /// Distilled guidance of FLUX.1-dev (its transformer's guidance input).
+    #[arg(long)]
+    pub guidance: Option<f32>,
+    /// True classifier-free guidance scale with --negative-prompt (1: off; doubles the transformer runs).
+    #[arg(long, default_value_t = 1.0)]
+    pub cfg: f32,
+    #[arg(long)]
+    pub negative_prompt: Option<String>,
+    /// img2img: start from this image (PNG/JPEG), resized to the output size.
+    #[arg(long, value_name = "FILE")]
+    pub init_image: Option<PathBuf>,
+    /// img2img: how much of the schedule to re-run (0 < s <= 1).
+    #[arg(long, default_value_t = 0.8)]
+    pub strength: f32,
+    /// Images generated together (image i uses seed + i).
+    #[arg(long, default_value_t = 1)]
+    pub batch: usize,
+    /// Write a live preview PNG here after every step (needs a bundle built with --tae-decoder).
+    #[arg(long, value_name = "FILE.png")]
+    pub preview: Option<PathBuf>,
+    /// Hide the progress bar.
+    #[arg(long)]
+    pub no_progress: bool,
+}
+
+#[derive(Args)]
+pub struct ExportArgs {
+    /// Model folder in diffusers' layout (transformer/, text_encoder/, text_encoder_2/, vae/, tokenizer*/).
+    pub model: PathBuf,
+    /// flux-dev or flux-schnell.
+    #[arg(long)]
+    pub arch: String,
+    /// fp32, bf16, fp16 or nvfp4 (fp8 needs calibration: use `build`).
+    #[arg(long, default_value = "fp32")]
+    pub precision: String,
+    /// Output folder.
+    #[arg(long, short)]
+    pub out: PathBuf,
+    #[arg(long, value_name = "FILE")]
+    pub clip_tokenizer: Option<PathBuf>,
+    #[arg(long, value_name = "FILE")]
+    pub t5_tokenizer: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -208,6 +276,27 @@ pub struct BuildArgs {
     /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c, a GGUF file for Hugging Face folders.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
+    /// Flux: CLIP merges (merges.txt or bpe_simple_vocab_16e6.txt.gz) when the model folder has no tokenizer/.
+    #[arg(long, value_name = "FILE")]
+    pub clip_tokenizer: Option<PathBuf>,
+    /// Flux: T5 tokenizer.json when the model folder has no tokenizer_2/.
+    #[arg(long, value_name = "FILE")]
+    pub t5_tokenizer: Option<PathBuf>,
+    /// Flux: a madebyollin TAE decoder (taef1 .safetensors) for `generate --preview`.
+    #[arg(long, value_name = "FILE")]
+    pub tae_decoder: Option<PathBuf>,
+    /// Flux: T5 sequence length (default: the recipe's, 512 dev / 256 schnell).
+    #[arg(long)]
+    pub t5_max_len: Option<usize>,
+    /// Flux: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
+    #[arg(long, value_delimiter = ',', value_name = "MIN,OPT,MAX")]
+    pub image_px: Option<Vec<i64>>,
+    /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
+    #[arg(long, value_name = "TEXT")]
+    pub calibration_prompt: Vec<String>,
+    /// Flux FP8: sampler steps per calibration prompt (default: the recipe's).
+    #[arg(long)]
+    pub calibration_steps: Option<usize>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
     /// norms and the LM head in fp32).
     #[arg(long, default_value = "fp32")]
@@ -294,6 +383,7 @@ fn run(cli: Cli) -> Result<()> {
             against,
         } => crate::inspect::inspect(&file, json, against.as_deref()),
         Command::Generate(a) => generate(a),
+        Command::Export(a) => export(a),
         Command::Serve {
             engine,
             host,
@@ -392,6 +482,11 @@ fn run_engine(a: RunArgs) -> Result<()> {
 
 fn generate(a: GenerateArgs) -> Result<()> {
     use std::io::Write;
+    if crate::manifest::sidecar_path(&a.engine).exists()
+        && let Some(bundle) = crate::pipelines::flux_build::read_bundle(&a.engine)?
+    {
+        return generate_image(&a, &bundle);
+    }
     let params = crate::pipelines::llm::SamplingParams {
         temperature: a.temperature,
         top_k: a.top_k,
@@ -436,12 +531,135 @@ fn generate(a: GenerateArgs) -> Result<()> {
     Ok(())
 }
 
+fn generate_image(
+    a: &GenerateArgs,
+    bundle: &crate::pipelines::flux_build::FluxBundle,
+) -> Result<()> {
+    let i = &a.image;
+    let Some(out) = &i.out else {
+        bail!(
+            "--out FILE.png is needed: '{}' is an image pipeline",
+            a.engine.display()
+        );
+    };
+    let req = crate::pipelines::flux::FluxRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: i.negative_prompt.clone(),
+        steps: i.steps,
+        sampler: i.sampler.clone(),
+        scheduler: i.scheduler.clone(),
+        seed: a.seed,
+        width: i.width,
+        height: i.height,
+        guidance: i.guidance,
+        cfg: i.cfg,
+        batch: i.batch,
+        init_image: i.init_image.clone(),
+        strength: i.strength,
+        preview: i.preview.clone(),
+        ..Default::default()
+    };
+    let r = crate::pipelines::flux_run::generate_images(
+        &a.engine,
+        bundle,
+        a.backend,
+        &req,
+        out,
+        !i.no_progress,
+    )?;
+    let mean = r.step_seconds.iter().sum::<f64>() / r.step_seconds.len().max(1) as f64;
+    for f in &r.files {
+        println!("wrote {}", f.display());
+    }
+    eprintln!(
+        "{} steps, {:.3} s/step mean, {:.2} s total on {}",
+        r.step_seconds.len(),
+        mean,
+        r.seconds,
+        r.backend
+    );
+    Ok(())
+}
+
+fn export(a: ExportArgs) -> Result<()> {
+    if !a.arch.starts_with("flux") {
+        bail!(
+            "--arch {} is not exportable; supported: flux-dev, flux-schnell",
+            a.arch
+        );
+    }
+    let p = crate::pipelines::flux_build::export_flux(
+        &a.model,
+        &a.arch,
+        &a.precision,
+        &a.out,
+        a.clip_tokenizer.as_deref(),
+        a.t5_tokenizer.as_deref(),
+    )?;
+    for f in [
+        &p.transformer,
+        &p.clip,
+        &p.t5,
+        &p.vae_decoder,
+        &p.vae_encoder,
+    ] {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}
+
+fn build_flux(a: &BuildArgs, arch: &str) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 16)");
+    }
+    let o = crate::pipelines::flux_build::build_flux(
+        &crate::pipelines::flux_build::FluxBuildOptions {
+            model: a.input.clone(),
+            arch: arch.to_string(),
+            precision: a.precision.clone(),
+            clip_tokenizer: a.clip_tokenizer.clone(),
+            t5_tokenizer: a.t5_tokenizer.clone(),
+            tae_decoder: a.tae_decoder.clone(),
+            t5_max_len: a.t5_max_len,
+            image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
+            calibration_backend: crate::runner::BackendChoice::Auto,
+            base: BuildOptions {
+                out: a.out.clone(),
+                trt: a.trt,
+                trt_lib_dir: a.lib.trt_lib_dir.clone(),
+                opt_level: a.opt_level,
+                workspace_bytes: a.workspace.map(|m| m << 20),
+                timing_cache: a.timing_cache.clone(),
+                targets: a.targets.clone(),
+                refit: a.refit,
+                weight_streaming: a.weight_streaming,
+                progress: !a.no_progress,
+                ..Default::default()
+            },
+        },
+    )?;
+    println!(
+        "built the {arch} bundle {} ({} precision) with {} {}; manifest {}",
+        o.plan.display(),
+        a.precision,
+        o.manifest.tensorrt.flavor_display(),
+        o.manifest.tensorrt.version,
+        o.manifest_path.display()
+    );
+    Ok(())
+}
+
 fn build(a: BuildArgs) -> Result<()> {
     if !a.input.exists() {
         bail!(
             "cannot open '{}': no such file; check the path",
             a.input.display()
         );
+    }
+    if let Some(arch) = a.arch.as_deref().filter(|a| a.starts_with("flux")) {
+        return build_flux(&a, arch);
     }
     let is_llm = a.arch.is_some()
         || crate::weights::gguf::looks_like_gguf(&a.input)

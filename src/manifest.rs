@@ -35,6 +35,8 @@ pub enum Pipeline {
         tokenizer: String,
         precision: String,
     },
+    /// A Flux bundle: the plan is the transformer's engine; the other components sit beside it.
+    Flux(Box<crate::pipelines::flux_build::FluxBundle>),
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]

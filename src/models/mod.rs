@@ -1,3 +1,9 @@
 //! Models: plain config structs and one function each that emits the ONNX graph.
+pub mod clip;
+pub mod flux;
 pub mod llama;
 pub mod mlp;
+pub mod ops;
+pub mod t5;
+pub mod taesd;
+pub mod vae;

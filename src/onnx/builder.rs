@@ -57,6 +57,58 @@ pub struct GraphBuilder {
     names: HashSet<String>,
     node_names: HashSet<String>,
     producer: String,
+    sink: Option<ExternalSink>,
+}
+
+/// Streams large initializers to an external data file as they are added, so an exporter never holds a whole
+/// model's weights in memory (see [`GraphBuilder::stream_external_data`]).
+pub struct ExternalSink {
+    file: crate::fsutil::AtomicFile,
+    data_name: String,
+    offset: u64,
+    threshold: usize,
+}
+
+impl ExternalSink {
+    fn put(&mut self, t: &mut TensorProto) -> Result<()> {
+        use std::io::Write;
+        // Page alignment lets readers mmap big tensors directly; small ones only need 64-byte alignment.
+        let align: u64 = if t.raw_data.len() >= (1 << 20) {
+            4096
+        } else {
+            64
+        };
+        let pad = self.offset.next_multiple_of(align) - self.offset;
+        self.file.write_all(&vec![0u8; pad as usize])?;
+        self.offset += pad;
+        let data = std::mem::take(&mut t.raw_data);
+        self.file.write_all(&data).map_err(|e| {
+            anyhow::anyhow!("writing external data '{}' failed: {e}", self.data_name)
+        })?;
+        t.data_location = DATA_LOCATION_EXTERNAL;
+        let entry = |k: &str, v: String| StringStringEntryProto {
+            key: k.to_string(),
+            value: v,
+        };
+        t.external_data = vec![
+            entry("location", self.data_name.clone()),
+            entry("offset", self.offset.to_string()),
+            entry("length", data.len().to_string()),
+        ];
+        self.offset += data.len() as u64;
+        Ok(())
+    }
+
+    /// Bytes written so far.
+    pub fn bytes(&self) -> u64 {
+        self.offset
+    }
+
+    /// Renames the data file into place; call before saving the model that refers to it.
+    pub fn commit(self) -> Result<u64> {
+        self.file.commit()?;
+        Ok(self.offset)
+    }
 }
 
 fn unique_in(set: &mut HashSet<String>, base: &str) -> String {
@@ -109,7 +161,36 @@ impl GraphBuilder {
             names: HashSet::new(),
             node_names: HashSet::new(),
             producer: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
+            sink: None,
         }
+    }
+
+    /// From now on, initializers of at least `threshold` bytes are written at once to `<onnx file name>.data`
+    /// beside `onnx_path` (a temporary name until [`ExternalSink::commit`]) and kept in the graph as external
+    /// references. Finish with [`GraphBuilder::finish_streamed`], commit the sink, then save the model with
+    /// `external_threshold: None`.
+    pub fn stream_external_data(
+        &mut self,
+        onnx_path: &std::path::Path,
+        threshold: usize,
+    ) -> Result<()> {
+        let Some(file_name) = onnx_path.file_name() else {
+            bail!("'{}' is not a file path", onnx_path.display());
+        };
+        let data_name = format!("{}.data", file_name.to_string_lossy());
+        let file = crate::fsutil::AtomicFile::create(&onnx_path.with_file_name(&data_name))?;
+        self.sink = Some(ExternalSink {
+            file,
+            data_name,
+            offset: 0,
+            threshold,
+        });
+        Ok(())
+    }
+
+    /// Bytes streamed to external data so far (0 without a sink).
+    pub fn streamed_bytes(&self) -> u64 {
+        self.sink.as_ref().map_or(0, |s| s.offset)
     }
 
     /// Imports another operator domain (e.g. "trt" for TensorRT's own ops).
@@ -173,13 +254,19 @@ impl GraphBuilder {
             );
         }
         let name = self.claim(name)?;
-        self.initializers.push(TensorProto {
+        let mut t = TensorProto {
             dims: dims.to_vec(),
             data_type: dtype.0,
             name: name.clone(),
             raw_data: data,
             ..Default::default()
-        });
+        };
+        if let Some(sink) = self.sink.as_mut()
+            && t.raw_data.len() >= sink.threshold
+        {
+            sink.put(&mut t)?;
+        }
+        self.initializers.push(t);
         Ok(Value {
             name,
             dtype,
@@ -285,6 +372,12 @@ impl GraphBuilder {
         Ok(self
             .node(op, name, inputs, attrs, vec![(dtype, shape)])?
             .remove(0))
+    }
+
+    /// [`GraphBuilder::finish`] for a streaming builder: the model and the external data still to commit.
+    pub fn finish_streamed(mut self) -> (ModelProto, Option<ExternalSink>) {
+        let sink = self.sink.take();
+        (self.finish(), sink)
     }
 
     pub fn finish(self) -> ModelProto {

@@ -88,7 +88,7 @@ pub fn detect_source<'a>(
             })?,
         }),
         Some(other) => bail!(
-            "--arch {other} does not match '{}' (supported: llama2c; GGUF files and Hugging Face folders are detected)",
+            "--arch {other} does not match '{}' (supported: llama2c, flux-dev, flux-schnell; GGUF files and Hugging Face folders are detected)",
             input.display()
         ),
         None => bail!(

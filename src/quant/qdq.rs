@@ -243,10 +243,10 @@ fn int4_weight(
 }
 
 /// NVFP4 weight [n, k] (blocks along k) with two DQs, transposed to [k, n] for MatMul.
-fn nvfp4_weight(
+fn nvfp4_weight<T: super::elem::Elem>(
     g: &mut GraphBuilder,
     name: &str,
-    w: &[f32],
+    w: &[T],
     k: usize,
     n: usize,
     float: DataType,
@@ -360,6 +360,66 @@ pub fn nvfp4_activation(
         x.dtype,
         x.shape.clone(),
     )
+}
+
+/// The NVFP4 form of [`linear`] reading the weight [out, in] in its stored element type (f32, f16 or bf16, e.g.
+/// straight from a mapped checkpoint): no f32 copy of the weight is made.
+#[allow(clippy::too_many_arguments)]
+pub fn linear_nvfp4<T: super::elem::Elem>(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    weight: &[T],
+    bias: Option<&[f32]>,
+    out_features: usize,
+    in_features: usize,
+    act_amax: f32,
+) -> Result<Value> {
+    let (n, k) = (out_features, in_features);
+    if weight.len() != n * k {
+        bail!(
+            "{name}: weight has {} values, [{n}, {k}] needs {}",
+            weight.len(),
+            n * k
+        );
+    }
+    let float = LinearPrecision::Nvfp4.float_type();
+    if x.dtype != float {
+        bail!("{name}: input is {}, nvfp4 expects {float}", x.dtype);
+    }
+    let out_shape = with_last(&x.shape, n);
+    let xin = nvfp4_activation(g, name, x, act_amax)?;
+    let wv = nvfp4_weight(g, name, weight, k, n, float)?;
+    let y = g.op(
+        "MatMul",
+        &format!("{name}/MatMul"),
+        &[&xin, &wv],
+        vec![],
+        float,
+        out_shape.clone(),
+    )?;
+    match bias {
+        None => Ok(y),
+        Some(b) => {
+            if b.len() != n {
+                bail!("{name}: bias has {} values, expected {n}", b.len());
+            }
+            let bv = g.initializer(
+                &format!("{name}.bias"),
+                float,
+                &[n as i64],
+                float_bytes(b, float),
+            )?;
+            g.op(
+                "Add",
+                &format!("{name}/bias"),
+                &[&y, &bv],
+                vec![],
+                float,
+                out_shape,
+            )
+        }
+    }
 }
 
 /// Emits `y = x @ W^T (+ b)` named `name`; `act_amax` is the calibrated absolute maximum of `x` (FP8 and NVFP4).

@@ -5,3 +5,4 @@ pub mod gguf_model;
 pub mod gguf_write;
 pub mod hf;
 pub mod llama2c;
+pub mod safetensors_file;

@@ -1,0 +1,256 @@
+//! Streaming export of a full-size Flux.1-dev transformer with NVFP4 quantization, against the disk's plain
+//! sequential read + write of the same bytes.
+//!
+//! `cargo bench --bench flux_export` writes a synthetic checkpoint in the real BFL layout (11.9B parameters, bf16,
+//! random values; ~23.8 GB) under FLUX_BENCH_DIR (default target/flux-bench), exports it to ONNX with NVFP4 weights
+//! (default policy: embedders, modulation, final layer stay bf16, zero-copy) and prints wall time and peak RSS of
+//! the export beside the time to read the checkpoint and write as many bytes as the export wrote. All files are
+//! deleted at the end. FLUX_BENCH_SCALE (e.g. 0.1) scales the block counts for a quick run. The checkpoint's pages
+//! are dropped from the page cache (`dd iflag=nocache`) before each timed phase, and both phases end with `sync`,
+//! so both measure data from and to the disk.
+use rayon::prelude::*;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Instant;
+use trt_diff::models::flux::{self, ExportOptions, FluxConfig, FluxPrecision};
+use trt_diff::weights::safetensors_file::Checkpoint;
+
+fn peak_rss_reset() {
+    // Writing 5 to clear_refs resets VmHWM (Linux >= 4.0).
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
+fn peak_rss_bytes() -> u64 {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .map_or(0, |kb| kb * 1024)
+}
+
+/// User + system CPU seconds of this process so far (/proc/self/stat, clock ticks of 1/100 s).
+fn cpu_seconds() -> f64 {
+    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+    let after = s.rsplit_once(')').map_or("", |(_, r)| r);
+    let f: Vec<&str> = after.split_whitespace().collect();
+    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
+    (tick(11) + tick(12)) / 100.0
+}
+
+fn load_average() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .unwrap_or_default()
+        .split_whitespace()
+        .take(3)
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+fn drop_cache(p: &Path) {
+    let _ = Command::new("dd")
+        .arg(format!("if={}", p.display()))
+        .args(["iflag=nocache", "count=0", "status=none"])
+        .status();
+}
+
+fn sync() {
+    let _ = Command::new("sync").status();
+}
+
+fn free_bytes(dir: &Path) -> Option<u64> {
+    let o = Command::new("df")
+        .args(["--output=avail", "-B1"])
+        .arg(dir)
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&o.stdout)
+        .lines()
+        .nth(1)?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// Random bf16 values of magnitude ~2^-7..2^-1 with random signs (no NaN/Inf), chunk-seeded for parallelism.
+fn fill(buf: &mut [u8], seed: u64) {
+    buf.par_chunks_mut(1 << 16).enumerate().for_each(|(ci, c)| {
+        let mut s = seed ^ (ci as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        for pair in c.chunks_exact_mut(8) {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            let mut r = s;
+            for v in pair.chunks_exact_mut(2) {
+                let sign = (r & 1) as u16;
+                let exp = 120 + ((r >> 1) % 6) as u16;
+                let man = ((r >> 4) & 0x7f) as u16;
+                v.copy_from_slice(&((sign << 15) | (exp << 7) | man).to_le_bytes());
+                r >>= 16;
+            }
+        }
+    });
+}
+
+fn write_checkpoint(cfg: &FluxConfig, path: &Path) -> u64 {
+    let tensors = flux::bfl_tensor_shapes(cfg);
+    let mut header = serde_json::Map::new();
+    let mut off = 0u64;
+    for (name, shape) in &tensors {
+        let n = shape.iter().product::<usize>() as u64 * 2;
+        header.insert(
+            name.clone(),
+            serde_json::json!({"dtype": "BF16", "shape": shape, "data_offsets": [off, off + n]}),
+        );
+        off += n;
+    }
+    let mut h = serde_json::to_vec(&serde_json::Value::Object(header)).unwrap();
+    while !h.len().is_multiple_of(8) {
+        h.push(b' ');
+    }
+    let mut f = std::io::BufWriter::with_capacity(1 << 22, std::fs::File::create(path).unwrap());
+    f.write_all(&(h.len() as u64).to_le_bytes()).unwrap();
+    f.write_all(&h).unwrap();
+    let mut buf = vec![0u8; 64 << 20];
+    let mut left = off;
+    let mut seed = 1u64;
+    while left > 0 {
+        let n = left.min(buf.len() as u64) as usize;
+        fill(&mut buf[..n], seed);
+        f.write_all(&buf[..n]).unwrap();
+        left -= n as u64;
+        seed += 1;
+    }
+    f.flush().unwrap();
+    off
+}
+
+/// Reads `src` sequentially and writes `out_bytes` bytes to `dst`.
+fn plain_copy(src: &Path, dst: &Path, out_bytes: u64) -> u64 {
+    let mut r = std::fs::File::open(src).unwrap();
+    let mut w = std::fs::File::create(dst).unwrap();
+    let mut buf = vec![0u8; 8 << 20];
+    let (mut read, mut written) = (0u64, 0u64);
+    loop {
+        let n = r.read(&mut buf).unwrap();
+        if n == 0 {
+            break;
+        }
+        read += n as u64;
+        let m = (out_bytes - written).min(n as u64) as usize;
+        w.write_all(&buf[..m]).unwrap();
+        written += m as u64;
+    }
+    while written < out_bytes {
+        let m = (out_bytes - written).min(buf.len() as u64) as usize;
+        w.write_all(&buf[..m]).unwrap();
+        written += m as u64;
+    }
+    read
+}
+
+fn main() {
+    let scale: f64 = std::env::var("FLUX_BENCH_SCALE")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(1.0);
+    let dir: PathBuf = std::env::var("FLUX_BENCH_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/flux-bench"));
+    std::fs::create_dir_all(&dir).unwrap();
+    let mut cfg = FluxConfig::dev();
+    cfg.depth = ((19.0 * scale).round() as usize).max(1);
+    cfg.depth_single = ((38.0 * scale).round() as usize).max(1);
+    let params = cfg.param_count();
+    let need = params * 2 + params; // checkpoint + a generous bound on the export
+    if let Some(free) = free_bytes(&dir)
+        && free < need + (5 << 30)
+    {
+        eprintln!(
+            "flux_export: {} needs ~{} free, {} available; set FLUX_BENCH_SCALE lower or FLUX_BENCH_DIR elsewhere",
+            dir.display(),
+            trt_diff::fsutil::human_bytes(need),
+            trt_diff::fsutil::human_bytes(free)
+        );
+        std::process::exit(1);
+    }
+    let ck_path = dir.join("flux1-dev-synthetic.safetensors");
+    let out_dir = dir.join("onnx");
+    std::fs::create_dir_all(&out_dir).unwrap();
+    println!(
+        "Flux.1-dev transformer, {} double + {} single blocks, {:.2}B parameters (scale {scale})",
+        cfg.depth,
+        cfg.depth_single,
+        params as f64 / 1e9
+    );
+    let t = Instant::now();
+    let ck_bytes = write_checkpoint(&cfg, &ck_path);
+    sync();
+    println!(
+        "synthetic BFL checkpoint: {} in {:.1} s",
+        trt_diff::fsutil::human_bytes(ck_bytes),
+        t.elapsed().as_secs_f64()
+    );
+
+    // Export.
+    drop_cache(&ck_path);
+    peak_rss_reset();
+    let rss_before = peak_rss_bytes();
+    let load_before = load_average();
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    let ck = Checkpoint::open(&ck_path).unwrap();
+    let opts = ExportOptions {
+        precision: FluxPrecision::Nvfp4,
+        ..Default::default()
+    };
+    let report = flux::export_with(&ck, &cfg, &opts, &out_dir.join("transformer.onnx")).unwrap();
+    drop(ck);
+    let unsynced_s = t.elapsed().as_secs_f64();
+    sync();
+    let export_s = t.elapsed().as_secs_f64();
+    let export_cpu = cpu_seconds() - cpu0;
+    let peak = peak_rss_bytes();
+
+    // Plain sequential read of the checkpoint + write of as many bytes as the export wrote.
+    let _ = std::fs::remove_dir_all(&out_dir);
+    drop_cache(&ck_path);
+    let cpu0 = cpu_seconds();
+    let t = Instant::now();
+    let read = plain_copy(&ck_path, &dir.join("plain.bin"), report.bytes);
+    let plain_unsynced_s = t.elapsed().as_secs_f64();
+    sync();
+    let plain_s = t.elapsed().as_secs_f64();
+    let plain_cpu = cpu_seconds() - cpu0;
+    let _ = std::fs::remove_dir_all(&dir);
+
+    let gb = |b: u64| b as f64 / 1e9;
+    println!("| step | bytes in | bytes out | wall s | CPU s | GB/s in | peak RSS |");
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| export + NVFP4 (trt-diff) | {:.2} GB | {:.2} GB | {export_s:.1} | {export_cpu:.1} | {:.2} | {} (before: {}) |",
+        gb(ck_bytes),
+        gb(report.bytes),
+        gb(ck_bytes) / export_s,
+        trt_diff::fsutil::human_bytes(peak),
+        trt_diff::fsutil::human_bytes(rss_before)
+    );
+    println!(
+        "| plain read + write | {:.2} GB | {:.2} GB | {plain_s:.1} | {plain_cpu:.1} | {:.2} | - |",
+        gb(read),
+        gb(report.bytes),
+        gb(read) / plain_s
+    );
+    println!(
+        "before the final sync: export {unsynced_s:.1} s, plain {plain_unsynced_s:.1} s; load average at the start \
+         {load_before}, at the end {} ({} cores)",
+        load_average(),
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "ratio export / plain: {:.2}x (target <= 1.5x); peak RSS {:.2} GB (target <= 2 GB); layers {:?}",
+        export_s / plain_s,
+        gb(peak),
+        report.layers
+    );
+}

@@ -1,0 +1,855 @@
+//! Flux bundles. `trt-diff build MODEL_DIR --arch flux-dev|flux-schnell --precision P --out NAME.plan` exports every
+//! component of a diffusers-layout model folder (transformer/, text_encoder/ (CLIP-L), text_encoder_2/ (T5),
+//! vae/, tokenizer/, tokenizer_2/) to `NAME.<component>.onnx`, builds a TensorRT engine of each (the transformer's
+//! is `NAME.plan` itself, the others `NAME.<component>.plan`), copies the tokenizers, and records the pipeline in
+//! `NAME.plan.json`. `generate --engine NAME.plan` opens each component on TensorRT when usable, else its ONNX on
+//! ONNX Runtime. Recipes (engines/flux-*.toml, compiled in) give the defaults, shapes and precision policy.
+use crate::manifest::{Manifest, Pipeline, sidecar_path};
+use crate::models::{clip, flux as fluxm, t5, taesd, vae};
+use crate::onnx::{DataType, SaveOptions, save};
+use crate::pipelines::flux::{FluxEngines, FluxPipeline, FluxPipelineConfig, FluxRequest};
+use crate::runner::{BackendChoice, open_engine};
+use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
+use crate::trt::shapes::ShapeRange;
+use crate::trt::{BuildOptions, BuildOutcome, build_engine};
+use crate::weights::safetensors_file::Checkpoint;
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+
+#[derive(Clone, Debug, Deserialize)]
+pub struct Recipe {
+    pub arch: String,
+    pub defaults: RecipeDefaults,
+    pub shapes: RecipeShapes,
+    pub precision: RecipePrecision,
+}
+#[derive(Clone, Debug, Deserialize)]
+pub struct RecipeDefaults {
+    pub steps: usize,
+    pub guidance: f32,
+    pub sampler: String,
+    pub scheduler: String,
+    pub width: usize,
+    pub height: usize,
+    pub t5_max_len: usize,
+}
+#[derive(Clone, Debug, Deserialize)]
+pub struct RecipeShapes {
+    pub batch: [i64; 3],
+    pub image_px: [i64; 3],
+}
+#[derive(Clone, Debug, Deserialize)]
+pub struct RecipePrecision {
+    pub text_encoders: String,
+    pub vae: String,
+    pub keep: Vec<String>,
+    pub calibration_steps: usize,
+    pub calibration_px: usize,
+    pub calibration_prompts: Vec<String>,
+}
+
+/// The compiled-in recipe of `arch`.
+pub fn recipe(arch: &str) -> Result<Recipe> {
+    let text = match arch {
+        "flux-dev" => include_str!("../../engines/flux-dev.toml"),
+        "flux-schnell" => include_str!("../../engines/flux-schnell.toml"),
+        other => bail!("unknown Flux arch '{other}'; valid: flux-dev, flux-schnell"),
+    };
+    toml::from_str(text).with_context(|| format!("engines/{arch}.toml is malformed"))
+}
+
+/// One component's files, relative to the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleComponent {
+    pub onnx: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+/// What the manifest of a Flux bundle records.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct FluxBundle {
+    pub precision: String,
+    pub config: FluxPipelineConfig,
+    /// transformer, clip, t5, vae_decoder, vae_encoder, tae_decoder (optional ones may be absent).
+    pub components: BTreeMap<String, BundleComponent>,
+    pub clip_tokenizer: String,
+    pub t5_tokenizer: String,
+}
+
+/// A diffusers-layout Flux folder, resolved.
+pub struct ModelFiles {
+    pub transformer: PathBuf,
+    pub clip: PathBuf,
+    pub t5: PathBuf,
+    pub vae: PathBuf,
+    pub clip_tokenizer: PathBuf,
+    pub t5_tokenizer: PathBuf,
+}
+
+fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
+    names.iter().map(|n| dir.join(n)).find(|p| p.exists())
+}
+
+impl ModelFiles {
+    /// Finds the components; tokenizer paths may be given explicitly (folders without tokenizer files).
+    pub fn find(model: &Path, clip_tok: Option<&Path>, t5_tok: Option<&Path>) -> Result<Self> {
+        if !model.is_dir() {
+            bail!(
+                "'{}' is not a folder: --arch flux-* builds take a diffusers-layout model folder (transformer/, \
+                 text_encoder/, text_encoder_2/, vae/, tokenizer/, tokenizer_2/)",
+                model.display()
+            );
+        }
+        let mut missing = Vec::new();
+        // Black Forest Labs' single files (flux1-dev.safetensors, ae.safetensors) stand in for transformer/ and
+        // vae/ (the emitters read both layouts).
+        let bfl = std::fs::read_dir(model)
+            .with_context(|| format!("cannot list '{}'", model.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("flux1-") && n.ends_with(".safetensors")
+                })
+            })
+            .min();
+        let mut need = |sub: &str, single: Option<PathBuf>| {
+            let p = model.join(sub);
+            if p.is_dir() {
+                return p;
+            }
+            match single {
+                Some(f) if f.is_file() => f,
+                _ => {
+                    missing.push(format!("{sub}/"));
+                    p
+                }
+            }
+        };
+        let (transformer, clip, t5, vae) = (
+            need("transformer", bfl),
+            need("text_encoder", None),
+            need("text_encoder_2", None),
+            need("vae", Some(model.join("ae.safetensors"))),
+        );
+        let clip_tokenizer = match clip_tok {
+            Some(p) => Some(p.to_path_buf()),
+            None => first_existing(
+                &model.join("tokenizer"),
+                &["merges.txt", "bpe_simple_vocab_16e6.txt.gz"],
+            ),
+        };
+        let t5_tokenizer = match t5_tok {
+            Some(p) => Some(p.to_path_buf()),
+            None => first_existing(&model.join("tokenizer_2"), &["tokenizer.json"]),
+        };
+        if clip_tokenizer.is_none() {
+            missing.push("tokenizer/merges.txt (or --clip-tokenizer)".into());
+        }
+        if t5_tokenizer.is_none() {
+            missing.push("tokenizer_2/tokenizer.json (or --t5-tokenizer)".into());
+        }
+        if !missing.is_empty() {
+            bail!(
+                "model folder '{}' lacks: {}; it must have diffusers' FLUX.1 layout (flux1-*.safetensors and \
+                 ae.safetensors may stand in for transformer/ and vae/)",
+                model.display(),
+                missing.join(", ")
+            );
+        }
+        Ok(Self {
+            transformer,
+            clip,
+            t5,
+            vae,
+            clip_tokenizer: clip_tokenizer.expect("checked"),
+            t5_tokenizer: t5_tokenizer.expect("checked"),
+        })
+    }
+}
+
+fn dtype_named(name: &str, what: &str) -> Result<DataType> {
+    Ok(match name {
+        "fp32" | "f32" => DataType::FLOAT,
+        "bf16" => DataType::BFLOAT16,
+        "fp16" | "f16" => DataType::FLOAT16,
+        other => bail!("{what} precision '{other}' is not one of fp32, bf16, fp16"),
+    })
+}
+
+fn read_json(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read '{}' (the component's transformers/diffusers config)",
+            path.display()
+        )
+    })
+}
+
+/// Everything an export needs to know, read off the model folder.
+pub struct Plan {
+    pub files: ModelFiles,
+    pub recipe: Recipe,
+    pub config: FluxPipelineConfig,
+    pub transformer: fluxm::FluxConfig,
+    pub clip: clip::ClipTextConfig,
+    pub t5: t5::T5Config,
+    pub vae: vae::VaeConfig,
+}
+
+pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<Plan> {
+    let recipe = recipe(arch)?;
+    let mut config = FluxPipelineConfig::for_arch(arch)?;
+    let d = &recipe.defaults;
+    config.default_steps = d.steps;
+    config.default_guidance = d.guidance;
+    config.default_sampler = d.sampler.clone();
+    config.default_scheduler = d.scheduler.clone();
+    config.default_width = d.width;
+    config.default_height = d.height;
+    config.t5_max_len = t5_max_len.unwrap_or(d.t5_max_len);
+    if !(1..=512).contains(&config.t5_max_len) {
+        bail!("the T5 length must be 1..512, got {}", config.t5_max_len);
+    }
+    let tck = Checkpoint::open(&files.transformer)?;
+    let (transformer, _, _) = fluxm::FluxConfig::from_checkpoint(&tck)?;
+    if transformer.guidance_embed != config.guidance_embeds {
+        bail!(
+            "'{}' {} a guidance embedding, so it is not {arch}; use --arch {}",
+            files.transformer.display(),
+            if transformer.guidance_embed {
+                "has"
+            } else {
+                "lacks"
+            },
+            if transformer.guidance_embed {
+                "flux-dev"
+            } else {
+                "flux-schnell"
+            }
+        );
+    }
+    let clip = clip::ClipTextConfig::from_json(&read_json(&files.clip.join("config.json"))?)?;
+    let t5 = t5::T5Config::from_json(
+        &read_json(&files.t5.join("config.json"))?,
+        config.t5_max_len,
+    )?;
+    let vck = Checkpoint::open(&files.vae)?;
+    let vae = vae::VaeConfig::from_checkpoint(&vck)?;
+    config.latent_channels = vae.latent_channels;
+    config.vae_scale_factor = 1 << (vae.block_out_channels.len().max(1) - 1);
+    // ae.safetensors has no config: Flux's scaling and shift stay.
+    if files.vae.is_dir()
+        && let Ok(text) = std::fs::read_to_string(files.vae.join("config.json"))
+    {
+        let v: serde_json::Value = serde_json::from_str(&text).with_context(|| {
+            format!("'{}' is not JSON", files.vae.join("config.json").display())
+        })?;
+        if let Some(s) = v.get("scaling_factor").and_then(|x| x.as_f64()) {
+            config.scaling_factor = s as f32;
+        }
+        if let Some(s) = v.get("shift_factor").and_then(|x| x.as_f64()) {
+            config.shift_factor = s as f32;
+        }
+    }
+    let checks = [
+        (
+            transformer.in_channels,
+            4 * vae.latent_channels,
+            "transformer input channels vs 4 x VAE latent channels",
+        ),
+        (
+            transformer.context_dim,
+            t5.d_model,
+            "transformer context dim vs T5 d_model",
+        ),
+        (
+            transformer.vec_dim,
+            clip.hidden_size,
+            "transformer pooled dim vs CLIP hidden size",
+        ),
+    ];
+    for (a, b, what) in checks {
+        if a != b {
+            bail!("the model folder's components do not fit together: {what} ({a} != {b})");
+        }
+    }
+    Ok(Plan {
+        files,
+        recipe,
+        config,
+        transformer,
+        clip,
+        t5,
+        vae,
+    })
+}
+
+/// Where each component's ONNX goes.
+pub struct OnnxPaths {
+    pub transformer: PathBuf,
+    pub clip: PathBuf,
+    pub t5: PathBuf,
+    pub vae_decoder: PathBuf,
+    pub vae_encoder: PathBuf,
+}
+
+impl OnnxPaths {
+    /// `dir/<component>.onnx` (export) or `dir/<stem>.<component>.onnx` (bundle).
+    pub fn new(dir: &Path, stem: Option<&str>) -> Self {
+        let p = |c: &str| match stem {
+            Some(s) => dir.join(format!("{s}.{c}.onnx")),
+            None => dir.join(format!("{c}.onnx")),
+        };
+        Self {
+            transformer: p("transformer"),
+            clip: p("clip"),
+            t5: p("t5"),
+            vae_decoder: p("vae_decoder"),
+            vae_encoder: p("vae_encoder"),
+        }
+    }
+}
+
+/// Writes the text encoders and the VAE halves in the given dtypes.
+pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType) -> Result<()> {
+    let opts = SaveOptions::default();
+    let ck = Checkpoint::open(&p.files.clip)?;
+    // CLIP-L is fine in f16/bf16; T5 never in f16.
+    save(
+        clip::clip_text_graph(&p.clip, &ck, text)?,
+        &paths.clip,
+        &opts,
+    )?;
+    let ck = Checkpoint::open(&p.files.t5)?;
+    let t5_dt = if text == DataType::FLOAT16 {
+        DataType::BFLOAT16
+    } else {
+        text
+    };
+    save(t5::t5_encoder_graph(&p.t5, &ck, t5_dt)?, &paths.t5, &opts)?;
+    let ck = Checkpoint::open(&p.files.vae)?;
+    let dec = vae::graph(&ck, &p.vae, vae::VaePart::Decoder, vae_dt)?;
+    save(dec, &paths.vae_decoder, &opts)?;
+    let enc = vae::graph(&ck, &p.vae, vae::VaePart::Encoder, vae_dt)?;
+    save(enc, &paths.vae_encoder, &opts)?;
+    Ok(())
+}
+
+/// The transformer graph, streamed to `out`.
+pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> Result<()> {
+    let ck = Checkpoint::open(&p.files.transformer)?;
+    fluxm::export_with(&ck, &p.transformer, opts, out)?;
+    Ok(())
+}
+
+fn transformer_options(
+    p: &Plan,
+    precision: &str,
+    amax: HashMap<String, f32>,
+) -> Result<fluxm::ExportOptions> {
+    let prec = fluxm::FluxPrecision::parse(precision)?;
+    let policy = match prec {
+        fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => {
+            let target = if prec == fluxm::FluxPrecision::Fp8 {
+                crate::quant::qdq::LinearPrecision::Fp8
+            } else {
+                crate::quant::qdq::LinearPrecision::Nvfp4
+            };
+            Some(fluxm::default_policy(target).with_overrides(&[], &p.recipe.precision.keep)?)
+        }
+        _ => None,
+    };
+    Ok(fluxm::ExportOptions {
+        precision: prec,
+        policy,
+        amax,
+        ..Default::default()
+    })
+}
+
+/// `trt-diff export MODEL --arch A --out DIR`: one ONNX per component (fp32 unless `precision` says otherwise;
+/// FP8 needs a calibration and is only made by `build`).
+pub fn export_flux(
+    model: &Path,
+    arch: &str,
+    precision: &str,
+    out_dir: &Path,
+    clip_tok: Option<&Path>,
+    t5_tok: Option<&Path>,
+) -> Result<OnnxPaths> {
+    let p = plan(ModelFiles::find(model, clip_tok, t5_tok)?, arch, None)?;
+    if precision == "fp8" {
+        bail!(
+            "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
+        );
+    }
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
+    let paths = OnnxPaths::new(out_dir, None);
+    let (text, vae_dt) = aux_precisions(&p, precision)?;
+    export_aux(&p, &paths, text, vae_dt)?;
+    export_transformer(
+        &p,
+        &transformer_options(&p, precision, HashMap::new())?,
+        &paths.transformer,
+    )?;
+    Ok(paths)
+}
+
+fn aux_precisions(p: &Plan, precision: &str) -> Result<(DataType, DataType)> {
+    if matches!(precision, "fp32" | "f32") {
+        return Ok((DataType::FLOAT, DataType::FLOAT));
+    }
+    Ok((
+        dtype_named(&p.recipe.precision.text_encoders, "text encoder")?,
+        dtype_named(&p.recipe.precision.vae, "VAE")?,
+    ))
+}
+
+/// Runs the f32 calibration transformer through the sampler loop over the recipe's prompts (CPU or GPU) and
+/// returns the per-layer activation amax.
+/// `aux` holds the f32 text encoders and VAE already exported.
+fn calibrate(
+    p: &Plan,
+    dir: &Path,
+    aux: &OnnxPaths,
+    backend: BackendChoice,
+) -> Result<HashMap<String, f32>> {
+    let calib = dir.join("calibration.transformer.onnx");
+    let opts = fluxm::ExportOptions {
+        calibration: true,
+        ..Default::default()
+    };
+    export_transformer(p, &opts, &calib)?;
+    let paths = OnnxPaths {
+        transformer: calib,
+        clip: aux.clip.clone(),
+        t5: aux.t5.clone(),
+        vae_decoder: aux.vae_decoder.clone(),
+        vae_encoder: aux.vae_encoder.clone(),
+    };
+    let ort = Default::default();
+    let mut pipe = FluxPipeline {
+        config: p.config.clone(),
+        clip_tok: load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad)?,
+        t5_tok: T5Tokenizer::load(&p.files.t5_tokenizer)?,
+        engines: FluxEngines {
+            clip: open_engine(&paths.clip, backend, &ort)?,
+            t5: open_engine(&paths.t5, backend, &ort)?,
+            transformer: open_engine(&paths.transformer, backend, &ort)?,
+            vae_decoder: open_engine(&paths.vae_decoder, backend, &ort)?,
+            vae_encoder: None,
+            tae_decoder: None,
+        },
+        amax: Some(HashMap::new()),
+    };
+    let r = &p.recipe.precision;
+    // At most the profile's optimum size: calibration only needs typical activations.
+    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;
+    for (i, prompt) in r.calibration_prompts.iter().enumerate() {
+        tracing::info!(
+            "calibrating on prompt {}/{}",
+            i + 1,
+            r.calibration_prompts.len()
+        );
+        let req = FluxRequest {
+            prompt: prompt.clone(),
+            steps: Some(r.calibration_steps),
+            seed: i as u64,
+            width: Some(px),
+            height: Some(px),
+            batch: 1,
+            cfg: 1.0,
+            strength: 1.0,
+            latents_only: true,
+            ..Default::default()
+        };
+        pipe.generate(&req, &mut |_| Ok(()))?;
+    }
+    let amax = pipe.amax.take().unwrap_or_default();
+    if amax.is_empty() {
+        bail!("the calibration graph reported no activation ranges");
+    }
+    Ok(amax)
+}
+
+pub fn load_clip_tokenizer(path: &Path, pad: u32) -> Result<ClipTokenizer> {
+    let mut t = ClipTokenizer::load(path)?;
+    t.pad = pad;
+    Ok(t)
+}
+
+/// Optimization profiles of every component for the recipe's batch and image ranges.
+fn profiles(p: &Plan) -> BTreeMap<&'static str, Vec<ShapeRange>> {
+    let s = &p.recipe.shapes;
+    let c = &p.config;
+    let per_token = (2 * c.vae_scale_factor) as i64;
+    let side = |i: usize| (s.image_px[i] / per_token).max(1);
+    let tokens = [0, 1, 2].map(|i| side(i) * side(i));
+    let b = s.batch;
+    let r = |name: &str, f: &dyn Fn(usize) -> Vec<i64>| ShapeRange {
+        name: name.into(),
+        min: f(0),
+        opt: f(1),
+        max: f(2),
+    };
+    let (ic, cd, vd) = (
+        p.transformer.in_channels as i64,
+        p.transformer.context_dim as i64,
+        p.transformer.vec_dim as i64,
+    );
+    let l = c.t5_max_len as i64;
+    let mut tr = vec![
+        r("hidden_states", &|i| vec![b[i], tokens[i], ic]),
+        r("encoder_hidden_states", &|i| vec![b[i], l, cd]),
+        r("pooled_projections", &|i| vec![b[i], vd]),
+        r("timestep", &|i| vec![b[i]]),
+        // Non-square images: any token count in range, so the ids span the whole range too.
+        r("img_ids", &|i| vec![tokens[i], 3]),
+        r("txt_ids", &|_| vec![l, 3]),
+    ];
+    if c.guidance_embeds {
+        tr.push(r("guidance", &|i| vec![b[i]]));
+    }
+    let lc = c.latent_channels as i64;
+    let lat = |i: usize| 2 * side(i);
+    let px = |i: usize| lat(i) * c.vae_scale_factor as i64;
+    let mut m = BTreeMap::new();
+    m.insert("transformer", tr);
+    m.insert("clip", vec![r("input_ids", &|_| vec![1, 77])]);
+    m.insert("t5", vec![r("input_ids", &|_| vec![1, l])]);
+    // Height and width vary independently between the smallest and largest side.
+    m.insert(
+        "vae_decoder",
+        vec![ShapeRange {
+            name: "latent".into(),
+            min: vec![b[0], lc, lat(0), lat(0)],
+            opt: vec![b[1], lc, lat(1), lat(1)],
+            max: vec![b[2], lc, lat(2), lat(2)],
+        }],
+    );
+    m.insert(
+        "vae_encoder",
+        vec![ShapeRange {
+            name: "image".into(),
+            min: vec![1, 3, px(0), px(0)],
+            opt: vec![1, 3, px(1), px(1)],
+            max: vec![1, 3, px(2), px(2)],
+        }],
+    );
+    m
+}
+
+pub struct FluxBuildOptions {
+    pub model: PathBuf,
+    pub arch: String,
+    pub precision: String,
+    pub clip_tokenizer: Option<PathBuf>,
+    pub t5_tokenizer: Option<PathBuf>,
+    /// madebyollin TAE (taef1) decoder for previews.
+    pub tae_decoder: Option<PathBuf>,
+    pub t5_max_len: Option<usize>,
+    /// Image side range (min, opt, max pixels) for the engines' profiles instead of the recipe's.
+    pub image_px: Option<[i64; 3]>,
+    /// Calibration prompts and steps instead of the recipe's.
+    pub calibration_prompts: Option<Vec<String>>,
+    pub calibration_steps: Option<usize>,
+    /// Backend the FP8 calibration runs on.
+    pub calibration_backend: BackendChoice,
+    pub base: BuildOptions,
+}
+
+fn sibling(out: &Path, suffix: &str) -> PathBuf {
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "flux".into());
+    out.with_file_name(format!("{stem}{suffix}"))
+}
+
+fn file_name(p: &Path) -> String {
+    p.file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default()
+}
+
+/// Exports, calibrates (FP8), builds every component, and writes the bundle's manifest.
+pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
+    let p = plan(
+        ModelFiles::find(
+            &o.model,
+            o.clip_tokenizer.as_deref(),
+            o.t5_tokenizer.as_deref(),
+        )?,
+        &o.arch,
+        o.t5_max_len,
+    )?;
+    let mut p = p;
+    if let Some(v) = &o.calibration_prompts
+        && !v.is_empty()
+    {
+        p.recipe.precision.calibration_prompts = v.clone();
+    }
+    if let Some(n) = o.calibration_steps {
+        p.recipe.precision.calibration_steps = n.max(1);
+    }
+    if let Some(px) = o.image_px {
+        if px.iter().any(|v| *v <= 0 || v % 16 != 0) || px[0] > px[1] || px[1] > px[2] {
+            bail!(
+                "--image-px {px:?}: three increasing multiples of 16 (min, opt, max side in pixels)"
+            );
+        }
+        p.recipe.shapes.image_px = px;
+    }
+    let stem = o
+        .base
+        .out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "flux".into());
+    let dir = o
+        .base
+        .out
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."))
+        .to_path_buf();
+    let paths = OnnxPaths::new(&dir, Some(&stem));
+    let (text, vae_dt) = aux_precisions(&p, &o.precision)?;
+    tracing::info!("exporting the text encoders and the VAE");
+    // The bundle's ONNX graphs are what the CPU backend runs: f32 compute (ONNX Runtime's CPU provider has no
+    // bf16/f16 MatMul). Engines in another precision are built from their own graphs (`<stem>.trt.<c>.onnx`).
+    let f32t = DataType::FLOAT;
+    export_aux(&p, &paths, f32t, f32t)?;
+    let trt_paths = if (text, vae_dt) == (f32t, f32t) {
+        None
+    } else {
+        let tp = OnnxPaths::new(&dir, Some(&format!("{stem}.trt")));
+        export_aux(&p, &tp, text, vae_dt)?;
+        Some(tp)
+    };
+    let amax = if o.precision == "fp8" {
+        let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
+        calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
+    } else {
+        HashMap::new()
+    };
+    tracing::info!("exporting the transformer ({})", o.precision);
+    export_transformer(
+        &p,
+        &transformer_options(&p, &o.precision, amax)?,
+        &paths.transformer,
+    )?;
+    let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
+    let clip_tok = clip_tok.with_file_name(format!(
+        "{}{}",
+        file_name(&clip_tok),
+        if p.files
+            .clip_tokenizer
+            .extension()
+            .is_some_and(|e| e == "gz")
+        {
+            ".txt.gz"
+        } else {
+            ".txt"
+        }
+    ));
+    let t5_tok = sibling(&o.base.out, ".t5-tokenizer.json");
+    for (src, dst) in [
+        (&p.files.clip_tokenizer, &clip_tok),
+        (&p.files.t5_tokenizer, &t5_tok),
+    ] {
+        std::fs::copy(src, dst)
+            .with_context(|| format!("cannot copy '{}' to '{}'", src.display(), dst.display()))?;
+    }
+    // Tokenizers are checked before any engine is built.
+    load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
+    T5Tokenizer::load(&t5_tok)?;
+    let mut components = BTreeMap::new();
+    let src = trt_paths.as_ref().unwrap_or(&paths);
+    let mut aux = vec![
+        ("clip", paths.clip.clone(), src.clip.clone()),
+        ("t5", paths.t5.clone(), src.t5.clone()),
+        (
+            "vae_decoder",
+            paths.vae_decoder.clone(),
+            src.vae_decoder.clone(),
+        ),
+        (
+            "vae_encoder",
+            paths.vae_encoder.clone(),
+            src.vae_encoder.clone(),
+        ),
+    ];
+    if let Some(tae) = &o.tae_decoder {
+        let ck = Checkpoint::open(tae)?;
+        let cfg = taesd::TaesdConfig::from_checkpoint(&ck, taesd::TaeKind::Decoder)?;
+        let out = sibling(&o.base.out, ".tae_decoder.onnx");
+        save(
+            taesd::graph(&ck, &cfg, DataType::FLOAT)?,
+            &out,
+            &SaveOptions::default(),
+        )?;
+        aux.push(("tae_decoder", out.clone(), out));
+    }
+    let profiles = profiles(&p);
+    for (name, onnx, trt_onnx) in &aux {
+        let plan_path = sibling(&o.base.out, &format!(".{name}.plan"));
+        tracing::info!("building the {name} engine");
+        let mut opts = o.base.clone();
+        opts.onnx = trt_onnx.clone();
+        opts.out = plan_path.clone();
+        opts.shapes = profiles.get(name).cloned().unwrap_or_default();
+        opts.pipeline = None;
+        build_engine(&opts).with_context(|| format!("building the {name} engine"))?;
+        components.insert(
+            name.to_string(),
+            BundleComponent {
+                onnx: file_name(onnx),
+                plan: Some(file_name(&plan_path)),
+            },
+        );
+    }
+    components.insert(
+        "transformer".into(),
+        BundleComponent {
+            onnx: file_name(&paths.transformer),
+            plan: Some(file_name(&o.base.out)),
+        },
+    );
+    let mut opts = o.base.clone();
+    opts.onnx = paths.transformer.clone();
+    opts.shapes = profiles["transformer"].clone();
+    opts.pipeline = Some(Pipeline::Flux(Box::new(FluxBundle {
+        precision: o.precision.clone(),
+        config: p.config.clone(),
+        components,
+        clip_tokenizer: file_name(&clip_tok),
+        t5_tokenizer: file_name(&t5_tok),
+    })));
+    tracing::info!("building the transformer engine");
+    build_engine(&opts).context("building the transformer engine")
+}
+
+/// Reads the bundle's manifest (None when the engine is not a Flux bundle).
+pub fn read_bundle(engine: &Path) -> Result<Option<FluxBundle>> {
+    let m = Manifest::read(&sidecar_path(engine)).with_context(|| {
+        format!(
+            "'{}' needs its manifest '{}'; build it with `trt-diff build MODEL --arch ...`",
+            engine.display(),
+            sidecar_path(engine).display()
+        )
+    })?;
+    Ok(match m.pipeline {
+        Some(Pipeline::Flux(b)) => Some(*b),
+        _ => None,
+    })
+}
+
+/// Opens every component of a bundle on `backend` (TensorRT when usable, else the ONNX on ONNX Runtime).
+pub fn open_bundle(
+    engine: &Path,
+    bundle: &FluxBundle,
+    backend: BackendChoice,
+) -> Result<FluxPipeline> {
+    let dir = engine.parent().unwrap_or(Path::new("."));
+    let ort = Default::default();
+    // One decision for all components: TensorRT plans, or the bundle's f32 ONNX graphs on ONNX Runtime.
+    let use_trt = match backend {
+        BackendChoice::Cpu => false,
+        BackendChoice::Trt => true,
+        BackendChoice::Auto => match crate::trt::runtime::usable_gpu() {
+            Ok(gpu) => {
+                tracing::info!("running the bundle on {gpu} with TensorRT");
+                true
+            }
+            Err(why) => {
+                tracing::info!("running the bundle on the CPU backend (ONNX Runtime): {why}");
+                false
+            }
+        },
+    };
+    let open = |name: &str, required: bool| -> Result<Option<Box<dyn crate::backend::Engine>>> {
+        let Some(c) = bundle.components.get(name) else {
+            if required {
+                bail!(
+                    "the bundle '{}' has no {name} component; rebuild it with `trt-diff build MODEL --arch {}`",
+                    engine.display(),
+                    bundle.config.arch
+                );
+            }
+            return Ok(None);
+        };
+        let path = match (&c.plan, use_trt) {
+            (Some(p), true) => dir.join(p),
+            _ => dir.join(&c.onnx),
+        };
+        if !path.exists() {
+            bail!(
+                "component {name} of '{}' is missing: '{}' does not exist; rebuild the bundle with `trt-diff build \
+                 MODEL --arch {} --out {}`",
+                engine.display(),
+                path.display(),
+                bundle.config.arch,
+                engine.display()
+            );
+        }
+        let choice = if use_trt {
+            BackendChoice::Trt
+        } else {
+            BackendChoice::Cpu
+        };
+        open_engine(&path, choice, &ort)
+            .with_context(|| format!("opening the {name} component"))
+            .map(Some)
+    };
+    let engines = FluxEngines {
+        clip: open("clip", true)?.expect("required"),
+        t5: open("t5", true)?.expect("required"),
+        transformer: open("transformer", true)?.expect("required"),
+        vae_decoder: open("vae_decoder", true)?.expect("required"),
+        vae_encoder: open("vae_encoder", false)?,
+        tae_decoder: open("tae_decoder", false)?,
+    };
+    let tok = |f: &str| dir.join(f);
+    Ok(FluxPipeline {
+        config: bundle.config.clone(),
+        clip_tok: load_clip_tokenizer(&tok(&bundle.clip_tokenizer), bundle.config.clip_pad)?,
+        t5_tok: T5Tokenizer::load(&tok(&bundle.t5_tokenizer))?,
+        engines,
+        amax: None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_diffusers_folders_and_bfl_single_files() {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path();
+        for sub in ["text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2"] {
+            std::fs::create_dir_all(m.join(sub)).unwrap();
+        }
+        std::fs::write(m.join("tokenizer/merges.txt"), "").unwrap();
+        std::fs::write(m.join("tokenizer_2/tokenizer.json"), "").unwrap();
+        let e = ModelFiles::find(m, None, None).err().unwrap().to_string();
+        assert!(e.contains("transformer/") && e.contains("vae/"), "{e}");
+        std::fs::write(m.join("flux1-dev.safetensors"), "").unwrap();
+        std::fs::write(m.join("ae.safetensors"), "").unwrap();
+        let f = ModelFiles::find(m, None, None).unwrap();
+        assert_eq!(f.transformer, m.join("flux1-dev.safetensors"));
+        assert_eq!(f.vae, m.join("ae.safetensors"));
+        assert_eq!(f.clip_tokenizer, m.join("tokenizer/merges.txt"));
+        std::fs::create_dir_all(m.join("transformer")).unwrap();
+        assert_eq!(
+            ModelFiles::find(m, None, None).unwrap().transformer,
+            m.join("transformer")
+        );
+    }
+}

@@ -1,0 +1,296 @@
+//! Memory-mapped safetensors checkpoints, one file or a sharded folder (diffusers' `*-0000N-of-0000M` shards),
+//! read without copying: each tensor is a `Bytes` slice of the mapping, so a graph emitter can hand it straight to
+//! the external-data writer. [`Checkpoint::release`] drops a tensor's pages once written, which keeps the
+//! resident set of a 24 GB export small.
+use crate::onnx::DataType;
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// Bytes past the requested tensor that [`Checkpoint::get`] asks the kernel to read ahead.
+const READ_AHEAD: usize = 256 << 20;
+
+struct Shared(Arc<memmap2::Mmap>);
+impl AsRef<[u8]> for Shared {
+    fn as_ref(&self) -> &[u8] {
+        &self.0[..]
+    }
+}
+
+struct Entry {
+    file: usize,
+    dtype: DataType,
+    shape: Vec<usize>,
+    /// Absolute byte range in the file.
+    start: usize,
+    end: usize,
+}
+
+/// One tensor: its ONNX element type, shape and raw little-endian bytes (a slice of the mapping).
+#[derive(Clone, Debug)]
+pub struct Tensor {
+    pub name: String,
+    pub dtype: DataType,
+    pub shape: Vec<usize>,
+    pub data: Bytes,
+}
+
+impl Tensor {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// The values widened to f32 (F32, F16 and BF16 tensors).
+    pub fn to_f32(&self) -> Result<Vec<f32>> {
+        let d = &self.data[..];
+        Ok(match self.dtype {
+            DataType::FLOAT => d
+                .chunks_exact(4)
+                .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
+                .collect(),
+            DataType::FLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DataType::BFLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            other => bail!(
+                "tensor '{}' is {other}; only F32, F16 and BF16 tensors can be read as floats",
+                self.name
+            ),
+        })
+    }
+}
+
+pub struct Checkpoint {
+    /// What the user named (a file or a folder), for messages.
+    pub path: PathBuf,
+    files: Vec<(PathBuf, Arc<memmap2::Mmap>)>,
+    index: BTreeMap<String, Entry>,
+}
+
+fn onnx_dtype(d: safetensors::Dtype) -> Option<DataType> {
+    use safetensors::Dtype as D;
+    Some(match d {
+        D::F32 => DataType::FLOAT,
+        D::F16 => DataType::FLOAT16,
+        D::BF16 => DataType::BFLOAT16,
+        D::F8_E4M3 => DataType::FLOAT8E4M3FN,
+        D::F8_E5M2 => DataType::FLOAT8E5M2,
+        D::U8 => DataType::UINT8,
+        D::I8 => DataType::INT8,
+        D::I32 => DataType::INT32,
+        D::I64 => DataType::INT64,
+        D::BOOL => DataType::BOOL,
+        _ => return None,
+    })
+}
+
+impl Checkpoint {
+    /// Opens a `.safetensors` file, or every `.safetensors` file of a folder (a sharded diffusers component such
+    /// as `transformer/`). Tensor names must be unique across shards.
+    pub fn open(path: &Path) -> Result<Self> {
+        let files: Vec<PathBuf> = if path.is_dir() {
+            let mut v: Vec<PathBuf> = std::fs::read_dir(path)
+                .with_context(|| format!("cannot list '{}'", path.display()))?
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .filter(|p| p.extension().is_some_and(|e| e == "safetensors"))
+                .collect();
+            v.sort();
+            if v.is_empty() {
+                bail!(
+                    "'{}' holds no .safetensors file: point at the checkpoint file or at the folder of its shards",
+                    path.display()
+                );
+            }
+            v
+        } else {
+            vec![path.to_path_buf()]
+        };
+        let mut ck = Checkpoint {
+            path: path.to_path_buf(),
+            files: Vec::new(),
+            index: BTreeMap::new(),
+        };
+        for f in files {
+            ck.add_file(&f)?;
+        }
+        Ok(ck)
+    }
+
+    fn add_file(&mut self, path: &Path) -> Result<()> {
+        let file = std::fs::File::open(path).with_context(|| {
+            format!(
+                "cannot open checkpoint '{}'; check the path",
+                path.display()
+            )
+        })?;
+        // SAFETY: read-only map; another process truncating the file while we read it is a user error that ends
+        // in SIGBUS, as with every mmap-based checkpoint reader.
+        let map = unsafe { memmap2::Mmap::map(&file) }
+            .with_context(|| format!("cannot map '{}' into memory", path.display()))?;
+        let (header_len, meta) = safetensors::SafeTensors::read_metadata(&map[..]).map_err(|e| {
+            anyhow::anyhow!(
+                "'{}' is not a readable safetensors file ({e:?}): it is truncated or not safetensors; re-download \
+                 or re-save it",
+                path.display()
+            )
+        })?;
+        let data_start = 8 + header_len;
+        let fi = self.files.len();
+        for (name, info) in meta.tensors() {
+            let Some(dtype) = onnx_dtype(info.dtype) else {
+                bail!(
+                    "'{}': tensor '{name}' has dtype {:?}, which trt-diff does not read",
+                    path.display(),
+                    info.dtype
+                );
+            };
+            let (a, b) = info.data_offsets;
+            let (start, end) = (data_start + a, data_start + b);
+            if end > map.len() {
+                bail!(
+                    "'{}': tensor '{name}' needs bytes up to {end}, the file has {}: truncated; re-download it",
+                    path.display(),
+                    map.len()
+                );
+            }
+            let entry = Entry {
+                file: fi,
+                dtype,
+                shape: info.shape.clone(),
+                start,
+                end,
+            };
+            if let Some(prev) = self.index.insert(name.clone(), entry) {
+                bail!(
+                    "tensor '{name}' is in both '{}' and '{}': mixed checkpoints in one folder? keep one model's \
+                     shards only",
+                    self.files[prev.file].0.display(),
+                    path.display()
+                );
+            }
+        }
+        self.files.push((path.to_path_buf(), Arc::new(map)));
+        Ok(())
+    }
+
+    pub fn names(&self) -> impl Iterator<Item = &str> {
+        self.index.keys().map(|s| s.as_str())
+    }
+
+    pub fn contains(&self, name: &str) -> bool {
+        self.index.contains_key(name)
+    }
+
+    pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        self.index.get(name).map(|e| e.shape.as_slice())
+    }
+
+    pub fn dtype(&self, name: &str) -> Option<DataType> {
+        self.index.get(name).map(|e| e.dtype)
+    }
+
+    /// Total bytes of tensor data.
+    pub fn data_bytes(&self) -> u64 {
+        self.index.values().map(|e| (e.end - e.start) as u64).sum()
+    }
+
+    /// The tensor `name`, zero-copy; the error names the checkpoint.
+    pub fn get(&self, name: &str) -> Result<Tensor> {
+        let Some(e) = self.index.get(name) else {
+            bail!(
+                "checkpoint '{}' has no tensor '{name}': wrong model, or a layout trt-diff does not know",
+                self.path.display()
+            );
+        };
+        let map = &self.files[e.file].1;
+        // Page faults on a cold mapping read a little at a time: ask the kernel to read this tensor and the next
+        // stretch of the file asynchronously (exporters visit tensors roughly in file order), so disk reads
+        // overlap with the caller's work. Page cache only; nothing is mapped into the process until touched.
+        let ahead = (e.end + READ_AHEAD).min(map.len());
+        if ahead > e.end {
+            let _ = map.advise_range(memmap2::Advice::WillNeed, e.end, ahead - e.end);
+        }
+        // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported).
+        if e.end > e.start {
+            let _ = map.advise_range(memmap2::Advice::PopulateRead, e.start, e.end - e.start);
+        }
+        let whole = Bytes::from_owner(Shared(map.clone()));
+        Ok(Tensor {
+            name: name.to_string(),
+            dtype: e.dtype,
+            shape: e.shape.clone(),
+            data: whole.slice(e.start..e.end),
+        })
+    }
+
+    /// Like [`Checkpoint::get`], also checking the shape.
+    pub fn get_shaped(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let t = self.get(name)?;
+        if t.shape != shape {
+            bail!(
+                "checkpoint '{}': tensor '{name}' has shape {:?}, the model config expects {shape:?}: the config \
+                 does not match the weights",
+                self.path.display(),
+                t.shape
+            );
+        }
+        Ok(t)
+    }
+
+    /// Drops the pages of `name` from this process's resident set (they read back from the file if touched).
+    pub fn release(&self, name: &str) {
+        if let Some(e) = self.index.get(name) {
+            let map = &self.files[e.file].1;
+            // Only whole pages inside the tensor; neighbours may still be in use.
+            let page = 4096;
+            let a = e.start.next_multiple_of(page);
+            let b = e.end / page * page;
+            if b > a {
+                // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED evicts clean pages, which read back
+                // identical from the file. Failure only costs memory, so it is ignored.
+                let _ = unsafe {
+                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
+                };
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_zero_copy_and_reports_missing() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        let vals: Vec<u8> = [1.5f32, -2.0, 3.25, 0.0]
+            .iter()
+            .flat_map(|v| v.to_le_bytes())
+            .collect();
+        let view = safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 2], &vals)
+            .unwrap();
+        safetensors::serialize_to_file([("a.weight", view)], None, &p).unwrap();
+        let ck = Checkpoint::open(&p).unwrap();
+        let t = ck.get("a.weight").unwrap();
+        assert_eq!(t.shape, vec![2, 2]);
+        assert_eq!(t.to_f32().unwrap(), vec![1.5, -2.0, 3.25, 0.0]);
+        let e = ck.get("b.weight").unwrap_err().to_string();
+        assert!(e.contains("no tensor 'b.weight'"), "{e}");
+        let e = ck.get_shaped("a.weight", &[4]).unwrap_err().to_string();
+        assert!(e.contains("expects [4]"), "{e}");
+        let e = Checkpoint::open(d.path().join("none.safetensors").as_path())
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("cannot open"), "{e}");
+        // A folder opens as shards.
+        assert!(Checkpoint::open(d.path()).unwrap().contains("a.weight"));
+    }
+}
