@@ -83,7 +83,7 @@ pub fn open_engine_with(
                 );
                 false
             } else {
-                match crate::trt::runtime::usable_gpu() {
+                match crate::trt::runtime::plan_runs_here(path) {
                     Ok(gpu) => {
                         tracing::info!("running on {gpu} with TensorRT");
                         true

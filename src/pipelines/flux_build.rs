@@ -750,6 +750,21 @@ pub fn read_bundle(engine: &Path) -> Result<Option<FluxBundle>> {
     })
 }
 
+/// A component engine as opened: TensorRT engines stay concrete until they share their context memory.
+enum Component {
+    Trt(Box<crate::trt::runtime::TrtEngine>),
+    Cpu(Box<dyn crate::backend::Engine>),
+}
+
+impl Component {
+    fn boxed(self) -> Box<dyn crate::backend::Engine> {
+        match self {
+            Component::Trt(e) => e,
+            Component::Cpu(e) => e,
+        }
+    }
+}
+
 /// Opens every component of a bundle on `backend` (TensorRT when usable, else the ONNX on ONNX Runtime).
 pub fn open_bundle(
     engine: &Path,
@@ -762,7 +777,7 @@ pub fn open_bundle(
     let use_trt = match backend {
         BackendChoice::Cpu => false,
         BackendChoice::Trt => true,
-        BackendChoice::Auto => match crate::trt::runtime::usable_gpu() {
+        BackendChoice::Auto => match crate::trt::runtime::plan_runs_here(engine) {
             Ok(gpu) => {
                 tracing::info!("running the bundle on {gpu} with TensorRT");
                 true
@@ -773,7 +788,7 @@ pub fn open_bundle(
             }
         },
     };
-    let open = |name: &str, required: bool| -> Result<Option<Box<dyn crate::backend::Engine>>> {
+    let open = |name: &str, required: bool| -> Result<Option<Component>> {
         let Some(c) = bundle.components.get(name) else {
             if required {
                 bail!(
@@ -798,22 +813,55 @@ pub fn open_bundle(
                 engine.display()
             );
         }
-        let choice = if use_trt {
-            BackendChoice::Trt
-        } else {
-            BackendChoice::Cpu
-        };
-        open_engine(&path, choice, &ort)
+        if !use_trt {
+            return open_engine(&path, BackendChoice::Cpu, &ort)
+                .with_context(|| format!("opening the {name} component"))
+                .map(|e| Some(Component::Cpu(e)));
+        }
+        crate::trt::runtime::TrtEngine::open(&path)
             .with_context(|| format!("opening the {name} component"))
-            .map(Some)
+            .map(|e| Some(Component::Trt(Box::new(e))))
     };
+    let mut parts = [
+        ("clip", true),
+        ("t5", true),
+        ("transformer", true),
+        ("vae_decoder", true),
+        ("vae_encoder", false),
+        ("tae_decoder", false),
+    ]
+    .map(|(name, required)| open(name, required));
+    // The components run one after another: their execution contexts share one device-memory arena, sized for
+    // the largest, instead of holding one each.
+    let trt: Vec<&crate::trt::runtime::TrtEngine> = parts
+        .iter()
+        .filter_map(|p| match p {
+            Ok(Some(Component::Trt(e))) => Some(&**e),
+            _ => None,
+        })
+        .collect();
+    if !trt.is_empty() {
+        let arena = crate::trt::runtime::DeviceArena::for_engines(&trt)?;
+        tracing::info!(
+            "{} TensorRT engines share a {}-byte context memory arena",
+            trt.len(),
+            arena.bytes()
+        );
+        for p in parts.iter_mut() {
+            if let Ok(Some(Component::Trt(e))) = p {
+                e.attach_arena(arena.clone())?;
+            }
+        }
+    }
+    let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder] =
+        parts.map(|p| p.map(|c| c.map(Component::boxed)));
     let engines = FluxEngines {
-        clip: open("clip", true)?.expect("required"),
-        t5: open("t5", true)?.expect("required"),
-        transformer: open("transformer", true)?.expect("required"),
-        vae_decoder: open("vae_decoder", true)?.expect("required"),
-        vae_encoder: open("vae_encoder", false)?,
-        tae_decoder: open("tae_decoder", false)?,
+        clip: clip?.expect("required"),
+        t5: t5?.expect("required"),
+        transformer: transformer?.expect("required"),
+        vae_decoder: vae_decoder?.expect("required"),
+        vae_encoder: vae_encoder?,
+        tae_decoder: tae_decoder?,
     };
     let tok = |f: &str| dir.join(f);
     Ok(FluxPipeline {

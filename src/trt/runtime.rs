@@ -28,6 +28,25 @@ pub fn usable_gpu() -> std::result::Result<String, String> {
     Ok(format!("{} ({})", gpu.name, gpu.sm()))
 }
 
+/// Can `plan` execute with TensorRT here: a GPU, its flavour's library, and (per the manifest) the same TensorRT
+/// version and a supported compute capability? Nothing is deserialized. `Err` says why not, for `--backend auto`
+/// to fall back to the CPU with that reason.
+pub fn plan_runs_here(plan: &Path) -> std::result::Result<String, String> {
+    let gpu = usable_gpu()?;
+    let m = crate::manifest::Manifest::read(&crate::manifest::sidecar_path(plan))
+        .map_err(|e| format!("no readable manifest beside '{}' ({e:#})", plan.display()))?;
+    let lib = load_flavor(m.tensorrt.flavor, None).map_err(|e| format!("{e:#}"))?;
+    let report = crate::cuda::query()?;
+    let cc = report
+        .gpus
+        .first()
+        .map(|g| g.compute_capability)
+        .ok_or("the driver reports no GPU")?;
+    check_compatible(plan, &m, &Flavor::version_string(lib.version), cc)
+        .map_err(|e| format!("{e:#}"))?;
+    Ok(gpu)
+}
+
 fn cc_text(cc: (i32, i32)) -> String {
     format!("{}.{}", cc.0, cc.1)
 }
