@@ -1,0 +1,413 @@
+//! RES4LYF's noise types (beta/noise_classes.py) on our counter-based Philox stream: the same transforms of
+//! uniform/normal draws (uniform, laplacian, studentt, fractal "colored" noise white/pink/brown/blue/violet/
+//! ultraviolet_A-C, pyramid nearest/bilinear/bicubic), each returning a `[C, H, W]` field normalized as RES4LYF
+//! normalizes it. Bit-exactness with torch's generator is not a goal (different RNG); the defining statistics
+//! are (tests/samplers_noise.rs): spectrum slope, tails, clamping, and the pyramid's downsampling.
+//! [`TypedNoise`] is a [`NoiseSource`], so any sampler can use any type.
+use super::buffer::Buffer;
+use super::noise::{NoiseSource, box_muller, philox4x32_10};
+use anyhow::{Result, bail};
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Interp {
+    Nearest,
+    Bilinear,
+    Bicubic,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum NoiseType {
+    Gaussian,
+    Uniform,
+    Laplacian,
+    /// Student's t with integer `df` (RES4LYF: df 1, scale 0.2), clamped at the 75th percentile of |x|, then
+    /// a signed square root.
+    StudentT {
+        df: u32,
+    },
+    /// Fractal noise: white noise filtered by `|f|^-(alpha * 0.1)` (RES4LYF's scale 0.1), DC removed.
+    Colored {
+        alpha: f64,
+    },
+    /// Sum over 5 octaves of normal noise drawn at 2^(i+1) times the resolution (std 0.5^i, weight 0.8^i),
+    /// downsampled to the latent size.
+    Pyramid(Interp),
+}
+
+pub const NOISE_TYPE_NAMES: &[&str] = &[
+    "gaussian",
+    "uniform",
+    "laplacian",
+    "studentt",
+    "white",
+    "pink",
+    "brown",
+    "blue",
+    "violet",
+    "ultraviolet_A",
+    "ultraviolet_B",
+    "ultraviolet_C",
+    "pyramid-nearest",
+    "pyramid-bilinear",
+    "pyramid-bicubic",
+];
+
+impl NoiseType {
+    pub fn parse(s: &str) -> Result<Self> {
+        let colored = |alpha| Self::Colored { alpha };
+        Ok(match s {
+            "gaussian" => Self::Gaussian,
+            "uniform" => Self::Uniform,
+            "laplacian" => Self::Laplacian,
+            "studentt" => Self::StudentT { df: 1 },
+            "white" => colored(0.0),
+            "pink" => colored(1.0),
+            "brown" => colored(2.0),
+            "blue" => colored(-1.0),
+            "violet" => colored(-2.0),
+            "ultraviolet_A" => colored(-3.0),
+            "ultraviolet_B" => colored(-4.0),
+            "ultraviolet_C" => colored(-5.0),
+            "pyramid-nearest" => Self::Pyramid(Interp::Nearest),
+            "pyramid-bilinear" => Self::Pyramid(Interp::Bilinear),
+            "pyramid-bicubic" => Self::Pyramid(Interp::Bicubic),
+            _ => bail!(
+                "unknown noise type '{s}'; valid: {}",
+                NOISE_TYPE_NAMES.join(", ")
+            ),
+        })
+    }
+}
+
+/// Random access into Philox stream `stream` of `seed`: element `i` as a uniform in [0, 1) (one 32-bit word)
+/// or as a standard normal (Box-Muller of the word pair, as [`super::noise::fill_normal_host`]).
+struct Draw {
+    key: [u32; 2],
+    stream: u64,
+}
+impl Draw {
+    fn new(seed: u64, stream: u64) -> Self {
+        Self {
+            key: [seed as u32, (seed >> 32) as u32],
+            stream,
+        }
+    }
+    fn words(&self, i: u64) -> [u32; 4] {
+        let q = i / 4;
+        philox4x32_10(
+            [
+                q as u32,
+                (q >> 32) as u32,
+                self.stream as u32,
+                (self.stream >> 32) as u32,
+            ],
+            self.key,
+        )
+    }
+    fn uniform(&self, i: u64) -> f64 {
+        self.words(i)[(i % 4) as usize] as f64 / 4294967296.0
+    }
+    fn normal(&self, i: u64) -> f64 {
+        let w = self.words(i);
+        let lane = (i % 4) as usize;
+        let (a, b) = box_muller(w[lane & 2], w[(lane & 2) + 1]);
+        if lane.is_multiple_of(2) { a } else { b }
+    }
+}
+
+fn mean_std(v: &[f64]) -> (f64, f64) {
+    let n = v.len() as f64;
+    let m = v.iter().sum::<f64>() / n;
+    // torch.std: unbiased.
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (n - 1.0).max(1.0);
+    (m, var.sqrt())
+}
+
+/// A `[c, h, w]` field of the given type from stream `stream` of `seed`.
+pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> Result<Vec<f64>> {
+    let [c, h, w] = shape;
+    let n = c * h * w;
+    if n == 0 {
+        bail!("noise shape {shape:?} is empty");
+    }
+    let d = Draw::new(seed, stream);
+    Ok(match kind {
+        NoiseType::Gaussian => (0..n as u64).map(|i| d.normal(i)).collect(),
+        NoiseType::Uniform => (0..n as u64)
+            .map(|i| 1.73 * 2.0 * (d.uniform(i) - 0.5))
+            .collect(),
+        NoiseType::Laplacian => {
+            // normal/4 + Laplace(0, 1) by inverse CDF (second half of the stream), then / std.
+            let v: Vec<f64> = (0..n as u64)
+                .map(|i| {
+                    let u = d.uniform(n as u64 * 2 + i) - 0.5;
+                    let lap = -u.signum() * (1.0 - 2.0 * u.abs()).max(f64::MIN_POSITIVE).ln();
+                    d.normal(i) / 4.0 + lap
+                })
+                .collect();
+            let (_, s) = mean_std(&v);
+            v.into_iter().map(|x| x / s).collect()
+        }
+        NoiseType::StudentT { df } => {
+            let df = df.max(1) as u64;
+            let t: Vec<f64> = (0..n as u64)
+                .map(|i| {
+                    let z = d.normal(i);
+                    let chi2: f64 = (0..df)
+                        .map(|k| d.normal(n as u64 * (k + 1) + i).powi(2))
+                        .sum();
+                    0.2 * z / (chi2 / df as f64).sqrt()
+                })
+                .collect();
+            let mut abs: Vec<f64> = t.iter().map(|x| x.abs()).collect();
+            abs.sort_by(f64::total_cmp);
+            // torch.quantile's linear interpolation at q = 0.75.
+            let pos = 0.75 * (n - 1) as f64;
+            let (lo, frac) = (pos.floor() as usize, pos - pos.floor());
+            let s = abs[lo] + frac * (abs[(lo + 1).min(n - 1)] - abs[lo]);
+            let v: Vec<f64> = t
+                .iter()
+                .map(|x| {
+                    let y = x.clamp(-s, s);
+                    y.signum() * y.abs().sqrt()
+                })
+                .collect();
+            let (m, sd) = mean_std(&v);
+            v.into_iter().map(|x| (x - m) / sd).collect()
+        }
+        NoiseType::Colored { alpha } => {
+            let mut out = Vec::with_capacity(n);
+            for ch in 0..c {
+                let field: Vec<(f64, f64)> = (0..h * w)
+                    .map(|k| (d.normal((ch * h * w + k) as u64), 0.0))
+                    .collect();
+                let mut f = fft2(field, h, w, false);
+                let fy = fftfreq(h);
+                let fx = fftfreq(w);
+                for y in 0..h {
+                    for x in 0..w {
+                        let fr = (fy[y] * fy[y] + fx[x] * fx[x]).sqrt().max(1e-10);
+                        let dens = if y == 0 && x == 0 {
+                            0.0
+                        } else {
+                            1.0 / fr.powf(alpha * 0.1)
+                        };
+                        let v = &mut f[y * w + x];
+                        v.0 *= dens;
+                        v.1 *= dens;
+                    }
+                }
+                out.extend(fft2(f, h, w, true).into_iter().map(|z| z.0));
+            }
+            let (_, s) = mean_std(&out);
+            out.into_iter().map(|x| x / s).collect()
+        }
+        NoiseType::Pyramid(mode) => {
+            let mut out = vec![0.0; n];
+            for i in 0..5u32 {
+                let r = 1usize << (i + 1);
+                let (hh, ww) = (h * r, w * r);
+                let std = 0.5f64.powi(i as i32);
+                let wgt = 0.8f64.powi(i as i32);
+                // Octave i is its own stream region: elements offset by the octaves before it.
+                let base: u64 = (0..i).map(|k| (n << (2 * (k + 1))) as u64).sum();
+                let at = |ch: usize, y: usize, x: usize| -> f64 {
+                    d.normal(base + ((ch * hh + y) * ww + x) as u64) * std
+                };
+                for ch in 0..c {
+                    for y in 0..h {
+                        for x in 0..w {
+                            let v = match mode {
+                                // torch 'nearest': source index floor(dst * scale).
+                                Interp::Nearest => at(ch, y * r, x * r),
+                                // align_corners=False: source (dst + 0.5) r - 0.5 sits halfway between
+                                // pixels r/2 - 1 and r/2 of the block.
+                                Interp::Bilinear => {
+                                    let (y0, x0) = (y * r + r / 2 - 1, x * r + r / 2 - 1);
+                                    0.25 * (at(ch, y0, x0)
+                                        + at(ch, y0, x0 + 1)
+                                        + at(ch, y0 + 1, x0)
+                                        + at(ch, y0 + 1, x0 + 1))
+                                }
+                                // Keys cubic (A = -0.75) at t = 0.5; the taps stay inside the image for
+                                // r >= 2 except at the borders, where torch clamps the index.
+                                Interp::Bicubic => {
+                                    const K: [f64; 4] = [-0.09375, 0.59375, 0.59375, -0.09375];
+                                    let (y0, x0) = (
+                                        (y * r + r / 2) as isize - 2,
+                                        (x * r + r / 2) as isize - 2,
+                                    );
+                                    let mut s = 0.0;
+                                    for (a, ka) in K.iter().enumerate() {
+                                        let yy =
+                                            (y0 + a as isize).clamp(0, hh as isize - 1) as usize;
+                                        for (b, kb) in K.iter().enumerate() {
+                                            let xx = (x0 + b as isize).clamp(0, ww as isize - 1)
+                                                as usize;
+                                            s += ka * kb * at(ch, yy, xx);
+                                        }
+                                    }
+                                    s
+                                }
+                            };
+                            out[(ch * h + y) * w + x] += v * wgt;
+                        }
+                    }
+                }
+            }
+            let (_, s) = mean_std(&out);
+            out.into_iter().map(|x| x / s).collect()
+        }
+    })
+}
+
+/// torch.fft.fftfreq(n, 1/n): 0, 1, ..., -n/2, ..., -1.
+fn fftfreq(n: usize) -> Vec<f64> {
+    (0..n)
+        .map(|k| {
+            if k < n.div_ceil(2) {
+                k as f64
+            } else {
+                k as f64 - n as f64
+            }
+        })
+        .collect()
+}
+
+/// 1-D DFT (radix-2 FFT for powers of two, direct sum otherwise); `inverse` includes the 1/n.
+fn dft(v: &[(f64, f64)], inverse: bool) -> Vec<(f64, f64)> {
+    let n = v.len();
+    let sign = if inverse { 1.0 } else { -1.0 };
+    let mut out = if n.is_power_of_two() {
+        let mut a = v.to_vec();
+        let bits = n.trailing_zeros();
+        for i in 0..n {
+            let j = i.reverse_bits() >> (usize::BITS - bits.max(1));
+            if bits > 0 && j > i {
+                a.swap(i, j);
+            }
+        }
+        let mut len = 2;
+        while len <= n {
+            let ang = sign * std::f64::consts::TAU / len as f64;
+            for s in (0..n).step_by(len) {
+                for k in 0..len / 2 {
+                    let (wr, wi) = ((ang * k as f64).cos(), (ang * k as f64).sin());
+                    let (ar, ai) = a[s + k];
+                    let (br, bi) = a[s + k + len / 2];
+                    let (tr, ti) = (br * wr - bi * wi, br * wi + bi * wr);
+                    a[s + k] = (ar + tr, ai + ti);
+                    a[s + k + len / 2] = (ar - tr, ai - ti);
+                }
+            }
+            len <<= 1;
+        }
+        a
+    } else {
+        (0..n)
+            .map(|k| {
+                v.iter()
+                    .enumerate()
+                    .fold((0.0, 0.0), |acc, (j, &(re, im))| {
+                        let ang = sign * std::f64::consts::TAU * ((j * k) % n) as f64 / n as f64;
+                        let (c, s) = (ang.cos(), ang.sin());
+                        (acc.0 + re * c - im * s, acc.1 + re * s + im * c)
+                    })
+            })
+            .collect()
+    };
+    if inverse {
+        for z in &mut out {
+            z.0 /= n as f64;
+            z.1 /= n as f64;
+        }
+    }
+    out
+}
+
+fn fft2(mut a: Vec<(f64, f64)>, h: usize, w: usize, inverse: bool) -> Vec<(f64, f64)> {
+    for y in 0..h {
+        let row = dft(&a[y * w..(y + 1) * w], inverse);
+        a[y * w..(y + 1) * w].copy_from_slice(&row);
+    }
+    for x in 0..w {
+        let col: Vec<(f64, f64)> = (0..h).map(|y| a[y * w + x]).collect();
+        for (y, z) in dft(&col, inverse).into_iter().enumerate() {
+            a[y * w + x] = z;
+        }
+    }
+    a
+}
+
+/// A [`NoiseSource`] of one RES4LYF noise type for latents of shape `[c, h, w]`: call k uses Philox stream
+/// `first_stream + k` (stream 0 is left for the initial latent, as [`super::noise::PhiloxNoise`]).
+pub struct TypedNoise {
+    pub kind: NoiseType,
+    pub shape: [usize; 3],
+    pub seed: u64,
+    pub next_stream: u64,
+}
+impl TypedNoise {
+    pub fn new(kind: NoiseType, shape: [usize; 3], seed: u64) -> Self {
+        Self {
+            kind,
+            shape,
+            seed,
+            next_stream: 1,
+        }
+    }
+}
+impl<B: Buffer> NoiseSource<B> for TypedNoise {
+    fn sample(&mut self, out: &mut B, _sigma: f64, _sigma_next: f64) -> Result<()> {
+        let [c, h, w] = self.shape;
+        if out.len() != c * h * w {
+            bail!(
+                "noise of shape {:?} ({} values) for a buffer of {} values",
+                self.shape,
+                c * h * w,
+                out.len()
+            );
+        }
+        let v = generate(self.kind, self.shape, self.seed, self.next_stream)?;
+        self.next_stream += 1;
+        out.set_from_f64(&v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[test]
+    fn fft_matches_the_direct_sum_and_inverts() {
+        for n in [1usize, 6, 8, 12, 16] {
+            let v: Vec<(f64, f64)> = (0..n)
+                .map(|k| ((k as f64 * 0.7).sin(), (k as f64 * 0.3).cos()))
+                .collect();
+            let f = dft(&v, false);
+            for (k, z) in f.iter().enumerate() {
+                let (mut re, mut im) = (0.0, 0.0);
+                for (j, &(a, b)) in v.iter().enumerate() {
+                    let ang = -std::f64::consts::TAU * (j * k) as f64 / n as f64;
+                    re += a * ang.cos() - b * ang.sin();
+                    im += a * ang.sin() + b * ang.cos();
+                }
+                assert!(
+                    (z.0 - re).abs() < 1e-12 && (z.1 - im).abs() < 1e-12,
+                    "n={n} k={k}"
+                );
+            }
+            let back = dft(&f, true);
+            for (a, b) in back.iter().zip(&v) {
+                assert!((a.0 - b.0).abs() < 1e-12 && (a.1 - b.1).abs() < 1e-12);
+            }
+        }
+    }
+    #[test]
+    fn typed_noise_checks_the_shape() {
+        let mut t = TypedNoise::new(NoiseType::Gaussian, [2, 3, 4], 1);
+        let mut ok = vec![0.0f32; 24];
+        NoiseSource::<Vec<f32>>::sample(&mut t, &mut ok, 1.0, 0.5).unwrap();
+        let mut bad = vec![0.0f32; 23];
+        assert!(NoiseSource::<Vec<f32>>::sample(&mut t, &mut bad, 1.0, 0.5).is_err());
+    }
+}
