@@ -247,6 +247,45 @@ mod noise_types {
         }
     }
 
+    /// Cascade-B: nearest-upsampled low-resolution offsets make pixels inside the same coarse block
+    /// correlated by (sum of the block levels' m^2) / (1 + sum of all m^2); across a boundary of every block,
+    /// only the coarser levels contribute.
+    #[test]
+    fn cascade_b_has_its_block_correlation() {
+        let (c, h, w) = (256, 32, 32);
+        let v = generate(
+            NoiseType::parse("pyramid-cascade_B").unwrap(),
+            [c, h, w],
+            5,
+            1,
+        )
+        .unwrap();
+        // Levels with side 16, 8, 4, 2, 1 (i = 1..5), m = 0.75^i.
+        let m2: Vec<f64> = (1..=5).map(|i| 0.75f64.powi(2 * i)).collect();
+        let total = 1.0 + m2.iter().sum::<f64>();
+        let corr = |pairs: &dyn Fn(usize) -> bool| {
+            let (mut s, mut k) = (0.0, 0usize);
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w - 1 {
+                        if pairs(x) {
+                            s += v[(ch * h + y) * w + x] * v[(ch * h + y) * w + x + 1];
+                            k += 1;
+                        }
+                    }
+                }
+            }
+            s / k as f64
+        };
+        // x even: x and x + 1 share the block at every level (the finest blocks are 2 wide).
+        let inside = corr(&|x| x % 2 == 0);
+        let want = m2.iter().sum::<f64>() / total;
+        assert!((inside - want).abs() < 0.02, "inside {inside}, want {want}");
+        // x = 15 -> 16: a boundary of every level but the 1x1 one.
+        let across = corr(&|x| x == 15);
+        assert!((across - m2[4] / total).abs() < 0.05, "across {across}");
+    }
+
     /// The pyramid octaves are drawn at 2^(i+1) times the resolution; we evaluate only the taps the
     /// downsampling reads. Check against generating every octave in full and downsampling it (torch's
     /// 'nearest': source index dst * r).

@@ -32,6 +32,15 @@ pub enum NoiseType {
     /// Sum over 5 octaves of normal noise drawn at 2^(i+1) times the resolution (std 0.5^i, weight 0.8^i),
     /// downsampled to the latent size.
     Pyramid(Interp),
+    /// "pyramid-interpolated" (`hires = false`, resized nearest-exact) and "hires-pyramid-nearest" (`hires =
+    /// true`, resized nearest): uniform noise plus 4 octaves of normal noise (weight 0.7^i) at sizes compounding
+    /// by random factors r in [2, 4) (capped at 15x the latent), normalized by the std.
+    Interpolated {
+        hires: bool,
+    },
+    /// "pyramid-cascade_B" (Stable Cascade): normal noise plus nearest-upsampled normal offsets at 1/2^i of
+    /// the height (RES4LYF uses the height for both sides), weight 0.75^i, for levels of size 1..16.
+    CascadeB,
 }
 
 pub const NOISE_TYPE_NAMES: &[&str] = &[
@@ -50,6 +59,9 @@ pub const NOISE_TYPE_NAMES: &[&str] = &[
     "pyramid-nearest",
     "pyramid-bilinear",
     "pyramid-bicubic",
+    "pyramid-interpolated",
+    "hires-pyramid-nearest",
+    "pyramid-cascade_B",
 ];
 
 impl NoiseType {
@@ -71,6 +83,9 @@ impl NoiseType {
             "pyramid-nearest" => Self::Pyramid(Interp::Nearest),
             "pyramid-bilinear" => Self::Pyramid(Interp::Bilinear),
             "pyramid-bicubic" => Self::Pyramid(Interp::Bicubic),
+            "pyramid-interpolated" => Self::Interpolated { hires: false },
+            "hires-pyramid-nearest" => Self::Interpolated { hires: true },
+            "pyramid-cascade_B" => Self::CascadeB,
             _ => bail!(
                 "unknown noise type '{s}'; valid: {}",
                 NOISE_TYPE_NAMES.join(", ")
@@ -258,7 +273,85 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
             let (_, s) = mean_std(&out);
             out.into_iter().map(|x| x / s).collect()
         }
+        NoiseType::Interpolated { hires } => {
+            // Region 0: the uniform base; region k + 1: octave k's normals; the r factors come last.
+            let mut out: Vec<f64> = (0..n as u64)
+                .map(|i| (d.uniform(i) - 0.5) * 2.0 * 1.73)
+                .collect();
+            let discount: f64 = 0.7;
+            let mut mult2 = 1.0;
+            let (mut hh, mut ww) = (h, w);
+            let region = (n * 15 * 15) as u64;
+            for i in 0..4i32 {
+                let r = d.uniform(region * 5 + i as u64) * 2.0 + 2.0;
+                hh = (h * 15).min((hh as f64 * r.powi(i)) as usize).max(1);
+                ww = (w * 15).min((ww as f64 * r.powi(i)) as usize).max(1);
+                let base = region * (i as u64 + 1);
+                let wgt = discount.powi(i);
+                // hires-pyramid-nearest resizes with torch 'nearest', pyramid-interpolated 'nearest-exact'.
+                let pick = |dst: usize, n_out: usize, n_in: usize| {
+                    if hires {
+                        dst * n_in / n_out
+                    } else {
+                        nearest_exact(dst, n_out, n_in)
+                    }
+                };
+                for ch in 0..c {
+                    for y in 0..h {
+                        let sy = pick(y, h, hh);
+                        for x in 0..w {
+                            let sx = pick(x, w, ww);
+                            out[(ch * h + y) * w + x] +=
+                                d.normal(base + ((ch * hh + sy) * ww + sx) as u64) * wgt;
+                        }
+                    }
+                }
+                mult2 += wgt * wgt;
+                if hh >= h * 15 || ww >= w * 15 {
+                    break;
+                }
+            }
+            if !hires {
+                out.iter_mut().for_each(|v| *v /= mult2.sqrt());
+            }
+            let (_, s) = mean_std(&out);
+            out.into_iter().map(|x| x / s).collect()
+        }
+        NoiseType::CascadeB => {
+            let mut out: Vec<f64> = (0..n as u64).map(|i| d.normal(i)).collect();
+            let mut mult2 = 1.0;
+            let mut base = n as u64;
+            for i in 1..10u32 {
+                let m = 0.75f64.powi(i as i32);
+                // RES4LYF takes both sides from the height.
+                let lh = h >> i;
+                let lw = h >> i;
+                if (1..=16).contains(&lh) || (1..=16).contains(&lw) {
+                    for ch in 0..c {
+                        for y in 0..h {
+                            let sy = y * lh / h; // torch 'nearest': floor(dst * in / out)
+                            for x in 0..w {
+                                let sx = x * lw / w;
+                                out[(ch * h + y) * w + x] +=
+                                    d.normal(base + ((ch * lh + sy) * lw + sx) as u64) * m;
+                            }
+                        }
+                    }
+                    base += (c * lh * lw) as u64;
+                    mult2 += m * m;
+                }
+                if lh <= 1 || lw <= 1 {
+                    break;
+                }
+            }
+            out.into_iter().map(|x| x / mult2.sqrt()).collect()
+        }
     })
+}
+
+/// torch 'nearest-exact' source index when resizing `n_in` to `n_out`: floor((dst + 0.5) n_in / n_out).
+fn nearest_exact(dst: usize, n_out: usize, n_in: usize) -> usize {
+    (((dst as f64 + 0.5) * n_in as f64 / n_out as f64).floor() as usize).min(n_in - 1)
 }
 
 /// torch.fft.fftfreq(n, 1/n): 0, 1, ..., -n/2, ..., -1.
