@@ -11,12 +11,11 @@ use super::phi::PhiAt;
 use super::stepper::{Ctx, Sampler, Scratch};
 use anyhow::Result;
 
-/// `(a, b, c)` of one step (and, for implicit stages, the fixed-point sweeps to run).
+/// `(a, b, c)` of one step.
 pub struct ExpCoeffs {
     pub a: Vec<Vec<f64>>,
     pub b: Vec<f64>,
     pub c: Vec<f64>,
-    pub sweeps: usize,
 }
 
 fn zeros(s: usize) -> Vec<Vec<f64>> {
@@ -54,7 +53,6 @@ fn ddim(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a: zeros(1),
         b: vec![p.f(1)],
         c,
-        sweeps: 0,
     }
 }
 fn res_2s(h: f64, c2: f64, _: f64) -> ExpCoeffs {
@@ -67,7 +65,6 @@ fn res_2s(h: f64, c2: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![p.f(1) - b2, b2],
         c,
-        sweeps: 0,
     }
 }
 fn res_2s_rkmk2e(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -75,7 +72,7 @@ fn res_2s_rkmk2e(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let p = PhiAt { h, c: &c };
     let (mut a, mut b) = (zeros(2), vec![0.0, p.f(2)]);
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s(h: f64, c2: f64, c3: f64) -> ExpCoeffs {
     let c = vec![0.0, c2, c3];
@@ -86,7 +83,7 @@ fn res_3s(h: f64, c2: f64, c3: f64) -> ExpCoeffs {
     let b3 = p.f(2) / (g * c2 + c3);
     let mut b = vec![0.0, g * b3, b3];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s_alt(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, c2, 2.0 / 3.0];
@@ -95,7 +92,7 @@ fn res_3s_alt(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     a[2][1] = (4.0 / (9.0 * c2)) * p.s(2, 3);
     let mut b = vec![0.0, 0.0, (1.0 / c[2]) * p.f(2)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s_strehmel_weiner(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, c2, 1.0];
@@ -104,7 +101,7 @@ fn res_3s_strehmel_weiner(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     a[2][1] = (1.0 / c2) * p.s(2, 3);
     let mut b = vec![0.0, 0.0, p.f(2)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s_cox_matthews(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 1.0];
@@ -113,7 +110,7 @@ fn res_3s_cox_matthews(h: f64, _: f64, _: f64) -> ExpCoeffs {
     a[2][1] = 2.0 * p.s(1, 3);
     let mut b = vec![0.0, -8.0 * p.f(3) + 4.0 * p.f(2), 4.0 * p.f(3) - p.f(2)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s_lie(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 1.0 / 3.0, 2.0 / 3.0];
@@ -126,7 +123,7 @@ fn res_3s_lie(h: f64, _: f64, _: f64) -> ExpCoeffs {
         -1.5 * p.f(2) + 9.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_3s_sunstar(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 1.0 / 3.0, 2.0 / 3.0];
@@ -135,7 +132,7 @@ fn res_3s_sunstar(h: f64, _: f64, _: f64) -> ExpCoeffs {
     a[2][1] = (8.0 / 9.0) * p.s(2, 3);
     let mut b = vec![0.0, 0.0, 1.5 * p.f(2)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_krogstad(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -146,7 +143,7 @@ fn res_4s_krogstad(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let w = 2.0 * p.f(2) - 4.0 * p.f(3);
     let mut b = vec![0.0, w, w, -p.f(2) + 4.0 * p.f(3)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_strehmel_weiner(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -162,7 +159,7 @@ fn res_4s_strehmel_weiner(h: f64, _: f64, _: f64) -> ExpCoeffs {
         -p.f(2) + 4.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_cox_matthews(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -179,7 +176,7 @@ fn res_4s_cox_matthews(h: f64, _: f64, _: f64) -> ExpCoeffs {
         w,
         4.0 * p.f(3) - p.f(2),
     ];
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn etdrk2_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 1.0];
@@ -190,7 +187,6 @@ fn etdrk2_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![p.f(1) - p.f(2), p.f(2)],
         c,
-        sweeps: 0,
     }
 }
 fn etdrk3_a_3s(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -206,7 +202,6 @@ fn etdrk3_a_3s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![p.f(1) - b2 - b3, b2, b3],
         c,
-        sweeps: 0,
     }
 }
 fn etdrk3_b_3s(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -221,7 +216,6 @@ fn etdrk3_b_3s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![p.f(1) - b3, 0.0, b3],
         c,
-        sweeps: 0,
     }
 }
 fn etdrk4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -233,7 +227,7 @@ fn etdrk4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let w = 2.0 * p.f(2) - 4.0 * p.f(3);
     let mut b = vec![0.0, w, w, -p.f(2) + 4.0 * p.f(3)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn dpmpp_2s(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, c2];
@@ -241,7 +235,7 @@ fn dpmpp_2s(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     let mut a = zeros(2);
     let mut b = vec![0.0, (1.0 / (2.0 * c2)) * p.f(1)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn dpmpp_3s(h: f64, c2: f64, c3: f64) -> ExpCoeffs {
     let c = vec![0.0, c2, c3];
@@ -250,7 +244,7 @@ fn dpmpp_3s(h: f64, c2: f64, c3: f64) -> ExpCoeffs {
     a[2][1] = (c3 * c3 / c2) * p.s(2, 3);
     let mut b = vec![0.0, 0.0, (1.0 / c3) * p.f(2)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 
 fn res_4s_krogstad_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -262,7 +256,7 @@ fn res_4s_krogstad_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let w = 2.0 * p.f(2) - 4.0 * p.f(3);
     let mut b = vec![0.0, w, w, -p.f(2) + 4.0 * p.f(3)];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_strehmel_weiner_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -278,7 +272,7 @@ fn res_4s_strehmel_weiner_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
         -p.f(2) + 4.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_cfree4(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -294,7 +288,7 @@ fn res_4s_cfree4(h: f64, _: f64, _: f64) -> ExpCoeffs {
         (1.0 / 3.0) * p.f(1),
         -(1.0 / 6.0) * p.f(1) + (1.0 / 3.0) * p.s(1, 2),
     ];
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_friedli(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -310,7 +304,7 @@ fn res_4s_friedli(h: f64, _: f64, _: f64) -> ExpCoeffs {
         -p.f(2) + 4.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_munthe_kaas(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -326,7 +320,7 @@ fn res_4s_munthe_kaas(h: f64, _: f64, _: f64) -> ExpCoeffs {
         (1.0 / 3.0) * p.f(1),
         (1.0 / 6.0) * p.f(1) * (1.0 - h / 2.0),
     ];
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_4s_minchev(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -342,7 +336,7 @@ fn res_4s_minchev(h: f64, _: f64, _: f64) -> ExpCoeffs {
         (1.0 / 30.0) * p.f(1) - (7.0 / 5.0) * p.f(2) + 6.0 * p.f(3) - 4.0 * p.f(4),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_5s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0, 0.5];
@@ -362,7 +356,7 @@ fn res_5s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         4.0 * p.f(2) - 8.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_5s_hochbruck_ostermann(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0, 0.5];
@@ -382,7 +376,7 @@ fn res_5s_hochbruck_ostermann(h: f64, _: f64, _: f64) -> ExpCoeffs {
         4.0 * p.f(2) - 8.0 * p.f(3),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_6s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0 / 3.0, 1.0 / 3.0, 5.0 / 6.0];
@@ -407,7 +401,7 @@ fn res_6s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         (-c5 * p.f(2) + 2.0 * p.f(3)) / (c6 * (c6 - c5)),
     ];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 /// res_8s (RES4LYF notes it is not EXPRK5S8; its res_8s_alt, which would be, raises in RES4LYF itself because
 /// its node list is commented out, so it is not registered).
@@ -440,7 +434,7 @@ fn res_8s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     b[6] = (-27.0 / 14.0) * p.f(2) + (162.0 / 7.0) * p.f(3) - (405.0 / 7.0) * p.f(4);
     b[7] = 0.5 * p.f(2) - 6.5 * p.f(3) + 22.5 * p.f(4);
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_10s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![
@@ -484,7 +478,7 @@ fn res_10s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     b[8] = bj(9, 8, 10);
     b[9] = bj(10, 8, 9);
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 /// The shared stage rows of res_15s / res_16s (RES4LYF builds them from permutations of the earlier
 /// stages; each entry's formula is symmetric in the other indices, so every permutation writes the same value).
@@ -553,7 +547,7 @@ fn res_15s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         b[i - 1] = num / (ci(i) * (ci(i) - j) * (ci(i) - k) * (ci(i) - l));
     }
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn res_16s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![
@@ -595,22 +589,7 @@ fn res_16s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         b[i - 1] = num / (x * (x - k) * (x - j * (x - d) * (x - l)));
     }
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
-}
-/// RES4LYF's irk_exp_diag_2s: a diagonally implicit exponential method (c = 1/3, 2/3), solved by two
-/// fixed-point sweeps. Its closed forms cancel at small h in f64, as RES4LYF's own evaluation does.
-fn irk_exp_diag_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
-    let (c1, c2) = (1.0 / 3.0, 2.0 / 3.0);
-    let lam = (1.0 - (-c1 * h).exp()) / h;
-    let a21 = ((c2 * h).exp() - (c1 * h).exp()) / (h * (2.0 * c1 * h).exp());
-    let b1 = (1.0 + c2 * h + h.exp() * (-1.0 + h - c2 * h)) / ((c1 - c2) * h * h * (c1 * h).exp());
-    let b2 = -(1.0 + c1 * h - h.exp() * (1.0 - h + c1 * h)) / ((c1 - c2) * h * h * (c2 * h).exp());
-    ExpCoeffs {
-        a: vec![vec![lam, 0.0], vec![a21, lam]],
-        b: vec![b1, b2],
-        c: vec![c1, c2],
-        sweeps: 2,
-    }
+    ExpCoeffs { a, b, c }
 }
 fn lawson2a_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5];
@@ -621,7 +600,6 @@ fn lawson2a_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![0.0, p.s(0, 2)],
         c,
-        sweeps: 0,
     }
 }
 fn lawson2b_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -633,7 +611,6 @@ fn lawson2b_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         a,
         b: vec![0.5 * p.f(0), 0.5],
         c,
-        sweeps: 0,
     }
 }
 fn lawson4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
@@ -649,7 +626,7 @@ fn lawson4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
         (1.0 / 3.0) * p.s(0, 2),
         1.0 / 6.0,
     ];
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn lawson41_gen(h: f64, modified: bool) -> ExpCoeffs {
     let c = vec![0.0, 0.5, 0.5, 1.0];
@@ -664,7 +641,7 @@ fn lawson41_gen(h: f64, modified: bool) -> ExpCoeffs {
     };
     let mut b = vec![0.0, (1.0 / 3.0) * p.s(0, 2), (1.0 / 3.0) * p.s(0, 2), b4];
     first_col(&mut a, &mut b, &c, &p);
-    ExpCoeffs { a, b, c, sweeps: 0 }
+    ExpCoeffs { a, b, c }
 }
 fn lawson41_gen_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     lawson41_gen(h, false)
@@ -991,14 +968,6 @@ pub static EXP_METHODS: &[ExpMethod] = &[
         c2: 0.5,
         c3: 1.0,
     },
-    ExpMethod {
-        name: "irk_exp_diag_2s",
-        stages: 2,
-        order: 1,
-        coeffs: irk_exp_diag_2s,
-        c2: 0.5,
-        c3: 1.0,
-    },
 ];
 
 impl ExpMethod {
@@ -1050,43 +1019,24 @@ pub(crate) fn exp_step<B: Buffer>(
     let s = k.b.len();
     let (den, rest) = bufs.split_at_mut(s);
     let xs = &mut rest[0];
-    let implicit = (0..s).any(|i| k.a[i][i..].iter().any(|&v| v != 0.0));
-    // Stage input X = x + h sum_j a_ij (D_j - x) over the given columns.
-    let stage_input = |xs: &mut B, x: &B, den: &[B], row: &[f64]| -> Result<()> {
+    for st in 0..s {
+        if st == 0 && k.c[0] == 0.0 && k.a[0].iter().all(|&v| v == 0.0) {
+            cx.model.denoise(x, sigma, &mut den[0])?;
+            continue;
+        }
+        let row = &k.a[st];
         let sum: f64 = row.iter().sum();
-        let mut terms: Vec<(f64, &B)> = vec![(1.0 - h * sum, x)];
+        let mut terms: Vec<(f64, &B)> = vec![(1.0 - h * sum, &*x)];
         for (j, &a) in row.iter().enumerate() {
             if a != 0.0 {
                 terms.push((h * a, &den[j]));
             }
         }
-        xs.lincomb(0.0, &terms)
-    };
-    if implicit {
-        // Implicit stages (irk_exp_diag_2s): predictor D_j = D(x, sigma) for every stage, then Gauss-Seidel
-        // fixed-point sweeps, one model call per stage per sweep.
-        cx.model.denoise(x, sigma, &mut den[0])?;
-        for j in 1..s {
-            let (a, b) = den.split_at_mut(j);
-            b[0].copy_from(&a[0])?;
-        }
-        for _ in 0..k.sweeps.max(1) {
-            for st in 0..s {
-                stage_input(xs, x, den, &k.a[st])?;
-                cx.model
-                    .denoise(xs, sigma * (-k.c[st] * h).exp(), &mut den[st])?;
-            }
-        }
-    } else {
-        for st in 0..s {
-            if st == 0 && k.c[0] == 0.0 && k.a[0].iter().all(|&v| v == 0.0) {
-                cx.model.denoise(x, sigma, &mut den[0])?;
-                continue;
-            }
-            stage_input(xs, x, &den[..st], &k.a[st][..st])?;
-            cx.model
-                .denoise(xs, sigma * (-k.c[st] * h).exp(), &mut den[st])?;
-        }
+        xs.lincomb(0.0, &terms)?;
+        let sig = sigma * (-k.c[st] * h).exp();
+        let (done, cur) = den.split_at_mut(st);
+        let _ = done;
+        cx.model.denoise(xs, sig, &mut cur[0])?;
     }
     let sum: f64 = k.b.iter().sum();
     let terms: Vec<(f64, &B)> =

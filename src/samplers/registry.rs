@@ -214,18 +214,12 @@ pub fn list() -> Vec<SamplerInfo> {
         });
     }
     for m in EXP_METHODS {
-        // Implicit stages cost one predictor call plus one call per stage per sweep.
-        let sweeps = m.at(0.5).sweeps;
         v.push(SamplerInfo {
             name: m.name,
             family: Family::Exponential,
             order: m.order,
             stages: m.stages,
-            calls: if sweeps > 0 {
-                1 + sweeps * m.stages
-            } else {
-                m.stages
-            },
+            calls: m.stages,
             stochastic: false,
         });
     }
