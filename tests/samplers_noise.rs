@@ -286,6 +286,39 @@ mod noise_types {
         assert!((across - m2[4] / total).abs() < 0.05, "across {across}");
     }
 
+    /// Perlin: out = (z / 2 + P1 + P2) / S with z the stream's normals; each Perlin layer at cell centres is
+    /// the mean of four corner dot products with offsets of length sqrt(1/2), so |P| <= sqrt(1/2) per layer
+    /// and Var(P1 + P2) = 2 * 4 * (1/4)^2 * (1/2)(1/2) = 1/8.
+    #[test]
+    fn perlin_layers_have_their_bound_and_variance() {
+        let (c, h, w) = (4, 64, 64);
+        let n = c * h * w;
+        let out = generate(NoiseType::parse("perlin").unwrap(), [c, h, w], 4, 1).unwrap();
+        let mut z = vec![0.0f64; n];
+        fill_normal_host(&mut z, 4, 1);
+        // Regress out on z / 2: slope 1 / S.
+        let zz: f64 = z.iter().map(|v| v * v / 4.0).sum();
+        let oz: f64 = out.iter().zip(&z).map(|(o, v)| o * v / 2.0).sum();
+        let s = zz / oz;
+        let p: Vec<f64> = out.iter().zip(&z).map(|(o, v)| s * o - v / 2.0).collect();
+        let var = p.iter().map(|v| v * v).sum::<f64>() / n as f64;
+        assert!((var - 0.125).abs() < 0.01, "Perlin variance {var}");
+        let mx = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        assert!(mx <= 2f64.sqrt() + 0.05, "Perlin bound {mx}");
+    }
+
+    /// RES4LYF's wavelet noise is a perfect-reconstruction round trip: the z-scored Gaussian draw.
+    #[test]
+    fn wavelet_is_the_z_scored_gaussian() {
+        let g = generate(NoiseType::Gaussian, [2, 8, 8], 3, 1).unwrap();
+        let wv = generate(NoiseType::parse("wavelet").unwrap(), [2, 8, 8], 3, 1).unwrap();
+        let (m, _, _) = moments(&g);
+        let sd = (g.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0)).sqrt();
+        for (a, b) in wv.iter().zip(&g) {
+            assert!((a - (b - m) / sd).abs() < 1e-12);
+        }
+    }
+
     /// The pyramid octaves are drawn at 2^(i+1) times the resolution; we evaluate only the taps the
     /// downsampling reads. Check against generating every octave in full and downsampling it (torch's
     /// 'nearest': source index dst * r).

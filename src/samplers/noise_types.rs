@@ -41,6 +41,12 @@ pub enum NoiseType {
     /// "pyramid-cascade_B" (Stable Cascade): normal noise plus nearest-upsampled normal offsets at 1/2^i of
     /// the height (RES4LYF uses the height for both sides), weight 0.75^i, for levels of size 1..16.
     CascadeB,
+    /// RES4LYF's "wavelet": a haar `wavedecn`/`waverecn` round trip with periodization of Gaussian noise,
+    /// which is the identity, so the Gaussian draw z-scored.
+    Wavelet,
+    /// RES4LYF's "perlin": normal/2 plus two Perlin layers on an (h+1) x (w+1) grid of random unit gradients,
+    /// sampled at cell centres (one cell per pixel: the mean of the four corner dot products), over the std.
+    Perlin,
 }
 
 pub const NOISE_TYPE_NAMES: &[&str] = &[
@@ -62,6 +68,8 @@ pub const NOISE_TYPE_NAMES: &[&str] = &[
     "pyramid-interpolated",
     "hires-pyramid-nearest",
     "pyramid-cascade_B",
+    "wavelet",
+    "perlin",
 ];
 
 impl NoiseType {
@@ -86,6 +94,8 @@ impl NoiseType {
             "pyramid-interpolated" => Self::Interpolated { hires: false },
             "hires-pyramid-nearest" => Self::Interpolated { hires: true },
             "pyramid-cascade_B" => Self::CascadeB,
+            "wavelet" => Self::Wavelet,
+            "perlin" => Self::Perlin,
             _ => bail!(
                 "unknown noise type '{s}'; valid: {}",
                 NOISE_TYPE_NAMES.join(", ")
@@ -316,6 +326,46 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
             }
             let (_, s) = mean_std(&out);
             out.into_iter().map(|x| x / s).collect()
+        }
+        NoiseType::Wavelet => {
+            let v: Vec<f64> = (0..n as u64).map(|i| d.normal(i)).collect();
+            let (m, sd) = mean_std(&v);
+            v.into_iter().map(|x| (x - m) / sd).collect()
+        }
+        NoiseType::Perlin => {
+            let mut out: Vec<f64> = (0..n as u64).map(|i| d.normal(i) / 2.0).collect();
+            let grid = (h + 1) * (w + 1);
+            for layer in 0..2u64 {
+                // Gradient angles uniform in [0, 2 pi), one per grid point and channel.
+                let base = n as u64 + layer * (c * grid) as u64;
+                let g = |ch: usize, gy: usize, gx: usize| {
+                    let a = d.uniform(base + (ch * grid + gy * (w + 1) + gx) as u64)
+                        * std::f64::consts::TAU;
+                    (a.cos(), a.sin())
+                };
+                for ch in 0..c {
+                    for y in 0..h {
+                        for x in 0..w {
+                            // Offsets (dx, dy) of the cell centre from the four corners: TL, TR, BL, BR;
+                            // with the smooth step at 0.5 the bilinear blend is the plain mean.
+                            let corners = [
+                                (g(ch, y, x), (0.5, 0.5)),
+                                (g(ch, y, x + 1), (-0.5, 0.5)),
+                                (g(ch, y + 1, x), (0.5, -0.5)),
+                                (g(ch, y + 1, x + 1), (-0.5, -0.5)),
+                            ];
+                            let p: f64 = corners
+                                .iter()
+                                .map(|((gx, gy), (dx, dy))| gx * dx + gy * dy)
+                                .sum::<f64>()
+                                / 4.0;
+                            out[(ch * h + y) * w + x] += p;
+                        }
+                    }
+                }
+            }
+            let (_, sd) = mean_std(&out);
+            out.into_iter().map(|x| x / sd).collect()
         }
         NoiseType::CascadeB => {
             let mut out: Vec<f64> = (0..n as u64).map(|i| d.normal(i)).collect();
