@@ -8,11 +8,48 @@ use super::buffer::Buffer;
 use super::noise::{NoiseSource, box_muller, philox4x32_10};
 use anyhow::{Result, bail};
 
+/// torch `interpolate` modes (align_corners = False, no antialias).
 #[derive(Clone, Copy, Debug, PartialEq)]
-pub enum Interp {
+pub enum Resize {
     Nearest,
+    NearestExact,
     Bilinear,
     Bicubic,
+}
+
+/// Source indices and weights of output index `dst` when resizing `n_in` samples to `n_out`.
+fn resize_taps(mode: Resize, dst: usize, n_out: usize, n_in: usize) -> Vec<(usize, f64)> {
+    let scale = n_in as f64 / n_out as f64;
+    let last = n_in as isize - 1;
+    match mode {
+        Resize::Nearest => vec![(((dst as f64 * scale).floor() as usize).min(n_in - 1), 1.0)],
+        Resize::NearestExact => vec![(nearest_exact(dst, n_out, n_in), 1.0)],
+        Resize::Bilinear => {
+            let src = ((dst as f64 + 0.5) * scale - 0.5).max(0.0);
+            let i0 = (src.floor() as isize).min(last);
+            let i1 = (i0 + 1).min(last);
+            let t = src - i0 as f64;
+            vec![(i0 as usize, 1.0 - t), (i1 as usize, t)]
+        }
+        Resize::Bicubic => {
+            // Keys cubic, A = -0.75; torch does not clamp the source coordinate for cubic, only the taps.
+            let src = (dst as f64 + 0.5) * scale - 0.5;
+            let i0 = src.floor();
+            let t = src - i0;
+            let a = -0.75;
+            let near = |x: f64| ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0;
+            let far = |x: f64| ((a * x - 5.0 * a) * x + 8.0 * a) * x - 4.0 * a;
+            let w = [far(t + 1.0), near(t), near(1.0 - t), far(2.0 - t)];
+            (0..4)
+                .map(|k| {
+                    (
+                        ((i0 as isize) - 1 + k as isize).clamp(0, last) as usize,
+                        w[k],
+                    )
+                })
+                .collect()
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -31,13 +68,11 @@ pub enum NoiseType {
     },
     /// Sum over 5 octaves of normal noise drawn at 2^(i+1) times the resolution (std 0.5^i, weight 0.8^i),
     /// downsampled to the latent size.
-    Pyramid(Interp),
-    /// "pyramid-interpolated" (`hires = false`, resized nearest-exact) and "hires-pyramid-nearest" (`hires =
-    /// true`, resized nearest): uniform noise plus 4 octaves of normal noise (weight 0.7^i) at sizes compounding
-    /// by random factors r in [2, 4) (capped at 15x the latent), normalized by the std.
-    Interpolated {
-        hires: bool,
-    },
+    Pyramid(Resize),
+    /// "pyramid-interpolated" (resized nearest-exact) and "hires-pyramid-nearest/bilinear/bicubic": uniform
+    /// noise plus 4 octaves of normal noise (weight 0.7^i) at sizes compounding by random factors r in [2, 4)
+    /// (capped at 15x the latent), resized to the latent as torch's interpolate does, over the std.
+    Interpolated(Resize),
     /// "pyramid-cascade_B" (Stable Cascade): normal noise plus nearest-upsampled normal offsets at 1/2^i of
     /// the height (RES4LYF uses the height for both sides), weight 0.75^i, for levels of size 1..16.
     CascadeB,
@@ -67,6 +102,8 @@ pub const NOISE_TYPE_NAMES: &[&str] = &[
     "pyramid-bicubic",
     "pyramid-interpolated",
     "hires-pyramid-nearest",
+    "hires-pyramid-bilinear",
+    "hires-pyramid-bicubic",
     "pyramid-cascade_B",
     "wavelet",
     "perlin",
@@ -88,11 +125,13 @@ impl NoiseType {
             "ultraviolet_A" => colored(-3.0),
             "ultraviolet_B" => colored(-4.0),
             "ultraviolet_C" => colored(-5.0),
-            "pyramid-nearest" => Self::Pyramid(Interp::Nearest),
-            "pyramid-bilinear" => Self::Pyramid(Interp::Bilinear),
-            "pyramid-bicubic" => Self::Pyramid(Interp::Bicubic),
-            "pyramid-interpolated" => Self::Interpolated { hires: false },
-            "hires-pyramid-nearest" => Self::Interpolated { hires: true },
+            "pyramid-nearest" => Self::Pyramid(Resize::Nearest),
+            "pyramid-bilinear" => Self::Pyramid(Resize::Bilinear),
+            "pyramid-bicubic" => Self::Pyramid(Resize::Bicubic),
+            "pyramid-interpolated" => Self::Interpolated(Resize::NearestExact),
+            "hires-pyramid-nearest" => Self::Interpolated(Resize::Nearest),
+            "hires-pyramid-bilinear" => Self::Interpolated(Resize::Bilinear),
+            "hires-pyramid-bicubic" => Self::Interpolated(Resize::Bicubic),
             "pyramid-cascade_B" => Self::CascadeB,
             "wavelet" => Self::Wavelet,
             "perlin" => Self::Perlin,
@@ -239,42 +278,18 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
                 let at = |ch: usize, y: usize, x: usize| -> f64 {
                     d.normal(base + ((ch * hh + y) * ww + x) as u64) * std
                 };
+                // Only the taps the (integer-factor) downsampling reads are drawn.
+                let ty: Vec<_> = (0..h).map(|y| resize_taps(mode, y, h, hh)).collect();
+                let tx: Vec<_> = (0..w).map(|x| resize_taps(mode, x, w, ww)).collect();
                 for ch in 0..c {
-                    for y in 0..h {
-                        for x in 0..w {
-                            let v = match mode {
-                                // torch 'nearest': source index floor(dst * scale).
-                                Interp::Nearest => at(ch, y * r, x * r),
-                                // align_corners=False: source (dst + 0.5) r - 0.5 sits halfway between
-                                // pixels r/2 - 1 and r/2 of the block.
-                                Interp::Bilinear => {
-                                    let (y0, x0) = (y * r + r / 2 - 1, x * r + r / 2 - 1);
-                                    0.25 * (at(ch, y0, x0)
-                                        + at(ch, y0, x0 + 1)
-                                        + at(ch, y0 + 1, x0)
-                                        + at(ch, y0 + 1, x0 + 1))
+                    for (y, ty) in ty.iter().enumerate() {
+                        for (x, tx) in tx.iter().enumerate() {
+                            let mut v = 0.0;
+                            for &(sy, wy) in ty {
+                                for &(sx, wx) in tx {
+                                    v += wy * wx * at(ch, sy, sx);
                                 }
-                                // Keys cubic (A = -0.75) at t = 0.5; the taps stay inside the image for
-                                // r >= 2 except at the borders, where torch clamps the index.
-                                Interp::Bicubic => {
-                                    const K: [f64; 4] = [-0.09375, 0.59375, 0.59375, -0.09375];
-                                    let (y0, x0) = (
-                                        (y * r + r / 2) as isize - 2,
-                                        (x * r + r / 2) as isize - 2,
-                                    );
-                                    let mut s = 0.0;
-                                    for (a, ka) in K.iter().enumerate() {
-                                        let yy =
-                                            (y0 + a as isize).clamp(0, hh as isize - 1) as usize;
-                                        for (b, kb) in K.iter().enumerate() {
-                                            let xx = (x0 + b as isize).clamp(0, ww as isize - 1)
-                                                as usize;
-                                            s += ka * kb * at(ch, yy, xx);
-                                        }
-                                    }
-                                    s
-                                }
-                            };
+                            }
                             out[(ch * h + y) * w + x] += v * wgt;
                         }
                     }
@@ -283,13 +298,12 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
             let (_, s) = mean_std(&out);
             out.into_iter().map(|x| x / s).collect()
         }
-        NoiseType::Interpolated { hires } => {
+        NoiseType::Interpolated(resize) => {
             // Region 0: the uniform base; region k + 1: octave k's normals; the r factors come last.
             let mut out: Vec<f64> = (0..n as u64)
                 .map(|i| (d.uniform(i) - 0.5) * 2.0 * 1.73)
                 .collect();
             let discount: f64 = 0.7;
-            let mut mult2 = 1.0;
             let (mut hh, mut ww) = (h, w);
             let region = (n * 15 * 15) as u64;
             for i in 0..4i32 {
@@ -298,32 +312,28 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
                 ww = (w * 15).min((ww as f64 * r.powi(i)) as usize).max(1);
                 let base = region * (i as u64 + 1);
                 let wgt = discount.powi(i);
-                // hires-pyramid-nearest resizes with torch 'nearest', pyramid-interpolated 'nearest-exact'.
-                let pick = |dst: usize, n_out: usize, n_in: usize| {
-                    if hires {
-                        dst * n_in / n_out
-                    } else {
-                        nearest_exact(dst, n_out, n_in)
-                    }
-                };
+                let tys: Vec<_> = (0..h).map(|y| resize_taps(resize, y, h, hh)).collect();
+                let txs: Vec<_> = (0..w).map(|x| resize_taps(resize, x, w, ww)).collect();
                 for ch in 0..c {
-                    for y in 0..h {
-                        let sy = pick(y, h, hh);
-                        for x in 0..w {
-                            let sx = pick(x, w, ww);
-                            out[(ch * h + y) * w + x] +=
-                                d.normal(base + ((ch * hh + sy) * ww + sx) as u64) * wgt;
+                    for (y, ty) in tys.iter().enumerate() {
+                        for (x, tx) in txs.iter().enumerate() {
+                            let mut v = 0.0;
+                            for &(sy, wy) in ty {
+                                for &(sx, wx) in tx {
+                                    v += wy
+                                        * wx
+                                        * d.normal(base + ((ch * hh + sy) * ww + sx) as u64);
+                                }
+                            }
+                            out[(ch * h + y) * w + x] += v * wgt;
                         }
                     }
                 }
-                mult2 += wgt * wgt;
                 if hh >= h * 15 || ww >= w * 15 {
                     break;
                 }
             }
-            if !hires {
-                out.iter_mut().for_each(|v| *v /= mult2.sqrt());
-            }
+            // (pyramid-interpolated also divides by sqrt(sum of weights^2), which the std normalization cancels.)
             let (_, s) = mean_std(&out);
             out.into_iter().map(|x| x / s).collect()
         }
@@ -552,5 +562,69 @@ mod tests {
         NoiseSource::<Vec<f32>>::sample(&mut t, &mut ok, 1.0, 0.5).unwrap();
         let mut bad = vec![0.0f32; 23];
         assert!(NoiseSource::<Vec<f32>>::sample(&mut t, &mut bad, 1.0, 0.5).is_err());
+    }
+}
+
+#[cfg(test)]
+mod resize_tests {
+    use super::*;
+    /// The taps reproduce torch.nn.functional.interpolate (golden file from scripts/golden/samplers_resize.py).
+    #[test]
+    fn resize_taps_match_torch_interpolate() {
+        let p = concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/samplers/resize.json"
+        );
+        let g: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+        let vf = |v: &serde_json::Value| -> Vec<f64> {
+            v.as_array()
+                .unwrap()
+                .iter()
+                .map(|x| x.as_f64().unwrap())
+                .collect()
+        };
+        let mut n = 0;
+        for c in g.as_array().unwrap() {
+            let mode = match c["mode"].as_str().unwrap() {
+                "nearest" => Resize::Nearest,
+                "nearest-exact" => Resize::NearestExact,
+                "bilinear" => Resize::Bilinear,
+                "bicubic" => Resize::Bicubic,
+                m => panic!("{m}"),
+            };
+            let (hi, wi) = (
+                c["in"][0].as_u64().unwrap() as usize,
+                c["in"][1].as_u64().unwrap() as usize,
+            );
+            let (ho, wo) = (
+                c["out"][0].as_u64().unwrap() as usize,
+                c["out"][1].as_u64().unwrap() as usize,
+            );
+            let want = vf(&c["dst"]);
+            let src: Vec<f64> = (0..hi * wi)
+                .map(|k| {
+                    let (y, x) = (k / wi, k % wi);
+                    ((y * 7 + x * 13) % 17) as f64 / 17.0 - 0.3 * y as f64 / hi as f64
+                })
+                .collect();
+            for y in 0..ho {
+                for x in 0..wo {
+                    let mut v = 0.0;
+                    for (sy, wy) in resize_taps(mode, y, ho, hi) {
+                        for (sx, wx) in resize_taps(mode, x, wo, wi) {
+                            v += wy * wx * src[sy * wi + sx];
+                        }
+                    }
+                    let w = want[y * wo + x];
+                    assert!(
+                        (v - w).abs() < 1e-12,
+                        "{mode:?} {hi}x{wi}->{ho}x{wo} [{y},{x}]: {v} vs {w}"
+                    );
+                }
+            }
+            n += 1;
+        }
+        assert_eq!(n, 16);
     }
 }
