@@ -1,6 +1,6 @@
 //! Per-step sampler overhead (everything but the model call) on the CPU for a Flux 1024x1024 latent
 //! (16x128x128 f32), printed as a table. With TRT_DIFF_PEER_PYTHON set to a Python that has torch and
-//! k-diffusion (e.g. /work/refvenv-s/bin/python), k-diffusion's numbers for the same work are printed beside.
+//! k-diffusion (see scripts/bench/samplers_kdiffusion_overhead.py), k-diffusion's numbers for the same work are printed beside.
 //!
 //!     cargo bench --bench sampler_step
 use std::collections::HashMap;
@@ -25,6 +25,12 @@ const SAMPLERS: &[&str] = &[
     "res_2m",
     "abnorsett_3m",
     "rk4_4s",
+    "res_multistep",
+    "ipndm",
+    "deis",
+    "uni_pc",
+    "er_sde",
+    "res_5s",
 ];
 
 fn peer() -> Option<(usize, HashMap<String, f64>)> {

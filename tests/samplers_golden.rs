@@ -190,3 +190,34 @@ fn res4lyf_exponential_coefficients() {
     }
     assert!(checked >= 80, "checked {checked}");
 }
+
+/// RES4LYF's deis_2m/3m/4m coefficients ("rhoab": exact integrals of the Lagrange basis over the step) are
+/// the LMS coefficients our DEIS multistep uses.
+#[test]
+fn res4lyf_deis_rhoab_coefficients() {
+    let g = golden("res4lyf.json");
+    let mut checked = 0;
+    for e in g["deis_rhoab"].as_array().unwrap() {
+        let sigmas = vecf(&e["sigmas"]);
+        let max_order = e["order"].as_u64().unwrap() as usize;
+        for (i, row) in e["coeffs"].as_array().unwrap().iter().enumerate() {
+            let want = vecf(row);
+            let order = (i + 1).min(max_order);
+            if order == 1 {
+                assert!(want.is_empty());
+                continue;
+            }
+            let ours: Vec<f64> = (0..order)
+                .map(|j| trt_diff::samplers::kdiff::lms_coeff(order, &sigmas, i, j))
+                .collect();
+            close(
+                &ours,
+                &want,
+                1e-12,
+                &format!("deis order {max_order} step {i}"),
+            );
+            checked += 1;
+        }
+    }
+    assert!(checked >= 40, "{checked}");
+}

@@ -107,3 +107,255 @@ fn exponential_sde_step_uses_the_mode_split() {
         }
     }
 }
+
+mod noise_types {
+    use trt_diff::samplers::noise::fill_normal_host;
+    use trt_diff::samplers::noise_types::{NOISE_TYPE_NAMES, NoiseType, generate};
+
+    fn moments(v: &[f64]) -> (f64, f64, f64) {
+        let n = v.len() as f64;
+        let m = v.iter().sum::<f64>() / n;
+        let var = v.iter().map(|x| (x - m).powi(2)).sum::<f64>() / n;
+        let k = v.iter().map(|x| (x - m).powi(4)).sum::<f64>() / n / (var * var) - 3.0;
+        (m, var.sqrt(), k)
+    }
+
+    #[test]
+    fn every_type_is_seeded_and_normalized() {
+        for name in NOISE_TYPE_NAMES {
+            let t = NoiseType::parse(name).unwrap();
+            let a = generate(t, [2, 16, 16], 7, 1).unwrap();
+            assert_eq!(a, generate(t, [2, 16, 16], 7, 1).unwrap(), "{name}");
+            assert_ne!(a, generate(t, [2, 16, 16], 7, 2).unwrap(), "{name}");
+            assert_ne!(a, generate(t, [2, 16, 16], 8, 1).unwrap(), "{name}");
+            let (m, s, _) = moments(&a);
+            assert!(
+                m.abs() < 0.2 && (s - 1.0).abs() < 0.1,
+                "{name}: mean {m} std {s}"
+            );
+        }
+        assert!(NoiseType::parse("plaid").is_err());
+    }
+
+    #[test]
+    fn distributions_have_their_shapes() {
+        let shape = [4, 128, 128];
+        let g = generate(NoiseType::Gaussian, shape, 1, 1).unwrap();
+        let (_, s, k) = moments(&g);
+        assert!(
+            (s - 1.0).abs() < 0.01 && k.abs() < 0.05,
+            "gaussian std {s} kurtosis {k}"
+        );
+        // Uniform on +-1.73: variance 1.73^2 / 3, excess kurtosis -1.2.
+        let u = generate(NoiseType::Uniform, shape, 1, 1).unwrap();
+        assert!(u.iter().all(|x| x.abs() <= 1.73));
+        let (_, s, k) = moments(&u);
+        assert!(
+            (s - 1.73 / 3f64.sqrt()).abs() < 0.01 && (k + 1.2).abs() < 0.02,
+            "uniform {s} {k}"
+        );
+        // normal/4 + Laplace(1): variance 1/16 + 2, excess kurtosis 3 * 2^2 / (2 + 1/16)^2 = 2.82.
+        let l = generate(NoiseType::Laplacian, shape, 1, 1).unwrap();
+        let (_, _, k) = moments(&l);
+        assert!(
+            (k - 12.0 / 2.0625f64.powi(2)).abs() < 0.25,
+            "laplacian kurtosis {k}"
+        );
+        // Student t clamped at the 75th percentile of |x|: a quarter of the values sit on the clamp.
+        let t = generate(NoiseType::StudentT { df: 1 }, shape, 1, 1).unwrap();
+        // (The mean is subtracted after clamping, so the two clamps sit at the max and the min.)
+        let (lo, hi) = t
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        let at_clamp = t
+            .iter()
+            .filter(|&&x| x > hi - 1e-9 || x < lo + 1e-9)
+            .count() as f64
+            / t.len() as f64;
+        assert!(
+            (at_clamp - 0.25).abs() < 0.01,
+            "studentt clamped fraction {at_clamp}"
+        );
+    }
+
+    /// Fractal noise: the radially averaged power spectrum falls as |f|^(-2 * 0.1 alpha).
+    #[test]
+    fn colored_noise_has_its_spectrum_slope() {
+        let (c, h, w) = (6, 32, 32);
+        for (name, alpha) in [
+            ("white", 0.0),
+            ("pink", 1.0),
+            ("brown", 2.0),
+            ("blue", -1.0),
+            ("violet", -2.0),
+            ("ultraviolet_C", -5.0),
+        ] {
+            let v = generate(NoiseType::parse(name).unwrap(), [c, h, w], 3, 1).unwrap();
+            // Periodogram by direct DFT of each channel, binned by integer radius.
+            let mut bins = vec![(0.0f64, 0usize); 17];
+            for ch in 0..c {
+                let f = &v[ch * h * w..(ch + 1) * h * w];
+                for ky in 0..h {
+                    for kx in 0..w {
+                        let fy = if ky < h / 2 {
+                            ky as f64
+                        } else {
+                            ky as f64 - h as f64
+                        };
+                        let fx = if kx < w / 2 {
+                            kx as f64
+                        } else {
+                            kx as f64 - w as f64
+                        };
+                        let r = (fy * fy + fx * fx).sqrt();
+                        let rb = r.round() as usize;
+                        if !(2..=14).contains(&rb) {
+                            continue;
+                        }
+                        let (mut re, mut im) = (0.0, 0.0);
+                        for y in 0..h {
+                            for x in 0..w {
+                                let ang = -std::f64::consts::TAU
+                                    * ((ky * y) as f64 / h as f64 + (kx * x) as f64 / w as f64);
+                                re += f[y * w + x] * ang.cos();
+                                im += f[y * w + x] * ang.sin();
+                            }
+                        }
+                        bins[rb].0 += re * re + im * im;
+                        bins[rb].1 += 1;
+                    }
+                }
+            }
+            let pts: Vec<(f64, f64)> = bins
+                .iter()
+                .enumerate()
+                .filter(|(_, b)| b.1 > 0)
+                .map(|(r, b)| ((r as f64).ln(), (b.0 / b.1 as f64).ln()))
+                .collect();
+            let n = pts.len() as f64;
+            let (mx, my) = (
+                pts.iter().map(|p| p.0).sum::<f64>() / n,
+                pts.iter().map(|p| p.1).sum::<f64>() / n,
+            );
+            let slope = pts.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum::<f64>()
+                / pts.iter().map(|p| (p.0 - mx).powi(2)).sum::<f64>();
+            let want = -0.2 * alpha;
+            assert!(
+                (slope - want).abs() < 0.06,
+                "{name}: slope {slope}, want {want}"
+            );
+        }
+    }
+
+    /// Cascade-B: nearest-upsampled low-resolution offsets make pixels inside the same coarse block
+    /// correlated by (sum of the block levels' m^2) / (1 + sum of all m^2); across a boundary of every block,
+    /// only the coarser levels contribute.
+    #[test]
+    fn cascade_b_has_its_block_correlation() {
+        let (c, h, w) = (256, 32, 32);
+        let v = generate(
+            NoiseType::parse("pyramid-cascade_B").unwrap(),
+            [c, h, w],
+            5,
+            1,
+        )
+        .unwrap();
+        // Levels with side 16, 8, 4, 2, 1 (i = 1..5), m = 0.75^i.
+        let m2: Vec<f64> = (1..=5).map(|i| 0.75f64.powi(2 * i)).collect();
+        let total = 1.0 + m2.iter().sum::<f64>();
+        let corr = |pairs: &dyn Fn(usize) -> bool| {
+            let (mut s, mut k) = (0.0, 0usize);
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w - 1 {
+                        if pairs(x) {
+                            s += v[(ch * h + y) * w + x] * v[(ch * h + y) * w + x + 1];
+                            k += 1;
+                        }
+                    }
+                }
+            }
+            s / k as f64
+        };
+        // x even: x and x + 1 share the block at every level (the finest blocks are 2 wide).
+        let inside = corr(&|x| x % 2 == 0);
+        let want = m2.iter().sum::<f64>() / total;
+        assert!((inside - want).abs() < 0.02, "inside {inside}, want {want}");
+        // x = 15 -> 16: a boundary of every level but the 1x1 one.
+        let across = corr(&|x| x == 15);
+        assert!((across - m2[4] / total).abs() < 0.05, "across {across}");
+    }
+
+    /// Perlin: out = (z / 2 + P1 + P2) / S with z the stream's normals; each Perlin layer at cell centres is
+    /// the mean of four corner dot products with offsets of length sqrt(1/2), so |P| <= sqrt(1/2) per layer
+    /// and Var(P1 + P2) = 2 * 4 * (1/4)^2 * (1/2)(1/2) = 1/8.
+    #[test]
+    fn perlin_layers_have_their_bound_and_variance() {
+        let (c, h, w) = (4, 64, 64);
+        let n = c * h * w;
+        let out = generate(NoiseType::parse("perlin").unwrap(), [c, h, w], 4, 1).unwrap();
+        let mut z = vec![0.0f64; n];
+        fill_normal_host(&mut z, 4, 1);
+        // Regress out on z / 2: slope 1 / S.
+        let zz: f64 = z.iter().map(|v| v * v / 4.0).sum();
+        let oz: f64 = out.iter().zip(&z).map(|(o, v)| o * v / 2.0).sum();
+        let s = zz / oz;
+        let p: Vec<f64> = out.iter().zip(&z).map(|(o, v)| s * o - v / 2.0).collect();
+        let var = p.iter().map(|v| v * v).sum::<f64>() / n as f64;
+        assert!((var - 0.125).abs() < 0.01, "Perlin variance {var}");
+        let mx = p.iter().fold(0.0f64, |a, v| a.max(v.abs()));
+        assert!(mx <= 2f64.sqrt() + 0.05, "Perlin bound {mx}");
+    }
+
+    /// RES4LYF's wavelet noise is a perfect-reconstruction round trip: the z-scored Gaussian draw.
+    #[test]
+    fn wavelet_is_the_z_scored_gaussian() {
+        let g = generate(NoiseType::Gaussian, [2, 8, 8], 3, 1).unwrap();
+        let wv = generate(NoiseType::parse("wavelet").unwrap(), [2, 8, 8], 3, 1).unwrap();
+        let (m, _, _) = moments(&g);
+        let sd = (g.iter().map(|v| (v - m).powi(2)).sum::<f64>() / (g.len() as f64 - 1.0)).sqrt();
+        for (a, b) in wv.iter().zip(&g) {
+            assert!((a - (b - m) / sd).abs() < 1e-12);
+        }
+    }
+
+    /// The pyramid octaves are drawn at 2^(i+1) times the resolution; we evaluate only the taps the
+    /// downsampling reads. Check against generating every octave in full and downsampling it (torch's
+    /// 'nearest': source index dst * r).
+    #[test]
+    fn pyramid_nearest_matches_full_resolution_octaves() {
+        let (c, h, w) = (2, 4, 6);
+        let n = c * h * w;
+        let total: usize = (1..=5).map(|k| n << (2 * k)).sum();
+        let mut all = vec![0.0f64; total];
+        fill_normal_host(&mut all, 9, 1);
+        let mut want = vec![0.0; n];
+        let mut base = 0;
+        for i in 0..5usize {
+            let r = 1 << (i + 1);
+            let (hh, ww) = (h * r, w * r);
+            for ch in 0..c {
+                for y in 0..h {
+                    for x in 0..w {
+                        want[(ch * h + y) * w + x] += all[base + (ch * hh + y * r) * ww + x * r]
+                            * 0.5f64.powi(i as i32)
+                            * 0.8f64.powi(i as i32);
+                    }
+                }
+            }
+            base += n << (2 * (i + 1));
+        }
+        let m = want.iter().sum::<f64>() / n as f64;
+        let s = (want.iter().map(|x| (x - m).powi(2)).sum::<f64>() / (n as f64 - 1.0)).sqrt();
+        let got = generate(
+            NoiseType::parse("pyramid-nearest").unwrap(),
+            [c, h, w],
+            9,
+            1,
+        )
+        .unwrap();
+        for k in 0..n {
+            assert!((got[k] - want[k] / s).abs() < 1e-12, "[{k}]");
+        }
+    }
+}

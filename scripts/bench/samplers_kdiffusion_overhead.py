@@ -2,17 +2,53 @@
 """k-diffusion's per-step overhead (everything but the model) in torch on the CPU, for a Flux 1024x1024
 latent (1x16x128x128 float32). The model is the identity, so the time is the sampler's own tensor work.
 
-    /work/refvenv-s/bin/python scripts/bench/samplers_kdiffusion_overhead.py [--json]
+    /work/sampvenv/bin/python scripts/bench/samplers_kdiffusion_overhead.py [--json]
 
-benches/sampler_step.rs runs this (TRT_DIFF_PEER_PYTHON=/work/refvenv-s/bin/python) and prints the numbers
+(a venv with torch, scipy, torchsde, tqdm and `pip install --no-deps k-diffusion`)
+
+benches/sampler_step.rs runs this (TRT_DIFF_PEER_PYTHON=/path/to/that/python) and prints the numbers
 beside its own.
 """
+import inspect
 import json
 import sys
 import time
 
 import torch
-import k_diffusion.sampling as K
+
+
+def load_kdiffusion_sampling():
+    """k_diffusion.sampling; when the package's __init__ cannot import (it pulls in training-only dependencies:
+    scikit-image, clean-fid, CLIP, ...), load sampling.py itself with the one helper it needs from utils."""
+    try:
+        import k_diffusion.sampling as K
+
+        return K
+    except ImportError:
+        import importlib.machinery
+        import importlib.util
+        import types
+
+        spec = importlib.util.find_spec("k_diffusion")
+        if spec is None:
+            raise
+        root = list(spec.submodule_search_locations)[0]
+        pkg = types.ModuleType("k_diffusion")
+        pkg.__path__ = [root]
+        utils = types.ModuleType("k_diffusion.utils")
+
+        def append_dims(x, target_dims):
+            return x[(...,) + (None,) * (target_dims - x.ndim)]
+
+        utils.append_dims = append_dims
+        pkg.utils = utils
+        sys.modules["k_diffusion"], sys.modules["k_diffusion.utils"] = pkg, utils
+        import k_diffusion.sampling as K
+
+        return K
+
+
+K = load_kdiffusion_sampling()
 
 SAMPLERS = {
     "euler": K.sample_euler,
@@ -35,7 +71,9 @@ def main():
     noise = lambda s, sn: torch.randn_like(x0)  # noqa: E731
     out = {}
     for name, fn in SAMPLERS.items():
-        kw = {"noise_sampler": noise} if "noise_sampler" in fn.__code__.co_varnames else {}
+        # inspect.signature sees through torch.no_grad's wrapper (fn.__code__ would be the wrapper's), so the
+        # SDE samplers get the same i.i.d. noise as ours instead of k-diffusion's default Brownian tree.
+        kw = {"noise_sampler": noise} if "noise_sampler" in inspect.signature(fn).parameters else {}
         fn(model, x0.clone(), sigmas, disable=True, **kw)  # warm-up
         best = float("inf")
         for _ in range(3):

@@ -47,7 +47,7 @@ EXPONENTIAL = [
     "res_4s_strehmel_weiner", "res_4s_cox_matthews", "etdrk2_2s", "etdrk3_a_3s", "etdrk3_b_3s",
     "etdrk4_4s", "etdrk4_4s_alt", "dpmpp_2s", "dpmpp_sde_2s", "dpmpp_3s",
     "res_4s_krogstad_alt", "res_4s_strehmel_weiner_alt", "res_4s_cfree4", "res_4s_friedli", "res_4s_minchev",
-    "res_4s_munthe-kaas", "res_5s", "res_5s_hochbruck-ostermann", "res_6s", "res_8s", "res_10s",
+    "res_4s_munthe-kaas", "res_5s", "res_5s_hochbruck-ostermann", "res_6s", "res_8s", "res_10s", "res_15s", "res_16s",
     "lawson2a_2s", "lawson2b_2s", "lawson4_4s", "lawson41-gen_4s", "lawson41-gen-mod_4s",
 ]
 
@@ -122,6 +122,17 @@ def main():
             fl = lambda m: [[float(x) for x in row] for row in m]
             g["exponential"].append({"name": name, "h": hv, "a": fl(a), "b": fl(b)[0], "c": [float(x) for x in ci]})
     g["noise_modes"] = noise_modes(root)
+    # deis_2m/3m/4m's multistep coefficients: RES4LYF's get_deis_coeff_list(sigmas, order, "rhoab").
+    from r4.beta.deis_coefficients import get_deis_coeff_list
+
+    deis = []
+    for sig in [[14.6, 9.1, 5.9, 3.7, 2.2, 1.3, 0.71, 0.38, 0.19, 0.09, 0.04],
+                [1.0, 0.93, 0.84, 0.71, 0.55, 0.38, 0.22, 0.1, 0.03]]:
+        t = torch.tensor(sig, dtype=torch.float64)
+        for order in [2, 3, 4]:
+            deis.append({"sigmas": sig, "order": order,
+                         "coeffs": [[float(v) for v in row] for row in get_deis_coeff_list(t, order, deis_mode="rhoab")]})
+    g["deis_rhoab"] = deis
     with open(out, "w") as f:
         json.dump(g, f, separators=(",", ":"))
     print(f"wrote {out}: {len(g['tableaux'])} tableaux, {len(g['exponential'])} exponential evaluations")

@@ -1232,9 +1232,6 @@ impl<B: Buffer> Sampler<B> for UniPc<B> {
         let (s, sn) = (sig[i], sig[i + 1]);
         let steps = sig.len() - 1;
         let order = 3.min(steps);
-        let [x_, xt, mt, tmp] = self.s.get(4, x)? else {
-            unreachable!()
-        };
         if i == 0 || self.hist.is_empty() {
             self.hist.clear();
             let mut m0 = x.alloc_like()?;
@@ -1242,6 +1239,9 @@ impl<B: Buffer> Sampler<B> for UniPc<B> {
             self.hist.push((s, m0));
         }
         if sn == 0.0 {
+            let [tmp] = self.s.get(1, x)? else {
+                unreachable!()
+            };
             cx.denoise(x, s, tmp)?;
             return x.copy_from(tmp);
         }
@@ -1285,9 +1285,9 @@ impl<B: Buffer> Sampler<B> for UniPc<B> {
         let nd = step_order - 1; // number of D1 terms
         // D1_j = (m_j - m0) / rk_j
         let d1 = |j: usize| -> (f64, &B) { (1.0 / rks[j], &self.hist[self.hist.len() - 2 - j].1) };
-        // x_t_ = sigma_t/sigma_0 x - h_phi_1 m0
-        x_.lincomb(0.0, &[(sn / s0, &*x), (-h_phi_1, m0)])?;
-        xt.copy_from(x_)?;
+        // x_t_ = sigma_t/sigma_0 x - h_phi_1 m0; predictor x_t = x_t_ - B(h) sum rho_p D1 and corrector
+        // x_t_ - B(h) (sum rho_c D1 + rho_last (m_t - m0)), each one fused pass over memory.
+        let mut pred: Vec<(f64, &B)> = vec![(-h_phi_1, m0)];
         if nd > 0 {
             let rhos_p = if step_order == 2 {
                 vec![0.5]
@@ -1295,49 +1295,45 @@ impl<B: Buffer> Sampler<B> for UniPc<B> {
                 let a: Vec<Vec<f64>> = r[..nd].iter().map(|row| row[..nd].to_vec()).collect();
                 solve(a, bv[..nd].to_vec())?
             };
-            let mut terms = vec![];
-            let mut c_m0 = 0.0;
             for (j, rho) in rhos_p.iter().enumerate() {
                 let (inv, mj) = d1(j);
-                terms.push((-b_h * rho * inv, mj));
-                c_m0 += b_h * rho * inv;
+                pred.push((-b_h * rho * inv, mj));
+                pred[0].0 += b_h * rho * inv;
             }
-            terms.push((c_m0, m0));
-            xt.lincomb(1.0, &terms)?;
         }
-        if corrector {
-            let rhos_c = if step_order == 1 {
-                vec![0.5]
-            } else {
-                solve(r.clone(), bv.clone())?
-            };
-            cx.denoise(xt, sn, mt)?;
-            let mut terms = vec![];
-            let mut c_m0 = 0.0;
-            for (j, rho) in rhos_c[..nd].iter().enumerate() {
-                let (inv, mj) = d1(j);
-                terms.push((-b_h * rho * inv, mj));
-                c_m0 += b_h * rho * inv;
-            }
-            let rl = rhos_c[nd];
-            terms.push((-b_h * rl, &*mt));
-            terms.push((c_m0 + b_h * rl, m0));
-            x.copy_from(x_)?;
-            x.lincomb(1.0, &terms)?;
+        if !corrector {
+            return x.lincomb(sn / s0, &pred);
+        }
+        let [xt, mt] = self.s.get(2, x)? else {
+            unreachable!()
+        };
+        pred.push((sn / s0, &*x));
+        xt.lincomb(0.0, &pred)?;
+        let rhos_c = if step_order == 1 {
+            vec![0.5]
         } else {
-            x.copy_from(xt)?;
+            solve(r.clone(), bv.clone())?
+        };
+        cx.denoise(xt, sn, mt)?;
+        let mut terms: Vec<(f64, &B)> = vec![(-h_phi_1, m0)];
+        for (j, rho) in rhos_c[..nd].iter().enumerate() {
+            let (inv, mj) = d1(j);
+            terms.push((-b_h * rho * inv, mj));
+            terms[0].0 += b_h * rho * inv;
         }
+        let rl = rhos_c[nd];
+        terms.push((-b_h * rl, &*mt));
+        terms[0].0 += b_h * rl;
+        x.lincomb(sn / s0, &terms)?;
         // History: append during warm-up, else drop the oldest; the newest model value is the one at the
-        // predicted point.
-        if corrector {
-            let mut b = if self.hist.len() >= order {
-                self.hist.remove(0).1
-            } else {
-                x.alloc_like()?
-            };
-            b.copy_from(mt)?;
-            self.hist.push((sn, b));
-        }
+        // predicted point (swapped in, not copied).
+        let mut b = if self.hist.len() >= order {
+            self.hist.remove(0).1
+        } else {
+            x.alloc_like()?
+        };
+        std::mem::swap(&mut b, mt);
+        self.hist.push((sn, b));
         Ok(())
     }
 }

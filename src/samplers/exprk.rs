@@ -480,6 +480,117 @@ fn res_10s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     first_col(&mut a, &mut b, &c, &p);
     ExpCoeffs { a, b, c }
 }
+/// The shared stage rows of res_15s / res_16s (RES4LYF builds them from permutations of the earlier
+/// stages; each entry's formula is symmetric in the other indices, so every permutation writes the same value).
+fn res_many_rows(a: &mut [Vec<f64>], c: &[f64], p: &PhiAt, last: usize) {
+    let ci = |i: usize| c[i - 1];
+    for i in 3..5 {
+        a[i - 1][1] = (ci(i) * ci(i) / ci(2)) * p.s(2, i);
+    }
+    for i in 5..8 {
+        for (j, k) in [(3, 4), (4, 3)] {
+            a[i - 1][j - 1] = (-ci(i).powi(2) * ci(k) * p.s(2, i)
+                + 2.0 * ci(i).powi(3) * p.s(3, i))
+                / (ci(j) * (ci(j) - ci(k)));
+        }
+    }
+    for i in 8..12 {
+        for (j, k, l) in [(5, 6, 7), (6, 5, 7), (7, 5, 6)] {
+            a[i - 1][j - 1] = (ci(i).powi(2) * ci(k) * ci(l) * p.s(2, i)
+                - 2.0 * ci(i).powi(3) * (ci(k) + ci(l)) * p.s(3, i)
+                + 6.0 * ci(i).powi(4) * p.s(4, i))
+                / (ci(j) * (ci(j) - ci(k)) * (ci(j) - ci(l)));
+        }
+    }
+    for i in 12..=last {
+        for j in 8..12 {
+            let o: Vec<usize> = (8..12).filter(|&m| m != j).collect();
+            let (k, l, d) = (o[0], o[1], o[2]);
+            let num = -ci(i).powi(2) * ci(d) * ci(k) * ci(l) * p.s(2, i)
+                + 2.0 * ci(i).powi(3) * (ci(d) * ci(k) + ci(d) * ci(l) + ci(k) * ci(l)) * p.s(3, i)
+                - 6.0 * ci(i).powi(4) * (ci(d) + ci(k) + ci(l)) * p.s(4, i)
+                + 24.0 * ci(i).powi(5) * p.s(5, i);
+            a[i - 1][j - 1] = num / (ci(j) * (ci(j) - ci(k)) * (ci(j) - ci(l)) * (ci(j) - ci(d)));
+        }
+    }
+}
+fn res_15s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![
+        0.0,
+        0.5,
+        0.5,
+        1.0 / 3.0,
+        0.5,
+        0.2,
+        0.25,
+        18.0 / 25.0,
+        1.0 / 3.0,
+        0.3,
+        1.0 / 6.0,
+        90.0 / 103.0,
+        1.0 / 3.0,
+        0.3,
+        0.2,
+    ];
+    let p = PhiAt { h, c: &c };
+    let ci = |i: usize| c[i - 1];
+    let mut a = zeros(15);
+    res_many_rows(&mut a, &c, &p, 15);
+    // b_i over the other three of stages 12..15 (RES4LYF's sign-selection pass never matches and is a no-op).
+    let mut b = vec![0.0; 15];
+    for i in 12..16 {
+        let o: Vec<usize> = (12..16).filter(|&m| m != i).collect();
+        let (j, k, l) = (ci(o[0]), ci(o[1]), ci(o[2]));
+        let num = -j * k * l * p.f(2) + 2.0 * (j * k + j * l + k * l) * p.f(3)
+            - 6.0 * (j + k + l) * p.f(4)
+            + 24.0 * p.f(5);
+        b[i - 1] = num / (ci(i) * (ci(i) - j) * (ci(i) - k) * (ci(i) - l));
+    }
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
+fn res_16s(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![
+        0.0,
+        0.5,
+        0.5,
+        1.0 / 3.0,
+        0.5,
+        0.2,
+        0.25,
+        0.5,
+        0.2,
+        0.25,
+        1.0 / 3.0,
+        0.5,
+        0.2,
+        0.25,
+        1.0 / 3.0,
+        1.0,
+    ];
+    let p = PhiAt { h, c: &c };
+    let ci = |i: usize| c[i - 1];
+    let mut a = zeros(16);
+    res_many_rows(&mut a, &c, &p, 16);
+    let mut b = vec![0.0; 16];
+    for i in 12..17 {
+        // RES4LYF loops over permutations (i, j, d, k, l) and keeps the last, i.e. the other four in
+        // descending index order; its denominator has a misplaced bracket,
+        // c_i (c_i - c_k) (c_i - c_j (c_i - c_d) (c_i - c_l)), ported as published.
+        let mut o: Vec<usize> = (12..17).filter(|&m| m != i).collect();
+        o.reverse();
+        let (j, d, k, l) = (ci(o[0]), ci(o[1]), ci(o[2]), ci(o[3]));
+        let num = -j * d * k * l * p.f(2)
+            + 2.0 * (j * k * d + j * k * l + k * d * l + d * l * j) * p.f(3)
+            - 6.0 * (j * k + j * d + j * l + k * d + k * l + d * l) * p.f(4)
+            + 24.0 * (j + k + l + d) * p.f(5)
+            - 120.0 * p.f(6);
+        let x = ci(i);
+        b[i - 1] = num / (x * (x - k) * (x - j * (x - d) * (x - l)));
+    }
+    first_col(&mut a, &mut b, &c, &p);
+    ExpCoeffs { a, b, c }
+}
 fn lawson2a_2s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, 0.5];
     let p = PhiAt { h, c: &c };
@@ -838,6 +949,22 @@ pub static EXP_METHODS: &[ExpMethod] = &[
         stages: 4,
         order: 4,
         coeffs: lawson41_gen_mod_4s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_15s",
+        stages: 15,
+        order: 6,
+        coeffs: res_15s,
+        c2: 0.5,
+        c3: 1.0,
+    },
+    ExpMethod {
+        name: "res_16s",
+        stages: 16,
+        order: 1,
+        coeffs: res_16s,
         c2: 0.5,
         c3: 1.0,
     },

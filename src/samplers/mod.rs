@@ -7,6 +7,7 @@ pub mod kdiff;
 pub mod model;
 pub mod noise;
 pub mod noise_mode;
+pub mod noise_types;
 pub mod phi;
 pub mod registry;
 pub mod report;

@@ -143,6 +143,12 @@ const DIFFUSERS: &[(&str, &str, usize, usize)] = &[
     ("flow_match_euler", "euler", 1, 1),
     ("flow_match_heun", "heun", 2, 2),
 ];
+/// RES4LYF's DEIS multistep names: (name, points, warm-up tableau).
+const DEIS: &[(&str, usize, &str)] = &[
+    ("deis_2m", 2, "ralston_2s"),
+    ("deis_3m", 3, "ralston_3s"),
+    ("deis_4m", 4, "ralston_4s"),
+];
 const MULTISTEP: &[(&str, usize, usize, &str)] = &[
     // name, points used (current + history), order reached, warm-up single-step method
     ("res_2m", 2, 2, "res_2s"),
@@ -222,6 +228,16 @@ pub fn list() -> Vec<SamplerInfo> {
             name,
             family: Family::Multistep,
             order,
+            stages: 1,
+            calls: 1,
+            stochastic: false,
+        });
+    }
+    for &(name, points, _) in DEIS {
+        v.push(SamplerInfo {
+            name,
+            family: Family::Multistep,
+            order: points,
             stages: 1,
             calls: 1,
             stochastic: false,
@@ -315,6 +331,10 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
                 let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");
                 return Ok(Box::new(ExpMultistep::new(n, points, w)));
+            }
+            if let Some(&(_, points, warm)) = DEIS.iter().find(|d| d.0 == name) {
+                let w = Tableau::by_name(warm).expect("ralston tableaux are registered");
+                return Ok(Box::new(super::rk::DeisMultistep::new(points, w)));
             }
             if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {
                 return Ok(Box::new(Rk::new(t, o.implicit_sweeps)));

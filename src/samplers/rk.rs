@@ -21,6 +21,11 @@ impl<B> Rk<B> {
             s: Scratch::new(),
         }
     }
+    /// The derivative at the start of the last step, `(x - D(x, sigma)) / sigma` (stage 0 of an explicit
+    /// tableau with c_1 = 0), for multistep methods that warm up with this one.
+    pub fn first_derivative(&self) -> Option<&B> {
+        self.s.bufs.first()
+    }
     /// Model calls per step.
     pub fn calls(tab: &Tableau, sweeps: usize) -> usize {
         match tab.kind() {
@@ -88,5 +93,72 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
             .map(|j| (h * tab.b[j], &f[j]))
             .collect();
         x.lincomb(1.0, &terms)
+    }
+}
+
+/// RES4LYF's deis_2m/3m/4m: Adams-Bashforth in sigma on the derivative history, with the "rhoab" DEIS
+/// coefficients (exact integrals of the Lagrange basis over the step, which are k-diffusion's LMS
+/// coefficients), after `order + 1` warm-up steps of ralston_{order}s as RES4LYF does. A step to sigma = 0 is
+/// the plain denoise.
+pub struct DeisMultistep<B> {
+    pub order: usize,
+    warm: Rk<B>,
+    hist: Vec<B>,
+    s: Scratch<B>,
+}
+impl<B: Buffer> DeisMultistep<B> {
+    pub fn new(order: usize, warm: &'static Tableau) -> Self {
+        Self {
+            order,
+            warm: Rk::new(warm, None),
+            hist: Vec::new(),
+            s: Scratch::new(),
+        }
+    }
+    /// The buffer the next history entry goes into: the oldest one once the history is full.
+    fn slot(&mut self, like: &B) -> Result<B> {
+        if self.hist.len() >= self.order {
+            Ok(self.hist.remove(0))
+        } else {
+            like.alloc_like()
+        }
+    }
+}
+impl<B: Buffer> Sampler<B> for DeisMultistep<B> {
+    fn step(&mut self, cx: &mut Ctx<'_, B>, x: &mut B, i: usize) -> Result<()> {
+        let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
+        if i == 0 {
+            self.hist.clear();
+        }
+        if sn == 0.0 {
+            let [den] = self.s.get(1, x)? else {
+                unreachable!()
+            };
+            cx.model.denoise(x, s, den)?;
+            return x.copy_from(den);
+        }
+        if i < self.order + 1 || self.hist.len() + 1 < self.order {
+            self.warm.step(cx, x, i)?;
+            let mut b = self.slot(x)?;
+            b.copy_from(self.warm.first_derivative().expect("set by the step"))?;
+            self.hist.push(b);
+            return Ok(());
+        }
+        let [den, d] = self.s.get(2, x)? else {
+            unreachable!()
+        };
+        deriv(cx, x, s, den, d)?;
+        let mut terms: Vec<(f64, &B)> =
+            vec![(super::kdiff::lms_coeff(self.order, cx.sigmas, i, 0), &*d)];
+        for j in 1..self.order {
+            let c = super::kdiff::lms_coeff(self.order, cx.sigmas, i, j);
+            terms.push((c, &self.hist[self.hist.len() - j]));
+        }
+        x.lincomb(1.0, &terms)?;
+        // The new derivative joins the history by swapping buffers, not copying.
+        let mut b = self.slot(x)?;
+        std::mem::swap(&mut b, &mut self.s.bufs[1]);
+        self.hist.push(b);
+        Ok(())
     }
 }
