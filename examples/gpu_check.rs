@@ -328,6 +328,13 @@ fn main() -> Result<()> {
             with_manifest.clone().unwrap_or_else(|| "loaded".into())
         );
         trt.insert("with_manifest".into(), with_manifest.into());
+        // What --backend auto decides for this plan (it falls back to the CPU with this reason).
+        let auto = match trt_diff::trt::runtime::plan_runs_here(p) {
+            Ok(gpu) => format!("TensorRT on {gpu}"),
+            Err(why) => format!("CPU backend: {why}"),
+        };
+        println!("--backend auto would choose: {auto}");
+        trt.insert("auto".into(), auto.into());
         let bare = std::env::temp_dir().join("bare.plan");
         std::fs::copy(p, &bare)?;
         let without = trt_diff::trt::runtime::TrtEngine::open(&bare)
