@@ -6,7 +6,8 @@
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
-//! `LLM_BENCH_THREADS` (default 2) sets both engines' threads.
+//! `LLM_BENCH_THREADS` (default 2) sets both engines' threads; stories260K also runs on one thread (what
+//! `generate` picks for models this small).
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -142,9 +143,9 @@ fn peer(
     })
 }
 
-fn row(model: &str, engine: &str, n: &Numbers) {
+fn row(model: &str, engine: &str, threads: usize, n: &Numbers) {
     println!(
-        "| {model} | {engine} | {} | {:.1} | {:.3} | {:.1} |",
+        "| {model} | {engine} | {threads} | {} | {:.1} | {:.3} | {:.1} |",
         n.prompt_tokens,
         n.prompt_tokens as f64 / n.prompt_s,
         n.prompt_s,
@@ -191,8 +192,17 @@ fn main() -> anyhow::Result<()> {
             .status()?;
         anyhow::ensure!(st.success(), "make_qwen05b_gguf.py failed");
     }
-    // (name, file, graph precisions, prompt ids, tokens to generate)
-    type Case<'a> = (&'a str, &'a Path, &'a [&'a str], Vec<u32>, usize);
+    // (name, file, graph precisions, prompt ids, tokens to generate, thread counts)
+    type Case<'a> = (
+        &'a str,
+        &'a Path,
+        &'a [&'a str],
+        Vec<u32>,
+        usize,
+        Vec<usize>,
+    );
+    let mut story_threads = vec![1, threads];
+    story_threads.dedup();
     let cases: [Case; 2] = [
         (
             "stories260K (F32)",
@@ -200,6 +210,7 @@ fn main() -> anyhow::Result<()> {
             &["fp32"],
             ids(256, 3, 512),
             128,
+            story_threads,
         ),
         (
             "Qwen2.5-0.5B-shaped (F16)",
@@ -207,24 +218,32 @@ fn main() -> anyhow::Result<()> {
             &["fp16", "fp32"],
             ids(512, 1000, 100_000),
             32,
+            vec![threads],
         ),
     ];
     println!(
-        "{threads} threads; time to first token = prompt processing plus the first token's logits\n"
+        "time to first token = processing the whole prompt and producing the first token's logits\n"
     );
     println!(
-        "| model | engine | prompt tokens | prompt tok/s | time to first token (s) | generation tok/s |"
+        "| model | engine | threads | prompt tokens | prompt tok/s | time to first token (s) | generation tok/s |"
     );
-    println!("|---|---|---|---|---|---|");
-    for (name, file, precisions, prompt, n_gen) in cases {
-        for p in precisions {
-            let n = ours(&dir, file, p, &prompt, n_gen, threads)?;
-            row(name, &format!("trt-diff ORT CPU, {p} graph"), &n);
-        }
-        if let Some(py) = &python {
-            match peer(py, file, &prompt, n_gen, threads) {
-                Ok(n) => row(name, "llama.cpp (llama-cpp-python)", &n),
-                Err(e) => println!("| {name} | llama.cpp | failed: {e} | | | |"),
+    println!("|---|---|---|---|---|---|---|");
+    for (name, file, precisions, prompt, n_gen, thread_counts) in cases {
+        for &t in &thread_counts {
+            for p in precisions {
+                let n = ours(&dir, file, p, &prompt, n_gen, t)?;
+                row(
+                    name,
+                    &format!("trt-diff (ONNX Runtime CPU, {p} graph)"),
+                    t,
+                    &n,
+                );
+            }
+            if let Some(py) = &python {
+                match peer(py, file, &prompt, n_gen, t) {
+                    Ok(n) => row(name, "llama.cpp (llama-cpp-python)", t, &n),
+                    Err(e) => println!("| {name} | llama.cpp | {t} | failed: {e} | | | |"),
+                }
             }
         }
     }

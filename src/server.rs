@@ -543,8 +543,12 @@ pub fn serve(
     let path = engine_path.to_path_buf();
     std::thread::Builder::new()
         .name("generate".into())
-        .spawn(
-            move || match crate::runner::open_engine(&path, backend, &Default::default()) {
+        .spawn(move || {
+            match crate::runner::open_engine(
+                &path,
+                backend,
+                &crate::pipelines::llm::cpu_options(&cfg),
+            ) {
                 Ok(engine) => {
                     let _ = ready_tx.send(Ok(()));
                     worker(engine, tok, cfg, worker_metrics, rx)
@@ -552,8 +556,8 @@ pub fn serve(
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("{e:#}")));
                 }
-            },
-        )
+            }
+        })
         .context("cannot start the generation thread")?;
     ready_rx
         .recv()

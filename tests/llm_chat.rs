@@ -14,11 +14,14 @@ fn templates_match_jinja2() {
     .unwrap();
     let cases = g["cases"].as_array().unwrap();
     assert_eq!(cases.len(), 20);
-    let qwen2 = trt_diff::tokenizer::llm_vocab::Vocab::open(&std::path::PathBuf::from(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../shared/data/tokenizers/ggml-vocab-qwen2.gguf"
-    )))
-    .unwrap();
+    let data = std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"))
+        });
+    let qwen2 =
+        trt_diff::tokenizer::llm_vocab::Vocab::open(&data.join("tokenizers/ggml-vocab-qwen2.gguf"))
+            .unwrap();
     for c in cases {
         if c["name"].as_str().unwrap().starts_with("gguf:") {
             // The real template, as our GGUF reader finds it in llama.cpp's qwen2 vocab file.

@@ -171,3 +171,41 @@ fn bert_wpm_matches_hf_tokenizers() {
     let ids = v.tokenize("hello", true, false);
     assert_eq!((ids[0], *ids.last().unwrap()), (2, 3));
 }
+
+#[test]
+fn special_tokens_and_bos_match_llama_cpp() {
+    // Golden from scripts/golden/llm_llamacpp_special.py: llama.cpp's own tokenizer (llama-cpp-python, vocab-only)
+    // with add_special and parse_special on and off, on chat-style prompts.
+    let cases: Vec<serde_json::Value> = serde_json::from_str(
+        &std::fs::read_to_string(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/golden/llm/llamacpp_special.json"
+        ))
+        .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(cases.len(), 36);
+    let mut vocabs = std::collections::HashMap::new();
+    for c in &cases {
+        let name = c["vocab"].as_str().unwrap();
+        let v = vocabs
+            .entry(name.to_string())
+            .or_insert_with(|| Vocab::open(&data(&format!("tokenizers/{name}"))).unwrap());
+        let text = c["text"].as_str().unwrap();
+        let (add, parse) = (
+            c["add_special"].as_bool().unwrap(),
+            c["parse_special"].as_bool().unwrap(),
+        );
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
+        assert_eq!(
+            v.tokenize(text, add, parse),
+            want,
+            "{name} {text:?} add_special={add} parse_special={parse}"
+        );
+    }
+}

@@ -11,6 +11,11 @@ import numpy as np
 from llama_cpp import Llama
 
 
+def last_logits_argmax(llm):
+    # With logits_all off llama.cpp keeps only the batch's last logits row; read it directly.
+    return int(np.argmax(np.ctypeslib.as_array(llm._ctx.get_logits(), shape=(llm.n_vocab(),))))
+
+
 def main(model, ids, gen, threads):
     ids = [int(x) for x in ids.split(",")]
     gen, threads = int(gen), int(threads)
@@ -22,11 +27,11 @@ def main(model, ids, gen, threads):
     llm.reset()
     t0 = time.perf_counter()
     llm.eval(ids)
-    tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+    tok = last_logits_argmax(llm)
     t1 = time.perf_counter()
     for _ in range(gen - 1):
         llm.eval([tok])
-        tok = int(np.argmax(llm.scores[llm.n_tokens - 1]))
+        tok = last_logits_argmax(llm)
     t2 = time.perf_counter()
     print(json.dumps({"prompt_tokens": len(ids), "prompt_seconds": t1 - t0, "generated": gen,
                       "generation_seconds": t2 - t1}))

@@ -2,7 +2,7 @@
 
 usage: python scripts/bench/make_qwen05b_gguf.py OUT.gguf ../shared/data/tokenizers/ggml-vocab-qwen2.gguf
 Needs numpy and gguf. Hyper-parameters are Qwen2.5-0.5B's (hidden 896, 24 layers, 14 heads / 2 KV heads, FFN 4864,
-vocabulary 151936 with tied embeddings, rope_theta 1e6); the tokenizer metadata is copied from the qwen2 vocab file
+vocabulary 151936 with tied embeddings, rope_theta 1e6); the tokenizer metadata (and chat template) is copied from the qwen2 vocab file
 and padded to 151936 tokens as llama.cpp's converter pads it. Weights are N(0, 0.02)."""
 import sys
 
@@ -42,6 +42,8 @@ def main(out, vocab_file):
         if key in r.fields:
             add(int(r.fields[key].contents()))
     w.add_add_bos_token(False)
+    if "tokenizer.chat_template" in r.fields:
+        w.add_chat_template(r.fields["tokenizer.chat_template"].contents())
     rng = np.random.default_rng(0)
 
     def mat(rows, cols):
