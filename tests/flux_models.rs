@@ -299,3 +299,54 @@ fn vae_matches_diffusers_autoencoderkl_in_both_layouts() {
         }
     }
 }
+
+#[test]
+fn diffusers_folder_with_config_and_shards() {
+    // A diffusers `transformer/` folder: config.json (RoPE axes) beside the weights, split into two shards.
+    let d = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(&golden("flux_schnell.safetensors")).unwrap();
+    let names: Vec<String> = src.names().map(String::from).collect();
+    let (a, b) = names.split_at(names.len() / 2);
+    for (i, part) in [a, b].iter().enumerate() {
+        let tensors: Vec<_> = part.iter().map(|n| src.get(n).unwrap()).collect();
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|t| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    t.shape.clone(),
+                    &t.data[..],
+                )
+                .unwrap();
+                (t.name.clone(), view)
+            })
+            .collect();
+        let p = d.path().join(format!(
+            "diffusion_pytorch_model-0000{}-of-00002.safetensors",
+            i + 1
+        ));
+        safetensors::serialize_to_file(views, None, &p).unwrap();
+    }
+    std::fs::copy(
+        golden("flux_schnell_config.json"),
+        d.path().join("config.json"),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    let (cfg, layout, prefix) = FluxConfig::from_checkpoint(&ck).unwrap();
+    assert_eq!((layout, prefix.as_str()), (Layout::Diffusers, ""));
+    assert_eq!(cfg.axes_dim, vec![4, 6, 6]);
+    assert!(!cfg.guidance_embed);
+    let out_dir = d.path().join("onnx");
+    let onnx = flux::export(d.path(), &ExportOptions::default(), &out_dir).unwrap();
+    let io = io("flux_schnell_io_small.safetensors");
+    let out = run(&onnx, &io);
+    let err = rel_err(&out[0].1, &io["sample"]);
+    assert!(err < 1e-4, "{err}");
+    // Profiles need image sides that are multiples of 16.
+    assert!(flux::profile(&cfg, [1, 1, 2], [64, 100, 128], 8).is_err());
+    let p = flux::profile(&cfg, [1, 1, 2], [256, 512, 1024], 512).unwrap();
+    let hs = p.iter().find(|r| r.name == "hidden_states").unwrap();
+    assert_eq!((hs.min[1], hs.opt[1], hs.max[1]), (256, 1024, 4096));
+    assert!(p.iter().all(|r| r.name != "guidance"));
+}
