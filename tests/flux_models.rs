@@ -350,3 +350,57 @@ fn diffusers_folder_with_config_and_shards() {
     assert_eq!((hs.min[1], hs.opt[1], hs.max[1]), (256, 1024, 4096));
     assert!(p.iter().all(|r| r.name != "guidance"));
 }
+
+#[test]
+fn half_precision_and_image_graphs_build_with_tensorrt() {
+    use trt_diff::models::{taesd, vae};
+    use trt_diff::trt::shapes::ShapeRange;
+    use trt_diff::trt::{BuildOptions, TrtChoice, build_engine};
+    let d = tempfile::tempdir().unwrap();
+    let build = |onnx: &Path, shapes: Vec<ShapeRange>| {
+        let plan = onnx.with_extension("plan");
+        let o = build_engine(&BuildOptions {
+            onnx: onnx.to_path_buf(),
+            out: plan,
+            trt: TrtChoice::Rtx,
+            shapes,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{}: {e:#}", onnx.display()));
+        assert!(o.manifest.builder.layers > 0);
+    };
+    for precision in [FluxPrecision::Bf16, FluxPrecision::F16] {
+        let sub = d.path().join(format!("{precision:?}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let opts = ExportOptions {
+            precision,
+            ..Default::default()
+        };
+        let (onnx, cfg, _) = export("flux_dev_bfl.safetensors", "flux_dev", &opts, &sub);
+        build(
+            &onnx,
+            flux::profile(&cfg, [1, 1, 2], [64, 64, 128], 7).unwrap(),
+        );
+    }
+    let range = |name: &str, c: i64, s: [i64; 3]| ShapeRange {
+        name: name.into(),
+        min: vec![1, c, s[0], s[0]],
+        opt: vec![1, c, s[1], s[1]],
+        max: vec![1, c, s[2], s[2]],
+    };
+    let ck = Checkpoint::open(&golden("vae_original.safetensors")).unwrap();
+    let mut cfg = vae::VaeConfig::from_checkpoint(&ck).unwrap();
+    cfg.norm_num_groups = 4;
+    let bf16 = trt_diff::onnx::DataType::BFLOAT16;
+    let (dec, enc) = vae::export_with(&ck, &cfg, bf16, &d.path().join("vae")).unwrap();
+    build(&dec, vec![range("latent", 16, [8, 16, 32])]);
+    build(&enc, vec![range("image", 3, [16, 32, 64])]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
+    let tae = taesd::export(
+        &data.join("taef2_decoder.safetensors"),
+        taesd::TaeKind::Decoder,
+        &d.path().join("tae"),
+    )
+    .unwrap();
+    build(&tae, vec![range("latent", 32, [8, 16, 32])]);
+}
