@@ -81,7 +81,11 @@ fn export(
 fn transformer_matches_diffusers_in_both_layouts() {
     let d = tempfile::tempdir().unwrap();
     for (model, guidance) in [("flux_dev", true), ("flux_schnell", false)] {
-        let io = io(&format!("{model}_io.safetensors"));
+        // Two shapes through one graph: batch 2 with 4x6 image tokens and 7 text tokens, batch 1 with 3x5 and 4.
+        let ios = [
+            io(&format!("{model}_io.safetensors")),
+            io(&format!("{model}_io_small.safetensors")),
+        ];
         for (file, want_layout) in [
             (format!("{model}.safetensors"), Layout::Diffusers),
             (format!("{model}_bfl.safetensors"), Layout::Bfl),
@@ -90,11 +94,13 @@ fn transformer_matches_diffusers_in_both_layouts() {
             assert_eq!(layout, want_layout);
             assert_eq!(cfg.guidance_embed, guidance);
             assert_eq!((cfg.depth, cfg.depth_single, cfg.num_heads), (1, 2, 2));
-            let out = run(&onnx, &io);
-            assert_eq!(out[0].0, "sample");
-            let err = rel_err(&out[0].1, &io["sample"]);
-            println!("{file}: max rel err {err:.2e}");
-            assert!(err < 1e-4, "{file}: {err}");
+            for io in &ios {
+                let out = run(&onnx, io);
+                assert_eq!(out[0].0, "sample");
+                let err = rel_err(&out[0].1, &io["sample"]);
+                println!("{file} {:?}: max rel err {err:.2e}", io["sample"].shape);
+                assert!(err < 1e-4, "{file}: {err}");
+            }
         }
     }
 }
@@ -292,4 +298,109 @@ fn vae_matches_diffusers_autoencoderkl_in_both_layouts() {
             assert!(err < 1e-4, "{name} {err}");
         }
     }
+}
+
+#[test]
+fn diffusers_folder_with_config_and_shards() {
+    // A diffusers `transformer/` folder: config.json (RoPE axes) beside the weights, split into two shards.
+    let d = tempfile::tempdir().unwrap();
+    let src = Checkpoint::open(&golden("flux_schnell.safetensors")).unwrap();
+    let names: Vec<String> = src.names().map(String::from).collect();
+    let (a, b) = names.split_at(names.len() / 2);
+    for (i, part) in [a, b].iter().enumerate() {
+        let tensors: Vec<_> = part.iter().map(|n| src.get(n).unwrap()).collect();
+        let views: Vec<_> = tensors
+            .iter()
+            .map(|t| {
+                let view = safetensors::tensor::TensorView::new(
+                    safetensors::Dtype::BF16,
+                    t.shape.clone(),
+                    &t.data[..],
+                )
+                .unwrap();
+                (t.name.clone(), view)
+            })
+            .collect();
+        let p = d.path().join(format!(
+            "diffusion_pytorch_model-0000{}-of-00002.safetensors",
+            i + 1
+        ));
+        safetensors::serialize_to_file(views, None, &p).unwrap();
+    }
+    std::fs::copy(
+        golden("flux_schnell_config.json"),
+        d.path().join("config.json"),
+    )
+    .unwrap();
+    let ck = Checkpoint::open(d.path()).unwrap();
+    let (cfg, layout, prefix) = FluxConfig::from_checkpoint(&ck).unwrap();
+    assert_eq!((layout, prefix.as_str()), (Layout::Diffusers, ""));
+    assert_eq!(cfg.axes_dim, vec![4, 6, 6]);
+    assert!(!cfg.guidance_embed);
+    let out_dir = d.path().join("onnx");
+    let onnx = flux::export(d.path(), &ExportOptions::default(), &out_dir).unwrap();
+    let io = io("flux_schnell_io_small.safetensors");
+    let out = run(&onnx, &io);
+    let err = rel_err(&out[0].1, &io["sample"]);
+    assert!(err < 1e-4, "{err}");
+    // Profiles need image sides that are multiples of 16.
+    assert!(flux::profile(&cfg, [1, 1, 2], [64, 100, 128], 8).is_err());
+    let p = flux::profile(&cfg, [1, 1, 2], [256, 512, 1024], 512).unwrap();
+    let hs = p.iter().find(|r| r.name == "hidden_states").unwrap();
+    assert_eq!((hs.min[1], hs.opt[1], hs.max[1]), (256, 1024, 4096));
+    assert!(p.iter().all(|r| r.name != "guidance"));
+}
+
+#[test]
+fn half_precision_and_image_graphs_build_with_tensorrt() {
+    use trt_diff::models::{taesd, vae};
+    use trt_diff::trt::shapes::ShapeRange;
+    use trt_diff::trt::{BuildOptions, TrtChoice, build_engine};
+    let d = tempfile::tempdir().unwrap();
+    let build = |onnx: &Path, shapes: Vec<ShapeRange>| {
+        let plan = onnx.with_extension("plan");
+        let o = build_engine(&BuildOptions {
+            onnx: onnx.to_path_buf(),
+            out: plan,
+            trt: TrtChoice::Rtx,
+            shapes,
+            ..Default::default()
+        })
+        .unwrap_or_else(|e| panic!("{}: {e:#}", onnx.display()));
+        assert!(o.manifest.builder.layers > 0);
+    };
+    for precision in [FluxPrecision::Bf16, FluxPrecision::F16] {
+        let sub = d.path().join(format!("{precision:?}"));
+        std::fs::create_dir_all(&sub).unwrap();
+        let opts = ExportOptions {
+            precision,
+            ..Default::default()
+        };
+        let (onnx, cfg, _) = export("flux_dev_bfl.safetensors", "flux_dev", &opts, &sub);
+        build(
+            &onnx,
+            flux::profile(&cfg, [1, 1, 2], [64, 64, 128], 7).unwrap(),
+        );
+    }
+    let range = |name: &str, c: i64, s: [i64; 3]| ShapeRange {
+        name: name.into(),
+        min: vec![1, c, s[0], s[0]],
+        opt: vec![1, c, s[1], s[1]],
+        max: vec![1, c, s[2], s[2]],
+    };
+    let ck = Checkpoint::open(&golden("vae_original.safetensors")).unwrap();
+    let mut cfg = vae::VaeConfig::from_checkpoint(&ck).unwrap();
+    cfg.norm_num_groups = 4;
+    let bf16 = trt_diff::onnx::DataType::BFLOAT16;
+    let (dec, enc) = vae::export_with(&ck, &cfg, bf16, &d.path().join("vae")).unwrap();
+    build(&dec, vec![range("latent", 16, [8, 16, 32])]);
+    build(&enc, vec![range("image", 3, [16, 32, 64])]);
+    let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
+    let tae = taesd::export(
+        &data.join("taef2_decoder.safetensors"),
+        taesd::TaeKind::Decoder,
+        &d.path().join("tae"),
+    )
+    .unwrap();
+    build(&tae, vec![range("latent", 32, [8, 16, 32])]);
 }

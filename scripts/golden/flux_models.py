@@ -97,7 +97,20 @@ def transformer(out_dir, name, guidance, seed):
     model = FluxTransformer2DModel(**cfg).eval()
     randomize(model, seed)
     g = torch.Generator().manual_seed(seed + 1)
-    batch, h, w, txt = 2, 4, 6, 7
+    io = run_transformer(model, g, guidance, 2, 4, 6, 7)
+    save_file(io, os.path.join(out_dir, f"{name}_io.safetensors"))
+    # A second shape (other batch, image and text sizes) through the same graph: the dynamic axes.
+    io2 = run_transformer(model, g, guidance, 1, 3, 5, 4)
+    save_file(io2, os.path.join(out_dir, f"{name}_io_small.safetensors"))
+    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(out_dir, f"{name}.safetensors"))
+    save_file(to_bfl(sd, cfg["num_layers"], cfg["num_single_layers"]),
+              os.path.join(out_dir, f"{name}_bfl.safetensors"))
+    dump_config(model, os.path.join(out_dir, f"{name}_config.json"))
+    print(name, "sample", tuple(io["sample"].shape), float(io["sample"].abs().max()))
+
+
+def run_transformer(model, g, guidance, batch, h, w, txt):
     img_ids = torch.zeros(h, w, 3)
     img_ids[..., 0] = 1.0  # a non-zero first axis exercises all three RoPE axes (FLUX.1 Kontext uses it)
     img_ids[..., 1] = torch.arange(h)[:, None]
@@ -108,23 +121,17 @@ def transformer(out_dir, name, guidance, seed):
         "hidden_states": torch.randn(batch, h * w, 16, generator=g),
         "encoder_hidden_states": torch.randn(batch, txt, 32, generator=g),
         "pooled_projections": torch.randn(batch, 32, generator=g),
-        "timestep": torch.tensor([0.7, 0.25]),
+        "timestep": torch.tensor([0.7, 0.25][:batch]),
         "img_ids": img_ids,
         "txt_ids": txt_ids,
     }
     if guidance:
-        inputs["guidance"] = torch.tensor([3.5, 1.5])
+        inputs["guidance"] = torch.tensor([3.5, 1.5][:batch])
     with torch.no_grad():
         sample = model(**inputs, return_dict=False)[0]
-    sd = {k: v.to(torch.bfloat16).contiguous() for k, v in model.state_dict().items()}
-    save_file(sd, os.path.join(out_dir, f"{name}.safetensors"))
-    save_file(to_bfl(sd, cfg["num_layers"], cfg["num_single_layers"]),
-              os.path.join(out_dir, f"{name}_bfl.safetensors"))
     io = {k: v.contiguous() for k, v in inputs.items()}
     io["sample"] = sample.contiguous()
-    save_file(io, os.path.join(out_dir, f"{name}_io.safetensors"))
-    dump_config(model, os.path.join(out_dir, f"{name}_config.json"))
-    print(name, "sample", tuple(sample.shape), float(sample.abs().max()))
+    return io
 
 
 def vae_to_original(sd, levels):

@@ -1318,7 +1318,23 @@ fn emit(
         vec![Dim::Fixed(1)],
     )?;
 
+    // Disk reads of the next block overlap with this block's work (streaming exports).
+    let (dpre, spre) = match layout {
+        Layout::Bfl => ("double_blocks", "single_blocks"),
+        Layout::Diffusers => ("transformer_blocks", "single_transformer_blocks"),
+    };
+    let prefetch = |name: String| {
+        if stream_to.is_some() {
+            ck.prefetch_prefix(&format!("{prefix}{name}"));
+        }
+    };
+    prefetch(format!("{dpre}.0."));
     for i in 0..cfg.depth {
+        prefetch(if i + 1 < cfg.depth {
+            format!("{dpre}.{}.", i + 1)
+        } else {
+            format!("{spre}.0.")
+        });
         (img, txt) = e.double_block(i, &img, &txt, &vec_silu, &pe, &txt_len)?;
     }
     let mut x = e.o.same(
@@ -1329,6 +1345,26 @@ fn emit(
     )?;
     x.shape = vec![batch(), seq(), Dim::Fixed(d as i64)];
     for i in 0..cfg.depth_single {
+        if i + 1 < cfg.depth_single {
+            prefetch(format!("{spre}.{}.", i + 1));
+        } else {
+            prefetch(
+                if layout == Layout::Bfl {
+                    "final_layer."
+                } else {
+                    "norm_out."
+                }
+                .into(),
+            );
+            prefetch(
+                if layout == Layout::Bfl {
+                    "final_layer."
+                } else {
+                    "proj_out."
+                }
+                .into(),
+            );
+        }
         x = e.single_block(i, &x, &vec_silu, &pe)?;
     }
     let (_, img) = e.split_seq("single/split", &x, &txt_len)?;

@@ -277,7 +277,10 @@ impl Ops {
     ) -> Result<Value> {
         let c = w.numel();
         if !c.is_multiple_of(groups) {
-            bail!("{name}: {c} channels do not split into {groups} groups");
+            bail!(
+                "{name}: {c} channels do not split into {groups} groups: wrong norm_num_groups for this \
+                 checkpoint (set it in the config, or put the diffusers config.json beside the weights)"
+            );
         }
         let xf = self.cast(&format!("{name}/to_f32"), x, DataType::FLOAT)?;
         // Reshape to [N, G, C/G * H * W], normalise the last axis, reshape back, then the affine per channel.

@@ -80,6 +80,10 @@ fn float_bytes(v: &[f32], dtype: DataType) -> Bytes {
             .iter()
             .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
             .collect::<Vec<u8>>(),
+        DataType::BFLOAT16 => v
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect::<Vec<u8>>(),
         _ => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
     })
 }

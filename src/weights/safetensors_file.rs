@@ -9,8 +9,29 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-/// Bytes past the requested tensor that [`Checkpoint::get`] asks the kernel to read ahead.
-const READ_AHEAD: usize = 256 << 20;
+/// Reads ranges of the mappings into the page cache on a background thread (`MADV_WILLNEED` blocks while it
+/// submits the reads, so it must not run on the caller's thread).
+struct Prefetcher {
+    tx: std::sync::mpsc::Sender<(Arc<memmap2::Mmap>, usize, usize)>,
+}
+
+impl Prefetcher {
+    fn start() -> Self {
+        let (tx, rx) = std::sync::mpsc::channel::<(Arc<memmap2::Mmap>, usize, usize)>();
+        std::thread::spawn(move || {
+            // Ends when the checkpoint (the sender) is dropped.
+            for (map, start, end) in rx {
+                let mut a = start;
+                while a < end {
+                    let b = (a + (32 << 20)).min(end);
+                    let _ = map.advise_range(memmap2::Advice::WillNeed, a, b - a);
+                    a = b;
+                }
+            }
+        });
+        Prefetcher { tx }
+    }
+}
 
 struct Shared(Arc<memmap2::Mmap>);
 impl AsRef<[u8]> for Shared {
@@ -71,6 +92,7 @@ pub struct Checkpoint {
     pub path: PathBuf,
     files: Vec<(PathBuf, Arc<memmap2::Mmap>)>,
     index: BTreeMap<String, Entry>,
+    prefetcher: std::sync::OnceLock<std::sync::Mutex<Prefetcher>>,
 }
 
 fn onnx_dtype(d: safetensors::Dtype) -> Option<DataType> {
@@ -115,6 +137,7 @@ impl Checkpoint {
             path: path.to_path_buf(),
             files: Vec::new(),
             index: BTreeMap::new(),
+            prefetcher: std::sync::OnceLock::new(),
         };
         for f in files {
             ck.add_file(&f)?;
@@ -209,14 +232,8 @@ impl Checkpoint {
             );
         };
         let map = &self.files[e.file].1;
-        // Page faults on a cold mapping read a little at a time: ask the kernel to read this tensor and the next
-        // stretch of the file asynchronously (exporters visit tensors roughly in file order), so disk reads
-        // overlap with the caller's work. Page cache only; nothing is mapped into the process until touched.
-        let ahead = (e.end + READ_AHEAD).min(map.len());
-        if ahead > e.end {
-            let _ = map.advise_range(memmap2::Advice::WillNeed, e.end, ahead - e.end);
-        }
-        // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported).
+        // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported); with
+        // [`Checkpoint::prefetch_prefix`] ahead of time they are already in the page cache.
         if e.end > e.start {
             let _ = map.advise_range(memmap2::Advice::PopulateRead, e.start, e.end - e.start);
         }
@@ -241,6 +258,35 @@ impl Checkpoint {
             );
         }
         Ok(t)
+    }
+
+    /// Starts reading every tensor whose name starts with `prefix` into the page cache in the background (in file
+    /// order), so that a later [`Checkpoint::get`] finds it there: exporters call it one block ahead, which
+    /// overlaps disk reads with their work. Nothing is mapped into the process by this.
+    pub fn prefetch_prefix(&self, prefix: &str) {
+        let mut ranges: Vec<(usize, usize, usize)> = self
+            .index
+            .range(prefix.to_string()..)
+            .take_while(|(k, _)| k.starts_with(prefix))
+            .map(|(_, e)| (e.file, e.start, e.end))
+            .collect();
+        ranges.sort();
+        // Merge neighbours into long sequential reads.
+        let mut merged: Vec<(usize, usize, usize)> = Vec::new();
+        for r in ranges {
+            match merged.last_mut() {
+                Some(m) if m.0 == r.0 && r.1 <= m.2 + (1 << 20) => m.2 = m.2.max(r.2),
+                _ => merged.push(r),
+            }
+        }
+        let p = self
+            .prefetcher
+            .get_or_init(|| std::sync::Mutex::new(Prefetcher::start()));
+        if let Ok(p) = p.lock() {
+            for (f, a, b) in merged {
+                let _ = p.tx.send((self.files[f].1.clone(), a, b));
+            }
+        }
     }
 
     /// Drops the pages of `name` from this process's resident set (they read back from the file if touched).
