@@ -23,6 +23,10 @@ pub struct OrtOptions {
 pub struct OrtEngine {
     name: String,
     session: Session,
+    /// Inputs and outputs go through an IO binding; outputs are bound to ONNX Runtime's CPU allocator before
+    /// each run (shapes may change between runs, so earlier outputs cannot be reused).
+    binding: ort::session::IoBinding,
+    cpu: ort::memory::MemoryInfo<'static>,
     inputs: Vec<TensorDesc>,
     outputs: Vec<TensorDesc>,
     /// Holds the CPU-pass rewrite of the model while the session lives.
@@ -136,14 +140,24 @@ impl OrtEngine {
             .iter()
             .map(|o| desc(o.name(), o.dtype()))
             .collect();
-        let outputs = session
+        let outputs: Vec<TensorDesc> = session
             .outputs()
             .iter()
             .map(|o| desc(o.name(), o.dtype()))
             .collect();
+        let binding = session.create_binding().map_err(|e| err(&e))?;
+        let cpu = ort::memory::MemoryInfo::new(
+            ort::memory::AllocationDevice::CPU,
+            0,
+            ort::memory::AllocatorType::Device,
+            ort::memory::MemoryType::Default,
+        )
+        .map_err(|e| err(&e))?;
         Ok(OrtEngine {
             name: path.display().to_string(),
             session,
+            binding,
+            cpu,
             inputs,
             outputs,
             _rewritten: rewritten,
@@ -219,13 +233,21 @@ impl Engine for OrtEngine {
     }
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
         check_inputs(&self.name, &self.inputs, inputs)?;
-        let values: Vec<(String, DynValue)> = inputs
-            .iter()
-            .map(|(n, t)| Ok((n.clone(), to_value(n, t)?)))
-            .collect::<Result<_>>()?;
+        self.binding.clear();
+        for o in &self.outputs {
+            self.binding
+                .bind_output_to_device(o.name.as_str(), &self.cpu)
+                .map_err(|e| anyhow::anyhow!("output '{}': {e}", o.name))?;
+        }
+        for (n, t) in inputs {
+            let v = to_value(n, t)?;
+            self.binding
+                .bind_input(n.as_str(), &v)
+                .map_err(|e| anyhow::anyhow!("input '{n}': {e}"))?;
+        }
         let outputs = self
             .session
-            .run(values)
+            .run_binding(&self.binding)
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
         self.outputs
             .iter()
