@@ -9,15 +9,15 @@
 //! - `hidden_states` [batch, img_seq, in_channels]: packed latents (2x2 patches of the 16-channel VAE latent, so
 //!   in_channels = 64 and img_seq = (H/16)*(W/16) for an H x W image: any multiple of 16 through the dynamic axes);
 //! - `encoder_hidden_states` [batch, txt_seq, 4096]: T5 output; `pooled_projections` [batch, 768]: CLIP pooled;
-//! - `timestep` [batch]: **the flow-matching sigma in [0, 1]**, exactly what diffusers' pipeline passes
+//! - `timestep` `[batch]`: **the flow-matching sigma in [0, 1]**, exactly what diffusers' pipeline passes
 //!   (`timestep / 1000`); the graph multiplies by 1000 itself, as diffusers' forward does;
 //! - `img_ids` [img_seq, 3], `txt_ids` [txt_seq, 3]: RoPE positions (2-D, diffusers' current form; txt_ids are zeros
 //!   for Flux.1, img_ids are (0, row, col));
-//! - `guidance` [batch] (dev only): the distilled guidance scale itself (e.g. 3.5); the graph multiplies by 1000.
+//! - `guidance` `[batch]` (dev only): the distilled guidance scale itself (e.g. 3.5); the graph multiplies by 1000.
 //!
 //! Output `sample` [batch, img_seq, out_channels] float32: the velocity prediction. Inside, the graph runs in the
-//! chosen compute dtype (f32, f16 or bf16; quantized graphs keep f32 between their FP8/NVFP4 GEMMs); RMSNorm and
-//! RoPE always run in f32.
+//! chosen compute dtype (f32, f16 or bf16; quantized graphs in f32, or in f16/bf16 outside their GEMMs with
+//! `quantized_compute`); RMSNorm and RoPE always run in f32.
 //!
 //! ## Precisions and names
 //! Per-layer precision comes from a [`Policy`] ([`default_policy`]: ModelOpt-like, embedders, AdaLN modulation,
