@@ -98,6 +98,7 @@ pub fn default_policy(target: LinearPrecision) -> Policy {
         .expect("valid globs")
 }
 
+#[derive(Clone, Debug)]
 pub struct ExportOptions {
     pub precision: FluxPrecision,
     /// None: [`default_policy`] for quantized precisions.
