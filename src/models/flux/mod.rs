@@ -30,6 +30,22 @@
 //! ([`merge_amax`]) and passes the map to the FP8 export (static per-tensor scales amax/448) or NVFP4 export
 //! (global activation scale amax/2688; block scales are dynamic).
 //!
+//! ## Calibrated FP8 export, as a pipeline does it
+//! ```ignore
+//! let ck = Checkpoint::open(Path::new("flux1-dev.safetensors"))?;
+//! let (cfg, _, _) = FluxConfig::from_checkpoint(&ck)?;
+//! // 1. An f32 graph with one `amax.<layer>` output per GEMM input.
+//! let calib = ExportOptions { calibration: true, ..Default::default() };
+//! let onnx = export_with(&ck, &cfg, &calib, &dir.join("calib.onnx"))?.onnx;
+//! // 2. Run it (any backend) at the sampler's steps over the calibration prompts; fold the maxima.
+//! let mut amax = HashMap::new();
+//! for outputs in runs { merge_amax(&mut amax, &outputs[1..]); }
+//! // 3. The FP8 graph with static scales (bf16 outside the GEMMs).
+//! let fp8 = ExportOptions { precision: FluxPrecision::Fp8, amax, quantized_compute: DataType::BFLOAT16,
+//!                           ..Default::default() };
+//! export_with(&ck, &cfg, &fp8, &dir.join("transformer.onnx"))?;
+//! ```
+//!
 //! Files: `config.rs` (architecture and layout read off a checkpoint), `emit.rs` (the graph), this file (options,
 //! precision policy, calibration keys, the export entry points).
 use crate::onnx::{DataType, SaveOptions, proto::ModelProto, save};
