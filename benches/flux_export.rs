@@ -16,6 +16,13 @@ use std::time::Instant;
 use trt_diff::models::flux::{self, ExportOptions, FluxConfig, FluxPrecision};
 use trt_diff::weights::safetensors_file::Checkpoint;
 
+struct Cleanup(PathBuf);
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 fn peak_rss_reset() {
     // Writing 5 to clear_refs resets VmHWM (Linux >= 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -158,6 +165,8 @@ fn main() {
         .map(PathBuf::from)
         .unwrap_or_else(|_| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/flux-bench"));
     std::fs::create_dir_all(&dir).unwrap();
+    // The synthetic files are tens of GB: removed on every exit path, panics included.
+    let _cleanup = Cleanup(dir.clone());
     let mut cfg = FluxConfig::dev();
     cfg.depth = ((19.0 * scale).round() as usize).max(1);
     cfg.depth_single = ((38.0 * scale).round() as usize).max(1);
@@ -173,6 +182,7 @@ fn main() {
             trt_diff::fsutil::human_bytes(need),
             trt_diff::fsutil::human_bytes(free)
         );
+        drop(_cleanup);
         std::process::exit(1);
     }
     let ck_path = dir.join("flux1-dev-synthetic.safetensors");
@@ -223,7 +233,6 @@ fn main() {
     sync();
     let plain_s = t.elapsed().as_secs_f64();
     let plain_cpu = cpu_seconds() - cpu0;
-    let _ = std::fs::remove_dir_all(&dir);
 
     let gb = |b: u64| b as f64 / 1e9;
     println!("| step | bytes in | bytes out | wall s | CPU s | GB/s in | peak RSS |");
