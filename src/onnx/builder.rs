@@ -61,17 +61,54 @@ pub struct GraphBuilder {
 }
 
 /// Streams large initializers to an external data file as they are added, so an exporter never holds a whole
-/// model's weights in memory (see [`GraphBuilder::stream_external_data`]).
+/// model's weights in memory (see [`GraphBuilder::stream_external_data`]). A writer thread does the writing, so
+/// writing one tensor overlaps computing (e.g. quantizing) the next; at most [`ExternalSink::QUEUE`] tensors wait.
 pub struct ExternalSink {
-    file: crate::fsutil::AtomicFile,
     data_name: String,
     offset: u64,
     threshold: usize,
+    /// (zero padding, bytes) to the writer thread.
+    tx: Option<std::sync::mpsc::SyncSender<(u64, Bytes)>>,
+    writer: Option<std::thread::JoinHandle<Result<crate::fsutil::AtomicFile>>>,
 }
 
 impl ExternalSink {
+    /// Tensors queued for the writer at most (bounds the memory of quantized tensors waiting to be written).
+    pub const QUEUE: usize = 2;
+
+    fn new(file: crate::fsutil::AtomicFile, data_name: String, threshold: usize) -> Self {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<(u64, Bytes)>(Self::QUEUE);
+        let name = data_name.clone();
+        let writer = std::thread::spawn(move || -> Result<crate::fsutil::AtomicFile> {
+            use std::io::Write;
+            let mut file = file;
+            for (pad, data) in rx {
+                file.write_all(&vec![0u8; pad as usize])
+                    .and_then(|_| file.write_all(&data))
+                    .map_err(|e| anyhow::anyhow!("writing external data '{name}' failed: {e}"))?;
+            }
+            Ok(file)
+        });
+        ExternalSink {
+            data_name,
+            offset: 0,
+            threshold,
+            tx: Some(tx),
+            writer: Some(writer),
+        }
+    }
+
+    /// The writer's error once it has stopped (it only stops early on an error).
+    fn writer_error(&mut self) -> anyhow::Error {
+        self.tx = None;
+        match self.writer.take().map(|w| w.join()) {
+            Some(Ok(Err(e))) => e,
+            Some(Err(_)) => anyhow::anyhow!("the writer of '{}' panicked", self.data_name),
+            _ => anyhow::anyhow!("writing external data '{}' stopped", self.data_name),
+        }
+    }
+
     fn put(&mut self, t: &mut TensorProto) -> Result<()> {
-        use std::io::Write;
         // Page alignment lets readers mmap big tensors directly; small ones only need 64-byte alignment.
         let align: u64 = if t.raw_data.len() >= (1 << 20) {
             4096
@@ -79,12 +116,13 @@ impl ExternalSink {
             64
         };
         let pad = self.offset.next_multiple_of(align) - self.offset;
-        self.file.write_all(&vec![0u8; pad as usize])?;
         self.offset += pad;
         let data = std::mem::take(&mut t.raw_data);
-        self.file.write_all(&data).map_err(|e| {
-            anyhow::anyhow!("writing external data '{}' failed: {e}", self.data_name)
-        })?;
+        let len = data.len() as u64;
+        let sent = self.tx.as_ref().map(|tx| tx.send((pad, data)).is_ok());
+        if sent != Some(true) {
+            return Err(self.writer_error());
+        }
         t.data_location = DATA_LOCATION_EXTERNAL;
         let entry = |k: &str, v: String| StringStringEntryProto {
             key: k.to_string(),
@@ -93,9 +131,9 @@ impl ExternalSink {
         t.external_data = vec![
             entry("location", self.data_name.clone()),
             entry("offset", self.offset.to_string()),
-            entry("length", data.len().to_string()),
+            entry("length", len.to_string()),
         ];
-        self.offset += data.len() as u64;
+        self.offset += len;
         Ok(())
     }
 
@@ -104,10 +142,26 @@ impl ExternalSink {
         self.offset
     }
 
-    /// Renames the data file into place; call before saving the model that refers to it.
-    pub fn commit(self) -> Result<u64> {
-        self.file.commit()?;
+    /// Waits for the writer, then renames the data file into place; call before saving the model that refers to
+    /// it.
+    pub fn commit(mut self) -> Result<u64> {
+        self.tx = None;
+        let file = match self.writer.take().map(|w| w.join()) {
+            Some(Ok(r)) => r?,
+            _ => bail!("the writer of '{}' panicked", self.data_name),
+        };
+        file.commit()?;
         Ok(self.offset)
+    }
+}
+
+impl Drop for ExternalSink {
+    /// Without a commit the writer finishes and its temporary file is removed before this returns.
+    fn drop(&mut self) {
+        self.tx = None;
+        if let Some(w) = self.writer.take() {
+            let _ = w.join();
+        }
     }
 }
 
@@ -179,12 +233,7 @@ impl GraphBuilder {
         };
         let data_name = format!("{}.data", file_name.to_string_lossy());
         let file = crate::fsutil::AtomicFile::create(&onnx_path.with_file_name(&data_name))?;
-        self.sink = Some(ExternalSink {
-            file,
-            data_name,
-            offset: 0,
-            threshold,
-        });
+        self.sink = Some(ExternalSink::new(file, data_name, threshold));
         Ok(())
     }
 
