@@ -33,10 +33,34 @@ impl Prefetcher {
     }
 }
 
-struct Shared(Arc<memmap2::Mmap>);
-impl AsRef<[u8]> for Shared {
+/// One tensor's bytes in a mapping. When the last `Bytes` pointing at it is dropped (e.g. by the external-data
+/// writer thread, once written), its whole pages leave this process's resident set: they read back from the file
+/// if touched again, so memory stays at about the tensors in use.
+struct TensorPages {
+    map: Arc<memmap2::Mmap>,
+    start: usize,
+    end: usize,
+}
+impl AsRef<[u8]> for TensorPages {
     fn as_ref(&self) -> &[u8] {
-        &self.0[..]
+        &self.map[self.start..self.end]
+    }
+}
+impl Drop for TensorPages {
+    fn drop(&mut self) {
+        release_range(&self.map, self.start, self.end);
+    }
+}
+
+/// MADV_DONTNEED on the whole pages inside `[start, end)` of a read-only file mapping (neighbours may be in use).
+fn release_range(map: &memmap2::Mmap, start: usize, end: usize) {
+    let page = 4096;
+    let a = start.next_multiple_of(page);
+    let b = end / page * page;
+    if b > a {
+        // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED evicts clean pages, which read back identical
+        // from the file. Failure only costs memory, so it is ignored.
+        let _ = unsafe { map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a) };
     }
 }
 
@@ -237,12 +261,15 @@ impl Checkpoint {
         if e.end > e.start {
             let _ = map.advise_range(memmap2::Advice::PopulateRead, e.start, e.end - e.start);
         }
-        let whole = Bytes::from_owner(Shared(map.clone()));
         Ok(Tensor {
             name: name.to_string(),
             dtype: e.dtype,
             shape: e.shape.clone(),
-            data: whole.slice(e.start..e.end),
+            data: Bytes::from_owner(TensorPages {
+                map: map.clone(),
+                start: e.start,
+                end: e.end,
+            }),
         })
     }
 
@@ -285,24 +312,6 @@ impl Checkpoint {
         if let Ok(p) = p.lock() {
             for (f, a, b) in merged {
                 let _ = p.tx.send((self.files[f].1.clone(), a, b));
-            }
-        }
-    }
-
-    /// Drops the pages of `name` from this process's resident set (they read back from the file if touched).
-    pub fn release(&self, name: &str) {
-        if let Some(e) = self.index.get(name) {
-            let map = &self.files[e.file].1;
-            // Only whole pages inside the tensor; neighbours may still be in use.
-            let page = 4096;
-            let a = e.start.next_multiple_of(page);
-            let b = e.end / page * page;
-            if b > a {
-                // SAFETY: a read-only, file-backed mapping: MADV_DONTNEED evicts clean pages, which read back
-                // identical from the file. Failure only costs memory, so it is ignored.
-                let _ = unsafe {
-                    map.unchecked_advise_range(memmap2::UncheckedAdvice::DontNeed, a, b - a)
-                };
             }
         }
     }

@@ -21,8 +21,6 @@ struct Emitter<'a> {
     layers: HashMap<String, usize>,
     /// Calibration outputs already added, by key.
     calibrated: std::collections::HashSet<String>,
-    /// Release checkpoint pages after use (streaming exports).
-    release: bool,
 }
 
 const EPS: f32 = 1e-6;
@@ -30,12 +28,6 @@ const EPS: f32 = 1e-6;
 impl Emitter<'_> {
     fn t(&self, name: &str) -> Result<Tensor> {
         self.ck.get(&self.n.p(name))
-    }
-
-    fn done(&self, name: &str) {
-        if self.release {
-            self.ck.release(&self.n.p(name));
-        }
     }
 
     /// A linear layer stored under checkpoint base name `base`, decided and calibrated as diffusers layer `canon`.
@@ -128,8 +120,6 @@ impl Emitter<'_> {
                 self.o.linear(&name, x, &w, b.as_ref())?
             }
         };
-        self.done(&format!("{base}.weight"));
-        self.done(&bname);
         Ok(y)
     }
 
@@ -671,7 +661,7 @@ fn rope_freqs(cfg: &FluxConfig) -> Vec<f32> {
 }
 
 /// Builds the transformer graph. With `stream_to` (the .onnx path), weights go to its external data file as they
-/// are emitted and the checkpoint's pages are released after use; commit the returned sink before saving.
+/// are emitted and the checkpoint's pages are released once written (see `Checkpoint::get`); commit the returned sink before saving.
 pub(super) fn emit(
     ck: &Checkpoint,
     cfg: &FluxConfig,
@@ -721,7 +711,6 @@ pub(super) fn emit(
         policy,
         layers: HashMap::new(),
         calibrated: Default::default(),
-        release: stream_to.is_some(),
     };
     let f32t = DataType::FLOAT;
     let dt = e.o.dtype;
