@@ -221,3 +221,50 @@ fn res4lyf_deis_rhoab_coefficients() {
     }
     assert!(checked >= 40, "{checked}");
 }
+
+/// RES4LYF's hybrid samplers, whole runs step by step as RES4LYF's own coefficient and update code computes
+/// them (scripts/golden/samplers_res4lyf_hybrid.py), including the warm-up steps and the history buffer that
+/// holds the newest denoised twice. The two names that raise in RES4LYF are recorded and not registered.
+#[test]
+fn res4lyf_hybrid_samplers_step_by_step() {
+    let g = golden("res4lyf_hybrid.json");
+    let runs = g["runs"].as_array().unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for r in runs {
+        let name = r["name"].as_str().unwrap();
+        names.insert(name);
+        let sigmas = vecf(&r["sigmas"]);
+        let xs: Vec<Vec<f64>> = r["xs"].as_array().unwrap().iter().map(vecf).collect();
+        let mut x = vecf(&r["x0"]);
+        let mut model = GaussianData::standard(x.len(), false);
+        let mut noise = Replay {
+            draws: vec![],
+            next: 0,
+        };
+        let mut sampler = registry::build::<Vec<f64>>(name, &SamplerOptions::default()).unwrap();
+        let mut cx = Ctx {
+            model: &mut model as &mut dyn Denoiser<Vec<f64>>,
+            noise: &mut noise,
+            sigmas: &sigmas,
+        };
+        for (i, want) in xs.iter().enumerate() {
+            sampler.step(&mut cx, &mut x, i).unwrap();
+            close(
+                &x,
+                want,
+                1e-12,
+                &format!("{name} n={} step {i}", sigmas.len() - 1),
+            );
+        }
+    }
+    let registered: std::collections::BTreeSet<&str> = registry::list()
+        .into_iter()
+        .filter(|i| i.family == registry::Family::Hybrid)
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(registered, names, "registered hybrids = the golden ones");
+    for e in g["raises"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(registry::info(name).is_none(), "{name} raises in RES4LYF");
+    }
+}

@@ -3,6 +3,7 @@ pub mod buffer;
 pub mod check;
 pub mod comfy;
 pub mod exprk;
+pub mod hybrid;
 pub mod kdiff;
 pub mod model;
 pub mod noise;

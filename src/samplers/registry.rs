@@ -3,6 +3,7 @@
 use super::buffer::Buffer;
 use super::comfy;
 use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk, ExpSde};
+use super::hybrid::{ExpHybrid, HYBRID_METHODS, HybridMethod};
 use super::kdiff;
 use super::rk::Rk;
 use super::stepper::Sampler;
@@ -16,6 +17,7 @@ pub enum Family {
     DiagImplicit,
     Implicit,
     Exponential,
+    Hybrid,
     Multistep,
     ComfyUi,
     Diffusers,
@@ -28,6 +30,7 @@ impl Family {
             Self::DiagImplicit => "diag. implicit RK",
             Self::Implicit => "implicit RK",
             Self::Exponential => "exponential RK",
+            Self::Hybrid => "hybrid exp. RK",
             Self::Multistep => "multistep",
             Self::ComfyUi => "ComfyUI",
             Self::Diffusers => "diffusers",
@@ -223,6 +226,16 @@ pub fn list() -> Vec<SamplerInfo> {
             stochastic: false,
         });
     }
+    for m in HYBRID_METHODS {
+        v.push(SamplerInfo {
+            name: m.name,
+            family: Family::Hybrid,
+            order: m.order,
+            stages: m.stages,
+            calls: m.stages,
+            stochastic: false,
+        });
+    }
     for &(name, _, order, _) in MULTISTEP {
         v.push(SamplerInfo {
             name,
@@ -327,6 +340,9 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                     sigma_max: o.noise_sigma_max,
                 });
                 return Ok(Box::new(s));
+            }
+            if let Some(m) = HybridMethod::by_name(name) {
+                return Ok(Box::new(ExpHybrid::new(m)));
             }
             if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
                 let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");

@@ -1,0 +1,146 @@
+#!/usr/bin/env python3
+"""Golden file for RES4LYF's hybrid samplers (pec423_2h2s, pec433_2h3s, abnorsett*_h*s, lawson4x-gen-mod_*h4s):
+the whole run, step by step, as RES4LYF computes it.
+
+    /path/to/venv/bin/python scripts/golden/samplers_res4lyf_hybrid.py /path/to/RES4LYF \
+        tests/golden/samplers/res4lyf_hybrid.json
+
+(a venv with torch, mpmath, einops; RES4LYF checked at 022c873). Nothing of RES4LYF is committed here.
+
+What is RES4LYF's own code and what is not: the per-step coefficients (a, b, u, v, c, the warm-up switch to
+res_Ns, hybrid_stages) come from RES4LYF's `get_rk_methods_beta`, and the stage/step updates from its
+`RK_Method_Beta.update_substep` / `zum` (u_k/v_k einsums), both run unmodified (the methods are taken from the
+source by `ast` and bound to a small object, because the module imports ComfyUI). RES4LYF's sampler loop
+(`beta/rk_sampler_beta.py`, `sample_rk_beta`) needs ComfyUI's model plumbing, so its default path (eta = 0, no
+guides, no implicit steps) is transcribed below line for line: the history recycling
+`eps_[ms] = data_prev_[ms] - x_0; eps_prev_ = eps_.clone()`, the tableau loop (model call at x_[row],
+s_[row]; update_substep), `x_next = x_[rows - multistep_stages - row_offset + 1]`, and the end-of-step shift
+`data_prev_[0] = data_[0]; data_prev_[k] = data_prev_[k-1]` (which leaves the newest denoised in slots 0 and 1).
+
+The model is the analytic Gaussian-data denoiser of trt_diff::samplers::model::GaussianData (VE, float64).
+"""
+import ast
+import json
+import math
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from samplers_res4lyf import load_res4lyf  # noqa: E402
+
+HYBRID = ["abnorsett2_1h2s", "abnorsett3_2h2s", "abnorsett4_3h2s", "pec423_2h2s", "pec433_2h3s",
+          "lawson42-gen-mod_1h4s", "lawson43-gen-mod_2h4s", "lawson44-gen-mod_3h4s", "lawson45-gen-mod_4h4s"]
+
+
+def load_rk_method(root, torch):
+    """RK_Method_Beta's zum / einsum / update_substep, from its source, bound to a minimal holder."""
+    src = open(os.path.join(root, "beta", "rk_method_beta.py")).read()
+    tree = ast.parse(src)
+    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RK_Method_Beta")
+    names = ("zum", "a_k_einsum", "b_k_einsum", "u_k_einsum", "v_k_einsum", "update_substep")
+    fns = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in names]
+    typing = __import__("typing")
+    ns = {"torch": torch, "Tensor": torch.Tensor, "Optional": typing.Optional}
+    exec(compile(ast.Module(body=fns, type_ignores=[]), "rk_method_beta.py", "exec"), ns)
+
+    class RK:
+        SYNC_SUBSTEP_MEAN_CW = False
+
+        def EO(self, key, default=False, *a, **k):
+            return default
+
+    for f in names:
+        setattr(RK, f, ns[f])
+    return RK
+
+
+def gaussian(n):
+    """GaussianData::standard(n, false)."""
+    mu = [0.8 * math.sin(i * 1.7) for i in range(n)]
+    s = [0.3 + 0.5 * (0.5 + 0.5 * math.cos(i * 0.9)) for i in range(n)]
+    return mu, s
+
+
+def run(rk, RK, torch, name, sigmas, x):
+    n = x.shape[0]
+    mu, s = gaussian(n)
+    mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
+
+    def model(x, sigma):
+        return mu + s2 / (s2 + sigma ** 2) * (x - mu)
+
+    sig = torch.tensor(sigmas, dtype=torch.float64)
+    data_prev_ = torch.zeros(4, n, dtype=torch.float64)
+    x_ = data_ = eps_ = eps_prev_ = None
+    out = []
+    for step in range(len(sigmas) - 1):
+        sigma, sigma_next = sig[step], sig[step + 1]
+        h = -torch.log(sigma_next / sigma)  # RK_Method_Exponential.h_fn(sigma_down = sigma_next, sigma)
+        a, b, u, v, ci, ms, hs, _ = rk.get_rk_methods_beta(name, h, 0.0, 0.5, 1.0, [], step, sig, sigma,
+                                                           sigma_next, sigma_next, "")
+        R = RK()
+        R.A, R.B, R.C = (torch.tensor(m, dtype=torch.float64) for m in (a, b, ci))
+        R.U = torch.tensor(u, dtype=torch.float64) if u is not None else None
+        R.V = torch.tensor(v, dtype=torch.float64) if v is not None else None
+        R.rows, R.cols = R.A.shape
+        R.multistep_stages, R.hybrid_stages = ms, hs
+        row_offset = 1 if R.A[0].sum() == 0 else 0
+        s_ = torch.exp(-(-torch.log(sigma) + h * R.C))  # NS.get_substep_list
+        recycled_stages = max(ms, hs, len(data_prev_) - 1)
+        if x_ is None:
+            x_, data_, eps_, eps_prev_ = (torch.zeros(R.rows + 2, n, dtype=torch.float64) for _ in range(4))
+        if R.rows + 2 > x_.shape[0]:
+            gap = R.rows + 2 - x_.shape[0]
+            x_, data_, eps_, eps_prev_ = (torch.cat((t, torch.zeros(gap, n, dtype=torch.float64)))
+                                          for t in (x_, data_, eps_, eps_prev_))
+        x_[0] = x.clone()
+        x_0 = x_[0].clone()
+        if ms > 0 or hs > 0:
+            for m in range(min(len(data_prev_), len(eps_))):
+                eps_[m] = data_prev_[m] - x_0  # get_epsilon_anchored
+            eps_prev_ = eps_.clone()
+        for row in range(R.rows - ms - row_offset + 1):
+            den = model(x_[row], s_[row])
+            # RK_Method_Exponential.__call__ with noise_anchor 1: epsilon = denoised - x_0.
+            eps_[row], data_[row] = den - x_0, den
+            x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
+        x = x_[R.rows - ms - row_offset + 1].clone()
+        data_prev_[0] = data_[0]
+        for m in range(recycled_stages):
+            data_prev_[recycled_stages - m] = data_prev_[recycled_stages - m - 1]
+        out.append([float(v) for v in x])
+    return out
+
+
+def main():
+    root, path = sys.argv[1], sys.argv[2]
+    import torch
+
+    rk = load_res4lyf(root)
+    RK = load_rk_method(root, torch)
+    n = 6
+    mu, s = gaussian(n)
+    schedules = [
+        # Karras (rho 7) from 14.6 to 0.03, 12 and 24 steps, and an exponential schedule, 10 steps.
+        [((14.6 ** (1 / 7)) + i / 12 * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7 for i in range(13)],
+        [((14.6 ** (1 / 7)) + i / 24 * (0.03 ** (1 / 7) - 14.6 ** (1 / 7))) ** 7 for i in range(25)],
+        [math.exp(math.log(10.0) + i / 10 * (math.log(0.05) - math.log(10.0))) for i in range(11)],
+    ]
+    runs, raises = [], []
+    for name in HYBRID:
+        for sig in schedules:
+            x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
+            try:
+                xs = run(rk, RK, torch, name, sig, torch.tensor(x0, dtype=torch.float64))
+            except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
+                raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
+                print(f"{name}: raises {type(e).__name__}: {e}")
+                break
+            runs.append({"name": name, "sigmas": sig, "x0": x0, "xs": xs})
+    with open(path, "w") as f:
+        json.dump({"runs": runs, "raises": raises}, f, separators=(",", ":"))
+    print(f"wrote {path}: {len(runs)} runs")
+
+
+if __name__ == "__main__":
+    main()
