@@ -122,3 +122,37 @@ fn ancestral_samplers_with_eta_zero() {
         assert!(p > order - 0.3, "{name}: slope {p}");
     }
 }
+
+/// RES4LYF's default noise_anchor 1 (stage derivatives anchored at x_0 and sigma) caps linear RK at order 2:
+/// rk4_4s's slope falls from 4 to 2 (the runs themselves equal RES4LYF's, tests/samplers_golden.rs). Implicit
+/// tableaux refuse the option.
+#[test]
+fn noise_anchor_one_caps_linear_rk_at_order_two() {
+    let slope_at = |anchor: f64| {
+        let spec = CheckSpec {
+            sampler: "rk4_4s".into(),
+            opts: SamplerOptions {
+                noise_anchor: anchor,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 64, None).unwrap(),
+            run(&spec, 128, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    let (p0, p1) = (slope_at(0.0), slope_at(1.0));
+    assert!(p0 > 3.7, "anchor 0 slope {p0}");
+    assert!((1.8..2.3).contains(&p1), "anchor 1 slope {p1}");
+    let o = SamplerOptions {
+        noise_anchor: 1.0,
+        ..Default::default()
+    };
+    let err = registry::build::<Vec<f64>>("gauss-legendre_2s", &o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("explicit tableaux only"), "{err}");
+}

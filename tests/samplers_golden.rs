@@ -222,17 +222,21 @@ fn res4lyf_deis_rhoab_coefficients() {
     assert!(checked >= 40, "{checked}");
 }
 
-/// RES4LYF's hybrid samplers, whole runs step by step as RES4LYF's own coefficient and update code computes
-/// them (scripts/golden/samplers_res4lyf_hybrid.py), including the warm-up steps and the history buffer that
-/// holds the newest denoised twice. The two names that raise in RES4LYF are recorded and not registered.
+/// Whole RES4LYF runs step by step as RES4LYF's own coefficient, model-call and update code computes them
+/// (scripts/golden/samplers_res4lyf_runs.py): the hybrid samplers, including the warm-up steps and the history
+/// buffer that holds the newest denoised twice (the two names that raise in RES4LYF are recorded and not
+/// registered), and explicit linear tableaux at noise_anchor 1 (RES4LYF's default) and 0.
 #[test]
-fn res4lyf_hybrid_samplers_step_by_step() {
-    let g = golden("res4lyf_hybrid.json");
+fn res4lyf_runs_step_by_step() {
+    let g = golden("res4lyf_runs.json");
     let runs = g["runs"].as_array().unwrap();
     let mut names = std::collections::BTreeSet::new();
     for r in runs {
         let name = r["name"].as_str().unwrap();
-        names.insert(name);
+        let anchor = r["anchor"].as_f64().unwrap();
+        if registry::info(name).unwrap().family == registry::Family::Hybrid {
+            names.insert(name);
+        }
         let sigmas = vecf(&r["sigmas"]);
         let xs: Vec<Vec<f64>> = r["xs"].as_array().unwrap().iter().map(vecf).collect();
         let mut x = vecf(&r["x0"]);
@@ -241,7 +245,12 @@ fn res4lyf_hybrid_samplers_step_by_step() {
             draws: vec![],
             next: 0,
         };
-        let mut sampler = registry::build::<Vec<f64>>(name, &SamplerOptions::default()).unwrap();
+        // noise_anchor acts on the linear tableaux only (the exponential runs are at RES4LYF's default 1).
+        let opts = SamplerOptions {
+            noise_anchor: anchor,
+            ..Default::default()
+        };
+        let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
         let mut cx = Ctx {
             model: &mut model as &mut dyn Denoiser<Vec<f64>>,
             noise: &mut noise,
@@ -249,12 +258,8 @@ fn res4lyf_hybrid_samplers_step_by_step() {
         };
         for (i, want) in xs.iter().enumerate() {
             sampler.step(&mut cx, &mut x, i).unwrap();
-            close(
-                &x,
-                want,
-                1e-12,
-                &format!("{name} n={} step {i}", sigmas.len() - 1),
-            );
+            let what = format!("{name} anchor {anchor} n={} step {i}", sigmas.len() - 1);
+            close(&x, want, 1e-12, &what);
         }
     }
     let registered: std::collections::BTreeSet<&str> = registry::list()

@@ -8,7 +8,7 @@
 //! names `sigma_i - sigma_{i-k}`, see [`HybridMethod::linear_hprev`]), and column j reads
 //! slot j of RES4LYF's history buffer, whose end-of-step shift leaves the newest denoised in slots 0 and 1,
 //! so the slots are `[D_{i-1}, D_{i-1}, D_{i-2}, D_{i-3}]` (golden run of RES4LYF's own coefficient and
-//! update code in scripts/golden/samplers_res4lyf_hybrid.py). The first `hist + 1` steps are the res_Ns
+//! update code in scripts/golden/samplers_res4lyf_runs.py). The first `hist + 1` steps are the res_Ns
 //! method of the same stage count, as RES4LYF switches them.
 use super::buffer::Buffer;
 use super::exprk::{ExpMethod, exp_step};

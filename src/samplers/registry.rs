@@ -74,6 +74,9 @@ pub struct SamplerOptions {
     pub noise_vp: bool,
     /// The model's largest sigma, which the noise modes normalize by (1 for flow models).
     pub noise_sigma_max: f64,
+    /// RES4LYF's `noise_anchor` for the explicit (linear) tableaux, see [`Rk::anchor`]. Default 0 (plain RK);
+    /// RES4LYF's nodes default to 1.0.
+    pub noise_anchor: f64,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -91,6 +94,7 @@ impl Default for SamplerOptions {
             noise_mode: super::noise_mode::NoiseMode::None,
             noise_vp: false,
             noise_sigma_max: super::schedule::ModelSampling::sd().sigma_max(),
+            noise_anchor: 0.0,
         }
     }
 }
@@ -353,7 +357,16 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 return Ok(Box::new(super::rk::DeisMultistep::new(points, w)));
             }
             if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {
-                return Ok(Box::new(Rk::new(t, o.implicit_sweeps)));
+                if o.noise_anchor != 0.0 && t.kind() != Kind::Explicit {
+                    bail!(
+                        "noise_anchor {} is implemented for explicit tableaux only; '{name}' is implicit \
+                         (use noise_anchor 0)",
+                        o.noise_anchor
+                    );
+                }
+                let mut rk = Rk::new(t, o.implicit_sweeps);
+                rk.anchor = o.noise_anchor;
+                return Ok(Box::new(rk));
             }
             let names: Vec<&str> = list().iter().map(|i| i.name).collect();
             bail!("unknown sampler '{name}'; valid: {}", names.join(", "))

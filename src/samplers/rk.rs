@@ -11,6 +11,10 @@ pub struct Rk<B> {
     pub tab: &'static Tableau,
     /// Fixed-point sweeps for implicit tableaux (each sweep gains about one order; default: the order).
     pub sweeps: usize,
+    /// RES4LYF's `noise_anchor` for explicit tableaux: stage derivatives
+    /// `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma` (0: plain RK on the ODE, the order the tableau
+    /// claims; RES4LYF's nodes default to 1, which caps every linear method at order 2).
+    pub anchor: f64,
     s: Scratch<B>,
 }
 impl<B> Rk<B> {
@@ -18,6 +22,7 @@ impl<B> Rk<B> {
         Self {
             tab,
             sweeps: sweeps.unwrap_or(tab.order),
+            anchor: 0.0,
             s: Scratch::new(),
         }
     }
@@ -65,10 +70,18 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         };
         match tab.kind() {
             Kind::Explicit => {
+                let a = self.anchor;
                 for k in 0..n {
                     stage(k, f, xs, k)?;
                     let (_, cur) = f.split_at_mut(k);
-                    deriv(cx, xs, s + tab.c[k] * h, den, &mut cur[0])?;
+                    let sig = s + tab.c[k] * h;
+                    if a == 0.0 {
+                        deriv(cx, xs, sig, den, &mut cur[0])?;
+                    } else {
+                        cx.model.denoise(xs, sig, den)?;
+                        let (wx, w0) = ((1.0 - a) / sig, a / s);
+                        cur[0].lincomb(0.0, &[(wx, &*xs), (w0, &*x), (-(wx + w0), &*den)])?;
+                    }
                 }
             }
             _ => {

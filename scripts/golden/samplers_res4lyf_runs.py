@@ -1,16 +1,19 @@
 #!/usr/bin/env python3
-"""Golden file for RES4LYF's hybrid samplers (pec423_2h2s, pec433_2h3s, abnorsett*_h*s, lawson4x-gen-mod_*h4s):
-the whole run, step by step, as RES4LYF computes it.
+"""Golden file of whole RES4LYF sampler runs, step by step, as RES4LYF computes them: its hybrid samplers
+(pec423_2h2s, pec433_2h3s, abnorsett*_h*s, lawson4x-gen-mod_*h4s, anchor 1) and some explicit linear tableaux
+with noise_anchor 1 (RES4LYF's node default) and 0.
 
-    /path/to/venv/bin/python scripts/golden/samplers_res4lyf_hybrid.py /path/to/RES4LYF \
-        tests/golden/samplers/res4lyf_hybrid.json
+    /path/to/venv/bin/python scripts/golden/samplers_res4lyf_runs.py /path/to/RES4LYF \
+        tests/golden/samplers/res4lyf_runs.json
 
 (a venv with torch, mpmath, einops; RES4LYF checked at 022c873). Nothing of RES4LYF is committed here.
 
 What is RES4LYF's own code and what is not: the per-step coefficients (a, b, u, v, c, the warm-up switch to
 res_Ns, hybrid_stages) come from RES4LYF's `get_rk_methods_beta`, and the stage/step updates from its
 `RK_Method_Beta.update_substep` / `zum` (u_k/v_k einsums), both run unmodified (the methods are taken from the
-source by `ast` and bound to a small object, because the module imports ComfyUI). RES4LYF's sampler loop
+source by `ast` and bound to a small object, because the module imports ComfyUI), as are the model-call wrappers
+`RK_Method_Exponential.__call__` / `RK_Method_Linear.__call__` (which apply noise_anchor: a linear method's
+stage derivative is `(x_0 - D) / sigma` at anchor 1, `(x - D) / sub_sigma` at 0). RES4LYF's sampler loop
 (`beta/rk_sampler_beta.py`, `sample_rk_beta`) needs ComfyUI's model plumbing, so its default path (eta = 0, no
 guides, no implicit steps) is transcribed below line for line: the history recycling
 `eps_[ms] = data_prev_[ms] - x_0; eps_prev_ = eps_.clone()`, the tableau loop (model call at x_[row],
@@ -32,26 +35,42 @@ HYBRID = ["abnorsett2_1h2s", "abnorsett3_2h2s", "abnorsett4_3h2s", "pec423_2h2s"
           "lawson42-gen-mod_1h4s", "lawson43-gen-mod_2h4s", "lawson44-gen-mod_3h4s", "lawson45-gen-mod_4h4s"]
 
 
+LINEAR = ["heun_2s", "ralston_3s", "rk4_4s", "rk38_4s", "bogacki-shampine_4s", "dormand-prince_6s"]
+
+
 def load_rk_method(root, torch):
-    """RK_Method_Beta's zum / einsum / update_substep, from its source, bound to a minimal holder."""
+    """RK_Method_Beta's zum / einsum / update_substep and the Exponential / Linear subclasses' __call__, from
+    the source, bound to minimal holders: returns (exponential class, linear class)."""
     src = open(os.path.join(root, "beta", "rk_method_beta.py")).read()
     tree = ast.parse(src)
-    cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == "RK_Method_Beta")
-    names = ("zum", "a_k_einsum", "b_k_einsum", "u_k_einsum", "v_k_einsum", "update_substep")
-    fns = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in names]
     typing = __import__("typing")
-    ns = {"torch": torch, "Tensor": torch.Tensor, "Optional": typing.Optional}
-    exec(compile(ast.Module(body=fns, type_ignores=[]), "rk_method_beta.py", "exec"), ns)
+    ns = {"torch": torch, "Tensor": torch.Tensor, "Optional": typing.Optional, "Tuple": typing.Tuple}
+
+    def methods(cls_name, names):
+        cls = next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == cls_name)
+        fns = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in names]
+        d = dict(ns)
+        exec(compile(ast.Module(body=fns, type_ignores=[]), "rk_method_beta.py", "exec"), d)
+        return {k: d[k] for k in names}
+
+    base = methods("RK_Method_Beta", ("zum", "a_k_einsum", "b_k_einsum", "u_k_einsum", "v_k_einsum",
+                                      "update_substep"))
 
     class RK:
         SYNC_SUBSTEP_MEAN_CW = False
+        model_device = "cpu"
+        extra_args = {}
 
         def EO(self, key, default=False, *a, **k):
             return default
 
-    for f in names:
-        setattr(RK, f, ns[f])
-    return RK
+    for k, f in base.items():
+        setattr(RK, k, f)
+    out = []
+    for cls_name in ("RK_Method_Exponential", "RK_Method_Linear"):
+        sub = type(cls_name, (RK,), methods(cls_name, ("__call__",)))
+        out.append(sub)
+    return out
 
 
 def gaussian(n):
@@ -61,12 +80,12 @@ def gaussian(n):
     return mu, s
 
 
-def run(rk, RK, torch, name, sigmas, x):
+def run(rk, RK, torch, name, sigmas, x, exponential, anchor):
     n = x.shape[0]
     mu, s = gaussian(n)
     mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
 
-    def model(x, sigma):
+    def model(x, sigma, **kw):
         return mu + s2 / (s2 + sigma ** 2) * (x - mu)
 
     sig = torch.tensor(sigmas, dtype=torch.float64)
@@ -75,17 +94,21 @@ def run(rk, RK, torch, name, sigmas, x):
     out = []
     for step in range(len(sigmas) - 1):
         sigma, sigma_next = sig[step], sig[step + 1]
-        h = -torch.log(sigma_next / sigma)  # RK_Method_Exponential.h_fn(sigma_down = sigma_next, sigma)
+        # h_fn(sigma_down = sigma_next, sigma) of RK_Method_Exponential / RK_Method_Linear
+        h = -torch.log(sigma_next / sigma) if exponential else sigma_next - sigma
         a, b, u, v, ci, ms, hs, _ = rk.get_rk_methods_beta(name, h, 0.0, 0.5, 1.0, [], step, sig, sigma,
                                                            sigma_next, sigma_next, "")
         R = RK()
+        R.LINEAR_ANCHOR_X_0 = anchor
+        R.model_denoised = model
         R.A, R.B, R.C = (torch.tensor(m, dtype=torch.float64) for m in (a, b, ci))
         R.U = torch.tensor(u, dtype=torch.float64) if u is not None else None
         R.V = torch.tensor(v, dtype=torch.float64) if v is not None else None
         R.rows, R.cols = R.A.shape
         R.multistep_stages, R.hybrid_stages = ms, hs
         row_offset = 1 if R.A[0].sum() == 0 else 0
-        s_ = torch.exp(-(-torch.log(sigma) + h * R.C))  # NS.get_substep_list
+        # NS.get_substep_list: sigma_fn(t_fn(sigma) + h C)
+        s_ = torch.exp(-(-torch.log(sigma) + h * R.C)) if exponential else sigma + h * R.C
         recycled_stages = max(ms, hs, len(data_prev_) - 1)
         if x_ is None:
             x_, data_, eps_, eps_prev_ = (torch.zeros(R.rows + 2, n, dtype=torch.float64) for _ in range(4))
@@ -100,9 +123,7 @@ def run(rk, RK, torch, name, sigmas, x):
                 eps_[m] = data_prev_[m] - x_0  # get_epsilon_anchored
             eps_prev_ = eps_.clone()
         for row in range(R.rows - ms - row_offset + 1):
-            den = model(x_[row], s_[row])
-            # RK_Method_Exponential.__call__ with noise_anchor 1: epsilon = denoised - x_0.
-            eps_[row], data_[row] = den - x_0, den
+            eps_[row], data_[row] = R(x_[row], s_[row], x_0, sigma)
             x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
         x = x_[R.rows - ms - row_offset + 1].clone()
         data_prev_[0] = data_[0]
@@ -117,7 +138,7 @@ def main():
     import torch
 
     rk = load_res4lyf(root)
-    RK = load_rk_method(root, torch)
+    EXP, LIN = load_rk_method(root, torch)
     n = 6
     mu, s = gaussian(n)
     schedules = [
@@ -127,16 +148,18 @@ def main():
         [math.exp(math.log(10.0) + i / 10 * (math.log(0.05) - math.log(10.0))) for i in range(11)],
     ]
     runs, raises = [], []
-    for name in HYBRID:
+    jobs = [(name, True, 1.0) for name in HYBRID] + [(name, False, a) for name in LINEAR for a in (1.0, 0.0)]
+    for name, exponential, anchor in jobs:
         for sig in schedules:
             x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
             try:
-                xs = run(rk, RK, torch, name, sig, torch.tensor(x0, dtype=torch.float64))
+                xs = run(rk, EXP if exponential else LIN, torch, name, sig,
+                         torch.tensor(x0, dtype=torch.float64), exponential, anchor)
             except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
                 raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name}: raises {type(e).__name__}: {e}")
                 break
-            runs.append({"name": name, "sigmas": sig, "x0": x0, "xs": xs})
+            runs.append({"name": name, "anchor": anchor, "sigmas": sig, "x0": x0, "xs": xs})
     with open(path, "w") as f:
         json.dump({"runs": runs, "raises": raises}, f, separators=(",", ":"))
     print(f"wrote {path}: {len(runs)} runs")
