@@ -156,3 +156,63 @@ fn noise_anchor_one_caps_linear_rk_at_order_two() {
         .to_string();
     assert!(err.contains("explicit tableaux only"), "{err}");
 }
+
+/// RES4LYF's implicit steps/substeps (values proven by the golden runs in tests/samplers_golden.rs) cost the
+/// refined methods their order on the ODE; options that do not apply are refused by name.
+#[test]
+fn implicit_refinement_orders_and_errors() {
+    let slope = |name: &str, full: usize, diag: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                implicit_steps: full,
+                implicit_substeps: diag,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 256, None).unwrap(),
+            run(&spec, 512, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    // Measured: the redo evaluates stage 0 at x_next, sigma_next but weights it as the stage at c = 0, an
+    // O(h) change of that stage; only where its weight is O(h) itself (res_2s's b1 = phi_1 - 2 phi_2) does the
+    // order survive. The substeps likewise shift each stage to the next node: first order.
+    for (name, full, diag, want) in [
+        ("res_2s", 1, 0, 2.0),
+        ("res_2s", 0, 1, 1.0),
+        ("res_3s", 1, 1, 1.0),
+        ("heun_2s", 1, 0, 1.0),
+        ("rk4_4s", 1, 0, 1.0),
+        ("rk4_4s", 0, 1, 1.0),
+    ] {
+        let p = slope(name, full, diag);
+        assert!(
+            (p - want).abs() < 0.3,
+            "{name} {full}/{diag}: slope {p}, expected {want}"
+        );
+    }
+    for (name, why) in [
+        ("gauss-legendre_2s", "implicit_sweeps"),
+        ("euler", "not to 'euler'"),
+        ("res_2m", "not to 'res_2m'"),
+    ] {
+        let o = SamplerOptions {
+            implicit_steps: 1,
+            ..Default::default()
+        };
+        let err = registry::build::<Vec<f64>>(name, &o)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    let o = SamplerOptions {
+        implicit_substeps: 1,
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::Hard,
+        ..Default::default()
+    };
+    assert!(registry::build::<Vec<f64>>("res_2s", &o).is_err());
+}

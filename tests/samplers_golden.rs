@@ -225,7 +225,8 @@ fn res4lyf_deis_rhoab_coefficients() {
 /// Whole RES4LYF runs step by step as RES4LYF's own coefficient, model-call and update code computes them
 /// (scripts/golden/samplers_res4lyf_runs.py): the hybrid samplers, including the warm-up steps and the history
 /// buffer that holds the newest denoised twice (the two names that raise in RES4LYF are recorded and not
-/// registered), and explicit linear tableaux at noise_anchor 1 (RES4LYF's default) and 0.
+/// registered), explicit linear tableaux at noise_anchor 1 (RES4LYF's default) and 0, and RES4LYF's implicit
+/// steps/substeps on exponential and linear explicit methods.
 #[test]
 fn res4lyf_runs_step_by_step() {
     let g = golden("res4lyf_runs.json");
@@ -248,6 +249,8 @@ fn res4lyf_runs_step_by_step() {
         // noise_anchor acts on the linear tableaux only (the exponential runs are at RES4LYF's default 1).
         let opts = SamplerOptions {
             noise_anchor: anchor,
+            implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
+            implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
             ..Default::default()
         };
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
@@ -258,7 +261,12 @@ fn res4lyf_runs_step_by_step() {
         };
         for (i, want) in xs.iter().enumerate() {
             sampler.step(&mut cx, &mut x, i).unwrap();
-            let what = format!("{name} anchor {anchor} n={} step {i}", sigmas.len() - 1);
+            let what = format!(
+                "{name} anchor {anchor} implicit steps/substeps {}/{} n={} step {i}",
+                opts.implicit_steps,
+                opts.implicit_substeps,
+                sigmas.len() - 1
+            );
             close(&x, want, 1e-12, &what);
         }
     }

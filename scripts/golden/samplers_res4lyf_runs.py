@@ -15,10 +15,14 @@ source by `ast` and bound to a small object, because the module imports ComfyUI)
 `RK_Method_Exponential.__call__` / `RK_Method_Linear.__call__` (which apply noise_anchor: a linear method's
 stage derivative is `(x_0 - D) / sigma` at anchor 1, `(x - D) / sub_sigma` at 0). RES4LYF's sampler loop
 (`beta/rk_sampler_beta.py`, `sample_rk_beta`) needs ComfyUI's model plumbing, so its default path (eta = 0, no
-guides, no implicit steps) is transcribed below line for line: the history recycling
+guides; implicit steps and substeps with the default implicit types, which at eta 0 all take the same branch)
+is transcribed below line for line: the history recycling
 `eps_[ms] = data_prev_[ms] - x_0; eps_prev_ = eps_.clone()`, the tableau loop (model call at x_[row],
 s_[row]; update_substep), `x_next = x_[rows - multistep_stages - row_offset + 1]`, and the end-of-step shift
 `data_prev_[0] = data_[0]; data_prev_[k] = data_prev_[k-1]` (which leaves the newest denoised in slots 0 and 1).
+The implicit steps re-run the tableau loop with row 0 evaluated at the previous result x at sigma_next; the
+substeps re-evaluate a row at `x_[row + row_offset]`. Left out: `rebound_overshoot_substep/step`, the identity
+at eta 0 (up to rounding), and everything behind guides, noise, newton iterations (implicit tableaux only).
 
 The model is the analytic Gaussian-data denoiser of trt_diff::samplers::model::GaussianData (VE, float64).
 """
@@ -35,6 +39,8 @@ HYBRID = ["abnorsett2_1h2s", "abnorsett3_2h2s", "abnorsett4_3h2s", "pec423_2h2s"
           "lawson42-gen-mod_1h4s", "lawson43-gen-mod_2h4s", "lawson44-gen-mod_3h4s", "lawson45-gen-mod_4h4s"]
 
 
+REFINE_EXP = ["res_2s", "res_3s", "dpmpp_2s"]
+REFINE_LIN = ["heun_2s", "rk4_4s"]
 LINEAR = ["heun_2s", "ralston_3s", "rk4_4s", "rk38_4s", "bogacki-shampine_4s", "dormand-prince_6s"]
 
 
@@ -80,7 +86,7 @@ def gaussian(n):
     return mu, s
 
 
-def run(rk, RK, torch, name, sigmas, x, exponential, anchor):
+def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0):
     n = x.shape[0]
     mu, s = gaussian(n)
     mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
@@ -122,10 +128,22 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor):
             for m in range(min(len(data_prev_), len(eps_))):
                 eps_[m] = data_prev_[m] - x_0  # get_epsilon_anchored
             eps_prev_ = eps_.clone()
-        for row in range(R.rows - ms - row_offset + 1):
-            eps_[row], data_[row] = R(x_[row], s_[row], x_0, sigma)
-            x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
-        x = x_[R.rows - ms - row_offset + 1].clone()
+        full_iter = 0
+        while full_iter < full + 1:  # implicit_steps_full (implicit_type predictor-corrector, eta 0)
+            for row in range(R.rows - ms - row_offset + 1):
+                diag_iter = 0
+                while diag_iter < diag + 1:  # implicit_steps_diag
+                    if full_iter > 0 and row_offset == 1 and row == 0:
+                        x_tmp, s_tmp = x, sigma_next
+                    elif diag_iter > 0:
+                        x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
+                    else:
+                        x_tmp, s_tmp = x_[row], s_[row]
+                    eps_[row], data_[row] = R(x_tmp, s_tmp, x_0, sigma)
+                    x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
+                    diag_iter += 1
+            x = x_[R.rows - ms - row_offset + 1].clone()  # eta 0: x = x_next
+            full_iter += 1
         data_prev_[0] = data_[0]
         for m in range(recycled_stages):
             data_prev_[recycled_stages - m] = data_prev_[recycled_stages - m - 1]
@@ -148,18 +166,22 @@ def main():
         [math.exp(math.log(10.0) + i / 10 * (math.log(0.05) - math.log(10.0))) for i in range(11)],
     ]
     runs, raises = [], []
-    jobs = [(name, True, 1.0) for name in HYBRID] + [(name, False, a) for name in LINEAR for a in (1.0, 0.0)]
-    for name, exponential, anchor in jobs:
-        for sig in schedules:
+    jobs = [(name, True, 1.0, 0, 0) for name in HYBRID] + [(name, False, a, 0, 0) for name in LINEAR for a in (1.0, 0.0)]
+    # RES4LYF's implicit steps (full) / substeps (diag) on explicit methods.
+    jobs += [(name, True, 1.0, f, d) for name in REFINE_EXP for f, d in ((1, 0), (0, 1), (2, 1))]
+    jobs += [(name, False, a, f, d) for name in REFINE_LIN for a in (1.0, 0.0) for f, d in ((1, 0), (1, 1))]
+    for name, exponential, anchor, full, diag in jobs:
+        for sig in schedules if full == diag == 0 else schedules[::2]:
             x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
             try:
                 xs = run(rk, EXP if exponential else LIN, torch, name, sig,
-                         torch.tensor(x0, dtype=torch.float64), exponential, anchor)
+                         torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag)
             except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
                 raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name}: raises {type(e).__name__}: {e}")
                 break
-            runs.append({"name": name, "anchor": anchor, "sigmas": sig, "x0": x0, "xs": xs})
+            runs.append({"name": name, "anchor": anchor, "implicit_steps": full, "implicit_substeps": diag,
+                         "sigmas": sig, "x0": x0, "xs": xs})
     with open(path, "w") as f:
         json.dump({"runs": runs, "raises": raises}, f, separators=(",", ":"))
     print(f"wrote {path}: {len(runs)} runs")

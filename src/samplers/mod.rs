@@ -10,6 +10,7 @@ pub mod noise;
 pub mod noise_mode;
 pub mod noise_types;
 pub mod phi;
+pub mod refine;
 pub mod registry;
 pub mod report;
 pub mod rk;

@@ -5,6 +5,7 @@ use super::comfy;
 use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk, ExpSde};
 use super::hybrid::{ExpHybrid, HYBRID_METHODS, HybridMethod};
 use super::kdiff;
+use super::refine::Refine;
 use super::rk::Rk;
 use super::stepper::Sampler;
 use super::tableau::{Kind, TABLEAUX, Tableau, proven_order};
@@ -77,6 +78,10 @@ pub struct SamplerOptions {
     /// RES4LYF's `noise_anchor` for the explicit (linear) tableaux, see [`Rk::anchor`]. Default 0 (plain RK);
     /// RES4LYF's nodes default to 1.0.
     pub noise_anchor: f64,
+    /// RES4LYF's implicit refinement (`implicit_steps`, `implicit_substeps`) of the single-step exponential
+    /// samplers (without a noise mode) and the explicit tableaux, see [`super::refine`]. Default 0, 0.
+    pub implicit_steps: usize,
+    pub implicit_substeps: usize,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -95,6 +100,8 @@ impl Default for SamplerOptions {
             noise_vp: false,
             noise_sigma_max: super::schedule::ModelSampling::sd().sigma_max(),
             noise_anchor: 0.0,
+            implicit_steps: 0,
+            implicit_substeps: 0,
         }
     }
 }
@@ -285,6 +292,28 @@ pub fn info(name: &str) -> Option<SamplerInfo> {
 /// Build a sampler by name.
 pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<dyn Sampler<B>>> {
     use kdiff::*;
+    let refine = Refine {
+        full: o.implicit_steps,
+        diag: o.implicit_substeps,
+    };
+    if !refine.is_none() {
+        let exp_ode = ExpMethod::by_name(name).is_some()
+            && o.noise_mode == super::noise_mode::NoiseMode::None;
+        let explicit = tableaux()
+            .iter()
+            .any(|t| t.name == name && t.kind() == Kind::Explicit);
+        if !exp_ode && !explicit {
+            bail!(
+                "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to the single-step exponential \
+                 samplers without a noise mode and to the explicit tableaux, not to '{name}'{}",
+                if tableaux().iter().any(|t| t.name == name) {
+                    " (implicit tableaux: use implicit_sweeps)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     Ok(match name {
         "euler" => Box::new(Euler::default()),
         "euler_ancestral" => Box::new(EulerAncestral::new(o.eta, o.s_noise)),
@@ -336,6 +365,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         _ => {
             if let Some(m) = ExpMethod::by_name(name) {
                 let mut s = ExpRk::new(m);
+                s.refine = refine;
                 s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
                     mode: o.noise_mode,
                     eta: o.eta,
@@ -366,6 +396,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 }
                 let mut rk = Rk::new(t, o.implicit_sweeps);
                 rk.anchor = o.noise_anchor;
+                rk.refine = refine;
                 return Ok(Box::new(rk));
             }
             let names: Vec<&str> = list().iter().map(|i| i.name).collect();

@@ -3,6 +3,7 @@
 //! cost one model call per stage per sweep. A step to sigma = 0 is the plain denoise (the derivative is
 //! singular there), as k-diffusion's Heun does.
 use super::buffer::Buffer;
+use super::refine::{Refine, StageEps, refined_step};
 use super::stepper::{Ctx, Sampler, Scratch};
 use super::tableau::{Kind, Tableau};
 use anyhow::Result;
@@ -15,6 +16,8 @@ pub struct Rk<B> {
     /// `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma` (0: plain RK on the ODE, the order the tableau
     /// claims; RES4LYF's nodes default to 1, which caps every linear method at order 2).
     pub anchor: f64,
+    /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`].
+    pub refine: Refine,
     s: Scratch<B>,
 }
 impl<B> Rk<B> {
@@ -23,6 +26,7 @@ impl<B> Rk<B> {
             tab,
             sweeps: sweeps.unwrap_or(tab.order),
             anchor: 0.0,
+            refine: Refine::default(),
             s: Scratch::new(),
         }
     }
@@ -51,6 +55,17 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
         let tab = self.tab;
         let n = tab.stages();
+        if !self.refine.is_none() && sn > 0.0 && tab.kind() == Kind::Explicit {
+            let h = sn - s;
+            let mut sig: Vec<f64> = tab.c.iter().map(|c| s + c * h).collect();
+            sig.push(sn);
+            let a: Vec<Vec<f64>> = tab.a.iter().map(|r| r.to_vec()).collect();
+            let bufs = self.s.get(n + 3, x)?;
+            let e = StageEps::Linear {
+                anchor: self.anchor,
+            };
+            return refined_step(cx, x, bufs, &a, tab.b, &sig, s, h, e, self.refine);
+        }
         let bufs = self.s.get(n + 2, x)?;
         let (f, rest) = bufs.split_at_mut(n);
         let (xs, den) = rest.split_at_mut(1);
