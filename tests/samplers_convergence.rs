@@ -125,7 +125,7 @@ fn ancestral_samplers_with_eta_zero() {
 
 /// RES4LYF's default noise_anchor 1 (stage derivatives anchored at x_0 and sigma) caps linear RK at order 2:
 /// rk4_4s's slope falls from 4 to 2 (the runs themselves equal RES4LYF's, tests/samplers_golden.rs). Implicit
-/// tableaux refuse the option.
+/// tableaux take only 0 or 1.
 #[test]
 fn noise_anchor_one_caps_linear_rk_at_order_two() {
     let slope_at = |anchor: f64| {
@@ -147,14 +147,17 @@ fn noise_anchor_one_caps_linear_rk_at_order_two() {
     assert!(p0 > 3.7, "anchor 0 slope {p0}");
     assert!((1.8..2.3).contains(&p1), "anchor 1 slope {p1}");
     let o = SamplerOptions {
-        noise_anchor: 1.0,
+        noise_anchor: 0.5,
         ..Default::default()
     };
     let err = registry::build::<Vec<f64>>("gauss-legendre_2s", &o)
         .err()
         .unwrap()
         .to_string();
-    assert!(err.contains("explicit tableaux only"), "{err}");
+    assert!(
+        err.contains("only 0 (our fixed-point sweeps) or 1"),
+        "{err}"
+    );
 }
 
 /// RES4LYF's implicit steps/substeps (values proven by the golden runs in tests/samplers_golden.rs) cost the
@@ -215,4 +218,41 @@ fn implicit_refinement_orders_and_errors() {
         ..Default::default()
     };
     assert!(registry::build::<Vec<f64>>("res_2s", &o).is_err());
+}
+
+/// Implicit tableaux stepped as RES4LYF does (noise_anchor 1; values proven in tests/samplers_golden.rs): the
+/// anchored stages give order 2 whatever the tableau's own order and the number of sweeps.
+#[test]
+fn res4lyf_implicit_stepping_orders() {
+    let slope = |name: &str, full: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                noise_anchor: 1.0,
+                implicit_steps: full,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 128, None).unwrap(),
+            run(&spec, 256, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    for (name, full) in [
+        ("gauss-legendre_2s", 0),
+        ("gauss-legendre_2s", 3),
+        ("radau_iia_3s", 0),
+        ("radau_iia_3s", 3),
+        ("lobatto_iiia_3s", 0),
+        ("lobatto_iiic_3s", 3),
+        ("crouzeix_2s", 0),
+    ] {
+        let p = slope(name, full);
+        assert!(
+            (1.7..2.3).contains(&p),
+            "{name} implicit_steps {full}: slope {p}"
+        );
+    }
 }

@@ -22,7 +22,9 @@ s_[row]; update_substep), `x_next = x_[rows - multistep_stages - row_offset + 1]
 `data_prev_[0] = data_[0]; data_prev_[k] = data_prev_[k-1]` (which leaves the newest denoised in slots 0 and 1).
 The implicit steps re-run the tableau loop with row 0 evaluated at the previous result x at sigma_next; the
 substeps re-evaluate a row at `x_[row + row_offset]`. Left out: `rebound_overshoot_substep/step`, the identity
-at eta 0 (up to rounding), and everything behind guides, noise, newton iterations (implicit tableaux only).
+at eta 0 (up to rounding), and everything behind guides and noise. For implicit tableaux (noise_anchor 1) the
+loop's implicit branch is transcribed too: `init_implicit_sampling` and `newton_iter` run from RES4LYF's source,
+the model call of row 0 is skipped when c_1 = 0, and the b row only updates.
 
 The model is the analytic Gaussian-data denoiser of trt_diff::samplers::model::GaussianData (VE, float64).
 """
@@ -39,6 +41,7 @@ HYBRID = ["abnorsett2_1h2s", "abnorsett3_2h2s", "abnorsett4_3h2s", "pec423_2h2s"
           "lawson42-gen-mod_1h4s", "lawson43-gen-mod_2h4s", "lawson44-gen-mod_3h4s", "lawson45-gen-mod_4h4s"]
 
 
+IMPLICIT = ["gauss-legendre_2s", "radau_iia_2s", "lobatto_iiia_2s", "lobatto_iiic_2s", "crouzeix_2s"]
 REFINE_EXP = ["res_2s", "res_3s", "dpmpp_2s"]
 REFINE_LIN = ["heun_2s", "rk4_4s"]
 LINEAR = ["heun_2s", "ralston_3s", "rk4_4s", "rk38_4s", "bogacki-shampine_4s", "dormand-prince_6s"]
@@ -60,7 +63,7 @@ def load_rk_method(root, torch):
         return {k: d[k] for k in names}
 
     base = methods("RK_Method_Beta", ("zum", "a_k_einsum", "b_k_einsum", "u_k_einsum", "v_k_einsum",
-                                      "update_substep"))
+                                      "update_substep", "newton_iter"))
 
     class RK:
         SYNC_SUBSTEP_MEAN_CW = False
@@ -74,9 +77,21 @@ def load_rk_method(root, torch):
         setattr(RK, k, f)
     out = []
     for cls_name in ("RK_Method_Exponential", "RK_Method_Linear"):
-        sub = type(cls_name, (RK,), methods(cls_name, ("__call__",)))
+        sub = type(cls_name, (RK,), methods(cls_name, ("__call__", "get_epsilon", "get_epsilon_anchored")))
         out.append(sub)
     return out
+
+
+def load_init_implicit(root, torch):
+    """rk_sampler_beta.py's init_implicit_sampling, from its source (the module imports ComfyUI)."""
+    src = open(os.path.join(root, "beta", "rk_sampler_beta.py")).read()
+    fn = next(n for n in ast.parse(src).body if isinstance(n, ast.FunctionDef) and n.name == "init_implicit_sampling")
+    fn.decorator_list = []
+    typing = __import__("typing")
+    ns = {"torch": torch, "Tensor": torch.Tensor, "Optional": typing.Optional, "RK_Method_Beta": object,
+          "ExtraOptions": object}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "rk_sampler_beta.py", "exec"), ns)
+    return ns["init_implicit_sampling"]
 
 
 def gaussian(n):
@@ -86,7 +101,7 @@ def gaussian(n):
     return mu, s
 
 
-def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0):
+def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, init_implicit=None):
     n = x.shape[0]
     mu, s = gaussian(n)
     mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
@@ -112,7 +127,8 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0):
         R.V = torch.tensor(v, dtype=torch.float64) if v is not None else None
         R.rows, R.cols = R.A.shape
         R.multistep_stages, R.hybrid_stages = ms, hs
-        row_offset = 1 if R.A[0].sum() == 0 else 0
+        R.IMPLICIT = name in rk.get_implicit_sampler_name_list(nameOnly=True)
+        row_offset = 1 if not R.IMPLICIT and R.A[0].sum() == 0 else 0
         # NS.get_substep_list: sigma_fn(t_fn(sigma) + h C)
         s_ = torch.exp(-(-torch.log(sigma) + h * R.C)) if exponential else sigma + h * R.C
         recycled_stages = max(ms, hs, len(data_prev_) - 1)
@@ -128,18 +144,33 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0):
             for m in range(min(len(data_prev_), len(eps_))):
                 eps_[m] = data_prev_[m] - x_0  # get_epsilon_anchored
             eps_prev_ = eps_.clone()
+        if R.IMPLICIT:
+            x_, eps_, data_ = init_implicit(R, x_0, x_, eps_, eps_prev_, data_, None, None, None, step, sig, h, s_,
+                                            lambda *a, **k: False, False)
         full_iter = 0
         while full_iter < full + 1:  # implicit_steps_full (implicit_type predictor-corrector, eta 0)
             for row in range(R.rows - ms - row_offset + 1):
                 diag_iter = 0
                 while diag_iter < diag + 1:  # implicit_steps_diag
+                    if row >= R.rows:  # the b row of an implicit tableau: update only
+                        x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
+                        diag_iter += 1
+                        continue
                     if full_iter > 0 and row_offset == 1 and row == 0:
                         x_tmp, s_tmp = x, sigma_next
                     elif diag_iter > 0:
                         x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
                     else:
                         x_tmp, s_tmp = x_[row], s_[row]
-                    eps_[row], data_[row] = R(x_tmp, s_tmp, x_0, sigma)
+                    if R.IMPLICIT and row == 0 and R.C[0] == 0.0:
+                        pass
+                    else:
+                        # x_tmp may be a view of x_, which newton_iter refreshes in place (as in RES4LYF).
+                        x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, row, h, sig, step, "pre", False)
+                        eps_[row], data_[row] = R(x_tmp, s_tmp, x_0, sigma)
+                        if full_iter == 0 and diag_iter == 0:
+                            x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, row, h, sig, step, "post",
+                                                     False)
                     x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
                     diag_iter += 1
             x = x_[R.rows - ms - row_offset + 1].clone()  # eta 0: x = x_next
@@ -157,6 +188,7 @@ def main():
 
     rk = load_res4lyf(root)
     EXP, LIN = load_rk_method(root, torch)
+    init_implicit = load_init_implicit(root, torch)
     n = 6
     mu, s = gaussian(n)
     schedules = [
@@ -170,12 +202,14 @@ def main():
     # RES4LYF's implicit steps (full) / substeps (diag) on explicit methods.
     jobs += [(name, True, 1.0, f, d) for name in REFINE_EXP for f, d in ((1, 0), (0, 1), (2, 1))]
     jobs += [(name, False, a, f, d) for name in REFINE_LIN for a in (1.0, 0.0) for f, d in ((1, 0), (1, 1))]
+    # Implicit tableaux at noise_anchor 1: init, newton iterations, Gauss-Seidel rows (row 0 skipped at c = 0).
+    jobs += [(name, False, 1.0, f, d) for name in IMPLICIT for f, d in ((0, 0), (1, 0), (0, 1))]
     for name, exponential, anchor, full, diag in jobs:
         for sig in schedules if full == diag == 0 else schedules[::2]:
             x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
             try:
                 xs = run(rk, EXP if exponential else LIN, torch, name, sig,
-                         torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag)
+                         torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag, init_implicit)
             except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
                 raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name}: raises {type(e).__name__}: {e}")

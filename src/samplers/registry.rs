@@ -296,18 +296,32 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         full: o.implicit_steps,
         diag: o.implicit_substeps,
     };
+    let tab = tableaux().into_iter().find(|t| t.name == name);
+    let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
+    if implicit && o.noise_anchor != 0.0 && o.noise_anchor != 1.0 {
+        bail!(
+            "noise_anchor {} for the implicit tableau '{name}': only 0 (our fixed-point sweeps) or 1 \
+             (RES4LYF's stepping) are implemented",
+            o.noise_anchor
+        );
+    }
+    if implicit && o.noise_anchor == 1.0 && o.implicit_sweeps.is_some() {
+        bail!(
+            "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
+             instead of implicit_sweeps"
+        );
+    }
     if !refine.is_none() {
         let exp_ode = ExpMethod::by_name(name).is_some()
             && o.noise_mode == super::noise_mode::NoiseMode::None;
-        let explicit = tableaux()
-            .iter()
-            .any(|t| t.name == name && t.kind() == Kind::Explicit);
-        if !exp_ode && !explicit {
+        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit || o.noise_anchor == 1.0);
+        if !exp_ode && !res4lyf_tab {
             bail!(
                 "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to the single-step exponential \
-                 samplers without a noise mode and to the explicit tableaux, not to '{name}'{}",
-                if tableaux().iter().any(|t| t.name == name) {
-                    " (implicit tableaux: use implicit_sweeps)"
+                 samplers without a noise mode, the explicit tableaux and, with noise_anchor 1, the implicit \
+                 tableaux; not to '{name}'{}",
+                if implicit {
+                    " at noise_anchor 0 (use implicit_sweeps, or noise_anchor 1)"
                 } else {
                     ""
                 }
@@ -387,13 +401,6 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 return Ok(Box::new(super::rk::DeisMultistep::new(points, w)));
             }
             if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {
-                if o.noise_anchor != 0.0 && t.kind() != Kind::Explicit {
-                    bail!(
-                        "noise_anchor {} is implemented for explicit tableaux only; '{name}' is implicit \
-                         (use noise_anchor 0)",
-                        o.noise_anchor
-                    );
-                }
                 let mut rk = Rk::new(t, o.implicit_sweeps);
                 rk.anchor = o.noise_anchor;
                 rk.refine = refine;

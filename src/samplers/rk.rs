@@ -12,9 +12,9 @@ pub struct Rk<B> {
     pub tab: &'static Tableau,
     /// Fixed-point sweeps for implicit tableaux (each sweep gains about one order; default: the order).
     pub sweeps: usize,
-    /// RES4LYF's `noise_anchor` for explicit tableaux: stage derivatives
-    /// `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma` (0: plain RK on the ODE, the order the tableau
-    /// claims; RES4LYF's nodes default to 1, which caps every linear method at order 2).
+    /// RES4LYF's `noise_anchor`: stage derivatives `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma`
+    /// (0: plain RK on the ODE, the order the tableau claims; RES4LYF's nodes default to 1, which caps every
+    /// linear method at order 2). Implicit tableaux take 0 (our sweeps) or 1 (RES4LYF's stepping).
     pub anchor: f64,
     /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`].
     pub refine: Refine,
@@ -96,6 +96,29 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
                         cx.model.denoise(xs, sig, den)?;
                         let (wx, w0) = ((1.0 - a) / sig, a / s);
                         cur[0].lincomb(0.0, &[(wx, &*xs), (w0, &*x), (-(wx + w0), &*den)])?;
+                    }
+                }
+            }
+            _ if self.anchor == 1.0 => {
+                // RES4LYF's stepping of implicit tableaux at noise_anchor 1: eps = (x - D(x, sigma)) / sigma
+                // for every stage, then implicit_steps + 1 Gauss-Seidel sweeps in which each stage is
+                // re-evaluated implicit_substeps + 1 times with the anchored eps (x - D(X_k, sigma_k)) / sigma;
+                // a first stage at c = 0 keeps the initial evaluation (RES4LYF skips its model call).
+                deriv(cx, x, s, den, &mut f[0])?;
+                for k in 1..n {
+                    let (a, b) = f.split_at_mut(k);
+                    b[0].copy_from(&a[0])?;
+                }
+                for _ in 0..=self.refine.full {
+                    for k in 0..n {
+                        if k == 0 && tab.c[0] == 0.0 {
+                            continue;
+                        }
+                        for _ in 0..=self.refine.diag {
+                            stage(k, f, xs, n)?;
+                            cx.model.denoise(xs, s + tab.c[k] * h, den)?;
+                            f[k].lincomb(0.0, &[(1.0 / s, &*x), (-1.0 / s, &*den)])?;
+                        }
                     }
                 }
             }
