@@ -296,6 +296,14 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         full: o.implicit_steps,
         diag: o.implicit_substeps,
     };
+    if o.noise_mode != super::noise_mode::NoiseMode::None
+        && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
+    {
+        bail!(
+            "the RES4LYF noise modes apply to the single-step exponential samplers (res_Ns, etdrk*, lawson*, \
+             dpmpp_*s, ddim), not to the multistep/hybrid '{name}'; use noise mode none"
+        );
+    }
     let tab = tableaux().into_iter().find(|t| t.name == name);
     let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
     if implicit && o.noise_anchor != 0.0 && o.noise_anchor != 1.0 {
