@@ -122,3 +122,149 @@ fn ancestral_samplers_with_eta_zero() {
         assert!(p > order - 0.3, "{name}: slope {p}");
     }
 }
+
+/// RES4LYF's default noise_anchor 1 (stage derivatives anchored at x_0 and sigma) caps linear RK at order 2:
+/// rk4_4s's slope falls from 4 to 2 (the runs themselves equal RES4LYF's, tests/samplers_golden.rs). Implicit
+/// tableaux take only 0 or 1.
+#[test]
+fn noise_anchor_one_caps_linear_rk_at_order_two() {
+    let slope_at = |anchor: f64| {
+        let spec = CheckSpec {
+            sampler: "rk4_4s".into(),
+            opts: SamplerOptions {
+                noise_anchor: anchor,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 64, None).unwrap(),
+            run(&spec, 128, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    let (p0, p1) = (slope_at(0.0), slope_at(1.0));
+    assert!(p0 > 3.7, "anchor 0 slope {p0}");
+    assert!((1.8..2.3).contains(&p1), "anchor 1 slope {p1}");
+    let o = SamplerOptions {
+        noise_anchor: 0.5,
+        ..Default::default()
+    };
+    let err = registry::build::<Vec<f64>>("gauss-legendre_2s", &o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("only 0 (our fixed-point sweeps) or 1"),
+        "{err}"
+    );
+}
+
+/// RES4LYF's implicit steps/substeps (values proven by the golden runs in tests/samplers_golden.rs) cost the
+/// refined methods their order on the ODE; options that do not apply are refused by name.
+#[test]
+fn implicit_refinement_orders_and_errors() {
+    let slope = |name: &str, full: usize, diag: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                implicit_steps: full,
+                implicit_substeps: diag,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 256, None).unwrap(),
+            run(&spec, 512, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    // Measured: the redo evaluates stage 0 at x_next, sigma_next but weights it as the stage at c = 0, an
+    // O(h) change of that stage; only where its weight is O(h) itself (res_2s's b1 = phi_1 - 2 phi_2) does the
+    // order survive. The substeps likewise shift each stage to the next node: first order.
+    for (name, full, diag, want) in [
+        ("res_2s", 1, 0, 2.0),
+        ("res_2s", 0, 1, 1.0),
+        ("res_3s", 1, 1, 1.0),
+        ("heun_2s", 1, 0, 1.0),
+        ("rk4_4s", 1, 0, 1.0),
+        ("rk4_4s", 0, 1, 1.0),
+    ] {
+        let p = slope(name, full, diag);
+        assert!(
+            (p - want).abs() < 0.3,
+            "{name} {full}/{diag}: slope {p}, expected {want}"
+        );
+    }
+    for (name, why) in [
+        ("gauss-legendre_2s", "implicit_sweeps"),
+        ("euler", "not to 'euler'"),
+        ("res_2m", "not to 'res_2m'"),
+    ] {
+        let o = SamplerOptions {
+            implicit_steps: 1,
+            ..Default::default()
+        };
+        let err = registry::build::<Vec<f64>>(name, &o)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains(why), "{err}");
+    }
+    let o = SamplerOptions {
+        implicit_substeps: 1,
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::Hard,
+        ..Default::default()
+    };
+    assert!(registry::build::<Vec<f64>>("res_2s", &o).is_err());
+    // A noise mode on a multistep or hybrid sampler is refused rather than ignored.
+    for name in ["res_2m", "pec423_2h2s"] {
+        let o = SamplerOptions {
+            noise_mode: trt_diff::samplers::noise_mode::NoiseMode::Hard,
+            ..Default::default()
+        };
+        let err = registry::build::<Vec<f64>>(name, &o)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("noise modes apply"), "{err}");
+    }
+}
+
+/// Implicit tableaux stepped as RES4LYF does (noise_anchor 1; values proven in tests/samplers_golden.rs): the
+/// anchored stages give order 2 whatever the tableau's own order and the number of sweeps.
+#[test]
+fn res4lyf_implicit_stepping_orders() {
+    let slope = |name: &str, full: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                noise_anchor: 1.0,
+                implicit_steps: full,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 128, None).unwrap(),
+            run(&spec, 256, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    for (name, full) in [
+        ("gauss-legendre_2s", 0),
+        ("gauss-legendre_2s", 3),
+        ("radau_iia_3s", 0),
+        ("radau_iia_3s", 3),
+        ("lobatto_iiia_3s", 0),
+        ("lobatto_iiic_3s", 3),
+        ("crouzeix_2s", 0),
+    ] {
+        let p = slope(name, full);
+        assert!(
+            (1.7..2.3).contains(&p),
+            "{name} implicit_steps {full}: slope {p}"
+        );
+    }
+}

@@ -221,3 +221,63 @@ fn res4lyf_deis_rhoab_coefficients() {
     }
     assert!(checked >= 40, "{checked}");
 }
+
+/// Whole RES4LYF runs step by step as RES4LYF's own coefficient, model-call and update code computes them
+/// (scripts/golden/samplers_res4lyf_runs.py): the hybrid samplers, including the warm-up steps and the history
+/// buffer that holds the newest denoised twice (the two names that raise in RES4LYF are recorded and not
+/// registered), explicit linear tableaux at noise_anchor 1 (RES4LYF's default) and 0, and RES4LYF's implicit
+/// steps/substeps on exponential and linear explicit methods.
+#[test]
+fn res4lyf_runs_step_by_step() {
+    let g = golden("res4lyf_runs.json");
+    let runs = g["runs"].as_array().unwrap();
+    let mut names = std::collections::BTreeSet::new();
+    for r in runs {
+        let name = r["name"].as_str().unwrap();
+        let anchor = r["anchor"].as_f64().unwrap();
+        if registry::info(name).unwrap().family == registry::Family::Hybrid {
+            names.insert(name);
+        }
+        let sigmas = vecf(&r["sigmas"]);
+        let xs: Vec<Vec<f64>> = r["xs"].as_array().unwrap().iter().map(vecf).collect();
+        let mut x = vecf(&r["x0"]);
+        let mut model = GaussianData::standard(x.len(), false);
+        let mut noise = Replay {
+            draws: vec![],
+            next: 0,
+        };
+        // noise_anchor acts on the linear tableaux only (the exponential runs are at RES4LYF's default 1).
+        let opts = SamplerOptions {
+            noise_anchor: anchor,
+            implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
+            implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
+            ..Default::default()
+        };
+        let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
+        let mut cx = Ctx {
+            model: &mut model as &mut dyn Denoiser<Vec<f64>>,
+            noise: &mut noise,
+            sigmas: &sigmas,
+        };
+        for (i, want) in xs.iter().enumerate() {
+            sampler.step(&mut cx, &mut x, i).unwrap();
+            let what = format!(
+                "{name} anchor {anchor} implicit steps/substeps {}/{} n={} step {i}",
+                opts.implicit_steps,
+                opts.implicit_substeps,
+                sigmas.len() - 1
+            );
+            close(&x, want, 1e-12, &what);
+        }
+    }
+    let registered: std::collections::BTreeSet<&str> = registry::list()
+        .into_iter()
+        .filter(|i| i.family == registry::Family::Hybrid)
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(registered, names, "registered hybrids = the golden ones");
+    for e in g["raises"].as_array().unwrap() {
+        let name = e["name"].as_str().unwrap();
+        assert!(registry::info(name).is_none(), "{name} raises in RES4LYF");
+    }
+}

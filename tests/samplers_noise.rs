@@ -359,3 +359,51 @@ mod noise_types {
         }
     }
 }
+
+/// RES4LYF's per-channel z-score of SDE noise equals its own `normalize_zscore(channelwise=True)`
+/// (scripts/golden/samplers_res4lyf_noise.py), and the wrapper applies it to every draw.
+#[test]
+fn zscore_planes_match_res4lyf() {
+    use trt_diff::samplers::noise::{NoiseSource, PhiloxNoise, ZScorePlanes, zscore_planes};
+    let p = format!(
+        "{}/tests/golden/samplers/res4lyf_noise.json",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    let g: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let f = |v: &Value| -> Vec<f64> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_f64().unwrap())
+            .collect()
+    };
+    let cases = g["zscore"].as_array().unwrap();
+    assert_eq!(cases.len(), 3);
+    for c in cases {
+        let shape: Vec<usize> = f(&c["shape"]).iter().map(|&v| v as usize).collect();
+        let plane = shape[shape.len() - 2] * shape[shape.len() - 1];
+        let mut x = f(&c["x"]);
+        zscore_planes(&mut x, plane).unwrap();
+        for (i, (a, b)) in x.iter().zip(f(&c["out"])).enumerate() {
+            assert!(
+                (a - b).abs() < 1e-13,
+                "{shape:?}[{i}]: ours {a}, RES4LYF {b}"
+            );
+        }
+    }
+    // The wrapper: each 64-element plane of a Philox draw comes out with mean 0 and unbiased std 1.
+    let mut src = ZScorePlanes {
+        inner: PhiloxNoise::new(7),
+        plane: 64,
+    };
+    let mut z = vec![0.0f32; 4 * 64];
+    src.sample(&mut z, 2.0, 1.0).unwrap();
+    for p in z.chunks(64) {
+        let m = p.iter().map(|&v| v as f64).sum::<f64>() / 64.0;
+        let v = p.iter().map(|&x| (x as f64 - m).powi(2)).sum::<f64>() / 63.0;
+        assert!(m.abs() < 1e-6 && (v - 1.0).abs() < 1e-5, "mean {m} var {v}");
+    }
+    let mut bad = vec![0.0f32; 10];
+    let err = src.sample(&mut bad, 2.0, 1.0).unwrap_err().to_string();
+    assert!(err.contains("divide the buffer length 10"), "{err}");
+}

@@ -8,6 +8,7 @@
 use super::buffer::Buffer;
 use super::noise_mode::{NoiseMode, sde_step};
 use super::phi::PhiAt;
+use super::refine::{Refine, StageEps, refined_step};
 use super::stepper::{Ctx, Sampler, Scratch};
 use anyhow::Result;
 
@@ -995,6 +996,8 @@ pub struct ExpSde {
 pub struct ExpRk<B> {
     pub method: &'static ExpMethod,
     pub sde: Option<ExpSde>,
+    /// RES4LYF's implicit steps/substeps (deterministic steps only), see [`super::refine`].
+    pub refine: Refine,
     s: Scratch<B>,
 }
 impl<B> ExpRk<B> {
@@ -1002,6 +1005,7 @@ impl<B> ExpRk<B> {
         Self {
             method,
             sde: None,
+            refine: Refine::default(),
             s: Scratch::new(),
         }
     }
@@ -1060,6 +1064,13 @@ impl<B: Buffer> Sampler<B> for ExpRk<B> {
         let Some(sde) = self.sde else {
             let h = (s / sn).ln();
             let k = self.method.at(h);
+            if !self.refine.is_none() {
+                let mut sig: Vec<f64> = k.c.iter().map(|c| s * (-c * h).exp()).collect();
+                sig.push(sn);
+                let bufs = self.s.get(self.method.stages + 3, x)?;
+                let e = StageEps::Exponential;
+                return refined_step(cx, x, bufs, &k.a, &k.b, &sig, s, h, e, self.refine);
+            }
             return exp_step(cx, x, bufs, &k, s, h);
         };
         let st = sde_step(sde.mode, s, sn, sde.eta, sde.vp, sde.sigma_max, false);

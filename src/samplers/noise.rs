@@ -119,6 +119,44 @@ impl<B: Buffer> NoiseSource<B> for PhiloxNoise {
     }
 }
 
+/// RES4LYF's per-channel renormalization of SDE noise (`normalize_zscore(noise, channelwise=True)`, which its
+/// `add_noise` applies to every draw): each plane of `plane` contiguous elements (the H x W of one channel of
+/// one latent) is shifted to mean 0 and divided by its unbiased standard deviation (torch's `std`). Wrap a
+/// sampler's noise source with it to get RES4LYF's noise; device buffers make a host round trip.
+pub struct ZScorePlanes<N> {
+    pub inner: N,
+    pub plane: usize,
+}
+impl<B: Buffer, N: NoiseSource<B>> NoiseSource<B> for ZScorePlanes<N> {
+    fn sample(&mut self, out: &mut B, sigma: f64, sigma_next: f64) -> Result<()> {
+        self.inner.sample(out, sigma, sigma_next)?;
+        let mut v = out.to_host_f64()?;
+        zscore_planes(&mut v, self.plane)?;
+        out.set_from_f64(&v)
+    }
+}
+
+/// In place: every block of `plane` elements to mean 0, unbiased std 1 (see [`ZScorePlanes`]).
+pub fn zscore_planes(v: &mut [f64], plane: usize) -> Result<()> {
+    if plane < 2 || !v.len().is_multiple_of(plane) {
+        bail!(
+            "per-channel noise renormalization: plane size {plane} must be >= 2 and divide the buffer length {} \
+             (pass H*W of the latent)",
+            v.len()
+        );
+    }
+    for p in v.chunks_mut(plane) {
+        let n = p.len() as f64;
+        let mean = p.iter().sum::<f64>() / n;
+        let var = p.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0);
+        let sd = var.sqrt();
+        for x in p.iter_mut() {
+            *x = (*x - mean) / sd;
+        }
+    }
+    Ok(())
+}
+
 /// A noise source for deterministic samplers: any request is an error, so a sampler that claims to be
 /// deterministic but draws noise is caught.
 pub struct NoNoise;

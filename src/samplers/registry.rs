@@ -3,7 +3,9 @@
 use super::buffer::Buffer;
 use super::comfy;
 use super::exprk::{EXP_METHODS, ExpMethod, ExpMultistep, ExpRk, ExpSde};
+use super::hybrid::{ExpHybrid, HYBRID_METHODS, HybridMethod};
 use super::kdiff;
+use super::refine::Refine;
 use super::rk::Rk;
 use super::stepper::Sampler;
 use super::tableau::{Kind, TABLEAUX, Tableau, proven_order};
@@ -16,6 +18,7 @@ pub enum Family {
     DiagImplicit,
     Implicit,
     Exponential,
+    Hybrid,
     Multistep,
     ComfyUi,
     Diffusers,
@@ -28,6 +31,7 @@ impl Family {
             Self::DiagImplicit => "diag. implicit RK",
             Self::Implicit => "implicit RK",
             Self::Exponential => "exponential RK",
+            Self::Hybrid => "hybrid exp. RK",
             Self::Multistep => "multistep",
             Self::ComfyUi => "ComfyUI",
             Self::Diffusers => "diffusers",
@@ -71,6 +75,13 @@ pub struct SamplerOptions {
     pub noise_vp: bool,
     /// The model's largest sigma, which the noise modes normalize by (1 for flow models).
     pub noise_sigma_max: f64,
+    /// RES4LYF's `noise_anchor` for the explicit (linear) tableaux, see [`Rk::anchor`]. Default 0 (plain RK);
+    /// RES4LYF's nodes default to 1.0.
+    pub noise_anchor: f64,
+    /// RES4LYF's implicit refinement (`implicit_steps`, `implicit_substeps`) of the single-step exponential
+    /// samplers (without a noise mode) and the explicit tableaux, see [`super::refine`]. Default 0, 0.
+    pub implicit_steps: usize,
+    pub implicit_substeps: usize,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -88,6 +99,9 @@ impl Default for SamplerOptions {
             noise_mode: super::noise_mode::NoiseMode::None,
             noise_vp: false,
             noise_sigma_max: super::schedule::ModelSampling::sd().sigma_max(),
+            noise_anchor: 0.0,
+            implicit_steps: 0,
+            implicit_substeps: 0,
         }
     }
 }
@@ -223,6 +237,16 @@ pub fn list() -> Vec<SamplerInfo> {
             stochastic: false,
         });
     }
+    for m in HYBRID_METHODS {
+        v.push(SamplerInfo {
+            name: m.name,
+            family: Family::Hybrid,
+            order: m.order,
+            stages: m.stages,
+            calls: m.stages,
+            stochastic: false,
+        });
+    }
     for &(name, _, order, _) in MULTISTEP {
         v.push(SamplerInfo {
             name,
@@ -268,6 +292,50 @@ pub fn info(name: &str) -> Option<SamplerInfo> {
 /// Build a sampler by name.
 pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<dyn Sampler<B>>> {
     use kdiff::*;
+    let refine = Refine {
+        full: o.implicit_steps,
+        diag: o.implicit_substeps,
+    };
+    if o.noise_mode != super::noise_mode::NoiseMode::None
+        && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
+    {
+        bail!(
+            "the RES4LYF noise modes apply to the single-step exponential samplers (res_Ns, etdrk*, lawson*, \
+             dpmpp_*s, ddim), not to the multistep/hybrid '{name}'; use noise mode none"
+        );
+    }
+    let tab = tableaux().into_iter().find(|t| t.name == name);
+    let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
+    if implicit && o.noise_anchor != 0.0 && o.noise_anchor != 1.0 {
+        bail!(
+            "noise_anchor {} for the implicit tableau '{name}': only 0 (our fixed-point sweeps) or 1 \
+             (RES4LYF's stepping) are implemented",
+            o.noise_anchor
+        );
+    }
+    if implicit && o.noise_anchor == 1.0 && o.implicit_sweeps.is_some() {
+        bail!(
+            "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
+             instead of implicit_sweeps"
+        );
+    }
+    if !refine.is_none() {
+        let exp_ode = ExpMethod::by_name(name).is_some()
+            && o.noise_mode == super::noise_mode::NoiseMode::None;
+        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit || o.noise_anchor == 1.0);
+        if !exp_ode && !res4lyf_tab {
+            bail!(
+                "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to the single-step exponential \
+                 samplers without a noise mode, the explicit tableaux and, with noise_anchor 1, the implicit \
+                 tableaux; not to '{name}'{}",
+                if implicit {
+                    " at noise_anchor 0 (use implicit_sweeps, or noise_anchor 1)"
+                } else {
+                    ""
+                }
+            );
+        }
+    }
     Ok(match name {
         "euler" => Box::new(Euler::default()),
         "euler_ancestral" => Box::new(EulerAncestral::new(o.eta, o.s_noise)),
@@ -319,6 +387,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         _ => {
             if let Some(m) = ExpMethod::by_name(name) {
                 let mut s = ExpRk::new(m);
+                s.refine = refine;
                 s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
                     mode: o.noise_mode,
                     eta: o.eta,
@@ -327,6 +396,9 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                     sigma_max: o.noise_sigma_max,
                 });
                 return Ok(Box::new(s));
+            }
+            if let Some(m) = HybridMethod::by_name(name) {
+                return Ok(Box::new(ExpHybrid::new(m)));
             }
             if let Some(&(n, points, _, warm)) = MULTISTEP.iter().find(|m| m.0 == name) {
                 let w = ExpMethod::by_name(warm).expect("warm-up methods are registered");
@@ -337,7 +409,10 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 return Ok(Box::new(super::rk::DeisMultistep::new(points, w)));
             }
             if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {
-                return Ok(Box::new(Rk::new(t, o.implicit_sweeps)));
+                let mut rk = Rk::new(t, o.implicit_sweeps);
+                rk.anchor = o.noise_anchor;
+                rk.refine = refine;
+                return Ok(Box::new(rk));
             }
             let names: Vec<&str> = list().iter().map(|i| i.name).collect();
             bail!("unknown sampler '{name}'; valid: {}", names.join(", "))

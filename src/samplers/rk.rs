@@ -3,6 +3,7 @@
 //! cost one model call per stage per sweep. A step to sigma = 0 is the plain denoise (the derivative is
 //! singular there), as k-diffusion's Heun does.
 use super::buffer::Buffer;
+use super::refine::{Refine, StageEps, refined_step};
 use super::stepper::{Ctx, Sampler, Scratch};
 use super::tableau::{Kind, Tableau};
 use anyhow::Result;
@@ -11,6 +12,12 @@ pub struct Rk<B> {
     pub tab: &'static Tableau,
     /// Fixed-point sweeps for implicit tableaux (each sweep gains about one order; default: the order).
     pub sweeps: usize,
+    /// RES4LYF's `noise_anchor`: stage derivatives `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma`
+    /// (0: plain RK on the ODE, the order the tableau claims; RES4LYF's nodes default to 1, which caps every
+    /// linear method at order 2). Implicit tableaux take 0 (our sweeps) or 1 (RES4LYF's stepping).
+    pub anchor: f64,
+    /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`].
+    pub refine: Refine,
     s: Scratch<B>,
 }
 impl<B> Rk<B> {
@@ -18,6 +25,8 @@ impl<B> Rk<B> {
         Self {
             tab,
             sweeps: sweeps.unwrap_or(tab.order),
+            anchor: 0.0,
+            refine: Refine::default(),
             s: Scratch::new(),
         }
     }
@@ -46,6 +55,17 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
         let tab = self.tab;
         let n = tab.stages();
+        if !self.refine.is_none() && sn > 0.0 && tab.kind() == Kind::Explicit {
+            let h = sn - s;
+            let mut sig: Vec<f64> = tab.c.iter().map(|c| s + c * h).collect();
+            sig.push(sn);
+            let a: Vec<Vec<f64>> = tab.a.iter().map(|r| r.to_vec()).collect();
+            let bufs = self.s.get(n + 3, x)?;
+            let e = StageEps::Linear {
+                anchor: self.anchor,
+            };
+            return refined_step(cx, x, bufs, &a, tab.b, &sig, s, h, e, self.refine);
+        }
         let bufs = self.s.get(n + 2, x)?;
         let (f, rest) = bufs.split_at_mut(n);
         let (xs, den) = rest.split_at_mut(1);
@@ -65,10 +85,41 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         };
         match tab.kind() {
             Kind::Explicit => {
+                let a = self.anchor;
                 for k in 0..n {
                     stage(k, f, xs, k)?;
                     let (_, cur) = f.split_at_mut(k);
-                    deriv(cx, xs, s + tab.c[k] * h, den, &mut cur[0])?;
+                    let sig = s + tab.c[k] * h;
+                    if a == 0.0 {
+                        deriv(cx, xs, sig, den, &mut cur[0])?;
+                    } else {
+                        cx.model.denoise(xs, sig, den)?;
+                        let (wx, w0) = ((1.0 - a) / sig, a / s);
+                        cur[0].lincomb(0.0, &[(wx, &*xs), (w0, &*x), (-(wx + w0), &*den)])?;
+                    }
+                }
+            }
+            _ if self.anchor == 1.0 => {
+                // RES4LYF's stepping of implicit tableaux at noise_anchor 1: eps = (x - D(x, sigma)) / sigma
+                // for every stage, then implicit_steps + 1 Gauss-Seidel sweeps in which each stage is
+                // re-evaluated implicit_substeps + 1 times with the anchored eps (x - D(X_k, sigma_k)) / sigma;
+                // a first stage at c = 0 keeps the initial evaluation (RES4LYF skips its model call).
+                deriv(cx, x, s, den, &mut f[0])?;
+                for k in 1..n {
+                    let (a, b) = f.split_at_mut(k);
+                    b[0].copy_from(&a[0])?;
+                }
+                for _ in 0..=self.refine.full {
+                    for k in 0..n {
+                        if k == 0 && tab.c[0] == 0.0 {
+                            continue;
+                        }
+                        for _ in 0..=self.refine.diag {
+                            stage(k, f, xs, n)?;
+                            cx.model.denoise(xs, s + tab.c[k] * h, den)?;
+                            f[k].lincomb(0.0, &[(1.0 / s, &*x), (-1.0 / s, &*den)])?;
+                        }
+                    }
                 }
             }
             _ => {
