@@ -840,6 +840,18 @@ pub enum SamplersCmd {
         /// Noise amount of stochastic samplers (0 makes them deterministic).
         #[arg(long, default_value_t = 1.0)]
         eta: f64,
+        /// RES4LYF SDE noise mode of the single-step exponential samplers (hard, exp, soft, soft-linear,
+        /// softer, eps, sinusoidal, lorentzian, vpsde, er4, hard_var; default none).
+        #[arg(long)]
+        noise_mode: Option<String>,
+        /// RES4LYF's noise_anchor for the explicit tableaux (0 plain RK; RES4LYF's nodes use 1).
+        #[arg(long, default_value_t = 0.0)]
+        noise_anchor: f64,
+        /// RES4LYF's implicit refinement: extra model calls that redo each step (and each stage).
+        #[arg(long, default_value_t = 0)]
+        implicit_steps: usize,
+        #[arg(long, default_value_t = 0)]
+        implicit_substeps: usize,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -880,6 +892,10 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             elements,
             seed,
             eta,
+            noise_mode,
+            noise_anchor,
+            implicit_steps,
+            implicit_substeps,
             f32,
             init,
             dump,
@@ -896,6 +912,12 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                 f32,
                 opts: SamplerOptions {
                     eta,
+                    noise_mode: crate::samplers::noise_mode::NoiseMode::parse(
+                        noise_mode.as_deref().unwrap_or("none"),
+                    )?,
+                    noise_anchor,
+                    implicit_steps,
+                    implicit_substeps,
                     ..Default::default()
                 },
             };
