@@ -484,12 +484,11 @@ pub fn load_clip_tokenizer(path: &Path, pad: u32) -> Result<ClipTokenizer> {
 }
 
 /// Optimization profiles of every component for the recipe's batch and image ranges.
-fn profiles(p: &Plan) -> BTreeMap<&'static str, Vec<ShapeRange>> {
+fn profiles(p: &Plan) -> Result<BTreeMap<&'static str, Vec<ShapeRange>>> {
     let s = &p.recipe.shapes;
     let c = &p.config;
     let per_token = (2 * c.vae_scale_factor) as i64;
     let side = |i: usize| (s.image_px[i] / per_token).max(1);
-    let tokens = [0, 1, 2].map(|i| side(i) * side(i));
     let b = s.batch;
     let r = |name: &str, f: &dyn Fn(usize) -> Vec<i64>| ShapeRange {
         name: name.into(),
@@ -497,24 +496,8 @@ fn profiles(p: &Plan) -> BTreeMap<&'static str, Vec<ShapeRange>> {
         opt: f(1),
         max: f(2),
     };
-    let (ic, cd, vd) = (
-        p.transformer.in_channels as i64,
-        p.transformer.context_dim as i64,
-        p.transformer.vec_dim as i64,
-    );
     let l = c.t5_max_len as i64;
-    let mut tr = vec![
-        r("hidden_states", &|i| vec![b[i], tokens[i], ic]),
-        r("encoder_hidden_states", &|i| vec![b[i], l, cd]),
-        r("pooled_projections", &|i| vec![b[i], vd]),
-        r("timestep", &|i| vec![b[i]]),
-        // Non-square images: any token count in range, so the ids span the whole range too.
-        r("img_ids", &|i| vec![tokens[i], 3]),
-        r("txt_ids", &|_| vec![l, 3]),
-    ];
-    if c.guidance_embeds {
-        tr.push(r("guidance", &|i| vec![b[i]]));
-    }
+    let tr = fluxm::profile(&p.transformer, b, s.image_px, l)?;
     let lc = c.latent_channels as i64;
     let lat = |i: usize| 2 * side(i);
     let px = |i: usize| lat(i) * c.vae_scale_factor as i64;
@@ -541,7 +524,7 @@ fn profiles(p: &Plan) -> BTreeMap<&'static str, Vec<ShapeRange>> {
             max: vec![1, 3, px(2), px(2)],
         }],
     );
-    m
+    Ok(m)
 }
 
 pub struct FluxBuildOptions {
@@ -696,7 +679,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         )?;
         aux.push(("tae_decoder", out.clone(), out));
     }
-    let profiles = profiles(&p);
+    let profiles = profiles(&p)?;
     for (name, onnx, trt_onnx) in &aux {
         let plan_path = sibling(&o.base.out, &format!(".{name}.plan"));
         tracing::info!("building the {name} engine");

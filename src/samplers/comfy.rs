@@ -4,6 +4,7 @@
 //! UniPC. Coefficients are computed in f64 on the host; buffers see only [`Buffer::lincomb`] (plus a host read
 //! for dpm_adaptive's error norm).
 use super::buffer::Buffer;
+use super::schedule::linspace;
 use super::stepper::{Ctx, Sampler, Scratch, ancestral_step, euler_to};
 use anyhow::{Result, bail};
 
@@ -242,23 +243,6 @@ fn dpm_range(sigmas: &[f64]) -> (f64, f64) {
         sigmas[n - 1]
     };
     (sigmas[0], lo)
-}
-
-/// torch.linspace's values: the first half counted from the start, the second from the end.
-fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
-    if n == 1 {
-        return vec![a];
-    }
-    let step = (b - a) / (n - 1) as f64;
-    (0..n)
-        .map(|i| {
-            if i < n / 2 {
-                a + step * i as f64
-            } else {
-                b - step * (n - 1 - i) as f64
-            }
-        })
-        .collect()
 }
 
 /// DPM-Solver-fast: `len(sigmas) - 1` model calls on its own steps (uniform in log sigma, orders 3..3,2,1)

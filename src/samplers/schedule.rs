@@ -128,7 +128,7 @@ pub fn flux_mu(image_seq_len: f64) -> f64 {
     image_seq_len * m + (y1 - m * x1)
 }
 
-fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
+pub(crate) fn linspace(a: f64, b: f64, n: usize) -> Vec<f64> {
     if n == 1 {
         return vec![a];
     }
