@@ -1,7 +1,7 @@
 //! Memory-mapped safetensors checkpoints, one file or a sharded folder (diffusers' `*-0000N-of-0000M` shards),
 //! read without copying: each tensor is a `Bytes` slice of the mapping, so a graph emitter can hand it straight to
-//! the external-data writer. [`Checkpoint::release`] drops a tensor's pages once written, which keeps the
-//! resident set of a 24 GB export small.
+//! the external-data writer. A tensor's pages leave the resident set when its last `Bytes` is dropped (once
+//! written), which keeps the resident set of a 24 GB export small.
 use crate::onnx::DataType;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
