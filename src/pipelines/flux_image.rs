@@ -111,9 +111,12 @@ pub fn load_init_image(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
             path.display()
         )
     })?;
-    let img = img
-        .resize_exact(w as u32, h as u32, image::imageops::FilterType::Lanczos3)
-        .to_rgb8();
+    let img = if (img.width(), img.height()) == (w as u32, h as u32) {
+        img.to_rgb8()
+    } else {
+        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Lanczos3)
+            .to_rgb8()
+    };
     let mut out = vec![0f32; 3 * h * w];
     for (p, px) in img.pixels().enumerate() {
         for ch in 0..3 {
