@@ -305,6 +305,12 @@ impl FluxPipeline {
         let sampler_name = req.sampler.clone().unwrap_or(c.default_sampler.clone());
         let scheduler = req.scheduler.clone().unwrap_or(c.default_scheduler.clone());
         let guidance = req.guidance.unwrap_or(c.default_guidance);
+        if req.guidance.is_some() && !c.guidance_embeds {
+            tracing::warn!(
+                "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
+                c.arch
+            );
+        }
         let (lh, lw) = (h / c.vae_scale_factor, w / c.vae_scale_factor);
         let (tokens, ch) = (lh / 2 * (lw / 2), c.latent_channels * 4);
         let n = b * tokens * ch;

@@ -90,8 +90,13 @@ pub fn write_png(
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
-            enc.add_text_chunk(k.to_string(), v.clone())
-                .with_context(|| format!("cannot add PNG text '{k}'"))?;
+            // tEXt is Latin-1 only; other prompts go to an iTXt (UTF-8) chunk of the same keyword.
+            let r = if v.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(k.to_string(), v.clone())
+            } else {
+                enc.add_itxt_chunk(k.to_string(), v.clone())
+            };
+            r.with_context(|| format!("cannot add PNG text '{k}'"))?;
         }
         let mut wr = enc
             .write_header()
