@@ -137,6 +137,27 @@ fn final_latents_match_diffusers_flux_pipeline() {
     let e = max_rel(&out.latents, &want);
     eprintln!("true CFG final latents: max rel err {e:.2e}");
     assert!(e < 1e-3, "{e}");
+    // img2img: diffusers' FluxImg2ImgPipeline from init.png at strength 0.6 (encoder mode, the same noise).
+    let req = FluxRequest {
+        negative_prompt: None,
+        cfg: 1.0,
+        init_image: Some(golden("init.png")),
+        strength: 0.6,
+        initial_noise: Some(io.get("img2img_noise").unwrap().to_f32().unwrap()),
+        ..req
+    };
+    let mut steps = 0;
+    let out = pipe
+        .generate(&req, &mut |s| {
+            steps = s.steps;
+            Ok(())
+        })
+        .unwrap();
+    assert_eq!(steps, 3, "4 steps at strength 0.6 run the last 3");
+    let want = io.get("final_latents_img2img").unwrap().to_f32().unwrap();
+    let e = max_rel(&out.latents, &want);
+    eprintln!("img2img final latents: max rel err {e:.2e}");
+    assert!(e < 1e-3, "{e}");
 }
 
 #[test]

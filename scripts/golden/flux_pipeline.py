@@ -6,7 +6,7 @@ usage: /work/refvenv/bin/python scripts/golden/flux_pipeline.py tests/golden/flu
 Needs torch, diffusers, transformers (not in CI). Writes pipeline/transformer and pipeline/vae (save_pretrained:
 the diffusers folder layout and file names, bfloat16 / float16 weights; the reference runs in float32 on the
 same rounded values) and pipeline_io.safetensors: the packed initial latents, the final packed latents and the
-decoded image (float32, [0, 1]), and the final latents with true CFG 2.0 and NEGATIVE, for PROMPT at 32x32, guidance 3.5, 512 T5 tokens, dev's scheduler config.
+decoded image (float32, [0, 1]), the final latents with true CFG 2.0 and NEGATIVE, and img2img (init.png = that image, strength 0.6, the noise saved) for PROMPT at 32x32, guidance 3.5, 512 T5 tokens, dev's scheduler config.
 With --bench N it also times N end-to-end calls on the CPU and prints the median seconds."""
 import gzip
 import json
@@ -16,7 +16,11 @@ import tempfile
 import time
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+import diffusers.pipelines.flux.pipeline_flux_img2img as img2img_module
+import numpy as np
+from diffusers import (AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxImg2ImgPipeline, FluxPipeline,
+                       FluxTransformer2DModel)
+from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextModel, CLIPTokenizer, T5EncoderModel, T5TokenizerFast
 
@@ -97,6 +101,18 @@ def main(out, bench):
             image = pipe(**args, latents=latents.clone(), output_type="pt").images
             true_cfg = pipe(**args, latents=latents.clone(), output_type="latent", negative_prompt=NEGATIVE,
                             true_cfg_scale=2.0).images
+            # img2img from that image (saved as init.png), strength 0.6: the VAE encoder's mode (diffusers samples
+            # it; the latent distribution's mean is what trt-diff uses) and the noise drawn here, packed.
+            init = Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).round().astype(np.uint8))
+            orig = img2img_module.retrieve_latents
+            img2img_module.retrieve_latents = lambda e, generator=None, sample_mode="sample": orig(e, generator,
+                                                                                                  "argmax")
+            i2i = FluxImg2ImgPipeline(**pipe.components)
+            noise = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(9))
+            packed_noise = FluxPipeline._pack_latents(noise, 1, 16, 16, 16)
+            img2img = i2i(**args, image=init, strength=0.6, generator=torch.Generator().manual_seed(9),
+                          output_type="latent").images
+            img2img_module.retrieve_latents = orig
         if bench:
             times = []
             for _ in range(bench):
@@ -112,7 +128,9 @@ def main(out, bench):
     transformer.to(torch.bfloat16).save_pretrained(os.path.join(pdir, "transformer"))
     vae.to(torch.float16).save_pretrained(os.path.join(pdir, "vae"))
     save_file({"initial_latents": latents.contiguous(), "final_latents": final.float().contiguous(),
-               "image": image.float().contiguous(), "final_latents_true_cfg": true_cfg.float().contiguous()}, os.path.join(out, "pipeline_io.safetensors"))
+               "image": image.float().contiguous(), "final_latents_true_cfg": true_cfg.float().contiguous(),
+               "img2img_noise": packed_noise.contiguous(), "final_latents_img2img": img2img.float().contiguous()}, os.path.join(out, "pipeline_io.safetensors"))
+    init.save(os.path.join(out, "init.png"))
     print("final latents", tuple(final.shape), float(final.abs().max()), "image", tuple(image.shape))
 
 

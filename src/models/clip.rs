@@ -7,6 +7,7 @@
 //! openai/clip-vit-large-patch14 and Flux's `text_encoder` have): `<|endoftext|>` is the largest id, so this is its
 //! first occurrence. The graph uses the same ArgMax. Weights come zero-copy from the checkpoint.
 use crate::models::ops::Ops;
+use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Result, bail};
@@ -170,6 +171,27 @@ pub fn clip_text_graph(
     ck: &Checkpoint,
     dtype: DataType,
 ) -> Result<ModelProto> {
+    Ok(emit(cfg, ck, dtype, None)?.0)
+}
+
+/// Writes the graph to `out` with its weights streamed from the checkpoint mapping to `<out>.data` as they are
+/// emitted (both files under temporary names until complete).
+pub fn export_clip_text(
+    cfg: &ClipTextConfig,
+    ck: &Checkpoint,
+    dtype: DataType,
+    out: &std::path::Path,
+) -> Result<()> {
+    let (model, sink) = emit(cfg, ck, dtype, Some(out))?;
+    crate::models::t5::save_streamed(model, sink, out)
+}
+
+fn emit(
+    cfg: &ClipTextConfig,
+    ck: &Checkpoint,
+    dtype: DataType,
+    stream: Option<&std::path::Path>,
+) -> Result<(ModelProto, Option<ExternalSink>)> {
     let p = prefix(ck)?;
     let (d, s) = (cfg.hidden_size, cfg.max_position_embeddings);
     let heads = cfg.num_attention_heads;
@@ -177,6 +199,9 @@ pub fn clip_text_graph(
         bail!("CLIP hidden size {d} is not a multiple of {heads} heads");
     }
     let mut o = Ops::new("clip_text", 18, dtype);
+    if let Some(out) = stream {
+        o.g.stream_external_data(out, 1024)?;
+    }
     let ids = o.g.input(
         "input_ids",
         DataType::INT64,
@@ -312,7 +337,7 @@ pub fn clip_text_graph(
         vec![Dim::Sym("batch".into()), Dim::Fixed(d as i64)],
     )?;
     o.g.output(&pooled);
-    Ok(o.g.finish())
+    Ok(o.g.finish_streamed())
 }
 
 /// CLIP's MLP activations: quick_gelu `x * sigmoid(1.702 x)`, exact gelu (erf).

@@ -9,6 +9,7 @@
 //! Input `input_ids` [batch, seq] int64 (seq up to `max_len`); output `last_hidden_state` [batch, seq, d_model] f32.
 use crate::models::clip::{activation, attention};
 use crate::models::ops::Ops;
+use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Result, bail};
@@ -103,6 +104,42 @@ pub fn relative_buckets(num_buckets: usize, max_distance: usize, max_len: usize)
 
 /// The encoder graph computing in `dtype` (FLOAT or BFLOAT16).
 pub fn t5_encoder_graph(cfg: &T5Config, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
+    Ok(emit(cfg, ck, dtype, None)?.0)
+}
+
+/// Writes the graph to `out`, weights streamed to `<out>.data` as they are emitted (T5-XXL: 9.5 GB of bf16).
+pub fn export_t5_encoder(
+    cfg: &T5Config,
+    ck: &Checkpoint,
+    dtype: DataType,
+    out: &std::path::Path,
+) -> Result<()> {
+    let (model, sink) = emit(cfg, ck, dtype, Some(out))?;
+    save_streamed(model, sink, out)
+}
+
+/// Commits a streaming builder's external data, then writes the model that refers to it.
+pub(crate) fn save_streamed(
+    model: ModelProto,
+    sink: Option<ExternalSink>,
+    out: &std::path::Path,
+) -> Result<()> {
+    if let Some(s) = sink {
+        s.commit()?;
+    }
+    let opts = crate::onnx::SaveOptions {
+        external_threshold: None,
+    };
+    crate::onnx::save(model, out, &opts)?;
+    Ok(())
+}
+
+fn emit(
+    cfg: &T5Config,
+    ck: &Checkpoint,
+    dtype: DataType,
+    stream: Option<&std::path::Path>,
+) -> Result<(ModelProto, Option<ExternalSink>)> {
     if !matches!(dtype, DataType::FLOAT | DataType::BFLOAT16) {
         bail!(
             "the T5 encoder runs in f32 or bf16 only: its activations overflow f16 (asked for {dtype})"
@@ -120,6 +157,9 @@ pub fn t5_encoder_graph(cfg: &T5Config, ck: &Checkpoint, dtype: DataType) -> Res
         cfg.num_heads,
     );
     let mut o = Ops::new("t5_encoder", 18, dtype);
+    if let Some(out) = stream {
+        o.g.stream_external_data(out, 1024)?;
+    }
     let (batch, seq) = (Dim::Sym("batch".into()), Dim::Sym("seq".into()));
     let ids = o.g.input(
         "input_ids",
@@ -228,7 +268,7 @@ pub fn t5_encoder_graph(cfg: &T5Config, ck: &Checkpoint, dtype: DataType) -> Res
         vec![batch, seq, Dim::Fixed(d as i64)],
     )?;
     o.g.output(&out);
-    Ok(o.g.finish())
+    Ok(o.g.finish_streamed())
 }
 
 /// [1, heads, seq, seq] f32: the learned bias of each (query, key) pair's relative-position bucket.

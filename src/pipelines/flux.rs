@@ -132,8 +132,7 @@ pub struct FluxOutput {
     pub parameters: String,
 }
 
-/// A float tensor for `engine`'s input `name`, converted to the input's dtype; ids of rank 2 gain the batch
-/// dimension when the engine wants rank 3.
+/// A float tensor for `engine`'s input `name`, converted to the input's dtype.
 fn float_input(
     engine: &dyn Engine,
     name: &str,
@@ -147,14 +146,7 @@ fn float_input(
             names.join(", ")
         );
     };
-    let mut shape = shape.to_vec();
-    let mut data = v.to_vec();
-    if d.shape.len() == shape.len() + 1 && d.shape.len() == 3 {
-        // Per-batch ids: [B, S, 3] from [S, 3] (older diffusers exports).
-        let b = d.shape[0].max(1) as usize;
-        data = data.repeat(b);
-        shape.insert(0, b);
-    }
+    let (shape, data) = (shape.to_vec(), v);
     let bytes = match d.dtype {
         DataType::FLOAT => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
         DataType::FLOAT16 => data
@@ -313,6 +305,12 @@ impl FluxPipeline {
         let sampler_name = req.sampler.clone().unwrap_or(c.default_sampler.clone());
         let scheduler = req.scheduler.clone().unwrap_or(c.default_scheduler.clone());
         let guidance = req.guidance.unwrap_or(c.default_guidance);
+        if req.guidance.is_some() && !c.guidance_embeds {
+            tracing::warn!(
+                "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
+                c.arch
+            );
+        }
         let (lh, lw) = (h / c.vae_scale_factor, w / c.vae_scale_factor);
         let (tokens, ch) = (lh / 2 * (lw / 2), c.latent_channels * 4);
         let n = b * tokens * ch;
@@ -349,7 +347,9 @@ impl FluxPipeline {
             if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
                 bail!("--strength {} must be in (0, 1]", req.strength);
             }
-            let t_start = steps - ((steps as f32 * req.strength) as usize).min(steps);
+            // diffusers: init = min(n * strength, n), t_start = int(max(n - init, 0)).
+            let n_f = steps as f64;
+            let t_start = (n_f - (n_f * req.strength as f64).min(n_f)).max(0.0) as usize;
             if t_start >= steps {
                 bail!(
                     "--strength {} leaves no step to run with {steps} steps",

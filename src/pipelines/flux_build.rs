@@ -330,7 +330,7 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
     } else {
         text
     };
-    save(t5::t5_encoder_graph(&p.t5, &ck, t5_dt)?, &paths.t5, &opts)?;
+    t5::export_t5_encoder(&p.t5, &ck, t5_dt, &paths.t5)?;
     let ck = Checkpoint::open(&p.files.vae)?;
     let dec = vae::graph(&ck, &p.vae, vae::VaePart::Decoder, vae_dt)?;
     save(dec, &paths.vae_decoder, &opts)?;

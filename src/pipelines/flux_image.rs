@@ -90,8 +90,13 @@ pub fn write_png(
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
-            enc.add_text_chunk(k.to_string(), v.clone())
-                .with_context(|| format!("cannot add PNG text '{k}'"))?;
+            // tEXt is Latin-1 only; other prompts go to an iTXt (UTF-8) chunk of the same keyword.
+            let r = if v.chars().all(|c| (c as u32) < 256) {
+                enc.add_text_chunk(k.to_string(), v.clone())
+            } else {
+                enc.add_itxt_chunk(k.to_string(), v.clone())
+            };
+            r.with_context(|| format!("cannot add PNG text '{k}'"))?;
         }
         let mut wr = enc
             .write_header()
@@ -111,9 +116,12 @@ pub fn load_init_image(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
             path.display()
         )
     })?;
-    let img = img
-        .resize_exact(w as u32, h as u32, image::imageops::FilterType::Lanczos3)
-        .to_rgb8();
+    let img = if (img.width(), img.height()) == (w as u32, h as u32) {
+        img.to_rgb8()
+    } else {
+        img.resize_exact(w as u32, h as u32, image::imageops::FilterType::Lanczos3)
+            .to_rgb8()
+    };
     let mut out = vec![0f32; 3 * h * w];
     for (p, px) in img.pixels().enumerate() {
         for ch in 0..3 {
