@@ -402,28 +402,37 @@ pub fn linear_nvfp4<T: super::elem::Elem>(
         float,
         out_shape.clone(),
     )?;
-    match bias {
-        None => Ok(y),
-        Some(b) => {
-            if b.len() != n {
-                bail!("{name}: bias has {} values, expected {n}", b.len());
-            }
-            let bv = g.initializer(
-                &format!("{name}.bias"),
-                float,
-                &[n as i64],
-                float_bytes(b, float),
-            )?;
-            g.op(
-                "Add",
-                &format!("{name}/bias"),
-                &[&y, &bv],
-                vec![],
-                float,
-                out_shape,
-            )
-        }
+    add_bias(g, name, y, bias, n, float, out_shape)
+}
+
+/// `y + b` with the bias stored as `{name}.bias` in `float`, or `y` itself without a bias.
+fn add_bias(
+    g: &mut GraphBuilder,
+    name: &str,
+    y: Value,
+    bias: Option<&[f32]>,
+    n: usize,
+    float: DataType,
+    out_shape: Vec<Dim>,
+) -> Result<Value> {
+    let Some(b) = bias else { return Ok(y) };
+    if b.len() != n {
+        bail!("{name}: bias has {} values, expected {n}", b.len());
     }
+    let bv = g.initializer(
+        &format!("{name}.bias"),
+        float,
+        &[n as i64],
+        float_bytes(b, float),
+    )?;
+    g.op(
+        "Add",
+        &format!("{name}/bias"),
+        &[&y, &bv],
+        vec![],
+        float,
+        out_shape,
+    )
 }
 
 /// Emits `y = x @ W^T (+ b)` named `name`; `act_amax` is the calibrated absolute maximum of `x` (FP8 and NVFP4).
@@ -490,28 +499,7 @@ pub fn linear(
         float,
         out_shape.clone(),
     )?;
-    match w.bias {
-        None => Ok(y),
-        Some(b) => {
-            if b.len() != n {
-                bail!("{name}: bias has {} values, expected {n}", b.len());
-            }
-            let bv = g.initializer(
-                &format!("{name}.bias"),
-                float,
-                &[n as i64],
-                float_bytes(b, float),
-            )?;
-            g.op(
-                "Add",
-                &format!("{name}/bias"),
-                &[&y, &bv],
-                vec![],
-                float,
-                out_shape,
-            )
-        }
-    }
+    add_bias(g, name, y, w.bias, n, float, out_shape)
 }
 
 /// Calibrated absolute maxima for the FP8 attention pattern.
