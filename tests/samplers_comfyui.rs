@@ -1,41 +1,12 @@
 //! ComfyUI's own samplers against ComfyUI's code (golden file from scripts/golden/samplers_comfyui.py, run on
 //! ComfyUI's sampling.py / uni_pc.py in float64): CFG (scale 3) over two analytic Gaussian-data denoisers, so
 //! the CFG++ samplers see a real unconditional prediction; noise replayed from the recorded draws.
-use anyhow::{Result, bail};
-use serde_json::Value;
+mod common;
+use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::model::{Cfg, Denoiser, GaussianData};
 use trt_diff::samplers::noise::{NoNoise, NoiseSource};
 use trt_diff::samplers::registry::{self, SamplerOptions};
 use trt_diff::samplers::stepper::Ctx;
-
-fn vecf(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
-
-struct Replay {
-    draws: Vec<(f64, f64, Vec<f64>)>,
-    next: usize,
-}
-impl NoiseSource<Vec<f64>> for Replay {
-    fn sample(&mut self, out: &mut Vec<f64>, sigma: f64, sigma_next: f64) -> Result<()> {
-        let Some((s, sn, z)) = self.draws.get(self.next) else {
-            bail!("more noise draws than the reference ({})", self.draws.len());
-        };
-        if (s - sigma).abs() > 1e-9 * s || (sn - sigma_next).abs() > 1e-9 * sn.max(1e-300) {
-            bail!(
-                "draw {}: asked ({sigma}, {sigma_next}), reference ({s}, {sn})",
-                self.next
-            );
-        }
-        out.copy_from_slice(z);
-        self.next += 1;
-        Ok(())
-    }
-}
 
 /// The uncond data of the golden script.
 fn uncond(n: usize) -> GaussianData {
@@ -48,11 +19,7 @@ fn uncond(n: usize) -> GaussianData {
 
 #[test]
 fn comfyui_samplers_match_comfyui() {
-    let p = format!(
-        "{}/tests/golden/samplers/comfyui.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let g = golden("comfyui.json");
     let scale = g["cfg_scale"].as_f64().unwrap();
     let runs = g["runs"].as_array().unwrap();
     let mut seen = std::collections::BTreeSet::new();

@@ -1,28 +1,13 @@
 //! Step-by-step agreement with the real k-diffusion and diffusers packages (golden files from
 //! scripts/golden/samplers_kdiffusion.py, computed in float64), and with RES4LYF's exponential coefficients.
-use anyhow::{Result, bail};
-use serde_json::Value;
+mod common;
+use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::exprk::ExpMethod;
 use trt_diff::samplers::model::{Denoiser, GaussianData};
-use trt_diff::samplers::noise::NoiseSource;
 use trt_diff::samplers::registry::{self, SamplerOptions};
 use trt_diff::samplers::schedule;
 use trt_diff::samplers::stepper::Ctx;
 
-fn golden(name: &str) -> Value {
-    let p = format!(
-        "{}/tests/golden/samplers/{name}",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-fn vecf(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
 fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
     assert_eq!(a.len(), b.len(), "{what}: length");
     for (i, (x, y)) in a.iter().zip(b).enumerate() {
@@ -30,28 +15,6 @@ fn close(a: &[f64], b: &[f64], tol: f64, what: &str) {
             (x - y).abs() <= tol * (1.0 + y.abs()),
             "{what}[{i}]: ours {x}, reference {y}"
         );
-    }
-}
-
-/// Replays the noise the reference drew, checking each request's (sigma, sigma_next).
-struct Replay {
-    draws: Vec<(f64, f64, Vec<f64>)>,
-    next: usize,
-}
-impl NoiseSource<Vec<f64>> for Replay {
-    fn sample(&mut self, out: &mut Vec<f64>, sigma: f64, sigma_next: f64) -> Result<()> {
-        let Some((s, sn, z)) = self.draws.get(self.next) else {
-            bail!("more noise draws than the reference ({})", self.draws.len());
-        };
-        if (s - sigma).abs() > 1e-9 * s || (sn - sigma_next).abs() > 1e-9 * sn.max(1e-300) {
-            bail!(
-                "draw {}: asked ({sigma}, {sigma_next}), reference ({s}, {sn})",
-                self.next
-            );
-        }
-        out.copy_from_slice(z);
-        self.next += 1;
-        Ok(())
     }
 }
 

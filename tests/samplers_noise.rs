@@ -1,15 +1,13 @@
 //! RES4LYF's SDE noise modes against RES4LYF's own get_sde_step (golden file from
 //! scripts/golden/samplers_res4lyf.py).
+mod common;
+use common::samplers::golden;
 use serde_json::Value;
 use trt_diff::samplers::noise_mode::{NoiseMode, sde_step};
 
 #[test]
 fn noise_modes_match_res4lyf() {
-    let p = format!(
-        "{}/tests/golden/samplers/res4lyf.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let g = golden("res4lyf.json");
     let cases = g["noise_modes"].as_array().unwrap();
     assert!(cases.len() >= 300);
     let mut modes = std::collections::BTreeSet::new();
@@ -365,11 +363,7 @@ mod noise_types {
 #[test]
 fn zscore_planes_match_res4lyf() {
     use trt_diff::samplers::noise::{NoiseSource, PhiloxNoise, ZScorePlanes, zscore_planes};
-    let p = format!(
-        "{}/tests/golden/samplers/res4lyf_noise.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let g = golden("res4lyf_noise.json");
     let f = |v: &Value| -> Vec<f64> {
         v.as_array()
             .unwrap()

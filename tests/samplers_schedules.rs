@@ -1,24 +1,13 @@
 //! The schedulers against ComfyUI's and RES4LYF's own scheduler code (golden file from
 //! scripts/golden/samplers_schedules.py). ComfyUI keeps its sigma table and results in float32, we compute
 //! in f64, hence the 2e-6 relative tolerance; anything structural (length, a wrong index) fails outright.
-use serde_json::Value;
+mod common;
+use common::samplers::{golden, vecf};
 use trt_diff::samplers::schedule::{self, ModelSampling};
-
-fn vecf(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
 
 #[test]
 fn schedulers_match_comfyui_and_res4lyf() {
-    let p = format!(
-        "{}/tests/golden/samplers/schedules.json",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let g: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
+    let g = golden("schedules.json");
     let ms = ModelSampling::sd();
     // Our SD table against ComfyUI's float32 one.
     let rel = |a: f64, b: f64| (a - b).abs() <= 2e-6 * b.abs().max(1e-6);

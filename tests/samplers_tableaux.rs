@@ -1,25 +1,11 @@
 //! Tableaux: RES4LYF's numbers transcribed exactly (golden file from scripts/golden/samplers_res4lyf.py), and
 //! every registered tableau meets the order conditions of its claimed order to 1e-12.
-use serde_json::Value;
+mod common;
+use common::samplers::{golden, vecf};
 use trt_diff::samplers::registry;
 use trt_diff::samplers::tableau::{
     Kind, TABLEAUX, Trees, order_residuals, proven_order, simplifying, tree_order,
 };
-
-fn golden() -> Value {
-    let p = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/golden/samplers/res4lyf.json"
-    );
-    serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap()
-}
-fn vecf(v: &Value) -> Vec<f64> {
-    v.as_array()
-        .unwrap()
-        .iter()
-        .map(|x| x.as_f64().unwrap())
-        .collect()
-}
 
 /// Equal to the last couple of ulps (serde_json's default float parsing is not always correctly rounded).
 fn same(a: &[f64], b: &[f64], what: &str) {
@@ -34,7 +20,7 @@ fn same(a: &[f64], b: &[f64], what: &str) {
 
 #[test]
 fn transcription_matches_res4lyf_exactly() {
-    let g = golden();
+    let g = golden("res4lyf.json");
     let t = g["tableaux"].as_object().unwrap();
     assert_eq!(t.len(), TABLEAUX.len());
     for tab in TABLEAUX {

@@ -93,3 +93,4 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
     std::fs::write(path, out).unwrap();
 }
 pub mod http;
+pub mod samplers;
