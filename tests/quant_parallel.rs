@@ -94,3 +94,59 @@ fn parallel_paths_equal_scalar_references() {
         cols,
     );
 }
+
+/// Every bf16 bit pattern (NaN, infinities, zeros and subnormals included) through NVFP4's vector kernel, which
+/// computes ModelOpt's bucket rule as a rounding of the f32 bits, against the scalar reference: in a tensor of
+/// ordinary values (so each sits in blocks of various maxima), in a tensor whose global scale an infinity
+/// sets, and as f16 and f32 inputs.
+#[test]
+fn nvfp4_vector_kernel_equals_the_scalar_rule_on_every_bf16_value() {
+    let mut s = 0x9E37_79B9_7F4A_7C15u64;
+    let mut all: Vec<u16> = (0..=u16::MAX).collect();
+    // A fixed shuffle, so blocks mix magnitudes.
+    for i in (1..all.len()).rev() {
+        s ^= s << 13;
+        s ^= s >> 7;
+        s ^= s << 17;
+        all.swap(i, (s % (i as u64 + 1)) as usize);
+    }
+    let finite_moderate: Vec<bf16> = all
+        .iter()
+        .map(|&b| bf16::from_bits(b))
+        .filter(|x| x.is_finite() && x.to_f32().abs() < 1e4)
+        .collect();
+    let n = finite_moderate.len() / 16 * 16;
+    let same = |v: &[bf16]| {
+        let (a, b) = (nvfp4::quantize(v), nvfp4::quantize_scalar(v));
+        let first = (0..a.packed.len()).find(|&i| a.packed[i] != b.packed[i]);
+        assert!(
+            first.is_none(),
+            "first differing byte {first:?}: values {:?}",
+            first.map(|i| (v[2 * i].to_f32(), v[2 * i + 1].to_f32()))
+        );
+        assert_eq!(a.block_scales, b.block_scales);
+        assert_eq!(a.global_scale.to_bits(), b.global_scale.to_bits());
+    };
+    same(&finite_moderate[..n]);
+    let every: Vec<bf16> = all.iter().map(|&b| bf16::from_bits(b)).collect();
+    same(&every);
+    // Values whose quotient lands exactly on ModelOpt's boundaries (0.25 ... 5.0) and E2M1 values.
+    let ties: Vec<bf16> = [
+        0.25f32, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0,
+    ]
+    .iter()
+    .flat_map(|&t| [t, -t])
+    .chain([6.0; 4])
+    .map(bf16::from_f32)
+    .collect();
+    same(&ties.repeat(8));
+    let f16s: Vec<f16> = finite_moderate[..n]
+        .iter()
+        .map(|x| f16::from_f32(x.to_f32()))
+        .collect();
+    let (a, b) = (nvfp4::quantize(&f16s), nvfp4::quantize_scalar(&f16s));
+    assert_eq!((a.packed, a.block_scales), (b.packed, b.block_scales));
+    let f32s: Vec<f32> = every.iter().map(|x| x.to_f32()).collect();
+    let (a, b) = (nvfp4::quantize(&f32s), nvfp4::quantize_scalar(&f32s));
+    assert_eq!((a.packed, a.block_scales), (b.packed, b.block_scales));
+}

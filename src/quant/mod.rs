@@ -7,5 +7,7 @@ pub mod inspect;
 pub mod int;
 pub mod minifloat;
 pub mod nvfp4;
+#[cfg(target_arch = "x86_64")]
+mod nvfp4_avx2;
 pub mod policy;
 pub mod qdq;

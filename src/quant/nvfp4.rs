@@ -99,12 +99,43 @@ pub fn quantize<T: Elem>(values: &[T]) -> Nvfp4 {
         .par_chunks(unit)
         .zip(packed.par_chunks_mut(unit / 2))
         .zip(block_scales.par_chunks_mut(unit / BLOCK))
-        .for_each(|((v, p), s)| quantize_blocks(v, sw, p, s));
+        .for_each(|((v, p), s)| {
+            let done = blocks_simd(v, sw, p, s);
+            quantize_blocks(&v[done..], sw, &mut p[done / 2..], &mut s[done / BLOCK..]);
+        });
     Nvfp4 {
         packed,
         block_scales,
         global_scale: sw,
     }
+}
+
+/// The leading whole groups of eight blocks through the AVX2 kernel when the CPU has it; returns the elements
+/// done.
+fn blocks_simd<T: Elem>(v: &[T], sw: f32, packed: &mut [u8], scales: &mut [u8]) -> usize {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use super::nvfp4_avx2 as k;
+        let kind = match T::DTYPE {
+            "F32" => k::F32,
+            "BF16" => k::BF16,
+            _ => k::F16,
+        };
+        if k::available(kind) {
+            let p = v.as_ptr() as *const u8;
+            // SAFETY: the features were checked; `p` holds `v.len()` elements of the kind's type, and the output
+            // slices are the caller's units of `v.len() / 2` and `v.len() / 16` bytes.
+            return unsafe {
+                match kind {
+                    k::F32 => k::blocks::<{ k::F32 }>(p, v.len(), sw, packed, scales),
+                    k::BF16 => k::blocks::<{ k::BF16 }>(p, v.len(), sw, packed, scales),
+                    _ => k::blocks::<{ k::F16 }>(p, v.len(), sw, packed, scales),
+                }
+            };
+        }
+    }
+    let _ = (v, sw, packed, scales);
+    0
 }
 
 crate::simd_dispatch! {
