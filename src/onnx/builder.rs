@@ -82,9 +82,14 @@ impl ExternalSink {
         let writer = std::thread::spawn(move || -> Result<crate::fsutil::AtomicFile> {
             use std::io::Write;
             let mut file = file;
+            let mut behind = crate::fsutil::WriteBehind::default();
             for (pad, data) in rx {
                 file.write_all(&vec![0u8; pad as usize])
                     .and_then(|_| file.write_all(&data))
+                    .and_then(|_| {
+                        behind.advance(file.flushed_file()?, pad + data.len() as u64);
+                        Ok(())
+                    })
                     .map_err(|e| anyhow::anyhow!("writing external data '{name}' failed: {e}"))?;
             }
             Ok(file)

@@ -12,19 +12,19 @@ use std::sync::Arc;
 /// Reads ranges of the mappings into the page cache on a background thread (`MADV_WILLNEED` blocks while it
 /// submits the reads, so it must not run on the caller's thread).
 struct Prefetcher {
-    tx: std::sync::mpsc::Sender<(Arc<memmap2::Mmap>, usize, usize)>,
+    tx: std::sync::mpsc::Sender<(Arc<Mapped>, usize, usize)>,
 }
 
 impl Prefetcher {
     fn start() -> Self {
-        let (tx, rx) = std::sync::mpsc::channel::<(Arc<memmap2::Mmap>, usize, usize)>();
+        let (tx, rx) = std::sync::mpsc::channel::<(Arc<Mapped>, usize, usize)>();
         std::thread::spawn(move || {
             // Ends when the checkpoint (the sender) is dropped.
             for (map, start, end) in rx {
                 let mut a = start;
                 while a < end {
                     let b = (a + (32 << 20)).min(end);
-                    let _ = map.advise_range(memmap2::Advice::WillNeed, a, b - a);
+                    let _ = map.map.advise_range(memmap2::Advice::WillNeed, a, b - a);
                     a = b;
                 }
             }
@@ -33,22 +33,34 @@ impl Prefetcher {
     }
 }
 
+/// A checkpoint file and its read-only mapping (the file for page-cache hints).
+struct Mapped {
+    map: memmap2::Mmap,
+    file: std::fs::File,
+    /// The file is too big to stay cached (see [`crate::fsutil::crowds_page_cache`]): a released tensor's pages
+    /// also leave the page cache.
+    evict: bool,
+}
+
 /// One tensor's bytes in a mapping. When the last `Bytes` pointing at it is dropped (e.g. by the external-data
 /// writer thread, once written), its whole pages leave this process's resident set: they read back from the file
 /// if touched again, so memory stays at about the tensors in use.
 struct TensorPages {
-    map: Arc<memmap2::Mmap>,
+    map: Arc<Mapped>,
     start: usize,
     end: usize,
 }
 impl AsRef<[u8]> for TensorPages {
     fn as_ref(&self) -> &[u8] {
-        &self.map[self.start..self.end]
+        &self.map.map[self.start..self.end]
     }
 }
 impl Drop for TensorPages {
     fn drop(&mut self) {
-        release_range(&self.map, self.start, self.end);
+        release_range(&self.map.map, self.start, self.end);
+        if self.map.evict {
+            crate::fsutil::drop_cached(&self.map.file, self.start as u64, self.end as u64);
+        }
     }
 }
 
@@ -114,7 +126,7 @@ impl Tensor {
 pub struct Checkpoint {
     /// What the user named (a file or a folder), for messages.
     pub path: PathBuf,
-    files: Vec<(PathBuf, Arc<memmap2::Mmap>)>,
+    files: Vec<(PathBuf, Arc<Mapped>)>,
     index: BTreeMap<String, Entry>,
     prefetcher: std::sync::OnceLock<std::sync::Mutex<Prefetcher>>,
 }
@@ -163,13 +175,20 @@ impl Checkpoint {
             index: BTreeMap::new(),
             prefetcher: std::sync::OnceLock::new(),
         };
+        // Judged on the whole checkpoint: the shards of a big model are read one after another.
+        let total: u64 = files
+            .iter()
+            .filter_map(|f| std::fs::metadata(f).ok())
+            .map(|m| m.len())
+            .sum();
+        let evict = crate::fsutil::crowds_page_cache(total);
         for f in files {
-            ck.add_file(&f)?;
+            ck.add_file(&f, evict)?;
         }
         Ok(ck)
     }
 
-    fn add_file(&mut self, path: &Path) -> Result<()> {
+    fn add_file(&mut self, path: &Path, evict: bool) -> Result<()> {
         let file = std::fs::File::open(path).with_context(|| {
             format!(
                 "cannot open checkpoint '{}'; check the path",
@@ -222,7 +241,8 @@ impl Checkpoint {
                 );
             }
         }
-        self.files.push((path.to_path_buf(), Arc::new(map)));
+        self.files
+            .push((path.to_path_buf(), Arc::new(Mapped { map, file, evict })));
         Ok(())
     }
 
@@ -255,7 +275,8 @@ impl Checkpoint {
                 self.path.display()
             );
         };
-        let map = &self.files[e.file].1;
+        let mapped = &self.files[e.file].1;
+        let map = &mapped.map;
         // Map the tensor's pages in one call rather than one fault per 64 KiB (ignored where unsupported); with
         // [`Checkpoint::prefetch_prefix`] ahead of time they are already in the page cache.
         if e.end > e.start {
@@ -266,7 +287,7 @@ impl Checkpoint {
             dtype: e.dtype,
             shape: e.shape.clone(),
             data: Bytes::from_owner(TensorPages {
-                map: map.clone(),
+                map: mapped.clone(),
                 start: e.start,
                 end: e.end,
             }),
@@ -347,5 +368,36 @@ mod tests {
         assert!(e.contains("cannot open"), "{e}");
         // A folder opens as shards.
         assert!(Checkpoint::open(d.path()).unwrap().contains("a.weight"));
+    }
+
+    /// A checkpoint too big for the page cache drops each released tensor's pages: tensors read again afterwards
+    /// (by a second `get`, or while another `Bytes` of the same pages is alive) still read the right bytes.
+    #[test]
+    fn evicting_released_pages_keeps_values() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("m.safetensors");
+        let big: Vec<u8> = (0..3 * 4096 * 4).map(|i| (i * 7 % 251) as u8).collect();
+        let small: Vec<u8> = (0..64).map(|i| i as u8).collect();
+        fn tv(b: &[u8], n: usize) -> safetensors::tensor::TensorView<'_> {
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![n], b).unwrap()
+        }
+        safetensors::serialize_to_file(
+            [("a", tv(&big, big.len() / 4)), ("b", tv(&small, 16))],
+            None,
+            &p,
+        )
+        .unwrap();
+        let mut ck = Checkpoint::open(&p).unwrap();
+        ck.files.clear();
+        ck.index.clear();
+        ck.add_file(&p, true).unwrap();
+        for _ in 0..2 {
+            let a = ck.get("a").unwrap();
+            let a2 = ck.get("a").unwrap();
+            drop(a);
+            assert_eq!(&a2.data[..], &big[..]);
+            drop(a2);
+            assert_eq!(&ck.get("b").unwrap().data[..], &small[..]);
+        }
     }
 }

@@ -25,6 +25,11 @@ struct Emitter<'a> {
 
 const EPS: f32 = 1e-6;
 
+/// How many transformer blocks a streaming export reads ahead of the one it emits. Two keep the disk busy while a
+/// block is quantized and written; the pages behind leave the cache (`Checkpoint`'s eviction), so memory does not
+/// grow with the distance.
+const PREFETCH_BLOCKS: usize = 2;
+
 impl Emitter<'_> {
     fn t(&self, name: &str) -> Result<Tensor> {
         self.ck.get(&self.n.p(name))
@@ -833,18 +838,28 @@ pub(super) fn emit(
         Layout::Bfl => ("double_blocks", "single_blocks"),
         Layout::Diffusers => ("transformer_blocks", "single_transformer_blocks"),
     };
-    let prefetch = |name: String| {
-        if stream_to.is_some() {
-            ck.prefetch_prefix(&format!("{prefix}{name}"));
+    // The checkpoint's blocks in the order they are emitted; reads run PREFETCH_BLOCKS blocks ahead.
+    let final_prefixes: &[&str] = match layout {
+        Layout::Bfl => &["final_layer."],
+        Layout::Diffusers => &["norm_out.", "proj_out."],
+    };
+    let mut order: Vec<Vec<String>> = (0..cfg.depth)
+        .map(|i| vec![format!("{dpre}.{i}.")])
+        .chain((0..cfg.depth_single).map(|i| vec![format!("{spre}.{i}.")]))
+        .collect();
+    order.push(final_prefixes.iter().map(|s| s.to_string()).collect());
+    let prefetch = |step: usize| {
+        if let (Some(group), Some(_)) = (order.get(step), stream_to) {
+            for p in group {
+                ck.prefetch_prefix(&format!("{prefix}{p}"));
+            }
         }
     };
-    prefetch(format!("{dpre}.0."));
+    for step in 0..PREFETCH_BLOCKS {
+        prefetch(step);
+    }
     for i in 0..cfg.depth {
-        prefetch(if i + 1 < cfg.depth {
-            format!("{dpre}.{}.", i + 1)
-        } else {
-            format!("{spre}.0.")
-        });
+        prefetch(i + PREFETCH_BLOCKS);
         (img, txt) = e.double_block(i, &img, &txt, &vec_silu, &pe, &txt_len)?;
     }
     let mut x = e.o.same(
@@ -855,26 +870,7 @@ pub(super) fn emit(
     )?;
     x.shape = vec![batch(), seq(), Dim::Fixed(d as i64)];
     for i in 0..cfg.depth_single {
-        if i + 1 < cfg.depth_single {
-            prefetch(format!("{spre}.{}.", i + 1));
-        } else {
-            prefetch(
-                if layout == Layout::Bfl {
-                    "final_layer."
-                } else {
-                    "norm_out."
-                }
-                .into(),
-            );
-            prefetch(
-                if layout == Layout::Bfl {
-                    "final_layer."
-                } else {
-                    "proj_out."
-                }
-                .into(),
-            );
-        }
+        prefetch(cfg.depth + i + PREFETCH_BLOCKS);
         x = e.single_block(i, &x, &vec_silu, &pe)?;
     }
     let (_, img) = e.split_seq("single/split", &x, &txt_len)?;
