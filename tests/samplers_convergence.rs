@@ -12,11 +12,17 @@ const NS: &[usize] = &[
 fn slope(spec: &CheckSpec) -> (usize, f64, f64, f64) {
     let err = |n| run(spec, n, None).unwrap().max_err;
     let mut best = None;
+    // A method with a large error constant (kraaijevanger_spijker_2s: e(512) = 1.6e-2) is asymptotic only
+    // later: its last pair with e(n) < 5e-2 is the fallback.
+    let mut late = None;
     for &n in NS {
         if !NS.contains(&(2 * n)) {
             break;
         }
         let (a, b) = (err(n), err(2 * n));
+        if a < 5e-2 {
+            late = Some((n, a, b, (a / b).log2()));
+        }
         // Take the pair even when e(2n) already sits at round-off: that only underestimates the slope.
         if a < 1e-2 && (best.is_none() || b >= 1e-9) {
             best = Some((n, a, b, (a / b).log2()));
@@ -25,7 +31,8 @@ fn slope(spec: &CheckSpec) -> (usize, f64, f64, f64) {
             break;
         }
     }
-    best.unwrap_or_else(|| panic!("{}: no asymptotic pair of step counts", spec.sampler))
+    best.or(late)
+        .unwrap_or_else(|| panic!("{}: no asymptotic pair of step counts", spec.sampler))
 }
 
 fn check_family(flow: bool, filter: impl Fn(&registry::SamplerInfo) -> bool) {

@@ -18,3 +18,4 @@ pub mod schedule;
 pub mod stepper;
 pub mod tableau;
 mod tableau_data;
+pub mod tableau_fix;

@@ -173,19 +173,22 @@ const MULTISTEP: &[(&str, usize, usize, &str)] = &[
     ("abnorsett_4m", 4, 4, "res_4s_strehmel_weiner"),
 ];
 
-/// The tableaux we register: all of RES4LYF's whose coefficients meet the order conditions of their order
-/// (a few published ones do not, see `excluded_tableaux`), except "euler" which k-diffusion's Euler covers.
+/// The tableaux we register: all of RES4LYF's whose coefficients meet the order conditions of their order,
+/// the few published ones that do not (see `excluded_tableaux`) replaced by their corrections
+/// (`tableau_fix`), except "euler" which k-diffusion's Euler covers.
 pub fn tableaux() -> Vec<&'static Tableau> {
     static OK: std::sync::OnceLock<Vec<&'static Tableau>> = std::sync::OnceLock::new();
     OK.get_or_init(|| {
         TABLEAUX
             .iter()
+            .map(|t| super::tableau_fix::corrected(t.name).unwrap_or(t))
             .filter(|t| t.name != "euler" && proven_order(t, 1e-12) >= t.order)
             .collect()
     })
     .clone()
 }
-/// RES4LYF tableaux left out because their published coefficients fail the order conditions.
+/// RES4LYF tableaux whose published coefficients fail the order conditions (registered corrected, see
+/// `tableau_fix::FIXES`).
 pub fn excluded_tableaux() -> Vec<&'static str> {
     TABLEAUX
         .iter()
@@ -233,7 +236,7 @@ pub fn list() -> Vec<SamplerInfo> {
             family: Family::Exponential,
             order: m.order,
             stages: m.stages,
-            calls: m.stages,
+            calls: m.calls(),
             stochastic: false,
         });
     }
@@ -317,6 +320,12 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         bail!(
             "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
              instead of implicit_sweeps"
+        );
+    }
+    if !refine.is_none() && ExpMethod::by_name(name).is_some_and(|m| m.implicit()) {
+        bail!(
+            "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to explicit exponential samplers; \
+             '{name}' is implicit (solved by its own sweeps): set them to 0"
         );
     }
     if !refine.is_none() {
