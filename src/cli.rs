@@ -852,6 +852,9 @@ pub enum SamplersCmd {
         implicit_steps: usize,
         #[arg(long, default_value_t = 0)]
         implicit_substeps: usize,
+        /// RES4LYF's bongmath (its default, off here): re-derives the step start from each stage, see README.
+        #[arg(long)]
+        bongmath: bool,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -896,6 +899,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             noise_anchor,
             implicit_steps,
             implicit_substeps,
+            bongmath,
             f32,
             init,
             dump,
@@ -918,6 +922,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     noise_anchor,
                     implicit_steps,
                     implicit_substeps,
+                    bongmath,
                     ..Default::default()
                 },
             };

@@ -276,6 +276,7 @@ fn res4lyf_runs_step_by_step() {
     let g = golden("res4lyf_runs.json");
     let runs = g["runs"].as_array().unwrap();
     let mut names = std::collections::BTreeSet::new();
+    let mut bong_checked = 0;
     for r in runs {
         let name = r["name"].as_str().unwrap();
         let anchor = r["anchor"].as_f64().unwrap();
@@ -291,10 +292,12 @@ fn res4lyf_runs_step_by_step() {
             next: 0,
         };
         // noise_anchor acts on the linear tableaux only (the exponential runs are at RES4LYF's default 1).
+        let bongmath = r["bongmath"].as_bool().unwrap();
         let opts = SamplerOptions {
             noise_anchor: anchor,
             implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
             implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
+            bongmath,
             ..Default::default()
         };
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
@@ -306,12 +309,30 @@ fn res4lyf_runs_step_by_step() {
         for (i, want) in xs.iter().enumerate() {
             sampler.step(&mut cx, &mut x, i).unwrap();
             let what = format!(
-                "{name} anchor {anchor} implicit steps/substeps {}/{} n={} step {i}",
+                "{name} anchor {anchor} implicit steps/substeps {}/{} bongmath {bongmath} n={} step {i}",
                 opts.implicit_steps,
                 opts.implicit_substeps,
                 sigmas.len() - 1
             );
+            // RES4LYF's bong_iter diverges for these hybrids at the last (large) step, h * sum_j a_ij > 1, so
+            // its 100 iterations amplify its own rounding (~1e10): no deterministic value to match, ours
+            // keeps the fixed point. Pinned: that step differs, by less than 1e-4 relative.
+            let diverges = bongmath
+                && i + 1 == xs.len()
+                && ["abnorsett3_2h2s", "lawson43-gen-mod_2h4s"].contains(&name);
+            if diverges {
+                close(&x, want, 1e-4, &what);
+                assert!(
+                    x.iter()
+                        .zip(want)
+                        .any(|(a, b)| (a - b).abs() > 1e-9 * b.abs())
+                );
+                continue;
+            }
             close(&x, want, 1e-12, &what);
+            if bongmath {
+                bong_checked += 1;
+            }
         }
     }
     let registered: std::collections::BTreeSet<&str> = registry::list()
@@ -320,8 +341,36 @@ fn res4lyf_runs_step_by_step() {
         .map(|i| i.name)
         .collect();
     assert_eq!(registered, names, "registered hybrids = the golden ones");
+    assert!(bong_checked >= 300, "{bong_checked} bongmath steps");
     for e in g["raises"].as_array().unwrap() {
         let name = e["name"].as_str().unwrap();
         assert!(registry::info(name).is_none(), "{name} raises in RES4LYF");
     }
+}
+
+/// bongmath is a RES4LYF option: the samplers it does not apply to say so instead of ignoring it.
+#[test]
+fn bongmath_is_refused_where_it_does_not_apply() {
+    let o = SamplerOptions {
+        bongmath: true,
+        ..Default::default()
+    };
+    for name in ["res_3s", "rk4_4s", "res_2m", "pec423_2h2s", "deis_3m"] {
+        assert!(registry::build::<Vec<f64>>(name, &o).is_ok(), "{name}");
+    }
+    for name in [
+        "euler",
+        "dpmpp_2m",
+        "uni_pc",
+        "irk_exp_diag_2s",
+        "gauss-legendre_2s",
+    ] {
+        let e = registry::build::<Vec<f64>>(name, &o).err().unwrap();
+        assert!(e.to_string().contains("bongmath"), "{name}: {e}");
+    }
+    let sde = SamplerOptions {
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
+        ..o
+    };
+    assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
 }

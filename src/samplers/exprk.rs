@@ -1153,10 +1153,10 @@ impl<B: Buffer> Sampler<B> for ExpRk<B> {
         let Some(sde) = self.sde else {
             let h = (s / sn).ln();
             let k = self.method.at(h);
-            if !self.refine.is_none() {
+            if self.refine.active() {
                 let mut sig: Vec<f64> = k.c.iter().map(|c| s * (-c * h).exp()).collect();
                 sig.push(sn);
-                let bufs = self.s.get(self.method.stages + 3, x)?;
+                let bufs = self.s.get(self.refine.buffers(self.method.stages), x)?;
                 let e = StageEps::Exponential;
                 return refined_step(cx, x, bufs, &k.a, &k.b, &sig, s, h, e, self.refine);
             }

@@ -82,6 +82,13 @@ pub struct SamplerOptions {
     /// samplers (without a noise mode) and the explicit tableaux, see [`super::refine`]. Default 0, 0.
     pub implicit_steps: usize,
     pub implicit_substeps: usize,
+    /// RES4LYF's bongmath (its default; ours off), see [`super::refine::Bong`]: for the single-step
+    /// exponential samplers without a noise mode and the explicit tableaux (which it then steps in RES4LYF's
+    /// form); the identity (as in RES4LYF at eta 0) for RES4LYF's implicit tableaux at noise_anchor 1, its
+    /// multistep names and the hybrids (except where RES4LYF's iteration diverges, see README).
+    pub bongmath: bool,
+    /// The model's smallest sigma, below which RES4LYF skips bongmath (with `noise_sigma_max` its range).
+    pub bong_sigma_min: f64,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -102,6 +109,8 @@ impl Default for SamplerOptions {
             noise_anchor: 0.0,
             implicit_steps: 0,
             implicit_substeps: 0,
+            bongmath: false,
+            bong_sigma_min: super::schedule::ModelSampling::sd().sigma_min(),
         }
     }
 }
@@ -298,6 +307,10 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     let refine = Refine {
         full: o.implicit_steps,
         diag: o.implicit_substeps,
+        bong: o.bongmath.then_some(super::refine::Bong {
+            sigma_min: o.bong_sigma_min,
+            sigma_max: o.noise_sigma_max,
+        }),
     };
     if o.noise_mode != super::noise_mode::NoiseMode::None
         && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
@@ -321,6 +334,25 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
              instead of implicit_sweeps"
         );
+    }
+    if o.bongmath {
+        let exp = ExpMethod::by_name(name);
+        let ok = match (exp, tab) {
+            (Some(m), _) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            (None, Some(t)) => t.kind() == Kind::Explicit || o.noise_anchor == 1.0,
+            (None, None) => {
+                HybridMethod::by_name(name).is_some()
+                    || MULTISTEP.iter().any(|m| m.0 == name)
+                    || DEIS.iter().any(|m| m.0 == name)
+            }
+        };
+        if !ok {
+            bail!(
+                "bongmath (RES4LYF's option) applies to RES4LYF's explicit exponential samplers without a noise \
+                 mode, its explicit tableaux, its implicit tableaux at noise_anchor 1, its multistep and hybrid \
+                 names; not to '{name}' with these options"
+            );
+        }
     }
     if !refine.is_none() && ExpMethod::by_name(name).is_some_and(|m| m.implicit()) {
         bail!(

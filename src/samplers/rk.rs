@@ -55,12 +55,12 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
         let tab = self.tab;
         let n = tab.stages();
-        if !self.refine.is_none() && sn > 0.0 && tab.kind() == Kind::Explicit {
+        if self.refine.active() && sn > 0.0 && tab.kind() == Kind::Explicit {
             let h = sn - s;
             let mut sig: Vec<f64> = tab.c.iter().map(|c| s + c * h).collect();
             sig.push(sn);
             let a: Vec<Vec<f64>> = tab.a.iter().map(|r| r.to_vec()).collect();
-            let bufs = self.s.get(n + 3, x)?;
+            let bufs = self.s.get(self.refine.buffers(n), x)?;
             let e = StageEps::Linear {
                 anchor: self.anchor,
             };
