@@ -855,6 +855,9 @@ pub enum SamplersCmd {
         /// RES4LYF's bongmath (its default, off here): re-derives the step start from each stage, see README.
         #[arg(long)]
         bongmath: bool,
+        /// Step implicit tableaux as RES4LYF does also at --noise-anchor 0 (other anchors imply it).
+        #[arg(long)]
+        res4lyf_implicit: bool,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -900,6 +903,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             implicit_steps,
             implicit_substeps,
             bongmath,
+            res4lyf_implicit,
             f32,
             init,
             dump,
@@ -923,6 +927,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     implicit_steps,
                     implicit_substeps,
                     bongmath,
+                    res4lyf_implicit,
                     ..Default::default()
                 },
             };

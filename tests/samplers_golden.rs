@@ -298,6 +298,8 @@ fn res4lyf_runs_step_by_step() {
             implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
             implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
             bongmath,
+            // Implicit tableaux stepped as RES4LYF does at every anchor (incl. 0).
+            res4lyf_implicit: true,
             ..Default::default()
         };
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();

@@ -4,6 +4,7 @@ pub mod check;
 pub mod comfy;
 pub mod exprk;
 pub mod hybrid;
+pub mod implicit;
 pub mod kdiff;
 pub mod model;
 pub mod noise;

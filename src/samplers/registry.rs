@@ -89,6 +89,9 @@ pub struct SamplerOptions {
     pub bongmath: bool,
     /// The model's smallest sigma, below which RES4LYF skips bongmath (with `noise_sigma_max` its range).
     pub bong_sigma_min: f64,
+    /// Step the implicit tableaux as RES4LYF does ([`super::implicit`]: its start, model-free newton
+    /// iterations and Gauss-Seidel rows) also at noise_anchor 0; any other anchor implies it.
+    pub res4lyf_implicit: bool,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -111,6 +114,7 @@ impl Default for SamplerOptions {
             implicit_substeps: 0,
             bongmath: false,
             bong_sigma_min: super::schedule::ModelSampling::sd().sigma_min(),
+            res4lyf_implicit: false,
         }
     }
 }
@@ -322,17 +326,13 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     }
     let tab = tableaux().into_iter().find(|t| t.name == name);
     let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
-    if implicit && o.noise_anchor != 0.0 && o.noise_anchor != 1.0 {
+    // Implicit tableaux: our fixed-point sweeps at noise_anchor 0, RES4LYF's stepping otherwise (or asked).
+    let res4lyf_implicit = implicit && (o.noise_anchor != 0.0 || o.res4lyf_implicit);
+    if res4lyf_implicit && o.implicit_sweeps.is_some() {
         bail!(
-            "noise_anchor {} for the implicit tableau '{name}': only 0 (our fixed-point sweeps) or 1 \
-             (RES4LYF's stepping) are implemented",
+            "'{name}' with noise_anchor {} is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
+             instead of implicit_sweeps (our sweeps are the noise_anchor 0 default)",
             o.noise_anchor
-        );
-    }
-    if implicit && o.noise_anchor == 1.0 && o.implicit_sweeps.is_some() {
-        bail!(
-            "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
-             instead of implicit_sweeps"
         );
     }
     if o.bongmath {
@@ -363,14 +363,14 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     if !refine.is_none() {
         let exp_ode = ExpMethod::by_name(name).is_some()
             && o.noise_mode == super::noise_mode::NoiseMode::None;
-        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit || o.noise_anchor == 1.0);
+        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit) || res4lyf_implicit;
         if !exp_ode && !res4lyf_tab {
             bail!(
                 "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to the single-step exponential \
-                 samplers without a noise mode, the explicit tableaux and, with noise_anchor 1, the implicit \
-                 tableaux; not to '{name}'{}",
+                 samplers without a noise mode, the explicit tableaux and the implicit tableaux stepped as \
+                 RES4LYF does (noise_anchor != 0 or res4lyf_implicit); not to '{name}'{}",
                 if implicit {
-                    " at noise_anchor 0 (use implicit_sweeps, or noise_anchor 1)"
+                    " at noise_anchor 0 with our sweeps (use implicit_sweeps, or res4lyf_implicit)"
                 } else {
                     ""
                 }
@@ -453,6 +453,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 let mut rk = Rk::new(t, o.implicit_sweeps);
                 rk.anchor = o.noise_anchor;
                 rk.refine = refine;
+                rk.res4lyf = res4lyf_implicit;
                 return Ok(Box::new(rk));
             }
             let names: Vec<&str> = list().iter().map(|i| i.name).collect();
