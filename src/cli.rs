@@ -858,6 +858,12 @@ pub enum SamplersCmd {
         /// Step implicit tableaux as RES4LYF does also at --noise-anchor 0 (other anchors imply it).
         #[arg(long)]
         res4lyf_implicit: bool,
+        /// RES4LYF's implicit type of the implicit steps / substeps (predictor-corrector, rebound; retro-eta
+        /// and bongmath equal predictor-corrector without noise).
+        #[arg(long, default_value = "predictor-corrector")]
+        implicit_type: String,
+        #[arg(long, default_value = "predictor-corrector")]
+        implicit_type_substeps: String,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -904,6 +910,8 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             implicit_substeps,
             bongmath,
             res4lyf_implicit,
+            implicit_type,
+            implicit_type_substeps,
             f32,
             init,
             dump,
@@ -928,6 +936,10 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     implicit_substeps,
                     bongmath,
                     res4lyf_implicit,
+                    implicit_type: crate::samplers::refine::ImplicitType::parse(&implicit_type)?,
+                    implicit_type_substeps: crate::samplers::refine::ImplicitType::parse(
+                        &implicit_type_substeps,
+                    )?,
                     ..Default::default()
                 },
             };

@@ -1,6 +1,7 @@
 //! Every deterministic sampler reaches its claimed order on the analytic Gaussian-data problem, whose
 //! probability-flow ODE has a closed-form solution (see `trt-diff samplers check --help`).
 use trt_diff::samplers::check::{CheckSpec, run};
+use trt_diff::samplers::refine::ImplicitType;
 use trt_diff::samplers::registry::{self, SamplerOptions};
 
 const NS: &[usize] = &[
@@ -191,6 +192,47 @@ fn implicit_refinement_orders_and_errors() {
             "{name} {full}/{diag}: slope {p}, expected {want}"
         );
     }
+    // RES4LYF's implicit type "rebound" (values proven in tests/samplers_golden.rs) keeps order 2 where
+    // predictor-corrector loses it (the redo's first stage is evaluated at x_next moved back to sigma), except
+    // with both steps and substeps (measured: rk4_4s 1/1 is first order).
+    let rebound = ImplicitType::Rebound;
+    for (name, full, diag, want) in [
+        ("res_2s", 1, 0, 2.0),
+        ("res_3s", 0, 1, 2.0),
+        ("heun_2s", 1, 0, 2.0),
+        ("rk4_4s", 0, 1, 2.0),
+        ("rk4_4s", 1, 1, 1.0),
+    ] {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                implicit_steps: full,
+                implicit_substeps: diag,
+                implicit_type: rebound,
+                implicit_type_substeps: rebound,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 256, None).unwrap(),
+            run(&spec, 512, None).unwrap(),
+        );
+        let p = (a.max_err / b.max_err).log2();
+        assert!(
+            (p - want).abs() < 0.3,
+            "{name} {full}/{diag} rebound: slope {p}"
+        );
+    }
+    let o = SamplerOptions {
+        implicit_type: rebound,
+        ..Default::default()
+    };
+    let err = registry::build::<Vec<f64>>("res_2s", &o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rebound"), "{err}");
     for (name, why) in [
         ("gauss-legendre_2s", "implicit_sweeps"),
         ("euler", "not to 'euler'"),

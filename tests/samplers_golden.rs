@@ -4,6 +4,7 @@ mod common;
 use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::exprk::ExpMethod;
 use trt_diff::samplers::model::{Denoiser, GaussianData};
+use trt_diff::samplers::refine::ImplicitType;
 use trt_diff::samplers::registry::{self, SamplerOptions};
 use trt_diff::samplers::schedule;
 use trt_diff::samplers::stepper::Ctx;
@@ -300,6 +301,11 @@ fn res4lyf_runs_step_by_step() {
             bongmath,
             // Implicit tableaux stepped as RES4LYF does at every anchor (incl. 0).
             res4lyf_implicit: true,
+            implicit_type: ImplicitType::parse(r["implicit_type"].as_str().unwrap()).unwrap(),
+            implicit_type_substeps: ImplicitType::parse(
+                r["implicit_type_substeps"].as_str().unwrap(),
+            )
+            .unwrap(),
             ..Default::default()
         };
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
@@ -311,9 +317,12 @@ fn res4lyf_runs_step_by_step() {
         for (i, want) in xs.iter().enumerate() {
             sampler.step(&mut cx, &mut x, i).unwrap();
             let what = format!(
-                "{name} anchor {anchor} implicit steps/substeps {}/{} bongmath {bongmath} n={} step {i}",
+                "{name} anchor {anchor} implicit steps/substeps {}/{} ({:?}/{:?}) bongmath {bongmath} n={} \
+                 step {i}",
                 opts.implicit_steps,
                 opts.implicit_substeps,
+                opts.implicit_type,
+                opts.implicit_type_substeps,
                 sigmas.len() - 1
             );
             // RES4LYF's bong_iter diverges for these hybrids at the last (large) step, h * sum_j a_ij > 1, so

@@ -21,7 +21,10 @@ is transcribed below line for line: the history recycling
 s_[row]; update_substep), `x_next = x_[rows - multistep_stages - row_offset + 1]`, and the end-of-step shift
 `data_prev_[0] = data_[0]; data_prev_[k] = data_prev_[k-1]` (which leaves the newest denoised in slots 0 and 1).
 The implicit steps re-run the tableau loop with row 0 evaluated at the previous result x at sigma_next; the
-substeps re-evaluate a row at `x_[row + row_offset]`. Left out: `rebound_overshoot_substep/step`, the identity
+substeps re-evaluate a row at `x_[row + row_offset]`; with the implicit type "rebound" (its `implicit_type` /
+`implicit_type_substeps`) those branches of the loop are transcribed too (and `sigma_from_to` runs from its
+source); "retro-eta" and "bongmath" take their own branch only with substep noise, so at eta 0 they are the
+default "predictor-corrector". Left out: `rebound_overshoot_substep/step`, the identity
 at eta 0 (up to rounding), and everything behind guides and noise. For implicit tableaux (noise_anchor 1) the
 loop's implicit branch is transcribed too: `init_implicit_sampling` and `newton_iter` run from RES4LYF's source,
 the model call of row 0 is skipped when c_1 = 0, and the b row only updates.
@@ -106,6 +109,16 @@ def load_init_implicit(root, torch):
     return ns["init_implicit_sampling"]
 
 
+def load_sigma_from_to(root, torch):
+    """RK_NoiseSampler.sigma_from_to from rk_noise_sampler_beta.py's source (the module imports ComfyUI)."""
+    src = open(os.path.join(root, "beta", "rk_noise_sampler_beta.py")).read()
+    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RK_NoiseSampler")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "sigma_from_to")
+    ns = {"torch": torch, "Tensor": torch.Tensor}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "rk_noise_sampler_beta.py", "exec"), ns)
+    return lambda *a: ns["sigma_from_to"](None, *a)
+
+
 def gaussian(n):
     """GaussianData::standard(n, false)."""
     mu = [0.8 * math.sin(i * 1.7) for i in range(n)]
@@ -113,7 +126,8 @@ def gaussian(n):
     return mu, s
 
 
-def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, init_implicit=None, bong=False):
+def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, init_implicit=None, bong=False,
+        itype="predictor-corrector", itype_sub="predictor-corrector", sigma_from_to=None):
     n = x.shape[0]
     mu, s = gaussian(n)
     mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
@@ -170,9 +184,22 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, ini
                         diag_iter += 1
                         continue
                     if full_iter > 0 and row_offset == 1 and row == 0:
-                        x_tmp, s_tmp = x, sigma_next
+                        if itype == "rebound":  # sample_rk_beta's implicit_type == "rebound" branch
+                            eps_tmp, denoised_tmp = R(x, sigma_next, x_0, sigma)
+                            eps_tmp = (x - denoised_tmp) / sigma_next
+                            x = denoised_tmp + sigma * eps_tmp
+                            x_tmp, s_tmp = x, sigma
+                        else:
+                            x_tmp, s_tmp = x, sigma_next
                     elif diag_iter > 0:
-                        x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
+                        if itype_sub == "rebound":  # its implicit_type_substeps == "rebound" branch
+                            eps_[row], data_[row] = R(x_[row + row_offset], s_[row + row_offset + ms], x_0, sigma)
+                            x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
+                            x_[row + row_offset] = sigma_from_to(x_0, x_[row + row_offset], sigma,
+                                                                 s_[row + row_offset + ms], s_[row])
+                            x_tmp, s_tmp = x_[row + row_offset], s_[row]
+                        else:
+                            x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
                     else:
                         x_tmp, s_tmp = x_[row], s_[row]
                     if R.IMPLICIT and row == 0 and R.C[0] == 0.0:
@@ -206,6 +233,7 @@ def main():
     rk = load_res4lyf(root)
     EXP, LIN = load_rk_method(root, torch)
     init_implicit = load_init_implicit(root, torch)
+    sigma_from_to = load_sigma_from_to(root, torch)
     n = 6
     mu, s = gaussian(n)
     schedules = [
@@ -233,21 +261,28 @@ def main():
     bong_jobs += [(name, True, 1.0, f, d) for name in REFINE_EXP for f, d in ((0, 0), (1, 0), (0, 1))]
     bong_jobs += [(name, False, 1.0, f, 0) for name in IMPLICIT[:2] for f in (0, 1)]
     bong_jobs += [(name, True, 1.0, 0, 0) for name in HYBRID if name not in ("abnorsett4_3h2s", "lawson45-gen-mod_4h4s")]
-    jobs += [(*j, True, True) for j in bong_jobs]
-    for name, exponential, anchor, full, diag, bong, first_only in jobs:
+    jobs = [(*j, "predictor-corrector", "predictor-corrector") for j in jobs]
+    jobs += [(*j, True, True, "predictor-corrector", "predictor-corrector") for j in bong_jobs]
+    # The implicit type "rebound" (implicit_type for the steps, implicit_type_substeps for the substeps).
+    jobs += [(name, exp, a, f, d, False, True, ft, dt) for name, exp, a in
+             (("res_2s", True, 1.0), ("res_3s", True, 1.0), ("heun_2s", False, 0.0), ("rk4_4s", False, 1.0))
+             for f, d, ft, dt in ((1, 0, "rebound", "predictor-corrector"), (0, 1, "predictor-corrector", "rebound"),
+                                  (1, 1, "rebound", "rebound"))]
+    for name, exponential, anchor, full, diag, bong, first_only, itype, itype_sub in jobs:
         scheds = schedules[:1] if first_only else schedules if full == diag == 0 else schedules[::2]
         for sig in scheds:
             x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
             try:
                 xs = run(rk, EXP if exponential else LIN, torch, name, sig,
                          torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag, init_implicit,
-                         bong)
+                         bong, itype, itype_sub, sigma_from_to)
             except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
                 raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name}: raises {type(e).__name__}: {e}")
                 break
             runs.append({"name": name, "anchor": anchor, "implicit_steps": full, "implicit_substeps": diag,
-                         "bongmath": bong or BONGMATH, "sigmas": sig, "x0": x0, "xs": xs})
+                         "bongmath": bong or BONGMATH, "implicit_type": itype, "implicit_type_substeps": itype_sub,
+                         "sigmas": sig, "x0": x0, "xs": xs})
     with open(path, "w") as f:
         json.dump({"runs": runs, "raises": raises}, f, separators=(",", ":"))
     print(f"wrote {path}: {len(runs)} runs")

@@ -36,6 +36,27 @@ pub struct Bong {
     pub sigma_min: f64,
     pub sigma_max: f64,
 }
+/// RES4LYF's `implicit_type` / `implicit_type_substeps`. Its "retro-eta" and "bongmath" types take a branch
+/// of their own only when the substep adds noise (`sub_sigma_up > 0`); the refinement here runs at eta 0,
+/// where they are exactly "predictor-corrector" (the default), so they parse to it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ImplicitType {
+    #[default]
+    PredictorCorrector,
+    Rebound,
+}
+impl ImplicitType {
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        Ok(match s {
+            "predictor-corrector" | "retro-eta" | "bongmath" => Self::PredictorCorrector,
+            "rebound" => Self::Rebound,
+            _ => anyhow::bail!(
+                "unknown implicit type '{s}'; valid: predictor-corrector, rebound, retro-eta, bongmath"
+            ),
+        })
+    }
+}
+
 /// RES4LYF's bong_iter runs exactly this many iterations.
 pub const BONG_ITERS: usize = 100;
 
@@ -45,6 +66,12 @@ pub struct Refine {
     pub full: usize,
     pub diag: usize,
     pub bong: Option<Bong>,
+    /// RES4LYF's implicit type "rebound" (default "predictor-corrector") for the implicit steps: each redo's
+    /// first stage is evaluated at x_next moved back to sigma along D(x_next, sigma_next) (one call more).
+    pub rebound_full: bool,
+    /// Its `implicit_type_substeps` "rebound": each substep makes an extra call at X_{r+1}, updates, and
+    /// evaluates the row at that result carried back to sigma_r (two calls per substep).
+    pub rebound_diag: bool,
 }
 impl Refine {
     pub fn is_none(&self) -> bool {
@@ -64,7 +91,10 @@ impl Refine {
     }
     /// Model calls per step of an explicit method with `stages` stages.
     pub fn calls(&self, stages: usize) -> usize {
-        stages * (self.full + 1) * (self.diag + 1)
+        let row = 1 + self.diag * if self.rebound_diag { 2 } else { 1 };
+        // Redo passes: row 0 is evaluated from x_next on every substep (plus the rebound call).
+        let redo_row0 = (self.diag + 1) * if self.rebound_full { 2 } else { 1 };
+        stages * row + self.full * (redo_row0 + (stages - 1) * row)
     }
 }
 
@@ -97,8 +127,39 @@ pub(crate) fn refined_step<B: Buffer>(
     for k in 0..=refine.full {
         for r in 0..n {
             for d in 0..=refine.diag {
+                let w = weights(r);
+                // X_{r+1} = x_0 + h sum_{j <= r} w_j eps_j into `xs`.
+                let update = |xs: &mut B, eps: &[B], x0: &B| -> Result<()> {
+                    let mut terms: Vec<(f64, &B)> = vec![(1.0, x0)];
+                    for (j, &wj) in w.iter().enumerate().take(r + 1) {
+                        if wj != 0.0 {
+                            terms.push((h * wj, &eps[j]));
+                        }
+                    }
+                    xs.lincomb(0.0, &terms)
+                };
+                let rebound_full = k > 0 && r == 0 && refine.rebound_full;
+                let rebound_diag = !(k > 0 && r == 0) && d > 0 && refine.rebound_diag;
+                if rebound_full {
+                    // RES4LYF's "rebound": D at (x_next, sigma_next), x moved back to sigma along its eps.
+                    cx.model.denoise(x, sig[n], den)?;
+                    let q = sigma / sig[n];
+                    x.lincomb(q, &[(1.0 - q, &*den)])?;
+                } else if rebound_diag {
+                    // An extra call at X_{r+1}, its update, and the result carried back from sigma_{r+1} to
+                    // sigma_r along the line through (sigma, x_0) (RES4LYF's sigma_from_to).
+                    cx.model.denoise(xs, sig[r + 1], den)?;
+                    stage_eps(&mut eps[r], kind, xs, sig[r + 1], x0, sigma, den)?;
+                    update(xs, eps, x0)?;
+                    let q = (sig[r] - sigma) / (sigma - sig[r + 1]);
+                    xs.lincomb(-q, &[(1.0 + q, &*x0)])?;
+                }
                 // `xs` holds X_r before row r's first evaluation and X_{r+1} after each of its updates.
-                let (pt, sg): (&B, f64) = if k > 0 && r == 0 {
+                let (pt, sg): (&B, f64) = if rebound_full {
+                    (&*x, sigma)
+                } else if rebound_diag {
+                    (&*xs, sig[r])
+                } else if k > 0 && r == 0 {
                     (&*x, sig[n])
                 } else if d > 0 {
                     (&*xs, sig[r + 1])
@@ -112,14 +173,7 @@ pub(crate) fn refined_step<B: Buffer>(
                 if !data.is_empty() {
                     data[r].copy_from(den)?;
                 }
-                let w = weights(r);
-                let mut terms: Vec<(f64, &B)> = vec![(1.0, &*x0)];
-                for (j, &wj) in w.iter().enumerate().take(r + 1) {
-                    if wj != 0.0 {
-                        terms.push((h * wj, &eps[j]));
-                    }
-                }
-                xs.lincomb(0.0, &terms)?;
+                update(xs, eps, x0)?;
                 if let Some(bg) = refine.bong
                     && d == refine.diag
                     && r + 1 < n

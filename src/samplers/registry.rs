@@ -92,6 +92,10 @@ pub struct SamplerOptions {
     /// Step the implicit tableaux as RES4LYF does ([`super::implicit`]: its start, model-free newton
     /// iterations and Gauss-Seidel rows) also at noise_anchor 0; any other anchor implies it.
     pub res4lyf_implicit: bool,
+    /// RES4LYF's `implicit_type` (of the implicit steps) and `implicit_type_substeps`, see
+    /// [`super::refine::ImplicitType`]; explicit methods.
+    pub implicit_type: super::refine::ImplicitType,
+    pub implicit_type_substeps: super::refine::ImplicitType,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -115,6 +119,8 @@ impl Default for SamplerOptions {
             bongmath: false,
             bong_sigma_min: super::schedule::ModelSampling::sd().sigma_min(),
             res4lyf_implicit: false,
+            implicit_type: Default::default(),
+            implicit_type_substeps: Default::default(),
         }
     }
 }
@@ -315,6 +321,8 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             sigma_min: o.bong_sigma_min,
             sigma_max: o.noise_sigma_max,
         }),
+        rebound_full: o.implicit_type == super::refine::ImplicitType::Rebound,
+        rebound_diag: o.implicit_type_substeps == super::refine::ImplicitType::Rebound,
     };
     if o.noise_mode != super::noise_mode::NoiseMode::None
         && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
@@ -353,6 +361,12 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                  names; not to '{name}' with these options"
             );
         }
+    }
+    if (refine.rebound_full || refine.rebound_diag) && (implicit || refine.is_none()) {
+        bail!(
+            "implicit type 'rebound' applies to the implicit steps/substeps of explicit methods (set \
+             implicit_steps/implicit_substeps); not to '{name}' with these options"
+        );
     }
     if !refine.is_none() && ExpMethod::by_name(name).is_some_and(|m| m.implicit()) {
         bail!(
