@@ -259,7 +259,7 @@ def main():
     bong_jobs = [(name, False, a, f, d) for name in REFINE_LIN for a in (1.0, 0.0) for f, d in ((0, 0), (1, 0), (0, 1), (1, 1))]
     bong_jobs += [(name, False, a, 0, 0) for name in ("ralston_3s", "dormand-prince_6s") for a in (1.0, 0.0)]
     bong_jobs += [(name, True, 1.0, f, d) for name in REFINE_EXP for f, d in ((0, 0), (1, 0), (0, 1))]
-    bong_jobs += [(name, False, 1.0, f, 0) for name in IMPLICIT[:2] for f in (0, 1)]
+    bong_jobs += [(name, False, a, f, 0) for name in IMPLICIT[:2] for a in (1.0, 0.0, 0.5) for f in (0, 1)]
     bong_jobs += [(name, True, 1.0, 0, 0) for name in HYBRID if name not in ("abnorsett4_3h2s", "lawson45-gen-mod_4h4s")]
     jobs = [(*j, "predictor-corrector", "predictor-corrector") for j in jobs]
     jobs += [(*j, True, True, "predictor-corrector", "predictor-corrector") for j in bong_jobs]

@@ -12,12 +12,12 @@
 //!   point (undoing the start's scaling, as RES4LYF's 100 do).
 //! - Then `implicit_steps + 1` passes over the rows, each row `implicit_substeps + 1` times: newton, a model
 //!   call at its point X_r (a first row at c = 0 keeps the start's value, no call), then `X_r` re-placed; the
-//!   result is `x_0 + h sum_j b_j eps_j`.
+//!   result is `x_0 + h sum_j b_j eps_j`. With bongmath, its `bong_iter` after each row's last substep.
 //!
 //! Proven against RES4LYF's own `init_implicit_sampling` / `newton_iter` / `update_substep` in
 //! scripts/golden/samplers_res4lyf_runs.py.
 use super::buffer::Buffer;
-use super::refine::Refine;
+use super::refine::{Refine, StageEps, bong_iter};
 use super::stepper::Ctx;
 use super::tableau::Tableau;
 use anyhow::Result;
@@ -115,6 +115,18 @@ pub fn step<B: Buffer>(
                     }
                 }
                 place(&mut pts[row], tab.a[row], eps, x0)?;
+                if let Some(bg) = refine.bong
+                    && d == refine.diag
+                    && sg[row] > bg.sigma_min
+                    && h < bg.sigma_max / 2.0
+                    && sigma > 0.03
+                {
+                    let (before, at) = pts.split_at_mut(row);
+                    let kind = StageEps::Linear { anchor };
+                    bong_iter(
+                        x0, &at[0], eps, data, before, tab.a, tab.a[row], n, &sg, sigma, h, kind,
+                    )?;
+                }
             }
         }
     }

@@ -181,7 +181,8 @@ pub(crate) fn refined_step<B: Buffer>(
                     && h < bg.sigma_max / 2.0
                     && sigma > 0.03
                 {
-                    bong_iter(x0, xs, eps, data, pts, a, w, r, sig, sigma, h, kind)?;
+                    let pts = &mut pts[..r + 1];
+                    bong_iter(x0, xs, eps, data, pts, a, w, r + 1, sig, sigma, h, kind)?;
                 }
             }
         }
@@ -192,7 +193,7 @@ pub(crate) fn refined_step<B: Buffer>(
 }
 
 /// A stage's eps from its model output `den` at `(pt, sg)`, in RES4LYF's form (its `get_epsilon`).
-fn stage_eps<B: Buffer>(
+pub(crate) fn stage_eps<B: Buffer>(
     out: &mut B,
     kind: StageEps,
     pt: &B,
@@ -210,19 +211,21 @@ fn stage_eps<B: Buffer>(
     }
 }
 
-/// RES4LYF's `bong_iter` after row `r` (explicit tableau, row offset 1): `xs` = the point row r wrote (with
-/// weights `w`), unchanged; `x0` and `eps[0..=r]` updated in place, as RES4LYF's 100 iterations do (all
-/// points from the old eps first, then all eps).
+/// RES4LYF's `bong_iter`: `xs` = the point the current row wrote with weights `w` (over the first `cols`
+/// eps), unchanged; `x0` and the first `pts.len()` stages (points into `pts`, eps into `eps`, from their
+/// model outputs `data` at `sig`) updated in place, as RES4LYF's 100 iterations do (all points from the old
+/// eps first, then all eps). Explicit tableaux after row r: r + 1 stages and columns; implicit ones (row
+/// offset 0): the r stages before it, all columns.
 #[allow(clippy::too_many_arguments)]
-fn bong_iter<B: Buffer>(
+pub(crate) fn bong_iter<B: Buffer, R: AsRef<[f64]>>(
     x0: &mut B,
     xs: &B,
     eps: &mut [B],
     data: &[B],
     pts: &mut [B],
-    a: &[Vec<f64>],
+    a: &[R],
     w: &[f64],
-    r: usize,
+    cols: usize,
     sig: &[f64],
     sigma: f64,
     h: f64,
@@ -230,7 +233,7 @@ fn bong_iter<B: Buffer>(
 ) -> Result<()> {
     let comb = |base: &B, s: f64, row: &[f64], eps: &[B], out: &mut B| -> Result<()> {
         let mut terms: Vec<(f64, &B)> = vec![(1.0, base)];
-        for (j, &wj) in row.iter().enumerate().take(r + 1) {
+        for (j, &wj) in row.iter().enumerate().take(cols) {
             if wj != 0.0 {
                 terms.push((s * h * wj, &eps[j]));
             }
@@ -239,11 +242,11 @@ fn bong_iter<B: Buffer>(
     };
     for _ in 0..BONG_ITERS {
         comb(xs, -1.0, w, eps, x0)?;
-        for (k, p) in pts.iter_mut().enumerate().take(r + 1) {
-            comb(x0, 1.0, &a[k], eps, p)?;
+        for (k, p) in pts.iter_mut().enumerate() {
+            comb(x0, 1.0, a[k].as_ref(), eps, p)?;
         }
-        for k in 0..=r {
-            stage_eps(&mut eps[k], kind, &pts[k], sig[k], x0, sigma, &data[k])?;
+        for (k, p) in pts.iter().enumerate() {
+            stage_eps(&mut eps[k], kind, p, sig[k], x0, sigma, &data[k])?;
         }
     }
     Ok(())

@@ -83,8 +83,8 @@ pub struct SamplerOptions {
     pub implicit_steps: usize,
     pub implicit_substeps: usize,
     /// RES4LYF's bongmath (its default; ours off), see [`super::refine::Bong`]: for the single-step
-    /// exponential samplers without a noise mode and the explicit tableaux (which it then steps in RES4LYF's
-    /// form); the identity (as in RES4LYF at eta 0) for RES4LYF's implicit tableaux at noise_anchor 1, its
+    /// exponential samplers without a noise mode, the explicit tableaux (which it then steps in RES4LYF's
+    /// form) and the implicit tableaux stepped as RES4LYF does; the identity (as in RES4LYF at eta 0) for its
     /// multistep names and the hybrids (except where RES4LYF's iteration diverges, see README).
     pub bongmath: bool,
     /// The model's smallest sigma, below which RES4LYF skips bongmath (with `noise_sigma_max` its range).
@@ -347,7 +347,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         let exp = ExpMethod::by_name(name);
         let ok = match (exp, tab) {
             (Some(m), _) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
-            (None, Some(t)) => t.kind() == Kind::Explicit || o.noise_anchor == 1.0,
+            (None, Some(t)) => t.kind() == Kind::Explicit || res4lyf_implicit,
             (None, None) => {
                 HybridMethod::by_name(name).is_some()
                     || MULTISTEP.iter().any(|m| m.0 == name)
@@ -357,8 +357,8 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         if !ok {
             bail!(
                 "bongmath (RES4LYF's option) applies to RES4LYF's explicit exponential samplers without a noise \
-                 mode, its explicit tableaux, its implicit tableaux at noise_anchor 1, its multistep and hybrid \
-                 names; not to '{name}' with these options"
+                 mode, its explicit tableaux, its implicit tableaux stepped as RES4LYF does (noise_anchor != 0 \
+                 or res4lyf_implicit), its multistep and hybrid names; not to '{name}' with these options"
             );
         }
     }
