@@ -844,7 +844,8 @@ pub enum SamplersCmd {
         /// softer, eps, sinusoidal, lorentzian, vpsde, er4, hard_var; default none).
         #[arg(long)]
         noise_mode: Option<String>,
-        /// RES4LYF's noise_anchor for the explicit tableaux (0 plain RK; RES4LYF's nodes use 1).
+        /// RES4LYF's noise_anchor for the tableaux (0 plain RK; RES4LYF's nodes use 1; implicit tableaux are
+        /// stepped as RES4LYF does at any anchor but 0).
         #[arg(long, default_value_t = 0.0)]
         noise_anchor: f64,
         /// RES4LYF's implicit refinement: extra model calls that redo each step (and each stage).

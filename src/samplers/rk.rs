@@ -14,7 +14,7 @@ pub struct Rk<B> {
     pub sweeps: usize,
     /// RES4LYF's `noise_anchor`: stage derivatives `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma`
     /// (0: plain RK on the ODE, the order the tableau claims; RES4LYF's nodes default to 1, which caps every
-    /// linear method at order 2). Implicit tableaux take 0 (our sweeps) or 1 (RES4LYF's stepping).
+    /// linear method at order 2). Implicit tableaux: see `res4lyf`.
     pub anchor: f64,
     /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`] (and for implicit ones
     /// stepped as RES4LYF does).
