@@ -268,6 +268,8 @@ def main():
              (("res_2s", True, 1.0), ("res_3s", True, 1.0), ("heun_2s", False, 0.0), ("rk4_4s", False, 1.0))
              for f, d, ft, dt in ((1, 0, "rebound", "predictor-corrector"), (0, 1, "predictor-corrector", "rebound"),
                                   (1, 1, "rebound", "rebound"))]
+    jobs += [(name, False, a, f, d, False, True, "rebound", "rebound") for name in IMPLICIT[:2] + ["lobatto_iiia_2s"]
+             for a in (1.0, 0.0) for f, d in ((0, 1), (1, 1))]
     for name, exponential, anchor, full, diag, bong, first_only, itype, itype_sub in jobs:
         scheds = schedules[:1] if first_only else schedules if full == diag == 0 else schedules[::2]
         for sig in scheds:

@@ -12,7 +12,9 @@
 //!   point (undoing the start's scaling, as RES4LYF's 100 do).
 //! - Then `implicit_steps + 1` passes over the rows, each row `implicit_substeps + 1` times: newton, a model
 //!   call at its point X_r (a first row at c = 0 keeps the start's value, no call), then `X_r` re-placed; the
-//!   result is `x_0 + h sum_j b_j eps_j`. With bongmath, its `bong_iter` after each row's last substep.
+//!   result is `x_0 + h sum_j b_j eps_j`. With bongmath, its `bong_iter` after each row's last substep; with
+//!   the substep type "rebound", each substep's extra call and update before it (the step type "rebound"
+//!   does not apply to implicit tableaux in RES4LYF, row offset 0).
 //!
 //! Proven against RES4LYF's own `init_implicit_sampling` / `newton_iter` / `update_substep` in
 //! scripts/golden/samplers_res4lyf_runs.py.
@@ -105,6 +107,13 @@ pub fn step<B: Buffer>(
                 if row == n {
                     place(&mut pts[n], tab.b, eps, x0)?;
                     continue;
+                }
+                if d > 0 && refine.rebound_diag {
+                    // RES4LYF's substep type "rebound": an extra call at the row's point and its update
+                    // first (its carry-back by sigma_from_to from sigma_r to sigma_r is the identity here).
+                    cx.model.denoise(&pts[row], sg[row], &mut data[row])?;
+                    eps_of(&mut eps[row], &pts[row], &data[row], sg[row], x0)?;
+                    place(&mut pts[row], tab.a[row], eps, x0)?;
                 }
                 if !(row == 0 && tab.c[0] == 0.0) {
                     newton(row, eps, data, pts, held, x0)?;

@@ -362,10 +362,13 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             );
         }
     }
-    if (refine.rebound_full || refine.rebound_diag) && (implicit || refine.is_none()) {
+    if (refine.rebound_full || refine.rebound_diag)
+        && (refine.is_none() || (implicit && !res4lyf_implicit))
+    {
         bail!(
-            "implicit type 'rebound' applies to the implicit steps/substeps of explicit methods (set \
-             implicit_steps/implicit_substeps); not to '{name}' with these options"
+            "implicit type 'rebound' applies to the implicit steps/substeps of explicit methods and of implicit \
+             tableaux stepped as RES4LYF does (set implicit_steps/implicit_substeps); not to '{name}' with \
+             these options"
         );
     }
     if !refine.is_none() && ExpMethod::by_name(name).is_some_and(|m| m.implicit()) {
