@@ -844,7 +844,8 @@ pub enum SamplersCmd {
         /// softer, eps, sinusoidal, lorentzian, vpsde, er4, hard_var; default none).
         #[arg(long)]
         noise_mode: Option<String>,
-        /// RES4LYF's noise_anchor for the explicit tableaux (0 plain RK; RES4LYF's nodes use 1).
+        /// RES4LYF's noise_anchor for the tableaux (0 plain RK; RES4LYF's nodes use 1; implicit tableaux are
+        /// stepped as RES4LYF does at any anchor but 0).
         #[arg(long, default_value_t = 0.0)]
         noise_anchor: f64,
         /// RES4LYF's implicit refinement: extra model calls that redo each step (and each stage).
@@ -852,6 +853,18 @@ pub enum SamplersCmd {
         implicit_steps: usize,
         #[arg(long, default_value_t = 0)]
         implicit_substeps: usize,
+        /// RES4LYF's bongmath (its default, off here): re-derives the step start from each stage, see README.
+        #[arg(long)]
+        bongmath: bool,
+        /// Step implicit tableaux as RES4LYF does also at --noise-anchor 0 (other anchors imply it).
+        #[arg(long)]
+        res4lyf_implicit: bool,
+        /// RES4LYF's implicit type of the implicit steps / substeps (predictor-corrector, rebound; retro-eta
+        /// and bongmath equal predictor-corrector without noise).
+        #[arg(long, default_value = "predictor-corrector")]
+        implicit_type: String,
+        #[arg(long, default_value = "predictor-corrector")]
+        implicit_type_substeps: String,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -896,6 +909,10 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             noise_anchor,
             implicit_steps,
             implicit_substeps,
+            bongmath,
+            res4lyf_implicit,
+            implicit_type,
+            implicit_type_substeps,
             f32,
             init,
             dump,
@@ -918,6 +935,12 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     noise_anchor,
                     implicit_steps,
                     implicit_substeps,
+                    bongmath,
+                    res4lyf_implicit,
+                    implicit_type: crate::samplers::refine::ImplicitType::parse(&implicit_type)?,
+                    implicit_type_substeps: crate::samplers::refine::ImplicitType::parse(
+                        &implicit_type_substeps,
+                    )?,
                     ..Default::default()
                 },
             };

@@ -1,6 +1,7 @@
 //! Every deterministic sampler reaches its claimed order on the analytic Gaussian-data problem, whose
 //! probability-flow ODE has a closed-form solution (see `trt-diff samplers check --help`).
 use trt_diff::samplers::check::{CheckSpec, run};
+use trt_diff::samplers::refine::ImplicitType;
 use trt_diff::samplers::registry::{self, SamplerOptions};
 
 const NS: &[usize] = &[
@@ -12,11 +13,17 @@ const NS: &[usize] = &[
 fn slope(spec: &CheckSpec) -> (usize, f64, f64, f64) {
     let err = |n| run(spec, n, None).unwrap().max_err;
     let mut best = None;
+    // A method with a large error constant (kraaijevanger_spijker_2s: e(512) = 1.6e-2) is asymptotic only
+    // later: its last pair with e(n) < 5e-2 is the fallback.
+    let mut late = None;
     for &n in NS {
         if !NS.contains(&(2 * n)) {
             break;
         }
         let (a, b) = (err(n), err(2 * n));
+        if a < 5e-2 {
+            late = Some((n, a, b, (a / b).log2()));
+        }
         // Take the pair even when e(2n) already sits at round-off: that only underestimates the slope.
         if a < 1e-2 && (best.is_none() || b >= 1e-9) {
             best = Some((n, a, b, (a / b).log2()));
@@ -25,7 +32,8 @@ fn slope(spec: &CheckSpec) -> (usize, f64, f64, f64) {
             break;
         }
     }
-    best.unwrap_or_else(|| panic!("{}: no asymptotic pair of step counts", spec.sampler))
+    best.or(late)
+        .unwrap_or_else(|| panic!("{}: no asymptotic pair of step counts", spec.sampler))
 }
 
 fn check_family(flow: bool, filter: impl Fn(&registry::SamplerInfo) -> bool) {
@@ -124,8 +132,7 @@ fn ancestral_samplers_with_eta_zero() {
 }
 
 /// RES4LYF's default noise_anchor 1 (stage derivatives anchored at x_0 and sigma) caps linear RK at order 2:
-/// rk4_4s's slope falls from 4 to 2 (the runs themselves equal RES4LYF's, tests/samplers_golden.rs). Implicit
-/// tableaux take only 0 or 1.
+/// rk4_4s's slope falls from 4 to 2 (the runs themselves equal RES4LYF's, tests/samplers_golden.rs).
 #[test]
 fn noise_anchor_one_caps_linear_rk_at_order_two() {
     let slope_at = |anchor: f64| {
@@ -146,18 +153,6 @@ fn noise_anchor_one_caps_linear_rk_at_order_two() {
     let (p0, p1) = (slope_at(0.0), slope_at(1.0));
     assert!(p0 > 3.7, "anchor 0 slope {p0}");
     assert!((1.8..2.3).contains(&p1), "anchor 1 slope {p1}");
-    let o = SamplerOptions {
-        noise_anchor: 0.5,
-        ..Default::default()
-    };
-    let err = registry::build::<Vec<f64>>("gauss-legendre_2s", &o)
-        .err()
-        .unwrap()
-        .to_string();
-    assert!(
-        err.contains("only 0 (our fixed-point sweeps) or 1"),
-        "{err}"
-    );
 }
 
 /// RES4LYF's implicit steps/substeps (values proven by the golden runs in tests/samplers_golden.rs) cost the
@@ -197,6 +192,47 @@ fn implicit_refinement_orders_and_errors() {
             "{name} {full}/{diag}: slope {p}, expected {want}"
         );
     }
+    // RES4LYF's implicit type "rebound" (values proven in tests/samplers_golden.rs) keeps order 2 where
+    // predictor-corrector loses it (the redo's first stage is evaluated at x_next moved back to sigma), except
+    // with both steps and substeps (measured: rk4_4s 1/1 is first order).
+    let rebound = ImplicitType::Rebound;
+    for (name, full, diag, want) in [
+        ("res_2s", 1, 0, 2.0),
+        ("res_3s", 0, 1, 2.0),
+        ("heun_2s", 1, 0, 2.0),
+        ("rk4_4s", 0, 1, 2.0),
+        ("rk4_4s", 1, 1, 1.0),
+    ] {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                implicit_steps: full,
+                implicit_substeps: diag,
+                implicit_type: rebound,
+                implicit_type_substeps: rebound,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, 256, None).unwrap(),
+            run(&spec, 512, None).unwrap(),
+        );
+        let p = (a.max_err / b.max_err).log2();
+        assert!(
+            (p - want).abs() < 0.3,
+            "{name} {full}/{diag} rebound: slope {p}"
+        );
+    }
+    let o = SamplerOptions {
+        implicit_type: rebound,
+        ..Default::default()
+    };
+    let err = registry::build::<Vec<f64>>("res_2s", &o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("rebound"), "{err}");
     for (name, why) in [
         ("gauss-legendre_2s", "implicit_sweeps"),
         ("euler", "not to 'euler'"),
@@ -267,4 +303,53 @@ fn res4lyf_implicit_stepping_orders() {
             "{name} implicit_steps {full}: slope {p}"
         );
     }
+}
+
+/// RES4LYF's stepping of implicit tableaux at other anchors (its model-free newton iterations; values proven
+/// in tests/samplers_golden.rs): at anchor 0 one pass is order 2, and its implicit steps recover the tableau's
+/// own order (Gauss 2s: 4, Radau IIA 3s: 5 with 3 steps); any anchor > 0 keeps order 2. Our sweeps stay the
+/// anchor-0 default, and `implicit_sweeps` is refused where RES4LYF's stepping is used.
+#[test]
+fn res4lyf_implicit_stepping_at_other_anchors() {
+    let slope = |name: &str, anchor: f64, full: usize, n: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            opts: SamplerOptions {
+                noise_anchor: anchor,
+                implicit_steps: full,
+                res4lyf_implicit: true,
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let (a, b) = (
+            run(&spec, n, None).unwrap(),
+            run(&spec, 2 * n, None).unwrap(),
+        );
+        (a.max_err / b.max_err).log2()
+    };
+    for (name, anchor, full, n, want) in [
+        ("gauss-legendre_2s", 0.0, 0, 128, 2.0),
+        ("gauss-legendre_2s", 0.0, 3, 128, 4.0),
+        ("radau_iia_3s", 0.0, 3, 32, 5.0),
+        ("lobatto_iiia_3s", 0.0, 0, 128, 2.0),
+        ("gauss-legendre_2s", 0.5, 0, 128, 2.0),
+        ("radau_iia_3s", 0.5, 3, 128, 2.0),
+    ] {
+        let p = slope(name, anchor, full, n);
+        assert!(
+            (p - want).abs() < 0.3,
+            "{name} anchor {anchor} implicit_steps {full}: slope {p}, expected {want}"
+        );
+    }
+    let o = SamplerOptions {
+        noise_anchor: 0.5,
+        implicit_sweeps: Some(3),
+        ..Default::default()
+    };
+    let err = registry::build::<Vec<f64>>("gauss-legendre_2s", &o)
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(err.contains("stepped as RES4LYF does"), "{err}");
 }

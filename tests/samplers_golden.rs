@@ -4,6 +4,7 @@ mod common;
 use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::exprk::ExpMethod;
 use trt_diff::samplers::model::{Denoiser, GaussianData};
+use trt_diff::samplers::refine::ImplicitType;
 use trt_diff::samplers::registry::{self, SamplerOptions};
 use trt_diff::samplers::schedule;
 use trt_diff::samplers::stepper::Ctx;
@@ -134,6 +135,16 @@ fn res4lyf_exponential_coefficients() {
             continue;
         };
         let k = m.at(h);
+        if name == "irk_exp_diag_2s" {
+            irk_exp_diag_2s_differs_only_by_its_typos(&k, e);
+            checked += 1;
+            continue;
+        }
+        if name == "etdrk4_4s_alt" {
+            etdrk4_4s_alt_differs_only_by_its_typos(&k, e);
+            checked += 1;
+            continue;
+        }
         // RES4LYF's ddim uses its plain-float phi (incomplete-gamma form), which cancels at tiny h: ~1e-10
         // off at h = 1e-6 where ours agrees with the integral form to 1e-12 (see phi tests). The other methods
         // use RES4LYF's 80-digit mpmath phi.
@@ -152,6 +163,77 @@ fn res4lyf_exponential_coefficients() {
         checked += 1;
     }
     assert!(checked >= 80, "checked {checked}");
+}
+
+/// etdrk4_4s_alt is registered corrected (Cox-Matthews ETDRK4). RES4LYF's coefficients are these except:
+/// its phi(1, 2) lacks the factor c2 = 1/2 (a21, a32, a43 twice ours; a41 = phi_1 - a43 follows), and b1 is
+/// dropped (0, where ours is phi_1 - b2 - b3 - b4). Everything else equal to 1e-12.
+fn etdrk4_4s_alt_differs_only_by_its_typos(
+    k: &trt_diff::samplers::exprk::ExpCoeffs,
+    e: &serde_json::Value,
+) {
+    let ra: Vec<Vec<f64>> = e["a"].as_array().unwrap().iter().map(vecf).collect();
+    let rb = vecf(&e["b"]);
+    let h = e["h"].as_f64().unwrap();
+    let what = format!("etdrk4_4s_alt h={h}");
+    for (i, j) in [(1, 0), (2, 1), (3, 2)] {
+        close(
+            &[2.0 * k.a[i][j]],
+            &[ra[i][j]],
+            1e-12,
+            &format!("{what} a[{i}][{j}]"),
+        );
+    }
+    // a41 + a43 = phi_1 in both (the consistent row), so a41 differs by a43's excess.
+    close(&[k.a[3][0] - k.a[3][2]], &[ra[3][0]], 1e-12, &what);
+    for (i, j) in [(2, 0), (3, 1)] {
+        close(&[k.a[i][j]], &[ra[i][j]], 1e-12, &what);
+    }
+    close(&k.b[1..], &rb[1..], 1e-12, &format!("{what} b"));
+    assert_eq!(rb[0], 0.0);
+    let phi1 = trt_diff::samplers::phi::phi(1, -h);
+    close(&[k.b.iter().sum::<f64>()], &[phi1], 1e-14, &what);
+    assert!((rb.iter().sum::<f64>() - phi1).abs() > 1e-3 * phi1);
+}
+
+/// irk_exp_diag_2s is registered corrected: RES4LYF's c and diagonal lambda = c1 phi_1(-c1 h) equal ours to
+/// 1e-12; its a21 and b1, b2 are the entries that differ (its b sums to 1 - O(h^2), ours to phi_1(-h)).
+fn irk_exp_diag_2s_differs_only_by_its_typos(
+    k: &trt_diff::samplers::exprk::ExpCoeffs,
+    e: &serde_json::Value,
+) {
+    let ra: Vec<Vec<f64>> = e["a"].as_array().unwrap().iter().map(vecf).collect();
+    let rb = vecf(&e["b"]);
+    let h = e["h"].as_f64().unwrap();
+    let what = format!("irk_exp_diag_2s h={h}");
+    close(&k.c, &vecf(&e["c"])[..2], 1e-15, &what);
+    // RES4LYF evaluates lambda as (1 - exp(-c1 h)) / h in plain float64, which cancels at tiny h.
+    let tol = if h < 1e-3 { 1e-9 } else { 1e-12 };
+    close(
+        &[k.a[0][0], k.a[0][1], k.a[1][1]],
+        &[ra[0][0], ra[0][1], ra[1][1]],
+        tol,
+        &what,
+    );
+    let phi = |j| trt_diff::samplers::phi::phi(j, -h);
+    close(&[k.b[0] + k.b[1]], &[phi(1)], 1e-14, &what);
+    close(
+        &[k.b[0] * k.c[0] + k.b[1] * k.c[1]],
+        &[phi(2)],
+        1e-14,
+        &what,
+    );
+    close(
+        &[k.a[1][0] + k.a[1][1]],
+        &[k.c[1] * trt_diff::samplers::phi::phi(1, -h * k.c[1])],
+        1e-14,
+        &what,
+    );
+    if h > 1e-3 {
+        // At h = 1e-6 both sums agree to O(h^2); from h = 0.05 on the published ones are off.
+        assert!((ra[1][0] - k.a[1][0]).abs() > 1e-4, "{what} a21");
+        assert!((rb[0] + rb[1] - phi(1)).abs() > 1e-4, "{what} b");
+    }
 }
 
 /// RES4LYF's deis_2m/3m/4m coefficients ("rhoab": exact integrals of the Lagrange basis over the step) are
@@ -195,6 +277,7 @@ fn res4lyf_runs_step_by_step() {
     let g = golden("res4lyf_runs.json");
     let runs = g["runs"].as_array().unwrap();
     let mut names = std::collections::BTreeSet::new();
+    let mut bong_checked = 0;
     for r in runs {
         let name = r["name"].as_str().unwrap();
         let anchor = r["anchor"].as_f64().unwrap();
@@ -210,10 +293,19 @@ fn res4lyf_runs_step_by_step() {
             next: 0,
         };
         // noise_anchor acts on the linear tableaux only (the exponential runs are at RES4LYF's default 1).
+        let bongmath = r["bongmath"].as_bool().unwrap();
         let opts = SamplerOptions {
             noise_anchor: anchor,
             implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
             implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
+            bongmath,
+            // Implicit tableaux stepped as RES4LYF does at every anchor (incl. 0).
+            res4lyf_implicit: true,
+            implicit_type: ImplicitType::parse(r["implicit_type"].as_str().unwrap()).unwrap(),
+            implicit_type_substeps: ImplicitType::parse(
+                r["implicit_type_substeps"].as_str().unwrap(),
+            )
+            .unwrap(),
             ..Default::default()
         };
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
@@ -225,12 +317,33 @@ fn res4lyf_runs_step_by_step() {
         for (i, want) in xs.iter().enumerate() {
             sampler.step(&mut cx, &mut x, i).unwrap();
             let what = format!(
-                "{name} anchor {anchor} implicit steps/substeps {}/{} n={} step {i}",
+                "{name} anchor {anchor} implicit steps/substeps {}/{} ({:?}/{:?}) bongmath {bongmath} n={} \
+                 step {i}",
                 opts.implicit_steps,
                 opts.implicit_substeps,
+                opts.implicit_type,
+                opts.implicit_type_substeps,
                 sigmas.len() - 1
             );
+            // RES4LYF's bong_iter diverges for these hybrids at the last (large) step, h * sum_j a_ij > 1, so
+            // its 100 iterations amplify its own rounding (~1e10): no deterministic value to match, ours
+            // keeps the fixed point. Pinned: that step differs, by less than 1e-4 relative.
+            let diverges = bongmath
+                && i + 1 == xs.len()
+                && ["abnorsett3_2h2s", "lawson43-gen-mod_2h4s"].contains(&name);
+            if diverges {
+                close(&x, want, 1e-4, &what);
+                assert!(
+                    x.iter()
+                        .zip(want)
+                        .any(|(a, b)| (a - b).abs() > 1e-9 * b.abs())
+                );
+                continue;
+            }
             close(&x, want, 1e-12, &what);
+            if bongmath {
+                bong_checked += 1;
+            }
         }
     }
     let registered: std::collections::BTreeSet<&str> = registry::list()
@@ -239,8 +352,36 @@ fn res4lyf_runs_step_by_step() {
         .map(|i| i.name)
         .collect();
     assert_eq!(registered, names, "registered hybrids = the golden ones");
+    assert!(bong_checked >= 300, "{bong_checked} bongmath steps");
     for e in g["raises"].as_array().unwrap() {
         let name = e["name"].as_str().unwrap();
         assert!(registry::info(name).is_none(), "{name} raises in RES4LYF");
     }
+}
+
+/// bongmath is a RES4LYF option: the samplers it does not apply to say so instead of ignoring it.
+#[test]
+fn bongmath_is_refused_where_it_does_not_apply() {
+    let o = SamplerOptions {
+        bongmath: true,
+        ..Default::default()
+    };
+    for name in ["res_3s", "rk4_4s", "res_2m", "pec423_2h2s", "deis_3m"] {
+        assert!(registry::build::<Vec<f64>>(name, &o).is_ok(), "{name}");
+    }
+    for name in [
+        "euler",
+        "dpmpp_2m",
+        "uni_pc",
+        "irk_exp_diag_2s",
+        "gauss-legendre_2s",
+    ] {
+        let e = registry::build::<Vec<f64>>(name, &o).err().unwrap();
+        assert!(e.to_string().contains("bongmath"), "{name}: {e}");
+    }
+    let sde = SamplerOptions {
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
+        ..o
+    };
+    assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
 }

@@ -48,7 +48,7 @@ EXPONENTIAL = [
     "etdrk4_4s", "etdrk4_4s_alt", "dpmpp_2s", "dpmpp_sde_2s", "dpmpp_3s",
     "res_4s_krogstad_alt", "res_4s_strehmel_weiner_alt", "res_4s_cfree4", "res_4s_friedli", "res_4s_minchev",
     "res_4s_munthe-kaas", "res_5s", "res_5s_hochbruck-ostermann", "res_6s", "res_8s", "res_10s", "res_15s", "res_16s",
-    "lawson2a_2s", "lawson2b_2s", "lawson4_4s", "lawson41-gen_4s", "lawson41-gen-mod_4s",
+    "lawson2a_2s", "lawson2b_2s", "lawson4_4s", "lawson41-gen_4s", "lawson41-gen-mod_4s", "irk_exp_diag_2s",
 ]
 
 

@@ -21,18 +21,23 @@ is transcribed below line for line: the history recycling
 s_[row]; update_substep), `x_next = x_[rows - multistep_stages - row_offset + 1]`, and the end-of-step shift
 `data_prev_[0] = data_[0]; data_prev_[k] = data_prev_[k-1]` (which leaves the newest denoised in slots 0 and 1).
 The implicit steps re-run the tableau loop with row 0 evaluated at the previous result x at sigma_next; the
-substeps re-evaluate a row at `x_[row + row_offset]`. Left out: `rebound_overshoot_substep/step`, the identity
+substeps re-evaluate a row at `x_[row + row_offset]`; with the implicit type "rebound" (its `implicit_type` /
+`implicit_type_substeps`) those branches of the loop are transcribed too (and `sigma_from_to` runs from its
+source); "retro-eta" and "bongmath" take their own branch only with substep noise, so at eta 0 they are the
+default "predictor-corrector". Left out: `rebound_overshoot_substep/step`, the identity
 at eta 0 (up to rounding), and everything behind guides and noise. For implicit tableaux (noise_anchor 1) the
 loop's implicit branch is transcribed too: `init_implicit_sampling` and `newton_iter` run from RES4LYF's source,
 the model call of row 0 is skipped when c_1 = 0, and the b row only updates.
 
-Bongmath (RES4LYF's default BONGMATH = True) is OFF in the committed file; `--bongmath` (third argument) runs
-its `bong_iter` after each row as the loop does. At eta 0 it re-derives x_0 from the stage it just wrote by
-100 fixed-point iterations, which changes nothing (<= 1e-12) except (i) linear tableaux at noise_anchor 0 with
-implicit steps, where it recomputes the first stage's eps at (x_0, sigma) although the model was called at
-(x_next, sigma_next) (4e-5..2e-4 relative after one step), and (ii) hybrids whose iteration diverges
-(h * sum_j a_ij > 1: abnorsett3_2h2s, lawson43-gen-mod_2h4s at the last step of 12 Karras steps, 6e-7 and
-4e-5 relative).
+Bongmath (RES4LYF's default BONGMATH = True): the runs above are with it off; the file also holds runs with
+it on (`"bongmath": true`, first schedule only, to keep the file small), where its `bong_iter` (from the source,
+unmodified) runs after each row as the loop does (last substep, s_[row] > sigma_min, h < sigma_max / 2,
+sigma > 0.03, SD's sigma range). At eta 0 it re-derives x_0 from the stage it just wrote by 100 fixed-point
+iterations, which changes nothing (<= 1e-12) except (i) linear tableaux at noise_anchor < 1 with implicit
+steps/substeps, where it recomputes an eps at the row's own point although the model was called at
+(x_next, sigma_next) or (X_{r+1}, sigma_{r+1}), and (ii) hybrids whose iteration diverges (h * sum_j a_ij > 1:
+abnorsett3_2h2s, lawson43-gen-mod_2h4s at the last step of 12 Karras steps), where it amplifies rounding
+(6e-7 and 4e-5 relative). `--bongmath` turns it on for every run instead (exploration, not committed).
 
 The model is the analytic Gaussian-data denoiser of trt_diff::samplers::model::GaussianData (VE, float64).
 """
@@ -50,7 +55,7 @@ HYBRID = ["abnorsett2_1h2s", "abnorsett3_2h2s", "abnorsett4_3h2s", "pec423_2h2s"
 
 
 SIGMA_MIN, SIGMA_MAX = 0.0291675, 14.614642
-BONGMATH = "--bongmath" in sys.argv  # off for the committed golden file, see the module docs
+BONGMATH = "--bongmath" in sys.argv  # bongmath on for every run (exploration), see the module docs
 IMPLICIT = ["gauss-legendre_2s", "radau_iia_2s", "lobatto_iiia_2s", "lobatto_iiic_2s", "crouzeix_2s"]
 REFINE_EXP = ["res_2s", "res_3s", "dpmpp_2s"]
 REFINE_LIN = ["heun_2s", "rk4_4s"]
@@ -104,6 +109,16 @@ def load_init_implicit(root, torch):
     return ns["init_implicit_sampling"]
 
 
+def load_sigma_from_to(root, torch):
+    """RK_NoiseSampler.sigma_from_to from rk_noise_sampler_beta.py's source (the module imports ComfyUI)."""
+    src = open(os.path.join(root, "beta", "rk_noise_sampler_beta.py")).read()
+    cls = next(n for n in ast.parse(src).body if isinstance(n, ast.ClassDef) and n.name == "RK_NoiseSampler")
+    fn = next(n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name == "sigma_from_to")
+    ns = {"torch": torch, "Tensor": torch.Tensor}
+    exec(compile(ast.Module(body=[fn], type_ignores=[]), "rk_noise_sampler_beta.py", "exec"), ns)
+    return lambda *a: ns["sigma_from_to"](None, *a)
+
+
 def gaussian(n):
     """GaussianData::standard(n, false)."""
     mu = [0.8 * math.sin(i * 1.7) for i in range(n)]
@@ -111,7 +126,8 @@ def gaussian(n):
     return mu, s
 
 
-def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, init_implicit=None):
+def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, init_implicit=None, bong=False,
+        itype="predictor-corrector", itype_sub="predictor-corrector", sigma_from_to=None):
     n = x.shape[0]
     mu, s = gaussian(n)
     mu, s2 = torch.tensor(mu, dtype=torch.float64), torch.tensor(s, dtype=torch.float64) ** 2
@@ -168,9 +184,22 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, ini
                         diag_iter += 1
                         continue
                     if full_iter > 0 and row_offset == 1 and row == 0:
-                        x_tmp, s_tmp = x, sigma_next
+                        if itype == "rebound":  # sample_rk_beta's implicit_type == "rebound" branch
+                            eps_tmp, denoised_tmp = R(x, sigma_next, x_0, sigma)
+                            eps_tmp = (x - denoised_tmp) / sigma_next
+                            x = denoised_tmp + sigma * eps_tmp
+                            x_tmp, s_tmp = x, sigma
+                        else:
+                            x_tmp, s_tmp = x, sigma_next
                     elif diag_iter > 0:
-                        x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
+                        if itype_sub == "rebound":  # its implicit_type_substeps == "rebound" branch
+                            eps_[row], data_[row] = R(x_[row + row_offset], s_[row + row_offset + ms], x_0, sigma)
+                            x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
+                            x_[row + row_offset] = sigma_from_to(x_0, x_[row + row_offset], sigma,
+                                                                 s_[row + row_offset + ms], s_[row])
+                            x_tmp, s_tmp = x_[row + row_offset], s_[row]
+                        else:
+                            x_tmp, s_tmp = x_[row + row_offset], s_[row + row_offset + ms]
                     else:
                         x_tmp, s_tmp = x_[row], s_[row]
                     if R.IMPLICIT and row == 0 and R.C[0] == 0.0:
@@ -184,7 +213,7 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, ini
                                                      False)
                     x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, h, h)
                     # bongmath (RES4LYF's default BONGMATH = True), with the SD model's sigma_min/max.
-                    if BONGMATH and s_[row] > SIGMA_MIN and h < SIGMA_MAX / 2 and diag_iter == diag and sigma > 0.03:
+                    if (bong or BONGMATH) and s_[row] > SIGMA_MIN and h < SIGMA_MAX / 2 and diag_iter == diag and sigma > 0.03:
                         x_0, x_, eps_ = R.bong_iter(x_0, x_, eps_, eps_prev_, data_, sigma, s_, row, row_offset, h,
                                                     step, step)
                     diag_iter += 1
@@ -204,6 +233,7 @@ def main():
     rk = load_res4lyf(root)
     EXP, LIN = load_rk_method(root, torch)
     init_implicit = load_init_implicit(root, torch)
+    sigma_from_to = load_sigma_from_to(root, torch)
     n = 6
     mu, s = gaussian(n)
     schedules = [
@@ -219,17 +249,41 @@ def main():
     jobs += [(name, False, a, f, d) for name in REFINE_LIN for a in (1.0, 0.0) for f, d in ((1, 0), (1, 1))]
     # Implicit tableaux at noise_anchor 1: init, newton iterations, Gauss-Seidel rows (row 0 skipped at c = 0).
     jobs += [(name, False, 1.0, f, d) for name in IMPLICIT for f, d in ((0, 0), (1, 0), (0, 1))]
-    for name, exponential, anchor, full, diag in jobs:
-        for sig in schedules if full == diag == 0 else schedules[::2]:
+    jobs = [(*j, False, False) for j in jobs]
+    # Implicit tableaux at noise_anchor 0 and 0.5: its model-free newton iterations then move the stages
+    # (first schedule only, to keep the file small).
+    jobs += [(name, False, a, f, d, False, True) for name in IMPLICIT for a in (0.0, 0.5)
+             for f, d in ((0, 0), (1, 0), (0, 1))]
+    # Bongmath on: the cases it changes (linear tableaux with implicit steps/substeps at anchor 0) and ones
+    # where it must be the identity (anchor 1, exponential, implicit tableaux, hybrids), first schedule only.
+    bong_jobs = [(name, False, a, f, d) for name in REFINE_LIN for a in (1.0, 0.0) for f, d in ((0, 0), (1, 0), (0, 1), (1, 1))]
+    bong_jobs += [(name, False, a, 0, 0) for name in ("ralston_3s", "dormand-prince_6s") for a in (1.0, 0.0)]
+    bong_jobs += [(name, True, 1.0, f, d) for name in REFINE_EXP for f, d in ((0, 0), (1, 0), (0, 1))]
+    bong_jobs += [(name, False, a, f, 0) for name in IMPLICIT[:2] for a in (1.0, 0.0, 0.5) for f in (0, 1)]
+    bong_jobs += [(name, True, 1.0, 0, 0) for name in HYBRID if name not in ("abnorsett4_3h2s", "lawson45-gen-mod_4h4s")]
+    jobs = [(*j, "predictor-corrector", "predictor-corrector") for j in jobs]
+    jobs += [(*j, True, True, "predictor-corrector", "predictor-corrector") for j in bong_jobs]
+    # The implicit type "rebound" (implicit_type for the steps, implicit_type_substeps for the substeps).
+    jobs += [(name, exp, a, f, d, False, True, ft, dt) for name, exp, a in
+             (("res_2s", True, 1.0), ("res_3s", True, 1.0), ("heun_2s", False, 0.0), ("rk4_4s", False, 1.0))
+             for f, d, ft, dt in ((1, 0, "rebound", "predictor-corrector"), (0, 1, "predictor-corrector", "rebound"),
+                                  (1, 1, "rebound", "rebound"))]
+    jobs += [(name, False, a, f, d, False, True, "rebound", "rebound") for name in IMPLICIT[:2] + ["lobatto_iiia_2s"]
+             for a in (1.0, 0.0) for f, d in ((0, 1), (1, 1))]
+    for name, exponential, anchor, full, diag, bong, first_only, itype, itype_sub in jobs:
+        scheds = schedules[:1] if first_only else schedules if full == diag == 0 else schedules[::2]
+        for sig in scheds:
             x0 = [m + sig[0] * math.cos(1.3 * i + 0.4) for i, m in enumerate(mu)]
             try:
                 xs = run(rk, EXP if exponential else LIN, torch, name, sig,
-                         torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag, init_implicit)
+                         torch.tensor(x0, dtype=torch.float64), exponential, anchor, full, diag, init_implicit,
+                         bong, itype, itype_sub, sigma_from_to)
             except Exception as e:  # RES4LYF's own failure: recorded, the name is not registered
                 raises.append({"name": name, "error": f"{type(e).__name__}: {e}"})
                 print(f"{name}: raises {type(e).__name__}: {e}")
                 break
             runs.append({"name": name, "anchor": anchor, "implicit_steps": full, "implicit_substeps": diag,
+                         "bongmath": bong or BONGMATH, "implicit_type": itype, "implicit_type_substeps": itype_sub,
                          "sigmas": sig, "x0": x0, "xs": xs})
     with open(path, "w") as f:
         json.dump({"runs": runs, "raises": raises}, f, separators=(",", ":"))

@@ -230,6 +230,44 @@ fn etdrk4_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
     first_col(&mut a, &mut b, &c, &p);
     ExpCoeffs { a, b, c }
 }
+/// etdrk4_4s_alt corrected: Cox and Matthews' ETDRK4 (J. Comput. Phys. 176, 2002, eqs. 26-29; the
+/// first column from the row sums, as RES4LYF's (4.9) reference does). RES4LYF's formulas are these with two faults: its `phi(1, 2)` is `phi_1(-c_2 h)` where
+/// the formulas mean `c_2 phi_1(-c_2 h)` (a21, a32, a43 twice too large, a41 off by a32's excess), and its
+/// b row drops b1 = phi_1 - 3 phi_2 + 4 phi_3 (so sum b != phi_1: not consistent).
+fn etdrk4_4s_alt(h: f64, _: f64, _: f64) -> ExpCoeffs {
+    let c = vec![0.0, 0.5, 0.5, 1.0];
+    let p = PhiAt { h, c: &c };
+    let half = 0.5 * p.s(1, 2);
+    let mut a = zeros(4);
+    a[1][0] = half;
+    a[2][1] = half;
+    a[3][0] = p.f(1) - 2.0 * half;
+    a[3][2] = 2.0 * half;
+    let w = 2.0 * p.f(2) - 4.0 * p.f(3);
+    let b = vec![
+        p.f(1) - 3.0 * p.f(2) + 4.0 * p.f(3),
+        w,
+        w,
+        -p.f(2) + 4.0 * p.f(3),
+    ];
+    ExpCoeffs { a, b, c }
+}
+/// irk_exp_diag_2s corrected: RES4LYF's diagonally implicit exponential method keeps its nodes (1/3, 2/3)
+/// and its diagonal `lambda = (1 - e^{-c_1 h}) / h = c_1 phi_1(-c_1 h)`, but its a21 (= lambda) and b (which
+/// sums to 1 - O(h^2), not phi_1(-h)) are no exponential method: as published it is inconsistent and first
+/// order. Here a21 makes row 2 consistent (`a21 + lambda = c_2 phi_1(-c_2 h)`) and b meets the stiff order
+/// conditions `b1 + b2 = phi_1`, `b1 c1 + b2 c2 = phi_2` (Hochbruck-Ostermann 2005): order 2.
+fn irk_exp_diag_2s(h: f64, c1: f64, c2: f64) -> ExpCoeffs {
+    let c = vec![c1, c2];
+    let p = PhiAt { h, c: &c };
+    let lam = c1 * p.s(1, 1);
+    let a = vec![vec![lam, 0.0], vec![c2 * p.s(1, 2) - lam, lam]];
+    let b = vec![
+        (p.f(2) - c2 * p.f(1)) / (c1 - c2),
+        (p.f(2) - c1 * p.f(1)) / (c2 - c1),
+    ];
+    ExpCoeffs { a, b, c }
+}
 fn dpmpp_2s(h: f64, c2: f64, _: f64) -> ExpCoeffs {
     let c = vec![0.0, c2];
     let p = PhiAt { h, c: &c };
@@ -655,7 +693,8 @@ fn lawson41_gen_mod_4s(h: f64, _: f64, _: f64) -> ExpCoeffs {
 /// analytic problem (checked by the convergence tests); several are lower than their names suggest, e.g.
 /// res_3s's gamma rule gives order 3 only for c3 = 1, and etdrk4_4s has a32 = phi_1(-h/2) where Cox-Matthews
 /// has c3 phi_1(-c3 h). RES4LYF's defaults for c2/c3 (0.5/1.0) unless the method fixes them.
-/// (etdrk4_4s_alt is left out: as published it is not consistent, so it does not converge.)
+/// etdrk4_4s_alt is registered corrected (Cox-Matthews' ETDRK4, see its function): as published it is not
+/// consistent and does not converge.
 pub static EXP_METHODS: &[ExpMethod] = &[
     ExpMethod {
         name: "ddim",
@@ -800,6 +839,22 @@ pub static EXP_METHODS: &[ExpMethod] = &[
         coeffs: etdrk4_4s,
         c2: 0.5,
         c3: 0.5,
+    },
+    ExpMethod {
+        name: "etdrk4_4s_alt",
+        stages: 4,
+        order: 4,
+        coeffs: etdrk4_4s_alt,
+        c2: 0.5,
+        c3: 0.5,
+    },
+    ExpMethod {
+        name: "irk_exp_diag_2s",
+        stages: 2,
+        order: 2,
+        coeffs: irk_exp_diag_2s,
+        c2: 1.0 / 3.0,
+        c3: 2.0 / 3.0,
     },
     ExpMethod {
         name: "dpmpp_2s",
@@ -978,6 +1033,32 @@ impl ExpMethod {
     pub fn at(&self, h: f64) -> ExpCoeffs {
         (self.coeffs)(h, self.c2, self.c3)
     }
+    /// Whether a stage depends on itself or a later one (irk_exp_diag_2s), so it is solved by sweeps.
+    pub fn implicit(&self) -> bool {
+        self.at(0.5).implicit()
+    }
+    /// Model calls per step: the stages, or for implicit methods one call at (x, sigma) and
+    /// [`IMPLICIT_SWEEPS`] sweeps over the stages.
+    pub fn calls(&self) -> usize {
+        if self.implicit() {
+            1 + IMPLICIT_SWEEPS * self.stages
+        } else {
+            self.stages
+        }
+    }
+}
+
+/// Gauss-Seidel sweeps over the stages of an implicit exponential method (each gains about one order; the
+/// only one, irk_exp_diag_2s, is order 2).
+pub const IMPLICIT_SWEEPS: usize = 2;
+
+impl ExpCoeffs {
+    pub fn implicit(&self) -> bool {
+        self.a
+            .iter()
+            .enumerate()
+            .any(|(i, r)| r[i..].iter().any(|&v| v != 0.0))
+    }
 }
 
 /// SDE settings of a single-step exponential sampler (RES4LYF's noise modes, see [`super::noise_mode`]).
@@ -1023,8 +1104,18 @@ pub(crate) fn exp_step<B: Buffer>(
     let s = k.b.len();
     let (den, rest) = bufs.split_at_mut(s);
     let xs = &mut rest[0];
-    for st in 0..s {
-        if st == 0 && k.c[0] == 0.0 && k.a[0].iter().all(|&v| v == 0.0) {
+    let implicit = k.implicit();
+    let sweeps = if implicit { IMPLICIT_SWEEPS } else { 1 };
+    if implicit {
+        // Every stage starts from D(x, sigma), then Gauss-Seidel sweeps (each row reads the newest values).
+        cx.model.denoise(x, sigma, &mut den[0])?;
+        let (first, others) = den.split_at_mut(1);
+        for d in others {
+            d.copy_from(&first[0])?;
+        }
+    }
+    for st in (0..s).cycle().take(s * sweeps) {
+        if !implicit && st == 0 && k.c[0] == 0.0 && k.a[0].iter().all(|&v| v == 0.0) {
             cx.model.denoise(x, sigma, &mut den[0])?;
             continue;
         }
@@ -1038,9 +1129,7 @@ pub(crate) fn exp_step<B: Buffer>(
         }
         xs.lincomb(0.0, &terms)?;
         let sig = sigma * (-k.c[st] * h).exp();
-        let (done, cur) = den.split_at_mut(st);
-        let _ = done;
-        cx.model.denoise(xs, sig, &mut cur[0])?;
+        cx.model.denoise(xs, sig, &mut den[st])?;
     }
     let sum: f64 = k.b.iter().sum();
     let terms: Vec<(f64, &B)> =
@@ -1064,10 +1153,10 @@ impl<B: Buffer> Sampler<B> for ExpRk<B> {
         let Some(sde) = self.sde else {
             let h = (s / sn).ln();
             let k = self.method.at(h);
-            if !self.refine.is_none() {
+            if self.refine.active() {
                 let mut sig: Vec<f64> = k.c.iter().map(|c| s * (-c * h).exp()).collect();
                 sig.push(sn);
-                let bufs = self.s.get(self.method.stages + 3, x)?;
+                let bufs = self.s.get(self.refine.buffers(self.method.stages), x)?;
                 let e = StageEps::Exponential;
                 return refined_step(cx, x, bufs, &k.a, &k.b, &sig, s, h, e, self.refine);
             }

@@ -82,6 +82,20 @@ pub struct SamplerOptions {
     /// samplers (without a noise mode) and the explicit tableaux, see [`super::refine`]. Default 0, 0.
     pub implicit_steps: usize,
     pub implicit_substeps: usize,
+    /// RES4LYF's bongmath (its default; ours off), see [`super::refine::Bong`]: for the single-step
+    /// exponential samplers without a noise mode, the explicit tableaux (which it then steps in RES4LYF's
+    /// form) and the implicit tableaux stepped as RES4LYF does; the identity (as in RES4LYF at eta 0) for its
+    /// multistep names and the hybrids (except where RES4LYF's iteration diverges, see README).
+    pub bongmath: bool,
+    /// The model's smallest sigma, below which RES4LYF skips bongmath (with `noise_sigma_max` its range).
+    pub bong_sigma_min: f64,
+    /// Step the implicit tableaux as RES4LYF does ([`super::implicit`]: its start, model-free newton
+    /// iterations and Gauss-Seidel rows) also at noise_anchor 0; any other anchor implies it.
+    pub res4lyf_implicit: bool,
+    /// RES4LYF's `implicit_type` (of the implicit steps) and `implicit_type_substeps`, see
+    /// [`super::refine::ImplicitType`]; explicit methods.
+    pub implicit_type: super::refine::ImplicitType,
+    pub implicit_type_substeps: super::refine::ImplicitType,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -102,6 +116,11 @@ impl Default for SamplerOptions {
             noise_anchor: 0.0,
             implicit_steps: 0,
             implicit_substeps: 0,
+            bongmath: false,
+            bong_sigma_min: super::schedule::ModelSampling::sd().sigma_min(),
+            res4lyf_implicit: false,
+            implicit_type: Default::default(),
+            implicit_type_substeps: Default::default(),
         }
     }
 }
@@ -173,19 +192,22 @@ const MULTISTEP: &[(&str, usize, usize, &str)] = &[
     ("abnorsett_4m", 4, 4, "res_4s_strehmel_weiner"),
 ];
 
-/// The tableaux we register: all of RES4LYF's whose coefficients meet the order conditions of their order
-/// (a few published ones do not, see `excluded_tableaux`), except "euler" which k-diffusion's Euler covers.
+/// The tableaux we register: all of RES4LYF's whose coefficients meet the order conditions of their order,
+/// the few published ones that do not (see `excluded_tableaux`) replaced by their corrections
+/// (`tableau_fix`), except "euler" which k-diffusion's Euler covers.
 pub fn tableaux() -> Vec<&'static Tableau> {
     static OK: std::sync::OnceLock<Vec<&'static Tableau>> = std::sync::OnceLock::new();
     OK.get_or_init(|| {
         TABLEAUX
             .iter()
+            .map(|t| super::tableau_fix::corrected(t.name).unwrap_or(t))
             .filter(|t| t.name != "euler" && proven_order(t, 1e-12) >= t.order)
             .collect()
     })
     .clone()
 }
-/// RES4LYF tableaux left out because their published coefficients fail the order conditions.
+/// RES4LYF tableaux whose published coefficients fail the order conditions (registered corrected, see
+/// `tableau_fix::FIXES`).
 pub fn excluded_tableaux() -> Vec<&'static str> {
     TABLEAUX
         .iter()
@@ -233,7 +255,7 @@ pub fn list() -> Vec<SamplerInfo> {
             family: Family::Exponential,
             order: m.order,
             stages: m.stages,
-            calls: m.stages,
+            calls: m.calls(),
             stochastic: false,
         });
     }
@@ -295,6 +317,12 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     let refine = Refine {
         full: o.implicit_steps,
         diag: o.implicit_substeps,
+        bong: o.bongmath.then_some(super::refine::Bong {
+            sigma_min: o.bong_sigma_min,
+            sigma_max: o.noise_sigma_max,
+        }),
+        rebound_full: o.implicit_type == super::refine::ImplicitType::Rebound,
+        rebound_diag: o.implicit_type_substeps == super::refine::ImplicitType::Rebound,
     };
     if o.noise_mode != super::noise_mode::NoiseMode::None
         && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
@@ -306,30 +334,60 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     }
     let tab = tableaux().into_iter().find(|t| t.name == name);
     let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
-    if implicit && o.noise_anchor != 0.0 && o.noise_anchor != 1.0 {
+    // Implicit tableaux: our fixed-point sweeps at noise_anchor 0, RES4LYF's stepping otherwise (or asked).
+    let res4lyf_implicit = implicit && (o.noise_anchor != 0.0 || o.res4lyf_implicit);
+    if res4lyf_implicit && o.implicit_sweeps.is_some() {
         bail!(
-            "noise_anchor {} for the implicit tableau '{name}': only 0 (our fixed-point sweeps) or 1 \
-             (RES4LYF's stepping) are implemented",
+            "'{name}' with noise_anchor {} is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
+             instead of implicit_sweeps (our sweeps are the noise_anchor 0 default)",
             o.noise_anchor
         );
     }
-    if implicit && o.noise_anchor == 1.0 && o.implicit_sweeps.is_some() {
+    if o.bongmath {
+        let exp = ExpMethod::by_name(name);
+        let ok = match (exp, tab) {
+            (Some(m), _) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            (None, Some(t)) => t.kind() == Kind::Explicit || res4lyf_implicit,
+            (None, None) => {
+                HybridMethod::by_name(name).is_some()
+                    || MULTISTEP.iter().any(|m| m.0 == name)
+                    || DEIS.iter().any(|m| m.0 == name)
+            }
+        };
+        if !ok {
+            bail!(
+                "bongmath (RES4LYF's option) applies to RES4LYF's explicit exponential samplers without a noise \
+                 mode, its explicit tableaux, its implicit tableaux stepped as RES4LYF does (noise_anchor != 0 \
+                 or res4lyf_implicit), its multistep and hybrid names; not to '{name}' with these options"
+            );
+        }
+    }
+    if (refine.rebound_full || refine.rebound_diag)
+        && (refine.is_none() || (implicit && !res4lyf_implicit))
+    {
         bail!(
-            "'{name}' with noise_anchor 1 is stepped as RES4LYF does: set implicit_steps/implicit_substeps \
-             instead of implicit_sweeps"
+            "implicit type 'rebound' applies to the implicit steps/substeps of explicit methods and of implicit \
+             tableaux stepped as RES4LYF does (set implicit_steps/implicit_substeps); not to '{name}' with \
+             these options"
+        );
+    }
+    if !refine.is_none() && ExpMethod::by_name(name).is_some_and(|m| m.implicit()) {
+        bail!(
+            "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to explicit exponential samplers; \
+             '{name}' is implicit (solved by its own sweeps): set them to 0"
         );
     }
     if !refine.is_none() {
         let exp_ode = ExpMethod::by_name(name).is_some()
             && o.noise_mode == super::noise_mode::NoiseMode::None;
-        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit || o.noise_anchor == 1.0);
+        let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit) || res4lyf_implicit;
         if !exp_ode && !res4lyf_tab {
             bail!(
                 "implicit_steps/implicit_substeps (RES4LYF's refinement) apply to the single-step exponential \
-                 samplers without a noise mode, the explicit tableaux and, with noise_anchor 1, the implicit \
-                 tableaux; not to '{name}'{}",
+                 samplers without a noise mode, the explicit tableaux and the implicit tableaux stepped as \
+                 RES4LYF does (noise_anchor != 0 or res4lyf_implicit); not to '{name}'{}",
                 if implicit {
-                    " at noise_anchor 0 (use implicit_sweeps, or noise_anchor 1)"
+                    " at noise_anchor 0 with our sweeps (use implicit_sweeps, or res4lyf_implicit)"
                 } else {
                     ""
                 }
@@ -412,6 +470,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 let mut rk = Rk::new(t, o.implicit_sweeps);
                 rk.anchor = o.noise_anchor;
                 rk.refine = refine;
+                rk.res4lyf = res4lyf_implicit;
                 return Ok(Box::new(rk));
             }
             let names: Vec<&str> = list().iter().map(|i| i.name).collect();

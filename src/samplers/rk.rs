@@ -14,10 +14,14 @@ pub struct Rk<B> {
     pub sweeps: usize,
     /// RES4LYF's `noise_anchor`: stage derivatives `(1 - a) (X_k - D_k) / sigma_k + a (x - D_k) / sigma`
     /// (0: plain RK on the ODE, the order the tableau claims; RES4LYF's nodes default to 1, which caps every
-    /// linear method at order 2). Implicit tableaux take 0 (our sweeps) or 1 (RES4LYF's stepping).
+    /// linear method at order 2). Implicit tableaux: see `res4lyf`.
     pub anchor: f64,
-    /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`].
+    /// RES4LYF's implicit steps/substeps for explicit tableaux, see [`super::refine`] (and for implicit ones
+    /// stepped as RES4LYF does).
     pub refine: Refine,
+    /// Implicit tableaux: step them as RES4LYF does at `anchor` ([`super::implicit`]) instead of our
+    /// fixed-point sweeps.
+    pub res4lyf: bool,
     s: Scratch<B>,
 }
 impl<B> Rk<B> {
@@ -27,6 +31,7 @@ impl<B> Rk<B> {
             sweeps: sweeps.unwrap_or(tab.order),
             anchor: 0.0,
             refine: Refine::default(),
+            res4lyf: false,
             s: Scratch::new(),
         }
     }
@@ -55,16 +60,20 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
         let (s, sn) = (cx.sigmas[i], cx.sigmas[i + 1]);
         let tab = self.tab;
         let n = tab.stages();
-        if !self.refine.is_none() && sn > 0.0 && tab.kind() == Kind::Explicit {
+        if self.refine.active() && sn > 0.0 && tab.kind() == Kind::Explicit {
             let h = sn - s;
             let mut sig: Vec<f64> = tab.c.iter().map(|c| s + c * h).collect();
             sig.push(sn);
             let a: Vec<Vec<f64>> = tab.a.iter().map(|r| r.to_vec()).collect();
-            let bufs = self.s.get(n + 3, x)?;
+            let bufs = self.s.get(self.refine.buffers(n), x)?;
             let e = StageEps::Linear {
                 anchor: self.anchor,
             };
             return refined_step(cx, x, bufs, &a, tab.b, &sig, s, h, e, self.refine);
+        }
+        if self.res4lyf && sn > 0.0 && tab.kind() != Kind::Explicit {
+            let bufs = self.s.get(super::implicit::buffers(n), x)?;
+            return super::implicit::step(cx, x, bufs, tab, s, sn, self.anchor, self.refine);
         }
         let bufs = self.s.get(n + 2, x)?;
         let (f, rest) = bufs.split_at_mut(n);
@@ -96,29 +105,6 @@ impl<B: Buffer> Sampler<B> for Rk<B> {
                         cx.model.denoise(xs, sig, den)?;
                         let (wx, w0) = ((1.0 - a) / sig, a / s);
                         cur[0].lincomb(0.0, &[(wx, &*xs), (w0, &*x), (-(wx + w0), &*den)])?;
-                    }
-                }
-            }
-            _ if self.anchor == 1.0 => {
-                // RES4LYF's stepping of implicit tableaux at noise_anchor 1: eps = (x - D(x, sigma)) / sigma
-                // for every stage, then implicit_steps + 1 Gauss-Seidel sweeps in which each stage is
-                // re-evaluated implicit_substeps + 1 times with the anchored eps (x - D(X_k, sigma_k)) / sigma;
-                // a first stage at c = 0 keeps the initial evaluation (RES4LYF skips its model call).
-                deriv(cx, x, s, den, &mut f[0])?;
-                for k in 1..n {
-                    let (a, b) = f.split_at_mut(k);
-                    b[0].copy_from(&a[0])?;
-                }
-                for _ in 0..=self.refine.full {
-                    for k in 0..n {
-                        if k == 0 && tab.c[0] == 0.0 {
-                            continue;
-                        }
-                        for _ in 0..=self.refine.diag {
-                            stage(k, f, xs, n)?;
-                            cx.model.denoise(xs, s + tab.c[k] * h, den)?;
-                            f[k].lincomb(0.0, &[(1.0 / s, &*x), (-1.0 / s, &*den)])?;
-                        }
                     }
                 }
             }

@@ -161,11 +161,19 @@ pub fn simplifying(tab: &Tableau, cap: usize, tol: f64) -> (usize, usize, usize)
     (p, q, r)
 }
 
-/// The order this tableau provably has: tree conditions up to order 8, and beyond that the simplifying
-/// assumptions (whose bound is exact for the collocation families, Gauss/Radau/Lobatto).
+/// Highest order whose rooted-tree conditions are checked one by one (719 trees); beyond it only Butcher's
+/// simplifying assumptions prove an order.
+pub const TREE_ORDER_MAX: usize = 9;
+
+/// The order this tableau provably has: tree conditions up to order [`TREE_ORDER_MAX`], and beyond that the
+/// simplifying assumptions (whose bound is exact for the collocation families, Gauss/Radau/Lobatto).
 pub fn proven_order(tab: &Tableau, tol: f64) -> usize {
-    let trees = tree_order(tab, 8, tol);
+    let trees = tree_order(tab, TREE_ORDER_MAX, tol);
     let (p, q, r) = simplifying(tab, 24, tol);
     let simp = p.min(q + r + 1).min(2 * q + 2);
-    if trees == 8 { trees.max(simp) } else { trees }
+    if trees == TREE_ORDER_MAX {
+        trees.max(simp)
+    } else {
+        trees
+    }
 }
