@@ -112,4 +112,16 @@ fn main() {
             .map_or("-".to_string(), |v| format!("{v:.3}"));
         println!("{:<22} {:>6} {:>14.3} {:>16}", name, info.calls, best, p);
     }
+    // The noise alone: one draw of Philox normals for the whole latent (what each stochastic step adds).
+    let mut z = vec![0.0f32; n];
+    let mut best = f64::INFINITY;
+    for k in 0..20 {
+        let t = Instant::now();
+        trt_diff::samplers::noise::fill_normal_host(&mut z, 3, k);
+        best = best.min(t.elapsed().as_secs_f64() * 1e3);
+    }
+    println!(
+        "{:<22} {:>6} {:>14.3} {:>16}",
+        "(noise draw alone)", 0, best, "-"
+    );
 }
