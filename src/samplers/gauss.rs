@@ -132,8 +132,9 @@ pub fn box_muller(a: u32, b: u32) -> (f32, f32) {
     box_muller_inline(a, b)
 }
 
-/// Philox blocks per batch (4 words each, so 2 * LANES Box-Muller pairs: 4 AVX2 vectors).
-const LANES: usize = 16;
+/// Philox blocks per batch (4 words each, so 2 * LANES Box-Muller pairs: 8 AVX2 vectors; 32 measured ~15%
+/// faster than 16).
+const LANES: usize = 32;
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
 const W0: u32 = 0x9E37_79B9;

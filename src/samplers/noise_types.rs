@@ -2,7 +2,8 @@
 //! uniform/normal draws (uniform, laplacian, studentt, fractal "colored" noise white/pink/brown/blue/violet/
 //! ultraviolet_A-C, pyramid nearest/bilinear/bicubic), each returning a `[C, H, W]` field normalized as RES4LYF
 //! normalizes it. Bit-exactness with torch's generator is not a goal (different RNG); the defining statistics
-//! are (tests/samplers_noise.rs): spectrum slope, tails, clamping, and the pyramid's downsampling.
+//! are (tests/samplers_noise.rs): spectrum slope, tails, clamping, and the pyramid's downsampling. `simplex` draws
+//! no random numbers (OpenSimplex from a seed, [`super::simplex`]) and equals RES4LYF's values.
 //! [`TypedNoise`] is a [`NoiseSource`], so any sampler can use any type.
 use super::buffer::Buffer;
 use super::noise::{NoiseSource, box_muller, philox4x32_10};
