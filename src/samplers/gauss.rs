@@ -160,14 +160,15 @@ fn batch(key: [u32; 2], stream: u64, first: u64, out: &mut [f32; 4 * LANES]) {
             k1 = k1.wrapping_add(W1);
         }
         for l in 0..LANES {
-            let p0 = M0 as u64 * c0[l] as u64;
-            let p1 = M1 as u64 * c2[l] as u64;
-            let n0 = (p1 >> 32) as u32 ^ c1[l] ^ k0;
-            let n2 = (p0 >> 32) as u32 ^ c3[l] ^ k1;
-            c0[l] = n0;
-            c1[l] = p1 as u32;
-            c2[l] = n2;
-            c3[l] = p0 as u32;
+            // The low halves as 32-bit products: LLVM vectorizes these better than truncating the u64 product.
+            let hi0 = ((M0 as u64 * c0[l] as u64) >> 32) as u32;
+            let hi1 = ((M1 as u64 * c2[l] as u64) >> 32) as u32;
+            let lo0 = c0[l].wrapping_mul(M0);
+            let lo1 = c2[l].wrapping_mul(M1);
+            c0[l] = hi1 ^ c1[l] ^ k0;
+            c1[l] = lo1;
+            c2[l] = hi0 ^ c3[l] ^ k1;
+            c3[l] = lo0;
         }
     }
     // Pairs (w0, w1) of every block, then (w2, w3).
