@@ -401,3 +401,156 @@ fn zscore_planes_match_res4lyf() {
     let err = src.sample(&mut bad, 2.0, 1.0).unwrap_err().to_string();
     assert!(err.contains("divide the buffer length 10"), "{err}");
 }
+
+/// The Philox normals (f32 Box-Muller with our own log/sin/cos) are standard normal: moments, a
+/// Kolmogorov-Smirnov test, tail frequencies, pair independence and a uniform Box-Muller angle, on 2^21 values.
+/// Thresholds are 5 standard errors (KS: the 1% critical value).
+mod gaussian_quality {
+    use trt_diff::samplers::noise::fill_normal_host;
+
+    /// erfc with fractional error < 1.2e-7 (Chebyshev fit, Numerical Recipes' erfcc).
+    fn erfc(x: f64) -> f64 {
+        let z = x.abs();
+        let t = 1.0 / (1.0 + 0.5 * z);
+        let c = [
+            -1.26551223,
+            1.00002368,
+            0.37409196,
+            0.09678418,
+            -0.18628806,
+            0.27886807,
+            -1.13520398,
+            1.48851587,
+            -0.82215223,
+            0.17087277,
+        ];
+        let poly = c.iter().rev().fold(0.0, |acc, &k| acc * t + k);
+        let r = t * (-z * z + poly).exp();
+        if x >= 0.0 { r } else { 2.0 - r }
+    }
+
+    fn phi(x: f64) -> f64 {
+        0.5 * erfc(-x / std::f64::consts::SQRT_2)
+    }
+
+    #[test]
+    fn philox_normals_pass_moments_ks_and_tails() {
+        let n = 1usize << 21;
+        let mut v32 = vec![0f32; n];
+        fill_normal_host(&mut v32, 2026, 5);
+        let v: Vec<f64> = v32.iter().map(|&x| x as f64).collect();
+        let nf = n as f64;
+        let m = v.iter().sum::<f64>() / nf;
+        let c = |k: i32| v.iter().map(|x| (x - m).powi(k)).sum::<f64>() / nf;
+        let (var, skew, kurt) = (c(2), c(3) / c(2).powf(1.5), c(4) / (c(2) * c(2)) - 3.0);
+        let se = |k: f64| 5.0 * (k / nf).sqrt();
+        assert!(m.abs() < se(1.0), "mean {m}");
+        assert!((var - 1.0).abs() < se(2.0), "variance {var}");
+        assert!(skew.abs() < se(6.0), "skewness {skew}");
+        assert!(kurt.abs() < se(24.0), "excess kurtosis {kurt}");
+
+        let mut s = v.clone();
+        s.sort_by(f64::total_cmp);
+        let d = s
+            .iter()
+            .enumerate()
+            .map(|(i, &x)| {
+                let f = phi(x);
+                (f - i as f64 / nf)
+                    .abs()
+                    .max(((i + 1) as f64 / nf - f).abs())
+            })
+            .fold(0.0, f64::max);
+        println!(
+            "mean {m:.2e} var {var:.6} skew {skew:.2e} excess kurtosis {kurt:.2e} KS D {d:.2e} (1% critical {:.2e})",
+            1.63 / nf.sqrt()
+        );
+        assert!(d < 1.63 / nf.sqrt(), "KS distance {d}");
+
+        for t in [1.0, 2.0, 3.0, 4.0, 4.5] {
+            let p = erfc(t / std::f64::consts::SQRT_2);
+            let count = v.iter().filter(|x| x.abs() > t).count() as f64;
+            let sd = (nf * p * (1.0 - p)).sqrt();
+            println!("P(|z| > {t}): {count} vs {:.1} expected", nf * p);
+            assert!(
+                (count - nf * p).abs() < 5.0 * sd + 1.0,
+                "P(|z| > {t}): {count} of {n}, expected {}",
+                nf * p
+            );
+        }
+        // 32-bit radius input: |z| <= sqrt(2 * 32 ln 2) = 6.66.
+        assert!(s[0] > -6.67 && s[n - 1] < 6.67);
+
+        // The two values of a pair (r cos, r sin) are uncorrelated, and their angle is uniform (64 bins,
+        // chi-square with 63 degrees of freedom: mean 63, sd 11.2).
+        let pairs: Vec<(f64, f64)> = v.chunks(2).map(|p| (p[0], p[1])).collect();
+        let np = pairs.len() as f64;
+        let corr = pairs.iter().map(|(a, b)| a * b).sum::<f64>() / np;
+        assert!(corr.abs() < 5.0 / np.sqrt(), "pair correlation {corr}");
+        let mut bins = [0f64; 64];
+        for (a, b) in &pairs {
+            let t = (b.atan2(*a) / std::f64::consts::TAU + 1.0).fract();
+            bins[((t * 64.0) as usize).min(63)] += 1.0;
+        }
+        let e = np / 64.0;
+        let chi2: f64 = bins.iter().map(|o| (o - e) * (o - e) / e).sum();
+        println!("pair correlation {corr:.2e}, angle chi-square {chi2:.1} (63 dof)");
+        assert!(chi2 < 63.0 + 5.0 * 11.2, "angle chi-square {chi2}");
+        // Neighbouring pairs (different words) are uncorrelated too.
+        let lag = v.windows(3).step_by(4).map(|w| w[0] * w[2]).sum::<f64>() / (nf / 4.0);
+        assert!(
+            lag.abs() < 5.0 / (nf / 4.0).sqrt(),
+            "lag-2 correlation {lag}"
+        );
+    }
+}
+
+/// Noise type "simplex" equals RES4LYF's `SimplexNoiseGenerator` over the real `opensimplex` package, call by
+/// call, and our OpenSimplex equals the package's `noise3` at random points (golden file from
+/// scripts/golden/samplers_simplex.py).
+#[test]
+fn simplex_matches_res4lyf_and_opensimplex() {
+    use trt_diff::samplers::noise::NoiseSource;
+    use trt_diff::samplers::noise_types::{NoiseType, TypedNoise};
+    use trt_diff::samplers::simplex::OpenSimplex;
+    let g = golden("simplex.json");
+    let points = g["points"].as_array().unwrap();
+    assert_eq!(points.len(), 900);
+    let mut worst = 0f64;
+    for p in points {
+        let xyz: Vec<f64> = p["p"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect();
+        let os = OpenSimplex::new(p["seed"].as_i64().unwrap());
+        let ours = os.noise3(xyz[0], xyz[1], xyz[2]);
+        worst = worst.max((ours - p["v"].as_f64().unwrap()).abs());
+    }
+    println!("noise3: max abs difference {worst:e}");
+    assert!(worst <= 1e-15, "noise3: max abs difference {worst}");
+    let fields = g["fields"].as_array().unwrap();
+    assert_eq!(fields.len(), 4);
+    let mut worst = 0f64;
+    for f in fields {
+        let seed = f["seed"].as_u64().unwrap();
+        let s: Vec<usize> = f["shape"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_u64().unwrap() as usize)
+            .collect();
+        let shape = [s[0], s[1], s[2]];
+        let mut src = TypedNoise::new(NoiseType::parse("simplex").unwrap(), shape, seed);
+        for call in f["calls"].as_array().unwrap() {
+            let mut ours = vec![0f64; s.iter().product()];
+            NoiseSource::<Vec<f64>>::sample(&mut src, &mut ours, 1.0, 0.5).unwrap();
+            for (a, b) in ours.iter().zip(call.as_array().unwrap()) {
+                worst = worst.max((a - b.as_f64().unwrap()).abs());
+            }
+        }
+    }
+    println!("simplex fields: max abs difference {worst:e}");
+    assert!(worst <= 1e-13, "simplex fields: max abs difference {worst}");
+}

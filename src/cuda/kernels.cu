@@ -112,15 +112,59 @@ __device__ __forceinline__ uint4 philox(uint4 c, uint2 k) {
   return c;
 }
 
-__device__ __forceinline__ void box_muller(u32 a, u32 b, double* z0, double* z1) {
-  const double S = 1.0 / 4294967296.0;
-  double u1 = ((double)a + 1.0) * S;
-  double u2 = (double)b * S;
-  double r = sqrt(-2.0 * log(u1));
-  double s, c;
-  sincos(6.283185307179586 * u2, &s, &c);
-  *z0 = r * c;
-  *z1 = r * s;
+// Box-Muller in f32 with our own log and sin/cos: the operation sequence of src/samplers/gauss.rs, every
+// rounding explicit (__fmaf_rn = one rounding, __fmul_rn/__fadd_rn, __fsqrt_rn), constants by their bit patterns,
+// so the result is bit-identical with the host.
+__device__ __forceinline__ float bm_ln_unit(float u) {
+  const u32 SQRT_HALF_BITS = 0x3f3504f3u;
+  u32 ix = __float_as_uint(u) - SQRT_HALF_BITS;
+  int k = ((int)ix) >> 23;
+  float m = __uint_as_float((ix & 0x007fffffu) + SQRT_HALF_BITS);
+  float f = __fsub_rn(m, 1.0f);
+  float kf = __int2float_rn(k);
+  float z = __fmul_rn(f, f);
+  float p = __uint_as_float(0xbd9c5a3bu);
+  p = __fmaf_rn(p, f, __uint_as_float(0x3e02ad5eu));
+  p = __fmaf_rn(p, f, __uint_as_float(0xbe06c291u));
+  p = __fmaf_rn(p, f, __uint_as_float(0x3e116d1au));
+  p = __fmaf_rn(p, f, __uint_as_float(0xbe2a3925u));
+  p = __fmaf_rn(p, f, __uint_as_float(0x3e4cd004u));
+  p = __fmaf_rn(p, f, __uint_as_float(0xbe800113u));
+  p = __fmaf_rn(p, f, __uint_as_float(0x3eaaaaaau));
+  float y = __fmaf_rn(__fmul_rn(z, f), p, __fmul_rn(kf, __uint_as_float(0xb95e8083u)));
+  y = __fmaf_rn(-0.5f, z, y);
+  return __fmaf_rn(kf, __uint_as_float(0x3f318000u), __fadd_rn(f, y));
+}
+
+// (sin, cos) of 2 pi b / 2^32.
+__device__ __forceinline__ void bm_sincos_turns(u32 b, float* sn, float* cs) {
+  const float TWO_M32 = __uint_as_float(0x2f800000u);
+  u32 b1 = b + (1u << 29);
+  u32 q = b1 >> 30;
+  int j = (int)(b1 & 0x3fffffffu) - (1 << 29);
+  float x = __fmul_rn(__int2float_rn(j), TWO_M32);
+  float x2 = __fmul_rn(x, x);
+  float p = __fmaf_rn(__uint_as_float(0xc296e43cu), x2, __uint_as_float(0x42a33003u));
+  p = __fmaf_rn(p, x2, __uint_as_float(0xc2255ddfu));
+  float s = __fmaf_rn(x, __uint_as_float(0x40c90fdbu), __fmul_rn(x, __fmaf_rn(x2, p, __uint_as_float(0xb43bbd2eu))));
+  float cp = __fmaf_rn(__uint_as_float(0x426cead1u), x2, __uint_as_float(0xc2aae2f0u));
+  cp = __fmaf_rn(cp, x2, __uint_as_float(0x4281e0efu));
+  cp = __fmaf_rn(cp, x2, __uint_as_float(0xc19de9e6u));
+  float c = __fmaf_rn(x2, cp, 1.0f);
+  float s1 = (q & 1u) ? c : s;
+  float c1 = (q & 1u) ? s : c;
+  *sn = __uint_as_float(__float_as_uint(s1) ^ ((q >> 1) << 31));
+  *cs = __uint_as_float(__float_as_uint(c1) ^ (((q ^ (q >> 1)) & 1u) << 31));
+}
+
+__device__ __forceinline__ void box_muller(u32 a, u32 b, float* z0, float* z1) {
+  const float TWO_M32 = __uint_as_float(0x2f800000u);
+  float u1 = __fmaf_rn(__uint2float_rn(a), TWO_M32, TWO_M32);
+  float r = __fsqrt_rn(__fmul_rn(-2.0f, bm_ln_unit(u1)));
+  float s, c;
+  bm_sincos_turns(b, &s, &c);
+  *z0 = __fmul_rn(r, c);
+  *z1 = __fmul_rn(r, s);
 }
 
 // Standard normals: element e takes block q = e / 4, counter (q, stream), key = seed (see noise.rs).
@@ -130,13 +174,13 @@ extern "C" __global__ void philox_normal_f32(float* __restrict__ out, u64 n, u64
   uint2 key = make_uint2((u32)seed, (u32)(seed >> 32));
   for (u64 q = (u64)blockIdx.x * blockDim.x + threadIdx.x; q < blocks; q += stride) {
     uint4 w = philox(make_uint4((u32)q, (u32)(q >> 32), (u32)stream_id, (u32)(stream_id >> 32)), key);
-    double z[4];
+    float z[4];
     box_muller(w.x, w.y, &z[0], &z[1]);
     box_muller(w.z, w.w, &z[2], &z[3]);
     #pragma unroll
     for (int t = 0; t < 4; ++t) {
       u64 e = q * 4 + t;
-      if (e < n) out[e] = (float)z[t];
+      if (e < n) out[e] = z[t];
     }
   }
 }

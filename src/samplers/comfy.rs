@@ -903,9 +903,12 @@ impl<B: Buffer> Sampler<B> for ErSde<B> {
         if sn == 0.0 {
             x.copy_from(den)?;
         } else {
+            // One fused update `x = r x + (1 - r) den + a dd + k (dd - old_dd) + noise` (ComfyUI applies the terms
+            // one by one; the same sum, a few roundings apart), so a step makes 3 passes over the latent.
             let (ls, lt) = (s, sn);
             let r = er_scaler(lt) / er_scaler(ls);
-            x.lincomb(r, &[(1.0 - r, &*den)])?;
+            let c_den = 1.0 - r;
+            let (mut c_dd, mut c_old_dd) = (0.0, 0.0);
             if stage >= 2 {
                 let dt = lt - ls;
                 let step = -dt / 200.0;
@@ -914,24 +917,39 @@ impl<B: Buffer> Sampler<B> for ErSde<B> {
                 let c = 1.0 / (ls - sig[i - 1]);
                 // dd = (den - old) / (ls - sigma_{i-1})
                 dd.lincomb(0.0, &[(c, &*den), (-c, &*old)])?;
-                x.lincomb(1.0, &[(dt + sum_inv * er_scaler(lt), &*dd)])?;
+                c_dd = dt + sum_inv * er_scaler(lt);
                 if stage >= 3 {
                     let s_u: f64 = pos.iter().map(|&p| (p - ls) / er_scaler(p)).sum::<f64>() * step;
                     let cu = 1.0 / ((ls - sig[i - 2]) / 2.0);
                     let k = dt * dt / 2.0 + s_u * er_scaler(lt);
-                    x.lincomb(1.0, &[(k * cu, &*dd), (-k * cu, &*old_dd)])?;
+                    c_dd += k * cu;
+                    c_old_dd = -k * cu;
                 }
-                old_dd.copy_from(dd)?;
             }
+            let mut c_noise = 0.0;
             if self.s_noise > 0.0 {
                 let v = lt * lt - ls * ls * r * r;
                 let c = if v.is_nan() { 0.0 } else { v.sqrt() };
                 let c = if c.is_nan() { 0.0 } else { c };
                 cx.noise(n, s, sn)?;
-                x.lincomb(1.0, &[(self.s_noise * c, &*n)])?;
+                c_noise = self.s_noise * c;
+            }
+            let mut terms: Vec<(f64, &B)> = vec![(c_den, &*den)];
+            if stage >= 2 {
+                terms.push((c_dd, &*dd));
+            }
+            if stage >= 3 {
+                terms.push((c_old_dd, &*old_dd));
+            }
+            if self.s_noise > 0.0 {
+                terms.push((c_noise, &*n));
+            }
+            x.lincomb(r, &terms)?;
+            if stage >= 2 {
+                std::mem::swap(dd, old_dd);
             }
         }
-        old.copy_from(den)?;
+        std::mem::swap(old, den);
         self.have += 1;
         Ok(())
     }

@@ -54,10 +54,13 @@ impl<B: Buffer> Sampler<B> for EulerAncestral<B> {
         };
         cx.denoise(x, s, den)?;
         let (down, up) = ancestral_step(s, sn, self.eta);
-        euler_to(x, den, s, down)?;
         if sn > 0.0 {
+            // The Euler step to `down` and the noise in one pass over x.
             cx.noise(n, s, sn)?;
-            x.lincomb(1.0, &[(self.s_noise * up, n)])?;
+            let r = (down - s) / s;
+            x.lincomb(1.0 + r, &[(-r, &*den), (self.s_noise * up, &*n)])?;
+        } else {
+            euler_to(x, den, s, down)?;
         }
         Ok(())
     }
@@ -437,18 +440,20 @@ impl<B: Buffer> Sampler<B> for Dpmpp2mSde<B> {
                 c_old -= k;
             }
             let a = sn / s * (-eta_h).exp();
+            // One pass over x: the update and the noise together.
+            let mut terms = vec![(c_den, &*den)];
             if self.h_last.is_some() {
-                x.lincomb(a, &[(c_den, &*den), (c_old, &*old)])?;
-            } else {
-                x.lincomb(a, &[(c_den, &*den)])?;
+                terms.push((c_old, &*old));
             }
             if self.eta != 0.0 {
                 cx.noise(n, s, sn)?;
                 let c = sn * (-(-2.0 * eta_h).exp_m1()).sqrt() * self.s_noise;
-                x.lincomb(1.0, &[(c, &*n)])?;
+                terms.push((c, &*n));
             }
+            x.lincomb(a, &terms)?;
         }
-        old.copy_from(den)?;
+        // The fresh denoised becomes the history (a swap, not a copy: den is rewritten next step).
+        std::mem::swap(old, den);
         self.h_last = Some(h);
         Ok(())
     }
@@ -495,7 +500,7 @@ impl<B: Buffer> Sampler<B> for Dpmpp3mSde<B> {
             let lin = (-h_eta).exp();
             let c0 = -(-h_eta).exp_m1();
             let phi2 = (-h_eta).exp_m1() / h_eta + 1.0;
-            match (self.h1, self.h2) {
+            let mut terms = match (self.h1, self.h2) {
                 (Some(h1), Some(h2)) => {
                     let (r0, r1) = (h1 / h, h2 / h);
                     // d1_0 = (den - d1)/r0, d1_1 = (d1 - d2)/r1
@@ -504,29 +509,29 @@ impl<B: Buffer> Sampler<B> for Dpmpp3mSde<B> {
                     let q = r0 / (r0 + r1);
                     let a = phi2 * (1.0 + q) - phi3 / (r0 + r1); // coefficient of d1_0
                     let b = -phi2 * q + phi3 / (r0 + r1); // coefficient of d1_1
-                    x.lincomb(
-                        lin,
-                        &[
-                            (c0 + a / r0, &*den),
-                            (-a / r0 + b / r1, &*d1),
-                            (-b / r1, &*d2),
-                        ],
-                    )?;
+                    vec![
+                        (c0 + a / r0, &*den),
+                        (-a / r0 + b / r1, &*d1),
+                        (-b / r1, &*d2),
+                    ]
                 }
                 (Some(h1), None) => {
                     let r = h1 / h;
-                    x.lincomb(lin, &[(c0 + phi2 / r, &*den), (-phi2 / r, &*d1)])?;
+                    vec![(c0 + phi2 / r, &*den), (-phi2 / r, &*d1)]
                 }
-                _ => x.lincomb(lin, &[(c0, &*den)])?,
-            }
+                _ => vec![(c0, &*den)],
+            };
+            // One pass over x: the update and the noise together.
             if self.eta != 0.0 {
                 cx.noise(n, s, sn)?;
                 let c = sn * (-(-2.0 * h * self.eta).exp_m1()).sqrt() * self.s_noise;
-                x.lincomb(1.0, &[(c, &*n)])?;
+                terms.push((c, &*n));
             }
+            x.lincomb(lin, &terms)?;
         }
-        d2.copy_from(d1)?;
-        d1.copy_from(den)?;
+        // Rotate the history by swaps (den is rewritten next step): d2 <- d1, d1 <- den.
+        std::mem::swap(d2, d1);
+        std::mem::swap(d1, den);
         self.h2 = self.h1;
         self.h1 = Some(h);
         Ok(())

@@ -6,11 +6,11 @@
 //! - key = `[seed as u32, (seed >> 32) as u32]`
 //! - element `e` belongs to block `q = e / 4`; counter = `[q as u32, (q >> 32) as u32, stream as u32,
 //!   (stream >> 32) as u32]`; Philox4x32-10 of (counter, key) gives words `w0..w3`.
-//! - Box-Muller on word pairs, computed in f64: for the pair `(a, b)` = `(w0, w1)` (elements `4q`, `4q+1`)
-//!   and `(w2, w3)` (elements `4q+2`, `4q+3`): `u1 = (a + 1) * 2^-32` in (0, 1], `u2 = b * 2^-32` in [0, 1),
-//!   `r = sqrt(-2 ln u1)`, first = `r cos(2 pi u2)`, second = `r sin(2 pi u2)`; then rounded to the buffer's
-//!   type. (f64 libm `log`/`cos`/`sin` may differ by an ulp between CPU and CUDA; after rounding to f32 that
-//!   flips a value only when it lies within an f64 ulp of an f32 rounding boundary, ~1e-9 per element.)
+//! - Box-Muller on word pairs in f32 ([`super::gauss`], which states the exact operation sequence): the pair
+//!   `(a, b)` = `(w0, w1)` gives elements `4q`, `4q+1` and `(w2, w3)` gives `4q+2`, `4q+3`:
+//!   `u1 = (a + 1) * 2^-32` in (0, 1], the angle `2 pi b * 2^-32`, first = `r cos`, second = `r sin` with
+//!   `r = sqrt(-2 ln u1)`; log, sin and cos are our own polynomials, so the device kernel gives the same bits.
+//!   The f32 value is converted to the buffer's type.
 //! - A sampler's k-th noise draw uses `stream = k` (see [`PhiloxNoise`]).
 use super::buffer::{Buffer, HostScalar};
 use anyhow::{Result, bail};
@@ -38,16 +38,8 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     c
 }
 
-/// Box-Muller of one word pair (see the module docs).
-#[inline]
-pub fn box_muller(a: u32, b: u32) -> (f64, f64) {
-    const S: f64 = 1.0 / 4294967296.0;
-    let u1 = (a as f64 + 1.0) * S;
-    let u2 = b as f64 * S;
-    let r = (-2.0 * u1.ln()).sqrt();
-    let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
-    (r * c, r * s)
-}
+/// Box-Muller of one word pair (see the module docs and [`super::gauss`]).
+pub use super::gauss::box_muller;
 
 /// Standard normals for elements `[0, out.len())` of stream `stream` of `seed`. Large buffers are filled by
 /// several threads; element values do not depend on the split (counter-based generator).
@@ -72,23 +64,7 @@ pub fn fill_normal_host<T: HostScalar>(out: &mut [T], seed: u64, stream: u64) {
 
 fn fill_normal_range<T: HostScalar>(out: &mut [T], seed: u64, stream: u64, first_block: u64) {
     let key = [seed as u32, (seed >> 32) as u32];
-    for (q, chunk) in out.chunks_mut(4).enumerate() {
-        let q = first_block + q as u64;
-        let w = philox4x32_10(
-            [
-                q as u32,
-                (q >> 32) as u32,
-                stream as u32,
-                (stream >> 32) as u32,
-            ],
-            key,
-        );
-        let (z0, z1) = box_muller(w[0], w[1]);
-        let (z2, z3) = box_muller(w[2], w[3]);
-        for (o, z) in chunk.iter_mut().zip([z0, z1, z2, z3]) {
-            *o = T::from_f64(z);
-        }
-    }
+    super::gauss::fill(out, key, stream, first_block, |z| T::from_f64(z as f64));
 }
 
 /// Where stochastic samplers get their noise: `sample(out, sigma, sigma_next)` gives unit-variance Gaussian

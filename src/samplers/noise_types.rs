@@ -2,10 +2,12 @@
 //! uniform/normal draws (uniform, laplacian, studentt, fractal "colored" noise white/pink/brown/blue/violet/
 //! ultraviolet_A-C, pyramid nearest/bilinear/bicubic), each returning a `[C, H, W]` field normalized as RES4LYF
 //! normalizes it. Bit-exactness with torch's generator is not a goal (different RNG); the defining statistics
-//! are (tests/samplers_noise.rs): spectrum slope, tails, clamping, and the pyramid's downsampling.
+//! are (tests/samplers_noise.rs): spectrum slope, tails, clamping, and the pyramid's downsampling. `simplex` draws
+//! no random numbers (OpenSimplex from a seed, [`super::simplex`]) and equals RES4LYF's values.
 //! [`TypedNoise`] is a [`NoiseSource`], so any sampler can use any type.
 use super::buffer::Buffer;
 use super::noise::{NoiseSource, box_muller, philox4x32_10};
+use super::simplex::OpenSimplex;
 use anyhow::{Result, bail};
 
 /// torch `interpolate` modes (align_corners = False, no antialias).
@@ -82,6 +84,10 @@ pub enum NoiseType {
     /// RES4LYF's "perlin": normal/2 plus two Perlin layers on an (h+1) x (w+1) grid of random unit gradients,
     /// sampled at cell centres (one cell per pixel: the mean of the four corner dot products), over the std.
     Perlin,
+    /// RES4LYF's "simplex": OpenSimplex 3-D noise at the integer points (x, y, channel), over its std (not
+    /// centred). Its generator is seeded with `seed` and adds 1 after every call, so stream `k` (call `k - 1`
+    /// of [`TypedNoise`]) uses OpenSimplex seed `seed + k - 1`; it draws nothing from Philox.
+    Simplex,
 }
 
 pub const NOISE_TYPE_NAMES: &[&str] = &[
@@ -107,6 +113,7 @@ pub const NOISE_TYPE_NAMES: &[&str] = &[
     "pyramid-cascade_B",
     "wavelet",
     "perlin",
+    "simplex",
 ];
 
 impl NoiseType {
@@ -135,6 +142,7 @@ impl NoiseType {
             "pyramid-cascade_B" => Self::CascadeB,
             "wavelet" => Self::Wavelet,
             "perlin" => Self::Perlin,
+            "simplex" => Self::Simplex,
             _ => bail!(
                 "unknown noise type '{s}'; valid: {}",
                 NOISE_TYPE_NAMES.join(", ")
@@ -175,7 +183,11 @@ impl Draw {
         let w = self.words(i);
         let lane = (i % 4) as usize;
         let (a, b) = box_muller(w[lane & 2], w[(lane & 2) + 1]);
-        if lane.is_multiple_of(2) { a } else { b }
+        if lane.is_multiple_of(2) {
+            a as f64
+        } else {
+            b as f64
+        }
     }
 }
 
@@ -376,6 +388,12 @@ pub fn generate(kind: NoiseType, shape: [usize; 3], seed: u64, stream: u64) -> R
             }
             let (_, sd) = mean_std(&out);
             out.into_iter().map(|x| x / sd).collect()
+        }
+        NoiseType::Simplex => {
+            let os = OpenSimplex::new((seed as i64).wrapping_add(stream as i64).wrapping_sub(1));
+            let v = os.field(shape);
+            let (_, sd) = mean_std(&v);
+            v.into_iter().map(|x| x / sd).collect()
         }
         NoiseType::CascadeB => {
             let mut out: Vec<f64> = (0..n as u64).map(|i| d.normal(i)).collect();
