@@ -353,3 +353,64 @@ fn res4lyf_implicit_stepping_at_other_anchors() {
         .to_string();
     assert!(err.contains("stepped as RES4LYF does"), "{err}");
 }
+
+/// RES4LYF's substep noise at eta_substep 0 (or mode none) is off: `samplers check` reproduces the
+/// deterministic runs bit for bit, whatever the mode, the refinement or bongmath; at eta_substep > 0 it draws
+/// noise and the result moves; f32 buffers run the same code (within f32 round-off of the f64 run).
+#[test]
+fn substep_noise_off_at_eta_zero() {
+    use trt_diff::samplers::noise_mode::NoiseMode;
+    let cases: &[(&str, f64, usize, usize, bool)] = &[
+        ("res_2s", 0.0, 0, 0, false),
+        ("res_3s", 0.0, 1, 1, false),
+        ("dpmpp_2s", 0.0, 0, 0, true),
+        ("heun_2s", 0.0, 0, 0, false),
+        ("heun_2s", 1.0, 1, 0, true),
+        ("rk4_4s", 1.0, 0, 1, false),
+        ("ralston_3s", 0.0, 0, 0, false),
+    ];
+    for &(name, anchor, full, diag, bongmath) in cases {
+        let spec = |eta_substep: f64, mode: &str, f32: bool| CheckSpec {
+            sampler: name.into(),
+            elements: 48,
+            f32,
+            opts: SamplerOptions {
+                noise_anchor: anchor,
+                implicit_steps: full,
+                implicit_substeps: diag,
+                bongmath,
+                eta_substep,
+                noise_mode_substep: NoiseMode::parse(mode).unwrap(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let base = run(&spec(0.0, "hard", false), 12, None).unwrap();
+        for mode in ["hard", "exp", "soft", "sinusoidal", "er4"] {
+            let r = run(&spec(0.0, mode, false), 12, None).unwrap();
+            assert_eq!(
+                r.x, base.x,
+                "{name} {mode}: eta_substep 0 must be deterministic"
+            );
+            assert_eq!(r.calls, base.calls);
+        }
+        let off = run(&spec(0.7, "none", false), 12, None).unwrap();
+        assert_eq!(off.x, base.x, "{name}: mode none");
+        let noisy = run(&spec(0.5, "hard", false), 12, None).unwrap();
+        let moved = noisy
+            .x
+            .iter()
+            .zip(&base.x)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(moved > 1e-3, "{name}: substep noise moved x by {moved}");
+        assert_eq!(noisy.calls, base.calls, "{name}: no extra model calls");
+        let f32 = run(&spec(0.5, "hard", true), 12, None).unwrap();
+        for (a, b) in f32.x.iter().zip(&noisy.x) {
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{name} f32: {a} vs {b}"
+            );
+        }
+    }
+}

@@ -96,6 +96,13 @@ pub struct SamplerOptions {
     /// [`super::refine::ImplicitType`]; explicit methods.
     pub implicit_type: super::refine::ImplicitType,
     pub implicit_type_substeps: super::refine::ImplicitType,
+    /// RES4LYF's per-substep SDE noise ([`super::refine::SubNoise`]: `eta_substep`, `noise_mode_sde_substep`,
+    /// `s_noise_substep`) for the single-step exponential samplers without a step noise mode and the
+    /// explicit tableaux. Off at eta_substep 0 (the default; RES4LYF's is 0.5) or mode none; mode default
+    /// hard (RES4LYF's); `noise_vp` / `noise_sigma_max` apply as for the step noise.
+    pub eta_substep: f64,
+    pub noise_mode_substep: super::noise_mode::NoiseMode,
+    pub s_noise_substep: f64,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -121,6 +128,9 @@ impl Default for SamplerOptions {
             res4lyf_implicit: false,
             implicit_type: Default::default(),
             implicit_type_substeps: Default::default(),
+            eta_substep: 0.0,
+            noise_mode_substep: super::noise_mode::NoiseMode::Hard,
+            s_noise_substep: 1.0,
         }
     }
 }
@@ -311,6 +321,12 @@ pub fn info(name: &str) -> Option<SamplerInfo> {
     list().into_iter().find(|i| i.name == name)
 }
 
+/// The implicit types that differ from predictor-corrector only with substep noise.
+fn retro_type(t: super::refine::ImplicitType) -> Option<super::refine::ImplicitType> {
+    use super::refine::ImplicitType::*;
+    matches!(t, RetroEta | Bongmath).then_some(t)
+}
+
 /// Build a sampler by name.
 pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<dyn Sampler<B>>> {
     use kdiff::*;
@@ -323,7 +339,34 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         }),
         rebound_full: o.implicit_type == super::refine::ImplicitType::Rebound,
         rebound_diag: o.implicit_type_substeps == super::refine::ImplicitType::Rebound,
+        sub: (o.eta_substep != 0.0 && o.noise_mode_substep != super::noise_mode::NoiseMode::None)
+            .then_some(super::refine::SubNoise {
+                mode: o.noise_mode_substep,
+                eta: o.eta_substep,
+                s_noise: o.s_noise_substep,
+                vp: o.noise_vp,
+                sigma_max: o.noise_sigma_max,
+            }),
+        retro_full: retro_type(o.implicit_type),
+        retro_diag: retro_type(o.implicit_type_substeps),
     };
+    if refine.sub.is_some() {
+        let ok = match ExpMethod::by_name(name) {
+            Some(m) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            None => tableaux()
+                .iter()
+                .any(|t| t.name == name && t.kind() == Kind::Explicit),
+        };
+        if !ok {
+            bail!(
+                "substep noise (eta_substep {} with noise mode {:?}) applies to RES4LYF's explicit single-step \
+                 exponential samplers without a step noise mode (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim) and \
+                 its explicit tableaux; not to '{name}' with these options (set eta_substep 0)",
+                o.eta_substep,
+                o.noise_mode_substep
+            );
+        }
+    }
     if o.noise_mode != super::noise_mode::NoiseMode::None
         && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
     {
