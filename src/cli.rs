@@ -873,6 +873,10 @@ pub enum SamplersCmd {
         noise_mode_substep: crate::samplers::noise_mode::NoiseMode,
         #[arg(long, default_value_t = 1.0)]
         s_noise_substep: f64,
+        /// Step noise (--noise-mode, --eta) in RES4LYF's default form: step to sigma_next, then swap to
+        /// sigma_down along the step line (its overshoot 0); also for the explicit tableaux.
+        #[arg(long)]
+        noise_swap: bool,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -924,6 +928,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             eta_substep,
             noise_mode_substep,
             s_noise_substep,
+            noise_swap,
             f32,
             init,
             dump,
@@ -955,6 +960,7 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     eta_substep,
                     noise_mode_substep,
                     s_noise_substep,
+                    noise_swap,
                     ..Default::default()
                 },
             };

@@ -431,13 +431,18 @@ fn res4lyf_substep_noise_runs() {
             noise_mode_substep: NoiseMode::parse(r["noise_mode_substep"].as_str().unwrap())
                 .unwrap(),
             s_noise_substep: f("s_noise_substep"),
+            // Step noise in RES4LYF's default swap form (eta 0: none).
+            eta: f("eta"),
+            noise_mode: NoiseMode::parse(r["noise_mode"].as_str().unwrap()).unwrap(),
+            s_noise: f("s_noise"),
+            noise_swap: true,
             // The model's sigma range the script's noise modes and bongmath use.
             noise_sigma_max: g["sigma_max"].as_f64().unwrap(),
             bong_sigma_min: g["sigma_min"].as_f64().unwrap(),
             ..Default::default()
         };
         let what = format!(
-            "{name} anchor {} steps/substeps {}/{} ({:?}/{:?}) bongmath {} eta_substep {} {:?}",
+            "{name} anchor {} steps/substeps {}/{} ({:?}/{:?}) bongmath {} eta_substep {} {:?} eta {} {:?}",
             opts.noise_anchor,
             opts.implicit_steps,
             opts.implicit_substeps,
@@ -445,7 +450,9 @@ fn res4lyf_substep_noise_runs() {
             opts.implicit_type_substeps,
             opts.bongmath,
             opts.eta_substep,
-            opts.noise_mode_substep
+            opts.noise_mode_substep,
+            opts.eta,
+            opts.noise_mode
         );
         let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
         let mut cx = Ctx {
@@ -460,7 +467,7 @@ fn res4lyf_substep_noise_runs() {
         }
         assert_eq!(noise.inner.next, n_draws, "{what}: every draw used");
     }
-    assert!(steps >= 180, "{steps} steps");
+    assert!(steps >= 250, "{steps} steps");
 }
 
 /// Substep noise applies to the explicit single-step exponential samplers and explicit tableaux; elsewhere
@@ -490,4 +497,14 @@ fn substep_noise_is_refused_where_it_does_not_apply() {
         ..o
     };
     assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
+    // With the step noise in RES4LYF's swap form they combine.
+    let swap = SamplerOptions {
+        noise_swap: true,
+        ..sde
+    };
+    for name in ["res_2s", "heun_2s"] {
+        assert!(registry::build::<Vec<f64>>(name, &swap).is_ok(), "{name}");
+    }
+    let e = registry::build::<Vec<f64>>("res_2m", &swap).err().unwrap();
+    assert!(e.to_string().contains("noise"), "{e}");
 }

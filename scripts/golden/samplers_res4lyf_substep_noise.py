@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Golden file of whole RES4LYF sampler runs with its per-substep SDE noise (eta_substep,
 noise_mode_sde_substep, s_noise_substep), on explicit exponential methods and explicit linear tableaux, with
-implicit steps/substeps, bongmath and the implicit types retro-eta / bongmath:
+implicit steps/substeps, bongmath and the implicit types retro-eta / bongmath, and its default step noise
+(`swap_noise_step`), alone and with substep noise (exponential methods at noise_anchor 1, the only anchor ours
+have):
 
     /path/to/venv/bin/python scripts/golden/samplers_res4lyf_substep_noise.py /path/to/RES4LYF \
         tests/golden/samplers/res4lyf_substep_noise.json
@@ -11,13 +13,14 @@ implicit steps/substeps, bongmath and the implicit types retro-eta / bongmath:
 RES4LYF's own code, taken from its source by `ast` and run unmodified: the coefficients (`get_rk_methods_beta`),
 `RK_Method_*.__call__` / `update_substep` / `bong_iter` (as in samplers_res4lyf_runs.py), and from
 `RK_NoiseSampler`: `set_sde_step`, `set_substep_list`, `set_sde_substep`, `get_sde_step`, `get_sde_substep`,
-`get_sde_coeff`, `swap_noise_substep`, `rebound_overshoot_substep`, `rebound_overshoot_step` and
-`sigma_from_to`, with `latents.normalize_zscore` (the per-channel z-score of every draw). Its sampler loop
-(`sample_rk_beta`) is transcribed line for line for this path (no guides, step eta 0, overshoot 0,
-noise_sampler_type_substep gaussian): per row and substep `NS.set_sde_substep`, the model-call point of the
+`get_sde_coeff`, `swap_noise_substep`, `rebound_overshoot_substep`, `rebound_overshoot_step`,
+`swap_noise_step` and `sigma_from_to`, with `latents.normalize_zscore` (the per-channel z-score of every draw). Its sampler loop
+(`sample_rk_beta`) is transcribed line for line for this path (no guides, overshoot 0, gaussian noise;
+the step noise at eta > 0 by its default `swap_noise_step`): per row and substep `NS.set_sde_substep`, the model-call point of the
 implicit types (predictor-corrector, retro-eta, bongmath), the model call, `update_substep` with
 `NS.h_new`, `rebound_overshoot_substep`, `swap_noise_substep` (explicit methods), bongmath's conditions.
-The substep noise generator (`noise_sampler2`) is replaced by one that returns recorded draws: the file holds
+The step and substep noise generators (`noise_sampler`, `noise_sampler2`) are replaced by one stream of
+recorded draws: the file holds
 every draw (before the z-score) with the (sigma, sigma_next) RES4LYF asked it for, and the Rust test replays
 them through `noise::ZScorePlanes`. Latents are (2, 1, 3) (two channels of three values), the model is the
 analytic Gaussian-data denoiser of trt_diff::samplers::model::GaussianData (VE, float64).
@@ -48,7 +51,7 @@ def load_noise_sampler(root, torch):
     cls = next(n for n in src.body if isinstance(n, ast.ClassDef) and n.name == "RK_NoiseSampler")
     names = ("set_sde_step", "set_substep_list", "set_sde_substep", "get_sde_step", "get_sde_substep",
              "get_sde_coeff", "get_vpsde_step_RF", "swap_noise_substep", "rebound_overshoot_substep",
-             "rebound_overshoot_step", "sigma_from_to")
+             "rebound_overshoot_step", "sigma_from_to", "swap_noise_step")
     fns = [n for n in cls.body if isinstance(n, ast.FunctionDef) and n.name in names]
     for f in fns:  # drop type annotations naming RK classes defined elsewhere
         for a in f.args.args:
@@ -65,7 +68,7 @@ def load_noise_sampler(root, torch):
 
 
 def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, bong, itype, itype_sub, eta_sub,
-        mode_sub, s_noise_sub, gen):
+        mode_sub, s_noise_sub, eta, mode, s_noise, gen):
     f64 = torch.float64
     n = math.prod(SHAPE)
     mu, s = gaussian(n)
@@ -85,12 +88,12 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
     NS = NSC()
     NS.sigma_max, NS.sigma_min = torch.tensor(SIGMA_MAX, dtype=f64), torch.tensor(SIGMA_MIN, dtype=f64)
     NS.VARIANCE_PRESERVING, NS.row_offset = False, 1
-    NS.noise_mode_sde, NS.noise_mode_sde_substep = "hard", mode_sub
+    NS.noise_mode_sde, NS.noise_mode_sde_substep = mode, mode_sub
     NS.overshoot_mode = NS.overshoot_mode_substep = "hard"
     NS.noise_boost_step = NS.noise_boost_substep = 0.0
     NS.DOWN_STEP = NS.DOWN_SUBSTEP = False
     NS.noise_sampler_type2 = "gaussian"
-    NS.noise_sampler2 = noise_sampler2
+    NS.noise_sampler = NS.noise_sampler2 = noise_sampler2  # one recorded stream, in call order
     if exponential:
         NS.sigma_fn, NS.t_fn = (lambda t: t.neg().exp()), (lambda s: s.log().neg())
         NS.h_fn = lambda sd, s: -torch.log(sd / s)
@@ -104,7 +107,7 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
     out = []
     for step in range(len(sigmas) - 1):
         sigma, sigma_next = sig[step], sig[step + 1]
-        NS.set_sde_step(sigma, sigma_next, 0.0, 0.0, 1.0)  # step eta 0, overshoot 0, s_noise 1
+        NS.set_sde_step(sigma, sigma_next, eta, 0.0, s_noise)  # overshoot 0
         a, b, u, v, ci, ms, hs, _ = rk.get_rk_methods_beta(name, NS.h, 0.0, 0.5, 1.0, [], step, sig, sigma,
                                                            sigma_next, NS.sigma_down, "")
         assert ms == 0 and hs == 0, name
@@ -172,7 +175,10 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
                     diag_iter += 1
             x_next = x_[R.rows - ms - row_offset + 1]
             x_next = NS.rebound_overshoot_step(x_0, x_next)
-            x = x_next  # eta 0
+            if eta == 0.0:
+                x = x_next
+            else:
+                x = NS.swap_noise_step(x_0, x_next)
             full_iter += 1
         out.append([float(v) for v in x.flatten()])
     return out, draws
@@ -212,14 +218,26 @@ def main():
     jobs += [(nm, ex, a, 1, 1, bg, t, t, 0.5, "hard", 1.0)
              for nm, ex, a in (("res_3s", True, 1.0), ("heun_2s", False, 0.0))
              for t in ("retro-eta", "bongmath") for bg in (False, True)]
+    jobs = [(*j, 0.0, "hard", 1.0) for j in jobs]
+    # Step noise in its default (swap) form, alone and with substep noise; RES4LYF's node defaults are eta 0.5,
+    # eta_substep 0.5, hard, noise_anchor 1, bongmath on.
+    jobs += [(nm, ex, 1.0, 0, 0, True, pc, pc, 0.5, "hard", 1.0, 0.5, "hard", 1.0)
+             for nm, ex in (("res_2s", True), ("res_3s", True), ("heun_2s", False), ("rk4_4s", False))]
+    jobs += [(nm, ex, a, 0, 0, False, pc, pc, 0.0, "hard", 1.0, 0.5, "hard", 1.0)
+             for nm, ex, a in (("res_2s", True, 1.0), ("heun_2s", False, 0.0))]
+    jobs += [("res_3s", True, 1.0, 0, 0, False, pc, pc, 0.5, "hard", 1.0, 0.7, "exp", 0.9),
+             ("res_2s", True, 1.0, 1, 0, True, pc, pc, 0.5, "hard", 1.0, 0.5, "hard", 1.0),
+             ("heun_2s", False, 0.0, 1, 1, True, "retro-eta", "retro-eta", 0.5, "hard", 1.0, 0.5, "hard", 1.0)]
     runs = []
-    for (name, exponential, anchor, full, diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub) in jobs:
+    for (name, exponential, anchor, full, diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, eta, mode,
+         s_noise) in jobs:
         gen = torch.Generator().manual_seed(20260)  # the same draws in every run: variants compare
         xs, draws = run(rk, EXP if exponential else LIN, NSC, torch, name, sig, x0, exponential, anchor, full,
-                        diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, gen)
+                        diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, eta, mode, s_noise, gen)
         runs.append({"name": name, "anchor": anchor, "implicit_steps": full, "implicit_substeps": diag,
                      "bongmath": bong, "implicit_type": itype, "implicit_type_substeps": itype_sub,
                      "eta_substep": eta_sub, "noise_mode_substep": mode_sub, "s_noise_substep": s_noise_sub,
+                     "eta": eta, "noise_mode": mode, "s_noise": s_noise,
                      "sigmas": sig, "x0": x0, "xs": xs, "draws": draws})
     with open(path, "w") as f:
         json.dump({"shape": list(SHAPE), "sigma_min": SIGMA_MIN, "sigma_max": SIGMA_MAX, "runs": runs}, f, separators=(",", ":"))

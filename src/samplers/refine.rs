@@ -149,6 +149,10 @@ pub struct Refine {
     pub rebound_diag: bool,
     /// RES4LYF's per-substep noise (explicit methods), see [`SubNoise`].
     pub sub: Option<SubNoise>,
+    /// RES4LYF's default step noise (its overshoot 0, `swap_noise_step`): each iteration's x_next at
+    /// sigma_next is swapped to the mode's sigma_down along the line from `(sigma, x_0)` and noised, as a
+    /// substep is (the split of `(sigma, sigma_next)`, the step's eta and s_noise).
+    pub step: Option<SubNoise>,
     /// The implicit types retro-eta / bongmath of the steps and the substeps (they differ from
     /// predictor-corrector only where a substep adds noise).
     pub retro_full: Option<ImplicitType>,
@@ -160,7 +164,10 @@ impl Refine {
     }
     /// Whether a step must be taken in RES4LYF's form ([`refined_step`]): refinement or bongmath.
     pub fn active(&self) -> bool {
-        !self.is_none() || self.bong.is_some() || self.sub.is_some()
+        !self.is_none() || self.bong.is_some() || self.sub.is_some() || self.step.is_some()
+    }
+    fn noisy(&self) -> bool {
+        self.sub.is_some() || self.step.is_some()
     }
     /// Buffers [`refined_step`] needs for `stages` stages.
     pub fn buffers(&self, stages: usize) -> usize {
@@ -170,7 +177,7 @@ impl Refine {
             stages + 3
         };
         // The noise draw and the row's own point X_r (substep type bongmath).
-        base + if self.sub.is_some() { 2 } else { 0 }
+        base + if self.noisy() { 2 } else { 0 }
     }
     /// Model calls per step of an explicit method with `stages` stages.
     pub fn calls(&self, stages: usize) -> usize {
@@ -204,7 +211,7 @@ pub(crate) fn refined_step<B: Buffer>(
     let (x0, xs, den) = (&mut x0[0], &mut xs[0], &mut den[0]);
     // With bongmath: every row's model output (`data`) and scratch for the re-placed stage points.
     // With substep noise, the last two: the noise draw and the row's own point X_r.
-    let extra = if refine.sub.is_some() { 2 } else { 0 };
+    let extra = if refine.noisy() { 2 } else { 0 };
     let (rest, noise_bufs) = rest.split_at_mut(rest.len() - extra);
     let (data, pts) = rest.split_at_mut(if refine.bong.is_some() { n } else { 0 });
     x0.copy_from(x)?;
@@ -311,8 +318,13 @@ pub(crate) fn refined_step<B: Buffer>(
                 }
             }
         }
-        // eta = 0: the iteration's result is the new x (RES4LYF's `x = x_next`).
+        // The iteration's result is the new x (RES4LYF's `x = x_next` at eta 0, else `swap_noise_step`).
         x.copy_from(xs)?;
+        if let (Some(sn), [z, _]) = (refine.step, &mut *noise_bufs)
+            && let Some(st) = sn.split(sigma, sig[n])
+        {
+            swap_noise(cx, x, x0, z, st, sn.s_noise, sigma, sigma, sig[n])?;
+        }
     }
     Ok(())
 }

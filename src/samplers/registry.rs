@@ -103,6 +103,11 @@ pub struct SamplerOptions {
     pub eta_substep: f64,
     pub noise_mode_substep: super::noise_mode::NoiseMode,
     pub s_noise_substep: f64,
+    /// Step noise (`noise_mode`, eta, s_noise) in RES4LYF's default form (its overshoot 0): step to
+    /// sigma_next, then swap to sigma_down along the step line and add noise ([`super::refine::Refine::step`]),
+    /// for the explicit single-step exponential samplers and the explicit tableaux; off (default): the
+    /// exponential step lands on sigma_down (RES4LYF's overshoot = eta).
+    pub noise_swap: bool,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -131,6 +136,7 @@ impl Default for SamplerOptions {
             eta_substep: 0.0,
             noise_mode_substep: super::noise_mode::NoiseMode::Hard,
             s_noise_substep: 1.0,
+            noise_swap: false,
         }
     }
 }
@@ -347,21 +353,33 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 vp: o.noise_vp,
                 sigma_max: o.noise_sigma_max,
             }),
+        step: (o.noise_swap && o.noise_mode != super::noise_mode::NoiseMode::None).then_some(
+            super::refine::SubNoise {
+                mode: o.noise_mode,
+                eta: o.eta,
+                s_noise: o.s_noise,
+                vp: o.noise_vp,
+                sigma_max: o.noise_sigma_max,
+            },
+        ),
         retro_full: retro_type(o.implicit_type),
         retro_diag: retro_type(o.implicit_type_substeps),
     };
-    if refine.sub.is_some() {
+    // Step noise in RES4LYF's swap form goes with the RES4LYF-form step (not with our landing on sigma_down).
+    let no_landing = o.noise_mode == super::noise_mode::NoiseMode::None || o.noise_swap;
+    if refine.sub.is_some() || refine.step.is_some() {
         let ok = match ExpMethod::by_name(name) {
-            Some(m) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            Some(m) => !m.implicit() && no_landing,
             None => tableaux()
                 .iter()
                 .any(|t| t.name == name && t.kind() == Kind::Explicit),
         };
         if !ok {
             bail!(
-                "substep noise (eta_substep {} with noise mode {:?}) applies to RES4LYF's explicit single-step \
-                 exponential samplers without a step noise mode (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim) and \
-                 its explicit tableaux; not to '{name}' with these options (set eta_substep 0)",
+                "substep noise (eta_substep {} with noise mode {:?}) and noise_swap apply to RES4LYF's explicit \
+                 single-step exponential samplers (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim; a step noise mode \
+                 only with noise_swap) and its explicit tableaux; not to '{name}' with these options (set \
+                 eta_substep 0 and noise_swap off)",
                 o.eta_substep,
                 o.noise_mode_substep
             );
@@ -389,7 +407,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     if o.bongmath {
         let exp = ExpMethod::by_name(name);
         let ok = match (exp, tab) {
-            (Some(m), _) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            (Some(m), _) => !m.implicit() && no_landing,
             (None, Some(t)) => t.kind() == Kind::Explicit || res4lyf_implicit,
             (None, None) => {
                 HybridMethod::by_name(name).is_some()
@@ -421,8 +439,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         );
     }
     if !refine.is_none() {
-        let exp_ode = ExpMethod::by_name(name).is_some()
-            && o.noise_mode == super::noise_mode::NoiseMode::None;
+        let exp_ode = ExpMethod::by_name(name).is_some() && no_landing;
         let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit) || res4lyf_implicit;
         if !exp_ode && !res4lyf_tab {
             bail!(
@@ -489,7 +506,8 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             if let Some(m) = ExpMethod::by_name(name) {
                 let mut s = ExpRk::new(m);
                 s.refine = refine;
-                s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
+                let landing = o.noise_mode != super::noise_mode::NoiseMode::None && !o.noise_swap;
+                s.sde = landing.then_some(ExpSde {
                     mode: o.noise_mode,
                     eta: o.eta,
                     s_noise: o.s_noise,
