@@ -1,6 +1,8 @@
 #!/usr/bin/env python3
 """Golden file of whole RES4LYF sampler runs with its per-substep SDE noise (eta_substep,
-noise_mode_sde_substep, s_noise_substep), on explicit exponential methods and explicit linear tableaux, with
+noise_mode_sde_substep, s_noise_substep), on explicit exponential methods, explicit linear tableaux and implicit
+tableaux (its implicit branch: init_implicit_sampling, newton_iter, the noise swapped into a row's point and
+bongmath's pre-call bong_iter before the call), with
 implicit steps/substeps, bongmath and the implicit types retro-eta / bongmath, and its default step noise
 (`swap_noise_step`), alone and with substep noise (exponential methods at noise_anchor 1, the only anchor ours
 have):
@@ -33,7 +35,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from samplers_res4lyf import load_res4lyf  # noqa: E402
-from samplers_res4lyf_runs import SIGMA_MAX, SIGMA_MIN, gaussian, load_rk_method  # noqa: E402
+from samplers_res4lyf_runs import SIGMA_MAX, SIGMA_MIN, gaussian, load_init_implicit, load_rk_method  # noqa: E402
 
 SHAPE = (2, 1, 3)
 
@@ -68,7 +70,7 @@ def load_noise_sampler(root, torch):
 
 
 def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, bong, itype, itype_sub, eta_sub,
-        mode_sub, s_noise_sub, eta, mode, s_noise, gen):
+        mode_sub, s_noise_sub, eta, mode, s_noise, gen, init_implicit):
     f64 = torch.float64
     n = math.prod(SHAPE)
     mu, s = gaussian(n)
@@ -87,7 +89,9 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
 
     NS = NSC()
     NS.sigma_max, NS.sigma_min = torch.tensor(SIGMA_MAX, dtype=f64), torch.tensor(SIGMA_MIN, dtype=f64)
-    NS.VARIANCE_PRESERVING, NS.row_offset = False, 1
+    NS.VARIANCE_PRESERVING = False
+    implicit = name in rk.get_implicit_sampler_name_list(nameOnly=True)
+    NS.row_offset = 0 if implicit else 1
     NS.noise_mode_sde, NS.noise_mode_sde_substep = mode, mode_sub
     NS.overshoot_mode = NS.overshoot_mode_substep = "hard"
     NS.noise_boost_step = NS.noise_boost_substep = 0.0
@@ -118,9 +122,9 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
         R.U = R.V = None
         R.rows, R.cols = R.A.shape
         R.multistep_stages, R.hybrid_stages = ms, hs
-        R.IMPLICIT = False
+        R.IMPLICIT = implicit
         R.EXPONENTIAL, R.unsample_bongmath = exponential, False
-        row_offset = 1
+        row_offset = 1 if not R.IMPLICIT and R.A[0].sum() == 0 else 0
         NS.set_substep_list(R)
         s_ = NS.s_
         if x_ is None:
@@ -131,13 +135,46 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
                                           for t in (x_, data_, eps_, eps_prev_))
         x_[0] = x.clone()
         x_0 = x_[0].clone()
+        if R.IMPLICIT:
+            x_, eps_, data_ = init_implicit(R, x_0, x_, eps_, eps_prev_, data_, None, None, None, step, sig, NS.h,
+                                            s_, lambda *a, **k: False, False)
         full_iter = 0
         while full_iter < full + 1:
+            if R.IMPLICIT:  # the loop's "init" newton at the start of every pass
+                x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, 0, NS.h, sig, step, "init", False)
             for row in range(R.rows - ms - row_offset + 1):
                 diag_iter = 0
                 while diag_iter < diag + 1:
                     NS.set_sde_substep(row, ms, eta_sub, 0.0, s_noise_sub, full_iter, diag_iter, full, diag)
                     noisy = NS.sub_sigma_up > 0 or NS.sub_sigma_up_eta > 0
+                    if R.IMPLICIT:
+                        if row >= R.rows:  # the b row: update only
+                            x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, NS.h_new, NS.h_new_orig)
+                            diag_iter += 1
+                            continue
+                        # Its implicit branch before the call (types' x_tmp are overwritten by it).
+                        x_[row] = x_0 + NS.h_new * R.zum(row, eps_, eps_prev_)
+                        x_[row] = NS.rebound_overshoot_substep(x_0, x_[row])
+                        if row > 0:
+                            x_[row] = NS.swap_noise_substep(x_0, x_[row])
+                        if bong and sigma > 0.03:  # its pre-call bong_iter
+                            x_0, x_, eps_ = R.bong_iter(x_0, x_, eps_, eps_prev_, data_, sigma, s_, row, row_offset,
+                                                        NS.h, step, step)
+                        x_tmp, s_tmp = x_[row], (NS.sub_sigma if diag_iter == 0 else s_[row + ms])
+                        if not (row == 0 and R.C[0] == 0.0):
+                            x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, row, NS.h, sig, step, "pre",
+                                                     False)
+                            eps_[row], data_[row] = R(x_tmp, s_tmp, x_0, sigma)
+                            if full_iter == 0 and diag_iter == 0:
+                                x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, row, NS.h, sig, step,
+                                                         "post", False)
+                        x_ = R.update_substep(x_0, x_, eps_, eps_prev_, row, row_offset, NS.h_new, NS.h_new_orig)
+                        x_[row] = NS.rebound_overshoot_substep(x_0, x_[row])
+                        if bong and s_[row] > SIGMA_MIN and NS.h < SIGMA_MAX / 2 and diag_iter == diag and sigma > 0.03:
+                            x_0, x_, eps_ = R.bong_iter(x_0, x_, eps_, eps_prev_, data_, sigma, s_, row, row_offset, NS.h,
+                                                        step, step)
+                        diag_iter += 1
+                        continue
                     if full_iter > 0 and row == 0:
                         if itype == "retro-eta" and noisy:
                             x_tmp, s_tmp = NS.sigma_from_to(x_0, x, sigma, sigma_next, sigma), sigma
@@ -173,7 +210,7 @@ def run(rk, RK, NSC, torch, name, sigmas, x0, exponential, anchor, full, diag, b
                         x_0, x_, eps_ = R.bong_iter(x_0, x_, eps_, eps_prev_, data_, sigma, s_, row, row_offset, NS.h,
                                                     step, step)
                     diag_iter += 1
-            x_next = x_[R.rows - ms - row_offset + 1]
+            x_next = x_[R.rows - ms - row_offset + 1].clone()
             x_next = NS.rebound_overshoot_step(x_0, x_next)
             if eta == 0.0:
                 x = x_next
@@ -191,6 +228,7 @@ def main():
     rk = load_res4lyf(root)
     EXP, LIN = load_rk_method(root, torch)
     NSC = load_noise_sampler(root, torch)
+    init_implicit = load_init_implicit(root, torch)
     n = math.prod(SHAPE)
     mu, _ = gaussian(n)
     # Karras (rho 7) from 14.6 to 0.05, 6 steps.
@@ -228,12 +266,20 @@ def main():
     jobs += [("res_3s", True, 1.0, 0, 0, False, pc, pc, 0.5, "hard", 1.0, 0.7, "exp", 0.9),
              ("res_2s", True, 1.0, 1, 0, True, pc, pc, 0.5, "hard", 1.0, 0.5, "hard", 1.0),
              ("heun_2s", False, 0.0, 1, 1, True, "retro-eta", "retro-eta", 0.5, "hard", 1.0, 0.5, "hard", 1.0)]
+    # Implicit tableaux stepped as RES4LYF does, at noise_anchor 1: substep noise (which its newton "pre"
+    # iteration wipes unless bongmath moves x_0), with bongmath, with step noise, with implicit steps.
+    imp = [(nm, False, 1.0, 0, 0, bg, pc, pc, 0.5, "hard", 1.0, 0.0, "hard", 1.0)
+           for nm in ("gauss-legendre_2s", "radau_iia_2s") for bg in (False, True)]
+    imp += [("lobatto_iiia_2s", False, 1.0, 0, 0, True, pc, pc, 0.5, "hard", 1.0, 0.5, "hard", 1.0),
+            ("gauss-legendre_2s", False, 1.0, 1, 1, True, pc, pc, 0.5, "hard", 1.0, 0.5, "hard", 1.0)]
+    jobs += imp
     runs = []
     for (name, exponential, anchor, full, diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, eta, mode,
          s_noise) in jobs:
         gen = torch.Generator().manual_seed(20260)  # the same draws in every run: variants compare
         xs, draws = run(rk, EXP if exponential else LIN, NSC, torch, name, sig, x0, exponential, anchor, full,
-                        diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, eta, mode, s_noise, gen)
+                        diag, bong, itype, itype_sub, eta_sub, mode_sub, s_noise_sub, eta, mode, s_noise, gen,
+                        init_implicit)
         runs.append({"name": name, "anchor": anchor, "implicit_steps": full, "implicit_substeps": diag,
                      "bongmath": bong, "implicit_type": itype, "implicit_type_substeps": itype_sub,
                      "eta_substep": eta_sub, "noise_mode_substep": mode_sub, "s_noise_substep": s_noise_sub,

@@ -84,7 +84,7 @@ pub struct SubNoise {
 }
 impl SubNoise {
     /// The split of the substep `(s_r, s_next)`, or None where it adds no noise.
-    fn split(&self, s_r: f64, s_next: f64) -> Option<SdeStep> {
+    pub(crate) fn split(&self, s_r: f64, s_next: f64) -> Option<SdeStep> {
         if s_next <= 0.0 {
             return None;
         }
@@ -103,7 +103,7 @@ impl SubNoise {
 
 /// Swap `xs` (at `s_next`, on the line from `(sigma, x0)`) to the split's sigma_down and add its noise `z`.
 #[allow(clippy::too_many_arguments)]
-fn swap_noise<B: Buffer>(
+pub(crate) fn swap_noise<B: Buffer>(
     cx: &mut Ctx<'_, B>,
     xs: &mut B,
     x0: &B,
@@ -147,7 +147,7 @@ pub struct Refine {
     /// Its `implicit_type_substeps` "rebound": each substep makes an extra call at X_{r+1}, updates, and
     /// evaluates the row at that result carried back to sigma_r (two calls per substep).
     pub rebound_diag: bool,
-    /// RES4LYF's per-substep noise (explicit methods), see [`SubNoise`].
+    /// RES4LYF's per-substep noise, see [`SubNoise`] (implicit tableaux: [`super::implicit`]).
     pub sub: Option<SubNoise>,
     /// RES4LYF's default step noise (its overshoot 0, `swap_noise_step`): each iteration's x_next at
     /// sigma_next is swapped to the mode's sigma_down along the line from `(sigma, x_0)` and noised, as a

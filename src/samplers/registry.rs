@@ -97,15 +97,15 @@ pub struct SamplerOptions {
     pub implicit_type: super::refine::ImplicitType,
     pub implicit_type_substeps: super::refine::ImplicitType,
     /// RES4LYF's per-substep SDE noise ([`super::refine::SubNoise`]: `eta_substep`, `noise_mode_sde_substep`,
-    /// `s_noise_substep`) for the single-step exponential samplers without a step noise mode and the
-    /// explicit tableaux. Off at eta_substep 0 (the default; RES4LYF's is 0.5) or mode none; mode default
+    /// `s_noise_substep`) for the single-step exponential samplers without a step noise mode, the
+    /// explicit tableaux and the implicit tableaux stepped as RES4LYF does. Off at eta_substep 0 (the default; RES4LYF's is 0.5) or mode none; mode default
     /// hard (RES4LYF's); `noise_vp` / `noise_sigma_max` apply as for the step noise.
     pub eta_substep: f64,
     pub noise_mode_substep: super::noise_mode::NoiseMode,
     pub s_noise_substep: f64,
     /// Step noise (`noise_mode`, eta, s_noise) in RES4LYF's default form (its overshoot 0): step to
     /// sigma_next, then swap to sigma_down along the step line and add noise ([`super::refine::Refine::step`]),
-    /// for the explicit single-step exponential samplers and the explicit tableaux; off (default): the
+    /// for the explicit single-step exponential samplers and the tableaux RES4LYF-stepped; off (default): the
     /// exponential step lands on sigma_down (RES4LYF's overshoot = eta).
     pub noise_swap: bool,
 }
@@ -370,16 +370,19 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     if refine.sub.is_some() || refine.step.is_some() {
         let ok = match ExpMethod::by_name(name) {
             Some(m) => !m.implicit() && no_landing,
-            None => tableaux()
-                .iter()
-                .any(|t| t.name == name && t.kind() == Kind::Explicit),
+            // Implicit tableaux when stepped as RES4LYF does.
+            None => tableaux().iter().any(|t| {
+                t.name == name
+                    && (t.kind() == Kind::Explicit || o.noise_anchor != 0.0 || o.res4lyf_implicit)
+            }),
         };
         if !ok {
             bail!(
                 "substep noise (eta_substep {} with noise mode {:?}) and noise_swap apply to RES4LYF's explicit \
                  single-step exponential samplers (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim; a step noise mode \
-                 only with noise_swap) and its explicit tableaux; not to '{name}' with these options (set \
-                 eta_substep 0 and noise_swap off)",
+                 only with noise_swap), its explicit tableaux and its implicit tableaux stepped as RES4LYF does \
+                 (noise_anchor != 0 or res4lyf_implicit); not to '{name}' with these options (set eta_substep 0 \
+                 and noise_swap off)",
                 o.eta_substep,
                 o.noise_mode_substep
             );
