@@ -255,7 +255,18 @@ fn main() -> Result<()> {
     let x0_h = rng.vec(m);
     let mu_d = DeviceBuffer::from_host(&d, &mu_h)?;
     let sig = schedule::karras(12, 0.03, 14.6, 7.0);
-    for name in [
+    // RES4LYF's substep noise, its swap-form step noise and bongmath (RES4LYF's node defaults) run the same
+    // lincomb/noise code on both.
+    let res4lyf = SamplerOptions {
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::Hard,
+        eta: 0.5,
+        noise_swap: true,
+        eta_substep: 0.5,
+        noise_anchor: 1.0,
+        bongmath: true,
+        ..Default::default()
+    };
+    for (name, opts) in [
         "euler",
         "heun",
         "dpmpp_2m",
@@ -263,8 +274,16 @@ fn main() -> Result<()> {
         "res_3m",
         "euler_ancestral",
         "dpmpp_2m_sde",
-    ] {
-        let opts = SamplerOptions::default();
+    ]
+    .into_iter()
+    .map(|n| (n, SamplerOptions::default()))
+    .chain([("res_3s", res4lyf.clone()), ("rk4_4s", res4lyf.clone())])
+    {
+        let label = if opts.eta_substep != 0.0 {
+            format!("{name} (RES4LYF defaults: eta/eta_substep 0.5, bongmath)")
+        } else {
+            name.to_string()
+        };
         let s2 = 0.25f64;
         let coef = move |sigma: f64| {
             (
@@ -310,7 +329,7 @@ fn main() -> Result<()> {
         )?;
         let got = dev_x.to_host()?;
         checks.push((
-            format!("sampler {name} (12 steps) device vs host"),
+            format!("sampler {label} (12 steps) device vs host"),
             mismatches(&got, &host_x),
             m,
         ));

@@ -860,11 +860,23 @@ pub enum SamplersCmd {
         #[arg(long)]
         res4lyf_implicit: bool,
         /// RES4LYF's implicit type of the implicit steps / substeps (predictor-corrector, rebound; retro-eta
-        /// and bongmath equal predictor-corrector without noise).
+        /// and bongmath differ from predictor-corrector only with --eta-substep).
         #[arg(long, default_value = "predictor-corrector")]
         implicit_type: String,
         #[arg(long, default_value = "predictor-corrector")]
         implicit_type_substeps: String,
+        /// RES4LYF's per-substep SDE noise of the explicit exponential samplers and tableaux (0: off; noise
+        /// after each stage's update, see README), its noise mode (default hard) and s_noise.
+        #[arg(long, default_value_t = 0.0)]
+        eta_substep: f64,
+        #[arg(long, default_value = "hard", value_parser = crate::samplers::noise_mode::NoiseMode::parse)]
+        noise_mode_substep: crate::samplers::noise_mode::NoiseMode,
+        #[arg(long, default_value_t = 1.0)]
+        s_noise_substep: f64,
+        /// Step noise (--noise-mode, --eta) in RES4LYF's default form: step to sigma_next, then swap to
+        /// sigma_down along the step line (its overshoot 0); also for the explicit tableaux.
+        #[arg(long)]
+        noise_swap: bool,
         /// Run on f32 buffers (default f64, so round-off does not hide the order).
         #[arg(long)]
         f32: bool,
@@ -913,6 +925,10 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
             res4lyf_implicit,
             implicit_type,
             implicit_type_substeps,
+            eta_substep,
+            noise_mode_substep,
+            s_noise_substep,
+            noise_swap,
             f32,
             init,
             dump,
@@ -941,6 +957,10 @@ fn samplers(cmd: SamplersCmd) -> Result<()> {
                     implicit_type_substeps: crate::samplers::refine::ImplicitType::parse(
                         &implicit_type_substeps,
                     )?,
+                    eta_substep,
+                    noise_mode_substep,
+                    s_noise_substep,
+                    noise_swap,
                     ..Default::default()
                 },
             };

@@ -353,3 +353,130 @@ fn res4lyf_implicit_stepping_at_other_anchors() {
         .to_string();
     assert!(err.contains("stepped as RES4LYF does"), "{err}");
 }
+
+/// RES4LYF's substep noise at eta_substep 0 (or mode none) is off: `samplers check` reproduces the
+/// deterministic runs bit for bit, whatever the mode, the refinement or bongmath; at eta_substep > 0 it draws
+/// noise and the result moves; f32 buffers run the same code (within f32 round-off of the f64 run).
+#[test]
+fn substep_noise_off_at_eta_zero() {
+    use trt_diff::samplers::noise_mode::NoiseMode;
+    let cases: &[(&str, f64, usize, usize, bool)] = &[
+        ("res_2s", 0.0, 0, 0, false),
+        ("res_3s", 0.0, 1, 1, false),
+        ("dpmpp_2s", 0.0, 0, 0, true),
+        ("heun_2s", 0.0, 0, 0, false),
+        ("heun_2s", 1.0, 1, 0, true),
+        ("rk4_4s", 1.0, 0, 1, false),
+        ("ralston_3s", 0.0, 0, 0, false),
+    ];
+    for &(name, anchor, full, diag, bongmath) in cases {
+        let spec = |eta_substep: f64, mode: &str, f32: bool| CheckSpec {
+            sampler: name.into(),
+            elements: 48,
+            f32,
+            opts: SamplerOptions {
+                noise_anchor: anchor,
+                implicit_steps: full,
+                implicit_substeps: diag,
+                bongmath,
+                eta_substep,
+                noise_mode_substep: NoiseMode::parse(mode).unwrap(),
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let base = run(&spec(0.0, "hard", false), 12, None).unwrap();
+        for mode in ["hard", "exp", "soft", "sinusoidal", "er4"] {
+            let r = run(&spec(0.0, mode, false), 12, None).unwrap();
+            assert_eq!(
+                r.x, base.x,
+                "{name} {mode}: eta_substep 0 must be deterministic"
+            );
+            assert_eq!(r.calls, base.calls);
+        }
+        let off = run(&spec(0.7, "none", false), 12, None).unwrap();
+        assert_eq!(off.x, base.x, "{name}: mode none");
+        let noisy = run(&spec(0.5, "hard", false), 12, None).unwrap();
+        let moved = noisy
+            .x
+            .iter()
+            .zip(&base.x)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f64::max);
+        assert!(moved > 1e-3, "{name}: substep noise moved x by {moved}");
+        assert_eq!(noisy.calls, base.calls, "{name}: no extra model calls");
+        let f32 = run(&spec(0.5, "hard", true), 12, None).unwrap();
+        for (a, b) in f32.x.iter().zip(&noisy.x) {
+            assert!(
+                (a - b).abs() < 1e-4 * (1.0 + b.abs()),
+                "{name} f32: {a} vs {b}"
+            );
+        }
+    }
+}
+
+/// Substep noise is an SDE: it must still sample the data. Starting from the marginal at sigma_max, the
+/// final samples z-scored by the marginal at sigma_min, `(x - mu) / sqrt(s^2 + sigma_min^2)`, have mean 0 and
+/// variance 1 over 8192 elements (standard errors 0.011, 0.016) at 384 Karras steps for the modes whose noise
+/// per substep vanishes with the step (exp, eps), with RES4LYF's swap-form step noise too. RES4LYF's "hard"
+/// mode (sigma_up = eta sigma_next on every substep, however small) is no consistent discretization: each
+/// substep swaps a fixed fraction of x for noise around the denoised estimate, whose variance is too small, so
+/// the variance stays ~0.88 at eta 0.5 however many steps (pinned; the golden runs show it is RES4LYF's).
+#[test]
+fn substep_noise_samples_the_data() {
+    use trt_diff::samplers::model::GaussianData;
+    use trt_diff::samplers::noise_mode::NoiseMode;
+    let n = 8192;
+    let data = GaussianData::standard(n, false);
+    let stats = |name: &str, mode: &str, eta: f64, swap: bool, steps: usize| {
+        let spec = CheckSpec {
+            sampler: name.into(),
+            elements: n,
+            scheduler: "karras".into(),
+            sigma_max: 14.6,
+            sigma_min: 0.05,
+            seed: 3,
+            opts: SamplerOptions {
+                eta_substep: eta,
+                noise_mode_substep: NoiseMode::parse(mode).unwrap(),
+                noise_swap: swap,
+                noise_mode: if swap {
+                    NoiseMode::Exp
+                } else {
+                    NoiseMode::None
+                },
+                eta: 0.5,
+                noise_anchor: if swap { 1.0 } else { 0.0 },
+                ..Default::default()
+            },
+            ..Default::default()
+        };
+        let x = run(&spec, steps, None).unwrap().x;
+        let z: Vec<f64> = x
+            .iter()
+            .zip(data.mu.iter().zip(&data.s))
+            .map(|(x, (m, s))| (x - m) / (s * s + 0.05f64.powi(2)).sqrt())
+            .collect();
+        let mean = z.iter().sum::<f64>() / n as f64;
+        let var = z.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n as f64;
+        (mean, var)
+    };
+    for (name, mode, swap) in [
+        ("res_3s", "exp", false),
+        ("rk4_4s", "exp", false),
+        ("rk4_4s", "eps", false),
+        ("heun_2s", "exp", true),
+    ] {
+        let (mean, var) = stats(name, mode, 0.8, swap, 384);
+        assert!(mean.abs() < 0.04, "{name} {mode}: mean {mean}");
+        assert!((var - 1.0).abs() < 0.06, "{name} {mode}: variance {var}");
+    }
+    for steps in [96, 384] {
+        let (mean, var) = stats("res_2s", "hard", 0.5, false, steps);
+        assert!(mean.abs() < 0.04, "hard: mean {mean}");
+        assert!(
+            var > 0.84 && var < 0.92,
+            "hard, {steps} steps: variance {var}"
+        );
+    }
+}

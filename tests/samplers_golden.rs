@@ -385,3 +385,126 @@ fn bongmath_is_refused_where_it_does_not_apply() {
     };
     assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
 }
+
+/// RES4LYF's per-substep SDE noise (scripts/golden/samplers_res4lyf_substep_noise.py): whole runs as its own
+/// `set_sde_substep` / `swap_noise_substep` / `update_substep` / `bong_iter` compute them, with its noise draws
+/// replayed (z-scored per channel, as RES4LYF does to every draw): explicit exponential methods and linear
+/// tableaux at noise_anchor 1 and 0, 10 noise modes, implicit steps/substeps, bongmath, and the implicit types
+/// retro-eta / bongmath, which differ from predictor-corrector only with this noise.
+#[test]
+fn res4lyf_substep_noise_runs() {
+    use trt_diff::samplers::noise::ZScorePlanes;
+    use trt_diff::samplers::noise_mode::NoiseMode;
+    let g = golden("res4lyf_substep_noise.json");
+    let shape = vecf(&g["shape"]);
+    let plane = (shape[1] * shape[2]) as usize;
+    let mut steps = 0;
+    for r in g["runs"].as_array().unwrap() {
+        let name = r["name"].as_str().unwrap();
+        let sigmas = vecf(&r["sigmas"]);
+        let xs: Vec<Vec<f64>> = r["xs"].as_array().unwrap().iter().map(vecf).collect();
+        let draws: Vec<(f64, f64, Vec<f64>)> = r["draws"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| (d[0].as_f64().unwrap(), d[1].as_f64().unwrap(), vecf(&d[2])))
+            .collect();
+        let n_draws = draws.len();
+        let mut x = vecf(&r["x0"]);
+        let mut model = GaussianData::standard(x.len(), false);
+        let mut noise = ZScorePlanes {
+            inner: Replay { draws, next: 0 },
+            plane,
+        };
+        let f = |k: &str| r[k].as_f64().unwrap();
+        let opts = SamplerOptions {
+            noise_anchor: f("anchor"),
+            implicit_steps: r["implicit_steps"].as_u64().unwrap() as usize,
+            implicit_substeps: r["implicit_substeps"].as_u64().unwrap() as usize,
+            bongmath: r["bongmath"].as_bool().unwrap(),
+            implicit_type: ImplicitType::parse(r["implicit_type"].as_str().unwrap()).unwrap(),
+            implicit_type_substeps: ImplicitType::parse(
+                r["implicit_type_substeps"].as_str().unwrap(),
+            )
+            .unwrap(),
+            eta_substep: f("eta_substep"),
+            noise_mode_substep: NoiseMode::parse(r["noise_mode_substep"].as_str().unwrap())
+                .unwrap(),
+            s_noise_substep: f("s_noise_substep"),
+            // Step noise in RES4LYF's default swap form (eta 0: none).
+            eta: f("eta"),
+            noise_mode: NoiseMode::parse(r["noise_mode"].as_str().unwrap()).unwrap(),
+            s_noise: f("s_noise"),
+            noise_swap: true,
+            // The model's sigma range the script's noise modes and bongmath use.
+            noise_sigma_max: g["sigma_max"].as_f64().unwrap(),
+            bong_sigma_min: g["sigma_min"].as_f64().unwrap(),
+            ..Default::default()
+        };
+        let what = format!(
+            "{name} anchor {} steps/substeps {}/{} ({:?}/{:?}) bongmath {} eta_substep {} {:?} eta {} {:?}",
+            opts.noise_anchor,
+            opts.implicit_steps,
+            opts.implicit_substeps,
+            opts.implicit_type,
+            opts.implicit_type_substeps,
+            opts.bongmath,
+            opts.eta_substep,
+            opts.noise_mode_substep,
+            opts.eta,
+            opts.noise_mode
+        );
+        let mut sampler = registry::build::<Vec<f64>>(name, &opts).unwrap();
+        let mut cx = Ctx {
+            model: &mut model as &mut dyn Denoiser<Vec<f64>>,
+            noise: &mut noise,
+            sigmas: &sigmas,
+        };
+        for (i, want) in xs.iter().enumerate() {
+            sampler.step(&mut cx, &mut x, i).unwrap();
+            close(&x, want, 1e-12, &format!("{what} step {i}"));
+            steps += 1;
+        }
+        assert_eq!(noise.inner.next, n_draws, "{what}: every draw used");
+    }
+    assert!(steps >= 250, "{steps} steps");
+}
+
+/// Substep noise applies to the explicit single-step exponential samplers and explicit tableaux; elsewhere
+/// (implicit tableaux, multistep, hybrids, other samplers, with a step noise mode) it is refused, not ignored.
+#[test]
+fn substep_noise_is_refused_where_it_does_not_apply() {
+    let o = SamplerOptions {
+        eta_substep: 0.5,
+        ..Default::default()
+    };
+    for name in ["res_3s", "rk4_4s", "ddim", "etdrk2_2s"] {
+        assert!(registry::build::<Vec<f64>>(name, &o).is_ok(), "{name}");
+    }
+    for name in [
+        "euler",
+        "res_2m",
+        "pec423_2h2s",
+        "deis_3m",
+        "gauss-legendre_2s",
+        "irk_exp_diag_2s",
+    ] {
+        let e = registry::build::<Vec<f64>>(name, &o).err().unwrap();
+        assert!(e.to_string().contains("substep noise"), "{name}: {e}");
+    }
+    let sde = SamplerOptions {
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
+        ..o
+    };
+    assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
+    // With the step noise in RES4LYF's swap form they combine.
+    let swap = SamplerOptions {
+        noise_swap: true,
+        ..sde
+    };
+    for name in ["res_2s", "heun_2s"] {
+        assert!(registry::build::<Vec<f64>>(name, &swap).is_ok(), "{name}");
+    }
+    let e = registry::build::<Vec<f64>>("res_2m", &swap).err().unwrap();
+    assert!(e.to_string().contains("noise"), "{e}");
+}

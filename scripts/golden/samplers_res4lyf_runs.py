@@ -176,6 +176,8 @@ def run(rk, RK, torch, name, sigmas, x, exponential, anchor, full=0, diag=0, ini
                                             lambda *a, **k: False, False)
         full_iter = 0
         while full_iter < full + 1:  # implicit_steps_full (implicit_type predictor-corrector, eta 0)
+            if R.IMPLICIT:  # the loop's "init" newton at the start of every pass
+                x_, eps_ = R.newton_iter(x_0, x_, eps_, eps_prev_, data_, s_, 0, h, sig, step, "init", False)
             for row in range(R.rows - ms - row_offset + 1):
                 diag_iter = 0
                 while diag_iter < diag + 1:  # implicit_steps_diag

@@ -141,7 +141,10 @@ fn go<B: Buffer + 'static>(
         super::model::Denoiser::denoise(&mut d, x, s, out)
     };
     // Stochastic samplers draw noise even at eta = 0 (with a zero coefficient, as k-diffusion does).
-    let stochastic = info.is_some_and(|i| i.stochastic);
+    let o = &spec.opts;
+    let stochastic = info.is_some_and(|i| i.stochastic)
+        || o.noise_mode != super::noise_mode::NoiseMode::None
+        || (o.eta_substep != 0.0 && o.noise_mode_substep != super::noise_mode::NoiseMode::None);
     let mut philox = PhiloxNoise::new(spec.seed);
     let mut none = NoNoise;
     let noise: &mut dyn NoiseSource<B> = if stochastic { &mut philox } else { &mut none };

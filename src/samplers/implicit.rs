@@ -6,10 +6,11 @@
 //! - Start: one model call `D_0 = D(x, sigma)`; every row takes `data_r = D_0` and `eps_r = eps_0 sigma /
 //!   sigma_r` (RES4LYF scales eps_0 in place first, so the later rows get the factor twice when c_1 != 0).
 //! - Its model-free "newton" iteration (100 Jacobi sweeps, frozen data): `eps_0` is held at its value on
-//!   entry, all `X_r` (r >= start) from the current eps, then all `eps_r` from `(X_r, data_r)`; run once at the
-//!   start (all rows), before each row's model call (rows from it on), and after the first call of each row
-//!   in the first pass (the rows after it). At a = 1 eps does not depend on X: one sweep reaches its fixed
-//!   point (undoing the start's scaling, as RES4LYF's 100 do).
+//!   entry, all `X_r` (r >= start) from the current eps, then all `eps_r` from `(X_r, data_r)`; run at the
+//!   start (all rows, in `init_implicit_sampling`) and again at the start of every pass (its loop's "init"),
+//!   before each row's model call (rows from it on), and after the first call of each row in the first pass
+//!   (the rows after it). At a = 1 eps does not depend on X: one sweep reaches its fixed
+//!   point of eps (undoing the start's scaling), a second places the points from them, as RES4LYF's 100 do.
 //! - Then `implicit_steps + 1` passes over the rows, each row `implicit_substeps + 1` times: newton, a model
 //!   call at its point X_r (a first row at c = 0 keeps the start's value, no call), then `X_r` re-placed; the
 //!   result is `x_0 + h sum_j b_j eps_j`. With bongmath, its `bong_iter` after each row's last substep; with
@@ -19,7 +20,7 @@
 //! Proven against RES4LYF's own `init_implicit_sampling` / `newton_iter` / `update_substep` in
 //! scripts/golden/samplers_res4lyf_runs.py.
 use super::buffer::Buffer;
-use super::refine::{Refine, StageEps, bong_iter};
+use super::refine::{Refine, StageEps, bong_iter, swap_noise};
 use super::stepper::Ctx;
 use super::tableau::Tableau;
 use anyhow::Result;
@@ -29,7 +30,7 @@ pub const NEWTON_ITERS: usize = 100;
 
 /// Buffers [`step`] needs for a tableau of `n` stages.
 pub fn buffers(n: usize) -> usize {
-    3 * n + 3
+    3 * n + 4
 }
 
 /// One step from `x` at `sigma` to `sigma_next` (> 0), in place; `bufs` holds [`buffers`] buffers.
@@ -50,8 +51,9 @@ pub fn step<B: Buffer>(
     let (eps, rest) = bufs.split_at_mut(n);
     let (data, rest) = rest.split_at_mut(n);
     let (pts, rest) = rest.split_at_mut(n + 1);
-    let (x0, held) = rest.split_at_mut(1);
-    let (x0, held) = (&mut x0[0], &mut held[0]);
+    let [x0, held, z] = rest else {
+        unreachable!("buffers(n) buffers")
+    };
     x0.copy_from(x)?;
     let eps_of = |out: &mut B, pt: &B, d: &B, s_r: f64, x0: &B| -> Result<()> {
         let (wp, w0) = ((1.0 - anchor) / s_r, anchor / sigma);
@@ -78,8 +80,9 @@ pub fn step<B: Buffer>(
             return Ok(());
         }
         held.copy_from(&eps[0])?;
-        // At a = 1 eps_r depends on data_r only: the first sweep is the fixed point.
-        for _ in 0..if anchor == 1.0 { 1 } else { NEWTON_ITERS } {
+        // At a = 1 eps_r depends on data_r and x_0 only: the first sweep sets the eps, the second places the
+        // points from them, the fixed point (needed when bongmath moved x_0 since the eps were computed).
+        for _ in 0..if anchor == 1.0 { 2 } else { NEWTON_ITERS } {
             eps[0].copy_from(held)?;
             for (r, p) in pts.iter_mut().enumerate().take(n).skip(start) {
                 place(p, tab.a[r], eps, x0)?;
@@ -102,6 +105,8 @@ pub fn step<B: Buffer>(
     }
     newton(0, eps, data, pts, held, x0)?;
     for pass in 0..=refine.full {
+        // RES4LYF's loop runs its "init" newton again at the start of every pass (the first one included).
+        newton(0, eps, data, pts, held, x0)?;
         for row in 0..=n {
             for d in 0..=refine.diag {
                 if row == n {
@@ -114,6 +119,35 @@ pub fn step<B: Buffer>(
                     cx.model.denoise(&pts[row], sg[row], &mut data[row])?;
                     eps_of(&mut eps[row], &pts[row], &data[row], sg[row], x0)?;
                     place(&mut pts[row], tab.a[row], eps, x0)?;
+                }
+                // Substep noise (RES4LYF's implicit branch before the call): the row's point re-placed,
+                // swapped at (sigma_r, sigma_r) and noised, then with bongmath its pre-call bong_iter
+                // (x_0 from the noised point); the newton "pre" sweeps below re-place the point from eps, so
+                // without bongmath the draw leaves no trace.
+                if let Some(sn) = refine.sub
+                    && row > 0
+                    && let Some(st) = sn.split(sg[row], sg[row])
+                {
+                    place(&mut pts[row], tab.a[row], eps, x0)?;
+                    swap_noise(
+                        cx,
+                        &mut pts[row],
+                        x0,
+                        z,
+                        st,
+                        sn.s_noise,
+                        sigma,
+                        sg[row],
+                        sg[row],
+                    )?;
+                    if refine.bong.is_some() && sigma > 0.03 {
+                        let (before, at) = pts.split_at_mut(row);
+                        let kind = StageEps::Linear { anchor };
+                        bong_iter(
+                            x0, &at[0], eps, data, before, tab.a, tab.a[row], n, &sg, sigma, h,
+                            kind,
+                        )?;
+                    }
                 }
                 if !(row == 0 && tab.c[0] == 0.0) {
                     newton(row, eps, data, pts, held, x0)?;
@@ -138,6 +172,13 @@ pub fn step<B: Buffer>(
                 }
             }
         }
+        // The pass's result; RES4LYF swaps step noise into it on every pass (the last one is kept).
+        x.copy_from(&pts[n])?;
+        if let Some(sn) = refine.step
+            && let Some(st) = sn.split(sigma, sigma_next)
+        {
+            swap_noise(cx, x, x0, z, st, sn.s_noise, sigma, sigma, sigma_next)?;
+        }
     }
-    x.copy_from(&pts[n])
+    Ok(())
 }

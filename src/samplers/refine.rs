@@ -11,6 +11,7 @@
 //! methods and `eps_j = a (x_0 - D_j) / sigma + (1 - a) (X_j - D_j) / sigma_j` for linear ones (a =
 //! noise_anchor). Proven step by step against RES4LYF's own update code (scripts/golden/samplers_res4lyf_runs.py).
 use super::buffer::Buffer;
+use super::noise_mode::{NoiseMode, SdeStep, sde_step};
 use super::stepper::Ctx;
 use anyhow::Result;
 
@@ -37,24 +38,98 @@ pub struct Bong {
     pub sigma_max: f64,
 }
 /// RES4LYF's `implicit_type` / `implicit_type_substeps`. Its "retro-eta" and "bongmath" types take a branch
-/// of their own only when the substep adds noise (`sub_sigma_up > 0`); the refinement here runs at eta 0,
-/// where they are exactly "predictor-corrector" (the default), so they parse to it.
+/// of their own only where the substep adds noise (`sub_sigma_up > 0`, see [`SubNoise`]); elsewhere they
+/// are exactly "predictor-corrector" (the default).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum ImplicitType {
     #[default]
     PredictorCorrector,
     Rebound,
+    /// With substep noise: the redo's first stage at `x_0` (its `sigma_from_to(x_0, x, sigma, sigma_next,
+    /// sigma)`), a substep's call at `X_{r+1}` carried back to `sigma_r` along the line from `x_0`.
+    RetroEta,
+    /// With substep noise: as retro-eta without bongmath; with it, the call at the row's own point `X_r`.
+    Bongmath,
 }
 impl ImplicitType {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         Ok(match s {
-            "predictor-corrector" | "retro-eta" | "bongmath" => Self::PredictorCorrector,
+            "predictor-corrector" => Self::PredictorCorrector,
+            "retro-eta" => Self::RetroEta,
+            "bongmath" => Self::Bongmath,
             "rebound" => Self::Rebound,
             _ => anyhow::bail!(
                 "unknown implicit type '{s}'; valid: predictor-corrector, rebound, retro-eta, bongmath"
             ),
         })
     }
+}
+
+/// RES4LYF's per-substep SDE noise (`eta_substep`, `noise_mode_sde_substep`, `s_noise_substep`, its
+/// `set_sde_substep` / `swap_noise_substep`): after row r's update wrote `X_{r+1}` at `sigma_{r+1}` (every
+/// row but the one writing x_next, which it also noises on all but the last substep), the noise mode's split
+/// of `(sigma_r, sigma_{r+1})` moves `X_{r+1}` back along the line from `(sigma, x_0)` to `sigma_down` and adds
+/// noise: `X_{r+1} = alpha_ratio (x_0 + (sigma_down - sigma) e) + s_noise sigma_up z`, `e = (x_0 - X_{r+1}) /
+/// (sigma - sigma_{r+1})`. `z` comes from the context's noise source (RES4LYF z-scores it per channel: wrap the
+/// source in [`super::noise::ZScorePlanes`]), asked for `(sigma_r, sigma_{r+1})` ordered high to low (the
+/// lower one times 0.999 when they are equal, as RES4LYF asks its Brownian sampler).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct SubNoise {
+    pub mode: NoiseMode,
+    pub eta: f64,
+    pub s_noise: f64,
+    /// Variance-preserving / flow model and its largest sigma (the noise modes' normalization).
+    pub vp: bool,
+    pub sigma_max: f64,
+}
+impl SubNoise {
+    /// The split of the substep `(s_r, s_next)`, or None where it adds no noise.
+    pub(crate) fn split(&self, s_r: f64, s_next: f64) -> Option<SdeStep> {
+        if s_next <= 0.0 {
+            return None;
+        }
+        let st = sde_step(
+            self.mode,
+            s_r,
+            s_next,
+            self.eta,
+            self.vp,
+            self.sigma_max,
+            false,
+        );
+        (st.sigma_up != 0.0).then_some(st)
+    }
+}
+
+/// Swap `xs` (at `s_next`, on the line from `(sigma, x0)`) to the split's sigma_down and add its noise `z`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn swap_noise<B: Buffer>(
+    cx: &mut Ctx<'_, B>,
+    xs: &mut B,
+    x0: &B,
+    z: &mut B,
+    st: SdeStep,
+    s_noise: f64,
+    sigma: f64,
+    s_r: f64,
+    s_next: f64,
+) -> Result<()> {
+    let (mut hi, mut lo) = (s_r, s_next);
+    // Equal nodes (RES4LYF compares its own sigma + h c, which may differ from ours by rounding).
+    if (hi - lo).abs() <= 1e-14 * hi {
+        lo *= 0.999;
+    }
+    if lo > hi {
+        std::mem::swap(&mut hi, &mut lo);
+    }
+    cx.noise(z, hi, lo)?;
+    // alpha (x0 - (sigma - sd) (x0 - xs) / (sigma - s_next)) + s_noise su z
+    let q = (sigma - st.sigma_down) / (sigma - s_next);
+    let ar = st.alpha_ratio;
+    xs.lincomb(
+        ar * q,
+        &[(ar * (1.0 - q), x0), (s_noise * st.sigma_up, &*z)],
+    )
 }
 
 /// RES4LYF's bong_iter runs exactly this many iterations.
@@ -72,6 +147,16 @@ pub struct Refine {
     /// Its `implicit_type_substeps` "rebound": each substep makes an extra call at X_{r+1}, updates, and
     /// evaluates the row at that result carried back to sigma_r (two calls per substep).
     pub rebound_diag: bool,
+    /// RES4LYF's per-substep noise, see [`SubNoise`] (implicit tableaux: [`super::implicit`]).
+    pub sub: Option<SubNoise>,
+    /// RES4LYF's default step noise (its overshoot 0, `swap_noise_step`): each iteration's x_next at
+    /// sigma_next is swapped to the mode's sigma_down along the line from `(sigma, x_0)` and noised, as a
+    /// substep is (the split of `(sigma, sigma_next)`, the step's eta and s_noise).
+    pub step: Option<SubNoise>,
+    /// The implicit types retro-eta / bongmath of the steps and the substeps (they differ from
+    /// predictor-corrector only where a substep adds noise).
+    pub retro_full: Option<ImplicitType>,
+    pub retro_diag: Option<ImplicitType>,
 }
 impl Refine {
     pub fn is_none(&self) -> bool {
@@ -79,15 +164,20 @@ impl Refine {
     }
     /// Whether a step must be taken in RES4LYF's form ([`refined_step`]): refinement or bongmath.
     pub fn active(&self) -> bool {
-        !self.is_none() || self.bong.is_some()
+        !self.is_none() || self.bong.is_some() || self.sub.is_some() || self.step.is_some()
+    }
+    fn noisy(&self) -> bool {
+        self.sub.is_some() || self.step.is_some()
     }
     /// Buffers [`refined_step`] needs for `stages` stages.
     pub fn buffers(&self, stages: usize) -> usize {
-        if self.bong.is_some() {
+        let base = if self.bong.is_some() {
             3 * stages + 3
         } else {
             stages + 3
-        }
+        };
+        // The noise draw and the row's own point X_r (substep type bongmath).
+        base + if self.noisy() { 2 } else { 0 }
     }
     /// Model calls per step of an explicit method with `stages` stages.
     pub fn calls(&self, stages: usize) -> usize {
@@ -120,6 +210,9 @@ pub(crate) fn refined_step<B: Buffer>(
     let (den, rest) = rest.split_at_mut(1);
     let (x0, xs, den) = (&mut x0[0], &mut xs[0], &mut den[0]);
     // With bongmath: every row's model output (`data`) and scratch for the re-placed stage points.
+    // With substep noise, the last two: the noise draw and the row's own point X_r.
+    let extra = if refine.noisy() { 2 } else { 0 };
+    let (rest, noise_bufs) = rest.split_at_mut(rest.len() - extra);
     let (data, pts) = rest.split_at_mut(if refine.bong.is_some() { n } else { 0 });
     x0.copy_from(x)?;
     // Row r's update writes X_{r+1} (the b row after the last stage).
@@ -140,6 +233,31 @@ pub(crate) fn refined_step<B: Buffer>(
                 };
                 let rebound_full = k > 0 && r == 0 && refine.rebound_full;
                 let rebound_diag = !(k > 0 && r == 0) && d > 0 && refine.rebound_diag;
+                // Substep noise after this substep's update: every row but the one writing x_next, which
+                // is noised on all its substeps but the last (RES4LYF's set_sde_substep).
+                let noisy = refine
+                    .sub
+                    .filter(|_| r + 1 < n || d < refine.diag)
+                    .and_then(|sn| sn.split(sig[r], sig[r + 1]));
+                let retro_full = (k > 0 && r == 0 && noisy.is_some())
+                    .then_some(refine.retro_full)
+                    .flatten();
+                let retro_diag = (!(k > 0 && r == 0) && d > 0 && noisy.is_some())
+                    .then_some(refine.retro_diag)
+                    .flatten();
+                if let [_, xr] = noise_bufs
+                    && d == 0
+                    && r > 0
+                {
+                    xr.copy_from(xs)?;
+                }
+                let own_point = retro_diag == Some(ImplicitType::Bongmath) && refine.bong.is_some();
+                if retro_diag.is_some() && !own_point {
+                    // retro-eta: X_{r+1} carried back from sigma_{r+1} to sigma_r along the line from
+                    // (sigma, x_0) (RES4LYF's sigma_from_to).
+                    let q = (sig[r] - sigma) / (sigma - sig[r + 1]);
+                    xs.lincomb(-q, &[(1.0 + q, &*x0)])?;
+                }
                 if rebound_full {
                     // RES4LYF's "rebound": D at (x_next, sigma_next), x moved back to sigma along its eps.
                     cx.model.denoise(x, sig[n], den)?;
@@ -157,7 +275,18 @@ pub(crate) fn refined_step<B: Buffer>(
                 // `xs` holds X_r before row r's first evaluation and X_{r+1} after each of its updates.
                 let (pt, sg): (&B, f64) = if rebound_full {
                     (&*x, sigma)
-                } else if rebound_diag {
+                } else if retro_full.is_some() {
+                    // Both types: the redo's first stage at x_0 (sigma_from_to(x_0, x, sigma, sigma_next,
+                    // sigma) = x_0; with bongmath x_[0] = x_0).
+                    (&*x0, sigma)
+                } else if own_point {
+                    // bongmath with bongmath on: the row's own point (x_[row]; x_[0] = x_0).
+                    if r == 0 {
+                        (&*x0, sig[0])
+                    } else {
+                        (&noise_bufs[1], sig[r])
+                    }
+                } else if retro_diag.is_some() || rebound_diag {
                     (&*xs, sig[r])
                 } else if k > 0 && r == 0 {
                     (&*x, sig[n])
@@ -174,6 +303,9 @@ pub(crate) fn refined_step<B: Buffer>(
                     data[r].copy_from(den)?;
                 }
                 update(xs, eps, x0)?;
+                if let (Some(st), Some(sn), [z, _]) = (noisy, refine.sub, &mut *noise_bufs) {
+                    swap_noise(cx, xs, x0, z, st, sn.s_noise, sigma, sig[r], sig[r + 1])?;
+                }
                 if let Some(bg) = refine.bong
                     && d == refine.diag
                     && r + 1 < n
@@ -186,8 +318,13 @@ pub(crate) fn refined_step<B: Buffer>(
                 }
             }
         }
-        // eta = 0: the iteration's result is the new x (RES4LYF's `x = x_next`).
+        // The iteration's result is the new x (RES4LYF's `x = x_next` at eta 0, else `swap_noise_step`).
         x.copy_from(xs)?;
+        if let (Some(sn), [z, _]) = (refine.step, &mut *noise_bufs)
+            && let Some(st) = sn.split(sigma, sig[n])
+        {
+            swap_noise(cx, x, x0, z, st, sn.s_noise, sigma, sigma, sig[n])?;
+        }
     }
     Ok(())
 }

@@ -96,6 +96,18 @@ pub struct SamplerOptions {
     /// [`super::refine::ImplicitType`]; explicit methods.
     pub implicit_type: super::refine::ImplicitType,
     pub implicit_type_substeps: super::refine::ImplicitType,
+    /// RES4LYF's per-substep SDE noise ([`super::refine::SubNoise`]: `eta_substep`, `noise_mode_sde_substep`,
+    /// `s_noise_substep`) for the single-step exponential samplers without a step noise mode, the
+    /// explicit tableaux and the implicit tableaux stepped as RES4LYF does. Off at eta_substep 0 (the default; RES4LYF's is 0.5) or mode none; mode default
+    /// hard (RES4LYF's); `noise_vp` / `noise_sigma_max` apply as for the step noise.
+    pub eta_substep: f64,
+    pub noise_mode_substep: super::noise_mode::NoiseMode,
+    pub s_noise_substep: f64,
+    /// Step noise (`noise_mode`, eta, s_noise) in RES4LYF's default form (its overshoot 0): step to
+    /// sigma_next, then swap to sigma_down along the step line and add noise ([`super::refine::Refine::step`]),
+    /// for the explicit single-step exponential samplers and the tableaux RES4LYF-stepped; off (default): the
+    /// exponential step lands on sigma_down (RES4LYF's overshoot = eta).
+    pub noise_swap: bool,
 }
 impl Default for SamplerOptions {
     fn default() -> Self {
@@ -121,6 +133,10 @@ impl Default for SamplerOptions {
             res4lyf_implicit: false,
             implicit_type: Default::default(),
             implicit_type_substeps: Default::default(),
+            eta_substep: 0.0,
+            noise_mode_substep: super::noise_mode::NoiseMode::Hard,
+            s_noise_substep: 1.0,
+            noise_swap: false,
         }
     }
 }
@@ -311,6 +327,12 @@ pub fn info(name: &str) -> Option<SamplerInfo> {
     list().into_iter().find(|i| i.name == name)
 }
 
+/// The implicit types that differ from predictor-corrector only with substep noise.
+fn retro_type(t: super::refine::ImplicitType) -> Option<super::refine::ImplicitType> {
+    use super::refine::ImplicitType::*;
+    matches!(t, RetroEta | Bongmath).then_some(t)
+}
+
 /// Build a sampler by name.
 pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<dyn Sampler<B>>> {
     use kdiff::*;
@@ -323,7 +345,49 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         }),
         rebound_full: o.implicit_type == super::refine::ImplicitType::Rebound,
         rebound_diag: o.implicit_type_substeps == super::refine::ImplicitType::Rebound,
+        sub: (o.eta_substep != 0.0 && o.noise_mode_substep != super::noise_mode::NoiseMode::None)
+            .then_some(super::refine::SubNoise {
+                mode: o.noise_mode_substep,
+                eta: o.eta_substep,
+                s_noise: o.s_noise_substep,
+                vp: o.noise_vp,
+                sigma_max: o.noise_sigma_max,
+            }),
+        step: (o.noise_swap && o.noise_mode != super::noise_mode::NoiseMode::None).then_some(
+            super::refine::SubNoise {
+                mode: o.noise_mode,
+                eta: o.eta,
+                s_noise: o.s_noise,
+                vp: o.noise_vp,
+                sigma_max: o.noise_sigma_max,
+            },
+        ),
+        retro_full: retro_type(o.implicit_type),
+        retro_diag: retro_type(o.implicit_type_substeps),
     };
+    // Step noise in RES4LYF's swap form goes with the RES4LYF-form step (not with our landing on sigma_down).
+    let no_landing = o.noise_mode == super::noise_mode::NoiseMode::None || o.noise_swap;
+    if refine.sub.is_some() || refine.step.is_some() {
+        let ok = match ExpMethod::by_name(name) {
+            Some(m) => !m.implicit() && no_landing,
+            // Implicit tableaux when stepped as RES4LYF does.
+            None => tableaux().iter().any(|t| {
+                t.name == name
+                    && (t.kind() == Kind::Explicit || o.noise_anchor != 0.0 || o.res4lyf_implicit)
+            }),
+        };
+        if !ok {
+            bail!(
+                "substep noise (eta_substep {} with noise mode {:?}) and noise_swap apply to RES4LYF's explicit \
+                 single-step exponential samplers (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim; a step noise mode \
+                 only with noise_swap), its explicit tableaux and its implicit tableaux stepped as RES4LYF does \
+                 (noise_anchor != 0 or res4lyf_implicit); not to '{name}' with these options (set eta_substep 0 \
+                 and noise_swap off)",
+                o.eta_substep,
+                o.noise_mode_substep
+            );
+        }
+    }
     if o.noise_mode != super::noise_mode::NoiseMode::None
         && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
     {
@@ -346,7 +410,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
     if o.bongmath {
         let exp = ExpMethod::by_name(name);
         let ok = match (exp, tab) {
-            (Some(m), _) => !m.implicit() && o.noise_mode == super::noise_mode::NoiseMode::None,
+            (Some(m), _) => !m.implicit() && no_landing,
             (None, Some(t)) => t.kind() == Kind::Explicit || res4lyf_implicit,
             (None, None) => {
                 HybridMethod::by_name(name).is_some()
@@ -378,8 +442,7 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
         );
     }
     if !refine.is_none() {
-        let exp_ode = ExpMethod::by_name(name).is_some()
-            && o.noise_mode == super::noise_mode::NoiseMode::None;
+        let exp_ode = ExpMethod::by_name(name).is_some() && no_landing;
         let res4lyf_tab = tab.is_some_and(|t| t.kind() == Kind::Explicit) || res4lyf_implicit;
         if !exp_ode && !res4lyf_tab {
             bail!(
@@ -446,7 +509,8 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             if let Some(m) = ExpMethod::by_name(name) {
                 let mut s = ExpRk::new(m);
                 s.refine = refine;
-                s.sde = (o.noise_mode != super::noise_mode::NoiseMode::None).then_some(ExpSde {
+                let landing = o.noise_mode != super::noise_mode::NoiseMode::None && !o.noise_swap;
+                s.sde = landing.then_some(ExpSde {
                     mode: o.noise_mode,
                     eta: o.eta,
                     s_noise: o.s_noise,
