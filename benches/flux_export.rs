@@ -62,6 +62,47 @@ fn drop_cache(p: &Path) {
         .status();
 }
 
+/// (read requests, sectors read, write requests, sectors written) of the block device holding `p`, from sysfs;
+/// zeros where it cannot be found (the table then shows no request sizes).
+fn disk_stat(p: &Path) -> [u64; 4] {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(m) = std::fs::metadata(p) else {
+        return [0; 4];
+    };
+    let (maj, min) = (libc::major(m.dev()), libc::minor(m.dev()));
+    let dev = std::fs::read_link(format!("/sys/dev/block/{maj}:{min}")).ok();
+    // A partition's stat counts its own requests; a whole disk's too.
+    let stat = dev
+        .and_then(|d| {
+            std::fs::read_to_string(Path::new("/sys/dev/block").join(d).join("stat")).ok()
+        })
+        .unwrap_or_default();
+    let f: Vec<u64> = stat
+        .split_whitespace()
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    if f.len() < 7 {
+        return [0; 4];
+    }
+    [f[0], f[2], f[4], f[6]]
+}
+
+/// "read KiB/request, write KiB/request" between two [`disk_stat`] readings.
+fn request_sizes(a: [u64; 4], b: [u64; 4]) -> String {
+    let kib = |req: u64, sec: u64| {
+        if req == 0 {
+            0.0
+        } else {
+            sec as f64 * 512.0 / 1024.0 / req as f64
+        }
+    };
+    format!(
+        "{:.0} / {:.0}",
+        kib(b[0] - a[0], b[1] - a[1]),
+        kib(b[2] - a[2], b[3] - a[3])
+    )
+}
+
 fn sync() {
     let _ = Command::new("sync").status();
 }
@@ -226,6 +267,7 @@ fn main() {
                 drop_cache(&ck_path);
                 peak_rss_reset();
                 let cpu0 = cpu_seconds();
+                let d0 = disk_stat(&ck_path);
                 let t = Instant::now();
                 let ck = Checkpoint::open(&ck_path).unwrap();
                 let opts = ExportOptions {
@@ -239,12 +281,13 @@ fn main() {
                 let wall = t.elapsed().as_secs_f64();
                 let cpu = cpu_seconds() - cpu0;
                 let peak = peak_rss_bytes();
+                let req = request_sizes(d0, disk_stat(&ck_path));
                 peak_max = peak_max.max(peak);
                 out_bytes = report.bytes;
                 layers = format!("{:?}", report.layers);
                 export_total += wall;
                 rows.push(format!(
-                    "| {} | export + NVFP4 (trt-diff) | {:.2} GB | {:.2} GB | {wall:.1} | {cpu:.1} | {:.2} | {} |",
+                    "| {} | export + NVFP4 (trt-diff) | {:.2} GB | {:.2} GB | {wall:.1} | {cpu:.1} | {:.2} | {req} | {} |",
                     round + 1,
                     gb(ck_bytes),
                     gb(report.bytes),
@@ -262,15 +305,17 @@ fn main() {
                 };
                 drop_cache(&ck_path);
                 let cpu0 = cpu_seconds();
+                let d0 = disk_stat(&ck_path);
                 let t = Instant::now();
                 let read = plain_copy(&ck_path, &plain_path, bytes);
                 sync();
                 let wall = t.elapsed().as_secs_f64();
                 let cpu = cpu_seconds() - cpu0;
+                let req = request_sizes(d0, disk_stat(&ck_path));
                 let _ = std::fs::remove_file(&plain_path);
                 plain_total += wall;
                 rows.push(format!(
-                    "| {} | plain read + write | {:.2} GB | {:.2} GB | {wall:.1} | {cpu:.1} | {:.2} | - |",
+                    "| {} | plain read + write | {:.2} GB | {:.2} GB | {wall:.1} | {cpu:.1} | {:.2} | {req} | - |",
                     round + 1,
                     gb(read),
                     gb(bytes),
@@ -279,8 +324,10 @@ fn main() {
             }
         }
     }
-    println!("| round | step | bytes in | bytes out | wall s | CPU s | GB/s in | peak RSS |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!(
+        "| round | step | bytes in | bytes out | wall s | CPU s | GB/s in | KiB per disk read / write | peak RSS |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
     for r in rows {
         println!("{r}");
     }

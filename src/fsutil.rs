@@ -185,7 +185,7 @@ pub fn drop_cached(file: &File, start: u64, end: u64) {
 
 /// Write-behind for a file written sequentially once (the external data of a large export): every `STEP` bytes
 /// it starts the disk write of what came before, and once the output crowds the page cache it waits for the
-/// previous step's pages and drops them, so dirty and cached pages of the output stay at about two steps instead
+/// pages of a few steps back and drops them, so dirty and cached pages of the output stay at a few steps instead
 /// of the kernel throttling the writer (and evicting the checkpoint pages being read) when memory runs out.
 pub struct WriteBehind {
     step: u64,
@@ -205,6 +205,9 @@ impl Default for WriteBehind {
 }
 
 impl WriteBehind {
+    /// Steps of written data left in flight before the oldest is waited for and dropped.
+    const LAG: u64 = 4;
+
     /// Starts writeback every `step` bytes; drops written pages once the output is larger than `drop_from`.
     pub fn new(step: u64, drop_from: u64) -> Self {
         WriteBehind {
@@ -233,21 +236,23 @@ impl WriteBehind {
                 libc::SYNC_FILE_RANGE_WRITE,
             );
         }
-        if self.written > self.drop_from && self.started > self.dropped {
-            // The step before this one: wait for its writeback, then drop it.
+        // Ranges older than LAG steps: wait for their writeback (by now usually done), then drop them. The lag
+        // keeps several steps queued at the disk.
+        let until = self.started.saturating_sub(Self::LAG * self.step);
+        if self.written > self.drop_from && until > self.dropped {
             // SAFETY: as above.
             unsafe {
                 libc::sync_file_range(
                     fd,
                     self.dropped as libc::off64_t,
-                    (self.started - self.dropped) as libc::off64_t,
+                    (until - self.dropped) as libc::off64_t,
                     libc::SYNC_FILE_RANGE_WAIT_BEFORE
                         | libc::SYNC_FILE_RANGE_WRITE
                         | libc::SYNC_FILE_RANGE_WAIT_AFTER,
                 );
             }
-            drop_cached(file, self.dropped, self.started);
-            self.dropped = self.started;
+            drop_cached(file, self.dropped, until);
+            self.dropped = until;
         }
         self.started = self.written;
     }
