@@ -129,6 +129,10 @@ impl OrtEngine {
         builder = builder
             .with_optimization_level(level)
             .map_err(|e| err(&e))?;
+        // trt-diff's own operators (16-bit-weight MatMul) for graphs made for the CPU.
+        builder = builder
+            .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
+            .map_err(|e| err(&e))?;
         if opts.threads > 0 {
             builder = builder
                 .with_intra_threads(opts.threads)

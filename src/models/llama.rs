@@ -102,6 +102,8 @@ struct Emitter<'a> {
     cfg: &'a LlamaConfig,
     w: &'a HashMap<String, Vec<f32>>,
     policy: &'a Policy,
+    /// CPU graphs: every projection through `trtdiff.MatMulF16`/`MatMulBF16` with weights of this type.
+    cpu_half: Option<DataType>,
 }
 
 impl Emitter<'_> {
@@ -176,6 +178,10 @@ impl Emitter<'_> {
             out_features: out,
             in_features: inp,
         };
+        if let Some(half) = self.cpu_half {
+            let wv = half_weight(&mut self.g, name, &lw, half)?;
+            return half_linear(&mut self.g, name, x, &wv, &lw);
+        }
         linear_f32_io(&mut self.g, name, x, &lw, precision)
     }
 
@@ -428,6 +434,94 @@ fn linear_f32_io(
     )
 }
 
+/// A [n, k] weight in `half` (FLOAT16 or BFLOAT16), the layout `trtdiff.MatMulF16` reads.
+fn half_weight(
+    g: &mut GraphBuilder,
+    name: &str,
+    lw: &LinearWeights,
+    half: DataType,
+) -> Result<Value> {
+    let bytes: Vec<u8> = if half == DataType::BFLOAT16 {
+        lw.weight
+            .iter()
+            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
+            .collect()
+    } else {
+        lw.weight
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect()
+    };
+    g.initializer(
+        &format!("{name}.weight"),
+        half,
+        &[lw.out_features as i64, lw.in_features as i64],
+        bytes.into(),
+    )
+}
+
+/// `x @ W^T (+ b)` with f32 activations and a 16-bit weight `w` [n, k] (trt-diff's CPU operator).
+fn half_linear(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    w: &Value,
+    lw: &LinearWeights,
+) -> Result<Value> {
+    let n = lw.out_features;
+    let mut shape = x.shape.clone();
+    if let Some(l) = shape.last_mut() {
+        *l = Dim::Fixed(n as i64);
+    }
+    let op = if w.dtype == DataType::BFLOAT16 {
+        "MatMulBF16"
+    } else {
+        "MatMulF16"
+    };
+    let y = g
+        .node_in(
+            crate::backend::ort_ops::DOMAIN,
+            op,
+            &format!("{name}/{op}"),
+            &[x, w],
+            vec![],
+            vec![(F32, shape.clone())],
+        )?
+        .remove(0);
+    let Some(b) = lw.bias else { return Ok(y) };
+    let bv = g.const_f32(&format!("{name}.bias"), &[n as i64], b)?;
+    g.op(
+        "Add",
+        &format!("{name}/bias"),
+        &[&y, &bv],
+        vec![],
+        F32,
+        shape,
+    )
+}
+
+/// The decoder graph for ONNX Runtime on the CPU with 16-bit weights (`half`: FLOAT16 or BFLOAT16): every
+/// projection and the LM head run through trt-diff's `trtdiff.MatMulF16`/`MatMulBF16` operator on [n, k] weights,
+/// the embedding table is stored in `half` too (tied LM heads share it); activations, norms, attention and the
+/// KV cache stay f32. Only ONNX Runtime sessions of this crate can run it (TensorRT builds [`decoder_graph`]).
+pub fn decoder_graph_cpu(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    half: DataType,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
+    if half != DataType::FLOAT16 && half != DataType::BFLOAT16 {
+        anyhow::bail!("CPU decoder graphs store weights in float16 or bfloat16, not {half}");
+    }
+    graph(
+        cfg,
+        weights,
+        &Policy::uniform(LinearPrecision::F32),
+        last_logits_only,
+        Some(half),
+    )
+}
+
 /// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
 pub fn decoder_graph(
     cfg: &LlamaConfig,
@@ -445,15 +539,29 @@ pub fn decoder_graph_with(
     policy: &Policy,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
+    graph(cfg, weights, policy, last_logits_only, None)
+}
+
+fn graph(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    policy: &Policy,
+    last_logits_only: bool,
+    cpu_half: Option<DataType>,
+) -> Result<ModelProto> {
     let opset = policy.target.min_opset().max(18);
     let mut e = Emitter {
         g: GraphBuilder::new("llama_decoder", opset),
         cfg,
         w: weights,
         policy,
+        cpu_half,
     };
     if policy.target == LinearPrecision::Nvfp4 {
         e.g.use_domain("trt", 1);
+    }
+    if cpu_half.is_some() {
+        e.g.use_domain(crate::backend::ort_ops::DOMAIN, 1);
     }
     let (d, hd) = (cfg.dim, cfg.head_dim());
     let ids =
@@ -461,12 +569,32 @@ pub fn decoder_graph_with(
     let pos =
         e.g.input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let emb = e.weight("model.embed_tokens.weight")?.clone();
-    let table = e.g.const_f32(
-        "model.embed_tokens.weight",
-        &[cfg.vocab_size as i64, d as i64],
-        &emb,
-    )?;
-    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
+    let emb_lw = LinearWeights {
+        weight: &emb,
+        bias: None,
+        out_features: cfg.vocab_size,
+        in_features: d,
+    };
+    let table = match cpu_half {
+        Some(half) => half_weight(&mut e.g, "model.embed_tokens", &emb_lw, half)?,
+        None => e.g.const_f32(
+            "model.embed_tokens.weight",
+            &[cfg.vocab_size as i64, d as i64],
+            &emb,
+        )?,
+    };
+    let mut h = if table.dtype == F32 {
+        e.op("Gather", "embed", &[&table, &ids], vec![], F32)?
+    } else {
+        let rows = e.op("Gather", "embed_half", &[&table, &ids], vec![], table.dtype)?;
+        e.op(
+            "Cast",
+            "embed",
+            &[&rows],
+            vec![("to", Attr::Int(F32.0 as i64))],
+            F32,
+        )?
+    };
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
     // RoPE tables [max_seq, hd/2], gathered by absolute position.
     let half = hd / 2;
@@ -553,7 +681,17 @@ pub fn decoder_graph_with(
         out_features: cfg.vocab_size,
         in_features: d,
     };
-    let mut logits = linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?;
+    let mut logits = match cpu_half {
+        // A tied head reads the embedding table itself.
+        Some(_) if cfg.tied_embeddings && head == emb => {
+            half_linear(&mut e.g, "lm_head", &hn, &table, &lw)?
+        }
+        Some(half) => {
+            let wv = half_weight(&mut e.g, "lm_head", &lw, half)?;
+            half_linear(&mut e.g, "lm_head", &hn, &wv, &lw)?
+        }
+        None => linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?,
+    };
     logits = e.g.op(
         "Identity",
         "logits",
