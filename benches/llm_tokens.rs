@@ -3,6 +3,8 @@
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
 //! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
 //!   prompt (time to first token), 32 generated tokens.
+//!   Graphs: fp16 and fp32 (the TensorRT graphs run on ONNX Runtime) and fp16-cpu (what `generate` runs on the CPU
+//!   for F16 models: f16 weights through trt-diff's `trtdiff.MatMulF16` operator).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).

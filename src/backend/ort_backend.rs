@@ -88,6 +88,12 @@ fn needs_cpu_pass(s: &OnnxSummary) -> bool {
             .any(|t| s.initializers.contains_key(*t))
 }
 
+/// Does the model use trt-diff's own operators (`ort_ops`)?
+fn uses_own_ops(s: &OnnxSummary) -> bool {
+    let prefix = format!("{}::", super::ort_ops::DOMAIN);
+    s.op_histogram.keys().any(|k| k.starts_with(&prefix))
+}
+
 fn has_fp8_qdq(s: &OnnxSummary) -> bool {
     s.qdq.iter().any(|q| q.format.starts_with("float8"))
 }
@@ -129,6 +135,10 @@ impl OrtEngine {
         builder = builder
             .with_optimization_level(level)
             .map_err(|e| err(&e))?;
+        if uses_own_ops(&summary) {
+            // Our operators run on rayon's threads; ONNX Runtime's spinning workers would compete with them.
+            builder = builder.with_intra_op_spinning(false).map_err(|e| err(&e))?;
+        }
         // trt-diff's own operators (16-bit-weight MatMul) for graphs made for the CPU.
         builder = builder
             .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
