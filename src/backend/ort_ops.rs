@@ -248,6 +248,7 @@ mod tests {
         for half in [DataType::FLOAT16, DataType::BFLOAT16] {
             for &(m, k, n) in &[
                 (1, 37, 131),
+                (1, 200, 131),
                 (1, 896, 300),
                 (5, 37, 131),
                 (9, 896, 300),
