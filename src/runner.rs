@@ -53,7 +53,7 @@ fn cpu_graph(plan: &Path) -> Option<PathBuf> {
         Some(p)
     } else {
         tracing::warn!(
-            "'{}' is missing; running the TensorRT graph on the CPU instead (slower: f32 weights)",
+            "'{}' is missing; running the TensorRT graph on the CPU instead (slower: its weights are not kept 16-bit)",
             p.display()
         );
         None

@@ -254,7 +254,7 @@ pub fn task_rows(m: usize, n: usize) -> usize {
     if m == 1 {
         64.min(n.max(1))
     } else {
-        n.div_ceil(rayon::current_num_threads().max(1))
+        n.div_ceil(std::thread::available_parallelism().map_or(1, |t| t.get()))
             .clamp(128, 4096)
     }
 }

@@ -4,6 +4,7 @@ pub mod half_matmul;
 pub mod ort_backend;
 pub mod ort_lib;
 pub mod ort_ops;
+pub mod spin_pool;
 
 use crate::onnx::DataType;
 use anyhow::{Result, bail};

@@ -136,7 +136,7 @@ impl OrtEngine {
             .with_optimization_level(level)
             .map_err(|e| err(&e))?;
         if uses_own_ops(&summary) {
-            // Our operators run on rayon's threads; ONNX Runtime's spinning workers would compete with them.
+            // Our operators run on their own threads (`spin_pool`); ONNX Runtime's spinning workers would compete.
             builder = builder.with_intra_op_spinning(false).map_err(|e| err(&e))?;
         }
         // trt-diff's own operators (16-bit-weight MatMul) for graphs made for the CPU.

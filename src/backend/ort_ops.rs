@@ -1,8 +1,8 @@
 //! trt-diff's own ONNX Runtime operators (domain `trtdiff`), registered on every CPU session:
 //! `MatMulF16(X f32 [..., K], W f16 [N, K]) -> Y f32 [..., N]` and `MatMulBF16` (W bf16): a Linear layer whose
 //! weights stay 16-bit in memory (see `half_matmul`). Only graphs made for the CPU use them
-//! (`models::llama::decoder_graph_cpu`); TensorRT graphs keep standard ops. Output rows are split over rayon's
-//! pool.
+//! (`models::llama::decoder_graph_cpu`); TensorRT graphs keep standard ops. Output rows are split over
+//! `spin_pool`.
 use super::half_matmul::{HalfWeight, dot_rows, gemm_rows, task_rows};
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
@@ -93,14 +93,12 @@ where
             });
         }
     };
-    // Rayon rather than ONNX Runtime's pool (`ctx.par_for`): sessions running these operators do not spin (see
-    // `ort_backend`), and on this 2-core machine with other jobs running, decoding the 0.5B model went 11-19 tok/s
-    // this way against 5-10 through `par_for` (spinning on or off). Small products stay on the calling thread.
+    // Our own pool rather than ONNX Runtime's (`ctx.par_for`) or rayon: see `spin_pool`. Sessions running these
+    // operators do not spin (see `ort_backend`). Small products stay on the calling thread.
     if m * n * k < 1 << 16 {
         (0..tasks).for_each(body);
     } else {
-        use rayon::prelude::*;
-        (0..tasks).into_par_iter().for_each(body);
+        super::spin_pool::SpinPool::global().run(tasks, &body);
     }
     Ok(())
 }
