@@ -185,6 +185,77 @@ impl Emitter<'_> {
         linear_f32_io(&mut self.g, name, x, &lw, precision)
     }
 
+    /// Projections of the same input (`(name, out features)`); CPU graphs run them as one product on stacked
+    /// weights and split the result (fewer, larger operator calls per token).
+    fn projs<const N: usize>(
+        &mut self,
+        fused: &str,
+        parts: [(String, usize); N],
+        x: &Value,
+        inp: usize,
+    ) -> Result<[Value; N]> {
+        let Some(half) = self.cpu_half else {
+            let mut out = Vec::with_capacity(N);
+            for (name, n) in &parts {
+                out.push(self.proj(name, x, *n, inp)?);
+            }
+            return out
+                .try_into()
+                .map_err(|_| anyhow::anyhow!("{fused}: projection count"));
+        };
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let mut w = Vec::with_capacity(total * inp);
+        let any_bias = parts
+            .iter()
+            .any(|(name, _)| self.w.contains_key(&format!("{name}.bias")));
+        let mut b = Vec::new();
+        for (name, n) in &parts {
+            let wi = self.weight(&format!("{name}.weight"))?;
+            if wi.len() != n * inp {
+                anyhow::bail!(
+                    "{name}: weight has {} values, [{n}, {inp}] needs {}",
+                    wi.len(),
+                    n * inp
+                );
+            }
+            w.extend_from_slice(wi);
+            match self.w.get(&format!("{name}.bias")) {
+                Some(bi) if bi.len() == *n => b.extend_from_slice(bi),
+                Some(bi) => anyhow::bail!("{name}: bias has {} values, expected {n}", bi.len()),
+                None => b.extend(std::iter::repeat_n(0.0, *n)),
+            }
+        }
+        let lw = LinearWeights {
+            weight: &w,
+            bias: any_bias.then_some(&b[..]),
+            out_features: total,
+            in_features: inp,
+        };
+        let wv = half_weight(&mut self.g, fused, &lw, half)?;
+        let y = half_linear(&mut self.g, fused, x, &wv, &lw)?;
+        let sizes: Vec<i64> = parts.iter().map(|p| p.1 as i64).collect();
+        let split = self.const_i64(&format!("{fused}.split"), &sizes)?;
+        let outs = parts
+            .iter()
+            .map(|(_, n)| {
+                let mut s = x.shape.clone();
+                if let Some(l) = s.last_mut() {
+                    *l = Dim::Fixed(*n as i64);
+                }
+                (F32, s)
+            })
+            .collect();
+        let vals = self.g.node(
+            "Split",
+            &format!("{fused}/split"),
+            &[&y, &split],
+            vec![("axis", Attr::Int(-1))],
+            outs,
+        )?;
+        vals.try_into()
+            .map_err(|_| anyhow::anyhow!("{fused}: split count"))
+    }
+
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
     fn rope(&mut self, name: &str, x: &Value, cos: &Value, sin: &Value) -> Result<Value> {
         let hd = self.cfg.head_dim() as i64;
@@ -287,9 +358,16 @@ impl Emitter<'_> {
             h,
             &format!("{p}.input_layernorm.weight"),
         )?;
-        let q = self.proj(&format!("{p}.self_attn.q_proj"), &xn, d, d)?;
-        let k = self.proj(&format!("{p}.self_attn.k_proj"), &xn, kv * hd, d)?;
-        let v = self.proj(&format!("{p}.self_attn.v_proj"), &xn, kv * hd, d)?;
+        let [q, k, v] = self.projs(
+            &format!("{p}.self_attn.qkv"),
+            [
+                (format!("{p}.self_attn.q_proj"), d),
+                (format!("{p}.self_attn.k_proj"), kv * hd),
+                (format!("{p}.self_attn.v_proj"), kv * hd),
+            ],
+            &xn,
+            d,
+        )?;
         let qs = self.const_i64(&format!("{p}.q_shape"), &[0, 0, heads as i64, hd as i64])?;
         let ks = self.const_i64(&format!("{p}.kv_shape"), &[0, 0, kv as i64, hd as i64])?;
         let q = self.op("Reshape", &format!("{p}/q_heads"), &[&q, &qs], vec![], F32)?;
@@ -382,8 +460,15 @@ impl Emitter<'_> {
             &h,
             &format!("{p}.post_attention_layernorm.weight"),
         )?;
-        let gate = self.proj(&format!("{p}.mlp.gate_proj"), &xn, c.hidden_dim, d)?;
-        let up = self.proj(&format!("{p}.mlp.up_proj"), &xn, c.hidden_dim, d)?;
+        let [gate, up] = self.projs(
+            &format!("{p}.mlp.gate_up"),
+            [
+                (format!("{p}.mlp.gate_proj"), c.hidden_dim),
+                (format!("{p}.mlp.up_proj"), c.hidden_dim),
+            ],
+            &xn,
+            d,
+        )?;
         let sg = self.op("Sigmoid", &format!("{p}/sigmoid"), &[&gate], vec![], F32)?;
         let silu = self.op("Mul", &format!("{p}/silu"), &[&gate, &sg], vec![], F32)?;
         let mut act = self.op("Mul", &format!("{p}/swiglu"), &[&silu, &up], vec![], F32)?;
