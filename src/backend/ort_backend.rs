@@ -188,6 +188,15 @@ fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
         }};
     }
     let v = match t.dtype {
+        // f32 (KV caches: megabytes per decode step) as one copy on little-endian hosts.
+        #[cfg(target_endian = "little")]
+        DataType::FLOAT => {
+            let n = t.data.len() / 4;
+            let mut v = vec![0f32; n];
+            bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(&t.data[..n * 4]);
+            Tensor::from_array((shape, v)).map(|t| t.into_dyn())
+        }
+        #[cfg(not(target_endian = "little"))]
         DataType::FLOAT => typed!(f32, 4, |b| f32::from_le_bytes(b.try_into().unwrap())),
         DataType::FLOAT16 => typed!(half::f16, 2, |b| half::f16::from_le_bytes([b[0], b[1]])),
         DataType::BFLOAT16 => typed!(half::bf16, 2, |b| half::bf16::from_le_bytes([b[0], b[1]])),
@@ -220,6 +229,18 @@ fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
         other => bail!("output '{name}' is {other:?}, not a tensor"),
     };
     Ok(match ty {
+        #[cfg(target_endian = "little")]
+        TensorElementType::Float32 => {
+            let (shape, data) = v
+                .try_extract_tensor::<f32>()
+                .map_err(|e| anyhow::anyhow!("output '{name}': {e}"))?;
+            HostTensor {
+                dtype: DataType::FLOAT,
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                data: bytemuck::cast_slice::<f32, u8>(data).to_vec(),
+            }
+        }
+        #[cfg(not(target_endian = "little"))]
         TensorElementType::Float32 => typed!(f32, DataType::FLOAT, |x: &f32| x.to_le_bytes()),
         TensorElementType::Float16 => typed!(half::f16, DataType::FLOAT16, |x: &half::f16| x
             .to_le_bytes()),
