@@ -3,6 +3,8 @@
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
 //! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
 //!   prompt (time to first token), 32 generated tokens.
+//!   Graphs: fp16 and fp32 (the TensorRT graphs run on ONNX Runtime) and fp16-cpu (what `generate` runs on the CPU
+//!   for F16 models: f16 weights through trt-diff's `trtdiff.MatMulF16` operator).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
@@ -65,17 +67,28 @@ fn ours(
     let vocab = trt_diff::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
     let m = trt_diff::weights::gguf_model::load(&g, Some(1024))?;
     drop(g);
-    let p = trt_diff::pipelines::llm_build::precision_from_name(precision)?;
+    let p =
+        trt_diff::pipelines::llm_build::precision_from_name(precision.trim_end_matches("-cpu"))?;
     let onnx = dir.join(format!(
         "{}_{precision}.onnx",
         gguf.file_stem().unwrap().to_string_lossy()
     ));
-    let graph = trt_diff::models::llama::decoder_graph_with(
-        &m.config,
-        &m.tensors,
-        &Policy::uniform(p),
-        true,
-    )?;
+    // "fp16-cpu": the CPU graph `generate` runs for F16 models (16-bit weights through trt-diff's own operator).
+    let graph = if precision.ends_with("-cpu") {
+        trt_diff::models::llama::decoder_graph_cpu(
+            &m.config,
+            &m.tensors,
+            trt_diff::onnx::DataType::FLOAT16,
+            true,
+        )?
+    } else {
+        trt_diff::models::llama::decoder_graph_with(
+            &m.config,
+            &m.tensors,
+            &Policy::uniform(p),
+            true,
+        )?
+    };
     drop(m.tensors);
     trt_diff::onnx::save(graph, &onnx, &Default::default())?;
     let mut engine = OrtEngine::open(
@@ -215,7 +228,7 @@ fn main() -> anyhow::Result<()> {
         (
             "Qwen2.5-0.5B-shaped (F16)",
             &qwen,
-            &["fp16", "fp32"],
+            &["fp16", "fp32", "fp16-cpu"],
             ids(512, 1000, 100_000),
             32,
             vec![threads],
@@ -228,9 +241,18 @@ fn main() -> anyhow::Result<()> {
         "| model | engine | threads | prompt tokens | prompt tok/s | time to first token (s) | generation tok/s |"
     );
     println!("|---|---|---|---|---|---|---|");
+    // LLM_BENCH_ONLY=SUBSTRING: only rows whose "model precision" contains it (peers run with any selected row).
+    let only = std::env::var("LLM_BENCH_ONLY").unwrap_or_default();
     for (name, file, precisions, prompt, n_gen, thread_counts) in cases {
         for &t in &thread_counts {
-            for p in precisions {
+            let picked: Vec<&&str> = precisions
+                .iter()
+                .filter(|p| format!("{name} {p}").contains(&only))
+                .collect();
+            if picked.is_empty() {
+                continue;
+            }
+            for p in picked {
                 let n = ours(&dir, file, p, &prompt, n_gen, t)?;
                 row(
                     name,

@@ -34,6 +34,10 @@ pub enum Pipeline {
         config: crate::models::llama::LlamaConfig,
         tokenizer: String,
         precision: String,
+        /// A graph for ONNX Runtime on the CPU (16-bit weights through trt-diff's own operator), beside the plan;
+        /// the CPU backend runs it instead of the TensorRT graph.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        cpu_onnx: Option<String>,
     },
     /// A Flux bundle: the plan is the transformer's engine; the other components sit beside it.
     Flux(Box<crate::pipelines::flux_build::FluxBundle>),

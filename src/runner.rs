@@ -38,6 +38,28 @@ fn source_onnx(plan: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
+/// The CPU graph an LLM plan's manifest names (16-bit weights), when it is there.
+fn cpu_graph(plan: &Path) -> Option<PathBuf> {
+    let m = Manifest::read(&sidecar_path(plan)).ok()?;
+    let Some(crate::manifest::Pipeline::Llm {
+        cpu_onnx: Some(f), ..
+    }) = m.pipeline
+    else {
+        return None;
+    };
+    let p = plan.parent().unwrap_or(Path::new(".")).join(f);
+    if p.exists() {
+        tracing::info!("CPU backend: running '{}'", p.display());
+        Some(p)
+    } else {
+        tracing::warn!(
+            "'{}' is missing; running the TensorRT graph on the CPU instead (slower: its weights are not kept 16-bit)",
+            p.display()
+        );
+        None
+    }
+}
+
 fn is_plan(path: &Path) -> bool {
     path.extension().is_some_and(|e| e != "onnx")
 }
@@ -122,7 +144,10 @@ pub fn open_engine_with(
         );
     }
     let onnx = if plan {
-        source_onnx(path)?
+        match cpu_graph(path) {
+            Some(p) => p,
+            None => source_onnx(path)?,
+        }
     } else {
         path.to_path_buf()
     };

@@ -173,3 +173,70 @@ fn gguf_builds_and_generates_the_reference_text() {
     );
     assert!(!d.path().join("b.plan").exists());
 }
+
+#[test]
+fn f16_gguf_runs_a_16_bit_cpu_graph() {
+    // stories260K with every matrix stored as F16 (norms F32, as llama.cpp's converter writes F16 files).
+    let d = tempfile::tempdir().unwrap();
+    let f32_file = d.path().join("s32.gguf");
+    trt_diff::weights::gguf_convert::llama2c_to_gguf(
+        &data("llm/stories260K.bin"),
+        &data("llm/tok512.bin"),
+        &f32_file,
+    )
+    .unwrap();
+    let src = GgufFile::open(&f32_file).unwrap();
+    assert_eq!(trt_diff::pipelines::llm_build::gguf_half(&src), None);
+    let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
+    for (k, v) in &src.metadata {
+        w.set(k, v.clone());
+    }
+    for t in &src.tensors {
+        let v = src.tensor_f32(&t.name).unwrap();
+        if t.dims.len() == 2 {
+            w.add_f16(&t.name, &t.shape(), &v);
+        } else {
+            w.add_f32(&t.name, &t.shape(), &v);
+        }
+    }
+    let gguf = d.path().join("s16.gguf");
+    w.write(&gguf).unwrap();
+    assert_eq!(
+        trt_diff::pipelines::llm_build::gguf_half(&GgufFile::open(&gguf).unwrap()),
+        Some(trt_diff::onnx::DataType::FLOAT16)
+    );
+    let plan = d.path().join("s16.plan");
+    run(
+        &["build", s(&gguf), "--out", s(&plan), "--no-progress"],
+        true,
+    );
+    let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Llm { cpu_onnx, .. }) = m.pipeline else {
+        panic!("no LLM pipeline in the manifest");
+    };
+    assert_eq!(cpu_onnx.as_deref(), Some("s16.cpu.onnx"));
+    let cpu = trt_diff::onnx::OnnxFile::load(&d.path().join("s16.cpu.onnx")).unwrap();
+    let ops = trt_diff::onnx::summary::OnnxSummary::of(&cpu).op_histogram;
+    // 5 layers x (q/k/v stacked, o, gate/up stacked, down) + the LM head.
+    assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&21), "{ops:?}");
+    // The CPU backend runs it (f16 weights, f32 activations): llama2.c's greedy text is unchanged.
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&plan),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "30",
+        ],
+        true,
+    );
+    assert!(
+        r.stdout.starts_with(
+            ", there was a little girl named Lily. She loved to play outside in the park."
+        ),
+        "{}",
+        r.stdout
+    );
+}

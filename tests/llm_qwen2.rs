@@ -63,13 +63,21 @@ fn run_cached(
     all: &[i64],
     split: usize,
 ) -> Vec<Vec<f64>> {
-    let onnx = dir.join(format!("m_{}.onnx", p.name()));
-    trt_diff::onnx::save(
-        decoder_graph(c, w, &Policy::uniform(p)).unwrap(),
-        &onnx,
-        &Default::default(),
-    )
-    .unwrap();
+    let graph = decoder_graph(c, w, &Policy::uniform(p)).unwrap();
+    run_graph(dir, &p.name(), graph, c, all, split)
+}
+
+/// As [`run_cached`] for any decoder graph.
+fn run_graph(
+    dir: &Path,
+    name: &str,
+    graph: trt_diff::onnx::proto::ModelProto,
+    c: &LlamaConfig,
+    all: &[i64],
+    split: usize,
+) -> Vec<Vec<f64>> {
+    let onnx = dir.join(format!("m_{name}.onnx"));
+    trt_diff::onnx::save(graph, &onnx, &Default::default()).unwrap();
     let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
     let hd = c.head_dim();
     let mut past: Vec<HostTensor> = (0..2 * c.n_layers)
@@ -152,6 +160,37 @@ fn hf_and_gguf_qwen2_match_transformers() {
     let diff = max_diff(&got, &want);
     eprintln!("fp16: max abs logit difference {diff:.2e}");
     assert!(diff <= 5e-2, "fp16: max abs logit difference {diff}");
+}
+
+#[test]
+fn cpu_graphs_with_16_bit_weights_match_transformers() {
+    // The CPU graphs keep weights 16-bit through trt-diff's MatMulF16/MatMulBF16 operator; these checkpoints are
+    // bf16 (exact in f16 too), so both must match transformers as closely as the f32 graph. Tiny Llama 3 has a
+    // tied LM head (it reads the 16-bit embedding table).
+    let d = tempfile::tempdir().unwrap();
+    for (dir, split) in [(golden_dir(), 6), (golden_dir().join("../tiny_llama3"), 30)] {
+        let (all, want) = golden_in(&dir);
+        let m = trt_diff::weights::hf::load(&dir, None).unwrap();
+        assert_eq!(
+            trt_diff::pipelines::llm_build::hf_half(&dir).unwrap(),
+            Some(DataType::BFLOAT16)
+        );
+        for half in [DataType::BFLOAT16, DataType::FLOAT16] {
+            let g = trt_diff::models::llama::decoder_graph_cpu(&m.config, &m.tensors, half, false)
+                .unwrap();
+            let got = run_graph(d.path(), &format!("cpu_{half}"), g, &m.config, &all, split);
+            let diff = max_diff(&got, &want);
+            eprintln!(
+                "{} CPU graph, {half} weights: max abs logit difference {diff:.2e}",
+                m.arch
+            );
+            assert!(
+                diff <= 1e-4,
+                "{} {half}: max abs logit difference {diff}",
+                m.arch
+            );
+        }
+    }
 }
 
 #[test]
@@ -259,7 +298,10 @@ fn cli_builds_and_generates_from_a_hf_folder() {
     );
     let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
     let Some(trt_diff::manifest::Pipeline::Llm {
-        arch, tokenizer, ..
+        arch,
+        tokenizer,
+        cpu_onnx,
+        ..
     }) = m.pipeline
     else {
         panic!("no LLM pipeline in the manifest");
@@ -268,6 +310,9 @@ fn cli_builds_and_generates_from_a_hf_folder() {
         (arch.as_str(), tokenizer.as_str()),
         ("qwen2", "q.tokenizer.gguf")
     );
+    // bf16 weights: the CPU backend runs a graph that keeps them bf16.
+    assert_eq!(cpu_onnx.as_deref(), Some("q.cpu.onnx"));
+    assert!(d.path().join("q.cpu.onnx").exists());
     let out = std::process::Command::new(bin)
         .args([
             "generate",

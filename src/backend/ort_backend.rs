@@ -88,6 +88,12 @@ fn needs_cpu_pass(s: &OnnxSummary) -> bool {
             .any(|t| s.initializers.contains_key(*t))
 }
 
+/// Does the model use trt-diff's own operators (`ort_ops`)?
+fn uses_own_ops(s: &OnnxSummary) -> bool {
+    let prefix = format!("{}::", super::ort_ops::DOMAIN);
+    s.op_histogram.keys().any(|k| k.starts_with(&prefix))
+}
+
 fn has_fp8_qdq(s: &OnnxSummary) -> bool {
     s.qdq.iter().any(|q| q.format.starts_with("float8"))
 }
@@ -128,6 +134,14 @@ impl OrtEngine {
         let mut builder = Session::builder(env).map_err(|e| err(&e))?;
         builder = builder
             .with_optimization_level(level)
+            .map_err(|e| err(&e))?;
+        if uses_own_ops(&summary) {
+            // Our operators run on their own threads (`spin_pool`); ONNX Runtime's spinning workers would compete.
+            builder = builder.with_intra_op_spinning(false).map_err(|e| err(&e))?;
+        }
+        // trt-diff's own operators (16-bit-weight MatMul) for graphs made for the CPU.
+        builder = builder
+            .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
             .map_err(|e| err(&e))?;
         if opts.threads > 0 {
             builder = builder
@@ -174,6 +188,15 @@ fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
         }};
     }
     let v = match t.dtype {
+        // f32 (KV caches: megabytes per decode step) as one copy on little-endian hosts.
+        #[cfg(target_endian = "little")]
+        DataType::FLOAT => {
+            let n = t.data.len() / 4;
+            let mut v = vec![0f32; n];
+            bytemuck::cast_slice_mut::<f32, u8>(&mut v).copy_from_slice(&t.data[..n * 4]);
+            Tensor::from_array((shape, v)).map(|t| t.into_dyn())
+        }
+        #[cfg(not(target_endian = "little"))]
         DataType::FLOAT => typed!(f32, 4, |b| f32::from_le_bytes(b.try_into().unwrap())),
         DataType::FLOAT16 => typed!(half::f16, 2, |b| half::f16::from_le_bytes([b[0], b[1]])),
         DataType::BFLOAT16 => typed!(half::bf16, 2, |b| half::bf16::from_le_bytes([b[0], b[1]])),
@@ -206,6 +229,18 @@ fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
         other => bail!("output '{name}' is {other:?}, not a tensor"),
     };
     Ok(match ty {
+        #[cfg(target_endian = "little")]
+        TensorElementType::Float32 => {
+            let (shape, data) = v
+                .try_extract_tensor::<f32>()
+                .map_err(|e| anyhow::anyhow!("output '{name}': {e}"))?;
+            HostTensor {
+                dtype: DataType::FLOAT,
+                shape: shape.iter().map(|&d| d as usize).collect(),
+                data: bytemuck::cast_slice::<f32, u8>(data).to_vec(),
+            }
+        }
+        #[cfg(not(target_endian = "little"))]
         TensorElementType::Float32 => typed!(f32, DataType::FLOAT, |x: &f32| x.to_le_bytes()),
         TensorElementType::Float16 => typed!(half::f16, DataType::FLOAT16, |x: &half::f16| x
             .to_le_bytes()),

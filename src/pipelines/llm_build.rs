@@ -3,7 +3,7 @@
 //! with a manifest that says how `generate` runs it. Without a usable GPU, `generate` runs `NAME.onnx` on the CPU.
 use crate::manifest::Pipeline;
 use crate::models::llama::{LlamaConfig, decoder_graph_with};
-use crate::onnx::{SaveOptions, save};
+use crate::onnx::{DataType, SaveOptions, save};
 use crate::quant::policy::Policy;
 use crate::quant::qdq::LinearPrecision;
 use crate::trt::shapes::ShapeRange;
@@ -109,6 +109,98 @@ fn write_vocab_gguf(src: &crate::weights::gguf::GgufFile, out: &Path) -> Result<
     w.write(out)
 }
 
+/// The 16-bit type every matrix of a GGUF file shares (F16 or BF16), which its CPU graph keeps; None for F32,
+/// quantized or mixed files.
+pub fn gguf_half(g: &crate::weights::gguf::GgufFile) -> Option<DataType> {
+    use crate::weights::gguf::GgmlType;
+    let mut types = g.tensors.iter().filter(|t| t.dims.len() == 2).map(|t| t.ty);
+    let first = types.next()?;
+    if types.any(|t| t != first) {
+        return None;
+    }
+    match first {
+        GgmlType::F16 => Some(DataType::FLOAT16),
+        GgmlType::BF16 => Some(DataType::BFLOAT16),
+        _ => None,
+    }
+}
+
+/// As [`gguf_half`] for a Hugging Face folder, from the safetensors headers alone.
+pub fn hf_half(dir: &Path) -> Result<Option<DataType>> {
+    use std::io::Read;
+    let index = dir.join("model.safetensors.index.json");
+    let files: Vec<PathBuf> = if index.exists() {
+        let j: serde_json::Value = serde_json::from_slice(&std::fs::read(&index)?)
+            .with_context(|| format!("'{}' is not JSON", index.display()))?;
+        let mut f: Vec<String> = j["weight_map"]
+            .as_object()
+            .map(|m| {
+                m.values()
+                    .filter_map(|v| v.as_str().map(String::from))
+                    .collect()
+            })
+            .unwrap_or_default();
+        f.sort();
+        f.dedup();
+        f.into_iter().map(|n| dir.join(n)).collect()
+    } else {
+        vec![dir.join("model.safetensors")]
+    };
+    let mut seen: Option<String> = None;
+    for file in files {
+        let mut fh = std::fs::File::open(&file)
+            .with_context(|| format!("cannot open '{}'", file.display()))?;
+        let mut n = [0u8; 8];
+        fh.read_exact(&mut n)?;
+        let len = u64::from_le_bytes(n);
+        if len > 100 << 20 {
+            bail!(
+                "'{}': safetensors header of {len} bytes; not a safetensors file",
+                file.display()
+            );
+        }
+        let mut header = vec![0u8; len as usize];
+        fh.read_exact(&mut header)?;
+        let h: serde_json::Value = serde_json::from_slice(&header)
+            .with_context(|| format!("'{}': unreadable safetensors header", file.display()))?;
+        for (name, t) in h.as_object().into_iter().flatten() {
+            if name == "__metadata__" || t["shape"].as_array().is_none_or(|s| s.len() != 2) {
+                continue;
+            }
+            let dt = t["dtype"].as_str().unwrap_or("").to_string();
+            match &seen {
+                Some(s) if *s != dt => return Ok(None),
+                _ => seen = Some(dt),
+            }
+        }
+    }
+    Ok(match seen.as_deref() {
+        Some("F16") => Some(DataType::FLOAT16),
+        Some("BF16") => Some(DataType::BFLOAT16),
+        _ => None,
+    })
+}
+
+/// Writes `<out>.cpu.onnx`, the decoder ONNX Runtime runs on the CPU, when the checkpoint's matrices are 16-bit
+/// and the build keeps them unquantized (fp32/fp16): its weights stay in that type (half the bytes per token of
+/// the f32 graph). Returns the file name for the manifest.
+fn write_cpu_graph(
+    out: &Path,
+    half: Option<DataType>,
+    p: LinearPrecision,
+    config: &LlamaConfig,
+    tensors: &std::collections::HashMap<String, Vec<f32>>,
+) -> Result<Option<String>> {
+    let path = sibling(out, ".cpu.onnx");
+    let Some(half) = half.filter(|_| matches!(p, LinearPrecision::F32 | LinearPrecision::F16))
+    else {
+        return Ok(None);
+    };
+    let graph = crate::models::llama::decoder_graph_cpu(config, tensors, half, true)?;
+    save(graph, &path, &SaveOptions::default())?;
+    Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
 /// Exports and builds a decoder from any supported source; `max_context` caps the context length.
 pub fn build_llm(
     input: &Path,
@@ -118,7 +210,7 @@ pub fn build_llm(
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let p = precision_from_name(precision)?;
-    let (arch, config, tensors, tok_out) = match source {
+    let (arch, config, tensors, tok_out, half) = match source {
         LlmSource::Llama2c { tokenizer } => {
             return build_llama2c(input, tokenizer, precision, base);
         }
@@ -128,7 +220,7 @@ pub fn build_llm(
             let m = crate::weights::gguf_model::load(&g, max_context)?;
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
             write_vocab_gguf(&g, &tok_out)?;
-            (m.arch, m.config, m.tensors, tok_out)
+            (m.arch, m.config, m.tensors, tok_out, gguf_half(&g))
         }
         LlmSource::Hf { tokenizer } => {
             let g = crate::weights::gguf::GgufFile::open(tokenizer)?;
@@ -144,9 +236,10 @@ pub fn build_llm(
             }
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
             write_vocab_gguf(&g, &tok_out)?;
-            (m.arch, m.config, m.tensors, tok_out)
+            (m.arch, m.config, m.tensors, tok_out, hf_half(input)?)
         }
     };
+    let cpu_onnx = write_cpu_graph(&base.out, half, p, &config, &tensors)?;
     let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");
@@ -164,6 +257,7 @@ pub fn build_llm(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         precision: precision.into(),
+        cpu_onnx,
     });
     build_engine(&opts)
 }
@@ -198,6 +292,7 @@ pub fn build_llama2c(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         precision: precision.into(),
+        cpu_onnx: None,
     });
     build_engine(&opts)
 }

@@ -1,0 +1,461 @@
+//! f32 activations times f16/bf16 weights, for the CPU decoder (ONNX Runtime's CPU provider has no f16 matrix
+//! kernels on x86, so its f16 graphs widen weights on the fly and its f32 graphs stream twice the bytes).
+//!
+//! Weights keep the PyTorch/GGUF Linear layout [n, k]: decoding (one row of activations) is then one contiguous
+//! dot product per output, which streams every weight once; prefill (many rows) widens a tile of weight rows to
+//! f32 once per call and multiplies it with a blocked sgemm (`matrixmultiply`).
+//! `y[m, j] = sum_i x[m, i] * w[j, i]`, accumulated in f32.
+use std::ops::Range;
+
+/// A 16-bit float weight element.
+pub trait HalfWeight: Copy + Send + Sync + 'static {
+    fn widen(self) -> f32;
+    /// Widens 8 elements at `p` (x86 with AVX2, FMA and F16C).
+    ///
+    /// # Safety
+    /// `p` must point to 8 readable elements, and the CPU must support AVX2, FMA and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256;
+    /// Widens 16 elements at `p` (AVX-512F and F16C).
+    ///
+    /// # Safety
+    /// `p` must point to 16 readable elements, and the CPU must support AVX-512F and F16C.
+    #[cfg(target_arch = "x86_64")]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
+}
+
+impl HalfWeight for half::f16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        unsafe { _mm256_cvtph_ps(_mm_loadu_si128(p.cast())) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe { _mm512_cvtph_ps(_mm256_loadu_si256(p.cast())) }
+    }
+}
+
+impl HalfWeight for half::bf16 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        use std::arch::x86_64::*;
+        // bf16 is the top half of an f32.
+        unsafe {
+            _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128(p.cast())),
+                16,
+            ))
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        use std::arch::x86_64::*;
+        unsafe {
+            _mm512_castsi512_ps(_mm512_slli_epi32(
+                _mm512_cvtepu16_epi32(_mm256_loadu_si256(p.cast())),
+                16,
+            ))
+        }
+    }
+}
+
+fn simd_available() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static OK: OnceLock<bool> = OnceLock::new();
+        *OK.get_or_init(|| {
+            is_x86_feature_detected!("avx2")
+                && is_x86_feature_detected!("fma")
+                && is_x86_feature_detected!("f16c")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(target_arch = "x86_64")]
+fn avx512_available() -> bool {
+    use std::sync::OnceLock;
+    static OK: OnceLock<bool> = OnceLock::new();
+    *OK.get_or_init(|| is_x86_feature_detected!("avx512f") && is_x86_feature_detected!("f16c"))
+}
+
+/// Output rows `rows` of one activation row: `y[j - rows.start] = dot(x, w[j])`.
+pub fn dot_rows<W: HalfWeight>(x: &[f32], w: &[W], k: usize, rows: Range<usize>, y: &mut [f32]) {
+    assert!(x.len() == k && w.len() >= rows.end * k && y.len() >= rows.len());
+    #[cfg(target_arch = "x86_64")]
+    if avx512_available() {
+        // SAFETY: features checked above; bounds asserted.
+        unsafe { dot_rows_avx512(x, w, k, rows, y) };
+        return;
+    }
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        // SAFETY: features checked above; bounds asserted.
+        unsafe { dot_rows_avx2(x, w, k, rows, y) };
+        return;
+    }
+    for (o, j) in y.iter_mut().zip(rows) {
+        *o = dot_portable(x, &w[j * k..(j + 1) * k]);
+    }
+}
+
+fn dot_portable<W: HalfWeight>(x: &[f32], w: &[W]) -> f32 {
+    // Eight partial sums, like the vector path, so both round alike and the loop vectorizes.
+    let mut acc = [0f32; 8];
+    let mut xc = x.chunks_exact(8);
+    let mut wc = w.chunks_exact(8);
+    for (xa, wa) in (&mut xc).zip(&mut wc) {
+        for l in 0..8 {
+            acc[l] += xa[l] * wa[l].widen();
+        }
+    }
+    let mut s: f32 = acc.iter().sum();
+    for (a, b) in xc.remainder().iter().zip(wc.remainder()) {
+        s += a * b.widen();
+    }
+    s
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
+    use std::arch::x86_64::*;
+    let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_rows_avx2<W: HalfWeight>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    rows: Range<usize>,
+    y: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let k8 = k & !7;
+    let xp = x.as_ptr();
+    let tail = |j: usize| -> f32 {
+        (k8..k)
+            .map(|i| x[i] * w[j * k + i].widen())
+            .fold(0.0, |a, b| a + b)
+    };
+    let mut j = rows.start;
+    let mut o = 0;
+    let k16 = k & !15;
+    // Four rows at a time, two accumulators each: eight independent FMA chains share each load of x, enough to keep
+    // the F16C conversions (the bound here, not memory) busy; rows are prefetched 512 bytes ahead.
+    while j + 4 <= rows.end {
+        unsafe {
+            let w0 = w.as_ptr().add(j * k);
+            let (w1, w2, w3) = (w0.add(k), w0.add(2 * k), w0.add(3 * k));
+            let mut a = [_mm256_setzero_ps(); 8];
+            let mut i = 0;
+            while i < k16 {
+                for p in [w0, w1, w2, w3] {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + 256).cast());
+                }
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                let x1 = _mm256_loadu_ps(xp.add(i + 8));
+                a[0] = _mm256_fmadd_ps(W::load8(w0.add(i)), x0, a[0]);
+                a[1] = _mm256_fmadd_ps(W::load8(w1.add(i)), x0, a[1]);
+                a[2] = _mm256_fmadd_ps(W::load8(w2.add(i)), x0, a[2]);
+                a[3] = _mm256_fmadd_ps(W::load8(w3.add(i)), x0, a[3]);
+                a[4] = _mm256_fmadd_ps(W::load8(w0.add(i + 8)), x1, a[4]);
+                a[5] = _mm256_fmadd_ps(W::load8(w1.add(i + 8)), x1, a[5]);
+                a[6] = _mm256_fmadd_ps(W::load8(w2.add(i + 8)), x1, a[6]);
+                a[7] = _mm256_fmadd_ps(W::load8(w3.add(i + 8)), x1, a[7]);
+                i += 16;
+            }
+            if i < k8 {
+                let x0 = _mm256_loadu_ps(xp.add(i));
+                a[0] = _mm256_fmadd_ps(W::load8(w0.add(i)), x0, a[0]);
+                a[1] = _mm256_fmadd_ps(W::load8(w1.add(i)), x0, a[1]);
+                a[2] = _mm256_fmadd_ps(W::load8(w2.add(i)), x0, a[2]);
+                a[3] = _mm256_fmadd_ps(W::load8(w3.add(i)), x0, a[3]);
+            }
+            for r in 0..4 {
+                y[o + r] = hsum(_mm256_add_ps(a[r], a[r + 4])) + tail(j + r);
+            }
+        }
+        j += 4;
+        o += 4;
+    }
+    while j < rows.end {
+        unsafe {
+            let w0 = w.as_ptr().add(j * k);
+            let mut a0 = _mm256_setzero_ps();
+            let mut i = 0;
+            while i < k8 {
+                a0 = _mm256_fmadd_ps(W::load8(w0.add(i)), _mm256_loadu_ps(xp.add(i)), a0);
+                i += 8;
+            }
+            y[o] = hsum(a0) + tail(j);
+        }
+        j += 1;
+        o += 1;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,f16c")]
+unsafe fn dot_rows_avx512<W: HalfWeight>(
+    x: &[f32],
+    w: &[W],
+    k: usize,
+    rows: Range<usize>,
+    y: &mut [f32],
+) {
+    use std::arch::x86_64::*;
+    let k32 = k & !31;
+    let xp = x.as_ptr();
+    let tail = |j: usize| -> f32 {
+        (k32..k)
+            .map(|i| x[i] * w[j * k + i].widen())
+            .fold(0.0, |a, b| a + b)
+    };
+    // As the AVX2 path with 16-wide vectors: four rows, two accumulators each.
+    for (o, j) in rows.clone().step_by(4).enumerate() {
+        let o = o * 4;
+        if j + 4 > rows.end {
+            for (jj, yo) in (j..rows.end).zip(&mut y[o..]) {
+                unsafe {
+                    let w0 = w.as_ptr().add(jj * k);
+                    let mut a = _mm512_setzero_ps();
+                    let mut i = 0;
+                    while i < k32 {
+                        a = _mm512_fmadd_ps(W::load16(w0.add(i)), _mm512_loadu_ps(xp.add(i)), a);
+                        a = _mm512_fmadd_ps(
+                            W::load16(w0.add(i + 16)),
+                            _mm512_loadu_ps(xp.add(i + 16)),
+                            a,
+                        );
+                        i += 32;
+                    }
+                    *yo = _mm512_reduce_add_ps(a) + tail(jj);
+                }
+            }
+            break;
+        }
+        unsafe {
+            let w0 = w.as_ptr().add(j * k);
+            let ws = [w0, w0.add(k), w0.add(2 * k), w0.add(3 * k)];
+            let mut a = [_mm512_setzero_ps(); 8];
+            let mut i = 0;
+            while i < k32 {
+                for p in ws {
+                    _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(i + 256).cast());
+                }
+                let x0 = _mm512_loadu_ps(xp.add(i));
+                let x1 = _mm512_loadu_ps(xp.add(i + 16));
+                for r in 0..4 {
+                    a[r] = _mm512_fmadd_ps(W::load16(ws[r].add(i)), x0, a[r]);
+                    a[r + 4] = _mm512_fmadd_ps(W::load16(ws[r].add(i + 16)), x1, a[r + 4]);
+                }
+                i += 32;
+            }
+            for r in 0..4 {
+                y[o + r] = _mm512_reduce_add_ps(_mm512_add_ps(a[r], a[r + 4])) + tail(j + r);
+            }
+        }
+    }
+}
+
+/// Widens weight rows `rows` into `out` ([rows.len(), k] f32).
+pub fn widen_rows<W: HalfWeight>(w: &[W], k: usize, rows: Range<usize>, out: &mut Vec<f32>) {
+    out.clear();
+    let src = &w[rows.start * k..rows.end * k];
+    #[cfg(target_arch = "x86_64")]
+    if simd_available() {
+        out.resize(src.len(), 0.0);
+        // SAFETY: features checked; `out` has src.len() elements.
+        unsafe { widen_avx2(src, out) };
+        return;
+    }
+    out.extend(src.iter().map(|v| v.widen()));
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn widen_avx2<W: HalfWeight>(src: &[W], out: &mut [f32]) {
+    use std::arch::x86_64::*;
+    let n8 = src.len() & !7;
+    let mut i = 0;
+    while i < n8 {
+        unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(i), W::load8(src.as_ptr().add(i))) };
+        i += 8;
+    }
+    for i in n8..src.len() {
+        out[i] = src[i].widen();
+    }
+}
+
+/// `y[m, j] += ...` for `j` in `rows` with rows widened in `scratch`: `y` is [m, n] f32 (row stride `n`), `x` is
+/// [m, k]. Overwrites (beta = 0) the covered columns.
+///
+/// # Safety
+/// `y` must be valid for writes of `m * n` f32 and no other thread may write columns `rows` meanwhile.
+#[allow(clippy::too_many_arguments)]
+pub unsafe fn gemm_rows<W: HalfWeight>(
+    x: &[f32],
+    m: usize,
+    w: &[W],
+    k: usize,
+    n: usize,
+    rows: Range<usize>,
+    y: *mut f32,
+    scratch: &mut Vec<f32>,
+) {
+    assert!(x.len() == m * k && rows.end <= n && w.len() >= n * k);
+    widen_rows(w, k, rows.clone(), scratch);
+    // C[m, jj] = sum_i A[m, i] B[i, jj] with B[i, jj] = scratch[jj * k + i].
+    unsafe {
+        matrixmultiply::sgemm(
+            m,
+            k,
+            rows.len(),
+            1.0,
+            x.as_ptr(),
+            k as isize,
+            1,
+            scratch.as_ptr(),
+            1,
+            k as isize,
+            0.0,
+            y.add(rows.start),
+            n as isize,
+            1,
+        )
+    };
+}
+
+/// Weight rows per parallel task: decode splits outputs finely (each task streams its rows once); prefill gives
+/// each thread one tile where it can (sgemm packs the activations again for every tile), at most 4096 rows.
+pub fn task_rows(m: usize, n: usize) -> usize {
+    if m == 1 {
+        64.min(n.max(1))
+    } else {
+        n.div_ceil(std::thread::available_parallelism().map_or(1, |t| t.get()))
+            .clamp(128, 4096)
+    }
+}
+
+/// The whole product on the calling thread (tests and small cases): `y` is [m, n].
+pub fn matmul<W: HalfWeight>(x: &[f32], m: usize, w: &[W], k: usize, n: usize) -> Vec<f32> {
+    let mut y = vec![0f32; m * n];
+    if m == 1 {
+        dot_rows(x, w, k, 0..n, &mut y);
+    } else {
+        let mut scratch = Vec::new();
+        let step = task_rows(m, n);
+        for s in (0..n).step_by(step) {
+            // SAFETY: y holds m * n values and this thread alone writes it.
+            unsafe {
+                gemm_rows(
+                    x,
+                    m,
+                    w,
+                    k,
+                    n,
+                    s..(s + step).min(n),
+                    y.as_mut_ptr(),
+                    &mut scratch,
+                )
+            };
+        }
+    }
+    y
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn data(n: usize, seed: u32) -> Vec<f32> {
+        let mut s = seed;
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn reference(x: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f64> {
+        let mut y = vec![0f64; m * n];
+        for r in 0..m {
+            for j in 0..n {
+                y[r * n + j] = (0..k)
+                    .map(|i| x[r * k + i] as f64 * w[j * k + i] as f64)
+                    .sum();
+            }
+        }
+        y
+    }
+
+    fn check<W: HalfWeight>(conv: fn(f32) -> W, m: usize, k: usize, n: usize) {
+        let x = data(m * k, 1);
+        let w: Vec<W> = data(n * k, 2).into_iter().map(conv).collect();
+        let wf: Vec<f32> = w.iter().map(|v| v.widen()).collect();
+        let want = reference(&x, m, &wf, k, n);
+        let got = matmul(&x, m, &w, k, n);
+        for (a, b) in got.iter().zip(&want) {
+            assert!(
+                (*a as f64 - b).abs() <= 1e-5 * (k as f64).sqrt(),
+                "m={m} k={k} n={n}: {a} vs {b}"
+            );
+        }
+        // The portable and AVX2 paths agree with the one picked here (AVX-512 where the CPU has it).
+        #[cfg(target_arch = "x86_64")]
+        let avx2 = simd_available().then(|| {
+            let mut y = vec![0f32; n];
+            // SAFETY: features checked; shapes as dot_rows asserts.
+            unsafe { dot_rows_avx2(&x[..k], &w, k, 0..n, &mut y) };
+            y
+        });
+        #[cfg(not(target_arch = "x86_64"))]
+        let avx2: Option<Vec<f32>> = None;
+        for j in 0..n {
+            let p = dot_portable(&x[..k], &w[j * k..(j + 1) * k]);
+            assert!((p - got[j]).abs() <= 1e-5 * (k as f32).sqrt());
+            if let Some(a) = &avx2 {
+                assert!((a[j] - got[j]).abs() <= 1e-5 * (k as f32).sqrt());
+            }
+        }
+    }
+
+    #[test]
+    fn matvec_and_gemm_match_f64() {
+        for &(m, k, n) in &[
+            (1, 37, 13),
+            (1, 64, 9),
+            (1, 24, 9),
+            (1, 200, 131),
+            (1, 896, 130),
+            (3, 37, 13),
+            (17, 200, 131),
+        ] {
+            check(half::f16::from_f32, m, k, n);
+            check(half::bf16::from_f32, m, k, n);
+        }
+    }
+}
