@@ -309,7 +309,7 @@ impl Checkpoint {
     }
 
     /// Starts reading every tensor whose name starts with `prefix` into the page cache in the background (in file
-    /// order), so that a later [`Checkpoint::get`] finds it there: exporters call it one block ahead, which
+    /// order), so that a later [`Checkpoint::get`] finds it there: exporters call it a few blocks ahead, which
     /// overlaps disk reads with their work. Nothing is mapped into the process by this.
     pub fn prefetch_prefix(&self, prefix: &str) {
         let mut ranges: Vec<(usize, usize, usize)> = self
