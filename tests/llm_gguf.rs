@@ -53,6 +53,29 @@ fn json_of(v: &Value) -> serde_json::Value {
     }
 }
 
+/// `generate --engine PLAN` from "Once upon a time" prints llama2.c's reference continuation of stories260K.
+fn assert_generates_reference(plan: &std::path::Path) {
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(plan),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "30",
+        ],
+        true,
+    );
+    assert!(
+        r.stdout.starts_with(
+            ", there was a little girl named Lily. She loved to play outside in the park."
+        ),
+        "{}",
+        r.stdout
+    );
+}
+
 #[test]
 fn convert_llama2c_writes_what_gguf_py_reads() {
     let d = tempfile::tempdir().unwrap();
@@ -139,25 +162,7 @@ fn gguf_builds_and_generates_the_reference_text() {
     );
     assert!(r.stdout.contains("built"), "{}", r.stdout);
     assert!(d.path().join("s.tokenizer.gguf").exists());
-    let r = run(
-        &[
-            "generate",
-            "--engine",
-            s(&plan),
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "30",
-        ],
-        true,
-    );
-    assert!(
-        r.stdout.starts_with(
-            ", there was a little girl named Lily. She loved to play outside in the park."
-        ),
-        "{}",
-        r.stdout
-    );
+    assert_generates_reference(&plan);
     // A truncated GGUF is a clear error naming the file.
     let bytes = std::fs::read(&gguf).unwrap();
     let bad = d.path().join("cut.gguf");
@@ -220,23 +225,5 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     // 5 layers x (q/k/v stacked, o, gate/up stacked, down) + the LM head.
     assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&21), "{ops:?}");
     // The CPU backend runs it (f16 weights, f32 activations): llama2.c's greedy text is unchanged.
-    let r = run(
-        &[
-            "generate",
-            "--engine",
-            s(&plan),
-            "--prompt",
-            "Once upon a time",
-            "--max-tokens",
-            "30",
-        ],
-        true,
-    );
-    assert!(
-        r.stdout.starts_with(
-            ", there was a little girl named Lily. She loved to play outside in the park."
-        ),
-        "{}",
-        r.stdout
-    );
+    assert_generates_reference(&plan);
 }

@@ -366,19 +366,18 @@ fn bongmath_is_refused_where_it_does_not_apply() {
         bongmath: true,
         ..Default::default()
     };
-    for name in ["res_3s", "rk4_4s", "res_2m", "pec423_2h2s", "deis_3m"] {
-        assert!(registry::build::<Vec<f64>>(name, &o).is_ok(), "{name}");
-    }
-    for name in [
-        "euler",
-        "dpmpp_2m",
-        "uni_pc",
-        "irk_exp_diag_2s",
-        "gauss-legendre_2s",
-    ] {
-        let e = registry::build::<Vec<f64>>(name, &o).err().unwrap();
-        assert!(e.to_string().contains("bongmath"), "{name}: {e}");
-    }
+    accepts_and_refuses(
+        &o,
+        &["res_3s", "rk4_4s", "res_2m", "pec423_2h2s", "deis_3m"],
+        &[
+            "euler",
+            "dpmpp_2m",
+            "uni_pc",
+            "irk_exp_diag_2s",
+            "gauss-legendre_2s",
+        ],
+        "bongmath",
+    );
     let sde = SamplerOptions {
         noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
         ..o
@@ -478,20 +477,19 @@ fn substep_noise_is_refused_where_it_does_not_apply() {
         eta_substep: 0.5,
         ..Default::default()
     };
-    for name in ["res_3s", "rk4_4s", "ddim", "etdrk2_2s"] {
-        assert!(registry::build::<Vec<f64>>(name, &o).is_ok(), "{name}");
-    }
-    for name in [
-        "euler",
-        "res_2m",
-        "pec423_2h2s",
-        "deis_3m",
-        "gauss-legendre_2s",
-        "irk_exp_diag_2s",
-    ] {
-        let e = registry::build::<Vec<f64>>(name, &o).err().unwrap();
-        assert!(e.to_string().contains("substep noise"), "{name}: {e}");
-    }
+    accepts_and_refuses(
+        &o,
+        &["res_3s", "rk4_4s", "ddim", "etdrk2_2s"],
+        &[
+            "euler",
+            "res_2m",
+            "pec423_2h2s",
+            "deis_3m",
+            "gauss-legendre_2s",
+            "irk_exp_diag_2s",
+        ],
+        "substep noise",
+    );
     let sde = SamplerOptions {
         noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
         ..o
@@ -507,4 +505,15 @@ fn substep_noise_is_refused_where_it_does_not_apply() {
     }
     let e = registry::build::<Vec<f64>>("res_2m", &swap).err().unwrap();
     assert!(e.to_string().contains("noise"), "{e}");
+}
+
+/// `registry::build` accepts `ok` with options `o` and refuses each of `bad` with an error mentioning `word`.
+fn accepts_and_refuses(o: &SamplerOptions, ok: &[&str], bad: &[&str], word: &str) {
+    for name in ok {
+        assert!(registry::build::<Vec<f64>>(name, o).is_ok(), "{name}");
+    }
+    for name in bad {
+        let e = registry::build::<Vec<f64>>(name, o).err().unwrap();
+        assert!(e.to_string().contains(word), "{name}: {e}");
+    }
 }
