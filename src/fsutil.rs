@@ -163,8 +163,15 @@ pub fn physical_memory() -> u64 {
 /// files are read or written once, so their pages are dropped from the cache behind the work instead of pushing
 /// out the pages still ahead of it (which then read back one fault at a time).
 pub fn crowds_page_cache(bytes: u64) -> bool {
-    let ram = physical_memory();
-    ram > 0 && bytes > ram / 4
+    bytes > page_cache_share()
+}
+
+/// A quarter of physical memory (no limit where it is unknown): what one streamed file may keep in the cache.
+fn page_cache_share() -> u64 {
+    match physical_memory() {
+        0 => u64::MAX,
+        ram => ram / 4,
+    }
 }
 
 /// Drops the clean, unmapped pages of `file` in `[start, end)` from the page cache (a hint; errors ignored).
@@ -183,7 +190,7 @@ pub fn drop_cached(file: &File, start: u64, end: u64) {
     }
 }
 
-/// Write-behind for a file written sequentially once (the external data of a large export): every `STEP` bytes
+/// Write-behind for a file written sequentially once (the external data of a large export): every step (64 MiB)
 /// it starts the disk write of what came before, and once the output crowds the page cache it waits for the
 /// pages of a few steps back and drops them, so dirty and cached pages of the output stay at a few steps instead
 /// of the kernel throttling the writer (and evicting the checkpoint pages being read) when memory runs out.
@@ -200,7 +207,7 @@ pub struct WriteBehind {
 
 impl Default for WriteBehind {
     fn default() -> Self {
-        Self::new(64 << 20, physical_memory() / 4)
+        Self::new(64 << 20, page_cache_share())
     }
 }
 
@@ -219,13 +226,19 @@ impl WriteBehind {
         }
     }
 
-    /// Call after writing `n` more bytes to `file` (flushed to the kernel).
-    pub fn advance(&mut self, file: &File, n: u64) {
+    /// Call after writing `n` more bytes; `file` (called only once a step is complete, so buffered writers
+    /// flush once per step) hands what was written to the kernel and returns the file.
+    pub fn advance<'f>(
+        &mut self,
+        n: u64,
+        file: impl FnOnce() -> std::io::Result<&'f File>,
+    ) -> std::io::Result<()> {
         use std::os::fd::AsRawFd;
         self.written += n;
         if self.written - self.started < self.step {
-            return;
+            return Ok(());
         }
+        let file = file()?;
         let fd = file.as_raw_fd();
         // SAFETY: a valid descriptor and byte ranges; sync_file_range only schedules or waits for writeback.
         unsafe {
@@ -255,6 +268,7 @@ impl WriteBehind {
             self.dropped = until;
         }
         self.started = self.written;
+        Ok(())
     }
 }
 
@@ -273,7 +287,9 @@ mod tests {
         for i in 0..300u32 {
             let chunk: Vec<u8> = (0..(1000 + i * 37)).map(|j| (i * 31 + j) as u8).collect();
             f.write_all(&chunk).unwrap();
-            behind.advance(f.flushed_file().unwrap(), chunk.len() as u64);
+            behind
+                .advance(chunk.len() as u64, || f.flushed_file())
+                .unwrap();
             expect.extend_from_slice(&chunk);
         }
         assert!(behind.dropped > 0, "the test must exercise the drop path");

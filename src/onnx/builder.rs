@@ -86,10 +86,7 @@ impl ExternalSink {
             for (pad, data) in rx {
                 file.write_all(&vec![0u8; pad as usize])
                     .and_then(|_| file.write_all(&data))
-                    .and_then(|_| {
-                        behind.advance(file.flushed_file()?, pad + data.len() as u64);
-                        Ok(())
-                    })
+                    .and_then(|_| behind.advance(pad + data.len() as u64, || file.flushed_file()))
                     .map_err(|e| anyhow::anyhow!("writing external data '{name}' failed: {e}"))?;
             }
             Ok(file)
