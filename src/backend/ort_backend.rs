@@ -135,19 +135,24 @@ impl OrtEngine {
         builder = builder
             .with_optimization_level(level)
             .map_err(|e| err(&e))?;
-        if uses_own_ops(&summary) {
+        let own_ops = uses_own_ops(&summary);
+        if own_ops {
             // Our operators run on their own threads (`spin_pool`); ONNX Runtime's spinning workers would compete.
             builder = builder.with_intra_op_spinning(false).map_err(|e| err(&e))?;
+            // trt-diff's own operators (16-bit-weight MatMul), only for the graphs made for the CPU that use them.
+            builder = builder
+                .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
+                .map_err(|e| err(&e))?;
         }
-        // trt-diff's own operators (16-bit-weight MatMul) for graphs made for the CPU.
-        builder = builder
-            .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
-            .map_err(|e| err(&e))?;
         if opts.threads > 0 {
             builder = builder
                 .with_intra_threads(opts.threads)
                 .map_err(|e| err(&e))?;
         }
+        // ONNX Runtime registers a custom domain's schemas in shared state: two sessions loading it at once fail
+        // with "domain already exist", so sessions with our operators are created one at a time.
+        static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
+        let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
         let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
         let inputs = session
             .inputs()
