@@ -75,7 +75,7 @@ fn ours(
     ));
     // "fp16-cpu": the CPU graph `generate` runs for F16 models (16-bit weights through trt-diff's own operator).
     let graph = if precision.ends_with("-cpu") {
-        trt_diff::models::llama::decoder_graph_cpu(
+        trt_diff::models::llama_cpu::decoder_graph_cpu(
             &m.config,
             &m.tensors,
             trt_diff::onnx::DataType::FLOAT16,
@@ -101,9 +101,6 @@ fn ours(
     let c = &m.config;
     let mut g = Generator {
         engine: &mut engine,
-        n_layers: c.n_layers,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim(),
         max_seq_len: c.max_seq_len,
     };
     let tok = NoEnd(&vocab);

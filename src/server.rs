@@ -178,9 +178,6 @@ fn worker(
         };
         let mut g = Generator {
             engine: engine.as_mut(),
-            n_layers: cfg.n_layers,
-            n_kv_heads: cfg.n_kv_heads,
-            head_dim: cfg.head_dim(),
             max_seq_len: cfg.max_seq_len,
         };
         let out = job.out.clone();

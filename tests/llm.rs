@@ -51,9 +51,6 @@ fn greedy_generation_matches_llama2c() {
     let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
     let mut generator = Generator {
         engine: &mut engine,
-        n_layers: c.n_layers,
-        n_kv_heads: c.n_kv_heads,
-        head_dim: c.head_dim(),
         max_seq_len: c.max_seq_len,
     };
     let mut text = String::new();
@@ -76,9 +73,6 @@ fn greedy_generation_matches_llama2c() {
     let mut sample = |seed| {
         let mut g = Generator {
             engine: &mut engine,
-            n_layers: 5,
-            n_kv_heads: 4,
-            head_dim: 8,
             max_seq_len: 512,
         };
         let mut t = String::new();

@@ -222,8 +222,12 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     assert_eq!(cpu_onnx.as_deref(), Some("s16.cpu.onnx"));
     let cpu = trt_diff::onnx::OnnxFile::load(&d.path().join("s16.cpu.onnx")).unwrap();
     let ops = trt_diff::onnx::summary::OnnxSummary::of(&cpu).op_histogram;
-    // 5 layers x (q/k/v stacked, o, gate/up stacked, down) + the LM head.
-    assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&21), "{ops:?}");
+    // 5 layers x (q/k/v stacked, o, down) + the LM head; gate/up in one operator per layer; one attention node
+    // and two norms per layer.
+    assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&16), "{ops:?}");
+    assert_eq!(ops.get("trtdiff::GateUpF16"), Some(&5), "{ops:?}");
+    assert_eq!(ops.get("com.microsoft::GroupQueryAttention"), Some(&5), "{ops:?}");
+    assert_eq!(ops.get("com.microsoft::SkipSimplifiedLayerNormalization"), Some(&10), "{ops:?}");
     // The CPU backend runs it (f16 weights, f32 activations): llama2.c's greedy text is unchanged.
     assert_generates_reference(&plan);
 }

@@ -5,9 +5,9 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
-use trt_diff::backend::{Engine, HostTensor};
 use trt_diff::models::llama::{LlamaConfig, decoder_graph};
 use trt_diff::onnx::DataType;
+use trt_diff::pipelines::kv_cache::Decoder;
 use trt_diff::quant::policy::Policy;
 use trt_diff::quant::qdq::LinearPrecision;
 
@@ -46,14 +46,6 @@ fn golden_in(dir: &Path) -> (Vec<i64>, Vec<Vec<f64>>) {
     (ids, rows)
 }
 
-fn ids(v: &[i64]) -> HostTensor {
-    HostTensor {
-        dtype: DataType::INT64,
-        shape: vec![1, v.len()],
-        data: v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-    }
-}
-
 /// Logits rows for `all`, fed as a prefill of `split` tokens then one token per call with the KV cache.
 fn run_cached(
     dir: &Path,
@@ -79,38 +71,12 @@ fn run_graph(
     let onnx = dir.join(format!("m_{name}.onnx"));
     trt_diff::onnx::save(graph, &onnx, &Default::default()).unwrap();
     let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
-    let hd = c.head_dim();
-    let mut past: Vec<HostTensor> = (0..2 * c.n_layers)
-        .map(|_| HostTensor {
-            dtype: DataType::FLOAT,
-            shape: vec![1, c.n_kv_heads, 0, hd],
-            data: vec![],
-        })
-        .collect();
+    // Either KV-cache layout (passed for the TensorRT graphs, in place for the CPU graphs).
+    let mut dec = Decoder::new(&mut e, all.len()).unwrap();
     let mut rows = Vec::new();
-    let mut pos = 0;
-    let chunks: Vec<&[i64]> = std::iter::once(&all[..split])
-        .chain(all[split..].chunks(1))
-        .collect();
-    for chunk in chunks {
-        let positions: Vec<i64> = (pos..pos + chunk.len() as i64).collect();
-        let mut inputs = vec![
-            ("input_ids".to_string(), ids(chunk)),
-            ("position_ids".to_string(), ids(&positions)),
-        ];
-        for (i, t) in past.iter().enumerate() {
-            let kind = if i % 2 == 0 { "key" } else { "value" };
-            inputs.push((format!("past_{kind}_{}", i / 2), t.clone()));
-        }
-        let out = e.run(&inputs).unwrap();
-        let get = |n: &str| out.iter().find(|(k, _)| k == n).unwrap().1.clone();
-        let logits = get("logits").to_f64().unwrap();
+    for chunk in std::iter::once(&all[..split]).chain(all[split..].chunks(1)) {
+        let logits = dec.forward(chunk).unwrap().to_f64().unwrap();
         rows.extend(logits.chunks(c.vocab_size).map(|r| r.to_vec()));
-        for i in 0..c.n_layers {
-            past[2 * i] = get(&format!("present_key_{i}"));
-            past[2 * i + 1] = get(&format!("present_value_{i}"));
-        }
-        pos += chunk.len() as i64;
     }
     rows
 }
@@ -176,7 +142,7 @@ fn cpu_graphs_with_16_bit_weights_match_transformers() {
             Some(DataType::BFLOAT16)
         );
         for half in [DataType::BFLOAT16, DataType::FLOAT16] {
-            let g = trt_diff::models::llama::decoder_graph_cpu(&m.config, &m.tensors, half, false)
+            let g = trt_diff::models::llama_cpu::decoder_graph_cpu(&m.config, &m.tensors, half, false)
                 .unwrap();
             let got = run_graph(d.path(), &format!("cpu_{half}"), g, &m.config, &all, split);
             let diff = max_diff(&got, &want);

@@ -87,6 +87,16 @@ pub trait Engine {
     fn outputs(&self) -> &[TensorDesc];
     /// Runs once on host tensors named like `inputs()`; outputs come back in `outputs()` order.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+    /// Binds each `(input, output)` of `pairs` to one zeroed f32 buffer of `shape` that the engine keeps and every
+    /// later run updates in place (a KV cache the graph extends where new tokens go, never copied); later runs take
+    /// the other inputs only and return the other outputs only. Replaces earlier buffers.
+    fn hold_in_place(&mut self, pairs: &[(String, String)], shape: &[usize]) -> Result<()> {
+        let _ = (pairs, shape);
+        bail!(
+            "the {} backend cannot keep tensors in place between runs; rebuild the model for it",
+            self.backend()
+        )
+    }
 }
 
 /// Checks named inputs against an engine's descriptions: every input present once, dtypes equal, ranks equal and

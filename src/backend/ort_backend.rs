@@ -29,6 +29,8 @@ pub struct OrtEngine {
     cpu: ort::memory::MemoryInfo<'static>,
     inputs: Vec<TensorDesc>,
     outputs: Vec<TensorDesc>,
+    /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
+    held: Vec<(String, String, Tensor<f32>)>,
     /// Holds the CPU-pass rewrite of the model while the session lives.
     _rewritten: Option<tempfile::TempDir>,
 }
@@ -179,6 +181,7 @@ impl OrtEngine {
             cpu,
             inputs,
             outputs,
+            held: Vec::new(),
             _rewritten: rewritten,
         })
     }
@@ -272,12 +275,30 @@ impl Engine for OrtEngine {
         &self.outputs
     }
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
-        check_inputs(&self.name, &self.inputs, inputs)?;
+        let held_in = |n: &str| self.held.iter().any(|h| h.0 == n);
+        let held_outputs: Vec<String> = self.held.iter().map(|h| h.1.clone()).collect();
+        let held_out = |n: &str| held_outputs.iter().any(|h| h == n);
+        let expected: Vec<TensorDesc> = self
+            .inputs
+            .iter()
+            .filter(|d| !held_in(&d.name))
+            .cloned()
+            .collect();
+        check_inputs(&self.name, &expected, inputs)?;
         self.binding.clear();
-        for o in &self.outputs {
+        for o in self.outputs.iter().filter(|o| !held_out(&o.name)) {
             self.binding
                 .bind_output_to_device(o.name.as_str(), &self.cpu)
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", o.name))?;
+        }
+        for (input, output, t) in &mut self.held {
+            // One buffer both ways: the graph reads the cache and writes the new positions in place.
+            self.binding
+                .bind_input(input.as_str(), &*t)
+                .map_err(|e| anyhow::anyhow!("input '{input}': {e}"))?;
+            self.binding
+                .bind_output(output.as_str(), &mut *t)
+                .map_err(|e| anyhow::anyhow!("output '{output}': {e}"))?;
         }
         for (n, t) in inputs {
             let v = to_value(n, t)?;
@@ -291,6 +312,7 @@ impl Engine for OrtEngine {
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
         self.outputs
             .iter()
+            .filter(|d| !held_out(&d.name))
             .map(|d| {
                 let v = outputs
                     .get(&d.name)
@@ -298,5 +320,28 @@ impl Engine for OrtEngine {
                 Ok((d.name.clone(), from_value(&d.name, v)?))
             })
             .collect()
+    }
+
+    fn hold_in_place(&mut self, pairs: &[(String, String)], shape: &[usize]) -> Result<()> {
+        self.held.clear();
+        let allocator = self.session.allocator();
+        for (input, output) in pairs {
+            for (name, list, kind) in [(input, &self.inputs, "input"), (output, &self.outputs, "output")] {
+                let d = list.iter().find(|d| d.name == *name).with_context(|| {
+                    format!("'{}' has no {kind} '{name}' to keep in place", self.name)
+                })?;
+                if d.dtype != DataType::FLOAT || d.shape.len() != shape.len() {
+                    bail!(
+                        "{kind} '{name}' of '{}' is {d}, which a f32 buffer of shape {shape:?} does not fit",
+                        self.name
+                    );
+                }
+            }
+            let mut t = Tensor::<f32>::new(allocator, shape.to_vec())
+                .map_err(|e| anyhow::anyhow!("cannot allocate '{input}' {shape:?}: {e}"))?;
+            t.extract_tensor_mut().1.fill(0.0);
+            self.held.push((input.clone(), output.clone(), t));
+        }
+        Ok(())
     }
 }

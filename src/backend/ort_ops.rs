@@ -1,8 +1,11 @@
-//! trt-diff's own ONNX Runtime operators (domain `trtdiff`), registered on every CPU session:
-//! `MatMulF16(X f32 [..., K], W f16 [N, K]) -> Y f32 [..., N]` and `MatMulBF16` (W bf16): a Linear layer whose
-//! weights stay 16-bit in memory (see `half_matmul`). Only graphs made for the CPU use them
-//! (`models::llama::decoder_graph_cpu`); TensorRT graphs keep standard ops. Output rows are split over
-//! `spin_pool`.
+//! trt-diff's own ONNX Runtime operators (domain `trtdiff`), registered on the CPU sessions whose graphs use them:
+//! - `MatMulF16(X f32 [..., K], W f16 [N, K], B f32 [N] optional) -> Y f32 [..., N]` and `MatMulBF16` (W bf16): a
+//!   Linear layer whose weights stay 16-bit in memory (see `half_matmul`);
+//! - `GateUpF16(X, W [2N, K]) -> Y [..., N]` and `GateUpBF16`: a SwiGLU MLP's input half,
+//!   `silu(X W[:N]^T) * (X W[N:]^T)`, in one call.
+//!
+//! Only graphs made for the CPU use them (`models::llama_cpu`); TensorRT graphs keep standard ops. Output rows are
+//! split over `spin_pool`.
 use super::half_matmul::{HalfWeight, dot_rows, gemm_rows, task_rows};
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
@@ -13,19 +16,31 @@ use std::marker::PhantomData;
 
 pub const DOMAIN: &str = "trtdiff";
 
-struct MatMulHalf<W>(PhantomData<W>);
+/// `GATE_UP`: the `GateUp*` form.
+struct MatMulHalf<W, const GATE_UP: bool>(PhantomData<W>);
 
 trait OpInfo {
-    const NAME: &'static str;
+    /// (MatMul name, GateUp name)
+    const NAMES: [&'static str; 2];
     const TYPE: TensorElementType;
 }
 impl OpInfo for half::f16 {
-    const NAME: &'static str = "MatMulF16";
+    const NAMES: [&'static str; 2] = ["MatMulF16", "GateUpF16"];
     const TYPE: TensorElementType = TensorElementType::Float16;
 }
 impl OpInfo for half::bf16 {
-    const NAME: &'static str = "MatMulBF16";
+    const NAMES: [&'static str; 2] = ["MatMulBF16", "GateUpBF16"];
     const TYPE: TensorElementType = TensorElementType::Bfloat16;
+}
+
+/// The operator's name in graphs: `MatMulF16`, `GateUpBF16`, ... for weights of ONNX type `half`.
+pub fn op_name(half: crate::onnx::DataType, gate_up: bool) -> &'static str {
+    let names = if half == crate::onnx::DataType::BFLOAT16 {
+        <half::bf16 as OpInfo>::NAMES
+    } else {
+        <half::f16 as OpInfo>::NAMES
+    };
+    names[gate_up as usize]
 }
 
 /// A raw output pointer shared by the parallel tasks, which write disjoint columns.
@@ -38,48 +53,127 @@ fn err(msg: String) -> ort::Error {
     ort::Error::new(msg)
 }
 
-fn compute<W>(ctx: &ComputeContext) -> ort::Result<()>
+fn compute<W, const GATE_UP: bool>(ctx: &ComputeContext) -> ort::Result<()>
 where
     W: HalfWeight + OpInfo + ort::value::PrimitiveTensorElementType,
 {
+    let name = W::NAMES[GATE_UP as usize];
     let x = ctx
         .input(0)?
-        .ok_or_else(|| err("MatMulF16: X missing".into()))?;
+        .ok_or_else(|| err(format!("{name}: X missing")))?;
     let w = ctx
         .input(1)?
-        .ok_or_else(|| err("MatMulF16: W missing".into()))?;
+        .ok_or_else(|| err(format!("{name}: W missing")))?;
     let (xs, xd) = x.try_extract_tensor::<f32>()?;
     let (ws, wd) = w.try_extract_tensor::<W>()?;
-    if ws.len() != 2 || xs.is_empty() || xs[xs.len() - 1] != ws[1] {
+    if ws.len() != 2 || xs.is_empty() || xs[xs.len() - 1] != ws[1] || (GATE_UP && ws[0] % 2 != 0) {
         return Err(err(format!(
-            "{}: X {:?} and W {:?} do not fit (X [..., K], W [N, K])",
-            W::NAME,
+            "{name}: X {:?} and W {:?} do not fit (X [..., K], W [N, K]{})",
             &xs[..],
-            &ws[..]
+            &ws[..],
+            if GATE_UP { " with N even" } else { "" }
         )));
     }
+    let bias = if GATE_UP { None } else { ctx.input(2)? };
+    let bias = match &bias {
+        Some(b) => {
+            let (bs, bd) = b.try_extract_tensor::<f32>()?;
+            if bd.len() as i64 != ws[0] {
+                return Err(err(format!(
+                    "{name}: B {:?} does not fit W {:?}",
+                    &bs[..],
+                    &ws[..]
+                )));
+            }
+            Some(bd)
+        }
+        None => None,
+    };
     let (n, k) = (ws[0] as usize, ws[1] as usize);
     let m = xd.len() / k.max(1);
+    let n_out = if GATE_UP { n / 2 } else { n };
     let mut shape: Vec<i64> = xs[..xs.len() - 1].to_vec();
-    shape.push(n as i64);
+    shape.push(n_out as i64);
     let mut y = ctx
         .output(0, shape)?
-        .ok_or_else(|| err(format!("{}: no output", W::NAME)))?;
+        .ok_or_else(|| err(format!("{name}: no output")))?;
     let (_, yd) = y.try_extract_tensor_mut::<f32>()?;
     if m == 0 || n == 0 {
         return Ok(());
     }
-    if k == 0 {
-        yd.fill(0.0);
+    if GATE_UP {
+        // Decode: each task takes the same rows of both halves. Prefill: the whole [m, 2n] product, then the gate.
+        let mut full = if m == 1 {
+            Vec::new()
+        } else {
+            vec![0f32; m * n]
+        };
+        let target = if m == 1 { &mut yd[..] } else { &mut full[..] };
+        product(xd, wd, m, k, n, GATE_UP, target);
+        if m > 1 {
+            for (yr, fr) in yd.chunks_exact_mut(n_out).zip(full.chunks_exact(n)) {
+                let (g, u) = fr.split_at(n_out);
+                for ((o, &g), &u) in yr.iter_mut().zip(g).zip(u) {
+                    *o = silu(g) * u;
+                }
+            }
+        }
         return Ok(());
     }
+    product(xd, wd, m, k, n, false, yd);
+    if let Some(b) = bias {
+        for row in yd.chunks_exact_mut(n) {
+            for (o, &bv) in row.iter_mut().zip(b) {
+                *o += bv;
+            }
+        }
+    }
+    Ok(())
+}
+
+fn silu(g: f32) -> f32 {
+    g / (1.0 + (-g).exp())
+}
+
+/// `y = x W^T` ([m, n]) over `spin_pool`; with `gate_up` and m = 1, `y` is [n / 2] and holds the gated product.
+fn product<W: HalfWeight>(
+    xd: &[f32],
+    wd: &[W],
+    m: usize,
+    k: usize,
+    n: usize,
+    gate_up: bool,
+    yd: &mut [f32],
+) {
+    if k == 0 {
+        yd.fill(0.0);
+        return;
+    }
     let out = OutPtr(yd.as_mut_ptr());
-    let step = task_rows(m, n);
-    let tasks = n.div_ceil(step);
+    let half = n / 2;
+    let rows_total = if gate_up && m == 1 { half } else { n };
+    let step = task_rows(m, rows_total);
+    let tasks = rows_total.div_ceil(step);
     let body = move |t: usize| {
         let out = out;
-        let rows = t * step..((t + 1) * step).min(n);
-        if m == 1 {
+        let rows = t * step..((t + 1) * step).min(rows_total);
+        if m == 1 && gate_up {
+            // Gate rows, then the matching up rows (two sequential streams), combined in place.
+            // SAFETY: task t alone writes y[rows]; y holds n / 2 values.
+            let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(rows.start), rows.len()) };
+            let mut up = [0f32; 256];
+            for (yc, start) in y
+                .chunks_mut(up.len())
+                .zip((rows.start..rows.end).step_by(up.len()))
+            {
+                let r = start..start + yc.len();
+                dot_rows(xd, wd, k, r.clone(), yc);
+                dot_rows(xd, wd, k, r.start + half..r.end + half, &mut up[..yc.len()]);
+                for (o, &u) in yc.iter_mut().zip(&up) {
+                    *o = silu(*o) * u;
+                }
+            }
+        } else if m == 1 {
             // SAFETY: task t alone writes y[rows]; y holds n values.
             let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(rows.start), rows.len()) };
             dot_rows(xd, wd, k, rows, y);
@@ -100,24 +194,27 @@ where
     } else {
         super::spin_pool::SpinPool::global().run(tasks, &body);
     }
-    Ok(())
 }
 
-impl<W> Operator for MatMulHalf<W>
+impl<W, const GATE_UP: bool> Operator for MatMulHalf<W, GATE_UP>
 where
     W: HalfWeight + OpInfo + ort::value::PrimitiveTensorElementType,
 {
     type Kernel<'attr> = BoxedKernel<'attr>;
 
     fn name(&self) -> &str {
-        W::NAME
+        W::NAMES[GATE_UP as usize]
     }
 
     fn inputs(&self) -> impl IntoIterator<Item = OperatorInput> {
-        [
+        let mut v = vec![
             OperatorInput::required(TensorElementType::Float32),
             OperatorInput::required(W::TYPE),
-        ]
+        ];
+        if !GATE_UP {
+            v.push(OperatorInput::optional(TensorElementType::Float32));
+        }
+        v
     }
 
     fn outputs(&self) -> impl IntoIterator<Item = OperatorOutput> {
@@ -125,15 +222,17 @@ where
     }
 
     fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        Ok(Box::new(|ctx: &ComputeContext| compute::<W>(ctx)))
+        Ok(Box::new(|ctx: &ComputeContext| compute::<W, GATE_UP>(ctx)))
     }
 }
 
 /// The `trtdiff` operator domain, for a session builder's `with_operators`.
 pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
-        .add(MatMulHalf::<half::f16>(PhantomData))?
-        .add(MatMulHalf::<half::bf16>(PhantomData))
+        .add(MatMulHalf::<half::f16, false>(PhantomData))?
+        .add(MatMulHalf::<half::bf16, false>(PhantomData))?
+        .add(MatMulHalf::<half::f16, true>(PhantomData))?
+        .add(MatMulHalf::<half::bf16, true>(PhantomData))
 }
 
 #[cfg(test)]
@@ -153,8 +252,10 @@ mod tests {
             .collect()
     }
 
-    /// The operator against ONNX Runtime's own f32 MatMul on the same (16-bit-rounded) weights, in one graph.
-    fn compare(half: DataType, m: usize, k: usize, n: usize, threads: usize) -> f32 {
+    /// The operators against ONNX Runtime's own f32 ops on the same (16-bit-rounded) weights, in one graph:
+    /// `MatMul*` with a bias against MatMul + Add, `GateUp*` against MatMul, Split, Sigmoid and two Muls. Returns
+    /// the largest difference of each.
+    fn compare(half: DataType, m: usize, k: usize, n: usize, threads: usize) -> [f32; 2] {
         let w = data(n * k, 7);
         let (bytes, rounded): (Vec<u8>, Vec<f32>) = if half == DataType::FLOAT16 {
             let h: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(*v)).collect();
@@ -177,46 +278,66 @@ mod tests {
         }
         let mut g = GraphBuilder::new("half_matmul", 18);
         g.use_domain(super::DOMAIN, 1);
+        let m_dim = || Dim::Sym("m".into());
         let x = g
             .input(
                 "x",
                 DataType::FLOAT,
-                vec![Dim::Fixed(1), Dim::Sym("m".into()), Dim::Fixed(k as i64)],
+                vec![Dim::Fixed(1), m_dim(), Dim::Fixed(k as i64)],
             )
             .unwrap();
         let wh = g
             .initializer("w_half", half, &[n as i64, k as i64], bytes.into())
             .unwrap();
         let wf = g.const_f32("w_f32", &[k as i64, n as i64], &wt).unwrap();
-        let op = if half == DataType::FLOAT16 {
-            "MatMulF16"
-        } else {
-            "MatMulBF16"
+        let b = g.const_f32("b", &[n as i64], &data(n, 11)).unwrap();
+        let shape = |c: usize| vec![Dim::Fixed(1), m_dim(), Dim::Fixed(c as i64)];
+        let f = DataType::FLOAT;
+        let mut ours_op = |gate_up: bool, inputs: &[&crate::onnx::Value], c: usize| {
+            let op = super::op_name(half, gate_up);
+            g.node_in(super::DOMAIN, op, op, inputs, vec![], vec![(f, shape(c))])
+                .unwrap()
+                .remove(0)
         };
-        let out_shape = vec![Dim::Fixed(1), Dim::Sym("m".into()), Dim::Fixed(n as i64)];
-        let ours = g
-            .node_in(
-                super::DOMAIN,
-                op,
-                "ours",
-                &[&x, &wh],
-                vec![],
-                vec![(DataType::FLOAT, out_shape.clone())],
-            )
-            .unwrap()
-            .remove(0);
+        let ours = ours_op(false, &[&x, &wh, &b], n);
+        let ours_gated = if n % 2 == 0 {
+            Some(ours_op(true, &[&x, &wh], n / 2))
+        } else {
+            None
+        };
+        let mm = g
+            .op("MatMul", "mm", &[&x, &wf], vec![], f, shape(n))
+            .unwrap();
         let theirs = g
-            .op(
-                "MatMul",
-                "theirs",
-                &[&x, &wf],
-                vec![],
-                DataType::FLOAT,
-                out_shape,
-            )
+            .op("Add", "theirs", &[&mm, &b], vec![], f, shape(n))
             .unwrap();
         g.output(&ours);
         g.output(&theirs);
+        if let Some(o) = &ours_gated {
+            let parts = g
+                .node(
+                    "Split",
+                    "split",
+                    &[&mm],
+                    vec![
+                        ("axis", crate::onnx::Attr::Int(-1)),
+                        ("num_outputs", crate::onnx::Attr::Int(2)),
+                    ],
+                    vec![(f, shape(n / 2)), (f, shape(n / 2))],
+                )
+                .unwrap();
+            let sg = g
+                .op("Sigmoid", "sig", &[&parts[0]], vec![], f, shape(n / 2))
+                .unwrap();
+            let silu = g
+                .op("Mul", "silu", &[&parts[0], &sg], vec![], f, shape(n / 2))
+                .unwrap();
+            let gated = g
+                .op("Mul", "gated", &[&silu, &parts[1]], vec![], f, shape(n / 2))
+                .unwrap();
+            g.output(o);
+            g.output(&gated);
+        }
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.onnx");
         crate::onnx::save(g.finish(), &path, &Default::default()).unwrap();
@@ -230,13 +351,16 @@ mod tests {
         .unwrap();
         let xin = HostTensor::from_f32(&[1, m, k], &data(m * k, 3));
         let out = e.run(&[("x".into(), xin)]).unwrap();
-        let (a, b) = (out[0].1.to_f64().unwrap(), out[1].1.to_f64().unwrap());
         assert_eq!(out[0].1.shape, vec![1, m, n]);
-        assert_eq!(a.len(), b.len());
-        a.iter()
-            .zip(&b)
-            .map(|(p, q)| (p - q).abs() as f32)
-            .fold(0.0, f32::max)
+        let diff = |i: usize| {
+            let (a, b) = (out[i].1.to_f64().unwrap(), out[i + 1].1.to_f64().unwrap());
+            assert_eq!(a.len(), b.len());
+            a.iter()
+                .zip(&b)
+                .map(|(p, q)| (p - q).abs() as f32)
+                .fold(0.0, f32::max)
+        };
+        [diff(0), if out.len() > 2 { diff(2) } else { 0.0 }]
     }
 
     #[test]
@@ -248,18 +372,20 @@ mod tests {
                 (1, 37, 131),
                 (1, 200, 131),
                 (1, 896, 300),
+                (1, 64, 1100),
                 (5, 37, 131),
                 (9, 896, 300),
+                (4, 64, 1100),
                 (1, 3, 1),
             ] {
                 for threads in [1, 2] {
-                    let d = compare(half, m, k, n, threads);
+                    let [d, gated] = compare(half, m, k, n, threads);
                     eprintln!(
-                        "{half} m={m} k={k} n={n} threads={threads}: max |ours - MatMul| {d:.2e}"
+                        "{half} m={m} k={k} n={n} threads={threads}: max |ours - ORT| {d:.2e}, gate-up {gated:.2e}"
                     );
                     assert!(
-                        d <= 2e-5 * (k as f32).sqrt(),
-                        "{half} m={m} k={k} n={n}: max diff {d}"
+                        d <= 2e-5 * (k as f32).sqrt() && gated <= 2e-5 * (k as f32).sqrt(),
+                        "{half} m={m} k={k} n={n}: max diff {d}, gate-up {gated}"
                     );
                 }
             }

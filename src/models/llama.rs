@@ -102,8 +102,6 @@ struct Emitter<'a> {
     cfg: &'a LlamaConfig,
     w: &'a HashMap<String, Vec<f32>>,
     policy: &'a Policy,
-    /// CPU graphs: every projection through `trtdiff.MatMulF16`/`MatMulBF16` with weights of this type.
-    cpu_half: Option<DataType>,
 }
 
 impl Emitter<'_> {
@@ -178,82 +176,7 @@ impl Emitter<'_> {
             out_features: out,
             in_features: inp,
         };
-        if let Some(half) = self.cpu_half {
-            let wv = half_weight(&mut self.g, name, &lw, half)?;
-            return half_linear(&mut self.g, name, x, &wv, &lw);
-        }
         linear_f32_io(&mut self.g, name, x, &lw, precision)
-    }
-
-    /// Projections of the same input (`(name, out features)`); CPU graphs run them as one product on stacked
-    /// weights and split the result (fewer, larger operator calls per token).
-    fn projs<const N: usize>(
-        &mut self,
-        fused: &str,
-        parts: [(String, usize); N],
-        x: &Value,
-        inp: usize,
-    ) -> Result<[Value; N]> {
-        let Some(half) = self.cpu_half else {
-            let mut out = Vec::with_capacity(N);
-            for (name, n) in &parts {
-                out.push(self.proj(name, x, *n, inp)?);
-            }
-            return out
-                .try_into()
-                .map_err(|_| anyhow::anyhow!("{fused}: projection count"));
-        };
-        let total: usize = parts.iter().map(|p| p.1).sum();
-        let mut w = Vec::with_capacity(total * inp);
-        let any_bias = parts
-            .iter()
-            .any(|(name, _)| self.w.contains_key(&format!("{name}.bias")));
-        let mut b = Vec::new();
-        for (name, n) in &parts {
-            let wi = self.weight(&format!("{name}.weight"))?;
-            if wi.len() != n * inp {
-                anyhow::bail!(
-                    "{name}: weight has {} values, [{n}, {inp}] needs {}",
-                    wi.len(),
-                    n * inp
-                );
-            }
-            w.extend_from_slice(wi);
-            match self.w.get(&format!("{name}.bias")) {
-                Some(bi) if bi.len() == *n => b.extend_from_slice(bi),
-                Some(bi) => anyhow::bail!("{name}: bias has {} values, expected {n}", bi.len()),
-                None => b.extend(std::iter::repeat_n(0.0, *n)),
-            }
-        }
-        let lw = LinearWeights {
-            weight: &w,
-            bias: any_bias.then_some(&b[..]),
-            out_features: total,
-            in_features: inp,
-        };
-        let wv = half_weight(&mut self.g, fused, &lw, half)?;
-        let y = half_linear(&mut self.g, fused, x, &wv, &lw)?;
-        let sizes: Vec<i64> = parts.iter().map(|p| p.1 as i64).collect();
-        let split = self.const_i64(&format!("{fused}.split"), &sizes)?;
-        let outs = parts
-            .iter()
-            .map(|(_, n)| {
-                let mut s = x.shape.clone();
-                if let Some(l) = s.last_mut() {
-                    *l = Dim::Fixed(*n as i64);
-                }
-                (F32, s)
-            })
-            .collect();
-        let vals = self.g.node(
-            "Split",
-            &format!("{fused}/split"),
-            &[&y, &split],
-            vec![("axis", Attr::Int(-1))],
-            outs,
-        )?;
-        vals.try_into()
-            .map_err(|_| anyhow::anyhow!("{fused}: split count"))
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -358,16 +281,9 @@ impl Emitter<'_> {
             h,
             &format!("{p}.input_layernorm.weight"),
         )?;
-        let [q, k, v] = self.projs(
-            &format!("{p}.self_attn.qkv"),
-            [
-                (format!("{p}.self_attn.q_proj"), d),
-                (format!("{p}.self_attn.k_proj"), kv * hd),
-                (format!("{p}.self_attn.v_proj"), kv * hd),
-            ],
-            &xn,
-            d,
-        )?;
+        let q = self.proj(&format!("{p}.self_attn.q_proj"), &xn, d, d)?;
+        let k = self.proj(&format!("{p}.self_attn.k_proj"), &xn, kv * hd, d)?;
+        let v = self.proj(&format!("{p}.self_attn.v_proj"), &xn, kv * hd, d)?;
         let qs = self.const_i64(&format!("{p}.q_shape"), &[0, 0, heads as i64, hd as i64])?;
         let ks = self.const_i64(&format!("{p}.kv_shape"), &[0, 0, kv as i64, hd as i64])?;
         let q = self.op("Reshape", &format!("{p}/q_heads"), &[&q, &qs], vec![], F32)?;
@@ -460,15 +376,8 @@ impl Emitter<'_> {
             &h,
             &format!("{p}.post_attention_layernorm.weight"),
         )?;
-        let [gate, up] = self.projs(
-            &format!("{p}.mlp.gate_up"),
-            [
-                (format!("{p}.mlp.gate_proj"), c.hidden_dim),
-                (format!("{p}.mlp.up_proj"), c.hidden_dim),
-            ],
-            &xn,
-            d,
-        )?;
+        let gate = self.proj(&format!("{p}.mlp.gate_proj"), &xn, c.hidden_dim, d)?;
+        let up = self.proj(&format!("{p}.mlp.up_proj"), &xn, c.hidden_dim, d)?;
         let sg = self.op("Sigmoid", &format!("{p}/sigmoid"), &[&gate], vec![], F32)?;
         let silu = self.op("Mul", &format!("{p}/silu"), &[&gate, &sg], vec![], F32)?;
         let mut act = self.op("Mul", &format!("{p}/swiglu"), &[&silu, &up], vec![], F32)?;
@@ -519,94 +428,6 @@ fn linear_f32_io(
     )
 }
 
-/// A [n, k] weight in `half` (FLOAT16 or BFLOAT16), the layout `trtdiff.MatMulF16` reads.
-fn half_weight(
-    g: &mut GraphBuilder,
-    name: &str,
-    lw: &LinearWeights,
-    half: DataType,
-) -> Result<Value> {
-    let bytes: Vec<u8> = if half == DataType::BFLOAT16 {
-        lw.weight
-            .iter()
-            .flat_map(|v| half::bf16::from_f32(*v).to_le_bytes())
-            .collect()
-    } else {
-        lw.weight
-            .iter()
-            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
-            .collect()
-    };
-    g.initializer(
-        &format!("{name}.weight"),
-        half,
-        &[lw.out_features as i64, lw.in_features as i64],
-        bytes.into(),
-    )
-}
-
-/// `x @ W^T (+ b)` with f32 activations and a 16-bit weight `w` [n, k] (trt-diff's CPU operator).
-fn half_linear(
-    g: &mut GraphBuilder,
-    name: &str,
-    x: &Value,
-    w: &Value,
-    lw: &LinearWeights,
-) -> Result<Value> {
-    let n = lw.out_features;
-    let mut shape = x.shape.clone();
-    if let Some(l) = shape.last_mut() {
-        *l = Dim::Fixed(n as i64);
-    }
-    let op = if w.dtype == DataType::BFLOAT16 {
-        "MatMulBF16"
-    } else {
-        "MatMulF16"
-    };
-    let y = g
-        .node_in(
-            crate::backend::ort_ops::DOMAIN,
-            op,
-            &format!("{name}/{op}"),
-            &[x, w],
-            vec![],
-            vec![(F32, shape.clone())],
-        )?
-        .remove(0);
-    let Some(b) = lw.bias else { return Ok(y) };
-    let bv = g.const_f32(&format!("{name}.bias"), &[n as i64], b)?;
-    g.op(
-        "Add",
-        &format!("{name}/bias"),
-        &[&y, &bv],
-        vec![],
-        F32,
-        shape,
-    )
-}
-
-/// The decoder graph for ONNX Runtime on the CPU with 16-bit weights (`half`: FLOAT16 or BFLOAT16): every
-/// projection and the LM head run through trt-diff's `trtdiff.MatMulF16`/`MatMulBF16` operator on [n, k] weights,
-/// the embedding table is stored in `half` too (tied LM heads share it); activations, norms, attention and the
-/// KV cache stay f32. Only ONNX Runtime sessions of this crate can run it (TensorRT builds [`decoder_graph`]).
-pub fn decoder_graph_cpu(
-    cfg: &LlamaConfig,
-    weights: &HashMap<String, Vec<f32>>,
-    half: DataType,
-    last_logits_only: bool,
-) -> Result<ModelProto> {
-    if half != DataType::FLOAT16 && half != DataType::BFLOAT16 {
-        anyhow::bail!("CPU decoder graphs store weights in float16 or bfloat16, not {half}");
-    }
-    graph(
-        cfg,
-        weights,
-        &Policy::uniform(LinearPrecision::F32),
-        last_logits_only,
-        Some(half),
-    )
-}
-
 /// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
 pub fn decoder_graph(
     cfg: &LlamaConfig,
@@ -624,7 +445,7 @@ pub fn decoder_graph_with(
     policy: &Policy,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    graph(cfg, weights, policy, last_logits_only, None)
+    graph(cfg, weights, policy, last_logits_only)
 }
 
 fn graph(
@@ -632,7 +453,6 @@ fn graph(
     weights: &HashMap<String, Vec<f32>>,
     policy: &Policy,
     last_logits_only: bool,
-    cpu_half: Option<DataType>,
 ) -> Result<ModelProto> {
     let opset = policy.target.min_opset().max(18);
     let mut e = Emitter {
@@ -640,13 +460,9 @@ fn graph(
         cfg,
         w: weights,
         policy,
-        cpu_half,
     };
     if policy.target == LinearPrecision::Nvfp4 {
         e.g.use_domain("trt", 1);
-    }
-    if cpu_half.is_some() {
-        e.g.use_domain(crate::backend::ort_ops::DOMAIN, 1);
     }
     let (d, hd) = (cfg.dim, cfg.head_dim());
     let ids =
@@ -654,32 +470,12 @@ fn graph(
     let pos =
         e.g.input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let emb = e.weight("model.embed_tokens.weight")?.clone();
-    let emb_lw = LinearWeights {
-        weight: &emb,
-        bias: None,
-        out_features: cfg.vocab_size,
-        in_features: d,
-    };
-    let table = match cpu_half {
-        Some(half) => half_weight(&mut e.g, "model.embed_tokens", &emb_lw, half)?,
-        None => e.g.const_f32(
-            "model.embed_tokens.weight",
-            &[cfg.vocab_size as i64, d as i64],
-            &emb,
-        )?,
-    };
-    let mut h = if table.dtype == F32 {
-        e.op("Gather", "embed", &[&table, &ids], vec![], F32)?
-    } else {
-        let rows = e.op("Gather", "embed_half", &[&table, &ids], vec![], table.dtype)?;
-        e.op(
-            "Cast",
-            "embed",
-            &[&rows],
-            vec![("to", Attr::Int(F32.0 as i64))],
-            F32,
-        )?
-    };
+    let table = e.g.const_f32(
+        "model.embed_tokens.weight",
+        &[cfg.vocab_size as i64, d as i64],
+        &emb,
+    )?;
+    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
     // RoPE tables [max_seq, hd/2], gathered by absolute position.
     let half = hd / 2;
@@ -766,17 +562,7 @@ fn graph(
         out_features: cfg.vocab_size,
         in_features: d,
     };
-    let mut logits = match cpu_half {
-        // A tied head reads the embedding table itself.
-        Some(_) if cfg.tied_embeddings && head == emb => {
-            half_linear(&mut e.g, "lm_head", &hn, &table, &lw)?
-        }
-        Some(half) => {
-            let wv = half_weight(&mut e.g, "lm_head", &lw, half)?;
-            half_linear(&mut e.g, "lm_head", &hn, &wv, &lw)?
-        }
-        None => linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?,
-    };
+    let mut logits = linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?;
     logits = e.g.op(
         "Identity",
         "logits",

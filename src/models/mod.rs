@@ -2,6 +2,7 @@
 pub mod clip;
 pub mod flux;
 pub mod llama;
+pub mod llama_cpu;
 pub mod mlp;
 pub mod ops;
 pub mod t5;

@@ -39,6 +39,17 @@ pub struct Value {
     pub shape: Vec<Dim>,
 }
 
+impl Value {
+    /// An optional input left out (ONNX names it "").
+    pub fn absent() -> Value {
+        Value {
+            name: String::new(),
+            dtype: DataType::UNDEFINED,
+            shape: vec![],
+        }
+    }
+}
+
 pub enum Attr {
     Int(i64),
     Float(f32),
@@ -348,7 +359,7 @@ impl GraphBuilder {
     }
 
     /// Adds a node; a single output is named like the node (or `<node>:out` when that value name is taken),
-    /// several outputs `<node>:out<i>`.
+    /// several outputs `<node>:out<i>`. Outputs of type `DataType::UNDEFINED` are optional outputs left out.
     pub fn node_in(
         &mut self,
         domain: &str,
@@ -358,6 +369,26 @@ impl GraphBuilder {
         attrs: Vec<(&str, Attr)>,
         outputs: Vec<(DataType, Vec<Dim>)>,
     ) -> Result<Vec<Value>> {
+        self.node_named(
+            domain,
+            op,
+            name,
+            inputs,
+            attrs,
+            outputs.into_iter().map(|(t, s)| (None, t, s)).collect(),
+        )
+    }
+
+    /// As [`GraphBuilder::node_in`], with outputs given a name (`Some`) where it matters (graph outputs).
+    pub fn node_named(
+        &mut self,
+        domain: &str,
+        op: &str,
+        name: &str,
+        inputs: &[&Value],
+        attrs: Vec<(&str, Attr)>,
+        outputs: Vec<(Option<String>, DataType, Vec<Dim>)>,
+    ) -> Result<Vec<Value>> {
         if !domain.is_empty() && !self.opsets.contains_key(domain) {
             bail!(
                 "node '{name}' uses domain '{domain}', which the graph does not import (use_domain)"
@@ -366,8 +397,14 @@ impl GraphBuilder {
         let node_name = unique_in(&mut self.node_names, name);
         let single = outputs.len() == 1;
         let mut values = Vec::with_capacity(outputs.len());
-        for (i, (dtype, shape)) in outputs.into_iter().enumerate() {
-            let out = if single && !self.names.contains(&node_name) {
+        for (i, (given, dtype, shape)) in outputs.into_iter().enumerate() {
+            if dtype == DataType::UNDEFINED {
+                values.push(Value::absent());
+                continue;
+            }
+            let out = if let Some(n) = given {
+                n
+            } else if single && !self.names.contains(&node_name) {
                 node_name.clone()
             } else if single {
                 format!("{node_name}:out")

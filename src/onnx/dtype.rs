@@ -145,6 +145,8 @@ const TYPES: &[TypeRow] = &[
 ];
 
 impl DataType {
+    /// No type: an optional graph value left out.
+    pub const UNDEFINED: DataType = DataType(0);
     pub const FLOAT: DataType = DataType(1);
     pub const UINT8: DataType = DataType(2);
     pub const INT8: DataType = DataType(3);

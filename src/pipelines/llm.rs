@@ -1,5 +1,6 @@
-//! Text generation around a decoder engine (see `models::llama`): prefill the prompt, then one token per call,
-//! the KV cache passed from each call's `present_*` outputs to the next call's `past_*` inputs.
+//! Text generation around a decoder engine (see `models::llama` and `models::llama_cpu`): prefill the prompt, then
+//! one token per call, the KV cache kept between calls by `kv_cache::Decoder`.
+use super::kv_cache::Decoder;
 use crate::backend::{Engine, HostTensor};
 use crate::onnx::DataType;
 use anyhow::{Context, Result, bail};
@@ -304,14 +305,6 @@ pub fn sample(logits: &[f32], p: &SamplingParams, rng: &mut impl FnMut() -> f32)
     idx[probs.len() - 1] as u32
 }
 
-fn empty_tensor() -> HostTensor {
-    HostTensor {
-        dtype: DataType::FLOAT,
-        shape: vec![],
-        data: vec![],
-    }
-}
-
 /// The logits of the last position (prefill returns every position's; only the last one is sampled).
 fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
     let vocab = *logits.shape.last().unwrap_or(&0);
@@ -329,19 +322,8 @@ fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
         .collect())
 }
 
-fn ids_tensor(ids: &[i64]) -> HostTensor {
-    HostTensor {
-        dtype: DataType::INT64,
-        shape: vec![1, ids.len()],
-        data: ids.iter().flat_map(|v| v.to_le_bytes()).collect(),
-    }
-}
-
 pub struct Generator<'a> {
     pub engine: &'a mut dyn Engine,
-    pub n_layers: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
     pub max_seq_len: usize,
 }
 
@@ -378,13 +360,8 @@ impl Generator<'_> {
                 self.max_seq_len
             );
         }
-        let mut past: Vec<HostTensor> = (0..2 * self.n_layers)
-            .map(|_| HostTensor {
-                dtype: DataType::FLOAT,
-                shape: vec![1, self.n_kv_heads, 0, self.head_dim],
-                data: vec![],
-            })
-            .collect();
+        let capacity = tokens.len() + params.max_tokens;
+        let mut decoder = Decoder::new(&mut *self.engine, capacity)?;
         let mut stats = GenerationStats {
             prompt_tokens: tokens.len(),
             ..Default::default()
@@ -398,45 +375,13 @@ impl Generator<'_> {
             *counts.entry(t).or_default() += 1;
         }
         let mut new_ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let mut pos0 = 0usize;
         let mut prev = tokens.last().copied();
         let t0 = Instant::now();
         for step in 0..params.max_tokens {
-            let positions: Vec<i64> = (pos0..pos0 + new_ids.len()).map(|p| p as i64).collect();
-            let mut inputs = vec![
-                ("input_ids".to_string(), ids_tensor(&new_ids)),
-                ("position_ids".to_string(), ids_tensor(&positions)),
-            ];
-            // The cache moves into the inputs (no copy); the outputs' present_* replace it below.
-            for (i, t) in past.iter_mut().enumerate() {
-                let name = if i % 2 == 0 {
-                    format!("past_key_{}", i / 2)
-                } else {
-                    format!("past_value_{}", i / 2)
-                };
-                inputs.push((name, std::mem::replace(t, empty_tensor())));
-            }
-            let mut outputs = self.engine.run(&inputs)?;
-            let logits = &outputs
-                .iter()
-                .find(|(n, _)| n == "logits")
-                .context("engine has no 'logits' output")?
-                .1;
-            let row = last_row(logits)?;
-            for i in 0..self.n_layers {
-                for (slot, kind) in [(2 * i, "key"), (2 * i + 1, "value")] {
-                    let name = format!("present_{kind}_{i}");
-                    let out = outputs
-                        .iter_mut()
-                        .find(|(n, _)| *n == name)
-                        .with_context(|| format!("engine has no '{name}' output"))?;
-                    past[slot] = std::mem::replace(&mut out.1, empty_tensor());
-                }
-            }
+            let row = last_row(&decoder.forward(&new_ids)?)?;
             if step == 0 {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
             }
-            pos0 += new_ids.len();
             let mut row = row;
             apply_penalties(&mut row, &counts, params);
             let next = sample(&row, params, &mut next_rand);
@@ -501,9 +446,6 @@ pub fn generate_with_engine(
     let mut engine = crate::runner::open_engine(engine_path, backend, &cpu_options(config))?;
     let mut generator = Generator {
         engine: engine.as_mut(),
-        n_layers: config.n_layers,
-        n_kv_heads: config.n_kv_heads,
-        head_dim: config.head_dim(),
         max_seq_len: config.max_seq_len,
     };
     generator.generate(tok.as_ref(), prompt, params, on_text)

@@ -196,7 +196,7 @@ fn write_cpu_graph(
     else {
         return Ok(None);
     };
-    let graph = crate::models::llama::decoder_graph_cpu(config, tensors, half, true)?;
+    let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, half, true)?;
     save(graph, &path, &SaveOptions::default())?;
     Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
 }

@@ -1,0 +1,491 @@
+//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU for 16-bit checkpoints (`NAME.cpu.onnx`), built
+//! from fused operators so that a decode step is ~7 nodes per layer rather than ~45:
+//! - projections: trt-diff's `trtdiff.MatMulF16`/`MatMulBF16` (bias included) and `GateUpF16`/`GateUpBF16`
+//!   (SwiGLU's gate and up in one call) on [n, k] 16-bit weights (`backend::ort_ops`);
+//! - norms: ONNX Runtime's `SimplifiedLayerNormalization` and `com.microsoft.SkipSimplifiedLayerNormalization`
+//!   (the residual add and the next RMSNorm in one node);
+//! - attention: `com.microsoft.GroupQueryAttention` with RoPE applied inside from the graph's cos/sin tables, on
+//!   q, k and v packed in one tensor.
+//!
+//! GroupQueryAttention wants heads of a multiple of 16 values; smaller heads (tiny models) are padded with zeros in
+//! the graph's weights (`pad_heads`), so every model runs the same graph form.
+//!
+//! The KV cache stays in place: `past_key_{i}` / `past_value_{i}` [1, n_kv_heads, capacity, padded head size] and the
+//! matching `present_*` outputs are bound to the same buffer, which the attention extends where the new tokens go
+//! (`backend::Engine::hold_in_place`). Inputs: `input_ids` [1, seq] int64, `seqlens_k` [1] int32 (tokens in the
+//! cache after this call, minus one), `total_sequence_length` [] int32 (the same plus one). Outputs: `logits`
+//! [1, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT builds
+//! `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
+use super::llama::{LlamaConfig, rope_inv_freq};
+use crate::backend::ort_ops::{DOMAIN, op_name};
+use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
+use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
+
+const F32: DataType = DataType::FLOAT;
+const MS: &str = "com.microsoft";
+
+/// The input that marks graphs keeping their KV cache in place.
+pub const SEQLENS_INPUT: &str = "seqlens_k";
+pub const TOTAL_INPUT: &str = "total_sequence_length";
+
+struct Emitter<'a> {
+    g: GraphBuilder,
+    cfg: &'a LlamaConfig,
+    w: &'a HashMap<String, Vec<f32>>,
+    /// Attention weights with heads padded to `hd` (see `pad_heads`), used instead of `w`'s.
+    padded: HashMap<String, Vec<f32>>,
+    half: DataType,
+    /// Head size in the graph: the model's, rounded up to GroupQueryAttention's multiple of 16.
+    hd: usize,
+}
+
+/// Where element `j` of a head of `hd` values goes in a head padded to `hd_pad`: RoPE pairs `(j, j + hd/2)` (halves
+/// layout) must stay `hd_pad/2` apart, adjacent pairs (interleaved layout) stay put; the zeros added never mix in.
+fn padded_index(j: usize, hd: usize, hd_pad: usize, interleaved: bool) -> usize {
+    if interleaved || j < hd / 2 {
+        j
+    } else {
+        hd_pad / 2 + j - hd / 2
+    }
+}
+
+/// Pads the heads of q/k/v (rows) and o_proj (columns) from the model's head size to the graph's, with zeros:
+/// scores, softmax and outputs are unchanged (the scale stays the model's).
+fn pad_heads(cfg: &LlamaConfig, w: &HashMap<String, Vec<f32>>, hd_pad: usize) -> Result<HashMap<String, Vec<f32>>> {
+    let (d, hd) = (cfg.dim, cfg.head_dim());
+    let map = |j: usize| padded_index(j, hd, hd_pad, cfg.rope_interleaved);
+    let get = |name: &str| {
+        w.get(name)
+            .with_context(|| format!("checkpoint has no tensor '{name}'"))
+    };
+    let mut out = HashMap::new();
+    for i in 0..cfg.n_layers {
+        let p = format!("model.layers.{i}.self_attn");
+        for (proj, heads) in [("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads), ("v_proj", cfg.n_kv_heads)] {
+            for (suffix, cols) in [("weight", d), ("bias", 1)] {
+                let name = format!("{p}.{proj}.{suffix}");
+                let Some(src) = w.get(&name) else { continue };
+                if src.len() != heads * hd * cols {
+                    bail!("{name}: {} values, expected {}", src.len(), heads * hd * cols);
+                }
+                let mut dst = vec![0f32; heads * hd_pad * cols];
+                for h in 0..heads {
+                    for j in 0..hd {
+                        let (from, to) = ((h * hd + j) * cols, (h * hd_pad + map(j)) * cols);
+                        dst[to..to + cols].copy_from_slice(&src[from..from + cols]);
+                    }
+                }
+                out.insert(name, dst);
+            }
+        }
+        let name = format!("{p}.o_proj.weight");
+        let src = get(&name)?;
+        let (inp, inp_pad) = (cfg.n_heads * hd, cfg.n_heads * hd_pad);
+        if src.len() != d * inp {
+            bail!("{name}: {} values, expected {}", src.len(), d * inp);
+        }
+        let mut dst = vec![0f32; d * inp_pad];
+        for r in 0..d {
+            for h in 0..cfg.n_heads {
+                for j in 0..hd {
+                    dst[r * inp_pad + h * hd_pad + map(j)] = src[r * inp + h * hd + j];
+                }
+            }
+        }
+        out.insert(name, dst);
+    }
+    Ok(out)
+}
+
+fn seq() -> Dim {
+    Dim::Sym("seq".into())
+}
+
+fn act_shape(features: usize) -> Vec<Dim> {
+    vec![Dim::Fixed(1), seq(), Dim::Fixed(features as i64)]
+}
+
+impl Emitter<'_> {
+    fn weight(&self, name: &str) -> Result<&Vec<f32>> {
+        self.padded
+            .get(name)
+            .or_else(|| self.w.get(name))
+            .with_context(|| format!("checkpoint has no tensor '{name}'"))
+    }
+
+    /// Stacked [sum(n), k] 16-bit weight of the projections `parts` (`(name, n)`), and their stacked biases when any
+    /// has one (zeros for the others).
+    fn stacked(
+        &mut self,
+        name: &str,
+        parts: &[(String, usize)],
+        k: usize,
+    ) -> Result<(Value, Option<Value>)> {
+        let total: usize = parts.iter().map(|p| p.1).sum();
+        let mut bytes = Vec::with_capacity(total * k * 2);
+        let mut bias = Vec::with_capacity(total);
+        let mut any_bias = false;
+        for (p, n) in parts {
+            let wi = self.weight(&format!("{p}.weight"))?;
+            if wi.len() != n * k {
+                bail!(
+                    "{p}: weight has {} values, [{n}, {k}] needs {}",
+                    wi.len(),
+                    n * k
+                );
+            }
+            push_half(&mut bytes, wi, self.half);
+            match self.padded.get(&format!("{p}.bias")).or_else(|| self.w.get(&format!("{p}.bias"))) {
+                Some(b) if b.len() == *n => {
+                    any_bias = true;
+                    bias.extend_from_slice(b);
+                }
+                Some(b) => bail!("{p}: bias has {} values, expected {n}", b.len()),
+                None => bias.extend(std::iter::repeat_n(0.0, *n)),
+            }
+        }
+        let wv = self.g.initializer(
+            &format!("{name}.weight"),
+            self.half,
+            &[total as i64, k as i64],
+            bytes.into(),
+        )?;
+        let bv = if any_bias {
+            Some(
+                self.g
+                    .const_f32(&format!("{name}.bias"), &[total as i64], &bias)?,
+            )
+        } else {
+            None
+        };
+        Ok((wv, bv))
+    }
+
+    /// `x @ W^T (+ b)` for the projections `parts` of the same input, as one product.
+    fn linear(&mut self, name: &str, x: &Value, parts: &[(String, usize)], k: usize) -> Result<Value> {
+        let (w, b) = self.stacked(name, parts, k)?;
+        let n: usize = parts.iter().map(|p| p.1).sum();
+        let mut inputs = vec![x, &w];
+        if let Some(b) = &b {
+            inputs.push(b);
+        }
+        let op = op_name(self.half, false);
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = Dim::Fixed(n as i64);
+        }
+        Ok(self
+            .g
+            .node_in(DOMAIN, op, &format!("{name}/{op}"), &inputs, vec![], vec![(F32, shape)])?
+            .remove(0))
+    }
+
+    fn norm_weight(&mut self, name: &str) -> Result<Value> {
+        let w = self.weight(name)?.clone();
+        if w.len() != self.cfg.dim {
+            bail!("{name}: {} values, expected {}", w.len(), self.cfg.dim);
+        }
+        self.g.const_f32(name, &[w.len() as i64], &w)
+    }
+
+    /// RMSNorm of `residual + delta`; returns (normed, residual + delta).
+    fn add_norm(&mut self, name: &str, delta: &Value, residual: &Value, weight: &str) -> Result<(Value, Value)> {
+        let w = self.norm_weight(weight)?;
+        let d = self.cfg.dim;
+        let none = || (DataType::UNDEFINED, vec![]);
+        let mut outs = self.g.node_in(
+            MS,
+            "SkipSimplifiedLayerNormalization",
+            name,
+            &[delta, residual, &w],
+            vec![("epsilon", Attr::Float(self.cfg.norm_eps))],
+            vec![(F32, act_shape(d)), none(), none(), (F32, act_shape(d))],
+        )?;
+        let sum = outs.remove(3);
+        Ok((outs.remove(0), sum))
+    }
+
+    fn layer(&mut self, i: usize, x: &Value, h: &Value, rope: &Rope, past: [&Value; 2]) -> Result<(Value, Value)> {
+        let c = self.cfg;
+        let (d, hd, kv, heads) = (c.dim, self.hd, c.n_kv_heads, c.n_heads);
+        let p = format!("model.layers.{i}");
+        let qkv = self.linear(
+            &format!("{p}.self_attn.qkv"),
+            x,
+            &[
+                (format!("{p}.self_attn.q_proj"), heads * hd),
+                (format!("{p}.self_attn.k_proj"), kv * hd),
+                (format!("{p}.self_attn.v_proj"), kv * hd),
+            ],
+            d,
+        )?;
+        let cache = |kind: &str| {
+            (
+                Some(format!("present_{kind}_{i}")),
+                F32,
+                vec![
+                    Dim::Fixed(1),
+                    Dim::Fixed(kv as i64),
+                    Dim::Sym("capacity".into()),
+                    Dim::Fixed(hd as i64),
+                ],
+            )
+        };
+        let absent = Value::absent();
+        let mut outs = self.g.node_named(
+            MS,
+            "GroupQueryAttention",
+            &format!("{p}/attention"),
+            &[
+                &qkv,
+                &absent,
+                &absent,
+                past[0],
+                past[1],
+                &rope.seqlens,
+                &rope.total,
+                &rope.cos,
+                &rope.sin,
+            ],
+            vec![
+                ("num_heads", Attr::Int(heads as i64)),
+                ("kv_num_heads", Attr::Int(kv as i64)),
+                ("do_rotary", Attr::Int(1)),
+                ("rotary_interleaved", Attr::Int(c.rope_interleaved as i64)),
+                ("scale", Attr::Float(1.0 / (c.head_dim() as f32).sqrt())),
+            ],
+            vec![
+                (None, F32, act_shape(heads * hd)),
+                cache("key"),
+                cache("value"),
+            ],
+        )?;
+        self.g.output(&outs[1]);
+        self.g.output(&outs[2]);
+        let attn = outs.remove(0);
+        let o = self.linear(
+            &format!("{p}.self_attn.o_proj"),
+            &attn,
+            &[(format!("{p}.self_attn.o_proj"), d)],
+            heads * hd,
+        )?;
+        let (xn, h) = self.add_norm(
+            &format!("{p}/post_attention_norm"),
+            &o,
+            h,
+            &format!("{p}.post_attention_layernorm.weight"),
+        )?;
+        let (w, _) = self.stacked(
+            &format!("{p}.mlp.gate_up"),
+            &[
+                (format!("{p}.mlp.gate_proj"), c.hidden_dim),
+                (format!("{p}.mlp.up_proj"), c.hidden_dim),
+            ],
+            d,
+        )?;
+        let op = op_name(self.half, true);
+        let act = self
+            .g
+            .node_in(
+                DOMAIN,
+                op,
+                &format!("{p}.mlp/{op}"),
+                &[&xn, &w],
+                vec![],
+                vec![(F32, act_shape(c.hidden_dim))],
+            )?
+            .remove(0);
+        let down = self.linear(
+            &format!("{p}.mlp.down_proj"),
+            &act,
+            &[(format!("{p}.mlp.down_proj"), d)],
+            c.hidden_dim,
+        )?;
+        Ok((down, h))
+    }
+}
+
+/// The graph-wide inputs of every attention node.
+struct Rope {
+    seqlens: Value,
+    total: Value,
+    cos: Value,
+    sin: Value,
+}
+
+fn push_half(out: &mut Vec<u8>, v: &[f32], half: DataType) {
+    if half == DataType::BFLOAT16 {
+        out.extend(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()));
+    } else {
+        out.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()));
+    }
+}
+
+/// The CPU decoder graph with weights stored in `half` (FLOAT16 or BFLOAT16); activations, norms, attention and
+/// the KV cache are f32. `last_logits_only`: logits of the last position only ([1, 1, vocab]).
+pub fn decoder_graph_cpu(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    half: DataType,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
+    if half != DataType::FLOAT16 && half != DataType::BFLOAT16 {
+        bail!("CPU decoder graphs store weights in float16 or bfloat16, not {half}");
+    }
+    let (d, hd) = (cfg.dim, cfg.head_dim());
+    if hd % 2 != 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+        bail!(
+            "{} heads of size {hd} over {} KV heads cannot run through GroupQueryAttention",
+            cfg.n_heads,
+            cfg.n_kv_heads
+        );
+    }
+    let hd_pad = hd.next_multiple_of(16);
+    let mut e = Emitter {
+        g: GraphBuilder::new("llama_decoder_cpu", 18),
+        cfg,
+        w: weights,
+        padded: if hd_pad == hd {
+            HashMap::new()
+        } else {
+            pad_heads(cfg, weights, hd_pad)?
+        },
+        half,
+        hd: hd_pad,
+    };
+    e.g.use_domain(DOMAIN, 1);
+    e.g.use_domain(MS, 1);
+    let i32t = DataType::INT32;
+    let ids = e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+    let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![Dim::Fixed(1)])?;
+    let total = e.g.input(TOTAL_INPUT, i32t, vec![])?;
+    let cache_shape = vec![
+        Dim::Fixed(1),
+        Dim::Fixed(cfg.n_kv_heads as i64),
+        Dim::Sym("capacity".into()),
+        Dim::Fixed(hd_pad as i64),
+    ];
+    let mut past = Vec::with_capacity(cfg.n_layers);
+    for i in 0..cfg.n_layers {
+        let k = e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
+        let v = e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
+        past.push([k, v]);
+    }
+    // The embedding table in `half`; a tied LM head reads the same initializer.
+    let tensor = |name: &str| {
+        weights
+            .get(name)
+            .with_context(|| format!("checkpoint has no tensor '{name}'"))
+    };
+    let emb = tensor("model.embed_tokens.weight")?;
+    if emb.len() != cfg.vocab_size * d {
+        bail!(
+            "model.embed_tokens.weight: {} values, [{}, {d}] needs {}",
+            emb.len(),
+            cfg.vocab_size,
+            cfg.vocab_size * d
+        );
+    }
+    let mut bytes = Vec::with_capacity(emb.len() * 2);
+    push_half(&mut bytes, emb, half);
+    let table = e.g.initializer(
+        "model.embed_tokens.weight",
+        half,
+        &[cfg.vocab_size as i64, d as i64],
+        bytes.into(),
+    )?;
+    let rows = e.g.op("Gather", "embed_half", &[&table, &ids], vec![], half, act_shape(d))?;
+    let h = e.g.op(
+        "Cast",
+        "embed",
+        &[&rows],
+        vec![("to", Attr::Int(F32.0 as i64))],
+        F32,
+        act_shape(d),
+    )?;
+    // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros, so
+    // their angle does not matter.
+    let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
+    inv_freq.resize(hd_pad / 2, 0.0);
+    let (mut cos_t, mut sin_t) = (Vec::new(), Vec::new());
+    for p in 0..cfg.max_seq_len {
+        for &freq in &inv_freq {
+            let a = p as f64 * freq;
+            cos_t.push(a.cos() as f32);
+            sin_t.push(a.sin() as f32);
+        }
+    }
+    let dims = [cfg.max_seq_len as i64, (hd_pad / 2) as i64];
+    let rope = Rope {
+        seqlens,
+        total,
+        cos: e.g.const_f32("rope.cos", &dims, &cos_t)?,
+        sin: e.g.const_f32("rope.sin", &dims, &sin_t)?,
+    };
+    let w0 = e.norm_weight("model.layers.0.input_layernorm.weight")?;
+    let mut x = e.g.op(
+        "SimplifiedLayerNormalization",
+        "model.layers.0/input_norm",
+        &[&h, &w0],
+        vec![
+            ("epsilon", Attr::Float(cfg.norm_eps)),
+            ("axis", Attr::Int(-1)),
+            ("stash_type", Attr::Int(1)),
+        ],
+        F32,
+        act_shape(d),
+    )?;
+    let mut h = h;
+    for i in 0..cfg.n_layers {
+        let (down, hi) = e.layer(i, &x, &h, &rope, [&past[i][0], &past[i][1]])?;
+        let (next, weight) = if i + 1 < cfg.n_layers {
+            (
+                format!("model.layers.{}/input_norm", i + 1),
+                format!("model.layers.{}.input_layernorm.weight", i + 1),
+            )
+        } else {
+            ("model.norm".to_string(), "model.norm.weight".to_string())
+        };
+        (x, h) = e.add_norm(&next, &down, &hi, &weight)?;
+    }
+    let _ = h;
+    let mut hn = x;
+    let logits_seq = if last_logits_only {
+        let c = |g: &mut GraphBuilder, n: &str, v: i64| g.const_i64(n, &[1], &[v]);
+        let (s, en, ax) = (
+            c(&mut e.g, "last.start", -1)?,
+            c(&mut e.g, "last.end", i64::MAX)?,
+            c(&mut e.g, "last.axis", 1)?,
+        );
+        hn = e.g.op(
+            "Slice",
+            "last",
+            &[&hn, &s, &en, &ax],
+            vec![],
+            F32,
+            vec![Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(d as i64)],
+        )?;
+        Dim::Fixed(1)
+    } else {
+        seq()
+    };
+    let head = tensor("lm_head.weight")?;
+    let tied = cfg.tied_embeddings && head == emb;
+    let head_w = if tied {
+        table
+    } else {
+        e.stacked("lm_head", &[("lm_head".into(), cfg.vocab_size)], d)?.0
+    };
+    let op = op_name(half, false);
+    let logits = e.g.node_in(
+        DOMAIN,
+        op,
+        "logits",
+        &[&hn, &head_w],
+        vec![],
+        vec![(F32, vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)])],
+    )?;
+    e.g.output(&logits[0]);
+    Ok(e.g.finish())
+}
