@@ -3,8 +3,10 @@
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
 //! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
 //!   prompt (time to first token), 32 generated tokens.
-//!   Graphs: fp16 and fp32 (the TensorRT graphs run on ONNX Runtime) and fp16-cpu (what `generate` runs on the CPU
-//!   for F16 models: f16 weights through trt-diff's `trtdiff.MatMulF16` operator).
+//!
+//! Graphs: fp16 and fp32 are the TensorRT graphs run on ONNX Runtime; fp32-cpu and fp16-cpu are what `generate`
+//! runs on the CPU (`models::llama_cpu`: weights in the file's type through trt-diff's operators, the KV cache in
+//! place).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
@@ -66,6 +68,7 @@ fn ours(
     let g = trt_diff::weights::gguf::GgufFile::open(gguf)?;
     let vocab = trt_diff::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
     let m = trt_diff::weights::gguf_model::load(&g, Some(1024))?;
+    let matrices = trt_diff::pipelines::llm_build::gguf_matrix_type(&g);
     drop(g);
     let p =
         trt_diff::pipelines::llm_build::precision_from_name(precision.trim_end_matches("-cpu"))?;
@@ -73,12 +76,15 @@ fn ours(
         "{}_{precision}.onnx",
         gguf.file_stem().unwrap().to_string_lossy()
     ));
-    // "fp16-cpu": the CPU graph `generate` runs for F16 models (16-bit weights through trt-diff's own operator).
+    // "fp16-cpu", "fp32-cpu": the CPU graph `generate` runs (weights in the file's type through trt-diff's own
+    // operators, the KV cache in place).
     let graph = if precision.ends_with("-cpu") {
         trt_diff::models::llama_cpu::decoder_graph_cpu(
             &m.config,
             &m.tensors,
-            trt_diff::onnx::DataType::FLOAT16,
+            matrices.ok_or_else(|| {
+                anyhow::anyhow!("{}: mixed or quantized matrices", gguf.display())
+            })?,
             true,
         )?
     } else {
@@ -217,7 +223,7 @@ fn main() -> anyhow::Result<()> {
         (
             "stories260K (F32)",
             &stories,
-            &["fp32"],
+            &["fp32", "fp32-cpu"],
             ids(256, 3, 512),
             128,
             story_threads,

@@ -38,7 +38,7 @@ fn source_onnx(plan: &Path) -> Result<PathBuf> {
     Ok(p)
 }
 
-/// The CPU graph an LLM plan's manifest names (16-bit weights), when it is there.
+/// The CPU graph an LLM plan's manifest names (`models::llama_cpu`), when it is there.
 fn cpu_graph(plan: &Path) -> Option<PathBuf> {
     let m = Manifest::read(&sidecar_path(plan)).ok()?;
     let Some(crate::manifest::Pipeline::Llm {
@@ -53,7 +53,7 @@ fn cpu_graph(plan: &Path) -> Option<PathBuf> {
         Some(p)
     } else {
         tracing::warn!(
-            "'{}' is missing; running the TensorRT graph on the CPU instead (slower: its weights are not kept 16-bit)",
+            "'{}' is missing; running the TensorRT graph on the CPU instead (slower: fp16 weights widened, the KV cache copied every token)",
             p.display()
         );
         None

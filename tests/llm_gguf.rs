@@ -191,7 +191,10 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     )
     .unwrap();
     let src = GgufFile::open(&f32_file).unwrap();
-    assert_eq!(trt_diff::pipelines::llm_build::gguf_half(&src), None);
+    assert_eq!(
+        trt_diff::pipelines::llm_build::gguf_matrix_type(&src),
+        Some(trt_diff::onnx::DataType::FLOAT)
+    );
     let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
     for (k, v) in &src.metadata {
         w.set(k, v.clone());
@@ -207,7 +210,7 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     let gguf = d.path().join("s16.gguf");
     w.write(&gguf).unwrap();
     assert_eq!(
-        trt_diff::pipelines::llm_build::gguf_half(&GgufFile::open(&gguf).unwrap()),
+        trt_diff::pipelines::llm_build::gguf_matrix_type(&GgufFile::open(&gguf).unwrap()),
         Some(trt_diff::onnx::DataType::FLOAT16)
     );
     let plan = d.path().join("s16.plan");
@@ -226,8 +229,16 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     // and two norms per layer.
     assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&16), "{ops:?}");
     assert_eq!(ops.get("trtdiff::GateUpF16"), Some(&5), "{ops:?}");
-    assert_eq!(ops.get("com.microsoft::GroupQueryAttention"), Some(&5), "{ops:?}");
-    assert_eq!(ops.get("com.microsoft::SkipSimplifiedLayerNormalization"), Some(&10), "{ops:?}");
+    assert_eq!(
+        ops.get("com.microsoft::GroupQueryAttention"),
+        Some(&5),
+        "{ops:?}"
+    );
+    assert_eq!(
+        ops.get("com.microsoft::SkipSimplifiedLayerNormalization"),
+        Some(&10),
+        "{ops:?}"
+    );
     // The CPU backend runs it (f16 weights, f32 activations): llama2.c's greedy text is unchanged.
     assert_generates_reference(&plan);
 }

@@ -138,12 +138,13 @@ fn cpu_graphs_with_16_bit_weights_match_transformers() {
         let (all, want) = golden_in(&dir);
         let m = trt_diff::weights::hf::load(&dir, None).unwrap();
         assert_eq!(
-            trt_diff::pipelines::llm_build::hf_half(&dir).unwrap(),
+            trt_diff::pipelines::llm_build::hf_matrix_type(&dir).unwrap(),
             Some(DataType::BFLOAT16)
         );
-        for half in [DataType::BFLOAT16, DataType::FLOAT16] {
-            let g = trt_diff::models::llama_cpu::decoder_graph_cpu(&m.config, &m.tensors, half, false)
-                .unwrap();
+        for half in [DataType::BFLOAT16, DataType::FLOAT16, DataType::FLOAT] {
+            let g =
+                trt_diff::models::llama_cpu::decoder_graph_cpu(&m.config, &m.tensors, half, false)
+                    .unwrap();
             let got = run_graph(d.path(), &format!("cpu_{half}"), g, &m.config, &all, split);
             let diff = max_diff(&got, &want);
             eprintln!(

@@ -1,5 +1,6 @@
 //! f32 activations times f16/bf16 weights, for the CPU decoder (ONNX Runtime's CPU provider has no f16 matrix
-//! kernels on x86, so its f16 graphs widen weights on the fly and its f32 graphs stream twice the bytes).
+//! kernels on x86, so its f16 graphs widen weights on the fly and its f32 graphs stream twice the bytes); f32
+//! weights (f32 models) take the same kernels, so every CPU decoder graph has one form.
 //!
 //! Weights keep the PyTorch/GGUF Linear layout [n, k]: decoding (one row of activations) is then one contiguous
 //! dot product per output, which streams every weight once; prefill (many rows) widens a tile of weight rows to
@@ -7,8 +8,8 @@
 //! `y[m, j] = sum_i x[m, i] * w[j, i]`, accumulated in f32.
 use std::ops::Range;
 
-/// A 16-bit float weight element.
-pub trait HalfWeight: Copy + Send + Sync + 'static {
+/// A weight element: f16 or bf16 (widened on the fly), or f32 (models stored in f32 run the same kernels).
+pub trait WeightType: Copy + Send + Sync + 'static {
     fn widen(self) -> f32;
     /// Widens 8 elements at `p` (x86 with AVX2, FMA and F16C).
     ///
@@ -24,7 +25,7 @@ pub trait HalfWeight: Copy + Send + Sync + 'static {
     unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512;
 }
 
-impl HalfWeight for half::f16 {
+impl WeightType for half::f16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
@@ -43,7 +44,24 @@ impl HalfWeight for half::f16 {
     }
 }
 
-impl HalfWeight for half::bf16 {
+impl WeightType for f32 {
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
+    }
+    #[cfg(target_arch = "x86_64")]
+    #[inline(always)]
+    unsafe fn load16(p: *const Self) -> std::arch::x86_64::__m512 {
+        unsafe { std::arch::x86_64::_mm512_loadu_ps(p) }
+    }
+}
+
+impl WeightType for half::bf16 {
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
@@ -96,7 +114,7 @@ fn avx512_available() -> bool {
 }
 
 /// Output rows `rows` of one activation row: `y[j - rows.start] = dot(x, w[j])`.
-pub fn dot_rows<W: HalfWeight>(x: &[f32], w: &[W], k: usize, rows: Range<usize>, y: &mut [f32]) {
+pub fn dot_rows<W: WeightType>(x: &[f32], w: &[W], k: usize, rows: Range<usize>, y: &mut [f32]) {
     assert!(x.len() == k && w.len() >= rows.end * k && y.len() >= rows.len());
     #[cfg(target_arch = "x86_64")]
     if avx512_available() {
@@ -115,7 +133,7 @@ pub fn dot_rows<W: HalfWeight>(x: &[f32], w: &[W], k: usize, rows: Range<usize>,
     }
 }
 
-fn dot_portable<W: HalfWeight>(x: &[f32], w: &[W]) -> f32 {
+fn dot_portable<W: WeightType>(x: &[f32], w: &[W]) -> f32 {
     // Eight partial sums, like the vector path, so both round alike and the loop vectorizes.
     let mut acc = [0f32; 8];
     let mut xc = x.chunks_exact(8);
@@ -148,7 +166,7 @@ unsafe fn hsum(v: std::arch::x86_64::__m256) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn dot_rows_avx2<W: HalfWeight>(
+unsafe fn dot_rows_avx2<W: WeightType>(
     x: &[f32],
     w: &[W],
     k: usize,
@@ -186,7 +204,7 @@ unsafe fn dot_rows_avx2<W: HalfWeight>(
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,f16c")]
-unsafe fn dot_rows_avx512<W: HalfWeight>(
+unsafe fn dot_rows_avx512<W: WeightType>(
     x: &[f32],
     w: &[W],
     k: usize,
@@ -222,7 +240,7 @@ unsafe fn dot_rows_avx512<W: HalfWeight>(
 }
 
 /// Widens weight rows `rows` into `out` ([rows.len(), k] f32).
-pub fn widen_rows<W: HalfWeight>(w: &[W], k: usize, rows: Range<usize>, out: &mut Vec<f32>) {
+pub fn widen_rows<W: WeightType>(w: &[W], k: usize, rows: Range<usize>, out: &mut Vec<f32>) {
     out.clear();
     let src = &w[rows.start * k..rows.end * k];
     #[cfg(target_arch = "x86_64")]
@@ -237,7 +255,7 @@ pub fn widen_rows<W: HalfWeight>(w: &[W], k: usize, rows: Range<usize>, out: &mu
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn widen_avx2<W: HalfWeight>(src: &[W], out: &mut [f32]) {
+unsafe fn widen_avx2<W: WeightType>(src: &[W], out: &mut [f32]) {
     use std::arch::x86_64::*;
     let n8 = src.len() & !7;
     let mut i = 0;
@@ -256,7 +274,7 @@ unsafe fn widen_avx2<W: HalfWeight>(src: &[W], out: &mut [f32]) {
 /// # Safety
 /// `y` must be valid for writes of `m * n` f32 and no other thread may write columns `rows` meanwhile.
 #[allow(clippy::too_many_arguments)]
-pub unsafe fn gemm_rows<W: HalfWeight>(
+pub unsafe fn gemm_rows<W: WeightType>(
     x: &[f32],
     m: usize,
     w: &[W],
@@ -302,7 +320,7 @@ pub fn task_rows(m: usize, n: usize) -> usize {
 }
 
 /// The whole product on the calling thread (tests and small cases): `y` is [m, n].
-pub fn matmul<W: HalfWeight>(x: &[f32], m: usize, w: &[W], k: usize, n: usize) -> Vec<f32> {
+pub fn matmul<W: WeightType>(x: &[f32], m: usize, w: &[W], k: usize, n: usize) -> Vec<f32> {
     let mut y = vec![0f32; m * n];
     if m == 1 {
         dot_rows(x, w, k, 0..n, &mut y);
@@ -354,7 +372,7 @@ mod tests {
         y
     }
 
-    fn check<W: HalfWeight>(conv: fn(f32) -> W, m: usize, k: usize, n: usize) {
+    fn check<W: WeightType>(conv: fn(f32) -> W, m: usize, k: usize, n: usize) {
         let x = data(m * k, 1);
         let w: Vec<W> = data(n * k, 2).into_iter().map(conv).collect();
         let wf: Vec<f32> = w.iter().map(|v| v.widen()).collect();
@@ -398,6 +416,7 @@ mod tests {
         ] {
             check(half::f16::from_f32, m, k, n);
             check(half::bf16::from_f32, m, k, n);
+            check(|v| v, m, k, n);
         }
     }
 }

@@ -326,7 +326,10 @@ impl Engine for OrtEngine {
         self.held.clear();
         let allocator = self.session.allocator();
         for (input, output) in pairs {
-            for (name, list, kind) in [(input, &self.inputs, "input"), (output, &self.outputs, "output")] {
+            for (name, list, kind) in [
+                (input, &self.inputs, "input"),
+                (output, &self.outputs, "output"),
+            ] {
                 let d = list.iter().find(|d| d.name == *name).with_context(|| {
                     format!("'{}' has no {kind} '{name}' to keep in place", self.name)
                 })?;

@@ -1,12 +1,12 @@
 //! trt-diff's own ONNX Runtime operators (domain `trtdiff`), registered on the CPU sessions whose graphs use them:
-//! - `MatMulF16(X f32 [..., K], W f16 [N, K], B f32 [N] optional) -> Y f32 [..., N]` and `MatMulBF16` (W bf16): a
-//!   Linear layer whose weights stay 16-bit in memory (see `half_matmul`);
-//! - `GateUpF16(X, W [2N, K]) -> Y [..., N]` and `GateUpBF16`: a SwiGLU MLP's input half,
+//! - `MatMulF16(X f32 [..., K], W f16 [N, K], B f32 [N] optional) -> Y f32 [..., N]`, `MatMulBF16` (W bf16) and
+//!   `MatMulF32`: a Linear layer whose weights stay 16-bit in memory (see `half_matmul`), or f32 for f32 models;
+//! - `GateUpF16(X, W [2N, K]) -> Y [..., N]`, `GateUpBF16` and `GateUpF32`: a SwiGLU MLP's input half,
 //!   `silu(X W[:N]^T) * (X W[N:]^T)`, in one call.
 //!
 //! Only graphs made for the CPU use them (`models::llama_cpu`); TensorRT graphs keep standard ops. Output rows are
 //! split over `spin_pool`.
-use super::half_matmul::{HalfWeight, dot_rows, gemm_rows, task_rows};
+use super::half_matmul::{WeightType, dot_rows, gemm_rows, task_rows};
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -28,17 +28,23 @@ impl OpInfo for half::f16 {
     const NAMES: [&'static str; 2] = ["MatMulF16", "GateUpF16"];
     const TYPE: TensorElementType = TensorElementType::Float16;
 }
+impl OpInfo for f32 {
+    const NAMES: [&'static str; 2] = ["MatMulF32", "GateUpF32"];
+    const TYPE: TensorElementType = TensorElementType::Float32;
+}
 impl OpInfo for half::bf16 {
     const NAMES: [&'static str; 2] = ["MatMulBF16", "GateUpBF16"];
     const TYPE: TensorElementType = TensorElementType::Bfloat16;
 }
 
-/// The operator's name in graphs: `MatMulF16`, `GateUpBF16`, ... for weights of ONNX type `half`.
-pub fn op_name(half: crate::onnx::DataType, gate_up: bool) -> &'static str {
-    let names = if half == crate::onnx::DataType::BFLOAT16 {
-        <half::bf16 as OpInfo>::NAMES
-    } else {
-        <half::f16 as OpInfo>::NAMES
+/// The operator's name in graphs (`MatMulF16`, `GateUpBF16`, ...) for weights of ONNX type `weights`: FLOAT,
+/// FLOAT16 or BFLOAT16.
+pub fn op_name(weights: crate::onnx::DataType, gate_up: bool) -> &'static str {
+    use crate::onnx::DataType;
+    let names = match weights {
+        DataType::BFLOAT16 => <half::bf16 as OpInfo>::NAMES,
+        DataType::FLOAT => <f32 as OpInfo>::NAMES,
+        _ => <half::f16 as OpInfo>::NAMES,
     };
     names[gate_up as usize]
 }
@@ -55,7 +61,7 @@ fn err(msg: String) -> ort::Error {
 
 fn compute<W, const GATE_UP: bool>(ctx: &ComputeContext) -> ort::Result<()>
 where
-    W: HalfWeight + OpInfo + ort::value::PrimitiveTensorElementType,
+    W: WeightType + OpInfo + ort::value::PrimitiveTensorElementType,
 {
     let name = W::NAMES[GATE_UP as usize];
     let x = ctx
@@ -136,7 +142,7 @@ fn silu(g: f32) -> f32 {
 }
 
 /// `y = x W^T` ([m, n]) over `spin_pool`; with `gate_up` and m = 1, `y` is [n / 2] and holds the gated product.
-fn product<W: HalfWeight>(
+fn product<W: WeightType>(
     xd: &[f32],
     wd: &[W],
     m: usize,
@@ -198,7 +204,7 @@ fn product<W: HalfWeight>(
 
 impl<W, const GATE_UP: bool> Operator for MatMulHalf<W, GATE_UP>
 where
-    W: HalfWeight + OpInfo + ort::value::PrimitiveTensorElementType,
+    W: WeightType + OpInfo + ort::value::PrimitiveTensorElementType,
 {
     type Kernel<'attr> = BoxedKernel<'attr>;
 
@@ -231,8 +237,10 @@ pub fn domain() -> ort::Result<OperatorDomain> {
     OperatorDomain::new(DOMAIN)?
         .add(MatMulHalf::<half::f16, false>(PhantomData))?
         .add(MatMulHalf::<half::bf16, false>(PhantomData))?
+        .add(MatMulHalf::<f32, false>(PhantomData))?
         .add(MatMulHalf::<half::f16, true>(PhantomData))?
-        .add(MatMulHalf::<half::bf16, true>(PhantomData))
+        .add(MatMulHalf::<half::bf16, true>(PhantomData))?
+        .add(MatMulHalf::<f32, true>(PhantomData))
 }
 
 #[cfg(test)]
@@ -257,7 +265,9 @@ mod tests {
     /// the largest difference of each.
     fn compare(half: DataType, m: usize, k: usize, n: usize, threads: usize) -> [f32; 2] {
         let w = data(n * k, 7);
-        let (bytes, rounded): (Vec<u8>, Vec<f32>) = if half == DataType::FLOAT16 {
+        let (bytes, rounded): (Vec<u8>, Vec<f32>) = if half == DataType::FLOAT {
+            (w.iter().flat_map(|v| v.to_le_bytes()).collect(), w.clone())
+        } else if half == DataType::FLOAT16 {
             let h: Vec<half::f16> = w.iter().map(|v| half::f16::from_f32(*v)).collect();
             (
                 h.iter().flat_map(|v| v.to_le_bytes()).collect(),
@@ -367,7 +377,7 @@ mod tests {
     fn half_matmul_equals_ort_matmul() {
         // Odd K and N (vector tails, partial row groups and tiles), decode (M=1) and prefill (M>1), one and two
         // threads. Sums of K products of magnitude <= 1 in f32: a few ulps of sqrt(K)-sized values differ.
-        for half in [DataType::FLOAT16, DataType::BFLOAT16] {
+        for half in [DataType::FLOAT16, DataType::BFLOAT16, DataType::FLOAT] {
             for &(m, k, n) in &[
                 (1, 37, 131),
                 (1, 200, 131),

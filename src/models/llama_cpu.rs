@@ -1,7 +1,7 @@
-//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU for 16-bit checkpoints (`NAME.cpu.onnx`), built
-//! from fused operators so that a decode step is ~7 nodes per layer rather than ~45:
-//! - projections: trt-diff's `trtdiff.MatMulF16`/`MatMulBF16` (bias included) and `GateUpF16`/`GateUpBF16`
-//!   (SwiGLU's gate and up in one call) on [n, k] 16-bit weights (`backend::ort_ops`);
+//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU (`NAME.cpu.onnx`) for checkpoints whose matrices are
+//! f32, f16 or bf16, built from fused operators so that a decode step is ~6 nodes per layer rather than ~45:
+//! - projections: trt-diff's `trtdiff.MatMulF16`/`MatMulBF16`/`MatMulF32` (bias included) and `GateUp*`
+//!   (SwiGLU's gate and up in one call) on [n, k] weights kept in the checkpoint's type (`backend::ort_ops`);
 //! - norms: ONNX Runtime's `SimplifiedLayerNormalization` and `com.microsoft.SkipSimplifiedLayerNormalization`
 //!   (the residual add and the next RMSNorm in one node);
 //! - attention: `com.microsoft.GroupQueryAttention` with RoPE applied inside from the graph's cos/sin tables, on
@@ -35,7 +35,8 @@ struct Emitter<'a> {
     w: &'a HashMap<String, Vec<f32>>,
     /// Attention weights with heads padded to `hd` (see `pad_heads`), used instead of `w`'s.
     padded: HashMap<String, Vec<f32>>,
-    half: DataType,
+    /// FLOAT, FLOAT16 or BFLOAT16.
+    wtype: DataType,
     /// Head size in the graph: the model's, rounded up to GroupQueryAttention's multiple of 16.
     hd: usize,
 }
@@ -52,7 +53,11 @@ fn padded_index(j: usize, hd: usize, hd_pad: usize, interleaved: bool) -> usize 
 
 /// Pads the heads of q/k/v (rows) and o_proj (columns) from the model's head size to the graph's, with zeros:
 /// scores, softmax and outputs are unchanged (the scale stays the model's).
-fn pad_heads(cfg: &LlamaConfig, w: &HashMap<String, Vec<f32>>, hd_pad: usize) -> Result<HashMap<String, Vec<f32>>> {
+fn pad_heads(
+    cfg: &LlamaConfig,
+    w: &HashMap<String, Vec<f32>>,
+    hd_pad: usize,
+) -> Result<HashMap<String, Vec<f32>>> {
     let (d, hd) = (cfg.dim, cfg.head_dim());
     let map = |j: usize| padded_index(j, hd, hd_pad, cfg.rope_interleaved);
     let get = |name: &str| {
@@ -62,12 +67,20 @@ fn pad_heads(cfg: &LlamaConfig, w: &HashMap<String, Vec<f32>>, hd_pad: usize) ->
     let mut out = HashMap::new();
     for i in 0..cfg.n_layers {
         let p = format!("model.layers.{i}.self_attn");
-        for (proj, heads) in [("q_proj", cfg.n_heads), ("k_proj", cfg.n_kv_heads), ("v_proj", cfg.n_kv_heads)] {
+        for (proj, heads) in [
+            ("q_proj", cfg.n_heads),
+            ("k_proj", cfg.n_kv_heads),
+            ("v_proj", cfg.n_kv_heads),
+        ] {
             for (suffix, cols) in [("weight", d), ("bias", 1)] {
                 let name = format!("{p}.{proj}.{suffix}");
                 let Some(src) = w.get(&name) else { continue };
                 if src.len() != heads * hd * cols {
-                    bail!("{name}: {} values, expected {}", src.len(), heads * hd * cols);
+                    bail!(
+                        "{name}: {} values, expected {}",
+                        src.len(),
+                        heads * hd * cols
+                    );
                 }
                 let mut dst = vec![0f32; heads * hd_pad * cols];
                 for h in 0..heads {
@@ -135,8 +148,12 @@ impl Emitter<'_> {
                     n * k
                 );
             }
-            push_half(&mut bytes, wi, self.half);
-            match self.padded.get(&format!("{p}.bias")).or_else(|| self.w.get(&format!("{p}.bias"))) {
+            push_weights(&mut bytes, wi, self.wtype);
+            match self
+                .padded
+                .get(&format!("{p}.bias"))
+                .or_else(|| self.w.get(&format!("{p}.bias")))
+            {
                 Some(b) if b.len() == *n => {
                     any_bias = true;
                     bias.extend_from_slice(b);
@@ -147,7 +164,7 @@ impl Emitter<'_> {
         }
         let wv = self.g.initializer(
             &format!("{name}.weight"),
-            self.half,
+            self.wtype,
             &[total as i64, k as i64],
             bytes.into(),
         )?;
@@ -163,21 +180,34 @@ impl Emitter<'_> {
     }
 
     /// `x @ W^T (+ b)` for the projections `parts` of the same input, as one product.
-    fn linear(&mut self, name: &str, x: &Value, parts: &[(String, usize)], k: usize) -> Result<Value> {
+    fn linear(
+        &mut self,
+        name: &str,
+        x: &Value,
+        parts: &[(String, usize)],
+        k: usize,
+    ) -> Result<Value> {
         let (w, b) = self.stacked(name, parts, k)?;
         let n: usize = parts.iter().map(|p| p.1).sum();
         let mut inputs = vec![x, &w];
         if let Some(b) = &b {
             inputs.push(b);
         }
-        let op = op_name(self.half, false);
+        let op = op_name(self.wtype, false);
         let mut shape = x.shape.clone();
         if let Some(l) = shape.last_mut() {
             *l = Dim::Fixed(n as i64);
         }
         Ok(self
             .g
-            .node_in(DOMAIN, op, &format!("{name}/{op}"), &inputs, vec![], vec![(F32, shape)])?
+            .node_in(
+                DOMAIN,
+                op,
+                &format!("{name}/{op}"),
+                &inputs,
+                vec![],
+                vec![(F32, shape)],
+            )?
             .remove(0))
     }
 
@@ -190,7 +220,13 @@ impl Emitter<'_> {
     }
 
     /// RMSNorm of `residual + delta`; returns (normed, residual + delta).
-    fn add_norm(&mut self, name: &str, delta: &Value, residual: &Value, weight: &str) -> Result<(Value, Value)> {
+    fn add_norm(
+        &mut self,
+        name: &str,
+        delta: &Value,
+        residual: &Value,
+        weight: &str,
+    ) -> Result<(Value, Value)> {
         let w = self.norm_weight(weight)?;
         let d = self.cfg.dim;
         let none = || (DataType::UNDEFINED, vec![]);
@@ -206,7 +242,14 @@ impl Emitter<'_> {
         Ok((outs.remove(0), sum))
     }
 
-    fn layer(&mut self, i: usize, x: &Value, h: &Value, rope: &Rope, past: [&Value; 2]) -> Result<(Value, Value)> {
+    fn layer(
+        &mut self,
+        i: usize,
+        x: &Value,
+        h: &Value,
+        rope: &Rope,
+        past: [&Value; 2],
+    ) -> Result<(Value, Value)> {
         let c = self.cfg;
         let (d, hd, kv, heads) = (c.dim, self.hd, c.n_kv_heads, c.n_heads);
         let p = format!("model.layers.{i}");
@@ -284,7 +327,7 @@ impl Emitter<'_> {
             ],
             d,
         )?;
-        let op = op_name(self.half, true);
+        let op = op_name(self.wtype, true);
         let act = self
             .g
             .node_in(
@@ -314,24 +357,31 @@ struct Rope {
     sin: Value,
 }
 
-fn push_half(out: &mut Vec<u8>, v: &[f32], half: DataType) {
-    if half == DataType::BFLOAT16 {
-        out.extend(v.iter().flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()));
-    } else {
-        out.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()));
+/// Appends `v` in the graph's weight type (FLOAT, FLOAT16 or BFLOAT16).
+fn push_weights(out: &mut Vec<u8>, v: &[f32], ty: DataType) {
+    match ty {
+        DataType::BFLOAT16 => out.extend(
+            v.iter()
+                .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes()),
+        ),
+        DataType::FLOAT16 => {
+            out.extend(v.iter().flat_map(|x| half::f16::from_f32(*x).to_le_bytes()))
+        }
+        _ => out.extend(v.iter().flat_map(|x| x.to_le_bytes())),
     }
 }
 
-/// The CPU decoder graph with weights stored in `half` (FLOAT16 or BFLOAT16); activations, norms, attention and
-/// the KV cache are f32. `last_logits_only`: logits of the last position only ([1, 1, vocab]).
+/// The CPU decoder graph with matrices stored in `wtype` (FLOAT16, BFLOAT16, or FLOAT for f32 checkpoints);
+/// activations, norms, attention and the KV cache are f32. `last_logits_only`: logits of the last position only
+/// ([1, 1, vocab]).
 pub fn decoder_graph_cpu(
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
-    half: DataType,
+    wtype: DataType,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    if half != DataType::FLOAT16 && half != DataType::BFLOAT16 {
-        bail!("CPU decoder graphs store weights in float16 or bfloat16, not {half}");
+    if ![DataType::FLOAT, DataType::FLOAT16, DataType::BFLOAT16].contains(&wtype) {
+        bail!("CPU decoder graphs store weights in float, float16 or bfloat16, not {wtype}");
     }
     let (d, hd) = (cfg.dim, cfg.head_dim());
     if hd % 2 != 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
@@ -351,13 +401,14 @@ pub fn decoder_graph_cpu(
         } else {
             pad_heads(cfg, weights, hd_pad)?
         },
-        half,
+        wtype,
         hd: hd_pad,
     };
     e.g.use_domain(DOMAIN, 1);
     e.g.use_domain(MS, 1);
     let i32t = DataType::INT32;
-    let ids = e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+    let ids =
+        e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![Dim::Fixed(1)])?;
     let total = e.g.input(TOTAL_INPUT, i32t, vec![])?;
     let cache_shape = vec![
@@ -368,11 +419,13 @@ pub fn decoder_graph_cpu(
     ];
     let mut past = Vec::with_capacity(cfg.n_layers);
     for i in 0..cfg.n_layers {
-        let k = e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
-        let v = e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
+        let k =
+            e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
+        let v =
+            e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
         past.push([k, v]);
     }
-    // The embedding table in `half`; a tied LM head reads the same initializer.
+    // The embedding table in the weight type; a tied LM head reads the same initializer.
     let tensor = |name: &str| {
         weights
             .get(name)
@@ -388,22 +441,40 @@ pub fn decoder_graph_cpu(
         );
     }
     let mut bytes = Vec::with_capacity(emb.len() * 2);
-    push_half(&mut bytes, emb, half);
+    push_weights(&mut bytes, emb, wtype);
     let table = e.g.initializer(
         "model.embed_tokens.weight",
-        half,
+        wtype,
         &[cfg.vocab_size as i64, d as i64],
         bytes.into(),
     )?;
-    let rows = e.g.op("Gather", "embed_half", &[&table, &ids], vec![], half, act_shape(d))?;
-    let h = e.g.op(
-        "Cast",
-        "embed",
-        &[&rows],
-        vec![("to", Attr::Int(F32.0 as i64))],
-        F32,
-        act_shape(d),
-    )?;
+    let h = if wtype == F32 {
+        e.g.op(
+            "Gather",
+            "embed",
+            &[&table, &ids],
+            vec![],
+            F32,
+            act_shape(d),
+        )?
+    } else {
+        let rows = e.g.op(
+            "Gather",
+            "embed_half",
+            &[&table, &ids],
+            vec![],
+            wtype,
+            act_shape(d),
+        )?;
+        e.g.op(
+            "Cast",
+            "embed",
+            &[&rows],
+            vec![("to", Attr::Int(F32.0 as i64))],
+            F32,
+            act_shape(d),
+        )?
+    };
     // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros, so
     // their angle does not matter.
     let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
@@ -475,16 +546,20 @@ pub fn decoder_graph_cpu(
     let head_w = if tied {
         table
     } else {
-        e.stacked("lm_head", &[("lm_head".into(), cfg.vocab_size)], d)?.0
+        e.stacked("lm_head", &[("lm_head".into(), cfg.vocab_size)], d)?
+            .0
     };
-    let op = op_name(half, false);
+    let op = op_name(wtype, false);
     let logits = e.g.node_in(
         DOMAIN,
         op,
         "logits",
         &[&hn, &head_w],
         vec![],
-        vec![(F32, vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)])],
+        vec![(
+            F32,
+            vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
+        )],
     )?;
     e.g.output(&logits[0]);
     Ok(e.g.finish())

@@ -24,7 +24,12 @@ fn names(n_layers: usize, io: &str) -> impl Iterator<Item = String> + '_ {
     (0..n_layers).flat_map(move |i| ["key", "value"].map(|kind| format!("{io}_{kind}_{i}")))
 }
 
-fn int_tensor<T: Copy>(shape: Vec<usize>, values: &[T], dtype: DataType, bytes: fn(T) -> Vec<u8>) -> HostTensor {
+fn int_tensor<T: Copy>(
+    shape: Vec<usize>,
+    values: &[T],
+    dtype: DataType,
+    bytes: fn(T) -> Vec<u8>,
+) -> HostTensor {
     HostTensor {
         dtype,
         shape,
@@ -46,7 +51,12 @@ impl<'a> Decoder<'a> {
     pub fn new(engine: &'a mut dyn Engine, capacity: usize) -> Result<Self> {
         let in_place = engine.inputs().iter().any(|d| d.name == SEQLENS_INPUT);
         let n_layers = (0..)
-            .take_while(|i| engine.inputs().iter().any(|d| d.name == format!("past_key_{i}")))
+            .take_while(|i| {
+                engine
+                    .inputs()
+                    .iter()
+                    .any(|d| d.name == format!("past_key_{i}"))
+            })
             .count();
         let d = engine
             .inputs()
@@ -98,7 +108,9 @@ impl<'a> Decoder<'a> {
         let total = self.len + ids.len();
         let mut inputs = vec![(
             "input_ids".to_string(),
-            int_tensor(vec![1, ids.len()], ids, DataType::INT64, |v: i64| v.to_le_bytes().to_vec()),
+            int_tensor(vec![1, ids.len()], ids, DataType::INT64, |v: i64| {
+                v.to_le_bytes().to_vec()
+            }),
         )];
         if let Some(cap) = self.capacity {
             if total > cap {
@@ -107,11 +119,15 @@ impl<'a> Decoder<'a> {
             let t = total as i32;
             inputs.push((
                 SEQLENS_INPUT.into(),
-                int_tensor(vec![1], &[t - 1], DataType::INT32, |v: i32| v.to_le_bytes().to_vec()),
+                int_tensor(vec![1], &[t - 1], DataType::INT32, |v: i32| {
+                    v.to_le_bytes().to_vec()
+                }),
             ));
             inputs.push((
                 TOTAL_INPUT.into(),
-                int_tensor(vec![], &[t], DataType::INT32, |v: i32| v.to_le_bytes().to_vec()),
+                int_tensor(vec![], &[t], DataType::INT32, |v: i32| {
+                    v.to_le_bytes().to_vec()
+                }),
             ));
         } else {
             let positions: Vec<i64> = (self.len as i64..total as i64).collect();

@@ -109,9 +109,9 @@ fn write_vocab_gguf(src: &crate::weights::gguf::GgufFile, out: &Path) -> Result<
     w.write(out)
 }
 
-/// The 16-bit type every matrix of a GGUF file shares (F16 or BF16), which its CPU graph keeps; None for F32,
+/// The float type every matrix of a GGUF file shares (F32, F16 or BF16), which its CPU graph keeps; None for
 /// quantized or mixed files.
-pub fn gguf_half(g: &crate::weights::gguf::GgufFile) -> Option<DataType> {
+pub fn gguf_matrix_type(g: &crate::weights::gguf::GgufFile) -> Option<DataType> {
     use crate::weights::gguf::GgmlType;
     let mut types = g.tensors.iter().filter(|t| t.dims.len() == 2).map(|t| t.ty);
     let first = types.next()?;
@@ -119,14 +119,15 @@ pub fn gguf_half(g: &crate::weights::gguf::GgufFile) -> Option<DataType> {
         return None;
     }
     match first {
+        GgmlType::F32 => Some(DataType::FLOAT),
         GgmlType::F16 => Some(DataType::FLOAT16),
         GgmlType::BF16 => Some(DataType::BFLOAT16),
         _ => None,
     }
 }
 
-/// As [`gguf_half`] for a Hugging Face folder, from the safetensors headers alone.
-pub fn hf_half(dir: &Path) -> Result<Option<DataType>> {
+/// As [`gguf_matrix_type`] for a Hugging Face folder, from the safetensors headers alone.
+pub fn hf_matrix_type(dir: &Path) -> Result<Option<DataType>> {
     use std::io::Read;
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<PathBuf> = if index.exists() {
@@ -175,28 +176,30 @@ pub fn hf_half(dir: &Path) -> Result<Option<DataType>> {
         }
     }
     Ok(match seen.as_deref() {
+        Some("F32") => Some(DataType::FLOAT),
         Some("F16") => Some(DataType::FLOAT16),
         Some("BF16") => Some(DataType::BFLOAT16),
         _ => None,
     })
 }
 
-/// Writes `<out>.cpu.onnx`, the decoder ONNX Runtime runs on the CPU, when the checkpoint's matrices are 16-bit
-/// and the build keeps them unquantized (fp32/fp16): its weights stay in that type (half the bytes per token of
-/// the f32 graph). Returns the file name for the manifest.
+/// Writes `<out>.cpu.onnx`, the decoder ONNX Runtime runs on the CPU (`models::llama_cpu`), when the checkpoint's
+/// matrices share one float type and the build keeps them unquantized (fp32/fp16): its weights stay in that type
+/// (16-bit ones stream half the bytes per token of an f32 graph). Returns the file name for the manifest.
 fn write_cpu_graph(
     out: &Path,
-    half: Option<DataType>,
+    weights: Option<DataType>,
     p: LinearPrecision,
     config: &LlamaConfig,
     tensors: &std::collections::HashMap<String, Vec<f32>>,
 ) -> Result<Option<String>> {
     let path = sibling(out, ".cpu.onnx");
-    let Some(half) = half.filter(|_| matches!(p, LinearPrecision::F32 | LinearPrecision::F16))
+    let Some(weights) =
+        weights.filter(|_| matches!(p, LinearPrecision::F32 | LinearPrecision::F16))
     else {
         return Ok(None);
     };
-    let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, half, true)?;
+    let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, weights, true)?;
     save(graph, &path, &SaveOptions::default())?;
     Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
@@ -210,7 +213,7 @@ pub fn build_llm(
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let p = precision_from_name(precision)?;
-    let (arch, config, tensors, tok_out, half) = match source {
+    let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
             return build_llama2c(input, tokenizer, precision, base);
         }
@@ -220,7 +223,7 @@ pub fn build_llm(
             let m = crate::weights::gguf_model::load(&g, max_context)?;
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
             write_vocab_gguf(&g, &tok_out)?;
-            (m.arch, m.config, m.tensors, tok_out, gguf_half(&g))
+            (m.arch, m.config, m.tensors, tok_out, gguf_matrix_type(&g))
         }
         LlmSource::Hf { tokenizer } => {
             let g = crate::weights::gguf::GgufFile::open(tokenizer)?;
@@ -236,10 +239,10 @@ pub fn build_llm(
             }
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
             write_vocab_gguf(&g, &tok_out)?;
-            (m.arch, m.config, m.tensors, tok_out, hf_half(input)?)
+            (m.arch, m.config, m.tensors, tok_out, hf_matrix_type(input)?)
         }
     };
-    let cpu_onnx = write_cpu_graph(&base.out, half, p, &config, &tensors)?;
+    let cpu_onnx = write_cpu_graph(&base.out, matrices, p, &config, &tensors)?;
     let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");
@@ -273,6 +276,14 @@ pub fn build_llama2c(
     // Loading validates the tokenizer against the model's vocabulary before anything is written.
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
     let p = precision_from_name(precision)?;
+    // llama2.c checkpoints are f32.
+    let cpu_onnx = write_cpu_graph(
+        &base.out,
+        Some(DataType::FLOAT),
+        p,
+        &model.config,
+        &model.tensors,
+    )?;
     let graph = decoder_graph_with(&model.config, &model.tensors, &Policy::defaults(p), true)?;
     let onnx = sibling(&base.out, ".onnx");
     save(graph, &onnx, &SaveOptions::default())?;
@@ -292,7 +303,7 @@ pub fn build_llama2c(
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default(),
         precision: precision.into(),
-        cpu_onnx: None,
+        cpu_onnx,
     });
     build_engine(&opts)
 }
