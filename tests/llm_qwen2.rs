@@ -4,6 +4,7 @@
 //! NVFP4.
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
+use trt_diff::backend::Engine;
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
 use trt_diff::models::llama::{LlamaConfig, decoder_graph};
 use trt_diff::onnx::DataType;
@@ -72,11 +73,22 @@ fn run_graph(
     trt_diff::onnx::save(graph, &onnx, &Default::default()).unwrap();
     let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
     // Either KV-cache layout (passed for the TensorRT graphs, in place for the CPU graphs).
+    let in_place = e.inputs().iter().any(|d| d.name == "seqlens_k");
     let mut dec = Decoder::new(&mut e, all.len()).unwrap();
     let mut rows = Vec::new();
-    for chunk in std::iter::once(&all[..split]).chain(all[split..].chunks(1)) {
+    // The prompt, then single tokens and runs of three after the cache (decode and continued prefill).
+    let (mut at, mut n) = (0, split);
+    while at < all.len() {
+        let chunk = &all[at..(at + n).min(all.len())];
         let logits = dec.forward(chunk).unwrap().to_f64().unwrap();
         rows.extend(logits.chunks(c.vocab_size).map(|r| r.to_vec()));
+        at += chunk.len();
+        n = if n == 1 { 3 } else { 1 };
+    }
+    // A full in-place cache refuses more tokens with a clear error (the passed layout grows).
+    if in_place {
+        let err = format!("{:#}", dec.forward(&all[..1]).unwrap_err());
+        assert!(err.contains("do not fit"), "{err}");
     }
     rows
 }

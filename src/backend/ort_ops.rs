@@ -310,7 +310,7 @@ mod tests {
                 .remove(0)
         };
         let ours = ours_op(false, &[&x, &wh, &b], n);
-        let ours_gated = if n % 2 == 0 {
+        let ours_gated = if n.is_multiple_of(2) {
             Some(ours_op(true, &[&x, &wh], n / 2))
         } else {
             None

@@ -219,24 +219,31 @@ impl Emitter<'_> {
         self.g.const_f32(name, &[w.len() as i64], &w)
     }
 
-    /// RMSNorm of `residual + delta`; returns (normed, residual + delta).
+    /// RMSNorm of `residual + delta`; returns (normed, residual + delta), the sum only where `keep_sum` (the
+    /// final norm's is not needed).
     fn add_norm(
         &mut self,
         name: &str,
         delta: &Value,
         residual: &Value,
         weight: &str,
+        keep_sum: bool,
     ) -> Result<(Value, Value)> {
         let w = self.norm_weight(weight)?;
         let d = self.cfg.dim;
         let none = || (DataType::UNDEFINED, vec![]);
+        let sum = if keep_sum {
+            (F32, act_shape(d))
+        } else {
+            none()
+        };
         let mut outs = self.g.node_in(
             MS,
             "SkipSimplifiedLayerNormalization",
             name,
             &[delta, residual, &w],
             vec![("epsilon", Attr::Float(self.cfg.norm_eps))],
-            vec![(F32, act_shape(d)), none(), none(), (F32, act_shape(d))],
+            vec![(F32, act_shape(d)), none(), none(), sum],
         )?;
         let sum = outs.remove(3);
         Ok((outs.remove(0), sum))
@@ -318,8 +325,9 @@ impl Emitter<'_> {
             &o,
             h,
             &format!("{p}.post_attention_layernorm.weight"),
+            true,
         )?;
-        let (w, _) = self.stacked(
+        let (w, bias) = self.stacked(
             &format!("{p}.mlp.gate_up"),
             &[
                 (format!("{p}.mlp.gate_proj"), c.hidden_dim),
@@ -327,6 +335,9 @@ impl Emitter<'_> {
             ],
             d,
         )?;
+        if bias.is_some() {
+            bail!("{p}.mlp: gate/up projections with biases are not a Llama/Qwen2 MLP");
+        }
         let op = op_name(self.wtype, true);
         let act = self
             .g
@@ -384,7 +395,7 @@ pub fn decoder_graph_cpu(
         bail!("CPU decoder graphs store weights in float, float16 or bfloat16, not {wtype}");
     }
     let (d, hd) = (cfg.dim, cfg.head_dim());
-    if hd % 2 != 0 || cfg.n_kv_heads == 0 || cfg.n_heads % cfg.n_kv_heads != 0 {
+    if !hd.is_multiple_of(2) || cfg.n_kv_heads == 0 || !cfg.n_heads.is_multiple_of(cfg.n_kv_heads) {
         bail!(
             "{} heads of size {hd} over {} KV heads cannot run through GroupQueryAttention",
             cfg.n_heads,
@@ -508,8 +519,8 @@ pub fn decoder_graph_cpu(
         act_shape(d),
     )?;
     let mut h = h;
-    for i in 0..cfg.n_layers {
-        let (down, hi) = e.layer(i, &x, &h, &rope, [&past[i][0], &past[i][1]])?;
+    for (i, [pk, pv]) in past.iter().enumerate() {
+        let (down, hi) = e.layer(i, &x, &h, &rope, [pk, pv])?;
         let (next, weight) = if i + 1 < cfg.n_layers {
             (
                 format!("model.layers.{}/input_norm", i + 1),
@@ -518,9 +529,8 @@ pub fn decoder_graph_cpu(
         } else {
             ("model.norm".to_string(), "model.norm.weight".to_string())
         };
-        (x, h) = e.add_norm(&next, &down, &hi, &weight)?;
+        (x, h) = e.add_norm(&next, &down, &hi, &weight, i + 1 < cfg.n_layers)?;
     }
-    let _ = h;
     let mut hn = x;
     let logits_seq = if last_logits_only {
         let c = |g: &mut GraphBuilder, n: &str, v: i64| g.const_i64(n, &[1], &[v]);
