@@ -428,6 +428,57 @@ fn linear_f32_io(
     )
 }
 
+/// The `past_key_{i}` / `past_value_{i}` inputs [1, n_kv_heads, `positions`, `hd`] of every layer.
+pub(crate) fn cache_inputs(
+    g: &mut GraphBuilder,
+    cfg: &LlamaConfig,
+    positions: &str,
+    hd: usize,
+) -> Result<Vec<[Value; 2]>> {
+    let shape = vec![
+        Dim::Fixed(1),
+        Dim::Fixed(cfg.n_kv_heads as i64),
+        Dim::Sym(positions.into()),
+        Dim::Fixed(hd as i64),
+    ];
+    (0..cfg.n_layers)
+        .map(|i| {
+            Ok([
+                g.input(&format!("past_key_{i}"), F32, shape.clone())?,
+                g.input(&format!("past_value_{i}"), F32, shape.clone())?,
+            ])
+        })
+        .collect()
+}
+
+/// RoPE's cos and sin tables [max_seq, `pairs`] as initializers; pairs beyond the model's (padded heads) get angle
+/// 0.
+pub(crate) fn rope_tables(
+    g: &mut GraphBuilder,
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    pairs: usize,
+) -> Result<(Value, Value)> {
+    let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
+    inv_freq.resize(pairs, 0.0);
+    let (mut cos_t, mut sin_t) = (
+        Vec::with_capacity(cfg.max_seq_len * pairs),
+        Vec::with_capacity(cfg.max_seq_len * pairs),
+    );
+    for p in 0..cfg.max_seq_len {
+        for &freq in &inv_freq {
+            let a = p as f64 * freq;
+            cos_t.push(a.cos() as f32);
+            sin_t.push(a.sin() as f32);
+        }
+    }
+    let dims = [cfg.max_seq_len as i64, pairs as i64];
+    Ok((
+        g.const_f32("rope.cos", &dims, &cos_t)?,
+        g.const_f32("rope.sin", &dims, &sin_t)?,
+    ))
+}
+
 /// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
 pub fn decoder_graph(
     cfg: &LlamaConfig,
@@ -478,41 +529,13 @@ fn graph(
     let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
     // RoPE tables [max_seq, hd/2], gathered by absolute position.
-    let half = hd / 2;
-    let (mut cos_t, mut sin_t) = (
-        Vec::with_capacity(cfg.max_seq_len * half),
-        Vec::with_capacity(cfg.max_seq_len * half),
-    );
-    let inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
-    for p in 0..cfg.max_seq_len {
-        for &freq in &inv_freq {
-            let a = p as f64 * freq;
-            cos_t.push(a.cos() as f32);
-            sin_t.push(a.sin() as f32);
-        }
-    }
-    let dims = [cfg.max_seq_len as i64, half as i64];
-    let ct = e.g.const_f32("rope.cos", &dims, &cos_t)?;
-    let st = e.g.const_f32("rope.sin", &dims, &sin_t)?;
+    let (ct, st) = rope_tables(&mut e.g, cfg, weights, hd / 2)?;
     let cos = e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?;
     let sin = e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?;
-    let cache_shape = vec![
-        Dim::Fixed(1),
-        Dim::Fixed(cfg.n_kv_heads as i64),
-        Dim::Sym("past".into()),
-        Dim::Fixed(hd as i64),
-    ];
-    let mut past = Vec::with_capacity(cfg.n_layers);
-    for i in 0..cfg.n_layers {
-        let k =
-            e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
-        let v =
-            e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
-        past.push((k, v));
-    }
+    let past = cache_inputs(&mut e.g, cfg, "past", hd)?;
     // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
     let i64t = DataType::INT64;
-    let past_shape = e.op("Shape", "mask/past_shape", &[&past[0].0], vec![], i64t)?;
+    let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
     let two = e.g.const_i64("mask.two", &[], &[2])?;
     let past_len = e.op(
         "Gather",
@@ -541,7 +564,7 @@ fn graph(
     let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
     let ax = e.const_i64("mask.bcast", &[1, 2])?;
     let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
-    for (i, (pk, pv)) in past.iter().enumerate() {
+    for (i, [pk, pv]) in past.iter().enumerate() {
         h = e.layer(i, &h, &cos, &sin, &mask, pk, pv)?;
     }
     let mut hn = e.rms_norm("model.norm", &h, "model.norm.weight")?;

@@ -16,7 +16,7 @@
 //! cache after this call, minus one), `total_sequence_length` [] int32 (the same plus one). Outputs: `logits`
 //! [1, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT builds
 //! `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
-use super::llama::{LlamaConfig, rope_inv_freq};
+use super::llama::{LlamaConfig, cache_inputs, rope_tables};
 use crate::backend::ort_ops::{DOMAIN, op_name};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use anyhow::{Context, Result, bail};
@@ -136,7 +136,7 @@ impl Emitter<'_> {
         k: usize,
     ) -> Result<(Value, Option<Value>)> {
         let total: usize = parts.iter().map(|p| p.1).sum();
-        let mut bytes = Vec::with_capacity(total * k * 2);
+        let mut bytes = Vec::with_capacity(total * k * elem_bytes(self.wtype));
         let mut bias = Vec::with_capacity(total);
         let mut any_bias = false;
         for (p, n) in parts {
@@ -368,6 +368,10 @@ struct Rope {
     sin: Value,
 }
 
+fn elem_bytes(ty: DataType) -> usize {
+    ty.bits().unwrap_or(32) as usize / 8
+}
+
 /// Appends `v` in the graph's weight type (FLOAT, FLOAT16 or BFLOAT16).
 fn push_weights(out: &mut Vec<u8>, v: &[f32], ty: DataType) {
     match ty {
@@ -422,20 +426,7 @@ pub fn decoder_graph_cpu(
         e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![Dim::Fixed(1)])?;
     let total = e.g.input(TOTAL_INPUT, i32t, vec![])?;
-    let cache_shape = vec![
-        Dim::Fixed(1),
-        Dim::Fixed(cfg.n_kv_heads as i64),
-        Dim::Sym("capacity".into()),
-        Dim::Fixed(hd_pad as i64),
-    ];
-    let mut past = Vec::with_capacity(cfg.n_layers);
-    for i in 0..cfg.n_layers {
-        let k =
-            e.g.input(&format!("past_key_{i}"), F32, cache_shape.clone())?;
-        let v =
-            e.g.input(&format!("past_value_{i}"), F32, cache_shape.clone())?;
-        past.push([k, v]);
-    }
+    let past = cache_inputs(&mut e.g, cfg, "capacity", hd_pad)?;
     // The embedding table in the weight type; a tied LM head reads the same initializer.
     let tensor = |name: &str| {
         weights
@@ -451,7 +442,7 @@ pub fn decoder_graph_cpu(
             cfg.vocab_size * d
         );
     }
-    let mut bytes = Vec::with_capacity(emb.len() * 2);
+    let mut bytes = Vec::with_capacity(emb.len() * elem_bytes(wtype));
     push_weights(&mut bytes, emb, wtype);
     let table = e.g.initializer(
         "model.embed_tokens.weight",
@@ -486,24 +477,13 @@ pub fn decoder_graph_cpu(
             act_shape(d),
         )?
     };
-    // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros, so
-    // their angle does not matter.
-    let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
-    inv_freq.resize(hd_pad / 2, 0.0);
-    let (mut cos_t, mut sin_t) = (Vec::new(), Vec::new());
-    for p in 0..cfg.max_seq_len {
-        for &freq in &inv_freq {
-            let a = p as f64 * freq;
-            cos_t.push(a.cos() as f32);
-            sin_t.push(a.sin() as f32);
-        }
-    }
-    let dims = [cfg.max_seq_len as i64, (hd_pad / 2) as i64];
+    // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros.
+    let (cos, sin) = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
     let rope = Rope {
         seqlens,
         total,
-        cos: e.g.const_f32("rope.cos", &dims, &cos_t)?,
-        sin: e.g.const_f32("rope.sin", &dims, &sin_t)?,
+        cos,
+        sin,
     };
     let w0 = e.norm_weight("model.layers.0.input_layernorm.weight")?;
     let mut x = e.g.op(
