@@ -108,21 +108,25 @@ where
         return Ok(());
     }
     if GATE_UP {
-        // Decode: each task takes the same rows of both halves. Prefill: the whole [m, 2n] product, then the gate.
-        let mut full = if m == 1 {
-            Vec::new()
+        // Decode: each task takes the same rows of both halves. Prefill: the whole [m, 2n] product (in a buffer kept
+        // per thread: tens of MB, not worth allocating and faulting in every call), then the gate.
+        if m == 1 {
+            product(xd, wd, m, k, n, true, yd);
         } else {
-            vec![0f32; m * n]
-        };
-        let target = if m == 1 { &mut yd[..] } else { &mut full[..] };
-        product(xd, wd, m, k, n, GATE_UP, target);
-        if m > 1 {
-            for (yr, fr) in yd.chunks_exact_mut(n_out).zip(full.chunks_exact(n)) {
-                let (g, u) = fr.split_at(n_out);
-                for ((o, &g), &u) in yr.iter_mut().zip(g).zip(u) {
-                    *o = silu(g) * u;
-                }
+            thread_local! {
+                static FULL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
             }
+            FULL.with(|f| {
+                let mut full = f.borrow_mut();
+                full.resize(m * n, 0.0);
+                product(xd, wd, m, k, n, false, &mut full[..m * n]);
+                for (yr, fr) in yd.chunks_exact_mut(n_out).zip(full.chunks_exact(n)) {
+                    let (g, u) = fr.split_at(n_out);
+                    for ((o, &g), &u) in yr.iter_mut().zip(g).zip(u) {
+                        *o = silu(g) * u;
+                    }
+                }
+            });
         }
         return Ok(());
     }

@@ -91,15 +91,6 @@ impl<'a> Decoder<'a> {
         })
     }
 
-    /// Positions in the cache.
-    pub fn len(&self) -> usize {
-        self.len
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len == 0
-    }
-
     /// Runs `ids` after the cached positions; returns the `logits` output ([1, ids or 1, vocab]).
     pub fn forward(&mut self, ids: &[i64]) -> Result<HostTensor> {
         if ids.is_empty() {

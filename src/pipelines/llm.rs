@@ -378,11 +378,10 @@ impl Generator<'_> {
         let mut prev = tokens.last().copied();
         let t0 = Instant::now();
         for step in 0..params.max_tokens {
-            let row = last_row(&decoder.forward(&new_ids)?)?;
+            let mut row = last_row(&decoder.forward(&new_ids)?)?;
             if step == 0 {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
             }
-            let mut row = row;
             apply_penalties(&mut row, &counts, params);
             let next = sample(&row, params, &mut next_rand);
             if tok.is_end(next) {
