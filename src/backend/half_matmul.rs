@@ -307,11 +307,44 @@ pub unsafe fn gemm_rows<W: WeightType>(
     };
 }
 
-/// Weight rows per parallel task: decode gives each task 256 rows (a long sequential stream, yet enough tasks to
-/// balance two threads on a 896-row projection); prefill gives
+/// Activation rows up to which products are dot products ([`dot_rows_batch`]) rather than widened tiles and sgemm
+/// ([`gemm_rows`]): for short prompts and continued prefill, the tile pass over every weight costs more than the
+/// arithmetic it saves. Qwen2.5-0.5B's shapes on two Zen 5 cores: 22 tokens 0.14 s against 0.24 s, 48 tokens 0.23
+/// against 0.25 s (the two cross near 50).
+pub const DOT_MAX_ROWS: usize = 32;
+
+/// `y[r, j]` for every activation row `r < m` and `j` in `rows`, by dot products: each tile of weight rows is read
+/// from memory once and stays in cache while every activation row takes its dots. `y` is [m, n] f32, `x` [m, k].
+///
+/// # Safety
+/// `y` must be valid for writes of `m * n` f32 and no other thread may write columns `rows` meanwhile.
+pub unsafe fn dot_rows_batch<W: WeightType>(
+    x: &[f32],
+    m: usize,
+    w: &[W],
+    k: usize,
+    n: usize,
+    rows: Range<usize>,
+    y: *mut f32,
+) {
+    assert!(x.len() == m * k && rows.end <= n);
+    // ~128 KiB of weights per tile: in L2 while the activation rows pass over it.
+    let tile = ((128 << 10) / (k.max(1) * std::mem::size_of::<W>())).max(4);
+    for start in rows.clone().step_by(tile) {
+        let t = start..(start + tile).min(rows.end);
+        for r in 0..m {
+            // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
+            let yr = unsafe { std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len()) };
+            dot_rows(&x[r * k..(r + 1) * k], w, k, t.clone(), yr);
+        }
+    }
+}
+
+/// Weight rows per parallel task: dot products (decode, [`DOT_MAX_ROWS`]) give each task 256 rows (a long sequential
+/// stream, yet enough tasks to balance two threads on a 896-row projection); prefill gives
 /// each thread one tile where it can (sgemm packs the activations again for every tile), at most 4096 rows.
 pub fn task_rows(m: usize, n: usize) -> usize {
-    if m == 1 {
+    if m <= DOT_MAX_ROWS {
         256.min(n.max(1))
     } else {
         n.div_ceil(std::thread::available_parallelism().map_or(1, |t| t.get()))
@@ -324,6 +357,9 @@ pub fn matmul<W: WeightType>(x: &[f32], m: usize, w: &[W], k: usize, n: usize) -
     let mut y = vec![0f32; m * n];
     if m == 1 {
         dot_rows(x, w, k, 0..n, &mut y);
+    } else if m <= DOT_MAX_ROWS {
+        // SAFETY: y holds m * n values and this thread alone writes it.
+        unsafe { dot_rows_batch(x, m, w, k, n, 0..n, y.as_mut_ptr()) };
     } else {
         let mut scratch = Vec::new();
         let step = task_rows(m, n);
@@ -412,6 +448,7 @@ mod tests {
             (1, 200, 131),
             (1, 896, 130),
             (3, 37, 13),
+            (16, 200, 131),
             (17, 200, 131),
         ] {
             check(half::f16::from_f32, m, k, n);

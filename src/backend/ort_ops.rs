@@ -6,7 +6,9 @@
 //!
 //! Only graphs made for the CPU use them (`models::llama_cpu`); TensorRT graphs keep standard ops. Output rows are
 //! split over `spin_pool`.
-use super::half_matmul::{WeightType, dot_rows, gemm_rows, task_rows};
+use super::half_matmul::{
+    DOT_MAX_ROWS, WeightType, dot_rows, dot_rows_batch, gemm_rows, task_rows,
+};
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -187,6 +189,9 @@ fn product<W: WeightType>(
             // SAFETY: task t alone writes y[rows]; y holds n values.
             let y = unsafe { std::slice::from_raw_parts_mut(out.0.add(rows.start), rows.len()) };
             dot_rows(xd, wd, k, rows, y);
+        } else if m <= DOT_MAX_ROWS {
+            // SAFETY: task t alone writes columns `rows` of the [m, n] output.
+            unsafe { dot_rows_batch(xd, m, wd, k, n, rows, out.0) };
         } else {
             thread_local! {
                 static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -390,6 +395,7 @@ mod tests {
                 (5, 37, 131),
                 (9, 896, 300),
                 (4, 64, 1100),
+                (40, 896, 300),
                 (1, 3, 1),
             ] {
                 for threads in [1, 2] {
