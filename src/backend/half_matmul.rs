@@ -450,6 +450,7 @@ mod tests {
             (3, 37, 13),
             (16, 200, 131),
             (17, 200, 131),
+            (33, 200, 131),
         ] {
             check(half::f16::from_f32, m, k, n);
             check(half::bf16::from_f32, m, k, n);
