@@ -2,7 +2,7 @@
 //! (llama-cpp-python) on the same GGUF files and the same prompt ids, greedy, in one run:
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
 //! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
-//!   prompt (time to first token), 32 generated tokens.
+//!   prompt (time to first token), 128 generated tokens.
 //!
 //! Graphs: fp16 and fp32 are the TensorRT graphs run on ONNX Runtime; fp32-cpu and fp16-cpu are what `generate`
 //! runs on the CPU (`models::llama_cpu`: weights in the file's type through trt-diff's operators, the KV cache in
@@ -233,7 +233,7 @@ fn main() -> anyhow::Result<()> {
             &qwen,
             &["fp16", "fp32", "fp16-cpu"],
             ids(512, 1000, 100_000),
-            32,
+            128,
             vec![threads],
         ),
     ];
