@@ -242,3 +242,108 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     // The CPU backend runs it (f16 weights, f32 activations): llama2.c's greedy text is unchanged.
     assert_generates_reference(&plan);
 }
+
+/// Logits of every position of `ids` through a CPU graph (prefill, then one token at a time).
+fn cpu_graph_logits(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
+    use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+    let mut e = OrtEngine::open(onnx, &OrtOptions::default()).unwrap();
+    let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+    let mut out = dec.forward(&ids[..4]).unwrap().to_f64().unwrap();
+    for id in &ids[4..] {
+        out.extend(dec.forward(&[*id]).unwrap().to_f64().unwrap());
+    }
+    out
+}
+
+#[test]
+fn quantized_gguf_gets_a_cpu_graph_in_the_engine_type() {
+    // stories260K with Q8_0 matrices where rows allow (32-blocks; the 172-wide FFN rows stay F16): a mixed,
+    // quantized file. Its fp16 build's CPU graph keeps the dequantized weights in f16 (as the engine does), its
+    // fp32 build's in f32; both run the in-place KV cache, and their logits agree to f16 rounding.
+    let d = tempfile::tempdir().unwrap();
+    let f32_file = d.path().join("s32.gguf");
+    trt_diff::weights::gguf_convert::llama2c_to_gguf(
+        &data("llm/stories260K.bin"),
+        &data("llm/tok512.bin"),
+        &f32_file,
+    )
+    .unwrap();
+    let src = GgufFile::open(&f32_file).unwrap();
+    let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
+    for (k, v) in &src.metadata {
+        w.set(k, v.clone());
+    }
+    for t in &src.tensors {
+        let v = src.tensor_f32(&t.name).unwrap();
+        let shape = t.shape();
+        if t.dims.len() == 2 && shape[1] % 32 == 0 {
+            w.add_q8_0(&t.name, &shape, &v).unwrap();
+        } else if t.dims.len() == 2 {
+            w.add_f16(&t.name, &shape, &v);
+        } else {
+            w.add_f32(&t.name, &shape, &v);
+        }
+    }
+    let gguf = d.path().join("q8.gguf");
+    w.write(&gguf).unwrap();
+    let q = GgufFile::open(&gguf).unwrap();
+    assert!(q.tensors.iter().any(|t| t.ty.to_string() == "Q8_0"));
+    assert_eq!(trt_diff::pipelines::llm_build::gguf_matrix_type(&q), None);
+    let mut logits = Vec::new();
+    for (precision, half_weights) in [("fp16", true), ("fp32", false)] {
+        let plan = d.path().join(format!("q8_{precision}.plan"));
+        run(
+            &[
+                "build",
+                s(&gguf),
+                "--precision",
+                precision,
+                "--out",
+                s(&plan),
+                "--no-progress",
+            ],
+            true,
+        );
+        let cpu = d.path().join(format!("q8_{precision}.cpu.onnx"));
+        let summary = trt_diff::onnx::summary::OnnxSummary::of(
+            &trt_diff::onnx::OnnxFile::load(&cpu).unwrap(),
+        );
+        assert_eq!(
+            summary.initializers.contains_key("float16"),
+            half_weights,
+            "{precision}: {:?}",
+            summary.initializers.keys().collect::<Vec<_>>()
+        );
+        let r = run(
+            &[
+                "generate",
+                "--engine",
+                s(&plan),
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "20",
+            ],
+            true,
+        );
+        assert!(
+            r.stderr.contains("q8_") && r.stdout.len() > 40,
+            "{}",
+            r.stdout
+        );
+        logits.push(cpu_graph_logits(
+            &cpu,
+            &[1, 403, 407, 261, 378, 411, 422, 325, 290],
+        ));
+    }
+    let diff = logits[0]
+        .iter()
+        .zip(&logits[1])
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let scale = logits[1].iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    eprintln!(
+        "Q8_0 source: f16 against f32 CPU graph, max logit difference {diff:.2e} (logits up to {scale:.1})"
+    );
+    assert!(diff > 0.0 && diff < 2e-3 * scale, "{diff} (scale {scale})");
+}

@@ -183,9 +183,11 @@ pub fn hf_matrix_type(dir: &Path) -> Result<Option<DataType>> {
     })
 }
 
-/// Writes `<out>.cpu.onnx`, the decoder ONNX Runtime runs on the CPU (`models::llama_cpu`), when the checkpoint's
-/// matrices share one float type and the build keeps them unquantized (fp32/fp16): its weights stay in that type
-/// (16-bit ones stream half the bytes per token of an f32 graph). Returns the file name for the manifest.
+/// Writes `<out>.cpu.onnx`, the decoder ONNX Runtime runs on the CPU (`models::llama_cpu`), for builds that keep
+/// weights unquantized (fp32, fp16). Its weights keep the checkpoint's type when every matrix shares one (F32, F16
+/// or BF16: 16-bit ones stream half the bytes per token of an f32 graph); quantized or mixed checkpoints, whose
+/// matrices are dequantized, get the engine's own type (f16 for fp16 builds, the rounding the engine makes too).
+/// Returns the file name for the manifest.
 fn write_cpu_graph(
     out: &Path,
     weights: Option<DataType>,
@@ -194,10 +196,11 @@ fn write_cpu_graph(
     tensors: &std::collections::HashMap<String, Vec<f32>>,
 ) -> Result<Option<String>> {
     let path = sibling(out, ".cpu.onnx");
-    let Some(weights) =
-        weights.filter(|_| matches!(p, LinearPrecision::F32 | LinearPrecision::F16))
-    else {
-        return Ok(None);
+    let weights = match (weights, p) {
+        (Some(t), LinearPrecision::F32 | LinearPrecision::F16) => t,
+        (None, LinearPrecision::F32) => DataType::FLOAT,
+        (None, LinearPrecision::F16) => DataType::FLOAT16,
+        _ => return Ok(None),
     };
     let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, weights, true)?;
     save(graph, &path, &SaveOptions::default())?;

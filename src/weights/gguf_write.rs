@@ -94,6 +94,32 @@ impl GgufWriter {
         });
     }
 
+    /// A Q8_0 tensor (blocks of 32 along the innermost dimension: an f16 scale `max|x| / 127` and 32 int8, as
+    /// llama.cpp quantizes); the innermost dimension must be a multiple of 32.
+    pub fn add_q8_0(&mut self, name: &str, shape: &[u64], data: &[f32]) -> Result<()> {
+        let inner = shape.last().copied().unwrap_or(0) as usize;
+        if inner == 0 || !inner.is_multiple_of(32) || !data.len().is_multiple_of(32) {
+            bail!(
+                "{name}: Q8_0 needs an innermost dimension that is a multiple of 32, not {shape:?}"
+            );
+        }
+        let mut bytes = Vec::with_capacity(data.len() / 32 * 34);
+        for block in data.chunks_exact(32) {
+            let amax = block.iter().fold(0f32, |m, v| m.max(v.abs()));
+            let d = amax / 127.0;
+            let inv = if d > 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            bytes.extend(block.iter().map(|v| (v * inv).round() as i8 as u8));
+        }
+        self.tensors.push(TensorData {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            ty: GgmlType::Q8_0,
+            bytes,
+        });
+        Ok(())
+    }
+
     /// Writes the file under a temporary name and renames it into place.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut head = MAGIC.to_vec();
