@@ -385,6 +385,41 @@ fn bongmath_is_refused_where_it_does_not_apply() {
     assert!(registry::build::<Vec<f64>>("res_2s", &sde).is_err());
 }
 
+/// A step noise mode applies to the exponential samplers (landing on sigma_down) and, in the swap form, to the
+/// tableaux; elsewhere it is refused rather than silently ignored.
+#[test]
+fn step_noise_mode_is_refused_where_it_does_not_apply() {
+    let o = SamplerOptions {
+        noise_mode: trt_diff::samplers::noise_mode::NoiseMode::parse("hard").unwrap(),
+        eta: 0.5,
+        ..Default::default()
+    };
+    accepts_and_refuses(
+        &o,
+        &["res_3s", "ddim", "etdrk2_2s"],
+        &[
+            "rk4_4s",
+            "euler",
+            "euler_ancestral",
+            "dpmpp_2m",
+            "res_2m",
+            "uni_pc",
+            "deis_3m",
+        ],
+        "does not apply",
+    );
+    let swap = SamplerOptions {
+        noise_swap: true,
+        ..o
+    };
+    accepts_and_refuses(
+        &swap,
+        &["rk4_4s", "res_3s"],
+        &["euler", "res_2m"],
+        "noise mode",
+    );
+}
+
 /// RES4LYF's per-substep SDE noise (scripts/golden/samplers_res4lyf_substep_noise.py): whole runs as its own
 /// `set_sde_substep` / `swap_noise_substep` / `update_substep` / `bong_iter` compute them, with its noise draws
 /// replayed (z-scored per channel, as RES4LYF does to every draw): explicit exponential methods and linear

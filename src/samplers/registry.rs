@@ -388,15 +388,20 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
             );
         }
     }
+    let tab = tableaux().into_iter().find(|t| t.name == name);
+    // Step noise lands on sigma_down (RES4LYF's default form) only in the exponential samplers; tableaux take it in
+    // the swap form; every other sampler has its own noise rule (eta, s_noise). Refused rather than ignored.
     if o.noise_mode != super::noise_mode::NoiseMode::None
-        && (HybridMethod::by_name(name).is_some() || MULTISTEP.iter().any(|m| m.0 == name))
+        && ExpMethod::by_name(name).is_none()
+        && !(tab.is_some() && o.noise_swap)
     {
         bail!(
-            "the RES4LYF noise modes apply to the single-step exponential samplers (res_Ns, etdrk*, lawson*, \
-             dpmpp_*s, ddim), not to the multistep/hybrid '{name}'; use noise mode none"
+            "noise mode {:?} does not apply to '{name}': the RES4LYF noise modes drive the single-step exponential \
+             samplers (res_Ns, etdrk*, lawson*, dpmpp_*s, ddim) and, with noise_swap on, the Runge-Kutta tableaux; \
+             use noise mode none here (its own eta and s_noise set its noise)",
+            o.noise_mode
         );
     }
-    let tab = tableaux().into_iter().find(|t| t.name == name);
     let implicit = tab.is_some_and(|t| t.kind() != Kind::Explicit);
     // Implicit tableaux: our fixed-point sweeps at noise_anchor 0, RES4LYF's stepping otherwise (or asked).
     let res4lyf_implicit = implicit && (o.noise_anchor != 0.0 || o.res4lyf_implicit);
