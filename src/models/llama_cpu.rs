@@ -1,5 +1,5 @@
-//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU (`NAME.cpu.onnx`) for checkpoints whose matrices are
-//! f32, f16 or bf16, built from fused operators so that a decode step is ~6 nodes per layer rather than ~45:
+//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU (`NAME.cpu.onnx`) for unquantized builds, weights in
+//! f32, f16 or bf16, built from fused operators so that a decode step is 7 nodes per layer rather than ~45:
 //! - projections: trt-diff's `trtdiff.MatMulF16`/`MatMulBF16`/`MatMulF32` (bias included) and `GateUp*`
 //!   (SwiGLU's gate and up in one call) on [n, k] weights kept in the checkpoint's type (`backend::ort_ops`);
 //! - norms: ONNX Runtime's `SimplifiedLayerNormalization` and `com.microsoft.SkipSimplifiedLayerNormalization`
