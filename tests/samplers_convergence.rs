@@ -254,18 +254,7 @@ fn implicit_refinement_orders_and_errors() {
         ..Default::default()
     };
     assert!(registry::build::<Vec<f64>>("res_2s", &o).is_err());
-    // A noise mode on a multistep or hybrid sampler is refused rather than ignored.
-    for name in ["res_2m", "pec423_2h2s"] {
-        let o = SamplerOptions {
-            noise_mode: trt_diff::samplers::noise_mode::NoiseMode::Hard,
-            ..Default::default()
-        };
-        let err = registry::build::<Vec<f64>>(name, &o)
-            .err()
-            .unwrap()
-            .to_string();
-        assert!(err.contains("noise modes apply"), "{err}");
-    }
+    // A noise mode on a multistep or hybrid sampler is refused rather than ignored: see samplers_golden.rs.
 }
 
 /// Implicit tableaux stepped as RES4LYF does (noise_anchor 1; values proven in tests/samplers_golden.rs): the
