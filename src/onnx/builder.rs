@@ -227,7 +227,7 @@ impl GraphBuilder {
             initializers: Vec::new(),
             names: HashSet::new(),
             node_names: HashSet::new(),
-            producer: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
+            producer: "trt-diff".to_string(),
             sink: None,
         }
     }
