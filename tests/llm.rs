@@ -45,34 +45,54 @@ fn greedy_generation_matches_llama2c() {
     );
     let tok = Llama2cTokenizer::load(&data("llm/tok512.bin"), c.vocab_size).unwrap();
     let d = tempfile::tempdir().unwrap();
-    let onnx = d.path().join("stories.onnx");
-    let graph = decoder_graph(c, &model.tensors, &Policy::uniform(LinearPrecision::F32)).unwrap();
-    trt_diff::onnx::save(graph, &onnx, &Default::default()).unwrap();
-    let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
-    let mut generator = Generator {
-        engine: &mut engine,
-        max_seq_len: c.max_seq_len,
+    // The TensorRT graph (KV cache passed in and out) and the CPU graph (cache held in place by the engine and
+    // reused by later generations, which must not see what earlier ones left in it).
+    let graphs = [
+        decoder_graph(c, &model.tensors, &Policy::uniform(LinearPrecision::F32)).unwrap(),
+        trt_diff::models::llama_cpu::decoder_graph_cpu(
+            c,
+            &model.tensors,
+            trt_diff::onnx::DataType::FLOAT,
+            false,
+        )
+        .unwrap(),
+    ];
+    for (i, graph) in graphs.into_iter().enumerate() {
+        let onnx = d.path().join(format!("stories_{i}.onnx"));
+        trt_diff::onnx::save(graph, &onnx, &Default::default()).unwrap();
+        let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+        generations_match_llama2c(&mut engine, &tok, c.max_seq_len);
+    }
+}
+
+fn generations_match_llama2c(engine: &mut OrtEngine, tok: &Llama2cTokenizer, max_seq_len: usize) {
+    let greedy = |engine: &mut OrtEngine| {
+        let mut generator = Generator {
+            engine,
+            max_seq_len,
+        };
+        let mut text = String::new();
+        let params = SamplingParams {
+            max_tokens: 40,
+            ..Default::default()
+        };
+        let stats = generator
+            .generate(tok, "Once upon a time", &params, |t| {
+                text.push_str(t);
+                Ok(())
+            })
+            .unwrap();
+        assert!(text.starts_with(REFERENCE), "got {text:?}");
+        assert_eq!(
+            stats.prompt_tokens,
+            1 + tok.encode("Once upon a time").len()
+        );
     };
-    let mut text = String::new();
-    let params = SamplingParams {
-        max_tokens: 40,
-        ..Default::default()
-    };
-    let stats = generator
-        .generate(&tok, "Once upon a time", &params, |t| {
-            text.push_str(t);
-            Ok(())
-        })
-        .unwrap();
-    assert!(text.starts_with(REFERENCE), "got {text:?}");
-    assert_eq!(
-        stats.prompt_tokens,
-        1 + tok.encode("Once upon a time").len()
-    );
+    greedy(engine);
     // Sampling with a seed is reproducible and differs from greedy.
     let mut sample = |seed| {
         let mut g = Generator {
-            engine: &mut engine,
+            engine: &mut *engine,
             max_seq_len: 512,
         };
         let mut t = String::new();
@@ -83,7 +103,7 @@ fn greedy_generation_matches_llama2c() {
             max_tokens: 30,
             ..Default::default()
         };
-        g.generate(&tok, "Once upon a time", &p, |s| {
+        g.generate(tok, "Once upon a time", &p, |s| {
             t.push_str(s);
             Ok(())
         })
@@ -92,6 +112,7 @@ fn greedy_generation_matches_llama2c() {
     };
     assert_eq!(sample(7), sample(7));
     assert_ne!(sample(7), sample(8));
+    greedy(engine);
 }
 
 #[test]

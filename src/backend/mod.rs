@@ -87,9 +87,11 @@ pub trait Engine {
     fn outputs(&self) -> &[TensorDesc];
     /// Runs once on host tensors named like `inputs()`; outputs come back in `outputs()` order.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
-    /// Binds each `(input, output)` of `pairs` to one zeroed f32 buffer of `shape` that the engine keeps and every
-    /// later run updates in place (a KV cache the graph extends where new tokens go, never copied); later runs take
-    /// the other inputs only and return the other outputs only. Replaces earlier buffers.
+    /// Binds each `(input, output)` of `pairs` to one f32 buffer of `shape` that the engine keeps and every later
+    /// run updates in place (a KV cache the graph extends where new tokens go, never copied); later runs take the
+    /// other inputs only and return the other outputs only. Buffers of earlier calls with the same pairs are kept
+    /// when they are at least as long along axis 2 (positions; what they hold is then stale, the graph reads only
+    /// positions it wrote), else replaced by zeroed ones.
     fn hold_in_place(&mut self, pairs: &[(String, String)], shape: &[usize]) -> Result<()> {
         let _ = (pairs, shape);
         bail!(
