@@ -179,11 +179,13 @@ fn gguf_builds_and_generates_the_reference_text() {
     assert!(!d.path().join("b.plan").exists());
 }
 
-#[test]
-fn f16_gguf_runs_a_16_bit_cpu_graph() {
-    // stories260K with every matrix stored as F16 (norms F32, as llama.cpp's converter writes F16 files).
-    let d = tempfile::tempdir().unwrap();
-    let f32_file = d.path().join("s32.gguf");
+/// stories260K converted to an F32 GGUF, then written to `dir/name` with every tensor stored by `put`.
+fn stories_rewritten(
+    dir: &std::path::Path,
+    name: &str,
+    put: impl Fn(&mut trt_diff::weights::gguf_write::GgufWriter, &str, &[u64], &[f32]),
+) -> PathBuf {
+    let f32_file = dir.join(format!("{name}.f32.gguf"));
     trt_diff::weights::gguf_convert::llama2c_to_gguf(
         &data("llm/stories260K.bin"),
         &data("llm/tok512.bin"),
@@ -200,15 +202,29 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
         w.set(k, v.clone());
     }
     for t in &src.tensors {
-        let v = src.tensor_f32(&t.name).unwrap();
-        if t.dims.len() == 2 {
-            w.add_f16(&t.name, &t.shape(), &v);
-        } else {
-            w.add_f32(&t.name, &t.shape(), &v);
-        }
+        put(
+            &mut w,
+            &t.name,
+            &t.shape(),
+            &src.tensor_f32(&t.name).unwrap(),
+        );
     }
-    let gguf = d.path().join("s16.gguf");
-    w.write(&gguf).unwrap();
+    let out = dir.join(name);
+    w.write(&out).unwrap();
+    out
+}
+
+#[test]
+fn f16_gguf_runs_a_16_bit_cpu_graph() {
+    // stories260K with every matrix stored as F16 (norms F32, as llama.cpp's converter writes F16 files).
+    let d = tempfile::tempdir().unwrap();
+    let gguf = stories_rewritten(d.path(), "s16.gguf", |w, name, shape, v| {
+        if shape.len() == 2 {
+            w.add_f16(name, shape, v);
+        } else {
+            w.add_f32(name, shape, v);
+        }
+    });
     assert_eq!(
         trt_diff::pipelines::llm_build::gguf_matrix_type(&GgufFile::open(&gguf).unwrap()),
         Some(trt_diff::onnx::DataType::FLOAT16)
@@ -261,31 +277,15 @@ fn quantized_gguf_gets_a_cpu_graph_in_the_engine_type() {
     // quantized file. Its fp16 build's CPU graph keeps the dequantized weights in f16 (as the engine does), its
     // fp32 build's in f32; both run the in-place KV cache, and their logits agree to f16 rounding.
     let d = tempfile::tempdir().unwrap();
-    let f32_file = d.path().join("s32.gguf");
-    trt_diff::weights::gguf_convert::llama2c_to_gguf(
-        &data("llm/stories260K.bin"),
-        &data("llm/tok512.bin"),
-        &f32_file,
-    )
-    .unwrap();
-    let src = GgufFile::open(&f32_file).unwrap();
-    let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
-    for (k, v) in &src.metadata {
-        w.set(k, v.clone());
-    }
-    for t in &src.tensors {
-        let v = src.tensor_f32(&t.name).unwrap();
-        let shape = t.shape();
-        if t.dims.len() == 2 && shape[1] % 32 == 0 {
-            w.add_q8_0(&t.name, &shape, &v).unwrap();
-        } else if t.dims.len() == 2 {
-            w.add_f16(&t.name, &shape, &v);
+    let gguf = stories_rewritten(d.path(), "q8.gguf", |w, name, shape, v| {
+        if shape.len() == 2 && shape[1] % 32 == 0 {
+            w.add_q8_0(name, shape, v).unwrap();
+        } else if shape.len() == 2 {
+            w.add_f16(name, shape, v);
         } else {
-            w.add_f32(&t.name, &shape, &v);
+            w.add_f32(name, shape, v);
         }
-    }
-    let gguf = d.path().join("q8.gguf");
-    w.write(&gguf).unwrap();
+    });
     let q = GgufFile::open(&gguf).unwrap();
     assert!(q.tensors.iter().any(|t| t.ty.to_string() == "Q8_0"));
     assert_eq!(trt_diff::pipelines::llm_build::gguf_matrix_type(&q), None);
