@@ -382,19 +382,22 @@ pub fn matmul<W: WeightType>(x: &[f32], m: usize, w: &[W], k: usize, n: usize) -
     y
 }
 
+/// Deterministic values in [-1, 1) for the kernel and operator tests.
+#[cfg(test)]
+pub(crate) fn test_data(n: usize, seed: u32) -> Vec<f32> {
+    let mut s = seed;
+    (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
+            (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
+    use super::test_data as data;
     use super::*;
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn reference(x: &[f32], m: usize, w: &[f32], k: usize, n: usize) -> Vec<f64> {
         let mut y = vec![0f64; m * n];

@@ -31,6 +31,9 @@ pub struct OrtEngine {
     outputs: Vec<TensorDesc>,
     /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
     held: Vec<(String, String, Tensor<f32>)>,
+    /// The inputs a run takes (all but the held ones) and, per output, whether it is held; set with `held`.
+    free_inputs: Vec<TensorDesc>,
+    output_held: Vec<bool>,
     /// Holds the CPU-pass rewrite of the model while the session lives.
     _rewritten: Option<tempfile::TempDir>,
 }
@@ -101,6 +104,22 @@ fn has_fp8_qdq(s: &OnnxSummary) -> bool {
 }
 
 impl OrtEngine {
+    /// Recomputes what runs take and return after `held` changed.
+    fn refresh_held(&mut self) {
+        let held_in = |n: &str| self.held.iter().any(|h| h.0 == n);
+        self.free_inputs = self
+            .inputs
+            .iter()
+            .filter(|d| !held_in(&d.name))
+            .cloned()
+            .collect();
+        self.output_held = self
+            .outputs
+            .iter()
+            .map(|d| self.held.iter().any(|h| h.1 == d.name))
+            .collect();
+    }
+
     pub fn open(path: &Path, opts: &OrtOptions) -> Result<Self> {
         let onnx = OnnxFile::load(path)?;
         let summary = OnnxSummary::of(&onnx);
@@ -156,7 +175,7 @@ impl OrtEngine {
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
         let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
-        let inputs = session
+        let inputs: Vec<TensorDesc> = session
             .inputs()
             .iter()
             .map(|o| desc(o.name(), o.dtype()))
@@ -179,6 +198,8 @@ impl OrtEngine {
             session,
             binding,
             cpu,
+            free_inputs: inputs.clone(),
+            output_held: vec![false; outputs.len()],
             inputs,
             outputs,
             held: Vec::new(),
@@ -275,18 +296,14 @@ impl Engine for OrtEngine {
         &self.outputs
     }
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
-        let held_in = |n: &str| self.held.iter().any(|h| h.0 == n);
-        let held_outputs: Vec<String> = self.held.iter().map(|h| h.1.clone()).collect();
-        let held_out = |n: &str| held_outputs.iter().any(|h| h == n);
-        let expected: Vec<TensorDesc> = self
-            .inputs
-            .iter()
-            .filter(|d| !held_in(&d.name))
-            .cloned()
-            .collect();
-        check_inputs(&self.name, &expected, inputs)?;
+        check_inputs(&self.name, &self.free_inputs, inputs)?;
         self.binding.clear();
-        for o in self.outputs.iter().filter(|o| !held_out(&o.name)) {
+        for (o, _) in self
+            .outputs
+            .iter()
+            .zip(&self.output_held)
+            .filter(|(_, h)| !**h)
+        {
             self.binding
                 .bind_output_to_device(o.name.as_str(), &self.cpu)
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", o.name))?;
@@ -312,8 +329,9 @@ impl Engine for OrtEngine {
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
         self.outputs
             .iter()
-            .filter(|d| !held_out(&d.name))
-            .map(|d| {
+            .zip(&self.output_held)
+            .filter(|(_, h)| !**h)
+            .map(|(d, _)| {
                 let v = outputs
                     .get(&d.name)
                     .with_context(|| format!("output '{}' missing", d.name))?;
@@ -346,6 +364,7 @@ impl Engine for OrtEngine {
             return Ok(());
         }
         self.held.clear();
+        self.refresh_held();
         let allocator = self.session.allocator();
         for (input, output) in pairs {
             for (name, list, kind) in [
@@ -367,6 +386,7 @@ impl Engine for OrtEngine {
             t.extract_tensor_mut().1.fill(0.0);
             self.held.push((input.clone(), output.clone(), t));
         }
+        self.refresh_held();
         Ok(())
     }
 }

@@ -256,18 +256,9 @@ pub fn domain() -> ort::Result<OperatorDomain> {
 mod tests {
     use crate::backend::Engine;
     use crate::backend::HostTensor;
+    use crate::backend::half_matmul::test_data as data;
     use crate::backend::ort_backend::{OrtEngine, OrtOptions};
     use crate::onnx::{DataType, Dim, GraphBuilder};
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed;
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(1_664_525).wrapping_add(1_013_904_223);
-                (s >> 8) as f32 / (1u32 << 24) as f32 * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     /// The operators against ONNX Runtime's own f32 ops on the same (16-bit-rounded) weights, in one graph:
     /// `MatMul*` with a bias against MatMul + Add, `GateUp*` against MatMul, Split, Sigmoid and two Muls. Returns

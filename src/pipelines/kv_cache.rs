@@ -11,7 +11,9 @@ use anyhow::{Context, Result, bail};
 
 pub struct Decoder<'a> {
     engine: &'a mut dyn Engine,
-    n_layers: usize,
+    /// Passed layout: the `past_*` and `present_*` names, layer by layer (key, value).
+    past_names: Vec<String>,
+    present_names: Vec<String>,
     /// Passed layout: the cache from the last call (moved into the next call's inputs, not copied).
     past: Vec<HostTensor>,
     /// In-place layout: the buffers' length in positions.
@@ -84,7 +86,8 @@ impl<'a> Decoder<'a> {
         }
         Ok(Self {
             engine,
-            n_layers,
+            past_names: names(n_layers, "past").collect(),
+            present_names: names(n_layers, "present").collect(),
             past,
             capacity: in_place.then_some(capacity),
             len: 0,
@@ -128,16 +131,16 @@ impl<'a> Decoder<'a> {
                     v.to_le_bytes().to_vec()
                 }),
             ));
-            for (name, t) in names(self.n_layers, "past").zip(&mut self.past) {
-                inputs.push((name, std::mem::replace(t, empty())));
+            for (name, t) in self.past_names.iter().zip(&mut self.past) {
+                inputs.push((name.clone(), std::mem::replace(t, empty())));
             }
         }
         let mut outputs = self.engine.run(&inputs)?;
         if self.capacity.is_none() {
-            for (name, slot) in names(self.n_layers, "present").zip(&mut self.past) {
+            for (name, slot) in self.present_names.iter().zip(&mut self.past) {
                 let out = outputs
                     .iter_mut()
-                    .find(|(n, _)| *n == name)
+                    .find(|(n, _)| n == name)
                     .with_context(|| format!("engine has no '{name}' output"))?;
                 *slot = std::mem::replace(&mut out.1, empty());
             }
