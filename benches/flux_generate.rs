@@ -5,12 +5,15 @@
 //! prints both. Target: 2x faster.
 use std::path::{Path, PathBuf};
 use std::time::Instant;
+use trt_diff::backend::BackendChoice;
+use trt_diff::manifest::EngineFile;
 use trt_diff::onnx::DataType;
-use trt_diff::pipelines::flux::{FluxEngines, FluxPipeline, FluxRequest};
+use trt_diff::pipelines::engines::{OpenOptions, open_file};
+use trt_diff::pipelines::flux::{FluxEngines, FluxModel, load_clip_tokenizer};
 use trt_diff::pipelines::flux_build::{
-    ModelFiles, OnnxPaths, export_aux, export_transformer, load_clip_tokenizer, plan,
+    ModelFiles, OnnxPaths, export_aux, export_transformer, plan,
 };
-use trt_diff::runner::{BackendChoice, open_engine};
+use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
 
 const RUNS: usize = 10;
 
@@ -50,9 +53,14 @@ fn main() -> anyhow::Result<()> {
     let paths = OnnxPaths::new(&dir, None);
     export_aux(&p, &paths, DataType::FLOAT, DataType::FLOAT)?;
     export_transformer(&p, &Default::default(), &paths.transformer)?;
-    let ort = Default::default();
-    let open = |path: &Path| open_engine(path, BackendChoice::Cpu, &ort);
-    let mut pipe = FluxPipeline {
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path)?,
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+    };
+    let mut pipe = ImagePipeline::new(FluxModel {
         config: p.config.clone(),
         clip_tok: load_clip_tokenizer(&ct, p.config.clip_pad)?,
         t5_tok: trt_diff::tokenizer::t5::T5Tokenizer::load(&tt)?,
@@ -65,8 +73,8 @@ fn main() -> anyhow::Result<()> {
             tae_decoder: None,
         },
         amax: None,
-    };
-    let req = FluxRequest {
+    });
+    let req = ImageRequest {
         prompt: "a watercolor painting of a fox in the snow, 4k".into(),
         steps: Some(4),
         width: Some(32),
@@ -81,7 +89,7 @@ fn main() -> anyhow::Result<()> {
     let mut once = || -> anyhow::Result<f64> {
         let t = Instant::now();
         let r = pipe.generate(&req, &mut |_| Ok(()))?;
-        trt_diff::pipelines::flux_image::write_png(&png, &r.images[0], 32, 32, &[])?;
+        trt_diff::pipelines::image_io::write_png(&png, &r.images[0], 32, 32, &[])?;
         Ok(t.elapsed().as_secs_f64())
     };
     once()?; // warm-up

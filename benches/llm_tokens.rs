@@ -70,8 +70,9 @@ fn ours(
     let m = trt_diff::weights::gguf_model::load(&g, Some(1024))?;
     let matrices = trt_diff::pipelines::llm_build::gguf_matrix_type(&g);
     drop(g);
-    let p =
-        trt_diff::pipelines::llm_build::precision_from_name(precision.trim_end_matches("-cpu"))?;
+    let p = trt_diff::pipelines::llm_build::linear_precision(trt_diff::quant::Precision::parse(
+        precision.trim_end_matches("-cpu"),
+    )?)?;
     let onnx = dir.join(format!(
         "{}_{precision}.onnx",
         gguf.file_stem().unwrap().to_string_lossy()

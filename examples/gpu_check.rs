@@ -339,7 +339,8 @@ fn main() -> Result<()> {
     let mut trt = serde_json::Map::new();
     if let Some(plan) = plan {
         let p = std::path::Path::new(&plan);
-        let with_manifest = trt_diff::trt::runtime::TrtEngine::open(p)
+        let file = trt_diff::manifest::EngineFile::open(p)?;
+        let with_manifest = trt_diff::trt::runtime::TrtEngine::open(&file)
             .err()
             .map(|e| format!("{e:#}"));
         println!(
@@ -348,7 +349,7 @@ fn main() -> Result<()> {
         );
         trt.insert("with_manifest".into(), with_manifest.into());
         // What --backend auto decides for this plan (it falls back to the CPU with this reason).
-        let auto = match trt_diff::trt::runtime::plan_runs_here(p) {
+        let auto = match trt_diff::trt::runtime::plan_runs_here(&file) {
             Ok(gpu) => format!("TensorRT on {gpu}"),
             Err(why) => format!("CPU backend: {why}"),
         };
@@ -356,7 +357,8 @@ fn main() -> Result<()> {
         trt.insert("auto".into(), auto.into());
         let bare = std::env::temp_dir().join("bare.plan");
         std::fs::copy(p, &bare)?;
-        let without = trt_diff::trt::runtime::TrtEngine::open(&bare)
+        let without = trt_diff::manifest::EngineFile::open(&bare)
+            .and_then(|f| trt_diff::trt::runtime::TrtEngine::open(&f))
             .err()
             .map(|e| format!("{e:#}"));
         println!(

@@ -123,6 +123,19 @@ pub fn xxh3_hex(h: &xxhash_rust::xxh3::Xxh3) -> String {
     format!("{:032x}", h.digest128())
 }
 
+/// `path` as a name relative to `dir` when it lies inside it (both resolved), for manifests that must name only
+/// files in their own folder; None when it lies outside.
+pub fn relative_name(path: &Path, dir: &Path) -> Option<String> {
+    let dir = if dir.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        dir
+    };
+    let (p, d) = (path.canonicalize().ok()?, dir.canonicalize().ok()?);
+    let rel = p.strip_prefix(&d).ok()?;
+    Some(rel.to_string_lossy().into_owned())
+}
+
 pub fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }

@@ -2,17 +2,15 @@
 //! checkpoints) and runs their pipelines. The library does the work; the `trt-diff` binary is a thin CLI on it.
 pub mod backend;
 pub mod cli;
+pub mod commands;
 pub mod cuda;
-pub mod doctor;
 pub mod fsutil;
-pub mod inspect;
 pub mod manifest;
 pub mod models;
 pub mod npy;
 pub mod onnx;
 pub mod pipelines;
 pub mod quant;
-pub mod runner;
 pub mod samplers;
 pub mod server;
 pub mod tokenizer;

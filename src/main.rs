@@ -1,3 +1,3 @@
 fn main() -> std::process::ExitCode {
-    trt_diff::cli::main()
+    trt_diff::commands::main()
 }

@@ -1,12 +1,13 @@
 //! The engine file: a standard TensorRT plan (loadable by trtexec, Triton, ...) plus a JSON sidecar manifest
-//! `<plan>.json` that says what the plan holds and how it was made.
+//! `<plan>.json` that says what the plan holds and how it was made. This module is the file's schema and nothing
+//! else: it imports no model, pipeline or runtime code. [`EngineFile::open`] reads it once; everything below the
+//! command that opened it receives that value.
 use crate::fsutil::{AtomicFile, human_bytes, xxh3_file};
-use crate::trt::Flavor;
-use crate::trt::shapes::ShapeRange;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::path::{Path, PathBuf};
+use std::path::{Component, Path, PathBuf};
 
 pub const FORMAT: &str = "trt-diff.engine/1";
 
@@ -25,22 +26,67 @@ pub struct Manifest {
     pub pipeline: Option<Pipeline>,
 }
 
-/// What `generate` needs beyond the plan, with files named relative to the manifest.
+/// The two TensorRT flavours trt-diff drives.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Flavor {
+    /// TensorRT-RTX 1.x: RTX 30/40/50, DGX Spark GB10, A100; its builder also runs without a GPU.
+    Rtx,
+    /// TensorRT 11: data-center GPUs (Hopper, Blackwell).
+    Trt11,
+}
+
+/// min/opt/max dimensions for one input of an optimization profile.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShapeRange {
+    pub name: String,
+    pub min: Vec<i64>,
+    pub opt: Vec<i64>,
+    pub max: Vec<i64>,
+}
+
+/// What `generate` needs beyond the plan, with files named relative to the manifest. Family-specific settings
+/// (`config`) are JSON that the family's own module reads; the schema does not know the families.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 #[serde(tag = "kind", rename_all = "lowercase")]
 pub enum Pipeline {
-    Llm {
-        arch: String,
-        config: crate::models::llama::LlamaConfig,
-        tokenizer: String,
-        precision: String,
-        /// A graph for ONNX Runtime on the CPU (16-bit weights through trt-diff's own operator), beside the plan;
-        /// the CPU backend runs it instead of the TensorRT graph.
-        #[serde(default, skip_serializing_if = "Option::is_none")]
-        cpu_onnx: Option<String>,
-    },
-    /// A Flux bundle: the plan is the transformer's engine; the other components sit beside it.
-    Flux(Box<crate::pipelines::flux_build::FluxBundle>),
+    Llm(LlmPipeline),
+    /// An image bundle: the plan is the denoiser's engine; the other components sit beside it.
+    Image(ImageBundle),
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct LlmPipeline {
+    pub arch: String,
+    /// The decoder's hyper-parameters (`models::llama::LlamaConfig`).
+    pub config: serde_json::Value,
+    pub tokenizer: String,
+    pub precision: String,
+    /// A graph for ONNX Runtime on the CPU (16-bit weights through trt-diff's own operator), beside the plan;
+    /// the CPU backend runs it instead of the TensorRT graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_onnx: Option<String>,
+}
+
+/// One component's files, relative to the manifest.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct BundleComponent {
+    pub onnx: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct ImageBundle {
+    /// "flux-dev", "flux-schnell", ...: which pipeline family runs the bundle.
+    pub arch: String,
+    pub precision: String,
+    /// The family's pipeline settings and defaults (e.g. `pipelines::flux::FluxPipelineConfig`).
+    pub config: serde_json::Value,
+    /// Component name (transformer, clip, t5, vae_decoder, ...) -> files.
+    pub components: BTreeMap<String, BundleComponent>,
+    /// Tokenizer name (clip, t5, ...) -> file.
+    pub tokenizers: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -156,62 +202,212 @@ pub struct PlanReport {
     pub manifest: Option<Manifest>,
 }
 
-/// Checks a plan against its manifest (size, then checksum) and TensorRT's serialized-engine header.
+/// Checks a plan file and its manifest (when there is one) completely: header, size and checksum.
 pub fn check_plan(path: &Path) -> Result<PlanReport> {
-    let meta = std::fs::metadata(path).with_context(|| {
-        format!(
-            "cannot open plan '{}': check the path (build one with `trt-diff build`)",
-            path.display()
-        )
-    })?;
-    let bytes = meta.len();
-    let mut head = [0u8; 32];
-    let n = std::fs::File::open(path)
-        .and_then(|mut f| f.read(&mut head))
-        .with_context(|| format!("cannot read '{}'", path.display()))?;
-    if !looks_like_plan(&head[..n]) {
-        bail!(
-            "'{}' is not a TensorRT plan (its header is not a serialized engine's, {}): the file is corrupt or of \
-             another kind; rebuild it with `trt-diff build`",
-            path.display(),
-            human_bytes(bytes)
-        );
+    let engine = EngineFile::open(path)?;
+    engine.verify_plan_checksum()?;
+    Ok(PlanReport {
+        bytes: engine.plan_bytes,
+        path: engine.path,
+        manifest: engine.manifest,
+    })
+}
+
+/// An engine file as `--engine` names it, opened once: a `.plan` with its manifest (when present), or an `.onnx`
+/// file. Every file the manifest names is resolved through [`EngineFile::file`], which keeps it inside the
+/// engine's folder.
+#[derive(Clone, Debug)]
+pub struct EngineFile {
+    pub path: PathBuf,
+    /// The folder every relative name of the manifest is resolved in.
+    pub dir: PathBuf,
+    pub manifest: Option<Manifest>,
+    /// Size of the plan file (0 for an .onnx file).
+    pub plan_bytes: u64,
+    /// Files outside `dir` are allowed (`--allow-external-paths`).
+    pub allow_external: bool,
+}
+
+impl EngineFile {
+    /// Opens `path` (.plan or .onnx): checks that it exists, a plan's header and recorded size, and reads the
+    /// manifest beside a plan. The plan's checksum is verified only when TensorRT loads it
+    /// ([`EngineFile::verify_plan_checksum`]).
+    pub fn open(path: &Path) -> Result<Self> {
+        Self::open_with(path, false)
     }
-    if let Some(recorded) = recorded_plan_size(&head[..n])
-        && recorded != bytes
-    {
-        bail!(
-            "'{}' is {bytes} bytes but its header says {recorded}: the plan is truncated or damaged; rebuild it with \
-             `trt-diff build`",
-            path.display()
-        );
-    }
-    let sidecar = sidecar_path(path);
-    let manifest = if sidecar.exists() {
-        Some(Manifest::read(&sidecar)?)
-    } else {
-        None
-    };
-    if let Some(m) = &manifest {
-        if m.plan.bytes != bytes {
+
+    pub fn open_with(path: &Path, allow_external: bool) -> Result<Self> {
+        let meta = std::fs::metadata(path).with_context(|| {
+            format!(
+                "cannot open engine '{}': no such file; check the path (build one with `trt-diff build`)",
+                path.display()
+            )
+        })?;
+        let dir = path
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new("."))
+            .to_path_buf();
+        let mut engine = EngineFile {
+            path: path.to_path_buf(),
+            dir,
+            manifest: None,
+            plan_bytes: 0,
+            allow_external,
+        };
+        if !engine.is_plan() {
+            return Ok(engine);
+        }
+        let bytes = meta.len();
+        let mut head = [0u8; 32];
+        let n = std::fs::File::open(path)
+            .and_then(|mut f| f.read(&mut head))
+            .with_context(|| format!("cannot read '{}'", path.display()))?;
+        if !looks_like_plan(&head[..n]) {
             bail!(
-                "'{}' is {bytes} bytes but its manifest records {}: the plan is truncated or was replaced; rebuild it",
+                "'{}' is not a TensorRT plan (its header is not a serialized engine's, {}): the file is corrupt or \
+                 of another kind; rebuild it with `trt-diff build`",
                 path.display(),
-                m.plan.bytes
+                human_bytes(bytes)
             );
         }
-        if xxh3_file(path)? != m.plan.xxh3_128 {
+        if let Some(recorded) = recorded_plan_size(&head[..n])
+            && recorded != bytes
+        {
             bail!(
-                "'{}' does not match the checksum in its manifest: the plan is corrupt or was replaced; rebuild it",
+                "'{}' is {bytes} bytes but its header says {recorded}: the plan is truncated or damaged; rebuild it \
+                 with `trt-diff build`",
                 path.display()
             );
         }
+        let sidecar = sidecar_path(path);
+        if sidecar.exists() {
+            let m = Manifest::read(&sidecar)?;
+            if m.plan.bytes != bytes {
+                bail!(
+                    "'{}' is {bytes} bytes but its manifest records {}: the plan is truncated or was replaced; \
+                     rebuild it",
+                    path.display(),
+                    m.plan.bytes
+                );
+            }
+            engine.manifest = Some(m);
+        }
+        engine.plan_bytes = bytes;
+        Ok(engine)
     }
-    Ok(PlanReport {
-        path: path.to_path_buf(),
-        bytes,
-        manifest,
-    })
+
+    /// A `.plan` (anything but `.onnx`).
+    pub fn is_plan(&self) -> bool {
+        self.path.extension().is_none_or(|e| e != "onnx")
+    }
+
+    /// The manifest, or an error saying what needs it.
+    pub fn manifest(&self, what: &str) -> Result<&Manifest> {
+        self.manifest.as_ref().with_context(|| {
+            format!(
+                "'{}' has no manifest ('{}'), which {what} needs; build the engine with `trt-diff build`",
+                self.path.display(),
+                sidecar_path(&self.path).display()
+            )
+        })
+    }
+
+    pub fn pipeline(&self) -> Option<&Pipeline> {
+        self.manifest.as_ref().and_then(|m| m.pipeline.as_ref())
+    }
+
+    /// A file the manifest names, resolved inside the engine's folder: no absolute paths, no `..`, no symbolic
+    /// link that leads out, and the file must exist.
+    pub fn file(&self, name: &str, what: &str) -> Result<PathBuf> {
+        let rel = Path::new(name);
+        let plain = !name.is_empty()
+            && rel
+                .components()
+                .all(|c| matches!(c, Component::Normal(_) | Component::CurDir));
+        let path = if plain {
+            self.dir.join(rel)
+        } else {
+            rel.to_path_buf()
+        };
+        if !plain && !self.allow_external {
+            bail!(
+                "the manifest of '{}' names {what} '{name}', which is outside the engine's folder; trt-diff reads \
+                 only files beside the engine. Move the file next to the engine and rebuild, or pass \
+                 --allow-external-paths if you trust this manifest",
+                self.path.display()
+            );
+        }
+        if !path.exists() {
+            bail!(
+                "{what} '{}' of '{}' is missing; rebuild the engine with `trt-diff build`",
+                path.display(),
+                self.path.display()
+            );
+        }
+        if plain && !self.allow_external {
+            let real = path
+                .canonicalize()
+                .with_context(|| format!("cannot resolve '{}'", path.display()))?;
+            let root = self
+                .dir
+                .canonicalize()
+                .with_context(|| format!("cannot resolve '{}'", self.dir.display()))?;
+            if !real.starts_with(&root) {
+                bail!(
+                    "{what} '{}' of '{}' is a link to '{}', outside the engine's folder; replace the link with the \
+                     file, or pass --allow-external-paths if you trust it",
+                    path.display(),
+                    self.path.display(),
+                    real.display()
+                );
+            }
+        }
+        Ok(path)
+    }
+
+    /// The ONNX graph the plan was built from (what the CPU backend runs), checked against the size and sha256
+    /// the manifest records.
+    pub fn source_onnx(&self) -> Result<PathBuf> {
+        let m = self.manifest("running the plan without TensorRT")?;
+        let path = self.file(&m.source.onnx, "the source ONNX")?;
+        let bytes = std::fs::metadata(&path)?.len();
+        if bytes != m.source.bytes || crate::fsutil::sha256_file(&path)? != m.source.sha256 {
+            bail!(
+                "'{}' is not the ONNX file '{}' was built from (size or sha256 differ from its manifest): it was \
+                 changed after the build; rebuild the engine",
+                path.display(),
+                self.path.display()
+            );
+        }
+        let onnx_dir = Path::new(&m.source.onnx).parent().unwrap_or(Path::new(""));
+        for x in &m.source.external_data {
+            let name = onnx_dir.join(&x.file).to_string_lossy().into_owned();
+            let p = self.file(&name, "the source ONNX's external data")?;
+            if std::fs::metadata(&p)?.len() != x.bytes {
+                bail!(
+                    "'{}' (external data of '{}') does not have the {} bytes its manifest records; rebuild the engine",
+                    p.display(),
+                    path.display(),
+                    x.bytes
+                );
+            }
+        }
+        Ok(path)
+    }
+
+    /// Reads the whole plan and compares its checksum with the manifest's (before TensorRT deserializes it).
+    pub fn verify_plan_checksum(&self) -> Result<()> {
+        if let Some(m) = &self.manifest
+            && xxh3_file(&self.path)? != m.plan.xxh3_128
+        {
+            bail!(
+                "'{}' does not match the checksum in its manifest: the plan is corrupt or was replaced; rebuild it",
+                self.path.display()
+            );
+        }
+        Ok(())
+    }
 }
 
 /// Serialized engines start with a tag: "vtrt" at byte 0 (TensorRT-RTX, which also records the total plan size as

@@ -9,7 +9,9 @@
 //!
 //! One worker thread owns the engine and serves requests in arrival order (a queue); a streaming client that goes
 //! away stops its generation at the next token. Errors are JSON `{"error": {"message", "type"}}` with 4xx codes.
-use crate::pipelines::llm::{GenerationStats, Generator, SamplingParams, TextTokenizer};
+use crate::backend::BackendChoice;
+use crate::manifest::EngineFile;
+use crate::pipelines::llm::{GenerationStats, Generator, LlmModel, SamplingParams, TextTokenizer};
 use anyhow::{Context, Result};
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{DefaultBodyLimit, State};
@@ -506,49 +508,26 @@ async fn shutdown_signal() {
 }
 
 /// Serves an LLM engine until SIGINT/SIGTERM. Prints `listening on ADDR` once bound (port 0 picks a free port).
-pub fn serve(
-    engine_path: &std::path::Path,
-    backend: crate::runner::BackendChoice,
-    host: &str,
-    port: u16,
-) -> Result<()> {
-    use crate::manifest::{Manifest, Pipeline, sidecar_path};
-    if !engine_path.exists() {
-        anyhow::bail!(
-            "cannot open engine '{}': no such file; check the path",
-            engine_path.display()
-        );
-    }
-    let manifest = Manifest::read(&sidecar_path(engine_path))?;
-    let Some(Pipeline::Llm {
-        config, tokenizer, ..
-    }) = manifest.pipeline.clone()
-    else {
-        anyhow::bail!(
-            "'{}' is not an LLM engine; serve takes engines built with `trt-diff build --arch ...`",
-            engine_path.display()
-        );
-    };
-    let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok = crate::pipelines::llm::load_tokenizer(&dir.join(&tokenizer), config.vocab_size)?;
+pub fn serve(engine: &EngineFile, backend: BackendChoice, host: &str, port: u16) -> Result<()> {
+    let LlmModel { config, tokenizer } = LlmModel::read(engine)?;
     let (tx, rx) = mpsc::channel::<Job>(256);
     let cfg = config.clone();
     let metrics = Arc::new(Metrics::default());
     let worker_metrics = metrics.clone();
     // The engine is opened on the thread that uses it (engines need not be Send); open errors come back here.
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
-    let path = engine_path.to_path_buf();
+    let file = engine.clone();
     std::thread::Builder::new()
         .name("generate".into())
         .spawn(move || {
-            match crate::runner::open_engine(
-                &path,
-                backend,
-                &crate::pipelines::llm::cpu_options(&cfg),
-            ) {
-                Ok(engine) => {
+            let spec = LlmModel {
+                config: cfg,
+                tokenizer,
+            };
+            match spec.open_engine(&file, backend) {
+                Ok(decoder) => {
                     let _ = ready_tx.send(Ok(()));
-                    worker(engine, tok, cfg, worker_metrics, rx)
+                    worker(decoder, spec.tokenizer, spec.config, worker_metrics, rx)
                 }
                 Err(e) => {
                     let _ = ready_tx.send(Err(format!("{e:#}")));
@@ -560,6 +539,7 @@ pub fn serve(
         .recv()
         .context("the generation thread stopped before opening the engine")?
         .map_err(|e| anyhow::anyhow!(e))?;
+    let engine_path = &engine.path;
     let state = Arc::new(AppState {
         jobs: tx,
         metrics,

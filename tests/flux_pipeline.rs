@@ -4,11 +4,14 @@
 mod common;
 use common::*;
 use std::path::{Path, PathBuf};
-use trt_diff::pipelines::flux::{FluxEngines, FluxPipeline, FluxRequest};
+use trt_diff::backend::BackendChoice;
+use trt_diff::manifest::EngineFile;
+use trt_diff::pipelines::engines::{OpenOptions, open_file};
+use trt_diff::pipelines::flux::{FluxEngines, FluxModel, load_clip_tokenizer};
 use trt_diff::pipelines::flux_build::{
     ModelFiles, OnnxPaths, export_aux, export_transformer, plan,
 };
-use trt_diff::runner::{BackendChoice, open_engine};
+use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
 use trt_diff::weights::safetensors_file::Checkpoint;
 
 const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
@@ -71,12 +74,17 @@ fn final_latents_match_diffusers_flux_pipeline() {
     let f32t = trt_diff::onnx::DataType::FLOAT;
     export_aux(&p, &paths, f32t, f32t).unwrap();
     export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
-    let ort = Default::default();
-    let open = |path: &Path| open_engine(path, BackendChoice::Cpu, &ort).unwrap();
-    let mut pipe = FluxPipeline {
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path).unwrap(),
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    };
+    let mut pipe = ImagePipeline::new(FluxModel {
         config: p.config.clone(),
-        clip_tok: trt_diff::pipelines::flux_build::load_clip_tokenizer(&ct, p.config.clip_pad)
-            .unwrap(),
+        clip_tok: load_clip_tokenizer(&ct, p.config.clip_pad).unwrap(),
         t5_tok: trt_diff::tokenizer::t5::T5Tokenizer::load(&tt).unwrap(),
         engines: FluxEngines {
             clip: open(&paths.clip),
@@ -87,10 +95,10 @@ fn final_latents_match_diffusers_flux_pipeline() {
             tae_decoder: None,
         },
         amax: None,
-    };
+    });
     let io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
     let init = io.get("initial_latents").unwrap().to_f32().unwrap();
-    let req = FluxRequest {
+    let req = ImageRequest {
         prompt: PROMPT.into(),
         steps: Some(4),
         width: Some(32),
@@ -126,7 +134,7 @@ fn final_latents_match_diffusers_flux_pipeline() {
     assert!(e < 1e-3, "{e}");
     assert!(img_err < 3.0 / 255.0, "{img_err}");
     // True CFG: diffusers' `negative_prompt` + `true_cfg_scale=2.0`.
-    let req = FluxRequest {
+    let req = ImageRequest {
         negative_prompt: Some("blurry, low quality".into()),
         cfg: 2.0,
         latents_only: true,
@@ -138,7 +146,7 @@ fn final_latents_match_diffusers_flux_pipeline() {
     eprintln!("true CFG final latents: max rel err {e:.2e}");
     assert!(e < 1e-3, "{e}");
     // img2img: diffusers' FluxImg2ImgPipeline from init.png at strength 0.6 (encoder mode, the same noise).
-    let req = FluxRequest {
+    let req = ImageRequest {
         negative_prompt: None,
         cfg: 1.0,
         init_image: Some(golden("init.png")),
@@ -328,7 +336,8 @@ fn build_and_generate_end_to_end() {
 /// emulation of the quantized transformer ends within a stated error of diffusers' f32 final latents.
 #[test]
 fn quantized_bundles_build_and_stay_close() {
-    use trt_diff::pipelines::flux_build::{FluxBuildOptions, build_flux, open_bundle, read_bundle};
+    use trt_diff::manifest::Pipeline;
+    use trt_diff::pipelines::flux_build::{FluxBuildOptions, build_flux};
     let dir = tempfile::tempdir().unwrap();
     let (ct, tt) = toks();
     let model = model_dir(dir.path());
@@ -341,7 +350,7 @@ fn quantized_bundles_build_and_stay_close() {
         let o = FluxBuildOptions {
             model: model.clone(),
             arch: "flux-dev".into(),
-            precision: precision.into(),
+            precision: trt_diff::quant::Precision::parse(precision).unwrap(),
             clip_tokenizer: Some(ct.clone()),
             t5_tokenizer: Some(tt.clone()),
             tae_decoder: None,
@@ -357,10 +366,14 @@ fn quantized_bundles_build_and_stay_close() {
             },
         };
         build_flux(&o).unwrap();
-        let bundle = read_bundle(&out).unwrap().unwrap();
+        let engine = EngineFile::open(&out).unwrap();
+        let Some(Pipeline::Image(bundle)) = engine.pipeline() else {
+            panic!("no image bundle in {}", out.display())
+        };
         assert_eq!(bundle.precision, precision);
-        let mut pipe = open_bundle(&out, &bundle, BackendChoice::Cpu).unwrap();
-        let req = FluxRequest {
+        let mut pipe =
+            trt_diff::pipelines::flux::open_pipeline(&engine, BackendChoice::Cpu).unwrap();
+        let req = ImageRequest {
             prompt: PROMPT.into(),
             steps: Some(4),
             width: Some(32),

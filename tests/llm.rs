@@ -160,7 +160,7 @@ fn cli_build_and_generate_in_every_precision() {
             trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
         assert!(matches!(
             m.pipeline,
-            Some(trt_diff::manifest::Pipeline::Llm { .. })
+            Some(trt_diff::manifest::Pipeline::Llm(_))
         ));
         let onnx =
             trt_diff::onnx::OnnxFile::load(&d.path().join(format!("stories_{precision}.onnx")))

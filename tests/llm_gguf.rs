@@ -235,7 +235,10 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
         true,
     );
     let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
-    let Some(trt_diff::manifest::Pipeline::Llm { cpu_onnx, .. }) = m.pipeline else {
+    let Some(trt_diff::manifest::Pipeline::Llm(trt_diff::manifest::LlmPipeline {
+        cpu_onnx, ..
+    })) = m.pipeline
+    else {
         panic!("no LLM pipeline in the manifest");
     };
     assert_eq!(cpu_onnx.as_deref(), Some("s16.cpu.onnx"));

@@ -213,7 +213,10 @@ fn decoders_build_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
         ("stories", &stories.config, &stories.tensors),
     ] {
         for p in ["fp16", "fp8", "nvfp4"] {
-            let prec = trt_diff::pipelines::llm_build::precision_from_name(p).unwrap();
+            let prec = trt_diff::pipelines::llm_build::linear_precision(
+                trt_diff::quant::Precision::parse(p).unwrap(),
+            )
+            .unwrap();
             let onnx = d.path().join(format!("{name}_{p}.onnx"));
             trt_diff::onnx::save(
                 decoder_graph(c, w, &Policy::defaults(prec)).unwrap(),
@@ -276,12 +279,12 @@ fn cli_builds_and_generates_from_a_hf_folder() {
         String::from_utf8_lossy(&out.stderr)
     );
     let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
-    let Some(trt_diff::manifest::Pipeline::Llm {
+    let Some(trt_diff::manifest::Pipeline::Llm(trt_diff::manifest::LlmPipeline {
         arch,
         tokenizer,
         cpu_onnx,
         ..
-    }) = m.pipeline
+    })) = m.pipeline
     else {
         panic!("no LLM pipeline in the manifest");
     };

@@ -9,6 +9,16 @@ pub mod spin_pool;
 use crate::onnx::DataType;
 use anyhow::{Result, bail};
 
+/// `--backend`: where engines run, chosen once per engine file or bundle.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BackendChoice {
+    /// TensorRT when the plan runs on this machine's GPU, else the CPU (each fallback logged with its reason).
+    #[default]
+    Auto,
+    Trt,
+    Cpu,
+}
+
 /// A tensor in host memory: raw little-endian elements in C order.
 #[derive(Clone, Debug, PartialEq)]
 pub struct HostTensor {

@@ -6,10 +6,10 @@
 //! position with `argmax(input_ids)` when the config's `eos_token_id` is 2 (the legacy rule, which is what
 //! openai/clip-vit-large-patch14 and Flux's `text_encoder` have): `<|endoftext|>` is the largest id, so this is its
 //! first occurrence. The graph uses the same ArgMax. Weights come zero-copy from the checkpoint.
-use crate::models::ops::Ops;
+use crate::models::ops::{Ops, activation, attention, layer_norm};
 use crate::onnx::builder::ExternalSink;
-use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
-use crate::weights::safetensors_file::{Checkpoint, Tensor};
+use crate::onnx::{Attr, DataType, Dim, proto::ModelProto};
+use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Result, bail};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -70,87 +70,6 @@ impl ClipTextConfig {
     }
 }
 
-/// LayerNorm over the last axis with weight and bias from the checkpoint, computed in f32.
-pub(crate) fn layer_norm(
-    o: &mut Ops,
-    name: &str,
-    x: &Value,
-    w: &Tensor,
-    b: &Tensor,
-    eps: f32,
-) -> Result<Value> {
-    let xf = o.cast(&format!("{name}/to_f32"), x, DataType::FLOAT)?;
-    let wv = o.weight(&format!("{name}.weight"), w, DataType::FLOAT)?;
-    let bv = o.weight(&format!("{name}.bias"), b, DataType::FLOAT)?;
-    let y = o.same(
-        "LayerNormalization",
-        name,
-        &[&xf, &wv, &bv],
-        vec![("axis", Attr::Int(-1)), ("epsilon", Attr::Float(eps))],
-    )?;
-    o.cast(&format!("{name}/back"), &y, x.dtype)
-}
-
-/// Multi-head attention core on projected q/k/v [batch, seq, heads*hd]: per-head scores times `scale`, plus
-/// `bias` (broadcast to [batch, heads, seq, seq]) when given, softmax in f32, weighted sum, heads merged back.
-pub(crate) fn attention(
-    o: &mut Ops,
-    name: &str,
-    (q, k, v): (&Value, &Value, &Value),
-    heads: usize,
-    scale: Option<f32>,
-    bias: Option<&Value>,
-) -> Result<Value> {
-    let Some(Dim::Fixed(d)) = q.shape.last().cloned() else {
-        bail!("{name}: attention input needs a fixed last dimension");
-    };
-    let hd = d / heads as i64;
-    let split = o.i64s(&format!("{name}.split"), &[0, 0, heads as i64, hd])?;
-    let perm = |p: Vec<i64>| vec![("perm", Attr::Ints(p))];
-    let mut hv = Vec::new();
-    for (t, x) in [("q", q), ("k", k), ("v", v)] {
-        let r = o.same(
-            "Reshape",
-            &format!("{name}/{t}_heads"),
-            &[x, &split],
-            vec![],
-        )?;
-        let p = if t == "k" {
-            vec![0, 2, 3, 1]
-        } else {
-            vec![0, 2, 1, 3]
-        };
-        hv.push(o.same("Transpose", &format!("{name}/{t}_t"), &[&r], perm(p))?);
-    }
-    let mut s = o.same("MatMul", &format!("{name}/qk"), &[&hv[0], &hv[1]], vec![])?;
-    if let Some(scale) = scale {
-        let c = o.constant(&format!("{name}.scale"), &[], &[scale])?;
-        s = o.same("Mul", &format!("{name}/scaled"), &[&s, &c], vec![])?;
-    }
-    let mut s = o.cast(&format!("{name}/scores_f32"), &s, DataType::FLOAT)?;
-    if let Some(b) = bias {
-        s = o.same("Add", &format!("{name}/biased"), &[&s, b], vec![])?;
-    }
-    let p = o.same(
-        "Softmax",
-        &format!("{name}/softmax"),
-        &[&s],
-        vec![("axis", Attr::Int(-1))],
-    )?;
-    let p = o.cast(&format!("{name}/probs"), &p, q.dtype)?;
-    let ctx = o.same("MatMul", &format!("{name}/pv"), &[&p, &hv[2]], vec![])?;
-    let ctx = o.same(
-        "Transpose",
-        &format!("{name}/ctx_t"),
-        &[&ctx],
-        perm(vec![0, 2, 1, 3]),
-    )?;
-    let merge = o.i64s(&format!("{name}.merge"), &[0, 0, d])?;
-    let mut out = o.same("Reshape", &format!("{name}/ctx"), &[&ctx, &merge], vec![])?;
-    out.shape = q.shape.clone();
-    Ok(out)
-}
-
 /// The checkpoint's key prefix: "text_model." (transformers' CLIPTextModel) or none.
 fn prefix(ck: &Checkpoint) -> Result<&'static str> {
     for p in ["text_model.", ""] {
@@ -183,7 +102,7 @@ pub fn export_clip_text(
     out: &std::path::Path,
 ) -> Result<()> {
     let (model, sink) = emit(cfg, ck, dtype, Some(out))?;
-    crate::models::t5::save_streamed(model, sink, out)
+    crate::onnx::save_streamed(model, sink, out)
 }
 
 fn emit(
@@ -338,32 +257,4 @@ fn emit(
     )?;
     o.g.output(&pooled);
     Ok(o.g.finish_streamed())
-}
-
-/// CLIP's MLP activations: quick_gelu `x * sigmoid(1.702 x)`, exact gelu (erf).
-pub(crate) fn activation(o: &mut Ops, name: &str, x: &Value, act: &str) -> Result<Value> {
-    match act {
-        "quick_gelu" => {
-            let c = o.constant(&format!("{name}.k"), &[], &[1.702])?;
-            let t = o.same("Mul", &format!("{name}/scaled"), &[x, &c], vec![])?;
-            let sg = o.same("Sigmoid", &format!("{name}/sigmoid"), &[&t], vec![])?;
-            o.same("Mul", &format!("{name}/quick_gelu"), &[x, &sg], vec![])
-        }
-        "gelu" => {
-            let c = o.constant(
-                &format!("{name}.rsqrt2"),
-                &[],
-                &[std::f32::consts::FRAC_1_SQRT_2],
-            )?;
-            let half = o.constant(&format!("{name}.half"), &[], &[0.5])?;
-            let one = o.constant(&format!("{name}.one"), &[], &[1.0])?;
-            let t = o.same("Mul", &format!("{name}/scaled"), &[x, &c], vec![])?;
-            let e = o.same("Erf", &format!("{name}/erf"), &[&t], vec![])?;
-            let e = o.same("Add", &format!("{name}/one_plus"), &[&e, &one], vec![])?;
-            let hx = o.same("Mul", &format!("{name}/half_x"), &[x, &half], vec![])?;
-            o.same("Mul", &format!("{name}/gelu"), &[&hx, &e], vec![])
-        }
-        "gelu_new" | "gelu_pytorch_tanh" => o.gelu_tanh(name, x),
-        other => bail!("activation '{other}' is not supported (quick_gelu, gelu, gelu_new)"),
-    }
 }

@@ -7,8 +7,7 @@
 //! graph computes in f32 or bf16 (bf16 has f32's exponent range); norms and softmax run in f32 either way.
 //!
 //! Input `input_ids` [batch, seq] int64 (seq up to `max_len`); output `last_hidden_state` [batch, seq, d_model] f32.
-use crate::models::clip::{activation, attention};
-use crate::models::ops::Ops;
+use crate::models::ops::{Ops, activation, attention};
 use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::weights::safetensors_file::Checkpoint;
@@ -115,23 +114,7 @@ pub fn export_t5_encoder(
     out: &std::path::Path,
 ) -> Result<()> {
     let (model, sink) = emit(cfg, ck, dtype, Some(out))?;
-    save_streamed(model, sink, out)
-}
-
-/// Commits a streaming builder's external data, then writes the model that refers to it.
-pub(crate) fn save_streamed(
-    model: ModelProto,
-    sink: Option<ExternalSink>,
-    out: &std::path::Path,
-) -> Result<()> {
-    if let Some(s) = sink {
-        s.commit()?;
-    }
-    let opts = crate::onnx::SaveOptions {
-        external_threshold: None,
-    };
-    crate::onnx::save(model, out, &opts)?;
-    Ok(())
+    crate::onnx::save_streamed(model, sink, out)
 }
 
 fn emit(

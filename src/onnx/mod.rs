@@ -12,4 +12,4 @@ pub mod summary;
 pub use builder::{Attr, Dim, GraphBuilder, Value};
 pub use dtype::DataType;
 pub use model::OnnxFile;
-pub use save::{SaveOptions, save};
+pub use save::{SaveOptions, save, save_streamed};

@@ -92,3 +92,19 @@ fn entry(key: &str, value: &str) -> StringStringEntryProto {
         value: value.to_string(),
     }
 }
+
+/// Commits a streaming builder's external data, then writes the model that refers to it.
+pub fn save_streamed(
+    model: ModelProto,
+    sink: Option<super::builder::ExternalSink>,
+    out: &std::path::Path,
+) -> Result<()> {
+    if let Some(s) = sink {
+        s.commit()?;
+    }
+    let opts = SaveOptions {
+        external_threshold: None,
+    };
+    save(model, out, &opts)?;
+    Ok(())
+}

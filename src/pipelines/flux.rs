@@ -2,18 +2,18 @@
 //! transformer predicts the flow velocity on 2x2-packed latent tokens inside any registered sampler (default:
 //! Euler over diffusers' FluxPipeline schedule, `linspace(1, 1/n, n)` shifted by the resolution-dependent mu for
 //! dev and unshifted for schnell), the VAE decodes `latents / scaling + shift`, and PNGs carry the parameters.
-//! Each engine is TensorRT or ONNX Runtime; this file does not care which.
-use crate::backend::{Engine, HostTensor};
+//! Each engine is TensorRT or ONNX Runtime; this file does not care which. The generic request handling (CFG,
+//! sampler loop, img2img, batches, previews) is `pipelines::image`.
+use super::engines::{Backend, open_components, resolve};
+use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latents, Prediction};
+use super::image_io::to_rgb8;
+use crate::backend::{BackendChoice, Engine, HostTensor};
+use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::onnx::DataType;
-use crate::pipelines::flux_image::{image_ids, load_init_image, pack, to_rgb8, unpack};
-use crate::samplers::{model::Denoiser, noise, registry, schedule, stepper};
+use crate::samplers::schedule;
 use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
-use std::cell::RefCell;
-use std::path::PathBuf;
-use std::rc::Rc;
-use std::time::Instant;
 
 /// What differs between Flux variants and what `generate` defaults to; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -68,33 +68,6 @@ impl FluxPipelineConfig {
     }
 }
 
-/// One image request. `None` fields take the bundle's defaults.
-#[derive(Clone, Debug, Default)]
-pub struct FluxRequest {
-    pub prompt: String,
-    pub negative_prompt: Option<String>,
-    pub steps: Option<usize>,
-    pub sampler: Option<String>,
-    pub scheduler: Option<String>,
-    pub seed: u64,
-    pub width: Option<usize>,
-    pub height: Option<usize>,
-    /// Distilled guidance (dev).
-    pub guidance: Option<f32>,
-    /// True classifier-free guidance with the negative prompt (1 = off; doubles the transformer calls).
-    pub cfg: f32,
-    pub batch: usize,
-    pub init_image: Option<PathBuf>,
-    /// img2img: fraction of the schedule re-run from the noised init image (1 = ignore the image).
-    pub strength: f32,
-    /// Packed initial noise [batch, tokens, 4C] instead of Philox noise (reproducing other implementations).
-    pub initial_noise: Option<Vec<f32>>,
-    /// Skip the VAE (tests of the latents).
-    pub latents_only: bool,
-    /// Write a preview PNG of the current x0 estimate here after each step (needs the TAE decoder).
-    pub preview: Option<PathBuf>,
-}
-
 pub struct FluxEngines {
     pub clip: Box<dyn Engine>,
     pub t5: Box<dyn Engine>,
@@ -105,7 +78,8 @@ pub struct FluxEngines {
     pub tae_decoder: Option<Box<dyn Engine>>,
 }
 
-pub struct FluxPipeline {
+/// The Flux family on the image seam.
+pub struct FluxModel {
     pub config: FluxPipelineConfig,
     pub clip_tok: ClipTokenizer,
     pub t5_tok: T5Tokenizer,
@@ -114,23 +88,7 @@ pub struct FluxPipeline {
     pub amax: Option<std::collections::HashMap<String, f32>>,
 }
 
-pub struct StepInfo {
-    pub step: usize,
-    pub steps: usize,
-    pub seconds: f64,
-}
-
-pub struct FluxOutput {
-    pub width: usize,
-    pub height: usize,
-    /// RGB8 per image (empty with `latents_only`).
-    pub images: Vec<Vec<u8>>,
-    /// Final packed latents [batch, tokens, 4C].
-    pub latents: Vec<f32>,
-    pub step_seconds: Vec<f64>,
-    /// "prompt, steps, sampler, ..." as written into the PNG.
-    pub parameters: String,
-}
+pub type FluxPipeline = ImagePipeline<FluxModel>;
 
 /// A float tensor for `engine`'s input `name`, converted to the input's dtype.
 fn float_input(
@@ -196,7 +154,7 @@ fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
 }
 
 /// Text conditioning of one prompt: T5 sequence [1, L, d] and CLIP pooled [1, 768].
-struct Cond {
+pub struct Cond {
     t5: Vec<f32>,
     t5_dim: usize,
     pooled: Vec<f32>,
@@ -243,8 +201,131 @@ pub fn flux_sigmas(
     })
 }
 
-impl FluxPipeline {
-    fn encode(&mut self, prompt: &str) -> Result<Cond> {
+impl FluxModel {
+    /// Opens a Flux bundle's components on `backend`.
+    pub fn open(engine: &EngineFile, bundle: &ImageBundle, backend: Backend) -> Result<Self> {
+        let config: FluxPipelineConfig = serde_json::from_value(bundle.config.clone())
+            .with_context(|| {
+                format!(
+                    "the manifest of '{}' has no valid Flux settings; rebuild the bundle with this trt-diff",
+                    engine.path.display()
+                )
+            })?;
+        let parts = open_components(
+            engine,
+            &bundle.components,
+            &[
+                ("clip", true),
+                ("t5", true),
+                ("transformer", true),
+                ("vae_decoder", true),
+                ("vae_encoder", false),
+                ("tae_decoder", false),
+            ],
+            backend,
+            &bundle.arch,
+        )?;
+        let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder]: [Option<
+            Box<dyn Engine>,
+        >; 6] = parts
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("six components were asked for"))?;
+        let required = |e: Option<Box<dyn Engine>>| e.context("a required component is missing");
+        let tokenizer = |name: &str| -> Result<std::path::PathBuf> {
+            let f = bundle.tokenizers.get(name).with_context(|| {
+                format!(
+                    "the bundle '{}' names no {name} tokenizer; rebuild it",
+                    engine.path.display()
+                )
+            })?;
+            engine.file(f, &format!("the {name} tokenizer"))
+        };
+        Ok(FluxModel {
+            clip_tok: load_clip_tokenizer(&tokenizer("clip")?, config.clip_pad)?,
+            t5_tok: T5Tokenizer::load(&tokenizer("t5")?)?,
+            config,
+            engines: FluxEngines {
+                clip: required(clip)?,
+                t5: required(t5)?,
+                transformer: required(transformer)?,
+                vae_decoder: required(vae_decoder)?,
+                vae_encoder,
+                tae_decoder,
+            },
+            amax: None,
+        })
+    }
+}
+
+/// Opens a Flux bundle (its manifest read once into `engine`) on the chosen backend.
+pub fn open_pipeline(engine: &EngineFile, choice: BackendChoice) -> Result<FluxPipeline> {
+    let Some(Pipeline::Image(bundle)) = engine.pipeline() else {
+        bail!(
+            "'{}' is not an image bundle; build one with `trt-diff build MODEL_DIR --arch flux-dev ...`",
+            engine.path.display()
+        );
+    };
+    let backend = resolve(choice, engine)?;
+    Ok(ImagePipeline::new(FluxModel::open(
+        engine, bundle, backend,
+    )?))
+}
+
+pub fn load_clip_tokenizer(path: &std::path::Path, pad: u32) -> Result<ClipTokenizer> {
+    let mut t = ClipTokenizer::load(path)?;
+    t.pad = pad;
+    Ok(t)
+}
+
+impl ImageModel for FluxModel {
+    type Cond = Cond;
+
+    fn arch(&self) -> &str {
+        &self.config.arch
+    }
+
+    fn defaults(&self) -> ImageDefaults {
+        let c = &self.config;
+        ImageDefaults {
+            steps: c.default_steps,
+            sampler: c.default_sampler.clone(),
+            scheduler: c.default_scheduler.clone(),
+            width: c.default_width,
+            height: c.default_height,
+            guidance: c.default_guidance,
+            guidance_input: c.guidance_embeds,
+        }
+    }
+
+    fn prediction(&self) -> Prediction {
+        Prediction::Flow
+    }
+
+    fn latents(&self, w: usize, h: usize, batch: usize) -> Result<Latents> {
+        let c = &self.config;
+        if w == 0 || h == 0 || !w.is_multiple_of(16) || !h.is_multiple_of(16) {
+            bail!(
+                "--width {w} --height {h}: Flux needs both to be positive multiples of 16 (the VAE's 8x and the \
+                 2x2 patches); try {}x{}",
+                (w.max(16) / 16) * 16,
+                (h.max(16) / 16) * 16
+            );
+        }
+        let (lh, lw) = (h / c.vae_scale_factor, w / c.vae_scale_factor);
+        Ok(Latents {
+            batch,
+            channels: c.latent_channels,
+            height: lh,
+            width: lw,
+            per_image: c.latent_channels * lh * lw,
+        })
+    }
+
+    fn sigmas(&self, scheduler: &str, steps: usize, lat: &Latents) -> Result<Vec<f64>> {
+        flux_sigmas(&self.config, scheduler, steps, tokens(lat))
+    }
+
+    fn encode_prompt(&mut self, prompt: &str) -> Result<Cond> {
         let (clip_ids, dropped) = self
             .clip_tok
             .encode_padded(prompt, crate::tokenizer::clip::MAX_LEN);
@@ -281,218 +362,91 @@ impl FluxPipeline {
         })
     }
 
-    /// Runs a request; `on_step` sees each finished step (progress bars, previews).
-    pub fn generate(
+    fn predict(
         &mut self,
-        req: &FluxRequest,
-        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
-    ) -> Result<FluxOutput> {
-        let c = self.config.clone();
-        let (w, h) = (
-            req.width.unwrap_or(c.default_width),
-            req.height.unwrap_or(c.default_height),
-        );
-        if w == 0 || h == 0 || !w.is_multiple_of(16) || !h.is_multiple_of(16) {
-            bail!(
-                "--width {w} --height {h}: Flux needs both to be positive multiples of 16 (the VAE's 8x and the \
-                 2x2 patches); try {}x{}",
-                (w.max(16) / 16) * 16,
-                (h.max(16) / 16) * 16
-            );
-        }
-        let b = req.batch.max(1);
-        let steps = req.steps.unwrap_or(c.default_steps);
-        let sampler_name = req.sampler.clone().unwrap_or(c.default_sampler.clone());
-        let scheduler = req.scheduler.clone().unwrap_or(c.default_scheduler.clone());
-        let guidance = req.guidance.unwrap_or(c.default_guidance);
-        if req.guidance.is_some() && !c.guidance_embeds {
-            tracing::warn!(
-                "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
-                c.arch
-            );
-        }
-        let (lh, lw) = (h / c.vae_scale_factor, w / c.vae_scale_factor);
-        let (tokens, ch) = (lh / 2 * (lw / 2), c.latent_channels * 4);
-        let n = b * tokens * ch;
-        let mut sigmas = flux_sigmas(&c, &scheduler, steps, tokens)?;
-        let true_cfg = req.cfg > 1.0;
-        if true_cfg && req.negative_prompt.is_none() {
-            bail!(
-                "--cfg {} needs --negative-prompt (true CFG compares the two predictions)",
-                req.cfg
-            );
-        }
-        let mut sampler = registry::build::<Vec<f32>>(&sampler_name, &Default::default())?;
-        let cond = self.encode(&req.prompt)?;
-        let uncond = match (&req.negative_prompt, true_cfg) {
-            (Some(neg), true) => Some(self.encode(neg)?),
-            _ => None,
-        };
-        // Initial latents: given, or Philox noise per image (seed + i, so image i is reproducible alone).
-        let mut x = match &req.initial_noise {
-            Some(v) if v.len() == n => v.clone(),
-            Some(v) => bail!("initial noise has {} values, {n} expected", v.len()),
-            None => {
-                let per = c.latent_channels * lh * lw;
-                let mut all = Vec::with_capacity(n);
-                for i in 0..b {
-                    let mut z = vec![0f32; per];
-                    noise::fill_normal_host(&mut z, req.seed + i as u64, 0);
-                    all.extend(pack(&z, 1, c.latent_channels, lh, lw));
-                }
-                all
-            }
-        };
-        if let Some(path) = &req.init_image {
-            if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
-                bail!("--strength {} must be in (0, 1]", req.strength);
-            }
-            // diffusers: init = min(n * strength, n), t_start = int(max(n - init, 0)).
-            let n_f = steps as f64;
-            let t_start = (n_f - (n_f * req.strength as f64).min(n_f)).max(0.0) as usize;
-            if t_start >= steps {
-                bail!(
-                    "--strength {} leaves no step to run with {steps} steps",
-                    req.strength
-                );
-            }
-            sigmas = sigmas[t_start..].to_vec();
-            let x0 = self.encode_image(path, w, h, lh, lw)?;
-            let s0 = sigmas[0] as f32;
-            for (i, v) in x.iter_mut().enumerate() {
-                *v = s0 * *v + (1.0 - s0) * x0[i % x0.len()];
-            }
-        }
-        let run_steps = sigmas.len() - 1;
-        let ids = image_ids(lh, lw);
-        let txt_ids = vec![0f32; c.t5_max_len * 3];
-        let last_x0 = Rc::new(RefCell::new(Vec::<f32>::new()));
-        let guidance_embeds = c.guidance_embeds;
+        x: &[f32],
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        guidance: f32,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (b, tokens, ch) = (lat.batch, tokens(lat), 4 * c.latent_channels);
         let t5_len = c.t5_max_len;
-        if req.preview.is_some() && self.engines.tae_decoder.is_none() {
+        let e = self.engines.transformer.as_ref();
+        let (d, pd) = (cond.t5_dim, cond.pooled.len());
+        let mut inputs = vec![
+            float_input(e, "hidden_states", &[b, tokens, ch], x)?,
+            float_input(
+                e,
+                "encoder_hidden_states",
+                &[b, t5_len, d],
+                &cond.t5.repeat(b),
+            )?,
+            float_input(e, "pooled_projections", &[b, pd], &cond.pooled.repeat(b))?,
+            float_input(e, "timestep", &[b], &vec![sigma as f32; b])?,
+            float_input(
+                e,
+                "img_ids",
+                &[tokens, 3],
+                &image_ids(lat.height, lat.width),
+            )?,
+            float_input(e, "txt_ids", &[t5_len, 3], &vec![0f32; t5_len * 3])?,
+        ];
+        if c.guidance_embeds {
+            inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
+        }
+        let out = self
+            .engines
+            .transformer
+            .run(&inputs)
+            .context("Flux transformer")?;
+        if let Some(map) = self.amax.as_mut() {
+            crate::models::flux::merge_amax(map, &out);
+        }
+        output_f32(&out, "sample")
+    }
+
+    fn pack_noise(&self, z: &[f32], lat: &Latents) -> Vec<f32> {
+        pack(z, 1, lat.channels, lat.height, lat.width)
+    }
+
+    /// Init image -> packed, scaled latents [1, tokens, 4C] (VAE encoder mean).
+    fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
+        let c = self.config.clone();
+        let Some(enc) = self.engines.vae_encoder.as_mut() else {
             bail!(
-                "--preview needs a TAE decoder in the bundle; rebuild with --tae-decoder FILE (madebyollin's taef1)"
+                "--init-image needs the VAE encoder, which this bundle does not have; rebuild it from a model \
+                 folder whose vae/ has the encoder weights"
+            );
+        };
+        let (h, w) = (
+            lat.height * c.vae_scale_factor,
+            lat.width * c.vae_scale_factor,
+        );
+        let name = enc.inputs()[0].name.clone();
+        let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], rgb)?;
+        let out = enc.run(&[input]).context("VAE encoder")?;
+        let m = output_f32(&out, "mean")?;
+        let per = lat.per_image;
+        // An encoder returning the moments [mean, logvar] gives its mean (diffusers' mode()).
+        if m.len() != per && m.len() != 2 * per {
+            bail!(
+                "the VAE encoder returned {} values, {per} expected",
+                m.len()
             );
         }
-        let FluxEngines {
-            transformer,
-            tae_decoder,
-            ..
-        } = &mut self.engines;
-        let amax = &mut self.amax;
-        let mut velocity = |x: &Vec<f32>, sigma: f64, cond: &Cond| -> Result<Vec<f32>> {
-            let e = transformer.as_ref();
-            let d = cond.t5_dim;
-            let pd = cond.pooled.len();
-            let mut inputs = vec![
-                float_input(e, "hidden_states", &[b, tokens, ch], x)?,
-                float_input(
-                    e,
-                    "encoder_hidden_states",
-                    &[b, t5_len, d],
-                    &cond.t5.repeat(b),
-                )?,
-                float_input(e, "pooled_projections", &[b, pd], &cond.pooled.repeat(b))?,
-                float_input(e, "timestep", &[b], &vec![sigma as f32; b])?,
-                float_input(e, "img_ids", &[tokens, 3], &ids)?,
-                float_input(e, "txt_ids", &[t5_len, 3], &txt_ids)?,
-            ];
-            if guidance_embeds {
-                inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
-            }
-            let out = transformer.run(&inputs).context("Flux transformer")?;
-            if let Some(map) = amax.as_mut() {
-                crate::models::flux::merge_amax(map, &out);
-            }
-            output_f32(&out, "sample")
-        };
-        // Denoiser in k-diffusion's convention for the flow parameterization: D = x - sigma v.
-        let cfg_scale = req.cfg;
-        let x0_slot = last_x0.clone();
-        let mut denoiser = move |x: &Vec<f32>, sigma: f64, out: &mut Vec<f32>| -> Result<()> {
-            let mut v = velocity(x, sigma, &cond)?;
-            if let Some(u) = &uncond {
-                let vu = velocity(x, sigma, u)?;
-                for (a, n) in v.iter_mut().zip(&vu) {
-                    *a = n + cfg_scale * (*a - n);
-                }
-            }
-            let s = sigma as f32;
-            for ((o, xi), vi) in out.iter_mut().zip(x).zip(&v) {
-                *o = xi - s * vi;
-            }
-            *x0_slot.borrow_mut() = out.clone();
-            Ok(())
-        };
-        let mut noise_src = noise::PhiloxNoise::new(req.seed);
-        let mut times = Vec::with_capacity(run_steps);
-        let mut t_step = Instant::now();
-        let mut step_err: Option<anyhow::Error> = None;
-        stepper::sample(
-            sampler.as_mut(),
-            &mut denoiser as &mut dyn Denoiser<Vec<f32>>,
-            &mut noise_src,
-            &mut x,
-            &sigmas,
-            &mut |i, _x| {
-                let s = t_step.elapsed().as_secs_f64();
-                times.push(s);
-                let info = StepInfo {
-                    step: i + 1,
-                    steps: run_steps,
-                    seconds: s,
-                };
-                if step_err.is_none() {
-                    let r =
-                        on_step(&info).and_then(|_| match (&req.preview, tae_decoder.as_mut()) {
-                            (Some(path), Some(tae)) => {
-                                let (rgb, w, h) =
-                                    preview(tae.as_mut(), &c, &last_x0.borrow(), lh, lw)?;
-                                crate::pipelines::flux_image::write_png(path, &rgb, w, h, &[])
-                            }
-                            _ => Ok(()),
-                        });
-                    if let Err(e) = r {
-                        step_err = Some(e);
-                    }
-                }
-                t_step = Instant::now();
-            },
-        )?;
-        if let Some(e) = step_err {
-            return Err(e);
-        }
-        let parameters = format!(
-            "{}\nNegative prompt: {}\nSteps: {steps}, Sampler: {sampler_name}, Schedule: {scheduler}, Guidance: \
-             {guidance}, CFG: {}, Seed: {}, Size: {w}x{h}, Batch: {b}, Model: {}{}",
-            req.prompt,
-            req.negative_prompt.clone().unwrap_or_default(),
-            req.cfg.max(1.0),
-            req.seed,
-            c.arch,
-            req.init_image
-                .as_ref()
-                .map(|p| format!(", Init image: {}, Strength: {}", p.display(), req.strength))
-                .unwrap_or_default()
-        );
-        let images = if req.latents_only {
-            Vec::new()
-        } else {
-            self.decode(&x, b, lh, lw)?
-        };
-        Ok(FluxOutput {
-            width: w,
-            height: h,
-            images,
-            latents: x,
-            step_seconds: times,
-            parameters,
-        })
+        let z: Vec<f32> = m[..per]
+            .iter()
+            .map(|v| (v - c.shift_factor) * c.scaling_factor)
+            .collect();
+        Ok(pack(&z, 1, lat.channels, lat.height, lat.width))
     }
 
     /// Packed latents -> RGB8 images through the VAE decoder.
-    pub fn decode(&mut self, x: &[f32], b: usize, lh: usize, lw: usize) -> Result<Vec<Vec<u8>>> {
+    fn decode(&mut self, x: &[f32], lat: &Latents) -> Result<Vec<Vec<u8>>> {
         let c = &self.config;
+        let (b, lh, lw) = (lat.batch, lat.height, lat.width);
         let mut z = unpack(x, b, c.latent_channels, lh, lw);
         for v in z.iter_mut() {
             *v = *v / c.scaling_factor + c.shift_factor;
@@ -517,41 +471,23 @@ impl FluxPipeline {
         Ok(to_rgb8(&img, b, h, w))
     }
 
-    /// Init image -> packed, scaled latents [1, tokens, 4C] (VAE encoder mean).
-    fn encode_image(
-        &mut self,
-        path: &std::path::Path,
-        w: usize,
-        h: usize,
-        lh: usize,
-        lw: usize,
-    ) -> Result<Vec<f32>> {
-        let c = self.config.clone();
-        let Some(enc) = self.engines.vae_encoder.as_mut() else {
-            bail!(
-                "--init-image needs the VAE encoder, which this bundle does not have; rebuild it from a model \
-                 folder whose vae/ has the encoder weights"
-            );
-        };
-        let img = load_init_image(path, w, h)?;
-        let name = enc.inputs()[0].name.clone();
-        let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], &img)?;
-        let out = enc.run(&[input]).context("VAE encoder")?;
-        let m = output_f32(&out, "mean")?;
-        let per = c.latent_channels * lh * lw;
-        // An encoder returning the moments [mean, logvar] gives its mean (diffusers' mode()).
-        if m.len() != per && m.len() != 2 * per {
-            bail!(
-                "the VAE encoder returned {} values, {per} expected",
-                m.len()
-            );
-        }
-        let z: Vec<f32> = m[..per]
-            .iter()
-            .map(|v| (v - c.shift_factor) * c.scaling_factor)
-            .collect();
-        Ok(pack(&z, 1, c.latent_channels, lh, lw))
+    fn can_preview(&self) -> bool {
+        self.engines.tae_decoder.is_some()
     }
+
+    fn preview(&mut self, x0: &[f32], lat: &Latents) -> Result<(Vec<u8>, usize, usize)> {
+        let tae = self
+            .engines
+            .tae_decoder
+            .as_mut()
+            .context("this bundle has no preview decoder")?;
+        preview(tae.as_mut(), &self.config, x0, lat.height, lat.width)
+    }
+}
+
+/// Transformer tokens of one image: its 2x2 latent patches.
+fn tokens(lat: &Latents) -> usize {
+    lat.height / 2 * (lat.width / 2)
 }
 
 /// The first image of packed latents (an x0 estimate) through the tiny autoencoder's decoder: (RGB8, w, h).
@@ -581,4 +517,77 @@ fn preview(
         .map(|v| v * 2.0 - 1.0)
         .collect();
     Ok((to_rgb8(&img, 1, h, w).remove(0), w, h))
+}
+
+/// [B, C, H, W] -> [B, (H/2)(W/2), 4C]: token (i, j) holds the 2x2 patch at (2i, 2j), channel-major within it.
+pub fn pack(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let (h2, w2) = (h / 2, w / 2);
+    let mut out = vec![0f32; x.len()];
+    for n in 0..b {
+        for i in 0..h2 {
+            for j in 0..w2 {
+                for ch in 0..c {
+                    for di in 0..2 {
+                        for dj in 0..2 {
+                            let src = ((n * c + ch) * h + 2 * i + di) * w + 2 * j + dj;
+                            let tok = (n * h2 + i) * w2 + j;
+                            out[tok * 4 * c + ch * 4 + di * 2 + dj] = x[src];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Inverse of [`pack`].
+pub fn unpack(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
+    let (h2, w2) = (h / 2, w / 2);
+    let mut out = vec![0f32; x.len()];
+    for n in 0..b {
+        for i in 0..h2 {
+            for j in 0..w2 {
+                for ch in 0..c {
+                    for di in 0..2 {
+                        for dj in 0..2 {
+                            let dst = ((n * c + ch) * h + 2 * i + di) * w + 2 * j + dj;
+                            let tok = (n * h2 + i) * w2 + j;
+                            out[dst] = x[tok * 4 * c + ch * 4 + di * 2 + dj];
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Image token ids [(h/2)(w/2), 3] = (0, row, col) for a latent of h x w.
+pub fn image_ids(h: usize, w: usize) -> Vec<f32> {
+    let mut v = Vec::with_capacity(h / 2 * w / 2 * 3);
+    for i in 0..h / 2 {
+        for j in 0..w / 2 {
+            v.extend_from_slice(&[0.0, i as f32, j as f32]);
+        }
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pack_matches_diffusers_layout_and_inverts() {
+        // diffusers: view(B, C, H/2, 2, W/2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, HW/4, 4C).
+        let (b, c, h, w) = (2, 3, 4, 6);
+        let x: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
+        let p = pack(&x, b, c, h, w);
+        // token (n=1, i=1, j=2), channel 2, (di, dj) = (1, 0)
+        let tok = (h / 2 + 1) * (w / 2) + 2;
+        assert_eq!(p[tok * 4 * c + 2 * 4 + 2], x[((c + 2) * h + 3) * w + 4]);
+        assert_eq!(unpack(&p, b, c, h, w), x);
+        assert_eq!(&image_ids(4, 6)[9..12], &[0.0, 1.0, 0.0]);
+    }
 }

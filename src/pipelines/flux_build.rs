@@ -4,17 +4,20 @@
 //! is `NAME.plan` itself, the others `NAME.<component>.plan`), copies the tokenizers, and records the pipeline in
 //! `NAME.plan.json`. `generate --engine NAME.plan` opens each component on TensorRT when usable, else its ONNX on
 //! ONNX Runtime. Recipes (engines/flux-*.toml, compiled in) give the defaults, shapes and precision policy.
-use crate::manifest::{Manifest, Pipeline, sidecar_path};
+use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
+use super::engines::{OpenOptions, open_file};
+use super::flux::{FluxEngines, FluxModel, FluxPipelineConfig, load_clip_tokenizer};
+use super::image::{ImagePipeline, ImageRequest};
+use crate::backend::BackendChoice;
+use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::{clip, flux as fluxm, t5, taesd, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::pipelines::flux::{FluxEngines, FluxPipeline, FluxPipelineConfig, FluxRequest};
-use crate::runner::{BackendChoice, open_engine};
-use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
-use crate::trt::shapes::ShapeRange;
-use crate::trt::{BuildOptions, BuildOutcome, build_engine};
+use crate::quant::Precision;
+use crate::tokenizer::t5::T5Tokenizer;
+use crate::trt::{BuildOptions, BuildOutcome};
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Context, Result, bail};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 
@@ -48,35 +51,6 @@ pub struct RecipePrecision {
     pub calibration_steps: usize,
     pub calibration_px: usize,
     pub calibration_prompts: Vec<String>,
-}
-
-/// The compiled-in recipe of `arch`.
-pub fn recipe(arch: &str) -> Result<Recipe> {
-    let text = match arch {
-        "flux-dev" => include_str!("../../engines/flux-dev.toml"),
-        "flux-schnell" => include_str!("../../engines/flux-schnell.toml"),
-        other => bail!("unknown Flux arch '{other}'; valid: flux-dev, flux-schnell"),
-    };
-    toml::from_str(text).with_context(|| format!("engines/{arch}.toml is malformed"))
-}
-
-/// One component's files, relative to the manifest.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct BundleComponent {
-    pub onnx: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub plan: Option<String>,
-}
-
-/// What the manifest of a Flux bundle records.
-#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
-pub struct FluxBundle {
-    pub precision: String,
-    pub config: FluxPipelineConfig,
-    /// transformer, clip, t5, vae_decoder, vae_encoder, tae_decoder (optional ones may be absent).
-    pub components: BTreeMap<String, BundleComponent>,
-    pub clip_tokenizer: String,
-    pub t5_tokenizer: String,
 }
 
 /// A diffusers-layout Flux folder, resolved.
@@ -201,7 +175,7 @@ pub struct Plan {
 }
 
 pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<Plan> {
-    let recipe = recipe(arch)?;
+    let recipe: Recipe = super::recipe::load(arch)?;
     let mut config = FluxPipelineConfig::for_arch(arch)?;
     let d = &recipe.defaults;
     config.default_steps = d.steps;
@@ -348,10 +322,10 @@ pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> 
 
 fn transformer_options(
     p: &Plan,
-    precision: &str,
+    precision: Precision,
     amax: HashMap<String, f32>,
 ) -> Result<fluxm::ExportOptions> {
-    let prec = fluxm::FluxPrecision::parse(precision)?;
+    let prec = fluxm::FluxPrecision::from_precision(precision)?;
     let policy = match prec {
         fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => {
             let target = if prec == fluxm::FluxPrecision::Fp8 {
@@ -376,13 +350,13 @@ fn transformer_options(
 pub fn export_flux(
     model: &Path,
     arch: &str,
-    precision: &str,
+    precision: Precision,
     out_dir: &Path,
     clip_tok: Option<&Path>,
     t5_tok: Option<&Path>,
 ) -> Result<OnnxPaths> {
     let p = plan(ModelFiles::find(model, clip_tok, t5_tok)?, arch, None)?;
-    if precision == "fp8" {
+    if precision == Precision::Fp8 {
         bail!(
             "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
         );
@@ -400,8 +374,8 @@ pub fn export_flux(
     Ok(paths)
 }
 
-fn aux_precisions(p: &Plan, precision: &str) -> Result<(DataType, DataType)> {
-    if matches!(precision, "fp32" | "f32") {
+fn aux_precisions(p: &Plan, precision: Precision) -> Result<(DataType, DataType)> {
+    if precision == Precision::Fp32 {
         return Ok((DataType::FLOAT, DataType::FLOAT));
     }
     Ok((
@@ -432,21 +406,21 @@ fn calibrate(
         vae_decoder: aux.vae_decoder.clone(),
         vae_encoder: aux.vae_encoder.clone(),
     };
-    let ort = Default::default();
-    let mut pipe = FluxPipeline {
+    let open = |path: &Path| open_file(&EngineFile::open(path)?, backend, &OpenOptions::default());
+    let mut pipe = ImagePipeline::new(FluxModel {
         config: p.config.clone(),
         clip_tok: load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad)?,
         t5_tok: T5Tokenizer::load(&p.files.t5_tokenizer)?,
         engines: FluxEngines {
-            clip: open_engine(&paths.clip, backend, &ort)?,
-            t5: open_engine(&paths.t5, backend, &ort)?,
-            transformer: open_engine(&paths.transformer, backend, &ort)?,
-            vae_decoder: open_engine(&paths.vae_decoder, backend, &ort)?,
+            clip: open(&paths.clip)?,
+            t5: open(&paths.t5)?,
+            transformer: open(&paths.transformer)?,
+            vae_decoder: open(&paths.vae_decoder)?,
             vae_encoder: None,
             tae_decoder: None,
         },
         amax: Some(HashMap::new()),
-    };
+    });
     let r = &p.recipe.precision;
     // At most the profile's optimum size: calibration only needs typical activations.
     let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;
@@ -456,7 +430,7 @@ fn calibrate(
             i + 1,
             r.calibration_prompts.len()
         );
-        let req = FluxRequest {
+        let req = ImageRequest {
             prompt: prompt.clone(),
             steps: Some(r.calibration_steps),
             seed: i as u64,
@@ -470,17 +444,11 @@ fn calibrate(
         };
         pipe.generate(&req, &mut |_| Ok(()))?;
     }
-    let amax = pipe.amax.take().unwrap_or_default();
+    let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
     }
     Ok(amax)
-}
-
-pub fn load_clip_tokenizer(path: &Path, pad: u32) -> Result<ClipTokenizer> {
-    let mut t = ClipTokenizer::load(path)?;
-    t.pad = pad;
-    Ok(t)
 }
 
 /// Optimization profiles of every component for the recipe's batch and image ranges.
@@ -530,7 +498,7 @@ fn profiles(p: &Plan) -> Result<BTreeMap<&'static str, Vec<ShapeRange>>> {
 pub struct FluxBuildOptions {
     pub model: PathBuf,
     pub arch: String,
-    pub precision: String,
+    pub precision: Precision,
     pub clip_tokenizer: Option<PathBuf>,
     pub t5_tokenizer: Option<PathBuf>,
     /// madebyollin TAE (taef1) decoder for previews.
@@ -544,20 +512,6 @@ pub struct FluxBuildOptions {
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
     pub base: BuildOptions,
-}
-
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "flux".into());
-    out.with_file_name(format!("{stem}{suffix}"))
-}
-
-fn file_name(p: &Path) -> String {
-    p.file_name()
-        .map(|n| n.to_string_lossy().into_owned())
-        .unwrap_or_default()
 }
 
 /// Exports, calibrates (FP8), builds every component, and writes the bundle's manifest.
@@ -602,7 +556,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let paths = OnnxPaths::new(&dir, Some(&stem));
-    let (text, vae_dt) = aux_precisions(&p, &o.precision)?;
+    let (text, vae_dt) = aux_precisions(&p, o.precision)?;
     tracing::info!("exporting the text encoders and the VAE");
     // The bundle's ONNX graphs are what the CPU backend runs: f32 compute (ONNX Runtime's CPU provider has no
     // bf16/f16 MatMul). Engines in another precision are built from their own graphs (`<stem>.trt.<c>.onnx`).
@@ -615,7 +569,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    let amax = if o.precision == "fp8" {
+    let amax = if o.precision == Precision::Fp8 {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
         calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
     } else {
@@ -624,7 +578,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     tracing::info!("exporting the transformer ({})", o.precision);
     export_transformer(
         &p,
-        &transformer_options(&p, &o.precision, amax)?,
+        &transformer_options(&p, o.precision, amax)?,
         &paths.transformer,
     )?;
     let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
@@ -652,7 +606,6 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     // Tokenizers are checked before any engine is built.
     load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
     T5Tokenizer::load(&t5_tok)?;
-    let mut components = BTreeMap::new();
     let src = trt_paths.as_ref().unwrap_or(&paths);
     let mut aux = vec![
         ("clip", paths.clip.clone(), src.clip.clone()),
@@ -679,181 +632,33 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         )?;
         aux.push(("tae_decoder", out.clone(), out));
     }
-    let profiles = profiles(&p)?;
-    for (name, onnx, trt_onnx) in &aux {
-        let plan_path = sibling(&o.base.out, &format!(".{name}.plan"));
-        tracing::info!("building the {name} engine");
-        let mut opts = o.base.clone();
-        opts.onnx = trt_onnx.clone();
-        opts.out = plan_path.clone();
-        opts.shapes = profiles.get(name).cloned().unwrap_or_default();
-        opts.pipeline = None;
-        build_engine(&opts).with_context(|| format!("building the {name} engine"))?;
-        components.insert(
-            name.to_string(),
-            BundleComponent {
-                onnx: file_name(onnx),
-                plan: Some(file_name(&plan_path)),
-            },
-        );
-    }
-    components.insert(
-        "transformer".into(),
-        BundleComponent {
-            onnx: file_name(&paths.transformer),
-            plan: Some(file_name(&o.base.out)),
-        },
-    );
-    let mut opts = o.base.clone();
-    opts.onnx = paths.transformer.clone();
-    opts.shapes = profiles["transformer"].clone();
-    opts.pipeline = Some(Pipeline::Flux(Box::new(FluxBundle {
-        precision: o.precision.clone(),
-        config: p.config.clone(),
-        components,
-        clip_tokenizer: file_name(&clip_tok),
-        t5_tokenizer: file_name(&t5_tok),
-    })));
-    tracing::info!("building the transformer engine");
-    build_engine(&opts).context("building the transformer engine")
-}
-
-/// Reads the bundle's manifest (None when the engine is not a Flux bundle).
-pub fn read_bundle(engine: &Path) -> Result<Option<FluxBundle>> {
-    let m = Manifest::read(&sidecar_path(engine)).with_context(|| {
-        format!(
-            "'{}' needs its manifest '{}'; build it with `trt-diff build MODEL --arch ...`",
-            engine.display(),
-            sidecar_path(engine).display()
-        )
-    })?;
-    Ok(match m.pipeline {
-        Some(Pipeline::Flux(b)) => Some(*b),
-        _ => None,
-    })
-}
-
-/// A component engine as opened: TensorRT engines stay concrete until they share their context memory.
-enum Component {
-    Trt(Box<crate::trt::runtime::TrtEngine>),
-    Cpu(Box<dyn crate::backend::Engine>),
-}
-
-impl Component {
-    fn boxed(self) -> Box<dyn crate::backend::Engine> {
-        match self {
-            Component::Trt(e) => e,
-            Component::Cpu(e) => e,
-        }
-    }
-}
-
-/// Opens every component of a bundle on `backend` (TensorRT when usable, else the ONNX on ONNX Runtime).
-pub fn open_bundle(
-    engine: &Path,
-    bundle: &FluxBundle,
-    backend: BackendChoice,
-) -> Result<FluxPipeline> {
-    let dir = engine.parent().unwrap_or(Path::new("."));
-    let ort = Default::default();
-    // One decision for all components: TensorRT plans, or the bundle's f32 ONNX graphs on ONNX Runtime.
-    let use_trt = match backend {
-        BackendChoice::Cpu => false,
-        BackendChoice::Trt => true,
-        BackendChoice::Auto => match crate::trt::runtime::plan_runs_here(engine) {
-            Ok(gpu) => {
-                tracing::info!("running the bundle on {gpu} with TensorRT");
-                true
-            }
-            Err(why) => {
-                tracing::info!("running the bundle on the CPU backend (ONNX Runtime): {why}");
-                false
-            }
-        },
-    };
-    let open = |name: &str, required: bool| -> Result<Option<Component>> {
-        let Some(c) = bundle.components.get(name) else {
-            if required {
-                bail!(
-                    "the bundle '{}' has no {name} component; rebuild it with `trt-diff build MODEL --arch {}`",
-                    engine.display(),
-                    bundle.config.arch
-                );
-            }
-            return Ok(None);
-        };
-        let path = match (&c.plan, use_trt) {
-            (Some(p), true) => dir.join(p),
-            _ => dir.join(&c.onnx),
-        };
-        if !path.exists() {
-            bail!(
-                "component {name} of '{}' is missing: '{}' does not exist; rebuild the bundle with `trt-diff build \
-                 MODEL --arch {} --out {}`",
-                engine.display(),
-                path.display(),
-                bundle.config.arch,
-                engine.display()
-            );
-        }
-        if !use_trt {
-            return open_engine(&path, BackendChoice::Cpu, &ort)
-                .with_context(|| format!("opening the {name} component"))
-                .map(|e| Some(Component::Cpu(e)));
-        }
-        crate::trt::runtime::TrtEngine::open(&path)
-            .with_context(|| format!("opening the {name} component"))
-            .map(|e| Some(Component::Trt(Box::new(e))))
-    };
-    let mut parts = [
-        ("clip", true),
-        ("t5", true),
-        ("transformer", true),
-        ("vae_decoder", true),
-        ("vae_encoder", false),
-        ("tae_decoder", false),
-    ]
-    .map(|(name, required)| open(name, required));
-    // The components run one after another: their execution contexts share one device-memory arena, sized for
-    // the largest, instead of holding one each.
-    let trt: Vec<&crate::trt::runtime::TrtEngine> = parts
-        .iter()
-        .filter_map(|p| match p {
-            Ok(Some(Component::Trt(e))) => Some(&**e),
-            _ => None,
+    let mut profiles = profiles(&p)?;
+    let components: Vec<ComponentGraphs> = aux
+        .into_iter()
+        .map(|(name, cpu_onnx, trt_onnx)| ComponentGraphs {
+            shapes: profiles.remove(name).unwrap_or_default(),
+            name: name.into(),
+            cpu_onnx,
+            trt_onnx,
         })
         .collect();
-    if !trt.is_empty() {
-        let arena = crate::trt::runtime::DeviceArena::for_engines(&trt)?;
-        tracing::info!(
-            "{} TensorRT engines share a {}-byte context memory arena",
-            trt.len(),
-            arena.bytes()
-        );
-        for p in parts.iter_mut() {
-            if let Ok(Some(Component::Trt(e))) = p {
-                e.attach_arena(arena.clone())?;
-            }
-        }
-    }
-    let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder] =
-        parts.map(|p| p.map(|c| c.map(Component::boxed)));
-    let engines = FluxEngines {
-        clip: clip?.expect("required"),
-        t5: t5?.expect("required"),
-        transformer: transformer?.expect("required"),
-        vae_decoder: vae_decoder?.expect("required"),
-        vae_encoder: vae_encoder?,
-        tae_decoder: tae_decoder?,
+    let transformer = ComponentGraphs {
+        name: "transformer".into(),
+        cpu_onnx: paths.transformer.clone(),
+        trt_onnx: paths.transformer.clone(),
+        shapes: profiles.remove("transformer").unwrap_or_default(),
     };
-    let tok = |f: &str| dir.join(f);
-    Ok(FluxPipeline {
-        config: bundle.config.clone(),
-        clip_tok: load_clip_tokenizer(&tok(&bundle.clip_tokenizer), bundle.config.clip_pad)?,
-        t5_tok: T5Tokenizer::load(&tok(&bundle.t5_tokenizer))?,
-        engines,
-        amax: None,
-    })
+    let bundle = ImageBundle {
+        arch: o.arch.clone(),
+        precision: o.precision.name().into(),
+        config: serde_json::to_value(&p.config)?,
+        components: BTreeMap::new(),
+        tokenizers: BTreeMap::from([
+            ("clip".to_string(), file_name(&clip_tok)),
+            ("t5".to_string(), file_name(&t5_tok)),
+        ]),
+    };
+    build_bundle(&o.base, &components, transformer, bundle)
 }
 
 #[cfg(test)]

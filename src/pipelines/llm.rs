@@ -1,41 +1,79 @@
 //! Text generation around a decoder engine (see `models::llama` and `models::llama_cpu`): prefill the prompt, then
 //! one token per call, the KV cache kept between calls by `kv_cache::Decoder`.
+use super::engines::OpenOptions;
 use super::kv_cache::Decoder;
-use crate::backend::{Engine, HostTensor};
+use crate::backend::{BackendChoice, Engine, HostTensor};
+use crate::manifest::{EngineFile, Pipeline};
+use crate::models::llama::LlamaConfig;
 use crate::onnx::DataType;
+pub use crate::tokenizer::text::{TextTokenizer, load_tokenizer};
 use anyhow::{Context, Result, bail};
+use serde::Deserialize;
 use std::time::Instant;
 
-#[derive(Clone, Debug)]
+/// How tokens are chosen: `generate`'s flags and the server's request fields, with one set of defaults.
+#[derive(Clone, Debug, PartialEq, clap::Args, serde::Deserialize)]
+#[serde(default)]
 pub struct SamplingParams {
-    /// 0 = greedy.
-    pub temperature: f32,
-    /// 0 = off.
-    pub top_k: usize,
-    /// 1 = off.
-    pub top_p: f32,
-    pub seed: u64,
+    /// Most tokens to generate.
+    #[arg(long, default_value_t = SamplingParams::default().max_tokens)]
     pub max_tokens: usize,
-    /// Drop tokens less likely than min_p times the most likely one (0 = off).
+    /// 0 is greedy decoding.
+    #[arg(long, default_value_t = SamplingParams::default().temperature)]
+    pub temperature: f32,
+    /// Keep only the k most likely tokens (0: off).
+    #[arg(long, default_value_t = SamplingParams::default().top_k)]
+    pub top_k: usize,
+    /// Keep the smallest set of tokens whose probabilities reach p (1: off).
+    #[arg(long, default_value_t = SamplingParams::default().top_p)]
+    pub top_p: f32,
+    /// Random seed (sampling; for images, the noise of image 0, image i uses seed + i).
+    #[arg(long, default_value_t = SamplingParams::default().seed)]
+    pub seed: u64,
+    /// Drop tokens less likely than min-p times the most likely one (0: off).
+    #[arg(long, default_value_t = SamplingParams::default().min_p)]
     pub min_p: f32,
-    /// llama.cpp-style repetition penalty on tokens already in the context (1 = off).
+    /// Penalize tokens already in the context (1: off; llama.cpp's repeat penalty).
+    #[arg(long = "repeat-penalty", default_value_t = SamplingParams::default().repetition_penalty)]
+    #[serde(alias = "repeat_penalty")]
     pub repetition_penalty: f32,
-    /// Subtracted once from the logit of every token already generated or in the prompt (0 = off).
+    /// Subtracted once from the logit of every token already generated or in the prompt (0: off).
+    #[arg(long, default_value_t = SamplingParams::default().presence_penalty)]
     pub presence_penalty: f32,
-    /// Subtracted per occurrence (0 = off).
+    /// Subtracted per occurrence (0: off).
+    #[arg(long, default_value_t = SamplingParams::default().frequency_penalty)]
     pub frequency_penalty: f32,
-    /// Generation stops before the first of these strings; it is not part of the output.
+    /// Stop before this text (repeatable); it is not part of the output.
+    #[arg(long)]
+    #[serde(deserialize_with = "one_or_many")]
     pub stop: Vec<String>,
+}
+
+/// A string or a list of strings, as OpenAI's API takes `stop`.
+fn one_or_many<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> std::result::Result<Vec<String>, D::Error> {
+    #[derive(serde::Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    Ok(match Option::<OneOrMany>::deserialize(d)? {
+        None => Vec::new(),
+        Some(OneOrMany::One(s)) => vec![s],
+        Some(OneOrMany::Many(v)) => v,
+    })
 }
 
 impl Default for SamplingParams {
     fn default() -> Self {
         Self {
+            max_tokens: 64,
             temperature: 0.0,
             top_k: 0,
             top_p: 1.0,
             seed: 0,
-            max_tokens: 64,
             min_p: 0.0,
             repetition_penalty: 1.0,
             presence_penalty: 0.0,
@@ -129,83 +167,16 @@ impl StopFilter {
     }
 }
 
-/// What the generator needs of a tokenizer.
-pub trait TextTokenizer {
-    fn encode(&self, text: &str) -> Vec<u32>;
-    /// Bytes of `id` as it follows `prev`.
-    fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8>;
-    fn bos(&self) -> Option<u32>;
-    fn eos(&self) -> Option<u32>;
-    /// Whether `id` ends generation (EOS, and end-of-turn tokens of chat models).
-    fn is_end(&self, id: u32) -> bool {
-        Some(id) == self.eos()
-    }
-    /// The Jinja chat template stored with the tokenizer, if any.
-    fn chat_template(&self) -> Option<&str> {
-        None
-    }
-    /// Text of a token for templates (BOS/EOS strings).
-    fn token_text(&self, _id: u32) -> Option<&str> {
-        None
-    }
-    /// Tokens of a rendered chat prompt: special tokens written in it count as those tokens, and BOS is added
-    /// only when the template did not write it.
-    fn encode_chat(&self, text: &str) -> Vec<u32> {
-        let mut t: Vec<u32> = self.bos().into_iter().collect();
-        t.extend(self.encode(text));
-        t
-    }
-}
-
 /// ONNX Runtime options for a decoder on the CPU: models under ~20M parameters run each step as hundreds of
 /// microsecond-sized ops, where handing work to a second thread costs more than it saves (stories260K decodes
 /// about 3x faster on one thread than on two); larger models use ONNX Runtime's default pool.
-pub fn cpu_options(
-    c: &crate::models::llama::LlamaConfig,
-) -> crate::backend::ort_backend::OrtOptions {
+pub fn cpu_options(c: &LlamaConfig) -> crate::backend::ort_backend::OrtOptions {
     let kv = c.n_kv_heads * c.head_dim();
     let params = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv + 3 * c.dim * c.hidden_dim)
         + c.vocab_size * c.dim;
     crate::backend::ort_backend::OrtOptions {
         threads: if params < 20_000_000 { 1 } else { 0 },
         ..Default::default()
-    }
-}
-
-/// Opens the tokenizer stored beside an engine: a GGUF vocabulary (`.gguf`) or a llama2.c tokenizer file.
-pub fn load_tokenizer(
-    path: &std::path::Path,
-    vocab_size: usize,
-) -> Result<Box<dyn TextTokenizer + Send>> {
-    if crate::weights::gguf::looks_like_gguf(path) {
-        let v = crate::tokenizer::llm_vocab::Vocab::open(path)?;
-        if v.n_tokens() > vocab_size {
-            bail!(
-                "tokenizer '{}' has {} tokens but the model only {}; rebuild the engine",
-                path.display(),
-                v.n_tokens(),
-                vocab_size
-            );
-        }
-        return Ok(Box::new(v));
-    }
-    Ok(Box::new(crate::tokenizer::llama2c::Llama2cTokenizer::load(
-        path, vocab_size,
-    )?))
-}
-
-impl TextTokenizer for crate::tokenizer::llama2c::Llama2cTokenizer {
-    fn encode(&self, text: &str) -> Vec<u32> {
-        self.encode(text)
-    }
-    fn piece_bytes(&self, prev: Option<u32>, id: u32) -> Vec<u8> {
-        self.piece_bytes(prev, id)
-    }
-    fn bos(&self) -> Option<u32> {
-        Some(crate::tokenizer::llama2c::BOS)
-    }
-    fn eos(&self) -> Option<u32> {
-        Some(crate::tokenizer::llama2c::EOS)
     }
 }
 
@@ -410,44 +381,64 @@ impl Generator<'_> {
     }
 }
 
-/// Opens an LLM engine built by `trt-diff build --arch ...` and generates from `prompt`.
+/// What an LLM engine's manifest describes, read off an opened engine file: the decoder's hyper-parameters and
+/// the tokenizer stored beside it.
+pub struct LlmModel {
+    pub config: LlamaConfig,
+    pub tokenizer: Box<dyn TextTokenizer + Send>,
+}
+
+impl LlmModel {
+    pub fn read(engine: &EngineFile) -> Result<Self> {
+        let Some(Pipeline::Llm(llm)) = engine.pipeline() else {
+            bail!(
+                "'{}' is not an LLM engine (its manifest names no LLM pipeline); build one with `trt-diff build \
+                 MODEL.gguf|HF_FOLDER|--arch llama2c ...`",
+                engine.path.display()
+            );
+        };
+        let config: LlamaConfig = serde_json::from_value(llm.config.clone()).with_context(|| {
+            format!(
+                "the manifest of '{}' has no valid decoder settings; rebuild the engine with this trt-diff",
+                engine.path.display()
+            )
+        })?;
+        let tokenizer = load_tokenizer(
+            &engine.file(&llm.tokenizer, "the tokenizer")?,
+            config.vocab_size,
+        )?;
+        Ok(Self { config, tokenizer })
+    }
+
+    /// Opens the decoder engine on the chosen backend (CPU options sized for the model).
+    pub fn open_engine(
+        &self,
+        engine: &EngineFile,
+        backend: BackendChoice,
+    ) -> Result<Box<dyn Engine>> {
+        let opts = OpenOptions {
+            ort: cpu_options(&self.config),
+            ..Default::default()
+        };
+        super::engines::open_file(engine, backend, &opts)
+    }
+}
+
+/// Opens an LLM engine built by `trt-diff build` and generates from `prompt`.
 pub fn generate_with_engine(
-    engine_path: &std::path::Path,
-    backend: crate::runner::BackendChoice,
+    engine: &EngineFile,
+    backend: BackendChoice,
     prompt: &str,
     params: &SamplingParams,
     on_text: impl FnMut(&str) -> Result<()>,
 ) -> Result<GenerationStats> {
-    use crate::manifest::{Manifest, Pipeline, sidecar_path};
-    if !engine_path.exists() {
-        bail!(
-            "cannot open engine '{}': no such file; check the path",
-            engine_path.display()
-        );
-    }
-    let manifest = Manifest::read(&sidecar_path(engine_path)).with_context(|| {
-        format!(
-            "'{}' needs its manifest to generate; build it with `trt-diff build --arch ...`",
-            engine_path.display()
-        )
-    })?;
-    let Some(Pipeline::Llm {
-        config, tokenizer, ..
-    }) = &manifest.pipeline
-    else {
-        bail!(
-            "'{}' is not an LLM engine (its manifest names no LLM pipeline)",
-            engine_path.display()
-        );
-    };
-    let dir = engine_path.parent().unwrap_or(std::path::Path::new("."));
-    let tok = load_tokenizer(&dir.join(tokenizer), config.vocab_size)?;
-    let mut engine = crate::runner::open_engine(engine_path, backend, &cpu_options(config))?;
+    let model = LlmModel::read(engine)?;
+    let mut decoder = model.open_engine(engine, backend)?;
     let mut generator = Generator {
-        engine: engine.as_mut(),
-        max_seq_len: config.max_seq_len,
+        engine: decoder.as_mut(),
+        max_seq_len: model.config.max_seq_len,
     };
-    generator.generate(tok.as_ref(), prompt, params, on_text)
+    generator.generate(model.tokenizer.as_ref(), prompt, params, on_text)
 }
 
 #[cfg(test)]

@@ -1,9 +1,11 @@
 //! `trt-diff build CHECKPOINT --arch llama2c --tokenizer TOK --out NAME.plan`: the decoder graph goes to
 //! `NAME.onnx` (+ external data) beside the plan, the tokenizer to `NAME.tokenizer.bin`, the engine to `NAME.plan`
 //! with a manifest that says how `generate` runs it. Without a usable GPU, `generate` runs `NAME.onnx` on the CPU.
-use crate::manifest::Pipeline;
+use super::bundle::{file_name, sibling};
+use crate::manifest::{LlmPipeline, Pipeline};
 use crate::models::llama::{LlamaConfig, decoder_graph_with};
 use crate::onnx::{DataType, SaveOptions, save};
+use crate::quant::Precision;
 use crate::quant::policy::Policy;
 use crate::quant::qdq::LinearPrecision;
 use crate::trt::shapes::ShapeRange;
@@ -35,25 +37,18 @@ pub fn decoder_profiles(c: &LlamaConfig) -> Vec<ShapeRange> {
     v
 }
 
-pub fn precision_from_name(name: &str) -> Result<LinearPrecision> {
-    Ok(match name {
-        "fp32" | "f32" => LinearPrecision::F32,
-        "fp16" | "f16" => LinearPrecision::F16,
-        "fp8" => LinearPrecision::Fp8,
-        "nvfp4" => LinearPrecision::Nvfp4,
-        "int4" => LinearPrecision::Int4 { block: 32 },
+/// The decoder's linear layers for `--precision`.
+pub fn linear_precision(p: Precision) -> Result<LinearPrecision> {
+    Ok(match p {
+        Precision::Fp32 => LinearPrecision::F32,
+        Precision::Fp16 => LinearPrecision::F16,
+        Precision::Fp8 => LinearPrecision::Fp8,
+        Precision::Nvfp4 => LinearPrecision::Nvfp4,
+        Precision::Int4 => LinearPrecision::Int4 { block: 32 },
         other => bail!(
             "--precision {other} is not available for LLM decoders; choose fp32, fp16, fp8, nvfp4 or int4"
         ),
     })
-}
-
-fn sibling(out: &Path, suffix: &str) -> PathBuf {
-    let stem = out
-        .file_stem()
-        .map(|s| s.to_string_lossy().into_owned())
-        .unwrap_or_else(|| "model".into());
-    out.with_file_name(format!("{stem}{suffix}"))
 }
 
 /// Where a decoder's weights come from.
@@ -211,11 +206,11 @@ fn write_cpu_graph(
 pub fn build_llm(
     input: &Path,
     source: LlmSource,
-    precision: &str,
+    precision: Precision,
     max_context: Option<usize>,
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
-    let p = precision_from_name(precision)?;
+    let p = linear_precision(precision)?;
     let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
             return build_llama2c(input, tokenizer, precision, base);
@@ -255,16 +250,13 @@ pub fn build_llm(
     if opts.shapes.is_empty() {
         opts.shapes = decoder_profiles(&config);
     }
-    opts.pipeline = Some(Pipeline::Llm {
+    opts.pipeline = Some(Pipeline::Llm(LlmPipeline {
         arch,
-        config,
-        tokenizer: tok_out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        precision: precision.into(),
+        config: serde_json::to_value(&config)?,
+        tokenizer: file_name(&tok_out),
+        precision: precision.name().into(),
         cpu_onnx,
-    });
+    }));
     build_engine(&opts)
 }
 
@@ -272,13 +264,13 @@ pub fn build_llm(
 pub fn build_llama2c(
     checkpoint: &Path,
     tokenizer: &Path,
-    precision: &str,
+    precision: Precision,
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let model = crate::weights::llama2c::Llama2c::load(checkpoint)?;
     // Loading validates the tokenizer against the model's vocabulary before anything is written.
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
-    let p = precision_from_name(precision)?;
+    let p = linear_precision(precision)?;
     // llama2.c checkpoints are f32.
     let cpu_onnx = write_cpu_graph(
         &base.out,
@@ -298,15 +290,12 @@ pub fn build_llama2c(
     if opts.shapes.is_empty() {
         opts.shapes = decoder_profiles(&model.config);
     }
-    opts.pipeline = Some(Pipeline::Llm {
+    opts.pipeline = Some(Pipeline::Llm(LlmPipeline {
         arch: "llama2c".into(),
-        config: model.config.clone(),
-        tokenizer: tok_out
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default(),
-        precision: precision.into(),
+        config: serde_json::to_value(&model.config)?,
+        tokenizer: file_name(&tok_out),
+        precision: precision.name().into(),
         cpu_onnx,
-    });
+    }));
     build_engine(&opts)
 }

@@ -10,4 +10,7 @@ pub mod nvfp4;
 #[cfg(target_arch = "x86_64")]
 mod nvfp4_avx2;
 pub mod policy;
+mod precision;
 pub mod qdq;
+
+pub use precision::Precision;

@@ -58,7 +58,7 @@ pub trait Buffer: Sized {
 }
 
 /// Element type of a host buffer.
-pub trait HostScalar: Copy + Default + Send + Sync + 'static {
+pub trait HostScalar: Copy + Default + Send + Sync + From<f32> + 'static {
     fn from_f64(v: f64) -> Self;
     fn to_f64(self) -> f64;
     fn mul_add_(a: Self, c: Self, x: Self) -> Self;
@@ -210,7 +210,7 @@ macro_rules! host_buffer {
                 Ok(())
             }
             fn fill_normal(&mut self, seed: u64, stream: u64) -> Result<()> {
-                crate::samplers::noise::fill_normal_host(self.as_mut_slice(), seed, stream);
+                super::gauss::fill_normal_host(self.as_mut_slice(), seed, stream);
                 Ok(())
             }
             fn to_host_f64(&self) -> Result<Vec<f64>> {

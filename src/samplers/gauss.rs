@@ -255,6 +255,32 @@ pub fn fill_portable<T: Copy, F: Fn(f32) -> T + Copy>(
     fill_inline(out, key, stream, first, cast)
 }
 
+/// Standard normals for elements `[0, out.len())` of stream `stream` of `seed`. Large buffers are filled by
+/// several threads; element values do not depend on the split (counter-based generator).
+pub fn fill_normal_host<T: Copy + Send + From<f32>>(out: &mut [T], seed: u64, stream: u64) {
+    let threads = if out.len() >= 1 << 16 {
+        std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
+    } else {
+        1
+    };
+    // Chunks are whole Philox blocks (multiples of 4 elements).
+    let chunk = out.len().div_ceil(threads).div_ceil(4) * 4;
+    if threads <= 1 || chunk == 0 {
+        fill_normal_range(out, seed, stream, 0);
+        return;
+    }
+    std::thread::scope(|sc| {
+        for (k, part) in out.chunks_mut(chunk).enumerate() {
+            sc.spawn(move || fill_normal_range(part, seed, stream, (k * chunk / 4) as u64));
+        }
+    });
+}
+
+fn fill_normal_range<T: Copy + Send + From<f32>>(out: &mut [T], seed: u64, stream: u64, first_block: u64) {
+    let key = [seed as u32, (seed >> 32) as u32];
+    fill(out, key, stream, first_block, T::from);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

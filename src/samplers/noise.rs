@@ -12,7 +12,7 @@
 //!   `r = sqrt(-2 ln u1)`; log, sin and cos are our own polynomials, so the device kernel gives the same bits.
 //!   The f32 value is converted to the buffer's type.
 //! - A sampler's k-th noise draw uses `stream = k` (see [`PhiloxNoise`]).
-use super::buffer::{Buffer, HostScalar};
+use super::buffer::Buffer;
 use anyhow::{Result, bail};
 
 const M0: u32 = 0xD251_1F53;
@@ -41,31 +41,7 @@ pub fn philox4x32_10(ctr: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// Box-Muller of one word pair (see the module docs and [`super::gauss`]).
 pub use super::gauss::box_muller;
 
-/// Standard normals for elements `[0, out.len())` of stream `stream` of `seed`. Large buffers are filled by
-/// several threads; element values do not depend on the split (counter-based generator).
-pub fn fill_normal_host<T: HostScalar>(out: &mut [T], seed: u64, stream: u64) {
-    let threads = if out.len() >= 1 << 16 {
-        std::thread::available_parallelism().map_or(1, |n| n.get().min(16))
-    } else {
-        1
-    };
-    // Chunks are whole Philox blocks (multiples of 4 elements).
-    let chunk = out.len().div_ceil(threads).div_ceil(4) * 4;
-    if threads <= 1 || chunk == 0 {
-        fill_normal_range(out, seed, stream, 0);
-        return;
-    }
-    std::thread::scope(|sc| {
-        for (k, part) in out.chunks_mut(chunk).enumerate() {
-            sc.spawn(move || fill_normal_range(part, seed, stream, (k * chunk / 4) as u64));
-        }
-    });
-}
-
-fn fill_normal_range<T: HostScalar>(out: &mut [T], seed: u64, stream: u64, first_block: u64) {
-    let key = [seed as u32, (seed >> 32) as u32];
-    super::gauss::fill(out, key, stream, first_block, |z| T::from_f64(z as f64));
-}
+pub use super::gauss::fill_normal_host;
 
 /// Where stochastic samplers get their noise: `sample(out, sigma, sigma_next)` gives unit-variance Gaussian
 /// noise for the step from `sigma` to `sigma_next` (k-diffusion's `noise_sampler(sigma, sigma_next)`).

@@ -3,7 +3,7 @@
 //! fragment goes to the model's algorithm: SPM (`llama`: score-ordered merges, dummy-prefix space, `▁` for spaces,
 //! `<0xNN>` byte fallback), BPE (`gpt2`: pre-tokenizer regex, byte-to-unicode mapping, ranked merges) or WPM
 //! (`bert`: greedy longest match with a `▁` word prefix). `token_to_piece` gives a token's bytes; the
-//! [`crate::pipelines::llm::Utf8Stream`] turns pieces into text without ever splitting a character.
+//! the generator's `Utf8Stream` turns pieces into text without ever splitting a character.
 use crate::weights::gguf::{GgufFile, Value};
 use anyhow::{Context, Result, bail};
 use std::collections::{HashMap, HashSet};
@@ -443,7 +443,7 @@ enum Fragment<'a> {
     Token(u32),
 }
 
-impl crate::pipelines::llm::TextTokenizer for Vocab {
+impl super::text::TextTokenizer for Vocab {
     fn encode(&self, text: &str) -> Vec<u32> {
         self.tokenize(text, false, false)
     }

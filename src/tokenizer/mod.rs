@@ -2,8 +2,8 @@
 pub mod clip;
 pub mod llama2c;
 pub mod llm_bpe;
-pub mod llm_cli;
 pub mod llm_spm;
 pub mod llm_vocab;
 pub mod llm_wpm;
 pub mod t5;
+pub mod text;

@@ -445,7 +445,8 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             build_seconds: report.build_seconds,
         },
         source: SourceInfo {
-            onnx: o.onnx.display().to_string(),
+            onnx: crate::fsutil::relative_name(&o.onnx, o.out.parent().unwrap_or(Path::new(".")))
+                .unwrap_or_else(|| o.onnx.display().to_string()),
             bytes: onnx.file_bytes,
             sha256: source_sha,
             external_data: external,

@@ -2,20 +2,11 @@
 //! Search order: `--trt-lib-dir`, `TRT_LIB_DIR`, `LD_LIBRARY_PATH`, `TENSORRT_ROOT/lib`, standard locations, and
 //! the project cache that scripts/setup.sh fills.
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, OnceLock};
 
-/// The two TensorRT flavours trt-diff drives.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Flavor {
-    /// TensorRT-RTX 1.x: RTX 30/40/50, DGX Spark GB10, A100; its builder also runs without a GPU.
-    Rtx,
-    /// TensorRT 11: data-center GPUs (Hopper, Blackwell).
-    Trt11,
-}
+pub use crate::manifest::Flavor;
 
 impl Flavor {
     pub const ALL: [Flavor; 2] = [Flavor::Rtx, Flavor::Trt11];

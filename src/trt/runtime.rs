@@ -9,7 +9,7 @@
 use super::discovery::{Flavor, load_flavor};
 use super::ffi::bridge;
 use crate::backend::{Engine, HostTensor, TensorDesc, check_inputs};
-use crate::manifest::Manifest;
+use crate::manifest::{EngineFile, Manifest};
 use crate::onnx::DataType;
 use anyhow::{Context, Result, bail};
 use cudarc::driver::{
@@ -31,10 +31,19 @@ pub fn usable_gpu() -> std::result::Result<String, String> {
 /// Can `plan` execute with TensorRT here: a GPU, its flavour's library, and (per the manifest) the same TensorRT
 /// version and a supported compute capability? Nothing is deserialized. `Err` says why not, for `--backend auto`
 /// to fall back to the CPU with that reason.
-pub fn plan_runs_here(plan: &Path) -> std::result::Result<String, String> {
+pub fn plan_runs_here(engine: &EngineFile) -> std::result::Result<String, String> {
+    let plan = engine.path.as_path();
+    if !engine.is_plan() {
+        return Err(format!(
+            "'{}' is an ONNX file, not a TensorRT plan",
+            plan.display()
+        ));
+    }
     let gpu = usable_gpu()?;
-    let m = crate::manifest::Manifest::read(&crate::manifest::sidecar_path(plan))
-        .map_err(|e| format!("no readable manifest beside '{}' ({e:#})", plan.display()))?;
+    let m = engine
+        .manifest
+        .as_ref()
+        .ok_or_else(|| format!("'{}' has no manifest beside it", plan.display()))?;
     let lib = load_flavor(m.tensorrt.flavor, None).map_err(|e| format!("{e:#}"))?;
     let report = crate::cuda::query()?;
     let cc = report
@@ -42,7 +51,7 @@ pub fn plan_runs_here(plan: &Path) -> std::result::Result<String, String> {
         .first()
         .map(|g| g.compute_capability)
         .ok_or("the driver reports no GPU")?;
-    check_compatible(plan, &m, &Flavor::version_string(lib.version), cc)
+    check_compatible(plan, m, &Flavor::version_string(lib.version), cc)
         .map_err(|e| format!("{e:#}"))?;
     Ok(gpu)
 }
@@ -205,12 +214,21 @@ fn cxx_err(what: &str, e: cxx::Exception) -> anyhow::Error {
 
 impl TrtEngine {
     /// Opens a plan with default options (every weight on the device, no CUDA graph).
-    pub fn open(plan: &Path) -> Result<Self> {
-        Self::open_with(plan, TrtRunOptions::default())
+    pub fn open(engine: &EngineFile) -> Result<Self> {
+        Self::open_with(engine, TrtRunOptions::default())
     }
 
-    pub fn open_with(plan: &Path, opts: TrtRunOptions) -> Result<Self> {
-        let report = crate::manifest::check_plan(plan)?;
+    pub fn open_with(engine: &EngineFile, opts: TrtRunOptions) -> Result<Self> {
+        let plan = engine.path.as_path();
+        if !engine.is_plan() {
+            bail!(
+                "TensorRT runs .plan files and '{}' is an ONNX graph; build a plan with `trt-diff build {} --out \
+                 NAME.plan`",
+                plan.display(),
+                plan.display()
+            );
+        }
+        engine.verify_plan_checksum()?;
         let gpu = crate::cuda::query().map_err(|e| {
             anyhow::anyhow!(
                 "cannot run '{}' with TensorRT: {e}; use --backend cpu to run it on ONNX Runtime",
@@ -223,7 +241,7 @@ impl TrtEngine {
                 plan.display()
             );
         };
-        let manifest = report.manifest.clone();
+        let manifest = engine.manifest.clone();
         let flavor = manifest
             .as_ref()
             .map(|m| m.tensorrt.flavor)

@@ -2,16 +2,8 @@
 //! inputs the user did not name.
 use crate::onnx::Dim;
 use anyhow::{Result, bail};
-use serde::{Deserialize, Serialize};
 
-/// min/opt/max dimensions for one input.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ShapeRange {
-    pub name: String,
-    pub min: Vec<i64>,
-    pub opt: Vec<i64>,
-    pub max: Vec<i64>,
-}
+pub use crate::manifest::ShapeRange;
 
 fn parse_dims(s: &str, whole: &str) -> Result<Vec<i64>> {
     s.split('x')

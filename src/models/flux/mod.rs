@@ -49,6 +49,7 @@
 //! Files: `config.rs` (architecture and layout read off a checkpoint), `emit.rs` (the graph), this file (options,
 //! precision policy, calibration keys, the export entry points).
 use crate::onnx::{DataType, SaveOptions, proto::ModelProto, save};
+use crate::quant::Precision;
 use crate::quant::policy::Policy;
 use crate::quant::qdq::LinearPrecision;
 use crate::trt::shapes::ShapeRange;
@@ -77,14 +78,16 @@ pub enum FluxPrecision {
 }
 
 impl FluxPrecision {
-    pub fn parse(s: &str) -> Result<Self> {
-        Ok(match s {
-            "fp32" | "f32" => Self::F32,
-            "fp16" | "f16" => Self::F16,
-            "bf16" => Self::Bf16,
-            "fp8" => Self::Fp8,
-            "nvfp4" => Self::Nvfp4,
-            other => bail!("unknown Flux precision '{other}': use fp32, fp16, bf16, fp8 or nvfp4"),
+    pub fn from_precision(p: Precision) -> Result<Self> {
+        Ok(match p {
+            Precision::Fp32 => Self::F32,
+            Precision::Fp16 => Self::F16,
+            Precision::Bf16 => Self::Bf16,
+            Precision::Fp8 => Self::Fp8,
+            Precision::Nvfp4 => Self::Nvfp4,
+            other => bail!(
+                "--precision {other} is not available for Flux: use fp32, fp16, bf16, fp8 or nvfp4"
+            ),
         })
     }
 

@@ -34,6 +34,16 @@ fn first_match(path: &str, key: &str) -> Option<String> {
     })
 }
 
+pub fn run(json: bool, trt: crate::cli::TrtArgs) -> anyhow::Result<()> {
+    let r = report(trt.trt_lib_dir.as_deref());
+    if json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        print!("{r}");
+    }
+    Ok(())
+}
+
 pub fn report(trt_lib_dir: Option<&Path>) -> Report {
     let dirs = search_dirs(trt_lib_dir);
     let compiled = compiled_flavors();

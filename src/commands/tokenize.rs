@@ -1,15 +1,15 @@
-//! `trt-diff tokenize --vocab FILE.gguf TEXT [--decode]`.
+//! `trt-diff tokenize --vocab FILE.gguf TEXT [--decode]`: token ids of text, or text of ids.
 use crate::tokenizer::llm_vocab::Vocab;
 use anyhow::{Result, bail};
 use std::path::Path;
 
+pub fn run(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Result<()> {
+    println!("{}", tokenize(vocab, text, decode, parse_special)?);
+    Ok(())
+}
+
 /// Ids joined by spaces (no BOS), or with `decode` the text of the ids given as `text`.
-pub fn tokenize_command(
-    vocab: &Path,
-    text: &str,
-    decode: bool,
-    parse_special: bool,
-) -> Result<String> {
+fn tokenize(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Result<String> {
     let v = Vocab::open(vocab)?;
     if !decode {
         let ids = v.tokenize(text, false, parse_special);

@@ -1,63 +1,7 @@
-//! Flux latent layout and image I/O: 2x2 patch packing of latents into transformer tokens (diffusers'
-//! `_pack_latents` / `_unpack_latents`), the tokens' positional ids, PNG output with the generation parameters in a
+//! Image I/O shared by every image family: VAE output to RGB8, PNG output with the generation parameters in a
 //! `tEXt` chunk, and init images for img2img.
 use anyhow::{Context, Result, bail};
 use std::path::Path;
-
-/// [B, C, H, W] -> [B, (H/2)(W/2), 4C]: token (i, j) holds the 2x2 patch at (2i, 2j), channel-major within it.
-pub fn pack(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let (h2, w2) = (h / 2, w / 2);
-    let mut out = vec![0f32; x.len()];
-    for n in 0..b {
-        for i in 0..h2 {
-            for j in 0..w2 {
-                for ch in 0..c {
-                    for di in 0..2 {
-                        for dj in 0..2 {
-                            let src = ((n * c + ch) * h + 2 * i + di) * w + 2 * j + dj;
-                            let tok = (n * h2 + i) * w2 + j;
-                            out[tok * 4 * c + ch * 4 + di * 2 + dj] = x[src];
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Inverse of [`pack`].
-pub fn unpack(x: &[f32], b: usize, c: usize, h: usize, w: usize) -> Vec<f32> {
-    let (h2, w2) = (h / 2, w / 2);
-    let mut out = vec![0f32; x.len()];
-    for n in 0..b {
-        for i in 0..h2 {
-            for j in 0..w2 {
-                for ch in 0..c {
-                    for di in 0..2 {
-                        for dj in 0..2 {
-                            let dst = ((n * c + ch) * h + 2 * i + di) * w + 2 * j + dj;
-                            let tok = (n * h2 + i) * w2 + j;
-                            out[dst] = x[tok * 4 * c + ch * 4 + di * 2 + dj];
-                        }
-                    }
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Image token ids [(h/2)(w/2), 3] = (0, row, col) for a latent of h x w.
-pub fn image_ids(h: usize, w: usize) -> Vec<f32> {
-    let mut v = Vec::with_capacity(h / 2 * w / 2 * 3);
-    for i in 0..h / 2 {
-        for j in 0..w / 2 {
-            v.extend_from_slice(&[0.0, i as f32, j as f32]);
-        }
-    }
-    v
-}
 
 /// VAE output [B, 3, H, W] in [-1, 1] -> one RGB8 buffer per image (diffusers: `(x/2 + 0.5).clamp(0, 1)`, then
 /// `round(x * 255)`).
@@ -137,19 +81,6 @@ pub fn load_init_image(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pack_matches_diffusers_layout_and_inverts() {
-        // diffusers: view(B, C, H/2, 2, W/2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, HW/4, 4C).
-        let (b, c, h, w) = (2, 3, 4, 6);
-        let x: Vec<f32> = (0..b * c * h * w).map(|i| i as f32).collect();
-        let p = pack(&x, b, c, h, w);
-        // token (n=1, i=1, j=2), channel 2, (di, dj) = (1, 0)
-        let tok = (h / 2 + 1) * (w / 2) + 2;
-        assert_eq!(p[tok * 4 * c + 2 * 4 + 2], x[((c + 2) * h + 3) * w + 4]);
-        assert_eq!(unpack(&p, b, c, h, w), x);
-        assert_eq!(&image_ids(4, 6)[9..12], &[0.0, 1.0, 0.0]);
-    }
 
     #[test]
     fn png_carries_parameters() {

@@ -1,0 +1,151 @@
+//! `trt-diff build`: an ONNX file into a plan, or a checkpoint into a whole pipeline's engines (LLM decoders,
+//! image bundles).
+use crate::cli::BuildArgs;
+use crate::fsutil::human_bytes;
+use crate::pipelines::{Arch, Family};
+use crate::trt::BuildOptions;
+use crate::trt::shapes::{join, parse_shapes};
+use anyhow::{Result, bail};
+
+impl From<&BuildArgs> for BuildOptions {
+    fn from(a: &BuildArgs) -> Self {
+        BuildOptions {
+            onnx: a.input.clone(),
+            out: a.out.clone(),
+            trt: a.trt,
+            trt_lib_dir: a.lib.trt_lib_dir.clone(),
+            shapes: Vec::new(),
+            opt_level: a.opt_level,
+            workspace_bytes: a.workspace.map(|m| m << 20),
+            timing_cache: a.timing_cache.clone(),
+            targets: a.targets.clone(),
+            refit: a.refit,
+            weight_streaming: a.weight_streaming,
+            progress: !a.no_progress,
+            pipeline: None,
+        }
+    }
+}
+
+pub fn run(a: BuildArgs) -> Result<()> {
+    if !a.input.exists() {
+        bail!(
+            "cannot open '{}': no such file; check the path",
+            a.input.display()
+        );
+    }
+    if let Some(arch) = a.arch
+        && arch.family() == Family::Flux
+    {
+        return build_flux(&a, arch);
+    }
+    let is_llm = a.arch.is_some()
+        || crate::weights::gguf::looks_like_gguf(&a.input)
+        || a.input.join("config.json").exists();
+    if is_llm {
+        return build_llm(&a);
+    }
+    if a.input.extension().is_none_or(|e| e != "onnx") {
+        bail!(
+            "'{}' is not an .onnx file: `trt-diff build` takes an ONNX model (rename it if it is one)",
+            a.input.display()
+        );
+    }
+    let opts = BuildOptions {
+        shapes: parse_shapes(&a.shapes)?,
+        ..BuildOptions::from(&a)
+    };
+    let o = crate::trt::build_engine(&opts)?;
+    let m = &o.manifest;
+    println!(
+        "built {} ({}) with {} {} in {:.2}s (TensorRT parse {:.2}s, build {:.2}s)",
+        o.plan.display(),
+        human_bytes(m.plan.bytes),
+        m.tensorrt.flavor_display(),
+        m.tensorrt.version,
+        o.timings.total,
+        o.timings.trt_parse,
+        o.timings.trt_build
+    );
+    for t in &m.io {
+        let profile = t
+            .profile
+            .as_ref()
+            .map(|p| {
+                format!(
+                    "  profile {}:{}:{}",
+                    join(&p.min),
+                    join(&p.opt),
+                    join(&p.max)
+                )
+            })
+            .unwrap_or_default();
+        println!(
+            "  {:<6} {:<24} {:<12} {:?}{profile}",
+            t.mode, t.name, t.dtype, t.shape
+        );
+    }
+    println!("manifest {}", o.manifest_path.display());
+    Ok(())
+}
+
+fn build_llm(a: &BuildArgs) -> Result<()> {
+    let source = crate::pipelines::llm_build::detect_source(
+        &a.input,
+        a.arch.map(Arch::name),
+        a.tokenizer.as_deref(),
+    )?;
+    let opts = BuildOptions {
+        shapes: parse_shapes(&a.shapes)?,
+        ..BuildOptions::from(a)
+    };
+    let o = crate::pipelines::llm_build::build_llm(
+        &a.input,
+        source,
+        a.precision,
+        a.max_context,
+        &opts,
+    )?;
+    println!(
+        "built {} ({}, {} precision) with {} {}; source {}, manifest {}",
+        o.plan.display(),
+        human_bytes(o.manifest.plan.bytes),
+        a.precision,
+        o.manifest.tensorrt.flavor_display(),
+        o.manifest.tensorrt.version,
+        o.manifest.source.onnx,
+        o.manifest_path.display()
+    );
+    Ok(())
+}
+
+fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 16)");
+    }
+    let o = crate::pipelines::flux_build::build_flux(
+        &crate::pipelines::flux_build::FluxBuildOptions {
+            model: a.input.clone(),
+            arch: arch.name().to_string(),
+            precision: a.precision,
+            clip_tokenizer: a.clip_tokenizer.clone(),
+            t5_tokenizer: a.t5_tokenizer.clone(),
+            tae_decoder: a.tae_decoder.clone(),
+            t5_max_len: a.t5_max_len,
+            image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
+            calibration_backend: crate::backend::BackendChoice::Auto,
+            base: BuildOptions::from(a),
+        },
+    )?;
+    println!(
+        "built the {arch} bundle {} ({} precision) with {} {}; manifest {}",
+        o.plan.display(),
+        a.precision,
+        o.manifest.tensorrt.flavor_display(),
+        o.manifest.tensorrt.version,
+        o.manifest_path.display()
+    );
+    Ok(())
+}

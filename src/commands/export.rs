@@ -1,0 +1,31 @@
+//! `trt-diff export MODEL --arch A --out DIR`: one ONNX graph per component.
+use crate::cli::ExportArgs;
+use crate::pipelines::Family;
+use anyhow::{Result, bail};
+
+pub fn run(a: ExportArgs) -> Result<()> {
+    if a.arch.family() != Family::Flux {
+        bail!(
+            "--arch {} is not exportable; supported: flux-dev, flux-schnell",
+            a.arch
+        );
+    }
+    let p = crate::pipelines::flux_build::export_flux(
+        &a.model,
+        a.arch.name(),
+        a.precision,
+        &a.out,
+        a.clip_tokenizer.as_deref(),
+        a.t5_tokenizer.as_deref(),
+    )?;
+    for f in [
+        &p.transformer,
+        &p.clip,
+        &p.t5,
+        &p.vae_decoder,
+        &p.vae_encoder,
+    ] {
+        println!("wrote {}", f.display());
+    }
+    Ok(())
+}

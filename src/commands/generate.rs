@@ -1,0 +1,167 @@
+//! `trt-diff generate --engine E --prompt ...`: text from an LLM engine (streamed to stdout), or images from an
+//! image bundle, dispatched on the arch its manifest records (one line per family). Images are written one PNG
+//! each (`out.png`, or `out-0.png`, `out-1.png`, ... for a batch) with the parameters in a `parameters` tEXt chunk.
+use crate::cli::GenerateArgs;
+use crate::manifest::{EngineFile, ImageBundle, Pipeline};
+use crate::pipelines::engines::resolve;
+use crate::pipelines::flux::FluxModel;
+use crate::pipelines::image::{ImageModel, ImagePipeline, ImageRequest};
+use crate::pipelines::image_io::write_png;
+use crate::pipelines::{Arch, Family};
+use anyhow::{Result, bail};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub fn run(a: GenerateArgs) -> Result<()> {
+    let engine = super::open_engine_file(&a.engine)?;
+    if let Some(Pipeline::Image(bundle)) = engine.pipeline() {
+        return generate_images(&a, &engine, bundle);
+    }
+    let mut out = std::io::stdout();
+    let stats = crate::pipelines::llm::generate_with_engine(
+        &engine,
+        a.engine.backend,
+        &a.prompt,
+        &a.sampling,
+        |t| {
+            out.write_all(t.as_bytes())?;
+            out.flush()?;
+            Ok(())
+        },
+    )?;
+    println!();
+    eprintln!(
+        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens in {:.3}s ({:.1} tok/s){}",
+        stats.prompt_tokens,
+        stats.prompt_seconds,
+        stats.prompt_tokens as f64 / stats.prompt_seconds.max(1e-9),
+        stats.generated_tokens,
+        stats.generation_seconds,
+        stats.generated_tokens as f64 / stats.generation_seconds.max(1e-9),
+        if stats.stopped_by_eos {
+            ", stopped at end of text"
+        } else if stats.stopped_by_stop_string {
+            ", stopped at a stop string"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) -> Result<()> {
+    let i = &a.image;
+    let Some(out) = &i.out else {
+        bail!(
+            "--out FILE.png is needed: '{}' is an image pipeline",
+            engine.path.display()
+        );
+    };
+    if out
+        .extension()
+        .is_none_or(|e| !e.eq_ignore_ascii_case("png"))
+    {
+        bail!("--out '{}' must name a .png file", out.display());
+    }
+    let req = ImageRequest {
+        prompt: a.prompt.clone(),
+        negative_prompt: i.negative_prompt.clone(),
+        steps: i.steps,
+        sampler: i.sampler.clone(),
+        scheduler: i.scheduler.clone(),
+        seed: a.sampling.seed,
+        width: i.width,
+        height: i.height,
+        guidance: i.guidance,
+        cfg: i.cfg,
+        batch: i.batch,
+        init_image: i.init_image.clone(),
+        strength: i.strength,
+        preview: i.preview.clone(),
+        ..Default::default()
+    };
+    let t0 = Instant::now();
+    let backend = resolve(a.engine.backend, engine)?;
+    let arch = Arch::parse(&bundle.arch)?;
+    let r = match arch.family() {
+        Family::Flux => write_images(
+            ImagePipeline::new(FluxModel::open(engine, bundle, backend)?),
+            &req,
+            out,
+            !i.no_progress,
+        )?,
+        Family::Llm => bail!(
+            "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
+            engine.path.display()
+        ),
+    };
+    let mean = r.step_seconds.iter().sum::<f64>() / r.step_seconds.len().max(1) as f64;
+    for f in &r.files {
+        println!("wrote {}", f.display());
+    }
+    eprintln!(
+        "{} steps, {:.3} s/step mean, {:.2} s total on {backend:?}",
+        r.step_seconds.len(),
+        mean,
+        t0.elapsed().as_secs_f64(),
+    );
+    Ok(())
+}
+
+struct Written {
+    files: Vec<PathBuf>,
+    step_seconds: Vec<f64>,
+}
+
+/// Output file of image `i` of `n`.
+pub fn image_path(out: &Path, i: usize, n: usize) -> PathBuf {
+    if n == 1 {
+        return out.to_path_buf();
+    }
+    let stem = out
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "image".into());
+    out.with_file_name(format!("{stem}-{i}.png"))
+}
+
+/// Runs the request with a progress bar (per-step time) and writes the PNGs.
+fn write_images<M: ImageModel>(
+    mut pipe: ImagePipeline<M>,
+    req: &ImageRequest,
+    out: &Path,
+    progress: bool,
+) -> Result<Written> {
+    let bar = if progress {
+        indicatif::ProgressBar::new(0)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {pos}/{len} {msg}")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    bar.set_prefix("denoising");
+    let result = pipe.generate(req, &mut |s| {
+        bar.set_length(s.steps as u64);
+        bar.set_position(s.step as u64);
+        bar.set_message(format!("{:.3} s/step", s.seconds));
+        Ok(())
+    });
+    bar.finish_and_clear();
+    let r = result?;
+    let n = r.images.len();
+    let mut files = Vec::with_capacity(n);
+    for (i, img) in r.images.iter().enumerate() {
+        let path = image_path(out, i, n);
+        let params = format!("{}, Image: {i}", r.parameters);
+        write_png(&path, img, r.width, r.height, &[("parameters", params)])?;
+        files.push(path);
+    }
+    Ok(Written {
+        files,
+        step_seconds: r.step_seconds,
+    })
+}

@@ -1,0 +1,372 @@
+//! The seam every image family plugs into (as stable-diffusion.cpp's `DiffusionModel`): a family implements
+//! [`ImageModel`] (its text encoders, latent layout, how the denoiser calls its network, its schedule and VAE);
+//! [`ImagePipeline`] owns everything generic: request defaults, the text-conditioning cache, classifier-free
+//! guidance, seeds and batches, img2img, the sampler loop with progress and previews, and the PNG parameters.
+use crate::samplers::{model::Denoiser, noise, registry, stepper};
+use anyhow::{Result, bail};
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::rc::Rc;
+use std::time::Instant;
+
+/// One image request. `None` fields take the bundle's defaults.
+#[derive(Clone, Debug, Default)]
+pub struct ImageRequest {
+    pub prompt: String,
+    pub negative_prompt: Option<String>,
+    pub steps: Option<usize>,
+    pub sampler: Option<String>,
+    pub scheduler: Option<String>,
+    pub seed: u64,
+    pub width: Option<usize>,
+    pub height: Option<usize>,
+    /// Distilled guidance (a network input, e.g. FLUX.1-dev's).
+    pub guidance: Option<f32>,
+    /// Classifier-free guidance with the negative prompt (1 = off; doubles the network calls).
+    pub cfg: f32,
+    pub batch: usize,
+    pub init_image: Option<PathBuf>,
+    /// img2img: fraction of the schedule re-run from the noised init image (1 = ignore the image).
+    pub strength: f32,
+    /// Sampler-space initial noise of the whole batch instead of Philox noise (reproducing other tools).
+    pub initial_noise: Option<Vec<f32>>,
+    /// Skip the VAE (tests of the latents, calibration).
+    pub latents_only: bool,
+    /// Write a preview PNG of the current x0 estimate here after each step (needs a preview decoder).
+    pub preview: Option<PathBuf>,
+}
+
+/// What `generate` uses for unset request fields; each family records its own in the bundle.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageDefaults {
+    pub steps: usize,
+    pub sampler: String,
+    pub scheduler: String,
+    pub width: usize,
+    pub height: usize,
+    pub guidance: f32,
+    /// The network takes distilled guidance as an input (otherwise `--guidance` has no effect).
+    pub guidance_input: bool,
+}
+
+/// How a network's output relates to the denoised estimate `D` the samplers step with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Prediction {
+    /// Rectified flow: the network predicts the velocity v, `D = x - sigma v`.
+    Flow,
+}
+
+/// The latent geometry of one request: the sampler steps `batch * per_image` values; `channels x height x width`
+/// is one image's unpacked VAE latent.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Latents {
+    pub batch: usize,
+    pub channels: usize,
+    pub height: usize,
+    pub width: usize,
+    pub per_image: usize,
+}
+
+impl Latents {
+    pub fn len(&self) -> usize {
+        self.batch * self.per_image
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What a model family supplies. Latents are in the sampler's space (packed, scaled); images are RGB8.
+pub trait ImageModel {
+    /// One prompt's text conditioning, cached by the pipeline per prompt.
+    type Cond;
+    fn arch(&self) -> &str;
+    fn defaults(&self) -> ImageDefaults;
+    fn prediction(&self) -> Prediction;
+    /// Checks the image size and gives the latent geometry.
+    fn latents(&self, width: usize, height: usize, batch: usize) -> Result<Latents>;
+    /// `steps + 1` sigmas ending in 0 for a scheduler name (the family's own names and the catalogue's).
+    fn sigmas(&self, scheduler: &str, steps: usize, lat: &Latents) -> Result<Vec<f64>>;
+    fn encode_prompt(&mut self, prompt: &str) -> Result<Self::Cond>;
+    /// The network's raw output for the whole batch at `sigma`.
+    fn predict(
+        &mut self,
+        x: &[f32],
+        sigma: f64,
+        cond: &Self::Cond,
+        lat: &Latents,
+        guidance: f32,
+    ) -> Result<Vec<f32>>;
+    /// One image's sampler-space latent from unpacked standard-normal noise `[C, H, W]`.
+    fn pack_noise(&self, z: &[f32], lat: &Latents) -> Vec<f32>;
+    /// One init image `[1, 3, H, W]` in [-1, 1] to its sampler-space latent (img2img).
+    fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>>;
+    /// Sampler-space latents of the batch to RGB8 images.
+    fn decode(&mut self, x: &[f32], lat: &Latents) -> Result<Vec<Vec<u8>>>;
+    /// Whether [`ImageModel::preview`] can draw (a tiny autoencoder in the bundle).
+    fn can_preview(&self) -> bool;
+    /// The first image of an x0 estimate through the preview decoder: (RGB8, width, height).
+    fn preview(&mut self, x0: &[f32], lat: &Latents) -> Result<(Vec<u8>, usize, usize)>;
+}
+
+pub struct StepInfo {
+    pub step: usize,
+    pub steps: usize,
+    pub seconds: f64,
+}
+
+pub struct ImageOutput {
+    pub width: usize,
+    pub height: usize,
+    /// RGB8 per image (empty with `latents_only`).
+    pub images: Vec<Vec<u8>>,
+    /// Final sampler-space latents of the batch.
+    pub latents: Vec<f32>,
+    pub step_seconds: Vec<f64>,
+    /// "prompt, steps, sampler, ..." as written into the PNG.
+    pub parameters: String,
+}
+
+/// Prompts whose conditioning is kept (a server alternating a few prompts re-encodes none of them).
+const COND_CACHE: usize = 16;
+
+/// A model family behind the generic request handling.
+pub struct ImagePipeline<M: ImageModel> {
+    pub model: M,
+    cache: HashMap<String, Rc<M::Cond>>,
+}
+
+impl<M: ImageModel> ImagePipeline<M> {
+    pub fn new(model: M) -> Self {
+        Self {
+            model,
+            cache: HashMap::new(),
+        }
+    }
+
+    fn condition(&mut self, prompt: &str) -> Result<Rc<M::Cond>> {
+        if let Some(c) = self.cache.get(prompt) {
+            return Ok(c.clone());
+        }
+        let c = Rc::new(self.model.encode_prompt(prompt)?);
+        if self.cache.len() >= COND_CACHE {
+            self.cache.clear();
+        }
+        self.cache.insert(prompt.to_string(), c.clone());
+        Ok(c)
+    }
+
+    /// Runs a request; `on_step` sees each finished step (progress bars).
+    pub fn generate(
+        &mut self,
+        req: &ImageRequest,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<ImageOutput> {
+        let d = self.model.defaults();
+        let (w, h) = (req.width.unwrap_or(d.width), req.height.unwrap_or(d.height));
+        let lat = self.model.latents(w, h, req.batch.max(1))?;
+        let steps = req.steps.unwrap_or(d.steps);
+        let sampler_name = req.sampler.clone().unwrap_or(d.sampler.clone());
+        let scheduler = req.scheduler.clone().unwrap_or(d.scheduler.clone());
+        let guidance = req.guidance.unwrap_or(d.guidance);
+        if req.guidance.is_some() && !d.guidance_input {
+            tracing::warn!(
+                "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
+                self.model.arch()
+            );
+        }
+        let mut sigmas = self.model.sigmas(&scheduler, steps, &lat)?;
+        let true_cfg = req.cfg > 1.0;
+        if true_cfg && req.negative_prompt.is_none() {
+            bail!(
+                "--cfg {} needs --negative-prompt (classifier-free guidance compares the two predictions)",
+                req.cfg
+            );
+        }
+        if req.preview.is_some() && !self.model.can_preview() {
+            bail!(
+                "--preview needs a tiny autoencoder in the bundle; rebuild it with --tae-decoder FILE (madebyollin's \
+                 TAESD family)"
+            );
+        }
+        let mut sampler = registry::build::<Vec<f32>>(&sampler_name, &Default::default())?;
+        let cond = self.condition(&req.prompt)?;
+        let uncond = match (&req.negative_prompt, true_cfg) {
+            (Some(neg), true) => Some(self.condition(neg)?),
+            _ => None,
+        };
+        // Initial latents: given, or Philox noise per image (seed + i, so image i is reproducible alone).
+        let mut x = match &req.initial_noise {
+            Some(v) if v.len() == lat.len() => v.clone(),
+            Some(v) => bail!(
+                "initial noise has {} values, {} expected",
+                v.len(),
+                lat.len()
+            ),
+            None => {
+                let mut all = Vec::with_capacity(lat.len());
+                let mut z = vec![0f32; lat.channels * lat.height * lat.width];
+                for i in 0..lat.batch {
+                    noise::fill_normal_host(&mut z, req.seed + i as u64, 0);
+                    all.extend(self.model.pack_noise(&z, &lat));
+                }
+                all
+            }
+        };
+        if let Some(path) = &req.init_image {
+            if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
+                bail!("--strength {} must be in (0, 1]", req.strength);
+            }
+            // diffusers: init = min(n * strength, n), t_start = int(max(n - init, 0)).
+            let n_f = steps as f64;
+            let t_start = (n_f - (n_f * req.strength as f64).min(n_f)).max(0.0) as usize;
+            if t_start >= steps {
+                bail!(
+                    "--strength {} leaves no step to run with {steps} steps",
+                    req.strength
+                );
+            }
+            sigmas = sigmas[t_start..].to_vec();
+            let rgb = super::image_io::load_init_image(path, w, h)?;
+            let x0 = self.model.encode_image(&rgb, &lat)?;
+            let s0 = sigmas[0] as f32;
+            match self.model.prediction() {
+                Prediction::Flow => {
+                    for (i, v) in x.iter_mut().enumerate() {
+                        *v = s0 * *v + (1.0 - s0) * x0[i % x0.len()];
+                    }
+                }
+            }
+        }
+        let run_steps = sigmas.len() - 1;
+        let prediction = self.model.prediction();
+        let mut last_x0: Vec<f32> = Vec::new();
+        let mut denoiser = GuidedDenoiser {
+            model: &mut self.model,
+            cond: &cond,
+            uncond: uncond.as_deref(),
+            cfg: req.cfg,
+            guidance,
+            lat: &lat,
+            prediction,
+            last_x0: &mut last_x0,
+        };
+        let mut noise_src = noise::PhiloxNoise::new(req.seed);
+        let mut times = Vec::with_capacity(run_steps);
+        stepper::check_sigmas(&sigmas)?;
+        for i in 0..run_steps {
+            let t_step = Instant::now();
+            let mut cx = stepper::Ctx {
+                model: &mut denoiser as &mut dyn Denoiser<Vec<f32>>,
+                noise: &mut noise_src,
+                sigmas: &sigmas,
+            };
+            sampler.step(&mut cx, &mut x, i)?;
+            let seconds = t_step.elapsed().as_secs_f64();
+            times.push(seconds);
+            on_step(&StepInfo {
+                step: i + 1,
+                steps: run_steps,
+                seconds,
+            })?;
+            if let Some(path) = &req.preview {
+                let (rgb, pw, ph) = denoiser.model.preview(denoiser.last_x0, &lat)?;
+                super::image_io::write_png(path, &rgb, pw, ph, &[])?;
+            }
+        }
+        let parameters = format!(
+            "{}\nNegative prompt: {}\nSteps: {steps}, Sampler: {sampler_name}, Schedule: {scheduler}, Guidance: \
+             {guidance}, CFG: {}, Seed: {}, Size: {w}x{h}, Batch: {}, Model: {}{}",
+            req.prompt,
+            req.negative_prompt.clone().unwrap_or_default(),
+            req.cfg.max(1.0),
+            req.seed,
+            lat.batch,
+            self.model.arch(),
+            req.init_image
+                .as_ref()
+                .map(|p| format!(", Init image: {}, Strength: {}", p.display(), req.strength))
+                .unwrap_or_default()
+        );
+        let images = if req.latents_only {
+            Vec::new()
+        } else {
+            self.model.decode(&x, &lat)?
+        };
+        Ok(ImageOutput {
+            width: w,
+            height: h,
+            images,
+            latents: x,
+            step_seconds: times,
+            parameters,
+        })
+    }
+}
+
+/// The samplers' denoiser `D(x, sigma)`: the family's network with classifier-free guidance on its raw output,
+/// then the family's parameterization turned into the denoised estimate.
+struct GuidedDenoiser<'a, M: ImageModel> {
+    model: &'a mut M,
+    cond: &'a M::Cond,
+    uncond: Option<&'a M::Cond>,
+    cfg: f32,
+    guidance: f32,
+    lat: &'a Latents,
+    prediction: Prediction,
+    last_x0: &'a mut Vec<f32>,
+}
+
+impl<M: ImageModel> GuidedDenoiser<'_, M> {
+    fn to_denoised(&self, x: &[f32], sigma: f64, raw: &[f32], out: &mut [f32]) {
+        let s = sigma as f32;
+        match self.prediction {
+            Prediction::Flow => {
+                for ((o, xi), vi) in out.iter_mut().zip(x).zip(raw) {
+                    *o = xi - s * vi;
+                }
+            }
+        }
+    }
+}
+
+impl<M: ImageModel> Denoiser<Vec<f32>> for GuidedDenoiser<'_, M> {
+    fn denoise(&mut self, x: &Vec<f32>, sigma: f64, out: &mut Vec<f32>) -> Result<()> {
+        let mut u = Vec::new();
+        self.denoise_with_uncond(x, sigma, out, &mut u)
+    }
+
+    fn denoise_with_uncond(
+        &mut self,
+        x: &Vec<f32>,
+        sigma: f64,
+        out: &mut Vec<f32>,
+        uncond_out: &mut Vec<f32>,
+    ) -> Result<()> {
+        let mut v = self
+            .model
+            .predict(x, sigma, self.cond, self.lat, self.guidance)?;
+        if v.len() != x.len() {
+            bail!(
+                "the {} network returned {} values for {} latents",
+                self.model.arch(),
+                v.len(),
+                x.len()
+            );
+        }
+        if let Some(u) = self.uncond {
+            let vu = self.model.predict(x, sigma, u, self.lat, self.guidance)?;
+            for (a, n) in v.iter_mut().zip(&vu) {
+                *a = n + self.cfg * (*a - n);
+            }
+            uncond_out.resize(x.len(), 0.0);
+            self.to_denoised(x, sigma, &vu, uncond_out);
+        }
+        self.to_denoised(x, sigma, &v, out);
+        if self.uncond.is_none() {
+            uncond_out.clone_from(out);
+        }
+        self.last_x0.clone_from(out);
+        Ok(())
+    }
+}

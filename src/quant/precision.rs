@@ -1,0 +1,48 @@
+//! `--precision`: one enum for every command and family, parsed in one place. Each family maps it to what its
+//! graphs compute in and refuses the ones it cannot build.
+use serde::{Deserialize, Serialize};
+
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, Hash, Default, Serialize, Deserialize, clap::ValueEnum,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    #[default]
+    #[value(alias = "f32")]
+    Fp32,
+    #[value(alias = "f16")]
+    Fp16,
+    Bf16,
+    /// FP8 E4M3 weights and activations (Ada, Hopper, Blackwell).
+    Fp8,
+    /// NVFP4: FP4 E2M1 in blocks of 16 with FP8 block scales (Blackwell).
+    Nvfp4,
+    /// INT4 weight-only in blocks of 32 (LLM decoders).
+    Int4,
+}
+
+impl Precision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::Fp32 => "fp32",
+            Precision::Fp16 => "fp16",
+            Precision::Bf16 => "bf16",
+            Precision::Fp8 => "fp8",
+            Precision::Nvfp4 => "nvfp4",
+            Precision::Int4 => "int4",
+        }
+    }
+
+    /// Parses a name as `--precision` takes it (manifests, recipes, tests).
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
+            anyhow::anyhow!("unknown precision '{s}': use fp32, fp16, bf16, fp8, nvfp4 or int4")
+        })
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
