@@ -182,7 +182,7 @@ fn main() -> anyhow::Result<()> {
         .unwrap_or(2);
     let python = std::env::var_os("LLM_BENCH_PYTHON").map(PathBuf::from);
     let stories = dir.join("stories260K.gguf");
-    trt_diff::weights::gguf_convert::llama2c_to_gguf(
+    trt_diff::pipelines::llm_convert::llama2c_to_gguf(
         &data.join("llm/stories260K.bin"),
         &data.join("llm/tok512.bin"),
         &stories,

@@ -3,7 +3,7 @@
 use anyhow::{Context, Result, bail};
 use trt_diff::models::mlp::MlpConfig;
 use trt_diff::onnx::{Dim, SaveOptions, save};
-use trt_diff::quant::qdq::LinearPrecision;
+use trt_diff::quant::LinearPrecision;
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();

@@ -310,3 +310,10 @@ mod tests {
         assert_eq!(std::fs::read(&target).unwrap(), expect);
     }
 }
+
+/// The project-local cache (scripts/setup.sh): `TRT_DIFF_CACHE`, else `.cache` in the source tree.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TRT_DIFF_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"))
+}

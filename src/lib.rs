@@ -7,7 +7,6 @@ pub mod cuda;
 pub mod fsutil;
 pub mod manifest;
 pub mod models;
-pub mod npy;
 pub mod onnx;
 pub mod pipelines;
 pub mod quant;

@@ -4,7 +4,7 @@ use common::*;
 use trt_diff::manifest::{Manifest, looks_like_plan, sidecar_path};
 use trt_diff::models::mlp::MlpConfig;
 use trt_diff::onnx::Dim;
-use trt_diff::quant::qdq::LinearPrecision;
+use trt_diff::quant::LinearPrecision;
 use trt_diff::trt::{BuildOptions, Flavor, TrtChoice, build_engine, compiled_flavors};
 
 fn cfg(precision: LinearPrecision) -> MlpConfig {

@@ -294,7 +294,7 @@ fn contradictory_options() {
     assert_eq!(std::fs::read(&data).unwrap(), before);
     // FP4 compute cannot target pre-Blackwell GPUs: caught before TensorRT runs.
     let cfg = MlpConfig {
-        precision: trt_diff::quant::qdq::LinearPrecision::Nvfp4,
+        precision: trt_diff::quant::LinearPrecision::Nvfp4,
         ..Default::default()
     };
     let fp4 = write_model(d.path(), "fp4.onnx", &cfg);

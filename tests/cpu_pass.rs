@@ -6,9 +6,10 @@ use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use trt_diff::models::mlp::MlpConfig;
+use trt_diff::models::qdq::{AttentionAmax, attention};
 use trt_diff::onnx::cpu_pass::{CpuPassOptions, CpuPassReport, apply};
 use trt_diff::onnx::{DataType, Dim, GraphBuilder, OnnxFile, SaveOptions, save};
-use trt_diff::quant::qdq::{AttentionAmax, LinearPrecision, attention};
+use trt_diff::quant::LinearPrecision;
 
 /// Inputs with blocks of very different magnitudes and exact zeros exercise scale rounding and saturation.
 fn input(n: usize) -> Vec<f32> {

@@ -223,7 +223,7 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
 fn taef2_matches_its_test_vectors() {
     use trt_diff::models::taesd::{self, TaeKind, TaeLayer, TaesdConfig};
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
-    let npy = |n: &str| trt_diff::npy::read(&data.join(n)).unwrap();
+    let npy = |n: &str| trt_diff::backend::npy::read(&data.join(n)).unwrap();
     let image = npy("testvec_input_1x3x128x128.npy");
     let latent = npy("testvec_latent_1x32x16x16.npy");
     let decoded = npy("testvec_decoded_1x3x128x128.npy");

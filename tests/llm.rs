@@ -6,8 +6,8 @@ use std::path::PathBuf;
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
 use trt_diff::models::llama::decoder_graph;
 use trt_diff::pipelines::llm::{Generator, SamplingParams, Utf8Stream};
+use trt_diff::quant::LinearPrecision;
 use trt_diff::quant::policy::Policy;
-use trt_diff::quant::qdq::LinearPrecision;
 use trt_diff::tokenizer::llama2c::Llama2cTokenizer;
 use trt_diff::weights::llama2c::Llama2c;
 

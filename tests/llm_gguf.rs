@@ -186,7 +186,7 @@ fn stories_rewritten(
     put: impl Fn(&mut trt_diff::weights::gguf_write::GgufWriter, &str, &[u64], &[f32]),
 ) -> PathBuf {
     let f32_file = dir.join(format!("{name}.f32.gguf"));
-    trt_diff::weights::gguf_convert::llama2c_to_gguf(
+    trt_diff::pipelines::llm_convert::llama2c_to_gguf(
         &data("llm/stories260K.bin"),
         &data("llm/tok512.bin"),
         &f32_file,

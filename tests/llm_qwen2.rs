@@ -9,8 +9,8 @@ use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
 use trt_diff::models::llama::{LlamaConfig, decoder_graph};
 use trt_diff::onnx::DataType;
 use trt_diff::pipelines::kv_cache::Decoder;
+use trt_diff::quant::LinearPrecision;
 use trt_diff::quant::policy::Policy;
-use trt_diff::quant::qdq::LinearPrecision;
 
 fn golden_dir() -> PathBuf {
     PathBuf::from(concat!(

@@ -4,7 +4,7 @@ use common::*;
 use std::process::Command;
 use trt_diff::models::mlp::MlpConfig;
 use trt_diff::onnx::Dim;
-use trt_diff::quant::qdq::LinearPrecision;
+use trt_diff::quant::LinearPrecision;
 
 #[test]
 fn every_precision_passes_the_onnx_checker() {

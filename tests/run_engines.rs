@@ -6,7 +6,7 @@ use std::process::Command;
 use trt_diff::backend::HostTensor;
 use trt_diff::models::mlp::MlpConfig;
 use trt_diff::onnx::Dim;
-use trt_diff::quant::qdq::LinearPrecision;
+use trt_diff::quant::LinearPrecision;
 
 fn input(shape: &[usize]) -> Vec<f32> {
     (0..shape.iter().product::<usize>())
@@ -52,8 +52,12 @@ fn onnx_runtime_matches_onnx_reference() {
             x
         };
         let xnpy = d.path().join("x.npy");
-        trt_diff::npy::write(&xnpy, &x).unwrap();
-        assert_eq!(trt_diff::npy::read(&xnpy).unwrap(), x, ".npy round trip");
+        trt_diff::backend::npy::write(&xnpy, &x).unwrap();
+        assert_eq!(
+            trt_diff::backend::npy::read(&xnpy).unwrap(),
+            x,
+            ".npy round trip"
+        );
         let ours = d.path().join("ours");
         let r = run(
             &[
@@ -89,8 +93,8 @@ fn onnx_runtime_matches_onnx_reference() {
             "{}",
             String::from_utf8_lossy(&out.stderr)
         );
-        let got = trt_diff::npy::read(&ours.join("y.npy")).unwrap();
-        let want = trt_diff::npy::read(&refdir.join("y.npy")).unwrap();
+        let got = trt_diff::backend::npy::read(&ours.join("y.npy")).unwrap();
+        let want = trt_diff::backend::npy::read(&refdir.join("y.npy")).unwrap();
         assert_eq!(got.dtype, want.dtype);
         let tol = if precision == LinearPrecision::F16 {
             2e-3
@@ -128,7 +132,8 @@ fn plan_runs_on_its_source_onnx_without_a_gpu_and_compares() {
         true,
     );
     let xnpy = d.path().join("x.npy");
-    trt_diff::npy::write(&xnpy, &HostTensor::from_f32(&[2, 64], &input(&[2, 64]))).unwrap();
+    trt_diff::backend::npy::write(&xnpy, &HostTensor::from_f32(&[2, 64], &input(&[2, 64])))
+        .unwrap();
     let arg = format!("x={}", s(&xnpy));
     let r = run(
         &[
@@ -173,15 +178,16 @@ fn bad_inputs_are_clear_errors() {
     let d = tempfile::tempdir().unwrap();
     let onnx = write_model(d.path(), "m.onnx", &MlpConfig::default());
     let good = d.path().join("x.npy");
-    trt_diff::npy::write(&good, &HostTensor::from_f32(&[4, 64], &input(&[4, 64]))).unwrap();
+    trt_diff::backend::npy::write(&good, &HostTensor::from_f32(&[4, 64], &input(&[4, 64])))
+        .unwrap();
     let wrong_shape = d.path().join("shape.npy");
-    trt_diff::npy::write(
+    trt_diff::backend::npy::write(
         &wrong_shape,
         &HostTensor::from_f32(&[4, 65], &input(&[4, 65])),
     )
     .unwrap();
     let wrong_type = d.path().join("i64.npy");
-    trt_diff::npy::write(
+    trt_diff::backend::npy::write(
         &wrong_type,
         &HostTensor {
             dtype: trt_diff::onnx::DataType::INT64,

@@ -4,9 +4,9 @@ mod common;
 use common::samplers::{golden, vecf};
 use trt_diff::samplers::registry;
 use trt_diff::samplers::tableau::{
-    Kind, TABLEAUX, TREE_ORDER_MAX, Tableau, Trees, order_residuals, proven_order, simplifying,
-    tree_order,
+    Kind, TREE_ORDER_MAX, Tableau, Trees, order_residuals, proven_order, simplifying, tree_order,
 };
+use trt_diff::samplers::tableau_data::TABLEAUX;
 use trt_diff::samplers::tableau_fix;
 
 /// Equal to the last couple of ulps (serde_json's default float parsing is not always correctly rounded).

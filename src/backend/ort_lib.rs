@@ -13,7 +13,7 @@ fn candidates() -> Vec<PathBuf> {
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         c.push(PathBuf::from(p));
     }
-    c.push(crate::trt::discovery::cache_dir().join("lib/libonnxruntime.so"));
+    c.push(crate::fsutil::cache_dir().join("lib/libonnxruntime.so"));
     for d in [
         "/usr/lib/x86_64-linux-gnu",
         "/usr/lib/aarch64-linux-gnu",

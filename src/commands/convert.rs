@@ -6,7 +6,7 @@ use std::path::Path;
 pub fn run(format: ConvertFormat, input: &Path, tokenizer: &Path, out: &Path) -> Result<()> {
     match format {
         ConvertFormat::Llama2c => {
-            let n = crate::weights::gguf_convert::llama2c_to_gguf(input, tokenizer, out)?;
+            let n = crate::pipelines::llm_convert::llama2c_to_gguf(input, tokenizer, out)?;
             println!("wrote {} ({n} tensors)", out.display());
         }
     }

@@ -48,7 +48,7 @@ pub fn run(a: RunArgs) -> Result<()> {
                     }
                 })
                 .collect();
-            crate::npy::write(&dir.join(format!("{file}.npy")), t)?;
+            crate::backend::npy::write(&dir.join(format!("{file}.npy")), t)?;
         }
         println!("wrote {} output(s) to {}", outputs.len(), dir.display());
     }
@@ -81,7 +81,10 @@ pub fn load_inputs(args: &[String]) -> Result<Vec<(String, HostTensor)>> {
             let (name, file) = a
                 .split_once('=')
                 .with_context(|| format!("--input '{a}': expected NAME=FILE.npy"))?;
-            Ok((name.to_string(), crate::npy::read(Path::new(file))?))
+            Ok((
+                name.to_string(),
+                crate::backend::npy::read(Path::new(file))?,
+            ))
         })
         .collect()
 }

@@ -6,47 +6,13 @@
 //! Outputs: `logits` [1, seq, vocab], `present_key_{i}` / `present_value_{i}` [1, n_kv_heads, past+seq, head_dim].
 //! Grouped-query attention multiplies q reshaped to [1, kv, rep, seq, hd] with k/v broadcast over `rep`, so the
 //! cache is never repeated in memory.
+use crate::models::qdq::{LinearWeights, linear};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
+use crate::quant::LinearPrecision;
 use crate::quant::policy::{LayerKind, Policy};
-use crate::quant::qdq::{LinearPrecision, LinearWeights, linear};
+pub use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
-
-#[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-pub struct LlamaConfig {
-    pub dim: usize,
-    pub hidden_dim: usize,
-    pub n_layers: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub vocab_size: usize,
-    pub max_seq_len: usize,
-    pub rope_theta: f32,
-    pub norm_eps: f32,
-    /// RoPE on adjacent pairs (llama2.c, Meta's reference) rather than on the two halves (Hugging Face layout).
-    pub rope_interleaved: bool,
-    pub tied_embeddings: bool,
-    /// Biases on the q/k/v projections (Qwen2).
-    #[serde(default)]
-    pub attn_bias: bool,
-    #[serde(default)]
-    pub rope_scaling: Option<RopeScaling>,
-}
-
-/// RoPE frequency scaling of long-context checkpoints.
-#[derive(Clone, Copy, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
-#[serde(tag = "type", rename_all = "lowercase")]
-pub enum RopeScaling {
-    /// Positions divided by `factor`.
-    Linear { factor: f32 },
-    /// Llama 3.1: low frequencies divided by `factor`, high ones kept, a smooth blend between.
-    Llama3 {
-        factor: f32,
-        low_freq_factor: f32,
-        high_freq_factor: f32,
-        original_context: usize,
-    },
-}
 
 /// Inverse RoPE frequencies per pair (transformers' rope init functions; `factors`: GGUF `rope_freqs`).
 pub fn rope_inv_freq(cfg: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f64> {
@@ -83,12 +49,6 @@ pub fn rope_inv_freq(cfg: &LlamaConfig, factors: Option<&[f32]>) -> Vec<f64> {
             f / factors.and_then(|v| v.get(j)).map_or(1.0, |&x| x as f64)
         })
         .collect()
-}
-
-impl LlamaConfig {
-    pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
-    }
 }
 
 const F32: DataType = DataType::FLOAT;

@@ -1,7 +1,8 @@
 //! A multilayer perceptron (Linear -> ReLU ... -> Linear) with seeded weights: the smallest model that exercises
 //! every linear precision, dynamic batch sizes and external weight data. The main job and the tests build it.
+use crate::models::qdq::{LinearWeights, linear};
 use crate::onnx::{Dim, GraphBuilder, Value, proto::ModelProto};
-use crate::quant::qdq::{LinearPrecision, LinearWeights, linear};
+use crate::quant::LinearPrecision;
 use anyhow::Result;
 
 #[derive(Clone, Debug)]
@@ -68,7 +69,7 @@ impl MlpConfig {
         if self.precision == LinearPrecision::Nvfp4 {
             g.use_domain("trt", 1);
         }
-        let float = self.precision.float_type();
+        let float = crate::models::qdq::float_type(self.precision);
         let mut x: Value = g.input(
             "x",
             float,

@@ -5,6 +5,7 @@ pub mod llama;
 pub mod llama_cpu;
 pub mod mlp;
 pub mod ops;
+pub mod qdq;
 pub mod t5;
 pub mod taesd;
 pub mod vae;

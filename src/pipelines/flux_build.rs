@@ -329,9 +329,9 @@ fn transformer_options(
     let policy = match prec {
         fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => {
             let target = if prec == fluxm::FluxPrecision::Fp8 {
-                crate::quant::qdq::LinearPrecision::Fp8
+                crate::quant::LinearPrecision::Fp8
             } else {
-                crate::quant::qdq::LinearPrecision::Nvfp4
+                crate::quant::LinearPrecision::Nvfp4
             };
             Some(fluxm::default_policy(target).with_overrides(&[], &p.recipe.precision.keep)?)
         }

@@ -2,13 +2,13 @@
 //! `NAME.onnx` (+ external data) beside the plan, the tokenizer to `NAME.tokenizer.bin`, the engine to `NAME.plan`
 //! with a manifest that says how `generate` runs it. Without a usable GPU, `generate` runs `NAME.onnx` on the CPU.
 use super::bundle::{file_name, sibling};
+use crate::manifest::ShapeRange;
 use crate::manifest::{LlmPipeline, Pipeline};
 use crate::models::llama::{LlamaConfig, decoder_graph_with};
 use crate::onnx::{DataType, SaveOptions, save};
+use crate::quant::LinearPrecision;
 use crate::quant::Precision;
 use crate::quant::policy::Policy;
-use crate::quant::qdq::LinearPrecision;
-use crate::trt::shapes::ShapeRange;
 use crate::trt::{BuildOptions, BuildOutcome, build_engine};
 use anyhow::{Context, Result, bail};
 use std::path::{Path, PathBuf};

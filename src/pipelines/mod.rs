@@ -11,6 +11,7 @@ pub mod image_io;
 pub mod kv_cache;
 pub mod llm;
 pub mod llm_build;
+pub mod llm_convert;
 pub mod recipe;
 
 /// `--arch`: what `build` and `export` make of a checkpoint whose kind the files do not tell.

@@ -11,6 +11,5 @@ pub mod nvfp4;
 mod nvfp4_avx2;
 pub mod policy;
 mod precision;
-pub mod qdq;
 
-pub use precision::Precision;
+pub use precision::{LinearPrecision, Precision};

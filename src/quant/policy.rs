@@ -1,7 +1,7 @@
 //! Which precision each layer gets: an ordered rule table (glob on the layer name + layer kind), first match
 //! wins, with ModelOpt-like defaults: embeddings, norms, and the first and last projections of the known model
 //! families stay in high precision; everything else that is a linear layer takes the target precision.
-use super::qdq::LinearPrecision;
+use super::LinearPrecision;
 use anyhow::{Result, bail};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -46,3 +46,42 @@ impl std::fmt::Display for Precision {
         f.write_str(self.name())
     }
 }
+
+/// How one linear layer is exported (the Q/DQ pattern `models::qdq` emits for it).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinearPrecision {
+    F32,
+    F16,
+    /// FP8 E4M3 activations (per-tensor) and weights (one scale).
+    Fp8,
+    /// FP8 E4M3 activations (per-tensor) and weights (one scale per output channel).
+    Fp8PerChannel,
+    Nvfp4,
+    /// INT4 weights in blocks of `block` input features, activations in f32 (weight-only).
+    Int4 {
+        block: usize,
+    },
+}
+
+impl LinearPrecision {
+    /// The default-domain opset the pattern needs (FP8 Q/DQ: 19; blocked DQ: 21; FP4: 23).
+    pub fn min_opset(self) -> i64 {
+        match self {
+            LinearPrecision::F32 | LinearPrecision::F16 => 17,
+            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => 19,
+            LinearPrecision::Int4 { .. } => 21,
+            LinearPrecision::Nvfp4 => 23,
+        }
+    }
+
+    pub fn name(self) -> String {
+        match self {
+            LinearPrecision::F32 => "f32".into(),
+            LinearPrecision::F16 => "f16".into(),
+            LinearPrecision::Fp8 => "fp8".into(),
+            LinearPrecision::Fp8PerChannel => "fp8-per-channel".into(),
+            LinearPrecision::Nvfp4 => "nvfp4".into(),
+            LinearPrecision::Int4 { block } => format!("int4-block{block}"),
+        }
+    }
+}

@@ -276,7 +276,12 @@ pub fn fill_normal_host<T: Copy + Send + From<f32>>(out: &mut [T], seed: u64, st
     });
 }
 
-fn fill_normal_range<T: Copy + Send + From<f32>>(out: &mut [T], seed: u64, stream: u64, first_block: u64) {
+pub(crate) fn fill_normal_range<T: Copy + Send + From<f32>>(
+    out: &mut [T],
+    seed: u64,
+    stream: u64,
+    first_block: u64,
+) {
     let key = [seed as u32, (seed >> 32) as u32];
     fill(out, key, stream, first_block, T::from);
 }

@@ -20,5 +20,5 @@ pub mod schedule;
 pub mod simplex;
 pub mod stepper;
 pub mod tableau;
-mod tableau_data;
+pub mod tableau_data;
 pub mod tableau_fix;

@@ -281,7 +281,7 @@ mod tests {
         let mut a = vec![0.0f32; 300_001];
         fill_normal_host(&mut a, 9, 2);
         let mut b = vec![0.0f32; 300_001];
-        fill_normal_range(&mut b, 9, 2, 0);
+        super::super::gauss::fill_normal_range(&mut b, 9, 2, 0);
         assert_eq!(a, b);
     }
 

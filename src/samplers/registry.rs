@@ -8,7 +8,8 @@ use super::kdiff;
 use super::refine::Refine;
 use super::rk::Rk;
 use super::stepper::Sampler;
-use super::tableau::{Kind, TABLEAUX, Tableau, proven_order};
+use super::tableau::{Kind, Tableau, proven_order};
+use super::tableau_data::TABLEAUX;
 use anyhow::{Result, bail};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -532,7 +533,8 @@ pub fn build<B: Buffer + 'static>(name: &str, o: &SamplerOptions) -> Result<Box<
                 return Ok(Box::new(ExpMultistep::new(n, points, w)));
             }
             if let Some(&(_, points, warm)) = DEIS.iter().find(|d| d.0 == name) {
-                let w = Tableau::by_name(warm).expect("ralston tableaux are registered");
+                let w =
+                    super::tableau_data::by_name(warm).expect("ralston tableaux are registered");
                 return Ok(Box::new(super::rk::DeisMultistep::new(points, w)));
             }
             if let Some(t) = tableaux().into_iter().find(|t| t.name == name) {

@@ -1,5 +1,4 @@
 //! Butcher tableaux as static data, and the order conditions that prove them.
-pub use super::tableau_data::TABLEAUX;
 
 /// A Runge-Kutta method `(a, b, c)` with the order it claims.
 #[derive(Debug)]
@@ -36,9 +35,6 @@ impl Tableau {
             }
         }
         kind
-    }
-    pub fn by_name(name: &str) -> Option<&'static Tableau> {
-        TABLEAUX.iter().find(|t| t.name == name)
     }
 }
 

@@ -1766,3 +1766,8 @@ pub static TABLEAUX: &[Tableau] = &[
         c: &[0.0],
     },
 ];
+
+/// The registered tableau called `name`.
+pub fn by_name(name: &str) -> Option<&'static Tableau> {
+    TABLEAUX.iter().find(|t| t.name == name)
+}

@@ -2,7 +2,9 @@
 pub mod clip;
 pub mod llama2c;
 pub mod llm_bpe;
+pub mod llm_pretok;
 pub mod llm_spm;
+pub mod llm_tokenize;
 pub mod llm_vocab;
 pub mod llm_wpm;
 pub mod t5;

@@ -68,13 +68,6 @@ pub struct SearchDir {
     pub origin: &'static str,
 }
 
-/// The project-local cache (scripts/setup.sh): `TRT_DIFF_CACHE`, else `.cache` in the source tree.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("TRT_DIFF_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"))
-}
-
 const STANDARD_DIRS: &[&str] = &[
     "/usr/lib/x86_64-linux-gnu",
     "/usr/lib/aarch64-linux-gnu",
@@ -121,7 +114,7 @@ pub fn search_dirs(cli_dir: Option<&Path>) -> Vec<SearchDir> {
         });
     }
     dirs.push(SearchDir {
-        path: cache_dir().join("lib"),
+        path: crate::fsutil::cache_dir().join("lib"),
         origin: "set-up cache",
     });
     dirs

@@ -1,9 +1,9 @@
 //! Llama and Qwen2 models from GGUF files: the `{arch}.*` keys become a [`LlamaConfig`], tensors are dequantized
 //! to f32 under Hugging Face names. GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter
 //! permutes q/k), `qwen2` files the halves layout; the config records which.
-use crate::models::llama::{LlamaConfig, RopeScaling};
 use crate::weights::gguf::GgufFile;
-use crate::weights::gguf_convert::HF_TO_GGUF;
+use crate::weights::llm_config::HF_TO_GGUF;
+use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
 

@@ -1,7 +1,7 @@
 //! Hugging Face checkpoints of Llama and Qwen2: `config.json` plus `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names); F32/F16/BF16 are
 //! read as f32. HF checkpoints hold q/k in the halves RoPE layout.
-use crate::models::llama::{LlamaConfig, RopeScaling};
+use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result, bail};
 use serde_json::Value as J;
 use std::collections::HashMap;

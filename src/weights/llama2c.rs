@@ -1,7 +1,7 @@
 //! llama2.c checkpoints (legacy format v0, as karpathy's tinyllamas ship): a header of seven little-endian i32
 //! (dim, hidden_dim, n_layers, n_heads, n_kv_heads, vocab_size (negative: separate classifier), seq_len) and f32
 //! arrays in a fixed order. Tensors are exposed under Hugging Face Llama names, [out, in] layout.
-use crate::models::llama::LlamaConfig;
+use crate::weights::llm_config::LlamaConfig;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
 use std::path::Path;

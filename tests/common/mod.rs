@@ -68,7 +68,7 @@ pub fn outputs_in(dir: &Path) -> Vec<String> {
 
 /// Python of the set-up venv (onnx, onnxruntime, ml-dtypes, numpy).
 pub fn python() -> PathBuf {
-    let p = trt_diff::trt::discovery::cache_dir().join("venv/bin/python");
+    let p = trt_diff::fsutil::cache_dir().join("venv/bin/python");
     assert!(p.exists(), "{} missing: run scripts/setup.sh", p.display());
     p
 }

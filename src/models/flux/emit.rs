@@ -3,9 +3,10 @@
 use super::config::{FluxConfig, Layout, Names};
 use super::{ExportOptions, amax_key, default_policy};
 use crate::models::ops::Ops;
+use crate::models::qdq::{LinearWeights, attention, linear, linear_nvfp4};
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
+use crate::quant::LinearPrecision;
 use crate::quant::policy::{LayerKind, Policy};
-use crate::quant::qdq::{LinearPrecision, LinearWeights, attention, linear, linear_nvfp4};
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Result, bail};
 use std::collections::HashMap;

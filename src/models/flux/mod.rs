@@ -48,11 +48,11 @@
 //!
 //! Files: `config.rs` (architecture and layout read off a checkpoint), `emit.rs` (the graph), this file (options,
 //! precision policy, calibration keys, the export entry points).
+use crate::manifest::ShapeRange;
 use crate::onnx::{DataType, SaveOptions, proto::ModelProto, save};
+use crate::quant::LinearPrecision;
 use crate::quant::Precision;
 use crate::quant::policy::Policy;
-use crate::quant::qdq::LinearPrecision;
-use crate::trt::shapes::ShapeRange;
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;

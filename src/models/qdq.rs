@@ -3,56 +3,19 @@
 //! activations through `trt::TRT_FP4DynamicQuantize`); INT4 weight-only (blockwise DQ along the reduction axis);
 //! and the FP8 attention pattern (Q/DQ on the inputs of both batched matmuls and on the softmax output).
 //! Weights arrive in PyTorch's Linear layout [out, in].
-use super::minifloat::E4M3FN;
-use super::nvfp4;
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value};
+use crate::quant::LinearPrecision;
+use crate::quant::minifloat::E4M3FN;
+use crate::quant::nvfp4;
 use anyhow::{Result, bail};
 use bytes::Bytes;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LinearPrecision {
-    F32,
-    F16,
-    /// FP8 E4M3 activations (per-tensor) and weights (one scale).
-    Fp8,
-    /// FP8 E4M3 activations (per-tensor) and weights (one scale per output channel).
-    Fp8PerChannel,
-    Nvfp4,
-    /// INT4 weights in blocks of `block` input features, activations in f32 (weight-only).
-    Int4 {
-        block: usize,
-    },
-}
-
-impl LinearPrecision {
-    /// The default-domain opset the pattern needs (FP8 Q/DQ: 19; blocked DQ: 21; FP4: 23).
-    pub fn min_opset(self) -> i64 {
-        match self {
-            LinearPrecision::F32 | LinearPrecision::F16 => 17,
-            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => 19,
-            LinearPrecision::Int4 { .. } => 21,
-            LinearPrecision::Nvfp4 => 23,
-        }
-    }
-
-    /// The float type activations flow in.
-    pub fn float_type(self) -> DataType {
-        if self == LinearPrecision::F16 {
-            DataType::FLOAT16
-        } else {
-            DataType::FLOAT
-        }
-    }
-
-    pub fn name(self) -> String {
-        match self {
-            LinearPrecision::F32 => "f32".into(),
-            LinearPrecision::F16 => "f16".into(),
-            LinearPrecision::Fp8 => "fp8".into(),
-            LinearPrecision::Fp8PerChannel => "fp8-per-channel".into(),
-            LinearPrecision::Nvfp4 => "nvfp4".into(),
-            LinearPrecision::Int4 { block } => format!("int4-block{block}"),
-        }
+/// The float type a linear layer's activations flow in.
+pub fn float_type(p: LinearPrecision) -> DataType {
+    if p == LinearPrecision::F16 {
+        DataType::FLOAT16
+    } else {
+        DataType::FLOAT
     }
 }
 
@@ -224,7 +187,7 @@ fn int4_weight(
         &format!("{name}.weight"),
         DataType::INT4,
         &[k as i64, n as i64],
-        Bytes::from(super::minifloat::pack_nibbles(&codes)),
+        Bytes::from(crate::quant::minifloat::pack_nibbles(&codes)),
     )?;
     let sw = g.initializer(
         &format!("{name}.weight_scale"),
@@ -247,7 +210,7 @@ fn int4_weight(
 }
 
 /// NVFP4 weight [n, k] (blocks along k) with two DQs, transposed to [k, n] for MatMul.
-fn nvfp4_weight<T: super::elem::Elem>(
+fn nvfp4_weight<T: crate::quant::elem::Elem>(
     g: &mut GraphBuilder,
     name: &str,
     w: &[T],
@@ -369,7 +332,7 @@ pub fn nvfp4_activation(
 /// The NVFP4 form of [`linear`] reading the weight [out, in] in its stored element type (f32, f16 or bf16, e.g.
 /// straight from a mapped checkpoint): no f32 copy of the weight is made.
 #[allow(clippy::too_many_arguments)]
-pub fn linear_nvfp4<T: super::elem::Elem>(
+pub fn linear_nvfp4<T: crate::quant::elem::Elem>(
     g: &mut GraphBuilder,
     name: &str,
     x: &Value,
@@ -387,7 +350,7 @@ pub fn linear_nvfp4<T: super::elem::Elem>(
             n * k
         );
     }
-    let float = LinearPrecision::Nvfp4.float_type();
+    let float = float_type(LinearPrecision::Nvfp4);
     if x.dtype != float {
         bail!("{name}: input is {}, nvfp4 expects {float}", x.dtype);
     }
@@ -452,7 +415,7 @@ pub fn linear(
             n * k
         );
     }
-    let float = precision.float_type();
+    let float = float_type(precision);
     if x.dtype != float {
         bail!(
             "{name}: input is {}, {} expects {float}",

@@ -1,67 +1,13 @@
 //! `trt-diff convert llama2c MODEL.bin --tokenizer TOK.bin --out MODEL.gguf`: a llama2.c checkpoint and tokenizer
 //! as an ordinary llama-architecture GGUF (llama.cpp's names and keys; F32 tensors). llama2.c keeps Meta's
 //! interleaved RoPE layout, which is what GGUF `llama` files hold, so the weights are written unpermuted.
-use crate::models::llama::LlamaConfig;
 use crate::weights::gguf::Value;
 use crate::weights::gguf_write::GgufWriter;
+use crate::weights::llm_config::HF_TO_GGUF;
+use crate::weights::llm_config::LlamaConfig;
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
-
-/// Hugging Face tensor names to GGUF names (`{i}` is the layer).
-pub const HF_TO_GGUF: &[(&str, &str)] = &[
-    ("model.embed_tokens.weight", "token_embd.weight"),
-    ("model.norm.weight", "output_norm.weight"),
-    ("lm_head.weight", "output.weight"),
-    (
-        "model.layers.{i}.input_layernorm.weight",
-        "blk.{i}.attn_norm.weight",
-    ),
-    (
-        "model.layers.{i}.self_attn.q_proj.weight",
-        "blk.{i}.attn_q.weight",
-    ),
-    (
-        "model.layers.{i}.self_attn.k_proj.weight",
-        "blk.{i}.attn_k.weight",
-    ),
-    (
-        "model.layers.{i}.self_attn.v_proj.weight",
-        "blk.{i}.attn_v.weight",
-    ),
-    (
-        "model.layers.{i}.self_attn.q_proj.bias",
-        "blk.{i}.attn_q.bias",
-    ),
-    (
-        "model.layers.{i}.self_attn.k_proj.bias",
-        "blk.{i}.attn_k.bias",
-    ),
-    (
-        "model.layers.{i}.self_attn.v_proj.bias",
-        "blk.{i}.attn_v.bias",
-    ),
-    (
-        "model.layers.{i}.self_attn.o_proj.weight",
-        "blk.{i}.attn_output.weight",
-    ),
-    (
-        "model.layers.{i}.post_attention_layernorm.weight",
-        "blk.{i}.ffn_norm.weight",
-    ),
-    (
-        "model.layers.{i}.mlp.gate_proj.weight",
-        "blk.{i}.ffn_gate.weight",
-    ),
-    (
-        "model.layers.{i}.mlp.up_proj.weight",
-        "blk.{i}.ffn_up.weight",
-    ),
-    (
-        "model.layers.{i}.mlp.down_proj.weight",
-        "blk.{i}.ffn_down.weight",
-    ),
-];
 
 /// The architecture keys llama.cpp reads for llama/qwen2 models.
 pub fn arch_metadata(w: &mut GgufWriter, arch: &str, name: &str, c: &LlamaConfig) {
