@@ -13,10 +13,13 @@ use anyhow::{Result, bail};
 /// `--backend`: where engines run, chosen once per engine file or bundle.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BackendChoice {
-    /// TensorRT when the plan runs on this machine's GPU, else the CPU (each fallback logged with its reason).
+    /// TensorRT when the plan runs on this machine's GPU, else ONNX Runtime's CUDA provider when there is a GPU,
+    /// else the CPU (each fallback logged with its reason).
     #[default]
     Auto,
     Trt,
+    /// ONNX Runtime's CUDA execution provider (onnxruntime-gpu) on the same graphs.
+    Cuda,
     Cpu,
 }
 
@@ -98,6 +101,14 @@ pub trait Engine {
     fn outputs(&self) -> &[TensorDesc];
     /// Runs once on host tensors named like `inputs()`; outputs come back in `outputs()` order.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+    /// Hands each `(input, output)` of `pairs` to the next run: the output stays where the engine computed it (GPU
+    /// memory for a GPU engine) and becomes that input, so a passed KV cache never crosses to the host. The first
+    /// run after this call sees zero-filled inputs of shape `first`; later runs neither take nor return the chained
+    /// tensors. Ok(false) when the engine cannot (callers then pass the tensors themselves).
+    fn chain(&mut self, pairs: &[(String, String)], first: &[usize]) -> Result<bool> {
+        let _ = (pairs, first);
+        Ok(false)
+    }
     /// Binds each `(input, output)` of `pairs` to one f32 buffer of `shape` that the engine keeps and every later
     /// run updates in place (a KV cache the graph extends where new tokens go, never copied); later runs take the
     /// other inputs only and return the other outputs only. Buffers of earlier calls with the same pairs are kept

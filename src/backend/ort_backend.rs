@@ -1,6 +1,8 @@
-//! The CPU backend: ONNX Runtime (loaded at run time) running the same ONNX graphs TensorRT builds. NVFP4/INT4
-//! graphs go through the CPU pass first; graphs with FP8 Q/DQ run without ORT's graph optimizations, which change
-//! their numerics (ORT 1.32 fuses Relu into an FP8 QuantizeLinear, correct only for uint8).
+//! ONNX Runtime (loaded at run time) running the same ONNX graphs TensorRT builds: on the CPU (the embedded default
+//! backend) or, with `OrtDevice::Cuda`, through its CUDA execution provider (onnxruntime-gpu), the GPU executor for
+//! GPUs without a usable TensorRT. NVFP4/INT4 graphs go through the CPU pass first; graphs with FP8 Q/DQ run
+//! without ORT's graph optimizations, which change their numerics (ORT 1.32 fuses Relu into an FP8 QuantizeLinear,
+//! correct only for uint8).
 use super::{Engine, HostTensor, TensorDesc, check_inputs};
 use crate::onnx::cpu_pass::{CpuPassOptions, apply};
 use crate::onnx::summary::OnnxSummary;
@@ -12,12 +14,31 @@ use ort::value::{DynValue, Tensor, TensorElementType, ValueType};
 use std::path::{Path, PathBuf};
 use std::sync::OnceLock;
 
+/// Where ONNX Runtime executes a graph.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum OrtDevice {
+    #[default]
+    Cpu,
+    /// The CUDA execution provider on this GPU ordinal.
+    Cuda(i32),
+}
+
 #[derive(Clone, Debug, Default)]
 pub struct OrtOptions {
     /// Intra-op threads; 0 lets ONNX Runtime choose.
     pub threads: usize,
     /// None: all optimizations, or none for graphs with FP8 Q/DQ.
     pub optimization: Option<GraphOptimizationLevel>,
+    pub device: OrtDevice,
+}
+
+/// An output that feeds an input of the next run without leaving the engine's memory (a KV cache on the GPU).
+struct Chained {
+    input: String,
+    output: String,
+    /// The last run's output; None before the first run (the input is then `empty`).
+    value: Option<DynValue>,
+    empty: DynValue,
 }
 
 pub struct OrtEngine {
@@ -31,6 +52,11 @@ pub struct OrtEngine {
     outputs: Vec<TensorDesc>,
     /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
     held: Vec<(String, String, Tensor<f32>)>,
+    /// Outputs handed to the next run's inputs (`Engine::chain`), kept where the device put them.
+    chained: Vec<Chained>,
+    /// Where chained outputs live: the CUDA device's memory, or the CPU's.
+    device_memory: ort::memory::MemoryInfo<'static>,
+    device: OrtDevice,
     /// The inputs a run takes (all but the held ones) and, per output, whether it is held; set with `held`.
     free_inputs: Vec<TensorDesc>,
     output_held: Vec<bool>,
@@ -106,7 +132,9 @@ fn has_fp8_qdq(s: &OnnxSummary) -> bool {
 impl OrtEngine {
     /// Recomputes what runs take and return after `held` changed.
     fn refresh_held(&mut self) {
-        let held_in = |n: &str| self.held.iter().any(|h| h.0 == n);
+        let held_in = |n: &str| {
+            self.held.iter().any(|h| h.0 == n) || self.chained.iter().any(|c| c.input == n)
+        };
         self.free_inputs = self
             .inputs
             .iter()
@@ -116,7 +144,10 @@ impl OrtEngine {
         self.output_held = self
             .outputs
             .iter()
-            .map(|d| self.held.iter().any(|h| h.1 == d.name))
+            .map(|d| {
+                self.held.iter().any(|h| h.1 == d.name)
+                    || self.chained.iter().any(|c| c.output == d.name)
+            })
             .collect();
     }
 
@@ -170,6 +201,22 @@ impl OrtEngine {
                 .with_intra_threads(opts.threads)
                 .map_err(|e| err(&e))?;
         }
+        if let OrtDevice::Cuda(id) = opts.device {
+            // TF32 off: f32 graphs give the CPU backend's results within f32 round-off.
+            let cuda = ort::ep::CUDA::default()
+                .with_device_id(id)
+                .with_tf32(false)
+                .build()
+                .error_on_failure();
+            builder = builder.with_execution_providers([cuda]).map_err(|e| {
+                anyhow::anyhow!(
+                    "ONNX Runtime's CUDA execution provider could not start for '{}': {e}. It needs the \
+                     onnxruntime-gpu build (CUDA 13) as ORT_DYLIB_PATH and cuBLAS, cuRAND, cudart 13 and cuDNN 9 on \
+                     LD_LIBRARY_PATH (`bash scripts/setup.sh --gpu`); or use --backend cpu",
+                    path.display()
+                )
+            })?;
+        }
         // ONNX Runtime registers a custom domain's schemas in shared state: two sessions loading it at once fail
         // with "domain already exist", so sessions with our operators are created one at a time.
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
@@ -186,13 +233,20 @@ impl OrtEngine {
             .map(|o| desc(o.name(), o.dtype()))
             .collect();
         let binding = session.create_binding().map_err(|e| err(&e))?;
-        let cpu = ort::memory::MemoryInfo::new(
-            ort::memory::AllocationDevice::CPU,
-            0,
-            ort::memory::AllocatorType::Device,
-            ort::memory::MemoryType::Default,
-        )
-        .map_err(|e| err(&e))?;
+        let memory = |device, id| {
+            ort::memory::MemoryInfo::new(
+                device,
+                id,
+                ort::memory::AllocatorType::Device,
+                ort::memory::MemoryType::Default,
+            )
+            .map_err(|e| err(&e))
+        };
+        let cpu = memory(ort::memory::AllocationDevice::CPU, 0)?;
+        let device_memory = match opts.device {
+            OrtDevice::Cpu => cpu.clone(),
+            OrtDevice::Cuda(id) => memory(ort::memory::AllocationDevice::CUDA, id)?,
+        };
         Ok(OrtEngine {
             name: path.display().to_string(),
             session,
@@ -203,6 +257,9 @@ impl OrtEngine {
             inputs,
             outputs,
             held: Vec::new(),
+            chained: Vec::new(),
+            device_memory,
+            device: opts.device,
             _rewritten: rewritten,
         })
     }
@@ -287,7 +344,10 @@ fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
 
 impl Engine for OrtEngine {
     fn backend(&self) -> String {
-        "ONNX Runtime (CPU)".into()
+        match self.device {
+            OrtDevice::Cpu => "ONNX Runtime (CPU)".into(),
+            OrtDevice::Cuda(id) => format!("ONNX Runtime (CUDA, GPU {id})"),
+        }
     }
     fn inputs(&self) -> &[TensorDesc] {
         &self.inputs
@@ -317,16 +377,31 @@ impl Engine for OrtEngine {
                 .bind_output(output.as_str(), &mut *t)
                 .map_err(|e| anyhow::anyhow!("output '{output}': {e}"))?;
         }
+        for c in &self.chained {
+            self.binding
+                .bind_input(c.input.as_str(), c.value.as_ref().unwrap_or(&c.empty))
+                .map_err(|e| anyhow::anyhow!("input '{}': {e}", c.input))?;
+            self.binding
+                .bind_output_to_device(c.output.as_str(), &self.device_memory)
+                .map_err(|e| anyhow::anyhow!("output '{}': {e}", c.output))?;
+        }
         for (n, t) in inputs {
             let v = to_value(n, t)?;
             self.binding
                 .bind_input(n.as_str(), &v)
                 .map_err(|e| anyhow::anyhow!("input '{n}': {e}"))?;
         }
-        let outputs = self
+        let mut outputs = self
             .session
             .run_binding(&self.binding)
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        for c in &mut self.chained {
+            c.value = Some(
+                outputs
+                    .remove(&c.output)
+                    .with_context(|| format!("output '{}' missing", c.output))?,
+            );
+        }
         self.outputs
             .iter()
             .zip(&self.output_held)
@@ -338,6 +413,31 @@ impl Engine for OrtEngine {
                 Ok((d.name.clone(), from_value(&d.name, v)?))
             })
             .collect()
+    }
+
+    fn chain(&mut self, pairs: &[(String, String)], first: &[usize]) -> Result<bool> {
+        self.chained.clear();
+        for (input, output) in pairs {
+            let empty = Tensor::<f32>::from_array((first.to_vec(), vec![0f32; first.iter().product()]))
+                .map_err(|e| anyhow::anyhow!("input '{input}' {first:?}: {e}"))?
+                .into_dyn();
+            if !self.inputs.iter().any(|d| d.name == *input)
+                || !self.outputs.iter().any(|d| d.name == *output)
+            {
+                bail!(
+                    "'{}' has no input '{input}' and output '{output}' to chain",
+                    self.name
+                );
+            }
+            self.chained.push(Chained {
+                input: input.clone(),
+                output: output.clone(),
+                value: None,
+                empty,
+            });
+        }
+        self.refresh_held();
+        Ok(true)
     }
 
     fn hold_in_place(&mut self, pairs: &[(String, String)], shape: &[usize]) -> Result<()> {

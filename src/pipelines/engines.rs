@@ -1,7 +1,7 @@
 //! Engines opened on the backend chosen once per engine file or bundle: TensorRT when the plan runs on this
-//! machine's GPU, else the plan's ONNX graph on ONNX Runtime. Pipelines and `trt-diff run` receive the opened
-//! engines; nothing below this module decides where an engine runs.
-use crate::backend::ort_backend::{OrtEngine, OrtOptions};
+//! machine's GPU, else the plan's ONNX graph on ONNX Runtime's CUDA provider when there is a GPU, else on the CPU.
+//! Pipelines and `trt-diff run` receive the opened engines; nothing below this module decides where one runs.
+use crate::backend::ort_backend::{OrtDevice, OrtEngine, OrtOptions};
 use crate::backend::{BackendChoice, Engine};
 use crate::manifest::{BundleComponent, EngineFile, Pipeline};
 use crate::trt::runtime::{DeviceArena, TrtEngine, TrtRunOptions, plan_runs_here};
@@ -12,7 +12,51 @@ use std::path::PathBuf;
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Backend {
     Trt,
+    /// ONNX Runtime's CUDA execution provider on this GPU.
+    Cuda(i32),
     Cpu,
+}
+
+impl Backend {
+    /// The ONNX Runtime options of this backend (`base` gives threads and optimization level).
+    fn ort(self, base: &OrtOptions) -> OrtOptions {
+        OrtOptions {
+            device: match self {
+                Backend::Cuda(id) => OrtDevice::Cuda(id),
+                _ => OrtDevice::Cpu,
+            },
+            ..base.clone()
+        }
+    }
+}
+
+/// Why ONNX Runtime's CUDA provider cannot run here, if it cannot: no GPU, or an ONNX Runtime without the
+/// provider library beside it (the CPU build).
+pub fn cuda_unavailable() -> Option<String> {
+    if let Err(why) = crate::cuda::query().and_then(|r| {
+        r.gpus
+            .first()
+            .map(|_| ())
+            .ok_or_else(|| "the driver reports no GPU".to_string())
+    }) {
+        return Some(why);
+    }
+    let lib = match crate::backend::ort_lib::find() {
+        Ok(l) => l.path,
+        Err(e) => return Some(format!("{e:#}")),
+    };
+    let dir = lib
+        .canonicalize()
+        .ok()
+        .and_then(|p| p.parent().map(|d| d.to_path_buf()));
+    match dir {
+        Some(d) if d.join("libonnxruntime_providers_cuda.so").exists() => None,
+        _ => Some(format!(
+            "ONNX Runtime '{}' has no CUDA provider beside it (a CPU build); install onnxruntime-gpu with \
+             `bash scripts/setup.sh --gpu`",
+            lib.display()
+        )),
+    }
 }
 
 /// Resolves `--backend` for `engine`; `auto` logs why it falls back.
@@ -28,18 +72,33 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
             }
             Backend::Trt
         }
+        BackendChoice::Cuda => {
+            if let Some(why) = cuda_unavailable() {
+                bail!("--backend cuda cannot run here: {why}");
+            }
+            Backend::Cuda(0)
+        }
         BackendChoice::Auto => match plan_runs_here(engine) {
             Ok(gpu) => {
                 tracing::info!("running '{}' on {gpu} with TensorRT", engine.path.display());
                 Backend::Trt
             }
-            Err(why) => {
-                tracing::info!(
-                    "running '{}' on the CPU backend (ONNX Runtime): {why}",
-                    engine.path.display()
-                );
-                Backend::Cpu
-            }
+            Err(why) => match cuda_unavailable() {
+                None => {
+                    tracing::info!(
+                        "running '{}' on ONNX Runtime's CUDA provider: TensorRT cannot run it ({why})",
+                        engine.path.display()
+                    );
+                    Backend::Cuda(0)
+                }
+                Some(no_cuda) => {
+                    tracing::info!(
+                        "running '{}' on the CPU backend (ONNX Runtime): {why}; no GPU executor either: {no_cuda}",
+                        engine.path.display()
+                    );
+                    Backend::Cpu
+                }
+            },
         },
     })
 }
@@ -53,13 +112,15 @@ pub struct OpenOptions {
     pub refit: Option<PathBuf>,
 }
 
-/// The graph the CPU backend runs for `engine`: an .onnx file itself; for a plan, the LLM's CPU graph when the
-/// manifest has one, else the ONNX the plan was built from.
-fn cpu_graph(engine: &EngineFile) -> Result<PathBuf> {
+/// The graph ONNX Runtime runs for `engine`: an .onnx file itself; for a plan, the LLM's CPU graph when the
+/// manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), else the ONNX the plan
+/// was built from.
+fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
     if !engine.is_plan() {
         return Ok(engine.path.clone());
     }
-    if let Some(Pipeline::Llm(llm)) = engine.pipeline()
+    if backend == Backend::Cpu
+        && let Some(Pipeline::Llm(llm)) = engine.pipeline()
         && let Some(f) = &llm.cpu_onnx
     {
         match engine.file(f, "the CPU graph") {
@@ -72,7 +133,7 @@ fn cpu_graph(engine: &EngineFile) -> Result<PathBuf> {
     }
     engine.source_onnx().with_context(|| {
         format!(
-            "'{}' cannot run on the CPU backend without its source ONNX",
+            "'{}' cannot run on ONNX Runtime without its source ONNX",
             engine.path.display()
         )
     })
@@ -93,19 +154,19 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
             }
             Ok(Box::new(e))
         }
-        Backend::Cpu => {
+        Backend::Cpu | Backend::Cuda(_) => {
             if opts.refit.is_some() || opts.trt.weight_budget.is_some() || opts.trt.cuda_graph {
                 bail!(
-                    "--refit, --weight-budget and --cuda-graph apply to TensorRT engines, and '{}' runs on the CPU \
-                     backend here; drop them, or run on a machine where TensorRT can execute the plan",
+                    "--refit, --weight-budget and --cuda-graph apply to TensorRT engines, and '{}' runs on ONNX \
+                     Runtime here; drop them, or run on a machine where TensorRT can execute the plan",
                     engine.path.display()
                 );
             }
-            let onnx = cpu_graph(engine)?;
+            let onnx = ort_graph(engine, backend)?;
             if onnx != engine.path {
-                tracing::info!("CPU backend: running '{}'", onnx.display());
+                tracing::info!("{backend:?}: running '{}'", onnx.display());
             }
-            Ok(Box::new(OrtEngine::open(&onnx, &opts.ort)?))
+            Ok(Box::new(OrtEngine::open(&onnx, &backend.ort(&opts.ort))?))
         }
     }
 }
@@ -165,7 +226,7 @@ pub fn open_components(
             _ => {
                 let onnx = bundle.file(&c.onnx, &format!("component {name}"))?;
                 Component::Cpu(Box::new(
-                    OrtEngine::open(&onnx, &OrtOptions::default())
+                    OrtEngine::open(&onnx, &backend.ort(&OrtOptions::default()))
                         .with_context(|| format!("opening the {name} component"))?,
                 ))
             }

@@ -1,6 +1,7 @@
 //! One sequence's KV cache between decoder calls, in either layout the decoder graphs use:
 //! - passed: `past_*` inputs [1, kv, past, hd] in, `present_*` [1, kv, past + new, hd] out, handed to the next call
-//!   (`models::llama::decoder_graph`, what TensorRT builds);
+//!   (`models::llama::decoder_graph`, what TensorRT builds); engines that can ([`Engine::chain`]) keep them in
+//!   their own memory, so on a GPU the cache never crosses to the host;
 //! - in place: the engine holds one buffer per layer and kind of `capacity` positions, bound as both `past_*` and
 //!   `present_*`, which the graph extends where the new tokens go; the calls carry `seqlens_k` and
 //!   `total_sequence_length` (`models::llama_cpu`, ONNX Runtime's GroupQueryAttention).
@@ -14,8 +15,10 @@ pub struct Decoder<'a> {
     /// Passed layout: the `past_*` and `present_*` names, layer by layer (key, value).
     past_names: Vec<String>,
     present_names: Vec<String>,
-    /// Passed layout: the cache from the last call (moved into the next call's inputs, not copied).
+    /// Passed layout: the cache from the last call (moved into the next call's inputs, not copied); empty when the
+    /// engine chains it itself.
     past: Vec<HostTensor>,
+    chained: bool,
     /// In-place layout: the buffers' length in positions.
     capacity: Option<usize>,
     /// Positions in the cache.
@@ -70,11 +73,14 @@ impl<'a> Decoder<'a> {
             _ => bail!("input {d} is not a KV cache [1, kv heads, positions, head size]"),
         };
         let mut past = Vec::new();
+        let pairs: Vec<(String, String)> = names(n_layers, "past")
+            .zip(names(n_layers, "present"))
+            .collect();
+        let mut chained = false;
         if in_place {
-            let pairs: Vec<(String, String)> = names(n_layers, "past")
-                .zip(names(n_layers, "present"))
-                .collect();
             engine.hold_in_place(&pairs, &[1, kv, capacity, hd])?;
+        } else if engine.chain(&pairs, &[1, kv, 0, hd])? {
+            chained = true;
         } else {
             past = (0..2 * n_layers)
                 .map(|_| HostTensor {
@@ -89,6 +95,7 @@ impl<'a> Decoder<'a> {
             past_names: names(n_layers, "past").collect(),
             present_names: names(n_layers, "present").collect(),
             past,
+            chained,
             capacity: in_place.then_some(capacity),
             len: 0,
         })
@@ -136,7 +143,7 @@ impl<'a> Decoder<'a> {
             }
         }
         let mut outputs = self.engine.run(&inputs)?;
-        if self.capacity.is_none() {
+        if self.capacity.is_none() && !self.chained {
             for (name, slot) in self.present_names.iter().zip(&mut self.past) {
                 let out = outputs
                     .iter_mut()
