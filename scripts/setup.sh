@@ -71,4 +71,26 @@ else
   log "TensorRT headers present ($hdr_link)"
 fi
 
+# 4. The GPU executor (only with --gpu, or TRT_DIFF_GPU=1): onnxruntime-gpu (a CUDA 13 build, 256 MB) and the CUDA
+#    libraries its provider needs (cuBLAS, cudart, cuRAND, cuDNN 9; about 1.5 GB) in their own venv, since
+#    onnxruntime and onnxruntime-gpu cannot share one. trt-diff prefers $cache/lib/gpu/libonnxruntime.so when a GPU is
+#    present; `source $cache/gpu-env.sh` puts the CUDA libraries on LD_LIBRARY_PATH.
+if [ "${1:-}" = "--gpu" ] || [ "${TRT_DIFF_GPU:-0}" = 1 ]; then
+  gvenv="$cache/venv-gpu"
+  if [ ! -f "$gvenv/.trt-diff-setup-v1" ]; then
+    log "creating the GPU venv in $gvenv (onnxruntime-gpu and the CUDA 13 libraries)"
+    python3 -m venv "$gvenv"
+    "$gvenv/bin/pip" install --quiet onnxruntime-gpu==1.31.1 "nvidia-cublas==13.*" "nvidia-cuda-runtime==13.*" \
+      "nvidia-curand==10.*" "nvidia-cudnn-cu13==9.*"
+    touch "$gvenv/.trt-diff-setup-v1"
+  fi
+  gsite=$("$gvenv/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+  mkdir -p "$cache/lib/gpu"
+  gort=$(ls "$gsite"/onnxruntime/capi/libonnxruntime.so.1.* | head -n1)
+  ln -sfn "$gort" "$cache/lib/gpu/libonnxruntime.so"
+  dirs=$(find "$gsite/nvidia" -name 'lib*.so*' -printf '%h\n' | sort -u | paste -sd:)
+  printf 'export LD_LIBRARY_PATH=%s${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}\n' "$dirs" >"$cache/gpu-env.sh"
+  log "GPU executor: $cache/lib/gpu/libonnxruntime.so; run \`source $cache/gpu-env.sh\` before trt-diff"
+fi
+
 log "done: libraries in $cache/lib, headers in $hdr_link, venv in $venv"

@@ -418,9 +418,10 @@ impl Engine for OrtEngine {
     fn chain(&mut self, pairs: &[(String, String)], first: &[usize]) -> Result<bool> {
         self.chained.clear();
         for (input, output) in pairs {
-            let empty = Tensor::<f32>::from_array((first.to_vec(), vec![0f32; first.iter().product()]))
-                .map_err(|e| anyhow::anyhow!("input '{input}' {first:?}: {e}"))?
-                .into_dyn();
+            let empty =
+                Tensor::<f32>::from_array((first.to_vec(), vec![0f32; first.iter().product()]))
+                    .map_err(|e| anyhow::anyhow!("input '{input}' {first:?}: {e}"))?
+                    .into_dyn();
             if !self.inputs.iter().any(|d| d.name == *input)
                 || !self.outputs.iter().any(|d| d.name == *output)
             {

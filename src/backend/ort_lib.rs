@@ -1,4 +1,5 @@
-//! Finding ONNX Runtime (loaded dynamically): `ORT_DYLIB_PATH`, then the set-up cache, then standard locations.
+//! Finding ONNX Runtime (loaded dynamically): `ORT_DYLIB_PATH`, then the set-up cache (its onnxruntime-gpu build
+//! first when a GPU is present), then standard locations.
 use anyhow::{Result, bail};
 use std::ffi::{CStr, c_char};
 use std::path::PathBuf;
@@ -12,6 +13,10 @@ fn candidates() -> Vec<PathBuf> {
     let mut c = Vec::new();
     if let Some(p) = std::env::var_os("ORT_DYLIB_PATH") {
         c.push(PathBuf::from(p));
+    }
+    // onnxruntime-gpu (`scripts/setup.sh --gpu`) holds the CPU provider too; preferred where a GPU is present.
+    if crate::cuda::query().is_ok_and(|r| !r.gpus.is_empty()) {
+        c.push(crate::fsutil::cache_dir().join("lib/gpu/libonnxruntime.so"));
     }
     c.push(crate::fsutil::cache_dir().join("lib/libonnxruntime.so"));
     for d in [

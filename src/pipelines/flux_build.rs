@@ -113,7 +113,11 @@ impl ModelFiles {
             Some(p) => Some(p.to_path_buf()),
             None => first_existing(
                 &model.join("tokenizer"),
-                &["merges.txt", "bpe_simple_vocab_16e6.txt.gz"],
+                &[
+                    "merges.txt",
+                    "bpe_simple_vocab_16e6.txt.gz",
+                    "tokenizer.json",
+                ],
             ),
         };
         let t5_tokenizer = match t5_tok {
@@ -121,7 +125,9 @@ impl ModelFiles {
             None => first_existing(&model.join("tokenizer_2"), &["tokenizer.json"]),
         };
         if clip_tokenizer.is_none() {
-            missing.push("tokenizer/merges.txt (or --clip-tokenizer)".into());
+            missing.push(
+                "tokenizer/merges.txt or tokenizer/tokenizer.json (or --clip-tokenizer)".into(),
+            );
         }
         if t5_tokenizer.is_none() {
             missing.push("tokenizer_2/tokenizer.json (or --t5-tokenizer)".into());
@@ -585,14 +591,10 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     let clip_tok = clip_tok.with_file_name(format!(
         "{}{}",
         file_name(&clip_tok),
-        if p.files
-            .clip_tokenizer
-            .extension()
-            .is_some_and(|e| e == "gz")
-        {
-            ".txt.gz"
-        } else {
-            ".txt"
+        match p.files.clip_tokenizer.extension().and_then(|e| e.to_str()) {
+            Some("gz") => ".txt.gz",
+            Some("json") => ".json",
+            _ => ".txt",
         }
     ));
     let t5_tok = sibling(&o.base.out, ".t5-tokenizer.json");

@@ -43,8 +43,8 @@ fn bytes_to_unicode() -> [char; 256] {
 }
 
 impl ClipTokenizer {
-    /// Reads openai's gzip'd merges file (`bpe_simple_vocab_16e6.txt.gz`) or Hugging Face's plain `merges.txt`
-    /// (the same lines).
+    /// Reads openai's gzip'd merges file (`bpe_simple_vocab_16e6.txt.gz`), Hugging Face's plain `merges.txt` (the
+    /// same lines) or a fast tokenizer's `tokenizer.json` (all transformers 5 saves).
     pub fn load(path: &Path) -> Result<Self> {
         let bytes = std::fs::read(path)
             .with_context(|| format!("cannot open the CLIP vocabulary '{}'", path.display()))?;
@@ -55,6 +55,14 @@ impl ClipTokenizer {
                 path.display()
             )
         };
+        if bytes.trim_ascii_start().starts_with(b"{") {
+            return Self::from_tokenizer_json(&bytes).with_context(|| {
+                format!(
+                    "'{}' is not a CLIP tokenizer.json (a BPE model with CLIP's merges)",
+                    path.display()
+                )
+            });
+        }
         if bytes.starts_with(&[0x1f, 0x8b]) {
             flate2::read::GzDecoder::new(&bytes[..])
                 .read_to_string(&mut text)
@@ -63,6 +71,57 @@ impl ClipTokenizer {
             text = String::from_utf8(bytes).ok().with_context(bad)?;
         }
         Self::from_merges(&text).with_context(|| format!("in '{}'", path.display()))
+    }
+
+    /// A Hugging Face `tokenizer.json`: its BPE merges (as "a b" strings or [a, b] pairs) define the tokenizer;
+    /// its vocabulary must give every token the id CLIP's construction gives it.
+    pub fn from_tokenizer_json(bytes: &[u8]) -> Result<Self> {
+        #[derive(serde::Deserialize)]
+        struct File {
+            model: Model,
+        }
+        #[derive(serde::Deserialize)]
+        struct Model {
+            #[serde(rename = "type")]
+            kind: Option<String>,
+            vocab: HashMap<String, u32>,
+            merges: Vec<Merge>,
+        }
+        #[derive(serde::Deserialize)]
+        #[serde(untagged)]
+        enum Merge {
+            Line(String),
+            Pair(String, String),
+        }
+        let f: File = serde_json::from_slice(bytes)?;
+        if f.model.kind.as_deref().is_some_and(|k| k != "BPE") {
+            bail!("its model is {:?}, not BPE", f.model.kind);
+        }
+        let mut text = String::from("#version: tokenizer.json\n");
+        for m in &f.model.merges {
+            match m {
+                Merge::Line(l) => text.push_str(l),
+                Merge::Pair(a, b) => {
+                    text.push_str(a);
+                    text.push(' ');
+                    text.push_str(b);
+                }
+            }
+            text.push('\n');
+        }
+        let tok = Self::from_merges(&text)?;
+        if let Some((t, id)) = f
+            .model
+            .vocab
+            .iter()
+            .find(|(t, id)| tok.encoder.get(*t) != Some(*id))
+        {
+            bail!(
+                "its vocabulary gives '{t}' id {id}, CLIP's merges give {:?}: not CLIP's vocabulary",
+                tok.encoder.get(t)
+            );
+        }
+        Ok(tok)
     }
 
     pub fn from_merges(text: &str) -> Result<Self> {
