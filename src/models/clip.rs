@@ -7,6 +7,7 @@
 //! openai/clip-vit-large-patch14 and Flux's `text_encoder` have): `<|endoftext|>` is the largest id, so this is its
 //! first occurrence. The graph uses the same ArgMax. Weights come zero-copy from the checkpoint.
 use crate::models::ops::{Ops, activation, attention, layer_norm};
+use crate::models::qdq::Linears;
 use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, proto::ModelProto};
 use crate::weights::safetensors_file::Checkpoint;
@@ -118,6 +119,9 @@ fn emit(
         bail!("CLIP hidden size {d} is not a multiple of {heads} heads");
     }
     let mut o = Ops::new("clip_text", 18, dtype);
+    // The shared linear without a precision policy: every projection in `dtype` (a policy here quantizes them).
+    let no_amax = std::collections::HashMap::new();
+    let mut lin = Linears::new(None, &no_amax, None, 0.0, false);
     if let Some(out) = stream {
         o.g.stream_external_data(out, 1024)?;
     }
@@ -167,7 +171,8 @@ fn emit(
         let mut qkv = Vec::new();
         for t in ["q_proj", "k_proj", "v_proj"] {
             let name = format!("{l}.self_attn.{t}");
-            qkv.push(o.linear(
+            qkv.push(lin.tensor(
+                &mut o,
                 &name,
                 &x,
                 &w(&format!("self_attn.{t}.weight"), &[d, d])?,
@@ -182,7 +187,8 @@ fn emit(
             Some((hd as f32).powf(-0.5)),
             Some(&mask),
         )?;
-        let a = o.linear(
+        let a = lin.tensor(
+            &mut o,
             &format!("{l}.self_attn.out_proj"),
             &a,
             &w("self_attn.out_proj.weight", &[d, d])?,
@@ -198,14 +204,16 @@ fn emit(
             cfg.layer_norm_eps,
         )?;
         let m = cfg.intermediate_size;
-        let f = o.linear(
+        let f = lin.tensor(
+            &mut o,
             &format!("{l}.mlp.fc1"),
             &x,
             &w("mlp.fc1.weight", &[m, d])?,
             Some(&w("mlp.fc1.bias", &[m])?),
         )?;
         let f = activation(&mut o, &format!("{l}.mlp.act"), &f, &cfg.hidden_act)?;
-        let f = o.linear(
+        let f = lin.tensor(
+            &mut o,
             &format!("{l}.mlp.fc2"),
             &f,
             &w("mlp.fc2.weight", &[d, m])?,

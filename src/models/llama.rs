@@ -6,10 +6,11 @@
 //! Outputs: `logits` [1, seq, vocab], `present_key_{i}` / `present_value_{i}` [1, n_kv_heads, past+seq, head_dim].
 //! Grouped-query attention multiplies q reshaped to [1, kv, rep, seq, hd] with k/v broadcast over `rep`, so the
 //! cache is never repeated in memory.
-use crate::models::qdq::{LinearWeights, linear};
+use crate::models::ops::Ops;
+use crate::models::qdq::{LinearWeights, Linears, Weight};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
-use crate::quant::policy::{LayerKind, Policy};
+use crate::quant::policy::Policy;
 pub use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
@@ -58,10 +59,10 @@ fn seq() -> Dim {
 }
 
 struct Emitter<'a> {
-    g: GraphBuilder,
+    o: Ops,
     cfg: &'a LlamaConfig,
     w: &'a HashMap<String, Vec<f32>>,
-    policy: &'a Policy,
+    linears: Linears<'a>,
 }
 
 impl Emitter<'_> {
@@ -72,8 +73,8 @@ impl Emitter<'_> {
     }
 
     fn const_i64(&mut self, base: &str, v: &[i64]) -> Result<Value> {
-        let name = self.g.fresh(base);
-        self.g.const_i64(&name, &[v.len() as i64], v)
+        let name = self.o.g.fresh(base);
+        self.o.g.const_i64(&name, &[v.len() as i64], v)
     }
 
     fn op(
@@ -84,13 +85,14 @@ impl Emitter<'_> {
         attrs: Vec<(&str, Attr)>,
         dtype: DataType,
     ) -> Result<Value> {
-        self.g.op(op, name, inputs, attrs, dtype, vec![])
+        self.o.g.op(op, name, inputs, attrs, dtype, vec![])
     }
 
     fn rms_norm(&mut self, name: &str, x: &Value, weight: &str) -> Result<Value> {
         let w = self.weight(weight)?.clone();
-        let wv = self.g.const_f32(weight, &[w.len() as i64], &w)?;
+        let wv = self.o.g.const_f32(weight, &[w.len() as i64], &w)?;
         let eps = self
+            .o
             .g
             .const_f32(&format!("{name}.eps"), &[], &[self.cfg.norm_eps])?;
         let sq = self.op("Mul", &format!("{name}/sq"), &[x, x], vec![], F32)?;
@@ -112,23 +114,6 @@ impl Emitter<'_> {
 
     fn proj(&mut self, name: &str, x: &Value, out: usize, inp: usize) -> Result<Value> {
         let w = self.weight(&format!("{name}.weight"))?.clone();
-        let mut precision = self
-            .policy
-            .decide(name, LayerKind::Linear)
-            .unwrap_or(LinearPrecision::F32);
-        // Block formats need whole blocks along the input features; other layers stay high precision (as ModelOpt
-        // leaves them).
-        let block = match precision {
-            LinearPrecision::Nvfp4 => 16,
-            LinearPrecision::Int4 { block } => block,
-            _ => 1,
-        };
-        if !inp.is_multiple_of(block) {
-            tracing::debug!(
-                "{name}: {inp} input features are not a multiple of {block}; kept in f32"
-            );
-            precision = LinearPrecision::F32;
-        }
         let bias = self.w.get(&format!("{name}.bias")).cloned();
         let lw = LinearWeights {
             weight: &w,
@@ -136,7 +121,8 @@ impl Emitter<'_> {
             out_features: out,
             in_features: inp,
         };
-        linear_f32_io(&mut self.g, name, x, &lw, precision)
+        self.linears
+            .linear(&mut self.o, name, name, name, x, Weight::F32(lw))
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -274,8 +260,8 @@ impl Emitter<'_> {
         )?;
         k_all.shape = cache_shape("total");
         v_all.shape = cache_shape("total");
-        self.g.output(&k_all);
-        self.g.output(&v_all);
+        self.o.g.output(&k_all);
+        self.o.g.output(&v_all);
         // Grouped-query attention without repeating the cache: q as [1, kv, rep, seq, hd], k/v as [1, kv, 1, T, hd].
         let rep = (heads / kv) as i64;
         let qg = self.const_i64(
@@ -295,7 +281,8 @@ impl Emitter<'_> {
         )?;
         let scores = self.op("MatMul", &format!("{p}/qk"), &[&q, &kt], vec![], F32)?;
         let scale =
-            self.g
+            self.o
+                .g
                 .const_f32(&format!("{p}.attn_scale"), &[], &[1.0 / (hd as f32).sqrt()])?;
         let scores = self.op(
             "Mul",
@@ -353,39 +340,6 @@ impl Emitter<'_> {
         out.shape = h.shape.clone();
         Ok(out)
     }
-}
-
-/// A projection whose input and output are f32 whatever its precision: fp16 layers cast around the MatMul.
-fn linear_f32_io(
-    g: &mut GraphBuilder,
-    name: &str,
-    x: &Value,
-    lw: &LinearWeights,
-    precision: LinearPrecision,
-) -> Result<Value> {
-    // Activation amax for static FP8 scales: RMS-normed inputs of small models stay within a few units.
-    if precision != LinearPrecision::F16 {
-        return linear(g, name, x, lw, precision, 8.0);
-    }
-    let to = |t: DataType| vec![("to", Attr::Int(t.0 as i64))];
-    let xh = g.op(
-        "Cast",
-        &format!("{name}/to_f16"),
-        &[x],
-        to(DataType::FLOAT16),
-        DataType::FLOAT16,
-        x.shape.clone(),
-    )?;
-    let y = linear(g, name, &xh, lw, precision, 8.0)?;
-    let shape = y.shape.clone();
-    g.op(
-        "Cast",
-        &format!("{name}/to_f32"),
-        &[&y],
-        to(F32),
-        F32,
-        shape,
-    )
 }
 
 /// The `past_key_{i}` / `past_value_{i}` inputs [1, n_kv_heads, `positions`, `hd`] of every layer.
@@ -466,22 +420,26 @@ fn graph(
     last_logits_only: bool,
 ) -> Result<ModelProto> {
     let opset = policy.target.min_opset().max(18);
+    // No calibration: RMS-normed inputs of these models stay within a few units, so FP8 scales are static at 8.
+    let amax = HashMap::new();
     let mut e = Emitter {
-        g: GraphBuilder::new("llama_decoder", opset),
+        o: Ops::new("llama_decoder", opset, F32),
         cfg,
         w: weights,
-        policy,
+        linears: Linears::new(Some(policy), &amax, Some(8.0), 8.0, false),
     };
     if policy.target == LinearPrecision::Nvfp4 {
-        e.g.use_domain("trt", 1);
+        e.o.g.use_domain("trt", 1);
     }
     let (d, hd) = (cfg.dim, cfg.head_dim());
     let ids =
-        e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+        e.o.g
+            .input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let pos =
-        e.g.input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+        e.o.g
+            .input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
     let emb = e.weight("model.embed_tokens.weight")?.clone();
-    let table = e.g.const_f32(
+    let table = e.o.g.const_f32(
         "model.embed_tokens.weight",
         &[cfg.vocab_size as i64, d as i64],
         &emb,
@@ -489,14 +447,14 @@ fn graph(
     let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
     // RoPE tables [max_seq, hd/2], gathered by absolute position.
-    let (ct, st) = rope_tables(&mut e.g, cfg, weights, hd / 2)?;
+    let (ct, st) = rope_tables(&mut e.o.g, cfg, weights, hd / 2)?;
     let cos = e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?;
     let sin = e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?;
-    let past = cache_inputs(&mut e.g, cfg, "past", hd)?;
+    let past = cache_inputs(&mut e.o.g, cfg, "past", hd)?;
     // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
     let i64t = DataType::INT64;
     let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
-    let two = e.g.const_i64("mask.two", &[], &[2])?;
+    let two = e.o.g.const_i64("mask.two", &[], &[2])?;
     let past_len = e.op(
         "Gather",
         "mask/past_len",
@@ -505,10 +463,10 @@ fn graph(
         i64t,
     )?;
     let ids_shape = e.op("Shape", "mask/ids_shape", &[&ids], vec![], i64t)?;
-    let one = e.g.const_i64("mask.one", &[], &[1])?;
+    let one = e.o.g.const_i64("mask.one", &[], &[1])?;
     let new_len = e.op("Gather", "mask/new_len", &[&ids_shape, &one], vec![], i64t)?;
     let total = e.op("Add", "mask/total", &[&past_len, &new_len], vec![], i64t)?;
-    let zero = e.g.const_i64("mask.zero", &[], &[0])?;
+    let zero = e.o.g.const_i64("mask.zero", &[], &[0])?;
     let keys = e.op("Range", "mask/keys", &[&zero, &total, &one], vec![], i64t)?;
     let last = e.const_i64("mask.last_axis", &[-1])?;
     let qpos = e.op("Unsqueeze", "mask/query_pos", &[&pos, &last], vec![], i64t)?;
@@ -519,8 +477,8 @@ fn graph(
         vec![],
         DataType::BOOL,
     )?;
-    let neg = e.g.const_f32("mask.neg", &[], &[-1e30])?;
-    let zf = e.g.const_f32("mask.zero_f", &[], &[0.0])?;
+    let neg = e.o.g.const_f32("mask.neg", &[], &[-1e30])?;
+    let zf = e.o.g.const_f32("mask.zero_f", &[], &[0.0])?;
     let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
     let ax = e.const_i64("mask.bcast", &[1, 2])?;
     let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
@@ -536,17 +494,21 @@ fn graph(
         seq()
     };
     let head = e.weight("lm_head.weight")?.clone();
-    let precision = policy
-        .decide("lm_head", LayerKind::Linear)
-        .unwrap_or(LinearPrecision::F32);
     let lw = LinearWeights {
         weight: &head,
         bias: None,
         out_features: cfg.vocab_size,
         in_features: d,
     };
-    let mut logits = linear_f32_io(&mut e.g, "lm_head", &hn, &lw, precision)?;
-    logits = e.g.op(
+    let mut logits = e.linears.linear(
+        &mut e.o,
+        "lm_head",
+        "lm_head",
+        "lm_head",
+        &hn,
+        Weight::F32(lw),
+    )?;
+    logits = e.o.g.op(
         "Identity",
         "logits",
         &[&logits],
@@ -554,6 +516,6 @@ fn graph(
         F32,
         vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
     )?;
-    e.g.output(&logits);
-    Ok(e.g.finish())
+    e.o.g.output(&logits);
+    Ok(e.o.g.finish())
 }

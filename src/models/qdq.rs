@@ -3,12 +3,196 @@
 //! activations through `trt::TRT_FP4DynamicQuantize`); INT4 weight-only (blockwise DQ along the reduction axis);
 //! and the FP8 attention pattern (Q/DQ on the inputs of both batched matmuls and on the softmax output).
 //! Weights arrive in PyTorch's Linear layout [out, in].
+use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value};
 use crate::quant::LinearPrecision;
 use crate::quant::minifloat::E4M3FN;
 use crate::quant::nvfp4;
+use crate::quant::policy::{LayerKind, Policy};
+use crate::weights::safetensors_file::Tensor;
 use anyhow::{Result, bail};
 use bytes::Bytes;
+use std::collections::{HashMap, HashSet};
+
+/// A linear layer's weights [out, in] as the model holds them: a checkpoint tensor in its own dtype (mapped, no
+/// copy), or f32 values.
+pub enum Weight<'a> {
+    Tensor {
+        weight: &'a Tensor,
+        bias: Option<&'a Tensor>,
+    },
+    F32(LinearWeights<'a>),
+}
+
+/// The one quantization-aware linear every model emitter uses (Flux, the text encoders, LLM decoders): the
+/// precision policy decides each layer; calibration graphs get an `amax.<key>` output per input activation; FP8,
+/// NVFP4 and INT4 layers get their Q/DQ pattern with the calibrated (or default) activation range, computing in f32
+/// between casts from and to the graph's dtype; the others stay in the graph's dtype.
+pub struct Linears<'a> {
+    pub policy: Option<&'a Policy>,
+    /// Calibrated input activation absolute maxima by key.
+    pub amax: &'a HashMap<String, f32>,
+    /// FP8's static activation scale where none was calibrated (None: FP8 layers need a calibration).
+    pub fp8_default_amax: Option<f32>,
+    /// NVFP4's global activation scale where none was calibrated (its block scales stay dynamic).
+    pub nvfp4_default_amax: f32,
+    /// Adds the `amax.<key>` outputs of a calibration graph.
+    pub calibration: bool,
+    calibrated: HashSet<String>,
+    /// Layers emitted by precision name ("nvfp4", "fp8", ..., "kept").
+    pub counts: HashMap<String, usize>,
+}
+
+impl<'a> Linears<'a> {
+    /// Layers decided by `policy` (None: every layer in the graph's dtype), quantized with the ranges in `amax`,
+    /// defaulting to `fp8_default_amax` / `nvfp4_default_amax` where a layer has none; `calibration` adds the
+    /// calibration outputs.
+    pub fn new(
+        policy: Option<&'a Policy>,
+        amax: &'a HashMap<String, f32>,
+        fp8_default_amax: Option<f32>,
+        nvfp4_default_amax: f32,
+        calibration: bool,
+    ) -> Self {
+        Self {
+            policy,
+            amax,
+            fp8_default_amax,
+            nvfp4_default_amax,
+            calibration,
+            calibrated: HashSet::new(),
+            counts: HashMap::new(),
+        }
+    }
+
+    /// A linear layer of checkpoint tensors whose node name is also its policy name and calibration key.
+    pub fn tensor(
+        &mut self,
+        o: &mut Ops,
+        name: &str,
+        x: &Value,
+        weight: &Tensor,
+        bias: Option<&Tensor>,
+    ) -> Result<Value> {
+        self.linear(o, name, name, name, x, Weight::Tensor { weight, bias })
+    }
+
+    /// `y = x W^T + b`: nodes named after `name`, the precision decided for `layer` (the policy's name of it),
+    /// calibrated under `key` (projections reading the same activation share one key).
+    pub fn linear(
+        &mut self,
+        o: &mut Ops,
+        name: &str,
+        layer: &str,
+        key: &str,
+        x: &Value,
+        w: Weight,
+    ) -> Result<Value> {
+        if self.calibration && self.calibrated.insert(key.to_string()) {
+            let xf = o.cast(&format!("amax/{key}/f32"), x, DataType::FLOAT)?;
+            let a = o.same("Abs", &format!("amax/{key}/abs"), &[&xf], vec![])?;
+            let mut m = o.g.op(
+                "ReduceMax",
+                &format!("amax.{key}"),
+                &[&a],
+                vec![("keepdims", Attr::Int(0))],
+                DataType::FLOAT,
+                vec![],
+            )?;
+            m.shape = vec![];
+            o.g.output(&m);
+        }
+        let (n, k) = match &w {
+            Weight::Tensor { weight, .. } => {
+                (weight.shape[0], weight.shape.get(1).copied().unwrap_or(0))
+            }
+            Weight::F32(lw) => (lw.out_features, lw.in_features),
+        };
+        // Block formats need whole blocks along the input features; other layers stay high precision (as ModelOpt
+        // leaves them).
+        let decision = self
+            .policy
+            .and_then(|p| p.decide(layer, LayerKind::Linear))
+            .filter(|p| match p {
+                LinearPrecision::Nvfp4 => k % 16 == 0,
+                LinearPrecision::Int4 { block } => k % block == 0,
+                _ => true,
+            });
+        let label = match decision {
+            Some(p) if p != LinearPrecision::F32 && p != LinearPrecision::F16 => p.name(),
+            _ => "kept".to_string(),
+        };
+        *self.counts.entry(label).or_default() += 1;
+        match (decision, w) {
+            // Checkpoint tensors compute in the graph's dtype unless quantized.
+            (
+                None | Some(LinearPrecision::F32 | LinearPrecision::F16),
+                Weight::Tensor { weight, bias },
+            ) => o.linear(name, x, weight, bias),
+            (Some(LinearPrecision::F16), Weight::F32(lw)) => {
+                // Weights and the GEMM in f16, activations cast on the way in and out.
+                let dt = x.dtype;
+                let xh = o.cast(&format!("{name}/to_f16"), x, DataType::FLOAT16)?;
+                let y = linear(&mut o.g, name, &xh, &lw, LinearPrecision::F16, 0.0)?;
+                o.cast(&format!("{name}/to_f32"), &y, dt)
+            }
+            (None | Some(LinearPrecision::F32), Weight::F32(lw)) => {
+                linear(&mut o.g, name, x, &lw, LinearPrecision::F32, 0.0)
+            }
+            (Some(p), w) => {
+                let amax = match (self.amax.get(key), p) {
+                    (Some(a), _) => *a,
+                    (None, LinearPrecision::Nvfp4) => self.nvfp4_default_amax,
+                    (None, _) => self.fp8_default_amax.ok_or_else(|| {
+                        anyhow::anyhow!(
+                            "no calibrated activation amax for layer '{key}' ({} export needs static scales): run \
+                             the calibration graph over calibration prompts and pass its merged amax map",
+                            p.name()
+                        )
+                    })?,
+                };
+                // The Q/DQ patterns take f32 activations; other compute types cast around them.
+                let dt = x.dtype;
+                let xq = o.cast(&format!("{name}/in_f32"), x, DataType::FLOAT)?;
+                let g = &mut o.g;
+                let y = match w {
+                    Weight::F32(lw) => linear(g, name, &xq, &lw, p, amax)?,
+                    Weight::Tensor { weight, bias } => {
+                        let bf = bias.map(|b| b.to_f32()).transpose()?;
+                        let d = &weight.data[..];
+                        let aligned = |align: usize| (d.as_ptr() as usize).is_multiple_of(align);
+                        match (p, weight.dtype) {
+                            // Quantized straight from the mapped checkpoint in its own element type: no f32 copy.
+                            (LinearPrecision::Nvfp4, DataType::BFLOAT16) if aligned(2) => {
+                                let v: &[half::bf16] = bytemuck::cast_slice(d);
+                                linear_nvfp4(g, name, &xq, v, bf.as_deref(), n, k, amax)?
+                            }
+                            (LinearPrecision::Nvfp4, DataType::FLOAT16) if aligned(2) => {
+                                let v: &[half::f16] = bytemuck::cast_slice(d);
+                                linear_nvfp4(g, name, &xq, v, bf.as_deref(), n, k, amax)?
+                            }
+                            (LinearPrecision::Nvfp4, _) => {
+                                let wf = weight.to_f32()?;
+                                linear_nvfp4(g, name, &xq, &wf, bf.as_deref(), n, k, amax)?
+                            }
+                            _ => {
+                                let wf = weight.to_f32()?;
+                                let lw = LinearWeights {
+                                    weight: &wf,
+                                    bias: bf.as_deref(),
+                                    out_features: n,
+                                    in_features: k,
+                                };
+                                linear(g, name, &xq, &lw, p, amax)?
+                            }
+                        }
+                    }
+                };
+                o.cast(&format!("{name}/out"), &y, dt)
+            }
+        }
+    }
+}
 
 /// The float type a linear layer's activations flow in.
 pub fn float_type(p: LinearPrecision) -> DataType {

@@ -8,6 +8,7 @@
 //!
 //! Input `input_ids` [batch, seq] int64 (seq up to `max_len`); output `last_hidden_state` [batch, seq, d_model] f32.
 use crate::models::ops::{Ops, activation, attention};
+use crate::models::qdq::Linears;
 use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::weights::safetensors_file::Checkpoint;
@@ -140,6 +141,9 @@ fn emit(
         cfg.num_heads,
     );
     let mut o = Ops::new("t5_encoder", 18, dtype);
+    // The shared linear without a precision policy: every projection in `dtype` (a policy here quantizes them).
+    let no_amax = std::collections::HashMap::new();
+    let mut lin = Linears::new(None, &no_amax, None, 0.0, false);
     if let Some(out) = stream {
         o.g.stream_external_data(out, 1024)?;
     }
@@ -183,7 +187,7 @@ fn emit(
         for t in ["q", "k", "v"] {
             let name = format!("{l}.layer.0.SelfAttention.{t}");
             let wt = w(&format!("layer.0.SelfAttention.{t}.weight"), &[inner, d])?;
-            qkv.push(o.linear(&name, &x, &wt, None)?);
+            qkv.push(lin.tensor(&mut o, &name, &x, &wt, None)?);
         }
         let a = attention(
             &mut o,
@@ -193,7 +197,8 @@ fn emit(
             None,
             Some(&bias),
         )?;
-        let a = o.linear(
+        let a = lin.tensor(
+            &mut o,
             &format!("{l}.layer.0.SelfAttention.o"),
             &a,
             &w("layer.0.SelfAttention.o.weight", &[d, inner])?,
@@ -208,14 +213,16 @@ fn emit(
         )?;
         let f = if gated {
             let p = format!("{l}.layer.1.DenseReluDense");
-            let g = o.linear(
+            let g = lin.tensor(
+                &mut o,
                 &format!("{p}.wi_0"),
                 &x,
                 &w("layer.1.DenseReluDense.wi_0.weight", &[ff, d])?,
                 None,
             )?;
             let g = activation(&mut o, &format!("{p}.act"), &g, act)?;
-            let u = o.linear(
+            let u = lin.tensor(
+                &mut o,
                 &format!("{p}.wi_1"),
                 &x,
                 &w("layer.1.DenseReluDense.wi_1.weight", &[ff, d])?,
@@ -224,7 +231,8 @@ fn emit(
             o.same("Mul", &format!("{p}/gated"), &[&g, &u], vec![])?
         } else {
             let p = format!("{l}.layer.1.DenseReluDense");
-            let u = o.linear(
+            let u = lin.tensor(
+                &mut o,
                 &format!("{p}.wi"),
                 &x,
                 &w("layer.1.DenseReluDense.wi.weight", &[ff, d])?,
@@ -232,7 +240,8 @@ fn emit(
             )?;
             o.same("Relu", &format!("{p}/relu"), &[&u], vec![])?
         };
-        let f = o.linear(
+        let f = lin.tensor(
+            &mut o,
             &format!("{l}.layer.1.DenseReluDense.wo"),
             &f,
             &w("layer.1.DenseReluDense.wo.weight", &[d, ff])?,

@@ -3,10 +3,9 @@
 use super::config::{FluxConfig, Layout, Names};
 use super::{ExportOptions, amax_key, default_policy};
 use crate::models::ops::Ops;
-use crate::models::qdq::{LinearWeights, attention, linear, linear_nvfp4};
+use crate::models::qdq::{Linears, Weight, attention};
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
-use crate::quant::policy::{LayerKind, Policy};
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Result, bail};
 use std::collections::HashMap;
@@ -17,11 +16,7 @@ struct Emitter<'a> {
     cfg: &'a FluxConfig,
     ck: &'a Checkpoint,
     n: Names,
-    opts: &'a ExportOptions,
-    policy: Option<Policy>,
-    layers: HashMap<String, usize>,
-    /// Calibration outputs already added, by key.
-    calibrated: std::collections::HashSet<String>,
+    linears: Linears<'a>,
 }
 
 const EPS: f32 = 1e-6;
@@ -38,95 +33,25 @@ impl Emitter<'_> {
 
     /// A linear layer stored under checkpoint base name `base`, decided and calibrated as diffusers layer `canon`.
     fn linear(&mut self, x: &Value, base: &str, canon: &str) -> Result<Value> {
-        let w = self.t(&format!("{base}.weight"))?;
+        let weight = self.t(&format!("{base}.weight"))?;
         let bname = format!("{base}.bias");
-        let b = if self.ck.contains(&self.n.p(&bname)) {
+        let bias = if self.ck.contains(&self.n.p(&bname)) {
             Some(self.t(&bname)?)
         } else {
             None
         };
-        let key = amax_key(canon);
-        if self.opts.calibration && self.calibrated.insert(key.clone()) {
-            let xf = self
-                .o
-                .cast(&format!("amax/{key}/f32"), x, DataType::FLOAT)?;
-            let a = self
-                .o
-                .same("Abs", &format!("amax/{key}/abs"), &[&xf], vec![])?;
-            let mut m = self.o.g.op(
-                "ReduceMax",
-                &format!("amax.{key}"),
-                &[&a],
-                vec![("keepdims", Attr::Int(0))],
-                DataType::FLOAT,
-                vec![],
-            )?;
-            m.shape = vec![];
-            self.o.g.output(&m);
-        }
-        let decision = self
-            .policy
-            .as_ref()
-            .and_then(|p| p.decide(canon, LayerKind::Linear));
         let name = self.n.p(base);
-        let (n, k) = (w.shape[0], w.shape.get(1).copied().unwrap_or(0));
-        let y = match decision {
-            Some(p)
-                if p != LinearPrecision::F32 && (p != LinearPrecision::Nvfp4 || k % 16 == 0) =>
-            {
-                let amax = match (self.opts.amax.get(&key), p) {
-                    (Some(a), _) => *a,
-                    (None, LinearPrecision::Nvfp4) => self.opts.nvfp4_default_amax,
-                    (None, _) => bail!(
-                        "no calibrated activation amax for layer '{key}' ({} export needs static scales): run the \
-                         calibration graph (ExportOptions::calibration) over calibration prompts and pass its \
-                         merged amax map",
-                        p.name()
-                    ),
-                };
-                let bf = b.as_ref().map(|b| b.to_f32()).transpose()?;
-                *self.layers.entry(p.name()).or_default() += 1;
-                // The Q/DQ patterns take f32 activations; other compute types cast around them.
-                let dt = self.o.dtype;
-                let xq = self.o.cast(&format!("{name}/in_f32"), x, DataType::FLOAT)?;
-                let x = &xq;
-                let y = if p == LinearPrecision::Nvfp4 {
-                    // Quantized straight from the mapped checkpoint in its own element type: no f32 copy.
-                    let g = &mut self.o.g;
-                    let d = &w.data[..];
-                    let aligned = |align: usize| (d.as_ptr() as usize).is_multiple_of(align);
-                    match w.dtype {
-                        DataType::BFLOAT16 if aligned(2) => {
-                            let v: &[half::bf16] = bytemuck::cast_slice(d);
-                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
-                        }
-                        DataType::FLOAT16 if aligned(2) => {
-                            let v: &[half::f16] = bytemuck::cast_slice(d);
-                            linear_nvfp4(g, &name, x, v, bf.as_deref(), n, k, amax)?
-                        }
-                        _ => {
-                            let wf = w.to_f32()?;
-                            linear_nvfp4(g, &name, x, &wf, bf.as_deref(), n, k, amax)?
-                        }
-                    }
-                } else {
-                    let wf = w.to_f32()?;
-                    let lw = LinearWeights {
-                        weight: &wf,
-                        bias: bf.as_deref(),
-                        out_features: n,
-                        in_features: k,
-                    };
-                    linear(&mut self.o.g, &name, x, &lw, p, amax)?
-                };
-                self.o.cast(&format!("{name}/out"), &y, dt)?
-            }
-            _ => {
-                *self.layers.entry("kept".into()).or_default() += 1;
-                self.o.linear(&name, x, &w, b.as_ref())?
-            }
-        };
-        Ok(y)
+        self.linears.linear(
+            &mut self.o,
+            &name,
+            canon,
+            &amax_key(canon),
+            x,
+            Weight::Tensor {
+                weight: &weight,
+                bias: bias.as_ref(),
+            },
+        )
     }
 
     /// `in_layer -> SiLU -> out_layer` (BFL MLPEmbedder / diffusers TimestepEmbedding, text projection).
@@ -713,10 +638,13 @@ pub(super) fn emit(
             layout,
             prefix: prefix.to_string(),
         },
-        opts,
-        policy,
-        layers: HashMap::new(),
-        calibrated: Default::default(),
+        linears: Linears::new(
+            policy.as_ref(),
+            &opts.amax,
+            None,
+            opts.nvfp4_default_amax,
+            opts.calibration,
+        ),
     };
     let f32t = DataType::FLOAT;
     let dt = e.o.dtype;
@@ -895,7 +823,7 @@ pub(super) fn emit(
         vec![batch(), img_seq(), Dim::Fixed(cfg.out_channels as i64)],
     )?;
     e.o.g.output(&y);
-    let layers = e.layers;
+    let layers = e.linears.counts;
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, layers))
 }
