@@ -75,6 +75,14 @@ impl HostTensor {
     }
 }
 
+/// A tensor in GPU memory the caller owns (on the engine's GPU): the device address, element type and shape.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DeviceTensor {
+    pub ptr: u64,
+    pub dtype: DataType,
+    pub shape: Vec<usize>,
+}
+
 /// An engine input or output: -1 marks a dynamic dimension.
 #[derive(Clone, Debug, PartialEq)]
 pub struct TensorDesc {
@@ -101,6 +109,22 @@ pub trait Engine {
     fn outputs(&self) -> &[TensorDesc];
     /// Runs once on host tensors named like `inputs()`; outputs come back in `outputs()` order.
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>>;
+    /// Runs on device memory: `device_inputs` are read and `device_outputs` written where the caller keeps them
+    /// (bound by address, no copies, nothing allocated per call), `host_inputs` (a few scalars such as a timestep)
+    /// are copied in. The caller's writes to the inputs must be complete (its stream synchronized); the outputs
+    /// are complete when this returns. Err for engines without a device path (the CPU backend).
+    fn run_device(
+        &mut self,
+        device_inputs: &[(&str, DeviceTensor)],
+        host_inputs: &[(String, HostTensor)],
+        device_outputs: &[(&str, DeviceTensor)],
+    ) -> Result<()> {
+        let _ = (device_inputs, host_inputs, device_outputs);
+        bail!(
+            "the {} backend runs on host memory; use --backend cuda or trt for device buffers",
+            self.backend()
+        )
+    }
     /// Hands each `(input, output)` of `pairs` to the next run: the output stays where the engine computed it (GPU
     /// memory for a GPU engine) and becomes that input, so a passed KV cache never crosses to the host. The first
     /// run after this call sees zero-filled inputs of shape `first`; later runs neither take nor return the chained

@@ -3,7 +3,7 @@
 //! GPUs without a usable TensorRT. NVFP4/INT4 graphs go through the CPU pass first; graphs with FP8 Q/DQ run
 //! without ORT's graph optimizations, which change their numerics (ORT 1.32 fuses Relu into an FP8 QuantizeLinear,
 //! correct only for uint8).
-use super::{Engine, HostTensor, TensorDesc, check_inputs};
+use super::{DeviceTensor, Engine, HostTensor, TensorDesc, check_inputs};
 use crate::onnx::cpu_pass::{CpuPassOptions, apply};
 use crate::onnx::summary::OnnxSummary;
 use crate::onnx::{DataType, OnnxFile, SaveOptions, save};
@@ -297,6 +297,57 @@ fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
     v.map_err(|e| anyhow::anyhow!("input '{name}': {e}"))
 }
 
+/// Binds a value wrapping caller-owned memory as an output, through ONNX Runtime's C API.
+fn bind_output_raw(
+    binding: &mut ort::session::IoBinding,
+    name: &str,
+    value: &ort::value::ValueRefMut<'_, ort::value::DynValueTypeMarker>,
+) -> Result<()> {
+    use ort::AsPointer;
+    let cname = std::ffi::CString::new(name)?;
+    let api = ort::api();
+    // SAFETY: both pointers come from live ort objects; ONNX Runtime copies what it keeps of the name.
+    let status = unsafe { (api.BindOutput)(binding.ptr_mut(), cname.as_ptr(), value.ptr()) };
+    if status.0.is_null() {
+        return Ok(());
+    }
+    // SAFETY: a non-null status is an error status owned by us; its message is a C string.
+    let msg = unsafe {
+        let m = std::ffi::CStr::from_ptr((api.GetErrorMessage)(status.0))
+            .to_string_lossy()
+            .into_owned();
+        (api.ReleaseStatus)(status.0);
+        m
+    };
+    bail!("output '{name}': {msg}")
+}
+
+/// A device buffer wrapped as an ONNX Runtime value by address (no copy).
+fn device_value<'a>(
+    memory: &ort::memory::MemoryInfo<'static>,
+    name: &str,
+    t: &DeviceTensor,
+) -> Result<ort::value::ValueRefMut<'a, ort::value::DynValueTypeMarker>> {
+    let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+    let ptr = t.ptr as *mut std::ffi::c_void;
+    macro_rules! wrap {
+        ($ty:ty) => {{
+            // SAFETY: the caller's buffer holds `shape` elements of this type on this device and outlives the run.
+            unsafe { ort::value::TensorRefMut::<$ty>::from_raw(memory.clone(), ptr.cast(), shape.into()) }
+                .map(|v| v.into_dyn())
+        }};
+    }
+    let v = match t.dtype {
+        DataType::FLOAT => wrap!(f32),
+        DataType::FLOAT16 => wrap!(half::f16),
+        DataType::BFLOAT16 => wrap!(half::bf16),
+        DataType::INT64 => wrap!(i64),
+        DataType::INT32 => wrap!(i32),
+        other => bail!("'{name}': {other} device buffers are not supported"),
+    };
+    v.map_err(|e| anyhow::anyhow!("'{name}': {e}"))
+}
+
 fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
     macro_rules! typed {
         ($ty:ty, $dt:expr, $bytes:expr) => {{
@@ -413,6 +464,63 @@ impl Engine for OrtEngine {
                 Ok((d.name.clone(), from_value(&d.name, v)?))
             })
             .collect()
+    }
+
+    fn run_device(
+        &mut self,
+        device_inputs: &[(&str, DeviceTensor)],
+        host_inputs: &[(String, HostTensor)],
+        device_outputs: &[(&str, DeviceTensor)],
+    ) -> Result<()> {
+        if self.device == OrtDevice::Cpu {
+            bail!(
+                "'{}' runs on ONNX Runtime's CPU provider, which cannot read device buffers; use --backend cuda",
+                self.name
+            );
+        }
+        self.binding.clear();
+        // Device buffers are wrapped by address; the wrappers must live until the run ends.
+        let mut wrapped = Vec::with_capacity(device_inputs.len() + device_outputs.len());
+        for (name, t) in device_inputs.iter().chain(device_outputs) {
+            wrapped.push((*name, device_value(&self.device_memory, name, t)?));
+        }
+        let n_in = device_inputs.len();
+        for (name, v) in &wrapped[..n_in] {
+            self.binding
+                .bind_input(*name, v)
+                .map_err(|e| anyhow::anyhow!("input '{name}': {e}"))?;
+        }
+        for (name, v) in &wrapped[n_in..] {
+            // The ort crate binds only values it allocated as outputs; ONNX Runtime itself takes any tensor.
+            bind_output_raw(&mut self.binding, name, v)?;
+        }
+        let host: Vec<(String, DynValue)> = host_inputs
+            .iter()
+            .map(|(n, t)| Ok((n.clone(), to_value(n, t)?)))
+            .collect::<Result<_>>()?;
+        for (n, v) in &host {
+            self.binding
+                .bind_input(n.as_str(), v)
+                .map_err(|e| anyhow::anyhow!("input '{n}': {e}"))?;
+        }
+        let bound: Vec<&str> = wrapped.iter().map(|(n, _)| *n).collect();
+        for d in &self.inputs {
+            if !bound.contains(&d.name.as_str()) && !host.iter().any(|(n, _)| *n == d.name) {
+                bail!("input '{}' of '{}' is not given", d.name, self.name);
+            }
+        }
+        for d in &self.outputs {
+            if !bound.contains(&d.name.as_str()) {
+                // Outputs nobody reads still need a place: ONNX Runtime allocates them on the device.
+                self.binding
+                    .bind_output_to_device(d.name.as_str(), &self.device_memory)
+                    .map_err(|e| anyhow::anyhow!("output '{}': {e}", d.name))?;
+            }
+        }
+        self.session
+            .run_binding(&self.binding)
+            .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        Ok(())
     }
 
     fn chain(&mut self, pairs: &[(String, String)], first: &[usize]) -> Result<bool> {

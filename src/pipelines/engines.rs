@@ -80,20 +80,25 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
         }
         BackendChoice::Auto => match plan_runs_here(engine) {
             Ok(gpu) => {
-                tracing::info!("running '{}' on {gpu} with TensorRT", engine.path.display());
+                tracing::info!("'{}': running on {gpu} with TensorRT", engine.path.display());
                 Backend::Trt
             }
             Err(why) => match cuda_unavailable() {
                 None => {
                     tracing::info!(
-                        "running '{}' on ONNX Runtime's CUDA provider: TensorRT cannot run it ({why})",
+                        "'{}': running on ONNX Runtime's CUDA provider: TensorRT cannot run it ({why})",
                         engine.path.display()
                     );
                     Backend::Cuda(0)
                 }
                 Some(no_cuda) => {
+                    let also = if no_cuda == why {
+                        String::new()
+                    } else {
+                        format!("; ONNX Runtime CUDA cannot either: {no_cuda}")
+                    };
                     tracing::info!(
-                        "running '{}' on the CPU backend (ONNX Runtime): {why}; no GPU executor either: {no_cuda}",
+                        "'{}': running on the CPU backend (ONNX Runtime): {why}{also}",
                         engine.path.display()
                     );
                     Backend::Cpu
