@@ -60,11 +60,11 @@ fn main() -> anyhow::Result<()> {
             &OpenOptions::default(),
         )
     };
-    let mut pipe = ImagePipeline::new(FluxModel {
-        config: p.config.clone(),
-        clip_tok: load_clip_tokenizer(&ct, p.config.clip_pad)?,
-        t5_tok: trt_diff::tokenizer::t5::T5Tokenizer::load(&tt)?,
-        engines: FluxEngines {
+    let mut pipe = ImagePipeline::new(FluxModel::new(
+        p.config.clone(),
+        load_clip_tokenizer(&ct, p.config.clip_pad)?,
+        trt_diff::tokenizer::t5::T5Tokenizer::load(&tt)?,
+        FluxEngines {
             clip: open(&paths.clip)?,
             t5: open(&paths.t5)?,
             transformer: open(&paths.transformer)?,
@@ -72,8 +72,7 @@ fn main() -> anyhow::Result<()> {
             vae_encoder: None,
             tae_decoder: None,
         },
-        amax: None,
-    });
+    ));
     let req = ImageRequest {
         prompt: "a watercolor painting of a fox in the snow, 4k".into(),
         steps: Some(4),

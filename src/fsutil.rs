@@ -285,6 +285,13 @@ impl WriteBehind {
     }
 }
 
+/// The project-local cache (scripts/setup.sh): `TRT_DIFF_CACHE`, else `.cache` in the source tree.
+pub fn cache_dir() -> PathBuf {
+    std::env::var_os("TRT_DIFF_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -309,11 +316,4 @@ mod tests {
         f.commit().unwrap();
         assert_eq!(std::fs::read(&target).unwrap(), expect);
     }
-}
-
-/// The project-local cache (scripts/setup.sh): `TRT_DIFF_CACHE`, else `.cache` in the source tree.
-pub fn cache_dir() -> PathBuf {
-    std::env::var_os("TRT_DIFF_CACHE")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join(".cache"))
 }

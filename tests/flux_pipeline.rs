@@ -82,11 +82,11 @@ fn final_latents_match_diffusers_flux_pipeline() {
         )
         .unwrap()
     };
-    let mut pipe = ImagePipeline::new(FluxModel {
-        config: p.config.clone(),
-        clip_tok: load_clip_tokenizer(&ct, p.config.clip_pad).unwrap(),
-        t5_tok: trt_diff::tokenizer::t5::T5Tokenizer::load(&tt).unwrap(),
-        engines: FluxEngines {
+    let mut pipe = ImagePipeline::new(FluxModel::new(
+        p.config.clone(),
+        load_clip_tokenizer(&ct, p.config.clip_pad).unwrap(),
+        trt_diff::tokenizer::t5::T5Tokenizer::load(&tt).unwrap(),
+        FluxEngines {
             clip: open(&paths.clip),
             t5: open(&paths.t5),
             transformer: open(&paths.transformer),
@@ -94,8 +94,7 @@ fn final_latents_match_diffusers_flux_pipeline() {
             vae_encoder: Some(open(&paths.vae_encoder)),
             tae_decoder: None,
         },
-        amax: None,
-    });
+    ));
     let io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
     let init = io.get("initial_latents").unwrap().to_f32().unwrap();
     let req = ImageRequest {

@@ -80,7 +80,10 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
         }
         BackendChoice::Auto => match plan_runs_here(engine) {
             Ok(gpu) => {
-                tracing::info!("'{}': running on {gpu} with TensorRT", engine.path.display());
+                tracing::info!(
+                    "'{}': running on {gpu} with TensorRT",
+                    engine.path.display()
+                );
                 Backend::Trt
             }
             Err(why) => match cuda_unavailable() {

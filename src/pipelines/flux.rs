@@ -5,15 +5,19 @@
 //! Each engine is TensorRT or ONNX Runtime; this file does not care which. The generic request handling (CFG,
 //! sampler loop, img2img, batches, previews) is `pipelines::image`.
 use super::engines::{Backend, open_components, resolve};
-use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latents, Prediction};
+use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
-use crate::backend::{BackendChoice, Engine, HostTensor};
+use crate::backend::{BackendChoice, DeviceTensor, Engine, HostTensor};
+use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::device::Device;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::onnx::DataType;
 use crate::samplers::schedule;
 use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
 use anyhow::{Context, Result, bail};
+use cudarc::driver::DevicePtr;
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What differs between Flux variants and what `generate` defaults to; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -86,6 +90,10 @@ pub struct FluxModel {
     pub engines: FluxEngines,
     /// When set, every transformer run's `amax.<key>` outputs (a calibration graph's) are folded in here.
     pub amax: Option<std::collections::HashMap<String, f32>>,
+    /// The GPU the engines run on: the sampler's latents, noise and guidance then stay there.
+    pub device: Option<Arc<Device>>,
+    /// Device copies of the constant transformer inputs: image ids per latent size, text ids.
+    device_ids: Option<((usize, usize), DeviceBuffer, DeviceBuffer)>,
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
@@ -153,11 +161,13 @@ fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
         .collect())
 }
 
-/// Text conditioning of one prompt: T5 sequence [1, L, d] and CLIP pooled [1, 768].
+/// Text conditioning of one prompt: T5 sequence [1, L, d] and CLIP pooled [1, 768]; on a GPU also their copies
+/// repeated for a batch, uploaded once per prompt and batch size.
 pub struct Cond {
     t5: Vec<f32>,
     t5_dim: usize,
     pooled: Vec<f32>,
+    on_device: std::cell::RefCell<Option<(usize, DeviceBuffer, DeviceBuffer)>>,
 }
 
 /// The sigma schedule (n+1 values ending in 0): "flux" is diffusers' FluxPipeline (`linspace(1, 1/n, n)`,
@@ -202,6 +212,24 @@ pub fn flux_sigmas(
 }
 
 impl FluxModel {
+    /// A model on engines opened on the CPU or with host I/O (latents in host memory).
+    pub fn new(
+        config: FluxPipelineConfig,
+        clip_tok: ClipTokenizer,
+        t5_tok: T5Tokenizer,
+        engines: FluxEngines,
+    ) -> Self {
+        FluxModel {
+            config,
+            clip_tok,
+            t5_tok,
+            engines,
+            amax: None,
+            device: None,
+            device_ids: None,
+        }
+    }
+
     /// Opens a Flux bundle's components on `backend`.
     pub fn open(engine: &EngineFile, bundle: &ImageBundle, backend: Backend) -> Result<Self> {
         let config: FluxPipelineConfig = serde_json::from_value(bundle.config.clone())
@@ -253,7 +281,138 @@ impl FluxModel {
                 tae_decoder,
             },
             amax: None,
+            device: match backend {
+                Backend::Cuda(id) => Some(Device::open(id as usize)?),
+                _ => None,
+            },
+            device_ids: None,
         })
+    }
+
+    /// The transformer on host latents.
+    fn predict_host(
+        &mut self,
+        x: &[f32],
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        guidance: f32,
+    ) -> Result<Vec<f32>> {
+        let c = &self.config;
+        let (b, tokens, ch) = (lat.batch, tokens(lat), 4 * c.latent_channels);
+        let t5_len = c.t5_max_len;
+        let e = self.engines.transformer.as_ref();
+        let (d, pd) = (cond.t5_dim, cond.pooled.len());
+        let mut inputs = vec![
+            float_input(e, "hidden_states", &[b, tokens, ch], x)?,
+            float_input(
+                e,
+                "encoder_hidden_states",
+                &[b, t5_len, d],
+                &cond.t5.repeat(b),
+            )?,
+            float_input(e, "pooled_projections", &[b, pd], &cond.pooled.repeat(b))?,
+            float_input(e, "timestep", &[b], &vec![sigma as f32; b])?,
+            float_input(
+                e,
+                "img_ids",
+                &[tokens, 3],
+                &image_ids(lat.height, lat.width),
+            )?,
+            float_input(e, "txt_ids", &[t5_len, 3], &vec![0f32; t5_len * 3])?,
+        ];
+        if c.guidance_embeds {
+            inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
+        }
+        let out = self
+            .engines
+            .transformer
+            .run(&inputs)
+            .context("Flux transformer")?;
+        if let Some(map) = self.amax.as_mut() {
+            crate::models::flux::merge_amax(map, &out);
+        }
+        output_f32(&out, "sample")
+    }
+
+    /// The transformer on device latents: constant inputs uploaded once, the latents and the output bound by
+    /// address, only the timestep (and guidance) copied per call.
+    fn predict_device(
+        &mut self,
+        x: &DeviceBuffer,
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        guidance: f32,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let dev = self
+            .device
+            .clone()
+            .context("device latents without a GPU engine")?;
+        let dev = &dev;
+        let c = &self.config;
+        let (b, tokens, ch, t5_len) = (lat.batch, tokens(lat), 4 * c.latent_channels, c.t5_max_len);
+        {
+            let mut on = cond.on_device.borrow_mut();
+            if on.as_ref().is_none_or(|(n, _, _)| *n != b) {
+                *on = Some((
+                    b,
+                    DeviceBuffer::from_host(dev, &cond.t5.repeat(b))?,
+                    DeviceBuffer::from_host(dev, &cond.pooled.repeat(b))?,
+                ));
+            }
+        }
+        if self
+            .device_ids
+            .as_ref()
+            .is_none_or(|(k, _, _)| *k != (lat.height, lat.width))
+        {
+            self.device_ids = Some((
+                (lat.height, lat.width),
+                DeviceBuffer::from_host(dev, &image_ids(lat.height, lat.width))?,
+                DeviceBuffer::from_host(dev, &vec![0f32; t5_len * 3])?,
+            ));
+        }
+        let e = self.engines.transformer.as_mut();
+        for d in e.inputs() {
+            if d.dtype != DataType::FLOAT && d.name != "timestep" && d.name != "guidance" {
+                bail!(
+                    "the transformer's input {d} is not f32, which the device path binds; rebuild the bundle with \
+                     this trt-diff"
+                );
+            }
+        }
+        let on = cond.on_device.borrow();
+        let (_, t5, pooled) = on.as_ref().expect("uploaded above");
+        let (_, img_ids, txt_ids) = self.device_ids.as_ref().expect("uploaded above");
+        let at = |buf: &DeviceBuffer, shape: Vec<usize>| {
+            let (p, _sync) = buf.data.device_ptr(&dev.stream);
+            DeviceTensor {
+                ptr: p,
+                dtype: DataType::FLOAT,
+                shape,
+            }
+        };
+        let inputs = [
+            ("hidden_states", at(x, vec![b, tokens, ch])),
+            (
+                "encoder_hidden_states",
+                at(t5, vec![b, t5_len, cond.t5_dim]),
+            ),
+            ("pooled_projections", at(pooled, vec![b, cond.pooled.len()])),
+            ("img_ids", at(img_ids, vec![tokens, 3])),
+            ("txt_ids", at(txt_ids, vec![t5_len, 3])),
+        ];
+        let outputs = [("sample", at(out, vec![b, tokens, ch]))];
+        let mut host = vec![float_input(e, "timestep", &[b], &vec![sigma as f32; b])?];
+        if c.guidance_embeds {
+            host.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
+        }
+        // The sampler's kernels wrote `x` on our stream; the engine reads it on its own.
+        dev.synchronize()?;
+        e.run_device(&inputs, &host, &outputs)
+            .context("Flux transformer")
     }
 }
 
@@ -359,58 +518,66 @@ impl ImageModel for FluxModel {
             t5_dim: t5.len() / max,
             t5,
             pooled,
+            on_device: Default::default(),
         })
     }
 
     fn predict(
         &mut self,
-        x: &[f32],
+        x: &Latent,
         sigma: f64,
         cond: &Cond,
         lat: &Latents,
         guidance: f32,
-    ) -> Result<Vec<f32>> {
-        let c = &self.config;
-        let (b, tokens, ch) = (lat.batch, tokens(lat), 4 * c.latent_channels);
-        let t5_len = c.t5_max_len;
-        let e = self.engines.transformer.as_ref();
-        let (d, pd) = (cond.t5_dim, cond.pooled.len());
-        let mut inputs = vec![
-            float_input(e, "hidden_states", &[b, tokens, ch], x)?,
-            float_input(
-                e,
-                "encoder_hidden_states",
-                &[b, t5_len, d],
-                &cond.t5.repeat(b),
-            )?,
-            float_input(e, "pooled_projections", &[b, pd], &cond.pooled.repeat(b))?,
-            float_input(e, "timestep", &[b], &vec![sigma as f32; b])?,
-            float_input(
-                e,
-                "img_ids",
-                &[tokens, 3],
-                &image_ids(lat.height, lat.width),
-            )?,
-            float_input(e, "txt_ids", &[t5_len, 3], &vec![0f32; t5_len * 3])?,
-        ];
-        if c.guidance_embeds {
-            inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
+        out: &mut Latent,
+    ) -> Result<()> {
+        match (x, out) {
+            (Latent::Device(x), Latent::Device(out)) => {
+                self.predict_device(x, sigma, cond, lat, guidance, out)
+            }
+            (Latent::Host(x), Latent::Host(out)) => {
+                *out = self.predict_host(x, sigma, cond, lat, guidance)?;
+                Ok(())
+            }
+            _ => bail!("host and device latents mixed in one call (a pipeline bug)"),
         }
-        let out = self
-            .engines
-            .transformer
-            .run(&inputs)
-            .context("Flux transformer")?;
-        if let Some(map) = self.amax.as_mut() {
-            crate::models::flux::merge_amax(map, &out);
-        }
-        output_f32(&out, "sample")
     }
 
-    fn pack_noise(&self, z: &[f32], lat: &Latents) -> Vec<f32> {
-        pack(z, 1, lat.channels, lat.height, lat.width)
+    fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
+        let per = lat.channels * lat.height * lat.width;
+        let Some(dev) = self.device.clone() else {
+            let mut all = Vec::with_capacity(lat.len());
+            let mut z = vec![0f32; per];
+            for i in 0..lat.batch {
+                crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
+                all.extend(pack(&z, 1, lat.channels, lat.height, lat.width));
+            }
+            return Ok(Latent::Host(all));
+        };
+        // Per image: Philox noise of seed + i into [C, H, W], packed into its slice of the batch, on the GPU.
+        let mut z = DeviceBuffer::zeros(&dev, per * lat.batch)?;
+        let mut one = DeviceBuffer::zeros(&dev, per)?;
+        for i in 0..lat.batch {
+            crate::samplers::buffer::Buffer::fill_normal(&mut one, seed + i as u64, 0)?;
+            dev.stream
+                .memcpy_dtod(&one.data, &mut z.data.slice_mut(i * per..(i + 1) * per))
+                .context("copying noise on the GPU failed")?;
+        }
+        let mut x = DeviceBuffer::zeros(&dev, per * lat.batch)?;
+        dev.flux_pack(
+            &mut x.data,
+            &z.data,
+            [lat.batch, lat.channels, lat.height, lat.width],
+        )?;
+        Ok(Latent::Device(x))
     }
 
+    fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
+        Ok(match &self.device {
+            Some(dev) => Latent::Device(DeviceBuffer::from_host(dev, &v)?),
+            None => Latent::Host(v),
+        })
+    }
     /// Init image -> packed, scaled latents [1, tokens, 4C] (VAE encoder mean).
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
         let c = self.config.clone();
@@ -444,7 +611,8 @@ impl ImageModel for FluxModel {
     }
 
     /// Packed latents -> RGB8 images through the VAE decoder.
-    fn decode(&mut self, x: &[f32], lat: &Latents) -> Result<Vec<Vec<u8>>> {
+    fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>> {
+        let x = &x.to_host()?;
         let c = &self.config;
         let (b, lh, lw) = (lat.batch, lat.height, lat.width);
         let mut z = unpack(x, b, c.latent_channels, lh, lw);
@@ -475,7 +643,8 @@ impl ImageModel for FluxModel {
         self.engines.tae_decoder.is_some()
     }
 
-    fn preview(&mut self, x0: &[f32], lat: &Latents) -> Result<(Vec<u8>, usize, usize)> {
+    fn preview(&mut self, x0: &Latent, lat: &Latents) -> Result<(Vec<u8>, usize, usize)> {
+        let x0 = &x0.to_host()?;
         let tae = self
             .engines
             .tae_decoder

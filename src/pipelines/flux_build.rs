@@ -413,11 +413,11 @@ fn calibrate(
         vae_encoder: aux.vae_encoder.clone(),
     };
     let open = |path: &Path| open_file(&EngineFile::open(path)?, backend, &OpenOptions::default());
-    let mut pipe = ImagePipeline::new(FluxModel {
-        config: p.config.clone(),
-        clip_tok: load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad)?,
-        t5_tok: T5Tokenizer::load(&p.files.t5_tokenizer)?,
-        engines: FluxEngines {
+    let mut model = FluxModel::new(
+        p.config.clone(),
+        load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad)?,
+        T5Tokenizer::load(&p.files.t5_tokenizer)?,
+        FluxEngines {
             clip: open(&paths.clip)?,
             t5: open(&paths.t5)?,
             transformer: open(&paths.transformer)?,
@@ -425,8 +425,9 @@ fn calibrate(
             vae_encoder: None,
             tae_decoder: None,
         },
-        amax: Some(HashMap::new()),
-    });
+    );
+    model.amax = Some(HashMap::new());
+    let mut pipe = ImagePipeline::new(model);
     let r = &p.recipe.precision;
     // At most the profile's optimum size: calibration only needs typical activations.
     let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;

@@ -2,6 +2,8 @@
 //! [`ImageModel`] (its text encoders, latent layout, how the denoiser calls its network, its schedule and VAE);
 //! [`ImagePipeline`] owns everything generic: request defaults, the text-conditioning cache, classifier-free
 //! guidance, seeds and batches, img2img, the sampler loop with progress and previews, and the PNG parameters.
+use crate::cuda::buffer::DeviceBuffer;
+use crate::samplers::buffer::Buffer;
 use crate::samplers::{model::Denoiser, noise, registry, stepper};
 use anyhow::{Result, bail};
 use std::collections::HashMap;
@@ -76,6 +78,84 @@ impl Latents {
     }
 }
 
+/// The sampler's latents: in host memory when the family's engines run on the CPU, in GPU memory when they run on
+/// a GPU, so that the whole loop (network calls, guidance, sampler updates, noise) stays on the device.
+pub enum Latent {
+    Host(Vec<f32>),
+    Device(DeviceBuffer),
+}
+
+impl Latent {
+    /// The values on the host (one copy for a device latent).
+    pub fn to_host(&self) -> Result<Vec<f32>> {
+        match self {
+            Latent::Host(v) => Ok(v.clone()),
+            Latent::Device(d) => d.to_host(),
+        }
+    }
+}
+
+fn mixed() -> anyhow::Error {
+    anyhow::anyhow!("host and device latents mixed in one operation (a pipeline bug)")
+}
+
+impl Buffer for Latent {
+    fn len(&self) -> usize {
+        match self {
+            Latent::Host(v) => v.len(),
+            Latent::Device(d) => d.len(),
+        }
+    }
+    fn alloc_like(&self) -> Result<Self> {
+        Ok(match self {
+            Latent::Host(v) => Latent::Host(v.alloc_like()?),
+            Latent::Device(d) => Latent::Device(d.alloc_like()?),
+        })
+    }
+    fn lincomb_raw(&mut self, beta: f64, terms: &[(f64, &Self)]) -> Result<()> {
+        match self {
+            Latent::Host(out) => {
+                let t: Vec<(f64, &Vec<f32>)> = terms
+                    .iter()
+                    .map(|(c, x)| match x {
+                        Latent::Host(v) => Ok((*c, v)),
+                        Latent::Device(_) => Err(mixed()),
+                    })
+                    .collect::<Result<_>>()?;
+                out.lincomb_raw(beta, &t)
+            }
+            Latent::Device(out) => {
+                let t: Vec<(f64, &DeviceBuffer)> = terms
+                    .iter()
+                    .map(|(c, x)| match x {
+                        Latent::Device(v) => Ok((*c, v)),
+                        Latent::Host(_) => Err(mixed()),
+                    })
+                    .collect::<Result<_>>()?;
+                out.lincomb_raw(beta, &t)
+            }
+        }
+    }
+    fn fill_normal(&mut self, seed: u64, stream: u64) -> Result<()> {
+        match self {
+            Latent::Host(v) => v.fill_normal(seed, stream),
+            Latent::Device(d) => d.fill_normal(seed, stream),
+        }
+    }
+    fn to_host_f64(&self) -> Result<Vec<f64>> {
+        match self {
+            Latent::Host(v) => v.to_host_f64(),
+            Latent::Device(d) => d.to_host_f64(),
+        }
+    }
+    fn set_from_f64(&mut self, v: &[f64]) -> Result<()> {
+        match self {
+            Latent::Host(h) => h.set_from_f64(v),
+            Latent::Device(d) => d.set_from_f64(v),
+        }
+    }
+}
+
 /// What a model family supplies. Latents are in the sampler's space (packed, scaled); images are RGB8.
 pub trait ImageModel {
     /// One prompt's text conditioning, cached by the pipeline per prompt.
@@ -88,25 +168,29 @@ pub trait ImageModel {
     /// `steps + 1` sigmas ending in 0 for a scheduler name (the family's own names and the catalogue's).
     fn sigmas(&self, scheduler: &str, steps: usize, lat: &Latents) -> Result<Vec<f64>>;
     fn encode_prompt(&mut self, prompt: &str) -> Result<Self::Cond>;
-    /// The network's raw output for the whole batch at `sigma`.
+    /// The network's raw output for the whole batch at `sigma`, written into `out` (where `x` lives).
     fn predict(
         &mut self,
-        x: &[f32],
+        x: &Latent,
         sigma: f64,
         cond: &Self::Cond,
         lat: &Latents,
         guidance: f32,
-    ) -> Result<Vec<f32>>;
-    /// One image's sampler-space latent from unpacked standard-normal noise `[C, H, W]`.
-    fn pack_noise(&self, z: &[f32], lat: &Latents) -> Vec<f32>;
-    /// One init image `[1, 3, H, W]` in [-1, 1] to its sampler-space latent (img2img).
+        out: &mut Latent,
+    ) -> Result<()>;
+    /// The batch's initial latents: per image i, Philox noise of `seed + i` (stream 0) in the sampler's space,
+    /// where the engines run.
+    fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent>;
+    /// Host values as a latent where the engines run.
+    fn latent(&mut self, v: Vec<f32>) -> Result<Latent>;
+    /// One init image `[1, 3, H, W]` in [-1, 1] to its sampler-space latent on the host (img2img).
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>>;
     /// Sampler-space latents of the batch to RGB8 images.
-    fn decode(&mut self, x: &[f32], lat: &Latents) -> Result<Vec<Vec<u8>>>;
+    fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>>;
     /// Whether [`ImageModel::preview`] can draw (a tiny autoencoder in the bundle).
     fn can_preview(&self) -> bool;
     /// The first image of an x0 estimate through the preview decoder: (RGB8, width, height).
-    fn preview(&mut self, x0: &[f32], lat: &Latents) -> Result<(Vec<u8>, usize, usize)>;
+    fn preview(&mut self, x0: &Latent, lat: &Latents) -> Result<(Vec<u8>, usize, usize)>;
 }
 
 pub struct StepInfo {
@@ -189,7 +273,7 @@ impl<M: ImageModel> ImagePipeline<M> {
                  TAESD family)"
             );
         }
-        let mut sampler = registry::build::<Vec<f32>>(&sampler_name, &Default::default())?;
+        let mut sampler = registry::build::<Latent>(&sampler_name, &Default::default())?;
         let cond = self.condition(&req.prompt)?;
         let uncond = match (&req.negative_prompt, true_cfg) {
             (Some(neg), true) => Some(self.condition(neg)?),
@@ -197,21 +281,13 @@ impl<M: ImageModel> ImagePipeline<M> {
         };
         // Initial latents: given, or Philox noise per image (seed + i, so image i is reproducible alone).
         let mut x = match &req.initial_noise {
-            Some(v) if v.len() == lat.len() => v.clone(),
+            Some(v) if v.len() == lat.len() => self.model.latent(v.clone())?,
             Some(v) => bail!(
                 "initial noise has {} values, {} expected",
                 v.len(),
                 lat.len()
             ),
-            None => {
-                let mut all = Vec::with_capacity(lat.len());
-                let mut z = vec![0f32; lat.channels * lat.height * lat.width];
-                for i in 0..lat.batch {
-                    noise::fill_normal_host(&mut z, req.seed + i as u64, 0);
-                    all.extend(self.model.pack_noise(&z, &lat));
-                }
-                all
-            }
+            None => self.model.initial_noise(req.seed, &lat)?,
         };
         if let Some(path) = &req.init_image {
             if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
@@ -228,19 +304,16 @@ impl<M: ImageModel> ImagePipeline<M> {
             }
             sigmas = sigmas[t_start..].to_vec();
             let rgb = super::image_io::load_init_image(path, w, h)?;
-            let x0 = self.model.encode_image(&rgb, &lat)?;
-            let s0 = sigmas[0] as f32;
+            let x0 = self.model.encode_image(&rgb, &lat)?.repeat(lat.batch);
+            let x0 = self.model.latent(x0)?;
+            let s0 = sigmas[0] as f32 as f64;
             match self.model.prediction() {
-                Prediction::Flow => {
-                    for (i, v) in x.iter_mut().enumerate() {
-                        *v = s0 * *v + (1.0 - s0) * x0[i % x0.len()];
-                    }
-                }
+                Prediction::Flow => x.lincomb(s0, &[(1.0 - s0, &x0)])?,
             }
         }
         let run_steps = sigmas.len() - 1;
         let prediction = self.model.prediction();
-        let mut last_x0: Vec<f32> = Vec::new();
+        let mut last_x0 = x.alloc_like()?;
         let mut denoiser = GuidedDenoiser {
             model: &mut self.model,
             cond: &cond,
@@ -250,6 +323,7 @@ impl<M: ImageModel> ImagePipeline<M> {
             lat: &lat,
             prediction,
             last_x0: &mut last_x0,
+            raw: None,
         };
         let mut noise_src = noise::PhiloxNoise::new(req.seed);
         let mut times = Vec::with_capacity(run_steps);
@@ -257,7 +331,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         for i in 0..run_steps {
             let t_step = Instant::now();
             let mut cx = stepper::Ctx {
-                model: &mut denoiser as &mut dyn Denoiser<Vec<f32>>,
+                model: &mut denoiser as &mut dyn Denoiser<Latent>,
                 noise: &mut noise_src,
                 sigmas: &sigmas,
             };
@@ -297,7 +371,7 @@ impl<M: ImageModel> ImagePipeline<M> {
             width: w,
             height: h,
             images,
-            latents: x,
+            latents: x.to_host()?,
             step_seconds: times,
             parameters,
         })
@@ -305,7 +379,8 @@ impl<M: ImageModel> ImagePipeline<M> {
 }
 
 /// The samplers' denoiser `D(x, sigma)`: the family's network with classifier-free guidance on its raw output,
-/// then the family's parameterization turned into the denoised estimate.
+/// then the family's parameterization turned into the denoised estimate, all through `Buffer::lincomb` (so on the
+/// device for device latents).
 struct GuidedDenoiser<'a, M: ImageModel> {
     model: &'a mut M,
     cond: &'a M::Cond,
@@ -314,59 +389,56 @@ struct GuidedDenoiser<'a, M: ImageModel> {
     guidance: f32,
     lat: &'a Latents,
     prediction: Prediction,
-    last_x0: &'a mut Vec<f32>,
+    last_x0: &'a mut Latent,
+    /// The network's outputs (conditional, unconditional), allocated at the first call.
+    raw: Option<(Latent, Latent)>,
 }
 
 impl<M: ImageModel> GuidedDenoiser<'_, M> {
-    fn to_denoised(&self, x: &[f32], sigma: f64, raw: &[f32], out: &mut [f32]) {
-        let s = sigma as f32;
+    /// `out = D` from the raw prediction `raw` at `x`.
+    fn to_denoised(&self, x: &Latent, sigma: f64, raw: &Latent, out: &mut Latent) -> Result<()> {
         match self.prediction {
-            Prediction::Flow => {
-                for ((o, xi), vi) in out.iter_mut().zip(x).zip(raw) {
-                    *o = xi - s * vi;
-                }
-            }
+            Prediction::Flow => out.lincomb(0.0, &[(1.0, x), (-(sigma as f32) as f64, raw)]),
         }
     }
 }
 
-impl<M: ImageModel> Denoiser<Vec<f32>> for GuidedDenoiser<'_, M> {
-    fn denoise(&mut self, x: &Vec<f32>, sigma: f64, out: &mut Vec<f32>) -> Result<()> {
-        let mut u = Vec::new();
-        self.denoise_with_uncond(x, sigma, out, &mut u)
+impl<M: ImageModel> Denoiser<Latent> for GuidedDenoiser<'_, M> {
+    fn denoise(&mut self, x: &Latent, sigma: f64, out: &mut Latent) -> Result<()> {
+        self.denoise_with_uncond(x, sigma, out, &mut Latent::Host(Vec::new()))
     }
 
     fn denoise_with_uncond(
         &mut self,
-        x: &Vec<f32>,
+        x: &Latent,
         sigma: f64,
-        out: &mut Vec<f32>,
-        uncond_out: &mut Vec<f32>,
+        out: &mut Latent,
+        uncond_out: &mut Latent,
     ) -> Result<()> {
-        let mut v = self
-            .model
-            .predict(x, sigma, self.cond, self.lat, self.guidance)?;
-        if v.len() != x.len() {
-            bail!(
-                "the {} network returned {} values for {} latents",
-                self.model.arch(),
-                v.len(),
-                x.len()
-            );
+        if self.raw.is_none() {
+            self.raw = Some((x.alloc_like()?, x.alloc_like()?));
         }
-        if let Some(u) = self.uncond {
-            let vu = self.model.predict(x, sigma, u, self.lat, self.guidance)?;
-            for (a, n) in v.iter_mut().zip(&vu) {
-                *a = n + self.cfg * (*a - n);
+        let (mut v, mut vu) = self.raw.take().expect("allocated above");
+        let r = (|| {
+            self.model
+                .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?;
+            if let Some(u) = self.uncond {
+                self.model
+                    .predict(x, sigma, u, self.lat, self.guidance, &mut vu)?;
+                // v = vu + cfg (v - vu)
+                let c = self.cfg as f64;
+                v.lincomb(c, &[(1.0 - c, &vu)])?;
+                if uncond_out.len() == x.len() {
+                    self.to_denoised(x, sigma, &vu, uncond_out)?;
+                }
             }
-            uncond_out.resize(x.len(), 0.0);
-            self.to_denoised(x, sigma, &vu, uncond_out);
-        }
-        self.to_denoised(x, sigma, &v, out);
-        if self.uncond.is_none() {
-            uncond_out.clone_from(out);
-        }
-        self.last_x0.clone_from(out);
-        Ok(())
+            self.to_denoised(x, sigma, &v, out)?;
+            if self.uncond.is_none() && uncond_out.len() == x.len() {
+                uncond_out.copy_from(out)?;
+            }
+            self.last_x0.copy_from(out)
+        })();
+        self.raw = Some((v, vu));
+        r
     }
 }
