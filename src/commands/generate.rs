@@ -96,14 +96,15 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
             engine.path.display()
         ),
     };
-    let mean = r.step_seconds.iter().sum::<f64>() / r.step_seconds.len().max(1) as f64;
+    let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     for f in &r.files {
         println!("wrote {}", f.display());
     }
     eprintln!(
-        "{} steps, {:.3} s/step mean, {:.2} s total on {backend:?}",
+        "{} steps, {:.3} s/step mean ({:.3} ms/step outside the network), {:.2} s total on {backend:?}",
         r.step_seconds.len(),
-        mean,
+        mean(&r.step_seconds),
+        mean(&r.outside_seconds) * 1e3,
         t0.elapsed().as_secs_f64(),
     );
     Ok(())
@@ -112,6 +113,7 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
 struct Written {
     files: Vec<PathBuf>,
     step_seconds: Vec<f64>,
+    outside_seconds: Vec<f64>,
 }
 
 /// Output file of image `i` of `n`.
@@ -163,5 +165,6 @@ fn write_images<M: ImageModel>(
     Ok(Written {
         files,
         step_seconds: r.step_seconds,
+        outside_seconds: r.outside_seconds,
     })
 }

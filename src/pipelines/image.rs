@@ -86,6 +86,14 @@ pub enum Latent {
 }
 
 impl Latent {
+    /// Waits for queued device work on the latent (step timings measure finished work).
+    pub fn sync(&self) -> Result<()> {
+        match self {
+            Latent::Host(_) => Ok(()),
+            Latent::Device(d) => d.dev.synchronize(),
+        }
+    }
+
     /// The values on the host (one copy for a device latent).
     pub fn to_host(&self) -> Result<Vec<f32>> {
         match self {
@@ -197,6 +205,8 @@ pub struct StepInfo {
     pub step: usize,
     pub steps: usize,
     pub seconds: f64,
+    /// Of `seconds`, the time spent outside the network calls (sampler, guidance, noise, bookkeeping).
+    pub outside_seconds: f64,
 }
 
 pub struct ImageOutput {
@@ -207,6 +217,8 @@ pub struct ImageOutput {
     /// Final sampler-space latents of the batch.
     pub latents: Vec<f32>,
     pub step_seconds: Vec<f64>,
+    /// Per step, the time outside the network calls.
+    pub outside_seconds: Vec<f64>,
     /// "prompt, steps, sampler, ..." as written into the PNG.
     pub parameters: String,
 }
@@ -324,24 +336,31 @@ impl<M: ImageModel> ImagePipeline<M> {
             prediction,
             last_x0: &mut last_x0,
             raw: None,
+            network_seconds: 0.0,
         };
         let mut noise_src = noise::PhiloxNoise::new(req.seed);
         let mut times = Vec::with_capacity(run_steps);
+        let mut outside = Vec::with_capacity(run_steps);
         stepper::check_sigmas(&sigmas)?;
         for i in 0..run_steps {
             let t_step = Instant::now();
+            denoiser.network_seconds = 0.0;
             let mut cx = stepper::Ctx {
                 model: &mut denoiser as &mut dyn Denoiser<Latent>,
                 noise: &mut noise_src,
                 sigmas: &sigmas,
             };
             sampler.step(&mut cx, &mut x, i)?;
+            x.sync()?;
             let seconds = t_step.elapsed().as_secs_f64();
+            let outside_seconds = seconds - denoiser.network_seconds;
             times.push(seconds);
+            outside.push(outside_seconds);
             on_step(&StepInfo {
                 step: i + 1,
                 steps: run_steps,
                 seconds,
+                outside_seconds,
             })?;
             if let Some(path) = &req.preview {
                 let (rgb, pw, ph) = denoiser.model.preview(denoiser.last_x0, &lat)?;
@@ -373,6 +392,7 @@ impl<M: ImageModel> ImagePipeline<M> {
             images,
             latents: x.to_host()?,
             step_seconds: times,
+            outside_seconds: outside,
             parameters,
         })
     }
@@ -392,6 +412,8 @@ struct GuidedDenoiser<'a, M: ImageModel> {
     last_x0: &'a mut Latent,
     /// The network's outputs (conditional, unconditional), allocated at the first call.
     raw: Option<(Latent, Latent)>,
+    /// Time inside the network calls since the last reset.
+    network_seconds: f64,
 }
 
 impl<M: ImageModel> GuidedDenoiser<'_, M> {
@@ -420,11 +442,15 @@ impl<M: ImageModel> Denoiser<Latent> for GuidedDenoiser<'_, M> {
         }
         let (mut v, mut vu) = self.raw.take().expect("allocated above");
         let r = (|| {
+            let t = Instant::now();
             self.model
                 .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?;
             if let Some(u) = self.uncond {
                 self.model
                     .predict(x, sigma, u, self.lat, self.guidance, &mut vu)?;
+            }
+            self.network_seconds += t.elapsed().as_secs_f64();
+            if self.uncond.is_some() {
                 // v = vu + cfg (v - vu)
                 let c = self.cfg as f64;
                 v.lincomb(c, &[(1.0 - c, &vu)])?;
