@@ -48,6 +48,8 @@ pub enum Command {
         port: u16,
         #[arg(long, value_enum, default_value_t = crate::runner::BackendChoice::Auto)]
         backend: crate::runner::BackendChoice,
+        #[command(flatten)]
+        opts: crate::server::ServeOptions,
     },
     /// Show what is inside a .onnx or .plan file.
     Inspect {
@@ -389,7 +391,8 @@ fn run(cli: Cli) -> Result<()> {
             host,
             port,
             backend,
-        } => crate::server::serve(&engine, backend, &host, port),
+            opts,
+        } => crate::server::serve(&engine, backend, &host, port, &opts),
         Command::Run(a) => run_engine(a),
         Command::Quantize(a) => quantize(a),
         Command::Samplers { cmd } => samplers(cmd),

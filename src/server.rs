@@ -24,7 +24,72 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
+mod limits;
+
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// `trt-diff serve` options beyond the engine and address: access, CORS and the limits that keep the server bounded.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ServeOptions {
+    /// Require `Authorization: Bearer KEY` on every route but /health (also read from TRT_DIFF_API_KEY).
+    #[arg(long, env = "TRT_DIFF_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+    /// Allow browsers on ORIGIN (e.g. http://localhost:3000, or * for any) to call the API; repeat for several.
+    /// CORS is off without it.
+    #[arg(long, value_name = "ORIGIN")]
+    pub cors: Vec<String>,
+    /// Seconds a client has to send a request's headers; an idle keep-alive connection is closed after it too.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub header_timeout: f64,
+    /// Seconds a client has to send a request's body once its headers arrived (408 after).
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub body_timeout: f64,
+    /// Seconds a response may wait on a client that stopped reading before the connection is dropped.
+    #[arg(long, value_name = "SECS", default_value_t = 30.0)]
+    pub write_timeout: f64,
+    /// Open connections at most; more are answered with 503 and closed.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub max_connections: usize,
+    /// After SIGINT/SIGTERM, seconds given to requests in progress before the server stops anyway.
+    #[arg(long, value_name = "SECS", default_value_t = 10.0)]
+    pub shutdown_grace: f64,
+}
+
+impl Default for ServeOptions {
+    fn default() -> Self {
+        ServeOptions {
+            api_key: None,
+            cors: Vec::new(),
+            header_timeout: 10.0,
+            body_timeout: 30.0,
+            write_timeout: 30.0,
+            max_connections: 256,
+            shutdown_grace: 10.0,
+        }
+    }
+}
+
+impl ServeOptions {
+    fn limits(&self) -> Result<limits::Limits> {
+        let secs = |name: &str, v: f64| -> Result<std::time::Duration> {
+            if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
+                anyhow::bail!("--{name} must be a number of seconds in (0, 86400], got {v}");
+            }
+            Ok(std::time::Duration::from_secs_f64(v))
+        };
+        if self.max_connections == 0 {
+            anyhow::bail!("--max-connections must be at least 1");
+        }
+        Ok(limits::Limits {
+            header_timeout: secs("header-timeout", self.header_timeout)?,
+            body_timeout: secs("body-timeout", self.body_timeout)?,
+            write_timeout: secs("write-timeout", self.write_timeout)?,
+            max_connections: self.max_connections,
+            shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
+            max_body_bytes: MAX_BODY_BYTES,
+        })
+    }
+}
 
 /// Request fields shared by both APIs; unknown fields are rejected so typos do not pass silently.
 #[derive(Deserialize, Debug)]
@@ -511,7 +576,9 @@ pub fn serve(
     backend: crate::runner::BackendChoice,
     host: &str,
     port: u16,
+    opts: &ServeOptions,
 ) -> Result<()> {
+    let limits = Arc::new(opts.limits()?);
     use crate::manifest::{Manifest, Pipeline, sidecar_path};
     if !engine_path.exists() {
         anyhow::bail!(
@@ -592,11 +659,16 @@ pub fn serve(
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state);
+        .with_state(state)
+        .layer(axum::middleware::from_fn_with_state(
+            limits.clone(),
+            limits::read_body,
+        ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    rt.block_on(async move {
+    let counters = Arc::new(limits::ConnCounters::default());
+    rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((host, port))
             .await
             .with_context(|| {
@@ -606,9 +678,10 @@ pub fn serve(
         println!("listening on http://{addr}");
         use std::io::Write;
         std::io::stdout().flush()?;
-        axum::serve(listener, app)
-            .with_graceful_shutdown(shutdown_signal())
-            .await?;
-        Ok(())
-    })
+        limits::serve(listener, app, limits, counters, shutdown_signal()).await?;
+        Ok::<(), anyhow::Error>(())
+    })?;
+    // Connections dropped at the end of the grace period may leave tasks behind: do not wait for them.
+    rt.shutdown_timeout(std::time::Duration::from_millis(200));
+    Ok(())
 }
