@@ -161,6 +161,7 @@ struct Metrics {
 }
 
 struct AppState {
+    counters: Arc<limits::ConnCounters>,
     jobs: mpsc::Sender<Job>,
     metrics: Arc<Metrics>,
     model: String,
@@ -537,8 +538,8 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
          # TYPE trt_diff_generated_tokens_total counter\ntrt_diff_generated_tokens_total {}\n\
          # HELP trt_diff_requests_in_flight Requests queued or generating.\n# TYPE trt_diff_requests_in_flight gauge\n\
          trt_diff_requests_in_flight {}\n",
-        m.requests.load(Ordering::Relaxed),
-        m.errors.load(Ordering::Relaxed),
+        m.requests.load(Ordering::Relaxed) + state.counters.bad_bodies.load(Ordering::Relaxed),
+        m.errors.load(Ordering::Relaxed) + state.counters.bad_bodies.load(Ordering::Relaxed),
         m.prompt_tokens.load(Ordering::Relaxed),
         m.generated_tokens.load(Ordering::Relaxed),
         m.in_flight.load(Ordering::Relaxed),
@@ -627,7 +628,9 @@ pub fn serve(
         .recv()
         .context("the generation thread stopped before opening the engine")?
         .map_err(|e| anyhow::anyhow!(e))?;
+    let counters = Arc::new(limits::ConnCounters::default());
     let state = Arc::new(AppState {
+        counters: counters.clone(),
         jobs: tx,
         metrics,
         model: engine_path
@@ -661,13 +664,15 @@ pub fn serve(
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
         .with_state(state)
         .layer(axum::middleware::from_fn_with_state(
-            limits.clone(),
+            Arc::new(limits::BodyGuard {
+                limits: limits.clone(),
+                counters: counters.clone(),
+            }),
             limits::read_body,
         ));
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    let counters = Arc::new(limits::ConnCounters::default());
     rt.block_on(async {
         let listener = tokio::net::TcpListener::bind((host, port))
             .await

@@ -47,6 +47,14 @@ pub struct ConnCounters {
     pub accepted: AtomicU64,
     pub refused: AtomicU64,
     pub timed_out: AtomicU64,
+    /// Requests refused by `read_body` (408, 413): counted as requests and errors in /metrics.
+    pub bad_bodies: AtomicU64,
+}
+
+/// State of the `read_body` middleware.
+pub struct BodyGuard {
+    pub limits: Arc<Limits>,
+    pub counters: Arc<ConnCounters>,
 }
 
 /// A socket whose writes fail once they have waited `limit` on a client that does not read.
@@ -133,7 +141,9 @@ fn json_error(status: StatusCode, message: String) -> Response {
 }
 
 /// Middleware: reads the whole body within `body_timeout` (408 otherwise) and at most `max_body_bytes` (413).
-pub async fn read_body(State(limits): State<Arc<Limits>>, req: Request, next: Next) -> Response {
+pub async fn read_body(State(guard): State<Arc<BodyGuard>>, req: Request, next: Next) -> Response {
+    let limits = &guard.limits;
+    let bad = || guard.counters.bad_bodies.fetch_add(1, Ordering::Relaxed);
     let max = limits.max_body_bytes;
     let declared = req
         .headers()
@@ -141,6 +151,7 @@ pub async fn read_body(State(limits): State<Arc<Limits>>, req: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|n| n > max as u64) {
+        bad();
         return json_error(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!(
@@ -154,6 +165,7 @@ pub async fn read_body(State(limits): State<Arc<Limits>>, req: Request, next: Ne
         match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max)).await {
             Ok(Ok(b)) => b,
             Ok(Err(_)) => {
+                bad();
                 return json_error(
                     StatusCode::PAYLOAD_TOO_LARGE,
                     format!(
@@ -163,6 +175,7 @@ pub async fn read_body(State(limits): State<Arc<Limits>>, req: Request, next: Ne
                 );
             }
             Err(_) => {
+                bad();
                 let mut r = json_error(
                     StatusCode::REQUEST_TIMEOUT,
                     format!(
