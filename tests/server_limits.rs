@@ -192,8 +192,10 @@ fn sigterm_stops_within_the_grace_period_whatever_clients_do() {
     let mut server = start_with(&plan, &args);
     let a = server.addr.clone();
     let mut half = TcpStream::connect(&a).unwrap();
-    half.write_all(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro")
-        .unwrap();
+    half.write_all(
+        b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{\"pro",
+    )
+    .unwrap();
     let mut half_head = TcpStream::connect(&a).unwrap();
     half_head.write_all(b"POST /v1/comp").unwrap();
     let idle = TcpStream::connect(&a).unwrap();

@@ -161,36 +161,38 @@ pub async fn read_body(State(guard): State<Arc<BodyGuard>>, req: Request, next: 
         );
     }
     let (parts, body) = req.into_parts();
-    let bytes =
-        match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max)).await {
-            Ok(Ok(b)) => b,
-            Ok(Err(_)) => {
-                bad();
-                return json_error(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!(
-                        "the request body is over the limit of {} KiB (or was cut off); send a shorter prompt",
-                        max / 1024
-                    ),
-                );
-            }
-            Err(_) => {
-                bad();
-                let mut r = json_error(
-                    StatusCode::REQUEST_TIMEOUT,
-                    format!(
-                        "the request body did not arrive within {} s (--body-timeout)",
-                        limits.body_timeout.as_secs_f64()
-                    ),
-                );
-                r.headers_mut().insert(
-                    axum::http::header::CONNECTION,
-                    axum::http::HeaderValue::from_static("close"),
-                );
-                return r;
-            }
-        };
-    next.run(Request::from_parts(parts, Body::from(bytes))).await
+    let bytes = match tokio::time::timeout(limits.body_timeout, axum::body::to_bytes(body, max))
+        .await
+    {
+        Ok(Ok(b)) => b,
+        Ok(Err(_)) => {
+            bad();
+            return json_error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!(
+                    "the request body is over the limit of {} KiB (or was cut off); send a shorter prompt",
+                    max / 1024
+                ),
+            );
+        }
+        Err(_) => {
+            bad();
+            let mut r = json_error(
+                StatusCode::REQUEST_TIMEOUT,
+                format!(
+                    "the request body did not arrive within {} s (--body-timeout)",
+                    limits.body_timeout.as_secs_f64()
+                ),
+            );
+            r.headers_mut().insert(
+                axum::http::header::CONNECTION,
+                axum::http::HeaderValue::from_static("close"),
+            );
+            return r;
+        }
+    };
+    next.run(Request::from_parts(parts, Body::from(bytes)))
+        .await
 }
 
 /// Answers a connection over the limit with a 503 and closes it (within one second whatever the client does).
