@@ -159,6 +159,7 @@
             ps.onnxruntime
             ps.ml-dtypes
             ps.numpy
+            ps.openai # tests/server_openai.rs (the official client against a real server)
           ]);
           # ONNX Runtime for the CPU backend (loaded with dlopen).
           ortLib = "${lib.getLib pkgs.onnxruntime}/lib/libonnxruntime.so";
