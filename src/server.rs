@@ -31,6 +31,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
 mod access;
+mod grammar;
 mod limits;
 mod openai;
 
@@ -172,6 +173,7 @@ impl GenerateRequest {
             stream: self.stream,
             include_usage: false,
             model: self.model,
+            json_schema: None,
         }
     }
 }
@@ -356,6 +358,7 @@ fn worker(
     metrics: Arc<Metrics>,
     mut jobs: mpsc::Receiver<Job>,
 ) {
+    let mut grammars: Option<grammar::Grammars> = None;
     while let Some(job) = jobs.blocking_recv() {
         let fail = |status, m: String| {
             metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -377,6 +380,27 @@ fn worker(
                 continue;
             }
         };
+        // A response_format's schema is checked before anything is sent, so that a bad one is a 400.
+        let constraint = |grammars: &mut Option<grammar::Grammars>| -> Result<Option<grammar::JsonConstraint>, (StatusCode, String)> {
+            let Some(schema) = &job.req.json_schema else {
+                return Ok(None);
+            };
+            if grammars.is_none() {
+                *grammars = Some(
+                    grammar::Grammars::new(tok.as_ref(), cfg.vocab_size)
+                        .map_err(|e| (StatusCode::BAD_REQUEST, format!("{e:#}")))?,
+                );
+            }
+            let g = grammars.as_ref().ok_or((StatusCode::INTERNAL_SERVER_ERROR, String::new()))?;
+            g.json(schema.clone())
+                .map(Some)
+                .map_err(|m| (StatusCode::BAD_REQUEST, m))
+        };
+        if let Err((status, m)) = constraint(&mut grammars) {
+            fail(status, m);
+            metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
+            continue;
+        }
         metrics.processing.store(1, Ordering::Relaxed);
         let started = job
             .out
@@ -412,11 +436,20 @@ fn worker(
                     .map_err(|_| anyhow::anyhow!("client disconnected"))
                 };
                 let with_lp = job.req.logprobs.is_some();
+                let mut c = match constraint(&mut grammars) {
+                    Ok(c) => c,
+                    Err((_, m)) => {
+                        fail(StatusCode::INTERNAL_SERVER_ERROR, m);
+                        break 'outer;
+                    }
+                };
                 let result = g.generate_steps(
                     tok.as_ref(),
                     ids.clone(),
                     &params,
                     job.req.logprobs,
+                    c.as_mut()
+                        .map(|c| c as &mut dyn crate::pipelines::llm::Constraint),
                     |step| {
                         if step.token.is_some() {
                             generated += 1;
@@ -570,29 +603,19 @@ fn completion_logprobs(steps: &[(String, TokenLogprob)], offset: usize) -> serde
     })
 }
 
+/// A JSON body (the content type is not required, as llama-server does not require it).
 async fn json_body(
     state: &AppState,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
+    body: axum::body::Bytes,
 ) -> Result<serde_json::Value, Response> {
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
-    match body {
-        Ok(Json(v)) => Ok(v),
-        Err(e) => {
-            state.metrics.errors.fetch_add(1, Ordering::Relaxed);
-            let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
-                e.status()
-            } else {
-                StatusCode::BAD_REQUEST
-            };
-            Err(error(status, "invalid_request_error", e.body_text()))
-        }
-    }
+    serde_json::from_slice(&body).map_err(|e| {
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        bad_request(format!("the body is not valid JSON: {e}"))
+    })
 }
 
-async fn completions(
-    State(state): State<Arc<AppState>>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> Response {
+async fn completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
     let v = match json_body(&state, body).await {
         Ok(v) => v,
         Err(r) => return r,
@@ -606,10 +629,7 @@ async fn completions(
     }
 }
 
-async fn chat_completions(
-    State(state): State<Arc<AppState>>,
-    body: Result<Json<serde_json::Value>, JsonRejection>,
-) -> Response {
+async fn chat_completions(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
     let v = match json_body(&state, body).await {
         Ok(v) => v,
         Err(r) => return r,

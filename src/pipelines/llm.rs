@@ -349,7 +349,7 @@ impl Generator<'_> {
         params: &SamplingParams,
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<GenerationStats> {
-        self.generate_steps(tok, tokens, params, None, |step| {
+        self.generate_steps(tok, tokens, params, None, None, |step| {
             if step.text.is_empty() {
                 Ok(())
             } else {
@@ -367,6 +367,7 @@ impl Generator<'_> {
         tokens: Vec<u32>,
         params: &SamplingParams,
         top_logprobs: Option<usize>,
+        mut constraint: Option<&mut dyn Constraint>,
         mut on_step: impl FnMut(Step<'_>) -> Result<()>,
     ) -> Result<GenerationStats> {
         if tokens.is_empty() {
@@ -403,11 +404,18 @@ impl Generator<'_> {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
             }
             apply_penalties(&mut row, &counts, params);
+            if let Some(c) = constraint.as_deref_mut() {
+                c.mask(&mut row)?;
+            }
             let next = sample(&row, params, &mut next_rand);
             if tok.is_end(next) {
                 stats.stopped_by_eos = true;
                 break;
             }
+            let complete = match constraint.as_deref_mut() {
+                Some(c) => c.accept(next)?,
+                None => false,
+            };
             stats.generated_tokens += 1;
             *counts.entry(next).or_default() += 1;
             let logprob = top_logprobs.map(|k| token_logprob(&row, next, k, tok, prev));
@@ -420,6 +428,10 @@ impl Generator<'_> {
             })?;
             if stopped {
                 stats.stopped_by_stop_string = true;
+                break;
+            }
+            if complete {
+                stats.stopped_by_eos = true;
                 break;
             }
             prev = Some(next);
@@ -436,6 +448,15 @@ impl Generator<'_> {
         stats.generation_seconds = t0.elapsed().as_secs_f64() - stats.prompt_seconds;
         Ok(stats)
     }
+}
+
+/// A constraint on the generated tokens (a grammar, a JSON schema): which tokens may come next, told each token
+/// taken.
+pub trait Constraint {
+    /// Sets the logits of the tokens not allowed next to -inf (the end token stays when the output may end).
+    fn mask(&mut self, row: &mut [f32]) -> Result<()>;
+    /// Takes `token`; true when the output is complete and nothing may follow.
+    fn accept(&mut self, token: u32) -> Result<bool>;
 }
 
 /// One step of `Generator::generate_steps`: the text that became safe to emit with this token (empty while bytes of
@@ -472,8 +493,12 @@ fn token_logprob(
     let lp = |i: usize| (row[i] - lse).min(0.0);
     let mut top = Vec::new();
     if k > 0 {
-        let mut idx: Vec<usize> = (0..row.len()).collect();
-        let k = k.min(row.len());
+        // Tokens a constraint ruled out (-inf) are no alternatives.
+        let mut idx: Vec<usize> = (0..row.len()).filter(|&i| row[i].is_finite()).collect();
+        if idx.is_empty() {
+            idx.push(id as usize);
+        }
+        let k = k.min(idx.len());
         idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
         idx.truncate(k);
         idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));

@@ -31,6 +31,8 @@ pub struct Parsed {
     pub stream: bool,
     pub include_usage: bool,
     pub model: Option<String>,
+    /// `response_format`: the JSON schema the output must match.
+    pub json_schema: Option<Value>,
 }
 
 pub const MAX_N: usize = 16;
@@ -151,6 +153,7 @@ fn common(f: &mut Fields) -> Result<Parsed, String> {
         stream,
         include_usage,
         model,
+        json_schema: None,
     })
 }
 
@@ -356,11 +359,24 @@ pub fn chat(body: Value) -> Result<Parsed, String> {
     }
     if let Some(rf) = f.raw("response_format") {
         let kind = rf.get("type").and_then(|t| t.as_str()).unwrap_or("");
-        if kind != "text" {
-            return Err(format!(
-                "`response_format` type `{kind}` is not supported by this server (no constrained decoding yet); leave it out or use {{\"type\": \"text\"}}"
-            ));
-        }
+        p.json_schema = match kind {
+            "text" => None,
+            "json_object" => Some(serde_json::json!({"type": "object"})),
+            "json_schema" => Some(
+                rf.get("json_schema")
+                    .and_then(|j| j.get("schema"))
+                    .filter(|s| s.is_object() || s.is_boolean())
+                    .cloned()
+                    .ok_or_else(|| {
+                        "`response_format`: json_schema needs `json_schema.schema`, a JSON schema object".to_string()
+                    })?,
+            ),
+            _ => {
+                return Err(format!(
+                    "`response_format` type `{kind}` is not supported; use \"text\", \"json_object\" or \"json_schema\""
+                ));
+            }
+        };
     }
     let tools = f.raw("tools");
     if tools
@@ -434,8 +450,12 @@ mod tests {
         assert!(matches!(&p.prompts[0], PromptInput::Chat(m) if m[0].content == "ab"));
         let e = chat(json!({"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}]})).unwrap_err();
         assert!(e.contains("image_url") && e.contains("text only"), "{e}");
-        let e = chat(json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}})).unwrap_err();
-        assert!(e.contains("json_object"), "{e}");
+        let p = chat(json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_object"}})).unwrap();
+        assert_eq!(p.json_schema, Some(json!({"type": "object"})));
+        let e = chat(json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "json_schema"}})).unwrap_err();
+        assert!(e.contains("json_schema.schema"), "{e}");
+        let e = chat(json!({"messages": [{"role": "user", "content": "a"}], "response_format": {"type": "xml"}})).unwrap_err();
+        assert!(e.contains("xml"), "{e}");
         let e = chat(json!({"messages": [{"role": "user", "content": "a"}], "tools": [{"type": "function"}]})).unwrap_err();
         assert!(e.contains("tool"), "{e}");
         assert!(

@@ -138,8 +138,29 @@ raises("unknown field", 400, lambda: client.completions.create(
     model=model, prompt=prompt, max_tokens=2, extra_body={"bogus": 1}), "unknown field `bogus`")
 client.completions.create(model=model, prompt=prompt, max_tokens=2, user="someone")
 print("ok OpenAI-defined field accepted (user)")
-raises("response_format json_object", 400, lambda: client.chat.completions.create(
-    model=model, messages=msgs, response_format={"type": "json_object"}), "json_object")
+
+# response_format through constrained decoding: the output parses and matches the schema, streamed or not.
+schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n", "word"],
+          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9},
+                         "word": {"type": "string", "enum": ["cat", "dog"]}}}
+rf = {"type": "json_schema", "json_schema": {"name": "t", "schema": schema, "strict": True}}
+for temperature, seed in [(0, 0), (1.0, 5), (1.0, 6)]:
+    c = client.chat.completions.create(model=model, messages=msgs, max_tokens=60, temperature=temperature, seed=seed,
+                                       response_format=rf)
+    doc = json.loads(c.choices[0].message.content)
+    check(f"json_schema (temperature {temperature})",
+          set(doc) == {"ok", "n", "word"} and isinstance(doc["ok"], bool) and isinstance(doc["n"], int)
+          and 0 <= doc["n"] <= 9 and doc["word"] in ("cat", "dog") and c.choices[0].finish_reason == "stop", doc)
+chunks = list(client.chat.completions.create(model=model, messages=msgs, max_tokens=60, temperature=1.0, seed=6,
+                                             response_format=rf, stream=True))
+check("json_schema streamed", "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+      == c.choices[0].message.content)
+c = client.chat.completions.create(model=model, messages=msgs, max_tokens=30, temperature=0,
+                                   response_format={"type": "json_object"})
+check("json_object", c.choices[0].message.content.startswith("{"), c.choices[0].message.content)
+raises("bad schema", 400, lambda: client.chat.completions.create(
+    model=model, messages=msgs, response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "nonsense"}}}),
+    "nonsense")
 raises("tools refused", 400, lambda: client.chat.completions.create(
     model=model, messages=msgs, tools=[{"type": "function", "function": {"name": "f", "parameters": {}}}]), "tool")
 
