@@ -198,7 +198,9 @@ enum Piece {
 
 struct Job {
     req: Parsed,
-    out: mpsc::Sender<Piece>,
+    /// Unbounded, so the worker never waits on a client that reads slowly (a request's pieces are bounded by
+    /// its max_tokens and n).
+    out: mpsc::UnboundedSender<Piece>,
 }
 
 #[derive(Default)]
@@ -362,7 +364,7 @@ fn worker(
     while let Some(job) = jobs.blocking_recv() {
         let fail = |status, m: String| {
             metrics.errors.fetch_add(1, Ordering::Relaxed);
-            let _ = job.out.blocking_send(Piece::Failed(status, m));
+            let _ = job.out.send(Piece::Failed(status, m));
         };
         if metrics.stopping.load(Ordering::Relaxed) {
             fail(
@@ -404,7 +406,7 @@ fn worker(
         metrics.processing.store(1, Ordering::Relaxed);
         let started = job
             .out
-            .blocking_send(Piece::Started(prompts.iter().map(|p| p.len()).collect()));
+            .send(Piece::Started(prompts.iter().map(|p| p.len()).collect()));
         let n = job.req.n;
         'outer: for (i, ids) in prompts.into_iter().enumerate() {
             if started.is_err() {
@@ -428,7 +430,7 @@ fn worker(
                 // the end joins the last token's entry.
                 let mut held: Option<(String, Option<TokenLogprob>)> = None;
                 let send = |text: String, logprob: Option<TokenLogprob>| {
-                    out.blocking_send(Piece::Step {
+                    out.send(Piece::Step {
                         choice,
                         text,
                         logprob,
@@ -492,11 +494,7 @@ fn worker(
                             .fetch_add((stats.prompt_seconds * 1e6) as u64, Ordering::Relaxed);
                         m.generation_micros
                             .fetch_add((stats.generation_seconds * 1e6) as u64, Ordering::Relaxed);
-                        if job
-                            .out
-                            .blocking_send(Piece::ChoiceDone { choice, stats })
-                            .is_err()
-                        {
+                        if job.out.send(Piece::ChoiceDone { choice, stats }).is_err() {
                             break 'outer;
                         }
                     }
@@ -680,15 +678,19 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
     let include_usage = req.include_usage;
     let n_choices = req.n * req.prompts.len();
     let model = req.model.clone().unwrap_or_else(|| state.model.clone());
-    let (tx, mut rx) = mpsc::channel(64);
+    let (tx, mut rx) = mpsc::unbounded_channel();
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
-    if state.jobs.send(Job { req, out: tx }).await.is_err() {
+    if let Err(e) = state.jobs.try_send(Job { req, out: tx }) {
         state.metrics.in_flight.fetch_sub(1, Ordering::Relaxed);
-        return error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "server_error",
-            "the generation worker has stopped",
-        );
+        state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+        let message = match e {
+            mpsc::error::TrySendError::Full(_) => format!(
+                "the queue is full ({} requests waiting); retry later",
+                state.jobs.max_capacity()
+            ),
+            mpsc::error::TrySendError::Closed(_) => "the generation worker has stopped".into(),
+        };
+        return error(StatusCode::SERVICE_UNAVAILABLE, "server_error", message);
     }
     let prompt_tokens = match rx.recv().await {
         Some(Piece::Started(p)) => p,
@@ -791,7 +793,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
     }
     // Streaming: one event per piece; for chat, each choice starts with a role delta (even an empty reply).
     struct St {
-        rx: mpsc::Receiver<Piece>,
+        rx: mpsc::UnboundedReceiver<Piece>,
         done: bool,
         started: Vec<bool>,
         offsets: Vec<usize>,
