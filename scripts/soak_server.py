@@ -105,7 +105,8 @@ async def client(host, port, stats, rng, deadline):
     prompts = ["Once upon a time", "The little dog", "Lily and Ben went", "One day"]
     while time.monotonic() < deadline:
         action = rng.choices(
-            ["stream", "complete", "chat_stream", "disconnect", "slow_reader", "half"], [30, 15, 15, 15, 10, 15]
+            ["stream", "complete", "chat_stream", "disconnect", "slow_reader", "half", "json", "logprobs_n"],
+            [28, 12, 13, 15, 10, 15, 4, 3]
         )[0]
         try:
             body = {"prompt": rng.choice(prompts), "max_tokens": rng.randint(8, 64),
@@ -117,6 +118,16 @@ async def client(host, port, stats, rng, deadline):
                 body = {"messages": [{"role": "user", "content": body["prompt"]}],
                         "max_tokens": body["max_tokens"], "stream": True}
                 status, raw = await request(host, port, "POST", "/v1/chat/completions", body)
+            elif action == "json":
+                schema = {"type": "object", "additionalProperties": False, "required": ["ok", "n"],
+                          "properties": {"ok": {"type": "boolean"}, "n": {"type": "integer", "minimum": 0, "maximum": 9}}}
+                body = {"messages": [{"role": "user", "content": body["prompt"]}], "max_tokens": 40,
+                        "temperature": 1.0, "seed": body["seed"], "stream": rng.random() < 0.5,
+                        "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": schema}}}
+                status, raw = await request(host, port, "POST", "/v1/chat/completions", body)
+            elif action == "logprobs_n":
+                body.update(n=2, logprobs=3, stream=rng.random() < 0.5)
+                status, raw = await request(host, port, "POST", "/v1/completions", body)
             elif action == "complete":
                 status, raw = await request(host, port, "POST", "/v1/completions", body)
             else:
