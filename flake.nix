@@ -73,6 +73,7 @@
       # Environment contract (tests/flake_env.rs checks it against build.rs and src/): the shells export
       # every variable that build.rs and the code under src/ read, except the ones listed here:
       #   not-exported: TRT_DIFF_LOG  (a `tracing` log filter: the user's choice; set, it overrides -v/-vv)
+      #   not-exported: TRT_DIFF_API_KEY  (`serve --api-key` from the environment: a secret, the user's own)
 
       perSystem =
         system:
