@@ -416,7 +416,7 @@ fn worker(
                 let choice = i * n + j;
                 let mut params = job.req.params.clone();
                 params.seed = params.seed.wrapping_add(j as u64);
-                params.max_tokens = job.req.max_tokens.unwrap_or(cfg.max_seq_len - ids.len());
+                params.max_tokens = job.req.max_tokens.unwrap_or(cfg.max_seq_len.saturating_sub(ids.len()));
                 let prompt_len = ids.len();
                 let mut g = Generator {
                     engine: engine.as_mut(),
@@ -676,6 +676,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
     }
     let stream = req.stream;
     let include_usage = req.include_usage;
+    let with_lp = req.logprobs.is_some();
     let n_choices = req.n * req.prompts.len();
     let model = req.model.clone().unwrap_or_else(|| state.model.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -751,7 +752,6 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
             .filter_map(|c| c.stats.as_ref())
             .map(|s| s.generated_tokens)
             .sum();
-        let with_lp = !choices.iter().all(|c| c.steps.is_empty()) || choices.is_empty();
         return match api {
             Api::Native => {
                 let c = &choices[0];
