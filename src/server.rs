@@ -416,7 +416,10 @@ fn worker(
                 let choice = i * n + j;
                 let mut params = job.req.params.clone();
                 params.seed = params.seed.wrapping_add(j as u64);
-                params.max_tokens = job.req.max_tokens.unwrap_or(cfg.max_seq_len.saturating_sub(ids.len()));
+                params.max_tokens = job
+                    .req
+                    .max_tokens
+                    .unwrap_or(cfg.max_seq_len.saturating_sub(ids.len()));
                 let prompt_len = ids.len();
                 let mut g = Generator {
                     engine: engine.as_mut(),
