@@ -233,7 +233,7 @@ fn sigterm_stops_within_the_grace_period_whatever_clients_do() {
     assert_eq!(http(&server.addr, "GET", "/health", "").0, 200);
     sigterm(server.child.id());
     let took = wait_exit(&mut server.child, Duration::from_secs(6));
-    assert!(took < Duration::from_secs(1), "{took:?}");
+    assert!(took < Duration::from_millis(1500), "{took:?}");
 }
 
 #[test]
