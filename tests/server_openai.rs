@@ -1,5 +1,5 @@
 //! OpenAI compatibility of a real `trt-diff serve` (stories260K) checked with the official `openai` Python client
-//! (`tests/python/openai_e2e.py`, from the set-up venv), plus what is easier to see on raw HTTP: the API key
+//! (`tests/py/openai_e2e.py`, from the set-up venv), plus what is easier to see on raw HTTP: the API key
 //! (401, /health public), CORS (off unless the origin is allowed), llama-server routes and metric names, a
 //! too-long streamed prompt answered 400 before any byte of a stream.
 mod common;
@@ -147,7 +147,7 @@ fn openai_client_end_to_end() {
     assert_eq!(v["total_slots"], 1);
 
     // The openai client.
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/python/openai_e2e.py");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/openai_e2e.py");
     let out = std::process::Command::new(python())
         .args([script, &format!("http://{a}"), key])
         .output()

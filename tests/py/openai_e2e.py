@@ -1,6 +1,6 @@
 """End-to-end checks of `trt-diff serve` with the official `openai` Python client (run by tests/server_openai.rs).
 
-    python tests/python/openai_e2e.py BASE_URL API_KEY
+    python tests/py/openai_e2e.py BASE_URL API_KEY
 
 BASE_URL is the server's root (http://127.0.0.1:PORT); the server serves stories260K (llama2.c) with --api-key.
 Prints one line per check; exits non-zero at the first failure.
