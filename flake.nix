@@ -73,6 +73,7 @@
       # Environment contract (tests/flake_env.rs checks it against build.rs and src/): the shells export
       # every variable that build.rs and the code under src/ read, except the ones listed here:
       #   not-exported: TRT_DIFF_LOG  (a `tracing` log filter: the user's choice; set, it overrides -v/-vv)
+      #   not-exported: TRT_DIFF_API_KEY  (`serve --api-key` from the environment: a secret, the user's own)
 
       perSystem =
         system:
@@ -159,6 +160,7 @@
             ps.onnxruntime
             ps.ml-dtypes
             ps.numpy
+            ps.openai # tests/server_openai.rs (the official client against a real server)
           ]);
           # ONNX Runtime for the CPU backend (loaded with dlopen).
           ortLib = "${lib.getLib pkgs.onnxruntime}/lib/libonnxruntime.so";

@@ -19,11 +19,11 @@ log() { printf '[setup] %s\n' "$*" >&2; }
 
 TRT_RTX_PIN="tensorrt-rtx-cu13-libs==1.7.1.116"
 TRTX_SYS_PIN="=0.9.1"
-PY_PKGS=(onnx==1.23.2 onnxruntime==1.32.0 ml-dtypes==0.6.0 numpy==2.4.6)
+PY_PKGS=(onnx==1.23.2 onnxruntime==1.32.0 ml-dtypes==0.6.0 numpy==2.4.6 openai==3.63.0)
 
 # 1. Python venv with the reference tools and the wheels that carry native libraries.
 venv="$cache/venv"
-stamp="$venv/.trt-diff-setup-v1"
+stamp="$venv/.trt-diff-setup-v2"
 if [ ! -f "$stamp" ]; then
   log "creating Python venv in $venv"
   python3 -m venv "$venv"

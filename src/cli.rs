@@ -114,6 +114,8 @@ pub struct ServeArgs {
     /// 0 picks a free port (printed as `listening on ...`).
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
+    #[command(flatten)]
+    pub opts: crate::server::ServeOptions,
 }
 
 #[derive(Args)]

@@ -320,6 +320,27 @@ impl Generator<'_> {
         params: &SamplingParams,
         mut on_text: impl FnMut(&str) -> Result<()>,
     ) -> Result<GenerationStats> {
+        self.generate_steps(tok, tokens, params, None, None, |step| {
+            if step.text.is_empty() {
+                Ok(())
+            } else {
+                on_text(step.text)
+            }
+        })
+    }
+
+    /// `generate_tokens` reporting every generated token (`on_step`), with its log-probability and the
+    /// `top_logprobs` most likely alternatives when asked for (`Some(0)`: the chosen token's only). The texts of the
+    /// steps join to the generated text.
+    pub fn generate_steps(
+        &mut self,
+        tok: &dyn TextTokenizer,
+        tokens: Vec<u32>,
+        params: &SamplingParams,
+        top_logprobs: Option<usize>,
+        mut constraint: Option<&mut dyn Constraint>,
+        mut on_step: impl FnMut(Step<'_>) -> Result<()>,
+    ) -> Result<GenerationStats> {
         if tokens.is_empty() {
             bail!("the prompt is empty and the model has no BOS token to start from");
         }
@@ -354,19 +375,34 @@ impl Generator<'_> {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
             }
             apply_penalties(&mut row, &counts, params);
+            if let Some(c) = constraint.as_deref_mut() {
+                c.mask(&mut row)?;
+            }
             let next = sample(&row, params, &mut next_rand);
             if tok.is_end(next) {
                 stats.stopped_by_eos = true;
                 break;
             }
+            let complete = match constraint.as_deref_mut() {
+                Some(c) => c.accept(next)?,
+                None => false,
+            };
             stats.generated_tokens += 1;
             *counts.entry(next).or_default() += 1;
-            let (text, stopped) = stops.push(&stream.push(&tok.piece_bytes(prev, next)));
-            if !text.is_empty() {
-                on_text(&text)?;
-            }
+            let logprob = top_logprobs.map(|k| token_logprob(&row, next, k, tok, prev));
+            let piece = tok.piece_bytes(prev, next);
+            let (text, stopped) = stops.push(&stream.push(&piece));
+            on_step(Step {
+                text: &text,
+                token: Some(next),
+                logprob: logprob.as_ref(),
+            })?;
             if stopped {
                 stats.stopped_by_stop_string = true;
+                break;
+            }
+            if complete {
+                stats.stopped_by_eos = true;
                 break;
             }
             prev = Some(next);
@@ -374,7 +410,11 @@ impl Generator<'_> {
         }
         let rest = stops.finish();
         if !rest.is_empty() {
-            on_text(&rest)?;
+            on_step(Step {
+                text: &rest,
+                token: None,
+                logprob: None,
+            })?;
         }
         stats.generation_seconds = t0.elapsed().as_secs_f64() - stats.prompt_seconds;
         Ok(stats)
@@ -421,6 +461,71 @@ impl LlmModel {
             ..Default::default()
         };
         super::engines::open_file(engine, backend, &opts)
+    }
+}
+
+/// A constraint on the generated tokens (a grammar, a JSON schema): which tokens may come next, told each token
+/// taken.
+pub trait Constraint {
+    /// Sets the logits of the tokens not allowed next to -inf (the end token stays when the output may end).
+    fn mask(&mut self, row: &mut [f32]) -> Result<()>;
+    /// Takes `token`; true when the output is complete and nothing may follow.
+    fn accept(&mut self, token: u32) -> Result<bool>;
+}
+
+/// One step of `Generator::generate_steps`: the text that became safe to emit with this token (empty while bytes of
+/// a character or a possible stop string are held back), the token (`None` for text still held when generation
+/// ended) and its log-probabilities when asked for.
+pub struct Step<'a> {
+    pub text: &'a str,
+    pub token: Option<u32>,
+    pub logprob: Option<&'a TokenLogprob>,
+}
+
+/// A generated token's log-probability under the distribution it was sampled from (log-softmax of the logits,
+/// penalties applied, before temperature and truncation), and the most likely tokens there, best first.
+#[derive(Clone, Debug)]
+pub struct TokenLogprob {
+    pub id: u32,
+    pub logprob: f32,
+    /// The token's bytes as it follows the previous token.
+    pub bytes: Vec<u8>,
+    /// (token, log-probability, bytes) of the most likely tokens.
+    pub top: Vec<(u32, f32, Vec<u8>)>,
+}
+
+fn token_logprob(
+    row: &[f32],
+    id: u32,
+    k: usize,
+    tok: &dyn TextTokenizer,
+    prev: Option<u32>,
+) -> TokenLogprob {
+    let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let lse = max + row.iter().map(|&v| (v - max).exp()).sum::<f32>().ln();
+    // Rounding can put the best token a hair above 0; a log-probability never is.
+    let lp = |i: usize| (row[i] - lse).min(0.0);
+    let mut top = Vec::new();
+    if k > 0 {
+        // Tokens a constraint ruled out (-inf) are no alternatives.
+        let mut idx: Vec<usize> = (0..row.len()).filter(|&i| row[i].is_finite()).collect();
+        if idx.is_empty() {
+            idx.push(id as usize);
+        }
+        let k = k.min(idx.len());
+        idx.select_nth_unstable_by(k - 1, |&a, &b| row[b].total_cmp(&row[a]));
+        idx.truncate(k);
+        idx.sort_by(|&a, &b| row[b].total_cmp(&row[a]).then(a.cmp(&b)));
+        top = idx
+            .into_iter()
+            .map(|i| (i as u32, lp(i), tok.piece_bytes(prev, i as u32)))
+            .collect();
+    }
+    TokenLogprob {
+        id,
+        logprob: lp(id as usize),
+        bytes: tok.piece_bytes(prev, id),
+        top,
     }
 }
 

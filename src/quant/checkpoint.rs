@@ -305,7 +305,11 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
         );
         offset += t.bytes;
     }
-    let mut hbytes = serde_json::to_vec(&serde_json::Value::Object(header))?;
+    // Keys sorted at every level, whatever serde_json's `preserve_order` feature (which a dependency may enable):
+    // the header's bytes must not depend on the build.
+    let mut header = serde_json::Value::Object(header);
+    sort_keys(&mut header);
+    let mut hbytes = serde_json::to_vec(&header)?;
     while !hbytes.len().is_multiple_of(8) {
         hbytes.push(b' ');
     }
@@ -684,4 +688,15 @@ pub fn dequantize_tensor(
             }
         },
     })
+}
+
+fn sort_keys(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(m) => {
+            m.sort_keys();
+            m.values_mut().for_each(sort_keys);
+        }
+        serde_json::Value::Array(a) => a.iter_mut().for_each(sort_keys),
+        _ => {}
+    }
 }

@@ -18,8 +18,14 @@ impl Drop for Server {
 
 /// Starts `trt-diff serve` on a free port and waits for `listening on ...`.
 pub fn start(plan: &std::path::Path) -> Server {
+    start_with(plan, &[])
+}
+
+/// `start` with more `serve` arguments (limits, --api-key, --cors, ...).
+pub fn start_with(plan: &std::path::Path, args: &[&str]) -> Server {
     let mut child = super::bin()
         .args(["serve", "--engine", plan.to_str().unwrap(), "--port", "0"])
+        .args(args)
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
