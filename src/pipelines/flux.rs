@@ -281,9 +281,11 @@ impl FluxModel {
                 tae_decoder,
             },
             amax: None,
+            // On a GPU (TensorRT or ONNX Runtime CUDA) the sampler's latents live there too.
             device: match backend {
                 Backend::Cuda(id) => Some(Device::open(id as usize)?),
-                _ => None,
+                Backend::Trt => Some(Device::open(0)?),
+                Backend::Cpu => None,
             },
             device_ids: None,
         })

@@ -8,7 +8,7 @@
 //! TensorRT-RTX runs on compute capability 8.0, 8.6, 8.9 and 12.x; TensorRT 11 on data-center GPUs.
 use super::discovery::{Flavor, load_flavor};
 use super::ffi::bridge;
-use crate::backend::{Engine, HostTensor, TensorDesc, check_inputs};
+use crate::backend::{DeviceTensor, Engine, HostTensor, TensorDesc, check_inputs};
 use crate::manifest::{EngineFile, Manifest};
 use crate::onnx::DataType;
 use anyhow::{Context, Result, bail};
@@ -699,6 +699,64 @@ impl TrtEngine {
 impl Engine for TrtEngine {
     fn backend(&self) -> String {
         self.backend.clone()
+    }
+    fn run_device(
+        &mut self,
+        device_inputs: &[(&str, DeviceTensor)],
+        host_inputs: &[(String, HostTensor)],
+        device_outputs: &[(&str, DeviceTensor)],
+    ) -> Result<()> {
+        const CTX: usize = 0;
+        let shapes: Vec<(&str, &[usize])> = device_inputs
+            .iter()
+            .map(|(n, t)| (*n, t.shape.as_slice()))
+            .chain(host_inputs.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice())))
+            .collect();
+        for (name, _) in &shapes {
+            if !self.inputs.iter().any(|d| d.name == *name) {
+                bail!("'{}' has no input '{name}'", self.name);
+            }
+        }
+        if shapes.len() != self.inputs.len() {
+            bail!(
+                "'{}' takes {} inputs, {} given",
+                self.name,
+                self.inputs.len(),
+                shapes.len()
+            );
+        }
+        self.set_shapes(CTX, &shapes)?;
+        let key: Vec<Vec<usize>> = shapes.iter().map(|(_, s)| s.to_vec()).collect();
+        // The caller's buffers by address: no staging, no copies.
+        for (name, t) in device_inputs.iter().chain(device_outputs) {
+            self.bind(CTX, name, t.ptr)?;
+        }
+        for (name, t) in host_inputs {
+            let ptr = self.binding(CTX, name, t.data.len())?;
+            self.bind(CTX, name, ptr)?;
+            let b = self.contexts[CTX].bindings.get_mut(name).unwrap();
+            b.host.as_mut_slice().context("pinned staging")?[..t.data.len()]
+                .copy_from_slice(&t.data);
+            let (host, dev) = (&b.host, &mut b.buf);
+            self.stream
+                .memcpy_htod(host, dev)
+                .context("copying an input to the GPU failed")?;
+        }
+        for d in self.outputs.clone() {
+            if device_outputs.iter().any(|(n, _)| *n == d.name) {
+                continue;
+            }
+            // Outputs nobody reads still need a place.
+            let shape = self.tensor_shape(CTX, &d.name)?;
+            let bytes = d
+                .dtype
+                .storage_bytes(shape.iter().product::<usize>() as u64)
+                .unwrap_or(0) as usize;
+            let ptr = self.binding(CTX, &d.name, bytes)?;
+            self.bind(CTX, &d.name, ptr)?;
+        }
+        self.enqueue(CTX, key)?;
+        self.synchronize()
     }
     fn inputs(&self) -> &[TensorDesc] {
         &self.inputs
