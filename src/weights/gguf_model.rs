@@ -117,3 +117,68 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         tensors,
     })
 }
+
+/// The matrices of `g` as the CPU graph reads them in place (`backend::ggml_ops`), under Hugging Face names
+/// (`lm_head.weight` is `token_embd.weight` for tied embeddings); None when a matrix has a type those operators do
+/// not read (then the graph takes dequantized weights).
+pub fn block_weights(
+    g: &GgufFile,
+    config: &LlamaConfig,
+    location: &str,
+) -> Result<Option<crate::backend::ggml_ops::GgmlWeights>> {
+    use crate::backend::ggml_ops::{GgmlWeight, GgmlWeights, WKind};
+    let path = g.path().display().to_string();
+    let mut tensors = HashMap::new();
+    let mut add = |hf: String, gg: &str| -> Result<bool> {
+        let Some(t) = g.tensor(gg) else {
+            return Ok(true);
+        };
+        if t.dims.len() != 2 {
+            return Ok(true);
+        }
+        let Some(kind) = WKind::from_ggml(t.ty) else {
+            return Ok(false);
+        };
+        let (k, rows) = (t.dims[0] as usize, t.dims[1] as usize);
+        if kind.row_bytes(k).and_then(|b| b.checked_mul(rows)) != Some(t.n_bytes as usize) {
+            bail!(
+                "'{path}': tensor '{gg}' ({}, {rows} x {k}) has {} bytes, which do not fit its type; the file is corrupt",
+                t.ty,
+                t.n_bytes
+            );
+        }
+        tensors.insert(
+            hf,
+            GgmlWeight {
+                kind,
+                rows,
+                k,
+                offset: g.data_offset + t.offset,
+                bytes: t.n_bytes,
+            },
+        );
+        Ok(true)
+    };
+    for (hf, gg) in HF_TO_GGUF {
+        let layers: Vec<Option<usize>> = if hf.contains("{i}") {
+            (0..config.n_layers).map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for i in layers {
+            let sub = |s: &str| i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
+            if !add(sub(hf), &sub(gg))? {
+                return Ok(None);
+            }
+        }
+    }
+    if config.tied_embeddings
+        && let Some(e) = tensors.get("model.embed_tokens.weight").cloned()
+    {
+        tensors.insert("lm_head.weight".into(), e);
+    }
+    Ok(Some(GgmlWeights {
+        location: location.to_string(),
+        tensors,
+    }))
+}
