@@ -390,3 +390,94 @@ fn quantized_gguf_cpu_graph_reads_the_blocks_in_place() {
         );
     }
 }
+
+#[test]
+fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
+    // A tiny random Llama quantized to Q4_K_M by llama.cpp (Q4_K, Q6_K blocks) and llama.cpp's logits on it, one
+    // token per evaluation (golden from scripts/golden/llm_gguf_llamacpp.py), with its logits on the F16 file the
+    // quantizer started from. Ours reads the same blocks in place: its logits must be far closer to llama.cpp's
+    // than the quantization moved them.
+    let dir = golden("tiny_q4km");
+    let b = std::fs::read(dir.join("logits.bin")).unwrap();
+    let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
+    let (vocab, n) = (u(0), u(1));
+    let ids: Vec<i64> = (0..n).map(|i| u(2 + i) as i64).collect();
+    let f = |i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64;
+    let base = 2 + n;
+    let theirs: Vec<f64> = (0..n * vocab).map(|i| f(base + i)).collect();
+    let f16: Vec<f64> = (0..n * vocab).map(|i| f(base + n * vocab + i)).collect();
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("model.gguf");
+    std::fs::copy(dir.join("model.gguf"), &gguf).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    let gw = trt_diff::weights::gguf_model::block_weights(&g, &m.config, "model.gguf")
+        .unwrap()
+        .unwrap();
+    let kinds: std::collections::BTreeSet<String> = gw
+        .tensors
+        .values()
+        .map(|t| t.kind.ggml().to_string())
+        .collect();
+    assert!(
+        kinds.contains("Q4_K") && kinds.contains("Q6_K"),
+        "{kinds:?}"
+    );
+    let graph =
+        trt_diff::models::llama_cpu::decoder_graph_cpu_gguf(&m.config, &m.tensors, &gw, true)
+            .unwrap();
+    let cpu = d.path().join("model.cpu.onnx");
+    trt_diff::onnx::save(graph, &cpu, &Default::default()).unwrap();
+    use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+    let mut e = OrtEngine::open(&cpu, &OrtOptions::default()).unwrap();
+    let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+    let mut ours = Vec::new();
+    for id in &ids {
+        ours.extend(dec.forward(&[*id]).unwrap().to_f64().unwrap());
+    }
+    let max_diff = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max)
+    };
+    let (diff, quant) = (max_diff(&ours, &theirs), max_diff(&f16, &theirs));
+    {
+        let graph = trt_diff::models::llama_cpu::decoder_graph_cpu(
+            &m.config,
+            &m.tensors,
+            trt_diff::onnx::DataType::FLOAT,
+            true,
+        )
+        .unwrap();
+        let f = d.path().join("f32.cpu.onnx");
+        trt_diff::onnx::save(graph, &f, &Default::default()).unwrap();
+        let mut e = OrtEngine::open(&f, &OrtOptions::default()).unwrap();
+        let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+        let mut deq = Vec::new();
+        for id in &ids {
+            deq.extend(dec.forward(&[*id]).unwrap().to_f64().unwrap());
+        }
+        // Against the same blocks dequantized into an f32 graph (no activation quantization): ours is no farther
+        // from it than llama.cpp is (both quantize activations per block).
+        let (o, t) = (max_diff(&ours, &deq), max_diff(&theirs, &deq));
+        eprintln!("against the dequantized f32 graph: ours {o:.3e}, llama.cpp {t:.3e}");
+        assert!(o < 1.5 * t, "ours {o} against llama.cpp's {t}");
+    }
+    eprintln!(
+        "Q4_K_M: ours against llama.cpp max logit difference {diff:.3e}; llama.cpp's Q4_K_M against its F16 {quant:.3e}"
+    );
+    assert!(
+        diff < 0.1 * quant,
+        "{diff} against a quantization error of {quant}"
+    );
+    // The same greedy choice at every position.
+    for p in 0..n {
+        let arg = |v: &[f64]| {
+            (0..vocab)
+                .max_by(|&i, &j| v[p * vocab + i].total_cmp(&v[p * vocab + j]))
+                .unwrap()
+        };
+        assert_eq!(arg(&ours), arg(&theirs), "position {p}");
+    }
+}
