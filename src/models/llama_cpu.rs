@@ -323,7 +323,6 @@ impl Emitter<'_> {
         // The halves layout pads each half of a head; the interleaved one pads its end.
         let p = if self.cfg.rope_interleaved { 1 } else { 2 };
         let (from, to) = if unpad { (hd_pad, hd) } else { (hd, hd_pad) };
-        let i64t = DataType::INT64;
         let split = self.g.const_i64(
             &format!("{name}.split_shape"),
             &[5],
@@ -376,7 +375,6 @@ impl Emitter<'_> {
                 out_shape,
             )?
         };
-        let _ = i64t;
         let flat = self.g.const_i64(
             &format!("{name}.flat_shape"),
             &[3],
