@@ -139,7 +139,6 @@ fn ours(
     // Warm-up: ORT's first runs allocate and pick kernels.
     g.generate_tokens(&tok, prompt[..8].to_vec(), &params(4), |_| Ok(()))?;
     let s = g.generate_tokens(&tok, prompt.to_vec(), &params(n_gen), |_| Ok(()))?;
-    drop(g);
     drop(engine);
     Ok(Numbers {
         prompt_tokens: s.prompt_tokens,
@@ -324,7 +323,10 @@ fn main() -> anyhow::Result<()> {
     // selected row).
     let only = std::env::var("LLM_BENCH_ONLY").unwrap_or_default();
     // (file, engine, threads) -> generation tok/s and prompt tok/s per round.
-    let mut summary: Vec<(String, String, Vec<(f64, f64)>)> = Vec::new();
+    // (generation tok/s, prompt tok/s) per round.
+    type Rounds = Vec<(f64, f64)>;
+    type Pair = ((f64, f64), (f64, f64));
+    let mut summary: Vec<(String, String, Rounds)> = Vec::new();
     let mut record = |model: &str, engine: &str, n: &Numbers| {
         let key = (model.to_string(), engine.to_string());
         let v = (
@@ -396,11 +398,9 @@ fn main() -> anyhow::Result<()> {
             else {
                 continue;
             };
-            let pairs: Vec<((f64, f64), (f64, f64))> =
-                v.iter().copied().zip(peer.2.iter().copied()).collect();
-            let list = |f: &dyn Fn(&((f64, f64), (f64, f64))) -> String| {
-                pairs.iter().map(f).collect::<Vec<_>>().join(", ")
-            };
+            let pairs: Vec<Pair> = v.iter().copied().zip(peer.2.iter().copied()).collect();
+            let list =
+                |f: &dyn Fn(&Pair) -> String| pairs.iter().map(f).collect::<Vec<_>>().join(", ");
             println!(
                 "| {model} | {engine} | {} | {} | {} |",
                 list(&|p| format!("{:.1}; {:.1}", p.0.0, p.1.0)),

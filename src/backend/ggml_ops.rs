@@ -136,7 +136,8 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gated: bool, y: &mut [
             }
         }
         let out = OutPtr(y.as_mut_ptr());
-        let body = |t: usize| {
+        let n_tasks = tasks.len();
+        let body = move |t: usize| {
             let out = out;
             let (i, rows) = tasks[t].clone();
             let p = &parts[i];
@@ -172,9 +173,9 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gated: bool, y: &mut [
             });
         };
         if m * total * k < 1 << 16 {
-            (0..tasks.len()).for_each(body);
+            (0..n_tasks).for_each(body);
         } else {
-            super::spin_pool::SpinPool::global().run(tasks.len(), &body);
+            super::spin_pool::SpinPool::global().run(n_tasks, &body);
         }
     });
 }
