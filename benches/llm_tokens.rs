@@ -44,6 +44,8 @@ impl TextTokenizer for NoEnd<'_> {
 }
 
 struct Numbers {
+    /// llama.cpp without weight repacking (see `peer`).
+    plain: bool,
     prompt_tokens: usize,
     prompt_s: f64,
     generated: usize,
@@ -141,6 +143,7 @@ fn ours(
     let s = g.generate_tokens(&tok, prompt.to_vec(), &params(n_gen), |_| Ok(()))?;
     drop(engine);
     Ok(Numbers {
+        plain: false,
         prompt_tokens: s.prompt_tokens,
         prompt_s: s.prompt_seconds,
         generated: s.generated_tokens,
@@ -161,15 +164,28 @@ fn peer(
 ) -> anyhow::Result<Numbers> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench/llm_peer.py");
     let list: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = Command::new(python)
-        .args([
+    let run = |plain: bool| {
+        let mut c = Command::new(python);
+        c.args([
             script,
             gguf.to_str().unwrap(),
             &list.join(","),
             &n_gen.to_string(),
             &threads.to_string(),
-        ])
-        .output()?;
+        ]);
+        if plain {
+            c.env("LLM_PEER_NO_EXTRA_BUFTS", "1");
+        }
+        c.output()
+    };
+    let mut out = run(false)?;
+    let mut plain = false;
+    if out.status.code().is_none() {
+        // Killed by a signal: llama.cpp's weight repacking crashes on some CPUs (Q8_0 on an AMX VM); its plain
+        // kernels then.
+        out = run(true)?;
+        plain = true;
+    }
     anyhow::ensure!(
         out.status.success(),
         "llm_peer.py failed: {}",
@@ -179,6 +195,7 @@ fn peer(
     let j: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
     // llama.cpp generates n_gen tokens after the prefill's first one; count like ours (first token in the prefill).
     Ok(Numbers {
+        plain,
         prompt_tokens: j["prompt_tokens"].as_u64().unwrap_or(0) as usize,
         prompt_s: j["prompt_seconds"].as_f64().unwrap_or(f64::NAN),
         generated: j["generated"].as_u64().unwrap_or(0) as usize,
@@ -355,7 +372,12 @@ fn main() -> anyhow::Result<()> {
                     if let Some(py) = &python {
                         match peer(py, file, prompt, *n_gen, t) {
                             Ok(n) => {
-                                row(name, "llama.cpp (llama-cpp-python)", t, &n);
+                                let label = if n.plain {
+                                    "llama.cpp (llama-cpp-python, no weight repacking: it crashes here)"
+                                } else {
+                                    "llama.cpp (llama-cpp-python)"
+                                };
+                                row(name, label, t, &n);
                                 record(name, &format!("llama.cpp t{t}"), &n);
                             }
                             Err(e) => println!("| {name} | llama.cpp | {t} | failed: {e} | | | |"),

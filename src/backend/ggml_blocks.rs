@@ -399,9 +399,6 @@ pub fn detected_isa() -> Isa {
         use std::sync::OnceLock;
         static ISA: OnceLock<Isa> = OnceLock::new();
         *ISA.get_or_init(|| {
-            if std::env::var_os("TRT_DIFF_GGML_PORTABLE").is_some() {
-                return Isa::Portable;
-            }
             let avx2 = is_x86_feature_detected!("avx2")
                 && is_x86_feature_detected!("fma")
                 && is_x86_feature_detected!("f16c");
