@@ -2,11 +2,16 @@
 //! (llama-cpp-python) on the same GGUF files and the same prompt ids, greedy, in one run:
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
 //! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
-//!   prompt (time to first token), 128 generated tokens.
+//!   prompt (time to first token), 128 generated tokens;
+//! - the same file quantized to Q8_0 and Q4_K_M by llama.cpp's own quantizer (scripts/bench/quantize_gguf.py).
+//!
+//! `LLM_BENCH_ROUNDS` (default 2) repeats every row, alternating which engine goes first (this machine's memory
+//! bandwidth moves by a third between minutes); a summary gives each file's generation ratio per round.
 //!
 //! Graphs: fp16 and fp32 are the TensorRT graphs run on ONNX Runtime; fp32-cpu and fp16-cpu are what `generate`
 //! runs on the CPU (`models::llama_cpu`: weights in the file's type through trt-diff's operators, the KV cache in
-//! place).
+//! place); ggml-cpu is the CPU graph of a quantized GGUF, which reads the file's blocks in place
+//! (`backend::ggml_ops`).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
@@ -39,6 +44,8 @@ impl TextTokenizer for NoEnd<'_> {
 }
 
 struct Numbers {
+    /// llama.cpp without weight repacking (see `peer`).
+    plain: bool,
     prompt_tokens: usize,
     prompt_s: f64,
     generated: usize,
@@ -71,7 +78,7 @@ fn ours(
     let matrices = trt_diff::pipelines::llm_build::gguf_matrix_type(&g);
     drop(g);
     let p = trt_diff::pipelines::llm_build::linear_precision(trt_diff::quant::Precision::parse(
-        precision.trim_end_matches("-cpu"),
+        &precision.trim_end_matches("-cpu").replace("ggml", "fp32"),
     )?)?;
     let onnx = dir.join(format!(
         "{}_{precision}.onnx",
@@ -79,7 +86,20 @@ fn ours(
     ));
     // "fp16-cpu", "fp32-cpu": the CPU graph `generate` runs (weights in the file's type through trt-diff's own
     // operators, the KV cache in place).
-    let graph = if precision.ends_with("-cpu") {
+    let mut onnx = onnx;
+    let graph = if precision == "ggml-cpu" {
+        // Beside the GGUF, which its initializers point into.
+        onnx = gguf.with_extension("ggml.cpu.onnx");
+        let location = gguf.file_name().unwrap().to_string_lossy().into_owned();
+        let gw = trt_diff::backend::ggml_ops::block_weights(&g2(gguf)?, &m.config, &location)?
+            .ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{}: a matrix type the CPU operators do not read",
+                    gguf.display()
+                )
+            })?;
+        trt_diff::models::llama_cpu::decoder_graph_cpu_gguf(&m.config, &m.tensors, &gw, true)?
+    } else if precision.ends_with("-cpu") {
         trt_diff::models::llama_cpu::decoder_graph_cpu(
             &m.config,
             &m.tensors,
@@ -118,12 +138,18 @@ fn ours(
     // Warm-up: ORT's first runs allocate and pick kernels.
     g.generate_tokens(&tok, prompt[..8].to_vec(), &params(4), |_| Ok(()))?;
     let s = g.generate_tokens(&tok, prompt.to_vec(), &params(n_gen), |_| Ok(()))?;
+    drop(engine);
     Ok(Numbers {
+        plain: false,
         prompt_tokens: s.prompt_tokens,
         prompt_s: s.prompt_seconds,
         generated: s.generated_tokens,
         gen_s: s.generation_seconds,
     })
+}
+
+fn g2(gguf: &Path) -> anyhow::Result<trt_diff::weights::gguf::GgufFile> {
+    trt_diff::weights::gguf::GgufFile::open(gguf)
 }
 
 fn peer(
@@ -135,15 +161,28 @@ fn peer(
 ) -> anyhow::Result<Numbers> {
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/bench/llm_peer.py");
     let list: Vec<String> = prompt.iter().map(u32::to_string).collect();
-    let out = Command::new(python)
-        .args([
+    let run = |plain: bool| {
+        let mut c = Command::new(python);
+        c.args([
             script,
             gguf.to_str().unwrap(),
             &list.join(","),
             &n_gen.to_string(),
             &threads.to_string(),
-        ])
-        .output()?;
+        ]);
+        if plain {
+            c.env("LLM_PEER_NO_EXTRA_BUFTS", "1");
+        }
+        c.output()
+    };
+    let mut out = run(false)?;
+    let mut plain = false;
+    if out.status.code().is_none() {
+        // Killed by a signal: llama.cpp's weight repacking crashes on some CPUs (Q8_0 on an AMX VM); its plain
+        // kernels then.
+        out = run(true)?;
+        plain = true;
+    }
     anyhow::ensure!(
         out.status.success(),
         "llm_peer.py failed: {}",
@@ -153,6 +192,7 @@ fn peer(
     let j: serde_json::Value = serde_json::from_str(line.lines().last().unwrap_or(""))?;
     // llama.cpp generates n_gen tokens after the prefill's first one; count like ours (first token in the prefill).
     Ok(Numbers {
+        plain,
         prompt_tokens: j["prompt_tokens"].as_u64().unwrap_or(0) as usize,
         prompt_s: j["prompt_seconds"].as_f64().unwrap_or(f64::NAN),
         generated: j["generated"].as_u64().unwrap_or(0) as usize,
@@ -209,6 +249,33 @@ fn main() -> anyhow::Result<()> {
             .status()?;
         anyhow::ensure!(st.success(), "make_qwen05b_gguf.py failed");
     }
+    // The F16 file quantized by llama.cpp itself.
+    let mut quantized = Vec::new();
+    for kind in ["Q8_0", "Q4_K_M"] {
+        let out = dir.join(format!("qwen05b_{}.gguf", kind.to_lowercase()));
+        if !out.exists() {
+            let py = python.as_ref().ok_or_else(|| {
+                anyhow::anyhow!(
+                    "{} is missing: set LLM_BENCH_PYTHON to a Python with llama-cpp-python",
+                    out.display()
+                )
+            })?;
+            let st = Command::new(py)
+                .args([
+                    concat!(
+                        env!("CARGO_MANIFEST_DIR"),
+                        "/scripts/bench/quantize_gguf.py"
+                    ),
+                    qwen.to_str().unwrap(),
+                    out.to_str().unwrap(),
+                    kind,
+                    &threads.to_string(),
+                ])
+                .status()?;
+            anyhow::ensure!(st.success(), "quantize_gguf.py {kind} failed");
+        }
+        quantized.push((format!("Qwen2.5-0.5B-shaped ({kind})"), out));
+    }
     // (name, file, graph precisions, prompt ids, tokens to generate, thread counts)
     type Case<'a> = (
         &'a str,
@@ -220,7 +287,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut story_threads = vec![1, threads];
     story_threads.dedup();
-    let cases: [Case; 2] = [
+    let cases: [Case; 4] = [
         (
             "stories260K (F32)",
             &stories,
@@ -237,7 +304,28 @@ fn main() -> anyhow::Result<()> {
             128,
             vec![threads],
         ),
+        (
+            &quantized[0].0,
+            &quantized[0].1,
+            &["ggml-cpu"],
+            ids(512, 1000, 100_000),
+            128,
+            vec![threads],
+        ),
+        (
+            &quantized[1].0,
+            &quantized[1].1,
+            &["ggml-cpu"],
+            ids(512, 1000, 100_000),
+            128,
+            vec![threads],
+        ),
     ];
+    let rounds: usize = std::env::var("LLM_BENCH_ROUNDS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2)
+        .max(1);
     println!(
         "time to first token = processing the whole prompt and producing the first token's logits\n"
     );
@@ -245,32 +333,99 @@ fn main() -> anyhow::Result<()> {
         "| model | engine | threads | prompt tokens | prompt tok/s | time to first token (s) | generation tok/s |"
     );
     println!("|---|---|---|---|---|---|---|");
-    // LLM_BENCH_ONLY=SUBSTRING: only rows whose "model precision" contains it (peers run with any selected row).
+    // LLM_BENCH_ONLY=SUBSTRING[|SUBSTRING...]: only rows whose "model precision" contains one (peers run with any
+    // selected row).
     let only = std::env::var("LLM_BENCH_ONLY").unwrap_or_default();
-    for (name, file, precisions, prompt, n_gen, thread_counts) in cases {
-        for &t in &thread_counts {
-            let picked: Vec<&&str> = precisions
-                .iter()
-                .filter(|p| format!("{name} {p}").contains(&only))
-                .collect();
-            if picked.is_empty() {
-                continue;
-            }
-            for p in picked {
-                let n = ours(&dir, file, p, &prompt, n_gen, t)?;
-                row(
-                    name,
-                    &format!("trt-diff (ONNX Runtime CPU, {p} graph)"),
-                    t,
-                    &n,
-                );
-            }
-            if let Some(py) = &python {
-                match peer(py, file, &prompt, n_gen, t) {
-                    Ok(n) => row(name, "llama.cpp (llama-cpp-python)", t, &n),
-                    Err(e) => println!("| {name} | llama.cpp | {t} | failed: {e} | | | |"),
+    // (file, engine, threads) -> generation tok/s and prompt tok/s per round.
+    // (generation tok/s, prompt tok/s) per round.
+    type Rounds = Vec<(f64, f64)>;
+    type Pair = ((f64, f64), (f64, f64));
+    let mut summary: Vec<(String, String, Rounds)> = Vec::new();
+    let mut record = |model: &str, engine: &str, n: &Numbers| {
+        let key = (model.to_string(), engine.to_string());
+        let v = (
+            n.generated as f64 / n.gen_s,
+            n.prompt_tokens as f64 / n.prompt_s,
+        );
+        match summary
+            .iter_mut()
+            .find(|e| (&e.0, &e.1) == (&key.0, &key.1))
+        {
+            Some(e) => e.2.push(v),
+            None => summary.push((key.0, key.1, vec![v])),
+        }
+    };
+    for round in 0..rounds {
+        for (name, file, precisions, prompt, n_gen, thread_counts) in &cases {
+            for &t in thread_counts {
+                let picked: Vec<&&str> = precisions
+                    .iter()
+                    .filter(|p| only.split('|').any(|o| format!("{name} {p}").contains(o)))
+                    .collect();
+                if picked.is_empty() {
+                    continue;
+                }
+                let run_peer = |record: &mut dyn FnMut(&str, &str, &Numbers)| {
+                    if let Some(py) = &python {
+                        match peer(py, file, prompt, *n_gen, t) {
+                            Ok(n) => {
+                                let label = if n.plain {
+                                    "llama.cpp (llama-cpp-python, no weight repacking: it crashes here)"
+                                } else {
+                                    "llama.cpp (llama-cpp-python)"
+                                };
+                                row(name, label, t, &n);
+                                record(name, &format!("llama.cpp t{t}"), &n);
+                            }
+                            Err(e) => println!("| {name} | llama.cpp | {t} | failed: {e} | | | |"),
+                        }
+                    }
+                };
+                // Alternate which engine runs first.
+                if round % 2 == 1 {
+                    run_peer(&mut record);
+                }
+                for p in &picked {
+                    let n = ours(&dir, file, p, prompt, *n_gen, t)?;
+                    row(
+                        name,
+                        &format!("trt-diff (ONNX Runtime CPU, {p} graph)"),
+                        t,
+                        &n,
+                    );
+                    record(name, &format!("{p} t{t}"), &n);
+                }
+                if round % 2 == 0 {
+                    run_peer(&mut record);
                 }
             }
+        }
+    }
+    if python.is_some() {
+        println!(
+            "\nGeneration and prompt speed against llama.cpp on the same file, per round (ours / llama.cpp):\n"
+        );
+        println!(
+            "| model | graph | generation tok/s (ours; llama.cpp) | generation ratio | prompt ratio |"
+        );
+        println!("|---|---|---|---|---|");
+        for (model, engine, v) in summary.iter().filter(|e| !e.1.starts_with("llama.cpp")) {
+            let t = engine.rsplit(' ').next().unwrap_or("");
+            let Some(peer) = summary
+                .iter()
+                .find(|e| &e.0 == model && e.1 == format!("llama.cpp {t}"))
+            else {
+                continue;
+            };
+            let pairs: Vec<Pair> = v.iter().copied().zip(peer.2.iter().copied()).collect();
+            let list =
+                |f: &dyn Fn(&Pair) -> String| pairs.iter().map(f).collect::<Vec<_>>().join(", ");
+            println!(
+                "| {model} | {engine} | {} | {} | {} |",
+                list(&|p| format!("{:.1}; {:.1}", p.0.0, p.1.0)),
+                list(&|p| format!("{:.2}x", p.0.0 / p.1.0)),
+                list(&|p| format!("{:.2}x", p.0.1 / p.1.1)),
+            );
         }
     }
     Ok(())

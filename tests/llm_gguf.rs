@@ -274,48 +274,103 @@ fn cpu_graph_logits(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
     out
 }
 
+/// The CPU graph's logits against the same file's weights dequantized into an f32 CPU graph: (max difference,
+/// largest logit).
+fn against_dequantized(gguf: &std::path::Path, cpu: &std::path::Path, ids: &[i64]) -> (f64, f64) {
+    let g = GgufFile::open(gguf).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    let graph = trt_diff::models::llama_cpu::decoder_graph_cpu(
+        &m.config,
+        &m.tensors,
+        trt_diff::onnx::DataType::FLOAT,
+        false,
+    )
+    .unwrap();
+    let f32_cpu = cpu.with_file_name("dequantized.cpu.onnx");
+    trt_diff::onnx::save(graph, &f32_cpu, &Default::default()).unwrap();
+    let ours = cpu_graph_logits(cpu, ids);
+    let want = cpu_graph_logits(&f32_cpu, ids);
+    // The in-place graph gives the last position's logits per call; the f32 one every position's at prefill.
+    let vocab = m.config.vocab_size;
+    let prefill_last = &want[3 * vocab..4 * vocab];
+    let mut want_last: Vec<f64> = prefill_last.to_vec();
+    want_last.extend_from_slice(&want[4 * vocab..]);
+    assert_eq!(ours.len(), want_last.len());
+    let diff = ours
+        .iter()
+        .zip(&want_last)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0.0, f64::max);
+    let scale = want_last.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    (diff, scale)
+}
+
 #[test]
-fn quantized_gguf_gets_a_cpu_graph_in_the_engine_type() {
-    // stories260K with Q8_0 matrices where rows allow (32-blocks; the 172-wide FFN rows stay F16): a mixed,
-    // quantized file. Its fp16 build's CPU graph keeps the dequantized weights in f16 (as the engine does), its
-    // fp32 build's in f32; both run the in-place KV cache, and their logits agree to f16 rounding.
+fn quantized_gguf_cpu_graph_reads_the_blocks_in_place() {
+    // stories260K with Q8_0 or Q4_0 matrices where rows allow (32-blocks; the 172-wide FFN rows stay F16, as
+    // llama.cpp's quantizer falls back): the CPU graph reads the GGUF's bytes where they are (external data into the
+    // file), so it is a few KB, and still tells llama2.c's story.
     let d = tempfile::tempdir().unwrap();
-    let gguf = stories_rewritten(d.path(), "q8.gguf", |w, name, shape, v| {
-        if shape.len() == 2 && shape[1] % 32 == 0 {
-            w.add_q8_0(name, shape, v).unwrap();
-        } else if shape.len() == 2 {
-            w.add_f16(name, shape, v);
-        } else {
-            w.add_f32(name, shape, v);
-        }
-    });
-    let q = GgufFile::open(&gguf).unwrap();
-    assert!(q.tensors.iter().any(|t| t.ty.to_string() == "Q8_0"));
-    assert_eq!(trt_diff::pipelines::llm_build::gguf_matrix_type(&q), None);
-    let mut logits = Vec::new();
-    for (precision, half_weights) in [("fp16", true), ("fp32", false)] {
-        let plan = d.path().join(format!("q8_{precision}.plan"));
+    let ids = [1, 403, 407, 261, 378, 411, 422, 325, 290];
+    for (name, q4) in [("q8", false), ("q4", true)] {
+        let gguf = stories_rewritten(d.path(), &format!("{name}.gguf"), |w, name, shape, v| {
+            if shape.len() == 2 && shape[1] % 32 == 0 {
+                if q4 {
+                    w.add_q4_0(name, shape, v).unwrap();
+                } else {
+                    w.add_q8_0(name, shape, v).unwrap();
+                }
+            } else if shape.len() == 2 {
+                w.add_f16(name, shape, v);
+            } else {
+                w.add_f32(name, shape, v);
+            }
+        });
+        let q = GgufFile::open(&gguf).unwrap();
+        assert_eq!(trt_diff::pipelines::llm_build::gguf_matrix_type(&q), None);
+        let plan = d.path().join(format!("{name}.plan"));
         run(
-            &[
-                "build",
-                s(&gguf),
-                "--precision",
-                precision,
-                "--out",
-                s(&plan),
-                "--no-progress",
-            ],
+            &["build", s(&gguf), "--out", s(&plan), "--no-progress"],
             true,
         );
-        let cpu = d.path().join(format!("q8_{precision}.cpu.onnx"));
-        let summary = trt_diff::onnx::summary::OnnxSummary::of(
-            &trt_diff::onnx::OnnxFile::load(&cpu).unwrap(),
+        let cpu = d.path().join(format!("{name}.cpu.onnx"));
+        let onnx = trt_diff::onnx::OnnxFile::load(&cpu).unwrap();
+        let summary = trt_diff::onnx::summary::OnnxSummary::of(&onnx);
+        let ops = &summary.op_histogram;
+        // 5 layers x (q/k/v in one node, o, down) + the LM head; gate/up in one node per layer.
+        assert_eq!(ops.get("trtdiff::MatMulGgml"), Some(&16), "{ops:?}");
+        assert_eq!(ops.get("trtdiff::GateUpGgml"), Some(&5), "{ops:?}");
+        assert_eq!(ops.get("trtdiff::GatherGgml"), Some(&1), "{ops:?}");
+        // The graph and its own external data (norms, RoPE tables).
+        let on_disk: u64 = std::fs::read_dir(d.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                e.file_name()
+                    .to_string_lossy()
+                    .starts_with(&format!("{name}.cpu.onnx"))
+            })
+            .map(|e| e.metadata().unwrap().len())
+            .sum();
+        let gguf_bytes = std::fs::metadata(&gguf).unwrap().len();
+        assert!(
+            on_disk < gguf_bytes / 4,
+            "{name}: CPU graph of {on_disk} bytes for a GGUF of {gguf_bytes}"
         );
-        assert_eq!(
-            summary.initializers.contains_key("float16"),
-            half_weights,
-            "{precision}: {:?}",
-            summary.initializers.keys().collect::<Vec<_>>()
+        for t in onnx.model.graph.iter().flat_map(|g| &g.initializer) {
+            if t.data_type == trt_diff::onnx::DataType::UINT8.0 {
+                let r = trt_diff::onnx::model::external_ref(t).expect("matrices stay in the GGUF");
+                assert_eq!(r.location, format!("{name}.gguf"));
+            }
+        }
+        let (diff, scale) = against_dequantized(&gguf, &cpu, &ids);
+        eprintln!(
+            "{name}: in-place blocks against the dequantized f32 graph, max logit difference {diff:.2e} (logits up to {scale:.1})"
+        );
+        // Activations quantized to 8 bits per block, as llama.cpp does.
+        assert!(
+            diff > 0.0 && diff < 0.02 * scale,
+            "{name}: {diff} (scale {scale})"
         );
         let r = run(
             &[
@@ -325,28 +380,107 @@ fn quantized_gguf_gets_a_cpu_graph_in_the_engine_type() {
                 "--prompt",
                 "Once upon a time",
                 "--max-tokens",
-                "20",
+                "30",
             ],
             true,
         );
+        eprintln!("{name}: {}", r.stdout);
         assert!(
-            r.stderr.contains("q8_") && r.stdout.len() > 40,
-            "{}",
+            r.stdout
+                .starts_with(", there was a little girl named Lily."),
+            "{name}: {}",
             r.stdout
         );
-        logits.push(cpu_graph_logits(
-            &cpu,
-            &[1, 403, 407, 261, 378, 411, 422, 325, 290],
-        ));
     }
-    let diff = logits[0]
-        .iter()
-        .zip(&logits[1])
-        .map(|(a, b)| (a - b).abs())
-        .fold(0.0, f64::max);
-    let scale = logits[1].iter().fold(0.0f64, |m, v| m.max(v.abs()));
-    eprintln!(
-        "Q8_0 source: f16 against f32 CPU graph, max logit difference {diff:.2e} (logits up to {scale:.1})"
+}
+
+#[test]
+fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
+    // A tiny random Llama quantized to Q4_K_M by llama.cpp (Q4_K, Q6_K blocks) and llama.cpp's logits on it, one
+    // token per evaluation (golden from scripts/golden/llm_gguf_llamacpp.py), with its logits on the F16 file the
+    // quantizer started from. Ours reads the same blocks in place: its logits must be far closer to llama.cpp's
+    // than the quantization moved them.
+    let dir = golden("tiny_q4km");
+    let b = std::fs::read(dir.join("logits.bin")).unwrap();
+    let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
+    let (vocab, n) = (u(0), u(1));
+    let ids: Vec<i64> = (0..n).map(|i| u(2 + i) as i64).collect();
+    let f = |i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64;
+    let base = 2 + n;
+    let theirs: Vec<f64> = (0..n * vocab).map(|i| f(base + i)).collect();
+    let f16: Vec<f64> = (0..n * vocab).map(|i| f(base + n * vocab + i)).collect();
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("model.gguf");
+    std::fs::copy(dir.join("model.gguf"), &gguf).unwrap();
+    let g = GgufFile::open(&gguf).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    let gw = trt_diff::backend::ggml_ops::block_weights(&g, &m.config, "model.gguf")
+        .unwrap()
+        .unwrap();
+    let kinds: std::collections::BTreeSet<String> = gw
+        .tensors
+        .values()
+        .map(|t| t.kind.ggml().to_string())
+        .collect();
+    assert!(
+        kinds.contains("Q4_K") && kinds.contains("Q6_K"),
+        "{kinds:?}"
     );
-    assert!(diff > 0.0 && diff < 2e-3 * scale, "{diff} (scale {scale})");
+    let graph =
+        trt_diff::models::llama_cpu::decoder_graph_cpu_gguf(&m.config, &m.tensors, &gw, true)
+            .unwrap();
+    let cpu = d.path().join("model.cpu.onnx");
+    trt_diff::onnx::save(graph, &cpu, &Default::default()).unwrap();
+    use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+    let mut e = OrtEngine::open(&cpu, &OrtOptions::default()).unwrap();
+    let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+    let mut ours = Vec::new();
+    for id in &ids {
+        ours.extend(dec.forward(&[*id]).unwrap().to_f64().unwrap());
+    }
+    let max_diff = |a: &[f64], b: &[f64]| {
+        a.iter()
+            .zip(b)
+            .map(|(p, q)| (p - q).abs())
+            .fold(0.0, f64::max)
+    };
+    let (diff, quant) = (max_diff(&ours, &theirs), max_diff(&f16, &theirs));
+    {
+        let graph = trt_diff::models::llama_cpu::decoder_graph_cpu(
+            &m.config,
+            &m.tensors,
+            trt_diff::onnx::DataType::FLOAT,
+            true,
+        )
+        .unwrap();
+        let f = d.path().join("f32.cpu.onnx");
+        trt_diff::onnx::save(graph, &f, &Default::default()).unwrap();
+        let mut e = OrtEngine::open(&f, &OrtOptions::default()).unwrap();
+        let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+        let mut deq = Vec::new();
+        for id in &ids {
+            deq.extend(dec.forward(&[*id]).unwrap().to_f64().unwrap());
+        }
+        // Against the same blocks dequantized into an f32 graph (no activation quantization): ours is no farther
+        // from it than llama.cpp is (both quantize activations per block).
+        let (o, t) = (max_diff(&ours, &deq), max_diff(&theirs, &deq));
+        eprintln!("against the dequantized f32 graph: ours {o:.3e}, llama.cpp {t:.3e}");
+        assert!(o < 1.5 * t, "ours {o} against llama.cpp's {t}");
+    }
+    eprintln!(
+        "Q4_K_M: ours against llama.cpp max logit difference {diff:.3e}; llama.cpp's Q4_K_M against its F16 {quant:.3e}"
+    );
+    assert!(
+        diff < 0.1 * quant,
+        "{diff} against a quantization error of {quant}"
+    );
+    // The same greedy choice at every position.
+    for p in 0..n {
+        let arg = |v: &[f64]| {
+            (0..vocab)
+                .max_by(|&i, &j| v[p * vocab + i].total_cmp(&v[p * vocab + j]))
+                .unwrap()
+        };
+        assert_eq!(arg(&ours), arg(&theirs), "position {p}");
+    }
 }

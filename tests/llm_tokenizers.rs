@@ -5,6 +5,20 @@ use common::*;
 use std::path::PathBuf;
 use trt_diff::tokenizer::llm_vocab::Vocab;
 
+/// llama.cpp's test vocabularies whose vectors all pass (see `llama_cpp_vocab_vectors_where_available`).
+const LLAMA_CPP_PASSING: &[&str] = &[
+    "ggml-vocab-bert-bge.gguf",
+    "ggml-vocab-command-r.gguf",
+    "ggml-vocab-gpt-2.gguf",
+    "ggml-vocab-llama-bpe.gguf",
+    "ggml-vocab-llama-spm.gguf",
+    "ggml-vocab-mpt.gguf",
+    "ggml-vocab-phi-3.gguf",
+    "ggml-vocab-qwen2.gguf",
+    "ggml-vocab-refact.gguf",
+    "ggml-vocab-starcoder.gguf",
+];
+
 fn data(rel: &str) -> PathBuf {
     let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
         .map(PathBuf::from)
@@ -14,8 +28,12 @@ fn data(rel: &str) -> PathBuf {
 
 /// The vectors as llama.cpp's `read_tests` splits them.
 fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
-    let inp = std::fs::read_to_string(data(&format!("tokenizers/{name}.inp"))).unwrap();
-    let out = std::fs::read_to_string(data(&format!("tokenizers/{name}.out"))).unwrap();
+    vectors_in(&data("tokenizers"), name)
+}
+
+fn vectors_in(dir: &std::path::Path, name: &str) -> Vec<(String, Vec<u32>)> {
+    let inp = std::fs::read_to_string(dir.join(format!("{name}.inp"))).unwrap();
+    let out = std::fs::read_to_string(dir.join(format!("{name}.out"))).unwrap();
     let sep = "\n__ggml_vocab_test__\n";
     let mut texts = Vec::new();
     let mut pos = 0;
@@ -41,14 +59,31 @@ fn vectors(name: &str) -> Vec<(String, Vec<u32>)> {
 
 fn check(name: &str) -> usize {
     let vocab = Vocab::open(&data(&format!("tokenizers/{name}"))).unwrap();
+    check_vocab(&vocab, name, &vectors(name), None)
+}
+
+/// The vectors' failures on `vocab`, whose ids `original` maps back to the full vocabulary's (cut vocabularies).
+fn failures(vocab: &Vocab, cases: &[(String, Vec<u32>)], original: Option<&[u32]>) -> Vec<String> {
     let mut failures = Vec::new();
-    let cases = vectors(name);
-    for (text, want) in &cases {
-        let got = vocab.tokenize(text, false, false);
+    for (text, want) in cases {
+        let mut got = vocab.tokenize(text, false, false);
+        if let Some(map) = original {
+            got = got.iter().map(|&i| map[i as usize]).collect();
+        }
         if &got != want {
             failures.push(format!("{text:?}\n  want {want:?}\n  got  {got:?}"));
         }
     }
+    failures
+}
+
+fn check_vocab(
+    vocab: &Vocab,
+    name: &str,
+    cases: &[(String, Vec<u32>)],
+    original: Option<&[u32]>,
+) -> usize {
+    let failures = failures(vocab, cases, original);
     assert!(
         failures.is_empty(),
         "{name}: {} of {} differ:\n{}",
@@ -57,6 +92,92 @@ fn check(name: &str) -> usize {
         failures.join("\n")
     );
     cases.len()
+}
+
+/// A WordPiece vocabulary of llama.cpp's tests cut to the pieces its vectors use
+/// (scripts/golden/llm_vocab_trim.py), and the map from its ids to the full vocabulary's.
+fn cut_vocab(name: &str) -> (Vocab, Vec<u32>) {
+    let path = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/llm/vocab"
+    ))
+    .join(format!("{name}.mini.gguf"));
+    let g = trt_diff::weights::gguf::GgufFile::open(&path).unwrap();
+    let map: Vec<u32> = g
+        .get("trt_diff.test.original_ids")
+        .and_then(|v| v.as_array())
+        .unwrap()
+        .iter()
+        .map(|v| v.as_u64().unwrap() as u32)
+        .collect();
+    (Vocab::from_gguf(&g).unwrap(), map)
+}
+
+#[test]
+fn bert_bge_wpm_vectors_lowercase_and_strip_accents() {
+    // An uncased BERT vocabulary without normalizer keys: llama.cpp lowercases and strips accents by default.
+    let name = "ggml-vocab-bert-bge.gguf";
+    let (v, map) = cut_vocab(name);
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/llm/vocab"
+    ));
+    assert_eq!(
+        check_vocab(&v, name, &vectors_in(&dir, name), Some(&map)),
+        46
+    );
+    let ids: Vec<u32> = v
+        .tokenize("Hello world", false, false)
+        .iter()
+        .map(|&i| map[i as usize])
+        .collect();
+    assert_eq!(ids, [7592, 2088]);
+}
+
+/// Every llama.cpp vocabulary with test vectors in `TRT_DIFF_LLAMA_VOCABS` (llama.cpp's `models/` folder, e.g. from
+/// the llama-cpp-python sdist; the files are too big to keep here): prints which pass; fails when one that passed
+/// before (the list below) differs. Skipped without the variable.
+#[test]
+fn llama_cpp_vocab_vectors_where_available() {
+    let Some(dir) = std::env::var_os("TRT_DIFF_LLAMA_VOCABS").map(PathBuf::from) else {
+        eprintln!("TRT_DIFF_LLAMA_VOCABS is not set: skipped");
+        return;
+    };
+    let mut names: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".gguf") && dir.join(format!("{n}.out")).exists())
+        .collect();
+    names.sort();
+    let mut broken = Vec::new();
+    for name in &names {
+        let cases = vectors_in(&dir, name);
+        let f = match Vocab::open(&dir.join(name)) {
+            Ok(v) => failures(&v, &cases, None),
+            Err(e) => {
+                eprintln!("{name}: cannot load: {e:#}");
+                broken.extend(
+                    LLAMA_CPP_PASSING
+                        .contains(&name.as_str())
+                        .then(|| format!("{name}: {e:#}")),
+                );
+                continue;
+            }
+        };
+        eprintln!(
+            "{name}: {} of {} vectors pass",
+            cases.len() - f.len().min(cases.len()),
+            cases.len()
+        );
+        if let Some(first) = f.first() {
+            eprintln!("  first difference: {first}");
+        }
+        if !f.is_empty() && LLAMA_CPP_PASSING.contains(&name.as_str()) {
+            broken.push(format!("{name}:\n{}", f.join("\n")));
+        }
+    }
+    assert!(broken.is_empty(), "{}", broken.join("\n"));
 }
 
 #[test]

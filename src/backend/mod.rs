@@ -1,5 +1,7 @@
 //! Execution backends behind one `Engine` interface: ONNX Runtime on the CPU (the embedded default, and the
 //! backbone of the tests) and TensorRT (see `trt::runtime`). Pipelines and `trt-diff run` only see `Engine`.
+pub mod ggml_blocks;
+pub mod ggml_ops;
 pub mod half_matmul;
 pub mod npy;
 pub mod ort_backend;

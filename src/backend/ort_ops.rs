@@ -249,7 +249,10 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(MatMulHalf::<f32, false>(PhantomData))?
         .add(MatMulHalf::<half::f16, true>(PhantomData))?
         .add(MatMulHalf::<half::bf16, true>(PhantomData))?
-        .add(MatMulHalf::<f32, true>(PhantomData))
+        .add(MatMulHalf::<f32, true>(PhantomData))?
+        .add(super::ggml_ops::MatMulGgml::<false>)?
+        .add(super::ggml_ops::MatMulGgml::<true>)?
+        .add(super::ggml_ops::GatherGgml)
 }
 
 #[cfg(test)]

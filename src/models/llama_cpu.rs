@@ -17,6 +17,7 @@
 //! [1, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT builds
 //! `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
 use super::llama::{LlamaConfig, cache_inputs, rope_tables};
+use crate::backend::ggml_ops::{GATE_UP, GATHER, GgmlWeights, MATMUL};
 use crate::backend::ort_ops::{DOMAIN, op_name};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use anyhow::{Context, Result, bail};
@@ -39,6 +40,10 @@ struct Emitter<'a> {
     wtype: DataType,
     /// Head size in the graph: the model's, rounded up to GroupQueryAttention's multiple of 16.
     hd: usize,
+    /// Matrices read in place from a GGUF file in their own formats (`ggml_ops`), instead of `w`'s.
+    ggml: Option<&'a GgmlWeights>,
+    /// Their initializers, made once (a tied LM head reads the embedding's).
+    ggml_values: HashMap<String, Value>,
 }
 
 /// Where element `j` of a head of `hd` values goes in a head padded to `hd_pad`: RoPE pairs `(j, j + hd/2)` (halves
@@ -187,6 +192,9 @@ impl Emitter<'_> {
         parts: &[(String, usize)],
         k: usize,
     ) -> Result<Value> {
+        if self.ggml.is_some() {
+            return self.linear_ggml(name, x, parts, false);
+        }
         let (w, b) = self.stacked(name, parts, k)?;
         let n: usize = parts.iter().map(|p| p.1).sum();
         let mut inputs = vec![x, &w];
@@ -209,6 +217,177 @@ impl Emitter<'_> {
                 vec![(F32, shape)],
             )?
             .remove(0))
+    }
+
+    /// The GGUF matrix `name` (a Hugging Face name) as an initializer over the file's bytes: [rows, row bytes] uint8.
+    fn ggml_weight(&mut self, name: &str) -> Result<(Value, i64, usize)> {
+        let gw = self.ggml.context("no GGUF weights")?;
+        let t = gw
+            .tensors
+            .get(name)
+            .with_context(|| format!("GGUF file has no matrix for '{name}'"))?;
+        let row_bytes = t.bytes / t.rows.max(1) as u64;
+        if let Some(v) = self.ggml_values.get(name) {
+            return Ok((v.clone(), t.kind.ggml().0 as i64, t.rows));
+        }
+        let v = self.g.external_initializer(
+            name,
+            DataType::UINT8,
+            &[t.rows as i64, row_bytes as i64],
+            &gw.location,
+            t.offset,
+            t.bytes,
+        )?;
+        self.ggml_values.insert(name.to_string(), v.clone());
+        Ok((v, t.kind.ggml().0 as i64, t.rows))
+    }
+
+    /// `linear` (or, with `gated`, SwiGLU's gate and up) on GGUF matrices: one `MatMulGgml`/`GateUpGgml` node whose
+    /// outputs are the parts' rows side by side (the model's head size: no padding), biases from `w`.
+    fn linear_ggml(
+        &mut self,
+        name: &str,
+        x: &Value,
+        parts: &[(String, usize)],
+        gated: bool,
+    ) -> Result<Value> {
+        let mut ws = Vec::new();
+        let mut types = Vec::new();
+        let mut bias = Vec::new();
+        let mut any_bias = false;
+        let mut n = 0;
+        for (p, _) in parts {
+            let (v, t, rows) = self.ggml_weight(&format!("{p}.weight"))?;
+            ws.push(v);
+            types.push(t);
+            match self.w.get(&format!("{p}.bias")) {
+                Some(b) if b.len() == rows => {
+                    any_bias = true;
+                    bias.extend_from_slice(b);
+                }
+                Some(b) => bail!("{p}: bias has {} values, expected {rows}", b.len()),
+                None => bias.extend(std::iter::repeat_n(0.0, rows)),
+            }
+            n += rows;
+        }
+        if ws.len() > 3 || (gated && (ws.len() != 2 || any_bias)) {
+            bail!(
+                "{name}: {} GGUF matrices cannot form one projection",
+                ws.len()
+            );
+        }
+        let absent = Value::absent();
+        let b = if any_bias {
+            Some(
+                self.g
+                    .const_f32(&format!("{name}.bias"), &[n as i64], &bias)?,
+            )
+        } else {
+            None
+        };
+        let mut inputs: Vec<&Value> = vec![x];
+        inputs.extend(ws.iter());
+        if let Some(b) = &b {
+            inputs.resize(4, &absent);
+            inputs.push(b);
+        }
+        let n_out = if gated { n / 2 } else { n };
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = Dim::Fixed(n_out as i64);
+        }
+        let op = if gated { GATE_UP } else { MATMUL };
+        // The LM head's node is named after the graph output it makes.
+        let node = if name == "logits" {
+            name.to_string()
+        } else {
+            format!("{name}/{op}")
+        };
+        Ok(self
+            .g
+            .node_in(
+                DOMAIN,
+                op,
+                &node,
+                &inputs,
+                vec![("types", Attr::Ints(types))],
+                vec![(F32, shape)],
+            )?
+            .remove(0))
+    }
+
+    /// Heads of the model's size `hd` in `v` ([1, seq, heads * hd]) padded with zeros to the graph's (`pad_heads`'s
+    /// layout), or back (`unpad`).
+    fn repad_heads(&mut self, name: &str, v: &Value, heads: usize, unpad: bool) -> Result<Value> {
+        let (hd, hd_pad) = (self.cfg.head_dim(), self.hd);
+        // The halves layout pads each half of a head; the interleaved one pads its end.
+        let p = if self.cfg.rope_interleaved { 1 } else { 2 };
+        let (from, to) = if unpad { (hd_pad, hd) } else { (hd, hd_pad) };
+        let split = self.g.const_i64(
+            &format!("{name}.split_shape"),
+            &[5],
+            &[0, 0, heads as i64, p, (from / p as usize) as i64],
+        )?;
+        let five = vec![
+            Dim::Fixed(1),
+            seq(),
+            Dim::Fixed(heads as i64),
+            Dim::Fixed(p),
+            Dim::Fixed((from / p as usize) as i64),
+        ];
+        let r = self.g.op(
+            "Reshape",
+            &format!("{name}/split"),
+            &[v, &split],
+            vec![],
+            F32,
+            five.clone(),
+        )?;
+        let mut out_shape = five;
+        out_shape[4] = Dim::Fixed((to / p as usize) as i64);
+        let moved = if unpad {
+            let c = |g: &mut GraphBuilder, n: &str, v: i64| {
+                g.const_i64(&format!("{name}.{n}"), &[1], &[v])
+            };
+            let (s, e, ax) = (
+                c(&mut self.g, "start", 0)?,
+                c(&mut self.g, "end", (to / p as usize) as i64)?,
+                c(&mut self.g, "axis", 4)?,
+            );
+            self.g.op(
+                "Slice",
+                &format!("{name}/slice"),
+                &[&r, &s, &e, &ax],
+                vec![],
+                F32,
+                out_shape,
+            )?
+        } else {
+            let mut pads = vec![0i64; 10];
+            pads[9] = ((to - from) / p as usize) as i64;
+            let pv = self.g.const_i64(&format!("{name}.pads"), &[10], &pads)?;
+            self.g.op(
+                "Pad",
+                &format!("{name}/pad"),
+                &[&r, &pv],
+                vec![],
+                F32,
+                out_shape,
+            )?
+        };
+        let flat = self.g.const_i64(
+            &format!("{name}.flat_shape"),
+            &[3],
+            &[0, 0, (heads * to) as i64],
+        )?;
+        self.g.op(
+            "Reshape",
+            &format!("{name}/merge"),
+            &[&moved, &flat],
+            vec![],
+            F32,
+            act_shape(heads * to),
+        )
     }
 
     fn norm_weight(&mut self, name: &str) -> Result<Value> {
@@ -270,6 +449,17 @@ impl Emitter<'_> {
             ],
             d,
         )?;
+        let padded_ggml = self.ggml.is_some() && hd != c.head_dim();
+        let qkv = if padded_ggml {
+            self.repad_heads(
+                &format!("{p}.self_attn.qkv_pad"),
+                &qkv,
+                heads + 2 * kv,
+                false,
+            )?
+        } else {
+            qkv
+        };
         let cache = |kind: &str| {
             (
                 Some(format!("present_{kind}_{i}")),
@@ -314,6 +504,11 @@ impl Emitter<'_> {
         self.g.output(&outs[1]);
         self.g.output(&outs[2]);
         let attn = outs.remove(0);
+        let attn = if padded_ggml {
+            self.repad_heads(&format!("{p}.self_attn.unpad"), &attn, heads, true)?
+        } else {
+            attn
+        };
         let o = self.linear(
             &format!("{p}.self_attn.o_proj"),
             &attn,
@@ -327,6 +522,20 @@ impl Emitter<'_> {
             &format!("{p}.post_attention_layernorm.weight"),
             true,
         )?;
+        let gate_up = [
+            (format!("{p}.mlp.gate_proj"), c.hidden_dim),
+            (format!("{p}.mlp.up_proj"), c.hidden_dim),
+        ];
+        if self.ggml.is_some() {
+            let act = self.linear_ggml(&format!("{p}.mlp.gate_up"), &xn, &gate_up, true)?;
+            let down = self.linear(
+                &format!("{p}.mlp.down_proj"),
+                &act,
+                &[(format!("{p}.mlp.down_proj"), d)],
+                c.hidden_dim,
+            )?;
+            return Ok((down, h));
+        }
         let (w, bias) = self.stacked(
             &format!("{p}.mlp.gate_up"),
             &[
@@ -395,6 +604,29 @@ pub fn decoder_graph_cpu(
     wtype: DataType,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
+    graph(cfg, weights, wtype, None, last_logits_only)
+}
+
+/// The CPU decoder graph of a GGUF file whose matrices stay in the file, in their own formats (quantized blocks
+/// included): `MatMulGgml`/`GateUpGgml`/`GatherGgml` nodes read initializers whose external data points into the
+/// GGUF (`ggml`, from `backend::ggml_ops::block_weights`). `weights` provides the norms, biases and RoPE factors.
+/// Heads of a size that is not a multiple of 16 are padded between the projections and the attention.
+pub fn decoder_graph_cpu_gguf(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    ggml: &GgmlWeights,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
+    graph(cfg, weights, F32, Some(ggml), last_logits_only)
+}
+
+fn graph(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    wtype: DataType,
+    ggml: Option<&GgmlWeights>,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
     if ![DataType::FLOAT, DataType::FLOAT16, DataType::BFLOAT16].contains(&wtype) {
         bail!("CPU decoder graphs store weights in float, float16 or bfloat16, not {wtype}");
     }
@@ -418,6 +650,8 @@ pub fn decoder_graph_cpu(
         },
         wtype,
         hd: hd_pad,
+        ggml,
+        ggml_values: HashMap::new(),
     };
     e.g.use_domain(DOMAIN, 1);
     e.g.use_domain(MS, 1);
@@ -442,40 +676,62 @@ pub fn decoder_graph_cpu(
             cfg.vocab_size * d
         );
     }
-    let mut bytes = Vec::with_capacity(emb.len() * elem_bytes(wtype));
-    push_weights(&mut bytes, emb, wtype);
-    let table = e.g.initializer(
-        "model.embed_tokens.weight",
-        wtype,
-        &[cfg.vocab_size as i64, d as i64],
-        bytes.into(),
-    )?;
-    let h = if wtype == F32 {
-        e.g.op(
-            "Gather",
-            "embed",
-            &[&table, &ids],
-            vec![],
-            F32,
-            act_shape(d),
-        )?
+    let (table, h) = if ggml.is_some() {
+        let (table, ty, rows) = e.ggml_weight("model.embed_tokens.weight")?;
+        if rows != cfg.vocab_size {
+            bail!(
+                "token_embd.weight has {rows} rows for a vocabulary of {}",
+                cfg.vocab_size
+            );
+        }
+        let h =
+            e.g.node_in(
+                DOMAIN,
+                GATHER,
+                "embed",
+                &[&table, &ids],
+                vec![("type", Attr::Int(ty)), ("k", Attr::Int(d as i64))],
+                vec![(F32, act_shape(d))],
+            )?
+            .remove(0);
+        (table, h)
     } else {
-        let rows = e.g.op(
-            "Gather",
-            "embed_half",
-            &[&table, &ids],
-            vec![],
+        let mut bytes = Vec::with_capacity(emb.len() * elem_bytes(wtype));
+        push_weights(&mut bytes, emb, wtype);
+        let table = e.g.initializer(
+            "model.embed_tokens.weight",
             wtype,
-            act_shape(d),
+            &[cfg.vocab_size as i64, d as i64],
+            bytes.into(),
         )?;
-        e.g.op(
-            "Cast",
-            "embed",
-            &[&rows],
-            vec![("to", Attr::Int(F32.0 as i64))],
-            F32,
-            act_shape(d),
-        )?
+        let h = if wtype == F32 {
+            e.g.op(
+                "Gather",
+                "embed",
+                &[&table, &ids],
+                vec![],
+                F32,
+                act_shape(d),
+            )?
+        } else {
+            let rows = e.g.op(
+                "Gather",
+                "embed_half",
+                &[&table, &ids],
+                vec![],
+                wtype,
+                act_shape(d),
+            )?;
+            e.g.op(
+                "Cast",
+                "embed",
+                &[&rows],
+                vec![("to", Attr::Int(F32.0 as i64))],
+                F32,
+                act_shape(d),
+            )?
+        };
+        (table, h)
     };
     // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros.
     let (cos, sin) = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
@@ -531,6 +787,18 @@ pub fn decoder_graph_cpu(
     } else {
         seq()
     };
+    if ggml.is_some() {
+        let head = if cfg.tied_embeddings {
+            "model.embed_tokens"
+        } else {
+            "lm_head"
+        };
+        let logits = e.linear_ggml("logits", &hn, &[(head.to_string(), cfg.vocab_size)], false)?;
+        let shape = vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
+        let logits = Value { shape, ..logits };
+        e.g.output(&logits);
+        return Ok(e.g.finish());
+    }
     let head = tensor("lm_head.weight")?;
     let tied = cfg.tied_embeddings && head == emb;
     let head_w = if tied {

@@ -336,6 +336,45 @@ impl GraphBuilder {
         })
     }
 
+    /// A constant tensor whose bytes stay in another file: `length` bytes at `offset` of `location` (relative to
+    /// the model's folder), e.g. a tensor of a GGUF file read in place.
+    pub fn external_initializer(
+        &mut self,
+        name: &str,
+        dtype: DataType,
+        dims: &[i64],
+        location: &str,
+        offset: u64,
+        length: u64,
+    ) -> Result<Value> {
+        let count: i64 = dims.iter().product();
+        if dtype.storage_bytes(count.max(0) as u64) != Some(length) {
+            bail!("initializer '{name}': {length} bytes do not hold {dtype} {dims:?}");
+        }
+        let name = self.claim(name)?;
+        let entry = |k: &str, v: String| super::proto::StringStringEntryProto {
+            key: k.into(),
+            value: v,
+        };
+        self.initializers.push(TensorProto {
+            dims: dims.to_vec(),
+            data_type: dtype.0,
+            name: name.clone(),
+            data_location: super::proto::DATA_LOCATION_EXTERNAL,
+            external_data: vec![
+                entry("location", location.into()),
+                entry("offset", offset.to_string()),
+                entry("length", length.to_string()),
+            ],
+            ..Default::default()
+        });
+        Ok(Value {
+            name,
+            dtype,
+            shape: dims.iter().map(|&d| Dim::Fixed(d)).collect(),
+        })
+    }
+
     pub fn const_f32(&mut self, name: &str, dims: &[i64], values: &[f32]) -> Result<Value> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializer(name, DataType::FLOAT, dims, Bytes::from(bytes))

@@ -202,6 +202,57 @@ fn write_cpu_graph(
     Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
 }
 
+/// Where a graph written to `out` finds `gguf` (a path relative to the graph's folder, as ONNX external data wants):
+/// the file's name when both share a folder, otherwise a symbolic link `NAME.weights.gguf` beside the graph.
+fn gguf_location(out: &Path, gguf: &Path) -> Result<String> {
+    let canon = |p: &Path| {
+        std::fs::canonicalize(p).with_context(|| format!("cannot resolve '{}'", p.display()))
+    };
+    let target = canon(gguf)?;
+    let out_dir = match out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        Some(d) => canon(d)?,
+        None => canon(Path::new("."))?,
+    };
+    if target.parent() == Some(out_dir.as_path())
+        && let Some(name) = target.file_name()
+    {
+        return Ok(name.to_string_lossy().into_owned());
+    }
+    let link = sibling(out, ".weights.gguf");
+    if link.symlink_metadata().is_ok() {
+        std::fs::remove_file(&link)
+            .with_context(|| format!("cannot replace '{}'", link.display()))?;
+    }
+    #[cfg(unix)]
+    std::os::unix::fs::symlink(&target, &link).with_context(|| {
+        format!(
+            "cannot link '{}' to '{}' for the CPU graph: write the build next to the GGUF file (--out in its folder)",
+            link.display(),
+            target.display()
+        )
+    })?;
+    #[cfg(not(unix))]
+    std::fs::copy(&target, &link)
+        .with_context(|| format!("cannot copy '{}' to '{}'", target.display(), link.display()))?;
+    Ok(link
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default())
+}
+
+/// Writes `<out>.cpu.onnx` for a GGUF file whose matrices the graph reads in place, in their own block formats.
+fn write_cpu_graph_gguf(
+    out: &Path,
+    config: &LlamaConfig,
+    tensors: &std::collections::HashMap<String, Vec<f32>>,
+    ggml: &crate::backend::ggml_ops::GgmlWeights,
+) -> Result<Option<String>> {
+    let path = sibling(out, ".cpu.onnx");
+    let graph = crate::models::llama_cpu::decoder_graph_cpu_gguf(config, tensors, ggml, true)?;
+    save(graph, &path, &SaveOptions::default())?;
+    Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
+}
+
 /// Exports and builds a decoder from any supported source; `max_context` caps the context length.
 pub fn build_llm(
     input: &Path,
@@ -211,6 +262,7 @@ pub fn build_llm(
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let p = linear_precision(precision)?;
+    let mut in_place = None;
     let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
             return build_llama2c(input, tokenizer, precision, base);
@@ -221,7 +273,13 @@ pub fn build_llm(
             let m = crate::weights::gguf_model::load(&g, max_context)?;
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
             write_vocab_gguf(&g, &tok_out)?;
-            (m.arch, m.config, m.tensors, tok_out, gguf_matrix_type(&g))
+            let matrices = gguf_matrix_type(&g);
+            // Quantized or mixed files: the CPU graph reads the file's blocks in place.
+            if matrices.is_none() && matches!(p, LinearPrecision::F32 | LinearPrecision::F16) {
+                let location = gguf_location(&base.out, input)?;
+                in_place = crate::backend::ggml_ops::block_weights(&g, &m.config, &location)?;
+            }
+            (m.arch, m.config, m.tensors, tok_out, matrices)
         }
         LlmSource::Hf { tokenizer } => {
             let g = crate::weights::gguf::GgufFile::open(tokenizer)?;
@@ -240,7 +298,10 @@ pub fn build_llm(
             (m.arch, m.config, m.tensors, tok_out, hf_matrix_type(input)?)
         }
     };
-    let cpu_onnx = write_cpu_graph(&base.out, matrices, p, &config, &tensors)?;
+    let cpu_onnx = match &in_place {
+        Some(gw) => write_cpu_graph_gguf(&base.out, &config, &tensors, gw)?,
+        None => write_cpu_graph(&base.out, matrices, p, &config, &tensors)?,
+    };
     let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");

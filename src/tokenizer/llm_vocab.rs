@@ -68,8 +68,10 @@ pub struct Vocab {
     pub add_space_prefix: bool,
     pub ignore_merges: bool,
     pub eog: HashSet<u32>,
-    /// BERT normalizer: lowercase (and strip accents).
+    /// BERT normalizer: lowercase (llama.cpp's default when the file does not say).
     pub lowercase: bool,
+    /// BERT normalizer: NFD and combining marks dropped (by default as `lowercase`).
+    pub strip_accents: bool,
     pub max_token_len: usize,
     /// Control/user-defined/unknown tokens, longest text first (the order they are cut out of text).
     pub(crate) special_cache: Vec<u32>,
@@ -226,9 +228,15 @@ impl Vocab {
         if let Some(b) = g.get_bool("tokenizer.ggml.add_eos_token") {
             add_eos = b;
         }
+        // llama.cpp's BertNormalizer options: lowercase unless the file says otherwise (BERT vocabularies converted
+        // from uncased models carry no key), accents stripped as lowercase unless said; the "whitespace"
+        // pre-tokenizer never lowercases.
         let lowercase = g
             .get_bool("tokenizer.ggml.normalizer.lowercase")
-            .unwrap_or(false);
+            .unwrap_or(g.get_str("tokenizer.ggml.pre") != Some("whitespace"));
+        let strip_accents = g
+            .get_bool("tokenizer.ggml.normalizer.strip_accents")
+            .unwrap_or(lowercase);
         let mut eog: HashSet<u32> = eos.into_iter().chain(eot).collect();
         for t in EOG_TEXTS {
             if let Some(&id) = token_to_id.get(*t) {
@@ -262,6 +270,7 @@ impl Vocab {
             ignore_merges,
             eog,
             lowercase,
+            strip_accents,
             max_token_len,
             special_cache,
             chat_template: g.get_str("tokenizer.chat_template").map(str::to_string),

@@ -23,7 +23,7 @@ fn is_symbol(c: char) -> bool {
 }
 fn is_mark(c: char) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
-    class(&R, r"^\p{Mn}$", c)
+    class(&R, r"^\p{M}$", c)
 }
 fn is_control(c: char) -> bool {
     static R: OnceLock<Regex> = OnceLock::new();
@@ -41,8 +41,8 @@ fn is_chinese(c: u32) -> bool {
         || (0x2F800..=0x2FA1F).contains(&c)
 }
 
-fn words(text: &str, lowercase: bool) -> Vec<String> {
-    let chars: Vec<char> = if lowercase {
+fn words(text: &str, lowercase: bool, strip_accents: bool) -> Vec<String> {
+    let chars: Vec<char> = if strip_accents {
         text.nfd().collect()
     } else {
         text.chars().collect()
@@ -55,7 +55,7 @@ fn words(text: &str, lowercase: bool) -> Vec<String> {
             }
             continue;
         }
-        if c == '\0' || c == '\u{FFFD}' || is_control(c) || (lowercase && is_mark(c)) {
+        if c == '\0' || c == '\u{FFFD}' || is_control(c) || (strip_accents && is_mark(c)) {
             continue;
         }
         let s: String = if lowercase {
@@ -79,7 +79,7 @@ fn words(text: &str, lowercase: bool) -> Vec<String> {
 
 /// Appends the tokens of one raw-text fragment.
 pub fn tokenize(vocab: &Vocab, text: &str, out: &mut Vec<u32>) {
-    for word in words(text, vocab.lowercase) {
+    for word in words(text, vocab.lowercase, vocab.strip_accents) {
         let w = format!("\u{2581}{word}");
         let bounds: Vec<usize> = w
             .char_indices()
@@ -119,9 +119,11 @@ mod tests {
     #[test]
     fn bert_pre_splitting() {
         assert_eq!(
-            super::words("Héllo, World!  日本 a\u{0007}b", true),
+            super::words("Héllo, World!  日本 a\u{0007}b", true, true),
             ["hello", ",", "world", "!", "日", "本", "ab"]
         );
-        assert_eq!(super::words("A-b", false), ["A", "-", "b"]);
+        assert_eq!(super::words("A-b", false, false), ["A", "-", "b"]);
+        assert_eq!(super::words("Héllo", false, true), ["Hello"]);
+        assert_eq!(super::words("Héllo", true, false), ["héllo"]);
     }
 }

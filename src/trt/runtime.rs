@@ -710,7 +710,11 @@ impl Engine for TrtEngine {
         let shapes: Vec<(&str, &[usize])> = device_inputs
             .iter()
             .map(|(n, t)| (*n, t.shape.as_slice()))
-            .chain(host_inputs.iter().map(|(n, t)| (n.as_str(), t.shape.as_slice())))
+            .chain(
+                host_inputs
+                    .iter()
+                    .map(|(n, t)| (n.as_str(), t.shape.as_slice())),
+            )
             .collect();
         for (name, _) in &shapes {
             if !self.inputs.iter().any(|d| d.name == *name) {

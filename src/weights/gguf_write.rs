@@ -120,6 +120,41 @@ impl GgufWriter {
         Ok(())
     }
 
+    /// A Q4_0 tensor (blocks of 32: an f16 scale `d = max / -8` of the value of largest magnitude and 32 4-bit
+    /// values `x / d + 8`, as llama.cpp's reference quantizer writes them).
+    pub fn add_q4_0(&mut self, name: &str, shape: &[u64], data: &[f32]) -> Result<()> {
+        let inner = shape.last().copied().unwrap_or(0) as usize;
+        if inner == 0 || !inner.is_multiple_of(32) || !data.len().is_multiple_of(32) {
+            bail!(
+                "{name}: Q4_0 needs an innermost dimension that is a multiple of 32, not {shape:?}"
+            );
+        }
+        let mut bytes = Vec::with_capacity(data.len() / 32 * 18);
+        for block in data.chunks_exact(32) {
+            let (mut amax, mut max) = (0f32, 0f32);
+            for &v in block {
+                if v.abs() > amax {
+                    amax = v.abs();
+                    max = v;
+                }
+            }
+            let d = max / -8.0;
+            let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+            bytes.extend(half::f16::from_f32(d).to_le_bytes());
+            let q = |v: f32| ((v * id + 8.5) as i8).min(15) as u8;
+            for j in 0..16 {
+                bytes.push(q(block[j]) | (q(block[j + 16]) << 4));
+            }
+        }
+        self.tensors.push(TensorData {
+            name: name.to_string(),
+            shape: shape.to_vec(),
+            ty: GgmlType::Q4_0,
+            bytes,
+        });
+        Ok(())
+    }
+
     /// Writes the file under a temporary name and renames it into place.
     pub fn write(&self, path: &Path) -> Result<()> {
         let mut head = MAGIC.to_vec();

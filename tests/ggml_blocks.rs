@@ -1,0 +1,79 @@
+//! The GGUF block kernels against ggml's own: weights quantized by `ggml_quantize_chunk`, activations by the CPU
+//! backend's `from_float` and dot products by its `vec_dot` (golden from scripts/golden/ggml_blocks.py, every
+//! format of `ggml_blocks::ALL`). Our activation quantization must give ggml's bytes, and every kernel set
+//! (portable, AVX2, AVX2 + VNNI where the CPU has them) ggml's dot products up to float summation order.
+use trt_diff::backend::ggml_blocks::{ALL, Isa, QActs, Quant, dot_with};
+use trt_diff::weights::gguf::GgmlType;
+
+fn u32_at(b: &[u8], at: &mut usize) -> u32 {
+    let v = u32::from_le_bytes(b[*at..*at + 4].try_into().unwrap());
+    *at += 4;
+    v
+}
+
+fn take<'a>(b: &'a [u8], at: &mut usize, n: usize) -> &'a [u8] {
+    let s = &b[*at..*at + n];
+    *at += n;
+    s
+}
+
+fn f32s(b: &[u8]) -> Vec<f32> {
+    b.chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
+}
+
+#[test]
+fn block_dot_products_equal_ggml() {
+    let b = std::fs::read(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/ggml/blocks.bin"
+    ))
+    .unwrap();
+    assert_eq!(&b[..8], b"GGMLDOT1");
+    let mut at = 8;
+    let cases = u32_at(&b, &mut at);
+    let mut seen = Vec::new();
+    for _ in 0..cases {
+        let t = GgmlType(u32_at(&b, &mut at));
+        let rows = u32_at(&b, &mut at) as usize;
+        let k = u32_at(&b, &mut at) as usize;
+        let act = GgmlType(u32_at(&b, &mut at));
+        let q = Quant::from_ggml(t).unwrap();
+        let rb = q.row_bytes(k).unwrap();
+        let w = take(&b, &mut at, rows * rb);
+        let x = f32s(take(&b, &mut at, 4 * k));
+        // ggml's block_q8_0, block_q8_1 (two f16, not gguf-py's two f32) and block_q8_K.
+        let (abs, aes) = match act.0 {
+            8 => (32, 34),
+            9 => (32, 36),
+            15 => (256, 292),
+            other => panic!("activation type {other}"),
+        };
+        let xq = take(&b, &mut at, k / abs * aes);
+        let want = f32s(take(&b, &mut at, 4 * rows));
+        let mut a = QActs::default();
+        a.quantize(q, &x, k);
+        assert_eq!(
+            a.ggml_bytes(0),
+            xq,
+            "{t} k={k}: activation blocks ({act}) differ from ggml's"
+        );
+        for r in 0..rows {
+            for isa in [Isa::Portable, Isa::Avx2, Isa::Avx2Vnni] {
+                let got = dot_with(isa, q, &w[r * rb..(r + 1) * rb], &a, 0);
+                let tol = 2e-6 * (k as f32).sqrt() * want[r].abs().max(1.0);
+                assert!(
+                    (got - want[r]).abs() <= tol,
+                    "{t} k={k} row {r} {isa:?}: {got} vs ggml {}",
+                    want[r]
+                );
+            }
+        }
+        seen.push(q);
+    }
+    for q in ALL {
+        assert!(seen.contains(&q), "{q:?} has no golden case");
+    }
+    assert_eq!(at, b.len());
+}
