@@ -356,6 +356,10 @@ fn init_logging(verbose: u8) {
 pub fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
+    crate::out::quiet_on_broken_pipe();
+    if !matches!(cli.command, Command::Serve { .. }) {
+        crate::fsutil::cleanup_on_signals();
+    }
     match run(cli) {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
@@ -723,6 +727,7 @@ fn build(a: BuildArgs) -> Result<()> {
         weight_streaming: a.weight_streaming,
         progress: !a.no_progress,
         pipeline: None,
+        ..Default::default()
     };
     let o = crate::trt::build_engine(&opts)?;
     let m = &o.manifest;

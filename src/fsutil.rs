@@ -5,6 +5,236 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Paths that a signal (SIGINT/SIGTERM) must remove before the process exits: live temporaries of
+/// [`AtomicFile`]s and the already written files of an unfinished bundle ([`BundleGuard`]).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders already swept for stale temporaries by this process.
+static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn register(path: &Path) {
+    live().push(path.to_path_buf());
+}
+
+fn unregister(path: &Path) {
+    let mut l = live();
+    if let Some(i) = l.iter().rposition(|p| p == path) {
+        l.swap_remove(i);
+    }
+}
+
+/// Installs (once) a thread that, on SIGINT or SIGTERM, removes every live temporary and unfinished bundle file,
+/// then exits with 130 (SIGINT) or 143 (SIGTERM). For commands that write files (build, quantize, export,
+/// convert); not for the server, which shuts down on its own terms.
+pub fn cleanup_on_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch SIGINT/SIGTERM ({e}): an interrupted run may leave temporaries"
+                );
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("cleanup-on-signal".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    remove_live();
+                    // _exit: other threads (TensorRT's builder among them) may be anywhere; running exit handlers
+                    // under them could hang or crash. Everything that must go is gone.
+                    // SAFETY: _exit has no preconditions.
+                    unsafe { libc::_exit(128 + sig) };
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "cannot start the signal watcher ({e}): an interrupted run may leave temporaries"
+            );
+        }
+    });
+}
+
+/// Removes every registered temporary and unfinished bundle file (what a signal does before exiting).
+pub fn remove_live() {
+    let paths = std::mem::take(&mut *live());
+    for p in paths {
+        let _ = std::fs::remove_file(&p);
+    }
+}
+
+/// The process id in a temporary's name `.NAME.partial-PID`, if `name` is one.
+pub fn partial_pid(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let (_, pid) = name.rsplit_once(".partial-")?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if p <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(p, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporaries `.NAME.partial-PID` of processes that no longer run (killed with SIGKILL, or by a
+/// power cut) from `dir`; returns how many went. Each folder is swept once per process, when the first output
+/// is created in it.
+pub fn sweep_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pid) = partial_pid(&name.to_string_lossy()) else {
+            continue;
+        };
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !pid_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(
+                "removed '{}', left behind by an interrupted run (process {pid})",
+                e.path().display()
+            );
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn sweep_once(target: &Path) {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if swept.contains(&dir) {
+            return;
+        }
+        swept.push(dir.clone());
+    }
+    sweep_stale_temporaries(&dir);
+}
+
+/// The files of a bundle (an LLM engine's tokenizer, ONNX graphs and plan; a Flux bundle's components) appear
+/// together or not at all: each final file written before the bundle is complete is listed here, and removed
+/// when the guard drops without [`BundleGuard::disarm`] (an error) or when a signal ends the process.
+#[derive(Default)]
+pub struct BundleGuard {
+    files: Vec<PathBuf>,
+}
+
+impl BundleGuard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Lists a final path written (or about to be written) as part of the bundle.
+    pub fn add(&mut self, path: impl Into<PathBuf>) {
+        let p = path.into();
+        register(&p);
+        self.files.push(p);
+    }
+
+    /// The bundle is complete: its files stay.
+    pub fn disarm(mut self) {
+        for p in std::mem::take(&mut self.files) {
+            unregister(&p);
+        }
+    }
+}
+
+impl Drop for BundleGuard {
+    fn drop(&mut self) {
+        for p in std::mem::take(&mut self.files) {
+            unregister(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+}
+
+/// Why a file name read from a model file may not be used: it would lead outside the folder it must stay in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Escape {
+    Empty,
+    Absolute,
+    ParentDir,
+    /// Through a symlink to the real path given.
+    Symlink(PathBuf),
+}
+
+impl std::fmt::Display for Escape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Escape::Empty => write!(f, "is empty"),
+            Escape::Absolute => write!(f, "is an absolute path"),
+            Escape::ParentDir => write!(f, "climbs out with `..`"),
+            Escape::Symlink(p) => write!(f, "leads through a symlink to '{}'", p.display()),
+        }
+    }
+}
+
+/// `dir/name`, provided `name` stays inside `dir`: relative, without `..` or a root, and (when the file exists)
+/// not through a symlink whose target lies outside `dir`'s real path.
+pub fn confined_path(dir: &Path, name: &str) -> std::result::Result<PathBuf, Escape> {
+    use std::path::Component;
+    if name.is_empty() {
+        return Err(Escape::Empty);
+    }
+    let rel = Path::new(name);
+    if rel.has_root() || rel.is_absolute() {
+        return Err(Escape::Absolute);
+    }
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(Escape::ParentDir);
+    }
+    let joined = dir.join(rel);
+    if let (Ok(real_dir), Ok(real)) = (dir.canonicalize(), joined.canonicalize())
+        && !real.starts_with(&real_dir)
+    {
+        return Err(Escape::Symlink(real));
+    }
+    Ok(joined)
+}
+
+/// Copies `src` to `dst` through a temporary, so `dst` appears whole or not at all.
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let mut input = File::open(src).with_context(|| format!("cannot open '{}'", src.display()))?;
+    let mut out = AtomicFile::create(dst)?;
+    std::io::copy(&mut input, &mut out).with_context(|| {
+        format!(
+            "cannot copy '{}' to '{}' (disk full?)",
+            src.display(),
+            dst.display()
+        )
+    })?;
+    out.commit()
+}
 
 pub struct AtomicFile {
     target: PathBuf,
@@ -14,13 +244,22 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(target: &Path) -> Result<Self> {
+        sweep_once(target);
         let temp = temp_path(target);
+        register(&temp);
         let file = File::create(&temp).with_context(|| {
             format!(
                 "cannot create '{}' (is the directory there and writable?)",
                 temp.display()
             )
-        })?;
+        });
+        let file = match file {
+            Ok(f) => f,
+            Err(e) => {
+                unregister(&temp);
+                return Err(e);
+            }
+        };
         Ok(Self {
             target: target.to_path_buf(),
             temp,
@@ -54,6 +293,7 @@ impl AtomicFile {
                 self.target.display()
             )
         })?;
+        unregister(&self.temp);
         Ok(())
     }
 }
@@ -75,6 +315,7 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
+        unregister(&self.temp);
         if self.temp.exists() {
             let _ = std::fs::remove_file(&self.temp);
         }

@@ -10,6 +10,7 @@ pub mod manifest;
 pub mod models;
 pub mod npy;
 pub mod onnx;
+pub mod out;
 pub mod pipelines;
 pub mod quant;
 pub mod runner;

@@ -39,7 +39,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     let embd = g
         .tensor("token_embd.weight")
         .with_context(|| format!("'{path}': tensor token_embd.weight is missing"))?;
-    let vocab_size = embd.shape()[0] as usize;
+    let vocab_size = embd.shape().first().copied().unwrap_or(0) as usize;
     let mut ctx = num("context_length")?;
     if let Some(m) = max_context {
         ctx = ctx.min(m);
@@ -77,12 +77,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         attn_bias: g.tensor("blk.0.attn_q.bias").is_some(),
         rope_scaling,
     };
-    if dim % n_heads != 0 || n_heads % config.n_kv_heads.max(1) != 0 {
-        bail!(
-            "'{path}': {dim} features do not split into {n_heads} heads / {} KV heads",
-            config.n_kv_heads
-        );
-    }
+    crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
     for (hf, gg) in HF_TO_GGUF {
         let layers: Vec<Option<usize>> = if hf.contains("{i}") {
@@ -111,6 +106,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
             g.tensor_f32("rope_freqs.weight")?,
         );
     }
+    crate::weights::limits::check_tensors(&path, &config, &tensors)?;
     Ok(GgufModel {
         arch,
         config,

@@ -4,5 +4,6 @@ pub mod gguf_convert;
 pub mod gguf_model;
 pub mod gguf_write;
 pub mod hf;
+pub mod limits;
 pub mod llama2c;
 pub mod safetensors_file;
