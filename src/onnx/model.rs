@@ -22,20 +22,17 @@ pub struct LoadOptions {
     /// leading out). Off by default: a model file must not make trt-diff read arbitrary files
     /// (`--allow-external-paths`).
     pub allow_external: bool,
-    /// Most graph nodes accepted; None: [`MAX_NODES_ENV`] or [`DEFAULT_MAX_NODES`]; Some(0): no limit.
+    /// Most graph nodes accepted (None or Some(0): no limit). `build` sets [`default_max_nodes`].
     pub max_nodes: Option<usize>,
 }
 
-impl LoadOptions {
-    fn node_limit(&self) -> usize {
-        let n = self.max_nodes.unwrap_or_else(|| {
-            std::env::var(MAX_NODES_ENV)
-                .ok()
-                .and_then(|v| v.trim().parse().ok())
-                .unwrap_or(DEFAULT_MAX_NODES)
-        });
-        if n == 0 { usize::MAX } else { n }
-    }
+/// The node limit `build` applies unless told otherwise: [`MAX_NODES_ENV`] if set (0: none), else
+/// [`DEFAULT_MAX_NODES`].
+pub fn default_max_nodes() -> usize {
+    std::env::var(MAX_NODES_ENV)
+        .ok()
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(DEFAULT_MAX_NODES)
 }
 
 pub struct OnnxFile {
@@ -177,12 +174,15 @@ impl OnnxFile {
             )
         })?;
         let nodes = model.graph.as_ref().map_or(0, |g| g.node.len());
-        let limit = opts.node_limit();
+        let limit = match opts.max_nodes {
+            None | Some(0) => usize::MAX,
+            Some(n) => n,
+        };
         if nodes > limit {
             bail!(
                 "'{}' has {nodes} graph nodes, more than the limit of {limit}: a graph this large takes minutes and \
-                 gigabytes to build. If the model is meant to be this large, raise the limit with {MAX_NODES_ENV}=N \
-                 (0: no limit)",
+                 gigabytes to build. If the model is meant to be this large, raise the limit with the environment \
+                 variable {MAX_NODES_ENV}=N (0: no limit)",
                 path.display()
             );
         }

@@ -37,7 +37,7 @@ pub struct BuildOptions {
     pub pipeline: Option<crate::manifest::Pipeline>,
     /// Let the ONNX file's external data live outside its folder (`--allow-external-paths`); off by default.
     pub allow_external_paths: bool,
-    /// Most ONNX graph nodes accepted (None: the default limit, see [`crate::onnx::model::LoadOptions`]).
+    /// Most ONNX graph nodes accepted (None: [`crate::onnx::model::default_max_nodes`]; Some(0): no limit).
     pub max_onnx_nodes: Option<usize>,
 }
 
@@ -265,7 +265,10 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
         &o.onnx,
         &crate::onnx::model::LoadOptions {
             allow_external: o.allow_external_paths,
-            max_nodes: o.max_onnx_nodes,
+            max_nodes: Some(
+                o.max_onnx_nodes
+                    .unwrap_or_else(crate::onnx::model::default_max_nodes),
+            ),
         },
     )?;
     for t in onnx.model.graph.iter().flat_map(|g| &g.initializer) {

@@ -29,9 +29,17 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     };
     let key = |k: &str| format!("{arch}.{k}");
     let num = |k: &str| -> Result<usize> {
-        g.get_u64(&key(k))
-            .map(|v| v as usize)
-            .with_context(|| format!("'{path}': metadata key '{}' is missing", key(k)))
+        let v = g
+            .get(&key(k))
+            .with_context(|| format!("'{path}': metadata key '{}' is missing", key(k)))?;
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .with_context(|| {
+                format!(
+                    "'{path}': metadata key '{}' is {v}, not a count: the file is corrupt",
+                    key(k)
+                )
+            })
     };
     let dim = num("embedding_length")?;
     let n_heads = num("attention.head_count")?;
