@@ -12,6 +12,39 @@ use std::sync::Mutex;
 static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
 /// Folders already swept for stale temporaries by this process.
 static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders watched by unfinished bundles: (folder, name prefix, start time); see [`BundleGuard::watch`].
+static WATCHED: Mutex<Vec<Watch>> = Mutex::new(Vec::new());
+
+#[derive(Clone, PartialEq)]
+struct Watch {
+    dir: PathBuf,
+    prefix: String,
+    since: std::time::SystemTime,
+}
+
+impl Watch {
+    /// Removes the files of `dir` named `prefix*` that were written since `since`.
+    fn remove_new(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let written_since = e
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t >= self.since);
+            if written_since && e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn watched() -> std::sync::MutexGuard<'static, Vec<Watch>> {
+    WATCHED.lock().unwrap_or_else(|e| e.into_inner())
+}
 
 fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
     LIVE.lock().unwrap_or_else(|e| e.into_inner())
@@ -68,6 +101,9 @@ pub fn remove_live() {
     let paths = std::mem::take(&mut *live());
     for p in paths {
         let _ = std::fs::remove_file(&p);
+    }
+    for w in std::mem::take(&mut *watched()) {
+        w.remove_new();
     }
 }
 
@@ -144,11 +180,35 @@ fn sweep_once(target: &Path) {
 #[derive(Default)]
 pub struct BundleGuard {
     files: Vec<PathBuf>,
+    watches: Vec<Watch>,
 }
 
 impl BundleGuard {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A guard over every file of `dir` whose name starts with `prefix` and that this run writes (modified from
+    /// now on), for bundles whose file list is only known as they are written (a Flux bundle `NAME.*`).
+    pub fn watch(dir: &Path, prefix: &str) -> Self {
+        // Files' timestamps come from a coarse clock that may lag this one by a few milliseconds.
+        let since = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        let w = Watch {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            since,
+        };
+        watched().push(w.clone());
+        Self {
+            files: Vec::new(),
+            watches: vec![w],
+        }
+    }
+
+    fn unwatch(&mut self) -> Vec<Watch> {
+        let mine = std::mem::take(&mut self.watches);
+        watched().retain(|w| !mine.contains(w));
+        mine
     }
 
     /// Lists a final path written (or about to be written) as part of the bundle.
@@ -163,6 +223,7 @@ impl BundleGuard {
         for p in std::mem::take(&mut self.files) {
             unregister(&p);
         }
+        self.unwatch();
     }
 }
 
@@ -171,6 +232,9 @@ impl Drop for BundleGuard {
         for p in std::mem::take(&mut self.files) {
             unregister(&p);
             let _ = std::fs::remove_file(&p);
+        }
+        for w in self.unwatch() {
+            w.remove_new();
         }
     }
 }

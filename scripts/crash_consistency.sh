@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Crash consistency: runs `build` (an ONNX MLP and the stories260K LLM bundle), `quantize` and `export` (the tiny
+# Flux model), kills each at a random moment with SIGKILL, SIGTERM or SIGINT, and checks that
+#   - an interrupted run leaves nothing under a final name (no plan, manifest, ONNX, tokenizer, checkpoint),
+#   - SIGTERM/SIGINT leave no temporary (.NAME.partial-PID) and exit with 143/130,
+#   - after SIGKILL, the next run in the folder sweeps the dead run's temporaries, so none accumulate.
+# Run by hand (it takes a few minutes): scripts/crash_consistency.sh [ROUNDS]   (default 20 per command)
+set -uo pipefail
+root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+rounds=${1:-20}
+data=${TRT_DIFF_SHARED_DATA:-$root/../shared/data}
+(cd "$root" && cargo build --quiet) || exit 1
+bin="$root/target/debug/trt-diff"
+work=$(mktemp -d)
+trap 'rm -rf "$work"' EXIT
+fail=0
+note() { echo "[crash] $*"; }
+bad() { echo "[crash] FAIL: $*"; fail=$((fail + 1)); }
+
+# Inputs.
+python3 - "$work/in.safetensors" <<'PY'
+import json, struct, sys
+n = 8
+tensors = {f"l{i}.weight": [1024, 1024] for i in range(n)}
+header, off = {}, 0
+for k, shape in tensors.items():
+    size = shape[0] * shape[1] * 4
+    header[k] = {"dtype": "F32", "shape": shape, "data_offsets": [off, off + size]}
+    off += size
+h = json.dumps(header).encode()
+with open(sys.argv[1], "wb") as f:
+    f.write(struct.pack("<Q", len(h))); f.write(h)
+    row = struct.pack("<1024f", *[((i * 37) % 101 - 50) * 0.01 for i in range(1024)])
+    for k, shape in tensors.items():
+        f.write(row * shape[0])
+PY
+"$bin" convert llama2c "$data/llm/stories260K.bin" --tokenizer "$data/llm/tok512.bin" --out "$work/s.gguf" >/dev/null 2>&1
+flux="$work/tiny-flux-dev"
+mkdir -p "$flux"
+for c in transformer vae; do ln -s "$root/tests/golden/flux/pipeline/$c" "$flux/$c"; done
+for c in text_encoder text_encoder_2; do ln -s "$root/tests/golden/flux/$c" "$flux/$c"; done
+# One scenario: NAME, output folder, the final names to check (globs), and the command.
+scenario() {
+  local name=$1 out=$2 finals=$3; shift 3
+  local sig killed=0 completed=0 stale_max=0
+  local t0 t1 full
+  # Time one complete run to spread the kill points over it.
+  rm -rf "$out"; mkdir -p "$out"
+  t0=$(date +%s%N)
+  "$@" >/dev/null 2>&1 || { bad "$name: an uninterrupted run failed: $*"; return; }
+  t1=$(date +%s%N)
+  full=$(( (t1 - t0) / 1000000 ))
+  for ((r = 0; r < rounds; r++)); do
+    rm -rf "$out"; mkdir -p "$out"
+    case $((RANDOM % 3)) in 0) sig=KILL ;; 1) sig=TERM ;; 2) sig=INT ;; esac
+    local delay_ms=$(( RANDOM % (full + 1) ))
+    "$@" >/dev/null 2>"$work/err" &
+    local pid=$!
+    sleep "$(awk -v ms="$delay_ms" 'BEGIN { printf "%.3f", ms / 1000 }')"
+    kill -s "$sig" "$pid" 2>/dev/null
+    wait "$pid"; local code=$?
+    if [ "$code" = 0 ]; then
+      completed=$((completed + 1))
+      continue
+    fi
+    killed=$((killed + 1))
+    # Nothing under a final name.
+    local left
+    left=$(cd "$out" && ls -A $finals 2>/dev/null | tr '\n' ' ')
+    [ -z "$left" ] || bad "$name: SIG$sig after ${delay_ms} ms left final files: $left"
+    local temps
+    temps=$(find "$out" -name '.*.partial-*' | wc -l)
+    case $sig in
+      TERM) [ "$code" = 143 ] || bad "$name: SIGTERM exit status $code (want 143)"
+            [ "$temps" = 0 ] || bad "$name: SIGTERM left $temps temporaries" ;;
+      INT) [ "$code" = 130 ] || bad "$name: SIGINT exit status $code (want 130)"
+           [ "$temps" = 0 ] || bad "$name: SIGINT left $temps temporaries" ;;
+      KILL)
+        # The next run sweeps the dead run's temporaries.
+        "$@" >/dev/null 2>&1 || bad "$name: the run after SIGKILL failed"
+        temps=$(find "$out" -name '.*.partial-*' | wc -l)
+        [ "$temps" = 0 ] || bad "$name: $temps stale temporaries survived the next run" ;;
+    esac
+  done
+  note "$name: full run ${full} ms; $rounds rounds: $killed interrupted, $completed finished before the signal"
+}
+
+# The ONNX build's input: the tiny Flux VAE decoder graph (with external data), as `export` writes it.
+"$bin" export "$flux" --arch flux-dev --out "$work/flux-onnx" >/dev/null 2>&1 || bad "export of the test input failed"
+onnx_in="$work/flux-onnx/vae_decoder.onnx"
+
+scenario build-onnx "$work/o1" "m.plan m.plan.json" \
+  "$bin" build "$onnx_in" --out "$work/o1/m.plan" --no-progress
+scenario build-llm "$work/o2" "x.plan x.plan.json x.onnx x.onnx.data x.cpu.onnx x.cpu.onnx.data x.tokenizer.gguf" \
+  "$bin" build "$work/s.gguf" --out "$work/o2/x.plan" --no-progress
+scenario quantize "$work/o3" "q.safetensors" \
+  "$bin" quantize "$work/in.safetensors" --format nvfp4 --out "$work/o3/q.safetensors"
+scenario export "$work/o4" "*.onnx *.onnx.data" \
+  "$bin" export "$flux" --arch flux-dev --out "$work/o4"
+
+if [ "$fail" = 0 ]; then note "all scenarios consistent"; else note "$fail failures"; exit 1; fi
