@@ -135,7 +135,8 @@ fn pid_alive(pid: u32) -> bool {
 }
 
 /// Removes the temporaries `.NAME.partial-PID` of processes that no longer run (killed with SIGKILL, or by a
-/// power cut) from `dir`; returns how many went. Each folder is swept once per process, when the first output
+/// power cut) from `dir`, and the files of their unfinished bundles (journals `.trt-diff.bundle-PID-N`); returns
+/// how many temporaries and journals went. Each folder is swept once per process, when the first output
 /// is created in it.
 pub fn sweep_stale_temporaries(dir: &Path) -> usize {
     let Ok(entries) = std::fs::read_dir(dir) else {
@@ -144,7 +145,19 @@ pub fn sweep_stale_temporaries(dir: &Path) -> usize {
     let mut removed = 0;
     for e in entries.flatten() {
         let name = e.file_name();
-        let Some(pid) = partial_pid(&name.to_string_lossy()) else {
+        let name = name.to_string_lossy();
+        if let Some(pid) = journal_pid(&name) {
+            if !pid_alive(pid) {
+                tracing::info!(
+                    "removing the files of an unfinished bundle (process {pid}, interrupted) listed in '{}'",
+                    e.path().display()
+                );
+                undo_journal(&e.path());
+                removed += 1;
+            }
+            continue;
+        }
+        let Some(pid) = partial_pid(&name) else {
             continue;
         };
         let is_file = e.file_type().is_ok_and(|t| t.is_file());
@@ -176,11 +189,33 @@ fn sweep_once(target: &Path) {
 
 /// The files of a bundle (an LLM engine's tokenizer, ONNX graphs and plan; a Flux bundle's components) appear
 /// together or not at all: each final file written before the bundle is complete is listed here, and removed
-/// when the guard drops without [`BundleGuard::disarm`] (an error) or when a signal ends the process.
+/// when the guard drops without [`BundleGuard::disarm`] (an error) or when a signal ends the process. A journal
+/// `.trt-diff.bundle-PID-N` beside the files lists them too, so that when the process dies without a chance to
+/// clean up (SIGKILL, power loss) the next run in the folder removes them ([`sweep_stale_temporaries`]).
 #[derive(Default)]
 pub struct BundleGuard {
     files: Vec<PathBuf>,
     watches: Vec<Watch>,
+    /// Per folder: the journal and its lines.
+    journals: Vec<(PathBuf, Vec<String>)>,
+}
+
+const JOURNAL_PREFIX: &str = ".trt-diff.bundle-";
+
+fn journal_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(JOURNAL_PREFIX)?;
+    let (pid, seq) = rest.split_once('-')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
 }
 
 impl BundleGuard {
@@ -199,10 +234,35 @@ impl BundleGuard {
             since,
         };
         watched().push(w.clone());
-        Self {
+        let mut g = Self {
             files: Vec::new(),
             watches: vec![w],
-        }
+            journals: Vec::new(),
+        };
+        let secs = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        g.journal(dir, format!("watch\t{secs}\t{prefix}"));
+        g
+    }
+
+    /// Appends a line to the journal of `dir` (created on first use) and rewrites it.
+    fn journal(&mut self, dir: &Path, line: String) {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = match self.journals.iter().position(|(p, _)| dir_of(p) == dir) {
+            Some(i) => i,
+            None => {
+                let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = dir.join(format!("{JOURNAL_PREFIX}{}-{n}", std::process::id()));
+                register(&p);
+                self.journals.push((p, Vec::new()));
+                self.journals.len() - 1
+            }
+        };
+        let (path, lines) = &mut self.journals[i];
+        lines.push(line);
+        // Best effort: without a journal only an uncatchable kill leaves the files (as before).
+        let _ = std::fs::write(&*path, lines.join("\n") + "\n");
     }
 
     fn unwatch(&mut self) -> Vec<Watch> {
@@ -211,9 +271,20 @@ impl BundleGuard {
         mine
     }
 
+    fn drop_journals(&mut self) {
+        for (p, _) in std::mem::take(&mut self.journals) {
+            unregister(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+
     /// Lists a final path written (or about to be written) as part of the bundle.
     pub fn add(&mut self, path: impl Into<PathBuf>) {
         let p = path.into();
+        if let Some(name) = p.file_name() {
+            let name = name.to_string_lossy().into_owned();
+            self.journal(&dir_of(&p), format!("file\t{name}"));
+        }
         register(&p);
         self.files.push(p);
     }
@@ -224,6 +295,7 @@ impl BundleGuard {
             unregister(&p);
         }
         self.unwatch();
+        self.drop_journals();
     }
 }
 
@@ -236,7 +308,39 @@ impl Drop for BundleGuard {
         for w in self.unwatch() {
             w.remove_new();
         }
+        self.drop_journals();
     }
+}
+
+/// Undoes the unfinished bundle a dead process's journal describes: removes the files it lists (by name, in the
+/// journal's own folder) and those its watches cover, then the journal.
+fn undo_journal(journal: &Path) {
+    let dir = dir_of(journal);
+    if let Ok(text) = std::fs::read_to_string(journal) {
+        for line in text.lines() {
+            let mut parts = line.splitn(3, '\t');
+            match (parts.next(), parts.next(), parts.next()) {
+                (Some("file"), Some(name), None) => {
+                    // Names only: a journal never makes us remove files outside its folder.
+                    if confined_path(&dir, name).is_ok() && !name.contains('/') {
+                        let _ = std::fs::remove_file(dir.join(name));
+                    }
+                }
+                (Some("watch"), Some(secs), Some(prefix)) if !prefix.is_empty() => {
+                    if let Ok(secs) = secs.parse::<u64>() {
+                        Watch {
+                            dir: dir.clone(),
+                            prefix: prefix.to_string(),
+                            since: std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                        }
+                        .remove_new();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = std::fs::remove_file(journal);
 }
 
 /// Why a file name read from a model file may not be used: it would lead outside the folder it must stay in.

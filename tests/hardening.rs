@@ -931,3 +931,36 @@ fn bundle_guard_removes_files_unless_disarmed() {
     assert_eq!(trt_diff::fsutil::partial_pid("a.plan.partial-123"), None);
     assert_eq!(trt_diff::fsutil::partial_pid(".a.partial-12x"), None);
 }
+
+// ---------------------------------------------------------------- fuzz corpora as regression tests
+
+#[path = "../fuzz/src/targets.rs"]
+mod targets;
+
+/// Every committed seed and crash reproducer of the fuzzer (`fuzz/corpus/TARGET/`, `fuzz/regressions/TARGET/`)
+/// goes through its target again: none may panic.
+#[test]
+fn fuzz_seeds_and_reproducers_do_not_panic() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let scratch = targets::Scratch::new();
+    let mut n = 0;
+    for kind in ["corpus", "regressions"] {
+        for target in targets::TARGETS {
+            let dir = root.join(kind).join(target);
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            let mut files: Vec<PathBuf> = entries.map(|e| e.unwrap().path()).collect();
+            files.sort();
+            for f in files {
+                let data = std::fs::read(&f).unwrap();
+                let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                    targets::run(target, &scratch, &data)
+                }));
+                assert!(r.is_ok(), "{} panicked in target {target}", f.display());
+                n += 1;
+            }
+        }
+    }
+    assert!(n >= 100, "only {n} corpus files found");
+}

@@ -98,7 +98,11 @@ impl Rng {
         x.wrapping_mul(0x2545_f491_4f6c_dd1d)
     }
     fn below(&mut self, n: usize) -> usize {
-        if n == 0 { 0 } else { (self.next() % n as u64) as usize }
+        if n == 0 {
+            0
+        } else {
+            (self.next() % n as u64) as usize
+        }
     }
 }
 
@@ -128,9 +132,39 @@ const INTERESTING: &[u64] = &[
 ];
 
 const TOKENS: &[&[u8]] = &[
-    b"{{", b"}}", b"{%", b"%}", b"for ", b"endfor", b" in ", b"if ", b"endif", b"range(", b"*", b"~", b"|",
-    b"..", b"/", b"\"location\"", b"\"offset\"", b"\"length\"", b"<s>", b"</s>", b"<|im_start|>", b"\xe2\x80",
-    b"\xf0\x9f\x98\x80", b"\\u0000", b"-1", b"1e308", b"[", b"]", b"{", b"}", b",", b":", b"\"",
+    b"{{",
+    b"}}",
+    b"{%",
+    b"%}",
+    b"for ",
+    b"endfor",
+    b" in ",
+    b"if ",
+    b"endif",
+    b"range(",
+    b"*",
+    b"~",
+    b"|",
+    b"..",
+    b"/",
+    b"\"location\"",
+    b"\"offset\"",
+    b"\"length\"",
+    b"<s>",
+    b"</s>",
+    b"<|im_start|>",
+    b"\xe2\x80",
+    b"\xf0\x9f\x98\x80",
+    b"\\u0000",
+    b"-1",
+    b"1e308",
+    b"[",
+    b"]",
+    b"{",
+    b"}",
+    b",",
+    b":",
+    b"\"",
 ];
 
 fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
@@ -149,7 +183,11 @@ fn mutate(rng: &mut Rng, input: &mut Vec<u8>, corpus: &[Vec<u8>]) {
             2 | 3 if len > 0 => {
                 // An interesting integer, 1/2/4/8 bytes, either byte order.
                 let v = INTERESTING[rng.below(INTERESTING.len())];
-                let v = if rng.below(4) == 0 { v.wrapping_neg() } else { v };
+                let v = if rng.below(4) == 0 {
+                    v.wrapping_neg()
+                } else {
+                    v
+                };
                 let w = [1usize, 2, 4, 8][rng.below(4)];
                 let bytes = if rng.below(4) == 0 {
                     v.to_be_bytes()[8 - w..].to_vec()
@@ -235,8 +273,9 @@ fn panic_message(p: &(dyn std::any::Any + Send)) -> String {
 }
 
 fn fnv(data: &[u8]) -> u64 {
-    data.iter()
-        .fold(0xcbf2_9ce4_8422_2325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100_0000_01b3))
+    data.iter().fold(0xcbf2_9ce4_8422_2325u64, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x100_0000_01b3)
+    })
 }
 
 fn run_target(target: &str, secs: u64, max_execs: u64, seed: u64) -> i32 {
@@ -244,7 +283,10 @@ fn run_target(target: &str, secs: u64, max_execs: u64, seed: u64) -> i32 {
     let art = fuzz_dir().join("artifacts").join(target);
     std::fs::create_dir_all(&art).ok();
     let oom_path = format!("{}\0", art.join("oom-current").display());
-    OOM_PATH.store(Box::leak(oom_path.into_bytes().into_boxed_slice()).as_mut_ptr(), Ordering::SeqCst);
+    OOM_PATH.store(
+        Box::leak(oom_path.into_bytes().into_boxed_slice()).as_mut_ptr(),
+        Ordering::SeqCst,
+    );
     let mut corpus: Vec<Vec<u8>> = load_dir(&corpus_dir).into_iter().map(|(_, b)| b).collect();
     if corpus.is_empty() {
         corpus.push(Vec::new());
@@ -285,13 +327,20 @@ fn run_target(target: &str, secs: u64, max_execs: u64, seed: u64) -> i32 {
                 }
             }
             Ok(None) => {
-                eprintln!("unknown target '{target}'; targets: {}", targets::TARGETS.join(", "));
+                eprintln!(
+                    "unknown target '{target}'; targets: {}",
+                    targets::TARGETS.join(", ")
+                );
                 return 2;
             }
             Err(p) => {
                 let msg = panic_message(&*p);
                 crashes += 1;
-                let kind: String = msg.chars().filter(|c| !c.is_ascii_digit()).take(80).collect();
+                let kind: String = msg
+                    .chars()
+                    .filter(|c| !c.is_ascii_digit())
+                    .take(80)
+                    .collect();
                 if crash_kinds.insert(kind) {
                     let f = art.join(format!("crash-{:016x}", fnv(&input)));
                     std::fs::write(&f, &input).ok();
@@ -304,7 +353,11 @@ fn run_target(target: &str, secs: u64, max_execs: u64, seed: u64) -> i32 {
             let f = art.join(format!("slow-{:016x}", fnv(&input)));
             if slow <= 5 {
                 std::fs::write(&f, &input).ok();
-                eprintln!("{target}: slow input ({:.1}s) -> {}", took.as_secs_f64(), f.display());
+                eprintln!(
+                    "{target}: slow input ({:.1}s) -> {}",
+                    took.as_secs_f64(),
+                    f.display()
+                );
             }
         }
         if last_report.elapsed() > Duration::from_secs(30) {
@@ -381,7 +434,9 @@ fn main() {
             0
         }
         _ => {
-            eprintln!("usage: fuzz run TARGET [--secs N] [--execs N] [--seed N] | replay TARGET FILE... | seeds | list");
+            eprintln!(
+                "usage: fuzz run TARGET [--secs N] [--execs N] [--seed N] | replay TARGET FILE... | seeds | list"
+            );
             2
         }
     };

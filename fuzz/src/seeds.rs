@@ -52,19 +52,40 @@ fn tiny_llama_gguf(tmp: &Path, q8: bool) -> Result<Vec<u8>> {
     ] {
         w.set(k, Value::U32(v));
     }
-    let toks = ["<unk>", "<s>", "</s>", "\u{2581}a", "b", "<0x0A>", "\u{2581}", "ab"];
+    let toks = [
+        "<unk>",
+        "<s>",
+        "</s>",
+        "\u{2581}a",
+        "b",
+        "<0x0A>",
+        "\u{2581}",
+        "ab",
+    ];
     w.set("tokenizer.ggml.model", Value::String("llama".into()));
     w.set(
         "tokenizer.ggml.tokens",
-        Value::Array(8, toks.iter().map(|t| Value::String(t.to_string())).collect()),
+        Value::Array(
+            8,
+            toks.iter().map(|t| Value::String(t.to_string())).collect(),
+        ),
     );
     w.set(
         "tokenizer.ggml.scores",
-        Value::Array(6, (0..toks.len()).map(|i| Value::F32(-(i as f32))).collect()),
+        Value::Array(
+            6,
+            (0..toks.len()).map(|i| Value::F32(-(i as f32))).collect(),
+        ),
     );
     w.set(
         "tokenizer.ggml.token_type",
-        Value::Array(5, [2, 3, 3, 1, 1, 6, 1, 1].iter().map(|&t| Value::I32(t)).collect()),
+        Value::Array(
+            5,
+            [2, 3, 3, 1, 1, 6, 1, 1]
+                .iter()
+                .map(|&t| Value::I32(t))
+                .collect(),
+        ),
     );
     w.set("tokenizer.ggml.bos_token_id", Value::U32(1));
     w.set("tokenizer.ggml.eos_token_id", Value::U32(2));
@@ -73,7 +94,11 @@ fn tiny_llama_gguf(tmp: &Path, q8: bool) -> Result<Vec<u8>> {
         Value::String("{% for m in messages %}{{ m['content'] }}{% endfor %}".into()),
     );
     let (d, h, kv, v) = (32u64, 32u64, 16u64, toks.len() as u64);
-    let vals = |n: u64| (0..n).map(|i| ((i % 7) as f32 - 3.0) * 0.01).collect::<Vec<f32>>();
+    let vals = |n: u64| {
+        (0..n)
+            .map(|i| ((i % 7) as f32 - 3.0) * 0.01)
+            .collect::<Vec<f32>>()
+    };
     w.add_f32("token_embd.weight", &[v, d], &vals(v * d));
     w.add_f32("output_norm.weight", &[d], &vals(d));
     for (name, shape) in [
@@ -156,7 +181,9 @@ fn onnx_seeds(tmp: &Path) -> Result<Vec<(String, Vec<u8>)>> {
 fn quant_seeds(tmp: &Path) -> Result<Vec<(String, Vec<u8>)>> {
     use trt_diff::quant::checkpoint::{Format, QuantizeOptions, quantize_file};
     let input = tmp.join("in.safetensors");
-    let w: Vec<f32> = (0..32 * 128).map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02).collect();
+    let w: Vec<f32> = (0..32 * 128)
+        .map(|i| ((i * 37 % 101) as f32 - 50.0) * 0.02)
+        .collect();
     std::fs::write(
         &input,
         safetensors_bytes(&[
@@ -197,7 +224,9 @@ fn llama2c_seed() -> Vec<u8> {
     let h = [8i32, 16, 1, 2, 2, 4, 4];
     let mut b: Vec<u8> = h.iter().flat_map(|v| v.to_le_bytes()).collect();
     let n = 4 * 8 + 8 + 4 * 64 + 8 + 3 * 16 * 8 + 8 + 2 * 4 * 2;
-    b.extend(f32b(&(0..n).map(|i| (i % 5) as f32 * 0.1).collect::<Vec<_>>()));
+    b.extend(f32b(
+        &(0..n).map(|i| (i % 5) as f32 * 0.1).collect::<Vec<_>>(),
+    ));
     b
 }
 
@@ -231,7 +260,10 @@ fn chat_seeds() -> Result<Vec<(String, Vec<u8>)>> {
     )];
     for (i, c) in golden["cases"].as_array().into_iter().flatten().enumerate() {
         if let Some(t) = c["template"].as_str() {
-            out.push((format!("golden{i:02}"), format!("{t}\0What is 2+2?").into_bytes()));
+            out.push((
+                format!("golden{i:02}"),
+                format!("{t}\0What is 2+2?").into_bytes(),
+            ));
         }
     }
     Ok(out)
@@ -244,8 +276,16 @@ pub fn write_all(corpus: &Path) -> Result<usize> {
     for (n, b) in onnx_seeds(tmp.path())? {
         seeds.push(("onnx", n, b));
     }
-    seeds.push(("gguf", "llama_f32".into(), tiny_llama_gguf(tmp.path(), false)?));
-    seeds.push(("gguf", "llama_q8".into(), tiny_llama_gguf(tmp.path(), true)?));
+    seeds.push((
+        "gguf",
+        "llama_f32".into(),
+        tiny_llama_gguf(tmp.path(), false)?,
+    ));
+    seeds.push((
+        "gguf",
+        "llama_q8".into(),
+        tiny_llama_gguf(tmp.path(), true)?,
+    ));
     seeds.push((
         "gguf",
         "dequant".into(),

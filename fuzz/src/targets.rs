@@ -68,10 +68,7 @@ pub fn signature(r: anyhow::Result<()>) -> String {
                 Some(i) => &s[i + 3..],
                 None => &s,
             };
-            s.chars()
-                .filter(|c| !c.is_ascii_digit())
-                .take(60)
-                .collect()
+            s.chars().filter(|c| !c.is_ascii_digit()).take(60).collect()
         }
     }
 }

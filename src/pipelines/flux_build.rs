@@ -392,7 +392,13 @@ pub fn export_flux(
     let paths = OnnxPaths::new(out_dir, None);
     // All of the export's files or none (an error or a signal removes those already written).
     let mut guard = crate::fsutil::BundleGuard::new();
-    for f in [&paths.transformer, &paths.clip, &paths.t5, &paths.vae_decoder, &paths.vae_encoder] {
+    for f in [
+        &paths.transformer,
+        &paths.clip,
+        &paths.t5,
+        &paths.vae_decoder,
+        &paths.vae_encoder,
+    ] {
         guard.add(f);
         guard.add(f.with_file_name(format!("{}.data", file_name(f))));
     }
