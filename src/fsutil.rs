@@ -320,11 +320,11 @@ fn undo_journal(journal: &Path) {
         for line in text.lines() {
             let mut parts = line.splitn(3, '\t');
             match (parts.next(), parts.next(), parts.next()) {
-                (Some("file"), Some(name), None) => {
-                    // Names only: a journal never makes us remove files outside its folder.
-                    if confined_path(&dir, name).is_ok() && !name.contains('/') {
-                        let _ = std::fs::remove_file(dir.join(name));
-                    }
+                // Names only: a journal never makes us remove files outside its folder.
+                (Some("file"), Some(name), None)
+                    if confined_path(&dir, name).is_ok() && !name.contains('/') =>
+                {
+                    let _ = std::fs::remove_file(dir.join(name));
                 }
                 (Some("watch"), Some(secs), Some(prefix)) if !prefix.is_empty() => {
                     if let Ok(secs) = secs.parse::<u64>() {

@@ -536,7 +536,8 @@ fn quantized_checkpoint_reader_checks_companion_sizes() {
         )
         .unwrap()
     };
-    let cases: Vec<(Vec<(&str, &str, Vec<usize>, Vec<u8>)>, &str)> = vec![
+    type Tensors<'a> = Vec<(&'a str, &'a str, Vec<usize>, Vec<u8>)>;
+    let cases: Vec<(Tensors, &str)> = vec![
         // NVFP4 with an empty second-level scale, and too few block scales.
         (
             vec![
@@ -634,9 +635,7 @@ fn quantized_checkpoint_reader_checks_companion_sizes() {
         safetensors(&p, &tensors);
         let e = format!(
             "{:#}",
-            trt_diff::quant::checkpoint::dequantize_named(&p, "w")
-                .err()
-                .expect("refused")
+            trt_diff::quant::checkpoint::dequantize_named(&p, "w").expect_err("refused")
         );
         assert!(
             e.contains(needle) && e.contains("q.safetensors"),
