@@ -312,6 +312,24 @@ pub fn write_all(corpus: &Path) -> Result<usize> {
         ]),
     ));
     seeds.push(("llama2c", "tiny".into(), llama2c_seed()));
+    {
+        use trt_diff::backend::HostTensor;
+        use trt_diff::onnx::DataType;
+        for (name, dtype, shape, data) in [
+            (
+                "f32",
+                DataType::FLOAT,
+                vec![2, 3],
+                f32b(&[0.0, 1.0, 2.0, 3.0, 4.0, 5.0]),
+            ),
+            ("u8", DataType::UINT8, vec![2, 2, 2], (0..8).collect()),
+            ("f16_scalar", DataType::FLOAT16, vec![], vec![0, 0x3c]),
+        ] {
+            let p = tmp.path().join("s.npy");
+            trt_diff::npy::write(&p, &HostTensor { dtype, shape, data })?;
+            seeds.push(("npy", name.into(), std::fs::read(&p)?));
+        }
+    }
     for (i, t) in texts().into_iter().enumerate() {
         for target in ["tok_spm", "tok_bpe", "tok_wpm", "tok_clip", "tok_t5"] {
             seeds.push((target, format!("text{i:02}"), t.clone().into_bytes()));

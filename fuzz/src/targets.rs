@@ -15,6 +15,7 @@ pub const TARGETS: &[&str] = &[
     "quant_checkpoint",
     "manifest",
     "llama2c",
+    "npy",
     "tok_spm",
     "tok_bpe",
     "tok_wpm",
@@ -102,6 +103,7 @@ pub fn run(name: &str, s: &Scratch, data: &[u8]) -> Option<String> {
         "quant_checkpoint" => signature(quant_checkpoint(s, data)),
         "manifest" => signature(manifest(s, data)),
         "llama2c" => signature(llama2c(s, data)),
+        "npy" => signature(npy(s, data)),
         "tok_spm" => signature(vocab_text("ggml-vocab-llama-spm.gguf", data)),
         "tok_bpe" => signature(vocab_text("ggml-vocab-qwen2.gguf", data)),
         "tok_wpm" => signature(wpm_text(data)),
@@ -189,6 +191,13 @@ fn manifest(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
 fn llama2c(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
     let p = s.put("m.bin", data);
     trt_diff::weights::llama2c::Llama2c::load(&p)?;
+    Ok(())
+}
+
+fn npy(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
+    let p = s.put("x.npy", data);
+    let t = trt_diff::npy::read(&p)?;
+    trt_diff::npy::write(&s.dir.path().join("y.npy"), &t)?;
     Ok(())
 }
 
