@@ -77,7 +77,7 @@ scenario() {
         local want=143; [ "$sig" = INT ] && want=130
         [ "$code" = "$want" ] || bad "$name: SIG$sig exit status $code (want $want)"
         [ -z "$left" ] || bad "$name: SIG$sig after ${delay_ms} ms left final files: $left"
-        [ "$temps" = 0 ] && [ "$journals" = 0 ] || bad "$name: SIG$sig left $temps temporaries, $journals journals" ;;
+        [ "$temps" = 0 ] && [ "$journals" = 0 ] || bad "$name: SIG$sig left $temps temporaries, $journals journals: $(cd "$out" && ls -A | tr "\n" " ")" ;;
       KILL)
         # Nothing can run on SIGKILL: files of an unfinished bundle may stay until the next run in the folder,
         # but only with the journal that lists them; that run (any command writing there) removes them all.

@@ -81,11 +81,7 @@ pub fn cleanup_on_signals() {
             .name("cleanup-on-signal".into())
             .spawn(move || {
                 if let Some(sig) = signals.forever().next() {
-                    remove_live();
-                    // _exit: other threads (TensorRT's builder among them) may be anywhere; running exit handlers
-                    // under them could hang or crash. Everything that must go is gone.
-                    // SAFETY: _exit has no preconditions.
-                    unsafe { libc::_exit(128 + sig) };
+                    remove_live_and_exit(128 + sig);
                 }
             });
         if let Err(e) = spawned {
@@ -96,15 +92,21 @@ pub fn cleanup_on_signals() {
     });
 }
 
-/// Removes every registered temporary and unfinished bundle file (what a signal does before exiting).
-pub fn remove_live() {
-    let paths = std::mem::take(&mut *live());
-    for p in paths {
+/// Removes every registered temporary and unfinished bundle file, then ends the process with `code`. The
+/// registry stays locked until the end: temporaries are created and renamed into place under the same lock, so
+/// no other thread can create or commit a file behind the cleanup.
+fn remove_live_and_exit(code: i32) -> ! {
+    let mut l = live();
+    for p in std::mem::take(&mut *l) {
         let _ = std::fs::remove_file(&p);
     }
     for w in std::mem::take(&mut *watched()) {
         w.remove_new();
     }
+    // _exit: other threads (TensorRT's builder among them) may be anywhere; running exit handlers under them
+    // could hang or crash. Everything that must go is gone.
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(code) }
 }
 
 /// The process id in a temporary's name `.NAME.partial-PID`, if `name` is one.
@@ -254,15 +256,19 @@ impl BundleGuard {
             None => {
                 let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 let p = dir.join(format!("{JOURNAL_PREFIX}{}-{n}", std::process::id()));
-                register(&p);
                 self.journals.push((p, Vec::new()));
                 self.journals.len() - 1
             }
         };
         let (path, lines) = &mut self.journals[i];
         lines.push(line);
-        // Best effort: without a journal only an uncatchable kill leaves the files (as before).
+        // Written and registered under the registry's lock (see `remove_live_and_exit`). Best effort: without a
+        // journal only an uncatchable kill leaves the files.
+        let mut l = live();
         let _ = std::fs::write(&*path, lines.join("\n") + "\n");
+        if !l.contains(path) {
+            l.push(path.clone());
+        }
     }
 
     fn unwatch(&mut self) -> Vec<Watch> {
@@ -414,19 +420,17 @@ impl AtomicFile {
     pub fn create(target: &Path) -> Result<Self> {
         sweep_once(target);
         let temp = temp_path(target);
-        register(&temp);
-        let file = File::create(&temp).with_context(|| {
-            format!(
-                "cannot create '{}' (is the directory there and writable?)",
-                temp.display()
-            )
-        });
-        let file = match file {
-            Ok(f) => f,
-            Err(e) => {
-                unregister(&temp);
-                return Err(e);
-            }
+        // Created and registered under the registry's lock (see `remove_live_and_exit`).
+        let file = {
+            let mut l = live();
+            let f = File::create(&temp).with_context(|| {
+                format!(
+                    "cannot create '{}' (is the directory there and writable?)",
+                    temp.display()
+                )
+            })?;
+            l.push(temp.clone());
+            f
         };
         Ok(Self {
             target: target.to_path_buf(),
@@ -454,6 +458,8 @@ impl AtomicFile {
             w.flush()
                 .with_context(|| format!("writing '{}' failed", self.temp.display()))?;
         }
+        // Renamed under the registry's lock, so a signal's cleanup sees either the temporary or the final file.
+        let mut l = live();
         std::fs::rename(&self.temp, &self.target).with_context(|| {
             format!(
                 "cannot move '{}' to '{}'",
@@ -461,7 +467,9 @@ impl AtomicFile {
                 self.target.display()
             )
         })?;
-        unregister(&self.temp);
+        if let Some(i) = l.iter().rposition(|p| *p == self.temp) {
+            l.swap_remove(i);
+        }
         Ok(())
     }
 }

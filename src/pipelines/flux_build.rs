@@ -661,8 +661,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         (&p.files.clip_tokenizer, &clip_tok),
         (&p.files.t5_tokenizer, &t5_tok),
     ] {
-        std::fs::copy(src, dst)
-            .with_context(|| format!("cannot copy '{}' to '{}'", src.display(), dst.display()))?;
+        crate::fsutil::copy_atomic(src, dst)?;
     }
     // Tokenizers are checked before any engine is built.
     load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
