@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Crash consistency: runs `build` (an ONNX MLP and the stories260K LLM bundle), `quantize` and `export` (the tiny
 # Flux model), kills each at a random moment with SIGKILL, SIGTERM or SIGINT, and checks that
-#   - an interrupted run leaves nothing under a final name (no plan, manifest, ONNX, tokenizer, checkpoint),
+#   - an interrupted run leaves nothing under a final name (no plan, manifest, ONNX, tokenizer, checkpoint), or
+#     the complete set when the signal lands after the last file was committed,
 #   - SIGTERM/SIGINT leave no temporary (.NAME.partial-PID) and exit with 143/130,
 #   - after SIGKILL (which no process can handle), an unfinished bundle's files stay only with a journal listing
 #     them, and the next run writing in the folder removes them and the dead run's temporaries: nothing
@@ -53,6 +54,10 @@ scenario() {
   "$@" >/dev/null 2>&1 || { bad "$name: an uninterrupted run failed: $*"; return; }
   t1=$(date +%s%N)
   full=$(( (t1 - t0) / 1000000 ))
+  # The complete set of final files: a signal that lands after the last file is committed (while the command
+  # prints its summary) leaves exactly this set, which is consistent too.
+  local complete
+  complete=$(cd "$out" && ls -A $finals 2>/dev/null | tr '\n' ' ')
   for ((r = 0; r < rounds; r++)); do
     rm -rf "$out"; mkdir -p "$out"
     case $((RANDOM % 3)) in 0) sig=KILL ;; 1) sig=TERM ;; 2) sig=INT ;; esac
@@ -76,18 +81,18 @@ scenario() {
         # Cleaned up by the process itself: nothing under a final name, no temporary, no journal.
         local want=143; [ "$sig" = INT ] && want=130
         [ "$code" = "$want" ] || bad "$name: SIG$sig exit status $code (want $want)"
-        [ -z "$left" ] || bad "$name: SIG$sig after ${delay_ms} ms left final files: $left"
+        [ -z "$left" ] || [ "$left" = "$complete" ] || bad "$name: SIG$sig after ${delay_ms} ms left final files: $left"
         [ "$temps" = 0 ] && [ "$journals" = 0 ] || bad "$name: SIG$sig left $temps temporaries, $journals journals: $(cd "$out" && ls -A | tr "\n" " ")" ;;
       KILL)
         # Nothing can run on SIGKILL: files of an unfinished bundle may stay until the next run in the folder,
         # but only with the journal that lists them; that run (any command writing there) removes them all.
-        [ -z "$left" ] || [ "$journals" -gt 0 ] || bad "$name: SIGKILL after ${delay_ms} ms left unjournaled final files: $left"
+        [ -z "$left" ] || [ "$journals" -gt 0 ] || [ "$left" = "$complete" ] || bad "$name: SIGKILL after ${delay_ms} ms left unjournaled final files: $left"
         "$bin" convert llama2c "$data/llm/stories260K.bin" --tokenizer "$data/llm/tok512.bin" \
           --out "$out/sweep.gguf" >/dev/null 2>&1 || bad "$name: the sweeping run failed"
         left=$(cd "$out" && ls -A $finals 2>/dev/null | tr '\n' ' ')
         temps=$(find "$out" -name '.*.partial-*' | wc -l)
         journals=$(find "$out" -name '.trt-diff.bundle-*' | wc -l)
-        [ -z "$left" ] || bad "$name: after SIGKILL (${delay_ms} ms) and the next run, final files remain: $left"
+        [ -z "$left" ] || [ "$left" = "$complete" ] || bad "$name: after SIGKILL (${delay_ms} ms) and the next run, final files remain: $left"
         [ "$temps" = 0 ] && [ "$journals" = 0 ] || bad "$name: $temps temporaries, $journals journals survived the next run" ;;
     esac
   done
