@@ -330,4 +330,7 @@ pub struct BuildArgs {
     /// Hide the progress bars.
     #[arg(long)]
     pub no_progress: bool,
+    /// Let the ONNX model's external data name files outside its folder (only for models you trust).
+    #[arg(long)]
+    pub allow_external_paths: bool,
 }

@@ -5,6 +5,410 @@ use sha2::{Digest, Sha256};
 use std::fs::File;
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Paths that a signal (SIGINT/SIGTERM) must remove before the process exits: live temporaries of
+/// [`AtomicFile`]s and the already written files of an unfinished bundle ([`BundleGuard`]).
+static LIVE: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders already swept for stale temporaries by this process.
+static SWEPT: Mutex<Vec<PathBuf>> = Mutex::new(Vec::new());
+/// Folders watched by unfinished bundles: (folder, name prefix, start time); see [`BundleGuard::watch`].
+static WATCHED: Mutex<Vec<Watch>> = Mutex::new(Vec::new());
+
+#[derive(Clone, PartialEq)]
+struct Watch {
+    dir: PathBuf,
+    prefix: String,
+    since: std::time::SystemTime,
+}
+
+impl Watch {
+    /// Removes the files of `dir` named `prefix*` that were written since `since`.
+    fn remove_new(&self) {
+        let Ok(entries) = std::fs::read_dir(&self.dir) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let written_since = e
+                .metadata()
+                .ok()
+                .filter(|m| m.is_file())
+                .and_then(|m| m.modified().ok())
+                .is_some_and(|t| t >= self.since);
+            if written_since && e.file_name().to_string_lossy().starts_with(&self.prefix) {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
+}
+
+fn watched() -> std::sync::MutexGuard<'static, Vec<Watch>> {
+    WATCHED.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn live() -> std::sync::MutexGuard<'static, Vec<PathBuf>> {
+    LIVE.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+fn register(path: &Path) {
+    live().push(path.to_path_buf());
+}
+
+fn unregister(path: &Path) {
+    let mut l = live();
+    if let Some(i) = l.iter().rposition(|p| p == path) {
+        l.swap_remove(i);
+    }
+}
+
+/// Installs (once) a thread that, on SIGINT or SIGTERM, removes every live temporary and unfinished bundle file,
+/// then exits with 130 (SIGINT) or 143 (SIGTERM). For commands that write files (build, quantize, export,
+/// convert); not for the server, which shuts down on its own terms.
+pub fn cleanup_on_signals() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        use signal_hook::consts::{SIGINT, SIGTERM};
+        let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    "cannot watch SIGINT/SIGTERM ({e}): an interrupted run may leave temporaries"
+                );
+                return;
+            }
+        };
+        let spawned = std::thread::Builder::new()
+            .name("cleanup-on-signal".into())
+            .spawn(move || {
+                if let Some(sig) = signals.forever().next() {
+                    remove_live_and_exit(128 + sig);
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(
+                "cannot start the signal watcher ({e}): an interrupted run may leave temporaries"
+            );
+        }
+    });
+}
+
+/// Removes every registered temporary and unfinished bundle file, then ends the process with `code`. The
+/// registry stays locked until the end: temporaries are created and renamed into place under the same lock, so
+/// no other thread can create or commit a file behind the cleanup.
+fn remove_live_and_exit(code: i32) -> ! {
+    let mut l = live();
+    for p in std::mem::take(&mut *l) {
+        let _ = std::fs::remove_file(&p);
+    }
+    for w in std::mem::take(&mut *watched()) {
+        w.remove_new();
+    }
+    // _exit: other threads (TensorRT's builder among them) may be anywhere; running exit handlers under them
+    // could hang or crash. Everything that must go is gone.
+    // SAFETY: _exit has no preconditions.
+    unsafe { libc::_exit(code) }
+}
+
+/// The process id in a temporary's name `.NAME.partial-PID`, if `name` is one.
+pub fn partial_pid(name: &str) -> Option<u32> {
+    if !name.starts_with('.') {
+        return None;
+    }
+    let (_, pid) = name.rsplit_once(".partial-")?;
+    if pid.is_empty() || !pid.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn pid_alive(pid: u32) -> bool {
+    if pid == std::process::id() {
+        return true;
+    }
+    let Ok(p) = libc::pid_t::try_from(pid) else {
+        return false;
+    };
+    if p <= 0 {
+        return false;
+    }
+    // SAFETY: signal 0 only checks that the process exists.
+    let r = unsafe { libc::kill(p, 0) };
+    r == 0 || std::io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH)
+}
+
+/// Removes the temporaries `.NAME.partial-PID` of processes that no longer run (killed with SIGKILL, or by a
+/// power cut) from `dir`, and the files of their unfinished bundles (journals `.trt-diff.bundle-PID-N`); returns
+/// how many temporaries and journals went. Each folder is swept once per process, when the first output
+/// is created in it.
+pub fn sweep_stale_temporaries(dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if let Some(pid) = journal_pid(&name) {
+            if !pid_alive(pid) {
+                tracing::info!(
+                    "removing the files of an unfinished bundle (process {pid}, interrupted) listed in '{}'",
+                    e.path().display()
+                );
+                undo_journal(&e.path());
+                removed += 1;
+            }
+            continue;
+        }
+        let Some(pid) = partial_pid(&name) else {
+            continue;
+        };
+        let is_file = e.file_type().is_ok_and(|t| t.is_file());
+        if is_file && !pid_alive(pid) && std::fs::remove_file(e.path()).is_ok() {
+            tracing::info!(
+                "removed '{}', left behind by an interrupted run (process {pid})",
+                e.path().display()
+            );
+            removed += 1;
+        }
+    }
+    removed
+}
+
+fn sweep_once(target: &Path) {
+    let dir = match target.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    {
+        let mut swept = SWEPT.lock().unwrap_or_else(|e| e.into_inner());
+        if swept.contains(&dir) {
+            return;
+        }
+        swept.push(dir.clone());
+    }
+    sweep_stale_temporaries(&dir);
+}
+
+/// The files of a bundle (an LLM engine's tokenizer, ONNX graphs and plan; a Flux bundle's components) appear
+/// together or not at all: each final file written before the bundle is complete is listed here, and removed
+/// when the guard drops without [`BundleGuard::disarm`] (an error) or when a signal ends the process. A journal
+/// `.trt-diff.bundle-PID-N` beside the files lists them too, so that when the process dies without a chance to
+/// clean up (SIGKILL, power loss) the next run in the folder removes them ([`sweep_stale_temporaries`]).
+#[derive(Default)]
+pub struct BundleGuard {
+    files: Vec<PathBuf>,
+    watches: Vec<Watch>,
+    /// Per folder: the journal and its lines.
+    journals: Vec<(PathBuf, Vec<String>)>,
+}
+
+const JOURNAL_PREFIX: &str = ".trt-diff.bundle-";
+
+fn journal_pid(name: &str) -> Option<u32> {
+    let rest = name.strip_prefix(JOURNAL_PREFIX)?;
+    let (pid, seq) = rest.split_once('-')?;
+    if seq.is_empty() || !seq.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
+fn dir_of(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+impl BundleGuard {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A guard over every file of `dir` whose name starts with `prefix` and that this run writes (modified from
+    /// now on), for bundles whose file list is only known as they are written (a Flux bundle `NAME.*`).
+    pub fn watch(dir: &Path, prefix: &str) -> Self {
+        // Files' timestamps come from a coarse clock that may lag this one by a few milliseconds.
+        let since = std::time::SystemTime::now() - std::time::Duration::from_secs(1);
+        let w = Watch {
+            dir: dir.to_path_buf(),
+            prefix: prefix.to_string(),
+            since,
+        };
+        watched().push(w.clone());
+        let mut g = Self {
+            files: Vec::new(),
+            watches: vec![w],
+            journals: Vec::new(),
+        };
+        let secs = since
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        g.journal(dir, format!("watch\t{secs}\t{prefix}"));
+        g
+    }
+
+    /// Appends a line to the journal of `dir` (created on first use) and rewrites it.
+    fn journal(&mut self, dir: &Path, line: String) {
+        static SEQ: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let i = match self.journals.iter().position(|(p, _)| dir_of(p) == dir) {
+            Some(i) => i,
+            None => {
+                let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let p = dir.join(format!("{JOURNAL_PREFIX}{}-{n}", std::process::id()));
+                self.journals.push((p, Vec::new()));
+                self.journals.len() - 1
+            }
+        };
+        let (path, lines) = &mut self.journals[i];
+        lines.push(line);
+        // Written and registered under the registry's lock (see `remove_live_and_exit`). Best effort: without a
+        // journal only an uncatchable kill leaves the files.
+        let mut l = live();
+        let _ = std::fs::write(&*path, lines.join("\n") + "\n");
+        if !l.contains(path) {
+            l.push(path.clone());
+        }
+    }
+
+    fn unwatch(&mut self) -> Vec<Watch> {
+        let mine = std::mem::take(&mut self.watches);
+        watched().retain(|w| !mine.contains(w));
+        mine
+    }
+
+    fn drop_journals(&mut self) {
+        for (p, _) in std::mem::take(&mut self.journals) {
+            unregister(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+    }
+
+    /// Lists a final path written (or about to be written) as part of the bundle.
+    pub fn add(&mut self, path: impl Into<PathBuf>) {
+        let p = path.into();
+        if let Some(name) = p.file_name() {
+            let name = name.to_string_lossy().into_owned();
+            self.journal(&dir_of(&p), format!("file\t{name}"));
+        }
+        register(&p);
+        self.files.push(p);
+    }
+
+    /// The bundle is complete: its files stay.
+    pub fn disarm(mut self) {
+        for p in std::mem::take(&mut self.files) {
+            unregister(&p);
+        }
+        self.unwatch();
+        self.drop_journals();
+    }
+}
+
+impl Drop for BundleGuard {
+    fn drop(&mut self) {
+        for p in std::mem::take(&mut self.files) {
+            unregister(&p);
+            let _ = std::fs::remove_file(&p);
+        }
+        for w in self.unwatch() {
+            w.remove_new();
+        }
+        self.drop_journals();
+    }
+}
+
+/// Undoes the unfinished bundle a dead process's journal describes: removes the files it lists (by name, in the
+/// journal's own folder) and those its watches cover, then the journal.
+fn undo_journal(journal: &Path) {
+    let dir = dir_of(journal);
+    if let Ok(text) = std::fs::read_to_string(journal) {
+        for line in text.lines() {
+            let mut parts = line.splitn(3, '\t');
+            match (parts.next(), parts.next(), parts.next()) {
+                // Names only: a journal never makes us remove files outside its folder.
+                (Some("file"), Some(name), None)
+                    if confined_path(&dir, name).is_ok() && !name.contains('/') =>
+                {
+                    let _ = std::fs::remove_file(dir.join(name));
+                }
+                (Some("watch"), Some(secs), Some(prefix)) if !prefix.is_empty() => {
+                    if let Ok(secs) = secs.parse::<u64>() {
+                        Watch {
+                            dir: dir.clone(),
+                            prefix: prefix.to_string(),
+                            since: std::time::UNIX_EPOCH + std::time::Duration::from_secs(secs),
+                        }
+                        .remove_new();
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let _ = std::fs::remove_file(journal);
+}
+
+/// Why a file name read from a model file may not be used: it would lead outside the folder it must stay in.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Escape {
+    Empty,
+    Absolute,
+    ParentDir,
+    /// Through a symlink to the real path given.
+    Symlink(PathBuf),
+}
+
+impl std::fmt::Display for Escape {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Escape::Empty => write!(f, "is empty"),
+            Escape::Absolute => write!(f, "is an absolute path"),
+            Escape::ParentDir => write!(f, "climbs out with `..`"),
+            Escape::Symlink(p) => write!(f, "leads through a symlink to '{}'", p.display()),
+        }
+    }
+}
+
+/// `dir/name`, provided `name` stays inside `dir`: relative, without `..` or a root, and (when the file exists)
+/// not through a symlink whose target lies outside `dir`'s real path.
+pub fn confined_path(dir: &Path, name: &str) -> std::result::Result<PathBuf, Escape> {
+    use std::path::Component;
+    if name.is_empty() {
+        return Err(Escape::Empty);
+    }
+    let rel = Path::new(name);
+    if rel.has_root() || rel.is_absolute() {
+        return Err(Escape::Absolute);
+    }
+    if rel
+        .components()
+        .any(|c| !matches!(c, Component::Normal(_) | Component::CurDir))
+    {
+        return Err(Escape::ParentDir);
+    }
+    let joined = dir.join(rel);
+    if let (Ok(real_dir), Ok(real)) = (dir.canonicalize(), joined.canonicalize())
+        && !real.starts_with(&real_dir)
+    {
+        return Err(Escape::Symlink(real));
+    }
+    Ok(joined)
+}
+
+/// Copies `src` to `dst` through a temporary, so `dst` appears whole or not at all.
+pub fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
+    let mut input = File::open(src).with_context(|| format!("cannot open '{}'", src.display()))?;
+    let mut out = AtomicFile::create(dst)?;
+    std::io::copy(&mut input, &mut out).with_context(|| {
+        format!(
+            "cannot copy '{}' to '{}' (disk full?)",
+            src.display(),
+            dst.display()
+        )
+    })?;
+    out.commit()
+}
 
 pub struct AtomicFile {
     target: PathBuf,
@@ -14,13 +418,20 @@ pub struct AtomicFile {
 
 impl AtomicFile {
     pub fn create(target: &Path) -> Result<Self> {
+        sweep_once(target);
         let temp = temp_path(target);
-        let file = File::create(&temp).with_context(|| {
-            format!(
-                "cannot create '{}' (is the directory there and writable?)",
-                temp.display()
-            )
-        })?;
+        // Created and registered under the registry's lock (see `remove_live_and_exit`).
+        let file = {
+            let mut l = live();
+            let f = File::create(&temp).with_context(|| {
+                format!(
+                    "cannot create '{}' (is the directory there and writable?)",
+                    temp.display()
+                )
+            })?;
+            l.push(temp.clone());
+            f
+        };
         Ok(Self {
             target: target.to_path_buf(),
             temp,
@@ -47,6 +458,8 @@ impl AtomicFile {
             w.flush()
                 .with_context(|| format!("writing '{}' failed", self.temp.display()))?;
         }
+        // Renamed under the registry's lock, so a signal's cleanup sees either the temporary or the final file.
+        let mut l = live();
         std::fs::rename(&self.temp, &self.target).with_context(|| {
             format!(
                 "cannot move '{}' to '{}'",
@@ -54,6 +467,9 @@ impl AtomicFile {
                 self.target.display()
             )
         })?;
+        if let Some(i) = l.iter().rposition(|p| *p == self.temp) {
+            l.swap_remove(i);
+        }
         Ok(())
     }
 }
@@ -75,6 +491,7 @@ impl Write for AtomicFile {
 
 impl Drop for AtomicFile {
     fn drop(&mut self) {
+        unregister(&self.temp);
         if self.temp.exists() {
             let _ = std::fs::remove_file(&self.temp);
         }

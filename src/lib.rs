@@ -8,6 +8,7 @@ pub mod fsutil;
 pub mod manifest;
 pub mod models;
 pub mod onnx;
+pub mod out;
 pub mod pipelines;
 pub mod quant;
 pub mod samplers;

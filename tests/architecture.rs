@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 
 /// Top-level modules by layer, lowest first. A module may import its own layer and the ones below.
 const LAYERS: &[&[&str]] = &[
-    &["fsutil", "manifest"],
+    &["fsutil", "out", "manifest"],
     &["quant", "weights", "onnx", "samplers", "cuda"],
     &["models", "backend", "trt", "tokenizer"],
     &["pipelines", "server"],

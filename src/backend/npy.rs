@@ -77,9 +77,12 @@ pub fn read(path: &Path) -> Result<HostTensor> {
         })
         .collect::<Result<_>>()?;
     let data = bytes[start + hlen..].to_vec();
-    let need = dtype
-        .storage_bytes(shape.iter().product::<usize>() as u64)
-        .unwrap_or(0) as usize;
+    let need = shape
+        .iter()
+        .try_fold(1u64, |a, &d| a.checked_mul(d as u64))
+        .and_then(|n| dtype.storage_bytes(n))
+        .and_then(|b| usize::try_from(b).ok())
+        .ok_or_else(|| bad(&format!("shape {shape:?} is too large")))?;
     if data.len() != need {
         return Err(bad(&format!(
             "shape {shape:?} of {dtype} needs {need} data bytes, the file has {} (truncated?)",

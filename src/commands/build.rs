@@ -23,6 +23,8 @@ impl From<&BuildArgs> for BuildOptions {
             weight_streaming: a.weight_streaming,
             progress: !a.no_progress,
             pipeline: None,
+            allow_external_paths: a.allow_external_paths,
+            ..Default::default()
         }
     }
 }

@@ -50,7 +50,7 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
         Kind::Safetensors => {
             let r = crate::quant::inspect::inspect_checkpoint(path, against)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
                 print_checkpoint(&r);
             }
@@ -58,7 +58,7 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
         Kind::Onnx => {
             let s = OnnxSummary::of(&OnnxFile::load(path)?);
             if json {
-                println!("{}", serde_json::to_string_pretty(&s)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&s)?);
             } else {
                 print_onnx(&s);
             }
@@ -66,22 +66,22 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
         Kind::Plan => {
             let r = check_plan(path)?;
             if json {
-                println!("{}", serde_json::to_string_pretty(&r.manifest)?);
+                crate::outln!("{}", serde_json::to_string_pretty(&r.manifest)?);
                 return Ok(());
             }
-            println!(
+            crate::outln!(
                 "{}: TensorRT plan, {}",
                 r.path.display(),
                 human_bytes(r.bytes)
             );
             let Some(m) = r.manifest else {
-                println!(
+                crate::outln!(
                     "  no manifest beside it (not built by trt-diff): nothing more is known without TensorRT"
                 );
                 return Ok(());
             };
-            println!("  xxh3-128    {} (matches manifest)", m.plan.xxh3_128);
-            println!(
+            crate::outln!("  xxh3-128    {} (matches manifest)", m.plan.xxh3_128);
+            crate::outln!(
                 "  TensorRT    {} {} (headers {}), {}",
                 m.tensorrt.flavor_display(),
                 m.tensorrt.version,
@@ -93,10 +93,10 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
             } else {
                 m.tensorrt.targets.join(", ")
             };
-            println!("  targets     {targets}");
-            println!("  created     {} by {}", m.created, m.created_by);
+            crate::outln!("  targets     {targets}");
+            crate::outln!("  created     {} by {}", m.created, m.created_by);
             let b = &m.builder;
-            println!(
+            crate::outln!(
                 "  builder     strongly typed, {} layers, opt level {}, workspace {}, refit {}, weight streaming {}",
                 b.layers,
                 b.optimization_level
@@ -108,18 +108,19 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
                 b.refittable,
                 b.weight_streaming
             );
-            println!(
+            crate::outln!(
                 "  build time  parse {:.3}s, build {:.3}s",
-                b.parse_seconds, b.build_seconds
+                b.parse_seconds,
+                b.build_seconds
             );
-            println!(
+            crate::outln!(
                 "  source      {} ({}, sha256 {})",
                 m.source.onnx,
                 human_bytes(m.source.bytes),
                 m.source.sha256
             );
             for e in &m.source.external_data {
-                println!("              + {} ({})", e.file, human_bytes(e.bytes));
+                crate::outln!("              + {} ({})", e.file, human_bytes(e.bytes));
             }
             for t in &m.io {
                 let p = t
@@ -134,9 +135,12 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
                         )
                     })
                     .unwrap_or_default();
-                println!(
+                crate::outln!(
                     "  {:<6} {:<24} {:<12} {:?}{p}",
-                    t.mode, t.name, t.dtype, t.shape
+                    t.mode,
+                    t.name,
+                    t.dtype,
+                    t.shape
                 );
             }
         }
@@ -145,14 +149,14 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
 }
 
 fn print_checkpoint(r: &crate::quant::inspect::CheckpointReport) {
-    println!(
+    crate::outln!(
         "{}: safetensors, {}, {} tensors",
         r.path,
         human_bytes(r.file_bytes),
         r.tensors.len()
     );
     for (k, v) in &r.metadata {
-        println!("  metadata    {k} = {v}");
+        crate::outln!("  metadata    {k} = {v}");
     }
     let errors = r.tensors.iter().any(|t| t.error.is_some());
     for t in &r.tensors {
@@ -172,7 +176,7 @@ fn print_checkpoint(r: &crate::quant::inspect::CheckpointReport) {
                 )
             })
             .unwrap_or_default();
-        println!(
+        crate::outln!(
             "  {:<48} {:<8} {:<7} {:<16} {:>10}{err}",
             t.name,
             t.format.as_deref().unwrap_or("-"),
@@ -182,12 +186,12 @@ fn print_checkpoint(r: &crate::quant::inspect::CheckpointReport) {
         );
     }
     if !errors && r.tensors.iter().any(|t| t.format.is_some()) {
-        println!("  (add --against ORIGINAL.safetensors for each quantized tensor's error)");
+        crate::outln!("  (add --against ORIGINAL.safetensors for each quantized tensor's error)");
     }
 }
 
 fn print_onnx(s: &OnnxSummary) {
-    println!(
+    crate::outln!(
         "{}: ONNX IR {}, {}, produced by {}",
         s.path,
         s.ir_version,
@@ -195,10 +199,10 @@ fn print_onnx(s: &OnnxSummary) {
         s.producer
     );
     let opsets: Vec<String> = s.opsets.iter().map(|(d, v)| format!("{d} {v}")).collect();
-    println!("  opsets      {}", opsets.join(", "));
+    crate::outln!("  opsets      {}", opsets.join(", "));
     for (label, list) in [("input", &s.inputs), ("output", &s.outputs)] {
         for t in list {
-            println!(
+            crate::outln!(
                 "  {label:<6}      {:<24} {:<12} [{}]",
                 t.name,
                 t.dtype,
@@ -206,13 +210,13 @@ fn print_onnx(s: &OnnxSummary) {
             );
         }
     }
-    println!("  nodes       {}", s.nodes);
+    crate::outln!("  nodes       {}", s.nodes);
     for (op, n) in &s.op_histogram {
-        println!("              {n:>6} {op}");
+        crate::outln!("              {n:>6} {op}");
     }
-    println!("  initializers");
+    crate::outln!("  initializers");
     for (dt, b) in &s.initializers {
-        println!(
+        crate::outln!(
             "              {:<14} {:>6} tensors  {:>12} inline  {:>12} external",
             dt,
             b.count,
@@ -221,14 +225,17 @@ fn print_onnx(s: &OnnxSummary) {
         );
     }
     if !s.external_files.is_empty() {
-        println!("  external    {}", s.external_files.join(", "));
+        crate::outln!("  external    {}", s.external_files.join(", "));
     }
     if !s.qdq.is_empty() {
-        println!("  quantization ({} Q/DQ nodes)", s.qdq.len());
+        crate::outln!("  quantization ({} Q/DQ nodes)", s.qdq.len());
         for q in &s.qdq {
-            println!(
+            crate::outln!(
                 "              {:<32} {:<24} {:<40} {}",
-                q.node, q.op, q.format, q.granularity
+                q.node,
+                q.op,
+                q.format,
+                q.granularity
             );
         }
     }

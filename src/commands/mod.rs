@@ -47,6 +47,12 @@ pub fn main() -> ExitCode {
             "internal error (a bug in trt-diff; please report it with the command line): {info}"
         );
     }));
+    // A closed stdout (`| head`) ends the command quietly instead of through that hook.
+    crate::out::quiet_on_broken_pipe();
+    // Interrupted commands remove their temporaries; the server shuts down gracefully instead.
+    if !matches!(cli.command, Command::Serve(_)) {
+        crate::fsutil::cleanup_on_signals();
+    }
     match std::panic::catch_unwind(|| dispatch(cli.command)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
         Ok(Err(e)) => {

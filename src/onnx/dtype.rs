@@ -185,7 +185,9 @@ impl DataType {
 
     /// Bytes taken by `count` packed elements (sub-byte types round up).
     pub fn storage_bytes(self, count: u64) -> Option<u64> {
-        self.bits().map(|b| (count * b as u64).div_ceil(8))
+        self.bits()
+            .and_then(|b| count.checked_mul(b as u64))
+            .map(|bits| bits.div_ceil(8))
     }
 
     /// True for the float8/float4 formats a Q/DQ pair uses to mark low-precision compute.

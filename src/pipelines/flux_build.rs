@@ -370,6 +370,18 @@ pub fn export_flux(
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
     let paths = OnnxPaths::new(out_dir, None);
+    // All of the export's files or none (an error or a signal removes those already written).
+    let mut guard = crate::fsutil::BundleGuard::new();
+    for f in [
+        &paths.transformer,
+        &paths.clip,
+        &paths.t5,
+        &paths.vae_decoder,
+        &paths.vae_encoder,
+    ] {
+        guard.add(f);
+        guard.add(f.with_file_name(format!("{}.data", file_name(f))));
+    }
     let (text, vae_dt) = aux_precisions(&p, precision)?;
     export_aux(&p, &paths, text, vae_dt)?;
     export_transformer(
@@ -377,6 +389,7 @@ pub fn export_flux(
         &transformer_options(&p, precision, HashMap::new())?,
         &paths.transformer,
     )?;
+    guard.disarm();
     Ok(paths)
 }
 
@@ -563,6 +576,8 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         .unwrap_or(Path::new("."))
         .to_path_buf();
     let paths = OnnxPaths::new(&dir, Some(&stem));
+    // All of the bundle's files (`<stem>.*`) or none: an error or a signal removes those this build wrote.
+    let guard = crate::fsutil::BundleGuard::watch(&dir, &format!("{stem}."));
     let (text, vae_dt) = aux_precisions(&p, o.precision)?;
     tracing::info!("exporting the text encoders and the VAE");
     // The bundle's ONNX graphs are what the CPU backend runs: f32 compute (ONNX Runtime's CPU provider has no
@@ -603,8 +618,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         (&p.files.clip_tokenizer, &clip_tok),
         (&p.files.t5_tokenizer, &t5_tok),
     ] {
-        std::fs::copy(src, dst)
-            .with_context(|| format!("cannot copy '{}' to '{}'", src.display(), dst.display()))?;
+        crate::fsutil::copy_atomic(src, dst)?;
     }
     // Tokenizers are checked before any engine is built.
     load_clip_tokenizer(&clip_tok, p.config.clip_pad)?;
@@ -661,7 +675,9 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
             ("t5".to_string(), file_name(&t5_tok)),
         ]),
     };
-    build_bundle(&o.base, &components, transformer, bundle)
+    let outcome = build_bundle(&o.base, &components, transformer, bundle)?;
+    guard.disarm();
+    Ok(outcome)
 }
 
 #[cfg(test)]

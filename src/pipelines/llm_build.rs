@@ -51,6 +51,14 @@ pub fn linear_precision(p: Precision) -> Result<LinearPrecision> {
     })
 }
 
+/// Lists the files an LLM build is about to write beside the plan (`suffixes` of its name) in `guard`, so that a
+/// failed or interrupted build removes them: a bundle's files appear all together or not at all.
+fn guard_siblings(guard: &mut crate::fsutil::BundleGuard, out: &Path, suffixes: &[&str]) {
+    for suffix in suffixes {
+        guard.add(sibling(out, suffix));
+    }
+}
+
 /// Where a decoder's weights come from.
 pub enum LlmSource<'a> {
     /// A llama2.c checkpoint and its tokenizer file.
@@ -146,10 +154,12 @@ pub fn hf_matrix_type(dir: &Path) -> Result<Option<DataType>> {
     for file in files {
         let mut fh = std::fs::File::open(&file)
             .with_context(|| format!("cannot open '{}'", file.display()))?;
+        let file_len = fh.metadata().map(|m| m.len()).unwrap_or(0);
         let mut n = [0u8; 8];
-        fh.read_exact(&mut n)?;
+        fh.read_exact(&mut n)
+            .with_context(|| format!("'{}' is too short for a safetensors file", file.display()))?;
         let len = u64::from_le_bytes(n);
-        if len > 100 << 20 {
+        if len > 100 << 20 || len > file_len.saturating_sub(8) {
             bail!(
                 "'{}': safetensors header of {len} bytes; not a safetensors file",
                 file.display()
@@ -263,8 +273,10 @@ pub fn build_llm(
 ) -> Result<BuildOutcome> {
     let p = linear_precision(precision)?;
     let mut in_place = None;
+    let mut guard = crate::fsutil::BundleGuard::new();
     let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
+            guard.disarm();
             return build_llama2c(input, tokenizer, precision, base);
         }
         LlmSource::Gguf => {
@@ -272,6 +284,7 @@ pub fn build_llm(
             crate::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
             let m = crate::weights::gguf_model::load(&g, max_context)?;
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
+            guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
             write_vocab_gguf(&g, &tok_out)?;
             let matrices = gguf_matrix_type(&g);
             // Quantized or mixed files: the CPU graph reads the file's blocks in place.
@@ -294,10 +307,12 @@ pub fn build_llm(
                 );
             }
             let tok_out = sibling(&base.out, ".tokenizer.gguf");
+            guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
             write_vocab_gguf(&g, &tok_out)?;
             (m.arch, m.config, m.tensors, tok_out, hf_matrix_type(input)?)
         }
     };
+    guard_siblings(&mut guard, &base.out, &[".cpu.onnx", ".cpu.onnx.data"]);
     let cpu_onnx = match &in_place {
         Some(gw) => write_cpu_graph_gguf(&base.out, &config, &tensors, gw)?,
         None => write_cpu_graph(&base.out, matrices, p, &config, &tensors)?,
@@ -305,6 +320,7 @@ pub fn build_llm(
     let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");
+    guard_siblings(&mut guard, &base.out, &[".onnx", ".onnx.data"]);
     save(graph, &onnx, &SaveOptions::default())?;
     let mut opts = base.clone();
     opts.onnx = onnx;
@@ -318,7 +334,9 @@ pub fn build_llm(
         precision: precision.name().into(),
         cpu_onnx,
     }));
-    build_engine(&opts)
+    let outcome = build_engine(&opts)?;
+    guard.disarm();
+    Ok(outcome)
 }
 
 /// Exports and builds a llama2.c checkpoint; `base` carries the TensorRT options.
@@ -332,6 +350,8 @@ pub fn build_llama2c(
     // Loading validates the tokenizer against the model's vocabulary before anything is written.
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
     let p = linear_precision(precision)?;
+    let mut guard = crate::fsutil::BundleGuard::new();
+    guard_siblings(&mut guard, &base.out, &[".cpu.onnx", ".cpu.onnx.data"]);
     // llama2.c checkpoints are f32.
     let cpu_onnx = write_cpu_graph(
         &base.out,
@@ -342,9 +362,11 @@ pub fn build_llama2c(
     )?;
     let graph = decoder_graph_with(&model.config, &model.tensors, &Policy::defaults(p), true)?;
     let onnx = sibling(&base.out, ".onnx");
+    guard_siblings(&mut guard, &base.out, &[".onnx", ".onnx.data"]);
     save(graph, &onnx, &SaveOptions::default())?;
     let tok_out = sibling(&base.out, ".tokenizer.bin");
-    std::fs::copy(tokenizer, &tok_out)
+    guard_siblings(&mut guard, &base.out, &[".tokenizer.bin"]);
+    crate::fsutil::copy_atomic(tokenizer, &tok_out)
         .with_context(|| format!("cannot copy the tokenizer to '{}'", tok_out.display()))?;
     let mut opts = base.clone();
     opts.onnx = onnx;
@@ -358,5 +380,7 @@ pub fn build_llama2c(
         precision: precision.name().into(),
         cpu_onnx,
     }));
-    build_engine(&opts)
+    let outcome = build_engine(&opts)?;
+    guard.disarm();
+    Ok(outcome)
 }

@@ -597,47 +597,101 @@ pub fn dequantize_named(path: &Path, name: &str) -> Result<Vec<f32>> {
     dequantize_tensor(&st, path, name)
 }
 
-/// [`dequantize_named`] on an already opened file (`path` only names it in errors).
+/// [`dequantize_named`] on an already opened file (`path` only names it in errors). Every size that the
+/// companion tensors and the `quant_state` JSON declare is checked against the tensors' real lengths first: a
+/// damaged or hand-made file gives an error, not a panic or an allocation its data cannot fill.
 pub fn dequantize_tensor(
     st: &safetensors::SafeTensors<'_>,
     path: &Path,
     name: &str,
 ) -> Result<Vec<f32>> {
+    let p = path.display();
     let get = |n: &str| st.tensor(n).ok();
     let f32v = |b: &[u8]| -> Vec<f32> {
         b.chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
             .collect()
     };
-    let main = get(name).with_context(|| format!("no tensor '{name}' in '{}'", path.display()))?;
+    let damaged = |what: String| -> anyhow::Error {
+        anyhow::anyhow!(
+            "'{p}': tensor '{name}' is damaged: {what}; re-quantize the checkpoint with `trt-diff quantize`"
+        )
+    };
+    let main = get(name).with_context(|| format!("no tensor '{name}' in '{p}'"))?;
     for kind in [Kind::Nf4, Kind::Fp4] {
         if let Some(js) = get(&format!("{name}.quant_state.bitsandbytes__{}", kind.name())) {
-            let state: serde_json::Value = serde_json::from_slice(js.data())?;
+            let state: serde_json::Value = serde_json::from_slice(js.data())
+                .map_err(|e| damaged(format!("its quant_state is not JSON ({e})")))?;
             let bs = state["blocksize"]
                 .as_u64()
-                .context("quant_state without blocksize")? as usize;
-            let n: usize = state["shape"]
+                .ok_or_else(|| damaged("quant_state without blocksize".into()))?;
+            let bs = usize::try_from(bs)
+                .ok()
+                .filter(|b| bnb::BLOCK_SIZES.contains(b))
+                .ok_or_else(|| {
+                    damaged(format!(
+                        "quant_state blocksize {bs} is not one of {:?}",
+                        bnb::BLOCK_SIZES
+                    ))
+                })?;
+            let dims = state["shape"]
                 .as_array()
-                .context("quant_state without shape")?
+                .ok_or_else(|| damaged("quant_state without shape".into()))?;
+            let n = dims
                 .iter()
-                .map(|d| d.as_u64().unwrap_or(0) as usize)
-                .product();
-            let absmax_t = get(&format!("{name}.absmax")).context("missing .absmax")?;
+                .try_fold(1usize, |acc, d| {
+                    d.as_u64()
+                        .and_then(|d| usize::try_from(d).ok())
+                        .and_then(|d| acc.checked_mul(d))
+                })
+                .ok_or_else(|| damaged(format!("quant_state shape {dims:?} is not a shape")))?;
+            let packed = main.data();
+            if n.div_ceil(2) > packed.len() {
+                bail!(damaged(format!(
+                    "quant_state shape {dims:?} holds {n} values, the packed data only {}",
+                    packed.len() * 2
+                )));
+            }
+            let blocks = n.div_ceil(bs);
+            let absmax_t = get(&format!("{name}.absmax"))
+                .ok_or_else(|| damaged(format!("'{name}.absmax' is missing")))?;
             let absmax = match get(&format!("{name}.nested_absmax")) {
-                Some(na) => Absmax::Nested(bnb::Nested {
-                    codes: absmax_t.data().to_vec(),
-                    absmax: f32v(na.data()),
-                    offset: state["nested_offset"]
-                        .as_f64()
-                        .context("quant_state without nested_offset")?
-                        as f32,
-                }),
-                None => Absmax::Plain(f32v(absmax_t.data())),
+                Some(na) => {
+                    let codes = absmax_t.data().to_vec();
+                    let second = f32v(na.data());
+                    if codes.len() < blocks
+                        || second.len() < codes.len().div_ceil(bnb::NESTED_BLOCK)
+                    {
+                        bail!(damaged(format!(
+                            "{} absmax codes and {} nested absmax values for {blocks} blocks",
+                            codes.len(),
+                            second.len()
+                        )));
+                    }
+                    Absmax::Nested(bnb::Nested {
+                        codes,
+                        absmax: second,
+                        offset: state["nested_offset"]
+                            .as_f64()
+                            .ok_or_else(|| damaged("quant_state without nested_offset".into()))?
+                            as f32,
+                    })
+                }
+                None => {
+                    let v = f32v(absmax_t.data());
+                    if v.len() < blocks {
+                        bail!(damaged(format!(
+                            "{} absmax values for {blocks} blocks",
+                            v.len()
+                        )));
+                    }
+                    Absmax::Plain(v)
+                }
             };
             let q = bnb::Quant4 {
                 kind,
                 blocksize: bs,
-                packed: main.data().to_vec(),
+                packed: packed.to_vec(),
                 absmax,
             };
             return Ok(q.dequantize(n));
@@ -645,46 +699,71 @@ pub fn dequantize_tensor(
     }
     let scale = get(&format!("{name}_scale"));
     let e4m3 = |b: u8| super::minifloat::E4M3FN.decode(b);
+    // Elements per scale (the last scale takes any remainder); the scale tensor must not be empty nor longer
+    // than the data.
+    let per_scale = |n: usize, scales: usize| -> Result<usize> {
+        if scales == 0 || scales > n.max(1) {
+            bail!(damaged(format!("{n} values for {scales} scales")));
+        }
+        Ok((n / scales).max(1))
+    };
+    let at = |i: usize, per: usize, len: usize| (i / per).min(len.saturating_sub(1));
     Ok(match (format!("{:?}", main.dtype()).as_str(), scale) {
         ("U8", Some(s)) if get(&format!("{name}_scale_2")).is_some() => {
-            let sw = f32v(get(&format!("{name}_scale_2")).unwrap().data())[0];
+            let s2 = get(&format!("{name}_scale_2"))
+                .map(|t| f32v(t.data()))
+                .unwrap_or_default();
+            let Some(&sw) = s2.first() else {
+                bail!(damaged(format!("'{name}_scale_2' holds no f32 value")));
+            };
+            let blocks = (main.data().len() * 2).div_ceil(nvfp4::BLOCK);
+            if s.data().len() < blocks {
+                bail!(damaged(format!(
+                    "{} block scales for {blocks} NVFP4 blocks",
+                    s.data().len()
+                )));
+            }
             nvfp4::dequantize(main.data(), s.data(), sw)
         }
         ("F8_E4M3", Some(s)) if format!("{:?}", s.dtype()) == "U8" => {
-            let per = main.data().len() / s.data().len().max(1);
+            let per = per_scale(main.data().len(), s.data().len())?;
             main.data()
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| e4m3(c) * fp8::e8m0_decode(s.data()[i / per]))
+                .map(|(i, &c)| e4m3(c) * fp8::e8m0_decode(s.data()[at(i, per, s.data().len())]))
                 .collect()
         }
         ("F8_E4M3", Some(s)) => {
-            let sc = f32v(s.data())[0];
+            let Some(&sc) = f32v(s.data()).first() else {
+                bail!(damaged(format!("'{name}_scale' holds no f32 value")));
+            };
             main.data().iter().map(|&c| e4m3(c) * sc).collect()
         }
         ("I8", Some(s)) => {
             let sc = f32v(s.data());
-            let per = main.data().len() / sc.len().max(1);
+            let per = per_scale(main.data().len(), sc.len())?;
             main.data()
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| c as i8 as f32 * sc[i / per])
+                .map(|(i, &c)| c as i8 as f32 * sc[at(i, per, sc.len())])
                 .collect()
         }
         ("U8", Some(s)) => {
             let sc = f32v(s.data());
             let n = main.data().len() * 2;
-            let per = n / sc.len().max(1);
+            let per = per_scale(n, sc.len())?;
             int::unpack_int4(main.data(), n)
                 .iter()
                 .enumerate()
-                .map(|(i, &q)| q as f32 * sc[i / per])
+                .map(|(i, &q)| q as f32 * sc[at(i, per, sc.len())])
                 .collect()
         }
         (dt, _) => match Values::from_bytes(dt, main.data()) {
             Some(v) => v.to_f32(),
             None => {
-                bail!("tensor '{name}' is {dt} without a scale: not a format trt-diff dequantizes")
+                bail!(
+                    "'{p}': tensor '{name}' is {dt} without a scale: not a format trt-diff dequantizes"
+                )
             }
         },
     })

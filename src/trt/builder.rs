@@ -35,6 +35,10 @@ pub struct BuildOptions {
     pub progress: bool,
     /// Recorded in the manifest for pipeline engines.
     pub pipeline: Option<crate::manifest::Pipeline>,
+    /// Let the ONNX file's external data live outside its folder (`--allow-external-paths`); off by default.
+    pub allow_external_paths: bool,
+    /// Most ONNX graph nodes accepted (None: [`crate::onnx::model::default_max_nodes`]; Some(0): no limit).
+    pub max_onnx_nodes: Option<usize>,
 }
 
 /// Wall-clock split of one build, for the overhead benchmark.
@@ -214,7 +218,7 @@ fn hash_sources(onnx: &OnnxFile) -> Result<(String, Vec<ExternalFile>)> {
     }
     let mut ext = Vec::new();
     for f in files {
-        let p = onnx.dir().join(&f);
+        let p = onnx.external_path(&f)?;
         ext.push(ExternalFile {
             bytes: std::fs::metadata(&p)?.len(),
             xxh3_128: xxh3_file(&p)?,
@@ -257,10 +261,19 @@ impl Drop for StopOnDrop<'_> {
 pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     let start = Instant::now();
     check_options(o)?;
-    let onnx = OnnxFile::load(&o.onnx)?;
+    let onnx = OnnxFile::load_with(
+        &o.onnx,
+        &crate::onnx::model::LoadOptions {
+            allow_external: o.allow_external_paths,
+            max_nodes: Some(
+                o.max_onnx_nodes
+                    .unwrap_or_else(crate::onnx::model::default_max_nodes),
+            ),
+        },
+    )?;
     for t in onnx.model.graph.iter().flat_map(|g| &g.initializer) {
         if let Some(r) = external_ref(t)
-            && same_file(&onnx.dir().join(&r.location), &o.out)
+            && same_file(&onnx.external_path(&r.location)?, &o.out)
         {
             bail!(
                 "--out '{}' is the model's external data file: choose another output name",

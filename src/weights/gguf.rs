@@ -14,6 +14,8 @@ pub const MAGIC: &[u8; 4] = b"GGUF";
 pub const DEFAULT_ALIGNMENT: u64 = 32;
 /// ggml's GGML_MAX_DIMS.
 const MAX_DIMS: u32 = 4;
+/// Most elements of one metadata array (real vocabularies and merge lists have up to a few hundred thousand).
+const MAX_ARRAY_LEN: u64 = 1 << 24;
 /// Arrays nest at most this deep (real files use one level).
 const MAX_DEPTH: usize = 8;
 
@@ -359,12 +361,31 @@ impl<'a> Reader<'a> {
                 let ety = self.u32(what)?;
                 let at = self.pos;
                 let n = self.u64(what)?;
-                // Every element takes at least one byte: a count above the bytes left is corrupt.
-                if n > self.remaining() as u64 {
+                // Every element takes at least its fixed size (a string its 8-byte length, an array 12 bytes): a
+                // count whose elements cannot fit in the bytes left is corrupt.
+                let min_size: u64 = match ety {
+                    0 | 1 | 7 => 1,
+                    2 | 3 => 2,
+                    4..=6 => 4,
+                    8 | 10..=12 => 8,
+                    9 => 12,
+                    _ => 1,
+                };
+                if n.checked_mul(min_size)
+                    .is_none_or(|b| b > self.remaining() as u64)
+                {
                     bail!(
-                        "'{}': bad array length {n} for {what} at byte {at} ({} bytes left in the file)",
+                        "'{}': bad array length {n} for {what} at byte {at} ({} bytes left in the file): the file \
+                         is truncated or corrupt",
                         self.path.display(),
                         self.remaining()
+                    );
+                }
+                if n > MAX_ARRAY_LEN {
+                    bail!(
+                        "'{}': array of {n} elements for {what} at byte {at}, more than the {MAX_ARRAY_LEN} this \
+                         reader accepts: the file is corrupt",
+                        self.path.display()
                     );
                 }
                 let mut items = Vec::with_capacity(n as usize);
@@ -790,11 +811,11 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
             "path": path.display().to_string(), "version": g.version, "alignment": g.alignment,
             "data_offset": g.data_offset, "metadata": meta, "tensors": tensors,
         });
-        println!("{}", serde_json::to_string_pretty(&doc)?);
+        crate::outln!("{}", serde_json::to_string_pretty(&doc)?);
         return Ok(());
     }
     let total: u64 = g.tensors.iter().map(|t| t.n_bytes).sum();
-    println!(
+    crate::outln!(
         "{}: GGUF v{}, {} metadata entries, {} tensors ({}), alignment {}, data at byte {}",
         path.display(),
         g.version,
@@ -804,9 +825,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
         g.alignment,
         g.data_offset
     );
-    println!("metadata:");
+    crate::outln!("metadata:");
     for (k, v) in &g.metadata {
-        println!("  {k:<40} {:<16} {}", v.type_name(), v.display_short(8));
+        crate::outln!("  {k:<40} {:<16} {}", v.type_name(), v.display_short(8));
     }
     if !g.tensors.is_empty() {
         let mut by_type: std::collections::BTreeMap<String, (usize, u64)> = Default::default();
@@ -819,9 +840,9 @@ pub fn inspect(path: &Path, json: bool) -> Result<()> {
             .iter()
             .map(|(k, (n, e))| format!("{k}: {n} tensors, {e} elements"))
             .collect();
-        println!("tensors ({}):", summary.join("; "));
+        crate::outln!("tensors ({}):", summary.join("; "));
         for t in &g.tensors {
-            println!(
+            crate::outln!(
                 "  {:<48} {:<7} {:<22} {}",
                 t.name,
                 t.ty.to_string(),

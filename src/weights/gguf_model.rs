@@ -29,9 +29,17 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     };
     let key = |k: &str| format!("{arch}.{k}");
     let num = |k: &str| -> Result<usize> {
-        g.get_u64(&key(k))
-            .map(|v| v as usize)
-            .with_context(|| format!("'{path}': metadata key '{}' is missing", key(k)))
+        let v = g
+            .get(&key(k))
+            .with_context(|| format!("'{path}': metadata key '{}' is missing", key(k)))?;
+        v.as_u64()
+            .and_then(|n| usize::try_from(n).ok())
+            .with_context(|| {
+                format!(
+                    "'{path}': metadata key '{}' is {v}, not a count: the file is corrupt",
+                    key(k)
+                )
+            })
     };
     let dim = num("embedding_length")?;
     let n_heads = num("attention.head_count")?;
@@ -39,7 +47,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     let embd = g
         .tensor("token_embd.weight")
         .with_context(|| format!("'{path}': tensor token_embd.weight is missing"))?;
-    let vocab_size = embd.shape()[0] as usize;
+    let vocab_size = embd.shape().first().copied().unwrap_or(0) as usize;
     let mut ctx = num("context_length")?;
     if let Some(m) = max_context {
         ctx = ctx.min(m);
@@ -77,12 +85,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         attn_bias: g.tensor("blk.0.attn_q.bias").is_some(),
         rope_scaling,
     };
-    if dim % n_heads != 0 || n_heads % config.n_kv_heads.max(1) != 0 {
-        bail!(
-            "'{path}': {dim} features do not split into {n_heads} heads / {} KV heads",
-            config.n_kv_heads
-        );
-    }
+    crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
     for (hf, gg) in HF_TO_GGUF {
         let layers: Vec<Option<usize>> = if hf.contains("{i}") {
@@ -111,6 +114,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
             g.tensor_f32("rope_freqs.weight")?,
         );
     }
+    crate::weights::limits::check_tensors(&path, &config, &tensors)?;
     Ok(GgufModel {
         arch,
         config,

@@ -95,6 +95,7 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
         attn_bias: arch == "qwen2" || c["attention_bias"].as_bool().unwrap_or(false),
         rope_scaling,
     };
+    crate::weights::limits::check_config(&p.to_string(), &cfg)?;
     if c["head_dim"]
         .as_u64()
         .is_some_and(|h| h as usize != dim / n_heads)
@@ -142,7 +143,17 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
             .collect();
         f.sort();
         f.dedup();
-        f.into_iter().map(|n| dir.join(n)).collect()
+        f.into_iter()
+            .map(|n| {
+                crate::fsutil::confined_path(dir, &n).map_err(|why| {
+                    anyhow::anyhow!(
+                        "'{}': shard '{n}' {why}, outside the checkpoint folder; refused. Fix: keep the shards in \
+                         the folder and list them by file name",
+                        index.display()
+                    )
+                })
+            })
+            .collect::<Result<_>>()?
     } else {
         vec![dir.join("model.safetensors")]
     };
@@ -167,6 +178,7 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
             .clone();
         tensors.insert("lm_head.weight".into(), e);
     }
+    crate::weights::limits::check_tensors(&dir.display().to_string(), &config, &tensors)?;
     Ok(HfModel {
         arch,
         config,

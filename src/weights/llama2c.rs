@@ -47,6 +47,19 @@ impl Llama2c {
             );
         }
         let shared = vocab_signed > 0;
+        if seq as usize > crate::weights::limits::MAX_CONTEXT
+            || vocab_signed.unsigned_abs() as usize > crate::weights::limits::MAX_VOCAB
+            || hidden as usize > crate::weights::limits::MAX_HIDDEN
+        {
+            bail!(
+                "'{}': header sizes (hidden {hidden}, vocab {vocab_signed}, seq {seq}) exceed trt-diff's limits \
+                 (hidden {}, vocab {}, seq {}): the file is corrupt or not a llama2.c checkpoint",
+                path.display(),
+                crate::weights::limits::MAX_HIDDEN,
+                crate::weights::limits::MAX_VOCAB,
+                crate::weights::limits::MAX_CONTEXT
+            );
+        }
         let vocab = vocab_signed.unsigned_abs() as usize;
         let (d, hd, l, kvd) = (
             dim as usize,

@@ -3,6 +3,7 @@ pub mod gguf;
 pub mod gguf_model;
 pub mod gguf_write;
 pub mod hf;
+pub mod limits;
 pub mod llama2c;
 pub mod llm_config;
 pub mod safetensors_file;
