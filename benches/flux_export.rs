@@ -275,7 +275,7 @@ fn main() {
                     ..Default::default()
                 };
                 let report =
-                    flux::export_with(&ck, &cfg, &opts, &out_dir.join("transformer.onnx")).unwrap();
+                    flux::export(&cfg, &ck, &opts, &out_dir.join("transformer.onnx")).unwrap();
                 drop(ck);
                 sync();
                 let wall = t.elapsed().as_secs_f64();

@@ -72,7 +72,7 @@ fn export(
     let ck = Checkpoint::open(&golden(ck_file)).unwrap();
     let (cfg, layout, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes(model))).unwrap();
     let out = dir.join(format!("{}.onnx", ck_file.trim_end_matches(".safetensors")));
-    let r = flux::export_with(&ck, &cfg, opts, &out).unwrap();
+    let r = flux::export(&cfg, &ck, opts, &out).unwrap();
     assert_eq!(r.onnx, out);
     (out, cfg, layout)
 }
@@ -139,7 +139,7 @@ fn bad_checkpoints_are_named() {
         ..Default::default()
     };
     let out = d.path().join("fp8.onnx");
-    let e = flux::export_with(&ck, &cfg, &opts, &out)
+    let e = flux::export(&cfg, &ck, &opts, &out)
         .unwrap_err()
         .to_string();
     assert!(
@@ -251,7 +251,7 @@ fn taef2_matches_its_test_vectors() {
             .filter(|l| matches!(l, TaeLayer::Block { pool: true, .. }))
             .count();
         assert_eq!(pools, 3, "taef2 has three GroupNorm mid-blocks");
-        let onnx = taesd::export(&data.join(file), kind, d.path()).unwrap();
+        let onnx = taesd::export_file(&data.join(file), kind, d.path()).unwrap();
         let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
         let name = e.inputs()[0].name.clone();
         let out = e.run(&[(name, input.clone())]).unwrap();
@@ -282,8 +282,7 @@ fn vae_matches_diffusers_autoencoderkl_in_both_layouts() {
             (16, vec![16, 32], 1)
         );
         cfg.norm_num_groups = 4; // the golden config's (not recorded in weights)
-        let (dec, enc) =
-            vae::export_with(&ck, &cfg, trt_diff::onnx::DataType::FLOAT, d.path()).unwrap();
+        let (dec, enc) = vae::export(&cfg, &ck, trt_diff::onnx::DataType::FLOAT, d.path()).unwrap();
         let mut e = OrtEngine::open(&dec, &OrtOptions::default()).unwrap();
         let out = e.run(&[("latent".into(), io["latent"].clone())]).unwrap();
         let err = rel_err(&out[0].1, &io["decoded"]);
@@ -338,7 +337,7 @@ fn diffusers_folder_with_config_and_shards() {
     assert_eq!(cfg.axes_dim, vec![4, 6, 6]);
     assert!(!cfg.guidance_embed);
     let out_dir = d.path().join("onnx");
-    let onnx = flux::export(d.path(), &ExportOptions::default(), &out_dir).unwrap();
+    let onnx = flux::export_file(d.path(), &ExportOptions::default(), &out_dir).unwrap();
     let io = io("flux_schnell_io_small.safetensors");
     let out = run(&onnx, &io);
     let err = rel_err(&out[0].1, &io["sample"]);
@@ -392,11 +391,11 @@ fn half_precision_and_image_graphs_build_with_tensorrt() {
     let mut cfg = vae::VaeConfig::from_checkpoint(&ck).unwrap();
     cfg.norm_num_groups = 4;
     let bf16 = trt_diff::onnx::DataType::BFLOAT16;
-    let (dec, enc) = vae::export_with(&ck, &cfg, bf16, &d.path().join("vae")).unwrap();
+    let (dec, enc) = vae::export(&cfg, &ck, bf16, &d.path().join("vae")).unwrap();
     build(&dec, vec![range("latent", 16, [8, 16, 32])]);
     build(&enc, vec![range("image", 3, [16, 32, 64])]);
     let data = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/data/taef2");
-    let tae = taesd::export(
+    let tae = taesd::export_file(
         &data.join("taef2_decoder.safetensors"),
         taesd::TaeKind::Decoder,
         &d.path().join("tae"),

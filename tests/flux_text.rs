@@ -4,8 +4,8 @@ use std::path::{Path, PathBuf};
 use trt_diff::backend::Engine;
 use trt_diff::backend::HostTensor;
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
-use trt_diff::models::clip::{ClipTextConfig, clip_text_graph};
-use trt_diff::models::t5::{T5Config, relative_buckets, t5_encoder_graph};
+use trt_diff::models::clip::{self, ClipTextConfig};
+use trt_diff::models::t5::{self, T5Config, relative_buckets};
 use trt_diff::onnx::{DataType, SaveOptions, save};
 use trt_diff::weights::safetensors_file::Checkpoint;
 
@@ -51,7 +51,7 @@ fn clip_text_matches_transformers() {
     )
     .unwrap();
     let ck = Checkpoint::open(&golden("text_encoder/model.safetensors")).unwrap();
-    let g = clip_text_graph(&cfg, &ck, DataType::FLOAT).unwrap();
+    let g = clip::graph(&cfg, &ck, DataType::FLOAT).unwrap();
     let dir = tempfile::tempdir().unwrap();
     let out = run(g, dir.path(), ids_tensor(&io, "clip_input_ids"));
     let h = io.get("clip_last_hidden_state").unwrap().to_f32().unwrap();
@@ -72,13 +72,13 @@ fn t5_encoder_matches_transformers() {
     let ck = Checkpoint::open(&golden("text_encoder_2")).unwrap();
     let want = io.get("t5_last_hidden_state").unwrap().to_f32().unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let g = t5_encoder_graph(&cfg, &ck, DataType::FLOAT).unwrap();
+    let g = t5::graph(&cfg, &ck, DataType::FLOAT).unwrap();
     let out = run(g, dir.path(), ids_tensor(&io, "t5_input_ids"));
     let e = rel_err(&out[0], &want);
     eprintln!("T5 f32: rel err {e:.2e}");
     assert!(e < 1e-4, "{e}");
     // bf16 is for TensorRT (ONNX Runtime's CPU provider has no bf16 MatMul); f16 is refused.
-    let err = t5_encoder_graph(&cfg, &ck, DataType::FLOAT16).unwrap_err();
+    let err = t5::graph(&cfg, &ck, DataType::FLOAT16).unwrap_err();
     assert!(err.to_string().contains("overflow f16"), "{err}");
 }
 
@@ -107,6 +107,6 @@ fn t5_buckets_follow_transformers() {
 #[test]
 fn wrong_checkpoint_is_a_clear_error() {
     let ck = Checkpoint::open(&golden("text_encoder_2")).unwrap();
-    let e = clip_text_graph(&ClipTextConfig::clip_l(), &ck, DataType::FLOAT).unwrap_err();
+    let e = clip::graph(&ClipTextConfig::clip_l(), &ck, DataType::FLOAT).unwrap_err();
     assert!(e.to_string().contains("not a CLIP text encoder"), "{e}");
 }

@@ -86,17 +86,13 @@ fn prefix(ck: &Checkpoint) -> Result<&'static str> {
 }
 
 /// The CLIP text encoder graph computing in `dtype` (f32, f16 or bf16; LayerNorm and softmax stay f32).
-pub fn clip_text_graph(
-    cfg: &ClipTextConfig,
-    ck: &Checkpoint,
-    dtype: DataType,
-) -> Result<ModelProto> {
+pub fn graph(cfg: &ClipTextConfig, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
     Ok(emit(cfg, ck, dtype, None)?.0)
 }
 
 /// Writes the graph to `out` with its weights streamed from the checkpoint mapping to `<out>.data` as they are
 /// emitted (both files under temporary names until complete).
-pub fn export_clip_text(
+pub fn export(
     cfg: &ClipTextConfig,
     ck: &Checkpoint,
     dtype: DataType,

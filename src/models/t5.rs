@@ -103,12 +103,12 @@ pub fn relative_buckets(num_buckets: usize, max_distance: usize, max_len: usize)
 }
 
 /// The encoder graph computing in `dtype` (FLOAT or BFLOAT16).
-pub fn t5_encoder_graph(cfg: &T5Config, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
+pub fn graph(cfg: &T5Config, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
     Ok(emit(cfg, ck, dtype, None)?.0)
 }
 
 /// Writes the graph to `out`, weights streamed to `<out>.data` as they are emitted (T5-XXL: 9.5 GB of bf16).
-pub fn export_t5_encoder(
+pub fn export(
     cfg: &T5Config,
     ck: &Checkpoint,
     dtype: DataType,

@@ -150,7 +150,7 @@ fn nchw(c: i64) -> Vec<Dim> {
 }
 
 /// The graph, in float32 (`dtype` FLOAT) or float16 (FLOAT16; inputs and outputs then float16 too).
-pub fn graph(ck: &Checkpoint, cfg: &TaesdConfig, dtype: DataType) -> Result<ModelProto> {
+pub fn graph(cfg: &TaesdConfig, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
     let mut o = Ops::new("taesd", 18, dtype);
     let t = |n: String| ck.get(&format!("{}{n}", cfg.prefix));
     let (inp, out, in_c, out_c) = match cfg.kind {
@@ -253,10 +253,10 @@ pub fn graph(ck: &Checkpoint, cfg: &TaesdConfig, dtype: DataType) -> Result<Mode
 
 /// Exports the encoder or decoder of `checkpoint` to `out_dir/taesd_{encoder,decoder}.onnx` (float32 I/O).
 /// Returns the .onnx path.
-pub fn export(checkpoint: &Path, kind: TaeKind, out_dir: &Path) -> Result<PathBuf> {
+pub fn export_file(checkpoint: &Path, kind: TaeKind, out_dir: &Path) -> Result<PathBuf> {
     let ck = Checkpoint::open(checkpoint)?;
     let cfg = TaesdConfig::from_checkpoint(&ck, kind)?;
-    let m = graph(&ck, &cfg, DataType::FLOAT)?;
+    let m = graph(&cfg, &ck, DataType::FLOAT)?;
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
     let out = out_dir.join(match kind {

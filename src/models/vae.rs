@@ -454,8 +454,8 @@ pub enum VaePart {
 /// The decoder or encoder graph; `dtype` is the compute type (FLOAT, FLOAT16 or BFLOAT16; Flux's VAE overflows
 /// in float16 at large sizes: prefer bf16 or f32). Inputs and outputs are float32.
 pub fn graph(
-    ck: &Checkpoint,
     cfg: &VaeConfig,
+    ck: &Checkpoint,
     part: VaePart,
     dtype: DataType,
 ) -> Result<ModelProto> {
@@ -527,16 +527,20 @@ pub fn graph(
 
 /// Exports the VAE decoder and encoder of `checkpoint` (a file or a diffusers `vae/` folder) to
 /// `out_dir/vae_decoder.onnx` and `out_dir/vae_encoder.onnx` in `dtype`. Returns (decoder, encoder) paths.
-pub fn export(checkpoint: &Path, dtype: DataType, out_dir: &Path) -> Result<(PathBuf, PathBuf)> {
+pub fn export_file(
+    checkpoint: &Path,
+    dtype: DataType,
+    out_dir: &Path,
+) -> Result<(PathBuf, PathBuf)> {
     let ck = Checkpoint::open(checkpoint)?;
     let cfg = VaeConfig::from_checkpoint(&ck)?;
-    export_with(&ck, &cfg, dtype, out_dir)
+    export(&cfg, &ck, dtype, out_dir)
 }
 
-/// [`export`] with a given config.
-pub fn export_with(
-    ck: &Checkpoint,
+/// The decoder and encoder graphs of a config and checkpoint, saved in `out_dir`.
+pub fn export(
     cfg: &VaeConfig,
+    ck: &Checkpoint,
     dtype: DataType,
     out_dir: &Path,
 ) -> Result<(PathBuf, PathBuf)> {
@@ -545,12 +549,12 @@ pub fn export_with(
     let dec = out_dir.join("vae_decoder.onnx");
     let enc = out_dir.join("vae_encoder.onnx");
     save(
-        graph(ck, cfg, VaePart::Decoder, dtype)?,
+        graph(cfg, ck, VaePart::Decoder, dtype)?,
         &dec,
         &SaveOptions::default(),
     )?;
     save(
-        graph(ck, cfg, VaePart::Encoder, dtype)?,
+        graph(cfg, ck, VaePart::Encoder, dtype)?,
         &enc,
         &SaveOptions::default(),
     )?;

@@ -299,22 +299,18 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
     let opts = SaveOptions::default();
     let ck = Checkpoint::open(&p.files.clip)?;
     // CLIP-L is fine in f16/bf16; T5 never in f16.
-    save(
-        clip::clip_text_graph(&p.clip, &ck, text)?,
-        &paths.clip,
-        &opts,
-    )?;
+    save(clip::graph(&p.clip, &ck, text)?, &paths.clip, &opts)?;
     let ck = Checkpoint::open(&p.files.t5)?;
     let t5_dt = if text == DataType::FLOAT16 {
         DataType::BFLOAT16
     } else {
         text
     };
-    t5::export_t5_encoder(&p.t5, &ck, t5_dt, &paths.t5)?;
+    t5::export(&p.t5, &ck, t5_dt, &paths.t5)?;
     let ck = Checkpoint::open(&p.files.vae)?;
-    let dec = vae::graph(&ck, &p.vae, vae::VaePart::Decoder, vae_dt)?;
+    let dec = vae::graph(&p.vae, &ck, vae::VaePart::Decoder, vae_dt)?;
     save(dec, &paths.vae_decoder, &opts)?;
-    let enc = vae::graph(&ck, &p.vae, vae::VaePart::Encoder, vae_dt)?;
+    let enc = vae::graph(&p.vae, &ck, vae::VaePart::Encoder, vae_dt)?;
     save(enc, &paths.vae_encoder, &opts)?;
     Ok(())
 }
@@ -322,7 +318,7 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
 /// The transformer graph, streamed to `out`.
 pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> Result<()> {
     let ck = Checkpoint::open(&p.files.transformer)?;
-    fluxm::export_with(&ck, &p.transformer, opts, out)?;
+    fluxm::export(&p.transformer, &ck, opts, out)?;
     Ok(())
 }
 
@@ -643,7 +639,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         let cfg = taesd::TaesdConfig::from_checkpoint(&ck, taesd::TaeKind::Decoder)?;
         let out = sibling(&o.base.out, ".tae_decoder.onnx");
         save(
-            taesd::graph(&ck, &cfg, DataType::FLOAT)?,
+            taesd::graph(&cfg, &ck, DataType::FLOAT)?,
             &out,
             &SaveOptions::default(),
         )?;

@@ -36,14 +36,14 @@
 //! let (cfg, _, _) = FluxConfig::from_checkpoint(&ck)?;
 //! // 1. An f32 graph with one `amax.<layer>` output per GEMM input.
 //! let calib = ExportOptions { calibration: true, ..Default::default() };
-//! let onnx = export_with(&ck, &cfg, &calib, &dir.join("calib.onnx"))?.onnx;
+//! let onnx = export(&cfg, &ck, &calib, &dir.join("calib.onnx"))?.onnx;
 //! // 2. Run it (any backend) at the sampler's steps over the calibration prompts; fold the maxima.
 //! let mut amax = HashMap::new();
 //! for outputs in runs { merge_amax(&mut amax, &outputs[1..]); }
 //! // 3. The FP8 graph with static scales (bf16 outside the GEMMs).
 //! let fp8 = ExportOptions { precision: FluxPrecision::Fp8, amax, quantized_compute: DataType::BFLOAT16,
 //!                           ..Default::default() };
-//! export_with(&ck, &cfg, &fp8, &dir.join("transformer.onnx"))?;
+//! export(&cfg, &ck, &fp8, &dir.join("transformer.onnx"))?;
 //! ```
 //!
 //! Files: `config.rs` (architecture and layout read off a checkpoint), `emit.rs` (the graph), this file (options,
@@ -196,7 +196,7 @@ pub struct ExportReport {
 }
 
 /// The transformer graph in memory (weights inline): for tests and small models.
-pub fn graph(ck: &Checkpoint, cfg: &FluxConfig, opts: &ExportOptions) -> Result<ModelProto> {
+pub fn graph(cfg: &FluxConfig, ck: &Checkpoint, opts: &ExportOptions) -> Result<ModelProto> {
     let (layout, prefix) = detect_layout(ck)?;
     Ok(emit(ck, cfg, layout, &prefix, opts, None)?.0)
 }
@@ -204,9 +204,9 @@ pub fn graph(ck: &Checkpoint, cfg: &FluxConfig, opts: &ExportOptions) -> Result<
 /// Exports the transformer of checkpoint `ck` (either layout) with `cfg` to `out` (an .onnx path; weights stream
 /// to `<out>.data` beside it, both written under temporary names and renamed when complete). Peak memory stays
 /// around the largest single tensor (in f32, when it is quantized), whatever the model size.
-pub fn export_with(
-    ck: &Checkpoint,
+pub fn export(
     cfg: &FluxConfig,
+    ck: &Checkpoint,
     opts: &ExportOptions,
     out: &Path,
 ) -> Result<ExportReport> {
@@ -243,13 +243,13 @@ pub fn export_with(
 
 /// Opens `checkpoint` (a file or a folder of shards), reads its config off the weights
 /// ([`FluxConfig::from_checkpoint`]) and exports to `out_dir/transformer.onnx`. Returns the .onnx path.
-pub fn export(checkpoint: &Path, opts: &ExportOptions, out_dir: &Path) -> Result<PathBuf> {
+pub fn export_file(checkpoint: &Path, opts: &ExportOptions, out_dir: &Path) -> Result<PathBuf> {
     let ck = Checkpoint::open(checkpoint)?;
     let (cfg, _, _) = FluxConfig::from_checkpoint(&ck)?;
     std::fs::create_dir_all(out_dir)
         .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
     let out = out_dir.join("transformer.onnx");
-    export_with(&ck, &cfg, opts, &out)?;
+    export(&cfg, &ck, opts, &out)?;
     Ok(out)
 }
 
