@@ -107,81 +107,42 @@ impl ServeOptions {
     }
 }
 
-/// `/v1/generate`'s body; unknown fields are rejected so typos do not pass silently.
+/// `/v1/generate`'s body: the prompt, `stream`, `model` (accepted and echoed), and the sampling fields exactly as
+/// `generate` takes them (`SamplingParams`: same names, same defaults). Unknown fields are rejected so typos do not
+/// pass silently.
 #[derive(Deserialize, Debug)]
-#[serde(deny_unknown_fields)]
 pub struct GenerateRequest {
     pub prompt: String,
-    #[serde(default = "default_max_tokens")]
-    pub max_tokens: usize,
-    #[serde(default)]
-    pub temperature: f32,
-    #[serde(default)]
-    pub top_k: usize,
-    #[serde(default = "one")]
-    pub top_p: f32,
-    #[serde(default)]
-    pub seed: u64,
     #[serde(default)]
     pub stream: bool,
     #[serde(default)]
-    pub min_p: f32,
-    #[serde(default = "one", alias = "repeat_penalty")]
-    pub repetition_penalty: f32,
-    #[serde(default)]
-    pub presence_penalty: f32,
-    #[serde(default)]
-    pub frequency_penalty: f32,
-    /// A string or a list of strings (as OpenAI's API takes it).
-    #[serde(default)]
-    pub stop: Option<StopField>,
-    /// Accepted and echoed.
-    #[serde(default)]
     pub model: Option<String>,
-}
-
-#[derive(Deserialize, Debug, Clone)]
-#[serde(untagged)]
-pub enum StopField {
-    One(String),
-    Many(Vec<String>),
-}
-
-fn default_max_tokens() -> usize {
-    64
-}
-fn one() -> f32 {
-    1.0
+    #[serde(flatten)]
+    pub params: SamplingParams,
+    /// Whatever else the body holds (refused).
+    #[serde(flatten)]
+    unknown: std::collections::BTreeMap<String, serde_json::Value>,
 }
 
 impl GenerateRequest {
-    fn into_parsed(self) -> Parsed {
-        Parsed {
+    fn into_parsed(self) -> Result<Parsed, String> {
+        if let Some(k) = self.unknown.keys().next() {
+            return Err(format!(
+                "unknown field `{k}`; /v1/generate takes prompt, stream, model, max_tokens, temperature, top_k, \
+                 top_p, seed, min_p, repetition_penalty (repeat_penalty), presence_penalty, frequency_penalty, stop"
+            ));
+        }
+        Ok(Parsed {
             prompts: vec![PromptInput::Text(self.prompt)],
             n: 1,
-            params: SamplingParams {
-                temperature: self.temperature,
-                top_k: self.top_k,
-                top_p: self.top_p,
-                seed: self.seed,
-                max_tokens: self.max_tokens,
-                min_p: self.min_p,
-                repetition_penalty: self.repetition_penalty,
-                presence_penalty: self.presence_penalty,
-                frequency_penalty: self.frequency_penalty,
-                stop: match self.stop {
-                    None => Vec::new(),
-                    Some(StopField::One(s)) => vec![s],
-                    Some(StopField::Many(v)) => v,
-                },
-            },
-            max_tokens: Some(self.max_tokens),
+            max_tokens: Some(self.params.max_tokens),
+            params: self.params,
             logprobs: None,
             stream: self.stream,
             include_usage: false,
             model: self.model,
             json_schema: None,
-        }
+        })
     }
 }
 
@@ -657,7 +618,13 @@ async fn generate(
 ) -> Response {
     state.metrics.requests.fetch_add(1, Ordering::Relaxed);
     match body {
-        Ok(Json(r)) => submit(state, r.into_parsed(), Api::Native).await,
+        Ok(Json(r)) => match r.into_parsed() {
+            Ok(p) => submit(state, p, Api::Native).await,
+            Err(m) => {
+                state.metrics.errors.fetch_add(1, Ordering::Relaxed);
+                error(StatusCode::BAD_REQUEST, "invalid_request_error", m)
+            }
+        },
         Err(e) => {
             state.metrics.errors.fetch_add(1, Ordering::Relaxed);
             let status = if e.status() == StatusCode::PAYLOAD_TOO_LARGE {
