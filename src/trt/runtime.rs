@@ -669,6 +669,34 @@ impl TrtEngine {
     }
 
     /// A reusable device buffer (and pinned staging) for tensor `name` of context `ctx`, at least `bytes` long.
+    /// Copies a host input into the engine's own buffer for it (through pinned staging) and binds that buffer.
+    fn upload_input(&mut self, ctx: usize, name: &str, t: &HostTensor) -> Result<()> {
+        let ptr = self.binding(ctx, name, t.data.len())?;
+        self.bind(ctx, name, ptr)?;
+        let ctx = self.context(ctx)?;
+        let b = self.contexts[ctx]
+            .bindings
+            .get_mut(name)
+            .context("a binding just made is missing")?;
+        b.host.as_mut_slice().context("pinned staging")?[..t.data.len()].copy_from_slice(&t.data);
+        let (host, dev) = (&b.host, &mut b.buf);
+        self.stream
+            .memcpy_htod(host, dev)
+            .context("copying an input to the GPU failed")
+    }
+
+    /// Binds the engine's own buffer for output `d` at its current shape: (shape, bytes).
+    fn bind_own_output(&mut self, ctx: usize, d: &TensorDesc) -> Result<(Vec<usize>, usize)> {
+        let shape = self.tensor_shape(ctx, &d.name)?;
+        let bytes = d
+            .dtype
+            .storage_bytes(shape.iter().product::<usize>() as u64)
+            .unwrap_or(0) as usize;
+        let ptr = self.binding(ctx, &d.name, bytes)?;
+        self.bind(ctx, &d.name, ptr)?;
+        Ok((shape, bytes))
+    }
+
     fn binding(&mut self, ctx: usize, name: &str, bytes: usize) -> Result<u64> {
         let need = bytes.max(1);
         let fits = self.contexts[ctx]
@@ -736,28 +764,14 @@ impl Engine for TrtEngine {
             self.bind(CTX, name, t.ptr)?;
         }
         for (name, t) in host_inputs {
-            let ptr = self.binding(CTX, name, t.data.len())?;
-            self.bind(CTX, name, ptr)?;
-            let b = self.contexts[CTX].bindings.get_mut(name).unwrap();
-            b.host.as_mut_slice().context("pinned staging")?[..t.data.len()]
-                .copy_from_slice(&t.data);
-            let (host, dev) = (&b.host, &mut b.buf);
-            self.stream
-                .memcpy_htod(host, dev)
-                .context("copying an input to the GPU failed")?;
+            self.upload_input(CTX, name, t)?;
         }
         for d in self.outputs.clone() {
             if device_outputs.iter().any(|(n, _)| *n == d.name) {
                 continue;
             }
             // Outputs nobody reads still need a place.
-            let shape = self.tensor_shape(CTX, &d.name)?;
-            let bytes = d
-                .dtype
-                .storage_bytes(shape.iter().product::<usize>() as u64)
-                .unwrap_or(0) as usize;
-            let ptr = self.binding(CTX, &d.name, bytes)?;
-            self.bind(CTX, &d.name, ptr)?;
+            self.bind_own_output(CTX, &d)?;
         }
         self.enqueue(CTX, key)?;
         self.synchronize()
@@ -778,25 +792,11 @@ impl Engine for TrtEngine {
         self.set_shapes(CTX, &shapes)?;
         let key: Vec<Vec<usize>> = inputs.iter().map(|(_, t)| t.shape.clone()).collect();
         for (name, t) in inputs {
-            let ptr = self.binding(CTX, name, t.data.len())?;
-            self.bind(CTX, name, ptr)?;
-            let b = self.contexts[CTX].bindings.get_mut(name).unwrap();
-            b.host.as_mut_slice().context("pinned staging")?[..t.data.len()]
-                .copy_from_slice(&t.data);
-            let (host, dev) = (&b.host, &mut b.buf);
-            self.stream
-                .memcpy_htod(host, dev)
-                .context("copying an input to the GPU failed")?;
+            self.upload_input(CTX, name, t)?;
         }
         let mut outs = Vec::new();
         for d in self.outputs.clone() {
-            let shape = self.tensor_shape(CTX, &d.name)?;
-            let bytes = d
-                .dtype
-                .storage_bytes(shape.iter().product::<usize>() as u64)
-                .unwrap_or(0) as usize;
-            let ptr = self.binding(CTX, &d.name, bytes)?;
-            self.bind(CTX, &d.name, ptr)?;
+            let (shape, bytes) = self.bind_own_output(CTX, &d)?;
             outs.push((d, shape, bytes));
         }
         self.enqueue(CTX, key)?;
