@@ -1,0 +1,157 @@
+//! `--engine X` is opened once into an `EngineFile`: the files its manifest names stay inside the engine's folder,
+//! the plan and the source ONNX must be the ones the manifest records, and `--backend` choices that cannot run
+//! here are refused with the reason. A real plan (TensorRT-RTX's builder) whose manifest and files are then
+//! tampered with, as a hostile or damaged download would be.
+mod common;
+use common::*;
+use std::path::Path;
+use trt_diff::backend::{DeviceTensor, Engine, HostTensor};
+use trt_diff::models::mlp::MlpConfig;
+use trt_diff::onnx::Dim;
+
+fn input(shape: &[usize]) -> Vec<f32> {
+    (0..shape.iter().product::<usize>())
+        .map(|i| ((i * 37 % 23) as f32 - 11.0) / 7.0)
+        .collect()
+}
+
+/// A plan, its manifest and its source ONNX in `dir`, and an input for it.
+fn plan_in(dir: &Path) -> (std::path::PathBuf, String) {
+    let cfg = MlpConfig {
+        batch: Dim::Sym("batch".into()),
+        ..Default::default()
+    };
+    let onnx = write_model(dir, "m.onnx", &cfg);
+    let plan = dir.join("m.plan");
+    run(
+        &[
+            "build",
+            s(&onnx),
+            "--out",
+            s(&plan),
+            "--shapes",
+            "x=1x64:2x64:8x64",
+            "--no-progress",
+        ],
+        true,
+    );
+    let x = dir.join("x.npy");
+    trt_diff::backend::npy::write(&x, &HostTensor::from_f32(&[2, 64], &input(&[2, 64]))).unwrap();
+    (plan, format!("x={}", s(&x)))
+}
+
+fn run_cpu(plan: &Path, arg: &str, extra: &[&str], ok: bool) -> Run {
+    let mut args = vec![
+        "run",
+        "--engine",
+        s(plan),
+        "--input",
+        arg,
+        "--backend",
+        "cpu",
+    ];
+    args.extend_from_slice(extra);
+    run(&args, ok)
+}
+
+fn edit_manifest(plan: &Path, f: impl FnOnce(&mut serde_json::Value)) {
+    let path = trt_diff::manifest::sidecar_path(plan);
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    f(&mut m);
+    std::fs::write(&path, serde_json::to_string(&m).unwrap()).unwrap();
+}
+
+#[test]
+fn manifest_paths_stay_in_the_engine_folder() {
+    let d = tempfile::tempdir().unwrap();
+    let (plan, arg) = plan_in(d.path());
+    // The manifest names its source by a name relative to the plan's folder.
+    let m = trt_diff::manifest::EngineFile::open(&plan).unwrap();
+    assert_eq!(m.manifest.as_ref().unwrap().source.onnx, "m.onnx");
+    run_cpu(&plan, &arg, &[], true);
+    for hostile in ["/etc/passwd", "../m.onnx", "sub/../../m.onnx"] {
+        edit_manifest(&plan, |m| m["source"]["onnx"] = hostile.into());
+        let r = run_cpu(&plan, &arg, &[], false);
+        assert!(
+            r.stderr.contains("outside the engine's folder") && r.stderr.contains(hostile),
+            "{hostile}: {}",
+            r.stderr
+        );
+        assert_eq!(r.code, 1, "a user error");
+    }
+    // A link inside the folder that leads out is refused too, unless the user trusts the manifest.
+    let outside = tempfile::tempdir().unwrap();
+    let moved = outside.path().join("m.onnx");
+    std::fs::rename(d.path().join("m.onnx"), &moved).unwrap();
+    std::os::unix::fs::symlink(&moved, d.path().join("link.onnx")).unwrap();
+    edit_manifest(&plan, |m| m["source"]["onnx"] = "link.onnx".into());
+    let r = run_cpu(&plan, &arg, &[], false);
+    assert!(r.stderr.contains("is a link to"), "{}", r.stderr);
+    run_cpu(&plan, &arg, &["--allow-external-paths"], true);
+}
+
+#[test]
+fn changed_sources_and_damaged_plans_are_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let (plan, arg) = plan_in(d.path());
+    // The source ONNX was replaced after the build.
+    let onnx = d.path().join("m.onnx");
+    let original = std::fs::read(&onnx).unwrap();
+    let mut changed = original.clone();
+    changed.push(0);
+    std::fs::write(&onnx, &changed).unwrap();
+    let r = run_cpu(&plan, &arg, &[], false);
+    assert!(r.stderr.contains("changed after the build"), "{}", r.stderr);
+    std::fs::write(&onnx, &original).unwrap();
+    run_cpu(&plan, &arg, &[], true);
+    // A truncated or emptied plan is refused before anything runs, on any backend.
+    let bytes = std::fs::read(&plan).unwrap();
+    std::fs::write(&plan, &bytes[..bytes.len() / 2]).unwrap();
+    let r = run_cpu(&plan, &arg, &[], false);
+    assert!(
+        r.stderr.contains("truncated") || r.stderr.contains("not a TensorRT plan"),
+        "{}",
+        r.stderr
+    );
+    std::fs::write(&plan, b"").unwrap();
+    let r = run_cpu(&plan, &arg, &[], false);
+    assert!(r.stderr.contains("not a TensorRT plan"), "{}", r.stderr);
+}
+
+#[test]
+fn gpu_backends_that_cannot_run_here_say_why() {
+    if trt_diff::cuda::query().is_ok_and(|r| !r.gpus.is_empty()) {
+        return; // with a GPU, `--backend cuda` may well run
+    }
+    let d = tempfile::tempdir().unwrap();
+    let (plan, arg) = plan_in(d.path());
+    let r = run(
+        &[
+            "run",
+            "--engine",
+            s(&plan),
+            "--input",
+            &arg,
+            "--backend",
+            "cuda",
+        ],
+        false,
+    );
+    assert!(
+        r.stderr.contains("--backend cuda cannot run here") && r.stderr.contains("driver"),
+        "{}",
+        r.stderr
+    );
+    // The CPU engine has no device path: a clear error, not a crash.
+    let onnx = d.path().join("m.onnx");
+    let mut e =
+        trt_diff::backend::ort_backend::OrtEngine::open(&onnx, &Default::default()).unwrap();
+    let t = DeviceTensor {
+        ptr: 0,
+        dtype: trt_diff::onnx::DataType::FLOAT,
+        shape: vec![2, 64],
+    };
+    let err = e.run_device(&[("x", t)], &[], &[]).unwrap_err().to_string();
+    assert!(err.contains("--backend cuda"), "{err}");
+}
