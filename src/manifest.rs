@@ -45,6 +45,20 @@ pub struct ShapeRange {
     pub max: Vec<i64>,
 }
 
+impl std::fmt::Display for ShapeRange {
+    /// `MIN:OPT:MAX`, dimensions joined by `x` (as `--shapes` takes them).
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let join = |d: &[i64]| d.iter().map(i64::to_string).collect::<Vec<_>>().join("x");
+        write!(
+            f,
+            "{}:{}:{}",
+            join(&self.min),
+            join(&self.opt),
+            join(&self.max)
+        )
+    }
+}
+
 /// What `generate` needs beyond the plan, with files named relative to the manifest. Family-specific settings
 /// (`config`) are JSON that the family's own module reads; the schema does not know the families.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
@@ -146,6 +160,21 @@ pub struct ExternalFile {
     pub file: String,
     pub bytes: u64,
     pub xxh3_128: String,
+}
+
+impl IoTensor {
+    /// One line for listings: mode, name, dtype, shape and the profile when there is one.
+    pub fn describe(&self) -> String {
+        let profile = self
+            .profile
+            .as_ref()
+            .map(|p| format!("  profile {p}"))
+            .unwrap_or_default();
+        format!(
+            "  {:<6} {:<24} {:<12} {:?}{profile}",
+            self.mode, self.name, self.dtype, self.shape
+        )
+    }
 }
 
 impl TensorRtInfo {

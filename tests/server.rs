@@ -5,41 +5,14 @@ use common::http::{http, start};
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::Duration;
-
-fn data(rel: &str) -> PathBuf {
-    let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
-    base.join(rel)
-}
 
 fn metric(addr: &str, name: &str) -> u64 {
     let (_, body) = http(addr, "GET", "/metrics", "");
     body.lines()
         .find_map(|l| l.strip_prefix(&format!("{name} "))?.trim().parse().ok())
         .unwrap_or(0)
-}
-
-fn build_stories(dir: &std::path::Path) -> PathBuf {
-    let plan = dir.join("stories.plan");
-    run(
-        &[
-            "build",
-            data("llm/stories260K.bin").to_str().unwrap(),
-            "--arch",
-            "llama2c",
-            "--tokenizer",
-            data("llm/tok512.bin").to_str().unwrap(),
-            "--out",
-            plan.to_str().unwrap(),
-            "--no-progress",
-        ],
-        true,
-    );
-    plan
 }
 
 #[test]

@@ -6,35 +6,8 @@ use common::http::{http, start_with};
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-
-fn data(rel: &str) -> PathBuf {
-    let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
-    base.join(rel)
-}
-
-fn build_stories(dir: &std::path::Path) -> PathBuf {
-    let plan = dir.join("stories.plan");
-    run(
-        &[
-            "build",
-            s(&data("llm/stories260K.bin")),
-            "--arch",
-            "llama2c",
-            "--tokenizer",
-            s(&data("llm/tok512.bin")),
-            "--out",
-            s(&plan),
-            "--no-progress",
-        ],
-        true,
-    );
-    plan
-}
 
 /// Reads until the server closes the connection (or `limit` passes); returns what came and how long it took.
 fn read_until_closed(s: &mut TcpStream, limit: Duration) -> (String, Duration) {

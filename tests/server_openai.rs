@@ -7,34 +7,7 @@ use common::http::{http, start_with};
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::path::PathBuf;
 use std::time::Duration;
-
-fn data(rel: &str) -> PathBuf {
-    let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
-    base.join(rel)
-}
-
-fn build_stories(dir: &std::path::Path) -> PathBuf {
-    let plan = dir.join("stories.plan");
-    run(
-        &[
-            "build",
-            s(&data("llm/stories260K.bin")),
-            "--arch",
-            "llama2c",
-            "--tokenizer",
-            s(&data("llm/tok512.bin")),
-            "--out",
-            s(&plan),
-            "--no-progress",
-        ],
-        true,
-    );
-    plan
-}
 
 /// A request with extra headers; returns (status, head, body) with the body as sent (chunked framing kept).
 fn raw(addr: &str, method: &str, path: &str, headers: &str, body: &str) -> (u16, String, String) {

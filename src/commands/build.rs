@@ -4,7 +4,7 @@ use crate::cli::BuildArgs;
 use crate::fsutil::human_bytes;
 use crate::pipelines::{Arch, Family};
 use crate::trt::BuildOptions;
-use crate::trt::shapes::{join, parse_shapes};
+use crate::trt::shapes::parse_shapes;
 use anyhow::{Result, bail};
 
 impl From<&BuildArgs> for BuildOptions {
@@ -70,22 +70,7 @@ pub fn run(a: BuildArgs) -> Result<()> {
         o.timings.trt_build
     );
     for t in &m.io {
-        let profile = t
-            .profile
-            .as_ref()
-            .map(|p| {
-                format!(
-                    "  profile {}:{}:{}",
-                    join(&p.min),
-                    join(&p.opt),
-                    join(&p.max)
-                )
-            })
-            .unwrap_or_default();
-        println!(
-            "  {:<6} {:<24} {:<12} {:?}{profile}",
-            t.mode, t.name, t.dtype, t.shape
-        );
+        println!("{}", t.describe());
     }
     println!("manifest {}", o.manifest_path.display());
     Ok(())

@@ -3,7 +3,6 @@ use crate::fsutil::human_bytes;
 use crate::manifest::{check_plan, looks_like_plan};
 use crate::onnx::OnnxFile;
 use crate::onnx::summary::OnnxSummary;
-use crate::trt::shapes::join;
 use anyhow::{Result, bail};
 use std::io::Read;
 use std::path::Path;
@@ -123,25 +122,7 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
                 crate::outln!("              + {} ({})", e.file, human_bytes(e.bytes));
             }
             for t in &m.io {
-                let p = t
-                    .profile
-                    .as_ref()
-                    .map(|p| {
-                        format!(
-                            "  profile {}:{}:{}",
-                            join(&p.min),
-                            join(&p.opt),
-                            join(&p.max)
-                        )
-                    })
-                    .unwrap_or_default();
-                crate::outln!(
-                    "  {:<6} {:<24} {:<12} {:?}{p}",
-                    t.mode,
-                    t.name,
-                    t.dtype,
-                    t.shape
-                );
+                crate::outln!("{}", t.describe());
             }
         }
     }

@@ -147,24 +147,13 @@ pub fn resolve_profiles(
                 r.max.push(c);
             }
             tracing::warn!(
-                "input '{name}' ({}) is dynamic and has no --shapes: using {}={}:{}:{}",
+                "input '{name}' ({}) is dynamic and has no --shapes: using {name}={r}",
                 show(dims),
-                name,
-                join(&r.min),
-                join(&r.opt),
-                join(&r.max)
             );
             out.push(r);
         }
     }
     Ok(out)
-}
-
-pub fn join(d: &[i64]) -> String {
-    d.iter()
-        .map(|v| v.to_string())
-        .collect::<Vec<_>>()
-        .join("x")
 }
 
 fn show(dims: &[Dim]) -> String {

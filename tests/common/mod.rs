@@ -53,6 +53,34 @@ pub fn write_model(dir: &Path, name: &str, cfg: &MlpConfig) -> PathBuf {
     path
 }
 
+/// A file of the shared data (`../shared/data` beside the checkout, or `TRT_DIFF_SHARED_DATA`).
+pub fn shared_data(rel: &str) -> PathBuf {
+    std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")))
+        .join(rel)
+}
+
+/// stories260K (llama2.c) built into `dir/stories.plan`.
+pub fn build_stories(dir: &Path) -> PathBuf {
+    let plan = dir.join("stories.plan");
+    run(
+        &[
+            "build",
+            s(&shared_data("llm/stories260K.bin")),
+            "--arch",
+            "llama2c",
+            "--tokenizer",
+            s(&shared_data("llm/tok512.bin")),
+            "--out",
+            s(&plan),
+            "--no-progress",
+        ],
+        true,
+    );
+    plan
+}
+
 pub fn s(p: &Path) -> &str {
     p.to_str().unwrap()
 }
