@@ -333,4 +333,8 @@ pub struct BuildArgs {
     /// Let the ONNX model's external data name files outside its folder (only for models you trust).
     #[arg(long)]
     pub allow_external_paths: bool,
+    /// Write the ONNX graphs and the manifest (`OUT.json`) but no TensorRT plan: for GPUs without a TensorRT
+    /// build (ONNX Runtime CUDA runs it, `--backend cuda`) or CPU-only use. No TensorRT library is needed.
+    #[arg(long)]
+    pub onnx_only: bool,
 }

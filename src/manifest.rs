@@ -16,10 +16,15 @@ pub struct Manifest {
     pub format: String,
     pub created: String,
     pub created_by: String,
-    pub plan: PlanInfo,
-    pub tensorrt: TensorRtInfo,
+    /// The TensorRT plan, its library and build settings; absent in an ONNX-only bundle (`build --onnx-only`),
+    /// which ONNX Runtime runs (CUDA or CPU) on machines without TensorRT.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub plan: Option<PlanInfo>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tensorrt: Option<TensorRtInfo>,
     pub io: Vec<IoTensor>,
-    pub builder: BuilderInfo,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builder: Option<BuilderInfo>,
     pub source: SourceInfo,
     /// Set when the plan is a whole pipeline's engine (e.g. an LLM decoder with its tokenizer).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -191,6 +196,27 @@ pub fn sidecar_path(plan: &Path) -> PathBuf {
 }
 
 impl Manifest {
+    /// What built the engine, for one-line summaries: "a 4.8 MB plan, TensorRT-RTX 1.7.0" or "ONNX only".
+    pub fn engine_summary(&self) -> String {
+        match (&self.plan, &self.tensorrt) {
+            (Some(p), Some(t)) => format!(
+                "a {} plan, {} {}",
+                crate::fsutil::human_bytes(p.bytes),
+                t.flavor_display(),
+                t.version
+            ),
+            _ => "ONNX only, no TensorRT plan: runs with --backend cuda or cpu".into(),
+        }
+    }
+
+    /// The TensorRT library that built the plan (every plan's manifest has one).
+    pub fn trt(&self) -> Result<&TensorRtInfo> {
+        self.tensorrt.as_ref().context(
+            "the manifest describes an ONNX-only bundle (no TensorRT plan); run it with --backend cuda or cpu, or \
+             build a plan with `trt-diff build` without --onnx-only",
+        )
+    }
+
     pub fn to_json(&self) -> String {
         serde_json::to_string_pretty(self).expect("manifest serializes")
     }
@@ -242,8 +268,19 @@ pub fn check_plan(path: &Path) -> Result<PlanReport> {
     })
 }
 
-/// An engine file as `--engine` names it, opened once: a `.plan` with its manifest (when present), or an `.onnx`
-/// file. Every file the manifest names is resolved through [`EngineFile::file`], which keeps it inside the
+/// What `--engine` named.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineKind {
+    /// A TensorRT plan, with its manifest beside it when trt-diff built it.
+    Plan,
+    /// An ONNX file on its own.
+    Onnx,
+    /// A manifest without a plan (`build --onnx-only`): its graphs run on ONNX Runtime.
+    OnnxBundle,
+}
+
+/// An engine file as `--engine` names it, opened once: a `.plan` with its manifest (when present), an `.onnx`
+/// file, or the manifest of an ONNX-only bundle (`NAME.plan.json`, or `NAME.plan` when only the manifest exists). Every file the manifest names is resolved through [`EngineFile::file`], which keeps it inside the
 /// engine's folder.
 #[derive(Clone, Debug)]
 pub struct EngineFile {
@@ -251,27 +288,22 @@ pub struct EngineFile {
     /// The folder every relative name of the manifest is resolved in.
     pub dir: PathBuf,
     pub manifest: Option<Manifest>,
-    /// Size of the plan file (0 for an .onnx file).
+    pub kind: EngineKind,
+    /// Size of the plan file (0 for the other kinds).
     pub plan_bytes: u64,
     /// Files outside `dir` are allowed (`--allow-external-paths`).
     pub allow_external: bool,
 }
 
 impl EngineFile {
-    /// Opens `path` (.plan or .onnx): checks that it exists, a plan's header and recorded size, and reads the
-    /// manifest beside a plan. The plan's checksum is verified only when TensorRT loads it
+    /// Opens `path` (.plan, .onnx or an ONNX-only bundle's manifest): checks that it exists, a plan's header and
+    /// recorded size, and reads the manifest beside a plan. The plan's checksum is verified only when TensorRT loads it
     /// ([`EngineFile::verify_plan_checksum`]).
     pub fn open(path: &Path) -> Result<Self> {
         Self::open_with(path, false)
     }
 
     pub fn open_with(path: &Path, allow_external: bool) -> Result<Self> {
-        let meta = std::fs::metadata(path).with_context(|| {
-            format!(
-                "cannot open engine '{}': no such file; check the path (build one with `trt-diff build`)",
-                path.display()
-            )
-        })?;
         let dir = path
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
@@ -281,10 +313,41 @@ impl EngineFile {
             path: path.to_path_buf(),
             dir,
             manifest: None,
+            kind: EngineKind::Plan,
             plan_bytes: 0,
             allow_external,
         };
-        if !engine.is_plan() {
+        let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("");
+        let sidecar = sidecar_path(path);
+        if ext == "json" || (!path.exists() && sidecar.exists()) {
+            let manifest_path = if ext == "json" { path } else { &sidecar };
+            let m = Manifest::read(manifest_path)?;
+            match &m.plan {
+                // A plan's manifest named directly: open the plan it describes.
+                Some(p) if ext == "json" => {
+                    let plan = engine.file(&p.file, "the plan")?;
+                    return Self::open_with(&plan, allow_external);
+                }
+                Some(_) => bail!(
+                    "cannot open engine '{}': no such file, although its manifest '{}' is there; the plan was                      deleted or moved: rebuild it with `trt-diff build`",
+                    path.display(),
+                    sidecar.display()
+                ),
+                None => {
+                    engine.kind = EngineKind::OnnxBundle;
+                    engine.manifest = Some(m);
+                    return Ok(engine);
+                }
+            }
+        }
+        let meta = std::fs::metadata(path).with_context(|| {
+            format!(
+                "cannot open engine '{}': no such file; check the path (build one with `trt-diff build`)",
+                path.display()
+            )
+        })?;
+        if ext == "onnx" {
+            engine.kind = EngineKind::Onnx;
             return Ok(engine);
         }
         let bytes = meta.len();
@@ -309,15 +372,23 @@ impl EngineFile {
                 path.display()
             );
         }
-        let sidecar = sidecar_path(path);
         if sidecar.exists() {
             let m = Manifest::read(&sidecar)?;
-            if m.plan.bytes != bytes {
+            let (Some(recorded), Some(_), Some(_)) =
+                (m.plan.as_ref().map(|p| p.bytes), &m.tensorrt, &m.builder)
+            else {
                 bail!(
-                    "'{}' is {bytes} bytes but its manifest records {}: the plan is truncated or was replaced; \
-                     rebuild it",
+                    "'{}' does not describe a plan (an ONNX-only bundle's manifest, or an incomplete one), but the \
+                     plan '{}' sits beside it: the files are mixed up; rebuild with `trt-diff build`",
+                    sidecar.display(),
+                    path.display()
+                );
+            };
+            if recorded != bytes {
+                bail!(
+                    "'{}' is {bytes} bytes but its manifest records {recorded}: the plan is truncated or was \
+                     replaced; rebuild it",
                     path.display(),
-                    m.plan.bytes
                 );
             }
             engine.manifest = Some(m);
@@ -326,9 +397,9 @@ impl EngineFile {
         Ok(engine)
     }
 
-    /// A `.plan` (anything but `.onnx`).
+    /// A TensorRT plan (what `--backend trt` needs).
     pub fn is_plan(&self) -> bool {
-        self.path.extension().is_none_or(|e| e != "onnx")
+        self.kind == EngineKind::Plan
     }
 
     /// The manifest, or an error saying what needs it.
@@ -427,8 +498,8 @@ impl EngineFile {
 
     /// Reads the whole plan and compares its checksum with the manifest's (before TensorRT deserializes it).
     pub fn verify_plan_checksum(&self) -> Result<()> {
-        if let Some(m) = &self.manifest
-            && xxh3_file(&self.path)? != m.plan.xxh3_128
+        if let Some(p) = self.manifest.as_ref().and_then(|m| m.plan.as_ref())
+            && xxh3_file(&self.path)? != p.xxh3_128
         {
             bail!(
                 "'{}' does not match the checksum in its manifest: the plan is corrupt or was replaced; rebuild it",

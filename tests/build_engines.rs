@@ -28,15 +28,18 @@ fn build(dir: &std::path::Path, onnx: &std::path::Path, plan: &str, extra: &[&st
         &bytes[..8]
     );
     let m = Manifest::read(&sidecar_path(&out)).unwrap();
-    assert_eq!(m.plan.bytes, bytes.len() as u64);
-    assert_eq!(m.plan.xxh3_128, trt_diff::fsutil::xxh3_file(&out).unwrap());
+    assert_eq!(m.plan.as_ref().unwrap().bytes, bytes.len() as u64);
+    assert_eq!(
+        m.plan.as_ref().unwrap().xxh3_128,
+        trt_diff::fsutil::xxh3_file(&out).unwrap()
+    );
     assert_eq!(
         m.source.sha256,
         trt_diff::fsutil::sha256_file(onnx).unwrap()
     );
-    assert_eq!(m.tensorrt.flavor, Flavor::Rtx);
-    assert_eq!(m.tensorrt.version, "1.7.1");
-    assert!(m.builder.strongly_typed && m.builder.layers > 0);
+    assert_eq!(m.tensorrt.as_ref().unwrap().flavor, Flavor::Rtx);
+    assert_eq!(m.tensorrt.as_ref().unwrap().version, "1.7.1");
+    assert!(m.builder.as_ref().unwrap().strongly_typed && m.builder.as_ref().unwrap().layers > 0);
     assert!(
         !outputs_in(dir).iter().any(|n| n.contains(".partial")),
         "leftover temp files"
@@ -151,7 +154,7 @@ fn nvfp4_engine_default_and_blackwell_targets() {
         "fp4_sm120.plan",
         &["--targets", "sm120,sm121"],
     );
-    assert_eq!(m.tensorrt.targets, vec!["sm120", "sm121"]);
+    assert_eq!(m.tensorrt.as_ref().unwrap().targets, vec!["sm120", "sm121"]);
 }
 
 #[test]
@@ -174,10 +177,12 @@ fn builder_options_are_recorded() {
             "sm86",
         ],
     );
-    assert_eq!(m.builder.optimization_level, Some(2));
-    assert_eq!(m.builder.workspace_bytes, Some(64 << 20));
-    assert!(m.builder.weight_streaming && !m.builder.refittable);
-    assert_eq!(m.tensorrt.targets, vec!["sm86"]);
+    assert_eq!(m.builder.as_ref().unwrap().optimization_level, Some(2));
+    assert_eq!(m.builder.as_ref().unwrap().workspace_bytes, Some(64 << 20));
+    assert!(
+        m.builder.as_ref().unwrap().weight_streaming && !m.builder.as_ref().unwrap().refittable
+    );
+    assert_eq!(m.tensorrt.as_ref().unwrap().targets, vec!["sm86"]);
 }
 
 #[test]
@@ -188,7 +193,7 @@ fn refit_needs_a_gpu_with_tensorrt_rtx() {
     let onnx = write_model(d.path(), "refit.onnx", &cfg(LinearPrecision::F32));
     if trt_diff::cuda::query().is_ok_and(|r| !r.gpus.is_empty()) {
         let m = build(d.path(), &onnx, "refit.plan", &["--refit"]);
-        assert!(m.builder.refittable);
+        assert!(m.builder.as_ref().unwrap().refittable);
         return;
     }
     let r = run(
@@ -215,7 +220,10 @@ fn timing_cache_round_trip() {
     let onnx = write_model(d.path(), "tc.onnx", &cfg(LinearPrecision::F32));
     let cache = d.path().join("build.timing-cache");
     let m = build(d.path(), &onnx, "a.plan", &["--timing-cache", s(&cache)]);
-    assert_eq!(m.builder.timing_cache.as_deref(), Some(s(&cache)));
+    assert_eq!(
+        m.builder.as_ref().unwrap().timing_cache.as_deref(),
+        Some(s(&cache))
+    );
     let first = std::fs::read(&cache).unwrap();
     assert!(!first.is_empty(), "timing cache saved");
     // The saved cache loads into the next build and is saved again.
@@ -250,7 +258,7 @@ fn library_api_builds_without_the_cli() {
         ..Default::default()
     })
     .unwrap();
-    assert_eq!(o.plan, out);
+    assert_eq!(o.engine, out);
     assert!(o.timings.total >= o.timings.trt_build);
     assert_eq!(o.manifest, Manifest::read(&o.manifest_path).unwrap());
 }

@@ -155,3 +155,73 @@ fn gpu_backends_that_cannot_run_here_say_why() {
     let err = e.run_device(&[("x", t)], &[], &[]).unwrap_err().to_string();
     assert!(err.contains("--backend cuda"), "{err}");
 }
+
+/// `build --onnx-only` writes the manifest and the graphs but no plan (for GPUs without TensorRT, through ONNX
+/// Runtime): `--engine` takes the manifest or the plan's name, the outputs equal the plan bundle's on the CPU
+/// backend, and what needs a plan says so.
+#[test]
+fn onnx_only_bundles_run_without_a_plan() {
+    let d = tempfile::tempdir().unwrap();
+    let (plan, arg) = plan_in(d.path());
+    // The manifest must sit beside its graph.
+    let args = |out: &Path| {
+        [
+            "build",
+            s(&d.path().join("m.onnx")),
+            "--out",
+            s(out),
+            "--shapes",
+            "x=1x64:2x64:8x64",
+            "--onnx-only",
+            "--no-progress",
+        ]
+        .map(String::from)
+    };
+    let elsewhere = args(&d.path().join("sub/m.plan"));
+    let r = run(
+        &elsewhere.iter().map(String::as_str).collect::<Vec<_>>(),
+        false,
+    );
+    assert!(r.stderr.contains("must sit in the folder"), "{}", r.stderr);
+    let out = d.path().join("only.plan");
+    let r = run(
+        &args(&out).iter().map(String::as_str).collect::<Vec<_>>(),
+        true,
+    );
+    assert!(r.stdout.contains("ONNX only"), "{}", r.stdout);
+    assert!(!out.exists(), "no plan is written");
+    let manifest = trt_diff::manifest::sidecar_path(&out);
+    let m = trt_diff::manifest::Manifest::read(&manifest).unwrap();
+    assert!(m.plan.is_none() && m.tensorrt.is_none());
+    let x = m.io.iter().find(|t| t.name == "x").unwrap();
+    assert_eq!(x.profile.as_ref().unwrap().to_string(), "1x64:2x64:8x64");
+    let reference = d.path().join("ref");
+    run_cpu(&plan, &arg, &["--out", s(&reference)], true);
+    for engine in [&manifest, &out] {
+        let got = d.path().join("got");
+        run_cpu(engine, &arg, &["--out", s(&got)], true);
+        let a = std::fs::read(reference.join("y.npy")).unwrap();
+        let b = std::fs::read(got.join("y.npy")).unwrap();
+        assert_eq!(a, b, "y differs from the plan bundle's");
+    }
+    let r = run(&["inspect", s(&manifest)], true);
+    assert!(r.stdout.contains("ONNX-only bundle"), "{}", r.stdout);
+    let r = run(
+        &[
+            "run",
+            "--engine",
+            s(&manifest),
+            "--input",
+            &arg,
+            "--backend",
+            "trt",
+        ],
+        false,
+    );
+    assert!(r.stderr.contains("ONNX-only bundle"), "{}", r.stderr);
+    // A plan's manifest named directly opens its plan; a plan deleted from beside its manifest is reported.
+    run_cpu(&trt_diff::manifest::sidecar_path(&plan), &arg, &[], true);
+    std::fs::remove_file(&plan).unwrap();
+    let r = run_cpu(&plan, &arg, &[], false);
+    assert!(r.stderr.contains("deleted or moved"), "{}", r.stderr);
+}

@@ -244,8 +244,11 @@ fn decoders_build_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
                 ..Default::default()
             })
             .unwrap_or_else(|e| panic!("{name} {p}: {e:#}"));
-            assert!(o.manifest.builder.layers > 0, "{name} {p}");
-            assert!(o.plan.exists());
+            assert!(
+                o.manifest.builder.as_ref().unwrap().layers > 0,
+                "{name} {p}"
+            );
+            assert!(o.engine.exists());
         }
     }
 }

@@ -1,11 +1,10 @@
 //! `trt-diff build`: an ONNX file into a plan, or a checkpoint into a whole pipeline's engines (LLM decoders,
 //! image bundles).
 use crate::cli::BuildArgs;
-use crate::fsutil::human_bytes;
 use crate::pipelines::{Arch, Family};
 use crate::trt::BuildOptions;
 use crate::trt::shapes::parse_shapes;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 
 impl From<&BuildArgs> for BuildOptions {
     fn from(a: &BuildArgs) -> Self {
@@ -24,6 +23,7 @@ impl From<&BuildArgs> for BuildOptions {
             progress: !a.no_progress,
             pipeline: None,
             allow_external_paths: a.allow_external_paths,
+            onnx_only: a.onnx_only,
             ..Default::default()
         }
     }
@@ -35,6 +35,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
             "cannot open '{}': no such file; check the path",
             a.input.display()
         );
+    }
+    if let Some(dir) = a.out.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create the output folder '{}'", dir.display()))?;
     }
     if let Some(arch) = a.arch
         && arch.family() == Family::Flux
@@ -60,11 +66,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
     let o = crate::trt::build_engine(&opts)?;
     let m = &o.manifest;
     println!(
-        "built {} ({}) with {} {} in {:.2}s (TensorRT parse {:.2}s, build {:.2}s)",
-        o.plan.display(),
-        human_bytes(m.plan.bytes),
-        m.tensorrt.flavor_display(),
-        m.tensorrt.version,
+        "built {} ({}) in {:.2}s (TensorRT parse {:.2}s, build {:.2}s)",
+        o.engine.display(),
+        m.engine_summary(),
         o.timings.total,
         o.timings.trt_parse,
         o.timings.trt_build
@@ -94,12 +98,10 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
         &opts,
     )?;
     println!(
-        "built {} ({}, {} precision) with {} {}; source {}, manifest {}",
-        o.plan.display(),
-        human_bytes(o.manifest.plan.bytes),
+        "built {} ({} precision, {}); source {}, manifest {}",
+        o.engine.display(),
         a.precision,
-        o.manifest.tensorrt.flavor_display(),
-        o.manifest.tensorrt.version,
+        o.manifest.engine_summary(),
         o.manifest.source.onnx,
         o.manifest_path.display()
     );
@@ -127,11 +129,10 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
         },
     )?;
     println!(
-        "built the {arch} bundle {} ({} precision) with {} {}; manifest {}",
-        o.plan.display(),
+        "built the {arch} bundle {} ({} precision, {}); manifest {}",
+        o.engine.display(),
         a.precision,
-        o.manifest.tensorrt.flavor_display(),
-        o.manifest.tensorrt.version,
+        o.manifest.engine_summary(),
         o.manifest_path.display()
     );
     Ok(())

@@ -16,7 +16,7 @@ enum Kind {
 fn kind(path: &Path) -> Result<Kind> {
     match path.extension().and_then(|e| e.to_str()) {
         Some("onnx") => return Ok(Kind::Onnx),
-        Some("plan" | "engine" | "trt") => return Ok(Kind::Plan),
+        Some("plan" | "engine" | "trt" | "json") => return Ok(Kind::Plan),
         Some("safetensors") => return Ok(Kind::Safetensors),
         _ => {}
     }
@@ -68,50 +68,66 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
                 crate::outln!("{}", serde_json::to_string_pretty(&r.manifest)?);
                 return Ok(());
             }
-            crate::outln!(
-                "{}: TensorRT plan, {}",
-                r.path.display(),
-                human_bytes(r.bytes)
-            );
             let Some(m) = r.manifest else {
+                crate::outln!(
+                    "{}: TensorRT plan, {}",
+                    r.path.display(),
+                    human_bytes(r.bytes)
+                );
                 crate::outln!(
                     "  no manifest beside it (not built by trt-diff): nothing more is known without TensorRT"
                 );
                 return Ok(());
             };
-            crate::outln!("  xxh3-128    {} (matches manifest)", m.plan.xxh3_128);
-            crate::outln!(
-                "  TensorRT    {} {} (headers {}), {}",
-                m.tensorrt.flavor_display(),
-                m.tensorrt.version,
-                m.tensorrt.header_version,
-                m.tensorrt.library
-            );
-            let targets = if m.tensorrt.targets.is_empty() {
-                "flavour default".to_string()
-            } else {
-                m.tensorrt.targets.join(", ")
-            };
-            crate::outln!("  targets     {targets}");
-            crate::outln!("  created     {} by {}", m.created, m.created_by);
-            let b = &m.builder;
-            crate::outln!(
-                "  builder     strongly typed, {} layers, opt level {}, workspace {}, refit {}, weight streaming {}",
-                b.layers,
-                b.optimization_level
-                    .map(|v| v.to_string())
-                    .unwrap_or_else(|| "default".into()),
-                b.workspace_bytes
-                    .map(human_bytes)
-                    .unwrap_or_else(|| "default".into()),
-                b.refittable,
-                b.weight_streaming
-            );
-            crate::outln!(
-                "  build time  parse {:.3}s, build {:.3}s",
-                b.parse_seconds,
-                b.build_seconds
-            );
+            match (&m.plan, &m.tensorrt, &m.builder) {
+                (Some(p), Some(t), Some(b)) => {
+                    crate::outln!(
+                        "{}: TensorRT plan, {}",
+                        r.path.display(),
+                        human_bytes(r.bytes)
+                    );
+                    crate::outln!("  xxh3-128    {} (matches manifest)", p.xxh3_128);
+                    crate::outln!(
+                        "  TensorRT    {} {} (headers {}), {}",
+                        t.flavor_display(),
+                        t.version,
+                        t.header_version,
+                        t.library
+                    );
+                    let targets = if t.targets.is_empty() {
+                        "flavour default".to_string()
+                    } else {
+                        t.targets.join(", ")
+                    };
+                    crate::outln!("  targets     {targets}");
+                    crate::outln!("  created     {} by {}", m.created, m.created_by);
+                    crate::outln!(
+                        "  builder     strongly typed, {} layers, opt level {}, workspace {}, refit {}, weight \
+                         streaming {}",
+                        b.layers,
+                        b.optimization_level
+                            .map(|v| v.to_string())
+                            .unwrap_or_else(|| "default".into()),
+                        b.workspace_bytes
+                            .map(human_bytes)
+                            .unwrap_or_else(|| "default".into()),
+                        b.refittable,
+                        b.weight_streaming
+                    );
+                    crate::outln!(
+                        "  build time  parse {:.3}s, build {:.3}s",
+                        b.parse_seconds,
+                        b.build_seconds
+                    );
+                }
+                _ => {
+                    crate::outln!(
+                        "{}: ONNX-only bundle (no TensorRT plan; runs on ONNX Runtime with --backend cuda or cpu)",
+                        r.path.display()
+                    );
+                    crate::outln!("  created     {} by {}", m.created, m.created_by);
+                }
+            }
             crate::outln!(
                 "  source      {} ({}, sha256 {})",
                 m.source.onnx,

@@ -30,7 +30,8 @@ pub struct ComponentGraphs {
 }
 
 /// Builds `NAME.<component>.plan` for every component, then the denoiser's engine as `base.out` with the
-/// bundle's manifest (components and tokenizers filled in here from the files).
+/// bundle's manifest (components and tokenizers filled in here from the files). With `base.onnx_only` no plan is
+/// built: the manifest names the graphs, which ONNX Runtime runs.
 pub fn build_bundle(
     base: &BuildOptions,
     components: &[ComponentGraphs],
@@ -38,6 +39,16 @@ pub fn build_bundle(
     mut bundle: ImageBundle,
 ) -> Result<BuildOutcome> {
     for c in components {
+        if base.onnx_only {
+            bundle.components.insert(
+                c.name.clone(),
+                BundleComponent {
+                    onnx: file_name(&c.cpu_onnx),
+                    plan: None,
+                },
+            );
+            continue;
+        }
         let plan = sibling(&base.out, &format!(".{}.plan", c.name));
         tracing::info!("building the {} engine", c.name);
         let mut opts = base.clone();
@@ -58,7 +69,7 @@ pub fn build_bundle(
         denoiser.name.clone(),
         BundleComponent {
             onnx: file_name(&denoiser.cpu_onnx),
-            plan: Some(file_name(&base.out)),
+            plan: (!base.onnx_only).then(|| file_name(&base.out)),
         },
     );
     let mut opts = base.clone();

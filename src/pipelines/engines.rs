@@ -3,7 +3,7 @@
 //! Pipelines and `trt-diff run` receive the opened engines; nothing below this module decides where one runs.
 use crate::backend::ort_backend::{OrtDevice, OrtEngine, OrtOptions};
 use crate::backend::{BackendChoice, Engine};
-use crate::manifest::{BundleComponent, EngineFile, Pipeline};
+use crate::manifest::{BundleComponent, EngineFile, EngineKind, Pipeline};
 use crate::trt::runtime::{DeviceArena, TrtEngine, TrtRunOptions, plan_runs_here};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -64,11 +64,17 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
     Ok(match choice {
         BackendChoice::Cpu => Backend::Cpu,
         BackendChoice::Trt => {
-            if !engine.is_plan() {
-                bail!(
+            match engine.kind {
+                EngineKind::Plan => {}
+                EngineKind::Onnx => bail!(
                     "--backend trt needs a TensorRT plan; build one with `trt-diff build {} --out NAME.plan`",
                     engine.path.display()
-                );
+                ),
+                EngineKind::OnnxBundle => bail!(
+                    "--backend trt needs a TensorRT plan, and '{}' is an ONNX-only bundle (built with --onnx-only); \
+                     rebuild it without --onnx-only on a machine with TensorRT, or use --backend cuda or cpu",
+                    engine.path.display()
+                ),
             }
             Backend::Trt
         }
@@ -120,11 +126,11 @@ pub struct OpenOptions {
     pub refit: Option<PathBuf>,
 }
 
-/// The graph ONNX Runtime runs for `engine`: an .onnx file itself; for a plan, the LLM's CPU graph when the
-/// manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), else the ONNX the plan
-/// was built from.
+/// The graph ONNX Runtime runs for `engine`: an .onnx file itself; for a plan or an ONNX-only bundle, the LLM's
+/// CPU graph when the manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), else
+/// the ONNX the manifest records as its source.
 fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
-    if !engine.is_plan() {
+    if engine.kind == EngineKind::Onnx {
         return Ok(engine.path.clone());
     }
     if backend == Backend::Cpu

@@ -39,6 +39,8 @@ pub struct BuildOptions {
     pub allow_external_paths: bool,
     /// Most ONNX graph nodes accepted (None: [`crate::onnx::model::default_max_nodes`]; Some(0): no limit).
     pub max_onnx_nodes: Option<usize>,
+    /// Write the manifest of an ONNX-only bundle (no TensorRT plan, no TensorRT library needed).
+    pub onnx_only: bool,
 }
 
 /// Wall-clock split of one build, for the overhead benchmark.
@@ -57,7 +59,8 @@ pub struct BuildTimings {
 
 pub struct BuildOutcome {
     pub manifest: Manifest,
-    pub plan: PathBuf,
+    /// What `--engine` takes: the plan, or the manifest of an ONNX-only bundle.
+    pub engine: PathBuf,
     pub manifest_path: PathBuf,
     pub timings: BuildTimings,
 }
@@ -283,6 +286,9 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     }
     tracing::debug!("model read in {:.3}s", start.elapsed().as_secs_f64());
     let profiles = resolve_profiles(&graph_inputs(&onnx), &o.shapes)?;
+    if o.onnx_only {
+        return write_onnx_bundle(o, &onnx, &profiles, start);
+    }
     let gpu_cc = crate::cuda::query()
         .ok()
         .and_then(|r| r.gpus.first().map(|g| g.compute_capability));
@@ -415,7 +421,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
         format: crate::manifest::FORMAT.into(),
         created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
         created_by: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
-        plan: PlanInfo {
+        plan: Some(PlanInfo {
             file: o
                 .out
                 .file_name()
@@ -423,14 +429,14 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
                 .unwrap_or_default(),
             bytes: report.plan_bytes,
             xxh3_128: observer.plan_xxh3(),
-        },
-        tensorrt: TensorRtInfo {
+        }),
+        tensorrt: Some(TensorRtInfo {
             flavor: lib.flavor,
             version: Flavor::version_string(lib.version),
             header_version: Flavor::version_string(header),
             library: lib.core.display().to_string(),
             targets: o.targets.clone(),
-        },
+        }),
         io: report
             .io
             .iter()
@@ -446,7 +452,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
                 },
             })
             .collect(),
-        builder: BuilderInfo {
+        builder: Some(BuilderInfo {
             strongly_typed: true,
             optimization_level: o.opt_level,
             workspace_bytes: o.workspace_bytes,
@@ -456,7 +462,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             layers: report.num_layers,
             parse_seconds: report.parse_seconds,
             build_seconds: report.build_seconds,
-        },
+        }),
         source: SourceInfo {
             onnx: crate::fsutil::relative_name(&o.onnx, o.out.parent().unwrap_or(Path::new(".")))
                 .unwrap_or_else(|| o.onnx.display().to_string()),
@@ -473,7 +479,7 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
     tracing::debug!("outputs committed at {:.3}s", start.elapsed().as_secs_f64());
     Ok(BuildOutcome {
         manifest_path: crate::manifest::sidecar_path(&o.out),
-        plan: o.out.clone(),
+        engine: o.out.clone(),
         manifest,
         timings: BuildTimings {
             total: start.elapsed().as_secs_f64(),
@@ -482,6 +488,84 @@ pub fn build_engine(o: &BuildOptions) -> Result<BuildOutcome> {
             trt_parse: report.parse_seconds,
             trt_build: report.build_seconds,
             source_hash,
+        },
+    })
+}
+
+/// `build --onnx-only`: the manifest of the graph as it is (its inputs and outputs, the profiles as the
+/// pipelines' shape checks use them, the source's checksums), written as `OUT.json` with no plan beside it.
+fn write_onnx_bundle(
+    o: &BuildOptions,
+    onnx: &OnnxFile,
+    profiles: &[ShapeRange],
+    start: Instant,
+) -> Result<BuildOutcome> {
+    let dir = o.out.parent().unwrap_or(Path::new("."));
+    let source = crate::fsutil::relative_name(&o.onnx, dir)
+        .filter(|n| !n.starts_with("..") && !Path::new(n).is_absolute());
+    let Some(source) = source else {
+        bail!(
+            "--onnx-only: the bundle's manifest must sit in the folder of '{}' (engines read only files beside \
+             them), and --out '{}' is elsewhere; give --out a name in that folder",
+            o.onnx.display(),
+            o.out.display()
+        );
+    };
+    let hash_start = Instant::now();
+    let (source_sha, external) = hash_sources(onnx)?;
+    let source_hash = hash_start.elapsed().as_secs_f64();
+    let mut io = Vec::new();
+    if let Some(g) = &onnx.model.graph {
+        let inits: std::collections::HashSet<&str> =
+            g.initializer.iter().map(|t| t.name.as_str()).collect();
+        let inputs = g.input.iter().filter(|v| !inits.contains(v.name.as_str()));
+        for (v, mode) in inputs
+            .map(|v| (v, "input"))
+            .chain(g.output.iter().map(|v| (v, "output")))
+        {
+            let shape = dims_of(v)
+                .unwrap_or_default()
+                .iter()
+                .map(|d| match d {
+                    crate::onnx::Dim::Fixed(n) => *n,
+                    _ => -1,
+                })
+                .collect();
+            io.push(IoTensor {
+                name: v.name.clone(),
+                mode: mode.into(),
+                dtype: crate::onnx::summary::elem_type(v).name(),
+                shape,
+                profile: profiles.iter().find(|p| p.name == v.name).cloned(),
+            });
+        }
+    }
+    let manifest = Manifest {
+        format: crate::manifest::FORMAT.into(),
+        created: humantime::format_rfc3339_seconds(std::time::SystemTime::now()).to_string(),
+        created_by: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
+        plan: None,
+        tensorrt: None,
+        io,
+        builder: None,
+        source: SourceInfo {
+            onnx: source,
+            bytes: onnx.file_bytes,
+            sha256: source_sha,
+            external_data: external,
+        },
+        pipeline: o.pipeline.clone(),
+    };
+    manifest.write_pending(&o.out)?.commit()?;
+    let manifest_path = crate::manifest::sidecar_path(&o.out);
+    Ok(BuildOutcome {
+        engine: manifest_path.clone(),
+        manifest_path,
+        manifest,
+        timings: BuildTimings {
+            total: start.elapsed().as_secs_f64(),
+            source_hash,
+            ..Default::default()
         },
     })
 }

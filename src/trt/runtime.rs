@@ -35,7 +35,7 @@ pub fn plan_runs_here(engine: &EngineFile) -> std::result::Result<String, String
     let plan = engine.path.as_path();
     if !engine.is_plan() {
         return Err(format!(
-            "'{}' is an ONNX file, not a TensorRT plan",
+            "'{}' is an ONNX file or an ONNX-only bundle, not a TensorRT plan",
             plan.display()
         ));
     }
@@ -44,7 +44,8 @@ pub fn plan_runs_here(engine: &EngineFile) -> std::result::Result<String, String
         .manifest
         .as_ref()
         .ok_or_else(|| format!("'{}' has no manifest beside it", plan.display()))?;
-    let lib = load_flavor(m.tensorrt.flavor, None).map_err(|e| format!("{e:#}"))?;
+    let flavor = m.trt().map_err(|e| format!("{e:#}"))?.flavor;
+    let lib = load_flavor(flavor, None).map_err(|e| format!("{e:#}"))?;
     let report = crate::cuda::query()?;
     let cc = report
         .gpus
@@ -72,17 +73,18 @@ pub fn check_compatible(
         m.source.onnx,
         plan.display()
     );
-    if m.tensorrt.version != loaded_version {
+    let t = m.trt()?;
+    if t.version != loaded_version {
         bail!(
             "'{}' was built by {} {}, but the loaded library is {}: plans only load in the version that built them; {rebuild}",
             plan.display(),
-            m.tensorrt.flavor.display(),
-            m.tensorrt.version,
+            t.flavor.display(),
+            t.version,
             loaded_version
         );
     }
     let sm = format!("sm{}{}", cc.0, cc.1);
-    match m.tensorrt.flavor {
+    match t.flavor {
         Flavor::Rtx if !RTX_RUNS_ON.contains(&cc) => bail!(
             "'{}' is a TensorRT-RTX plan, and TensorRT-RTX does not run on this GPU (compute capability {}; it \
              supports {}). Data-center GPUs such as H100/H200/B200 need TensorRT 11: install it and {} --trt trt11",
@@ -95,11 +97,11 @@ pub fn check_compatible(
                 .join(", "),
             rebuild
         ),
-        Flavor::Rtx if !m.tensorrt.targets.is_empty() && !m.tensorrt.targets.contains(&sm) => {
+        Flavor::Rtx if !t.targets.is_empty() && !t.targets.contains(&sm) => {
             bail!(
                 "'{}' targets {} but this GPU is {sm}; {rebuild} --targets {sm}",
                 plan.display(),
-                m.tensorrt.targets.join(", ")
+                t.targets.join(", ")
             )
         }
         _ => Ok(()),
@@ -222,10 +224,9 @@ impl TrtEngine {
         let plan = engine.path.as_path();
         if !engine.is_plan() {
             bail!(
-                "TensorRT runs .plan files and '{}' is an ONNX graph; build a plan with `trt-diff build {} --out \
-                 NAME.plan`",
+                "TensorRT runs .plan files and '{}' is an ONNX graph or an ONNX-only bundle; build a plan with \
+                 `trt-diff build` (without --onnx-only)",
                 plan.display(),
-                plan.display()
             );
         }
         engine.verify_plan_checksum()?;
@@ -242,10 +243,10 @@ impl TrtEngine {
             );
         };
         let manifest = engine.manifest.clone();
-        let flavor = manifest
-            .as_ref()
-            .map(|m| m.tensorrt.flavor)
-            .unwrap_or(Flavor::Rtx);
+        let flavor = match &manifest {
+            Some(m) => m.trt()?.flavor,
+            None => Flavor::Rtx,
+        };
         let lib = load_flavor(flavor, None)?;
         if let Some(m) = &manifest {
             check_compatible(
@@ -254,7 +255,9 @@ impl TrtEngine {
                 &Flavor::version_string(lib.version),
                 info.compute_capability,
             )?;
-            if opts.weight_budget.is_some() && !m.builder.weight_streaming {
+            if opts.weight_budget.is_some()
+                && !m.builder.as_ref().is_some_and(|b| b.weight_streaming)
+            {
                 bail!(
                     "'{}' was not built for weight streaming; rebuild it with trt-diff build ... --weight-streaming",
                     plan.display()
