@@ -453,7 +453,8 @@ impl Engine for OrtEngine {
                     .with_context(|| format!("output '{}' missing", c.output))?,
             );
         }
-        self.outputs
+        let results: Vec<(String, HostTensor)> = self
+            .outputs
             .iter()
             .zip(&self.output_held)
             .filter(|(_, h)| !**h)
@@ -463,7 +464,13 @@ impl Engine for OrtEngine {
                     .with_context(|| format!("output '{}' missing", d.name))?;
                 Ok((d.name.clone(), from_value(&d.name, v)?))
             })
-            .collect()
+            .collect::<Result<_>>()?;
+        if self.device != OrtDevice::Cpu {
+            // Host inputs went to the GPU and host outputs came back from it.
+            crate::cuda::transfers::host_to_device(inputs.iter().map(|(_, t)| t.data.len()).sum());
+            crate::cuda::transfers::device_to_host(results.iter().map(|(_, t)| t.data.len()).sum());
+        }
+        Ok(results)
     }
 
     fn run_device(
@@ -498,6 +505,7 @@ impl Engine for OrtEngine {
             .iter()
             .map(|(n, t)| Ok((n.clone(), to_value(n, t)?)))
             .collect::<Result<_>>()?;
+        crate::cuda::transfers::host_to_device(host_inputs.iter().map(|(_, t)| t.data.len()).sum());
         for (n, v) in &host {
             self.binding
                 .bind_input(n.as_str(), v)

@@ -3,7 +3,7 @@
 //! each (`out.png`, or `out-0.png`, `out-1.png`, ... for a batch) with the parameters in a `parameters` tEXt chunk.
 use crate::cli::GenerateArgs;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
-use crate::pipelines::engines::resolve;
+use crate::pipelines::engines::{Backend, resolve};
 use crate::pipelines::flux::FluxModel;
 use crate::pipelines::image::{ImageModel, ImagePipeline, ImageRequest};
 use crate::pipelines::image_io::write_png;
@@ -31,8 +31,19 @@ pub fn run(a: GenerateArgs) -> Result<()> {
         },
     )?;
     println!();
+    let per_call = |v: f64| v / stats.decode_calls.max(1) as f64;
+    let decode = if stats.decode_calls == 0 {
+        String::new()
+    } else {
+        format!(
+            "; per decode step: {:.3} ms in the engine, {:.3} ms outside it, {} bytes copied between host and GPU",
+            per_call(stats.decode_engine_seconds) * 1e3,
+            per_call(stats.generation_seconds - stats.decode_engine_seconds) * 1e3,
+            stats.decode_copied_bytes / stats.decode_calls as u64
+        )
+    };
     eprintln!(
-        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens in {:.3}s ({:.1} tok/s){}",
+        "prompt: {} tokens in {:.3}s ({:.1} tok/s); generated: {} tokens in {:.3}s ({:.1} tok/s){}{decode}",
         stats.prompt_tokens,
         stats.prompt_seconds,
         stats.prompt_tokens as f64 / stats.prompt_seconds.max(1e-9),
@@ -100,8 +111,14 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
     for f in &r.files {
         println!("wrote {}", f.display());
     }
+    let copied = if backend == Backend::Cpu {
+        String::new()
+    } else {
+        let per_step = r.copied_bytes.iter().sum::<u64>() / r.copied_bytes.len().max(1) as u64;
+        format!(", {per_step} bytes/step copied between host and GPU")
+    };
     eprintln!(
-        "{} steps, {:.3} s/step mean ({:.3} ms/step outside the network), {:.2} s total on {backend:?}",
+        "{} steps, {:.3} s/step mean ({:.3} ms/step outside the network{copied}), {:.2} s total on {backend:?}",
         r.step_seconds.len(),
         mean(&r.step_seconds),
         mean(&r.outside_seconds) * 1e3,
@@ -114,6 +131,7 @@ struct Written {
     files: Vec<PathBuf>,
     step_seconds: Vec<f64>,
     outside_seconds: Vec<f64>,
+    copied_bytes: Vec<u64>,
 }
 
 /// Output file of image `i` of `n`.
@@ -166,5 +184,6 @@ fn write_images<M: ImageModel>(
         files,
         step_seconds: r.step_seconds,
         outside_seconds: r.outside_seconds,
+        copied_bytes: r.copied_bytes,
     })
 }

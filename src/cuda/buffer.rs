@@ -24,6 +24,7 @@ impl DeviceBuffer {
         })
     }
     pub fn from_host(dev: &Arc<Device>, v: &[f32]) -> Result<Self> {
+        super::transfers::host_to_device(std::mem::size_of_val(v));
         let data = dev
             .stream
             .clone_htod(v)
@@ -34,6 +35,7 @@ impl DeviceBuffer {
         })
     }
     pub fn to_host(&self) -> Result<Vec<f32>> {
+        super::transfers::device_to_host(self.data.len() * 4);
         self.dev
             .stream
             .clone_dtoh(&self.data)
@@ -72,6 +74,7 @@ impl Buffer for DeviceBuffer {
             );
         }
         let h: Vec<f32> = v.iter().map(|&x| x as f32).collect();
+        super::transfers::host_to_device(h.len() * 4);
         self.dev
             .stream
             .memcpy_htod(&h, &mut self.data)

@@ -1,9 +1,10 @@
 //! CUDA through cudarc (driver API, loaded dynamically): a machine without a driver gets an error value, never a
 //! panic. `query` says what GPUs exist; `device` holds the kernels run between engine calls; `host` the same
-//! operations on host buffers.
+//! operations on host buffers; `transfers` counts what crosses between them.
 pub mod buffer;
 pub mod device;
 pub mod host;
+pub mod transfers;
 
 use cudarc::driver::{result, sys};
 use serde::Serialize;

@@ -3,6 +3,7 @@
 //! [`ImagePipeline`] owns everything generic: request defaults, the text-conditioning cache, classifier-free
 //! guidance, seeds and batches, img2img, the sampler loop with progress and previews, and the PNG parameters.
 use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::transfers::Transfers;
 use crate::samplers::buffer::Buffer;
 use crate::samplers::{model::Denoiser, noise, registry, stepper};
 use anyhow::{Result, bail};
@@ -207,6 +208,8 @@ pub struct StepInfo {
     pub seconds: f64,
     /// Of `seconds`, the time spent outside the network calls (sampler, guidance, noise, bookkeeping).
     pub outside_seconds: f64,
+    /// Bytes trt-diff copied between host and device during the step (0 when the loop stays on the GPU).
+    pub copied_bytes: u64,
 }
 
 pub struct ImageOutput {
@@ -219,6 +222,8 @@ pub struct ImageOutput {
     pub step_seconds: Vec<f64>,
     /// Per step, the time outside the network calls.
     pub outside_seconds: Vec<f64>,
+    /// Per step, bytes copied between host and device.
+    pub copied_bytes: Vec<u64>,
     /// "prompt, steps, sampler, ..." as written into the PNG.
     pub parameters: String,
 }
@@ -341,9 +346,11 @@ impl<M: ImageModel> ImagePipeline<M> {
         let mut noise_src = noise::PhiloxNoise::new(req.seed);
         let mut times = Vec::with_capacity(run_steps);
         let mut outside = Vec::with_capacity(run_steps);
+        let mut copied = Vec::with_capacity(run_steps);
         stepper::check_sigmas(&sigmas)?;
         for i in 0..run_steps {
             let t_step = Instant::now();
+            let transfers = Transfers::now();
             denoiser.network_seconds = 0.0;
             let mut cx = stepper::Ctx {
                 model: &mut denoiser as &mut dyn Denoiser<Latent>,
@@ -354,13 +361,16 @@ impl<M: ImageModel> ImagePipeline<M> {
             x.sync()?;
             let seconds = t_step.elapsed().as_secs_f64();
             let outside_seconds = seconds - denoiser.network_seconds;
+            let copied_bytes = Transfers::since(transfers).total();
             times.push(seconds);
             outside.push(outside_seconds);
+            copied.push(copied_bytes);
             on_step(&StepInfo {
                 step: i + 1,
                 steps: run_steps,
                 seconds,
                 outside_seconds,
+                copied_bytes,
             })?;
             if let Some(path) = &req.preview {
                 let (rgb, pw, ph) = denoiser.model.preview(denoiser.last_x0, &lat)?;
@@ -393,6 +403,7 @@ impl<M: ImageModel> ImagePipeline<M> {
             latents: x.to_host()?,
             step_seconds: times,
             outside_seconds: outside,
+            copied_bytes: copied,
             parameters,
         })
     }

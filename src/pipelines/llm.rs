@@ -3,6 +3,7 @@
 use super::engines::OpenOptions;
 use super::kv_cache::Decoder;
 use crate::backend::{BackendChoice, Engine, HostTensor};
+use crate::cuda::transfers::Transfers;
 use crate::manifest::{EngineFile, Pipeline};
 use crate::models::llama::LlamaConfig;
 use crate::onnx::DataType;
@@ -91,6 +92,11 @@ pub struct GenerationStats {
     pub generation_seconds: f64,
     pub stopped_by_eos: bool,
     pub stopped_by_stop_string: bool,
+    /// Decode calls after the prompt's, the time spent inside them, and the bytes trt-diff copied between host
+    /// and GPU over them: what the loop costs per token outside the engine.
+    pub decode_calls: usize,
+    pub decode_engine_seconds: f64,
+    pub decode_copied_bytes: u64,
 }
 
 /// Penalties on tokens already in the context (`counts`: token -> occurrences), as llama.cpp applies them.
@@ -369,10 +375,16 @@ impl Generator<'_> {
         let mut new_ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
         let mut prev = tokens.last().copied();
         let t0 = Instant::now();
+        let mut decode_start = Transfers::now();
         for step in 0..params.max_tokens {
+            let t_forward = Instant::now();
             let mut row = last_row(&decoder.forward(&new_ids)?)?;
             if step == 0 {
                 stats.prompt_seconds = t0.elapsed().as_secs_f64();
+                decode_start = Transfers::now();
+            } else {
+                stats.decode_calls += 1;
+                stats.decode_engine_seconds += t_forward.elapsed().as_secs_f64();
             }
             apply_penalties(&mut row, &counts, params);
             if let Some(c) = constraint.as_deref_mut() {
@@ -417,6 +429,7 @@ impl Generator<'_> {
             })?;
         }
         stats.generation_seconds = t0.elapsed().as_secs_f64() - stats.prompt_seconds;
+        stats.decode_copied_bytes = Transfers::since(decode_start).total();
         Ok(stats)
     }
 }

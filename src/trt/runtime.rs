@@ -683,6 +683,7 @@ impl TrtEngine {
             .context("a binding just made is missing")?;
         b.host.as_mut_slice().context("pinned staging")?[..t.data.len()].copy_from_slice(&t.data);
         let (host, dev) = (&b.host, &mut b.buf);
+        crate::cuda::transfers::host_to_device(t.data.len());
         self.stream
             .memcpy_htod(host, dev)
             .context("copying an input to the GPU failed")
@@ -803,9 +804,10 @@ impl Engine for TrtEngine {
             outs.push((d, shape, bytes));
         }
         self.enqueue(CTX, key)?;
-        for (d, _, _) in &outs {
+        for (d, _, bytes) in &outs {
             let b = self.contexts[CTX].bindings.get_mut(&d.name).unwrap();
             let (dev, host) = (&b.buf, &mut b.host);
+            crate::cuda::transfers::device_to_host(*bytes);
             self.stream
                 .memcpy_dtoh(dev, host)
                 .context("copying an output from the GPU failed")?;
