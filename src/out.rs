@@ -27,9 +27,18 @@ pub fn exit_on_write_error(e: &std::io::Error) -> ! {
     std::process::exit(1);
 }
 
-/// Whether a panic message is std's "failed printing to stdout: Broken pipe".
+/// Whether a panic message is std's "failed printing to stdout: Broken pipe" (or to stderr).
 pub fn is_broken_pipe_panic(msg: &str) -> bool {
-    msg.contains("failed printing to stdout") && msg.contains("Broken pipe")
+    (msg.contains("failed printing to stdout") || msg.contains("failed printing to stderr"))
+        && msg.contains("Broken pipe")
+}
+
+/// Whether an error comes from writing to a closed pipe.
+pub fn is_broken_pipe(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::BrokenPipe)
+    })
 }
 
 /// Installs (once) a panic hook under which any `println!`/`print!` left in the program that hits a closed pipe

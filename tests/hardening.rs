@@ -692,6 +692,54 @@ fn inspect_into_a_closed_pipe_exits_quietly() {
     ));
 }
 
+/// `generate ... 2>&1 | head -1`: stdout and stderr both close while tokens are still coming; the process ends
+/// quietly with status 0 instead of aborting in the error report.
+#[test]
+fn generate_into_a_closed_pipe_exits_quietly() {
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("stories.plan");
+    run(
+        &[
+            "build",
+            s(&shared_data("llm/stories260K.bin")),
+            "--arch",
+            "llama2c",
+            "--tokenizer",
+            s(&shared_data("llm/tok512.bin")),
+            "--out",
+            s(&out),
+            "--onnx-only",
+            "--no-progress",
+        ],
+        true,
+    );
+    let mut child = bin()
+        .args([
+            "generate",
+            "--engine",
+            s(&d.path().join("stories.plan.json")),
+            "--prompt",
+            "Once upon a time",
+            "--max-tokens",
+            "400",
+            "--ignore-eos",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 1];
+    child
+        .stdout
+        .as_mut()
+        .unwrap()
+        .read_exact(&mut first)
+        .unwrap();
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    assert_eq!(child.wait().unwrap().code(), Some(0));
+}
+
 // ---------------------------------------------------------------- interrupted runs
 
 /// A process id that runs no process now.

@@ -113,6 +113,24 @@ fn generations_match_llama2c(engine: &mut OrtEngine, tok: &Llama2cTokenizer, max
     assert_eq!(sample(7), sample(7));
     assert_ne!(sample(7), sample(8));
     greedy(engine);
+    // Greedy stories end with the end-of-text token well before 400 tokens, unless it is ignored.
+    let mut until_end = |ignore_eos| {
+        let mut g = Generator {
+            engine: &mut *engine,
+            max_seq_len,
+        };
+        let p = SamplingParams {
+            max_tokens: 400,
+            ignore_eos,
+            ..Default::default()
+        };
+        g.generate(tok, "Once upon a time", &p, |_| Ok(())).unwrap()
+    };
+    let ended = until_end(false);
+    assert!(ended.stopped_by_eos && ended.generated_tokens < 400);
+    let ignored = until_end(true);
+    assert!(!ignored.stopped_by_eos && ignored.generated_tokens == 400);
+    assert_eq!(ignored.decode_calls, 399);
 }
 
 #[test]

@@ -221,7 +221,14 @@ impl OrtEngine {
         // with "domain already exist", so sessions with our operators are created one at a time.
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
+        let opening = std::time::Instant::now();
+        tracing::debug!("opening '{}' on {:?}", path.display(), opts.device);
         let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
+        tracing::debug!(
+            "opened '{}' in {:.2}s",
+            path.display(),
+            opening.elapsed().as_secs_f64()
+        );
         let inputs: Vec<TensorDesc> = session
             .inputs()
             .iter()
@@ -525,9 +532,11 @@ impl Engine for OrtEngine {
                     .map_err(|e| anyhow::anyhow!("output '{}': {e}", d.name))?;
             }
         }
+        tracing::trace!("running '{}' on device buffers", self.name);
         self.session
             .run_binding(&self.binding)
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        tracing::trace!("ran '{}'", self.name);
         Ok(())
     }
 

@@ -19,6 +19,7 @@ pub use run::{Difference, Latency, compare, load_inputs, timed_runs};
 use crate::cli::{Cli, Command};
 use anyhow::Result;
 use clap::Parser;
+use std::io::Write;
 use std::process::ExitCode;
 
 fn init_logging(verbose: u8) {
@@ -43,7 +44,9 @@ pub fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging(cli.verbose);
     std::panic::set_hook(Box::new(|info| {
-        eprintln!(
+        // Not eprintln!: a closed stderr must not panic inside the hook (that aborts).
+        let _ = writeln!(
+            std::io::stderr(),
             "internal error (a bug in trt-diff; please report it with the command line): {info}"
         );
     }));
@@ -55,8 +58,10 @@ pub fn main() -> ExitCode {
     }
     match std::panic::catch_unwind(|| dispatch(cli.command)) {
         Ok(Ok(())) => ExitCode::SUCCESS,
+        // The reader of our output went away (`generate ... | head`): not an error of the command.
+        Ok(Err(e)) if crate::out::is_broken_pipe(&e) => ExitCode::SUCCESS,
         Ok(Err(e)) => {
-            eprintln!("error: {e:#}");
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             ExitCode::from(1)
         }
         Err(_) => ExitCode::from(2),

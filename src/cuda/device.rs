@@ -24,6 +24,7 @@ fn ptx_for(arch: &'static str) -> Result<Ptx> {
         fmad: Some(false),
         ..Default::default()
     };
+    tracing::debug!("compiling the kernels for {arch} with NVRTC");
     let ptx = compile_ptx_with_opts(SOURCE, opts)
         .map_err(|e| anyhow::anyhow!("NVRTC failed to compile the kernels: {e}"))?;
     cache.lock().unwrap().insert(arch, ptx.clone());
@@ -95,6 +96,7 @@ impl Device {
                 report.gpus.len()
             )
         })?;
+        tracing::debug!("opening GPU {ordinal} ({})", info.name);
         let ctx = CudaContext::new(ordinal)
             .map_err(|e| anyhow::anyhow!("cannot create a CUDA context on GPU {ordinal}: {e}"))?;
         let stream = ctx.default_stream();
@@ -106,6 +108,7 @@ impl Device {
                 .load_function(name)
                 .map_err(|e| anyhow::anyhow!("kernel {name}: {e}"))
         };
+        tracing::debug!("kernels loaded on GPU {ordinal}");
         let f = Funcs {
             lincomb: load("lincomb_f32")?,
             lincomb4: load("lincomb4_f32")?,

@@ -412,6 +412,7 @@ impl FluxModel {
             host.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
         }
         // The sampler's kernels wrote `x` on our stream; the engine reads it on its own.
+        tracing::trace!("synchronizing the sampler's stream before the transformer");
         dev.synchronize()?;
         e.run_device(&inputs, &host, &outputs)
             .context("Flux transformer")

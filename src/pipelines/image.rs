@@ -249,6 +249,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         if let Some(c) = self.cache.get(prompt) {
             return Ok(c.clone());
         }
+        tracing::debug!("encoding the prompt");
         let c = Rc::new(self.model.encode_prompt(prompt)?);
         if self.cache.len() >= COND_CACHE {
             self.cache.clear();
@@ -351,6 +352,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         for i in 0..run_steps {
             let t_step = Instant::now();
             let transfers = Transfers::now();
+            tracing::debug!("step {} of {run_steps}", i + 1);
             denoiser.network_seconds = 0.0;
             let mut cx = stepper::Ctx {
                 model: &mut denoiser as &mut dyn Denoiser<Latent>,
@@ -394,6 +396,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         let images = if req.latents_only {
             Vec::new()
         } else {
+            tracing::debug!("decoding the latents");
             self.model.decode(&x, &lat)?
         };
         Ok(ImageOutput {

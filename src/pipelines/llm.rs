@@ -48,6 +48,9 @@ pub struct SamplingParams {
     #[arg(long)]
     #[serde(deserialize_with = "one_or_many")]
     pub stop: Vec<String>,
+    /// Keep generating past the end-of-text token until --max-tokens (benchmarks; llama.cpp's --ignore-eos).
+    #[arg(long)]
+    pub ignore_eos: bool,
 }
 
 /// A string or a list of strings, as OpenAI's API takes `stop`.
@@ -80,6 +83,7 @@ impl Default for SamplingParams {
             presence_penalty: 0.0,
             frequency_penalty: 0.0,
             stop: Vec::new(),
+            ignore_eos: false,
         }
     }
 }
@@ -391,7 +395,7 @@ impl Generator<'_> {
                 c.mask(&mut row)?;
             }
             let next = sample(&row, params, &mut next_rand);
-            if tok.is_end(next) {
+            if tok.is_end(next) && !params.ignore_eos {
                 stats.stopped_by_eos = true;
                 break;
             }

@@ -62,4 +62,8 @@ impl TextTokenizer for super::llama2c::Llama2cTokenizer {
     fn eos(&self) -> Option<u32> {
         Some(super::llama2c::EOS)
     }
+    /// llama2.c's run.c stops at BOS: its models separate stories with BOS and never emit EOS.
+    fn is_end(&self, id: u32) -> bool {
+        id == super::llama2c::BOS || id == super::llama2c::EOS
+    }
 }
