@@ -156,17 +156,35 @@ impl OrtEngine {
         let summary = OnnxSummary::of(&onnx);
         let mut model_path: PathBuf = path.to_path_buf();
         let mut rewritten = None;
-        if needs_cpu_pass(&summary) {
-            let (model, report) = apply(&onnx, CpuPassOptions::default())?;
+        // ONNX Runtime's CPU provider has no bf16 kernels: a 16-bit graph computes in f32 there (our own
+        // operators take 16-bit weights themselves).
+        let widen = opts.device == OrtDevice::Cpu
+            && !uses_own_ops(&summary)
+            && crate::onnx::cpu_pass::computes_in_16bit(&onnx.model);
+        if needs_cpu_pass(&summary) || widen {
+            let mut model = if needs_cpu_pass(&summary) {
+                let (model, report) = apply(&onnx, CpuPassOptions::default())?;
+                tracing::info!(
+                    "'{}': CPU pass folded {} dequantize nodes and emulated {} FP4 activation quantizers for ONNX \
+                     Runtime",
+                    path.display(),
+                    report.folded,
+                    report.emulated_fp4_activations
+                );
+                model
+            } else {
+                onnx.model.clone()
+            };
+            if widen {
+                let n = crate::onnx::cpu_pass::widen_16bit(&onnx, &mut model)?;
+                tracing::info!(
+                    "'{}': 16-bit graph widened to f32 for ONNX Runtime's CPU provider ({n} weights, same values)",
+                    path.display()
+                );
+            }
             let dir = tempfile::Builder::new().prefix("trt-diff-cpu-").tempdir()?;
             model_path = dir.path().join("model.onnx");
             save(model, &model_path, &SaveOptions::default())?;
-            tracing::info!(
-                "'{}': CPU pass folded {} dequantize nodes and emulated {} FP4 activation quantizers for ONNX Runtime",
-                path.display(),
-                report.folded,
-                report.emulated_fp4_activations
-            );
             rewritten = Some(dir);
         }
         let level = opts.optimization.unwrap_or_else(|| {

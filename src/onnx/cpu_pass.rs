@@ -7,7 +7,9 @@
 use super::dequantize::{dequantize, to_f32};
 use super::dtype::DataType;
 use super::model::{OnnxFile, external_ref};
-use super::proto::{AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, attr_type};
+use super::proto::{
+    AttributeProto, GraphProto, ModelProto, NodeProto, TensorProto, ValueInfoProto, attr_type,
+};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
 use std::collections::{HashMap, HashSet};
@@ -555,4 +557,142 @@ fn fp4_emulation(p: &str, x: &str, sx: &str, out: &str) -> (Vec<NodeProto>, Vec<
         ),
     ];
     (nodes, inits)
+}
+
+/// bf16 and f16 widened to f32 for ONNX Runtime's CPU provider, which has no bf16 kernels (and f16 ones for few
+/// operators): 16-bit initializers and constants become f32 holding the same values, casts to 16 bits become casts
+/// to f32, and intermediate types follow. Graph inputs and outputs keep their types (a cast at each), so callers
+/// see the same interface. The result computes in f32 on exactly the 16-bit weights: the CPU backend's emulation
+/// of a bf16/f16 engine. Returns the number of initializers widened.
+pub fn widen_16bit(onnx: &OnnxFile, model: &mut ModelProto) -> Result<usize> {
+    let is_16 = |dt: i32| dt == DataType::BFLOAT16.0 || dt == DataType::FLOAT16.0;
+    let f32_code = DataType::FLOAT.0;
+    let graph = model.graph.as_mut().context("model has no graph")?;
+    let external: HashMap<String, Bytes> =
+        if graph.initializer.iter().any(|t| external_ref(t).is_some()) {
+            onnx.external_weights()?.into_iter().collect()
+        } else {
+            HashMap::new()
+        };
+    let widen_tensor = |t: &mut TensorProto| -> Result<()> {
+        let dt = DataType(t.data_type);
+        let count = t.dims.iter().product::<i64>().max(0) as usize;
+        let values = if external_ref(t).is_some() {
+            let bytes = external
+                .get(&t.name)
+                .with_context(|| format!("initializer '{}': external data missing", t.name))?;
+            to_f32(dt, bytes, count)
+        } else {
+            inline_values(t, dt, count)
+        }
+        .with_context(|| format!("initializer '{}'", t.name))?;
+        *t = TensorProto {
+            dims: t.dims.clone(),
+            data_type: f32_code,
+            name: t.name.clone(),
+            raw_data: encode(&values, DataType::FLOAT)?,
+            ..Default::default()
+        };
+        Ok(())
+    };
+    let mut widened = 0;
+    for t in &mut graph.initializer {
+        if is_16(t.data_type) {
+            widen_tensor(t)?;
+            widened += 1;
+        } else if external_ref(t).is_some() {
+            // The result is saved elsewhere: other external tensors are taken in (zero-copy, from the mapping).
+            t.raw_data = external
+                .get(&t.name)
+                .with_context(|| format!("initializer '{}': external data missing", t.name))?
+                .clone();
+            t.external_data.clear();
+            t.data_location = 0;
+        }
+    }
+    for n in &mut graph.node {
+        for a in &mut n.attribute {
+            match (n.op_type.as_str(), a.name.as_str()) {
+                ("Cast", "to") if is_16(a.i as i32) => a.i = f32_code as i64,
+                (_, "value") => {
+                    if let Some(t) = a.t.as_mut().filter(|t| is_16(t.data_type)) {
+                        widen_tensor(t)?;
+                    }
+                }
+                _ => {}
+            }
+        }
+    }
+    let retype = |v: &mut ValueInfoProto| {
+        if let Some(tt) = v
+            .r#type
+            .as_mut()
+            .and_then(|t| t.tensor_type.as_mut())
+            .filter(|tt| is_16(tt.elem_type))
+        {
+            tt.elem_type = f32_code;
+        }
+    };
+    graph.value_info.iter_mut().for_each(retype);
+    // The interface keeps its 16-bit types: a cast from each 16-bit input, a cast to each 16-bit output.
+    let elem = |v: &ValueInfoProto| {
+        v.r#type
+            .as_ref()
+            .and_then(|t| t.tensor_type.as_ref())
+            .map_or(0, |tt| tt.elem_type)
+    };
+    let cast = |input: &str, output: &str, to: i32| NodeProto {
+        input: vec![input.into()],
+        output: vec![output.into()],
+        name: format!("{output}/widen_cast"),
+        op_type: "Cast".into(),
+        attribute: vec![AttributeProto {
+            name: "to".into(),
+            r#type: attr_type::INT,
+            i: to as i64,
+            ..Default::default()
+        }],
+        ..Default::default()
+    };
+    let mut front = Vec::new();
+    for v in graph.input.iter().filter(|v| is_16(elem(v))) {
+        let wide = format!("{}/f32", v.name);
+        for n in &mut graph.node {
+            n.input
+                .iter_mut()
+                .filter(|i| **i == v.name)
+                .for_each(|i| *i = wide.clone());
+        }
+        front.push(cast(&v.name, &wide, f32_code));
+    }
+    let mut back = Vec::new();
+    for v in graph.output.iter().filter(|v| is_16(elem(v))) {
+        let wide = format!("{}/f32", v.name);
+        for n in &mut graph.node {
+            n.output
+                .iter_mut()
+                .filter(|o| **o == v.name)
+                .for_each(|o| *o = wide.clone());
+            n.input
+                .iter_mut()
+                .filter(|i| **i == v.name)
+                .for_each(|i| *i = wide.clone());
+        }
+        back.push(cast(&wide, &v.name, elem(v)));
+    }
+    front.append(&mut graph.node);
+    front.append(&mut back);
+    graph.node = front;
+    Ok(widened)
+}
+
+/// Whether a model computes in bf16 or f16 (16-bit float initializers or casts to 16 bits).
+pub fn computes_in_16bit(model: &ModelProto) -> bool {
+    let is_16 = |dt: i64| dt == DataType::BFLOAT16.0 as i64 || dt == DataType::FLOAT16.0 as i64;
+    model.graph.as_ref().is_some_and(|g| {
+        g.initializer.iter().any(|t| is_16(t.data_type as i64))
+            || g.node.iter().any(|n| {
+                n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && is_16(a.i))
+            })
+    })
 }
