@@ -61,7 +61,7 @@ print(("PASS" if ok else "FAIL"), f"{sys.argv[3]}: cuda vs cpu image {a.shape}, 
 PY
 }
 flux_args=(--prompt "a watercolor painting of a fox in the snow" --width 64 --height 64 --steps 4 --seed 1 --no-progress)
-for p in fp32 nvfp4; do
+for p in ${FLUX:-fp32 nvfp4}; do
   for b in cpu cuda; do
     echo "== tiny flux $p on $b"
     TRT_DIFF_LOG=$([ $b = cuda ] && echo debug || echo info) \
