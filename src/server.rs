@@ -34,6 +34,7 @@ use tokio::sync::mpsc;
 
 mod access;
 mod grammar;
+mod images;
 mod limits;
 mod openai;
 
@@ -83,10 +84,10 @@ impl Default for ServeOptions {
 impl ServeOptions {
     /// Checks the values (before anything is opened).
     pub fn check(&self) -> Result<()> {
-        self.limits().map(|_| ())
+        self.limits(MAX_BODY_BYTES).map(|_| ())
     }
 
-    fn limits(&self) -> Result<limits::Limits> {
+    fn limits(&self, max_body_bytes: usize) -> Result<limits::Limits> {
         let secs = |name: &str, v: f64| -> Result<std::time::Duration> {
             if !(v.is_finite() && v > 0.0 && v <= 86_400.0) {
                 anyhow::bail!("--{name} must be a number of seconds in (0, 86400], got {v}");
@@ -102,7 +103,7 @@ impl ServeOptions {
             write_timeout: secs("write-timeout", self.write_timeout)?,
             max_connections: self.max_connections,
             shutdown_grace: secs("shutdown-grace", self.shutdown_grace)?,
-            max_body_bytes: MAX_BODY_BYTES,
+            max_body_bytes,
         })
     }
 }
@@ -186,6 +187,15 @@ struct Metrics {
     decode_calls: AtomicU64,
     /// Set on SIGINT/SIGTERM: queued requests are answered 503.
     stopping: AtomicBool,
+}
+
+/// What every route family shares: the counters behind /metrics and shutdown, and the served model's name.
+#[derive(Clone)]
+struct AppShared {
+    metrics: Arc<Metrics>,
+    model: String,
+    engine_path: String,
+    created: u64,
 }
 
 struct AppState {
@@ -1225,11 +1235,39 @@ pub fn serve(
     port: u16,
     opts: &ServeOptions,
 ) -> Result<()> {
-    let limits = Arc::new(opts.limits()?);
+    let stem = engine
+        .path
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let shared = AppShared {
+        metrics: Arc::new(Metrics::default()),
+        // `flux.plan` and an ONNX-only bundle's `flux.plan.json` both serve as "flux".
+        model: stem.strip_suffix(".plan").unwrap_or(&stem).to_string(),
+        engine_path: engine.path.display().to_string(),
+        created: now_secs(),
+    };
+    if let Some(crate::manifest::Pipeline::Image(_)) = engine.pipeline() {
+        let limits = Arc::new(opts.limits(images::MAX_BODY_BYTES)?);
+        let app = images::router(engine, backend, shared.clone())?
+            .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
+            .fallback(|| async {
+                error(
+                    StatusCode::NOT_FOUND,
+                    "not_found",
+                    "no such route; this server has an image bundle: see /v1/images/generations, /sdapi/v1/txt2img, \
+                     /sdapi/v1/img2img, /sdapi/v1/samplers, /sdapi/v1/schedulers, /sdapi/v1/progress, /health",
+                )
+            })
+            .layer(DefaultBodyLimit::max(images::MAX_BODY_BYTES));
+        let counters = Arc::new(limits::ConnCounters::default());
+        return run_app(app, host, port, opts, limits, counters, shared.metrics);
+    }
+    let limits = Arc::new(opts.limits(MAX_BODY_BYTES)?);
     let LlmModel { config, tokenizer } = LlmModel::read(engine)?;
     let (tx, rx) = mpsc::channel::<Job>(256);
     let cfg = config.clone();
-    let metrics = Arc::new(Metrics::default());
+    let metrics = shared.metrics.clone();
     let worker_metrics = metrics.clone();
     // The engine is opened on the thread that uses it (engines need not be Send); open errors come back here.
     let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
@@ -1256,26 +1294,18 @@ pub fn serve(
         .recv()
         .context("the generation thread stopped before opening the engine")?
         .map_err(|e| anyhow::anyhow!(e))?;
-    let engine_path = &engine.path;
     // The request handlers tokenize too (prompt lengths, /tokenize): their own copy of the tokenizer.
     let handler_tok = LlmModel::read(engine)?.tokenizer;
     let counters = Arc::new(limits::ConnCounters::default());
-    let access = Arc::new(access::Access {
-        api_key: opts.api_key.clone().filter(|k| !k.is_empty()),
-        cors: opts.cors.clone(),
-    });
     let state = Arc::new(AppState {
         counters: counters.clone(),
         jobs: tx,
         metrics: metrics.clone(),
-        model: engine_path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default(),
+        model: shared.model.clone(),
         max_seq_len: config.max_seq_len,
         vocab_size: config.vocab_size,
         tok: std::sync::Mutex::new(handler_tok),
-        created: now_secs(),
+        created: shared.created,
     });
     let app = Router::new()
         .route("/v1/generate", post(generate))
@@ -1299,7 +1329,26 @@ pub fn serve(
             )
         })
         .layer(DefaultBodyLimit::max(MAX_BODY_BYTES))
-        .with_state(state)
+        .with_state(state);
+    run_app(app, host, port, opts, limits, counters, metrics)
+}
+
+/// Puts the layers every route shares around `app` (CORS, the API key, the bounded body read) and serves it until
+/// SIGINT/SIGTERM.
+fn run_app(
+    app: Router,
+    host: &str,
+    port: u16,
+    opts: &ServeOptions,
+    limits: Arc<limits::Limits>,
+    counters: Arc<limits::ConnCounters>,
+    metrics: Arc<Metrics>,
+) -> Result<()> {
+    let access = Arc::new(access::Access {
+        api_key: opts.api_key.clone().filter(|k| !k.is_empty()),
+        cors: opts.cors.clone(),
+    });
+    let app = app
         // Outermost last: CORS, then the key, then the body read (bodies of refused requests are not read).
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(limits::BodyGuard {

@@ -1,9 +1,10 @@
 //! OpenAI compatibility of a real `trt-diff serve` (stories260K) checked with the official `openai` Python client
 //! (`tests/py/openai_e2e.py`, from the set-up venv), plus what is easier to see on raw HTTP: the API key
 //! (401, /health public), CORS (off unless the origin is allowed), llama-server routes and metric names, a
-//! too-long streamed prompt answered 400 before any byte of a stream.
+//! too-long streamed prompt answered 400 before any byte of a stream. An image bundle served the same way: the
+//! client's `images.generate` and AUTOMATIC1111's txt2img/img2img give the pixels `trt-diff generate` writes.
 mod common;
-use common::http::{http, start_with};
+use common::http::{http, start, start_with};
 use common::*;
 use std::io::{Read, Write};
 use std::net::TcpStream;
@@ -175,4 +176,185 @@ fn cors_is_off_by_default() {
     );
     assert!(head.starts_with("http/1.1 200"), "{head}");
     assert!(!head.contains("access-control"), "{head}");
+}
+
+/// Pixels of a PNG file's bytes.
+fn pixels(png_bytes: &[u8]) -> Vec<u8> {
+    let mut r = png::Decoder::new(std::io::Cursor::new(png_bytes))
+        .read_info()
+        .unwrap();
+    let mut buf = vec![0; r.output_buffer_size().unwrap()];
+    let info = r.next_frame(&mut buf).unwrap();
+    buf.truncate(info.buffer_size());
+    buf
+}
+
+fn b64(s: &str) -> Vec<u8> {
+    use base64::Engine;
+    base64::engine::general_purpose::STANDARD.decode(s).unwrap()
+}
+
+#[test]
+fn images_through_openai_client_and_a1111_api() {
+    let d = tempfile::tempdir().unwrap();
+    let golden = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/flux");
+    let model = d.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    for (c, dir) in [
+        ("transformer", "pipeline/transformer"),
+        ("vae", "pipeline/vae"),
+        ("text_encoder", "text_encoder"),
+        ("text_encoder_2", "text_encoder_2"),
+    ] {
+        std::os::unix::fs::symlink(format!("{golden}/{dir}"), model.join(c)).unwrap();
+    }
+    let out = d.path().join("flux.plan");
+    run(
+        &[
+            "build",
+            s(&model),
+            "--arch",
+            "flux-dev",
+            "--precision",
+            "fp32",
+            "--onnx-only",
+            "--image-px",
+            "32,64,128",
+            "--clip-tokenizer",
+            s(&shared_data("tokenizers/bpe_simple_vocab_16e6.txt.gz")),
+            "--t5-tokenizer",
+            s(&shared_data("tokenizers/t5_tokenizer.json")),
+            "--out",
+            s(&out),
+            "--no-progress",
+        ],
+        true,
+    );
+    let bundle = d.path().join("flux.plan.json");
+    let prompt = "a watercolor painting of a fox in the snow";
+    let cli_png = d.path().join("cli.png");
+    run(
+        &[
+            "generate",
+            "--engine",
+            s(&bundle),
+            "--prompt",
+            prompt,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "4",
+            "--seed",
+            "1",
+            "--no-progress",
+            "--out",
+            s(&cli_png),
+        ],
+        true,
+    );
+    let want = pixels(&std::fs::read(&cli_png).unwrap());
+    let server = start(&bundle);
+    let a = server.addr.as_str();
+
+    // The official client: the same pixels as `generate`, and `url` refused.
+    let got_png = d.path().join("openai.png");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/py/openai_images.py");
+    let o = std::process::Command::new(python())
+        .args([script, &format!("http://{a}"), s(&got_png)])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(
+        o.status.success() && stdout.contains("all ok"),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        pixels(&std::fs::read(&got_png).unwrap()) == want,
+        "openai route pixels differ"
+    );
+
+    // A1111: txt2img, two iterations (seeds 1 and 2), the first equal to `generate`'s image.
+    let body = format!(
+        r#"{{"prompt": "{prompt}", "steps": 4, "width": 64, "height": 64, "seed": 1, "n_iter": 2, "sampler_name": "Euler", "enable_hr": false}}"#
+    );
+    let (code, body) = http(a, "POST", "/sdapi/v1/txt2img", &body);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let images = v["images"].as_array().unwrap();
+    assert_eq!(images.len(), 2);
+    let first = pixels(&b64(images[0].as_str().unwrap()));
+    assert!(first == want, "txt2img pixels differ from generate's");
+    assert!(pixels(&b64(images[1].as_str().unwrap())) != want);
+    let info: serde_json::Value = serde_json::from_str(v["info"].as_str().unwrap()).unwrap();
+    assert_eq!(info["all_seeds"], serde_json::json!([1, 2]));
+
+    // img2img from the first image at strength 0.5: an image of the same size, not the same pixels.
+    let init = images[0].as_str().unwrap();
+    let body = format!(
+        r#"{{"prompt": "a red cube", "steps": 4, "width": 64, "height": 64, "seed": 3, "denoising_strength": 0.5, "init_images": ["data:image/png;base64,{init}"]}}"#
+    );
+    let (code, body) = http(a, "POST", "/sdapi/v1/img2img", &body);
+    assert_eq!(code, 200, "{body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    let edited = pixels(&b64(v["images"][0].as_str().unwrap()));
+    assert_eq!(edited.len(), want.len());
+    assert!(edited != want);
+
+    // Listings and clear refusals.
+    let (code, body) = http(a, "GET", "/sdapi/v1/samplers", "");
+    assert_eq!(code, 200);
+    let samplers: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(samplers.as_array().unwrap().iter().any(|s| {
+        s["name"] == "euler"
+            && s["aliases"]
+                .as_array()
+                .unwrap()
+                .contains(&serde_json::json!("Euler"))
+    }));
+    assert_eq!(http(a, "GET", "/sdapi/v1/schedulers", "").0, 200);
+    assert_eq!(http(a, "GET", "/sdapi/v1/progress", "").0, 200);
+    for (path, body, says) in [
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": "x", "width": 65}"#,
+            "multiple of 16",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": "x", "sampler_name": "Nope"}"#,
+            "unknown sampler",
+        ),
+        (
+            "/sdapi/v1/txt2img",
+            r#"{"prompt": "x", "batch_size": 9}"#,
+            "between 1 and 8",
+        ),
+        ("/sdapi/v1/img2img", r#"{"prompt": "x"}"#, "init_images"),
+        (
+            "/v1/images/generations",
+            r#"{"prompt": "x", "colour": 1}"#,
+            "unknown field `colour`",
+        ),
+        (
+            "/v1/images/generations",
+            r#"{"prompt": "x", "size": "big"}"#,
+            "WIDTHxHEIGHT",
+        ),
+        (
+            "/v1/chat/completions",
+            r#"{"messages": []}"#,
+            "image bundle",
+        ),
+    ] {
+        let (code, got) = http(a, "POST", path, body);
+        assert!(
+            (code == 400 || code == 404) && got.contains(says),
+            "{path} {body}: {code} {got}"
+        );
+    }
 }

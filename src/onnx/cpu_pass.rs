@@ -686,13 +686,46 @@ pub fn widen_16bit(onnx: &OnnxFile, model: &mut ModelProto) -> Result<usize> {
     Ok(widened)
 }
 
-/// Whether a model computes in bf16 or f16 (16-bit float initializers or casts to 16 bits).
+/// Whether a model computes in bf16 or f16: a 16-bit value (initializer, constant, input or cast result) feeds
+/// an operator other than a Cast. 16-bit weights that are only cast to f32 (checkpoint dtypes kept on disk) need
+/// no widening, which would double their memory.
 pub fn computes_in_16bit(model: &ModelProto) -> bool {
     let is_16 = |dt: i64| dt == DataType::BFLOAT16.0 as i64 || dt == DataType::FLOAT16.0 as i64;
-    model.graph.as_ref().is_some_and(|g| {
-        g.initializer.iter().any(|t| is_16(t.data_type as i64))
-            || g.node.iter().any(|n| {
-                n.op_type == "Cast" && n.attribute.iter().any(|a| a.name == "to" && is_16(a.i))
-            })
-    })
+    let Some(g) = model.graph.as_ref() else {
+        return false;
+    };
+    let elem = |v: &ValueInfoProto| {
+        v.r#type
+            .as_ref()
+            .and_then(|t| t.tensor_type.as_ref())
+            .map_or(0, |tt| tt.elem_type as i64)
+    };
+    let mut half: HashSet<&str> = g
+        .initializer
+        .iter()
+        .filter(|t| is_16(t.data_type as i64))
+        .map(|t| t.name.as_str())
+        .chain(
+            g.input
+                .iter()
+                .filter(|v| is_16(elem(v)))
+                .map(|v| v.name.as_str()),
+        )
+        .collect();
+    for n in &g.node {
+        let makes_16 = match n.op_type.as_str() {
+            "Cast" => n.attribute.iter().any(|a| a.name == "to" && is_16(a.i)),
+            "Constant" => n
+                .attribute
+                .iter()
+                .any(|a| a.t.as_ref().is_some_and(|t| is_16(t.data_type as i64))),
+            _ => false,
+        };
+        if makes_16 {
+            half.extend(n.output.iter().map(String::as_str));
+        }
+    }
+    g.node
+        .iter()
+        .any(|n| n.op_type != "Cast" && n.input.iter().any(|i| half.contains(i.as_str())))
 }

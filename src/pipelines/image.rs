@@ -228,6 +228,35 @@ pub struct ImageOutput {
     pub parameters: String,
 }
 
+/// Any family's pipeline behind one object, for callers that serve whatever bundle they are given (the server).
+pub trait ImageGenerator {
+    fn generate(
+        &mut self,
+        req: &ImageRequest,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<ImageOutput>;
+    /// What unset request fields become.
+    fn defaults(&self) -> ImageDefaults;
+    /// The arch the bundle records ("flux-dev", ...).
+    fn arch(&self) -> &str;
+}
+
+impl<M: ImageModel> ImageGenerator for ImagePipeline<M> {
+    fn generate(
+        &mut self,
+        req: &ImageRequest,
+        on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
+    ) -> Result<ImageOutput> {
+        ImagePipeline::generate(self, req, on_step)
+    }
+    fn defaults(&self) -> ImageDefaults {
+        self.model.defaults()
+    }
+    fn arch(&self) -> &str {
+        self.model.arch()
+    }
+}
+
 /// Prompts whose conditioning is kept (a server alternating a few prompts re-encodes none of them).
 const COND_CACHE: usize = 16;
 

@@ -29,8 +29,27 @@ pub fn write_png(
     text: &[(&str, String)],
 ) -> Result<()> {
     let mut file = crate::fsutil::AtomicFile::create(path)?;
+    encode_png(&mut file, rgb, w, h, text)
+        .with_context(|| format!("cannot write '{}'", path.display()))?;
+    file.commit()
+}
+
+/// The PNG file of an RGB8 image, in memory (the server's base64 answers).
+pub fn png_bytes(rgb: &[u8], w: usize, h: usize, text: &[(&str, String)]) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    encode_png(&mut out, rgb, w, h, text)?;
+    Ok(out)
+}
+
+fn encode_png(
+    out: &mut impl std::io::Write,
+    rgb: &[u8],
+    w: usize,
+    h: usize,
+    text: &[(&str, String)],
+) -> Result<()> {
     {
-        let mut enc = png::Encoder::new(&mut file, w as u32, h as u32);
+        let mut enc = png::Encoder::new(out, w as u32, h as u32);
         enc.set_color(png::ColorType::Rgb);
         enc.set_depth(png::BitDepth::Eight);
         for (k, v) in text {
@@ -42,14 +61,11 @@ pub fn write_png(
             };
             r.with_context(|| format!("cannot add PNG text '{k}'"))?;
         }
-        let mut wr = enc
-            .write_header()
-            .with_context(|| format!("cannot write '{}'", path.display()))?;
-        wr.write_image_data(rgb)
-            .with_context(|| format!("cannot write '{}'", path.display()))?;
+        let mut wr = enc.write_header()?;
+        wr.write_image_data(rgb)?;
         wr.finish()?;
     }
-    file.commit()
+    Ok(())
 }
 
 /// An init image resized to w x h (Lanczos3, as diffusers' Lanczos resize) as [1, 3, h, w] in [-1, 1].

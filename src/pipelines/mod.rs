@@ -64,3 +64,27 @@ impl std::fmt::Display for Arch {
         f.write_str(self.name())
     }
 }
+
+/// Opens an image bundle's pipeline, whichever family built it, on the backend `choice` resolves to.
+pub fn open_image_pipeline(
+    engine: &crate::manifest::EngineFile,
+    choice: crate::backend::BackendChoice,
+) -> anyhow::Result<Box<dyn image::ImageGenerator>> {
+    let Some(crate::manifest::Pipeline::Image(bundle)) = engine.pipeline() else {
+        anyhow::bail!(
+            "'{}' is not an image bundle; build one with `trt-diff build MODEL_DIR --arch ...`",
+            engine.path.display()
+        );
+    };
+    let backend = engines::resolve(choice, engine)?;
+    Ok(match Arch::parse(&bundle.arch)?.family() {
+        Family::Flux => Box::new(image::ImagePipeline::new(flux::FluxModel::open(
+            engine, bundle, backend,
+        )?)),
+        Family::Llm => anyhow::bail!(
+            "'{}' records the LLM arch {} in an image bundle; rebuild it",
+            engine.path.display(),
+            bundle.arch
+        ),
+    })
+}
