@@ -228,6 +228,10 @@ pub struct ImageArgs {
     /// Write a live preview PNG here after every step (needs a bundle built with --tae-decoder).
     #[arg(long, value_name = "FILE.png")]
     pub preview: Option<PathBuf>,
+    /// Apply a LoRA at run time without rebuilding (repeatable to stack): 16-bit weights are merged and the
+    /// engines refitted (ONNX Runtime re-creates its sessions).
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub lora: Vec<crate::weights::lora::LoraSpec>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -287,6 +291,10 @@ pub struct BuildArgs {
     /// Flux: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
     #[arg(long, value_delimiter = ',', value_name = "MIN,OPT,MAX")]
     pub image_px: Option<Vec<i64>>,
+    /// Flux: merge a LoRA (kohya, diffusers/PEFT, ComfyUI, LyCORIS LoHa/LoKr) at a strength before quantizing;
+    /// repeatable to stack.
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub lora: Vec<crate::weights::lora::LoraSpec>,
     /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
     #[arg(long, value_name = "TEXT")]
     pub calibration_prompt: Vec<String>,

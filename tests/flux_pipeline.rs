@@ -358,6 +358,7 @@ fn quantized_bundles_build_and_stay_close() {
             calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
             calibration_steps: Some(2),
             calibration_backend: BackendChoice::Cpu,
+            loras: Vec::new(),
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,

@@ -30,7 +30,22 @@ pub struct OrtOptions {
     /// None: all optimizations, or none for graphs with FP8 Q/DQ.
     pub optimization: Option<GraphOptimizationLevel>,
     pub device: OrtDevice,
+    /// Initializers whose values replace the file's (weights with a LoRA merged in), by name.
+    pub weights: WeightOverrides,
 }
+
+/// Weights that replace a graph's own initializers of the same name, shape and element type.
+#[derive(Clone, Default)]
+pub struct WeightOverrides(pub std::sync::Arc<std::collections::BTreeMap<String, WeightTensor>>);
+
+impl std::fmt::Debug for WeightOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightOverrides({} tensors)", self.0.len())
+    }
+}
+
+/// An initializer's replacement ([`crate::weights::safetensors_file::Tensor`]).
+pub type WeightTensor = crate::weights::safetensors_file::Tensor;
 
 /// An output that feeds an input of the next run without leaving the engine's memory (a KV cache on the GPU).
 struct Chained {
@@ -43,6 +58,9 @@ struct Chained {
 
 pub struct OrtEngine {
     name: String,
+    /// The graph file and options it was opened with (`set_weights` re-opens it).
+    path: PathBuf,
+    opts: OrtOptions,
     session: Session,
     /// Inputs and outputs go through an IO binding; outputs are bound to ONNX Runtime's CPU allocator before
     /// each run (shapes may change between runs, so earlier outputs cannot be reused).
@@ -221,6 +239,42 @@ impl OrtEngine {
         // with "domain already exist", so sessions with our operators are created one at a time.
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
+        for (name, t) in opts.weights.0.iter() {
+            let Some(init) = onnx
+                .model
+                .graph
+                .iter()
+                .flat_map(|g| &g.initializer)
+                .find(|i| &i.name == name)
+            else {
+                bail!(
+                    "'{}' has no weight '{name}' to replace; the engine was built from another model",
+                    path.display()
+                );
+            };
+            let dims: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
+            if dims != t.shape || DataType(init.data_type) != t.dtype {
+                bail!(
+                    "'{}': weight '{name}' is {} {dims:?}; its replacement is {} {:?}",
+                    path.display(),
+                    DataType(init.data_type),
+                    t.dtype,
+                    t.shape
+                );
+            }
+            let value = to_value(
+                name,
+                &HostTensor {
+                    dtype: t.dtype,
+                    shape: t.shape.clone(),
+                    data: t.data.to_vec(),
+                },
+            )?;
+            // Injected into the graph before its optimizations (constant folding sees the new values).
+            builder = builder
+                .with_external_initializer(name, value)
+                .map_err(|e| err(&e))?;
+        }
         let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
         let inputs: Vec<TensorDesc> = session
             .inputs()
@@ -249,6 +303,8 @@ impl OrtEngine {
         };
         Ok(OrtEngine {
             name: path.display().to_string(),
+            path: path.to_path_buf(),
+            opts: opts.clone(),
             session,
             binding,
             cpu,
@@ -394,6 +450,22 @@ fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
 }
 
 impl Engine for OrtEngine {
+    fn set_weights(&mut self, weights: &[WeightTensor]) -> Result<()> {
+        if !self.held.is_empty() || !self.chained.is_empty() {
+            bail!(
+                "'{}' keeps tensors between runs (a KV cache); its weights cannot be replaced",
+                self.name
+            );
+        }
+        let mut opts = self.opts.clone();
+        let mut map = (*opts.weights.0).clone();
+        for t in weights {
+            map.insert(t.name.clone(), t.clone());
+        }
+        opts.weights = WeightOverrides(std::sync::Arc::new(map));
+        *self = OrtEngine::open(&self.path, &opts)?;
+        Ok(())
+    }
     fn backend(&self) -> String {
         match self.device {
             OrtDevice::Cpu => "ONNX Runtime (CPU)".into(),

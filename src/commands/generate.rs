@@ -85,12 +85,19 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
     let backend = resolve(a.engine.backend, engine)?;
     let arch = Arch::parse(&bundle.arch)?;
     let r = match arch.family() {
-        Family::Flux => write_images(
-            ImagePipeline::new(FluxModel::open(engine, bundle, backend)?),
-            &req,
-            out,
-            !i.no_progress,
-        )?,
+        Family::Flux => {
+            let mut pipe = ImagePipeline::new(FluxModel::open(engine, bundle, backend)?);
+            if !i.lora.is_empty() {
+                let t = Instant::now();
+                pipe.set_loras(&crate::weights::lora::open_all(&i.lora)?)?;
+                eprintln!(
+                    "applied {} LoRA(s) in {:.3} s",
+                    i.lora.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            write_images(pipe, &req, out, !i.no_progress)?
+        }
         Family::Llm => bail!(
             "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
             engine.path.display()

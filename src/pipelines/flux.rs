@@ -14,6 +14,7 @@ use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::onnx::DataType;
 use crate::samplers::schedule;
 use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
+use crate::weights::lora::{LoraFile, Part};
 use anyhow::{Context, Result, bail};
 use cudarc::driver::DevicePtr;
 use serde::{Deserialize, Serialize};
@@ -94,6 +95,8 @@ pub struct FluxModel {
     pub device: Option<Arc<Device>>,
     /// Device copies of the constant transformer inputs: image ids per latent size, text ids.
     device_ids: Option<((usize, usize), DeviceBuffer, DeviceBuffer)>,
+    /// Run-time LoRA: where each part's built weights are and what the current LoRA set changed.
+    lora: Option<super::lora::RuntimeLora>,
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
@@ -227,7 +230,17 @@ impl FluxModel {
             amax: None,
             device: None,
             device_ids: None,
+            lora: None,
         }
+    }
+
+    /// Enables run-time LoRA ([`ImageModel::set_loras`]) for engines built from these graphs (CLIP as text
+    /// encoder 0, T5 as 1, the transformer as the denoiser; each graph's initializers are its engine's weights).
+    pub fn enable_lora(&mut self, graphs: std::collections::BTreeMap<Part, std::path::PathBuf>) {
+        self.lora = Some(super::lora::RuntimeLora::new(
+            graphs,
+            super::lora::flux_book,
+        ));
     }
 
     /// Opens a Flux bundle's components on `backend`.
@@ -253,6 +266,26 @@ impl FluxModel {
             backend,
             &bundle.arch,
         )?;
+        let mut lora_graphs = std::collections::BTreeMap::new();
+        for (name, part) in [
+            ("transformer", Part::Denoiser),
+            ("clip", Part::TextEncoder(0)),
+            ("t5", Part::TextEncoder(1)),
+        ] {
+            let Some(c) = bundle.components.get(name) else {
+                continue;
+            };
+            // TensorRT refits with the plan's own graph's element types; ONNX Runtime runs the component's ONNX.
+            let graph = match (&c.plan, backend) {
+                (Some(plan), Backend::Trt) => EngineFile::open_with(
+                    &engine.file(plan, &format!("component {name}"))?,
+                    engine.allow_external,
+                )?
+                .source_onnx()?,
+                _ => engine.file(&c.onnx, &format!("component {name}"))?,
+            };
+            lora_graphs.insert(part, graph);
+        }
         let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder]: [Option<
             Box<dyn Engine>,
         >; 6] = parts
@@ -288,6 +321,10 @@ impl FluxModel {
                 Backend::Cpu => None,
             },
             device_ids: None,
+            lora: Some(super::lora::RuntimeLora::new(
+                lora_graphs,
+                super::lora::flux_book,
+            )),
         })
     }
 
@@ -440,6 +477,28 @@ pub fn load_clip_tokenizer(path: &std::path::Path, pad: u32) -> Result<ClipToken
 
 impl ImageModel for FluxModel {
     type Cond = Cond;
+
+    fn set_loras(&mut self, loras: &[(LoraFile, f32)]) -> Result<()> {
+        let Some(lora) = self.lora.as_mut() else {
+            bail!(
+                "these Flux engines were opened without their graphs; open the bundle to apply LoRAs"
+            );
+        };
+        let pending = lora.weights_for(loras)?;
+        for (part, weights) in &pending.by_part {
+            let engine = match part {
+                Part::Denoiser => &mut self.engines.transformer,
+                Part::TextEncoder(0) => &mut self.engines.clip,
+                Part::TextEncoder(_) => &mut self.engines.t5,
+            };
+            engine
+                .set_weights(weights)
+                .with_context(|| format!("applying the LoRAs to the {part}"))?;
+            tracing::info!("LoRA: {} weights of the {part} replaced", weights.len());
+        }
+        lora.commit(pending);
+        Ok(())
+    }
 
     fn arch(&self) -> &str {
         &self.config.arch

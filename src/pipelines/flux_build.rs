@@ -15,6 +15,7 @@ use crate::onnx::{DataType, SaveOptions, save};
 use crate::quant::Precision;
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
+use crate::weights::lora::{LoraFile, LoraSpec, Part, Resolved, open_all};
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -178,6 +179,47 @@ pub struct Plan {
     pub clip: clip::ClipTextConfig,
     pub t5: t5::T5Config,
     pub vae: vae::VaeConfig,
+    /// LoRAs merged into the transformer and text encoders before export (`build --lora`).
+    pub lora: Resolved,
+}
+
+impl Plan {
+    /// Resolves `loras` (files at strengths) against the model's transformer, CLIP and T5 weights: every module
+    /// must land on a layer. Exports then merge them before any quantization.
+    pub fn with_loras(mut self, loras: &[(LoraFile, f32)]) -> Result<Self> {
+        if loras.is_empty() {
+            self.lora = Resolved::default();
+            return Ok(self);
+        }
+        let shapes = |p: &Path| -> Result<super::lora::Shapes> {
+            Ok(super::lora::checkpoint_shapes(&Checkpoint::open(p)?))
+        };
+        let (t, c, t5) = (
+            shapes(&self.files.transformer)?,
+            shapes(&self.files.clip)?,
+            shapes(&self.files.t5)?,
+        );
+        self.lora = super::lora::resolve_for(
+            loras,
+            &[
+                (Part::Denoiser, &t),
+                (Part::TextEncoder(0), &c),
+                (Part::TextEncoder(1), &t5),
+            ],
+            super::lora::flux_book,
+        )?;
+        Ok(self)
+    }
+
+    /// A component's checkpoint with the plan's LoRAs merged in.
+    fn checkpoint(&self, path: &Path, part: Part) -> Result<Checkpoint> {
+        let mut ck = Checkpoint::open(path)?;
+        let n = super::lora::merge_into_checkpoint(&mut ck, part, &self.lora)?;
+        if n > 0 {
+            tracing::info!("LoRA: merged into {n} weights of the {part}");
+        }
+        Ok(ck)
+    }
 }
 
 pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<Plan> {
@@ -265,6 +307,7 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         clip,
         t5,
         vae,
+        lora: Resolved::default(),
     })
 }
 
@@ -297,10 +340,10 @@ impl OnnxPaths {
 /// Writes the text encoders and the VAE halves in the given dtypes.
 pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType) -> Result<()> {
     let opts = SaveOptions::default();
-    let ck = Checkpoint::open(&p.files.clip)?;
+    let ck = p.checkpoint(&p.files.clip, Part::TextEncoder(0))?;
     // CLIP-L is fine in f16/bf16; T5 never in f16.
     save(clip::graph(&p.clip, &ck, text)?, &paths.clip, &opts)?;
-    let ck = Checkpoint::open(&p.files.t5)?;
+    let ck = p.checkpoint(&p.files.t5, Part::TextEncoder(1))?;
     let t5_dt = if text == DataType::FLOAT16 {
         DataType::BFLOAT16
     } else {
@@ -317,7 +360,7 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
 
 /// The transformer graph, streamed to `out`.
 pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> Result<()> {
-    let ck = Checkpoint::open(&p.files.transformer)?;
+    let ck = p.checkpoint(&p.files.transformer, Part::Denoiser)?;
     fluxm::export(&p.transformer, &ck, opts, out)?;
     Ok(())
 }
@@ -527,6 +570,8 @@ pub struct FluxBuildOptions {
     pub calibration_steps: Option<usize>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
+    /// LoRA files at strengths, merged into the weights before export and quantization.
+    pub loras: Vec<LoraSpec>,
     pub base: BuildOptions,
 }
 
@@ -540,7 +585,8 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         )?,
         &o.arch,
         o.t5_max_len,
-    )?;
+    )?
+    .with_loras(&open_all(&o.loras)?)?;
     let mut p = p;
     if let Some(v) = &o.calibration_prompts
         && !v.is_empty()

@@ -168,6 +168,17 @@ impl Buffer for Latent {
 pub trait ImageModel {
     /// One prompt's text conditioning, cached by the pipeline per prompt.
     type Cond;
+    /// Applies `loras` (files at strengths) to the opened engines, replacing the set applied before (an empty
+    /// list restores the built weights).
+    fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        if loras.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the {} pipeline does not take LoRAs at run time yet; merge them with `build --lora`",
+            self.arch()
+        )
+    }
     fn arch(&self) -> &str;
     fn defaults(&self) -> ImageDefaults;
     fn prediction(&self) -> Prediction;
@@ -238,6 +249,13 @@ impl<M: ImageModel> ImagePipeline<M> {
             model,
             cache: HashMap::new(),
         }
+    }
+
+    /// Applies LoRAs at run time ([`ImageModel::set_loras`]); cached text conditioning is dropped, since the text
+    /// encoders may have changed.
+    pub fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        self.cache.clear();
+        self.model.set_loras(loras)
     }
 
     fn condition(&mut self, prompt: &str) -> Result<Rc<M::Cond>> {

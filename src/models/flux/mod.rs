@@ -60,6 +60,7 @@ use std::path::{Path, PathBuf};
 
 mod config;
 mod emit;
+pub mod lora;
 
 use config::detect_layout;
 pub use config::{FluxConfig, Layout, bfl_tensor_shapes};

@@ -1,0 +1,228 @@
+//! LoRA in image pipelines, both ways: merged into the checkpoints before export and quantization
+//! (`build --lora`), or merged into a built bundle's weights at run time (`generate --lora`: ONNX Runtime re-creates
+//! the sessions with the merged initializers, TensorRT refits 16-bit engines), switchable between images.
+//!
+//! A family plugs in with one [`BookFn`]: for each of its parts (denoiser, text encoders), the [`AddressBook`] of the
+//! weights it has (Flux: [`flux_book`]). Everything else here is family-free.
+use crate::models::flux as fluxm;
+use crate::onnx::{DataType, OnnxFile};
+use crate::weights::lora::{AddressBook, LoraFile, Part, Resolved, merged_tensors, resolve};
+use crate::weights::safetensors_file::{Checkpoint, Tensor};
+use anyhow::{Context, Result, bail};
+use bytes::Bytes;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::path::{Path, PathBuf};
+
+/// Tensor names and shapes of one part's weights.
+pub type Shapes = BTreeMap<String, Vec<usize>>;
+
+/// A family's address book of each part, from that part's weights.
+pub type BookFn = fn(Part, &Shapes) -> Result<AddressBook>;
+
+/// Flux: the transformer's table (BFL or diffusers names, fused q/k/v), CLIP-L (with or without `text_model.`)
+/// and T5 by their own names.
+pub fn flux_book(part: Part, shapes: &Shapes) -> Result<AddressBook> {
+    let names = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    match part {
+        Part::Denoiser => fluxm::lora::address_book(shapes),
+        Part::TextEncoder(0) => Ok(AddressBook::from_names(names(), &["text_model."])),
+        Part::TextEncoder(1) => Ok(AddressBook::from_names(names(), &[])),
+        Part::TextEncoder(n) => bail!(
+            "Flux has two text encoders; a LoRA names text encoder {}",
+            n + 1
+        ),
+    }
+}
+
+pub fn checkpoint_shapes(ck: &Checkpoint) -> Shapes {
+    ck.names()
+        .filter_map(|n| ck.shape(n).map(|s| (n.to_string(), s.to_vec())))
+        .collect()
+}
+
+/// Resolves `loras` against the parts' weights (every module must land somewhere).
+pub fn resolve_for(
+    loras: &[(LoraFile, f32)],
+    parts: &[(Part, &Shapes)],
+    book: BookFn,
+) -> Result<Resolved> {
+    let books: Vec<(Part, AddressBook)> = parts
+        .iter()
+        .map(|(p, s)| Ok((*p, book(*p, s)?)))
+        .collect::<Result<_>>()?;
+    let refs: Vec<(Part, &AddressBook)> = books.iter().map(|(p, b)| (*p, b)).collect();
+    resolve(loras, &refs)
+}
+
+/// Build time: the LoRA-merged weights of `part` replace the checkpoint's (in f32, before any quantization).
+/// Returns the number of tensors replaced.
+pub fn merge_into_checkpoint(ck: &mut Checkpoint, part: Part, lora: &Resolved) -> Result<usize> {
+    let Some(updates) = lora.part(part) else {
+        return Ok(0);
+    };
+    let merged = merged_tensors(updates, &|n| ck.get(n), None)?;
+    let n = merged.len();
+    for t in merged {
+        ck.set_override(t)?;
+    }
+    Ok(n)
+}
+
+/// One part's built weights, read from the graph its engine was made from (initializer names are the
+/// checkpoint's, so the family's book applies).
+struct GraphWeights {
+    shapes: Shapes,
+    dtypes: HashMap<String, DataType>,
+    data: HashMap<String, Bytes>,
+    path: PathBuf,
+}
+
+impl GraphWeights {
+    fn load(path: &Path) -> Result<Self> {
+        let onnx = OnnxFile::load(path)?;
+        let mut data: HashMap<String, Bytes> = onnx.external_weights()?.into_iter().collect();
+        let mut shapes = Shapes::new();
+        let mut dtypes = HashMap::new();
+        for t in onnx.model.graph.iter().flat_map(|g| &g.initializer) {
+            let dt = DataType(t.data_type);
+            if !matches!(dt, DataType::FLOAT | DataType::FLOAT16 | DataType::BFLOAT16) {
+                continue;
+            }
+            shapes.insert(t.name.clone(), t.dims.iter().map(|&d| d as usize).collect());
+            dtypes.insert(t.name.clone(), dt);
+            if !data.contains_key(&t.name) {
+                let bytes = if !t.raw_data.is_empty() {
+                    t.raw_data.clone()
+                } else {
+                    Bytes::from(
+                        t.float_data
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>(),
+                    )
+                };
+                data.insert(t.name.clone(), bytes);
+            }
+        }
+        Ok(GraphWeights {
+            shapes,
+            dtypes,
+            data,
+            path: path.to_path_buf(),
+        })
+    }
+
+    fn tensor(&self, name: &str) -> Result<Tensor> {
+        match (
+            self.data.get(name),
+            self.dtypes.get(name),
+            self.shapes.get(name),
+        ) {
+            (Some(d), Some(t), Some(s)) => Ok(Tensor {
+                name: name.to_string(),
+                dtype: *t,
+                shape: s.clone(),
+                data: d.clone(),
+            }),
+            _ => bail!(
+                "'{}' has no float weight '{name}': rebuild the bundle with this trt-diff",
+                self.path.display()
+            ),
+        }
+    }
+}
+
+/// Run-time LoRA for a bundle: which tensors the current LoRA set changed, so that the next set restores them.
+pub struct RuntimeLora {
+    graphs: BTreeMap<Part, PathBuf>,
+    loaded: BTreeMap<Part, GraphWeights>,
+    book: BookFn,
+    applied: BTreeMap<Part, BTreeSet<String>>,
+}
+
+impl RuntimeLora {
+    /// `graphs`: per part, the ONNX graph holding the weights its engine was built with.
+    pub fn new(graphs: BTreeMap<Part, PathBuf>, book: BookFn) -> Self {
+        RuntimeLora {
+            graphs,
+            loaded: BTreeMap::new(),
+            book,
+            applied: BTreeMap::new(),
+        }
+    }
+
+    /// The weights each part's engine must take for `loras` (replacing the set applied before): merged tensors in
+    /// each weight's own element type, and the built values of tensors the earlier set changed and this one does
+    /// not. Parts with nothing to change are absent. Call [`RuntimeLora::commit`] once the engines took them.
+    pub fn weights_for(&mut self, loras: &[(LoraFile, f32)]) -> Result<PendingWeights> {
+        let wanted: BTreeSet<Part> = loras
+            .iter()
+            .flat_map(|(f, _)| f.modules.iter().map(|m| m.part))
+            .chain(self.applied.keys().copied())
+            .collect();
+        for part in &wanted {
+            if self.loaded.contains_key(part) {
+                continue;
+            }
+            let Some(path) = self.graphs.get(part) else {
+                bail!(
+                    "a LoRA has {part} modules and this bundle has no such component; is it a LoRA for another \
+                     model family?"
+                );
+            };
+            let g = GraphWeights::load(path)
+                .with_context(|| format!("reading the built weights of the {part}"))?;
+            self.loaded.insert(*part, g);
+        }
+        let parts: Vec<(Part, &Shapes)> = wanted
+            .iter()
+            .map(|p| (*p, &self.loaded[p].shapes))
+            .collect();
+        let resolved = resolve_for(loras, &parts, self.book)?;
+        let mut out = BTreeMap::new();
+        let mut applied = BTreeMap::new();
+        for part in wanted {
+            let g = &self.loaded[&part];
+            let mut tensors = Vec::new();
+            let mut changed = BTreeSet::new();
+            if let Some(updates) = resolved.part(part) {
+                // Each tensor keeps its own element type (one call per dtype group is not needed: a part's
+                // weights share one in practice, but read each tensor's anyway).
+                for (name, ups) in updates {
+                    let one = BTreeMap::from([(name.clone(), ups.clone())]);
+                    let dt = g.dtypes.get(name).copied();
+                    for t in merged_tensors(&one, &|n| g.tensor(n), dt)? {
+                        changed.insert(t.name.clone());
+                        tensors.push(t);
+                    }
+                }
+            }
+            for name in self.applied.get(&part).into_iter().flatten() {
+                if !changed.contains(name) {
+                    tensors.push(g.tensor(name)?);
+                }
+            }
+            if !tensors.is_empty() {
+                out.insert(part, tensors);
+            }
+            if !changed.is_empty() {
+                applied.insert(part, changed);
+            }
+        }
+        Ok(PendingWeights {
+            by_part: out,
+            applied,
+        })
+    }
+
+    /// Records that the engines now hold `w`'s weights.
+    pub fn commit(&mut self, w: PendingWeights) {
+        self.applied = w.applied;
+    }
+}
+
+/// Weights to hand to each part's engine ([`RuntimeLora::weights_for`]).
+pub struct PendingWeights {
+    pub by_part: BTreeMap<Part, Vec<Tensor>>,
+    applied: BTreeMap<Part, BTreeSet<String>>,
+}

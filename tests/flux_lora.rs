@@ -1,0 +1,219 @@
+//! LoRA on Flux against diffusers + peft (tests/golden/flux/lora, scripts/golden/flux_lora.py): LoRA files of each
+//! format (PEFT, kohya with BFL names and alpha, ComfyUI `diffusion_model.*`, kohya with diffusers names, LyCORIS
+//! LoHa and LoKr) on the tiny FLUX.1-dev transformer, merged into its diffusers-layout and BFL-layout checkpoints
+//! (build time) and into an exported graph's weights (run time, switching between sets in one engine); the whole
+//! tiny pipeline with a transformer + CLIP LoRA, merged and at run time; and the errors.
+use std::collections::{BTreeMap, HashMap};
+use std::path::{Path, PathBuf};
+use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+use trt_diff::backend::{Engine, HostTensor};
+use trt_diff::models::flux::{self, ExportOptions, FluxConfig};
+use trt_diff::onnx::DataType;
+use trt_diff::pipelines::lora::{
+    RuntimeLora, checkpoint_shapes, flux_book, merge_into_checkpoint, resolve_for,
+};
+use trt_diff::weights::lora::{LoraFile, Part, merged_tensors};
+use trt_diff::weights::safetensors_file::Checkpoint;
+
+fn golden(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/flux")
+        .join(name)
+}
+
+fn io(path: &Path) -> HashMap<String, HostTensor> {
+    let ck = Checkpoint::open(path).unwrap();
+    ck.names()
+        .map(|n| {
+            let t = ck.get(n).unwrap();
+            (
+                n.to_string(),
+                HostTensor::from_f32(&t.shape, &t.to_f32().unwrap()),
+            )
+        })
+        .collect()
+}
+
+fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
+    assert_eq!(a.shape, b.shape);
+    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
+
+fn lora(name: &str) -> LoraFile {
+    LoraFile::open(&golden(&format!("lora/{name}.safetensors"))).unwrap()
+}
+
+fn axes() -> Vec<usize> {
+    FluxConfig::axes_from_diffusers_config(
+        &std::fs::read_to_string(golden("flux_dev_config.json")).unwrap(),
+    )
+    .unwrap()
+}
+
+/// The tiny transformer's checkpoint (one layout) with `loras` merged in (stored as `store`, None: f32), exported
+/// to `dir`.
+fn export_merged_as(
+    file: &str,
+    loras: &[(LoraFile, f32)],
+    dir: &Path,
+    tag: &str,
+    store: Option<DataType>,
+) -> PathBuf {
+    let mut ck = Checkpoint::open(&golden(file)).unwrap();
+    let shapes = checkpoint_shapes(&ck);
+    let resolved = resolve_for(loras, &[(Part::Denoiser, &shapes)], flux_book).unwrap();
+    match store {
+        None => {
+            merge_into_checkpoint(&mut ck, Part::Denoiser, &resolved).unwrap();
+        }
+        Some(dt) => {
+            if let Some(u) = resolved.part(Part::Denoiser) {
+                for t in merged_tensors(u, &|n| ck.get(n), Some(dt)).unwrap() {
+                    ck.set_override(t).unwrap();
+                }
+            }
+        }
+    }
+    let (cfg, _, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes())).unwrap();
+    let out = dir.join(format!("{tag}.onnx"));
+    flux::export(&cfg, &ck, &ExportOptions::default(), &out).unwrap();
+    out
+}
+
+fn export_merged(file: &str, loras: &[(LoraFile, f32)], dir: &Path, tag: &str) -> PathBuf {
+    export_merged_as(file, loras, dir, tag, None)
+}
+
+fn run(e: &mut OrtEngine, inputs: &HashMap<String, HostTensor>) -> HostTensor {
+    let given: Vec<(String, HostTensor)> = e
+        .inputs()
+        .iter()
+        .map(|d| (d.name.clone(), inputs[&d.name].clone()))
+        .collect();
+    e.run(&given).unwrap().remove(0).1
+}
+
+const CASES: &[(&str, &[(&str, f32)])] = &[
+    ("peft", &[("peft", 0.7)]),
+    ("kohya", &[("kohya", 0.7)]),
+    ("comfyui", &[("comfyui", 0.7)]),
+    ("kohya_diffusers_names", &[("kohya_diffusers_names", 0.7)]),
+    ("loha", &[("loha", 0.7)]),
+    ("lokr", &[("lokr", 0.7)]),
+    ("stacked_peft0.7_kohya0.5", &[("peft", 0.7), ("kohya", 0.5)]),
+];
+
+#[test]
+fn merged_loras_of_every_format_match_diffusers_in_both_layouts() {
+    let d = tempfile::tempdir().unwrap();
+    let inputs = io(&golden("flux_dev_io.safetensors"));
+    let want = io(&golden("lora/lora_io.safetensors"));
+    for (case, files) in CASES {
+        let loras: Vec<(LoraFile, f32)> = files.iter().map(|(f, s)| (lora(f), *s)).collect();
+        let base = &want["sample.base"];
+        let want = &want[&format!("sample.{case}")];
+        let base_gap = rel_err(base, want);
+        for file in ["flux_dev.safetensors", "flux_dev_bfl.safetensors"] {
+            let onnx = export_merged(file, &loras, d.path(), &format!("{case}-{file}"));
+            let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+            let err = rel_err(&run(&mut e, &inputs), want);
+            println!(
+                "{case} into {file}: max rel err {err:.2e} (the LoRA moves the output by {base_gap:.2e})"
+            );
+            assert!(err < 1e-4, "{case} {file}: {err}");
+        }
+    }
+}
+
+#[test]
+fn run_time_loras_switch_in_one_engine() {
+    // One engine of the built (LoRA-free) graph; LoRA sets replace each other through `set_weights`. Its weights
+    // are bf16 (the checkpoint's), so the merged weights are rounded to bf16 as a refit of a 16-bit engine would.
+    let d = tempfile::tempdir().unwrap();
+    let inputs = io(&golden("flux_dev_io.safetensors"));
+    let want = io(&golden("lora/lora_io.safetensors"));
+    for file in ["flux_dev.safetensors", "flux_dev_bfl.safetensors"] {
+        let onnx = export_merged(file, &[], d.path(), file);
+        let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
+        let mut rt = RuntimeLora::new(BTreeMap::from([(Part::Denoiser, onnx.clone())]), flux_book);
+        for (case, files) in [
+            CASES[0],
+            CASES[1],
+            CASES[6],
+            CASES[4],
+            ("base", &[][..]),
+            CASES[5],
+        ] {
+            let loras: Vec<(LoraFile, f32)> = files.iter().map(|(f, s)| (lora(f), *s)).collect();
+            let t = std::time::Instant::now();
+            let pending = rt.weights_for(&loras).unwrap();
+            for ws in pending.by_part.values() {
+                engine.set_weights(ws).unwrap();
+            }
+            rt.commit(pending);
+            let switch = t.elapsed().as_secs_f64();
+            let got = run(&mut engine, &inputs);
+            let err = rel_err(&got, &want[&format!("sample.{case}")]);
+            // As if built with the LoRA: a merged build storing the merged weights in the checkpoint's bf16.
+            let built = export_merged_as(
+                file,
+                &loras,
+                d.path(),
+                &format!("{case}-bf16"),
+                Some(DataType::BFLOAT16),
+            );
+            let mut b = OrtEngine::open(&built, &OrtOptions::default()).unwrap();
+            let vs_built = rel_err(&got, &run(&mut b, &inputs));
+            println!(
+                "{file}: switched to {case} in {switch:.3} s; max rel err {vs_built:.2e} against a bf16 merged \
+                 build, {err:.2e} against diffusers (f32 weights)"
+            );
+            assert!(vs_built < 1e-5, "{file} {case}: {vs_built}");
+            // bf16 storage of the merged weights: ~2^-9 relative per weight.
+            assert!(err < 5e-3, "{file} {case}: {err}");
+        }
+    }
+}
+
+#[test]
+fn modules_matching_no_layer_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let bad = d.path().join("sd15.safetensors");
+    let mut t = std::collections::HashMap::new();
+    let down = vec![0u8; 4 * 2 * 8];
+    let up = vec![0u8; 4 * 8 * 2];
+    t.insert(
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![2, 8], &down).unwrap(),
+    );
+    t.insert(
+        "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight".to_string(),
+        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, vec![8, 2], &up).unwrap(),
+    );
+    safetensors::serialize_to_file(&t, None, &bad).unwrap();
+    let ck = Checkpoint::open(&golden("flux_dev.safetensors")).unwrap();
+    let shapes = checkpoint_shapes(&ck);
+    let e = resolve_for(
+        &[(LoraFile::open(&bad).unwrap(), 1.0)],
+        &[(Part::Denoiser, &shapes)],
+        flux_book,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("sd15.safetensors")
+            && e.contains("lora_unet_down_blocks_0_attentions_0_proj_in")
+            && e.contains("match no layer"),
+        "{e}"
+    );
+    // A text-encoder LoRA for a model without that part.
+    let e = resolve_for(&[(lora("kohya"), 1.0)], &[], flux_book)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("denoiser not in this model"), "{e}");
+}
