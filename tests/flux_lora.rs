@@ -217,3 +217,139 @@ fn modules_matching_no_layer_are_named() {
         .to_string();
     assert!(e.contains("denoiser not in this model"), "{e}");
 }
+
+mod pipeline {
+    use super::*;
+    use trt_diff::backend::BackendChoice;
+    use trt_diff::manifest::EngineFile;
+    use trt_diff::pipelines::engines::{OpenOptions, open_file};
+    use trt_diff::pipelines::flux::{FluxEngines, FluxModel, FluxPipeline, load_clip_tokenizer};
+    use trt_diff::pipelines::flux_build::{
+        ModelFiles, OnnxPaths, Plan, export_aux, export_transformer, plan,
+    };
+    use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
+
+    const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
+
+    fn shared(rel: &str) -> PathBuf {
+        std::env::var_os("TRT_DIFF_SHARED_DATA")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| {
+                PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data"))
+            })
+            .join(rel)
+    }
+
+    /// flux_pipeline.rs's tiny diffusers-layout model folder (links to the committed components).
+    fn tiny_plan(root: &Path) -> Plan {
+        let m = root.join("tiny-flux-dev");
+        std::fs::create_dir_all(&m).unwrap();
+        for (name, src) in [
+            ("transformer", golden("pipeline/transformer")),
+            ("vae", golden("pipeline/vae")),
+            ("text_encoder", golden("text_encoder")),
+            ("text_encoder_2", golden("text_encoder_2")),
+        ] {
+            std::os::unix::fs::symlink(&src, m.join(name)).unwrap();
+        }
+        let files = ModelFiles::find(
+            &m,
+            Some(&shared("tokenizers/bpe_simple_vocab_16e6.txt.gz")),
+            Some(&shared("tokenizers/t5_tokenizer.json")),
+        )
+        .unwrap();
+        plan(files, "flux-dev", None).unwrap()
+    }
+
+    fn pipeline(p: &Plan, paths: &OnnxPaths) -> FluxPipeline {
+        let open = |path: &Path| {
+            open_file(
+                &EngineFile::open(path).unwrap(),
+                BackendChoice::Cpu,
+                &OpenOptions::default(),
+            )
+            .unwrap()
+        };
+        ImagePipeline::new(FluxModel::new(
+            p.config.clone(),
+            load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad).unwrap(),
+            trt_diff::tokenizer::t5::T5Tokenizer::load(&p.files.t5_tokenizer).unwrap(),
+            FluxEngines {
+                clip: open(&paths.clip),
+                t5: open(&paths.t5),
+                transformer: open(&paths.transformer),
+                vae_decoder: open(&paths.vae_decoder),
+                vae_encoder: None,
+                tae_decoder: None,
+            },
+        ))
+    }
+
+    fn final_latents(pipe: &mut FluxPipeline) -> HostTensor {
+        let io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
+        let req = ImageRequest {
+            prompt: PROMPT.into(),
+            steps: Some(4),
+            width: Some(32),
+            height: Some(32),
+            guidance: Some(3.5),
+            cfg: 1.0,
+            batch: 1,
+            strength: 1.0,
+            latents_only: true,
+            initial_noise: Some(io.get("initial_latents").unwrap().to_f32().unwrap()),
+            ..Default::default()
+        };
+        let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+        HostTensor::from_f32(&[1, 64, 64], &out.latents)
+    }
+
+    fn want(name: &str) -> HostTensor {
+        let ck = Checkpoint::open(&golden(name.split(':').next().unwrap())).unwrap();
+        let t = ck.get(name.split(':').nth(1).unwrap()).unwrap();
+        HostTensor::from_f32(&t.shape, &t.to_f32().unwrap())
+    }
+
+    #[test]
+    fn transformer_and_clip_lora_match_diffusers_merged_and_at_run_time() {
+        let d = tempfile::tempdir().unwrap();
+        let with_lora = want("lora/lora_io.safetensors:final_latents.pipeline_peft0.7");
+        let base = want("pipeline_io.safetensors:final_latents");
+        let loras = vec![(lora("pipeline_peft"), 0.7)];
+        // Merged at build time.
+        let p = tiny_plan(d.path()).with_loras(&loras).unwrap();
+        let merged_dir = d.path().join("merged");
+        std::fs::create_dir_all(&merged_dir).unwrap();
+        let paths = OnnxPaths::new(&merged_dir, None);
+        let f32t = DataType::FLOAT;
+        export_aux(&p, &paths, f32t, f32t).unwrap();
+        export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
+        let err = rel_err(&final_latents(&mut pipeline(&p, &paths)), &with_lora);
+        let moved = rel_err(&base, &with_lora);
+        println!(
+            "merged: final latents max rel err {err:.2e} (the LoRA moves them by {moved:.2e})"
+        );
+        assert!(err < 1e-3, "{err}");
+        // At run time on the LoRA-free export, switched on, off and on again in one pipeline.
+        let p = p.with_loras(&[]).unwrap();
+        let paths = OnnxPaths::new(d.path(), None);
+        export_aux(&p, &paths, f32t, f32t).unwrap();
+        export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
+        let mut pipe = pipeline(&p, &paths);
+        pipe.model.enable_lora(BTreeMap::from([
+            (Part::Denoiser, paths.transformer.clone()),
+            (Part::TextEncoder(0), paths.clip.clone()),
+            (Part::TextEncoder(1), paths.t5.clone()),
+        ]));
+        for (on, want) in [(true, &with_lora), (false, &base), (true, &with_lora)] {
+            pipe.set_loras(if on { &loras[..] } else { &[] }).unwrap();
+            let err = rel_err(&final_latents(&mut pipe), want);
+            println!(
+                "run time, LoRA {}: final latents max rel err {err:.2e}",
+                if on { "on" } else { "off" }
+            );
+            // The transformer's weights are bf16: its merged weights are rounded to bf16 as a refit's would be.
+            assert!(err < 2e-3, "{on}: {err}");
+        }
+    }
+}

@@ -239,43 +239,83 @@ impl OrtEngine {
         // with "domain already exist", so sessions with our operators are created one at a time.
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
-        for (name, t) in opts.weights.0.iter() {
-            let Some(init) = onnx
-                .model
-                .graph
-                .iter()
-                .flat_map(|g| &g.initializer)
-                .find(|i| &i.name == name)
-            else {
-                bail!(
-                    "'{}' has no weight '{name}' to replace; the engine was built from another model",
-                    path.display()
-                );
+        // Replaced weights: external initializers are injected into the graph before its optimizations
+        // (AddExternalInitializers); inline ones are patched into an in-memory copy of the model, since ONNX
+        // Runtime's session initializers would be bypassed by constant folding (a Cast or Transpose of the weight
+        // folded from the file's value).
+        let mut patched: Option<crate::onnx::proto::ModelProto> = None;
+        if !opts.weights.0.is_empty() {
+            let loaded;
+            let target = if rewritten.is_some() {
+                loaded = OnnxFile::load(&model_path)?;
+                &loaded
+            } else {
+                &onnx
             };
-            let dims: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
-            if dims != t.shape || DataType(init.data_type) != t.dtype {
-                bail!(
-                    "'{}': weight '{name}' is {} {dims:?}; its replacement is {} {:?}",
-                    path.display(),
-                    DataType(init.data_type),
-                    t.dtype,
-                    t.shape
-                );
+            for (name, t) in opts.weights.0.iter() {
+                let Some(init) = target
+                    .model
+                    .graph
+                    .iter()
+                    .flat_map(|g| &g.initializer)
+                    .find(|i| &i.name == name)
+                else {
+                    bail!(
+                        "'{}' has no weight '{name}' to replace; the engine was built from another model",
+                        path.display()
+                    );
+                };
+                let dims: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
+                if dims != t.shape || DataType(init.data_type) != t.dtype {
+                    bail!(
+                        "'{}': weight '{name}' is {} {dims:?}; its replacement is {} {:?}",
+                        path.display(),
+                        DataType(init.data_type),
+                        t.dtype,
+                        t.shape
+                    );
+                }
+                if crate::onnx::model::external_ref(init).is_some() {
+                    let value = to_value(
+                        name,
+                        &HostTensor {
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                            data: t.data.to_vec(),
+                        },
+                    )?;
+                    builder = builder
+                        .with_external_initializer(name, value)
+                        .map_err(|e| err(&e))?;
+                } else {
+                    let model = patched.get_or_insert_with(|| target.model.clone());
+                    if let Some(i) = model
+                        .graph
+                        .iter_mut()
+                        .flat_map(|g| g.initializer.iter_mut())
+                        .find(|i| &i.name == name)
+                    {
+                        i.raw_data = t.data.clone();
+                        i.float_data.clear();
+                    }
+                }
             }
-            let value = to_value(
-                name,
-                &HostTensor {
-                    dtype: t.dtype,
-                    shape: t.shape.clone(),
-                    data: t.data.to_vec(),
-                },
-            )?;
-            // Injected into the graph before its optimizations (constant folding sees the new values).
-            builder = builder
-                .with_external_initializer(name, value)
-                .map_err(|e| err(&e))?;
         }
-        let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
+        let session = match patched {
+            None => builder.commit_from_file(&model_path).map_err(|e| err(&e))?,
+            Some(model) => {
+                let dir = model_path.parent().unwrap_or(Path::new("."));
+                builder = builder
+                    .with_config_entry(
+                        "session.model_external_initializers_file_folder_path",
+                        dir.to_string_lossy(),
+                    )
+                    .map_err(|e| err(&e))?;
+                builder
+                    .commit_from_memory(&prost::Message::encode_to_vec(&model))
+                    .map_err(|e| err(&e))?
+            }
+        };
         let inputs: Vec<TensorDesc> = session
             .inputs()
             .iter()
