@@ -295,6 +295,10 @@ pub struct BuildArgs {
     /// repeatable to stack.
     #[arg(long, value_name = "FILE[:STRENGTH]")]
     pub lora: Vec<crate::weights::lora::LoraSpec>,
+    /// Flux fp8/nvfp4: a LoRA side path of this rank beside each quantized layer, so `generate --lora` switches
+    /// LoRAs without requantizing (TensorRT: with --refit).
+    #[arg(long, value_name = "RANK", default_value_t = 0)]
+    pub lora_rank: usize,
     /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
     #[arg(long, value_name = "TEXT")]
     pub calibration_prompt: Vec<String>,

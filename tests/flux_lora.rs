@@ -3,6 +3,7 @@
 //! LoHa and LoKr) on the tiny FLUX.1-dev transformer, merged into its diffusers-layout and BFL-layout checkpoints
 //! (build time) and into an exported graph's weights (run time, switching between sets in one engine); the whole
 //! tiny pipeline with a transformer + CLIP LoRA, merged and at run time; and the errors.
+mod common;
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -231,7 +232,7 @@ mod pipeline {
 
     const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
 
-    fn shared(rel: &str) -> PathBuf {
+    pub(super) fn shared(rel: &str) -> PathBuf {
         std::env::var_os("TRT_DIFF_SHARED_DATA")
             .map(PathBuf::from)
             .unwrap_or_else(|| {
@@ -241,7 +242,7 @@ mod pipeline {
     }
 
     /// flux_pipeline.rs's tiny diffusers-layout model folder (links to the committed components).
-    fn tiny_plan(root: &Path) -> Plan {
+    pub(super) fn tiny_model(root: &Path) -> PathBuf {
         let m = root.join("tiny-flux-dev");
         std::fs::create_dir_all(&m).unwrap();
         for (name, src) in [
@@ -252,8 +253,12 @@ mod pipeline {
         ] {
             std::os::unix::fs::symlink(&src, m.join(name)).unwrap();
         }
+        m
+    }
+
+    fn tiny_plan(root: &Path) -> Plan {
         let files = ModelFiles::find(
-            &m,
+            &tiny_model(root),
             Some(&shared("tokenizers/bpe_simple_vocab_16e6.txt.gz")),
             Some(&shared("tokenizers/t5_tokenizer.json")),
         )
@@ -352,4 +357,272 @@ mod pipeline {
             assert!(err < 2e-3, "{on}: {err}");
         }
     }
+}
+
+#[test]
+fn nvfp4_side_path_takes_loras_without_requantizing() {
+    // NVFP4 graph with a rank-8 side path beside each quantized layer: zero as built (the plain NVFP4 output),
+    // LoRAs switched through its A/B weights; compared with diffusers' f32 LoRA results within NVFP4's own error.
+    // diffusers layout: a BFL model's fused qkv would need the ranks of to_q, to_k and to_v together.
+    let d = tempfile::tempdir().unwrap();
+    let inputs = io(&golden("flux_dev_io.safetensors"));
+    let want = io(&golden("lora/lora_io.safetensors"));
+    let ck = Checkpoint::open(&golden("flux_dev.safetensors")).unwrap();
+    let (cfg, _, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes())).unwrap();
+    let export = |rank: usize, tag: &str| {
+        let opts = ExportOptions {
+            precision: flux::FluxPrecision::Nvfp4,
+            lora_rank: rank,
+            ..Default::default()
+        };
+        let out = d.path().join(format!("{tag}.onnx"));
+        flux::export(&cfg, &ck, &opts, &out).unwrap();
+        out
+    };
+    let plain = export(0, "plain");
+    let side = export(8, "side");
+    let plain_out = run(
+        &mut OrtEngine::open(&plain, &OrtOptions::default()).unwrap(),
+        &inputs,
+    );
+    let mut engine = OrtEngine::open(&side, &OrtOptions::default()).unwrap();
+    assert_eq!(rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
+    let quant_err = rel_err(&plain_out, &want["sample.base"]);
+    let mut rt = RuntimeLora::new(BTreeMap::from([(Part::Denoiser, side.clone())]), flux_book);
+    let mut apply = |engine: &mut OrtEngine, loras: &[(LoraFile, f32)]| -> anyhow::Result<f64> {
+        let t = std::time::Instant::now();
+        let pending = rt.weights_for(loras)?;
+        for ws in pending.by_part.values() {
+            engine.set_weights(ws)?;
+        }
+        rt.commit(pending);
+        Ok(t.elapsed().as_secs_f64())
+    };
+    for (case, files) in [CASES[0], CASES[1], CASES[6]] {
+        let loras: Vec<(LoraFile, f32)> = files.iter().map(|(f, s)| (lora(f), *s)).collect();
+        let secs = apply(&mut engine, &loras).unwrap();
+        let want = &want[&format!("sample.{case}")];
+        let err = rel_err(&run(&mut engine, &inputs), want);
+        let moved = rel_err(&want_base(), want);
+        println!(
+            "NVFP4 + side path, {case}: switched in {secs:.3} s; max rel err {err:.2e} against diffusers' f32 \
+             (NVFP4 alone: {quant_err:.2e}; the LoRA moves the output by {moved:.2e})"
+        );
+        assert!(err < 2.0 * quant_err + 0.01, "{case}: {err}");
+    }
+    apply(&mut engine, &[]).unwrap();
+    assert_eq!(rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
+    // LoHa is no `up @ down`: the side path refuses it, naming the module and the way out.
+    let e = apply(&mut engine, &[(lora("loha"), 1.0)])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("not a plain low-rank delta") && e.contains("build --lora"),
+        "{e}"
+    );
+    // Three rank-4 LoRAs on one layer need rank 12 > 8.
+    let e = apply(
+        &mut engine,
+        &[
+            (lora("peft"), 1.0),
+            (lora("kohya"), 1.0),
+            (lora("comfyui"), 1.0),
+        ],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("side path has rank 8") && e.contains("--lora-rank"),
+        "{e}"
+    );
+}
+
+fn want_base() -> HostTensor {
+    io(&golden("lora/lora_io.safetensors"))["sample.base"].clone()
+}
+
+#[test]
+fn side_path_graphs_build_with_tensorrt_rtx_in_fp8_and_nvfp4() {
+    let d = tempfile::tempdir().unwrap();
+    let inputs = io(&golden("flux_dev_io.safetensors"));
+    let ck = Checkpoint::open(&golden("flux_dev.safetensors")).unwrap();
+    let (cfg, _, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes())).unwrap();
+    // FP8 needs calibrated activation ranges: one calibration run on the golden inputs.
+    let calib = d.path().join("calib.onnx");
+    let opts = ExportOptions {
+        calibration: true,
+        ..Default::default()
+    };
+    flux::export(&cfg, &ck, &opts, &calib).unwrap();
+    let mut e = OrtEngine::open(&calib, &OrtOptions::default()).unwrap();
+    let given: Vec<(String, HostTensor)> = e
+        .inputs()
+        .iter()
+        .map(|t| (t.name.clone(), inputs[&t.name].clone()))
+        .collect();
+    let mut amax = HashMap::new();
+    flux::merge_amax(&mut amax, &e.run(&given).unwrap()[1..]);
+    for precision in [flux::FluxPrecision::Fp8, flux::FluxPrecision::Nvfp4] {
+        let onnx = d.path().join(format!("{precision:?}.onnx"));
+        let opts = ExportOptions {
+            precision,
+            amax: amax.clone(),
+            lora_rank: 4,
+            ..Default::default()
+        };
+        let r = flux::export(&cfg, &ck, &opts, &onnx).unwrap();
+        let model = trt_diff::onnx::OnnxFile::load(&onnx).unwrap().model;
+        let sides = model
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .filter(|t| t.name.ends_with(".lora_down"))
+            .count();
+        let quantized: usize = r
+            .layers
+            .iter()
+            .filter(|(k, _)| *k != "kept")
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(sides, quantized, "one side path per quantized layer");
+        let out = d.path().join(format!("{precision:?}.plan"));
+        trt_diff::trt::build_engine(&trt_diff::trt::BuildOptions {
+            onnx: onnx.clone(),
+            out: out.clone(),
+            trt: trt_diff::trt::TrtChoice::Rtx,
+            shapes: flux::profile(&cfg, [1, 1, 2], [16, 32, 64], 7).unwrap(),
+            ..Default::default()
+        })
+        .unwrap();
+        println!(
+            "{precision:?} + rank-4 side path on {sides} layers: {} byte plan",
+            std::fs::metadata(&out).unwrap().len()
+        );
+    }
+}
+
+/// `build --lora` and `generate --lora` through the command line: a bundle built with the LoRA and one built
+/// without it, given the LoRA at run time, write the same image; a LoRA for another model is refused by name.
+#[test]
+fn build_and_generate_with_lora_on_the_command_line() {
+    use common::{run, s};
+    let d = tempfile::tempdir().unwrap();
+    let model = pipeline::tiny_model(d.path());
+    let (ct, tt) = (
+        pipeline::shared("tokenizers/bpe_simple_vocab_16e6.txt.gz"),
+        pipeline::shared("tokenizers/t5_tokenizer.json"),
+    );
+    let lora_arg = format!("{}:0.7", golden("lora/pipeline_peft.safetensors").display());
+    let build = |plan: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "build",
+            s(&model),
+            "--arch",
+            "flux-dev",
+            "--precision",
+            "fp32",
+            "--out",
+            s(plan),
+            "--clip-tokenizer",
+            s(&ct),
+            "--t5-tokenizer",
+            s(&tt),
+            "--image-px",
+            "32,32,32",
+            "--no-progress",
+        ];
+        args.extend_from_slice(extra);
+        run(&args, true);
+    };
+    let (base, merged) = (d.path().join("base.plan"), d.path().join("merged.plan"));
+    build(&base, &[]);
+    build(&merged, &["--lora", &lora_arg]);
+    let generate = |plan: &Path, out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--engine",
+            s(plan),
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        run(&args, true)
+    };
+    let pixels = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let (a, b, c) = (
+        d.path().join("a.png"),
+        d.path().join("b.png"),
+        d.path().join("c.png"),
+    );
+    generate(&merged, &a, &[]);
+    let r = generate(&base, &b, &["--lora", &lora_arg]);
+    assert!(r.stderr.contains("applied 1 LoRA"), "{}", r.stderr);
+    generate(&base, &c, &[]);
+    let (a, b, c) = (pixels(&a), pixels(&b), pixels(&c));
+    let max_diff = |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap();
+    // Run time rounds the transformer's merged weights to its bf16: a level or two of 255 at most.
+    println!(
+        "merged build vs run-time LoRA: max pixel diff {}; vs no LoRA: {}",
+        max_diff(&a, &b),
+        max_diff(&a, &c)
+    );
+    assert!(max_diff(&a, &b) <= 2);
+    assert!(max_diff(&a, &c) > 10);
+    // Not a LoRA at all; a LoRA of the other tiny Flux (two single blocks, this one has one).
+    let r = run(
+        &[
+            "build",
+            s(&model),
+            "--arch",
+            "flux-dev",
+            "--out",
+            s(&d.path().join("x.plan")),
+            "--clip-tokenizer",
+            s(&ct),
+            "--t5-tokenizer",
+            s(&tt),
+            "--lora",
+            s(&golden("flux_dev_io.safetensors")),
+            "--no-progress",
+        ],
+        false,
+    );
+    assert!(r.stderr.contains("in no LoRA format"), "{}", r.stderr);
+    let other = golden("lora/lokr.safetensors");
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&base),
+            "--prompt",
+            "a fox",
+            "--backend",
+            "cpu",
+            "--out",
+            s(&d.path().join("d.png")),
+            "--lora",
+            s(&other),
+        ],
+        false,
+    );
+    assert!(
+        r.stderr.contains("lokr.safetensors")
+            && r.stderr.contains("match no layer")
+            && r.stderr.contains("lora_unet_single_blocks_1_linear1"),
+        "{}",
+        r.stderr
+    );
 }

@@ -359,6 +359,7 @@ fn quantized_bundles_build_and_stay_close() {
             calibration_steps: Some(2),
             calibration_backend: BackendChoice::Cpu,
             loras: Vec::new(),
+            lora_rank: 0,
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,

@@ -41,9 +41,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
     {
         return build_flux(&a, arch);
     }
-    if !a.lora.is_empty() {
+    if !a.lora.is_empty() || a.lora_rank > 0 {
         bail!(
-            "--lora merges into image models (--arch flux-dev, flux-schnell); '{}' is not one",
+            "--lora and --lora-rank apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
             a.input.display()
         );
     }
@@ -130,6 +130,7 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
             calibration_steps: a.calibration_steps,
             calibration_backend: crate::backend::BackendChoice::Auto,
             loras: a.lora.clone(),
+            lora_rank: a.lora_rank,
             base: BuildOptions::from(a),
         },
     )?;

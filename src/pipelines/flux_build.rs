@@ -572,6 +572,8 @@ pub struct FluxBuildOptions {
     pub calibration_backend: BackendChoice,
     /// LoRA files at strengths, merged into the weights before export and quantization.
     pub loras: Vec<LoraSpec>,
+    /// FP8/NVFP4: rank of the LoRA side path beside each quantized layer (0: none).
+    pub lora_rank: usize,
     pub base: BuildOptions,
 }
 
@@ -640,11 +642,24 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         HashMap::new()
     };
     tracing::info!("exporting the transformer ({})", o.precision);
-    export_transformer(
-        &p,
-        &transformer_options(&p, o.precision, amax)?,
-        &paths.transformer,
-    )?;
+    let mut topts = transformer_options(&p, o.precision, amax)?;
+    if o.lora_rank > 0 {
+        if topts.policy.is_none() {
+            bail!(
+                "--lora-rank adds a LoRA side path to FP8/NVFP4 layers; {} engines take LoRAs at run time by \
+                 merging and refitting their weights: drop --lora-rank (and build with --refit for TensorRT)",
+                o.precision
+            );
+        }
+        if !o.base.refit {
+            tracing::warn!(
+                "--lora-rank without --refit: ONNX Runtime switches LoRAs through the side path, but TensorRT \
+                 folds its zero weights into constants; add --refit (a GPU build) for TensorRT"
+            );
+        }
+        topts.lora_rank = o.lora_rank;
+    }
+    export_transformer(&p, &topts, &paths.transformer)?;
     let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
     let clip_tok = clip_tok.with_file_name(format!(
         "{}{}",

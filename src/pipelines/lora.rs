@@ -75,6 +75,9 @@ struct GraphWeights {
     dtypes: HashMap<String, DataType>,
     data: HashMap<String, Bytes>,
     path: PathBuf,
+    /// Quantized layers with a LoRA side path: `X.weight` (its [out, in] listed in `shapes` for the book) ->
+    /// the side path's rank (its A and B are `X.lora_down`, `X.lora_up`).
+    side: HashMap<String, usize>,
 }
 
 impl GraphWeights {
@@ -104,11 +107,34 @@ impl GraphWeights {
                 data.insert(t.name.clone(), bytes);
             }
         }
+        // Side paths: `X.lora_down` [rank, in] and `X.lora_up` [out, rank] beside a quantized `X`.
+        let mut found = Vec::new();
+        for (name, down) in &shapes {
+            let Some(base) = name.strip_suffix(".lora_down") else {
+                continue;
+            };
+            if let (Some(up), [rank, inputs]) = (shapes.get(&format!("{base}.lora_up")), &down[..])
+                && up.len() == 2
+                && up[1] == *rank
+            {
+                found.push((format!("{base}.weight"), vec![up[0], *inputs], *rank));
+            }
+        }
+        let mut side = HashMap::new();
+        for (weight, shape, rank) in found {
+            // A float weight beside it is merged directly.
+            if dtypes.contains_key(&weight) {
+                continue;
+            }
+            shapes.insert(weight.clone(), shape);
+            side.insert(weight, rank);
+        }
         Ok(GraphWeights {
             shapes,
             dtypes,
             data,
             path: path.to_path_buf(),
+            side,
         })
     }
 
@@ -189,6 +215,13 @@ impl RuntimeLora {
                 // Each tensor keeps its own element type (one call per dtype group is not needed: a part's
                 // weights share one in practice, but read each tensor's anyway).
                 for (name, ups) in updates {
+                    if let Some(rank) = g.side.get(name) {
+                        for t in side_path_weights(g, name, ups, *rank)? {
+                            changed.insert(t.name.clone());
+                            tensors.push(t);
+                        }
+                        continue;
+                    }
                     let one = BTreeMap::from([(name.clone(), ups.clone())]);
                     let dt = g.dtypes.get(name).copied();
                     for t in merged_tensors(&one, &|n| g.tensor(n), dt)? {
@@ -225,4 +258,86 @@ impl RuntimeLora {
 pub struct PendingWeights {
     pub by_part: BTreeMap<Part, Vec<Tensor>>,
     applied: BTreeMap<Part, BTreeSet<String>>,
+}
+
+/// The side path's A [rank, in] and B [out, rank] of quantized layer `weight` for `updates`: each LoRA module's
+/// low-rank factors take their own rank slots (pieces of one module, e.g. a kohya `qkv` split over fused rows,
+/// share them), the strength and alpha/rank scale folded into B, unused slots zero.
+fn side_path_weights(
+    g: &GraphWeights,
+    weight: &str,
+    updates: &[crate::weights::lora::Update],
+    rank: usize,
+) -> Result<Vec<Tensor>> {
+    use crate::weights::lora::Delta;
+    let base = weight.strip_suffix(".weight").unwrap_or(weight);
+    let (down_name, up_name) = (format!("{base}.lora_down"), format!("{base}.lora_up"));
+    let [out_f, in_f] = g.shapes[weight][..] else {
+        bail!("side path of '{weight}' is not 2-D");
+    };
+    let mut a = vec![0f32; rank * in_f];
+    let mut b = vec![0f32; out_f * rank];
+    // Rank slots by (module delta, strength).
+    let mut slots: Vec<(usize, u32, usize)> = Vec::new();
+    let mut used = 0;
+    for u in updates {
+        if u.bias.is_some() {
+            bail!(
+                "LoRA module '{}' changes the bias of '{weight}', a quantized layer: its side path takes low-rank \
+                 weight deltas only; merge this LoRA with `build --lora`",
+                u.key
+            );
+        }
+        let Some(d) = &u.delta else { continue };
+        let Delta::LowRank { up, down, scale } = &**d else {
+            bail!(
+                "LoRA module '{}' is not a plain low-rank delta (LoHa, LoKr or full), and '{weight}' is quantized \
+                 in this engine: its side path takes up @ down factors only; merge this LoRA with `build --lora`",
+                u.key
+            );
+        };
+        if down.cols != in_f {
+            bail!(
+                "LoRA module '{}' takes {} input features; '{weight}' has {in_f}",
+                u.key,
+                down.cols
+            );
+        }
+        let key = (std::sync::Arc::as_ptr(d) as usize, u.strength.to_bits());
+        let start = match slots.iter().find(|(p, s, _)| (*p, *s) == key) {
+            Some((_, _, start)) => *start,
+            None => {
+                let start = used;
+                used += down.rows;
+                if used > rank {
+                    bail!(
+                        "the LoRAs need rank {used} or more beside '{weight}', and the engine's side path has rank \
+                         {rank}: rebuild with a larger `--lora-rank`, apply fewer LoRAs at once, or merge them with \
+                         `build --lora`"
+                    );
+                }
+                a[start * in_f..(start + down.rows) * in_f].copy_from_slice(&down.data);
+                slots.push((key.0, key.1, start));
+                start
+            }
+        };
+        let s = u.strength * scale;
+        for (i, src) in u.src_rows.clone().enumerate() {
+            let row = u.dst_row + i;
+            if row >= out_f {
+                bail!(
+                    "LoRA module '{}' lands past the {out_f} rows of '{weight}'",
+                    u.key
+                );
+            }
+            for j in 0..down.rows {
+                b[row * rank + start + j] += s * up.data[src * up.cols + j];
+            }
+        }
+    }
+    let dt = |n: &str| g.dtypes.get(n).copied().unwrap_or(DataType::FLOAT);
+    Ok(vec![
+        crate::weights::lora::tensor_of(&down_name, &[rank, in_f], &a, dt(&down_name)),
+        crate::weights::lora::tensor_of(&up_name, &[out_f, rank], &b, dt(&up_name)),
+    ])
 }

@@ -682,6 +682,7 @@ pub fn resolve(loras: &[(LoraFile, f32)], books: &[(Part, &AddressBook)]) -> Res
     let mut out = Resolved::default();
     for (file, strength) in loras {
         let mut unmatched = Vec::new();
+        let mut mismatched = Vec::new();
         for m in &file.modules {
             let Some((_, book)) = books.iter().find(|(p, _)| *p == m.part) else {
                 unmatched.push(format!("{} ({} not in this model)", m.key, m.part));
@@ -698,14 +699,11 @@ pub fn resolve(loras: &[(LoraFile, f32)], books: &[(Part, &AddressBook)]) -> Res
                     None => m.bias.as_ref().map_or(0, |b| b.len()),
                 };
                 if p.src_rows.end > rows {
-                    bail!(
-                        "LoRA '{}': module '{}' has {rows} output rows; the model's '{}' needs {}: the LoRA was made \
-                         for a model of another size",
-                        file.path.display(),
-                        m.key,
-                        p.tensor,
-                        p.src_rows.end
-                    );
+                    mismatched.push(format!(
+                        "module '{}' has {rows} output rows, the model's '{}' needs {}",
+                        m.key, p.tensor, p.src_rows.end
+                    ));
+                    continue;
                 }
                 out.by_part
                     .entry(m.part)
@@ -737,6 +735,13 @@ pub fn resolve(loras: &[(LoraFile, f32)], books: &[(Part, &AddressBook)]) -> Res
                     .collect::<Vec<_>>()
                     .join(", "),
                 if unmatched.len() > 8 { ", ..." } else { "" }
+            );
+        }
+        if let Some(first) = mismatched.first() {
+            bail!(
+                "LoRA '{}' was made for a model of another size: {first} ({} such modules)",
+                file.path.display(),
+                mismatched.len()
             );
         }
     }

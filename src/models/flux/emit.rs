@@ -646,6 +646,7 @@ pub(super) fn emit(
             opts.calibration,
         ),
     };
+    e.linears.lora_rank = opts.lora_rank;
     let f32t = DataType::FLOAT;
     let dt = e.o.dtype;
     let d = cfg.hidden_size;

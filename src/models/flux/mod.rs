@@ -132,6 +132,9 @@ pub struct ExportOptions {
     pub quantized_compute: DataType,
     /// Adds an `amax.<key>` output per linear-layer input activation (use with F32 for calibration runs).
     pub calibration: bool,
+    /// FP8/NVFP4: the rank of a LoRA side path beside every quantized layer (0: none), so that LoRAs switch at run
+    /// time without requantizing (`models::qdq::lora_side_path`).
+    pub lora_rank: usize,
 }
 
 impl Default for ExportOptions {
@@ -143,6 +146,7 @@ impl Default for ExportOptions {
             nvfp4_default_amax: 256.0,
             quantized_compute: DataType::FLOAT,
             calibration: false,
+            lora_rank: 0,
         }
     }
 }
