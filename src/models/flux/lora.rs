@@ -263,6 +263,55 @@ pub fn address_book(shapes: &BTreeMap<String, Vec<usize>>) -> Result<AddressBook
     Ok(book)
 }
 
+/// Modelled cost per denoising step (batch 1, `img` image tokens, `txt` text tokens) of the transformer's
+/// quantized GEMMs as `policy` decides them, and of a rank-`rank` LoRA side path beside each of those layers:
+/// `(base FLOPs, side-path FLOPs)`, 2 FLOPs per multiply-add. Layers as a BFL checkpoint has them (fused q/k/v
+/// and linear1, one side path each), named for the policy as the exporter names them.
+pub fn side_path_cost(
+    cfg: &super::FluxConfig,
+    policy: &crate::quant::policy::Policy,
+    img: u64,
+    txt: u64,
+    rank: u64,
+) -> (u64, u64) {
+    use crate::quant::policy::LayerKind;
+    let (d, m) = (cfg.hidden_size as u64, cfg.mlp_hidden as u64);
+    // (policy name, in, out, tokens) of the per-token linears of one block.
+    let double = [
+        ("attn.to_q", d, 3 * d, img),
+        ("attn.to_out.0", d, d, img),
+        ("ff.net.0.proj", d, m, img),
+        ("ff.net.2", m, d, img),
+        ("attn.add_q_proj", d, 3 * d, txt),
+        ("attn.to_add_out", d, d, txt),
+        ("ff_context.net.0.proj", d, m, txt),
+        ("ff_context.net.2", m, d, txt),
+    ];
+    let single = [
+        ("attn.to_q", d, 3 * d + m, img + txt),
+        ("proj_out", d + m, d, img + txt),
+    ];
+    let mut layers = Vec::new();
+    for i in 0..cfg.depth {
+        for (n, a, b, t) in double {
+            layers.push((format!("transformer_blocks.{i}.{n}"), a, b, t));
+        }
+    }
+    for i in 0..cfg.depth_single {
+        for (n, a, b, t) in single {
+            layers.push((format!("single_transformer_blocks.{i}.{n}"), a, b, t));
+        }
+    }
+    let (mut base, mut side) = (0u64, 0u64);
+    for (name, i, o, t) in layers {
+        if policy.decide(&name, LayerKind::Linear).is_some() {
+            base += 2 * t * i * o;
+            side += 2 * t * rank * (i + o);
+        }
+    }
+    (base, side)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +327,16 @@ mod tests {
             axes_dim: vec![2, 1, 1],
             ..FluxConfig::dev()
         }
+    }
+
+    #[test]
+    fn side_path_costs_a_few_percent_at_flux_dev_size() {
+        let policy = crate::models::flux::default_policy(crate::quant::LinearPrecision::Nvfp4);
+        let (base, side) = side_path_cost(&FluxConfig::dev(), &policy, 4096, 512, 32);
+        // 19 double blocks of 4096 + 512 tokens and 38 single blocks of 4608: ~59 TFLOP of quantized GEMMs.
+        assert!((58e12..61e12).contains(&(base as f64)), "{base}");
+        let ratio = side as f64 / base as f64;
+        assert!((0.01..0.03).contains(&ratio), "{ratio}");
     }
 
     #[test]
