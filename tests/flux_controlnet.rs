@@ -120,3 +120,129 @@ fn controlnet_and_residuals_match_diffusers() {
         assert!(err < 1e-4, "{file} zeros: {err}");
     }
 }
+
+/// The whole tiny pipeline under diffusers' FluxControlNetPipeline: control image (VAE mean), strength 0.7,
+/// window [0, 0.75] of 4 steps.
+#[test]
+fn controlnet_pipeline_matches_diffusers() {
+    use trt_diff::backend::BackendChoice;
+    use trt_diff::manifest::EngineFile;
+    use trt_diff::pipelines::engines::{OpenOptions, open_file};
+    use trt_diff::pipelines::flux::{FluxEngines, FluxModel, load_clip_tokenizer};
+    use trt_diff::pipelines::flux_build::{
+        ModelFiles, OnnxPaths, export_aux, export_transformer, plan,
+    };
+    use trt_diff::pipelines::image::{ControlImage, ImagePipeline, ImageRequest};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("tiny");
+    std::fs::create_dir_all(&m).unwrap();
+    for (name, src) in [
+        ("transformer", "pipeline/transformer"),
+        ("vae", "pipeline/vae"),
+        ("text_encoder", "text_encoder"),
+        ("text_encoder_2", "text_encoder_2"),
+    ] {
+        std::os::unix::fs::symlink(golden(src), m.join(name)).unwrap();
+    }
+    let shared = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/tokenizers"
+    ));
+    let files = ModelFiles::find(
+        &m,
+        Some(&shared.join("bpe_simple_vocab_16e6.txt.gz")),
+        Some(&shared.join("t5_tokenizer.json")),
+    )
+    .unwrap();
+    let p = plan(files, "flux-dev", None).unwrap();
+    let paths = OnnxPaths::new(d.path(), None);
+    let f32t = trt_diff::onnx::DataType::FLOAT;
+    export_aux(&p, &paths, f32t, f32t).unwrap();
+    let cn_ck = Checkpoint::open(&golden("controlnet/pipeline_model")).unwrap();
+    let (cn_cfg, _, _) = FluxConfig::from_checkpoint(&cn_ck).unwrap();
+    let cn_onnx = d.path().join("controlnet.onnx");
+    let opts = ExportOptions {
+        controlnet: ControlNetGraph::Model,
+        ..Default::default()
+    };
+    flux::export(&cn_cfg, &cn_ck, &opts, &cn_onnx).unwrap();
+    let opts = ExportOptions {
+        controlnet: ControlNetGraph::Residuals {
+            double: cn_cfg.depth,
+            single: cn_cfg.depth_single,
+        },
+        ..Default::default()
+    };
+    export_transformer(&p, &opts, &paths.transformer).unwrap();
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path).unwrap(),
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    };
+    let mut pipe = ImagePipeline::new(FluxModel::new(
+        p.config.clone(),
+        load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad).unwrap(),
+        trt_diff::tokenizer::t5::T5Tokenizer::load(&p.files.t5_tokenizer).unwrap(),
+        FluxEngines {
+            clip: open(&paths.clip),
+            t5: open(&paths.t5),
+            transformer: open(&paths.transformer),
+            vae_decoder: open(&paths.vae_decoder),
+            vae_encoder: Some(open(&paths.vae_encoder)),
+            tae_decoder: None,
+            controlnet: Some(open(&cn_onnx)),
+        },
+    ));
+    let base_io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
+    let want = io(&golden("controlnet/controlnet_io.safetensors"));
+    let req = ImageRequest {
+        prompt: "a watercolor painting of a fox in the snow, 4k".into(),
+        steps: Some(4),
+        width: Some(32),
+        height: Some(32),
+        guidance: Some(3.5),
+        cfg: 1.0,
+        batch: 1,
+        strength: 1.0,
+        latents_only: true,
+        initial_noise: Some(base_io.get("initial_latents").unwrap().to_f32().unwrap()),
+        controls: vec![ControlImage {
+            image: golden("controlnet/control.png"),
+            strength: 0.7,
+            start: 0.0,
+            end: 0.75,
+            preprocess: None,
+        }],
+        ..Default::default()
+    };
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let got = HostTensor::from_f32(&[1, 64, 64], &out.latents);
+    let err = rel_err(&got, &want["final_latents"]);
+    let without = base_io.get("final_latents").unwrap().to_f32().unwrap();
+    let moved = rel_err(
+        &HostTensor::from_f32(&[1, 64, 64], &without),
+        &want["final_latents"],
+    );
+    println!(
+        "ControlNet pipeline: final latents max rel err {err:.2e} (the ControlNet moves them by {moved:.2e})"
+    );
+    assert!(err < 1e-3, "{err}");
+    // Without controls the same engines give the plain pipeline's latents (zero residuals).
+    let plain = pipe
+        .generate(
+            &ImageRequest {
+                controls: vec![],
+                ..req
+            },
+            &mut |_| Ok(()),
+        )
+        .unwrap();
+    let err = rel_err(
+        &HostTensor::from_f32(&[1, 64, 64], &plain.latents),
+        &HostTensor::from_f32(&[1, 64, 64], &without),
+    );
+    assert!(err < 1e-3, "without controls: {err}");
+}

@@ -286,6 +286,7 @@ mod pipeline {
                 vae_decoder: open(&paths.vae_decoder),
                 vae_encoder: None,
                 tae_decoder: None,
+                controlnet: None,
             },
         ))
     }

@@ -81,6 +81,16 @@ pub struct FluxEngines {
     pub vae_encoder: Option<Box<dyn Engine>>,
     /// Tiny autoencoder decoder for live previews.
     pub tae_decoder: Option<Box<dyn Engine>>,
+    /// A ControlNet (diffusers FluxControlNetModel); the transformer then takes its residuals.
+    pub controlnet: Option<Box<dyn Engine>>,
+}
+
+/// A control condition prepared for a run: packed control latents, strength and step window.
+struct ActiveControl {
+    cond: Vec<f32>,
+    strength: f32,
+    start: f32,
+    end: f32,
 }
 
 /// The Flux family on the image seam.
@@ -97,6 +107,9 @@ pub struct FluxModel {
     device_ids: Option<((usize, usize), DeviceBuffer, DeviceBuffer)>,
     /// Run-time LoRA: where each part's built weights are and what the current LoRA set changed.
     lora: Option<super::lora::RuntimeLora>,
+    /// The current run's ControlNet conditions and its schedule (a sigma's step index picks the windows).
+    controls: Vec<ActiveControl>,
+    control_sigmas: Vec<f64>,
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
@@ -231,6 +244,8 @@ impl FluxModel {
             device: None,
             device_ids: None,
             lora: None,
+            controls: Vec::new(),
+            control_sigmas: Vec::new(),
         }
     }
 
@@ -262,6 +277,7 @@ impl FluxModel {
                 ("vae_decoder", true),
                 ("vae_encoder", false),
                 ("tae_decoder", false),
+                ("controlnet", false),
             ],
             backend,
             &bundle.arch,
@@ -286,11 +302,17 @@ impl FluxModel {
             };
             lora_graphs.insert(part, graph);
         }
-        let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder]: [Option<
-            Box<dyn Engine>,
-        >; 6] = parts
+        let [
+            clip,
+            t5,
+            transformer,
+            vae_decoder,
+            vae_encoder,
+            tae_decoder,
+            controlnet,
+        ]: [Option<Box<dyn Engine>>; 7] = parts
             .try_into()
-            .map_err(|_| anyhow::anyhow!("six components were asked for"))?;
+            .map_err(|_| anyhow::anyhow!("seven components were asked for"))?;
         let required = |e: Option<Box<dyn Engine>>| e.context("a required component is missing");
         let tokenizer = |name: &str| -> Result<std::path::PathBuf> {
             let f = bundle.tokenizers.get(name).with_context(|| {
@@ -312,6 +334,7 @@ impl FluxModel {
                 vae_decoder: required(vae_decoder)?,
                 vae_encoder,
                 tae_decoder,
+                controlnet,
             },
             amax: None,
             // On a GPU (TensorRT or ONNX Runtime CUDA) the sampler's latents live there too.
@@ -325,18 +348,121 @@ impl FluxModel {
                 lora_graphs,
                 super::lora::flux_book,
             )),
+            controls: Vec::new(),
+            control_sigmas: Vec::new(),
         })
     }
 
-    /// The transformer on host latents.
-    fn predict_host(
+    /// The transformer's ControlNet residual inputs for a call at `sigma` (`inputs`: the transformer's own):
+    /// the active controls' ControlNet outputs summed (diffusers' multi-ControlNet), zeros when none is active.
+    /// Empty when the transformer takes no residuals.
+    fn controlnet_residuals(
         &mut self,
+        inputs: &[(String, HostTensor)],
+        sigma: f64,
+        batch: usize,
+        tokens: usize,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let wanted: Vec<crate::backend::TensorDesc> = self
+            .engines
+            .transformer
+            .inputs()
+            .iter()
+            .filter(|d| d.name.starts_with("controlnet_"))
+            .cloned()
+            .collect();
+        if wanted.is_empty() {
+            if !self.controls.is_empty() {
+                bail!(
+                    "this bundle's transformer takes no ControlNet residuals; rebuild it with --controlnet DIR"
+                );
+            }
+            return Ok(Vec::new());
+        }
+        // diffusers: keep step i when i/n >= start and (i+1)/n <= end, n the number of steps.
+        let n = self.control_sigmas.len().saturating_sub(1).max(1);
+        let step = self
+            .control_sigmas
+            .windows(2)
+            .position(|w| sigma <= w[0] && sigma > w[1])
+            .unwrap_or(0);
+        let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for ctl in &self.controls {
+            let (i, n) = (step as f32, n as f32);
+            if i / n < ctl.start || (i + 1.0) / n > ctl.end {
+                continue;
+            }
+            let cn = self
+                .engines
+                .controlnet
+                .as_mut()
+                .context("a control image was given and the bundle has no ControlNet")?;
+            let mut cin: Vec<(String, HostTensor)> = inputs
+                .iter()
+                .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
+                .cloned()
+                .collect();
+            let ch = ctl.cond.len() / tokens.max(1);
+            cin.push(float_input(
+                cn.as_ref(),
+                "controlnet_cond",
+                &[batch, tokens, ch],
+                &ctl.cond.repeat(batch),
+            )?);
+            cin.push(float_input(
+                cn.as_ref(),
+                "conditioning_scale",
+                &[1],
+                &[ctl.strength],
+            )?);
+            let out = cn.run(&cin).context("Flux ControlNet")?;
+            for (name, t) in out {
+                let v: Vec<f32> = t
+                    .to_f64()
+                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect();
+                match sums.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+                    None => sums.push((name, t.shape.clone(), v)),
+                }
+            }
+        }
+        let e = self.engines.transformer.as_ref();
+        wanted
+            .iter()
+            .map(|d| {
+                let shape: Vec<usize> = match sums.iter().find(|(n, _, _)| *n == d.name) {
+                    Some((_, s, _)) => s.clone(),
+                    None => {
+                        let layers = d.shape.first().copied().unwrap_or(1).max(1) as usize;
+                        let hidden = d.shape.last().copied().unwrap_or(1).max(1) as usize;
+                        vec![layers, batch, tokens, hidden]
+                    }
+                };
+                let zeros;
+                let v = match sums.iter().find(|(n, _, _)| *n == d.name) {
+                    Some((_, _, v)) => v,
+                    None => {
+                        zeros = vec![0f32; shape.iter().product()];
+                        &zeros
+                    }
+                };
+                float_input(e, &d.name, &shape, v)
+            })
+            .collect()
+    }
+
+    /// The transformer's host inputs for latents `x` at `sigma` (ControlNet residuals aside).
+    fn host_inputs(
+        &self,
         x: &[f32],
         sigma: f64,
         cond: &Cond,
         lat: &Latents,
         guidance: f32,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<(String, HostTensor)>> {
         let c = &self.config;
         let (b, tokens, ch) = (lat.batch, tokens(lat), 4 * c.latent_channels);
         let t5_len = c.t5_max_len;
@@ -363,6 +489,22 @@ impl FluxModel {
         if c.guidance_embeds {
             inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
         }
+        Ok(inputs)
+    }
+
+    /// The transformer on host latents.
+    fn predict_host(
+        &mut self,
+        x: &[f32],
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        guidance: f32,
+    ) -> Result<Vec<f32>> {
+        let (b, tokens) = (lat.batch, tokens(lat));
+        let mut inputs = self.host_inputs(x, sigma, cond, lat, guidance)?;
+        let residuals = self.controlnet_residuals(&inputs, sigma, b, tokens)?;
+        inputs.extend(residuals);
         let out = self
             .engines
             .transformer
@@ -390,6 +532,21 @@ impl FluxModel {
             .clone()
             .context("device latents without a GPU engine")?;
         let dev = &dev;
+        // ControlNet residuals go in as host inputs; the ControlNet runs on host copies of the latents.
+        let takes_residuals = self
+            .engines
+            .transformer
+            .inputs()
+            .iter()
+            .any(|d| d.name.starts_with("controlnet_"));
+        let residuals = if takes_residuals {
+            dev.synchronize()?;
+            let hx = x.to_host()?;
+            let hi = self.host_inputs(&hx, sigma, cond, lat, guidance)?;
+            self.controlnet_residuals(&hi, sigma, lat.batch, tokens(lat))?
+        } else {
+            Vec::new()
+        };
         let c = &self.config;
         let (b, tokens, ch, t5_len) = (lat.batch, tokens(lat), 4 * c.latent_channels, c.t5_max_len);
         {
@@ -448,6 +605,7 @@ impl FluxModel {
         if c.guidance_embeds {
             host.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
         }
+        host.extend(residuals);
         // The sampler's kernels wrote `x` on our stream; the engine reads it on its own.
         dev.synchronize()?;
         e.run_device(&inputs, &host, &outputs)
@@ -477,6 +635,39 @@ pub fn load_clip_tokenizer(path: &std::path::Path, pad: u32) -> Result<ClipToken
 
 impl ImageModel for FluxModel {
     type Cond = Cond;
+
+    fn set_controls(
+        &mut self,
+        controls: &[super::image::ControlImage],
+        lat: &Latents,
+        sigmas: &[f64],
+    ) -> Result<()> {
+        self.controls.clear();
+        self.control_sigmas = sigmas.to_vec();
+        if controls.is_empty() {
+            return Ok(());
+        }
+        if self.engines.controlnet.is_none() {
+            bail!(
+                "--control needs a ControlNet in the bundle; rebuild it with `trt-diff build MODEL --controlnet DIR`"
+            );
+        }
+        let vs = self.config.vae_scale_factor;
+        let (w, h) = (lat.width * vs, lat.height * vs);
+        for c in controls {
+            let rgb = super::image_io::load_control_image(&c.image, w, h, c.preprocess)?;
+            let cond = self
+                .encode_image(&rgb, lat)
+                .with_context(|| format!("encoding the control image '{}'", c.image.display()))?;
+            self.controls.push(ActiveControl {
+                cond,
+                strength: c.strength,
+                start: c.start,
+                end: c.end,
+            });
+        }
+        Ok(())
+    }
 
     fn set_loras(&mut self, loras: &[(LoraFile, f32)]) -> Result<()> {
         let Some(lora) = self.lora.as_mut() else {

@@ -476,6 +476,7 @@ fn calibrate(
             vae_decoder: open(&paths.vae_decoder)?,
             vae_encoder: None,
             tae_decoder: None,
+            controlnet: None,
         },
     );
     model.amax = Some(HashMap::new());
