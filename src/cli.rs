@@ -232,6 +232,21 @@ pub struct ImageArgs {
     /// engines refitted (ONNX Runtime re-creates its sessions).
     #[arg(long, value_name = "FILE[:STRENGTH]")]
     pub lora: Vec<crate::weights::lora::LoraSpec>,
+    /// ControlNet condition image (repeatable; needs a bundle built with --controlnet).
+    #[arg(long, value_name = "IMAGE")]
+    pub control: Vec<PathBuf>,
+    /// ControlNet strength per --control (one value: all).
+    #[arg(long, value_name = "S", default_values_t = [1.0])]
+    pub control_strength: Vec<f32>,
+    /// Fraction of the steps where each control starts (one value: all).
+    #[arg(long, value_name = "A", default_values_t = [0.0])]
+    pub control_start: Vec<f32>,
+    /// Fraction of the steps where each control ends (one value: all).
+    #[arg(long, value_name = "B", default_values_t = [1.0])]
+    pub control_end: Vec<f32>,
+    /// Preprocess the control images (canny edges); without it they are used as given.
+    #[arg(long, value_enum)]
+    pub control_preprocess: Option<crate::pipelines::image_io::Preprocess>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -299,6 +314,9 @@ pub struct BuildArgs {
     /// LoRAs without requantizing (TensorRT: with --refit).
     #[arg(long, value_name = "RANK", default_value_t = 0)]
     pub lora_rank: usize,
+    /// Flux: a diffusers FluxControlNetModel folder (InstantX/Shakker style) added to the bundle.
+    #[arg(long, value_name = "DIR")]
+    pub controlnet: Option<PathBuf>,
     /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
     #[arg(long, value_name = "TEXT")]
     pub calibration_prompt: Vec<String>,

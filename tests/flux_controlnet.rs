@@ -246,3 +246,140 @@ fn controlnet_pipeline_matches_diffusers() {
     );
     assert!(err < 1e-3, "without controls: {err}");
 }
+
+/// `build --controlnet` and `generate --control` through the command line (CPU backend): the bundle gets the
+/// ControlNet engine, the control changes the image, canny preprocessing runs, and bad options are refused.
+#[test]
+fn build_and_generate_with_controlnet_on_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("tiny");
+    std::fs::create_dir_all(&m).unwrap();
+    for (name, src) in [
+        ("transformer", "pipeline/transformer"),
+        ("vae", "pipeline/vae"),
+        ("text_encoder", "text_encoder"),
+        ("text_encoder_2", "text_encoder_2"),
+    ] {
+        std::os::unix::fs::symlink(golden(src), m.join(name)).unwrap();
+    }
+    let shared = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/tokenizers"
+    ));
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let run = |args: &[String], ok: bool| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.success(), ok, "{args:?}\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let plan = d.path().join("cn.plan");
+    let args: Vec<String> = [
+        "build",
+        &s(&m),
+        "--arch",
+        "flux-dev",
+        "--precision",
+        "fp32",
+        "--out",
+        &s(&plan),
+        "--clip-tokenizer",
+        &s(&shared.join("bpe_simple_vocab_16e6.txt.gz")),
+        "--t5-tokenizer",
+        &s(&shared.join("t5_tokenizer.json")),
+        "--image-px",
+        "32,32,32",
+        "--controlnet",
+        &s(&golden("controlnet/pipeline_model")),
+        "--no-progress",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    run(&args, true);
+    let manifest = std::fs::read_to_string(d.path().join("cn.plan.json")).unwrap();
+    assert!(manifest.contains("\"controlnet\""), "{manifest}");
+    let generate = |out: &Path, extra: &[&str], ok: bool| {
+        let mut args: Vec<String> = [
+            "generate",
+            "--engine",
+            &s(&plan),
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+            "--out",
+            &s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        args.extend(extra.iter().map(|x| x.to_string()));
+        run(&args, ok)
+    };
+    let control = s(&golden("controlnet/control.png"));
+    let (a, b, c) = (
+        d.path().join("a.png"),
+        d.path().join("b.png"),
+        d.path().join("c.png"),
+    );
+    generate(&a, &[], true);
+    generate(
+        &b,
+        &[
+            "--control",
+            &control,
+            "--control-strength",
+            "0.7",
+            "--control-end",
+            "0.75",
+        ],
+        true,
+    );
+    generate(
+        &c,
+        &["--control", &control, "--control-preprocess", "canny"],
+        true,
+    );
+    let px = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let diff = |x: &[u8], y: &[u8]| x.iter().zip(y).map(|(p, q)| p.abs_diff(*q)).max().unwrap();
+    assert!(diff(&px(&a), &px(&b)) > 5);
+    assert!(diff(&px(&b), &px(&c)) > 0);
+    let e = generate(
+        &a,
+        &[
+            "--control",
+            &control,
+            "--control-strength",
+            "0.5",
+            "--control-strength",
+            "0.6",
+        ],
+        false,
+    );
+    assert!(e.contains("one value or one per --control"), "{e}");
+    let e = generate(
+        &a,
+        &[
+            "--control",
+            &control,
+            "--control-start",
+            "0.8",
+            "--control-end",
+            "0.2",
+        ],
+        false,
+    );
+    assert!(e.contains("0 <= start < end <= 1"), "{e}");
+}

@@ -41,9 +41,9 @@ pub fn run(a: BuildArgs) -> Result<()> {
     {
         return build_flux(&a, arch);
     }
-    if !a.lora.is_empty() || a.lora_rank > 0 {
+    if !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some() {
         bail!(
-            "--lora and --lora-rank apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
+            "--lora, --lora-rank and --controlnet apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
             a.input.display()
         );
     }
@@ -131,6 +131,7 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
             calibration_backend: crate::backend::BackendChoice::Auto,
             loras: a.lora.clone(),
             lora_rank: a.lora_rank,
+            controlnet: a.controlnet.clone(),
             base: BuildOptions::from(a),
         },
     )?;

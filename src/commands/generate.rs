@@ -79,6 +79,7 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         init_image: i.init_image.clone(),
         strength: i.strength,
         preview: i.preview.clone(),
+        controls: controls(i)?,
         ..Default::default()
     };
     let t0 = Instant::now();
@@ -115,6 +116,31 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         t0.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// `--control IMAGE ...` with per-image (or shared) strength, start and end.
+fn controls(i: &crate::cli::ImageArgs) -> Result<Vec<crate::pipelines::image::ControlImage>> {
+    let n = i.control.len();
+    let pick = |v: &[f32], what: &str, k: usize| -> Result<f32> {
+        match v.len() {
+            1 => Ok(v[0]),
+            m if m == n => Ok(v[k]),
+            m => bail!("{what} takes one value or one per --control ({n}); {m} were given"),
+        }
+    };
+    i.control
+        .iter()
+        .enumerate()
+        .map(|(k, image)| {
+            Ok(crate::pipelines::image::ControlImage {
+                image: image.clone(),
+                strength: pick(&i.control_strength, "--control-strength", k)?,
+                start: pick(&i.control_start, "--control-start", k)?,
+                end: pick(&i.control_end, "--control-end", k)?,
+                preprocess: i.control_preprocess,
+            })
+        })
+        .collect()
 }
 
 struct Written {

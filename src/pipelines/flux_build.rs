@@ -432,6 +432,64 @@ pub fn export_flux(
     Ok(paths)
 }
 
+/// Exports a diffusers FluxControlNetModel folder beside the bundle (`out`): in the build's precision when that is
+/// 16- or 32-bit, in f32 beside FP8/NVFP4 transformers (the ControlNet is not quantized). Returns the graph and
+/// the ControlNet's config.
+pub fn export_controlnet(
+    p: &Plan,
+    dir: &Path,
+    precision: Precision,
+    out: &Path,
+) -> Result<(PathBuf, fluxm::FluxConfig)> {
+    let ck = Checkpoint::open(dir).with_context(|| format!("--controlnet '{}'", dir.display()))?;
+    if !ck
+        .names()
+        .any(|n| n.starts_with("controlnet_blocks.") || n.starts_with("controlnet_single_blocks."))
+    {
+        bail!(
+            "--controlnet '{}' has no controlnet_blocks.*: not a diffusers FluxControlNetModel (InstantX / Shakker \
+             style); point at its folder",
+            dir.display()
+        );
+    }
+    if ck
+        .names()
+        .any(|n| n.starts_with("controlnet_mode_embedder") || n.starts_with("input_hint_block"))
+    {
+        bail!(
+            "--controlnet '{}' is a ControlNet-Union (mode embedder) or has an input hint block: trt-diff runs plain \
+             FluxControlNetModel checkpoints (InstantX Canny/Depth style) only",
+            dir.display()
+        );
+    }
+    let (cfg, _, _) = fluxm::FluxConfig::from_checkpoint(&ck)?;
+    let t = &p.transformer;
+    for (what, a, b) in [
+        ("hidden size", cfg.hidden_size, t.hidden_size),
+        ("input channels", cfg.in_channels, t.in_channels),
+        ("text width", cfg.context_dim, t.context_dim),
+        ("pooled width", cfg.vec_dim, t.vec_dim),
+    ] {
+        if a != b {
+            bail!(
+                "--controlnet '{}' does not fit this model: its {what} is {a}, the transformer's {b}",
+                dir.display()
+            );
+        }
+    }
+    let prec = match fluxm::FluxPrecision::from_precision(precision)? {
+        fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => fluxm::FluxPrecision::F32,
+        other => other,
+    };
+    let opts = fluxm::ExportOptions {
+        precision: prec,
+        controlnet: fluxm::ControlNetGraph::Model,
+        ..Default::default()
+    };
+    fluxm::export(&cfg, &ck, &opts, out)?;
+    Ok((out.to_path_buf(), cfg))
+}
+
 fn aux_precisions(p: &Plan, precision: Precision) -> Result<(DataType, DataType)> {
     if precision == Precision::Fp32 {
         return Ok((DataType::FLOAT, DataType::FLOAT));
@@ -575,6 +633,8 @@ pub struct FluxBuildOptions {
     pub loras: Vec<LoraSpec>,
     /// FP8/NVFP4: rank of the LoRA side path beside each quantized layer (0: none).
     pub lora_rank: usize,
+    /// A diffusers FluxControlNetModel folder (config.json + safetensors) added to the bundle.
+    pub controlnet: Option<PathBuf>,
     pub base: BuildOptions,
 }
 
@@ -660,6 +720,22 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         }
         topts.lora_rank = o.lora_rank;
     }
+    let controlnet = match &o.controlnet {
+        Some(dir) => {
+            let cn = export_controlnet(
+                &p,
+                dir,
+                o.precision,
+                &sibling(&o.base.out, ".controlnet.onnx"),
+            )?;
+            topts.controlnet = fluxm::ControlNetGraph::Residuals {
+                double: cn.1.depth,
+                single: cn.1.depth_single,
+            };
+            Some(cn)
+        }
+        None => None,
+    };
     export_transformer(&p, &topts, &paths.transformer)?;
     let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
     let clip_tok = clip_tok.with_file_name(format!(
@@ -708,6 +784,48 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         aux.push(("tae_decoder", out.clone(), out));
     }
     let mut profiles = profiles(&p)?;
+    if let Some((cn_onnx, cn)) = &controlnet {
+        // The ControlNet takes the transformer's inputs plus the packed control latents and the scale; the
+        // transformer takes its sample stacks.
+        let tr = profiles
+            .get_mut("transformer")
+            .context("transformer profile")?;
+        let hs = tr
+            .iter()
+            .find(|r| r.name == "hidden_states")
+            .cloned()
+            .context("hidden_states profile")?;
+        let mut cn_shapes: Vec<ShapeRange> = tr.clone();
+        cn_shapes.push(ShapeRange {
+            name: "controlnet_cond".into(),
+            min: vec![hs.min[0], hs.min[1], cn.in_channels as i64],
+            opt: vec![hs.opt[0], hs.opt[1], cn.in_channels as i64],
+            max: vec![hs.max[0], hs.max[1], cn.in_channels as i64],
+        });
+        cn_shapes.push(ShapeRange {
+            name: "conditioning_scale".into(),
+            min: vec![1],
+            opt: vec![1],
+            max: vec![1],
+        });
+        let d = p.transformer.hidden_size as i64;
+        for (name, n) in [
+            ("controlnet_block_samples", cn.depth),
+            ("controlnet_single_block_samples", cn.depth_single),
+        ] {
+            if n > 0 {
+                let s = |v: &[i64]| vec![n as i64, v[0], v[1], d];
+                tr.push(ShapeRange {
+                    name: name.into(),
+                    min: s(&hs.min),
+                    opt: s(&hs.opt),
+                    max: s(&hs.max),
+                });
+            }
+        }
+        aux.push(("controlnet", cn_onnx.clone(), cn_onnx.clone()));
+        profiles.insert("controlnet", cn_shapes);
+    }
     let components: Vec<ComponentGraphs> = aux
         .into_iter()
         .map(|(name, cpu_onnx, trt_onnx)| ComponentGraphs {
