@@ -627,3 +627,110 @@ fn build_and_generate_with_lora_on_the_command_line() {
         r.stderr
     );
 }
+
+/// Text-encoder LoRAs by their kohya and ComfyUI names land on the tiny CLIP-L and T5 weights (transformers 5
+/// leaves `text_model.` out of CLIP's file; LoRAs keep it): merged weight = base + strength * alpha / rank * up @
+/// down, computed here by hand.
+#[test]
+fn text_encoder_loras_land_on_clip_and_t5() {
+    let d = tempfile::tempdir().unwrap();
+    let clip = Checkpoint::open(&golden("text_encoder/model.safetensors")).unwrap();
+    let t5 = Checkpoint::open(&golden("text_encoder_2/model.safetensors")).unwrap();
+    let targets = [
+        (
+            "lora_te1_text_model_encoder_layers_0_self_attn_q_proj",
+            "encoder.layers.0.self_attn.q_proj.weight",
+            Part::TextEncoder(0),
+        ),
+        (
+            "text_encoders.clip_l.transformer.text_model.encoder.layers.0.mlp.fc1",
+            "encoder.layers.0.mlp.fc1.weight",
+            Part::TextEncoder(0),
+        ),
+        (
+            "lora_te2_encoder_block_0_layer_0_SelfAttention_q",
+            "encoder.block.0.layer.0.SelfAttention.q.weight",
+            Part::TextEncoder(1),
+        ),
+        (
+            "text_encoders.t5xxl.transformer.encoder.block.0.layer.1.DenseReluDense.wi_0",
+            "encoder.block.0.layer.1.DenseReluDense.wi_0.weight",
+            Part::TextEncoder(1),
+        ),
+    ];
+    let mut data: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+    for (k, (module, tensor, part)) in targets.iter().enumerate() {
+        let ck = if *part == Part::TextEncoder(0) {
+            &clip
+        } else {
+            &t5
+        };
+        let s = ck.shape(tensor).unwrap().to_vec();
+        let f = |i: usize| ((i * 7 + k * 13) % 11) as f32 / 11.0 - 0.5;
+        data.push((
+            format!("{module}.lora_down.weight"),
+            vec![2, s[1]],
+            (0..2 * s[1]).map(f).collect(),
+        ));
+        data.push((
+            format!("{module}.lora_up.weight"),
+            vec![s[0], 2],
+            (0..2 * s[0]).map(|i| f(i + 3)).collect(),
+        ));
+        data.push((format!("{module}.alpha"), vec![], vec![1.0]));
+    }
+    let bytes: Vec<Vec<u8>> = data
+        .iter()
+        .map(|(_, _, v)| v.iter().flat_map(|x| x.to_le_bytes()).collect())
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .zip(&bytes)
+        .map(|((n, s, _), b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    let file = d.path().join("te.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    let loras = vec![(LoraFile::open(&file).unwrap(), 0.5)];
+    let (cs, ts) = (checkpoint_shapes(&clip), checkpoint_shapes(&t5));
+    let r = resolve_for(
+        &loras,
+        &[(Part::TextEncoder(0), &cs), (Part::TextEncoder(1), &ts)],
+        flux_book,
+    )
+    .unwrap();
+    let mut merged = [
+        Checkpoint::open(&golden("text_encoder/model.safetensors")).unwrap(),
+        Checkpoint::open(&golden("text_encoder_2/model.safetensors")).unwrap(),
+    ];
+    assert_eq!(
+        merge_into_checkpoint(&mut merged[0], Part::TextEncoder(0), &r).unwrap(),
+        2
+    );
+    assert_eq!(
+        merge_into_checkpoint(&mut merged[1], Part::TextEncoder(1), &r).unwrap(),
+        2
+    );
+    for (k, (_, tensor, part)) in targets.iter().enumerate() {
+        let i = if *part == Part::TextEncoder(0) { 0 } else { 1 };
+        let base = [&clip, &t5][i].get(tensor).unwrap().to_f32().unwrap();
+        let got = merged[i].get(tensor).unwrap().to_f32().unwrap();
+        let (down, up) = (&data[3 * k].2, &data[3 * k + 1].2);
+        let (rows, cols) = (up.len() / 2, down.len() / 2);
+        for r in 0..rows {
+            for c in 0..cols {
+                let delta = 0.5 * 0.5 * (up[r * 2] * down[c] + up[r * 2 + 1] * down[cols + c]);
+                let want = base[r * cols + c] + delta;
+                assert!(
+                    (got[r * cols + c] - want).abs() < 1e-5,
+                    "{tensor} [{r},{c}]"
+                );
+            }
+        }
+    }
+}
