@@ -292,15 +292,20 @@ impl FluxModel {
                 continue;
             };
             // TensorRT refits with the plan's own graph's element types; ONNX Runtime runs the component's ONNX.
+            // A graph that cannot be found only matters once a LoRA is applied (then its part is reported).
             let graph = match (&c.plan, backend) {
-                (Some(plan), Backend::Trt) => EngineFile::open_with(
-                    &engine.file(plan, &format!("component {name}"))?,
-                    engine.allow_external,
-                )?
-                .source_onnx()?,
-                _ => engine.file(&c.onnx, &format!("component {name}"))?,
+                (Some(plan), Backend::Trt) => engine
+                    .file(plan, &format!("component {name}"))
+                    .and_then(|p| EngineFile::open_with(&p, engine.allow_external))
+                    .and_then(|f| f.source_onnx()),
+                _ => engine.file(&c.onnx, &format!("component {name}")),
             };
-            lora_graphs.insert(part, graph);
+            match graph {
+                Ok(g) => {
+                    lora_graphs.insert(part, g);
+                }
+                Err(e) => tracing::debug!("no graph of the {name} for run-time LoRA: {e:#}"),
+            }
         }
         let [
             clip,
@@ -676,15 +681,18 @@ impl ImageModel for FluxModel {
             );
         };
         let pending = lora.weights_for(loras)?;
+        let mut done = Vec::new();
         for (part, weights) in &pending.by_part {
             let engine = match part {
                 Part::Denoiser => &mut self.engines.transformer,
                 Part::TextEncoder(0) => &mut self.engines.clip,
                 Part::TextEncoder(_) => &mut self.engines.t5,
             };
-            engine
-                .set_weights(weights)
-                .with_context(|| format!("applying the LoRAs to the {part}"))?;
+            if let Err(e) = engine.set_weights(weights) {
+                lora.commit_parts(&pending, &done);
+                return Err(e.context(format!("applying the LoRAs to the {part}")));
+            }
+            done.push(*part);
             tracing::info!("LoRA: {} weights of the {part} replaced", weights.len());
         }
         lora.commit(pending);

@@ -192,8 +192,8 @@ impl RuntimeLora {
             }
             let Some(path) = self.graphs.get(part) else {
                 bail!(
-                    "a LoRA has {part} modules and this bundle has no such component; is it a LoRA for another \
-                     model family?"
+                    "a LoRA has {part} modules and this bundle has no built graph of that part (a LoRA for another \
+                     model family, or a bundle whose ONNX graphs are missing: rebuild it)"
                 );
             };
             let g = GraphWeights::load(path)
@@ -212,8 +212,7 @@ impl RuntimeLora {
             let mut tensors = Vec::new();
             let mut changed = BTreeSet::new();
             if let Some(updates) = resolved.part(part) {
-                // Each tensor keeps its own element type (one call per dtype group is not needed: a part's
-                // weights share one in practice, but read each tensor's anyway).
+                // Each merged tensor is stored in its own weight's element type (what the engine was built with).
                 for (name, ups) in updates {
                     if let Some(rank) = g.side.get(name) {
                         for t in side_path_weights(g, name, ups, *rank)? {
@@ -251,6 +250,21 @@ impl RuntimeLora {
     /// Records that the engines now hold `w`'s weights.
     pub fn commit(&mut self, w: PendingWeights) {
         self.applied = w.applied;
+    }
+
+    /// Records that only the engines of `done` took `w`'s weights (another part's failed): the next set then
+    /// restores what each engine really holds.
+    pub fn commit_parts(&mut self, w: &PendingWeights, done: &[Part]) {
+        for part in done {
+            match w.applied.get(part) {
+                Some(names) => {
+                    self.applied.insert(*part, names.clone());
+                }
+                None => {
+                    self.applied.remove(part);
+                }
+            }
+        }
     }
 }
 
