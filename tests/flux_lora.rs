@@ -107,6 +107,7 @@ const CASES: &[(&str, &[(&str, f32)])] = &[
     ("loha", &[("loha", 0.7)]),
     ("lokr", &[("lokr", 0.7)]),
     ("stacked_peft0.7_kohya0.5", &[("peft", 0.7), ("kohya", 0.5)]),
+    ("peft_metadata", &[("peft_metadata", 0.7)]),
 ];
 
 #[test]

@@ -246,6 +246,26 @@ def main(golden):
         results["final_latents.pipeline_peft0.7"] = lat.float().contiguous()
         print("pipeline: final latents differ from base by",
               float((lat - ref["final_latents"]).abs().max()))
+    # diffusers' own save_lora_weights with PEFT metadata: lora_alpha 8 on rank 4 (scale 2), an alpha_pattern
+    # entry (proj_mlp: alpha 2, scale 0.5), stored in the file's `lora_adapter_metadata`.
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+    model = tiny_transformer(golden)
+    model.add_adapter(LoraConfig(r=4, lora_alpha=8, alpha_pattern={"proj_mlp": 2},
+                                 target_modules=["to_q", "to_k", "to_v", "proj_mlp", "ff.net.2"]))
+    g2 = torch.Generator().manual_seed(200)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g2) * 0.1)
+    meta = model.peft_config["default"].to_dict()
+    FluxPipeline.save_lora_weights(out, transformer_lora_layers=get_peft_model_state_dict(model),
+                                   transformer_lora_adapter_metadata=meta, weight_name="peft_metadata.safetensors")
+    fresh = tiny_transformer(golden)
+    pipe = with_lora(fresh, out, {"peft_metadata": ("peft_metadata.safetensors", STRENGTH)})
+    results["sample.peft_metadata"] = run(pipe.transformer, io)
+    print("sample.peft_metadata differs from base by",
+          float((results["sample.peft_metadata"] - results["sample.base"]).abs().max()))
     save_file(results, os.path.join(out, "lora_io.safetensors"))
 
 

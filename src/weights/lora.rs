@@ -391,6 +391,7 @@ impl LoraFile {
         if groups.is_empty() {
             bail!("LoRA '{}' holds no tensors", path.display());
         }
+        let peft = peft_configs(ck)?;
         let mut modules = Vec::with_capacity(groups.len());
         for (key, factors) in groups {
             let (part, name) = split_prefix(&key);
@@ -428,7 +429,12 @@ impl LoraFile {
                 }
                 None => None,
             };
-            let delta = build_delta(&key, &factors, alpha, &get, &path)?;
+            // Without an `.alpha` key, diffusers' saved PEFT settings give it (lora_alpha, alpha_pattern, rsLoRA).
+            let (alpha, rslora) = match (alpha, peft.get(&part)) {
+                (None, Some(cfg)) => (Some(cfg.alpha_for(&name)), cfg.use_rslora),
+                (a, _) => (a, false),
+            };
+            let delta = build_delta(&key, &factors, alpha, rslora, &get, &path)?;
             let bias = get(Factor::DiffBias)?.map(|m| Arc::new(m.data));
             if delta.is_none() && bias.is_none() {
                 bail!(
@@ -450,6 +456,84 @@ impl LoraFile {
     }
 }
 
+/// diffusers' PEFT settings of one part, from the file's `lora_adapter_metadata`.
+struct PeftConfig {
+    lora_alpha: f32,
+    /// PEFT's `alpha_pattern`: a module whose name ends with the pattern (at a '.') takes its alpha.
+    alpha_pattern: Vec<(regex::Regex, f32)>,
+    use_rslora: bool,
+}
+
+impl PeftConfig {
+    fn alpha_for(&self, module: &str) -> f32 {
+        self.alpha_pattern
+            .iter()
+            .find(|(re, _)| re.is_match(module))
+            .map_or(self.lora_alpha, |(_, a)| *a)
+    }
+}
+
+/// The per-part PEFT settings diffusers' `save_lora_weights` stores as JSON under `lora_adapter_metadata`
+/// (`transformer.lora_alpha`, `transformer.alpha_pattern`, `text_encoder.use_rslora`, ...).
+fn peft_configs(ck: &Checkpoint) -> Result<HashMap<Part, PeftConfig>> {
+    let Some(text) = ck.metadata().get("lora_adapter_metadata") else {
+        return Ok(HashMap::new());
+    };
+    let bad = |why: &str| {
+        anyhow::anyhow!(
+            "LoRA '{}': its lora_adapter_metadata {why}; re-save the LoRA with diffusers",
+            ck.path.display()
+        )
+    };
+    let v: serde_json::Value = serde_json::from_str(text).map_err(|_| bad("is not JSON"))?;
+    let map = v.as_object().ok_or_else(|| bad("is not a JSON object"))?;
+    let mut out = HashMap::new();
+    for (key, value) in map {
+        let Some(component) = key.strip_suffix(".lora_alpha") else {
+            continue;
+        };
+        let prefixed = format!("{component}.");
+        let (part, rest) = split_prefix(&prefixed);
+        if !rest.is_empty() {
+            continue;
+        }
+        let lora_alpha = value
+            .as_f64()
+            .ok_or_else(|| bad(&format!("has a non-numeric {key}")))?
+            as f32;
+        let mut alpha_pattern = Vec::new();
+        if let Some(p) = map
+            .get(&format!("{component}.alpha_pattern"))
+            .and_then(|p| p.as_object())
+        {
+            for (pattern, a) in p {
+                let a = a
+                    .as_f64()
+                    .ok_or_else(|| bad(&format!("has a non-numeric alpha for '{pattern}'")))?;
+                let re = regex::Regex::new(&format!(r"^(.*\.)?(?:{pattern})$")).map_err(|_| {
+                    bad(&format!(
+                        "has an alpha pattern '{pattern}' that is no regex"
+                    ))
+                })?;
+                alpha_pattern.push((re, a as f32));
+            }
+        }
+        let use_rslora = map
+            .get(&format!("{component}.use_rslora"))
+            .and_then(|b| b.as_bool())
+            .unwrap_or(false);
+        out.insert(
+            part,
+            PeftConfig {
+                lora_alpha,
+                alpha_pattern,
+                use_rslora,
+            },
+        );
+    }
+    Ok(out)
+}
+
 fn split_prefix(key: &str) -> (Part, &str) {
     PREFIXES
         .iter()
@@ -461,6 +545,7 @@ fn build_delta(
     key: &str,
     factors: &BTreeMap<Factor, String>,
     alpha: Option<f32>,
+    rslora: bool,
     get: &dyn Fn(Factor) -> Result<Option<Matrix>>,
     path: &Path,
 ) -> Result<Option<Delta>> {
@@ -484,10 +569,11 @@ fn build_delta(
             )));
         }
         let rank = down.rows as f32;
+        let per = if rslora { rank.sqrt() } else { rank };
         return Ok(Some(Delta::LowRank {
             up,
             down,
-            scale: alpha.map_or(1.0, |a| a / rank),
+            scale: alpha.map_or(1.0, |a| a / per),
         }));
     }
     if has(Factor::HadaW1A) {

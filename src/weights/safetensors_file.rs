@@ -131,6 +131,8 @@ pub struct Checkpoint {
     prefetcher: std::sync::OnceLock<std::sync::Mutex<Prefetcher>>,
     /// Tensors that replace the file's (LoRA-merged weights): same names and shapes, any float type.
     overrides: BTreeMap<String, Tensor>,
+    /// The files' `__metadata__` string maps, merged.
+    metadata: BTreeMap<String, String>,
 }
 
 fn onnx_dtype(d: safetensors::Dtype) -> Option<DataType> {
@@ -177,6 +179,7 @@ impl Checkpoint {
             index: BTreeMap::new(),
             prefetcher: std::sync::OnceLock::new(),
             overrides: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
         // Judged on the whole checkpoint: the shards of a big model are read one after another.
         let total: u64 = files
@@ -209,6 +212,10 @@ impl Checkpoint {
                 path.display()
             )
         })?;
+        if let Some(m) = meta.metadata() {
+            self.metadata
+                .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         let data_start = 8 + header_len;
         let fi = self.files.len();
         for (name, info) in meta.tensors() {
@@ -247,6 +254,11 @@ impl Checkpoint {
         self.files
             .push((path.to_path_buf(), Arc::new(Mapped { map, file, evict })));
         Ok(())
+    }
+
+    /// The safetensors `__metadata__` entries (e.g. diffusers' `lora_adapter_metadata`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
     }
 
     pub fn names(&self) -> impl Iterator<Item = &str> {
