@@ -735,3 +735,83 @@ fn text_encoder_loras_land_on_clip_and_t5() {
         }
     }
 }
+
+/// An NVFP4 bundle built with `--lora-rank`: `generate --lora` switches the LoRA through the side path (the
+/// transformer's quantized layers) and merges the CLIP part, and moves the image; `--lora-rank` on a 32-bit
+/// build is refused with the way out.
+#[test]
+fn nvfp4_bundle_takes_run_time_loras_through_the_side_path() {
+    use common::{run, s};
+    let d = tempfile::tempdir().unwrap();
+    let model = pipeline::tiny_model(d.path());
+    let (ct, tt) = (
+        pipeline::shared("tokenizers/bpe_simple_vocab_16e6.txt.gz"),
+        pipeline::shared("tokenizers/t5_tokenizer.json"),
+    );
+    let plan = d.path().join("q.plan");
+    let build = |precision: &str, ok: bool| {
+        run(
+            &[
+                "build",
+                s(&model),
+                "--arch",
+                "flux-dev",
+                "--precision",
+                precision,
+                "--lora-rank",
+                "8",
+                "--out",
+                s(&plan),
+                "--clip-tokenizer",
+                s(&ct),
+                "--t5-tokenizer",
+                s(&tt),
+                "--image-px",
+                "32,32,32",
+                "--no-progress",
+            ],
+            ok,
+        )
+    };
+    let r = build("fp32", false);
+    assert!(r.stderr.contains("drop --lora-rank"), "{}", r.stderr);
+    build("nvfp4", true);
+    let lora_arg = format!("{}:0.7", golden("lora/pipeline_peft.safetensors").display());
+    let generate = |out: &Path, extra: &[&str]| {
+        let mut args = vec![
+            "generate",
+            "--engine",
+            s(&plan),
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+            "--out",
+            s(out),
+        ];
+        args.extend_from_slice(extra);
+        run(&args, true)
+    };
+    let (a, b) = (d.path().join("a.png"), d.path().join("b.png"));
+    generate(&a, &[]);
+    let r = generate(&b, &["--lora", &lora_arg]);
+    assert!(r.stderr.contains("applied 1 LoRA"), "{}", r.stderr);
+    let px = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    let diff = px(&a)
+        .iter()
+        .zip(px(&b))
+        .map(|(p, q)| p.abs_diff(q))
+        .max()
+        .unwrap();
+    println!("NVFP4 bundle: the run-time LoRA moves pixels by up to {diff}");
+    assert!(diff > 5);
+}
