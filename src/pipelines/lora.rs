@@ -94,17 +94,13 @@ impl GraphWeights {
             shapes.insert(t.name.clone(), t.dims.iter().map(|&d| d as usize).collect());
             dtypes.insert(t.name.clone(), dt);
             if !data.contains_key(&t.name) {
-                let bytes = if !t.raw_data.is_empty() {
-                    t.raw_data.clone()
-                } else {
-                    Bytes::from(
-                        t.float_data
-                            .iter()
-                            .flat_map(|v| v.to_le_bytes())
-                            .collect::<Vec<u8>>(),
-                    )
-                };
-                data.insert(t.name.clone(), bytes);
+                if !t.raw_data.is_empty() {
+                    data.insert(t.name.clone(), t.raw_data.clone());
+                } else if dt == DataType::FLOAT {
+                    let v: Vec<u8> = t.float_data.iter().flat_map(|v| v.to_le_bytes()).collect();
+                    data.insert(t.name.clone(), Bytes::from(v));
+                }
+                // 16-bit values in int32_data (no exporter here writes them): `tensor` reports them missing.
             }
         }
         // Side paths: `X.lora_down` [rank, in] and `X.lora_up` [out, rank] beside a quantized `X`.
