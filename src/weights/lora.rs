@@ -122,6 +122,10 @@ const SUFFIXES: &[(&str, Factor)] = &[
         Factor::Unsupported("DoRA (weight-decomposed) scales"),
     ),
     (
+        ".lora_magnitude_vector",
+        Factor::Unsupported("DoRA (weight-decomposed) magnitudes"),
+    ),
+    (
         ".lora_mid.weight",
         Factor::Unsupported("LoCon Tucker cores (lora_mid)"),
     ),
