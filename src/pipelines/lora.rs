@@ -6,7 +6,9 @@
 //! weights it has (Flux: [`flux_book`]). Everything else here is family-free.
 use crate::models::flux as fluxm;
 use crate::onnx::{DataType, OnnxFile};
-use crate::weights::lora::{AddressBook, LoraFile, Part, Resolved, merged_tensors, resolve};
+use crate::weights::lora::{
+    AddressBook, LoraFile, Part, Resolved, Update, merged_tensors, resolve,
+};
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -208,7 +210,9 @@ impl RuntimeLora {
             let mut tensors = Vec::new();
             let mut changed = BTreeSet::new();
             if let Some(updates) = resolved.part(part) {
-                // Each merged tensor is stored in its own weight's element type (what the engine was built with).
+                // Each merged tensor is stored in its own weight's element type (what the engine was built with):
+                // one parallel merge per element type.
+                let mut by_dtype: BTreeMap<i32, BTreeMap<String, Vec<Update>>> = BTreeMap::new();
                 for (name, ups) in updates {
                     if let Some(rank) = g.side.get(name) {
                         for t in side_path_weights(g, name, ups, *rank)? {
@@ -217,9 +221,14 @@ impl RuntimeLora {
                         }
                         continue;
                     }
-                    let one = BTreeMap::from([(name.clone(), ups.clone())]);
-                    let dt = g.dtypes.get(name).copied();
-                    for t in merged_tensors(&one, &|n| g.tensor(n), dt)? {
+                    let dt = g.dtypes.get(name).map_or(DataType::FLOAT.0, |d| d.0);
+                    by_dtype
+                        .entry(dt)
+                        .or_default()
+                        .insert(name.clone(), ups.clone());
+                }
+                for (dt, group) in by_dtype {
+                    for t in merged_tensors(&group, &|n| g.tensor(n), Some(DataType(dt)))? {
                         changed.insert(t.name.clone());
                         tensors.push(t);
                     }
@@ -276,7 +285,7 @@ pub struct PendingWeights {
 fn side_path_weights(
     g: &GraphWeights,
     weight: &str,
-    updates: &[crate::weights::lora::Update],
+    updates: &[Update],
     rank: usize,
 ) -> Result<Vec<Tensor>> {
     use crate::weights::lora::Delta;
