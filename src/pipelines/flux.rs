@@ -44,6 +44,10 @@ pub struct FluxPipelineConfig {
     pub default_scheduler: String,
     pub default_width: usize,
     pub default_height: usize,
+    /// FLUX.1 Canny/Depth: packed control-latent channels the transformer takes after the image latents'
+    /// (its input is [latents | control latents] per token); 0 for the plain models.
+    #[serde(default)]
+    pub control_channels: usize,
 }
 
 impl FluxPipelineConfig {
@@ -69,6 +73,7 @@ impl FluxPipelineConfig {
             default_scheduler: "flux".into(),
             default_width: 1024,
             default_height: 1024,
+            control_channels: 0,
         })
     }
 }
@@ -110,6 +115,8 @@ pub struct FluxModel {
     /// The current run's ControlNet conditions and its schedule (a sigma's step index picks the windows).
     controls: Vec<ActiveControl>,
     control_sigmas: Vec<f64>,
+    /// FLUX.1 Canny/Depth: the current run's packed control latents, concatenated to the latents' channels.
+    concat_control: Option<Vec<f32>>,
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
@@ -246,6 +253,7 @@ impl FluxModel {
             lora: None,
             controls: Vec::new(),
             control_sigmas: Vec::new(),
+            concat_control: None,
         }
     }
 
@@ -355,6 +363,7 @@ impl FluxModel {
             )),
             controls: Vec::new(),
             control_sigmas: Vec::new(),
+            concat_control: None,
         })
     }
 
@@ -473,6 +482,24 @@ impl FluxModel {
         let t5_len = c.t5_max_len;
         let e = self.engines.transformer.as_ref();
         let (d, pd) = (cond.t5_dim, cond.pooled.len());
+        let joined;
+        let (x, ch) = match (&self.concat_control, c.control_channels) {
+            (_, 0) => (x, ch),
+            (Some(ctl), cc) => {
+                // [latents | control latents] per token, as diffusers' FluxControlPipeline concatenates them.
+                joined = x
+                    .chunks_exact(ch)
+                    .zip(ctl.chunks_exact(cc).cycle())
+                    .flat_map(|(a, b)| a.iter().chain(b).copied())
+                    .collect::<Vec<f32>>();
+                (&joined[..], ch + cc)
+            }
+            (None, _) => bail!(
+                "this Flux model ({}) is a control variant (FLUX.1 Canny/Depth): give its condition with --control \
+                 IMAGE (e.g. --control-preprocess canny)",
+                c.arch
+            ),
+        };
         let mut inputs = vec![
             float_input(e, "hidden_states", &[b, tokens, ch], x)?,
             float_input(
@@ -648,8 +675,36 @@ impl ImageModel for FluxModel {
         sigmas: &[f64],
     ) -> Result<()> {
         self.controls.clear();
+        self.concat_control = None;
         self.control_sigmas = sigmas.to_vec();
         if controls.is_empty() {
+            return Ok(());
+        }
+        if self.config.control_channels > 0 && self.engines.controlnet.is_none() {
+            // FLUX.1 Canny/Depth: one condition, part of the transformer's input at every step.
+            let [c] = controls else {
+                bail!(
+                    "FLUX.1 Canny/Depth takes one --control image, {} were given",
+                    controls.len()
+                );
+            };
+            if c.strength != 1.0 || c.start != 0.0 || c.end != 1.0 {
+                tracing::warn!(
+                    "--control-strength/--control-start/--control-end apply to ControlNets; FLUX.1 Canny/Depth \
+                     takes its condition at every step"
+                );
+            }
+            let vs = self.config.vae_scale_factor;
+            let rgb = super::image_io::load_control_image(
+                &c.image,
+                lat.width * vs,
+                lat.height * vs,
+                c.preprocess,
+            )?;
+            let z = self
+                .encode_image(&rgb, lat)
+                .with_context(|| format!("encoding the control image '{}'", c.image.display()))?;
+            self.concat_control = Some(z);
             return Ok(());
         }
         if self.engines.controlnet.is_none() {
@@ -792,6 +847,17 @@ impl ImageModel for FluxModel {
         out: &mut Latent,
     ) -> Result<()> {
         match (x, out) {
+            // The channel-concatenated control variants run the transformer on host copies of the latents.
+            (Latent::Device(x), Latent::Device(out)) if self.config.control_channels > 0 => {
+                let dev = self
+                    .device
+                    .clone()
+                    .context("device latents without a GPU engine")?;
+                dev.synchronize()?;
+                let v = self.predict_host(&x.to_host()?, sigma, cond, lat, guidance)?;
+                *out = DeviceBuffer::from_host(&dev, &v)?;
+                Ok(())
+            }
             (Latent::Device(x), Latent::Device(out)) => {
                 self.predict_device(x, sigma, cond, lat, guidance, out)
             }

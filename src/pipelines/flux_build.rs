@@ -277,10 +277,18 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
             config.shift_factor = s as f32;
         }
     }
+    // FLUX.1 Canny/Depth take the packed control latents beside the image latents: twice the channels.
+    let packed = 4 * vae.latent_channels;
+    config.control_channels =
+        if transformer.in_channels == 2 * packed && transformer.out_channels == packed {
+            packed
+        } else {
+            0
+        };
     let checks = [
         (
-            transformer.in_channels,
-            4 * vae.latent_channels,
+            transformer.in_channels - config.control_channels,
+            packed,
             "transformer input channels vs 4 x VAE latent channels",
         ),
         (
@@ -696,6 +704,12 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
+    if o.precision == Precision::Fp8 && p.config.control_channels > 0 {
+        bail!(
+            "FP8 calibration runs the recipe's prompts without control images, which FLUX.1 Canny/Depth need; build \
+             this model in nvfp4, bf16 or fp16"
+        );
+    }
     let amax = if o.precision == Precision::Fp8 {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
         calibrate(&p, tmp.path(), &paths, o.calibration_backend)?

@@ -916,7 +916,9 @@ pub(super) fn emit(
         }
     }
     if cn == ControlNetGraph::Model {
-        let scale = cond_scale.expect("a ControlNet graph has the scale input");
+        let Some(scale) = cond_scale else {
+            bail!("internal: a ControlNet graph without its conditioning_scale input");
+        };
         for (name, v) in [
             ("controlnet_block_samples", samples),
             ("controlnet_single_block_samples", single_samples),
