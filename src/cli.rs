@@ -219,6 +219,9 @@ pub struct ImageArgs {
     /// img2img: start from this image (PNG/JPEG), resized to the output size.
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
+    /// FLUX.1 Fill: inpaint --init-image where this mask is white (use --strength 1 as diffusers' default).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
     /// img2img: how much of the schedule to re-run (0 < s <= 1).
     #[arg(long, default_value_t = 0.8)]
     pub strength: f32,

@@ -487,3 +487,114 @@ fn channel_concatenated_control_variant_matches_diffusers() {
         .to_string();
     assert!(e.contains("--control IMAGE"), "{e}");
 }
+
+/// FLUX.1 Fill-style transformer (latents | masked-image latents | folded mask) under diffusers' FluxFillPipeline:
+/// init.png repainted where the mask is white, strength 1.
+#[test]
+fn fill_inpainting_matches_diffusers() {
+    use trt_diff::backend::BackendChoice;
+    use trt_diff::manifest::EngineFile;
+    use trt_diff::pipelines::engines::{OpenOptions, open_file};
+    use trt_diff::pipelines::flux::{FluxEngines, FluxModel, load_clip_tokenizer};
+    use trt_diff::pipelines::flux_build::{
+        ModelFiles, OnnxPaths, export_aux, export_transformer, plan,
+    };
+    use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
+    let d = tempfile::tempdir().unwrap();
+    let m = d.path().join("tiny-fill");
+    std::fs::create_dir_all(&m).unwrap();
+    for (name, src) in [
+        ("transformer", "fill/transformer"),
+        ("vae", "pipeline/vae"),
+        ("text_encoder", "text_encoder"),
+        ("text_encoder_2", "text_encoder_2"),
+    ] {
+        std::os::unix::fs::symlink(golden(src), m.join(name)).unwrap();
+    }
+    let shared = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../shared/data/tokenizers"
+    ));
+    let files = ModelFiles::find(
+        &m,
+        Some(&shared.join("bpe_simple_vocab_16e6.txt.gz")),
+        Some(&shared.join("t5_tokenizer.json")),
+    )
+    .unwrap();
+    let p = plan(files, "flux-dev", None).unwrap();
+    assert_eq!((p.config.fill_channels, p.config.control_channels), (80, 0));
+    let paths = OnnxPaths::new(d.path(), None);
+    let f32t = trt_diff::onnx::DataType::FLOAT;
+    export_aux(&p, &paths, f32t, f32t).unwrap();
+    export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path).unwrap(),
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    };
+    let mut pipe = ImagePipeline::new(FluxModel::new(
+        p.config.clone(),
+        load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad).unwrap(),
+        trt_diff::tokenizer::t5::T5Tokenizer::load(&p.files.t5_tokenizer).unwrap(),
+        FluxEngines {
+            clip: open(&paths.clip),
+            t5: open(&paths.t5),
+            transformer: open(&paths.transformer),
+            vae_decoder: open(&paths.vae_decoder),
+            vae_encoder: Some(open(&paths.vae_encoder)),
+            tae_decoder: None,
+            controlnet: None,
+        },
+    ));
+    let base_io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
+    let want = io(&golden("fill/fill_io.safetensors"));
+    let req = ImageRequest {
+        prompt: "a watercolor painting of a fox in the snow, 4k".into(),
+        steps: Some(4),
+        width: Some(32),
+        height: Some(32),
+        guidance: Some(3.5),
+        cfg: 1.0,
+        batch: 1,
+        strength: 1.0,
+        latents_only: true,
+        initial_noise: Some(base_io.get("initial_latents").unwrap().to_f32().unwrap()),
+        init_image: Some(golden("init.png")),
+        mask: Some(golden("fill/mask.png")),
+        ..Default::default()
+    };
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let err = rel_err(
+        &HostTensor::from_f32(&[1, 64, 64], &out.latents),
+        &want["final_latents"],
+    );
+    println!("FLUX.1 Fill-style inpainting: final latents max rel err {err:.2e}");
+    assert!(err < 1e-3, "{err}");
+    let e = pipe
+        .generate(
+            &ImageRequest {
+                mask: None,
+                ..req.clone()
+            },
+            &mut |_| Ok(()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--mask"), "{e}");
+    let e = pipe
+        .generate(
+            &ImageRequest {
+                init_image: None,
+                ..req
+            },
+            &mut |_| Ok(()),
+        )
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(e.contains("--mask needs --init-image"), "{e}");
+}

@@ -80,6 +80,7 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         strength: i.strength,
         preview: i.preview.clone(),
         controls: controls(i)?,
+        mask: i.mask.clone(),
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -48,6 +48,10 @@ pub struct FluxPipelineConfig {
     /// (its input is [latents | control latents] per token); 0 for the plain models.
     #[serde(default)]
     pub control_channels: usize,
+    /// FLUX.1 Fill: channels of the packed masked-image latents and packed mask the transformer takes after the
+    /// image latents' (64 + 256 for FLUX.1-Fill-dev); 0 for the other models.
+    #[serde(default)]
+    pub fill_channels: usize,
 }
 
 impl FluxPipelineConfig {
@@ -74,6 +78,7 @@ impl FluxPipelineConfig {
             default_width: 1024,
             default_height: 1024,
             control_channels: 0,
+            fill_channels: 0,
         })
     }
 }
@@ -483,7 +488,7 @@ impl FluxModel {
         let e = self.engines.transformer.as_ref();
         let (d, pd) = (cond.t5_dim, cond.pooled.len());
         let joined;
-        let (x, ch) = match (&self.concat_control, c.control_channels) {
+        let (x, ch) = match (&self.concat_control, c.control_channels + c.fill_channels) {
             (_, 0) => (x, ch),
             (Some(ctl), cc) => {
                 // [latents | control latents] per token, as diffusers' FluxControlPipeline concatenates them.
@@ -494,6 +499,10 @@ impl FluxModel {
                     .collect::<Vec<f32>>();
                 (&joined[..], ch + cc)
             }
+            (None, _) if c.fill_channels > 0 => bail!(
+                "this Flux model is FLUX.1 Fill (inpainting): give --init-image IMAGE and --mask MASK (white where \
+                 it is repainted)"
+            ),
             (None, _) => bail!(
                 "this Flux model ({}) is a control variant (FLUX.1 Canny/Depth): give its condition with --control \
                  IMAGE (e.g. --control-preprocess canny)",
@@ -675,7 +684,9 @@ impl ImageModel for FluxModel {
         sigmas: &[f64],
     ) -> Result<()> {
         self.controls.clear();
-        self.concat_control = None;
+        if self.config.control_channels > 0 {
+            self.concat_control = None;
+        }
         self.control_sigmas = sigmas.to_vec();
         if controls.is_empty() {
             return Ok(());
@@ -726,6 +737,63 @@ impl ImageModel for FluxModel {
                 end: c.end,
             });
         }
+        Ok(())
+    }
+
+    fn set_inpaint(
+        &mut self,
+        inpaint: Option<(&std::path::Path, &std::path::Path)>,
+        lat: &Latents,
+    ) -> Result<()> {
+        let fill = self.config.fill_channels;
+        if fill > 0 {
+            self.concat_control = None;
+        }
+        let Some((image, mask)) = inpaint else {
+            return Ok(());
+        };
+        if fill == 0 {
+            bail!(
+                "--mask needs a FLUX.1 Fill model (its transformer takes the masked image and the mask); this \
+                 bundle's does not: use plain img2img (--init-image, --strength) or build FLUX.1-Fill-dev"
+            );
+        }
+        // diffusers' FluxFillPipeline: the image with the masked part zeroed (in [-1, 1]), encoded and packed;
+        // the mask folded from pixels into vs x vs channels per latent position, packed.
+        let vs = self.config.vae_scale_factor;
+        let (w, h) = (lat.width * vs, lat.height * vs);
+        let rgb = super::image_io::load_init_image(image, w, h)?;
+        let m = super::image_io::load_mask(mask, w, h)?;
+        let masked: Vec<f32> = rgb
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1.0 - m[i % (w * h)]))
+            .collect();
+        let z = self
+            .encode_image(&masked, lat)
+            .context("encoding the masked image")?;
+        let mut folded = vec![0f32; vs * vs * lat.height * lat.width];
+        for y in 0..h {
+            for x in 0..w {
+                let c = (y % vs) * vs + x % vs;
+                folded[(c * lat.height + y / vs) * lat.width + x / vs] = m[y * w + x];
+            }
+        }
+        let packed_mask = pack(&folded, 1, vs * vs, lat.height, lat.width);
+        let tokens = tokens(lat);
+        let (zc, mc) = (z.len() / tokens, packed_mask.len() / tokens);
+        if zc + mc != fill {
+            bail!(
+                "the masked image and mask give {} channels per token; this FLUX.1 Fill transformer takes {fill}",
+                zc + mc
+            );
+        }
+        let cond: Vec<f32> = z
+            .chunks_exact(zc)
+            .zip(packed_mask.chunks_exact(mc))
+            .flat_map(|(a, b)| a.iter().chain(b).copied())
+            .collect();
+        self.concat_control = Some(cond);
         Ok(())
     }
 
@@ -848,7 +916,9 @@ impl ImageModel for FluxModel {
     ) -> Result<()> {
         match (x, out) {
             // The channel-concatenated control variants run the transformer on host copies of the latents.
-            (Latent::Device(x), Latent::Device(out)) if self.config.control_channels > 0 => {
+            (Latent::Device(x), Latent::Device(out))
+                if self.config.control_channels + self.config.fill_channels > 0 =>
+            {
                 let dev = self
                     .device
                     .clone()

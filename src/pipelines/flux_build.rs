@@ -285,9 +285,14 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         } else {
             0
         };
+    // FLUX.1 Fill takes the packed masked-image latents and the packed mask (vs x vs channels per latent).
+    let mask_channels = 4 * config.vae_scale_factor * config.vae_scale_factor;
+    if transformer.in_channels == 2 * packed + mask_channels && transformer.out_channels == packed {
+        config.fill_channels = packed + mask_channels;
+    }
     let checks = [
         (
-            transformer.in_channels - config.control_channels,
+            transformer.in_channels - config.control_channels - config.fill_channels,
             packed,
             "transformer input channels vs 4 x VAE latent channels",
         ),
@@ -704,10 +709,10 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    if o.precision == Precision::Fp8 && p.config.control_channels > 0 {
+    if o.precision == Precision::Fp8 && p.config.control_channels + p.config.fill_channels > 0 {
         bail!(
-            "FP8 calibration runs the recipe's prompts without control images, which FLUX.1 Canny/Depth need; build \
-             this model in nvfp4, bf16 or fp16"
+            "FP8 calibration runs the recipe's prompts without control images or masks, which FLUX.1 Canny/Depth/Fill \
+             need; build this model in nvfp4, bf16 or fp16"
         );
     }
     let amax = if o.precision == Precision::Fp8 {

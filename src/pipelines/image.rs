@@ -38,6 +38,8 @@ pub struct ImageRequest {
     pub preview: Option<PathBuf>,
     /// ControlNet conditions (the bundle's ControlNet, each image with its strength and step window).
     pub controls: Vec<ControlImage>,
+    /// Inpainting (FLUX.1 Fill): white where `init_image` is repainted.
+    pub mask: Option<PathBuf>,
 }
 
 /// One ControlNet condition of a request.
@@ -196,6 +198,18 @@ pub trait ImageModel {
             return Ok(());
         }
         bail!("the {} pipeline has no ControlNet", self.arch())
+    }
+    /// Sets the inpainting condition of the next run (`image` repainted where `mask` is white); None clears it.
+    fn set_inpaint(
+        &mut self,
+        inpaint: Option<(&std::path::Path, &std::path::Path)>,
+        lat: &Latents,
+    ) -> Result<()> {
+        let _ = lat;
+        if inpaint.is_none() {
+            return Ok(());
+        }
+        bail!("the {} pipeline does not inpaint with a mask", self.arch())
     }
     /// Applies `loras` (files at strengths) to the opened engines, replacing the set applied before (an empty
     /// list restores the built weights).
@@ -381,6 +395,14 @@ impl<M: ImageModel> ImagePipeline<M> {
             }
         }
         self.model.set_controls(&req.controls, &lat, &sigmas)?;
+        let inpaint = match (&req.mask, &req.init_image) {
+            (Some(m), Some(i)) => Some((i.as_path(), m.as_path())),
+            (Some(_), None) => {
+                bail!("--mask needs --init-image: the image whose masked part is repainted")
+            }
+            (None, _) => None,
+        };
+        self.model.set_inpaint(inpaint, &lat)?;
         let run_steps = sigmas.len() - 1;
         let prediction = self.model.prediction();
         let mut last_x0 = x.alloc_like()?;

@@ -75,6 +75,37 @@ pub fn load_control_image(
     load_image(path, w, h, preprocess)
 }
 
+/// An inpainting mask resized to w x h (Lanczos3), grayscale, binarized at 0.5 as diffusers' mask processor does:
+/// 1 where the image is repainted. [h * w].
+pub fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
+    let img = image::open(path)
+        .with_context(|| {
+            format!(
+                "cannot read the mask '{}' (PNG or JPEG expected)",
+                path.display()
+            )
+        })?
+        .to_rgb8();
+    let img = if (img.width(), img.height()) == (w as u32, h as u32) {
+        img
+    } else {
+        image::imageops::resize(
+            &img,
+            w as u32,
+            h as u32,
+            image::imageops::FilterType::Lanczos3,
+        )
+    };
+    // PIL's "L" conversion (ITU-R 601-2 luma), then [0, 1] and the 0.5 threshold.
+    Ok(img
+        .pixels()
+        .map(|p| {
+            let l = (299 * p[0] as u32 + 587 * p[1] as u32 + 114 * p[2] as u32) / 1000;
+            if l as f32 / 255.0 < 0.5 { 0.0 } else { 1.0 }
+        })
+        .collect())
+}
+
 /// Canny edges of an RGB8 image (255 on edges, 0 elsewhere), one value per pixel.
 pub fn canny(img: &image::RgbImage, low: f32, high: f32) -> Vec<u8> {
     let (w, h) = (img.width() as usize, img.height() as usize);
