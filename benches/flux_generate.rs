@@ -71,6 +71,7 @@ fn main() -> anyhow::Result<()> {
             vae_decoder: open(&paths.vae_decoder)?,
             vae_encoder: None,
             tae_decoder: None,
+            controlnet: None,
         },
     ));
     let req = ImageRequest {

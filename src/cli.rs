@@ -219,6 +219,9 @@ pub struct ImageArgs {
     /// img2img: start from this image (PNG/JPEG), resized to the output size.
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
+    /// FLUX.1 Fill: inpaint --init-image where this mask is white (use --strength 1 as diffusers' default).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
     /// img2img: how much of the schedule to re-run (0 < s <= 1).
     #[arg(long, default_value_t = 0.8)]
     pub strength: f32,
@@ -228,6 +231,25 @@ pub struct ImageArgs {
     /// Write a live preview PNG here after every step (needs a bundle built with --tae-decoder).
     #[arg(long, value_name = "FILE.png")]
     pub preview: Option<PathBuf>,
+    /// Apply a LoRA at run time without rebuilding (repeatable to stack): 16-bit weights are merged and the
+    /// engines refitted (ONNX Runtime re-creates its sessions).
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub lora: Vec<crate::weights::lora::LoraSpec>,
+    /// ControlNet condition image (repeatable; needs a bundle built with --controlnet).
+    #[arg(long, value_name = "IMAGE")]
+    pub control: Vec<PathBuf>,
+    /// ControlNet strength per --control (one value: all).
+    #[arg(long, value_name = "S", default_values_t = [1.0])]
+    pub control_strength: Vec<f32>,
+    /// Fraction of the steps where each control starts (one value: all).
+    #[arg(long, value_name = "A", default_values_t = [0.0])]
+    pub control_start: Vec<f32>,
+    /// Fraction of the steps where each control ends (one value: all).
+    #[arg(long, value_name = "B", default_values_t = [1.0])]
+    pub control_end: Vec<f32>,
+    /// Preprocess the control images (canny edges); without it they are used as given.
+    #[arg(long, value_enum)]
+    pub control_preprocess: Option<crate::pipelines::image_io::Preprocess>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,
@@ -287,6 +309,17 @@ pub struct BuildArgs {
     /// Flux: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
     #[arg(long, value_delimiter = ',', value_name = "MIN,OPT,MAX")]
     pub image_px: Option<Vec<i64>>,
+    /// Flux: merge a LoRA (kohya, diffusers/PEFT, ComfyUI, LyCORIS LoHa/LoKr) at a strength before quantizing;
+    /// repeatable to stack.
+    #[arg(long, value_name = "FILE[:STRENGTH]")]
+    pub lora: Vec<crate::weights::lora::LoraSpec>,
+    /// Flux fp8/nvfp4: a LoRA side path of this rank beside each quantized layer, so `generate --lora` switches
+    /// LoRAs without requantizing (TensorRT: with --refit).
+    #[arg(long, value_name = "RANK", default_value_t = 0)]
+    pub lora_rank: usize,
+    /// Flux: a diffusers FluxControlNetModel folder (InstantX/Shakker style) added to the bundle.
+    #[arg(long, value_name = "DIR")]
+    pub controlnet: Option<PathBuf>,
     /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
     #[arg(long, value_name = "TEXT")]
     pub calibration_prompt: Vec<String>,

@@ -93,6 +93,7 @@ fn final_latents_match_diffusers_flux_pipeline() {
             vae_decoder: open(&paths.vae_decoder),
             vae_encoder: Some(open(&paths.vae_encoder)),
             tae_decoder: None,
+            controlnet: None,
         },
     ));
     let io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
@@ -355,11 +356,14 @@ fn quantized_bundles_build_and_stay_close() {
             clip_tokenizer: Some(ct.clone()),
             t5_tokenizer: Some(tt.clone()),
             tae_decoder: None,
+            controlnet: None,
             t5_max_len: None,
             image_px: Some([32, 32, 64]),
             calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
             calibration_steps: Some(2),
             calibration_backend: BackendChoice::Cpu,
+            loras: Vec::new(),
+            lora_rank: 0,
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,

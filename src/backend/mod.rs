@@ -135,6 +135,16 @@ pub trait Engine {
         let _ = (pairs, first);
         Ok(false)
     }
+    /// From now on the named weights (initializers of the engine's graph; e.g. merged with a LoRA) hold these
+    /// values, the others what they held: ONNX Runtime re-creates its session with them overriding the file's,
+    /// TensorRT refits them (the engine must be built refittable). Same names, shapes and element types as built.
+    fn set_weights(&mut self, weights: &[crate::weights::safetensors_file::Tensor]) -> Result<()> {
+        let _ = weights;
+        bail!(
+            "the {} backend cannot replace an engine's weights; rebuild it with the weights you need",
+            self.backend()
+        )
+    }
     /// Binds each `(input, output)` of `pairs` to one f32 buffer of `shape` that the engine keeps and every later
     /// run updates in place (a KV cache the graph extends where new tokens go, never copied); later runs take the
     /// other inputs only and return the other outputs only. Buffers of earlier calls with the same pairs are kept

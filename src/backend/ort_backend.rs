@@ -30,7 +30,22 @@ pub struct OrtOptions {
     /// None: all optimizations, or none for graphs with FP8 Q/DQ.
     pub optimization: Option<GraphOptimizationLevel>,
     pub device: OrtDevice,
+    /// Initializers whose values replace the file's (weights with a LoRA merged in), by name.
+    pub weights: WeightOverrides,
 }
+
+/// Weights that replace a graph's own initializers of the same name, shape and element type.
+#[derive(Clone, Default)]
+pub struct WeightOverrides(pub std::sync::Arc<std::collections::BTreeMap<String, WeightTensor>>);
+
+impl std::fmt::Debug for WeightOverrides {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "WeightOverrides({} tensors)", self.0.len())
+    }
+}
+
+/// An initializer's replacement ([`crate::weights::safetensors_file::Tensor`]).
+pub type WeightTensor = crate::weights::safetensors_file::Tensor;
 
 /// An output that feeds an input of the next run without leaving the engine's memory (a KV cache on the GPU).
 struct Chained {
@@ -43,6 +58,9 @@ struct Chained {
 
 pub struct OrtEngine {
     name: String,
+    /// The graph file and options it was opened with (`set_weights` re-opens it).
+    path: PathBuf,
+    opts: OrtOptions,
     session: Session,
     /// Inputs and outputs go through an IO binding; outputs are bound to ONNX Runtime's CPU allocator before
     /// each run (shapes may change between runs, so earlier outputs cannot be reused).
@@ -239,9 +257,106 @@ impl OrtEngine {
         // with "domain already exist", so sessions with our operators are created one at a time.
         static OWN_OPS_LOAD: std::sync::Mutex<()> = std::sync::Mutex::new(());
         let _serial = own_ops.then(|| OWN_OPS_LOAD.lock().unwrap_or_else(|e| e.into_inner()));
+        // Replaced weights: external initializers are injected into the graph before its optimizations
+        // (AddExternalInitializers); inline ones are patched into an in-memory copy of the model, since ONNX
+        // Runtime's session initializers would be bypassed by constant folding (a Cast or Transpose of the weight
+        // folded from the file's value).
+        let mut patched: Option<crate::onnx::proto::ModelProto> = None;
+        if !opts.weights.0.is_empty() {
+            let loaded;
+            let target = if rewritten.is_some() {
+                loaded = OnnxFile::load(&model_path)?;
+                &loaded
+            } else {
+                &onnx
+            };
+            for (name, t) in opts.weights.0.iter() {
+                let Some(init) = target
+                    .model
+                    .graph
+                    .iter()
+                    .flat_map(|g| &g.initializer)
+                    .find(|i| &i.name == name)
+                else {
+                    bail!(
+                        "'{}' has no weight '{name}' to replace; the engine was built from another model",
+                        path.display()
+                    );
+                };
+                let dims: Vec<usize> = init.dims.iter().map(|&d| d as usize).collect();
+                // A 16-bit graph widened for the CPU takes its 16-bit replacements widened too.
+                let widened;
+                let t = if widen
+                    && DataType(init.data_type) == DataType::FLOAT
+                    && matches!(t.dtype, DataType::BFLOAT16 | DataType::FLOAT16)
+                {
+                    let values = crate::onnx::dequantize::to_f32(
+                        t.dtype,
+                        &t.data,
+                        t.shape.iter().product(),
+                    )?;
+                    widened = WeightTensor {
+                        name: t.name.clone(),
+                        dtype: DataType::FLOAT,
+                        shape: t.shape.clone(),
+                        data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+                    };
+                    &widened
+                } else {
+                    t
+                };
+                if dims != t.shape || DataType(init.data_type) != t.dtype {
+                    bail!(
+                        "'{}': weight '{name}' is {} {dims:?}; its replacement is {} {:?}",
+                        path.display(),
+                        DataType(init.data_type),
+                        t.dtype,
+                        t.shape
+                    );
+                }
+                if crate::onnx::model::external_ref(init).is_some() {
+                    let value = to_value(
+                        name,
+                        &HostTensor {
+                            dtype: t.dtype,
+                            shape: t.shape.clone(),
+                            data: t.data.to_vec(),
+                        },
+                    )?;
+                    builder = builder
+                        .with_external_initializer(name, value)
+                        .map_err(|e| err(&e))?;
+                } else {
+                    let model = patched.get_or_insert_with(|| target.model.clone());
+                    if let Some(i) = model
+                        .graph
+                        .iter_mut()
+                        .flat_map(|g| g.initializer.iter_mut())
+                        .find(|i| &i.name == name)
+                    {
+                        i.raw_data = t.data.clone();
+                        i.float_data.clear();
+                    }
+                }
+            }
+        }
         let opening = std::time::Instant::now();
         tracing::debug!("opening '{}' on {:?}", path.display(), opts.device);
-        let session = builder.commit_from_file(&model_path).map_err(|e| err(&e))?;
+        let session = match patched {
+            None => builder.commit_from_file(&model_path).map_err(|e| err(&e))?,
+            Some(model) => {
+                let dir = model_path.parent().unwrap_or(Path::new("."));
+                builder = builder
+                    .with_config_entry(
+                        "session.model_external_initializers_file_folder_path",
+                        dir.to_string_lossy(),
+                    )
+                    .map_err(|e| err(&e))?;
+                builder
+                    .commit_from_memory(&prost::Message::encode_to_vec(&model))
+                    .map_err(|e| err(&e))?
+            }
+        };
         tracing::debug!(
             "opened '{}' in {:.2}s",
             path.display(),
@@ -274,6 +389,8 @@ impl OrtEngine {
         };
         Ok(OrtEngine {
             name: path.display().to_string(),
+            path: path.to_path_buf(),
+            opts: opts.clone(),
             session,
             binding,
             cpu,
@@ -419,6 +536,22 @@ fn from_value(name: &str, v: &DynValue) -> Result<HostTensor> {
 }
 
 impl Engine for OrtEngine {
+    fn set_weights(&mut self, weights: &[WeightTensor]) -> Result<()> {
+        if !self.held.is_empty() || !self.chained.is_empty() {
+            bail!(
+                "'{}' keeps tensors between runs (a KV cache); its weights cannot be replaced",
+                self.name
+            );
+        }
+        let mut opts = self.opts.clone();
+        let mut map = (*opts.weights.0).clone();
+        for t in weights {
+            map.insert(t.name.clone(), t.clone());
+        }
+        opts.weights = WeightOverrides(std::sync::Arc::new(map));
+        *self = OrtEngine::open(&self.path, &opts)?;
+        Ok(())
+    }
     fn backend(&self) -> String {
         match self.device {
             OrtDevice::Cpu => "ONNX Runtime (CPU)".into(),

@@ -47,6 +47,12 @@ pub fn run(a: BuildArgs) -> Result<()> {
     {
         return build_flux(&a, arch);
     }
+    if !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some() {
+        bail!(
+            "--lora, --lora-rank and --controlnet apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
+            a.input.display()
+        );
+    }
     let is_llm = a.arch.is_some()
         || crate::weights::gguf::looks_like_gguf(&a.input)
         || a.input.join("config.json").exists();
@@ -125,6 +131,9 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,
             calibration_backend: crate::backend::BackendChoice::Auto,
+            loras: a.lora.clone(),
+            lora_rank: a.lora_rank,
+            controlnet: a.controlnet.clone(),
             base: BuildOptions::from(a),
         },
     )?;

@@ -90,18 +90,27 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         init_image: i.init_image.clone(),
         strength: i.strength,
         preview: i.preview.clone(),
+        controls: controls(i)?,
+        mask: i.mask.clone(),
         ..Default::default()
     };
     let t0 = Instant::now();
     let backend = resolve(a.engine.backend, engine)?;
     let arch = Arch::parse(&bundle.arch)?;
     let r = match arch.family() {
-        Family::Flux => write_images(
-            ImagePipeline::new(FluxModel::open(engine, bundle, backend)?),
-            &req,
-            out,
-            !i.no_progress,
-        )?,
+        Family::Flux => {
+            let mut pipe = ImagePipeline::new(FluxModel::open(engine, bundle, backend)?);
+            if !i.lora.is_empty() {
+                let t = Instant::now();
+                pipe.set_loras(&crate::weights::lora::open_all(&i.lora)?)?;
+                eprintln!(
+                    "applied {} LoRA(s) in {:.3} s",
+                    i.lora.len(),
+                    t.elapsed().as_secs_f64()
+                );
+            }
+            write_images(pipe, &req, out, !i.no_progress)?
+        }
         Family::Llm => bail!(
             "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
             engine.path.display()
@@ -125,6 +134,31 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         t0.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// `--control IMAGE ...` with per-image (or shared) strength, start and end.
+fn controls(i: &crate::cli::ImageArgs) -> Result<Vec<crate::pipelines::image::ControlImage>> {
+    let n = i.control.len();
+    let pick = |v: &[f32], what: &str, k: usize| -> Result<f32> {
+        match v.len() {
+            1 => Ok(v[0]),
+            m if m == n => Ok(v[k]),
+            m => bail!("{what} takes one value or one per --control ({n}); {m} were given"),
+        }
+    };
+    i.control
+        .iter()
+        .enumerate()
+        .map(|(k, image)| {
+            Ok(crate::pipelines::image::ControlImage {
+                image: image.clone(),
+                strength: pick(&i.control_strength, "--control-strength", k)?,
+                start: pick(&i.control_start, "--control-start", k)?,
+                end: pick(&i.control_end, "--control-end", k)?,
+                preprocess: i.control_preprocess,
+            })
+        })
+        .collect()
 }
 
 struct Written {

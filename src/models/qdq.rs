@@ -41,6 +41,8 @@ pub struct Linears<'a> {
     calibrated: HashSet<String>,
     /// Layers emitted by precision name ("nvfp4", "fp8", ..., "kept").
     pub counts: HashMap<String, usize>,
+    /// Rank of the LoRA side path beside each quantized layer (0: none): see [`lora_side_path`].
+    pub lora_rank: usize,
 }
 
 impl<'a> Linears<'a> {
@@ -62,6 +64,7 @@ impl<'a> Linears<'a> {
             calibration,
             calibrated: HashSet::new(),
             counts: HashMap::new(),
+            lora_rank: 0,
         }
     }
 
@@ -188,10 +191,84 @@ impl<'a> Linears<'a> {
                         }
                     }
                 };
+                let y = if self.lora_rank > 0 {
+                    lora_side_path(&mut o.g, name, &xq, &y, n, k, self.lora_rank)?
+                } else {
+                    y
+                };
                 o.cast(&format!("{name}/out"), &y, dt)
             }
         }
     }
+}
+
+/// A LoRA beside a quantized layer, as nunchaku keeps it beside its 4-bit weights: `y + (x A^T) B^T` in f32 with
+/// `A = {name}.lora_down` [rank, in] and `B = {name}.lora_up` [out, rank], zero as built. LoRAs of total rank up
+/// to `rank` switch by replacing A and B (ONNX Runtime initializer overrides, TensorRT refit) while the quantized
+/// weights stay as they are; it costs `2 * tokens * rank * (in + out)` FLOPs per layer and step.
+pub fn lora_side_path(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    y: &Value,
+    out_features: usize,
+    in_features: usize,
+    rank: usize,
+) -> Result<Value> {
+    let f32t = DataType::FLOAT;
+    let zeros = |n: usize| Bytes::from(vec![0u8; n * 4]);
+    let a = g.initializer(
+        &format!("{name}.lora_down"),
+        f32t,
+        &[rank as i64, in_features as i64],
+        zeros(rank * in_features),
+    )?;
+    let b = g.initializer(
+        &format!("{name}.lora_up"),
+        f32t,
+        &[out_features as i64, rank as i64],
+        zeros(rank * out_features),
+    )?;
+    let at = g.op(
+        "Transpose",
+        &format!("{name}/lora_down_t"),
+        &[&a],
+        vec![("perm", Attr::Ints(vec![1, 0]))],
+        f32t,
+        fixed(&[in_features, rank]),
+    )?;
+    let bt = g.op(
+        "Transpose",
+        &format!("{name}/lora_up_t"),
+        &[&b],
+        vec![("perm", Attr::Ints(vec![1, 0]))],
+        f32t,
+        fixed(&[rank, out_features]),
+    )?;
+    let h = g.op(
+        "MatMul",
+        &format!("{name}/lora_down"),
+        &[x, &at],
+        vec![],
+        f32t,
+        with_last(&x.shape, rank),
+    )?;
+    let d = g.op(
+        "MatMul",
+        &format!("{name}/lora_up"),
+        &[&h, &bt],
+        vec![],
+        f32t,
+        y.shape.clone(),
+    )?;
+    g.op(
+        "Add",
+        &format!("{name}/lora_add"),
+        &[y, &d],
+        vec![],
+        f32t,
+        y.shape.clone(),
+    )
 }
 
 /// The float type a linear layer's activations flow in.

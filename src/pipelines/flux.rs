@@ -14,6 +14,7 @@ use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::onnx::DataType;
 use crate::samplers::schedule;
 use crate::tokenizer::{clip::ClipTokenizer, t5::T5Tokenizer};
+use crate::weights::lora::{LoraFile, Part};
 use anyhow::{Context, Result, bail};
 use cudarc::driver::DevicePtr;
 use serde::{Deserialize, Serialize};
@@ -43,6 +44,14 @@ pub struct FluxPipelineConfig {
     pub default_scheduler: String,
     pub default_width: usize,
     pub default_height: usize,
+    /// FLUX.1 Canny/Depth: packed control-latent channels the transformer takes after the image latents'
+    /// (its input is [latents | control latents] per token); 0 for the plain models.
+    #[serde(default)]
+    pub control_channels: usize,
+    /// FLUX.1 Fill: channels of the packed masked-image latents and packed mask the transformer takes after the
+    /// image latents' (64 + 256 for FLUX.1-Fill-dev); 0 for the other models.
+    #[serde(default)]
+    pub fill_channels: usize,
 }
 
 impl FluxPipelineConfig {
@@ -68,6 +77,8 @@ impl FluxPipelineConfig {
             default_scheduler: "flux".into(),
             default_width: 1024,
             default_height: 1024,
+            control_channels: 0,
+            fill_channels: 0,
         })
     }
 }
@@ -80,6 +91,16 @@ pub struct FluxEngines {
     pub vae_encoder: Option<Box<dyn Engine>>,
     /// Tiny autoencoder decoder for live previews.
     pub tae_decoder: Option<Box<dyn Engine>>,
+    /// A ControlNet (diffusers FluxControlNetModel); the transformer then takes its residuals.
+    pub controlnet: Option<Box<dyn Engine>>,
+}
+
+/// A control condition prepared for a run: packed control latents, strength and step window.
+struct ActiveControl {
+    cond: Vec<f32>,
+    strength: f32,
+    start: f32,
+    end: f32,
 }
 
 /// The Flux family on the image seam.
@@ -94,6 +115,13 @@ pub struct FluxModel {
     pub device: Option<Arc<Device>>,
     /// Device copies of the constant transformer inputs: image ids per latent size, text ids.
     device_ids: Option<((usize, usize), DeviceBuffer, DeviceBuffer)>,
+    /// Run-time LoRA: where each part's built weights are and what the current LoRA set changed.
+    lora: Option<super::lora::RuntimeLora>,
+    /// The current run's ControlNet conditions and its schedule (a sigma's step index picks the windows).
+    controls: Vec<ActiveControl>,
+    control_sigmas: Vec<f64>,
+    /// FLUX.1 Canny/Depth: the current run's packed control latents, concatenated to the latents' channels.
+    concat_control: Option<Vec<f32>>,
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
@@ -227,7 +255,20 @@ impl FluxModel {
             amax: None,
             device: None,
             device_ids: None,
+            lora: None,
+            controls: Vec::new(),
+            control_sigmas: Vec::new(),
+            concat_control: None,
         }
+    }
+
+    /// Enables run-time LoRA ([`ImageModel::set_loras`]) for engines built from these graphs (CLIP as text
+    /// encoder 0, T5 as 1, the transformer as the denoiser; each graph's initializers are its engine's weights).
+    pub fn enable_lora(&mut self, graphs: std::collections::BTreeMap<Part, std::path::PathBuf>) {
+        self.lora = Some(super::lora::RuntimeLora::new(
+            graphs,
+            super::lora::flux_book,
+        ));
     }
 
     /// Opens a Flux bundle's components on `backend`.
@@ -249,15 +290,47 @@ impl FluxModel {
                 ("vae_decoder", true),
                 ("vae_encoder", false),
                 ("tae_decoder", false),
+                ("controlnet", false),
             ],
             backend,
             &bundle.arch,
         )?;
-        let [clip, t5, transformer, vae_decoder, vae_encoder, tae_decoder]: [Option<
-            Box<dyn Engine>,
-        >; 6] = parts
+        let mut lora_graphs = std::collections::BTreeMap::new();
+        for (name, part) in [
+            ("transformer", Part::Denoiser),
+            ("clip", Part::TextEncoder(0)),
+            ("t5", Part::TextEncoder(1)),
+        ] {
+            let Some(c) = bundle.components.get(name) else {
+                continue;
+            };
+            // TensorRT refits with the plan's own graph's element types; ONNX Runtime runs the component's ONNX.
+            // A graph that cannot be found only matters once a LoRA is applied (then its part is reported).
+            let graph = match (&c.plan, backend) {
+                (Some(plan), Backend::Trt) => engine
+                    .file(plan, &format!("component {name}"))
+                    .and_then(|p| EngineFile::open_with(&p, engine.allow_external))
+                    .and_then(|f| f.source_onnx()),
+                _ => engine.file(&c.onnx, &format!("component {name}")),
+            };
+            match graph {
+                Ok(g) => {
+                    lora_graphs.insert(part, g);
+                }
+                Err(e) => tracing::debug!("no graph of the {name} for run-time LoRA: {e:#}"),
+            }
+        }
+        let [
+            clip,
+            t5,
+            transformer,
+            vae_decoder,
+            vae_encoder,
+            tae_decoder,
+            controlnet,
+        ]: [Option<Box<dyn Engine>>; 7] = parts
             .try_into()
-            .map_err(|_| anyhow::anyhow!("six components were asked for"))?;
+            .map_err(|_| anyhow::anyhow!("seven components were asked for"))?;
         let required = |e: Option<Box<dyn Engine>>| e.context("a required component is missing");
         let tokenizer = |name: &str| -> Result<std::path::PathBuf> {
             let f = bundle.tokenizers.get(name).with_context(|| {
@@ -279,6 +352,7 @@ impl FluxModel {
                 vae_decoder: required(vae_decoder)?,
                 vae_encoder,
                 tae_decoder,
+                controlnet,
             },
             amax: None,
             // On a GPU (TensorRT or ONNX Runtime CUDA) the sampler's latents live there too.
@@ -288,23 +362,153 @@ impl FluxModel {
                 Backend::Cpu => None,
             },
             device_ids: None,
+            lora: Some(super::lora::RuntimeLora::new(
+                lora_graphs,
+                super::lora::flux_book,
+            )),
+            controls: Vec::new(),
+            control_sigmas: Vec::new(),
+            concat_control: None,
         })
     }
 
-    /// The transformer on host latents.
-    fn predict_host(
+    /// The transformer's ControlNet residual inputs for a call at `sigma` (`inputs`: the transformer's own):
+    /// the active controls' ControlNet outputs summed (diffusers' multi-ControlNet), zeros when none is active.
+    /// Empty when the transformer takes no residuals.
+    fn controlnet_residuals(
         &mut self,
+        inputs: &[(String, HostTensor)],
+        sigma: f64,
+        batch: usize,
+        tokens: usize,
+    ) -> Result<Vec<(String, HostTensor)>> {
+        let wanted: Vec<crate::backend::TensorDesc> = self
+            .engines
+            .transformer
+            .inputs()
+            .iter()
+            .filter(|d| d.name.starts_with("controlnet_"))
+            .cloned()
+            .collect();
+        if wanted.is_empty() {
+            if !self.controls.is_empty() {
+                bail!(
+                    "this bundle's transformer takes no ControlNet residuals; rebuild it with --controlnet DIR"
+                );
+            }
+            return Ok(Vec::new());
+        }
+        // diffusers: keep step i when i/n >= start and (i+1)/n <= end, n the number of steps.
+        let n = self.control_sigmas.len().saturating_sub(1).max(1);
+        let step = self
+            .control_sigmas
+            .windows(2)
+            .position(|w| sigma <= w[0] && sigma > w[1])
+            .unwrap_or(0);
+        let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for ctl in &self.controls {
+            let (i, n) = (step as f32, n as f32);
+            if i / n < ctl.start || (i + 1.0) / n > ctl.end {
+                continue;
+            }
+            let cn = self
+                .engines
+                .controlnet
+                .as_mut()
+                .context("a control image was given and the bundle has no ControlNet")?;
+            let mut cin: Vec<(String, HostTensor)> = inputs
+                .iter()
+                .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
+                .cloned()
+                .collect();
+            let ch = ctl.cond.len() / tokens.max(1);
+            cin.push(float_input(
+                cn.as_ref(),
+                "controlnet_cond",
+                &[batch, tokens, ch],
+                &ctl.cond.repeat(batch),
+            )?);
+            cin.push(float_input(
+                cn.as_ref(),
+                "conditioning_scale",
+                &[1],
+                &[ctl.strength],
+            )?);
+            let out = cn.run(&cin).context("Flux ControlNet")?;
+            for (name, t) in out {
+                let v: Vec<f32> = t
+                    .to_f64()
+                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect();
+                match sums.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+                    None => sums.push((name, t.shape.clone(), v)),
+                }
+            }
+        }
+        let e = self.engines.transformer.as_ref();
+        wanted
+            .iter()
+            .map(|d| {
+                let shape: Vec<usize> = match sums.iter().find(|(n, _, _)| *n == d.name) {
+                    Some((_, s, _)) => s.clone(),
+                    None => {
+                        let layers = d.shape.first().copied().unwrap_or(1).max(1) as usize;
+                        let hidden = d.shape.last().copied().unwrap_or(1).max(1) as usize;
+                        vec![layers, batch, tokens, hidden]
+                    }
+                };
+                let zeros;
+                let v = match sums.iter().find(|(n, _, _)| *n == d.name) {
+                    Some((_, _, v)) => v,
+                    None => {
+                        zeros = vec![0f32; shape.iter().product()];
+                        &zeros
+                    }
+                };
+                float_input(e, &d.name, &shape, v)
+            })
+            .collect()
+    }
+
+    /// The transformer's host inputs for latents `x` at `sigma` (ControlNet residuals aside).
+    fn host_inputs(
+        &self,
         x: &[f32],
         sigma: f64,
         cond: &Cond,
         lat: &Latents,
         guidance: f32,
-    ) -> Result<Vec<f32>> {
+    ) -> Result<Vec<(String, HostTensor)>> {
         let c = &self.config;
         let (b, tokens, ch) = (lat.batch, tokens(lat), 4 * c.latent_channels);
         let t5_len = c.t5_max_len;
         let e = self.engines.transformer.as_ref();
         let (d, pd) = (cond.t5_dim, cond.pooled.len());
+        let joined;
+        let (x, ch) = match (&self.concat_control, c.control_channels + c.fill_channels) {
+            (_, 0) => (x, ch),
+            (Some(ctl), cc) => {
+                // [latents | control latents] per token, as diffusers' FluxControlPipeline concatenates them.
+                joined = x
+                    .chunks_exact(ch)
+                    .zip(ctl.chunks_exact(cc).cycle())
+                    .flat_map(|(a, b)| a.iter().chain(b).copied())
+                    .collect::<Vec<f32>>();
+                (&joined[..], ch + cc)
+            }
+            (None, _) if c.fill_channels > 0 => bail!(
+                "this Flux model is FLUX.1 Fill (inpainting): give --init-image IMAGE and --mask MASK (white where \
+                 it is repainted)"
+            ),
+            (None, _) => bail!(
+                "this Flux model ({}) is a control variant (FLUX.1 Canny/Depth): give its condition with --control \
+                 IMAGE (e.g. --control-preprocess canny)",
+                c.arch
+            ),
+        };
         let mut inputs = vec![
             float_input(e, "hidden_states", &[b, tokens, ch], x)?,
             float_input(
@@ -326,6 +530,22 @@ impl FluxModel {
         if c.guidance_embeds {
             inputs.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
         }
+        Ok(inputs)
+    }
+
+    /// The transformer on host latents.
+    fn predict_host(
+        &mut self,
+        x: &[f32],
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        guidance: f32,
+    ) -> Result<Vec<f32>> {
+        let (b, tokens) = (lat.batch, tokens(lat));
+        let mut inputs = self.host_inputs(x, sigma, cond, lat, guidance)?;
+        let residuals = self.controlnet_residuals(&inputs, sigma, b, tokens)?;
+        inputs.extend(residuals);
         let out = self
             .engines
             .transformer
@@ -353,6 +573,21 @@ impl FluxModel {
             .clone()
             .context("device latents without a GPU engine")?;
         let dev = &dev;
+        // ControlNet residuals go in as host inputs; the ControlNet runs on host copies of the latents.
+        let takes_residuals = self
+            .engines
+            .transformer
+            .inputs()
+            .iter()
+            .any(|d| d.name.starts_with("controlnet_"));
+        let residuals = if takes_residuals {
+            dev.synchronize()?;
+            let hx = x.to_host()?;
+            let hi = self.host_inputs(&hx, sigma, cond, lat, guidance)?;
+            self.controlnet_residuals(&hi, sigma, lat.batch, tokens(lat))?
+        } else {
+            Vec::new()
+        };
         let c = &self.config;
         let (b, tokens, ch, t5_len) = (lat.batch, tokens(lat), 4 * c.latent_channels, c.t5_max_len);
         {
@@ -411,6 +646,7 @@ impl FluxModel {
         if c.guidance_embeds {
             host.push(float_input(e, "guidance", &[b], &vec![guidance; b])?);
         }
+        host.extend(residuals);
         // The sampler's kernels wrote `x` on our stream; the engine reads it on its own.
         tracing::trace!("synchronizing the sampler's stream before the transformer");
         dev.synchronize()?;
@@ -441,6 +677,151 @@ pub fn load_clip_tokenizer(path: &std::path::Path, pad: u32) -> Result<ClipToken
 
 impl ImageModel for FluxModel {
     type Cond = Cond;
+
+    fn set_controls(
+        &mut self,
+        controls: &[super::image::ControlImage],
+        lat: &Latents,
+        sigmas: &[f64],
+    ) -> Result<()> {
+        self.controls.clear();
+        if self.config.control_channels > 0 {
+            self.concat_control = None;
+        }
+        self.control_sigmas = sigmas.to_vec();
+        if controls.is_empty() {
+            return Ok(());
+        }
+        if self.config.control_channels > 0 && self.engines.controlnet.is_none() {
+            // FLUX.1 Canny/Depth: one condition, part of the transformer's input at every step.
+            let [c] = controls else {
+                bail!(
+                    "FLUX.1 Canny/Depth takes one --control image, {} were given",
+                    controls.len()
+                );
+            };
+            if c.strength != 1.0 || c.start != 0.0 || c.end != 1.0 {
+                tracing::warn!(
+                    "--control-strength/--control-start/--control-end apply to ControlNets; FLUX.1 Canny/Depth \
+                     takes its condition at every step"
+                );
+            }
+            let vs = self.config.vae_scale_factor;
+            let rgb = super::image_io::load_control_image(
+                &c.image,
+                lat.width * vs,
+                lat.height * vs,
+                c.preprocess,
+            )?;
+            let z = self
+                .encode_image(&rgb, lat)
+                .with_context(|| format!("encoding the control image '{}'", c.image.display()))?;
+            self.concat_control = Some(z);
+            return Ok(());
+        }
+        if self.engines.controlnet.is_none() {
+            bail!(
+                "--control needs a ControlNet in the bundle; rebuild it with `trt-diff build MODEL --controlnet DIR`"
+            );
+        }
+        let vs = self.config.vae_scale_factor;
+        let (w, h) = (lat.width * vs, lat.height * vs);
+        for c in controls {
+            let rgb = super::image_io::load_control_image(&c.image, w, h, c.preprocess)?;
+            let cond = self
+                .encode_image(&rgb, lat)
+                .with_context(|| format!("encoding the control image '{}'", c.image.display()))?;
+            self.controls.push(ActiveControl {
+                cond,
+                strength: c.strength,
+                start: c.start,
+                end: c.end,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_inpaint(
+        &mut self,
+        inpaint: Option<(&std::path::Path, &std::path::Path)>,
+        lat: &Latents,
+    ) -> Result<()> {
+        let fill = self.config.fill_channels;
+        if fill > 0 {
+            self.concat_control = None;
+        }
+        let Some((image, mask)) = inpaint else {
+            return Ok(());
+        };
+        if fill == 0 {
+            bail!(
+                "--mask needs a FLUX.1 Fill model (its transformer takes the masked image and the mask); this \
+                 bundle's does not: use plain img2img (--init-image, --strength) or build FLUX.1-Fill-dev"
+            );
+        }
+        // diffusers' FluxFillPipeline: the image with the masked part zeroed (in [-1, 1]), encoded and packed;
+        // the mask folded from pixels into vs x vs channels per latent position, packed.
+        let vs = self.config.vae_scale_factor;
+        let (w, h) = (lat.width * vs, lat.height * vs);
+        let rgb = super::image_io::load_init_image(image, w, h)?;
+        let m = super::image_io::load_mask(mask, w, h)?;
+        let masked: Vec<f32> = rgb
+            .iter()
+            .enumerate()
+            .map(|(i, v)| v * (1.0 - m[i % (w * h)]))
+            .collect();
+        let z = self
+            .encode_image(&masked, lat)
+            .context("encoding the masked image")?;
+        let mut folded = vec![0f32; vs * vs * lat.height * lat.width];
+        for y in 0..h {
+            for x in 0..w {
+                let c = (y % vs) * vs + x % vs;
+                folded[(c * lat.height + y / vs) * lat.width + x / vs] = m[y * w + x];
+            }
+        }
+        let packed_mask = pack(&folded, 1, vs * vs, lat.height, lat.width);
+        let tokens = tokens(lat);
+        let (zc, mc) = (z.len() / tokens, packed_mask.len() / tokens);
+        if zc + mc != fill {
+            bail!(
+                "the masked image and mask give {} channels per token; this FLUX.1 Fill transformer takes {fill}",
+                zc + mc
+            );
+        }
+        let cond: Vec<f32> = z
+            .chunks_exact(zc)
+            .zip(packed_mask.chunks_exact(mc))
+            .flat_map(|(a, b)| a.iter().chain(b).copied())
+            .collect();
+        self.concat_control = Some(cond);
+        Ok(())
+    }
+
+    fn set_loras(&mut self, loras: &[(LoraFile, f32)]) -> Result<()> {
+        let Some(lora) = self.lora.as_mut() else {
+            bail!(
+                "these Flux engines were opened without their graphs; open the bundle to apply LoRAs"
+            );
+        };
+        let pending = lora.weights_for(loras)?;
+        let mut done = Vec::new();
+        for (part, weights) in &pending.by_part {
+            let engine = match part {
+                Part::Denoiser => &mut self.engines.transformer,
+                Part::TextEncoder(0) => &mut self.engines.clip,
+                Part::TextEncoder(_) => &mut self.engines.t5,
+            };
+            if let Err(e) = engine.set_weights(weights) {
+                lora.commit_parts(&pending, &done);
+                return Err(e.context(format!("applying the LoRAs to the {part}")));
+            }
+            done.push(*part);
+            tracing::info!("LoRA: {} weights of the {part} replaced", weights.len());
+        }
+        lora.commit(pending);
+        Ok(())
+    }
 
     fn arch(&self) -> &str {
         &self.config.arch
@@ -535,6 +916,19 @@ impl ImageModel for FluxModel {
         out: &mut Latent,
     ) -> Result<()> {
         match (x, out) {
+            // The channel-concatenated control variants run the transformer on host copies of the latents.
+            (Latent::Device(x), Latent::Device(out))
+                if self.config.control_channels + self.config.fill_channels > 0 =>
+            {
+                let dev = self
+                    .device
+                    .clone()
+                    .context("device latents without a GPU engine")?;
+                dev.synchronize()?;
+                let v = self.predict_host(&x.to_host()?, sigma, cond, lat, guidance)?;
+                *out = DeviceBuffer::from_host(&dev, &v)?;
+                Ok(())
+            }
             (Latent::Device(x), Latent::Device(out)) => {
                 self.predict_device(x, sigma, cond, lat, guidance, out)
             }

@@ -15,6 +15,7 @@ use crate::onnx::{DataType, SaveOptions, save};
 use crate::quant::Precision;
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
+use crate::weights::lora::{LoraFile, LoraSpec, Part, Resolved, open_all};
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -178,6 +179,47 @@ pub struct Plan {
     pub clip: clip::ClipTextConfig,
     pub t5: t5::T5Config,
     pub vae: vae::VaeConfig,
+    /// LoRAs merged into the transformer and text encoders before export (`build --lora`).
+    pub lora: Resolved,
+}
+
+impl Plan {
+    /// Resolves `loras` (files at strengths) against the model's transformer, CLIP and T5 weights: every module
+    /// must land on a layer. Exports then merge them before any quantization.
+    pub fn with_loras(mut self, loras: &[(LoraFile, f32)]) -> Result<Self> {
+        if loras.is_empty() {
+            self.lora = Resolved::default();
+            return Ok(self);
+        }
+        let shapes = |p: &Path| -> Result<super::lora::Shapes> {
+            Ok(super::lora::checkpoint_shapes(&Checkpoint::open(p)?))
+        };
+        let (t, c, t5) = (
+            shapes(&self.files.transformer)?,
+            shapes(&self.files.clip)?,
+            shapes(&self.files.t5)?,
+        );
+        self.lora = super::lora::resolve_for(
+            loras,
+            &[
+                (Part::Denoiser, &t),
+                (Part::TextEncoder(0), &c),
+                (Part::TextEncoder(1), &t5),
+            ],
+            super::lora::flux_book,
+        )?;
+        Ok(self)
+    }
+
+    /// A component's checkpoint with the plan's LoRAs merged in.
+    fn checkpoint(&self, path: &Path, part: Part) -> Result<Checkpoint> {
+        let mut ck = Checkpoint::open(path)?;
+        let n = super::lora::merge_into_checkpoint(&mut ck, part, &self.lora)?;
+        if n > 0 {
+            tracing::info!("LoRA: merged into {n} weights of the {part}");
+        }
+        Ok(ck)
+    }
 }
 
 pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<Plan> {
@@ -235,10 +277,23 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
             config.shift_factor = s as f32;
         }
     }
+    // FLUX.1 Canny/Depth take the packed control latents beside the image latents: twice the channels.
+    let packed = 4 * vae.latent_channels;
+    config.control_channels =
+        if transformer.in_channels == 2 * packed && transformer.out_channels == packed {
+            packed
+        } else {
+            0
+        };
+    // FLUX.1 Fill takes the packed masked-image latents and the packed mask (vs x vs channels per latent).
+    let mask_channels = 4 * config.vae_scale_factor * config.vae_scale_factor;
+    if transformer.in_channels == 2 * packed + mask_channels && transformer.out_channels == packed {
+        config.fill_channels = packed + mask_channels;
+    }
     let checks = [
         (
-            transformer.in_channels,
-            4 * vae.latent_channels,
+            transformer.in_channels - config.control_channels - config.fill_channels,
+            packed,
             "transformer input channels vs 4 x VAE latent channels",
         ),
         (
@@ -265,6 +320,7 @@ pub fn plan(files: ModelFiles, arch: &str, t5_max_len: Option<usize>) -> Result<
         clip,
         t5,
         vae,
+        lora: Resolved::default(),
     })
 }
 
@@ -297,10 +353,10 @@ impl OnnxPaths {
 /// Writes the text encoders and the VAE halves in the given dtypes.
 pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType) -> Result<()> {
     let opts = SaveOptions::default();
-    let ck = Checkpoint::open(&p.files.clip)?;
+    let ck = p.checkpoint(&p.files.clip, Part::TextEncoder(0))?;
     // CLIP-L is fine in f16/bf16; T5 never in f16.
     save(clip::graph(&p.clip, &ck, text)?, &paths.clip, &opts)?;
-    let ck = Checkpoint::open(&p.files.t5)?;
+    let ck = p.checkpoint(&p.files.t5, Part::TextEncoder(1))?;
     let t5_dt = if text == DataType::FLOAT16 {
         DataType::BFLOAT16
     } else {
@@ -317,7 +373,7 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
 
 /// The transformer graph, streamed to `out`.
 pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> Result<()> {
-    let ck = Checkpoint::open(&p.files.transformer)?;
+    let ck = p.checkpoint(&p.files.transformer, Part::Denoiser)?;
     fluxm::export(&p.transformer, &ck, opts, out)?;
     Ok(())
 }
@@ -389,6 +445,64 @@ pub fn export_flux(
     Ok(paths)
 }
 
+/// Exports a diffusers FluxControlNetModel folder beside the bundle (`out`): in the build's precision when that is
+/// 16- or 32-bit, in f32 beside FP8/NVFP4 transformers (the ControlNet is not quantized). Returns the graph and
+/// the ControlNet's config.
+pub fn export_controlnet(
+    p: &Plan,
+    dir: &Path,
+    precision: Precision,
+    out: &Path,
+) -> Result<(PathBuf, fluxm::FluxConfig)> {
+    let ck = Checkpoint::open(dir).with_context(|| format!("--controlnet '{}'", dir.display()))?;
+    if !ck
+        .names()
+        .any(|n| n.starts_with("controlnet_blocks.") || n.starts_with("controlnet_single_blocks."))
+    {
+        bail!(
+            "--controlnet '{}' has no controlnet_blocks.*: not a diffusers FluxControlNetModel (InstantX / Shakker \
+             style); point at its folder",
+            dir.display()
+        );
+    }
+    if ck
+        .names()
+        .any(|n| n.starts_with("controlnet_mode_embedder") || n.starts_with("input_hint_block"))
+    {
+        bail!(
+            "--controlnet '{}' is a ControlNet-Union (mode embedder) or has an input hint block: trt-diff runs plain \
+             FluxControlNetModel checkpoints (InstantX Canny/Depth style) only",
+            dir.display()
+        );
+    }
+    let (cfg, _, _) = fluxm::FluxConfig::from_checkpoint(&ck)?;
+    let t = &p.transformer;
+    for (what, a, b) in [
+        ("hidden size", cfg.hidden_size, t.hidden_size),
+        ("input channels", cfg.in_channels, t.in_channels),
+        ("text width", cfg.context_dim, t.context_dim),
+        ("pooled width", cfg.vec_dim, t.vec_dim),
+    ] {
+        if a != b {
+            bail!(
+                "--controlnet '{}' does not fit this model: its {what} is {a}, the transformer's {b}",
+                dir.display()
+            );
+        }
+    }
+    let prec = match fluxm::FluxPrecision::from_precision(precision)? {
+        fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => fluxm::FluxPrecision::F32,
+        other => other,
+    };
+    let opts = fluxm::ExportOptions {
+        precision: prec,
+        controlnet: fluxm::ControlNetGraph::Model,
+        ..Default::default()
+    };
+    fluxm::export(&cfg, &ck, &opts, out)?;
+    Ok((out.to_path_buf(), cfg))
+}
+
 fn aux_precisions(p: &Plan, precision: Precision) -> Result<(DataType, DataType)> {
     if precision == Precision::Fp32 {
         return Ok((DataType::FLOAT, DataType::FLOAT));
@@ -433,6 +547,7 @@ fn calibrate(
             vae_decoder: open(&paths.vae_decoder)?,
             vae_encoder: None,
             tae_decoder: None,
+            controlnet: None,
         },
     );
     model.amax = Some(HashMap::new());
@@ -527,6 +642,12 @@ pub struct FluxBuildOptions {
     pub calibration_steps: Option<usize>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
+    /// LoRA files at strengths, merged into the weights before export and quantization.
+    pub loras: Vec<LoraSpec>,
+    /// FP8/NVFP4: rank of the LoRA side path beside each quantized layer (0: none).
+    pub lora_rank: usize,
+    /// A diffusers FluxControlNetModel folder (config.json + safetensors) added to the bundle.
+    pub controlnet: Option<PathBuf>,
     pub base: BuildOptions,
 }
 
@@ -540,7 +661,8 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         )?,
         &o.arch,
         o.t5_max_len,
-    )?;
+    )?
+    .with_loras(&open_all(&o.loras)?)?;
     let mut p = p;
     if let Some(v) = &o.calibration_prompts
         && !v.is_empty()
@@ -587,6 +709,12 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
+    if o.precision == Precision::Fp8 && p.config.control_channels + p.config.fill_channels > 0 {
+        bail!(
+            "FP8 calibration runs the recipe's prompts without control images or masks, which FLUX.1 Canny/Depth/Fill \
+             need; build this model in nvfp4, bf16 or fp16"
+        );
+    }
     let amax = if o.precision == Precision::Fp8 {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
         calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
@@ -594,11 +722,40 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         HashMap::new()
     };
     tracing::info!("exporting the transformer ({})", o.precision);
-    export_transformer(
-        &p,
-        &transformer_options(&p, o.precision, amax)?,
-        &paths.transformer,
-    )?;
+    let mut topts = transformer_options(&p, o.precision, amax)?;
+    if o.lora_rank > 0 {
+        if topts.policy.is_none() {
+            bail!(
+                "--lora-rank adds a LoRA side path to FP8/NVFP4 layers; {} engines take LoRAs at run time by \
+                 merging and refitting their weights: drop --lora-rank (and build with --refit for TensorRT)",
+                o.precision
+            );
+        }
+        if !o.base.refit {
+            tracing::warn!(
+                "--lora-rank without --refit: ONNX Runtime switches LoRAs through the side path, but TensorRT \
+                 folds its zero weights into constants; add --refit (a GPU build) for TensorRT"
+            );
+        }
+        topts.lora_rank = o.lora_rank;
+    }
+    let controlnet = match &o.controlnet {
+        Some(dir) => {
+            let cn = export_controlnet(
+                &p,
+                dir,
+                o.precision,
+                &sibling(&o.base.out, ".controlnet.onnx"),
+            )?;
+            topts.controlnet = fluxm::ControlNetGraph::Residuals {
+                double: cn.1.depth,
+                single: cn.1.depth_single,
+            };
+            Some(cn)
+        }
+        None => None,
+    };
+    export_transformer(&p, &topts, &paths.transformer)?;
     let clip_tok = sibling(&o.base.out, ".clip-tokenizer");
     let clip_tok = clip_tok.with_file_name(format!(
         "{}{}",
@@ -646,6 +803,48 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         aux.push(("tae_decoder", out.clone(), out));
     }
     let mut profiles = profiles(&p)?;
+    if let Some((cn_onnx, cn)) = &controlnet {
+        // The ControlNet takes the transformer's inputs plus the packed control latents and the scale; the
+        // transformer takes its sample stacks.
+        let tr = profiles
+            .get_mut("transformer")
+            .context("transformer profile")?;
+        let hs = tr
+            .iter()
+            .find(|r| r.name == "hidden_states")
+            .cloned()
+            .context("hidden_states profile")?;
+        let mut cn_shapes: Vec<ShapeRange> = tr.clone();
+        cn_shapes.push(ShapeRange {
+            name: "controlnet_cond".into(),
+            min: vec![hs.min[0], hs.min[1], cn.in_channels as i64],
+            opt: vec![hs.opt[0], hs.opt[1], cn.in_channels as i64],
+            max: vec![hs.max[0], hs.max[1], cn.in_channels as i64],
+        });
+        cn_shapes.push(ShapeRange {
+            name: "conditioning_scale".into(),
+            min: vec![1],
+            opt: vec![1],
+            max: vec![1],
+        });
+        let d = p.transformer.hidden_size as i64;
+        for (name, n) in [
+            ("controlnet_block_samples", cn.depth),
+            ("controlnet_single_block_samples", cn.depth_single),
+        ] {
+            if n > 0 {
+                let s = |v: &[i64]| vec![n as i64, v[0], v[1], d];
+                tr.push(ShapeRange {
+                    name: name.into(),
+                    min: s(&hs.min),
+                    opt: s(&hs.opt),
+                    max: s(&hs.max),
+                });
+            }
+        }
+        aux.push(("controlnet", cn_onnx.clone(), cn_onnx.clone()));
+        profiles.insert("controlnet", cn_shapes);
+    }
     let components: Vec<ComponentGraphs> = aux
         .into_iter()
         .map(|(name, cpu_onnx, trt_onnx)| ComponentGraphs {

@@ -37,6 +37,23 @@ pub struct ImageRequest {
     pub latents_only: bool,
     /// Write a preview PNG of the current x0 estimate here after each step (needs a preview decoder).
     pub preview: Option<PathBuf>,
+    /// ControlNet conditions (the bundle's ControlNet, each image with its strength and step window).
+    pub controls: Vec<ControlImage>,
+    /// Inpainting (FLUX.1 Fill): white where `init_image` is repainted.
+    pub mask: Option<PathBuf>,
+}
+
+/// One ControlNet condition of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ControlImage {
+    pub image: PathBuf,
+    /// The ControlNet's conditioning scale.
+    pub strength: f32,
+    /// Fraction of the steps where the control starts and ends (diffusers' control_guidance_start/end).
+    pub start: f32,
+    pub end: f32,
+    /// Preprocessing of the image before it is encoded (`canny`), or none.
+    pub preprocess: Option<super::image_io::Preprocess>,
 }
 
 /// What `generate` uses for unset request fields; each family records its own in the bundle.
@@ -169,6 +186,43 @@ impl Buffer for Latent {
 pub trait ImageModel {
     /// One prompt's text conditioning, cached by the pipeline per prompt.
     type Cond;
+    /// Sets the ControlNet conditions of the next run (`sigmas`: the run's schedule, whose step index picks each
+    /// control's window); empty clears them.
+    fn set_controls(
+        &mut self,
+        controls: &[ControlImage],
+        lat: &Latents,
+        sigmas: &[f64],
+    ) -> Result<()> {
+        let _ = (lat, sigmas);
+        if controls.is_empty() {
+            return Ok(());
+        }
+        bail!("the {} pipeline has no ControlNet", self.arch())
+    }
+    /// Sets the inpainting condition of the next run (`image` repainted where `mask` is white); None clears it.
+    fn set_inpaint(
+        &mut self,
+        inpaint: Option<(&std::path::Path, &std::path::Path)>,
+        lat: &Latents,
+    ) -> Result<()> {
+        let _ = lat;
+        if inpaint.is_none() {
+            return Ok(());
+        }
+        bail!("the {} pipeline does not inpaint with a mask", self.arch())
+    }
+    /// Applies `loras` (files at strengths) to the opened engines, replacing the set applied before (an empty
+    /// list restores the built weights).
+    fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        if loras.is_empty() {
+            return Ok(());
+        }
+        bail!(
+            "the {} pipeline does not take LoRAs at run time yet; merge them with `build --lora`",
+            self.arch()
+        )
+    }
     fn arch(&self) -> &str;
     fn defaults(&self) -> ImageDefaults;
     fn prediction(&self) -> Prediction;
@@ -274,6 +328,13 @@ impl<M: ImageModel> ImagePipeline<M> {
         }
     }
 
+    /// Applies LoRAs at run time ([`ImageModel::set_loras`]); cached text conditioning is dropped, since the text
+    /// encoders may have changed.
+    pub fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        self.cache.clear();
+        self.model.set_loras(loras)
+    }
+
     fn condition(&mut self, prompt: &str) -> Result<Rc<M::Cond>> {
         if let Some(c) = self.cache.get(prompt) {
             return Ok(c.clone());
@@ -358,6 +419,25 @@ impl<M: ImageModel> ImagePipeline<M> {
                 Prediction::Flow => x.lincomb(s0, &[(1.0 - s0, &x0)])?,
             }
         }
+        for c in &req.controls {
+            if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end
+            {
+                bail!(
+                    "--control-start {} and --control-end {} must satisfy 0 <= start < end <= 1",
+                    c.start,
+                    c.end
+                );
+            }
+        }
+        self.model.set_controls(&req.controls, &lat, &sigmas)?;
+        let inpaint = match (&req.mask, &req.init_image) {
+            (Some(m), Some(i)) => Some((i.as_path(), m.as_path())),
+            (Some(_), None) => {
+                bail!("--mask needs --init-image: the image whose masked part is repainted")
+            }
+            (None, _) => None,
+        };
+        self.model.set_inpaint(inpaint, &lat)?;
         let run_steps = sigmas.len() - 1;
         let prediction = self.model.prediction();
         let mut last_x0 = x.alloc_like()?;

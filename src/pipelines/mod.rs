@@ -12,6 +12,7 @@ pub mod kv_cache;
 pub mod llm;
 pub mod llm_build;
 pub mod llm_convert;
+pub mod lora;
 pub mod recipe;
 
 /// `--arch`: what `build` and `export` make of a checkpoint whose kind the files do not tell.

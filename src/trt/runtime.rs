@@ -671,6 +671,54 @@ impl TrtEngine {
         Ok(weights.len())
     }
 
+    /// Refits the named weights with these values (the others keep theirs; TensorRT names any it needs together
+    /// with them): a LoRA switched at run time on a 16-bit refittable engine.
+    pub fn refit_tensors(
+        &mut self,
+        weights: &[crate::weights::safetensors_file::Tensor],
+    ) -> Result<usize> {
+        let names = self.refittable_weights()?;
+        let mut refit = Vec::with_capacity(weights.len());
+        for t in weights {
+            if !names.contains(&t.name) {
+                bail!(
+                    "'{}' has no refittable weight '{}' (TensorRT may have folded it into a constant; FP8/NVFP4 \
+                     layers take LoRA through the low-rank side path)",
+                    self.name,
+                    t.name
+                );
+            }
+            let (dtype, size) = match t.dtype {
+                crate::onnx::DataType::FLOAT => ("float32", 4),
+                crate::onnx::DataType::FLOAT16 => ("float16", 2),
+                crate::onnx::DataType::BFLOAT16 => ("bfloat16", 2),
+                other => bail!(
+                    "refit weight '{}' is {other}; refit takes F32, F16 or BF16",
+                    t.name
+                ),
+            };
+            refit.push(bridge::RefitWeight {
+                name: t.name.clone(),
+                dtype: dtype.into(),
+                ptr: t.data.as_ptr() as usize,
+                count: (t.data.len() / size) as i64,
+            });
+        }
+        let stream = self.stream.cu_stream() as u64;
+        self.engine
+            .pin_mut()
+            .refit(&refit, stream)
+            .map_err(|e| cxx_err(&format!("refitting '{}'", self.name), e))?;
+        self.stream
+            .synchronize()
+            .context("refitting failed on the GPU")?;
+        // Captured CUDA graphs hold the old weights' kernels' arguments: capture again.
+        for c in &mut self.contexts {
+            c.graph = None;
+        }
+        Ok(refit.len())
+    }
+
     /// A reusable device buffer (and pinned staging) for tensor `name` of context `ctx`, at least `bytes` long.
     /// Copies a host input into the engine's own buffer for it (through pinned staging) and binds that buffer.
     fn upload_input(&mut self, ctx: usize, name: &str, t: &HostTensor) -> Result<()> {
@@ -729,6 +777,11 @@ impl TrtEngine {
 }
 
 impl Engine for TrtEngine {
+    fn set_weights(&mut self, weights: &[crate::weights::safetensors_file::Tensor]) -> Result<()> {
+        let n = self.refit_tensors(weights)?;
+        tracing::info!("refitted {n} weights of '{}'", self.name);
+        Ok(())
+    }
     fn backend(&self) -> String {
         self.backend.clone()
     }

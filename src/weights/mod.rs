@@ -6,4 +6,5 @@ pub mod hf;
 pub mod limits;
 pub mod llama2c;
 pub mod llm_config;
+pub mod lora;
 pub mod safetensors_file;

@@ -129,6 +129,10 @@ pub struct Checkpoint {
     files: Vec<(PathBuf, Arc<Mapped>)>,
     index: BTreeMap<String, Entry>,
     prefetcher: std::sync::OnceLock<std::sync::Mutex<Prefetcher>>,
+    /// Tensors that replace the file's (LoRA-merged weights): same names and shapes, any float type.
+    overrides: BTreeMap<String, Tensor>,
+    /// The files' `__metadata__` string maps, merged.
+    metadata: BTreeMap<String, String>,
 }
 
 fn onnx_dtype(d: safetensors::Dtype) -> Option<DataType> {
@@ -174,6 +178,8 @@ impl Checkpoint {
             files: Vec::new(),
             index: BTreeMap::new(),
             prefetcher: std::sync::OnceLock::new(),
+            overrides: BTreeMap::new(),
+            metadata: BTreeMap::new(),
         };
         // Judged on the whole checkpoint: the shards of a big model are read one after another.
         let total: u64 = files
@@ -206,6 +212,10 @@ impl Checkpoint {
                 path.display()
             )
         })?;
+        if let Some(m) = meta.metadata() {
+            self.metadata
+                .extend(m.iter().map(|(k, v)| (k.clone(), v.clone())));
+        }
         let data_start = 8 + header_len;
         let fi = self.files.len();
         for (name, info) in meta.tensors() {
@@ -246,6 +256,11 @@ impl Checkpoint {
         Ok(())
     }
 
+    /// The safetensors `__metadata__` entries (e.g. diffusers' `lora_adapter_metadata`).
+    pub fn metadata(&self) -> &BTreeMap<String, String> {
+        &self.metadata
+    }
+
     pub fn names(&self) -> impl Iterator<Item = &str> {
         self.index.keys().map(|s| s.as_str())
     }
@@ -259,7 +274,33 @@ impl Checkpoint {
     }
 
     pub fn dtype(&self, name: &str) -> Option<DataType> {
+        if let Some(t) = self.overrides.get(name) {
+            return Some(t.dtype);
+        }
         self.index.get(name).map(|e| e.dtype)
+    }
+
+    /// Replaces tensor `t.name` of the checkpoint with `t` for every later [`Checkpoint::get`] (weights with a
+    /// LoRA merged in); the name must exist and the shape stay.
+    pub fn set_override(&mut self, t: Tensor) -> Result<()> {
+        let Some(e) = self.index.get(&t.name) else {
+            bail!(
+                "checkpoint '{}' has no tensor '{}' to replace",
+                self.path.display(),
+                t.name
+            );
+        };
+        if e.shape != t.shape {
+            bail!(
+                "checkpoint '{}': '{}' is {:?}; its replacement is {:?}",
+                self.path.display(),
+                t.name,
+                e.shape,
+                t.shape
+            );
+        }
+        self.overrides.insert(t.name.clone(), t);
+        Ok(())
     }
 
     /// Total bytes of tensor data.
@@ -269,6 +310,9 @@ impl Checkpoint {
 
     /// The tensor `name`, zero-copy; the error names the checkpoint.
     pub fn get(&self, name: &str) -> Result<Tensor> {
+        if let Some(t) = self.overrides.get(name) {
+            return Ok(t.clone());
+        }
         let Some(e) = self.index.get(name) else {
             bail!(
                 "checkpoint '{}' has no tensor '{name}': wrong model, or a layout trt-diff does not know",

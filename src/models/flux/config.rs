@@ -172,7 +172,8 @@ impl FluxConfig {
         };
         let cfg = FluxConfig {
             in_channels: img[1],
-            out_channels: shape(final_lin)?[0],
+            // A ControlNet has no final layer: its "output" width is its input's.
+            out_channels: ck.shape(&n.p(final_lin)).map_or(img[1], |s| s[0]),
             hidden_size: hidden,
             num_heads: hidden / hd,
             depth: count(blocks),
@@ -245,11 +246,12 @@ pub(super) fn detect_layout(ck: &Checkpoint) -> Result<(Layout, String)> {
         ("img_in.weight", Layout::Bfl),
         ("x_embedder.weight", Layout::Diffusers),
     ] {
-        if let Some(k) = ck.names().find(|k| k.ends_with(suffix)) {
-            let prefix = &k[..k.len() - suffix.len()];
-            if prefix.is_empty() || prefix.ends_with('.') {
-                return Ok((layout, prefix.to_string()));
-            }
+        // `controlnet_x_embedder.weight` ends like `x_embedder.weight`: only a whole-name prefix counts.
+        if let Some(prefix) = ck.names().find_map(|k| {
+            k.strip_suffix(suffix)
+                .filter(|p| p.is_empty() || p.ends_with('.'))
+        }) {
+            return Ok((layout, prefix.to_string()));
         }
     }
     bail!(

@@ -1,7 +1,7 @@
 //! The transformer graph: embedders, double- and single-stream blocks, final layer, with weights from the
 //! checkpoint in either layout (see the module documentation of `flux`).
 use super::config::{FluxConfig, Layout, Names};
-use super::{ExportOptions, amax_key, default_policy};
+use super::{ControlNetGraph, ExportOptions, amax_key, default_policy};
 use crate::models::ops::Ops;
 use crate::models::qdq::{Linears, Weight, attention};
 use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
@@ -470,6 +470,30 @@ impl Emitter<'_> {
         Ok((img, txt))
     }
 
+    /// `x + samples[index]` (samples stacked [n, B, img, D]).
+    fn residual(&mut self, name: &str, x: &Value, samples: &Value, index: usize) -> Result<Value> {
+        let i = self.o.i64s(&format!("{name}.index"), &[index as i64])?;
+        let mut r = self.o.same(
+            "Gather",
+            &format!("{name}/gather"),
+            &[samples, &i],
+            vec![("axis", Attr::Int(0))],
+        )?;
+        r.shape = std::iter::once(Dim::Fixed(1))
+            .chain(x.shape.iter().cloned())
+            .collect();
+        let ax = self.o.i64s(&format!("{name}.ax"), &[0])?;
+        let mut r = self
+            .o
+            .same("Squeeze", &format!("{name}/squeeze"), &[&r, &ax], vec![])?;
+        r.shape = x.shape.clone();
+        let mut y = self
+            .o
+            .same("Add", &format!("{name}/add"), &[x, &r], vec![])?;
+        y.shape = x.shape.clone();
+        Ok(y)
+    }
+
     /// [B, S, D] -> ([B, txt, D], [B, img, D]) at the text length.
     fn split_seq(&mut self, name: &str, x: &Value, txt_len: &Value) -> Result<(Value, Value)> {
         let zero = self.o.i64s(&format!("{name}.zero"), &[0])?;
@@ -646,6 +670,7 @@ pub(super) fn emit(
             opts.calibration,
         ),
     };
+    e.linears.lora_rank = opts.lora_rank;
     let f32t = DataType::FLOAT;
     let dt = e.o.dtype;
     let d = cfg.hidden_size;
@@ -676,12 +701,62 @@ pub(super) fn emit(
     } else {
         None
     };
+    let cn = opts.controlnet;
+    if cn == ControlNetGraph::Model && layout != Layout::Diffusers {
+        bail!(
+            "ControlNet checkpoints come in diffusers' layout (controlnet_blocks.*); this one has BFL names"
+        );
+    }
+    let (cond, cond_scale) = if cn == ControlNetGraph::Model {
+        (
+            Some(e.o.g.input(
+                "controlnet_cond",
+                f32t,
+                vec![batch(), img_seq(), Dim::Fixed(cfg.in_channels as i64)],
+            )?),
+            Some(
+                e.o.g
+                    .input("conditioning_scale", f32t, vec![Dim::Fixed(1)])?,
+            ),
+        )
+    } else {
+        (None, None)
+    };
+    let residual_input = |e: &mut Emitter, name: &str, n: usize| -> Result<Option<Value>> {
+        if n == 0 {
+            return Ok(None);
+        }
+        let v = e.o.g.input(
+            name,
+            f32t,
+            vec![
+                Dim::Fixed(n as i64),
+                batch(),
+                img_seq(),
+                Dim::Fixed(d as i64),
+            ],
+        )?;
+        Ok(Some(e.o.cast(&format!("{name}/cast"), &v, e.o.dtype)?))
+    };
+    let (res_double, res_single) = match cn {
+        ControlNetGraph::Residuals { double, single } => (
+            residual_input(&mut e, "controlnet_block_samples", double)?.map(|v| (v, double)),
+            residual_input(&mut e, "controlnet_single_block_samples", single)?.map(|v| (v, single)),
+        ),
+        _ => (None, None),
+    };
     let hs = e.o.cast("hidden_states/cast", &hs, dt)?;
     let ehs = e.o.cast("encoder_hidden_states/cast", &ehs, dt)?;
     let pooled = e.o.cast("pooled_projections/cast", &pooled, dt)?;
 
     let bl = layout == Layout::Bfl;
     let mut img = e.linear(&hs, if bl { "img_in" } else { "x_embedder" }, "x_embedder")?;
+    if let Some(c) = &cond {
+        let c = e.o.cast("controlnet_cond/cast", c, dt)?;
+        let h = e.linear(&c, "controlnet_x_embedder", "controlnet_x_embedder")?;
+        img =
+            e.o.same("Add", "controlnet_x_embedder/add", &[&img, &h], vec![])?;
+    }
     let mut txt = e.linear(
         &ehs,
         if bl { "txt_in" } else { "context_embedder" },
@@ -787,9 +862,27 @@ pub(super) fn emit(
     for step in 0..PREFETCH_BLOCKS {
         prefetch(step);
     }
+    // ControlNet samples (a ControlNet graph) and residuals (a transformer taking them).
+    let mut samples = Vec::new();
+    let mut single_samples = Vec::new();
     for i in 0..cfg.depth {
         prefetch(i + PREFETCH_BLOCKS);
         (img, txt) = e.double_block(i, &img, &txt, &vec_silu, &pe, &txt_len)?;
+        if cn == ControlNetGraph::Model {
+            samples.push(e.linear(
+                &img,
+                &format!("controlnet_blocks.{i}"),
+                &format!("controlnet_blocks.{i}"),
+            )?);
+        }
+        if let Some((r, n)) = &res_double {
+            img = e.residual(
+                &format!("controlnet_residual.{i}"),
+                &img,
+                r,
+                i / cfg.depth.div_ceil(*n),
+            )?;
+        }
     }
     let mut x = e.o.same(
         "Concat",
@@ -801,6 +894,83 @@ pub(super) fn emit(
     for i in 0..cfg.depth_single {
         prefetch(cfg.depth + i + PREFETCH_BLOCKS);
         x = e.single_block(i, &x, &vec_silu, &pe)?;
+        if cn == ControlNetGraph::Model {
+            let (_, im) = e.split_seq(&format!("controlnet_single.{i}/split"), &x, &txt_len)?;
+            single_samples.push(e.linear(
+                &im,
+                &format!("controlnet_single_blocks.{i}"),
+                &format!("controlnet_single_blocks.{i}"),
+            )?);
+        }
+        if let Some((r, n)) = &res_single {
+            let name = format!("controlnet_single_residual.{i}");
+            let (tx, im) = e.split_seq(&format!("{name}/split"), &x, &txt_len)?;
+            let im = e.residual(&name, &im, r, i / cfg.depth_single.div_ceil(*n))?;
+            x = e.o.same(
+                "Concat",
+                &format!("{name}/joint"),
+                &[&tx, &im],
+                vec![("axis", Attr::Int(1))],
+            )?;
+            x.shape = vec![batch(), seq(), Dim::Fixed(d as i64)];
+        }
+    }
+    if cn == ControlNetGraph::Model {
+        let Some(scale) = cond_scale else {
+            bail!("internal: a ControlNet graph without its conditioning_scale input");
+        };
+        for (name, v) in [
+            ("controlnet_block_samples", samples),
+            ("controlnet_single_block_samples", single_samples),
+        ] {
+            if v.is_empty() {
+                continue;
+            }
+            let ax = e.o.i64s(&format!("{name}.ax"), &[0])?;
+            let mut parts = Vec::new();
+            for (i, s) in v.iter().enumerate() {
+                let s = e.o.cast(&format!("{name}.{i}/f32"), s, f32t)?;
+                parts.push(e.o.g.op(
+                    "Unsqueeze",
+                    &format!("{name}.{i}/stack"),
+                    &[&s, &ax],
+                    vec![],
+                    f32t,
+                    vec![Dim::Fixed(1), batch(), img_seq(), Dim::Fixed(d as i64)],
+                )?);
+            }
+            let refs: Vec<&Value> = parts.iter().collect();
+            let stacked = e.o.g.op(
+                "Concat",
+                &format!("{name}/concat"),
+                &refs,
+                vec![("axis", Attr::Int(0))],
+                f32t,
+                vec![
+                    Dim::Fixed(v.len() as i64),
+                    batch(),
+                    img_seq(),
+                    Dim::Fixed(d as i64),
+                ],
+            )?;
+            let out = e.o.g.op(
+                "Mul",
+                name,
+                &[&stacked, &scale],
+                vec![],
+                f32t,
+                vec![
+                    Dim::Fixed(v.len() as i64),
+                    batch(),
+                    img_seq(),
+                    Dim::Fixed(d as i64),
+                ],
+            )?;
+            e.o.g.output(&out);
+        }
+        let layers = e.linears.counts;
+        let (model, sink) = e.o.g.finish_streamed();
+        return Ok((model, sink, layers));
     }
     let (_, img) = e.split_seq("single/split", &x, &txt_len)?;
     // Final AdaLN: BFL stores (shift, scale), diffusers (scale, shift).

@@ -60,6 +60,7 @@ use std::path::{Path, PathBuf};
 
 mod config;
 mod emit;
+pub mod lora;
 
 use config::detect_layout;
 pub use config::{FluxConfig, Layout, bfl_tensor_shapes};
@@ -131,6 +132,26 @@ pub struct ExportOptions {
     pub quantized_compute: DataType,
     /// Adds an `amax.<key>` output per linear-layer input activation (use with F32 for calibration runs).
     pub calibration: bool,
+    /// FP8/NVFP4: the rank of a LoRA side path beside every quantized layer (0: none), so that LoRAs switch at run
+    /// time without requantizing (`models::qdq::lora_side_path`).
+    pub lora_rank: usize,
+    /// ControlNet: the transformer takes residuals, or the graph is a ControlNet itself.
+    pub controlnet: ControlNetGraph,
+}
+
+/// How a graph takes part in ControlNet (diffusers' `FluxControlNetModel`, InstantX / Shakker style).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ControlNetGraph {
+    #[default]
+    None,
+    /// The transformer with inputs `controlnet_block_samples` [double, batch, img_seq, hidden] and
+    /// `controlnet_single_block_samples` [single, batch, img_seq, hidden] (each present when its count is not 0),
+    /// added to the image stream after its blocks as diffusers does (block i takes sample i / ceil(blocks /
+    /// samples)); zeros leave the transformer as it is.
+    Residuals { double: usize, single: usize },
+    /// A ControlNet: inputs as the transformer's plus `controlnet_cond` [batch, img_seq, in_channels] (the packed
+    /// VAE latents of the control image) and `conditioning_scale` [1]; outputs the two sample stacks above.
+    Model,
 }
 
 impl Default for ExportOptions {
@@ -142,6 +163,8 @@ impl Default for ExportOptions {
             nvfp4_default_amax: 256.0,
             quantized_compute: DataType::FLOAT,
             calibration: false,
+            lora_rank: 0,
+            controlnet: ControlNetGraph::None,
         }
     }
 }
