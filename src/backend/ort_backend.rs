@@ -299,7 +299,11 @@ impl OrtEngine {
                         name: t.name.clone(),
                         dtype: DataType::FLOAT,
                         shape: t.shape.clone(),
-                        data: values.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<u8>>().into(),
+                        data: values
+                            .iter()
+                            .flat_map(|v| v.to_le_bytes())
+                            .collect::<Vec<u8>>()
+                            .into(),
                     };
                     &widened
                 } else {

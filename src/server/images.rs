@@ -229,7 +229,10 @@ async fn submit(
         })
         .await;
     let result = match sent {
-        Err(_) => Err("the image worker stopped".to_string()),
+        Err(_) => {
+            state.progress.queued.fetch_sub(1, Ordering::Relaxed);
+            Err("the image worker stopped".to_string())
+        }
         Ok(()) => answer
             .await
             .unwrap_or_else(|_| Err("the image worker stopped".into())),
