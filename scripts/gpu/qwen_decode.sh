@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (after scripts/gpu/ort_cuda_env.sh has the ONNX Runtime GPU parts): LLM decode at
-# Qwen2.5-0.5B's shapes with random weights. transformers makes the model (bf16, saved as a Hugging Face folder)
-# and times its own `generate` (512-token prompt, 128 new tokens, greedy); trt-diff builds an ONNX-only bundle
-# from the same folder (no TensorRT there) and generates the same lengths with --backend cuda.
+# Qwen2.5-0.5B's shapes with random weights. transformers makes the model (saved as a Hugging Face folder) and
+# times its own `generate` in fp16 (512-token prompt, 128 new tokens, greedy); trt-diff builds an fp16 ONNX-only
+# bundle from the same folder (no TensorRT there) and generates the same lengths with --backend cuda.
 # Needs .devcarry/gpu/trt-diff and .devcarry/gpu/ggml-vocab-qwen2.gguf. Output: $OUT/qwen_decode.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -20,7 +20,7 @@ cfg = transformers.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidd
     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
     rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=True)
 torch.manual_seed(0)
-m = transformers.Qwen2ForCausalLM(cfg).to(torch.bfloat16)
+m = transformers.Qwen2ForCausalLM(cfg).to(torch.float16)
 m.save_pretrained(sys.argv[1])
 m = m.cuda().eval()
 ids = torch.randint(0, 150000, (1, 512), device="cuda")
@@ -34,11 +34,11 @@ for r in range(3):
     t = time.perf_counter()
     m.generate(ids, max_new_tokens=128, min_new_tokens=128, **kw)
     torch.cuda.synchronize(); total = time.perf_counter() - t
-    print(f"transformers {transformers.__version__} bf16 round {r}: prefill 512 tokens {prefill*1e3:.1f} ms; "
+    print(f"transformers {transformers.__version__} fp16 round {r}: prefill 512 tokens {prefill*1e3:.1f} ms; "
           f"generate 128 tokens {total:.3f} s; decode {127 / (total - prefill):.1f} tok/s")
 PY
 prompt=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 57))")
-for p in ${PRECISIONS:-bf16}; do
+for p in ${PRECISIONS:-fp16}; do
   echo "== trt-diff build ($p, ONNX-only)"
   s=$(date +%s.%N)
   timeout 300 "$bin" build "$q" --tokenizer "$g/ggml-vocab-qwen2.gguf" --precision "$p" --max-context 1024 \
