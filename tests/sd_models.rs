@@ -108,3 +108,138 @@ fn unet_matches_diffusers_in_both_layouts() {
         }
     }
 }
+
+fn save(model: trt_diff::onnx::proto::ModelProto, dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    trt_diff::onnx::save(model, &out, &trt_diff::onnx::SaveOptions::default()).unwrap();
+    out
+}
+
+#[test]
+fn vae_matches_diffusers() {
+    use trt_diff::models::vae::{self, VaeConfig, VaePart};
+    let d = tempfile::tempdir().unwrap();
+    let io = io("vae_io.safetensors", "");
+    let ck = Checkpoint::open(&golden("sd15/vae")).unwrap();
+    let cfg = VaeConfig::from_checkpoint(&ck).unwrap();
+    assert_eq!((cfg.latent_channels, cfg.quant_conv), (4, true));
+    let dec = vae::graph(&cfg, &ck, VaePart::Decoder, DataType::FLOAT).unwrap();
+    let dec = save(dec, d.path(), "dec.onnx");
+    let got = run(
+        &dec,
+        &HashMap::from([("latent".into(), io["latent"].clone())]),
+    );
+    let err = rel_err(&got["image"], &io["decoded"]);
+    println!("decoder: max rel err {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+    let enc = vae::graph(&cfg, &ck, VaePart::Encoder, DataType::FLOAT).unwrap();
+    let enc = save(enc, d.path(), "enc.onnx");
+    let got = run(
+        &enc,
+        &HashMap::from([("image".into(), io["image"].clone())]),
+    );
+    for (ours, theirs) in [("mean", "mean"), ("logvar", "logvar")] {
+        let err = rel_err(&got[ours], &io[theirs]);
+        println!("encoder {ours}: max rel err {err:.2e}");
+        assert!(err < 1e-4, "{ours}: {err}");
+    }
+}
+
+#[test]
+fn text_encoders_match_transformers_in_both_layouts() {
+    use trt_diff::models::clip::{self, ClipOptions, ClipTextConfig};
+    let d = tempfile::tempdir().unwrap();
+    let io = io("text_io.safetensors", "");
+    let json = |p: &str| std::fs::read_to_string(golden(p)).unwrap();
+    let l_cfg = ClipTextConfig::from_json(&json("sd15/text_encoder/config.json")).unwrap();
+    let g_cfg = ClipTextConfig::from_json(&json("sdxl/text_encoder_2/config.json")).unwrap();
+    let single = golden("sdxl_text_single.safetensors");
+    let cases = [
+        // (what, checkpoint, scope, config, ids, outputs: ours -> golden)
+        (
+            "CLIP-L folder",
+            golden("sd15/text_encoder"),
+            "",
+            &l_cfg,
+            "input_ids",
+            "l_",
+        ),
+        (
+            "CLIP-L single",
+            single.clone(),
+            "conditioner.embedders.0.",
+            &l_cfg,
+            "input_ids",
+            "l_",
+        ),
+        (
+            "bigG folder",
+            golden("sdxl/text_encoder_2"),
+            "",
+            &g_cfg,
+            "input_ids_g",
+            "g_",
+        ),
+        (
+            "bigG OpenCLIP single",
+            single,
+            "conditioner.embedders.1.",
+            &g_cfg,
+            "input_ids_g",
+            "g_",
+        ),
+    ];
+    for (i, (what, path, scope, cfg, ids, golden_prefix)) in cases.into_iter().enumerate() {
+        let ck = Checkpoint::open(&path).unwrap();
+        // Read off the weights, the tiny models differ from the real ones only in head count (64-wide heads).
+        let inferred = ClipTextConfig::from_checkpoint(&ck, scope, 0).unwrap();
+        assert_eq!(
+            ClipTextConfig {
+                num_attention_heads: cfg.num_attention_heads,
+                hidden_act: cfg.hidden_act.clone(),
+                ..inferred
+            },
+            *cfg,
+            "{what}"
+        );
+        let bigg = golden_prefix == "g_";
+        let opts = ClipOptions {
+            scope: scope.into(),
+            penultimate: true,
+            projection: bigg,
+        };
+        let onnx = save(
+            clip::graph_with(cfg, &ck, DataType::FLOAT, &opts).unwrap(),
+            d.path(),
+            &format!("{i}.onnx"),
+        );
+        let got = run(
+            &onnx,
+            &HashMap::from([("input_ids".into(), io[ids].clone())]),
+        );
+        let mut pairs = vec![
+            ("last_hidden_state", "last_hidden_state"),
+            ("penultimate_hidden_state", "penultimate"),
+        ];
+        pairs.push(if bigg {
+            ("text_embeds", "text_embeds")
+        } else {
+            ("pooler_output", "pooled")
+        });
+        for (ours, theirs) in pairs {
+            let err = rel_err(&got[ours], &io[&format!("{golden_prefix}{theirs}")]);
+            println!("{what} {ours}: max rel err {err:.2e}");
+            assert!(err < 1e-4, "{what} {ours}: {err}");
+        }
+    }
+    // A CLIPTextModel has no projection to give.
+    let ck = Checkpoint::open(&golden("sd15/text_encoder")).unwrap();
+    let opts = ClipOptions {
+        projection: true,
+        ..Default::default()
+    };
+    let e = clip::graph_with(&l_cfg, &ck, DataType::FLOAT, &opts)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("no text projection"), "{e}");
+}

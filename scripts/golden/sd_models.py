@@ -187,7 +187,41 @@ def text(out_dir, seed):
     clip_l.to(torch.bfloat16).save_pretrained(os.path.join(out_dir, "sd15", "text_encoder"), safe_serialization=True)
     big_g.to(torch.bfloat16).save_pretrained(os.path.join(out_dir, "sdxl", "text_encoder_2"),
                                              safe_serialization=True)
+    # The same bigG weights as in an SGM single file, beside CLIP-L in transformers' layout under its prefix.
+    sd = {k: v.contiguous() for k, v in big_g.state_dict().items()}
+    single = to_open_clip(sd, 3, "conditioner.embedders.1.model.")
+    check_open_clip(big_g, sd, single, "conditioner.embedders.1.model.")
+    for k, v in clip_l.state_dict().items():
+        single["conditioner.embedders.0.transformer." + k] = v.contiguous()
+    save_file(single, os.path.join(out_dir, "sdxl_text_single.safetensors"))
     print("text", tuple(a.last_hidden_state.shape), tuple(b.text_embeds.shape))
+
+
+def to_open_clip(sd, layers, prefix):
+    """transformers CLIPTextModelWithProjection names -> OpenCLIP's (SDXL's conditioner.embedders.1.model.*),
+    checked by running diffusers' convert_open_clip_checkpoint back."""
+    out = {prefix + "token_embedding.weight": sd["text_model.embeddings.token_embedding.weight"],
+           prefix + "positional_embedding": sd["text_model.embeddings.position_embedding.weight"],
+           prefix + "ln_final.weight": sd["text_model.final_layer_norm.weight"],
+           prefix + "ln_final.bias": sd["text_model.final_layer_norm.bias"],
+           prefix + "text_projection": sd["text_projection.weight"].T.contiguous()}
+    for i in range(layers):
+        h, o = f"text_model.encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
+        for suffix in ("weight", "bias"):
+            out[f"{o}attn.in_proj_{suffix}"] = torch.cat([sd[f"{h}self_attn.{p}_proj.{suffix}"] for p in "qkv"], 0)
+            for hf, oc in [("self_attn.out_proj", "attn.out_proj"), ("layer_norm1", "ln_1"), ("layer_norm2", "ln_2"),
+                           ("mlp.fc1", "mlp.c_fc"), ("mlp.fc2", "mlp.c_proj")]:
+                out[f"{o}{oc}.{suffix}"] = sd[f"{h}{hf}.{suffix}"]
+    return out
+
+
+def check_open_clip(model, sd, single, prefix):
+    from diffusers.loaders.single_file_utils import convert_open_clip_checkpoint
+    back = convert_open_clip_checkpoint(model, single, prefix=prefix)
+    want = {k: v for k, v in sd.items() if not k.endswith("position_ids")}
+    assert set(back) == set(want), sorted(set(back) ^ set(want))
+    for k in want:
+        assert torch.equal(back[k], want[k]), k
 
 
 def main(out_dir):
