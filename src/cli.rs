@@ -211,9 +211,10 @@ pub struct ImageArgs {
     /// Distilled guidance of FLUX.1-dev (its transformer's guidance input).
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// True classifier-free guidance scale with --negative-prompt (1: off; doubles the transformer runs).
-    #[arg(long, default_value_t = 1.0)]
-    pub cfg: f32,
+    /// Classifier-free guidance scale (1: off; doubles the network runs). Default: the bundle's (SD/SDXL
+    /// guide against the empty prompt without --negative-prompt; Flux needs one).
+    #[arg(long)]
+    pub cfg: Option<f32>,
     #[arg(long)]
     pub negative_prompt: Option<String>,
     /// img2img: start from this image (PNG/JPEG), resized to the output size.

@@ -1,6 +1,7 @@
 """Golden files for the Stable Diffusion models: tiny random UNet2DConditionModel in an SD1.5-like configuration
 (cross-attention down blocks first, 1x1-conv proj_in/out, 2 heads per level) and an SDXL-like one (plain first
-level, linear proj_in/out, two transformer blocks in the last level, added time/text embeddings), a tiny
+level, linear proj_in/out, two transformer blocks in the last level, added time/text embeddings; cross-attention
+width 16 = the two tiny pipeline text encoders of sd_pipeline.py, pooled width 8), a tiny
 4-channel AutoencoderKL with quant convs, and tiny text encoders in CLIP-L's layout (quick_gelu) and OpenCLIP
 bigG's (gelu, CLIPTextModelWithProjection), each with inputs and float32 reference outputs.
 
@@ -105,9 +106,9 @@ SD15 = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, bl
 SDXL = dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(4, 8, 8),
             down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
             up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"), norm_num_groups=2,
-            cross_attention_dim=8, attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 1, 2),
+            cross_attention_dim=16, attention_head_dim=(1, 2, 4), transformer_layers_per_block=(1, 1, 2),
             use_linear_projection=True, addition_embed_type="text_time", addition_time_embed_dim=4,
-            projection_class_embeddings_input_dim=6 * 4 + 12)
+            projection_class_embeddings_input_dim=6 * 4 + 8)
 
 
 def unet(out_dir, name, cfg, seed):
@@ -120,10 +121,10 @@ def unet(out_dir, name, cfg, seed):
     for tag, (b, h, w, s) in [("", (2, 8, 8, 77)), ("small_", (1, 6, 10, 154))]:
         x = torch.randn(b, 4, h, w, generator=g)
         t = torch.tensor([999.0, 321.5][:b])
-        ctx = torch.randn(b, s, 8, generator=g)
+        ctx = torch.randn(b, s, cfg["cross_attention_dim"], generator=g)
         kw = {}
         if cfg.get("addition_embed_type"):
-            text = torch.randn(b, 12, generator=g)
+            text = torch.randn(b, 8, generator=g)
             ids = torch.tensor([[1024.0, 768.0, 0.0, 16.0, 1024.0, 1024.0], [512.0, 512.0, 8.0, 0.0, 640.0, 384.0]][:b])
             kw["added_cond_kwargs"] = {"text_embeds": text, "time_ids": ids}
             ios[f"{tag}text_embeds"], ios[f"{tag}time_ids"] = text, ids

@@ -7,6 +7,7 @@ use crate::pipelines::engines::resolve;
 use crate::pipelines::flux::FluxModel;
 use crate::pipelines::image::{ImageModel, ImagePipeline, ImageRequest};
 use crate::pipelines::image_io::write_png;
+use crate::pipelines::sd::SdModel;
 use crate::pipelines::{Arch, Family};
 use anyhow::{Result, bail};
 use std::io::Write;
@@ -74,7 +75,7 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         width: i.width,
         height: i.height,
         guidance: i.guidance,
-        cfg: i.cfg,
+        cfg: i.cfg.unwrap_or(0.0),
         batch: i.batch,
         init_image: i.init_image.clone(),
         strength: i.strength,
@@ -87,6 +88,12 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
     let r = match arch.family() {
         Family::Flux => write_images(
             ImagePipeline::new(FluxModel::open(engine, bundle, backend)?),
+            &req,
+            out,
+            !i.no_progress,
+        )?,
+        Family::Sd => write_images(
+            ImagePipeline::new(SdModel::open(engine, bundle, backend)?),
             &req,
             out,
             !i.no_progress,

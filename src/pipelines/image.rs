@@ -24,7 +24,8 @@ pub struct ImageRequest {
     pub height: Option<usize>,
     /// Distilled guidance (a network input, e.g. FLUX.1-dev's).
     pub guidance: Option<f32>,
-    /// Classifier-free guidance with the negative prompt (1 = off; doubles the network calls).
+    /// Classifier-free guidance with the negative prompt (1 = off; doubles the network calls; 0 = the bundle's
+    /// default).
     pub cfg: f32,
     pub batch: usize,
     pub init_image: Option<PathBuf>,
@@ -49,13 +50,22 @@ pub struct ImageDefaults {
     pub guidance: f32,
     /// The network takes distilled guidance as an input (otherwise `--guidance` has no effect).
     pub guidance_input: bool,
+    /// Classifier-free guidance scale when the request leaves it at 0 (1 = off). Families whose default is
+    /// above 1 (SD, SDXL) guide against the empty prompt when no negative prompt is given.
+    pub cfg: f32,
 }
 
 /// How a network's output relates to the denoised estimate `D` the samplers step with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prediction {
-    /// Rectified flow: the network predicts the velocity v, `D = x - sigma v`.
+    /// Rectified flow: the network predicts the velocity v, `D = x - sigma v`; `x_sigma = (1 - sigma) x0 + sigma
+    /// noise`, so the initial noise is unscaled.
     Flow,
+    /// Variance-exploding k-diffusion view of a DDPM model predicting the noise: `D = x - sigma eps`, `x_sigma =
+    /// x0 + sigma noise` (the family scales the network input by `1 / sqrt(sigma^2 + 1)`).
+    Eps,
+    /// v-prediction in the same view: `D = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1)`.
+    V,
 }
 
 /// The latent geometry of one request: the sampler steps `batch * per_image` values; `channels x height x width`
@@ -176,6 +186,10 @@ pub trait ImageModel {
     /// `steps + 1` sigmas ending in 0 for a scheduler name (the family's own names and the catalogue's).
     fn sigmas(&self, scheduler: &str, steps: usize, lat: &Latents) -> Result<Vec<f64>>;
     fn encode_prompt(&mut self, prompt: &str) -> Result<Self::Cond>;
+    /// A negative prompt's conditioning (the SDXL refiner conditions it on another aesthetic score).
+    fn encode_negative(&mut self, prompt: &str) -> Result<Self::Cond> {
+        self.encode_prompt(prompt)
+    }
     /// The network's raw output for the whole batch at `sigma`, written into `out` (where `x` lives).
     fn predict(
         &mut self,
@@ -240,15 +254,21 @@ impl<M: ImageModel> ImagePipeline<M> {
         }
     }
 
-    fn condition(&mut self, prompt: &str) -> Result<Rc<M::Cond>> {
-        if let Some(c) = self.cache.get(prompt) {
+    fn condition(&mut self, prompt: &str, negative: bool) -> Result<Rc<M::Cond>> {
+        // Negative and positive conditionings of one text may differ: separate keys.
+        let key = format!("{}{prompt}", if negative { "-" } else { "+" });
+        if let Some(c) = self.cache.get(&key) {
             return Ok(c.clone());
         }
-        let c = Rc::new(self.model.encode_prompt(prompt)?);
+        let c = Rc::new(if negative {
+            self.model.encode_negative(prompt)?
+        } else {
+            self.model.encode_prompt(prompt)?
+        });
         if self.cache.len() >= COND_CACHE {
             self.cache.clear();
         }
-        self.cache.insert(prompt.to_string(), c.clone());
+        self.cache.insert(key, c.clone());
         Ok(c)
     }
 
@@ -265,6 +285,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         let sampler_name = req.sampler.clone().unwrap_or(d.sampler.clone());
         let scheduler = req.scheduler.clone().unwrap_or(d.scheduler.clone());
         let guidance = req.guidance.unwrap_or(d.guidance);
+        let cfg_scale = if req.cfg == 0.0 { d.cfg } else { req.cfg };
         if req.guidance.is_some() && !d.guidance_input {
             tracing::warn!(
                 "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
@@ -272,11 +293,16 @@ impl<M: ImageModel> ImagePipeline<M> {
             );
         }
         let mut sigmas = self.model.sigmas(&scheduler, steps, &lat)?;
-        let true_cfg = req.cfg > 1.0;
-        if true_cfg && req.negative_prompt.is_none() {
+        let true_cfg = cfg_scale > 1.0;
+        // Families that guide by default guide against the empty prompt (as diffusers, A1111 and ComfyUI do).
+        let negative = match (&req.negative_prompt, d.cfg > 1.0) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => Some(String::new()),
+            (None, false) => None,
+        };
+        if true_cfg && negative.is_none() {
             bail!(
-                "--cfg {} needs --negative-prompt (classifier-free guidance compares the two predictions)",
-                req.cfg
+                "--cfg {cfg_scale} needs --negative-prompt (classifier-free guidance compares the two predictions)"
             );
         }
         if req.preview.is_some() && !self.model.can_preview() {
@@ -286,9 +312,9 @@ impl<M: ImageModel> ImagePipeline<M> {
             );
         }
         let mut sampler = registry::build::<Latent>(&sampler_name, &Default::default())?;
-        let cond = self.condition(&req.prompt)?;
-        let uncond = match (&req.negative_prompt, true_cfg) {
-            (Some(neg), true) => Some(self.condition(neg)?),
+        let cond = self.condition(&req.prompt, false)?;
+        let uncond = match (&negative, true_cfg) {
+            (Some(neg), true) => Some(self.condition(neg, true)?),
             _ => None,
         };
         // Initial latents: given, or Philox noise per image (seed + i, so image i is reproducible alone).
@@ -301,6 +327,7 @@ impl<M: ImageModel> ImagePipeline<M> {
             ),
             None => self.model.initial_noise(req.seed, &lat)?,
         };
+        let prediction = self.model.prediction();
         if let Some(path) = &req.init_image {
             if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
                 bail!("--strength {} must be in (0, 1]", req.strength);
@@ -319,18 +346,21 @@ impl<M: ImageModel> ImagePipeline<M> {
             let x0 = self.model.encode_image(&rgb, &lat)?.repeat(lat.batch);
             let x0 = self.model.latent(x0)?;
             let s0 = sigmas[0] as f32 as f64;
-            match self.model.prediction() {
+            match prediction {
                 Prediction::Flow => x.lincomb(s0, &[(1.0 - s0, &x0)])?,
+                Prediction::Eps | Prediction::V => x.lincomb(s0, &[(1.0, &x0)])?,
             }
+        } else if prediction != Prediction::Flow {
+            // k-diffusion: the first latent is noise at the first sigma.
+            x.lincomb(sigmas[0] as f32 as f64, &[])?;
         }
         let run_steps = sigmas.len() - 1;
-        let prediction = self.model.prediction();
         let mut last_x0 = x.alloc_like()?;
         let mut denoiser = GuidedDenoiser {
             model: &mut self.model,
             cond: &cond,
             uncond: uncond.as_deref(),
-            cfg: req.cfg,
+            cfg: cfg_scale,
             guidance,
             lat: &lat,
             prediction,
@@ -371,8 +401,8 @@ impl<M: ImageModel> ImagePipeline<M> {
             "{}\nNegative prompt: {}\nSteps: {steps}, Sampler: {sampler_name}, Schedule: {scheduler}, Guidance: \
              {guidance}, CFG: {}, Seed: {}, Size: {w}x{h}, Batch: {}, Model: {}{}",
             req.prompt,
-            req.negative_prompt.clone().unwrap_or_default(),
-            req.cfg.max(1.0),
+            negative.clone().unwrap_or_default(),
+            cfg_scale.max(1.0),
             req.seed,
             lat.batch,
             self.model.arch(),
@@ -421,6 +451,11 @@ impl<M: ImageModel> GuidedDenoiser<'_, M> {
     fn to_denoised(&self, x: &Latent, sigma: f64, raw: &Latent, out: &mut Latent) -> Result<()> {
         match self.prediction {
             Prediction::Flow => out.lincomb(0.0, &[(1.0, x), (-(sigma as f32) as f64, raw)]),
+            Prediction::Eps => out.lincomb(0.0, &[(1.0, x), (-sigma, raw)]),
+            Prediction::V => {
+                let s2 = sigma * sigma + 1.0;
+                out.lincomb(0.0, &[(1.0 / s2, x), (-sigma / s2.sqrt(), raw)])
+            }
         }
     }
 }

@@ -1,0 +1,223 @@
+//! The whole Stable Diffusion pipelines on tiny random components (tests/golden/sd, scripts/golden/sd_pipeline.py):
+//! final latents against diffusers' StableDiffusionPipeline (eps and v-prediction, CFG with a negative prompt, a
+//! long prompt in 75-token chunks, img2img) and StableDiffusionXLPipeline, same initial latents, Euler, 4 steps.
+use std::path::{Path, PathBuf};
+use trt_diff::backend::BackendChoice;
+use trt_diff::manifest::EngineFile;
+use trt_diff::onnx::DataType;
+use trt_diff::pipelines::engines::{OpenOptions, open_file};
+use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
+use trt_diff::pipelines::sd::{SdEngines, SdModel, SdPrediction};
+use trt_diff::pipelines::sd_build::{detect_arch, export_aux, onnx_path, plan};
+use trt_diff::tokenizer::clip::ClipTokenizer;
+use trt_diff::weights::safetensors_file::Checkpoint;
+
+const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
+const NEGATIVE: &str = "blurry, low quality";
+
+fn golden(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(rel)
+}
+
+fn clip_vocab() -> PathBuf {
+    std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")))
+        .join("tokenizers/bpe_simple_vocab_16e6.txt.gz")
+}
+
+/// A diffusers-layout folder of the committed tiny components (links), with a scheduler config.
+fn model_dir(root: &Path, xl: bool, prediction: &str) -> PathBuf {
+    let m = root.join(if xl { "tiny-sdxl" } else { "tiny-sd" });
+    std::fs::create_dir_all(m.join("scheduler")).unwrap();
+    let mut parts = vec![
+        ("vae", golden("sd/sd15/vae")),
+        ("text_encoder", golden("flux/text_encoder")),
+    ];
+    if xl {
+        parts.push(("unet", golden("sd/sdxl/unet")));
+        parts.push(("text_encoder_2", golden("sd/sdxl/pipeline_text_encoder_2")));
+    } else {
+        parts.push(("unet", golden("sd/sd15/unet")));
+    }
+    for (name, src) in parts {
+        std::os::unix::fs::symlink(&src, m.join(name)).unwrap();
+    }
+    std::fs::write(
+        m.join("scheduler/scheduler_config.json"),
+        format!(
+            "{{\"_class_name\": \"EulerDiscreteScheduler\", \"prediction_type\": \"{prediction}\"}}"
+        ),
+    )
+    .unwrap();
+    m
+}
+
+/// Exports the folder's components to f32 ONNX and opens them on ONNX Runtime's CPU backend.
+fn pipeline(root: &Path, model: &Path) -> ImagePipeline<SdModel> {
+    let arch = detect_arch(model).unwrap();
+    let p = plan(model, arch, Some(&clip_vocab())).unwrap();
+    let f32t = DataType::FLOAT;
+    export_aux(&p, root, "sd", f32t, f32t).unwrap();
+    let unet_ck = Checkpoint::open(&p.files.unet).unwrap();
+    let unet_onnx = onnx_path(root, "sd", "unet");
+    trt_diff::models::unet::export(&p.unet, &unet_ck, &Default::default(), &unet_onnx).unwrap();
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path).unwrap(),
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    };
+    let tokenizers = p
+        .config
+        .text_encoders
+        .iter()
+        .map(|spec| {
+            let mut t = ClipTokenizer::load(&clip_vocab()).unwrap();
+            t.pad = spec.pad;
+            t
+        })
+        .collect();
+    let text_encoders = p
+        .config
+        .text_encoders
+        .iter()
+        .map(|spec| open(&onnx_path(root, "sd", &spec.component)))
+        .collect();
+    ImagePipeline::new(SdModel::new(
+        p.config.clone(),
+        tokenizers,
+        SdEngines {
+            text_encoders,
+            unet: open(&unet_onnx),
+            vae_decoder: open(&onnx_path(root, "sd", "vae_decoder")),
+            vae_encoder: Some(open(&onnx_path(root, "sd", "vae_encoder"))),
+            tae_decoder: None,
+        },
+    ))
+}
+
+fn io(name: &str) -> Vec<f32> {
+    Checkpoint::open(&golden("sd/pipeline_io.safetensors"))
+        .unwrap()
+        .get(name)
+        .unwrap()
+        .to_f32()
+        .unwrap()
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+        / scale
+}
+
+fn request(prompt: &str, negative: &str, cfg: f32, noise: Vec<f32>) -> ImageRequest {
+    ImageRequest {
+        prompt: prompt.into(),
+        negative_prompt: Some(negative.into()),
+        steps: Some(4),
+        sampler: Some("euler".into()),
+        scheduler: Some("normal".into()),
+        width: Some(32),
+        height: Some(32),
+        cfg,
+        batch: 1,
+        strength: 1.0,
+        initial_noise: Some(noise),
+        latents_only: true,
+        ..Default::default()
+    }
+}
+
+fn check(pipe: &mut ImagePipeline<SdModel>, req: &ImageRequest, golden_name: &str) {
+    let out = pipe.generate(req, &mut |_| Ok(())).unwrap();
+    let e = max_rel(&out.latents, &io(golden_name));
+    println!("{golden_name}: max rel err {e:.2e}");
+    assert!(e < 1e-4, "{golden_name}: {e}");
+}
+
+#[test]
+fn sd15_matches_diffusers_eps_v_long_prompts_and_img2img() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), false, "epsilon");
+    let mut pipe = pipeline(dir.path(), &model);
+    assert_eq!(pipe.model.config.arch, "sd15");
+    assert_eq!(pipe.model.config.vae_scale_factor, 2);
+    let noise = io("sd15_initial_latents");
+    check(
+        &mut pipe,
+        &request(PROMPT, NEGATIVE, 7.5, noise.clone()),
+        "sd15_final_latents",
+    );
+    // Long prompts: 2 chunks of 75 tokens each for the prompt and the negative prompt.
+    let long = [
+        "a red fox",
+        "deep snow",
+        "pine forest",
+        "golden hour light",
+        "watercolor on paper",
+        "soft edges",
+        "muted palette",
+        "winter morning",
+        "gentle fog",
+        "distant mountains",
+    ]
+    .repeat(3)
+    .join(", ");
+    let long_negative = [
+        "blurry",
+        "low quality",
+        "jpeg artifacts",
+        "oversaturated",
+        "deformed",
+    ]
+    .repeat(6)
+    .join(", ");
+    check(
+        &mut pipe,
+        &request(&long, &long_negative, 7.5, noise.clone()),
+        "sd15_final_latents_long",
+    );
+    // img2img from the decoded image diffusers saved: strength 0.5 runs the last 2 of 4 steps.
+    let mut req = request(PROMPT, NEGATIVE, 7.5, io("sd15_img2img_noise"));
+    req.init_image = Some(golden("sd/init.png"));
+    req.strength = 0.5;
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let e = max_rel(&out.latents, &io("sd15_final_latents_img2img"));
+    println!("sd15 img2img: max rel err {e:.2e}");
+    assert_eq!(out.step_seconds.len(), 2);
+    // The init image is 8-bit, as diffusers read it: the error stays near the model tolerance.
+    assert!(e < 1e-4, "img2img: {e}");
+    // The same weights as a v-prediction model (an SD2.x scheduler config).
+    let dir_v = tempfile::tempdir().unwrap();
+    let model = model_dir(dir_v.path(), false, "v_prediction");
+    let mut pipe = pipeline(dir_v.path(), &model);
+    assert_eq!(pipe.model.config.prediction, SdPrediction::V);
+    check(
+        &mut pipe,
+        &request(PROMPT, NEGATIVE, 7.5, noise),
+        "sd15_final_latents_v",
+    );
+}
+
+#[test]
+fn sdxl_matches_diffusers() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), true, "epsilon");
+    let mut pipe = pipeline(dir.path(), &model);
+    assert_eq!(pipe.model.config.arch, "sdxl");
+    assert_eq!(pipe.model.config.time_ids, 6);
+    check(
+        &mut pipe,
+        &request(PROMPT, NEGATIVE, 5.0, io("sdxl_initial_latents")),
+        "sdxl_final_latents",
+    );
+}
