@@ -196,6 +196,15 @@ fn sd15_matches_diffusers_eps_v_long_prompts_and_img2img() {
     assert_eq!(out.step_seconds.len(), 2);
     // The init image is 8-bit, as diffusers read it: the error stays near the model tolerance.
     assert!(e < 1e-4, "img2img: {e}");
+    // Inpainting with the regular UNet: the left half repainted, the right half kept through the latent blend.
+    let mut req = request(PROMPT, NEGATIVE, 7.5, io("sd15_img2img_noise"));
+    req.init_image = Some(golden("sd/init.png"));
+    req.mask = Some(golden("sd/mask.png"));
+    req.strength = 0.75;
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let e = max_rel(&out.latents, &io("sd15_final_latents_inpaint"));
+    println!("sd15 inpaint: max rel err {e:.2e}");
+    assert!(e < 1e-4, "inpaint: {e}");
     // The same weights as a v-prediction model (an SD2.x scheduler config).
     let dir_v = tempfile::tempdir().unwrap();
     let model = model_dir(dir_v.path(), false, "v_prediction");

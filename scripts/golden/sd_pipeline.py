@@ -11,7 +11,8 @@ vocabulary rows are zero, so git stores it compressed) and pipeline_io.safetenso
 - sd15_*: initial latents; final latents with CFG 7.5 and NEGATIVE; the same as v-prediction (an SD2.x-style
   scheduler); a long prompt (LONG, 2 chunks of 75 tokens, and a 2-chunk negative) through prompt_embeds that are
   the per-chunk encoder outputs concatenated (A1111/ComfyUI); img2img (strength 0.5 from init.png, the noise
-  saved, the VAE's mode as latent);
+  saved, the VAE's mode as latent); inpainting with the 4-channel UNet (mask.png: repaint the left half, strength
+  0.75, the same noise);
 - sdxl_*: initial latents; final latents with CFG 5 and NEGATIVE (penultimate hidden states of both encoders,
   bigG's pooled projection, time ids [32, 32, 0, 0, 32, 32])."""
 import os
@@ -21,7 +22,8 @@ import tempfile
 import numpy as np
 import torch
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
-from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline,
+import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
+from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
                        StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
 from PIL import Image
 from safetensors.torch import save_file
@@ -126,6 +128,20 @@ def main(out):
                                                    generator=torch.Generator().manual_seed(9)).images
             img2img_module.retrieve_latents = orig
             init.save(os.path.join(out, "init.png"))
+            # Inpainting with the regular 4-channel UNet (latent blend after every step): repaint the left half.
+            mask = np.zeros((32, 32), dtype=np.uint8)
+            mask[:, :16] = 255
+            mask = Image.fromarray(mask)
+            mask.save(os.path.join(out, "mask.png"))
+            orig = inpaint_module.retrieve_latents
+            inpaint_module.retrieve_latents = lambda e, generator=None, sample_mode="sample": orig(e, generator,
+                                                                                                  "argmax")
+            inp = StableDiffusionInpaintPipeline(**sd.components, requires_safety_checker=False)
+            io["sd15_final_latents_inpaint"] = inp(PROMPT, image=init, mask_image=mask, strength=0.75, height=32,
+                                                   width=32, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                                                   num_inference_steps=4, output_type="latent",
+                                                   generator=torch.Generator().manual_seed(9)).images
+            inpaint_module.retrieve_latents = orig
 
         g2 = big_g(ids_of(tok2, PROMPT, NEGATIVE))
         xl = StableDiffusionXLPipeline(vae=vae, text_encoder=clip_l, text_encoder_2=g2, tokenizer=tok, tokenizer_2=tok2,

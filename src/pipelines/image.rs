@@ -31,6 +31,15 @@ pub struct ImageRequest {
     pub init_image: Option<PathBuf>,
     /// img2img: fraction of the schedule re-run from the noised init image (1 = ignore the image).
     pub strength: f32,
+    /// Inpainting: a mask of the output size (white = repaint, black = keep the init image); needs `init_image`.
+    /// Outside the mask the latent is reset after every step to the init image's latent at that noise level.
+    pub mask: Option<PathBuf>,
+    /// Stop after this fraction of the steps (a base model handing over to a refiner; the latents stay noisy).
+    pub denoise_end: Option<f32>,
+    /// Start at this fraction of the steps from `start_latents` (a refiner taking over).
+    pub denoise_start: Option<f32>,
+    /// Sampler-space latents of the whole batch at the start step (with `denoise_start`).
+    pub start_latents: Option<Vec<f32>>,
     /// Sampler-space initial noise of the whole batch instead of Philox noise (reproducing other tools).
     pub initial_noise: Option<Vec<f32>>,
     /// Skip the VAE (tests of the latents, calibration).
@@ -209,6 +218,13 @@ pub trait ImageModel {
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>>;
     /// Sampler-space latents of the batch to RGB8 images.
     fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>>;
+    /// Inpainting weights of one image in the sampler's latent layout (1 = repaint, blended after every step)
+    /// from a mask of the image's pixels (`h * w` values in [0, 1]) and the init image `rgb` ([1, 3, H, W] in
+    /// [-1, 1]); models conditioned on the mask themselves (9-channel inpainting UNets) keep it and return ones.
+    fn mask_latent(&mut self, mask: &[f32], rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
+        let _ = (mask, rgb, lat);
+        bail!("{} does not support --mask", self.arch())
+    }
     /// Whether [`ImageModel::preview`] can draw (a tiny autoencoder in the bundle).
     fn can_preview(&self) -> bool;
     /// The first image of an x0 estimate through the preview decoder: (RGB8, width, height).
@@ -328,6 +344,44 @@ impl<M: ImageModel> ImagePipeline<M> {
             None => self.model.initial_noise(req.seed, &lat)?,
         };
         let prediction = self.model.prediction();
+        let steps_total = sigmas.len() - 1;
+        let at = |f: f32| ((steps_total as f64) * f as f64).round() as usize;
+        if let Some(end) = req.denoise_end {
+            if !(end > 0.0 && end <= 1.0) {
+                bail!("the denoising end {end} must be in (0, 1]");
+            }
+            sigmas.truncate(at(end).max(1) + 1);
+        }
+        if let Some(start) = req.denoise_start {
+            if !(0.0..1.0).contains(&start) {
+                bail!("the denoising start {start} must be in [0, 1)");
+            }
+            if req.init_image.is_some() {
+                bail!("a refiner pass starts from the base model's latents, not from --init-image");
+            }
+            let k = at(start);
+            if k + 1 >= sigmas.len() {
+                bail!(
+                    "starting at {start} of {steps} steps leaves no step to run: lower the start or add steps"
+                );
+            }
+            sigmas = sigmas[k..].to_vec();
+            match &req.start_latents {
+                Some(v) if v.len() == lat.len() => x = self.model.latent(v.clone())?,
+                Some(v) => bail!(
+                    "the starting latents have {} values, {} expected (base and refiner must share the latent \
+                     size)",
+                    v.len(),
+                    lat.len()
+                ),
+                None => bail!("a denoising start needs the latents to start from (a pipeline bug)"),
+            }
+        }
+        if req.mask.is_some() && req.init_image.is_none() {
+            bail!("--mask needs --init-image (the image whose unmasked part is kept)");
+        }
+        // Inpainting: the unit noise, the init latent and the mask, for the blend after every step.
+        let mut inpaint: Option<(Vec<f64>, Vec<f64>, Vec<f64>)> = None;
         if let Some(path) = &req.init_image {
             if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
                 bail!("--strength {} must be in (0, 1]", req.strength);
@@ -344,13 +398,31 @@ impl<M: ImageModel> ImagePipeline<M> {
             sigmas = sigmas[t_start..].to_vec();
             let rgb = super::image_io::load_init_image(path, w, h)?;
             let x0 = self.model.encode_image(&rgb, &lat)?.repeat(lat.batch);
+            if let Some(mask_path) = &req.mask {
+                let m = super::image_io::load_mask(mask_path, w, h)?;
+                let m = self.model.mask_latent(&m, &rgb, &lat)?;
+                if m.len() != lat.per_image {
+                    bail!(
+                        "the model's latent mask has {} values, {} expected",
+                        m.len(),
+                        lat.per_image
+                    );
+                }
+                let m: Vec<f64> = m
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect::<Vec<_>>()
+                    .repeat(lat.batch);
+                let x0f: Vec<f64> = x0.iter().map(|&v| v as f64).collect();
+                inpaint = Some((x.to_host_f64()?, x0f, m));
+            }
             let x0 = self.model.latent(x0)?;
             let s0 = sigmas[0] as f32 as f64;
             match prediction {
                 Prediction::Flow => x.lincomb(s0, &[(1.0 - s0, &x0)])?,
                 Prediction::Eps | Prediction::V => x.lincomb(s0, &[(1.0, &x0)])?,
             }
-        } else if prediction != Prediction::Flow {
+        } else if prediction != Prediction::Flow && req.denoise_start.is_none() {
             // k-diffusion: the first latent is noise at the first sigma.
             x.lincomb(sigmas[0] as f32 as f64, &[])?;
         }
@@ -381,6 +453,21 @@ impl<M: ImageModel> ImagePipeline<M> {
                 sigmas: &sigmas,
             };
             sampler.step(&mut cx, &mut x, i)?;
+            if let Some((noise, x0, m)) = &inpaint {
+                // Keep the init image outside the mask: its latent noised to this step's sigma.
+                let s = sigmas[i + 1];
+                let cur = x.to_host_f64()?;
+                let blended: Vec<f64> = (0..cur.len())
+                    .map(|j| {
+                        let kept = match prediction {
+                            Prediction::Flow => (1.0 - s) * x0[j] + s * noise[j],
+                            Prediction::Eps | Prediction::V => x0[j] + s * noise[j],
+                        };
+                        m[j] * cur[j] + (1.0 - m[j]) * kept
+                    })
+                    .collect();
+                x.set_from_f64(&blended)?;
+            }
             x.sync()?;
             let seconds = t_step.elapsed().as_secs_f64();
             let outside_seconds = seconds - denoiser.network_seconds;
@@ -410,8 +497,14 @@ impl<M: ImageModel> ImagePipeline<M> {
                 .as_ref()
                 .map(|p| format!(", Init image: {}, Strength: {}", p.display(), req.strength))
                 .unwrap_or_default()
+                + &req
+                    .mask
+                    .as_ref()
+                    .map(|p| format!(", Mask: {}", p.display()))
+                    .unwrap_or_default()
         );
-        let images = if req.latents_only {
+        // A base model handing over keeps its noisy latents: nothing to decode.
+        let images = if req.latents_only || sigmas.last().is_some_and(|s| *s != 0.0) {
             Vec::new()
         } else {
             self.model.decode(&x, &lat)?

@@ -78,6 +78,29 @@ pub fn load_init_image(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
     Ok(out)
 }
 
+/// An inpainting mask of exactly w x h pixels as `h * w` values in [0, 1] (its luminance; white = repaint).
+pub fn load_mask(path: &Path, w: usize, h: usize) -> Result<Vec<f32>> {
+    let img = image::open(path).with_context(|| {
+        format!(
+            "cannot read the mask '{}' (PNG or JPEG expected)",
+            path.display()
+        )
+    })?;
+    if (img.width(), img.height()) != (w as u32, h as u32) {
+        bail!(
+            "the mask '{}' is {}x{}, the image {w}x{h}: give a mask of the output size (white = repaint)",
+            path.display(),
+            img.width(),
+            img.height()
+        );
+    }
+    Ok(img
+        .to_luma8()
+        .pixels()
+        .map(|p| p[0] as f32 / 255.0)
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

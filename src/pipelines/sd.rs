@@ -186,6 +186,9 @@ pub struct SdModel {
     /// When set, every UNet run's `amax.<key>` outputs (a calibration graph's) are folded in here.
     pub amax: Option<std::collections::HashMap<String, f32>>,
     sampling: ModelSampling,
+    /// A 9-channel inpainting UNet's extra inputs for one image: the latent mask [1, h, w] and the masked
+    /// image's latent [4, h, w].
+    inpaint: Option<(Vec<f32>, Vec<f32>)>,
 }
 
 pub type SdPipeline = ImagePipeline<SdModel>;
@@ -235,6 +238,7 @@ impl SdModel {
             engines,
             amax: None,
             sampling,
+            inpaint: None,
         }
     }
 
@@ -394,14 +398,32 @@ impl SdModel {
     ) -> Result<Vec<f32>> {
         let c = &self.config;
         let b = lat.batch;
-        if c.unet_in_channels != c.latent_channels {
-            bail!(
-                "this bundle's UNet takes {} channels (an inpainting model): generate with --init-image and --mask",
-                c.unet_in_channels
-            );
-        }
         let c_in = (1.0 / (sigma * sigma + 1.0).sqrt()) as f32;
-        let scaled: Vec<f32> = x.iter().map(|v| v * c_in).collect();
+        let mut scaled: Vec<f32> = x.iter().map(|v| v * c_in).collect();
+        if c.unet_in_channels != c.latent_channels {
+            // Inpainting UNet: per image [latent, mask, masked-image latent] along the channels.
+            let Some((mask, masked)) = &self.inpaint else {
+                bail!(
+                    "this bundle's UNet takes {} channels (an inpainting model): generate with --init-image and \
+                     --mask",
+                    c.unet_in_channels
+                );
+            };
+            if c.unet_in_channels != c.latent_channels + 1 + masked.len() / (lat.height * lat.width)
+            {
+                bail!(
+                    "the inpainting UNet takes {} channels; latent, mask and masked image give another count",
+                    c.unet_in_channels
+                );
+            }
+            let mut all = Vec::with_capacity(b * c.unet_in_channels * lat.height * lat.width);
+            for img in scaled.chunks(lat.per_image) {
+                all.extend_from_slice(img);
+                all.extend_from_slice(mask);
+                all.extend_from_slice(masked);
+            }
+            scaled = all;
+        }
         let t = self.sampling.timestep(sigma) as f32;
         let ctx = cond.hidden.len() / cond.seq;
         let e = self.engines.unet.as_ref();
@@ -604,6 +626,37 @@ impl ImageModel for SdModel {
             );
         }
         Ok(to_rgb8(&img, b, h, w))
+    }
+
+    /// diffusers' StableDiffusionInpaintPipeline: the mask binarized at 0.5 and taken at every
+    /// `vae_scale_factor`-th pixel (nearest); a 9-channel UNet also gets the latent of the image with the masked
+    /// part blacked out (and no blending), a regular one blends.
+    fn mask_latent(&mut self, mask: &[f32], rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
+        let f = self.config.vae_scale_factor;
+        let (h, w) = (lat.height * f, lat.width * f);
+        let mut m = Vec::with_capacity(lat.height * lat.width);
+        for i in 0..lat.height {
+            for j in 0..lat.width {
+                m.push(if mask[i * f * w + j * f] >= 0.5 {
+                    1.0
+                } else {
+                    0.0
+                });
+            }
+        }
+        if self.config.unet_in_channels == self.config.latent_channels {
+            self.inpaint = None;
+            return Ok(m.repeat(lat.channels));
+        }
+        let plane = h * w;
+        let masked: Vec<f32> = rgb
+            .iter()
+            .enumerate()
+            .map(|(k, v)| if mask[k % plane] < 0.5 { *v } else { 0.0 })
+            .collect();
+        let masked_latent = self.encode_image(&masked, lat)?;
+        self.inpaint = Some((m, masked_latent));
+        Ok(vec![1.0; lat.per_image])
     }
 
     fn can_preview(&self) -> bool {
