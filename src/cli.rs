@@ -223,6 +223,15 @@ pub struct ImageArgs {
     /// img2img: how much of the schedule to re-run (0 < s <= 1).
     #[arg(long, default_value_t = 0.8)]
     pub strength: f32,
+    /// Inpainting with --init-image: a mask of the output size (white = repaint, black = keep).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// SDXL: hand the last part of the steps to this refiner bundle (diffusers' denoising_end/start).
+    #[arg(long, value_name = "BUNDLE")]
+    pub refiner: Option<PathBuf>,
+    /// With --refiner: the fraction of the steps the base model runs.
+    #[arg(long, default_value_t = 0.8)]
+    pub refiner_start: f32,
     /// Images generated together (image i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,

@@ -1,6 +1,7 @@
 //! The whole Stable Diffusion pipelines on tiny random components (tests/golden/sd, scripts/golden/sd_pipeline.py):
 //! final latents against diffusers' StableDiffusionPipeline (eps and v-prediction, CFG with a negative prompt, a
 //! long prompt in 75-token chunks, img2img) and StableDiffusionXLPipeline, same initial latents, Euler, 4 steps.
+mod common;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;
 use trt_diff::manifest::EngineFile;
@@ -224,9 +225,204 @@ fn sdxl_matches_diffusers() {
     let mut pipe = pipeline(dir.path(), &model);
     assert_eq!(pipe.model.config.arch, "sdxl");
     assert_eq!(pipe.model.config.time_ids, 6);
-    check(
-        &mut pipe,
-        &request(PROMPT, NEGATIVE, 5.0, io("sdxl_initial_latents")),
-        "sdxl_final_latents",
+    let req = request(PROMPT, NEGATIVE, 5.0, io("sdxl_initial_latents"));
+    check(&mut pipe, &req, "sdxl_final_latents");
+    // Base + refiner handoff at half the steps (the same model as both, as the golden does).
+    let base = ImageRequest {
+        denoise_end: Some(0.5),
+        ..req.clone()
+    };
+    let half = pipe.generate(&base, &mut |_| Ok(())).unwrap();
+    assert_eq!(half.step_seconds.len(), 2);
+    let e = max_rel(&half.latents, &io("sdxl_handoff_latents"));
+    println!("sdxl handoff latents: max rel err {e:.2e}");
+    assert!(e < 1e-4, "handoff: {e}");
+    let refine = ImageRequest {
+        denoise_start: Some(0.5),
+        start_latents: Some(half.latents),
+        ..req
+    };
+    check(&mut pipe, &refine, "sdxl_final_latents_refined");
+}
+
+fn s(p: &Path) -> String {
+    p.to_string_lossy().into_owned()
+}
+
+/// `build` (every component through the TensorRT-RTX builder) then `generate` on ONNX Runtime: PNGs with A1111
+/// parameters, CFG against the empty prompt by default, img2img with a mask, a refiner handoff, and the errors.
+#[test]
+fn build_and_generate_end_to_end() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), true, "epsilon");
+    let plan = dir.path().join("xl.plan");
+    common::run(
+        &[
+            "build",
+            &s(&model),
+            "--precision",
+            "fp32",
+            "--out",
+            &s(&plan),
+            "--clip-tokenizer",
+            &s(&clip_vocab()),
+            "--image-px",
+            "32,32,64",
+            "--no-progress",
+        ],
+        true,
+    );
+    let bundle = EngineFile::open(&plan).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Image(b)) = bundle.pipeline() else {
+        panic!("no image bundle");
+    };
+    // The arch was read off the folder (two text encoders: SDXL).
+    assert_eq!(b.arch, "sdxl");
+    for c in [
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "vae_decoder",
+        "vae_encoder",
+    ] {
+        assert!(b.components.contains_key(c), "{c}");
+    }
+    let png = dir.path().join("fox.png");
+    let gen_args = |extra: &[&str]| -> Vec<String> {
+        let mut v: Vec<String> = [
+            "generate",
+            "--engine",
+            &s(&plan),
+            "--prompt",
+            PROMPT,
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        v.extend(extra.iter().map(|x| x.to_string()));
+        v
+    };
+    let go = |extra: &[&str], ok: bool| {
+        let args = gen_args(extra);
+        let argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+        common::run(&argv, ok)
+    };
+    let r = go(&["--out", &s(&png)], true);
+    assert!(r.stdout.contains("wrote"), "{}", r.stdout);
+    let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
+    let info = dec.read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (32, 32));
+    let text = &info.info().uncompressed_latin1_text;
+    // The recipe's CFG 7 against the empty negative prompt.
+    assert!(
+        text.iter().any(|t| t.keyword == "parameters"
+            && t.text.contains("Steps: 3")
+            && t.text.contains("CFG: 7")
+            && t.text.contains("Model: sdxl")),
+        "{text:?}"
+    );
+    // img2img with a mask, then a refiner handoff to the same bundle.
+    let mask = golden("sd/mask.png");
+    go(
+        &[
+            "--out",
+            &s(&dir.path().join("inpaint.png")),
+            "--init-image",
+            &s(&png),
+            "--mask",
+            &s(&mask),
+            "--strength",
+            "0.7",
+        ],
+        true,
+    );
+    assert!(dir.path().join("inpaint.png").exists());
+    go(
+        &[
+            "--out",
+            &s(&dir.path().join("refined.png")),
+            "--refiner",
+            &s(&plan),
+            "--refiner-start",
+            "0.6",
+        ],
+        true,
+    );
+    assert!(dir.path().join("refined.png").exists());
+    // Errors name the cause and the fix.
+    let bad = |extra: &[&str], expect: &str| {
+        let r = go(extra, false);
+        assert!(r.stderr.contains(expect), "{expect}: {}", r.stderr);
+    };
+    let out = s(&dir.path().join("x.png"));
+    let init = s(&png);
+    bad(
+        &["--out", &out, "--mask", &s(&mask)],
+        "--mask needs --init-image",
+    );
+    // The mask must have the output size.
+    let args = gen_args(&["--out", &out, "--init-image", &init, "--mask", &s(&mask)]);
+    let mut argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+    argv[6] = "40"; // --width
+    let r = common::run(&argv, false);
+    assert!(
+        r.stderr.contains("give a mask of the output size"),
+        "{}",
+        r.stderr
+    );
+    bad(
+        &["--out", &out, "--init-image", &init, "--strength", "1.5"],
+        "must be in (0, 1]",
+    );
+    bad(
+        &[
+            "--out",
+            &out,
+            "--refiner",
+            &s(&plan),
+            "--refiner-start",
+            "1.2",
+        ],
+        "--refiner-start 1.2 must be in (0, 1)",
+    );
+    let llm = common::build_stories(dir.path());
+    bad(
+        &["--out", &out, "--refiner", &s(&llm)],
+        "is not an image bundle",
+    );
+    let args = gen_args(&["--out", &out]);
+    let mut argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
+    argv[6] = "33"; // --width: not a multiple of the tiny VAE's factor 2
+    let r = common::run(&argv, false);
+    assert!(r.stderr.contains("multiples of 2"), "{}", r.stderr);
+    // Building as SD1.5 is refused: the UNet has SDXL's added embeddings.
+    let r = common::run(
+        &[
+            "build",
+            &s(&model),
+            "--arch",
+            "sd15",
+            "--out",
+            &s(&dir.path().join("sd15.plan")),
+            "--clip-tokenizer",
+            &s(&clip_vocab()),
+        ],
+        false,
+    );
+    assert!(
+        r.stderr.contains("lacks:") || r.stderr.contains("added time/text embedding"),
+        "{}",
+        r.stderr
     );
 }

@@ -14,7 +14,8 @@ vocabulary rows are zero, so git stores it compressed) and pipeline_io.safetenso
   saved, the VAE's mode as latent); inpainting with the 4-channel UNet (mask.png: repaint the left half, strength
   0.75, the same noise);
 - sdxl_*: initial latents; final latents with CFG 5 and NEGATIVE (penultimate hidden states of both encoders,
-  bigG's pooled projection, time ids [32, 32, 0, 0, 32, 32])."""
+  bigG's pooled projection, time ids [32, 32, 0, 0, 32, 32]); the base's latents at denoising_end 0.5 and the
+  final latents after StableDiffusionXLImg2ImgPipeline continues from them at denoising_start 0.5."""
 import os
 import sys
 import tempfile
@@ -24,7 +25,8 @@ import torch
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_img2img as img2img_module
 import diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion_inpaint as inpaint_module
 from diffusers import (AutoencoderKL, EulerDiscreteScheduler, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline,
-                       StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel)
+                       StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline,
+                       UNet2DConditionModel)
 from PIL import Image
 from safetensors.torch import save_file
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
@@ -151,6 +153,16 @@ def main(out):
             io["sdxl_initial_latents"] = lat
             io["sdxl_final_latents"] = xl(PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, latents=lat.clone(),
                                           **args).images
+            # Base + refiner handoff (diffusers' denoising_end / denoising_start at 0.5): the same tiny SDXL as
+            # both (a refiner-style img2img pipeline without aesthetic scores: 6 time ids).
+            half = xl(PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, latents=lat.clone(), denoising_end=0.5,
+                      **args).images
+            ref = StableDiffusionXLImg2ImgPipeline(**xl.components, requires_aesthetics_score=False,
+                                                   force_zeros_for_empty_prompt=False)
+            io["sdxl_handoff_latents"] = half
+            io["sdxl_final_latents_refined"] = ref(PROMPT, image=half, negative_prompt=NEGATIVE, guidance_scale=5.0,
+                                                   num_inference_steps=4, denoising_start=0.5,
+                                                   output_type="latent").images
         g2.to(torch.bfloat16).save_pretrained(os.path.join(out, "sdxl", "pipeline_text_encoder_2"),
                                               safe_serialization=True)
     save_file({k: v.float().contiguous() for k, v in io.items()}, os.path.join(out, "pipeline_io.safetensors"))

@@ -79,12 +79,19 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         batch: i.batch,
         init_image: i.init_image.clone(),
         strength: i.strength,
+        mask: i.mask.clone(),
         preview: i.preview.clone(),
         ..Default::default()
     };
     let t0 = Instant::now();
     let backend = resolve(a.engine.backend, engine)?;
     let arch = Arch::parse(&bundle.arch)?;
+    if i.refiner.is_some() && arch.family() != Family::Sd {
+        bail!(
+            "--refiner hands SDXL latents to a refiner bundle; '{}' is {arch}",
+            engine.path.display()
+        );
+    }
     let r = match arch.family() {
         Family::Flux => write_images(
             ImagePipeline::new(FluxModel::open(engine, bundle, backend)?),
@@ -92,12 +99,18 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
             out,
             !i.no_progress,
         )?,
-        Family::Sd => write_images(
-            ImagePipeline::new(SdModel::open(engine, bundle, backend)?),
-            &req,
-            out,
-            !i.no_progress,
-        )?,
+        Family::Sd => match &i.refiner {
+            None => write_images(
+                ImagePipeline::new(SdModel::open(engine, bundle, backend)?),
+                &req,
+                out,
+                !i.no_progress,
+            )?,
+            Some(refiner) => {
+                let base = ImagePipeline::new(SdModel::open(engine, bundle, backend)?);
+                refine(a, base, refiner, req, out)?
+            }
+        },
         Family::Llm => bail!(
             "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
             engine.path.display()
@@ -115,6 +128,88 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         t0.elapsed().as_secs_f64(),
     );
     Ok(())
+}
+
+/// Base model for the first `--refiner-start` of the steps, then the refiner bundle from its latents.
+fn refine(
+    a: &GenerateArgs,
+    mut base: ImagePipeline<SdModel>,
+    refiner: &Path,
+    req: ImageRequest,
+    out: &Path,
+) -> Result<Written> {
+    let i = &a.image;
+    if !(i.refiner_start > 0.0 && i.refiner_start < 1.0) {
+        bail!(
+            "--refiner-start {} must be in (0, 1): the base model's share of the steps",
+            i.refiner_start
+        );
+    }
+    if req.init_image.is_some() {
+        bail!(
+            "--refiner with --init-image is not supported: refine the generated image in a second run instead"
+        );
+    }
+    let args = crate::cli::EngineArgs {
+        engine: refiner.to_path_buf(),
+        backend: a.engine.backend,
+        allow_external_paths: a.engine.allow_external_paths,
+    };
+    let refiner_file = super::open_engine_file(&args)?;
+    let Some(Pipeline::Image(refiner_bundle)) = refiner_file.pipeline() else {
+        bail!("--refiner '{}' is not an image bundle", refiner.display());
+    };
+    let refiner_arch = Arch::parse(&refiner_bundle.arch)?;
+    if refiner_arch.family() != Family::Sd {
+        bail!(
+            "--refiner '{}' is a {refiner_arch} bundle: the refiner must be a Stable Diffusion bundle (sdxl-refiner) \
+             sharing the base model's latent space",
+            refiner.display()
+        );
+    }
+    let refiner_backend = resolve(a.engine.backend, &refiner_file)?;
+    let refiner_pipe = ImagePipeline::new(SdModel::open(
+        &refiner_file,
+        refiner_bundle,
+        refiner_backend,
+    )?);
+    if refiner_pipe.model.config.latent_channels != base.model.config.latent_channels {
+        bail!(
+            "--refiner '{}' works on {}-channel latents, the base model on {}: not a refiner for this model",
+            refiner.display(),
+            refiner_pipe.model.config.latent_channels,
+            base.model.config.latent_channels
+        );
+    }
+    // Both passes must walk one schedule: the base's step count, sampler and scheduler.
+    let d = base.model.defaults();
+    let shared = ImageRequest {
+        steps: Some(req.steps.unwrap_or(d.steps)),
+        sampler: Some(req.sampler.clone().unwrap_or(d.sampler)),
+        scheduler: Some(req.scheduler.clone().unwrap_or(d.scheduler)),
+        width: Some(req.width.unwrap_or(d.width)),
+        height: Some(req.height.unwrap_or(d.height)),
+        ..req
+    };
+    let first = ImageRequest {
+        denoise_end: Some(i.refiner_start),
+        latents_only: true,
+        ..shared.clone()
+    };
+    let r = base.generate(&first, &mut |_| Ok(()))?;
+    let second = ImageRequest {
+        denoise_start: Some(i.refiner_start),
+        start_latents: Some(r.latents),
+        ..shared
+    };
+    let mut w = write_images(refiner_pipe, &second, out, !i.no_progress)?;
+    let mut steps = r.step_seconds;
+    steps.append(&mut w.step_seconds);
+    let mut outside = r.outside_seconds;
+    outside.append(&mut w.outside_seconds);
+    w.step_seconds = steps;
+    w.outside_seconds = outside;
+    Ok(w)
 }
 
 struct Written {
