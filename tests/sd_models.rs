@@ -243,3 +243,90 @@ fn text_encoders_match_transformers_in_both_layouts() {
         .to_string();
     assert!(e.contains("no text projection"), "{e}");
 }
+
+/// FP8 (calibrated on the golden inputs, as the bundle build calibrates through the sampler loop), NVFP4 and f16
+/// UNets: CPU emulation within stated bounds of diffusers' f32 output, and TensorRT-RTX builds each.
+#[test]
+fn quantized_and_half_unets_stay_close_and_build_with_tensorrt() {
+    use trt_diff::quant::LinearPrecision;
+    use trt_diff::trt::{BuildOptions, TrtChoice, build_engine};
+    let d = tempfile::tempdir().unwrap();
+    let io = io("sdxl_unet_io.safetensors", "");
+    let ck = Checkpoint::open(&golden("sdxl/unet")).unwrap();
+    let cfg = UNetConfig::from_checkpoint(&ck).unwrap();
+    let calib = d.path().join("calib.onnx");
+    let opts = UNetExportOptions {
+        calibration: true,
+        ..Default::default()
+    };
+    unet::export(&cfg, &ck, &opts, &calib).unwrap();
+    let out: Vec<(String, HostTensor)> = run(&calib, &io).into_iter().collect();
+    let mut amax = HashMap::new();
+    trt_diff::models::qdq::merge_amax(&mut amax, &out);
+    assert!(amax.contains_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_q"));
+    assert!(!amax.contains_key("down_blocks.1.attentions.0.transformer_blocks.0.attn1.to_k"));
+    // (what, options, bound on max |err| / max |ref|): FP8 E4M3 keeps 3 mantissa bits, NVFP4 (E2M1) 1.
+    let cases = [
+        (
+            "fp8",
+            UNetExportOptions {
+                quantize: Some(LinearPrecision::Fp8),
+                amax: amax.clone(),
+                ..Default::default()
+            },
+            0.05,
+        ),
+        (
+            "nvfp4",
+            UNetExportOptions {
+                quantize: Some(LinearPrecision::Nvfp4),
+                ..Default::default()
+            },
+            0.15,
+        ),
+        (
+            "fp16",
+            UNetExportOptions {
+                compute: DataType::FLOAT16,
+                ..Default::default()
+            },
+            2e-2,
+        ),
+    ];
+    for (what, opts, bound) in cases {
+        let onnx = d.path().join(format!("{what}.onnx"));
+        let report = unet::export(&cfg, &ck, &opts, &onnx).unwrap();
+        let got = run(&onnx, &io);
+        let err = rel_err(&got["model_output"], &io["model_output"]);
+        println!(
+            "{what}: max rel err vs f32 diffusers {err:.3e}, layers {:?}",
+            report.layers
+        );
+        assert!(err < bound, "{what}: {err}");
+        assert!(err > 1e-6, "{what}: no reduced precision happened? {err}");
+        if opts.quantize.is_some() {
+            assert!(
+                report.layers.get(what).copied().unwrap_or(0) > 0,
+                "{what}: {:?}",
+                report.layers
+            );
+            // Time embeddings stay high.
+            assert!(report.layers["kept"] >= 4, "{:?}", report.layers);
+        }
+        let plan = d.path().join(format!("{what}.plan"));
+        let o = build_engine(&BuildOptions {
+            onnx: onnx.clone(),
+            out: plan.clone(),
+            trt: TrtChoice::Rtx,
+            shapes: unet::profile(&cfg, [1, 2, 2], [4, 8, 16], [1, 1, 2]),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(o.manifest.builder.layers > 0);
+        println!(
+            "{what}: TensorRT-RTX built {} bytes, {} layers",
+            std::fs::metadata(&plan).unwrap().len(),
+            o.manifest.builder.layers
+        );
+    }
+}

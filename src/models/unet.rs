@@ -886,6 +886,39 @@ struct Inputs {
     added: Option<(Value, Value)>,
 }
 
+/// TensorRT optimization-profile ranges of the UNet's inputs: batch, latent side (height and width each; pixels
+/// divided by the VAE factor) and prompt length in 77-token chunks, each (min, opt, max).
+pub fn profile(
+    cfg: &UNetConfig,
+    batch: [i64; 3],
+    latent_side: [i64; 3],
+    prompt_chunks: [i64; 3],
+) -> Vec<crate::manifest::ShapeRange> {
+    let range = |name: &str, f: &dyn Fn(usize) -> Vec<i64>| crate::manifest::ShapeRange {
+        name: name.into(),
+        min: f(0),
+        opt: f(1),
+        max: f(2),
+    };
+    let (b, l) = (batch, latent_side);
+    let mut v = vec![
+        range("sample", &|i| {
+            vec![b[i], cfg.in_channels as i64, l[i], l[i]]
+        }),
+        range("timestep", &|i| vec![b[i]]),
+        range("encoder_hidden_states", &|i| {
+            vec![b[i], 77 * prompt_chunks[i], cfg.cross_attention_dim as i64]
+        }),
+    ];
+    if let Some(a) = &cfg.added {
+        v.push(range("text_embeds", &|i| {
+            vec![b[i], a.text_embeds_dim as i64]
+        }));
+        v.push(range("time_ids", &|i| vec![b[i], a.time_ids as i64]));
+    }
+    v
+}
+
 /// The graph's input names, in order.
 pub fn input_names(cfg: &UNetConfig) -> Vec<&'static str> {
     let mut v = vec!["sample", "timestep", "encoder_hidden_states"];
@@ -920,8 +953,9 @@ fn emit(
             Some(&default)
         }
     };
+    let opset = opts.quantize.map_or(18, |q| q.min_opset()).max(18);
     let mut e = Emitter {
-        o: Ops::new("unet", 19, opts.compute),
+        o: Ops::new("unet", opset, opts.compute),
         cfg,
         ck,
         linears: Linears::new(
@@ -932,6 +966,10 @@ fn emit(
             opts.calibration,
         ),
     };
+    if opts.quantize == Some(LinearPrecision::Nvfp4) {
+        // TensorRT's dynamic FP4 activation quantization.
+        e.o.g.use_domain("trt", 1);
+    }
     if let Some(out) = stream {
         e.o.g.stream_external_data(out, 1024)?;
     }

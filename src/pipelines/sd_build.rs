@@ -537,25 +537,7 @@ fn profiles(p: &Plan) -> BTreeMap<String, Vec<ShapeRange>> {
         max: f(2),
     };
     let mut m = BTreeMap::new();
-    let mut u = vec![
-        range("sample", &|i| {
-            vec![b[i], p.unet.in_channels as i64, lat(i), lat(i)]
-        }),
-        range("timestep", &|i| vec![b[i]]),
-        range("encoder_hidden_states", &|i| {
-            vec![
-                b[i],
-                77 * s.prompt_chunks[i],
-                p.unet.cross_attention_dim as i64,
-            ]
-        }),
-    ];
-    if let Some(a) = &p.unet.added {
-        u.push(range("text_embeds", &|i| {
-            vec![b[i], a.text_embeds_dim as i64]
-        }));
-        u.push(range("time_ids", &|i| vec![b[i], a.time_ids as i64]));
-    }
+    let u = unet::profile(&p.unet, b, [lat(0), lat(1), lat(2)], s.prompt_chunks);
     m.insert("unet".to_string(), u);
     for spec in &c.text_encoders {
         m.insert(
