@@ -406,6 +406,31 @@ fn build_and_generate_end_to_end() {
     argv[6] = "33"; // --width: not a multiple of the tiny VAE's factor 2
     let r = common::run(&argv, false);
     assert!(r.stderr.contains("multiples of 2"), "{}", r.stderr);
+    // `export`: one ONNX graph per component.
+    let exported = dir.path().join("onnx");
+    let r = common::run(
+        &[
+            "export",
+            &s(&model),
+            "--arch",
+            "sdxl",
+            "--out",
+            &s(&exported),
+            "--clip-tokenizer",
+            &s(&clip_vocab()),
+        ],
+        true,
+    );
+    for c in [
+        "unet",
+        "text_encoder",
+        "text_encoder_2",
+        "vae_decoder",
+        "vae_encoder",
+    ] {
+        let f = exported.join(format!("{c}.onnx"));
+        assert!(f.exists() && r.stdout.contains(&s(&f)), "{c}: {}", r.stdout);
+    }
     // Building as SD1.5 is refused: the UNet has SDXL's added embeddings.
     let r = common::run(
         &[

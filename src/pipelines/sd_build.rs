@@ -355,9 +355,63 @@ pub fn plan(model: &Path, arch: &str, clip_tok: Option<&Path>) -> Result<Plan> {
     })
 }
 
-/// Where each component's ONNX goes: `dir/<stem>.<component>.onnx`.
+/// Where each component's ONNX goes: `dir/<stem>.<component>.onnx` (bundle) or `dir/<component>.onnx` (an empty
+/// stem: `export`).
 pub fn onnx_path(dir: &Path, stem: &str, component: &str) -> PathBuf {
-    dir.join(format!("{stem}.{component}.onnx"))
+    if stem.is_empty() {
+        dir.join(format!("{component}.onnx"))
+    } else {
+        dir.join(format!("{stem}.{component}.onnx"))
+    }
+}
+
+/// `trt-diff export MODEL --arch A --out DIR`: one ONNX per component (`unet.onnx`, `text_encoder*.onnx`,
+/// `vae_decoder.onnx`, `vae_encoder.onnx`), f32 unless `precision` says otherwise (FP8 needs the calibration
+/// that only `build` runs). Returns the files written.
+pub fn export_sd(
+    model: &Path,
+    arch: &str,
+    precision: Precision,
+    out_dir: &Path,
+    clip_tok: Option<&Path>,
+) -> Result<Vec<PathBuf>> {
+    if precision == Precision::Fp8 {
+        bail!(
+            "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
+        );
+    }
+    let p = plan(model, arch, clip_tok)?;
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
+    let mut files: Vec<PathBuf> = p
+        .config
+        .text_encoders
+        .iter()
+        .map(|t| onnx_path(out_dir, "", &t.component))
+        .collect();
+    files.extend(["vae_decoder", "vae_encoder", "unet"].map(|c| onnx_path(out_dir, "", c)));
+    // All of the export's files or none (an error or a signal removes those already written).
+    let mut guard = crate::fsutil::BundleGuard::new();
+    for f in &files {
+        guard.add(f);
+        guard.add(f.with_file_name(format!("{}.data", file_name(f))));
+    }
+    let (text, vae_dt) = if precision == Precision::Fp32 {
+        (DataType::FLOAT, DataType::FLOAT)
+    } else {
+        (
+            dtype_named(&p.recipe.precision.text_encoders, "text encoder")?,
+            dtype_named(&p.recipe.precision.vae, "VAE")?,
+        )
+    };
+    export_aux(&p, out_dir, "", text, vae_dt)?;
+    export_unet(
+        &p,
+        &unet_options(&p, precision, HashMap::new())?,
+        &onnx_path(out_dir, "", "unet"),
+    )?;
+    guard.disarm();
+    Ok(files)
 }
 
 fn dtype_named(name: &str, what: &str) -> Result<DataType> {
