@@ -241,6 +241,24 @@ impl ModelFiles {
     }
 }
 
+/// Whether an SD2.x single file is a v-prediction model (768-v) or eps (512-base), as ComfyUI tells them: the
+/// spread of the last attention block's first LayerNorm bias is larger in v models (ComfyUI's threshold 0.09).
+fn sd2_prediction_of(ck: &Checkpoint) -> Result<SdPrediction> {
+    let key = "model.diffusion_model.output_blocks.11.1.transformer_blocks.0.norm1.bias";
+    let Ok(t) = ck.get(key) else {
+        return Ok(SdPrediction::V);
+    };
+    let v = t.to_f32()?;
+    let n = v.len().max(1) as f64;
+    let mean = v.iter().map(|x| *x as f64).sum::<f64>() / n;
+    let std = (v.iter().map(|x| (*x as f64 - mean).powi(2)).sum::<f64>() / n).sqrt();
+    Ok(if std > 0.09 {
+        SdPrediction::V
+    } else {
+        SdPrediction::Eps
+    })
+}
+
 /// Everything an export needs, read off the model.
 pub struct Plan {
     pub files: ModelFiles,
@@ -280,12 +298,11 @@ pub fn plan(model: &Path, arch: &str, clip_tok: Option<&Path>) -> Result<Plan> {
         );
     }
     let mut text = Vec::new();
-    for (spec, (path, scope)) in config.text_encoders.iter().zip(&files.text_encoders) {
+    for (path, scope) in &files.text_encoders {
         let cfg = if files.single_file {
-            // SD2.x's OpenCLIP-H conditions on its penultimate layer through the final LayerNorm: drop the last.
-            let skip = usize::from(
-                spec.hidden == "last_hidden_state" && scope.starts_with("cond_stage_model.model"),
-            );
+            // SD2.x's OpenCLIP-H conditions on its penultimate layer through the final LayerNorm: drop the last
+            // (diffusers' SD2 text_encoder/ folders hold 23 of the 24 layers for the same reason).
+            let skip = usize::from(matches!(arch, "sd21" | "sd-turbo"));
             let ck = Checkpoint::open(path)?;
             ClipTextConfig::from_checkpoint(&ck, scope, skip)?
         } else {
@@ -307,6 +324,9 @@ pub fn plan(model: &Path, arch: &str, clip_tok: Option<&Path>) -> Result<Plan> {
         if let Some(s) = v.get("scaling_factor").and_then(|x| x.as_f64()) {
             config.scaling_factor = s as f32;
         }
+    }
+    if files.single_file && arch == "sd21" {
+        config.prediction = sd2_prediction_of(&uck)?;
     }
     if let Some(sched) = &files.scheduler_config {
         let v: serde_json::Value = serde_json::from_str(&read(sched)?)
@@ -761,4 +781,51 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
     let outcome = build_bundle(&o.base, &components, denoiser, bundle)?;
     guard.disarm();
     Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_sd_recipe_reads_and_matches_its_arch() {
+        for arch in [
+            "sd15",
+            "sd21",
+            "sd-turbo",
+            "sdxl",
+            "sdxl-refiner",
+            "sdxl-turbo",
+        ] {
+            let r: Recipe = crate::pipelines::recipe::load(arch).unwrap();
+            assert_eq!(r.arch, arch);
+            let c = SdPipelineConfig::for_arch(arch).unwrap();
+            let px = r.shapes.image_px;
+            assert!(px[0] <= px[1] && px[1] <= px[2], "{arch}");
+            assert!(r.defaults.width as i64 <= px[2], "{arch}");
+            // Turbo models run without CFG; the others guide.
+            assert_eq!(r.defaults.cfg > 1.0, !arch.ends_with("turbo"), "{arch}");
+            let two = arch == "sdxl" || arch == "sdxl-turbo";
+            assert_eq!(c.text_encoders.len(), if two { 2 } else { 1 }, "{arch}");
+        }
+    }
+
+    #[test]
+    fn missing_parts_are_named() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(d.path().join("unet")).unwrap();
+        std::fs::create_dir_all(d.path().join("text_encoder")).unwrap();
+        let c = SdPipelineConfig::for_arch("sdxl").unwrap();
+        let e = ModelFiles::find(d.path(), &c, None)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("vae/") && e.contains("text_encoder_2/") && e.contains("tokenizer"),
+            "{e}"
+        );
+        let f = d.path().join("model.safetensors");
+        std::fs::write(&f, b"").unwrap();
+        let e = ModelFiles::find(&f, &c, None).unwrap_err().to_string();
+        assert!(e.contains("--clip-tokenizer"), "{e}");
+    }
 }
