@@ -426,6 +426,9 @@ pub struct UNetExportOptions {
     pub nvfp4_default_amax: f32,
     /// Adds an `amax.<key>` output per linear-layer input (use with f32 for calibration runs).
     pub calibration: bool,
+    /// FP8's static activation range for layers without a calibrated one (None: such layers are an error; set
+    /// only where activations do not matter, e.g. export benchmarks).
+    pub fp8_default_amax: Option<f32>,
 }
 
 impl Default for UNetExportOptions {
@@ -437,6 +440,7 @@ impl Default for UNetExportOptions {
             amax: HashMap::new(),
             nvfp4_default_amax: 256.0,
             calibration: false,
+            fp8_default_amax: None,
         }
     }
 }
@@ -961,7 +965,7 @@ fn emit(
         linears: Linears::new(
             policy,
             &opts.amax,
-            None,
+            opts.fp8_default_amax,
             opts.nvfp4_default_amax,
             opts.calibration,
         ),
