@@ -330,3 +330,70 @@ fn quantized_and_half_unets_stay_close_and_build_with_tensorrt() {
         );
     }
 }
+
+/// A single-file SGM checkpoint assembled from the golden pieces (UNet under `model.diffusion_model.`, CLIP-L and
+/// OpenCLIP-bigG under `conditioner.embedders.0/1.`, the VAE under `first_stage_model.`): the arch is read off it,
+/// the tokenizer is asked for, and components that do not fit together are named.
+#[test]
+fn single_files_are_recognised_and_checked() {
+    use trt_diff::pipelines::sd_build::{detect_arch, plan};
+    let d = tempfile::tempdir().unwrap();
+    let mut tensors: Vec<(String, trt_diff::weights::safetensors_file::Tensor)> = Vec::new();
+    for (file, prefix) in [
+        ("sdxl_single.safetensors", ""),
+        ("sdxl_text_single.safetensors", ""),
+        ("sd15/vae", "first_stage_model."),
+    ] {
+        let ck = Checkpoint::open(&golden(file)).unwrap();
+        for n in ck.names() {
+            tensors.push((format!("{prefix}{n}"), ck.get(n).unwrap()));
+        }
+    }
+    let views: Vec<(String, safetensors::tensor::TensorView)> = tensors
+        .iter()
+        .map(|(n, t)| {
+            let dtype = match t.dtype {
+                DataType::BFLOAT16 => safetensors::Dtype::BF16,
+                DataType::FLOAT16 => safetensors::Dtype::F16,
+                _ => safetensors::Dtype::F32,
+            };
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(dtype, t.shape.clone(), &t.data).unwrap(),
+            )
+        })
+        .collect();
+    let file = d.path().join("tiny-sdxl.safetensors");
+    safetensors::serialize_to_file(views, None, &file).unwrap();
+    assert_eq!(detect_arch(&file).unwrap(), "sdxl");
+    let e = plan(&file, "sdxl", None).err().unwrap().to_string();
+    assert!(e.contains("--clip-tokenizer"), "{e}");
+    let vocab = d.path().join("merges.txt");
+    std::fs::write(&vocab, "#version: 0.2\n").unwrap();
+    // What the tiny UNet's weights do not hold (4-wide time-id embeddings) needs its config.json beside it.
+    let e = plan(&file, "sdxl", Some(&vocab)).err().unwrap().to_string();
+    assert!(
+        e.contains("give the diffusers config.json beside the weights"),
+        "{e}"
+    );
+    std::fs::copy(
+        golden("sdxl/unet/config.json"),
+        d.path().join("config.json"),
+    )
+    .unwrap();
+    // The golden text encoders (16 + 12 wide) are not the pair this tiny UNet was made for (16 wide).
+    let e = plan(&file, "sdxl", Some(&vocab)).err().unwrap().to_string();
+    assert!(
+        e.contains("do not fit together") && e.contains("16 + 12"),
+        "{e}"
+    );
+    // A UNet with added embeddings is not SD1.5; a CLIP checkpoint is not a UNet.
+    let e = plan(&file, "sd15", Some(&vocab)).err().unwrap().to_string();
+    assert!(
+        e.contains("added time/text embedding") || e.contains("lacks"),
+        "{e}"
+    );
+    let ck = Checkpoint::open(&golden("sdxl_text_single.safetensors")).unwrap();
+    let e = UNetConfig::from_checkpoint(&ck).unwrap_err().to_string();
+    assert!(e.contains("not a Stable Diffusion UNet checkpoint"), "{e}");
+}

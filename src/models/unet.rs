@@ -191,7 +191,11 @@ impl UNetConfig {
                 bail!("UNet config.json: attention heads {other} are not a number or a list")
             }
             None if cfg.cross_attention_dim == 768 => vec![8; n],
-            None => cfg.block_out_channels.iter().map(|c| c / 64).collect(),
+            None => cfg
+                .block_out_channels
+                .iter()
+                .map(|c| (c / 64).max(1))
+                .collect(),
         };
         if cfg.heads.len() != n || cfg.heads.contains(&0) {
             bail!(
