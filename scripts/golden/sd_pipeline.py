@@ -6,7 +6,8 @@ EulerDiscreteScheduler over the scaled-linear betas with `timestep_spacing="lins
 integers for 4 steps: 999, 666, 333, 0, exactly ComfyUI's "normal" schedule) and fixed initial latents.
 
 usage: /work/refvenv/bin/python scripts/golden/sd_pipeline.py tests/golden/sd   (after sd_models.py and flux_text.py)
-Needs torch, diffusers, transformers (not in CI). Writes sdxl/pipeline_text_encoder_2/ (the bigG above; its unused
+With --bench N it only times N end-to-end StableDiffusionXLPipeline calls on the CPU (benches/sd_generate.rs's
+peer) and prints the median seconds. Needs torch, diffusers, transformers (not in CI). Writes sdxl/pipeline_text_encoder_2/ (the bigG above; its unused
 vocabulary rows are zero, so git stores it compressed) and pipeline_io.safetensors with, at 32x32 (latents 16x16: the tiny VAE scales by 2) and 4 steps:
 - sd15_*: initial latents; final latents with CFG 7.5 and NEGATIVE; the same as v-prediction (an SD2.x-style
   scheduler); a long prompt (LONG, 2 chunks of 75 tokens, and a 2-chunk negative) through prompt_embeds that are
@@ -16,9 +17,11 @@ vocabulary rows are zero, so git stores it compressed) and pipeline_io.safetenso
 - sdxl_*: initial latents; final latents with CFG 5 and NEGATIVE (penultimate hidden states of both encoders,
   bigG's pooled projection, time ids [32, 32, 0, 0, 32, 32]); the base's latents at denoising_end 0.5 and the
   final latents after StableDiffusionXLImg2ImgPipeline continues from them at denoising_start 0.5."""
+import json
 import os
 import sys
 import tempfile
+import time
 
 import numpy as np
 import torch
@@ -85,6 +88,37 @@ def chunked_embeds(tok, encoder, text, chunks):
     with torch.no_grad():
         out = [encoder(torch.tensor([r])).last_hidden_state for r in rows]
     return torch.cat(out, 1)
+
+
+def bench(out, runs):
+    """Times StableDiffusionXLPipeline end to end (text encoders, 4 UNet steps with CFG 5, VAE decode, PIL image) on
+    the committed tiny components, as benches/sd_generate.rs runs trt-diff; prints one JSON line."""
+    flux = os.path.join(os.path.dirname(os.path.abspath(out.rstrip("/"))), "flux")
+    load = lambda cls, path: cls.from_pretrained(path, torch_dtype=torch.float32).eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        tok = clip_tokenizer(tmp)
+        tok2 = clip_tokenizer(tmp)
+        tok2.pad_token = "!"
+        xl = StableDiffusionXLPipeline(vae=load(AutoencoderKL, os.path.join(out, "sd15", "vae")),
+                                       text_encoder=load(CLIPTextModel, os.path.join(flux, "text_encoder")),
+                                       text_encoder_2=load(CLIPTextModelWithProjection,
+                                                           os.path.join(out, "sdxl", "pipeline_text_encoder_2")),
+                                       tokenizer=tok, tokenizer_2=tok2,
+                                       unet=load(UNet2DConditionModel, os.path.join(out, "sdxl", "unet")),
+                                       scheduler=scheduler(), force_zeros_for_empty_prompt=False)
+        xl.set_progress_bar_config(disable=True)
+        args = dict(prompt=PROMPT, negative_prompt=NEGATIVE, guidance_scale=5.0, height=32, width=32,
+                    num_inference_steps=4, output_type="pil")
+        with torch.no_grad():
+            xl(**args)
+            times = []
+            for _ in range(runs):
+                t = time.perf_counter()
+                xl(**args)
+                times.append(time.perf_counter() - t)
+    times.sort()
+    print(json.dumps({"diffusers_seconds_median": times[len(times) // 2], "runs": runs,
+                      "torch_threads": torch.get_num_threads()}))
 
 
 def main(out):
@@ -171,4 +205,9 @@ def main(out):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "tests/golden/sd")
+    args = [a for a in sys.argv[1:] if not a.startswith("--")]
+    n = int(sys.argv[sys.argv.index("--bench") + 1]) if "--bench" in sys.argv else 0
+    if n:
+        args = [a for a in args if a != str(n)]
+    out = args[0] if args else "tests/golden/sd"
+    bench(out, n) if n else main(out)
