@@ -31,17 +31,24 @@ fn clip_vocab() -> PathBuf {
 
 /// A diffusers-layout folder of the committed tiny components (links), with a scheduler config.
 fn model_dir(root: &Path, xl: bool, prediction: &str) -> PathBuf {
+    model_dir_with(
+        root,
+        xl,
+        prediction,
+        if xl { "sd/sdxl/unet" } else { "sd/sd15/unet" },
+    )
+}
+
+fn model_dir_with(root: &Path, xl: bool, prediction: &str, unet: &str) -> PathBuf {
     let m = root.join(if xl { "tiny-sdxl" } else { "tiny-sd" });
     std::fs::create_dir_all(m.join("scheduler")).unwrap();
     let mut parts = vec![
         ("vae", golden("sd/sd15/vae")),
         ("text_encoder", golden("flux/text_encoder")),
     ];
+    parts.push(("unet", golden(unet)));
     if xl {
-        parts.push(("unet", golden("sd/sdxl/unet")));
         parts.push(("text_encoder_2", golden("sd/sdxl/pipeline_text_encoder_2")));
-    } else {
-        parts.push(("unet", golden("sd/sd15/unet")));
     }
     for (name, src) in parts {
         std::os::unix::fs::symlink(&src, m.join(name)).unwrap();
@@ -206,6 +213,26 @@ fn sd15_matches_diffusers_eps_v_long_prompts_and_img2img() {
     let e = max_rel(&out.latents, &io("sd15_final_latents_inpaint"));
     println!("sd15 inpaint: max rel err {e:.2e}");
     assert!(e < 1e-4, "inpaint: {e}");
+    // A 9-channel inpainting UNet: the mask and the masked image's latent as extra input channels.
+    let dir9 = tempfile::tempdir().unwrap();
+    let model = model_dir_with(dir9.path(), false, "epsilon", "sd/sd15_inpaint/unet");
+    let mut pipe9 = pipeline(dir9.path(), &model);
+    assert_eq!(pipe9.model.config.unet_in_channels, 9);
+    let out = pipe9.generate(&req, &mut |_| Ok(())).unwrap();
+    let e = max_rel(&out.latents, &io("sd15_final_latents_inpaint9"));
+    println!("sd15 9-channel inpaint: max rel err {e:.2e}");
+    assert!(e < 1e-4, "inpaint9: {e}");
+    // Without a mask it says what it needs.
+    let plain = request(PROMPT, NEGATIVE, 7.5, noise.clone());
+    let err = pipe9
+        .generate(&plain, &mut |_| Ok(()))
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        err.contains("inpainting model") && err.contains("--mask"),
+        "{err}"
+    );
     // The same weights as a v-prediction model (an SD2.x scheduler config).
     let dir_v = tempfile::tempdir().unwrap();
     let model = model_dir(dir_v.path(), false, "v_prediction");

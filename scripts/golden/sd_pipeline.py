@@ -13,7 +13,7 @@ vocabulary rows are zero, so git stores it compressed) and pipeline_io.safetenso
   scheduler); a long prompt (LONG, 2 chunks of 75 tokens, and a 2-chunk negative) through prompt_embeds that are
   the per-chunk encoder outputs concatenated (A1111/ComfyUI); img2img (strength 0.5 from init.png, the noise
   saved, the VAE's mode as latent); inpainting with the 4-channel UNet (mask.png: repaint the left half, strength
-  0.75, the same noise);
+  0.75, the same noise) and with a tiny 9-channel inpainting UNet (sd15_inpaint/unet);
 - sdxl_*: initial latents; final latents with CFG 5 and NEGATIVE (penultimate hidden states of both encoders,
   bigG's pooled projection, time ids [32, 32, 0, 0, 32, 32]); the base's latents at denoising_end 0.5 and the
   final latents after StableDiffusionXLImg2ImgPipeline continues from them at denoising_start 0.5."""
@@ -177,6 +177,18 @@ def main(out):
                                                    width=32, negative_prompt=NEGATIVE, guidance_scale=7.5,
                                                    num_inference_steps=4, output_type="latent",
                                                    generator=torch.Generator().manual_seed(9)).images
+            # A 9-channel inpainting UNet (latent + mask + masked-image latent; no blending).
+            sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+            from sd_models import SD15, randomize
+            unet9 = UNet2DConditionModel(**{**SD15, "in_channels": 9}).eval()
+            randomize(unet9, 70)
+            inp9 = StableDiffusionInpaintPipeline(**{**sd.components, "unet": unet9}, requires_safety_checker=False)
+            io["sd15_final_latents_inpaint9"] = inp9(PROMPT, image=init, mask_image=mask, strength=0.75, height=32,
+                                                     width=32, negative_prompt=NEGATIVE, guidance_scale=7.5,
+                                                     num_inference_steps=4, output_type="latent",
+                                                     generator=torch.Generator().manual_seed(9)).images
+            unet9.to(torch.bfloat16).save_pretrained(os.path.join(out, "sd15_inpaint", "unet"),
+                                                     safe_serialization=True)
             inpaint_module.retrieve_latents = orig
 
         g2 = big_g(ids_of(tok2, PROMPT, NEGATIVE))

@@ -946,6 +946,9 @@ fn emit(
     Option<crate::onnx::builder::ExternalSink>,
     HashMap<String, usize>,
 )> {
+    if cfg.block_out_channels.is_empty() {
+        bail!("UNet config: no levels (block_out_channels is empty)");
+    }
     if cfg.heads.len() != cfg.block_out_channels.len()
         || cfg.down_attention.len() != cfg.block_out_channels.len()
         || cfg.up_attention.len() != cfg.block_out_channels.len()

@@ -218,6 +218,8 @@ pub trait ImageModel {
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>>;
     /// Sampler-space latents of the batch to RGB8 images.
     fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>>;
+    /// Called at the start of every request: per-request state (an inpainting mask) is dropped here.
+    fn new_request(&mut self) {}
     /// Inpainting weights of one image in the sampler's latent layout (1 = repaint, blended after every step)
     /// from a mask of the image's pixels (`h * w` values in [0, 1]) and the init image `rgb` ([1, 3, H, W] in
     /// [-1, 1]); models conditioned on the mask themselves (9-channel inpainting UNets) keep it and return ones.
@@ -294,6 +296,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         req: &ImageRequest,
         on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
     ) -> Result<ImageOutput> {
+        self.model.new_request();
         let d = self.model.defaults();
         let (w, h) = (req.width.unwrap_or(d.width), req.height.unwrap_or(d.height));
         let lat = self.model.latents(w, h, req.batch.max(1))?;

@@ -431,7 +431,7 @@ impl SdModel {
             float_input(
                 e,
                 "sample",
-                &[b, c.latent_channels, lat.height, lat.width],
+                &[b, c.unet_in_channels, lat.height, lat.width],
                 &scaled,
             )?,
             float_input(e, "timestep", &[b], &vec![t; b])?,
@@ -626,6 +626,10 @@ impl ImageModel for SdModel {
             );
         }
         Ok(to_rgb8(&img, b, h, w))
+    }
+
+    fn new_request(&mut self) {
+        self.inpaint = None;
     }
 
     /// diffusers' StableDiffusionInpaintPipeline: the mask binarized at 0.5 and taken at every
