@@ -478,3 +478,49 @@ fn build_and_generate_end_to_end() {
         r.stderr
     );
 }
+
+/// FP8 (calibrated through the sampler loop) and fp16 SD bundles: TensorRT-RTX builds every component in the
+/// recipe's precisions, and the CPU graphs' final latents stay within a stated error of diffusers' f32.
+#[test]
+fn quantized_and_half_bundles_build_and_stay_close() {
+    use trt_diff::pipelines::sd_build::{SdBuildOptions, build_sd};
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), false, "epsilon");
+    let want = io("sd15_final_latents");
+    for (precision, bound) in [("fp8", 5e-2), ("fp16", 1e-2)] {
+        let out = dir.path().join(precision).join("sd.plan");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        build_sd(&SdBuildOptions {
+            model: model.clone(),
+            arch: None,
+            precision: trt_diff::quant::Precision::parse(precision).unwrap(),
+            clip_tokenizer: Some(clip_vocab()),
+            tae_decoder: None,
+            image_px: Some([32, 32, 64]),
+            calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
+            calibration_steps: Some(2),
+            calibration_backend: BackendChoice::Cpu,
+            base: trt_diff::trt::BuildOptions {
+                out: out.clone(),
+                progress: false,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        let engine = EngineFile::open(&out).unwrap();
+        let Some(trt_diff::manifest::Pipeline::Image(bundle)) = engine.pipeline() else {
+            panic!("no image bundle in {}", out.display())
+        };
+        assert_eq!(
+            (bundle.arch.as_str(), bundle.precision.as_str()),
+            ("sd15", precision)
+        );
+        assert!(bundle.components.values().all(|c| c.plan.is_some()));
+        let mut pipe = trt_diff::pipelines::sd::open_pipeline(&engine, BackendChoice::Cpu).unwrap();
+        let req = request(PROMPT, NEGATIVE, 7.5, io("sd15_initial_latents"));
+        let r = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+        let e = max_rel(&r.latents, &want);
+        println!("{precision} bundle: final latents max rel err {e:.3e} against diffusers f32");
+        assert!(e < bound, "{precision}: {e}");
+    }
+}
