@@ -295,6 +295,8 @@ fn build_and_generate_end_to_end() {
             &s(&clip_vocab()),
             "--image-px",
             "32,32,64",
+            "--tae-decoder",
+            &s(&golden("sd/tae_decoder.safetensors")),
             "--no-progress",
         ],
         true,
@@ -345,8 +347,15 @@ fn build_and_generate_end_to_end() {
         let argv: Vec<&str> = args.iter().map(|x| x.as_str()).collect();
         common::run(&argv, ok)
     };
-    let r = go(&["--out", &s(&png)], true);
+    let preview = dir.path().join("preview.png");
+    let r = go(&["--out", &s(&png), "--preview", &s(&preview)], true);
     assert!(r.stdout.contains("wrote"), "{}", r.stdout);
+    // The tiny TAESD decodes the 16x16 latent 8x.
+    let dec = png::Decoder::new(std::io::BufReader::new(
+        std::fs::File::open(&preview).unwrap(),
+    ));
+    let info = dec.read_info().unwrap();
+    assert_eq!((info.info().width, info.info().height), (128, 128));
     let dec = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&png).unwrap()));
     let info = dec.read_info().unwrap();
     assert_eq!((info.info().width, info.info().height), (32, 32));

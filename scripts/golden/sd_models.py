@@ -12,7 +12,7 @@ layout `<name>_single.safetensors` (keys under `model.diffusion_model.`, made by
 `convert_ldm_unet_checkpoint` and checked by running that converter back), and `<name>_unet_io.safetensors`; the VAE
 as `sd15/vae/` + `vae_io.safetensors`; the text encoders as `sd15/text_encoder/` and `sdxl/text_encoder_2/` +
 `text_io.safetensors` (hidden states of every layer's output used by SD: last (after the final LayerNorm), the
-penultimate layer's output, the projected pooled output).
+penultimate layer's output, the projected pooled output), and a tiny random 4-channel TAESD-style decoder `tae_decoder.safetensors`.
 
 Weights are stored as bfloat16 (the references run in float32 on those rounded values), re-drawn from a seeded
 normal distribution so that no layer is left at diffusers' zero/one initialisation."""
@@ -225,6 +225,15 @@ def check_open_clip(model, sd, single, prefix):
         assert torch.equal(back[k], want[k]), k
 
 
+def tae(out_dir):
+    """A tiny random TAESD-style decoder for 4-channel latents (flux_tae_tiny.py's layout), for `--preview`."""
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    from flux_tae_tiny import decoder
+    torch.manual_seed(61)
+    d = decoder(latent_channels=4)
+    save_file({k: v.half().contiguous() for k, v in d.state_dict().items()}, os.path.join(out_dir, "tae_decoder.safetensors"))
+
+
 def main(out_dir):
     torch.manual_seed(0)
     os.makedirs(out_dir, exist_ok=True)
@@ -232,6 +241,7 @@ def main(out_dir):
     unet(out_dir, "sdxl", SDXL, 20)
     vae(out_dir, 30)
     text(out_dir, 40)
+    tae(out_dir)
 
 
 if __name__ == "__main__":
