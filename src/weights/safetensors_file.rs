@@ -107,37 +107,20 @@ impl Tensor {
                 .chunks_exact(4)
                 .map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]]))
                 .collect(),
-            // Half types of large tensors widen in parallel (full-size weights are tens of millions of values;
-            // the pages fault in on every core at once).
-            DataType::FLOAT16 => widen(d, |b| half::f16::from_le_bytes(b).to_f32()),
-            DataType::BFLOAT16 => widen(d, |b| half::bf16::from_le_bytes(b).to_f32()),
+            DataType::FLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::f16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
+            DataType::BFLOAT16 => d
+                .chunks_exact(2)
+                .map(|b| half::bf16::from_le_bytes([b[0], b[1]]).to_f32())
+                .collect(),
             other => bail!(
                 "tensor '{}' is {other}; only F32, F16 and BF16 tensors can be read as floats",
                 self.name
             ),
         })
     }
-}
-
-/// Little-endian 2-byte values through `f`, in parallel chunks when there are many.
-fn widen(d: &[u8], f: impl Fn([u8; 2]) -> f32 + Sync) -> Vec<f32> {
-    use rayon::prelude::*;
-    const CHUNK: usize = 1 << 20;
-    let mut out = vec![0f32; d.len() / 2];
-    if out.len() <= CHUNK {
-        for (o, b) in out.iter_mut().zip(d.chunks_exact(2)) {
-            *o = f([b[0], b[1]]);
-        }
-        return out;
-    }
-    out.par_chunks_mut(CHUNK)
-        .zip(d.par_chunks(2 * CHUNK))
-        .for_each(|(o, src)| {
-            for (v, b) in o.iter_mut().zip(src.chunks_exact(2)) {
-                *v = f([b[0], b[1]]);
-            }
-        });
-    out
 }
 
 pub struct Checkpoint {
