@@ -209,6 +209,20 @@ pub trait ImageModel {
         guidance: f32,
         out: &mut Latent,
     ) -> Result<()>;
+    /// The conditional and unconditional outputs of classifier-free guidance; families whose network takes
+    /// both in one batched call (one engine run instead of two) override it.
+    fn predict_pair(
+        &mut self,
+        x: &Latent,
+        sigma: f64,
+        (cond, uncond): (&Self::Cond, &Self::Cond),
+        lat: &Latents,
+        guidance: f32,
+        (out, out_uncond): (&mut Latent, &mut Latent),
+    ) -> Result<()> {
+        self.predict(x, sigma, cond, lat, guidance, out)?;
+        self.predict(x, sigma, uncond, lat, guidance, out_uncond)
+    }
     /// The batch's initial latents: per image i, Philox noise of `seed + i` (stream 0) in the sampler's space,
     /// where the engines run.
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent>;
@@ -574,11 +588,18 @@ impl<M: ImageModel> Denoiser<Latent> for GuidedDenoiser<'_, M> {
         let (mut v, mut vu) = self.raw.take().expect("allocated above");
         let r = (|| {
             let t = Instant::now();
-            self.model
-                .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?;
-            if let Some(u) = self.uncond {
-                self.model
-                    .predict(x, sigma, u, self.lat, self.guidance, &mut vu)?;
+            match self.uncond {
+                Some(u) => self.model.predict_pair(
+                    x,
+                    sigma,
+                    (self.cond, u),
+                    self.lat,
+                    self.guidance,
+                    (&mut v, &mut vu),
+                )?,
+                None => self
+                    .model
+                    .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?,
             }
             self.network_seconds += t.elapsed().as_secs_f64();
             if self.uncond.is_some() {

@@ -388,16 +388,28 @@ impl SdModel {
         }
     }
 
-    /// The UNet on host latents at `sigma`.
+    /// The UNet on host latents at `sigma`, once per conditioning in `conds` (all in one batched run: the batch's
+    /// latents repeated, each copy with its own text), outputs concatenated in that order.
     fn predict_host(
         &mut self,
         x: &[f32],
         sigma: f64,
-        cond: &SdCond,
+        conds: &[&SdCond],
         lat: &Latents,
     ) -> Result<Vec<f32>> {
         let c = &self.config;
-        let b = lat.batch;
+        let x = &x.repeat(conds.len());
+        let b = lat.batch * conds.len();
+        let seq = conds[0].seq;
+        if conds
+            .iter()
+            .any(|k| k.seq != seq || k.pooled.len() != conds[0].pooled.len())
+        {
+            bail!("conditionings of different lengths cannot share one UNet run (a pipeline bug)");
+        }
+        let per = |f: &dyn Fn(&SdCond) -> Vec<f32>| -> Vec<f32> {
+            conds.iter().flat_map(|k| f(k).repeat(lat.batch)).collect()
+        };
         let c_in = (1.0 / (sigma * sigma + 1.0).sqrt()) as f32;
         let mut scaled: Vec<f32> = x.iter().map(|v| v * c_in).collect();
         if c.unet_in_channels != c.latent_channels {
@@ -425,7 +437,7 @@ impl SdModel {
             scaled = all;
         }
         let t = self.sampling.timestep(sigma) as f32;
-        let ctx = cond.hidden.len() / cond.seq;
+        let ctx = conds[0].hidden.len() / seq;
         let e = self.engines.unet.as_ref();
         let mut inputs = vec![
             float_input(
@@ -438,24 +450,24 @@ impl SdModel {
             float_input(
                 e,
                 "encoder_hidden_states",
-                &[b, cond.seq, ctx],
-                &cond.hidden.repeat(b),
+                &[b, seq, ctx],
+                &per(&|k| k.hidden.clone()),
             )?,
         ];
         if c.time_ids > 0 {
-            if cond.pooled.is_empty() {
+            if conds[0].pooled.is_empty() {
                 bail!(
                     "SDXL needs the pooled text embedding, which no text encoder of this bundle gives"
                 );
             }
-            let ids = self.time_ids(lat, cond.negative);
+            let ids = per(&|k| self.time_ids(lat, k.negative));
             inputs.push(float_input(
                 e,
                 "text_embeds",
-                &[b, cond.pooled.len()],
-                &cond.pooled.repeat(b),
+                &[b, conds[0].pooled.len()],
+                &per(&|k| k.pooled.clone()),
             )?);
-            inputs.push(float_input(e, "time_ids", &[b, ids.len()], &ids.repeat(b))?);
+            inputs.push(float_input(e, "time_ids", &[b, ids.len() / b], &ids)?);
         }
         let out = self.engines.unet.run(&inputs).context("UNet")?;
         if let Some(map) = self.amax.as_mut() {
@@ -553,7 +565,33 @@ impl ImageModel for SdModel {
     ) -> Result<()> {
         match (x, out) {
             (Latent::Host(x), Latent::Host(out)) => {
-                *out = self.predict_host(x, sigma, cond, lat)?;
+                *out = self.predict_host(x, sigma, &[cond], lat)?;
+                Ok(())
+            }
+            _ => bail!("Stable Diffusion latents live in host memory (a pipeline bug)"),
+        }
+    }
+
+    /// CFG's two predictions in one UNet run (batch doubled) when the prompts have the same length, as diffusers
+    /// does; prompts of different lengths (a long prompt, a short negative) run separately, as A1111 does.
+    fn predict_pair(
+        &mut self,
+        x: &Latent,
+        sigma: f64,
+        (cond, uncond): (&SdCond, &SdCond),
+        lat: &Latents,
+        guidance: f32,
+        (out, out_uncond): (&mut Latent, &mut Latent),
+    ) -> Result<()> {
+        if cond.seq != uncond.seq {
+            self.predict(x, sigma, cond, lat, guidance, out)?;
+            return self.predict(x, sigma, uncond, lat, guidance, out_uncond);
+        }
+        match (x, out, out_uncond) {
+            (Latent::Host(x), Latent::Host(out), Latent::Host(out_uncond)) => {
+                let mut both = self.predict_host(x, sigma, &[cond, uncond], lat)?;
+                *out_uncond = both.split_off(x.len());
+                *out = both;
                 Ok(())
             }
             _ => bail!("Stable Diffusion latents live in host memory (a pipeline bug)"),

@@ -42,7 +42,8 @@ pub struct RecipeDefaults {
 }
 #[derive(Clone, Debug, Deserialize)]
 pub struct RecipeShapes {
-    /// UNet batch (min, opt, max); with CFG the pipeline runs conditional and unconditional separately.
+    /// UNet batch (min, opt, max): with CFG two rows per image (conditional and unconditional in one run, when
+    /// the prompts have the same number of chunks).
     pub batch: [i64; 3],
     /// Image side in pixels (min, opt, max), multiples of 8.
     pub image_px: [i64; 3],
