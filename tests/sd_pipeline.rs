@@ -380,10 +380,13 @@ fn build_and_generate_end_to_end() {
             &s(&mask),
             "--strength",
             "0.7",
+            "--batch",
+            "2",
         ],
         true,
     );
-    assert!(dir.path().join("inpaint.png").exists());
+    // A batch of two with CFG: four rows in each UNet run.
+    assert!(dir.path().join("inpaint-0.png").exists() && dir.path().join("inpaint-1.png").exists());
     go(
         &[
             "--out",
