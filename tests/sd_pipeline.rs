@@ -536,3 +536,38 @@ fn quantized_and_half_bundles_build_and_stay_close() {
         assert!(e < bound, "{precision}: {e}");
     }
 }
+
+/// Samplers and schedulers of the catalogue on the SD (eps) parameterization: stochastic, multistep, CFG++ and
+/// LCM samplers over several schedules run to finite latents near the Euler result's scale; sd-turbo-style single
+/// steps work.
+#[test]
+fn catalogue_samplers_run_on_sd() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), false, "epsilon");
+    let mut pipe = pipeline(dir.path(), &model);
+    let noise = io("sd15_initial_latents");
+    let euler = io("sd15_final_latents");
+    let scale = euler.iter().fold(0f32, |m, v| m.max(v.abs()));
+    for (sampler, scheduler, steps) in [
+        ("euler_ancestral", "karras", 6),
+        ("dpmpp_2m", "normal", 6),
+        ("dpmpp_2m_sde", "exponential", 6),
+        ("heun", "simple", 3),
+        ("dpmpp_2m_cfg_pp", "sgm_uniform", 6),
+        ("lcm", "sgm_uniform", 4),
+        ("uni_pc", "beta", 6),
+        ("euler", "sgm_uniform", 1),
+    ] {
+        let mut req = request(PROMPT, NEGATIVE, 7.5, noise.clone());
+        req.sampler = Some(sampler.into());
+        req.scheduler = Some(scheduler.into());
+        req.steps = Some(steps);
+        let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+        let m = out.latents.iter().fold(0f32, |m, v| m.max(v.abs()));
+        println!(
+            "{sampler} / {scheduler} / {steps}: max |latent| {m:.2} (Euler 4 steps: {scale:.2})"
+        );
+        assert!(out.latents.iter().all(|v| v.is_finite()), "{sampler}");
+        assert!(m > 0.5 * scale && m < 1.5 * scale, "{sampler}: {m}");
+    }
+}
