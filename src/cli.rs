@@ -188,7 +188,7 @@ pub struct GenerateArgs {
     pub image: ImageArgs,
 }
 
-/// Options of image pipelines (Flux bundles); unset ones take the bundle's recipe defaults.
+/// Options of image pipelines (Flux and SD bundles); unset ones take the bundle's recipe defaults.
 #[derive(Args)]
 pub struct ImageArgs {
     /// Output PNG (a batch writes NAME-0.png, NAME-1.png, ...).
@@ -202,29 +202,37 @@ pub struct ImageArgs {
     /// "flux" (diffusers' FluxPipeline schedule, default) or any `trt-diff samplers sigmas` scheduler.
     #[arg(long)]
     pub scheduler: Option<String>,
-    /// Image width in pixels (a multiple of 16).
+    /// Image width in pixels (a multiple of 16 for Flux, 8 for SD).
     #[arg(long)]
     pub width: Option<usize>,
-    /// Image height in pixels (a multiple of 16).
+    /// Image height in pixels (a multiple of 16 for Flux, 8 for SD).
     #[arg(long)]
     pub height: Option<usize>,
     /// Distilled guidance of FLUX.1-dev (its transformer's guidance input).
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// True classifier-free guidance scale with --negative-prompt (1: off; doubles the transformer runs).
-    #[arg(long, default_value_t = 1.0)]
-    pub cfg: f32,
+    /// Classifier-free guidance scale (1: off; doubles the network runs). Default: the bundle's (SD/SDXL
+    /// guide against the empty prompt without --negative-prompt; Flux needs one).
+    #[arg(long)]
+    pub cfg: Option<f32>,
     #[arg(long)]
     pub negative_prompt: Option<String>,
     /// img2img: start from this image (PNG/JPEG), resized to the output size.
     #[arg(long, value_name = "FILE")]
     pub init_image: Option<PathBuf>,
-    /// FLUX.1 Fill: inpaint --init-image where this mask is white (use --strength 1 as diffusers' default).
-    #[arg(long, value_name = "FILE")]
-    pub mask: Option<PathBuf>,
     /// img2img: how much of the schedule to re-run (0 < s <= 1).
     #[arg(long, default_value_t = 0.8)]
     pub strength: f32,
+    /// Inpainting with --init-image: white = repaint, black = keep (SD: latent blend or a 9-channel inpainting
+    /// UNet; FLUX.1 Fill: use --strength 1 as diffusers' default).
+    #[arg(long, value_name = "FILE")]
+    pub mask: Option<PathBuf>,
+    /// SDXL: hand the last part of the steps to this refiner bundle (diffusers' denoising_end/start).
+    #[arg(long, value_name = "BUNDLE")]
+    pub refiner: Option<PathBuf>,
+    /// With --refiner: the fraction of the steps the base model runs.
+    #[arg(long, default_value_t = 0.8)]
+    pub refiner_start: f32,
     /// Images generated together (image i uses seed + i).
     #[arg(long, default_value_t = 1)]
     pub batch: usize,
@@ -257,7 +265,8 @@ pub struct ImageArgs {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Model folder in diffusers' layout (transformer/, text_encoder/, text_encoder_2/, vae/, tokenizer*/).
+    /// Model folder in diffusers' layout (transformer/ or unet/, text_encoder*/, vae/, tokenizer*/) or an SD
+    /// single-file checkpoint.
     pub model: PathBuf,
     #[arg(long, value_enum)]
     pub arch: Arch,
@@ -294,19 +303,20 @@ pub struct BuildArgs {
     /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c, a GGUF file for Hugging Face folders.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// Flux: CLIP merges (merges.txt or bpe_simple_vocab_16e6.txt.gz) when the model folder has no tokenizer/.
+    /// Flux and SD: CLIP merges (merges.txt or bpe_simple_vocab_16e6.txt.gz) when the model has no tokenizer/
+    /// (SD single files never have one).
     #[arg(long, value_name = "FILE")]
     pub clip_tokenizer: Option<PathBuf>,
     /// Flux: T5 tokenizer.json when the model folder has no tokenizer_2/.
     #[arg(long, value_name = "FILE")]
     pub t5_tokenizer: Option<PathBuf>,
-    /// Flux: a madebyollin TAE decoder (taef1 .safetensors) for `generate --preview`.
+    /// Flux/SD: a madebyollin TAE decoder (taef1 / taesd / taesdxl .safetensors) for `generate --preview`.
     #[arg(long, value_name = "FILE")]
     pub tae_decoder: Option<PathBuf>,
     /// Flux: T5 sequence length (default: the recipe's, 512 dev / 256 schnell).
     #[arg(long)]
     pub t5_max_len: Option<usize>,
-    /// Flux: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
+    /// Flux/SD: image side range of the engines' profiles, MIN,OPT,MAX pixels (default: the recipe's).
     #[arg(long, value_delimiter = ',', value_name = "MIN,OPT,MAX")]
     pub image_px: Option<Vec<i64>>,
     /// Flux: merge a LoRA (kohya, diffusers/PEFT, ComfyUI, LyCORIS LoHa/LoKr) at a strength before quantizing;
@@ -320,10 +330,10 @@ pub struct BuildArgs {
     /// Flux: a diffusers FluxControlNetModel folder (InstantX/Shakker style) added to the bundle.
     #[arg(long, value_name = "DIR")]
     pub controlnet: Option<PathBuf>,
-    /// Flux FP8: calibration prompt (repeatable; default: the recipe's eight).
+    /// Flux/SD FP8: calibration prompt (repeatable; default: the recipe's eight).
     #[arg(long, value_name = "TEXT")]
     pub calibration_prompt: Vec<String>,
-    /// Flux FP8: sampler steps per calibration prompt (default: the recipe's).
+    /// Flux/SD FP8: sampler steps per calibration prompt (default: the recipe's).
     #[arg(long)]
     pub calibration_steps: Option<usize>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,

@@ -47,7 +47,20 @@ pub fn run(a: BuildArgs) -> Result<()> {
     {
         return build_flux(&a, arch);
     }
-    if !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some() {
+    let lora_or_control = !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some();
+    if a.arch.is_some_and(|arch| arch.family() == Family::Sd)
+        || (a.arch.is_none() && crate::pipelines::sd_build::looks_like_sd(&a.input))
+    {
+        if lora_or_control {
+            bail!(
+                "--lora, --lora-rank and --controlnet are built into Flux bundles so far, not SD ones; drop them \
+                 for '{}'",
+                a.input.display()
+            );
+        }
+        return build_sd(&a);
+    }
+    if lora_or_control {
         bail!(
             "--lora, --lora-rank and --controlnet apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
             a.input.display()
@@ -137,6 +150,41 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
             base: BuildOptions::from(a),
         },
     )?;
+    println!(
+        "built the {arch} bundle {} ({} precision, {}); manifest {}",
+        o.engine.display(),
+        a.precision,
+        o.manifest.engine_summary(),
+        o.manifest_path.display()
+    );
+    Ok(())
+}
+
+fn build_sd(a: &BuildArgs) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 8)");
+    }
+    let o = crate::pipelines::sd_build::build_sd(&crate::pipelines::sd_build::SdBuildOptions {
+        model: a.input.clone(),
+        arch: a.arch.map(|x| x.name().to_string()),
+        precision: a.precision,
+        clip_tokenizer: a.clip_tokenizer.clone(),
+        tae_decoder: a.tae_decoder.clone(),
+        image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+        calibration_prompts: Some(a.calibration_prompt.clone()),
+        calibration_steps: a.calibration_steps,
+        calibration_backend: crate::backend::BackendChoice::Auto,
+        base: BuildOptions::from(a),
+    })?;
+    let arch = o
+        .manifest
+        .pipeline
+        .as_ref()
+        .and_then(|p| match p {
+            crate::manifest::Pipeline::Image(b) => Some(b.arch.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),

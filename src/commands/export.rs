@@ -4,9 +4,23 @@ use crate::pipelines::Family;
 use anyhow::{Result, bail};
 
 pub fn run(a: ExportArgs) -> Result<()> {
+    if a.arch.family() == Family::Sd {
+        let files = crate::pipelines::sd_build::export_sd(
+            &a.model,
+            a.arch.name(),
+            a.precision,
+            &a.out,
+            a.clip_tokenizer.as_deref(),
+        )?;
+        for f in files {
+            println!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     if a.arch.family() != Family::Flux {
         bail!(
-            "--arch {} is not exportable; supported: flux-dev, flux-schnell",
+            "--arch {} is not exportable; supported: flux-dev, flux-schnell, sd15, sd21, sdxl, sdxl-refiner, \
+             sdxl-turbo, sd-turbo",
             a.arch
         );
     }

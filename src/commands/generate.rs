@@ -7,6 +7,7 @@ use crate::pipelines::engines::{Backend, resolve};
 use crate::pipelines::flux::FluxModel;
 use crate::pipelines::image::{ImageModel, ImagePipeline, ImageRequest};
 use crate::pipelines::image_io::write_png;
+use crate::pipelines::sd::SdModel;
 use crate::pipelines::{Arch, Family};
 use anyhow::{Result, bail};
 use std::io::Write;
@@ -85,18 +86,24 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         width: i.width,
         height: i.height,
         guidance: i.guidance,
-        cfg: i.cfg,
+        cfg: i.cfg.unwrap_or(0.0),
         batch: i.batch,
         init_image: i.init_image.clone(),
         strength: i.strength,
+        mask: i.mask.clone(),
         preview: i.preview.clone(),
         controls: controls(i)?,
-        mask: i.mask.clone(),
         ..Default::default()
     };
     let t0 = Instant::now();
     let backend = resolve(a.engine.backend, engine)?;
     let arch = Arch::parse(&bundle.arch)?;
+    if i.refiner.is_some() && arch.family() != Family::Sd {
+        bail!(
+            "--refiner hands SDXL latents to a refiner bundle; '{}' is {arch}",
+            engine.path.display()
+        );
+    }
     let r = match arch.family() {
         Family::Flux => {
             let mut pipe = ImagePipeline::new(FluxModel::open(engine, bundle, backend)?);
@@ -111,6 +118,22 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
             }
             write_images(pipe, &req, out, !i.no_progress)?
         }
+        Family::Sd if !i.lora.is_empty() => bail!(
+            "--lora applies to Flux bundles so far; '{}' is {arch}",
+            engine.path.display()
+        ),
+        Family::Sd => match &i.refiner {
+            None => write_images(
+                ImagePipeline::new(SdModel::open(engine, bundle, backend)?),
+                &req,
+                out,
+                !i.no_progress,
+            )?,
+            Some(refiner) => {
+                let base = ImagePipeline::new(SdModel::open(engine, bundle, backend)?);
+                refine(a, base, refiner, req, out)?
+            }
+        },
         Family::Llm => bail!(
             "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
             engine.path.display()
@@ -159,6 +182,91 @@ fn controls(i: &crate::cli::ImageArgs) -> Result<Vec<crate::pipelines::image::Co
             })
         })
         .collect()
+}
+
+/// Base model for the first `--refiner-start` of the steps, then the refiner bundle from its latents.
+fn refine(
+    a: &GenerateArgs,
+    mut base: ImagePipeline<SdModel>,
+    refiner: &Path,
+    req: ImageRequest,
+    out: &Path,
+) -> Result<Written> {
+    let i = &a.image;
+    if !(i.refiner_start > 0.0 && i.refiner_start < 1.0) {
+        bail!(
+            "--refiner-start {} must be in (0, 1): the base model's share of the steps",
+            i.refiner_start
+        );
+    }
+    if req.init_image.is_some() {
+        bail!(
+            "--refiner with --init-image is not supported: refine the generated image in a second run instead"
+        );
+    }
+    let args = crate::cli::EngineArgs {
+        engine: refiner.to_path_buf(),
+        backend: a.engine.backend,
+        allow_external_paths: a.engine.allow_external_paths,
+    };
+    let refiner_file = super::open_engine_file(&args)?;
+    let Some(Pipeline::Image(refiner_bundle)) = refiner_file.pipeline() else {
+        bail!("--refiner '{}' is not an image bundle", refiner.display());
+    };
+    let refiner_arch = Arch::parse(&refiner_bundle.arch)?;
+    if refiner_arch.family() != Family::Sd {
+        bail!(
+            "--refiner '{}' is a {refiner_arch} bundle: the refiner must be a Stable Diffusion bundle (sdxl-refiner) \
+             sharing the base model's latent space",
+            refiner.display()
+        );
+    }
+    let refiner_backend = resolve(a.engine.backend, &refiner_file)?;
+    let refiner_pipe = ImagePipeline::new(SdModel::open(
+        &refiner_file,
+        refiner_bundle,
+        refiner_backend,
+    )?);
+    if refiner_pipe.model.config.latent_channels != base.model.config.latent_channels {
+        bail!(
+            "--refiner '{}' works on {}-channel latents, the base model on {}: not a refiner for this model",
+            refiner.display(),
+            refiner_pipe.model.config.latent_channels,
+            base.model.config.latent_channels
+        );
+    }
+    // Both passes must walk one schedule: the base's step count, sampler and scheduler.
+    let d = base.model.defaults();
+    let shared = ImageRequest {
+        steps: Some(req.steps.unwrap_or(d.steps)),
+        sampler: Some(req.sampler.clone().unwrap_or(d.sampler)),
+        scheduler: Some(req.scheduler.clone().unwrap_or(d.scheduler)),
+        width: Some(req.width.unwrap_or(d.width)),
+        height: Some(req.height.unwrap_or(d.height)),
+        ..req
+    };
+    let first = ImageRequest {
+        denoise_end: Some(i.refiner_start),
+        latents_only: true,
+        ..shared.clone()
+    };
+    let r = base.generate(&first, &mut |_| Ok(()))?;
+    let second = ImageRequest {
+        denoise_start: Some(i.refiner_start),
+        start_latents: Some(r.latents),
+        ..shared
+    };
+    let mut w = write_images(refiner_pipe, &second, out, !i.no_progress)?;
+    let mut steps = r.step_seconds;
+    steps.append(&mut w.step_seconds);
+    let mut outside = r.outside_seconds;
+    outside.append(&mut w.outside_seconds);
+    let mut copied = r.copied_bytes;
+    copied.append(&mut w.copied_bytes);
+    w.step_seconds = steps;
+    w.outside_seconds = outside;
+    w.copied_bytes = copied;
+    Ok(w)
 }
 
 struct Written {

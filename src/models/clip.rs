@@ -10,7 +10,7 @@ use crate::models::ops::{Ops, activation, attention, layer_norm};
 use crate::models::qdq::Linears;
 use crate::onnx::builder::ExternalSink;
 use crate::onnx::{Attr, DataType, Dim, proto::ModelProto};
-use crate::weights::safetensors_file::Checkpoint;
+use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Result, bail};
 
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -39,6 +39,47 @@ impl ClipTextConfig {
             layer_norm_eps: 1e-5,
             hidden_act: "quick_gelu".into(),
         }
+    }
+
+    /// Reads the architecture off the weights under `scope` (single-file checkpoints carry no config): widths,
+    /// depth and vocabulary from the tensors, 64-wide heads, quick_gelu for the 768-wide CLIP-L (OpenAI's) and
+    /// gelu otherwise (OpenCLIP ViT-H/bigG). `skip_last_layers` drops final layers (SD2.x's OpenCLIP-H conditions
+    /// on the penultimate layer through the final LayerNorm: 1).
+    pub fn from_checkpoint(ck: &Checkpoint, scope: &str, skip_last_layers: usize) -> Result<Self> {
+        let names = Names {
+            ck,
+            layout: layout(ck, scope)?,
+        };
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            let key = names.key(name);
+            ck.shape(&key)
+                .map(|s| s.to_vec())
+                .ok_or_else(|| anyhow::anyhow!("'{}' has no tensor '{key}'", ck.path.display()))
+        };
+        let tok = shape("embeddings.token_embedding.weight")?;
+        let pos = shape("embeddings.position_embedding.weight")?;
+        let fc1 = shape("encoder.layers.0.mlp.fc1.weight")?;
+        let mut layers = 0;
+        while names.contains(&format!("encoder.layers.{layers}.layer_norm1.weight")) {
+            layers += 1;
+        }
+        if layers <= skip_last_layers {
+            bail!(
+                "'{}': {layers} text encoder layers, cannot skip {skip_last_layers}",
+                ck.path.display()
+            );
+        }
+        let d = tok[1];
+        Ok(Self {
+            vocab_size: tok[0],
+            hidden_size: d,
+            intermediate_size: fc1[0],
+            num_hidden_layers: layers - skip_last_layers,
+            num_attention_heads: (d / 64).max(1),
+            max_position_embeddings: pos[0],
+            layer_norm_eps: 1e-5,
+            hidden_act: if d == 768 { "quick_gelu" } else { "gelu" }.into(),
+        })
     }
 
     /// Reads a transformers `config.json` (a CLIPTextConfig, or a CLIPConfig with `text_config`).
@@ -71,23 +112,209 @@ impl ClipTextConfig {
     }
 }
 
-/// The checkpoint's key prefix: "text_model." (transformers' CLIPTextModel) or none.
-fn prefix(ck: &Checkpoint) -> Result<&'static str> {
-    for p in ["text_model.", ""] {
-        if ck.contains(&format!("{p}embeddings.token_embedding.weight")) {
-            return Ok(p);
-        }
+/// Where a checkpoint keeps the text tower: transformers' layout (`text_model.embeddings...`, possibly under a
+/// single-file prefix such as `cond_stage_model.transformer.` or `conditioner.embedders.0.transformer.`) or
+/// OpenCLIP's (`token_embedding`, `transformer.resblocks.N.attn.in_proj_weight`, `ln_final`, `text_projection`; SD2.x
+/// `cond_stage_model.model.` and SDXL `conditioner.embedders.1.model.`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+enum Layout {
+    /// Prefix up to `embeddings.`; the projection sits at `proj_prefix` + `text_projection.weight`.
+    Transformers {
+        prefix: String,
+        proj_prefix: String,
+    },
+    OpenClip {
+        prefix: String,
+    },
+}
+
+fn find_prefix(ck: &Checkpoint, scope: &str, suffix: &str) -> Option<String> {
+    ck.names()
+        .find(|k| k.starts_with(scope) && k.ends_with(suffix))
+        .map(|k| k[..k.len() - suffix.len()].to_string())
+}
+
+fn layout(ck: &Checkpoint, scope: &str) -> Result<Layout> {
+    if let Some(prefix) = find_prefix(ck, scope, "embeddings.token_embedding.weight") {
+        let proj_prefix = prefix
+            .strip_suffix("text_model.")
+            .unwrap_or(&prefix)
+            .to_string();
+        return Ok(Layout::Transformers {
+            prefix,
+            proj_prefix,
+        });
+    }
+    if let Some(prefix) = find_prefix(ck, scope, "token_embedding.weight")
+        && ck.contains(&format!(
+            "{prefix}transformer.resblocks.0.attn.in_proj_weight"
+        ))
+    {
+        return Ok(Layout::OpenClip { prefix });
     }
     bail!(
-        "'{}' is not a CLIP text encoder: it has no 'text_model.embeddings.token_embedding.weight' (expected \
-         transformers' CLIPTextModel layout, e.g. Flux's text_encoder/model.safetensors)",
-        ck.path.display()
+        "'{}' is not a CLIP text encoder{}: it has neither transformers' 'text_model.embeddings.token_embedding.weight' \
+         (a text_encoder/ folder) nor OpenCLIP's 'token_embedding.weight' with 'transformer.resblocks.*' (a \
+         single-file checkpoint's cond_stage_model / conditioner.embedders)",
+        ck.path.display(),
+        if scope.is_empty() {
+            String::new()
+        } else {
+            format!(" under '{scope}'")
+        }
     )
+}
+
+/// Reads transformers-named parameters from either layout (OpenCLIP's fused q/k/v rows are sliced out without
+/// copying; its `text_projection` [hidden, proj] is transposed into a Linear weight).
+struct Names<'a> {
+    ck: &'a Checkpoint,
+    layout: Layout,
+}
+
+impl Names<'_> {
+    fn key(&self, name: &str) -> String {
+        match &self.layout {
+            Layout::Transformers {
+                prefix,
+                proj_prefix,
+            } => match name {
+                "text_projection.weight" => format!("{proj_prefix}{name}"),
+                _ => format!("{prefix}{name}"),
+            },
+            Layout::OpenClip { prefix } => {
+                let mapped = match name {
+                    "embeddings.token_embedding.weight" => "token_embedding.weight".to_string(),
+                    "embeddings.position_embedding.weight" => "positional_embedding".to_string(),
+                    "text_projection.weight" => "text_projection".to_string(),
+                    n => {
+                        if let Some(r) = n.strip_prefix("final_layer_norm.") {
+                            format!("ln_final.{r}")
+                        } else if let Some(r) = n.strip_prefix("encoder.layers.") {
+                            let (i, r) = r.split_once('.').unwrap_or((r, ""));
+                            let r = [
+                                ("layer_norm1.", "ln_1."),
+                                ("layer_norm2.", "ln_2."),
+                                ("self_attn.out_proj.", "attn.out_proj."),
+                                ("mlp.fc1.", "mlp.c_fc."),
+                                ("mlp.fc2.", "mlp.c_proj."),
+                            ]
+                            .iter()
+                            .find_map(|(h, o)| r.strip_prefix(h).map(|x| format!("{o}{x}")))
+                            .unwrap_or_else(|| r.to_string());
+                            format!("transformer.resblocks.{i}.{r}")
+                        } else {
+                            n.to_string()
+                        }
+                    }
+                };
+                format!("{prefix}{mapped}")
+            }
+        }
+    }
+
+    fn contains(&self, name: &str) -> bool {
+        match (&self.layout, fused_qkv(name)) {
+            (Layout::OpenClip { prefix }, Some((layer, _, param))) => self.ck.contains(&format!(
+                "{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}"
+            )),
+            _ => self.ck.contains(&self.key(name)),
+        }
+    }
+
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Tensor> {
+        let Layout::OpenClip { prefix } = &self.layout else {
+            return self.ck.get_shaped(&self.key(name), shape);
+        };
+        if let Some((layer, part, param)) = fused_qkv(name) {
+            let key = format!("{prefix}transformer.resblocks.{layer}.attn.in_proj_{param}");
+            let fused = self.ck.get(&key)?;
+            let d = shape[0];
+            let mut want = shape.to_vec();
+            want[0] = 3 * d;
+            if fused.shape != want {
+                bail!(
+                    "checkpoint '{}': tensor '{key}' has shape {:?}, expected {want:?}: the config does not match \
+                     the weights",
+                    self.ck.path.display(),
+                    fused.shape
+                );
+            }
+            let rows = fused.data.len() / 3;
+            let data = fused.data.slice(part * rows..(part + 1) * rows);
+            return Ok(Tensor {
+                name: key,
+                dtype: fused.dtype,
+                shape: shape.to_vec(),
+                data,
+            });
+        }
+        if name == "text_projection.weight" {
+            // OpenCLIP multiplies x @ P with P [hidden, proj]; a Linear weight is P^T [proj, hidden].
+            let key = self.key(name);
+            let p = self.ck.get_shaped(&key, &[shape[1], shape[0]])?;
+            let v = p.to_f32()?;
+            let (rows, cols) = (shape[1], shape[0]);
+            let mut t = vec![0f32; v.len()];
+            for r in 0..rows {
+                for c in 0..cols {
+                    t[c * rows + r] = v[r * cols + c];
+                }
+            }
+            return Ok(Tensor {
+                name: key,
+                dtype: DataType::FLOAT,
+                shape: shape.to_vec(),
+                data: t
+                    .iter()
+                    .flat_map(|x| x.to_le_bytes())
+                    .collect::<Vec<u8>>()
+                    .into(),
+            });
+        }
+        self.ck.get_shaped(&self.key(name), shape)
+    }
+}
+
+/// `encoder.layers.N.self_attn.{q,k,v}_proj.{weight,bias}` -> (N, part 0..3, "weight"/"bias").
+fn fused_qkv(name: &str) -> Option<(&str, usize, &str)> {
+    let r = name.strip_prefix("encoder.layers.")?;
+    let (layer, r) = r.split_once(".self_attn.")?;
+    let (proj, param) = r.split_once('.')?;
+    let part = ["q_proj", "k_proj", "v_proj"]
+        .iter()
+        .position(|p| *p == proj)?;
+    Some((layer, part, param))
+}
+
+/// Which encoder of a checkpoint, and outputs beyond `last_hidden_state` and `pooler_output` (the SD family's
+/// conditioning).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ClipOptions {
+    /// Only keys starting with this belong to the encoder (single files hold several: SDXL's
+    /// `conditioner.embedders.0.` and `conditioner.embedders.1.`).
+    pub scope: String,
+    /// `penultimate_hidden_state`: the second-to-last layer's output without the final LayerNorm (transformers'
+    /// `hidden_states[-2]`, what SDXL and "clip skip 2" condition on).
+    pub penultimate: bool,
+    /// `text_embeds`: the pooled output through `text_projection` (CLIPTextModelWithProjection; SDXL's pooled
+    /// conditioning).
+    pub projection: bool,
 }
 
 /// The CLIP text encoder graph computing in `dtype` (f32, f16 or bf16; LayerNorm and softmax stay f32).
 pub fn graph(cfg: &ClipTextConfig, ck: &Checkpoint, dtype: DataType) -> Result<ModelProto> {
-    Ok(emit(cfg, ck, dtype, None)?.0)
+    Ok(emit(cfg, ck, dtype, &ClipOptions::default(), None)?.0)
+}
+
+/// [`graph`] with the extra outputs asked for.
+pub fn graph_with(
+    cfg: &ClipTextConfig,
+    ck: &Checkpoint,
+    dtype: DataType,
+    outputs: &ClipOptions,
+) -> Result<ModelProto> {
+    Ok(emit(cfg, ck, dtype, outputs, None)?.0)
 }
 
 /// Writes the graph to `out` with its weights streamed from the checkpoint mapping to `<out>.data` as they are
@@ -98,7 +325,18 @@ pub fn export(
     dtype: DataType,
     out: &std::path::Path,
 ) -> Result<()> {
-    let (model, sink) = emit(cfg, ck, dtype, Some(out))?;
+    export_with(cfg, ck, dtype, &ClipOptions::default(), out)
+}
+
+/// [`export`] with the extra outputs asked for.
+pub fn export_with(
+    cfg: &ClipTextConfig,
+    ck: &Checkpoint,
+    dtype: DataType,
+    outputs: &ClipOptions,
+    out: &std::path::Path,
+) -> Result<()> {
+    let (model, sink) = emit(cfg, ck, dtype, outputs, Some(out))?;
     crate::onnx::save_streamed(model, sink, out)
 }
 
@@ -106,9 +344,13 @@ fn emit(
     cfg: &ClipTextConfig,
     ck: &Checkpoint,
     dtype: DataType,
+    outputs: &ClipOptions,
     stream: Option<&std::path::Path>,
 ) -> Result<(ModelProto, Option<ExternalSink>)> {
-    let p = prefix(ck)?;
+    let names = Names {
+        ck,
+        layout: layout(ck, &outputs.scope)?,
+    };
     let (d, s) = (cfg.hidden_size, cfg.max_position_embeddings);
     let heads = cfg.num_attention_heads;
     if !d.is_multiple_of(heads) {
@@ -126,7 +368,7 @@ fn emit(
         DataType::INT64,
         vec![Dim::Sym("batch".into()), Dim::Fixed(s as i64)],
     )?;
-    let get = |name: &str, shape: &[usize]| ck.get_shaped(&format!("{p}{name}"), shape);
+    let get = |name: &str, shape: &[usize]| names.get(name, shape);
     let tok = get("embeddings.token_embedding.weight", &[cfg.vocab_size, d])?;
     let pos = get("embeddings.position_embedding.weight", &[s, d])?;
     let tok = o.weight(&tok.name, &tok, dtype)?;
@@ -154,8 +396,20 @@ fn emit(
     let mask = o.constant_f32("causal_mask", &[1, 1, s as i64, s as i64], &mask)?;
     let hd = d / heads;
     for i in 0..cfg.num_hidden_layers {
-        let l = format!("{p}encoder.layers.{i}");
-        let w = |n: &str, shape: &[usize]| ck.get_shaped(&format!("{l}.{n}"), shape);
+        if outputs.penultimate && i + 1 == cfg.num_hidden_layers {
+            let mut pen = o.g.op(
+                "Cast",
+                "penultimate_hidden_state",
+                &[&h],
+                vec![("to", Attr::Int(DataType::FLOAT.0 as i64))],
+                DataType::FLOAT,
+                h.shape.clone(),
+            )?;
+            pen.shape = h.shape.clone();
+            o.g.output(&pen);
+        }
+        let l = format!("encoder.layers.{i}");
+        let w = |n: &str, shape: &[usize]| names.get(&format!("{l}.{n}"), shape);
         let x = layer_norm(
             &mut o,
             &format!("{l}.layer_norm1"),
@@ -219,14 +473,7 @@ fn emit(
     }
     let fw = get("final_layer_norm.weight", &[d])?;
     let fb = get("final_layer_norm.bias", &[d])?;
-    let h = layer_norm(
-        &mut o,
-        &format!("{p}final_layer_norm"),
-        &h,
-        &fw,
-        &fb,
-        cfg.layer_norm_eps,
-    )?;
+    let h = layer_norm(&mut o, "final_layer_norm", &h, &fw, &fb, cfg.layer_norm_eps)?;
     let batch_seq_d = vec![
         Dim::Sym("batch".into()),
         Dim::Fixed(s as i64),
@@ -260,5 +507,35 @@ fn emit(
         vec![Dim::Sym("batch".into()), Dim::Fixed(d as i64)],
     )?;
     o.g.output(&pooled);
+    if outputs.projection {
+        if !names.contains("text_projection.weight") {
+            bail!(
+                "'{}' has no text projection ('{}'): it is a CLIPTextModel, not the CLIPTextModelWithProjection \
+                 SDXL's second text encoder needs",
+                ck.path.display(),
+                names.key("text_projection.weight")
+            );
+        }
+        let proj = names
+            .ck
+            .shape(&names.key("text_projection.weight"))
+            .map(|s| s.to_vec());
+        let pdim = match (&names.layout, proj.as_deref()) {
+            (Layout::OpenClip { .. }, Some([_, p])) => *p,
+            (_, Some([p, _])) => *p,
+            _ => bail!("'{}': text_projection is not 2-D", ck.path.display()),
+        };
+        let w = names.get("text_projection.weight", &[pdim, d])?;
+        let e = o.linear("text_projection", &pooled, &w, None)?;
+        let e = o.g.op(
+            "Cast",
+            "text_embeds",
+            &[&e],
+            vec![("to", Attr::Int(DataType::FLOAT.0 as i64))],
+            DataType::FLOAT,
+            vec![Dim::Sym("batch".into()), Dim::Fixed(pdim as i64)],
+        )?;
+        o.g.output(&e);
+    }
     Ok(o.g.finish_streamed())
 }

@@ -8,4 +8,5 @@ pub mod ops;
 pub mod qdq;
 pub mod t5;
 pub mod taesd;
+pub mod unet;
 pub mod vae;

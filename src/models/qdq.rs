@@ -288,13 +288,29 @@ pub struct LinearWeights<'a> {
     pub in_features: usize,
 }
 
+/// `w` [rows, cols] -> [cols, rows], in square tiles (a strided write per element thrashes the cache on the large
+/// matrices of full-size models) and in parallel over bands of output rows.
 fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
+    use rayon::prelude::*;
+    const TILE: usize = 32;
     let mut t = vec![0f32; w.len()];
-    for r in 0..rows {
-        for c in 0..cols {
-            t[c * rows + r] = w[r * cols + c];
-        }
+    if rows == 0 || cols == 0 {
+        return t;
     }
+    t.par_chunks_mut(rows * TILE)
+        .enumerate()
+        .for_each(|(band, out)| {
+            let c0 = band * TILE;
+            let width = out.len() / rows;
+            for r0 in (0..rows).step_by(TILE) {
+                for r in r0..(r0 + TILE).min(rows) {
+                    let src = &w[r * cols + c0..r * cols + c0 + width];
+                    for (dc, v) in src.iter().enumerate() {
+                        out[dc * rows + r] = *v;
+                    }
+                }
+            }
+        });
     t
 }
 
@@ -325,7 +341,11 @@ fn fixed(d: &[usize]) -> Vec<Dim> {
 }
 
 fn amax(v: &[f32]) -> f32 {
-    v.iter().fold(0f32, |m, x| m.max(x.abs()))
+    use rayon::prelude::*;
+    // max is exact in any order: the parallel fold gives the serial result.
+    v.par_chunks(1 << 16)
+        .map(|c| c.iter().fold(0f32, |m, x| m.max(x.abs())))
+        .reduce(|| 0f32, f32::max)
 }
 
 /// Per-tensor FP8 Q/DQ of an activation with scale amax/448: TensorRT fuses it into the consuming op.
@@ -382,11 +402,13 @@ fn fp8_weight(
     } else {
         vec![amax(wt).max(1e-12) / 448.0]
     };
-    let codes: Vec<u8> = wt
-        .iter()
-        .enumerate()
-        .map(|(i, v)| E4M3FN.encode(v / scales[if per_channel { i % n } else { 0 }], true))
-        .collect();
+    let codes: Vec<u8> = {
+        use rayon::prelude::*;
+        wt.par_iter()
+            .enumerate()
+            .map(|(i, v)| E4M3FN.encode(v / scales[if per_channel { i % n } else { 0 }], true))
+            .collect()
+    };
     let wq = g.initializer(
         &format!("{name}.weight"),
         DataType::FLOAT8E4M3FN,
@@ -813,4 +835,36 @@ pub fn attention(
         float,
         q.shape.clone(),
     )
+}
+
+/// Folds a calibration run's outputs (`amax.<key>` scalars) into `map`, keeping the maximum per key.
+pub fn merge_amax(
+    map: &mut HashMap<String, f32>,
+    outputs: &[(String, crate::backend::HostTensor)],
+) {
+    for (name, t) in outputs {
+        if let Some(key) = name.strip_prefix("amax.")
+            && let Some(v) = t.to_f64()
+        {
+            let m = v.iter().fold(0f64, |a, b| a.max(b.abs())) as f32;
+            let e = map.entry(key.to_string()).or_insert(0.0);
+            *e = e.max(m);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn tiled_transpose_equals_the_definition() {
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (100, 7), (0, 5)] {
+            let w: Vec<f32> = (0..rows * cols).map(|i| i as f32).collect();
+            let t = super::transpose(&w, rows, cols);
+            for r in 0..rows {
+                for c in 0..cols {
+                    assert_eq!(t[c * rows + r], w[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
+    }
 }

@@ -2,8 +2,9 @@
 //! machine's GPU, else the plan's ONNX graph on ONNX Runtime's CUDA provider when there is a GPU, else on the CPU.
 //! Pipelines and `trt-diff run` receive the opened engines; nothing below this module decides where one runs.
 use crate::backend::ort_backend::{OrtDevice, OrtEngine, OrtOptions};
-use crate::backend::{BackendChoice, Engine};
+use crate::backend::{BackendChoice, Engine, HostTensor};
 use crate::manifest::{BundleComponent, EngineFile, EngineKind, Pipeline};
+use crate::onnx::DataType;
 use crate::trt::runtime::{DeviceArena, TrtEngine, TrtRunOptions, plan_runs_here};
 use anyhow::{Context, Result, bail};
 use std::path::PathBuf;
@@ -275,5 +276,68 @@ pub fn open_components(
                 Component::Cpu(e) => e,
             })
         })
+        .collect())
+}
+
+/// A float tensor for `engine`'s input `name`, converted to the input's dtype.
+pub fn float_input(
+    engine: &dyn Engine,
+    name: &str,
+    shape: &[usize],
+    v: &[f32],
+) -> Result<(String, HostTensor)> {
+    let Some(d) = engine.inputs().iter().find(|d| d.name == name) else {
+        let names: Vec<&str> = engine.inputs().iter().map(|d| d.name.as_str()).collect();
+        bail!(
+            "engine has no input '{name}' (inputs: {}); was it exported by another tool?",
+            names.join(", ")
+        );
+    };
+    let (shape, data) = (shape.to_vec(), v);
+    let bytes = match d.dtype {
+        DataType::FLOAT => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        DataType::FLOAT16 => data
+            .iter()
+            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
+            .collect(),
+        DataType::BFLOAT16 => data
+            .iter()
+            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
+            .collect(),
+        other => bail!("input '{name}' is {other}; a float input was expected"),
+    };
+    Ok((
+        name.to_string(),
+        HostTensor {
+            dtype: d.dtype,
+            shape,
+            data: bytes,
+        },
+    ))
+}
+
+pub fn ids_input(name: &str, shape: &[usize], ids: &[u32]) -> (String, HostTensor) {
+    (
+        name.to_string(),
+        HostTensor {
+            dtype: DataType::INT64,
+            shape: shape.to_vec(),
+            data: ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect(),
+        },
+    )
+}
+
+/// Output `i` of a run as f32 values.
+pub fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
+    let t = out
+        .iter()
+        .find(|(n, _)| n == name)
+        .or(out.first())
+        .with_context(|| format!("engine returned no output '{name}'"))?;
+    Ok(t.1
+        .to_f64()
+        .with_context(|| format!("output '{}' is not numeric", t.0))?
+        .into_iter()
+        .map(|v| v as f32)
         .collect())
 }

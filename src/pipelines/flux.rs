@@ -4,7 +4,7 @@
 //! dev and unshifted for schnell), the VAE decodes `latents / scaling + shift`, and PNGs carry the parameters.
 //! Each engine is TensorRT or ONNX Runtime; this file does not care which. The generic request handling (CFG,
 //! sampler loop, img2img, batches, previews) is `pipelines::image`.
-use super::engines::{Backend, open_components, resolve};
+use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, DeviceTensor, Engine, HostTensor};
@@ -125,69 +125,6 @@ pub struct FluxModel {
 }
 
 pub type FluxPipeline = ImagePipeline<FluxModel>;
-
-/// A float tensor for `engine`'s input `name`, converted to the input's dtype.
-fn float_input(
-    engine: &dyn Engine,
-    name: &str,
-    shape: &[usize],
-    v: &[f32],
-) -> Result<(String, HostTensor)> {
-    let Some(d) = engine.inputs().iter().find(|d| d.name == name) else {
-        let names: Vec<&str> = engine.inputs().iter().map(|d| d.name.as_str()).collect();
-        bail!(
-            "engine has no input '{name}' (inputs: {}); was it exported by another tool?",
-            names.join(", ")
-        );
-    };
-    let (shape, data) = (shape.to_vec(), v);
-    let bytes = match d.dtype {
-        DataType::FLOAT => data.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        DataType::FLOAT16 => data
-            .iter()
-            .flat_map(|x| half::f16::from_f32(*x).to_le_bytes())
-            .collect(),
-        DataType::BFLOAT16 => data
-            .iter()
-            .flat_map(|x| half::bf16::from_f32(*x).to_le_bytes())
-            .collect(),
-        other => bail!("input '{name}' is {other}; a float input was expected"),
-    };
-    Ok((
-        name.to_string(),
-        HostTensor {
-            dtype: d.dtype,
-            shape,
-            data: bytes,
-        },
-    ))
-}
-
-fn ids_input(name: &str, shape: &[usize], ids: &[u32]) -> (String, HostTensor) {
-    (
-        name.to_string(),
-        HostTensor {
-            dtype: DataType::INT64,
-            shape: shape.to_vec(),
-            data: ids.iter().flat_map(|&i| (i as i64).to_le_bytes()).collect(),
-        },
-    )
-}
-
-/// Output `i` of a run as f32 values.
-fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
-    let t = out
-        .iter()
-        .find(|(n, _)| n == name)
-        .or(out.first())
-        .with_context(|| format!("engine returned no output '{name}'"))?;
-    Ok(t.1
-        .to_f64()
-        .with_context(|| format!("output '{}' is not numeric", t.0))?
-        .into_iter()
-        .map(|v| v as f32)
-        .collect())
-}
 
 /// Text conditioning of one prompt: T5 sequence [1, L, d] and CLIP pooled [1, 768]; on a GPU also their copies
 /// repeated for a batch, uploaded once per prompt and batch size.
@@ -837,6 +774,7 @@ impl ImageModel for FluxModel {
             height: c.default_height,
             guidance: c.default_guidance,
             guidance_input: c.guidance_embeds,
+            cfg: 1.0,
         }
     }
 
@@ -976,6 +914,19 @@ impl ImageModel for FluxModel {
         })
     }
     /// Init image -> packed, scaled latents [1, tokens, 4C] (VAE encoder mean).
+    /// FLUX.1 Fill takes the mask as a transformer input (`set_inpaint`): no latent blend (all ones). Plain Flux
+    /// models do not inpaint.
+    fn mask_latent(&mut self, mask: &[f32], rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
+        let _ = (mask, rgb);
+        if self.config.fill_channels == 0 {
+            bail!(
+                "--mask needs a FLUX.1 Fill model (its transformer takes the masked image and the mask); this \
+                 bundle's does not: use plain img2img (--init-image, --strength) or build FLUX.1-Fill-dev"
+            );
+        }
+        Ok(vec![1.0; lat.per_image])
+    }
+
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
         let c = self.config.clone();
         let Some(enc) = self.engines.vae_encoder.as_mut() else {

@@ -25,12 +25,23 @@ pub struct ImageRequest {
     pub height: Option<usize>,
     /// Distilled guidance (a network input, e.g. FLUX.1-dev's).
     pub guidance: Option<f32>,
-    /// Classifier-free guidance with the negative prompt (1 = off; doubles the network calls).
+    /// Classifier-free guidance with the negative prompt (1 = off; doubles the network calls; 0 = the bundle's
+    /// default).
     pub cfg: f32,
     pub batch: usize,
     pub init_image: Option<PathBuf>,
     /// img2img: fraction of the schedule re-run from the noised init image (1 = ignore the image).
     pub strength: f32,
+    /// Inpainting: a mask (white = repaint, black = keep the init image); needs `init_image`. Outside the mask the
+    /// latent is reset after every step to the init image's latent at that noise level, unless the model takes
+    /// the mask itself (9-channel inpainting UNets, FLUX.1 Fill).
+    pub mask: Option<PathBuf>,
+    /// Stop after this fraction of the steps (a base model handing over to a refiner; the latents stay noisy).
+    pub denoise_end: Option<f32>,
+    /// Start at this fraction of the steps from `start_latents` (a refiner taking over).
+    pub denoise_start: Option<f32>,
+    /// Sampler-space latents of the whole batch at the start step (with `denoise_start`).
+    pub start_latents: Option<Vec<f32>>,
     /// Sampler-space initial noise of the whole batch instead of Philox noise (reproducing other tools).
     pub initial_noise: Option<Vec<f32>>,
     /// Skip the VAE (tests of the latents, calibration).
@@ -39,8 +50,6 @@ pub struct ImageRequest {
     pub preview: Option<PathBuf>,
     /// ControlNet conditions (the bundle's ControlNet, each image with its strength and step window).
     pub controls: Vec<ControlImage>,
-    /// Inpainting (FLUX.1 Fill): white where `init_image` is repainted.
-    pub mask: Option<PathBuf>,
 }
 
 /// One ControlNet condition of a request.
@@ -67,13 +76,22 @@ pub struct ImageDefaults {
     pub guidance: f32,
     /// The network takes distilled guidance as an input (otherwise `--guidance` has no effect).
     pub guidance_input: bool,
+    /// Classifier-free guidance scale when the request leaves it at 0 (1 = off). Families whose default is
+    /// above 1 (SD, SDXL) guide against the empty prompt when no negative prompt is given.
+    pub cfg: f32,
 }
 
 /// How a network's output relates to the denoised estimate `D` the samplers step with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Prediction {
-    /// Rectified flow: the network predicts the velocity v, `D = x - sigma v`.
+    /// Rectified flow: the network predicts the velocity v, `D = x - sigma v`; `x_sigma = (1 - sigma) x0 + sigma
+    /// noise`, so the initial noise is unscaled.
     Flow,
+    /// Variance-exploding k-diffusion view of a DDPM model predicting the noise: `D = x - sigma eps`, `x_sigma =
+    /// x0 + sigma noise` (the family scales the network input by `1 / sqrt(sigma^2 + 1)`).
+    Eps,
+    /// v-prediction in the same view: `D = x / (sigma^2 + 1) - v sigma / sqrt(sigma^2 + 1)`.
+    V,
 }
 
 /// The latent geometry of one request: the sampler steps `batch * per_image` values; `channels x height x width`
@@ -200,17 +218,15 @@ pub trait ImageModel {
         }
         bail!("the {} pipeline has no ControlNet", self.arch())
     }
-    /// Sets the inpainting condition of the next run (`image` repainted where `mask` is white); None clears it.
+    /// Sets the inpainting condition of the next run (`image` repainted where `mask` is white; None clears it),
+    /// for models that take it as an input (FLUX.1 Fill); the others inpaint through `mask_latent`'s blend.
     fn set_inpaint(
         &mut self,
         inpaint: Option<(&std::path::Path, &std::path::Path)>,
         lat: &Latents,
     ) -> Result<()> {
-        let _ = lat;
-        if inpaint.is_none() {
-            return Ok(());
-        }
-        bail!("the {} pipeline does not inpaint with a mask", self.arch())
+        let _ = (inpaint, lat);
+        Ok(())
     }
     /// Applies `loras` (files at strengths) to the opened engines, replacing the set applied before (an empty
     /// list restores the built weights).
@@ -231,6 +247,10 @@ pub trait ImageModel {
     /// `steps + 1` sigmas ending in 0 for a scheduler name (the family's own names and the catalogue's).
     fn sigmas(&self, scheduler: &str, steps: usize, lat: &Latents) -> Result<Vec<f64>>;
     fn encode_prompt(&mut self, prompt: &str) -> Result<Self::Cond>;
+    /// A negative prompt's conditioning (the SDXL refiner conditions it on another aesthetic score).
+    fn encode_negative(&mut self, prompt: &str) -> Result<Self::Cond> {
+        self.encode_prompt(prompt)
+    }
     /// The network's raw output for the whole batch at `sigma`, written into `out` (where `x` lives).
     fn predict(
         &mut self,
@@ -241,6 +261,20 @@ pub trait ImageModel {
         guidance: f32,
         out: &mut Latent,
     ) -> Result<()>;
+    /// The conditional and unconditional outputs of classifier-free guidance; families whose network takes
+    /// both in one batched call (one engine run instead of two) override it.
+    fn predict_pair(
+        &mut self,
+        x: &Latent,
+        sigma: f64,
+        (cond, uncond): (&Self::Cond, &Self::Cond),
+        lat: &Latents,
+        guidance: f32,
+        (out, out_uncond): (&mut Latent, &mut Latent),
+    ) -> Result<()> {
+        self.predict(x, sigma, cond, lat, guidance, out)?;
+        self.predict(x, sigma, uncond, lat, guidance, out_uncond)
+    }
     /// The batch's initial latents: per image i, Philox noise of `seed + i` (stream 0) in the sampler's space,
     /// where the engines run.
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent>;
@@ -250,6 +284,15 @@ pub trait ImageModel {
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>>;
     /// Sampler-space latents of the batch to RGB8 images.
     fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>>;
+    /// Called at the start of every request: per-request state (an inpainting mask) is dropped here.
+    fn new_request(&mut self) {}
+    /// Inpainting weights of one image in the sampler's latent layout (1 = repaint, blended after every step)
+    /// from a mask of the image's pixels (`h * w` values in [0, 1]) and the init image `rgb` ([1, 3, H, W] in
+    /// [-1, 1]); models conditioned on the mask themselves (9-channel inpainting UNets) keep it and return ones.
+    fn mask_latent(&mut self, mask: &[f32], rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
+        let _ = (mask, rgb, lat);
+        bail!("{} does not support --mask", self.arch())
+    }
     /// Whether [`ImageModel::preview`] can draw (a tiny autoencoder in the bundle).
     fn can_preview(&self) -> bool;
     /// The first image of an x0 estimate through the preview decoder: (RGB8, width, height).
@@ -335,16 +378,22 @@ impl<M: ImageModel> ImagePipeline<M> {
         self.model.set_loras(loras)
     }
 
-    fn condition(&mut self, prompt: &str) -> Result<Rc<M::Cond>> {
-        if let Some(c) = self.cache.get(prompt) {
+    fn condition(&mut self, prompt: &str, negative: bool) -> Result<Rc<M::Cond>> {
+        // Negative and positive conditionings of one text may differ: separate keys.
+        let key = format!("{}{prompt}", if negative { "-" } else { "+" });
+        if let Some(c) = self.cache.get(&key) {
             return Ok(c.clone());
         }
         tracing::debug!("encoding the prompt");
-        let c = Rc::new(self.model.encode_prompt(prompt)?);
+        let c = Rc::new(if negative {
+            self.model.encode_negative(prompt)?
+        } else {
+            self.model.encode_prompt(prompt)?
+        });
         if self.cache.len() >= COND_CACHE {
             self.cache.clear();
         }
-        self.cache.insert(prompt.to_string(), c.clone());
+        self.cache.insert(key, c.clone());
         Ok(c)
     }
 
@@ -354,6 +403,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         req: &ImageRequest,
         on_step: &mut dyn FnMut(&StepInfo) -> Result<()>,
     ) -> Result<ImageOutput> {
+        self.model.new_request();
         let d = self.model.defaults();
         let (w, h) = (req.width.unwrap_or(d.width), req.height.unwrap_or(d.height));
         let lat = self.model.latents(w, h, req.batch.max(1))?;
@@ -361,6 +411,7 @@ impl<M: ImageModel> ImagePipeline<M> {
         let sampler_name = req.sampler.clone().unwrap_or(d.sampler.clone());
         let scheduler = req.scheduler.clone().unwrap_or(d.scheduler.clone());
         let guidance = req.guidance.unwrap_or(d.guidance);
+        let cfg_scale = if req.cfg == 0.0 { d.cfg } else { req.cfg };
         if req.guidance.is_some() && !d.guidance_input {
             tracing::warn!(
                 "{} has no guidance input: --guidance is ignored (use --cfg with --negative-prompt)",
@@ -368,11 +419,16 @@ impl<M: ImageModel> ImagePipeline<M> {
             );
         }
         let mut sigmas = self.model.sigmas(&scheduler, steps, &lat)?;
-        let true_cfg = req.cfg > 1.0;
-        if true_cfg && req.negative_prompt.is_none() {
+        let true_cfg = cfg_scale > 1.0;
+        // Families that guide by default guide against the empty prompt (as diffusers, A1111 and ComfyUI do).
+        let negative = match (&req.negative_prompt, d.cfg > 1.0) {
+            (Some(n), _) => Some(n.clone()),
+            (None, true) => Some(String::new()),
+            (None, false) => None,
+        };
+        if true_cfg && negative.is_none() {
             bail!(
-                "--cfg {} needs --negative-prompt (classifier-free guidance compares the two predictions)",
-                req.cfg
+                "--cfg {cfg_scale} needs --negative-prompt (classifier-free guidance compares the two predictions)"
             );
         }
         if req.preview.is_some() && !self.model.can_preview() {
@@ -382,9 +438,9 @@ impl<M: ImageModel> ImagePipeline<M> {
             );
         }
         let mut sampler = registry::build::<Latent>(&sampler_name, &Default::default())?;
-        let cond = self.condition(&req.prompt)?;
-        let uncond = match (&req.negative_prompt, true_cfg) {
-            (Some(neg), true) => Some(self.condition(neg)?),
+        let cond = self.condition(&req.prompt, false)?;
+        let uncond = match (&negative, true_cfg) {
+            (Some(neg), true) => Some(self.condition(neg, true)?),
             _ => None,
         };
         // Initial latents: given, or Philox noise per image (seed + i, so image i is reproducible alone).
@@ -397,6 +453,45 @@ impl<M: ImageModel> ImagePipeline<M> {
             ),
             None => self.model.initial_noise(req.seed, &lat)?,
         };
+        let prediction = self.model.prediction();
+        let steps_total = sigmas.len() - 1;
+        let at = |f: f32| ((steps_total as f64) * f as f64).round() as usize;
+        if let Some(end) = req.denoise_end {
+            if !(end > 0.0 && end <= 1.0) {
+                bail!("the denoising end {end} must be in (0, 1]");
+            }
+            sigmas.truncate(at(end).max(1) + 1);
+        }
+        if let Some(start) = req.denoise_start {
+            if !(0.0..1.0).contains(&start) {
+                bail!("the denoising start {start} must be in [0, 1)");
+            }
+            if req.init_image.is_some() {
+                bail!("a refiner pass starts from the base model's latents, not from --init-image");
+            }
+            let k = at(start);
+            if k + 1 >= sigmas.len() {
+                bail!(
+                    "starting at {start} of {steps} steps leaves no step to run: lower the start or add steps"
+                );
+            }
+            sigmas = sigmas[k..].to_vec();
+            match &req.start_latents {
+                Some(v) if v.len() == lat.len() => x = self.model.latent(v.clone())?,
+                Some(v) => bail!(
+                    "the starting latents have {} values, {} expected (base and refiner must share the latent \
+                     size)",
+                    v.len(),
+                    lat.len()
+                ),
+                None => bail!("a denoising start needs the latents to start from (a pipeline bug)"),
+            }
+        }
+        if req.mask.is_some() && req.init_image.is_none() {
+            bail!("--mask needs --init-image (the image whose unmasked part is kept)");
+        }
+        // Inpainting: the unit noise, the init latent and the mask, for the blend after every step.
+        let mut inpaint: Option<(Vec<f64>, Vec<f64>, Vec<f64>)> = None;
         if let Some(path) = &req.init_image {
             if !(0.0..=1.0).contains(&req.strength) || req.strength == 0.0 {
                 bail!("--strength {} must be in (0, 1]", req.strength);
@@ -413,11 +508,33 @@ impl<M: ImageModel> ImagePipeline<M> {
             sigmas = sigmas[t_start..].to_vec();
             let rgb = super::image_io::load_init_image(path, w, h)?;
             let x0 = self.model.encode_image(&rgb, &lat)?.repeat(lat.batch);
+            if let Some(mask_path) = &req.mask {
+                let m = super::image_io::load_mask(mask_path, w, h)?;
+                let m = self.model.mask_latent(&m, &rgb, &lat)?;
+                if m.len() != lat.per_image {
+                    bail!(
+                        "the model's latent mask has {} values, {} expected",
+                        m.len(),
+                        lat.per_image
+                    );
+                }
+                let m: Vec<f64> = m
+                    .iter()
+                    .map(|&v| v as f64)
+                    .collect::<Vec<_>>()
+                    .repeat(lat.batch);
+                let x0f: Vec<f64> = x0.iter().map(|&v| v as f64).collect();
+                inpaint = Some((x.to_host_f64()?, x0f, m));
+            }
             let x0 = self.model.latent(x0)?;
             let s0 = sigmas[0] as f32 as f64;
-            match self.model.prediction() {
+            match prediction {
                 Prediction::Flow => x.lincomb(s0, &[(1.0 - s0, &x0)])?,
+                Prediction::Eps | Prediction::V => x.lincomb(s0, &[(1.0, &x0)])?,
             }
+        } else if prediction != Prediction::Flow && req.denoise_start.is_none() {
+            // k-diffusion: the first latent is noise at the first sigma.
+            x.lincomb(sigmas[0] as f32 as f64, &[])?;
         }
         for c in &req.controls {
             if !(0.0..=1.0).contains(&c.start) || !(0.0..=1.0).contains(&c.end) || c.start >= c.end
@@ -430,22 +547,18 @@ impl<M: ImageModel> ImagePipeline<M> {
             }
         }
         self.model.set_controls(&req.controls, &lat, &sigmas)?;
-        let inpaint = match (&req.mask, &req.init_image) {
+        let inpaint_input = match (&req.mask, &req.init_image) {
             (Some(m), Some(i)) => Some((i.as_path(), m.as_path())),
-            (Some(_), None) => {
-                bail!("--mask needs --init-image: the image whose masked part is repainted")
-            }
-            (None, _) => None,
+            _ => None,
         };
-        self.model.set_inpaint(inpaint, &lat)?;
+        self.model.set_inpaint(inpaint_input, &lat)?;
         let run_steps = sigmas.len() - 1;
-        let prediction = self.model.prediction();
         let mut last_x0 = x.alloc_like()?;
         let mut denoiser = GuidedDenoiser {
             model: &mut self.model,
             cond: &cond,
             uncond: uncond.as_deref(),
-            cfg: req.cfg,
+            cfg: cfg_scale,
             guidance,
             lat: &lat,
             prediction,
@@ -469,6 +582,21 @@ impl<M: ImageModel> ImagePipeline<M> {
                 sigmas: &sigmas,
             };
             sampler.step(&mut cx, &mut x, i)?;
+            if let Some((noise, x0, m)) = &inpaint {
+                // Keep the init image outside the mask: its latent noised to this step's sigma.
+                let s = sigmas[i + 1];
+                let cur = x.to_host_f64()?;
+                let blended: Vec<f64> = (0..cur.len())
+                    .map(|j| {
+                        let kept = match prediction {
+                            Prediction::Flow => (1.0 - s) * x0[j] + s * noise[j],
+                            Prediction::Eps | Prediction::V => x0[j] + s * noise[j],
+                        };
+                        m[j] * cur[j] + (1.0 - m[j]) * kept
+                    })
+                    .collect();
+                x.set_from_f64(&blended)?;
+            }
             x.sync()?;
             let seconds = t_step.elapsed().as_secs_f64();
             let outside_seconds = seconds - denoiser.network_seconds;
@@ -492,8 +620,8 @@ impl<M: ImageModel> ImagePipeline<M> {
             "{}\nNegative prompt: {}\nSteps: {steps}, Sampler: {sampler_name}, Schedule: {scheduler}, Guidance: \
              {guidance}, CFG: {}, Seed: {}, Size: {w}x{h}, Batch: {}, Model: {}{}",
             req.prompt,
-            req.negative_prompt.clone().unwrap_or_default(),
-            req.cfg.max(1.0),
+            negative.clone().unwrap_or_default(),
+            cfg_scale.max(1.0),
             req.seed,
             lat.batch,
             self.model.arch(),
@@ -501,8 +629,14 @@ impl<M: ImageModel> ImagePipeline<M> {
                 .as_ref()
                 .map(|p| format!(", Init image: {}, Strength: {}", p.display(), req.strength))
                 .unwrap_or_default()
+                + &req
+                    .mask
+                    .as_ref()
+                    .map(|p| format!(", Mask: {}", p.display()))
+                    .unwrap_or_default()
         );
-        let images = if req.latents_only {
+        // A base model handing over keeps its noisy latents: nothing to decode.
+        let images = if req.latents_only || sigmas.last().is_some_and(|s| *s != 0.0) {
             Vec::new()
         } else {
             tracing::debug!("decoding the latents");
@@ -544,6 +678,11 @@ impl<M: ImageModel> GuidedDenoiser<'_, M> {
     fn to_denoised(&self, x: &Latent, sigma: f64, raw: &Latent, out: &mut Latent) -> Result<()> {
         match self.prediction {
             Prediction::Flow => out.lincomb(0.0, &[(1.0, x), (-(sigma as f32) as f64, raw)]),
+            Prediction::Eps => out.lincomb(0.0, &[(1.0, x), (-sigma, raw)]),
+            Prediction::V => {
+                let s2 = sigma * sigma + 1.0;
+                out.lincomb(0.0, &[(1.0 / s2, x), (-sigma / s2.sqrt(), raw)])
+            }
         }
     }
 }
@@ -566,11 +705,18 @@ impl<M: ImageModel> Denoiser<Latent> for GuidedDenoiser<'_, M> {
         let (mut v, mut vu) = self.raw.take().expect("allocated above");
         let r = (|| {
             let t = Instant::now();
-            self.model
-                .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?;
-            if let Some(u) = self.uncond {
-                self.model
-                    .predict(x, sigma, u, self.lat, self.guidance, &mut vu)?;
+            match self.uncond {
+                Some(u) => self.model.predict_pair(
+                    x,
+                    sigma,
+                    (self.cond, u),
+                    self.lat,
+                    self.guidance,
+                    (&mut v, &mut vu),
+                )?,
+                None => self
+                    .model
+                    .predict(x, sigma, self.cond, self.lat, self.guidance, &mut v)?,
             }
             self.network_seconds += t.elapsed().as_secs_f64();
             if self.uncond.is_some() {

@@ -1,5 +1,5 @@
 //! Pipelines: engines, tokenizers and samplers put together. `image` is the seam every image family plugs into
-//! (one file per family: `flux`), `llm` generates text; `engines` opens engines on the backend chosen once per
+//! (one file per family: `flux`, `sd`), `llm` generates text; `engines` opens engines on the backend chosen once per
 //! engine file; `bundle` and `recipe` build and configure multi-engine bundles.
 pub mod bundle;
 pub mod chat;
@@ -14,6 +14,8 @@ pub mod llm_build;
 pub mod llm_convert;
 pub mod lora;
 pub mod recipe;
+pub mod sd;
+pub mod sd_build;
 
 /// `--arch`: what `build` and `export` make of a checkpoint whose kind the files do not tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -24,6 +26,18 @@ pub enum Arch {
     FluxDev,
     /// FLUX.1-schnell.
     FluxSchnell,
+    /// Stable Diffusion 1.x (eps, CLIP-L).
+    Sd15,
+    /// Stable Diffusion 2.x 768-v (v-prediction, OpenCLIP-H).
+    Sd21,
+    /// SDXL base (CLIP-L + OpenCLIP-bigG, added time ids).
+    Sdxl,
+    /// SDXL refiner (OpenCLIP-bigG, aesthetic-score time ids).
+    SdxlRefiner,
+    /// SDXL-Turbo (1-4 steps, no CFG).
+    SdxlTurbo,
+    /// SD-Turbo (SD2.1-based, 1-4 steps, no CFG).
+    SdTurbo,
 }
 
 /// Which pipeline runs an arch.
@@ -31,6 +45,7 @@ pub enum Arch {
 pub enum Family {
     Llm,
     Flux,
+    Sd,
 }
 
 impl Arch {
@@ -40,6 +55,12 @@ impl Arch {
             Arch::Llama2c => "llama2c",
             Arch::FluxDev => "flux-dev",
             Arch::FluxSchnell => "flux-schnell",
+            Arch::Sd15 => "sd15",
+            Arch::Sd21 => "sd21",
+            Arch::Sdxl => "sdxl",
+            Arch::SdxlRefiner => "sdxl-refiner",
+            Arch::SdxlTurbo => "sdxl-turbo",
+            Arch::SdTurbo => "sd-turbo",
         }
     }
 
@@ -47,6 +68,12 @@ impl Arch {
         match self {
             Arch::Llama2c => Family::Llm,
             Arch::FluxDev | Arch::FluxSchnell => Family::Flux,
+            Arch::Sd15
+            | Arch::Sd21
+            | Arch::Sdxl
+            | Arch::SdxlRefiner
+            | Arch::SdxlTurbo
+            | Arch::SdTurbo => Family::Sd,
         }
     }
 
@@ -54,7 +81,8 @@ impl Arch {
     pub fn parse(name: &str) -> anyhow::Result<Self> {
         <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
             anyhow::anyhow!(
-                "unknown arch '{name}'; this trt-diff knows llama2c, flux-dev, flux-schnell"
+                "unknown arch '{name}'; this trt-diff knows llama2c, flux-dev, flux-schnell, sd15, sd21, sdxl, \
+                 sdxl-refiner, sdxl-turbo, sd-turbo"
             )
         })
     }
@@ -80,6 +108,9 @@ pub fn open_image_pipeline(
     let backend = engines::resolve(choice, engine)?;
     Ok(match Arch::parse(&bundle.arch)?.family() {
         Family::Flux => Box::new(image::ImagePipeline::new(flux::FluxModel::open(
+            engine, bundle, backend,
+        )?)),
+        Family::Sd => Box::new(image::ImagePipeline::new(sd::SdModel::open(
             engine, bundle, backend,
         )?)),
         Family::Llm => anyhow::bail!(

@@ -10,6 +10,15 @@ const RECIPES: &[(&str, &str)] = &[
         "flux-schnell",
         include_str!("../../engines/flux-schnell.toml"),
     ),
+    ("sd15", include_str!("../../engines/sd15.toml")),
+    ("sd21", include_str!("../../engines/sd21.toml")),
+    ("sd-turbo", include_str!("../../engines/sd-turbo.toml")),
+    ("sdxl", include_str!("../../engines/sdxl.toml")),
+    (
+        "sdxl-refiner",
+        include_str!("../../engines/sdxl-refiner.toml"),
+    ),
+    ("sdxl-turbo", include_str!("../../engines/sdxl-turbo.toml")),
 ];
 
 /// Every arch with a recipe.

@@ -282,7 +282,7 @@ fn check(req: &ImageRequest, iterations: usize) -> Result<(), String> {
         return Err(format!("steps: give 1 to {MAX_STEPS}"));
     }
     if !(req.cfg.is_finite() && (0.0..=100.0).contains(&req.cfg)) {
-        return Err("cfg_scale: give a number from 0 to 100".into());
+        return Err("cfg_scale: give a number from 0 (the model's default) to 100".into());
     }
     Ok(())
 }
@@ -425,7 +425,7 @@ async fn openai_generations(
         width: size.map(|s| s.0),
         height: size.map(|s| s.1),
         guidance: r.guidance,
-        cfg: r.cfg_scale.unwrap_or(1.0),
+        cfg: r.cfg_scale.unwrap_or(0.0),
         batch: r.n.unwrap_or(1),
         strength: 1.0,
         ..Default::default()
@@ -540,7 +540,7 @@ async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
         width: r.width,
         height: r.height,
         guidance: r.distilled_cfg_scale,
-        cfg: r.cfg_scale.unwrap_or(1.0),
+        cfg: r.cfg_scale.unwrap_or(0.0),
         batch: r.batch_size.unwrap_or(1),
         strength: if with_init {
             r.denoising_strength.unwrap_or(0.75)
@@ -581,7 +581,7 @@ async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
         "height": height,
         "steps": r.steps.unwrap_or(d.steps),
         "sampler_name": r.sampler_name.clone().unwrap_or_else(|| d.sampler.clone()),
-        "cfg_scale": base.cfg,
+        "cfg_scale": if base.cfg == 0.0 { d.cfg } else { base.cfg },
         "batch_size": base.batch,
         "sd_model_name": state.shared.model,
         "infotexts": infotexts,

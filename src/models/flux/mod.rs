@@ -190,21 +190,7 @@ pub fn amax_key(layer: &str) -> String {
     layer.to_string()
 }
 
-/// Folds a calibration run's outputs (`amax.<key>` scalars) into `map`, keeping the maximum per key.
-pub fn merge_amax(
-    map: &mut HashMap<String, f32>,
-    outputs: &[(String, crate::backend::HostTensor)],
-) {
-    for (name, t) in outputs {
-        if let Some(key) = name.strip_prefix("amax.")
-            && let Some(v) = t.to_f64()
-        {
-            let m = v.iter().fold(0f64, |a, b| a.max(b.abs())) as f32;
-            let e = map.entry(key.to_string()).or_insert(0.0);
-            *e = e.max(m);
-        }
-    }
-}
+pub use crate::models::qdq::merge_amax;
 
 /// What an export wrote.
 #[derive(Clone, Debug)]
