@@ -4,8 +4,7 @@
 use crate::cli::GenerateArgs;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::pipelines::engines::{Backend, resolve};
-use crate::pipelines::flux::FluxModel;
-use crate::pipelines::image::{ImageModel, ImagePipeline, ImageRequest};
+use crate::pipelines::image::{ImageGenerator, ImageModel, ImagePipeline, ImageRequest};
 use crate::pipelines::image_io::write_png;
 use crate::pipelines::sd::SdModel;
 use crate::pipelines::{Arch, Family};
@@ -104,9 +103,18 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
             engine.path.display()
         );
     }
-    let r = match arch.family() {
-        Family::Flux => {
-            let mut pipe = ImagePipeline::new(FluxModel::open(engine, bundle, backend)?);
+    let r = match &i.refiner {
+        Some(_) if !i.lora.is_empty() => {
+            bail!(
+                "--lora with --refiner is not supported: the LoRA would apply to one of the two models"
+            )
+        }
+        Some(refiner) => {
+            let base = ImagePipeline::new(SdModel::open(engine, bundle, backend)?);
+            refine(a, base, refiner, req, out)?
+        }
+        None => {
+            let mut pipe = crate::pipelines::open_image_pipeline(engine, backend)?;
             if !i.lora.is_empty() {
                 let t = Instant::now();
                 pipe.set_loras(&crate::weights::lora::open_all(&i.lora)?)?;
@@ -116,28 +124,8 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
                     t.elapsed().as_secs_f64()
                 );
             }
-            write_images(pipe, &req, out, !i.no_progress)?
+            write_images(pipe.as_mut(), &req, out, !i.no_progress)?
         }
-        Family::Sd if !i.lora.is_empty() => bail!(
-            "--lora applies to Flux bundles so far; '{}' is {arch}",
-            engine.path.display()
-        ),
-        Family::Sd => match &i.refiner {
-            None => write_images(
-                ImagePipeline::new(SdModel::open(engine, bundle, backend)?),
-                &req,
-                out,
-                !i.no_progress,
-            )?,
-            Some(refiner) => {
-                let base = ImagePipeline::new(SdModel::open(engine, bundle, backend)?);
-                refine(a, base, refiner, req, out)?
-            }
-        },
-        Family::Llm => bail!(
-            "'{}' records the LLM arch {arch} in an image bundle; rebuild it",
-            engine.path.display()
-        ),
     };
     let mean = |v: &[f64]| v.iter().sum::<f64>() / v.len().max(1) as f64;
     for f in &r.files {
@@ -222,7 +210,7 @@ fn refine(
         );
     }
     let refiner_backend = resolve(a.engine.backend, &refiner_file)?;
-    let refiner_pipe = ImagePipeline::new(SdModel::open(
+    let mut refiner_pipe = ImagePipeline::new(SdModel::open(
         &refiner_file,
         refiner_bundle,
         refiner_backend,
@@ -256,7 +244,7 @@ fn refine(
         start_latents: Some(r.latents),
         ..shared
     };
-    let mut w = write_images(refiner_pipe, &second, out, !i.no_progress)?;
+    let mut w = write_images(&mut refiner_pipe, &second, out, !i.no_progress)?;
     let mut steps = r.step_seconds;
     steps.append(&mut w.step_seconds);
     let mut outside = r.outside_seconds;
@@ -289,8 +277,8 @@ pub fn image_path(out: &Path, i: usize, n: usize) -> PathBuf {
 }
 
 /// Runs the request with a progress bar (per-step time) and writes the PNGs.
-fn write_images<M: ImageModel>(
-    mut pipe: ImagePipeline<M>,
+fn write_images(
+    pipe: &mut dyn ImageGenerator,
     req: &ImageRequest,
     out: &Path,
     progress: bool,

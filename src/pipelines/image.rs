@@ -336,6 +336,8 @@ pub trait ImageGenerator {
     fn defaults(&self) -> ImageDefaults;
     /// The arch the bundle records ("flux-dev", ...).
     fn arch(&self) -> &str;
+    /// Applies LoRAs at run time (families without LoRA support refuse).
+    fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()>;
 }
 
 impl<M: ImageModel> ImageGenerator for ImagePipeline<M> {
@@ -351,6 +353,9 @@ impl<M: ImageModel> ImageGenerator for ImagePipeline<M> {
     }
     fn arch(&self) -> &str {
         self.model.arch()
+    }
+    fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        ImagePipeline::set_loras(self, loras)
     }
 }
 

@@ -94,10 +94,10 @@ impl std::fmt::Display for Arch {
     }
 }
 
-/// Opens an image bundle's pipeline, whichever family built it, on the backend `choice` resolves to.
+/// Opens an image bundle's pipeline, whichever family built it, on `backend` (`engines::resolve`).
 pub fn open_image_pipeline(
     engine: &crate::manifest::EngineFile,
-    choice: crate::backend::BackendChoice,
+    backend: engines::Backend,
 ) -> anyhow::Result<Box<dyn image::ImageGenerator>> {
     let Some(crate::manifest::Pipeline::Image(bundle)) = engine.pipeline() else {
         anyhow::bail!(
@@ -105,7 +105,6 @@ pub fn open_image_pipeline(
             engine.path.display()
         );
     };
-    let backend = engines::resolve(choice, engine)?;
     Ok(match Arch::parse(&bundle.arch)?.family() {
         Family::Flux => Box::new(image::ImagePipeline::new(flux::FluxModel::open(
             engine, bundle, backend,

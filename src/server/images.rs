@@ -91,7 +91,9 @@ pub fn router(engine: &EngineFile, backend: BackendChoice, shared: AppShared) ->
         .name("images".into())
         .spawn(move || {
             // The pipeline is opened on the thread that uses it (engines need not be Send).
-            match crate::pipelines::open_image_pipeline(&file, backend) {
+            let opened = crate::pipelines::engines::resolve(backend, &file)
+                .and_then(|b| crate::pipelines::open_image_pipeline(&file, b));
+            match opened {
                 Ok(pipe) => {
                     let _ = ready_tx.send(Ok((pipe.defaults(), pipe.arch().to_string())));
                     worker(pipe, rx, &worker_progress, &metrics);
