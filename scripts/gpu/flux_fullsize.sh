@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
+# .devcarry/gpu and .devcarry/wheels with the diffusers wheel): FLUX.1-dev shapes, 1024x1024, 28 steps, bf16,
+# random weights (scripts/gpu/flux_fullsize.py), diffusers' FluxPipeline beside trt-diff's `--backend cuda` on the
+# same folder. Needs about 50 GB of disk (the bf16 checkpoint, then the ONNX export of it).
+# Output: $OUT/flux_fullsize.txt.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+exec > >(tee "$out/flux_fullsize.txt") 2>&1
+source scripts/gpu/ort_cuda_env.sh >/dev/null 2>&1
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
+  .devcarry/wheels/*.whl && export PYTHONPATH=/tmp/site
+g=.devcarry/gpu
+bin=$g/trt-diff
+chmod +x "$bin"
+d=/tmp/fluxfs
+size=${SIZE:-1024}
+steps=${STEPS:-28}
+t() { local s=$(date +%s.%N); "$@"; local rc=$?; echo "  [rc=$rc, $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $s}") s]"; }
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
+[ -d $d/transformer ] || t python3 scripts/gpu/flux_fullsize.py make $d
+echo "== diffusers"
+t python3 scripts/gpu/flux_fullsize.py bench $d --size $size --steps $steps --rounds 2 2>&1 | grep -v '%|'
+echo "== trt-diff build (bf16, ONNX-only)"
+[ -f /tmp/fb/flux.plan.json ] || t "$bin" build $d --arch flux-dev --precision bf16 --onnx-only --out /tmp/fb/flux.plan \
+  --image-px $size,$size,$size --clip-tokenizer "$g/flux_fp32.clip-tokenizer.txt.gz" \
+  --t5-tokenizer "$g/flux_fp32.t5-tokenizer.json" --no-progress
+df -h /tmp | tail -1
+for r in 0 1; do
+  echo "== trt-diff generate --backend cuda, round $r"
+  t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda --prompt "a fox in the snow" \
+    --width $size --height $size --steps $steps --seed $r --no-progress --out "$out/flux_fullsize_$r.png"
+done
