@@ -95,7 +95,8 @@ pub enum ConvertFormat {
 /// How `--engine` is opened: shared by `run`, `generate` and `serve`.
 #[derive(Args)]
 pub struct EngineArgs {
-    /// The engine written by `trt-diff build` (its manifest names the pipeline), or an .onnx file for `run`.
+    /// The engine written by `trt-diff build` (a plan, or an ONNX-only bundle's manifest), an .onnx file for
+    /// `run`, or a GGUF model file (built once into the user's cache, see TRT_DIFF_MODEL_CACHE).
     #[arg(long)]
     pub engine: PathBuf,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]

@@ -225,3 +225,82 @@ fn onnx_only_bundles_run_without_a_plan() {
     let r = run_cpu(&plan, &arg, &[], false);
     assert!(r.stderr.contains("deleted or moved"), "{}", r.stderr);
 }
+
+/// `--engine MODEL.gguf` runs the file as it is: its ONNX-only bundle is built once into the model cache, reused
+/// by later runs, and built again when the file changes; the text equals a bundle built by hand.
+#[test]
+fn gguf_files_run_directly_through_the_model_cache() {
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("stories.gguf");
+    run(
+        &[
+            "convert",
+            "llama2c",
+            s(&shared_data("llm/stories260K.bin")),
+            "--tokenizer",
+            s(&shared_data("llm/tok512.bin")),
+            "--out",
+            s(&gguf),
+        ],
+        true,
+    );
+    let cache = d.path().join("cache");
+    let env = [("TRT_DIFF_MODEL_CACHE", s(&cache))];
+    let generate = |engine: &Path| {
+        run_env(
+            &[
+                "generate",
+                "--engine",
+                s(engine),
+                "--prompt",
+                "Once upon a time",
+                "--max-tokens",
+                "30",
+                "--backend",
+                "cpu",
+            ],
+            &env,
+            true,
+        )
+    };
+    let first = generate(&gguf);
+    assert!(
+        first
+            .stderr
+            .contains("building the ONNX Runtime bundle once"),
+        "{}",
+        first.stderr
+    );
+    let again = generate(&gguf);
+    assert!(again.stderr.contains("built before"), "{}", again.stderr);
+    assert_eq!(first.stdout, again.stdout);
+    let entries = || std::fs::read_dir(&cache).unwrap().count();
+    assert_eq!(entries(), 1, "one cache entry, no leftovers");
+    // The same file built by hand gives the same text.
+    let out = d.path().join("byhand.plan");
+    run(
+        &[
+            "build",
+            s(&gguf),
+            "--precision",
+            "fp16",
+            "--onnx-only",
+            "--out",
+            s(&out),
+            "--no-progress",
+        ],
+        true,
+    );
+    assert_eq!(
+        generate(&d.path().join("byhand.plan.json")).stdout,
+        first.stdout
+    );
+    // A changed file (a new modification time) is built again.
+    let f = std::fs::File::options().write(true).open(&gguf).unwrap();
+    f.set_modified(std::time::SystemTime::now() + std::time::Duration::from_secs(5))
+        .unwrap();
+    drop(f);
+    let rebuilt = generate(&gguf);
+    assert!(rebuilt.stderr.contains("building"), "{}", rebuilt.stderr);
+    assert_eq!(entries(), 2);
+}

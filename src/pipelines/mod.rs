@@ -13,6 +13,7 @@ pub mod llm;
 pub mod llm_build;
 pub mod llm_convert;
 pub mod lora;
+pub mod model_cache;
 pub mod recipe;
 pub mod sd;
 pub mod sd_build;

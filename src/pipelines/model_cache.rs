@@ -1,0 +1,100 @@
+//! `--engine MODEL.gguf` without a separate `build`, as `llama-server -m` takes a model file: the ONNX-only
+//! bundle ONNX Runtime runs (CUDA or CPU) is built once into the user's cache and reused. The cache entry is keyed
+//! by the file (its real path, size and modification time), so a replaced or edited file is built again.
+use super::llm_build::{LlmSource, build_llm};
+use crate::quant::Precision;
+use crate::trt::BuildOptions;
+use anyhow::{Context, Result};
+use std::path::{Path, PathBuf};
+
+/// Where built bundles of model files are kept: `TRT_DIFF_MODEL_CACHE`, else `$XDG_CACHE_HOME/trt-diff/models`,
+/// else `~/.cache/trt-diff/models`.
+pub fn cache_root() -> Result<PathBuf> {
+    if let Some(p) = std::env::var_os("TRT_DIFF_MODEL_CACHE") {
+        return Ok(PathBuf::from(p));
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context(
+            "no cache folder for the model's bundle: set TRT_DIFF_MODEL_CACHE (or HOME), or build it yourself \
+             with `trt-diff build MODEL.gguf --onnx-only --out NAME.plan`",
+        )?;
+    Ok(base.join("trt-diff").join("models"))
+}
+
+/// The cache entry's name: the file's stem and a hash of its identity.
+fn key(model: &Path) -> Result<(String, String)> {
+    let real = model
+        .canonicalize()
+        .with_context(|| format!("cannot open '{}'", model.display()))?;
+    let meta = std::fs::metadata(&real)?;
+    let mtime = meta
+        .modified()
+        .ok()
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map_or(0, |d| d.as_nanos());
+    let identity = format!(
+        "{}\0{}\0{mtime}\0{}",
+        real.display(),
+        meta.len(),
+        env!("CARGO_PKG_VERSION")
+    );
+    let hash = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
+    let stem = real
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_else(|| "model".into());
+    Ok((stem, format!("{hash:032x}")))
+}
+
+/// The manifest of `model`'s bundle in the cache, built first when the cache has none for this file.
+pub fn bundle_for(model: &Path) -> Result<PathBuf> {
+    let (stem, hash) = key(model)?;
+    let root = cache_root()?;
+    let entry = root.join(&hash);
+    let manifest = entry.join(format!("{stem}.plan.json"));
+    if manifest.exists() {
+        tracing::info!(
+            "'{}': using its bundle built before in '{}'",
+            model.display(),
+            entry.display()
+        );
+        return Ok(manifest);
+    }
+    std::fs::create_dir_all(&root)
+        .with_context(|| format!("cannot create the model cache '{}'", root.display()))?;
+    // Built in a folder of its own and renamed into place, so a concurrent or interrupted run never sees half.
+    let building = tempfile::Builder::new()
+        .prefix(&format!(".{hash}.partial-"))
+        .tempdir_in(&root)
+        .with_context(|| format!("cannot write in the model cache '{}'", root.display()))?;
+    tracing::info!(
+        "'{}': building the ONNX Runtime bundle once into '{}' (for TensorRT, build a plan with `trt-diff build`)",
+        model.display(),
+        entry.display()
+    );
+    let started = std::time::Instant::now();
+    let opts = BuildOptions {
+        out: building.path().join(format!("{stem}.plan")),
+        onnx_only: true,
+        progress: false,
+        ..Default::default()
+    };
+    build_llm(model, LlmSource::Gguf, Precision::Fp16, None, &opts)
+        .with_context(|| format!("building a bundle for '{}'", model.display()))?;
+    match std::fs::rename(building.path(), &entry) {
+        Ok(()) => {}
+        // Another run finished the same entry first: use it.
+        Err(_) if manifest.exists() => {}
+        Err(e) => {
+            return Err(e)
+                .with_context(|| format!("cannot move the bundle to '{}'", entry.display()));
+        }
+    }
+    tracing::info!(
+        "built in {:.1}s; later runs of this file reuse it",
+        started.elapsed().as_secs_f64()
+    );
+    Ok(manifest)
+}
