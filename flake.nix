@@ -74,6 +74,8 @@
       # every variable that build.rs and the code under src/ read, except the ones listed here:
       #   not-exported: TRT_DIFF_LOG  (a `tracing` log filter: the user's choice; set, it overrides -v/-vv)
       #   not-exported: TRT_DIFF_API_KEY  (`serve --api-key` from the environment: a secret, the user's own)
+      #   not-exported: TRT_DIFF_MODEL_CACHE  (where `--engine MODEL.gguf` bundles are cached: the user's choice)
+      #   not-exported: XDG_CACHE_HOME  (the user's cache folder, read for that default)
 
       perSystem =
         system:
