@@ -263,3 +263,73 @@ fn qwen3_decoder_builds_with_tensorrt_rtx_in_fp16_fp8_nvfp4() {
         assert!(o.engine.exists(), "{p}");
     }
 }
+
+#[test]
+fn cli_builds_and_generates_from_a_quantized_qwen3_gguf() {
+    // The golden GGUF with Q8_0 matrices where rows split into blocks of 32 (o_proj's 48 columns stay F16, a mixed
+    // file: the CPU graph reads the blocks in place) and the BERT golden vocabulary's tokenizer keys.
+    use trt_diff::weights::gguf::GgufFile;
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let d = tempfile::tempdir().unwrap();
+    let model = GgufFile::open(&golden_dir().join("tiny_qwen3.gguf")).unwrap();
+    let vocab = GgufFile::open(&golden_dir().join("../wpm/wpm.gguf")).unwrap();
+    let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
+    for (k, v) in &model.metadata {
+        w.set(k, v.clone());
+    }
+    for (k, v) in vocab
+        .metadata
+        .iter()
+        .filter(|(k, _)| k.starts_with("tokenizer."))
+    {
+        w.set(k, v.clone());
+    }
+    let mut quantized = 0;
+    for t in &model.tensors {
+        let data = model.tensor_f32(&t.name).unwrap();
+        match t.dims[..] {
+            [cols, rows] if cols % 32 == 0 => {
+                w.add_q8_0(&t.name, &[rows, cols], &data).unwrap();
+                quantized += 1;
+            }
+            [cols, rows] => w.add_f16(&t.name, &[rows, cols], &data),
+            _ => w.add_f32(&t.name, &t.dims, &data),
+        }
+    }
+    assert!(quantized > 0);
+    let gguf = d.path().join("tiny_qwen3_q8.gguf");
+    w.write(&gguf).unwrap();
+    let plan = d.path().join("g.plan");
+    let out = std::process::Command::new(bin)
+        .arg("build")
+        .arg(&gguf)
+        .args(["--onnx-only", "--no-progress", "--out"])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&plan)).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Llm(llm)) = m.pipeline else {
+        panic!("no LLM pipeline in the manifest");
+    };
+    assert_eq!(llm.arch, "qwen3");
+    assert_eq!(llm.cpu_onnx.as_deref(), Some("g.cpu.onnx"));
+    let cpu = trt_diff::onnx::OnnxFile::load(&d.path().join("g.cpu.onnx")).unwrap();
+    let ops = trt_diff::onnx::summary::OnnxSummary::of(&cpu).op_histogram;
+    assert!(
+        ops.keys().any(|k| k.contains("MatMulGgml")),
+        "the CPU graph reads the GGUF's blocks: {ops:?}"
+    );
+    let out = std::process::Command::new(bin)
+        .args(["generate", "--engine"])
+        .arg(&plan)
+        .args(["--prompt", "hello world", "--max-tokens", "8"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && err.contains("generated:"), "{err}");
+}
