@@ -333,3 +333,46 @@ fn cli_builds_and_generates_from_a_quantized_qwen3_gguf() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success() && err.contains("generated:"), "{err}");
 }
+
+#[test]
+fn qwen3_ggufs_with_unequal_head_sizes_or_missing_norms_are_refused() {
+    use trt_diff::weights::gguf::{GgufFile, Value};
+    let d = tempfile::tempdir().unwrap();
+    let model = GgufFile::open(&golden_dir().join("tiny_qwen3.gguf")).unwrap();
+    // Copies the golden file with metadata `set` and the tensors `keep` accepts.
+    let variant = |name: &str, set: &[(&str, Value)], keep: &dyn Fn(&str) -> bool| {
+        let mut w = trt_diff::weights::gguf_write::GgufWriter::default();
+        for (k, v) in &model.metadata {
+            w.set(k, v.clone());
+        }
+        for (k, v) in set {
+            w.set(k, v.clone());
+        }
+        for t in model.tensors.iter().filter(|t| keep(&t.name)) {
+            let data = model.tensor_f32(&t.name).unwrap();
+            let shape: Vec<u64> = t.dims.iter().rev().copied().collect();
+            w.add_f32(&t.name, &shape, &data);
+        }
+        let path = d.path().join(name);
+        w.write(&path).unwrap();
+        let g = GgufFile::open(&path).unwrap();
+        format!(
+            "{:#}",
+            trt_diff::weights::gguf_model::load(&g, None).err().unwrap()
+        )
+    };
+    let e = variant(
+        "unequal.gguf",
+        &[("qwen3.attention.value_length", Value::U32(16))],
+        &|_| true,
+    );
+    assert!(
+        e.contains("key_length 12") && e.contains("value_length 16"),
+        "{e}"
+    );
+    let e = variant("no_norms.gguf", &[], &|n| !n.contains("attn_k_norm"));
+    assert!(
+        e.contains("no_norms.gguf") && e.contains("model.layers.0.self_attn.k_norm.weight"),
+        "{e}"
+    );
+}

@@ -110,7 +110,8 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         attn_bias: g.tensor("blk.0.attn_q.bias").is_some(),
         rope_scaling,
         explicit_head_dim,
-        qk_norm: g.tensor("blk.0.attn_q_norm.weight").is_some(),
+        // Qwen3 always has them (a file missing them is refused by `check_tensors`, naming the tensor).
+        qk_norm: arch == "qwen3" || g.tensor("blk.0.attn_q_norm.weight").is_some(),
     };
     crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
