@@ -295,7 +295,7 @@ pub struct BuildArgs {
     /// The ONNX model (external data files beside it are read too), or with --arch a model checkpoint.
     pub input: PathBuf,
     /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer). GGUF files (llama,
-    /// qwen2) and Hugging Face folders (config.json + safetensors, + --tokenizer FILE.gguf) need no --arch.
+    /// qwen2, qwen3) and Hugging Face folders (config.json + safetensors, + --tokenizer FILE.gguf) need no --arch.
     #[arg(long, value_enum, value_name = "ARCH")]
     pub arch: Option<Arch>,
     /// LLM builds: cap the context length (the engine's profile and RoPE table follow it).

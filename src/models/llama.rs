@@ -1,4 +1,4 @@
-//! Llama-family decoder (Llama 2, llama2.c's models; Qwen2 shares the shape) as one ONNX graph that serves both
+//! Llama-family decoder (Llama 2, llama2.c's models; Qwen2 and Qwen3 share the shape) as one ONNX graph that serves both
 //! prefill and decode: new tokens plus the KV cache of earlier positions in, logits plus the extended cache out.
 //!
 //! Inputs: `input_ids` [1, seq] int64, `position_ids` [1, seq] int64 (absolute positions of the new tokens),
@@ -227,7 +227,7 @@ impl Emitter<'_> {
             h,
             &format!("{p}.input_layernorm.weight"),
         )?;
-        let q = self.proj(&format!("{p}.self_attn.q_proj"), &xn, d, d)?;
+        let q = self.proj(&format!("{p}.self_attn.q_proj"), &xn, c.q_dim(), d)?;
         let k = self.proj(&format!("{p}.self_attn.k_proj"), &xn, kv * hd, d)?;
         let v = self.proj(&format!("{p}.self_attn.v_proj"), &xn, kv * hd, d)?;
         let qs = self.const_i64(&format!("{p}.q_shape"), &[0, 0, heads as i64, hd as i64])?;
@@ -235,6 +235,16 @@ impl Emitter<'_> {
         let q = self.op("Reshape", &format!("{p}/q_heads"), &[&q, &qs], vec![], F32)?;
         let k = self.op("Reshape", &format!("{p}/k_heads"), &[&k, &ks], vec![], F32)?;
         let v = self.op("Reshape", &format!("{p}/v_heads"), &[&v, &ks], vec![], F32)?;
+        // Qwen3: RMSNorm over each head of q and k (weights of head_dim values), before RoPE.
+        let (q, k) = if c.qk_norm {
+            let a = format!("{p}.self_attn");
+            (
+                self.rms_norm(&format!("{a}.q_norm"), &q, &format!("{a}.q_norm.weight"))?,
+                self.rms_norm(&format!("{a}.k_norm"), &k, &format!("{a}.k_norm.weight"))?,
+            )
+        } else {
+            (q, k)
+        };
         let q = self.rope(&format!("{p}.rope_q"), &q, cos, sin)?;
         let k = self.rope(&format!("{p}.rope_k"), &k, cos, sin)?;
         let perm = || vec![("perm", Attr::Ints(vec![0, 2, 1, 3]))];
@@ -312,12 +322,13 @@ impl Emitter<'_> {
             F32,
         )?;
         let ctx = self.op("Transpose", &format!("{p}/ctx_t"), &[&ctx], perm(), F32)?;
-        let flat = self.const_i64(&format!("{p}.flat"), &[1, -1, d as i64])?;
+        let qd = c.q_dim() as i64;
+        let flat = self.const_i64(&format!("{p}.flat"), &[1, -1, qd])?;
         let mut ctx = self.op("Reshape", &format!("{p}/ctx"), &[&ctx, &flat], vec![], F32)?;
-        ctx.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
-        let o = self.proj(&format!("{p}.self_attn.o_proj"), &ctx, d, d)?;
+        ctx.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(qd)];
+        let o = self.proj(&format!("{p}.self_attn.o_proj"), &ctx, d, c.q_dim())?;
         let mut h = self.op("Add", &format!("{p}/attn_residual"), &[h, &o], vec![], F32)?;
-        h.shape = ctx.shape.clone();
+        h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
         let xn = self.rms_norm(
             &format!("{p}.post_attention_layernorm"),
             &h,

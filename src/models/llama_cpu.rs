@@ -1,4 +1,4 @@
-//! The Llama/Qwen2 decoder graph ONNX Runtime runs on the CPU (`NAME.cpu.onnx`) for unquantized builds, weights in
+//! The Llama/Qwen2/Qwen3 decoder graph ONNX Runtime runs on the CPU (`NAME.cpu.onnx`) for unquantized builds, weights in
 //! f32, f16 or bf16, built from fused operators so that a decode step is 7 nodes per layer rather than ~45:
 //! - projections: trt-diff's `trtdiff.MatMulF16`/`MatMulBF16`/`MatMulF32` (bias included) and `GateUp*`
 //!   (SwiGLU's gate and up in one call) on [n, k] weights kept in the checkpoint's type (`backend::ort_ops`);
@@ -8,7 +8,8 @@
 //!   q, k and v packed in one tensor.
 //!
 //! GroupQueryAttention wants heads of a multiple of 16 values; smaller heads (tiny models) are padded with zeros in
-//! the graph's weights (`pad_heads`), so every model runs the same graph form.
+//! the graph's weights (`pad_heads`), so every model runs the same graph form. Qwen3's per-head q/k RMSNorms run
+//! between the projections and the attention, on padded heads with weights and epsilon rescaled to match.
 //!
 //! The KV cache stays in place: `past_key_{i}` / `past_value_{i}` [1, n_kv_heads, capacity, padded head size] and the
 //! matching `present_*` outputs are bound to the same buffer, which the attention extends where the new tokens go
@@ -97,6 +98,22 @@ fn pad_heads(
                 out.insert(name, dst);
             }
         }
+        // Per-head norms (Qwen3) over the padded head: the zeros add nothing to the sum of squares, but the mean
+        // divides by hd_pad instead of hd. With epsilon scaled by hd / hd_pad (`head_norm_eps`), the padded norm
+        // is the model's times sqrt(hd_pad / hd), which weights scaled by sqrt(hd / hd_pad) undo.
+        let rescale = (hd as f64 / hd_pad as f64).sqrt();
+        for norm in ["q_norm", "k_norm"] {
+            let name = format!("{p}.{norm}.weight");
+            let Some(src) = w.get(&name) else { continue };
+            if src.len() != hd {
+                bail!("{name}: {} values, expected the head size {hd}", src.len());
+            }
+            let mut dst = vec![0f32; hd_pad];
+            for (j, &x) in src.iter().enumerate() {
+                dst[map(j)] = (x as f64 * rescale) as f32;
+            }
+            out.insert(name, dst);
+        }
         let name = format!("{p}.o_proj.weight");
         let src = get(&name)?;
         let (inp, inp_pad) = (cfg.n_heads * hd, cfg.n_heads * hd_pad);
@@ -114,6 +131,11 @@ fn pad_heads(
         out.insert(name, dst);
     }
     Ok(out)
+}
+
+/// The epsilon of a per-head RMSNorm over heads padded from `hd` to `hd_pad` values (see `pad_heads`).
+fn head_norm_eps(eps: f32, hd: usize, hd_pad: usize) -> f32 {
+    (eps as f64 * hd as f64 / hd_pad as f64) as f32
 }
 
 fn seq() -> Dim {
@@ -390,6 +412,61 @@ impl Emitter<'_> {
         )
     }
 
+    /// RMSNorm over each head of `x` ([1, seq, heads * hd] in the graph's padded head size), weights `weight`.
+    fn head_norm(&mut self, name: &str, x: &Value, heads: usize, weight: &str) -> Result<Value> {
+        let hd = self.hd;
+        let w = self.weight(weight)?.clone();
+        if w.len() != hd {
+            bail!("{weight}: {} values, expected the head size {hd}", w.len());
+        }
+        let wv = self.g.const_f32(weight, &[hd as i64], &w)?;
+        let split = self.g.const_i64(
+            &format!("{name}.heads_shape"),
+            &[4],
+            &[0, 0, heads as i64, hd as i64],
+        )?;
+        let four = vec![
+            Dim::Fixed(1),
+            seq(),
+            Dim::Fixed(heads as i64),
+            Dim::Fixed(hd as i64),
+        ];
+        let r = self.g.op(
+            "Reshape",
+            &format!("{name}/heads"),
+            &[x, &split],
+            vec![],
+            F32,
+            four.clone(),
+        )?;
+        let eps = head_norm_eps(self.cfg.norm_eps, self.cfg.head_dim(), hd);
+        let n = self.g.op(
+            "SimplifiedLayerNormalization",
+            &format!("{name}/norm"),
+            &[&r, &wv],
+            vec![
+                ("epsilon", Attr::Float(eps)),
+                ("axis", Attr::Int(-1)),
+                ("stash_type", Attr::Int(1)),
+            ],
+            F32,
+            four,
+        )?;
+        let flat = self.g.const_i64(
+            &format!("{name}.flat_shape"),
+            &[3],
+            &[0, 0, (heads * hd) as i64],
+        )?;
+        self.g.op(
+            "Reshape",
+            &format!("{name}/merge"),
+            &[&n, &flat],
+            vec![],
+            F32,
+            act_shape(heads * hd),
+        )
+    }
+
     fn norm_weight(&mut self, name: &str) -> Result<Value> {
         let w = self.weight(name)?.clone();
         if w.len() != self.cfg.dim {
@@ -460,6 +537,46 @@ impl Emitter<'_> {
         } else {
             qkv
         };
+        let absent = Value::absent();
+        // Packed q/k/v, or (Qwen3) q, k and v apart with k and q normed per head.
+        let qkv_inputs: [Value; 3] = if c.qk_norm {
+            let sizes = self.g.const_i64(
+                &format!("{p}.self_attn.qkv_sizes"),
+                &[3],
+                &[(heads * hd) as i64, (kv * hd) as i64, (kv * hd) as i64],
+            )?;
+            let mut parts = self.g.node_in(
+                "",
+                "Split",
+                &format!("{p}.self_attn/qkv_split"),
+                &[&qkv, &sizes],
+                vec![("axis", Attr::Int(-1))],
+                vec![
+                    (F32, act_shape(heads * hd)),
+                    (F32, act_shape(kv * hd)),
+                    (F32, act_shape(kv * hd)),
+                ],
+            )?;
+            let v = parts.remove(2);
+            let k = parts.remove(1);
+            let q = parts.remove(0);
+            let a = format!("{p}.self_attn");
+            let q = self.head_norm(
+                &format!("{a}.q_norm"),
+                &q,
+                heads,
+                &format!("{a}.q_norm.weight"),
+            )?;
+            let k = self.head_norm(
+                &format!("{a}.k_norm"),
+                &k,
+                kv,
+                &format!("{a}.k_norm.weight"),
+            )?;
+            [q, k, v]
+        } else {
+            [qkv, absent.clone(), absent.clone()]
+        };
         let cache = |kind: &str| {
             (
                 Some(format!("present_{kind}_{i}")),
@@ -472,15 +589,14 @@ impl Emitter<'_> {
                 ],
             )
         };
-        let absent = Value::absent();
         let mut outs = self.g.node_named(
             MS,
             "GroupQueryAttention",
             &format!("{p}/attention"),
             &[
-                &qkv,
-                &absent,
-                &absent,
+                &qkv_inputs[0],
+                &qkv_inputs[1],
+                &qkv_inputs[2],
                 past[0],
                 past[1],
                 &rope.seqlens,

@@ -181,8 +181,8 @@ impl StopFilter {
 /// microsecond-sized ops, where handing work to a second thread costs more than it saves (stories260K decodes
 /// about 3x faster on one thread than on two); larger models use ONNX Runtime's default pool.
 pub fn cpu_options(c: &LlamaConfig) -> crate::backend::ort_backend::OrtOptions {
-    let kv = c.n_kv_heads * c.head_dim();
-    let params = c.n_layers * (2 * c.dim * c.dim + 2 * c.dim * kv + 3 * c.dim * c.hidden_dim)
+    let (q, kv) = (c.q_dim(), c.kv_dim());
+    let params = c.n_layers * (2 * c.dim * q + 2 * c.dim * kv + 3 * c.dim * c.hidden_dim)
         + c.vocab_size * c.dim;
     crate::backend::ort_backend::OrtOptions {
         threads: if params < 20_000_000 { 1 } else { 0 },

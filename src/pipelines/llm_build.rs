@@ -63,7 +63,7 @@ fn guard_siblings(guard: &mut crate::fsutil::BundleGuard, out: &Path, suffixes: 
 pub enum LlmSource<'a> {
     /// A llama2.c checkpoint and its tokenizer file.
     Llama2c { tokenizer: &'a Path },
-    /// A GGUF model (llama or qwen2) with its tokenizer in the metadata.
+    /// A GGUF model (llama, qwen2 or qwen3) with its tokenizer in the metadata.
     Gguf,
     /// A Hugging Face folder (config.json + safetensors) and a GGUF file holding the tokenizer.
     Hf { tokenizer: &'a Path },

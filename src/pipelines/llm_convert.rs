@@ -9,7 +9,7 @@ use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
 
-/// The architecture keys llama.cpp reads for llama/qwen2 models.
+/// The architecture keys llama.cpp reads for llama/qwen2/qwen3 models.
 pub fn arch_metadata(w: &mut GgufWriter, arch: &str, name: &str, c: &LlamaConfig) {
     let u = |v: usize| Value::U32(v as u32);
     w.set("general.architecture", Value::String(arch.into()));
@@ -20,6 +20,10 @@ pub fn arch_metadata(w: &mut GgufWriter, arch: &str, name: &str, c: &LlamaConfig
     w.set(&format!("{arch}.block_count"), u(c.n_layers));
     w.set(&format!("{arch}.feed_forward_length"), u(c.hidden_dim));
     w.set(&format!("{arch}.rope.dimension_count"), u(c.head_dim()));
+    if c.explicit_head_dim.is_some() {
+        w.set(&format!("{arch}.attention.key_length"), u(c.head_dim()));
+        w.set(&format!("{arch}.attention.value_length"), u(c.head_dim()));
+    }
     w.set(&format!("{arch}.attention.head_count"), u(c.n_heads));
     w.set(&format!("{arch}.attention.head_count_kv"), u(c.n_kv_heads));
     w.set(
@@ -66,6 +70,8 @@ fn tensor_rows(c: &LlamaConfig, name: &str, n: usize) -> Option<usize> {
         Some(
             n / if name.contains("down_proj") {
                 c.hidden_dim
+            } else if name.contains("o_proj") {
+                c.q_dim()
             } else {
                 c.dim
             },

@@ -1,6 +1,6 @@
-//! Llama and Qwen2 models from GGUF files: the `{arch}.*` keys become a [`LlamaConfig`], tensors are dequantized
+//! Llama, Qwen2 and Qwen3 models from GGUF files: the `{arch}.*` keys become a [`LlamaConfig`], tensors are dequantized
 //! to f32 under Hugging Face names. GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter
-//! permutes q/k), `qwen2` files the halves layout; the config records which.
+//! permutes q/k), `qwen2` and `qwen3` files the halves layout; the config records which.
 use crate::weights::gguf::GgufFile;
 use crate::weights::llm_config::HF_TO_GGUF;
 use crate::weights::llm_config::{LlamaConfig, RopeScaling};
@@ -22,9 +22,11 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         .to_string();
     let interleaved = match arch.as_str() {
         "llama" => true,
-        "qwen2" => false,
+        "qwen2" | "qwen3" => false,
         other => {
-            bail!("'{path}': architecture '{other}' is not supported (supported: llama, qwen2)")
+            bail!(
+                "'{path}': architecture '{other}' is not supported (supported: llama, qwen2, qwen3)"
+            )
         }
     };
     let key = |k: &str| format!("{arch}.{k}");
@@ -66,6 +68,29 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         }
         _ => None,
     };
+    // llama.cpp records a head size that differs from embedding_length / head_count (Qwen3) as key_length and
+    // value_length; the decoder graphs need both equal.
+    let key_length = g
+        .get(&key("attention.key_length"))
+        .is_some()
+        .then(|| num("attention.key_length"))
+        .transpose()?;
+    let value_length = g
+        .get(&key("attention.value_length"))
+        .is_some()
+        .then(|| num("attention.value_length"))
+        .transpose()?;
+    if let (Some(k), Some(v)) = (key_length, value_length)
+        && k != v
+    {
+        bail!(
+            "'{path}': attention.key_length {k} differs from attention.value_length {v}; trt-diff's decoders need \
+             one head size"
+        );
+    }
+    let explicit_head_dim = key_length
+        .or(value_length)
+        .filter(|&h| n_heads == 0 || h != dim / n_heads);
     let config = LlamaConfig {
         dim,
         hidden_dim: num("feed_forward_length")?,
@@ -84,6 +109,9 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         tied_embeddings: g.tensor("output.weight").is_none(),
         attn_bias: g.tensor("blk.0.attn_q.bias").is_some(),
         rope_scaling,
+        explicit_head_dim,
+        // Qwen3 always has them (a file missing them is refused by `check_tensors`, naming the tensor).
+        qk_norm: arch == "qwen3" || g.tensor("blk.0.attn_q_norm.weight").is_some(),
     };
     crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();

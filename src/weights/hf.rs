@@ -1,4 +1,4 @@
-//! Hugging Face checkpoints of Llama and Qwen2: `config.json` plus `model.safetensors` or shards listed in
+//! Hugging Face checkpoints of Llama, Qwen2 and Qwen3: `config.json` plus `model.safetensors` or shards listed in
 //! `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names); F32/F16/BF16 are
 //! read as f32. HF checkpoints hold q/k in the halves RoPE layout.
 use crate::weights::llm_config::{LlamaConfig, RopeScaling};
@@ -19,15 +19,52 @@ fn read_json(path: &Path) -> Result<J> {
     serde_json::from_str(&text).with_context(|| format!("'{}' is not valid JSON", path.display()))
 }
 
-/// The model config from `config.json` (model_type llama or qwen2).
+/// The `model_type`s read, with what sets each apart from Llama: q/k/v biases always (Qwen2), per-head q/k RMSNorms
+/// (Qwen3).
+const HF_ARCHS: &[(&str, HfArchTraits)] = &[
+    (
+        "llama",
+        HfArchTraits {
+            attn_bias: false,
+            qk_norm: false,
+        },
+    ),
+    (
+        "qwen2",
+        HfArchTraits {
+            attn_bias: true,
+            qk_norm: false,
+        },
+    ),
+    (
+        "qwen3",
+        HfArchTraits {
+            attn_bias: false,
+            qk_norm: true,
+        },
+    ),
+];
+
+#[derive(Clone, Copy)]
+struct HfArchTraits {
+    /// Biases on q/k/v whatever `attention_bias` says.
+    attn_bias: bool,
+    qk_norm: bool,
+}
+
+/// The model config from `config.json` (a model_type of `HF_ARCHS`).
 pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaConfig)> {
     let path = dir.join("config.json");
     let c = read_json(&path)?;
     let p = path.display();
     let arch = c["model_type"].as_str().unwrap_or("").to_string();
-    if arch != "llama" && arch != "qwen2" {
-        bail!("'{p}': model_type '{arch}' is not supported (supported: llama, qwen2)");
-    }
+    let Some(traits) = HF_ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, t)| *t) else {
+        let names: Vec<&str> = HF_ARCHS.iter().map(|(a, _)| *a).collect();
+        bail!(
+            "'{p}': model_type '{arch}' is not supported (supported: {})",
+            names.join(", ")
+        );
+    };
     let int = |k: &str| -> Result<usize> {
         c[k].as_u64()
             .map(|v| v as usize)
@@ -92,16 +129,20 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
         tied_embeddings: c["tie_word_embeddings"]
             .as_bool()
             .unwrap_or(arch == "qwen2"),
-        attn_bias: arch == "qwen2" || c["attention_bias"].as_bool().unwrap_or(false),
+        attn_bias: traits.attn_bias || c["attention_bias"].as_bool().unwrap_or(false),
         rope_scaling,
+        explicit_head_dim: match &c["head_dim"] {
+            J::Null => None,
+            h => {
+                let h = h.as_u64().with_context(|| {
+                    format!("'{p}': head_dim is {h}, not a positive integer: the config is corrupt")
+                })? as usize;
+                (n_heads == 0 || h != dim / n_heads).then_some(h)
+            }
+        },
+        qk_norm: traits.qk_norm,
     };
     crate::weights::limits::check_config(&p.to_string(), &cfg)?;
-    if c["head_dim"]
-        .as_u64()
-        .is_some_and(|h| h as usize != dim / n_heads)
-    {
-        bail!("'{p}': head_dim differs from hidden_size / num_attention_heads; not supported");
-    }
     Ok((arch, cfg))
 }
 

@@ -44,7 +44,8 @@ pub fn check_config(source: &str, c: &LlamaConfig) -> Result<()> {
             c.max_seq_len
         );
     }
-    if !c.dim.is_multiple_of(c.n_heads) || !c.n_heads.is_multiple_of(c.n_kv_heads) {
+    let splits = c.explicit_head_dim.is_some() || c.dim.is_multiple_of(c.n_heads);
+    if !splits || !c.n_heads.is_multiple_of(c.n_kv_heads) {
         bail!(
             "'{source}': {} features do not split into {} heads / {} KV heads: {corrupt}",
             c.dim,
@@ -52,11 +53,12 @@ pub fn check_config(source: &str, c: &LlamaConfig) -> Result<()> {
             c.n_kv_heads
         );
     }
-    if !(c.dim / c.n_heads).is_multiple_of(2) {
-        bail!(
-            "'{source}': head size {} is odd; RoPE needs pairs: {corrupt}",
-            c.dim / c.n_heads
-        );
+    let hd = c.head_dim();
+    if hd == 0 || hd > MAX_DIM {
+        bail!("'{source}': head size {hd} is outside 1..={MAX_DIM}: {corrupt}");
+    }
+    if !hd.is_multiple_of(2) {
+        bail!("'{source}': head size {hd} is odd; RoPE needs pairs: {corrupt}");
     }
     Ok(())
 }
@@ -65,7 +67,7 @@ pub fn check_config(source: &str, c: &LlamaConfig) -> Result<()> {
 /// Face writes them), so that no later step indexes past a short tensor.
 pub fn check_tensors(source: &str, c: &LlamaConfig, t: &HashMap<String, Vec<f32>>) -> Result<()> {
     let (d, h, v) = (c.dim, c.hidden_dim, c.vocab_size);
-    let kvd = d / c.n_heads.max(1) * c.n_kv_heads;
+    let (qd, kvd, hd) = (c.q_dim(), c.kv_dim(), c.head_dim());
     let mut expect: Vec<(String, usize)> = vec![
         ("model.embed_tokens.weight".into(), v * d),
         ("model.norm.weight".into(), d),
@@ -76,19 +78,25 @@ pub fn check_tensors(source: &str, c: &LlamaConfig, t: &HashMap<String, Vec<f32>
         expect.extend([
             (format!("{p}.input_layernorm.weight"), d),
             (format!("{p}.post_attention_layernorm.weight"), d),
-            (format!("{p}.self_attn.q_proj.weight"), d * d),
+            (format!("{p}.self_attn.q_proj.weight"), qd * d),
             (format!("{p}.self_attn.k_proj.weight"), kvd * d),
             (format!("{p}.self_attn.v_proj.weight"), kvd * d),
-            (format!("{p}.self_attn.o_proj.weight"), d * d),
+            (format!("{p}.self_attn.o_proj.weight"), d * qd),
             (format!("{p}.mlp.gate_proj.weight"), h * d),
             (format!("{p}.mlp.up_proj.weight"), h * d),
             (format!("{p}.mlp.down_proj.weight"), d * h),
         ]);
         if c.attn_bias {
             expect.extend([
-                (format!("{p}.self_attn.q_proj.bias"), d),
+                (format!("{p}.self_attn.q_proj.bias"), qd),
                 (format!("{p}.self_attn.k_proj.bias"), kvd),
                 (format!("{p}.self_attn.v_proj.bias"), kvd),
+            ]);
+        }
+        if c.qk_norm {
+            expect.extend([
+                (format!("{p}.self_attn.q_norm.weight"), hd),
+                (format!("{p}.self_attn.k_norm.weight"), hd),
             ]);
         }
     }

@@ -175,6 +175,8 @@ impl Llama2c {
                 rope_interleaved: true,
                 tied_embeddings: shared,
                 attn_bias: false,
+                explicit_head_dim: None,
+                qk_norm: false,
                 rope_scaling: None,
             },
             tensors,

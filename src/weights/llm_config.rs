@@ -20,6 +20,14 @@ pub struct LlamaConfig {
     pub attn_bias: bool,
     #[serde(default)]
     pub rope_scaling: Option<RopeScaling>,
+    /// Head size when the checkpoint states one that differs from `dim / n_heads` (Qwen3's `head_dim`, GGUF
+    /// `attention.key_length`); q/k/v and o_proj then have `n_heads * head_dim` features.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub explicit_head_dim: Option<usize>,
+    /// An RMSNorm over every head of q and of k after the projections, before RoPE (Qwen3's `q_norm` / `k_norm`,
+    /// weights of `head_dim` values).
+    #[serde(default)]
+    pub qk_norm: bool,
 }
 
 /// RoPE frequency scaling of long-context checkpoints.
@@ -39,7 +47,18 @@ pub enum RopeScaling {
 
 impl LlamaConfig {
     pub fn head_dim(&self) -> usize {
-        self.dim / self.n_heads
+        self.explicit_head_dim
+            .unwrap_or(self.dim / self.n_heads.max(1))
+    }
+
+    /// Features of q (and of the attention output o_proj reads): `n_heads * head_dim`.
+    pub fn q_dim(&self) -> usize {
+        self.n_heads * self.head_dim()
+    }
+
+    /// Features of k and of v: `n_kv_heads * head_dim`.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_heads * self.head_dim()
     }
 }
 
@@ -75,6 +94,14 @@ pub const HF_TO_GGUF: &[(&str, &str)] = &[
     (
         "model.layers.{i}.self_attn.v_proj.bias",
         "blk.{i}.attn_v.bias",
+    ),
+    (
+        "model.layers.{i}.self_attn.q_norm.weight",
+        "blk.{i}.attn_q_norm.weight",
+    ),
+    (
+        "model.layers.{i}.self_attn.k_norm.weight",
+        "blk.{i}.attn_k_norm.weight",
     ),
     (
         "model.layers.{i}.self_attn.o_proj.weight",
