@@ -147,6 +147,39 @@ impl GenerateRequest {
     }
 }
 
+/// The routes whose JSON bodies [`parse_body`] reads.
+pub const BODY_ROUTES: &[&str] = &[
+    "/v1/completions",
+    "/v1/chat/completions",
+    "/v1/generate",
+    "/v1/images/generations",
+    "/sdapi/v1/txt2img",
+    "/sdapi/v1/img2img",
+];
+
+/// A request body parsed and checked as `route` does before anything runs: Ok, or the message of its 400 answer
+/// (the fuzzer's entry to the request parsers).
+pub fn parse_body(route: &str, body: &[u8]) -> Result<(), String> {
+    match route {
+        "/v1/images/generations" => images::openai_request(body).map(|_| ()),
+        "/sdapi/v1/txt2img" => images::a1111_request(body, false).map(|_| ()),
+        "/sdapi/v1/img2img" => images::a1111_request(body, true).map(|_| ()),
+        _ => {
+            let v: serde_json::Value = serde_json::from_slice(body)
+                .map_err(|e| format!("the body is not valid JSON: {e}"))?;
+            match route {
+                "/v1/completions" => openai::completion(v).map(|_| ()),
+                "/v1/chat/completions" => openai::chat(v).map(|_| ()),
+                "/v1/generate" => serde_json::from_value::<GenerateRequest>(v)
+                    .map_err(|e| e.to_string())?
+                    .into_parsed()
+                    .map(|_| ()),
+                other => Err(format!("no JSON route {other}")),
+            }
+        }
+    }
+}
+
 /// What the worker sends back for a job.
 enum Piece {
     /// The prompts were accepted (their token counts); generation follows.

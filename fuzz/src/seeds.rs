@@ -343,10 +343,42 @@ pub fn write_all(corpus: &Path) -> Result<usize> {
     for (n, b) in chat_seeds()? {
         seeds.push(("chat_template", n, b));
     }
+    for (n, b) in server_seeds() {
+        seeds.push(("server_request", n, b));
+    }
     for (target, name, bytes) in &seeds {
         let dir = corpus.join(target);
         std::fs::create_dir_all(&dir)?;
         std::fs::write(dir.join(format!("seed-{name}")), bytes)?;
     }
     Ok(seeds.len())
+}
+
+/// Valid bodies of each JSON route (the first byte picks the route, as `targets::server_request` reads it).
+fn server_seeds() -> Vec<(String, Vec<u8>)> {
+    let png = "iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAIAAACQd1PeAAAADElEQVR4nGP4z8AAAAMBAQDJ/pLvAAAAAElFTkSuQmCC";
+    let bodies: Vec<(&str, String)> = vec![
+        ("/v1/completions", r#"{"prompt": "Once upon a time", "max_tokens": 8, "stream": true, "stop": ["."], "logprobs": 2}"#.into()),
+        ("/v1/completions", r#"{"prompt": [[1, 2, 3], "text"], "n": 2, "temperature": 0.5, "seed": 3}"#.into()),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": [{"type": "text", "text": "hi"}]}], "max_completion_tokens": 4, "stream_options": {"include_usage": true}, "stream": true}"#.into()),
+        ("/v1/chat/completions", r#"{"messages": [{"role": "user", "content": "json"}], "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "integer"}}}}}}"#.into()),
+        ("/v1/generate", r#"{"prompt": "hi", "max_tokens": 4, "top_k": 5, "repeat_penalty": 1.1}"#.into()),
+        ("/v1/images/generations", r#"{"prompt": "a fox", "n": 2, "size": "512x512", "response_format": "b64_json", "seed": 1, "steps": 4, "sampler": "DPM++ 2M Karras"}"#.into()),
+        ("/sdapi/v1/txt2img", r#"{"prompt": "a fox", "negative_prompt": "blur", "steps": 20, "cfg_scale": 7, "width": 512, "height": 768, "seed": -1, "sampler_name": "Euler a", "scheduler": "Automatic", "batch_size": 2, "n_iter": 2}"#.into()),
+        ("/sdapi/v1/img2img", format!(r#"{{"prompt": "a fox", "denoising_strength": 0.5, "init_images": ["data:image/png;base64,{png}"]}}"#)),
+    ];
+    let routes = trt_diff::server::BODY_ROUTES;
+    bodies
+        .into_iter()
+        .enumerate()
+        .map(|(i, (route, body))| {
+            let pick = routes
+                .iter()
+                .position(|r| *r == route)
+                .expect("a JSON route") as u8;
+            let mut b = vec![pick];
+            b.extend(body.into_bytes());
+            (format!("{i:02}"), b)
+        })
+        .collect()
 }

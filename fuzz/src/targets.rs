@@ -23,6 +23,7 @@ pub const TARGETS: &[&str] = &[
     "tok_t5",
     "tok_llama2c",
     "chat_template",
+    "server_request",
 ];
 
 /// A scratch folder (on tmpfs where there is one) that holds the current input as a file, since the readers
@@ -111,6 +112,7 @@ pub fn run(name: &str, s: &Scratch, data: &[u8]) -> Option<String> {
         "tok_t5" => signature(t5_text(data)),
         "tok_llama2c" => signature(llama2c_tokenizer(s, data)),
         "chat_template" => signature(chat_template(data)),
+        "server_request" => signature(server_request(data)),
         _ => return None,
     })
 }
@@ -328,4 +330,14 @@ fn chat_template(data: &[u8]) -> anyhow::Result<()> {
         anyhow::bail!("rendered {} bytes", out.len());
     }
     Ok(())
+}
+
+/// An HTTP request body for one of the server's JSON routes: the first byte picks the route, the rest is the body.
+fn server_request(data: &[u8]) -> anyhow::Result<()> {
+    let Some((&pick, body)) = data.split_first() else {
+        return Ok(());
+    };
+    let routes = trt_diff::server::BODY_ROUTES;
+    let route = routes[pick as usize % routes.len()];
+    trt_diff::server::parse_body(route, body).map_err(|e| anyhow::anyhow!("{route}: {e}"))
 }

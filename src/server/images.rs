@@ -247,22 +247,6 @@ async fn submit(
     result.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e))
 }
 
-/// The request body, or the 400 answer for it (boxed: responses are large).
-fn parse_json<T: for<'de> Deserialize<'de>>(
-    state: &ImageState,
-    body: &[u8],
-) -> Result<T, Box<Response>> {
-    state
-        .shared
-        .metrics
-        .requests
-        .fetch_add(1, Ordering::Relaxed);
-    serde_json::from_slice(body).map_err(|e| {
-        state.shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
-        Box::new(bad_request(format!("invalid request body: {e}")))
-    })
-}
-
 /// Checks the size, count and steps of a request before it is queued.
 fn check(req: &ImageRequest, iterations: usize) -> Result<(), String> {
     for (name, v) in [("width", req.width), ("height", req.height)] {
@@ -376,47 +360,37 @@ fn parse_size(size: &str) -> Result<Option<(usize, usize)>, String> {
         .ok_or_else(|| format!("size '{size}': give WIDTHxHEIGHT (e.g. 1024x1024) or auto"))
 }
 
-async fn openai_generations(
-    State(state): State<Arc<ImageState>>,
-    body: axum::body::Bytes,
-) -> Response {
-    let r: OpenAiImageRequest = match parse_json(&state, &body) {
-        Ok(r) => r,
-        Err(e) => return *e,
-    };
-    if let Some(m) = r.model.as_deref()
-        && m != state.shared.model
-        && !m.is_empty()
-    {
-        tracing::debug!(
-            "request names model '{m}'; serving '{}'",
-            state.shared.model
-        );
-    }
+/// An OpenAI image request as the worker runs it, or the message of its 400 answer.
+pub(super) fn openai_request(body: &[u8]) -> Result<ImageRequest, String> {
+    let r: OpenAiImageRequest =
+        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
     if r.response_format
         .as_deref()
         .is_some_and(|f| f != "b64_json")
     {
-        return bad_request(
-            "response_format 'url' needs a file host, which this server is not; ask for b64_json",
+        return Err(
+            "response_format 'url' needs a file host, which this server is not; ask for b64_json"
+                .into(),
         );
     }
     if r.output_format.as_deref().is_some_and(|f| f != "png") {
-        return bad_request("output_format: this server writes png");
+        return Err("output_format: this server writes png".into());
     }
     if r.stream == Some(true) {
-        return bad_request(
-            "stream: image streaming (partial images) is not supported; drop stream",
+        return Err(
+            "stream: image streaming (partial images) is not supported; drop stream".into(),
         );
     }
-    let size = match r.size.as_deref().map(parse_size).transpose() {
-        Ok(s) => s.flatten(),
-        Err(e) => return bad_request(e),
-    };
-    let (sampler, implied) = match r.sampler.as_deref().map(sampler_of).transpose() {
-        Ok(s) => s.map_or((None, None), |(s, sch)| (Some(s), sch)),
-        Err(e) => return bad_request(e),
-    };
+    if let Some(m) = r.model.as_deref() {
+        tracing::debug!("request names model '{m}'; this server has one");
+    }
+    let size = r.size.as_deref().map(parse_size).transpose()?.flatten();
+    let (sampler, implied) = r
+        .sampler
+        .as_deref()
+        .map(sampler_of)
+        .transpose()?
+        .map_or((None, None), |(s, sch)| (Some(s), sch));
     let req = ImageRequest {
         prompt: r.prompt,
         negative_prompt: r.negative_prompt,
@@ -432,9 +406,26 @@ async fn openai_generations(
         strength: 1.0,
         ..Default::default()
     };
-    if let Err(e) = check(&req, 1) {
-        return bad_request(e);
-    }
+    check(&req, 1)?;
+    Ok(req)
+}
+
+async fn openai_generations(
+    State(state): State<Arc<ImageState>>,
+    body: axum::body::Bytes,
+) -> Response {
+    state
+        .shared
+        .metrics
+        .requests
+        .fetch_add(1, Ordering::Relaxed);
+    let req = match openai_request(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            state.shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return bad_request(e);
+        }
+    };
     let g = match submit(&state, req, None).await {
         Ok(g) => g,
         Err(e) => return e,
@@ -491,36 +482,45 @@ async fn img2img(State(state): State<Arc<ImageState>>, body: axum::body::Bytes) 
     a1111(&state, &body, true).await
 }
 
-async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
-    let r: A1111Request = match parse_json(state, body) {
-        Ok(r) => r,
-        Err(e) => return *e,
-    };
+/// An AUTOMATIC1111 request checked and turned into the worker's: the request as given (echoed back), the base
+/// request, its iterations and the init image; or the message of its 400 answer.
+pub(super) struct A1111Parsed {
+    given: A1111Request,
+    base: ImageRequest,
+    iterations: usize,
+    init: Option<(Vec<u8>, &'static str)>,
+}
+
+pub(super) fn a1111_request(body: &[u8], with_init: bool) -> Result<A1111Parsed, String> {
+    let r: A1111Request =
+        serde_json::from_slice(body).map_err(|e| format!("invalid request body: {e}"))?;
     let init = if with_init {
-        let Some(first) = r.init_images.first() else {
-            return bad_request("img2img needs init_images: one base64-encoded image");
-        };
+        let first = r
+            .init_images
+            .first()
+            .ok_or("img2img needs init_images: one base64-encoded image")?;
         // Data URLs (`data:image/png;base64,...`) as browsers make them, or bare base64.
         let b64 = first.split_once(',').map_or(first.as_str(), |(_, b)| b);
-        let bytes = match B64.decode(b64.trim()) {
-            Ok(b) => b,
-            Err(e) => return bad_request(format!("init_images[0] is not base64: {e}")),
-        };
+        let bytes = B64
+            .decode(b64.trim())
+            .map_err(|e| format!("init_images[0] is not base64: {e}"))?;
         let ext = if bytes.starts_with(b"\x89PNG\r\n\x1a\n") {
             "png"
         } else if bytes.starts_with(&[0xFF, 0xD8, 0xFF]) {
             "jpg"
         } else {
-            return bad_request("init_images[0] is neither a PNG nor a JPEG file");
+            return Err("init_images[0] is neither a PNG nor a JPEG file".into());
         };
         Some((bytes, ext))
     } else {
         None
     };
-    let (sampler, implied) = match r.sampler_name.as_deref().map(sampler_of).transpose() {
-        Ok(s) => s.map_or((None, None), |(s, sch)| (Some(s), sch)),
-        Err(e) => return bad_request(e),
-    };
+    let (sampler, implied) = r
+        .sampler_name
+        .as_deref()
+        .map(sampler_of)
+        .transpose()?
+        .map_or((None, None), |(s, sch)| (Some(s), sch));
     let scheduler = match r.scheduler.as_deref() {
         // A1111 1.9+ sends "Automatic" for the sampler's own choice.
         None | Some("Automatic") | Some("automatic") => implied,
@@ -529,7 +529,7 @@ async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
     let seed = match r.seed {
         None | Some(-1) => random_seed(),
         Some(s) if s >= 0 => s as u64,
-        Some(s) => return bad_request(format!("seed {s}: give -1 (random) or a seed >= 0")),
+        Some(s) => return Err(format!("seed {s}: give -1 (random) or a seed >= 0")),
     };
     let iterations = r.n_iter.unwrap_or(1).max(1);
     let base = ImageRequest {
@@ -551,9 +551,34 @@ async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
         },
         ..Default::default()
     };
-    if let Err(e) = check(&base, iterations) {
-        return bad_request(e);
-    }
+    check(&base, iterations)?;
+    Ok(A1111Parsed {
+        given: r,
+        base,
+        iterations,
+        init,
+    })
+}
+
+async fn a1111(state: &ImageState, body: &[u8], with_init: bool) -> Response {
+    state
+        .shared
+        .metrics
+        .requests
+        .fetch_add(1, Ordering::Relaxed);
+    let A1111Parsed {
+        given: r,
+        base,
+        iterations,
+        init,
+    } = match a1111_request(body, with_init) {
+        Ok(p) => p,
+        Err(e) => {
+            state.shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return bad_request(e);
+        }
+    };
+    let seed = base.seed;
     let mut images = Vec::new();
     let mut infotexts = Vec::new();
     let mut seeds = Vec::new();
