@@ -7,7 +7,7 @@
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
 use super::flux::{FluxEngines, FluxModel, FluxPipelineConfig, load_clip_tokenizer};
-use super::image::{ImagePipeline, ImageRequest};
+use super::image::ImagePipeline;
 use crate::backend::BackendChoice;
 use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::{clip, flux as fluxm, t5, taesd, vae};
@@ -555,26 +555,7 @@ fn calibrate(
     let r = &p.recipe.precision;
     // At most the profile's optimum size: calibration only needs typical activations.
     let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;
-    for (i, prompt) in r.calibration_prompts.iter().enumerate() {
-        tracing::info!(
-            "calibrating on prompt {}/{}",
-            i + 1,
-            r.calibration_prompts.len()
-        );
-        let req = ImageRequest {
-            prompt: prompt.clone(),
-            steps: Some(r.calibration_steps),
-            seed: i as u64,
-            width: Some(px),
-            height: Some(px),
-            batch: 1,
-            cfg: 1.0,
-            strength: 1.0,
-            latents_only: true,
-            ..Default::default()
-        };
-        pipe.generate(&req, &mut |_| Ok(()))?;
-    }
+    pipe.calibrate(&r.calibration_prompts, r.calibration_steps, px, 1.0)?;
     let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");

@@ -376,6 +376,34 @@ impl<M: ImageModel> ImagePipeline<M> {
         }
     }
 
+    /// Runs the calibration prompts through the sampler loop (latents only), one seed each, so that a model in
+    /// calibration mode records its activation ranges; `side` is the image size, `cfg` as in [`ImageRequest`].
+    pub fn calibrate(
+        &mut self,
+        prompts: &[String],
+        steps: usize,
+        side: usize,
+        cfg: f32,
+    ) -> Result<()> {
+        for (i, prompt) in prompts.iter().enumerate() {
+            tracing::info!("calibrating on prompt {}/{}", i + 1, prompts.len());
+            let req = ImageRequest {
+                prompt: prompt.clone(),
+                steps: Some(steps),
+                seed: i as u64,
+                width: Some(side),
+                height: Some(side),
+                batch: 1,
+                cfg,
+                strength: 1.0,
+                latents_only: true,
+                ..Default::default()
+            };
+            self.generate(&req, &mut |_| Ok(()))?;
+        }
+        Ok(())
+    }
+
     /// Applies LoRAs at run time ([`ImageModel::set_loras`]); cached text conditioning is dropped, since the text
     /// encoders may have changed.
     pub fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {

@@ -8,7 +8,7 @@
 //! bases: name them).
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
-use super::image::{ImagePipeline, ImageRequest};
+use super::image::ImagePipeline;
 use super::sd::{SdEngines, SdModel, SdPipelineConfig, SdPrediction};
 use crate::backend::BackendChoice;
 use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
@@ -571,25 +571,8 @@ fn calibrate(
     let mut pipe = ImagePipeline::new(model);
     let r = &p.recipe.precision;
     let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 8).max(1) * 8;
-    for (i, prompt) in r.calibration_prompts.iter().enumerate() {
-        tracing::info!(
-            "calibrating on prompt {}/{}",
-            i + 1,
-            r.calibration_prompts.len()
-        );
-        let req = ImageRequest {
-            prompt: prompt.clone(),
-            steps: Some(r.calibration_steps),
-            seed: i as u64,
-            width: Some(px),
-            height: Some(px),
-            batch: 1,
-            strength: 1.0,
-            latents_only: true,
-            ..Default::default()
-        };
-        pipe.generate(&req, &mut |_| Ok(()))?;
-    }
+    // cfg 0: the family's default guidance, as generation will use.
+    pipe.calibrate(&r.calibration_prompts, r.calibration_steps, px, 0.0)?;
     let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
