@@ -1,6 +1,8 @@
 //! Flux ControlNet against diffusers (tests/golden/flux/controlnet, scripts/golden/flux_controlnet.py): a tiny
 //! FluxControlNetModel exported by our emitter gives diffusers' block samples, and the tiny transformer (both
 //! checkpoint layouts) built to take them gives diffusers' output with them, and its own output with zeros.
+mod common;
+use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -12,29 +14,6 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/flux")
         .join(name)
-}
-
-fn io(path: &Path) -> HashMap<String, HostTensor> {
-    let ck = Checkpoint::open(path).unwrap();
-    ck.names()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            (
-                n.to_string(),
-                HostTensor::from_f32(&t.shape, &t.to_f32().unwrap()),
-            )
-        })
-        .collect()
-}
-
-fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
-    assert_eq!(a.shape, b.shape);
-    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 fn run(onnx: &Path, inputs: &HashMap<String, HostTensor>) -> Vec<(String, HostTensor)> {
@@ -57,8 +36,8 @@ fn axes() -> Vec<usize> {
 #[test]
 fn controlnet_and_residuals_match_diffusers() {
     let d = tempfile::tempdir().unwrap();
-    let mut inputs = io(&golden("flux_dev_io.safetensors"));
-    let want = io(&golden("controlnet/controlnet_io.safetensors"));
+    let mut inputs = golden_tensors(&golden("flux_dev_io.safetensors"));
+    let want = golden_tensors(&golden("controlnet/controlnet_io.safetensors"));
     inputs.insert("controlnet_cond".into(), want["controlnet_cond"].clone());
     inputs.insert(
         "conditioning_scale".into(),
@@ -76,7 +55,7 @@ fn controlnet_and_residuals_match_diffusers() {
     flux::export(&cfg, &ck, &opts, &onnx).unwrap();
     let out = run(&onnx, &inputs);
     for (name, got) in &out {
-        let err = rel_err(got, &want[name]);
+        let err = max_rel_err(got, &want[name]);
         println!("ControlNet {name}: max rel err {err:.2e}");
         assert!(err < 1e-4, "{name}: {err}");
     }
@@ -100,7 +79,7 @@ fn controlnet_and_residuals_match_diffusers() {
         ] {
             inputs.insert(name.into(), want[name].clone());
         }
-        let err = rel_err(&run(&onnx, &inputs)[0].1, &want["sample"]);
+        let err = max_rel_err(&run(&onnx, &inputs)[0].1, &want["sample"]);
         println!("{file} with ControlNet samples: max rel err {err:.2e}");
         assert!(err < 1e-4, "{file}: {err}");
         for name in [
@@ -113,7 +92,7 @@ fn controlnet_and_residuals_match_diffusers() {
                 HostTensor::from_f32(&t.shape, &vec![0.0; t.shape.iter().product()]),
             );
         }
-        let err = rel_err(
+        let err = max_rel_err(
             &run(&onnx, &inputs)[0].1,
             &want["sample_without_controlnet"],
         );
@@ -197,7 +176,7 @@ fn controlnet_pipeline_matches_diffusers() {
         },
     ));
     let base_io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
-    let want = io(&golden("controlnet/controlnet_io.safetensors"));
+    let want = golden_tensors(&golden("controlnet/controlnet_io.safetensors"));
     let req = ImageRequest {
         prompt: "a watercolor painting of a fox in the snow, 4k".into(),
         steps: Some(4),
@@ -220,9 +199,9 @@ fn controlnet_pipeline_matches_diffusers() {
     };
     let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
     let got = HostTensor::from_f32(&[1, 64, 64], &out.latents);
-    let err = rel_err(&got, &want["final_latents"]);
+    let err = max_rel_err(&got, &want["final_latents"]);
     let without = base_io.get("final_latents").unwrap().to_f32().unwrap();
-    let moved = rel_err(
+    let moved = max_rel_err(
         &HostTensor::from_f32(&[1, 64, 64], &without),
         &want["final_latents"],
     );
@@ -240,7 +219,7 @@ fn controlnet_pipeline_matches_diffusers() {
             &mut |_| Ok(()),
         )
         .unwrap();
-    let err = rel_err(
+    let err = max_rel_err(
         &HostTensor::from_f32(&[1, 64, 64], &plain.latents),
         &HostTensor::from_f32(&[1, 64, 64], &without),
     );
@@ -446,7 +425,7 @@ fn channel_concatenated_control_variant_matches_diffusers() {
         },
     ));
     let base_io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
-    let want = io(&golden("control_variant/control_io.safetensors"));
+    let want = golden_tensors(&golden("control_variant/control_io.safetensors"));
     let req = ImageRequest {
         prompt: "a watercolor painting of a fox in the snow, 4k".into(),
         steps: Some(4),
@@ -468,7 +447,7 @@ fn channel_concatenated_control_variant_matches_diffusers() {
         ..Default::default()
     };
     let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
-    let err = rel_err(
+    let err = max_rel_err(
         &HostTensor::from_f32(&[1, 64, 64], &out.latents),
         &want["final_latents"],
     );
@@ -550,7 +529,7 @@ fn fill_inpainting_matches_diffusers() {
         },
     ));
     let base_io = Checkpoint::open(&golden("pipeline_io.safetensors")).unwrap();
-    let want = io(&golden("fill/fill_io.safetensors"));
+    let want = golden_tensors(&golden("fill/fill_io.safetensors"));
     let req = ImageRequest {
         prompt: "a watercolor painting of a fox in the snow, 4k".into(),
         steps: Some(4),
@@ -567,7 +546,7 @@ fn fill_inpainting_matches_diffusers() {
         ..Default::default()
     };
     let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
-    let err = rel_err(
+    let err = max_rel_err(
         &HostTensor::from_f32(&[1, 64, 64], &out.latents),
         &want["final_latents"],
     );

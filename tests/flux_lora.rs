@@ -4,6 +4,7 @@
 //! (build time) and into an exported graph's weights (run time, switching between sets in one engine); the whole
 //! tiny pipeline with a transformer + CLIP LoRA, merged and at run time; and the errors.
 mod common;
+use common::{golden_tensors, max_rel_err};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -20,29 +21,6 @@ fn golden(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden/flux")
         .join(name)
-}
-
-fn io(path: &Path) -> HashMap<String, HostTensor> {
-    let ck = Checkpoint::open(path).unwrap();
-    ck.names()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            (
-                n.to_string(),
-                HostTensor::from_f32(&t.shape, &t.to_f32().unwrap()),
-            )
-        })
-        .collect()
-}
-
-fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
-    assert_eq!(a.shape, b.shape);
-    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 fn lora(name: &str) -> LoraFile {
@@ -113,17 +91,17 @@ const CASES: &[(&str, &[(&str, f32)])] = &[
 #[test]
 fn merged_loras_of_every_format_match_diffusers_in_both_layouts() {
     let d = tempfile::tempdir().unwrap();
-    let inputs = io(&golden("flux_dev_io.safetensors"));
-    let want = io(&golden("lora/lora_io.safetensors"));
+    let inputs = golden_tensors(&golden("flux_dev_io.safetensors"));
+    let want = golden_tensors(&golden("lora/lora_io.safetensors"));
     for (case, files) in CASES {
         let loras: Vec<(LoraFile, f32)> = files.iter().map(|(f, s)| (lora(f), *s)).collect();
         let base = &want["sample.base"];
         let want = &want[&format!("sample.{case}")];
-        let base_gap = rel_err(base, want);
+        let base_gap = max_rel_err(base, want);
         for file in ["flux_dev.safetensors", "flux_dev_bfl.safetensors"] {
             let onnx = export_merged(file, &loras, d.path(), &format!("{case}-{file}"));
             let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
-            let err = rel_err(&run(&mut e, &inputs), want);
+            let err = max_rel_err(&run(&mut e, &inputs), want);
             println!(
                 "{case} into {file}: max rel err {err:.2e} (the LoRA moves the output by {base_gap:.2e})"
             );
@@ -137,8 +115,8 @@ fn run_time_loras_switch_in_one_engine() {
     // One engine of the built (LoRA-free) graph; LoRA sets replace each other through `set_weights`. Its weights
     // are bf16 (the checkpoint's), so the merged weights are rounded to bf16 as a refit of a 16-bit engine would.
     let d = tempfile::tempdir().unwrap();
-    let inputs = io(&golden("flux_dev_io.safetensors"));
-    let want = io(&golden("lora/lora_io.safetensors"));
+    let inputs = golden_tensors(&golden("flux_dev_io.safetensors"));
+    let want = golden_tensors(&golden("lora/lora_io.safetensors"));
     for file in ["flux_dev.safetensors", "flux_dev_bfl.safetensors"] {
         let onnx = export_merged(file, &[], d.path(), file);
         let mut engine = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
@@ -160,7 +138,7 @@ fn run_time_loras_switch_in_one_engine() {
             rt.commit(pending);
             let switch = t.elapsed().as_secs_f64();
             let got = run(&mut engine, &inputs);
-            let err = rel_err(&got, &want[&format!("sample.{case}")]);
+            let err = max_rel_err(&got, &want[&format!("sample.{case}")]);
             // As if built with the LoRA: a merged build storing the merged weights in the checkpoint's bf16.
             let built = export_merged_as(
                 file,
@@ -170,7 +148,7 @@ fn run_time_loras_switch_in_one_engine() {
                 Some(DataType::BFLOAT16),
             );
             let mut b = OrtEngine::open(&built, &OrtOptions::default()).unwrap();
-            let vs_built = rel_err(&got, &run(&mut b, &inputs));
+            let vs_built = max_rel_err(&got, &run(&mut b, &inputs));
             println!(
                 "{file}: switched to {case} in {switch:.3} s; max rel err {vs_built:.2e} against a bf16 merged \
                  build, {err:.2e} against diffusers (f32 weights)"
@@ -331,8 +309,8 @@ mod pipeline {
         let f32t = DataType::FLOAT;
         export_aux(&p, &paths, f32t, f32t).unwrap();
         export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
-        let err = rel_err(&final_latents(&mut pipeline(&p, &paths)), &with_lora);
-        let moved = rel_err(&base, &with_lora);
+        let err = max_rel_err(&final_latents(&mut pipeline(&p, &paths)), &with_lora);
+        let moved = max_rel_err(&base, &with_lora);
         println!(
             "merged: final latents max rel err {err:.2e} (the LoRA moves them by {moved:.2e})"
         );
@@ -350,7 +328,7 @@ mod pipeline {
         ]));
         for (on, want) in [(true, &with_lora), (false, &base), (true, &with_lora)] {
             pipe.set_loras(if on { &loras[..] } else { &[] }).unwrap();
-            let err = rel_err(&final_latents(&mut pipe), want);
+            let err = max_rel_err(&final_latents(&mut pipe), want);
             println!(
                 "run time, LoRA {}: final latents max rel err {err:.2e}",
                 if on { "on" } else { "off" }
@@ -367,8 +345,8 @@ fn nvfp4_side_path_takes_loras_without_requantizing() {
     // LoRAs switched through its A/B weights; compared with diffusers' f32 LoRA results within NVFP4's own error.
     // diffusers layout: a BFL model's fused qkv would need the ranks of to_q, to_k and to_v together.
     let d = tempfile::tempdir().unwrap();
-    let inputs = io(&golden("flux_dev_io.safetensors"));
-    let want = io(&golden("lora/lora_io.safetensors"));
+    let inputs = golden_tensors(&golden("flux_dev_io.safetensors"));
+    let want = golden_tensors(&golden("lora/lora_io.safetensors"));
     let ck = Checkpoint::open(&golden("flux_dev.safetensors")).unwrap();
     let (cfg, _, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes())).unwrap();
     let export = |rank: usize, tag: &str| {
@@ -388,8 +366,8 @@ fn nvfp4_side_path_takes_loras_without_requantizing() {
         &inputs,
     );
     let mut engine = OrtEngine::open(&side, &OrtOptions::default()).unwrap();
-    assert_eq!(rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
-    let quant_err = rel_err(&plain_out, &want["sample.base"]);
+    assert_eq!(max_rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
+    let quant_err = max_rel_err(&plain_out, &want["sample.base"]);
     let mut rt = RuntimeLora::new(BTreeMap::from([(Part::Denoiser, side.clone())]), flux_book);
     let mut apply = |engine: &mut OrtEngine, loras: &[(LoraFile, f32)]| -> anyhow::Result<f64> {
         let t = std::time::Instant::now();
@@ -404,8 +382,8 @@ fn nvfp4_side_path_takes_loras_without_requantizing() {
         let loras: Vec<(LoraFile, f32)> = files.iter().map(|(f, s)| (lora(f), *s)).collect();
         let secs = apply(&mut engine, &loras).unwrap();
         let want = &want[&format!("sample.{case}")];
-        let err = rel_err(&run(&mut engine, &inputs), want);
-        let moved = rel_err(&want_base(), want);
+        let err = max_rel_err(&run(&mut engine, &inputs), want);
+        let moved = max_rel_err(&want_base(), want);
         println!(
             "NVFP4 + side path, {case}: switched in {secs:.3} s; max rel err {err:.2e} against diffusers' f32 \
              (NVFP4 alone: {quant_err:.2e}; the LoRA moves the output by {moved:.2e})"
@@ -413,7 +391,7 @@ fn nvfp4_side_path_takes_loras_without_requantizing() {
         assert!(err < 2.0 * quant_err + 0.01, "{case}: {err}");
     }
     apply(&mut engine, &[]).unwrap();
-    assert_eq!(rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
+    assert_eq!(max_rel_err(&run(&mut engine, &inputs), &plain_out), 0.0);
     // LoHa is no `up @ down`: the side path refuses it, naming the module and the way out.
     let e = apply(&mut engine, &[(lora("loha"), 1.0)])
         .unwrap_err()
@@ -440,13 +418,13 @@ fn nvfp4_side_path_takes_loras_without_requantizing() {
 }
 
 fn want_base() -> HostTensor {
-    io(&golden("lora/lora_io.safetensors"))["sample.base"].clone()
+    golden_tensors(&golden("lora/lora_io.safetensors"))["sample.base"].clone()
 }
 
 #[test]
 fn side_path_graphs_build_with_tensorrt_rtx_in_fp8_and_nvfp4() {
     let d = tempfile::tempdir().unwrap();
-    let inputs = io(&golden("flux_dev_io.safetensors"));
+    let inputs = golden_tensors(&golden("flux_dev_io.safetensors"));
     let ck = Checkpoint::open(&golden("flux_dev.safetensors")).unwrap();
     let (cfg, _, _) = FluxConfig::from_checkpoint_with_axes(&ck, Some(axes())).unwrap();
     // FP8 needs calibrated activation ranges: one calibration run on the golden inputs.

@@ -2,6 +2,7 @@
 //! the BFL layout) and a tiny 16-channel AutoencoderKL, exported by our emitters and run on ONNX Runtime, compared
 //! with the golden outputs of scripts/golden/flux_models.py.
 mod common;
+use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -18,32 +19,12 @@ fn golden(name: &str) -> PathBuf {
 
 /// Golden inputs/outputs as host tensors, by name.
 fn io(name: &str) -> HashMap<String, HostTensor> {
-    let ck = Checkpoint::open(&golden(name)).unwrap();
-    ck.names()
-        .map(|n| {
-            let t = ck.get(n).unwrap();
-            (
-                n.to_string(),
-                HostTensor::from_f32(&t.shape, &t.to_f32().unwrap()),
-            )
-        })
-        .collect()
+    golden_tensors(&golden(name))
 }
 
 fn axes(model: &str) -> Vec<usize> {
     let text = std::fs::read_to_string(golden(&format!("{model}_config.json"))).unwrap();
     FluxConfig::axes_from_diffusers_config(&text).unwrap()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
-    assert_eq!(a.shape, b.shape);
-    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 /// mean |a - b| / mean |b|.
@@ -97,7 +78,7 @@ fn transformer_matches_diffusers_in_both_layouts() {
             for io in &ios {
                 let out = run(&onnx, io);
                 assert_eq!(out[0].0, "sample");
-                let err = rel_err(&out[0].1, &io["sample"]);
+                let err = max_rel_err(&out[0].1, &io["sample"]);
                 println!("{file} {:?}: max rel err {err:.2e}", io["sample"].shape);
                 assert!(err < 1e-4, "{file}: {err}");
             }
@@ -116,7 +97,7 @@ fn half_precision_graphs_stay_close() {
     };
     let (onnx, _, _) = export("flux_dev_bfl.safetensors", "flux_dev", &opts, d.path());
     let out = run(&onnx, &io);
-    let err = rel_err(&out[0].1, &io["sample"]);
+    let err = max_rel_err(&out[0].1, &io["sample"]);
     println!("fp16: max rel err {err:.2e}");
     assert!(err < 2e-2, "{err}");
 }
@@ -192,7 +173,7 @@ fn fp8_and_nvfp4_stay_within_quantization_error_and_build_with_tensorrt() {
         };
         let (onnx, cfg, _) = export(file, "flux_dev", &opts, &sub);
         let out = run(&onnx, &io);
-        let err = rel_err(&out[0].1, &io["sample"]);
+        let err = max_rel_err(&out[0].1, &io["sample"]);
         println!(
             "{precision:?} (compute {compute}) {file}: max rel err vs fp32 diffusers {err:.3e}, mean rel err {:.3e}",
             mean_rel_err(&out[0].1, &io["sample"])
@@ -255,7 +236,7 @@ fn taef2_matches_its_test_vectors() {
         let mut e = OrtEngine::open(&onnx, &OrtOptions::default()).unwrap();
         let name = e.inputs()[0].name.clone();
         let out = e.run(&[(name, input.clone())]).unwrap();
-        let err = rel_err(&out[0].1, want);
+        let err = max_rel_err(&out[0].1, want);
         println!("taef2 {kind:?}: max rel err {err:.2e}");
         assert!(err < 1e-4, "{kind:?}: {err}");
     }
@@ -285,14 +266,14 @@ fn vae_matches_diffusers_autoencoderkl_in_both_layouts() {
         let (dec, enc) = vae::export(&cfg, &ck, trt_diff::onnx::DataType::FLOAT, d.path()).unwrap();
         let mut e = OrtEngine::open(&dec, &OrtOptions::default()).unwrap();
         let out = e.run(&[("latent".into(), io["latent"].clone())]).unwrap();
-        let err = rel_err(&out[0].1, &io["decoded"]);
+        let err = max_rel_err(&out[0].1, &io["decoded"]);
         println!("{file} decoder: max rel err {err:.2e}");
         assert!(err < 1e-4, "decoder {err}");
         let mut e = OrtEngine::open(&enc, &OrtOptions::default()).unwrap();
         let out = e.run(&[("image".into(), io["image"].clone())]).unwrap();
         for (i, name) in ["mean", "logvar"].iter().enumerate() {
             assert_eq!(out[i].0, *name);
-            let err = rel_err(&out[i].1, &io[*name]);
+            let err = max_rel_err(&out[i].1, &io[*name]);
             println!("{file} encoder {name}: max rel err {err:.2e}");
             assert!(err < 1e-4, "{name} {err}");
         }
@@ -340,7 +321,7 @@ fn diffusers_folder_with_config_and_shards() {
     let onnx = flux::export_file(d.path(), &ExportOptions::default(), &out_dir).unwrap();
     let io = io("flux_schnell_io_small.safetensors");
     let out = run(&onnx, &io);
-    let err = rel_err(&out[0].1, &io["sample"]);
+    let err = max_rel_err(&out[0].1, &io["sample"]);
     assert!(err < 1e-4, "{err}");
     // Profiles need image sides that are multiples of 16.
     assert!(flux::profile(&cfg, [1, 1, 2], [64, 100, 128], 8).is_err());

@@ -2,6 +2,8 @@
 //! SDXL-like, diffusers folder and single-file CompVis/SGM layout), the 4-channel AutoencoderKL and the CLIP-L /
 //! OpenCLIP-bigG text encoders, exported by our emitters and run on ONNX Runtime, compared with the golden
 //! outputs of scripts/golden/sd_models.py.
+mod common;
+use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
@@ -38,17 +40,6 @@ fn io(file: &str, prefix: &str) -> HashMap<String, HostTensor> {
             Some((key.to_string(), host))
         })
         .collect()
-}
-
-/// max |a - b| / max |b|.
-fn rel_err(a: &HostTensor, b: &HostTensor) -> f64 {
-    assert_eq!(a.shape, b.shape);
-    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
-    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
-    a.iter()
-        .zip(&b)
-        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
-        / scale
 }
 
 fn run(onnx: &Path, inputs: &HashMap<String, HostTensor>) -> HashMap<String, HostTensor> {
@@ -98,7 +89,7 @@ fn unet_matches_diffusers_in_both_layouts() {
             unet::export(cfg, ck, &UNetExportOptions::default(), &out).unwrap();
             for io in &ios {
                 let got = run(&out, io);
-                let err = rel_err(&got["model_output"], &io["model_output"]);
+                let err = max_rel_err(&got["model_output"], &io["model_output"]);
                 println!(
                     "{model} {tag} {:?}: max rel err {err:.2e}",
                     io["model_output"].shape
@@ -129,7 +120,7 @@ fn vae_matches_diffusers() {
         &dec,
         &HashMap::from([("latent".into(), io["latent"].clone())]),
     );
-    let err = rel_err(&got["image"], &io["decoded"]);
+    let err = max_rel_err(&got["image"], &io["decoded"]);
     println!("decoder: max rel err {err:.2e}");
     assert!(err < 1e-4, "{err}");
     let enc = vae::graph(&cfg, &ck, VaePart::Encoder, DataType::FLOAT).unwrap();
@@ -139,7 +130,7 @@ fn vae_matches_diffusers() {
         &HashMap::from([("image".into(), io["image"].clone())]),
     );
     for (ours, theirs) in [("mean", "mean"), ("logvar", "logvar")] {
-        let err = rel_err(&got[ours], &io[theirs]);
+        let err = max_rel_err(&got[ours], &io[theirs]);
         println!("encoder {ours}: max rel err {err:.2e}");
         assert!(err < 1e-4, "{ours}: {err}");
     }
@@ -227,7 +218,7 @@ fn text_encoders_match_transformers_in_both_layouts() {
             ("pooler_output", "pooled")
         });
         for (ours, theirs) in pairs {
-            let err = rel_err(&got[ours], &io[&format!("{golden_prefix}{theirs}")]);
+            let err = max_rel_err(&got[ours], &io[&format!("{golden_prefix}{theirs}")]);
             println!("{what} {ours}: max rel err {err:.2e}");
             assert!(err < 1e-4, "{what} {ours}: {err}");
         }
@@ -297,7 +288,7 @@ fn quantized_and_half_unets_stay_close_and_build_with_tensorrt() {
         let onnx = d.path().join(format!("{what}.onnx"));
         let report = unet::export(&cfg, &ck, &opts, &onnx).unwrap();
         let got = run(&onnx, &io);
-        let err = rel_err(&got["model_output"], &io["model_output"]);
+        let err = max_rel_err(&got["model_output"], &io["model_output"]);
         println!(
             "{what}: max rel err vs f32 diffusers {err:.3e}, layers {:?}",
             report.layers

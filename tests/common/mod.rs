@@ -122,3 +122,30 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
 }
 pub mod http;
 pub mod samplers;
+
+/// A golden safetensors file's tensors as f32 host tensors, by name.
+pub fn golden_tensors(
+    path: &Path,
+) -> std::collections::HashMap<String, trt_diff::backend::HostTensor> {
+    let ck = trt_diff::weights::safetensors_file::Checkpoint::open(path).unwrap();
+    ck.names()
+        .map(|n| {
+            let t = ck.get(n).unwrap();
+            (
+                n.to_string(),
+                trt_diff::backend::HostTensor::from_f32(&t.shape, &t.to_f32().unwrap()),
+            )
+        })
+        .collect()
+}
+
+/// max |a - b| / max |b|.
+pub fn max_rel_err(a: &trt_diff::backend::HostTensor, b: &trt_diff::backend::HostTensor) -> f64 {
+    assert_eq!(a.shape, b.shape);
+    let (a, b) = (a.to_f64().unwrap(), b.to_f64().unwrap());
+    let scale = b.iter().fold(0f64, |m, v| m.max(v.abs()));
+    a.iter()
+        .zip(&b)
+        .fold(0f64, |m, (x, y)| m.max((x - y).abs()))
+        / scale
+}
