@@ -22,14 +22,10 @@ chmod +x "$bin"
 limit=${LIMIT:-60}
 nvidia-smi --query-gpu=name,driver_version,compute_cap,memory.total --format=csv
 "$bin" doctor
-# Runs a command under the time limit; the timing goes to stderr so that stdout can be compared.
-t() {
-  local s=$(date +%s.%N)
-  timeout "$limit" "$@"
-  local rc=$?
-  echo "  [rc=$rc$([ $rc = 124 ] && echo ", timed out after ${limit}s"), $(awk "BEGIN{printf \"%.2f\", $(date +%s.%N) - $s}") s]" >&2
-  return $rc
-}
+source scripts/gpu/limited.sh
+# Runs a command under the time limit (stacks printed if it hangs); the timing goes to stderr so that stdout can
+# be compared.
+t() { limited "$limit" "$@"; }
 for b in cpu cuda; do
   echo "== stories260K fp32 on $b"
   t "$bin" generate --engine "$g/stories_fp32.plan" --prompt "Once upon a time" --max-tokens 200 --backend "$b" \

@@ -10,7 +10,7 @@ g=.devcarry/gpu
 rm -rf "$g"
 mkdir -p "$g"
 cp target/release/trt-diff "$g/trt-diff"
-strip "$g/trt-diff"
+strip --strip-debug "$g/trt-diff"
 bin=target/release/trt-diff
 data=${TRT_DIFF_SHARED_DATA:-$root/../shared/data}
 for p in fp32 nvfp4; do

@@ -10,9 +10,13 @@ out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
 exec > >(tee "$out/qwen_decode.txt") 2>&1
 source scripts/gpu/ort_cuda_env.sh >/dev/null 2>&1
+source scripts/gpu/limited.sh
 g=.devcarry/gpu
 bin=$g/trt-diff
 chmod +x "$bin"
+# The vocabulary may come in a call of its own (.devcarry/extra) when the carried parts are tight.
+vocab=$g/ggml-vocab-qwen2.gguf
+[ -f "$vocab" ] || vocab=.devcarry/extra/ggml-vocab-qwen2.gguf
 q=/tmp/qwen05
 python3 - "$q" <<'PY'
 import sys, time, torch, transformers
@@ -40,13 +44,11 @@ PY
 prompt=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 57))")
 for p in ${PRECISIONS:-fp16}; do
   echo "== trt-diff build ($p, ONNX-only)"
-  s=$(date +%s.%N)
-  timeout 300 "$bin" build "$q" --tokenizer "$g/ggml-vocab-qwen2.gguf" --precision "$p" --max-context 1024 \
+  limited 300 "$bin" build "$q" --tokenizer "$vocab" --precision "$p" --max-context 1024 \
     --onnx-only --out "/tmp/qb_$p/qwen.plan" --no-progress
-  echo "  [rc=$?, $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $s}") s]"
   for r in 0 1 2; do
     echo "== trt-diff generate --backend cuda ($p), round $r"
-    timeout 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --prompt "$prompt" \
+    limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --prompt "$prompt" \
       --max-tokens 128 --ignore-eos >/dev/null
   done
 done

@@ -443,17 +443,33 @@ fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
     v.map_err(|e| anyhow::anyhow!("input '{name}': {e}"))
 }
 
-/// Binds a value wrapping caller-owned memory as an output, through ONNX Runtime's C API.
-fn bind_output_raw(
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Bind {
+    Input,
+    Output,
+}
+
+/// Binds a value wrapping caller-owned memory, through ONNX Runtime's C API. The ort crate binds only values it
+/// allocated as outputs, and copies borrowed inputs before binding them (on CUDA through an identity session
+/// whose own set-up clones a value again and deadlocks on ort's session lock); ONNX Runtime itself takes any
+/// tensor by address.
+fn bind_raw(
     binding: &mut ort::session::IoBinding,
+    which: Bind,
     name: &str,
     value: &ort::value::ValueRefMut<'_, ort::value::DynValueTypeMarker>,
 ) -> Result<()> {
     use ort::AsPointer;
     let cname = std::ffi::CString::new(name)?;
     let api = ort::api();
-    // SAFETY: both pointers come from live ort objects; ONNX Runtime copies what it keeps of the name.
-    let status = unsafe { (api.BindOutput)(binding.ptr_mut(), cname.as_ptr(), value.ptr()) };
+    // SAFETY: both pointers come from live ort objects; ONNX Runtime copies what it keeps of the name and keeps
+    // a reference to the value, whose memory the caller keeps alive until the run ends.
+    let status = unsafe {
+        match which {
+            Bind::Input => (api.BindInput)(binding.ptr_mut(), cname.as_ptr(), value.ptr()),
+            Bind::Output => (api.BindOutput)(binding.ptr_mut(), cname.as_ptr(), value.ptr()),
+        }
+    };
     if status.0.is_null() {
         return Ok(());
     }
@@ -465,7 +481,12 @@ fn bind_output_raw(
         (api.ReleaseStatus)(status.0);
         m
     };
-    bail!("output '{name}': {msg}")
+    let kind = if which == Bind::Input {
+        "input"
+    } else {
+        "output"
+    };
+    bail!("{kind} '{name}': {msg}")
 }
 
 /// A device buffer wrapped as an ONNX Runtime value by address (no copy).
@@ -654,14 +675,9 @@ impl Engine for OrtEngine {
             wrapped.push((*name, device_value(&self.device_memory, name, t)?));
         }
         let n_in = device_inputs.len();
-        for (name, v) in &wrapped[..n_in] {
-            self.binding
-                .bind_input(*name, v)
-                .map_err(|e| anyhow::anyhow!("input '{name}': {e}"))?;
-        }
-        for (name, v) in &wrapped[n_in..] {
-            // The ort crate binds only values it allocated as outputs; ONNX Runtime itself takes any tensor.
-            bind_output_raw(&mut self.binding, name, v)?;
+        for (i, (name, v)) in wrapped.iter().enumerate() {
+            let which = if i < n_in { Bind::Input } else { Bind::Output };
+            bind_raw(&mut self.binding, which, name, v)?;
         }
         let host: Vec<(String, DynValue)> = host_inputs
             .iter()
