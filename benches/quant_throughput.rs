@@ -90,6 +90,7 @@ fn main() {
         input: input.clone(),
         output: dir.path().join("out.safetensors"),
         format: Format::Nvfp4,
+        layout: None,
         block_size: None,
         double_quant: false,
         include: vec![],

@@ -53,7 +53,7 @@ pub enum Command {
         #[arg(long, value_name = "ORIGINAL")]
         against: Option<PathBuf>,
     },
-    /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt layouts).
+    /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt / ComfyUI layouts).
     Quantize(QuantizeArgs),
     /// Token ids of text with the tokenizer in a GGUF file (no BOS), or with --decode the text of ids.
     Tokenize {
@@ -125,6 +125,9 @@ pub struct QuantizeArgs {
     pub input: PathBuf,
     #[arg(long, value_enum)]
     pub format: crate::quant::checkpoint::Format,
+    /// Whose loader the file is for (default: bnb for nf4/fp4, modelopt for the others; comfyui for nvfp4/fp8).
+    #[arg(long, value_enum)]
+    pub layout: Option<crate::quant::checkpoint::Layout>,
     /// Output .safetensors file (written to a temporary name, renamed when complete).
     #[arg(long, short)]
     pub out: PathBuf,

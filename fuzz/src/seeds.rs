@@ -207,6 +207,7 @@ fn quant_seeds(tmp: &Path) -> Result<Vec<(String, Vec<u8>)>> {
             input: input.clone(),
             output: o.clone(),
             format,
+            layout: None,
             block_size: None,
             double_quant: double,
             include: vec![],

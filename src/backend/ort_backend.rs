@@ -304,6 +304,7 @@ impl OrtEngine {
                             .flat_map(|v| v.to_le_bytes())
                             .collect::<Vec<u8>>()
                             .into(),
+                        quant: None,
                     };
                     &widened
                 } else {

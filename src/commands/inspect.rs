@@ -47,7 +47,12 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
     }
     match kind {
         Kind::Safetensors => {
-            let r = crate::quant::inspect::inspect_checkpoint(path, against)?;
+            let mut r = crate::quant::inspect::inspect_checkpoint(path, against)?;
+            r.layout = Some(
+                crate::weights::prequant::file_layout(path)?
+                    .name()
+                    .to_string(),
+            );
             if json {
                 crate::outln!("{}", serde_json::to_string_pretty(&r)?);
             } else {
@@ -147,10 +152,11 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
 
 fn print_checkpoint(r: &crate::quant::inspect::CheckpointReport) {
     crate::outln!(
-        "{}: safetensors, {}, {} tensors",
+        "{}: safetensors, {}, {} tensors, layout {}",
         r.path,
         human_bytes(r.file_bytes),
-        r.tensors.len()
+        r.tensors.len(),
+        r.layout.as_deref().unwrap_or("plain")
     );
     for (k, v) in &r.metadata {
         crate::outln!("  metadata    {k} = {v}");

@@ -1,5 +1,5 @@
 //! `trt-diff quantize IN.safetensors --format F --out OUT.safetensors`: checkpoint quantization in bitsandbytes /
-//! ModelOpt layouts.
+//! ModelOpt / ComfyUI layouts.
 use crate::cli::QuantizeArgs;
 use crate::fsutil::human_bytes;
 use anyhow::Result;
@@ -9,6 +9,7 @@ pub fn run(a: QuantizeArgs) -> Result<()> {
         input: a.input,
         output: a.out.clone(),
         format: a.format,
+        layout: a.layout,
         block_size: a.block_size,
         double_quant: a.double_quant,
         include: a.include,

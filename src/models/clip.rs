@@ -247,6 +247,7 @@ impl Names<'_> {
                 dtype: fused.dtype,
                 shape: shape.to_vec(),
                 data,
+                quant: None,
             });
         }
         if name == "text_projection.weight" {
@@ -270,6 +271,7 @@ impl Names<'_> {
                     .flat_map(|x| x.to_le_bytes())
                     .collect::<Vec<u8>>()
                     .into(),
+                quant: None,
             });
         }
         self.ck.get_shaped(&self.key(name), shape)

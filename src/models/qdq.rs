@@ -9,6 +9,7 @@ use crate::quant::LinearPrecision;
 use crate::quant::minifloat::E4M3FN;
 use crate::quant::nvfp4;
 use crate::quant::policy::{LayerKind, Policy};
+use crate::weights::prequant::QuantWeight;
 use crate::weights::safetensors_file::Tensor;
 use anyhow::{Result, bail};
 use bytes::Bytes;
@@ -43,6 +44,8 @@ pub struct Linears<'a> {
     pub counts: HashMap<String, usize>,
     /// Rank of the LoRA side path beside each quantized layer (0: none): see [`lora_side_path`].
     pub lora_rank: usize,
+    /// Layers whose stored NVFP4 / FP8 codes and scales (a pre-quantized checkpoint's) went in unchanged.
+    pub from_checkpoint: usize,
 }
 
 impl<'a> Linears<'a> {
@@ -65,6 +68,7 @@ impl<'a> Linears<'a> {
             calibrated: HashSet::new(),
             counts: HashMap::new(),
             lora_rank: 0,
+            from_checkpoint: 0,
         }
     }
 
@@ -143,8 +147,24 @@ impl<'a> Linears<'a> {
                 linear(&mut o.g, name, x, &lw, LinearPrecision::F32, 0.0)
             }
             (Some(p), w) => {
-                let amax = match (self.amax.get(key), p) {
-                    (Some(a), _) => *a,
+                // A pre-quantized checkpoint's activation scale stands in for a calibration it lacks.
+                let stored_amax = match &w {
+                    Weight::Tensor { weight, .. } => weight
+                        .quant
+                        .as_ref()
+                        .and_then(|q| q.input_scale)
+                        .filter(|s| s.is_finite() && *s > 0.0)
+                        .and_then(|s| match p {
+                            LinearPrecision::Nvfp4 => Some(s * 6.0 * 448.0),
+                            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => {
+                                Some(s * 448.0)
+                            }
+                            _ => None,
+                        }),
+                    Weight::F32(_) => None,
+                };
+                let amax = match (self.amax.get(key).copied().or(stored_amax), p) {
+                    (Some(a), _) => a,
                     (None, LinearPrecision::Nvfp4) => self.nvfp4_default_amax,
                     (None, _) => self.fp8_default_amax.ok_or_else(|| {
                         anyhow::anyhow!(
@@ -160,7 +180,29 @@ impl<'a> Linears<'a> {
                 let g = &mut o.g;
                 let y = match w {
                     Weight::F32(lw) => linear(g, name, &xq, &lw, p, amax)?,
+                    Weight::Tensor { weight, bias }
+                        if weight
+                            .quant
+                            .as_ref()
+                            .is_some_and(|q| stored_fits(&q.weight, p)) =>
+                    {
+                        let bf = bias.map(|b| b.to_f32()).transpose()?;
+                        let q = weight.quant.as_ref().map(|q| &q.weight);
+                        self.from_checkpoint += 1;
+                        tracing::debug!(
+                            "{name}: the checkpoint's {} weights go in as stored",
+                            p.name()
+                        );
+                        linear_stored(g, name, &xq, q, bf.as_deref(), n, k, amax)?
+                    }
                     Weight::Tensor { weight, bias } => {
+                        if weight.quant.is_some() {
+                            tracing::debug!(
+                                "{name}: the checkpoint's quantized weights are not {}: re-quantized from their \
+                                 dequantized values",
+                                p.name()
+                            );
+                        }
                         let bf = bias.map(|b| b.to_f32()).transpose()?;
                         let d = &weight.data[..];
                         let aligned = |align: usize| (d.as_ptr() as usize).is_multiple_of(align);
@@ -409,6 +451,21 @@ fn fp8_weight(
             .map(|(i, v)| E4M3FN.encode(v / scales[if per_channel { i % n } else { 0 }], true))
             .collect()
     };
+    fp8_initializers(g, name, codes, &scales, per_channel, k, n, float)
+}
+
+/// The FP8 weight [k, n] of E4M3 `codes` with per-tensor (one) or per-output-channel (`n`) `scales`, and its DQ.
+#[allow(clippy::too_many_arguments)]
+fn fp8_initializers(
+    g: &mut GraphBuilder,
+    name: &str,
+    codes: Vec<u8>,
+    scales: &[f32],
+    per_channel: bool,
+    k: usize,
+    n: usize,
+    float: DataType,
+) -> Result<Value> {
     let wq = g.initializer(
         &format!("{name}.weight"),
         DataType::FLOAT8E4M3FN,
@@ -420,7 +477,7 @@ fn fp8_weight(
         &format!("{name}.weight_scale"),
         float,
         scale_dims,
-        float_bytes(&scales, float),
+        float_bytes(scales, float),
     )?;
     let attrs = if per_channel {
         vec![("axis", Attr::Int(1))]
@@ -508,24 +565,56 @@ fn nvfp4_weight<T: crate::quant::elem::Elem>(
         );
     }
     let q = nvfp4::quantize(w);
+    nvfp4_initializers(
+        g,
+        name,
+        q.packed,
+        q.block_scales,
+        q.global_scale,
+        k,
+        n,
+        float,
+    )
+}
+
+/// The NVFP4 weight [n, k] of `packed` E2M1 codes (element 0 in the low nibble), E4M3 `block_scales` [n, k / 16]
+/// and `global_scale`, dequantized and transposed to [k, n].
+#[allow(clippy::too_many_arguments)]
+fn nvfp4_initializers(
+    g: &mut GraphBuilder,
+    name: &str,
+    packed: Vec<u8>,
+    block_scales: Vec<u8>,
+    global_scale: f32,
+    k: usize,
+    n: usize,
+    float: DataType,
+) -> Result<Value> {
+    let kb = k / nvfp4::BLOCK;
+    if packed.len() * 2 != n * k || block_scales.len() != n * kb {
+        bail!(
+            "{name}: NVFP4 weight [{n}, {k}] has {} packed bytes and {} block scales",
+            packed.len(),
+            block_scales.len()
+        );
+    }
     let wq = g.initializer(
         &format!("{name}.weight"),
         DataType::FLOAT4E2M1,
         &[n as i64, k as i64],
-        Bytes::from(q.packed),
+        Bytes::from(packed),
     )?;
-    let kb = k / nvfp4::BLOCK;
     let bs = g.initializer(
         &format!("{name}.weight_scale"),
         DataType::FLOAT8E4M3FN,
         &[n as i64, kb as i64],
-        Bytes::from(q.block_scales),
+        Bytes::from(block_scales),
     )?;
     let sw = g.initializer(
         &format!("{name}.weight_scale_2"),
         float,
         &[],
-        float_bytes(&[q.global_scale], float),
+        float_bytes(&[global_scale], float),
     )?;
     let bsd = g.op(
         "DequantizeLinear",
@@ -640,6 +729,87 @@ pub fn linear_nvfp4<T: crate::quant::elem::Elem>(
     let out_shape = with_last(&x.shape, n);
     let xin = nvfp4_activation(g, name, x, act_amax)?;
     let wv = nvfp4_weight(g, name, weight, k, n, float)?;
+    let y = g.op(
+        "MatMul",
+        &format!("{name}/MatMul"),
+        &[&xin, &wv],
+        vec![],
+        float,
+        out_shape.clone(),
+    )?;
+    add_bias(g, name, y, bias, n, float, out_shape)
+}
+
+/// Whether a stored weight goes into a layer of precision `p` unchanged.
+fn stored_fits(q: &QuantWeight, p: LinearPrecision) -> bool {
+    matches!(
+        (q, p),
+        (QuantWeight::Nvfp4 { .. }, LinearPrecision::Nvfp4)
+            | (QuantWeight::Fp8 { .. }, LinearPrecision::Fp8)
+    )
+}
+
+/// [`linear`] over a pre-quantized checkpoint's stored NVFP4 or per-tensor FP8 weight [out, in]: the codes and
+/// scales become the Q/DQ initializers as they are (FP8 codes transposed to [in, out], as [`linear`] lays them).
+#[allow(clippy::too_many_arguments)]
+fn linear_stored(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    q: Option<&QuantWeight>,
+    bias: Option<&[f32]>,
+    n: usize,
+    k: usize,
+    act_amax: f32,
+) -> Result<Value> {
+    let float = DataType::FLOAT;
+    if x.dtype != float {
+        bail!(
+            "{name}: input is {}, a quantized layer expects {float}",
+            x.dtype
+        );
+    }
+    let out_shape = with_last(&x.shape, n);
+    let (xin, wv) = match q {
+        Some(QuantWeight::Nvfp4 {
+            packed,
+            block_scales,
+            global_scale,
+        }) => {
+            if !k.is_multiple_of(nvfp4::BLOCK) {
+                bail!("{name}: NVFP4 needs in_features divisible by 16, got {k}");
+            }
+            (
+                nvfp4_activation(g, name, x, act_amax)?,
+                nvfp4_initializers(
+                    g,
+                    name,
+                    packed.clone(),
+                    block_scales.clone(),
+                    *global_scale,
+                    k,
+                    n,
+                    float,
+                )?,
+            )
+        }
+        Some(QuantWeight::Fp8 { codes, scale }) => {
+            if codes.len() != n * k {
+                bail!("{name}: FP8 weight [{n}, {k}] has {} codes", codes.len());
+            }
+            let mut t = vec![0u8; codes.len()];
+            for r in 0..n {
+                for c in 0..k {
+                    t[c * n + r] = codes[r * k + c];
+                }
+            }
+            (
+                fp8_qdq(g, &format!("{name}.input"), x, act_amax)?,
+                fp8_initializers(g, name, t, &[*scale], false, k, n, float)?,
+            )
+        }
+        None => bail!("{name}: no stored weight"),
+    };
     let y = g.op(
         "MatMul",
         &format!("{name}/MatMul"),

@@ -147,6 +147,7 @@ impl GraphWeights {
                 dtype: *t,
                 shape: s.clone(),
                 data: d.clone(),
+                quant: None,
             }),
             _ => bail!(
                 "'{}' has no float weight '{name}': rebuild the bundle with this trt-diff",

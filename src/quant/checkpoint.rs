@@ -1,11 +1,13 @@
 //! `trt-diff quantize`: a safetensors checkpoint in, a quantized safetensors checkpoint out, in the layouts
-//! other tools load (bitsandbytes `Linear4bit` state dicts, ModelOpt / TensorRT-LLM NVFP4 and FP8 exports).
+//! other tools load (bitsandbytes `Linear4bit` state dicts, ModelOpt / TensorRT-LLM NVFP4 and FP8 exports,
+//! ComfyUI's NVFP4 and FP8 files: see [`super::comfy`]).
 //!
 //! The input is memory-mapped and read one tensor at a time; pages of a finished tensor are dropped from the
 //! mapping, so resident memory stays near the largest tensor, not the file. The header is written first, so
 //! every output size is planned from the input header (bitsandbytes' double-quantization offset, which
 //! changes the length of its JSON state, is found in a first pass over that tensor's block maxima).
 use super::bnb::{self, Absmax, Kind};
+use super::comfy::{self, ComfyFormat};
 use super::elem::{Elem, Values};
 use super::int::{Bits, Granularity};
 use super::{fp8, int, nvfp4};
@@ -28,6 +30,28 @@ pub enum Format {
     Fp4,
     Int8,
     Int4,
+}
+
+/// Whose loader the output is laid out for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// ComfyUI's mixed-precision loader (nvfp4, fp8): `.comfy_quant` markers, swizzled NVFP4 block scales.
+    Comfyui,
+    /// ModelOpt / TensorRT-LLM exports (nvfp4, fp8; also mxfp8, int8, int4 in the same naming).
+    Modelopt,
+    /// bitsandbytes `Linear4bit` state dicts (nf4, fp4).
+    Bnb,
+}
+
+impl Layout {
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Comfyui => "comfyui",
+            Layout::Modelopt => "modelopt",
+            Layout::Bnb => "bnb",
+        }
+    }
 }
 
 /// What each format allows for `--block-size` and what it uses without one (None: no blocks).
@@ -92,6 +116,8 @@ pub struct QuantizeOptions {
     pub input: PathBuf,
     pub output: PathBuf,
     pub format: Format,
+    /// None: the format's own (bnb for nf4/fp4, modelopt for the others).
+    pub layout: Option<Layout>,
     pub block_size: Option<usize>,
     pub double_quant: bool,
     /// Globs on tensor names; empty: every floating-point `*.weight` of rank >= 2.
@@ -113,6 +139,9 @@ pub struct QuantizeReport {
 #[derive(Serialize)]
 struct Recorded<'a> {
     format: Format,
+    /// Only where it is not the format's default, so that default-layout files stay byte-identical.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    layout: Option<Layout>,
     block_size: Option<usize>,
     double_quant: bool,
     include: &'a [String],
@@ -191,6 +220,31 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
         bail!("--double-quant applies to nf4 and fp4 only (bitsandbytes' compress_statistics)");
     }
     let block = o.block_size.or(rule.default);
+    let bnb_format = matches!(o.format, Format::Nf4 | Format::Fp4);
+    let layout = o.layout.unwrap_or(if bnb_format {
+        Layout::Bnb
+    } else {
+        Layout::Modelopt
+    });
+    let fits = match layout {
+        Layout::Comfyui => matches!(o.format, Format::Nvfp4 | Format::Fp8),
+        Layout::Bnb => bnb_format,
+        Layout::Modelopt => !bnb_format,
+    };
+    if !fits {
+        bail!(
+            "--layout {} does not hold --format {}: comfyui takes nvfp4 and fp8, bnb takes nf4 and fp4, modelopt \
+             the others",
+            layout.name(),
+            o.format.name()
+        );
+    }
+    let comfy_format = match (layout, o.format) {
+        (Layout::Comfyui, Format::Nvfp4) => Some(ComfyFormat::Nvfp4),
+        (Layout::Comfyui, _) => Some(ComfyFormat::Fp8E4m3),
+        _ => None,
+    };
+    let mut comfy_layers = BTreeMap::new();
     let include = patterns(&o.include, "--include")?;
     let exclude = patterns(&o.exclude, "--exclude")?;
 
@@ -253,6 +307,29 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
                     o.format.name()
                 );
             }
+            if let Some(cf) = comfy_format {
+                // ComfyUI quantizes Linear weights: 2-D, named `<layer>.weight`; unpadded NVFP4 needs whole
+                // 16-row groups (comfy-kitchen would pad them).
+                let Some(layer) = name.strip_suffix(".weight") else {
+                    bail!(
+                        "tensor '{name}': ComfyUI's loader reads quantized `<layer>.weight` tensors only; add \
+                         --exclude '{name}'"
+                    );
+                };
+                if shape.len() != 2 || (cf == ComfyFormat::Nvfp4 && !shape[0].is_multiple_of(16)) {
+                    bail!(
+                        "tensor '{name}' {shape:?}: ComfyUI's {} layout needs a 2-D weight{}; add --exclude \
+                         '{name}'",
+                        cf.name(),
+                        if cf == ComfyFormat::Nvfp4 {
+                            " with a multiple of 16 rows"
+                        } else {
+                            ""
+                        }
+                    );
+                }
+                comfy_layers.insert(layer.to_string(), cf);
+            }
             let nested_offset = if o.double_quant {
                 let v = tensor_values(&map, data_start, &plan)?;
                 let am = with_values!(&v, |s| bnb::block_absmax_all(s, block.unwrap_or(64)));
@@ -265,7 +342,10 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
                 block,
                 nested_offset,
             };
-            plan.outputs = outputs_of(o.format, &plan, block, nested_offset);
+            plan.outputs = match comfy_format {
+                Some(cf) => comfy_outputs(cf, &plan),
+                None => outputs_of(o.format, &plan, block, nested_offset),
+            };
         } else {
             plan.outputs = vec![OutTensor {
                 name: name.clone(),
@@ -288,6 +368,7 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
         "trt_diff.quantize".into(),
         serde_json::to_string(&Recorded {
             format: o.format,
+            layout: comfy_format.map(|_| layout),
             block_size: block,
             double_quant: o.double_quant,
             include: &o.include,
@@ -295,6 +376,12 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
             producer: format!("trt-diff {}", env!("CARGO_PKG_VERSION")),
         })?,
     );
+    if comfy_format.is_some() {
+        metadata.insert(
+            comfy::METADATA_KEY.into(),
+            comfy::metadata_json(&comfy_layers),
+        );
+    }
     let mut header = serde_json::Map::new();
     header.insert("__metadata__".into(), serde_json::to_value(&metadata)?);
     let mut offset = 0usize;
@@ -338,7 +425,10 @@ pub fn quantize_file(o: &QuantizeOptions) -> Result<QuantizeReport> {
                 nested_offset,
             } => {
                 let v = tensor_values(&map, data_start, p)?;
-                let parts = quantize_tensor(o.format, &v, p, *block, *nested_offset);
+                let parts = match comfy_format {
+                    Some(cf) => comfy_tensor(cf, &v, p),
+                    None => quantize_tensor(o.format, &v, p, *block, *nested_offset),
+                };
                 for (t, bytes) in p.outputs.iter().zip(&parts) {
                     if t.bytes != bytes.len() {
                         bail!(
@@ -490,6 +580,57 @@ fn outputs_of(
     }
 }
 
+/// ComfyUI's tensors for weight `<layer>.weight`, in the order [`comfy_tensor`] writes them.
+fn comfy_outputs(f: ComfyFormat, p: &Plan) -> Vec<OutTensor> {
+    let (rows, cols) = (p.shape[0], p.shape[1]);
+    let name = &p.name;
+    let layer = name.strip_suffix(".weight").unwrap_or(name);
+    let marker = comfy::marker_json(f);
+    let mut v = match f {
+        ComfyFormat::Nvfp4 => {
+            let (pr, pc) = comfy::swizzled_shape(rows, cols / nvfp4::BLOCK);
+            vec![
+                out(name.clone(), "U8", vec![rows, cols / 2], 1),
+                out(format!("{name}_scale"), "F8_E4M3", vec![pr, pc], 1),
+                out(format!("{name}_scale_2"), "F32", vec![], 4),
+            ]
+        }
+        ComfyFormat::Fp8E4m3 => vec![
+            out(name.clone(), "F8_E4M3", p.shape.clone(), 1),
+            out(format!("{name}_scale"), "F32", vec![], 4),
+        ],
+    };
+    v.push(out(
+        format!("{layer}{}", comfy::MARKER),
+        "U8",
+        vec![marker.len()],
+        1,
+    ));
+    v
+}
+
+/// The bytes of [`comfy_outputs`]: the same quantization as the ModelOpt layout, NVFP4 re-packed high nibble
+/// first with its block scales swizzled.
+fn comfy_tensor(f: ComfyFormat, v: &Values, p: &Plan) -> Vec<Vec<u8>> {
+    let (rows, cols) = (p.shape[0], p.shape[1]);
+    let mut parts = match f {
+        ComfyFormat::Nvfp4 => {
+            let q = with_values!(v, |s| nvfp4::quantize(s));
+            vec![
+                comfy::swap_nibbles(&q.packed),
+                comfy::swizzle(&q.block_scales, rows, cols / nvfp4::BLOCK),
+                f32_bytes(&[q.global_scale]),
+            ]
+        }
+        ComfyFormat::Fp8E4m3 => {
+            let (codes, s) = with_values!(v, |x| fp8::quantize_fp8(x));
+            vec![codes, f32_bytes(&[s])]
+        }
+    };
+    parts.push(comfy::marker_json(f).into_bytes());
+    parts
+}
+
 fn torch_name(dtype: &str) -> &'static str {
     match dtype {
         "F16" => <half::f16 as Elem>::TORCH,
@@ -597,16 +738,39 @@ pub fn dequantize_named(path: &Path, name: &str) -> Result<Vec<f32>> {
     dequantize_tensor(&st, path, name)
 }
 
-/// [`dequantize_named`] on an already opened file (`path` only names it in errors). Every size that the
-/// companion tensors and the `quant_state` JSON declare is checked against the tensors' real lengths first: a
-/// damaged or hand-made file gives an error, not a panic or an allocation its data cannot fill.
+/// A tensor as [`dequantize_from`] looks it up: its safetensors dtype name ("U8", "F8_E4M3", ...) and bytes.
+pub struct RawTensor<D> {
+    pub dtype: String,
+    pub shape: Vec<usize>,
+    pub data: D,
+}
+
+/// [`dequantize_named`] on an already opened file (`path` only names it in errors).
 pub fn dequantize_tensor(
     st: &safetensors::SafeTensors<'_>,
     path: &Path,
     name: &str,
 ) -> Result<Vec<f32>> {
+    let get = |n: &str| {
+        st.tensor(n).ok().map(|t| RawTensor {
+            dtype: format!("{:?}", t.dtype()),
+            shape: t.shape().to_vec(),
+            data: t.data(),
+        })
+    };
+    dequantize_from(&get, path, name)
+}
+
+/// Tensor `name` as f32 values, its companions looked up through `get` (a safetensors file, or a checkpoint's
+/// index). Every size that the companion tensors and the `quant_state` JSON declare is checked against the
+/// tensors' real lengths first: a damaged or hand-made file gives an error, not a panic or an allocation its data
+/// cannot fill.
+pub fn dequantize_from<D: AsRef<[u8]>>(
+    get: &dyn Fn(&str) -> Option<RawTensor<D>>,
+    path: &Path,
+    name: &str,
+) -> Result<Vec<f32>> {
     let p = path.display();
-    let get = |n: &str| st.tensor(n).ok();
     let f32v = |b: &[u8]| -> Vec<f32> {
         b.chunks_exact(4)
             .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
@@ -620,7 +784,7 @@ pub fn dequantize_tensor(
     let main = get(name).with_context(|| format!("no tensor '{name}' in '{p}'"))?;
     for kind in [Kind::Nf4, Kind::Fp4] {
         if let Some(js) = get(&format!("{name}.quant_state.bitsandbytes__{}", kind.name())) {
-            let state: serde_json::Value = serde_json::from_slice(js.data())
+            let state: serde_json::Value = serde_json::from_slice(js.data.as_ref())
                 .map_err(|e| damaged(format!("its quant_state is not JSON ({e})")))?;
             let bs = state["blocksize"]
                 .as_u64()
@@ -645,7 +809,7 @@ pub fn dequantize_tensor(
                         .and_then(|d| acc.checked_mul(d))
                 })
                 .ok_or_else(|| damaged(format!("quant_state shape {dims:?} is not a shape")))?;
-            let packed = main.data();
+            let packed = main.data.as_ref();
             if n.div_ceil(2) > packed.len() {
                 bail!(damaged(format!(
                     "quant_state shape {dims:?} holds {n} values, the packed data only {}",
@@ -657,8 +821,8 @@ pub fn dequantize_tensor(
                 .ok_or_else(|| damaged(format!("'{name}.absmax' is missing")))?;
             let absmax = match get(&format!("{name}.nested_absmax")) {
                 Some(na) => {
-                    let codes = absmax_t.data().to_vec();
-                    let second = f32v(na.data());
+                    let codes = absmax_t.data.as_ref().to_vec();
+                    let second = f32v(na.data.as_ref());
                     if codes.len() < blocks
                         || second.len() < codes.len().div_ceil(bnb::NESTED_BLOCK)
                     {
@@ -678,7 +842,7 @@ pub fn dequantize_tensor(
                     })
                 }
                 None => {
-                    let v = f32v(absmax_t.data());
+                    let v = f32v(absmax_t.data.as_ref());
                     if v.len() < blocks {
                         bail!(damaged(format!(
                             "{} absmax values for {blocks} blocks",
@@ -708,57 +872,76 @@ pub fn dequantize_tensor(
         Ok((n / scales).max(1))
     };
     let at = |i: usize, per: usize, len: usize| (i / per).min(len.saturating_sub(1));
-    Ok(match (format!("{:?}", main.dtype()).as_str(), scale) {
+    Ok(match (main.dtype.as_str(), scale) {
         ("U8", Some(s)) if get(&format!("{name}_scale_2")).is_some() => {
             let s2 = get(&format!("{name}_scale_2"))
-                .map(|t| f32v(t.data()))
+                .map(|t| f32v(t.data.as_ref()))
                 .unwrap_or_default();
             let Some(&sw) = s2.first() else {
                 bail!(damaged(format!("'{name}_scale_2' holds no f32 value")));
             };
-            let blocks = (main.data().len() * 2).div_ceil(nvfp4::BLOCK);
-            if s.data().len() < blocks {
-                bail!(damaged(format!(
-                    "{} block scales for {blocks} NVFP4 blocks",
-                    s.data().len()
-                )));
+            let blocks = (main.data.as_ref().len() * 2).div_ceil(nvfp4::BLOCK);
+            let layer = name.strip_suffix(".weight").unwrap_or(name);
+            if get(&format!("{layer}{}", comfy::MARKER)).is_some() {
+                // ComfyUI's: high nibble first, block scales swizzled.
+                let (rows, cols) = match main.shape[..] {
+                    [r, c] if (c * 2).is_multiple_of(nvfp4::BLOCK) => (r, c * 2),
+                    _ => bail!(damaged(format!(
+                        "a ComfyUI NVFP4 weight is [rows, cols / 2] with whole 16-value blocks, this is {:?}",
+                        main.shape
+                    ))),
+                };
+                let scales = comfy::unswizzle(s.data.as_ref(), rows, cols / nvfp4::BLOCK)
+                    .map_err(|e| damaged(e.to_string()))?;
+                nvfp4::dequantize_signed_zero(&comfy::swap_nibbles(main.data.as_ref()), &scales, sw)
+            } else {
+                if s.data.as_ref().len() < blocks {
+                    bail!(damaged(format!(
+                        "{} block scales for {blocks} NVFP4 blocks",
+                        s.data.as_ref().len()
+                    )));
+                }
+                nvfp4::dequantize(main.data.as_ref(), s.data.as_ref(), sw)
             }
-            nvfp4::dequantize(main.data(), s.data(), sw)
         }
-        ("F8_E4M3", Some(s)) if format!("{:?}", s.dtype()) == "U8" => {
-            let per = per_scale(main.data().len(), s.data().len())?;
-            main.data()
+        ("F8_E4M3", Some(s)) if s.dtype == "U8" => {
+            let per = per_scale(main.data.as_ref().len(), s.data.as_ref().len())?;
+            main.data
+                .as_ref()
                 .iter()
                 .enumerate()
-                .map(|(i, &c)| e4m3(c) * fp8::e8m0_decode(s.data()[at(i, per, s.data().len())]))
+                .map(|(i, &c)| {
+                    e4m3(c) * fp8::e8m0_decode(s.data.as_ref()[at(i, per, s.data.as_ref().len())])
+                })
                 .collect()
         }
         ("F8_E4M3", Some(s)) => {
-            let Some(&sc) = f32v(s.data()).first() else {
+            let Some(&sc) = f32v(s.data.as_ref()).first() else {
                 bail!(damaged(format!("'{name}_scale' holds no f32 value")));
             };
-            main.data().iter().map(|&c| e4m3(c) * sc).collect()
+            main.data.as_ref().iter().map(|&c| e4m3(c) * sc).collect()
         }
         ("I8", Some(s)) => {
-            let sc = f32v(s.data());
-            let per = per_scale(main.data().len(), sc.len())?;
-            main.data()
+            let sc = f32v(s.data.as_ref());
+            let per = per_scale(main.data.as_ref().len(), sc.len())?;
+            main.data
+                .as_ref()
                 .iter()
                 .enumerate()
                 .map(|(i, &c)| c as i8 as f32 * sc[at(i, per, sc.len())])
                 .collect()
         }
         ("U8", Some(s)) => {
-            let sc = f32v(s.data());
-            let n = main.data().len() * 2;
+            let sc = f32v(s.data.as_ref());
+            let n = main.data.as_ref().len() * 2;
             let per = per_scale(n, sc.len())?;
-            int::unpack_int4(main.data(), n)
+            int::unpack_int4(main.data.as_ref(), n)
                 .iter()
                 .enumerate()
                 .map(|(i, &q)| q as f32 * sc[at(i, per, sc.len())])
                 .collect()
         }
-        (dt, _) => match Values::from_bytes(dt, main.data()) {
+        (dt, _) => match Values::from_bytes(dt, main.data.as_ref()) {
             Some(v) => v.to_f32(),
             None => {
                 bail!(

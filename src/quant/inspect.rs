@@ -31,6 +31,9 @@ pub struct TensorRow {
 #[derive(Clone, Debug, Serialize)]
 pub struct CheckpointReport {
     pub path: String,
+    /// Whose layout the quantized tensors are in: comfyui, modelopt, bitsandbytes or plain (filled in by the
+    /// caller from `weights::prequant::file_layout`, which this layer cannot see).
+    pub layout: Option<String>,
     pub file_bytes: u64,
     pub metadata: BTreeMap<String, String>,
     pub tensors: Vec<TensorRow>,
@@ -88,11 +91,22 @@ fn companions(names: &[String], name: &str, format: &str) -> Vec<String> {
             "nf4" | "fp4" => n
                 .strip_prefix(name)
                 .is_some_and(|rest| BNB_SUFFIXES.iter().any(|s| rest.starts_with(s))),
-            "nvfp4" => **n == format!("{name}_scale") || **n == format!("{name}_scale_2"),
-            _ => **n == format!("{name}_scale"),
+            "nvfp4" => {
+                **n == format!("{name}_scale")
+                    || **n == format!("{name}_scale_2")
+                    || layer_companion(n, name)
+            }
+            _ => **n == format!("{name}_scale") || layer_companion(n, name),
         })
         .cloned()
         .collect()
+}
+
+/// The per-layer companions of weight `<layer>.weight`: its activation scale and ComfyUI marker.
+fn layer_companion(n: &str, weight: &str) -> bool {
+    let layer = weight.strip_suffix(".weight").unwrap_or(weight);
+    n.strip_prefix(layer)
+        .is_some_and(|rest| rest == ".input_scale" || rest == super::comfy::MARKER)
 }
 
 pub fn error_stats(reference: &[f32], got: &[f32]) -> ErrorStats {
@@ -200,6 +214,7 @@ pub fn inspect_checkpoint(path: &Path, against: Option<&Path>) -> Result<Checkpo
     rows.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(CheckpointReport {
         path: path.display().to_string(),
+        layout: None,
         file_bytes: map.len() as u64,
         metadata: meta
             .metadata()

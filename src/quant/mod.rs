@@ -1,6 +1,7 @@
 //! Number formats and the Q/DQ patterns TensorRT reads.
 pub mod bnb;
 pub mod checkpoint;
+pub mod comfy;
 pub mod elem;
 pub mod fp8;
 pub mod inspect;

@@ -168,13 +168,32 @@ const E2M1_VALUES: [f32; 16] = [
     0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, 0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
 ];
 
+/// comfy-kitchen's decode table: code 8 is -0.
+const E2M1_SIGNED: [f32; 16] = [
+    0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0,
+];
+
 /// Values of the packed tensor: E2M1 code * E4M3 block scale * global scale (f32), as ModelOpt dequantizes.
 pub fn dequantize(packed: &[u8], block_scales: &[u8], global_scale: f32) -> Vec<f32> {
+    dequantize_table(packed, block_scales, global_scale, &E2M1_VALUES)
+}
+
+/// [`dequantize`] as comfy-kitchen does it, where code 8 gives -0 (the same numbers; other bits).
+pub fn dequantize_signed_zero(packed: &[u8], block_scales: &[u8], global_scale: f32) -> Vec<f32> {
+    dequantize_table(packed, block_scales, global_scale, &E2M1_SIGNED)
+}
+
+fn dequantize_table(
+    packed: &[u8],
+    block_scales: &[u8],
+    global_scale: f32,
+    table: &[f32; 16],
+) -> Vec<f32> {
     let mut out = Vec::with_capacity(packed.len() * 2);
     for (i, b) in packed.iter().enumerate() {
         let scale = E4M3FN.decode(block_scales[i * 2 / BLOCK]) * global_scale;
-        out.push(E2M1_VALUES[(b & 0xF) as usize] * scale);
-        out.push(E2M1_VALUES[(b >> 4) as usize] * scale);
+        out.push(table[(b & 0xF) as usize] * scale);
+        out.push(table[(b >> 4) as usize] * scale);
     }
     out
 }

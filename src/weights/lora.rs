@@ -952,6 +952,7 @@ pub fn tensor_of(name: &str, shape: &[usize], v: &[f32], dtype: DataType) -> Ten
         },
         shape: shape.to_vec(),
         data: bytes.into(),
+        quant: None,
     }
 }
 

@@ -7,4 +7,5 @@ pub mod limits;
 pub mod llama2c;
 pub mod llm_config;
 pub mod lora;
+pub mod prequant;
 pub mod safetensors_file;

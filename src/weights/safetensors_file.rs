@@ -2,6 +2,7 @@
 //! read without copying: each tensor is a `Bytes` slice of the mapping, so a graph emitter can hand it straight to
 //! the external-data writer. A tensor's pages leave the resident set when its last `Bytes` is dropped (once
 //! written), which keeps the resident set of a 24 GB export small.
+use super::prequant::{self, Prequant, Scan, SourceLayout, onnx_dtype};
 use crate::onnx::DataType;
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -92,6 +93,9 @@ pub struct Tensor {
     pub dtype: DataType,
     pub shape: Vec<usize>,
     pub data: Bytes,
+    /// A weight read from a pre-quantized checkpoint: `data` holds its dequantized f32 values, this its stored
+    /// codes and scales where they map exactly onto a Q/DQ format ([`prequant`]).
+    pub quant: Option<Arc<Prequant>>,
 }
 
 impl Tensor {
@@ -133,23 +137,8 @@ pub struct Checkpoint {
     overrides: BTreeMap<String, Tensor>,
     /// The files' `__metadata__` string maps, merged.
     metadata: BTreeMap<String, String>,
-}
-
-fn onnx_dtype(d: safetensors::Dtype) -> Option<DataType> {
-    use safetensors::Dtype as D;
-    Some(match d {
-        D::F32 => DataType::FLOAT,
-        D::F16 => DataType::FLOAT16,
-        D::BF16 => DataType::BFLOAT16,
-        D::F8_E4M3 => DataType::FLOAT8E4M3FN,
-        D::F8_E5M2 => DataType::FLOAT8E5M2,
-        D::U8 => DataType::UINT8,
-        D::I8 => DataType::INT8,
-        D::I32 => DataType::INT32,
-        D::I64 => DataType::INT64,
-        D::BOOL => DataType::BOOL,
-        _ => return None,
-    })
+    /// Pre-quantized weights (read as their dequantized values) and their companions (hidden).
+    prequant: Scan,
 }
 
 impl Checkpoint {
@@ -180,6 +169,7 @@ impl Checkpoint {
             prefetcher: std::sync::OnceLock::new(),
             overrides: BTreeMap::new(),
             metadata: BTreeMap::new(),
+            prequant: Scan::default(),
         };
         // Judged on the whole checkpoint: the shards of a big model are read one after another.
         let total: u64 = files
@@ -190,6 +180,17 @@ impl Checkpoint {
         let evict = crate::fsutil::crowds_page_cache(total);
         for f in files {
             ck.add_file(&f, evict)?;
+        }
+        ck.prequant = prequant::scan(&ck.path, &ck.raw_index(), &ck.metadata, &|n| {
+            ck.get_raw(n).map(|t| t.data)
+        })?;
+        if ck.prequant.layout() != SourceLayout::Plain {
+            tracing::info!(
+                "'{}': {} pre-quantized weights in {} layout",
+                ck.path.display(),
+                ck.prequant.entries.len(),
+                ck.prequant.layout().name()
+            );
         }
         Ok(ck)
     }
@@ -261,15 +262,26 @@ impl Checkpoint {
         &self.metadata
     }
 
+    /// The model's tensor names (a pre-quantized checkpoint's scales and markers left out).
     pub fn names(&self) -> impl Iterator<Item = &str> {
-        self.index.keys().map(|s| s.as_str())
+        self.index
+            .keys()
+            .filter(|n| !self.prequant.companions.contains(*n))
+            .map(|s| s.as_str())
     }
 
     pub fn contains(&self, name: &str) -> bool {
-        self.index.contains_key(name)
+        self.index.contains_key(name) && !self.prequant.companions.contains(name)
     }
 
+    /// The shape a model sees: a pre-quantized weight's logical shape.
     pub fn shape(&self, name: &str) -> Option<&[usize]> {
+        if let Some(e) = self.prequant.entries.get(name) {
+            return Some(e.shape.as_slice());
+        }
+        if self.prequant.companions.contains(name) {
+            return None;
+        }
         self.index.get(name).map(|e| e.shape.as_slice())
     }
 
@@ -277,25 +289,48 @@ impl Checkpoint {
         if let Some(t) = self.overrides.get(name) {
             return Some(t.dtype);
         }
+        if self.prequant.entries.contains_key(name) {
+            return Some(DataType::FLOAT);
+        }
+        if self.prequant.companions.contains(name) {
+            return None;
+        }
         self.index.get(name).map(|e| e.dtype)
+    }
+
+    /// Whose layout the checkpoint's quantized weights are in (`plain` when none are).
+    pub fn source_layout(&self) -> SourceLayout {
+        self.prequant.layout()
+    }
+
+    /// How many weights are stored quantized.
+    pub fn prequantized(&self) -> usize {
+        self.prequant.entries.len()
+    }
+
+    fn raw_index(&self) -> prequant::Index {
+        self.index
+            .iter()
+            .map(|(n, e)| (n.clone(), (e.dtype, e.shape.clone())))
+            .collect()
     }
 
     /// Replaces tensor `t.name` of the checkpoint with `t` for every later [`Checkpoint::get`] (weights with a
     /// LoRA merged in); the name must exist and the shape stay.
     pub fn set_override(&mut self, t: Tensor) -> Result<()> {
-        let Some(e) = self.index.get(&t.name) else {
+        let Some(shape) = self.shape(&t.name) else {
             bail!(
                 "checkpoint '{}' has no tensor '{}' to replace",
                 self.path.display(),
                 t.name
             );
         };
-        if e.shape != t.shape {
+        if shape != t.shape.as_slice() {
             bail!(
                 "checkpoint '{}': '{}' is {:?}; its replacement is {:?}",
                 self.path.display(),
                 t.name,
-                e.shape,
+                shape,
                 t.shape
             );
         }
@@ -308,11 +343,35 @@ impl Checkpoint {
         self.index.values().map(|e| (e.end - e.start) as u64).sum()
     }
 
-    /// The tensor `name`, zero-copy; the error names the checkpoint.
+    /// The tensor `name`, zero-copy (a pre-quantized weight: its dequantized f32 values, with its stored form in
+    /// [`Tensor::quant`]); the error names the checkpoint.
     pub fn get(&self, name: &str) -> Result<Tensor> {
         if let Some(t) = self.overrides.get(name) {
             return Ok(t.clone());
         }
+        if let Some(e) = self.prequant.entries.get(name) {
+            let (values, quant) = prequant::decode(&self.path, name, e, &self.raw_index(), &|n| {
+                self.get_raw(n).map(|t| t.data)
+            })?;
+            return Ok(Tensor {
+                name: name.to_string(),
+                dtype: DataType::FLOAT,
+                shape: e.shape.clone(),
+                data: Bytes::from(bytemuck::cast_slice::<f32, u8>(&values).to_vec()),
+                quant: quant.map(Arc::new),
+            });
+        }
+        if self.prequant.companions.contains(name) {
+            bail!(
+                "checkpoint '{}': '{name}' is a quantization companion (scale or marker), not a model tensor",
+                self.path.display()
+            );
+        }
+        self.get_raw(name)
+    }
+
+    /// The stored tensor `name`, whatever it is.
+    fn get_raw(&self, name: &str) -> Result<Tensor> {
         let Some(e) = self.index.get(name) else {
             bail!(
                 "checkpoint '{}' has no tensor '{name}': wrong model, or a layout trt-diff does not know",
@@ -335,6 +394,7 @@ impl Checkpoint {
                 start: e.start,
                 end: e.end,
             }),
+            quant: None,
         })
     }
 
