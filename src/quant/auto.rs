@@ -560,35 +560,39 @@ impl PolicyFile {
         policy_of(&self.layers)
     }
 
-    /// Layer, shape, the chosen format, each format's sensitivity and the bytes saved, one row per layer.
-    pub fn table(&self, shapes: &[LinearShape]) -> String {
+    /// One row per measured layer: the chosen format, each format's sensitivity, the chosen and unquantized
+    /// weight bytes.
+    pub fn table(&self) -> String {
         use std::fmt::Write;
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "{:<44} {:>11} {:>6} {:>10} {:>10} {:>10} {:>10}",
-            "layer", "shape", "chosen", "nvfp4", "fp8", "int8", "bytes"
+            "{:<48} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+            "layer", "chosen", "nvfp4", "fp8", "int8", "bytes", "unquant."
         );
-        for sh in shapes {
-            let chosen = self.layers.get(&sh.layer).copied().unwrap_or(Format::Keep);
+        for keep in self.measured.iter().filter(|m| m.format == Format::Keep) {
+            let chosen = self
+                .layers
+                .get(&keep.layer)
+                .copied()
+                .unwrap_or(Format::Keep);
             let m = |f: Format| {
                 self.measured
                     .iter()
-                    .find(|m| m.layer == sh.layer && m.format == f)
+                    .find(|m| m.layer == keep.layer && m.format == f)
             };
             let sens =
                 |f: Format| m(f).map_or("-".to_string(), |m| format!("{:.2e}", m.sensitivity));
-            let bytes = m(chosen).map_or("-".to_string(), |m| m.bytes.to_string());
             let _ = writeln!(
                 s,
-                "{:<44} {:>11} {:>6} {:>10} {:>10} {:>10} {:>10}",
-                sh.layer,
-                format!("{}x{}", sh.out_features, sh.in_features),
+                "{:<48} {:>6} {:>10} {:>10} {:>10} {:>10} {:>10}",
+                keep.layer,
                 chosen.name(),
                 sens(Format::Nvfp4),
                 sens(Format::Fp8),
                 sens(Format::Int8),
-                bytes
+                m(chosen).map_or(0, |m| m.bytes),
+                keep.bytes
             );
         }
         s
@@ -788,7 +792,7 @@ mod tests {
         assert_eq!(pol.decide("a.b", Linear), Some(LinearPrecision::Nvfp4));
         assert_eq!(pol.decide("c[0]", Linear), Some(LinearPrecision::Fp8));
         assert_eq!(pol.decide("c0", Linear), None);
-        assert!(back.table(&shapes).contains("nvfp4"));
+        assert!(back.table().contains("c[0]") && back.table().contains("nvfp4"));
         // NVFP4 on 24 input features, FP8 on Ampere, unknown layers: errors naming the file and the fix.
         let mut bad = pf.clone();
         bad.layers.insert("c[0]".into(), Format::Nvfp4);
