@@ -218,3 +218,152 @@ fn flux_auto_precision_meets_its_budgets_and_round_trips() {
     );
     assert!(r.stderr.contains("sm86"), "{}", r.stderr);
 }
+
+const LLM_HELDOUT: [&str; 2] = [
+    "One day, a big dog found a red box in the garden.",
+    "The sun was shining and the children were happy.",
+];
+
+/// Mean over the held-out prompts and positions of KL(unquantized || built), each position's next-token
+/// distribution from a prefill of the prefix up to it through the built decoder graphs (last-position logits).
+fn heldout_kl(onnx: &Path, reference: &Path) -> f64 {
+    use trt_diff::pipelines::auto_precision::prefill;
+    let tok =
+        trt_diff::tokenizer::llama2c::Llama2cTokenizer::load(&shared_data("llm/tok512.bin"), 512)
+            .unwrap();
+    let open = |p: &Path| {
+        trt_diff::pipelines::engines::open_file(
+            &EngineFile::open(p).unwrap(),
+            BackendChoice::Cpu,
+            &Default::default(),
+        )
+        .unwrap()
+    };
+    let (mut q, mut r) = (open(onnx), open(reference));
+    let log_probs = |e: &mut Box<dyn trt_diff::backend::Engine>, ids: &[i64]| -> Vec<f64> {
+        let out = prefill(e.as_mut(), ids).unwrap();
+        let l = out
+            .iter()
+            .find(|(n, _)| n == "logits")
+            .unwrap()
+            .1
+            .to_f64()
+            .unwrap();
+        let m = l.iter().fold(f64::NEG_INFINITY, |a, b| a.max(*b));
+        let lse = m + l.iter().map(|v| (v - m).exp()).sum::<f64>().ln();
+        l.iter().map(|v| v - lse).collect()
+    };
+    let mut per_prompt = Vec::new();
+    for p in LLM_HELDOUT {
+        let mut ids = vec![1i64];
+        ids.extend(tok.encode(p).iter().map(|&t| t as i64));
+        let mut kl = 0.0;
+        for t in 1..=ids.len() {
+            let (a, b) = (log_probs(&mut r, &ids[..t]), log_probs(&mut q, &ids[..t]));
+            kl += a
+                .iter()
+                .zip(&b)
+                .map(|(x, y)| x.exp() * (x - y))
+                .sum::<f64>();
+        }
+        per_prompt.push(kl / ids.len() as f64);
+    }
+    per_prompt.iter().sum::<f64>() / per_prompt.len() as f64
+}
+
+#[test]
+fn llm_auto_precision_meets_its_budgets_and_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = shared_data("llm/stories260K.bin");
+    let tok = shared_data("llm/tok512.bin");
+    let out = |name: &str| dir.path().join(name).join("s.plan");
+    let build = |name: &str, extra: &[&str], ok: bool| {
+        let o = out(name);
+        std::fs::create_dir_all(o.parent().unwrap()).unwrap();
+        let mut args: Vec<&str> = vec![
+            "build",
+            s(&model),
+            "--arch",
+            "llama2c",
+            "--tokenizer",
+            s(&tok),
+            "--onnx-only",
+            "--out",
+            s(&o),
+            "--no-progress",
+            "--calibration-prompt",
+            "Once upon a time, there was a little girl named Lily.",
+            "--calibration-prompt",
+            "Tom and his mom went to the park to play with a ball.",
+        ];
+        for h in LLM_HELDOUT {
+            args.extend(["--heldout-prompt", h]);
+        }
+        args.extend(extra);
+        run(&args, ok)
+    };
+    build("ref", &["--precision", "fp32"], true);
+    let r = build(
+        "tight",
+        &["--precision", "auto", "--quality", "0.002"],
+        true,
+    );
+    assert!(r.stdout.contains("lm_head"), "{}", r.stdout);
+    let tight_file = out("tight").with_extension("policy.toml");
+    let tight = PolicyFile::read(&tight_file).unwrap();
+    build(
+        "loose",
+        &["--policy", s(&tight_file), "--quality", "0.05"],
+        true,
+    );
+    let loose_file = out("loose").with_extension("policy.toml");
+    let loose = PolicyFile::read(&loose_file).unwrap();
+    eprintln!(
+        "tight: {} nvfp4 layers, {} weight bytes, KL {:.4}; loose: {} nvfp4, {} bytes, KL {:.4}",
+        low_bit(&tight),
+        tight.bytes().0,
+        tight.measured_quality,
+        low_bit(&loose),
+        loose.bytes().0,
+        loose.measured_quality
+    );
+    assert!(low_bit(&loose) > low_bit(&tight), "{:?}", tight.layers);
+    assert!(loose.bytes().0 < tight.bytes().0 && tight.bytes().0 < tight.bytes().1);
+    let reference = dir.path().join("ref/s.onnx");
+    for (name, pf) in [("tight", &tight), ("loose", &loose)] {
+        let kl = heldout_kl(&dir.path().join(name).join("s.onnx"), &reference);
+        eprintln!("{name}: held-out mean KL {kl:.5} (budget {})", pf.quality);
+        assert!(kl <= pf.quality, "{name}: {kl} > {}", pf.quality);
+        assert!(
+            (kl - pf.measured_quality).abs() < 1e-3 * pf.quality,
+            "{kl} vs {pf:?}"
+        );
+    }
+    build("again", &["--policy", s(&loose_file)], true);
+    let graph = |n: &str| bytes_of(&dir.path().join(n).join("s.onnx"));
+    assert!(
+        graph("again") == graph("loose"),
+        "--policy did not round-trip"
+    );
+    // A Flux policy is not this model's: its layers are named and the fix given.
+    std::fs::write(
+        dir.path().join("flux.toml"),
+        std::fs::read_to_string(&loose_file)
+            .unwrap()
+            .replace("\"model.layers.0.mlp.up_proj\"", "\"proj_out\""),
+    )
+    .unwrap();
+    let r = build(
+        "bad",
+        &["--policy", s(&dir.path().join("flux.toml"))],
+        false,
+    );
+    assert!(
+        r.stderr.contains("flux.toml") && r.stderr.contains("'proj_out'"),
+        "{}",
+        r.stderr
+    );
+    // Auto without a budget or a policy says what to give.
+    let r = build("bad", &["--precision", "auto"], false);
+    assert!(r.stderr.contains("--quality"), "{}", r.stderr);
+}

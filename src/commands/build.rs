@@ -115,6 +115,7 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
         source,
         a.precision,
         a.max_context,
+        &auto_options(a),
         &opts,
     )?;
     println!(
@@ -125,7 +126,7 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
         o.manifest.source.onnx,
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }
 
 fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
@@ -167,6 +168,7 @@ fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions 
         quality: a.quality,
         policy: a.policy.clone(),
         heldout_prompts: a.heldout_prompt.clone(),
+        calibration_prompts: a.calibration_prompt.clone(),
     }
 }
 

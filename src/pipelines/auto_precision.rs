@@ -26,6 +26,8 @@ pub struct AutoOptions {
     pub policy: Option<std::path::PathBuf>,
     /// `--heldout-prompt`: prompts the choice is verified on (default: the recipe's).
     pub heldout_prompts: Vec<String>,
+    /// `--calibration-prompt` for LLM builds (image families take theirs with their other calibration options).
+    pub calibration_prompts: Vec<String>,
 }
 
 /// Where a family's measurements come from.
