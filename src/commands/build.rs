@@ -121,7 +121,7 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
     println!(
         "built {} ({} precision, {}); source {}, manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest.source.onnx,
         o.manifest_path.display()
@@ -156,11 +156,20 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
     );
     print_policy(a)
+}
+
+/// The precision a build reports: `--policy` is a per-layer (auto) build whatever `--precision` defaulted to.
+fn shown_precision(a: &BuildArgs) -> Precision {
+    if a.policy.is_some() {
+        Precision::Auto
+    } else {
+        a.precision
+    }
 }
 
 fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions {

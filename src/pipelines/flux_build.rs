@@ -975,7 +975,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     };
     let bundle = ImageBundle {
         arch: o.arch.clone(),
-        precision: o.precision.name().into(),
+        precision: if layered { "auto" } else { o.precision.name() }.into(),
         config: serde_json::to_value(&p.config)?,
         components: BTreeMap::new(),
         tokenizers: BTreeMap::from([

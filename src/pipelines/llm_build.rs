@@ -492,7 +492,7 @@ pub fn build_llm(
         arch,
         config: serde_json::to_value(&config)?,
         tokenizer: file_name(&tok_out),
-        precision: precision.name().into(),
+        precision: p.map_or("auto", |_| precision.name()).into(),
         cpu_onnx,
     }));
     let outcome = build_engine(&opts)?;
@@ -558,7 +558,7 @@ pub fn build_llama2c(
         arch: "llama2c".into(),
         config: serde_json::to_value(&model.config)?,
         tokenizer: file_name(&tok_out),
-        precision: precision.name().into(),
+        precision: p.map_or("auto", |_| precision.name()).into(),
         cpu_onnx,
     }));
     let outcome = build_engine(&opts)?;
