@@ -364,6 +364,7 @@ fn quantized_bundles_build_and_stay_close() {
             calibration_backend: BackendChoice::Cpu,
             loras: Vec::new(),
             lora_rank: 0,
+            auto: Default::default(),
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,

@@ -2,6 +2,7 @@
 //! image bundles).
 use crate::cli::BuildArgs;
 use crate::pipelines::{Arch, Family};
+use crate::quant::Precision;
 use crate::trt::BuildOptions;
 use crate::trt::shapes::parse_shapes;
 use anyhow::{Context, Result, bail};
@@ -114,17 +115,18 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
         source,
         a.precision,
         a.max_context,
+        &auto_options(a),
         &opts,
     )?;
     println!(
         "built {} ({} precision, {}); source {}, manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest.source.onnx,
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }
 
 fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
@@ -147,15 +149,62 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
             loras: a.lora.clone(),
             lora_rank: a.lora_rank,
             controlnet: a.controlnet.clone(),
+            auto: auto_options(a),
             base: BuildOptions::from(a),
         },
     )?;
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
+    );
+    print_policy(a)
+}
+
+/// The precision a build reports: `--policy` is a per-layer (auto) build whatever `--precision` defaulted to.
+fn shown_precision(a: &BuildArgs) -> Precision {
+    if a.policy.is_some() {
+        Precision::Auto
+    } else {
+        a.precision
+    }
+}
+
+fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions {
+    crate::pipelines::auto_precision::AutoOptions {
+        quality: a.quality,
+        policy: a.policy.clone(),
+        heldout_prompts: a.heldout_prompt.clone(),
+        calibration_prompts: a.calibration_prompt.clone(),
+    }
+}
+
+/// After a per-layer build: the policy written beside the engine, as a table with its search time.
+fn print_policy(a: &BuildArgs) -> Result<()> {
+    if a.precision != Precision::Auto && a.policy.is_none() {
+        return Ok(());
+    }
+    let path = crate::pipelines::bundle::sibling(&a.out, ".policy.toml");
+    let pf = crate::quant::auto::PolicyFile::read(&path)?;
+    print!("{}", pf.table());
+    let (chosen, keep) = pf.bytes();
+    let count = |f: crate::quant::auto::Format| pf.layers.values().filter(|v| **v == f).count();
+    println!(
+        "policy {}: {} nvfp4, {} fp8, {} int8, {} kept; weights {} of {} unquantized; {:.2} {} on held-out prompts \
+         (asked {}); search {:.1}s",
+        path.display(),
+        count(crate::quant::auto::Format::Nvfp4),
+        count(crate::quant::auto::Format::Fp8),
+        count(crate::quant::auto::Format::Int8),
+        count(crate::quant::auto::Format::Keep),
+        crate::fsutil::human_bytes(chosen),
+        crate::fsutil::human_bytes(keep),
+        pf.measured_quality,
+        pf.metric.unit(),
+        pf.quality,
+        pf.search_seconds
     );
     Ok(())
 }

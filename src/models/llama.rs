@@ -424,20 +424,55 @@ pub fn decoder_graph_with(
     graph(cfg, weights, policy, last_logits_only)
 }
 
+/// How [`decoder_graph_opts`] emits the decoder.
+pub struct DecoderOptions<'a> {
+    pub policy: &'a Policy,
+    /// The LM head on the last position only (see [`decoder_graph_with`]).
+    pub last_logits_only: bool,
+    /// Calibrated input activation maxima by layer name; layers without one get a static 8 (RMS-normed inputs of
+    /// these models stay within a few units).
+    pub amax: &'a HashMap<String, f32>,
+    /// Adds an `amax.<layer>` output per linear layer's input (see [`Linears`]).
+    pub calibration: bool,
+}
+
+/// The decoder graph and its linear layers (name, shape), as `build --precision auto` measures them.
+pub fn decoder_graph_opts(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    o: &DecoderOptions,
+) -> Result<(ModelProto, Vec<crate::quant::auto::LinearShape>)> {
+    emit(cfg, weights, o)
+}
+
 fn graph(
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     policy: &Policy,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    let opset = policy.target.min_opset().max(18);
-    // No calibration: RMS-normed inputs of these models stay within a few units, so FP8 scales are static at 8.
     let amax = HashMap::new();
+    let o = DecoderOptions {
+        policy,
+        last_logits_only,
+        amax: &amax,
+        calibration: false,
+    };
+    Ok(emit(cfg, weights, &o)?.0)
+}
+
+fn emit(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    opts: &DecoderOptions,
+) -> Result<(ModelProto, Vec<crate::quant::auto::LinearShape>)> {
+    let (policy, last_logits_only) = (opts.policy, opts.last_logits_only);
+    let opset = policy.target.min_opset().max(18);
     let mut e = Emitter {
         o: Ops::new("llama_decoder", opset, F32),
         cfg,
         w: weights,
-        linears: Linears::new(Some(policy), &amax, Some(8.0), 8.0, false),
+        linears: Linears::new(Some(policy), opts.amax, Some(8.0), 8.0, opts.calibration),
     };
     if policy.target == LinearPrecision::Nvfp4 {
         e.o.g.use_domain("trt", 1);
@@ -528,5 +563,6 @@ fn graph(
         vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
     )?;
     e.o.g.output(&logits);
-    Ok(e.o.g.finish())
+    let shapes = std::mem::take(&mut e.linears.shapes);
+    Ok((e.o.g.finish(), shapes))
 }

@@ -42,6 +42,8 @@ pub struct Linears<'a> {
     calibrated: HashSet<String>,
     /// Layers emitted by precision name ("nvfp4", "fp8", ..., "kept").
     pub counts: HashMap<String, usize>,
+    /// Every linear layer emitted, in graph order: what `build --precision auto` measures.
+    pub shapes: Vec<crate::quant::auto::LinearShape>,
     /// Rank of the LoRA side path beside each quantized layer (0: none): see [`lora_side_path`].
     pub lora_rank: usize,
     /// Layers whose stored NVFP4 / FP8 codes and scales (a pre-quantized checkpoint's) went in unchanged.
@@ -67,6 +69,7 @@ impl<'a> Linears<'a> {
             calibration,
             calibrated: HashSet::new(),
             counts: HashMap::new(),
+            shapes: Vec::new(),
             lora_rank: 0,
             from_checkpoint: 0,
         }
@@ -130,6 +133,11 @@ impl<'a> Linears<'a> {
             _ => "kept".to_string(),
         };
         *self.counts.entry(label).or_default() += 1;
+        self.shapes.push(crate::quant::auto::LinearShape {
+            layer: layer.to_string(),
+            out_features: n,
+            in_features: k,
+        });
         match (decision, w) {
             // Checkpoint tensors compute in the graph's dtype unless quantized.
             (
@@ -392,15 +400,43 @@ fn amax(v: &[f32]) -> f32 {
 
 /// Per-tensor FP8 Q/DQ of an activation with scale amax/448: TensorRT fuses it into the consuming op.
 pub fn fp8_qdq(g: &mut GraphBuilder, name: &str, x: &Value, act_amax: f32) -> Result<Value> {
+    static_qdq(
+        g,
+        name,
+        x,
+        act_amax.max(1e-12) / 448.0,
+        DataType::FLOAT8E4M3FN,
+    )
+}
+
+/// Per-tensor INT8 Q/DQ of an activation with scale amax/127 (symmetric, zero point 0).
+pub fn int8_qdq(g: &mut GraphBuilder, name: &str, x: &Value, act_amax: f32) -> Result<Value> {
+    static_qdq(
+        g,
+        name,
+        x,
+        crate::quant::int::scale(act_amax, crate::quant::int::Bits::Int8),
+        DataType::INT8,
+    )
+}
+
+/// Q/DQ through `code` (FLOAT8E4M3FN or INT8) with one static scale and a zero point of 0.
+fn static_qdq(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    scale: f32,
+    code: DataType,
+) -> Result<Value> {
     let s = g.initializer(
         &format!("{name}.scale"),
         x.dtype,
         &[],
-        float_bytes(&[act_amax.max(1e-12) / 448.0], x.dtype),
+        float_bytes(&[scale], x.dtype),
     )?;
     let zp = g.initializer(
         &format!("{name}.zero_point"),
-        DataType::FLOAT8E4M3FN,
+        code,
         &[],
         Bytes::from(vec![0u8]),
     )?;
@@ -409,7 +445,7 @@ pub fn fp8_qdq(g: &mut GraphBuilder, name: &str, x: &Value, act_amax: f32) -> Re
         &format!("{name}/q"),
         &[x, &s, &zp],
         vec![],
-        DataType::FLOAT8E4M3FN,
+        code,
         x.shape.clone(),
     )?;
     g.op(
@@ -419,6 +455,45 @@ pub fn fp8_qdq(g: &mut GraphBuilder, name: &str, x: &Value, act_amax: f32) -> Re
         vec![],
         x.dtype,
         x.shape.clone(),
+    )
+}
+
+/// INT8 weight [n, k] as [k, n] with one scale per output channel ([`crate::quant::int`]'s rounding).
+fn int8_weight(
+    g: &mut GraphBuilder,
+    name: &str,
+    w: &[f32],
+    k: usize,
+    n: usize,
+    float: DataType,
+) -> Result<Value> {
+    use crate::quant::int::{Bits, Granularity, quantize};
+    let (codes, scales) = quantize(w, k, Granularity::Channel, Bits::Int8);
+    let mut t = vec![0u8; n * k];
+    for (r, row) in codes.chunks(k.max(1)).enumerate() {
+        for (c, v) in row.iter().enumerate() {
+            t[c * n + r] = *v as u8;
+        }
+    }
+    let wq = g.initializer(
+        &format!("{name}.weight"),
+        DataType::INT8,
+        &[k as i64, n as i64],
+        Bytes::from(t),
+    )?;
+    let sw = g.initializer(
+        &format!("{name}.weight_scale"),
+        float,
+        &[n as i64],
+        float_bytes(&scales, float),
+    )?;
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_dq"),
+        &[&wq, &sw],
+        vec![("axis", Attr::Int(1))],
+        float,
+        fixed(&[k, n]),
     )
 }
 
@@ -898,6 +973,10 @@ pub fn linear(
                 fp8_weight(g, name, &wt, k, n, per_channel, float)?,
             )
         }
+        LinearPrecision::Int8 => (
+            int8_qdq(g, &format!("{name}.input"), x, act_amax)?,
+            int8_weight(g, name, w.weight, k, n, float)?,
+        ),
         LinearPrecision::Int4 { block } => {
             let wt = transpose(w.weight, n, k);
             (x.clone(), int4_weight(g, name, &wt, k, n, block, float)?)

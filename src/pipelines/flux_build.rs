@@ -4,6 +4,7 @@
 //! is `NAME.plan` itself, the others `NAME.<component>.plan`), copies the tokenizers, and records the pipeline in
 //! `NAME.plan.json`. `generate --engine NAME.plan` opens each component on TensorRT when usable, else its ONNX on
 //! ONNX Runtime. Recipes (engines/flux-*.toml, compiled in) give the defaults, shapes and precision policy.
+use super::auto_precision::{self, AutoOptions};
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
 use super::flux::{FluxEngines, FluxModel, FluxPipelineConfig, load_clip_tokenizer};
@@ -12,7 +13,8 @@ use crate::backend::BackendChoice;
 use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::{clip, flux as fluxm, t5, taesd, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::quant::Precision;
+use crate::quant::auto::{Format, LinearShape, Metric, Target};
+use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
 use crate::weights::lora::{LoraFile, LoraSpec, Part, Resolved, open_all};
@@ -52,6 +54,9 @@ pub struct RecipePrecision {
     pub calibration_steps: usize,
     pub calibration_px: usize,
     pub calibration_prompts: Vec<String>,
+    /// `--precision auto` verifies its choice on these.
+    #[serde(default)]
+    pub heldout_prompts: Vec<String>,
 }
 
 /// A diffusers-layout Flux folder, resolved.
@@ -372,10 +377,34 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
 }
 
 /// The transformer graph, streamed to `out`.
-pub fn export_transformer(p: &Plan, opts: &fluxm::ExportOptions, out: &Path) -> Result<()> {
+pub fn export_transformer(
+    p: &Plan,
+    opts: &fluxm::ExportOptions,
+    out: &Path,
+) -> Result<fluxm::ExportReport> {
     let ck = p.checkpoint(&p.files.transformer, Part::Denoiser)?;
-    fluxm::export(&p.transformer, &ck, opts, out)?;
-    Ok(())
+    fluxm::export(&p.transformer, &ck, opts, out)
+}
+
+/// Export options of a transformer with per-layer formats (`--precision auto`, `--policy`): every other layer
+/// kept in f32; FP8/INT8 layers take their activation ranges from `amax`.
+pub fn layered_options(
+    layers: &BTreeMap<String, Format>,
+    amax: &HashMap<String, f32>,
+) -> Result<fluxm::ExportOptions> {
+    let policy = crate::quant::auto::policy_of(layers)?;
+    // The Flux precision only sets the graph's opset and domains here: the policy decides every layer.
+    let precision = match policy.target {
+        LinearPrecision::Nvfp4 => fluxm::FluxPrecision::Nvfp4,
+        LinearPrecision::F32 => fluxm::FluxPrecision::F32,
+        _ => fluxm::FluxPrecision::Fp8,
+    };
+    Ok(fluxm::ExportOptions {
+        precision,
+        policy: (precision != fluxm::FluxPrecision::F32).then_some(policy),
+        amax: amax.clone(),
+        ..Default::default()
+    })
 }
 
 fn transformer_options(
@@ -490,9 +519,12 @@ pub fn export_controlnet(
             );
         }
     }
-    let prec = match fluxm::FluxPrecision::from_precision(precision)? {
-        fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => fluxm::FluxPrecision::F32,
-        other => other,
+    let prec = match precision {
+        Precision::Auto => fluxm::FluxPrecision::F32,
+        _ => match fluxm::FluxPrecision::from_precision(precision)? {
+            fluxm::FluxPrecision::Fp8 | fluxm::FluxPrecision::Nvfp4 => fluxm::FluxPrecision::F32,
+            other => other,
+        },
     };
     let opts = fluxm::ExportOptions {
         precision: prec,
@@ -513,54 +545,135 @@ fn aux_precisions(p: &Plan, precision: Precision) -> Result<(DataType, DataType)
     ))
 }
 
-/// Runs the f32 calibration transformer through the sampler loop over the recipe's prompts (CPU or GPU) and
-/// returns the per-layer activation amax.
-/// `aux` holds the f32 text encoders and VAE already exported.
-fn calibrate(
+/// The f32 calibration transformer (its `amax.*` outputs fold into `model.amax`) with the text encoders and VAE
+/// of `aux`, as a pipeline on `backend`; and the transformer's linear layers.
+fn calibration_pipeline(
     p: &Plan,
     dir: &Path,
     aux: &OnnxPaths,
     backend: BackendChoice,
-) -> Result<HashMap<String, f32>> {
+) -> Result<(ImagePipeline<FluxModel>, Vec<LinearShape>)> {
     let calib = dir.join("calibration.transformer.onnx");
     let opts = fluxm::ExportOptions {
         calibration: true,
         ..Default::default()
     };
-    export_transformer(p, &opts, &calib)?;
-    let paths = OnnxPaths {
-        transformer: calib,
-        clip: aux.clip.clone(),
-        t5: aux.t5.clone(),
-        vae_decoder: aux.vae_decoder.clone(),
-        vae_encoder: aux.vae_encoder.clone(),
-    };
+    let report = export_transformer(p, &opts, &calib)?;
     let open = |path: &Path| open_file(&EngineFile::open(path)?, backend, &OpenOptions::default());
     let mut model = FluxModel::new(
         p.config.clone(),
         load_clip_tokenizer(&p.files.clip_tokenizer, p.config.clip_pad)?,
         T5Tokenizer::load(&p.files.t5_tokenizer)?,
         FluxEngines {
-            clip: open(&paths.clip)?,
-            t5: open(&paths.t5)?,
-            transformer: open(&paths.transformer)?,
-            vae_decoder: open(&paths.vae_decoder)?,
+            clip: open(&aux.clip)?,
+            t5: open(&aux.t5)?,
+            transformer: open(&calib)?,
+            vae_decoder: open(&aux.vae_decoder)?,
             vae_encoder: None,
             tae_decoder: None,
             controlnet: None,
         },
     );
     model.amax = Some(HashMap::new());
-    let mut pipe = ImagePipeline::new(model);
+    Ok((ImagePipeline::new(model), report.linears))
+}
+
+/// The image side calibration and the quality search run at: at most the profile's optimum size (calibration only
+/// needs typical activations).
+fn calibration_side(p: &Plan) -> usize {
     let r = &p.recipe.precision;
-    // At most the profile's optimum size: calibration only needs typical activations.
-    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16;
-    pipe.calibrate(&r.calibration_prompts, r.calibration_steps, px, 1.0)?;
+    (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 16).max(1) * 16
+}
+
+/// Runs the calibration prompts through the sampler loop and returns the per-layer activation amax.
+fn calibrate(p: &Plan, pipe: &mut ImagePipeline<FluxModel>) -> Result<HashMap<String, f32>> {
+    let r = &p.recipe.precision;
+    pipe.model.amax = Some(HashMap::new());
+    pipe.calibrate(
+        &r.calibration_prompts,
+        r.calibration_steps,
+        calibration_side(p),
+        1.0,
+    )?;
     let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
     }
     Ok(amax)
+}
+
+/// `--precision auto` / `--policy`: the per-layer formats, searched on the calibration pipeline (whose transformer
+/// is the unquantized reference) or read from the policy file; the chosen policy is written to `policy_out`.
+fn choose_layers(
+    p: &Plan,
+    o: &FluxBuildOptions,
+    dir: &Path,
+    pipe: &mut ImagePipeline<FluxModel>,
+    shapes: &[LinearShape],
+    amax: &HashMap<String, f32>,
+    policy_out: &Path,
+) -> Result<BTreeMap<String, Format>> {
+    let target = Target::from_targets(&o.base.targets)?;
+    let metric = o.auto.quality.map(|_| Metric::Psnr);
+    let mut table = None;
+    if let Some(path) = &o.auto.policy {
+        let pf = auto_precision::read_policy(path, shapes, &target, metric)?;
+        if o.auto.quality.is_none() {
+            if std::path::absolute(path).ok() != std::path::absolute(policy_out).ok() {
+                pf.write(policy_out)?;
+            }
+            return Ok(pf.layers);
+        }
+        table = Some(pf.measured);
+    }
+    let quality = o.auto.quality.context(
+        "--precision auto needs --quality DB: the PSNR (dB) the final images must keep against the unquantized \
+         model on held-out prompts (e.g. 30), or --policy FILE from an earlier search",
+    )?;
+    let r = &p.recipe.precision;
+    let heldout = if o.auto.heldout_prompts.is_empty() {
+        r.heldout_prompts.clone()
+    } else {
+        o.auto.heldout_prompts.clone()
+    };
+    auto_precision::check_prompts(&r.calibration_prompts, &heldout)?;
+    let cand = dir.join("candidate.transformer.onnx");
+    let backend = o.calibration_backend;
+    let swap = Box::new(
+        move |m: &mut FluxModel, layers: &BTreeMap<String, Format>| -> Result<()> {
+            export_transformer(p, &layered_options(layers, amax)?, &cand)?;
+            m.engines.transformer =
+                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+            Ok(())
+        },
+    );
+    pipe.model.amax = None;
+    let side = calibration_side(p);
+    let mut probe = auto_precision::ImageProbe::new(
+        pipe,
+        swap,
+        &r.calibration_prompts,
+        &heldout,
+        r.calibration_steps,
+        side,
+    )?;
+    let per_token = 2 * p.config.vae_scale_factor as i64;
+    let opt_side = (p.recipe.shapes.image_px[1] / per_token).max(1) as usize;
+    let spec = auto_precision::SearchSpec {
+        arch: o.arch.clone(),
+        metric: Metric::Psnr,
+        quality,
+        target,
+        shapes,
+        tokens: opt_side * opt_side + p.config.t5_max_len,
+        base_bytes: 4,
+        calibration_prompts: r.calibration_prompts.clone(),
+        heldout_prompts: heldout,
+    };
+    let pf = auto_precision::run_search(&spec, &mut probe, table)?;
+    tracing::info!("{}", probe.timings.describe());
+    pf.write(policy_out)?;
+    Ok(pf.layers)
 }
 
 /// Optimization profiles of every component for the recipe's batch and image ranges.
@@ -629,6 +742,8 @@ pub struct FluxBuildOptions {
     pub lora_rank: usize,
     /// A diffusers FluxControlNetModel folder (config.json + safetensors) added to the bundle.
     pub controlnet: Option<PathBuf>,
+    /// `--precision auto --quality` / `--policy FILE`: per-layer formats, written to `NAME.policy.toml`.
+    pub auto: AutoOptions,
     pub base: BuildOptions,
 }
 
@@ -690,20 +805,37 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    if o.precision == Precision::Fp8 && p.config.control_channels + p.config.fill_channels > 0 {
+    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
+    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
+        bail!(
+            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
+            o.precision
+        );
+    }
+    if (o.precision == Precision::Fp8 || layered)
+        && p.config.control_channels + p.config.fill_channels > 0
+    {
         bail!(
             "FP8 calibration runs the recipe's prompts without control images or masks, which FLUX.1 Canny/Depth/Fill \
              need; build this model in nvfp4, bf16 or fp16"
         );
     }
-    let amax = if o.precision == Precision::Fp8 {
+    let policy_out = sibling(&o.base.out, ".policy.toml");
+    let mut topts = if o.precision == Precision::Fp8 || layered {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
-        calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
+        let (mut pipe, shapes) =
+            calibration_pipeline(&p, tmp.path(), &paths, o.calibration_backend)?;
+        let amax = calibrate(&p, &mut pipe)?;
+        if layered {
+            let layers = choose_layers(&p, o, tmp.path(), &mut pipe, &shapes, &amax, &policy_out)?;
+            layered_options(&layers, &amax)?
+        } else {
+            transformer_options(&p, o.precision, amax)?
+        }
     } else {
-        HashMap::new()
+        transformer_options(&p, o.precision, HashMap::new())?
     };
     tracing::info!("exporting the transformer ({})", o.precision);
-    let mut topts = transformer_options(&p, o.precision, amax)?;
     if o.lora_rank > 0 {
         if topts.policy.is_none() {
             bail!(
@@ -843,7 +975,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
     };
     let bundle = ImageBundle {
         arch: o.arch.clone(),
-        precision: o.precision.name().into(),
+        precision: if layered { "auto" } else { o.precision.name() }.into(),
         config: serde_json::to_value(&p.config)?,
         components: BTreeMap::new(),
         tokenizers: BTreeMap::from([

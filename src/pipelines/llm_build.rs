@@ -1,16 +1,19 @@
 //! `trt-diff build CHECKPOINT --arch llama2c --tokenizer TOK --out NAME.plan`: the decoder graph goes to
 //! `NAME.onnx` (+ external data) beside the plan, the tokenizer to `NAME.tokenizer.bin`, the engine to `NAME.plan`
 //! with a manifest that says how `generate` runs it. Without a usable GPU, `generate` runs `NAME.onnx` on the CPU.
+use super::auto_precision::{self, AutoOptions};
 use super::bundle::{file_name, sibling};
 use crate::manifest::ShapeRange;
 use crate::manifest::{LlmPipeline, Pipeline};
-use crate::models::llama::{LlamaConfig, decoder_graph_with};
+use crate::models::llama::{DecoderOptions, LlamaConfig, decoder_graph_opts};
 use crate::onnx::{DataType, SaveOptions, save};
 use crate::quant::LinearPrecision;
 use crate::quant::Precision;
+use crate::quant::auto::{Metric, Target, policy_of};
 use crate::quant::policy::Policy;
 use crate::trt::{BuildOptions, BuildOutcome, build_engine};
 use anyhow::{Context, Result, bail};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 
 /// Optimization profiles: 1..max new tokens, 0..max-1 cached positions (prefill and decode in one engine).
@@ -49,6 +52,151 @@ pub fn linear_precision(p: Precision) -> Result<LinearPrecision> {
             "--precision {other} is not available for LLM decoders; choose fp32, fp16, fp8, nvfp4 or int4"
         ),
     })
+}
+
+/// The one precision of every layer, or None for per-layer formats (`--precision auto`, `--policy FILE`).
+fn fixed_precision(p: Precision, auto: &AutoOptions) -> Result<Option<LinearPrecision>> {
+    if auto.policy.is_some() && !matches!(p, Precision::Auto | Precision::Fp32) {
+        bail!(
+            "--policy sets every layer's format; drop --precision {p} (or give --precision auto)"
+        );
+    }
+    if p == Precision::Auto || auto.policy.is_some() {
+        return Ok(None);
+    }
+    linear_precision(p).map(Some)
+}
+
+#[derive(serde::Deserialize)]
+struct LlmRecipe {
+    precision: LlmRecipePrecision,
+}
+#[derive(serde::Deserialize)]
+struct LlmRecipePrecision {
+    calibration_prompts: Vec<String>,
+    heldout_prompts: Vec<String>,
+}
+
+/// The decoder's policy and activation ranges: the ModelOpt-like defaults of a fixed precision (static ranges), or
+/// per-layer formats from a search (`--precision auto --quality KL`) or a policy file (`--policy`), calibrated on
+/// the calibration prompts; the chosen formats are written to `NAME.policy.toml`.
+fn decoder_policy(
+    arch: &str,
+    config: &LlamaConfig,
+    tensors: &HashMap<String, Vec<f32>>,
+    tokenizer: &Path,
+    p: Option<LinearPrecision>,
+    auto: &AutoOptions,
+    base: &BuildOptions,
+) -> Result<(Policy, HashMap<String, f32>)> {
+    if let Some(p) = p {
+        return Ok((Policy::defaults(p), HashMap::new()));
+    }
+    let recipe: LlmRecipe = super::recipe::load("llm")?;
+    let pick = |given: &[String], default: Vec<String>| {
+        if given.is_empty() {
+            default
+        } else {
+            given.to_vec()
+        }
+    };
+    let calibration = pick(
+        &auto.calibration_prompts,
+        recipe.precision.calibration_prompts,
+    );
+    let heldout = pick(&auto.heldout_prompts, recipe.precision.heldout_prompts);
+    auto_precision::check_prompts(&calibration, &heldout)?;
+    let tok = crate::tokenizer::text::load_tokenizer(tokenizer, config.vocab_size)?;
+    let ids = |prompts: &[String]| -> Vec<Vec<i64>> {
+        prompts
+            .iter()
+            .map(|t| {
+                let mut v: Vec<i64> = tok.bos().map(|b| b as i64).into_iter().collect();
+                v.extend(tok.encode(t).iter().map(|&x| x as i64));
+                v.truncate(config.max_seq_len);
+                v
+            })
+            .collect()
+    };
+    let (cal_ids, held_ids) = (ids(&calibration), ids(&heldout));
+    let tmp = tempfile::tempdir_in(
+        base.out
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .unwrap_or(Path::new(".")),
+    )
+    .context("cannot create a calibration folder")?;
+    let cand = tmp.path().join("candidate.onnx");
+    let open_graph = |policy: &Policy, amax: &HashMap<String, f32>, calibration: bool| {
+        let (graph, shapes) = decoder_graph_opts(
+            config,
+            tensors,
+            &DecoderOptions {
+                policy,
+                last_logits_only: false,
+                amax,
+                calibration,
+            },
+        )?;
+        save(graph, &cand, &SaveOptions::default())?;
+        let engine = super::engines::open_file(
+            &crate::manifest::EngineFile::open(&cand)?,
+            crate::backend::BackendChoice::Cpu,
+            &Default::default(),
+        )?;
+        Ok::<_, anyhow::Error>((engine, shapes))
+    };
+    // Activation ranges of every linear layer's input over the calibration prompts (FP8/INT8 static scales).
+    let none = HashMap::new();
+    let (mut engine, shapes) = open_graph(&Policy::uniform(LinearPrecision::F32), &none, true)?;
+    let mut amax = HashMap::new();
+    for s in &cal_ids {
+        let out = auto_precision::prefill(engine.as_mut(), s)?;
+        crate::models::qdq::merge_amax(&mut amax, &out);
+    }
+    drop(engine);
+    let target = Target::from_targets(&base.targets)?;
+    let policy_out = sibling(&base.out, ".policy.toml");
+    let mut table = None;
+    if let Some(path) = &auto.policy {
+        let pf =
+            auto_precision::read_policy(path, &shapes, &target, auto.quality.map(|_| Metric::Kl))?;
+        if auto.quality.is_none() {
+            if std::path::absolute(path).ok() != std::path::absolute(&policy_out).ok() {
+                pf.write(&policy_out)?;
+            }
+            return Ok((pf.to_policy()?, amax));
+        }
+        table = Some(pf.measured);
+    }
+    let quality = auto.quality.context(
+        "--precision auto needs --quality KL: the mean next-token KL divergence (nats) allowed against the \
+         unquantized model on held-out prompts (e.g. 0.02), or --policy FILE from an earlier search",
+    )?;
+    let am = &amax;
+    let mut probe = auto_precision::LlmProbe::new(
+        Box::new(|layers| Ok(open_graph(&policy_of(layers)?, am, false)?.0)),
+        cal_ids,
+        held_ids,
+        config.vocab_size,
+    )?;
+    let spec = auto_precision::SearchSpec {
+        arch: arch.to_string(),
+        metric: Metric::Kl,
+        quality,
+        target,
+        shapes: &shapes,
+        // Decode steps: one token per GEMM.
+        tokens: 1,
+        base_bytes: 4,
+        calibration_prompts: calibration,
+        heldout_prompts: heldout,
+    };
+    let pf = auto_precision::run_search(&spec, &mut probe, table)?;
+    tracing::info!("{}", probe.timings.describe());
+    drop(probe);
+    pf.write(&policy_out)?;
+    Ok((pf.to_policy()?, amax))
 }
 
 /// Lists the files an LLM build is about to write beside the plan (`suffixes` of its name) in `guard`, so that a
@@ -196,15 +344,15 @@ pub fn hf_matrix_type(dir: &Path) -> Result<Option<DataType>> {
 fn write_cpu_graph(
     out: &Path,
     weights: Option<DataType>,
-    p: LinearPrecision,
+    p: Option<LinearPrecision>,
     config: &LlamaConfig,
     tensors: &std::collections::HashMap<String, Vec<f32>>,
 ) -> Result<Option<String>> {
     let path = sibling(out, ".cpu.onnx");
     let weights = match (weights, p) {
-        (Some(t), LinearPrecision::F32 | LinearPrecision::F16) => t,
-        (None, LinearPrecision::F32) => DataType::FLOAT,
-        (None, LinearPrecision::F16) => DataType::FLOAT16,
+        (Some(t), Some(LinearPrecision::F32 | LinearPrecision::F16)) => t,
+        (None, Some(LinearPrecision::F32)) => DataType::FLOAT,
+        (None, Some(LinearPrecision::F16)) => DataType::FLOAT16,
         _ => return Ok(None),
     };
     let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, weights, true)?;
@@ -269,15 +417,16 @@ pub fn build_llm(
     source: LlmSource,
     precision: Precision,
     max_context: Option<usize>,
+    auto: &AutoOptions,
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
-    let p = linear_precision(precision)?;
+    let p = fixed_precision(precision, auto)?;
     let mut in_place = None;
     let mut guard = crate::fsutil::BundleGuard::new();
     let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
             guard.disarm();
-            return build_llama2c(input, tokenizer, precision, base);
+            return build_llama2c(input, tokenizer, precision, auto, base);
         }
         LlmSource::Gguf => {
             let g = crate::weights::gguf::GgufFile::open(input)?;
@@ -288,7 +437,8 @@ pub fn build_llm(
             write_vocab_gguf(&g, &tok_out)?;
             let matrices = gguf_matrix_type(&g);
             // Quantized or mixed files: the CPU graph reads the file's blocks in place.
-            if matrices.is_none() && matches!(p, LinearPrecision::F32 | LinearPrecision::F16) {
+            if matrices.is_none() && matches!(p, Some(LinearPrecision::F32 | LinearPrecision::F16))
+            {
                 let location = gguf_location(&base.out, input)?;
                 in_place = crate::backend::ggml_ops::block_weights(&g, &m.config, &location)?;
             }
@@ -317,7 +467,18 @@ pub fn build_llm(
         Some(gw) => write_cpu_graph_gguf(&base.out, &config, &tensors, gw)?,
         None => write_cpu_graph(&base.out, matrices, p, &config, &tensors)?,
     };
-    let graph = decoder_graph_with(&config, &tensors, &Policy::defaults(p), true)?;
+    let policy = decoder_policy(&arch, &config, &tensors, &tok_out, p, auto, base)?;
+    let graph = decoder_graph_opts(
+        &config,
+        &tensors,
+        &DecoderOptions {
+            policy: &policy.0,
+            last_logits_only: true,
+            amax: &policy.1,
+            calibration: false,
+        },
+    )?
+    .0;
     drop(tensors);
     let onnx = sibling(&base.out, ".onnx");
     guard_siblings(&mut guard, &base.out, &[".onnx", ".onnx.data"]);
@@ -331,7 +492,7 @@ pub fn build_llm(
         arch,
         config: serde_json::to_value(&config)?,
         tokenizer: file_name(&tok_out),
-        precision: precision.name().into(),
+        precision: p.map_or("auto", |_| precision.name()).into(),
         cpu_onnx,
     }));
     let outcome = build_engine(&opts)?;
@@ -344,12 +505,13 @@ pub fn build_llama2c(
     checkpoint: &Path,
     tokenizer: &Path,
     precision: Precision,
+    auto: &AutoOptions,
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let model = crate::weights::llama2c::Llama2c::load(checkpoint)?;
     // Loading validates the tokenizer against the model's vocabulary before anything is written.
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
-    let p = linear_precision(precision)?;
+    let p = fixed_precision(precision, auto)?;
     let mut guard = crate::fsutil::BundleGuard::new();
     guard_siblings(&mut guard, &base.out, &[".cpu.onnx", ".cpu.onnx.data"]);
     // llama2.c checkpoints are f32.
@@ -360,7 +522,26 @@ pub fn build_llama2c(
         &model.config,
         &model.tensors,
     )?;
-    let graph = decoder_graph_with(&model.config, &model.tensors, &Policy::defaults(p), true)?;
+    let policy = decoder_policy(
+        "llama2c",
+        &model.config,
+        &model.tensors,
+        tokenizer,
+        p,
+        auto,
+        base,
+    )?;
+    let graph = decoder_graph_opts(
+        &model.config,
+        &model.tensors,
+        &DecoderOptions {
+            policy: &policy.0,
+            last_logits_only: true,
+            amax: &policy.1,
+            calibration: false,
+        },
+    )?
+    .0;
     let onnx = sibling(&base.out, ".onnx");
     guard_siblings(&mut guard, &base.out, &[".onnx", ".onnx.data"]);
     save(graph, &onnx, &SaveOptions::default())?;
@@ -377,7 +558,7 @@ pub fn build_llama2c(
         arch: "llama2c".into(),
         config: serde_json::to_value(&model.config)?,
         tokenizer: file_name(&tok_out),
-        precision: precision.name().into(),
+        precision: p.map_or("auto", |_| precision.name()).into(),
         cpu_onnx,
     }));
     let outcome = build_engine(&opts)?;

@@ -1,6 +1,7 @@
 //! Pipelines: engines, tokenizers and samplers put together. `image` is the seam every image family plugs into
 //! (one file per family: `flux`, `sd`), `llm` generates text; `engines` opens engines on the backend chosen once per
 //! engine file; `bundle` and `recipe` build and configure multi-engine bundles.
+pub mod auto_precision;
 pub mod bundle;
 pub mod chat;
 pub mod engines;

@@ -81,8 +81,15 @@ pub fn bundle_for(model: &Path) -> Result<PathBuf> {
         progress: false,
         ..Default::default()
     };
-    build_llm(model, LlmSource::Gguf, Precision::Fp16, None, &opts)
-        .with_context(|| format!("building a bundle for '{}'", model.display()))?;
+    build_llm(
+        model,
+        LlmSource::Gguf,
+        Precision::Fp16,
+        None,
+        &Default::default(),
+        &opts,
+    )
+    .with_context(|| format!("building a bundle for '{}'", model.display()))?;
     match std::fs::rename(building.path(), &entry) {
         Ok(()) => {}
         // Another run finished the same entry first: use it.

@@ -19,6 +19,7 @@ const RECIPES: &[(&str, &str)] = &[
         include_str!("../../engines/sdxl-refiner.toml"),
     ),
     ("sdxl-turbo", include_str!("../../engines/sdxl-turbo.toml")),
+    ("llm", include_str!("../../engines/llm.toml")),
 ];
 
 /// Every arch with a recipe.

@@ -1,4 +1,5 @@
 //! Number formats and the Q/DQ patterns TensorRT reads.
+pub mod auto;
 pub mod bnb;
 pub mod checkpoint;
 pub mod comfy;

@@ -88,6 +88,15 @@ impl Policy {
         }
     }
 
+    /// Exactly `rules` (first match wins), `target` for the opset and domains the graph needs.
+    pub fn from_rules(target: LinearPrecision, rules: Vec<Rule>) -> Self {
+        Policy {
+            target,
+            quantize_attention: false,
+            rules,
+        }
+    }
+
     /// ModelOpt-like defaults for `target`.
     pub fn defaults(target: LinearPrecision) -> Self {
         let mut rules = vec![

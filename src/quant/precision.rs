@@ -19,6 +19,8 @@ pub enum Precision {
     Nvfp4,
     /// INT4 weight-only in blocks of 32 (LLM decoders).
     Int4,
+    /// Per-layer formats chosen by measured quality (`--quality`, `--policy`): see docs/precision.md.
+    Auto,
 }
 
 impl Precision {
@@ -30,13 +32,16 @@ impl Precision {
             Precision::Fp8 => "fp8",
             Precision::Nvfp4 => "nvfp4",
             Precision::Int4 => "int4",
+            Precision::Auto => "auto",
         }
     }
 
     /// Parses a name as `--precision` takes it (manifests, recipes, tests).
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
-            anyhow::anyhow!("unknown precision '{s}': use fp32, fp16, bf16, fp8, nvfp4 or int4")
+            anyhow::anyhow!(
+                "unknown precision '{s}': use fp32, fp16, bf16, fp8, nvfp4, int4 or auto"
+            )
         })
     }
 }
@@ -57,6 +62,8 @@ pub enum LinearPrecision {
     /// FP8 E4M3 activations (per-tensor) and weights (one scale per output channel).
     Fp8PerChannel,
     Nvfp4,
+    /// INT8 activations (per-tensor, static) and weights (one scale per output channel): Ampere's low-bit GEMM.
+    Int8,
     /// INT4 weights in blocks of `block` input features, activations in f32 (weight-only).
     Int4 {
         block: usize,
@@ -68,7 +75,7 @@ impl LinearPrecision {
     pub fn min_opset(self) -> i64 {
         match self {
             LinearPrecision::F32 | LinearPrecision::F16 => 17,
-            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => 19,
+            LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel | LinearPrecision::Int8 => 19,
             LinearPrecision::Int4 { .. } => 21,
             LinearPrecision::Nvfp4 => 23,
         }
@@ -81,6 +88,7 @@ impl LinearPrecision {
             LinearPrecision::Fp8 => "fp8".into(),
             LinearPrecision::Fp8PerChannel => "fp8-per-channel".into(),
             LinearPrecision::Nvfp4 => "nvfp4".into(),
+            LinearPrecision::Int8 => "int8".into(),
             LinearPrecision::Int4 { block } => format!("int4-block{block}"),
         }
     }

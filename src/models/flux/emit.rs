@@ -8,7 +8,6 @@ use crate::onnx::{Attr, DataType, Dim, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Result, bail};
-use std::collections::HashMap;
 use std::path::Path;
 
 struct Emitter<'a> {
@@ -627,7 +626,7 @@ pub(super) fn emit(
 ) -> Result<(
     ModelProto,
     Option<crate::onnx::builder::ExternalSink>,
-    HashMap<String, usize>,
+    super::LinearsReport,
 )> {
     cfg.check()?;
     let target = opts.precision.target();
@@ -968,7 +967,10 @@ pub(super) fn emit(
             )?;
             e.o.g.output(&out);
         }
-        let layers = e.linears.counts;
+        let layers = super::LinearsReport {
+            counts: e.linears.counts,
+            shapes: e.linears.shapes,
+        };
         let (model, sink) = e.o.g.finish_streamed();
         return Ok((model, sink, layers));
     }
@@ -993,7 +995,10 @@ pub(super) fn emit(
         vec![batch(), img_seq(), Dim::Fixed(cfg.out_channels as i64)],
     )?;
     e.o.g.output(&y);
-    let layers = e.linears.counts;
+    let layers = super::LinearsReport {
+        counts: e.linears.counts,
+        shapes: e.linears.shapes,
+    };
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, layers))
 }

@@ -202,6 +202,14 @@ pub struct ExportReport {
     pub config: FluxConfig,
     /// Linear layers by precision name ("nvfp4", "fp8", "kept").
     pub layers: HashMap<String, usize>,
+    /// Every linear layer (policy name and shape), in graph order.
+    pub linears: Vec<crate::quant::auto::LinearShape>,
+}
+
+/// The linear layers an emitter wrote: counts by precision and each layer's shape.
+pub struct LinearsReport {
+    pub counts: HashMap<String, usize>,
+    pub shapes: Vec<crate::quant::auto::LinearShape>,
 }
 
 /// The transformer graph in memory (weights inline): for tests and small models.
@@ -246,7 +254,8 @@ pub fn export(
         bytes: bytes + data_bytes,
         layout,
         config: cfg.clone(),
-        layers,
+        layers: layers.counts,
+        linears: layers.shapes,
     })
 }
 
