@@ -19,6 +19,10 @@ const RECIPES: &[(&str, &str)] = &[
         include_str!("../../engines/sdxl-refiner.toml"),
     ),
     ("sdxl-turbo", include_str!("../../engines/sdxl-turbo.toml")),
+    (
+        "z-image-turbo",
+        include_str!("../../engines/z-image-turbo.toml"),
+    ),
 ];
 
 /// Every arch with a recipe.
