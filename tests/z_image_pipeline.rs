@@ -308,3 +308,67 @@ fn broken_folders_are_refused_with_the_file_and_the_fix() {
     );
     assert!(r.stderr.contains("cap_embedder.1.weight"), "{}", r.stderr);
 }
+
+#[test]
+fn every_precision_builds_with_tensorrt_rtx() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path());
+    for precision in ["fp32", "bf16", "fp8", "nvfp4"] {
+        let plan = dir.path().join(precision).join("z.plan");
+        // FP8 calibrates through the sampler loop (2 steps at the profile's 64 px) before its engines are built.
+        let r = run(
+            &[
+                "build",
+                s(&model),
+                "--arch",
+                "z-image-turbo",
+                "--precision",
+                precision,
+                "--image-px",
+                "32,64,128",
+                "--calibration-steps",
+                "2",
+                "--no-progress",
+                "--out",
+                s(&plan),
+            ],
+            true,
+        );
+        assert!(
+            r.stdout.contains("TensorRT-RTX"),
+            "{precision}: {}",
+            r.stdout
+        );
+        for c in ["text_encoder", "vae_decoder", "vae_encoder"] {
+            assert!(
+                plan.with_file_name(format!("z.{c}.plan")).exists(),
+                "{precision}: {c}"
+            );
+        }
+    }
+    // The calibrated FP8 transformer runs on ONNX Runtime through the same seam.
+    let png = dir.path().join("fp8.png");
+    let plan = dir.path().join("fp8/z.plan");
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&plan),
+            "--prompt",
+            PROMPT,
+            "--width",
+            "64",
+            "--height",
+            "64",
+            "--steps",
+            "2",
+            "--backend",
+            "cpu",
+            "--no-progress",
+            "--out",
+            s(&png),
+        ],
+        true,
+    );
+    assert!(r.stdout.contains("wrote"), "{}", r.stdout);
+}
