@@ -216,6 +216,23 @@ fn build_and_generate_end_to_end() {
     assert!(text.iter().any(|t| t.keyword == "parameters"
         && t.text.contains("Steps: 2")
         && t.text.contains("z-image-turbo")));
+    // `export`: one ONNX graph per component.
+    let exported = dir.path().join("onnx");
+    let r = run(
+        &[
+            "export",
+            s(&model),
+            "--arch",
+            "z-image-turbo",
+            "--out",
+            s(&exported),
+        ],
+        true,
+    );
+    for c in ["transformer", "text_encoder", "vae_decoder", "vae_encoder"] {
+        let f = exported.join(format!("{c}.onnx"));
+        assert!(f.exists() && r.stdout.contains(s(&f)), "{c}: {}", r.stdout);
+    }
     // Sizes the 2x2 patches of the VAE's latents cannot tile are refused with the fix.
     let r = run(
         &[

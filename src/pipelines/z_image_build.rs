@@ -436,6 +436,49 @@ fn profiles(p: &Plan) -> BTreeMap<&'static str, Vec<ShapeRange>> {
     m
 }
 
+/// `trt-diff export MODEL --arch z-image-turbo --out DIR`: one ONNX graph per component (f32 unless `precision`
+/// says otherwise; FP8 needs a calibration and is only made by `build`).
+pub fn export_z_image(
+    model: &Path,
+    arch: &str,
+    precision: Precision,
+    out_dir: &Path,
+) -> Result<OnnxPaths> {
+    let p = plan(ModelFiles::find(model)?, arch)?;
+    if precision == Precision::Fp8 {
+        bail!(
+            "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
+        );
+    }
+    std::fs::create_dir_all(out_dir)
+        .with_context(|| format!("cannot create '{}'", out_dir.display()))?;
+    let paths = OnnxPaths::new(out_dir, None);
+    // All of the export's files or none (an error or a signal removes those already written).
+    let mut guard = crate::fsutil::BundleGuard::new();
+    for f in [
+        &paths.transformer,
+        &paths.text_encoder,
+        &paths.vae_decoder,
+        &paths.vae_encoder,
+    ] {
+        guard.add(f);
+        guard.add(f.with_file_name(format!("{}.data", file_name(f))));
+    }
+    export_aux(
+        &p,
+        &paths,
+        text_precision(precision),
+        vae_dtype(&p, precision)?,
+    )?;
+    export_transformer(
+        &p,
+        &transformer_options(&p, precision, HashMap::new())?,
+        &paths.transformer,
+    )?;
+    guard.disarm();
+    Ok(paths)
+}
+
 pub struct ZImageBuildOptions {
     pub model: PathBuf,
     pub arch: String,
