@@ -40,23 +40,64 @@ pub const SEQ_MULTI_OF: usize = 32;
 /// Width of the AdaLN input (diffusers' `ADALN_EMBED_DIM`, capped by the model width).
 const ADALN_EMBED_DIM: usize = 256;
 
-/// `transformer/config.json` of a Z-Image model.
+/// `transformer/config.json` of a Z-Image model. The sizes the weights are made of are required; the other keys
+/// take `ZImageTransformer2DModel.__init__`'s defaults when absent, as diffusers does.
 #[derive(Clone, Debug, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct ZImageConfig {
     pub in_channels: usize,
     pub dim: usize,
     pub n_layers: usize,
+    #[serde(default = "defaults::n_refiner_layers")]
     pub n_refiner_layers: usize,
     pub n_heads: usize,
+    #[serde(default = "defaults::norm_eps")]
     pub norm_eps: f32,
+    #[serde(default = "defaults::yes")]
     pub qk_norm: bool,
     pub cap_feat_dim: usize,
+    #[serde(default = "defaults::rope_theta")]
     pub rope_theta: f32,
+    #[serde(default = "defaults::t_scale")]
     pub t_scale: f32,
+    #[serde(default = "defaults::axes_dims")]
     pub axes_dims: Vec<usize>,
+    #[serde(default = "defaults::axes_lens")]
     pub axes_lens: Vec<usize>,
+    #[serde(default = "defaults::patch")]
     pub all_patch_size: Vec<usize>,
+    #[serde(default = "defaults::f_patch")]
     pub all_f_patch_size: Vec<usize>,
+}
+
+/// diffusers' defaults of the optional config keys.
+mod defaults {
+    pub fn n_refiner_layers() -> usize {
+        2
+    }
+    pub fn norm_eps() -> f32 {
+        1e-5
+    }
+    pub fn yes() -> bool {
+        true
+    }
+    pub fn rope_theta() -> f32 {
+        256.0
+    }
+    pub fn t_scale() -> f32 {
+        1000.0
+    }
+    pub fn axes_dims() -> Vec<usize> {
+        vec![32, 48, 48]
+    }
+    pub fn axes_lens() -> Vec<usize> {
+        vec![1024, 512, 512]
+    }
+    pub fn patch() -> Vec<usize> {
+        vec![2]
+    }
+    pub fn f_patch() -> Vec<usize> {
+        vec![1]
+    }
 }
 
 impl ZImageConfig {
