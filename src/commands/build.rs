@@ -49,6 +49,18 @@ pub fn run(a: BuildArgs) -> Result<()> {
         return build_flux(&a, arch);
     }
     let lora_or_control = !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some();
+    if a.arch.is_some_and(|arch| arch.family() == Family::ZImage)
+        || (a.arch.is_none() && crate::pipelines::z_image_build::looks_like_z_image(&a.input))
+    {
+        if lora_or_control {
+            bail!(
+                "--lora, --lora-rank and --controlnet are built into Flux bundles so far, not Z-Image ones; drop \
+                 them for '{}'",
+                a.input.display()
+            );
+        }
+        return build_z_image(&a);
+    }
     if a.arch.is_some_and(|arch| arch.family() == Family::Sd)
         || (a.arch.is_none() && crate::pipelines::sd_build::looks_like_sd(&a.input))
     {
@@ -205,6 +217,33 @@ fn print_policy(a: &BuildArgs) -> Result<()> {
         pf.metric.unit(),
         pf.quality,
         pf.search_seconds
+    );
+    Ok(())
+}
+
+fn build_z_image(a: &BuildArgs) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 16)");
+    }
+    let arch = Arch::ZImageTurbo;
+    let o = crate::pipelines::z_image_build::build_z_image(
+        &crate::pipelines::z_image_build::ZImageBuildOptions {
+            model: a.input.clone(),
+            arch: arch.name().to_string(),
+            precision: a.precision,
+            image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
+            calibration_backend: crate::backend::BackendChoice::Auto,
+            base: BuildOptions::from(a),
+        },
+    )?;
+    println!(
+        "built the {arch} bundle {} ({} precision, {}); manifest {}",
+        o.engine.display(),
+        a.precision,
+        o.manifest.engine_summary(),
+        o.manifest_path.display()
     );
     Ok(())
 }

@@ -17,10 +17,27 @@ pub fn run(a: ExportArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if a.arch.family() == Family::ZImage {
+        let p = crate::pipelines::z_image_build::export_z_image(
+            &a.model,
+            a.arch.name(),
+            a.precision,
+            &a.out,
+        )?;
+        for f in [
+            &p.transformer,
+            &p.text_encoder,
+            &p.vae_decoder,
+            &p.vae_encoder,
+        ] {
+            println!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     if a.arch.family() != Family::Flux {
         bail!(
             "--arch {} is not exportable; supported: flux-dev, flux-schnell, sd15, sd21, sdxl, sdxl-refiner, \
-             sdxl-turbo, sd-turbo",
+             sdxl-turbo, sd-turbo, z-image-turbo",
             a.arch
         );
     }

@@ -216,8 +216,7 @@ impl Emitter<'_> {
         cos: &Value,
         sin: &Value,
         mask: &Value,
-        pk: &Value,
-        pv: &Value,
+        past: Option<(&Value, &Value)>,
     ) -> Result<Value> {
         let c = self.cfg.clone();
         let (d, hd, kv, heads) = (c.dim, c.head_dim(), c.n_kv_heads, c.n_heads);
@@ -259,19 +258,27 @@ impl Emitter<'_> {
                 Dim::Fixed(hd as i64),
             ]
         };
-        let cat = || vec![("axis", Attr::Int(2))];
-        let mut k_all = self.op("Concat", &format!("present_key_{i}"), &[pk, &k], cat(), F32)?;
-        let mut v_all = self.op(
-            "Concat",
-            &format!("present_value_{i}"),
-            &[pv, &v],
-            cat(),
-            F32,
-        )?;
-        k_all.shape = cache_shape("total");
-        v_all.shape = cache_shape("total");
-        self.o.g.output(&k_all);
-        self.o.g.output(&v_all);
+        // A decoder extends and returns the KV cache; an encoder attends to this call's tokens only.
+        let (k_all, v_all) = match past {
+            Some((pk, pv)) => {
+                let cat = || vec![("axis", Attr::Int(2))];
+                let mut k_all =
+                    self.op("Concat", &format!("present_key_{i}"), &[pk, &k], cat(), F32)?;
+                let mut v_all = self.op(
+                    "Concat",
+                    &format!("present_value_{i}"),
+                    &[pv, &v],
+                    cat(),
+                    F32,
+                )?;
+                k_all.shape = cache_shape("total");
+                v_all.shape = cache_shape("total");
+                self.o.g.output(&k_all);
+                self.o.g.output(&v_all);
+                (k_all, v_all)
+            }
+            None => (k, v),
+        };
         // Grouped-query attention without repeating the cache: q as [1, kv, rep, seq, hd], k/v as [1, kv, 1, T, hd].
         let rep = (heads / kv) as i64;
         let qg = self.const_i64(
@@ -413,6 +420,30 @@ pub fn decoder_graph(
     decoder_graph_with(cfg, weights, policy, false)
 }
 
+/// The decoder as a text encoder (Z-Image's Qwen3, diffusers' `hidden_states[-2]`): `input_ids` [1, seq] int64 in
+/// (positions 0..seq, causal attention, no KV cache), `hidden_states` [1, seq, dim] out: the residual stream after
+/// the first `layers` layers, before the final norm. Weights of later layers and the LM head are not read.
+pub fn encoder_graph(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    policy: &Policy,
+    layers: usize,
+) -> Result<ModelProto> {
+    if layers == 0 || layers > cfg.n_layers {
+        anyhow::bail!(
+            "an encoder of {layers} layers from a model of {} layers",
+            cfg.n_layers
+        );
+    }
+    graph(cfg, weights, policy, Mode::Encoder { layers })
+}
+
+#[derive(Clone, Copy)]
+enum Mode {
+    Decoder { last_logits_only: bool },
+    Encoder { layers: usize },
+}
+
 /// As [`decoder_graph`]; with `last_logits_only` the LM head runs on the last position only (`logits` is
 /// [1, 1, vocab]): generation samples only that row, and prefill skips a [seq, vocab] product.
 pub fn decoder_graph_with(
@@ -421,7 +452,7 @@ pub fn decoder_graph_with(
     policy: &Policy,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    graph(cfg, weights, policy, last_logits_only)
+    graph(cfg, weights, policy, Mode::Decoder { last_logits_only })
 }
 
 /// How [`decoder_graph_opts`] emits the decoder.
@@ -449,7 +480,7 @@ fn graph(
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     policy: &Policy,
-    last_logits_only: bool,
+    mode: Mode,
 ) -> Result<ModelProto> {
     let amax = HashMap::new();
     let o = DecoderOptions {
@@ -481,9 +512,36 @@ fn emit(
     let ids =
         e.o.g
             .input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
-    let pos =
-        e.o.g
-            .input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+    let i64t = DataType::INT64;
+    let ids_shape = e.op("Shape", "mask/ids_shape", &[&ids], vec![], i64t)?;
+    let one = e.o.g.const_i64("mask.one", &[], &[1])?;
+    let new_len = e.op("Gather", "mask/new_len", &[&ids_shape, &one], vec![], i64t)?;
+    let zero = e.o.g.const_i64("mask.zero", &[], &[0])?;
+    let (pos, past, total) = match mode {
+        Mode::Decoder { .. } => {
+            let pos =
+                e.o.g
+                    .input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
+            let past = cache_inputs(&mut e.o.g, cfg, "past", hd)?;
+            let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
+            let two = e.o.g.const_i64("mask.two", &[], &[2])?;
+            let past_len = e.op(
+                "Gather",
+                "mask/past_len",
+                &[&past_shape, &two],
+                vec![],
+                i64t,
+            )?;
+            let total = e.op("Add", "mask/total", &[&past_len, &new_len], vec![], i64t)?;
+            (pos, Some(past), total)
+        }
+        Mode::Encoder { .. } => {
+            let r = e.op("Range", "positions", &[&zero, &new_len, &one], vec![], i64t)?;
+            let ax = e.const_i64("positions.batch", &[0])?;
+            let pos = e.op("Unsqueeze", "position_ids", &[&r, &ax], vec![], i64t)?;
+            (pos, None, new_len.clone())
+        }
+    };
     let emb = e.weight("model.embed_tokens.weight")?.clone();
     let table = e.o.g.const_f32(
         "model.embed_tokens.weight",
@@ -496,23 +554,7 @@ fn emit(
     let (ct, st) = rope_tables(&mut e.o.g, cfg, weights, hd / 2)?;
     let cos = e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?;
     let sin = e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?;
-    let past = cache_inputs(&mut e.o.g, cfg, "past", hd)?;
     // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
-    let i64t = DataType::INT64;
-    let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
-    let two = e.o.g.const_i64("mask.two", &[], &[2])?;
-    let past_len = e.op(
-        "Gather",
-        "mask/past_len",
-        &[&past_shape, &two],
-        vec![],
-        i64t,
-    )?;
-    let ids_shape = e.op("Shape", "mask/ids_shape", &[&ids], vec![], i64t)?;
-    let one = e.o.g.const_i64("mask.one", &[], &[1])?;
-    let new_len = e.op("Gather", "mask/new_len", &[&ids_shape, &one], vec![], i64t)?;
-    let total = e.op("Add", "mask/total", &[&past_len, &new_len], vec![], i64t)?;
-    let zero = e.o.g.const_i64("mask.zero", &[], &[0])?;
     let keys = e.op("Range", "mask/keys", &[&zero, &total, &one], vec![], i64t)?;
     let last = e.const_i64("mask.last_axis", &[-1])?;
     let qpos = e.op("Unsqueeze", "mask/query_pos", &[&pos, &last], vec![], i64t)?;
@@ -528,9 +570,32 @@ fn emit(
     let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
     let ax = e.const_i64("mask.bcast", &[1, 2])?;
     let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
-    for (i, [pk, pv]) in past.iter().enumerate() {
-        h = e.layer(i, &h, &cos, &sin, &mask, pk, pv)?;
-    }
+    let last_logits_only = match (mode, &past) {
+        (Mode::Encoder { layers }, _) => {
+            for i in 0..layers {
+                h = e.layer(i, &h, &cos, &sin, &mask, None)?;
+            }
+            let out = e.o.g.op(
+                "Identity",
+                "hidden_states",
+                &[&h],
+                vec![],
+                F32,
+                vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)],
+            )?;
+            e.o.g.output(&out);
+            return Ok(e.o.g.finish());
+        }
+        (Mode::Decoder { last_logits_only }, Some(past)) => {
+            for (i, [pk, pv]) in past.iter().enumerate() {
+                h = e.layer(i, &h, &cos, &sin, &mask, Some((pk, pv)))?;
+            }
+            last_logits_only
+        }
+        (Mode::Decoder { .. }, None) => {
+            anyhow::bail!("internal: a decoder graph without its KV cache")
+        }
+    };
     let mut hn = e.rms_norm("model.norm", &h, "model.norm.weight")?;
     let logits_seq = if last_logits_only {
         hn = e.slice("last", &hn, -1, i64::MAX, 1)?;

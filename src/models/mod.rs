@@ -10,3 +10,4 @@ pub mod t5;
 pub mod taesd;
 pub mod unet;
 pub mod vae;
+pub mod z_image;

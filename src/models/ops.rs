@@ -434,3 +434,146 @@ pub fn activation(o: &mut Ops, name: &str, x: &Value, act: &str) -> Result<Value
         other => bail!("activation '{other}' is not supported (quick_gelu, gelu, gelu_new)"),
     }
 }
+
+/// Multi-axis RoPE frequency matrix [axes, hd/2] (Flux, Z-Image): column j of axis a holds theta^(-2j'/d_a) in
+/// row a and zero elsewhere, so that `ids @ F` gives every angle in one exact product (sums of zeros add nothing).
+pub fn rope_freq_matrix(axes_dim: &[usize], theta: f32) -> Vec<f32> {
+    let half: usize = axes_dim.iter().sum::<usize>() / 2;
+    let mut f = vec![0f32; axes_dim.len() * half];
+    let mut col = 0;
+    for (a, &d) in axes_dim.iter().enumerate() {
+        for j in 0..d / 2 {
+            f[a * half + col] = (1.0 / (theta as f64).powf((2 * j) as f64 / d as f64)) as f32;
+            col += 1;
+        }
+    }
+    f
+}
+
+/// RoPE cos/sin [seq, hd/2, 1] (f32) of position ids [seq, axes] (f32) for the given axis sizes.
+pub fn rope_tables(
+    o: &mut Ops,
+    name: &str,
+    ids: &Value,
+    axes_dim: &[usize],
+    theta: f32,
+) -> Result<(Value, Value)> {
+    let f32t = DataType::FLOAT;
+    let half = axes_dim.iter().sum::<usize>() / 2;
+    let seq = ids.shape.first().cloned().unwrap_or(Dim::Sym("seq".into()));
+    let fm = o.constant_f32(
+        &format!("{name}.freqs"),
+        &[axes_dim.len() as i64, half as i64],
+        &rope_freq_matrix(axes_dim, theta),
+    )?;
+    let shape = vec![seq.clone(), Dim::Fixed(half as i64)];
+    let ang = o.g.op(
+        "MatMul",
+        &format!("{name}/angles"),
+        &[ids, &fm],
+        vec![],
+        f32t,
+        shape.clone(),
+    )?;
+    let ax = o.i64s(&format!("{name}.last"), &[-1])?;
+    let pair = vec![seq, Dim::Fixed(half as i64), Dim::Fixed(1)];
+    let mut out = Vec::new();
+    for f in ["cos", "sin"] {
+        let c = o.g.op(
+            if f == "cos" { "Cos" } else { "Sin" },
+            &format!("{name}/{f}"),
+            &[&ang],
+            vec![],
+            f32t,
+            shape.clone(),
+        )?;
+        out.push(o.g.op(
+            "Unsqueeze",
+            &format!("{name}/{f}_pair"),
+            &[&c, &ax],
+            vec![],
+            f32t,
+            pair.clone(),
+        )?);
+    }
+    let sin = out.pop().expect("two tables");
+    let cos = out.pop().expect("two tables");
+    Ok((cos, sin))
+}
+
+/// Interleaved-pair rotation (complex multiplication of adjacent pairs) of [B, H, S, hd] by cos/sin from
+/// [`rope_tables`], in f32; the result in x's dtype.
+pub fn rope_pairs(
+    o: &mut Ops,
+    name: &str,
+    x: &Value,
+    hd: i64,
+    pe: &(Value, Value),
+) -> Result<Value> {
+    let xf = o.cast(&format!("{name}/f32"), x, DataType::FLOAT)?;
+    let s = o.i64s(&format!("{name}.pairs"), &[0, 0, 0, hd / 2, 2])?;
+    let xp = o.same("Reshape", &format!("{name}/pairs"), &[&xf, &s], vec![])?;
+    let parts = {
+        let mut sh = x.shape.clone();
+        if sh.len() == 4 {
+            sh[3] = Dim::Fixed(hd / 2);
+        }
+        sh.push(Dim::Fixed(1));
+        let sz = o.i64s(&format!("{name}.split"), &[1, 1])?;
+        o.g.node(
+            "Split",
+            &format!("{name}/split"),
+            &[&xp, &sz],
+            vec![("axis", Attr::Int(-1))],
+            vec![(DataType::FLOAT, sh.clone()), (DataType::FLOAT, sh)],
+        )?
+    };
+    let (x0, x1) = (&parts[0], &parts[1]);
+    let (c, sn) = (&pe.0, &pe.1);
+    let a = o.same("Mul", &format!("{name}/x0c"), &[x0, c], vec![])?;
+    let b = o.same("Mul", &format!("{name}/x1s"), &[x1, sn], vec![])?;
+    let r0 = o.same("Sub", &format!("{name}/r0"), &[&a, &b], vec![])?;
+    let a = o.same("Mul", &format!("{name}/x1c"), &[x1, c], vec![])?;
+    let b = o.same("Mul", &format!("{name}/x0s"), &[x0, sn], vec![])?;
+    let r1 = o.same("Add", &format!("{name}/r1"), &[&a, &b], vec![])?;
+    let cat = o.same(
+        "Concat",
+        &format!("{name}/cat"),
+        &[&r0, &r1],
+        vec![("axis", Attr::Int(-1))],
+    )?;
+    let s = o.i64s(&format!("{name}.unpairs"), &[0, 0, 0, hd])?;
+    let mut y = o.same("Reshape", &format!("{name}/unpairs"), &[&cat, &s], vec![])?;
+    y.shape = x.shape.clone();
+    let dt = x.dtype;
+    o.cast(&format!("{name}/back"), &y, dt)
+}
+
+/// Sinusoidal timestep embedding of `t * scale` [batch] -> [batch, 256] (cos first, max period 10000; diffusers'
+/// `get_timestep_embedding(flip_sin_to_cos=True)` and Z-Image's `TimestepEmbedder`), in f32 then the compute dtype.
+pub fn timestep_embedding(o: &mut Ops, name: &str, t: &Value, scale: f32) -> Result<Value> {
+    let half = 128usize;
+    let freqs: Vec<f32> = (0..half)
+        .map(|j| ((-(10000f32.ln())) * j as f32 / half as f32).exp())
+        .collect();
+    let k = o.constant_f32(&format!("{name}.scale"), &[], &[scale])?;
+    let t = o.same("Mul", &format!("{name}/scaled"), &[t, &k], vec![])?;
+    let ax = o.i64s(&format!("{name}.ax"), &[1])?;
+    let t = o.same("Unsqueeze", &format!("{name}/col"), &[&t, &ax], vec![])?;
+    let f = o.constant_f32(&format!("{name}.freqs"), &[1, half as i64], &freqs)?;
+    let a = o.same("Mul", &format!("{name}/args"), &[&t, &f], vec![])?;
+    let c = o.same("Cos", &format!("{name}/cos"), &[&a], vec![])?;
+    let s = o.same("Sin", &format!("{name}/sin"), &[&a], vec![])?;
+    let mut e = o.same(
+        "Concat",
+        &format!("{name}/emb"),
+        &[&c, &s],
+        vec![("axis", Attr::Int(-1))],
+    )?;
+    e.shape = vec![
+        t.shape.first().cloned().unwrap_or(Dim::Sym("batch".into())),
+        Dim::Fixed(256),
+    ];
+    let dt = o.dtype;
+    o.cast(&format!("{name}/cast"), &e, dt)
+}

@@ -1,5 +1,5 @@
 //! Pipelines: engines, tokenizers and samplers put together. `image` is the seam every image family plugs into
-//! (one file per family: `flux`, `sd`), `llm` generates text; `engines` opens engines on the backend chosen once per
+//! (one file per family: `flux`, `sd`, `z_image`), `llm` generates text; `engines` opens engines on the backend chosen once per
 //! engine file; `bundle` and `recipe` build and configure multi-engine bundles.
 pub mod auto_precision;
 pub mod bundle;
@@ -18,6 +18,8 @@ pub mod model_cache;
 pub mod recipe;
 pub mod sd;
 pub mod sd_build;
+pub mod z_image;
+pub mod z_image_build;
 
 /// `--arch`: what `build` and `export` make of a checkpoint whose kind the files do not tell.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
@@ -40,6 +42,8 @@ pub enum Arch {
     SdxlTurbo,
     /// SD-Turbo (SD2.1-based, 1-4 steps, no CFG).
     SdTurbo,
+    /// Z-Image-Turbo (S3-DiT, Qwen3 text encoder, 8 steps, no CFG) from a diffusers folder.
+    ZImageTurbo,
 }
 
 /// Which pipeline runs an arch.
@@ -48,6 +52,7 @@ pub enum Family {
     Llm,
     Flux,
     Sd,
+    ZImage,
 }
 
 impl Arch {
@@ -63,6 +68,7 @@ impl Arch {
             Arch::SdxlRefiner => "sdxl-refiner",
             Arch::SdxlTurbo => "sdxl-turbo",
             Arch::SdTurbo => "sd-turbo",
+            Arch::ZImageTurbo => "z-image-turbo",
         }
     }
 
@@ -76,6 +82,7 @@ impl Arch {
             | Arch::SdxlRefiner
             | Arch::SdxlTurbo
             | Arch::SdTurbo => Family::Sd,
+            Arch::ZImageTurbo => Family::ZImage,
         }
     }
 
@@ -84,7 +91,7 @@ impl Arch {
         <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
             anyhow::anyhow!(
                 "unknown arch '{name}'; this trt-diff knows llama2c, flux-dev, flux-schnell, sd15, sd21, sdxl, \
-                 sdxl-refiner, sdxl-turbo, sd-turbo"
+                 sdxl-refiner, sdxl-turbo, sd-turbo, z-image-turbo"
             )
         })
     }
@@ -112,6 +119,9 @@ pub fn open_image_pipeline(
             engine, bundle, backend,
         )?)),
         Family::Sd => Box::new(image::ImagePipeline::new(sd::SdModel::open(
+            engine, bundle, backend,
+        )?)),
+        Family::ZImage => Box::new(image::ImagePipeline::new(z_image::ZImageModel::open(
             engine, bundle, backend,
         )?)),
         Family::Llm => anyhow::bail!(

@@ -20,6 +20,10 @@ const RECIPES: &[(&str, &str)] = &[
     ),
     ("sdxl-turbo", include_str!("../../engines/sdxl-turbo.toml")),
     ("llm", include_str!("../../engines/llm.toml")),
+    (
+        "z-image-turbo",
+        include_str!("../../engines/z-image-turbo.toml"),
+    ),
 ];
 
 /// Every arch with a recipe.

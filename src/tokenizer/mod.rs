@@ -7,5 +7,6 @@ pub mod llm_spm;
 pub mod llm_tokenize;
 pub mod llm_vocab;
 pub mod llm_wpm;
+pub mod qwen;
 pub mod t5;
 pub mod text;

@@ -212,6 +212,16 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
             tensors.insert(name.clone(), to_f32(&name, file, &view)?);
         }
     }
+    // A bare base model (transformers' `Qwen3Model`, as some pipelines save their text encoders) names its tensors
+    // without the `model.` prefix of the *ForCausalLM checkpoints.
+    if !tensors.contains_key("model.embed_tokens.weight")
+        && tensors.contains_key("embed_tokens.weight")
+    {
+        tensors = tensors
+            .into_iter()
+            .map(|(k, v)| (format!("model.{k}"), v))
+            .collect();
+    }
     if !tensors.contains_key("lm_head.weight") {
         let e = tensors
             .get("model.embed_tokens.weight")

@@ -66,37 +66,7 @@ impl Emitter<'_> {
 
     /// Sinusoidal embedding of `t * 1000` (256 channels, cos first), in f32 then cast to the compute dtype.
     fn time_embedding(&mut self, name: &str, t: &Value) -> Result<Value> {
-        let half = 128usize;
-        let freqs: Vec<f32> = (0..half)
-            .map(|j| ((-(10000f32.ln())) * j as f32 / half as f32).exp())
-            .collect();
-        let k = self
-            .o
-            .constant_f32(&format!("{name}.x1000"), &[], &[1000.0])?;
-        let t = self
-            .o
-            .same("Mul", &format!("{name}/x1000"), &[t, &k], vec![])?;
-        let ax = self.o.i64s(&format!("{name}.ax"), &[1])?;
-        let t = self
-            .o
-            .same("Unsqueeze", &format!("{name}/col"), &[&t, &ax], vec![])?;
-        let f = self
-            .o
-            .constant_f32(&format!("{name}.freqs"), &[1, half as i64], &freqs)?;
-        let a = self
-            .o
-            .same("Mul", &format!("{name}/args"), &[&t, &f], vec![])?;
-        let c = self.o.same("Cos", &format!("{name}/cos"), &[&a], vec![])?;
-        let s = self.o.same("Sin", &format!("{name}/sin"), &[&a], vec![])?;
-        let mut e = self.o.same(
-            "Concat",
-            &format!("{name}/emb"),
-            &[&c, &s],
-            vec![("axis", Attr::Int(-1))],
-        )?;
-        e.shape = vec![batch(), Dim::Fixed(256)];
-        let dt = self.o.dtype;
-        self.o.cast(&format!("{name}/cast"), &e, dt)
+        crate::models::ops::timestep_embedding(&mut self.o, name, t, 1000.0)
     }
 
     /// Splits `x` along `axis` into pieces of the given sizes.
@@ -207,59 +177,7 @@ impl Emitter<'_> {
     /// Interleaved-pair rotation of [B, H, S, hd] by cos/sin [S, hd/2] (f32), result in x's dtype.
     fn rope(&mut self, name: &str, x: &Value, pe: &(Value, Value)) -> Result<Value> {
         let hd = self.cfg.head_dim() as i64;
-        let xf = self.o.cast(&format!("{name}/f32"), x, DataType::FLOAT)?;
-        let s = self
-            .o
-            .i64s(&format!("{name}.pairs"), &[0, 0, 0, hd / 2, 2])?;
-        let xp = self
-            .o
-            .same("Reshape", &format!("{name}/pairs"), &[&xf, &s], vec![])?;
-        let parts = {
-            let mut sh = x.shape.clone();
-            sh[3] = Dim::Fixed(hd / 2);
-            sh.push(Dim::Fixed(1));
-            let sz = self.o.i64s(&format!("{name}.split"), &[1, 1])?;
-            self.o.g.node(
-                "Split",
-                &format!("{name}/split"),
-                &[&xp, &sz],
-                vec![("axis", Attr::Int(-1))],
-                vec![(DataType::FLOAT, sh.clone()), (DataType::FLOAT, sh)],
-            )?
-        };
-        let (x0, x1) = (&parts[0], &parts[1]);
-        let (c, sn) = (&pe.0, &pe.1);
-        let a = self
-            .o
-            .same("Mul", &format!("{name}/x0c"), &[x0, c], vec![])?;
-        let b = self
-            .o
-            .same("Mul", &format!("{name}/x1s"), &[x1, sn], vec![])?;
-        let r0 = self
-            .o
-            .same("Sub", &format!("{name}/r0"), &[&a, &b], vec![])?;
-        let a = self
-            .o
-            .same("Mul", &format!("{name}/x1c"), &[x1, c], vec![])?;
-        let b = self
-            .o
-            .same("Mul", &format!("{name}/x0s"), &[x0, sn], vec![])?;
-        let r1 = self
-            .o
-            .same("Add", &format!("{name}/r1"), &[&a, &b], vec![])?;
-        let cat = self.o.same(
-            "Concat",
-            &format!("{name}/cat"),
-            &[&r0, &r1],
-            vec![("axis", Attr::Int(-1))],
-        )?;
-        let s = self.o.i64s(&format!("{name}.unpairs"), &[0, 0, 0, hd])?;
-        let mut y = self
-            .o
-            .same("Reshape", &format!("{name}/unpairs"), &[&cat, &s], vec![])?;
-        y.shape = x.shape.clone();
-        let dt = x.dtype;
-        self.o.cast(&format!("{name}/back"), &y, dt)
+        crate::models::ops::rope_pairs(&mut self.o, name, x, hd, pe)
     }
 
     /// q, k normalised (RMSNorm per head) and rotated; v as is. All [B, H, S, hd].
@@ -599,21 +517,6 @@ fn seq() -> Dim {
     Dim::Sym("seq".into())
 }
 
-/// RoPE frequency matrix [3, hd/2]: column j of axis a holds theta^(-2j'/d_a) in row a, zero elsewhere, so that
-/// `ids @ F` gives every angle in one exact product (sums of zeros add nothing).
-fn rope_freqs(cfg: &FluxConfig) -> Vec<f32> {
-    let half = cfg.head_dim() / 2;
-    let mut f = vec![0f32; cfg.axes_dim.len() * half];
-    let mut col = 0;
-    for (a, &d) in cfg.axes_dim.iter().enumerate() {
-        for j in 0..d / 2 {
-            f[a * half + col] = (1.0 / (cfg.theta as f64).powf((2 * j) as f64 / d as f64)) as f32;
-            col += 1;
-        }
-    }
-    f
-}
-
 /// Builds the transformer graph. With `stream_to` (the .onnx path), weights go to its external data file as they
 /// are emitted and the checkpoint's pages are released once written (see `Checkpoint::get`); commit the returned sink before saving.
 pub(super) fn emit(
@@ -783,49 +686,14 @@ pub(super) fn emit(
         f32t,
         vec![seq(), Dim::Fixed(3)],
     )?;
-    let half = cfg.head_dim() / 2;
-    let fm = e.o.constant_f32(
-        "rope.freqs",
-        &[cfg.axes_dim.len() as i64, half as i64],
-        &rope_freqs(cfg),
-    )?;
     if cfg.axes_dim.len() != 3 {
         bail!(
             "Flux positions have 3 axes; the config lists {}",
             cfg.axes_dim.len()
         );
     }
-    let ang = e.o.g.op(
-        "MatMul",
-        "rope/angles",
-        &[&ids, &fm],
-        vec![],
-        f32t,
-        vec![seq(), Dim::Fixed(half as i64)],
-    )?;
-    let ax = e.o.i64s("rope.last", &[-1])?;
-    let cos =
-        e.o.g
-            .op("Cos", "rope/cos", &[&ang], vec![], f32t, ang.shape.clone())?;
-    let sin =
-        e.o.g
-            .op("Sin", "rope/sin", &[&ang], vec![], f32t, ang.shape.clone())?;
-    let cos = e.o.g.op(
-        "Unsqueeze",
-        "rope/cos_pair",
-        &[&cos, &ax],
-        vec![],
-        f32t,
-        vec![],
-    )?;
-    let sin = e.o.g.op(
-        "Unsqueeze",
-        "rope/sin_pair",
-        &[&sin, &ax],
-        vec![],
-        f32t,
-        vec![],
-    )?;
+    let (cos, sin) =
+        crate::models::ops::rope_tables(&mut e.o, "rope", &ids, &cfg.axes_dim, cfg.theta)?;
     let pe = (cos, sin);
     let txt_len = e.o.g.op(
         "Shape",
