@@ -473,7 +473,10 @@ pub fn decoder_graph_opts(
     weights: &HashMap<String, Vec<f32>>,
     o: &DecoderOptions,
 ) -> Result<(ModelProto, Vec<crate::quant::auto::LinearShape>)> {
-    emit(cfg, weights, o)
+    let mode = Mode::Decoder {
+        last_logits_only: o.last_logits_only,
+    };
+    emit(cfg, weights, o, mode)
 }
 
 fn graph(
@@ -485,19 +488,25 @@ fn graph(
     let amax = HashMap::new();
     let o = DecoderOptions {
         policy,
-        last_logits_only,
+        last_logits_only: matches!(
+            mode,
+            Mode::Decoder {
+                last_logits_only: true
+            }
+        ),
         amax: &amax,
         calibration: false,
     };
-    Ok(emit(cfg, weights, &o)?.0)
+    Ok(emit(cfg, weights, &o, mode)?.0)
 }
 
 fn emit(
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     opts: &DecoderOptions,
+    mode: Mode,
 ) -> Result<(ModelProto, Vec<crate::quant::auto::LinearShape>)> {
-    let (policy, last_logits_only) = (opts.policy, opts.last_logits_only);
+    let policy = opts.policy;
     let opset = policy.target.min_opset().max(18);
     let mut e = Emitter {
         o: Ops::new("llama_decoder", opset, F32),
@@ -584,7 +593,8 @@ fn emit(
                 vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)],
             )?;
             e.o.g.output(&out);
-            return Ok(e.o.g.finish());
+            let shapes = std::mem::take(&mut e.linears.shapes);
+            return Ok((e.o.g.finish(), shapes));
         }
         (Mode::Decoder { last_logits_only }, Some(past)) => {
             for (i, [pk, pv]) in past.iter().enumerate() {
