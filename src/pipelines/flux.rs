@@ -4,6 +4,7 @@
 //! dev and unshifted for schnell), the VAE decodes `latents / scaling + shift`, and PNGs carry the parameters.
 //! Each engine is TensorRT or ONNX Runtime; this file does not care which. The generic request handling (CFG,
 //! sampler loop, img2img, batches, previews) is `pipelines::image`.
+use super::device_io;
 use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
@@ -293,11 +294,7 @@ impl FluxModel {
             },
             amax: None,
             // On a GPU (TensorRT or ONNX Runtime CUDA) the sampler's latents live there too.
-            device: match backend {
-                Backend::Cuda(id) => Some(Device::open(id as usize)?),
-                Backend::Trt => Some(Device::open(0)?),
-                Backend::Cpu => None,
-            },
+            device: device_io::open_device(backend)?,
             device_ids: None,
             lora: Some(super::lora::RuntimeLora::new(
                 lora_graphs,
@@ -879,39 +876,23 @@ impl ImageModel for FluxModel {
     }
 
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
+        // Per image: Philox noise of seed + i into [C, H, W], packed into its slice of the batch.
+        let dims = [lat.batch, lat.channels, lat.height, lat.width];
         let per = lat.channels * lat.height * lat.width;
-        let Some(dev) = self.device.clone() else {
-            let mut all = Vec::with_capacity(lat.len());
-            let mut z = vec![0f32; per];
-            for i in 0..lat.batch {
-                crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
-                all.extend(pack(&z, 1, lat.channels, lat.height, lat.width));
-            }
-            return Ok(Latent::Host(all));
-        };
-        // Per image: Philox noise of seed + i into [C, H, W], packed into its slice of the batch, on the GPU.
-        let mut z = DeviceBuffer::zeros(&dev, per * lat.batch)?;
-        let mut one = DeviceBuffer::zeros(&dev, per)?;
-        for i in 0..lat.batch {
-            crate::samplers::buffer::Buffer::fill_normal(&mut one, seed + i as u64, 0)?;
-            dev.stream
-                .memcpy_dtod(&one.data, &mut z.data.slice_mut(i * per..(i + 1) * per))
-                .context("copying noise on the GPU failed")?;
-        }
-        let mut x = DeviceBuffer::zeros(&dev, per * lat.batch)?;
-        dev.flux_pack(
-            &mut x.data,
-            &z.data,
-            [lat.batch, lat.channels, lat.height, lat.width],
-        )?;
-        Ok(Latent::Device(x))
+        Ok(
+            match device_io::batch_noise(self.device.as_ref(), seed, lat.batch, per)? {
+                Latent::Host(z) => Latent::Host(pack(&z, dims[0], dims[1], dims[2], dims[3])),
+                Latent::Device(z) => {
+                    let mut x = DeviceBuffer::zeros(&z.dev, z.data.len())?;
+                    z.dev.flux_pack(&mut x.data, &z.data, dims)?;
+                    Latent::Device(x)
+                }
+            },
+        )
     }
 
     fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
-        Ok(match &self.device {
-            Some(dev) => Latent::Device(DeviceBuffer::from_host(dev, &v)?),
-            None => Latent::Host(v),
-        })
+        device_io::to_latent(self.device.as_ref(), v)
     }
     /// Init image -> packed, scaled latents [1, tokens, 4C] (VAE encoder mean).
     /// FLUX.1 Fill takes the mask as a transformer input (`set_inpaint`): no latent blend (all ones). Plain Flux

@@ -4,6 +4,7 @@
 pub mod auto_precision;
 pub mod bundle;
 pub mod chat;
+pub mod device_io;
 pub mod engines;
 pub mod flux;
 pub mod flux_build;

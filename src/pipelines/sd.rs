@@ -7,15 +7,19 @@
 //!
 //! Prompts longer than 77 tokens are split into 75-token chunks, each encoded as BOS + chunk + EOS + padding and
 //! the hidden states concatenated along the sequence (A1111/ComfyUI); the pooled SDXL vector is the first chunk's.
+use super::device_io::{self, DeviceSlots};
 use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, Engine};
+use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::device::Device;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::samplers::schedule::{self, ModelSampling};
 use crate::tokenizer::clip::{BOS, ClipTokenizer, EOS, MAX_LEN};
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What the UNet predicts.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -189,6 +193,9 @@ pub struct SdModel {
     /// A 9-channel inpainting UNet's extra inputs for one image: the latent mask [1, h, w] and the masked
     /// image's latent [4, h, w].
     inpaint: Option<(Vec<f32>, Vec<f32>)>,
+    /// On a GPU backend: where the sampler's latents live, with the UNet's inputs and outputs bound to them.
+    device: Option<Arc<Device>>,
+    on_device: DeviceSlots,
 }
 
 pub type SdPipeline = ImagePipeline<SdModel>;
@@ -196,6 +203,8 @@ pub type SdPipeline = ImagePipeline<SdModel>;
 /// Text conditioning of one prompt: hidden states [1, seq, ctx] (seq a multiple of 77), SDXL's pooled vector,
 /// and whether it is a negative prompt (the refiner's aesthetic score differs).
 pub struct SdCond {
+    /// Identifies this conditioning's device copies (`device_io::next_cond_id`).
+    pub id: u64,
     pub hidden: Vec<f32>,
     pub seq: usize,
     pub pooled: Vec<f32>,
@@ -239,11 +248,12 @@ impl SdModel {
             amax: None,
             sampling,
             inpaint: None,
+            device: None,
+            on_device: DeviceSlots::default(),
         }
     }
 
-    /// Opens an SD bundle's components on `backend`. The sampler's latents stay in host memory (each engine
-    /// call copies them; the UNet dominates the time).
+    /// Opens an SD bundle's components on `backend`; on a GPU the sampler's latents live there too.
     pub fn open(engine: &EngineFile, bundle: &ImageBundle, backend: Backend) -> Result<Self> {
         let config: SdPipelineConfig =
             serde_json::from_value(bundle.config.clone()).with_context(|| {
@@ -289,7 +299,7 @@ impl SdModel {
             tok.pad = t.pad;
             tokenizers.push(tok);
         }
-        Ok(SdModel::new(
+        let mut model = SdModel::new(
             config,
             tokenizers,
             SdEngines {
@@ -299,7 +309,9 @@ impl SdModel {
                 vae_encoder,
                 tae_decoder,
             },
-        ))
+        );
+        model.device = device_io::open_device(backend)?;
+        Ok(model)
     }
 
     fn encode(&mut self, prompt: &str, negative: bool) -> Result<SdCond> {
@@ -358,6 +370,7 @@ impl SdModel {
             }
         }
         Ok(SdCond {
+            id: device_io::next_cond_id(),
             hidden,
             seq,
             pooled,
@@ -479,6 +492,166 @@ impl SdModel {
         }
         Ok(y)
     }
+
+    /// The UNet on device latents, as [`SdModel::predict_host`]: the scaled latents (repeated per conditioning,
+    /// with an inpainting UNet's mask and masked-image latent beside each image) assembled on the GPU, the text
+    /// conditioning uploaded once per prompt pair and batch, only the timestep copied per call; output k goes to
+    /// `outs[k]`.
+    fn predict_device(
+        &mut self,
+        x: &DeviceBuffer,
+        sigma: f64,
+        conds: &[&SdCond],
+        lat: &Latents,
+        outs: &mut [&mut DeviceBuffer],
+    ) -> Result<()> {
+        let dev = self
+            .device
+            .clone()
+            .context("device latents without a GPU engine")?;
+        let c = self.config.clone();
+        let (n, per, hw) = (conds.len(), lat.per_image, lat.height * lat.width);
+        let b = lat.batch * n;
+        let seq = conds[0].seq;
+        if conds
+            .iter()
+            .any(|k| k.seq != seq || k.pooled.len() != conds[0].pooled.len())
+        {
+            bail!("conditionings of different lengths cannot share one UNet run (a pipeline bug)");
+        }
+        let ids: Vec<u64> = conds.iter().map(|k| k.id).collect();
+        let key = device_io::key(
+            &[
+                &ids[..],
+                &[lat.batch as u64, lat.height as u64, lat.width as u64],
+            ]
+            .concat(),
+        );
+        let per_cond = |f: &dyn Fn(&SdCond) -> Vec<f32>| -> Vec<f32> {
+            conds.iter().flat_map(|k| f(k).repeat(lat.batch)).collect()
+        };
+        let time_ids: Vec<f32> = if c.time_ids > 0 {
+            conds
+                .iter()
+                .flat_map(|k| self.time_ids(lat, k.negative).repeat(lat.batch))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        let slots = &mut self.on_device;
+        slots.upload(&dev, "encoder_hidden_states", key, || {
+            Ok(per_cond(&|k| k.hidden.clone()))
+        })?;
+        if c.time_ids > 0 {
+            if conds[0].pooled.is_empty() {
+                bail!(
+                    "SDXL needs the pooled text embedding, which no text encoder of this bundle gives"
+                );
+            }
+            slots.upload(&dev, "text_embeds", key, || {
+                Ok(per_cond(&|k| k.pooled.clone()))
+            })?;
+            slots.upload(&dev, "time_ids", key, || Ok(time_ids))?;
+        }
+        let inpainting = c.unet_in_channels != c.latent_channels;
+        if inpainting {
+            let Some((mask, masked)) = &self.inpaint else {
+                bail!(
+                    "this bundle's UNet takes {} channels (an inpainting model): generate with --init-image and \
+                     --mask",
+                    c.unet_in_channels
+                );
+            };
+            if c.unet_in_channels != c.latent_channels + 1 + masked.len() / hw {
+                bail!(
+                    "the inpainting UNet takes {} channels; latent, mask and masked image give another count",
+                    c.unet_in_channels
+                );
+            }
+            // Uploaded once per request (new_request drops them).
+            slots.upload(&dev, "inpaint_mask", 0, || Ok(mask.clone()))?;
+            slots.upload(&dev, "inpaint_masked", 0, || Ok(masked.clone()))?;
+        }
+        // c_in * x, then per conditioning and image its slice of the UNet's sample input (with an inpainting
+        // UNet's mask and masked-image latent after each image's channels).
+        let c_in = (1.0 / (sigma * sigma + 1.0).sqrt()) as f32;
+        let mut scaled = slots.take_scratch(&dev, "scaled", x.data.len())?;
+        dev.lincomb(&mut scaled.data, 0.0, &[(c_in, &x.data)])?;
+        let in_per = c.unet_in_channels * hw;
+        let assembled = n > 1 || inpainting;
+        if assembled {
+            let mut sample = slots.take_scratch(&dev, "sample", b * in_per)?;
+            for k in 0..n {
+                for i in 0..lat.batch {
+                    let at = (k * lat.batch + i) * in_per;
+                    device_io::copy_into(&dev, &scaled, i * per, &mut sample, at, per)?;
+                    if inpainting {
+                        let (m, mi) = (slots.get("inpaint_mask")?, slots.get("inpaint_masked")?);
+                        let (ml, mil) = (m.data.len(), mi.data.len());
+                        device_io::copy_into(&dev, m, 0, &mut sample, at + per, ml)?;
+                        device_io::copy_into(&dev, mi, 0, &mut sample, at + per + ml, mil)?;
+                    }
+                }
+            }
+            slots.put("sample", sample);
+        }
+        slots.put("scaled", scaled);
+        if n > 1 {
+            let y = slots.take_scratch(&dev, "model_output", b * per)?;
+            slots.put("model_output", y);
+        }
+        let slots = &self.on_device;
+        let sample = slots.get(if assembled { "sample" } else { "scaled" })?;
+        let ctx = conds[0].hidden.len() / seq;
+        let mut inputs = vec![
+            (
+                "sample",
+                sample,
+                vec![b, c.unet_in_channels, lat.height, lat.width],
+            ),
+            (
+                "encoder_hidden_states",
+                slots.get("encoder_hidden_states")?,
+                vec![b, seq, ctx],
+            ),
+        ];
+        if c.time_ids > 0 {
+            inputs.push((
+                "text_embeds",
+                slots.get("text_embeds")?,
+                vec![b, conds[0].pooled.len()],
+            ));
+            inputs.push(("time_ids", slots.get("time_ids")?, vec![b, c.time_ids]));
+        }
+        let t = self.sampling.timestep(sigma) as f32;
+        let e = self.engines.unet.as_mut();
+        let host = [float_input(e, "timestep", &[b], &vec![t; b])?];
+        let shape = vec![b, c.latent_channels, lat.height, lat.width];
+        if n == 1 {
+            let out: &DeviceBuffer = outs[0];
+            return device_io::run_on_device(
+                e,
+                &dev,
+                "UNet",
+                &inputs,
+                &host,
+                &[("model_output", out, shape)],
+            );
+        }
+        let y = slots.get("model_output")?;
+        device_io::run_on_device(
+            e,
+            &dev,
+            "UNet",
+            &inputs,
+            &host,
+            &[("model_output", y, shape)],
+        )?;
+        for (k, out) in outs.iter_mut().enumerate() {
+            device_io::copy_into(&dev, y, k * x.data.len(), out, 0, x.data.len())?;
+        }
+        Ok(())
+    }
 }
 
 /// Opens an SD bundle (its manifest read once into `engine`) on the chosen backend.
@@ -568,7 +741,10 @@ impl ImageModel for SdModel {
                 *out = self.predict_host(x, sigma, &[cond], lat)?;
                 Ok(())
             }
-            _ => bail!("Stable Diffusion latents live in host memory (a pipeline bug)"),
+            (Latent::Device(x), Latent::Device(out)) => {
+                self.predict_device(x, sigma, &[cond], lat, &mut [out])
+            }
+            _ => bail!("host and device latents mixed in one UNet call (a pipeline bug)"),
         }
     }
 
@@ -594,22 +770,19 @@ impl ImageModel for SdModel {
                 *out = both;
                 Ok(())
             }
-            _ => bail!("Stable Diffusion latents live in host memory (a pipeline bug)"),
+            (Latent::Device(x), Latent::Device(out), Latent::Device(out_uncond)) => {
+                self.predict_device(x, sigma, &[cond, uncond], lat, &mut [out, out_uncond])
+            }
+            _ => bail!("host and device latents mixed in one UNet call (a pipeline bug)"),
         }
     }
 
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
-        let mut all = Vec::with_capacity(lat.len());
-        let mut z = vec![0f32; lat.per_image];
-        for i in 0..lat.batch {
-            crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
-            all.extend_from_slice(&z);
-        }
-        Ok(Latent::Host(all))
+        device_io::batch_noise(self.device.as_ref(), seed, lat.batch, lat.per_image)
     }
 
     fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
-        Ok(Latent::Host(v))
+        device_io::to_latent(self.device.as_ref(), v)
     }
 
     /// Init image -> scaled latent [1, 4, h, w] (the VAE encoder's mean).
@@ -668,6 +841,8 @@ impl ImageModel for SdModel {
 
     fn new_request(&mut self) {
         self.inpaint = None;
+        self.on_device.remove("inpaint_mask");
+        self.on_device.remove("inpaint_masked");
     }
 
     /// diffusers' StableDiffusionInpaintPipeline: the mask binarized at 0.5 and taken at every

@@ -6,16 +6,20 @@
 //! `shift`), without classifier-free guidance by default (diffusers' `guidance_scale` g is `--cfg 1 + g` here);
 //! the VAE decodes `latents / scaling + shift`. Latents stay in host memory; each engine runs on TensorRT or ONNX
 //! Runtime.
+use super::device_io::{self, DeviceSlots};
 use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, Engine};
+use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::device::Device;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::models::z_image::{SEQ_MULTI_OF, image_ids, text_ids};
 use crate::samplers::schedule;
 use crate::tokenizer::qwen::QwenTokenizer;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What `generate` needs besides the engines; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -62,12 +66,18 @@ pub struct ZImageModel {
     pub engines: ZImageEngines,
     /// When set, every transformer run's `amax.<key>` outputs (a calibration graph's) are folded in here.
     pub amax: Option<std::collections::HashMap<String, f32>>,
+    /// On a GPU backend: where the sampler's latents live, with the transformer's inputs and outputs bound to
+    /// them.
+    device: Option<Arc<Device>>,
+    on_device: DeviceSlots,
 }
 
 pub type ZImagePipeline = ImagePipeline<ZImageModel>;
 
 /// One prompt's conditioning: the encoder's hidden states [len, dim] of its tokens.
 pub struct Cond {
+    /// Identifies this conditioning's device copies (`device_io::next_cond_id`).
+    id: u64,
     feats: Vec<f32>,
     len: usize,
 }
@@ -138,6 +148,8 @@ impl ZImageModel {
             tokenizer,
             engines,
             amax: None,
+            device: None,
+            on_device: DeviceSlots::default(),
         }
     }
 
@@ -174,7 +186,7 @@ impl ZImageModel {
             )
         })?;
         let tokenizer = QwenTokenizer::load(&engine.file(tok, "the qwen tokenizer")?)?;
-        Ok(ZImageModel::new(
+        let mut model = ZImageModel::new(
             config,
             tokenizer,
             ZImageEngines {
@@ -183,7 +195,9 @@ impl ZImageModel {
                 vae_decoder: required(vae_decoder)?,
                 vae_encoder,
             },
-        ))
+        );
+        model.device = device_io::open_device(backend)?;
+        Ok(model)
     }
 
     /// diffusers' raw transformer output for host latents [B, C, H, W] at `sigma`.
@@ -230,6 +244,52 @@ impl ZImageModel {
             );
         }
         Ok(v)
+    }
+
+    /// The transformer on device latents, as [`ZImageModel::transformer`]: the latents and the output bound by
+    /// address, the caption features uploaded once per prompt and batch, the position ids once per size, only
+    /// the timestep copied per call.
+    fn transformer_device(
+        &mut self,
+        x: &DeviceBuffer,
+        sigma: f64,
+        cond: &Cond,
+        lat: &Latents,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let dev = self
+            .device
+            .clone()
+            .context("device latents without a GPU engine")?;
+        let b = lat.batch;
+        let dim = cond.feats.len() / cond.len.max(1);
+        let cap_pad = cond.len.next_multiple_of(SEQ_MULTI_OF);
+        let img_pad = (lat.height / 2 * (lat.width / 2)).next_multiple_of(SEQ_MULTI_OF);
+        let slots = &mut self.on_device;
+        slots.upload(
+            &dev,
+            "cap_feats",
+            device_io::key(&[cond.id, b as u64]),
+            || Ok(cond.feats.repeat(b)),
+        )?;
+        let size = device_io::key(&[lat.height as u64, lat.width as u64, cap_pad as u64]);
+        slots.upload(&dev, "img_ids", size, || {
+            Ok(image_ids(lat.height, lat.width, cap_pad))
+        })?;
+        slots.upload(&dev, "txt_ids", cond.len as u64, || Ok(text_ids(cond.len)))?;
+        let t = (1000.0 - sigma as f32 * 1000.0) / 1000.0;
+        let e = self.engines.transformer.as_mut();
+        let host = [float_input(e, "timestep", &[b], &vec![t; b])?];
+        let slots = &self.on_device;
+        let shape = vec![b, lat.channels, lat.height, lat.width];
+        let inputs = [
+            ("latents", x, shape.clone()),
+            ("cap_feats", slots.get("cap_feats")?, vec![b, cond.len, dim]),
+            ("img_ids", slots.get("img_ids")?, vec![img_pad, 3]),
+            ("txt_ids", slots.get("txt_ids")?, vec![cap_pad, 3]),
+        ];
+        let outputs = [("sample", &*out, shape)];
+        device_io::run_on_device(e, &dev, "Z-Image transformer", &inputs, &host, &outputs)
     }
 }
 
@@ -322,6 +382,7 @@ impl ImageModel for ZImageModel {
             .context("Qwen3 text encoder")?;
         let feats = output_f32(&out, "hidden_states")?;
         Ok(Cond {
+            id: device_io::next_cond_id(),
             len: ids.len(),
             feats,
         })
@@ -336,30 +397,30 @@ impl ImageModel for ZImageModel {
         _guidance: f32,
         out: &mut Latent,
     ) -> Result<()> {
-        let (Latent::Host(x), Latent::Host(o)) = (x, &mut *out) else {
-            bail!("Z-Image runs its sampler on host latents (a pipeline bug)");
-        };
         // The pipeline steps with the negated output: the velocity noise - x0 of the seam's flow convention.
-        *o = self
-            .transformer(x, sigma, cond, lat)?
-            .into_iter()
-            .map(|v| -v)
-            .collect();
-        Ok(())
+        match (x, &mut *out) {
+            (Latent::Host(x), Latent::Host(o)) => {
+                *o = self
+                    .transformer(x, sigma, cond, lat)?
+                    .into_iter()
+                    .map(|v| -v)
+                    .collect();
+                Ok(())
+            }
+            (Latent::Device(x), Latent::Device(o)) => {
+                self.transformer_device(x, sigma, cond, lat, o)?;
+                crate::samplers::buffer::Buffer::lincomb_raw(o, -1.0, &[])
+            }
+            _ => bail!("host and device latents mixed in one transformer call (a pipeline bug)"),
+        }
     }
 
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
-        let mut all = Vec::with_capacity(lat.len());
-        let mut z = vec![0f32; lat.per_image];
-        for i in 0..lat.batch {
-            crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
-            all.extend_from_slice(&z);
-        }
-        Ok(Latent::Host(all))
+        device_io::batch_noise(self.device.as_ref(), seed, lat.batch, lat.per_image)
     }
 
     fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
-        Ok(Latent::Host(v))
+        device_io::to_latent(self.device.as_ref(), v)
     }
 
     /// Init image -> scaled latent [1, C, h, w] (the VAE encoder's mean).
