@@ -1,0 +1,87 @@
+#!/usr/bin/env bash
+# On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
+# .devcarry/gpu with the binary and the CLIP vocabulary): the SD1.5, SDXL and Z-Image GPU paths (latents, noise,
+# CFG and sampler state in device buffers) against the CPU backend on the tiny golden models of tests/golden.
+# Builds ONNX-only bundles there (no TensorRT needed), generates with --backend cpu and --backend cuda (batch 2,
+# CFG, img2img), and compares the images pixel by pixel. Output: $OUT/image_families_cuda.txt and the images.
+set -uo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/../.."
+root=$PWD
+out=${OUT:-/tmp/gpu-out}
+mkdir -p "$out"
+exec > >(tee "$out/image_families_cuda.txt") 2>&1
+[ -n "${NO_ORT:-}" ] || source scripts/gpu/ort_cuda_env.sh >/dev/null 2>&1
+source scripts/gpu/limited.sh
+g=${BIN_DIR:-.devcarry/gpu}
+bin=$g/trt-diff
+vocab=${CLIP_VOCAB:-$g/flux_fp32.clip-tokenizer.txt.gz}
+backends=${BACKENDS:-cpu cuda}
+work=$(mktemp -d)
+golden=$root/tests/golden
+sd_folder() { # NAME UNET [TEXT_ENCODER_2]
+  local m=$work/$1
+  mkdir -p "$m/scheduler"
+  ln -s "$golden/sd/sd15/vae" "$m/vae"
+  ln -s "$golden/flux/text_encoder" "$m/text_encoder"
+  ln -s "$golden/$2" "$m/unet"
+  [ -z "${3:-}" ] || ln -s "$golden/$3" "$m/text_encoder_2"
+  echo '{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}' >"$m/scheduler/scheduler_config.json"
+  echo "$m"
+}
+zimage_folder() {
+  local m=$work/zimage
+  mkdir -p "$m"
+  for c in transformer text_encoder tokenizer scheduler model_index.json; do ln -s "$golden/z_image/$c" "$m/$c"; done
+  ln -s "$golden/flux/pipeline/vae" "$m/vae"
+  echo "$m"
+}
+py=${PYTHON:-python3}
+compare() {
+  "$py" - "$@" <<'PY'
+import sys
+import numpy as np
+from PIL import Image
+a = np.asarray(Image.open(sys.argv[1])).astype(int)
+b = np.asarray(Image.open(sys.argv[2])).astype(int)
+d = np.abs(a - b)
+ok = a.shape == b.shape and d.max() <= 2
+print(("PASS" if ok else "FAIL"), f"{sys.argv[3]}: cuda vs cpu image {a.shape}, max |diff| {d.max()} of 255, "
+      f"{(d > 0).mean() * 100:.2f}% pixels differ")
+PY
+}
+build() { # NAME FOLDER EXTRA...
+  local name=$1 folder=$2
+  shift 2
+  echo "== build $name (fp32, ONNX-only)"
+  limited 120 "$bin" build "$folder" --precision fp32 --onnx-only --out "$work/$name.plan" --no-progress "$@" \
+    | tail -1
+}
+run() { # NAME CASE EXTRA...
+  local name=$1 case=$2
+  shift 2
+  for b in $backends; do
+    echo "== $name $case on $b"
+    TRT_DIFF_LOG=$([ "$b" = cuda ] && echo debug || echo info) limited 120 "$bin" generate \
+      --engine "$work/$name.plan.json" --prompt "a watercolor fox in the snow" --width 32 --height 32 --seed 3 \
+      --no-progress --backend "$b" --out "$out/${name}_${case}_$b.png" "$@" 2>&1 | grep -v ' DEBUG .*step [0-9]'
+  done
+  local f
+  for f in "$out/${name}_${case}"_cpu*.png; do
+    local c=${f/_cpu/_cuda}
+    [ -f "$f" ] && [ -f "$c" ] && compare "$f" "$c" "$name $case $(basename "$c")"
+  done
+}
+"$py" -c "import numpy as np; from PIL import Image; \
+  Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype('uint8')).convert('RGB').save('$work/init.png'); \
+  m = np.zeros((32, 32), 'uint8'); m[8:24, 8:24] = 255; Image.fromarray(m).save('$work/mask.png')"
+build sd15 "$(sd_folder sd15 sd/sd15/unet)" --arch sd15 --clip-tokenizer "$vocab" --image-px 32,32,64
+run sd15 cfg --steps 4 --batch 2
+run sd15 img2img --steps 4 --init-image "$work/init.png" --strength 0.6
+run sd15 inpaint --steps 4 --init-image "$work/init.png" --mask "$work/mask.png" --strength 1.0
+build sdxl "$(sd_folder sdxl sd/sdxl/unet sd/sdxl/pipeline_text_encoder_2)" --arch sdxl --clip-tokenizer "$vocab" \
+  --image-px 32,32,64
+run sdxl cfg --steps 4 --batch 2
+build zimage "$(zimage_folder)"
+run zimage turbo --steps 3 --batch 2
+run zimage cfg --steps 3 --negative-prompt "blurry" --cfg 2
+rm -rf "$work"
