@@ -96,15 +96,16 @@ pub fn key(parts: &[u64]) -> u64 {
     h.finish()
 }
 
-/// Named device buffers of one pipeline: constant inputs (re-uploaded only when their key changes) and scratch
-/// space (reallocated only when its length changes).
+/// Named device buffers of one pipeline: constant inputs, each name holding the uploads of its last two keys (a
+/// prompt and its negative alternate under CFG), and scratch space (reallocated only when its length changes).
 #[derive(Default)]
 pub struct DeviceSlots {
-    slots: HashMap<&'static str, (u64, DeviceBuffer)>,
+    uploads: HashMap<&'static str, Vec<(u64, DeviceBuffer)>>,
+    scratch: HashMap<&'static str, DeviceBuffer>,
 }
 
 impl DeviceSlots {
-    /// Uploads `make()`'s values as `name` unless the slot already holds them for `key`.
+    /// Uploads `make()`'s values as `name` for `key` unless they are there already.
     pub fn upload(
         &mut self,
         dev: &Arc<Device>,
@@ -112,44 +113,55 @@ impl DeviceSlots {
         key: u64,
         make: impl FnOnce() -> Result<Vec<f32>>,
     ) -> Result<()> {
-        if self.slots.get(name).is_some_and(|(k, _)| *k == key) {
+        let held = self.uploads.entry(name).or_default();
+        if held.iter().any(|(k, _)| *k == key) {
             return Ok(());
         }
         let v = make()?;
         tracing::debug!("uploading {name} ({} values) to the GPU", v.len());
-        self.slots
-            .insert(name, (key, DeviceBuffer::from_host(dev, &v)?));
+        if held.len() == 2 {
+            held.remove(0);
+        }
+        held.push((key, DeviceBuffer::from_host(dev, &v)?));
         Ok(())
     }
 
-    /// Scratch space `name` of `len` values (contents unspecified), taken out of the slots so that it can be
-    /// written while other slots are read; [`DeviceSlots::put`] returns it for the next step.
+    /// The upload of `name` for `key`.
+    pub fn get(&self, name: &str, key: u64) -> Result<&DeviceBuffer> {
+        self.uploads
+            .get(name)
+            .and_then(|h| h.iter().find(|(k, _)| *k == key))
+            .map(|(_, b)| b)
+            .with_context(|| format!("no device copy of '{name}' (a pipeline bug)"))
+    }
+
+    /// Drops the uploads of `name` (per-request inputs such as an inpainting mask).
+    pub fn remove(&mut self, name: &str) {
+        self.uploads.remove(name);
+    }
+
+    /// Scratch space `name` of `len` values (contents unspecified), taken out so that it can be written while
+    /// other slots are read; [`DeviceSlots::put`] returns it for the next step.
     pub fn take_scratch(
         &mut self,
         dev: &Arc<Device>,
         name: &'static str,
         len: usize,
     ) -> Result<DeviceBuffer> {
-        match self.slots.remove(name) {
-            Some((_, b)) if b.data.len() == len.max(1) => Ok(b),
+        match self.scratch.remove(name) {
+            Some(b) if b.data.len() == len.max(1) => Ok(b),
             _ => DeviceBuffer::zeros(dev, len),
         }
     }
 
     pub fn put(&mut self, name: &'static str, buf: DeviceBuffer) {
-        self.slots.insert(name, (0, buf));
+        self.scratch.insert(name, buf);
     }
 
-    pub fn get(&self, name: &str) -> Result<&DeviceBuffer> {
-        self.slots
+    pub fn scratch(&self, name: &str) -> Result<&DeviceBuffer> {
+        self.scratch
             .get(name)
-            .map(|(_, b)| b)
             .with_context(|| format!("no device buffer '{name}' (a pipeline bug)"))
-    }
-
-    /// Drops `name` (per-request inputs such as an inpainting mask).
-    pub fn remove(&mut self, name: &str) {
-        self.slots.remove(name);
     }
 }
 

@@ -586,7 +586,10 @@ impl SdModel {
                     let at = (k * lat.batch + i) * in_per;
                     device_io::copy_into(&dev, &scaled, i * per, &mut sample, at, per)?;
                     if inpainting {
-                        let (m, mi) = (slots.get("inpaint_mask")?, slots.get("inpaint_masked")?);
+                        let (m, mi) = (
+                            slots.get("inpaint_mask", 0)?,
+                            slots.get("inpaint_masked", 0)?,
+                        );
                         let (ml, mil) = (m.data.len(), mi.data.len());
                         device_io::copy_into(&dev, m, 0, &mut sample, at + per, ml)?;
                         device_io::copy_into(&dev, mi, 0, &mut sample, at + per + ml, mil)?;
@@ -601,7 +604,7 @@ impl SdModel {
             slots.put("model_output", y);
         }
         let slots = &self.on_device;
-        let sample = slots.get(if assembled { "sample" } else { "scaled" })?;
+        let sample = slots.scratch(if assembled { "sample" } else { "scaled" })?;
         let ctx = conds[0].hidden.len() / seq;
         let mut inputs = vec![
             (
@@ -611,17 +614,17 @@ impl SdModel {
             ),
             (
                 "encoder_hidden_states",
-                slots.get("encoder_hidden_states")?,
+                slots.get("encoder_hidden_states", key)?,
                 vec![b, seq, ctx],
             ),
         ];
         if c.time_ids > 0 {
             inputs.push((
                 "text_embeds",
-                slots.get("text_embeds")?,
+                slots.get("text_embeds", key)?,
                 vec![b, conds[0].pooled.len()],
             ));
-            inputs.push(("time_ids", slots.get("time_ids")?, vec![b, c.time_ids]));
+            inputs.push(("time_ids", slots.get("time_ids", key)?, vec![b, c.time_ids]));
         }
         let t = self.sampling.timestep(sigma) as f32;
         let e = self.engines.unet.as_mut();
@@ -638,7 +641,7 @@ impl SdModel {
                 &[("model_output", out, shape)],
             );
         }
-        let y = slots.get("model_output")?;
+        let y = slots.scratch("model_output")?;
         device_io::run_on_device(
             e,
             &dev,

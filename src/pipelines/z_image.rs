@@ -266,12 +266,8 @@ impl ZImageModel {
         let cap_pad = cond.len.next_multiple_of(SEQ_MULTI_OF);
         let img_pad = (lat.height / 2 * (lat.width / 2)).next_multiple_of(SEQ_MULTI_OF);
         let slots = &mut self.on_device;
-        slots.upload(
-            &dev,
-            "cap_feats",
-            device_io::key(&[cond.id, b as u64]),
-            || Ok(cond.feats.repeat(b)),
-        )?;
+        let feats = device_io::key(&[cond.id, b as u64]);
+        slots.upload(&dev, "cap_feats", feats, || Ok(cond.feats.repeat(b)))?;
         let size = device_io::key(&[lat.height as u64, lat.width as u64, cap_pad as u64]);
         slots.upload(&dev, "img_ids", size, || {
             Ok(image_ids(lat.height, lat.width, cap_pad))
@@ -284,9 +280,17 @@ impl ZImageModel {
         let shape = vec![b, lat.channels, lat.height, lat.width];
         let inputs = [
             ("latents", x, shape.clone()),
-            ("cap_feats", slots.get("cap_feats")?, vec![b, cond.len, dim]),
-            ("img_ids", slots.get("img_ids")?, vec![img_pad, 3]),
-            ("txt_ids", slots.get("txt_ids")?, vec![cap_pad, 3]),
+            (
+                "cap_feats",
+                slots.get("cap_feats", feats)?,
+                vec![b, cond.len, dim],
+            ),
+            ("img_ids", slots.get("img_ids", size)?, vec![img_pad, 3]),
+            (
+                "txt_ids",
+                slots.get("txt_ids", cond.len as u64)?,
+                vec![cap_pad, 3],
+            ),
         ];
         let outputs = [("sample", &*out, shape)];
         device_io::run_on_device(e, &dev, "Z-Image transformer", &inputs, &host, &outputs)
