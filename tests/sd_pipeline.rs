@@ -507,6 +507,9 @@ fn quantized_and_half_bundles_build_and_stay_close() {
             calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
             calibration_steps: Some(2),
             calibration_backend: BackendChoice::Cpu,
+            loras: vec![],
+            lora_rank: 0,
+            controlnet: None,
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,

@@ -64,18 +64,11 @@ pub fn run(a: BuildArgs) -> Result<()> {
     if a.arch.is_some_and(|arch| arch.family() == Family::Sd)
         || (a.arch.is_none() && crate::pipelines::sd_build::looks_like_sd(&a.input))
     {
-        if lora_or_control {
-            bail!(
-                "--lora, --lora-rank and --controlnet are built into Flux bundles so far, not SD ones; drop them \
-                 for '{}'",
-                a.input.display()
-            );
-        }
         return build_sd(&a);
     }
     if lora_or_control {
         bail!(
-            "--lora, --lora-rank and --controlnet apply to image models (--arch flux-dev, flux-schnell); '{}' is not one",
+            "--lora, --lora-rank and --controlnet apply to image models (Flux, SD1.x/SD2.x/SDXL); '{}' is not one",
             a.input.display()
         );
     }
@@ -262,6 +255,9 @@ fn build_sd(a: &BuildArgs) -> Result<()> {
         calibration_prompts: Some(a.calibration_prompt.clone()),
         calibration_steps: a.calibration_steps,
         calibration_backend: crate::backend::BackendChoice::Auto,
+        loras: a.lora.clone(),
+        lora_rank: a.lora_rank,
+        controlnet: a.controlnet.clone(),
         base: BuildOptions::from(a),
     })?;
     let arch = o

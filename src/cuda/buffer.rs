@@ -34,6 +34,21 @@ impl DeviceBuffer {
             data,
         })
     }
+    /// Overwrites the buffer with host values of the same length.
+    pub fn write_host(&mut self, v: &[f32]) -> Result<()> {
+        if v.len() != self.data.len() {
+            bail!(
+                "{} host values for a device buffer of {}",
+                v.len(),
+                self.data.len()
+            );
+        }
+        super::transfers::host_to_device(std::mem::size_of_val(v));
+        self.dev
+            .stream
+            .memcpy_htod(v, &mut self.data)
+            .context("copying a buffer to the GPU failed")
+    }
     pub fn to_host(&self) -> Result<Vec<f32>> {
         super::transfers::device_to_host(self.data.len() * 4);
         self.dev
@@ -74,10 +89,6 @@ impl Buffer for DeviceBuffer {
             );
         }
         let h: Vec<f32> = v.iter().map(|&x| x as f32).collect();
-        super::transfers::host_to_device(h.len() * 4);
-        self.dev
-            .stream
-            .memcpy_htod(&h, &mut self.data)
-            .context("copying a buffer to the GPU failed")
+        self.write_host(&h)
     }
 }

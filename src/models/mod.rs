@@ -9,5 +9,6 @@ pub mod qdq;
 pub mod t5;
 pub mod taesd;
 pub mod unet;
+pub mod unet_lora;
 pub mod vae;
 pub mod z_image;

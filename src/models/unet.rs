@@ -161,7 +161,12 @@ impl UNetConfig {
             })
         };
         cfg.in_channels = shape(&cfg, "conv_in.weight")?[1];
-        cfg.out_channels = shape(&cfg, "conv_out.weight")?[0];
+        // A ControlNet has no up path and no conv_out.
+        cfg.out_channels = if ck.contains(&cfg.name("controlnet_cond_embedding.conv_in.weight")) {
+            0
+        } else {
+            shape(&cfg, "conv_out.weight")?[0]
+        };
         // The cross-attention width: any attention block's to_k input.
         let ctx = (0..n)
             .map(|i| format!("down_blocks.{i}.attentions.0.transformer_blocks.0.attn2.to_k.weight"))
@@ -433,6 +438,10 @@ pub struct UNetExportOptions {
     /// FP8's static activation range for layers without a calibrated one (None: such layers are an error; set
     /// only where activations do not matter, e.g. export benchmarks).
     pub fp8_default_amax: Option<f32>,
+    /// FP8/NVFP4: rank of the LoRA side path beside each quantized linear (0: none; [`Linears::lora_rank`]).
+    pub lora_rank: usize,
+    /// The UNet takes a ControlNet's residuals ([`controlnet_residuals`]) as inputs.
+    pub controlnet_residuals: bool,
 }
 
 impl Default for UNetExportOptions {
@@ -445,6 +454,8 @@ impl Default for UNetExportOptions {
             nvfp4_default_amax: 256.0,
             calibration: false,
             fp8_default_amax: None,
+            lora_rank: 0,
+            controlnet_residuals: false,
         }
     }
 }
@@ -782,10 +793,10 @@ impl Emitter<'_> {
         self.conv(&format!("{name}.conv"), &up, 1, 1)
     }
 
-    fn forward(&mut self, inputs: &Inputs) -> Result<Value> {
+    /// The time (and SDXL's added) embedding through SiLU, the text context in the compute type, and the sample
+    /// after `conv_in`.
+    fn embed(&mut self, inputs: &Inputs) -> Result<(Value, Value, Value)> {
         let cfg = self.cfg;
-        let n = cfg.block_out_channels.len();
-        let l = cfg.layers_per_block;
         let dt = self.o.dtype;
         let c0 = cfg.block_out_channels[0];
         // Time (and SDXL's added) embedding; SiLU(emb) is what every ResNet projects.
@@ -826,7 +837,18 @@ impl Emitter<'_> {
             .o
             .cast("encoder_hidden_states/cast", &inputs.context, dt)?;
         let x = self.o.cast("sample/cast", &inputs.sample, dt)?;
-        let mut x = self.conv("conv_in", &x, 1, 1)?;
+        let x = self.conv("conv_in", &x, 1, 1)?;
+        Ok((temb, ctx, x))
+    }
+
+    /// The down blocks and the mid block from `conv_in`'s output: the skip connections (diffusers'
+    /// `down_block_res_samples`, `conv_in`'s output first) and the mid block's output.
+    fn down_mid(&mut self, x: Value, temb: &Value, ctx: &Value) -> Result<(Vec<Value>, Value)> {
+        let cfg = self.cfg;
+        let n = cfg.block_out_channels.len();
+        let l = cfg.layers_per_block;
+        let (temb, ctx) = (temb.clone(), ctx.clone());
+        let mut x = x;
         let mut skips = vec![x.clone()];
         for i in 0..n {
             for j in 0..l {
@@ -847,6 +869,42 @@ impl Emitter<'_> {
             x = self.transformer("mid_block.attentions.0", &x, &ctx, cfg.heads[n - 1])?;
         }
         x = self.resnet("mid_block.resnets.1", &x, &temb)?;
+        Ok((skips, x))
+    }
+
+    fn forward(&mut self, inputs: &Inputs) -> Result<Value> {
+        let cfg = self.cfg;
+        let n = cfg.block_out_channels.len();
+        let l = cfg.layers_per_block;
+        let (temb, ctx, x) = self.embed(inputs)?;
+        let (mut skips, mut x) = self.down_mid(x, &temb, &ctx)?;
+        if let Some((down, mid)) = &inputs.residuals {
+            // A ControlNet's residuals: one per skip connection and one on the mid block's output (diffusers'
+            // `down_block_additional_residuals`, `mid_block_additional_residual`), in the compute type.
+            if down.len() != skips.len() {
+                bail!(
+                    "the UNet has {} skip connections, {} ControlNet residuals were given",
+                    skips.len(),
+                    down.len()
+                );
+            }
+            for (k, (s, r)) in skips.iter_mut().zip(down).enumerate() {
+                let r = self
+                    .o
+                    .cast(&format!("controlnet_down_{k}/cast"), r, self.o.dtype)?;
+                let shape = s.shape.clone();
+                *s = self
+                    .o
+                    .same("Add", &format!("controlnet_down_{k}/add"), &[s, &r], vec![])?;
+                s.shape = shape;
+            }
+            let r = self.o.cast("controlnet_mid/cast", mid, self.o.dtype)?;
+            let shape = x.shape.clone();
+            x = self
+                .o
+                .same("Add", "controlnet_mid/add", &[&x, &r], vec![])?;
+            x.shape = shape;
+        }
         for i in 0..n {
             for j in 0..=l {
                 let skip = skips.pop().with_context(|| {
@@ -892,6 +950,8 @@ struct Inputs {
     context: Value,
     /// (text_embeds, time_ids) for SDXL.
     added: Option<(Value, Value)>,
+    /// A ControlNet's (down residuals, mid residual), added to the skips and the mid block's output.
+    residuals: Option<(Vec<Value>, Value)>,
 }
 
 /// TensorRT optimization-profile ranges of the UNet's inputs: batch, latent side (height and width each; pixels
@@ -977,6 +1037,7 @@ fn emit(
             opts.calibration,
         ),
     };
+    e.linears.lora_rank = opts.lora_rank;
     if opts.quantize == Some(LinearPrecision::Nvfp4) {
         // TensorRT's dynamic FP4 activation quantization.
         e.o.g.use_domain("trt", 1);
@@ -1025,11 +1086,27 @@ fn emit(
         )),
         None => None,
     };
+    let residuals = if opts.controlnet_residuals {
+        let mut down = Vec::new();
+        let mut mid = None;
+        for r in controlnet_residuals(cfg) {
+            let v = e.o.g.input(&r.name, f32t, r.dims())?;
+            if r.name == "controlnet_mid" {
+                mid = Some(v);
+            } else {
+                down.push(v);
+            }
+        }
+        Some((down, mid.context("no mid residual")?))
+    } else {
+        None
+    };
     let y = e.forward(&Inputs {
         sample,
         timestep,
         context,
         added,
+        residuals,
     })?;
     let y = e.o.cast("model_output/f32", &y, f32t)?;
     let y = e.o.g.op(
@@ -1049,6 +1126,202 @@ fn emit(
     let counts = e.linears.counts.clone();
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, counts))
+}
+
+/// One ControlNet residual: its name (`controlnet_down_<k>` per skip connection, `controlnet_mid`), channels and
+/// resolution level (the latent size halved `level` times, rounding up as the stride-2 downsamplers do).
+#[derive(Clone, Debug, PartialEq)]
+pub struct Residual {
+    pub name: String,
+    pub channels: usize,
+    pub level: usize,
+}
+
+impl Residual {
+    fn dims(&self) -> Vec<Dim> {
+        vec![
+            Dim::Sym("batch".into()),
+            Dim::Fixed(self.channels as i64),
+            Dim::Sym(format!("{}_h", self.name)),
+            Dim::Sym(format!("{}_w", self.name)),
+        ]
+    }
+
+    /// [batch, channels, h, w] for a latent of `h` x `w`.
+    pub fn shape(&self, batch: usize, h: usize, w: usize) -> [usize; 4] {
+        let down = |mut v: usize| {
+            for _ in 0..self.level {
+                v = v.div_ceil(2);
+            }
+            v
+        };
+        [batch, self.channels, down(h), down(w)]
+    }
+}
+
+/// The residuals a ControlNet gives a UNet of `cfg`'s shape: one per skip connection (`conv_in`'s output, each
+/// down ResNet/attention, each downsampler) and the mid block's.
+pub fn controlnet_residuals(cfg: &UNetConfig) -> Vec<Residual> {
+    let c = &cfg.block_out_channels;
+    let n = c.len();
+    let mut levels = vec![(c[0], 0)];
+    for (i, ch) in c.iter().enumerate() {
+        levels.extend(std::iter::repeat_n((*ch, i), cfg.layers_per_block));
+        if i + 1 < n {
+            levels.push((*ch, i + 1));
+        }
+    }
+    let mut out: Vec<Residual> = levels
+        .into_iter()
+        .enumerate()
+        .map(|(k, (channels, level))| Residual {
+            name: format!("controlnet_down_{k}"),
+            channels,
+            level,
+        })
+        .collect();
+    out.push(Residual {
+        name: "controlnet_mid".into(),
+        channels: c[n - 1],
+        level: n - 1,
+    });
+    out
+}
+
+/// A diffusers `ControlNetModel` (SD1.x/SD2.x/SDXL): the UNet's embeddings, down and mid blocks (`cfg` read off
+/// the ControlNet's own weights), the control image's embedding (`controlnet_cond_embedding`: 3x3 convolutions,
+/// every second one strided, SiLU between) added after `conv_in`, and a zero convolution per residual.
+///
+/// Inputs: the UNet's (`sample`, `timestep`, `encoder_hidden_states`, SDXL's `text_embeds` and `time_ids`),
+/// `controlnet_cond` [batch, 3, height, width] (the control image in [0, 1], pixel size) and
+/// `conditioning_scale` [1]. Outputs: [`controlnet_residuals`] of the UNet it conditions, scaled.
+pub fn controlnet_graph(
+    cfg: &UNetConfig,
+    ck: &Checkpoint,
+    opts: &UNetExportOptions,
+) -> Result<ModelProto> {
+    if !ck.contains(&cfg.name("controlnet_cond_embedding.conv_in.weight")) {
+        bail!(
+            "'{}' is not a diffusers ControlNetModel (no controlnet_cond_embedding.conv_in): give the ControlNet's \
+             folder (config.json + diffusion_pytorch_model.safetensors)",
+            ck.path.display()
+        );
+    }
+    if ck.contains(&cfg.name("controlnet_mode_embedding.weight"))
+        || ck.contains(&cfg.name("task_embedding"))
+    {
+        bail!(
+            "'{}' is a ControlNet-Union checkpoint (control-type embedding), which trt-diff does not run yet; use a \
+             single-condition ControlNet",
+            ck.path.display()
+        );
+    }
+    let mut e = Emitter {
+        o: Ops::new("controlnet", 18, opts.compute),
+        cfg,
+        ck,
+        linears: Linears::new(None, &opts.amax, None, opts.nvfp4_default_amax, false),
+    };
+    let f32t = DataType::FLOAT;
+    let b = || Dim::Sym("batch".into());
+    let sample = e.o.g.input(
+        "sample",
+        f32t,
+        vec![
+            b(),
+            Dim::Fixed(cfg.in_channels as i64),
+            Dim::Sym("latent_height".into()),
+            Dim::Sym("latent_width".into()),
+        ],
+    )?;
+    let timestep = e.o.g.input("timestep", f32t, vec![b()])?;
+    let context = e.o.g.input(
+        "encoder_hidden_states",
+        f32t,
+        vec![
+            b(),
+            Dim::Sym("text_seq".into()),
+            Dim::Fixed(cfg.cross_attention_dim as i64),
+        ],
+    )?;
+    let added = match &cfg.added {
+        Some(a) => Some((
+            e.o.g.input(
+                "text_embeds",
+                f32t,
+                vec![b(), Dim::Fixed(a.text_embeds_dim as i64)],
+            )?,
+            e.o.g
+                .input("time_ids", f32t, vec![b(), Dim::Fixed(a.time_ids as i64)])?,
+        )),
+        None => None,
+    };
+    let cond_channels = e.t("controlnet_cond_embedding.conv_in.weight")?.shape[1];
+    let cond = e.o.g.input(
+        "controlnet_cond",
+        f32t,
+        vec![
+            b(),
+            Dim::Fixed(cond_channels as i64),
+            Dim::Sym("image_height".into()),
+            Dim::Sym("image_width".into()),
+        ],
+    )?;
+    let scale =
+        e.o.g
+            .input("conditioning_scale", f32t, vec![Dim::Fixed(1)])?;
+    let inputs = Inputs {
+        sample,
+        timestep,
+        context,
+        added,
+        residuals: None,
+    };
+    let (temb, ctx, x) = e.embed(&inputs)?;
+    let dt = e.o.dtype;
+    let c = e.o.cast("controlnet_cond/cast", &cond, dt)?;
+    let mut h = e.conv("controlnet_cond_embedding.conv_in", &c, 1, 1)?;
+    h = e.o.silu("controlnet_cond_embedding/act_in", &h)?;
+    let mut k = 0;
+    while e.has(&format!("controlnet_cond_embedding.blocks.{k}.weight")) {
+        // diffusers' ControlNetConditioningEmbedding: pairs of (same-size, stride-2) convolutions.
+        let stride = if k % 2 == 1 { 2 } else { 1 };
+        h = e.conv(
+            &format!("controlnet_cond_embedding.blocks.{k}"),
+            &h,
+            stride,
+            1,
+        )?;
+        h =
+            e.o.silu(&format!("controlnet_cond_embedding/act_{k}"), &h)?;
+        k += 1;
+    }
+    let h = e.conv("controlnet_cond_embedding.conv_out", &h, 1, 1)?;
+    let shape = x.shape.clone();
+    let mut x = e.o.same("Add", "controlnet_cond/add", &[&x, &h], vec![])?;
+    x.shape = shape;
+    let (skips, mid) = e.down_mid(x, &temb, &ctx)?;
+    let scale = e.o.cast("conditioning_scale/cast", &scale, dt)?;
+    let residuals = controlnet_residuals(cfg);
+    let zero_convs: Vec<String> = (0..skips.len())
+        .map(|k| format!("controlnet_down_blocks.{k}"))
+        .chain(["controlnet_mid_block".to_string()])
+        .collect();
+    for ((r, v), conv) in residuals
+        .iter()
+        .zip(skips.iter().chain([&mid]))
+        .zip(&zero_convs)
+    {
+        let y = e.conv(conv, v, 1, 0)?;
+        let y =
+            e.o.same("Mul", &format!("{}/scaled", r.name), &[&y, &scale], vec![])?;
+        let y = e.o.cast(&format!("{}/f32", r.name), &y, f32t)?;
+        let y =
+            e.o.g
+                .op("Identity", &r.name, &[&y], vec![], f32t, r.dims())?;
+        e.o.g.output(&y);
+    }
+    Ok(e.o.g.finish())
 }
 
 /// The UNet graph in memory (weights inline): for tests and small models.

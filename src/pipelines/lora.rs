@@ -7,7 +7,7 @@
 use crate::models::flux as fluxm;
 use crate::onnx::{DataType, OnnxFile};
 use crate::weights::lora::{
-    AddressBook, LoraFile, Part, Resolved, Update, merged_tensors, resolve,
+    AddressBook, LoraFile, Part, Piece, Resolved, Update, merged_tensors, resolve,
 };
 use crate::weights::safetensors_file::{Checkpoint, Tensor};
 use anyhow::{Context, Result, bail};
@@ -33,6 +33,50 @@ pub fn flux_book(part: Part, shapes: &Shapes) -> Result<AddressBook> {
             "Flux has two text encoders; a LoRA names text encoder {}",
             n + 1
         ),
+    }
+}
+
+/// Stable Diffusion: the UNet's table (diffusers and CompVis/SGM names, convolutions included), CLIP text encoders
+/// by their own names (with or without `text_model.`): `text_encoder` is text encoder 0 (CLIP-L; SD2.x's OpenCLIP-H),
+/// `text_encoder_2` text encoder 1 (SDXL's OpenCLIP-bigG).
+pub fn sd_book(part: Part, shapes: &Shapes) -> Result<AddressBook> {
+    let names = || shapes.iter().map(|(n, s)| (n.as_str(), s.as_slice()));
+    // A transformers-layout CLIP under any scope (a single file's `cond_stage_model.transformer.text_model.`, a
+    // folder's `text_model.` or none): modules by their names after `text_model.`, with or without it.
+    fn clip_book<'a>(names: impl Iterator<Item = (&'a str, &'a [usize])>) -> AddressBook {
+        let mut book = AddressBook::default();
+        for (name, shape) in names {
+            let (Some(module), [rows, _]) = (name.strip_suffix(".weight"), shape) else {
+                continue;
+            };
+            let bare = module.rsplit_once("text_model.").map_or(module, |(_, b)| b);
+            let piece = Piece {
+                tensor: name.to_string(),
+                dst_row: 0,
+                src_rows: 0..*rows,
+            };
+            book.add(bare, vec![piece.clone()]);
+            book.add(&format!("text_model.{bare}"), vec![piece]);
+        }
+        book
+    }
+    match part {
+        Part::Denoiser => crate::models::unet_lora::address_book(shapes),
+        Part::TextEncoder(0 | 1) => Ok(clip_book(names())),
+        Part::TextEncoder(n) => bail!(
+            "Stable Diffusion has at most two text encoders; a LoRA names text encoder {}",
+            n + 1
+        ),
+    }
+}
+
+/// The LoRA part of an SD bundle component ("unet", "text_encoder", "text_encoder_2").
+pub fn sd_part(component: &str) -> Option<Part> {
+    match component {
+        "unet" => Some(Part::Denoiser),
+        "text_encoder" => Some(Part::TextEncoder(0)),
+        "text_encoder_2" => Some(Part::TextEncoder(1)),
+        _ => None,
     }
 }
 
@@ -360,4 +404,59 @@ fn side_path_weights(
         crate::weights::lora::tensor_of(&down_name, &[rank, in_f], &a, dt(&down_name)),
         crate::weights::lora::tensor_of(&up_name, &[out_f, rank], &b, dt(&up_name)),
     ])
+}
+
+/// Per LoRA part, the ONNX graph holding the weights its bundle component's engine was built with (`components`:
+/// component name and part): TensorRT refits with the plan's own graph's element types, ONNX Runtime runs the
+/// component's ONNX. A graph that cannot be found only matters once a LoRA is applied (then its part is reported).
+pub fn bundle_graphs(
+    engine: &crate::manifest::EngineFile,
+    bundle: &crate::manifest::ImageBundle,
+    backend: super::engines::Backend,
+    components: &[(&str, Part)],
+) -> BTreeMap<Part, PathBuf> {
+    use crate::manifest::EngineFile;
+    let mut out = BTreeMap::new();
+    for (name, part) in components {
+        let Some(c) = bundle.components.get(*name) else {
+            continue;
+        };
+        let graph = match (&c.plan, backend) {
+            (Some(plan), super::engines::Backend::Trt) => engine
+                .file(plan, &format!("component {name}"))
+                .and_then(|p| EngineFile::open_with(&p, engine.allow_external))
+                .and_then(|f| f.source_onnx()),
+            _ => engine.file(&c.onnx, &format!("component {name}")),
+        };
+        match graph {
+            Ok(g) => {
+                out.insert(*part, g);
+            }
+            Err(e) => tracing::debug!("no graph of the {name} for run-time LoRA: {e:#}"),
+        }
+    }
+    out
+}
+
+/// Run-time LoRA on a family's engines: `weights_for` the set, each part's engine takes its weights
+/// (`set_weights`: the part's engine's `Engine::set_weights`), and what was taken is recorded (also when one part
+/// fails, so the next set restores what each engine holds).
+pub fn apply_runtime(
+    lora: &mut RuntimeLora,
+    loras: &[(LoraFile, f32)],
+    set_weights: &mut dyn FnMut(Part, &[Tensor]) -> Result<()>,
+) -> Result<()> {
+    let pending = lora.weights_for(loras)?;
+    let mut done = Vec::new();
+    for (part, weights) in &pending.by_part {
+        let res = set_weights(*part, weights);
+        if let Err(e) = res {
+            lora.commit_parts(&pending, &done);
+            return Err(e.context(format!("applying the LoRAs to the {part}")));
+        }
+        done.push(*part);
+        tracing::info!("LoRA: {} weights of the {part} replaced", weights.len());
+    }
+    lora.commit(pending);
+    Ok(())
 }

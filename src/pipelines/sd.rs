@@ -67,6 +67,10 @@ pub struct SdPipelineConfig {
     pub default_scheduler: String,
     pub default_width: usize,
     pub default_height: usize,
+    /// With a ControlNet in the bundle: the resolution level of each UNet residual input (`controlnet_down_<k>`,
+    /// then `controlnet_mid`; [`crate::models::unet::controlnet_residuals`]), to feed zeros when no control runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub controlnet_levels: Vec<usize>,
 }
 
 impl SdPipelineConfig {
@@ -137,6 +141,7 @@ impl SdPipelineConfig {
             default_scheduler: if turbo { "sgm_uniform" } else { "normal" }.into(),
             default_width: size,
             default_height: size,
+            controlnet_levels: Vec::new(),
         })
     }
 
@@ -196,6 +201,22 @@ pub struct SdModel {
     /// On a GPU backend: where the sampler's latents live, with the UNet's inputs and outputs bound to them.
     device: Option<Arc<Device>>,
     on_device: DeviceSlots,
+    /// Run-time LoRA: where each part's built weights are and what the current LoRA set changed.
+    lora: Option<super::lora::RuntimeLora>,
+    /// The bundle's ControlNet, the current run's control images and its schedule (a sigma's step index picks
+    /// each control's window).
+    controlnet: Option<Box<dyn Engine>>,
+    controls: Vec<SdControl>,
+    control_sigmas: Vec<f64>,
+}
+
+/// A control image prepared for a run: [1, 3, h, w] in [0, 1] (diffusers' ControlNet image processor does not
+/// normalize), its conditioning scale and step window.
+struct SdControl {
+    image: Vec<f32>,
+    strength: f32,
+    start: f32,
+    end: f32,
 }
 
 pub type SdPipeline = ImagePipeline<SdModel>;
@@ -250,7 +271,128 @@ impl SdModel {
             inpaint: None,
             device: None,
             on_device: DeviceSlots::default(),
+            lora: None,
+            controlnet: None,
+            controls: Vec::new(),
+            control_sigmas: Vec::new(),
         }
+    }
+
+    /// Gives the model a ControlNet engine ([`crate::models::unet::controlnet_graph`]) for its UNet, which must
+    /// take the residuals.
+    pub fn set_controlnet(&mut self, engine: Box<dyn Engine>) {
+        self.controlnet = Some(engine);
+    }
+
+    /// The UNet's ControlNet residual inputs for a call at `sigma` (`inputs`: the UNet's own, which the ControlNet
+    /// shares): the active controls' residuals summed (diffusers' multi-ControlNet), zeros when none is active.
+    /// Empty when the UNet takes no residuals.
+    fn controlnet_residuals(
+        &mut self,
+        inputs: &[(String, crate::backend::HostTensor)],
+        sigma: f64,
+        batch: usize,
+        lat: &Latents,
+    ) -> Result<Vec<(String, crate::backend::HostTensor)>> {
+        let wanted: Vec<crate::backend::TensorDesc> = self
+            .engines
+            .unet
+            .inputs()
+            .iter()
+            .filter(|d| d.name.starts_with("controlnet_"))
+            .cloned()
+            .collect();
+        if wanted.is_empty() {
+            if !self.controls.is_empty() {
+                bail!(
+                    "this bundle's UNet takes no ControlNet residuals; rebuild it with --controlnet DIR"
+                );
+            }
+            return Ok(Vec::new());
+        }
+        // diffusers: keep step i when i/n >= start and (i+1)/n <= end, n the number of steps.
+        let n = self.control_sigmas.len().saturating_sub(1).max(1) as f32;
+        let step = self
+            .control_sigmas
+            .windows(2)
+            .position(|w| sigma <= w[0] && sigma > w[1])
+            .unwrap_or(0) as f32;
+        let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        for ctl in &self.controls {
+            if step / n < ctl.start || (step + 1.0) / n > ctl.end {
+                continue;
+            }
+            let cn = self
+                .controlnet
+                .as_mut()
+                .context("a control image was given and the bundle has no ControlNet")?;
+            let mut cin: Vec<(String, crate::backend::HostTensor)> = inputs
+                .iter()
+                .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
+                .cloned()
+                .collect();
+            let f = self.config.vae_scale_factor;
+            cin.push(float_input(
+                cn.as_ref(),
+                "controlnet_cond",
+                &[batch, 3, lat.height * f, lat.width * f],
+                &ctl.image.repeat(batch),
+            )?);
+            cin.push(float_input(
+                cn.as_ref(),
+                "conditioning_scale",
+                &[1],
+                &[ctl.strength],
+            )?);
+            for (name, t) in cn.run(&cin).context("ControlNet")? {
+                let v: Vec<f32> = t
+                    .to_f64()
+                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect();
+                match sums.iter_mut().find(|(n, _, _)| *n == name) {
+                    Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+                    None => sums.push((name, t.shape.clone(), v)),
+                }
+            }
+        }
+        let levels = &self.config.controlnet_levels;
+        if levels.len() != wanted.len() {
+            bail!(
+                "the UNet takes {} ControlNet residuals and the manifest lists {}; rebuild the bundle",
+                wanted.len(),
+                levels.len()
+            );
+        }
+        let e = self.engines.unet.as_ref();
+        wanted
+            .iter()
+            .zip(levels)
+            .map(
+                |(d, level)| match sums.iter().find(|(n, _, _)| *n == d.name) {
+                    Some((_, shape, v)) => float_input(e, &d.name, shape, v),
+                    None => {
+                        let r = crate::models::unet::Residual {
+                            name: d.name.clone(),
+                            channels: d.shape.get(1).copied().unwrap_or(1).max(1) as usize,
+                            level: *level,
+                        };
+                        let shape = r.shape(batch, lat.height, lat.width);
+                        float_input(e, &d.name, &shape, &vec![0f32; shape.iter().product()])
+                    }
+                },
+            )
+            .collect()
+    }
+
+    /// Enables run-time LoRA ([`ImageModel::set_loras`]) for engines built from these graphs (each graph's
+    /// initializers are its engine's weights; parts as [`super::lora::sd_part`] names them).
+    pub fn enable_lora(
+        &mut self,
+        graphs: std::collections::BTreeMap<crate::weights::lora::Part, std::path::PathBuf>,
+    ) {
+        self.lora = Some(super::lora::RuntimeLora::new(graphs, super::lora::sd_book));
     }
 
     /// Opens an SD bundle's components on `backend`; on a GPU the sampler's latents live there too.
@@ -273,6 +415,7 @@ impl SdModel {
             ("vae_decoder", true),
             ("vae_encoder", false),
             ("tae_decoder", false),
+            ("controlnet", false),
         ]);
         let mut parts =
             open_components(engine, &bundle.components, &wanted, backend, &bundle.arch)?;
@@ -282,9 +425,10 @@ impl SdModel {
             .into_iter()
             .map(|e| e.context("a required text encoder is missing"))
             .collect::<Result<Vec<_>>>()?;
-        let [unet, vae_decoder, vae_encoder, tae_decoder]: [Option<Box<dyn Engine>>; 4] = rest
+        let [unet, vae_decoder, vae_encoder, tae_decoder, controlnet]: [Option<Box<dyn Engine>>;
+            5] = rest
             .try_into()
-            .map_err(|_| anyhow::anyhow!("four components were asked for"))?;
+            .map_err(|_| anyhow::anyhow!("five components were asked for"))?;
         let mut tokenizers = Vec::new();
         for t in &config.text_encoders {
             let f = bundle.tokenizers.get(&t.component).with_context(|| {
@@ -299,6 +443,14 @@ impl SdModel {
             tok.pad = t.pad;
             tokenizers.push(tok);
         }
+        let lora_parts: Vec<(&str, crate::weights::lora::Part)> = config
+            .text_encoders
+            .iter()
+            .map(|t| t.component.as_str())
+            .chain(["unet"])
+            .filter_map(|c| super::lora::sd_part(c).map(|p| (c, p)))
+            .collect();
+        let graphs = super::lora::bundle_graphs(engine, bundle, backend, &lora_parts);
         let mut model = SdModel::new(
             config,
             tokenizers,
@@ -311,6 +463,8 @@ impl SdModel {
             },
         );
         model.device = device_io::open_device(backend)?;
+        model.enable_lora(graphs);
+        model.controlnet = controlnet;
         Ok(model)
     }
 
@@ -482,6 +636,8 @@ impl SdModel {
             )?);
             inputs.push(float_input(e, "time_ids", &[b, ids.len() / b], &ids)?);
         }
+        let residuals = self.controlnet_residuals(&inputs, sigma, b, lat)?;
+        inputs.extend(residuals);
         let out = self.engines.unet.run(&inputs).context("UNet")?;
         if let Some(map) = self.amax.as_mut() {
             crate::models::qdq::merge_amax(map, &out);
@@ -509,6 +665,22 @@ impl SdModel {
             .device
             .clone()
             .context("device latents without a GPU engine")?;
+        let takes_residuals = self
+            .engines
+            .unet
+            .inputs()
+            .iter()
+            .any(|d| d.name.starts_with("controlnet_"));
+        if takes_residuals {
+            // The ControlNet runs on host copies of the UNet's inputs (as Flux's): this call goes through host
+            // memory, one latent copy each way.
+            dev.synchronize()?;
+            let y = self.predict_host(&x.to_host()?, sigma, conds, lat)?;
+            for (k, out) in outs.iter_mut().enumerate() {
+                out.write_host(&y[k * x.data.len()..(k + 1) * x.data.len()])?;
+            }
+            return Ok(());
+        }
         let c = self.config.clone();
         let (n, per, hw) = (conds.len(), lat.per_image, lat.height * lat.width);
         let b = lat.batch * n;
@@ -846,6 +1018,63 @@ impl ImageModel for SdModel {
         self.inpaint = None;
         self.on_device.remove("inpaint_mask");
         self.on_device.remove("inpaint_masked");
+    }
+
+    fn set_controls(
+        &mut self,
+        controls: &[super::image::ControlImage],
+        lat: &Latents,
+        sigmas: &[f64],
+    ) -> Result<()> {
+        self.controls.clear();
+        self.control_sigmas = sigmas.to_vec();
+        if controls.is_empty() {
+            return Ok(());
+        }
+        if self.controlnet.is_none() {
+            bail!(
+                "--control needs a ControlNet in the bundle; rebuild it with `trt-diff build MODEL --controlnet DIR`"
+            );
+        }
+        let f = self.config.vae_scale_factor;
+        for c in controls {
+            let rgb = super::image_io::load_control_image(
+                &c.image,
+                lat.width * f,
+                lat.height * f,
+                c.preprocess,
+            )?;
+            self.controls.push(SdControl {
+                image: rgb.iter().map(|v| (v + 1.0) * 0.5).collect(),
+                strength: c.strength,
+                start: c.start,
+                end: c.end,
+            });
+        }
+        Ok(())
+    }
+
+    fn set_loras(&mut self, loras: &[(crate::weights::lora::LoraFile, f32)]) -> Result<()> {
+        use crate::weights::lora::Part;
+        let Some(lora) = self.lora.as_mut() else {
+            bail!(
+                "these Stable Diffusion engines were opened without their graphs; open the bundle to apply LoRAs"
+            );
+        };
+        let (config, engines) = (&self.config, &mut self.engines);
+        super::lora::apply_runtime(lora, loras, &mut |part, weights| {
+            let component = match part {
+                Part::Denoiser => return engines.unet.set_weights(weights),
+                Part::TextEncoder(0) => "text_encoder",
+                Part::TextEncoder(_) => "text_encoder_2",
+            };
+            let i = config
+                .text_encoders
+                .iter()
+                .position(|t| t.component == component)
+                .with_context(|| format!("this bundle has no {component} for the LoRA's {part}"))?;
+            engines.text_encoders[i].set_weights(weights)
+        })
     }
 
     /// diffusers' StableDiffusionInpaintPipeline: the mask binarized at 0.5 and taken at every

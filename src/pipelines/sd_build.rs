@@ -18,6 +18,7 @@ use crate::onnx::{DataType, SaveOptions, save};
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
+use crate::weights::lora::{LoraFile, LoraSpec, Part, Resolved, open_all};
 use crate::weights::safetensors_file::Checkpoint;
 use anyhow::{Context, Result, bail};
 use serde::Deserialize;
@@ -268,6 +269,51 @@ pub struct Plan {
     pub unet: unet::UNetConfig,
     pub text: Vec<ClipTextConfig>,
     pub vae: vae::VaeConfig,
+    /// LoRAs merged into the UNet and text encoders before export (`build --lora`).
+    pub lora: Resolved,
+}
+
+impl Plan {
+    /// Resolves `loras` (files at strengths) against the UNet's and text encoders' weights: every module must land
+    /// on a layer (the error names those that do not).
+    pub fn with_loras(mut self, loras: &[(LoraFile, f32)]) -> Result<Self> {
+        self.lora = Resolved::default();
+        if loras.is_empty() {
+            return Ok(self);
+        }
+        let shapes = |p: &Path| -> Result<super::lora::Shapes> {
+            Ok(super::lora::checkpoint_shapes(&Checkpoint::open(p)?))
+        };
+        let mut parts = vec![(Part::Denoiser, shapes(&self.files.unet)?)];
+        for (spec, (path, scope)) in self
+            .config
+            .text_encoders
+            .iter()
+            .zip(&self.files.text_encoders)
+        {
+            if let Some(part) = super::lora::sd_part(&spec.component) {
+                // A single file holds every component: each encoder's book sees only its own scope.
+                let mut s = shapes(path)?;
+                s.retain(|name, _| name.starts_with(scope.as_str()));
+                parts.push((part, s));
+            }
+        }
+        let refs: Vec<(Part, &super::lora::Shapes)> = parts.iter().map(|(p, s)| (*p, s)).collect();
+        self.lora = super::lora::resolve_for(loras, &refs, super::lora::sd_book)?;
+        Ok(self)
+    }
+
+    /// A component's checkpoint with the plan's LoRAs of `part` merged in.
+    fn open_merged(&self, path: &Path, part: Option<Part>) -> Result<Checkpoint> {
+        let mut ck = Checkpoint::open(path)?;
+        if let Some(part) = part {
+            let n = super::lora::merge_into_checkpoint(&mut ck, part, &self.lora)?;
+            if n > 0 {
+                tracing::info!("LoRA: merged into {n} weights of the {part}");
+            }
+        }
+        Ok(ck)
+    }
 }
 
 pub fn plan(model: &Path, arch: &str, clip_tok: Option<&Path>) -> Result<Plan> {
@@ -373,6 +419,7 @@ pub fn plan(model: &Path, arch: &str, clip_tok: Option<&Path>) -> Result<Plan> {
         unet: unet_cfg,
         text,
         vae: vae_cfg,
+        lora: Resolved::default(),
     })
 }
 
@@ -459,7 +506,7 @@ pub fn export_aux(
         .zip(&p.text)
         .zip(&p.files.text_encoders)
     {
-        let ck = Checkpoint::open(path)?;
+        let ck = p.open_merged(path, super::lora::sd_part(&spec.component))?;
         let opts = ClipOptions {
             scope: scope.clone(),
             penultimate: spec.hidden == "penultimate_hidden_state",
@@ -517,8 +564,9 @@ fn unet_options(
     })
 }
 
-fn export_unet(p: &Plan, opts: &unet::UNetExportOptions, out: &Path) -> Result<()> {
-    let ck = Checkpoint::open(&p.files.unet)?;
+/// Writes the UNet graph (with the plan's LoRAs merged) to `out`.
+pub fn export_unet(p: &Plan, opts: &unet::UNetExportOptions, out: &Path) -> Result<()> {
+    let ck = p.open_merged(&p.files.unet, Some(Part::Denoiser))?;
     unet::export(&p.unet, &ck, opts, out)?;
     Ok(())
 }
@@ -628,7 +676,59 @@ pub struct SdBuildOptions {
     pub calibration_prompts: Option<Vec<String>>,
     pub calibration_steps: Option<usize>,
     pub calibration_backend: BackendChoice,
+    /// LoRA files at strengths, merged into the weights before export and quantization.
+    pub loras: Vec<LoraSpec>,
+    /// FP8/NVFP4: rank of the LoRA side path beside each quantized UNet linear (0: none).
+    pub lora_rank: usize,
+    /// A diffusers ControlNetModel folder: its engine joins the bundle and the UNet takes its residuals.
+    pub controlnet: Option<PathBuf>,
     pub base: BuildOptions,
+}
+
+/// Exports the ControlNet of `dir` (a diffusers `ControlNetModel` folder) for the plan's UNet to `out`, in f32
+/// unless `compute` says otherwise (a quantized UNet's ControlNet stays in f32).
+pub fn export_controlnet(p: &Plan, dir: &Path, compute: DataType, out: &Path) -> Result<()> {
+    let ck = Checkpoint::open(dir).with_context(|| format!("--controlnet '{}'", dir.display()))?;
+    let cfg = unet::UNetConfig::from_checkpoint(&ck)
+        .with_context(|| format!("--controlnet '{}'", dir.display()))?;
+    let u = &p.unet;
+    for (what, a, b) in [
+        (
+            "level widths",
+            format!("{:?}", cfg.block_out_channels),
+            format!("{:?}", u.block_out_channels),
+        ),
+        (
+            "ResNets per level",
+            cfg.layers_per_block.to_string(),
+            u.layers_per_block.to_string(),
+        ),
+        (
+            "cross-attention width",
+            cfg.cross_attention_dim.to_string(),
+            u.cross_attention_dim.to_string(),
+        ),
+        (
+            "added conditioning",
+            format!("{:?}", cfg.added),
+            format!("{:?}", u.added),
+        ),
+    ] {
+        if a != b {
+            bail!(
+                "--controlnet '{}' does not fit this model: its {what} are {a}, the UNet's {b}",
+                dir.display()
+            );
+        }
+    }
+    let opts = unet::UNetExportOptions {
+        compute,
+        ..Default::default()
+    };
+    let graph = unet::controlnet_graph(&cfg, &ck, &opts)
+        .with_context(|| format!("--controlnet '{}'", dir.display()))?;
+    save(graph, out, &SaveOptions::default())?;
+    Ok(())
 }
 
 /// Exports, calibrates (FP8), builds every component, and writes the bundle's manifest.
@@ -637,7 +737,23 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
         Some(a) => a.clone(),
         None => detect_arch(&o.model)?.to_string(),
     };
-    let mut p = plan(&o.model, &arch, o.clip_tokenizer.as_deref())?;
+    let mut p =
+        plan(&o.model, &arch, o.clip_tokenizer.as_deref())?.with_loras(&open_all(&o.loras)?)?;
+    if o.lora_rank > 0 {
+        if !matches!(o.precision, Precision::Fp8 | Precision::Nvfp4) {
+            bail!(
+                "--lora-rank adds a LoRA side path to FP8/NVFP4 layers; {} engines take LoRAs at run time by \
+                 merging and refitting their weights: drop --lora-rank (and build with --refit for TensorRT)",
+                o.precision
+            );
+        }
+        if !o.base.refit {
+            tracing::warn!(
+                "--lora-rank without --refit: ONNX Runtime switches LoRAs through the side path, but TensorRT \
+                 folds its zero weights into constants; add --refit (a GPU build) for TensorRT"
+            );
+        }
+    }
     if let Some(v) = &o.calibration_prompts
         && !v.is_empty()
     {
@@ -698,7 +814,29 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
     };
     tracing::info!("exporting the UNet ({})", o.precision);
     let unet_onnx = onnx_path(&dir, &stem, "unet");
-    export_unet(&p, &unet_options(&p, o.precision, amax)?, &unet_onnx)?;
+    let mut uopts = unet_options(&p, o.precision, amax)?;
+    if uopts.quantize.is_some() {
+        uopts.lora_rank = o.lora_rank;
+    }
+    let controlnet = match &o.controlnet {
+        Some(cn_dir) => {
+            let out = onnx_path(&dir, &stem, "controlnet");
+            let compute = if uopts.quantize.is_some() {
+                f32t
+            } else {
+                uopts.compute
+            };
+            export_controlnet(&p, cn_dir, compute, &out)?;
+            uopts.controlnet_residuals = true;
+            p.config.controlnet_levels = unet::controlnet_residuals(&p.unet)
+                .iter()
+                .map(|r| r.level)
+                .collect();
+            Some(out)
+        }
+        None => None,
+    };
+    export_unet(&p, &uopts, &unet_onnx)?;
     let mut tokenizer_files = BTreeMap::new();
     for (spec, src) in p.config.text_encoders.iter().zip(&p.files.tokenizers) {
         let ext = match src.extension().and_then(|e| e.to_str()) {
@@ -740,6 +878,45 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
         aux.push(("tae_decoder".into(), out.clone(), out));
     }
     let mut profiles = profiles(&p);
+    if let Some(cn) = controlnet {
+        // The ControlNet takes the UNet's inputs plus the control image and the scale; the UNet its residuals.
+        let u = profiles.get_mut("unet").context("UNet profile")?;
+        let sample = u
+            .iter()
+            .find(|r| r.name == "sample")
+            .cloned()
+            .context("sample profile")?;
+        let mut cn_shapes: Vec<ShapeRange> = u.clone();
+        let f = p.config.vae_scale_factor as i64;
+        let px = |v: &[i64]| vec![v[0], 3, v[2] * f, v[3] * f];
+        cn_shapes.push(ShapeRange {
+            name: "controlnet_cond".into(),
+            min: px(&sample.min),
+            opt: px(&sample.opt),
+            max: px(&sample.max),
+        });
+        cn_shapes.push(ShapeRange {
+            name: "conditioning_scale".into(),
+            min: vec![1],
+            opt: vec![1],
+            max: vec![1],
+        });
+        for r in unet::controlnet_residuals(&p.unet) {
+            let s = |v: &[i64]| {
+                r.shape(v[0] as usize, v[2] as usize, v[3] as usize)
+                    .map(|x| x as i64)
+                    .to_vec()
+            };
+            u.push(ShapeRange {
+                name: r.name.clone(),
+                min: s(&sample.min),
+                opt: s(&sample.opt),
+                max: s(&sample.max),
+            });
+        }
+        aux.push(("controlnet".into(), cn.clone(), cn));
+        profiles.insert("controlnet".into(), cn_shapes);
+    }
     let components: Vec<ComponentGraphs> = aux
         .into_iter()
         .map(|(name, cpu_onnx, trt_onnx)| ComponentGraphs {

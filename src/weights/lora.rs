@@ -152,15 +152,15 @@ pub struct Matrix {
 }
 
 impl Matrix {
-    /// A checkpoint tensor as a matrix: [out, in] or a 1x1 convolution [out, in, 1, 1].
+    /// A checkpoint tensor as a matrix: [out, in], or a convolution [out, in, kh, kw] as [out, in * kh * kw]
+    /// (LoCon's down factor of a 3x3 convolution; a 1x1 one's up factor is [out, rank, 1, 1]).
     fn from_tensor(t: &Tensor, file: &Path) -> Result<Self> {
         let (rows, cols) = match t.shape[..] {
             [r, c] => (r, c),
-            [r, c, 1, 1] => (r, c),
+            [r, c, kh, kw] => (r, c * kh * kw),
             [r] => (r, 1),
             _ => bail!(
-                "LoRA '{}': tensor '{}' has shape {:?}; trt-diff merges linear and 1x1 deltas only (a 3x3 \
-                 convolution LoRA needs its family's conv support)",
+                "LoRA '{}': tensor '{}' has shape {:?}; trt-diff merges linear and convolution deltas only",
                 file.display(),
                 t.name,
                 t.shape
@@ -846,13 +846,16 @@ pub fn open_all(specs: &[LoraSpec]) -> Result<Vec<(LoraFile, f32)>> {
         .collect()
 }
 
-/// `base` (a weight [rows, cols] in f32) with `updates` added.
+/// `base` (a weight [rows, cols], or a convolution [rows, in, kh, kw] as [rows, in * kh * kw], in f32) with
+/// `updates` added.
 pub fn merge_weight(base: &mut [f32], shape: &[usize], updates: &[Update]) -> Result<()> {
-    let [rows, cols] = shape[..] else {
-        bail!(
-            "a LoRA targets '{}', which is not 2-D ({shape:?})",
+    let (rows, cols) = match shape[..] {
+        [rows, cols] => (rows, cols),
+        [rows, c, kh, kw] => (rows, c * kh * kw),
+        _ => bail!(
+            "a LoRA targets '{}', which is neither a linear nor a convolution weight ({shape:?})",
             updates.first().map_or("", |u| &u.tensor)
-        );
+        ),
     };
     for u in updates {
         let Some(d) = &u.delta else { continue };

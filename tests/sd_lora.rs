@@ -1,0 +1,332 @@
+//! LoRA on the tiny Stable Diffusion 1.5 and SDXL pipelines (tests/golden/sd/lora, scripts/golden/sd_lora.py):
+//! final latents against diffusers (`load_lora_weights`, `set_adapters`) for kohya (SD1.5 diffusers names with
+//! LoCon convolutions, SDXL SGM/LDM names, `.alpha`), diffusers/PEFT, LyCORIS LoHa/LoKr and two stacked LoRAs,
+//! merged at build and switched at run time in one pipeline; modules that match no layer are named.
+//!
+//! The components are copied as f32 (the committed ones are bf16) so that run-time merges, which store merged
+//! weights in each graph weight's own type, are exact as diffusers' f32 merge is.
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use trt_diff::backend::BackendChoice;
+use trt_diff::manifest::EngineFile;
+use trt_diff::onnx::DataType;
+use trt_diff::pipelines::engines::{OpenOptions, open_file};
+use trt_diff::pipelines::image::{ImagePipeline, ImageRequest};
+use trt_diff::pipelines::sd::{SdEngines, SdModel};
+use trt_diff::pipelines::sd_build::{Plan, detect_arch, export_aux, export_unet, onnx_path, plan};
+use trt_diff::tokenizer::clip::ClipTokenizer;
+use trt_diff::weights::lora::{LoraFile, Part};
+use trt_diff::weights::safetensors_file::Checkpoint;
+
+const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
+const NEGATIVE: &str = "blurry, low quality";
+
+fn golden(rel: &str) -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden")
+        .join(rel)
+}
+
+fn clip_vocab() -> PathBuf {
+    std::env::var_os("TRT_DIFF_SHARED_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")))
+        .join("tokenizers/bpe_simple_vocab_16e6.txt.gz")
+}
+
+/// `src` (a diffusers component folder) copied to `dst` with every tensor as f32.
+fn f32_copy(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let p = entry.unwrap().path();
+        let name = p.file_name().unwrap();
+        if p.extension().is_some_and(|e| e == "safetensors") {
+            let ck = Checkpoint::open(&p).unwrap();
+            let data: Vec<(String, Vec<usize>, Vec<u8>)> = ck
+                .names()
+                .map(|n| {
+                    let t = ck.get(n).unwrap();
+                    let v: Vec<u8> = t
+                        .to_f32()
+                        .unwrap()
+                        .iter()
+                        .flat_map(|x| x.to_le_bytes())
+                        .collect();
+                    (n.to_string(), t.shape.clone(), v)
+                })
+                .collect();
+            let views: Vec<(String, safetensors::tensor::TensorView)> = data
+                .iter()
+                .map(|(n, s, v)| {
+                    (
+                        n.clone(),
+                        safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), v)
+                            .unwrap(),
+                    )
+                })
+                .collect();
+            safetensors::serialize_to_file(views, None, &dst.join(name)).unwrap();
+        } else {
+            std::fs::copy(&p, dst.join(name)).unwrap();
+        }
+    }
+}
+
+/// A diffusers-layout folder of the tiny components in f32, with a scheduler config.
+fn model_dir(root: &Path, xl: bool) -> PathBuf {
+    let m = root.join(if xl { "tiny-sdxl" } else { "tiny-sd" });
+    std::fs::create_dir_all(m.join("scheduler")).unwrap();
+    std::os::unix::fs::symlink(golden("sd/sd15/vae"), m.join("vae")).unwrap();
+    f32_copy(&golden("flux/text_encoder"), &m.join("text_encoder"));
+    let unet = if xl { "sd/sdxl/unet" } else { "sd/sd15/unet" };
+    f32_copy(&golden(unet), &m.join("unet"));
+    if xl {
+        f32_copy(
+            &golden("sd/sdxl/pipeline_text_encoder_2"),
+            &m.join("text_encoder_2"),
+        );
+    }
+    std::fs::write(
+        m.join("scheduler/scheduler_config.json"),
+        "{\"_class_name\": \"EulerDiscreteScheduler\", \"prediction_type\": \"epsilon\"}",
+    )
+    .unwrap();
+    m
+}
+
+fn lora(name: &str) -> LoraFile {
+    LoraFile::open(&golden(&format!("sd/lora/{name}.safetensors"))).unwrap()
+}
+
+/// Exports the plan's components as `<stem>.*.onnx` (its LoRAs merged) and opens them on ONNX Runtime's CPU
+/// backend, with run-time LoRA enabled over those graphs.
+fn pipeline(root: &Path, p: &Plan, stem: &str) -> ImagePipeline<SdModel> {
+    let f32t = DataType::FLOAT;
+    export_aux(p, root, stem, f32t, f32t).unwrap();
+    let unet_onnx = onnx_path(root, stem, "unet");
+    export_unet(p, &Default::default(), &unet_onnx).unwrap();
+    let open = |path: &Path| {
+        open_file(
+            &EngineFile::open(path).unwrap(),
+            BackendChoice::Cpu,
+            &OpenOptions::default(),
+        )
+        .unwrap()
+    };
+    let mut graphs = BTreeMap::new();
+    graphs.insert(Part::Denoiser, unet_onnx.clone());
+    let mut tokenizers = Vec::new();
+    let mut text_encoders = Vec::new();
+    for (i, spec) in p.config.text_encoders.iter().enumerate() {
+        let mut t = ClipTokenizer::load(&clip_vocab()).unwrap();
+        t.pad = spec.pad;
+        tokenizers.push(t);
+        let g = onnx_path(root, stem, &spec.component);
+        text_encoders.push(open(&g));
+        graphs.insert(Part::TextEncoder(i), g);
+    }
+    let mut model = SdModel::new(
+        p.config.clone(),
+        tokenizers,
+        SdEngines {
+            text_encoders,
+            unet: open(&unet_onnx),
+            vae_decoder: open(&onnx_path(root, stem, "vae_decoder")),
+            vae_encoder: None,
+            tae_decoder: None,
+        },
+    );
+    model.enable_lora(graphs);
+    ImagePipeline::new(model)
+}
+
+fn want(name: &str) -> Vec<f32> {
+    Checkpoint::open(&golden("sd/lora/lora_io.safetensors"))
+        .unwrap()
+        .get(name)
+        .unwrap()
+        .to_f32()
+        .unwrap()
+}
+
+fn initial(xl: bool) -> Vec<f32> {
+    Checkpoint::open(&golden("sd/pipeline_io.safetensors"))
+        .unwrap()
+        .get(if xl {
+            "sdxl_initial_latents"
+        } else {
+            "sd15_initial_latents"
+        })
+        .unwrap()
+        .to_f32()
+        .unwrap()
+}
+
+fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+    assert_eq!(got.len(), want.len());
+    let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    got.iter()
+        .zip(want)
+        .fold(0f64, |m, (a, b)| m.max((a - b).abs() as f64))
+        / scale
+}
+
+fn final_latents(pipe: &mut ImagePipeline<SdModel>, xl: bool) -> Vec<f32> {
+    let req = ImageRequest {
+        prompt: PROMPT.into(),
+        negative_prompt: Some(NEGATIVE.into()),
+        steps: Some(4),
+        sampler: Some("euler".into()),
+        scheduler: Some("normal".into()),
+        width: Some(32),
+        height: Some(32),
+        cfg: if xl { 5.0 } else { 7.5 },
+        batch: 1,
+        strength: 1.0,
+        initial_noise: Some(initial(xl)),
+        latents_only: true,
+        ..Default::default()
+    };
+    pipe.generate(&req, &mut |_| Ok(())).unwrap().latents
+}
+
+fn check(got: &[f32], golden_name: &str, what: &str) {
+    let want = want(golden_name);
+    let e = max_rel(got, &want);
+    let moved = max_rel(&want, &self::want(&format!("{}_base", &golden_name[..4])));
+    println!(
+        "{what} {golden_name}: max rel err {e:.2e} (the LoRA moves the latents by {moved:.2e})"
+    );
+    assert!(e < 1e-4, "{what} {golden_name}: {e}");
+}
+
+/// Each set: (golden name, LoRA files at strengths).
+fn sets(xl: bool) -> Vec<(&'static str, Vec<(&'static str, f32)>)> {
+    if xl {
+        vec![
+            ("sdxl_kohya", vec![("sdxl_kohya", 0.7)]),
+            ("sdxl_peft", vec![("sdxl_peft", 0.7)]),
+            (
+                "sdxl_stacked",
+                vec![("sdxl_peft", 0.7), ("sdxl_kohya", 0.5)],
+            ),
+        ]
+    } else {
+        vec![
+            ("sd15_kohya", vec![("sd15_kohya", 0.7)]),
+            ("sd15_peft", vec![("sd15_peft", 0.7)]),
+            ("sd15_loha", vec![("sd15_loha", 0.7)]),
+            ("sd15_lokr", vec![("sd15_lokr", 0.7)]),
+            (
+                "sd15_stacked",
+                vec![("sd15_peft", 0.7), ("sd15_kohya", 0.5)],
+            ),
+        ]
+    }
+}
+
+fn open_set(set: &[(&str, f32)]) -> Vec<(LoraFile, f32)> {
+    set.iter().map(|(f, s)| (lora(f), *s)).collect()
+}
+
+fn loras_match_diffusers(xl: bool) {
+    let d = tempfile::tempdir().unwrap();
+    let model = model_dir(d.path(), xl);
+    let arch = detect_arch(&model).unwrap();
+    let base = || plan(&model, arch, Some(&clip_vocab())).unwrap();
+    // Run time: one pipeline switched through every set, then back to none.
+    let mut pipe = pipeline(d.path(), &base(), "run");
+    let prefix = if xl { "sdxl" } else { "sd15" };
+    check(
+        &final_latents(&mut pipe, xl),
+        &format!("{prefix}_base"),
+        "no LoRA",
+    );
+    for (name, set) in sets(xl) {
+        pipe.set_loras(&open_set(&set)).unwrap();
+        check(&final_latents(&mut pipe, xl), name, "run time");
+    }
+    pipe.set_loras(&[]).unwrap();
+    check(
+        &final_latents(&mut pipe, xl),
+        &format!("{prefix}_base"),
+        "run time, none again",
+    );
+    // Build time: the kohya LoRA (convolutions, alpha, text encoders) and the stacked set merged before export.
+    for (name, set) in sets(xl) {
+        if !(name.ends_with("kohya") || name.ends_with("stacked")) {
+            continue;
+        }
+        let p = base().with_loras(&open_set(&set)).unwrap();
+        let mut merged = pipeline(d.path(), &p, name);
+        check(&final_latents(&mut merged, xl), name, "merged");
+    }
+}
+
+#[test]
+fn sd15_loras_of_every_format_match_diffusers_merged_and_at_run_time() {
+    loras_match_diffusers(false);
+}
+
+#[test]
+fn sdxl_kohya_ldm_names_and_peft_loras_match_diffusers_merged_and_at_run_time() {
+    loras_match_diffusers(true);
+}
+
+#[test]
+fn modules_matching_no_layer_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let model = model_dir(d.path(), false);
+    let p = plan(&model, "sd15", Some(&clip_vocab())).unwrap();
+    // An SD1.5 LoRA with one module that is in no SD UNet, and an SDXL LoRA (a second text encoder, other widths).
+    let bad = d.path().join("bad.safetensors");
+    let down = [0u8; 4 * 2 * 8];
+    let up = [0u8; 4 * 8 * 2];
+    let mut t = std::collections::HashMap::new();
+    for (key, shape, data) in [
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_down.weight",
+            vec![2, 4],
+            &down[..32],
+        ),
+        (
+            "lora_unet_down_blocks_0_attentions_0_proj_in.lora_up.weight",
+            vec![4, 2],
+            &up[..32],
+        ),
+        (
+            "lora_unet_down_blocks_0_attentions_0_not_a_layer.lora_down.weight",
+            vec![2, 8],
+            &down[..],
+        ),
+        (
+            "lora_unet_down_blocks_0_attentions_0_not_a_layer.lora_up.weight",
+            vec![8, 2],
+            &up[..],
+        ),
+    ] {
+        t.insert(
+            key.to_string(),
+            safetensors::tensor::TensorView::new(safetensors::Dtype::F32, shape, data).unwrap(),
+        );
+    }
+    safetensors::serialize_to_file(&t, None, &bad).unwrap();
+    let e = match p.with_loras(&[(LoraFile::open(&bad).unwrap(), 1.0)]) {
+        Ok(_) => panic!("a LoRA with a module matching no layer was accepted"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("bad.safetensors")
+            && e.contains("lora_unet_down_blocks_0_attentions_0_not_a_layer")
+            && !e.contains("proj_in")
+            && e.contains("match no layer"),
+        "{e}"
+    );
+    let p = plan(&model, "sd15", Some(&clip_vocab())).unwrap();
+    let e = match p.with_loras(&[(lora("sdxl_kohya"), 1.0)]) {
+        Ok(_) => panic!("an SDXL LoRA was accepted by an SD1.5 model"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains("sdxl_kohya.safetensors"), "{e}");
+    println!("{e}");
+}
