@@ -3,6 +3,7 @@
 //! (large), both with qk RMSNorm, with skipped layers; the text conditioning of StableDiffusion3Pipeline's
 //! encode_prompt with and without T5; the 16-channel VAE decoder; quantized exports.
 mod common;
+use common::sd35::tiny_plan;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,7 @@ use trt_diff::backend::{Engine, HostTensor};
 use trt_diff::models::flux::FluxPrecision;
 use trt_diff::models::sd3::{self, ExportOptions, Sd3Config};
 use trt_diff::pipelines::image::ImageModel;
-use trt_diff::pipelines::sd3_build::{ModelFiles, OnnxPaths, export_aux, open_model, plan};
+use trt_diff::pipelines::sd3_build::{OnnxPaths, export_aux, open_model};
 use trt_diff::weights::safetensors_file::Checkpoint;
 
 /// Largest difference allowed, relative to the largest golden value.
@@ -115,64 +116,6 @@ fn quantized_transformers_export_with_the_family_policy() {
     let quantized = (7 + 1 + 4 + 4) + (7 + 1 + 4) + (7 + 2);
     assert_eq!(layers.get("nvfp4"), Some(&quantized), "{layers:?}");
     assert_eq!(layers.get("kept"), Some(&(4 + 1 + 6 + 2)), "{layers:?}");
-}
-
-/// A diffusers-layout SD3 folder of committed tiny components (links, no copies): CLIP-L is Flux's golden
-/// CLIPTextModel plus the projection written by sd35.py, CLIP-G SDXL's golden CLIPTextModelWithProjection, T5
-/// Flux's golden T5 (`t5: false` leaves it out), the VAE the Flux golden VAE with SD3's config.
-pub fn model_dir(root_dir: &Path, transformer: &str, t5: bool) -> PathBuf {
-    let m = root_dir.join("tiny-sd35");
-    std::fs::create_dir_all(m.join("text_encoder")).unwrap();
-    std::fs::create_dir_all(m.join("vae")).unwrap();
-    let link = |src: PathBuf, dst: &str| std::os::unix::fs::symlink(src, m.join(dst)).unwrap();
-    link(root(&format!("sd35/{transformer}")), "transformer");
-    link(root("sd35/scheduler"), "scheduler");
-    link(root("sd35/model_index.json"), "model_index.json");
-    link(
-        root("sd35/text_encoder/config.json"),
-        "text_encoder/config.json",
-    );
-    link(
-        root("sd35/text_encoder/text_projection.safetensors"),
-        "text_encoder/text_projection.safetensors",
-    );
-    link(
-        root("flux/text_encoder/model.safetensors"),
-        "text_encoder/model.safetensors",
-    );
-    link(root("sd/sdxl/pipeline_text_encoder_2"), "text_encoder_2");
-    if t5 {
-        link(root("flux/text_encoder_2"), "text_encoder_3");
-    }
-    link(root("sd35/vae/config.json"), "vae/config.json");
-    link(
-        root("flux/pipeline/vae/diffusion_pytorch_model.safetensors"),
-        "vae/diffusion_pytorch_model.safetensors",
-    );
-    m
-}
-
-/// The tiny folder's plan with T5 at the golden's 16 tokens.
-pub fn tiny_plan(
-    dir: &Path,
-    transformer: &str,
-    t5: bool,
-    arch: &str,
-) -> trt_diff::pipelines::sd3_build::Plan {
-    let clip_tok = shared_data("tokenizers/bpe_simple_vocab_16e6.txt.gz");
-    let t5_tok = shared_data("tokenizers/t5_tokenizer.json");
-    let files = ModelFiles::find(
-        &model_dir(dir, transformer, t5),
-        Some(&clip_tok),
-        Some(&t5_tok),
-    )
-    .unwrap();
-    let mut p = plan(files, arch).unwrap();
-    p.config.max_sequence_length = 16;
-    if let Some(t) = p.t5.as_mut() {
-        t.max_len = 16;
-    }
-    p
 }
 
 fn text_err(transformer: &str, t5: bool, arch: &str, prefix: &str) -> (f64, f64) {

@@ -123,10 +123,7 @@ pub fn sd3_sigmas(
                 c.shift * s / (1.0 + (c.shift - 1.0) * s)
             }
         };
-        let (smax, smin) = (
-            train_shift(1.0) as f64,
-            train_shift(1.0f32 / 1000.0) as f64,
-        );
+        let (smax, smin) = (train_shift(1.0) as f64, train_shift(1.0f32 / 1000.0) as f64);
         let (start, stop) = (smax * 1000.0, smin * 1000.0);
         let mut v: Vec<f64> = (0..steps)
             .map(|i| {

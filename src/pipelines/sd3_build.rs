@@ -747,6 +747,24 @@ pub fn build_sd3(o: &Sd3BuildOptions) -> Result<BuildOutcome> {
         }
         p.recipe.shapes.image_px = px;
     }
+    // The position table covers pos_embed_max_size patches a side: larger profiles cannot run.
+    let max_px =
+        (p.config.pos_embed_max_size * p.config.patch_size * p.config.vae_scale_factor) as i64;
+    let px = &mut p.recipe.shapes.image_px;
+    if o.image_px.is_some() && px[2] > max_px {
+        bail!(
+            "--image-px {px:?}: this transformer's position table (pos_embed_max_size {}) covers images up to \
+             {max_px} pixels a side; lower the maximum",
+            p.config.pos_embed_max_size
+        );
+    }
+    if px[2] > max_px {
+        tracing::warn!(
+            "the recipe's image sizes {px:?} exceed this transformer's {max_px} pixels a side; the engines' \
+             profiles stop there"
+        );
+        *px = px.map(|v| v.min(max_px));
+    }
     let stem = o
         .base
         .out
