@@ -122,7 +122,10 @@ impl ModelFiles {
         if !model.is_dir() {
             bail!(
                 "'{}' is not a folder: --arch sd35-* builds take a diffusers-layout model folder (transformer/, \
-                 text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_3/, vae/, scheduler/)",
+                 text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_3/, vae/, scheduler/); \
+                 single-file SD3.5 checkpoints are not read yet: download the diffusers folder (e.g. \
+                 stabilityai/stable-diffusion-3.5-medium) or convert the file with diffusers' from_single_file and \
+                 save_pretrained",
                 model.display()
             );
         }
@@ -884,6 +887,16 @@ mod tests {
         }
         assert!(!e.contains("transformer,"), "{e}");
         assert!(!looks_like_sd3(d.path()));
+        let file = d.path().join("sd3.5_medium.safetensors");
+        std::fs::write(&file, b"").unwrap();
+        let e = ModelFiles::find(&file, None, None)
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(
+            e.contains("single-file") && e.contains("from_single_file"),
+            "{e}"
+        );
         std::fs::write(
             d.path().join("model_index.json"),
             r#"{"_class_name": "StableDiffusion3Pipeline"}"#,
