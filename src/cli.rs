@@ -215,8 +215,7 @@ pub struct ImageArgs {
     /// Distilled guidance of FLUX.1-dev (its transformer's guidance input).
     #[arg(long)]
     pub guidance: Option<f32>,
-    /// Classifier-free guidance scale (1: off; doubles the network runs). Default: the bundle's (SD/SDXL
-    /// guide against the empty prompt without --negative-prompt; Flux needs one).
+    /// Classifier-free guidance scale (1: off; doubles the network runs). Default: the bundle's (SD guides against "").
     #[arg(long)]
     pub cfg: Option<f32>,
     #[arg(long)]
@@ -262,6 +261,9 @@ pub struct ImageArgs {
     /// Preprocess the control images (canny edges); without it they are used as given.
     #[arg(long, value_enum)]
     pub control_preprocess: Option<crate::pipelines::image_io::Preprocess>,
+    /// SD3.5 skip-layer guidance: LAYERS[:SCALE[:START:END]] (e.g. 7,8,9; diffusers' 2.8, 0.01, 0.2 when unset).
+    #[arg(long, value_name = "SPEC")]
+    pub slg_layers: Option<crate::pipelines::image::SkipLayerGuidance>,
     /// Hide the progress bar.
     #[arg(long)]
     pub no_progress: bool,

@@ -49,6 +49,18 @@ pub fn run(a: BuildArgs) -> Result<()> {
         return build_flux(&a, arch);
     }
     let lora_or_control = !a.lora.is_empty() || a.lora_rank > 0 || a.controlnet.is_some();
+    if a.arch.is_some_and(|arch| arch.family() == Family::Sd3)
+        || (a.arch.is_none() && crate::pipelines::sd3_build::looks_like_sd3(&a.input))
+    {
+        if lora_or_control {
+            bail!(
+                "--lora, --lora-rank and --controlnet are built into Flux bundles so far, not SD3.5 ones; drop \
+                 them for '{}'",
+                a.input.display()
+            );
+        }
+        return build_sd3(&a);
+    }
     if a.arch.is_some_and(|arch| arch.family() == Family::ZImage)
         || (a.arch.is_none() && crate::pipelines::z_image_build::looks_like_z_image(&a.input))
     {
@@ -231,6 +243,42 @@ fn build_z_image(a: &BuildArgs) -> Result<()> {
             base: BuildOptions::from(a),
         },
     )?;
+    println!(
+        "built the {arch} bundle {} ({} precision, {}); manifest {}",
+        o.engine.display(),
+        a.precision,
+        o.manifest.engine_summary(),
+        o.manifest_path.display()
+    );
+    Ok(())
+}
+
+fn build_sd3(a: &BuildArgs) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 16)");
+    }
+    let o =
+        crate::pipelines::sd3_build::build_sd3(&crate::pipelines::sd3_build::Sd3BuildOptions {
+            model: a.input.clone(),
+            arch: a.arch.map(|x| x.name().to_string()),
+            precision: a.precision,
+            clip_tokenizer: a.clip_tokenizer.clone(),
+            t5_tokenizer: a.t5_tokenizer.clone(),
+            image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
+            calibration_backend: crate::backend::BackendChoice::Auto,
+            base: BuildOptions::from(a),
+        })?;
+    let arch = o
+        .manifest
+        .pipeline
+        .as_ref()
+        .and_then(|p| match p {
+            crate::manifest::Pipeline::Image(b) => Some(b.arch.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),

@@ -17,6 +17,20 @@ pub fn run(a: ExportArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if a.arch.family() == Family::Sd3 {
+        let files = crate::pipelines::sd3_build::export_sd3(
+            &a.model,
+            a.arch.name(),
+            a.precision,
+            &a.out,
+            a.clip_tokenizer.as_deref(),
+            a.t5_tokenizer.as_deref(),
+        )?;
+        for f in files {
+            println!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     if a.arch.family() == Family::ZImage {
         let p = crate::pipelines::z_image_build::export_z_image(
             &a.model,
@@ -37,7 +51,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
     if a.arch.family() != Family::Flux {
         bail!(
             "--arch {} is not exportable; supported: flux-dev, flux-schnell, sd15, sd21, sdxl, sdxl-refiner, \
-             sdxl-turbo, sd-turbo, z-image-turbo",
+             sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo",
             a.arch
         );
     }

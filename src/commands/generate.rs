@@ -92,6 +92,7 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
         mask: i.mask.clone(),
         preview: i.preview.clone(),
         controls: controls(i)?,
+        skip_layer_guidance: i.slg_layers.clone(),
         ..Default::default()
     };
     let t0 = Instant::now();

@@ -528,6 +528,9 @@ fn emit(
             _ => bail!("'{}': text_projection is not 2-D", ck.path.display()),
         };
         let w = names.get("text_projection.weight", &[pdim, d])?;
+        // The pooled state is f32 (taken after the output cast); the projection computes in the graph's dtype.
+        let dt = o.dtype;
+        let pooled = o.cast("text_projection/in", &pooled, dt)?;
         let e = o.linear("text_projection", &pooled, &w, None)?;
         let e = o.g.op(
             "Cast",

@@ -6,6 +6,7 @@ pub mod llama_cpu;
 pub mod mlp;
 pub mod ops;
 pub mod qdq;
+pub mod sd3;
 pub mod t5;
 pub mod taesd;
 pub mod unet;

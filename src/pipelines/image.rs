@@ -50,6 +50,65 @@ pub struct ImageRequest {
     pub preview: Option<PathBuf>,
     /// ControlNet conditions (the bundle's ControlNet, each image with its strength and step window).
     pub controls: Vec<ControlImage>,
+    /// Skip-layer guidance (SD3.5), with classifier-free guidance only.
+    pub skip_layer_guidance: Option<SkipLayerGuidance>,
+}
+
+/// Skip-layer guidance as diffusers' StableDiffusion3Pipeline runs it: at steps i with `start * n < i < end * n`
+/// the guided prediction gains `scale * (cond - cond_without_layers)`, the second term the network with `layers`
+/// skipped. Parsed from `LAYERS[:SCALE[:START:END]]` (`7,8,9:2.8:0.01:0.2`; unset parts take diffusers'
+/// defaults 2.8, 0.01, 0.2).
+#[derive(Clone, Debug, PartialEq)]
+pub struct SkipLayerGuidance {
+    pub layers: Vec<usize>,
+    pub scale: f32,
+    pub start: f32,
+    pub end: f32,
+}
+
+impl std::str::FromStr for SkipLayerGuidance {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        let bad = |what: &str| {
+            format!(
+                "'{s}': {what}; write LAYERS[:SCALE[:START:END]], e.g. 7,8,9 or 7,8,9:2.8:0.01:0.2 (SD3.5 medium's \
+                 recommendation)"
+            )
+        };
+        let parts: Vec<&str> = s.split(':').collect();
+        if parts.len() > 4 || parts.len() == 3 {
+            return Err(bad(
+                "give the layers, then a scale, then both start and end",
+            ));
+        }
+        let layers = parts[0]
+            .split(',')
+            .map(|l| l.trim().parse::<usize>())
+            .collect::<std::result::Result<Vec<_>, _>>()
+            .map_err(|_| bad("the layers are block indices separated by commas"))?;
+        let num = |i: usize, default: f32| -> std::result::Result<f32, String> {
+            parts.get(i).map_or(Ok(default), |v| {
+                v.trim()
+                    .parse::<f32>()
+                    .map_err(|_| bad(&format!("'{v}' is not a number")))
+            })
+        };
+        let slg = SkipLayerGuidance {
+            layers,
+            scale: num(1, 2.8)?,
+            start: num(2, 0.01)?,
+            end: num(3, 0.2)?,
+        };
+        if !(0.0..=1.0).contains(&slg.start)
+            || !(0.0..=1.0).contains(&slg.end)
+            || slg.start >= slg.end
+        {
+            return Err(bad(
+                "start and end are fractions of the steps with start < end",
+            ));
+        }
+        Ok(slg)
+    }
 }
 
 /// One ControlNet condition of a request.
@@ -217,6 +276,23 @@ pub trait ImageModel {
             return Ok(());
         }
         bail!("the {} pipeline has no ControlNet", self.arch())
+    }
+    /// Sets skip-layer guidance for the next run (`sigmas`: its schedule, whose step index picks the window;
+    /// `cfg`: its classifier-free guidance scale, 1 when off); None clears it.
+    fn set_skip_layer_guidance(
+        &mut self,
+        slg: Option<&SkipLayerGuidance>,
+        sigmas: &[f64],
+        cfg: f32,
+    ) -> Result<()> {
+        let _ = (sigmas, cfg);
+        match slg {
+            None => Ok(()),
+            Some(_) => bail!(
+                "the {} pipeline has no skip-layer guidance (SD3.5 bundles have)",
+                self.arch()
+            ),
+        }
     }
     /// Sets the inpainting condition of the next run (`image` repainted where `mask` is white; None clears it),
     /// for models that take it as an input (FLUX.1 Fill); the others inpaint through `mask_latent`'s blend.
@@ -580,6 +656,9 @@ impl<M: ImageModel> ImagePipeline<M> {
             }
         }
         self.model.set_controls(&req.controls, &lat, &sigmas)?;
+        let slg_cfg = if true_cfg { cfg_scale } else { 1.0 };
+        self.model
+            .set_skip_layer_guidance(req.skip_layer_guidance.as_ref(), &sigmas, slg_cfg)?;
         let inpaint_input = match (&req.mask, &req.init_image) {
             (Some(m), Some(i)) => Some((i.as_path(), m.as_path())),
             _ => None,

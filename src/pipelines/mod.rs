@@ -1,5 +1,5 @@
 //! Pipelines: engines, tokenizers and samplers put together. `image` is the seam every image family plugs into
-//! (one file per family: `flux`, `sd`, `z_image`), `llm` generates text; `engines` opens engines on the backend chosen once per
+//! (one file per family: `flux`, `sd`, `sd3`, `z_image`), `llm` generates text; `engines` opens engines on the backend chosen once per
 //! engine file; `bundle` and `recipe` build and configure multi-engine bundles.
 pub mod auto_precision;
 pub mod bundle;
@@ -18,6 +18,8 @@ pub mod lora;
 pub mod model_cache;
 pub mod recipe;
 pub mod sd;
+pub mod sd3;
+pub mod sd3_build;
 pub mod sd_build;
 pub mod z_image;
 pub mod z_image_build;
@@ -43,6 +45,12 @@ pub enum Arch {
     SdxlTurbo,
     /// SD-Turbo (SD2.1-based, 1-4 steps, no CFG).
     SdTurbo,
+    /// Stable Diffusion 3.5 medium (MMDiT-X, CLIP-L + CLIP-G + T5-XXL, 16-channel VAE) from a diffusers folder.
+    Sd35Medium,
+    /// Stable Diffusion 3.5 large (MMDiT with qk-norm).
+    Sd35Large,
+    /// Stable Diffusion 3.5 large-turbo (4 steps, no CFG).
+    Sd35LargeTurbo,
     /// Z-Image-Turbo (S3-DiT, Qwen3 text encoder, 8 steps, no CFG) from a diffusers folder.
     ZImageTurbo,
 }
@@ -53,6 +61,7 @@ pub enum Family {
     Llm,
     Flux,
     Sd,
+    Sd3,
     ZImage,
 }
 
@@ -69,6 +78,9 @@ impl Arch {
             Arch::SdxlRefiner => "sdxl-refiner",
             Arch::SdxlTurbo => "sdxl-turbo",
             Arch::SdTurbo => "sd-turbo",
+            Arch::Sd35Medium => "sd35-medium",
+            Arch::Sd35Large => "sd35-large",
+            Arch::Sd35LargeTurbo => "sd35-large-turbo",
             Arch::ZImageTurbo => "z-image-turbo",
         }
     }
@@ -83,6 +95,7 @@ impl Arch {
             | Arch::SdxlRefiner
             | Arch::SdxlTurbo
             | Arch::SdTurbo => Family::Sd,
+            Arch::Sd35Medium | Arch::Sd35Large | Arch::Sd35LargeTurbo => Family::Sd3,
             Arch::ZImageTurbo => Family::ZImage,
         }
     }
@@ -92,7 +105,7 @@ impl Arch {
         <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
             anyhow::anyhow!(
                 "unknown arch '{name}'; this trt-diff knows llama2c, flux-dev, flux-schnell, sd15, sd21, sdxl, \
-                 sdxl-refiner, sdxl-turbo, sd-turbo, z-image-turbo"
+                 sdxl-refiner, sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo"
             )
         })
     }
@@ -120,6 +133,9 @@ pub fn open_image_pipeline(
             engine, bundle, backend,
         )?)),
         Family::Sd => Box::new(image::ImagePipeline::new(sd::SdModel::open(
+            engine, bundle, backend,
+        )?)),
+        Family::Sd3 => Box::new(image::ImagePipeline::new(sd3::Sd3Model::open(
             engine, bundle, backend,
         )?)),
         Family::ZImage => Box::new(image::ImagePipeline::new(z_image::ZImageModel::open(

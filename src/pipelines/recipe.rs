@@ -19,6 +19,15 @@ const RECIPES: &[(&str, &str)] = &[
         include_str!("../../engines/sdxl-refiner.toml"),
     ),
     ("sdxl-turbo", include_str!("../../engines/sdxl-turbo.toml")),
+    (
+        "sd35-medium",
+        include_str!("../../engines/sd35-medium.toml"),
+    ),
+    ("sd35-large", include_str!("../../engines/sd35-large.toml")),
+    (
+        "sd35-large-turbo",
+        include_str!("../../engines/sd35-large-turbo.toml"),
+    ),
     ("llm", include_str!("../../engines/llm.toml")),
     (
         "z-image-turbo",

@@ -122,6 +122,7 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) {
 }
 pub mod http;
 pub mod samplers;
+pub mod sd35;
 
 /// A golden safetensors file's tensors as f32 host tensors, by name.
 pub fn golden_tensors(
