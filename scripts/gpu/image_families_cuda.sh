@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
-# .devcarry/gpu with the binary and the CLIP vocabulary): the SD1.5, SDXL and Z-Image GPU paths (latents, noise,
+# .devcarry/gpu with the binary and the CLIP and T5 vocabularies): the SD1.5, SDXL, SD3.5 and Z-Image GPU paths (latents, noise,
 # CFG and sampler state in device buffers) against the CPU backend on the tiny golden models of tests/golden.
 # Builds ONNX-only bundles there (no TensorRT needed), generates with --backend cpu and --backend cuda (batch 2,
 # CFG, img2img), and compares the images pixel by pixel. Output: $OUT/image_families_cuda.txt and the images.
@@ -15,6 +15,7 @@ source scripts/gpu/limited.sh
 g=${BIN_DIR:-.devcarry/gpu}
 bin=$g/trt-diff
 vocab=${CLIP_VOCAB:-$g/flux_fp32.clip-tokenizer.txt.gz}
+t5_vocab=${T5_VOCAB:-$g/flux_fp32.t5-tokenizer.json}
 backends=${BACKENDS:-cpu cuda}
 work=$(mktemp -d)
 golden=$root/tests/golden
@@ -36,6 +37,21 @@ zimage_folder() {
   echo "$m"
 }
 py=${PYTHON:-python3}
+sd35_folder() { # as tests/common/sd35.rs
+  local m=$work/sd35
+  mkdir -p "$m/text_encoder" "$m/vae"
+  ln -s "$golden/sd35/transformer" "$m/transformer"
+  ln -s "$golden/sd35/scheduler" "$m/scheduler"
+  ln -s "$golden/sd35/model_index.json" "$m/model_index.json"
+  ln -s "$golden/sd35/text_encoder/config.json" "$m/text_encoder/config.json"
+  ln -s "$golden/sd35/text_encoder/text_projection.safetensors" "$m/text_encoder/text_projection.safetensors"
+  ln -s "$golden/flux/text_encoder/model.safetensors" "$m/text_encoder/model.safetensors"
+  ln -s "$golden/sd/sdxl/pipeline_text_encoder_2" "$m/text_encoder_2"
+  ln -s "$golden/flux/text_encoder_2" "$m/text_encoder_3"
+  ln -s "$golden/sd35/vae/config.json" "$m/vae/config.json"
+  ln -s "$golden/flux/pipeline/vae/diffusion_pytorch_model.safetensors" "$m/vae/diffusion_pytorch_model.safetensors"
+  echo "$m"
+}
 compare() {
   "$py" - "$@" <<'PY'
 import sys
@@ -84,4 +100,7 @@ run sdxl cfg --steps 4 --batch 2
 build zimage "$(zimage_folder)"
 run zimage turbo --steps 3 --batch 2
 run zimage cfg --steps 3 --negative-prompt "blurry" --cfg 2
+build sd35 "$(sd35_folder)" --clip-tokenizer "$vocab" --t5-tokenizer "$t5_vocab"
+run sd35 cfg --steps 3 --batch 2
+run sd35 slg --steps 3 --slg-layers 1:2.8:0.0:1.0
 rm -rf "$work"

@@ -7,18 +7,23 @@
 //! config's shift), with classifier-free guidance (cond and uncond in one batched call) and optional skip-layer
 //! guidance; the VAE decodes `latents / scaling + shift`. Latents stay in host memory; each engine runs on TensorRT
 //! or ONNX Runtime.
+use super::device_io::{self, DeviceSlots};
 use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{
     ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction, SkipLayerGuidance,
 };
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, Engine};
+use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::device::Device;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
+use crate::samplers::buffer::Buffer;
 use crate::samplers::schedule;
 use crate::tokenizer::clip::{ClipTokenizer, MAX_LEN};
 use crate::tokenizer::t5::T5Tokenizer;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What `generate` needs besides the engines; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -89,12 +94,18 @@ pub struct Sd3Model {
     /// When set, every transformer run's `amax.<key>` outputs (a calibration graph's) are folded in here.
     pub amax: Option<std::collections::HashMap<String, f32>>,
     slg: Option<ActiveSlg>,
+    /// On a GPU backend: where the sampler's latents live, with the transformer's inputs and outputs bound to
+    /// them.
+    device: Option<Arc<Device>>,
+    on_device: DeviceSlots,
 }
 
 pub type Sd3Pipeline = ImagePipeline<Sd3Model>;
 
 /// One prompt's conditioning: `encoder_hidden_states` [seq, width] and `pooled_projections`.
 pub struct Cond {
+    /// Identifies this conditioning's device copies (`device_io::next_cond_id`).
+    pub id: u64,
     pub embeds: Vec<f32>,
     pub seq: usize,
     pub pooled: Vec<f32>,
@@ -180,6 +191,8 @@ impl Sd3Model {
             engines,
             amax: None,
             slg: None,
+            device: None,
+            on_device: DeviceSlots::default(),
         }
     }
 
@@ -233,7 +246,7 @@ impl Sd3Model {
                 None => None,
             },
         };
-        Ok(Sd3Model::new(
+        let mut model = Sd3Model::new(
             config,
             tokenizers,
             Sd3Engines {
@@ -244,7 +257,9 @@ impl Sd3Model {
                 vae_decoder: required(vae_decoder)?,
                 vae_encoder,
             },
-        ))
+        );
+        model.device = device_io::open_device(backend)?;
+        Ok(model)
     }
 
     /// One CLIP encoder: (penultimate hidden states [77, d], projected pooled output).
@@ -333,15 +348,145 @@ impl Sd3Model {
         vec![0.0; self.config.num_layers]
     }
 
+    /// The transformer on device latents, as [`Sd3Model::transformer`]: the latents (repeated per conditioning on
+    /// the GPU) and the outputs bound by address, the text conditioning uploaded once per prompt pair and batch,
+    /// the timestep and skip mask copied per call; output k goes to `outs[k]`.
+    fn transformer_device(
+        &mut self,
+        x: &DeviceBuffer,
+        sigma: f64,
+        conds: &[&Cond],
+        lat: &Latents,
+        skip: &[f32],
+        outs: &mut [&mut DeviceBuffer],
+    ) -> Result<()> {
+        let dev = self
+            .device
+            .clone()
+            .context("device latents without a GPU engine")?;
+        let (n, len) = (conds.len(), x.data.len());
+        let b = lat.batch * n;
+        let seq = conds[0].seq;
+        if conds.iter().any(|c| c.seq != seq) {
+            bail!("conditionings of different lengths in one batch (a pipeline bug)");
+        }
+        let width = conds[0].embeds.len() / seq.max(1);
+        let pooled_dim = conds[0].pooled.len();
+        let ids: Vec<u64> = conds.iter().map(|c| c.id).collect();
+        let key = device_io::key(&[&ids[..], &[lat.batch as u64]].concat());
+        let per_cond = |f: &dyn Fn(&Cond) -> &[f32]| -> Vec<f32> {
+            conds.iter().flat_map(|c| f(c).repeat(lat.batch)).collect()
+        };
+        let slots = &mut self.on_device;
+        slots.upload(&dev, "encoder_hidden_states", key, || {
+            Ok(per_cond(&|c| &c.embeds))
+        })?;
+        slots.upload(&dev, "pooled_projections", key, || {
+            Ok(per_cond(&|c| &c.pooled))
+        })?;
+        if n > 1 {
+            let mut xs = slots.take_scratch(&dev, "latents", n * len)?;
+            for k in 0..n {
+                device_io::copy_into(&dev, x, 0, &mut xs, k * len, len)?;
+            }
+            slots.put("latents", xs);
+            let y = slots.take_scratch(&dev, "sample", n * len)?;
+            slots.put("sample", y);
+        }
+        let e = self.engines.transformer.as_mut();
+        let t = sigma as f32 * 1000.0;
+        let host = [
+            float_input(e, "timestep", &[b], &vec![t; b])?,
+            float_input(e, "skip_layers", &[skip.len()], skip)?,
+        ];
+        let slots = &self.on_device;
+        let shape = vec![b, lat.channels, lat.height, lat.width];
+        let latents = if n > 1 { slots.scratch("latents")? } else { x };
+        let inputs = [
+            ("latents", latents, shape.clone()),
+            (
+                "encoder_hidden_states",
+                slots.get("encoder_hidden_states", key)?,
+                vec![b, seq, width],
+            ),
+            (
+                "pooled_projections",
+                slots.get("pooled_projections", key)?,
+                vec![b, pooled_dim],
+            ),
+        ];
+        if n == 1 {
+            let out: &DeviceBuffer = outs[0];
+            return device_io::run_on_device(
+                e,
+                &dev,
+                "SD3 transformer",
+                &inputs,
+                &host,
+                &[("sample", out, shape)],
+            );
+        }
+        let y = slots.scratch("sample")?;
+        device_io::run_on_device(
+            e,
+            &dev,
+            "SD3 transformer",
+            &inputs,
+            &host,
+            &[("sample", y, shape)],
+        )?;
+        for (k, out) in outs.iter_mut().enumerate() {
+            device_io::copy_into(&dev, y, k * len, out, 0, len)?;
+        }
+        Ok(())
+    }
+
+    /// The transformer's outputs for `conds` into `outs`, where the latents live.
+    fn run(
+        &mut self,
+        x: &Latent,
+        sigma: f64,
+        conds: &[&Cond],
+        lat: &Latents,
+        skip: &[f32],
+        outs: &mut [&mut Latent],
+    ) -> Result<()> {
+        match x {
+            Latent::Host(x) => {
+                let v = self.transformer(x, sigma, conds, lat, skip)?;
+                for (k, out) in outs.iter_mut().enumerate() {
+                    **out = Latent::Host(v[k * x.len()..(k + 1) * x.len()].to_vec());
+                }
+                Ok(())
+            }
+            Latent::Device(x) => {
+                for out in outs.iter_mut() {
+                    if !matches!(out, Latent::Device(_)) {
+                        **out = Latent::Device(x.alloc_like()?);
+                    }
+                }
+                let mut bufs: Vec<&mut DeviceBuffer> = outs
+                    .iter_mut()
+                    .filter_map(|out| match &mut **out {
+                        Latent::Device(d) => Some(d),
+                        Latent::Host(_) => None,
+                    })
+                    .collect();
+                self.transformer_device(x, sigma, conds, lat, skip, &mut bufs)
+            }
+        }
+    }
+
     /// Skip-layer guidance's adjustment of the conditional output `v` at `sigma`, folded so that the seam's CFG
-    /// `u + cfg (v' - u)` equals diffusers' `u + cfg (v - u) + scale (v - v_skip)`.
+    /// `u + cfg (v' - u)` equals diffusers' `u + cfg (v - u) + scale (v - v_skip)`: v' = (1 + k) v - k v_skip
+    /// with k = scale / cfg.
     fn apply_slg(
         &mut self,
-        x: &[f32],
+        x: &Latent,
         sigma: f64,
         cond: &Cond,
         lat: &Latents,
-        v: &mut [f32],
+        v: &mut Latent,
     ) -> Result<()> {
         let Some(s) = &self.slg else { return Ok(()) };
         // The step whose interval holds sigma (intermediate sigmas of multi-stage samplers belong to their step).
@@ -350,11 +495,9 @@ impl Sd3Model {
             return Ok(());
         }
         let (skip, k) = (s.skip.clone(), (s.scale / s.cfg) as f64);
-        let vs = self.transformer(x, sigma, &[cond], lat, &skip)?;
-        for (a, b) in v.iter_mut().zip(vs) {
-            *a += (k * (*a as f64 - b as f64)) as f32;
-        }
-        Ok(())
+        let mut vs = v.alloc_like()?;
+        self.run(x, sigma, &[cond], lat, &skip, &mut [&mut vs])?;
+        v.lincomb(1.0 + k, &[(-k, &vs)])
     }
 }
 
@@ -368,13 +511,6 @@ pub fn open_pipeline(engine: &EngineFile, choice: BackendChoice) -> Result<Sd3Pi
     };
     let backend = resolve(choice, engine)?;
     Ok(ImagePipeline::new(Sd3Model::open(engine, bundle, backend)?))
-}
-
-fn host<'a>(x: &'a Latent, what: &str) -> Result<&'a Vec<f32>> {
-    match x {
-        Latent::Host(v) => Ok(v),
-        Latent::Device(_) => bail!("SD3.5 runs its sampler on host {what} (a pipeline bug)"),
-    }
 }
 
 impl ImageModel for Sd3Model {
@@ -486,6 +622,7 @@ impl ImageModel for Sd3Model {
         let mut pooled = pl;
         pooled.extend_from_slice(&pg);
         Ok(Cond {
+            id: device_io::next_cond_id(),
             embeds: stack_context(&clip, dl + dg, &t5, t5_width),
             seq: MAX_LEN + max,
             pooled,
@@ -501,11 +638,8 @@ impl ImageModel for Sd3Model {
         _guidance: f32,
         out: &mut Latent,
     ) -> Result<()> {
-        let x = host(x, "latents")?;
         let skip = self.no_skip();
-        let v = self.transformer(x, sigma, &[cond], lat, &skip)?;
-        *out = Latent::Host(v);
-        Ok(())
+        self.run(x, sigma, &[cond], lat, &skip, &mut [out])
     }
 
     fn predict_pair(
@@ -517,15 +651,17 @@ impl ImageModel for Sd3Model {
         _guidance: f32,
         (out, out_uncond): (&mut Latent, &mut Latent),
     ) -> Result<()> {
-        let x = host(x, "latents")?;
         let skip = self.no_skip();
         // One batched call, as diffusers runs [uncond, cond] together.
-        let mut v = self.transformer(x, sigma, &[cond, uncond], lat, &skip)?;
-        let vu = v.split_off(x.len());
-        self.apply_slg(x, sigma, cond, lat, &mut v)?;
-        *out = Latent::Host(v);
-        *out_uncond = Latent::Host(vu);
-        Ok(())
+        self.run(
+            x,
+            sigma,
+            &[cond, uncond],
+            lat,
+            &skip,
+            &mut [out, out_uncond],
+        )?;
+        self.apply_slg(x, sigma, cond, lat, out)
     }
 
     fn set_skip_layer_guidance(
@@ -568,17 +704,11 @@ impl ImageModel for Sd3Model {
     }
 
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
-        let mut all = Vec::with_capacity(lat.len());
-        let mut z = vec![0f32; lat.per_image];
-        for i in 0..lat.batch {
-            crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
-            all.extend_from_slice(&z);
-        }
-        Ok(Latent::Host(all))
+        device_io::batch_noise(self.device.as_ref(), seed, lat.batch, lat.per_image)
     }
 
     fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
-        Ok(Latent::Host(v))
+        device_io::to_latent(self.device.as_ref(), v)
     }
 
     /// Init image -> scaled latent [1, C, h, w] (the VAE encoder's mean).
