@@ -65,6 +65,10 @@ pub struct ServeOptions {
     /// After SIGINT/SIGTERM, seconds given to requests in progress before the server stops anyway.
     #[arg(long, value_name = "SECS", default_value_t = 10.0)]
     pub shutdown_grace: f64,
+    /// Image bundles: the folder of LoRA files that prompts may apply with `<lora:NAME:STRENGTH>` (A1111's
+    /// syntax; NAME.safetensors in DIR).
+    #[arg(long, value_name = "DIR")]
+    pub lora_dir: Option<std::path::PathBuf>,
 }
 
 impl Default for ServeOptions {
@@ -77,6 +81,7 @@ impl Default for ServeOptions {
             write_timeout: 30.0,
             max_connections: 256,
             shutdown_grace: 10.0,
+            lora_dir: None,
         }
     }
 }
@@ -1282,7 +1287,7 @@ pub fn serve(
     };
     if let Some(crate::manifest::Pipeline::Image(_)) = engine.pipeline() {
         let limits = Arc::new(opts.limits(images::MAX_BODY_BYTES)?);
-        let app = images::router(engine, backend, shared.clone())?
+        let app = images::router(engine, backend, shared.clone(), opts.lora_dir.as_deref())?
             .route("/health", get(|| async { Json(json!({"status": "ok"})) }))
             .fallback(|| async {
                 error(
@@ -1295,6 +1300,12 @@ pub fn serve(
             .layer(DefaultBodyLimit::max(images::MAX_BODY_BYTES));
         let counters = Arc::new(limits::ConnCounters::default());
         return run_app(app, host, port, opts, limits, counters, shared.metrics);
+    }
+    if opts.lora_dir.is_some() {
+        anyhow::bail!(
+            "--lora-dir applies to image bundles, and '{}' is a language model; drop it",
+            engine.path.display()
+        );
     }
     let limits = Arc::new(opts.limits(MAX_BODY_BYTES)?);
     let LlmModel { config, tokenizer } = LlmModel::read(engine)?;

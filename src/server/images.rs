@@ -1,11 +1,14 @@
 //! `trt-diff serve` on an image bundle: OpenAI's `POST /v1/images/generations` (what the official client's
 //! `images.generate` sends; PNGs as `b64_json`) and the AUTOMATIC1111 API that image front ends speak:
 //! `POST /sdapi/v1/txt2img`, `POST /sdapi/v1/img2img`, `GET /sdapi/v1/samplers`, `/schedulers`, `/sd-models`,
-//! `/options`, `/progress`. One worker thread owns the pipeline and serves requests in arrival order.
+//! `/options`, `/progress`, `/loras`. One worker thread owns the pipeline and serves requests in arrival order.
+//! With `serve --lora-dir DIR`, prompts may switch LoRAs as A1111's do: `<lora:NAME:STRENGTH>` applies
+//! `DIR/NAME.safetensors` (run-time LoRA, kept until a request asks for another set).
 use super::{AppShared, Metrics, bad_request, error, now_secs};
 use crate::backend::BackendChoice;
 use crate::manifest::EngineFile;
 use crate::pipelines::image::{ImageDefaults, ImageGenerator, ImageRequest};
+use crate::weights::lora::LoraSpec;
 use anyhow::{Context, Result};
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -16,6 +19,7 @@ use base64::Engine as _;
 use base64::engine::general_purpose::STANDARD as B64;
 use serde::Deserialize;
 use serde_json::json;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use tokio::sync::{mpsc, oneshot};
@@ -59,6 +63,8 @@ struct Job {
     req: ImageRequest,
     /// img2img: the init image's file bytes and extension (png/jpg), written to a temporary file for the pipeline.
     init_image: Option<(Vec<u8>, &'static str)>,
+    /// The LoRA set the prompt's tags ask for (empty: none).
+    loras: Vec<LoraSpec>,
     reply: oneshot::Sender<Result<Generated, String>>,
 }
 
@@ -76,10 +82,26 @@ struct ImageState {
     defaults: ImageDefaults,
     arch: String,
     progress: Arc<Progress>,
+    /// `--lora-dir`: where `<lora:NAME>` tags find their files.
+    lora_dir: Option<PathBuf>,
 }
 
 /// Opens the pipeline on its own thread and returns the image routes.
-pub fn router(engine: &EngineFile, backend: BackendChoice, shared: AppShared) -> Result<Router> {
+pub fn router(
+    engine: &EngineFile,
+    backend: BackendChoice,
+    shared: AppShared,
+    lora_dir: Option<&Path>,
+) -> Result<Router> {
+    let lora_dir = match lora_dir {
+        Some(d) => Some(d.canonicalize().with_context(|| {
+            format!(
+                "--lora-dir '{}' is not a folder that can be read",
+                d.display()
+            )
+        })?),
+        None => None,
+    };
     let (tx, rx) = mpsc::channel::<Job>(64);
     let progress = Arc::new(Progress::default());
     let (ready_tx, ready_rx) =
@@ -114,6 +136,7 @@ pub fn router(engine: &EngineFile, backend: BackendChoice, shared: AppShared) ->
         defaults,
         arch,
         progress,
+        lora_dir,
     });
     Ok(Router::new()
         .route("/v1/images/generations", post(openai_generations))
@@ -125,6 +148,11 @@ pub fn router(engine: &EngineFile, backend: BackendChoice, shared: AppShared) ->
         .route("/sdapi/v1/sd-models", get(sd_models))
         .route("/sdapi/v1/options", get(options))
         .route("/sdapi/v1/progress", get(progress_route))
+        .route("/sdapi/v1/loras", get(loras_route))
+        .route(
+            "/sdapi/v1/refresh-loras",
+            post(|| async { Json(json!(null)) }),
+        )
         .route("/v1/models", get(models))
         .route("/models", get(models))
         .with_state(state))
@@ -136,6 +164,8 @@ fn worker(
     progress: &Progress,
     metrics: &Metrics,
 ) {
+    // The LoRA set on the engines now; None when unknown (a switch failed half-way).
+    let mut applied: Option<Vec<(PathBuf, f32)>> = Some(Vec::new());
     while let Some(job) = rx.blocking_recv() {
         progress.queued.fetch_sub(1, Ordering::Relaxed);
         if metrics.stopping.load(Ordering::Relaxed) {
@@ -143,7 +173,24 @@ fn worker(
             continue;
         }
         metrics.processing.fetch_add(1, Ordering::Relaxed);
-        let result = run_job(pipe.as_mut(), job.req, job.init_image, progress);
+        let wanted: Vec<(PathBuf, f32)> = job
+            .loras
+            .iter()
+            .map(|l| (l.path.clone(), l.strength))
+            .collect();
+        let switched = if applied.as_ref() == Some(&wanted) {
+            Ok(())
+        } else {
+            applied = None;
+            crate::weights::lora::open_all(&job.loras)
+                .and_then(|files| pipe.set_loras(&files))
+                .map(|()| {
+                    tracing::info!("LoRAs now applied: {}", job.loras.len());
+                    applied = Some(wanted);
+                })
+        };
+        let result =
+            switched.and_then(|()| run_job(pipe.as_mut(), job.req, job.init_image, progress));
         metrics.processing.fetch_sub(1, Ordering::Relaxed);
         if result.is_err() {
             metrics.errors.fetch_add(1, Ordering::Relaxed);
@@ -205,9 +252,21 @@ fn run_job(
 /// Queues a request and waits for its images.
 async fn submit(
     state: &ImageState,
-    req: ImageRequest,
+    mut req: ImageRequest,
     init_image: Option<(Vec<u8>, &'static str)>,
 ) -> Result<Generated, Response> {
+    let loras = match lora_tags(&req.prompt)
+        .and_then(|(prompt, tags)| Ok((prompt, lora_files(state.lora_dir.as_deref(), &tags)?)))
+    {
+        Ok((prompt, loras)) => {
+            req.prompt = prompt;
+            loras
+        }
+        Err(e) => {
+            state.shared.metrics.errors.fetch_add(1, Ordering::Relaxed);
+            return Err(bad_request(e));
+        }
+    };
     if state.shared.metrics.stopping.load(Ordering::Relaxed) {
         return Err(error(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -227,6 +286,7 @@ async fn submit(
         .send(Job {
             req,
             init_image,
+            loras,
             reply,
         })
         .await;
@@ -245,6 +305,117 @@ async fn submit(
         .in_flight
         .fetch_sub(1, Ordering::Relaxed);
     result.map_err(|e| error(StatusCode::INTERNAL_SERVER_ERROR, "server_error", e))
+}
+
+/// LoRAs one prompt may name at most.
+const MAX_PROMPT_LORAS: usize = 8;
+
+/// A1111's extra-network tags taken out of a prompt: `<lora:NAME>`, `<lora:NAME:STRENGTH>` (A1111's optional
+/// second multiplier, for the text encoder, is refused: one strength applies to every part here). Returns the
+/// prompt without the tags and the (name, strength) pairs.
+pub(super) fn lora_tags(prompt: &str) -> Result<(String, Vec<(String, f32)>), String> {
+    let mut rest = prompt;
+    let mut text = String::with_capacity(prompt.len());
+    let mut tags = Vec::new();
+    while let Some(at) = rest.find("<lora:") {
+        text.push_str(&rest[..at]);
+        let after = &rest[at + "<lora:".len()..];
+        let Some(end) = after.find('>') else {
+            return Err("a '<lora:' tag in the prompt is not closed with '>'".into());
+        };
+        let tag = &after[..end];
+        let (name, strength) = match tag.split_once(':') {
+            None => (tag, 1.0),
+            Some((name, s)) => {
+                let v: f32 = s.trim().parse().map_err(|_| {
+                    format!(
+                        "<lora:{tag}>: '{s}' is not a strength (one number, e.g. <lora:{name}:0.8>)"
+                    )
+                })?;
+                if !v.is_finite() {
+                    return Err(format!(
+                        "<lora:{tag}>: the strength must be a finite number"
+                    ));
+                }
+                (name, v)
+            }
+        };
+        let name = name.trim();
+        let plain = !name.is_empty()
+            && name.len() <= 200
+            && !name.starts_with('.')
+            && !name.contains(['/', '\\', '\0']);
+        if !plain {
+            return Err(format!(
+                "<lora:{tag}>: name a file of the server's --lora-dir by its stem (no path, not starting with '.')"
+            ));
+        }
+        tags.push((name.to_string(), strength));
+        if tags.len() > MAX_PROMPT_LORAS {
+            return Err(format!(
+                "a prompt may name at most {MAX_PROMPT_LORAS} LoRAs"
+            ));
+        }
+        rest = &after[end + 1..];
+    }
+    text.push_str(rest);
+    // A tag between words leaves two spaces; prompts are tokenized, so collapse them.
+    let text = text
+        .split(' ')
+        .filter(|w| !w.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ");
+    Ok((text, tags))
+}
+
+/// The files of a prompt's LoRA tags: `DIR/NAME.safetensors`, inside `--lora-dir` (no symlink out of it).
+fn lora_files(dir: Option<&Path>, tags: &[(String, f32)]) -> Result<Vec<LoraSpec>, String> {
+    if tags.is_empty() {
+        return Ok(Vec::new());
+    }
+    let Some(dir) = dir else {
+        return Err(
+            "the prompt names a LoRA (<lora:...>) and this server has none: start it with --lora-dir DIR".into(),
+        );
+    };
+    tags.iter()
+        .map(|(name, strength)| {
+            let file = dir.join(format!("{name}.safetensors"));
+            let real = file.canonicalize().map_err(|_| {
+                format!(
+                    "<lora:{name}>: no '{name}.safetensors' in the server's LoRA folder (GET /sdapi/v1/loras lists                      them)"
+                )
+            })?;
+            if !real.starts_with(dir) || !real.is_file() {
+                return Err(format!(
+                    "<lora:{name}>: '{name}.safetensors' leads outside the server's LoRA folder"
+                ));
+            }
+            Ok(LoraSpec {
+                path: real,
+                strength: *strength,
+            })
+        })
+        .collect()
+}
+
+/// A1111's `GET /sdapi/v1/loras`: the `.safetensors` files of `--lora-dir`.
+async fn loras_route(State(state): State<Arc<ImageState>>) -> Response {
+    let mut list = Vec::new();
+    if let Some(dir) = &state.lora_dir
+        && let Ok(entries) = std::fs::read_dir(dir)
+    {
+        for e in entries.flatten() {
+            let path = e.path();
+            if path.extension().is_some_and(|x| x == "safetensors")
+                && let Some(stem) = path.file_stem().map(|s| s.to_string_lossy().into_owned())
+            {
+                list.push(json!({"name": stem, "alias": stem, "path": path.display().to_string(), "metadata": {}}));
+            }
+        }
+    }
+    list.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+    Json(list).into_response()
 }
 
 /// Checks the size, count and steps of a request before it is queued.
