@@ -341,3 +341,63 @@ pub fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> 
         .map(|v| v as f32)
         .collect())
 }
+
+/// How a family's sampler latents relate to its VAE's: the VAE sees `x / scale + shift`, and an encoded mean m
+/// becomes `(m - shift) * scale`; `spatial` pixels per latent cell.
+#[derive(Clone, Copy, Debug)]
+pub struct VaeScaling {
+    pub scale: f32,
+    pub shift: f32,
+    pub spatial: usize,
+}
+
+/// The VAE decoder on sampler latents `x` ([b, c, lh, lw] on the host, scaled by `s`) to RGB8 images.
+pub fn vae_decode(
+    decoder: &mut dyn Engine,
+    x: &[f32],
+    [b, c, lh, lw]: [usize; 4],
+    s: VaeScaling,
+) -> Result<Vec<Vec<u8>>> {
+    let z: Vec<f32> = x.iter().map(|v| v / s.scale + s.shift).collect();
+    let name = decoder.inputs()[0].name.clone();
+    let input = float_input(decoder, &name, &[b, c, lh, lw], &z)?;
+    let out = decoder.run(&[input]).context("VAE decoder")?;
+    let img = output_f32(&out, "image")?;
+    let (h, w) = (lh * s.spatial, lw * s.spatial);
+    if img.len() != b * 3 * h * w {
+        bail!(
+            "the VAE decoder returned {} values, {} expected",
+            img.len(),
+            b * 3 * h * w
+        );
+    }
+    Ok(super::image_io::to_rgb8(&img, b, h, w))
+}
+
+/// One init image ([1, 3, H, W] in [-1, 1]) through the VAE encoder: its mean (diffusers' `mode()`; an encoder
+/// returning the moments [mean, logvar] gives the first half), `per` values scaled into the sampler's space.
+pub fn vae_encode(
+    encoder: Option<&mut Box<dyn Engine>>,
+    rgb: &[f32],
+    (h, w): (usize, usize),
+    per: usize,
+    s: VaeScaling,
+) -> Result<Vec<f32>> {
+    let Some(enc) = encoder else {
+        bail!(
+            "--init-image needs the VAE encoder, which this bundle does not have; rebuild it from a model whose \
+             VAE has the encoder weights"
+        );
+    };
+    let name = enc.inputs()[0].name.clone();
+    let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], rgb)?;
+    let out = enc.run(&[input]).context("VAE encoder")?;
+    let m = output_f32(&out, "mean")?;
+    if m.len() != per && m.len() != 2 * per {
+        bail!(
+            "the VAE encoder returned {} values, {per} expected",
+            m.len()
+        );
+    }
+    Ok(m[..per].iter().map(|v| (v - s.shift) * s.scale).collect())
+}

@@ -5,7 +5,10 @@
 //! Each engine is TensorRT or ONNX Runtime; this file does not care which. The generic request handling (CFG,
 //! sampler loop, img2img, batches, previews) is `pipelines::image`.
 use super::device_io;
-use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
+use super::engines::{
+    Backend, VaeScaling, float_input, ids_input, open_components, output_f32, resolve, vae_decode,
+    vae_encode,
+};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, DeviceTensor, Engine, HostTensor};
@@ -909,63 +912,34 @@ impl ImageModel for FluxModel {
     }
 
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
-        let c = self.config.clone();
-        let Some(enc) = self.engines.vae_encoder.as_mut() else {
-            bail!(
-                "--init-image needs the VAE encoder, which this bundle does not have; rebuild it from a model \
-                 folder whose vae/ has the encoder weights"
-            );
+        let c = &self.config;
+        let s = VaeScaling {
+            scale: c.scaling_factor,
+            shift: c.shift_factor,
+            spatial: c.vae_scale_factor,
         };
-        let (h, w) = (
-            lat.height * c.vae_scale_factor,
-            lat.width * c.vae_scale_factor,
-        );
-        let name = enc.inputs()[0].name.clone();
-        let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], rgb)?;
-        let out = enc.run(&[input]).context("VAE encoder")?;
-        let m = output_f32(&out, "mean")?;
-        let per = lat.per_image;
-        // An encoder returning the moments [mean, logvar] gives its mean (diffusers' mode()).
-        if m.len() != per && m.len() != 2 * per {
-            bail!(
-                "the VAE encoder returned {} values, {per} expected",
-                m.len()
-            );
-        }
-        let z: Vec<f32> = m[..per]
-            .iter()
-            .map(|v| (v - c.shift_factor) * c.scaling_factor)
-            .collect();
+        let size = (lat.height * s.spatial, lat.width * s.spatial);
+        let z = vae_encode(
+            self.engines.vae_encoder.as_mut(),
+            rgb,
+            size,
+            lat.per_image,
+            s,
+        )?;
         Ok(pack(&z, 1, lat.channels, lat.height, lat.width))
     }
 
     /// Packed latents -> RGB8 images through the VAE decoder.
     fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>> {
-        let x = &x.to_host()?;
         let c = &self.config;
-        let (b, lh, lw) = (lat.batch, lat.height, lat.width);
-        let mut z = unpack(x, b, c.latent_channels, lh, lw);
-        for v in z.iter_mut() {
-            *v = *v / c.scaling_factor + c.shift_factor;
-        }
-        let e = self.engines.vae_decoder.as_ref();
-        let name = e.inputs()[0].name.clone();
-        let input = float_input(e, &name, &[b, c.latent_channels, lh, lw], &z)?;
-        let out = self
-            .engines
-            .vae_decoder
-            .run(&[input])
-            .context("VAE decoder")?;
-        let img = output_f32(&out, "image")?;
-        let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
-        if img.len() != b * 3 * h * w {
-            bail!(
-                "the VAE decoder returned {} values, {} expected",
-                img.len(),
-                b * 3 * h * w
-            );
-        }
-        Ok(to_rgb8(&img, b, h, w))
+        let s = VaeScaling {
+            scale: c.scaling_factor,
+            shift: c.shift_factor,
+            spatial: c.vae_scale_factor,
+        };
+        let (b, ch, lh, lw) = (lat.batch, c.latent_channels, lat.height, lat.width);
+        let z = unpack(&x.to_host()?, b, ch, lh, lw);
+        vae_decode(self.engines.vae_decoder.as_mut(), &z, [b, ch, lh, lw], s)
     }
 
     fn can_preview(&self) -> bool {

@@ -8,7 +8,10 @@
 //! Prompts longer than 77 tokens are split into 75-token chunks, each encoded as BOS + chunk + EOS + padding and
 //! the hidden states concatenated along the sequence (A1111/ComfyUI); the pooled SDXL vector is the first chunk's.
 use super::device_io::{self, DeviceSlots};
-use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
+use super::engines::{
+    Backend, VaeScaling, float_input, ids_input, open_components, output_f32, resolve, vae_decode,
+    vae_encode,
+};
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, Engine};
@@ -962,56 +965,31 @@ impl ImageModel for SdModel {
 
     /// Init image -> scaled latent [1, 4, h, w] (the VAE encoder's mean).
     fn encode_image(&mut self, rgb: &[f32], lat: &Latents) -> Result<Vec<f32>> {
-        let c = self.config.clone();
-        let Some(enc) = self.engines.vae_encoder.as_mut() else {
-            bail!(
-                "--init-image needs the VAE encoder, which this bundle does not have; rebuild it from a model \
-                 whose VAE has the encoder weights"
-            );
+        let c = &self.config;
+        let s = VaeScaling {
+            scale: c.scaling_factor,
+            shift: 0.0,
+            spatial: c.vae_scale_factor,
         };
-        let (h, w) = (
-            lat.height * c.vae_scale_factor,
-            lat.width * c.vae_scale_factor,
-        );
-        let name = enc.inputs()[0].name.clone();
-        let input = float_input(enc.as_ref(), &name, &[1, 3, h, w], rgb)?;
-        let out = enc.run(&[input]).context("VAE encoder")?;
-        let m = output_f32(&out, "mean")?;
-        if m.len() < lat.per_image {
-            bail!(
-                "the VAE encoder returned {} values, {} expected",
-                m.len(),
-                lat.per_image
-            );
-        }
-        Ok(m[..lat.per_image]
-            .iter()
-            .map(|v| v * c.scaling_factor)
-            .collect())
+        let size = (lat.height * s.spatial, lat.width * s.spatial);
+        vae_encode(
+            self.engines.vae_encoder.as_mut(),
+            rgb,
+            size,
+            lat.per_image,
+            s,
+        )
     }
 
     fn decode(&mut self, x: &Latent, lat: &Latents) -> Result<Vec<Vec<u8>>> {
         let c = &self.config;
-        let z: Vec<f32> = x.to_host()?.iter().map(|v| v / c.scaling_factor).collect();
-        let (b, lh, lw) = (lat.batch, lat.height, lat.width);
-        let e = self.engines.vae_decoder.as_ref();
-        let name = e.inputs()[0].name.clone();
-        let input = float_input(e, &name, &[b, c.latent_channels, lh, lw], &z)?;
-        let out = self
-            .engines
-            .vae_decoder
-            .run(&[input])
-            .context("VAE decoder")?;
-        let img = output_f32(&out, "image")?;
-        let (h, w) = (lh * c.vae_scale_factor, lw * c.vae_scale_factor);
-        if img.len() != b * 3 * h * w {
-            bail!(
-                "the VAE decoder returned {} values, {} expected",
-                img.len(),
-                b * 3 * h * w
-            );
-        }
-        Ok(to_rgb8(&img, b, h, w))
+        let s = VaeScaling {
+            scale: c.scaling_factor,
+            shift: 0.0,
+            spatial: c.vae_scale_factor,
+        };
+        let dims = [lat.batch, c.latent_channels, lat.height, lat.width];
+        vae_decode(self.engines.vae_decoder.as_mut(), &x.to_host()?, dims, s)
     }
 
     fn new_request(&mut self) {
