@@ -47,6 +47,13 @@ def wait_ready(base, proc, timeout=600):
 
 
 def one_stream(base, prompt, max_tokens, out, i, t_start):
+    try:
+        stream(base, prompt, max_tokens, out, i, t_start)
+    except Exception as e:  # counted and shown per round
+        out[i] = e
+
+
+def stream(base, prompt, max_tokens, out, i, t_start):
     body = json.dumps({"prompt": prompt, "max_tokens": max_tokens, "temperature": 0, "stream": True,
                        "ignore_eos": True, "model": "m"}).encode()
     req = urllib.request.Request(base + "/v1/completions", body, {"Content-Type": "application/json"})
@@ -77,6 +84,10 @@ def round_once(base, clients, max_tokens):
     for t in threads:
         t.join()
     wall = time.perf_counter() - t0
+    errors = [o for o in out if isinstance(o, Exception)]
+    if errors:
+        print(f"{len(errors)} of {clients} clients failed, e.g. {errors[0]!r}", file=sys.stderr)
+    out = [o for o in out if isinstance(o, tuple)]
     ttft = sorted(o[0] for o in out if o and o[0] is not None)
     tokens = sum(o[1] for o in out if o)
     pct = lambda q: ttft[min(len(ttft) - 1, int(q * len(ttft)))] if ttft else float("nan")
@@ -94,7 +105,7 @@ def start_trt_diff(exe, model, parallel, threads):
 def start_peer(python, model, threads, n_ctx):
     port = free_port()
     proc = subprocess.Popen([python, "-m", "llama_cpp.server", "--model", model, "--port", str(port), "--n_ctx",
-                             str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads)],
+                             str(n_ctx), "--n_threads", str(threads), "--n_threads_batch", str(threads), "--interrupt_requests", "False"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return proc, f"http://127.0.0.1:{port}"
 
