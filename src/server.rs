@@ -33,12 +33,17 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use tokio::sync::mpsc;
 
 mod access;
+mod batch;
 mod grammar;
 mod images;
 mod limits;
 mod openai;
 
 const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// Most sequences a step decodes: beyond `DOT_MAX_ROWS` rows the matrix products change method and rounding, and a
+/// request's output would depend on how many others run beside it.
+const MAX_PARALLEL: usize = crate::backend::half_matmul::DOT_MAX_ROWS;
 
 /// `trt-diff serve` options beyond the engine and address: access, CORS and the limits that keep the server bounded.
 #[derive(clap::Args, Debug, Clone)]
@@ -69,6 +74,10 @@ pub struct ServeOptions {
     /// syntax; NAME.safetensors in DIR).
     #[arg(long, value_name = "DIR")]
     pub lora_dir: Option<std::path::PathBuf>,
+    /// Sequences generated together (continuous batching: one KV-cache slot each, one decoder call per step for
+    /// all of them); 1 serves one at a time. CPU decoder engines batch; others run one sequence at a time.
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub parallel: usize,
 }
 
 impl Default for ServeOptions {
@@ -82,6 +91,7 @@ impl Default for ServeOptions {
             max_connections: 256,
             shutdown_grace: 10.0,
             lora_dir: None,
+            parallel: 1,
         }
     }
 }
@@ -101,6 +111,12 @@ impl ServeOptions {
         };
         if self.max_connections == 0 {
             anyhow::bail!("--max-connections must be at least 1");
+        }
+        if !(1..=MAX_PARALLEL).contains(&self.parallel) {
+            anyhow::bail!(
+                "--parallel must be between 1 and {MAX_PARALLEL} (sequences decoded together), got {}",
+                self.parallel
+            );
         }
         Ok(limits::Limits {
             header_timeout: secs("header-timeout", self.header_timeout)?,
@@ -215,6 +231,7 @@ struct Metrics {
     requests: AtomicU64,
     errors: AtomicU64,
     prompt_tokens: AtomicU64,
+    cached_prompt_tokens: AtomicU64,
     generated_tokens: AtomicU64,
     /// Queued or generating.
     in_flight: AtomicU64,
@@ -243,6 +260,8 @@ struct AppState {
     model: String,
     max_seq_len: usize,
     vocab_size: usize,
+    /// KV-cache slots: sequences generated together.
+    slots: usize,
     /// For /tokenize, /detokenize and /props (the worker has its own).
     tok: std::sync::Mutex<Box<dyn TextTokenizer + Send>>,
     created: u64,
@@ -558,11 +577,13 @@ fn finish_reason(stats: &GenerationStats) -> &'static str {
     }
 }
 
-fn usage(prompt_tokens: usize, completion_tokens: usize) -> serde_json::Value {
+/// OpenAI's usage object; `cached` prompt tokens came from a slot's cache (prefix reuse) instead of running.
+fn usage(prompt_tokens: usize, completion_tokens: usize, cached: usize) -> serde_json::Value {
     json!({
         "prompt_tokens": prompt_tokens,
         "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached},
     })
 }
 
@@ -703,6 +724,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
     let include_usage = req.include_usage;
     let with_lp = req.logprobs.is_some();
     let n_choices = req.n * req.prompts.len();
+    let n = req.n.max(1);
     let model = req.model.clone().unwrap_or_else(|| state.model.clone());
     let (tx, mut rx) = mpsc::unbounded_channel();
     state.metrics.in_flight.fetch_add(1, Ordering::Relaxed);
@@ -777,13 +799,20 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
             .filter_map(|c| c.stats.as_ref())
             .map(|s| s.generated_tokens)
             .sum();
+        // A prompt's cached tokens once, as its tokens are counted once: those of its first choice.
+        let cached_total: usize = choices
+            .iter()
+            .step_by(n)
+            .filter_map(|c| c.stats.as_ref())
+            .map(|s| s.cached_tokens)
+            .sum();
         return match api {
             Api::Native => {
                 let c = &choices[0];
                 let s = c.stats.as_ref().unwrap_or_else(|| unreachable!());
                 Json(json!({
                     "text": c.text, "finish_reason": finish_reason(s),
-                    "usage": usage(prompt_total, completion_total), "timings": timings(s),
+                    "usage": usage(prompt_total, completion_total, cached_total), "timings": timings(s),
                 }))
                 .into_response()
             }
@@ -796,7 +825,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
                 }).collect();
                 Json(json!({
                     "id": id, "object": "chat.completion", "created": created, "model": model,
-                    "choices": list, "usage": usage(prompt_total, completion_total),
+                    "choices": list, "usage": usage(prompt_total, completion_total, cached_total),
                     "system_fingerprint": null,
                 }))
                 .into_response()
@@ -810,7 +839,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
                 }).collect();
                 Json(json!({
                     "id": id, "object": "text_completion", "created": created, "model": model,
-                    "choices": list, "usage": usage(prompt_total, completion_total),
+                    "choices": list, "usage": usage(prompt_total, completion_total, cached_total),
                 }))
                 .into_response()
             }
@@ -823,6 +852,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
         started: Vec<bool>,
         offsets: Vec<usize>,
         completion_total: usize,
+        cached_total: usize,
         finished: usize,
     }
     let st = St {
@@ -831,6 +861,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
         started: vec![false; n_choices],
         offsets: vec![0; n_choices],
         completion_total: 0,
+        cached_total: 0,
         finished: 0,
     };
     let events = futures_util::stream::unfold(st, move |mut st| {
@@ -891,17 +922,20 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
                 Some(Piece::ChoiceDone { choice, stats: s }) => {
                     role(&mut st, choice, &mut out);
                     st.completion_total += s.generated_tokens;
+                    if choice % n == 0 {
+                        st.cached_total += s.cached_tokens;
+                    }
                     st.finished += 1;
                     let all = st.finished == n_choices;
                     // Without stream_options.include_usage the totals ride on the last choice's final chunk.
                     let u = if all && !include_usage {
-                        usage(prompt_total, st.completion_total)
+                        usage(prompt_total, st.completion_total, st.cached_total)
                     } else {
                         serde_json::Value::Null
                     };
                     out.push(match api {
                         Api::Native => {
-                            json!({"done": true, "finish_reason": finish_reason(&s), "usage": usage(prompt_total, s.generated_tokens), "timings": timings(&s)})
+                            json!({"done": true, "finish_reason": finish_reason(&s), "usage": usage(prompt_total, s.generated_tokens, s.cached_tokens), "timings": timings(&s)})
                         }
                         Api::OpenAi => {
                             let mut c = chunk(json!({"index": choice, "text": "", "logprobs": null, "finish_reason": finish_reason(&s)}));
@@ -918,7 +952,7 @@ async fn submit(state: Arc<AppState>, req: Parsed, api: Api) -> Response {
                         if include_usage {
                             let mut c = chunk(json!(null));
                             c["choices"] = json!([]);
-                            c["usage"] = usage(prompt_total, st.completion_total);
+                            c["usage"] = usage(prompt_total, st.completion_total, st.cached_total);
                             out.push(c);
                         }
                         last = true;
@@ -1076,7 +1110,7 @@ async fn props(State(state): State<Arc<AppState>>) -> Response {
                 "repeat_penalty": d.repetition_penalty, "presence_penalty": d.presence_penalty,
                 "frequency_penalty": d.frequency_penalty, "seed": d.seed, "n_predict": -1},
         },
-        "total_slots": 1,
+        "total_slots": state.slots,
         "model_alias": state.model,
         "chat_template": tok.chat_template().unwrap_or(crate::pipelines::chat::CHATML),
         "bos_token": text_of(tok.bos()),
@@ -1120,8 +1154,14 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
     put(
         "trt_diff_prompt_tokens_total",
         "counter",
-        "Prompt tokens processed.",
+        "Prompt tokens run through the decoder (cached prefixes not included).",
         prompt_tokens.to_string(),
+    );
+    put(
+        "trt_diff_prompt_tokens_cached_total",
+        "counter",
+        "Prompt tokens taken from a slot's KV cache (a shared prefix) instead of running.",
+        get(&m.cached_prompt_tokens).to_string(),
     );
     put(
         "trt_diff_generated_tokens_total",
@@ -1216,7 +1256,7 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         "llamacpp:kv_cache_usage_ratio",
         "gauge",
         "KV-cache usage. 1 means 100 percent usage.",
-        (kv as f64 / state.max_seq_len.max(1) as f64).to_string(),
+        (kv as f64 / (state.max_seq_len * state.slots).max(1) as f64).to_string(),
     );
     put(
         "llamacpp:kv_cache_tokens",
@@ -1314,8 +1354,9 @@ pub fn serve(
     let metrics = shared.metrics.clone();
     let worker_metrics = metrics.clone();
     // The engine is opened on the thread that uses it (engines need not be Send); open errors come back here.
-    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<(), String>>(1);
+    let (ready_tx, ready_rx) = std::sync::mpsc::sync_channel::<Result<usize, String>>(1);
     let file = engine.clone();
+    let parallel = opts.parallel;
     std::thread::Builder::new()
         .name("generate".into())
         .spawn(move || {
@@ -1324,8 +1365,32 @@ pub fn serve(
                 tokenizer,
             };
             match spec.open_engine(&file, backend) {
-                Ok(decoder) => {
-                    let _ = ready_tx.send(Ok(()));
+                Ok(mut decoder) => {
+                    if crate::pipelines::kv_cache::Slots::supported(decoder.as_ref()) {
+                        match batch::Scheduler::new(
+                            decoder.as_mut(),
+                            parallel,
+                            spec.tokenizer,
+                            spec.config,
+                            worker_metrics,
+                        ) {
+                            Ok(s) => {
+                                let _ = ready_tx.send(Ok(parallel));
+                                s.run(rx)
+                            }
+                            Err(e) => {
+                                let _ = ready_tx.send(Err(format!("{e:#}")));
+                            }
+                        }
+                        return;
+                    }
+                    if parallel > 1 {
+                        tracing::warn!(
+                            "--parallel {parallel}: this decoder engine keeps one sequence's KV cache (TensorRT or \
+                             CUDA graphs, or a CPU graph from an older trt-diff), so requests run one at a time"
+                        );
+                    }
+                    let _ = ready_tx.send(Ok(1));
                     worker(decoder, spec.tokenizer, spec.config, worker_metrics, rx)
                 }
                 Err(e) => {
@@ -1334,7 +1399,7 @@ pub fn serve(
             }
         })
         .context("cannot start the generation thread")?;
-    ready_rx
+    let slots = ready_rx
         .recv()
         .context("the generation thread stopped before opening the engine")?
         .map_err(|e| anyhow::anyhow!(e))?;
@@ -1348,6 +1413,7 @@ pub fn serve(
         model: shared.model.clone(),
         max_seq_len: config.max_seq_len,
         vocab_size: config.vocab_size,
+        slots,
         tok: std::sync::Mutex::new(handler_tok),
         created: shared.created,
     });

@@ -157,6 +157,16 @@ pub trait Engine {
             self.backend()
         )
     }
+    /// After `hold_in_place`: later runs bind rows `rows` (axis 0, a batch of sequences) of the held buffers rather
+    /// than all of them, so a call runs some sequences of a batched KV cache (the server's slots). `hold_in_place`
+    /// binds all rows again.
+    fn hold_rows(&mut self, rows: std::ops::Range<usize>) -> Result<()> {
+        let _ = rows;
+        bail!(
+            "the {} backend cannot run part of a held batch; serve with --parallel 1",
+            self.backend()
+        )
+    }
 }
 
 /// Checks named inputs against an engine's descriptions: every input present once, dtypes equal, ranks equal and

@@ -70,6 +70,8 @@ pub struct OrtEngine {
     outputs: Vec<TensorDesc>,
     /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
     held: Vec<(String, String, Tensor<f32>)>,
+    /// Rows (axis 0) of the held buffers that runs bind (`Engine::hold_rows`); None: the whole buffers.
+    held_rows: Option<std::ops::Range<usize>>,
     /// Outputs handed to the next run's inputs (`Engine::chain`), kept where the device put them.
     chained: Vec<Chained>,
     /// Where chained outputs live: the CUDA device's memory, or the CPU's.
@@ -404,6 +406,7 @@ impl OrtEngine {
             inputs,
             outputs,
             held: Vec::new(),
+            held_rows: None,
             chained: Vec::new(),
             device_memory,
             device: opts.device,
@@ -603,8 +606,43 @@ impl Engine for OrtEngine {
                 .bind_output_to_device(o.name.as_str(), &self.cpu)
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", o.name))?;
         }
+        // Views of some rows of the held buffers, wrapped by address; they must live until the run ends.
+        let mut views = Vec::new();
         for (input, output, t) in &mut self.held {
             // One buffer both ways: the graph reads the cache and writes the new positions in place.
+            if let Some(rows) = &self.held_rows {
+                let mut shape: Vec<i64> = t.shape().to_vec();
+                let per_row: usize = shape[1..].iter().map(|&d| d as usize).product();
+                let data = t.extract_tensor_mut().1;
+                if shape.is_empty() || rows.end > shape[0] as usize || rows.is_empty() {
+                    bail!(
+                        "rows {rows:?} of '{input}' {shape:?} do not exist in '{}'",
+                        self.name
+                    );
+                }
+                shape[0] = rows.len() as i64;
+                let ptr = data[rows.start * per_row..].as_mut_ptr();
+                let view = || {
+                    // SAFETY: the view covers rows `rows` of `t`, which `self.held` keeps alive past the run, and
+                    // nothing else touches `t` during the run.
+                    unsafe {
+                        ort::value::TensorRefMut::<f32>::from_raw(
+                            self.cpu.clone(),
+                            ptr.cast(),
+                            shape.clone().into(),
+                        )
+                    }
+                    .map_err(|e| anyhow::anyhow!("input '{input}': {e}"))
+                };
+                // Bound raw: ort's `bind_input` copies borrowed tensors, and the graph must read the buffer it writes.
+                let v = view()?.into_dyn();
+                bind_raw(&mut self.binding, Bind::Input, input, &v)?;
+                self.binding
+                    .bind_output(output.as_str(), view()?)
+                    .map_err(|e| anyhow::anyhow!("output '{output}': {e}"))?;
+                views.push(v);
+                continue;
+            }
             self.binding
                 .bind_input(input.as_str(), &*t)
                 .map_err(|e| anyhow::anyhow!("input '{input}': {e}"))?;
@@ -630,6 +668,7 @@ impl Engine for OrtEngine {
             .session
             .run_binding(&self.binding)
             .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        drop(views);
         for c in &mut self.chained {
             c.value = Some(
                 outputs
@@ -759,9 +798,11 @@ impl Engine for OrtEngine {
                 .zip(pairs)
                 .all(|((i, o, t), (pi, po))| i == pi && o == po && fits(t))
         {
+            self.held_rows = None;
             return Ok(());
         }
         self.held.clear();
+        self.held_rows = None;
         self.refresh_held();
         let allocator = self.session.allocator();
         for (input, output) in pairs {
@@ -786,5 +827,26 @@ impl Engine for OrtEngine {
         }
         self.refresh_held();
         Ok(())
+    }
+
+    fn hold_rows(&mut self, rows: std::ops::Range<usize>) -> Result<()> {
+        if self.device != OrtDevice::Cpu {
+            bail!(
+                "'{}': rows of held buffers are bound on the CPU only",
+                self.name
+            );
+        }
+        let n = self.held.first().map(|h| h.2.shape()[0] as usize);
+        match n {
+            Some(n) if !rows.is_empty() && rows.end <= n => {
+                self.held_rows = (rows != (0..n)).then_some(rows);
+                Ok(())
+            }
+            _ => bail!(
+                "'{}' holds {} rows; rows {rows:?} cannot be bound",
+                self.name,
+                n.unwrap_or(0)
+            ),
+        }
     }
 }

@@ -364,11 +364,12 @@ impl Emitter<'_> {
 pub(crate) fn cache_inputs(
     g: &mut GraphBuilder,
     cfg: &LlamaConfig,
+    batch: Dim,
     positions: &str,
     hd: usize,
 ) -> Result<Vec<[Value; 2]>> {
     let shape = vec![
-        Dim::Fixed(1),
+        batch,
         Dim::Fixed(cfg.n_kv_heads as i64),
         Dim::Sym(positions.into()),
         Dim::Fixed(hd as i64),
@@ -531,7 +532,7 @@ fn emit(
             let pos =
                 e.o.g
                     .input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
-            let past = cache_inputs(&mut e.o.g, cfg, "past", hd)?;
+            let past = cache_inputs(&mut e.o.g, cfg, Dim::Fixed(1), "past", hd)?;
             let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
             let two = e.o.g.const_i64("mask.two", &[], &[2])?;
             let past_len = e.op(

@@ -11,12 +11,13 @@
 //! the graph's weights (`pad_heads`), so every model runs the same graph form. Qwen3's per-head q/k RMSNorms run
 //! between the projections and the attention, on padded heads with weights and epsilon rescaled to match.
 //!
-//! The KV cache stays in place: `past_key_{i}` / `past_value_{i}` [1, n_kv_heads, capacity, padded head size] and the
-//! matching `present_*` outputs are bound to the same buffer, which the attention extends where the new tokens go
-//! (`backend::Engine::hold_in_place`). Inputs: `input_ids` [1, seq] int64, `seqlens_k` [1] int32 (tokens in the
-//! cache after this call, minus one), `total_sequence_length` [] int32 (the same plus one). Outputs: `logits`
-//! [1, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT builds
-//! `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
+//! The KV cache stays in place: `past_key_{i}` / `past_value_{i}` [batch, n_kv_heads, capacity, padded head size] and
+//! the matching `present_*` outputs are bound to the same buffer, which the attention extends where the new tokens go
+//! (`backend::Engine::hold_in_place`). Inputs: `input_ids` [batch, seq] int64, `seqlens_k` [batch] int32 (tokens in
+//! each row's cache after this call, minus one: rows may differ, which is how the server decodes sequences of
+//! different lengths in one call), `total_sequence_length` [] int32 (the largest of those plus one). Outputs:
+//! `logits` [batch, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT
+//! builds `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
 use super::llama::{LlamaConfig, cache_inputs, rope_tables};
 use crate::backend::ggml_ops::{GATE_UP, GATHER, GgmlWeights, MATMUL};
 use crate::backend::ort_ops::{DOMAIN, op_name};
@@ -142,8 +143,13 @@ fn seq() -> Dim {
     Dim::Sym("seq".into())
 }
 
+/// Sequences in a call: one for `generate`, one per active slot for the server's batched decode steps.
+fn batch() -> Dim {
+    Dim::Sym("batch".into())
+}
+
 fn act_shape(features: usize) -> Vec<Dim> {
-    vec![Dim::Fixed(1), seq(), Dim::Fixed(features as i64)]
+    vec![batch(), seq(), Dim::Fixed(features as i64)]
 }
 
 impl Emitter<'_> {
@@ -351,7 +357,7 @@ impl Emitter<'_> {
             &[0, 0, heads as i64, p, (from / p as usize) as i64],
         )?;
         let five = vec![
-            Dim::Fixed(1),
+            batch(),
             seq(),
             Dim::Fixed(heads as i64),
             Dim::Fixed(p),
@@ -426,7 +432,7 @@ impl Emitter<'_> {
             &[0, 0, heads as i64, hd as i64],
         )?;
         let four = vec![
-            Dim::Fixed(1),
+            batch(),
             seq(),
             Dim::Fixed(heads as i64),
             Dim::Fixed(hd as i64),
@@ -582,7 +588,7 @@ impl Emitter<'_> {
                 Some(format!("present_{kind}_{i}")),
                 F32,
                 vec![
-                    Dim::Fixed(1),
+                    batch(),
                     Dim::Fixed(kv as i64),
                     Dim::Sym("capacity".into()),
                     Dim::Fixed(hd as i64),
@@ -773,10 +779,10 @@ fn graph(
     e.g.use_domain(MS, 1);
     let i32t = DataType::INT32;
     let ids =
-        e.g.input("input_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
-    let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![Dim::Fixed(1)])?;
+        e.g.input("input_ids", DataType::INT64, vec![batch(), seq()])?;
+    let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![batch()])?;
     let total = e.g.input(TOTAL_INPUT, i32t, vec![])?;
-    let past = cache_inputs(&mut e.g, cfg, "capacity", hd_pad)?;
+    let past = cache_inputs(&mut e.g, cfg, batch(), "capacity", hd_pad)?;
     // The embedding table in the weight type; a tied LM head reads the same initializer.
     let tensor = |name: &str| {
         weights
@@ -897,7 +903,7 @@ fn graph(
             &[&hn, &s, &en, &ax],
             vec![],
             F32,
-            vec![Dim::Fixed(1), Dim::Fixed(1), Dim::Fixed(d as i64)],
+            vec![batch(), Dim::Fixed(1), Dim::Fixed(d as i64)],
         )?;
         Dim::Fixed(1)
     } else {
@@ -910,7 +916,7 @@ fn graph(
             "lm_head"
         };
         let logits = e.linear_ggml("logits", &hn, &[(head.to_string(), cfg.vocab_size)], false)?;
-        let shape = vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
+        let shape = vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
         let logits = Value { shape, ..logits };
         e.g.output(&logits);
         return Ok(e.g.finish());
@@ -932,7 +938,7 @@ fn graph(
         vec![],
         vec![(
             F32,
-            vec![Dim::Fixed(1), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
+            vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
         )],
     )?;
     e.g.output(&logits[0]);

@@ -91,6 +91,8 @@ impl Default for SamplingParams {
 #[derive(Clone, Debug, Default)]
 pub struct GenerationStats {
     pub prompt_tokens: usize,
+    /// Prompt tokens whose keys and values were already cached (the server's prefix reuse), not run again.
+    pub cached_tokens: usize,
     pub generated_tokens: usize,
     pub prompt_seconds: f64,
     pub generation_seconds: f64,
@@ -303,6 +305,105 @@ fn last_row(logits: &HostTensor) -> Result<Vec<f32>> {
         .collect())
 }
 
+/// One sequence's sampling state between decoder calls: the penalties' token counts, its RNG, stop strings, UTF-8
+/// assembly and stats. `Generator::generate_steps` drives one; the server's scheduler drives one per slot, so a
+/// request samples the same tokens alone or batched.
+pub struct Sequence {
+    params: SamplingParams,
+    top_logprobs: Option<usize>,
+    rng: Rng,
+    stream: Utf8Stream,
+    stops: StopFilter,
+    counts: std::collections::HashMap<u32, usize>,
+    prev: Option<u32>,
+    pub stats: GenerationStats,
+}
+
+impl Sequence {
+    /// After the prompt tokens `prompt`; `top_logprobs` as `Generator::generate_steps` takes it.
+    pub fn new(prompt: &[u32], params: &SamplingParams, top_logprobs: Option<usize>) -> Self {
+        let mut counts = std::collections::HashMap::new();
+        for &t in prompt {
+            *counts.entry(t).or_default() += 1;
+        }
+        Sequence {
+            params: params.clone(),
+            top_logprobs,
+            rng: Rng(params.seed),
+            stream: Utf8Stream::default(),
+            stops: StopFilter::new(&params.stop),
+            counts,
+            prev: prompt.last().copied(),
+            stats: GenerationStats {
+                prompt_tokens: prompt.len(),
+                ..Default::default()
+            },
+        }
+    }
+
+    /// Takes the logits that follow the last token, picks the next token and reports it (`on_step`). Some(token)
+    /// to run next; None when the generation ended (end token, stop string, complete constraint, max_tokens).
+    pub fn advance(
+        &mut self,
+        mut row: Vec<f32>,
+        tok: &dyn TextTokenizer,
+        constraint: Option<&mut (dyn Constraint + '_)>,
+        on_step: &mut dyn FnMut(Step<'_>) -> Result<()>,
+    ) -> Result<Option<u32>> {
+        let params = &self.params;
+        apply_penalties(&mut row, &self.counts, params);
+        let mut constraint = constraint;
+        if let Some(c) = constraint.as_deref_mut() {
+            c.mask(&mut row)?;
+        }
+        let rng = &mut self.rng;
+        let next = sample(&row, params, &mut || rng.next_f32());
+        if tok.is_end(next) && !params.ignore_eos {
+            self.stats.stopped_by_eos = true;
+            return Ok(None);
+        }
+        let complete = match constraint {
+            Some(c) => c.accept(next)?,
+            None => false,
+        };
+        self.stats.generated_tokens += 1;
+        *self.counts.entry(next).or_default() += 1;
+        let logprob = self
+            .top_logprobs
+            .map(|k| token_logprob(&row, next, k, tok, self.prev));
+        let piece = tok.piece_bytes(self.prev, next);
+        let (text, stopped) = self.stops.push(&self.stream.push(&piece));
+        on_step(Step {
+            text: &text,
+            token: Some(next),
+            logprob: logprob.as_ref(),
+        })?;
+        if stopped {
+            self.stats.stopped_by_stop_string = true;
+            return Ok(None);
+        }
+        if complete {
+            self.stats.stopped_by_eos = true;
+            return Ok(None);
+        }
+        self.prev = Some(next);
+        Ok((self.stats.generated_tokens < self.params.max_tokens).then_some(next))
+    }
+
+    /// Reports text still held back for a possible stop string when the generation ended otherwise; call once.
+    pub fn finish(&mut self, on_step: &mut dyn FnMut(Step<'_>) -> Result<()>) -> Result<()> {
+        let rest = self.stops.finish();
+        if !rest.is_empty() {
+            on_step(Step {
+                text: &rest,
+                token: None,
+                logprob: None,
+            })?;
+        }
+        Ok(())
+    }
+}
+
 pub struct Generator<'a> {
     pub engine: &'a mut dyn Engine,
     pub max_seq_len: usize,
@@ -364,74 +465,32 @@ impl Generator<'_> {
         }
         let capacity = tokens.len() + params.max_tokens;
         let mut decoder = Decoder::new(&mut *self.engine, capacity)?;
-        let mut stats = GenerationStats {
-            prompt_tokens: tokens.len(),
-            ..Default::default()
-        };
-        let mut rng = Rng(params.seed);
-        let mut next_rand = || rng.next_f32();
-        let mut stream = Utf8Stream::default();
-        let mut stops = StopFilter::new(&params.stop);
-        let mut counts: std::collections::HashMap<u32, usize> = std::collections::HashMap::new();
-        for &t in &tokens {
-            *counts.entry(t).or_default() += 1;
-        }
+        let mut seq = Sequence::new(&tokens, params, top_logprobs);
         let mut new_ids: Vec<i64> = tokens.iter().map(|&t| t as i64).collect();
-        let mut prev = tokens.last().copied();
         let t0 = Instant::now();
         let mut decode_start = Transfers::now();
+        let mut prompt_seconds = 0.0;
+        let (mut decode_calls, mut decode_engine_seconds) = (0, 0.0);
         for step in 0..params.max_tokens {
             let t_forward = Instant::now();
-            let mut row = last_row(&decoder.forward(&new_ids)?)?;
+            let row = last_row(&decoder.forward(&new_ids)?)?;
             if step == 0 {
-                stats.prompt_seconds = t0.elapsed().as_secs_f64();
+                prompt_seconds = t0.elapsed().as_secs_f64();
                 decode_start = Transfers::now();
             } else {
-                stats.decode_calls += 1;
-                stats.decode_engine_seconds += t_forward.elapsed().as_secs_f64();
+                decode_calls += 1;
+                decode_engine_seconds += t_forward.elapsed().as_secs_f64();
             }
-            apply_penalties(&mut row, &counts, params);
-            if let Some(c) = constraint.as_deref_mut() {
-                c.mask(&mut row)?;
+            match seq.advance(row, tok, constraint.as_deref_mut(), &mut on_step)? {
+                Some(next) => new_ids = vec![next as i64],
+                None => break,
             }
-            let next = sample(&row, params, &mut next_rand);
-            if tok.is_end(next) && !params.ignore_eos {
-                stats.stopped_by_eos = true;
-                break;
-            }
-            let complete = match constraint.as_deref_mut() {
-                Some(c) => c.accept(next)?,
-                None => false,
-            };
-            stats.generated_tokens += 1;
-            *counts.entry(next).or_default() += 1;
-            let logprob = top_logprobs.map(|k| token_logprob(&row, next, k, tok, prev));
-            let piece = tok.piece_bytes(prev, next);
-            let (text, stopped) = stops.push(&stream.push(&piece));
-            on_step(Step {
-                text: &text,
-                token: Some(next),
-                logprob: logprob.as_ref(),
-            })?;
-            if stopped {
-                stats.stopped_by_stop_string = true;
-                break;
-            }
-            if complete {
-                stats.stopped_by_eos = true;
-                break;
-            }
-            prev = Some(next);
-            new_ids = vec![next as i64];
         }
-        let rest = stops.finish();
-        if !rest.is_empty() {
-            on_step(Step {
-                text: &rest,
-                token: None,
-                logprob: None,
-            })?;
-        }
+        seq.finish(&mut on_step)?;
+        let mut stats = seq.stats;
+        stats.prompt_seconds = prompt_seconds;
+        stats.decode_calls = decode_calls;
+        stats.decode_engine_seconds = decode_engine_seconds;
         stats.generation_seconds = t0.elapsed().as_secs_f64() - stats.prompt_seconds;
         stats.decode_copied_bytes = Transfers::since(decode_start).total();
         Ok(stats)

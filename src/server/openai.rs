@@ -1,7 +1,7 @@
 //! OpenAI request bodies (`/v1/completions`, `/v1/chat/completions`) read field by field: every field the OpenAI
 //! API defines is honoured, accepted and ignored (when it cannot change the answer: `user`, `metadata`, `store`,
 //! ...) or refused with a message saying what to do instead; any other field is refused by name, so a typo does not
-//! pass silently. A few llama.cpp sampling extensions (`top_k`, `min_p`, `repeat_penalty`) are honoured too.
+//! pass silently. A few llama.cpp sampling extensions (`top_k`, `min_p`, `repeat_penalty`, `ignore_eos`) are honoured too.
 use crate::pipelines::chat::ChatMessage;
 use crate::pipelines::llm::SamplingParams;
 use serde::de::DeserializeOwned;
@@ -91,6 +91,10 @@ fn common(f: &mut Fields) -> Result<Parsed, String> {
     }
     if let Some(v) = f.take::<f32>("min_p")? {
         p.min_p = v;
+    }
+    // llama-server's: generate up to max_tokens past the end token (benchmarks).
+    if let Some(v) = f.take::<bool>("ignore_eos")? {
+        p.ignore_eos = v;
     }
     let rep = f.take::<f32>("repetition_penalty")?;
     let rep2 = f.take::<f32>("repeat_penalty")?;
