@@ -195,6 +195,7 @@ fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions 
         policy: a.policy.clone(),
         heldout_prompts: a.heldout_prompt.clone(),
         calibration_prompts: a.calibration_prompt.clone(),
+        layers: Vec::new(),
     }
 }
 

@@ -724,6 +724,11 @@ fn choose_layers(
 ) -> Result<BTreeMap<String, Format>> {
     let target = Target::from_targets(&o.base.targets)?;
     let metric = o.auto.quality.map(|_| Metric::Psnr);
+    // The NVIDIA-demo exclusions (time and added embeddings, every ResNet's time_emb_proj) and the recipe's `keep`
+    // stay high in every SD engine, so they are not measured either.
+    let keep =
+        unet::default_policy(LinearPrecision::Fp8).with_overrides(&[], &p.recipe.precision.keep)?;
+    let shapes = &o.auto.candidates(shapes, Some(&keep))?;
     let mut table = None;
     if let Some(path) = &o.auto.policy {
         let pf = auto_precision::read_policy(path, shapes, &target, metric)?;
