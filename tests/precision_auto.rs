@@ -367,3 +367,197 @@ fn llm_auto_precision_meets_its_budgets_and_round_trips() {
     let r = build("bad", &["--precision", "auto"], false);
     assert!(r.stderr.contains("--quality"), "{}", r.stderr);
 }
+
+/// A diffusers-layout folder of the committed tiny SD1.5 components (links), eps prediction.
+fn sd_dir(root: &Path) -> PathBuf {
+    let g = |rel: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(rel)
+    };
+    let m = root.join("tiny-sd");
+    std::fs::create_dir_all(m.join("scheduler")).unwrap();
+    for (name, src) in [
+        ("vae", g("sd/sd15/vae")),
+        ("text_encoder", g("flux/text_encoder")),
+        ("unet", g("sd/sd15/unet")),
+    ] {
+        std::os::unix::fs::symlink(&src, m.join(name)).unwrap();
+    }
+    std::fs::write(
+        m.join("scheduler/scheduler_config.json"),
+        r#"{"_class_name": "EulerDiscreteScheduler", "prediction_type": "epsilon"}"#,
+    )
+    .unwrap();
+    m
+}
+
+/// The SD1.5 UNet on the same search: a sample of its layers (two transformer blocks, as `AutoOptions::layers`
+/// allows for large models), the tight budget searched, the loose one re-chosen from its table; both verified
+/// by rendering the built bundles against an fp32 one; `--policy` round-trips the UNet graph.
+#[test]
+fn sd_auto_precision_meets_its_budgets_and_round_trips() {
+    use trt_diff::pipelines::auto_precision::AutoOptions;
+    use trt_diff::pipelines::sd_build::{SdBuildOptions, build_sd};
+    let dir = tempfile::tempdir().unwrap();
+    let model = sd_dir(dir.path());
+    let out = |name: &str| dir.path().join(name).join("sd.plan");
+    let layers = vec![
+        "down_blocks.0.attentions.0.*".to_string(),
+        "up_blocks.2.attentions.2.*".to_string(),
+    ];
+    let build = |name: &str, precision: &str, auto: AutoOptions| {
+        let o = out(name);
+        std::fs::create_dir_all(o.parent().unwrap()).unwrap();
+        build_sd(&SdBuildOptions {
+            model: model.clone(),
+            arch: Some("sd15".into()),
+            precision: trt_diff::quant::Precision::parse(precision).unwrap(),
+            clip_tokenizer: Some(shared_data("tokenizers/bpe_simple_vocab_16e6.txt.gz")),
+            tae_decoder: None,
+            image_px: Some([32, 32, 64]),
+            calibration_prompts: Some(vec![CALIBRATION.into()]),
+            calibration_steps: Some(2),
+            calibration_backend: BackendChoice::Cpu,
+            loras: vec![],
+            lora_rank: 0,
+            controlnet: None,
+            smoothquant_alpha: None,
+            auto: AutoOptions {
+                heldout_prompts: HELDOUT.iter().map(|h| h.to_string()).collect(),
+                layers: layers.clone(),
+                ..auto
+            },
+            base: trt_diff::trt::BuildOptions {
+                out: o,
+                progress: false,
+                onnx_only: true,
+                ..Default::default()
+            },
+        })
+    };
+    build("ref", "fp32", AutoOptions::default()).unwrap();
+    let tight_opts = AutoOptions {
+        quality: Some(60.0),
+        ..Default::default()
+    };
+    build("tight", "auto", tight_opts).unwrap();
+    let tight_file = out("tight").with_extension("policy.toml");
+    let tight = PolicyFile::read(&tight_file).unwrap();
+    assert_eq!(tight.layers.len(), 24, "{:?}", tight.layers.keys());
+    let loose_opts = AutoOptions {
+        quality: Some(35.0),
+        policy: Some(tight_file.clone()),
+        ..Default::default()
+    };
+    build("loose", "auto", loose_opts).unwrap();
+    let loose_file = out("loose").with_extension("policy.toml");
+    let loose = PolicyFile::read(&loose_file).unwrap();
+    let low = |pf: &PolicyFile| pf.layers.values().filter(|f| **f != Format::Keep).count();
+    eprintln!(
+        "tight: {} quantized ({} nvfp4), {} weight bytes, {:.1} dB; loose: {} quantized ({} nvfp4), {} bytes, \
+         {:.1} dB; search {:.1}s",
+        low(&tight),
+        low_bit(&tight),
+        tight.bytes().0,
+        tight.measured_quality,
+        low(&loose),
+        low_bit(&loose),
+        loose.bytes().0,
+        loose.measured_quality,
+        tight.search_seconds
+    );
+    assert!(low_bit(&loose) > low_bit(&tight), "{:?}", tight.layers);
+    assert!(loose.bytes().0 < tight.bytes().0 && tight.bytes().0 < tight.bytes().1);
+    let reference = out("ref").with_extension("plan.json");
+    for (name, pf) in [("tight", &tight), ("loose", &loose)] {
+        let psnr = sd_heldout_psnr(&out(name).with_extension("plan.json"), &reference);
+        eprintln!("{name}: held-out PSNR {psnr:.2} dB (budget {})", pf.quality);
+        assert!(psnr >= pf.quality, "{name}: {psnr} < {}", pf.quality);
+        assert!(
+            (psnr - pf.measured_quality).abs() < 1e-6,
+            "{psnr} vs {pf:?}"
+        );
+    }
+    let again = AutoOptions {
+        policy: Some(loose_file.clone()),
+        ..Default::default()
+    };
+    build("again", "fp32", again).unwrap();
+    let graph = |n: &str| bytes_of(&dir.path().join(n).join("sd.unet.onnx"));
+    assert!(
+        graph("again") == graph("loose"),
+        "--policy did not round-trip"
+    );
+    // A fixed precision with a policy is refused; a layer pattern matching nothing names the model's layers.
+    let e = build(
+        "bad",
+        "fp8",
+        AutoOptions {
+            policy: Some(loose_file),
+            ..Default::default()
+        },
+    )
+    .err()
+    .expect("fp8 with --policy is refused");
+    assert!(e.to_string().contains("--policy"), "{e}");
+    let shapes = [trt_diff::quant::auto::LinearShape {
+        layer: "mid_block.attentions.0.proj_in".into(),
+        out_features: 8,
+        in_features: 8,
+    }];
+    let none = AutoOptions {
+        layers: vec!["no_such_layer*".into()],
+        ..Default::default()
+    };
+    let e = none.candidates(&shapes, None).unwrap_err();
+    assert!(
+        e.to_string().contains("mid_block.attentions.0.proj_in"),
+        "{e}"
+    );
+}
+
+/// [`heldout_psnr`] for SD bundles.
+fn sd_heldout_psnr(engine: &Path, reference: &Path) -> f64 {
+    let render = |e: &Path| -> Vec<Vec<u8>> {
+        let ef = EngineFile::open(e).unwrap();
+        let mut pipe = trt_diff::pipelines::sd::open_pipeline(&ef, BackendChoice::Cpu).unwrap();
+        HELDOUT
+            .iter()
+            .enumerate()
+            .map(|(i, p)| {
+                let req = ImageRequest {
+                    prompt: p.to_string(),
+                    steps: Some(2),
+                    seed: 1000 + i as u64,
+                    width: Some(32),
+                    height: Some(32),
+                    batch: 1,
+                    cfg: 1.0,
+                    strength: 1.0,
+                    ..Default::default()
+                };
+                pipe.generate(&req, &mut |_| Ok(()))
+                    .unwrap()
+                    .images
+                    .remove(0)
+            })
+            .collect()
+    };
+    psnr_of(&render(engine), &render(reference))
+}
+
+fn psnr_of(a: &[Vec<u8>], b: &[Vec<u8>]) -> f64 {
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| {
+            let mse = x
+                .iter()
+                .zip(y)
+                .map(|(p, q)| ((*p as f64 - *q as f64) / 255.0).powi(2))
+                .sum::<f64>()
+                / x.len() as f64;
+            -10.0 * mse.max(1e-30).log10()
+        })
+        .fold(f64::INFINITY, f64::min)
+}

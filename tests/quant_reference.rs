@@ -226,3 +226,112 @@ fn plain_absmax_dequantizes_like_bitsandbytes() {
         assert_eq!(as_dtype(q.dequantize(want.len()), &dt), want, "{case}");
     }
 }
+
+/// INT8 SmoothQuant against ModelOpt (`mtq.quantize` with INT8_SMOOTHQUANT_CFG, alpha 0.5, on one linear layer:
+/// scripts/golden/quant_smoothquant.py): the per-channel activation maxima, the smoothing scales, the smoothed
+/// weight, its per-output-channel INT8 scales and codes, the per-tensor input range; and the exported W8A8 graph
+/// (`models::qdq::Linears` with smoothing, on ONNX Runtime) against ModelOpt's fake-quantized layer output.
+#[test]
+fn int8_smoothquant_matches_modelopt() {
+    use std::collections::HashMap;
+    use trt_diff::backend::{Engine, HostTensor};
+    use trt_diff::models::ops::Ops;
+    use trt_diff::models::qdq::{LinearWeights, Linears, Weight};
+    use trt_diff::onnx::{DataType, Dim};
+    use trt_diff::quant::LinearPrecision;
+    use trt_diff::quant::int::{Bits, Granularity, quantize};
+    use trt_diff::quant::policy::Policy;
+    use trt_diff::quant::smooth::smoothing;
+    use trt_diff::weights::safetensors_file::Checkpoint;
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/golden/quant/smoothquant.safetensors");
+    let ck = Checkpoint::open(&path).unwrap();
+    let t = |n: &str| ck.get(n).unwrap().to_f32().unwrap();
+    let (x, w, b) = (t("x"), t("weight"), t("bias"));
+    let (n, k) = (b.len(), x.len() / 64);
+    let alpha = t("alpha")[0];
+    // Per-channel maxima as the calibration graph's `chmax` output reduces them.
+    let mut act = vec![0f32; k];
+    for row in x.chunks_exact(k) {
+        for (m, v) in act.iter_mut().zip(row) {
+            *m = m.max(v.abs());
+        }
+    }
+    assert_eq!(act, t("act_amax"));
+    let s = smoothing(&act, &w, n, k, alpha).unwrap();
+    let want_p = t("pre_quant_scale");
+    for (j, (a, e)) in s.pre_quant_scale.iter().zip(&want_p).enumerate() {
+        assert_eq!(a.to_bits(), e.to_bits(), "pre_quant_scale[{j}]: {a} vs {e}");
+    }
+    assert_eq!(s.input_amax.to_bits(), t("input_amax")[0].to_bits());
+    let ws = s.smooth_weight(&w);
+    assert_eq!(
+        ws.iter().map(|v| v.to_bits()).collect::<Vec<_>>(),
+        t("smoothed_weight")
+            .iter()
+            .map(|v| v.to_bits())
+            .collect::<Vec<_>>(),
+        "smoothed weight"
+    );
+    // Per-output-channel INT8: scale amax/127; ModelOpt's fake quantization = code * scale.
+    let (codes, scales) = quantize(&ws, k, Granularity::Channel, Bits::Int8);
+    for (r, (sc, am)) in scales.iter().zip(t("weight_amax")).enumerate() {
+        assert!(
+            (sc - am / 127.0).abs() <= 1e-7 * am,
+            "row {r}: scale {sc} vs amax {am}"
+        );
+    }
+    let fq = t("weight_fq");
+    for (i, (c, e)) in codes.iter().zip(&fq).enumerate() {
+        let d = *c as f32 * scales[i / k];
+        assert!(
+            (d - e).abs() <= 1e-6 * e.abs().max(1e-3),
+            "weight {i}: {d} vs {e}"
+        );
+    }
+    // The graph: Mul by the pre-quantization scale, INT8 Q/DQ, INT8 weight DQ, MatMul, bias.
+    let mut o = Ops::new("smoothquant", 19, DataType::FLOAT);
+    let xin =
+        o.g.input(
+            "x",
+            DataType::FLOAT,
+            vec![Dim::Fixed(64), Dim::Fixed(k as i64)],
+        )
+        .unwrap();
+    let policy = Policy::uniform(LinearPrecision::Int8);
+    let amax = HashMap::from([("fc".to_string(), 1.0f32)]);
+    let channels = HashMap::from([("fc".to_string(), act.clone())]);
+    let mut l = Linears::new(Some(&policy), &amax, None, 256.0, false);
+    l.smooth = Some((alpha, &channels));
+    let lw = LinearWeights {
+        weight: &w,
+        bias: Some(&b),
+        out_features: n,
+        in_features: k,
+    };
+    let y = l
+        .linear(&mut o, "fc", "fc", "fc", &xin, Weight::F32(lw))
+        .unwrap();
+    assert_eq!(l.smoothed, 1);
+    o.g.output(&y);
+    let dir = tempfile::tempdir().unwrap();
+    let onnx = dir.path().join("sq.onnx");
+    trt_diff::onnx::save(o.g.finish(), &onnx, &Default::default()).unwrap();
+    let mut e =
+        trt_diff::backend::ort_backend::OrtEngine::open(&onnx, &Default::default()).unwrap();
+    let out = e
+        .run(&[("x".into(), HostTensor::from_f32(&[64, k], &x))])
+        .unwrap();
+    let got = out[0].1.to_f64().unwrap();
+    let want = t("y");
+    let scale = want.iter().fold(0f32, |m, v| m.max(v.abs())) as f64;
+    let err = got
+        .iter()
+        .zip(&want)
+        .fold(0f64, |m, (a, b)| m.max((a - *b as f64).abs()));
+    // Activation rounding differs only where x p / s lands on a half (ModelOpt multiplies by 127/amax).
+    assert!(
+        err <= 1e-5 * scale,
+        "graph output max abs err {err:.3e} (scale {scale:.3})"
+    );
+}

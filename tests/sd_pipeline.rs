@@ -510,6 +510,8 @@ fn quantized_and_half_bundles_build_and_stay_close() {
             loras: vec![],
             lora_rank: 0,
             controlnet: None,
+            smoothquant_alpha: None,
+            auto: Default::default(),
             base: trt_diff::trt::BuildOptions {
                 out: out.clone(),
                 progress: false,
@@ -533,6 +535,101 @@ fn quantized_and_half_bundles_build_and_stay_close() {
         println!("{precision} bundle: final latents max rel err {e:.3e} against diffusers f32");
         assert!(e < bound, "{precision}: {e}");
     }
+}
+
+/// PSNR (dB) of `got` against `want`, the peak being `want`'s largest magnitude.
+fn psnr(got: &[f32], want: &[f32]) -> f64 {
+    let peak = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+    let mse = got
+        .iter()
+        .zip(want)
+        .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+        .sum::<f64>()
+        / want.len().max(1) as f64;
+    10.0 * (peak * peak / mse.max(1e-30)).log10()
+}
+
+/// INT8 W8A8 SD bundles (activations calibrated through the sampler loop, per-channel weights, the FP8 policy's
+/// exclusions), with SmoothQuant at the recipe's alpha and without it: TensorRT-RTX builds the smoothed INT8
+/// UNet, and the final latents stay within a stated PSNR of diffusers' f32.
+#[test]
+fn int8_bundles_with_and_without_smoothquant() {
+    use trt_diff::pipelines::sd_build::{SdBuildOptions, build_sd};
+    let dir = tempfile::tempdir().unwrap();
+    let model = model_dir(dir.path(), false, "epsilon");
+    let want = io("sd15_final_latents");
+    let mut found = Vec::new();
+    for (name, alpha, onnx_only) in [("smooth", None, false), ("plain", Some(0.0), true)] {
+        let out = dir.path().join(name).join("sd.plan");
+        std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+        build_sd(&SdBuildOptions {
+            model: model.clone(),
+            arch: None,
+            precision: trt_diff::quant::Precision::Int8,
+            clip_tokenizer: Some(clip_vocab()),
+            tae_decoder: None,
+            image_px: Some([32, 32, 64]),
+            calibration_prompts: Some(vec![PROMPT.into(), "a red cube on a table".into()]),
+            calibration_steps: Some(2),
+            calibration_backend: BackendChoice::Cpu,
+            loras: vec![],
+            lora_rank: 0,
+            controlnet: None,
+            smoothquant_alpha: alpha,
+            auto: Default::default(),
+            base: trt_diff::trt::BuildOptions {
+                out: out.clone(),
+                progress: false,
+                onnx_only,
+                ..Default::default()
+            },
+        })
+        .unwrap();
+        let engine = EngineFile::open(&out).unwrap();
+        let Some(trt_diff::manifest::Pipeline::Image(bundle)) = engine.pipeline() else {
+            panic!("no image bundle in {}", out.display())
+        };
+        assert_eq!(bundle.precision, "int8");
+        if !onnx_only {
+            assert!(bundle.components.values().all(|c| c.plan.is_some()));
+        }
+        // The graph holds INT8 weights, and the smoothed one its pre-quantization scales.
+        let onnx = out.with_file_name("sd.unet.onnx");
+        let m = trt_diff::onnx::OnnxFile::load(&onnx).unwrap();
+        let inits: Vec<&str> = m
+            .model
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .map(|t| t.name.as_str())
+            .collect();
+        let int8 = inits
+            .iter()
+            .filter(|n| n.ends_with(".weight_scale"))
+            .count();
+        let smoothed = inits
+            .iter()
+            .filter(|n| n.ends_with(".pre_quant_scale"))
+            .count();
+        assert!(int8 > 0, "no INT8 layers in {}", onnx.display());
+        assert_eq!(smoothed, if alpha.is_none() { int8 } else { 0 }, "{name}");
+        let mut pipe = trt_diff::pipelines::sd::open_pipeline(&engine, BackendChoice::Cpu).unwrap();
+        let req = request(PROMPT, NEGATIVE, 7.5, io("sd15_initial_latents"));
+        let r = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+        found.push((name, psnr(&r.latents, &want), max_rel(&r.latents, &want)));
+    }
+    for (name, p, e) in &found {
+        println!(
+            "int8 {name}: final latents {p:.2} dB PSNR, max rel err {e:.3e} against diffusers f32"
+        );
+    }
+    let (smooth, plain) = (found[0].1, found[1].1);
+    println!(
+        "SmoothQuant (alpha 0.5) {} by {:.2} dB on the tiny SD1.5",
+        if smooth >= plain { "helps" } else { "hurts" },
+        (smooth - plain).abs()
+    );
+    assert!(smooth > 40.0 && plain > 40.0, "{found:?}");
 }
 
 /// Samplers and schedulers of the catalogue on the SD (eps) parameterization: stochastic, multistep, CFG++ and

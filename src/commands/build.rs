@@ -195,6 +195,7 @@ fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions 
         policy: a.policy.clone(),
         heldout_prompts: a.heldout_prompt.clone(),
         calibration_prompts: a.calibration_prompt.clone(),
+        layers: Vec::new(),
     }
 }
 
@@ -306,6 +307,8 @@ fn build_sd(a: &BuildArgs) -> Result<()> {
         loras: a.lora.clone(),
         lora_rank: a.lora_rank,
         controlnet: a.controlnet.clone(),
+        smoothquant_alpha: None,
+        auto: auto_options(a),
         base: BuildOptions::from(a),
     })?;
     let arch = o
@@ -320,9 +323,9 @@ fn build_sd(a: &BuildArgs) -> Result<()> {
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }

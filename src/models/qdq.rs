@@ -48,9 +48,79 @@ pub struct Linears<'a> {
     pub lora_rank: usize,
     /// Layers whose stored NVFP4 / FP8 codes and scales (a pre-quantized checkpoint's) went in unchanged.
     pub from_checkpoint: usize,
+    /// Calibration graphs also get a `chmax.<key>` output per input activation: its absolute maximum per channel
+    /// (last axis), which SmoothQuant needs.
+    pub channel_calibration: bool,
+    /// SmoothQuant for INT8 layers: the migration strength alpha and the calibrated per-channel activation maxima
+    /// by key ([`crate::quant::smooth`]); INT8 layers without maxima are not smoothed.
+    pub smooth: Option<(f32, &'a HashMap<String, Vec<f32>>)>,
+    /// INT8 layers smoothed.
+    pub smoothed: usize,
 }
 
 impl<'a> Linears<'a> {
+    /// An INT8 layer with SmoothQuant: the input times the pre-quantization scale (an explicit Mul before the
+    /// activation Q/DQ, which TensorRT fuses into the producer's epilogue), the weight's columns divided by it,
+    /// then the W8A8 pattern with the smoothed input's range.
+    #[allow(clippy::too_many_arguments)]
+    fn smoothed_int8(
+        &mut self,
+        o: &mut Ops,
+        name: &str,
+        x: &Value,
+        w: &Weight,
+        (n, k): (usize, usize),
+        alpha: f32,
+        act_amax: &[f32],
+    ) -> Result<Value> {
+        let (wf, bf) = match w {
+            Weight::Tensor { weight, bias } => {
+                (weight.to_f32()?, bias.map(|b| b.to_f32()).transpose()?)
+            }
+            Weight::F32(lw) => (lw.weight.to_vec(), lw.bias.map(|b| b.to_vec())),
+        };
+        let s = crate::quant::smooth::smoothing(act_amax, &wf, n, k, alpha)
+            .map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+        let ws = s.smooth_weight(&wf);
+        let dt = x.dtype;
+        let xq = o.cast(&format!("{name}/in_f32"), x, DataType::FLOAT)?;
+        let p = o.g.initializer(
+            &format!("{name}.pre_quant_scale"),
+            DataType::FLOAT,
+            &[k as i64],
+            float_bytes(&s.pre_quant_scale, DataType::FLOAT),
+        )?;
+        let xs = o.g.op(
+            "Mul",
+            &format!("{name}/smooth"),
+            &[&xq, &p],
+            vec![],
+            DataType::FLOAT,
+            xq.shape.clone(),
+        )?;
+        let lw = LinearWeights {
+            weight: &ws,
+            bias: bf.as_deref(),
+            out_features: n,
+            in_features: k,
+        };
+        let y = linear(
+            &mut o.g,
+            name,
+            &xs,
+            &lw,
+            LinearPrecision::Int8,
+            s.input_amax,
+        )?;
+        let y = if self.lora_rank > 0 {
+            lora_side_path(&mut o.g, name, &xq, &y, n, k, self.lora_rank)?
+        } else {
+            y
+        };
+        self.smoothed += 1;
+        o.cast(&format!("{name}/out"), &y, dt)
+    }
+
     /// Layers decided by `policy` (None: every layer in the graph's dtype), quantized with the ranges in `amax`,
     /// defaulting to `fp8_default_amax` / `nvfp4_default_amax` where a layer has none; `calibration` adds the
     /// calibration outputs.
@@ -72,6 +142,9 @@ impl<'a> Linears<'a> {
             shapes: Vec::new(),
             lora_rank: 0,
             from_checkpoint: 0,
+            channel_calibration: false,
+            smooth: None,
+            smoothed: 0,
         }
     }
 
@@ -98,6 +171,12 @@ impl<'a> Linears<'a> {
         x: &Value,
         w: Weight,
     ) -> Result<Value> {
+        let (n, k) = match &w {
+            Weight::Tensor { weight, .. } => {
+                (weight.shape[0], weight.shape.get(1).copied().unwrap_or(0))
+            }
+            Weight::F32(lw) => (lw.out_features, lw.in_features),
+        };
         if self.calibration && self.calibrated.insert(key.to_string()) {
             let xf = o.cast(&format!("amax/{key}/f32"), x, DataType::FLOAT)?;
             let a = o.same("Abs", &format!("amax/{key}/abs"), &[&xf], vec![])?;
@@ -111,13 +190,28 @@ impl<'a> Linears<'a> {
             )?;
             m.shape = vec![];
             o.g.output(&m);
-        }
-        let (n, k) = match &w {
-            Weight::Tensor { weight, .. } => {
-                (weight.shape[0], weight.shape.get(1).copied().unwrap_or(0))
+            if self.channel_calibration {
+                let rows = o.i64s(&format!("chmax.{key}.rows"), &[-1, k as i64])?;
+                let flat = o.g.op(
+                    "Reshape",
+                    &format!("chmax/{key}/rows"),
+                    &[&a, &rows],
+                    vec![],
+                    DataType::FLOAT,
+                    vec![Dim::Sym(format!("chmax_{key}_rows")), Dim::Fixed(k as i64)],
+                )?;
+                let axes = o.i64s(&format!("chmax.{key}.axes"), &[0])?;
+                let c = o.g.op(
+                    "ReduceMax",
+                    &format!("chmax.{key}"),
+                    &[&flat, &axes],
+                    vec![("keepdims", Attr::Int(0))],
+                    DataType::FLOAT,
+                    fixed(&[k]),
+                )?;
+                o.g.output(&c);
             }
-            Weight::F32(lw) => (lw.out_features, lw.in_features),
-        };
+        }
         // Block formats need whole blocks along the input features; other layers stay high precision (as ModelOpt
         // leaves them).
         let decision = self
@@ -138,6 +232,15 @@ impl<'a> Linears<'a> {
             out_features: n,
             in_features: k,
         });
+        let smooth = match (decision, self.smooth) {
+            (Some(LinearPrecision::Int8), Some((alpha, ch))) => {
+                ch.get(key).filter(|a| a.len() == k).map(|a| (alpha, a))
+            }
+            _ => None,
+        };
+        if let Some((alpha, act)) = smooth {
+            return self.smoothed_int8(o, name, x, &w, (n, k), alpha, act);
+        }
         match (decision, w) {
             // Checkpoint tensors compute in the graph's dtype unless quantized.
             (
@@ -1087,6 +1190,27 @@ pub fn attention(
 }
 
 /// Folds a calibration run's outputs (`amax.<key>` scalars) into `map`, keeping the maximum per key.
+/// Folds a calibration run's `chmax.<key>` outputs (per-channel absolute maxima) into `map`.
+pub fn merge_channel_amax(
+    map: &mut HashMap<String, Vec<f32>>,
+    outputs: &[(String, crate::backend::HostTensor)],
+) {
+    for (name, t) in outputs {
+        if let Some(key) = name.strip_prefix("chmax.")
+            && let Some(v) = t.to_f64()
+        {
+            let e = map
+                .entry(key.to_string())
+                .or_insert_with(|| vec![0.0; v.len()]);
+            if e.len() == v.len() {
+                for (m, x) in e.iter_mut().zip(&v) {
+                    *m = m.max(x.abs() as f32);
+                }
+            }
+        }
+    }
+}
+
 pub fn merge_amax(
     map: &mut HashMap<String, f32>,
     outputs: &[(String, crate::backend::HostTensor)],

@@ -442,6 +442,12 @@ pub struct UNetExportOptions {
     pub lora_rank: usize,
     /// The UNet takes a ControlNet's residuals ([`controlnet_residuals`]) as inputs.
     pub controlnet_residuals: bool,
+    /// With `calibration`: also a `chmax.<key>` output per linear-layer input (per-channel maxima, for SmoothQuant).
+    pub channel_calibration: bool,
+    /// INT8 layers: SmoothQuant's migration strength (None: no smoothing) over `channel_amax`.
+    pub smooth_alpha: Option<f32>,
+    /// Calibrated per-channel activation maxima by [`amax_key`].
+    pub channel_amax: HashMap<String, Vec<f32>>,
 }
 
 impl Default for UNetExportOptions {
@@ -456,6 +462,9 @@ impl Default for UNetExportOptions {
             fp8_default_amax: None,
             lora_rank: 0,
             controlnet_residuals: false,
+            channel_calibration: false,
+            smooth_alpha: None,
+            channel_amax: HashMap::new(),
         }
     }
 }
@@ -1004,7 +1013,7 @@ fn emit(
 ) -> Result<(
     ModelProto,
     Option<crate::onnx::builder::ExternalSink>,
-    HashMap<String, usize>,
+    Emitted,
 )> {
     if cfg.block_out_channels.is_empty() {
         bail!("UNet config: no levels (block_out_channels is empty)");
@@ -1038,6 +1047,8 @@ fn emit(
         ),
     };
     e.linears.lora_rank = opts.lora_rank;
+    e.linears.channel_calibration = opts.channel_calibration;
+    e.linears.smooth = opts.smooth_alpha.map(|a| (a, &opts.channel_amax));
     if opts.quantize == Some(LinearPrecision::Nvfp4) {
         // TensorRT's dynamic FP4 activation quantization.
         e.o.g.use_domain("trt", 1);
@@ -1123,9 +1134,13 @@ fn emit(
         ],
     )?;
     e.o.g.output(&y);
-    let counts = e.linears.counts.clone();
+    let layers = Emitted {
+        counts: e.linears.counts.clone(),
+        linears: std::mem::take(&mut e.linears.shapes),
+        smoothed: e.linears.smoothed,
+    };
     let (model, sink) = e.o.g.finish_streamed();
-    Ok((model, sink, counts))
+    Ok((model, sink, layers))
 }
 
 /// One ControlNet residual: its name (`controlnet_down_<k>` per skip connection, `controlnet_mid`), channels and
@@ -1329,12 +1344,23 @@ pub fn graph(cfg: &UNetConfig, ck: &Checkpoint, opts: &UNetExportOptions) -> Res
     Ok(emit(cfg, ck, opts, None)?.0)
 }
 
+/// What an emitter wrote besides the graph.
+struct Emitted {
+    counts: HashMap<String, usize>,
+    linears: Vec<crate::quant::auto::LinearShape>,
+    smoothed: usize,
+}
+
 /// What an export wrote.
 #[derive(Clone, Debug)]
 pub struct UNetExportReport {
     pub onnx: PathBuf,
     /// Linear layers by precision name ("fp8", "nvfp4", "kept").
     pub layers: HashMap<String, usize>,
+    /// Every linear layer (policy name, shape) in graph order: what `build --precision auto` measures.
+    pub linears: Vec<crate::quant::auto::LinearShape>,
+    /// INT8 layers with SmoothQuant applied.
+    pub smoothed: usize,
 }
 
 /// Exports the UNet of `ck` to `out` (weights streamed to `<out>.data`, both under temporary names until
@@ -1349,11 +1375,13 @@ pub fn export(
         std::fs::create_dir_all(dir)
             .with_context(|| format!("cannot create '{}'", dir.display()))?;
     }
-    let (model, sink, layers) = emit(cfg, ck, opts, Some(out))?;
+    let (model, sink, e) = emit(cfg, ck, opts, Some(out))?;
     crate::onnx::save_streamed(model, sink, out)?;
     Ok(UNetExportReport {
         onnx: out.to_path_buf(),
-        layers,
+        layers: e.counts,
+        linears: e.linears,
+        smoothed: e.smoothed,
     })
 }
 

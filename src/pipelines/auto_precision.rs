@@ -28,6 +28,48 @@ pub struct AutoOptions {
     pub heldout_prompts: Vec<String>,
     /// `--calibration-prompt` for LLM builds (image families take theirs with their other calibration options).
     pub calibration_prompts: Vec<String>,
+    /// Layer-name globs: only matching layers are measured and chosen, the others kept (a sample of a large
+    /// model's layers; empty: every layer). SD builds take it.
+    pub layers: Vec<String>,
+}
+
+impl AutoOptions {
+    /// The layers of `shapes` the search covers: those `keep` leaves quantizable (None: all), then those matching
+    /// [`AutoOptions::layers`].
+    pub fn candidates(
+        &self,
+        shapes: &[LinearShape],
+        keep: Option<&crate::quant::policy::Policy>,
+    ) -> Result<Vec<LinearShape>> {
+        use crate::quant::policy::LayerKind;
+        let globs = self
+            .layers
+            .iter()
+            .map(|g| {
+                glob::Pattern::new(g)
+                    .map_err(|e| anyhow::anyhow!("layer pattern '{g}' is not a valid glob: {e}"))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let out: Vec<LinearShape> = shapes
+            .iter()
+            .filter(|s| keep.is_none_or(|p| p.decide(&s.layer, LayerKind::Linear).is_some()))
+            .filter(|s| globs.is_empty() || globs.iter().any(|g| g.matches(&s.layer)))
+            .cloned()
+            .collect();
+        if out.is_empty() {
+            bail!(
+                "no linear layer matches the layer patterns {:?}; the model's layers are e.g. {}",
+                self.layers,
+                shapes
+                    .iter()
+                    .take(5)
+                    .map(|s| s.layer.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            );
+        }
+        Ok(out)
+    }
 }
 
 /// Where a family's measurements come from.

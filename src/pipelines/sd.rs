@@ -197,6 +197,8 @@ pub struct SdModel {
     pub engines: SdEngines,
     /// When set, every UNet run's `amax.<key>` outputs (a calibration graph's) are folded in here.
     pub amax: Option<std::collections::HashMap<String, f32>>,
+    /// With `amax`: the per-channel `chmax.<key>` outputs (SmoothQuant's calibration), folded in here.
+    pub channel_amax: Option<std::collections::HashMap<String, Vec<f32>>>,
     sampling: ModelSampling,
     /// A 9-channel inpainting UNet's extra inputs for one image: the latent mask [1, h, w] and the masked
     /// image's latent [4, h, w].
@@ -270,6 +272,7 @@ impl SdModel {
             tokenizers,
             engines,
             amax: None,
+            channel_amax: None,
             sampling,
             inpaint: None,
             device: None,
@@ -644,6 +647,9 @@ impl SdModel {
         let out = self.engines.unet.run(&inputs).context("UNet")?;
         if let Some(map) = self.amax.as_mut() {
             crate::models::qdq::merge_amax(map, &out);
+        }
+        if let Some(map) = self.channel_amax.as_mut() {
+            crate::models::qdq::merge_channel_amax(map, &out);
         }
         let y = output_f32(&out, "model_output")?;
         if y.len() != x.len() {

@@ -6,6 +6,7 @@
 //! `NAME.plan`) with dynamic batch/size/prompt-length profiles from the recipe (engines/<arch>.toml), and records
 //! the pipeline in the manifest. Without `--arch`, the arch is read off the files (Turbo models look like their
 //! bases: name them).
+use super::auto_precision::{self, AutoOptions};
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
 use super::image::ImagePipeline;
@@ -15,6 +16,7 @@ use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::clip::{self, ClipOptions, ClipTextConfig};
 use crate::models::{taesd, unet, vae};
 use crate::onnx::{DataType, SaveOptions, save};
+use crate::quant::auto::{Format, LinearShape, Metric, Target};
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
@@ -59,6 +61,16 @@ pub struct RecipePrecision {
     pub calibration_steps: usize,
     pub calibration_px: usize,
     pub calibration_prompts: Vec<String>,
+    /// `--precision auto` checks its choice on these (never on the calibration prompts).
+    #[serde(default)]
+    pub heldout_prompts: Vec<String>,
+    /// INT8: SmoothQuant's migration strength alpha in [0, 1] (0: no smoothing).
+    #[serde(default = "default_smoothquant_alpha")]
+    pub smoothquant_alpha: f32,
+}
+
+fn default_smoothquant_alpha() -> f32 {
+    0.5
 }
 
 /// Where each component comes from: a diffusers folder's subfolders, or one single file (with key scopes).
@@ -443,9 +455,13 @@ pub fn export_sd(
     out_dir: &Path,
     clip_tok: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
-    if precision == Precision::Fp8 {
+    if matches!(
+        precision,
+        Precision::Fp8 | Precision::Int8 | Precision::Auto
+    ) {
         bail!(
-            "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
+            "{precision} needs calibrated activation scales: use `trt-diff build --precision {precision}`, which \
+             calibrates"
         );
     }
     let p = plan(model, arch, clip_tok)?;
@@ -475,7 +491,7 @@ pub fn export_sd(
     export_aux(&p, out_dir, "", text, vae_dt)?;
     export_unet(
         &p,
-        &unet_options(&p, precision, HashMap::new())?,
+        &unet_options(&p, precision, Calibration::default(), 0.0)?,
         &onnx_path(out_dir, "", "unet"),
     )?;
     guard.disarm();
@@ -535,20 +551,30 @@ pub fn export_aux(
     Ok(())
 }
 
-/// UNet export options for a precision (FP8 with the calibrated `amax`).
+/// Calibrated activation ranges: per tensor by amax key, and per channel (SmoothQuant's).
+#[derive(Clone, Debug, Default)]
+pub struct Calibration {
+    pub amax: HashMap<String, f32>,
+    pub channel_amax: HashMap<String, Vec<f32>>,
+}
+
+/// UNet export options for a precision (FP8/INT8 with the calibrated ranges; INT8 smoothed at `alpha` > 0).
 fn unet_options(
     p: &Plan,
     precision: Precision,
-    amax: HashMap<String, f32>,
+    cal: Calibration,
+    alpha: f32,
 ) -> Result<unet::UNetExportOptions> {
     let (compute, quantize) = match precision {
         Precision::Fp32 => (DataType::FLOAT, None),
         Precision::Fp16 => (DataType::FLOAT16, None),
         Precision::Bf16 => (DataType::BFLOAT16, None),
         Precision::Fp8 => (DataType::FLOAT, Some(LinearPrecision::Fp8)),
+        Precision::Int8 => (DataType::FLOAT, Some(LinearPrecision::Int8)),
         Precision::Nvfp4 => (DataType::FLOAT, Some(LinearPrecision::Nvfp4)),
         other => bail!(
-            "--precision {other} is not available for Stable Diffusion: use fp32, fp16, bf16, fp8 or nvfp4"
+            "--precision {other} is not available for Stable Diffusion: use fp32, fp16, bf16, fp8, int8, nvfp4 or \
+             auto"
         ),
     };
     let policy = match quantize {
@@ -559,7 +585,41 @@ fn unet_options(
         compute,
         quantize,
         policy,
-        amax,
+        amax: cal.amax,
+        smooth_alpha: smooth_alpha(quantize == Some(LinearPrecision::Int8), alpha)?,
+        channel_amax: cal.channel_amax,
+        ..Default::default()
+    })
+}
+
+fn smooth_alpha(int8: bool, alpha: f32) -> Result<Option<f32>> {
+    if !(0.0..=1.0).contains(&alpha) {
+        bail!("smoothquant_alpha {alpha} is outside [0, 1] (0 turns SmoothQuant off)");
+    }
+    Ok((int8 && alpha > 0.0).then_some(alpha))
+}
+
+/// UNet export options with per-layer formats (`--precision auto`, `--policy`): every other layer kept in f32;
+/// FP8/INT8 layers take their activation ranges from `cal`, INT8 ones smoothed at `alpha` > 0.
+pub fn layered_options(
+    layers: &BTreeMap<String, Format>,
+    cal: &Calibration,
+    alpha: f32,
+) -> Result<unet::UNetExportOptions> {
+    let policy = crate::quant::auto::policy_of(layers)?;
+    // The target only sets the graph's opset and domains here: the policy decides every layer.
+    let quantize = (policy.target != LinearPrecision::F32).then_some(policy.target);
+    let int8 = layers.values().any(|f| *f == Format::Int8);
+    Ok(unet::UNetExportOptions {
+        quantize,
+        policy: quantize.map(|_| policy),
+        amax: cal.amax.clone(),
+        smooth_alpha: smooth_alpha(int8, alpha)?,
+        channel_amax: if int8 {
+            cal.channel_amax.clone()
+        } else {
+            HashMap::new()
+        },
         ..Default::default()
     })
 }
@@ -584,27 +644,31 @@ fn tokenizers(p: &Plan) -> Result<Vec<ClipTokenizer>> {
         .collect()
 }
 
-/// Runs an f32 calibration UNet through the sampler loop over the recipe's prompts and returns each linear
-/// layer's input amax. The f32 text encoders and VAE decoder are already exported as `<stem>.*.onnx` in `dir`.
-fn calibrate(
+/// The calibration pipeline: the bundle's f32 text encoders and VAE decoder (already exported as `<stem>.*.onnx`
+/// in `dir`) around an f32 UNet with the calibration outputs (per channel too when `channels`); and the UNet's
+/// linear layers.
+fn calibration_pipeline(
     p: &Plan,
     dir: &Path,
     stem: &str,
     tmp: &Path,
     backend: BackendChoice,
-) -> Result<HashMap<String, f32>> {
+    channels: bool,
+) -> Result<(ImagePipeline<SdModel>, Vec<LinearShape>)> {
     let calib = tmp.join("calibration.unet.onnx");
     let opts = unet::UNetExportOptions {
         calibration: true,
+        channel_calibration: channels,
         ..Default::default()
     };
-    export_unet(p, &opts, &calib)?;
+    let ck = p.open_merged(&p.files.unet, Some(Part::Denoiser))?;
+    let report = unet::export(&p.unet, &ck, &opts, &calib)?;
     let open = |path: &Path| open_file(&EngineFile::open(path)?, backend, &OpenOptions::default());
     let mut text_encoders = Vec::new();
     for spec in &p.config.text_encoders {
         text_encoders.push(open(&onnx_path(dir, stem, &spec.component))?);
     }
-    let mut model = SdModel::new(
+    let model = SdModel::new(
         p.config.clone(),
         tokenizers(p)?,
         SdEngines {
@@ -615,17 +679,115 @@ fn calibrate(
             tae_decoder: None,
         },
     );
-    model.amax = Some(HashMap::new());
-    let mut pipe = ImagePipeline::new(model);
+    Ok((ImagePipeline::new(model), report.linears))
+}
+
+/// The calibration image side: the recipe's, at most the profile's optimum, a multiple of 8.
+fn calibration_side(p: &Plan) -> usize {
     let r = &p.recipe.precision;
-    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 8).max(1) * 8;
+    (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / 8).max(1) * 8
+}
+
+/// Runs the recipe's calibration prompts through the sampler loop and returns each linear layer's input ranges.
+fn calibrate(p: &Plan, pipe: &mut ImagePipeline<SdModel>) -> Result<Calibration> {
+    pipe.model.amax = Some(HashMap::new());
+    pipe.model.channel_amax = Some(HashMap::new());
+    let r = &p.recipe.precision;
     // cfg 0: the family's default guidance, as generation will use.
-    pipe.calibrate(&r.calibration_prompts, r.calibration_steps, px, 0.0)?;
+    pipe.calibrate(
+        &r.calibration_prompts,
+        r.calibration_steps,
+        calibration_side(p),
+        0.0,
+    )?;
     let amax = pipe.model.amax.take().unwrap_or_default();
+    let channel_amax = pipe.model.channel_amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
     }
-    Ok(amax)
+    Ok(Calibration { amax, channel_amax })
+}
+
+/// `--precision auto` / `--policy`: the per-layer formats, searched on the calibration pipeline (whose UNet is the
+/// unquantized reference) or read from the policy file; the chosen policy is written to `policy_out`.
+#[allow(clippy::too_many_arguments)]
+fn choose_layers(
+    p: &Plan,
+    o: &SdBuildOptions,
+    arch: &str,
+    dir: &Path,
+    pipe: &mut ImagePipeline<SdModel>,
+    shapes: &[LinearShape],
+    cal: &Calibration,
+    alpha: f32,
+    policy_out: &Path,
+) -> Result<BTreeMap<String, Format>> {
+    let target = Target::from_targets(&o.base.targets)?;
+    let metric = o.auto.quality.map(|_| Metric::Psnr);
+    // The NVIDIA-demo exclusions (time and added embeddings, every ResNet's time_emb_proj) and the recipe's `keep`
+    // stay high in every SD engine, so they are not measured either.
+    let keep =
+        unet::default_policy(LinearPrecision::Fp8).with_overrides(&[], &p.recipe.precision.keep)?;
+    let shapes = &o.auto.candidates(shapes, Some(&keep))?;
+    let mut table = None;
+    if let Some(path) = &o.auto.policy {
+        let pf = auto_precision::read_policy(path, shapes, &target, metric)?;
+        if o.auto.quality.is_none() {
+            if std::path::absolute(path).ok() != std::path::absolute(policy_out).ok() {
+                pf.write(policy_out)?;
+            }
+            return Ok(pf.layers);
+        }
+        table = Some(pf.measured);
+    }
+    let quality = o.auto.quality.context(
+        "--precision auto needs --quality DB: the PSNR (dB) the final images must keep against the unquantized \
+         model on held-out prompts (e.g. 30), or --policy FILE from an earlier search",
+    )?;
+    let r = &p.recipe.precision;
+    let heldout = if o.auto.heldout_prompts.is_empty() {
+        r.heldout_prompts.clone()
+    } else {
+        o.auto.heldout_prompts.clone()
+    };
+    auto_precision::check_prompts(&r.calibration_prompts, &heldout)?;
+    let cand = dir.join("candidate.unet.onnx");
+    let backend = o.calibration_backend;
+    let swap = Box::new(
+        move |m: &mut SdModel, layers: &BTreeMap<String, Format>| -> Result<()> {
+            export_unet(p, &layered_options(layers, cal, alpha)?, &cand)?;
+            m.engines.unet =
+                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+            Ok(())
+        },
+    );
+    pipe.model.amax = None;
+    pipe.model.channel_amax = None;
+    let mut probe = auto_precision::ImageProbe::new(
+        pipe,
+        swap,
+        &r.calibration_prompts,
+        &heldout,
+        r.calibration_steps,
+        calibration_side(p),
+    )?;
+    // GEMM rows at the profile's optimum: the tokens of the first (largest) attention level.
+    let lat = (p.recipe.shapes.image_px[1] / p.config.vae_scale_factor as i64).max(1) as usize;
+    let spec = auto_precision::SearchSpec {
+        arch: arch.to_string(),
+        metric: Metric::Psnr,
+        quality,
+        target,
+        shapes,
+        tokens: lat * lat,
+        base_bytes: 4,
+        calibration_prompts: r.calibration_prompts.clone(),
+        heldout_prompts: heldout,
+    };
+    let pf = auto_precision::run_search(&spec, &mut probe, table)?;
+    tracing::info!("{}", probe.timings.describe());
+    pf.write(policy_out)?;
+    Ok(pf.layers)
 }
 
 /// Optimization profiles of every component: batch, image side (height and width independently) and prompt
@@ -682,6 +844,10 @@ pub struct SdBuildOptions {
     pub lora_rank: usize,
     /// A diffusers ControlNetModel folder: its engine joins the bundle and the UNet takes its residuals.
     pub controlnet: Option<PathBuf>,
+    /// INT8: SmoothQuant's alpha instead of the recipe's `smoothquant_alpha` (0: no smoothing).
+    pub smoothquant_alpha: Option<f32>,
+    /// `--precision auto --quality` / `--policy FILE`: per-layer formats, written to `NAME.policy.toml`.
+    pub auto: AutoOptions,
     pub base: BuildOptions,
 }
 
@@ -806,15 +972,44 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
     if trt_aux {
         export_aux(&p, &dir, &trt_stem, text, vae_dt)?;
     }
-    let amax = if o.precision == Precision::Fp8 {
+    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
+    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
+        bail!(
+            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
+            o.precision
+        );
+    }
+    let alpha = o
+        .smoothquant_alpha
+        .unwrap_or(p.recipe.precision.smoothquant_alpha);
+    let policy_out = sibling(&o.base.out, ".policy.toml");
+    let mut uopts = if matches!(o.precision, Precision::Fp8 | Precision::Int8) || layered {
         let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
-        calibrate(&p, &dir, &stem, tmp.path(), o.calibration_backend)?
+        let channels = o.precision == Precision::Int8 || layered;
+        let (mut pipe, shapes) =
+            calibration_pipeline(&p, &dir, &stem, tmp.path(), o.calibration_backend, channels)?;
+        let cal = calibrate(&p, &mut pipe)?;
+        if layered {
+            let layers = choose_layers(
+                &p,
+                o,
+                &arch,
+                tmp.path(),
+                &mut pipe,
+                &shapes,
+                &cal,
+                alpha,
+                &policy_out,
+            )?;
+            layered_options(&layers, &cal, alpha)?
+        } else {
+            unet_options(&p, o.precision, cal, alpha)?
+        }
     } else {
-        HashMap::new()
+        unet_options(&p, o.precision, Calibration::default(), alpha)?
     };
     tracing::info!("exporting the UNet ({})", o.precision);
     let unet_onnx = onnx_path(&dir, &stem, "unet");
-    let mut uopts = unet_options(&p, o.precision, amax)?;
     if uopts.quantize.is_some() {
         uopts.lora_rank = o.lora_rank;
     }
@@ -934,7 +1129,7 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
     };
     let bundle = ImageBundle {
         arch: arch.clone(),
-        precision: o.precision.name().into(),
+        precision: if layered { "auto" } else { o.precision.name() }.into(),
         config: serde_json::to_value(&p.config)?,
         components: BTreeMap::new(),
         tokenizers: tokenizer_files,

@@ -13,5 +13,6 @@ pub mod nvfp4;
 mod nvfp4_avx2;
 pub mod policy;
 mod precision;
+pub mod smooth;
 
 pub use precision::{LinearPrecision, Precision};

@@ -17,6 +17,8 @@ pub enum Precision {
     Fp8,
     /// NVFP4: FP4 E2M1 in blocks of 16 with FP8 block scales (Blackwell).
     Nvfp4,
+    /// INT8 W8A8: per-output-channel weights, calibrated static activations, SmoothQuant (Turing, Ampere).
+    Int8,
     /// INT4 weight-only in blocks of 32 (LLM decoders).
     Int4,
     /// Per-layer formats chosen by measured quality (`--quality`, `--policy`): see docs/precision.md.
@@ -31,6 +33,7 @@ impl Precision {
             Precision::Bf16 => "bf16",
             Precision::Fp8 => "fp8",
             Precision::Nvfp4 => "nvfp4",
+            Precision::Int8 => "int8",
             Precision::Int4 => "int4",
             Precision::Auto => "auto",
         }
@@ -40,7 +43,7 @@ impl Precision {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
             anyhow::anyhow!(
-                "unknown precision '{s}': use fp32, fp16, bf16, fp8, nvfp4, int4 or auto"
+                "unknown precision '{s}': use fp32, fp16, bf16, fp8, int8, nvfp4, int4 or auto"
             )
         })
     }
