@@ -246,7 +246,7 @@ pub struct ImageArgs {
     /// engines refitted (ONNX Runtime re-creates its sessions).
     #[arg(long, value_name = "FILE[:STRENGTH]")]
     pub lora: Vec<crate::weights::lora::LoraSpec>,
-    /// ControlNet condition image (repeatable; needs a bundle built with --controlnet).
+    /// ControlNet condition image (repeatable; needs --controlnet at build); FLUX.2 [klein]: a reference image.
     #[arg(long, value_name = "IMAGE")]
     pub control: Vec<PathBuf>,
     /// ControlNet strength per --control (one value: all).
@@ -316,7 +316,7 @@ pub struct BuildArgs {
     /// Flux: T5 tokenizer.json when the model folder has no tokenizer_2/.
     #[arg(long, value_name = "FILE")]
     pub t5_tokenizer: Option<PathBuf>,
-    /// Flux/SD: a madebyollin TAE decoder (taef1 / taesd / taesdxl .safetensors) for `generate --preview`.
+    /// Flux/SD/FLUX.2: a madebyollin TAE decoder (taef1/taesd/taesdxl/taef2 .safetensors) for `generate --preview`.
     #[arg(long, value_name = "FILE")]
     pub tae_decoder: Option<PathBuf>,
     /// Flux: T5 sequence length (default: the recipe's, 512 dev / 256 schnell).

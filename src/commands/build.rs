@@ -73,6 +73,18 @@ pub fn run(a: BuildArgs) -> Result<()> {
         }
         return build_z_image(&a);
     }
+    if a.arch.is_some_and(|arch| arch.family() == Family::Flux2)
+        || (a.arch.is_none() && crate::pipelines::flux2_build::looks_like_flux2(&a.input))
+    {
+        if lora_or_control {
+            bail!(
+                "--lora, --lora-rank and --controlnet are built into Flux.1 bundles so far, not FLUX.2 ones; drop \
+                 them for '{}'",
+                a.input.display()
+            );
+        }
+        return build_flux2(&a);
+    }
     if a.arch.is_some_and(|arch| arch.family() == Family::Sd)
         || (a.arch.is_none() && crate::pipelines::sd_build::looks_like_sd(&a.input))
     {
@@ -244,6 +256,42 @@ fn build_z_image(a: &BuildArgs) -> Result<()> {
             base: BuildOptions::from(a),
         },
     )?;
+    println!(
+        "built the {arch} bundle {} ({} precision, {}); manifest {}",
+        o.engine.display(),
+        a.precision,
+        o.manifest.engine_summary(),
+        o.manifest_path.display()
+    );
+    Ok(())
+}
+
+fn build_flux2(a: &BuildArgs) -> Result<()> {
+    if a.image_px.as_ref().is_some_and(|v| v.len() != 3) {
+        bail!("--image-px takes three sizes: MIN,OPT,MAX (pixels, multiples of 16)");
+    }
+    let o = crate::pipelines::flux2_build::build_flux2(
+        &crate::pipelines::flux2_build::Flux2BuildOptions {
+            model: a.input.clone(),
+            arch: a.arch.map(|x| x.name().to_string()),
+            precision: a.precision,
+            tae_decoder: a.tae_decoder.clone(),
+            image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
+            calibration_prompts: Some(a.calibration_prompt.clone()),
+            calibration_steps: a.calibration_steps,
+            calibration_backend: crate::backend::BackendChoice::Auto,
+            base: BuildOptions::from(a),
+        },
+    )?;
+    let arch = o
+        .manifest
+        .pipeline
+        .as_ref()
+        .and_then(|p| match p {
+            crate::manifest::Pipeline::Image(b) => Some(b.arch.clone()),
+            _ => None,
+        })
+        .unwrap_or_default();
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),

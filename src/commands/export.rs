@@ -48,10 +48,28 @@ pub fn run(a: ExportArgs) -> Result<()> {
         }
         return Ok(());
     }
+    if a.arch.family() == Family::Flux2 {
+        let p = crate::pipelines::flux2_build::export_flux2(
+            &a.model,
+            a.arch.name(),
+            a.precision,
+            &a.out,
+        )?;
+        for f in [
+            &p.transformer,
+            &p.text_encoder,
+            &p.vae_decoder,
+            &p.vae_encoder,
+        ] {
+            println!("wrote {}", f.display());
+        }
+        return Ok(());
+    }
     if a.arch.family() != Family::Flux {
         bail!(
             "--arch {} is not exportable; supported: flux-dev, flux-schnell, sd15, sd21, sdxl, sdxl-refiner, \
-             sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo",
+             sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo, \
+             flux2-klein-4b, flux2-klein-9b",
             a.arch
         );
     }

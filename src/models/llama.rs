@@ -430,19 +430,61 @@ pub fn encoder_graph(
     policy: &Policy,
     layers: usize,
 ) -> Result<ModelProto> {
-    if layers == 0 || layers > cfg.n_layers {
+    encoder_graph_opts(
+        cfg,
+        weights,
+        &EncoderOptions {
+            policy,
+            taps: &[layers],
+            attention_mask: false,
+        },
+    )
+}
+
+/// How [`encoder_graph_opts`] cuts the decoder into a text encoder.
+pub struct EncoderOptions<'a> {
+    pub policy: &'a Policy,
+    /// The residual stream after each of these layer counts (transformers' `hidden_states[k]`, no final norm),
+    /// side by side per token: `hidden_states` is [1, seq, taps.len() * dim] (FLUX.2 [klein]: 9, 18, 27).
+    pub taps: &'a [usize],
+    /// An `attention_mask` [1, seq] int64 input (1 = token, 0 = padding, transformers' convention): padding keys
+    /// are hidden from every query, so padded positions attend to the prompt only, as transformers computes them.
+    pub attention_mask: bool,
+}
+
+/// The decoder as a text encoder returning the hidden states of several layers ([`EncoderOptions`]).
+pub fn encoder_graph_opts(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    o: &EncoderOptions,
+) -> Result<ModelProto> {
+    if o.taps.is_empty() || o.taps.iter().any(|&l| l == 0 || l > cfg.n_layers) {
         anyhow::bail!(
-            "an encoder of {layers} layers from a model of {} layers",
+            "an encoder of the hidden states after layers {:?} from a model of {} layers",
+            o.taps,
             cfg.n_layers
         );
     }
-    graph(cfg, weights, policy, Mode::Encoder { layers })
+    graph(
+        cfg,
+        weights,
+        o.policy,
+        Mode::Encoder {
+            taps: o.taps,
+            attention_mask: o.attention_mask,
+        },
+    )
 }
 
 #[derive(Clone, Copy)]
-enum Mode {
-    Decoder { last_logits_only: bool },
-    Encoder { layers: usize },
+enum Mode<'a> {
+    Decoder {
+        last_logits_only: bool,
+    },
+    Encoder {
+        taps: &'a [usize],
+        attention_mask: bool,
+    },
 }
 
 /// As [`decoder_graph`]; with `last_logits_only` the LM head runs on the last position only (`logits` is
@@ -577,21 +619,73 @@ fn emit(
     )?;
     let neg = e.o.g.const_f32("mask.neg", &[], &[-1e30])?;
     let zf = e.o.g.const_f32("mask.zero_f", &[], &[0.0])?;
+    let hidden = match mode {
+        Mode::Encoder {
+            attention_mask: true,
+            ..
+        } => {
+            // Padding keys are hidden too: [1, seq] -> [1, 1, seq], or-ed into the causal mask.
+            let am =
+                e.o.g
+                    .input("attention_mask", i64t, vec![Dim::Fixed(1), seq()])?;
+            let pad = e.op(
+                "Equal",
+                "mask/padding",
+                &[&am, &zero],
+                vec![],
+                DataType::BOOL,
+            )?;
+            let ax0 = e.const_i64("mask.padding_rows", &[1])?;
+            let pad = e.op(
+                "Unsqueeze",
+                "mask/padding_keys",
+                &[&pad, &ax0],
+                vec![],
+                DataType::BOOL,
+            )?;
+            e.op(
+                "Or",
+                "mask/hidden",
+                &[&hidden, &pad],
+                vec![],
+                DataType::BOOL,
+            )?
+        }
+        _ => hidden,
+    };
     let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
     let ax = e.const_i64("mask.bcast", &[1, 2])?;
     let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
     let last_logits_only = match (mode, &past) {
-        (Mode::Encoder { layers }, _) => {
-            for i in 0..layers {
+        (Mode::Encoder { taps, .. }, _) => {
+            let last = taps.iter().copied().max().unwrap_or(0);
+            let mut after = HashMap::new();
+            for i in 0..last {
                 h = e.layer(i, &h, &cos, &sin, &mask, None)?;
+                if taps.contains(&(i + 1)) {
+                    after.insert(i + 1, h.clone());
+                }
             }
+            let parts: Vec<Value> = taps.iter().map(|t| after[t].clone()).collect();
+            let h = if parts.len() == 1 {
+                parts[0].clone()
+            } else {
+                let refs: Vec<&Value> = parts.iter().collect();
+                e.op(
+                    "Concat",
+                    "hidden_states/stacked",
+                    &refs,
+                    vec![("axis", Attr::Int(-1))],
+                    F32,
+                )?
+            };
             let out = e.o.g.op(
                 "Identity",
                 "hidden_states",
                 &[&h],
                 vec![],
                 F32,
-                vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)],
+                vec![Dim::Fixed(1), seq(), Dim::Fixed((taps.len() * d) as i64)],
             )?;
             e.o.g.output(&out);
             let shapes = std::mem::take(&mut e.linears.shapes);

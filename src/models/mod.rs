@@ -1,6 +1,7 @@
 //! Models: plain config structs and one function each that emits the ONNX graph.
 pub mod clip;
 pub mod flux;
+pub mod flux2;
 pub mod llama;
 pub mod llama_cpu;
 pub mod mlp;

@@ -25,6 +25,26 @@ pub fn render(
     eos_token: &str,
     add_generation_prompt: bool,
 ) -> Result<String> {
+    render_with(
+        template,
+        messages,
+        bos_token,
+        eos_token,
+        add_generation_prompt,
+        None,
+    )
+}
+
+/// As [`render`], with transformers' `enable_thinking` template variable set (Qwen3's templates read it; FLUX.2
+/// [klein] formats prompts with `enable_thinking=False`); None leaves it undefined.
+pub fn render_with(
+    template: &str,
+    messages: &[ChatMessage],
+    bos_token: &str,
+    eos_token: &str,
+    add_generation_prompt: bool,
+    enable_thinking: Option<bool>,
+) -> Result<String> {
     let mut env = minijinja::Environment::new();
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
@@ -56,6 +76,7 @@ pub fn render(
         eos_token => eos_token,
         add_generation_prompt => add_generation_prompt,
         tools => minijinja::Value::from(()),
+        enable_thinking => enable_thinking.map_or(minijinja::Value::UNDEFINED, minijinja::Value::from),
     })
     .map_err(|e| match e.kind() {
         minijinja::ErrorKind::InvalidOperation => anyhow!(

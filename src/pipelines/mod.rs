@@ -1,5 +1,5 @@
 //! Pipelines: engines, tokenizers and samplers put together. `image` is the seam every image family plugs into
-//! (one file per family: `flux`, `sd`, `sd3`, `z_image`), `llm` generates text; `engines` opens engines on the backend chosen once per
+//! (one file per family: `flux`, `flux2`, `sd`, `sd3`, `z_image`), `llm` generates text; `engines` opens engines on the backend chosen once per
 //! engine file; `bundle` and `recipe` build and configure multi-engine bundles.
 pub mod auto_precision;
 pub mod bundle;
@@ -7,6 +7,8 @@ pub mod chat;
 pub mod device_io;
 pub mod engines;
 pub mod flux;
+pub mod flux2;
+pub mod flux2_build;
 pub mod flux_build;
 pub mod image;
 pub mod image_io;
@@ -53,6 +55,12 @@ pub enum Arch {
     Sd35LargeTurbo,
     /// Z-Image-Turbo (S3-DiT, Qwen3 text encoder, 8 steps, no CFG) from a diffusers folder.
     ZImageTurbo,
+    /// FLUX.2 [klein] 4B (Qwen3-4B text encoder; distilled 4 steps, or base with CFG) from a diffusers folder.
+    #[value(name = "flux2-klein-4b")]
+    Flux2Klein4b,
+    /// FLUX.2 [klein] 9B (Qwen3-8B text encoder).
+    #[value(name = "flux2-klein-9b")]
+    Flux2Klein9b,
 }
 
 /// Which pipeline runs an arch.
@@ -63,6 +71,7 @@ pub enum Family {
     Sd,
     Sd3,
     ZImage,
+    Flux2,
 }
 
 impl Arch {
@@ -82,6 +91,8 @@ impl Arch {
             Arch::Sd35Large => "sd35-large",
             Arch::Sd35LargeTurbo => "sd35-large-turbo",
             Arch::ZImageTurbo => "z-image-turbo",
+            Arch::Flux2Klein4b => "flux2-klein-4b",
+            Arch::Flux2Klein9b => "flux2-klein-9b",
         }
     }
 
@@ -97,6 +108,7 @@ impl Arch {
             | Arch::SdTurbo => Family::Sd,
             Arch::Sd35Medium | Arch::Sd35Large | Arch::Sd35LargeTurbo => Family::Sd3,
             Arch::ZImageTurbo => Family::ZImage,
+            Arch::Flux2Klein4b | Arch::Flux2Klein9b => Family::Flux2,
         }
     }
 
@@ -105,7 +117,8 @@ impl Arch {
         <Self as clap::ValueEnum>::from_str(name, false).map_err(|_| {
             anyhow::anyhow!(
                 "unknown arch '{name}'; this trt-diff knows llama2c, flux-dev, flux-schnell, sd15, sd21, sdxl, \
-                 sdxl-refiner, sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo"
+                 sdxl-refiner, sdxl-turbo, sd-turbo, sd35-medium, sd35-large, sd35-large-turbo, z-image-turbo, \
+                 flux2-klein-4b, flux2-klein-9b"
             )
         })
     }
@@ -139,6 +152,9 @@ pub fn open_image_pipeline(
             engine, bundle, backend,
         )?)),
         Family::ZImage => Box::new(image::ImagePipeline::new(z_image::ZImageModel::open(
+            engine, bundle, backend,
+        )?)),
+        Family::Flux2 => Box::new(image::ImagePipeline::new(flux2::Flux2Model::open(
             engine, bundle, backend,
         )?)),
         Family::Llm => anyhow::bail!(

@@ -30,6 +30,14 @@ const RECIPES: &[(&str, &str)] = &[
     ),
     ("llm", include_str!("../../engines/llm.toml")),
     (
+        "flux2-klein-4b",
+        include_str!("../../engines/flux2-klein.toml"),
+    ),
+    (
+        "flux2-klein-9b",
+        include_str!("../../engines/flux2-klein.toml"),
+    ),
+    (
         "z-image-turbo",
         include_str!("../../engines/z-image-turbo.toml"),
     ),

@@ -38,6 +38,11 @@ impl QwenTokenizer {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// The id of a token given by its text (e.g. the padding token `<|endoftext|>`).
+    pub fn token_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
     pub fn vocab_size(&self) -> usize {
         self.inner.get_vocab_size(true)
     }
