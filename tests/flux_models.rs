@@ -384,3 +384,91 @@ fn half_precision_and_image_graphs_build_with_tensorrt() {
     .unwrap();
     build(&tae, vec![range("latent", 32, [8, 16, 32])]);
 }
+
+/// The CUDA path's attention fusion (`onnx::attention_fusion`) keeps the exported graphs' results: the fused
+/// graphs run on ONNX Runtime's CPU MultiHeadAttention here, against diffusers' outputs with the unfused
+/// graphs' tolerance. Patterns it must leave alone (an additive mask, FP8 Q/DQ) stay unfused.
+#[test]
+fn fused_attention_keeps_the_results() {
+    use trt_diff::onnx::attention_fusion::fuse_attention;
+    use trt_diff::onnx::{OnnxFile, SaveOptions, save};
+    let d = tempfile::tempdir().unwrap();
+    let fused_copy = |onnx: &Path, want: usize| -> PathBuf {
+        let mut model = OnnxFile::load(onnx).unwrap().model;
+        assert_eq!(
+            fuse_attention(&mut model).unwrap(),
+            want,
+            "{}",
+            onnx.display()
+        );
+        // Beside the original, so the external weights resolve as they do for the real CUDA path.
+        let out = onnx.with_file_name(format!(
+            "fused_{}",
+            onnx.file_name().unwrap().to_string_lossy()
+        ));
+        save(model, &out, &SaveOptions::default()).unwrap();
+        let ops =
+            trt_diff::onnx::summary::OnnxSummary::of(&OnnxFile::load(&out).unwrap()).op_histogram;
+        assert_eq!(ops.get("Softmax").copied().unwrap_or(0), 0, "{ops:?}");
+        out
+    };
+    let io_t = io("flux_dev_io.safetensors");
+    // One double-stream and two single-stream blocks: three attentions.
+    let (onnx, _, _) = export(
+        "flux_dev.safetensors",
+        "flux_dev",
+        &ExportOptions::default(),
+        d.path(),
+    );
+    let out = run(&fused_copy(&onnx, 3), &io_t);
+    let err = max_rel_err(&out[0].1, &io_t["sample"]);
+    println!("fused transformer: max rel err {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+
+    use trt_diff::models::vae::{self, VaeConfig};
+    let io_v = io("vae_io.safetensors");
+    let ck = Checkpoint::open(&golden("vae.safetensors")).unwrap();
+    let mut cfg = VaeConfig::from_checkpoint(&ck).unwrap();
+    cfg.norm_num_groups = 4;
+    let vd = d.path().join("vae");
+    std::fs::create_dir_all(&vd).unwrap();
+    let (dec, _) = vae::export(&cfg, &ck, DataType::FLOAT, &vd).unwrap();
+    let mut e = OrtEngine::open(&fused_copy(&dec, 1), &OrtOptions::default()).unwrap();
+    let out = e.run(&[("latent".into(), io_v["latent"].clone())]).unwrap();
+    let err = max_rel_err(&out[0].1, &io_v["decoded"]);
+    println!("fused VAE decoder (single head, [batch, seq, channels]): max rel err {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+
+    // Left alone: scores with an additive mask, and FP8 attention's Q/DQ.
+    use trt_diff::models::qdq::{AttentionAmax, attention};
+    use trt_diff::onnx::{Dim, GraphBuilder};
+    for fp8 in [false, true] {
+        let mut g = GraphBuilder::new("a", 19);
+        let shape = vec![Dim::Fixed(1), Dim::Fixed(2), Dim::Fixed(5), Dim::Fixed(8)];
+        let [q, k, v] =
+            ["q", "k", "v"].map(|n| g.input(n, DataType::FLOAT, shape.clone()).unwrap());
+        let amax = AttentionAmax {
+            q: 1.0,
+            k: 1.0,
+            v: 1.0,
+        };
+        let o = attention(&mut g, "attn", &q, &k, &v, fp8.then_some(amax)).unwrap();
+        g.output(&o);
+        let mut model = g.finish();
+        assert_eq!(
+            fuse_attention(&mut model).unwrap(),
+            usize::from(!fp8),
+            "fp8 {fp8}"
+        );
+    }
+    let mut o = trt_diff::models::ops::Ops::new("masked", 19, DataType::FLOAT);
+    let shape = vec![Dim::Fixed(1), Dim::Fixed(5), Dim::Fixed(16)];
+    let [q, k, v] = ["q", "k", "v"].map(|n| o.g.input(n, DataType::FLOAT, shape.clone()).unwrap());
+    let mask = o.constant_f32("mask", &[5, 5], &[0.0; 25]).unwrap();
+    let y =
+        trt_diff::models::ops::attention(&mut o, "attn", (&q, &k, &v), 2, Some(0.5), Some(&mask))
+            .unwrap();
+    o.g.output(&y);
+    let mut model = o.g.finish();
+    assert_eq!(fuse_attention(&mut model).unwrap(), 0);
+}

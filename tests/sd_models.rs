@@ -388,3 +388,36 @@ fn single_files_are_recognised_and_checked() {
     let e = UNetConfig::from_checkpoint(&ck).unwrap_err().to_string();
     assert!(e.contains("not a Stable Diffusion UNet checkpoint"), "{e}");
 }
+
+/// The CUDA path's attention fusion on the UNet's self- and cross-attention (`ops::attention`: heads split by
+/// Reshape/Transpose, the key transposed from [batch, seq, heads, head_dim]): the fused graph, run on ONNX Runtime's
+/// CPU MultiHeadAttention, still matches diffusers.
+#[test]
+fn fused_unet_attention_keeps_the_results() {
+    use trt_diff::onnx::attention_fusion::fuse_attention;
+    use trt_diff::onnx::{OnnxFile, SaveOptions, save};
+    let d = tempfile::tempdir().unwrap();
+    let io = io("sdxl_unet_io.safetensors", "");
+    let ck = Checkpoint::open(&golden("sdxl/unet")).unwrap();
+    let cfg = UNetConfig::from_checkpoint(&ck).unwrap();
+    let out = d.path().join("unet.onnx");
+    unet::export(&cfg, &ck, &UNetExportOptions::default(), &out).unwrap();
+    let mut model = OnnxFile::load(&out).unwrap().model;
+    let softmaxes = |m: &trt_diff::onnx::proto::ModelProto| {
+        m.graph
+            .iter()
+            .flat_map(|g| &g.node)
+            .filter(|n| n.op_type == "Softmax")
+            .count()
+    };
+    let before = softmaxes(&model);
+    assert!(before >= 2, "{before}");
+    assert_eq!(fuse_attention(&mut model).unwrap(), before);
+    assert_eq!(softmaxes(&model), 0);
+    let fused = d.path().join("fused_unet.onnx");
+    save(model, &fused, &SaveOptions::default()).unwrap();
+    let got = run(&fused, &io);
+    let err = max_rel_err(&got["model_output"], &io["model_output"]);
+    println!("fused UNet ({before} attentions): max rel err {err:.2e}");
+    assert!(err < 1e-4, "{err}");
+}

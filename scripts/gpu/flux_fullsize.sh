@@ -28,8 +28,20 @@ echo "== trt-diff build (bf16, ONNX-only)"
   --image-px $size,$size,$size --clip-tokenizer "$g/flux_fp32.clip-tokenizer.txt.gz" \
   --t5-tokenizer "$g/flux_fp32.t5-tokenizer.json" --no-progress
 df -h /tmp | tail -1
+# Attention fused into ONNX Runtime's MultiHeadAttention (the default), then the exported pattern as it is
+# (TRT_DIFF_ATTENTION=unfused), alternating.
 for r in 0 1; do
-  echo "== trt-diff generate --backend cuda, round $r"
-  t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda --prompt "a fox in the snow" \
-    --width $size --height $size --steps $steps --seed $r --no-progress --out "$out/flux_fullsize_$r.png"
+  for a in fused unfused; do
+    echo "== trt-diff generate --backend cuda, attention $a, round $r"
+    TRT_DIFF_ATTENTION=$a t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda \
+      --prompt "a fox in the snow" --width $size --height $size --steps $steps --seed $r --no-progress \
+      --out "$out/flux_fullsize_${a}_$r.png"
+  done
 done
+if [ -n "${PROFILE:-}" ]; then
+  # Where the time goes: ONNX Runtime's per-node profile of a 2-step run (fused attention).
+  rm -rf /tmp/fprof; mkdir -p /tmp/fprof
+  TRT_DIFF_ORT_PROFILE=/tmp/fprof t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda \
+    --prompt "a fox in the snow" --width $size --height $size --steps 2 --seed 0 --no-progress --out /tmp/fprof.png
+  python3 scripts/gpu/ort_profile_summary.py /tmp/fprof/transformer*.json --top 15
+fi

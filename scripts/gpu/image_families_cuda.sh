@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
-# .devcarry/gpu with the binary and the CLIP and T5 vocabularies): the SD1.5, SDXL, SD3.5 and Z-Image GPU paths (latents, noise,
+# .devcarry/gpu with the binary and the CLIP and T5 vocabularies): the SD1.5, SDXL, SD3.5, Z-Image and FLUX.2 GPU paths (latents, noise,
 # CFG and sampler state in device buffers) against the CPU backend on the tiny golden models of tests/golden.
 # Builds ONNX-only bundles there (no TensorRT needed), generates with --backend cpu and --backend cuda (batch 2,
 # CFG, img2img), and compares the images pixel by pixel. Output: $OUT/image_families_cuda.txt and the images.
@@ -34,6 +34,14 @@ zimage_folder() {
   mkdir -p "$m"
   for c in transformer text_encoder tokenizer scheduler model_index.json; do ln -s "$golden/z_image/$c" "$m/$c"; done
   ln -s "$golden/flux/pipeline/vae" "$m/vae"
+  echo "$m"
+}
+flux2_folder() { # NAME DISTILLED(true|false), as tests/flux2_pipeline.rs
+  local m=$work/$1
+  mkdir -p "$m"
+  for c in transformer text_encoder vae scheduler; do ln -s "$golden/flux2/$c" "$m/$c"; done
+  ln -s "$golden/z_image/tokenizer" "$m/tokenizer"
+  sed "s/\"is_distilled\": true/\"is_distilled\": $2/" "$golden/flux2/model_index.json" >"$m/model_index.json"
   echo "$m"
 }
 py=${PYTHON:-python3}
@@ -103,4 +111,10 @@ run zimage cfg --steps 3 --negative-prompt "blurry" --cfg 2
 build sd35 "$(sd35_folder)" --clip-tokenizer "$vocab" --t5-tokenizer "$t5_vocab"
 run sd35 cfg --steps 3 --batch 2
 run sd35 slg --steps 3 --slg-layers 1:2.8:0.0:1.0
+build flux2 "$(flux2_folder flux2 true)"
+run flux2 distilled --steps 2 --batch 2
+run flux2 img2img --steps 2 --init-image "$work/init.png" --strength 0.6
+run flux2 reference --steps 2 --control "$golden/flux2/reference.png"
+build flux2base "$(flux2_folder flux2base false)"
+run flux2base cfg --steps 2 --batch 2 --cfg 3
 rm -rf "$work"

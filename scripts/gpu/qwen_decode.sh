@@ -51,4 +51,9 @@ for p in ${PRECISIONS:-fp16}; do
     limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --prompt "$prompt" \
       --max-tokens 128 --ignore-eos >/dev/null
   done
+  # Where the time goes: ONNX Runtime's per-node profile of one run (prefill + 16 tokens).
+  rm -rf "/tmp/qprof_$p"; mkdir -p "/tmp/qprof_$p"
+  TRT_DIFF_ORT_PROFILE="/tmp/qprof_$p" limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
+    --backend cuda --prompt "$prompt" --max-tokens 16 --ignore-eos >/dev/null
+  python3 scripts/gpu/ort_profile_summary.py /tmp/qprof_$p/*.json --top 12
 done

@@ -82,6 +82,21 @@ pub struct OrtEngine {
     output_held: Vec<bool>,
     /// Holds the CPU-pass rewrite of the model while the session lives.
     _rewritten: Option<tempfile::TempDir>,
+    /// ONNX Runtime profiles this session (`TRT_DIFF_ORT_PROFILE`): the trace is finished when it closes.
+    profiling: bool,
+}
+
+impl Drop for OrtEngine {
+    fn drop(&mut self) {
+        if self.profiling {
+            match self.session.end_profiling() {
+                Ok(file) => tracing::info!("ONNX Runtime profile of '{}': {file}", self.name),
+                Err(e) => {
+                    tracing::warn!("ONNX Runtime profile of '{}' not written: {e}", self.name)
+                }
+            }
+        }
+    }
 }
 
 /// The process-wide ONNX Runtime environment (ONNX Runtime allows one per process).
@@ -143,6 +158,11 @@ fn needs_cpu_pass(s: &OnnxSummary) -> bool {
 fn uses_own_ops(s: &OnnxSummary) -> bool {
     let prefix = format!("{}::", super::ort_ops::DOMAIN);
     s.op_histogram.keys().any(|k| k.starts_with(&prefix))
+}
+
+/// Whether the CUDA path fuses attention (`TRT_DIFF_ATTENTION=unfused` turns it off, to compare).
+fn fused_attention_wanted() -> bool {
+    std::env::var("TRT_DIFF_ATTENTION").map_or(true, |v| v != "unfused")
 }
 
 fn has_fp8_qdq(s: &OnnxSummary) -> bool {
@@ -232,6 +252,15 @@ impl OrtEngine {
             // trt-diff's own operators (16-bit-weight MatMul), only for the graphs made for the CPU that use them.
             builder = builder
                 .with_operators(super::ort_ops::domain().map_err(|e| err(&e))?)
+                .map_err(|e| err(&e))?;
+        }
+        // ONNX Runtime's own per-node timings (a JSON trace per session, written when it closes), to see where a
+        // graph spends its time: TRT_DIFF_ORT_PROFILE=DIR.
+        let profile_dir = std::env::var_os("TRT_DIFF_ORT_PROFILE");
+        if let Some(dir) = &profile_dir {
+            let stem = path.file_stem().unwrap_or_default().to_string_lossy();
+            builder = builder
+                .with_profiling(Path::new(dir).join(stem.as_ref()))
                 .map_err(|e| err(&e))?;
         }
         if opts.threads > 0 {
@@ -347,6 +376,26 @@ impl OrtEngine {
                 }
             }
         }
+        // On the GPU, attention runs as ONNX Runtime's fused MultiHeadAttention (flash / memory-efficient kernels)
+        // rather than as the exported MatMul-Softmax-MatMul pattern; TRT_DIFF_ATTENTION=unfused keeps the pattern.
+        if matches!(opts.device, OrtDevice::Cuda(_)) && fused_attention_wanted() {
+            let was_patched = patched.is_some();
+            let mut model = match patched.take() {
+                Some(model) => model,
+                None if rewritten.is_some() => OnnxFile::load(&model_path)?.model,
+                None => onnx.model.clone(),
+            };
+            let fused = crate::onnx::attention_fusion::fuse_attention(&mut model)?;
+            if fused > 0 {
+                tracing::debug!(
+                    "'{}': {fused} attentions fused into MultiHeadAttention for ONNX Runtime CUDA",
+                    path.display()
+                );
+                patched = Some(model);
+            } else if was_patched {
+                patched = Some(model);
+            }
+        }
         let opening = std::time::Instant::now();
         tracing::debug!("opening '{}' on {:?}", path.display(), opts.device);
         let session = match patched {
@@ -411,6 +460,7 @@ impl OrtEngine {
             device_memory,
             device: opts.device,
             _rewritten: rewritten,
+            profiling: profile_dir.is_some(),
         })
     }
 }

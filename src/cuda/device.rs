@@ -60,6 +60,7 @@ struct Funcs {
     bf16_to_f32: CudaFunction,
     pack: CudaFunction,
     unpack: CudaFunction,
+    transpose: CudaFunction,
 }
 
 pub struct Device {
@@ -120,6 +121,7 @@ impl Device {
             bf16_to_f32: load("bf16_to_f32")?,
             pack: load("flux_pack_f32")?,
             unpack: load("flux_unpack_f32")?,
+            transpose: load("transpose_f32")?,
         };
         Ok(Arc::new(Device {
             ctx,
@@ -293,6 +295,49 @@ impl Device {
         bchw: [usize; 4],
     ) -> Result<()> {
         self.pack_like(&self.f.unpack, out, inp, bchw)
+    }
+
+    /// Per batch entry b < `batch`: `out[b*out_stride + c*rows + r] = inp[b*in_stride + r*cols + c]`, the
+    /// transpose of a `rows x cols` block (strides let the blocks sit inside longer sequences).
+    #[allow(clippy::too_many_arguments)]
+    pub fn transpose(
+        &self,
+        out: &mut CudaSlice<f32>,
+        inp: &CudaSlice<f32>,
+        batch: usize,
+        [rows, cols]: [usize; 2],
+        in_stride: usize,
+        out_stride: usize,
+    ) -> Result<()> {
+        let block = rows * cols;
+        let fits = |len: usize, stride: usize| {
+            batch == 0 || (stride >= block && (batch - 1) * stride + block <= len)
+        };
+        if !fits(inp.len(), in_stride) || !fits(out.len(), out_stride) {
+            bail!(
+                "transpose of {batch} blocks of {rows}x{cols} (strides {in_stride} -> {out_stride}) does not fit \
+                 buffers of {} -> {} values (a pipeline bug)",
+                inp.len(),
+                out.len()
+            );
+        }
+        let ints = [batch, rows, cols].map(|v| i32::try_from(v).unwrap_or(i32::MAX));
+        if ints.contains(&i32::MAX) {
+            bail!("transpose dimensions {batch}x{rows}x{cols} are too large");
+        }
+        let (is, os) = (in_stride as u64, out_stride as u64);
+        let mut b = self.stream.launch_builder(&self.f.transpose);
+        b.arg(out)
+            .arg(inp)
+            .arg(&ints[0])
+            .arg(&ints[1])
+            .arg(&ints[2])
+            .arg(&is)
+            .arg(&os);
+        // SAFETY: matches transpose_f32(float*, const float*, int, int, int, u64, u64); the bounds are checked above.
+        unsafe { b.launch(launch_cfg(batch * block)) }
+            .map_err(|e| anyhow::anyhow!("transpose launch failed: {e}"))?;
+        Ok(())
     }
 
     pub fn synchronize(&self) -> Result<()> {

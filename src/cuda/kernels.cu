@@ -240,3 +240,18 @@ extern "C" __global__ void flux_unpack_f32(float* __restrict__ out, const float*
     out[o] = in[(((u64)b * H2 + h / 2) * W2 + w / 2) * (C * 4) + f];
   }
 }
+
+// Per batch entry b: out[b][c][r] = in[b][r][c] for an in block of rows x cols (batch strides in_stride and
+// out_stride, so a block can be part of a longer sequence): FLUX.2's channel-major latents <-> its token-major
+// transformer input.
+extern "C" __global__ void transpose_f32(float* __restrict__ out, const float* __restrict__ in, int B, int rows, int cols,
+                                         u64 in_stride, u64 out_stride) {
+  u64 n = (u64)B * rows * cols;
+  u64 stride = (u64)gridDim.x * blockDim.x;
+  for (u64 o = (u64)blockIdx.x * blockDim.x + threadIdx.x; o < n; o += stride) {
+    int r = (int)(o % (u64)rows);
+    u64 t = o / (u64)rows;
+    int c = (int)(t % (u64)cols), b = (int)(t / (u64)cols);
+    out[(u64)b * out_stride + (u64)c * rows + r] = in[(u64)b * in_stride + (u64)r * cols + c];
+  }
+}

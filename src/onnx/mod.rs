@@ -1,5 +1,6 @@
 //! ONNX: protobuf messages, a graph builder for models, reading files made elsewhere, writing with external data,
 //! and the summary `inspect` prints.
+pub mod attention_fusion;
 pub mod builder;
 pub mod cpu_pass;
 pub mod dequantize;

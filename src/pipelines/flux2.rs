@@ -11,18 +11,22 @@
 //! convert. Previews decode the x0 estimate through taef2 in the raw 32-channel space. Reference images (Klein's
 //! editing input, diffusers' `image=`) come as `--control IMG`: encoded once per run, their tokens follow the latent
 //! tokens in every transformer call.
+use super::device_io::{self, DeviceSlots};
 use super::engines::{Backend, float_input, ids_input, open_components, output_f32, resolve};
 use super::image::{
     ControlImage, ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction,
 };
 use super::image_io::to_rgb8;
 use crate::backend::{BackendChoice, Engine};
+use crate::cuda::buffer::DeviceBuffer;
+use crate::cuda::device::Device;
 use crate::manifest::{EngineFile, ImageBundle, Pipeline};
 use crate::models::flux2::{image_ids, text_ids};
 use crate::samplers::schedule;
 use crate::tokenizer::qwen::QwenTokenizer;
 use anyhow::{Context, Result, bail};
 use serde::{Deserialize, Serialize};
+use std::sync::Arc;
 
 /// What `generate` needs besides the engines; recorded in the bundle's manifest.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -76,6 +80,9 @@ pub struct Flux2Model {
     pub amax: Option<std::collections::HashMap<String, f32>>,
     /// The request's reference images (`--control`), encoded once per run.
     refs: Option<References>,
+    /// The GPU the sampler runs on (GPU backends); its latents are [B, 4C, h, w] device buffers there.
+    device: Option<Arc<Device>>,
+    on_device: DeviceSlots,
 }
 
 /// Reference-image tokens appended after the latent tokens of every image of the batch (diffusers'
@@ -84,6 +91,8 @@ struct References {
     tokens: Vec<f32>,
     ids: Vec<f32>,
     n: usize,
+    /// Identifies these references' device copies (`device_io::next_cond_id`).
+    id: u64,
 }
 
 pub type Flux2Pipeline = ImagePipeline<Flux2Model>;
@@ -92,6 +101,8 @@ pub type Flux2Pipeline = ImagePipeline<Flux2Model>;
 pub struct Cond {
     feats: Vec<f32>,
     len: usize,
+    /// Identifies this conditioning's device copies (`device_io::next_cond_id`).
+    id: u64,
 }
 
 /// The prompt as Flux2KleinPipeline gives it to the tokenizer: the chat template rendered for one user message with
@@ -232,6 +243,8 @@ impl Flux2Model {
             engines,
             amax: None,
             refs: None,
+            device: None,
+            on_device: DeviceSlots::default(),
         }
     }
 
@@ -274,7 +287,7 @@ impl Flux2Model {
             )
         })?;
         let tokenizer = QwenTokenizer::load(&engine.file(tok, "the qwen tokenizer")?)?;
-        Ok(Flux2Model::new(
+        let mut model = Flux2Model::new(
             config,
             tokenizer,
             Flux2Engines {
@@ -284,7 +297,97 @@ impl Flux2Model {
                 vae_encoder,
                 tae_decoder,
             },
-        ))
+        );
+        model.device = device_io::open_device(backend)?;
+        Ok(model)
+    }
+
+    /// The transformer on device latents, as [`Flux2Model::transformer`]: the [B, 4C, h, w] latents transposed into
+    /// the token-major input on the GPU (reference tokens copied in after each image's), the velocity transposed
+    /// back into `out`; the text features, positions and reference tokens are uploaded once per prompt, size and
+    /// request, so only the timestep crosses per call.
+    fn transformer_device(
+        &mut self,
+        x: &DeviceBuffer,
+        sigma: f64,
+        conds: &[&Cond],
+        lat: &Latents,
+        out: &mut DeviceBuffer,
+    ) -> Result<()> {
+        let dev = self
+            .device
+            .clone()
+            .context("device latents without a GPU engine")?;
+        let b = lat.batch;
+        let (c, n) = (lat.channels, lat.height * lat.width);
+        let cond = conds[0];
+        if conds.iter().any(|c| c.len != cond.len) || !b.is_multiple_of(conds.len()) {
+            bail!("conditionings of different lengths in one transformer call (a pipeline bug)");
+        }
+        let share = b / conds.len();
+        let dim = cond.feats.len() / cond.len.max(1);
+        let (refs_n, refs_id) = self.refs.as_ref().map_or((0, 0), |r| (r.n, r.id));
+        let seq = n + refs_n;
+        let ids: Vec<u64> = conds.iter().map(|c| c.id).collect();
+        let feats_key = device_io::key(&[&ids[..], &[share as u64]].concat());
+        let pos_key = device_io::key(&[lat.height as u64, lat.width as u64, refs_id]);
+        let slots = &mut self.on_device;
+        slots.upload(&dev, "encoder_hidden_states", feats_key, || {
+            Ok(conds.iter().flat_map(|c| c.feats.repeat(share)).collect())
+        })?;
+        slots.upload(&dev, "img_ids", pos_key, || {
+            let mut ids = image_ids(lat.height, lat.width);
+            if let Some(r) = &self.refs {
+                ids.extend_from_slice(&r.ids);
+            }
+            Ok(ids)
+        })?;
+        slots.upload(&dev, "txt_ids", cond.len as u64, || Ok(text_ids(cond.len)))?;
+        let mut tokens = slots.take_scratch(&dev, "hidden_states", b * seq * c)?;
+        dev.transpose(&mut tokens.data, &x.data, b, [c, n], c * n, seq * c)?;
+        if let Some(r) = &self.refs {
+            slots.upload(&dev, "reference_tokens", r.id, || Ok(r.tokens.clone()))?;
+            let rt = slots.get("reference_tokens", r.id)?;
+            for i in 0..b {
+                device_io::copy_into(&dev, rt, 0, &mut tokens, i * seq * c + n * c, r.n * c)?;
+            }
+        }
+        slots.put("hidden_states", tokens);
+        let v = slots.take_scratch(&dev, "sample", b * seq * c)?;
+        slots.put("sample", v);
+        let t = sigma as f32 * 1000.0 / 1000.0;
+        let e = self.engines.transformer.as_mut();
+        let host = [float_input(e, "timestep", &[b], &vec![t; b])?];
+        let slots = &self.on_device;
+        let inputs = [
+            (
+                "hidden_states",
+                slots.scratch("hidden_states")?,
+                vec![b, seq, c],
+            ),
+            (
+                "encoder_hidden_states",
+                slots.get("encoder_hidden_states", feats_key)?,
+                vec![b, cond.len, dim],
+            ),
+            ("img_ids", slots.get("img_ids", pos_key)?, vec![seq, 4]),
+            (
+                "txt_ids",
+                slots.get("txt_ids", cond.len as u64)?,
+                vec![cond.len, 4],
+            ),
+        ];
+        let v = slots.scratch("sample")?;
+        device_io::run_on_device(
+            e,
+            &dev,
+            "FLUX.2 transformer",
+            &inputs,
+            &host,
+            &[("sample", v, vec![b, seq, c])],
+        )?;
+        // Each image's first n tokens, back to channel-major.
+        dev.transpose(&mut out.data, &v.data, b, [n, c], seq * c, c * n)
     }
 
     /// The transformer's velocity for sampler latents [B, 4C, h, w] at `sigma`, in the same layout.
@@ -387,6 +490,7 @@ impl Flux2Model {
             tokens: Vec::new(),
             ids: Vec::new(),
             n: 0,
+            id: device_io::next_cond_id(),
         };
         for (i, c) in controls.iter().enumerate() {
             if (c.strength, c.start, c.end) != (1.0, 0.0, 1.0) {
@@ -534,7 +638,11 @@ impl ImageModel for Flux2Model {
             ])
             .context("Qwen3 text encoder")?;
         let feats = output_f32(&out, "hidden_states")?;
-        Ok(Cond { len: max, feats })
+        Ok(Cond {
+            len: max,
+            feats,
+            id: device_io::next_cond_id(),
+        })
     }
 
     fn predict(
@@ -546,11 +654,16 @@ impl ImageModel for Flux2Model {
         _guidance: f32,
         out: &mut Latent,
     ) -> Result<()> {
-        let (Latent::Host(x), Latent::Host(o)) = (x, &mut *out) else {
-            bail!("FLUX.2 runs its sampler on host latents (a pipeline bug)");
-        };
-        *o = self.transformer(x, sigma, &[cond], lat)?;
-        Ok(())
+        match (x, &mut *out) {
+            (Latent::Host(x), Latent::Host(o)) => {
+                *o = self.transformer(x, sigma, &[cond], lat)?;
+                Ok(())
+            }
+            (Latent::Device(x), Latent::Device(o)) => {
+                self.transformer_device(x, sigma, &[cond], lat, o)
+            }
+            _ => bail!("host and device latents mixed in one transformer call (a pipeline bug)"),
+        }
     }
 
     /// The base models guide by default: both predictions in one call of twice the batch (the transformer's
@@ -568,31 +681,46 @@ impl ImageModel for Flux2Model {
             self.predict(x, sigma, cond, lat, guidance, out)?;
             return self.predict(x, sigma, uncond, lat, guidance, out_uncond);
         }
-        let (Latent::Host(x), Latent::Host(o), Latent::Host(u)) = (x, out, out_uncond) else {
-            bail!("FLUX.2 runs its sampler on host latents (a pipeline bug)");
-        };
         let both = Latents {
             batch: 2 * lat.batch,
             ..*lat
         };
-        let mut v = self.transformer(&[&x[..], &x[..]].concat(), sigma, &[cond, uncond], &both)?;
-        *u = v.split_off(x.len());
-        *o = v;
-        Ok(())
+        match (x, out, out_uncond) {
+            (Latent::Host(x), Latent::Host(o), Latent::Host(u)) => {
+                let mut v =
+                    self.transformer(&[&x[..], &x[..]].concat(), sigma, &[cond, uncond], &both)?;
+                *u = v.split_off(x.len());
+                *o = v;
+                Ok(())
+            }
+            (Latent::Device(x), Latent::Device(o), Latent::Device(u)) => {
+                let dev = x.dev.clone();
+                let len = x.data.len();
+                let mut xs = self.on_device.take_scratch(&dev, "pair_latents", 2 * len)?;
+                let mut vs = self
+                    .on_device
+                    .take_scratch(&dev, "pair_velocity", 2 * len)?;
+                device_io::copy_into(&dev, x, 0, &mut xs, 0, len)?;
+                device_io::copy_into(&dev, x, 0, &mut xs, len, len)?;
+                let ran = self.transformer_device(&xs, sigma, &[cond, uncond], &both, &mut vs);
+                let copied = ran.and_then(|()| {
+                    device_io::copy_into(&dev, &vs, 0, o, 0, len)?;
+                    device_io::copy_into(&dev, &vs, len, u, 0, len)
+                });
+                self.on_device.put("pair_latents", xs);
+                self.on_device.put("pair_velocity", vs);
+                copied
+            }
+            _ => bail!("host and device latents mixed in one transformer call (a pipeline bug)"),
+        }
     }
 
     fn initial_noise(&mut self, seed: u64, lat: &Latents) -> Result<Latent> {
-        let mut all = Vec::with_capacity(lat.len());
-        let mut z = vec![0f32; lat.per_image];
-        for i in 0..lat.batch {
-            crate::samplers::noise::fill_normal_host(&mut z, seed + i as u64, 0);
-            all.extend_from_slice(&z);
-        }
-        Ok(Latent::Host(all))
+        device_io::batch_noise(self.device.as_ref(), seed, lat.batch, lat.per_image)
     }
 
     fn latent(&mut self, v: Vec<f32>) -> Result<Latent> {
-        Ok(Latent::Host(v))
+        device_io::to_latent(self.device.as_ref(), v)
     }
 
     /// Init image -> sampler latent [1, 4C, h, w] (the VAE encoder's mean, patchified and normalized as the
