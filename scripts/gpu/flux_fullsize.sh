@@ -3,12 +3,15 @@
 # .devcarry/gpu and .devcarry/wheels with the diffusers wheel): FLUX.1-dev shapes, 1024x1024, 28 steps, bf16,
 # random weights (scripts/gpu/flux_fullsize.py), diffusers' FluxPipeline beside trt-diff's `--backend cuda` on the
 # same folder. Needs about 50 GB of disk (the bf16 checkpoint, then the ONNX export of it).
-# Output: $OUT/flux_fullsize.txt.
+# PHASE=peer (weights + diffusers) or PHASE=ours (build + trt-diff) splits it over two calls (10 minutes each at
+# most); ROUNDS (default 2) alternating rounds of fused and unfused attention; PROFILE=1 adds ONNX Runtime's
+# per-node profile of a 2-step run. Output: $OUT/flux_fullsize[_PHASE].txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
 out=${OUT:-/tmp/gpu-out}
 mkdir -p "$out"
-exec > >(tee "$out/flux_fullsize.txt") 2>&1
+phase=${PHASE:-all}
+exec > >(tee "$out/flux_fullsize${PHASE:+_$PHASE}.txt") 2>&1
 source scripts/gpu/ort_cuda_env.sh >/dev/null 2>&1
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
   .devcarry/wheels/*.whl && export PYTHONPATH=/tmp/site
@@ -21,8 +24,11 @@ steps=${STEPS:-28}
 t() { local s=$(date +%s.%N); "$@"; local rc=$?; echo "  [rc=$rc, $(awk "BEGIN{printf \"%.1f\", $(date +%s.%N) - $s}") s]"; }
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 [ -d $d/transformer ] || t python3 scripts/gpu/flux_fullsize.py make $d
-echo "== diffusers"
-t python3 scripts/gpu/flux_fullsize.py bench $d --size $size --steps $steps --rounds 2 2>&1 | grep -v '%|'
+if [ "$phase" != ours ]; then
+  echo "== diffusers"
+  t python3 scripts/gpu/flux_fullsize.py bench $d --size $size --steps $steps --rounds 2 2>&1 | grep -v '%|'
+fi
+[ "$phase" != peer ] || exit 0
 echo "== trt-diff build (bf16, ONNX-only)"
 [ -f /tmp/fb/flux.plan.json ] || t "$bin" build $d --arch flux-dev --precision bf16 --onnx-only --out /tmp/fb/flux.plan \
   --image-px $size,$size,$size --clip-tokenizer "$g/flux_fp32.clip-tokenizer.txt.gz" \
@@ -30,7 +36,7 @@ echo "== trt-diff build (bf16, ONNX-only)"
 df -h /tmp | tail -1
 # Attention fused into ONNX Runtime's MultiHeadAttention (the default), then the exported pattern as it is
 # (TRT_DIFF_ATTENTION=unfused), alternating.
-for r in 0 1; do
+for r in $(seq 0 $(( ${ROUNDS:-2} - 1 ))); do
   for a in fused unfused; do
     echo "== trt-diff generate --backend cuda, attention $a, round $r"
     TRT_DIFF_ATTENTION=$a t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda \

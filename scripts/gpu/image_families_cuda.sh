@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
-# .devcarry/gpu with the binary and the CLIP and T5 vocabularies): the SD1.5, SDXL, SD3.5, Z-Image and FLUX.2 GPU paths (latents, noise,
+# .devcarry/gpu with the binary and the CLIP and T5 vocabularies): the FLUX.1, SD1.5, SDXL, SD3.5, Z-Image and FLUX.2 GPU paths (latents, noise,
 # CFG and sampler state in device buffers) against the CPU backend on the tiny golden models of tests/golden.
 # Builds ONNX-only bundles there (no TensorRT needed), generates with --backend cpu and --backend cuda (batch 2,
 # CFG, img2img), and compares the images pixel by pixel. Output: $OUT/image_families_cuda.txt and the images.
@@ -42,6 +42,13 @@ flux2_folder() { # NAME DISTILLED(true|false), as tests/flux2_pipeline.rs
   for c in transformer text_encoder vae scheduler; do ln -s "$golden/flux2/$c" "$m/$c"; done
   ln -s "$golden/z_image/tokenizer" "$m/tokenizer"
   sed "s/\"is_distilled\": true/\"is_distilled\": $2/" "$golden/flux2/model_index.json" >"$m/model_index.json"
+  echo "$m"
+}
+flux_folder() { # as scripts/gpu/prepare_backend_cuda.sh
+  local m=$work/flux
+  mkdir -p "$m"
+  for c in transformer vae; do ln -s "$golden/flux/pipeline/$c" "$m/$c"; done
+  for c in text_encoder text_encoder_2; do ln -s "$golden/flux/$c" "$m/$c"; done
   echo "$m"
 }
 py=${PYTHON:-python3}
@@ -98,6 +105,8 @@ run() { # NAME CASE EXTRA...
 "$py" -c "import numpy as np; from PIL import Image; \
   Image.fromarray((np.indices((32, 32)).sum(0) * 4 % 256).astype('uint8')).convert('RGB').save('$work/init.png'); \
   m = np.zeros((32, 32), 'uint8'); m[8:24, 8:24] = 255; Image.fromarray(m).save('$work/mask.png')"
+build flux "$(flux_folder)" --arch flux-dev --clip-tokenizer "$vocab" --t5-tokenizer "$t5_vocab"
+run flux dev --steps 3 --batch 2
 build sd15 "$(sd_folder sd15 sd/sd15/unet)" --arch sd15 --clip-tokenizer "$vocab" --image-px 32,32,64
 run sd15 cfg --steps 4 --batch 2
 run sd15 img2img --steps 4 --init-image "$work/init.png" --strength 0.6
