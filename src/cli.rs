@@ -6,7 +6,9 @@ use crate::quant::Precision;
 use crate::trt::TrtChoice;
 use clap::{Args, Parser, Subcommand};
 
+mod auto;
 mod samplers;
+pub use auto::AutoArgs;
 pub use samplers::{CheckArgs, SamplersCmd};
 use std::path::PathBuf;
 
@@ -346,16 +348,8 @@ pub struct BuildArgs {
     /// norms and the LM head in fp32), or auto: each layer's format chosen by measured quality (--quality).
     #[arg(long, value_enum, default_value_t = Precision::Fp32)]
     pub precision: Precision,
-    /// --precision auto's budget on held-out prompts: images, the PSNR (dB) of the final image against the
-    /// unquantized model's (e.g. 30); LLMs, the mean next-token KL divergence in nats (e.g. 0.02).
-    #[arg(long, value_name = "Q")]
-    pub quality: Option<f64>,
-    /// Per-layer formats from an earlier --precision auto (its NAME.policy.toml), instead of a new search.
-    #[arg(long, value_name = "FILE")]
-    pub policy: Option<PathBuf>,
-    /// --precision auto: a prompt its choice is verified on (repeatable; default: the recipe's held-out ones).
-    #[arg(long, value_name = "TEXT")]
-    pub heldout_prompt: Vec<String>,
+    #[command(flatten)]
+    pub auto: AutoArgs,
     /// Output plan; the manifest is written beside it as <out>.json.
     #[arg(long, short)]
     pub out: PathBuf,

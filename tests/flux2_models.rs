@@ -133,8 +133,8 @@ fn quantized_transformers_export_with_the_family_policy() {
     // Per double block q/k/v/out, add_q/k/v, to_add_out and the 4 feed-forward linears (12); per single block the
     // fused projection and to_out (2): 2 x 12 + 2 x 2 quantized. Kept: x/context embedders, 2 timestep linears, 3
     // modulations, norm_out, proj_out.
-    assert_eq!(layers.get("nvfp4"), Some(&28), "{layers:?}");
-    assert_eq!(layers.get("kept"), Some(&9), "{layers:?}");
+    assert_eq!(layers.counts.get("nvfp4"), Some(&28), "{layers:?}");
+    assert_eq!(layers.counts.get("kept"), Some(&9), "{layers:?}");
 }
 
 #[test]

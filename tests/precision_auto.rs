@@ -561,3 +561,169 @@ fn psnr_of(a: &[Vec<u8>], b: &[Vec<u8>]) -> f64 {
         })
         .fold(f64::INFINITY, f64::min)
 }
+
+/// `--precision auto` on the DiT families (SD3.5, Z-Image-Turbo, FLUX.2 [klein]), through `build` as users run it:
+/// the search meets its budget on the held-out prompt, `--auto-layers` limits it to a sample of the layers, the
+/// policy file rebuilds the identical transformer graph, and the bundle generates.
+#[test]
+fn dit_families_choose_layers_by_measured_quality() {
+    let dir = tempfile::tempdir().unwrap();
+    let g = |rel: &str| {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/golden")
+            .join(rel)
+    };
+    let folder = |name: &str, links: &[(&str, PathBuf)]| -> PathBuf {
+        let m = dir.path().join(name);
+        for (dst, src) in links {
+            let d = m.join(dst);
+            std::fs::create_dir_all(d.parent().unwrap()).unwrap();
+            std::os::unix::fs::symlink(src, d).unwrap();
+        }
+        m
+    };
+    let zimage = folder(
+        "zimage",
+        &[
+            ("transformer", g("z_image/transformer")),
+            ("text_encoder", g("z_image/text_encoder")),
+            ("tokenizer", g("z_image/tokenizer")),
+            ("scheduler", g("z_image/scheduler")),
+            ("model_index.json", g("z_image/model_index.json")),
+            ("vae", g("flux/pipeline/vae")),
+        ],
+    );
+    let klein = folder(
+        "klein",
+        &[
+            ("transformer", g("flux2/transformer")),
+            ("text_encoder", g("flux2/text_encoder")),
+            ("vae", g("flux2/vae")),
+            ("scheduler", g("flux2/scheduler")),
+            ("model_index.json", g("flux2/model_index.json")),
+            ("tokenizer", g("z_image/tokenizer")),
+        ],
+    );
+    let sd35 = folder(
+        "sd35",
+        &[
+            ("transformer", g("sd35/transformer")),
+            ("scheduler", g("sd35/scheduler")),
+            ("model_index.json", g("sd35/model_index.json")),
+            (
+                "text_encoder/config.json",
+                g("sd35/text_encoder/config.json"),
+            ),
+            (
+                "text_encoder/text_projection.safetensors",
+                g("sd35/text_encoder/text_projection.safetensors"),
+            ),
+            (
+                "text_encoder/model.safetensors",
+                g("flux/text_encoder/model.safetensors"),
+            ),
+            ("text_encoder_2", g("sd/sdxl/pipeline_text_encoder_2")),
+            ("vae/config.json", g("sd35/vae/config.json")),
+            (
+                "vae/diffusion_pytorch_model.safetensors",
+                g("flux/pipeline/vae/diffusion_pytorch_model.safetensors"),
+            ),
+        ],
+    );
+    let ct = shared_data("tokenizers/bpe_simple_vocab_16e6.txt.gz");
+    // (folder, family extras, image sizes, the layer sample or "")
+    let families: [(&Path, Vec<&str>, &str, &str); 3] = [
+        (&zimage, vec![], "32,32,64", ""),
+        (&klein, vec![], "32,32,64", "transformer_blocks.*"),
+        (&sd35, vec!["--clip-tokenizer", s(&ct)], "16,32,32", ""),
+    ];
+    for (model, extra, px, sample) in families {
+        let name = model.file_name().unwrap().to_string_lossy().to_string();
+        let build = |tag: &str, more: &[&str]| {
+            let out = dir.path().join(format!("{name}_{tag}")).join("m.plan");
+            std::fs::create_dir_all(out.parent().unwrap()).unwrap();
+            let mut args = vec![
+                "build",
+                s(model),
+                "--onnx-only",
+                "--image-px",
+                px,
+                "--calibration-prompt",
+                CALIBRATION,
+                "--calibration-steps",
+                "2",
+                "--heldout-prompt",
+                HELDOUT[0],
+                "--no-progress",
+                "--out",
+                s(&out),
+            ];
+            args.extend(&extra);
+            args.extend(more);
+            let r = run(&args, true);
+            (out, r.stdout)
+        };
+        let mut auto = vec!["--precision", "auto", "--quality", "20"];
+        if !sample.is_empty() {
+            auto.extend(["--auto-layers", sample]);
+        }
+        let (plan, stdout) = build("auto", &auto);
+        assert!(
+            stdout.contains("auto precision") && stdout.contains("search"),
+            "{name}: {stdout}"
+        );
+        let policy = plan.with_extension("policy.toml");
+        let pf = PolicyFile::read(&policy).unwrap();
+        assert!(
+            pf.measured_quality >= 20.0,
+            "{name}: {}",
+            pf.measured_quality
+        );
+        assert!(
+            pf.layers.values().any(|f| *f != Format::Keep),
+            "{name}: {:?}",
+            pf.layers
+        );
+        if !sample.is_empty() {
+            let glob = glob::Pattern::new(sample).unwrap();
+            assert!(
+                pf.measured.iter().all(|m| glob.matches(&m.layer)),
+                "{name}: {:?}",
+                pf.measured
+            );
+        }
+        let (replan, _) = build("policy", &["--policy", s(&policy)]);
+        let transformer = |p: &Path| bytes_of(&p.with_file_name("m.transformer.onnx"));
+        assert!(
+            transformer(&plan) == transformer(&replan),
+            "{name}: --policy rebuilt another graph"
+        );
+        let png = plan.with_file_name("out.png");
+        let r = run(
+            &[
+                "generate",
+                "--engine",
+                s(&plan),
+                "--prompt",
+                HELDOUT[1],
+                "--width",
+                "32",
+                "--height",
+                "32",
+                "--steps",
+                "2",
+                "--no-progress",
+                "--backend",
+                "cpu",
+                "--out",
+                s(&png),
+            ],
+            true,
+        );
+        assert!(
+            r.stdout.contains("wrote") && png.exists(),
+            "{name}: {}",
+            r.stdout
+        );
+    }
+}

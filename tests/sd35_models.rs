@@ -47,7 +47,7 @@ fn transformer_err(name: &str, prefix: &str, skip: &[f32], want: &str) -> f64 {
     let ck = Checkpoint::open(&root(&format!("sd35/{name}"))).unwrap();
     let onnx = d.path().join("transformer.onnx");
     let layers = sd3::export(&cfg, &ck, &ExportOptions::default(), &onnx).unwrap();
-    assert!(layers.values().sum::<usize>() > 0);
+    assert!(layers.counts.values().sum::<usize>() > 0);
     let inputs = vec![
         ("latents".to_string(), io["transformer_latents"].clone()),
         ("timestep".to_string(), io["transformer_timestep"].clone()),
@@ -114,8 +114,12 @@ fn quantized_transformers_export_with_the_family_policy() {
     // attn2's four more; block 2 (context_pre_only) no to_add_out nor ff_context. Kept: 4 embedder linears, the
     // context embedder, 3 + 3 modulations, norm_out, proj_out.
     let quantized = (7 + 1 + 4 + 4) + (7 + 1 + 4) + (7 + 2);
-    assert_eq!(layers.get("nvfp4"), Some(&quantized), "{layers:?}");
-    assert_eq!(layers.get("kept"), Some(&(4 + 1 + 6 + 2)), "{layers:?}");
+    assert_eq!(layers.counts.get("nvfp4"), Some(&quantized), "{layers:?}");
+    assert_eq!(
+        layers.counts.get("kept"),
+        Some(&(4 + 1 + 6 + 2)),
+        "{layers:?}"
+    );
 }
 
 fn text_err(transformer: &str, t5: bool, arch: &str, prefix: &str) -> (f64, f64) {

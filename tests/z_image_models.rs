@@ -49,7 +49,7 @@ fn transformer_matches_diffusers() {
     let ck = Checkpoint::open(&golden("transformer")).unwrap();
     let onnx = d.path().join("transformer.onnx");
     let layers = z_image::export(&cfg, &ck, &ExportOptions::default(), &onnx).unwrap();
-    assert!(layers.values().sum::<usize>() > 0);
+    assert!(layers.counts.values().sum::<usize>() > 0);
     // Two images of 6x4 latents (6 tokens padded to 32), captions of 5 tokens (padded to 32).
     let lat = &io["transformer_latents"];
     let cap = &io["transformer_cap_feats"];
@@ -88,8 +88,13 @@ fn quantized_transformers_export_with_the_family_policy() {
     // q/k/v/out, w1 and w3 of the 4 blocks; w2 reads the 85-wide FFN activation, not a whole number of NVFP4's
     // 16-value blocks, so it stays high precision with the embedders (x, caption, 2 timestep), the 3 block
     // modulations, the final modulation and the final linear.
-    assert_eq!(layers.get("nvfp4"), Some(&24), "{layers:?}");
-    assert_eq!(layers.get("kept"), Some(&(4 + 9)), "{layers:?}");
+    assert_eq!(layers.counts.get("nvfp4"), Some(&24), "{:?}", layers.counts);
+    assert_eq!(
+        layers.counts.get("kept"),
+        Some(&(4 + 9)),
+        "{:?}",
+        layers.counts
+    );
     let g = z_image::graph(&cfg, &ck, &opts).unwrap();
     let nodes = &g.graph.as_ref().unwrap().node;
     assert!(nodes.iter().any(|n| n.op_type.contains("FP4")));

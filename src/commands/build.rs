@@ -194,7 +194,7 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
 
 /// The precision a build reports: `--policy` is a per-layer (auto) build whatever `--precision` defaulted to.
 fn shown_precision(a: &BuildArgs) -> Precision {
-    if a.policy.is_some() {
+    if a.auto.policy.is_some() {
         Precision::Auto
     } else {
         a.precision
@@ -203,17 +203,17 @@ fn shown_precision(a: &BuildArgs) -> Precision {
 
 fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions {
     crate::pipelines::auto_precision::AutoOptions {
-        quality: a.quality,
-        policy: a.policy.clone(),
-        heldout_prompts: a.heldout_prompt.clone(),
+        quality: a.auto.quality,
+        policy: a.auto.policy.clone(),
+        heldout_prompts: a.auto.heldout_prompt.clone(),
         calibration_prompts: a.calibration_prompt.clone(),
-        layers: Vec::new(),
+        layers: a.auto.auto_layers.clone(),
     }
 }
 
 /// After a per-layer build: the policy written beside the engine, as a table with its search time.
 fn print_policy(a: &BuildArgs) -> Result<()> {
-    if a.precision != Precision::Auto && a.policy.is_none() {
+    if a.precision != Precision::Auto && a.auto.policy.is_none() {
         return Ok(());
     }
     let path = crate::pipelines::bundle::sibling(&a.out, ".policy.toml");
@@ -253,17 +253,18 @@ fn build_z_image(a: &BuildArgs) -> Result<()> {
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,
             calibration_backend: crate::backend::BackendChoice::Auto,
+            auto: auto_options(a),
             base: BuildOptions::from(a),
         },
     )?;
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }
 
 fn build_flux2(a: &BuildArgs) -> Result<()> {
@@ -280,6 +281,7 @@ fn build_flux2(a: &BuildArgs) -> Result<()> {
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,
             calibration_backend: crate::backend::BackendChoice::Auto,
+            auto: auto_options(a),
             base: BuildOptions::from(a),
         },
     )?;
@@ -295,11 +297,11 @@ fn build_flux2(a: &BuildArgs) -> Result<()> {
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }
 
 fn build_sd3(a: &BuildArgs) -> Result<()> {
@@ -317,6 +319,7 @@ fn build_sd3(a: &BuildArgs) -> Result<()> {
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,
             calibration_backend: crate::backend::BackendChoice::Auto,
+            auto: auto_options(a),
             base: BuildOptions::from(a),
         })?;
     let arch = o
@@ -331,11 +334,11 @@ fn build_sd3(a: &BuildArgs) -> Result<()> {
     println!(
         "built the {arch} bundle {} ({} precision, {}); manifest {}",
         o.engine.display(),
-        a.precision,
+        shown_precision(a),
         o.manifest.engine_summary(),
         o.manifest_path.display()
     );
-    Ok(())
+    print_policy(a)
 }
 
 fn build_sd(a: &BuildArgs) -> Result<()> {

@@ -729,7 +729,7 @@ fn emit(
 ) -> Result<(
     ModelProto,
     Option<crate::onnx::builder::ExternalSink>,
-    HashMap<String, usize>,
+    crate::models::flux::LinearsReport,
 )> {
     cfg.check()?;
     cfg.check_checkpoint(ck)?;
@@ -889,7 +889,10 @@ fn emit(
         vec![batch(), img_seq(), Dim::Fixed(cfg.out_channels() as i64)],
     )?;
     e.o.g.output(&y);
-    let layers = e.linears.counts;
+    let layers = crate::models::flux::LinearsReport {
+        counts: e.linears.counts,
+        shapes: e.linears.shapes,
+    };
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, layers))
 }
@@ -906,7 +909,7 @@ pub fn export(
     ck: &Checkpoint,
     opts: &ExportOptions,
     out: &Path,
-) -> Result<HashMap<String, usize>> {
+) -> Result<crate::models::flux::LinearsReport> {
     let (model, sink, layers) = emit(cfg, ck, opts, Some(out))?;
     if let Some(s) = sink {
         s.commit()?;

@@ -633,7 +633,7 @@ fn emit(
 ) -> Result<(
     ModelProto,
     Option<crate::onnx::builder::ExternalSink>,
-    HashMap<String, usize>,
+    crate::models::flux::LinearsReport,
 )> {
     cfg.check()?;
     cfg.check_checkpoint(ck)?;
@@ -837,7 +837,10 @@ fn emit(
         vec![batch(), Dim::Fixed(oc), h, w],
     )?;
     e.o.g.output(&y);
-    let layers = e.linears.counts;
+    let layers = crate::models::flux::LinearsReport {
+        counts: e.linears.counts,
+        shapes: e.linears.shapes,
+    };
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, layers))
 }
@@ -854,7 +857,7 @@ pub fn export(
     ck: &Checkpoint,
     opts: &ExportOptions,
     out: &Path,
-) -> Result<HashMap<String, usize>> {
+) -> Result<crate::models::flux::LinearsReport> {
     let (model, sink, layers) = emit(cfg, ck, opts, Some(out))?;
     if let Some(s) = sink {
         s.commit()?;

@@ -555,7 +555,7 @@ fn emit(
 ) -> Result<(
     ModelProto,
     Option<crate::onnx::builder::ExternalSink>,
-    HashMap<String, usize>,
+    crate::models::flux::LinearsReport,
 )> {
     cfg.check()?;
     cfg.check_checkpoint(ck)?;
@@ -796,7 +796,10 @@ fn emit(
         vec![batch(), Dim::Fixed(c), h, w],
     )?;
     e.o.g.output(&y);
-    let layers = e.linears.counts;
+    let layers = crate::models::flux::LinearsReport {
+        counts: e.linears.counts,
+        shapes: e.linears.shapes,
+    };
     let (model, sink) = e.o.g.finish_streamed();
     Ok((model, sink, layers))
 }
@@ -813,7 +816,7 @@ pub fn export(
     ck: &Checkpoint,
     opts: &ExportOptions,
     out: &Path,
-) -> Result<HashMap<String, usize>> {
+) -> Result<crate::models::flux::LinearsReport> {
     let (model, sink, layers) = emit(cfg, ck, opts, Some(out))?;
     if let Some(s) = sink {
         s.commit()?;

@@ -29,7 +29,7 @@ pub struct AutoOptions {
     /// `--calibration-prompt` for LLM builds (image families take theirs with their other calibration options).
     pub calibration_prompts: Vec<String>,
     /// Layer-name globs: only matching layers are measured and chosen, the others kept (a sample of a large
-    /// model's layers; empty: every layer). SD builds take it.
+    /// model's layers; empty: every layer): `--auto-layers`; the image families take it.
     pub layers: Vec<String>,
 }
 
@@ -203,6 +203,99 @@ pub fn read_policy(
         }
     }
     Ok(pf)
+}
+
+/// An image family's `--precision auto` / `--policy` request: the recipe's prompts and sizes, the build's options.
+pub struct ImageSearch<'a> {
+    pub arch: &'a str,
+    pub auto: &'a AutoOptions,
+    /// `--targets`: the GPU generations whose formats are chosen from.
+    pub targets: &'a [String],
+    pub calibration_prompts: &'a [String],
+    /// The recipe's held-out prompts (`--heldout-prompt` replaces them).
+    pub heldout_prompts: &'a [String],
+    pub steps: usize,
+    /// Image side (pixels) the prompts render at.
+    pub side: usize,
+    /// Rows per GEMM call in the time model: the denoiser's tokens at the profile's optimum.
+    pub tokens: usize,
+    /// Bytes per element of kept layers in the engine's graph.
+    pub base_bytes: usize,
+    /// Where the chosen policy is written (`NAME.policy.toml`).
+    pub policy_out: &'a std::path::Path,
+}
+
+/// Per-layer formats for an image family: read from `--policy FILE` as they are, or searched (re-chosen from the
+/// file's measurements when `--quality` comes with it) through `pipe`, whose denoiser is the unquantized reference
+/// and which `swap` re-exports per measurement. `shapes` are the layers searched (see [`AutoOptions::candidates`]);
+/// the policy is written to `policy_out`.
+pub fn choose_image_layers<M: super::image::ImageModel>(
+    s: &ImageSearch,
+    pipe: &mut super::image::ImagePipeline<M>,
+    shapes: &[LinearShape],
+    swap: SwapFn<'_, M>,
+) -> Result<BTreeMap<String, Format>> {
+    let target = Target::from_targets(s.targets)?;
+    let metric = s.auto.quality.map(|_| Metric::Psnr);
+    let mut table = None;
+    if let Some(path) = &s.auto.policy {
+        let pf = read_policy(path, shapes, &target, metric)?;
+        if s.auto.quality.is_none() {
+            if std::path::absolute(path).ok() != std::path::absolute(s.policy_out).ok() {
+                pf.write(s.policy_out)?;
+            }
+            return Ok(pf.layers);
+        }
+        table = Some(pf.measured);
+    }
+    let quality = s.auto.quality.context(
+        "--precision auto needs --quality DB: the PSNR (dB) the final images must keep against the unquantized \
+         model on held-out prompts (e.g. 30), or --policy FILE from an earlier search",
+    )?;
+    let heldout = if s.auto.heldout_prompts.is_empty() {
+        s.heldout_prompts.to_vec()
+    } else {
+        s.auto.heldout_prompts.clone()
+    };
+    check_prompts(s.calibration_prompts, &heldout)?;
+    let mut probe = ImageProbe::new(pipe, swap, s.calibration_prompts, &heldout, s.steps, s.side)?;
+    let spec = SearchSpec {
+        arch: s.arch.to_string(),
+        metric: Metric::Psnr,
+        quality,
+        target,
+        shapes,
+        tokens: s.tokens,
+        base_bytes: s.base_bytes,
+        calibration_prompts: s.calibration_prompts.to_vec(),
+        heldout_prompts: heldout,
+    };
+    let pf = run_search(&spec, &mut probe, table)?;
+    tracing::info!("{}", probe.timings.describe());
+    pf.write(s.policy_out)?;
+    Ok(pf.layers)
+}
+
+/// The DiT families' export settings for per-layer formats: the graph precision (its opset and domains; the policy
+/// decides every layer) and the policy (None when every layer is kept).
+pub fn layered_policy(
+    layers: &BTreeMap<String, Format>,
+) -> Result<(
+    crate::models::flux::FluxPrecision,
+    Option<crate::quant::policy::Policy>,
+)> {
+    use crate::models::flux::FluxPrecision;
+    use crate::quant::LinearPrecision;
+    let policy = crate::quant::auto::policy_of(layers)?;
+    let precision = match policy.target {
+        LinearPrecision::Nvfp4 => FluxPrecision::Nvfp4,
+        LinearPrecision::F32 => FluxPrecision::F32,
+        _ => FluxPrecision::Fp8,
+    };
+    Ok((
+        precision,
+        (precision != FluxPrecision::F32).then_some(policy),
+    ))
 }
 
 /// Time spent per call: replacing the network (export + session) and running the prompts.

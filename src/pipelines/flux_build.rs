@@ -13,8 +13,8 @@ use crate::backend::BackendChoice;
 use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::{clip, flux as fluxm, t5, taesd, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::quant::auto::{Format, LinearShape, Metric, Target};
-use crate::quant::{LinearPrecision, Precision};
+use crate::quant::Precision;
+use crate::quant::auto::{Format, LinearShape};
 use crate::tokenizer::t5::T5Tokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
 use crate::weights::lora::{LoraFile, LoraSpec, Part, Resolved, open_all};
@@ -392,16 +392,10 @@ pub fn layered_options(
     layers: &BTreeMap<String, Format>,
     amax: &HashMap<String, f32>,
 ) -> Result<fluxm::ExportOptions> {
-    let policy = crate::quant::auto::policy_of(layers)?;
-    // The Flux precision only sets the graph's opset and domains here: the policy decides every layer.
-    let precision = match policy.target {
-        LinearPrecision::Nvfp4 => fluxm::FluxPrecision::Nvfp4,
-        LinearPrecision::F32 => fluxm::FluxPrecision::F32,
-        _ => fluxm::FluxPrecision::Fp8,
-    };
+    let (precision, policy) = auto_precision::layered_policy(layers)?;
     Ok(fluxm::ExportOptions {
         precision,
-        policy: (precision != fluxm::FluxPrecision::F32).then_some(policy),
+        policy,
         amax: amax.clone(),
         ..Default::default()
     })
@@ -613,30 +607,6 @@ fn choose_layers(
     amax: &HashMap<String, f32>,
     policy_out: &Path,
 ) -> Result<BTreeMap<String, Format>> {
-    let target = Target::from_targets(&o.base.targets)?;
-    let metric = o.auto.quality.map(|_| Metric::Psnr);
-    let mut table = None;
-    if let Some(path) = &o.auto.policy {
-        let pf = auto_precision::read_policy(path, shapes, &target, metric)?;
-        if o.auto.quality.is_none() {
-            if std::path::absolute(path).ok() != std::path::absolute(policy_out).ok() {
-                pf.write(policy_out)?;
-            }
-            return Ok(pf.layers);
-        }
-        table = Some(pf.measured);
-    }
-    let quality = o.auto.quality.context(
-        "--precision auto needs --quality DB: the PSNR (dB) the final images must keep against the unquantized \
-         model on held-out prompts (e.g. 30), or --policy FILE from an earlier search",
-    )?;
-    let r = &p.recipe.precision;
-    let heldout = if o.auto.heldout_prompts.is_empty() {
-        r.heldout_prompts.clone()
-    } else {
-        o.auto.heldout_prompts.clone()
-    };
-    auto_precision::check_prompts(&r.calibration_prompts, &heldout)?;
     let cand = dir.join("candidate.transformer.onnx");
     let backend = o.calibration_backend;
     let swap = Box::new(
@@ -648,32 +618,22 @@ fn choose_layers(
         },
     );
     pipe.model.amax = None;
-    let side = calibration_side(p);
-    let mut probe = auto_precision::ImageProbe::new(
-        pipe,
-        swap,
-        &r.calibration_prompts,
-        &heldout,
-        r.calibration_steps,
-        side,
-    )?;
+    let r = &p.recipe.precision;
     let per_token = 2 * p.config.vae_scale_factor as i64;
     let opt_side = (p.recipe.shapes.image_px[1] / per_token).max(1) as usize;
-    let spec = auto_precision::SearchSpec {
-        arch: o.arch.clone(),
-        metric: Metric::Psnr,
-        quality,
-        target,
-        shapes,
+    let search = auto_precision::ImageSearch {
+        arch: &o.arch,
+        auto: &o.auto,
+        targets: &o.base.targets,
+        calibration_prompts: &r.calibration_prompts,
+        heldout_prompts: &r.heldout_prompts,
+        steps: r.calibration_steps,
+        side: calibration_side(p),
         tokens: opt_side * opt_side + p.config.t5_max_len,
         base_bytes: 4,
-        calibration_prompts: r.calibration_prompts.clone(),
-        heldout_prompts: heldout,
+        policy_out,
     };
-    let pf = auto_precision::run_search(&spec, &mut probe, table)?;
-    tracing::info!("{}", probe.timings.describe());
-    pf.write(policy_out)?;
-    Ok(pf.layers)
+    auto_precision::choose_image_layers(&search, pipe, &o.auto.candidates(shapes, None)?, swap)
 }
 
 /// Optimization profiles of every component for the recipe's batch and image ranges.

@@ -6,6 +6,7 @@
 //! Without --arch the folder's model_index.json must name a StableDiffusion3 pipeline; the transformer's
 //! `dual_attention_layers` tell medium from large, and a folder named `*turbo*` is large-turbo. The recipe
 //! (engines/<arch>.toml) gives the defaults, shapes and the precision policy's extra exclusions.
+use super::auto_precision::{self, AutoOptions};
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
 use super::image::ImagePipeline;
@@ -16,6 +17,7 @@ use crate::models::clip::{self, ClipOptions, ClipTextConfig};
 use crate::models::flux::FluxPrecision;
 use crate::models::{sd3 as sm, t5, vae};
 use crate::onnx::{DataType, SaveOptions, save};
+use crate::quant::auto::Format;
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::clip::{ClipTokenizer, EOS};
 use crate::tokenizer::t5::T5Tokenizer;
@@ -57,6 +59,9 @@ pub struct RecipePrecision {
     pub calibration_px: usize,
     pub calibration_cfg: f32,
     pub calibration_prompts: Vec<String>,
+    /// `--precision auto` verifies its choice on these.
+    #[serde(default)]
+    pub heldout_prompts: Vec<String>,
 }
 
 /// A diffusers-layout SD3 folder, resolved.
@@ -499,7 +504,7 @@ pub fn export_transformer(
     p: &Plan,
     opts: &sm::ExportOptions,
     out: &Path,
-) -> Result<HashMap<String, usize>> {
+) -> Result<crate::models::flux::LinearsReport> {
     let ck = Checkpoint::open(&p.files.transformer)?;
     sm::export(&p.transformer, &ck, opts, out)
 }
@@ -583,37 +588,101 @@ pub fn open_model(
     ))
 }
 
-/// Runs the f32 calibration transformer through the sampler loop (with the recipe's CFG, so both prompt
-/// branches are seen) over the recipe's prompts and returns the per-layer activation amax (FP8's static scales).
-fn calibrate(
+/// The image side (pixels) calibration and the quality search run at: at most the profile's optimum.
+fn calibration_side(p: &Plan) -> usize {
+    let r = &p.recipe.precision;
+    let m = p.config.patch_size * p.config.vae_scale_factor;
+    (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / m).max(1) * m
+}
+
+/// The transformer's export options for the build: FP8's activation scales calibrated through the sampler loop
+/// (with the recipe's CFG, so both prompt branches are seen) on an f32 calibration graph; with `--precision auto`
+/// or `--policy`, per-layer formats searched on that same pipeline (or read from the policy file).
+fn calibrated_options(
     p: &Plan,
+    o: &Sd3BuildOptions,
     dir: &Path,
     aux: &OnnxPaths,
-    backend: BackendChoice,
-) -> Result<HashMap<String, f32>> {
-    let calib = dir.join("calibration.transformer.onnx");
+) -> Result<sm::ExportOptions> {
+    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
+    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
+        bail!(
+            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
+            o.precision
+        );
+    }
+    if o.precision != Precision::Fp8 && !layered {
+        return transformer_options(p, o.precision, HashMap::new());
+    }
+    let tmp = tempfile::tempdir_in(dir).context("cannot create a calibration folder")?;
+    let calib = tmp.path().join("calibration.transformer.onnx");
     let opts = sm::ExportOptions {
         calibration: true,
         ..Default::default()
     };
-    export_transformer(p, &opts, &calib)?;
+    let shapes = export_transformer(p, &opts, &calib)?.shapes;
+    let backend = o.calibration_backend;
     let mut model = open_model(p, aux, &calib, backend)?;
     model.amax = Some(HashMap::new());
     let mut pipe = ImagePipeline::new(model);
     let r = &p.recipe.precision;
-    let m = p.config.patch_size * p.config.vae_scale_factor;
-    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / m).max(1) * m;
     pipe.calibrate(
         &r.calibration_prompts,
         r.calibration_steps,
-        px,
+        calibration_side(p),
         r.calibration_cfg,
     )?;
     let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
     }
-    Ok(amax)
+    if !layered {
+        return transformer_options(p, Precision::Fp8, amax);
+    }
+    // The family's exclusions and the recipe's `keep` stay high in every engine, so they are not measured.
+    let keep = sm::default_policy(LinearPrecision::Fp8).with_overrides(&[], &r.keep)?;
+    let shapes = o.auto.candidates(&shapes, Some(&keep))?;
+    let cand = tmp.path().join("candidate.transformer.onnx");
+    let measured_amax = amax.clone();
+    let swap = Box::new(
+        move |m: &mut Sd3Model, layers: &BTreeMap<String, Format>| -> Result<()> {
+            let (precision, policy) = auto_precision::layered_policy(layers)?;
+            let opts = sm::ExportOptions {
+                precision,
+                policy,
+                amax: measured_amax.clone(),
+                ..Default::default()
+            };
+            export_transformer(p, &opts, &cand)?;
+            m.engines.transformer =
+                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+            Ok(())
+        },
+    );
+    let c = &p.config;
+    let opt_side =
+        (p.recipe.shapes.image_px[1] as usize / (c.patch_size * c.vae_scale_factor)).max(1);
+    let search = auto_precision::ImageSearch {
+        arch: &c.arch,
+        auto: &o.auto,
+        targets: &o.base.targets,
+        calibration_prompts: &r.calibration_prompts,
+        heldout_prompts: &r.heldout_prompts,
+        steps: r.calibration_steps,
+        side: calibration_side(p),
+        tokens: opt_side * opt_side + p.recipe.defaults.max_sequence_length,
+        base_bytes: 4,
+        policy_out: &sibling(&o.base.out, ".policy.toml"),
+    };
+    pipe.model.amax = None;
+    let layers = auto_precision::choose_image_layers(&search, &mut pipe, &shapes, swap)?;
+    let (precision, policy) = auto_precision::layered_policy(&layers)?;
+    Ok(sm::ExportOptions {
+        precision,
+        policy,
+        amax,
+        ..Default::default()
+    })
 }
 
 /// Optimization profiles of every component for the recipe's batch and image ranges (CFG doubles the
@@ -718,6 +787,8 @@ pub struct Sd3BuildOptions {
     pub calibration_steps: Option<usize>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
+    /// `--precision auto` / `--policy`.
+    pub auto: AutoOptions,
     pub base: BuildOptions,
 }
 
@@ -797,18 +868,9 @@ pub fn build_sd3(o: &Sd3BuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    let amax = if o.precision == Precision::Fp8 {
-        let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
-        calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
-    } else {
-        HashMap::new()
-    };
+    let topts = calibrated_options(&p, o, &dir, &paths)?;
     tracing::info!("exporting the transformer ({})", o.precision);
-    export_transformer(
-        &p,
-        &transformer_options(&p, o.precision, amax)?,
-        &paths.transformer,
-    )?;
+    export_transformer(&p, &topts, &paths.transformer)?;
     let mut tokenizers = BTreeMap::new();
     let ext = if file_name(&p.files.clip_tokenizer).ends_with(".json") {
         ".json"

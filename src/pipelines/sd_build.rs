@@ -16,7 +16,7 @@ use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::clip::{self, ClipOptions, ClipTextConfig};
 use crate::models::{taesd, unet, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::quant::auto::{Format, LinearShape, Metric, Target};
+use crate::quant::auto::{Format, LinearShape};
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::clip::ClipTokenizer;
 use crate::trt::{BuildOptions, BuildOutcome};
@@ -722,35 +722,11 @@ fn choose_layers(
     alpha: f32,
     policy_out: &Path,
 ) -> Result<BTreeMap<String, Format>> {
-    let target = Target::from_targets(&o.base.targets)?;
-    let metric = o.auto.quality.map(|_| Metric::Psnr);
     // The NVIDIA-demo exclusions (time and added embeddings, every ResNet's time_emb_proj) and the recipe's `keep`
     // stay high in every SD engine, so they are not measured either.
     let keep =
         unet::default_policy(LinearPrecision::Fp8).with_overrides(&[], &p.recipe.precision.keep)?;
     let shapes = &o.auto.candidates(shapes, Some(&keep))?;
-    let mut table = None;
-    if let Some(path) = &o.auto.policy {
-        let pf = auto_precision::read_policy(path, shapes, &target, metric)?;
-        if o.auto.quality.is_none() {
-            if std::path::absolute(path).ok() != std::path::absolute(policy_out).ok() {
-                pf.write(policy_out)?;
-            }
-            return Ok(pf.layers);
-        }
-        table = Some(pf.measured);
-    }
-    let quality = o.auto.quality.context(
-        "--precision auto needs --quality DB: the PSNR (dB) the final images must keep against the unquantized \
-         model on held-out prompts (e.g. 30), or --policy FILE from an earlier search",
-    )?;
-    let r = &p.recipe.precision;
-    let heldout = if o.auto.heldout_prompts.is_empty() {
-        r.heldout_prompts.clone()
-    } else {
-        o.auto.heldout_prompts.clone()
-    };
-    auto_precision::check_prompts(&r.calibration_prompts, &heldout)?;
     let cand = dir.join("candidate.unet.onnx");
     let backend = o.calibration_backend;
     let swap = Box::new(
@@ -763,31 +739,22 @@ fn choose_layers(
     );
     pipe.model.amax = None;
     pipe.model.channel_amax = None;
-    let mut probe = auto_precision::ImageProbe::new(
-        pipe,
-        swap,
-        &r.calibration_prompts,
-        &heldout,
-        r.calibration_steps,
-        calibration_side(p),
-    )?;
+    let r = &p.recipe.precision;
     // GEMM rows at the profile's optimum: the tokens of the first (largest) attention level.
     let lat = (p.recipe.shapes.image_px[1] / p.config.vae_scale_factor as i64).max(1) as usize;
-    let spec = auto_precision::SearchSpec {
-        arch: arch.to_string(),
-        metric: Metric::Psnr,
-        quality,
-        target,
-        shapes,
+    let search = auto_precision::ImageSearch {
+        arch,
+        auto: &o.auto,
+        targets: &o.base.targets,
+        calibration_prompts: &r.calibration_prompts,
+        heldout_prompts: &r.heldout_prompts,
+        steps: r.calibration_steps,
+        side: calibration_side(p),
         tokens: lat * lat,
         base_bytes: 4,
-        calibration_prompts: r.calibration_prompts.clone(),
-        heldout_prompts: heldout,
+        policy_out,
     };
-    let pf = auto_precision::run_search(&spec, &mut probe, table)?;
-    tracing::info!("{}", probe.timings.describe());
-    pf.write(policy_out)?;
-    Ok(pf.layers)
+    auto_precision::choose_image_layers(&search, pipe, shapes, swap)
 }
 
 /// Optimization profiles of every component: batch, image side (height and width independently) and prompt

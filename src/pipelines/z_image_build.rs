@@ -4,6 +4,7 @@
 //! copies the tokenizer and records the pipeline (scheduler shift, VAE scaling, chat template) in `NAME.plan.json`.
 //! The text encoder is the LLM decoder graph (`models::llama::encoder_graph`) cut after its second-to-last layer.
 //! The recipe (engines/z-image-turbo.toml) gives the defaults, shapes and the precision policy's extra exclusions.
+use super::auto_precision::{self, AutoOptions};
 use super::bundle::{ComponentGraphs, build_bundle, file_name, sibling};
 use super::engines::{OpenOptions, open_file};
 use super::image::ImagePipeline;
@@ -13,6 +14,7 @@ use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::flux::FluxPrecision;
 use crate::models::{llama, vae, z_image as zm};
 use crate::onnx::{DataType, SaveOptions, save};
+use crate::quant::auto::Format;
 use crate::quant::policy::Policy;
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::qwen::QwenTokenizer;
@@ -55,6 +57,9 @@ pub struct RecipePrecision {
     pub calibration_steps: usize,
     pub calibration_px: usize,
     pub calibration_prompts: Vec<String>,
+    /// `--precision auto` verifies its choice on these.
+    #[serde(default)]
+    pub heldout_prompts: Vec<String>,
 }
 
 /// A diffusers-layout Z-Image folder, resolved.
@@ -307,10 +312,13 @@ pub fn export_aux(
 }
 
 /// The transformer graph, streamed to `out`.
-pub fn export_transformer(p: &Plan, opts: &zm::ExportOptions, out: &Path) -> Result<()> {
+pub fn export_transformer(
+    p: &Plan,
+    opts: &zm::ExportOptions,
+    out: &Path,
+) -> Result<crate::models::flux::LinearsReport> {
     let ck = Checkpoint::open(&p.files.transformer)?;
-    zm::export(&p.transformer, &ck, opts, out)?;
-    Ok(())
+    zm::export(&p.transformer, &ck, opts, out)
 }
 
 fn transformer_options(
@@ -340,7 +348,7 @@ fn text_precision(precision: Precision) -> LinearPrecision {
     match precision {
         Precision::Fp8 => LinearPrecision::Fp8,
         Precision::Nvfp4 => LinearPrecision::Nvfp4,
-        Precision::Fp16 | Precision::Bf16 => LinearPrecision::F16,
+        Precision::Fp16 | Precision::Bf16 | Precision::Auto => LinearPrecision::F16,
         _ => LinearPrecision::F32,
     }
 }
@@ -360,20 +368,40 @@ fn vae_dtype(p: &Plan, precision: Precision) -> Result<DataType> {
     })
 }
 
-/// Runs the f32 calibration transformer through the sampler loop over the recipe's prompts and returns the
-/// per-layer activation amax (FP8's static scales).
-fn calibrate(
+/// The image side (pixels) calibration and the quality search run at: at most the profile's optimum.
+fn calibration_side(p: &Plan) -> usize {
+    let r = &p.recipe.precision;
+    let m = 2 * p.config.vae_scale_factor;
+    (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / m).max(1) * m
+}
+
+/// The transformer's export options for the build: FP8's activation scales calibrated through the sampler loop
+/// on an f32 calibration graph; with `--precision auto` or `--policy`, per-layer formats searched on that
+/// same pipeline (or read from the policy file).
+fn calibrated_options(
     p: &Plan,
+    o: &ZImageBuildOptions,
     dir: &Path,
     aux: &OnnxPaths,
-    backend: BackendChoice,
-) -> Result<HashMap<String, f32>> {
-    let calib = dir.join("calibration.transformer.onnx");
+) -> Result<zm::ExportOptions> {
+    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
+    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
+        bail!(
+            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
+            o.precision
+        );
+    }
+    if o.precision != Precision::Fp8 && !layered {
+        return transformer_options(p, o.precision, HashMap::new());
+    }
+    let tmp = tempfile::tempdir_in(dir).context("cannot create a calibration folder")?;
+    let calib = tmp.path().join("calibration.transformer.onnx");
     let opts = zm::ExportOptions {
         calibration: true,
         ..Default::default()
     };
-    export_transformer(p, &opts, &calib)?;
+    let shapes = export_transformer(p, &opts, &calib)?.shapes;
+    let backend = o.calibration_backend;
     let open = |path: &Path| open_file(&EngineFile::open(path)?, backend, &OpenOptions::default());
     let mut model = ZImageModel::new(
         p.config.clone(),
@@ -388,14 +416,62 @@ fn calibrate(
     model.amax = Some(HashMap::new());
     let mut pipe = ImagePipeline::new(model);
     let r = &p.recipe.precision;
-    let m = 2 * p.config.vae_scale_factor;
-    let px = (r.calibration_px.min(p.recipe.shapes.image_px[1] as usize) / m).max(1) * m;
-    pipe.calibrate(&r.calibration_prompts, r.calibration_steps, px, 1.0)?;
+    pipe.calibrate(
+        &r.calibration_prompts,
+        r.calibration_steps,
+        calibration_side(p),
+        1.0,
+    )?;
     let amax = pipe.model.amax.take().unwrap_or_default();
     if amax.is_empty() {
         bail!("the calibration graph reported no activation ranges");
     }
-    Ok(amax)
+    if !layered {
+        return transformer_options(p, Precision::Fp8, amax);
+    }
+    // The family's exclusions and the recipe's `keep` stay high in every engine, so they are not measured.
+    let keep = zm::default_policy(LinearPrecision::Fp8).with_overrides(&[], &r.keep)?;
+    let shapes = o.auto.candidates(&shapes, Some(&keep))?;
+    let cand = tmp.path().join("candidate.transformer.onnx");
+    let measured_amax = amax.clone();
+    let swap = Box::new(
+        move |m: &mut ZImageModel, layers: &BTreeMap<String, Format>| -> Result<()> {
+            let (precision, policy) = auto_precision::layered_policy(layers)?;
+            let opts = zm::ExportOptions {
+                precision,
+                policy,
+                amax: measured_amax.clone(),
+                ..Default::default()
+            };
+            export_transformer(p, &opts, &cand)?;
+            m.engines.transformer =
+                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+            Ok(())
+        },
+    );
+    let c = &p.config;
+    let opt_side = (p.recipe.shapes.image_px[1] as usize / (2 * c.vae_scale_factor)).max(1);
+    let search = auto_precision::ImageSearch {
+        arch: &c.arch,
+        auto: &o.auto,
+        targets: &o.base.targets,
+        calibration_prompts: &r.calibration_prompts,
+        heldout_prompts: &r.heldout_prompts,
+        steps: r.calibration_steps,
+        side: calibration_side(p),
+        tokens: opt_side * opt_side + c.max_sequence_length,
+        base_bytes: 4,
+        policy_out: &sibling(&o.base.out, ".policy.toml"),
+    };
+    pipe.model.amax = None;
+    let layers = auto_precision::choose_image_layers(&search, &mut pipe, &shapes, swap)?;
+    let (precision, policy) = auto_precision::layered_policy(&layers)?;
+    Ok(zm::ExportOptions {
+        precision,
+        policy,
+        amax,
+        ..Default::default()
+    })
 }
 
 /// Optimization profiles of every component for the recipe's batch, image and prompt ranges.
@@ -490,6 +566,8 @@ pub struct ZImageBuildOptions {
     pub calibration_steps: Option<usize>,
     /// Backend the FP8 calibration runs on.
     pub calibration_backend: BackendChoice,
+    /// `--precision auto` / `--policy`.
+    pub auto: AutoOptions,
     pub base: BuildOptions,
 }
 
@@ -542,18 +620,9 @@ pub fn build_z_image(o: &ZImageBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    let amax = if o.precision == Precision::Fp8 {
-        let tmp = tempfile::tempdir_in(&dir).context("cannot create a calibration folder")?;
-        calibrate(&p, tmp.path(), &paths, o.calibration_backend)?
-    } else {
-        HashMap::new()
-    };
+    let topts = calibrated_options(&p, o, &dir, &paths)?;
     tracing::info!("exporting the transformer ({})", o.precision);
-    export_transformer(
-        &p,
-        &transformer_options(&p, o.precision, amax)?,
-        &paths.transformer,
-    )?;
+    export_transformer(&p, &topts, &paths.transformer)?;
     let tok = sibling(&o.base.out, ".qwen-tokenizer.json");
     crate::fsutil::copy_atomic(&p.files.tokenizer, &tok)?;
     QwenTokenizer::load(&tok)?;

@@ -207,6 +207,7 @@ pub struct ExportReport {
 }
 
 /// The linear layers an emitter wrote: counts by precision and each layer's shape.
+#[derive(Clone, Debug)]
 pub struct LinearsReport {
     pub counts: HashMap<String, usize>,
     pub shapes: Vec<crate::quant::auto::LinearShape>,
