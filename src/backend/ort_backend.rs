@@ -378,40 +378,61 @@ impl OrtEngine {
         }
         // On the GPU, attention runs as ONNX Runtime's fused MultiHeadAttention (flash / memory-efficient kernels)
         // rather than as the exported MatMul-Softmax-MatMul pattern; TRT_DIFF_ATTENTION=unfused keeps the pattern.
+        // The graph as it was before the fusion, should ONNX Runtime refuse the fused one (None: the file).
+        let mut unfused: Option<Option<crate::onnx::proto::ModelProto>> = None;
         if matches!(opts.device, OrtDevice::Cuda(_)) && fused_attention_wanted() {
             let was_patched = patched.is_some();
-            let mut model = match patched.take() {
+            let original = match patched.take() {
                 Some(model) => model,
                 None if rewritten.is_some() => OnnxFile::load(&model_path)?.model,
                 None => onnx.model.clone(),
             };
+            // Cheap: weights are external or reference-counted bytes.
+            let mut model = original.clone();
             let fused = crate::onnx::attention_fusion::fuse_attention(&mut model)?;
             if fused > 0 {
                 tracing::debug!(
                     "'{}': {fused} attentions fused into MultiHeadAttention for ONNX Runtime CUDA",
                     path.display()
                 );
+                unfused = Some(was_patched.then_some(original));
                 patched = Some(model);
             } else if was_patched {
-                patched = Some(model);
+                patched = Some(original);
             }
         }
         let opening = std::time::Instant::now();
         tracing::debug!("opening '{}' on {:?}", path.display(), opts.device);
-        let session = match patched {
-            None => builder.commit_from_file(&model_path).map_err(|e| err(&e))?,
-            Some(model) => {
-                let dir = model_path.parent().unwrap_or(Path::new("."));
-                builder = builder
-                    .with_config_entry(
-                        "session.model_external_initializers_file_folder_path",
-                        dir.to_string_lossy(),
-                    )
-                    .map_err(|e| err(&e))?;
-                builder
-                    .commit_from_memory(&prost::Message::encode_to_vec(&model))
-                    .map_err(|e| err(&e))?
+        let commit = |mut builder: ort::session::builder::SessionBuilder,
+                      model: Option<&crate::onnx::proto::ModelProto>|
+         -> Result<Session> {
+            match model {
+                None => builder.commit_from_file(&model_path).map_err(|e| err(&e)),
+                Some(model) => {
+                    let dir = model_path.parent().unwrap_or(Path::new("."));
+                    builder = builder
+                        .with_config_entry(
+                            "session.model_external_initializers_file_folder_path",
+                            dir.to_string_lossy(),
+                        )
+                        .map_err(|e| err(&e))?;
+                    builder
+                        .commit_from_memory(&prost::Message::encode_to_vec(model))
+                        .map_err(|e| err(&e))
+                }
             }
+        };
+        let session = match (commit(builder.clone(), patched.as_ref()), unfused) {
+            (Ok(session), _) => session,
+            (Err(e), Some(unfused)) => {
+                tracing::warn!(
+                    "'{}': ONNX Runtime could not open the graph with fused attention ({e:#}); running the exported \
+                     attention instead",
+                    path.display()
+                );
+                commit(builder, unfused.as_ref())?
+            }
+            (Err(e), None) => return Err(e),
         };
         tracing::debug!(
             "opened '{}' in {:.2}s",
