@@ -76,6 +76,8 @@
       #   not-exported: TRT_DIFF_API_KEY  (`serve --api-key` from the environment: a secret, the user's own)
       #   not-exported: TRT_DIFF_MODEL_CACHE  (where `--engine MODEL.gguf` bundles are cached: the user's choice)
       #   not-exported: XDG_CACHE_HOME  (the user's cache folder, read for that default)
+      #   not-exported: TRT_DIFF_ATTENTION  (`unfused` keeps the exported attention on ONNX Runtime CUDA: a comparison switch)
+      #   not-exported: TRT_DIFF_ORT_PROFILE  (a folder for ONNX Runtime's per-node profiles: a diagnosis switch)
 
       perSystem =
         system:

@@ -548,6 +548,45 @@ pub fn block_weights(
             }
         }
     }
+    // Fused matrices (Phi-3's attn_qkv, its [gate | up] ffn_up) as row ranges: rows are independent in every block
+    // format, so each part is a view of the file.
+    for i in 0..config.n_layers {
+        for (fused, parts) in crate::weights::gguf_model::fused_parts(config) {
+            let gg = format!("blk.{i}.{fused}");
+            let Some(t) = g.tensor(&gg) else { continue };
+            let rows: usize = parts.iter().map(|(_, r)| r).sum();
+            if t.dims.len() != 2 || t.dims[1] as usize != rows {
+                continue;
+            }
+            let k = t.dims[0] as usize;
+            let Some(kind) = WKind::from_ggml(t.ty) else {
+                return Ok(None);
+            };
+            let row_bytes = kind.row_bytes(k).unwrap_or(0) as u64;
+            if row_bytes * rows as u64 != t.n_bytes {
+                anyhow::bail!(
+                    "'{path}': tensor '{gg}' ({}, {rows} x {k}) has {} bytes, which do not fit its type; the file is \
+                     corrupt",
+                    t.ty,
+                    t.n_bytes
+                );
+            }
+            let mut at = 0u64;
+            for (hf, r) in parts {
+                tensors.insert(
+                    format!("model.layers.{i}.{hf}"),
+                    GgmlWeight {
+                        kind,
+                        rows: r,
+                        k,
+                        offset: g.data_offset + t.offset + at,
+                        bytes: row_bytes * r as u64,
+                    },
+                );
+                at += row_bytes * r as u64;
+            }
+        }
+    }
     if config.tied_embeddings
         && let Some(e) = tensors.get("model.embed_tokens.weight").cloned()
     {

@@ -617,6 +617,28 @@ fn emit(
         vec![],
         DataType::BOOL,
     )?;
+    // Sliding-window attention: keys w or more positions back are out of the window (p - t >= w).
+    let hidden = match cfg.sliding_window {
+        Some(w) => {
+            let age = e.op("Sub", "mask/age", &[&qpos, &keys], vec![], i64t)?;
+            let wv = e.o.g.const_i64("mask.window", &[], &[w as i64])?;
+            let old = e.op(
+                "GreaterOrEqual",
+                "mask/out_of_window",
+                &[&age, &wv],
+                vec![],
+                DataType::BOOL,
+            )?;
+            e.op(
+                "Or",
+                "mask/windowed",
+                &[&hidden, &old],
+                vec![],
+                DataType::BOOL,
+            )?
+        }
+        None => hidden,
+    };
     let neg = e.o.g.const_f32("mask.neg", &[], &[-1e30])?;
     let zf = e.o.g.const_f32("mask.zero_f", &[], &[0.0])?;
     let hidden = match mode {

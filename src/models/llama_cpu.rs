@@ -616,6 +616,12 @@ impl Emitter<'_> {
                 ("do_rotary", Attr::Int(1)),
                 ("rotary_interleaved", Attr::Int(c.rope_interleaved as i64)),
                 ("scale", Attr::Float(1.0 / (c.head_dim() as f32).sqrt())),
+                // Sliding-window attention: ONNX Runtime's window is transformers' `sliding_window` (checked against
+                // MistralForCausalLM and Phi3ForCausalLM in tests/llm_archs.rs).
+                (
+                    "local_window_size",
+                    Attr::Int(c.sliding_window.map_or(-1, |w| w as i64)),
+                ),
             ],
             vec![
                 (None, F32, act_shape(heads * hd)),

@@ -1,6 +1,7 @@
-//! Llama, Qwen2 and Qwen3 models from GGUF files: the `{arch}.*` keys become a [`LlamaConfig`], tensors are dequantized
-//! to f32 under Hugging Face names. GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter
-//! permutes q/k), `qwen2` and `qwen3` files the halves layout; the config records which.
+//! Llama (Mistral too), Qwen2, Qwen3 and Phi-3 models from GGUF files: the `{arch}.*` keys become a [`LlamaConfig`],
+//! tensors are dequantized to f32 under Hugging Face names (Phi-3's fused `attn_qkv` and `ffn_up` split into Llama's).
+//! GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter permutes q/k), `qwen2`, `qwen3` and
+//! `phi3` files the halves layout; the config records which.
 use crate::weights::gguf::GgufFile;
 use crate::weights::llm_config::HF_TO_GGUF;
 use crate::weights::llm_config::{LlamaConfig, RopeScaling};
@@ -22,10 +23,10 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         .to_string();
     let interleaved = match arch.as_str() {
         "llama" => true,
-        "qwen2" | "qwen3" => false,
+        "qwen2" | "qwen3" | "phi3" => false,
         other => {
             bail!(
-                "'{path}': architecture '{other}' is not supported (supported: llama, qwen2, qwen3)"
+                "'{path}': architecture '{other}' is not supported (supported: llama, qwen2, qwen3, phi3)"
             )
         }
     };
@@ -112,7 +113,22 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         explicit_head_dim,
         // Qwen3 always has them (a file missing them is refused by `check_tensors`, naming the tensor).
         qk_norm: arch == "qwen3" || g.tensor("blk.0.attn_q_norm.weight").is_some(),
+        // A window as long as the context changes nothing (as the Hugging Face loader reads it).
+        sliding_window: g
+            .get(&key("attention.sliding_window"))
+            .is_some()
+            .then(|| num("attention.sliding_window"))
+            .transpose()?
+            .filter(|&w| w > 0 && w < ctx),
     };
+    if g.tensor("rope_factors_long.weight").is_some()
+        || g.tensor("rope_factors_short.weight").is_some()
+    {
+        bail!(
+            "'{path}': per-dimension long/short RoPE factors (Phi-3's 128k variants, longrope) are not supported; \
+             use a 4k variant"
+        );
+    }
     crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
     for (hf, gg) in HF_TO_GGUF {
@@ -126,6 +142,26 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
             let (hf, gg) = (sub(hf), sub(gg));
             if g.tensor(&gg).is_some() {
                 tensors.insert(hf, g.tensor_f32(&gg)?);
+            }
+        }
+    }
+    for i in 0..n_layers {
+        for (fused, parts) in fused_parts(&config) {
+            let gg = format!("blk.{i}.{fused}");
+            let Some(t) = g.tensor(&gg) else { continue };
+            // A fused ffn_up is twice the feed-forward width (Phi-3); a plain one is Llama's up_proj.
+            if t.dims.get(1).copied() != Some(parts.iter().map(|(_, r)| *r as u64).sum()) {
+                continue;
+            }
+            let w = g.tensor_f32(&gg)?;
+            let mut at = 0;
+            for (hf, rows) in parts {
+                let n = rows * config.dim;
+                let Some(part) = w.get(at..at + n) else {
+                    bail!("'{path}': tensor '{gg}' is shorter than its parts; the file is corrupt");
+                };
+                tensors.insert(format!("model.layers.{i}.{hf}"), part.to_vec());
+                at += n;
             }
         }
     }
@@ -148,4 +184,26 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         config,
         tensors,
     })
+}
+
+/// GGUF matrices that hold several of Llama's, with the Hugging Face names and rows of their parts in order:
+/// `attn_qkv` [q | k | v] and Phi-3's `ffn_up` [gate | up].
+pub fn fused_parts(c: &LlamaConfig) -> [(&'static str, Vec<(&'static str, usize)>); 2] {
+    [
+        (
+            "attn_qkv.weight",
+            vec![
+                ("self_attn.q_proj.weight", c.q_dim()),
+                ("self_attn.k_proj.weight", c.kv_dim()),
+                ("self_attn.v_proj.weight", c.kv_dim()),
+            ],
+        ),
+        (
+            "ffn_up.weight",
+            vec![
+                ("mlp.gate_proj.weight", c.hidden_dim),
+                ("mlp.up_proj.weight", c.hidden_dim),
+            ],
+        ),
+    ]
 }

@@ -1,6 +1,7 @@
-//! Hugging Face checkpoints of Llama, Qwen2 and Qwen3: `config.json` plus `model.safetensors` or shards listed in
-//! `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names); F32/F16/BF16 are
-//! read as f32. HF checkpoints hold q/k in the halves RoPE layout.
+//! Hugging Face checkpoints of Llama, Mistral, Qwen2, Qwen3 and Phi-3: `config.json` plus `model.safetensors` or
+//! shards listed in `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names; Phi-3's
+//! fused `qkv_proj` and `gate_up_proj` are split into Llama's); F32/F16/BF16 are read as f32. HF checkpoints hold
+//! q/k in the halves RoPE layout.
 use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result, bail};
 use serde_json::Value as J;
@@ -41,6 +42,20 @@ const HF_ARCHS: &[(&str, HfArchTraits)] = &[
         HfArchTraits {
             attn_bias: false,
             qk_norm: true,
+        },
+    ),
+    (
+        "mistral",
+        HfArchTraits {
+            attn_bias: false,
+            qk_norm: false,
+        },
+    ),
+    (
+        "phi3",
+        HfArchTraits {
+            attn_bias: false,
+            qk_norm: false,
         },
     ),
 ];
@@ -104,7 +119,10 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
                 }),
                 "default" | "" => None,
                 other => {
-                    bail!("'{p}': rope_scaling type '{other}' is not supported (linear, llama3)")
+                    bail!(
+                        "'{p}': rope_scaling type '{other}' is not supported (linear, llama3); Phi-3's 128k \
+                         variants (longrope) are not either: use a 4k one"
+                    )
                 }
             }
         }
@@ -113,6 +131,21 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
     if let Some(m) = max_context {
         ctx = ctx.min(m);
     }
+    if let Some(f) = c["partial_rotary_factor"]
+        .as_f64()
+        .or(rp["partial_rotary_factor"].as_f64())
+        && f != 1.0
+    {
+        bail!("'{p}': partial_rotary_factor {f} (RoPE on part of each head) is not supported");
+    }
+    // Qwen2 configs carry a window with `use_sliding_window: false`; a window as long as the context changes nothing.
+    let sliding_window = match (&c["sliding_window"], c["use_sliding_window"].as_bool()) {
+        (_, Some(false)) | (J::Null, _) => None,
+        (w, _) => Some(w.as_u64().filter(|&w| w > 0).with_context(|| {
+            format!("'{p}': sliding_window is {w}, not a positive integer: the config is corrupt")
+        })? as usize),
+    }
+    .filter(|&w| w < ctx);
     let cfg = LlamaConfig {
         dim,
         hidden_dim: int("intermediate_size")?,
@@ -141,6 +174,7 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
             }
         },
         qk_norm: traits.qk_norm,
+        sliding_window,
     };
     crate::weights::limits::check_config(&p.to_string(), &cfg)?;
     Ok((arch, cfg))
@@ -222,6 +256,7 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
             .map(|(k, v)| (format!("model.{k}"), v))
             .collect();
     }
+    split_fused(&dir.display().to_string(), &config, &mut tensors)?;
     if !tensors.contains_key("lm_head.weight") {
         let e = tensors
             .get("model.embed_tokens.weight")
@@ -235,4 +270,48 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
         config,
         tensors,
     })
+}
+
+/// Phi-3's fused matrices as Llama's: `qkv_proj` rows [q | k | v] and `gate_up_proj` rows [gate | up] (the order
+/// transformers' Phi3Attention and Phi3MLP split them in).
+fn split_fused(file: &str, c: &LlamaConfig, tensors: &mut HashMap<String, Vec<f32>>) -> Result<()> {
+    for i in 0..c.n_layers {
+        let p = format!("model.layers.{i}.");
+        let parts = [
+            (
+                "self_attn.qkv_proj.weight",
+                vec![
+                    ("self_attn.q_proj.weight", c.q_dim()),
+                    ("self_attn.k_proj.weight", c.kv_dim()),
+                    ("self_attn.v_proj.weight", c.kv_dim()),
+                ],
+            ),
+            (
+                "mlp.gate_up_proj.weight",
+                vec![
+                    ("mlp.gate_proj.weight", c.hidden_dim),
+                    ("mlp.up_proj.weight", c.hidden_dim),
+                ],
+            ),
+        ];
+        for (fused, split) in parts {
+            let Some(w) = tensors.remove(&format!("{p}{fused}")) else {
+                continue;
+            };
+            let rows: usize = split.iter().map(|(_, r)| r).sum();
+            if w.len() != rows * c.dim {
+                bail!(
+                    "'{file}': tensor '{p}{fused}' has {} values; the config implies {rows} x {}",
+                    w.len(),
+                    c.dim
+                );
+            }
+            let mut at = 0;
+            for (name, r) in split {
+                tensors.insert(format!("{p}{name}"), w[at..at + r * c.dim].to_vec());
+                at += r * c.dim;
+            }
+        }
+    }
+    Ok(())
 }

@@ -178,6 +178,7 @@ impl Llama2c {
                 explicit_head_dim: None,
                 qk_norm: false,
                 rope_scaling: None,
+                sliding_window: None,
             },
             tensors,
         })

@@ -28,6 +28,10 @@ pub struct LlamaConfig {
     /// weights of `head_dim` values).
     #[serde(default)]
     pub qk_norm: bool,
+    /// Sliding-window attention (Mistral, Phi-3): a query at position p sees the keys at p - w + 1 ..= p only
+    /// (transformers' `sliding_window` w). None: every earlier key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sliding_window: Option<usize>,
 }
 
 /// RoPE frequency scaling of long-context checkpoints.
