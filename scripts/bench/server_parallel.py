@@ -3,14 +3,16 @@ GGUF, CPU: aggregate generated tokens/s and time to first token (p50/p99), in al
 shared and noisy: every configuration runs once per round, and the table gives the median and the range).
 
 usage: python scripts/bench/server_parallel.py --trt-diff target/release/trt-diff --model MODEL.gguf|PLAN
-         [--peer-python /work/llamavenv/bin/python] [--clients 64] [--parallel 1,8] [--max-tokens 32] [--rounds 3]
-         [--threads 2]
+         [--llama-server PATH/llama-server] [--peer-python /work/llamavenv/bin/python] [--clients 64]
+         [--parallel 1,8] [--max-tokens 32] [--rounds 3] [--threads 2]
 
 Needs only the standard library (the peer's Python needs `llama-cpp-python[server]`). Every client sends one
 streaming /v1/completions request (a different short prompt each, temperature 0, ignore_eos so that every request
 generates --max-tokens tokens) at the same moment. Servers start once per configuration and get one warm-up request.
 llama-cpp-python's server (`python -m llama_cpp.server`) serves one request at a time: it has no slots, so it runs
-as its own row (parallelism 1) whatever --parallel says.
+as its own row (parallelism 1) whatever --parallel says. llama.cpp's own C++ `llama-server` (not in the wheel: built
+from the llama.cpp sources inside llama-cpp-python's sdist, `cmake --build build --target llama-server`) runs at every
+--parallel value, with continuous batching and 512 tokens of context per slot, as the same-parallelism peer.
 """
 import argparse
 import json
@@ -110,12 +112,21 @@ def start_peer(python, model, threads, n_ctx):
     return proc, f"http://127.0.0.1:{port}"
 
 
+def start_llama_server(exe, model, parallel, threads, n_ctx):
+    port = free_port()
+    proc = subprocess.Popen([exe, "-m", model, "--port", str(port), "--parallel", str(parallel), "--cont-batching",
+                             "-c", str(n_ctx * parallel), "-t", str(threads), "-tb", str(threads), "--no-webui"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return proc, f"http://127.0.0.1:{port}"
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--trt-diff", required=True)
     ap.add_argument("--model", required=True, help="what `serve --engine` takes (a GGUF or a plan)")
     ap.add_argument("--peer-model", help="the GGUF llama-cpp-python serves (default: --model)")
     ap.add_argument("--peer-python")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: the same-parallelism peer")
     ap.add_argument("--clients", type=int, default=64)
     ap.add_argument("--parallel", default="1,8")
     ap.add_argument("--max-tokens", type=int, default=32)
@@ -123,6 +134,8 @@ def main():
     ap.add_argument("--threads", type=int, default=2)
     a = ap.parse_args()
     configs = [(f"trt-diff --parallel {p}", "trt", int(p)) for p in a.parallel.split(",")]
+    if a.llama_server:
+        configs += [(f"llama.cpp llama-server --parallel {p}", "lserver", int(p)) for p in a.parallel.split(",")]
     if a.peer_python:
         configs.append(("llama-cpp-python server (one at a time)", "peer", 1))
     servers = {}
@@ -130,6 +143,8 @@ def main():
         for name, kind, p in configs:
             if kind == "trt":
                 proc, base = start_trt_diff(a.trt_diff, a.model, p, a.threads)
+            elif kind == "lserver":
+                proc, base = start_llama_server(a.llama_server, a.peer_model or a.model, p, a.threads, 512)
             else:
                 proc, base = start_peer(a.peer_python, a.peer_model or a.model, a.threads, 512)
             wait_ready(base, proc)
