@@ -330,3 +330,106 @@ fn modules_matching_no_layer_are_named() {
     assert!(e.contains("sdxl_kohya.safetensors"), "{e}");
     println!("{e}");
 }
+
+/// The CLI end to end, as users run it: a LoRA merged by `build --lora` and the same LoRA applied at run time by
+/// `generate --lora` on a bundle built without it give the same image; the bundle's ControlNet (`build --controlnet`)
+/// steers the image only when `generate --control` gives it an image, and deterministically.
+#[test]
+fn cli_sd_lora_and_controlnet_end_to_end() {
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let d = tempfile::tempdir().unwrap();
+    let m = model_dir(d.path(), false);
+    let vocab = clip_vocab();
+    let kohya = format!("{}:0.7", golden("sd/lora/sd15_kohya.safetensors").display());
+    let run = |args: &[&str]| {
+        let out = std::process::Command::new(bin).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "{args:?}: {err}");
+    };
+    let build = |name: &str, extra: &[&str]| -> PathBuf {
+        let plan = d.path().join(name).join("sd.plan");
+        std::fs::create_dir_all(plan.parent().unwrap()).unwrap();
+        let mut args = vec![
+            "build",
+            m.to_str().unwrap(),
+            "--arch",
+            "sd15",
+            "--precision",
+            "fp32",
+            "--onnx-only",
+            "--clip-tokenizer",
+            vocab.to_str().unwrap(),
+            "--image-px",
+            "32,32,64",
+            "--no-progress",
+            "--out",
+            plan.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        run(&args);
+        plan
+    };
+    let merged = build("merged", &["--lora", &kohya]);
+    let control_dir = golden("sd/controlnet/sd15");
+    let plain = build("plain", &["--controlnet", control_dir.to_str().unwrap()]);
+    let generate = |plan: &Path, out: &str, extra: &[&str]| -> Vec<u8> {
+        let png = d.path().join(out);
+        let mut args = vec![
+            "generate",
+            "--engine",
+            plan.to_str().unwrap(),
+            "--prompt",
+            PROMPT,
+            "--negative-prompt",
+            NEGATIVE,
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "7",
+            "--backend",
+            "cpu",
+            "--no-progress",
+            "--out",
+            png.to_str().unwrap(),
+        ];
+        args.extend(extra);
+        run(&args);
+        image::open(&png).unwrap().to_rgb8().into_raw()
+    };
+    let max_diff = |a: &[u8], b: &[u8]| {
+        assert_eq!(a.len(), b.len());
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.abs_diff(*y))
+            .max()
+            .unwrap_or(0)
+    };
+    let built_in = generate(&merged, "merged.png", &[]);
+    let at_run_time = generate(&plain, "runtime.png", &["--lora", &kohya]);
+    let without = generate(&plain, "without.png", &[]);
+    assert!(
+        max_diff(&built_in, &at_run_time) <= 1,
+        "build --lora and generate --lora differ by {}",
+        max_diff(&built_in, &at_run_time)
+    );
+    assert!(
+        max_diff(&built_in, &without) > 1,
+        "the LoRA changes nothing"
+    );
+    let control = golden("sd/controlnet/control.png");
+    let c = control.to_str().unwrap();
+    let controlled = generate(&plain, "control.png", &["--control", c]);
+    let again = generate(&plain, "control2.png", &["--control", c]);
+    assert_eq!(
+        controlled, again,
+        "a controlled generation is deterministic"
+    );
+    assert!(
+        max_diff(&controlled, &without) > 1,
+        "the ControlNet changes nothing"
+    );
+}
