@@ -9,6 +9,7 @@
 //! `num_heads = 1` and no head count from the graph. Patterns with an additive bias or mask, with Q/DQ inside
 //! (FP8 attention) or whose intermediates feed anything else are left as they are. The weights are untouched:
 //! only nodes change, so the rewritten graph still reads its external data where it was.
+use super::cpu_pass::{int_attr, node};
 use super::dequantize::to_f32;
 use super::dtype::DataType;
 use super::model::external_ref;
@@ -233,32 +234,6 @@ impl Context<'_> {
 
 fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
-}
-
-fn node(
-    op: &str,
-    name: String,
-    inputs: &[&str],
-    output: &str,
-    attrs: Vec<AttributeProto>,
-) -> NodeProto {
-    NodeProto {
-        input: inputs.iter().map(|s| s.to_string()).collect(),
-        output: vec![output.to_string()],
-        name,
-        op_type: op.to_string(),
-        attribute: attrs,
-        ..Default::default()
-    }
-}
-
-fn int_attr(name: &str, i: i64) -> AttributeProto {
-    AttributeProto {
-        name: name.into(),
-        r#type: attr_type::INT,
-        i,
-        ..Default::default()
-    }
 }
 
 fn ints_attr(name: &str, ints: Vec<i64>) -> AttributeProto {

@@ -336,7 +336,8 @@ pub fn apply(onnx: &OnnxFile, opts: CpuPassOptions) -> Result<(ModelProto, CpuPa
     ))
 }
 
-fn node(
+/// A one-output node of the default domain.
+pub(super) fn node(
     op: &str,
     name: String,
     inputs: &[&str],
@@ -353,7 +354,7 @@ fn node(
     }
 }
 
-fn int_attr(name: &str, v: i64) -> AttributeProto {
+pub(super) fn int_attr(name: &str, v: i64) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: attr_type::INT,

@@ -34,6 +34,18 @@ pub struct AutoOptions {
 }
 
 impl AutoOptions {
+    /// Whether the build chooses formats per layer (`--precision auto` or `--policy FILE`); `--policy` with another
+    /// fixed precision than fp32 (the default) contradicts itself and is refused.
+    pub fn per_layer(&self, precision: crate::quant::Precision) -> Result<bool> {
+        use crate::quant::Precision;
+        if self.policy.is_some() && !matches!(precision, Precision::Auto | Precision::Fp32) {
+            bail!(
+                "--policy sets every layer's format; drop --precision {precision} (or give --precision auto)"
+            );
+        }
+        Ok(precision == Precision::Auto || self.policy.is_some())
+    }
+
     /// The layers of `shapes` the search covers: those `keep` leaves quantizable (None: all), then those matching
     /// [`AutoOptions::layers`].
     pub fn candidates(
@@ -274,6 +286,32 @@ pub fn choose_image_layers<M: super::image::ImageModel>(
     tracing::info!("{}", probe.timings.describe());
     pf.write(s.policy_out)?;
     Ok(pf.layers)
+}
+
+/// The DiT families' per-layer formats ([`choose_image_layers`] over the layers `keep` leaves quantizable), as
+/// their export settings ([`layered_policy`]); `swap` re-exports and opens the transformer with such settings.
+pub fn choose_dit_layers<'a, M: super::image::ImageModel>(
+    s: &ImageSearch,
+    pipe: &mut super::image::ImagePipeline<M>,
+    shapes: &[LinearShape],
+    keep: &crate::quant::policy::Policy,
+    mut swap: impl FnMut(
+        &mut M,
+        crate::models::flux::FluxPrecision,
+        Option<crate::quant::policy::Policy>,
+    ) -> Result<()>
+    + 'a,
+) -> Result<(
+    crate::models::flux::FluxPrecision,
+    Option<crate::quant::policy::Policy>,
+)> {
+    let shapes = s.auto.candidates(shapes, Some(keep))?;
+    let swap: SwapFn<'a, M> = Box::new(move |m: &mut M, layers: &BTreeMap<String, Format>| {
+        let (precision, policy) = layered_policy(layers)?;
+        swap(m, precision, policy)
+    });
+    let layers = choose_image_layers(s, pipe, &shapes, swap)?;
+    layered_policy(&layers)
 }
 
 /// The DiT families' export settings for per-layer formats: the graph precision (its opset and domains; the policy

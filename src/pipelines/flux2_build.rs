@@ -16,7 +16,6 @@ use crate::manifest::{EngineFile, ImageBundle, ShapeRange};
 use crate::models::flux::FluxPrecision;
 use crate::models::{flux2 as fm, llama, taesd, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::quant::auto::Format;
 use crate::quant::policy::Policy;
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::qwen::QwenTokenizer;
@@ -512,13 +511,7 @@ fn calibrated_options(
     dir: &Path,
     aux: &OnnxPaths,
 ) -> Result<fm::ExportOptions> {
-    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
-    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
-        bail!(
-            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
-            o.precision
-        );
-    }
+    let layered = o.auto.per_layer(o.precision)?;
     if o.precision != Precision::Fp8 && !layered {
         return transformer_options(p, o.precision, HashMap::new());
     }
@@ -560,24 +553,20 @@ fn calibrated_options(
     }
     // The family's exclusions and the recipe's `keep` stay high in every engine, so they are not measured.
     let keep = fm::default_policy(LinearPrecision::Fp8).with_overrides(&[], &r.keep)?;
-    let shapes = o.auto.candidates(&shapes, Some(&keep))?;
     let cand = tmp.path().join("candidate.transformer.onnx");
     let measured_amax = amax.clone();
-    let swap = Box::new(
-        move |m: &mut Flux2Model, layers: &BTreeMap<String, Format>| -> Result<()> {
-            let (precision, policy) = auto_precision::layered_policy(layers)?;
-            let opts = fm::ExportOptions {
-                precision,
-                policy,
-                amax: measured_amax.clone(),
-                ..Default::default()
-            };
-            export_transformer(p, &opts, &cand)?;
-            m.engines.transformer =
-                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
-            Ok(())
-        },
-    );
+    let swap = move |m: &mut Flux2Model, precision, policy| -> Result<()> {
+        let opts = fm::ExportOptions {
+            precision,
+            policy,
+            amax: measured_amax.clone(),
+            ..Default::default()
+        };
+        export_transformer(p, &opts, &cand)?;
+        m.engines.transformer =
+            open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+        Ok(())
+    };
     let c = &p.config;
     let opt_side = (p.recipe.shapes.image_px[1] as usize / (2 * c.vae_scale_factor)).max(1);
     let search = auto_precision::ImageSearch {
@@ -593,8 +582,8 @@ fn calibrated_options(
         policy_out: &sibling(&o.base.out, ".policy.toml"),
     };
     pipe.model.amax = None;
-    let layers = auto_precision::choose_image_layers(&search, &mut pipe, &shapes, swap)?;
-    let (precision, policy) = auto_precision::layered_policy(&layers)?;
+    let (precision, policy) =
+        auto_precision::choose_dit_layers(&search, &mut pipe, &shapes, &keep, swap)?;
     Ok(fm::ExportOptions {
         precision,
         policy,

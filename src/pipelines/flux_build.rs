@@ -765,13 +765,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         export_aux(&p, &tp, text, vae_dt)?;
         Some(tp)
     };
-    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
-    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
-        bail!(
-            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
-            o.precision
-        );
-    }
+    let layered = o.auto.per_layer(o.precision)?;
     if (o.precision == Precision::Fp8 || layered)
         && p.config.control_channels + p.config.fill_channels > 0
     {

@@ -56,12 +56,7 @@ pub fn linear_precision(p: Precision) -> Result<LinearPrecision> {
 
 /// The one precision of every layer, or None for per-layer formats (`--precision auto`, `--policy FILE`).
 fn fixed_precision(p: Precision, auto: &AutoOptions) -> Result<Option<LinearPrecision>> {
-    if auto.policy.is_some() && !matches!(p, Precision::Auto | Precision::Fp32) {
-        bail!(
-            "--policy sets every layer's format; drop --precision {p} (or give --precision auto)"
-        );
-    }
-    if p == Precision::Auto || auto.policy.is_some() {
+    if auto.per_layer(p)? {
         return Ok(None);
     }
     linear_precision(p).map(Some)

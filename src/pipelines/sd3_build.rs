@@ -17,7 +17,6 @@ use crate::models::clip::{self, ClipOptions, ClipTextConfig};
 use crate::models::flux::FluxPrecision;
 use crate::models::{sd3 as sm, t5, vae};
 use crate::onnx::{DataType, SaveOptions, save};
-use crate::quant::auto::Format;
 use crate::quant::{LinearPrecision, Precision};
 use crate::tokenizer::clip::{ClipTokenizer, EOS};
 use crate::tokenizer::t5::T5Tokenizer;
@@ -604,13 +603,7 @@ fn calibrated_options(
     dir: &Path,
     aux: &OnnxPaths,
 ) -> Result<sm::ExportOptions> {
-    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
-    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
-        bail!(
-            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
-            o.precision
-        );
-    }
+    let layered = o.auto.per_layer(o.precision)?;
     if o.precision != Precision::Fp8 && !layered {
         return transformer_options(p, o.precision, HashMap::new());
     }
@@ -641,24 +634,20 @@ fn calibrated_options(
     }
     // The family's exclusions and the recipe's `keep` stay high in every engine, so they are not measured.
     let keep = sm::default_policy(LinearPrecision::Fp8).with_overrides(&[], &r.keep)?;
-    let shapes = o.auto.candidates(&shapes, Some(&keep))?;
     let cand = tmp.path().join("candidate.transformer.onnx");
     let measured_amax = amax.clone();
-    let swap = Box::new(
-        move |m: &mut Sd3Model, layers: &BTreeMap<String, Format>| -> Result<()> {
-            let (precision, policy) = auto_precision::layered_policy(layers)?;
-            let opts = sm::ExportOptions {
-                precision,
-                policy,
-                amax: measured_amax.clone(),
-                ..Default::default()
-            };
-            export_transformer(p, &opts, &cand)?;
-            m.engines.transformer =
-                open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
-            Ok(())
-        },
-    );
+    let swap = move |m: &mut Sd3Model, precision, policy| -> Result<()> {
+        let opts = sm::ExportOptions {
+            precision,
+            policy,
+            amax: measured_amax.clone(),
+            ..Default::default()
+        };
+        export_transformer(p, &opts, &cand)?;
+        m.engines.transformer =
+            open_file(&EngineFile::open(&cand)?, backend, &OpenOptions::default())?;
+        Ok(())
+    };
     let c = &p.config;
     let opt_side =
         (p.recipe.shapes.image_px[1] as usize / (c.patch_size * c.vae_scale_factor)).max(1);
@@ -675,8 +664,8 @@ fn calibrated_options(
         policy_out: &sibling(&o.base.out, ".policy.toml"),
     };
     pipe.model.amax = None;
-    let layers = auto_precision::choose_image_layers(&search, &mut pipe, &shapes, swap)?;
-    let (precision, policy) = auto_precision::layered_policy(&layers)?;
+    let (precision, policy) =
+        auto_precision::choose_dit_layers(&search, &mut pipe, &shapes, &keep, swap)?;
     Ok(sm::ExportOptions {
         precision,
         policy,

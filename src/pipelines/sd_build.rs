@@ -939,13 +939,7 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
     if trt_aux {
         export_aux(&p, &dir, &trt_stem, text, vae_dt)?;
     }
-    let layered = o.precision == Precision::Auto || o.auto.policy.is_some();
-    if layered && !matches!(o.precision, Precision::Auto | Precision::Fp32) {
-        bail!(
-            "--policy sets every layer's format; drop --precision {} (or give --precision auto)",
-            o.precision
-        );
-    }
+    let layered = o.auto.per_layer(o.precision)?;
     let alpha = o
         .smoothquant_alpha
         .unwrap_or(p.recipe.precision.smoothquant_alpha);
