@@ -49,5 +49,5 @@ if [ -n "${PROFILE:-}" ]; then
   rm -rf /tmp/fprof; mkdir -p /tmp/fprof
   TRT_DIFF_ORT_PROFILE=/tmp/fprof t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda \
     --prompt "a fox in the snow" --width $size --height $size --steps 2 --seed 0 --no-progress --out /tmp/fprof.png
-  python3 scripts/gpu/ort_profile_summary.py /tmp/fprof/transformer*.json --top 15
+  python3 scripts/gpu/ort_profile_summary.py /tmp/fprof/*transformer*.json --top 15
 fi
