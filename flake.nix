@@ -78,6 +78,7 @@
       #   not-exported: XDG_CACHE_HOME  (the user's cache folder, read for that default)
       #   not-exported: TRT_DIFF_ATTENTION  (`unfused` keeps the exported attention on ONNX Runtime CUDA: a comparison switch)
       #   not-exported: TRT_DIFF_ORT_PROFILE  (a folder for ONNX Runtime's per-node profiles: a diagnosis switch)
+      #   not-exported: TRT_DIFF_CUDA_LLM_GRAPH  (`tensorrt` runs an LLM bundle's TensorRT graph on ONNX Runtime CUDA instead of its CUDA graph: a comparison switch)
 
       perSystem =
         system:

@@ -85,6 +85,10 @@ pub struct LlmPipeline {
     /// the CPU backend runs it instead of the TensorRT graph.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cpu_onnx: Option<String>,
+    /// A graph for ONNX Runtime's CUDA provider (flash attention, the KV cache in place on the GPU; fp16 builds),
+    /// beside the plan; `--backend cuda` runs it instead of the TensorRT graph.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cuda_onnx: Option<String>,
 }
 
 /// One component's files, relative to the manifest.

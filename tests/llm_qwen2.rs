@@ -169,6 +169,26 @@ fn cpu_graphs_with_16_bit_weights_match_transformers() {
                 m.arch
             );
         }
+        // The CUDA provider's form of the graph (standard operators, FusedMatMul on the same [n, k] matrices),
+        // with f32 activations so that the CPU provider runs it: the GPU builds use it in f16/bf16.
+        let g = trt_diff::models::llama_cpu::decoder_graph_cuda(
+            &m.config,
+            &m.tensors,
+            DataType::FLOAT,
+            false,
+        )
+        .unwrap();
+        let got = run_graph(d.path(), "cuda_form", g, &m.config, &all, split);
+        let diff = max_diff(&got, &want);
+        eprintln!(
+            "{} CUDA-form graph: max abs logit difference {diff:.2e}",
+            m.arch
+        );
+        assert!(
+            diff <= 1e-4,
+            "{} CUDA form: max abs logit difference {diff}",
+            m.arch
+        );
     }
 }
 
@@ -286,6 +306,7 @@ fn cli_builds_and_generates_from_a_hf_folder() {
         arch,
         tokenizer,
         cpu_onnx,
+        cuda_onnx,
         ..
     })) = m.pipeline
     else {
@@ -298,6 +319,25 @@ fn cli_builds_and_generates_from_a_hf_folder() {
     // bf16 weights: the CPU backend runs a graph that keeps them bf16.
     assert_eq!(cpu_onnx.as_deref(), Some("q.cpu.onnx"));
     assert!(d.path().join("q.cpu.onnx").exists());
+    // The CUDA provider's graph reads the same bf16 matrices from the CPU graph's data file: its own data holds
+    // only what differs (norms and biases in bf16), and every reference stays inside the bundle's folder.
+    assert_eq!(cuda_onnx.as_deref(), Some("q.cuda.onnx"));
+    let cuda = trt_diff::onnx::OnnxFile::load(&d.path().join("q.cuda.onnx")).unwrap();
+    let mut locations = std::collections::BTreeMap::<String, u64>::new();
+    for t in cuda.model.graph.iter().flat_map(|g| &g.initializer) {
+        if let Some(r) = trt_diff::onnx::model::external_ref(t) {
+            *locations.entry(r.location).or_default() += r.length.unwrap_or(0);
+        }
+    }
+    let cpu_data = std::fs::metadata(d.path().join("q.cpu.onnx.data"))
+        .unwrap()
+        .len();
+    let shared = locations.get("q.cpu.onnx.data").copied().unwrap_or(0);
+    let own = locations.get("q.cuda.onnx.data").copied().unwrap_or(0);
+    assert!(
+        shared * 10 > cpu_data * 9 && own * 10 < shared && locations.len() <= 2,
+        "CUDA graph's external data: {locations:?}, CPU data file {cpu_data} bytes"
+    );
     let out = std::process::Command::new(bin)
         .args([
             "generate",

@@ -128,6 +128,11 @@ fn hf_qwen3_matches_transformers_on_both_graphs() {
         let got = run_graph(d.path(), &format!("cpu_{wtype}"), g, c, &all, 4);
         check(&format!("HF, CPU graph, {wtype} weights"), &got, &want);
     }
+    // The CUDA provider's form (standard operators; per-head q/k norms in the activations' type), f32 here.
+    let g = trt_diff::models::llama_cpu::decoder_graph_cuda(c, &hf.tensors, DataType::FLOAT, false)
+        .unwrap();
+    let got = run_graph(d.path(), "cuda_form", g, c, &all, 4);
+    check("HF, CUDA-form graph", &got, &want);
 }
 
 #[test]

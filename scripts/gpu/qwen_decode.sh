@@ -3,6 +3,7 @@
 # Qwen2.5-0.5B's shapes with random weights. transformers makes the model (saved as a Hugging Face folder) and
 # times its own `generate` in fp16 (512-token prompt, 128 new tokens, greedy); trt-diff builds an fp16 ONNX-only
 # bundle from the same folder (no TensorRT there) and generates the same lengths with --backend cuda.
+# Also checks 32 greedy tokens of the CUDA graph, the TensorRT graph on CUDA and the CPU graph against transformers.
 # Needs .devcarry/gpu/trt-diff and .devcarry/gpu/ggml-vocab-qwen2.gguf. Output: $OUT/qwen_decode.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -17,8 +18,45 @@ chmod +x "$bin"
 # The vocabulary may come in a call of its own (.devcarry/extra) when the carried parts are tight.
 vocab=$g/ggml-vocab-qwen2.gguf
 [ -f "$vocab" ] || vocab=.devcarry/extra/ggml-vocab-qwen2.gguf
+# The tiny Qwen2 golden model (bf16 weights, exact in f16): the CUDA graph against the CPU graph, by `generate`
+# and through the server's batched slots (--parallel 2, two requests at once).
+t=/tmp/tinyq
+limited 120 "$bin" build tests/golden/llm/tiny_qwen2 --tokenizer tests/golden/llm/wpm/wpm.gguf --precision fp16 \
+  --onnx-only --out $t/q.plan --no-progress
+for b in cpu cuda; do
+  limited 60 "$bin" generate --engine $t/q.plan.json --backend $b --prompt "hello world" --max-tokens 24 \
+    --ignore-eos >$t/$b.txt
+done
+TRT_DIFF_CUDA_LLM_GRAPH=tensorrt limited 60 "$bin" generate --engine $t/q.plan.json --backend cuda \
+  --prompt "hello world" --max-tokens 24 --ignore-eos >$t/cuda_tensorrt.txt
+for f in cuda cuda_tensorrt; do
+  if cmp -s $t/cpu.txt $t/$f.txt; then echo "PASS tiny qwen2 $f: same 24 tokens as the CPU graph"; else
+    echo "FAIL tiny qwen2 $f: '$(cat $t/$f.txt)' vs cpu '$(cat $t/cpu.txt)'"; fi
+done
+"$bin" serve --engine $t/q.plan.json --backend cuda --parallel 2 --port 8391 >$t/serve.log 2>&1 &
+spid=$!
+for i in $(seq 50); do curl -s localhost:8391/v1/models >/dev/null 2>&1 && break; sleep 0.2; done
+req='{"prompt": "hello world", "max_tokens": 24, "temperature": 0, "ignore_eos": true}'
+pids=()
+for i in 1 2; do
+  curl -s --max-time 60 localhost:8391/v1/completions -H 'content-type: application/json' -d "$req" >$t/s$i.json &
+  pids+=($!)
+done
+wait "${pids[@]}"
+kill $spid; wait $spid 2>/dev/null
+for i in 1 2; do
+  python3 - $t/s$i.json $t/cpu.txt <<'PY'
+import json, sys
+got = json.load(open(sys.argv[1]))["choices"][0]["text"]
+want = open(sys.argv[2]).read().rstrip("\n")
+print(("PASS" if got == want else "FAIL") + f" server slot request: {got!r}" + ("" if got == want else f" vs {want!r}"))
+PY
+done
+grep -iE "error|warn" $t/serve.log | head -5
 q=/tmp/qwen05
-python3 - "$q" <<'PY'
+prompt=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 57))")
+"$bin" tokenize --vocab "$vocab" "$prompt" >/tmp/qwen_prompt_ids.txt
+python3 - "$q" /tmp/qwen_prompt_ids.txt /tmp/qwen_hf_ids.txt <<'PY'
 import sys, time, torch, transformers
 cfg = transformers.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -40,18 +78,46 @@ for r in range(3):
     torch.cuda.synchronize(); total = time.perf_counter() - t
     print(f"transformers {transformers.__version__} fp16 round {r}: prefill 512 tokens {prefill*1e3:.1f} ms; "
           f"generate 128 tokens {total:.3f} s; decode {127 / (total - prefill):.1f} tok/s")
+# The reference continuation of the prompt trt-diff runs (same token ids), greedy, for the correctness check.
+prompt = torch.tensor([[int(x) for x in open(sys.argv[2]).read().split()]], device="cuda")
+out = m.generate(prompt, max_new_tokens=32, min_new_tokens=32, **kw)
+open(sys.argv[3], "w").write(" ".join(str(int(x)) for x in out[0, prompt.shape[1]:]))
 PY
-prompt=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 57))")
+same_prefix() { # A B: how many leading tokens two texts share (tokenized with the model's vocabulary)
+  python3 - "$("$bin" tokenize --vocab "$vocab" "$1")" "$("$bin" tokenize --vocab "$vocab" "$2")" <<'PY'
+import sys
+a, b = sys.argv[1].split(), sys.argv[2].split()
+n = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+print(f"{n} of {max(len(a), len(b))} tokens agree")
+PY
+}
 for p in ${PRECISIONS:-fp16}; do
   echo "== trt-diff build ($p, ONNX-only)"
   limited 300 "$bin" build "$q" --tokenizer "$vocab" --precision "$p" --max-context 1024 \
     --onnx-only --out "/tmp/qb_$p/qwen.plan" --no-progress
+  ls -la /tmp/qb_$p
+  # The CUDA graph (flash attention, KV cache in place on the GPU) and the TensorRT graph (KV cache passed between
+  # calls), alternating.
   for r in 0 1 2; do
-    echo "== trt-diff generate --backend cuda ($p), round $r"
-    limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --prompt "$prompt" \
-      --max-tokens 128 --ignore-eos >/dev/null
+    for graph in cuda tensorrt; do
+      echo "== trt-diff generate --backend cuda ($p, $graph graph), round $r"
+      TRT_DIFF_CUDA_LLM_GRAPH=$graph limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
+        --backend cuda --prompt "$prompt" --max-tokens 128 --ignore-eos >/dev/null
+    done
   done
-  # Where the time goes: ONNX Runtime's per-node profile of one run (prefill + 16 tokens).
+  echo "== correctness: 32 greedy tokens after the same prompt"
+  ref=$("$bin" tokenize --vocab "$vocab" --decode "$(cat /tmp/qwen_hf_ids.txt)")
+  for graph in cuda tensorrt; do
+    TRT_DIFF_CUDA_LLM_GRAPH=$graph limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
+      --backend cuda --prompt "$prompt" --max-tokens 32 --ignore-eos >"/tmp/qwen_$graph.txt" 2>/dev/null
+  done
+  limited 300 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cpu --prompt "$prompt" \
+    --max-tokens 32 --ignore-eos >/tmp/qwen_cpu.txt 2>/dev/null
+  echo "cuda graph vs transformers: $(same_prefix "$(cat /tmp/qwen_cuda.txt)" "$ref")"
+  echo "tensorrt graph on cuda vs transformers: $(same_prefix "$(cat /tmp/qwen_tensorrt.txt)" "$ref")"
+  echo "cpu graph vs transformers: $(same_prefix "$(cat /tmp/qwen_cpu.txt)" "$ref")"
+  echo "cuda graph vs cpu graph: $(same_prefix "$(cat /tmp/qwen_cuda.txt)" "$(cat /tmp/qwen_cpu.txt)")"
+  # Where the time goes: ONNX Runtime's per-node profile of one run (prefill + 16 tokens) on the CUDA graph.
   rm -rf "/tmp/qprof_$p"; mkdir -p "/tmp/qprof_$p"
   TRT_DIFF_ORT_PROFILE="/tmp/qprof_$p" limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
     --backend cuda --prompt "$prompt" --max-tokens 16 --ignore-eos >/dev/null

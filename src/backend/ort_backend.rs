@@ -69,7 +69,7 @@ pub struct OrtEngine {
     inputs: Vec<TensorDesc>,
     outputs: Vec<TensorDesc>,
     /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
-    held: Vec<(String, String, Tensor<f32>)>,
+    held: Vec<(String, String, Held)>,
     /// Rows (axis 0) of the held buffers that runs bind (`Engine::hold_rows`); None: the whole buffers.
     held_rows: Option<std::ops::Range<usize>>,
     /// Outputs handed to the next run's inputs (`Engine::chain`), kept where the device put them.
@@ -486,6 +486,28 @@ impl OrtEngine {
     }
 }
 
+/// A buffer an engine keeps between runs, bound as both an input and an output (a KV cache written in place).
+enum Held {
+    /// f32 in host memory (the CPU provider).
+    Host(Tensor<f32>),
+    /// `dtype` elements on the GPU (the CUDA provider), bound by address: zeroed once, never copied to the host.
+    Device {
+        data: cudarc::driver::CudaSlice<u8>,
+        dev: std::sync::Arc<crate::cuda::device::Device>,
+        dtype: DataType,
+        shape: Vec<usize>,
+    },
+}
+
+impl Held {
+    fn shape(&self) -> Vec<usize> {
+        match self {
+            Held::Host(t) => t.shape().iter().map(|&d| d as usize).collect(),
+            Held::Device { shape, .. } => shape.clone(),
+        }
+    }
+}
+
 fn to_value(name: &str, t: &HostTensor) -> Result<DynValue> {
     let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
     macro_rules! typed {
@@ -679,7 +701,37 @@ impl Engine for OrtEngine {
         }
         // Views of some rows of the held buffers, wrapped by address; they must live until the run ends.
         let mut views = Vec::new();
-        for (input, output, t) in &mut self.held {
+        for (input, output, held) in &mut self.held {
+            let t = match held {
+                Held::Host(t) => t,
+                Held::Device {
+                    data,
+                    dev,
+                    dtype,
+                    shape,
+                } => {
+                    use cudarc::driver::DevicePtr;
+                    let mut shape = shape.clone();
+                    let per_row: usize = shape[1..].iter().product();
+                    let elem = dtype.bits().unwrap_or(32) as usize / 8;
+                    let (base, _sync) = data.device_ptr(&dev.stream);
+                    let rows = self.held_rows.clone().unwrap_or(0..shape[0]);
+                    shape[0] = rows.len();
+                    let view = DeviceTensor {
+                        ptr: base + (rows.start * per_row * elem) as u64,
+                        dtype: *dtype,
+                        shape,
+                    };
+                    // The graph reads the cache and writes the new positions through the same address.
+                    let vi = device_value(&self.device_memory, input, &view)?;
+                    let vo = device_value(&self.device_memory, output, &view)?;
+                    bind_raw(&mut self.binding, Bind::Input, input, &vi)?;
+                    bind_raw(&mut self.binding, Bind::Output, output, &vo)?;
+                    views.push(vi);
+                    views.push(vo);
+                    continue;
+                }
+            };
             // One buffer both ways: the graph reads the cache and writes the new positions in place.
             if let Some(rows) = &self.held_rows {
                 let mut shape: Vec<i64> = t.shape().to_vec();
@@ -851,16 +903,14 @@ impl Engine for OrtEngine {
     fn hold_in_place(&mut self, pairs: &[(String, String)], shape: &[usize]) -> Result<()> {
         // The same pairs with buffers at least this long along the third axis (a KV cache's positions) are kept:
         // a server's requests then reuse one cache instead of allocating and zeroing one each.
-        let fits = |t: &Tensor<f32>| {
+        let fits = |t: &Held| {
             let have = t.shape();
             have.len() == shape.len()
-                && have.iter().zip(shape).enumerate().all(|(i, (&h, &w))| {
-                    if i == 2 {
-                        h as usize >= w
-                    } else {
-                        h as usize == w
-                    }
-                })
+                && have.iter().zip(shape).enumerate().all(
+                    |(i, (&h, &w))| {
+                        if i == 2 { h >= w } else { h == w }
+                    },
+                )
         };
         if self.held.len() == pairs.len()
             && self
@@ -876,7 +926,12 @@ impl Engine for OrtEngine {
         self.held_rows = None;
         self.refresh_held();
         let allocator = self.session.allocator();
+        let gpu = match self.device {
+            OrtDevice::Cpu => None,
+            OrtDevice::Cuda(id) => Some(crate::cuda::device::Device::open(id as usize)?),
+        };
         for (input, output) in pairs {
+            let mut dtype = None;
             for (name, list, kind) in [
                 (input, &self.inputs, "input"),
                 (output, &self.outputs, "output"),
@@ -884,30 +939,57 @@ impl Engine for OrtEngine {
                 let d = list.iter().find(|d| d.name == *name).with_context(|| {
                     format!("'{}' has no {kind} '{name}' to keep in place", self.name)
                 })?;
-                if d.dtype != DataType::FLOAT || d.shape.len() != shape.len() {
+                // The host buffers are f32; device ones take the graph's float type (16-bit on CUDA).
+                let allowed = match gpu {
+                    None => d.dtype == DataType::FLOAT,
+                    Some(_) => {
+                        [DataType::FLOAT, DataType::FLOAT16, DataType::BFLOAT16].contains(&d.dtype)
+                    }
+                };
+                if !allowed || d.shape.len() != shape.len() || dtype.is_some_and(|t| t != d.dtype) {
                     bail!(
-                        "{kind} '{name}' of '{}' is {d}, which a f32 buffer of shape {shape:?} does not fit",
+                        "{kind} '{name}' of '{}' is {d}, which a buffer of shape {shape:?} kept in place does not \
+                         fit",
                         self.name
                     );
                 }
+                dtype = Some(d.dtype);
             }
-            let mut t = Tensor::<f32>::new(allocator, shape.to_vec())
-                .map_err(|e| anyhow::anyhow!("cannot allocate '{input}' {shape:?}: {e}"))?;
-            t.extract_tensor_mut().1.fill(0.0);
-            self.held.push((input.clone(), output.clone(), t));
+            let held = match &gpu {
+                None => {
+                    let mut t = Tensor::<f32>::new(allocator, shape.to_vec())
+                        .map_err(|e| anyhow::anyhow!("cannot allocate '{input}' {shape:?}: {e}"))?;
+                    t.extract_tensor_mut().1.fill(0.0);
+                    Held::Host(t)
+                }
+                Some(dev) => {
+                    let dtype = dtype.unwrap_or(DataType::FLOAT);
+                    let bytes =
+                        shape.iter().product::<usize>() * (dtype.bits().unwrap_or(32) as usize / 8);
+                    let data = dev.stream.alloc_zeros::<u8>(bytes.max(1)).with_context(|| {
+                        format!(
+                            "allocating '{input}' {shape:?} ({bytes} bytes) on the GPU failed (out of device \
+                             memory? fewer tokens or a smaller --parallel need less)"
+                        )
+                    })?;
+                    // ONNX Runtime runs on its own stream: the zeros must be there first.
+                    dev.synchronize()?;
+                    Held::Device {
+                        data,
+                        dev: dev.clone(),
+                        dtype,
+                        shape: shape.to_vec(),
+                    }
+                }
+            };
+            self.held.push((input.clone(), output.clone(), held));
         }
         self.refresh_held();
         Ok(())
     }
 
     fn hold_rows(&mut self, rows: std::ops::Range<usize>) -> Result<()> {
-        if self.device != OrtDevice::Cpu {
-            bail!(
-                "'{}': rows of held buffers are bound on the CPU only",
-                self.name
-            );
-        }
-        let n = self.held.first().map(|h| h.2.shape()[0] as usize);
+        let n = self.held.first().map(|h| h.2.shape()[0]);
         match n {
             Some(n) if !rows.is_empty() && rows.end <= n => {
                 self.held_rows = (rows != (0..n)).then_some(rows);

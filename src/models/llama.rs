@@ -360,13 +360,14 @@ impl Emitter<'_> {
     }
 }
 
-/// The `past_key_{i}` / `past_value_{i}` inputs [1, n_kv_heads, `positions`, `hd`] of every layer.
+/// The `past_key_{i}` / `past_value_{i}` inputs [1, n_kv_heads, `positions`, `hd`] of every layer, in `dtype`.
 pub(crate) fn cache_inputs(
     g: &mut GraphBuilder,
     cfg: &LlamaConfig,
     batch: Dim,
     positions: &str,
     hd: usize,
+    dtype: DataType,
 ) -> Result<Vec<[Value; 2]>> {
     let shape = vec![
         batch,
@@ -377,8 +378,8 @@ pub(crate) fn cache_inputs(
     (0..cfg.n_layers)
         .map(|i| {
             Ok([
-                g.input(&format!("past_key_{i}"), F32, shape.clone())?,
-                g.input(&format!("past_value_{i}"), F32, shape.clone())?,
+                g.input(&format!("past_key_{i}"), dtype, shape.clone())?,
+                g.input(&format!("past_value_{i}"), dtype, shape.clone())?,
             ])
         })
         .collect()
@@ -574,7 +575,7 @@ fn emit(
             let pos =
                 e.o.g
                     .input("position_ids", DataType::INT64, vec![Dim::Fixed(1), seq()])?;
-            let past = cache_inputs(&mut e.o.g, cfg, Dim::Fixed(1), "past", hd)?;
+            let past = cache_inputs(&mut e.o.g, cfg, Dim::Fixed(1), "past", hd, F32)?;
             let past_shape = e.op("Shape", "mask/past_shape", &[&past[0][0]], vec![], i64t)?;
             let two = e.o.g.const_i64("mask.two", &[], &[2])?;
             let past_len = e.op(

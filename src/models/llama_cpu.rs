@@ -28,6 +28,17 @@ use std::collections::HashMap;
 const F32: DataType = DataType::FLOAT;
 const MS: &str = "com.microsoft";
 
+/// Which ONNX Runtime provider a decoder graph is written for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// trt-diff's CPU kernels (`backend::ort_ops`) for the projections; f32 activations and KV cache.
+    Cpu,
+    /// Standard and `com.microsoft` operators only: `FusedMatMul` with `transB` reads the same [n, k] matrices as
+    /// the CPU graph (so both can share one external data file); activations and the KV cache in the weights'
+    /// type, since the CUDA provider's GroupQueryAttention (flash attention) takes float16/bfloat16 only.
+    Cuda,
+}
+
 /// The input that marks graphs keeping their KV cache in place.
 pub const SEQLENS_INPUT: &str = "seqlens_k";
 pub const TOTAL_INPUT: &str = "total_sequence_length";
@@ -44,6 +55,9 @@ struct Emitter<'a> {
     hd: usize,
     /// Matrices read in place from a GGUF file in their own formats (`ggml_ops`), instead of `w`'s.
     ggml: Option<&'a GgmlWeights>,
+    target: Target,
+    /// The activations' and KV cache's type: FLOAT on the CPU, the weights' type for CUDA.
+    act: DataType,
     /// Their initializers, made once (a tied LM head reads the embedding's).
     ggml_values: HashMap<String, Value>,
 }
@@ -202,14 +216,41 @@ impl Emitter<'_> {
             bytes.into(),
         )?;
         let bv = if any_bias {
-            Some(
-                self.g
-                    .const_f32(&format!("{name}.bias"), &[total as i64], &bias)?,
-            )
+            Some(self.vector(&format!("{name}.bias"), &bias)?)
         } else {
             None
         };
         Ok((wv, bv))
+    }
+
+    /// A small constant (norm weights, biases) in the activations' type.
+    fn vector(&mut self, name: &str, v: &[f32]) -> Result<Value> {
+        if self.act == F32 {
+            return self.g.const_f32(name, &[v.len() as i64], v);
+        }
+        let mut bytes = Vec::with_capacity(v.len() * elem_bytes(self.act));
+        push_weights(&mut bytes, v, self.act);
+        self.g
+            .initializer(name, self.act, &[v.len() as i64], bytes.into())
+    }
+
+    /// `x @ w^T` on the [n, k] matrix `w`, for the CUDA graph (`FusedMatMul` transposes on the fly).
+    fn matmul_t(&mut self, node: &str, x: &Value, w: &Value, n: usize) -> Result<Value> {
+        let mut shape = x.shape.clone();
+        if let Some(l) = shape.last_mut() {
+            *l = Dim::Fixed(n as i64);
+        }
+        Ok(self
+            .g
+            .node_in(
+                MS,
+                "FusedMatMul",
+                node,
+                &[x, w],
+                vec![("transB", Attr::Int(1)), ("alpha", Attr::Float(1.0))],
+                vec![(self.act, shape)],
+            )?
+            .remove(0))
     }
 
     /// `x @ W^T (+ b)` for the projections `parts` of the same input, as one product.
@@ -225,6 +266,23 @@ impl Emitter<'_> {
         }
         let (w, b) = self.stacked(name, parts, k)?;
         let n: usize = parts.iter().map(|p| p.1).sum();
+        if self.target == Target::Cuda {
+            let y = self.matmul_t(&format!("{name}/FusedMatMul"), x, &w, n)?;
+            return match &b {
+                None => Ok(y),
+                Some(b) => {
+                    let shape = y.shape.clone();
+                    self.g.op(
+                        "Add",
+                        &format!("{name}/bias"),
+                        &[&y, b],
+                        vec![],
+                        self.act,
+                        shape,
+                    )
+                }
+            };
+        }
         let mut inputs = vec![x, &w];
         if let Some(b) = &b {
             inputs.push(b);
@@ -425,7 +483,7 @@ impl Emitter<'_> {
         if w.len() != hd {
             bail!("{weight}: {} values, expected the head size {hd}", w.len());
         }
-        let wv = self.g.const_f32(weight, &[hd as i64], &w)?;
+        let wv = self.vector(weight, &w)?;
         let split = self.g.const_i64(
             &format!("{name}.heads_shape"),
             &[4],
@@ -442,7 +500,7 @@ impl Emitter<'_> {
             &format!("{name}/heads"),
             &[x, &split],
             vec![],
-            F32,
+            self.act,
             four.clone(),
         )?;
         let eps = head_norm_eps(self.cfg.norm_eps, self.cfg.head_dim(), hd);
@@ -455,7 +513,7 @@ impl Emitter<'_> {
                 ("axis", Attr::Int(-1)),
                 ("stash_type", Attr::Int(1)),
             ],
-            F32,
+            self.act,
             four,
         )?;
         let flat = self.g.const_i64(
@@ -468,7 +526,7 @@ impl Emitter<'_> {
             &format!("{name}/merge"),
             &[&n, &flat],
             vec![],
-            F32,
+            self.act,
             act_shape(heads * hd),
         )
     }
@@ -478,7 +536,7 @@ impl Emitter<'_> {
         if w.len() != self.cfg.dim {
             bail!("{name}: {} values, expected {}", w.len(), self.cfg.dim);
         }
-        self.g.const_f32(name, &[w.len() as i64], &w)
+        self.vector(name, &w)
     }
 
     /// RMSNorm of `residual + delta`; returns (normed, residual + delta), the sum only where `keep_sum` (the
@@ -495,7 +553,7 @@ impl Emitter<'_> {
         let d = self.cfg.dim;
         let none = || (DataType::UNDEFINED, vec![]);
         let sum = if keep_sum {
-            (F32, act_shape(d))
+            (self.act, act_shape(d))
         } else {
             none()
         };
@@ -505,7 +563,7 @@ impl Emitter<'_> {
             name,
             &[delta, residual, &w],
             vec![("epsilon", Attr::Float(self.cfg.norm_eps))],
-            vec![(F32, act_shape(d)), none(), none(), sum],
+            vec![(self.act, act_shape(d)), none(), none(), sum],
         )?;
         let sum = outs.remove(3);
         Ok((outs.remove(0), sum))
@@ -558,9 +616,9 @@ impl Emitter<'_> {
                 &[&qkv, &sizes],
                 vec![("axis", Attr::Int(-1))],
                 vec![
-                    (F32, act_shape(heads * hd)),
-                    (F32, act_shape(kv * hd)),
-                    (F32, act_shape(kv * hd)),
+                    (self.act, act_shape(heads * hd)),
+                    (self.act, act_shape(kv * hd)),
+                    (self.act, act_shape(kv * hd)),
                 ],
             )?;
             let v = parts.remove(2);
@@ -583,10 +641,11 @@ impl Emitter<'_> {
         } else {
             [qkv, absent.clone(), absent.clone()]
         };
+        let act = self.act;
         let cache = |kind: &str| {
             (
                 Some(format!("present_{kind}_{i}")),
-                F32,
+                act,
                 vec![
                     batch(),
                     Dim::Fixed(kv as i64),
@@ -624,7 +683,7 @@ impl Emitter<'_> {
                 ),
             ],
             vec![
-                (None, F32, act_shape(heads * hd)),
+                (None, act, act_shape(heads * hd)),
                 cache("key"),
                 cache("value"),
             ],
@@ -675,6 +734,16 @@ impl Emitter<'_> {
         if bias.is_some() {
             bail!("{p}.mlp: gate/up projections with biases are not a Llama/Qwen2 MLP");
         }
+        if self.target == Target::Cuda {
+            let act = self.swiglu(&p, &xn, &w)?;
+            let down = self.linear(
+                &format!("{p}.mlp.down_proj"),
+                &act,
+                &[(format!("{p}.mlp.down_proj"), d)],
+                c.hidden_dim,
+            )?;
+            return Ok((down, h));
+        }
         let op = op_name(self.wtype, true);
         let act = self
             .g
@@ -694,6 +763,50 @@ impl Emitter<'_> {
             c.hidden_dim,
         )?;
         Ok((down, h))
+    }
+}
+
+impl Emitter<'_> {
+    /// SwiGLU for the CUDA graph: `silu(x @ gate^T) * (x @ up^T)` from the stacked [gate; up] matrix `w`.
+    fn swiglu(&mut self, p: &str, x: &Value, w: &Value) -> Result<Value> {
+        let h = self.cfg.hidden_dim;
+        let both = self.matmul_t(&format!("{p}.mlp/gate_up"), x, w, 2 * h)?;
+        let halves = self
+            .g
+            .const_i64(&format!("{p}.mlp.halves"), &[2], &[h as i64, h as i64])?;
+        let mut parts = self.g.node_in(
+            "",
+            "Split",
+            &format!("{p}.mlp/split"),
+            &[&both, &halves],
+            vec![("axis", Attr::Int(-1))],
+            vec![(self.act, act_shape(h)), (self.act, act_shape(h))],
+        )?;
+        let (up, gate) = (parts.remove(1), parts.remove(0));
+        let sg = self.g.op(
+            "Sigmoid",
+            &format!("{p}.mlp/sigmoid"),
+            &[&gate],
+            vec![],
+            self.act,
+            act_shape(h),
+        )?;
+        let silu = self.g.op(
+            "Mul",
+            &format!("{p}.mlp/silu"),
+            &[&gate, &sg],
+            vec![],
+            self.act,
+            act_shape(h),
+        )?;
+        self.g.op(
+            "Mul",
+            &format!("{p}.mlp/swiglu"),
+            &[&silu, &up],
+            vec![],
+            self.act,
+            act_shape(h),
+        )
     }
 }
 
@@ -732,7 +845,21 @@ pub fn decoder_graph_cpu(
     wtype: DataType,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    graph(cfg, weights, wtype, None, last_logits_only)
+    graph(cfg, weights, wtype, None, Target::Cpu, last_logits_only)
+}
+
+/// The decoder graph for ONNX Runtime's CUDA provider (`Target::Cuda`): the CPU graph's form, inputs and in-place KV
+/// cache, with standard operators instead of trt-diff's CPU kernels and activations in `wtype`. Its matrices have
+/// the CPU graph's names, types and layout, so a build stores them once (`llm_build` points this graph's
+/// initializers into the CPU graph's data file). FLOAT `wtype` builds a graph that ONNX Runtime's CPU provider can
+/// run (tests); the CUDA provider's GroupQueryAttention needs FLOAT16 or BFLOAT16.
+pub fn decoder_graph_cuda(
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    wtype: DataType,
+    last_logits_only: bool,
+) -> Result<ModelProto> {
+    graph(cfg, weights, wtype, None, Target::Cuda, last_logits_only)
 }
 
 /// The CPU decoder graph of a GGUF file whose matrices stay in the file, in their own formats (quantized blocks
@@ -745,7 +872,7 @@ pub fn decoder_graph_cpu_gguf(
     ggml: &GgmlWeights,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
-    graph(cfg, weights, F32, Some(ggml), last_logits_only)
+    graph(cfg, weights, F32, Some(ggml), Target::Cpu, last_logits_only)
 }
 
 fn graph(
@@ -753,6 +880,7 @@ fn graph(
     weights: &HashMap<String, Vec<f32>>,
     wtype: DataType,
     ggml: Option<&GgmlWeights>,
+    target: Target,
     last_logits_only: bool,
 ) -> Result<ModelProto> {
     if ![DataType::FLOAT, DataType::FLOAT16, DataType::BFLOAT16].contains(&wtype) {
@@ -767,8 +895,12 @@ fn graph(
         );
     }
     let hd_pad = hd.next_multiple_of(16);
+    let (name, act) = match target {
+        Target::Cpu => ("llama_decoder_cpu", F32),
+        Target::Cuda => ("llama_decoder_cuda", wtype),
+    };
     let mut e = Emitter {
-        g: GraphBuilder::new("llama_decoder_cpu", 18),
+        g: GraphBuilder::new(name, 18),
         cfg,
         w: weights,
         padded: if hd_pad == hd {
@@ -780,15 +912,19 @@ fn graph(
         hd: hd_pad,
         ggml,
         ggml_values: HashMap::new(),
+        target,
+        act,
     };
-    e.g.use_domain(DOMAIN, 1);
+    if target == Target::Cpu {
+        e.g.use_domain(DOMAIN, 1);
+    }
     e.g.use_domain(MS, 1);
     let i32t = DataType::INT32;
     let ids =
         e.g.input("input_ids", DataType::INT64, vec![batch(), seq()])?;
     let seqlens = e.g.input(SEQLENS_INPUT, i32t, vec![batch()])?;
     let total = e.g.input(TOTAL_INPUT, i32t, vec![])?;
-    let past = cache_inputs(&mut e.g, cfg, batch(), "capacity", hd_pad)?;
+    let past = cache_inputs(&mut e.g, cfg, batch(), "capacity", hd_pad, act)?;
     // The embedding table in the weight type; a tied LM head reads the same initializer.
     let tensor = |name: &str| {
         weights
@@ -832,13 +968,13 @@ fn graph(
             &[cfg.vocab_size as i64, d as i64],
             bytes.into(),
         )?;
-        let h = if wtype == F32 {
+        let h = if wtype == act {
             e.g.op(
                 "Gather",
                 "embed",
                 &[&table, &ids],
                 vec![],
-                F32,
+                act,
                 act_shape(d),
             )?
         } else {
@@ -863,6 +999,17 @@ fn graph(
     };
     // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros.
     let (cos, sin) = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
+    // GroupQueryAttention wants its tables in the activations' type (ONNX Runtime folds these casts once).
+    let (cos, sin) = if act == F32 {
+        (cos, sin)
+    } else {
+        let to = || vec![("to", Attr::Int(act.0 as i64))];
+        let (cs, ss) = (cos.shape.clone(), sin.shape.clone());
+        (
+            e.g.op("Cast", "rope.cos_act", &[&cos], to(), act, cs)?,
+            e.g.op("Cast", "rope.sin_act", &[&sin], to(), act, ss)?,
+        )
+    };
     let rope = Rope {
         seqlens,
         total,
@@ -879,7 +1026,7 @@ fn graph(
             ("axis", Attr::Int(-1)),
             ("stash_type", Attr::Int(1)),
         ],
-        F32,
+        act,
         act_shape(d),
     )?;
     let mut h = h;
@@ -908,7 +1055,7 @@ fn graph(
             "last",
             &[&hn, &s, &en, &ax],
             vec![],
-            F32,
+            act,
             vec![batch(), Dim::Fixed(1), Dim::Fixed(d as i64)],
         )?;
         Dim::Fixed(1)
@@ -935,6 +1082,18 @@ fn graph(
         e.stacked("lm_head", &[("lm_head".into(), cfg.vocab_size)], d)?
             .0
     };
+    let logits_shape = vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
+    if target == Target::Cuda {
+        let logits = if act == F32 {
+            e.matmul_t("logits", &hn, &head_w, cfg.vocab_size)?
+        } else {
+            let l = e.matmul_t("logits_act", &hn, &head_w, cfg.vocab_size)?;
+            let to = vec![("to", Attr::Int(F32.0 as i64))];
+            e.g.op("Cast", "logits", &[&l], to, F32, logits_shape)?
+        };
+        e.g.output(&logits);
+        return Ok(e.g.finish());
+    }
     let op = op_name(wtype, false);
     let logits = e.g.node_in(
         DOMAIN,
@@ -942,10 +1101,7 @@ fn graph(
         "logits",
         &[&hn, &head_w],
         vec![],
-        vec![(
-            F32,
-            vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)],
-        )],
+        vec![(F32, logits_shape)],
     )?;
     e.g.output(&logits[0]);
     Ok(e.g.finish())

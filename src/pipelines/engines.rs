@@ -128,11 +128,15 @@ pub struct OpenOptions {
 }
 
 /// The graph ONNX Runtime runs for `engine`: an .onnx file itself; for a plan or an ONNX-only bundle, the LLM's
-/// CPU graph when the manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), else
-/// the ONNX the manifest records as its source.
+/// CPU graph when the manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), its
+/// CUDA graph on CUDA (`TRT_DIFF_CUDA_LLM_GRAPH=tensorrt` takes the TensorRT graph instead, to compare), else the
+/// ONNX the manifest records as its source.
 fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
     if engine.kind == EngineKind::Onnx {
         return Ok(engine.path.clone());
+    }
+    if let Some(p) = cuda_llm_graph(engine, backend) {
+        return Ok(p);
     }
     if backend == Backend::Cpu
         && let Some(Pipeline::Llm(llm)) = engine.pipeline()
@@ -152,6 +156,29 @@ fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
             engine.path.display()
         )
     })
+}
+
+/// The LLM's CUDA graph, when it is the one to run.
+fn cuda_llm_graph(engine: &EngineFile, backend: Backend) -> Option<PathBuf> {
+    let Backend::Cuda(_) = backend else {
+        return None;
+    };
+    let Some(Pipeline::Llm(llm)) = engine.pipeline() else {
+        return None;
+    };
+    let f = llm.cuda_onnx.as_ref()?;
+    if std::env::var("TRT_DIFF_CUDA_LLM_GRAPH").is_ok_and(|v| v == "tensorrt") {
+        return None;
+    }
+    match engine.file(f, "the CUDA graph") {
+        Ok(p) => Some(p),
+        Err(e) => {
+            tracing::warn!(
+                "{e:#}; running the TensorRT graph on CUDA instead (the KV cache passed between calls)"
+            );
+            None
+        }
+    }
 }
 
 /// Opens one engine file on `backend`.
@@ -181,7 +208,19 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
             if onnx != engine.path {
                 tracing::info!("{backend:?}: running '{}'", onnx.display());
             }
-            Ok(Box::new(OrtEngine::open(&onnx, &backend.ort(&opts.ort))?))
+            match OrtEngine::open(&onnx, &backend.ort(&opts.ort)) {
+                Ok(e) => Ok(Box::new(e)),
+                // The CUDA graph needs operators some ONNX Runtime builds lack; the TensorRT graph runs anywhere.
+                Err(e) if cuda_llm_graph(engine, backend).is_some() => {
+                    let source = engine.source_onnx()?;
+                    tracing::warn!(
+                        "{e:#}; running '{}' on {backend:?} instead (the KV cache passed between calls)",
+                        source.display()
+                    );
+                    Ok(Box::new(OrtEngine::open(&source, &backend.ort(&opts.ort))?))
+                }
+                Err(e) => Err(e),
+            }
         }
     }
 }

@@ -194,6 +194,14 @@ fn decoder_policy(
     Ok((pf.to_policy()?, amax))
 }
 
+/// The ONNX Runtime graphs' files beside a plan (`write_cpu_graph`).
+const ORT_GRAPH_FILES: &[&str] = &[
+    ".cpu.onnx",
+    ".cpu.onnx.data",
+    ".cuda.onnx",
+    ".cuda.onnx.data",
+];
+
 /// Lists the files an LLM build is about to write beside the plan (`suffixes` of its name) in `guard`, so that a
 /// failed or interrupted build removes them: a bundle's files appear all together or not at all.
 fn guard_siblings(guard: &mut crate::fsutil::BundleGuard, out: &Path, suffixes: &[&str]) {
@@ -335,24 +343,91 @@ pub fn hf_matrix_type(dir: &Path) -> Result<Option<DataType>> {
 /// weights unquantized (fp32, fp16). Its weights keep the checkpoint's type when every matrix shares one (F32, F16
 /// or BF16: 16-bit ones stream half the bytes per token of an f32 graph); quantized or mixed checkpoints, whose
 /// matrices are dequantized, get the engine's own type (f16 for fp16 builds, the rounding the engine makes too).
-/// Returns the file name for the manifest.
+/// With fp16 builds it also writes `<out>.cuda.onnx` (`write_cuda_graph`). Returns the file names for the manifest.
 fn write_cpu_graph(
     out: &Path,
     weights: Option<DataType>,
     p: Option<LinearPrecision>,
     config: &LlamaConfig,
     tensors: &std::collections::HashMap<String, Vec<f32>>,
-) -> Result<Option<String>> {
+) -> Result<OrtGraphs> {
     let path = sibling(out, ".cpu.onnx");
     let weights = match (weights, p) {
         (Some(t), Some(LinearPrecision::F32 | LinearPrecision::F16)) => t,
         (None, Some(LinearPrecision::F32)) => DataType::FLOAT,
         (None, Some(LinearPrecision::F16)) => DataType::FLOAT16,
-        _ => return Ok(None),
+        _ => return Ok(OrtGraphs::default()),
     };
     let graph = crate::models::llama_cpu::decoder_graph_cpu(config, tensors, weights, true)?;
     save(graph, &path, &SaveOptions::default())?;
-    Ok(path.file_name().map(|n| n.to_string_lossy().into_owned()))
+    // The CUDA provider's attention takes 16-bit types only: fp32 builds run the TensorRT graph there.
+    let cuda = match (weights, p) {
+        (DataType::FLOAT16 | DataType::BFLOAT16, _) => Some(weights),
+        (_, Some(LinearPrecision::F16)) => Some(DataType::FLOAT16),
+        _ => None,
+    };
+    let cuda = match cuda {
+        Some(t) => Some(write_cuda_graph(out, &path, t, config, tensors)?),
+        None => None,
+    };
+    Ok(OrtGraphs {
+        cpu: Some(file_name(&path)),
+        cuda,
+    })
+}
+
+/// The ONNX Runtime decoder graphs of a build, by file name.
+#[derive(Default)]
+struct OrtGraphs {
+    cpu: Option<String>,
+    cuda: Option<String>,
+}
+
+/// Writes `<out>.cuda.onnx`, the decoder for ONNX Runtime's CUDA provider (`llama_cpu::Target::Cuda`: flash
+/// attention and the KV cache in place on the GPU). Matrices that the CPU graph `cpu` already stores with the same
+/// name, type and shape are read from its data file rather than written twice; the rest (norms and biases in the
+/// activations' type, or every matrix when the CPU graph keeps f32 ones) go to the graph's own data file.
+fn write_cuda_graph(
+    out: &Path,
+    cpu: &Path,
+    wtype: DataType,
+    config: &LlamaConfig,
+    tensors: &std::collections::HashMap<String, Vec<f32>>,
+) -> Result<String> {
+    let path = sibling(out, ".cuda.onnx");
+    let mut graph = crate::models::llama_cpu::decoder_graph_cuda(config, tensors, wtype, true)?;
+    let stored = crate::onnx::OnnxFile::load(cpu)?;
+    let shared: HashMap<&str, &crate::onnx::proto::TensorProto> = stored
+        .model
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .filter(|t| crate::onnx::model::external_ref(t).is_some())
+        .map(|t| (t.name.as_str(), t))
+        .collect();
+    let mut reused = 0u64;
+    for t in graph
+        .graph
+        .iter_mut()
+        .flat_map(|g| g.initializer.iter_mut())
+    {
+        if let Some(c) = shared.get(t.name.as_str())
+            && c.data_type == t.data_type
+            && c.dims == t.dims
+        {
+            reused += t.raw_data.len() as u64;
+            t.raw_data = Default::default();
+            t.data_location = c.data_location;
+            t.external_data = c.external_data.clone();
+        }
+    }
+    tracing::debug!(
+        "'{}': {reused} bytes of matrices read from '{}'",
+        path.display(),
+        cpu.display()
+    );
+    save(graph, &path, &SaveOptions::default())?;
+    Ok(file_name(&path))
 }
 
 /// Where a graph written to `out` finds `gguf` (a path relative to the graph's folder, as ONNX external data wants):
@@ -457,9 +532,12 @@ pub fn build_llm(
             (m.arch, m.config, m.tensors, tok_out, hf_matrix_type(input)?)
         }
     };
-    guard_siblings(&mut guard, &base.out, &[".cpu.onnx", ".cpu.onnx.data"]);
-    let cpu_onnx = match &in_place {
-        Some(gw) => write_cpu_graph_gguf(&base.out, &config, &tensors, gw)?,
+    guard_siblings(&mut guard, &base.out, ORT_GRAPH_FILES);
+    let graphs = match &in_place {
+        Some(gw) => OrtGraphs {
+            cpu: write_cpu_graph_gguf(&base.out, &config, &tensors, gw)?,
+            cuda: None,
+        },
         None => write_cpu_graph(&base.out, matrices, p, &config, &tensors)?,
     };
     let policy = decoder_policy(&arch, &config, &tensors, &tok_out, p, auto, base)?;
@@ -488,7 +566,8 @@ pub fn build_llm(
         config: serde_json::to_value(&config)?,
         tokenizer: file_name(&tok_out),
         precision: p.map_or("auto", |_| precision.name()).into(),
-        cpu_onnx,
+        cpu_onnx: graphs.cpu,
+        cuda_onnx: graphs.cuda,
     }));
     let outcome = build_engine(&opts)?;
     guard.disarm();
@@ -508,9 +587,9 @@ pub fn build_llama2c(
     crate::tokenizer::llama2c::Llama2cTokenizer::load(tokenizer, model.config.vocab_size)?;
     let p = fixed_precision(precision, auto)?;
     let mut guard = crate::fsutil::BundleGuard::new();
-    guard_siblings(&mut guard, &base.out, &[".cpu.onnx", ".cpu.onnx.data"]);
+    guard_siblings(&mut guard, &base.out, ORT_GRAPH_FILES);
     // llama2.c checkpoints are f32.
-    let cpu_onnx = write_cpu_graph(
+    let graphs = write_cpu_graph(
         &base.out,
         Some(DataType::FLOAT),
         p,
@@ -554,7 +633,8 @@ pub fn build_llama2c(
         config: serde_json::to_value(&model.config)?,
         tokenizer: file_name(&tok_out),
         precision: p.map_or("auto", |_| precision.name()).into(),
-        cpu_onnx,
+        cpu_onnx: graphs.cpu,
+        cuda_onnx: graphs.cuda,
     }));
     let outcome = build_engine(&opts)?;
     guard.disarm();
