@@ -76,7 +76,7 @@
       #   not-exported: TRT_DIFF_API_KEY  (`serve --api-key` from the environment: a secret, the user's own)
       #   not-exported: TRT_DIFF_MODEL_CACHE  (where `--engine MODEL.gguf` bundles are cached: the user's choice)
       #   not-exported: XDG_CACHE_HOME  (the user's cache folder, read for that default)
-      #   not-exported: TRT_DIFF_ATTENTION  (`unfused` keeps the exported attention on ONNX Runtime CUDA: a comparison switch)
+      #   not-exported: TRT_DIFF_CUDA_FUSION  (`none` or some of attention,gelu,rmsnorm: which graph fusions ONNX Runtime CUDA gets, a comparison switch)
       #   not-exported: TRT_DIFF_ORT_PROFILE  (a folder for ONNX Runtime's per-node profiles: a diagnosis switch)
       #   not-exported: TRT_DIFF_CUDA_LLM_GRAPH  (`tensorrt` runs an LLM bundle's TensorRT graph on ONNX Runtime CUDA instead of its CUDA graph: a comparison switch)
 

@@ -390,15 +390,22 @@ fn half_precision_and_image_graphs_build_with_tensorrt() {
 /// graphs' tolerance. Patterns it must leave alone (an additive mask, FP8 Q/DQ) stay unfused.
 #[test]
 fn fused_attention_keeps_the_results() {
+    // With the GELU and RMSNorm fusions the CUDA path makes too (FastGelu, SimplifiedLayerNormalization).
     use trt_diff::onnx::attention_fusion::fuse_attention;
+    use trt_diff::onnx::elementwise_fusion::{fuse_gelu, fuse_rms_norm};
     use trt_diff::onnx::{OnnxFile, SaveOptions, save};
     let d = tempfile::tempdir().unwrap();
-    let fused_copy = |onnx: &Path, want: usize| -> PathBuf {
+    let fused_copy = |onnx: &Path, want: [usize; 3]| -> PathBuf {
         let mut model = OnnxFile::load(onnx).unwrap().model;
-        assert_eq!(
+        let got = [
             fuse_attention(&mut model).unwrap(),
+            fuse_gelu(&mut model),
+            fuse_rms_norm(&mut model),
+        ];
+        assert_eq!(
+            got,
             want,
-            "{}",
+            "attentions, GELUs, RMSNorms of {}",
             onnx.display()
         );
         // Beside the original, so the external weights resolve as they do for the real CUDA path.
@@ -409,18 +416,21 @@ fn fused_attention_keeps_the_results() {
         save(model, &out, &SaveOptions::default()).unwrap();
         let ops =
             trt_diff::onnx::summary::OnnxSummary::of(&OnnxFile::load(&out).unwrap()).op_histogram;
-        assert_eq!(ops.get("Softmax").copied().unwrap_or(0), 0, "{ops:?}");
+        // The VAE's GroupNorms (ReduceMean too) are not RMSNorms.
+        for (gone, n) in ["Softmax", "Tanh", "ReduceMean"].into_iter().zip(want) {
+            assert!(n == 0 || !ops.contains_key(gone), "{ops:?}");
+        }
         out
     };
     let io_t = io("flux_dev_io.safetensors");
-    // One double-stream and two single-stream blocks: three attentions.
+    // One double-stream and two single-stream blocks: three attentions, four MLPs, eight q/k norms.
     let (onnx, _, _) = export(
         "flux_dev.safetensors",
         "flux_dev",
         &ExportOptions::default(),
         d.path(),
     );
-    let out = run(&fused_copy(&onnx, 3), &io_t);
+    let out = run(&fused_copy(&onnx, [3, 4, 8]), &io_t);
     let err = max_rel_err(&out[0].1, &io_t["sample"]);
     println!("fused transformer: max rel err {err:.2e}");
     assert!(err < 1e-4, "{err}");
@@ -433,7 +443,7 @@ fn fused_attention_keeps_the_results() {
     let vd = d.path().join("vae");
     std::fs::create_dir_all(&vd).unwrap();
     let (dec, _) = vae::export(&cfg, &ck, DataType::FLOAT, &vd).unwrap();
-    let mut e = OrtEngine::open(&fused_copy(&dec, 1), &OrtOptions::default()).unwrap();
+    let mut e = OrtEngine::open(&fused_copy(&dec, [1, 0, 0]), &OrtOptions::default()).unwrap();
     let out = e.run(&[("latent".into(), io_v["latent"].clone())]).unwrap();
     let err = max_rel_err(&out[0].1, &io_v["decoded"]);
     println!("fused VAE decoder (single head, [batch, seq, channels]): max rel err {err:.2e}");

@@ -4,7 +4,7 @@
 # random weights (scripts/gpu/flux_fullsize.py), diffusers' FluxPipeline beside trt-diff's `--backend cuda` on the
 # same folder. Needs about 50 GB of disk (the bf16 checkpoint, then the ONNX export of it).
 # PHASE=peer (weights + diffusers) or PHASE=ours (build + trt-diff) splits it over two calls (10 minutes each at
-# most); ROUNDS (default 2) alternating rounds of fused and unfused attention; PROFILE=1 adds ONNX Runtime's
+# most); ROUNDS (default 2) alternating rounds of the fusion variants below; PROFILE=1 adds ONNX Runtime's
 # per-node profile of a 2-step run. Output: $OUT/flux_fullsize[_PHASE].txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -34,14 +34,15 @@ echo "== trt-diff build (bf16, ONNX-only)"
   --image-px $size,$size,$size --clip-tokenizer "$g/flux_fp32.clip-tokenizer.txt.gz" \
   --t5-tokenizer "$g/flux_fp32.t5-tokenizer.json" --no-progress
 df -h /tmp | tail -1
-# Attention fused into ONNX Runtime's MultiHeadAttention (the default), then the exported pattern as it is
-# (TRT_DIFF_ATTENTION=unfused), alternating.
+# The CUDA path's graph fusions (TRT_DIFF_CUDA_FUSION): all of them (the default: attention, GELU, RMSNorm), the
+# attention alone, none; alternating. FUSIONS picks the variants.
 for r in $(seq 0 $(( ${ROUNDS:-2} - 1 ))); do
-  for a in fused unfused; do
-    echo "== trt-diff generate --backend cuda, attention $a, round $r"
-    TRT_DIFF_ATTENTION=$a t timeout 600 "$bin" generate --engine /tmp/fb/flux.plan.json --backend cuda \
+  for f in ${FUSIONS:-attention,gelu,rmsnorm attention none}; do
+    tag=${f//,/_}
+    echo "== trt-diff generate --backend cuda, fusions $f, round $r"
+    TRT_DIFF_CUDA_FUSION=$f t timeout 600 "$bin" -v generate --engine /tmp/fb/flux.plan.json --backend cuda \
       --prompt "a fox in the snow" --width $size --height $size --steps $steps --seed $r --no-progress \
-      --out "$out/flux_fullsize_${a}_$r.png"
+      --out "$out/flux_fullsize_${tag}_$r.png" 2>&1 | grep -v "DEBUG.*\(step\|uploading\)"
   done
 done
 if [ -n "${PROFILE:-}" ]; then

@@ -160,9 +160,43 @@ fn uses_own_ops(s: &OnnxSummary) -> bool {
     s.op_histogram.keys().any(|k| k.starts_with(&prefix))
 }
 
-/// Whether the CUDA path fuses attention (`TRT_DIFF_ATTENTION=unfused` turns it off, to compare).
-fn fused_attention_wanted() -> bool {
-    std::env::var("TRT_DIFF_ATTENTION").map_or(true, |v| v != "unfused")
+/// The graph fusions the CUDA path makes: all by default; `TRT_DIFF_CUDA_FUSION` lists some of `attention`,
+/// `gelu` and `rmsnorm` (comma-separated), or `none`, to compare.
+fn cuda_fusions() -> Vec<String> {
+    const ALL: [&str; 3] = ["attention", "gelu", "rmsnorm"];
+    match std::env::var("TRT_DIFF_CUDA_FUSION") {
+        Err(_) => ALL.map(String::from).to_vec(),
+        Ok(v) => {
+            let wanted: Vec<String> = v.split(',').map(|s| s.trim().to_string()).collect();
+            for w in &wanted {
+                if w != "none" && !ALL.contains(&w.as_str()) {
+                    tracing::warn!(
+                        "TRT_DIFF_CUDA_FUSION: '{w}' is not one of none, {}",
+                        ALL.join(", ")
+                    );
+                }
+            }
+            wanted
+        }
+    }
+}
+
+/// Makes the fusions `which` (of `cuda_fusions`) in `model`; returns what was fused, for the log ("" when nothing).
+fn fuse_for_cuda(model: &mut crate::onnx::proto::ModelProto, which: &[String]) -> Result<String> {
+    use crate::onnx::{attention_fusion, elementwise_fusion};
+    let mut done = Vec::new();
+    for f in which {
+        let n = match f.as_str() {
+            "attention" => attention_fusion::fuse_attention(model)?,
+            "gelu" => elementwise_fusion::fuse_gelu(model),
+            "rmsnorm" => elementwise_fusion::fuse_rms_norm(model),
+            _ => 0,
+        };
+        if n > 0 {
+            done.push(format!("{n} {f}"));
+        }
+    }
+    Ok(done.join(", "))
 }
 
 fn has_fp8_qdq(s: &OnnxSummary) -> bool {
@@ -377,10 +411,11 @@ impl OrtEngine {
             }
         }
         // On the GPU, attention runs as ONNX Runtime's fused MultiHeadAttention (flash / memory-efficient kernels)
-        // rather than as the exported MatMul-Softmax-MatMul pattern; TRT_DIFF_ATTENTION=unfused keeps the pattern.
-        // The graph as it was before the fusion, should ONNX Runtime refuse the fused one (None: the file).
-        let mut unfused: Option<Option<crate::onnx::proto::ModelProto>> = None;
-        if matches!(opts.device, OrtDevice::Cuda(_)) && fused_attention_wanted() {
+        // rather than as the exported MatMul-Softmax-MatMul pattern, GELU and RMSNorm as one operator each
+        // (`fuse_for_cuda`). Should ONNX Runtime refuse a fused operator for this graph's types: the graph with
+        // its attention fused alone, then as it was (None: the file).
+        let mut fallbacks: Vec<Option<crate::onnx::proto::ModelProto>> = Vec::new();
+        if matches!(opts.device, OrtDevice::Cuda(_)) {
             let was_patched = patched.is_some();
             let original = match patched.take() {
                 Some(model) => model,
@@ -389,13 +424,18 @@ impl OrtEngine {
             };
             // Cheap: weights are external or reference-counted bytes.
             let mut model = original.clone();
-            let fused = crate::onnx::attention_fusion::fuse_attention(&mut model)?;
-            if fused > 0 {
-                tracing::debug!(
-                    "'{}': {fused} attentions fused into MultiHeadAttention for ONNX Runtime CUDA",
-                    path.display()
-                );
-                unfused = Some(was_patched.then_some(original));
+            let which = cuda_fusions();
+            let fused = fuse_for_cuda(&mut model, &which)?;
+            if !fused.is_empty() {
+                tracing::debug!("'{}': fused for ONNX Runtime CUDA: {fused}", path.display());
+                let attention = ["attention".to_string()];
+                if which.iter().any(|f| f != "attention") && which.contains(&attention[0]) {
+                    let mut only = original.clone();
+                    if !fuse_for_cuda(&mut only, &attention)?.is_empty() {
+                        fallbacks.push(Some(only));
+                    }
+                }
+                fallbacks.push(was_patched.then_some(original));
                 patched = Some(model);
             } else if was_patched {
                 patched = Some(original);
@@ -422,18 +462,24 @@ impl OrtEngine {
                 }
             }
         };
-        let session = match (commit(builder.clone(), patched.as_ref()), unfused) {
-            (Ok(session), _) => session,
-            (Err(e), Some(unfused)) => {
-                tracing::warn!(
-                    "'{}': ONNX Runtime could not open the graph with fused attention ({e:#}); running the exported \
-                     attention instead",
-                    path.display()
-                );
-                commit(builder, unfused.as_ref())?
-            }
-            (Err(e), None) => return Err(e),
-        };
+        let mut session = commit(builder.clone(), patched.as_ref());
+        for fallback in fallbacks {
+            let Err(e) = &session else { break };
+            tracing::warn!(
+                "'{}': ONNX Runtime could not open the fused graph ({e:#}); trying {}",
+                path.display(),
+                if fallback
+                    .as_ref()
+                    .is_some_and(|m| m.opset_import.iter().any(|o| o.domain == "com.microsoft"))
+                {
+                    "with the attention fused alone"
+                } else {
+                    "the exported graph"
+                }
+            );
+            session = commit(builder.clone(), fallback.as_ref());
+        }
+        let session = session?;
         tracing::debug!(
             "opened '{}' in {:.2}s",
             path.display(),

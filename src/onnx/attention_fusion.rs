@@ -21,7 +21,7 @@ use bytes::Bytes;
 use std::collections::HashMap;
 
 /// The operator domain of ONNX Runtime's contrib operators.
-const MS_DOMAIN: &str = "com.microsoft";
+pub(crate) const MS_DOMAIN: &str = "com.microsoft";
 
 /// One matched attention: the nodes it replaces and what the fused node needs.
 struct Match {
@@ -48,10 +48,42 @@ pub fn fuse_attention(model: &mut ModelProto) -> Result<usize> {
     if opset < 15 {
         return Ok(0);
     }
+    let fused = rewrite(model, |cx| {
+        (0..cx.nodes.len())
+            .filter_map(|i| cx.match_at(i))
+            .enumerate()
+            .map(|(n, m)| {
+                let (nodes, inits) = fused_nodes(&m, n);
+                Rewrite {
+                    remove: m.remove,
+                    at: m.at,
+                    nodes,
+                    inits,
+                }
+            })
+            .collect()
+    });
+    Ok(fused)
+}
+
+/// One replacement: nodes `remove` go, `nodes` (and their constants `inits`) go where node `at` was.
+pub(crate) struct Rewrite {
+    pub remove: Vec<usize>,
+    pub at: usize,
+    pub nodes: Vec<NodeProto>,
+    pub inits: Vec<TensorProto>,
+}
+
+/// Applies the rewrites `find` makes from the graph's [`Context`] (non-overlapping, each node removed once) and
+/// declares ONNX Runtime's contrib domain when any was made; returns how many.
+pub(crate) fn rewrite(
+    model: &mut ModelProto,
+    find: impl FnOnce(&Context) -> Vec<Rewrite>,
+) -> usize {
     let Some(graph) = model.graph.as_mut() else {
-        return Ok(0);
+        return 0;
     };
-    let matches = {
+    let rewrites = {
         let producer: HashMap<&str, usize> = graph
             .node
             .iter()
@@ -72,27 +104,24 @@ pub fn fuse_attention(model: &mut ModelProto) -> Result<usize> {
             .iter()
             .map(|t| (t.name.as_str(), t))
             .collect();
-        let cx = Context {
+        find(&Context {
             nodes: &graph.node,
             producer,
             consumers,
             inits,
-        };
-        (0..graph.node.len())
-            .filter_map(|i| cx.match_at(i))
-            .collect::<Vec<_>>()
+        })
     };
-    if matches.is_empty() {
-        return Ok(0);
+    if rewrites.is_empty() {
+        return 0;
     }
     let mut removed = vec![false; graph.node.len()];
     let mut inserted: HashMap<usize, Vec<NodeProto>> = HashMap::new();
     let mut initializers = Vec::new();
-    for (n, m) in matches.iter().enumerate() {
-        m.remove.iter().for_each(|&i| removed[i] = true);
-        let (nodes, inits) = fused_nodes(m, n);
-        inserted.insert(m.at, nodes);
-        initializers.extend(inits);
+    let n = rewrites.len();
+    for r in rewrites {
+        r.remove.iter().for_each(|&i| removed[i] = true);
+        inserted.entry(r.at).or_default().extend(r.nodes);
+        initializers.extend(r.inits);
     }
     let old = std::mem::take(&mut graph.node);
     for (i, node) in old.into_iter().enumerate() {
@@ -110,30 +139,32 @@ pub fn fuse_attention(model: &mut ModelProto) -> Result<usize> {
             version: 1,
         });
     }
-    Ok(matches.len())
+    n
 }
 
-struct Context<'a> {
-    nodes: &'a [NodeProto],
+/// A graph's nodes with who makes and who reads each value, for pattern matching.
+pub(crate) struct Context<'a> {
+    pub nodes: &'a [NodeProto],
     producer: HashMap<&'a str, usize>,
     consumers: HashMap<&'a str, usize>,
-    inits: HashMap<&'a str, &'a TensorProto>,
+    pub inits: HashMap<&'a str, &'a TensorProto>,
 }
 
 impl Context<'_> {
-    fn produced_by(&self, value: &str, op: &str) -> Option<usize> {
+    /// The node of type `op` (default domain, one output) that makes `value`.
+    pub fn produced_by(&self, value: &str, op: &str) -> Option<usize> {
         let &i = self.producer.get(value)?;
         let n = &self.nodes[i];
         (n.op_type == op && n.domain.is_empty() && n.output.len() == 1).then_some(i)
     }
 
     /// Used by exactly one node input and not a graph output.
-    fn private(&self, value: &str) -> bool {
+    pub fn private(&self, value: &str) -> bool {
         self.consumers.get(value) == Some(&1)
     }
 
     /// A scalar constant initializer's value (inline data only: a scale is never external).
-    fn scalar(&self, name: &str) -> Option<f32> {
+    pub fn scalar(&self, name: &str) -> Option<f32> {
         let t = self.inits.get(name)?;
         if external_ref(t).is_some() || t.dims.iter().product::<i64>() != 1 {
             return None;
@@ -232,7 +263,7 @@ impl Context<'_> {
     }
 }
 
-fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
+pub(crate) fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a AttributeProto> {
     n.attribute.iter().find(|a| a.name == name)
 }
 
@@ -245,7 +276,7 @@ fn ints_attr(name: &str, ints: Vec<i64>) -> AttributeProto {
     }
 }
 
-fn float_attr(name: &str, f: f32) -> AttributeProto {
+pub(crate) fn float_attr(name: &str, f: f32) -> AttributeProto {
     AttributeProto {
         name: name.into(),
         r#type: attr_type::FLOAT,

@@ -5,6 +5,7 @@ pub mod builder;
 pub mod cpu_pass;
 pub mod dequantize;
 pub mod dtype;
+pub mod elementwise_fusion;
 pub mod model;
 pub mod proto;
 pub mod save;
