@@ -79,6 +79,7 @@
       #   not-exported: TRT_DIFF_CUDA_FUSION  (`none` or some of attention,gelu,rmsnorm: which graph fusions ONNX Runtime CUDA gets, a comparison switch)
       #   not-exported: TRT_DIFF_ORT_PROFILE  (a folder for ONNX Runtime's per-node profiles: a diagnosis switch)
       #   not-exported: TRT_DIFF_CUDA_LLM_GRAPH  (`tensorrt` runs an LLM bundle's TensorRT graph on ONNX Runtime CUDA instead of its CUDA graph: a comparison switch)
+      #   not-exported: TRT_DIFF_CUDA_GRAPHS  (`0` runs LLM decode steps on ONNX Runtime CUDA without CUDA graphs: a comparison switch)
 
       perSystem =
         system:

@@ -4,6 +4,7 @@
 # times its own `generate` in fp16 (512-token prompt, 128 new tokens, greedy); trt-diff builds an fp16 ONNX-only
 # bundle from the same folder (no TensorRT there) and generates the same lengths with --backend cuda.
 # Also checks 32 greedy tokens of the CUDA graph, the TensorRT graph on CUDA and the CPU graph against transformers.
+# ROUNDS (3) timing rounds, SERVER_VARIANTS (graph:cuda-graphs pairs) for the server, NO_PROFILE=1 skips the profile.
 # Needs .devcarry/gpu/trt-diff and .devcarry/gpu/ggml-vocab-qwen2.gguf. Output: $OUT/qwen_decode.txt.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
@@ -56,7 +57,8 @@ grep -iE "error|warn" $t/serve.log | head -5
 q=/tmp/qwen05
 prompt=$(python3 -c "print(' '.join(['the quick brown fox jumps over the lazy dog'] * 57))")
 "$bin" tokenize --vocab "$vocab" "$prompt" >/tmp/qwen_prompt_ids.txt
-python3 - "$q" /tmp/qwen_prompt_ids.txt /tmp/qwen_hf_ids.txt <<'PY'
+rounds=${ROUNDS:-3}
+python3 - "$q" /tmp/qwen_prompt_ids.txt /tmp/qwen_hf_ids.txt "$rounds" <<'PY'
 import sys, time, torch, transformers
 cfg = transformers.Qwen2Config(hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
     num_attention_heads=14, num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
@@ -68,7 +70,7 @@ m = m.cuda().eval()
 ids = torch.randint(0, 150000, (1, 512), device="cuda")
 kw = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
 m.generate(ids, max_new_tokens=8, min_new_tokens=8, **kw)
-for r in range(3):
+for r in range(int(sys.argv[4])):
     torch.cuda.synchronize(); t = time.perf_counter()
     with torch.no_grad():
         m(ids)
@@ -96,31 +98,39 @@ for p in ${PRECISIONS:-fp16}; do
   limited 300 "$bin" build "$q" --tokenizer "$vocab" --precision "$p" --max-context 1024 \
     --onnx-only --out "/tmp/qb_$p/qwen.plan" --no-progress
   ls -la /tmp/qb_$p
-  # The CUDA graph (flash attention, KV cache in place on the GPU) and the TensorRT graph (KV cache passed between
-  # calls), alternating.
-  for r in 0 1 2; do
-    for graph in cuda tensorrt; do
-      echo "== trt-diff generate --backend cuda ($p, $graph graph), round $r"
-      TRT_DIFF_CUDA_LLM_GRAPH=$graph limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
-        --backend cuda --prompt "$prompt" --max-tokens 128 --ignore-eos >/dev/null
+  # The CUDA graph (flash attention, KV cache in place on the GPU) with decode steps replayed as CUDA graphs (the
+  # default) and without (TRT_DIFF_CUDA_GRAPHS=0), and the TensorRT graph (KV cache passed between calls),
+  # alternating.
+  variants="cuda:1 cuda:0 tensorrt:0"
+  for r in $(seq 1 "$rounds"); do
+    for v in $variants; do
+      graph=${v%:*}; graphs=${v#*:}
+      echo "== trt-diff generate --backend cuda ($p, $graph graph, CUDA graphs $graphs), round $r"
+      TRT_DIFF_CUDA_LLM_GRAPH=$graph TRT_DIFF_CUDA_GRAPHS=$graphs limited 120 "$bin" generate \
+        --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --prompt "$prompt" --max-tokens 128 --ignore-eos \
+        >/dev/null
     done
   done
   echo "== correctness: 32 greedy tokens after the same prompt"
   ref=$("$bin" tokenize --vocab "$vocab" --decode "$(cat /tmp/qwen_hf_ids.txt)")
   for graph in cuda tensorrt; do
     TRT_DIFF_CUDA_LLM_GRAPH=$graph limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
-      --backend cuda --prompt "$prompt" --max-tokens 32 --ignore-eos >"/tmp/qwen_$graph.txt" 2>/dev/null
+      --backend cuda --prompt "$prompt" --max-tokens 32 --ignore-eos >"/tmp/qwen_$graph.txt"
   done
+  TRT_DIFF_CUDA_GRAPHS=0 limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \
+    --backend cuda --prompt "$prompt" --max-tokens 32 --ignore-eos >"/tmp/qwen_nographs.txt"
   limited 300 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" --backend cpu --prompt "$prompt" \
     --max-tokens 32 --ignore-eos >/tmp/qwen_cpu.txt 2>/dev/null
   echo "cuda graph vs transformers: $(same_prefix "$(cat /tmp/qwen_cuda.txt)" "$ref")"
   echo "tensorrt graph on cuda vs transformers: $(same_prefix "$(cat /tmp/qwen_tensorrt.txt)" "$ref")"
   echo "cpu graph vs transformers: $(same_prefix "$(cat /tmp/qwen_cpu.txt)" "$ref")"
+  echo "cuda graph without CUDA graphs vs transformers: $(same_prefix "$(cat /tmp/qwen_nographs.txt)" "$ref")"
   echo "cuda graph vs cpu graph: $(same_prefix "$(cat /tmp/qwen_cuda.txt)" "$(cat /tmp/qwen_cpu.txt)")"
   # A warm prefill: the server keeps the session open; after a warm-up request, the wall time of a request for one
   # token after the 513-token prompt is the prefill (plus tokenizing and HTTP, well under a millisecond here).
-  for graph in cuda tensorrt; do
-    TRT_DIFF_CUDA_LLM_GRAPH=$graph "$bin" serve --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --port 8392 \
+  for v in ${SERVER_VARIANTS:-$variants}; do
+    graph=${v%:*}; graphs=${v#*:}
+    TRT_DIFF_CUDA_LLM_GRAPH=$graph TRT_DIFF_CUDA_GRAPHS=$graphs "$bin" serve --engine "/tmp/qb_$p/qwen.plan.json" --backend cuda --port 8392 \
       >/tmp/qserve.log 2>&1 &
     spid=$!
     for i in $(seq 150); do curl -s localhost:8392/v1/models >/dev/null 2>&1 && break; sleep 0.2; done
@@ -129,9 +139,11 @@ for p in ${PRECISIONS:-fp16}; do
     post 8 >/dev/null
     pre=$(for r in 1 2 3; do post 1; echo -n " "; done)
     full=$(for r in 1 2 3; do post 129; echo -n " "; done)
-    echo "server, $graph graph (warm): 513-token prompt + 1 token: ${pre}s; + 129 tokens: ${full}s"
+    echo "server, $graph graph, CUDA graphs $graphs (warm): 513-token prompt + 1 token: ${pre}s; + 129 tokens: ${full}s"
+    grep -i "warn\|error" /tmp/qserve.log | head -3
     kill $spid; wait $spid 2>/dev/null
   done
+  [ -z "${NO_PROFILE:-}" ] || continue
   # Where the time goes: ONNX Runtime's per-node profile of one run (prefill + 16 tokens) on the CUDA graph.
   rm -rf "/tmp/qprof_$p"; mkdir -p "/tmp/qprof_$p"
   TRT_DIFF_ORT_PROFILE="/tmp/qprof_$p" limited 120 "$bin" generate --engine "/tmp/qb_$p/qwen.plan.json" \

@@ -1,5 +1,6 @@
 //! Execution backends behind one `Engine` interface: ONNX Runtime on the CPU (the embedded default, and the
 //! backbone of the tests) and TensorRT (see `trt::runtime`). Pipelines and `trt-diff run` only see `Engine`.
+pub mod cuda_graphs;
 pub mod ggml_blocks;
 pub mod ggml_ops;
 pub mod half_matmul;
@@ -156,6 +157,12 @@ pub trait Engine {
             "the {} backend cannot keep tensors in place between runs; rebuild the model for it",
             self.backend()
         )
+    }
+    /// Whether runs that repeat the previous run's shapes replay a captured CUDA graph. A replay cannot see host
+    /// values that changed since the capture, so a decoder then gives GroupQueryAttention's host-read total length
+    /// as the cache's capacity on decode steps (the true lengths travel in `seqlens_k`, on the device).
+    fn replays_graphs(&self) -> bool {
+        false
     }
     /// After `hold_in_place`: later runs bind rows `rows` (axis 0, a batch of sequences) of the held buffers rather
     /// than all of them, so a call runs some sequences of a batched KV cache (the server's slots). `hold_in_place`

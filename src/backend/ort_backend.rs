@@ -32,6 +32,9 @@ pub struct OrtOptions {
     pub device: OrtDevice,
     /// Initializers whose values replace the file's (weights with a LoRA merged in), by name.
     pub weights: WeightOverrides,
+    /// CUDA provider: replay calls that repeat the previous call's shapes as CUDA graphs (`cuda_graphs`); the
+    /// inputs ONNX Runtime reads on the host. Needs the cache kept in place (`Engine::hold_in_place`).
+    pub cuda_graphs: Option<Vec<String>>,
 }
 
 /// Weights that replace a graph's own initializers of the same name, shape and element type.
@@ -70,6 +73,8 @@ pub struct OrtEngine {
     outputs: Vec<TensorDesc>,
     /// Buffers bound as both an input and an output (`Engine::hold_in_place`).
     held: Vec<(String, String, Held)>,
+    /// CUDA graphs of repeated calls (`OrtOptions::cuda_graphs`, CUDA provider only).
+    graphs: Option<super::cuda_graphs::CudaGraphs>,
     /// Rows (axis 0) of the held buffers that runs bind (`Engine::hold_rows`); None: the whole buffers.
     held_rows: Option<std::ops::Range<usize>>,
     /// Outputs handed to the next run's inputs (`Engine::chain`), kept where the device put them.
@@ -307,6 +312,7 @@ impl OrtEngine {
             let cuda = ort::ep::CUDA::default()
                 .with_device_id(id)
                 .with_tf32(false)
+                .with_cuda_graph(opts.cuda_graphs.is_some())
                 .build()
                 .error_on_failure();
             builder = builder.with_execution_providers([cuda]).map_err(|e| {
@@ -523,6 +529,13 @@ impl OrtEngine {
             outputs,
             held: Vec::new(),
             held_rows: None,
+            graphs: match (&opts.cuda_graphs, opts.device) {
+                (Some(host), OrtDevice::Cuda(id)) => Some(super::cuda_graphs::CudaGraphs::new(
+                    crate::cuda::device::Device::open(id as usize)?,
+                    host.clone(),
+                )),
+                _ => None,
+            },
             chained: Vec::new(),
             device_memory,
             device: opts.device,
@@ -733,20 +746,48 @@ impl Engine for OrtEngine {
         &self.outputs
     }
     fn run(&mut self, inputs: &[(String, HostTensor)]) -> Result<Vec<(String, HostTensor)>> {
+        use super::cuda_graphs::{GRAPH_ID, NO_GRAPH};
         check_inputs(&self.name, &self.free_inputs, inputs)?;
+        // A session with CUDA graphs enabled names a graph in every run (-1: none); graphs need every buffer that
+        // persists between runs at a fixed device address.
+        let all_device =
+            self.chained.is_empty() && self.held.iter().all(|h| matches!(h.2, Held::Device { .. }));
+        let sig = self
+            .graphs
+            .as_ref()
+            .map(|g| g.signature(inputs, self.held_rows.clone()));
+        let graph_id = match (&mut self.graphs, &sig) {
+            (Some(g), Some(sig)) if all_device => Some(g.slot_for(sig)?),
+            (Some(_), _) => Some(NO_GRAPH),
+            _ => None,
+        };
+        let slot_id = graph_id.filter(|&id| id > 0);
+        if let (Some(id), Some(g)) = (slot_id, &mut self.graphs) {
+            g.upload(id, inputs)?;
+        }
         self.binding.clear();
+        let mut views = Vec::new();
         for (o, _) in self
             .outputs
             .iter()
             .zip(&self.output_held)
             .filter(|(_, h)| !**h)
         {
+            if let (Some(id), Some(g)) = (slot_id, &self.graphs) {
+                let f = g
+                    .slot(id)
+                    .and_then(|s| s.outputs.iter().find(|f| f.name == o.name))
+                    .with_context(|| format!("output '{}' has no CUDA graph buffer", o.name))?;
+                let v = device_value(&self.device_memory, &o.name, &f.tensor(&g.dev))?;
+                bind_raw(&mut self.binding, Bind::Output, &o.name, &v)?;
+                views.push(v);
+                continue;
+            }
             self.binding
                 .bind_output_to_device(o.name.as_str(), &self.cpu)
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", o.name))?;
         }
         // Views of some rows of the held buffers, wrapped by address; they must live until the run ends.
-        let mut views = Vec::new();
         for (input, output, held) in &mut self.held {
             let t = match held {
                 Held::Host(t) => t,
@@ -828,15 +869,47 @@ impl Engine for OrtEngine {
                 .map_err(|e| anyhow::anyhow!("output '{}': {e}", c.output))?;
         }
         for (n, t) in inputs {
+            if let (Some(id), Some(g)) = (slot_id, &self.graphs)
+                && !g.is_host_input(n)
+            {
+                let f = g
+                    .slot(id)
+                    .and_then(|s| s.inputs.iter().find(|f| f.name == *n))
+                    .with_context(|| format!("input '{n}' has no CUDA graph buffer"))?;
+                let v = device_value(&self.device_memory, n, &f.tensor(&g.dev))?;
+                bind_raw(&mut self.binding, Bind::Input, n, &v)?;
+                views.push(v);
+                continue;
+            }
             let v = to_value(n, t)?;
             self.binding
                 .bind_input(n.as_str(), &v)
                 .map_err(|e| anyhow::anyhow!("input '{n}': {e}"))?;
         }
-        let mut outputs = self
-            .session
-            .run_binding(&self.binding)
-            .with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
+        let ran = match graph_id {
+            None => self.session.run_binding(&self.binding),
+            Some(id) => {
+                let mut ro = ort::session::RunOptions::new().map_err(|e| anyhow::anyhow!("{e}"))?;
+                ro.set(GRAPH_ID, id.to_string())
+                    .map_err(|e| anyhow::anyhow!("{e}"))?;
+                self.session.run_binding_with_options(&self.binding, &ro)
+            }
+        };
+        if let (Err(e), Some(id)) = (&ran, slot_id) {
+            // A graph that cannot be captured or replayed: run as before, without graphs from now on.
+            tracing::warn!(
+                "'{}': CUDA graph {id} failed ({e}); running without CUDA graphs",
+                self.name
+            );
+            drop(ran);
+            drop(views);
+            if let Some(g) = &mut self.graphs {
+                g.disabled = true;
+            }
+            return self.run(inputs);
+        }
+        let mut outputs =
+            ran.with_context(|| format!("ONNX Runtime failed running '{}'", self.name))?;
         drop(views);
         for c in &mut self.chained {
             c.value = Some(
@@ -845,18 +918,27 @@ impl Engine for OrtEngine {
                     .with_context(|| format!("output '{}' missing", c.output))?,
             );
         }
-        let results: Vec<(String, HostTensor)> = self
-            .outputs
-            .iter()
-            .zip(&self.output_held)
-            .filter(|(_, h)| !**h)
-            .map(|(d, _)| {
-                let v = outputs
-                    .get(&d.name)
-                    .with_context(|| format!("output '{}' missing", d.name))?;
-                Ok((d.name.clone(), from_value(&d.name, v)?))
-            })
-            .collect::<Result<_>>()?;
+        let results: Vec<(String, HostTensor)> = match (slot_id, &mut self.graphs) {
+            (Some(id), Some(g)) => g.download(id)?,
+            (_, graphs) => {
+                let results: Vec<(String, HostTensor)> = self
+                    .outputs
+                    .iter()
+                    .zip(&self.output_held)
+                    .filter(|(_, h)| !**h)
+                    .map(|(d, _)| {
+                        let v = outputs
+                            .get(&d.name)
+                            .with_context(|| format!("output '{}' missing", d.name))?;
+                        Ok((d.name.clone(), from_value(&d.name, v)?))
+                    })
+                    .collect::<Result<_>>()?;
+                if let (Some(g), Some(sig)) = (graphs, sig) {
+                    g.ran(sig, &results);
+                }
+                results
+            }
+        };
         if self.device != OrtDevice::Cpu {
             // Host inputs went to the GPU and host outputs came back from it.
             crate::cuda::transfers::host_to_device(inputs.iter().map(|(_, t)| t.data.len()).sum());
@@ -971,6 +1053,9 @@ impl Engine for OrtEngine {
         self.held.clear();
         self.held_rows = None;
         self.refresh_held();
+        if let Some(g) = &mut self.graphs {
+            g.reset();
+        }
         let allocator = self.session.allocator();
         let gpu = match self.device {
             OrtDevice::Cpu => None,
@@ -1032,6 +1117,11 @@ impl Engine for OrtEngine {
         }
         self.refresh_held();
         Ok(())
+    }
+
+    fn replays_graphs(&self) -> bool {
+        self.graphs.as_ref().is_some_and(|g| !g.disabled)
+            && self.held.iter().all(|h| matches!(h.2, Held::Device { .. }))
     }
 
     fn hold_rows(&mut self, rows: std::ops::Range<usize>) -> Result<()> {

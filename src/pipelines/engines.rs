@@ -208,7 +208,20 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
             if onnx != engine.path {
                 tracing::info!("{backend:?}: running '{}'", onnx.display());
             }
-            match OrtEngine::open(&onnx, &backend.ort(&opts.ort)) {
+            let mut ort = opts.ort.clone();
+            // CUDA graphs need the CUDA graph's in-place cache; the TensorRT graph passes its cache along.
+            if cuda_llm_graph(engine, backend).as_ref() != Some(&onnx) {
+                ort.cuda_graphs = None;
+            }
+            let opened = match OrtEngine::open(&onnx, &backend.ort(&ort)) {
+                Err(e) if ort.cuda_graphs.is_some() => {
+                    tracing::warn!("{e:#}; opening '{}' without CUDA graphs", onnx.display());
+                    ort.cuda_graphs = None;
+                    OrtEngine::open(&onnx, &backend.ort(&ort))
+                }
+                other => other,
+            };
+            match opened {
                 Ok(e) => Ok(Box::new(e)),
                 // The CUDA graph needs operators some ONNX Runtime builds lack; the TensorRT graph runs anywhere.
                 Err(e) if cuda_llm_graph(engine, backend).is_some() => {
@@ -217,7 +230,8 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
                         "{e:#}; running '{}' on {backend:?} instead (the KV cache passed between calls)",
                         source.display()
                     );
-                    Ok(Box::new(OrtEngine::open(&source, &backend.ort(&opts.ort))?))
+                    ort.cuda_graphs = None;
+                    Ok(Box::new(OrtEngine::open(&source, &backend.ort(&ort))?))
                 }
                 Err(e) => Err(e),
             }

@@ -126,9 +126,16 @@ impl<'a> Decoder<'a> {
                     v.to_le_bytes().to_vec()
                 }),
             ));
+            // Replayed decode steps see the host-read total captured with the graph: give the capacity, which
+            // holds for every step (`Engine::replays_graphs`).
+            let host_total = if ids.len() == 1 && self.engine.replays_graphs() {
+                cap as i32
+            } else {
+                t
+            };
             inputs.push((
                 TOTAL_INPUT.into(),
-                int_tensor(vec![], &[t], DataType::INT32, |v: i32| {
+                int_tensor(vec![], &[host_total], DataType::INT32, |v: i32| {
                     v.to_le_bytes().to_vec()
                 }),
             ));
@@ -297,7 +304,10 @@ impl<'a> Slots<'a> {
         let b = rows.len();
         self.engine.hold_rows(rows)?;
         let seqlens: Vec<i32> = totals.iter().map(|t| t - 1).collect();
-        let max = totals.iter().copied().max().unwrap_or(1);
+        let mut max = totals.iter().copied().max().unwrap_or(1);
+        if s == 1 && self.engine.replays_graphs() {
+            max = self.capacity as i32;
+        }
         let inputs = vec![
             (
                 "input_ids".to_string(),
