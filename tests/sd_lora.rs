@@ -101,10 +101,20 @@ fn lora(name: &str) -> LoraFile {
 /// Exports the plan's components as `<stem>.*.onnx` (its LoRAs merged) and opens them on ONNX Runtime's CPU
 /// backend, with run-time LoRA enabled over those graphs.
 fn pipeline(root: &Path, p: &Plan, stem: &str) -> ImagePipeline<SdModel> {
+    pipeline_with(root, p, stem, &Default::default())
+}
+
+/// `pipeline` with the UNet exported with `unet_opts` (a quantized UNet with a LoRA side path).
+fn pipeline_with(
+    root: &Path,
+    p: &Plan,
+    stem: &str,
+    unet_opts: &trt_diff::models::unet::UNetExportOptions,
+) -> ImagePipeline<SdModel> {
     let f32t = DataType::FLOAT;
     export_aux(p, root, stem, f32t, f32t).unwrap();
     let unet_onnx = onnx_path(root, stem, "unet");
-    export_unet(p, &Default::default(), &unet_onnx).unwrap();
+    export_unet(p, unet_opts, &unet_onnx).unwrap();
     let open = |path: &Path| {
         open_file(
             &EngineFile::open(path).unwrap(),
@@ -432,4 +442,41 @@ fn cli_sd_lora_and_controlnet_end_to_end() {
         max_diff(&controlled, &without) > 1,
         "the ControlNet changes nothing"
     );
+}
+
+#[test]
+fn sd15_nvfp4_side_path_takes_loras_without_requantizing() {
+    // An NVFP4 UNet with a rank-8 side path beside each quantized linear: zero as built (the plain NVFP4 UNet's
+    // latents exactly), LoRAs switched through its A/B weights (convolution and text-encoder parts merged), and
+    // back to none; against diffusers' f32 LoRA results, within NVFP4's own error and closer than without them.
+    use trt_diff::models::unet::UNetExportOptions;
+    use trt_diff::quant::LinearPrecision;
+    let d = tempfile::tempdir().unwrap();
+    let model = model_dir(d.path(), false);
+    let p = plan(&model, detect_arch(&model).unwrap(), Some(&clip_vocab())).unwrap();
+    let nvfp4 = |rank: usize| UNetExportOptions {
+        quantize: Some(LinearPrecision::Nvfp4),
+        lora_rank: rank,
+        ..Default::default()
+    };
+    let plain = final_latents(&mut pipeline_with(d.path(), &p, "plain", &nvfp4(0)), false);
+    let mut pipe = pipeline_with(d.path(), &p, "side", &nvfp4(8));
+    assert_eq!(max_rel(&final_latents(&mut pipe, false), &plain), 0.0);
+    let quant_err = max_rel(&plain, &want("sd15_base"));
+    for name in ["sd15_peft", "sd15_kohya"] {
+        pipe.set_loras(&open_set(&[(name, 0.7)])).unwrap();
+        let got = final_latents(&mut pipe, false);
+        let golden = want(name);
+        let (err, without) = (max_rel(&got, &golden), max_rel(&plain, &golden));
+        println!(
+            "NVFP4 + side path, {name}: max rel err {err:.2e} against diffusers' f32 (NVFP4 alone: {quant_err:.2e}; \
+             the NVFP4 UNet without the LoRA is {without:.2e} from it)"
+        );
+        assert!(
+            err < 2.0 * quant_err + 0.01 && err < without,
+            "{name}: {err}"
+        );
+    }
+    pipe.set_loras(&[]).unwrap();
+    assert_eq!(max_rel(&final_latents(&mut pipe, false), &plain), 0.0);
 }
