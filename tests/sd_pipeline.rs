@@ -551,16 +551,25 @@ fn psnr(got: &[f32], want: &[f32]) -> f64 {
 
 /// INT8 W8A8 SD bundles (activations calibrated through the sampler loop, per-channel weights, the FP8 policy's
 /// exclusions), with SmoothQuant at the recipe's alpha and without it: TensorRT-RTX builds the smoothed INT8
-/// UNet, and the final latents stay within a stated PSNR of diffusers' f32.
+/// UNet, and the final latents stay within a stated PSNR of diffusers' f32; SDXL (ONNX-only, smoothed) too.
 #[test]
 fn int8_bundles_with_and_without_smoothquant() {
     use trt_diff::pipelines::sd_build::{SdBuildOptions, build_sd};
     let dir = tempfile::tempdir().unwrap();
-    let model = model_dir(dir.path(), false, "epsilon");
-    let want = io("sd15_final_latents");
     let mut found = Vec::new();
-    for (name, alpha, onnx_only) in [("smooth", None, false), ("plain", Some(0.0), true)] {
-        let out = dir.path().join(name).join("sd.plan");
+    for (name, alpha, onnx_only, xl) in [
+        ("smooth", None, false, false),
+        ("plain", Some(0.0), true, false),
+        ("sdxl smooth", None, true, true),
+    ] {
+        let (tag, cfg) = if xl { ("sdxl", 5.0) } else { ("sd15", 7.5) };
+        let model = model_dir(
+            &dir.path().join(format!("{tag}_{}", found.len())),
+            xl,
+            "epsilon",
+        );
+        let want = io(&format!("{tag}_final_latents"));
+        let out = dir.path().join(name.replace(' ', "_")).join("sd.plan");
         std::fs::create_dir_all(out.parent().unwrap()).unwrap();
         build_sd(&SdBuildOptions {
             model: model.clone(),
@@ -614,7 +623,7 @@ fn int8_bundles_with_and_without_smoothquant() {
         assert!(int8 > 0, "no INT8 layers in {}", onnx.display());
         assert_eq!(smoothed, if alpha.is_none() { int8 } else { 0 }, "{name}");
         let mut pipe = trt_diff::pipelines::sd::open_pipeline(&engine, BackendChoice::Cpu).unwrap();
-        let req = request(PROMPT, NEGATIVE, 7.5, io("sd15_initial_latents"));
+        let req = request(PROMPT, NEGATIVE, cfg, io(&format!("{tag}_initial_latents")));
         let r = pipe.generate(&req, &mut |_| Ok(())).unwrap();
         found.push((name, psnr(&r.latents, &want), max_rel(&r.latents, &want)));
     }
@@ -629,7 +638,10 @@ fn int8_bundles_with_and_without_smoothquant() {
         if smooth >= plain { "helps" } else { "hurts" },
         (smooth - plain).abs()
     );
-    assert!(smooth > 40.0 && plain > 40.0, "{found:?}");
+    assert!(
+        smooth > 40.0 && plain > 40.0 && found[2].1 > 40.0,
+        "{found:?}"
+    );
 }
 
 /// Samplers and schedulers of the catalogue on the SD (eps) parameterization: stochastic, multistep, CFG++ and
