@@ -9,12 +9,16 @@ use trt_diff::tokenizer::llm_vocab::Vocab;
 const LLAMA_CPP_PASSING: &[&str] = &[
     "ggml-vocab-bert-bge.gguf",
     "ggml-vocab-command-r.gguf",
+    "ggml-vocab-deepseek-coder.gguf",
+    "ggml-vocab-deepseek-llm.gguf",
+    "ggml-vocab-falcon.gguf",
     "ggml-vocab-gpt-2.gguf",
     "ggml-vocab-llama-bpe.gguf",
     "ggml-vocab-llama-spm.gguf",
     "ggml-vocab-mpt.gguf",
     "ggml-vocab-phi-3.gguf",
     "ggml-vocab-qwen2.gguf",
+    "ggml-vocab-qwen35.gguf",
     "ggml-vocab-refact.gguf",
     "ggml-vocab-starcoder.gguf",
 ];
