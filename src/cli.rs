@@ -98,7 +98,8 @@ pub enum ConvertFormat {
 #[derive(Args)]
 pub struct EngineArgs {
     /// The engine written by `trt-diff build` (a plan, or an ONNX-only bundle's manifest), an .onnx file for
-    /// `run`, or a GGUF model file (built once into the user's cache, see TRT_DIFF_MODEL_CACHE).
+    /// `run`, or a GGUF model file or Hugging Face folder (built once into the user's cache, see
+    /// TRT_DIFF_MODEL_CACHE).
     #[arg(long)]
     pub engine: PathBuf,
     #[arg(long, value_enum, default_value_t = BackendChoice::Auto)]
@@ -302,13 +303,14 @@ pub struct BuildArgs {
     /// The ONNX model (external data files beside it are read too), or with --arch a model checkpoint.
     pub input: PathBuf,
     /// Build a whole pipeline from a checkpoint: `llama2c` (llama2.c .bin + --tokenizer). GGUF files (llama,
-    /// qwen2, qwen3) and Hugging Face folders (config.json + safetensors, + --tokenizer FILE.gguf) need no --arch.
+    /// qwen2, qwen3) and Hugging Face folders (config.json + safetensors + tokenizer.json) need no --arch.
     #[arg(long, value_enum, value_name = "ARCH")]
     pub arch: Option<Arch>,
     /// LLM builds: cap the context length (the engine's profile and RoPE table follow it).
     #[arg(long, value_name = "TOKENS")]
     pub max_context: Option<usize>,
-    /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c, a GGUF file for Hugging Face folders.
+    /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c; for Hugging Face folders a GGUF file, instead of
+    /// the folder's byte-level BPE tokenizer.json.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     /// Flux and SD: CLIP merges (merges.txt or bpe_simple_vocab_16e6.txt.gz) when the model has no tokenizer/

@@ -304,3 +304,106 @@ fn gguf_files_run_directly_through_the_model_cache() {
     assert!(rebuilt.stderr.contains("building"), "{}", rebuilt.stderr);
     assert_eq!(entries(), 2);
 }
+
+/// `--engine HF_FOLDER` runs a Hugging Face folder as it is, with its own tokenizer.json (no GGUF vocabulary):
+/// built once into the model cache and reused; `build` of the folder without --tokenizer writes the same
+/// vocabulary, whose ids are Hugging Face tokenizers' (tests/llm_tokenizers.rs).
+#[test]
+fn hf_folders_run_directly_with_their_own_tokenizer() {
+    let d = tempfile::tempdir().unwrap();
+    // A tiny Qwen3 (the Z-Image golden text encoder, tied embeddings) with its Qwen tokenizer, named as people
+    // name such folders (dots included).
+    let model = d.path().join("Qwen3-0.5B-tiny.v1");
+    std::fs::create_dir_all(&model).unwrap();
+    let golden = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/golden/z_image");
+    for f in ["text_encoder/config.json", "text_encoder/model.safetensors"] {
+        std::fs::copy(
+            golden.join(f),
+            model.join(Path::new(f).file_name().unwrap()),
+        )
+        .unwrap();
+    }
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        std::fs::copy(golden.join("tokenizer").join(f), model.join(f)).unwrap();
+    }
+    let cache = d.path().join("cache");
+    let env = [("TRT_DIFF_MODEL_CACHE", s(&cache))];
+    let generate = |engine: &Path| {
+        run_env(
+            &[
+                "generate",
+                "--engine",
+                s(engine),
+                "--prompt",
+                "<|im_start|>user\nhello<|im_end|>",
+                "--max-tokens",
+                "12",
+                "--ignore-eos",
+                "--backend",
+                "cpu",
+            ],
+            &env,
+            true,
+        )
+    };
+    let first = generate(&model);
+    assert!(
+        first
+            .stderr
+            .contains("building the ONNX Runtime bundle once"),
+        "{}",
+        first.stderr
+    );
+    assert!(
+        first.stderr.contains("generated: 12 tokens"),
+        "{}",
+        first.stderr
+    );
+    let again = generate(&model);
+    assert!(again.stderr.contains("built before"), "{}", again.stderr);
+    assert_eq!(first.stdout, again.stdout);
+    let entry = std::fs::read_dir(&cache)
+        .unwrap()
+        .next()
+        .unwrap()
+        .unwrap()
+        .path();
+    assert!(
+        entry.join("Qwen3-0.5B-tiny.v1.plan.json").exists(),
+        "{}",
+        entry.display()
+    );
+    // Built by hand without --tokenizer: the same text.
+    let out = d.path().join("byhand.plan");
+    run(
+        &[
+            "build",
+            s(&model),
+            "--precision",
+            "fp16",
+            "--onnx-only",
+            "--out",
+            s(&out),
+            "--no-progress",
+        ],
+        true,
+    );
+    assert_eq!(
+        generate(&d.path().join("byhand.plan.json")).stdout,
+        first.stdout
+    );
+    // Without tokenizer.json the error says what to give.
+    std::fs::remove_file(model.join("tokenizer.json")).unwrap();
+    let r = run(
+        &[
+            "build",
+            s(&model),
+            "--onnx-only",
+            "--out",
+            s(&out),
+            "--no-progress",
+        ],
+        false,
+    );
+    assert!(r.stderr.contains("--tokenizer FILE.gguf"), "{}", r.stderr);
+}

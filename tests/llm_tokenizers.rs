@@ -334,3 +334,54 @@ fn special_tokens_and_bos_match_llama_cpp() {
         );
     }
 }
+
+#[test]
+fn hf_tokenizer_json_becomes_a_gguf_vocab_that_tokenizes_as_hf_tokenizers() {
+    // The tiny Qwen tokenizer of the Z-Image golden folder (byte-level BPE, Qwen2's split, chat markers as added
+    // special tokens) converted to llama.cpp's vocab metadata: our tokenizer on it gives Hugging Face tokenizers'
+    // own ids (the `tokenizers` crate, the same code as transformers' fast tokenizers) for every string.
+    let dir = PathBuf::from(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/golden/z_image/tokenizer"
+    ));
+    let d = tempfile::tempdir().unwrap();
+    let out = d.path().join("vocab.gguf");
+    trt_diff::tokenizer::hf_vocab::vocab_gguf_from_hf(&dir)
+        .unwrap()
+        .write(&out)
+        .unwrap();
+    let v = Vocab::open(&out).unwrap();
+    assert_eq!(v.pre, "qwen2");
+    let hf = tokenizers::Tokenizer::from_file(dir.join("tokenizer.json")).unwrap();
+    assert_eq!(v.n_tokens(), hf.get_vocab_size(true));
+    assert_eq!(v.eos, hf.token_to_id("<|im_end|>"));
+    assert!(v.chat_template.as_deref().unwrap().contains("<|im_start|>"));
+    let texts = [
+        "hello world",
+        "The quick brown fox jumps over the lazy dog.",
+        "  leading spaces and trailing  ",
+        "numbers 1234567 and 3.14159",
+        "it's we're they've I'm you'll he'd",
+        "line one\nline two\r\n\n\ttab",
+        "unicode: café, naïve, 東京, Ελληνικά, 😀",
+        "<|im_start|>user\nhi there<|im_end|>\n<|im_start|>assistant\n",
+        "",
+    ];
+    for text in texts {
+        let want: Vec<u32> = hf.encode(text, true).unwrap().get_ids().to_vec();
+        assert_eq!(v.tokenize(text, false, true), want, "{text:?}");
+    }
+    // What it cannot convert is named, with the way out.
+    std::fs::write(
+        d.path().join("tokenizer.json"),
+        r#"{"model": {"type": "Unigram", "vocab": []}}"#,
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        trt_diff::tokenizer::hf_vocab::vocab_gguf_from_hf(d.path())
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("Unigram") && e.contains("--tokenizer"), "{e}");
+}

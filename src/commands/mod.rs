@@ -100,8 +100,10 @@ fn dispatch(command: Command) -> Result<()> {
 
 /// Opens `--engine` once, as every command that runs an engine does.
 fn open_engine_file(a: &crate::cli::EngineArgs) -> Result<crate::manifest::EngineFile> {
-    // A GGUF model file runs as it is: its bundle is built once into the user's cache.
-    if crate::weights::gguf::looks_like_gguf(&a.engine) {
+    // A GGUF model file or a Hugging Face folder runs as it is: its bundle is built once into the user's cache.
+    if crate::weights::gguf::looks_like_gguf(&a.engine)
+        || crate::pipelines::model_cache::is_hf_folder(&a.engine)
+    {
         let manifest = crate::pipelines::model_cache::bundle_for(&a.engine)?;
         return crate::manifest::EngineFile::open_with(&manifest, false);
     }

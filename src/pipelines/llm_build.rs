@@ -216,8 +216,9 @@ pub enum LlmSource<'a> {
     Llama2c { tokenizer: &'a Path },
     /// A GGUF model (llama, qwen2 or qwen3) with its tokenizer in the metadata.
     Gguf,
-    /// A Hugging Face folder (config.json + safetensors) and a GGUF file holding the tokenizer.
-    Hf { tokenizer: &'a Path },
+    /// A Hugging Face folder (config.json + safetensors) and a GGUF file holding the tokenizer, or (None) the
+    /// folder's own tokenizer.json.
+    Hf { tokenizer: Option<&'a Path> },
 }
 
 /// Picks the source from the input: `--arch llama2c`, a `.gguf` file, or a folder with `config.json`.
@@ -233,14 +234,16 @@ pub fn detect_source<'a>(
             )?,
         }),
         Some("gguf") | None if crate::weights::gguf::looks_like_gguf(input) => Ok(LlmSource::Gguf),
-        Some("hf") | None if input.join("config.json").exists() => Ok(LlmSource::Hf {
-            tokenizer: tokenizer.with_context(|| {
-                format!(
-                    "'{}' is a Hugging Face checkpoint: give its tokenizer as a GGUF file with --tokenizer FILE.gguf",
+        Some("hf") | None if input.join("config.json").exists() => {
+            if tokenizer.is_none() && !crate::tokenizer::hf_vocab::has_tokenizer_json(input) {
+                bail!(
+                    "'{}' is a Hugging Face checkpoint without tokenizer.json: give its tokenizer as a GGUF file with \
+                     --tokenizer FILE.gguf",
                     input.display()
-                )
-            })?,
-        }),
+                );
+            }
+            Ok(LlmSource::Hf { tokenizer })
+        }
         Some(other) => bail!(
             "--arch {other} does not match '{}' (supported: llama2c, flux-dev, flux-schnell; GGUF files and Hugging Face folders are detected)",
             input.display()
@@ -515,20 +518,29 @@ pub fn build_llm(
             (m.arch, m.config, m.tensors, tok_out, matrices)
         }
         LlmSource::Hf { tokenizer } => {
-            let g = crate::weights::gguf::GgufFile::open(tokenizer)?;
-            let v = crate::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
+            let tok_out = sibling(&base.out, ".tokenizer.gguf");
+            guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
+            let from = match tokenizer {
+                Some(t) => {
+                    write_vocab_gguf(&crate::weights::gguf::GgufFile::open(t)?, &tok_out)?;
+                    t.to_path_buf()
+                }
+                None => {
+                    crate::tokenizer::hf_vocab::vocab_gguf_from_hf(input)?.write(&tok_out)?;
+                    input.join("tokenizer.json")
+                }
+            };
+            let v = crate::tokenizer::llm_vocab::Vocab::open(&tok_out)
+                .with_context(|| format!("the tokenizer of '{}'", from.display()))?;
             let m = crate::weights::hf::load(input, max_context)?;
             if v.n_tokens() > m.config.vocab_size {
                 bail!(
                     "tokenizer '{}' has {} tokens, more than the model's vocabulary of {}",
-                    tokenizer.display(),
+                    from.display(),
                     v.n_tokens(),
                     m.config.vocab_size
                 );
             }
-            let tok_out = sibling(&base.out, ".tokenizer.gguf");
-            guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
-            write_vocab_gguf(&g, &tok_out)?;
             (m.arch, m.config, m.tensors, tok_out, hf_matrix_type(input)?)
         }
     };

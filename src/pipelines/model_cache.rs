@@ -1,6 +1,7 @@
-//! `--engine MODEL.gguf` without a separate `build`, as `llama-server -m` takes a model file: the ONNX-only
-//! bundle ONNX Runtime runs (CUDA or CPU) is built once into the user's cache and reused. The cache entry is keyed
-//! by the file (its real path, size and modification time), so a replaced or edited file is built again.
+//! `--engine MODEL.gguf` (or a Hugging Face folder with its tokenizer.json) without a separate `build`, as
+//! `llama-server -m` takes a model file: the ONNX-only bundle ONNX Runtime runs (CUDA or CPU) is built once into the
+//! user's cache and reused. The cache entry is keyed by the files (real paths, sizes and modification times; a
+//! folder's config.json, tokenizer files and safetensors), so a replaced or edited model is built again.
 use super::llm_build::{LlmSource, build_llm};
 use crate::quant::Precision;
 use crate::trt::BuildOptions;
@@ -23,26 +24,56 @@ pub fn cache_root() -> Result<PathBuf> {
     Ok(base.join("trt-diff").join("models"))
 }
 
-/// The cache entry's name: the file's stem and a hash of its identity.
+/// Whether `path` is a Hugging Face model folder this cache builds (config.json beside its weights).
+pub fn is_hf_folder(path: &Path) -> bool {
+    path.is_dir() && path.join("config.json").is_file()
+}
+
+/// The files whose identity keys a model's entry: the file itself, or a folder's configuration, tokenizer and
+/// weights.
+fn identity_files(real: &Path) -> Result<Vec<PathBuf>> {
+    if !real.is_dir() {
+        return Ok(vec![real.to_path_buf()]);
+    }
+    let mut files: Vec<PathBuf> = std::fs::read_dir(real)
+        .with_context(|| format!("cannot list '{}'", real.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            let name = p
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            name.ends_with(".safetensors") || name.ends_with(".json")
+        })
+        .collect();
+    files.sort();
+    Ok(files)
+}
+
+/// The cache entry's name: the model's stem and a hash of its identity.
 fn key(model: &Path) -> Result<(String, String)> {
     let real = model
         .canonicalize()
         .with_context(|| format!("cannot open '{}'", model.display()))?;
-    let meta = std::fs::metadata(&real)?;
-    let mtime = meta
-        .modified()
-        .ok()
-        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
-        .map_or(0, |d| d.as_nanos());
-    let identity = format!(
-        "{}\0{}\0{mtime}\0{}",
-        real.display(),
-        meta.len(),
-        env!("CARGO_PKG_VERSION")
-    );
+    let mut identity = env!("CARGO_PKG_VERSION").to_string();
+    for f in identity_files(&real)? {
+        let meta =
+            std::fs::metadata(&f).with_context(|| format!("cannot open '{}'", f.display()))?;
+        let mtime = meta
+            .modified()
+            .ok()
+            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+            .map_or(0, |d| d.as_nanos());
+        identity.push_str(&format!("\0{}\0{}\0{mtime}", f.display(), meta.len()));
+    }
     let hash = xxhash_rust::xxh3::xxh3_128(identity.as_bytes());
-    let stem = real
-        .file_stem()
+    // A folder's name may hold dots ("Qwen2.5-0.5B-Instruct"): only a file's extension is dropped.
+    let stem = if real.is_dir() {
+        real.file_name()
+    } else {
+        real.file_stem()
+    };
+    let stem = stem
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_else(|| "model".into());
     Ok((stem, format!("{hash:032x}")))
@@ -81,9 +112,14 @@ pub fn bundle_for(model: &Path) -> Result<PathBuf> {
         progress: false,
         ..Default::default()
     };
+    let source = if is_hf_folder(model) {
+        LlmSource::Hf { tokenizer: None }
+    } else {
+        LlmSource::Gguf
+    };
     build_llm(
         model,
-        LlmSource::Gguf,
+        source,
         Precision::Fp16,
         None,
         &Default::default(),

@@ -74,6 +74,19 @@ const PRE_TOKENIZERS: &[(&[&str], &[&str])] = &[
     ),
 ];
 
+/// The pre-tokenizer whose one expression is `re`, a Hugging Face `tokenizer.json` split pattern (its
+/// case-insensitive contractions written as llama.cpp writes them); None when no entry has it.
+pub fn name_for_expression(re: &str) -> Option<&'static str> {
+    let re = re.replace(
+        "(?i:'s|'t|'re|'ve|'m|'ll|'d)",
+        "(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])",
+    );
+    PRE_TOKENIZERS
+        .iter()
+        .find(|(_, exprs)| exprs.len() == 1 && exprs[0] == re)
+        .map(|(names, _)| names[0])
+}
+
 pub struct PreTokenizer {
     regexes: Vec<Regex>,
 }

@@ -1,5 +1,6 @@
 //! Tokenizers.
 pub mod clip;
+pub mod hf_vocab;
 pub mod llama2c;
 pub mod llm_bpe;
 pub mod llm_pretok;
