@@ -384,4 +384,18 @@ fn hf_tokenizer_json_becomes_a_gguf_vocab_that_tokenizes_as_hf_tokenizers() {
             .unwrap()
     );
     assert!(e.contains("Unigram") && e.contains("--tokenizer"), "{e}");
+    // A hostile id is refused before anything is sized by it.
+    std::fs::write(
+        d.path().join("tokenizer.json"),
+        r#"{"model": {"type": "BPE", "vocab": {"a": 99999999999}, "merges": []},
+            "pre_tokenizer": {"type": "ByteLevel", "use_regex": true}}"#,
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        trt_diff::tokenizer::hf_vocab::vocab_gguf_from_hf(d.path())
+            .err()
+            .unwrap()
+    );
+    assert!(e.contains("99999999999"), "{e}");
 }

@@ -18,10 +18,23 @@ const UNUSED: i32 = 5;
 /// GGUF's element type ids.
 const GGUF_I32: u32 = 5;
 const GGUF_STRING: u32 = 8;
-/// Tokens are counted in the millions at most: a larger id is a broken file, not an allocation to make.
-const MAX_TOKENS: u64 = 1 << 24;
+/// The largest vocabulary a model may have (`weights::limits`): a larger id is a broken file, not an allocation to
+/// make.
+const MAX_TOKENS: u64 = crate::weights::limits::MAX_VOCAB as u64;
+/// Published tokenizer.json files are tens of megabytes at most.
+const MAX_JSON_BYTES: u64 = 256 << 20;
 
 fn read_json(path: &Path) -> Result<Json> {
+    let size = std::fs::metadata(path)
+        .with_context(|| format!("cannot read '{}'", path.display()))?
+        .len();
+    if size > MAX_JSON_BYTES {
+        bail!(
+            "'{}' is {size} bytes, more than a tokenizer file has (at most {MAX_JSON_BYTES}): a wrong or corrupt \
+             file",
+            path.display()
+        );
+    }
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("cannot read '{}'", path.display()))?;
     serde_json::from_str(&text).with_context(|| format!("'{}' is not valid JSON", path.display()))
