@@ -713,49 +713,30 @@ impl Emitter<'_> {
             (format!("{p}.mlp.gate_proj"), c.hidden_dim),
             (format!("{p}.mlp.up_proj"), c.hidden_dim),
         ];
-        if self.ggml.is_some() {
-            let act = self.linear_ggml(&format!("{p}.mlp.gate_up"), &xn, &gate_up, true)?;
-            let down = self.linear(
-                &format!("{p}.mlp.down_proj"),
-                &act,
-                &[(format!("{p}.mlp.down_proj"), d)],
-                c.hidden_dim,
-            )?;
-            return Ok((down, h));
-        }
-        let (w, bias) = self.stacked(
-            &format!("{p}.mlp.gate_up"),
-            &[
-                (format!("{p}.mlp.gate_proj"), c.hidden_dim),
-                (format!("{p}.mlp.up_proj"), c.hidden_dim),
-            ],
-            d,
-        )?;
-        if bias.is_some() {
-            bail!("{p}.mlp: gate/up projections with biases are not a Llama/Qwen2 MLP");
-        }
-        if self.target == Target::Cuda {
-            let act = self.swiglu(&p, &xn, &w)?;
-            let down = self.linear(
-                &format!("{p}.mlp.down_proj"),
-                &act,
-                &[(format!("{p}.mlp.down_proj"), d)],
-                c.hidden_dim,
-            )?;
-            return Ok((down, h));
-        }
-        let op = op_name(self.wtype, true);
-        let act = self
-            .g
-            .node_in(
-                DOMAIN,
-                op,
-                &format!("{p}.mlp/{op}"),
-                &[&xn, &w],
-                vec![],
-                vec![(F32, act_shape(c.hidden_dim))],
-            )?
-            .remove(0);
+        let act = if self.ggml.is_some() {
+            self.linear_ggml(&format!("{p}.mlp.gate_up"), &xn, &gate_up, true)?
+        } else {
+            let (w, bias) = self.stacked(&format!("{p}.mlp.gate_up"), &gate_up, d)?;
+            if bias.is_some() {
+                bail!("{p}.mlp: gate/up projections with biases are not a Llama/Qwen2 MLP");
+            }
+            match self.target {
+                Target::Cuda => self.swiglu(&p, &xn, &w)?,
+                Target::Cpu => {
+                    let op = op_name(self.wtype, true);
+                    self.g
+                        .node_in(
+                            DOMAIN,
+                            op,
+                            &format!("{p}.mlp/{op}"),
+                            &[&xn, &w],
+                            vec![],
+                            vec![(F32, act_shape(c.hidden_dim))],
+                        )?
+                        .remove(0)
+                }
+            }
+        };
         let down = self.linear(
             &format!("{p}.mlp.down_proj"),
             &act,

@@ -151,11 +151,17 @@ pub(crate) struct Context<'a> {
 }
 
 impl Context<'_> {
-    /// The node of type `op` (default domain, one output) that makes `value`.
+    /// The node of type `op` (default domain, one output, as many inputs as the operator takes: a malformed graph
+    /// matches nothing rather than panic) that makes `value`.
     pub fn produced_by(&self, value: &str, op: &str) -> Option<usize> {
         let &i = self.producer.get(value)?;
         let n = &self.nodes[i];
-        (n.op_type == op && n.domain.is_empty() && n.output.len() == 1).then_some(i)
+        let arity_ok = match op {
+            "Mul" | "Add" | "Sub" | "Div" | "MatMul" => n.input.len() == 2,
+            "ReduceMean" => (1..=2).contains(&n.input.len()),
+            _ => n.input.len() == 1,
+        };
+        (n.op_type == op && n.domain.is_empty() && n.output.len() == 1 && arity_ok).then_some(i)
     }
 
     /// Used by exactly one node input and not a graph output.

@@ -82,6 +82,16 @@ fn with_scalar<'a>(cx: &'a Context, i: usize, want: f32) -> Option<&'a str> {
     }
 }
 
+/// The input of the two-input node `i` that is not `x` (None unless exactly one is).
+fn other_than<'a>(cx: &'a Context, i: usize, x: &str) -> Option<&'a str> {
+    let n = &cx.nodes[i];
+    match (n.input[0] == x, n.input[1] == x) {
+        (true, false) => Some(&n.input[1]),
+        (false, true) => Some(&n.input[0]),
+        _ => None,
+    }
+}
+
 /// A private value made by an `op` node: the node.
 fn private_op(cx: &Context, value: &str, op: &str) -> Option<usize> {
     cx.private(value)
@@ -106,21 +116,9 @@ fn gelu_at(cx: &Context, i: usize) -> Option<(Vec<usize>, String)> {
     let scaled = private_op(cx, &cx.nodes[t].input[0], "Mul")?;
     let k = (2.0f64 / std::f64::consts::PI).sqrt() as f32;
     let inner = private_op(cx, with_scalar(cx, scaled, k)?, "Add")?;
-    let ni = &cx.nodes[inner];
-    let cube_term = match (ni.input[0] == x, ni.input[1] == x) {
-        (true, false) => &ni.input[1],
-        (false, true) => &ni.input[0],
-        _ => return None,
-    };
-    let cx3 = private_op(cx, cube_term, "Mul")?;
+    let cx3 = private_op(cx, other_than(cx, inner, x)?, "Mul")?;
     let x3 = private_op(cx, with_scalar(cx, cx3, 0.044715)?, "Mul")?;
-    let n3 = &cx.nodes[x3];
-    let square = match (n3.input[0] == x, n3.input[1] == x) {
-        (true, false) => &n3.input[1],
-        (false, true) => &n3.input[0],
-        _ => return None,
-    };
-    let x2 = private_op(cx, square, "Mul")?;
+    let x2 = private_op(cx, other_than(cx, x3, x)?, "Mul")?;
     if cx.nodes[x2].input.iter().any(|v| v != x) {
         return None;
     }
@@ -202,4 +200,42 @@ fn last_axis_only(cx: &Context, n: &super::proto::NodeProto) -> bool {
         return false;
     };
     DataType(t.data_type) == DataType::INT64 && t.raw_data.as_ref() == (-1i64).to_le_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::onnx::proto::{GraphProto, NodeProto};
+
+    fn node(op: &str, inputs: &[&str], output: &str) -> NodeProto {
+        NodeProto {
+            op_type: op.into(),
+            input: inputs.iter().map(|s| s.to_string()).collect(),
+            output: vec![output.into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn malformed_graphs_match_nothing_and_do_not_panic() {
+        // Operators with too few inputs where the patterns index them (a hostile or broken ONNX).
+        let nodes = vec![
+            node("Tanh", &[], "t"),
+            node("Add", &["t"], "one_plus"),
+            node("Mul", &["x"], "half"),
+            node("Mul", &["half", "one_plus"], "gelu"),
+            node("Sqrt", &[], "r"),
+            node("Div", &["x"], "y"),
+            node("Mul", &["y", "w"], "out"),
+        ];
+        let mut model = ModelProto {
+            graph: Some(GraphProto {
+                node: nodes,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert_eq!(fuse_gelu(&mut model), 0);
+        assert_eq!(fuse_rms_norm(&mut model), 0);
+    }
 }
