@@ -67,36 +67,48 @@ impl Fixed {
 /// An output's (name, type, shape).
 type OutputDesc = (String, DataType, Vec<usize>);
 
-/// One captured signature: graph id `retired + index + 1`.
+/// One captured signature's buffers: graph id `retired + index + 1`.
 pub struct Slot {
-    sig: Signature,
     pub inputs: Vec<Fixed>,
     pub outputs: Vec<Fixed>,
 }
 
-pub struct CudaGraphs {
-    pub dev: Arc<Device>,
+/// Which calls get a graph, and its id: the bookkeeping, apart from the device buffers.
+#[derive(Default)]
+pub struct GraphIds {
     /// Inputs ONNX Runtime reads on the host.
     host_inputs: Vec<String>,
     /// The previous call's signature and its outputs' (name, type, shape).
     last: Option<(Signature, Vec<OutputDesc>)>,
-    slots: Vec<Slot>,
+    /// The signatures with graphs, by id after `retired`.
+    sigs: Vec<Signature>,
     /// Graph ids used before the last `reset` (ONNX Runtime keeps captured graphs; ids are never reused).
     retired: i64,
     /// Set when a capture or replay failed: every later run goes without graphs.
     pub disabled: bool,
 }
 
-impl CudaGraphs {
-    pub fn new(dev: Arc<Device>, host_inputs: Vec<String>) -> Self {
-        CudaGraphs {
-            dev,
+/// What a call runs with.
+#[derive(Debug, PartialEq)]
+pub enum Pick {
+    /// No graph ([`NO_GRAPH`]).
+    None,
+    /// The graph of an earlier call with this signature.
+    Existing(i64),
+    /// A new graph id; its buffers take these outputs (the previous call's, same signature).
+    New(i64, Vec<OutputDesc>),
+}
+
+impl GraphIds {
+    pub fn new(host_inputs: Vec<String>) -> Self {
+        GraphIds {
             host_inputs,
-            last: None,
-            slots: Vec::new(),
-            retired: 0,
-            disabled: false,
+            ..Default::default()
         }
+    }
+
+    pub fn is_host_input(&self, name: &str) -> bool {
+        self.host_inputs.iter().any(|h| h == name)
     }
 
     pub fn signature(
@@ -118,54 +130,31 @@ impl CudaGraphs {
         }
     }
 
-    /// Forgets every graph: the buffers they were captured with are gone (held buffers replaced).
-    pub fn reset(&mut self) {
-        self.retired += self.slots.len() as i64;
-        self.slots.clear();
-        self.last = None;
-    }
-
-    pub fn is_host_input(&self, name: &str) -> bool {
-        self.host_inputs.iter().any(|h| h == name)
-    }
-
-    /// The graph id for a call with `sig` (allocating its slot on the second call in a row with it), or
-    /// [`NO_GRAPH`].
-    pub fn slot_for(&mut self, sig: &Signature) -> Result<i64> {
+    /// A call with `sig`: its graph, a new one on the second call in a row with it, or none.
+    pub fn pick(&mut self, sig: &Signature) -> Pick {
         if self.disabled {
-            return Ok(NO_GRAPH);
+            return Pick::None;
         }
-        if let Some(i) = self.slots.iter().position(|s| s.sig == *sig) {
-            return Ok(self.retired + i as i64 + 1);
+        if let Some(i) = self.sigs.iter().position(|s| s == sig) {
+            return Pick::Existing(self.retired + i as i64 + 1);
         }
-        let Some((last, outputs)) = &self.last else {
-            return Ok(NO_GRAPH);
-        };
-        if last != sig || self.retired + self.slots.len() as i64 >= MAX_GRAPHS as i64 {
-            return Ok(NO_GRAPH);
+        match &self.last {
+            Some((last, outputs))
+                if last == sig && self.retired + (self.sigs.len() as i64) < MAX_GRAPHS as i64 =>
+            {
+                let outputs = outputs.clone();
+                self.sigs.push(sig.clone());
+                Pick::New(self.retired + self.sigs.len() as i64, outputs)
+            }
+            _ => Pick::None,
         }
-        let inputs = sig
-            .inputs
-            .iter()
-            .filter(|(n, _, _)| !self.is_host_input(n))
-            .map(|(n, t, s)| Fixed::new(&self.dev, n, *t, s))
-            .collect::<Result<_>>()?;
-        let outputs = outputs
-            .iter()
-            .map(|(n, t, s)| Fixed::new(&self.dev, n, *t, s))
-            .collect::<Result<_>>()?;
-        self.slots.push(Slot {
-            sig: sig.clone(),
-            inputs,
-            outputs,
-        });
-        Ok(self.retired + self.slots.len() as i64)
     }
 
-    pub fn slot(&self, id: i64) -> Option<&Slot> {
+    /// The index of graph `id` among the current ones.
+    pub fn index(&self, id: i64) -> Option<usize> {
         usize::try_from(id - self.retired - 1)
             .ok()
-            .and_then(|i| self.slots.get(i))
+            .filter(|&i| i < self.sigs.len())
     }
 
     /// Records a call run without a graph, so that the next call with the same signature gets one.
@@ -177,10 +166,65 @@ impl CudaGraphs {
         self.last = Some((sig, outs));
     }
 
+    /// Forgets every graph (the buffers they were captured with are gone); ids go on from the last.
+    pub fn reset(&mut self) {
+        self.retired += self.sigs.len() as i64;
+        self.sigs.clear();
+        self.last = None;
+    }
+}
+
+pub struct CudaGraphs {
+    pub dev: Arc<Device>,
+    pub ids: GraphIds,
+    slots: Vec<Slot>,
+}
+
+impl CudaGraphs {
+    pub fn new(dev: Arc<Device>, host_inputs: Vec<String>) -> Self {
+        CudaGraphs {
+            dev,
+            ids: GraphIds::new(host_inputs),
+            slots: Vec::new(),
+        }
+    }
+
+    /// Forgets every graph: the held buffers they were captured with were replaced.
+    pub fn reset(&mut self) {
+        self.ids.reset();
+        self.slots.clear();
+    }
+
+    /// The graph id for a call with `sig` (allocating its buffers when it is new), or [`NO_GRAPH`].
+    pub fn slot_for(&mut self, sig: &Signature) -> Result<i64> {
+        Ok(match self.ids.pick(sig) {
+            Pick::None => NO_GRAPH,
+            Pick::Existing(id) => id,
+            Pick::New(id, outputs) => {
+                let inputs = sig
+                    .inputs
+                    .iter()
+                    .filter(|(n, _, _)| !self.ids.is_host_input(n))
+                    .map(|(n, t, s)| Fixed::new(&self.dev, n, *t, s))
+                    .collect::<Result<_>>()?;
+                let outputs = outputs
+                    .iter()
+                    .map(|(n, t, s)| Fixed::new(&self.dev, n, *t, s))
+                    .collect::<Result<_>>()?;
+                self.slots.push(Slot { inputs, outputs });
+                id
+            }
+        })
+    }
+
+    pub fn slot(&self, id: i64) -> Option<&Slot> {
+        self.ids.index(id).and_then(|i| self.slots.get(i))
+    }
+
     /// Copies the call's device-bound inputs into slot `id`'s buffers (complete before ONNX Runtime's stream reads
     /// them).
     pub fn upload(&mut self, id: i64, inputs: &[(String, HostTensor)]) -> Result<()> {
-        let i = usize::try_from(id - self.retired - 1).context("no CUDA graph slot")?;
+        let i = self.ids.index(id).context("no CUDA graph slot")?;
         let slot = &mut self.slots[i];
         for f in &mut slot.inputs {
             let t = inputs
@@ -218,5 +262,90 @@ impl CudaGraphs {
                 ))
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn call(ids: &[i64], total: i32) -> Vec<(String, HostTensor)> {
+        vec![
+            (
+                "input_ids".into(),
+                HostTensor {
+                    dtype: DataType::INT64,
+                    shape: vec![1, ids.len()],
+                    data: ids.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                },
+            ),
+            (
+                "total_sequence_length".into(),
+                HostTensor {
+                    dtype: DataType::INT32,
+                    shape: vec![],
+                    data: total.to_le_bytes().to_vec(),
+                },
+            ),
+        ]
+    }
+
+    fn logits() -> Vec<(String, HostTensor)> {
+        vec![(
+            "logits".into(),
+            HostTensor {
+                dtype: DataType::FLOAT,
+                shape: vec![1, 1, 8],
+                data: vec![0; 32],
+            },
+        )]
+    }
+
+    /// Runs a call through `ids` as the engine does: the pick, and a record when it ran without a graph.
+    fn run(ids: &mut GraphIds, inputs: &[(String, HostTensor)]) -> Pick {
+        let sig = ids.signature(inputs, None);
+        let pick = ids.pick(&sig);
+        if pick == Pick::None {
+            ids.ran(sig, &logits());
+        }
+        pick
+    }
+
+    #[test]
+    fn repeated_shapes_get_a_graph_and_new_ones_do_not() {
+        let mut g = GraphIds::new(vec!["total_sequence_length".into()]);
+        // The prompt, then decode steps: the second step in a row with one shape gets a new graph, later ones
+        // replay it, whatever the device-bound token is.
+        assert_eq!(run(&mut g, &call(&[1, 2, 3], 64)), Pick::None);
+        assert_eq!(run(&mut g, &call(&[4], 64)), Pick::None);
+        let outputs = vec![("logits".to_string(), DataType::FLOAT, vec![1, 1, 8])];
+        assert_eq!(run(&mut g, &call(&[5], 64)), Pick::New(1, outputs));
+        assert_eq!(run(&mut g, &call(&[6], 64)), Pick::Existing(1));
+        // A host-read value is part of the signature: a replay could not see it change.
+        assert_eq!(run(&mut g, &call(&[7], 128)), Pick::None);
+        assert!(matches!(run(&mut g, &call(&[8], 128)), Pick::New(2, _)));
+        assert_eq!(run(&mut g, &call(&[9], 64)), Pick::Existing(1));
+        // New held buffers: every graph is forgotten and ids are never reused.
+        g.reset();
+        assert_eq!(g.index(1), None);
+        assert_eq!(run(&mut g, &call(&[1], 64)), Pick::None);
+        assert!(matches!(run(&mut g, &call(&[2], 64)), Pick::New(3, _)));
+        assert_eq!(g.index(3), Some(0));
+        g.disabled = true;
+        assert_eq!(run(&mut g, &call(&[3], 64)), Pick::None);
+    }
+
+    #[test]
+    fn graphs_are_capped() {
+        let mut g = GraphIds::new(vec![]);
+        let mut made = 0;
+        for len in 1..=2 * MAX_GRAPHS {
+            let tokens = vec![0i64; len];
+            run(&mut g, &call(&tokens, 1));
+            if matches!(run(&mut g, &call(&tokens, 1)), Pick::New(..)) {
+                made += 1;
+            }
+        }
+        assert_eq!(made, MAX_GRAPHS);
     }
 }

@@ -755,7 +755,7 @@ impl Engine for OrtEngine {
         let sig = self
             .graphs
             .as_ref()
-            .map(|g| g.signature(inputs, self.held_rows.clone()));
+            .map(|g| g.ids.signature(inputs, self.held_rows.clone()));
         let graph_id = match (&mut self.graphs, &sig) {
             (Some(g), Some(sig)) if all_device => Some(g.slot_for(sig)?),
             (Some(_), _) => Some(NO_GRAPH),
@@ -870,7 +870,7 @@ impl Engine for OrtEngine {
         }
         for (n, t) in inputs {
             if let (Some(id), Some(g)) = (slot_id, &self.graphs)
-                && !g.is_host_input(n)
+                && !g.ids.is_host_input(n)
             {
                 let f = g
                     .slot(id)
@@ -904,7 +904,7 @@ impl Engine for OrtEngine {
             drop(ran);
             drop(views);
             if let Some(g) = &mut self.graphs {
-                g.disabled = true;
+                g.ids.disabled = true;
             }
             return self.run(inputs);
         }
@@ -934,7 +934,7 @@ impl Engine for OrtEngine {
                     })
                     .collect::<Result<_>>()?;
                 if let (Some(g), Some(sig)) = (graphs, sig) {
-                    g.ran(sig, &results);
+                    g.ids.ran(sig, &results);
                 }
                 results
             }
@@ -1120,7 +1120,7 @@ impl Engine for OrtEngine {
     }
 
     fn replays_graphs(&self) -> bool {
-        self.graphs.as_ref().is_some_and(|g| !g.disabled)
+        self.graphs.as_ref().is_some_and(|g| !g.ids.disabled)
             && self.held.iter().all(|h| matches!(h.2, Held::Device { .. }))
     }
 
