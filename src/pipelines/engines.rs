@@ -127,16 +127,12 @@ pub struct OpenOptions {
     pub refit: Option<PathBuf>,
 }
 
-/// The graph ONNX Runtime runs for `engine`: an .onnx file itself; for a plan or an ONNX-only bundle, the LLM's
-/// CPU graph when the manifest has one and the backend is the CPU (its operators are trt-diff's CPU kernels), its
-/// CUDA graph on CUDA (`TRT_DIFF_CUDA_LLM_GRAPH=tensorrt` takes the TensorRT graph instead, to compare), else the
-/// ONNX the manifest records as its source.
+/// The graph ONNX Runtime runs for `engine` (an LLM's CUDA graph aside, `cuda_llm_graph`): an .onnx file itself;
+/// for a plan or an ONNX-only bundle, the LLM's CPU graph when the manifest has one and the backend is the CPU (its
+/// operators are trt-diff's CPU kernels), else the ONNX the manifest records as its source.
 fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
     if engine.kind == EngineKind::Onnx {
         return Ok(engine.path.clone());
-    }
-    if let Some(p) = cuda_llm_graph(engine, backend) {
-        return Ok(p);
     }
     if backend == Backend::Cpu
         && let Some(Pipeline::Llm(llm)) = engine.pipeline()
@@ -158,7 +154,8 @@ fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
     })
 }
 
-/// The LLM's CUDA graph, when it is the one to run.
+/// The LLM's CUDA graph, when it is the one to run (`TRT_DIFF_CUDA_LLM_GRAPH=tensorrt` takes the TensorRT graph
+/// instead, to compare).
 fn cuda_llm_graph(engine: &EngineFile, backend: Backend) -> Option<PathBuf> {
     let Backend::Cuda(_) = backend else {
         return None;
@@ -204,13 +201,17 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
                     engine.path.display()
                 );
             }
-            let onnx = ort_graph(engine, backend)?;
+            let cuda_graph = cuda_llm_graph(engine, backend);
+            let onnx = match &cuda_graph {
+                Some(p) => p.clone(),
+                None => ort_graph(engine, backend)?,
+            };
             if onnx != engine.path {
                 tracing::info!("{backend:?}: running '{}'", onnx.display());
             }
             let mut ort = opts.ort.clone();
             // CUDA graphs need the CUDA graph's in-place cache; the TensorRT graph passes its cache along.
-            if cuda_llm_graph(engine, backend).as_ref() != Some(&onnx) {
+            if cuda_graph.is_none() {
                 ort.cuda_graphs = None;
             }
             let opened = match OrtEngine::open(&onnx, &backend.ort(&ort)) {
@@ -224,7 +225,7 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
             match opened {
                 Ok(e) => Ok(Box::new(e)),
                 // The CUDA graph needs operators some ONNX Runtime builds lack; the TensorRT graph runs anywhere.
-                Err(e) if cuda_llm_graph(engine, backend).is_some() => {
+                Err(e) if cuda_graph.is_some() => {
                     let source = engine.source_onnx()?;
                     tracing::warn!(
                         "{e:#}; running '{}' on {backend:?} instead (the KV cache passed between calls)",

@@ -305,6 +305,7 @@ impl<'a> Slots<'a> {
         self.engine.hold_rows(rows)?;
         let seqlens: Vec<i32> = totals.iter().map(|t| t - 1).collect();
         let mut max = totals.iter().copied().max().unwrap_or(1);
+        // As `Decoder::forward`: replayed decode steps keep the host-read total they were captured with.
         if s == 1 && self.engine.replays_graphs() {
             max = self.capacity as i32;
         }
