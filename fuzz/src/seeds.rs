@@ -347,6 +347,9 @@ pub fn write_all(corpus: &Path) -> Result<usize> {
     for (n, b) in server_seeds() {
         seeds.push(("server_request", n, b));
     }
+    // The tiny Qwen tokenizer of the Z-Image golden folder (byte-level BPE, added special tokens).
+    let qwen = repo().join("tests/golden/z_image/tokenizer/tokenizer.json");
+    seeds.push(("hf_tokenizer", "qwen-tiny".into(), std::fs::read(&qwen)?));
     for (target, name, bytes) in &seeds {
         let dir = corpus.join(target);
         std::fs::create_dir_all(&dir)?;

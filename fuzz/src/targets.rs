@@ -24,6 +24,7 @@ pub const TARGETS: &[&str] = &[
     "tok_llama2c",
     "chat_template",
     "server_request",
+    "hf_tokenizer",
 ];
 
 /// A scratch folder (on tmpfs where there is one) that holds the current input as a file, since the readers
@@ -113,6 +114,7 @@ pub fn run(name: &str, s: &Scratch, data: &[u8]) -> Option<String> {
         "tok_llama2c" => signature(llama2c_tokenizer(s, data)),
         "chat_template" => signature(chat_template(data)),
         "server_request" => signature(server_request(data)),
+        "hf_tokenizer" => signature(hf_tokenizer(s, data)),
         _ => return None,
     })
 }
@@ -187,6 +189,19 @@ fn manifest(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
     let p = s.put("e.plan.json", data);
     let m = trt_diff::manifest::Manifest::read(&p)?;
     let _ = m.to_json();
+    Ok(())
+}
+
+/// A Hugging Face folder's tokenizer.json, converted to a GGUF vocabulary (as `build HF_DIR` does) and used.
+fn hf_tokenizer(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
+    let dir = s.dir.path().join("hf");
+    std::fs::create_dir_all(&dir)?;
+    std::fs::write(dir.join("tokenizer.json"), data)?;
+    let out = s.dir.path().join("hf.gguf");
+    trt_diff::tokenizer::hf_vocab::vocab_gguf_from_hf(&dir)?.write(&out)?;
+    let v = trt_diff::tokenizer::llm_vocab::Vocab::open(&out)?;
+    let ids = v.tokenize("Hello <|im_start|> world 123 ünïcödé", true, true);
+    let _ = v.detokenize(&ids, false);
     Ok(())
 }
 
