@@ -245,19 +245,20 @@ impl CudaGraphs {
         slot.outputs
             .iter()
             .map(|f| {
-                let data = self
+                let mut data = self
                     .dev
                     .stream
                     .clone_dtoh(&f.data)
                     .with_context(|| format!("copying '{}' from the GPU failed", f.name))?;
+                // The buffer holds one byte more only when the output is empty (allocations are never 0 bytes).
                 let elem = f.dtype.bits().unwrap_or(32) as usize / 8;
-                let n = f.shape.iter().product::<usize>() * elem;
+                data.truncate(f.shape.iter().product::<usize>() * elem);
                 Ok((
                     f.name.clone(),
                     HostTensor {
                         dtype: f.dtype,
                         shape: f.shape.clone(),
-                        data: data[..n].to_vec(),
+                        data,
                     },
                 ))
             })
