@@ -4,6 +4,7 @@
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]      default 600 s, every target
 #   JOBS=N scripts/fuzz.sh ...                             N targets at once (default: number of CPUs)
+#   EXECS=N scripts/fuzz.sh ...                            also stop a target after N executions
 #
 # The fuzzer is fuzz/ (its own workspace, never built by the main build; stable Rust: cargo-fuzz needs nightly).
 # It builds into the repository's target/ so the main build's dependencies are reused. Findings go to
@@ -28,7 +29,7 @@ status=0
 run_one() {
   local t=$1 log="$root/fuzz/artifacts/$1.log"
   # A fresh seed per run, so repeated runs explore different mutants.
-  if "$bin" run "$t" --secs "$secs" --seed "$RANDOM$RANDOM" > "$log.out" 2> "$log"; then :; else
+  if "$bin" run "$t" --secs "$secs" ${EXECS:+--execs "$EXECS"} --seed "$RANDOM$RANDOM" > "$log.out" 2> "$log"; then :; else
     echo "$t: exit status $? (see $log)" >> "$log.out"
   fi
   cat "$log.out" >> "$summary"

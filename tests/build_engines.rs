@@ -1,5 +1,5 @@
 //! The real TensorRT-RTX builder (CPU-only machine) builds engines from graphs this project writes.
-mod common;
+use crate::common;
 use common::*;
 use trt_diff::manifest::{Manifest, looks_like_plan, sidecar_path};
 use trt_diff::models::mlp::MlpConfig;

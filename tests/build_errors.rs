@@ -1,6 +1,6 @@
 //! Bad input: each case exits non-zero with a message naming the file, the cause and the fix, never panics, and
 //! leaves no partial output behind.
-mod common;
+use crate::common;
 use common::*;
 use trt_diff::models::mlp::MlpConfig;
 use trt_diff::onnx::{DataType, GraphBuilder, SaveOptions, save};

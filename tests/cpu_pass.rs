@@ -1,7 +1,7 @@
 //! Every quantized pattern evaluates the same in onnx.reference (the original graph, TensorRT's FP4 op given its
 //! TensorRT semantics) and in ONNX Runtime after the CPU pass (tests/py/fp4_reference.py), passes the ONNX
 //! checker, and builds with the TensorRT-RTX builder.
-mod common;
+use crate::common;
 use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;

@@ -2,7 +2,7 @@
 //! the plan and the source ONNX must be the ones the manifest records, and `--backend` choices that cannot run
 //! here are refused with the reason. A real plan (TensorRT-RTX's builder) whose manifest and files are then
 //! tampered with, as a hostile or damaged download would be.
-mod common;
+use crate::common;
 use common::*;
 use std::path::Path;
 use trt_diff::backend::{DeviceTensor, Engine, HostTensor};

@@ -2,7 +2,7 @@
 //! random configs): the Flux2Transformer2DModel graph, the Qwen3 text encoder graph (hidden states 9, 18, 27
 //! stacked, prompts padded) with the Qwen tokenizer and chat template, the 32-channel AutoencoderKLFlux2 decoder and
 //! encoder, on ONNX Runtime's CPU in f32; and taef2 previews of FLUX.2 latents (the real taef2 and its test vectors).
-mod common;
+use crate::common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! base model with CFG, img2img from an encoded image; the bundle `build` (arch read off model_index.json, taef2
 //! previews) -> `generate` path on ONNX Runtime; build's errors on broken folders; every precision built with the
 //! TensorRT-RTX builder.
-mod common;
+use crate::common;
 use common::*;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;

@@ -1,7 +1,7 @@
 //! Flux ControlNet against diffusers (tests/golden/flux/controlnet, scripts/golden/flux_controlnet.py): a tiny
 //! FluxControlNetModel exported by our emitter gives diffusers' block samples, and the tiny transformer (both
 //! checkpoint layouts) built to take them gives diffusers' output with them, and its own output with zeros.
-mod common;
+use crate::common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -3,7 +3,7 @@
 //! LoHa and LoKr) on the tiny FLUX.1-dev transformer, merged into its diffusers-layout and BFL-layout checkpoints
 //! (build time) and into an exported graph's weights (run time, switching between sets in one engine); the whole
 //! tiny pipeline with a transformer + CLIP LoRA, merged and at run time; and the errors.
-mod common;
+use crate::common;
 use common::{golden_tensors, max_rel_err};
 use std::collections::{BTreeMap, HashMap};
 use std::path::{Path, PathBuf};

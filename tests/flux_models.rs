@@ -1,7 +1,7 @@
 //! Flux image models against diffusers: tiny random FluxTransformer2DModel (dev and schnell, in the diffusers and
 //! the BFL layout) and a tiny 16-channel AutoencoderKL, exported by our emitters and run on ONNX Runtime, compared
 //! with the golden outputs of scripts/golden/flux_models.py.
-mod common;
+use crate::common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

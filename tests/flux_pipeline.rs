@@ -1,7 +1,7 @@
 //! The whole Flux pipeline on a tiny random FLUX.1-dev (tests/golden/flux, scripts/golden/flux_pipeline.py):
 //! final latents and image against diffusers' FluxPipeline (same initial latents, flow-match Euler, 4 steps), the
 //! bundle `build` -> `generate` path end to end on ONNX Runtime, and generate's errors.
-mod common;
+use crate::common;
 use common::*;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;

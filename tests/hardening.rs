@@ -1,7 +1,7 @@
 //! Hardening (issue 21): hostile or damaged inputs give clear errors (file, cause, fix) and never a panic, a
 //! read outside the model's folder or an allocation sized by an unchecked header; interrupted runs leave no
 //! temporaries and no half bundle. Every file here is made in a scratch folder; the tests are fast.
-mod common;
+use crate::common;
 use common::{bin, run, run_env, s};
 use prost::Message;
 use std::io::{BufRead, Read, Write};

@@ -1,6 +1,6 @@
 //! The LLM path on the real stories260K model: greedy generation reproduces llama2.c's reference output, the
 //! decoder graphs build with the TensorRT-RTX builder in every precision, and bad requests are clear errors.
-mod common;
+use crate::common;
 use common::*;
 use std::path::PathBuf;
 use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};

@@ -1,6 +1,6 @@
 //! GGUF: dequantization equals gguf-py's bit for bit, `convert llama2c` writes what gguf-py reads (golden from
 //! scripts/golden/llm_gguf.py), and the converted stories260K builds and generates llama2.c's reference text.
-mod common;
+use crate::common;
 use common::*;
 use sha2::{Digest, Sha256};
 use std::path::PathBuf;

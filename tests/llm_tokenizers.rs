@@ -1,6 +1,6 @@
 //! llama.cpp's tokenizer test vectors (test-tokenizer-0: `.inp` strings, `.out` expected ids without BOS,
 //! add_special = parse_special = false) on the real vocab-only GGUF files of Llama (SPM), GPT-2 and Qwen2 (BPE).
-mod common;
+use crate::common;
 use common::*;
 use std::path::PathBuf;
 use trt_diff::tokenizer::llm_vocab::Vocab;

@@ -1,5 +1,5 @@
 //! Every graph the project writes passes onnx.checker (full check); external data is laid out as documented.
-mod common;
+use crate::common;
 use common::*;
 use std::process::Command;
 use trt_diff::models::mlp::MlpConfig;

@@ -2,7 +2,7 @@
 //! stories260K: a loose budget quantizes more layers than a tight one, both hold on the held-out prompts as this
 //! test measures them itself (the built graphs on the CPU backend against unquantized ones), `--policy FILE`
 //! rebuilds the same graph, and bad policy files are clear errors.
-mod common;
+use crate::common;
 use common::*;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;

@@ -1,7 +1,7 @@
 //! `trt-diff quantize` end to end: outputs identical (sha256) to the files that scripts/golden/quant_checkpoint.py
 //! loaded back into bitsandbytes / ModelOpt / safetensors, dequantizing to the values those tools computed;
 //! clear errors for bad input.
-mod common;
+use crate::common;
 use half::{bf16, f16};
 use sha2::{Digest, Sha256};
 use std::path::{Path, PathBuf};

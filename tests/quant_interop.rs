@@ -2,7 +2,7 @@
 //! scripts/golden/quant_comfyui.py), ComfyUI / ModelOpt / bitsandbytes files as build sources (their weights read
 //! back as those libraries dequantize them), the tiny Flux built from a ComfyUI file with the same Q/DQ bytes as
 //! from the original, and hostile files refused with clear errors.
-mod common;
+use crate::common;
 
 use half::{bf16, f16};
 use std::collections::HashMap;

@@ -1,6 +1,6 @@
 //! `trt-diff run` on the CPU backend: ONNX Runtime on graphs this project writes matches onnx.reference, .npy
 //! round trips, plans fall back to their source ONNX without a GPU, and every bad input is a clear error.
-mod common;
+use crate::common;
 use common::*;
 use std::process::Command;
 use trt_diff::backend::HostTensor;

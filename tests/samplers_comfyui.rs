@@ -1,7 +1,7 @@
 //! ComfyUI's own samplers against ComfyUI's code (golden file from scripts/golden/samplers_comfyui.py, run on
 //! ComfyUI's sampling.py / uni_pc.py in float64): CFG (scale 3) over two analytic Gaussian-data denoisers, so
 //! the CFG++ samplers see a real unconditional prediction; noise replayed from the recorded draws.
-mod common;
+use crate::common;
 use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::model::{Cfg, Denoiser, GaussianData};
 use trt_diff::samplers::noise::{NoNoise, NoiseSource};

@@ -1,6 +1,6 @@
 //! Step-by-step agreement with the real k-diffusion and diffusers packages (golden files from
 //! scripts/golden/samplers_kdiffusion.py, computed in float64), and with RES4LYF's exponential coefficients.
-mod common;
+use crate::common;
 use common::samplers::{Replay, golden, vecf};
 use trt_diff::samplers::exprk::ExpMethod;
 use trt_diff::samplers::model::{Denoiser, GaussianData};

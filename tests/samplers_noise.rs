@@ -1,6 +1,6 @@
 //! RES4LYF's SDE noise modes against RES4LYF's own get_sde_step (golden file from
 //! scripts/golden/samplers_res4lyf.py).
-mod common;
+use crate::common;
 use common::samplers::golden;
 use serde_json::Value;
 use trt_diff::samplers::noise_mode::{NoiseMode, sde_step};

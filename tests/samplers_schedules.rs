@@ -1,7 +1,7 @@
 //! The schedulers against ComfyUI's and RES4LYF's own scheduler code (golden file from
 //! scripts/golden/samplers_schedules.py). ComfyUI keeps its sigma table and results in float32, we compute
 //! in f64, hence the 2e-6 relative tolerance; anything structural (length, a wrong index) fails outright.
-mod common;
+use crate::common;
 use common::samplers::{golden, vecf};
 use trt_diff::samplers::schedule::{self, ModelSampling};
 

@@ -1,6 +1,6 @@
 //! Tableaux: RES4LYF's numbers transcribed exactly (golden file from scripts/golden/samplers_res4lyf.py), and
 //! every registered tableau meets the order conditions of its claimed order to 1e-12.
-mod common;
+use crate::common;
 use common::samplers::{golden, vecf};
 use trt_diff::samplers::registry;
 use trt_diff::samplers::tableau::{

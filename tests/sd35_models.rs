@@ -2,7 +2,7 @@
 //! on ONNX Runtime's CPU in f32: the SD3Transformer2DModel graph with MMDiT-X dual attention (medium) and without
 //! (large), both with qk RMSNorm, with skipped layers; the text conditioning of StableDiffusion3Pipeline's
 //! encode_prompt with and without T5; the 16-channel VAE decoder; quantized exports.
-mod common;
+use crate::common;
 use common::sd35::tiny_plan;
 use common::*;
 use std::collections::HashMap;

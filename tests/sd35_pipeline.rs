@@ -3,7 +3,7 @@
 //! without (turbo-like), with skip-layer guidance and img2img; the bundle `build` (arch read off the folder) ->
 //! `generate` path on ONNX Runtime; build's errors on broken folders; every precision through the TensorRT-RTX
 //! builder.
-mod common;
+use crate::common;
 use common::sd35::{golden, model_dir, tiny_plan};
 use common::*;
 use trt_diff::backend::BackendChoice;

@@ -2,7 +2,7 @@
 //! SDXL-like, diffusers folder and single-file CompVis/SGM layout), the 4-channel AutoencoderKL and the CLIP-L /
 //! OpenCLIP-bigG text encoders, exported by our emitters and run on ONNX Runtime, compared with the golden
 //! outputs of scripts/golden/sd_models.py.
-mod common;
+use crate::common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

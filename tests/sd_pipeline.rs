@@ -1,7 +1,7 @@
 //! The whole Stable Diffusion pipelines on tiny random components (tests/golden/sd, scripts/golden/sd_pipeline.py):
 //! final latents against diffusers' StableDiffusionPipeline (eps and v-prediction, CFG with a negative prompt, a
 //! long prompt in 75-token chunks, img2img) and StableDiffusionXLPipeline, same initial latents, Euler, 4 steps.
-mod common;
+use crate::common;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;
 use trt_diff::manifest::EngineFile;

@@ -1,6 +1,6 @@
 //! The haiku test and friends: a real `trt-diff serve` on 127.0.0.1 with the stories260K engine, spoken to over
 //! raw HTTP/1.1.
-mod common;
+use crate::common;
 use common::http::{http, start};
 use common::*;
 use std::io::{Read, Write};

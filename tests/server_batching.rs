@@ -3,7 +3,7 @@
 //! slots), greedy and seeded, streamed and not, with stop strings and lengths that differ, and checks prefix reuse on
 //! a chat history (same reply, fewer prompt tokens run); here, a client that leaves frees its slot for the next
 //! request. Models: stories260K (llama2.c) and a tiny random Qwen2 GGUF given a small character vocabulary.
-mod common;
+use crate::common;
 use common::http::{http, start_with};
 use common::*;
 use std::io::{Read, Write};

@@ -1,7 +1,7 @@
 //! `POST /v1/chat/completions` on a real server: the chat template comes from the GGUF metadata (a stories260K
 //! GGUF given a template that passes the user's text through, so greedy output is llama2.c's reference), streaming
 //! and non-streaming, and JSON 4xx errors.
-mod common;
+use crate::common;
 use common::http::{http, sse_events, start};
 use common::*;
 use std::path::PathBuf;

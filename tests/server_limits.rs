@@ -1,7 +1,7 @@
 //! The server stays bounded whatever clients do (issue 21): half-sent headers and bodies time out, connections
 //! beyond the limit get a 503, idle sockets do not pile up, and SIGTERM stops the server within the grace period
 //! even with a half-sent request or a stream in progress. A real `trt-diff serve` with the stories260K engine.
-mod common;
+use crate::common;
 use common::http::{http, start_with};
 use common::*;
 use std::io::{Read, Write};

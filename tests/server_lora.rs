@@ -1,6 +1,6 @@
 //! `serve --lora-dir` on an image bundle: A1111's `<lora:NAME:STRENGTH>` prompt tags switch run-time LoRAs
 //! between requests; the images equal `generate --lora FILE:STRENGTH` with the tag-free prompt.
-mod common;
+use crate::common;
 use common::http::{http, start_with};
 use common::*;
 

@@ -3,7 +3,7 @@
 //! (401, /health public), CORS (off unless the origin is allowed), llama-server routes and metric names, a
 //! too-long streamed prompt answered 400 before any byte of a stream. An image bundle served the same way: the
 //! client's `images.generate` and AUTOMATIC1111's txt2img/img2img give the pixels `trt-diff generate` writes.
-mod common;
+use crate::common;
 use common::http::{http, start, start_with};
 use common::*;
 use std::io::{Read, Write};

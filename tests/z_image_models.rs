@@ -1,7 +1,7 @@
 //! Z-Image components against diffusers/transformers (golden files of scripts/golden/z_image.py, tiny random
 //! configs): the ZImageTransformer2DModel graph, the Qwen3 text encoder graph (hidden_states[-2]) with the Qwen
 //! tokenizer and chat template, and the 16-channel VAE decoder, on ONNX Runtime's CPU in f32.
-mod common;
+use crate::common;
 use common::*;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

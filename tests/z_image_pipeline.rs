@@ -2,7 +2,7 @@
 //! scripts/golden/z_image.py): final latents and image against diffusers' ZImagePipeline (same initial latents,
 //! 4 steps of the Turbo scheduler), with CFG and img2img; the bundle `build` (arch read off model_index.json) ->
 //! `generate` path on ONNX Runtime; and build's errors on broken folders.
-mod common;
+use crate::common;
 use common::*;
 use std::path::{Path, PathBuf};
 use trt_diff::backend::BackendChoice;
