@@ -289,6 +289,10 @@ pub struct ExportArgs {
     pub clip_tokenizer: Option<PathBuf>,
     #[arg(long, value_name = "FILE")]
     pub t5_tokenizer: Option<PathBuf>,
+    /// SD3.5 single files: a diffusers folder of the same model whose component configs (transformer/,
+    /// text_encoder*/, vae/, scheduler/) describe the file's parts, as diffusers' from_single_file(config=...).
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -320,6 +324,11 @@ pub struct BuildArgs {
     /// Flux: T5 tokenizer.json when the model folder has no tokenizer_2/.
     #[arg(long, value_name = "FILE")]
     pub t5_tokenizer: Option<PathBuf>,
+    /// SD3.5 single files: a diffusers folder of the same model whose component configs (transformer/,
+    /// text_encoder*/, vae/, scheduler/) describe the file's parts, as diffusers' from_single_file(config=...);
+    /// without it they are read off the weights.
+    #[arg(long, value_name = "DIR")]
+    pub config: Option<PathBuf>,
     /// Flux/SD/FLUX.2: a madebyollin TAE decoder (taef1/taesd/taesdxl/taef2 .safetensors) for `generate --preview`.
     #[arg(long, value_name = "FILE")]
     pub tae_decoder: Option<PathBuf>,

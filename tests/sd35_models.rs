@@ -181,3 +181,36 @@ fn vae_decoder_matches_diffusers() {
     eprintln!("VAE decoder: max rel err {err:.2e}");
     assert!(err < TOLERANCE, "{err}");
 }
+
+/// The single file's MMDiT, renamed to diffusers' names (qkv split, AdaLN halves swapped back), is the folder's
+/// transformer tensor for tensor, and its config read off the weights is the folder's config.json; T5's config
+/// read off its weights is its config.json.
+#[test]
+fn single_file_layout_maps_onto_the_diffusers_transformer() {
+    let file = Checkpoint::open(&root("sd35/single_file.safetensors")).unwrap();
+    let prefix = sd3::original_prefix(&file).unwrap();
+    assert_eq!(prefix, "model.diffusion_model.");
+    let view = sd3::diffusers_view(&file, &prefix).unwrap();
+    let folder = Checkpoint::open(&root("sd35/transformer")).unwrap();
+    let names = |ck: &Checkpoint| ck.names().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&view), names(&folder));
+    for n in folder.names() {
+        let (a, b) = (view.get(n).unwrap(), folder.get(n).unwrap());
+        assert_eq!((a.dtype, &a.shape), (b.dtype, &b.shape), "{n}");
+        assert_eq!(a.data, b.data, "{n}");
+    }
+    let cfg_path = root("sd35/transformer/config.json");
+    let want =
+        Sd3Config::from_json(&std::fs::read_to_string(&cfg_path).unwrap(), &cfg_path).unwrap();
+    assert_eq!(Sd3Config::from_checkpoint(&view).unwrap(), want);
+    let t5_dir = root("flux/text_encoder_2");
+    let t5_want = trt_diff::models::t5::T5Config::from_json(
+        &std::fs::read_to_string(t5_dir.join("config.json")).unwrap(),
+        16,
+    )
+    .unwrap();
+    let t5_got =
+        trt_diff::models::t5::T5Config::from_checkpoint(&Checkpoint::open(&t5_dir).unwrap(), 16)
+            .unwrap();
+    assert_eq!(t5_got, t5_want);
+}

@@ -419,3 +419,138 @@ fn every_precision_builds_with_tensorrt_rtx() {
     );
     assert!(r.stderr.contains("pos_embed_max_size 10"), "{}", r.stderr);
 }
+
+/// Stability AI's repository layout around the committed single file (scripts/golden/sd35_single_file.py): the
+/// MMDiT and VAE in one file, the tiny text encoders beside it in text_encoders/ (links, no copies).
+fn single_file_repo(root_dir: &std::path::Path) -> std::path::PathBuf {
+    let repo = root_dir.join("sd3.5-tiny");
+    std::fs::create_dir_all(repo.join("text_encoders")).unwrap();
+    let link =
+        |src: &str, dst: &str| std::os::unix::fs::symlink(golden(src), repo.join(dst)).unwrap();
+    link("sd35/single_file.safetensors", "sd3.5_medium.safetensors");
+    link(
+        "flux/text_encoder/model.safetensors",
+        "text_encoders/clip_l.safetensors",
+    );
+    link(
+        "sd/sdxl/pipeline_text_encoder_2/model.safetensors",
+        "text_encoders/clip_g.safetensors",
+    );
+    link(
+        "flux/text_encoder_2/model.safetensors",
+        "text_encoders/t5xxl_fp16.safetensors",
+    );
+    repo.join("sd3.5_medium.safetensors")
+}
+
+#[test]
+fn single_file_checkpoint_matches_diffusers_from_single_file() {
+    use trt_diff::pipelines::sd3_build::{ModelFiles, plan};
+    let dir = tempfile::tempdir().unwrap();
+    let file = single_file_repo(dir.path());
+    // The tiny encoders' head counts and the VAE's groups are not in the weights: the tiny folder's configs
+    // describe them, as diffusers' from_single_file(config=...) takes them.
+    let config = model_dir(dir.path(), "transformer", true);
+    let files = ModelFiles::find(&file, Some(&clip_tok()), Some(&t5_tok()), Some(&config)).unwrap();
+    let mut p = plan(files, "sd35-medium").unwrap();
+    p.config.max_sequence_length = 16;
+    if let Some(t) = p.t5.as_mut() {
+        t.max_len = 16;
+    }
+    let paths = OnnxPaths::new(dir.path(), None);
+    let f32t = trt_diff::onnx::DataType::FLOAT;
+    export_aux(&p, &paths, f32t, f32t).unwrap();
+    export_transformer(&p, &Default::default(), &paths.transformer).unwrap();
+    let model = open_model(&p, &paths, &paths.transformer, BackendChoice::Cpu).unwrap();
+    let mut pipe = ImagePipeline::new(model);
+    let io = Checkpoint::open(&golden("sd35/io.safetensors")).unwrap();
+    let want = Checkpoint::open(&golden("sd35/single_file_io.safetensors")).unwrap();
+    let req = ImageRequest {
+        prompt: PROMPT.into(),
+        negative_prompt: Some(NEGATIVE.into()),
+        cfg: 4.0,
+        steps: Some(4),
+        width: Some(32),
+        height: Some(32),
+        batch: 1,
+        strength: 1.0,
+        initial_noise: Some(io.get("initial_latents").unwrap().to_f32().unwrap()),
+        ..Default::default()
+    };
+    let out = pipe.generate(&req, &mut |_| Ok(())).unwrap();
+    let want = want.get("final_latents").unwrap().to_f32().unwrap();
+    let e = max_rel(&out.latents, &want);
+    eprintln!("single-file final latents: max rel err {e:.2e}");
+    assert!(e < TOLERANCE, "{e}");
+    // CLIP-L's identity projection is what sets the file apart from the folder (its own projection).
+    let folder = max_rel(&want, &io.get("final_latents").unwrap().to_f32().unwrap());
+    assert!(folder > 100.0 * TOLERANCE, "{folder}");
+}
+
+#[test]
+fn single_file_builds_from_the_command_line_and_names_what_is_missing() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = single_file_repo(dir.path());
+    let config = model_dir(dir.path(), "transformer", true);
+    let plan = dir.path().join("single.plan");
+    let (ct, tt) = (clip_tok(), t5_tok());
+    // No --arch: the file's MMDiT-X blocks say medium.
+    let r = run(
+        &[
+            "build",
+            s(&file),
+            "--config",
+            s(&config),
+            "--precision",
+            "fp32",
+            "--onnx-only",
+            "--clip-tokenizer",
+            s(&ct),
+            "--t5-tokenizer",
+            s(&tt),
+            "--out",
+            s(&plan),
+            "--no-progress",
+        ],
+        true,
+    );
+    assert!(r.stdout.contains("sd35-medium"), "{}", r.stdout);
+    assert!(dir.path().join("single.clip_l.onnx").exists());
+    // Without the text encoders beside it, the error names them and where they go.
+    std::fs::remove_dir_all(dir.path().join("sd3.5-tiny/text_encoders")).unwrap();
+    let r = run(
+        &[
+            "build",
+            s(&file),
+            "--clip-tokenizer",
+            s(&ct),
+            "--out",
+            s(&dir.path().join("missing.plan")),
+        ],
+        false,
+    );
+    assert!(
+        r.stderr.contains("CLIP-L") && r.stderr.contains("text_encoders/clip_g.safetensors"),
+        "{}",
+        r.stderr
+    );
+    // Without a tokenizer: single files hold none.
+    std::fs::create_dir_all(dir.path().join("sd3.5-tiny/text_encoders")).unwrap();
+    std::os::unix::fs::symlink(
+        golden("flux/text_encoder/model.safetensors"),
+        dir.path()
+            .join("sd3.5-tiny/text_encoders/clip_l.safetensors"),
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        golden("sd/sdxl/pipeline_text_encoder_2/model.safetensors"),
+        dir.path()
+            .join("sd3.5-tiny/text_encoders/clip_g.safetensors"),
+    )
+    .unwrap();
+    let r = run(
+        &["build", s(&file), "--out", s(&dir.path().join("x.plan"))],
+        false,
+    );
+    assert!(r.stderr.contains("--clip-tokenizer"), "{}", r.stderr);
+}

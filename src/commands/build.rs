@@ -315,6 +315,7 @@ fn build_sd3(a: &BuildArgs) -> Result<()> {
             precision: a.precision,
             clip_tokenizer: a.clip_tokenizer.clone(),
             t5_tokenizer: a.t5_tokenizer.clone(),
+            config: a.config.clone(),
             image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,

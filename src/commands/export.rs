@@ -25,6 +25,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             &a.out,
             a.clip_tokenizer.as_deref(),
             a.t5_tokenizer.as_deref(),
+            a.config.as_deref(),
         )?;
         for f in files {
             println!("wrote {}", f.display());

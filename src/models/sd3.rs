@@ -99,6 +99,67 @@ impl Sd3Config {
         Ok(c)
     }
 
+    /// Reads the config off a diffusers-named checkpoint (a single file's [`diffusers_view`]; single files carry
+    /// no config): widths, depth, patch, position grid and MMDiT-X blocks from the tensors; the head size from
+    /// the qk RMSNorm weights, else 64 (every released SD3 model).
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            ck.shape(name).map(<[usize]>::to_vec).with_context(|| {
+                format!(
+                    "'{}' has no tensor '{name}': not an SD3 transformer",
+                    ck.path.display()
+                )
+            })
+        };
+        let proj = shape("pos_embed.proj.weight")?;
+        let (dim, in_channels, patch_size) = (proj[0], proj[1], proj[2]);
+        let grid = shape("pos_embed.pos_embed")?[1];
+        let pos_embed_max_size = (grid as f64).sqrt().round() as usize;
+        if pos_embed_max_size * pos_embed_max_size != grid {
+            bail!(
+                "'{}': the position table has {grid} rows, not a square grid",
+                ck.path.display()
+            );
+        }
+        let num_layers = (0..)
+            .take_while(|i| ck.contains(&format!("transformer_blocks.{i}.attn.to_q.weight")))
+            .count();
+        let qk_norm = ck.contains("transformer_blocks.0.attn.norm_q.weight");
+        let attention_head_dim = if qk_norm {
+            shape("transformer_blocks.0.attn.norm_q.weight")?[0]
+        } else {
+            64
+        };
+        if attention_head_dim == 0 || dim % attention_head_dim != 0 {
+            bail!(
+                "'{}': width {dim} is not a whole number of {attention_head_dim}-wide heads",
+                ck.path.display()
+            );
+        }
+        let context = shape("context_embedder.weight")?;
+        let p_out = shape("proj_out.weight")?[0];
+        let c = Sd3Config {
+            patch_size,
+            in_channels,
+            num_layers,
+            attention_head_dim,
+            num_attention_heads: dim / attention_head_dim,
+            joint_attention_dim: context[1],
+            caption_projection_dim: context[0],
+            pooled_projection_dim: shape("time_text_embed.text_embedder.linear_1.weight")?[1],
+            out_channels: Some(p_out / (patch_size * patch_size).max(1)),
+            pos_embed_max_size,
+            dual_attention_layers: (0..num_layers)
+                .filter(|i| ck.contains(&format!("transformer_blocks.{i}.attn2.to_q.weight")))
+                .collect(),
+            qk_norm: qk_norm.then(|| "rms_norm".to_string()),
+        };
+        c.check()
+            .with_context(|| format!("'{}' has an unsupported shape", ck.path.display()))?;
+        c.check_checkpoint(ck)?;
+        Ok(c)
+    }
+
     pub fn dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
     }
@@ -202,6 +263,159 @@ impl Sd3Config {
         }
         Ok(())
     }
+}
+
+/// The key every original-layout (Stability AI / ComfyUI single-file) SD3 transformer has, after its prefix
+/// (`model.diffusion_model.` in whole-model files, none in diffusion-model-only ones).
+const ORIGINAL_MARKER: &str = "joint_blocks.0.x_block.attn.qkv.weight";
+
+/// The prefix of an original-layout SD3 transformer in `ck`, if it holds one.
+pub fn original_prefix(ck: &Checkpoint) -> Option<String> {
+    ck.names()
+        .find(|n| n.ends_with(ORIGINAL_MARKER))
+        .map(|n| n[..n.len() - ORIGINAL_MARKER.len()].to_string())
+}
+
+/// The transformer of an original-layout single file as a diffusers-named view (diffusers'
+/// `convert_sd3_transformer_checkpoint_to_diffusers`: fused qkv split into q, k, v without copying; the final
+/// AdaLN and the last block's context AdaLN from shift|scale to scale|shift).
+pub fn diffusers_view(ck: &Checkpoint, prefix: &str) -> Result<Checkpoint> {
+    use crate::weights::safetensors_file::Derived::{Rows, Same, SwapHalves};
+    let src = |k: &str| format!("{prefix}{k}");
+    let layers = (0..)
+        .take_while(|i| ck.contains(&src(&format!("joint_blocks.{i}.x_block.attn.qkv.weight"))))
+        .count();
+    let has_qk_norm = ck.contains(&src("joint_blocks.0.x_block.attn.ln_q.weight"));
+    let mut t: Vec<(String, crate::weights::safetensors_file::Derived)> = Vec::new();
+    let same = |t: &mut Vec<_>, to: String, from: String| t.push((to, Same(src(&from))));
+    for (to, from) in [
+        ("pos_embed.pos_embed", "pos_embed"),
+        ("pos_embed.proj.weight", "x_embedder.proj.weight"),
+        ("pos_embed.proj.bias", "x_embedder.proj.bias"),
+        ("context_embedder.weight", "context_embedder.weight"),
+        ("context_embedder.bias", "context_embedder.bias"),
+        ("proj_out.weight", "final_layer.linear.weight"),
+        ("proj_out.bias", "final_layer.linear.bias"),
+    ] {
+        same(&mut t, to.into(), from.into());
+    }
+    for (to, from) in [
+        ("timestep_embedder", "t_embedder"),
+        ("text_embedder", "y_embedder"),
+    ] {
+        for (l, m) in [("linear_1", 0), ("linear_2", 2)] {
+            for p in ["weight", "bias"] {
+                same(
+                    &mut t,
+                    format!("time_text_embed.{to}.{l}.{p}"),
+                    format!("{from}.mlp.{m}.{p}"),
+                );
+            }
+        }
+    }
+    for p in ["weight", "bias"] {
+        t.push((
+            format!("norm_out.linear.{p}"),
+            SwapHalves(src(&format!("final_layer.adaLN_modulation.1.{p}"))),
+        ));
+    }
+    for i in 0..layers {
+        let (d, o) = (
+            format!("transformer_blocks.{i}"),
+            format!("joint_blocks.{i}"),
+        );
+        let last = i + 1 == layers;
+        let dual = ck.contains(&src(&format!("{o}.x_block.attn2.qkv.weight")));
+        let qkv = |t: &mut Vec<_>, from: String, to: [&str; 3]| {
+            for p in ["weight", "bias"] {
+                for (index, name) in to.iter().enumerate() {
+                    t.push((
+                        format!("{d}.{name}.{p}"),
+                        Rows {
+                            name: src(&format!("{from}.{p}")),
+                            index,
+                            parts: 3,
+                        },
+                    ));
+                }
+            }
+        };
+        qkv(
+            &mut t,
+            format!("{o}.x_block.attn.qkv"),
+            ["attn.to_q", "attn.to_k", "attn.to_v"],
+        );
+        qkv(
+            &mut t,
+            format!("{o}.context_block.attn.qkv"),
+            ["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"],
+        );
+        if dual {
+            qkv(
+                &mut t,
+                format!("{o}.x_block.attn2.qkv"),
+                ["attn2.to_q", "attn2.to_k", "attn2.to_v"],
+            );
+        }
+        let mut pairs: Vec<(String, String)> = vec![
+            ("attn.to_out.0".into(), "x_block.attn.proj".into()),
+            ("norm1.linear".into(), "x_block.adaLN_modulation.1".into()),
+            ("ff.net.0.proj".into(), "x_block.mlp.fc1".into()),
+            ("ff.net.2".into(), "x_block.mlp.fc2".into()),
+        ];
+        if !last {
+            pairs.extend([
+                ("attn.to_add_out".into(), "context_block.attn.proj".into()),
+                (
+                    "norm1_context.linear".into(),
+                    "context_block.adaLN_modulation.1".into(),
+                ),
+                (
+                    "ff_context.net.0.proj".into(),
+                    "context_block.mlp.fc1".into(),
+                ),
+                ("ff_context.net.2".into(), "context_block.mlp.fc2".into()),
+            ]);
+        }
+        if dual {
+            pairs.push(("attn2.to_out.0".into(), "x_block.attn2.proj".into()));
+        }
+        for (to, from) in pairs {
+            for p in ["weight", "bias"] {
+                same(&mut t, format!("{d}.{to}.{p}"), format!("{o}.{from}.{p}"));
+            }
+        }
+        if last {
+            for p in ["weight", "bias"] {
+                t.push((
+                    format!("{d}.norm1_context.linear.{p}"),
+                    SwapHalves(src(&format!("{o}.context_block.adaLN_modulation.1.{p}"))),
+                ));
+            }
+        }
+        if has_qk_norm {
+            let mut norms = vec![
+                ("attn.norm_q", "x_block.attn.ln_q"),
+                ("attn.norm_k", "x_block.attn.ln_k"),
+                ("attn.norm_added_q", "context_block.attn.ln_q"),
+                ("attn.norm_added_k", "context_block.attn.ln_k"),
+            ];
+            if dual {
+                norms.extend([
+                    ("attn2.norm_q", "x_block.attn2.ln_q"),
+                    ("attn2.norm_k", "x_block.attn2.ln_k"),
+                ]);
+            }
+            for (to, from) in norms {
+                same(
+                    &mut t,
+                    format!("{d}.{to}.weight"),
+                    format!("{o}.{from}.weight"),
+                );
+            }
+        }
+    }
+    ck.renamed(t)
 }
 
 /// ModelOpt-like defaults for SD3: [`Policy::defaults`] (embedders `*embed*`, norms incl. every AdaLN modulation

@@ -49,6 +49,59 @@ impl T5Config {
         }
     }
 
+    /// Reads the architecture off the weights (single files carry no config): widths, depth and heads from the
+    /// tensors (heads: the relative-position table's columns), gated-GELU when `wi_0` is there, transformers'
+    /// defaults for the rest (max distance 128, epsilon 1e-6).
+    pub fn from_checkpoint(ck: &Checkpoint, max_len: usize) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            ck.shape(name).map(<[usize]>::to_vec).ok_or_else(|| {
+                anyhow::anyhow!(
+                    "'{}' has no tensor '{name}': not a T5 encoder",
+                    ck.path.display()
+                )
+            })
+        };
+        let emb = ["encoder.embed_tokens.weight", "shared.weight"]
+            .into_iter()
+            .find(|n| ck.contains(n))
+            .map_or_else(|| shape("shared.weight"), shape)?;
+        let b0 = "encoder.block.0.layer";
+        let rel = shape(&format!(
+            "{b0}.0.SelfAttention.relative_attention_bias.weight"
+        ))?;
+        let q = shape(&format!("{b0}.0.SelfAttention.q.weight"))?;
+        let gated = ck.contains(&format!("{b0}.1.DenseReluDense.wi_0.weight"));
+        let wi = shape(&format!(
+            "{b0}.1.DenseReluDense.{}.weight",
+            if gated { "wi_0" } else { "wi" }
+        ))?;
+        let (num_buckets, num_heads) = (rel[0], rel[1]);
+        if num_heads == 0 || q[0] % num_heads != 0 {
+            bail!(
+                "'{}': {} query rows do not split into {num_heads} heads",
+                ck.path.display(),
+                q[0]
+            );
+        }
+        Ok(Self {
+            vocab_size: emb[0],
+            d_model: emb[1],
+            d_kv: q[0] / num_heads,
+            d_ff: wi[0],
+            num_layers: (0..)
+                .take_while(|i| {
+                    ck.contains(&format!("encoder.block.{i}.layer.0.layer_norm.weight"))
+                })
+                .count(),
+            num_heads,
+            relative_attention_num_buckets: num_buckets,
+            relative_attention_max_distance: 128,
+            layer_norm_epsilon: 1e-6,
+            feed_forward_proj: if gated { "gated-gelu" } else { "relu" }.into(),
+            max_len,
+        })
+    }
+
     /// Reads a transformers T5 `config.json`.
     pub fn from_json(text: &str, max_len: usize) -> Result<Self> {
         let v: serde_json::Value = serde_json::from_str(text)?;

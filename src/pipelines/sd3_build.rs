@@ -63,19 +63,144 @@ pub struct RecipePrecision {
     pub heldout_prompts: Vec<String>,
 }
 
-/// A diffusers-layout SD3 folder, resolved.
+/// An SD3 model's components, resolved: a diffusers folder's subfolders or the parts of a single file.
 pub struct ModelFiles {
-    pub transformer: PathBuf,
-    pub clip_l: PathBuf,
-    pub clip_g: PathBuf,
-    /// None: the folder has no text_encoder_3 (T5 is optional in SD3).
-    pub t5: Option<PathBuf>,
-    pub vae: PathBuf,
+    pub transformer: Source,
+    pub clip_l: Source,
+    pub clip_g: Source,
+    /// None: the model has no T5 (optional in SD3).
+    pub t5: Option<Source>,
+    pub vae: Source,
     pub clip_tokenizer: PathBuf,
     pub t5_tokenizer: Option<PathBuf>,
     pub scheduler_config: Option<PathBuf>,
     /// tokenizer/ and tokenizer_2/ (their tokenizer_config.json give the pad tokens), when present.
     pub tokenizer_dirs: [PathBuf; 2],
+}
+
+/// Where one component's weights are.
+#[derive(Clone, Debug)]
+pub enum Source {
+    /// A diffusers/transformers folder; its config.json describes the component.
+    Folder(PathBuf),
+    /// A part of a single-file checkpoint (Stability AI's and ComfyUI's layout) or a text encoder's own file;
+    /// `config` is the config.json of `--config`'s diffusers folder, else the config is read off the weights.
+    File {
+        path: PathBuf,
+        part: Part,
+        config: Option<PathBuf>,
+    },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Part {
+    Transformer,
+    ClipL,
+    ClipG,
+    T5,
+    Vae,
+}
+
+impl Part {
+    /// The part's key prefix in a whole-model single file (diffusers' `single_file_utils`).
+    fn prefix(self) -> &'static str {
+        match self {
+            Part::Transformer => "model.diffusion_model.",
+            Part::ClipL => "text_encoders.clip_l.transformer.",
+            Part::ClipG => "text_encoders.clip_g.transformer.",
+            Part::T5 => "text_encoders.t5xxl.transformer.",
+            Part::Vae => "first_stage_model.",
+        }
+    }
+
+    /// The part's subfolder in a diffusers folder.
+    fn subfolder(self) -> &'static str {
+        match self {
+            Part::Transformer => "transformer",
+            Part::ClipL => "text_encoder",
+            Part::ClipG => "text_encoder_2",
+            Part::T5 => "text_encoder_3",
+            Part::Vae => "vae",
+        }
+    }
+}
+
+impl Source {
+    pub fn path(&self) -> &Path {
+        match self {
+            Source::Folder(p) | Source::File { path: p, .. } => p,
+        }
+    }
+
+    /// The config.json describing the component, if there is one.
+    pub fn config(&self) -> Option<PathBuf> {
+        match self {
+            Source::Folder(d) => Some(d.join("config.json")),
+            Source::File { config, .. } => config.clone(),
+        }
+    }
+
+    /// The component's tensors under diffusers/transformers names. Single files are renamed views of the same
+    /// mapping; their CLIP-L gets the identity projection (SAI's files have none; diffusers' `from_single_file`
+    /// and ComfyUI use CLIP-L's pooled output unprojected).
+    pub fn open(&self) -> Result<Checkpoint> {
+        use crate::weights::safetensors_file::Derived;
+        let (path, part) = match self {
+            Source::Folder(d) => return Checkpoint::open(d),
+            Source::File { path, part, .. } => (path, *part),
+        };
+        let ck = Checkpoint::open(path)?;
+        match part {
+            // The VAE reader finds its prefix and layout itself.
+            Part::Vae => Ok(ck),
+            Part::Transformer => {
+                let prefix = sm::original_prefix(&ck).with_context(|| {
+                    format!(
+                        "'{}' has no SD3 transformer (no joint_blocks.0.x_block.attn.qkv.weight)",
+                        path.display()
+                    )
+                })?;
+                sm::diffusers_view(&ck, &prefix)
+            }
+            Part::ClipL | Part::ClipG | Part::T5 => {
+                let inside = ck.names().any(|n| n.starts_with(part.prefix()));
+                let prefix = if inside { part.prefix() } else { "" };
+                let mut table: Vec<(String, Derived)> = ck
+                    .names()
+                    .filter_map(|n| n.strip_prefix(prefix).map(|k| (k.to_string(), n)))
+                    .filter(|(k, _)| {
+                        !(part == Part::ClipL && k.ends_with("text_projection.weight"))
+                    })
+                    .map(|(k, n)| (k, Derived::Same(n.to_string())))
+                    .collect();
+                if part == Part::ClipL {
+                    let tok = "embeddings.token_embedding.weight";
+                    let d = ck
+                        .names()
+                        .find(|n| n.starts_with(prefix) && n.ends_with(tok))
+                        .and_then(|n| ck.shape(n))
+                        .map(|s| s[1])
+                        .with_context(|| {
+                            format!(
+                                "'{}' has no CLIP-L text encoder (no '{tok}')",
+                                path.display()
+                            )
+                        })?;
+                    let mut eye = vec![0f32; d * d];
+                    eye.iter_mut().step_by(d + 1).for_each(|v| *v = 1.0);
+                    let identity = crate::weights::safetensors_file::Tensor {
+                        name: "text_projection.weight".into(),
+                        dtype: DataType::FLOAT,
+                        shape: vec![d, d],
+                        data: bytes::Bytes::from(bytemuck::cast_slice::<f32, u8>(&eye).to_vec()),
+                        quant: None,
+                    };
+                    table.push(("text_projection.weight".into(), Derived::Made(identity)));
+                }
+                ck.renamed(table)
+            }
+        }
+    }
 }
 
 fn model_index_class(path: &Path) -> Option<String> {
@@ -85,22 +210,38 @@ fn model_index_class(path: &Path) -> Option<String> {
         .and_then(|v| v["_class_name"].as_str().map(str::to_string))
 }
 
-/// Whether `path` is a diffusers SD3 folder (its model_index.json names a StableDiffusion3 pipeline).
+/// Whether `path` is a diffusers SD3 folder (its model_index.json names a StableDiffusion3 pipeline) or an SD3
+/// single file (an original-layout MMDiT inside).
 pub fn looks_like_sd3(path: &Path) -> bool {
+    if path.is_file() {
+        return path.extension().is_some_and(|e| e == "safetensors")
+            && Checkpoint::open(path).is_ok_and(|ck| sm::original_prefix(&ck).is_some());
+    }
     model_index_class(path).is_some_and(|c| c.starts_with("StableDiffusion3"))
 }
 
-/// The arch of an SD3 folder: medium when the transformer has MMDiT-X blocks, large-turbo when the folder's name
-/// says turbo, else large.
+/// The arch of an SD3 folder or single file: medium when the transformer has MMDiT-X blocks, large-turbo when
+/// the name says turbo, else large.
 pub fn detect_arch(model: &Path) -> Result<&'static str> {
-    let cfg = model.join("transformer/config.json");
-    let text = std::fs::read_to_string(&cfg).with_context(|| {
-        format!(
-            "cannot read '{}': an SD3.5 folder needs transformer/config.json (or pass --arch)",
-            cfg.display()
-        )
-    })?;
-    let c = sm::Sd3Config::from_json(&text, &cfg)?;
+    let c = if model.is_file() {
+        let ck = Checkpoint::open(model)?;
+        let prefix = sm::original_prefix(&ck).with_context(|| {
+            format!(
+                "'{}' is not an SD3 single-file checkpoint (no joint_blocks.0.x_block.attn.qkv.weight)",
+                model.display()
+            )
+        })?;
+        sm::Sd3Config::from_checkpoint(&sm::diffusers_view(&ck, &prefix)?)?
+    } else {
+        let cfg = model.join("transformer/config.json");
+        let text = std::fs::read_to_string(&cfg).with_context(|| {
+            format!(
+                "cannot read '{}': an SD3.5 folder needs transformer/config.json (or pass --arch)",
+                cfg.display()
+            )
+        })?;
+        sm::Sd3Config::from_json(&text, &cfg)?
+    };
     let name = model
         .canonicalize()
         .unwrap_or_else(|_| model.to_path_buf())
@@ -122,14 +263,29 @@ fn first_existing(dir: &Path, names: &[&str]) -> Option<PathBuf> {
 
 impl ModelFiles {
     /// Finds the components; tokenizer paths may be given explicitly (folders without tokenizer files).
-    pub fn find(model: &Path, clip_tok: Option<&Path>, t5_tok: Option<&Path>) -> Result<Self> {
+    /// `config`: a diffusers folder whose component configs describe a single file's parts (as diffusers'
+    /// `from_single_file(config=...)`); without it they are read off the weights.
+    pub fn find(
+        model: &Path,
+        clip_tok: Option<&Path>,
+        t5_tok: Option<&Path>,
+        config: Option<&Path>,
+    ) -> Result<Self> {
+        if model.is_file() {
+            return Self::single_file(model, clip_tok, t5_tok, config);
+        }
         if !model.is_dir() {
             bail!(
-                "'{}' is not a folder: --arch sd35-* builds take a diffusers-layout model folder (transformer/, \
-                 text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_3/, vae/, scheduler/); \
-                 single-file SD3.5 checkpoints are not read yet: download the diffusers folder (e.g. \
-                 stabilityai/stable-diffusion-3.5-medium) or convert the file with diffusers' from_single_file and \
-                 save_pretrained",
+                "'{}' does not exist: --arch sd35-* builds take a diffusers-layout model folder (transformer/, \
+                 text_encoder/, text_encoder_2/, text_encoder_3/, tokenizer/, tokenizer_3/, vae/, scheduler/) or a \
+                 single-file checkpoint (sd3.5_medium.safetensors)",
+                model.display()
+            );
+        }
+        if config.is_some() {
+            bail!(
+                "--config describes the parts of a single-file checkpoint; '{}' is a folder, whose own config.json \
+                 files are used: drop --config",
                 model.display()
             );
         }
@@ -178,15 +334,140 @@ impl ModelFiles {
         }
         let scheduler = model.join("scheduler/scheduler_config.json");
         Ok(ModelFiles {
-            transformer: model.join("transformer"),
-            clip_l: model.join("text_encoder"),
-            clip_g: model.join("text_encoder_2"),
-            t5,
-            vae: model.join("vae"),
+            transformer: Source::Folder(model.join("transformer")),
+            clip_l: Source::Folder(model.join("text_encoder")),
+            clip_g: Source::Folder(model.join("text_encoder_2")),
+            t5: t5.map(Source::Folder),
+            vae: Source::Folder(model.join("vae")),
             clip_tokenizer: clip_tokenizer.expect("checked"),
             t5_tokenizer,
             scheduler_config: scheduler.exists().then_some(scheduler),
             tokenizer_dirs: [model.join("tokenizer"), model.join("tokenizer_2")],
+        })
+    }
+}
+
+impl ModelFiles {
+    /// A single file with the transformer (`model.diffusion_model.*` or bare `joint_blocks.*`) and the VAE
+    /// (`first_stage_model.*`); the text encoders inside it (`text_encoders.{clip_l,clip_g,t5xxl}.transformer.*`)
+    /// or in their own files beside it, as Stability AI's repositories keep them (`text_encoders/clip_l.safetensors`,
+    /// `clip_g.safetensors`, `t5xxl_fp16.safetensors`).
+    fn single_file(
+        file: &Path,
+        clip_tok: Option<&Path>,
+        t5_tok: Option<&Path>,
+        config: Option<&Path>,
+    ) -> Result<Self> {
+        let ck = Checkpoint::open(file)?;
+        if sm::original_prefix(&ck).is_none() {
+            bail!(
+                "'{}' is not an SD3 single-file checkpoint: it has no joint_blocks.0.x_block.attn.qkv.weight (the \
+                 MMDiT of Stability AI's sd3.5_*.safetensors); for diffusers models point at the folder",
+                file.display()
+            );
+        }
+        let part_config = |part: Part| -> Result<Option<PathBuf>> {
+            let Some(dir) = config else { return Ok(None) };
+            let p = dir.join(part.subfolder()).join("config.json");
+            if !p.is_file() {
+                bail!(
+                    "--config '{}' has no {}/config.json: name a diffusers SD3 folder of the same model",
+                    dir.display(),
+                    part.subfolder()
+                );
+            }
+            Ok(Some(p))
+        };
+        let beside = file.parent().unwrap_or(Path::new("."));
+        let text_file = |part: Part, names: &[&str]| -> Option<PathBuf> {
+            if ck.names().any(|n| n.starts_with(part.prefix())) {
+                return Some(file.to_path_buf());
+            }
+            names.iter().find_map(|n| {
+                [beside.join("text_encoders").join(n), beside.join(n)]
+                    .into_iter()
+                    .find(|p| p.is_file())
+            })
+        };
+        let source = |path: PathBuf, part: Part| -> Result<Source> {
+            Ok(Source::File {
+                path,
+                part,
+                config: part_config(part)?,
+            })
+        };
+        let mut missing = Vec::new();
+        let clip_l = text_file(Part::ClipL, &["clip_l.safetensors"]);
+        let clip_g = text_file(Part::ClipG, &["clip_g.safetensors"]);
+        if clip_l.is_none() {
+            missing.push("CLIP-L (text_encoders.clip_l.* inside it, or text_encoders/clip_l.safetensors beside it)");
+        }
+        if clip_g.is_none() {
+            missing.push("CLIP-G (text_encoders.clip_g.* inside it, or text_encoders/clip_g.safetensors beside it)");
+        }
+        if !ck.names().any(|n| n.starts_with(Part::Vae.prefix())) {
+            missing.push("the VAE (first_stage_model.*)");
+        }
+        if !missing.is_empty() {
+            bail!(
+                "'{}' holds the SD3 transformer but not {}: download them from the model's repository (Stability \
+                 AI keeps the text encoders in text_encoders/), or use the diffusers folder",
+                file.display(),
+                missing.join(", ")
+            );
+        }
+        let t5 = text_file(
+            Part::T5,
+            &[
+                "t5xxl_fp16.safetensors",
+                "t5xxl.safetensors",
+                "t5xxl_fp32.safetensors",
+            ],
+        );
+        let Some(clip_tokenizer) = clip_tok.map(Path::to_path_buf).or_else(|| {
+            config.and_then(|d| {
+                first_existing(&d.join("tokenizer"), &["merges.txt", "tokenizer.json"])
+            })
+        }) else {
+            bail!(
+                "'{}' is a single-file checkpoint, which holds no tokenizer: pass --clip-tokenizer FILE (CLIP's \
+                 merges.txt or bpe_simple_vocab_16e6.txt.gz)",
+                file.display()
+            );
+        };
+        let t5_tokenizer = match (&t5, t5_tok) {
+            (None, _) => None,
+            (Some(_), Some(p)) => Some(p.to_path_buf()),
+            (Some(_), None) => match config
+                .and_then(|d| first_existing(&d.join("tokenizer_3"), &["tokenizer.json"]))
+            {
+                Some(p) => Some(p),
+                None => bail!(
+                    "'{}' comes with T5, whose tokenizer no single file holds: pass --t5-tokenizer FILE (T5's \
+                     tokenizer.json)",
+                    file.display()
+                ),
+            },
+        };
+        if t5.is_none() {
+            tracing::warn!(
+                "'{}' has no T5 inside or beside it (text_encoders/t5xxl_fp16.safetensors): the T5 part of the \
+                 conditioning is zeros, as diffusers does without T5 (prompts follow less closely)",
+                file.display()
+            );
+        }
+        let scheduler = config.map(|d| d.join("scheduler/scheduler_config.json"));
+        let tokenizer_dir = |sub: &str| config.map_or_else(|| beside.join(sub), |d| d.join(sub));
+        Ok(ModelFiles {
+            transformer: source(file.to_path_buf(), Part::Transformer)?,
+            clip_l: source(clip_l.expect("checked"), Part::ClipL)?,
+            clip_g: source(clip_g.expect("checked"), Part::ClipG)?,
+            t5: t5.map(|p| source(p, Part::T5)).transpose()?,
+            vae: source(file.to_path_buf(), Part::Vae)?,
+            clip_tokenizer,
+            t5_tokenizer,
+            scheduler_config: scheduler.filter(|p| p.exists()),
+            tokenizer_dirs: [tokenizer_dir("tokenizer"), tokenizer_dir("tokenizer_2")],
         })
     }
 }
@@ -243,8 +524,10 @@ pub struct Plan {
     pub vae: vae::VaeConfig,
 }
 
-fn clip_config(dir: &Path) -> Result<ClipTextConfig> {
-    let p = dir.join("config.json");
+fn clip_config(src: &Source) -> Result<ClipTextConfig> {
+    let Some(p) = src.config() else {
+        return ClipTextConfig::from_checkpoint(&src.open()?, "", 0);
+    };
     let text = std::fs::read_to_string(&p).with_context(|| {
         format!(
             "cannot read '{}' (the CLIP text encoder's config)",
@@ -256,17 +539,24 @@ fn clip_config(dir: &Path) -> Result<ClipTextConfig> {
 
 pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
     let recipe: Recipe = super::recipe::load(arch)?;
-    let tpath = files.transformer.join("config.json");
-    let text = std::fs::read_to_string(&tpath).with_context(|| {
-        format!(
-            "cannot read '{}': the transformer folder needs the config.json diffusers saves",
-            tpath.display()
-        )
-    })?;
-    let transformer = sm::Sd3Config::from_json(&text, &tpath)?;
+    let tck = files.transformer.open()?;
+    let transformer = match files.transformer.config() {
+        Some(tpath) => {
+            let text = std::fs::read_to_string(&tpath).with_context(|| {
+                format!(
+                    "cannot read '{}': the transformer folder needs the config.json diffusers saves",
+                    tpath.display()
+                )
+            })?;
+            sm::Sd3Config::from_json(&text, &tpath)?
+        }
+        None => sm::Sd3Config::from_checkpoint(&tck)?,
+    };
     transformer
-        .check_checkpoint(&Checkpoint::open(&files.transformer)?)
-        .with_context(|| format!("'{}'", files.transformer.display()))?;
+        .check_checkpoint(&tck)
+        .with_context(|| format!("'{}'", files.transformer.path().display()))?;
+    drop(tck);
+    let tpath = files.transformer.path();
     if arch == "sd35-medium" && !transformer.is_medium() {
         bail!(
             "--arch sd35-medium, but '{}' has no dual_attention_layers (an SD3.5 large transformer): use --arch \
@@ -284,12 +574,16 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
     let clip_g = clip_config(&files.clip_g)?;
     let d = &recipe.defaults;
     let t5 = match &files.t5 {
-        Some(dir) => {
-            let p = dir.join("config.json");
-            let text = std::fs::read_to_string(&p)
-                .with_context(|| format!("cannot read '{}' (T5's config)", p.display()))?;
-            let c = t5::T5Config::from_json(&text, d.max_sequence_length)
-                .with_context(|| format!("in '{}'", p.display()))?;
+        Some(src) => {
+            let c = match src.config() {
+                Some(p) => {
+                    let text = std::fs::read_to_string(&p)
+                        .with_context(|| format!("cannot read '{}' (T5's config)", p.display()))?;
+                    t5::T5Config::from_json(&text, d.max_sequence_length)
+                        .with_context(|| format!("in '{}'", p.display()))?
+                }
+                None => t5::T5Config::from_checkpoint(&src.open()?, d.max_sequence_length)?,
+            };
             if c.d_model != transformer.joint_attention_dim {
                 bail!(
                     "the model folder's components do not fit together: T5's d_model {} vs the transformer's \
@@ -302,8 +596,8 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
         }
         None => None,
     };
-    let pooled = |dir: &Path, c: &ClipTextConfig| -> Result<usize> {
-        let ck = Checkpoint::open(dir)?;
+    let pooled = |src: &Source, c: &ClipTextConfig| -> Result<usize> {
+        let ck = src.open()?;
         let name = ck
             .names()
             .find(|n| n.ends_with("text_projection.weight"))
@@ -311,7 +605,7 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
             .with_context(|| {
                 format!(
                     "'{}' has no text_projection: SD3 needs CLIPTextModelWithProjection encoders",
-                    dir.display()
+                    src.path().display()
                 )
             })?;
         Ok(ck.shape(&name).map_or(c.hidden_size, |s| s[0]))
@@ -324,27 +618,33 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
             transformer.pooled_projection_dim
         );
     }
-    let vck = Checkpoint::open(&files.vae)?;
-    let vae = vae::VaeConfig::from_checkpoint(&vck)?;
+    let vck = files.vae.open()?;
+    let mut vae = vae::VaeConfig::from_checkpoint(&vck)?;
     if vae.latent_channels != transformer.in_channels {
         bail!(
-            "the model folder's components do not fit together: the VAE has {} latent channels, the transformer \
-             takes {}",
+            "the model's components do not fit together: the VAE has {} latent channels, the transformer takes {}",
             vae.latent_channels,
             transformer.in_channels
         );
     }
-    let vcfg_path = files.vae.join("config.json");
-    let vcfg = read_json(&vcfg_path)?;
-    let factor = |key: &str| -> Result<f32> {
-        match vcfg.get(key).and_then(|v| v.as_f64()) {
-            Some(v) => Ok(v as f32),
-            None => bail!(
-                "'{}' has no {key}: SD3's VAE config gives scaling_factor (1.5305) and shift_factor (0.0609)",
-                vcfg_path.display()
-            ),
+    // SD3's latent factors; a single file without --config has no config to give them.
+    let (mut scaling_factor, mut shift_factor) = (1.5305, 0.0609);
+    if let Some(vcfg_path) = files.vae.config() {
+        let vcfg = read_json(&vcfg_path)?;
+        let factor = |key: &str| -> Result<f32> {
+            match vcfg.get(key).and_then(|v| v.as_f64()) {
+                Some(v) => Ok(v as f32),
+                None => bail!(
+                    "'{}' has no {key}: SD3's VAE config gives scaling_factor (1.5305) and shift_factor (0.0609)",
+                    vcfg_path.display()
+                ),
+            }
+        };
+        (scaling_factor, shift_factor) = (factor("scaling_factor")?, factor("shift_factor")?);
+        if let Some(g) = vcfg.get("norm_num_groups").and_then(|g| g.as_u64()) {
+            vae.norm_num_groups = g as usize;
         }
-    };
+    }
     let s = match &files.scheduler_config {
         Some(p) => read_json(p)?,
         None => {
@@ -357,8 +657,8 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
         arch: arch.to_string(),
         latent_channels: vae.latent_channels,
         vae_scale_factor: 1 << (vae.block_out_channels.len().max(1) - 1),
-        scaling_factor: factor("scaling_factor")?,
-        shift_factor: factor("shift_factor")?,
+        scaling_factor,
+        shift_factor,
         patch_size: transformer.patch_size,
         pos_embed_max_size: transformer.pos_embed_max_size,
         num_layers: transformer.num_layers,
@@ -466,16 +766,16 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
         penultimate: true,
         projection: true,
     };
-    for (dir, cfg, out) in [
+    for (src, cfg, out) in [
         (&p.files.clip_l, &p.clip_l, &paths.clip_l),
         (&p.files.clip_g, &p.clip_g, &paths.clip_g),
     ] {
-        let ck = Checkpoint::open(dir)?;
+        let ck = src.open()?;
         clip::export_with(cfg, &ck, text, &opts, out)
-            .with_context(|| format!("exporting the text encoder of '{}'", dir.display()))?;
+            .with_context(|| format!("exporting the text encoder of '{}'", src.path().display()))?;
     }
-    if let (Some(dir), Some(cfg)) = (&p.files.t5, &p.t5) {
-        let ck = Checkpoint::open(dir)?;
+    if let (Some(src), Some(cfg)) = (&p.files.t5, &p.t5) {
+        let ck = src.open()?;
         let dt = if text == DataType::FLOAT16 {
             DataType::BFLOAT16
         } else {
@@ -483,7 +783,7 @@ pub fn export_aux(p: &Plan, paths: &OnnxPaths, text: DataType, vae_dt: DataType)
         };
         t5::export(cfg, &ck, dt, &paths.t5)?;
     }
-    let ck = Checkpoint::open(&p.files.vae)?;
+    let ck = p.files.vae.open()?;
     let so = SaveOptions::default();
     save(
         vae::graph(&p.vae, &ck, vae::VaePart::Decoder, vae_dt)?,
@@ -504,8 +804,7 @@ pub fn export_transformer(
     opts: &sm::ExportOptions,
     out: &Path,
 ) -> Result<crate::models::flux::LinearsReport> {
-    let ck = Checkpoint::open(&p.files.transformer)?;
-    sm::export(&p.transformer, &ck, opts, out)
+    sm::export(&p.transformer, &p.files.transformer.open()?, opts, out)
 }
 
 /// The transformer's export options for a build precision: the family's policy plus the recipe's exclusions.
@@ -731,8 +1030,9 @@ pub fn export_sd3(
     out_dir: &Path,
     clip_tok: Option<&Path>,
     t5_tok: Option<&Path>,
+    config: Option<&Path>,
 ) -> Result<Vec<PathBuf>> {
-    let p = plan(ModelFiles::find(model, clip_tok, t5_tok)?, arch)?;
+    let p = plan(ModelFiles::find(model, clip_tok, t5_tok, config)?, arch)?;
     if precision == Precision::Fp8 {
         bail!(
             "FP8 needs calibrated activation scales: use `trt-diff build --precision fp8`, which calibrates"
@@ -769,6 +1069,8 @@ pub struct Sd3BuildOptions {
     pub precision: Precision,
     pub clip_tokenizer: Option<PathBuf>,
     pub t5_tokenizer: Option<PathBuf>,
+    /// Single files: a diffusers folder describing their parts ([`ModelFiles::find`]).
+    pub config: Option<PathBuf>,
     /// Image side range (min, opt, max pixels) for the engines' profiles instead of the recipe's.
     pub image_px: Option<[i64; 3]>,
     /// Calibration prompts and steps instead of the recipe's.
@@ -791,6 +1093,7 @@ pub fn build_sd3(o: &Sd3BuildOptions) -> Result<BuildOutcome> {
         &o.model,
         o.clip_tokenizer.as_deref(),
         o.t5_tokenizer.as_deref(),
+        o.config.as_deref(),
     )?;
     let mut p = plan(files, &arch)?;
     if let Some(v) = &o.calibration_prompts
@@ -924,7 +1227,7 @@ mod tests {
     fn missing_components_are_named() {
         let d = tempfile::tempdir().unwrap();
         std::fs::create_dir_all(d.path().join("transformer")).unwrap();
-        let e = ModelFiles::find(d.path(), None, None)
+        let e = ModelFiles::find(d.path(), None, None, None)
             .err()
             .unwrap()
             .to_string();
@@ -940,14 +1243,11 @@ mod tests {
         assert!(!looks_like_sd3(d.path()));
         let file = d.path().join("sd3.5_medium.safetensors");
         std::fs::write(&file, b"").unwrap();
-        let e = ModelFiles::find(&file, None, None)
+        let e = ModelFiles::find(&file, None, None, None)
             .err()
             .unwrap()
             .to_string();
-        assert!(
-            e.contains("single-file") && e.contains("from_single_file"),
-            "{e}"
-        );
+        assert!(e.contains("not a readable safetensors"), "{e}");
         std::fs::write(
             d.path().join("model_index.json"),
             r#"{"_class_name": "StableDiffusion3Pipeline"}"#,

@@ -77,6 +77,7 @@ fn release_range(map: &memmap2::Mmap, start: usize, end: usize) {
     }
 }
 
+#[derive(Clone)]
 struct Entry {
     file: usize,
     dtype: DataType,
@@ -125,6 +126,24 @@ impl Tensor {
             ),
         })
     }
+}
+
+/// How one tensor of a renamed view ([`Checkpoint::renamed`]) comes from the checkpoint: single-file checkpoints
+/// keep the same weights under other names, some fused or reordered.
+#[derive(Clone, Debug)]
+pub enum Derived {
+    /// The tensor as it is.
+    Same(String),
+    /// Row block `index` of `parts` equal blocks (q, k or v of a fused qkv projection): zero-copy.
+    Rows {
+        name: String,
+        index: usize,
+        parts: usize,
+    },
+    /// The two row halves swapped (an AdaLN's shift|scale as scale|shift): the one copy.
+    SwapHalves(String),
+    /// A tensor the file leaves out (the identity projection diffusers gives SD3's CLIP-L).
+    Made(Tensor),
 }
 
 pub struct Checkpoint {
@@ -410,6 +429,108 @@ impl Checkpoint {
             );
         }
         Ok(t)
+    }
+
+    /// A view of this checkpoint under other names: each `(name, how)` makes tensor `name`, the rest is left
+    /// out. Shares the mapping (only [`Derived::SwapHalves`] and [`Derived::Made`] hold copies); errors name the
+    /// file and the missing or misshapen tensor.
+    pub fn renamed(&self, table: Vec<(String, Derived)>) -> Result<Checkpoint> {
+        if !self.prequant.entries.is_empty() {
+            bail!(
+                "'{}' holds pre-quantized weights in a single-file layout, which trt-diff does not read: use the \
+                 diffusers folder of the same model, or its bf16/fp16 file",
+                self.path.display()
+            );
+        }
+        let entry = |name: &str| -> Result<&Entry> {
+            self.index.get(name).with_context(|| {
+                format!(
+                    "'{}' has no tensor '{name}': it is not the single-file layout its other keys suggest \
+                     (truncated or merged from another model?)",
+                    self.path.display()
+                )
+            })
+        };
+        let mut view = Checkpoint {
+            path: self.path.clone(),
+            files: self.files.clone(),
+            index: BTreeMap::new(),
+            prefetcher: std::sync::OnceLock::new(),
+            overrides: BTreeMap::new(),
+            metadata: self.metadata.clone(),
+            prequant: Scan::default(),
+        };
+        for (name, how) in table {
+            let e = match how {
+                Derived::Same(src) => entry(&src)?.clone(),
+                Derived::Rows {
+                    name: src,
+                    index,
+                    parts,
+                } => {
+                    let e = entry(&src)?;
+                    let rows = e.shape.first().copied().unwrap_or(0);
+                    if parts == 0 || index >= parts || rows % parts != 0 {
+                        bail!(
+                            "'{}': tensor '{src}' has {rows} rows, which do not split into {parts} equal blocks",
+                            self.path.display()
+                        );
+                    }
+                    let block = (e.end - e.start) / parts;
+                    let mut shape = e.shape.clone();
+                    shape[0] = rows / parts;
+                    Entry {
+                        start: e.start + index * block,
+                        end: e.start + (index + 1) * block,
+                        shape,
+                        ..e.clone()
+                    }
+                }
+                Derived::SwapHalves(src) => {
+                    let e = entry(&src)?.clone();
+                    let t = self.get_raw(&src)?;
+                    let rows = e.shape.first().copied().unwrap_or(0);
+                    if rows % 2 != 0 {
+                        bail!(
+                            "'{}': tensor '{src}' has {rows} rows, not a shift and a scale half",
+                            self.path.display()
+                        );
+                    }
+                    let half = t.data.len() / 2;
+                    let mut swapped = Vec::with_capacity(t.data.len());
+                    swapped.extend_from_slice(&t.data[half..]);
+                    swapped.extend_from_slice(&t.data[..half]);
+                    view.overrides.insert(
+                        name.clone(),
+                        Tensor {
+                            name: name.clone(),
+                            data: Bytes::from(swapped),
+                            ..t
+                        },
+                    );
+                    e
+                }
+                Derived::Made(t) => {
+                    let e = Entry {
+                        file: 0,
+                        dtype: t.dtype,
+                        shape: t.shape.clone(),
+                        start: 0,
+                        end: 0,
+                    };
+                    view.overrides.insert(
+                        name.clone(),
+                        Tensor {
+                            name: name.clone(),
+                            ..t
+                        },
+                    );
+                    e
+                }
+            };
+            view.index.insert(name, e);
+        }
+        Ok(view)
     }
 
     /// Starts reading every tensor whose name starts with `prefix` into the page cache in the background (in file

@@ -51,6 +51,7 @@ pub fn tiny_plan(dir: &Path, transformer: &str, t5: bool, arch: &str) -> Plan {
         &model_dir(dir, transformer, t5),
         Some(&clip_tok),
         Some(&t5_tok),
+        None,
     )
     .unwrap();
     let mut p = plan(files, arch).unwrap();
