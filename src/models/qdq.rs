@@ -6,7 +6,7 @@
 use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value};
 use crate::quant::LinearPrecision;
-use crate::quant::minifloat::E4M3FN;
+use crate::quant::minifloat::e4m3fn;
 use crate::quant::nvfp4;
 use crate::quant::policy::{LayerKind, Policy};
 use crate::weights::prequant::QuantWeight;
@@ -467,6 +467,100 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
+/// `f(r, w[r][c])` for `w` [rows, cols], written transposed ([cols, rows]): the conversion (f16 rounding, FP8
+/// encoding) and the transpose in one pass, in 64 x 64 tiles (read a tile's rows, write its columns contiguously)
+/// and in parallel over bands of output rows; with AVX2 where the CPU has it (the FP8 division is the cost).
+fn transpose_map<T: Copy + Default + Send + Sync>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    f: impl Fn(usize, f32) -> T + Sync,
+) -> Vec<T> {
+    use rayon::prelude::*;
+    let mut t = vec![T::default(); w.len()];
+    if rows == 0 || cols == 0 {
+        return t;
+    }
+    #[cfg(target_arch = "x86_64")]
+    let avx2 = std::is_x86_feature_detected!("avx2");
+    t.par_chunks_mut(rows * TILE)
+        .enumerate()
+        .for_each(|(band, out)| {
+            #[cfg(target_arch = "x86_64")]
+            if avx2 {
+                // SAFETY: the CPU has AVX2 (checked above).
+                return unsafe { transpose_band_avx2(w, rows, cols, band, out, &f) };
+            }
+            transpose_band(w, rows, cols, band, out, &f)
+        });
+    t
+}
+
+const TILE: usize = 64;
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+fn transpose_band_avx2<T: Copy + Default>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    band: usize,
+    out: &mut [T],
+    f: &impl Fn(usize, f32) -> T,
+) {
+    transpose_band(w, rows, cols, band, out, f)
+}
+
+/// Output rows `band * TILE..` (input columns) of [`transpose_map`].
+#[inline(always)]
+fn transpose_band<T: Copy + Default>(
+    w: &[f32],
+    rows: usize,
+    cols: usize,
+    band: usize,
+    out: &mut [T],
+    f: &impl Fn(usize, f32) -> T,
+) {
+    let c0 = band * TILE;
+    let width = out.len() / rows;
+    let mut tile = [[T::default(); TILE]; TILE];
+    let mut row = [T::default(); TILE];
+    for r0 in (0..rows).step_by(TILE) {
+        let height = TILE.min(rows - r0);
+        for dr in 0..height {
+            let r = r0 + dr;
+            let src = &w[r * cols + c0..r * cols + c0 + width];
+            for (d, v) in row.iter_mut().zip(src) {
+                *d = f(r, *v);
+            }
+            for (col, v) in tile.iter_mut().zip(&row[..width]) {
+                col[dr] = *v;
+            }
+        }
+        for (dc, col) in tile.iter().enumerate().take(width) {
+            out[dc * rows + r0..dc * rows + r0 + height].copy_from_slice(&col[..height]);
+        }
+    }
+}
+
+/// `w` [rows, cols] transposed into initializer bytes of `dtype` (FLOAT, FLOAT16 or BFLOAT16).
+fn transposed_float_bytes(w: &[f32], rows: usize, cols: usize, dtype: DataType) -> Bytes {
+    match dtype {
+        DataType::FLOAT16 => {
+            let t = transpose_map(w, rows, cols, |_, v| half::f16::from_f32(v));
+            Bytes::from(bytemuck::cast_slice::<half::f16, u8>(&t).to_vec())
+        }
+        DataType::BFLOAT16 => {
+            let t = transpose_map(w, rows, cols, |_, v| half::bf16::from_f32(v));
+            Bytes::from(bytemuck::cast_slice::<half::bf16, u8>(&t).to_vec())
+        }
+        _ => {
+            let t = transpose_map(w, rows, cols, |_, v| v);
+            Bytes::from(bytemuck::cast_slice::<f32, u8>(&t).to_vec())
+        }
+    }
+}
+
 fn float_bytes(v: &[f32], dtype: DataType) -> Bytes {
     Bytes::from(match dtype {
         DataType::FLOAT16 => v
@@ -600,35 +694,28 @@ fn int8_weight(
     )
 }
 
-/// FP8 weight [k, n] (already transposed) with a per-tensor or per-output-channel scale.
+/// FP8 weight of `w` [n, k] (torch's [out, in]) stored transposed as [k, n], with a per-tensor or
+/// per-output-channel scale (amax / 448 over the tensor or over the output channel's row).
 fn fp8_weight(
     g: &mut GraphBuilder,
     name: &str,
-    wt: &[f32],
+    w: &[f32],
     k: usize,
     n: usize,
     per_channel: bool,
     float: DataType,
 ) -> Result<Value> {
+    use rayon::prelude::*;
     let scales: Vec<f32> = if per_channel {
-        (0..n)
-            .map(|c| {
-                (0..k)
-                    .fold(0f32, |m, r| m.max(wt[r * n + c].abs()))
-                    .max(1e-12)
-                    / 448.0
-            })
+        w.par_chunks(k.max(1))
+            .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) / 448.0)
             .collect()
     } else {
-        vec![amax(wt).max(1e-12) / 448.0]
+        vec![amax(w).max(1e-12) / 448.0]
     };
-    let codes: Vec<u8> = {
-        use rayon::prelude::*;
-        wt.par_iter()
-            .enumerate()
-            .map(|(i, v)| E4M3FN.encode(v / scales[if per_channel { i % n } else { 0 }], true))
-            .collect()
-    };
+    let codes = transpose_map(w, n, k, |row, v| {
+        e4m3fn(v / scales[if per_channel { row } else { 0 }], true)
+    });
     fp8_initializers(g, name, codes, &scales, per_channel, k, n, float)
 }
 
@@ -1056,24 +1143,20 @@ pub fn linear(
     }
     let out_shape = with_last(&x.shape, n);
     let (xin, wv) = match precision {
-        LinearPrecision::F32 | LinearPrecision::F16 => {
-            let wt = transpose(w.weight, n, k);
-            (
-                x.clone(),
-                g.initializer(
-                    &format!("{name}.weight"),
-                    float,
-                    &[k as i64, n as i64],
-                    float_bytes(&wt, float),
-                )?,
-            )
-        }
+        LinearPrecision::F32 | LinearPrecision::F16 => (
+            x.clone(),
+            g.initializer(
+                &format!("{name}.weight"),
+                float,
+                &[k as i64, n as i64],
+                transposed_float_bytes(w.weight, n, k, float),
+            )?,
+        ),
         LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel => {
-            let wt = transpose(w.weight, n, k);
             let per_channel = precision == LinearPrecision::Fp8PerChannel;
             (
                 fp8_qdq(g, &format!("{name}.input"), x, act_amax)?,
-                fp8_weight(g, name, &wt, k, n, per_channel, float)?,
+                fp8_weight(g, name, w.weight, k, n, per_channel, float)?,
             )
         }
         LinearPrecision::Int8 => (
@@ -1236,6 +1319,33 @@ mod tests {
             for r in 0..rows {
                 for c in 0..cols {
                     assert_eq!(t[c * rows + r], w[r * cols + c], "{rows}x{cols} at {r},{c}");
+                }
+            }
+        }
+    }
+
+    /// The fused convert-and-transpose gives what converting each element of the transpose gives: f16 rounding,
+    /// and E4M3 codes by the reference encoder over per-tensor and per-row scales (sizes off the 64 tile).
+    #[test]
+    fn fused_transpose_conversions_equal_the_definition() {
+        use crate::quant::minifloat::E4M3FN;
+        for (rows, cols) in [(1, 1), (3, 70), (65, 33), (130, 129), (0, 5)] {
+            let w: Vec<f32> = (0..rows * cols)
+                .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.37)
+                .collect();
+            let t = super::transpose(&w, rows, cols);
+            let h = super::transpose_map(&w, rows, cols, |_, v| half::f16::from_f32(v));
+            let scale = |r: usize| 1.0 + r as f32 * 0.25;
+            let q = super::transpose_map(&w, rows, cols, |r, v| super::e4m3fn(v / scale(r), true));
+            for r in 0..rows {
+                for c in 0..cols {
+                    let i = c * rows + r;
+                    assert_eq!(h[i], half::f16::from_f32(t[i]), "{rows}x{cols} at {r},{c}");
+                    assert_eq!(
+                        q[i],
+                        E4M3FN.encode(t[i] / scale(r), true),
+                        "{rows}x{cols} at {r},{c}"
+                    );
                 }
             }
         }
