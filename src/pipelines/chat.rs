@@ -35,6 +35,10 @@ pub fn render(
     )
 }
 
+/// The most work one rendering may do (minijinja's fuel, about one unit per instruction): ChatML spends under
+/// 100 a message, so conversations of thousands of messages with the wordiest real templates stay far inside.
+const RENDER_FUEL: u64 = 10_000_000;
+
 /// As [`render`], with transformers' `enable_thinking` template variable set (Qwen3's templates read it; FLUX.2
 /// [klein] formats prompts with `enable_thinking=False`); None leaves it undefined.
 pub fn render_with(
@@ -46,6 +50,9 @@ pub fn render_with(
     enable_thinking: Option<bool>,
 ) -> Result<String> {
     let mut env = minijinja::Environment::new();
+    // A template from a model file is untrusted: bound its work (real templates use a few thousand units per
+    // message).
+    env.set_fuel(Some(RENDER_FUEL));
     env.set_trim_blocks(true);
     env.set_lstrip_blocks(true);
     env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -68,7 +75,7 @@ pub fn render_with(
     });
     env.add_filter("tojson", tojson);
     env.add_template("chat", template)
-        .map_err(|e| anyhow!("the chat template does not parse: {e:#}"))?;
+        .map_err(|e| anyhow!("the chat template does not parse: {e}"))?;
     let t = env.get_template("chat").map_err(|e| anyhow!("{e}"))?;
     t.render(minijinja::context! {
         messages => messages,
@@ -83,7 +90,11 @@ pub fn render_with(
             "the chat template refused the messages: {}",
             e.detail().unwrap_or("")
         ),
-        _ => anyhow!("rendering the chat template failed: {e:#}"),
+        minijinja::ErrorKind::OutOfFuel => anyhow!(
+            "the chat template did not finish within {RENDER_FUEL} steps: it loops without end or is hostile \
+             (use a model file whose tokenizer.chat_template you trust)"
+        ),
+        _ => anyhow!("rendering the chat template failed: {e}"),
     })
 }
 
@@ -127,4 +138,40 @@ fn py_json(v: &minijinja::Value, out: &mut String) -> std::result::Result<(), mi
         _ => out.push_str(&serde_json::Value::String(v.to_string()).to_string()),
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn conversation(n: usize) -> Vec<ChatMessage> {
+        (0..n)
+            .map(|i| ChatMessage {
+                role: if i % 2 == 0 { "user" } else { "assistant" }.into(),
+                content: format!("message {i}"),
+                name: None,
+            })
+            .collect()
+    }
+
+    /// A template that would loop 10^10 times stops on its budget with a clear error; a long real conversation
+    /// stays far inside it.
+    #[test]
+    fn hostile_templates_run_out_of_fuel_and_real_ones_do_not() {
+        let spin =
+            "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}";
+        let e = render(spin, &conversation(1), "", "", true)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("did not finish"), "{e}");
+        let text = render(CHATML, &conversation(2000), "", "", true).unwrap();
+        assert!(text.ends_with("<|im_start|>assistant\n"), "{text:.80}");
+    }
+
+    /// minijinja's debug rendering of some error spans underflowed (fuzzing found it): errors are shown plainly.
+    #[test]
+    fn fuzzer_found_template_error_renders_without_panicking() {
+        let t = include_str!("../../fuzz/regressions/chat_template/crash-d7a5cadb88c99ba0");
+        let _ = render(t, &conversation(3), "", "", true);
+    }
 }
