@@ -498,3 +498,69 @@ fn every_precision_builds_with_tensorrt_rtx() {
     );
     assert!(r.stdout.contains("wrote"), "{}", r.stdout);
 }
+
+/// The tiny folder with Black Forest Labs' transformer file at its root instead of transformer/
+/// (scripts/golden/flux2_bfl.py), as their repositories ship it.
+fn bfl_model_dir(root: &Path) -> PathBuf {
+    let m = model_dir(root);
+    std::fs::remove_file(m.join("transformer")).unwrap();
+    std::os::unix::fs::symlink(
+        golden("flux_2_bfl.safetensors"),
+        m.join("flux-2-klein-tiny.safetensors"),
+    )
+    .unwrap();
+    m
+}
+
+/// BFL's layout renamed to diffusers' is the folder's transformer tensor for tensor, its config read off the
+/// weights is transformer/config.json, and the exported transformer graph is byte-identical to the folder's.
+#[test]
+fn bfl_transformer_file_equals_the_diffusers_folder() {
+    use trt_diff::models::flux2::{self as fm, Flux2Config};
+    let file = Checkpoint::open(&golden("flux_2_bfl.safetensors")).unwrap();
+    let prefix = fm::bfl_prefix(&file).unwrap();
+    let view = fm::diffusers_view(&file, &prefix).unwrap();
+    let folder = Checkpoint::open(&golden("transformer")).unwrap();
+    let names = |ck: &Checkpoint| ck.names().map(str::to_string).collect::<Vec<_>>();
+    assert_eq!(names(&view), names(&folder));
+    for n in folder.names() {
+        let (a, b) = (view.get(n).unwrap(), folder.get(n).unwrap());
+        assert_eq!(
+            (a.dtype, &a.shape, &a.data),
+            (b.dtype, &b.shape, &b.data),
+            "{n}"
+        );
+    }
+    let cfg = golden("transformer/config.json");
+    let want = Flux2Config::from_json(&std::fs::read_to_string(&cfg).unwrap(), &cfg).unwrap();
+    assert_eq!(Flux2Config::from_checkpoint(&view).unwrap(), want);
+
+    let dir = tempfile::tempdir().unwrap();
+    let export = |model: PathBuf, out: &str| -> Vec<u8> {
+        let p = plan(ModelFiles::find(&model).unwrap(), "flux2-klein-4b").unwrap();
+        let path = dir.path().join(out);
+        export_transformer(&p, &Default::default(), &path).unwrap();
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes.extend(std::fs::read(dir.path().join(format!("{out}.data"))).unwrap_or_default());
+        bytes
+    };
+    let a = export(model_dir(&dir.path().join("a")), "folder.onnx");
+    let b = export(bfl_model_dir(&dir.path().join("b")), "folder.onnx");
+    assert!(a == b, "the BFL file's export differs from the folder's");
+    // A file of another layout under that name is refused with the reason.
+    let m = dir.path().join("b/tiny-flux2-klein");
+    std::fs::remove_file(m.join("flux-2-klein-tiny.safetensors")).unwrap();
+    std::os::unix::fs::symlink(
+        golden("vae/diffusion_pytorch_model.safetensors"),
+        m.join("flux-2-klein-tiny.safetensors"),
+    )
+    .unwrap();
+    let e = plan(ModelFiles::find(&m).unwrap(), "flux2-klein-4b")
+        .err()
+        .unwrap()
+        .to_string();
+    assert!(
+        e.contains("not a Black Forest Labs FLUX.2 transformer"),
+        "{e}"
+    );
+}

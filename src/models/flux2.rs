@@ -137,6 +137,52 @@ impl Flux2Config {
         Ok(c)
     }
 
+    /// Reads the config off a diffusers-named checkpoint (a BFL file's [`diffusers_view`]; it carries no config):
+    /// widths, depths, head size (the qk norms), MLP ratio and guidance embedder from the tensors; the rotary axes
+    /// split the head in four equal parts (klein: 32 x 4 = 128) with theta 2000, as every FLUX.2 model.
+    pub fn from_checkpoint(ck: &Checkpoint) -> Result<Self> {
+        let shape = |name: &str| -> Result<Vec<usize>> {
+            ck.shape(name).map(<[usize]>::to_vec).with_context(|| {
+                format!(
+                    "'{}' has no tensor '{name}': not a FLUX.2 transformer",
+                    ck.path.display()
+                )
+            })
+        };
+        let x = shape("x_embedder.weight")?;
+        let dim = x[0];
+        let out = shape("proj_out.weight")?[0];
+        let head = shape("transformer_blocks.0.attn.norm_q.weight")?[0];
+        let count = |f: &dyn Fn(usize) -> String| (0..).take_while(|i| ck.contains(&f(*i))).count();
+        let c = Flux2Config {
+            patch_size: 1,
+            in_channels: x[1],
+            // diffusers' None: as many as in.
+            out_channels: (out != x[1]).then_some(out),
+            num_layers: count(&|i| format!("transformer_blocks.{i}.attn.to_q.weight")),
+            num_single_layers: count(&|i| {
+                format!("single_transformer_blocks.{i}.attn.to_out.weight")
+            }),
+            attention_head_dim: head,
+            num_attention_heads: dim.checked_div(head).unwrap_or(0),
+            joint_attention_dim: shape("context_embedder.weight")?[1],
+            timestep_guidance_channels: shape(
+                "time_guidance_embed.timestep_embedder.linear_1.weight",
+            )?[1],
+            mlp_ratio: shape("transformer_blocks.0.ff.linear_in.weight")?[0] as f64
+                / 2.0
+                / dim.max(1) as f64,
+            axes_dims_rope: vec![head / 4; 4],
+            rope_theta: defaults::rope_theta(),
+            eps: defaults::eps(),
+            guidance_embeds: ck.contains("time_guidance_embed.guidance_embedder.linear_1.weight"),
+        };
+        c.check()
+            .with_context(|| format!("'{}' has an unsupported shape", ck.path.display()))?;
+        c.check_checkpoint(ck)?;
+        Ok(c)
+    }
+
     /// The model width (heads x head size).
     pub fn dim(&self) -> usize {
         self.num_attention_heads * self.attention_head_dim
@@ -319,6 +365,144 @@ impl Flux2Config {
         }
         Ok(())
     }
+}
+
+/// The key every Black Forest Labs FLUX.2 transformer file has, after its prefix (none in BFL's
+/// `flux-2-klein-*.safetensors`, `model.diffusion_model.` in whole-model files).
+const BFL_MARKER: &str = "double_blocks.0.img_attn.qkv.weight";
+
+/// The prefix of a BFL-layout FLUX.2 transformer in `ck`, if it holds one.
+pub fn bfl_prefix(ck: &Checkpoint) -> Option<String> {
+    ck.names()
+        .find(|n| n.ends_with(BFL_MARKER))
+        .map(|n| n[..n.len() - BFL_MARKER.len()].to_string())
+        .filter(|_| {
+            ck.names()
+                .any(|n| n.ends_with("single_stream_modulation.lin.weight"))
+        })
+}
+
+/// A BFL-layout FLUX.2 transformer as a diffusers-named view (diffusers'
+/// `convert_flux2_transformer_checkpoint_to_diffusers`: fused double-block qkv split into q, k, v without copying,
+/// `*.scale` norms as weights, the final AdaLN from shift|scale to scale|shift). A key it does not know is an error.
+pub fn diffusers_view(ck: &Checkpoint, prefix: &str) -> Result<Checkpoint> {
+    use crate::weights::safetensors_file::Derived::{Rows, Same, SwapHalves};
+    const TOP: [(&str, &str); 10] = [
+        ("img_in", "x_embedder"),
+        ("txt_in", "context_embedder"),
+        (
+            "time_in.in_layer",
+            "time_guidance_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "time_in.out_layer",
+            "time_guidance_embed.timestep_embedder.linear_2",
+        ),
+        (
+            "guidance_in.in_layer",
+            "time_guidance_embed.guidance_embedder.linear_1",
+        ),
+        (
+            "guidance_in.out_layer",
+            "time_guidance_embed.guidance_embedder.linear_2",
+        ),
+        (
+            "double_stream_modulation_img.lin",
+            "double_stream_modulation_img.linear",
+        ),
+        (
+            "double_stream_modulation_txt.lin",
+            "double_stream_modulation_txt.linear",
+        ),
+        (
+            "single_stream_modulation.lin",
+            "single_stream_modulation.linear",
+        ),
+        ("final_layer.linear", "proj_out"),
+    ];
+    const DOUBLE: [(&str, &str); 10] = [
+        ("img_attn.norm.query_norm", "attn.norm_q"),
+        ("img_attn.norm.key_norm", "attn.norm_k"),
+        ("img_attn.proj", "attn.to_out.0"),
+        ("img_mlp.0", "ff.linear_in"),
+        ("img_mlp.2", "ff.linear_out"),
+        ("txt_attn.norm.query_norm", "attn.norm_added_q"),
+        ("txt_attn.norm.key_norm", "attn.norm_added_k"),
+        ("txt_attn.proj", "attn.to_add_out"),
+        ("txt_mlp.0", "ff_context.linear_in"),
+        ("txt_mlp.2", "ff_context.linear_out"),
+    ];
+    const SINGLE: [(&str, &str); 4] = [
+        ("linear1", "attn.to_qkv_mlp_proj"),
+        ("linear2", "attn.to_out"),
+        ("norm.query_norm", "attn.norm_q"),
+        ("norm.key_norm", "attn.norm_k"),
+    ];
+    fn lookup(table: &[(&str, &'static str)], module: &str) -> Option<&'static str> {
+        table
+            .iter()
+            .find(|(from, _)| *from == module)
+            .map(|(_, to)| *to)
+    }
+    let mut t = Vec::new();
+    for name in ck.names().filter(|n| n.starts_with(prefix)) {
+        let key = &name[prefix.len()..];
+        let unknown = || {
+            anyhow::anyhow!(
+                "'{}': '{name}' is not a key of Black Forest Labs' FLUX.2 transformer layout (a different model, or a \
+                 newer layout trt-diff does not know)",
+                ck.path.display()
+            )
+        };
+        let (module, param) = key.rsplit_once('.').ok_or_else(unknown)?;
+        let param = if param == "scale" { "weight" } else { param };
+        if module == "final_layer.adaLN_modulation.1" {
+            t.push((
+                format!("norm_out.linear.{param}"),
+                SwapHalves(name.to_string()),
+            ));
+            continue;
+        }
+        let block = |kind: &str| -> Option<(&str, &str)> {
+            let rest = module.strip_prefix(kind)?.strip_prefix('.')?;
+            rest.split_once('.')
+        };
+        if let Some((i, within)) = block("double_blocks") {
+            let qkv = match within {
+                "img_attn.qkv" => Some(["attn.to_q", "attn.to_k", "attn.to_v"]),
+                "txt_attn.qkv" => Some(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]),
+                _ => None,
+            };
+            if let Some(parts) = qkv {
+                for (index, to) in parts.iter().enumerate() {
+                    t.push((
+                        format!("transformer_blocks.{i}.{to}.{param}"),
+                        Rows {
+                            name: name.to_string(),
+                            index,
+                            parts: 3,
+                        },
+                    ));
+                }
+            } else {
+                let to = lookup(&DOUBLE, within).ok_or_else(unknown)?;
+                t.push((
+                    format!("transformer_blocks.{i}.{to}.{param}"),
+                    Same(name.to_string()),
+                ));
+            }
+        } else if let Some((i, within)) = block("single_blocks") {
+            let to = lookup(&SINGLE, within).ok_or_else(unknown)?;
+            t.push((
+                format!("single_transformer_blocks.{i}.{to}.{param}"),
+                Same(name.to_string()),
+            ));
+        } else {
+            let to = lookup(&TOP, module).ok_or_else(unknown)?;
+            t.push((format!("{to}.{param}"), Same(name.to_string())));
+        }
+    }
+    ck.renamed(t)
 }
 
 /// ModelOpt-like defaults for FLUX.2: [`Policy::defaults`] (embedders incl. `time_guidance_embed`, `norm_out`,

@@ -133,9 +133,25 @@ impl ModelFiles {
             }
             p
         };
+        // Black Forest Labs' transformer file at the folder's root (flux-2-klein-4b.safetensors, as their
+        // repositories ship it beside the diffusers folders) stands in for transformer/.
+        let bfl = std::fs::read_dir(model)
+            .with_context(|| format!("cannot list '{}'", model.display()))?
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().is_some_and(|n| {
+                    let n = n.to_string_lossy();
+                    n.starts_with("flux-2-") && n.ends_with(".safetensors")
+                })
+            })
+            .min();
+        let transformer = match bfl {
+            Some(f) if !model.join("transformer").is_dir() => f,
+            _ => need("transformer"),
+        };
         let files = ModelFiles {
             root: model.to_path_buf(),
-            transformer: need("transformer"),
+            transformer,
             text_encoder: need("text_encoder"),
             vae: need("vae"),
             tokenizer: need("tokenizer/tokenizer.json"),
@@ -155,6 +171,22 @@ impl ModelFiles {
             ..files
         })
     }
+}
+
+/// The transformer's tensors under diffusers' names: a transformer/ folder as it is, a BFL file renamed.
+fn open_transformer(path: &Path) -> Result<Checkpoint> {
+    let ck = Checkpoint::open(path)?;
+    if !path.is_file() {
+        return Ok(ck);
+    }
+    let prefix = fm::bfl_prefix(&ck).with_context(|| {
+        format!(
+            "'{}' is not a Black Forest Labs FLUX.2 transformer (no double_blocks.0.img_attn.qkv.weight and \
+             single_stream_modulation.lin.weight)",
+            path.display()
+        )
+    })?;
+    fm::diffusers_view(&ck, &prefix)
 }
 
 fn read_json(path: &Path) -> Result<serde_json::Value> {
@@ -226,17 +258,23 @@ pub struct Plan {
 
 pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
     let recipe: Recipe = super::recipe::load(arch)?;
-    let tpath = files.transformer.join("config.json");
-    let text = std::fs::read_to_string(&tpath).with_context(|| {
-        format!(
-            "cannot read '{}': the transformer folder needs the config.json diffusers saves",
-            tpath.display()
-        )
-    })?;
-    let transformer = fm::Flux2Config::from_json(&text, &tpath)?;
+    let tck = open_transformer(&files.transformer)?;
+    let transformer = if files.transformer.is_file() {
+        fm::Flux2Config::from_checkpoint(&tck)?
+    } else {
+        let tpath = files.transformer.join("config.json");
+        let text = std::fs::read_to_string(&tpath).with_context(|| {
+            format!(
+                "cannot read '{}': the transformer folder needs the config.json diffusers saves",
+                tpath.display()
+            )
+        })?;
+        fm::Flux2Config::from_json(&text, &tpath)?
+    };
     transformer
-        .check_checkpoint(&Checkpoint::open(&files.transformer)?)
+        .check_checkpoint(&tck)
         .with_context(|| format!("'{}'", files.transformer.display()))?;
+    drop(tck);
     let d = &recipe.defaults;
     let (te_arch, te) =
         crate::weights::hf::config(&files.text_encoder, Some(d.max_sequence_length))?;
@@ -442,8 +480,12 @@ pub fn export_transformer(
     opts: &fm::ExportOptions,
     out: &Path,
 ) -> Result<crate::models::flux::LinearsReport> {
-    let ck = Checkpoint::open(&p.files.transformer)?;
-    fm::export(&p.transformer, &ck, opts, out)
+    fm::export(
+        &p.transformer,
+        &open_transformer(&p.files.transformer)?,
+        opts,
+        out,
+    )
 }
 
 fn transformer_options(
