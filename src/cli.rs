@@ -8,8 +8,10 @@ use clap::{Args, Parser, Subcommand};
 
 mod auto;
 mod samplers;
+mod sources;
 pub use auto::AutoArgs;
 pub use samplers::{CheckArgs, SamplersCmd};
+pub use sources::SourceArgs;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -285,14 +287,8 @@ pub struct ExportArgs {
     /// Output folder.
     #[arg(long, short)]
     pub out: PathBuf,
-    #[arg(long, value_name = "FILE")]
-    pub clip_tokenizer: Option<PathBuf>,
-    #[arg(long, value_name = "FILE")]
-    pub t5_tokenizer: Option<PathBuf>,
-    /// SD3.5 single files: a diffusers folder of the same model whose component configs (transformer/,
-    /// text_encoder*/, vae/, scheduler/) describe the file's parts, as diffusers' from_single_file(config=...).
-    #[arg(long, value_name = "DIR")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub sources: SourceArgs,
 }
 
 #[derive(Args)]
@@ -317,18 +313,8 @@ pub struct BuildArgs {
     /// the folder's byte-level BPE tokenizer.json.
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
-    /// Flux and SD: CLIP merges (merges.txt or bpe_simple_vocab_16e6.txt.gz) when the model has no tokenizer/
-    /// (SD single files never have one).
-    #[arg(long, value_name = "FILE")]
-    pub clip_tokenizer: Option<PathBuf>,
-    /// Flux: T5 tokenizer.json when the model folder has no tokenizer_2/.
-    #[arg(long, value_name = "FILE")]
-    pub t5_tokenizer: Option<PathBuf>,
-    /// SD3.5 single files: a diffusers folder of the same model whose component configs (transformer/,
-    /// text_encoder*/, vae/, scheduler/) describe the file's parts, as diffusers' from_single_file(config=...);
-    /// without it they are read off the weights.
-    #[arg(long, value_name = "DIR")]
-    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub sources: SourceArgs,
     /// Flux/SD/FLUX.2: a madebyollin TAE decoder (taef1/taesd/taesdxl/taef2 .safetensors) for `generate --preview`.
     #[arg(long, value_name = "FILE")]
     pub tae_decoder: Option<PathBuf>,

@@ -10,7 +10,7 @@ pub fn run(a: ExportArgs) -> Result<()> {
             a.arch.name(),
             a.precision,
             &a.out,
-            a.clip_tokenizer.as_deref(),
+            a.sources.clip_tokenizer.as_deref(),
         )?;
         for f in files {
             println!("wrote {}", f.display());
@@ -23,9 +23,9 @@ pub fn run(a: ExportArgs) -> Result<()> {
             a.arch.name(),
             a.precision,
             &a.out,
-            a.clip_tokenizer.as_deref(),
-            a.t5_tokenizer.as_deref(),
-            a.config.as_deref(),
+            a.sources.clip_tokenizer.as_deref(),
+            a.sources.t5_tokenizer.as_deref(),
+            a.sources.config.as_deref(),
         )?;
         for f in files {
             println!("wrote {}", f.display());
@@ -79,8 +79,8 @@ pub fn run(a: ExportArgs) -> Result<()> {
         a.arch.name(),
         a.precision,
         &a.out,
-        a.clip_tokenizer.as_deref(),
-        a.t5_tokenizer.as_deref(),
+        a.sources.clip_tokenizer.as_deref(),
+        a.sources.t5_tokenizer.as_deref(),
     )?;
     for f in [
         &p.transformer,
