@@ -214,3 +214,23 @@ fn single_file_layout_maps_onto_the_diffusers_transformer() {
             .unwrap();
     assert_eq!(t5_got, t5_want);
 }
+
+/// The synthetic-checkpoint shape list (the export benchmark's) names every tensor of diffusers' checkpoints with
+/// its shape, for both the medium-like (dual attention) and the large-like config.
+#[test]
+fn tensor_shapes_list_every_diffusers_tensor() {
+    for dir in ["sd35/transformer", "sd35/transformer_large"] {
+        let cfg_path = root(dir).join("config.json");
+        let cfg =
+            Sd3Config::from_json(&std::fs::read_to_string(&cfg_path).unwrap(), &cfg_path).unwrap();
+        let ck = Checkpoint::open(&root(dir)).unwrap();
+        let mut want: Vec<(String, Vec<usize>)> = ck
+            .names()
+            .map(|n| (n.to_string(), ck.shape(n).unwrap().to_vec()))
+            .collect();
+        let mut got = cfg.tensor_shapes();
+        want.sort();
+        got.sort();
+        assert_eq!(got, want, "{dir}");
+    }
+}

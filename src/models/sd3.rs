@@ -168,6 +168,104 @@ impl Sd3Config {
         self.out_channels.unwrap_or(self.in_channels)
     }
 
+    /// Every tensor of a diffusers checkpoint of this config (name, shape), in emission order: what a synthetic
+    /// checkpoint needs (benches/sd35_export.rs).
+    pub fn tensor_shapes(&self) -> Vec<(String, Vec<usize>)> {
+        let (d, p, hd) = (self.dim(), self.patch_size, self.attention_head_dim);
+        let mut v: Vec<(String, Vec<usize>)> = Vec::new();
+        let linear = |v: &mut Vec<(String, Vec<usize>)>, name: String, out: usize, inp: usize| {
+            v.push((format!("{name}.weight"), vec![out, inp]));
+            v.push((format!("{name}.bias"), vec![out]));
+        };
+        v.push((
+            "pos_embed.proj.weight".into(),
+            vec![d, self.in_channels, p, p],
+        ));
+        v.push(("pos_embed.proj.bias".into(), vec![d]));
+        let m = self.pos_embed_max_size;
+        v.push(("pos_embed.pos_embed".into(), vec![1, m * m, d]));
+        linear(
+            &mut v,
+            "time_text_embed.timestep_embedder.linear_1".into(),
+            d,
+            256,
+        );
+        linear(
+            &mut v,
+            "time_text_embed.timestep_embedder.linear_2".into(),
+            d,
+            d,
+        );
+        linear(
+            &mut v,
+            "time_text_embed.text_embedder.linear_1".into(),
+            d,
+            self.pooled_projection_dim,
+        );
+        linear(
+            &mut v,
+            "time_text_embed.text_embedder.linear_2".into(),
+            d,
+            d,
+        );
+        linear(
+            &mut v,
+            "context_embedder".into(),
+            d,
+            self.joint_attention_dim,
+        );
+        for i in 0..self.num_layers {
+            let b = format!("transformer_blocks.{i}");
+            let last = i + 1 == self.num_layers;
+            let dual = self.dual_attention_layers.contains(&i);
+            linear(
+                &mut v,
+                format!("{b}.norm1.linear"),
+                if dual { 9 } else { 6 } * d,
+                d,
+            );
+            linear(
+                &mut v,
+                format!("{b}.norm1_context.linear"),
+                if last { 2 } else { 6 } * d,
+                d,
+            );
+            let mut projections = vec!["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"];
+            projections.extend(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]);
+            if !last {
+                projections.push("attn.to_add_out");
+            }
+            if dual {
+                projections.extend(["attn2.to_q", "attn2.to_k", "attn2.to_v", "attn2.to_out.0"]);
+            }
+            for name in projections {
+                linear(&mut v, format!("{b}.{name}"), d, d);
+            }
+            if self.qk_norm.is_some() {
+                let mut norms = vec![
+                    "attn.norm_q",
+                    "attn.norm_k",
+                    "attn.norm_added_q",
+                    "attn.norm_added_k",
+                ];
+                if dual {
+                    norms.extend(["attn2.norm_q", "attn2.norm_k"]);
+                }
+                for n in norms {
+                    v.push((format!("{b}.{n}.weight"), vec![hd]));
+                }
+            }
+            let streams: &[&str] = if last { &["ff"] } else { &["ff", "ff_context"] };
+            for f in streams {
+                linear(&mut v, format!("{b}.{f}.net.0.proj"), 4 * d, d);
+                linear(&mut v, format!("{b}.{f}.net.2"), d, 4 * d);
+            }
+        }
+        linear(&mut v, "norm_out.linear".into(), 2 * d, d);
+        linear(&mut v, "proj_out".into(), p * p * self.out_channels(), d);
+        v
+    }
+
     /// SD3.5 medium's MMDiT-X (dual attention) blocks.
     pub fn is_medium(&self) -> bool {
         !self.dual_attention_layers.is_empty()
