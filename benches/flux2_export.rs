@@ -48,7 +48,7 @@ fn main() {
             precision: FluxPrecision::Nvfp4,
             ..Default::default()
         };
-        format!("{:?}", flux2::export(&cfg, ck, &opts, out).unwrap())
+        format!("{:?}", flux2::export(&cfg, ck, &opts, out).unwrap().counts)
     };
     common::run(
         &common::Subject {

@@ -53,7 +53,7 @@ fn main() {
             precision: FluxPrecision::Nvfp4,
             ..Default::default()
         };
-        format!("{:?}", sd3::export(&cfg, ck, &opts, out).unwrap())
+        format!("{:?}", sd3::export(&cfg, ck, &opts, out).unwrap().counts)
     };
     common::run(
         &common::Subject {
