@@ -9,57 +9,20 @@
 //! are dropped from the page cache (`dd iflag=nocache`) before each timed phase, and both phases end with `sync`,
 //! so both measure data from and to the disk. FLUX_BENCH_ROUNDS (default 2) rounds of both, alternating
 //! which goes first; the ratio is of the summed times.
+#[path = "common/export.rs"]
+mod common;
+use common::{Cleanup, cpu_seconds, drop_cache, load_average, peak_rss_bytes, plain_copy, sync};
 use rayon::prelude::*;
-use std::io::{Read, Write};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Instant;
 use trt_diff::models::flux::{self, ExportOptions, FluxConfig, FluxPrecision};
 use trt_diff::weights::safetensors_file::Checkpoint;
 
-struct Cleanup(PathBuf);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn peak_rss_reset() {
     // Writing 5 to clear_refs resets VmHWM (Linux >= 4.0).
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-/// User + system CPU seconds of this process so far (/proc/self/stat, clock ticks of 1/100 s).
-fn cpu_seconds() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
-    let after = s.rsplit_once(')').map_or("", |(_, r)| r);
-    let f: Vec<&str> = after.split_whitespace().collect();
-    let tick = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    (tick(11) + tick(12)) / 100.0
-}
-
-fn load_average() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .unwrap_or_default()
-        .split_whitespace()
-        .take(3)
-        .collect::<Vec<_>>()
-        .join(" ")
-}
-
-fn drop_cache(p: &Path) {
-    let _ = Command::new("dd")
-        .arg(format!("if={}", p.display()))
-        .args(["iflag=nocache", "count=0", "status=none"])
-        .status();
 }
 
 /// (read requests, sectors read, write requests, sectors written) of the block device holding `p`, from sysfs;
@@ -101,10 +64,6 @@ fn request_sizes(a: [u64; 4], b: [u64; 4]) -> String {
         kib(b[0] - a[0], b[1] - a[1]),
         kib(b[2] - a[2], b[3] - a[3])
     )
-}
-
-fn sync() {
-    let _ = Command::new("sync").status();
 }
 
 fn free_bytes(dir: &Path) -> Option<u64> {
@@ -172,30 +131,6 @@ fn write_checkpoint(cfg: &FluxConfig, path: &Path) -> u64 {
     }
     f.flush().unwrap();
     off
-}
-
-/// Reads `src` sequentially and writes `out_bytes` bytes to `dst`.
-fn plain_copy(src: &Path, dst: &Path, out_bytes: u64) -> u64 {
-    let mut r = std::fs::File::open(src).unwrap();
-    let mut w = std::fs::File::create(dst).unwrap();
-    let mut buf = vec![0u8; 8 << 20];
-    let (mut read, mut written) = (0u64, 0u64);
-    loop {
-        let n = r.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        read += n as u64;
-        let m = (out_bytes - written).min(n as u64) as usize;
-        w.write_all(&buf[..m]).unwrap();
-        written += m as u64;
-    }
-    while written < out_bytes {
-        let m = (out_bytes - written).min(buf.len() as u64) as usize;
-        w.write_all(&buf[..m]).unwrap();
-        written += m as u64;
-    }
-    read
 }
 
 fn main() {

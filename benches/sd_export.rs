@@ -8,42 +8,18 @@
 //! and write as many bytes as the export wrote. The checkpoint's pages are dropped from the page cache before each
 //! timed phase and both end with `sync`. SD_BENCH_ROUNDS (default 1) rounds, alternating which goes first. All
 //! files are deleted at the end.
-use std::io::{Read, Write};
+#[path = "common/export.rs"]
+mod common;
+use common::{Cleanup, drop_cache, peak_rss_bytes, plain_copy, sync};
+use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Instant;
 use trt_diff::models::unet::{self, AddedConditioning, UNetConfig, UNetExportOptions, UNetLayout};
 use trt_diff::quant::LinearPrecision;
 use trt_diff::weights::safetensors_file::Checkpoint;
 
-struct Cleanup(PathBuf);
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn peak_rss_reset() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
-}
-
-fn peak_rss_bytes() -> u64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    s.lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        .map_or(0, |kb| kb * 1024)
-}
-
-fn drop_cache(p: &Path) {
-    let _ = Command::new("dd")
-        .arg(format!("if={}", p.display()))
-        .args(["iflag=nocache", "count=0", "status=none"])
-        .status();
-}
-
-fn sync() {
-    let _ = Command::new("sync").status();
 }
 
 /// SDXL base 1.0's UNet in the single-file layout.
@@ -264,29 +240,6 @@ fn write_checkpoint(tensors: &[(String, Vec<usize>)], path: &Path) -> u64 {
     }
     f.flush().unwrap();
     off
-}
-
-fn plain_copy(src: &Path, dst: &Path, out_bytes: u64) -> u64 {
-    let mut r = std::fs::File::open(src).unwrap();
-    let mut w = std::fs::File::create(dst).unwrap();
-    let mut buf = vec![0u8; 8 << 20];
-    let (mut read, mut written) = (0u64, 0u64);
-    loop {
-        let n = r.read(&mut buf).unwrap();
-        if n == 0 {
-            break;
-        }
-        read += n as u64;
-        let m = (out_bytes - written).min(n as u64) as usize;
-        w.write_all(&buf[..m]).unwrap();
-        written += m as u64;
-    }
-    while written < out_bytes {
-        let m = (out_bytes - written).min(buf.len() as u64) as usize;
-        w.write_all(&buf[..m]).unwrap();
-        written += m as u64;
-    }
-    read
 }
 
 fn dir_bytes(d: &Path) -> u64 {

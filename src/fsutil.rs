@@ -396,6 +396,21 @@ pub fn confined_path(dir: &Path, name: &str) -> std::result::Result<PathBuf, Esc
     Ok(joined)
 }
 
+/// The first (by name) `.safetensors` file directly in `dir` whose name starts with `prefix` (a vendor's single file
+/// beside or instead of a diffusers subfolder, such as `flux1-dev.safetensors`).
+pub fn safetensors_named(dir: &Path, prefix: &str) -> Result<Option<PathBuf>> {
+    Ok(std::fs::read_dir(dir)
+        .with_context(|| format!("cannot list '{}'", dir.display()))?
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| {
+            p.file_name().is_some_and(|n| {
+                let n = n.to_string_lossy();
+                n.starts_with(prefix) && n.ends_with(".safetensors")
+            })
+        })
+        .min())
+}
+
 /// Copies `src` to `dst` through a temporary, so `dst` appears whole or not at all.
 pub fn copy_atomic(src: &Path, dst: &Path) -> Result<()> {
     let mut input = File::open(src).with_context(|| format!("cannot open '{}'", src.display()))?;

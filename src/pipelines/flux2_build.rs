@@ -135,16 +135,7 @@ impl ModelFiles {
         };
         // Black Forest Labs' transformer file at the folder's root (flux-2-klein-4b.safetensors, as their
         // repositories ship it beside the diffusers folders) stands in for transformer/.
-        let bfl = std::fs::read_dir(model)
-            .with_context(|| format!("cannot list '{}'", model.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().is_some_and(|n| {
-                    let n = n.to_string_lossy();
-                    n.starts_with("flux-2-") && n.ends_with(".safetensors")
-                })
-            })
-            .min();
+        let bfl = crate::fsutil::safetensors_named(model, "flux-2-")?;
         let transformer = match bfl {
             Some(f) if !model.join("transformer").is_dir() => f,
             _ => need("transformer"),

@@ -86,16 +86,7 @@ impl ModelFiles {
         let mut missing = Vec::new();
         // Black Forest Labs' single files (flux1-dev.safetensors, ae.safetensors) stand in for transformer/ and
         // vae/ (the emitters read both layouts).
-        let bfl = std::fs::read_dir(model)
-            .with_context(|| format!("cannot list '{}'", model.display()))?
-            .filter_map(|e| e.ok().map(|e| e.path()))
-            .filter(|p| {
-                p.file_name().is_some_and(|n| {
-                    let n = n.to_string_lossy();
-                    n.starts_with("flux1-") && n.ends_with(".safetensors")
-                })
-            })
-            .min();
+        let bfl = crate::fsutil::safetensors_named(model, "flux1-")?;
         let mut need = |sub: &str, single: Option<PathBuf>| {
             let p = model.join(sub);
             if p.is_dir() {
