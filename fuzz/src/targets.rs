@@ -61,10 +61,12 @@ impl Default for Scratch {
     }
 }
 
-/// Digits and hex runs dropped, first 60 characters: errors that differ only in numbers count as one.
-pub fn signature(r: anyhow::Result<()>) -> String {
+/// Digits and hex runs dropped, first 60 characters: errors that differ only in numbers count as one. A target that
+/// always succeeds (the tokenizers) returns a coarse shape of its output instead, so that inputs taking other paths
+/// still count as new.
+pub fn signature<T: Outcome>(r: anyhow::Result<T>) -> String {
     match r {
-        Ok(()) => "ok".into(),
+        Ok(v) => v.shape(),
         Err(e) => {
             let s = format!("{e}");
             let s = match s.find("': ") {
@@ -73,6 +75,36 @@ pub fn signature(r: anyhow::Result<()>) -> String {
             };
             s.chars().filter(|c| !c.is_ascii_digit()).take(60).collect()
         }
+    }
+}
+
+/// What a successful run says about the path it took.
+pub trait Outcome {
+    fn shape(&self) -> String;
+}
+
+impl Outcome for () {
+    fn shape(&self) -> String {
+        "ok".into()
+    }
+}
+
+/// A tokenization: how many tokens and how large the ids (powers of two), and whether decoding gave the text back.
+pub struct Tokens {
+    pub ids: Vec<u32>,
+    pub round_trip: bool,
+}
+
+impl Outcome for Tokens {
+    fn shape(&self) -> String {
+        let log2 = |v: usize| usize::BITS - v.leading_zeros();
+        let max = self.ids.iter().copied().max().unwrap_or(0) as usize;
+        format!(
+            "ok n{} id{} rt{}",
+            log2(self.ids.len()),
+            log2(max),
+            self.round_trip as u8
+        )
     }
 }
 
@@ -238,11 +270,19 @@ fn vocab(name: &str) -> Option<&'static trt_diff::tokenizer::llm_vocab::Vocab> {
     Some(v)
 }
 
-fn tokenize_all(v: &trt_diff::tokenizer::llm_vocab::Vocab, data: &[u8]) -> anyhow::Result<()> {
+fn tokenize_all(v: &trt_diff::tokenizer::llm_vocab::Vocab, data: &[u8]) -> anyhow::Result<Tokens> {
     let t = text(data);
-    for (add, parse) in [(false, false), (true, true)] {
+    let mut out = Tokens {
+        ids: Vec::new(),
+        round_trip: false,
+    };
+    for (add, parse) in [(true, true), (false, false)] {
         let ids = v.tokenize(&t, add, parse);
-        let _ = v.detokenize(&ids, parse);
+        let back = v.detokenize(&ids, parse);
+        out = Tokens {
+            round_trip: back == t.as_bytes(),
+            ids,
+        };
     }
     // Ids straight from the input, as a client of `tokenize --decode` may send them.
     let ids: Vec<u32> = data
@@ -251,19 +291,19 @@ fn tokenize_all(v: &trt_diff::tokenizer::llm_vocab::Vocab, data: &[u8]) -> anyho
         .collect();
     let _ = v.detokenize(&ids, true);
     let _ = v.detokenize(&ids, false);
-    Ok(())
+    Ok(out)
 }
 
-fn vocab_text(name: &str, data: &[u8]) -> anyhow::Result<()> {
+fn vocab_text(name: &str, data: &[u8]) -> anyhow::Result<Tokens> {
     let v = vocab(name).ok_or_else(|| anyhow::anyhow!("vocabulary {name} missing"))?;
     tokenize_all(v, data)
 }
 
-fn wpm_text(data: &[u8]) -> anyhow::Result<()> {
+fn wpm_text(data: &[u8]) -> anyhow::Result<Tokens> {
     vocab_text("wpm.gguf", data)
 }
 
-fn clip_text(data: &[u8]) -> anyhow::Result<()> {
+fn clip_text(data: &[u8]) -> anyhow::Result<Tokens> {
     static TOK: OnceLock<Option<trt_diff::tokenizer::clip::ClipTokenizer>> = OnceLock::new();
     let tok = TOK
         .get_or_init(|| {
@@ -275,13 +315,15 @@ fn clip_text(data: &[u8]) -> anyhow::Result<()> {
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("CLIP vocabulary missing"))?;
     let t = text(data);
-    let _ = tok.encode(&t);
     let _ = tok.encode_padded(&t, 77);
     let _ = tok.encode_padded(&t, 0);
-    Ok(())
+    Ok(Tokens {
+        ids: tok.encode(&t),
+        round_trip: false,
+    })
 }
 
-fn t5_text(data: &[u8]) -> anyhow::Result<()> {
+fn t5_text(data: &[u8]) -> anyhow::Result<Tokens> {
     static TOK: OnceLock<Option<trt_diff::tokenizer::t5::T5Tokenizer>> = OnceLock::new();
     let tok = TOK
         .get_or_init(|| {
@@ -293,10 +335,12 @@ fn t5_text(data: &[u8]) -> anyhow::Result<()> {
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("T5 vocabulary missing"))?;
     let t = text(data);
-    tok.encode(&t)?;
     tok.encode_padded(&t, 512)?;
     tok.encode_padded(&t, 0)?;
-    Ok(())
+    Ok(Tokens {
+        ids: tok.encode(&t)?,
+        round_trip: false,
+    })
 }
 
 fn llama2c_tokenizer(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
