@@ -186,6 +186,13 @@ impl Source {
                                 path.display()
                             )
                         })?;
+                    // The identity is sized by the header: bound it (CLIP-L is 768 wide).
+                    if d > 4096 {
+                        bail!(
+                            "'{}': a CLIP-L {d} wide is not a CLIP-L (768); the file is damaged or another model",
+                            path.display()
+                        );
+                    }
                     let mut eye = vec![0f32; d * d];
                     eye.iter_mut().step_by(d + 1).for_each(|v| *v = 1.0);
                     let identity = crate::weights::safetensors_file::Tensor {
