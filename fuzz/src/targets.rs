@@ -201,6 +201,16 @@ fn safetensors(s: &Scratch, data: &[u8]) -> anyhow::Result<()> {
             let _ = t.to_f32();
         }
     }
+    // The single-file layouts read through renamed views, and their configs read off the weights.
+    use trt_diff::models::{flux2, sd3};
+    if let Some(prefix) = sd3::original_prefix(&ck) {
+        let view = sd3::diffusers_view(&ck, &prefix)?;
+        sd3::Sd3Config::from_checkpoint(&view)?;
+    }
+    if let Some(prefix) = flux2::bfl_prefix(&ck) {
+        let view = flux2::diffusers_view(&ck, &prefix)?;
+        flux2::Flux2Config::from_checkpoint(&view)?;
+    }
     Ok(())
 }
 
