@@ -2,6 +2,7 @@
 //! shards listed in `model.safetensors.index.json`. Tensors keep their names (the decoder graph uses HF names; Phi-3's
 //! fused `qkv_proj` and `gate_up_proj` are split into Llama's); F32/F16/BF16 are read as f32. HF checkpoints hold
 //! q/k in the halves RoPE layout.
+use crate::onnx::DataType;
 use crate::weights::llm_config::{LlamaConfig, RopeScaling};
 use anyhow::{Context, Result, bail};
 use serde_json::Value as J;
@@ -180,29 +181,6 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
     Ok((arch, cfg))
 }
 
-fn to_f32(name: &str, file: &Path, view: &safetensors::tensor::TensorView) -> Result<Vec<f32>> {
-    use safetensors::Dtype;
-    let b = view.data();
-    Ok(match view.dtype() {
-        Dtype::F32 => b
-            .chunks_exact(4)
-            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-            .collect(),
-        Dtype::F16 => b
-            .chunks_exact(2)
-            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        Dtype::BF16 => b
-            .chunks_exact(2)
-            .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
-            .collect(),
-        other => bail!(
-            "'{}': tensor '{name}' is {other:?}; only F32, F16 and BF16 checkpoints are read",
-            file.display()
-        ),
-    })
-}
-
 /// Loads config and every tensor of the checkpoint folder.
 pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
     let (arch, config) = config(dir, max_context)?;
@@ -234,16 +212,29 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
     };
     let mut tensors = HashMap::new();
     for file in &files {
-        let bytes = std::fs::read(file).with_context(|| {
-            format!(
-                "cannot read '{}': check the checkpoint folder",
-                file.display()
-            )
-        })?;
-        let st = safetensors::SafeTensors::deserialize(&bytes)
-            .map_err(|e| anyhow::anyhow!("'{}' is not a safetensors file: {e}", file.display()))?;
-        for (name, view) in st.tensors() {
-            tensors.insert(name.clone(), to_f32(&name, file, &view)?);
+        // Mapped, each tensor widened on its own: the file's bytes are never all in memory beside their f32 copy.
+        let ck = crate::weights::safetensors_file::Checkpoint::open(file)?;
+        if ck.prequantized() > 0 {
+            bail!(
+                "'{}' holds pre-quantized weights ({} layout), which LLM builds do not read: use the model's \
+                 bf16/fp16 release",
+                file.display(),
+                ck.source_layout().name()
+            );
+        }
+        for name in ck.names() {
+            let t = ck.get(name)?;
+            if !matches!(
+                t.dtype,
+                DataType::FLOAT | DataType::FLOAT16 | DataType::BFLOAT16
+            ) {
+                bail!(
+                    "'{}': tensor '{name}' is {}; only F32, F16 and BF16 checkpoints are read",
+                    file.display(),
+                    t.dtype
+                );
+            }
+            tensors.insert(name.to_string(), t.to_f32()?);
         }
     }
     // A bare base model (transformers' `Qwen3Model`, as some pipelines save their text encoders) names its tensors
