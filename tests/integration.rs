@@ -21,6 +21,7 @@ mod hardening;
 mod llm;
 mod llm_archs;
 mod llm_chat;
+mod llm_gemma;
 mod llm_gguf;
 mod llm_qwen2;
 mod llm_qwen3;

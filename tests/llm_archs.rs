@@ -12,14 +12,14 @@ use trt_diff::quant::LinearPrecision;
 use trt_diff::quant::policy::Policy;
 
 /// Largest logit difference allowed, relative to the largest golden logit.
-const RELATIVE_TOLERANCE: f64 = 1e-4;
+pub const RELATIVE_TOLERANCE: f64 = 1e-4;
 
-fn golden_dir(arch: &str) -> PathBuf {
+pub fn golden_dir(arch: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(format!("tests/golden/llm/tiny_{arch}"))
 }
 
 /// The prompt's token ids and transformers' logits rows for them.
-fn golden(arch: &str) -> (Vec<i64>, Vec<Vec<f64>>) {
+pub fn golden(arch: &str) -> (Vec<i64>, Vec<Vec<f64>>) {
     let j: serde_json::Value = serde_json::from_str(
         &std::fs::read_to_string(golden_dir(arch).join("logits.json")).unwrap(),
     )
@@ -47,7 +47,7 @@ fn golden(arch: &str) -> (Vec<i64>, Vec<Vec<f64>>) {
 
 /// Logits rows of `graph` for `all` on ONNX Runtime's CPU: a prefill of `split` tokens, then alternately one token
 /// and runs of three with the KV cache (so windowed keys leave the window both inside a call and across calls).
-fn run_graph(
+pub fn run_graph(
     dir: &Path,
     name: &str,
     graph: ModelProto,
@@ -71,7 +71,7 @@ fn run_graph(
     rows
 }
 
-fn check(what: &str, got: &[Vec<f64>], want: &[Vec<f64>]) {
+pub fn check(what: &str, got: &[Vec<f64>], want: &[Vec<f64>]) {
     assert_eq!(got.len(), want.len(), "{what}: one logits row per token");
     let scale = want.iter().flatten().fold(0.0, |m: f64, x| m.max(x.abs()));
     let diff = got

@@ -2,7 +2,8 @@
 //! - `MatMulGgml(X f32 [..., K], W0 uint8 [N0, row bytes], W1?, W2?, B f32 [N0+N1+N2]?) -> Y f32 [..., N0+N1+N2]`
 //!   with attribute `types` (the ggml type id of each W): the projections of one input (q, k and v) in one call,
 //!   each weight in its own format, outputs side by side;
-//! - `GateUpGgml(X, W_gate, W_up) -> silu(X W_gate^T) * (X W_up^T)` with `types` likewise;
+//! - `GateUpGgml(X, W_gate, W_up) -> act(X W_gate^T) * (X W_up^T)` with `types` likewise and `activation` as
+//!   `ort_ops`' GateUp;
 //! - `GatherGgml(W uint8 [V, row bytes], ids int64 [...]) -> f32 [..., K]` with `type` and `k`: embedding rows,
 //!   dequantized.
 //!
@@ -10,6 +11,7 @@
 //! (`models::llama_cpu`). Output rows are split over `spin_pool` as in `ort_ops`.
 use super::ggml_blocks::{self, Act, DOT_MAX_ROWS, QActs, Quant};
 use crate::weights::gguf::GgmlType;
+use crate::weights::llm_config::MlpAct;
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorInput, OperatorOutput,
 };
@@ -85,10 +87,6 @@ struct Part<'a> {
     col: usize,
 }
 
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
-
 fn act_index(a: Act) -> usize {
     match a {
         Act::Q8_0 => 0,
@@ -103,8 +101,11 @@ thread_local! {
     static SCRATCH: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
-/// `y = x [W0; W1; ...]^T` ([m, total n]); with `gated` (two parts, m = 1) `y` is [n] and holds the gated product.
-fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gated: bool, y: &mut [f32]) {
+/// `y = x [W0; W1; ...]^T` ([m, total n]); with a `gate` activation (two parts, m = 1) `y` is [n] and holds the
+/// gated product.
+fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gate: Option<MlpAct>, y: &mut [f32]) {
+    let gated = gate.is_some();
+    let act = gate.unwrap_or_default();
     let total: usize = parts.iter().map(|p| p.n).sum();
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
@@ -150,7 +151,7 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gated: bool, y: &mut [
                 dots(p, acts, x, k, rows.clone(), yg);
                 dots(up, acts, x, k, rows.clone(), &mut u[..rows.len()]);
                 for (o, &u) in yg.iter_mut().zip(&u) {
-                    *o = silu(*o) * u;
+                    *o = act.apply(*o) * u;
                 }
                 return;
             }
@@ -263,7 +264,7 @@ unsafe fn product_part(
     }
 }
 
-fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64]) -> ort::Result<()> {
+fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64], act: MlpAct) -> ort::Result<()> {
     let name = if GATED { GATE_UP } else { MATMUL };
     let x = ctx
         .input(0)?
@@ -330,17 +331,17 @@ fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64]) -> ort::Resul
         FULL.with(|f| {
             let mut full = f.borrow_mut();
             full.resize(m * total, 0.0);
-            product(&parts, xd, m, k, false, &mut full[..m * total]);
+            product(&parts, xd, m, k, None, &mut full[..m * total]);
             for (yr, fr) in yd.chunks_exact_mut(n_out).zip(full.chunks_exact(total)) {
                 let (g, u) = fr.split_at(n_out);
                 for ((o, &g), &u) in yr.iter_mut().zip(g).zip(u) {
-                    *o = silu(g) * u;
+                    *o = act.apply(g) * u;
                 }
             }
         });
         return Ok(());
     }
-    product(&parts, xd, m, k, GATED, yd);
+    product(&parts, xd, m, k, GATED.then_some(act), yd);
     if let Some(b) = bias {
         let (bs, bd) = b.try_extract_tensor::<f32>()?;
         if bd.len() != total {
@@ -392,8 +393,10 @@ impl<const GATED: bool> Operator for MatMulGgml<GATED> {
         for &t in &types {
             quant_of(&name, t)?;
         }
+        let act = MlpAct::from_attr(ctx.get::<i64>("activation"))
+            .ok_or_else(|| err(format!("{name}: unknown activation")))?;
         Ok(Box::new(move |c: &ComputeContext| {
-            compute::<GATED>(c, &types)
+            compute::<GATED>(c, &types, act)
         }))
     }
 }
@@ -502,7 +505,6 @@ pub fn block_weights(
     config: &crate::weights::llm_config::LlamaConfig,
     location: &str,
 ) -> anyhow::Result<Option<GgmlWeights>> {
-    use crate::weights::llm_config::HF_TO_GGUF;
     let path = g.path().display().to_string();
     let mut tensors = std::collections::HashMap::new();
     let mut add = |hf: String, gg: &str| -> anyhow::Result<bool> {
@@ -535,7 +537,7 @@ pub fn block_weights(
         );
         Ok(true)
     };
-    for (hf, gg) in HF_TO_GGUF {
+    for (hf, gg) in crate::weights::llm_config::hf_to_gguf(config) {
         let layers: Vec<Option<usize>> = if hf.contains("{i}") {
             (0..config.n_layers).map(Some).collect()
         } else {

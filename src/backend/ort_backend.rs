@@ -35,6 +35,9 @@ pub struct OrtOptions {
     /// CUDA provider: replay calls that repeat the previous call's shapes as CUDA graphs (`cuda_graphs`); the
     /// inputs ONNX Runtime reads on the host. Needs the cache kept in place (`Engine::hold_in_place`).
     pub cuda_graphs: Option<Vec<String>>,
+    /// External data may live outside the graph's folder (`--allow-external-paths`, or a model-cache entry whose
+    /// links lead only to the model file the user named).
+    pub allow_external: bool,
 }
 
 /// Weights that replace a graph's own initializers of the same name, shape and element type.
@@ -231,7 +234,11 @@ impl OrtEngine {
     }
 
     pub fn open(path: &Path, opts: &OrtOptions) -> Result<Self> {
-        let onnx = OnnxFile::load(path)?;
+        let load = crate::onnx::model::LoadOptions {
+            allow_external: opts.allow_external,
+            ..Default::default()
+        };
+        let onnx = OnnxFile::load_with(path, &load)?;
         let summary = OnnxSummary::of(&onnx);
         let mut model_path: PathBuf = path.to_path_buf();
         let mut rewritten = None;

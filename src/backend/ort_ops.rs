@@ -1,14 +1,16 @@
 //! trt-diff's own ONNX Runtime operators (domain `trtdiff`), registered on the CPU sessions whose graphs use them:
 //! - `MatMulF16(X f32 [..., K], W f16 [N, K], B f32 [N] optional) -> Y f32 [..., N]`, `MatMulBF16` (W bf16) and
 //!   `MatMulF32`: a Linear layer whose weights stay 16-bit in memory (see `half_matmul`), or f32 for f32 models;
-//! - `GateUpF16(X, W [2N, K]) -> Y [..., N]`, `GateUpBF16` and `GateUpF32`: a SwiGLU MLP's input half,
-//!   `silu(X W[:N]^T) * (X W[N:]^T)`, in one call.
+//! - `GateUpF16(X, W [2N, K]) -> Y [..., N]`, `GateUpBF16` and `GateUpF32`: a gated MLP's input half,
+//!   `act(X W[:N]^T) * (X W[N:]^T)`, in one call; `act` is SiLU, or GELU (tanh form) with the attribute
+//!   `activation` = 1 (`MlpAct::attr`).
 //!
 //! Only graphs made for the CPU use them (`models::llama_cpu`); TensorRT graphs keep standard ops. Output rows are
 //! split over `spin_pool`.
 use super::half_matmul::{
     DOT_MAX_ROWS, WeightType, dot_rows, dot_rows_batch, gemm_rows, task_rows,
 };
+use crate::weights::llm_config::MlpAct;
 use ort::operator::{
     BoxedKernel, ComputeContext, KernelContext, Operator, OperatorDomain, OperatorInput,
     OperatorOutput,
@@ -61,7 +63,7 @@ fn err(msg: String) -> ort::Error {
     ort::Error::new(msg)
 }
 
-fn compute<W, const GATE_UP: bool>(ctx: &ComputeContext) -> ort::Result<()>
+fn compute<W, const GATE_UP: bool>(ctx: &ComputeContext, act: MlpAct) -> ort::Result<()>
 where
     W: WeightType + OpInfo + ort::value::PrimitiveTensorElementType,
 {
@@ -113,7 +115,7 @@ where
         // Decode: each task takes the same rows of both halves. Prefill: the whole [m, 2n] product (in a buffer kept
         // per thread: tens of MB, not worth allocating and faulting in every call), then the gate.
         if m == 1 {
-            product(xd, wd, m, k, n, true, yd);
+            product(xd, wd, m, k, n, Some(act), yd);
         } else {
             thread_local! {
                 static FULL: std::cell::RefCell<Vec<f32>> = const { std::cell::RefCell::new(Vec::new()) };
@@ -121,18 +123,18 @@ where
             FULL.with(|f| {
                 let mut full = f.borrow_mut();
                 full.resize(m * n, 0.0);
-                product(xd, wd, m, k, n, false, &mut full[..m * n]);
+                product(xd, wd, m, k, n, None, &mut full[..m * n]);
                 for (yr, fr) in yd.chunks_exact_mut(n_out).zip(full.chunks_exact(n)) {
                     let (g, u) = fr.split_at(n_out);
                     for ((o, &g), &u) in yr.iter_mut().zip(g).zip(u) {
-                        *o = silu(g) * u;
+                        *o = act.apply(g) * u;
                     }
                 }
             });
         }
         return Ok(());
     }
-    product(xd, wd, m, k, n, false, yd);
+    product(xd, wd, m, k, n, None, yd);
     if let Some(b) = bias {
         for row in yd.chunks_exact_mut(n) {
             for (o, &bv) in row.iter_mut().zip(b) {
@@ -143,20 +145,19 @@ where
     Ok(())
 }
 
-fn silu(g: f32) -> f32 {
-    g / (1.0 + (-g).exp())
-}
-
-/// `y = x W^T` ([m, n]) over `spin_pool`; with `gate_up` and m = 1, `y` is [n / 2] and holds the gated product.
+/// `y = x W^T` ([m, n]) over `spin_pool`; with a `gate` activation and m = 1, `y` is [n / 2] and holds the gated
+/// product.
 fn product<W: WeightType>(
     xd: &[f32],
     wd: &[W],
     m: usize,
     k: usize,
     n: usize,
-    gate_up: bool,
+    gate: Option<MlpAct>,
     yd: &mut [f32],
 ) {
+    let gate_up = gate.is_some();
+    let act = gate.unwrap_or_default();
     if k == 0 {
         yd.fill(0.0);
         return;
@@ -182,7 +183,7 @@ fn product<W: WeightType>(
                 dot_rows(xd, wd, k, r.clone(), yc);
                 dot_rows(xd, wd, k, r.start + half..r.end + half, &mut up[..yc.len()]);
                 for (o, &u) in yc.iter_mut().zip(&up) {
-                    *o = silu(*o) * u;
+                    *o = act.apply(*o) * u;
                 }
             }
         } else if m == 1 {
@@ -236,8 +237,12 @@ where
         [OperatorOutput::required(TensorElementType::Float32)]
     }
 
-    fn create_kernel<'attr>(&self, _: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
-        Ok(Box::new(|ctx: &ComputeContext| compute::<W, GATE_UP>(ctx)))
+    fn create_kernel<'attr>(&self, ctx: &KernelContext<'attr>) -> ort::Result<Self::Kernel<'attr>> {
+        let act = MlpAct::from_attr(ctx.get::<i64>("activation"))
+            .ok_or_else(|| err(format!("{}: unknown activation", self.name())))?;
+        Ok(Box::new(move |ctx: &ComputeContext| {
+            compute::<W, GATE_UP>(ctx, act)
+        }))
     }
 }
 

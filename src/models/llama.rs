@@ -11,7 +11,7 @@ use crate::models::qdq::{LinearWeights, Linears, Weight};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
 use crate::quant::policy::Policy;
-pub use crate::weights::llm_config::{LlamaConfig, RopeScaling};
+pub use crate::weights::llm_config::{LlamaConfig, MlpAct, RopeScaling};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 
@@ -208,17 +208,35 @@ impl Emitter<'_> {
         )
     }
 
-    #[allow(clippy::too_many_arguments)]
+    /// `c * tanh(x / c)`.
+    fn softcap(&mut self, name: &str, x: &Value, cap: f32) -> Result<Value> {
+        let cv = self.o.g.const_f32(&format!("{name}.cap"), &[], &[cap])?;
+        let y = self.op("Div", &format!("{name}/div"), &[x, &cv], vec![], F32)?;
+        let y = self.op("Tanh", &format!("{name}/tanh"), &[&y], vec![], F32)?;
+        let mut y = self.op("Mul", &format!("{name}/mul"), &[&y, &cv], vec![], F32)?;
+        y.shape = x.shape.clone();
+        Ok(y)
+    }
+
     fn layer(
         &mut self,
         i: usize,
         h: &Value,
-        cos: &Value,
-        sin: &Value,
-        mask: &Value,
+        shared: &LayerInputs,
         past: Option<(&Value, &Value)>,
     ) -> Result<Value> {
         let c = self.cfg.clone();
+        let local = c.layer_window(i).is_some();
+        let [cos, sin] = if c.local_rope(i) {
+            &shared.local_rope
+        } else {
+            &shared.rope
+        };
+        let mask = if local {
+            &shared.window_mask
+        } else {
+            &shared.causal_mask
+        };
         let (d, hd, kv, heads) = (c.dim, c.head_dim(), c.n_kv_heads, c.n_heads);
         let p = format!("model.layers.{i}");
         let xn = self.rms_norm(
@@ -297,10 +315,10 @@ impl Emitter<'_> {
             F32,
         )?;
         let scores = self.op("MatMul", &format!("{p}/qk"), &[&q, &kt], vec![], F32)?;
-        let scale =
-            self.o
-                .g
-                .const_f32(&format!("{p}.attn_scale"), &[], &[1.0 / (hd as f32).sqrt()])?;
+        let scale = self
+            .o
+            .g
+            .const_f32(&format!("{p}.attn_scale"), &[], &[c.attention_scale()])?;
         let scores = self.op(
             "Mul",
             &format!("{p}/scaled"),
@@ -308,6 +326,10 @@ impl Emitter<'_> {
             vec![],
             F32,
         )?;
+        let scores = match c.attn_softcap {
+            Some(cap) => self.softcap(&format!("{p}/softcap"), &scores, cap)?,
+            None => scores,
+        };
         let scores = self.op("Add", &format!("{p}/masked"), &[&scores, mask], vec![], F32)?;
         let probs = self.op(
             "Softmax",
@@ -333,21 +355,43 @@ impl Emitter<'_> {
         let flat = self.const_i64(&format!("{p}.flat"), &[1, -1, qd])?;
         let mut ctx = self.op("Reshape", &format!("{p}/ctx"), &[&ctx, &flat], vec![], F32)?;
         ctx.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(qd)];
-        let o = self.proj(&format!("{p}.self_attn.o_proj"), &ctx, d, c.q_dim())?;
+        let mut o = self.proj(&format!("{p}.self_attn.o_proj"), &ctx, d, c.q_dim())?;
+        // Gemma: the attention's output is normed before the residual add, and the MLP's input norm is its own.
+        let ffn_norm = if c.sandwich_norms {
+            o.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
+            o = self.rms_norm(
+                &format!("{p}.post_attention_layernorm"),
+                &o,
+                &format!("{p}.post_attention_layernorm.weight"),
+            )?;
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
         let mut h = self.op("Add", &format!("{p}/attn_residual"), &[h, &o], vec![], F32)?;
         h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
         let xn = self.rms_norm(
-            &format!("{p}.post_attention_layernorm"),
+            &format!("{p}.{ffn_norm}"),
             &h,
-            &format!("{p}.post_attention_layernorm.weight"),
+            &format!("{p}.{ffn_norm}.weight"),
         )?;
         let gate = self.proj(&format!("{p}.mlp.gate_proj"), &xn, c.hidden_dim, d)?;
         let up = self.proj(&format!("{p}.mlp.up_proj"), &xn, c.hidden_dim, d)?;
-        let sg = self.op("Sigmoid", &format!("{p}/sigmoid"), &[&gate], vec![], F32)?;
-        let silu = self.op("Mul", &format!("{p}/silu"), &[&gate, &sg], vec![], F32)?;
-        let mut act = self.op("Mul", &format!("{p}/swiglu"), &[&silu, &up], vec![], F32)?;
+        let gate = match c.mlp_act {
+            MlpAct::Silu => self.o.silu(&format!("{p}/silu"), &gate)?,
+            MlpAct::GeluTanh => self.o.gelu_tanh(&format!("{p}/gelu"), &gate)?,
+        };
+        let mut act = self.op("Mul", &format!("{p}/gated"), &[&gate, &up], vec![], F32)?;
         act.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(c.hidden_dim as i64)];
-        let down = self.proj(&format!("{p}.mlp.down_proj"), &act, d, c.hidden_dim)?;
+        let mut down = self.proj(&format!("{p}.mlp.down_proj"), &act, d, c.hidden_dim)?;
+        if c.sandwich_norms {
+            down.shape = h.shape.clone();
+            down = self.rms_norm(
+                &format!("{p}.post_feedforward_layernorm"),
+                &down,
+                &format!("{p}.post_feedforward_layernorm.weight"),
+            )?;
+        }
         let mut out = self.op(
             "Add",
             &format!("{p}/ffn_residual"),
@@ -358,6 +402,15 @@ impl Emitter<'_> {
         out.shape = h.shape.clone();
         Ok(out)
     }
+}
+
+/// What every layer reads besides its weights: RoPE's cos/sin rows of this call's positions (the local layers' own
+/// where `local_rope_theta` is set) and the additive attention masks (the windowed one where `sliding_window` is).
+struct LayerInputs {
+    rope: [Value; 2],
+    local_rope: [Value; 2],
+    causal_mask: Value,
+    window_mask: Value,
 }
 
 /// The `past_key_{i}` / `past_value_{i}` inputs [1, n_kv_heads, `positions`, `hd`] of every layer, in `dtype`.
@@ -393,6 +446,28 @@ pub(crate) fn rope_tables(
     weights: &HashMap<String, Vec<f32>>,
     pairs: usize,
 ) -> Result<(Value, Value)> {
+    rope_tables_named(g, "rope", cfg, weights, pairs)
+}
+
+/// The local layers' RoPE tables (`local_rope_theta`), when the model has them.
+pub(crate) fn local_rope_tables(
+    g: &mut GraphBuilder,
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    pairs: usize,
+) -> Result<Option<(Value, Value)>> {
+    cfg.local_rope_config()
+        .map(|local| rope_tables_named(g, "rope_local", &local, weights, pairs))
+        .transpose()
+}
+
+fn rope_tables_named(
+    g: &mut GraphBuilder,
+    name: &str,
+    cfg: &LlamaConfig,
+    weights: &HashMap<String, Vec<f32>>,
+    pairs: usize,
+) -> Result<(Value, Value)> {
     let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
     inv_freq.resize(pairs, 0.0);
     let (mut cos_t, mut sin_t) = (
@@ -408,8 +483,8 @@ pub(crate) fn rope_tables(
     }
     let dims = [cfg.max_seq_len as i64, pairs as i64];
     Ok((
-        g.const_f32("rope.cos", &dims, &cos_t)?,
-        g.const_f32("rope.sin", &dims, &sin_t)?,
+        g.const_f32(&format!("{name}.cos"), &dims, &cos_t)?,
+        g.const_f32(&format!("{name}.sin"), &dims, &sin_t)?,
     ))
 }
 
@@ -602,11 +677,24 @@ fn emit(
         &emb,
     )?;
     let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
+    if let Some(scale) = cfg.embed_scale {
+        let sv = e.o.g.const_f32("embed.scale", &[], &[scale])?;
+        h = e.op("Mul", "embed/scaled", &[&h, &sv], vec![], F32)?;
+    }
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
     // RoPE tables [max_seq, hd/2], gathered by absolute position.
     let (ct, st) = rope_tables(&mut e.o.g, cfg, weights, hd / 2)?;
-    let cos = e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?;
-    let sin = e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?;
+    let rope = [
+        e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?,
+        e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?,
+    ];
+    let local_rope = match local_rope_tables(&mut e.o.g, cfg, weights, hd / 2)? {
+        Some((ct, st)) => [
+            e.op("Gather", "rope_local/cos", &[&ct, &pos], vec![], F32)?,
+            e.op("Gather", "rope_local/sin", &[&st, &pos], vec![], F32)?,
+        ],
+        None => rope.clone(),
+    };
     // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
     let keys = e.op("Range", "mask/keys", &[&zero, &total, &one], vec![], i64t)?;
     let last = e.const_i64("mask.last_axis", &[-1])?;
@@ -619,7 +707,7 @@ fn emit(
         DataType::BOOL,
     )?;
     // Sliding-window attention: keys w or more positions back are out of the window (p - t >= w).
-    let hidden = match cfg.sliding_window {
+    let windowed = match cfg.sliding_window {
         Some(w) => {
             let age = e.op("Sub", "mask/age", &[&qpos, &keys], vec![], i64t)?;
             let wv = e.o.g.const_i64("mask.window", &[], &[w as i64])?;
@@ -630,24 +718,24 @@ fn emit(
                 vec![],
                 DataType::BOOL,
             )?;
-            e.op(
+            Some(e.op(
                 "Or",
                 "mask/windowed",
                 &[&hidden, &old],
                 vec![],
                 DataType::BOOL,
-            )?
+            )?)
         }
-        None => hidden,
+        None => None,
     };
     let neg = e.o.g.const_f32("mask.neg", &[], &[-1e30])?;
     let zf = e.o.g.const_f32("mask.zero_f", &[], &[0.0])?;
-    let hidden = match mode {
+    let padding = match mode {
         Mode::Encoder {
             attention_mask: true,
             ..
         } => {
-            // Padding keys are hidden too: [1, seq] -> [1, 1, seq], or-ed into the causal mask.
+            // Padding keys are hidden too: [1, seq] -> [1, 1, seq], or-ed into the masks.
             let am =
                 e.o.g
                     .input("attention_mask", i64t, vec![Dim::Fixed(1), seq()])?;
@@ -659,32 +747,71 @@ fn emit(
                 DataType::BOOL,
             )?;
             let ax0 = e.const_i64("mask.padding_rows", &[1])?;
-            let pad = e.op(
+            Some(e.op(
                 "Unsqueeze",
                 "mask/padding_keys",
                 &[&pad, &ax0],
                 vec![],
                 DataType::BOOL,
-            )?;
-            e.op(
+            )?)
+        }
+        _ => None,
+    };
+    // The additive [1, 1, seq, total] form of a boolean "hidden" mask.
+    let additive = |e: &mut Emitter, name: &str, hidden: &Value| -> Result<Value> {
+        let hidden = match &padding {
+            Some(pad) => e.op(
                 "Or",
-                "mask/hidden",
-                &[&hidden, &pad],
+                &format!("{name}/padded"),
+                &[hidden, pad],
                 vec![],
                 DataType::BOOL,
-            )?
-        }
-        _ => hidden,
+            )?,
+            None => hidden.clone(),
+        };
+        let m = e.op(
+            "Where",
+            &format!("{name}/additive"),
+            &[&hidden, &neg, &zf],
+            vec![],
+            F32,
+        )?;
+        let ax = e.const_i64(&format!("{name}.bcast"), &[1, 2])?;
+        e.op(
+            "Unsqueeze",
+            &format!("{name}/bcast"),
+            &[&m, &ax],
+            vec![],
+            F32,
+        )
     };
-    let m = e.op("Where", "mask/additive", &[&hidden, &neg, &zf], vec![], F32)?;
-    let ax = e.const_i64("mask.bcast", &[1, 2])?;
-    let mask = e.op("Unsqueeze", "mask/bcast", &[&m, &ax], vec![], F32)?;
+    // Every layer is windowed unless a pattern leaves some global (Gemma).
+    let (causal_mask, window_mask) = match (&windowed, cfg.swa_pattern) {
+        (Some(w), Some(_)) => (
+            additive(&mut e, "mask", &hidden)?,
+            additive(&mut e, "window_mask", w)?,
+        ),
+        (Some(w), None) => {
+            let m = additive(&mut e, "mask", w)?;
+            (m.clone(), m)
+        }
+        (None, _) => {
+            let m = additive(&mut e, "mask", &hidden)?;
+            (m.clone(), m)
+        }
+    };
+    let shared = LayerInputs {
+        rope,
+        local_rope,
+        causal_mask,
+        window_mask,
+    };
     let last_logits_only = match (mode, &past) {
         (Mode::Encoder { taps, .. }, _) => {
             let last = taps.iter().copied().max().unwrap_or(0);
             let mut after = HashMap::new();
             for i in 0..last {
-                h = e.layer(i, &h, &cos, &sin, &mask, None)?;
+                h = e.layer(i, &h, &shared, None)?;
                 if taps.contains(&(i + 1)) {
                     after.insert(i + 1, h.clone());
                 }
@@ -716,7 +843,7 @@ fn emit(
         }
         (Mode::Decoder { last_logits_only }, Some(past)) => {
             for (i, [pk, pv]) in past.iter().enumerate() {
-                h = e.layer(i, &h, &cos, &sin, &mask, Some((pk, pv)))?;
+                h = e.layer(i, &h, &shared, Some((pk, pv)))?;
             }
             last_logits_only
         }
@@ -747,6 +874,9 @@ fn emit(
         &hn,
         Weight::F32(lw),
     )?;
+    if let Some(cap) = cfg.final_softcap {
+        logits = e.softcap("logits_softcap", &logits, cap)?;
+    }
     logits = e.o.g.op(
         "Identity",
         "logits",

@@ -18,7 +18,7 @@
 //! different lengths in one call), `total_sequence_length` [] int32 (the largest of those plus one). Outputs:
 //! `logits` [batch, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT
 //! builds `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
-use super::llama::{LlamaConfig, cache_inputs, rope_tables};
+use super::llama::{LlamaConfig, MlpAct, cache_inputs, local_rope_tables, rope_tables};
 use crate::backend::ggml_ops::{GATE_UP, GATHER, GgmlWeights, MATMUL};
 use crate::backend::ort_ops::{DOMAIN, op_name};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
@@ -389,16 +389,13 @@ impl Emitter<'_> {
         } else {
             format!("{name}/{op}")
         };
+        let mut attrs = vec![("types", Attr::Ints(types))];
+        if gated {
+            attrs.extend(self.activation_attr());
+        }
         Ok(self
             .g
-            .node_in(
-                DOMAIN,
-                op,
-                &node,
-                &inputs,
-                vec![("types", Attr::Ints(types))],
-                vec![(F32, shape)],
-            )?
+            .node_in(DOMAIN, op, &node, &inputs, attrs, vec![(F32, shape)])?
             .remove(0))
     }
 
@@ -654,6 +651,26 @@ impl Emitter<'_> {
                 ],
             )
         };
+        let [cos, sin] = match &rope.local {
+            Some(local) if c.local_rope(i) => local,
+            _ => &rope.global,
+        };
+        let mut attrs = vec![
+            ("num_heads", Attr::Int(heads as i64)),
+            ("kv_num_heads", Attr::Int(kv as i64)),
+            ("do_rotary", Attr::Int(1)),
+            ("rotary_interleaved", Attr::Int(c.rope_interleaved as i64)),
+            ("scale", Attr::Float(c.attention_scale())),
+            // Sliding-window attention: ONNX Runtime's window is transformers' `sliding_window` (checked against
+            // MistralForCausalLM, Phi3ForCausalLM and the Gemmas in tests/llm_archs.rs).
+            (
+                "local_window_size",
+                Attr::Int(c.layer_window(i).map_or(-1, |w| w as i64)),
+            ),
+        ];
+        if let Some(cap) = c.attn_softcap {
+            attrs.push(("softcap", Attr::Float(cap)));
+        }
         let mut outs = self.g.node_named(
             MS,
             "GroupQueryAttention",
@@ -666,22 +683,10 @@ impl Emitter<'_> {
                 past[1],
                 &rope.seqlens,
                 &rope.total,
-                &rope.cos,
-                &rope.sin,
+                cos,
+                sin,
             ],
-            vec![
-                ("num_heads", Attr::Int(heads as i64)),
-                ("kv_num_heads", Attr::Int(kv as i64)),
-                ("do_rotary", Attr::Int(1)),
-                ("rotary_interleaved", Attr::Int(c.rope_interleaved as i64)),
-                ("scale", Attr::Float(1.0 / (c.head_dim() as f32).sqrt())),
-                // Sliding-window attention: ONNX Runtime's window is transformers' `sliding_window` (checked against
-                // MistralForCausalLM and Phi3ForCausalLM in tests/llm_archs.rs).
-                (
-                    "local_window_size",
-                    Attr::Int(c.sliding_window.map_or(-1, |w| w as i64)),
-                ),
-            ],
+            attrs,
             vec![
                 (None, act, act_shape(heads * hd)),
                 cache("key"),
@@ -696,17 +701,28 @@ impl Emitter<'_> {
         } else {
             attn
         };
-        let o = self.linear(
+        let mut o = self.linear(
             &format!("{p}.self_attn.o_proj"),
             &attn,
             &[(format!("{p}.self_attn.o_proj"), d)],
             heads * hd,
         )?;
+        // Gemma: the attention's output is normed before the residual add, and the MLP's input norm is its own.
+        let ffn_norm = if c.sandwich_norms {
+            o = self.norm(
+                &format!("{p}/post_attention_norm"),
+                &o,
+                &format!("{p}.post_attention_layernorm.weight"),
+            )?;
+            "pre_feedforward_layernorm"
+        } else {
+            "post_attention_layernorm"
+        };
         let (xn, h) = self.add_norm(
-            &format!("{p}/post_attention_norm"),
+            &format!("{p}/{ffn_norm}"),
             &o,
             h,
-            &format!("{p}.post_attention_layernorm.weight"),
+            &format!("{p}.{ffn_norm}.weight"),
             true,
         )?;
         let gate_up = [
@@ -721,7 +737,7 @@ impl Emitter<'_> {
                 bail!("{p}.mlp: gate/up projections with biases are not a Llama/Qwen2 MLP");
             }
             match self.target {
-                Target::Cuda => self.swiglu(&p, &xn, &w)?,
+                Target::Cuda => self.gated_mlp(&p, &xn, &w)?,
                 Target::Cpu => {
                     let op = op_name(self.wtype, true);
                     self.g
@@ -730,26 +746,82 @@ impl Emitter<'_> {
                             op,
                             &format!("{p}.mlp/{op}"),
                             &[&xn, &w],
-                            vec![],
+                            self.activation_attr(),
                             vec![(F32, act_shape(c.hidden_dim))],
                         )?
                         .remove(0)
                 }
             }
         };
-        let down = self.linear(
+        let mut down = self.linear(
             &format!("{p}.mlp.down_proj"),
             &act,
             &[(format!("{p}.mlp.down_proj"), d)],
             c.hidden_dim,
         )?;
+        if c.sandwich_norms {
+            down = self.norm(
+                &format!("{p}/post_feedforward_norm"),
+                &down,
+                &format!("{p}.post_feedforward_layernorm.weight"),
+            )?;
+        }
         Ok((down, h))
     }
 }
 
 impl Emitter<'_> {
-    /// SwiGLU for the CUDA graph: `silu(x @ gate^T) * (x @ up^T)` from the stacked [gate; up] matrix `w`.
-    fn swiglu(&mut self, p: &str, x: &Value, w: &Value) -> Result<Value> {
+    /// The gated MLP's `activation` attribute on trt-diff's operators: none for SiLU (their default).
+    fn activation_attr(&self) -> Vec<(&'static str, Attr)> {
+        match self.cfg.mlp_act {
+            MlpAct::Silu => vec![],
+            act => vec![("activation", Attr::Int(act.attr()))],
+        }
+    }
+
+    /// RMSNorm of `x` ([batch, seq, dim]) with the weights `weight`.
+    fn norm(&mut self, name: &str, x: &Value, weight: &str) -> Result<Value> {
+        let w = self.norm_weight(weight)?;
+        self.g.op(
+            "SimplifiedLayerNormalization",
+            name,
+            &[x, &w],
+            vec![
+                ("epsilon", Attr::Float(self.cfg.norm_eps)),
+                ("axis", Attr::Int(-1)),
+                ("stash_type", Attr::Int(1)),
+            ],
+            self.act,
+            act_shape(self.cfg.dim),
+        )
+    }
+
+    /// `c * tanh(x / c)` on `x` (f32).
+    fn softcap(&mut self, name: &str, x: &Value, cap: f32) -> Result<Value> {
+        let cv = self.g.const_f32(&format!("{name}.cap"), &[], &[cap])?;
+        let y = self.g.op(
+            "Div",
+            &format!("{name}/div"),
+            &[x, &cv],
+            vec![],
+            F32,
+            x.shape.clone(),
+        )?;
+        let y = self.g.op(
+            "Tanh",
+            &format!("{name}/tanh"),
+            &[&y],
+            vec![],
+            F32,
+            x.shape.clone(),
+        )?;
+        self.g
+            .op("Mul", name, &[&y, &cv], vec![], F32, x.shape.clone())
+    }
+
+    /// The gated MLP for the CUDA graph: `act(x @ gate^T) * (x @ up^T)` from the stacked [gate; up] matrix `w`
+    /// (SiLU, or GELU's tanh form as `com.microsoft.FastGelu`).
+    fn gated_mlp(&mut self, p: &str, x: &Value, w: &Value) -> Result<Value> {
         let h = self.cfg.hidden_dim;
         let both = self.matmul_t(&format!("{p}.mlp/gate_up"), x, w, 2 * h)?;
         let halves = self
@@ -764,26 +836,41 @@ impl Emitter<'_> {
             vec![(self.act, act_shape(h)), (self.act, act_shape(h))],
         )?;
         let (up, gate) = (parts.remove(1), parts.remove(0));
-        let sg = self.g.op(
-            "Sigmoid",
-            &format!("{p}.mlp/sigmoid"),
-            &[&gate],
-            vec![],
-            self.act,
-            act_shape(h),
-        )?;
-        let silu = self.g.op(
-            "Mul",
-            &format!("{p}.mlp/silu"),
-            &[&gate, &sg],
-            vec![],
-            self.act,
-            act_shape(h),
-        )?;
+        let activated = match self.cfg.mlp_act {
+            MlpAct::Silu => {
+                let sg = self.g.op(
+                    "Sigmoid",
+                    &format!("{p}.mlp/sigmoid"),
+                    &[&gate],
+                    vec![],
+                    self.act,
+                    act_shape(h),
+                )?;
+                self.g.op(
+                    "Mul",
+                    &format!("{p}.mlp/silu"),
+                    &[&gate, &sg],
+                    vec![],
+                    self.act,
+                    act_shape(h),
+                )?
+            }
+            MlpAct::GeluTanh => self
+                .g
+                .node_in(
+                    MS,
+                    "FastGelu",
+                    &format!("{p}.mlp/gelu"),
+                    &[&gate],
+                    vec![],
+                    vec![(self.act, act_shape(h))],
+                )?
+                .remove(0),
+        };
         self.g.op(
             "Mul",
             &format!("{p}.mlp/swiglu"),
-            &[&silu, &up],
+            &[&activated, &up],
             vec![],
             self.act,
             act_shape(h),
@@ -791,12 +878,25 @@ impl Emitter<'_> {
     }
 }
 
-/// The graph-wide inputs of every attention node.
+impl Emitter<'_> {
+    /// Outputs `logits` (f32), soft-capped first where the model says so (Gemma 2).
+    fn finish_logits(mut self, logits: Value) -> Result<ModelProto> {
+        let logits = match self.cfg.final_softcap {
+            Some(cap) => self.softcap("logits", &logits, cap)?,
+            None => logits,
+        };
+        self.g.output(&logits);
+        Ok(self.g.finish())
+    }
+}
+
+/// The graph-wide inputs of every attention node: RoPE's cos/sin tables, the local layers' own where
+/// `local_rope_theta` is set.
 struct Rope {
     seqlens: Value,
     total: Value,
-    cos: Value,
-    sin: Value,
+    global: [Value; 2],
+    local: Option<[Value; 2]>,
 }
 
 fn elem_bytes(ty: DataType) -> usize {
@@ -979,23 +1079,44 @@ fn graph(
         (table, h)
     };
     // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros.
-    let (cos, sin) = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
     // GroupQueryAttention wants its tables in the activations' type (ONNX Runtime folds these casts once).
-    let (cos, sin) = if act == F32 {
-        (cos, sin)
-    } else {
-        let to = || vec![("to", Attr::Int(act.0 as i64))];
-        let (cs, ss) = (cos.shape.clone(), sin.shape.clone());
-        (
-            e.g.op("Cast", "rope.cos_act", &[&cos], to(), act, cs)?,
-            e.g.op("Cast", "rope.sin_act", &[&sin], to(), act, ss)?,
-        )
+    let in_act =
+        |g: &mut GraphBuilder, name: &str, (cos, sin): (Value, Value)| -> Result<[Value; 2]> {
+            if act == F32 {
+                return Ok([cos, sin]);
+            }
+            let to = || vec![("to", Attr::Int(act.0 as i64))];
+            let (cs, ss) = (cos.shape.clone(), sin.shape.clone());
+            Ok([
+                g.op("Cast", &format!("{name}.cos_act"), &[&cos], to(), act, cs)?,
+                g.op("Cast", &format!("{name}.sin_act"), &[&sin], to(), act, ss)?,
+            ])
+        };
+    let global = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
+    let global = in_act(&mut e.g, "rope", global)?;
+    let local = match local_rope_tables(&mut e.g, cfg, weights, hd_pad / 2)? {
+        Some(t) => Some(in_act(&mut e.g, "rope_local", t)?),
+        None => None,
     };
     let rope = Rope {
         seqlens,
         total,
-        cos,
-        sin,
+        global,
+        local,
+    };
+    // Gemma scales the embeddings (in the activations' type, as transformers does).
+    let h = match cfg.embed_scale {
+        Some(scale) => {
+            let sv = e.g.const_f32("embed.scale", &[], &[scale])?;
+            let sv = if act == F32 {
+                sv
+            } else {
+                let to = vec![("to", Attr::Int(act.0 as i64))];
+                e.g.op("Cast", "embed.scale_act", &[&sv], to, act, vec![])?
+            };
+            e.g.op("Mul", "embed/scaled", &[&h, &sv], vec![], act, act_shape(d))?
+        }
+        None => h,
     };
     let w0 = e.norm_weight("model.layers.0.input_layernorm.weight")?;
     let mut x = e.g.op(
@@ -1049,11 +1170,15 @@ fn graph(
         } else {
             "lm_head"
         };
-        let logits = e.linear_ggml("logits", &hn, &[(head.to_string(), cfg.vocab_size)], false)?;
+        let name = if cfg.final_softcap.is_some() {
+            "logits_raw"
+        } else {
+            "logits"
+        };
+        let logits = e.linear_ggml(name, &hn, &[(head.to_string(), cfg.vocab_size)], false)?;
         let shape = vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
         let logits = Value { shape, ..logits };
-        e.g.output(&logits);
-        return Ok(e.g.finish());
+        return e.finish_logits(logits);
     }
     let head = tensor("lm_head.weight")?;
     let tied = cfg.tied_embeddings && head == emb;
@@ -1064,26 +1189,29 @@ fn graph(
             .0
     };
     let logits_shape = vec![batch(), logits_seq, Dim::Fixed(cfg.vocab_size as i64)];
+    let name = if cfg.final_softcap.is_some() {
+        "logits_raw"
+    } else {
+        "logits"
+    };
     if target == Target::Cuda {
         let logits = if act == F32 {
-            e.matmul_t("logits", &hn, &head_w, cfg.vocab_size)?
+            e.matmul_t(name, &hn, &head_w, cfg.vocab_size)?
         } else {
             let l = e.matmul_t("logits_act", &hn, &head_w, cfg.vocab_size)?;
             let to = vec![("to", Attr::Int(F32.0 as i64))];
-            e.g.op("Cast", "logits", &[&l], to, F32, logits_shape)?
+            e.g.op("Cast", name, &[&l], to, F32, logits_shape)?
         };
-        e.g.output(&logits);
-        return Ok(e.g.finish());
+        return e.finish_logits(logits);
     }
     let op = op_name(wtype, false);
     let logits = e.g.node_in(
         DOMAIN,
         op,
-        "logits",
+        name,
         &[&hn, &head_w],
         vec![],
         vec![(F32, logits_shape)],
     )?;
-    e.g.output(&logits[0]);
-    Ok(e.g.finish())
+    e.finish_logits(logits.into_iter().next().context("no logits")?)
 }

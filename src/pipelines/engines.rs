@@ -210,6 +210,7 @@ pub fn open(engine: &EngineFile, backend: Backend, opts: &OpenOptions) -> Result
                 tracing::info!("{backend:?}: running '{}'", onnx.display());
             }
             let mut ort = opts.ort.clone();
+            ort.allow_external = engine.allow_external;
             // CUDA graphs need the CUDA graph's in-place cache; the TensorRT graph passes its cache along.
             if cuda_graph.is_none() {
                 ort.cuda_graphs = None;
@@ -294,8 +295,12 @@ pub fn open_components(
             }
             _ => {
                 let onnx = bundle.file(&c.onnx, &format!("component {name}"))?;
+                let ort = OrtOptions {
+                    allow_external: bundle.allow_external,
+                    ..Default::default()
+                };
                 Component::Cpu(Box::new(
-                    OrtEngine::open(&onnx, &backend.ort(&OrtOptions::default()))
+                    OrtEngine::open(&onnx, &backend.ort(&ort))
                         .with_context(|| format!("opening the {name} component"))?,
                 ))
             }

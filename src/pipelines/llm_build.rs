@@ -434,7 +434,9 @@ fn write_cuda_graph(
 }
 
 /// Where a graph written to `out` finds `gguf` (a path relative to the graph's folder, as ONNX external data wants):
-/// the file's name when both share a folder, otherwise a symbolic link `NAME.weights.gguf` beside the graph.
+/// the file's name when both share a folder, otherwise `NAME.weights.gguf` beside the graph: a hard link to the file
+/// (no bytes copied), or a copy where the two folders are on different file systems. Not a symbolic link: ONNX
+/// Runtime (and trt-diff's own loader) refuse external data that leads out of the graph's folder.
 fn gguf_location(out: &Path, gguf: &Path) -> Result<String> {
     let canon = |p: &Path| {
         std::fs::canonicalize(p).with_context(|| format!("cannot resolve '{}'", p.display()))
@@ -454,17 +456,16 @@ fn gguf_location(out: &Path, gguf: &Path) -> Result<String> {
         std::fs::remove_file(&link)
             .with_context(|| format!("cannot replace '{}'", link.display()))?;
     }
-    #[cfg(unix)]
-    std::os::unix::fs::symlink(&target, &link).with_context(|| {
-        format!(
-            "cannot link '{}' to '{}' for the CPU graph: write the build next to the GGUF file (--out in its folder)",
-            link.display(),
-            target.display()
-        )
-    })?;
-    #[cfg(not(unix))]
-    std::fs::copy(&target, &link)
-        .with_context(|| format!("cannot copy '{}' to '{}'", target.display(), link.display()))?;
+    if let Err(e) = std::fs::hard_link(&target, &link) {
+        let bytes = std::fs::metadata(&target).map(|m| m.len()).unwrap_or(0);
+        tracing::warn!(
+            "cannot hard-link '{}' beside the CPU graph ({e}); copying its {:.1} GB instead. To avoid the copy, \
+             build into a folder on the same file system as the GGUF (for direct runs, set TRT_DIFF_MODEL_CACHE)",
+            target.display(),
+            bytes as f64 / 1e9
+        );
+        crate::fsutil::copy_atomic(&target, &link)?;
+    }
     Ok(link
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

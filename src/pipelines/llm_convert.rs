@@ -3,8 +3,7 @@
 //! interleaved RoPE layout, which is what GGUF `llama` files hold, so the weights are written unpermuted.
 use crate::weights::gguf::Value;
 use crate::weights::gguf_write::GgufWriter;
-use crate::weights::llm_config::HF_TO_GGUF;
-use crate::weights::llm_config::LlamaConfig;
+use crate::weights::llm_config::{LlamaConfig, hf_to_gguf};
 use anyhow::{Context, Result};
 use std::collections::HashMap;
 use std::path::Path;
@@ -42,8 +41,9 @@ pub fn add_tensors(
     tensors: &HashMap<String, Vec<f32>>,
     f16: bool,
 ) -> Result<()> {
+    let names = hf_to_gguf(c);
     for i in 0..c.n_layers {
-        for (hf, gg) in HF_TO_GGUF.iter().filter(|(h, _)| h.contains("{i}")) {
+        for (hf, gg) in names.iter().filter(|(h, _)| h.contains("{i}")) {
             let hf = hf.replace("{i}", &i.to_string());
             if let Some(v) = tensors.get(&hf) {
                 let rows = tensor_rows(c, &hf, v.len());
@@ -51,7 +51,7 @@ pub fn add_tensors(
             }
         }
     }
-    for (hf, gg) in HF_TO_GGUF.iter().filter(|(h, _)| !h.contains("{i}")) {
+    for (hf, gg) in names.iter().filter(|(h, _)| !h.contains("{i}")) {
         if *hf == "lm_head.weight" && c.tied_embeddings {
             continue;
         }

@@ -3,8 +3,7 @@
 //! GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter permutes q/k), `qwen2`, `qwen3` and
 //! `phi3` files the halves layout; the config records which.
 use crate::weights::gguf::GgufFile;
-use crate::weights::llm_config::HF_TO_GGUF;
-use crate::weights::llm_config::{LlamaConfig, RopeScaling};
+use crate::weights::llm_config::{LlamaConfig, MlpAct, RopeScaling, swa_pattern_of};
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
 
@@ -23,13 +22,15 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         .to_string();
     let interleaved = match arch.as_str() {
         "llama" => true,
-        "qwen2" | "qwen3" | "phi3" => false,
+        "qwen2" | "qwen3" | "phi3" | "gemma2" | "gemma3" => false,
         other => {
             bail!(
-                "'{path}': architecture '{other}' is not supported (supported: llama, qwen2, qwen3, phi3)"
+                "'{path}': architecture '{other}' is not supported (supported: llama, qwen2, qwen3, phi3, gemma2, \
+                 gemma3)"
             )
         }
     };
+    let gemma = arch.starts_with("gemma");
     let key = |k: &str| format!("{arch}.{k}");
     let num = |k: &str| -> Result<usize> {
         let v = g
@@ -92,7 +93,9 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     let explicit_head_dim = key_length
         .or(value_length)
         .filter(|&h| n_heads == 0 || h != dim / n_heads);
-    let config = LlamaConfig {
+    let head_dim = explicit_head_dim.unwrap_or(dim / n_heads.max(1));
+    let softcap = |k: &str| g.get_f64(&key(k)).filter(|&c| c > 0.0).map(|c| c as f32);
+    let mut config = LlamaConfig {
         dim,
         hidden_dim: num("feed_forward_length")?,
         n_layers,
@@ -120,7 +123,27 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
             .then(|| num("attention.sliding_window"))
             .transpose()?
             .filter(|&w| w > 0 && w < ctx),
+        swa_pattern: swa_pattern(g, &arch, n_layers)?,
+        // llama.cpp's Gemma 3: local layers at base 10 000, unscaled.
+        local_rope_theta: (arch == "gemma3").then_some(10_000.0),
+        // llama.cpp's Gemma 2/3 scale by head size, except the 27B models by embedding_length / head_count (their
+        // query_pre_attn_scalar); GGUF records neither.
+        attn_scale: gemma.then(|| {
+            let big = (arch == "gemma2" && n_layers == 46) || (arch == "gemma3" && n_layers == 62);
+            let scalar = if big { dim / n_heads.max(1) } else { head_dim };
+            1.0 / (scalar as f32).sqrt()
+        }),
+        attn_softcap: softcap("attn_logit_softcapping"),
+        final_softcap: softcap("final_logit_softcapping"),
+        embed_scale: gemma.then(|| (dim as f32).sqrt()),
+        sandwich_norms: gemma,
+        mlp_act: if gemma {
+            MlpAct::GeluTanh
+        } else {
+            MlpAct::Silu
+        },
     };
+    config.normalize_window();
     if g.tensor("rope_factors_long.weight").is_some()
         || g.tensor("rope_factors_short.weight").is_some()
     {
@@ -131,7 +154,7 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     }
     crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
-    for (hf, gg) in HF_TO_GGUF {
+    for (hf, gg) in crate::weights::llm_config::hf_to_gguf(&config) {
         let layers: Vec<Option<usize>> = if hf.contains("{i}") {
             (0..n_layers).map(Some).collect()
         } else {
@@ -184,6 +207,41 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         config,
         tensors,
     })
+}
+
+/// Which layers the sliding window applies to: `{arch}.attention.sliding_window_pattern` (a period or one flag per
+/// layer) when the file has it, else llama.cpp's fixed patterns of Gemma 2 (every other layer) and Gemma 3 (five in
+/// six).
+fn swa_pattern(g: &GgufFile, arch: &str, n_layers: usize) -> Result<Option<usize>> {
+    let path = g.path().display();
+    let key = format!("{arch}.attention.sliding_window_pattern");
+    match g.get(&key) {
+        Some(v) => {
+            if let Some(n) = v.as_u64() {
+                return Ok(Some(n.clamp(1, n_layers.max(1) as u64 + 1) as usize));
+            }
+            let flags: Option<Vec<bool>> = v
+                .as_array()
+                .map(|a| a.iter().map(|x| x.as_bool()).collect())
+                .unwrap_or(None);
+            match flags {
+                Some(f) if f.len() == n_layers => swa_pattern_of(&f).with_context(|| {
+                    format!(
+                        "'{path}': {key} windows layers in an order trt-diff's decoders do not run (they take a \
+                         period n: layer i windowed when i % n < n - 1)"
+                    )
+                }),
+                _ => bail!(
+                    "'{path}': {key} is {v}, neither a period nor one flag per layer ({n_layers}): the file is corrupt"
+                ),
+            }
+        }
+        None => Ok(match arch {
+            "gemma2" => Some(2),
+            "gemma3" => Some(6),
+            _ => None,
+        }),
+    }
 }
 
 /// GGUF matrices that hold several of Llama's, with the Hugging Face names and rows of their parts in order:

@@ -3,7 +3,7 @@
 //! fused `qkv_proj` and `gate_up_proj` are split into Llama's); F32/F16/BF16 are read as f32. HF checkpoints hold
 //! q/k in the halves RoPE layout.
 use crate::onnx::DataType;
-use crate::weights::llm_config::{LlamaConfig, RopeScaling};
+use crate::weights::llm_config::{LlamaConfig, MlpAct, RopeScaling, swa_pattern_of};
 use anyhow::{Context, Result, bail};
 use serde_json::Value as J;
 use std::collections::HashMap;
@@ -22,41 +22,40 @@ fn read_json(path: &Path) -> Result<J> {
 }
 
 /// The `model_type`s read, with what sets each apart from Llama: q/k/v biases always (Qwen2), per-head q/k RMSNorms
-/// (Qwen3).
+/// (Qwen3), Gemma's traits (`gemma`), and the defaults transformers fills in for keys a config.json leaves out.
 const HF_ARCHS: &[(&str, HfArchTraits)] = &[
-    (
-        "llama",
-        HfArchTraits {
-            attn_bias: false,
-            qk_norm: false,
-        },
-    ),
+    ("llama", HfArchTraits::LLAMA),
     (
         "qwen2",
         HfArchTraits {
             attn_bias: true,
-            qk_norm: false,
+            ..HfArchTraits::LLAMA
         },
     ),
     (
         "qwen3",
         HfArchTraits {
-            attn_bias: false,
             qk_norm: true,
+            ..HfArchTraits::LLAMA
+        },
+    ),
+    ("mistral", HfArchTraits::LLAMA),
+    ("phi3", HfArchTraits::LLAMA),
+    (
+        "gemma2",
+        HfArchTraits {
+            gemma: true,
+            defaults: GEMMA2_DEFAULTS,
+            ..HfArchTraits::LLAMA
         },
     ),
     (
-        "mistral",
+        "gemma3_text",
         HfArchTraits {
-            attn_bias: false,
-            qk_norm: false,
-        },
-    ),
-    (
-        "phi3",
-        HfArchTraits {
-            attn_bias: false,
-            qk_norm: false,
+            qk_norm: true,
+            gemma: true,
+            defaults: GEMMA3_DEFAULTS,
+            ..HfArchTraits::LLAMA
         },
     ),
 ];
@@ -66,21 +65,69 @@ struct HfArchTraits {
     /// Biases on q/k/v whatever `attention_bias` says.
     attn_bias: bool,
     qk_norm: bool,
+    /// Gemma 2/3: embeddings scaled by sqrt(dim), RMSNorms on the attention's and MLP's outputs too, norm weights
+    /// stored as offsets from 1, tied embeddings unless the config says otherwise.
+    gemma: bool,
+    /// transformers' config defaults (JSON) for keys absent from config.json.
+    defaults: &'static str,
+}
+
+impl HfArchTraits {
+    const LLAMA: HfArchTraits = HfArchTraits {
+        attn_bias: false,
+        qk_norm: false,
+        gemma: false,
+        defaults: "{}",
+    };
+}
+
+/// Gemma2Config's defaults (its layer_types, when absent, window every other layer: the pattern 2).
+const GEMMA2_DEFAULTS: &str = r#"{"sliding_window_pattern": 2, "vocab_size": 256000, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 8192, "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "query_pre_attn_scalar": 256,
+    "sliding_window": 4096, "final_logit_softcapping": 30.0, "attn_logit_softcapping": 50.0,
+    "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true}"#;
+
+/// Gemma3TextConfig's defaults (Gemma 3's multimodal checkpoints leave most of these out of `text_config`).
+const GEMMA3_DEFAULTS: &str = r#"{"vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216,
+    "num_hidden_layers": 26, "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+    "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "rope_theta": 1000000.0,
+    "rope_local_base_freq": 10000.0, "query_pre_attn_scalar": 256, "sliding_window": 4096,
+    "sliding_window_pattern": 6, "hidden_activation": "gelu_pytorch_tanh", "tie_word_embeddings": true}"#;
+
+/// The text model's config: config.json itself, or its `text_config` for Gemma 3's multimodal checkpoints
+/// (`Gemma3ForConditionalGeneration`, whose text weights run here and whose vision tower is left out).
+fn text_config(c: J) -> J {
+    match c["model_type"].as_str() {
+        Some("gemma3") if c["text_config"].is_object() => {
+            let mut t = c["text_config"].clone();
+            t["model_type"] = J::from("gemma3_text");
+            t
+        }
+        _ => c,
+    }
 }
 
 /// The model config from `config.json` (a model_type of `HF_ARCHS`).
 pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaConfig)> {
     let path = dir.join("config.json");
-    let c = read_json(&path)?;
+    let mut c = text_config(read_json(&path)?);
     let p = path.display();
     let arch = c["model_type"].as_str().unwrap_or("").to_string();
     let Some(traits) = HF_ARCHS.iter().find(|(a, _)| *a == arch).map(|(_, t)| *t) else {
         let names: Vec<&str> = HF_ARCHS.iter().map(|(a, _)| *a).collect();
         bail!(
-            "'{p}': model_type '{arch}' is not supported (supported: {})",
+            "'{p}': model_type '{arch}' is not supported (supported: {}, and gemma3's text model)",
             names.join(", ")
         );
     };
+    if let J::Object(defaults) = serde_json::from_str::<J>(traits.defaults)? {
+        for (k, v) in defaults {
+            if c.get(&k).is_none() {
+                c[&k] = v;
+            }
+        }
+    }
     let int = |k: &str| -> Result<usize> {
         c[k].as_u64()
             .map(|v| v as usize)
@@ -88,13 +135,28 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
     };
     let dim = int("hidden_size")?;
     let n_heads = int("num_attention_heads")?;
-    // transformers 5 writes `rope_parameters` (theta and scaling together); older configs `rope_theta` and
-    // `rope_scaling`.
-    let rp = &c["rope_parameters"];
-    let rope_theta = c["rope_theta"]
+    // transformers 5 writes `rope_parameters` (theta and scaling together; Gemma 3: one set per layer type); older
+    // configs `rope_theta`, `rope_scaling` (and Gemma 3's `rope_local_base_freq`).
+    let (rp, rp_local) = match &c["rope_parameters"] {
+        r if r.get("full_attention").is_some() => {
+            (r["full_attention"].clone(), r["sliding_attention"].clone())
+        }
+        r => (r.clone(), J::Null),
+    };
+    let rp = &rp;
+    let rope_theta = rp["rope_theta"]
         .as_f64()
-        .or(rp["rope_theta"].as_f64())
+        .or(c["rope_theta"].as_f64())
         .unwrap_or(10000.0);
+    if let Some(t) = rp_local["rope_type"].as_str()
+        && t != "default"
+    {
+        bail!("'{p}': RoPE scaling '{t}' on the sliding-window layers is not supported");
+    }
+    let local_rope_theta = rp_local["rope_theta"]
+        .as_f64()
+        .or(c["rope_local_base_freq"].as_f64())
+        .map(|t| t as f32);
     let scaling = if c["rope_scaling"].is_null() && rp.is_object() {
         rp
     } else {
@@ -147,10 +209,51 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
         })? as usize),
     }
     .filter(|&w| w < ctx);
-    let cfg = LlamaConfig {
+    let n_layers = int("num_hidden_layers")?;
+    let swa_pattern = match (&c["layer_types"], c["sliding_window_pattern"].as_u64()) {
+        (J::Array(types), _) => {
+            let windowed = types
+                .iter()
+                .map(|t| match t.as_str() {
+                    Some("sliding_attention") => Ok(true),
+                    Some("full_attention") => Ok(false),
+                    _ => bail!(
+                        "'{p}': layer type {t} is neither sliding_attention nor full_attention"
+                    ),
+                })
+                .collect::<Result<Vec<bool>>>()?;
+            if windowed.len() != n_layers {
+                bail!(
+                    "'{p}': layer_types lists {} layers, num_hidden_layers is {n_layers}: the config is corrupt",
+                    windowed.len()
+                );
+            }
+            swa_pattern_of(&windowed).with_context(|| {
+                format!(
+                    "'{p}': layer_types windows layers in an order trt-diff's decoders do not run (a period n: layer \
+                     i windowed when i % n < n - 1)"
+                )
+            })?
+        }
+        (_, Some(n)) => Some(n as usize),
+        _ => None,
+    };
+    let act = c["hidden_activation"]
+        .as_str()
+        .or(c["hidden_act"].as_str())
+        .unwrap_or("silu");
+    let mlp_act = match act {
+        "silu" | "swish" => MlpAct::Silu,
+        "gelu_pytorch_tanh" | "gelu_tanh" => MlpAct::GeluTanh,
+        other => {
+            bail!("'{p}': hidden activation '{other}' is not supported (silu, gelu_pytorch_tanh)")
+        }
+    };
+    let softcap = |k: &str| c[k].as_f64().filter(|&v| v > 0.0).map(|v| v as f32);
+    let mut cfg = LlamaConfig {
         dim,
         hidden_dim: int("intermediate_size")?,
-        n_layers: int("num_hidden_layers")?,
+        n_layers,
         n_heads,
         n_kv_heads: c["num_key_value_heads"]
             .as_u64()
@@ -162,7 +265,7 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
         rope_interleaved: false,
         tied_embeddings: c["tie_word_embeddings"]
             .as_bool()
-            .unwrap_or(arch == "qwen2"),
+            .unwrap_or(arch == "qwen2" || traits.gemma),
         attn_bias: traits.attn_bias || c["attention_bias"].as_bool().unwrap_or(false),
         rope_scaling,
         explicit_head_dim: match &c["head_dim"] {
@@ -176,7 +279,18 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
         },
         qk_norm: traits.qk_norm,
         sliding_window,
+        swa_pattern,
+        local_rope_theta,
+        attn_scale: c["query_pre_attn_scalar"]
+            .as_f64()
+            .map(|s| 1.0 / (s as f32).sqrt()),
+        attn_softcap: softcap("attn_logit_softcapping"),
+        final_softcap: softcap("final_logit_softcapping"),
+        embed_scale: traits.gemma.then(|| (dim as f32).sqrt()),
+        sandwich_norms: traits.gemma,
+        mlp_act,
     };
+    cfg.normalize_window();
     crate::weights::limits::check_config(&p.to_string(), &cfg)?;
     Ok((arch, cfg))
 }
@@ -184,6 +298,7 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
 /// Loads config and every tensor of the checkpoint folder.
 pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
     let (arch, config) = config(dir, max_context)?;
+    let gemma = config.sandwich_norms;
     let index = dir.join("model.safetensors.index.json");
     let files: Vec<std::path::PathBuf> = if index.exists() {
         let j = read_json(&index)?;
@@ -223,6 +338,9 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
             );
         }
         for name in ck.names() {
+            let Some(text_name) = text_model_name(name) else {
+                continue;
+            };
             let t = ck.get(name)?;
             if !matches!(
                 t.dtype,
@@ -234,7 +352,12 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
                     t.dtype
                 );
             }
-            tensors.insert(name.to_string(), t.to_f32()?);
+            let mut v = t.to_f32()?;
+            // Gemma's RMSNorms multiply by (1 + weight); llama.cpp's converter stores the sums, and so do we.
+            if gemma && name.ends_with("norm.weight") {
+                v.iter_mut().for_each(|w| *w += 1.0);
+            }
+            tensors.insert(text_name, v);
         }
     }
     // A bare base model (transformers' `Qwen3Model`, as some pipelines save their text encoders) names its tensors
@@ -261,6 +384,28 @@ pub fn load(dir: &Path, max_context: Option<usize>) -> Result<HfModel> {
         config,
         tensors,
     })
+}
+
+/// A tensor's name in the text model, None for the parts of a multimodal checkpoint that are not (Gemma 3's
+/// `vision_tower.*`, `multi_modal_projector.*`); its language model's tensors lose their prefix
+/// (`language_model.model.*`, transformers 5's `model.language_model.*`).
+fn text_model_name(name: &str) -> Option<String> {
+    for (prefix, to) in [
+        ("language_model.model.", "model."),
+        ("model.language_model.", "model."),
+        ("language_model.lm_head.", "lm_head."),
+    ] {
+        if let Some(rest) = name.strip_prefix(prefix) {
+            return Some(format!("{to}{rest}"));
+        }
+    }
+    let vision = [
+        "vision_tower.",
+        "multi_modal_projector.",
+        "model.vision_tower.",
+        "model.multi_modal_projector.",
+    ];
+    (!vision.iter().any(|v| name.starts_with(v))).then(|| name.to_string())
 }
 
 /// Phi-3's fused matrices as Llama's: `qkv_proj` rows [q | k | v] and `gate_up_proj` rows [gate | up] (the order

@@ -60,6 +60,20 @@ pub fn check_config(source: &str, c: &LlamaConfig) -> Result<()> {
     if !hd.is_multiple_of(2) {
         bail!("'{source}': head size {hd} is odd; RoPE needs pairs: {corrupt}");
     }
+    for (what, v) in [
+        ("RoPE base", Some(c.rope_theta)),
+        ("local RoPE base", c.local_rope_theta),
+        ("attention scale", c.attn_scale),
+        ("attention soft-cap", c.attn_softcap),
+        ("final logit soft-cap", c.final_softcap),
+        ("embedding scale", c.embed_scale),
+    ] {
+        if let Some(v) = v
+            && !(v.is_finite() && v > 0.0)
+        {
+            bail!("'{source}': {what} {v} is not a positive number: {corrupt}");
+        }
+    }
     Ok(())
 }
 
@@ -91,6 +105,12 @@ pub fn check_tensors(source: &str, c: &LlamaConfig, t: &HashMap<String, Vec<f32>
                 (format!("{p}.self_attn.q_proj.bias"), qd),
                 (format!("{p}.self_attn.k_proj.bias"), kvd),
                 (format!("{p}.self_attn.v_proj.bias"), kvd),
+            ]);
+        }
+        if c.sandwich_norms {
+            expect.extend([
+                (format!("{p}.pre_feedforward_layernorm.weight"), d),
+                (format!("{p}.post_feedforward_layernorm.weight"), d),
             ]);
         }
         if c.qk_norm {

@@ -174,11 +174,7 @@ impl Llama2c {
                 norm_eps: 1e-5,
                 rope_interleaved: true,
                 tied_embeddings: shared,
-                attn_bias: false,
-                explicit_head_dim: None,
-                qk_norm: false,
-                rope_scaling: None,
-                sliding_window: None,
+                ..LlamaConfig::default()
             },
             tensors,
         })
