@@ -194,6 +194,7 @@ fn controlnet_pipeline_matches_diffusers() {
             start: 0.0,
             end: 0.75,
             preprocess: None,
+            mode: None,
         }],
         ..Default::default()
     };
@@ -443,6 +444,7 @@ fn channel_concatenated_control_variant_matches_diffusers() {
             start: 0.0,
             end: 1.0,
             preprocess: None,
+            mode: None,
         }],
         ..Default::default()
     };

@@ -11,6 +11,7 @@ mod flake_env;
 mod flux2_models;
 mod flux2_pipeline;
 mod flux_controlnet;
+mod flux_controlnet_union;
 mod flux_lora;
 mod flux_models;
 mod flux_pipeline;

@@ -168,6 +168,7 @@ fn controlnet_matches_diffusers(xl: bool) {
         start: 0.0,
         end: 0.75,
         preprocess: None,
+        mode: None,
     };
     let io = "sd/controlnet/controlnet_io.safetensors";
     let want = tensor(io, &format!("{prefix}_controlnet"));

@@ -1022,6 +1022,12 @@ impl ImageModel for SdModel {
         }
         let f = self.config.vae_scale_factor;
         for c in controls {
+            if let Some(m) = &c.mode {
+                bail!(
+                    "--control-mode {m}: this bundle's ControlNet is not a ControlNet-Union (it takes no control \
+                     mode); drop --control-mode"
+                );
+            }
             let rgb = super::image_io::load_control_image(
                 &c.image,
                 lat.width * f,
