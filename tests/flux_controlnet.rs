@@ -362,6 +362,8 @@ fn build_and_generate_with_controlnet_on_the_command_line() {
         false,
     );
     assert!(e.contains("0 <= start < end <= 1"), "{e}");
+    let e = generate(&a, &["--control", &control, "--control-mode", "0"], false);
+    assert!(e.contains("not a ControlNet-Union"), "{e}");
 }
 
 /// FLUX.1 Canny/Depth-style transformers (128 input channels: latents | control latents) under diffusers'

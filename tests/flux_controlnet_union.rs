@@ -252,3 +252,123 @@ fn union_pipeline_matches_diffusers() {
     )]);
     assert!(msg.contains("not a mode name"), "{msg}");
 }
+
+/// `build --controlnet UNION_DIR` (the TensorRT-RTX builder included when its libraries are found) and `generate
+/// --control IMAGE --control-mode N` on the CPU backend; a missing, unknown or out-of-range mode is refused.
+#[test]
+fn build_and_generate_with_union_controlnet_on_the_command_line() {
+    let d = tempfile::tempdir().unwrap();
+    let m = tiny_model(d.path());
+    let shared = tokenizers();
+    let s = |p: &Path| p.to_string_lossy().into_owned();
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let run = |args: &[String], ok: bool| {
+        let o = std::process::Command::new(bin).args(args).output().unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.success(), ok, "{args:?}\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let plan = d.path().join("union.plan");
+    let args: Vec<String> = [
+        "build",
+        &s(&m),
+        "--arch",
+        "flux-dev",
+        "--precision",
+        "fp32",
+        "--out",
+        &s(&plan),
+        "--clip-tokenizer",
+        &s(&shared.join("bpe_simple_vocab_16e6.txt.gz")),
+        "--t5-tokenizer",
+        &s(&shared.join("t5_tokenizer.json")),
+        "--image-px",
+        "32,32,32",
+        "--controlnet",
+        &s(&golden("controlnet_union/model")),
+        "--no-progress",
+    ]
+    .iter()
+    .map(|x| x.to_string())
+    .collect();
+    run(&args, true);
+    let manifest = std::fs::read_to_string(d.path().join("union.plan.json")).unwrap();
+    assert!(manifest.contains("\"controlnet_modes\": 7"), "{manifest}");
+    if plan.exists() {
+        // The TensorRT-RTX builder (found in .cache/lib) built the union graph too.
+        assert!(d.path().join("union.controlnet.plan").exists());
+    }
+    let generate = |out: &Path, extra: &[&str], ok: bool| {
+        let mut args: Vec<String> = [
+            "generate",
+            "--engine",
+            &s(&plan),
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+            "--out",
+            &s(out),
+        ]
+        .iter()
+        .map(|x| x.to_string())
+        .collect();
+        args.extend(extra.iter().map(|x| x.to_string()));
+        run(&args, ok)
+    };
+    let control = s(&golden("controlnet/control.png"));
+    let (a, b, c) = (
+        d.path().join("a.png"),
+        d.path().join("b.png"),
+        d.path().join("c.png"),
+    );
+    generate(&a, &["--control", &control, "--control-mode", "2"], true);
+    generate(
+        &b,
+        &["--control", &control, "--control-mode", "depth"],
+        true,
+    );
+    generate(
+        &c,
+        &["--control", &control, "--control-mode", "canny"],
+        true,
+    );
+    let px = |p: &Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(px(&a), px(&b), "mode 2 is depth");
+    assert_ne!(px(&a), px(&c), "the mode changes the image");
+    let e = generate(&a, &["--control", &control], false);
+    assert!(
+        e.contains("ControlNet-Union (7 modes): give --control-mode"),
+        "{e}"
+    );
+    let e = generate(&a, &["--control", &control, "--control-mode", "9"], false);
+    assert!(
+        e.contains("out of range") && e.contains("num_mode 7"),
+        "{e}"
+    );
+    let e = generate(&a, &["--control-mode", "1"], false);
+    assert!(e.contains("add --control IMAGE"), "{e}");
+    let e = generate(
+        &a,
+        &[
+            "--control",
+            &control,
+            "--control-mode",
+            "1",
+            "--control-mode",
+            "2",
+        ],
+        false,
+    );
+    assert!(e.contains("one value or one per --control"), "{e}");
+}
