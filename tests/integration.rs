@@ -43,6 +43,7 @@ mod samplers_tableaux;
 mod sd35_models;
 mod sd35_pipeline;
 mod sd_controlnet;
+mod sd_controlnet_union;
 mod sd_lora;
 mod sd_models;
 mod sd_pipeline;
