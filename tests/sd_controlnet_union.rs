@@ -52,4 +52,32 @@ fn sdxl_union_controlnet_matches_diffusers() {
     }
     let e = max_rel(&run(&mut pipe, true, vec![]), &off);
     assert!(e < 1e-4, "without a control: {e}");
+    // A union ControlNet needs a mode in range.
+    let mut refused = |c: ControlImage| {
+        let req = trt_diff::pipelines::image::ImageRequest {
+            prompt: "a fox".into(),
+            steps: Some(2),
+            width: Some(32),
+            height: Some(32),
+            controls: vec![c],
+            ..Default::default()
+        };
+        pipe.generate(&req, &mut |_| Ok(()))
+            .err()
+            .unwrap()
+            .to_string()
+    };
+    let e = refused(ControlImage {
+        mode: None,
+        ..control("sd/controlnet/control.png", 1.0, 0.0, 1.0, "0")
+    });
+    assert!(
+        e.contains("ControlNet-Union (8 modes): give --control-mode") && e.contains("openpose=0"),
+        "{e}"
+    );
+    let e = refused(control("sd/controlnet/control.png", 1.0, 0.0, 1.0, "8"));
+    assert!(
+        e.contains("out of range") && e.contains("num_mode 8"),
+        "{e}"
+    );
 }

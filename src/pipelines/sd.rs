@@ -226,6 +226,9 @@ struct SdControl {
     mode: Option<usize>,
 }
 
+/// An engine output widened to f32: name, shape, values.
+type NamedOutput = (String, Vec<usize>, Vec<f32>);
+
 /// The control types of xinsir's SDXL ControlNet-Union checkpoints (controlnet-union-sdxl-1.0: 0-5; ProMax adds
 /// tile and repaint), by the names of its model card (`--control-mode`).
 pub const UNION_MODES: &[(&str, usize)] = &[
@@ -429,7 +432,7 @@ impl SdModel {
         n: f32,
         batch: usize,
         lat: &Latents,
-    ) -> Result<Vec<(String, Vec<usize>, Vec<f32>)>> {
+    ) -> Result<Vec<NamedOutput>> {
         let keep: Vec<f32> = self
             .controls
             .iter()
@@ -1270,6 +1273,17 @@ impl ImageModel for SdModel {
     }
 }
 
+/// A ControlNet-Union engine's number of control types (its `control_type` input's width); None for others.
+fn union_types(engine: &dyn Engine) -> Option<usize> {
+    engine
+        .inputs()
+        .iter()
+        .find(|d| d.name == "control_type")
+        .and_then(|d| d.shape.last().copied())
+        .filter(|&t| t > 0)
+        .map(|t| t as usize)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1304,15 +1318,4 @@ mod tests {
         assert!((z.sigmas()[0] - plain.sigmas()[0]).abs() < 1e-9);
         assert!((z.sigma_max() - 4096.0).abs() < 1.0, "{}", z.sigma_max());
     }
-}
-
-/// A ControlNet-Union engine's number of control types (its `control_type` input's width); None for others.
-fn union_types(engine: &dyn Engine) -> Option<usize> {
-    engine
-        .inputs()
-        .iter()
-        .find(|d| d.name == "control_type")
-        .and_then(|d| d.shape.last().copied())
-        .filter(|&t| t > 0)
-        .map(|t| t as usize)
 }
