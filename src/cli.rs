@@ -7,9 +7,11 @@ use crate::trt::TrtChoice;
 use clap::{Args, Parser, Subcommand};
 
 mod auto;
+mod control;
 mod samplers;
 mod sources;
 pub use auto::AutoArgs;
+pub use control::ControlModeArgs;
 pub use samplers::{CheckArgs, SamplersCmd};
 pub use sources::SourceArgs;
 use std::path::PathBuf;
@@ -266,6 +268,8 @@ pub struct ImageArgs {
     /// Preprocess the control images (canny edges); without it they are used as given.
     #[arg(long, value_enum)]
     pub control_preprocess: Option<crate::pipelines::image_io::Preprocess>,
+    #[command(flatten)]
+    pub control_mode: ControlModeArgs,
     /// SD3.5 skip-layer guidance: LAYERS[:SCALE[:START:END]] (e.g. 7,8,9; diffusers' 2.8, 0.01, 0.2 when unset).
     #[arg(long, value_name = "SPEC")]
     pub slg_layers: Option<crate::pipelines::image::SkipLayerGuidance>,

@@ -167,6 +167,7 @@ fn final_latents_match_diffusers_flux2_klein_pipeline() {
         start: 0.0,
         end: 1.0,
         preprocess: None,
+        mode: None,
     };
     let req_ref = ImageRequest {
         controls: vec![control(1.0)],

@@ -194,6 +194,7 @@ fn controlnet_pipeline_matches_diffusers() {
             start: 0.0,
             end: 0.75,
             preprocess: None,
+            mode: None,
         }],
         ..Default::default()
     };
@@ -361,6 +362,8 @@ fn build_and_generate_with_controlnet_on_the_command_line() {
         false,
     );
     assert!(e.contains("0 <= start < end <= 1"), "{e}");
+    let e = generate(&a, &["--control", &control, "--control-mode", "0"], false);
+    assert!(e.contains("not a ControlNet-Union"), "{e}");
 }
 
 /// FLUX.1 Canny/Depth-style transformers (128 input channels: latents | control latents) under diffusers'
@@ -443,6 +446,7 @@ fn channel_concatenated_control_variant_matches_diffusers() {
             start: 0.0,
             end: 1.0,
             preprocess: None,
+            mode: None,
         }],
         ..Default::default()
     };

@@ -19,7 +19,7 @@ use trt_diff::weights::safetensors_file::Checkpoint;
 const PROMPT: &str = "a watercolor painting of a fox in the snow, 4k";
 const NEGATIVE: &str = "blurry, low quality";
 
-fn golden(rel: &str) -> PathBuf {
+pub(crate) fn golden(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
         .join("tests/golden")
         .join(rel)
@@ -59,7 +59,7 @@ fn model_dir(root: &Path, xl: bool) -> PathBuf {
 
 /// The tiny pipeline in f32 on ONNX Runtime's CPU backend, its UNet taking the residuals of the ControlNet
 /// `controlnet` (a diffusers folder).
-fn pipeline(root: &Path, xl: bool, controlnet: &Path) -> ImagePipeline<SdModel> {
+pub(crate) fn pipeline(root: &Path, xl: bool, controlnet: &Path) -> ImagePipeline<SdModel> {
     let model = model_dir(root, xl);
     let arch = detect_arch(&model).unwrap();
     let mut p = plan(&model, arch, Some(&clip_vocab())).unwrap();
@@ -116,7 +116,7 @@ fn pipeline(root: &Path, xl: bool, controlnet: &Path) -> ImagePipeline<SdModel> 
     ImagePipeline::new(model)
 }
 
-fn tensor(file: &str, name: &str) -> Vec<f32> {
+pub(crate) fn tensor(file: &str, name: &str) -> Vec<f32> {
     Checkpoint::open(&golden(file))
         .unwrap()
         .get(name)
@@ -125,7 +125,7 @@ fn tensor(file: &str, name: &str) -> Vec<f32> {
         .unwrap()
 }
 
-fn max_rel(got: &[f32], want: &[f32]) -> f64 {
+pub(crate) fn max_rel(got: &[f32], want: &[f32]) -> f64 {
     assert_eq!(got.len(), want.len());
     let scale = want.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
     got.iter()
@@ -134,7 +134,11 @@ fn max_rel(got: &[f32], want: &[f32]) -> f64 {
         / scale
 }
 
-fn run(pipe: &mut ImagePipeline<SdModel>, xl: bool, controls: Vec<ControlImage>) -> Vec<f32> {
+pub(crate) fn run(
+    pipe: &mut ImagePipeline<SdModel>,
+    xl: bool,
+    controls: Vec<ControlImage>,
+) -> Vec<f32> {
     let prefix = if xl { "sdxl" } else { "sd15" };
     let req = ImageRequest {
         prompt: PROMPT.into(),
@@ -168,6 +172,7 @@ fn controlnet_matches_diffusers(xl: bool) {
         start: 0.0,
         end: 0.75,
         preprocess: None,
+        mode: None,
     };
     let io = "sd/controlnet/controlnet_io.safetensors";
     let want = tensor(io, &format!("{prefix}_controlnet"));

@@ -151,6 +151,9 @@ fn generate_images(a: &GenerateArgs, engine: &EngineFile, bundle: &ImageBundle) 
 /// `--control IMAGE ...` with per-image (or shared) strength, start and end.
 fn controls(i: &crate::cli::ImageArgs) -> Result<Vec<crate::pipelines::image::ControlImage>> {
     let n = i.control.len();
+    if n == 0 && !i.control_mode.control_mode.is_empty() {
+        bail!("--control-mode gives the control type of --control images; add --control IMAGE");
+    }
     let pick = |v: &[f32], what: &str, k: usize| -> Result<f32> {
         match v.len() {
             1 => Ok(v[0]),
@@ -168,6 +171,14 @@ fn controls(i: &crate::cli::ImageArgs) -> Result<Vec<crate::pipelines::image::Co
                 start: pick(&i.control_start, "--control-start", k)?,
                 end: pick(&i.control_end, "--control-end", k)?,
                 preprocess: i.control_preprocess,
+                mode: match i.control_mode.control_mode.len() {
+                    0 => None,
+                    1 => Some(i.control_mode.control_mode[0].clone()),
+                    m if m == n => Some(i.control_mode.control_mode[k].clone()),
+                    m => bail!(
+                        "--control-mode takes one value or one per --control ({n}); {m} were given"
+                    ),
+                },
             })
         })
         .collect()

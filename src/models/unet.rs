@@ -812,6 +812,25 @@ impl Emitter<'_> {
         let t = self.sinusoidal("time_proj", &inputs.timestep, c0)?;
         let t = self.o.cast("time_proj/cast", &t, dt)?;
         let mut emb = self.embedding_mlp("time_embedding", &t)?;
+        if let (Some(a), Some(types)) = (&cfg.added, &inputs.control_type) {
+            // ControlNet-Union: the multi-hot control types through the time ids' sinusoids and an MLP.
+            let n = self.t("control_add_embedding.linear_1.weight")?.shape[1];
+            let e = self.sinusoidal("control_type_proj", types, a.time_embed_dim)?;
+            let flat = self.o.i64s("control_type_proj.flat", &[0, -1])?;
+            let e = self.o.g.op(
+                "Reshape",
+                "control_type_proj/flat",
+                &[&e, &flat],
+                vec![],
+                DataType::FLOAT,
+                vec![Dim::Sym("batch".into()), Dim::Fixed(n as i64)],
+            )?;
+            let e = self.o.cast("control_type_proj/cast", &e, dt)?;
+            let c = self.embedding_mlp("control_add_embedding", &e)?;
+            emb = self
+                .o
+                .same("Add", "control_add_embedding/sum", &[&emb, &c], vec![])?;
+        }
         if let (Some(a), Some((text, ids))) = (&cfg.added, &inputs.added) {
             let e = self.sinusoidal("add_time_proj", ids, a.time_embed_dim)?;
             let flat = self.o.i64s("add_time_proj.flat", &[0, -1])?;
@@ -961,6 +980,8 @@ struct Inputs {
     added: Option<(Value, Value)>,
     /// A ControlNet's (down residuals, mid residual), added to the skips and the mid block's output.
     residuals: Option<(Vec<Value>, Value)>,
+    /// ControlNet-Union: the control types' multi-hot vector [batch, types], embedded into the time embedding.
+    control_type: Option<Value>,
 }
 
 /// TensorRT optimization-profile ranges of the UNet's inputs: batch, latent side (height and width each; pixels
@@ -1118,6 +1139,7 @@ fn emit(
         context,
         added,
         residuals,
+        control_type: None,
     })?;
     let y = e.o.cast("model_output/f32", &y, f32t)?;
     let y = e.o.g.op(
@@ -1203,6 +1225,278 @@ pub fn controlnet_residuals(cfg: &UNetConfig) -> Vec<Residual> {
     out
 }
 
+/// What a ControlNet-Union (diffusers `ControlNetUnionModel`) adds to a ControlNet: control types, and the
+/// condition transformer's width and heads.
+pub struct UnionConfig {
+    /// diffusers' `num_control_type` (xinsir: 6; ProMax: 8).
+    pub types: usize,
+    pub width: usize,
+    pub heads: usize,
+}
+
+impl UnionConfig {
+    /// Read off `task_embedding` [types, width] and `config.json`'s `num_trans_head` (8, xinsir's, without one).
+    pub fn read(cfg: &UNetConfig, ck: &Checkpoint) -> Result<Self> {
+        let task = ck.get(&cfg.name("task_embedding"))?;
+        let [types, width] = task.shape[..] else {
+            bail!(
+                "'{}': task_embedding is {:?}, expected [num_control_type, num_trans_channel]",
+                ck.path.display(),
+                task.shape
+            );
+        };
+        let heads = match read_config_json(&ck.path)? {
+            Some(t) => serde_json::from_str::<serde_json::Value>(&t)
+                .context("ControlNet config.json is not JSON")?
+                .get("num_trans_head")
+                .and_then(|v| v.as_u64())
+                .unwrap_or(8) as usize,
+            None => 8,
+        };
+        let c0 = cfg.block_out_channels.first().copied().unwrap_or(0);
+        if types == 0 || heads == 0 || !width.is_multiple_of(heads) || width != c0 {
+            bail!(
+                "'{}': the ControlNet-Union's condition transformer ({types} types, width {width}, {heads} heads) \
+                 does not fit its first level's {c0} channels",
+                ck.path.display()
+            );
+        }
+        Ok(UnionConfig {
+            types,
+            width,
+            heads,
+        })
+    }
+}
+
+impl Emitter<'_> {
+    /// ControlNet-Union's condition fusion (diffusers `ControlNetUnionModel.forward`): each control's embedded
+    /// features `h` [controls*batch, c, h, w] pooled plus its task embedding, scaled by `scales`, and the pooled
+    /// `conv_in` output, as tokens through the `transformer_layes` (nn.MultiheadAttention without batch_first: the
+    /// attention runs across the batch); each control adds `scale * (h + spatial_ch_projs(token))`. Returns the sum
+    /// [batch, c, h, w] to add to `x`.
+    fn union_fuse(
+        &mut self,
+        u: &UnionConfig,
+        x: &Value,
+        h: &Value,
+        cond: &Value,
+        mode: &Value,
+        scales: &Value,
+    ) -> Result<Value> {
+        let dt = self.o.dtype;
+        let c = u.width as i64;
+        let i64t = DataType::INT64;
+        let lead = self.o.g.op(
+            "Shape",
+            "union/lead",
+            &[cond],
+            vec![("start", Attr::Int(0)), ("end", Attr::Int(2))],
+            i64t,
+            vec![Dim::Fixed(2)],
+        )?;
+        let hw = self.o.g.op(
+            "Shape",
+            "union/hw",
+            &[h],
+            vec![("start", Attr::Int(1))],
+            i64t,
+            vec![Dim::Fixed(3)],
+        )?;
+        let shape5 = self.o.g.op(
+            "Concat",
+            "union/shape5",
+            &[&lead, &hw],
+            vec![("axis", Attr::Int(0))],
+            i64t,
+            vec![Dim::Fixed(5)],
+        )?;
+        let ctl = || Dim::Sym("controls".into());
+        let bt = || Dim::Sym("batch".into());
+        let mut h5 = self
+            .o
+            .same("Reshape", "union/conditions", &[h, &shape5], vec![])?;
+        h5.shape = vec![
+            ctl(),
+            bt(),
+            Dim::Fixed(c),
+            Dim::Sym("union_h".into()),
+            Dim::Sym("union_w".into()),
+        ];
+        // Tokens [controls + 1, batch, width]: per control mean + task embedding (scaled), then the sample's mean.
+        let axes = self.o.i64s("union.hw_axes", &[3, 4])?;
+        let feat = self.o.op(
+            "ReduceMean",
+            "union/feat",
+            &[&h5, &axes],
+            vec![("keepdims", Attr::Int(0))],
+            vec![ctl(), bt(), Dim::Fixed(c)],
+        )?;
+        let table = self.t("task_embedding")?;
+        let table = self
+            .o
+            .weight(&self.cfg.name("task_embedding"), &table, dt)?;
+        let one = self.o.i64s("union.axis1", &[1])?;
+        let mode2 = self.o.g.op(
+            "Unsqueeze",
+            "union/mode",
+            &[mode, &one],
+            vec![],
+            i64t,
+            vec![ctl(), Dim::Fixed(1)],
+        )?;
+        let task = self.o.op(
+            "Gather",
+            "union/task",
+            &[&table, &mode2],
+            vec![("axis", Attr::Int(0))],
+            vec![ctl(), Dim::Fixed(1), Dim::Fixed(c)],
+        )?;
+        let feat = self
+            .o
+            .same("Add", "union/feat_task", &[&feat, &task], vec![])?;
+        let s = self.o.cast("union/scales", scales, dt)?;
+        let s3 = self.o.i64s("union.scale3", &[-1, 1, 1])?;
+        let s3 = self.o.op(
+            "Reshape",
+            "union/scale3",
+            &[&s, &s3],
+            vec![],
+            vec![ctl(), Dim::Fixed(1), Dim::Fixed(1)],
+        )?;
+        let feat = self
+            .o
+            .same("Mul", "union/feat_scaled", &[&feat, &s3], vec![])?;
+        let axes2 = self.o.i64s("union.sample_axes", &[2, 3])?;
+        let sfeat = self.o.op(
+            "ReduceMean",
+            "union/sample_feat",
+            &[x, &axes2],
+            vec![("keepdims", Attr::Int(0))],
+            vec![bt(), Dim::Fixed(c)],
+        )?;
+        let zero = self.o.i64s("union.axis0", &[0])?;
+        let sfeat = self.o.op(
+            "Unsqueeze",
+            "union/sample_token",
+            &[&sfeat, &zero],
+            vec![],
+            vec![Dim::Fixed(1), bt(), Dim::Fixed(c)],
+        )?;
+        let mut t = self.o.op(
+            "Concat",
+            "union/tokens",
+            &[&feat, &sfeat],
+            vec![("axis", Attr::Int(0))],
+            vec![Dim::Sym("union_tokens".into()), bt(), Dim::Fixed(c)],
+        )?;
+        let mut k = 0;
+        while self.has(&format!("transformer_layes.{k}.ln_1.weight")) {
+            let name = format!("transformer_layes.{k}");
+            let n = self.layer_norm(&format!("{name}.ln_1"), &t)?;
+            let w = self.t(&format!("{name}.attn.in_proj_weight"))?;
+            let bias = self.t(&format!("{name}.attn.in_proj_bias"))?;
+            let qkv = self.linears.linear(
+                &mut self.o,
+                &self.cfg.name(&format!("{name}.attn.in_proj")),
+                &format!("{name}.attn.in_proj"),
+                &amax_key(&format!("{name}.attn.in_proj")),
+                &n,
+                Weight::Tensor {
+                    weight: &w,
+                    bias: Some(&bias),
+                },
+            )?;
+            let mut part = t.shape.clone();
+            part[2] = Dim::Fixed(c);
+            let sizes = self.o.i64s(&format!("{name}.qkv"), &[c, c, c])?;
+            let qkv = self.o.g.node(
+                "Split",
+                &format!("{name}/qkv"),
+                &[&qkv, &sizes],
+                vec![("axis", Attr::Int(-1))],
+                vec![(dt, part.clone()), (dt, part.clone()), (dt, part)],
+            )?;
+            let scale = ((u.width / u.heads) as f32).powf(-0.5);
+            let a = attention(
+                &mut self.o,
+                &self.cfg.name(&format!("{name}.attn")),
+                (&qkv[0], &qkv[1], &qkv[2]),
+                u.heads,
+                Some(scale),
+                None,
+            )?;
+            let a = self.linear(&format!("{name}.attn.out_proj"), &a)?;
+            t = self
+                .o
+                .same("Add", &format!("{name}/attn_res"), &[&t, &a], vec![])?;
+            let n = self.layer_norm(&format!("{name}.ln_2"), &t)?;
+            let f = self.linear(&format!("{name}.mlp.c_fc"), &n)?;
+            let f = activation(&mut self.o, &format!("{name}/quick_gelu"), &f, "quick_gelu")?;
+            let f = self.linear(&format!("{name}.mlp.c_proj"), &f)?;
+            t = self
+                .o
+                .same("Add", &format!("{name}/mlp_res"), &[&t, &f], vec![])?;
+            k += 1;
+        }
+        // Each control's token (the first `controls`) projected to a per-channel shift of its features.
+        let starts = self.o.i64s("union.token_start", &[0])?;
+        let ends = self.o.g.op(
+            "Shape",
+            "union/controls",
+            &[cond],
+            vec![("start", Attr::Int(0)), ("end", Attr::Int(1))],
+            i64t,
+            vec![Dim::Fixed(1)],
+        )?;
+        let tok = self.o.op(
+            "Slice",
+            "union/control_tokens",
+            &[&t, &starts, &ends, &zero],
+            vec![],
+            vec![ctl(), bt(), Dim::Fixed(c)],
+        )?;
+        let alpha = self.linear("spatial_ch_projs", &tok)?;
+        let hw_axes = self.o.i64s("union.alpha_axes", &[3, 4])?;
+        let alpha = self.o.op(
+            "Unsqueeze",
+            "union/alpha",
+            &[&alpha, &hw_axes],
+            vec![],
+            vec![ctl(), bt(), Dim::Fixed(c), Dim::Fixed(1), Dim::Fixed(1)],
+        )?;
+        let fused = self
+            .o
+            .same("Add", "union/shifted", &[&h5, &alpha], vec![])?;
+        let s5 = self.o.i64s("union.scale5", &[-1, 1, 1, 1, 1])?;
+        let s5 = self.o.op(
+            "Reshape",
+            "union/scale5",
+            &[&s, &s5],
+            vec![],
+            vec![
+                ctl(),
+                Dim::Fixed(1),
+                Dim::Fixed(1),
+                Dim::Fixed(1),
+                Dim::Fixed(1),
+            ],
+        )?;
+        let fused = self
+            .o
+            .same("Mul", "union/fused_scaled", &[&fused, &s5], vec![])?;
+        let mut sum = self.o.op(
+            "ReduceSum",
+            "union/fuser",
+            &[&fused, &zero],
+            vec![("keepdims", Attr::Int(0))],
+            x.shape.clone(),
+        )?;
+        sum.shape = x.shape.clone();
+        Ok(sum)
+    }
+}
+
 /// A diffusers `ControlNetModel` (SD1.x/SD2.x/SDXL): the UNet's embeddings, down and mid blocks (`cfg` read off
 /// the ControlNet's own weights), the control image's embedding (`controlnet_cond_embedding`: 3x3 convolutions,
 /// every second one strided, SiLU between) added after `conv_in`, and a zero convolution per residual.
@@ -1222,15 +1516,10 @@ pub fn controlnet_graph(
             ck.path.display()
         );
     }
-    if ck.contains(&cfg.name("controlnet_mode_embedding.weight"))
-        || ck.contains(&cfg.name("task_embedding"))
-    {
-        bail!(
-            "'{}' is a ControlNet-Union checkpoint (control-type embedding), which trt-diff does not run yet; use a \
-             single-condition ControlNet",
-            ck.path.display()
-        );
-    }
+    let union = match ck.contains(&cfg.name("task_embedding")) {
+        true => Some(UnionConfig::read(cfg, ck)?),
+        false => None,
+    };
     let mut e = Emitter {
         o: Ops::new("controlnet", 18, opts.compute),
         cfg,
@@ -1272,29 +1561,84 @@ pub fn controlnet_graph(
         None => None,
     };
     let cond_channels = e.t("controlnet_cond_embedding.conv_in.weight")?.shape[1];
+    let image_dims = vec![
+        Dim::Fixed(cond_channels as i64),
+        Dim::Sym("image_height".into()),
+        Dim::Sym("image_width".into()),
+    ];
+    // A union ControlNet takes every control of a step at once: [controls, batch, channels, height, width].
+    let controls = || Dim::Sym("controls".into());
     let cond = e.o.g.input(
         "controlnet_cond",
         f32t,
-        vec![
-            b(),
-            Dim::Fixed(cond_channels as i64),
-            Dim::Sym("image_height".into()),
-            Dim::Sym("image_width".into()),
-        ],
+        match union {
+            Some(_) => [vec![controls(), b()], image_dims].concat(),
+            None => [vec![b()], image_dims].concat(),
+        },
     )?;
     let scale =
         e.o.g
             .input("conditioning_scale", f32t, vec![Dim::Fixed(1)])?;
+    let union_inputs = match &union {
+        Some(u) => Some((
+            e.o.g
+                .input("control_type", f32t, vec![b(), Dim::Fixed(u.types as i64)])?,
+            e.o.g
+                .input("control_mode", DataType::INT64, vec![controls()])?,
+            e.o.g.input("control_scales", f32t, vec![controls()])?,
+        )),
+        None => None,
+    };
     let inputs = Inputs {
         sample,
         timestep,
         context,
         added,
         residuals: None,
+        control_type: union_inputs.as_ref().map(|u| u.0.clone()),
     };
+    if union.is_some() && cfg.added.is_none() {
+        bail!(
+            "'{}' is a ControlNet-Union without SDXL's added conditioning: trt-diff runs the SDXL ones \
+             (diffusers ControlNetUnionModel)",
+            ck.path.display()
+        );
+    }
     let (temb, ctx, x) = e.embed(&inputs)?;
     let dt = e.o.dtype;
     let c = e.o.cast("controlnet_cond/cast", &cond, dt)?;
+    let c = match union {
+        // The controls as one batch of controls x batch images.
+        Some(_) => {
+            let shape = e.o.g.op(
+                "Shape",
+                "controlnet_cond/image_shape",
+                &[&cond],
+                vec![("start", Attr::Int(2))],
+                DataType::INT64,
+                vec![Dim::Fixed(3)],
+            )?;
+            let lead = e.o.i64s("controlnet_cond.lead", &[-1])?;
+            let target = e.o.g.op(
+                "Concat",
+                "controlnet_cond/flat_shape",
+                &[&lead, &shape],
+                vec![("axis", Attr::Int(0))],
+                DataType::INT64,
+                vec![Dim::Fixed(4)],
+            )?;
+            let mut flat =
+                e.o.same("Reshape", "controlnet_cond/flat", &[&c, &target], vec![])?;
+            flat.shape = vec![
+                Dim::Sym("control_batch".into()),
+                Dim::Fixed(cond_channels as i64),
+                Dim::Sym("image_height".into()),
+                Dim::Sym("image_width".into()),
+            ];
+            flat
+        }
+        None => c,
+    };
     let mut h = e.conv("controlnet_cond_embedding.conv_in", &c, 1, 1)?;
     h = e.o.silu("controlnet_cond_embedding/act_in", &h)?;
     let mut k = 0;
@@ -1312,6 +1656,10 @@ pub fn controlnet_graph(
         k += 1;
     }
     let h = e.conv("controlnet_cond_embedding.conv_out", &h, 1, 1)?;
+    let h = match (&union, &union_inputs) {
+        (Some(u), Some((_, mode, scales))) => e.union_fuse(u, &x, &h, &cond, mode, scales)?,
+        _ => h,
+    };
     let shape = x.shape.clone();
     let mut x = e.o.same("Add", "controlnet_cond/add", &[&x, &h], vec![])?;
     x.shape = shape;

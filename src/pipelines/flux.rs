@@ -56,6 +56,9 @@ pub struct FluxPipelineConfig {
     /// image latents' (64 + 256 for FLUX.1-Fill-dev); 0 for the other models.
     #[serde(default)]
     pub fill_channels: usize,
+    /// The bundle's ControlNet-Union modes (diffusers' `num_mode`); 0 without one or for a plain ControlNet.
+    #[serde(default)]
+    pub controlnet_modes: usize,
 }
 
 impl FluxPipelineConfig {
@@ -83,6 +86,7 @@ impl FluxPipelineConfig {
             default_height: 1024,
             control_channels: 0,
             fill_channels: 0,
+            controlnet_modes: 0,
         })
     }
 }
@@ -105,7 +109,20 @@ struct ActiveControl {
     strength: f32,
     start: f32,
     end: f32,
+    /// ControlNet-Union: the control mode.
+    mode: Option<usize>,
 }
+
+/// The control modes of the InstantX / Shakker-Labs FLUX.1-dev ControlNet-Union checkpoints (`--control-mode`).
+pub const UNION_MODES: &[(&str, usize)] = &[
+    ("canny", 0),
+    ("tile", 1),
+    ("depth", 2),
+    ("blur", 3),
+    ("pose", 4),
+    ("gray", 5),
+    ("lq", 6),
+];
 
 /// The Flux family on the image seam.
 pub struct FluxModel {
@@ -371,6 +388,18 @@ impl FluxModel {
                 &[1],
                 &[ctl.strength],
             )?);
+            if let Some(mode) = ctl.mode {
+                cin.push((
+                    "controlnet_mode".into(),
+                    HostTensor {
+                        dtype: DataType::INT64,
+                        shape: vec![batch],
+                        data: (0..batch)
+                            .flat_map(|_| (mode as i64).to_le_bytes())
+                            .collect(),
+                    },
+                ));
+            }
             let out = cn.run(&cin).context("Flux ControlNet")?;
             for (name, t) in out {
                 let v: Vec<f32> = t
@@ -637,6 +666,12 @@ impl ImageModel for FluxModel {
                     controls.len()
                 );
             };
+            if let Some(m) = &c.mode {
+                bail!(
+                    "--control-mode {m}: FLUX.1 Canny/Depth takes no control mode (ControlNet-Union bundles do); \
+                     drop --control-mode"
+                );
+            }
             if c.strength != 1.0 || c.start != 0.0 || c.end != 1.0 {
                 tracing::warn!(
                     "--control-strength/--control-start/--control-end apply to ControlNets; FLUX.1 Canny/Depth \
@@ -661,9 +696,39 @@ impl ImageModel for FluxModel {
                 "--control needs a ControlNet in the bundle; rebuild it with `trt-diff build MODEL --controlnet DIR`"
             );
         }
+        let union = self
+            .engines
+            .controlnet
+            .as_ref()
+            .is_some_and(|e| e.inputs().iter().any(|d| d.name == "controlnet_mode"));
+        let modes = self.config.controlnet_modes;
         let vs = self.config.vae_scale_factor;
         let (w, h) = (lat.width * vs, lat.height * vs);
         for c in controls {
+            let mode = match (&c.mode, union) {
+                (None, false) => None,
+                (Some(m), false) => bail!(
+                    "--control-mode {m}: this bundle's ControlNet is not a ControlNet-Union (it takes no control \
+                     mode); drop --control-mode"
+                ),
+                (_, true) if modes == 0 => bail!(
+                    "this bundle's ControlNet is a ControlNet-Union but its manifest records no mode count \
+                     (controlnet_modes); rebuild the bundle with --controlnet DIR"
+                ),
+                (None, true) => bail!(
+                    "this bundle's ControlNet is a ControlNet-Union ({modes} modes): give --control-mode for '{}' \
+                     (an index 0..{} or a name: {})",
+                    c.image.display(),
+                    modes - 1,
+                    UNION_MODES
+                        .iter()
+                        .filter(|(_, i)| *i < modes)
+                        .map(|(n, i)| format!("{n}={i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (Some(m), true) => Some(m.resolve(UNION_MODES, modes)?),
+            };
             let rgb = super::image_io::load_control_image(&c.image, w, h, c.preprocess)?;
             let cond = self
                 .encode_image(&rgb, lat)
@@ -673,6 +738,7 @@ impl ImageModel for FluxModel {
                 strength: c.strength,
                 start: c.start,
                 end: c.end,
+                mode,
             });
         }
         Ok(())

@@ -493,6 +493,11 @@ impl Flux2Model {
             id: device_io::next_cond_id(),
         };
         for (i, c) in controls.iter().enumerate() {
+            if let Some(m) = &c.mode {
+                bail!(
+                    "--control-mode {m}: FLUX.2 [klein] reference images take no control mode; drop it"
+                );
+            }
             if (c.strength, c.start, c.end) != (1.0, 0.0, 1.0) {
                 bail!(
                     "FLUX.2 [klein] takes --control images as reference images (editing), which condition every \

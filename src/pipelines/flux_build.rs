@@ -460,14 +460,14 @@ pub fn export_flux(
 }
 
 /// Exports a diffusers FluxControlNetModel folder beside the bundle (`out`): in the build's precision when that is
-/// 16- or 32-bit, in f32 beside FP8/NVFP4 transformers (the ControlNet is not quantized). Returns the graph and
-/// the ControlNet's config.
+/// 16- or 32-bit, in f32 beside FP8/NVFP4 transformers (the ControlNet is not quantized). Returns the graph, the
+/// ControlNet's config and its number of control modes (ControlNet-Union's `num_mode`; 0 for a plain one).
 pub fn export_controlnet(
     p: &Plan,
     dir: &Path,
     precision: Precision,
     out: &Path,
-) -> Result<(PathBuf, fluxm::FluxConfig)> {
+) -> Result<(PathBuf, fluxm::FluxConfig, usize)> {
     let ck = Checkpoint::open(dir).with_context(|| format!("--controlnet '{}'", dir.display()))?;
     if !ck
         .names()
@@ -479,16 +479,27 @@ pub fn export_controlnet(
             dir.display()
         );
     }
-    if ck
-        .names()
-        .any(|n| n.starts_with("controlnet_mode_embedder") || n.starts_with("input_hint_block"))
-    {
+    if ck.names().any(|n| n.starts_with("input_hint_block")) {
         bail!(
-            "--controlnet '{}' is a ControlNet-Union (mode embedder) or has an input hint block: trt-diff runs plain \
-             FluxControlNetModel checkpoints (InstantX Canny/Depth style) only",
+            "--controlnet '{}' has an input hint block (XLabs style): trt-diff runs InstantX / Shakker style \
+             FluxControlNetModel checkpoints (plain or Union) only",
             dir.display()
         );
     }
+    let modes = match ck.contains("controlnet_mode_embedder.weight") {
+        true => {
+            let t = ck.get("controlnet_mode_embedder.weight")?;
+            match t.shape[..] {
+                [n, _] if n > 0 => n,
+                _ => bail!(
+                    "--controlnet '{}': controlnet_mode_embedder.weight is {:?}, expected [num_mode, hidden]",
+                    dir.display(),
+                    t.shape
+                ),
+            }
+        }
+        false => 0,
+    };
     let (cfg, _, _) = fluxm::FluxConfig::from_checkpoint(&ck)?;
     let t = &p.transformer;
     for (what, a, b) in [
@@ -517,7 +528,7 @@ pub fn export_controlnet(
         ..Default::default()
     };
     fluxm::export(&cfg, &ck, &opts, out)?;
-    Ok((out.to_path_buf(), cfg))
+    Ok((out.to_path_buf(), cfg, modes))
 }
 
 fn aux_precisions(p: &Plan, precision: Precision) -> Result<(DataType, DataType)> {
@@ -809,6 +820,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
                 double: cn.1.depth,
                 single: cn.1.depth_single,
             };
+            p.config.controlnet_modes = cn.2;
             Some(cn)
         }
         None => None,
@@ -861,7 +873,7 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
         aux.push(("tae_decoder", out.clone(), out));
     }
     let mut profiles = profiles(&p)?;
-    if let Some((cn_onnx, cn)) = &controlnet {
+    if let Some((cn_onnx, cn, modes)) = &controlnet {
         // The ControlNet takes the transformer's inputs plus the packed control latents and the scale; the
         // transformer takes its sample stacks.
         let tr = profiles
@@ -879,6 +891,14 @@ pub fn build_flux(o: &FluxBuildOptions) -> Result<BuildOutcome> {
             opt: vec![hs.opt[0], hs.opt[1], cn.in_channels as i64],
             max: vec![hs.max[0], hs.max[1], cn.in_channels as i64],
         });
+        if *modes > 0 {
+            cn_shapes.push(ShapeRange {
+                name: "controlnet_mode".into(),
+                min: vec![hs.min[0]],
+                opt: vec![hs.opt[0]],
+                max: vec![hs.max[0]],
+            });
+        }
         cn_shapes.push(ShapeRange {
             name: "conditioning_scale".into(),
             min: vec![1],

@@ -122,6 +122,71 @@ pub struct ControlImage {
     pub end: f32,
     /// Preprocessing of the image before it is encoded (`canny`), or none.
     pub preprocess: Option<super::image_io::Preprocess>,
+    /// ControlNet-Union: the control type of this image; None for plain ControlNets.
+    pub mode: Option<ControlMode>,
+}
+
+/// A ControlNet-Union control type (`--control-mode`): an index, or a name of the checkpoint family's table.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ControlMode {
+    Index(usize),
+    Name(String),
+}
+
+impl std::str::FromStr for ControlMode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        let s = s.trim();
+        if s.is_empty() {
+            return Err("a mode index (0, 1, ...) or name (canny, depth, ...) was expected".into());
+        }
+        Ok(match s.parse::<usize>() {
+            Ok(i) => ControlMode::Index(i),
+            Err(_) => ControlMode::Name(s.to_ascii_lowercase()),
+        })
+    }
+}
+
+impl std::fmt::Display for ControlMode {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ControlMode::Index(i) => write!(f, "{i}"),
+            ControlMode::Name(n) => f.write_str(n),
+        }
+    }
+}
+
+impl ControlMode {
+    /// The mode's index for a union ControlNet of `modes` modes whose names are `table` (name, index).
+    pub fn resolve(&self, table: &[(&str, usize)], modes: usize) -> Result<usize> {
+        let names = || {
+            table
+                .iter()
+                .filter(|(_, i)| *i < modes)
+                .map(|(n, i)| format!("{n}={i}"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let i = match self {
+            ControlMode::Index(i) => *i,
+            ControlMode::Name(n) => match table.iter().find(|(name, _)| name == n) {
+                Some((_, i)) => *i,
+                None => bail!(
+                    "--control-mode '{n}' is not a mode name of this ControlNet-Union; known: {}",
+                    names()
+                ),
+            },
+        };
+        if i >= modes {
+            bail!(
+                "--control-mode {self} is out of range: this ControlNet-Union has {modes} modes (num_mode {modes}): \
+                 give 0..{} or a name ({})",
+                modes.saturating_sub(1),
+                names()
+            );
+        }
+        Ok(i)
+    }
 }
 
 /// What `generate` uses for unset request fields; each family records its own in the bundle.

@@ -222,7 +222,33 @@ struct SdControl {
     strength: f32,
     start: f32,
     end: f32,
+    /// ControlNet-Union: the control type.
+    mode: Option<usize>,
 }
+
+/// An engine output widened to f32: name, shape, values.
+type NamedOutput = (String, Vec<usize>, Vec<f32>);
+
+/// The control types of xinsir's SDXL ControlNet-Union checkpoints (controlnet-union-sdxl-1.0: 0-5; ProMax adds
+/// tile and repaint), by the names of its model card (`--control-mode`).
+pub const UNION_MODES: &[(&str, usize)] = &[
+    ("openpose", 0),
+    ("pose", 0),
+    ("depth", 1),
+    ("hed", 2),
+    ("pidi", 2),
+    ("scribble", 2),
+    ("ted", 2),
+    ("canny", 3),
+    ("lineart", 3),
+    ("anime_lineart", 3),
+    ("mlsd", 3),
+    ("normal", 4),
+    ("segment", 5),
+    ("tile", 6),
+    ("repaint", 7),
+    ("inpaint", 7),
+];
 
 pub type SdPipeline = ImagePipeline<SdModel>;
 
@@ -324,7 +350,10 @@ impl SdModel {
             .position(|w| sigma <= w[0] && sigma > w[1])
             .unwrap_or(0) as f32;
         let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
-        for ctl in &self.controls {
+        if self.controls.iter().any(|c| c.mode.is_some()) {
+            sums = self.union_residuals(inputs, step, n, batch, lat)?;
+        }
+        for ctl in self.controls.iter().filter(|c| c.mode.is_none()) {
             if step / n < ctl.start || (step + 1.0) / n > ctl.end {
                 continue;
             }
@@ -389,6 +418,100 @@ impl SdModel {
                     }
                 },
             )
+            .collect()
+    }
+
+    /// A ControlNet-Union's residuals for step `step` of `n`: every control in one call, as diffusers'
+    /// `StableDiffusionXLControlNetUnionPipeline` (the control types multi-hot; one control: its strength scales the
+    /// output and the call is skipped outside its window; several: each strength, zero outside its window, scales
+    /// its part of the fusion and the net runs at every step).
+    fn union_residuals(
+        &mut self,
+        inputs: &[(String, crate::backend::HostTensor)],
+        step: f32,
+        n: f32,
+        batch: usize,
+        lat: &Latents,
+    ) -> Result<Vec<NamedOutput>> {
+        let keep: Vec<f32> = self
+            .controls
+            .iter()
+            .map(|c| {
+                let off = step / n < c.start || (step + 1.0) / n > c.end;
+                if off { 0.0 } else { c.strength }
+            })
+            .collect();
+        let (inner, outer) = match keep[..] {
+            [0.0] => return Ok(Vec::new()),
+            [s] => (vec![1.0], s),
+            _ => (keep, 1.0),
+        };
+        let cn = self
+            .controlnet
+            .as_mut()
+            .context("a control image was given and the bundle has no ControlNet")?;
+        let types =
+            union_types(cn.as_ref()).context("the bundle's ControlNet is not a union one")?;
+        let mut cin: Vec<(String, crate::backend::HostTensor)> = inputs
+            .iter()
+            .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
+            .cloned()
+            .collect();
+        let f = self.config.vae_scale_factor;
+        let k = self.controls.len();
+        let images: Vec<f32> = self
+            .controls
+            .iter()
+            .flat_map(|c| c.image.repeat(batch))
+            .collect();
+        cin.push(float_input(
+            cn.as_ref(),
+            "controlnet_cond",
+            &[k, batch, 3, lat.height * f, lat.width * f],
+            &images,
+        )?);
+        let mut multi_hot = vec![0f32; types];
+        let mut modes = Vec::new();
+        for c in &self.controls {
+            let m = c
+                .mode
+                .context("a ControlNet-Union control without its mode")?;
+            multi_hot[m] = 1.0;
+            modes.extend((m as i64).to_le_bytes());
+        }
+        cin.push(float_input(
+            cn.as_ref(),
+            "control_type",
+            &[batch, types],
+            &multi_hot.repeat(batch),
+        )?);
+        cin.push((
+            "control_mode".into(),
+            crate::backend::HostTensor {
+                dtype: crate::onnx::DataType::INT64,
+                shape: vec![k],
+                data: modes,
+            },
+        ));
+        cin.push(float_input(cn.as_ref(), "control_scales", &[k], &inner)?);
+        cin.push(float_input(
+            cn.as_ref(),
+            "conditioning_scale",
+            &[1],
+            &[outer],
+        )?);
+        cn.run(&cin)
+            .context("ControlNet-Union")?
+            .into_iter()
+            .map(|(name, t)| {
+                let v: Vec<f32> = t
+                    .to_f64()
+                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
+                    .into_iter()
+                    .map(|x| x as f32)
+                    .collect();
+                Ok((name, t.shape.clone(), v))
+            })
             .collect()
     }
 
@@ -1021,7 +1144,28 @@ impl ImageModel for SdModel {
             );
         }
         let f = self.config.vae_scale_factor;
+        let types = self.controlnet.as_deref().and_then(union_types);
         for c in controls {
+            let mode = match (&c.mode, types) {
+                (None, None) => None,
+                (Some(m), None) => bail!(
+                    "--control-mode {m}: this bundle's ControlNet is not a ControlNet-Union (it takes no control \
+                     mode); drop --control-mode"
+                ),
+                (None, Some(t)) => bail!(
+                    "this bundle's ControlNet is a ControlNet-Union ({t} modes): give --control-mode for '{}' (an \
+                     index 0..{} or a name: {})",
+                    c.image.display(),
+                    t.saturating_sub(1),
+                    UNION_MODES
+                        .iter()
+                        .filter(|(_, i)| *i < t)
+                        .map(|(n, i)| format!("{n}={i}"))
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                ),
+                (Some(m), Some(t)) => Some(m.resolve(UNION_MODES, t)?),
+            };
             let rgb = super::image_io::load_control_image(
                 &c.image,
                 lat.width * f,
@@ -1033,6 +1177,7 @@ impl ImageModel for SdModel {
                 strength: c.strength,
                 start: c.start,
                 end: c.end,
+                mode,
             });
         }
         Ok(())
@@ -1126,6 +1271,17 @@ impl ImageModel for SdModel {
             .collect();
         Ok((to_rgb8(&img, 1, h, w).remove(0), w, h))
     }
+}
+
+/// A ControlNet-Union engine's number of control types (its `control_type` input's width); None for others.
+fn union_types(engine: &dyn Engine) -> Option<usize> {
+    engine
+        .inputs()
+        .iter()
+        .find(|d| d.name == "control_type")
+        .and_then(|d| d.shape.last().copied())
+        .filter(|&t| t > 0)
+        .map(|t| t as usize)
 }
 
 #[cfg(test)]

@@ -820,7 +820,12 @@ pub struct SdBuildOptions {
 
 /// Exports the ControlNet of `dir` (a diffusers `ControlNetModel` folder) for the plan's UNet to `out`, in f32
 /// unless `compute` says otherwise (a quantized UNet's ControlNet stays in f32).
-pub fn export_controlnet(p: &Plan, dir: &Path, compute: DataType, out: &Path) -> Result<()> {
+pub fn export_controlnet(
+    p: &Plan,
+    dir: &Path,
+    compute: DataType,
+    out: &Path,
+) -> Result<Option<unet::UnionConfig>> {
     let ck = Checkpoint::open(dir).with_context(|| format!("--controlnet '{}'", dir.display()))?;
     let cfg = unet::UNetConfig::from_checkpoint(&ck)
         .with_context(|| format!("--controlnet '{}'", dir.display()))?;
@@ -861,8 +866,14 @@ pub fn export_controlnet(p: &Plan, dir: &Path, compute: DataType, out: &Path) ->
     let graph = unet::controlnet_graph(&cfg, &ck, &opts)
         .with_context(|| format!("--controlnet '{}'", dir.display()))?;
     save(graph, out, &SaveOptions::default())?;
-    Ok(())
+    match ck.contains(&cfg.name("task_embedding")) {
+        true => Ok(Some(unet::UnionConfig::read(&cfg, &ck)?)),
+        false => Ok(None),
+    }
 }
+
+/// The most controls a ControlNet-Union engine's TensorRT profile takes in one call.
+pub const MAX_UNION_CONTROLS: i64 = 4;
 
 /// Exports, calibrates (FP8), builds every component, and writes the bundle's manifest.
 pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
@@ -982,13 +993,13 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
             } else {
                 uopts.compute
             };
-            export_controlnet(&p, cn_dir, compute, &out)?;
+            let union = export_controlnet(&p, cn_dir, compute, &out)?;
             uopts.controlnet_residuals = true;
             p.config.controlnet_levels = unet::controlnet_residuals(&p.unet)
                 .iter()
                 .map(|r| r.level)
                 .collect();
-            Some(out)
+            Some((out, union))
         }
         None => None,
     };
@@ -1034,7 +1045,7 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
         aux.push(("tae_decoder".into(), out.clone(), out));
     }
     let mut profiles = profiles(&p);
-    if let Some(cn) = controlnet {
+    if let Some((cn, union)) = controlnet {
         // The ControlNet takes the UNet's inputs plus the control image and the scale; the UNet its residuals.
         let u = profiles.get_mut("unet").context("UNet profile")?;
         let sample = u
@@ -1045,12 +1056,42 @@ pub fn build_sd(o: &SdBuildOptions) -> Result<BuildOutcome> {
         let mut cn_shapes: Vec<ShapeRange> = u.clone();
         let f = p.config.vae_scale_factor as i64;
         let px = |v: &[i64]| vec![v[0], 3, v[2] * f, v[3] * f];
-        cn_shapes.push(ShapeRange {
-            name: "controlnet_cond".into(),
-            min: px(&sample.min),
-            opt: px(&sample.opt),
-            max: px(&sample.max),
-        });
+        match &union {
+            // A union ControlNet takes 1..MAX_UNION_CONTROLS controls per call, with their types and scales.
+            Some(u) => {
+                let k = |n: i64, v: &[i64]| [vec![n], px(v)].concat();
+                let types = u.types as i64;
+                for (name, min, opt, max) in [
+                    (
+                        "controlnet_cond",
+                        k(1, &sample.min),
+                        k(1, &sample.opt),
+                        k(MAX_UNION_CONTROLS, &sample.max),
+                    ),
+                    (
+                        "control_type",
+                        vec![sample.min[0], types],
+                        vec![sample.opt[0], types],
+                        vec![sample.max[0], types],
+                    ),
+                    ("control_mode", vec![1], vec![1], vec![MAX_UNION_CONTROLS]),
+                    ("control_scales", vec![1], vec![1], vec![MAX_UNION_CONTROLS]),
+                ] {
+                    cn_shapes.push(ShapeRange {
+                        name: name.into(),
+                        min,
+                        opt,
+                        max,
+                    });
+                }
+            }
+            None => cn_shapes.push(ShapeRange {
+                name: "controlnet_cond".into(),
+                min: px(&sample.min),
+                opt: px(&sample.opt),
+                max: px(&sample.max),
+            }),
+        }
         cn_shapes.push(ShapeRange {
             name: "conditioning_scale".into(),
             min: vec![1],

@@ -624,6 +624,17 @@ pub(super) fn emit(
     } else {
         (None, None)
     };
+    // ControlNet-Union (`controlnet_mode_embedder`): one control mode per batch row.
+    let union =
+        cn == ControlNetGraph::Model && ck.contains(&e.n.p("controlnet_mode_embedder.weight"));
+    let mode = if union {
+        Some(
+            e.o.g
+                .input("controlnet_mode", DataType::INT64, vec![batch()])?,
+        )
+    } else {
+        None
+    };
     let residual_input = |e: &mut Emitter, name: &str, n: usize| -> Result<Option<Value>> {
         if n == 0 {
             return Ok(None);
@@ -664,6 +675,61 @@ pub(super) fn emit(
         if bl { "txt_in" } else { "context_embedder" },
         "context_embedder",
     )?;
+    // diffusers: the mode's embedding goes before the embedded text, and txt_ids gain a copy of their first row.
+    let txt_ids = match &mode {
+        Some(m) => {
+            let table = e.t("controlnet_mode_embedder.weight")?;
+            let table =
+                e.o.weight(&e.n.p("controlnet_mode_embedder.weight"), &table, dt)?;
+            let axes = e.o.i64s("controlnet_mode/axes", &[1])?;
+            let m = e.o.g.op(
+                "Unsqueeze",
+                "controlnet_mode/unsqueeze",
+                &[m, &axes],
+                vec![],
+                DataType::INT64,
+                vec![batch(), Dim::Fixed(1)],
+            )?;
+            let emb = e.o.g.op(
+                "Gather",
+                "controlnet_mode_embedder",
+                &[&table, &m],
+                vec![("axis", Attr::Int(0))],
+                dt,
+                vec![batch(), Dim::Fixed(1), Dim::Fixed(d as i64)],
+            )?;
+            let shape = txt.shape.clone();
+            txt = e.o.same(
+                "Concat",
+                "controlnet_mode/txt",
+                &[&emb, &txt],
+                vec![("axis", Attr::Int(1))],
+            )?;
+            txt.shape = vec![batch(), Dim::Sym("union_txt_seq".into()), shape[2].clone()];
+            let (start, end, axis) = (
+                e.o.i64s("controlnet_mode/ids_start", &[0])?,
+                e.o.i64s("controlnet_mode/ids_end", &[1])?,
+                e.o.i64s("controlnet_mode/ids_axis", &[0])?,
+            );
+            let first = e.o.g.op(
+                "Slice",
+                "controlnet_mode/first_id",
+                &[&txt_ids, &start, &end, &axis],
+                vec![],
+                f32t,
+                vec![Dim::Fixed(1), Dim::Fixed(3)],
+            )?;
+            e.o.g.op(
+                "Concat",
+                "controlnet_mode/txt_ids",
+                &[&first, &txt_ids],
+                vec![("axis", Attr::Int(0))],
+                f32t,
+                vec![Dim::Sym("union_txt_seq".into()), Dim::Fixed(3)],
+            )?
+        }
+        None => txt_ids,
+    };
 
     let temb = e.time_embedding("time_proj", &timestep)?;
     let mut vec = e.mlp_embedder(&temb, "time_in", "time_text_embed.timestep_embedder")?;
