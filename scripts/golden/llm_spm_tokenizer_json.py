@@ -11,7 +11,8 @@ tokens, keeping the original ids (BPE only ever builds substrings of its text, s
 texts as the full one; the script checks that the cut file gives llama.cpp's `.out` ids). The base file is the old
 Llama 2 form (normalizer Prepend("▁") + Replace(" ", "▁"), no pre-tokenizer); `variants.json` holds the other
 forms as replacements of top-level keys (Metaspace first/always/never pre-tokenizers, Gemma's Replace-only
-normalizer with two added chat tokens and the `"\\t"` alias of `<0x09>` that transformers writes for Gemma), each
+normalizer with two added chat tokens and the `"\\t"` alias of `<0x09>` that transformers writes for Gemma, with
+and without transformers 5's no-op `Split(" ")` pre-tokenizer), each
 with its tokenizer_config.json. `cases.json` holds, for each variant, text and add_special_tokens, the ids of
 `Tokenizer.encode`."""
 import json
@@ -95,6 +96,10 @@ VARIANTS = {
                                      "{{ m['content'] }}<end_of_turn>\n{% endfor %}"),
     },
 }
+# transformers 5 writes Gemma's tokenizer with a no-op Split on " " (the normalizer has already replaced spaces).
+VARIANTS["gemma_split"] = dict(VARIANTS["gemma"], tokenizer=dict(
+    VARIANTS["gemma"]["tokenizer"],
+    pre_tokenizer={"type": "Split", "pattern": {"String": " "}, "behavior": "MergedWithPrevious", "invert": False}))
 
 
 def build(base, variant):

@@ -393,8 +393,8 @@ fn tokenizer_kind(t: &Json) -> Result<Kind> {
 }
 
 /// The dummy-prefix rule of a SentencePiece-style tokenizer: the old form (normalizer `Prepend("▁")` +
-/// `Replace(" ", "▁")`, no pre-tokenizer), Gemma's (`Replace` alone) or the new form (no normalizer, pre-tokenizer
-/// `Metaspace` with `split: false`).
+/// `Replace(" ", "▁")`, no pre-tokenizer), Gemma's (`Replace` alone, no pre-tokenizer or a `Split` on `" "`) or the
+/// new form (no normalizer, pre-tokenizer `Metaspace` with `split: false`).
 fn spm_space_rule(norm: &[Json], pre: &[Json]) -> Result<SpaceRule> {
     let (mut prepend, mut replace) = (false, false);
     for s in norm {
@@ -408,8 +408,15 @@ fn spm_space_rule(norm: &[Json], pre: &[Json]) -> Result<SpaceRule> {
             ),
         }
     }
+    // transformers 5 gives Gemma a Split on " " after the normalizer has replaced every space: a no-op.
+    let noop_split =
+        |s: &Json| s["type"] == "Split" && s["pattern"]["String"] == " " && s["invert"] != true;
     match pre {
         [] if replace => Ok(SpaceRule {
+            add_space_prefix: prepend,
+            metaspace: None,
+        }),
+        [s] if replace && noop_split(s) => Ok(SpaceRule {
             add_space_prefix: prepend,
             metaspace: None,
         }),
