@@ -61,9 +61,10 @@ pub enum Command {
     },
     /// Quantize the weights of a safetensors checkpoint (bitsandbytes / ModelOpt / ComfyUI layouts).
     Quantize(QuantizeArgs),
-    /// Token ids of text with the tokenizer in a GGUF file (no BOS), or with --decode the text of ids.
+    /// Token ids of text with the tokenizer in a GGUF file or a Hugging Face folder (no BOS), or with --decode the text
+    /// of ids.
     Tokenize {
-        /// A GGUF file with tokenizer metadata (vocab-only files work).
+        /// A GGUF file with tokenizer metadata (vocab-only files work), or a Hugging Face folder with tokenizer.json.
         #[arg(long)]
         vocab: PathBuf,
         /// Text to tokenize, or with --decode ids separated by spaces or commas.
@@ -314,7 +315,7 @@ pub struct BuildArgs {
     #[arg(long, value_name = "TOKENS")]
     pub max_context: Option<usize>,
     /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c; for Hugging Face folders a GGUF file, instead of
-    /// the folder's byte-level BPE tokenizer.json.
+    /// the folder's tokenizer.json (byte-level or SentencePiece-style BPE).
     #[arg(long, value_name = "FILE")]
     pub tokenizer: Option<PathBuf>,
     #[command(flatten)]

@@ -26,6 +26,7 @@ mod llm_gemma;
 mod llm_gguf;
 mod llm_qwen2;
 mod llm_qwen3;
+mod llm_tokenizer_json_spm;
 mod llm_tokenizers;
 mod onnx_graphs;
 mod precision_auto;

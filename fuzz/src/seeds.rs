@@ -350,6 +350,9 @@ pub fn write_all(corpus: &Path) -> Result<usize> {
     // The tiny Qwen tokenizer of the Z-Image golden folder (byte-level BPE, added special tokens).
     let qwen = repo().join("tests/golden/z_image/tokenizer/tokenizer.json");
     seeds.push(("hf_tokenizer", "qwen-tiny".into(), std::fs::read(&qwen)?));
+    // A SentencePiece-style one (Llama's vocabulary cut to its test texts, byte fallback, Prepend normalizer).
+    let spm = repo().join("tests/golden/llm/spm_tokenizer_json/tokenizer.json");
+    seeds.push(("hf_tokenizer", "llama-spm-cut".into(), std::fs::read(&spm)?));
     for (target, name, bytes) in &seeds {
         let dir = corpus.join(target);
         std::fs::create_dir_all(&dir)?;

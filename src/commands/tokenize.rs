@@ -1,6 +1,6 @@
-//! `trt-diff tokenize --vocab FILE.gguf TEXT [--decode]`: token ids of text, or text of ids.
+//! `trt-diff tokenize --vocab FILE.gguf|HF_FOLDER TEXT [--decode]`: token ids of text, or text of ids.
 use crate::tokenizer::llm_vocab::Vocab;
-use anyhow::{Result, bail};
+use anyhow::{Context, Result, bail};
 use std::path::Path;
 
 pub fn run(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Result<()> {
@@ -10,7 +10,7 @@ pub fn run(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Resul
 
 /// Ids joined by spaces (no BOS), or with `decode` the text of the ids given as `text`.
 fn tokenize(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Result<String> {
-    let v = Vocab::open(vocab)?;
+    let v = open_vocab(vocab)?;
     if !decode {
         let ids = v.tokenize(text, false, parse_special);
         return Ok(ids.iter().map(u32::to_string).collect::<Vec<_>>().join(" "));
@@ -31,4 +31,21 @@ fn tokenize(vocab: &Path, text: &str, decode: bool, parse_special: bool) -> Resu
     }
     let bytes = v.detokenize(&ids, parse_special);
     Ok(String::from_utf8_lossy(&bytes).into_owned())
+}
+
+/// A GGUF vocabulary, or a Hugging Face folder's tokenizer.json converted as `build` converts it.
+fn open_vocab(path: &Path) -> Result<Vocab> {
+    if !path.is_dir() {
+        return Vocab::open(path);
+    }
+    if !crate::tokenizer::hf_vocab::has_tokenizer_json(path) {
+        bail!(
+            "'{}' is a folder without tokenizer.json: give a GGUF file or a Hugging Face folder",
+            path.display()
+        );
+    }
+    let tmp = tempfile::tempdir().context("cannot create a temporary folder")?;
+    let gguf = tmp.path().join("vocab.gguf");
+    crate::tokenizer::hf_vocab::vocab_gguf_from_hf(path)?.write(&gguf)?;
+    Vocab::open(&gguf).with_context(|| format!("the tokenizer of '{}'", path.display()))
 }

@@ -1,6 +1,6 @@
 //! Text to token ids and back with a GGUF vocabulary ([`Vocab`]): special tokens cut out first (llama.cpp's
 //! `tokenizer_st_partition`), then each text fragment through the vocabulary's algorithm (SPM, BPE, WPM).
-use super::llm_vocab::{Vocab, VocabKind, attr};
+use super::llm_vocab::{SpacePrefix, Vocab, VocabKind, attr};
 
 impl Vocab {
     /// Token ids for `text`; `add_special` adds BOS/EOS/SEP as the vocabulary asks, `parse_special` lets control
@@ -14,11 +14,18 @@ impl Vocab {
                     out.extend(self.bos);
                 }
                 let mut prev_special = true;
-                for f in fragments {
+                for (i, f) in fragments.into_iter().enumerate() {
                     match f {
                         Fragment::Text(t) => {
+                            let starts_with_space = t.starts_with([' ', '\u{2581}']);
+                            let prefix = self.add_space_prefix
+                                && match self.space_prefix {
+                                    SpacePrefix::AfterSpecial => prev_special,
+                                    SpacePrefix::First => i == 0 && !starts_with_space,
+                                    SpacePrefix::Always => !starts_with_space,
+                                };
                             let mut s = String::new();
-                            if self.add_space_prefix && prev_special {
+                            if prefix {
                                 s.push(' ');
                             }
                             s.push_str(t);

@@ -31,6 +31,17 @@ fn attr_of_type(t: i64) -> u32 {
     }
 }
 
+/// When the SPM dummy-prefix space goes before a text fragment (with `add_space_prefix`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SpacePrefix {
+    /// llama.cpp: at the start of the text and after every special token.
+    AfterSpecial,
+    /// Hugging Face Metaspace `prepend_scheme: first`: only at the start of the text, unless it starts with a space.
+    First,
+    /// Metaspace `always`: every fragment that does not start with a space.
+    Always,
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum VocabKind {
     Spm,
@@ -66,6 +77,7 @@ pub struct Vocab {
     pub add_bos: bool,
     pub add_eos: bool,
     pub add_space_prefix: bool,
+    pub space_prefix: SpacePrefix,
     pub ignore_merges: bool,
     pub eog: HashSet<u32>,
     /// BERT normalizer: lowercase (llama.cpp's default when the file does not say).
@@ -207,6 +219,15 @@ impl Vocab {
         if let Some(b) = g.get_bool("tokenizer.ggml.add_space_prefix") {
             add_space_prefix = b;
         }
+        let space_prefix = match g.get_str(super::hf_vocab::METASPACE_SCHEME_KEY) {
+            None => SpacePrefix::AfterSpecial,
+            Some("first") => SpacePrefix::First,
+            Some("always") => SpacePrefix::Always,
+            Some(other) => bail!(
+                "'{path}': {} is {other:?}, expected first or always",
+                super::hf_vocab::METASPACE_SCHEME_KEY
+            ),
+        };
         let id_key = |key: &str, slot: &mut Option<u32>| {
             if let Some(v) = g.get_u64(key) {
                 if (v as usize) < n {
@@ -267,6 +288,7 @@ impl Vocab {
             add_bos,
             add_eos,
             add_space_prefix,
+            space_prefix,
             ignore_merges,
             eog,
             lowercase,
