@@ -6,6 +6,7 @@
 use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value};
 use crate::quant::LinearPrecision;
+use crate::quant::elem::Elem;
 use crate::quant::minifloat::e4m3fn;
 use crate::quant::nvfp4;
 use crate::quant::policy::{LayerKind, Policy};
@@ -331,6 +332,18 @@ impl<'a> Linears<'a> {
                                 let wf = weight.to_f32()?;
                                 linear_nvfp4(g, name, &xq, &wf, bf.as_deref(), n, k, amax)?
                             }
+                            (LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel, DataType::BFLOAT16)
+                                if aligned(2) =>
+                            {
+                                let v: &[half::bf16] = bytemuck::cast_slice(d);
+                                linear_fp8(g, name, &xq, v, bf.as_deref(), (n, k), p, amax)?
+                            }
+                            (LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel, DataType::FLOAT16)
+                                if aligned(2) =>
+                            {
+                                let v: &[half::f16] = bytemuck::cast_slice(d);
+                                linear_fp8(g, name, &xq, v, bf.as_deref(), (n, k), p, amax)?
+                            }
                             _ => {
                                 let wf = weight.to_f32()?;
                                 let lw = LinearWeights {
@@ -467,11 +480,12 @@ fn transpose(w: &[f32], rows: usize, cols: usize) -> Vec<f32> {
     t
 }
 
-/// `f(r, w[r][c])` for `w` [rows, cols], written transposed ([cols, rows]): the conversion (f16 rounding, FP8
-/// encoding) and the transpose in one pass, in 64 x 64 tiles (read a tile's rows, write its columns contiguously)
-/// and in parallel over bands of output rows; with AVX2 where the CPU has it (the FP8 division is the cost).
-fn transpose_map<T: Copy + Default + Send + Sync>(
-    w: &[f32],
+/// `f(r, w[r][c])` for `w` [rows, cols] (f32, f16 or bf16, widened to f32 a tile row at a time), written
+/// transposed ([cols, rows]): the conversion (f16 rounding, FP8 encoding) and the transpose in one pass, in 64 x 64
+/// tiles (read a tile's rows, write its columns contiguously) and in parallel over bands of output rows; with AVX2
+/// where the CPU has it (the FP8 division is the cost).
+fn transpose_map<S: Elem, T: Copy + Default + Send + Sync>(
+    w: &[S],
     rows: usize,
     cols: usize,
     f: impl Fn(usize, f32) -> T + Sync,
@@ -500,8 +514,8 @@ const TILE: usize = 64;
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-fn transpose_band_avx2<T: Copy + Default>(
-    w: &[f32],
+fn transpose_band_avx2<S: Elem, T: Copy + Default>(
+    w: &[S],
     rows: usize,
     cols: usize,
     band: usize,
@@ -513,8 +527,8 @@ fn transpose_band_avx2<T: Copy + Default>(
 
 /// Output rows `band * TILE..` (input columns) of [`transpose_map`].
 #[inline(always)]
-fn transpose_band<T: Copy + Default>(
-    w: &[f32],
+fn transpose_band<S: Elem, T: Copy + Default>(
+    w: &[S],
     rows: usize,
     cols: usize,
     band: usize,
@@ -524,13 +538,14 @@ fn transpose_band<T: Copy + Default>(
     let c0 = band * TILE;
     let width = out.len() / rows;
     let mut tile = [[T::default(); TILE]; TILE];
+    let mut wide = [0f32; TILE];
     let mut row = [T::default(); TILE];
     for r0 in (0..rows).step_by(TILE) {
         let height = TILE.min(rows - r0);
         for dr in 0..height {
             let r = r0 + dr;
-            let src = &w[r * cols + c0..r * cols + c0 + width];
-            for (d, v) in row.iter_mut().zip(src) {
+            S::widen(&w[r * cols + c0..r * cols + c0 + width], &mut wide);
+            for (d, v) in row.iter_mut().zip(&wide[..width]) {
                 *d = f(r, *v);
             }
             for (col, v) in tile.iter_mut().zip(&row[..width]) {
@@ -587,11 +602,11 @@ fn fixed(d: &[usize]) -> Vec<Dim> {
     d.iter().map(|&v| Dim::Fixed(v as i64)).collect()
 }
 
-fn amax(v: &[f32]) -> f32 {
+fn amax<T: Elem>(v: &[T]) -> f32 {
     use rayon::prelude::*;
     // max is exact in any order: the parallel fold gives the serial result.
     v.par_chunks(1 << 16)
-        .map(|c| c.iter().fold(0f32, |m, x| m.max(x.abs())))
+        .map(T::abs_max)
         .reduce(|| 0f32, f32::max)
 }
 
@@ -696,10 +711,10 @@ fn int8_weight(
 
 /// FP8 weight of `w` [n, k] (torch's [out, in]) stored transposed as [k, n], with a per-tensor or
 /// per-output-channel scale (amax / 448 over the tensor or over the output channel's row).
-fn fp8_weight(
+fn fp8_weight<T: Elem>(
     g: &mut GraphBuilder,
     name: &str,
-    w: &[f32],
+    w: &[T],
     k: usize,
     n: usize,
     per_channel: bool,
@@ -708,7 +723,7 @@ fn fp8_weight(
     use rayon::prelude::*;
     let scales: Vec<f32> = if per_channel {
         w.par_chunks(k.max(1))
-            .map(|row| row.iter().fold(0f32, |m, v| m.max(v.abs())).max(1e-12) / 448.0)
+            .map(|row| T::abs_max(row).max(1e-12) / 448.0)
             .collect()
     } else {
         vec![amax(w).max(1e-12) / 448.0]
@@ -994,6 +1009,41 @@ pub fn linear_nvfp4<T: crate::quant::elem::Elem>(
     let out_shape = with_last(&x.shape, n);
     let xin = nvfp4_activation(g, name, x, act_amax)?;
     let wv = nvfp4_weight(g, name, weight, k, n, float)?;
+    let y = g.op(
+        "MatMul",
+        &format!("{name}/MatMul"),
+        &[&xin, &wv],
+        vec![],
+        float,
+        out_shape.clone(),
+    )?;
+    add_bias(g, name, y, bias, n, float, out_shape)
+}
+
+/// An FP8 (per-tensor or per-channel) linear layer from weights [n, k] in their stored type: no f32 copy of them.
+#[allow(clippy::too_many_arguments)]
+fn linear_fp8<T: Elem>(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    weight: &[T],
+    bias: Option<&[f32]>,
+    (n, k): (usize, usize),
+    precision: LinearPrecision,
+    act_amax: f32,
+) -> Result<Value> {
+    if weight.len() != n * k {
+        bail!(
+            "{name}: weight has {} values, [{n}, {k}] needs {}",
+            weight.len(),
+            n * k
+        );
+    }
+    let float = float_type(precision);
+    let out_shape = with_last(&x.shape, n);
+    let per_channel = precision == LinearPrecision::Fp8PerChannel;
+    let xin = fp8_qdq(g, &format!("{name}.input"), x, act_amax)?;
+    let wv = fp8_weight(g, name, weight, k, n, per_channel, float)?;
     let y = g.op(
         "MatMul",
         &format!("{name}/MatMul"),
@@ -1349,5 +1399,41 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// FP8 weights quantized from f16/bf16 as stored (scales from their bits, widened a tile row at a time) equal
+    /// the weights quantized from their f32 copy, byte for byte, per tensor and per channel; NaNs and infinities
+    /// included in the amax as f32's `max` takes them.
+    #[test]
+    fn fp8_weights_from_16_bit_storage_equal_the_f32_path() {
+        use crate::onnx::{DataType, GraphBuilder};
+        use crate::quant::elem::Elem;
+        fn bytes<T: Elem>(w: &[T], n: usize, k: usize, per_channel: bool) -> Vec<Vec<u8>> {
+            let mut g = GraphBuilder::new("t", 18);
+            super::fp8_weight(&mut g, "l", w, k, n, per_channel, DataType::FLOAT).unwrap();
+            let m = g.finish();
+            let graph = m.graph.unwrap();
+            graph.initializer.iter().map(|t| t.raw_data.to_vec()).collect()
+        }
+        let (n, k) = (67, 130);
+        let f: Vec<f32> = (0..n * k)
+            .map(|i| ((i * 7919 % 1013) as f32 - 506.0) * 0.0137)
+            .collect();
+        let mut h: Vec<half::f16> = f.iter().map(|&v| half::f16::from_f32(v)).collect();
+        let mut b: Vec<half::bf16> = f.iter().map(|&v| half::bf16::from_f32(v)).collect();
+        h[5] = half::f16::NAN;
+        b[5] = half::bf16::NAN;
+        h[n * k - 3] = half::f16::NEG_INFINITY;
+        for per_channel in [false, true] {
+            let hf: Vec<f32> = h.iter().map(|v| v.to_f32()).collect();
+            let bf: Vec<f32> = b.iter().map(|v| v.to_f32()).collect();
+            assert_eq!(bytes(&h, n, k, per_channel), bytes(&hf, n, k, per_channel));
+            assert_eq!(bytes(&b, n, k, per_channel), bytes(&bf, n, k, per_channel));
+        }
+        let want = h.iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+        assert_eq!(<half::f16 as Elem>::abs_max(&h), want);
+        assert_eq!(want, f32::INFINITY, "the infinity counts, the NaN does not");
+        let want = b[..n].iter().fold(0f32, |m, v| m.max(v.to_f32().abs()));
+        assert_eq!(<half::bf16 as Elem>::abs_max(&b[..n]), want);
     }
 }

@@ -12,6 +12,27 @@ pub trait Elem: Copy + Send + Sync + bytemuck::Pod + 'static {
     fn f32(self) -> f32;
     /// Rounds an f32 result to this type and back (torch computes a bf16/f16 op in f32 and rounds once).
     fn narrow(x: f32) -> f32;
+    /// `dst[i] = src[i].f32()` (f16: F16C eight at a time where the CPU has it).
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        for (d, s) in dst.iter_mut().zip(src) {
+            *d = s.f32();
+        }
+    }
+    /// The largest |value|, NaNs ignored (as `f32::max` folds them), 0 for none.
+    fn abs_max(v: &[Self]) -> f32 {
+        v.iter().fold(0f32, |m, x| m.max(x.f32().abs()))
+    }
+}
+
+/// `abs_max` of 16-bit floats on their bits: magnitudes order as their bit patterns, and the patterns above the
+/// infinity's are NaNs.
+fn abs_max_bits(v: &[u16], inf: u16) -> f32 {
+    v.iter()
+        .map(|b| b & 0x7FFF)
+        .filter(|&b| b <= inf)
+        .max()
+        .unwrap_or(0) as f32
 }
 
 impl Elem for f32 {
@@ -39,6 +60,10 @@ impl Elem for bf16 {
     fn narrow(x: f32) -> f32 {
         bf16::from_f32(x).f32()
     }
+    fn abs_max(v: &[Self]) -> f32 {
+        let bits = abs_max_bits(bytemuck::cast_slice(v), 0x7F80) as u16;
+        bf16::from_bits(bits).f32()
+    }
 }
 
 impl Elem for f16 {
@@ -51,6 +76,15 @@ impl Elem for f16 {
     #[inline(always)]
     fn narrow(x: f32) -> f32 {
         f16::from_f32(x).to_f32()
+    }
+    #[inline(always)]
+    fn widen(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        src.convert_to_f32_slice(&mut dst[..src.len()]);
+    }
+    fn abs_max(v: &[Self]) -> f32 {
+        let bits = abs_max_bits(bytemuck::cast_slice(v), 0x7C00) as u16;
+        f16::from_bits(bits).to_f32()
     }
 }
 
