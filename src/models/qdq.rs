@@ -332,15 +332,17 @@ impl<'a> Linears<'a> {
                                 let wf = weight.to_f32()?;
                                 linear_nvfp4(g, name, &xq, &wf, bf.as_deref(), n, k, amax)?
                             }
-                            (LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel, DataType::BFLOAT16)
-                                if aligned(2) =>
-                            {
+                            (
+                                LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel,
+                                DataType::BFLOAT16,
+                            ) if aligned(2) => {
                                 let v: &[half::bf16] = bytemuck::cast_slice(d);
                                 linear_fp8(g, name, &xq, v, bf.as_deref(), (n, k), p, amax)?
                             }
-                            (LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel, DataType::FLOAT16)
-                                if aligned(2) =>
-                            {
+                            (
+                                LinearPrecision::Fp8 | LinearPrecision::Fp8PerChannel,
+                                DataType::FLOAT16,
+                            ) if aligned(2) => {
                                 let v: &[half::f16] = bytemuck::cast_slice(d);
                                 linear_fp8(g, name, &xq, v, bf.as_deref(), (n, k), p, amax)?
                             }
@@ -1413,7 +1415,11 @@ mod tests {
             super::fp8_weight(&mut g, "l", w, k, n, per_channel, DataType::FLOAT).unwrap();
             let m = g.finish();
             let graph = m.graph.unwrap();
-            graph.initializer.iter().map(|t| t.raw_data.to_vec()).collect()
+            graph
+                .initializer
+                .iter()
+                .map(|t| t.raw_data.to_vec())
+                .collect()
         }
         let (n, k) = (67, 130);
         let f: Vec<f32> = (0..n * k)
