@@ -25,14 +25,14 @@ pub(crate) fn golden(rel: &str) -> PathBuf {
         .join(rel)
 }
 
-fn clip_vocab() -> PathBuf {
+pub(crate) fn clip_vocab() -> PathBuf {
     std::env::var_os("TRT_DIFF_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")))
         .join("tokenizers/bpe_simple_vocab_16e6.txt.gz")
 }
 
-fn model_dir(root: &Path, xl: bool) -> PathBuf {
+pub(crate) fn model_dir(root: &Path, xl: bool) -> PathBuf {
     let m = root.join(if xl { "tiny-sdxl" } else { "tiny-sd" });
     std::fs::create_dir_all(m.join("scheduler")).unwrap();
     let mut parts = vec![

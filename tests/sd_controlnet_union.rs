@@ -81,3 +81,96 @@ fn sdxl_union_controlnet_matches_diffusers() {
         "{e}"
     );
 }
+
+/// `build --controlnet UNION_DIR` for SDXL (the TensorRT-RTX builder included when its libraries are found) and
+/// `generate` with two controls of different modes in one ControlNet call, through the CLI on the CPU backend: the
+/// mode changes the image, and a mode out of xinsir's table is refused.
+#[test]
+fn sdxl_union_controlnet_builds_and_generates_on_the_command_line() {
+    use crate::sd_controlnet::{clip_vocab, model_dir};
+    let d = tempfile::tempdir().unwrap();
+    let m = model_dir(d.path(), true);
+    let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
+    let bin = env!("CARGO_BIN_EXE_trt-diff");
+    let run = |args: Vec<String>, ok: bool| {
+        let o = std::process::Command::new(bin)
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.success(), ok, "{args:?}\n{err}");
+        assert!(!err.contains("panicked"), "{err}");
+        err
+    };
+    let plan = d.path().join("xl.plan");
+    let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
+    run(
+        args(&[
+            "build",
+            &s(&m),
+            "--arch",
+            "sdxl",
+            "--precision",
+            "fp32",
+            "--clip-tokenizer",
+            &s(&clip_vocab()),
+            "--image-px",
+            "32,32,64",
+            "--controlnet",
+            &s(&golden("sd/controlnet_union/model")),
+            "--out",
+            &s(&plan),
+            "--no-progress",
+        ]),
+        true,
+    );
+    if plan.exists() {
+        assert!(d.path().join("xl.controlnet.plan").exists());
+    }
+    let (one, two) = (
+        s(&golden("sd/controlnet/control.png")),
+        s(&golden("sd/controlnet_union/control2.png")),
+    );
+    let generate = |out: &str, modes: [&str; 2], ok: bool| {
+        let out = d.path().join(out);
+        let mut a = args(&[
+            "generate",
+            "--engine",
+            &s(&plan),
+            "--prompt",
+            "a fox",
+            "--width",
+            "32",
+            "--height",
+            "32",
+            "--steps",
+            "3",
+            "--seed",
+            "5",
+            "--no-progress",
+            "--backend",
+            "cpu",
+            "--out",
+            &s(&out),
+        ]);
+        a.extend(args(&[
+            "--control",
+            &one,
+            "--control-mode",
+            modes[0],
+            "--control",
+            &two,
+            "--control-mode",
+            modes[1],
+        ]));
+        (run(a, ok), out)
+    };
+    let (_, a) = generate("a.png", ["depth", "tile"], true);
+    let (_, b) = generate("b.png", ["1", "6"], true);
+    let (_, c) = generate("c.png", ["canny", "tile"], true);
+    let read = |p: &std::path::Path| image::open(p).unwrap().to_rgb8().into_raw();
+    assert_eq!(read(&a), read(&b), "mode names and numbers agree");
+    assert_ne!(read(&a), read(&c), "the mode changes the image");
+    let (e, _) = generate("d.png", ["depth", "9"], false);
+    assert!(e.contains("9") && e.contains("openpose=0"), "{e}");
+}
