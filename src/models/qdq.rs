@@ -997,13 +997,7 @@ pub fn linear_nvfp4<T: crate::quant::elem::Elem>(
     act_amax: f32,
 ) -> Result<Value> {
     let (n, k) = (out_features, in_features);
-    if weight.len() != n * k {
-        bail!(
-            "{name}: weight has {} values, [{n}, {k}] needs {}",
-            weight.len(),
-            n * k
-        );
-    }
+    check_len(name, weight.len(), n, k)?;
     let float = float_type(LinearPrecision::Nvfp4);
     if x.dtype != float {
         bail!("{name}: input is {}, nvfp4 expects {float}", x.dtype);
@@ -1011,15 +1005,7 @@ pub fn linear_nvfp4<T: crate::quant::elem::Elem>(
     let out_shape = with_last(&x.shape, n);
     let xin = nvfp4_activation(g, name, x, act_amax)?;
     let wv = nvfp4_weight(g, name, weight, k, n, float)?;
-    let y = g.op(
-        "MatMul",
-        &format!("{name}/MatMul"),
-        &[&xin, &wv],
-        vec![],
-        float,
-        out_shape.clone(),
-    )?;
-    add_bias(g, name, y, bias, n, float, out_shape)
+    matmul_bias(g, name, &xin, &wv, bias, n, float, out_shape)
 }
 
 /// An FP8 (per-tensor or per-channel) linear layer from weights [n, k] in their stored type: no f32 copy of them.
@@ -1034,22 +1020,41 @@ fn linear_fp8<T: Elem>(
     precision: LinearPrecision,
     act_amax: f32,
 ) -> Result<Value> {
-    if weight.len() != n * k {
-        bail!(
-            "{name}: weight has {} values, [{n}, {k}] needs {}",
-            weight.len(),
-            n * k
-        );
-    }
+    check_len(name, weight.len(), n, k)?;
     let float = float_type(precision);
     let out_shape = with_last(&x.shape, n);
     let per_channel = precision == LinearPrecision::Fp8PerChannel;
     let xin = fp8_qdq(g, &format!("{name}.input"), x, act_amax)?;
     let wv = fp8_weight(g, name, weight, k, n, per_channel, float)?;
+    matmul_bias(g, name, &xin, &wv, bias, n, float, out_shape)
+}
+
+fn check_len(name: &str, len: usize, n: usize, k: usize) -> Result<()> {
+    if len != n * k {
+        bail!(
+            "{name}: weight has {len} values, [{n}, {k}] needs {}",
+            n * k
+        );
+    }
+    Ok(())
+}
+
+/// `xin @ wv (+ bias)`, named after the layer.
+#[allow(clippy::too_many_arguments)]
+fn matmul_bias(
+    g: &mut GraphBuilder,
+    name: &str,
+    xin: &Value,
+    wv: &Value,
+    bias: Option<&[f32]>,
+    n: usize,
+    float: DataType,
+    out_shape: Vec<Dim>,
+) -> Result<Value> {
     let y = g.op(
         "MatMul",
         &format!("{name}/MatMul"),
-        &[&xin, &wv],
+        &[xin, wv],
         vec![],
         float,
         out_shape.clone(),
@@ -1127,15 +1132,7 @@ fn linear_stored(
         }
         None => bail!("{name}: no stored weight"),
     };
-    let y = g.op(
-        "MatMul",
-        &format!("{name}/MatMul"),
-        &[&xin, &wv],
-        vec![],
-        float,
-        out_shape.clone(),
-    )?;
-    add_bias(g, name, y, bias, n, float, out_shape)
+    matmul_bias(g, name, &xin, &wv, bias, n, float, out_shape)
 }
 
 /// `y + b` with the bias stored as `{name}.bias` in `float`, or `y` itself without a bias.
@@ -1178,13 +1175,7 @@ pub fn linear(
     act_amax: f32,
 ) -> Result<Value> {
     let (n, k) = (w.out_features, w.in_features);
-    if w.weight.len() != n * k {
-        bail!(
-            "{name}: weight has {} values, [{n}, {k}] needs {}",
-            w.weight.len(),
-            n * k
-        );
-    }
+    check_len(name, w.weight.len(), n, k)?;
     let float = float_type(precision);
     if x.dtype != float {
         bail!(
@@ -1224,15 +1215,7 @@ pub fn linear(
             nvfp4_weight(g, name, w.weight, k, n, float)?,
         ),
     };
-    let y = g.op(
-        "MatMul",
-        &format!("{name}/MatMul"),
-        &[&xin, &wv],
-        vec![],
-        float,
-        out_shape.clone(),
-    )?;
-    add_bias(g, name, y, w.bias, n, float, out_shape)
+    matmul_bias(g, name, &xin, &wv, w.bias, n, float, out_shape)
 }
 
 /// Calibrated absolute maxima for the FP8 attention pattern.
