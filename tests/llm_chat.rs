@@ -13,7 +13,7 @@ fn templates_match_jinja2() {
     )
     .unwrap();
     let cases = g["cases"].as_array().unwrap();
-    assert_eq!(cases.len(), 20);
+    assert_eq!(cases.len(), 24);
     let data = std::env::var_os("TRT_DIFF_SHARED_DATA")
         .map(std::path::PathBuf::from)
         .unwrap_or_else(|| {

@@ -47,6 +47,29 @@ LLAMA3 = (
     "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\\n\\n' }}{% endif %}"
 )
 
+# Gemma 2/3 style: no system role (a system message opens the first user turn), "model" for the assistant, turns
+# trimmed, strict alternation, and Gemma 3's test of whether content is a string or a list of typed parts (the
+# server flattens text parts to a string before rendering, as llama.cpp's does).
+GEMMA = (
+    "{{ bos_token }}"
+    "{% if messages[0]['role'] == 'system' %}"
+    "{% if messages[0]['content'] is string %}{% set first_prefix = messages[0]['content'] + '\n\n' %}"
+    "{% else %}{% set first_prefix = messages[0]['content'][0]['text'] + '\n\n' %}{% endif %}"
+    "{% set loop_messages = messages[1:] %}"
+    "{% else %}{% set first_prefix = '' %}{% set loop_messages = messages %}{% endif %}"
+    "{% for message in loop_messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
+    "{% if message['role'] == 'assistant' %}{% set role = 'model' %}{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_prefix if loop.first else '') }}"
+    "{% if message['content'] is string %}{{ message['content'] | trim }}"
+    "{% else %}{% for part in message['content'] %}{% if part['type'] == 'text' %}{{ part['text'] | trim }}"
+    "{% endif %}{% endfor %}{% endif %}"
+    "{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+
 TOJSON = "{% for m in messages %}{{ m | tojson }}{% if not loop.last %},{% endif %}{% endfor %}"
 
 CONVERSATIONS = [
@@ -70,7 +93,7 @@ def render(template, messages, gen):
 
 def main(out, vocab=None):
     cases = []
-    templates = [("qwen2", QWEN2), ("llama2", LLAMA2), ("llama3", LLAMA3), ("tojson", TOJSON)]
+    templates = [("qwen2", QWEN2), ("llama2", LLAMA2), ("llama3", LLAMA3), ("gemma", GEMMA), ("tojson", TOJSON)]
     if vocab:
         # The real template stored in llama.cpp's qwen2 vocab file (read back from the file by the test).
         import gguf
