@@ -121,11 +121,12 @@ pub fn config(dir: &Path, max_context: Option<usize>) -> Result<(String, LlamaCo
             names.join(", ")
         );
     };
-    if let J::Object(defaults) = serde_json::from_str::<J>(traits.defaults)? {
+    if let (J::Object(defaults), Some(obj)) = (
+        serde_json::from_str::<J>(traits.defaults)?,
+        c.as_object_mut(),
+    ) {
         for (k, v) in defaults {
-            if c.get(&k).is_none() {
-                c[&k] = v;
-            }
+            obj.entry(k).or_insert(v);
         }
     }
     let int = |k: &str| -> Result<usize> {
