@@ -315,3 +315,30 @@ fn quantized_gemma_gguf_runs_from_any_folder_directly_and_after_build() {
     );
     generate(&plan);
 }
+
+#[test]
+fn gemma3_with_a_context_inside_the_window_keeps_its_local_rope() {
+    // `--max-context 4` with a window of 4: the window no longer hides any key, but Gemma 3's local layers still
+    // rotate with their own RoPE base, so the first 4 positions keep transformers' logits.
+    let (all, want) = golden("gemma3");
+    let hf = trt_diff::weights::hf::load(&golden_dir("gemma3"), Some(4)).unwrap();
+    let c = &hf.config;
+    assert_eq!(c.sliding_window, None);
+    assert_eq!(c.local_rope_theta, Some(10_000.0));
+    assert!(c.local_rope(0) && !c.local_rope(5));
+    let d = tempfile::tempdir().unwrap();
+    let (ids, want) = (&all[..4], &want[..4]);
+    check(
+        "gemma3 at a 4-token context, TensorRT graph",
+        &run_graph(d.path(), "trt", trt(c, &hf.tensors), c, ids, 2),
+        want,
+    );
+    let cpu =
+        trt_diff::models::llama_cpu::decoder_graph_cpu(c, &hf.tensors, DataType::FLOAT, false)
+            .unwrap();
+    check(
+        "gemma3 at a 4-token context, CPU graph",
+        &run_graph(d.path(), "cpu", cpu, c, ids, 3),
+        want,
+    );
+}

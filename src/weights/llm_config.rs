@@ -146,30 +146,36 @@ impl LlamaConfig {
         self.n_kv_heads * self.head_dim()
     }
 
-    /// Drops a window no layer takes and a pattern that windows every layer (and the local RoPE with them), so
-    /// that one model read from two files compares equal.
+    /// Drops a pattern that marks no layer local (and the local RoPE with it) or every layer, so that one model
+    /// read from two files compares equal. A window dropped because it covers the whole context keeps the pattern
+    /// and the local RoPE: Gemma 3's local layers still take their own RoPE base.
     pub fn normalize_window(&mut self) {
-        if self.sliding_window.is_none() || self.swa_pattern == Some(1) {
+        if self.swa_pattern == Some(1) {
             self.sliding_window = None;
+            self.local_rope_theta = None;
             self.swa_pattern = None;
         }
         if self.swa_pattern.is_some_and(|n| n > self.n_layers) {
             self.swa_pattern = None;
         }
-        if self.sliding_window.is_none() {
-            self.local_rope_theta = None;
+        if self.sliding_window.is_none() && self.local_rope_theta.is_none() {
+            self.swa_pattern = None;
         }
+    }
+
+    /// Whether layer `i` is a local (windowed) layer of the pattern (`swa_pattern`; every layer without one).
+    fn is_local(&self, i: usize) -> bool {
+        self.swa_pattern.is_none_or(|n| i % n + 1 < n)
     }
 
     /// The attention window of layer `i` (see `sliding_window`, `swa_pattern`).
     pub fn layer_window(&self, i: usize) -> Option<usize> {
-        let windowed = self.swa_pattern.is_none_or(|n| i % n + 1 < n);
-        self.sliding_window.filter(|_| windowed)
+        self.sliding_window.filter(|_| self.is_local(i))
     }
 
     /// Whether layer `i` takes the local RoPE (`local_rope_theta`) rather than the global one.
     pub fn local_rope(&self, i: usize) -> bool {
-        self.local_rope_theta.is_some() && self.layer_window(i).is_some()
+        self.local_rope_theta.is_some() && self.is_local(i)
     }
 
     pub fn attention_scale(&self) -> f32 {
