@@ -342,3 +342,71 @@ fn gemma3_with_a_context_inside_the_window_keeps_its_local_rope() {
         want,
     );
 }
+
+#[test]
+fn gemma_cuda_graph_computes_in_bfloat16_even_from_float16_weights() {
+    // The golden Gemma 2 stored as float16: its CPU graph keeps float16 matrices, its CUDA graph takes bfloat16
+    // (Gemma's activations overflow float16).
+    let d = tempfile::tempdir().unwrap();
+    let src = golden_dir("gemma2");
+    let m = d.path().join("gemma2-f16");
+    std::fs::create_dir_all(&m).unwrap();
+    std::fs::copy(src.join("config.json"), m.join("config.json")).unwrap();
+    let bytes = std::fs::read(src.join("model.safetensors")).unwrap();
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = st
+        .tensors()
+        .into_iter()
+        .map(|(n, t)| {
+            let v: Vec<u8> = t
+                .data()
+                .chunks_exact(2)
+                .flat_map(|b| {
+                    let x = half::bf16::from_le_bytes([b[0], b[1]]).to_f32();
+                    half::f16::from_f32(x).to_le_bytes()
+                })
+                .collect();
+            (n, t.shape().to_vec(), v)
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView)> = data
+        .iter()
+        .map(|(n, s, v)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F16, s.clone(), v)
+                    .unwrap(),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(views, None, &m.join("model.safetensors")).unwrap();
+    let plan = d.path().join("g.plan");
+    let r = std::process::Command::new(env!("CARGO_BIN_EXE_trt-diff"))
+        .arg("build")
+        .arg(&m)
+        .arg("--tokenizer")
+        .arg(src.join("tiny_gemma2_q8_0.gguf"))
+        .args([
+            "--precision",
+            "fp16",
+            "--onnx-only",
+            "--no-progress",
+            "--out",
+        ])
+        .arg(&plan)
+        .output()
+        .unwrap();
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let types = |f: &str| -> std::collections::BTreeSet<i32> {
+        let o = trt_diff::onnx::OnnxFile::load(&d.path().join(f)).unwrap();
+        o.model
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .filter(|t| t.name.contains("mlp.down_proj"))
+            .map(|t| t.data_type)
+            .collect()
+    };
+    assert_eq!(types("g.cpu.onnx"), [DataType::FLOAT16.0].into());
+    assert_eq!(types("g.cuda.onnx"), [DataType::BFLOAT16.0].into());
+}

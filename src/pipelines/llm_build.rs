@@ -369,6 +369,12 @@ fn write_cpu_graph(
         (_, Some(LinearPrecision::F16)) => Some(DataType::FLOAT16),
         _ => None,
     };
+    // Gemma's activations outgrow float16 (its scaled embeddings and unnormed residual stream; transformers runs
+    // it in bfloat16): its CUDA graph computes in bfloat16 whatever the checkpoint stores.
+    let cuda = cuda.map(|t| match t {
+        DataType::FLOAT16 if config.embed_scale.is_some() => DataType::BFLOAT16,
+        t => t,
+    });
     let cuda = match cuda {
         Some(t) => Some(write_cuda_graph(out, &path, t, config, tensors)?),
         None => None,
