@@ -29,6 +29,17 @@ pub struct ComponentGraphs {
     pub shapes: Vec<ShapeRange>,
 }
 
+/// The text of a diffusers transformer folder's `config.json` at `path`, with an error naming the file.
+pub fn read_transformer_config(path: &Path) -> anyhow::Result<String> {
+    use anyhow::Context;
+    std::fs::read_to_string(path).with_context(|| {
+        format!(
+            "cannot read '{}': the transformer folder needs the config.json diffusers saves",
+            path.display()
+        )
+    })
+}
+
 /// Builds `NAME.<component>.plan` for every component, then the denoiser's engine as `base.out` with the
 /// bundle's manifest (components and tokenizers filled in here from the files). With `base.onnx_only` no plan is
 /// built: the manifest names the graphs, which ONNX Runtime runs.

@@ -386,6 +386,53 @@ pub fn ids_input(name: &str, shape: &[usize], ids: &[u32]) -> (String, HostTenso
     )
 }
 
+/// The tensors of `inputs` that `engine` takes (a ControlNet shares the denoiser's inputs it has).
+pub fn inputs_taken(
+    engine: &dyn Engine,
+    inputs: &[(String, HostTensor)],
+) -> Vec<(String, HostTensor)> {
+    inputs
+        .iter()
+        .filter(|(name, _)| engine.inputs().iter().any(|d| &d.name == name))
+        .cloned()
+        .collect()
+}
+
+/// An engine output as (name, shape, f32 values).
+pub type OutputF32 = (String, Vec<usize>, Vec<f32>);
+
+/// Runs `engine` and returns every output as f32 values; `what` names the engine in errors.
+pub fn run_f32(
+    engine: &mut dyn Engine,
+    inputs: &[(String, HostTensor)],
+    what: &str,
+) -> Result<Vec<OutputF32>> {
+    engine
+        .run(inputs)
+        .context(what.to_string())?
+        .into_iter()
+        .map(|(name, t)| {
+            let v: Vec<f32> = t
+                .to_f64()
+                .with_context(|| format!("{what} output '{name}' is not numeric"))?
+                .into_iter()
+                .map(|x| x as f32)
+                .collect();
+            Ok((name, t.shape, v))
+        })
+        .collect()
+}
+
+/// Adds each output of a run into the sum of the same name (the residuals of several ControlNet calls).
+pub fn add_outputs(sums: &mut Vec<OutputF32>, out: Vec<OutputF32>) {
+    for (name, shape, v) in out {
+        match sums.iter_mut().find(|(n, _, _)| *n == name) {
+            Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
+            None => sums.push((name, shape, v)),
+        }
+    }
+}
+
 /// Output `i` of a run as f32 values.
 pub fn output_f32(out: &[(String, HostTensor)], name: &str) -> Result<Vec<f32>> {
     let t = out

@@ -6,8 +6,8 @@
 //! sampler loop, img2img, batches, previews) is `pipelines::image`.
 use super::device_io;
 use super::engines::{
-    Backend, VaeScaling, float_input, ids_input, open_components, output_f32, resolve, vae_decode,
-    vae_encode,
+    Backend, VaeScaling, add_outputs, float_input, ids_input, inputs_taken, open_components,
+    output_f32, resolve, run_f32, vae_decode, vae_encode,
 };
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
@@ -359,7 +359,7 @@ impl FluxModel {
             .windows(2)
             .position(|w| sigma <= w[0] && sigma > w[1])
             .unwrap_or(0);
-        let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut sums: Vec<super::engines::OutputF32> = Vec::new();
         for ctl in &self.controls {
             let (i, n) = (step as f32, n as f32);
             if i / n < ctl.start || (i + 1.0) / n > ctl.end {
@@ -370,11 +370,7 @@ impl FluxModel {
                 .controlnet
                 .as_mut()
                 .context("a control image was given and the bundle has no ControlNet")?;
-            let mut cin: Vec<(String, HostTensor)> = inputs
-                .iter()
-                .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
-                .cloned()
-                .collect();
+            let mut cin = inputs_taken(cn.as_ref(), inputs);
             let ch = ctl.cond.len() / tokens.max(1);
             cin.push(float_input(
                 cn.as_ref(),
@@ -400,19 +396,7 @@ impl FluxModel {
                     },
                 ));
             }
-            let out = cn.run(&cin).context("Flux ControlNet")?;
-            for (name, t) in out {
-                let v: Vec<f32> = t
-                    .to_f64()
-                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect();
-                match sums.iter_mut().find(|(n, _, _)| *n == name) {
-                    Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
-                    None => sums.push((name, t.shape.clone(), v)),
-                }
-            }
+            add_outputs(&mut sums, run_f32(cn.as_mut(), &cin, "Flux ControlNet")?);
         }
         let e = self.engines.transformer.as_ref();
         wanted

@@ -254,12 +254,7 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
         fm::Flux2Config::from_checkpoint(&tck)?
     } else {
         let tpath = files.transformer.join("config.json");
-        let text = std::fs::read_to_string(&tpath).with_context(|| {
-            format!(
-                "cannot read '{}': the transformer folder needs the config.json diffusers saves",
-                tpath.display()
-            )
-        })?;
+        let text = super::bundle::read_transformer_config(&tpath)?;
         fm::Flux2Config::from_json(&text, &tpath)?
     };
     transformer

@@ -9,8 +9,8 @@
 //! the hidden states concatenated along the sequence (A1111/ComfyUI); the pooled SDXL vector is the first chunk's.
 use super::device_io::{self, DeviceSlots};
 use super::engines::{
-    Backend, VaeScaling, float_input, ids_input, open_components, output_f32, resolve, vae_decode,
-    vae_encode,
+    Backend, VaeScaling, add_outputs, float_input, ids_input, inputs_taken, open_components,
+    output_f32, resolve, run_f32, vae_decode, vae_encode,
 };
 use super::image::{ImageDefaults, ImageModel, ImagePipeline, Latent, Latents, Prediction};
 use super::image_io::to_rgb8;
@@ -349,7 +349,7 @@ impl SdModel {
             .windows(2)
             .position(|w| sigma <= w[0] && sigma > w[1])
             .unwrap_or(0) as f32;
-        let mut sums: Vec<(String, Vec<usize>, Vec<f32>)> = Vec::new();
+        let mut sums: Vec<super::engines::OutputF32> = Vec::new();
         if self.controls.iter().any(|c| c.mode.is_some()) {
             sums = self.union_residuals(inputs, step, n, batch, lat)?;
         }
@@ -361,11 +361,7 @@ impl SdModel {
                 .controlnet
                 .as_mut()
                 .context("a control image was given and the bundle has no ControlNet")?;
-            let mut cin: Vec<(String, crate::backend::HostTensor)> = inputs
-                .iter()
-                .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
-                .cloned()
-                .collect();
+            let mut cin = inputs_taken(cn.as_ref(), inputs);
             let f = self.config.vae_scale_factor;
             cin.push(float_input(
                 cn.as_ref(),
@@ -379,18 +375,7 @@ impl SdModel {
                 &[1],
                 &[ctl.strength],
             )?);
-            for (name, t) in cn.run(&cin).context("ControlNet")? {
-                let v: Vec<f32> = t
-                    .to_f64()
-                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect();
-                match sums.iter_mut().find(|(n, _, _)| *n == name) {
-                    Some((_, _, acc)) => acc.iter_mut().zip(&v).for_each(|(a, b)| *a += b),
-                    None => sums.push((name, t.shape.clone(), v)),
-                }
-            }
+            add_outputs(&mut sums, run_f32(cn.as_mut(), &cin, "ControlNet")?);
         }
         let levels = &self.config.controlnet_levels;
         if levels.len() != wanted.len() {
@@ -452,11 +437,7 @@ impl SdModel {
             .context("a control image was given and the bundle has no ControlNet")?;
         let types =
             union_types(cn.as_ref()).context("the bundle's ControlNet is not a union one")?;
-        let mut cin: Vec<(String, crate::backend::HostTensor)> = inputs
-            .iter()
-            .filter(|(name, _)| cn.inputs().iter().any(|d| &d.name == name))
-            .cloned()
-            .collect();
+        let mut cin = inputs_taken(cn.as_ref(), inputs);
         let f = self.config.vae_scale_factor;
         let k = self.controls.len();
         let images: Vec<f32> = self
@@ -500,19 +481,7 @@ impl SdModel {
             &[1],
             &[outer],
         )?);
-        cn.run(&cin)
-            .context("ControlNet-Union")?
-            .into_iter()
-            .map(|(name, t)| {
-                let v: Vec<f32> = t
-                    .to_f64()
-                    .with_context(|| format!("ControlNet output '{name}' is not numeric"))?
-                    .into_iter()
-                    .map(|x| x as f32)
-                    .collect();
-                Ok((name, t.shape.clone(), v))
-            })
-            .collect()
+        run_f32(cn.as_mut(), &cin, "ControlNet-Union")
     }
 
     /// Enables run-time LoRA ([`ImageModel::set_loras`]) for engines built from these graphs (each graph's

@@ -549,12 +549,7 @@ pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
     let tck = files.transformer.open()?;
     let transformer = match files.transformer.config() {
         Some(tpath) => {
-            let text = std::fs::read_to_string(&tpath).with_context(|| {
-                format!(
-                    "cannot read '{}': the transformer folder needs the config.json diffusers saves",
-                    tpath.display()
-                )
-            })?;
+            let text = super::bundle::read_transformer_config(&tpath)?;
             sm::Sd3Config::from_json(&text, &tpath)?
         }
         None => sm::Sd3Config::from_checkpoint(&tck)?,

@@ -163,12 +163,7 @@ pub struct Plan {
 pub fn plan(files: ModelFiles, arch: &str) -> Result<Plan> {
     let recipe: Recipe = super::recipe::load(arch)?;
     let tpath = files.transformer.join("config.json");
-    let text = std::fs::read_to_string(&tpath).with_context(|| {
-        format!(
-            "cannot read '{}': the transformer folder needs the config.json diffusers saves",
-            tpath.display()
-        )
-    })?;
+    let text = super::bundle::read_transformer_config(&tpath)?;
     let transformer = zm::ZImageConfig::from_json(&text, &tpath)?;
     zm::ZImageConfig::check_checkpoint(&transformer, &Checkpoint::open(&files.transformer)?)
         .with_context(|| format!("'{}'", files.transformer.display()))?;
