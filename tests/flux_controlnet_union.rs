@@ -261,13 +261,9 @@ fn build_and_generate_with_union_controlnet_on_the_command_line() {
     let m = tiny_model(d.path());
     let shared = tokenizers();
     let s = |p: &Path| p.to_string_lossy().into_owned();
-    let bin = env!("CARGO_BIN_EXE_trt-diff");
     let run = |args: &[String], ok: bool| {
-        let o = std::process::Command::new(bin).args(args).output().unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.success(), ok, "{args:?}\n{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        err
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::common::run(&args, ok).stderr
     };
     let plan = d.path().join("union.plan");
     let args: Vec<String> = [

@@ -8,6 +8,7 @@
 //! (scripts/golden/llm_gemma_llamacpp.py): its Q8_0 quantization of them is read in place and compared with
 //! llama.cpp's logits on the same file.
 use super::llm_archs::{check, golden, golden_dir, run_graph};
+use crate::common::s;
 use trt_diff::models::llama::{LlamaConfig, MlpAct, RopeScaling, decoder_graph};
 use trt_diff::onnx::DataType;
 use trt_diff::quant::LinearPrecision;
@@ -276,37 +277,43 @@ fn quantized_gemma_gguf_runs_from_any_folder_directly_and_after_build() {
     // The in-place CPU graph reads the GGUF's blocks through a hard link beside it (ONNX Runtime refuses external
     // data that leads out of the graph's folder, so a symbolic link would not load).
     use std::os::unix::fs::MetadataExt;
-    let bin = env!("CARGO_BIN_EXE_trt-diff");
     let d = tempfile::tempdir().unwrap();
     let (models, out) = (d.path().join("models"), d.path().join("out"));
     std::fs::create_dir_all(&models).unwrap();
     std::fs::create_dir_all(&out).unwrap();
     let gguf = models.join("gemma3-q8_0.gguf");
     std::fs::copy(golden_dir("gemma3").join("tiny_gemma3_q8_0.gguf"), &gguf).unwrap();
+    let cache = d.path().join("cache");
+    let cache = cache.to_str().unwrap();
     let generate = |engine: &std::path::Path| {
-        let r = std::process::Command::new(bin)
-            .args(["generate", "--engine"])
-            .arg(engine)
-            .args(["--prompt", "t1 t2", "--max-tokens", "4"])
-            .env("TRT_DIFF_MODEL_CACHE", d.path().join("cache"))
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&r.stderr).into_owned();
-        assert!(
-            r.status.success() && err.contains("generated: 4 tokens"),
-            "{err}"
+        let r = crate::common::run_env(
+            &[
+                "generate",
+                "--engine",
+                s(engine),
+                "--prompt",
+                "t1 t2",
+                "--max-tokens",
+                "4",
+            ],
+            &[("TRT_DIFF_MODEL_CACHE", cache)],
+            true,
         );
+        assert!(r.stderr.contains("generated: 4 tokens"), "{}", r.stderr);
     };
     generate(&gguf);
     let plan = out.join("g.plan");
-    let r = std::process::Command::new(bin)
-        .arg("build")
-        .arg(&gguf)
-        .args(["--onnx-only", "--no-progress", "--out"])
-        .arg(&plan)
-        .output()
-        .unwrap();
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    crate::common::run(
+        &[
+            "build",
+            s(&gguf),
+            "--onnx-only",
+            "--no-progress",
+            "--out",
+            s(&plan),
+        ],
+        true,
+    );
     let weights = out.join("g.weights.gguf");
     let meta = std::fs::symlink_metadata(&weights).unwrap();
     assert!(

@@ -91,16 +91,9 @@ fn sdxl_union_controlnet_builds_and_generates_on_the_command_line() {
     let d = tempfile::tempdir().unwrap();
     let m = model_dir(d.path(), true);
     let s = |p: &std::path::Path| p.to_string_lossy().into_owned();
-    let bin = env!("CARGO_BIN_EXE_trt-diff");
     let run = |args: Vec<String>, ok: bool| {
-        let o = std::process::Command::new(bin)
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&o.stderr).into_owned();
-        assert_eq!(o.status.success(), ok, "{args:?}\n{err}");
-        assert!(!err.contains("panicked"), "{err}");
-        err
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        crate::common::run(&args, ok).stderr
     };
     let plan = d.path().join("xl.plan");
     let args = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
