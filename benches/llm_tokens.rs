@@ -13,6 +13,10 @@
 //! place); ggml-cpu is the CPU graph of a quantized GGUF, which reads the file's blocks in place
 //! (`backend::ggml_ops`).
 //!
+//! Bytes on disk: each quantized file built as `build` does by default (`--precision gguf`: the TensorRT graph and
+//! plan keep the file's blocks as INT4/INT8 weights, the CPU graph reads the file in place), every file the build
+//! wrote against the GGUF (`LLM_BENCH_BYTES=0` skips it; the plan needs the TensorRT-RTX builder).
+//!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
 //! `LLM_BENCH_THREADS` (default 2) sets both engines' threads; stories260K also runs on one thread (what
@@ -427,6 +431,73 @@ fn main() -> anyhow::Result<()> {
                 list(&|p| format!("{:.2}x", p.0.1 / p.1.1)),
             );
         }
+    }
+    if std::env::var("LLM_BENCH_BYTES").is_ok_and(|v| v == "0") {
+        return Ok(());
+    }
+    println!("\nBytes on disk of a default build (`--precision gguf`), against the GGUF:\n");
+    println!(
+        "| model | GGUF (MB) | TensorRT plan | TensorRT graph (ONNX) | CPU graph | tokenizer, manifest | all written | plan alone |"
+    );
+    println!("|---|---|---|---|---|---|---|---|");
+    for (name, file) in &quantized {
+        let out_dir = dir.join(format!(
+            "bytes_{}",
+            file.file_stem().unwrap_or_default().to_string_lossy()
+        ));
+        let _ = std::fs::remove_dir_all(&out_dir);
+        std::fs::create_dir_all(&out_dir)?;
+        let opts = trt_diff::trt::BuildOptions {
+            out: out_dir.join("m.plan"),
+            progress: false,
+            ..Default::default()
+        };
+        trt_diff::pipelines::llm_build::build_llm(
+            file,
+            trt_diff::pipelines::llm_build::LlmSource::Gguf,
+            trt_diff::quant::Precision::Gguf,
+            None,
+            &Default::default(),
+            &opts,
+        )?;
+        let gguf = std::fs::metadata(file)?;
+        let mb = |b: u64| format!("{:.1}", b as f64 / 1e6);
+        let (mut plan, mut trt_graph, mut cpu, mut other) = (0u64, 0u64, 0u64, 0u64);
+        for e in std::fs::read_dir(&out_dir)?.flatten() {
+            let meta = e.metadata()?;
+            // The CPU graph's hard link to the GGUF itself costs nothing.
+            if std::os::unix::fs::MetadataExt::ino(&meta)
+                == std::os::unix::fs::MetadataExt::ino(&gguf)
+            {
+                continue;
+            }
+            let n = e.file_name().to_string_lossy().into_owned();
+            let slot = if n == "m.plan" {
+                &mut plan
+            } else if n.starts_with("m.cpu.onnx") {
+                &mut cpu
+            } else if n.starts_with("m.onnx") {
+                &mut trt_graph
+            } else {
+                &mut other
+            };
+            *slot += meta.len();
+        }
+        let all = plan + trt_graph + cpu + other;
+        let ratio = |b: u64| format!("{:.2}x", b as f64 / gguf.len() as f64);
+        println!(
+            "| {name} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) | {} |",
+            mb(gguf.len()),
+            mb(plan),
+            ratio(plan),
+            mb(trt_graph),
+            ratio(trt_graph),
+            mb(cpu),
+            mb(other),
+            mb(all),
+            ratio(all),
+            ratio(plan + cpu + other),
+        );
     }
     Ok(())
 }

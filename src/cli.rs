@@ -347,9 +347,11 @@ pub struct BuildArgs {
     #[arg(long)]
     pub calibration_steps: Option<usize>,
     /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
-    /// norms and the LM head in fp32), or auto: each layer's format chosen by measured quality (--quality).
-    #[arg(long, value_enum, default_value_t = Precision::Fp32)]
-    pub precision: Precision,
+    /// norms and the LM head in fp32), gguf (a quantized GGUF's own block formats as INT4/INT8 weights), or
+    /// auto: each layer's format chosen by measured quality (--quality). Default: gguf for quantized GGUF files,
+    /// fp32 otherwise.
+    #[arg(long, value_enum)]
+    pub precision: Option<Precision>,
     #[command(flatten)]
     pub auto: AutoArgs,
     /// Output plan; the manifest is written beside it as <out>.json.

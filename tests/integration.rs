@@ -24,6 +24,7 @@ mod llm_archs;
 mod llm_chat;
 mod llm_gemma;
 mod llm_gguf;
+mod llm_gguf_engine;
 mod llm_qwen2;
 mod llm_qwen3;
 mod llm_tokenizer_json_spm;

@@ -6,14 +6,14 @@ use sha2::{Digest, Sha256};
 use std::path::PathBuf;
 use trt_diff::weights::gguf::{GgufFile, Value};
 
-fn data(rel: &str) -> PathBuf {
+pub(crate) fn data(rel: &str) -> PathBuf {
     let base = std::env::var_os("TRT_DIFF_SHARED_DATA")
         .map(PathBuf::from)
         .unwrap_or_else(|| PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/../shared/data")));
     base.join(rel)
 }
 
-fn golden(name: &str) -> PathBuf {
+pub(crate) fn golden(name: &str) -> PathBuf {
     PathBuf::from(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/golden/llm")).join(name)
 }
 
@@ -180,7 +180,7 @@ fn gguf_builds_and_generates_the_reference_text() {
 }
 
 /// stories260K converted to an F32 GGUF, then written to `dir/name` with every tensor stored by `put`.
-fn stories_rewritten(
+pub(crate) fn stories_rewritten(
     dir: &std::path::Path,
     name: &str,
     put: impl Fn(&mut trt_diff::weights::gguf_write::GgufWriter, &str, &[u64], &[f32]),
@@ -263,7 +263,7 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
 }
 
 /// Logits of every position of `ids` through a CPU graph (prefill, then one token at a time).
-fn cpu_graph_logits(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
+pub(crate) fn cpu_graph_logits(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
     use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
     let mut e = OrtEngine::open(onnx, &OrtOptions::default()).unwrap();
     let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();

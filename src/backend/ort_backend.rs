@@ -290,6 +290,10 @@ impl OrtEngine {
         let mut builder = Session::builder(env).map_err(|e| err(&e))?;
         builder = builder
             .with_optimization_level(level)
+            .map_err(|e| err(&e))?
+            // Weight-only INT4/INT8 graphs (`--precision gguf`, int4) compute in f32 as TensorRT runs them: ONNX
+            // Runtime's fusion into MatMulNBits would otherwise quantize the activations to int8 per block.
+            .with_config_entry("session.qdq_matmulnbits_accuracy_level", "1")
             .map_err(|e| err(&e))?;
         let own_ops = uses_own_ops(&summary);
         if own_ops {

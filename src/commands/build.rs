@@ -142,7 +142,7 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
     let o = crate::pipelines::llm_build::build_llm(
         &a.input,
         source,
-        a.precision,
+        precision(a),
         a.max_context,
         &auto_options(a),
         &opts,
@@ -166,7 +166,7 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
         &crate::pipelines::flux_build::FluxBuildOptions {
             model: a.input.clone(),
             arch: arch.name().to_string(),
-            precision: a.precision,
+            precision: precision(a),
             clip_tokenizer: a.sources.clip_tokenizer.clone(),
             t5_tokenizer: a.sources.t5_tokenizer.clone(),
             tae_decoder: a.tae_decoder.clone(),
@@ -192,12 +192,24 @@ fn build_flux(a: &BuildArgs, arch: Arch) -> Result<()> {
     print_policy(a)
 }
 
+/// `--precision`, or its default for the input: a quantized GGUF keeps its block formats (gguf), anything else
+/// builds in fp32.
+fn precision(a: &BuildArgs) -> Precision {
+    a.precision.unwrap_or_else(|| {
+        if crate::pipelines::llm_build::is_quantized_gguf(&a.input) {
+            Precision::Gguf
+        } else {
+            Precision::Fp32
+        }
+    })
+}
+
 /// The precision a build reports: `--policy` is a per-layer (auto) build whatever `--precision` defaulted to.
 fn shown_precision(a: &BuildArgs) -> Precision {
     if a.auto.policy.is_some() {
         Precision::Auto
     } else {
-        a.precision
+        precision(a)
     }
 }
 
@@ -213,7 +225,7 @@ fn auto_options(a: &BuildArgs) -> crate::pipelines::auto_precision::AutoOptions 
 
 /// After a per-layer build: the policy written beside the engine, as a table with its search time.
 fn print_policy(a: &BuildArgs) -> Result<()> {
-    if a.precision != Precision::Auto && a.auto.policy.is_none() {
+    if precision(a) != Precision::Auto && a.auto.policy.is_none() {
         return Ok(());
     }
     let path = crate::pipelines::bundle::sibling(&a.out, ".policy.toml");
@@ -248,7 +260,7 @@ fn build_z_image(a: &BuildArgs) -> Result<()> {
         &crate::pipelines::z_image_build::ZImageBuildOptions {
             model: a.input.clone(),
             arch: arch.name().to_string(),
-            precision: a.precision,
+            precision: precision(a),
             image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
             calibration_prompts: Some(a.calibration_prompt.clone()),
             calibration_steps: a.calibration_steps,
@@ -275,7 +287,7 @@ fn build_flux2(a: &BuildArgs) -> Result<()> {
         &crate::pipelines::flux2_build::Flux2BuildOptions {
             model: a.input.clone(),
             arch: a.arch.map(|x| x.name().to_string()),
-            precision: a.precision,
+            precision: precision(a),
             tae_decoder: a.tae_decoder.clone(),
             image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),
             calibration_prompts: Some(a.calibration_prompt.clone()),
@@ -312,7 +324,7 @@ fn build_sd3(a: &BuildArgs) -> Result<()> {
         crate::pipelines::sd3_build::build_sd3(&crate::pipelines::sd3_build::Sd3BuildOptions {
             model: a.input.clone(),
             arch: a.arch.map(|x| x.name().to_string()),
-            precision: a.precision,
+            precision: precision(a),
             clip_tokenizer: a.sources.clip_tokenizer.clone(),
             t5_tokenizer: a.sources.t5_tokenizer.clone(),
             config: a.sources.config.clone(),
@@ -349,7 +361,7 @@ fn build_sd(a: &BuildArgs) -> Result<()> {
     let o = crate::pipelines::sd_build::build_sd(&crate::pipelines::sd_build::SdBuildOptions {
         model: a.input.clone(),
         arch: a.arch.map(|x| x.name().to_string()),
-        precision: a.precision,
+        precision: precision(a),
         clip_tokenizer: a.sources.clip_tokenizer.clone(),
         tae_decoder: a.tae_decoder.clone(),
         image_px: a.image_px.as_ref().map(|v| [v[0], v[1], v[2]]),

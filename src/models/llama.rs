@@ -7,9 +7,10 @@
 //! Grouped-query attention multiplies q reshaped to [1, kv, rep, seq, hd] with k/v broadcast over `rep`, so the
 //! cache is never repeated in memory.
 use crate::models::ops::Ops;
-use crate::models::qdq::{LinearWeights, Linears, Weight};
+use crate::models::qdq::{LinearWeights, Linears, Weight, int_blocks_table, linear_int_blocks};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
+use crate::quant::int::{Bits, IntBlocks};
 use crate::quant::policy::Policy;
 pub use crate::weights::llm_config::{LlamaConfig, MlpAct, RopeScaling};
 use anyhow::{Context, Result};
@@ -63,6 +64,7 @@ struct Emitter<'a> {
     cfg: &'a LlamaConfig,
     w: &'a HashMap<String, Vec<f32>>,
     linears: Linears<'a>,
+    blocks: &'a HashMap<String, IntBlocks>,
 }
 
 impl Emitter<'_> {
@@ -113,8 +115,11 @@ impl Emitter<'_> {
     }
 
     fn proj(&mut self, name: &str, x: &Value, out: usize, inp: usize) -> Result<Value> {
-        let w = self.weight(&format!("{name}.weight"))?.clone();
         let bias = self.w.get(&format!("{name}.bias")).cloned();
+        if let Some(b) = self.blocks.get(&format!("{name}.weight")) {
+            return self.int_blocks_linear(name, x, b, bias.as_deref());
+        }
+        let w = self.weight(&format!("{name}.weight"))?.clone();
         let lw = LinearWeights {
             weight: &w,
             bias: bias.as_deref(),
@@ -123,6 +128,22 @@ impl Emitter<'_> {
         };
         self.linears
             .linear(&mut self.o, name, name, name, x, Weight::F32(lw))
+    }
+
+    /// A projection whose weights stay in the checkpoint's INT4/INT8 blocks (`--precision gguf`).
+    fn int_blocks_linear(
+        &mut self,
+        name: &str,
+        x: &Value,
+        b: &IntBlocks,
+        bias: Option<&[f32]>,
+    ) -> Result<Value> {
+        let label = match b.bits {
+            Bits::Int8 => "int8 weights",
+            Bits::Int4 => "int4 weights",
+        };
+        *self.linears.counts.entry(label.into()).or_default() += 1;
+        linear_int_blocks(&mut self.o.g, name, x, b, bias)
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -584,6 +605,9 @@ pub struct DecoderOptions<'a> {
     pub amax: &'a HashMap<String, f32>,
     /// Adds an `amax.<layer>` output per linear layer's input (see [`Linears`]).
     pub calibration: bool,
+    /// Matrices kept in INT4/INT8 blocks by Hugging Face name (a GGUF's formats, `--precision gguf`); the policy
+    /// decides the others.
+    pub blocks: Option<&'a HashMap<String, IntBlocks>>,
 }
 
 /// The decoder graph and its linear layers (name, shape), as `build --precision auto` measures them.
@@ -615,6 +639,7 @@ fn graph(
         ),
         amax: &amax,
         calibration: false,
+        blocks: None,
     };
     Ok(emit(cfg, weights, &o, mode)?.0)
 }
@@ -626,8 +651,13 @@ fn emit(
     mode: Mode,
 ) -> Result<(ModelProto, Vec<crate::quant::auto::LinearShape>)> {
     let policy = opts.policy;
-    let opset = policy.target.min_opset().max(18);
+    let no_blocks = HashMap::new();
+    let blocks = opts.blocks.unwrap_or(&no_blocks);
+    // Blocked DQ needs opset 21.
+    let min_blocks = if blocks.is_empty() { 18 } else { 21 };
+    let opset = policy.target.min_opset().max(min_blocks);
     let mut e = Emitter {
+        blocks,
         o: Ops::new("llama_decoder", opset, F32),
         cfg,
         w: weights,
@@ -670,12 +700,17 @@ fn emit(
             (pos, None, new_len.clone())
         }
     };
-    let emb = e.weight("model.embed_tokens.weight")?.clone();
-    let table = e.o.g.const_f32(
-        "model.embed_tokens.weight",
-        &[cfg.vocab_size as i64, d as i64],
-        &emb,
-    )?;
+    let table = match blocks.get("model.embed_tokens.weight") {
+        Some(b) => int_blocks_table(&mut e.o.g, "model.embed_tokens", b)?,
+        None => {
+            let emb = e.weight("model.embed_tokens.weight")?.clone();
+            e.o.g.const_f32(
+                "model.embed_tokens.weight",
+                &[cfg.vocab_size as i64, d as i64],
+                &emb,
+            )?
+        }
+    };
     let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
     if let Some(scale) = cfg.embed_scale {
         let sv = e.o.g.const_f32("embed.scale", &[], &[scale])?;
@@ -859,21 +894,46 @@ fn emit(
     } else {
         seq()
     };
-    let head = e.weight("lm_head.weight")?.clone();
-    let lw = LinearWeights {
-        weight: &head,
-        bias: None,
-        out_features: cfg.vocab_size,
-        in_features: d,
+    let tied_blocks = cfg.tied_embeddings && blocks.contains_key("model.embed_tokens.weight");
+    let mut logits = if tied_blocks {
+        // The embedding table's codes, once, for both (TensorRT keeps one copy).
+        *e.linears
+            .counts
+            .entry("tied to the embedding blocks".into())
+            .or_default() += 1;
+        let t = e.op(
+            "Transpose",
+            "lm_head/tied",
+            &[&table],
+            vec![("perm", Attr::Ints(vec![1, 0]))],
+            F32,
+        )?;
+        let mut y = e.op("MatMul", "lm_head/MatMul", &[&hn, &t], vec![], F32)?;
+        y.shape = vec![
+            Dim::Fixed(1),
+            logits_seq.clone(),
+            Dim::Fixed(cfg.vocab_size as i64),
+        ];
+        y
+    } else if let Some(b) = blocks.get("lm_head.weight") {
+        e.int_blocks_linear("lm_head", &hn, b, None)?
+    } else {
+        let head = e.weight("lm_head.weight")?.clone();
+        let lw = LinearWeights {
+            weight: &head,
+            bias: None,
+            out_features: cfg.vocab_size,
+            in_features: d,
+        };
+        e.linears.linear(
+            &mut e.o,
+            "lm_head",
+            "lm_head",
+            "lm_head",
+            &hn,
+            Weight::F32(lw),
+        )?
     };
-    let mut logits = e.linears.linear(
-        &mut e.o,
-        "lm_head",
-        "lm_head",
-        "lm_head",
-        &hn,
-        Weight::F32(lw),
-    )?;
     if let Some(cap) = cfg.final_softcap {
         logits = e.softcap("logits_softcap", &logits, cap)?;
     }

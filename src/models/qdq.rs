@@ -7,6 +7,7 @@ use super::ops::Ops;
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value};
 use crate::quant::LinearPrecision;
 use crate::quant::elem::Elem;
+use crate::quant::int::{Bits, IntBlocks};
 use crate::quant::minifloat::e4m3fn;
 use crate::quant::nvfp4;
 use crate::quant::policy::{LayerKind, Policy};
@@ -829,6 +830,180 @@ fn int4_weight(
         float,
         fixed(&[k, n]),
     )
+}
+
+/// `y = x @ W^T (+ b)` for weights held as INT4/INT8 blocks ([`IntBlocks`], a GGUF's formats): TensorRT's
+/// weight-only pattern, the codes transposed to [k, n] under a blocked DQ along k with f32 scales, f32 activations.
+/// Block offsets (asymmetric formats) add `blocksum(x) @ offsets`: the sum of each block of `x` times the offset of
+/// that block of every row, a product 1/block the size of the layer's.
+pub fn linear_int_blocks(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    w: &IntBlocks,
+    bias: Option<&[f32]>,
+) -> Result<Value> {
+    let (n, k, block) = (w.rows, w.cols, w.block);
+    if x.dtype != DataType::FLOAT {
+        bail!("{name}: input is {}, INT blocks take f32", x.dtype);
+    }
+    let codes = transpose_codes(&w.codes, n, k);
+    let scales = transpose(&w.scales, n, k / block);
+    let wv = int_blocks_dq(g, name, &codes, &scales, w.bits, [k, n], 0, block)?;
+    let out_shape = with_last(&x.shape, n);
+    let Some(offsets) = &w.offsets else {
+        return matmul_bias(g, name, x, &wv, bias, n, DataType::FLOAT, out_shape);
+    };
+    let y = matmul_bias(g, name, x, &wv, None, n, DataType::FLOAT, out_shape.clone())?;
+    let kb = k / block;
+    let mut split_shape = x.shape.clone();
+    split_shape.pop();
+    split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
+    // Reshape's 0 keeps a dimension as it is: [batch, seq, k] -> [batch, seq, k / block, block].
+    let mut target = vec![0i64; x.shape.len() - 1];
+    target.extend([kb as i64, block as i64]);
+    let target = g.const_i64(
+        &format!("{name}.block_shape"),
+        &[target.len() as i64],
+        &target,
+    )?;
+    let split = g.op(
+        "Reshape",
+        &format!("{name}/blocks"),
+        &[x, &target],
+        vec![],
+        DataType::FLOAT,
+        split_shape,
+    )?;
+    let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
+    let sums = g.op(
+        "ReduceSum",
+        &format!("{name}/block_sums"),
+        &[&split, &axes],
+        vec![("keepdims", Attr::Int(0))],
+        DataType::FLOAT,
+        with_last(&x.shape, kb),
+    )?;
+    let ov = g.initializer(
+        &format!("{name}.weight_offset"),
+        DataType::FLOAT,
+        &[kb as i64, n as i64],
+        float_bytes(&transpose(offsets, n, kb), DataType::FLOAT),
+    )?;
+    let shift = g.op(
+        "MatMul",
+        &format!("{name}/offsets"),
+        &[&sums, &ov],
+        vec![],
+        DataType::FLOAT,
+        out_shape.clone(),
+    )?;
+    let y = g.op(
+        "Add",
+        &format!("{name}/offset_add"),
+        &[&y, &shift],
+        vec![],
+        DataType::FLOAT,
+        out_shape.clone(),
+    )?;
+    match bias {
+        Some(b) => {
+            let bv = g.initializer(
+                &format!("{name}.bias"),
+                DataType::FLOAT,
+                &[n as i64],
+                float_bytes(b, DataType::FLOAT),
+            )?;
+            g.op(
+                "Add",
+                &format!("{name}/bias"),
+                &[&y, &bv],
+                vec![],
+                DataType::FLOAT,
+                out_shape,
+            )
+        }
+        None => Ok(y),
+    }
+}
+
+/// The f32 matrix [rows, cols] of `w` through a blocked DQ along its rows: an embedding table that `Gather` reads
+/// and a tied LM head multiplies by (TensorRT stores the codes once for both).
+pub fn int_blocks_table(g: &mut GraphBuilder, name: &str, w: &IntBlocks) -> Result<Value> {
+    if w.offsets.is_some() {
+        bail!("{name}: an embedding table's blocks must be symmetric");
+    }
+    int_blocks_dq(
+        g,
+        name,
+        &w.codes,
+        &w.scales,
+        w.bits,
+        [w.rows, w.cols],
+        1,
+        w.block,
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn int_blocks_dq(
+    g: &mut GraphBuilder,
+    name: &str,
+    codes: &[i8],
+    scales: &[f32],
+    bits: Bits,
+    [rows, cols]: [usize; 2],
+    axis: usize,
+    block: usize,
+) -> Result<Value> {
+    let (ty, data) = match bits {
+        Bits::Int8 => (
+            DataType::INT8,
+            Bytes::from(bytemuck::cast_slice::<i8, u8>(codes).to_vec()),
+        ),
+        Bits::Int4 => (
+            DataType::INT4,
+            Bytes::from(crate::quant::int::pack_int4(codes)),
+        ),
+    };
+    let wq = g.initializer(
+        &format!("{name}.weight"),
+        ty,
+        &[rows as i64, cols as i64],
+        data,
+    )?;
+    let scale_shape = if axis == 0 {
+        [(rows / block) as i64, cols as i64]
+    } else {
+        [rows as i64, (cols / block) as i64]
+    };
+    let sw = g.initializer(
+        &format!("{name}.weight_scale"),
+        DataType::FLOAT,
+        &scale_shape,
+        float_bytes(scales, DataType::FLOAT),
+    )?;
+    g.op(
+        "DequantizeLinear",
+        &format!("{name}/weight_dq"),
+        &[&wq, &sw],
+        vec![
+            ("axis", Attr::Int(axis as i64)),
+            ("block_size", Attr::Int(block as i64)),
+        ],
+        DataType::FLOAT,
+        fixed(&[rows, cols]),
+    )
+}
+
+fn transpose_codes(c: &[i8], rows: usize, cols: usize) -> Vec<i8> {
+    let mut t = vec![0i8; c.len()];
+    for (r, row) in c.chunks_exact(cols).enumerate() {
+        for (j, &v) in row.iter().enumerate() {
+            t[j * rows + r] = v;
+        }
+    }
+    t
 }
 
 /// NVFP4 weight [n, k] (blocks along k) with two DQs, transposed to [k, n] for MatMul.

@@ -48,6 +48,8 @@ pub fn linear_precision(p: Precision) -> Result<LinearPrecision> {
         Precision::Fp8 => LinearPrecision::Fp8,
         Precision::Nvfp4 => LinearPrecision::Nvfp4,
         Precision::Int4 => LinearPrecision::Int4 { block: 32 },
+        // The GGUF's block formats where it has them (`gguf_model::int_blocks`), f16 elsewhere.
+        Precision::Gguf => LinearPrecision::F16,
         other => bail!(
             "--precision {other} is not available for LLM decoders; choose fp32, fp16, fp8, nvfp4 or int4"
         ),
@@ -131,6 +133,7 @@ fn decoder_policy(
                 last_logits_only: false,
                 amax,
                 calibration,
+                blocks: None,
             },
         )?;
         save(graph, &cand, &SaveOptions::default())?;
@@ -264,6 +267,16 @@ fn write_vocab_gguf(src: &crate::weights::gguf::GgufFile, out: &Path) -> Result<
         }
     }
     w.write(out)
+}
+
+/// Whether `path` is a GGUF file with quantized matrices: `build`'s default precision for it is `gguf`.
+pub fn is_quantized_gguf(path: &Path) -> bool {
+    crate::weights::gguf::looks_like_gguf(path)
+        && crate::weights::gguf::GgufFile::open(path).is_ok_and(|g| {
+            g.tensors.iter().any(|t| {
+                t.dims.len() == 2 && crate::weights::gguf_model::engine_bits(t.ty).is_some()
+            })
+        })
 }
 
 /// The float type every matrix of a GGUF file shares (F32, F16 or BF16), which its CPU graph keeps; None for
@@ -501,7 +514,15 @@ pub fn build_llm(
     base: &BuildOptions,
 ) -> Result<BuildOutcome> {
     let p = fixed_precision(precision, auto)?;
+    if precision == Precision::Gguf && !matches!(source, LlmSource::Gguf) {
+        bail!(
+            "--precision gguf keeps a GGUF file's block formats, and '{}' is not a GGUF file: choose fp16, fp8, \
+             nvfp4 or int4",
+            input.display()
+        );
+    }
     let mut in_place = None;
+    let mut blocks = None;
     let mut guard = crate::fsutil::BundleGuard::new();
     let (arch, config, tensors, tok_out, matrices) = match source {
         LlmSource::Llama2c { tokenizer } => {
@@ -521,6 +542,9 @@ pub fn build_llm(
             {
                 let location = gguf_location(&base.out, input)?;
                 in_place = crate::backend::ggml_ops::block_weights(&g, &m.config, &location)?;
+            }
+            if precision == Precision::Gguf {
+                blocks = Some(crate::weights::gguf_model::int_blocks(&g, &m.config)?);
             }
             (m.arch, m.config, m.tensors, tok_out, matrices)
         }
@@ -568,10 +592,12 @@ pub fn build_llm(
             last_logits_only: true,
             amax: &policy.1,
             calibration: false,
+            blocks: blocks.as_ref(),
         },
     )?
     .0;
     drop(tensors);
+    drop(blocks);
     let onnx = sibling(&base.out, ".onnx");
     guard_siblings(&mut guard, &base.out, &[".onnx", ".onnx.data"]);
     save(graph, &onnx, &SaveOptions::default())?;
@@ -632,6 +658,7 @@ pub fn build_llama2c(
             last_logits_only: true,
             amax: &policy.1,
             calibration: false,
+            blocks: None,
         },
     )?
     .0;

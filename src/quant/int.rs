@@ -127,3 +127,179 @@ pub fn unpack_int4(p: &[u8], n: usize) -> Vec<i8> {
         })
         .collect()
 }
+
+/// A block `code * scale + offset` with its scale made positive (TensorRT's ONNX parser refuses negative scales;
+/// a GGUF's Q4_0 `d` is negative in about half the blocks): the codes negated, then, where one no longer fits the
+/// range (-(-8) = 8), all lowered by one with the scale moved into the offset. Returns (scale, offset).
+fn positive_scale(codes: &mut [i16], scale: f32, offset: f32, bits: Bits) -> (f32, f32) {
+    if scale >= 0.0 {
+        return (scale, offset);
+    }
+    let s = -scale;
+    codes.iter_mut().for_each(|c| *c = -*c);
+    if codes.iter().any(|&c| c as f32 > bits.range().1) {
+        codes.iter_mut().for_each(|c| *c -= 1);
+        return (s, offset + s);
+    }
+    (s, offset)
+}
+
+/// A weight matrix [rows, cols] as integer codes with one f32 scale per `block` codes along each row, and for
+/// asymmetric formats one f32 offset per block (`w = code * scale + offset`): TensorRT's weight-only INT4/INT8
+/// blocked DQ (symmetric only, so an offset is a separate small product: [`crate::models::qdq`]). What a GGUF's
+/// block formats become in an engine.
+#[derive(Clone, Debug, PartialEq)]
+pub struct IntBlocks {
+    pub bits: Bits,
+    pub block: usize,
+    pub rows: usize,
+    pub cols: usize,
+    /// [rows, cols], one i8 per element (INT4 codes in -8..=7).
+    pub codes: Vec<i8>,
+    /// [rows, cols / block].
+    pub scales: Vec<f32>,
+    /// [rows, cols / block], for asymmetric blocks.
+    pub offsets: Option<Vec<f32>>,
+}
+
+impl IntBlocks {
+    /// Codes of `values` [rows, cols] under given block `scales`: exact where the values are multiples of their
+    /// scale within the code range (a GGUF Q8_0 / Q4_0 / Q6_K block and its scale). Scales come out positive, as
+    /// TensorRT requires ([`positive_scale`]): a block that needs it gets an offset. A scale of 0 (an all-zero
+    /// block) becomes 1.
+    pub fn with_scales(
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        block: usize,
+        bits: Bits,
+        scales: Vec<f32>,
+    ) -> Self {
+        debug_assert_eq!(scales.len() * block, values.len());
+        let mut codes = Vec::with_capacity(values.len());
+        let mut kept = Vec::with_capacity(scales.len());
+        let mut offsets = Vec::with_capacity(scales.len());
+        let (lo, hi) = bits.range();
+        for (b, &s) in values.chunks(block).zip(&scales) {
+            let s = if s == 0.0 || !s.is_finite() { 1.0 } else { s };
+            let mut c: Vec<i16> = b
+                .iter()
+                .map(|&x| (x / s).round_ties_even().clamp(lo, hi) as i16)
+                .collect();
+            let (s, o) = positive_scale(&mut c, s, 0.0, bits);
+            codes.extend(c.iter().map(|&v| v as i8));
+            kept.push(s);
+            offsets.push(o);
+        }
+        IntBlocks {
+            bits,
+            block,
+            rows,
+            cols,
+            codes,
+            scales: kept,
+            offsets: offsets.iter().any(|&o| o != 0.0).then_some(offsets),
+        }
+    }
+
+    /// INT4 codes of `values` [rows, cols] on the grid `scale * q + low` (q in 0..16) of each block: exact for
+    /// values on it (a GGUF Q4_1 / Q4_K block), the nearest point otherwise. Codes are `q - 8`, offsets
+    /// `low + 8 * scale` (scales made positive as in [`IntBlocks::with_scales`]).
+    pub fn with_affine(
+        values: &[f32],
+        rows: usize,
+        cols: usize,
+        block: usize,
+        scales: Vec<f32>,
+        lows: &[f32],
+    ) -> Self {
+        debug_assert_eq!(scales.len() * block, values.len());
+        let mut codes = Vec::with_capacity(values.len());
+        let mut offsets = Vec::with_capacity(scales.len());
+        let mut kept = Vec::with_capacity(scales.len());
+        for ((b, &s), &low) in values.chunks(block).zip(&scales).zip(lows) {
+            let s = if s == 0.0 || !s.is_finite() { 1.0 } else { s };
+            let mut c: Vec<i16> = b
+                .iter()
+                .map(|&x| ((x - low) / s).round().clamp(0.0, 15.0) as i16 - 8)
+                .collect();
+            let (s, o) = positive_scale(&mut c, s, low + 8.0 * s, Bits::Int4);
+            codes.extend(c.iter().map(|&v| v as i8));
+            kept.push(s);
+            offsets.push(o);
+        }
+        IntBlocks {
+            bits: Bits::Int4,
+            block,
+            rows,
+            cols,
+            codes,
+            scales: kept,
+            offsets: Some(offsets),
+        }
+    }
+
+    /// `values` [rows, cols] quantized symmetrically per block (`s = amax / qmax`).
+    pub fn quantized(values: &[f32], rows: usize, cols: usize, block: usize, bits: Bits) -> Self {
+        let (codes, scales) = quantize(values, cols, Granularity::Block(block), bits);
+        IntBlocks {
+            bits,
+            block,
+            rows,
+            cols,
+            codes,
+            scales,
+            offsets: None,
+        }
+    }
+
+    /// `values` [rows, cols] in INT4 per block over the block's own range: 16 levels from its minimum to its
+    /// maximum (what asymmetric formats of more than 4 bits, Q5_0 / Q5_1 / Q5_K, are re-quantized to).
+    pub fn quantized_affine(values: &[f32], rows: usize, cols: usize, block: usize) -> Self {
+        let (mut scales, mut lows) = (Vec::new(), Vec::new());
+        for b in values.chunks(block) {
+            let (lo, hi) = b
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &x| {
+                    (l.min(x), h.max(x))
+                });
+            scales.push((hi - lo) / 15.0);
+            lows.push(lo);
+        }
+        Self::with_affine(values, rows, cols, block, scales, &lows)
+    }
+
+    /// Rows `range` (the parts of a fused matrix).
+    pub fn rows(&self, range: std::ops::Range<usize>) -> Self {
+        let per_row = self.cols / self.block;
+        let blocks = range.start * per_row..range.end * per_row;
+        IntBlocks {
+            bits: self.bits,
+            block: self.block,
+            rows: range.len(),
+            cols: self.cols,
+            codes: self.codes[range.start * self.cols..range.end * self.cols].to_vec(),
+            scales: self.scales[blocks.clone()].to_vec(),
+            offsets: self.offsets.as_ref().map(|o| o[blocks].to_vec()),
+        }
+    }
+
+    pub fn dequantize(&self) -> Vec<f32> {
+        let zero = vec![0.0; self.scales.len()];
+        let offsets = self.offsets.as_ref().unwrap_or(&zero);
+        self.codes
+            .chunks(self.block)
+            .zip(self.scales.iter().zip(offsets))
+            .flat_map(|(b, (&s, &o))| b.iter().map(move |&c| c as f32 * s + o))
+            .collect()
+    }
+
+    /// Bytes an engine stores: the codes packed to their width, f32 scales and offsets.
+    pub fn bytes(&self) -> usize {
+        let codes = match self.bits {
+            Bits::Int8 => self.codes.len(),
+            Bits::Int4 => self.codes.len().div_ceil(2),
+        };
+        codes + 4 * (self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len))
+    }
+}

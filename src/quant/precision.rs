@@ -21,6 +21,9 @@ pub enum Precision {
     Int8,
     /// INT4 weight-only in blocks of 32 (LLM decoders).
     Int4,
+    /// A quantized GGUF's own formats kept in the engine: INT8 (Q8_0, Q6_K) or INT4 (Q4_*, Q5_*) weight-only
+    /// blocks of 32 (LLM decoders; the default for quantized GGUF files).
+    Gguf,
     /// Per-layer formats chosen by measured quality (`--quality`, `--policy`): see docs/precision.md.
     Auto,
 }
@@ -35,6 +38,7 @@ impl Precision {
             Precision::Nvfp4 => "nvfp4",
             Precision::Int8 => "int8",
             Precision::Int4 => "int4",
+            Precision::Gguf => "gguf",
             Precision::Auto => "auto",
         }
     }
@@ -43,7 +47,7 @@ impl Precision {
     pub fn parse(s: &str) -> anyhow::Result<Self> {
         <Self as clap::ValueEnum>::from_str(s, true).map_err(|_| {
             anyhow::anyhow!(
-                "unknown precision '{s}': use fp32, fp16, bf16, fp8, int8, nvfp4, int4 or auto"
+                "unknown precision '{s}': use fp32, fp16, bf16, fp8, int8, nvfp4, int4, gguf or auto"
             )
         })
     }

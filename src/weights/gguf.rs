@@ -632,6 +632,52 @@ fn f16_at(b: &[u8], i: usize) -> f32 {
     f16::from_le_bytes([b[i], b[i + 1]]).to_f32()
 }
 
+/// The block size and per-block scales of formats whose values are a scale times a small signed integer (Q8_0:
+/// `d` per 32; Q4_0: `d` per 32, codes the nibbles minus 8; Q6_K: `d * sc` per 16, codes minus 32), as
+/// [`dequantize`] computes them; None for other types. `bytes` holds whole blocks.
+pub fn block_scales(ty: GgmlType, bytes: &[u8]) -> Option<(usize, Vec<f32>)> {
+    let (_, size) = ty.block()?;
+    let blocks = bytes.chunks_exact(size as usize);
+    match ty {
+        GgmlType::Q8_0 | GgmlType::Q4_0 => Some((32, blocks.map(|b| f16_at(b, 0)).collect())),
+        GgmlType::Q6_K => Some((
+            16,
+            blocks
+                .flat_map(|b| {
+                    let d = f16_at(b, 208);
+                    b[192..208].iter().map(move |&sc| d * (sc as i8) as f32)
+                })
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
+/// The per-32-value scale and offset of formats whose values are `scale * q + low` with unsigned codes q in 0..16
+/// (Q4_1: `d`, `m`; Q4_K: each sub-block's `d * sc` and `-dmin * m`), as [`dequantize`] computes them; None for
+/// other types. `bytes` holds whole blocks.
+pub fn block_affine(ty: GgmlType, bytes: &[u8]) -> Option<(Vec<f32>, Vec<f32>)> {
+    let (_, size) = ty.block()?;
+    let blocks = bytes.chunks_exact(size as usize);
+    let (mut scales, mut lows) = (Vec::new(), Vec::new());
+    match ty {
+        GgmlType::Q4_1 => blocks.for_each(|b| {
+            scales.push(f16_at(b, 0));
+            lows.push(f16_at(b, 2));
+        }),
+        GgmlType::Q4_K => blocks.for_each(|b| {
+            let (d, dmin) = (f16_at(b, 0), f16_at(b, 2));
+            for j in 0..8 {
+                let (sc, m) = scale_min_k4(j, &b[4..16]);
+                scales.push(d * sc as f32);
+                lows.push(-(dmin * m as f32));
+            }
+        }),
+        _ => return None,
+    }
+    Some((scales, lows))
+}
+
 /// Dequantize `n` elements of type `ty` from `bytes` (exactly `n / block * type_size` bytes).
 pub fn dequantize(ty: GgmlType, bytes: &[u8], n: usize) -> Result<Vec<f32>> {
     let Some((bs, ts)) = ty.block() else {

@@ -2,10 +2,12 @@
 //! tensors are dequantized to f32 under Hugging Face names (Phi-3's fused `attn_qkv` and `ffn_up` split into Llama's).
 //! GGUF `llama` files hold Meta's interleaved RoPE layout (llama.cpp's converter permutes q/k), `qwen2`, `qwen3` and
 //! `phi3` files the halves layout; the config records which.
-use crate::weights::gguf::GgufFile;
+use crate::quant::int::{Bits, IntBlocks};
+use crate::weights::gguf::{GgmlType, GgufFile};
 use crate::weights::llm_config::{LlamaConfig, MlpAct, RopeScaling, swa_pattern_of};
 use anyhow::{Context, Result, bail};
 use std::collections::HashMap;
+use std::ops::Range;
 
 pub struct GgufModel {
     pub arch: String,
@@ -154,38 +156,20 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     }
     crate::weights::limits::check_config(&path, &config)?;
     let mut tensors = HashMap::new();
-    for (hf, gg) in crate::weights::llm_config::hf_to_gguf(&config) {
-        let layers: Vec<Option<usize>> = if hf.contains("{i}") {
-            (0..n_layers).map(Some).collect()
-        } else {
-            vec![None]
-        };
-        for i in layers {
-            let sub = |s: &str| i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
-            let (hf, gg) = (sub(hf), sub(gg));
-            if g.tensor(&gg).is_some() {
-                tensors.insert(hf, g.tensor_f32(&gg)?);
-            }
-        }
-    }
-    for i in 0..n_layers {
-        for (fused, parts) in fused_parts(&config) {
-            let gg = format!("blk.{i}.{fused}");
-            let Some(t) = g.tensor(&gg) else { continue };
-            // A fused ffn_up is twice the feed-forward width (Phi-3); a plain one is Llama's up_proj.
-            if t.dims.get(1).copied() != Some(parts.iter().map(|(_, r)| *r as u64).sum()) {
-                continue;
-            }
-            let w = g.tensor_f32(&gg)?;
-            let mut at = 0;
-            for (hf, rows) in parts {
-                let n = rows * config.dim;
-                let Some(part) = w.get(at..at + n) else {
-                    bail!("'{path}': tensor '{gg}' is shorter than its parts; the file is corrupt");
-                };
-                tensors.insert(format!("model.layers.{i}.{hf}"), part.to_vec());
-                at += n;
-            }
+    for src in sources(g, &config) {
+        let w = g.tensor_f32(&src.gguf)?;
+        for (hf, rows) in src.parts {
+            let part = match rows {
+                None => w.clone(),
+                Some(r) => match w.get(r.start * config.dim..r.end * config.dim) {
+                    Some(p) => p.to_vec(),
+                    None => bail!(
+                        "'{path}': tensor '{}' is shorter than its parts; the file is corrupt",
+                        src.gguf
+                    ),
+                },
+            };
+            tensors.insert(hf, part);
         }
     }
     if config.tied_embeddings {
@@ -208,6 +192,130 @@ pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
         tensors,
     })
 }
+
+/// A GGUF tensor and the Hugging Face tensors it holds: all of it (None), or the rows of each part of a fused
+/// matrix ([`fused_parts`]).
+struct Source {
+    gguf: String,
+    parts: Vec<(String, Option<Range<usize>>)>,
+}
+
+/// Every Hugging Face tensor of `config` the file holds, by the GGUF tensor it comes from.
+fn sources(g: &GgufFile, config: &LlamaConfig) -> Vec<Source> {
+    let mut out = Vec::new();
+    for (hf, gg) in crate::weights::llm_config::hf_to_gguf(config) {
+        let layers: Vec<Option<usize>> = if hf.contains("{i}") {
+            (0..config.n_layers).map(Some).collect()
+        } else {
+            vec![None]
+        };
+        for i in layers {
+            let sub = |s: &str| i.map_or(s.to_string(), |i| s.replace("{i}", &i.to_string()));
+            let (hf, gg) = (sub(hf), sub(gg));
+            if g.tensor(&gg).is_some() {
+                out.push(Source {
+                    parts: vec![(hf, None)],
+                    gguf: gg,
+                });
+            }
+        }
+    }
+    for i in 0..config.n_layers {
+        for (fused, parts) in fused_parts(config) {
+            let gg = format!("blk.{i}.{fused}");
+            let Some(t) = g.tensor(&gg) else { continue };
+            // A fused ffn_up is twice the feed-forward width (Phi-3); a plain one is Llama's up_proj.
+            if t.dims.get(1).copied() != Some(parts.iter().map(|(_, r)| *r as u64).sum()) {
+                continue;
+            }
+            let mut at = 0;
+            let parts = parts
+                .into_iter()
+                .map(|(hf, rows)| {
+                    at += rows;
+                    (format!("model.layers.{i}.{hf}"), Some(at - rows..at))
+                })
+                .collect();
+            out.push(Source { gguf: gg, parts });
+        }
+    }
+    out
+}
+
+/// What a GGUF block format becomes in a TensorRT engine (`--precision gguf`): INT8 for formats of more than 6 bits
+/// a weight (Q8_0, Q6_K), INT4 for the rest (Q4_0, Q4_1, Q5_0, Q5_1, Q4_K, Q5_K); None for float tensors.
+pub fn engine_bits(ty: GgmlType) -> Option<Bits> {
+    let (elems, bytes) = ty.block()?;
+    if elems == 1 {
+        return None;
+    }
+    Some(if bytes * 8 > 6 * elems {
+        Bits::Int8
+    } else {
+        Bits::Int4
+    })
+}
+
+/// The file's quantized matrices as INT4/INT8 blocks (of 32; Q6_K's of 16) along each row ([`engine_bits`]), under Hugging Face
+/// names (fused matrices split), for the TensorRT graph of `--precision gguf`:
+/// - exactly as stored: Q8_0 and Q4_0 (their codes and `d`), Q6_K (INT8 blocks of 16 with `d * sc`), Q4_1 and
+///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset);
+/// - re-quantized from their values: Q5_0 / Q5_1 / Q5_K to INT4 over each block's range.
+///
+/// The embedding table is symmetric INT8 (the lookup and a tied LM head share it).
+pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, IntBlocks>> {
+    use crate::weights::gguf::{block_affine, block_scales};
+    let mut out = HashMap::new();
+    for src in sources(g, config) {
+        let Some(t) = g.tensor(&src.gguf) else {
+            continue;
+        };
+        let shape = t.shape();
+        let (Some(bits), [rows, cols]) = (engine_bits(t.ty), shape.as_slice()) else {
+            continue;
+        };
+        let (rows, cols) = (*rows as usize, *cols as usize);
+        if !cols.is_multiple_of(BLOCK) {
+            continue;
+        }
+        let values = g.tensor_f32(&src.gguf)?;
+        let raw = g.tensor_bytes(t);
+        let table = src.gguf == "token_embd.weight";
+        // INT8 codes hold a 4-bit table's flipped blocks without an offset.
+        let bits = if table { Bits::Int8 } else { bits };
+        let blocks = match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
+            (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
+            (Bits::Int4, None, Some((scales, lows))) => {
+                IntBlocks::with_affine(&values, rows, cols, BLOCK, scales, &lows)
+            }
+            (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
+            (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
+        };
+        // The lookup and a tied head share the table: symmetric (a Q8_0 block of a -128 code under a negative
+        // `d` is the one case that gets here; it is re-quantized).
+        let blocks = if table && blocks.offsets.is_some() {
+            IntBlocks::quantized(&values, rows, cols, BLOCK, Bits::Int8)
+        } else {
+            blocks
+        };
+        for (hf, range) in src.parts {
+            let part = match range {
+                Some(r) if r.end <= rows => blocks.rows(r),
+                Some(_) => bail!(
+                    "'{}': tensor '{}' is shorter than its parts; the file is corrupt",
+                    g.path().display(),
+                    src.gguf
+                ),
+                None => blocks.clone(),
+            };
+            out.insert(hf, part);
+        }
+    }
+    Ok(out)
+}
+
+/// Elements per scale in an engine's INT4/INT8 weights.
+const BLOCK: usize = 32;
 
 /// Which layers the sliding window applies to: `{arch}.attention.sliding_window_pattern` (a period or one flag per
 /// layer) when the file has it, else llama.cpp's fixed patterns of Gemma 2 (every other layer) and Gemma 3 (five in

@@ -1,0 +1,318 @@
+//! `--precision gguf`: the TensorRT graph of a quantized GGUF keeps the file's blocks as INT8/INT4 weight-only
+//! DQ (Q8_0 and Q4_0 exactly, codes and block scales as stored), the embedding table once for the lookup and the
+//! tied LM head. Run here through ONNX Runtime: exact formats give the logits of the same blocks dequantized into an
+//! f32 graph; llama.cpp's Q4_K_M file stays within llama.cpp's own quantization error of llama.cpp's logits.
+use super::llm_gguf::{cpu_graph_logits, data, golden, stories_rewritten};
+use crate::common::{run, s};
+use std::collections::HashMap;
+use trt_diff::models::llama::{DecoderOptions, LlamaConfig, decoder_graph_opts};
+use trt_diff::onnx::DataType;
+use trt_diff::quant::LinearPrecision;
+use trt_diff::quant::int::{Bits, IntBlocks};
+use trt_diff::quant::policy::Policy;
+use trt_diff::weights::gguf::GgufFile;
+
+/// The f32 TensorRT graph, its matrices from `blocks` where given, saved as `name`.
+fn trt_graph(
+    dir: &std::path::Path,
+    name: &str,
+    c: &LlamaConfig,
+    w: &HashMap<String, Vec<f32>>,
+    blocks: Option<&HashMap<String, IntBlocks>>,
+) -> std::path::PathBuf {
+    let amax = HashMap::new();
+    let policy = Policy::uniform(LinearPrecision::F32);
+    let (graph, _) = decoder_graph_opts(
+        c,
+        w,
+        &DecoderOptions {
+            policy: &policy,
+            last_logits_only: true,
+            amax: &amax,
+            calibration: false,
+            blocks,
+        },
+    )
+    .unwrap();
+    let path = dir.join(name);
+    trt_diff::onnx::save(graph, &path, &Default::default()).unwrap();
+    path
+}
+
+fn max_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+/// Initializer types of an ONNX file, with their bytes.
+fn initializer_bytes(onnx: &std::path::Path) -> HashMap<i32, u64> {
+    let f = trt_diff::onnx::OnnxFile::load(onnx).unwrap();
+    let mut by_type = HashMap::new();
+    for t in f.model.graph.iter().flat_map(|g| &g.initializer) {
+        let n: i64 = t.dims.iter().product();
+        let bits = match DataType(t.data_type) {
+            DataType::INT4 => 4,
+            DataType::INT8 => 8,
+            DataType::FLOAT16 => 16,
+            DataType::INT64 => 64,
+            _ => 32,
+        };
+        *by_type.entry(t.data_type).or_default() += (n as u64 * bits).div_ceil(8);
+    }
+    by_type
+}
+
+#[test]
+fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_exactly() {
+    let d = tempfile::tempdir().unwrap();
+    let ids = [1, 403, 407, 261, 378, 411, 422, 325, 290];
+    for (name, bits) in [("q8", Bits::Int8), ("q4", Bits::Int4)] {
+        let gguf = stories_rewritten(d.path(), &format!("{name}.gguf"), |w, name, shape, v| {
+            if shape.len() == 2 && shape[1] % 32 == 0 {
+                match bits {
+                    Bits::Int4 => w.add_q4_0(name, shape, v).unwrap(),
+                    Bits::Int8 => w.add_q8_0(name, shape, v).unwrap(),
+                }
+            } else if shape.len() == 2 {
+                w.add_f16(name, shape, v);
+            } else {
+                w.add_f32(name, shape, v);
+            }
+        });
+        let g = GgufFile::open(&gguf).unwrap();
+        let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+        let blocks = trt_diff::weights::gguf_model::int_blocks(&g, &m.config).unwrap();
+        // Every matrix with 32-wide blocks (all but the 172-wide FFN rows, which the file keeps in F16), the tied
+        // LM head through the embedding table.
+        assert!(m.config.tied_embeddings);
+        let mut names: Vec<&str> = blocks.keys().map(String::as_str).collect();
+        names.sort();
+        assert_eq!(names.len(), 1 + 5 * 6, "{names:?}");
+        assert!(names.contains(&"model.embed_tokens.weight"));
+        for (k, b) in &blocks {
+            // The table in INT8 (its Q4_0 blocks of negative `d` flipped without an offset).
+            let want = if k.contains("embed") {
+                Bits::Int8
+            } else {
+                bits
+            };
+            assert_eq!(b.bits, want, "{k}");
+            assert_eq!(
+                b.offsets.is_some(),
+                bits == Bits::Int4 && b.bits == Bits::Int4,
+                "{k}"
+            );
+            // Codes times the file's own block scales (plus, for a flipped Q4_0 block, its offset) are the
+            // file's values.
+            assert!(
+                b.scales.iter().all(|&s| s > 0.0),
+                "TensorRT takes positive scales only"
+            );
+            let err = b
+                .dequantize()
+                .iter()
+                .zip(&m.tensors[k])
+                .map(|(a, w)| (a - w).abs())
+                .fold(0f32, f32::max);
+            assert!(err < 1e-6, "{name}: {k}: {err}");
+        }
+        let with = trt_graph(
+            d.path(),
+            &format!("{name}.blocks.onnx"),
+            &m.config,
+            &m.tensors,
+            Some(&blocks),
+        );
+        let plain = trt_graph(
+            d.path(),
+            &format!("{name}.f32.onnx"),
+            &m.config,
+            &m.tensors,
+            None,
+        );
+        let (ours, want) = (
+            cpu_graph_logits(&with, &ids),
+            cpu_graph_logits(&plain, &ids),
+        );
+        let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+        let diff = max_diff(&ours, &want);
+        eprintln!(
+            "{name}: blocked DQ graph against the f32 graph {diff:.2e} (logits up to {scale:.1})"
+        );
+        assert!(diff <= 1e-5 * scale, "{name}: {diff}");
+        // The graph's matrices are 4 or 8 bits: its f32 initializers are norms, scales and RoPE tables.
+        let by_type = initializer_bytes(&with);
+        let code_type = match bits {
+            Bits::Int4 => DataType::INT4,
+            Bits::Int8 => DataType::INT8,
+        };
+        assert!(
+            by_type.get(&code_type.0).copied().unwrap_or(0) > 0,
+            "{by_type:?}"
+        );
+        let plain_bytes: u64 = initializer_bytes(&plain).values().sum();
+        let blocked_bytes: u64 = by_type.values().sum();
+        eprintln!("{name}: initializers {blocked_bytes} bytes against {plain_bytes} in f32");
+        assert!(
+            (blocked_bytes as f64)
+                < plain_bytes as f64 * if bits == Bits::Int4 { 0.4 } else { 0.5 },
+            "{name}: {blocked_bytes} of {plain_bytes}"
+        );
+    }
+}
+
+/// Logits of every position of `ids`, one token per call (as llama.cpp evaluated them for the golden file).
+fn logits_token_by_token(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
+    use trt_diff::backend::ort_backend::{OrtEngine, OrtOptions};
+    let mut e = OrtEngine::open(onnx, &OrtOptions::default()).unwrap();
+    let mut dec = trt_diff::pipelines::kv_cache::Decoder::new(&mut e, ids.len()).unwrap();
+    ids.iter()
+        .flat_map(|id| dec.forward(&[*id]).unwrap().to_f64().unwrap())
+        .collect()
+}
+
+#[test]
+fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
+    // llama.cpp's Q4_K_M quantization of a tiny random Llama (Q4_K, Q6_K and the quantizer's fallbacks; golden from
+    // scripts/golden/llm_gguf_llamacpp.py) and llama.cpp's logits on it and on the F16 file it came from. Q4_K
+    // becomes INT4 blocks with offsets, Q6_K INT8 blocks of 16: the graph is the file's own model, as close to
+    // llama.cpp's logits as the dequantized f32 graph, and picks llama.cpp's greedy token everywhere.
+    let dir = golden("tiny_q4km");
+    let b = std::fs::read(dir.join("logits.bin")).unwrap();
+    let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
+    let (vocab, n) = (u(0), u(1));
+    let ids: Vec<i64> = (0..n).map(|i| u(2 + i) as i64).collect();
+    let f = |i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64;
+    let base = 2 + n;
+    let theirs: Vec<f64> = (0..n * vocab).map(|i| f(base + i)).collect();
+    let f16: Vec<f64> = (0..n * vocab).map(|i| f(base + n * vocab + i)).collect();
+    let d = tempfile::tempdir().unwrap();
+    let g = GgufFile::open(&dir.join("model.gguf")).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    let blocks = trt_diff::weights::gguf_model::int_blocks(&g, &m.config).unwrap();
+    // Every format of the file goes in exactly: Q4_K (codes, sub-block scales and minimums) and Q6_K (codes and
+    // scales of 16); the embedding table too.
+    let gguf_name = |hf: &str| {
+        trt_diff::weights::llm_config::hf_to_gguf(&m.config)
+            .into_iter()
+            .find(|(h, _)| h.replace("{i}", "0") == hf)
+            .map(|(_, g)| g.replace("{i}", "0"))
+            .unwrap()
+    };
+    let mut kinds = std::collections::BTreeSet::new();
+    for (name, b) in &blocks {
+        let kind = g.tensor(&gguf_name(name)).unwrap().ty.name();
+        kinds.insert(kind);
+        let want = &m.tensors[name];
+        let err = b
+            .dequantize()
+            .iter()
+            .zip(want)
+            .map(|(a, w)| (a - w).abs())
+            .fold(0f32, f32::max);
+        let amax = want.iter().fold(0f32, |m, v| m.max(v.abs()));
+        assert!(err <= 1e-6 * amax, "{name} ({kind}): {err} of {amax}");
+    }
+    assert_eq!(kinds, ["Q4_K", "Q6_K"].into());
+    let graph = trt_graph(d.path(), "q4km.onnx", &m.config, &m.tensors, Some(&blocks));
+    let ours = logits_token_by_token(&graph, &ids);
+    let deq = logits_token_by_token(
+        &trt_graph(d.path(), "deq.onnx", &m.config, &m.tensors, None),
+        &ids,
+    );
+    let (diff, quant) = (max_diff(&ours, &theirs), max_diff(&f16, &theirs));
+    eprintln!(
+        "Q4_K_M in INT4/INT8 blocks: against llama.cpp {diff:.3e}, the dequantized f32 graph against llama.cpp \
+         {:.3e}; llama.cpp's Q4_K_M against its F16 {quant:.3e}",
+        max_diff(&deq, &theirs)
+    );
+    let from_deq = max_diff(&ours, &deq);
+    eprintln!("against the same file dequantized into the f32 graph: {from_deq:.3e}");
+    assert!(
+        diff < 0.15 * quant,
+        "{diff} against a quantization error of {quant}"
+    );
+    assert!(
+        from_deq < 1e-3 * quant,
+        "{from_deq} against a quantization error of {quant}"
+    );
+    for p in 0..n {
+        let arg = |v: &[f64]| {
+            (0..vocab)
+                .max_by(|&i, &j| v[p * vocab + i].total_cmp(&v[p * vocab + j]))
+                .unwrap()
+        };
+        assert_eq!(arg(&ours), arg(&theirs), "position {p}");
+    }
+}
+
+#[test]
+fn quantized_gguf_builds_with_its_own_formats_by_default() {
+    let d = tempfile::tempdir().unwrap();
+    let gguf = d.path().join("model.gguf");
+    std::fs::copy(golden("tiny_q4km").join("model.gguf"), &gguf).unwrap();
+    let plan = d.path().join("m.plan");
+    let r = run(
+        &["build", s(&gguf), "--out", s(&plan), "--no-progress"],
+        true,
+    );
+    assert!(r.stdout.contains("gguf precision"), "{}", r.stdout);
+    let manifest: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(d.path().join("m.plan.json")).unwrap())
+            .unwrap();
+    assert_eq!(manifest["pipeline"]["precision"], "gguf", "{manifest}");
+    // The TensorRT graph's matrices are INT4 (Q4_K) and INT8 (Q6_K); with their f32 scales (and Q4_K's offsets)
+    // they take 6 and 10 bits a weight where the file takes 4.5 and 6.6, in this file of a third Q6_K.
+    let onnx = d.path().join("m.onnx");
+    let by_type = initializer_bytes(&onnx);
+    assert!(by_type.contains_key(&DataType::INT4.0) && by_type.contains_key(&DataType::INT8.0));
+    let gguf_bytes = std::fs::metadata(&gguf).unwrap().len();
+    let onnx_bytes: u64 = by_type.values().sum();
+    eprintln!(
+        "GGUF {gguf_bytes} bytes; TensorRT graph initializers {onnx_bytes}; plan {}",
+        std::fs::metadata(&plan).map_or(0, |m| m.len())
+    );
+    assert!(
+        (onnx_bytes as f64) < 1.5 * gguf_bytes as f64,
+        "{onnx_bytes} against {gguf_bytes}"
+    );
+    // The CPU backend runs the GGUF's blocks in place.
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&plan),
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "4",
+        ],
+        true,
+    );
+    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    // Only a GGUF has block formats to keep.
+    let r = run(
+        &[
+            "build",
+            s(&data("llm/stories260K.bin")),
+            "--arch",
+            "llama2c",
+            "--tokenizer",
+            s(&data("llm/tok512.bin")),
+            "--precision",
+            "gguf",
+            "--out",
+            s(&d.path().join("hf.plan")),
+        ],
+        false,
+    );
+    assert!(
+        r.stderr
+            .contains("--precision gguf keeps a GGUF file's block formats"),
+        "{}",
+        r.stderr
+    );
+}
