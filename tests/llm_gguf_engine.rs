@@ -66,7 +66,7 @@ fn initializer_bytes(onnx: &std::path::Path) -> HashMap<i32, u64> {
 }
 
 #[test]
-fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_exactly() {
+fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_as_stored() {
     let d = tempfile::tempdir().unwrap();
     let ids = [1, 403, 407, 261, 378, 411, 422, 325, 290];
     for (name, bits) in [("q8", Bits::Int8), ("q4", Bits::Int4)] {
@@ -142,7 +142,8 @@ fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_exactly() {
         eprintln!(
             "{name}: blocked DQ graph against the f32 graph {diff:.2e} (logits up to {scale:.1})"
         );
-        assert!(diff <= 1e-5 * scale, "{name}: {diff}");
+        // The blocks' products compute in f16 (W4A16), as an fp16 engine rounds its activations.
+        assert!(diff > 0.0 && diff <= 1.5e-3 * scale, "{name}: {diff}");
         // The graph's matrices are 4 or 8 bits: its f32 initializers are norms, scales and RoPE tables.
         let by_type = initializer_bytes(&with);
         let code_type = match bits {
@@ -178,8 +179,9 @@ fn logits_token_by_token(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
 fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
     // llama.cpp's Q4_K_M quantization of a tiny random Llama (Q4_K, Q6_K and the quantizer's fallbacks; golden from
     // scripts/golden/llm_gguf_llamacpp.py) and llama.cpp's logits on it and on the F16 file it came from. Q4_K
-    // becomes INT4 blocks with offsets, Q6_K INT8 blocks of 16: the graph is the file's own model, as close to
-    // llama.cpp's logits as the dequantized f32 graph, and picks llama.cpp's greedy token everywhere.
+    // becomes INT4 blocks with offsets, Q6_K INT8 blocks of 16: the graph is the file's own model (to f16
+    // rounding), about as close to llama.cpp's logits as the dequantized f32 graph, and picks llama.cpp's greedy
+    // token everywhere.
     let dir = golden("tiny_q4km");
     let b = std::fs::read(dir.join("logits.bin")).unwrap();
     let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
@@ -230,14 +232,18 @@ fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
         max_diff(&deq, &theirs)
     );
     let from_deq = max_diff(&ours, &deq);
-    eprintln!("against the same file dequantized into the f32 graph: {from_deq:.3e}");
+    let scale = deq.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    eprintln!(
+        "against the same file dequantized into the f32 graph: {from_deq:.3e} (logits up to {scale:.1}; the \
+         products compute in f16)"
+    );
     assert!(
         diff < 0.15 * quant,
         "{diff} against a quantization error of {quant}"
     );
     assert!(
-        from_deq < 1e-3 * quant,
-        "{from_deq} against a quantization error of {quant}"
+        from_deq < 1.5e-3 * scale,
+        "{from_deq} of logits up to {scale}"
     );
     for p in 0..n {
         let arg = |v: &[f64]| {
@@ -314,5 +320,45 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
             .contains("--precision gguf keeps a GGUF file's block formats"),
         "{}",
         r.stderr
+    );
+}
+
+#[test]
+fn gemma_blocks_compute_in_f32() {
+    // Gemma's activations outgrow f16 (its scaled embeddings): its block products stay in f32, and llama.cpp's Q8_0
+    // file then gives the dequantized f32 graph's logits to float rounding.
+    let dir = super::llm_archs::golden_dir("gemma2");
+    let d = tempfile::tempdir().unwrap();
+    let g = GgufFile::open(&dir.join("tiny_gemma2_q8_0.gguf")).unwrap();
+    let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
+    let blocks = trt_diff::weights::gguf_model::int_blocks(&g, &m.config).unwrap();
+    assert!(blocks.values().any(|b| b.bits == Bits::Int8));
+    let ids = [2, 40, 41, 42, 43, 44, 45, 46];
+    let ours = cpu_graph_logits(
+        &trt_graph(
+            d.path(),
+            "blocks.onnx",
+            &m.config,
+            &m.tensors,
+            Some(&blocks),
+        ),
+        &ids,
+    );
+    let want = cpu_graph_logits(
+        &trt_graph(d.path(), "f32.onnx", &m.config, &m.tensors, None),
+        &ids,
+    );
+    let scale = want.iter().fold(0.0f64, |m, v| m.max(v.abs()));
+    let diff = max_diff(&ours, &want);
+    eprintln!("gemma2 Q8_0 blocks in f32: {diff:.2e} of logits up to {scale:.1}");
+    assert!(diff <= 1e-5 * scale, "{diff}");
+    let f = trt_diff::onnx::OnnxFile::load(&d.path().join("blocks.onnx")).unwrap();
+    assert!(
+        f.model
+            .graph
+            .iter()
+            .flat_map(|g| &g.initializer)
+            .filter(|t| t.name.ends_with("weight_scale"))
+            .all(|t| t.data_type == DataType::FLOAT.0)
     );
 }

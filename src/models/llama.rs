@@ -130,6 +130,16 @@ impl Emitter<'_> {
             .linear(&mut self.o, name, name, name, x, Weight::F32(lw))
     }
 
+    /// What INT4/INT8 block products compute in: f16 (TensorRT's W4A16), f32 for models whose activations outgrow
+    /// f16 (Gemma's scaled embeddings).
+    fn blocks_compute(&self) -> DataType {
+        if self.cfg.embed_scale.is_some() {
+            F32
+        } else {
+            DataType::FLOAT16
+        }
+    }
+
     /// A projection whose weights stay in the checkpoint's INT4/INT8 blocks (`--precision gguf`).
     fn int_blocks_linear(
         &mut self,
@@ -143,7 +153,8 @@ impl Emitter<'_> {
             Bits::Int4 => "int4 weights",
         };
         *self.linears.counts.entry(label.into()).or_default() += 1;
-        linear_int_blocks(&mut self.o.g, name, x, b, bias)
+        let compute = self.blocks_compute();
+        linear_int_blocks(&mut self.o.g, name, x, b, bias, compute)
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -701,7 +712,10 @@ fn emit(
         }
     };
     let table = match blocks.get("model.embed_tokens.weight") {
-        Some(b) => int_blocks_table(&mut e.o.g, "model.embed_tokens", b)?,
+        Some(b) => {
+            let compute = e.blocks_compute();
+            int_blocks_table(&mut e.o.g, "model.embed_tokens", b, compute)?
+        }
         None => {
             let emb = e.weight("model.embed_tokens.weight")?.clone();
             e.o.g.const_f32(
@@ -711,7 +725,16 @@ fn emit(
             )?
         }
     };
-    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], F32)?;
+    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], table.dtype)?;
+    if h.dtype != F32 {
+        h = e.op(
+            "Cast",
+            "embed/f32",
+            &[&h],
+            vec![("to", Attr::Int(F32.0 as i64))],
+            F32,
+        )?;
+    }
     if let Some(scale) = cfg.embed_scale {
         let sv = e.o.g.const_f32("embed.scale", &[], &[scale])?;
         h = e.op("Mul", "embed/scaled", &[&h, &sv], vec![], F32)?;
@@ -901,14 +924,23 @@ fn emit(
             .counts
             .entry("tied to the embedding blocks".into())
             .or_default() += 1;
+        let c = table.dtype;
         let t = e.op(
             "Transpose",
             "lm_head/tied",
             &[&table],
             vec![("perm", Attr::Ints(vec![1, 0]))],
-            F32,
+            c,
         )?;
-        let mut y = e.op("MatMul", "lm_head/MatMul", &[&hn, &t], vec![], F32)?;
+        let to = |dt: DataType| vec![("to", Attr::Int(dt.0 as i64))];
+        let hc = match c {
+            F32 => hn.clone(),
+            c => e.op("Cast", "lm_head/in", &[&hn], to(c), c)?,
+        };
+        let mut y = e.op("MatMul", "lm_head/MatMul", &[&hc, &t], vec![], c)?;
+        if c != F32 {
+            y = e.op("Cast", "lm_head/out", &[&y], to(F32), F32)?;
+        }
         y.shape = vec![
             Dim::Fixed(1),
             logits_seq.clone(),

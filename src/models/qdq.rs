@@ -833,79 +833,129 @@ fn int4_weight(
 }
 
 /// `y = x @ W^T (+ b)` for weights held as INT4/INT8 blocks ([`IntBlocks`], a GGUF's formats): TensorRT's
-/// weight-only pattern, the codes transposed to [k, n] under a blocked DQ along k with f32 scales, f32 activations.
-/// Block offsets (asymmetric formats) add `blocksum(x) @ offsets`: the sum of each block of `x` times the offset of
-/// that block of every row, a product 1/block the size of the layer's.
+/// weight-only pattern (W4A16), INT4 codes transposed to [k, n] under a blocked DQ along k, the product computed in
+/// `compute` (f16; f32 for models whose activations outgrow it), with scales and offsets stored in it; `x` and `y`
+/// are f32.
+/// - INT8 codes become two INT4 products: TensorRT's weight-only GEMMs are INT4 (its builder keeps a 16-bit copy of
+///   an INT8 weight-only matrix beside the codes), and `q = 16 * floor(q / 16) + (q mod 16 - 8) + 8` splits every
+///   code exactly into a high product (scales times 16), a low one and an offset of 8 scales per block.
+/// - Block offsets (asymmetric formats, and the split) add `blocksum(x) @ offsets`: the sum of each block of `x`
+///   times the offset of that block of every row, a product 1/block the size of the layer's.
 pub fn linear_int_blocks(
     g: &mut GraphBuilder,
     name: &str,
     x: &Value,
     w: &IntBlocks,
     bias: Option<&[f32]>,
+    compute: DataType,
 ) -> Result<Value> {
     let (n, k, block) = (w.rows, w.cols, w.block);
+    let kb = k / block;
     if x.dtype != DataType::FLOAT {
         bail!("{name}: input is {}, INT blocks take f32", x.dtype);
     }
-    let codes = transpose_codes(&w.codes, n, k);
-    let scales = transpose(&w.scales, n, k / block);
-    let wv = int_blocks_dq(g, name, &codes, &scales, w.bits, [k, n], 0, block)?;
     let out_shape = with_last(&x.shape, n);
-    let Some(offsets) = &w.offsets else {
-        return matmul_bias(g, name, x, &wv, bias, n, DataType::FLOAT, out_shape);
+    let xc = cast_to(g, &format!("{name}/in"), x, compute)?;
+    let int4_product = |g: &mut GraphBuilder, part: &str, codes: &[i8], scales: &[f32]| {
+        let codes = transpose_codes(codes, n, k);
+        let scales = transpose(scales, n, kb);
+        let wv = int_blocks_dq(
+            g,
+            part,
+            &codes,
+            &scales,
+            Bits::Int4,
+            [k, n],
+            0,
+            block,
+            compute,
+        )?;
+        g.op(
+            "MatMul",
+            &format!("{part}/MatMul"),
+            &[&xc, &wv],
+            vec![],
+            compute,
+            out_shape.clone(),
+        )
     };
-    let y = matmul_bias(g, name, x, &wv, None, n, DataType::FLOAT, out_shape.clone())?;
-    let kb = k / block;
-    let mut split_shape = x.shape.clone();
-    split_shape.pop();
-    split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
-    // Reshape's 0 keeps a dimension as it is: [batch, seq, k] -> [batch, seq, k / block, block].
-    let mut target = vec![0i64; x.shape.len() - 1];
-    target.extend([kb as i64, block as i64]);
-    let target = g.const_i64(
-        &format!("{name}.block_shape"),
-        &[target.len() as i64],
-        &target,
-    )?;
-    let split = g.op(
-        "Reshape",
-        &format!("{name}/blocks"),
-        &[x, &target],
-        vec![],
-        DataType::FLOAT,
-        split_shape,
-    )?;
-    let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
-    let sums = g.op(
-        "ReduceSum",
-        &format!("{name}/block_sums"),
-        &[&split, &axes],
-        vec![("keepdims", Attr::Int(0))],
-        DataType::FLOAT,
-        with_last(&x.shape, kb),
-    )?;
-    let ov = g.initializer(
-        &format!("{name}.weight_offset"),
-        DataType::FLOAT,
-        &[kb as i64, n as i64],
-        float_bytes(&transpose(offsets, n, kb), DataType::FLOAT),
-    )?;
-    let shift = g.op(
-        "MatMul",
-        &format!("{name}/offsets"),
-        &[&sums, &ov],
-        vec![],
-        DataType::FLOAT,
-        out_shape.clone(),
-    )?;
-    let y = g.op(
-        "Add",
-        &format!("{name}/offset_add"),
-        &[&y, &shift],
-        vec![],
-        DataType::FLOAT,
-        out_shape.clone(),
-    )?;
+    let mut offsets = w.offsets.clone();
+    let mut y = match w.bits {
+        Bits::Int4 => int4_product(g, name, &w.codes, &w.scales)?,
+        Bits::Int8 => {
+            let hi: Vec<i8> = w.codes.iter().map(|&q| q.div_euclid(16)).collect();
+            let lo: Vec<i8> = w.codes.iter().map(|&q| q.rem_euclid(16) - 8).collect();
+            let hi_scales: Vec<f32> = w.scales.iter().map(|s| 16.0 * s).collect();
+            let yh = int4_product(g, &format!("{name}.high"), &hi, &hi_scales)?;
+            let yl = int4_product(g, &format!("{name}.low"), &lo, &w.scales)?;
+            let eight = w.scales.iter().map(|s| 8.0 * s);
+            offsets = Some(match offsets {
+                Some(o) => o.iter().zip(eight).map(|(o, e)| o + e).collect(),
+                None => eight.collect(),
+            });
+            g.op(
+                "Add",
+                &format!("{name}/high_low"),
+                &[&yh, &yl],
+                vec![],
+                compute,
+                out_shape.clone(),
+            )?
+        }
+    };
+    if let Some(offsets) = &offsets {
+        let mut split_shape = x.shape.clone();
+        split_shape.pop();
+        split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
+        // Reshape's 0 keeps a dimension as it is: [batch, seq, k] -> [batch, seq, k / block, block].
+        let mut target = vec![0i64; x.shape.len() - 1];
+        target.extend([kb as i64, block as i64]);
+        let target = g.const_i64(
+            &format!("{name}.block_shape"),
+            &[target.len() as i64],
+            &target,
+        )?;
+        let split = g.op(
+            "Reshape",
+            &format!("{name}/blocks"),
+            &[&xc, &target],
+            vec![],
+            compute,
+            split_shape,
+        )?;
+        let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
+        let sums = g.op(
+            "ReduceSum",
+            &format!("{name}/block_sums"),
+            &[&split, &axes],
+            vec![("keepdims", Attr::Int(0))],
+            compute,
+            with_last(&x.shape, kb),
+        )?;
+        let ov = g.initializer(
+            &format!("{name}.weight_offset"),
+            compute,
+            &[kb as i64, n as i64],
+            float_bytes(&transpose(offsets, n, kb), compute),
+        )?;
+        let shift = g.op(
+            "MatMul",
+            &format!("{name}/offsets"),
+            &[&sums, &ov],
+            vec![],
+            compute,
+            out_shape.clone(),
+        )?;
+        y = g.op(
+            "Add",
+            &format!("{name}/offset_add"),
+            &[&y, &shift],
+            vec![],
+            compute,
+            out_shape.clone(),
+        )?;
+    }
+    let y = cast_to(g, &format!("{name}/out"), &y, DataType::FLOAT)?;
     match bias {
         Some(b) => {
             let bv = g.initializer(
@@ -927,9 +977,14 @@ pub fn linear_int_blocks(
     }
 }
 
-/// The f32 matrix [rows, cols] of `w` through a blocked DQ along its rows: an embedding table that `Gather` reads
-/// and a tied LM head multiplies by (TensorRT stores the codes once for both).
-pub fn int_blocks_table(g: &mut GraphBuilder, name: &str, w: &IntBlocks) -> Result<Value> {
+/// The matrix [rows, cols] of `w` in `compute` through a blocked DQ along its rows: an embedding table that
+/// `Gather` reads and a tied LM head multiplies by (TensorRT stores the codes once for both).
+pub fn int_blocks_table(
+    g: &mut GraphBuilder,
+    name: &str,
+    w: &IntBlocks,
+    compute: DataType,
+) -> Result<Value> {
     if w.offsets.is_some() {
         bail!("{name}: an embedding table's blocks must be symmetric");
     }
@@ -942,6 +997,7 @@ pub fn int_blocks_table(g: &mut GraphBuilder, name: &str, w: &IntBlocks) -> Resu
         [w.rows, w.cols],
         1,
         w.block,
+        compute,
     )
 }
 
@@ -955,6 +1011,7 @@ fn int_blocks_dq(
     [rows, cols]: [usize; 2],
     axis: usize,
     block: usize,
+    float: DataType,
 ) -> Result<Value> {
     let (ty, data) = match bits {
         Bits::Int8 => (
@@ -979,9 +1036,9 @@ fn int_blocks_dq(
     };
     let sw = g.initializer(
         &format!("{name}.weight_scale"),
-        DataType::FLOAT,
+        float,
         &scale_shape,
-        float_bytes(scales, DataType::FLOAT),
+        float_bytes(scales, float),
     )?;
     g.op(
         "DequantizeLinear",
@@ -991,8 +1048,23 @@ fn int_blocks_dq(
             ("axis", Attr::Int(axis as i64)),
             ("block_size", Attr::Int(block as i64)),
         ],
-        DataType::FLOAT,
+        float,
         fixed(&[rows, cols]),
+    )
+}
+
+/// `x` as `to` (itself when it already is).
+fn cast_to(g: &mut GraphBuilder, name: &str, x: &Value, to: DataType) -> Result<Value> {
+    if x.dtype == to {
+        return Ok(x.clone());
+    }
+    g.op(
+        "Cast",
+        name,
+        &[x],
+        vec![("to", Attr::Int(to.0 as i64))],
+        to,
+        x.shape.clone(),
     )
 }
 
