@@ -437,9 +437,9 @@ fn main() -> anyhow::Result<()> {
     }
     println!("\nBytes on disk of a default build (`--precision gguf`), against the GGUF:\n");
     println!(
-        "| model | GGUF (MB) | TensorRT plan | TensorRT graph (ONNX) | CPU graph | tokenizer, manifest | all written | plan alone |"
+        "| model | GGUF (MB) | TensorRT plan | TensorRT graph (ONNX, not kept) | CPU graph | tokenizer, manifest | all written |"
     );
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|");
     for (name, file) in &quantized {
         let out_dir = dir.join(format!(
             "bytes_{}",
@@ -486,17 +486,15 @@ fn main() -> anyhow::Result<()> {
         let all = plan + trt_graph + cpu + other;
         let ratio = |b: u64| format!("{:.2}x", b as f64 / gguf.len() as f64);
         println!(
-            "| {name} | {} | {} ({}) | {} ({}) | {} | {} | {} ({}) | {} |",
+            "| {name} | {} | {} ({}) | {} | {} | {} | {} ({}) |",
             mb(gguf.len()),
             mb(plan),
             ratio(plan),
             mb(trt_graph),
-            ratio(trt_graph),
             mb(cpu),
             mb(other),
             mb(all),
             ratio(all),
-            ratio(plan + cpu + other),
         );
     }
     Ok(())

@@ -394,4 +394,9 @@ pub struct BuildArgs {
     /// build (ONNX Runtime CUDA runs it, `--backend cuda`) or CPU-only use. No TensorRT library is needed.
     #[arg(long)]
     pub onnx_only: bool,
+    /// Quantized GGUF builds: keep the TensorRT graph (`OUT` with `.onnx`, about the GGUF's size again) beside the
+    /// plan, for ONNX Runtime's CUDA provider where TensorRT cannot run the plan. Without it the bundle is the plan,
+    /// the CPU graph reading the GGUF in place, and the tokenizer.
+    #[arg(long)]
+    pub keep_onnx: bool,
 }

@@ -260,18 +260,74 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
     let d = tempfile::tempdir().unwrap();
     let gguf = d.path().join("model.gguf");
     std::fs::copy(golden("tiny_q4km").join("model.gguf"), &gguf).unwrap();
-    let plan = d.path().join("m.plan");
+    // By default the bundle is the plan, the CPU graph reading the GGUF, and the tokenizer.
+    let lean = d.path().join("lean.plan");
     let r = run(
-        &["build", s(&gguf), "--out", s(&plan), "--no-progress"],
+        &["build", s(&gguf), "--out", s(&lean), "--no-progress"],
         true,
     );
     assert!(r.stdout.contains("gguf precision"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("lean.onnx (not kept: --keep-onnx)"),
+        "{}",
+        r.stdout
+    );
+    let mut files: Vec<String> = std::fs::read_dir(d.path())
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("lean"))
+        .collect();
+    files.sort();
+    assert_eq!(
+        files,
+        [
+            "lean.cpu.onnx",
+            "lean.cpu.onnx.data",
+            "lean.plan",
+            "lean.plan.json",
+            "lean.tokenizer.gguf"
+        ]
+    );
+    let r = run(
+        &[
+            "generate",
+            "--engine",
+            s(&lean),
+            "--prompt",
+            "the",
+            "--max-tokens",
+            "4",
+        ],
+        true,
+    );
+    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    // Where TensorRT cannot run the plan, ONNX Runtime's CUDA provider has nothing to run: the CPU graph runs.
+    let lean_file = trt_diff::manifest::EngineFile::open(&lean).unwrap();
+    let why = trt_diff::pipelines::engines::no_cuda_graph(&lean_file).unwrap();
+    assert!(why.contains("--keep-onnx"), "{why}");
+    // --keep-onnx keeps the TensorRT graph for ONNX Runtime's CUDA provider.
+    let plan = d.path().join("m.plan");
+    run(
+        &[
+            "build",
+            s(&gguf),
+            "--keep-onnx",
+            "--out",
+            s(&plan),
+            "--no-progress",
+        ],
+        true,
+    );
     let manifest: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(d.path().join("m.plan.json")).unwrap())
             .unwrap();
     assert_eq!(manifest["pipeline"]["precision"], "gguf", "{manifest}");
-    // The TensorRT graph's matrices are INT4 (Q4_K) and INT8 (Q6_K); with their f32 scales (and Q4_K's offsets)
-    // they take 6 and 10 bits a weight where the file takes 4.5 and 6.6, in this file of a third Q6_K.
+    let kept = trt_diff::manifest::EngineFile::open(&plan).unwrap();
+    assert_eq!(trt_diff::pipelines::engines::no_cuda_graph(&kept), None);
+    // The TensorRT graph's matrices are INT4 (Q4_K; Q6_K as two INT4 products) and the embedding table INT8; with
+    // their f16 scales and offsets Q4_K takes 5 bits a weight as the file's 4.5, Q6_K (split, blocks of 16) 11 as
+    // its 6.6, in this file of a third Q6_K.
     let onnx = d.path().join("m.onnx");
     let by_type = initializer_bytes(&onnx);
     assert!(by_type.contains_key(&DataType::INT4.0) && by_type.contains_key(&DataType::INT8.0));

@@ -25,6 +25,7 @@ impl From<&BuildArgs> for BuildOptions {
             pipeline: None,
             allow_external_paths: a.allow_external_paths,
             onnx_only: a.onnx_only,
+            keep_onnx: a.keep_onnx,
             ..Default::default()
         }
     }
@@ -147,12 +148,17 @@ fn build_llm(a: &BuildArgs) -> Result<()> {
         &auto_options(a),
         &opts,
     )?;
+    let dir = a.out.parent().unwrap_or(std::path::Path::new(""));
+    let source = if dir.join(&o.manifest.source.onnx).exists() {
+        o.manifest.source.onnx.clone()
+    } else {
+        format!("{} (not kept: --keep-onnx)", o.manifest.source.onnx)
+    };
     println!(
-        "built {} ({} precision, {}); source {}, manifest {}",
+        "built {} ({} precision, {}); source {source}, manifest {}",
         o.engine.display(),
         shown_precision(a),
         o.manifest.engine_summary(),
-        o.manifest.source.onnx,
         o.manifest_path.display()
     );
     print_policy(a)

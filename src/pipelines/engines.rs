@@ -93,7 +93,7 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
                 );
                 Backend::Trt
             }
-            Err(why) => match cuda_unavailable() {
+            Err(why) => match cuda_unavailable().or_else(|| no_cuda_graph(engine)) {
                 None => {
                     tracing::info!(
                         "'{}': running on ONNX Runtime's CUDA provider: TensorRT cannot run it ({why})",
@@ -116,6 +116,28 @@ pub fn resolve(choice: BackendChoice, engine: &EngineFile) -> Result<Backend> {
             },
         },
     })
+}
+
+/// Why ONNX Runtime's CUDA provider has nothing to run for a plan: a bundle that kept neither an LLM CUDA graph nor
+/// its TensorRT graph (a quantized GGUF built without `--keep-onnx`: its CPU graph reads the GGUF).
+pub fn no_cuda_graph(engine: &EngineFile) -> Option<String> {
+    if engine.kind != EngineKind::Plan {
+        return None;
+    }
+    let m = engine.manifest.as_ref()?;
+    let cuda = match engine.pipeline() {
+        Some(Pipeline::Llm(llm)) => llm.cuda_onnx.clone(),
+        _ => None,
+    };
+    let kept = |f: &str| engine.file(f, "a graph").is_ok_and(|p| p.exists());
+    if cuda.as_deref().is_some_and(kept) || kept(&m.source.onnx) {
+        return None;
+    }
+    Some(format!(
+        "the bundle keeps no graph for ONNX Runtime's CUDA provider (its TensorRT graph '{}' was not kept: rebuild \
+         with --keep-onnx, or with --onnx-only, to run on CUDA without TensorRT)",
+        m.source.onnx
+    ))
 }
 
 /// What only one backend uses.
@@ -148,7 +170,8 @@ fn ort_graph(engine: &EngineFile, backend: Backend) -> Result<PathBuf> {
     }
     engine.source_onnx().with_context(|| {
         format!(
-            "'{}' cannot run on ONNX Runtime without its source ONNX",
+            "'{}' cannot run on ONNX Runtime without its source ONNX (a quantized GGUF's plan keeps it when built \
+             with --keep-onnx; its CPU graph runs with --backend cpu)",
             engine.path.display()
         )
     })

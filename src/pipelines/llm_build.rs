@@ -615,6 +615,25 @@ pub fn build_llm(
         cuda_onnx: graphs.cuda,
     }));
     let outcome = build_engine(&opts)?;
+    // The plan holds the weights and the CPU graph reads the GGUF: a second copy in the TensorRT graph would double
+    // the bundle, and the GGUF rebuilds it.
+    if in_place.is_some() && !base.onnx_only && !base.keep_onnx {
+        for f in [
+            sibling(&base.out, ".onnx"),
+            sibling(&base.out, ".onnx.data"),
+        ] {
+            if let Err(e) = std::fs::remove_file(&f)
+                && e.kind() != std::io::ErrorKind::NotFound
+            {
+                tracing::warn!("cannot remove '{}': {e}", f.display());
+            }
+        }
+        tracing::info!(
+            "the TensorRT graph '{}' is not kept (the plan holds the weights, the CPU graph reads the GGUF; \
+             --keep-onnx keeps it for ONNX Runtime's CUDA provider)",
+            file_name(&opts.onnx)
+        );
+    }
     guard.disarm();
     Ok(outcome)
 }

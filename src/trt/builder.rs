@@ -41,6 +41,9 @@ pub struct BuildOptions {
     pub max_onnx_nodes: Option<usize>,
     /// Write the manifest of an ONNX-only bundle (no TensorRT plan, no TensorRT library needed).
     pub onnx_only: bool,
+    /// Quantized GGUF builds keep the TensorRT graph beside the plan (otherwise it is removed once the plan is
+    /// built: the GGUF itself is the bundle's source).
+    pub keep_onnx: bool,
 }
 
 /// Wall-clock split of one build, for the overhead benchmark.
