@@ -346,10 +346,8 @@ pub struct BuildArgs {
     /// Flux/SD FP8: sampler steps per calibration prompt (default: the recipe's).
     #[arg(long)]
     pub calibration_steps: Option<usize>,
-    /// Weight precision for --arch builds: fp32, fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings,
-    /// norms and the LM head in fp32), gguf (a quantized GGUF's own block formats as INT4/INT8 weights), or
-    /// auto: each layer's format chosen by measured quality (--quality). Default: gguf for quantized GGUF files,
-    /// fp32 otherwise.
+    /// fp32 (default), fp8, nvfp4, int4 (ModelOpt-like defaults keep embeddings, norms, LM head in fp32), gguf (a
+    /// quantized GGUF's blocks as INT4 weights; its default), or auto: per-layer formats by measured quality.
     #[arg(long, value_enum)]
     pub precision: Option<Precision>,
     #[command(flatten)]
@@ -394,9 +392,8 @@ pub struct BuildArgs {
     /// build (ONNX Runtime CUDA runs it, `--backend cuda`) or CPU-only use. No TensorRT library is needed.
     #[arg(long)]
     pub onnx_only: bool,
-    /// Quantized GGUF builds: keep the TensorRT graph (`OUT` with `.onnx`, about the GGUF's size again) beside the
-    /// plan, for ONNX Runtime's CUDA provider where TensorRT cannot run the plan. Without it the bundle is the plan,
-    /// the CPU graph reading the GGUF in place, and the tokenizer.
+    /// Quantized GGUF builds: keep the TensorRT graph (`.onnx`, about the GGUF's size) beside the plan, for ONNX
+    /// Runtime's CUDA provider where TensorRT cannot run the plan.
     #[arg(long)]
     pub keep_onnx: bool,
 }
