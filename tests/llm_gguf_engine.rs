@@ -12,13 +12,25 @@ use trt_diff::quant::int::{Bits, IntBlocks};
 use trt_diff::quant::policy::Policy;
 use trt_diff::weights::gguf::GgufFile;
 
-/// The f32 TensorRT graph, its matrices from `blocks` where given, saved as `name`.
+/// The f32 TensorRT graph, its matrices from `blocks` where given (INT4 DQs only: the form ONNX Runtime's CUDA
+/// provider runs), saved as `name`.
 fn trt_graph(
     dir: &std::path::Path,
     name: &str,
     c: &LlamaConfig,
     w: &HashMap<String, Vec<f32>>,
     blocks: Option<&HashMap<String, IntBlocks>>,
+) -> std::path::PathBuf {
+    trt_graph_with(dir, name, c, w, blocks, true)
+}
+
+fn trt_graph_with(
+    dir: &std::path::Path,
+    name: &str,
+    c: &LlamaConfig,
+    w: &HashMap<String, Vec<f32>>,
+    blocks: Option<&HashMap<String, IntBlocks>>,
+    int4_only: bool,
 ) -> std::path::PathBuf {
     let amax = HashMap::new();
     let policy = Policy::uniform(LinearPrecision::F32);
@@ -31,6 +43,7 @@ fn trt_graph(
             amax: &amax,
             calibration: false,
             blocks,
+            int4_only,
         },
     )
     .unwrap();
@@ -93,18 +106,9 @@ fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_as_stored() {
         assert_eq!(names.len(), 1 + 5 * 6, "{names:?}");
         assert!(names.contains(&"model.embed_tokens.weight"));
         for (k, b) in &blocks {
-            // The table in INT8 (its Q4_0 blocks of negative `d` flipped without an offset).
-            let want = if k.contains("embed") {
-                Bits::Int8
-            } else {
-                bits
-            };
-            assert_eq!(b.bits, want, "{k}");
-            assert_eq!(
-                b.offsets.is_some(),
-                bits == Bits::Int4 && b.bits == Bits::Int4,
-                "{k}"
-            );
+            assert_eq!(b.bits, bits, "{k}");
+            // Q4_0 blocks of negative `d` are flipped, with an offset where -(-8) does not fit.
+            assert_eq!(b.offsets.is_some(), bits == Bits::Int4, "{k}");
             // Codes times the file's own block scales (plus, for a flipped Q4_0 block, its offset) are the
             // file's values.
             assert!(
@@ -144,15 +148,28 @@ fn q8_0_and_q4_0_blocks_go_into_the_tensorrt_graph_as_stored() {
         );
         // The blocks' products compute in f16 (W4A16), as an fp16 engine rounds its activations.
         assert!(diff > 0.0 && diff <= 1.5e-3 * scale, "{name}: {diff}");
-        // The graph's matrices are 4 or 8 bits: its f32 initializers are norms, scales and RoPE tables.
+        // Every matrix is INT4 codes (8-bit ones as two halves) under f16 scales; nothing else is INT8 or f32
+        // beyond norms and RoPE tables.
         let by_type = initializer_bytes(&with);
-        let code_type = match bits {
-            Bits::Int4 => DataType::INT4,
-            Bits::Int8 => DataType::INT8,
-        };
         assert!(
-            by_type.get(&code_type.0).copied().unwrap_or(0) > 0,
+            by_type.get(&DataType::INT4.0).copied().unwrap_or(0) > 0,
             "{by_type:?}"
+        );
+        assert!(!by_type.contains_key(&DataType::INT8.0), "{by_type:?}");
+        // The plan's form keeps an 8-bit table as one INT8 DQ (TensorRT stores it compactly): the same logits.
+        let plan_form = trt_graph_with(
+            d.path(),
+            &format!("{name}.plan_form.onnx"),
+            &m.config,
+            &m.tensors,
+            Some(&blocks),
+            false,
+        );
+        let plan_diff = max_diff(&cpu_graph_logits(&plan_form, &ids), &ours);
+        assert!(plan_diff <= 1e-3 * scale, "{name}: {plan_diff}");
+        assert_eq!(
+            initializer_bytes(&plan_form).contains_key(&DataType::INT8.0),
+            bits == Bits::Int8
         );
         let plain_bytes: u64 = initializer_bytes(&plain).values().sum();
         let blocked_bytes: u64 = by_type.values().sum();
@@ -325,12 +342,12 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
     assert_eq!(manifest["pipeline"]["precision"], "gguf", "{manifest}");
     let kept = trt_diff::manifest::EngineFile::open(&plan).unwrap();
     assert_eq!(trt_diff::pipelines::engines::no_cuda_graph(&kept), None);
-    // The TensorRT graph's matrices are INT4 (Q4_K; Q6_K as two INT4 products) and the embedding table INT8; with
-    // their f16 scales and offsets Q4_K takes 5 bits a weight as the file's 4.5, Q6_K (split, blocks of 16) 11 as
-    // its 6.6, in this file of a third Q6_K.
+    // The TensorRT graph's matrices are INT4 codes (Q4_K; Q6_K, the embedding table here, as two halves); with
+    // their f16 scales and offsets Q4_K takes 5 bits a weight as the file's 4.5, Q6_K (blocks of 16) 11 as its 6.6,
+    // in this file of a third Q6_K.
     let onnx = d.path().join("m.onnx");
     let by_type = initializer_bytes(&onnx);
-    assert!(by_type.contains_key(&DataType::INT4.0) && by_type.contains_key(&DataType::INT8.0));
+    assert!(by_type.contains_key(&DataType::INT4.0) && !by_type.contains_key(&DataType::INT8.0));
     let gguf_bytes = std::fs::metadata(&gguf).unwrap().len();
     let onnx_bytes: u64 = by_type.values().sum();
     eprintln!(

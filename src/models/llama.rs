@@ -7,7 +7,7 @@
 //! Grouped-query attention multiplies q reshaped to [1, kv, rep, seq, hd] with k/v broadcast over `rep`, so the
 //! cache is never repeated in memory.
 use crate::models::ops::Ops;
-use crate::models::qdq::{LinearWeights, Linears, Weight, int_blocks_table, linear_int_blocks};
+use crate::models::qdq::{BlockTable, LinearWeights, Linears, Weight, linear_int_blocks};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
 use crate::quant::LinearPrecision;
 use crate::quant::int::{Bits, IntBlocks};
@@ -619,6 +619,9 @@ pub struct DecoderOptions<'a> {
     /// Matrices kept in INT4/INT8 blocks by Hugging Face name (a GGUF's formats, `--precision gguf`); the policy
     /// decides the others.
     pub blocks: Option<&'a HashMap<String, IntBlocks>>,
+    /// The graph runs on ONNX Runtime's CUDA provider too (an ONNX-only or `--keep-onnx` build): blocks use INT4
+    /// DQs only ([`BlockTable::new`]).
+    pub int4_only: bool,
 }
 
 /// The decoder graph and its linear layers (name, shape), as `build --precision auto` measures them.
@@ -651,6 +654,7 @@ fn graph(
         amax: &amax,
         calibration: false,
         blocks: None,
+        int4_only: false,
     };
     Ok(emit(cfg, weights, &o, mode)?.0)
 }
@@ -711,30 +715,32 @@ fn emit(
             (pos, None, new_len.clone())
         }
     };
-    let table = match blocks.get("model.embed_tokens.weight") {
+    // The table in blocks (`--precision gguf`) serves the lookup and a tied head; a float one, the lookup.
+    let block_table = match blocks.get("model.embed_tokens.weight") {
         Some(b) => {
             let compute = e.blocks_compute();
-            int_blocks_table(&mut e.o.g, "model.embed_tokens", b, compute)?
+            Some(BlockTable::new(
+                &mut e.o.g,
+                "model.embed_tokens",
+                b,
+                compute,
+                opts.int4_only,
+            )?)
         }
+        None => None,
+    };
+    let mut h = match &block_table {
+        Some(t) => t.lookup(&mut e.o.g, "embed", &ids)?,
         None => {
             let emb = e.weight("model.embed_tokens.weight")?.clone();
-            e.o.g.const_f32(
+            let table = e.o.g.const_f32(
                 "model.embed_tokens.weight",
                 &[cfg.vocab_size as i64, d as i64],
                 &emb,
-            )?
+            )?;
+            e.op("Gather", "embed", &[&table, &ids], vec![], F32)?
         }
     };
-    let mut h = e.op("Gather", "embed", &[&table, &ids], vec![], table.dtype)?;
-    if h.dtype != F32 {
-        h = e.op(
-            "Cast",
-            "embed/f32",
-            &[&h],
-            vec![("to", Attr::Int(F32.0 as i64))],
-            F32,
-        )?;
-    }
     if let Some(scale) = cfg.embed_scale {
         let sv = e.o.g.const_f32("embed.scale", &[], &[scale])?;
         h = e.op("Mul", "embed/scaled", &[&h, &sv], vec![], F32)?;
@@ -917,30 +923,13 @@ fn emit(
     } else {
         seq()
     };
-    let tied_blocks = cfg.tied_embeddings && blocks.contains_key("model.embed_tokens.weight");
-    let mut logits = if tied_blocks {
-        // The embedding table's codes, once, for both (TensorRT keeps one copy).
+    let tied_table = block_table.as_ref().filter(|_| cfg.tied_embeddings);
+    let mut logits = if let Some(t) = tied_table {
         *e.linears
             .counts
             .entry("tied to the embedding blocks".into())
             .or_default() += 1;
-        let c = table.dtype;
-        let t = e.op(
-            "Transpose",
-            "lm_head/tied",
-            &[&table],
-            vec![("perm", Attr::Ints(vec![1, 0]))],
-            c,
-        )?;
-        let to = |dt: DataType| vec![("to", Attr::Int(dt.0 as i64))];
-        let hc = match c {
-            F32 => hn.clone(),
-            c => e.op("Cast", "lm_head/in", &[&hn], to(c), c)?,
-        };
-        let mut y = e.op("MatMul", "lm_head/MatMul", &[&hc, &t], vec![], c)?;
-        if c != F32 {
-            y = e.op("Cast", "lm_head/out", &[&y], to(F32), F32)?;
-        }
+        let mut y = t.head(&mut e.o.g, "lm_head", &hn)?;
         y.shape = vec![
             Dim::Fixed(1),
             logits_seq.clone(),

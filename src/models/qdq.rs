@@ -832,15 +832,88 @@ fn int4_weight(
     )
 }
 
+/// An [`IntBlocks`] matrix as INT4 blocked DQs, the one weight-only form both TensorRT and ONNX Runtime's CUDA
+/// provider run (TensorRT has no INT8 weight-only GEMM, and its builder keeps a 16-bit copy of an INT8 weight-only
+/// matrix beside the codes; ONNX Runtime's CUDA provider has no blocked INT8 DQ): INT4 codes as they are, 8-bit
+/// codes as two INT4 halves, `q = 16 * floor(q / 16) + (q mod 16 - 8) + 8`, exact: a high part under 16 times the
+/// scales, a low one, and 8 scales per block into the offsets.
+struct Int4Parts {
+    /// (name suffix, codes [rows, cols] in -8..=7, scales [rows, cols / block]).
+    parts: Vec<(&'static str, Vec<i8>, Vec<f32>)>,
+    /// [rows, cols / block]: added to every weight of its block.
+    offsets: Option<Vec<f32>>,
+}
+
+fn int4_parts(w: &IntBlocks) -> Int4Parts {
+    match w.bits {
+        Bits::Int4 => Int4Parts {
+            parts: vec![("", w.codes.clone(), w.scales.clone())],
+            offsets: w.offsets.clone(),
+        },
+        Bits::Int8 => {
+            let hi = w.codes.iter().map(|&q| q.div_euclid(16)).collect();
+            let lo = w.codes.iter().map(|&q| q.rem_euclid(16) - 8).collect();
+            let eight = w.scales.iter().map(|s| 8.0 * s);
+            Int4Parts {
+                parts: vec![
+                    (".high", hi, w.scales.iter().map(|s| 16.0 * s).collect()),
+                    (".low", lo, w.scales.clone()),
+                ],
+                offsets: Some(match &w.offsets {
+                    Some(o) => o.iter().zip(eight).map(|(o, e)| o + e).collect(),
+                    None => eight.collect(),
+                }),
+            }
+        }
+    }
+}
+
+/// Sums of each `block` values along the last axis of `x` [.., k] -> [.., k / block]: what a block's offset
+/// multiplies.
+fn block_sums(g: &mut GraphBuilder, name: &str, x: &Value, block: usize) -> Result<Value> {
+    let Some(Dim::Fixed(k)) = x.shape.last() else {
+        bail!("{name}: the last axis must be fixed");
+    };
+    let kb = *k as usize / block;
+    let mut split_shape = x.shape.clone();
+    split_shape.pop();
+    split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
+    // Reshape's 0 keeps a dimension as it is: [.., k] -> [.., k / block, block].
+    let mut target = vec![0i64; x.shape.len() - 1];
+    target.extend([kb as i64, block as i64]);
+    let target = g.const_i64(
+        &format!("{name}.block_shape"),
+        &[target.len() as i64],
+        &target,
+    )?;
+    let split = g.op(
+        "Reshape",
+        &format!("{name}/blocks"),
+        &[x, &target],
+        vec![],
+        x.dtype,
+        split_shape,
+    )?;
+    let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
+    g.op(
+        "ReduceSum",
+        &format!("{name}/block_sums"),
+        &[&split, &axes],
+        vec![("keepdims", Attr::Int(0))],
+        x.dtype,
+        with_last(&x.shape, kb),
+    )
+}
+
+fn add(g: &mut GraphBuilder, name: &str, a: &Value, b: &Value) -> Result<Value> {
+    g.op("Add", name, &[a, b], vec![], a.dtype, a.shape.clone())
+}
+
 /// `y = x @ W^T (+ b)` for weights held as INT4/INT8 blocks ([`IntBlocks`], a GGUF's formats): TensorRT's
-/// weight-only pattern (W4A16), INT4 codes transposed to [k, n] under a blocked DQ along k, the product computed in
-/// `compute` (f16; f32 for models whose activations outgrow it), with scales and offsets stored in it; `x` and `y`
-/// are f32.
-/// - INT8 codes become two INT4 products: TensorRT's weight-only GEMMs are INT4 (its builder keeps a 16-bit copy of
-///   an INT8 weight-only matrix beside the codes), and `q = 16 * floor(q / 16) + (q mod 16 - 8) + 8` splits every
-///   code exactly into a high product (scales times 16), a low one and an offset of 8 scales per block.
-/// - Block offsets (asymmetric formats, and the split) add `blocksum(x) @ offsets`: the sum of each block of `x`
-///   times the offset of that block of every row, a product 1/block the size of the layer's.
+/// weight-only pattern (W4A16) of every [`Int4Parts`] part, codes transposed to [k, n] under a blocked DQ along k,
+/// plus `blocksum(x) @ offsets` where blocks have offsets (asymmetric formats, 8-bit codes): a product 1/block the
+/// layer's size. Products compute in `compute` (f16; f32 for models whose activations outgrow it), which also
+/// stores the scales and offsets; `x` and `y` are f32.
 pub fn linear_int_blocks(
     g: &mut GraphBuilder,
     name: &str,
@@ -856,82 +929,37 @@ pub fn linear_int_blocks(
     }
     let out_shape = with_last(&x.shape, n);
     let xc = cast_to(g, &format!("{name}/in"), x, compute)?;
-    let int4_product = |g: &mut GraphBuilder, part: &str, codes: &[i8], scales: &[f32]| {
-        let codes = transpose_codes(codes, n, k);
-        let scales = transpose(scales, n, kb);
-        let wv = int_blocks_dq(
+    let split = int4_parts(w);
+    let mut y: Option<Value> = None;
+    for (suffix, codes, scales) in &split.parts {
+        let part = format!("{name}{suffix}");
+        let wv = blocked_dq(
             g,
-            part,
-            &codes,
-            &scales,
+            &part,
+            &transpose_codes(codes, n, k),
+            &transpose(scales, n, kb),
             Bits::Int4,
             [k, n],
             0,
             block,
             compute,
         )?;
-        g.op(
+        let p = g.op(
             "MatMul",
             &format!("{part}/MatMul"),
             &[&xc, &wv],
             vec![],
             compute,
             out_shape.clone(),
-        )
-    };
-    let mut offsets = w.offsets.clone();
-    let mut y = match w.bits {
-        Bits::Int4 => int4_product(g, name, &w.codes, &w.scales)?,
-        Bits::Int8 => {
-            let hi: Vec<i8> = w.codes.iter().map(|&q| q.div_euclid(16)).collect();
-            let lo: Vec<i8> = w.codes.iter().map(|&q| q.rem_euclid(16) - 8).collect();
-            let hi_scales: Vec<f32> = w.scales.iter().map(|s| 16.0 * s).collect();
-            let yh = int4_product(g, &format!("{name}.high"), &hi, &hi_scales)?;
-            let yl = int4_product(g, &format!("{name}.low"), &lo, &w.scales)?;
-            let eight = w.scales.iter().map(|s| 8.0 * s);
-            offsets = Some(match offsets {
-                Some(o) => o.iter().zip(eight).map(|(o, e)| o + e).collect(),
-                None => eight.collect(),
-            });
-            g.op(
-                "Add",
-                &format!("{name}/high_low"),
-                &[&yh, &yl],
-                vec![],
-                compute,
-                out_shape.clone(),
-            )?
-        }
-    };
-    if let Some(offsets) = &offsets {
-        let mut split_shape = x.shape.clone();
-        split_shape.pop();
-        split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
-        // Reshape's 0 keeps a dimension as it is: [batch, seq, k] -> [batch, seq, k / block, block].
-        let mut target = vec![0i64; x.shape.len() - 1];
-        target.extend([kb as i64, block as i64]);
-        let target = g.const_i64(
-            &format!("{name}.block_shape"),
-            &[target.len() as i64],
-            &target,
         )?;
-        let split = g.op(
-            "Reshape",
-            &format!("{name}/blocks"),
-            &[&xc, &target],
-            vec![],
-            compute,
-            split_shape,
-        )?;
-        let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
-        let sums = g.op(
-            "ReduceSum",
-            &format!("{name}/block_sums"),
-            &[&split, &axes],
-            vec![("keepdims", Attr::Int(0))],
-            compute,
-            with_last(&x.shape, kb),
-        )?;
+        y = Some(match y {
+            Some(y) => add(g, &format!("{part}/sum"), &y, &p)?,
+            None => p,
+        });
+    }
+    let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+    if let Some(offsets) = &split.offsets {
+        let sums = block_sums(g, name, &xc, block)?;
         let ov = g.initializer(
             &format!("{name}.weight_offset"),
             compute,
@@ -946,14 +974,7 @@ pub fn linear_int_blocks(
             compute,
             out_shape.clone(),
         )?;
-        y = g.op(
-            "Add",
-            &format!("{name}/offset_add"),
-            &[&y, &shift],
-            vec![],
-            compute,
-            out_shape.clone(),
-        )?;
+        y = add(g, &format!("{name}/offset_add"), &y, &shift)?;
     }
     let y = cast_to(g, &format!("{name}/out"), &y, DataType::FLOAT)?;
     match bias {
@@ -964,45 +985,220 @@ pub fn linear_int_blocks(
                 &[n as i64],
                 float_bytes(b, DataType::FLOAT),
             )?;
-            g.op(
-                "Add",
-                &format!("{name}/bias"),
-                &[&y, &bv],
-                vec![],
-                DataType::FLOAT,
-                out_shape,
-            )
+            add(g, &format!("{name}/bias"), &y, &bv)
         }
         None => Ok(y),
     }
 }
 
-/// The matrix [rows, cols] of `w` in `compute` through a blocked DQ along its rows: an embedding table that
-/// `Gather` reads and a tied LM head multiplies by (TensorRT stores the codes once for both).
-pub fn int_blocks_table(
-    g: &mut GraphBuilder,
-    name: &str,
-    w: &IntBlocks,
-    compute: DataType,
-) -> Result<Value> {
-    if w.offsets.is_some() {
-        bail!("{name}: an embedding table's blocks must be symmetric");
-    }
-    int_blocks_dq(
-        g,
-        name,
-        &w.codes,
-        &w.scales,
-        w.bits,
-        [w.rows, w.cols],
-        1,
-        w.block,
-        compute,
-    )
+/// An embedding table [rows, cols] kept in [`Int4Parts`]: its parts' DQs (in `compute`) and offsets [rows,
+/// cols / block], for the lookup ([`BlockTable::lookup`]) and a tied LM head ([`BlockTable::head`]), which share
+/// them (TensorRT stores the codes once for both).
+pub struct BlockTable {
+    parts: Vec<Value>,
+    offsets: Option<Value>,
+    block: usize,
+    cols: usize,
+    rows: usize,
 }
 
+impl BlockTable {
+    /// With `int4_only` (graphs ONNX Runtime's CUDA provider runs, which has no blocked INT8 DQ) 8-bit codes are
+    /// split into [`Int4Parts`]; otherwise an 8-bit table stays one INT8 DQ, which TensorRT-RTX's builder stores
+    /// compactly for the lookup and the head (the split table it stores about 1.2 bytes a weight larger).
+    pub fn new(
+        g: &mut GraphBuilder,
+        name: &str,
+        w: &IntBlocks,
+        compute: DataType,
+        int4_only: bool,
+    ) -> Result<Self> {
+        let (rows, cols, kb) = (w.rows, w.cols, w.cols / w.block);
+        let split = if w.bits == Bits::Int8 && w.offsets.is_none() && !int4_only {
+            Int4Parts {
+                parts: vec![("", w.codes.clone(), w.scales.clone())],
+                offsets: None,
+            }
+        } else {
+            int4_parts(w)
+        };
+        let bits = if split.parts.len() == 1 {
+            w.bits
+        } else {
+            Bits::Int4
+        };
+        let mut parts = Vec::new();
+        for (suffix, codes, scales) in &split.parts {
+            let part = format!("{name}{suffix}");
+            parts.push(blocked_dq(
+                g,
+                &part,
+                codes,
+                scales,
+                bits,
+                [rows, cols],
+                1,
+                w.block,
+                compute,
+            )?);
+        }
+        let offsets = match &split.offsets {
+            Some(o) => Some(g.initializer(
+                &format!("{name}.weight_offset"),
+                compute,
+                &[rows as i64, kb as i64],
+                float_bytes(o, compute),
+            )?),
+            None => None,
+        };
+        Ok(BlockTable {
+            parts,
+            offsets,
+            block: w.block,
+            cols,
+            rows,
+        })
+    }
+
+    /// Rows `ids` [1, seq] of the table, f32 [1, seq, cols].
+    pub fn lookup(&self, g: &mut GraphBuilder, name: &str, ids: &Value) -> Result<Value> {
+        let seq = ids.shape.get(1).cloned().unwrap_or(Dim::Sym("seq".into()));
+        let compute = self.parts[0].dtype;
+        let shape = vec![Dim::Fixed(1), seq.clone(), Dim::Fixed(self.cols as i64)];
+        let mut e: Option<Value> = None;
+        for (i, p) in self.parts.iter().enumerate() {
+            let r = g.op(
+                "Gather",
+                &format!("{name}/part{i}"),
+                &[p, ids],
+                vec![],
+                compute,
+                shape.clone(),
+            )?;
+            e = Some(match e {
+                Some(e) => add(g, &format!("{name}/part{i}_sum"), &e, &r)?,
+                None => r,
+            });
+        }
+        let mut e = e.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+        if let Some(o) = &self.offsets {
+            let kb = self.cols / self.block;
+            let per_block = g.op(
+                "Gather",
+                &format!("{name}/offsets"),
+                &[o, ids],
+                vec![],
+                compute,
+                vec![Dim::Fixed(1), seq.clone(), Dim::Fixed(kb as i64)],
+            )?;
+            let last = g.const_i64(&format!("{name}.offset_axis"), &[1], &[-1])?;
+            let per_block = g.op(
+                "Unsqueeze",
+                &format!("{name}/offsets_col"),
+                &[&per_block, &last],
+                vec![],
+                compute,
+                vec![
+                    Dim::Fixed(1),
+                    seq.clone(),
+                    Dim::Fixed(kb as i64),
+                    Dim::Fixed(1),
+                ],
+            )?;
+            let blocks = g.const_i64(
+                &format!("{name}.blocks_shape"),
+                &[4],
+                &[0, 0, kb as i64, self.block as i64],
+            )?;
+            let split = g.op(
+                "Reshape",
+                &format!("{name}/blocks"),
+                &[&e, &blocks],
+                vec![],
+                compute,
+                vec![
+                    Dim::Fixed(1),
+                    seq.clone(),
+                    Dim::Fixed(kb as i64),
+                    Dim::Fixed(self.block as i64),
+                ],
+            )?;
+            let shifted = add(g, &format!("{name}/offset_add"), &split, &per_block)?;
+            let flat = g.const_i64(
+                &format!("{name}.flat_shape"),
+                &[3],
+                &[0, 0, self.cols as i64],
+            )?;
+            e = g.op(
+                "Reshape",
+                &format!("{name}/rows"),
+                &[&shifted, &flat],
+                vec![],
+                compute,
+                shape,
+            )?;
+        }
+        cast_to(g, &format!("{name}/f32"), &e, DataType::FLOAT)
+    }
+
+    /// `x @ table^T` for `x` f32 [.., cols]: a tied LM head, f32 [.., rows].
+    pub fn head(&self, g: &mut GraphBuilder, name: &str, x: &Value) -> Result<Value> {
+        let compute = self.parts[0].dtype;
+        let out_shape = with_last(&x.shape, self.rows);
+        let xc = cast_to(g, &format!("{name}/in"), x, compute)?;
+        let t_shape = vec![Dim::Fixed(self.cols as i64), Dim::Fixed(self.rows as i64)];
+        let mut y: Option<Value> = None;
+        for (i, p) in self.parts.iter().enumerate() {
+            let t = g.op(
+                "Transpose",
+                &format!("{name}/part{i}_t"),
+                &[p],
+                vec![("perm", Attr::Ints(vec![1, 0]))],
+                compute,
+                t_shape.clone(),
+            )?;
+            let r = g.op(
+                "MatMul",
+                &format!("{name}/part{i}"),
+                &[&xc, &t],
+                vec![],
+                compute,
+                out_shape.clone(),
+            )?;
+            y = Some(match y {
+                Some(y) => add(g, &format!("{name}/part{i}_sum"), &y, &r)?,
+                None => r,
+            });
+        }
+        let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+        if let Some(o) = &self.offsets {
+            let kb = self.cols / self.block;
+            let sums = block_sums(g, name, &xc, self.block)?;
+            let t = g.op(
+                "Transpose",
+                &format!("{name}/offsets_t"),
+                &[o],
+                vec![("perm", Attr::Ints(vec![1, 0]))],
+                compute,
+                vec![Dim::Fixed(kb as i64), Dim::Fixed(self.rows as i64)],
+            )?;
+            let shift = g.op(
+                "MatMul",
+                &format!("{name}/offsets"),
+                &[&sums, &t],
+                vec![],
+                compute,
+                out_shape,
+            )?;
+            y = add(g, &format!("{name}/offset_add"), &y, &shift)?;
+        }
+        cast_to(g, &format!("{name}/out"), &y, DataType::FLOAT)
+    }
+}
+
+/// An INT4 or INT8 blocked DQ of `codes` [rows, cols] (blocks along `axis`) with `scales` in `float`.
 #[allow(clippy::too_many_arguments)]
-fn int_blocks_dq(
+fn blocked_dq(
     g: &mut GraphBuilder,
     name: &str,
     codes: &[i8],
@@ -1014,20 +1210,17 @@ fn int_blocks_dq(
     float: DataType,
 ) -> Result<Value> {
     let (ty, data) = match bits {
+        Bits::Int4 => (DataType::INT4, crate::quant::int::pack_int4(codes)),
         Bits::Int8 => (
             DataType::INT8,
-            Bytes::from(bytemuck::cast_slice::<i8, u8>(codes).to_vec()),
-        ),
-        Bits::Int4 => (
-            DataType::INT4,
-            Bytes::from(crate::quant::int::pack_int4(codes)),
+            bytemuck::cast_slice::<i8, u8>(codes).to_vec(),
         ),
     };
     let wq = g.initializer(
         &format!("{name}.weight"),
         ty,
         &[rows as i64, cols as i64],
-        data,
+        Bytes::from(data),
     )?;
     let scale_shape = if axis == 0 {
         [(rows / block) as i64, cols as i64]

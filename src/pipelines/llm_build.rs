@@ -134,6 +134,7 @@ fn decoder_policy(
                 amax,
                 calibration,
                 blocks: None,
+                int4_only: false,
             },
         )?;
         save(graph, &cand, &SaveOptions::default())?;
@@ -593,6 +594,7 @@ pub fn build_llm(
             amax: &policy.1,
             calibration: false,
             blocks: blocks.as_ref(),
+            int4_only: base.onnx_only || base.keep_onnx,
         },
     )?
     .0;
@@ -678,6 +680,7 @@ pub fn build_llama2c(
             amax: &policy.1,
             calibration: false,
             blocks: None,
+            int4_only: false,
         },
     )?
     .0;

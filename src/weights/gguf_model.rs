@@ -261,8 +261,7 @@ pub fn engine_bits(ty: GgmlType) -> Option<Bits> {
 /// - exactly as stored: Q8_0 and Q4_0 (their codes and `d`), Q6_K (INT8 blocks of 16 with `d * sc`), Q4_1 and
 ///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset);
 /// - re-quantized from their values: Q5_0 / Q5_1 / Q5_K to INT4 over each block's range.
-///
-/// The embedding table is symmetric INT8 (the lookup and a tied LM head share it).
+
 pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, IntBlocks>> {
     use crate::weights::gguf::{block_affine, block_scales};
     let mut out = HashMap::new();
@@ -280,9 +279,6 @@ pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, 
         }
         let values = g.tensor_f32(&src.gguf)?;
         let raw = g.tensor_bytes(t);
-        let table = src.gguf == "token_embd.weight";
-        // INT8 codes hold a 4-bit table's flipped blocks without an offset.
-        let bits = if table { Bits::Int8 } else { bits };
         let blocks = match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
             (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
             (Bits::Int4, None, Some((scales, lows))) => {
@@ -290,13 +286,6 @@ pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, 
             }
             (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
             (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
-        };
-        // The lookup and a tied head share the table: symmetric (a Q8_0 block of a -128 code under a negative
-        // `d` is the one case that gets here; it is re-quantized).
-        let blocks = if table && blocks.offsets.is_some() {
-            IntBlocks::quantized(&values, rows, cols, BLOCK, Bits::Int8)
-        } else {
-            blocks
         };
         for (hf, range) in src.parts {
             let part = match range {
