@@ -256,12 +256,11 @@ pub fn engine_bits(ty: GgmlType) -> Option<Bits> {
     })
 }
 
-/// The file's quantized matrices as INT4/INT8 blocks (of 32; Q6_K's of 16) along each row ([`engine_bits`]), under Hugging Face
-/// names (fused matrices split), for the TensorRT graph of `--precision gguf`:
+/// The file's quantized matrices as INT4/INT8 blocks (of 32; Q6_K's of 16) along each row ([`engine_bits`]), under
+/// Hugging Face names (fused matrices split), for the TensorRT graph of `--precision gguf`:
 /// - exactly as stored: Q8_0 and Q4_0 (their codes and `d`), Q6_K (INT8 blocks of 16 with `d * sc`), Q4_1 and
 ///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset);
 /// - re-quantized from their values: Q5_0 / Q5_1 / Q5_K to INT4 over each block's range.
-
 pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, IntBlocks>> {
     use crate::weights::gguf::{block_affine, block_scales};
     let mut out = HashMap::new();
