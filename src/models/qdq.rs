@@ -1786,6 +1786,35 @@ pub fn merge_amax(
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    #[test]
+    fn int8_codes_split_into_two_int4_halves_exactly() {
+        let codes: Vec<i8> = (-128..=127).collect();
+        let w = IntBlocks {
+            bits: Bits::Int8,
+            block: 32,
+            rows: 1,
+            cols: 256,
+            codes: codes.clone(),
+            scales: (0..8).map(|b| 0.5 + b as f32).collect(),
+            offsets: None,
+        };
+        let split = int4_parts(&w);
+        assert_eq!(split.parts.len(), 2);
+        let (hi, lo) = (&split.parts[0], &split.parts[1]);
+        let offsets = split.offsets.unwrap();
+        for (i, &q) in codes.iter().enumerate() {
+            let b = i / 32;
+            assert!(
+                (-8..=7).contains(&hi.1[i]) && (-8..=7).contains(&lo.1[i]),
+                "{q}"
+            );
+            let v = hi.1[i] as f32 * hi.2[b] + lo.1[i] as f32 * lo.2[b] + offsets[b];
+            assert_eq!(v, q as f32 * w.scales[b], "{q}");
+        }
+    }
+
     #[test]
     fn tiled_transpose_equals_the_definition() {
         for (rows, cols) in [(1, 1), (3, 70), (65, 33), (100, 7), (0, 5)] {

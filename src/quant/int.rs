@@ -293,13 +293,38 @@ impl IntBlocks {
             .flat_map(|(b, (&s, &o))| b.iter().map(move |&c| c as f32 * s + o))
             .collect()
     }
+}
 
-    /// Bytes an engine stores: the codes packed to their width, f32 scales and offsets.
-    pub fn bytes(&self) -> usize {
-        let codes = match self.bits {
-            Bits::Int8 => self.codes.len(),
-            Bits::Int4 => self.codes.len().div_ceil(2),
-        };
-        codes + 4 * (self.scales.len() + self.offsets.as_ref().map_or(0, Vec::len))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn negative_scales_come_out_positive_with_the_same_values() {
+        // A Q4_0 block of negative d (its largest value positive: code -8), and one of positive d.
+        let d = -0.5f32;
+        let values: Vec<f32> = (0..32).map(|i| d * ((i % 16) as f32 - 8.0)).collect();
+        let mut both = values.clone();
+        both.extend((0..32).map(|i| 0.25 * ((i % 16) as f32 - 8.0)));
+        let b = IntBlocks::with_scales(&both, 1, 64, 32, Bits::Int4, vec![d, 0.25]);
+        assert!(b.scales.iter().all(|&s| s > 0.0));
+        assert!(b.codes.iter().all(|&c| (-8..=7).contains(&c)));
+        assert_eq!(
+            b.offsets.as_deref(),
+            Some(&[0.5, 0.0][..]),
+            "-(-8) = 8 moved into the offset"
+        );
+        assert_eq!(b.dequantize(), both);
+        // Affine blocks (Q4_K-like: scale * q + low) with a negative scale too.
+        let (s, low) = (-0.125f32, 1.0f32);
+        let q4k: Vec<f32> = (0..32).map(|i| s * (i % 16) as f32 + low).collect();
+        let b = IntBlocks::with_affine(&q4k, 1, 32, 32, vec![s], &[low]);
+        assert!(b.scales[0] > 0.0);
+        let err = b
+            .dequantize()
+            .iter()
+            .zip(&q4k)
+            .fold(0f32, |m, (a, w)| m.max((a - w).abs()));
+        assert!(err < 1e-6, "{err}");
     }
 }
