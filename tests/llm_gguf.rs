@@ -394,14 +394,10 @@ fn quantized_gguf_cpu_graph_reads_the_blocks_in_place() {
     }
 }
 
-#[test]
-fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
-    // A tiny random Llama quantized to Q4_K_M by llama.cpp (Q4_K, Q6_K blocks) and llama.cpp's logits on it, one
-    // token per evaluation (golden from scripts/golden/llm_gguf_llamacpp.py), with its logits on the F16 file the
-    // quantizer started from. Ours reads the same blocks in place: its logits must be far closer to llama.cpp's
-    // than the quantization moved them.
-    let dir = golden("tiny_q4km");
-    let b = std::fs::read(dir.join("logits.bin")).unwrap();
+/// tests/golden/llm/tiny_q4km/logits.bin: (vocab, ids, llama.cpp's logits of every position on the Q4_K_M file,
+/// the same on the F16 file it was quantized from), one token per evaluation.
+pub(crate) fn tiny_q4km_logits() -> (usize, Vec<i64>, Vec<f64>, Vec<f64>) {
+    let b = std::fs::read(golden("tiny_q4km").join("logits.bin")).unwrap();
     let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
     let (vocab, n) = (u(0), u(1));
     let ids: Vec<i64> = (0..n).map(|i| u(2 + i) as i64).collect();
@@ -409,6 +405,18 @@ fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
     let base = 2 + n;
     let theirs: Vec<f64> = (0..n * vocab).map(|i| f(base + i)).collect();
     let f16: Vec<f64> = (0..n * vocab).map(|i| f(base + n * vocab + i)).collect();
+    (vocab, ids, theirs, f16)
+}
+
+#[test]
+fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
+    // A tiny random Llama quantized to Q4_K_M by llama.cpp (Q4_K, Q6_K blocks) and llama.cpp's logits on it, one
+    // token per evaluation (golden from scripts/golden/llm_gguf_llamacpp.py), with its logits on the F16 file the
+    // quantizer started from. Ours reads the same blocks in place: its logits must be far closer to llama.cpp's
+    // than the quantization moved them.
+    let dir = golden("tiny_q4km");
+    let (vocab, ids, theirs, f16) = tiny_q4km_logits();
+    let n = ids.len();
     let d = tempfile::tempdir().unwrap();
     let gguf = d.path().join("model.gguf");
     std::fs::copy(dir.join("model.gguf"), &gguf).unwrap();

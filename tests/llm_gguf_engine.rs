@@ -1,7 +1,8 @@
-//! `--precision gguf`: the TensorRT graph of a quantized GGUF keeps the file's blocks as INT8/INT4 weight-only
-//! DQ (Q8_0 and Q4_0 exactly, codes and block scales as stored), the embedding table once for the lookup and the
-//! tied LM head. Run here through ONNX Runtime: exact formats give the logits of the same blocks dequantized into an
-//! f32 graph; llama.cpp's Q4_K_M file stays within llama.cpp's own quantization error of llama.cpp's logits.
+//! `--precision gguf`: the TensorRT graph of a quantized GGUF keeps the file's blocks as INT4 weight-only DQs
+//! (8-bit codes in two INT4 halves; Q8_0, Q4_0, Q6_K, Q4_K exactly, codes and block scales as stored), the embedding
+//! table once for the lookup and the tied LM head. Run here through ONNX Runtime: the products compute in f16
+//! (W4A16; f32 for Gemma) and give the same blocks dequantized into an f32 graph to f16 rounding; llama.cpp's
+//! Q4_K_M file stays as close to llama.cpp's logits as that graph does.
 use super::llm_gguf::{cpu_graph_logits, data, golden, stories_rewritten};
 use crate::common::{run, s};
 use std::collections::HashMap;
@@ -196,18 +197,12 @@ fn logits_token_by_token(onnx: &std::path::Path, ids: &[i64]) -> Vec<f64> {
 fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
     // llama.cpp's Q4_K_M quantization of a tiny random Llama (Q4_K, Q6_K and the quantizer's fallbacks; golden from
     // scripts/golden/llm_gguf_llamacpp.py) and llama.cpp's logits on it and on the F16 file it came from. Q4_K
-    // becomes INT4 blocks with offsets, Q6_K INT8 blocks of 16: the graph is the file's own model (to f16
-    // rounding), about as close to llama.cpp's logits as the dequantized f32 graph, and picks llama.cpp's greedy
-    // token everywhere.
+    // becomes INT4 blocks with offsets, Q6_K's 8-bit codes (blocks of 16) two INT4 halves: the graph is the file's
+    // own model (to f16 rounding), about as close to llama.cpp's logits as the dequantized f32 graph, and picks
+    // llama.cpp's greedy token everywhere.
     let dir = golden("tiny_q4km");
-    let b = std::fs::read(dir.join("logits.bin")).unwrap();
-    let u = |i: usize| u32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as usize;
-    let (vocab, n) = (u(0), u(1));
-    let ids: Vec<i64> = (0..n).map(|i| u(2 + i) as i64).collect();
-    let f = |i: usize| f32::from_le_bytes(b[4 * i..4 * i + 4].try_into().unwrap()) as f64;
-    let base = 2 + n;
-    let theirs: Vec<f64> = (0..n * vocab).map(|i| f(base + i)).collect();
-    let f16: Vec<f64> = (0..n * vocab).map(|i| f(base + n * vocab + i)).collect();
+    let (vocab, ids, theirs, f16) = super::llm_gguf::tiny_q4km_logits();
+    let n = ids.len();
     let d = tempfile::tempdir().unwrap();
     let g = GgufFile::open(&dir.join("model.gguf")).unwrap();
     let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();

@@ -83,17 +83,7 @@ impl Ops {
     }
 
     pub fn cast(&mut self, name: &str, x: &Value, to: DataType) -> Result<Value> {
-        if x.dtype == to {
-            return Ok(x.clone());
-        }
-        self.g.op(
-            "Cast",
-            name,
-            &[x],
-            vec![("to", Attr::Int(to.0 as i64))],
-            to,
-            x.shape.clone(),
-        )
+        self.g.cast(name, x, to)
     }
 
     /// A checkpoint tensor as an initializer named `name`, in its own dtype (no copy), cast to `to` if needed.

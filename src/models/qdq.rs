@@ -909,6 +909,47 @@ fn add(g: &mut GraphBuilder, name: &str, a: &Value, b: &Value) -> Result<Value> 
     g.op("Add", name, &[a, b], vec![], a.dtype, a.shape.clone())
 }
 
+/// `sum_i xc @ ws[i]` (each [k, n]) plus `blocksum(xc) @ offsets` ([k / block, n]) where given, in `xc`'s type.
+fn block_products(
+    g: &mut GraphBuilder,
+    name: &str,
+    xc: &Value,
+    ws: &[Value],
+    offsets: Option<&Value>,
+    block: usize,
+    out_shape: Vec<Dim>,
+) -> Result<Value> {
+    let mut y: Option<Value> = None;
+    for (i, w) in ws.iter().enumerate() {
+        let p = g.op(
+            "MatMul",
+            &format!("{name}/part{i}"),
+            &[xc, w],
+            vec![],
+            xc.dtype,
+            out_shape.clone(),
+        )?;
+        y = Some(match y {
+            Some(y) => add(g, &format!("{name}/part{i}_sum"), &y, &p)?,
+            None => p,
+        });
+    }
+    let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+    if let Some(o) = offsets {
+        let sums = block_sums(g, name, xc, block)?;
+        let shift = g.op(
+            "MatMul",
+            &format!("{name}/offsets"),
+            &[&sums, o],
+            vec![],
+            xc.dtype,
+            out_shape,
+        )?;
+        y = add(g, &format!("{name}/offset_add"), &y, &shift)?;
+    }
+    Ok(y)
+}
+
 /// `y = x @ W^T (+ b)` for weights held as INT4/INT8 blocks ([`IntBlocks`], a GGUF's formats): TensorRT's
 /// weight-only pattern (W4A16) of every [`Int4Parts`] part, codes transposed to [k, n] under a blocked DQ along k,
 /// plus `blocksum(x) @ offsets` where blocks have offsets (asymmetric formats, 8-bit codes): a product 1/block the
@@ -928,14 +969,13 @@ pub fn linear_int_blocks(
         bail!("{name}: input is {}, INT blocks take f32", x.dtype);
     }
     let out_shape = with_last(&x.shape, n);
-    let xc = cast_to(g, &format!("{name}/in"), x, compute)?;
+    let xc = g.cast(&format!("{name}/in"), x, compute)?;
     let split = int4_parts(w);
-    let mut y: Option<Value> = None;
+    let mut ws = Vec::new();
     for (suffix, codes, scales) in &split.parts {
-        let part = format!("{name}{suffix}");
-        let wv = blocked_dq(
+        ws.push(blocked_dq(
             g,
-            &part,
+            &format!("{name}{suffix}"),
             &transpose_codes(codes, n, k),
             &transpose(scales, n, kb),
             Bits::Int4,
@@ -943,40 +983,19 @@ pub fn linear_int_blocks(
             0,
             block,
             compute,
-        )?;
-        let p = g.op(
-            "MatMul",
-            &format!("{part}/MatMul"),
-            &[&xc, &wv],
-            vec![],
-            compute,
-            out_shape.clone(),
-        )?;
-        y = Some(match y {
-            Some(y) => add(g, &format!("{part}/sum"), &y, &p)?,
-            None => p,
-        });
+        )?);
     }
-    let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
-    if let Some(offsets) = &split.offsets {
-        let sums = block_sums(g, name, &xc, block)?;
-        let ov = g.initializer(
+    let offsets = match &split.offsets {
+        Some(o) => Some(g.initializer(
             &format!("{name}.weight_offset"),
             compute,
             &[kb as i64, n as i64],
-            float_bytes(&transpose(offsets, n, kb), compute),
-        )?;
-        let shift = g.op(
-            "MatMul",
-            &format!("{name}/offsets"),
-            &[&sums, &ov],
-            vec![],
-            compute,
-            out_shape.clone(),
-        )?;
-        y = add(g, &format!("{name}/offset_add"), &y, &shift)?;
-    }
-    let y = cast_to(g, &format!("{name}/out"), &y, DataType::FLOAT)?;
+            float_bytes(&transpose(o, n, kb), compute),
+        )?),
+        None => None,
+    };
+    let y = block_products(g, name, &xc, &ws, offsets.as_ref(), block, out_shape)?;
+    let y = g.cast(&format!("{name}/out"), &y, DataType::FLOAT)?;
     match bias {
         Some(b) => {
             let bv = g.initializer(
@@ -1138,61 +1157,42 @@ impl BlockTable {
                 shape,
             )?;
         }
-        cast_to(g, &format!("{name}/f32"), &e, DataType::FLOAT)
+        g.cast(&format!("{name}/f32"), &e, DataType::FLOAT)
     }
 
     /// `x @ table^T` for `x` f32 [.., cols]: a tied LM head, f32 [.., rows].
     pub fn head(&self, g: &mut GraphBuilder, name: &str, x: &Value) -> Result<Value> {
         let compute = self.parts[0].dtype;
         let out_shape = with_last(&x.shape, self.rows);
-        let xc = cast_to(g, &format!("{name}/in"), x, compute)?;
+        let xc = g.cast(&format!("{name}/in"), x, compute)?;
         let t_shape = vec![Dim::Fixed(self.cols as i64), Dim::Fixed(self.rows as i64)];
-        let mut y: Option<Value> = None;
+        let mut ws = Vec::new();
         for (i, p) in self.parts.iter().enumerate() {
-            let t = g.op(
+            ws.push(g.op(
                 "Transpose",
                 &format!("{name}/part{i}_t"),
                 &[p],
                 vec![("perm", Attr::Ints(vec![1, 0]))],
                 compute,
                 t_shape.clone(),
-            )?;
-            let r = g.op(
-                "MatMul",
-                &format!("{name}/part{i}"),
-                &[&xc, &t],
-                vec![],
-                compute,
-                out_shape.clone(),
-            )?;
-            y = Some(match y {
-                Some(y) => add(g, &format!("{name}/part{i}_sum"), &y, &r)?,
-                None => r,
-            });
+            )?);
         }
-        let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
-        if let Some(o) = &self.offsets {
-            let kb = self.cols / self.block;
-            let sums = block_sums(g, name, &xc, self.block)?;
-            let t = g.op(
+        let offsets = match &self.offsets {
+            Some(o) => Some(g.op(
                 "Transpose",
                 &format!("{name}/offsets_t"),
                 &[o],
                 vec![("perm", Attr::Ints(vec![1, 0]))],
                 compute,
-                vec![Dim::Fixed(kb as i64), Dim::Fixed(self.rows as i64)],
-            )?;
-            let shift = g.op(
-                "MatMul",
-                &format!("{name}/offsets"),
-                &[&sums, &t],
-                vec![],
-                compute,
-                out_shape,
-            )?;
-            y = add(g, &format!("{name}/offset_add"), &y, &shift)?;
-        }
-        cast_to(g, &format!("{name}/out"), &y, DataType::FLOAT)
+                vec![
+                    Dim::Fixed((self.cols / self.block) as i64),
+                    Dim::Fixed(self.rows as i64),
+                ],
+            )?),
+            None => None,
+        };
+        let y = block_products(g, name, &xc, &ws, offsets.as_ref(), self.block, out_shape)?;
+        g.cast(&format!("{name}/out"), &y, DataType::FLOAT)
     }
 }
 
@@ -1243,21 +1243,6 @@ fn blocked_dq(
         ],
         float,
         fixed(&[rows, cols]),
-    )
-}
-
-/// `x` as `to` (itself when it already is).
-fn cast_to(g: &mut GraphBuilder, name: &str, x: &Value, to: DataType) -> Result<Value> {
-    if x.dtype == to {
-        return Ok(x.clone());
-    }
-    g.op(
-        "Cast",
-        name,
-        &[x],
-        vec![("to", Attr::Int(to.0 as i64))],
-        to,
-        x.shape.clone(),
     )
 }
 

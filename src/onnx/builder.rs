@@ -380,6 +380,21 @@ impl GraphBuilder {
         self.initializer(name, DataType::FLOAT, dims, Bytes::from(bytes))
     }
 
+    /// `x` as `to` (itself when it already is).
+    pub fn cast(&mut self, name: &str, x: &Value, to: DataType) -> Result<Value> {
+        if x.dtype == to {
+            return Ok(x.clone());
+        }
+        self.op(
+            "Cast",
+            name,
+            &[x],
+            vec![("to", Attr::Int(to.0 as i64))],
+            to,
+            x.shape.clone(),
+        )
+    }
+
     pub fn const_i64(&mut self, name: &str, dims: &[i64], values: &[i64]) -> Result<Value> {
         let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
         self.initializer(name, DataType::INT64, dims, Bytes::from(bytes))
