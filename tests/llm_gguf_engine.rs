@@ -314,6 +314,8 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
         true,
     );
     assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    let r = run(&["inspect", s(&lean)], true);
+    assert!(r.stdout.contains("not kept)"), "{}", r.stdout);
     // Where TensorRT cannot run the plan, ONNX Runtime's CUDA provider has nothing to run: the CPU graph runs.
     let lean_file = trt_diff::manifest::EngineFile::open(&lean).unwrap();
     let why = trt_diff::pipelines::engines::no_cuda_graph(&lean_file).unwrap();

@@ -133,8 +133,14 @@ pub fn inspect(path: &Path, json: bool, against: Option<&Path>) -> Result<()> {
                     crate::outln!("  created     {} by {}", m.created, m.created_by);
                 }
             }
+            let dir = r.path.parent().unwrap_or(Path::new(""));
+            let kept = if dir.join(&m.source.onnx).exists() {
+                ""
+            } else {
+                ", not kept"
+            };
             crate::outln!(
-                "  source      {} ({}, sha256 {})",
+                "  source      {} ({}, sha256 {}{kept})",
                 m.source.onnx,
                 human_bytes(m.source.bytes),
                 m.source.sha256
