@@ -432,3 +432,51 @@ fn gemma_blocks_compute_in_f32() {
             .all(|t| t.data_type == DataType::FLOAT.0)
     );
 }
+
+#[test]
+fn every_block_format_goes_in_exactly_or_within_half_a_step() {
+    // gguf-py's quantization of one random matrix in every format (scripts/golden/llm_gguf.py), with its own
+    // dequantized values beside each: what `--precision gguf` keeps of each.
+    let g = GgufFile::open(&golden("dequant.gguf")).unwrap();
+    for (name, bits, exact) in [
+        ("q8_0", Bits::Int8, true),
+        ("q4_0", Bits::Int4, true),
+        ("q4_1", Bits::Int4, true),
+        ("q4_k", Bits::Int4, true),
+        ("q6_k", Bits::Int8, true),
+        ("q5_0", Bits::Int4, false),
+        ("q5_1", Bits::Int4, false),
+        ("q5_k", Bits::Int4, false),
+    ] {
+        let b = trt_diff::weights::gguf_model::tensor_blocks(&g, name)
+            .unwrap()
+            .unwrap();
+        assert_eq!(b.bits, bits, "{name}");
+        assert!(b.scales.iter().all(|&s| s > 0.0), "{name}");
+        let want = g.tensor_f32(&format!("{name}.expected")).unwrap();
+        let got = b.dequantize();
+        for (i, (blk_got, blk_want)) in got.chunks(32).zip(want.chunks(32)).enumerate() {
+            let (lo, hi) = blk_want
+                .iter()
+                .fold((f32::INFINITY, f32::NEG_INFINITY), |(l, h), &v| {
+                    (l.min(v), h.max(v))
+                });
+            let err = blk_got
+                .iter()
+                .zip(blk_want)
+                .fold(0f32, |m, (a, w)| m.max((a - w).abs()));
+            // Exact formats to float rounding; 5-bit ones re-quantized to 16 levels over the block's range.
+            let bound = if exact {
+                1e-6 * lo.abs().max(hi.abs())
+            } else {
+                (hi - lo) / 30.0 * 1.0001
+            };
+            assert!(err <= bound, "{name} block {i}: {err} > {bound}");
+        }
+    }
+    assert!(
+        trt_diff::weights::gguf_model::tensor_blocks(&g, "f16")
+            .unwrap()
+            .is_none()
+    );
+}

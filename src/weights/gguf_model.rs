@@ -262,33 +262,14 @@ pub fn engine_bits(ty: GgmlType) -> Option<Bits> {
 ///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset);
 /// - re-quantized from their values: Q5_0 / Q5_1 / Q5_K to INT4 over each block's range.
 pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, IntBlocks>> {
-    use crate::weights::gguf::{block_affine, block_scales};
     let mut out = HashMap::new();
     for src in sources(g, config) {
-        let Some(t) = g.tensor(&src.gguf) else {
+        let Some(blocks) = tensor_blocks(g, &src.gguf)? else {
             continue;
-        };
-        let shape = t.shape();
-        let (Some(bits), [rows, cols]) = (engine_bits(t.ty), shape.as_slice()) else {
-            continue;
-        };
-        let (rows, cols) = (*rows as usize, *cols as usize);
-        if !cols.is_multiple_of(BLOCK) {
-            continue;
-        }
-        let values = g.tensor_f32(&src.gguf)?;
-        let raw = g.tensor_bytes(t);
-        let blocks = match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
-            (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
-            (Bits::Int4, None, Some((scales, lows))) => {
-                IntBlocks::with_affine(&values, rows, cols, BLOCK, scales, &lows)
-            }
-            (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
-            (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
         };
         for (hf, range) in src.parts {
             let part = match range {
-                Some(r) if r.end <= rows => blocks.rows(r),
+                Some(r) if r.end <= blocks.rows => blocks.rows(r),
                 Some(_) => bail!(
                     "'{}': tensor '{}' is shorter than its parts; the file is corrupt",
                     g.path().display(),
@@ -300,6 +281,35 @@ pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, 
         }
     }
     Ok(out)
+}
+
+/// One quantized matrix of the file as [`int_blocks`] keeps it; None for float tensors, tensors that are not
+/// matrices and rows that are not whole blocks of 32.
+pub fn tensor_blocks(g: &GgufFile, name: &str) -> Result<Option<IntBlocks>> {
+    use crate::weights::gguf::{block_affine, block_scales};
+    let Some(t) = g.tensor(name) else {
+        return Ok(None);
+    };
+    let shape = t.shape();
+    let (Some(bits), [rows, cols]) = (engine_bits(t.ty), shape.as_slice()) else {
+        return Ok(None);
+    };
+    let (rows, cols) = (*rows as usize, *cols as usize);
+    if !cols.is_multiple_of(BLOCK) {
+        return Ok(None);
+    }
+    let values = g.tensor_f32(name)?;
+    let raw = g.tensor_bytes(t);
+    Ok(Some(
+        match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
+            (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
+            (Bits::Int4, None, Some((scales, lows))) => {
+                IntBlocks::with_affine(&values, rows, cols, BLOCK, scales, &lows)
+            }
+            (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
+            (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
+        },
+    ))
 }
 
 /// Elements per scale in an engine's INT4/INT8 weights.
