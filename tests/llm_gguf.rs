@@ -394,6 +394,19 @@ fn quantized_gguf_cpu_graph_reads_the_blocks_in_place() {
     }
 }
 
+/// Asserts the arg-max of every row of `vocab` logits agrees: the same greedy choice at every position.
+pub(crate) fn same_greedy_tokens(ours: &[f64], theirs: &[f64], vocab: usize) {
+    let arg = |row: &[f64]| {
+        (0..row.len())
+            .max_by(|&i, &j| row[i].total_cmp(&row[j]))
+            .unwrap_or(0)
+    };
+    assert_eq!(ours.len(), theirs.len());
+    for (p, (a, b)) in ours.chunks(vocab).zip(theirs.chunks(vocab)).enumerate() {
+        assert_eq!(arg(a), arg(b), "position {p}");
+    }
+}
+
 /// tests/golden/llm/tiny_q4km/logits.bin: (vocab, ids, llama.cpp's logits of every position on the Q4_K_M file,
 /// the same on the F16 file it was quantized from), one token per evaluation.
 pub(crate) fn tiny_q4km_logits() -> (usize, Vec<i64>, Vec<f64>, Vec<f64>) {
@@ -416,7 +429,6 @@ fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
     // than the quantization moved them.
     let dir = golden("tiny_q4km");
     let (vocab, ids, theirs, f16) = tiny_q4km_logits();
-    let n = ids.len();
     let d = tempfile::tempdir().unwrap();
     let gguf = d.path().join("model.gguf");
     std::fs::copy(dir.join("model.gguf"), &gguf).unwrap();
@@ -482,13 +494,5 @@ fn q4_k_m_cpu_graph_matches_llama_cpp_logits() {
         diff < 0.1 * quant,
         "{diff} against a quantization error of {quant}"
     );
-    // The same greedy choice at every position.
-    for p in 0..n {
-        let arg = |v: &[f64]| {
-            (0..vocab)
-                .max_by(|&i, &j| v[p * vocab + i].total_cmp(&v[p * vocab + j]))
-                .unwrap()
-        };
-        assert_eq!(arg(&ours), arg(&theirs), "position {p}");
-    }
+    same_greedy_tokens(&ours, &theirs, vocab);
 }

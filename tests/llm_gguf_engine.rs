@@ -202,7 +202,6 @@ fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
     // llama.cpp's greedy token everywhere.
     let dir = golden("tiny_q4km");
     let (vocab, ids, theirs, f16) = super::llm_gguf::tiny_q4km_logits();
-    let n = ids.len();
     let d = tempfile::tempdir().unwrap();
     let g = GgufFile::open(&dir.join("model.gguf")).unwrap();
     let m = trt_diff::weights::gguf_model::load(&g, None).unwrap();
@@ -257,14 +256,7 @@ fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
         from_deq < 1.5e-3 * scale,
         "{from_deq} of logits up to {scale}"
     );
-    for p in 0..n {
-        let arg = |v: &[f64]| {
-            (0..vocab)
-                .max_by(|&i, &j| v[p * vocab + i].total_cmp(&v[p * vocab + j]))
-                .unwrap()
-        };
-        assert_eq!(arg(&ours), arg(&theirs), "position {p}");
-    }
+    super::llm_gguf::same_greedy_tokens(&ours, &theirs, vocab);
 }
 
 #[test]
@@ -272,6 +264,21 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
     let d = tempfile::tempdir().unwrap();
     let gguf = d.path().join("model.gguf");
     std::fs::copy(golden("tiny_q4km").join("model.gguf"), &gguf).unwrap();
+    let generates = |engine: &std::path::Path| {
+        let r = run(
+            &[
+                "generate",
+                "--engine",
+                s(engine),
+                "--prompt",
+                "the",
+                "--max-tokens",
+                "4",
+            ],
+            true,
+        );
+        assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    };
     // By default the bundle is the plan, the CPU graph reading the GGUF, and the tokenizer.
     let lean = d.path().join("lean.plan");
     let r = run(
@@ -301,19 +308,7 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
             "lean.tokenizer.gguf"
         ]
     );
-    let r = run(
-        &[
-            "generate",
-            "--engine",
-            s(&lean),
-            "--prompt",
-            "the",
-            "--max-tokens",
-            "4",
-        ],
-        true,
-    );
-    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    generates(&lean);
     let r = run(&["inspect", s(&lean)], true);
     assert!(r.stdout.contains("not kept)"), "{}", r.stdout);
     // Where TensorRT cannot run the plan, ONNX Runtime's CUDA provider has nothing to run: the CPU graph runs.
@@ -356,19 +351,7 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
         "{onnx_bytes} against {gguf_bytes}"
     );
     // The CPU backend runs the GGUF's blocks in place.
-    let r = run(
-        &[
-            "generate",
-            "--engine",
-            s(&plan),
-            "--prompt",
-            "the",
-            "--max-tokens",
-            "4",
-        ],
-        true,
-    );
-    assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
+    generates(&plan);
     // Only a GGUF has block formats to keep.
     let r = run(
         &[

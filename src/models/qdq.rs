@@ -909,6 +909,24 @@ fn add(g: &mut GraphBuilder, name: &str, a: &Value, b: &Value) -> Result<Value> 
     g.op("Add", name, &[a, b], vec![], a.dtype, a.shape.clone())
 }
 
+/// The sum of `each(part)` over the parts of a split matrix.
+fn sum_parts(
+    g: &mut GraphBuilder,
+    name: &str,
+    parts: &[Value],
+    each: impl Fn(&mut GraphBuilder, usize, &Value) -> Result<Value>,
+) -> Result<Value> {
+    let mut sum: Option<Value> = None;
+    for (i, p) in parts.iter().enumerate() {
+        let r = each(g, i, p)?;
+        sum = Some(match sum {
+            Some(s) => add(g, &format!("{name}/part{i}_sum"), &s, &r)?,
+            None => r,
+        });
+    }
+    sum.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))
+}
+
 /// `sum_i xc @ ws[i]` (each [k, n]) plus `blocksum(xc) @ offsets` ([k / block, n]) where given, in `xc`'s type.
 fn block_products(
     g: &mut GraphBuilder,
@@ -919,22 +937,16 @@ fn block_products(
     block: usize,
     out_shape: Vec<Dim>,
 ) -> Result<Value> {
-    let mut y: Option<Value> = None;
-    for (i, w) in ws.iter().enumerate() {
-        let p = g.op(
+    let mut y = sum_parts(g, name, ws, |g, i, w| {
+        g.op(
             "MatMul",
             &format!("{name}/part{i}"),
             &[xc, w],
             vec![],
             xc.dtype,
             out_shape.clone(),
-        )?;
-        y = Some(match y {
-            Some(y) => add(g, &format!("{name}/part{i}_sum"), &y, &p)?,
-            None => p,
-        });
-    }
-    let mut y = y.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+        )
+    })?;
     if let Some(o) = offsets {
         let sums = block_sums(g, name, xc, block)?;
         let shift = g.op(
@@ -1084,22 +1096,16 @@ impl BlockTable {
         let seq = ids.shape.get(1).cloned().unwrap_or(Dim::Sym("seq".into()));
         let compute = self.parts[0].dtype;
         let shape = vec![Dim::Fixed(1), seq.clone(), Dim::Fixed(self.cols as i64)];
-        let mut e: Option<Value> = None;
-        for (i, p) in self.parts.iter().enumerate() {
-            let r = g.op(
+        let mut e = sum_parts(g, name, &self.parts, |g, i, p| {
+            g.op(
                 "Gather",
                 &format!("{name}/part{i}"),
                 &[p, ids],
                 vec![],
                 compute,
                 shape.clone(),
-            )?;
-            e = Some(match e {
-                Some(e) => add(g, &format!("{name}/part{i}_sum"), &e, &r)?,
-                None => r,
-            });
-        }
-        let mut e = e.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))?;
+            )
+        })?;
         if let Some(o) = &self.offsets {
             let kb = self.cols / self.block;
             let per_block = g.op(

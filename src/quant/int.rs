@@ -144,6 +144,30 @@ fn positive_scale(codes: &mut [i16], scale: f32, offset: f32, bits: Bits) -> (f3
     (s, offset)
 }
 
+/// Each `block` of `values` coded by `code(values, scale, block index) -> (codes, offset)` under its scale (0 or
+/// not finite: 1), then made positive ([`positive_scale`]): (codes, scales, offsets).
+fn code_blocks(
+    values: &[f32],
+    block: usize,
+    scales: &[f32],
+    bits: Bits,
+    code: impl Fn(&[f32], f32, usize) -> (Vec<i16>, f32),
+) -> (Vec<i8>, Vec<f32>, Vec<f32>) {
+    debug_assert_eq!(scales.len() * block, values.len());
+    let mut codes = Vec::with_capacity(values.len());
+    let mut kept = Vec::with_capacity(scales.len());
+    let mut offsets = Vec::with_capacity(scales.len());
+    for (i, (b, &s)) in values.chunks(block).zip(scales).enumerate() {
+        let s = if s == 0.0 || !s.is_finite() { 1.0 } else { s };
+        let (mut c, o) = code(b, s, i);
+        let (s, o) = positive_scale(&mut c, s, o, bits);
+        codes.extend(c.iter().map(|&v| v as i8));
+        kept.push(s);
+        offsets.push(o);
+    }
+    (codes, kept, offsets)
+}
+
 /// A weight matrix [rows, cols] as integer codes with one f32 scale per `block` codes along each row, and for
 /// asymmetric formats one f32 offset per block (`w = code * scale + offset`): TensorRT's weight-only INT4/INT8
 /// blocked DQ (symmetric only, so an offset is a separate small product: [`crate::models::qdq`]). What a GGUF's
@@ -175,29 +199,21 @@ impl IntBlocks {
         bits: Bits,
         scales: Vec<f32>,
     ) -> Self {
-        debug_assert_eq!(scales.len() * block, values.len());
-        let mut codes = Vec::with_capacity(values.len());
-        let mut kept = Vec::with_capacity(scales.len());
-        let mut offsets = Vec::with_capacity(scales.len());
         let (lo, hi) = bits.range();
-        for (b, &s) in values.chunks(block).zip(&scales) {
-            let s = if s == 0.0 || !s.is_finite() { 1.0 } else { s };
-            let mut c: Vec<i16> = b
+        let (codes, scales, offsets) = code_blocks(values, block, &scales, bits, |b, s, _| {
+            let c = b
                 .iter()
                 .map(|&x| (x / s).round_ties_even().clamp(lo, hi) as i16)
                 .collect();
-            let (s, o) = positive_scale(&mut c, s, 0.0, bits);
-            codes.extend(c.iter().map(|&v| v as i8));
-            kept.push(s);
-            offsets.push(o);
-        }
+            (c, 0.0)
+        });
         IntBlocks {
             bits,
             block,
             rows,
             cols,
             codes,
-            scales: kept,
+            scales,
             offsets: offsets.iter().any(|&o| o != 0.0).then_some(offsets),
         }
     }
@@ -213,28 +229,22 @@ impl IntBlocks {
         scales: Vec<f32>,
         lows: &[f32],
     ) -> Self {
-        debug_assert_eq!(scales.len() * block, values.len());
-        let mut codes = Vec::with_capacity(values.len());
-        let mut offsets = Vec::with_capacity(scales.len());
-        let mut kept = Vec::with_capacity(scales.len());
-        for ((b, &s), &low) in values.chunks(block).zip(&scales).zip(lows) {
-            let s = if s == 0.0 || !s.is_finite() { 1.0 } else { s };
-            let mut c: Vec<i16> = b
-                .iter()
-                .map(|&x| ((x - low) / s).round().clamp(0.0, 15.0) as i16 - 8)
-                .collect();
-            let (s, o) = positive_scale(&mut c, s, low + 8.0 * s, Bits::Int4);
-            codes.extend(c.iter().map(|&v| v as i8));
-            kept.push(s);
-            offsets.push(o);
-        }
+        let (codes, scales, offsets) =
+            code_blocks(values, block, &scales, Bits::Int4, |b, s, i| {
+                let low = lows[i];
+                let c = b
+                    .iter()
+                    .map(|&x| ((x - low) / s).round().clamp(0.0, 15.0) as i16 - 8)
+                    .collect();
+                (c, low + 8.0 * s)
+            });
         IntBlocks {
             bits: Bits::Int4,
             block,
             rows,
             cols,
             codes,
-            scales: kept,
+            scales,
             offsets: Some(offsets),
         }
     }

@@ -267,6 +267,10 @@ pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, 
         let Some(blocks) = tensor_blocks(g, &src.gguf)? else {
             continue;
         };
+        if let [(hf, None)] = src.parts.as_slice() {
+            out.insert(hf.clone(), blocks);
+            continue;
+        }
         for (hf, range) in src.parts {
             let part = match range {
                 Some(r) if r.end <= blocks.rows => blocks.rows(r),
