@@ -2,7 +2,8 @@
 //! backend's `from_float` and dot products by its `vec_dot` (golden from scripts/golden/ggml_blocks.py, every
 //! format of `ggml_blocks::ALL`). Our activation quantization must give ggml's bytes, and every kernel set
 //! (portable, AVX2, AVX2 + VNNI where the CPU has them) ggml's dot products up to float summation order.
-use trt_diff::backend::ggml_blocks::{ALL, Isa, QActs, Quant, dot_with};
+use trt_diff::backend::ggml_blocks::{self, ALL, Isa, QActs, Quant, dot_with};
+use trt_diff::backend::ggml_repack::Packed;
 use trt_diff::weights::gguf::GgmlType;
 
 fn u32_at(b: &[u8], at: &mut usize) -> u32 {
@@ -34,6 +35,7 @@ fn block_dot_products_equal_ggml() {
     let mut at = 8;
     let cases = u32_at(&b, &mut at);
     let mut seen = Vec::new();
+    let mut packed = Vec::new();
     for _ in 0..cases {
         let t = GgmlType(u32_at(&b, &mut at));
         let rows = u32_at(&b, &mut at) as usize;
@@ -70,7 +72,29 @@ fn block_dot_products_equal_ggml() {
                 );
             }
         }
+        // The same rows repacked eight at a time (`ggml_repack`), where the golden case has a whole group.
+        if let Some(p) = Packed::new(q, w, k, rows) {
+            let mut got = vec![0f32; rows];
+            p.dot_rows(&a, 0, 0..rows, &mut got);
+            for r in 0..rows {
+                let tol = 2e-6 * (k as f32).sqrt() * want[r].abs().max(1.0);
+                assert!(
+                    (got[r] - want[r]).abs() <= tol,
+                    "{t} k={k} row {r} repacked: {} vs ggml {}",
+                    got[r],
+                    want[r]
+                );
+            }
+            packed.push(q);
+        }
         seen.push(q);
+    }
+    if std::env::var_os("TRT_DIFF_NO_REPACK").is_none()
+        && ggml_blocks::detected_isa() != Isa::Portable
+    {
+        for q in [Quant::Q8_0, Quant::Q4_0, Quant::Q5_0] {
+            assert!(packed.contains(&q), "{q:?} was not repacked");
+        }
     }
     for q in ALL {
         assert!(seen.contains(&q), "{q:?} has no golden case");

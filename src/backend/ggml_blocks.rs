@@ -675,20 +675,39 @@ mod x86 {
             pub(in super::super) unsafe fn $name_vnni(w: &[u8], a: ActRow) -> f32 {
                 unsafe { body::<true>(w, a) }
             }
+            /// `acc` plus block `b`'s dot product.
+            #[inline(always)]
+            unsafe fn block<const VNNI: bool>(
+                wp: *const u8,
+                yp: *const i8,
+                a: ActRow,
+                b: usize,
+                acc: __m256,
+            ) -> __m256 {
+                unsafe {
+                    let $wb = wp.add(b * $bytes);
+                    let qx: __m256i = $load;
+                    let qy = _mm256_loadu_si256(yp.add(b * 32).cast());
+                    let d = _mm256_set1_ps(f16_at($wb) * *a.d.get_unchecked(b));
+                    _mm256_fmadd_ps(d, dot_i8::<VNNI>(qx, qy), acc)
+                }
+            }
             #[inline(always)]
             unsafe fn body<const VNNI: bool>(w: &[u8], a: ActRow) -> f32 {
                 unsafe {
                     let nb = w.len() / $bytes;
                     let (wp, yp) = (w.as_ptr(), a.qs.as_ptr());
-                    let mut acc = [_mm256_setzero_ps(); 2];
-                    for b in 0..nb {
-                        let $wb = wp.add(b * $bytes);
-                        let qx: __m256i = $load;
-                        let qy = _mm256_loadu_si256(yp.add(b * 32).cast());
-                        let d = _mm256_set1_ps(f16_at($wb) * *a.d.get_unchecked(b));
-                        acc[b & 1] = _mm256_fmadd_ps(d, dot_i8::<VNNI>(qx, qy), acc[b & 1]);
+                    // Two accumulators in registers (an array indexed by `b & 1` lives on the stack; a closure
+                    // loses the target features).
+                    let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+                    for b in (0..nb - nb % 2).step_by(2) {
+                        acc0 = block::<VNNI>(wp, yp, a, b, acc0);
+                        acc1 = block::<VNNI>(wp, yp, a, b + 1, acc1);
                     }
-                    hsum(_mm256_add_ps(acc[0], acc[1]))
+                    if nb % 2 == 1 {
+                        acc0 = block::<VNNI>(wp, yp, a, nb - 1, acc0);
+                    }
+                    hsum(_mm256_add_ps(acc0, acc1))
                 }
             }
         };
@@ -893,7 +912,7 @@ mod x86 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::backend::half_matmul::test_data as data;
 

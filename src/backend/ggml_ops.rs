@@ -8,8 +8,11 @@
 //!   dequantized.
 //!
 //! The weights are the GGUF file's bytes: graphs keep them as initializers whose external data points into the GGUF
-//! (`models::llama_cpu`). Output rows are split over `spin_pool` as in `ort_ops`.
+//! (`models::llama_cpu`). Q8_0, Q5_0 and Q4_0 weights are repacked eight rows at a time on a kernel's first call
+//! (`ggml_repack`, `TRT_DIFF_NO_REPACK=1` turns it off) and the file's pages handed back to the kernel. Output rows
+//! are split over `spin_pool` as in `ort_ops`.
 use super::ggml_blocks::{self, Act, DOT_MAX_ROWS, QActs, Quant};
+use super::ggml_repack::Packed;
 use crate::weights::gguf::GgmlType;
 use crate::weights::llm_config::MlpAct;
 use ort::operator::{
@@ -79,12 +82,55 @@ unsafe impl Sync for OutPtr {}
 
 pub struct MatMulGgml<const GATED: bool>;
 
-/// One weight of a call: its format, bytes, rows and first output column.
+/// One weight of a call: its format, bytes, rows and first output column, and its rows repacked for decode.
 struct Part<'a> {
     q: WKind,
     w: &'a [u8],
     n: usize,
     col: usize,
+    packed: Option<&'a Packed>,
+}
+
+/// A kernel's weights repacked on its first call ([`Packed`]), with the addresses they were packed from: ONNX
+/// Runtime hands a node the same initializer buffers on every call of a session; a call with other buffers (a
+/// weight fed as an input) is served from the file layout.
+#[derive(Default)]
+struct PackCache(std::sync::Mutex<Option<std::sync::Arc<PackSet>>>);
+
+struct PackSet {
+    from: Vec<(usize, usize)>,
+    packed: Vec<Option<Packed>>,
+}
+
+impl PackCache {
+    fn get(&self, parts: &[Part], k: usize) -> std::sync::Arc<PackSet> {
+        let from: Vec<(usize, usize)> = parts
+            .iter()
+            .map(|p| (p.w.as_ptr() as usize, p.w.len()))
+            .collect();
+        let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match &*slot {
+            Some(set) if set.from == from => set.clone(),
+            Some(_) => std::sync::Arc::new(PackSet {
+                from,
+                packed: parts.iter().map(|_| None).collect(),
+            }),
+            None => {
+                let packed = parts
+                    .iter()
+                    .map(|p| {
+                        let WKind::Q(q) = p.q else { return None };
+                        let packed = Packed::new(q, p.w, k, p.n)?;
+                        super::ggml_repack::release(p.w);
+                        Some(packed)
+                    })
+                    .collect();
+                let set = std::sync::Arc::new(PackSet { from, packed });
+                *slot = Some(set.clone());
+                set
+            }
+        }
+    }
 }
 
 fn act_index(a: Act) -> usize {
@@ -205,11 +251,12 @@ fn dots(
     y: &mut [f32],
 ) {
     use super::half_matmul::dot_rows as hdot;
-    match p.q {
-        WKind::Q(q) => ggml_blocks::dot_rows(q, p.w, &acts[act_index(q.act())], 0, rows, y),
-        WKind::F32 => hdot(&x[..k], &floats::<f32>(p.w), k, rows, y),
-        WKind::F16 => hdot(&x[..k], &floats::<half::f16>(p.w), k, rows, y),
-        WKind::BF16 => hdot(&x[..k], &floats::<half::bf16>(p.w), k, rows, y),
+    match (p.q, p.packed) {
+        (WKind::Q(q), Some(packed)) => packed.dot_rows(&acts[act_index(q.act())], 0, rows, y),
+        (WKind::Q(q), None) => ggml_blocks::dot_rows(q, p.w, &acts[act_index(q.act())], 0, rows, y),
+        (WKind::F32, _) => hdot(&x[..k], &floats::<f32>(p.w), k, rows, y),
+        (WKind::F16, _) => hdot(&x[..k], &floats::<half::f16>(p.w), k, rows, y),
+        (WKind::BF16, _) => hdot(&x[..k], &floats::<half::bf16>(p.w), k, rows, y),
     }
 }
 
@@ -254,17 +301,57 @@ unsafe fn product_part(
         }
     }
     match p.q {
-        WKind::Q(q) => {
-            let a = use_dots.then(|| &acts[act_index(q.act())]);
-            unsafe { ggml_blocks::product_rows(q, p.w, x, a, m, k, n, rows, y, scratch) }
-        }
+        WKind::Q(q) => match (p.packed, use_dots) {
+            (Some(packed), true) => {
+                let a = &acts[act_index(q.act())];
+                // Tiles of weight rows that stay in cache across the activation rows, as `product_rows`.
+                let tile = ((128 << 10) / q.row_bytes(k).unwrap_or(1)).max(8) / 8 * 8;
+                for start in rows.clone().step_by(tile) {
+                    let t = start..(start + tile).min(rows.end);
+                    for r in 0..m {
+                        // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
+                        let yr = unsafe {
+                            std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len())
+                        };
+                        packed.dot_rows(a, r, t.clone(), yr);
+                    }
+                }
+            }
+            (Some(packed), false) => {
+                let w = packed.file_rows(rows.clone());
+                let tile = 0..rows.len();
+                unsafe {
+                    ggml_blocks::product_rows(
+                        q,
+                        &w,
+                        x,
+                        None,
+                        m,
+                        k,
+                        n,
+                        tile,
+                        y.add(rows.start),
+                        scratch,
+                    )
+                }
+            }
+            (None, _) => {
+                let a = use_dots.then(|| &acts[act_index(q.act())]);
+                unsafe { ggml_blocks::product_rows(q, p.w, x, a, m, k, n, rows, y, scratch) }
+            }
+        },
         WKind::F32 => half(&floats::<f32>(p.w), x, m, k, n, rows, y, scratch),
         WKind::F16 => half(&floats::<half::f16>(p.w), x, m, k, n, rows, y, scratch),
         WKind::BF16 => half(&floats::<half::bf16>(p.w), x, m, k, n, rows, y, scratch),
     }
 }
 
-fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64], act: MlpAct) -> ort::Result<()> {
+fn compute<const GATED: bool>(
+    ctx: &ComputeContext,
+    types: &[i64],
+    act: MlpAct,
+    cache: &PackCache,
+) -> ort::Result<()> {
     let name = if GATED { GATE_UP } else { MATMUL };
     let x = ctx
         .input(0)?
@@ -301,7 +388,13 @@ fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64], act: MlpAct) 
             )));
         }
         let n = s[0] as usize;
-        parts.push(Part { q, w: d, n, col });
+        parts.push(Part {
+            q,
+            w: d,
+            n,
+            col,
+            packed: None,
+        });
         col += n;
     }
     if GATED && parts[0].n != parts[1].n {
@@ -311,6 +404,10 @@ fn compute<const GATED: bool>(ctx: &ComputeContext, types: &[i64], act: MlpAct) 
         )));
     }
     let total = col;
+    let packs = cache.get(&parts, k);
+    for (p, packed) in parts.iter_mut().zip(&packs.packed) {
+        p.packed = packed.as_ref();
+    }
     let m = xd.len() / k.max(1);
     let n_out = if GATED { parts[0].n } else { total };
     let mut shape: Vec<i64> = xs[..xs.len() - 1].to_vec();
@@ -395,8 +492,9 @@ impl<const GATED: bool> Operator for MatMulGgml<GATED> {
         }
         let act = MlpAct::from_attr(ctx.get::<i64>("activation"))
             .ok_or_else(|| err(format!("{name}: unknown activation")))?;
+        let cache = PackCache::default();
         Ok(Box::new(move |c: &ComputeContext| {
-            compute::<GATED>(c, &types, act)
+            compute::<GATED>(c, &types, act, &cache)
         }))
     }
 }

@@ -3,6 +3,7 @@
 pub mod cuda_graphs;
 pub mod ggml_blocks;
 pub mod ggml_ops;
+pub mod ggml_repack;
 pub mod half_matmul;
 pub mod npy;
 pub mod ort_backend;
