@@ -1,9 +1,10 @@
 //! `cargo bench --bench llm_tokens`: CPU tokens/s of trt-diff's decoder (ONNX Runtime) beside llama.cpp
 //! (llama-cpp-python) on the same GGUF files and the same prompt ids, greedy, in one run:
 //! - stories260K, converted to GGUF by `convert llama2c` (F32): 256-token prompt, 128 generated tokens;
-//! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_qwen05b_gguf.py): 512-token
+//! - a random-weight GGUF with Qwen2.5-0.5B's shapes (F16, made by scripts/bench/make_random_gguf.py): 512-token
 //!   prompt (time to first token), 128 generated tokens;
-//! - the same file quantized to Q8_0 and Q4_K_M by llama.cpp's own quantizer (scripts/bench/quantize_gguf.py).
+//! - the same file quantized to Q8_0 and Q4_K_M by llama.cpp's own quantizer (scripts/bench/quantize_gguf.py);
+//! - a random-weight file with Llama 3.2 1B's shapes quantized to Q4_K_M likewise.
 //!
 //! `LLM_BENCH_ROUNDS` (default 2) repeats every row, alternating which engine goes first (this machine's memory
 //! bandwidth moves by a third between minutes); a summary gives each file's generation ratio per round.
@@ -18,7 +19,7 @@
 //! wrote against the GGUF (`LLM_BENCH_BYTES=0` skips it; the plan needs the TensorRT-RTX builder).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
-//! it only trt-diff's side runs (the Qwen-shaped file must then already exist in target/tmp/llm_tokens).
+//! it only trt-diff's side runs (the generated files must then already exist in target/tmp/llm_tokens).
 //! `LLM_BENCH_THREADS` (default 2) sets both engines' threads; stories260K also runs on one thread (what
 //! `generate` picks for models this small).
 use std::path::{Path, PathBuf};
@@ -231,55 +232,74 @@ fn main() -> anyhow::Result<()> {
         &data.join("llm/tok512.bin"),
         &stories,
     )?;
-    let qwen = dir.join("qwen05b_f16.gguf");
-    if !qwen.exists() {
+    // Random-weight files with real models' shapes, F16, then quantized by llama.cpp itself.
+    let make = |shape: &str, out: &Path, vocab: &str| -> anyhow::Result<()> {
+        if out.exists() {
+            return Ok(());
+        }
         let py = python.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
                 "{} is missing: set LLM_BENCH_PYTHON to a Python with numpy and gguf",
-                qwen.display()
+                out.display()
             )
         })?;
         let st = Command::new(py)
             .args([
                 concat!(
                     env!("CARGO_MANIFEST_DIR"),
-                    "/scripts/bench/make_qwen05b_gguf.py"
+                    "/scripts/bench/make_random_gguf.py"
                 ),
-                qwen.to_str().unwrap(),
-                data.join("tokenizers/ggml-vocab-qwen2.gguf")
-                    .to_str()
-                    .unwrap(),
+                shape,
+                out.to_str().unwrap(),
+                data.join("tokenizers").join(vocab).to_str().unwrap(),
             ])
             .status()?;
-        anyhow::ensure!(st.success(), "make_qwen05b_gguf.py failed");
-    }
-    // The F16 file quantized by llama.cpp itself.
+        anyhow::ensure!(st.success(), "make_random_gguf.py {shape} failed");
+        Ok(())
+    };
+    let quantize = |f16: &Path, out: &Path, kind: &str| -> anyhow::Result<()> {
+        if out.exists() {
+            return Ok(());
+        }
+        let py = python.as_ref().ok_or_else(|| {
+            anyhow::anyhow!(
+                "{} is missing: set LLM_BENCH_PYTHON to a Python with llama-cpp-python",
+                out.display()
+            )
+        })?;
+        let st = Command::new(py)
+            .args([
+                concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/scripts/bench/quantize_gguf.py"
+                ),
+                f16.to_str().unwrap(),
+                out.to_str().unwrap(),
+                kind,
+                &threads.to_string(),
+            ])
+            .status()?;
+        anyhow::ensure!(st.success(), "quantize_gguf.py {kind} failed");
+        Ok(())
+    };
+    let qwen = dir.join("qwen05b_f16.gguf");
+    make("qwen2.5-0.5b", &qwen, "ggml-vocab-qwen2.gguf")?;
     let mut quantized = Vec::new();
     for kind in ["Q8_0", "Q4_K_M"] {
         let out = dir.join(format!("qwen05b_{}.gguf", kind.to_lowercase()));
-        if !out.exists() {
-            let py = python.as_ref().ok_or_else(|| {
-                anyhow::anyhow!(
-                    "{} is missing: set LLM_BENCH_PYTHON to a Python with llama-cpp-python",
-                    out.display()
-                )
-            })?;
-            let st = Command::new(py)
-                .args([
-                    concat!(
-                        env!("CARGO_MANIFEST_DIR"),
-                        "/scripts/bench/quantize_gguf.py"
-                    ),
-                    qwen.to_str().unwrap(),
-                    out.to_str().unwrap(),
-                    kind,
-                    &threads.to_string(),
-                ])
-                .status()?;
-            anyhow::ensure!(st.success(), "quantize_gguf.py {kind} failed");
-        }
+        quantize(&qwen, &out, kind)?;
         quantized.push((format!("Qwen2.5-0.5B-shaped ({kind})"), out));
     }
+    // Llama 3.2 1B's shapes: 2048-wide rows, so Q4_K_M is Q4_K and Q6_K throughout (no Q5_0 fallback). Only the
+    // quantized file is kept (the F16 one is 2.5 GB).
+    let llama = dir.join("llama32_1b_q4_k_m.gguf");
+    if !llama.exists() {
+        let f16 = dir.join("llama32_1b_f16.gguf");
+        make("llama-3.2-1b", &f16, "ggml-vocab-gpt-2.gguf")?;
+        quantize(&f16, &llama, "Q4_K_M")?;
+        std::fs::remove_file(&f16)?;
+    }
+    quantized.push(("Llama-3.2-1B-shaped (Q4_K_M)".into(), llama));
     // (name, file, graph precisions, prompt ids, tokens to generate, thread counts)
     type Case<'a> = (
         &'a str,
@@ -291,7 +311,7 @@ fn main() -> anyhow::Result<()> {
     );
     let mut story_threads = vec![1, threads];
     story_threads.dedup();
-    let cases: [Case; 4] = [
+    let cases: [Case; 5] = [
         (
             "stories260K (F32)",
             &stories,
@@ -319,6 +339,14 @@ fn main() -> anyhow::Result<()> {
         (
             &quantized[1].0,
             &quantized[1].1,
+            &["ggml-cpu"],
+            ids(512, 1000, 100_000),
+            128,
+            vec![threads],
+        ),
+        (
+            &quantized[2].0,
+            &quantized[2].1,
             &["ggml-cpu"],
             ids(512, 1000, 100_000),
             128,
