@@ -156,15 +156,13 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gate: Option<MlpAct>, 
     ACTS.with(|acts| {
         let mut acts = acts.borrow_mut();
         let use_dots = m <= DOT_MAX_ROWS;
-        if use_dots {
-            let mut done = [false; 3];
-            for p in parts {
-                let WKind::Q(q) = p.q else { continue };
-                let i = act_index(q.act());
-                if !done[i] {
-                    acts[i].quantize(q, x, k);
-                    done[i] = true;
-                }
+        let mut done = [false; 3];
+        for p in parts {
+            let WKind::Q(q) = p.q else { continue };
+            let i = act_index(q.act());
+            if (use_dots || ggml_blocks::prefill_dots(q)) && !done[i] {
+                acts[i].quantize(q, x, k);
+                done[i] = true;
             }
         }
         let acts = &*acts;
@@ -336,7 +334,8 @@ unsafe fn product_part(
                 }
             }
             (None, _) => {
-                let a = use_dots.then(|| &acts[act_index(q.act())]);
+                let dots = use_dots || ggml_blocks::prefill_dots(q);
+                let a = dots.then(|| &acts[act_index(q.act())]);
                 unsafe { ggml_blocks::product_rows(q, p.w, x, a, m, k, n, rows, y, scratch) }
             }
         },
