@@ -314,6 +314,28 @@ fn quantized_gemma_gguf_runs_from_any_folder_directly_and_after_build() {
         ],
         true,
     );
+    // The cache holds the GPU graph `build` writes by default (the file's blocks as INT4 weights), not an f16 copy.
+    let graph_bytes = |dir: &std::path::Path| -> u64 {
+        let mut files = vec![dir.to_path_buf()];
+        let mut total = 0;
+        while let Some(f) = files.pop() {
+            if f.is_dir() {
+                files.extend(std::fs::read_dir(&f).unwrap().map(|e| e.unwrap().path()));
+                continue;
+            }
+            let name = f.file_name().unwrap().to_string_lossy().into_owned();
+            if name.ends_with(".onnx.data") && !name.contains(".cpu.onnx") {
+                total += f.metadata().unwrap().len();
+            }
+        }
+        total
+    };
+    let (cached, by_hand) = (graph_bytes(std::path::Path::new(cache)), graph_bytes(&out));
+    // (Weights only: an f16 graph's are 188 KB here, the blocks' 74 KB.)
+    assert!(
+        by_hand > 0 && cached.abs_diff(by_hand) * 100 <= by_hand,
+        "cache's GPU graph weights {cached} bytes, build's {by_hand}"
+    );
     let weights = out.join("g.weights.gguf");
     let meta = std::fs::symlink_metadata(&weights).unwrap();
     assert!(

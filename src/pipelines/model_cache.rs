@@ -2,7 +2,7 @@
 //! `llama-server -m` takes a model file: the ONNX-only bundle ONNX Runtime runs (CUDA or CPU) is built once into the
 //! user's cache and reused. The cache entry is keyed by the files (real paths, sizes and modification times; a
 //! folder's config.json, tokenizer files and safetensors), so a replaced or edited model is built again.
-use super::llm_build::{LlmSource, build_llm};
+use super::llm_build::{LlmSource, build_llm, is_quantized_gguf};
 use crate::quant::Precision;
 use crate::trt::BuildOptions;
 use anyhow::{Context, Result};
@@ -117,15 +117,15 @@ pub fn bundle_for(model: &Path) -> Result<PathBuf> {
     } else {
         LlmSource::Gguf
     };
-    build_llm(
-        model,
-        source,
-        Precision::Fp16,
-        None,
-        &Default::default(),
-        &opts,
-    )
-    .with_context(|| format!("building a bundle for '{}'", model.display()))?;
+    // A quantized GGUF keeps its blocks in the GPU graph too (INT4 weight-only, about the file's size, as `build`'s
+    // default), not an f16 copy 2.5-5x the file.
+    let precision = if is_quantized_gguf(model) {
+        Precision::Gguf
+    } else {
+        Precision::Fp16
+    };
+    build_llm(model, source, precision, None, &Default::default(), &opts)
+        .with_context(|| format!("building a bundle for '{}'", model.display()))?;
     match std::fs::rename(building.path(), &entry) {
         Ok(()) => {}
         // Another run finished the same entry first: use it.
