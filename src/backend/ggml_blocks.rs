@@ -799,6 +799,29 @@ mod x86 {
         unsafe { _mm256_set1_epi16((((2 * i + 1) as i16) << 8) | (2 * i) as i16) }
     }
 
+    /// A Q4_K block's eight 6-bit scales (low 128 bits) and eight mins (high 128 bits) as 16-bit lanes.
+    #[inline(always)]
+    unsafe fn mins_scales_k4(x: *const u8) -> __m256i {
+        unsafe {
+            let mut u = [0u32; 4];
+            std::ptr::copy_nonoverlapping(x.add(4), u.as_mut_ptr().cast::<u8>(), 12);
+            const K1: u32 = 0x3f3f3f3f;
+            const K2: u32 = 0x0f0f0f0f;
+            const K3: u32 = 0x03030303;
+            u[3] = ((u[2] >> 4) & K2) | (((u[1] >> 6) & K3) << 4);
+            let uaux = u[1] & K1;
+            u[1] = (u[2] & K2) | (((u[0] >> 6) & K3) << 4);
+            u[2] = uaux;
+            u[0] &= K1;
+            _mm256_cvtepu8_epi16(_mm_set_epi32(
+                u[3] as i32,
+                u[2] as i32,
+                u[1] as i32,
+                u[0] as i32,
+            ))
+        }
+    }
+
     /// # Safety
     /// AVX2, FMA and F16C; `a` must match `w`'s blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -813,22 +836,7 @@ mod x86 {
                 let yd = *a.d.get_unchecked(i);
                 let d = yd * f16_at(x);
                 let dmin = -yd * f16_at(x.add(2));
-                let mut u = [0u32; 4];
-                std::ptr::copy_nonoverlapping(x.add(4), u.as_mut_ptr().cast::<u8>(), 12);
-                const K1: u32 = 0x3f3f3f3f;
-                const K2: u32 = 0x0f0f0f0f;
-                const K3: u32 = 0x03030303;
-                u[3] = ((u[2] >> 4) & K2) | (((u[1] >> 6) & K3) << 4);
-                let uaux = u[1] & K1;
-                u[1] = (u[2] & K2) | (((u[0] >> 6) & K3) << 4);
-                u[2] = uaux;
-                u[0] &= K1;
-                let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                    u[3] as i32,
-                    u[2] as i32,
-                    u[1] as i32,
-                    u[0] as i32,
-                ));
+                let mins_scales = mins_scales_k4(x);
                 let q8sums = _mm256_loadu_si256(a.bsums.as_ptr().add(i * 16).cast());
                 let q8s = _mm_hadd_epi16(
                     _mm256_castsi256_si128(q8sums),
@@ -878,22 +886,7 @@ mod x86 {
             for i in 0..nb {
                 let x = w.as_ptr().add(i * 144);
                 let (xd, xmin) = (f16_at(x), f16_at(x.add(2)));
-                let mut u = [0u32; 4];
-                std::ptr::copy_nonoverlapping(x.add(4), u.as_mut_ptr().cast::<u8>(), 12);
-                const K1: u32 = 0x3f3f3f3f;
-                const K2: u32 = 0x0f0f0f0f;
-                const K3: u32 = 0x03030303;
-                u[3] = ((u[2] >> 4) & K2) | (((u[1] >> 6) & K3) << 4);
-                let uaux = u[1] & K1;
-                u[1] = (u[2] & K2) | (((u[0] >> 6) & K3) << 4);
-                u[2] = uaux;
-                u[0] &= K1;
-                let mins_scales = _mm256_cvtepu8_epi16(_mm_set_epi32(
-                    u[3] as i32,
-                    u[2] as i32,
-                    u[1] as i32,
-                    u[0] as i32,
-                ));
+                let mins_scales = mins_scales_k4(x);
                 let mins = _mm256_extracti128_si256(mins_scales, 1);
                 let sc128 = _mm256_castsi256_si128(mins_scales);
                 let scales = _mm256_set_m128i(sc128, sc128);
