@@ -80,6 +80,7 @@
       #   not-exported: TRT_DIFF_ORT_PROFILE  (a folder for ONNX Runtime's per-node profiles: a diagnosis switch)
       #   not-exported: TRT_DIFF_CUDA_LLM_GRAPH  (`tensorrt` runs an LLM bundle's TensorRT graph on ONNX Runtime CUDA instead of its CUDA graph: a comparison switch)
       #   not-exported: TRT_DIFF_CUDA_GRAPHS  (`0` runs LLM decode steps on ONNX Runtime CUDA without CUDA graphs: a comparison switch)
+      #   not-exported: TRT_DIFF_NO_REPACK  (set, the CPU decoder multiplies GGUF blocks in the file's layout instead of repacking Q8_0/Q5_0/Q4_0 rows: a comparison switch, as llama.cpp's --no-repack)
 
       perSystem =
         system:
