@@ -232,55 +232,40 @@ fn main() -> anyhow::Result<()> {
         &data.join("llm/tok512.bin"),
         &stories,
     )?;
-    // Random-weight files with real models' shapes, F16, then quantized by llama.cpp itself.
-    let make = |shape: &str, out: &Path, vocab: &str| -> anyhow::Result<()> {
+    // Random-weight files with real models' shapes, F16, then quantized by llama.cpp itself: `script` with `args`
+    // writes `out` unless it exists.
+    let script = |name: &str, out: &Path, args: &[&str]| -> anyhow::Result<()> {
         if out.exists() {
             return Ok(());
         }
         let py = python.as_ref().ok_or_else(|| {
             anyhow::anyhow!(
-                "{} is missing: set LLM_BENCH_PYTHON to a Python with numpy and gguf",
+                "{} is missing: set LLM_BENCH_PYTHON to a Python with numpy, gguf and llama-cpp-python",
                 out.display()
             )
         })?;
-        let st = Command::new(py)
-            .args([
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/scripts/bench/make_random_gguf.py"
-                ),
-                shape,
-                out.to_str().unwrap(),
-                data.join("tokenizers").join(vocab).to_str().unwrap(),
-            ])
-            .status()?;
-        anyhow::ensure!(st.success(), "make_random_gguf.py {shape} failed");
+        let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("scripts/bench")
+            .join(name);
+        let st = Command::new(py).arg(path).args(args).status()?;
+        anyhow::ensure!(st.success(), "{name} {args:?} failed");
         Ok(())
     };
-    let quantize = |f16: &Path, out: &Path, kind: &str| -> anyhow::Result<()> {
-        if out.exists() {
-            return Ok(());
-        }
-        let py = python.as_ref().ok_or_else(|| {
-            anyhow::anyhow!(
-                "{} is missing: set LLM_BENCH_PYTHON to a Python with llama-cpp-python",
-                out.display()
-            )
-        })?;
-        let st = Command::new(py)
-            .args([
-                concat!(
-                    env!("CARGO_MANIFEST_DIR"),
-                    "/scripts/bench/quantize_gguf.py"
-                ),
-                f16.to_str().unwrap(),
-                out.to_str().unwrap(),
-                kind,
-                &threads.to_string(),
-            ])
-            .status()?;
-        anyhow::ensure!(st.success(), "quantize_gguf.py {kind} failed");
-        Ok(())
+    let make = |shape: &str, out: &Path, vocab: &str| {
+        let vocab = data.join("tokenizers").join(vocab);
+        script(
+            "make_random_gguf.py",
+            out,
+            &[shape, out.to_str().unwrap(), vocab.to_str().unwrap()],
+        )
+    };
+    let quantize = |f16: &Path, out: &Path, kind: &str| {
+        let t = threads.to_string();
+        script(
+            "quantize_gguf.py",
+            out,
+            &[f16.to_str().unwrap(), out.to_str().unwrap(), kind, &t],
+        )
     };
     let qwen = dir.join("qwen05b_f16.gguf");
     make("qwen2.5-0.5b", &qwen, "ggml-vocab-qwen2.gguf")?;
