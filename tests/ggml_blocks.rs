@@ -92,7 +92,13 @@ fn block_dot_products_equal_ggml() {
     if std::env::var_os("TRT_DIFF_NO_REPACK").is_none()
         && ggml_blocks::detected_isa() != Isa::Portable
     {
-        for q in [Quant::Q8_0, Quant::Q4_0, Quant::Q5_0] {
+        for q in [
+            Quant::Q8_0,
+            Quant::Q4_0,
+            Quant::Q5_0,
+            Quant::Q4K,
+            Quant::Q6K,
+        ] {
             assert!(packed.contains(&q), "{q:?} was not repacked");
         }
     }

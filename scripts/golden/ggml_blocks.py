@@ -79,10 +79,10 @@ def main():
     rng = np.random.default_rng(19)
     cases = []
     for name, t in TYPES.items():
-        # Nine rows of the 32-element formats: one group of eight as the CPU decoder repacks them
-        # (backend::ggml_repack) and one row left in the file's layout.
+        # Nine rows: one group of eight as the CPU decoder repacks them (backend::ggml_repack) and one row left
+        # in the file's layout.
         for k in ([256, 1024] if t >= 12 else [64, 896]):
-            cases.append(case(name, t, 4 if t >= 12 else 9, k, rng))
+            cases.append(case(name, t, 9, k, rng))
     out = os.path.join(os.path.dirname(__file__), "../../tests/golden/ggml/blocks.bin")
     with open(out, "wb") as f:
         f.write(b"GGMLDOT1" + struct.pack("<I", len(cases)) + b"".join(cases))

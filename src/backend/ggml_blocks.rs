@@ -6,7 +6,8 @@
 //! integer block dot products times the blocks' scales, as ggml's `vec_dot` computes it. Kernels: AVX2 (with
 //! AVX-512 VNNI for the 32-element formats where present), chosen at run time, and a portable fallback of the
 //! same integer arithmetic. Prefill with more than [`DOT_MAX_ROWS`] activation rows dequantizes a tile of weight rows
-//! to f32 per task and multiplies it with sgemm (more precise than llama.cpp's quantized activations).
+//! to f32 per task and multiplies it with sgemm (more precise than llama.cpp's quantized activations), except for
+//! the K-quants repacked by `ggml_repack`, whose kernels take quantized products over four activation rows at once.
 //!
 //! Weights are the raw bytes of a GGUF tensor, [n rows, row bytes], row `j` the blocks of output `j`.
 use crate::weights::gguf::GgmlType;
@@ -498,13 +499,6 @@ pub fn dot_with(isa: Isa, q: Quant, w_row: &[u8], a: &QActs, r: usize) -> f32 {
 /// weights to f32 for sgemm.
 pub const DOT_MAX_ROWS: usize = 32;
 
-/// Whether products with many activation rows (prefill) take quantized dot products for format `q` too, four
-/// activation rows per pass over a weight row, as llama.cpp's GEMMs do: faster here than a dequantized tile and
-/// sgemm. Q4_K only, with AVX2 (a Q6_K kernel of the same shape was no faster than sgemm here).
-pub fn prefill_dots(q: Quant) -> bool {
-    q == Quant::Q4K && detected_isa() != Isa::Portable
-}
-
 /// Dequantizes weight rows `rows` into `out` ([rows.len(), k] f32).
 pub fn dequantize_rows(q: Quant, w: &[u8], k: usize, rows: Range<usize>, out: &mut Vec<f32>) {
     let rb = q.row_bytes(k).unwrap_or(0);
@@ -544,26 +538,7 @@ pub unsafe fn product_rows(
         let tile = ((128 << 10) / rb).max(4);
         for start in rows.clone().step_by(tile) {
             let t = start..(start + tile).min(rows.end);
-            let mut r0 = 0;
-            #[cfg(target_arch = "x86_64")]
-            if prefill_dots(q) {
-                assert!(w.len() >= t.end * rb && a.qs.len() >= m * k);
-                while r0 + 4 <= m {
-                    let rows4 = [a.row(r0), a.row(r0 + 1), a.row(r0 + 2), a.row(r0 + 3)];
-                    for j in t.clone() {
-                        let wr = &w[j * rb..(j + 1) * rb];
-                        // SAFETY: `prefill_dots` checked AVX2, FMA and F16C; the weight row and the four activation
-                        // rows have k elements each (asserted above).
-                        let o = unsafe { x86::dot_q4_k_x4(wr, rows4) };
-                        for (i, v) in o.into_iter().enumerate() {
-                            // SAFETY: row r0 + i < m, column j < n; the caller owns columns `rows`.
-                            unsafe { *y.add((r0 + i) * n + j) = v };
-                        }
-                    }
-                    r0 += 4;
-                }
-            }
-            for r in r0..m {
+            for r in 0..m {
                 // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
                 let yr = unsafe { std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len()) };
                 dot_rows(q, w, a, r, t.clone(), yr);
@@ -871,68 +846,6 @@ mod x86 {
         }
     }
 
-    /// [`dot_q4_k`] of one weight row with four activation rows: the row's nibbles and scales are unpacked once for
-    /// the four (prefill).
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; every row of `a` must match `w`'s blocks.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn dot_q4_k_x4(w: &[u8], a: [ActRow; 4]) -> [f32; 4] {
-        unsafe {
-            let nb = w.len() / 144;
-            let m4 = _mm256_set1_epi8(0xF);
-            let mut acc = [_mm256_setzero_ps(); 4];
-            let mut acc_m = [_mm_setzero_ps(); 4];
-            for i in 0..nb {
-                let x = w.as_ptr().add(i * 144);
-                let (xd, xmin) = (f16_at(x), f16_at(x.add(2)));
-                let mins_scales = mins_scales_k4(x);
-                let mins = _mm256_extracti128_si256(mins_scales, 1);
-                let sc128 = _mm256_castsi256_si128(mins_scales);
-                let scales = _mm256_set_m128i(sc128, sc128);
-                let mut sumi = [_mm256_setzero_si256(); 4];
-                for j in 0..4 {
-                    let sl = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j));
-                    let sh = _mm256_shuffle_epi8(scales, scale_shuffle_k4(2 * j + 1));
-                    let bits = _mm256_loadu_si256(x.add(16 + 32 * j).cast());
-                    let ql = _mm256_and_si256(bits, m4);
-                    let qh = _mm256_and_si256(_mm256_srli_epi16(bits, 4), m4);
-                    for r in 0..4 {
-                        let q8 = a[r].qs.as_ptr().add(i * 256 + 64 * j);
-                        let y0 = _mm256_loadu_si256(q8.cast());
-                        let y1 = _mm256_loadu_si256(q8.add(32).cast());
-                        let pl = _mm256_madd_epi16(sl, _mm256_maddubs_epi16(ql, y0));
-                        let ph = _mm256_madd_epi16(sh, _mm256_maddubs_epi16(qh, y1));
-                        sumi[r] = _mm256_add_epi32(sumi[r], _mm256_add_epi32(pl, ph));
-                    }
-                }
-                for r in 0..4 {
-                    let yd = *a[r].d.get_unchecked(i);
-                    let q8sums = _mm256_loadu_si256(a[r].bsums.as_ptr().add(i * 16).cast());
-                    let q8s = _mm_hadd_epi16(
-                        _mm256_castsi256_si128(q8sums),
-                        _mm256_extracti128_si256(q8sums, 1),
-                    );
-                    let prod = _mm_madd_epi16(mins, q8s);
-                    acc_m[r] =
-                        _mm_fmadd_ps(_mm_set1_ps(-yd * xmin), _mm_cvtepi32_ps(prod), acc_m[r]);
-                    acc[r] = _mm256_fmadd_ps(
-                        _mm256_set1_ps(yd * xd),
-                        _mm256_cvtepi32_ps(sumi[r]),
-                        acc[r],
-                    );
-                }
-            }
-            let mut out = [0f32; 4];
-            for r in 0..4 {
-                let m = _mm_add_ps(acc_m[r], _mm_movehl_ps(acc_m[r], acc_m[r]));
-                let m = _mm_add_ss(m, _mm_movehdup_ps(m));
-                out[r] = hsum(acc[r]) + _mm_cvtss_f32(m);
-            }
-            out
-        }
-    }
-
     /// # Safety
     /// AVX2, FMA and F16C; `a` must match `w`'s blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
@@ -1032,46 +945,6 @@ pub(crate) mod tests {
             }
         }
         w
-    }
-
-    #[test]
-    fn prefill_dots_equal_the_row_kernels() {
-        // Nine activation rows: two passes of four and one row alone.
-        let (m, k, n) = (9, 512, 7);
-        for q in ALL.into_iter().filter(|&q| prefill_dots(q)) {
-            let w = random_blocks(q, n, k, 23);
-            let x = data(m * k, 29);
-            let mut a = QActs::default();
-            a.quantize(q, &x, k);
-            let mut y = vec![0f32; m * n];
-            let mut scratch = Vec::new();
-            // SAFETY: y holds m * n values and this thread alone writes them.
-            unsafe {
-                product_rows(
-                    q,
-                    &w,
-                    &x,
-                    Some(&a),
-                    m,
-                    k,
-                    n,
-                    0..n,
-                    y.as_mut_ptr(),
-                    &mut scratch,
-                )
-            };
-            let rb = q.row_bytes(k).unwrap();
-            for r in 0..m {
-                for j in 0..n {
-                    let want = dot_with(Isa::Portable, q, &w[j * rb..(j + 1) * rb], &a, r);
-                    let got = y[r * n + j];
-                    assert!(
-                        (got - want).abs() <= 1e-5 * want.abs().max(1.0),
-                        "{q:?} r={r} j={j}: {got} vs {want}"
-                    );
-                }
-            }
-        }
     }
 
     #[test]

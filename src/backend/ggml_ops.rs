@@ -103,6 +103,40 @@ struct PackSet {
 }
 
 impl PackCache {
+    /// Packs the node's weights when the session creates the kernel, where they are initializers (constant inputs
+    /// 1..): the model's load pays for the packing, as llama.cpp's does, not its first prompt. Anything else waits
+    /// for the first call.
+    fn pack_constants(&self, ctx: &KernelContext, types: &[i64], name: &str) {
+        let mut from = Vec::new();
+        let mut packed = Vec::new();
+        for (i, &t) in types.iter().enumerate() {
+            let Ok(w) = ctx.constant_input::<ort::value::DynTensorValueType>(i + 1) else {
+                return;
+            };
+            let Ok((shape, data)) = w.try_extract_tensor::<u8>() else {
+                return;
+            };
+            let (Ok(q), &[n, rb]) = (quant_of(name, t), &shape[..]) else {
+                return;
+            };
+            let (n, rb) = (n.max(0) as usize, rb.max(0) as usize);
+            from.push((data.as_ptr() as usize, data.len()));
+            packed.push(match q {
+                WKind::Q(q) if rb.is_multiple_of(q.block_bytes()) && data.len() >= n * rb => {
+                    let k = rb / q.block_bytes() * q.block_elems();
+                    let p = Packed::new(q, data, k, n);
+                    if p.is_some() {
+                        super::ggml_repack::release(data);
+                    }
+                    p
+                }
+                _ => None,
+            });
+        }
+        *self.0.lock().unwrap_or_else(|e| e.into_inner()) =
+            Some(std::sync::Arc::new(PackSet { from, packed }));
+    }
+
     fn get(&self, parts: &[Part], k: usize) -> std::sync::Arc<PackSet> {
         let from: Vec<(usize, usize)> = parts
             .iter()
@@ -111,10 +145,15 @@ impl PackCache {
         let mut slot = self.0.lock().unwrap_or_else(|e| e.into_inner());
         match &*slot {
             Some(set) if set.from == from => set.clone(),
-            Some(_) => std::sync::Arc::new(PackSet {
-                from,
-                packed: parts.iter().map(|_| None).collect(),
-            }),
+            Some(_) => {
+                tracing::debug!(
+                    "weights at other addresses than packed: the file's layout serves this call"
+                );
+                std::sync::Arc::new(PackSet {
+                    from,
+                    packed: parts.iter().map(|_| None).collect(),
+                })
+            }
             None => {
                 let packed = parts
                     .iter()
@@ -160,7 +199,11 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gate: Option<MlpAct>, 
         for p in parts {
             let WKind::Q(q) = p.q else { continue };
             let i = act_index(q.act());
-            if (use_dots || ggml_blocks::prefill_dots(q)) && !done[i] {
+            let quantized = match p.packed {
+                Some(packed) => packed.quantized(m),
+                None => use_dots,
+            };
+            if quantized && !done[i] {
                 acts[i].quantize(q, x, k);
                 done[i] = true;
             }
@@ -170,7 +213,8 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gate: Option<MlpAct>, 
             256
         } else {
             let threads = std::thread::available_parallelism().map_or(1, |t| t.get());
-            total.div_ceil(threads).clamp(128, 4096)
+            // Whole groups of eight rows for the repacked weights.
+            total.div_ceil(threads).clamp(128, 4096).next_multiple_of(8)
         };
         // Tasks: (part, rows) of at most `step` rows; gated calls split the gate's rows.
         let mut tasks = Vec::new();
@@ -299,43 +343,12 @@ unsafe fn product_part(
         }
     }
     match p.q {
-        WKind::Q(q) => match (p.packed, use_dots) {
-            (Some(packed), true) => {
-                let a = &acts[act_index(q.act())];
-                // Tiles of weight rows that stay in cache across the activation rows, as `product_rows`.
-                let tile = ((128 << 10) / q.row_bytes(k).unwrap_or(1)).max(8) / 8 * 8;
-                for start in rows.clone().step_by(tile) {
-                    let t = start..(start + tile).min(rows.end);
-                    for r in 0..m {
-                        // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
-                        let yr = unsafe {
-                            std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len())
-                        };
-                        packed.dot_rows(a, r, t.clone(), yr);
-                    }
-                }
-            }
-            (Some(packed), false) => {
-                let w = packed.file_rows(rows.clone());
-                let tile = 0..rows.len();
-                unsafe {
-                    ggml_blocks::product_rows(
-                        q,
-                        &w,
-                        x,
-                        None,
-                        m,
-                        k,
-                        n,
-                        tile,
-                        y.add(rows.start),
-                        scratch,
-                    )
-                }
-            }
-            (None, _) => {
-                let dots = use_dots || ggml_blocks::prefill_dots(q);
-                let a = dots.then(|| &acts[act_index(q.act())]);
+        WKind::Q(q) => match p.packed {
+            Some(packed) => unsafe {
+                packed.product(x, &acts[act_index(q.act())], m, n, rows, y, scratch)
+            },
+            None => {
+                let a = use_dots.then(|| &acts[act_index(q.act())]);
                 unsafe { ggml_blocks::product_rows(q, p.w, x, a, m, k, n, rows, y, scratch) }
             }
         },
@@ -492,6 +505,7 @@ impl<const GATED: bool> Operator for MatMulGgml<GATED> {
         let act = MlpAct::from_attr(ctx.get::<i64>("activation"))
             .ok_or_else(|| err(format!("{name}: unknown activation")))?;
         let cache = PackCache::default();
+        cache.pack_constants(ctx, &types, &name);
         Ok(Box::new(move |c: &ComputeContext| {
             compute::<GATED>(c, &types, act, &cache)
         }))

@@ -1,8 +1,10 @@
-//! The 32-element GGUF formats (Q8_0, Q5_0, Q4_0) repacked in memory for decode, eight rows interleaved, as
-//! llama.cpp's CPU "extra buffer types" repack Q4_0 and Q4_K: one activation load serves eight rows, the eight rows'
-//! scales are one vector, and Q4_0/Q5_0 values unpack to unsigned bytes with a mask and two shifts instead of
-//! ggml's per-row shuffles and sign tricks. Decode on these two cores is bound by instructions more than by
-//! memory (two threads run 1.75x one), so fewer instructions per weight byte is speed.
+//! GGUF weights repacked in memory, eight rows interleaved, as llama.cpp's CPU "extra buffer types" repack Q4_0 and
+//! Q4_K: one activation load serves eight rows, the eight rows' scales are one vector, and 4- and 5-bit values
+//! unpack to unsigned bytes with a mask and two shifts instead of ggml's per-row shuffles and sign tricks. Decode on
+//! these two cores is bound by instructions more than by memory (two threads run 1.75x one), so fewer instructions
+//! per weight byte is speed. Q8_0, Q5_0 and Q4_0 are packed here; Q4_K and Q6_K in [`super::ggml_repack_k`], whose
+//! kernels also take four activation rows at once (prefill). Operators pack their weights when the session creates
+//! them (`ggml_ops`), so a model's load pays for it, as llama.cpp's does.
 //!
 //! Layout of a group of eight rows, block `b` (32 elements of each row), at `b * group_block_bytes`:
 //! - 8 f16 scales, row `r`'s at bytes `2r`;
@@ -13,7 +15,10 @@
 //!
 //! Rows past the last whole group keep the file's layout. Sums are the same integers as ggml's (`sum(q * y)` per
 //! block; the unsigned offset comes off as `8 * sum(y)` or `16 * sum(y)`), scaled and added in a different order.
-use super::ggml_blocks::{Isa, QActs, Quant, detected_isa, dot_rows as file_dot_rows};
+use super::ggml_blocks::{
+    DOT_MAX_ROWS, Isa, QActs, Quant, detected_isa, dot_rows as file_dot_rows, product_rows,
+};
+use super::ggml_repack_k as k_quants;
 use std::ops::Range;
 
 /// Rows interleaved in a group.
@@ -32,8 +37,15 @@ fn group_block_bytes(q: Quant) -> usize {
     match q {
         Quant::Q8_0 => 16 + 256,
         Quant::Q5_0 => 16 + 128 + 32,
+        Quant::Q4K | Quant::Q6K => k_quants::group_block_bytes(q),
         _ => 16 + 128,
     }
+}
+
+/// Formats with packed kernels over several activation rows at once (the K-quants), where prefill takes quantized
+/// products instead of a dequantized tile and sgemm.
+fn multi_row(q: Quant) -> bool {
+    matches!(q, Quant::Q4K | Quant::Q6K)
 }
 
 /// Element `e` (0..32) of a Q4_0 or Q5_0 block as the packed layout stores it: unsigned.
@@ -56,11 +68,11 @@ impl Packed {
     /// format, fewer than eight rows, a CPU without AVX2, or `TRT_DIFF_NO_REPACK` set).
     pub fn new(q: Quant, w: &[u8], k: usize, n: usize) -> Option<Packed> {
         let rb = q.row_bytes(k)?;
-        let supported = matches!(q, Quant::Q8_0 | Quant::Q5_0 | Quant::Q4_0);
+        let supported = matches!(q, Quant::Q8_0 | Quant::Q5_0 | Quant::Q4_0) || multi_row(q);
         if !supported || n < ROWS || w.len() < n * rb || !enabled() {
             return None;
         }
-        let nb = k / 32;
+        let nb = k / q.block_elems();
         let gb = group_block_bytes(q);
         let groups = n / ROWS;
         let mut data = vec![0u8; groups * nb * gb];
@@ -69,11 +81,18 @@ impl Packed {
         let out = SendPtr(data.as_mut_ptr());
         let pack = move |t: usize| {
             let out = out;
-            for g in t * per_task..((t + 1) * per_task).min(groups) {
+            let task = t * per_task..((t + 1) * per_task).min(groups);
+            populate(&w[task.start * ROWS * rb..task.end * ROWS * rb]);
+            for g in task {
                 // SAFETY: task t alone writes groups t * per_task.., each `nb * gb` bytes of `data`.
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.0.add(g * nb * gb), nb * gb) };
-                pack_group(q, &w[g * ROWS * rb..(g + 1) * ROWS * rb], nb, dst);
+                let rows = &w[g * ROWS * rb..(g + 1) * ROWS * rb];
+                if multi_row(q) {
+                    k_quants::pack_group(q, rows, nb, dst);
+                } else {
+                    pack_group(q, rows, nb, dst);
+                }
             }
         };
         super::spin_pool::SpinPool::global().run(groups.div_ceil(per_task), &pack);
@@ -86,9 +105,198 @@ impl Packed {
         self.data.len()
     }
 
-    /// Rows `rows` in the file's layout again (prefill dequantizes tiles of them for sgemm, so the file's bytes are
-    /// not read after packing).
-    pub fn file_rows(&self, rows: Range<usize>) -> Vec<u8> {
+    /// Whether [`Packed::product`] of `m` activation rows reads them quantized (as `QActs` for this format) rather
+    /// than as f32.
+    pub fn quantized(&self, m: usize) -> bool {
+        multi_row(self.q) || m <= DOT_MAX_ROWS
+    }
+
+    /// `y[r * n + j]` for activation rows `r < m` and weight rows `j` in `rows`: `x` ([m, k]) quantized in `a` where
+    /// [`Packed::quantized`] says so. Tiles of weight rows stay in cache across the activation rows.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of `m * n` f32 and no other thread may write columns `rows` meanwhile.
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn product(
+        &self,
+        x: &[f32],
+        a: &QActs,
+        m: usize,
+        n: usize,
+        rows: Range<usize>,
+        y: *mut f32,
+        scratch: &mut Vec<f32>,
+    ) {
+        let q = self.q;
+        assert!(rows.end <= self.n && rows.end <= n && x.len() == m * self.k);
+        if !self.quantized(m) {
+            let w = self.file_rows(rows.clone());
+            // SAFETY: forwarded from the caller; `w` holds the rows `rows` from 0.
+            return unsafe {
+                product_rows(
+                    q,
+                    &w,
+                    x,
+                    None,
+                    m,
+                    self.k,
+                    n,
+                    0..rows.len(),
+                    y.add(rows.start),
+                    scratch,
+                )
+            };
+        }
+        assert!(a.k == self.k && a.qs.len() >= m * self.k);
+        let tile = ((128 << 10) / q.row_bytes(self.k).unwrap_or(1)).max(ROWS) / ROWS * ROWS;
+        for start in rows.clone().step_by(tile) {
+            let t = start..(start + tile).min(rows.end);
+            if !multi_row(q) {
+                for r in 0..m {
+                    // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
+                    let yr =
+                        unsafe { std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len()) };
+                    self.dot_rows(a, r, t.clone(), yr);
+                }
+                continue;
+            }
+            let mut r = 0;
+            while r < m {
+                let take = (m - r).min(4);
+                // SAFETY: forwarded from the caller.
+                unsafe {
+                    match take {
+                        4 => self.k_rows::<4>(a, r, t.clone(), y.add(r * n + t.start), n),
+                        3 => self.k_rows::<3>(a, r, t.clone(), y.add(r * n + t.start), n),
+                        2 => self.k_rows::<2>(a, r, t.clone(), y.add(r * n + t.start), n),
+                        _ => self.k_rows::<1>(a, r, t.clone(), y.add(r * n + t.start), n),
+                    }
+                }
+                r += take;
+            }
+        }
+    }
+
+    /// K-quant dots of rows `rows` with activation rows `r0..r0 + N`: `y[c * n + j - rows.start]`.
+    ///
+    /// # Safety
+    /// `y` must be valid for writes of `N` rows (stride `n`) of `rows.len()` f32, and no other thread may write them.
+    unsafe fn k_rows<const N: usize>(
+        &self,
+        a: &QActs,
+        r0: usize,
+        rows: Range<usize>,
+        y: *mut f32,
+        n: usize,
+    ) {
+        let q = self.q;
+        let nb = self.k / 256;
+        let gb = group_block_bytes(q);
+        let grouped = self.n / ROWS * ROWS;
+        let acts = k_quants::rows::<N>(a, r0);
+        let mut j = rows.start;
+        while j < rows.end.min(grouped) {
+            let g = j / ROWS;
+            let p = &self.data[g * nb * gb..(g + 1) * nb * gb];
+            let mut out = [[0f32; ROWS]; N];
+            // SAFETY: `Packed` exists only where `detected_isa` found AVX2, FMA and F16C; `p` holds the group's nb
+            // blocks and each activation row nb Q8_K blocks (`rows` checked k).
+            unsafe {
+                if q == Quant::Q4K {
+                    k_quants::x86::group_q4_k::<N>(p, &acts, &mut out)
+                } else {
+                    k_quants::x86::group_q6_k::<N>(p, &acts, &mut out)
+                }
+            }
+            let end = ((g + 1) * ROWS).min(rows.end);
+            for (c, o) in out.iter().enumerate() {
+                for jj in j..end {
+                    // SAFETY: column jj of row c is in `rows`; the caller owns it.
+                    unsafe { *y.add(c * n + jj - rows.start) = o[jj - g * ROWS] };
+                }
+            }
+            j = end;
+        }
+        if j < rows.end {
+            let tail = &self.data[grouped / ROWS * nb * gb..];
+            let mut out = vec![0f32; rows.end - j];
+            for c in 0..N {
+                file_dot_rows(
+                    q,
+                    tail,
+                    a,
+                    r0 + c,
+                    j - grouped..rows.end - grouped,
+                    &mut out,
+                );
+                for (i, &v) in out.iter().enumerate() {
+                    // SAFETY: as above.
+                    unsafe { *y.add(c * n + j - rows.start + i) = v };
+                }
+            }
+        }
+    }
+
+    /// Dots of rows `rows` with activation row `r` of `a` (quantized for this format): `y[j - rows.start]`.
+    pub fn dot_rows(&self, a: &QActs, r: usize, rows: Range<usize>, y: &mut [f32]) {
+        let (q, k) = (self.q, self.k);
+        if multi_row(q) {
+            assert!(
+                a.k == k
+                    && rows.end <= self.n
+                    && y.len() >= rows.len()
+                    && a.qs.len() >= (r + 1) * k
+            );
+            // SAFETY: y holds the rows' values; with one activation row the stride is never used.
+            return unsafe { self.k_rows::<1>(a, r, rows.clone(), y.as_mut_ptr(), 0) };
+        }
+        let nb = k / 32;
+        assert!(a.k == k && rows.end <= self.n && y.len() >= rows.len());
+        let d = &a.d[r * nb..(r + 1) * nb];
+        let qs = &a.qs[r * k..(r + 1) * k];
+        let sums: Vec<i32> = if q == Quant::Q8_0 {
+            Vec::new()
+        } else {
+            qs.chunks_exact(32)
+                .map(|c| c.iter().map(|&v| v as i32).sum())
+                .collect()
+        };
+        let gb = group_block_bytes(q);
+        let grouped = self.n / ROWS * ROWS;
+        let mut j = rows.start;
+        while j < rows.end.min(grouped) {
+            let g = j / ROWS;
+            let p = &self.data[g * nb * gb..(g + 1) * nb * gb];
+            let mut out = [0f32; ROWS];
+            // SAFETY: `Packed` exists only where `detected_isa` found AVX2, FMA and F16C; `p` holds the group's nb
+            // blocks, `d`, `qs` and `sums` the activation row's.
+            unsafe {
+                match q {
+                    Quant::Q8_0 => x86::group_q8_0(p, d, qs, &mut out),
+                    Quant::Q5_0 => x86::group_q4::<true>(p, d, qs, &sums, &mut out),
+                    _ => x86::group_q4::<false>(p, d, qs, &sums, &mut out),
+                }
+            }
+            let end = ((g + 1) * ROWS).min(rows.end);
+            y[j - rows.start..end - rows.start].copy_from_slice(&out[j - g * ROWS..end - g * ROWS]);
+            j = end;
+        }
+        if j < rows.end {
+            let tail = &self.data[grouped / ROWS * nb * gb..];
+            file_dot_rows(
+                q,
+                tail,
+                a,
+                r,
+                j - grouped..rows.end - grouped,
+                &mut y[j - rows.start..rows.len()],
+            );
+        }
+    }
+
+    /// Rows `rows` of a 32-element format in the file's layout again (prefill dequantizes tiles of them for sgemm,
+    /// so the file's bytes are not read after packing).
+    fn file_rows(&self, rows: Range<usize>) -> Vec<u8> {
         let q = self.q;
         let (rb, bb, nb) = (
             q.row_bytes(self.k).unwrap_or(0),
@@ -138,53 +346,6 @@ impl Packed {
             }
         }
         out
-    }
-
-    /// Dots of rows `rows` with activation row `r` of `a` (quantized for this format): `y[j - rows.start]`.
-    pub fn dot_rows(&self, a: &QActs, r: usize, rows: Range<usize>, y: &mut [f32]) {
-        let (q, k) = (self.q, self.k);
-        let nb = k / 32;
-        assert!(a.k == k && rows.end <= self.n && y.len() >= rows.len());
-        let d = &a.d[r * nb..(r + 1) * nb];
-        let qs = &a.qs[r * k..(r + 1) * k];
-        let sums: Vec<i32> = if q == Quant::Q8_0 {
-            Vec::new()
-        } else {
-            qs.chunks_exact(32)
-                .map(|c| c.iter().map(|&v| v as i32).sum())
-                .collect()
-        };
-        let gb = group_block_bytes(q);
-        let grouped = self.n / ROWS * ROWS;
-        let mut j = rows.start;
-        while j < rows.end.min(grouped) {
-            let g = j / ROWS;
-            let p = &self.data[g * nb * gb..(g + 1) * nb * gb];
-            let mut out = [0f32; ROWS];
-            // SAFETY: `Packed` exists only where `detected_isa` found AVX2, FMA and F16C; `p` holds the group's nb
-            // blocks, `d`, `qs` and `sums` the activation row's.
-            unsafe {
-                match q {
-                    Quant::Q8_0 => x86::group_q8_0(p, d, qs, &mut out),
-                    Quant::Q5_0 => x86::group_q4::<true>(p, d, qs, &sums, &mut out),
-                    _ => x86::group_q4::<false>(p, d, qs, &sums, &mut out),
-                }
-            }
-            let end = ((g + 1) * ROWS).min(rows.end);
-            y[j - rows.start..end - rows.start].copy_from_slice(&out[j - g * ROWS..end - g * ROWS]);
-            j = end;
-        }
-        if j < rows.end {
-            let tail = &self.data[grouped / ROWS * nb * gb..];
-            file_dot_rows(
-                q,
-                tail,
-                a,
-                r,
-                j - grouped..rows.end - grouped,
-                &mut y[j - rows.start..rows.len()],
-            );
-        }
     }
 }
 
@@ -242,6 +403,27 @@ pub fn release(w: &[u8]) {
         if end > start {
             unsafe { libc::madvise(start as *mut libc::c_void, end - start, libc::MADV_PAGEOUT) };
         }
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = w;
+}
+
+/// Asks the kernel to fault in the pages of `w` in one call (`MADV_POPULATE_READ`, Linux 5.14): packing reads
+/// each mapped page once, and one page fault at a time costs more than the packing itself.
+fn populate(w: &[u8]) {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: as in `release`; the hint only reads whole pages inside `w`.
+        let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
+        let start = w.as_ptr() as usize / page * page;
+        let end = (w.as_ptr() as usize + w.len()).next_multiple_of(page);
+        unsafe {
+            libc::madvise(
+                start as *mut libc::c_void,
+                end - start,
+                libc::MADV_POPULATE_READ,
+            )
+        };
     }
     #[cfg(not(target_os = "linux"))]
     let _ = w;
@@ -372,6 +554,76 @@ mod tests {
     use super::*;
     use crate::backend::ggml_blocks::tests::random_blocks;
     use crate::backend::half_matmul::test_data as data;
+
+    #[test]
+    fn k_quant_products_equal_the_file_layout_kernels() {
+        if !enabled() {
+            return;
+        }
+        // 21 rows: two groups and five rows in the file's layout; seven activation rows: passes of four and three.
+        let (k, n, m) = (512, 21, 7);
+        for q in [Quant::Q4K, Quant::Q6K] {
+            let w = random_blocks(q, n, k, 5);
+            let p = Packed::new(q, &w, k, n).unwrap();
+            let groups_bytes = n / 8 * (k / 256) * group_block_bytes(q);
+            assert_eq!(p.bytes(), groups_bytes + n % 8 * q.row_bytes(k).unwrap());
+            let x = data(m * k, 13);
+            let mut a = QActs::default();
+            a.quantize(q, &x, k);
+            let want = |r: usize, j: usize| {
+                let mut v = [0f32];
+                file_dot_rows(q, &w, &a, r, j..j + 1, &mut v);
+                v[0]
+            };
+            let close = |g: f32, w: f32| (g - w).abs() <= 1e-5 * w.abs().max(1.0);
+            for rows in [0..n, 3..19, 8..16, 17..21] {
+                for r in 0..m {
+                    let mut got = vec![0f32; rows.len()];
+                    p.dot_rows(&a, r, rows.clone(), &mut got);
+                    for (j, &g) in rows.clone().zip(&got) {
+                        assert!(
+                            close(g, want(r, j)),
+                            "{q:?} dot_rows r={r} j={j}: {g} vs {}",
+                            want(r, j)
+                        );
+                    }
+                }
+                for m in [1, 2, 3, 4, 7] {
+                    let mut y = vec![f32::NAN; m * n];
+                    let mut scratch = Vec::new();
+                    // SAFETY: y holds m * n values and this thread alone writes them.
+                    unsafe {
+                        p.product(
+                            &x[..m * k],
+                            &a,
+                            m,
+                            n,
+                            rows.clone(),
+                            y.as_mut_ptr(),
+                            &mut scratch,
+                        )
+                    };
+                    for r in 0..m {
+                        for j in 0..n {
+                            let g = y[r * n + j];
+                            if rows.contains(&j) {
+                                assert!(
+                                    close(g, want(r, j)),
+                                    "{q:?} m={m} r={r} j={j}: {g} vs {}",
+                                    want(r, j)
+                                );
+                            } else {
+                                assert!(
+                                    g.is_nan(),
+                                    "{q:?} m={m}: column {j} outside {rows:?} written"
+                                );
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
 
     #[test]
     fn packed_dots_equal_the_file_layout_kernels() {

@@ -4,6 +4,7 @@ pub mod cuda_graphs;
 pub mod ggml_blocks;
 pub mod ggml_ops;
 pub mod ggml_repack;
+mod ggml_repack_k;
 pub mod half_matmul;
 pub mod npy;
 pub mod ort_backend;
