@@ -119,6 +119,8 @@ pub struct QActs {
     pub d: Vec<f32>,
     /// Q8_1: `d * sum(q)` per block, f16-rounded.
     pub s: Vec<f32>,
+    /// Q8_0 and Q8_1: `sum(q)` per block (the repacked kernels take unsigned weights' offsets off with it).
+    pub sums: Vec<i32>,
     pub qs: Vec<i8>,
     /// Q8_K: sums of 16 values, 16 per block.
     pub bsums: Vec<i16>,
@@ -157,6 +159,7 @@ impl QActs {
         self.k = k;
         self.d.clear();
         self.s.clear();
+        self.sums.clear();
         self.bsums.clear();
         self.qs.clear();
         self.qs.resize(x.len(), 0);
@@ -178,6 +181,7 @@ impl QActs {
                         sum += *o as i32;
                     }
                     self.d.push(f16_round(d));
+                    self.sums.push(sum);
                     if act == Act::Q8_1 {
                         self.s.push(f16_round(sum as f32 * d));
                     }

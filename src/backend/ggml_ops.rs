@@ -199,11 +199,7 @@ fn product(parts: &[Part], x: &[f32], m: usize, k: usize, gate: Option<MlpAct>, 
         for p in parts {
             let WKind::Q(q) = p.q else { continue };
             let i = act_index(q.act());
-            let quantized = match p.packed {
-                Some(packed) => packed.quantized(m),
-                None => use_dots,
-            };
-            if quantized && !done[i] {
+            if (use_dots || p.packed.is_some()) && !done[i] {
                 acts[i].quantize(q, x, k);
                 done[i] = true;
             }
@@ -344,9 +340,7 @@ unsafe fn product_part(
     }
     match p.q {
         WKind::Q(q) => match p.packed {
-            Some(packed) => unsafe {
-                packed.product(x, &acts[act_index(q.act())], m, n, rows, y, scratch)
-            },
+            Some(packed) => unsafe { packed.product(&acts[act_index(q.act())], m, n, rows, y) },
             None => {
                 let a = use_dots.then(|| &acts[act_index(q.act())]);
                 unsafe { ggml_blocks::product_rows(q, p.w, x, a, m, k, n, rows, y, scratch) }

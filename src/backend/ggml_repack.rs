@@ -15,9 +15,7 @@
 //!
 //! Rows past the last whole group keep the file's layout. Sums are the same integers as ggml's (`sum(q * y)` per
 //! block; the unsigned offset comes off as `8 * sum(y)` or `16 * sum(y)`), scaled and added in a different order.
-use super::ggml_blocks::{
-    DOT_MAX_ROWS, Isa, QActs, Quant, detected_isa, dot_rows as file_dot_rows, product_rows,
-};
+use super::ggml_blocks::{Isa, QActs, Quant, detected_isa, dot_rows as file_dot_rows};
 use super::ggml_repack_k as k_quants;
 use std::ops::Range;
 
@@ -42,9 +40,8 @@ fn group_block_bytes(q: Quant) -> usize {
     }
 }
 
-/// Formats with packed kernels over several activation rows at once (the K-quants), where prefill takes quantized
-/// products instead of a dequantized tile and sgemm.
-fn multi_row(q: Quant) -> bool {
+/// The K-quants, packed by [`k_quants`].
+fn k_quant(q: Quant) -> bool {
     matches!(q, Quant::Q4K | Quant::Q6K)
 }
 
@@ -68,7 +65,7 @@ impl Packed {
     /// format, fewer than eight rows, a CPU without AVX2, or `TRT_DIFF_NO_REPACK` set).
     pub fn new(q: Quant, w: &[u8], k: usize, n: usize) -> Option<Packed> {
         let rb = q.row_bytes(k)?;
-        let supported = matches!(q, Quant::Q8_0 | Quant::Q5_0 | Quant::Q4_0) || multi_row(q);
+        let supported = matches!(q, Quant::Q8_0 | Quant::Q5_0 | Quant::Q4_0) || k_quant(q);
         if !supported || n < ROWS || w.len() < n * rb || !enabled() {
             return None;
         }
@@ -88,7 +85,7 @@ impl Packed {
                 let dst =
                     unsafe { std::slice::from_raw_parts_mut(out.0.add(g * nb * gb), nb * gb) };
                 let rows = &w[g * ROWS * rb..(g + 1) * ROWS * rb];
-                if multi_row(q) {
+                if k_quant(q) {
                     k_quants::pack_group(q, rows, nb, dst);
                 } else {
                     pack_group(q, rows, nb, dst);
@@ -105,71 +102,28 @@ impl Packed {
         self.data.len()
     }
 
-    /// Whether [`Packed::product`] of `m` activation rows reads them quantized (as `QActs` for this format) rather
-    /// than as f32.
-    pub fn quantized(&self, m: usize) -> bool {
-        multi_row(self.q) || m <= DOT_MAX_ROWS
-    }
-
-    /// `y[r * n + j]` for activation rows `r < m` and weight rows `j` in `rows`: `x` ([m, k]) quantized in `a` where
-    /// [`Packed::quantized`] says so. Tiles of weight rows stay in cache across the activation rows.
+    /// `y[r * n + j]` for activation rows `r < m` of `a` (quantized for this format) and weight rows `j` in `rows`,
+    /// four activation rows per pass over a tile of weight rows that stays in cache.
     ///
     /// # Safety
     /// `y` must be valid for writes of `m * n` f32 and no other thread may write columns `rows` meanwhile.
-    #[allow(clippy::too_many_arguments)]
-    pub unsafe fn product(
-        &self,
-        x: &[f32],
-        a: &QActs,
-        m: usize,
-        n: usize,
-        rows: Range<usize>,
-        y: *mut f32,
-        scratch: &mut Vec<f32>,
-    ) {
-        let q = self.q;
-        assert!(rows.end <= self.n && rows.end <= n && x.len() == m * self.k);
-        if !self.quantized(m) {
-            let w = self.file_rows(rows.clone());
-            // SAFETY: forwarded from the caller; `w` holds the rows `rows` from 0.
-            return unsafe {
-                product_rows(
-                    q,
-                    &w,
-                    x,
-                    None,
-                    m,
-                    self.k,
-                    n,
-                    0..rows.len(),
-                    y.add(rows.start),
-                    scratch,
-                )
-            };
-        }
-        assert!(a.k == self.k && a.qs.len() >= m * self.k);
-        let tile = ((128 << 10) / q.row_bytes(self.k).unwrap_or(1)).max(ROWS) / ROWS * ROWS;
+    pub unsafe fn product(&self, a: &QActs, m: usize, n: usize, rows: Range<usize>, y: *mut f32) {
+        self.check(a, m, &rows);
+        assert!(rows.end <= n);
+        let tile = ((128 << 10) / self.q.row_bytes(self.k).unwrap_or(1)).max(ROWS) / ROWS * ROWS;
         for start in rows.clone().step_by(tile) {
             let t = start..(start + tile).min(rows.end);
-            if !multi_row(q) {
-                for r in 0..m {
-                    // SAFETY: row r's columns `t` lie within y's m * n values; the caller owns them.
-                    let yr =
-                        unsafe { std::slice::from_raw_parts_mut(y.add(r * n + t.start), t.len()) };
-                    self.dot_rows(a, r, t.clone(), yr);
-                }
-                continue;
-            }
             let mut r = 0;
             while r < m {
                 let take = (m - r).min(4);
-                // SAFETY: forwarded from the caller.
+                // SAFETY: forwarded from the caller; `check` covered the rows' blocks.
                 unsafe {
+                    let y = y.add(r * n + t.start);
                     match take {
-                        4 => self.k_rows::<4>(a, r, t.clone(), y.add(r * n + t.start), n),
-                        3 => self.k_rows::<3>(a, r, t.clone(), y.add(r * n + t.start), n),
-                        2 => self.k_rows::<2>(a, r, t.clone(), y.add(r * n + t.start), n),
-                        _ => self.k_rows::<1>(a, r, t.clone(), y.add(r * n + t.start), n),
+                        4 => self.rows_of::<4>(a, r, t.clone(), y, n),
+                        3 => self.rows_of::<3>(a, r, t.clone(), y, n),
+                        2 => self.rows_of::<2>(a, r, t.clone(), y, n),
+                        _ => self.rows_of::<1>(a, r, t.clone(), y, n),
                     }
                 }
                 r += take;
@@ -177,11 +131,41 @@ impl Packed {
         }
     }
 
-    /// K-quant dots of rows `rows` with activation rows `r0..r0 + N`: `y[c * n + j - rows.start]`.
+    /// Dots of rows `rows` with activation row `r` of `a` (quantized for this format): `y[j - rows.start]`.
+    pub fn dot_rows(&self, a: &QActs, r: usize, rows: Range<usize>, y: &mut [f32]) {
+        self.check(a, r + 1, &rows);
+        assert!(y.len() >= rows.len());
+        // SAFETY: y holds the rows' values; with one activation row the stride is never used.
+        unsafe { self.rows_of::<1>(a, r, rows, y.as_mut_ptr(), 0) }
+    }
+
+    /// The activation rows `..m` and weight rows `rows` are there to read.
+    fn check(&self, a: &QActs, m: usize, rows: &Range<usize>) {
+        let nb = self.k / self.q.block_elems();
+        let sums = if k_quant(self.q) {
+            a.bsums.len() / 16
+        } else {
+            a.sums.len()
+        };
+        assert!(
+            a.k == self.k
+                && rows.end <= self.n
+                && a.qs.len() >= m * self.k
+                && a.d.len() >= m * nb
+                && (self.q == Quant::Q8_0 || sums >= m * nb),
+            "activations of {} rows do not fit {:?} rows of {} elements",
+            m,
+            self.q,
+            self.k
+        );
+    }
+
+    /// Dots of weight rows `rows` with activation rows `r0..r0 + N`: `y[c * n + j - rows.start]`.
     ///
     /// # Safety
-    /// `y` must be valid for writes of `N` rows (stride `n`) of `rows.len()` f32, and no other thread may write them.
-    unsafe fn k_rows<const N: usize>(
+    /// `y` must be valid for writes of `N` rows (stride `n`) of `rows.len()` f32, no other thread may write them, and
+    /// [`Packed::check`] must hold for rows `..r0 + N`.
+    unsafe fn rows_of<const N: usize>(
         &self,
         a: &QActs,
         r0: usize,
@@ -190,22 +174,24 @@ impl Packed {
         n: usize,
     ) {
         let q = self.q;
-        let nb = self.k / 256;
+        let nb = self.k / q.block_elems();
         let gb = group_block_bytes(q);
         let grouped = self.n / ROWS * ROWS;
-        let acts = k_quants::rows::<N>(a, r0);
+        let acts = act_rows::<N>(a, r0, q);
         let mut j = rows.start;
         while j < rows.end.min(grouped) {
             let g = j / ROWS;
             let p = &self.data[g * nb * gb..(g + 1) * nb * gb];
             let mut out = [[0f32; ROWS]; N];
             // SAFETY: `Packed` exists only where `detected_isa` found AVX2, FMA and F16C; `p` holds the group's nb
-            // blocks and each activation row nb Q8_K blocks (`rows` checked k).
+            // blocks and each activation row nb blocks (`check`).
             unsafe {
-                if q == Quant::Q4K {
-                    k_quants::x86::group_q4_k::<N>(p, &acts, &mut out)
-                } else {
-                    k_quants::x86::group_q6_k::<N>(p, &acts, &mut out)
+                match q {
+                    Quant::Q8_0 => x86::group_q8_0::<N>(p, &acts, &mut out),
+                    Quant::Q5_0 => x86::group_q4::<N, true>(p, &acts, &mut out),
+                    Quant::Q4_0 => x86::group_q4::<N, false>(p, &acts, &mut out),
+                    Quant::Q4K => k_quants::x86::group_q4_k::<N>(p, &acts, &mut out),
+                    _ => k_quants::x86::group_q6_k::<N>(p, &acts, &mut out),
                 }
             }
             let end = ((g + 1) * ROWS).min(rows.end);
@@ -236,117 +222,34 @@ impl Packed {
             }
         }
     }
+}
 
-    /// Dots of rows `rows` with activation row `r` of `a` (quantized for this format): `y[j - rows.start]`.
-    pub fn dot_rows(&self, a: &QActs, r: usize, rows: Range<usize>, y: &mut [f32]) {
-        let (q, k) = (self.q, self.k);
-        if multi_row(q) {
-            assert!(
-                a.k == k
-                    && rows.end <= self.n
-                    && y.len() >= rows.len()
-                    && a.qs.len() >= (r + 1) * k
-            );
-            // SAFETY: y holds the rows' values; with one activation row the stride is never used.
-            return unsafe { self.k_rows::<1>(a, r, rows.clone(), y.as_mut_ptr(), 0) };
-        }
-        let nb = k / 32;
-        assert!(a.k == k && rows.end <= self.n && y.len() >= rows.len());
-        let d = &a.d[r * nb..(r + 1) * nb];
-        let qs = &a.qs[r * k..(r + 1) * k];
-        let sums: Vec<i32> = if q == Quant::Q8_0 {
-            Vec::new()
-        } else {
-            qs.chunks_exact(32)
-                .map(|c| c.iter().map(|&v| v as i32).sum())
-                .collect()
-        };
-        let gb = group_block_bytes(q);
-        let grouped = self.n / ROWS * ROWS;
-        let mut j = rows.start;
-        while j < rows.end.min(grouped) {
-            let g = j / ROWS;
-            let p = &self.data[g * nb * gb..(g + 1) * nb * gb];
-            let mut out = [0f32; ROWS];
-            // SAFETY: `Packed` exists only where `detected_isa` found AVX2, FMA and F16C; `p` holds the group's nb
-            // blocks, `d`, `qs` and `sums` the activation row's.
-            unsafe {
-                match q {
-                    Quant::Q8_0 => x86::group_q8_0(p, d, qs, &mut out),
-                    Quant::Q5_0 => x86::group_q4::<true>(p, d, qs, &sums, &mut out),
-                    _ => x86::group_q4::<false>(p, d, qs, &sums, &mut out),
-                }
-            }
-            let end = ((g + 1) * ROWS).min(rows.end);
-            y[j - rows.start..end - rows.start].copy_from_slice(&out[j - g * ROWS..end - g * ROWS]);
-            j = end;
-        }
-        if j < rows.end {
-            let tail = &self.data[grouped / ROWS * nb * gb..];
-            file_dot_rows(
-                q,
-                tail,
-                a,
-                r,
-                j - grouped..rows.end - grouped,
-                &mut y[j - rows.start..rows.len()],
-            );
-        }
-    }
+/// One quantized activation row as the packed kernels read it: values, block scales, and the block sums that
+/// take off the unsigned offsets (per 32 values for Q8_0 blocks, per 16 for Q8_K).
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [i32],
+    pub bsums: &'a [i16],
+}
 
-    /// Rows `rows` of a 32-element format in the file's layout again (prefill dequantizes tiles of them for sgemm,
-    /// so the file's bytes are not read after packing).
-    fn file_rows(&self, rows: Range<usize>) -> Vec<u8> {
-        let q = self.q;
-        let (rb, bb, nb) = (
-            q.row_bytes(self.k).unwrap_or(0),
-            q.block_bytes(),
-            self.k / 32,
-        );
-        let gb = group_block_bytes(q);
-        let grouped = self.n / ROWS * ROWS;
-        let mut out = vec![0u8; rows.len() * rb];
-        for (j, row) in rows.clone().zip(out.chunks_exact_mut(rb)) {
-            if j >= grouped {
-                let tail = &self.data[grouped / ROWS * nb * gb..];
-                row.copy_from_slice(&tail[(j - grouped) * rb..][..rb]);
-                continue;
-            }
-            let (g, r) = (j / ROWS, j % ROWS);
-            for (b, blk) in row.chunks_exact_mut(bb).enumerate() {
-                let src = &self.data[(g * nb + b) * gb..][..gb];
-                blk[..2].copy_from_slice(&src[2 * r..2 * r + 2]);
-                for e in 0..32 {
-                    // Element e of row r: chunk e / 4, byte 4r + e % 4.
-                    let (c, i) = (e / 4, 4 * r + e % 4);
-                    let u = match q {
-                        Quant::Q8_0 => src[16 + 32 * c + i],
-                        _ => {
-                            let v = src[16 + 32 * (c % 4) + i];
-                            let nib = if c < 4 { v & 0xF } else { v >> 4 };
-                            let high = if q == Quant::Q5_0 {
-                                (src[144 + i] >> c) & 1
-                            } else {
-                                0
-                            };
-                            nib | high << 4
-                        }
-                    };
-                    match q {
-                        Quant::Q8_0 => blk[2 + e] = u,
-                        _ => {
-                            let at = bb - 16 + e % 16;
-                            blk[at] |= if e < 16 { u & 0xF } else { (u & 0xF) << 4 };
-                            if q == Quant::Q5_0 {
-                                blk[2 + e / 8] |= (u >> 4) << (e % 8);
-                            }
-                        }
-                    }
-                }
-            }
+/// Activation rows `r0..r0 + N` of `a`, quantized for weights of format `q`.
+fn act_rows<const N: usize>(a: &QActs, r0: usize, q: Quant) -> [ActRow<'_>; N] {
+    let (k, nb) = (a.k, a.k / q.block_elems());
+    std::array::from_fn(|c| {
+        let r = r0 + c;
+        let blocks = r * nb..(r + 1) * nb;
+        ActRow {
+            qs: &a.qs[r * k..(r + 1) * k],
+            d: &a.d[blocks.clone()],
+            sums: a.sums.get(blocks.clone()).unwrap_or(&[]),
+            bsums: a
+                .bsums
+                .get(blocks.start * 16..blocks.end * 16)
+                .unwrap_or(&[]),
         }
-        out
-    }
+    })
 }
 
 #[derive(Clone, Copy)]
@@ -440,36 +343,8 @@ fn enabled() -> bool {
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
+    use super::ActRow;
     use std::arch::x86_64::*;
-
-    /// The eight rows' dots of a Q8_0 group.
-    ///
-    /// # Safety
-    /// AVX2, FMA and F16C; `p` holds `d.len()` packed blocks and `qs` 32 values per block.
-    #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q8_0(p: &[u8], d: &[f32], qs: &[i8], out: &mut [f32; 8]) {
-        unsafe {
-            let ones = _mm256_set1_epi16(1);
-            let mut acc = _mm256_setzero_ps();
-            for (b, &dy) in d.iter().enumerate() {
-                let blk = p.as_ptr().add(b * 272);
-                let ds = _mm256_mul_ps(
-                    _mm256_cvtph_ps(_mm_loadu_si128(blk.cast())),
-                    _mm256_set1_ps(dy),
-                );
-                let y = qs.as_ptr().add(b * 32);
-                let mut sum = _mm256_setzero_si256();
-                for c in 0..8 {
-                    let x = _mm256_loadu_si256(blk.add(16 + 32 * c).cast());
-                    let yc = _mm256_sign_epi8(chunk_of(y, c), x);
-                    let p = _mm256_maddubs_epi16(_mm256_sign_epi8(x, x), yc);
-                    sum = _mm256_add_epi32(sum, _mm256_madd_epi16(p, ones));
-                }
-                acc = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(sum), acc);
-            }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
-        }
-    }
 
     /// Activation values 4c..4c+4 repeated over the register, against chunk `c` of eight rows.
     #[inline(always)]
@@ -496,38 +371,66 @@ mod x86 {
         }
     }
 
-    /// The eight rows' dots of a Q4_0 group, or Q5_0 with `HIGH`.
+    /// `out[c][r]`: dot of row `r` of a Q8_0 group with activation row `c`.
     ///
     /// # Safety
-    /// As [`group_q8_0`]; `sums` holds each block's sum of activation values.
+    /// AVX2, FMA and F16C; `p` holds `a[c].d.len()` packed blocks and every `a[c]` 32 values per block.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q4<const HIGH: bool>(
+    pub unsafe fn group_q8_0<const N: usize>(p: &[u8], a: &[ActRow; N], out: &mut [[f32; 8]; N]) {
+        unsafe {
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..a[0].d.len() {
+                let blk = p.as_ptr().add(b * 272);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
+                let mut sum = [_mm256_setzero_si256(); N];
+                for c in 0..8 {
+                    let x = _mm256_loadu_si256(blk.add(16 + 32 * c).cast());
+                    let ax = _mm256_sign_epi8(x, x);
+                    for r in 0..N {
+                        let y = a[r].qs.as_ptr().add(b * 32);
+                        let yc = _mm256_sign_epi8(chunk_of(y, c), x);
+                        let p = _mm256_maddubs_epi16(ax, yc);
+                        sum[r] = _mm256_add_epi32(sum[r], _mm256_madd_epi16(p, ones));
+                    }
+                }
+                for r in 0..N {
+                    let ds = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+                    acc[r] = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(sum[r]), acc[r]);
+                }
+            }
+            for r in 0..N {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
+        }
+    }
+
+    /// `out[c][r]`: dot of row `r` of a Q4_0 group, or Q5_0 with `HIGH`, with activation row `c`.
+    ///
+    /// # Safety
+    /// As [`group_q8_0`]; every `a[c].sums` holds its blocks' sums of values.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    pub unsafe fn group_q4<const N: usize, const HIGH: bool>(
         p: &[u8],
-        d: &[f32],
-        qs: &[i8],
-        sums: &[i32],
-        out: &mut [f32; 8],
+        a: &[ActRow; N],
+        out: &mut [[f32; 8]; N],
     ) {
         unsafe {
             let (bytes, offset) = if HIGH { (176, 16) } else { (144, 8) };
             let ones = _mm256_set1_epi16(1);
             let m4 = _mm256_set1_epi8(0xF);
-            let mut acc = _mm256_setzero_ps();
-            for (b, &dy) in d.iter().enumerate() {
+            let mut acc = [_mm256_setzero_ps(); N];
+            for b in 0..a[0].d.len() {
                 let blk = p.as_ptr().add(b * bytes);
-                let ds = _mm256_mul_ps(
-                    _mm256_cvtph_ps(_mm_loadu_si128(blk.cast())),
-                    _mm256_set1_ps(dy),
-                );
-                let y = qs.as_ptr().add(b * 32);
+                let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                 let h = if HIGH {
                     _mm256_loadu_si256(blk.add(144).cast())
                 } else {
                     _mm256_setzero_si256()
                 };
                 // Four products of at most 2 * 31 * 127 per 16-bit lane fit in i16.
-                let mut lo = _mm256_setzero_si256();
-                let mut hi = _mm256_setzero_si256();
+                let mut lo = [_mm256_setzero_si256(); N];
+                let mut hi = [_mm256_setzero_si256(); N];
                 for j in 0..4 {
                     let v = _mm256_loadu_si256(blk.add(16 + 32 * j).cast());
                     let mut u0 = _mm256_and_si256(v, m4);
@@ -536,15 +439,29 @@ mod x86 {
                         u0 = _mm256_or_si256(u0, high_bit(h, j));
                         u1 = _mm256_or_si256(u1, high_bit(h, j + 4));
                     }
-                    lo = _mm256_add_epi16(lo, _mm256_maddubs_epi16(u0, chunk_of(y, j)));
-                    hi = _mm256_add_epi16(hi, _mm256_maddubs_epi16(u1, chunk_of(y, j + 4)));
+                    for r in 0..N {
+                        let y = a[r].qs.as_ptr().add(b * 32);
+                        lo[r] = _mm256_add_epi16(lo[r], _mm256_maddubs_epi16(u0, chunk_of(y, j)));
+                        hi[r] =
+                            _mm256_add_epi16(hi[r], _mm256_maddubs_epi16(u1, chunk_of(y, j + 4)));
+                    }
                 }
-                let sum =
-                    _mm256_add_epi32(_mm256_madd_epi16(lo, ones), _mm256_madd_epi16(hi, ones));
-                let sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(offset * sums[b]));
-                acc = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(sum), acc);
+                for r in 0..N {
+                    let sum = _mm256_add_epi32(
+                        _mm256_madd_epi16(lo[r], ones),
+                        _mm256_madd_epi16(hi[r], ones),
+                    );
+                    let sum = _mm256_sub_epi32(
+                        sum,
+                        _mm256_set1_epi32(offset * *a[r].sums.get_unchecked(b)),
+                    );
+                    let ds = _mm256_mul_ps(dw, _mm256_set1_ps(*a[r].d.get_unchecked(b)));
+                    acc[r] = _mm256_fmadd_ps(ds, _mm256_cvtepi32_ps(sum), acc[r]);
+                }
             }
-            _mm256_storeu_ps(out.as_mut_ptr(), acc);
+            for r in 0..N {
+                _mm256_storeu_ps(out[r].as_mut_ptr(), acc[r]);
+            }
         }
     }
 }
@@ -556,16 +473,23 @@ mod tests {
     use crate::backend::half_matmul::test_data as data;
 
     #[test]
-    fn k_quant_products_equal_the_file_layout_kernels() {
+    fn packed_products_equal_the_file_layout_kernels() {
         if !enabled() {
             return;
         }
-        // 21 rows: two groups and five rows in the file's layout; seven activation rows: passes of four and three.
+        // 21 rows: two groups and five rows in the file's layout; seven activation rows: passes of four and three;
+        // ranges that start and end inside groups and in the tail.
         let (k, n, m) = (512, 21, 7);
-        for q in [Quant::Q4K, Quant::Q6K] {
+        for q in [
+            Quant::Q8_0,
+            Quant::Q5_0,
+            Quant::Q4_0,
+            Quant::Q4K,
+            Quant::Q6K,
+        ] {
             let w = random_blocks(q, n, k, 5);
             let p = Packed::new(q, &w, k, n).unwrap();
-            let groups_bytes = n / 8 * (k / 256) * group_block_bytes(q);
+            let groups_bytes = n / 8 * (k / q.block_elems()) * group_block_bytes(q);
             assert_eq!(p.bytes(), groups_bytes + n % 8 * q.row_bytes(k).unwrap());
             let x = data(m * k, 13);
             let mut a = QActs::default();
@@ -590,19 +514,8 @@ mod tests {
                 }
                 for m in [1, 2, 3, 4, 7] {
                     let mut y = vec![f32::NAN; m * n];
-                    let mut scratch = Vec::new();
                     // SAFETY: y holds m * n values and this thread alone writes them.
-                    unsafe {
-                        p.product(
-                            &x[..m * k],
-                            &a,
-                            m,
-                            n,
-                            rows.clone(),
-                            y.as_mut_ptr(),
-                            &mut scratch,
-                        )
-                    };
+                    unsafe { p.product(&a, m, n, rows.clone(), y.as_mut_ptr()) };
                     for r in 0..m {
                         for j in 0..n {
                             let g = y[r * n + j];
@@ -619,44 +532,6 @@ mod tests {
                                 );
                             }
                         }
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn packed_dots_equal_the_file_layout_kernels() {
-        if !enabled() {
-            return;
-        }
-        // 21 rows: two groups and five rows in the file's layout; ranges that start and end inside groups.
-        let (k, n) = (96, 21);
-        for q in [Quant::Q8_0, Quant::Q5_0, Quant::Q4_0] {
-            let w = random_blocks(q, n, k, 3);
-            let p = Packed::new(q, &w, k, n).unwrap();
-            assert_eq!(p.bytes(), w.len(), "{q:?}: the same bytes, rearranged");
-            let rb = q.row_bytes(k).unwrap();
-            for rows in [0..n, 5..17, 16..21] {
-                assert!(
-                    p.file_rows(rows.clone()) == w[rows.start * rb..rows.end * rb],
-                    "{q:?}: rows {rows:?} do not unpack to the file's bytes"
-                );
-            }
-            let x = data(2 * k, 11);
-            let mut a = QActs::default();
-            a.quantize(q, &x, k);
-            for r in 0..2 {
-                for rows in [0..n, 3..19, 8..16, 17..21] {
-                    let mut want = vec![0f32; rows.len()];
-                    file_dot_rows(q, &w, &a, r, rows.clone(), &mut want);
-                    let mut got = vec![0f32; rows.len()];
-                    p.dot_rows(&a, r, rows.clone(), &mut got);
-                    for (j, (g, w)) in got.iter().zip(&want).enumerate() {
-                        assert!(
-                            (g - w).abs() <= 1e-5 * w.abs().max(1.0),
-                            "{q:?} r={r} rows={rows:?} j={j}: {g} vs {w}"
-                        );
                     }
                 }
             }

@@ -21,7 +21,7 @@
 //! Values are the file's unsigned ones (Q4_K 0..15, Q6_K 0..63); Q4_K's mins and Q6_K's offset of 32 come off
 //! through the activation's 16-value sums, as in ggml. The integers are ggml's; the sums are scaled and added in a
 //! different order.
-use super::ggml_blocks::{QActs, Quant};
+use super::ggml_blocks::Quant;
 
 /// Bytes of a group block.
 pub fn group_block_bytes(q: Quant) -> usize {
@@ -114,30 +114,9 @@ pub fn pack_group(q: Quant, w: &[u8], nb: usize, out: &mut [u8]) {
     }
 }
 
-/// Activation rows `r0..r0 + N` of `a` (Q8_K) as the kernels read them.
-pub fn rows<const N: usize>(a: &QActs, r0: usize) -> [KRow<'_>; N] {
-    let (k, nb) = (a.k, a.k / 256);
-    std::array::from_fn(|c| {
-        let r = r0 + c;
-        KRow {
-            qs: &a.qs[r * k..(r + 1) * k],
-            d: &a.d[r * nb..(r + 1) * nb],
-            bsums: &a.bsums[r * nb * 16..(r + 1) * nb * 16],
-        }
-    })
-}
-
-/// One Q8_K activation row.
-#[derive(Clone, Copy)]
-pub struct KRow<'a> {
-    qs: &'a [i8],
-    d: &'a [f32],
-    bsums: &'a [i16],
-}
-
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
-    use super::KRow;
+    use crate::backend::ggml_repack::ActRow;
     use std::arch::x86_64::*;
 
     /// Activation values `4c..4c + 4` from `y` repeated over the register, against a chunk of eight rows.
@@ -184,7 +163,7 @@ pub mod x86 {
     /// # Safety
     /// AVX2, FMA and F16C; `p` holds `a[c].d.len()` group blocks, and every `a[c]` the same number of Q8_K blocks.
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q4_k<const N: usize>(p: &[u8], a: &[KRow; N], out: &mut [[f32; 8]; N]) {
+    pub unsafe fn group_q4_k<const N: usize>(p: &[u8], a: &[ActRow; N], out: &mut [[f32; 8]; N]) {
         unsafe {
             let m4 = _mm256_set1_epi8(0xF);
             let mut acc = [_mm256_setzero_ps(); N];
@@ -250,7 +229,7 @@ pub mod x86 {
     /// # Safety
     /// As [`group_q4_k`].
     #[target_feature(enable = "avx2,fma,f16c")]
-    pub unsafe fn group_q6_k<const N: usize>(p: &[u8], a: &[KRow; N], out: &mut [[f32; 8]; N]) {
+    pub unsafe fn group_q6_k<const N: usize>(p: &[u8], a: &[ActRow; N], out: &mut [[f32; 8]; N]) {
         unsafe {
             let m4 = _mm256_set1_epi8(0xF);
             let m30 = _mm256_set1_epi8(0x30);
