@@ -16,7 +16,8 @@
 //!
 //! Bytes on disk: each quantized file built as `build` does by default (`--precision gguf`: the TensorRT graph and
 //! plan keep the file's blocks as INT4/INT8 weights, the CPU graph reads the file in place), every file the build
-//! wrote against the GGUF (`LLM_BENCH_BYTES=0` skips it; the plan needs the TensorRT-RTX builder).
+//! wrote against the GGUF (`LLM_BENCH_BYTES=0` skips it; the plan needs the TensorRT-RTX builder). With
+//! `LLM_BENCH_ONLY` set, a file's build runs when "MODEL bytes" contains one of its substrings (`bytes`: all).
 //!
 //! `LLM_BENCH_PYTHON` names a Python with numpy, gguf and llama-cpp-python (a venv outside the repository); without
 //! it only trt-diff's side runs (the generated files must then already exist in target/tmp/llm_tokens).
@@ -454,6 +455,10 @@ fn main() -> anyhow::Result<()> {
     );
     println!("|---|---|---|---|---|---|---|");
     for (name, file) in &quantized {
+        let selected = only.split('|').any(|o| format!("{name} bytes").contains(o));
+        if !only.is_empty() && !selected {
+            continue;
+        }
         let out_dir = dir.join(format!(
             "bytes_{}",
             file.file_stem().unwrap_or_default().to_string_lossy()

@@ -124,6 +124,8 @@ pub struct QActs {
     pub qs: Vec<i8>,
     /// Q8_K: sums of 16 values, 16 per block.
     pub bsums: Vec<i16>,
+    /// Q8_K: sums of 32 values, 8 per block (Q4_K's sub-blocks, for its mins).
+    pub bsums32: Vec<i16>,
 }
 
 fn f16_round(v: f32) -> f32 {
@@ -161,6 +163,7 @@ impl QActs {
         self.s.clear();
         self.sums.clear();
         self.bsums.clear();
+        self.bsums32.clear();
         self.qs.clear();
         self.qs.resize(x.len(), 0);
         for (b, (xb, qb)) in x
@@ -199,6 +202,7 @@ impl QActs {
                         self.d.push(0.0);
                         qb.fill(0);
                         self.bsums.extend([0i16; 16]);
+                        self.bsums32.extend([0i16; 8]);
                         continue;
                     }
                     let iscale = -127.0 / max;
@@ -207,6 +211,11 @@ impl QActs {
                     }
                     for c in qb.chunks_exact(16) {
                         self.bsums.push(c.iter().map(|&v| v as i16).sum());
+                    }
+                    let at = self.bsums.len() - 16;
+                    for i in 0..8 {
+                        self.bsums32
+                            .push(self.bsums[at + 2 * i] + self.bsums[at + 2 * i + 1]);
                     }
                     self.d.push(1.0 / iscale);
                 }

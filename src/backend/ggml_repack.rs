@@ -143,7 +143,7 @@ impl Packed {
     fn check(&self, a: &QActs, m: usize, rows: &Range<usize>) {
         let nb = self.k / self.q.block_elems();
         let sums = if k_quant(self.q) {
-            a.bsums.len() / 16
+            (a.bsums.len() / 16).min(a.bsums32.len() / 8)
         } else {
             a.sums.len()
         };
@@ -232,6 +232,7 @@ pub struct ActRow<'a> {
     pub d: &'a [f32],
     pub sums: &'a [i32],
     pub bsums: &'a [i16],
+    pub bsums32: &'a [i16],
 }
 
 /// Activation rows `r0..r0 + N` of `a`, quantized for weights of format `q`.
@@ -247,6 +248,10 @@ fn act_rows<const N: usize>(a: &QActs, r0: usize, q: Quant) -> [ActRow<'_>; N] {
             bsums: a
                 .bsums
                 .get(blocks.start * 16..blocks.end * 16)
+                .unwrap_or(&[]),
+            bsums32: a
+                .bsums32
+                .get(blocks.start * 8..blocks.end * 8)
                 .unwrap_or(&[]),
         }
     })

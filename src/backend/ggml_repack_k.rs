@@ -152,7 +152,7 @@ pub mod x86 {
         }
     }
 
-    /// Two consecutive 16-value sums of an activation block as one 32-bit lane, repeated.
+    /// Two consecutive sums of an activation block (i16) as one 32-bit lane, repeated.
     #[inline(always)]
     unsafe fn sums_of(bsums: *const i16) -> __m256i {
         unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(bsums.cast::<i32>())) }
@@ -194,15 +194,8 @@ pub mod x86 {
                 for t in 0..4 {
                     let mins = row_pairs_of_two::<false>(blk.add(96 + 16 * t));
                     for c in 0..N {
-                        let bs = a[c].bsums.as_ptr().add(16 * b + 4 * t);
-                        let pair = _mm256_madd_epi16(
-                            _mm256_set1_epi32(
-                                ((*bs as i32 + *bs.add(1) as i32) & 0xFFFF)
-                                    | ((*bs.add(2) as i32 + *bs.add(3) as i32) << 16),
-                            ),
-                            mins,
-                        );
-                        msum[c] = _mm256_add_epi32(msum[c], pair);
+                        let bs = sums_of(a[c].bsums32.as_ptr().add(8 * b + 2 * t));
+                        msum[c] = _mm256_add_epi32(msum[c], _mm256_madd_epi16(mins, bs));
                     }
                 }
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
