@@ -22,7 +22,7 @@ use std::ops::Range;
 /// Rows interleaved in a group.
 const ROWS: usize = 8;
 
-/// A weight [n, k] repacked for [`Packed::dot_rows`].
+/// A weight [n, k] repacked for [`Packed::product`] and [`Packed::dot_rows`].
 pub struct Packed {
     q: Quant,
     k: usize,
