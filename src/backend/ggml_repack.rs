@@ -16,7 +16,7 @@
 //! Rows past the last whole group keep the file's layout. Sums are the same integers as ggml's (`sum(q * y)` per
 //! block; the unsigned offset comes off as `8 * sum(y)` or `16 * sum(y)`), scaled and added in a different order.
 use super::ggml_blocks::{Isa, QActs, Quant, detected_isa, dot_rows as file_dot_rows};
-use super::ggml_repack_k as k_quants;
+use super::ggml_repack_k::{self as k_quants, ActRow};
 use std::ops::Range;
 
 /// Rows interleaved in a group.
@@ -222,17 +222,6 @@ impl Packed {
             }
         }
     }
-}
-
-/// One quantized activation row as the packed kernels read it: values, block scales, and the block sums that
-/// take off the unsigned offsets (per 32 values for Q8_0 blocks, per 16 for Q8_K).
-#[derive(Clone, Copy)]
-pub struct ActRow<'a> {
-    pub qs: &'a [i8],
-    pub d: &'a [f32],
-    pub sums: &'a [i32],
-    pub bsums: &'a [i16],
-    pub bsums32: &'a [i16],
 }
 
 /// Activation rows `r0..r0 + N` of `a`, quantized for weights of format `q`.

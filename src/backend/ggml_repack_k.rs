@@ -114,9 +114,20 @@ pub fn pack_group(q: Quant, w: &[u8], nb: usize, out: &mut [u8]) {
     }
 }
 
+/// One quantized activation row as the packed kernels read it: values, block scales, and the block sums that
+/// take off the unsigned offsets (per 32 values for Q8_0 blocks, per 16 for Q8_K).
+#[derive(Clone, Copy)]
+pub struct ActRow<'a> {
+    pub qs: &'a [i8],
+    pub d: &'a [f32],
+    pub sums: &'a [i32],
+    pub bsums: &'a [i16],
+    pub bsums32: &'a [i16],
+}
+
 #[cfg(target_arch = "x86_64")]
 pub mod x86 {
-    use crate::backend::ggml_repack::ActRow;
+    use super::ActRow;
     use std::arch::x86_64::*;
 
     /// Activation values `4c..4c + 4` from `y` repeated over the register, against a chunk of eight rows.
