@@ -338,13 +338,8 @@ fn enabled() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::ActRow;
+    use crate::backend::ggml_repack_k::x86::chunk_of;
     use std::arch::x86_64::*;
-
-    /// Activation values 4c..4c+4 repeated over the register, against chunk `c` of eight rows.
-    #[inline(always)]
-    unsafe fn chunk_of(y: *const i8, c: usize) -> __m256i {
-        unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(y.add(4 * c).cast::<i32>())) }
-    }
 
     /// Bit `c` of every byte of `h` moved to bit 4 (other bits cleared). Shifts run on 16-bit lanes; the bit kept
     /// never crosses into the other byte for c in 0..8.

@@ -132,7 +132,7 @@ pub mod x86 {
 
     /// Activation values `4c..4c + 4` from `y` repeated over the register, against a chunk of eight rows.
     #[inline(always)]
-    unsafe fn chunk_of(y: *const i8, c: usize) -> __m256i {
+    pub(in crate::backend) unsafe fn chunk_of(y: *const i8, c: usize) -> __m256i {
         unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(y.add(4 * c).cast::<i32>())) }
     }
 
@@ -169,6 +169,27 @@ pub mod x86 {
         unsafe { _mm256_set1_epi32(std::ptr::read_unaligned(bsums.cast::<i32>())) }
     }
 
+    /// Per activation row `c`, per weight row: the sum over `2 * pairs` sub-blocks of the row's byte (at `p`, eight
+    /// per sub-block) times the sub-block's activation sum (`sums[c]`, i16, one per sub-block).
+    #[inline(always)]
+    unsafe fn sub_block_sums<const N: usize, const SIGNED: bool>(
+        p: *const u8,
+        pairs: usize,
+        sums: [*const i16; N],
+    ) -> [__m256i; N] {
+        unsafe {
+            let mut acc = [_mm256_setzero_si256(); N];
+            for t in 0..pairs {
+                let bytes = row_pairs_of_two::<SIGNED>(p.add(16 * t));
+                for c in 0..N {
+                    let s = sums_of(sums[c].add(2 * t));
+                    acc[c] = _mm256_add_epi32(acc[c], _mm256_madd_epi16(bytes, s));
+                }
+            }
+            acc
+        }
+    }
+
     /// `out[c][r]`: dot of row `r` of a Q4_K group with activation row `c`.
     ///
     /// # Safety
@@ -201,14 +222,11 @@ pub mod x86 {
                     }
                 }
                 // The mins: sum over sub-blocks of min * (sum of the sub-block's 32 activations).
-                let mut msum = [_mm256_setzero_si256(); N];
-                for t in 0..4 {
-                    let mins = row_pairs_of_two::<false>(blk.add(96 + 16 * t));
-                    for c in 0..N {
-                        let bs = sums_of(a[c].bsums32.as_ptr().add(8 * b + 2 * t));
-                        msum[c] = _mm256_add_epi32(msum[c], _mm256_madd_epi16(mins, bs));
-                    }
-                }
+                let msum = sub_block_sums::<N, false>(
+                    blk.add(96),
+                    4,
+                    std::array::from_fn(|c| a[c].bsums32.as_ptr().add(8 * b)),
+                );
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                 let dmin = _mm256_cvtph_ps(_mm_loadu_si128(blk.add(16).cast()));
                 for c in 0..N {
@@ -284,14 +302,11 @@ pub mod x86 {
                     }
                 }
                 // The offset: 32 * sum over sub-blocks of scale * (sum of the sub-block's 16 activations).
-                let mut osum = [_mm256_setzero_si256(); N];
-                for t in 0..8 {
-                    let scales = row_pairs_of_two::<true>(blk.add(16 + 16 * t));
-                    for c in 0..N {
-                        let bs = sums_of(a[c].bsums.as_ptr().add(16 * b + 2 * t));
-                        osum[c] = _mm256_add_epi32(osum[c], _mm256_madd_epi16(scales, bs));
-                    }
-                }
+                let osum = sub_block_sums::<N, true>(
+                    blk.add(16),
+                    8,
+                    std::array::from_fn(|c| a[c].bsums.as_ptr().add(16 * b)),
+                );
                 let d = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                 for c in 0..N {
                     let dy = _mm256_set1_ps(*a[c].d.get_unchecked(b));
