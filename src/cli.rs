@@ -311,7 +311,7 @@ pub struct BuildArgs {
     /// qwen2, qwen3) and Hugging Face folders (config.json + safetensors + tokenizer.json) need no --arch.
     #[arg(long, value_enum, value_name = "ARCH")]
     pub arch: Option<Arch>,
-    /// LLM builds: cap the context length (the engine's profile and RoPE table follow it).
+    /// LLM builds: cap the context length (the engine's profile follows it).
     #[arg(long, value_name = "TOKENS")]
     pub max_context: Option<usize>,
     /// Tokenizer file: llama2.c tokenizer .bin for --arch llama2c; for Hugging Face folders a GGUF file, instead of

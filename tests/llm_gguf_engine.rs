@@ -279,7 +279,7 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
         );
         assert!(!r.stdout.trim().is_empty(), "{}", r.stdout);
     };
-    // By default the bundle is the plan, the CPU graph reading the GGUF, and the tokenizer.
+    // By default the bundle is the plan and the CPU graph; the graph and the tokenizer read the GGUF itself.
     let lean = d.path().join("lean.plan");
     let r = run(
         &["build", s(&gguf), "--out", s(&lean), "--no-progress"],
@@ -305,8 +305,15 @@ fn quantized_gguf_builds_with_its_own_formats_by_default() {
             "lean.cpu.onnx.data",
             "lean.plan",
             "lean.plan.json",
-            "lean.tokenizer.gguf"
         ]
+    );
+    let m = trt_diff::manifest::Manifest::read(&trt_diff::manifest::sidecar_path(&lean)).unwrap();
+    let Some(trt_diff::manifest::Pipeline::Llm(llm)) = m.pipeline else {
+        panic!("no LLM pipeline in the manifest");
+    };
+    assert_eq!(
+        Some(llm.tokenizer.as_str()),
+        gguf.file_name().and_then(|n| n.to_str())
     );
     generates(&lean);
     let r = run(&["inspect", s(&lean)], true);

@@ -470,54 +470,84 @@ pub(crate) fn cache_inputs(
         .collect()
 }
 
-/// RoPE's cos and sin tables [max_seq, `pairs`] as initializers; pairs beyond the model's (padded heads) get angle
-/// 0.
-pub(crate) fn rope_tables(
+/// RoPE's cos and sin [.., `pairs`] (f32) at `positions` (int64, any shape): the angles `position * inv_freq`
+/// computed in f32 as transformers computes them; pairs beyond the model's (padded heads) get angle 0. Computed on
+/// each call rather than stored: tables for every position of a 131,072-token context are 34 MB per graph.
+pub(crate) fn rope_at(
     g: &mut GraphBuilder,
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     pairs: usize,
-) -> Result<(Value, Value)> {
-    rope_tables_named(g, "rope", cfg, weights, pairs)
+    positions: &Value,
+) -> Result<[Value; 2]> {
+    rope_at_named(g, "rope", cfg, weights, pairs, positions)
 }
 
-/// The local layers' RoPE tables (`local_rope_theta`), when the model has them.
-pub(crate) fn local_rope_tables(
+/// The local layers' RoPE ([`rope_at`] at `local_rope_theta`), when the model has them.
+pub(crate) fn local_rope_at(
     g: &mut GraphBuilder,
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     pairs: usize,
-) -> Result<Option<(Value, Value)>> {
+    positions: &Value,
+) -> Result<Option<[Value; 2]>> {
     cfg.local_rope_config()
-        .map(|local| rope_tables_named(g, "rope_local", &local, weights, pairs))
+        .map(|local| rope_at_named(g, "rope_local", &local, weights, pairs, positions))
         .transpose()
 }
 
-fn rope_tables_named(
+fn rope_at_named(
     g: &mut GraphBuilder,
     name: &str,
     cfg: &LlamaConfig,
     weights: &HashMap<String, Vec<f32>>,
     pairs: usize,
-) -> Result<(Value, Value)> {
+    positions: &Value,
+) -> Result<[Value; 2]> {
     let mut inv_freq = rope_inv_freq(cfg, weights.get("rope.freq_factors").map(|v| &v[..]));
     inv_freq.resize(pairs, 0.0);
-    let (mut cos_t, mut sin_t) = (
-        Vec::with_capacity(cfg.max_seq_len * pairs),
-        Vec::with_capacity(cfg.max_seq_len * pairs),
-    );
-    for p in 0..cfg.max_seq_len {
-        for &freq in &inv_freq {
-            let a = p as f64 * freq;
-            cos_t.push(a.cos() as f32);
-            sin_t.push(a.sin() as f32);
-        }
-    }
-    let dims = [cfg.max_seq_len as i64, pairs as i64];
-    Ok((
-        g.const_f32(&format!("{name}.cos"), &dims, &cos_t)?,
-        g.const_f32(&format!("{name}.sin"), &dims, &sin_t)?,
-    ))
+    let inv_freq: Vec<f32> = inv_freq.iter().map(|&f| f as f32).collect();
+    let freqs = g.const_f32(&format!("{name}.inv_freq"), &[pairs as i64], &inv_freq)?;
+    let pos = g.cast(&format!("{name}/positions"), positions, F32)?;
+    let last = g.const_i64(&format!("{name}.pair_axis"), &[1], &[-1])?;
+    let mut column = pos.shape.clone();
+    column.push(Dim::Fixed(1));
+    let pos = g.op(
+        "Unsqueeze",
+        &format!("{name}/position_column"),
+        &[&pos, &last],
+        vec![],
+        F32,
+        column,
+    )?;
+    let mut shape = positions.shape.clone();
+    shape.push(Dim::Fixed(pairs as i64));
+    let angles = g.op(
+        "Mul",
+        &format!("{name}/angles"),
+        &[&pos, &freqs],
+        vec![],
+        F32,
+        shape.clone(),
+    )?;
+    Ok([
+        g.op(
+            "Cos",
+            &format!("{name}/cos"),
+            &[&angles],
+            vec![],
+            F32,
+            shape.clone(),
+        )?,
+        g.op(
+            "Sin",
+            &format!("{name}/sin"),
+            &[&angles],
+            vec![],
+            F32,
+            shape,
+        )?,
+    ])
 }
 
 /// The decoder graph with weights under Hugging Face names; `policy` picks each projection's precision.
@@ -711,7 +741,8 @@ fn emit(
         Mode::Encoder { .. } => {
             let r = e.op("Range", "positions", &[&zero, &new_len, &one], vec![], i64t)?;
             let ax = e.const_i64("positions.batch", &[0])?;
-            let pos = e.op("Unsqueeze", "position_ids", &[&r, &ax], vec![], i64t)?;
+            let mut pos = e.op("Unsqueeze", "position_ids", &[&r, &ax], vec![], i64t)?;
+            pos.shape = vec![Dim::Fixed(1), seq()];
             (pos, None, new_len.clone())
         }
     };
@@ -746,19 +777,10 @@ fn emit(
         h = e.op("Mul", "embed/scaled", &[&h, &sv], vec![], F32)?;
     }
     h.shape = vec![Dim::Fixed(1), seq(), Dim::Fixed(d as i64)];
-    // RoPE tables [max_seq, hd/2], gathered by absolute position.
-    let (ct, st) = rope_tables(&mut e.o.g, cfg, weights, hd / 2)?;
-    let rope = [
-        e.op("Gather", "rope/cos", &[&ct, &pos], vec![], F32)?,
-        e.op("Gather", "rope/sin", &[&st, &pos], vec![], F32)?,
-    ];
-    let local_rope = match local_rope_tables(&mut e.o.g, cfg, weights, hd / 2)? {
-        Some((ct, st)) => [
-            e.op("Gather", "rope_local/cos", &[&ct, &pos], vec![], F32)?,
-            e.op("Gather", "rope_local/sin", &[&st, &pos], vec![], F32)?,
-        ],
-        None => rope.clone(),
-    };
+    // RoPE at each token's absolute position.
+    let rope = rope_at(&mut e.o.g, cfg, weights, hd / 2, &pos)?;
+    let local_rope =
+        local_rope_at(&mut e.o.g, cfg, weights, hd / 2, &pos)?.unwrap_or_else(|| rope.clone());
     // Causal mask over all keys: key t is visible to a query at absolute position p when t <= p.
     let keys = e.op("Range", "mask/keys", &[&zero, &total, &one], vec![], i64t)?;
     let last = e.const_i64("mask.last_axis", &[-1])?;

@@ -18,7 +18,7 @@
 //! different lengths in one call), `total_sequence_length` [] int32 (the largest of those plus one). Outputs:
 //! `logits` [batch, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT
 //! builds `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
-use super::llama::{LlamaConfig, MlpAct, cache_inputs, local_rope_tables, rope_tables};
+use super::llama::{LlamaConfig, MlpAct, cache_inputs, local_rope_at, rope_at};
 use crate::backend::ggml_ops::{GATE_UP, GATHER, GgmlWeights, MATMUL};
 use crate::backend::ort_ops::{DOMAIN, op_name};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
@@ -890,6 +890,165 @@ impl Emitter<'_> {
     }
 }
 
+/// The positions whose RoPE rows one call needs (GroupQueryAttention reads row p for a new token at position p).
+struct CallPositions {
+    /// int64 [n]: from the shortest sequence's first new token to the longest's last, `lo..total`.
+    range: Value,
+    /// int64 [4]: Pad's `[lo, 0, rows - total, 0]`, where `rows` is what GroupQueryAttention checks the tables for
+    /// (the larger of the total length and the cache's capacity).
+    pads: Value,
+}
+
+impl Emitter<'_> {
+    fn call_positions(
+        &mut self,
+        ids: &Value,
+        seqlens: &Value,
+        total: &Value,
+        past_key: &Value,
+    ) -> Result<CallPositions> {
+        let i64t = DataType::INT64;
+        let g = &mut self.g;
+        let scalar = |g: &mut GraphBuilder, name: &str, v: i64| g.const_i64(name, &[], &[v]);
+        let (zero, one, two) = (
+            scalar(g, "rope.zero", 0)?,
+            scalar(g, "rope.one", 1)?,
+            scalar(g, "rope.two", 2)?,
+        );
+        let ids_shape = g.op(
+            "Shape",
+            "rope/ids_shape",
+            &[ids],
+            vec![],
+            i64t,
+            vec![Dim::Fixed(2)],
+        )?;
+        let new_len = g.op(
+            "Gather",
+            "rope/new_len",
+            &[&ids_shape, &one],
+            vec![],
+            i64t,
+            vec![],
+        )?;
+        let shortest = g.op(
+            "ReduceMin",
+            "rope/shortest",
+            &[seqlens],
+            vec![("keepdims", Attr::Int(0))],
+            seqlens.dtype,
+            vec![],
+        )?;
+        let shortest = g.cast("rope/shortest_i64", &shortest, i64t)?;
+        let total = g.cast("rope/total_i64", total, i64t)?;
+        // seqlens_k counts a sequence's tokens minus one, so its first new token sits at seqlens_k + 1 - new_len.
+        let after = g.op(
+            "Add",
+            "rope/shortest_end",
+            &[&shortest, &one],
+            vec![],
+            i64t,
+            vec![],
+        )?;
+        let first = g.op(
+            "Sub",
+            "rope/first",
+            &[&after, &new_len],
+            vec![],
+            i64t,
+            vec![],
+        )?;
+        let lo = g.op("Max", "rope/lo", &[&first, &zero], vec![], i64t, vec![])?;
+        let past_shape = g.op(
+            "Shape",
+            "rope/past_shape",
+            &[past_key],
+            vec![],
+            i64t,
+            vec![Dim::Fixed(4)],
+        )?;
+        let capacity = g.op(
+            "Gather",
+            "rope/capacity",
+            &[&past_shape, &two],
+            vec![],
+            i64t,
+            vec![],
+        )?;
+        let rows = g.op(
+            "Max",
+            "rope/rows",
+            &[&total, &capacity],
+            vec![],
+            i64t,
+            vec![],
+        )?;
+        let tail = g.op("Sub", "rope/tail", &[&rows, &total], vec![], i64t, vec![])?;
+        let range = g.op(
+            "Range",
+            "rope/range",
+            &[&lo, &total, &one],
+            vec![],
+            i64t,
+            vec![Dim::Sym("rope_rows".into())],
+        )?;
+        let axis = g.const_i64("rope.axis", &[1], &[0])?;
+        let none = g.const_i64("rope.none", &[1], &[0])?;
+        let lo1 = g.op(
+            "Unsqueeze",
+            "rope/lo_1",
+            &[&lo, &axis],
+            vec![],
+            i64t,
+            vec![Dim::Fixed(1)],
+        )?;
+        let tail1 = g.op(
+            "Unsqueeze",
+            "rope/tail_1",
+            &[&tail, &axis],
+            vec![],
+            i64t,
+            vec![Dim::Fixed(1)],
+        )?;
+        let pads = g.op(
+            "Concat",
+            "rope/pads",
+            &[&lo1, &none, &tail1, &none],
+            vec![("axis", Attr::Int(0))],
+            i64t,
+            vec![Dim::Fixed(4)],
+        )?;
+        Ok(CallPositions { range, pads })
+    }
+
+    /// This call's RoPE rows (f32) padded with zeros into the tables GroupQueryAttention reads, in the activations'
+    /// type.
+    fn rope_table(
+        &mut self,
+        name: &str,
+        rows: [Value; 2],
+        at: &CallPositions,
+    ) -> Result<[Value; 2]> {
+        let table = vec![Dim::Sym("rope_table".into()), rows[0].shape[1].clone()];
+        let mut out = Vec::new();
+        for (kind, r) in ["cos", "sin"].iter().zip(rows) {
+            let padded = self.g.op(
+                "Pad",
+                &format!("{name}/{kind}_table"),
+                &[&r, &at.pads],
+                vec![],
+                F32,
+                table.clone(),
+            )?;
+            out.push(
+                self.g
+                    .cast(&format!("{name}/{kind}_act"), &padded, self.act)?,
+            );
+        }
+        Ok([out.remove(0), out.remove(0)])
+    }
+}
+
 /// The graph-wide inputs of every attention node: RoPE's cos/sin tables, the local layers' own where
 /// `local_rope_theta` is set.
 struct Rope {
@@ -1078,24 +1237,14 @@ fn graph(
         };
         (table, h)
     };
-    // RoPE tables [max_seq, hd_pad/2] (GroupQueryAttention gathers them by position); padded pairs hold zeros.
-    // GroupQueryAttention wants its tables in the activations' type (ONNX Runtime folds these casts once).
-    let in_act =
-        |g: &mut GraphBuilder, name: &str, (cos, sin): (Value, Value)| -> Result<[Value; 2]> {
-            if act == F32 {
-                return Ok([cos, sin]);
-            }
-            let to = || vec![("to", Attr::Int(act.0 as i64))];
-            let (cs, ss) = (cos.shape.clone(), sin.shape.clone());
-            Ok([
-                g.op("Cast", &format!("{name}.cos_act"), &[&cos], to(), act, cs)?,
-                g.op("Cast", &format!("{name}.sin_act"), &[&sin], to(), act, ss)?,
-            ])
-        };
-    let global = rope_tables(&mut e.g, cfg, weights, hd_pad / 2)?;
-    let global = in_act(&mut e.g, "rope", global)?;
-    let local = match local_rope_tables(&mut e.g, cfg, weights, hd_pad / 2)? {
-        Some(t) => Some(in_act(&mut e.g, "rope_local", t)?),
+    // RoPE tables for GroupQueryAttention, which reads row p for a token at position p: rows for this call's
+    // positions only (from the shortest sequence's first new token to the longest's last), zeros before and after up
+    // to the rows it checks for (the larger of the total length and the cache's capacity). Padded pairs hold angle 0.
+    let positions = e.call_positions(&ids, &seqlens, &total, &past[0][0])?;
+    let global = rope_at(&mut e.g, cfg, weights, hd_pad / 2, &positions.range)?;
+    let global = e.rope_table("rope", global, &positions)?;
+    let local = match local_rope_at(&mut e.g, cfg, weights, hd_pad / 2, &positions.range)? {
+        Some(t) => Some(e.rope_table("rope_local", t, &positions)?),
         None => None,
     };
     let rope = Rope {

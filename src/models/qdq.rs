@@ -835,8 +835,7 @@ fn int4_weight(
 /// An [`IntBlocks`] matrix as INT4 blocked DQs, the one weight-only form both TensorRT and ONNX Runtime's CUDA
 /// provider run (TensorRT has no INT8 weight-only GEMM, and its builder keeps a 16-bit copy of an INT8 weight-only
 /// matrix beside the codes; ONNX Runtime's CUDA provider has no blocked INT8 DQ): INT4 codes as they are, 8-bit
-/// codes as two INT4 halves, `q = 16 * floor(q / 16) + (q mod 16 - 8) + 8`, exact: a high part under 16 times the
-/// scales, a low one, and 8 scales per block into the offsets.
+/// codes as two INT4 halves ([`split_int8`]): a high part under 16 times the scales and a low one.
 struct Int4Parts {
     /// (name suffix, codes [rows, cols] in -8..=7, scales [rows, cols / block]).
     parts: Vec<(&'static str, Vec<i8>, Vec<f32>)>,
@@ -851,21 +850,149 @@ fn int4_parts(w: &IntBlocks) -> Int4Parts {
             offsets: w.offsets.clone(),
         },
         Bits::Int8 => {
-            let hi = w.codes.iter().map(|&q| q.div_euclid(16)).collect();
-            let lo = w.codes.iter().map(|&q| q.rem_euclid(16) - 8).collect();
-            let eight = w.scales.iter().map(|s| 8.0 * s);
+            let split = split_int8(w);
             Int4Parts {
                 parts: vec![
-                    (".high", hi, w.scales.iter().map(|s| 16.0 * s).collect()),
-                    (".low", lo, w.scales.clone()),
+                    (
+                        ".high",
+                        split.high,
+                        w.scales.iter().map(|s| 16.0 * s).collect(),
+                    ),
+                    (".low", split.low, w.scales.clone()),
                 ],
-                offsets: Some(match &w.offsets {
-                    Some(o) => o.iter().zip(eight).map(|(o, e)| o + e).collect(),
-                    None => eight.collect(),
-                }),
+                offsets: split.offsets,
             }
         }
     }
+}
+
+/// 8-bit codes as two INT4 codes, exactly: `q - c = 16 * high + low`, both in -8..=7, where the shift `c` is 0 when
+/// every code lies in -136..=119 (Q6_K's -32..=31 do) and 8 otherwise (Q8_0's -127..=127), which then joins the
+/// block offsets as `c * scale`.
+struct Int8Split {
+    high: Vec<i8>,
+    low: Vec<i8>,
+    offsets: Option<Vec<f32>>,
+}
+
+fn split_int8(w: &IntBlocks) -> Int8Split {
+    let shift: i16 = if w.codes.iter().all(|&q| q <= 119) {
+        0
+    } else {
+        8
+    };
+    let (mut high, mut low) = (
+        Vec::with_capacity(w.codes.len()),
+        Vec::with_capacity(w.codes.len()),
+    );
+    for &q in &w.codes {
+        let q = q as i16 - shift;
+        let lo = (q + 8).rem_euclid(16) - 8;
+        high.push(((q - lo) / 16) as i8);
+        low.push(lo as i8);
+    }
+    let offsets = match (shift, &w.offsets) {
+        (0, o) => o.clone(),
+        (_, o) => {
+            let shifts = w.scales.iter().map(|s| shift as f32 * s);
+            Some(match o {
+                Some(o) => o.iter().zip(shifts).map(|(o, e)| o + e).collect(),
+                None => shifts.collect(),
+            })
+        }
+    };
+    Int8Split { high, low, offsets }
+}
+
+/// An 8-bit [`IntBlocks`] matrix as one INT4 matrix [rows, 2 * cols] under one scale per block, as compact as INT8
+/// with its scales (9 bits a weight for Q6_K's blocks of 16, against 10 for two halves with scales of their own):
+/// each block of `block` codes becomes `2 * block`, the low halves then the high ones ([`split_int8`]), under
+/// 16 times the block's scale; the activations multiplying it are each block divided by 16, then the block itself
+/// ([`sixteenths_then_block`]).
+fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
+    let split = split_int8(w);
+    let mut codes = Vec::with_capacity(2 * w.codes.len());
+    for (lo, hi) in split
+        .low
+        .chunks_exact(w.block)
+        .zip(split.high.chunks_exact(w.block))
+    {
+        codes.extend_from_slice(lo);
+        codes.extend_from_slice(hi);
+    }
+    let scales = w.scales.iter().map(|s| 16.0 * s).collect();
+    (codes, scales, split.offsets)
+}
+
+/// `x` [.., k] as [.., 2k], each block of `block` values as `[block / 16, block]`: what [`interleaved_int8`]'s
+/// matrix multiplies (dividing by 16 rather than multiplying keeps f16 activations from overflowing).
+fn sixteenths_then_block(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    block: usize,
+) -> Result<Value> {
+    let Some(Dim::Fixed(k)) = x.shape.last() else {
+        bail!("{name}: the last axis must be fixed");
+    };
+    let kb = *k as usize / block;
+    let rank = x.shape.len();
+    let shape_of = |last: &[i64]| {
+        let mut s = vec![0i64; rank - 1];
+        s.extend_from_slice(last);
+        s
+    };
+    let mut blocks_shape = x.shape.clone();
+    blocks_shape.pop();
+    blocks_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
+    let target = shape_of(&[kb as i64, block as i64]);
+    let target = g.const_i64(
+        &format!("{name}.split_shape"),
+        &[target.len() as i64],
+        &target,
+    )?;
+    let blocks = g.op(
+        "Reshape",
+        &format!("{name}/split_blocks"),
+        &[x, &target],
+        vec![],
+        x.dtype,
+        blocks_shape.clone(),
+    )?;
+    let sixteenth = g.initializer(
+        &format!("{name}.sixteenth"),
+        x.dtype,
+        &[],
+        float_bytes(&[1.0 / 16.0], x.dtype),
+    )?;
+    let small = g.op(
+        "Mul",
+        &format!("{name}/sixteenths"),
+        &[&blocks, &sixteenth],
+        vec![],
+        x.dtype,
+        blocks_shape.clone(),
+    )?;
+    let mut pairs_shape = blocks_shape;
+    *pairs_shape.last_mut().unwrap_or(&mut Dim::Fixed(0)) = Dim::Fixed(2 * block as i64);
+    let pairs = g.op(
+        "Concat",
+        &format!("{name}/block_pairs"),
+        &[&small, &blocks],
+        vec![("axis", Attr::Int(-1))],
+        x.dtype,
+        pairs_shape,
+    )?;
+    let flat = shape_of(&[2 * k]);
+    let flat = g.const_i64(&format!("{name}.pairs_shape"), &[flat.len() as i64], &flat)?;
+    g.op(
+        "Reshape",
+        &format!("{name}/pairs"),
+        &[&pairs, &flat],
+        vec![],
+        x.dtype,
+        with_last(&x.shape, 2 * *k as usize),
+    )
 }
 
 /// Sums of each `block` values along the last axis of `x` [.., k] -> [.., k / block]: what a block's offset
@@ -910,11 +1037,11 @@ fn add(g: &mut GraphBuilder, name: &str, a: &Value, b: &Value) -> Result<Value> 
 }
 
 /// The sum of `each(part)` over the parts of a split matrix.
-fn sum_parts(
+fn sum_parts<T>(
     g: &mut GraphBuilder,
     name: &str,
-    parts: &[Value],
-    each: impl Fn(&mut GraphBuilder, usize, &Value) -> Result<Value>,
+    parts: &[T],
+    each: impl Fn(&mut GraphBuilder, usize, &T) -> Result<Value>,
 ) -> Result<Value> {
     let mut sum: Option<Value> = None;
     for (i, p) in parts.iter().enumerate() {
@@ -927,21 +1054,22 @@ fn sum_parts(
     sum.ok_or_else(|| anyhow::anyhow!("{name}: no blocks"))
 }
 
-/// `sum_i xc @ ws[i]` (each [k, n]) plus `blocksum(xc) @ offsets` ([k / block, n]) where given, in `xc`'s type.
+/// `sum_i input_i @ w_i` over the (input, weight [k_i, n]) pairs plus `blocksum(xc) @ offsets` ([k / block, n])
+/// where given, in `xc`'s type.
 fn block_products(
     g: &mut GraphBuilder,
     name: &str,
     xc: &Value,
-    ws: &[Value],
+    products: &[(Value, Value)],
     offsets: Option<&Value>,
     block: usize,
     out_shape: Vec<Dim>,
 ) -> Result<Value> {
-    let mut y = sum_parts(g, name, ws, |g, i, w| {
+    let mut y = sum_parts(g, name, products, |g, i, (input, w)| {
         g.op(
             "MatMul",
             &format!("{name}/part{i}"),
-            &[xc, w],
+            &[input, w],
             vec![],
             xc.dtype,
             out_shape.clone(),
@@ -982,22 +1110,34 @@ pub fn linear_int_blocks(
     }
     let out_shape = with_last(&x.shape, n);
     let xc = g.cast(&format!("{name}/in"), x, compute)?;
-    let split = int4_parts(w);
-    let mut ws = Vec::new();
-    for (suffix, codes, scales) in &split.parts {
-        ws.push(blocked_dq(
-            g,
-            &format!("{name}{suffix}"),
-            &transpose_codes(codes, n, k),
-            &transpose(scales, n, kb),
-            Bits::Int4,
-            [k, n],
-            0,
+    // 8-bit codes interleaved into one INT4 matrix over twice the inputs; INT4 codes as they are.
+    let (input, codes, scales, rows_k, dq_block, offsets) = match w.bits {
+        Bits::Int8 => {
+            let (codes, scales, offsets) = interleaved_int8(w);
+            let input = sixteenths_then_block(g, name, &xc, block)?;
+            (input, codes, scales, 2 * k, 2 * block, offsets)
+        }
+        Bits::Int4 => (
+            xc.clone(),
+            w.codes.clone(),
+            w.scales.clone(),
+            k,
             block,
-            compute,
-        )?);
-    }
-    let offsets = match &split.offsets {
+            w.offsets.clone(),
+        ),
+    };
+    let wdq = blocked_dq(
+        g,
+        name,
+        &transpose_codes(&codes, n, rows_k),
+        &transpose(&scales, n, kb),
+        Bits::Int4,
+        [rows_k, n],
+        0,
+        dq_block,
+        compute,
+    )?;
+    let offsets = match &offsets {
         Some(o) => Some(g.initializer(
             &format!("{name}.weight_offset"),
             compute,
@@ -1006,7 +1146,15 @@ pub fn linear_int_blocks(
         )?),
         None => None,
     };
-    let y = block_products(g, name, &xc, &ws, offsets.as_ref(), block, out_shape)?;
+    let y = block_products(
+        g,
+        name,
+        &xc,
+        &[(input, wdq)],
+        offsets.as_ref(),
+        block,
+        out_shape,
+    )?;
     let y = g.cast(&format!("{name}/out"), &y, DataType::FLOAT)?;
     match bias {
         Some(b) => {
@@ -1174,14 +1322,15 @@ impl BlockTable {
         let t_shape = vec![Dim::Fixed(self.cols as i64), Dim::Fixed(self.rows as i64)];
         let mut ws = Vec::new();
         for (i, p) in self.parts.iter().enumerate() {
-            ws.push(g.op(
+            let t = g.op(
                 "Transpose",
                 &format!("{name}/part{i}_t"),
                 &[p],
                 vec![("perm", Attr::Ints(vec![1, 0]))],
                 compute,
                 t_shape.clone(),
-            )?);
+            )?;
+            ws.push((xc.clone(), t));
         }
         let offsets = match &self.offsets {
             Some(o) => Some(g.op(
@@ -1803,6 +1952,63 @@ mod tests {
             );
             let v = hi.1[i] as f32 * hi.2[b] + lo.1[i] as f32 * lo.2[b] + offsets[b];
             assert_eq!(v, q as f32 * w.scales[b], "{q}");
+        }
+    }
+
+    /// Q6_K's codes need no shift (no offsets); the interleaved matrix times the sixteenths-then-block activations
+    /// gives each row's dot product with the 8-bit codes, for Q6_K's range and Q8_0's (shifted by 8 into offsets).
+    #[test]
+    fn interleaved_int8_rows_give_the_codes_products() {
+        for (lo, hi, shifted) in [(-32i16, 31i16, false), (-128, 127, true)] {
+            let (rows, cols, block) = (3, 64, 16);
+            let codes: Vec<i8> = (0..rows * cols)
+                .map(|i| (lo + (i as i16 * 37) % (hi - lo + 1)) as i8)
+                .collect();
+            let w = IntBlocks {
+                bits: Bits::Int8,
+                block,
+                rows,
+                cols,
+                codes: codes.clone(),
+                scales: (0..rows * cols / block).map(|b| 0.25 + b as f32).collect(),
+                offsets: None,
+            };
+            let (inter, scales, offsets) = interleaved_int8(&w);
+            assert_eq!(offsets.is_some(), shifted);
+            assert!(inter.iter().all(|c| (-8..=7).contains(c)));
+            let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();
+            let x2: Vec<f32> = x
+                .chunks_exact(block)
+                .flat_map(|b| {
+                    b.iter()
+                        .map(|v| v / 16.0)
+                        .chain(b.iter().copied())
+                        .collect::<Vec<_>>()
+                })
+                .collect();
+            for r in 0..rows {
+                let kb = cols / block;
+                let mut got = 0f64;
+                for (j, &c) in inter[r * 2 * cols..(r + 1) * 2 * cols].iter().enumerate() {
+                    got += c as f64 * scales[r * kb + j / (2 * block)] as f64 * x2[j] as f64;
+                }
+                if let Some(o) = &offsets {
+                    for (b, xb) in x.chunks_exact(block).enumerate() {
+                        got += o[r * kb + b] as f64 * xb.iter().map(|&v| v as f64).sum::<f64>();
+                    }
+                }
+                let want: f64 = (0..cols)
+                    .map(|j| {
+                        codes[r * cols + j] as f64
+                            * w.scales[r * kb + j / block] as f64
+                            * x[j] as f64
+                    })
+                    .sum();
+                assert!(
+                    (got - want).abs() < 1e-9 * want.abs().max(1.0),
+                    "{r}: {got} vs {want}"
+                );
+            }
         }
     }
 

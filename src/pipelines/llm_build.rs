@@ -534,16 +534,27 @@ pub fn build_llm(
             let g = crate::weights::gguf::GgufFile::open(input)?;
             crate::tokenizer::llm_vocab::Vocab::from_gguf(&g)?;
             let m = crate::weights::gguf_model::load(&g, max_context)?;
-            let tok_out = sibling(&base.out, ".tokenizer.gguf");
-            guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
-            write_vocab_gguf(&g, &tok_out)?;
             let matrices = gguf_matrix_type(&g);
-            // Quantized or mixed files: the CPU graph reads the file's blocks in place.
+            // Quantized or mixed files: the CPU graph reads the file's blocks in place, and the tokenizer reads the
+            // same file rather than a copy of its vocabulary.
+            let mut tok_out = None;
             if matrices.is_none() && matches!(p, Some(LinearPrecision::F32 | LinearPrecision::F16))
             {
                 let location = gguf_location(&base.out, input)?;
                 in_place = crate::backend::ggml_ops::block_weights(&g, &m.config, &location)?;
+                if in_place.is_some() {
+                    tok_out = Some(base.out.with_file_name(&location));
+                }
             }
+            let tok_out = match tok_out {
+                Some(t) => t,
+                None => {
+                    let t = sibling(&base.out, ".tokenizer.gguf");
+                    guard_siblings(&mut guard, &base.out, &[".tokenizer.gguf"]);
+                    write_vocab_gguf(&g, &t)?;
+                    t
+                }
+            };
             if precision == Precision::Gguf {
                 blocks = Some(crate::weights::gguf_model::int_blocks(&g, &m.config)?);
             }

@@ -15,7 +15,7 @@ pub struct GgufModel {
     pub tensors: HashMap<String, Vec<f32>>,
 }
 
-/// Reads config and tensors; `max_context` caps the context (the RoPE table and the engine profile follow it).
+/// Reads config and tensors; `max_context` caps the context (the engine profile follows it).
 pub fn load(g: &GgufFile, max_context: Option<usize>) -> Result<GgufModel> {
     let path = g.path().display().to_string();
     let arch = g
