@@ -338,7 +338,7 @@ fn enabled() -> bool {
 #[cfg(target_arch = "x86_64")]
 mod x86 {
     use super::ActRow;
-    use crate::backend::ggml_repack_k::x86::chunk_of;
+    use crate::backend::ggml_repack_k::x86::{chunk_of, prefetch_ahead};
     use std::arch::x86_64::*;
 
     /// Bit `c` of every byte of `h` moved to bit 4 (other bits cleared). Shifts run on 16-bit lanes; the bit kept
@@ -371,6 +371,7 @@ mod x86 {
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..a[0].d.len() {
                 let blk = p.as_ptr().add(b * 272);
+                prefetch_ahead(blk, 272);
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                 let mut sum = [_mm256_setzero_si256(); N];
                 for c in 0..8 {
@@ -411,6 +412,7 @@ mod x86 {
             let mut acc = [_mm256_setzero_ps(); N];
             for b in 0..a[0].d.len() {
                 let blk = p.as_ptr().add(b * bytes);
+                prefetch_ahead(blk, bytes);
                 let dw = _mm256_cvtph_ps(_mm_loadu_si128(blk.cast()));
                 let h = if HIGH {
                     _mm256_loadu_si256(blk.add(144).cast())

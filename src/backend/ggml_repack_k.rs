@@ -163,6 +163,22 @@ pub mod x86 {
         }
     }
 
+    /// Asks for the cache lines `PREFETCH_BYTES` past the `len` bytes at `p`: the weights stream from memory once per
+    /// token, and the hardware prefetcher alone leaves the loads waiting (perf: most samples on them).
+    #[inline(always)]
+    pub(in crate::backend) unsafe fn prefetch_ahead(p: *const u8, len: usize) {
+        let ahead = p.wrapping_add(PREFETCH_BYTES);
+        let mut o = 0;
+        while o < len {
+            unsafe { _mm_prefetch::<_MM_HINT_T0>(ahead.wrapping_add(o).cast()) };
+            o += 64;
+        }
+    }
+
+    /// How far ahead of the weights being read [`prefetch_ahead`] asks: 8 KB gave 28 tok/s on the Llama-3.2-1B-shaped
+    /// Q4_K_M file against 22-25 with no prefetch and 25-27 at 1-4 KB (2 threads, AMD EPYC).
+    const PREFETCH_BYTES: usize = 8192;
+
     /// Two consecutive sums of an activation block (i16) as one 32-bit lane, repeated.
     #[inline(always)]
     unsafe fn sums_of(bsums: *const i16) -> __m256i {
@@ -205,6 +221,7 @@ pub mod x86 {
                 for s in 0..8 {
                     let sc = row_pairs::<false>(blk.add(32 + 8 * s));
                     let v = blk.add(160 + 128 * s);
+                    prefetch_ahead(v, 128);
                     let mut u = [_mm256_setzero_si256(); 8];
                     for j in 0..4 {
                         let x = _mm256_loadu_si256(v.add(32 * j).cast());
@@ -262,6 +279,7 @@ pub mod x86 {
                 for s in 0..16 {
                     let sc = row_pairs::<true>(blk.add(16 + 8 * s));
                     let v = blk.add(144 + 96 * s);
+                    prefetch_ahead(v, 96);
                     let l0 = _mm256_loadu_si256(v.cast());
                     let l1 = _mm256_loadu_si256(v.add(32).cast());
                     let h = _mm256_loadu_si256(v.add(64).cast());
