@@ -580,6 +580,12 @@ impl Operator for GatherGgml {
                     "{GATHER}: attribute 'k' missing or not whole blocks"
                 ))
             })? as usize;
+        // The table is often also a tied LM head, which repacks it: its pages must stay for the lookups.
+        if let Ok(w) = ctx.constant_input::<ort::value::DynTensorValueType>(0)
+            && let Ok((_, data)) = w.try_extract_tensor::<u8>()
+        {
+            super::ggml_repack::keep_resident(data);
+        }
         Ok(Box::new(move |c: &ComputeContext| gather(c, q, k)))
     }
 }

@@ -289,8 +289,16 @@ fn pack_group(q: Quant, w: &[u8], nb: usize, out: &mut [u8]) {
 /// Asks the kernel to reclaim the pages of `w` (whole pages inside it) once it is packed: ONNX Runtime maps
 /// initializers from the GGUF file, so the pages come back from the file if anything reads them again, and the
 /// packed copy does not double the memory a model holds. Contents never change (unlike `MADV_DONTNEED` on
-/// anonymous memory); a kernel without `MADV_PAGEOUT` (before Linux 5.4) ignores the hint.
+/// anonymous memory); a kernel without `MADV_PAGEOUT` (before Linux 5.4) ignores the hint. Tables that an
+/// embedding lookup also reads ([`keep_resident`]) stay: each new token's row would otherwise come back from disk
+/// (1.1 ms a decode step on the Llama-3.2-1B-shaped file's tied table).
 pub fn release(w: &[u8]) {
+    let (start, end) = (w.as_ptr() as usize, w.as_ptr() as usize + w.len());
+    let kept = RESIDENT.lock().unwrap_or_else(|e| e.into_inner());
+    if kept.iter().any(|&(s, e)| s < end && start < e) {
+        return;
+    }
+    drop(kept);
     #[cfg(target_os = "linux")]
     {
         // SAFETY: sysconf has no preconditions; madvise with MADV_PAGEOUT only hints at whole pages inside `w`.
@@ -303,6 +311,18 @@ pub fn release(w: &[u8]) {
     }
     #[cfg(not(target_os = "linux"))]
     let _ = w;
+}
+
+static RESIDENT: std::sync::Mutex<Vec<(usize, usize)>> = std::sync::Mutex::new(Vec::new());
+
+/// Marks `w` as read in the file's layout for as long as the process runs (an embedding table): [`release`] leaves
+/// its pages alone.
+pub fn keep_resident(w: &[u8]) {
+    let range = (w.as_ptr() as usize, w.as_ptr() as usize + w.len());
+    let mut kept = RESIDENT.lock().unwrap_or_else(|e| e.into_inner());
+    if !kept.contains(&range) {
+        kept.push(range);
+    }
 }
 
 /// Asks the kernel to fault in the pages of `w` in one call (`MADV_POPULATE_READ`, Linux 5.14): packing reads

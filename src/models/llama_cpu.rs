@@ -4,8 +4,8 @@
 //!   (SwiGLU's gate and up in one call) on [n, k] weights kept in the checkpoint's type (`backend::ort_ops`);
 //! - norms: ONNX Runtime's `SimplifiedLayerNormalization` and `com.microsoft.SkipSimplifiedLayerNormalization`
 //!   (the residual add and the next RMSNorm in one node);
-//! - attention: `com.microsoft.GroupQueryAttention` with RoPE applied inside from the graph's cos/sin tables, on
-//!   q, k and v packed in one tensor.
+//! - attention: `com.microsoft.GroupQueryAttention` with RoPE applied inside from cos/sin tables the graph computes
+//!   for each call's positions (zeros elsewhere), on q, k and v packed in one tensor.
 //!
 //! GroupQueryAttention wants heads of a multiple of 16 values; smaller heads (tiny models) are padded with zeros in
 //! the graph's weights (`pad_heads`), so every model runs the same graph form. Qwen3's per-head q/k RMSNorms run
