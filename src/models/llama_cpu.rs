@@ -909,28 +909,15 @@ impl Emitter<'_> {
     ) -> Result<CallPositions> {
         let i64t = DataType::INT64;
         let g = &mut self.g;
-        let scalar = |g: &mut GraphBuilder, name: &str, v: i64| g.const_i64(name, &[], &[v]);
-        let (zero, one, two) = (
-            scalar(g, "rope.zero", 0)?,
-            scalar(g, "rope.one", 1)?,
-            scalar(g, "rope.two", 2)?,
-        );
-        let ids_shape = g.op(
-            "Shape",
-            "rope/ids_shape",
-            &[ids],
-            vec![],
-            i64t,
-            vec![Dim::Fixed(2)],
-        )?;
-        let new_len = g.op(
-            "Gather",
-            "rope/new_len",
-            &[&ids_shape, &one],
-            vec![],
-            i64t,
-            vec![],
-        )?;
+        // int64 arithmetic on scalars (and Range's 1-d result).
+        let int = |g: &mut GraphBuilder, op: &str, name: &str, inputs: &[&Value]| {
+            g.op(op, &format!("rope/{name}"), inputs, vec![], i64t, vec![])
+        };
+        let zero = g.const_i64("rope.zero", &[], &[0])?;
+        let one = g.const_i64("rope.one", &[], &[1])?;
+        let two = g.const_i64("rope.two", &[], &[2])?;
+        let ids_shape = int(g, "Shape", "ids_shape", &[ids])?;
+        let new_len = int(g, "Gather", "new_len", &[&ids_shape, &one])?;
         let shortest = g.op(
             "ReduceMin",
             "rope/shortest",
@@ -942,74 +929,19 @@ impl Emitter<'_> {
         let shortest = g.cast("rope/shortest_i64", &shortest, i64t)?;
         let total = g.cast("rope/total_i64", total, i64t)?;
         // seqlens_k counts a sequence's tokens minus one, so its first new token sits at seqlens_k + 1 - new_len.
-        let after = g.op(
-            "Add",
-            "rope/shortest_end",
-            &[&shortest, &one],
-            vec![],
-            i64t,
-            vec![],
-        )?;
-        let first = g.op(
-            "Sub",
-            "rope/first",
-            &[&after, &new_len],
-            vec![],
-            i64t,
-            vec![],
-        )?;
-        let lo = g.op("Max", "rope/lo", &[&first, &zero], vec![], i64t, vec![])?;
-        let past_shape = g.op(
-            "Shape",
-            "rope/past_shape",
-            &[past_key],
-            vec![],
-            i64t,
-            vec![Dim::Fixed(4)],
-        )?;
-        let capacity = g.op(
-            "Gather",
-            "rope/capacity",
-            &[&past_shape, &two],
-            vec![],
-            i64t,
-            vec![],
-        )?;
-        let rows = g.op(
-            "Max",
-            "rope/rows",
-            &[&total, &capacity],
-            vec![],
-            i64t,
-            vec![],
-        )?;
-        let tail = g.op("Sub", "rope/tail", &[&rows, &total], vec![], i64t, vec![])?;
-        let range = g.op(
-            "Range",
-            "rope/range",
-            &[&lo, &total, &one],
-            vec![],
-            i64t,
-            vec![Dim::Sym("rope_rows".into())],
-        )?;
+        let after = int(g, "Add", "shortest_end", &[&shortest, &one])?;
+        let first = int(g, "Sub", "first", &[&after, &new_len])?;
+        let lo = int(g, "Max", "lo", &[&first, &zero])?;
+        let past_shape = int(g, "Shape", "past_shape", &[past_key])?;
+        let capacity = int(g, "Gather", "capacity", &[&past_shape, &two])?;
+        let rows = int(g, "Max", "rows", &[&total, &capacity])?;
+        let tail = int(g, "Sub", "tail", &[&rows, &total])?;
+        let mut range = int(g, "Range", "range", &[&lo, &total, &one])?;
+        range.shape = vec![Dim::Sym("rope_rows".into())];
         let axis = g.const_i64("rope.axis", &[1], &[0])?;
         let none = g.const_i64("rope.none", &[1], &[0])?;
-        let lo1 = g.op(
-            "Unsqueeze",
-            "rope/lo_1",
-            &[&lo, &axis],
-            vec![],
-            i64t,
-            vec![Dim::Fixed(1)],
-        )?;
-        let tail1 = g.op(
-            "Unsqueeze",
-            "rope/tail_1",
-            &[&tail, &axis],
-            vec![],
-            i64t,
-            vec![Dim::Fixed(1)],
-        )?;
+        let lo1 = int(g, "Unsqueeze", "lo_1", &[&lo, &axis])?;
+        let tail1 = int(g, "Unsqueeze", "tail_1", &[&tail, &axis])?;
         let pads = g.op(
             "Concat",
             "rope/pads",
@@ -1029,7 +961,8 @@ impl Emitter<'_> {
         rows: [Value; 2],
         at: &CallPositions,
     ) -> Result<[Value; 2]> {
-        let table = vec![Dim::Sym("rope_table".into()), rows[0].shape[1].clone()];
+        let mut table = vec![Dim::Sym("rope_table".into())];
+        table.extend(rows[0].shape.last().cloned());
         let mut out = Vec::new();
         for (kind, r) in ["cos", "sin"].iter().zip(rows) {
             let padded = self.g.op(
