@@ -974,7 +974,8 @@ fn sixteenths_then_block(
         blocks_shape.clone(),
     )?;
     let mut pairs_shape = blocks_shape;
-    *pairs_shape.last_mut().unwrap_or(&mut Dim::Fixed(0)) = Dim::Fixed(2 * block as i64);
+    pairs_shape.pop();
+    pairs_shape.push(Dim::Fixed(2 * block as i64));
     let pairs = g.op(
         "Concat",
         &format!("{name}/block_pairs"),
