@@ -924,6 +924,37 @@ fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
     (codes, scales, split.offsets)
 }
 
+/// `x` reshaped to `lead` (its own leading dimensions, kept as they are by Reshape's 0) followed by `last`.
+fn reshape_last(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    lead: &[Dim],
+    last: &[usize],
+) -> Result<Value> {
+    let mut target = vec![0i64; lead.len()];
+    target.extend(last.iter().map(|&d| d as i64));
+    let target = g.const_i64(&format!("{name}.shape"), &[target.len() as i64], &target)?;
+    let mut shape = lead.to_vec();
+    shape.extend(last.iter().map(|&d| Dim::Fixed(d as i64)));
+    g.op("Reshape", name, &[x, &target], vec![], x.dtype, shape)
+}
+
+/// `x` [.., k] as [.., k / block, block], with `x`'s leading dimensions and k.
+fn split_blocks(
+    g: &mut GraphBuilder,
+    name: &str,
+    x: &Value,
+    block: usize,
+) -> Result<(Value, Vec<Dim>, usize)> {
+    let Some((&Dim::Fixed(k), lead)) = x.shape.split_last() else {
+        bail!("{name}: the last axis must be fixed");
+    };
+    let k = k as usize;
+    let blocks = reshape_last(g, &format!("{name}/blocks"), x, lead, &[k / block, block])?;
+    Ok((blocks, lead.to_vec(), k))
+}
+
 /// `x` [.., k] as [.., 2k], each block of `block` values as `[block / 16, block]`: what [`interleaved_int8`]'s
 /// matrix multiplies (dividing by 16 rather than multiplying keeps f16 activations from overflowing).
 fn sixteenths_then_block(
@@ -932,33 +963,7 @@ fn sixteenths_then_block(
     x: &Value,
     block: usize,
 ) -> Result<Value> {
-    let Some(Dim::Fixed(k)) = x.shape.last() else {
-        bail!("{name}: the last axis must be fixed");
-    };
-    let kb = *k as usize / block;
-    let rank = x.shape.len();
-    let shape_of = |last: &[i64]| {
-        let mut s = vec![0i64; rank - 1];
-        s.extend_from_slice(last);
-        s
-    };
-    let mut blocks_shape = x.shape.clone();
-    blocks_shape.pop();
-    blocks_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
-    let target = shape_of(&[kb as i64, block as i64]);
-    let target = g.const_i64(
-        &format!("{name}.split_shape"),
-        &[target.len() as i64],
-        &target,
-    )?;
-    let blocks = g.op(
-        "Reshape",
-        &format!("{name}/split_blocks"),
-        &[x, &target],
-        vec![],
-        x.dtype,
-        blocks_shape.clone(),
-    )?;
+    let (blocks, lead, k) = split_blocks(g, &format!("{name}/halves"), x, block)?;
     let sixteenth = g.initializer(
         &format!("{name}.sixteenth"),
         x.dtype,
@@ -971,57 +976,23 @@ fn sixteenths_then_block(
         &[&blocks, &sixteenth],
         vec![],
         x.dtype,
-        blocks_shape.clone(),
+        blocks.shape.clone(),
     )?;
-    let mut pairs_shape = blocks_shape;
-    pairs_shape.pop();
-    pairs_shape.push(Dim::Fixed(2 * block as i64));
     let pairs = g.op(
         "Concat",
         &format!("{name}/block_pairs"),
         &[&small, &blocks],
         vec![("axis", Attr::Int(-1))],
         x.dtype,
-        pairs_shape,
+        with_last(&blocks.shape, 2 * block),
     )?;
-    let flat = shape_of(&[2 * k]);
-    let flat = g.const_i64(&format!("{name}.pairs_shape"), &[flat.len() as i64], &flat)?;
-    g.op(
-        "Reshape",
-        &format!("{name}/pairs"),
-        &[&pairs, &flat],
-        vec![],
-        x.dtype,
-        with_last(&x.shape, 2 * *k as usize),
-    )
+    reshape_last(g, &format!("{name}/pairs"), &pairs, &lead, &[2 * k])
 }
 
 /// Sums of each `block` values along the last axis of `x` [.., k] -> [.., k / block]: what a block's offset
 /// multiplies.
 fn block_sums(g: &mut GraphBuilder, name: &str, x: &Value, block: usize) -> Result<Value> {
-    let Some(Dim::Fixed(k)) = x.shape.last() else {
-        bail!("{name}: the last axis must be fixed");
-    };
-    let kb = *k as usize / block;
-    let mut split_shape = x.shape.clone();
-    split_shape.pop();
-    split_shape.extend([Dim::Fixed(kb as i64), Dim::Fixed(block as i64)]);
-    // Reshape's 0 keeps a dimension as it is: [.., k] -> [.., k / block, block].
-    let mut target = vec![0i64; x.shape.len() - 1];
-    target.extend([kb as i64, block as i64]);
-    let target = g.const_i64(
-        &format!("{name}.block_shape"),
-        &[target.len() as i64],
-        &target,
-    )?;
-    let split = g.op(
-        "Reshape",
-        &format!("{name}/blocks"),
-        &[x, &target],
-        vec![],
-        x.dtype,
-        split_shape,
-    )?;
+    let (split, _, k) = split_blocks(g, name, x, block)?;
     let axes = g.const_i64(&format!("{name}.block_axes"), &[1], &[-1])?;
     g.op(
         "ReduceSum",
@@ -1029,7 +1000,7 @@ fn block_sums(g: &mut GraphBuilder, name: &str, x: &Value, block: usize) -> Resu
         &[&split, &axes],
         vec![("keepdims", Attr::Int(0))],
         x.dtype,
-        with_last(&x.shape, kb),
+        with_last(&x.shape, k / block),
     )
 }
 
