@@ -1286,23 +1286,31 @@ async fn metrics_text(State(state): State<Arc<AppState>>) -> Response {
         .into_response()
 }
 
-async fn shutdown_signal(metrics: Arc<Metrics>) {
-    let ctrl_c = async {
-        let _ = tokio::signal::ctrl_c().await;
-    };
+/// Resolves on SIGINT/SIGTERM. The SIGTERM handler is installed here, when the server starts, not on the future's
+/// first poll: a SIGTERM that comes as soon as the server answers must not find the default action (death).
+fn shutdown_signal(metrics: Arc<Metrics>) -> impl std::future::Future<Output = ()> {
     #[cfg(unix)]
-    let term = async {
-        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        {
-            s.recv().await;
-        }
-    };
-    #[cfg(not(unix))]
-    let term = std::future::pending::<()>();
-    tokio::select! { _ = ctrl_c => {}, _ = term => {} }
-    // Queued requests are answered 503 at once; the one generating may finish within the grace period.
-    metrics.stopping.store(true, Ordering::Relaxed);
-    tracing::info!("shutting down: finishing requests in progress");
+    let term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()).ok();
+    async move {
+        let ctrl_c = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        #[cfg(unix)]
+        let term = async move {
+            match term {
+                Some(mut s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        #[cfg(not(unix))]
+        let term = std::future::pending::<()>();
+        tokio::select! { _ = ctrl_c => {}, _ = term => {} }
+        // Queued requests are answered 503 at once; the one generating may finish within the grace period.
+        metrics.stopping.store(true, Ordering::Relaxed);
+        tracing::info!("shutting down: finishing requests in progress");
+    }
 }
 
 /// Serves an LLM engine until SIGINT/SIGTERM. Prints `listening on ADDR` once bound (port 0 picks a free port).
@@ -1476,6 +1484,7 @@ fn run_app(
         .enable_all()
         .build()?;
     rt.block_on(async {
+        let stop = shutdown_signal(metrics);
         let listener = tokio::net::TcpListener::bind((host, port))
             .await
             .with_context(|| {
@@ -1485,7 +1494,7 @@ fn run_app(
         println!("listening on http://{addr}");
         use std::io::Write;
         std::io::stdout().flush()?;
-        limits::serve(listener, app, limits, counters, shutdown_signal(metrics)).await?;
+        limits::serve(listener, app, limits, counters, stop).await?;
         Ok::<(), anyhow::Error>(())
     })?;
     // Connections dropped at the end of the grace period may leave tasks behind: do not wait for them.
