@@ -257,6 +257,58 @@ fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
         "{from_deq} of logits up to {scale}"
     );
     super::llm_gguf::same_greedy_tokens(&ours, &theirs, vocab);
+    // K-quant scales are the super-block's `d` times a sub-block integer: every matrix factors so, and the plan's
+    // form stores them as INT8 multiples under one step a super-block (an INT8 DQ of the scales), 8 bits a block
+    // instead of 16, with the same logits.
+    assert!(blocks.values().all(|b| b.steps.is_some()));
+    let plan_form = trt_graph_with(
+        d.path(),
+        "plan.onnx",
+        &m.config,
+        &m.tensors,
+        Some(&blocks),
+        false,
+    );
+    let plan = logits_token_by_token(&plan_form, &ids);
+    let plan_diff = max_diff(&plan, &ours);
+    eprintln!(
+        "the plan's form (scales as INT8 multiples) against the INT4-only graph: {plan_diff:.3e}"
+    );
+    assert!(plan_diff <= 1e-3 * scale, "{plan_diff}");
+    // The multiples' DQ gives each scale's f16 value exactly: the same graph with f16 scales, the same logits.
+    let unfactored: HashMap<String, IntBlocks> = blocks
+        .iter()
+        .map(|(k, b)| {
+            (
+                k.clone(),
+                IntBlocks {
+                    steps: None,
+                    ..b.clone()
+                },
+            )
+        })
+        .collect();
+    let f16_scales = trt_graph_with(
+        d.path(),
+        "f16s.onnx",
+        &m.config,
+        &m.tensors,
+        Some(&unfactored),
+        false,
+    );
+    // ONNX Runtime's CPU provider widens 16-bit graphs to f32, where the multiples give the scales unrounded:
+    // about as close as the f16 rounding of a scale (2^-11).
+    let f16_diff = max_diff(&logits_token_by_token(&f16_scales, &ids), &plan);
+    eprintln!("INT8 scale multiples against f16 scales: {f16_diff:.3e}");
+    assert!(f16_diff <= 1e-3 * scale, "{f16_diff}");
+    let (int4_only, plan_bytes) = (initializer_bytes(&graph), initializer_bytes(&plan_form));
+    let f16 = |b: &HashMap<i32, u64>| b.get(&DataType::FLOAT16.0).copied().unwrap_or(0);
+    eprintln!(
+        "f16 initializers: {} bytes, {} with INT8 scale multiples",
+        f16(&int4_only),
+        f16(&plan_bytes)
+    );
+    assert!(f16(&plan_bytes) * 10 < f16(&int4_only) * 7);
 }
 
 #[test]

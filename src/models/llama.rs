@@ -65,6 +65,8 @@ struct Emitter<'a> {
     w: &'a HashMap<String, Vec<f32>>,
     linears: Linears<'a>,
     blocks: &'a HashMap<String, IntBlocks>,
+    /// See [`DecoderOptions::int4_only`].
+    int4_only: bool,
 }
 
 impl Emitter<'_> {
@@ -154,7 +156,7 @@ impl Emitter<'_> {
         };
         *self.linears.counts.entry(label.into()).or_default() += 1;
         let compute = self.blocks_compute();
-        linear_int_blocks(&mut self.o.g, name, x, b, bias, compute)
+        linear_int_blocks(&mut self.o.g, name, x, b, bias, compute, self.int4_only)
     }
 
     /// Rotary embedding on [1, seq, heads, hd] with cos/sin [1, seq, hd/2] gathered by position.
@@ -650,7 +652,7 @@ pub struct DecoderOptions<'a> {
     /// decides the others.
     pub blocks: Option<&'a HashMap<String, IntBlocks>>,
     /// The graph runs on ONNX Runtime's CUDA provider too (an ONNX-only or `--keep-onnx` build): blocks use INT4
-    /// DQs only ([`BlockTable::new`]).
+    /// DQs only ([`BlockTable::new`]) under f16 scales (no INT8 DQ of K-quant scales).
     pub int4_only: bool,
 }
 
@@ -703,6 +705,7 @@ fn emit(
     let opset = policy.target.min_opset().max(min_blocks);
     let mut e = Emitter {
         blocks,
+        int4_only: opts.int4_only,
         o: Ops::new("llama_decoder", opset, F32),
         cfg,
         w: weights,

@@ -837,8 +837,8 @@ fn int4_weight(
 /// matrix beside the codes; ONNX Runtime's CUDA provider has no blocked INT8 DQ): INT4 codes as they are, 8-bit
 /// codes as two INT4 halves ([`split_int8`]): a high part under 16 times the scales and a low one.
 struct Int4Parts {
-    /// (name suffix, codes [rows, cols] in -8..=7, scales [rows, cols / block]).
-    parts: Vec<(&'static str, Vec<i8>, Vec<f32>)>,
+    /// (name suffix, codes [rows, cols] in -8..=7, the factor on the matrix's block scales).
+    parts: Vec<(&'static str, Vec<i8>, f32)>,
     /// [rows, cols / block]: added to every weight of its block.
     offsets: Option<Vec<f32>>,
 }
@@ -846,20 +846,13 @@ struct Int4Parts {
 fn int4_parts(w: &IntBlocks) -> Int4Parts {
     match w.bits {
         Bits::Int4 => Int4Parts {
-            parts: vec![("", w.codes.clone(), w.scales.clone())],
+            parts: vec![("", w.codes.clone(), 1.0)],
             offsets: w.offsets.clone(),
         },
         Bits::Int8 => {
             let split = split_int8(w);
             Int4Parts {
-                parts: vec![
-                    (
-                        ".high",
-                        split.high,
-                        w.scales.iter().map(|s| 16.0 * s).collect(),
-                    ),
-                    (".low", split.low, w.scales.clone()),
-                ],
+                parts: vec![(".high", split.high, 16.0), (".low", split.low, 1.0)],
                 offsets: split.offsets,
             }
         }
@@ -909,7 +902,7 @@ fn split_int8(w: &IntBlocks) -> Int8Split {
 /// each block of `block` codes becomes `2 * block`, the low halves then the high ones ([`split_int8`]), under
 /// 16 times the block's scale; the activations multiplying it are each block divided by 16, then the block itself
 /// ([`sixteenths_then_block`]).
-fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
+fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Option<Vec<f32>>) {
     let split = split_int8(w);
     let mut codes = Vec::with_capacity(2 * w.codes.len());
     for (lo, hi) in split
@@ -920,8 +913,49 @@ fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Vec<f32>, Option<Vec<f32>>) {
         codes.extend_from_slice(lo);
         codes.extend_from_slice(hi);
     }
-    let scales = w.scales.iter().map(|s| 16.0 * s).collect();
-    (codes, scales, split.offsets)
+    (codes, split.offsets)
+}
+
+/// A blocked DQ's scales, laid out as its codes' blocks: the values, or INT8 multiples of one step per `group`
+/// blocks under a DQ of their own (blocks with [`crate::quant::int::ScaleSteps`], in graphs for TensorRT): 8 bits a block instead of
+/// 16.
+enum DqScales {
+    Values(Vec<f32>),
+    Steps {
+        multiples: Vec<i8>,
+        steps: Vec<f32>,
+        group: usize,
+    },
+}
+
+impl DqScales {
+    /// `w`'s block scales times `times` (exact: a power of two), as steps where `w` has them and `stepped`.
+    fn of(w: &IntBlocks, times: f32, stepped: bool) -> Self {
+        match (&w.steps, stepped) {
+            (Some(st), true) => DqScales::Steps {
+                multiples: st.multiples.clone(),
+                steps: st.steps.iter().map(|s| times * s).collect(),
+                group: st.group,
+            },
+            _ => DqScales::Values(w.scales.iter().map(|s| times * s).collect()),
+        }
+    }
+
+    /// From [rows, blocks] to [blocks, rows].
+    fn transposed(self, rows: usize, blocks: usize) -> Self {
+        match self {
+            DqScales::Values(v) => DqScales::Values(transpose(&v, rows, blocks)),
+            DqScales::Steps {
+                multiples,
+                steps,
+                group,
+            } => DqScales::Steps {
+                multiples: transpose_codes(&multiples, rows, blocks),
+                steps: transpose(&steps, rows, blocks / group),
+                group,
+            },
+        }
+    }
 }
 
 /// `x` reshaped to `lead` (its own leading dimensions, kept as they are by Reshape's 0) followed by `last`.
@@ -1074,6 +1108,7 @@ pub fn linear_int_blocks(
     w: &IntBlocks,
     bias: Option<&[f32]>,
     compute: DataType,
+    int4_only: bool,
 ) -> Result<Value> {
     let (n, k, block) = (w.rows, w.cols, w.block);
     let kb = k / block;
@@ -1083,16 +1118,16 @@ pub fn linear_int_blocks(
     let out_shape = with_last(&x.shape, n);
     let xc = g.cast(&format!("{name}/in"), x, compute)?;
     // 8-bit codes interleaved into one INT4 matrix over twice the inputs; INT4 codes as they are.
-    let (input, codes, scales, rows_k, dq_block, offsets) = match w.bits {
+    let (input, codes, times, rows_k, dq_block, offsets) = match w.bits {
         Bits::Int8 => {
-            let (codes, scales, offsets) = interleaved_int8(w);
+            let (codes, offsets) = interleaved_int8(w);
             let input = sixteenths_then_block(g, name, &xc, block)?;
-            (input, codes, scales, 2 * k, 2 * block, offsets)
+            (input, codes, 16.0, 2 * k, 2 * block, offsets)
         }
         Bits::Int4 => (
             xc.clone(),
             w.codes.clone(),
-            w.scales.clone(),
+            1.0,
             k,
             block,
             w.offsets.clone(),
@@ -1102,7 +1137,7 @@ pub fn linear_int_blocks(
         g,
         name,
         &transpose_codes(&codes, n, rows_k),
-        &transpose(&scales, n, kb),
+        DqScales::of(w, times, !int4_only).transposed(n, kb),
         Bits::Int4,
         [rows_k, n],
         0,
@@ -1167,7 +1202,7 @@ impl BlockTable {
         let (rows, cols, kb) = (w.rows, w.cols, w.cols / w.block);
         let split = if w.bits == Bits::Int8 && w.offsets.is_none() && !int4_only {
             Int4Parts {
-                parts: vec![("", w.codes.clone(), w.scales.clone())],
+                parts: vec![("", w.codes.clone(), 1.0)],
                 offsets: None,
             }
         } else {
@@ -1179,13 +1214,13 @@ impl BlockTable {
             Bits::Int4
         };
         let mut parts = Vec::new();
-        for (suffix, codes, scales) in &split.parts {
+        for (suffix, codes, times) in &split.parts {
             let part = format!("{name}{suffix}");
             parts.push(blocked_dq(
                 g,
                 &part,
                 codes,
-                scales,
+                DqScales::of(w, *times, !int4_only),
                 bits,
                 [rows, cols],
                 1,
@@ -1329,7 +1364,7 @@ fn blocked_dq(
     g: &mut GraphBuilder,
     name: &str,
     codes: &[i8],
-    scales: &[f32],
+    scales: DqScales,
     bits: Bits,
     [rows, cols]: [usize; 2],
     axis: usize,
@@ -1350,16 +1385,49 @@ fn blocked_dq(
         Bytes::from(data),
     )?;
     let scale_shape = if axis == 0 {
-        [(rows / block) as i64, cols as i64]
+        [rows / block, cols]
     } else {
-        [rows as i64, (cols / block) as i64]
+        [rows, cols / block]
     };
-    let sw = g.initializer(
-        &format!("{name}.weight_scale"),
-        float,
-        &scale_shape,
-        float_bytes(scales, float),
-    )?;
+    let sw = match scales {
+        DqScales::Values(v) => g.initializer(
+            &format!("{name}.weight_scale"),
+            float,
+            &scale_shape.map(|d| d as i64),
+            float_bytes(&v, float),
+        )?,
+        DqScales::Steps {
+            multiples,
+            steps,
+            group,
+        } => {
+            let mut step_shape = scale_shape;
+            step_shape[axis] /= group;
+            let m = g.initializer(
+                &format!("{name}.weight_scale_multiple"),
+                DataType::INT8,
+                &scale_shape.map(|d| d as i64),
+                Bytes::from(bytemuck::cast_slice::<i8, u8>(&multiples).to_vec()),
+            )?;
+            let st = g.initializer(
+                &format!("{name}.weight_scale_step"),
+                float,
+                &step_shape.map(|d| d as i64),
+                float_bytes(&steps, float),
+            )?;
+            g.op(
+                "DequantizeLinear",
+                &format!("{name}/weight_scale_dq"),
+                &[&m, &st],
+                vec![
+                    ("axis", Attr::Int(axis as i64)),
+                    ("block_size", Attr::Int(group as i64)),
+                ],
+                float,
+                fixed(&scale_shape),
+            )?
+        }
+    };
     g.op(
         "DequantizeLinear",
         &format!("{name}/weight_dq"),
@@ -1911,6 +1979,7 @@ mod tests {
             codes: codes.clone(),
             scales: (0..8).map(|b| 0.5 + b as f32).collect(),
             offsets: None,
+            steps: None,
         };
         let split = int4_parts(&w);
         assert_eq!(split.parts.len(), 2);
@@ -1922,7 +1991,8 @@ mod tests {
                 (-8..=7).contains(&hi.1[i]) && (-8..=7).contains(&lo.1[i]),
                 "{q}"
             );
-            let v = hi.1[i] as f32 * hi.2[b] + lo.1[i] as f32 * lo.2[b] + offsets[b];
+            let (s_hi, s_lo) = (hi.2 * w.scales[b], lo.2 * w.scales[b]);
+            let v = hi.1[i] as f32 * s_hi + lo.1[i] as f32 * s_lo + offsets[b];
             assert_eq!(v, q as f32 * w.scales[b], "{q}");
         }
     }
@@ -1944,8 +2014,10 @@ mod tests {
                 codes: codes.clone(),
                 scales: (0..rows * cols / block).map(|b| 0.25 + b as f32).collect(),
                 offsets: None,
+                steps: None,
             };
-            let (inter, scales, offsets) = interleaved_int8(&w);
+            let (inter, offsets) = interleaved_int8(&w);
+            let scales: Vec<f32> = w.scales.iter().map(|s| 16.0 * s).collect();
             assert_eq!(offsets.is_some(), shifted);
             assert!(inter.iter().all(|c| (-8..=7).contains(c)));
             let x: Vec<f32> = (0..cols).map(|i| (i as f32 * 0.37).sin()).collect();

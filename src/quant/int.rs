@@ -184,6 +184,20 @@ pub struct IntBlocks {
     pub scales: Vec<f32>,
     /// [rows, cols / block], for asymmetric blocks.
     pub offsets: Option<Vec<f32>>,
+    /// The scales as small multiples of a step per group of blocks (a K-quant's super-blocks), when they are.
+    pub steps: Option<ScaleSteps>,
+}
+
+/// Block scales as `multiple * step` exactly (in f32): one step per `group` consecutive blocks of a row (a GGUF
+/// K-quant's super-block `d`, an f16 value) and an INT8 multiple per block (its sub-block scale), which an engine
+/// stores in 8 bits a block instead of a 16-bit scale.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ScaleSteps {
+    pub group: usize,
+    /// [rows, cols / block / group], positive.
+    pub steps: Vec<f32>,
+    /// [rows, cols / block], in 1..=127.
+    pub multiples: Vec<i8>,
 }
 
 impl IntBlocks {
@@ -215,6 +229,7 @@ impl IntBlocks {
             codes,
             scales,
             offsets: offsets.iter().any(|&o| o != 0.0).then_some(offsets),
+            steps: None,
         }
     }
 
@@ -246,6 +261,7 @@ impl IntBlocks {
             codes,
             scales,
             offsets: Some(offsets),
+            steps: None,
         }
     }
 
@@ -260,6 +276,7 @@ impl IntBlocks {
             codes,
             scales,
             offsets: None,
+            steps: None,
         }
     }
 
@@ -290,8 +307,68 @@ impl IntBlocks {
             cols: self.cols,
             codes: self.codes[range.start * self.cols..range.end * self.cols].to_vec(),
             scales: self.scales[blocks.clone()].to_vec(),
-            offsets: self.offsets.as_ref().map(|o| o[blocks].to_vec()),
+            offsets: self.offsets.as_ref().map(|o| o[blocks.clone()].to_vec()),
+            steps: self.steps.as_ref().map(|st| ScaleSteps {
+                group: st.group,
+                steps: st.steps[blocks.start / st.group..blocks.end / st.group].to_vec(),
+                multiples: st.multiples[blocks].to_vec(),
+            }),
         }
+    }
+
+    /// The blocks with their scales factored over `steps` (one per `group` blocks, the file's super-block `d`) as
+    /// [`ScaleSteps`], exactly, or as they are where some block's scale is no such multiple. A multiple of 128 (the
+    /// largest sub-block of a Q6_K super-block: llama.cpp scales its scales to -128) becomes 64 with the block's
+    /// codes doubled where they fit; a block of one repeated code (an all-zero block's scale of 1) takes the step
+    /// itself, its offset keeping its value.
+    pub fn with_steps(mut self, group: usize, steps: &[f32]) -> Self {
+        let blocks = self.scales.len();
+        if group == 0
+            || !(self.cols / self.block).is_multiple_of(group)
+            || steps.len() * group != blocks
+        {
+            return self;
+        }
+        let (lo, hi) = self.bits.range();
+        let mut multiples = Vec::with_capacity(blocks);
+        let mut kept_steps = Vec::with_capacity(steps.len());
+        for (g, &d) in steps.iter().enumerate() {
+            let step = match d.abs() {
+                s if s > 0.0 && s.is_finite() => s,
+                _ => 1.0,
+            };
+            kept_steps.push(step);
+            for b in g * group..(g + 1) * group {
+                let s = self.scales[b];
+                let k = s / step;
+                let codes = &mut self.codes[b * self.block..(b + 1) * self.block];
+                if k.fract() == 0.0 && (1.0..=127.0).contains(&k) && k * step == s {
+                    multiples.push(k as i8);
+                } else if k == 128.0 && codes.iter().all(|&c| (lo..=hi).contains(&(2.0 * c as f32)))
+                {
+                    codes.iter_mut().for_each(|c| *c *= 2);
+                    self.scales[b] = 64.0 * step;
+                    multiples.push(64);
+                } else if codes.iter().all(|&c| c == codes[0]) {
+                    let c = codes[0] as f32;
+                    match self.offsets.as_mut() {
+                        Some(o) => o[b] += c * (s - step),
+                        None if c == 0.0 => {}
+                        None => return self,
+                    }
+                    self.scales[b] = step;
+                    multiples.push(1);
+                } else {
+                    return self;
+                }
+            }
+        }
+        self.steps = Some(ScaleSteps {
+            group,
+            steps: kept_steps,
+            multiples,
+        });
+        self
     }
 
     pub fn dequantize(&self) -> Vec<f32> {
@@ -336,5 +413,56 @@ mod tests {
             .zip(&q4k)
             .fold(0f32, |m, (a, w)| m.max((a - w).abs()));
         assert!(err < 1e-6, "{err}");
+    }
+
+    /// Two Q6_K-like super-blocks of 4 blocks of 8 (`d * sc`, llama.cpp's largest sub-block scale at -128, a
+    /// negative `d`, an all-zero block) and Q4_K-like affine blocks (a scale of 0): the scales factor exactly
+    /// into multiples of the steps, the values unchanged; rows slice them; a scale off the grid keeps the values.
+    #[test]
+    fn k_quant_scales_factor_into_multiples_of_their_super_block_step() {
+        let (block, group) = (8, 4);
+        let steps = [-0.0625f32, 0.5];
+        let subs: [i32; 8] = [-128, 3, 0, 127, 5, -128, 1, -7];
+        let mut values = Vec::new();
+        let mut scales = Vec::new();
+        for (b, &sc) in subs.iter().enumerate() {
+            let s = steps[b / group] * sc as f32;
+            scales.push(s);
+            values.extend((0..block).map(|i| s * ((i as i32 * 7 + b as i32) % 64 - 32) as f32));
+        }
+        let w = IntBlocks::with_scales(&values, 2, 32, block, Bits::Int8, scales);
+        let f = w.clone().with_steps(group, &steps);
+        let st = f.steps.as_ref().expect("factored");
+        assert_eq!(st.steps, [0.0625, 0.5]);
+        for (b, &m) in st.multiples.iter().enumerate() {
+            assert!((1..=127).contains(&m), "{b}: {m}");
+            assert_eq!(m as f32 * st.steps[b / group], f.scales[b], "{b}");
+        }
+        assert_eq!(st.multiples[0], 64, "128 becomes 64 with the codes doubled");
+        assert_eq!(f.dequantize(), values);
+        assert_eq!(f.dequantize(), w.dequantize());
+        let second = f.rows(1..2);
+        let st2 = second.steps.as_ref().unwrap();
+        assert_eq!(
+            (st2.steps.as_slice(), &st2.multiples[..]),
+            (&[0.5][..], &st.multiples[4..])
+        );
+        assert_eq!(second.dequantize(), values[32..]);
+        // Affine blocks (scale * q + low, q in 0..16) with one sub-block scale of 0: a constant block.
+        // (An all-zero block's stand-in scale 1 is no multiple of this step.)
+        let (d, sc, lows) = (0.375f32, [3, 0, 9, 1], [-1.0f32, 0.75, -2.0, 0.5]);
+        let mut values = Vec::new();
+        for b in 0..4 {
+            values
+                .extend((0..block).map(|i| d * sc[b] as f32 * ((i * 5 + b) % 16) as f32 + lows[b]));
+        }
+        let scales: Vec<f32> = sc.iter().map(|&k| d * k as f32).collect();
+        let a = IntBlocks::with_affine(&values, 1, 32, block, scales, &lows).with_steps(4, &[d]);
+        let st = a.steps.as_ref().expect("factored");
+        assert_eq!(st.multiples, [3, 1, 9, 1]);
+        assert_eq!(a.dequantize(), values);
+        // A scale that is no multiple of its step: left as it was.
+        let w = IntBlocks::with_scales(&[0.3; 8], 1, 8, 8, Bits::Int8, vec![0.1]);
+        assert!(w.with_steps(1, &[0.25]).steps.is_none());
     }
 }

@@ -653,6 +653,20 @@ pub fn block_scales(ty: GgmlType, bytes: &[u8]) -> Option<(usize, Vec<f32>)> {
     }
 }
 
+/// The super-block scale `d` of K-quants whose sub-block scales are `d` times a small integer (Q6_K: 16 blocks of
+/// 16 under one `d`; Q4_K: 8 blocks of 32), with the blocks per super-block; None for other types. `bytes` holds
+/// whole blocks.
+pub fn superblock_steps(ty: GgmlType, bytes: &[u8]) -> Option<(usize, Vec<f32>)> {
+    let (_, size) = ty.block()?;
+    let (group, at) = match ty {
+        GgmlType::Q6_K => (16, 208),
+        GgmlType::Q4_K => (8, 0),
+        _ => return None,
+    };
+    let steps = bytes.chunks_exact(size as usize).map(|b| f16_at(b, at));
+    Some((group, steps.collect()))
+}
+
 /// The per-32-value scale and offset of formats whose values are `scale * q + low` with unsigned codes q in 0..16
 /// (Q4_1: `d`, `m`; Q4_K: each sub-block's `d * sc` and `-dmin * m`), as [`dequantize`] computes them; None for
 /// other types. `bytes` holds whole blocks.

@@ -259,7 +259,8 @@ pub fn engine_bits(ty: GgmlType) -> Option<Bits> {
 /// The file's quantized matrices as INT4/INT8 blocks (of 32; Q6_K's of 16) along each row ([`engine_bits`]), under
 /// Hugging Face names (fused matrices split), for the TensorRT graph of `--precision gguf`:
 /// - exactly as stored: Q8_0 and Q4_0 (their codes and `d`), Q6_K (INT8 blocks of 16 with `d * sc`), Q4_1 and
-///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset);
+///   Q4_K (their codes, scales and minimums, as INT4 with a per-block offset); K-quant scales also as multiples of
+///   their super-block's `d` ([`IntBlocks::with_steps`]);
 /// - re-quantized from their values: Q5_0 / Q5_1 / Q5_K to INT4 over each block's range.
 pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, IntBlocks>> {
     let mut out = HashMap::new();
@@ -290,7 +291,7 @@ pub fn int_blocks(g: &GgufFile, config: &LlamaConfig) -> Result<HashMap<String, 
 /// One quantized matrix of the file as [`int_blocks`] keeps it; None for float tensors, tensors that are not
 /// matrices and rows that are not whole blocks of 32.
 pub fn tensor_blocks(g: &GgufFile, name: &str) -> Result<Option<IntBlocks>> {
-    use crate::weights::gguf::{block_affine, block_scales};
+    use crate::weights::gguf::{block_affine, block_scales, superblock_steps};
     let Some(t) = g.tensor(name) else {
         return Ok(None);
     };
@@ -304,16 +305,18 @@ pub fn tensor_blocks(g: &GgufFile, name: &str) -> Result<Option<IntBlocks>> {
     }
     let values = g.tensor_f32(name)?;
     let raw = g.tensor_bytes(t);
-    Ok(Some(
-        match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
-            (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
-            (Bits::Int4, None, Some((scales, lows))) => {
-                IntBlocks::with_affine(&values, rows, cols, BLOCK, scales, &lows)
-            }
-            (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
-            (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
-        },
-    ))
+    let blocks = match (bits, block_scales(t.ty, raw), block_affine(t.ty, raw)) {
+        (_, Some((block, d)), _) => IntBlocks::with_scales(&values, rows, cols, block, bits, d),
+        (Bits::Int4, None, Some((scales, lows))) => {
+            IntBlocks::with_affine(&values, rows, cols, BLOCK, scales, &lows)
+        }
+        (Bits::Int4, None, None) => IntBlocks::quantized_affine(&values, rows, cols, BLOCK),
+        (Bits::Int8, None, _) => IntBlocks::quantized(&values, rows, cols, BLOCK, bits),
+    };
+    Ok(Some(match superblock_steps(t.ty, raw) {
+        Some((group, steps)) => blocks.with_steps(group, &steps),
+        None => blocks,
+    }))
 }
 
 /// Elements per scale in an engine's INT4/INT8 weights.
