@@ -1,5 +1,6 @@
 //! Execution backends behind one `Engine` interface: ONNX Runtime on the CPU (the embedded default, and the
 //! backbone of the tests) and TensorRT (see `trt::runtime`). Pipelines and `trt-diff run` only see `Engine`.
+pub mod attention_op;
 pub mod cuda_graphs;
 pub mod ggml_blocks;
 pub mod ggml_ops;

@@ -257,7 +257,8 @@ pub fn domain() -> ort::Result<OperatorDomain> {
         .add(MatMulHalf::<f32, true>(PhantomData))?
         .add(super::ggml_ops::MatMulGgml::<false>)?
         .add(super::ggml_ops::MatMulGgml::<true>)?
-        .add(super::ggml_ops::GatherGgml)
+        .add(super::ggml_ops::GatherGgml)?
+        .add(super::attention_op::CausalAttention)
 }
 
 #[cfg(test)]

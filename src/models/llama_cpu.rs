@@ -4,8 +4,9 @@
 //!   (SwiGLU's gate and up in one call) on [n, k] weights kept in the checkpoint's type (`backend::ort_ops`);
 //! - norms: ONNX Runtime's `SimplifiedLayerNormalization` and `com.microsoft.SkipSimplifiedLayerNormalization`
 //!   (the residual add and the next RMSNorm in one node);
-//! - attention: `com.microsoft.GroupQueryAttention` with RoPE applied inside from cos/sin tables the graph computes
-//!   for each call's positions (zeros elsewhere), on q, k and v packed in one tensor.
+//! - attention: `com.microsoft.GroupQueryAttention` (CUDA), or for the CPU trt-diff's `CausalAttention`
+//!   (`backend::attention_op`, the same inputs and attributes), with RoPE applied inside from cos/sin tables the
+//!   graph computes for each call's positions (zeros elsewhere), on q, k and v packed in one tensor.
 //!
 //! GroupQueryAttention wants heads of a multiple of 16 values; smaller heads (tiny models) are padded with zeros in
 //! the graph's weights (`pad_heads`), so every model runs the same graph form. Qwen3's per-head q/k RMSNorms run
@@ -19,6 +20,7 @@
 //! `logits` [batch, seq or 1, vocab] and the `present_*`. Only ONNX Runtime sessions of this crate run it; TensorRT
 //! builds `llama::decoder_graph`, whose numerics this graph matches (tests/llm_qwen2.rs).
 use super::llama::{LlamaConfig, MlpAct, cache_inputs, local_rope_at, rope_at};
+use crate::backend::attention_op::ATTENTION;
 use crate::backend::ggml_ops::{GATE_UP, GATHER, GgmlWeights, MATMUL};
 use crate::backend::ort_ops::{DOMAIN, op_name};
 use crate::onnx::{Attr, DataType, Dim, GraphBuilder, Value, proto::ModelProto};
@@ -671,9 +673,14 @@ impl Emitter<'_> {
         if let Some(cap) = c.attn_softcap {
             attrs.push(("softcap", Attr::Float(cap)));
         }
+        // The CPU graph's attention is trt-diff's own operator (same inputs and attributes, `attention_op`).
+        let (domain, op) = match self.target {
+            Target::Cpu => (DOMAIN, ATTENTION),
+            Target::Cuda => (MS, "GroupQueryAttention"),
+        };
         let mut outs = self.g.node_named(
-            MS,
-            "GroupQueryAttention",
+            domain,
+            op,
             &format!("{p}/attention"),
             &[
                 &qkv_inputs[0],
