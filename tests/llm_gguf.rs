@@ -248,11 +248,7 @@ fn f16_gguf_runs_a_16_bit_cpu_graph() {
     // and two norms per layer.
     assert_eq!(ops.get("trtdiff::MatMulF16"), Some(&16), "{ops:?}");
     assert_eq!(ops.get("trtdiff::GateUpF16"), Some(&5), "{ops:?}");
-    assert_eq!(
-        ops.get("trtdiff::CausalAttention"),
-        Some(&5),
-        "{ops:?}"
-    );
+    assert_eq!(ops.get("trtdiff::CausalAttention"), Some(&5), "{ops:?}");
     assert_eq!(
         ops.get("com.microsoft::SkipSimplifiedLayerNormalization"),
         Some(&10),

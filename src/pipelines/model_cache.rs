@@ -1,7 +1,8 @@
 //! `--engine MODEL.gguf` (or a Hugging Face folder with its tokenizer.json) without a separate `build`, as
 //! `llama-server -m` takes a model file: the ONNX-only bundle ONNX Runtime runs (CUDA or CPU) is built once into the
 //! user's cache and reused. The cache entry is keyed by the files (real paths, sizes and modification times; a
-//! folder's config.json, tokenizer files and safetensors), so a replaced or edited model is built again.
+//! folder's config.json, tokenizer files and safetensors), so a replaced or edited model is built again, and by
+//! the form of the bundle trt-diff builds ([`BUNDLE_FORM`]).
 use super::llm_build::{LlmSource, build_llm, is_quantized_gguf};
 use crate::quant::Precision;
 use crate::trt::BuildOptions;
@@ -50,12 +51,17 @@ fn identity_files(real: &Path) -> Result<Vec<PathBuf>> {
     Ok(files)
 }
 
-/// The cache entry's name: the model's stem and a hash of its identity.
+/// The form of the bundles this build of trt-diff makes, part of every entry's key: raise it when the graphs
+/// change what they hold or which operators they use (2: the CPU graph's own `CausalAttention`), so entries built
+/// by an earlier trt-diff are not reused.
+const BUNDLE_FORM: u32 = 2;
+
+/// The cache entry's name: the model's stem and a hash of its identity (trt-diff's version and bundle form too).
 fn key(model: &Path) -> Result<(String, String)> {
     let real = model
         .canonicalize()
         .with_context(|| format!("cannot open '{}'", model.display()))?;
-    let mut identity = env!("CARGO_PKG_VERSION").to_string();
+    let mut identity = format!("{}\0{BUNDLE_FORM}", env!("CARGO_PKG_VERSION"));
     for f in identity_files(&real)? {
         let meta =
             std::fs::metadata(&f).with_context(|| format!("cannot open '{}'", f.display()))?;
