@@ -24,6 +24,9 @@ pub const ATTENTION: &str = "CausalAttention";
 /// Query rows from which a head's scores and outputs go through GEMMs rather than one row at a time.
 const GEMM_ROWS: usize = 16;
 
+/// Queries a prompt's GEMMs take at once: each block computes only the keys its rows see.
+const ROW_BLOCK: usize = 64;
+
 pub struct CausalAttention;
 
 #[derive(Clone, Copy, Debug)]
@@ -194,62 +197,71 @@ impl Head<'_> {
         }
     }
 
-    /// Prompts: the head's scores [seq, keys] and outputs as two GEMMs, the causal triangle (and window) zeroed.
+    /// Prompts: blocks of [`ROW_BLOCK`] queries, each block's scores against the keys its rows see (up to its last
+    /// row's position, from its first row's window) and its outputs as two GEMMs, the rest of each row zeroed.
+    #[inline(always)]
     fn gemm(&self) {
         let (hd, seq) = (self.qkv.hd, self.seq);
-        let total = self.past + seq;
         let mut q = vec![0f32; seq * hd];
         for (j, row) in q.chunks_exact_mut(hd).enumerate() {
             self.query(j, row);
         }
-        let mut scores = vec![0f32; seq * total];
-        // SAFETY: every matrix lies inside its slice at the given strides (q [seq, hd], keys [total, hd] read as
-        // their transpose, scores [seq, total]).
-        unsafe {
-            matrixmultiply::sgemm(
-                seq,
-                hd,
-                total,
-                self.alpha(),
-                q.as_ptr(),
-                hd as isize,
-                1,
-                self.keys.as_ptr(),
-                1,
-                hd as isize,
-                0.0,
-                scores.as_mut_ptr(),
-                total as isize,
-                1,
-            );
-        }
-        for (j, row) in scores.chunks_exact_mut(total).enumerate() {
-            let causal = self.past + j + 1;
-            let start = window_start(causal, self.p.window);
-            self.softmax(&mut row[start..causal]);
-            row[..start].fill(0.0);
-            row[causal..].fill(0.0);
-        }
-        // SAFETY: scores [seq, total], values [total, hd]; the output rows of this head (hd wide, out_stride apart)
-        // are this task's alone.
-        unsafe {
-            let out = self.out_at(0);
-            matrixmultiply::sgemm(
-                seq,
-                total,
-                hd,
-                1.0,
-                scores.as_ptr(),
-                total as isize,
-                1,
-                self.values.as_ptr(),
-                hd as isize,
-                1,
-                0.0,
-                out,
-                self.out_stride as isize,
-                1,
-            );
+        let mut scores = Vec::new();
+        for r0 in (0..seq).step_by(ROW_BLOCK) {
+            let r1 = (r0 + ROW_BLOCK).min(seq);
+            let rows = r1 - r0;
+            let first = window_start(self.past + r0 + 1, self.p.window);
+            let width = self.past + r1 - first;
+            scores.clear();
+            scores.resize(rows * width, 0.0);
+            // SAFETY: q rows [rows, hd] from r0, keys [width, hd] from `first` read as their transpose (both inside
+            // their slices: past + r1 <= capacity), scores [rows, width].
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    hd,
+                    width,
+                    self.alpha(),
+                    q.as_ptr().add(r0 * hd),
+                    hd as isize,
+                    1,
+                    self.keys.as_ptr().add(first * hd),
+                    1,
+                    hd as isize,
+                    0.0,
+                    scores.as_mut_ptr(),
+                    width as isize,
+                    1,
+                );
+            }
+            for (j, row) in scores.chunks_exact_mut(width).enumerate() {
+                let causal = self.past + r0 + j + 1;
+                let start = window_start(causal, self.p.window);
+                let (lo, hi) = (start - first, causal - first);
+                self.softmax(&mut row[lo..hi]);
+                row[..lo].fill(0.0);
+                row[hi..].fill(0.0);
+            }
+            // SAFETY: scores [rows, width], values [width, hd] from `first`; this head's output rows r0..r1 (hd wide,
+            // out_stride apart) are this task's alone.
+            unsafe {
+                matrixmultiply::sgemm(
+                    rows,
+                    width,
+                    hd,
+                    1.0,
+                    scores.as_ptr(),
+                    width as isize,
+                    1,
+                    self.values.as_ptr().add(first * hd),
+                    hd as isize,
+                    1,
+                    0.0,
+                    self.out_at(r0),
+                    self.out_stride as isize,
+                    1,
+                );
+            }
         }
     }
 
@@ -282,6 +294,16 @@ impl Head<'_> {
 /// `q` against four keys at once: four independent sums (one key's would wait on each add), 8 lanes each.
 #[inline(always)]
 fn dots4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+    #[cfg(target_arch = "x86_64")]
+    if q.len().is_multiple_of(8) && avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA; the keys are q's length (whole rows of the cache).
+        return unsafe { avx2::dots4(q, k) };
+    }
+    dots4_portable(q, k)
+}
+
+#[inline(always)]
+fn dots4_portable(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     let mut acc = [[0f32; 8]; 4];
     let n = q.len() / 8 * 8;
     for c in (0..n).step_by(8) {
@@ -301,9 +323,19 @@ fn dots4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
     out
 }
 
-/// `out = sum_t p[t] * v[t]` over rows `v` [p.len(), out.len()], 32 columns at a time kept in registers.
+/// `out = sum_t p[t] * v[t]` over rows `v` [p.len(), out.len()], a few columns at a time kept in registers.
 #[inline(always)]
 fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if out.len().is_multiple_of(8) && avx2::available() {
+        // SAFETY: the CPU has AVX2 and FMA; `v` holds p.len() rows of out.len().
+        return unsafe { avx2::weighted_sum(p, v, out) };
+    }
+    weighted_sum_portable(p, v, out)
+}
+
+#[inline(always)]
+fn weighted_sum_portable(p: &[f32], v: &[f32], out: &mut [f32]) {
     let hd = out.len();
     let mut c0 = 0;
     while c0 < hd {
@@ -366,6 +398,58 @@ fn exp(x: f32) -> f32 {
         p = p * r + c;
     }
     p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// The decode kernels in AVX2 + FMA: the compiler does not keep the portable loops' sums in registers.
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        static OK: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *OK.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+
+    #[target_feature(enable = "avx2,fma")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps::<1>(s, s)))
+    }
+
+    /// Safety: AVX2 and FMA; `q.len()` a multiple of 8, every key at least as long.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dots4(q: &[f32], k: [&[f32]; 4]) -> [f32; 4] {
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for c in (0..q.len()).step_by(8) {
+            let qv = unsafe { _mm256_loadu_ps(q.as_ptr().add(c)) };
+            for (a, kj) in acc.iter_mut().zip(&k) {
+                *a = _mm256_fmadd_ps(qv, unsafe { _mm256_loadu_ps(kj.as_ptr().add(c)) }, *a);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    /// Safety: AVX2 and FMA; `out.len()` a multiple of 8, `v` at least `p.len()` rows of it.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn weighted_sum(p: &[f32], v: &[f32], out: &mut [f32]) {
+        let hd = out.len();
+        // Up to 64 columns (8 registers) a pass over the rows.
+        for c0 in (0..hd).step_by(64) {
+            let lanes = (hd - c0).min(64) / 8;
+            let mut acc = [_mm256_setzero_ps(); 8];
+            for (t, &pt) in p.iter().enumerate() {
+                let w = _mm256_set1_ps(pt);
+                let row = unsafe { v.as_ptr().add(t * hd + c0) };
+                for (i, a) in acc.iter_mut().enumerate().take(lanes) {
+                    *a = _mm256_fmadd_ps(w, unsafe { _mm256_loadu_ps(row.add(8 * i)) }, *a);
+                }
+            }
+            for (i, a) in acc.iter().enumerate().take(lanes) {
+                unsafe { _mm256_storeu_ps(out.as_mut_ptr().add(c0 + 8 * i), *a) };
+            }
+        }
+    }
 }
 
 /// A tensor input's shape and data, or an error naming it.
@@ -905,6 +989,19 @@ mod tests {
             Case {
                 window: 4,
                 lens: vec![25],
+                ..case()
+            },
+            Case {
+                seq: 150,
+                capacity: 200,
+                lens: vec![169],
+                ..case()
+            },
+            Case {
+                window: 40,
+                seq: 150,
+                capacity: 200,
+                lens: vec![149],
                 ..case()
             },
             Case {
