@@ -306,7 +306,7 @@ impl OrtEngine {
         }
         // ONNX Runtime's own per-node timings (a JSON trace per session, written when it closes), to see where a
         // graph spends its time: TRT_DIFF_ORT_PROFILE=DIR.
-        let profile_dir = std::env::var_os("TRT_DIFF_ORT_PROFILE");
+        let profile_dir = std::env::var_os("TRT_DIFF_ORT_PROFILE").filter(|d| !d.is_empty());
         if let Some(dir) = &profile_dir {
             let stem = path.file_stem().unwrap_or_default().to_string_lossy();
             builder = builder
