@@ -142,13 +142,22 @@ fn fp8_per_tensor_and_per_channel() {
         (0, 0)
     );
     assert_eq!(
-        counts(mlp(LinearPrecision::Fp8, CpuPassOptions { fold_fp8: true })),
+        counts(mlp(
+            LinearPrecision::Fp8,
+            CpuPassOptions {
+                fold_fp8: true,
+                ..Default::default()
+            }
+        )),
         (3, 0)
     );
     assert_eq!(
         counts(mlp(
             LinearPrecision::Fp8PerChannel,
-            CpuPassOptions { fold_fp8: true }
+            CpuPassOptions {
+                fold_fp8: true,
+                ..Default::default()
+            }
         )),
         (3, 0)
     );

@@ -231,6 +231,51 @@ fn llama_cpp_q4_k_m_file_keeps_its_quantization_error_in_the_tensorrt_graph() {
     }
     assert_eq!(kinds, ["Q4_K", "Q6_K"].into());
     let graph = trt_graph(d.path(), "q4km.onnx", &m.config, &m.tensors, Some(&blocks));
+    // For ONNX Runtime's CUDA provider the CPU pass keeps the INT4 DQs that are MatMul weights (fused there into
+    // MatMulNBits, which reads the 4-bit codes: docs/gpu run 13) and folds the embedding table's, which a lookup
+    // reads; for its CPU provider it folds them all.
+    let file = trt_diff::onnx::OnnxFile::load(&graph).unwrap();
+    let dq_count = |m: &trt_diff::onnx::proto::ModelProto| {
+        let g = m.graph.as_ref().unwrap();
+        let dqs: Vec<_> = g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "DequantizeLinear")
+            .collect();
+        for dq in &dqs {
+            let out = &dq.output[0];
+            assert!(
+                g.node
+                    .iter()
+                    .filter(|n| n.input.contains(out))
+                    .all(|n| n.op_type == "MatMul" && &n.input[1] == out),
+                "{} is kept but feeds more than MatMul weights",
+                dq.name
+            );
+        }
+        dqs.len()
+    };
+    let before = file
+        .model
+        .graph
+        .as_ref()
+        .unwrap()
+        .node
+        .iter()
+        .filter(|n| n.op_type == "DequantizeLinear")
+        .count();
+    let keep = trt_diff::onnx::cpu_pass::CpuPassOptions {
+        keep_int4: true,
+        ..Default::default()
+    };
+    let (cuda_form, report) = trt_diff::onnx::cpu_pass::apply(&file, keep).unwrap();
+    let kept = dq_count(&cuda_form);
+    assert!(
+        kept >= 7 && report.folded == before - kept && report.folded >= 1,
+        "{kept} kept, {report:?}"
+    );
+    let (cpu_form, _) = trt_diff::onnx::cpu_pass::apply(&file, Default::default()).unwrap();
+    assert_eq!(dq_count(&cpu_form), 0);
     let ours = logits_token_by_token(&graph, &ids);
     let deq = logits_token_by_token(
         &trt_graph(d.path(), "deq.onnx", &m.config, &m.tensors, None),

@@ -2,7 +2,7 @@
 # On the lent GPU machine (ONNX Runtime GPU parts carried first, see scripts/gpu/ort_cuda_env.sh; this call carries
 # .devcarry/gpu with the binary): where a decode step of a tiny model's CUDA graphs goes. llama.cpp's Q4_K_M file
 # of tests/golden/llm/tiny_q4km built `--precision gguf` (INT4 blocked DQs) and `--precision fp16`, each generating
-# 64 tokens on ONNX Runtime's CUDA provider with its CUDA-graph replay of decode steps (the default) and without
+# 48 tokens (the file's context is 64) on ONNX Runtime's CUDA provider with its CUDA-graph replay of decode steps (the default) and without
 # (`TRT_DIFF_CUDA_GRAPHS=0`, kernel by kernel), three runs each; then ONNX Runtime's per-node profile of the runs
 # without replay (`TRT_DIFF_ORT_PROFILE`), summed by operator type. Output: $OUT/decode_profile_cuda.txt.
 set -uo pipefail
@@ -23,7 +23,7 @@ for p in gguf fp16; do
 done
 gen() { # PRECISION CUDA_GRAPHS [PROFILE_DIR]
   TRT_DIFF_CUDA_GRAPHS=$2 TRT_DIFF_ORT_PROFILE=${3:-} limited 120 "$bin" generate \
-    --engine "$work/q4km.$1.plan.json" --backend cuda --prompt "the" --max-tokens 64 --ignore-eos \
+    --engine "$work/q4km.$1.plan.json" --backend cuda --prompt "the" --max-tokens 48 --ignore-eos \
     --temperature 0 2>&1 >/dev/null | grep -E "per decode step" | sed "s/^/$1 graphs=$2: /"
 }
 for round in 1 2 3; do

@@ -155,6 +155,7 @@ fn desc(name: &str, ty: &ValueType) -> TensorDesc {
 }
 
 /// Does the model need the CPU pass (FP4/INT4 weights or TensorRT's own ops)?
+/// Does the model need the CPU pass before ONNX Runtime runs it (TensorRT's own ops, FP4 or INT4 weights)?
 fn needs_cpu_pass(s: &OnnxSummary) -> bool {
     s.op_histogram.keys().any(|k| k.starts_with("trt::"))
         || ["float4e2m1", "int4", "uint4", "float8e8m0"]
@@ -247,9 +248,15 @@ impl OrtEngine {
         let widen = opts.device == OrtDevice::Cpu
             && !uses_own_ops(&summary)
             && crate::onnx::cpu_pass::computes_in_16bit(&onnx.model);
-        if needs_cpu_pass(&summary) || widen {
-            let mut model = if needs_cpu_pass(&summary) {
-                let (model, report) = apply(&onnx, CpuPassOptions::default())?;
+        let cpu_pass = needs_cpu_pass(&summary);
+        if cpu_pass || widen {
+            let mut model = if cpu_pass {
+                // The CUDA provider reads INT4 weights of MatMuls as they are (MatMulNBits).
+                let pass = CpuPassOptions {
+                    keep_int4: opts.device != OrtDevice::Cpu,
+                    ..Default::default()
+                };
+                let (model, report) = apply(&onnx, pass)?;
                 tracing::info!(
                     "'{}': CPU pass folded {} dequantize nodes and emulated {} FP4 activation quantizers for ONNX \
                      Runtime",

@@ -18,6 +18,10 @@ use std::collections::{HashMap, HashSet};
 pub struct CpuPassOptions {
     /// Also fold FP8/INT8 weight DequantizeLinear (ORT runs those natively; folding trades memory for speed).
     pub fold_fp8: bool,
+    /// Leave INT4 DequantizeLinear nodes that only feed MatMuls (as their weight) as they are: ONNX Runtime's CUDA
+    /// provider fuses those into MatMulNBits, which reads the 4-bit codes. The rest (an embedding table's lookup)
+    /// are folded, or every step would dequantize the whole table.
+    pub keep_int4: bool,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -118,14 +122,30 @@ pub fn apply(onnx: &OnnxFile, opts: CpuPassOptions) -> Result<(ModelProto, CpuPa
 
     // Which DequantizeLinear nodes to fold: those ORT cannot run, plus the DQs computing their scales.
     let needs_fold = |dt: DataType| {
-        matches!(
-            dt,
-            DataType::FLOAT4E2M1 | DataType::INT4 | DataType(21) | DataType::FLOAT8E8M0
-        ) || (opts.fold_fp8
-            && matches!(
-                dt,
-                DataType::FLOAT8E4M3FN | DataType::FLOAT8E5M2 | DataType::INT8 | DataType::UINT8
-            ))
+        matches!(dt, DataType::FLOAT4E2M1 | DataType::FLOAT8E8M0)
+            || (opts.fold_fp8
+                && matches!(
+                    dt,
+                    DataType::FLOAT8E4M3FN
+                        | DataType::FLOAT8E5M2
+                        | DataType::INT8
+                        | DataType::UINT8
+                ))
+    };
+    let int4 = |dt: DataType| matches!(dt, DataType::INT4 | DataType(21));
+    let mut readers: HashMap<&str, Vec<&NodeProto>> = HashMap::new();
+    for n in &graph.node {
+        for i in &n.input {
+            readers.entry(i.as_str()).or_default().push(n);
+        }
+    }
+    let weight_of_matmuls_only = |n: &NodeProto| {
+        n.output.first().is_some_and(|o| {
+            readers.get(o.as_str()).is_some_and(|r| {
+                r.iter()
+                    .all(|m| m.op_type == "MatMul" && m.input.get(1) == Some(o))
+            })
+        })
     };
     let mut fold: HashSet<usize> = HashSet::new();
     let mut stack: Vec<usize> = graph
@@ -137,7 +157,9 @@ pub fn apply(onnx: &OnnxFile, opts: CpuPassOptions) -> Result<(ModelProto, CpuPa
             n.input
                 .first()
                 .and_then(|x| init_types.get(x))
-                .is_some_and(|&dt| needs_fold(dt))
+                .is_some_and(|&dt| {
+                    needs_fold(dt) || (int4(dt) && !(opts.keep_int4 && weight_of_matmuls_only(n)))
+                })
         })
         .map(|(i, _)| i)
         .collect();
