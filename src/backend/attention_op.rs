@@ -276,7 +276,7 @@ impl Head<'_> {
 
     fn run(&self) {
         #[cfg(target_arch = "x86_64")]
-        if std::is_x86_feature_detected!("avx2") && std::is_x86_feature_detected!("fma") {
+        if avx2::available() {
             // SAFETY: the CPU has AVX2 and FMA.
             return unsafe { self.run_avx2() };
         }

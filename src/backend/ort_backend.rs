@@ -154,7 +154,6 @@ fn desc(name: &str, ty: &ValueType) -> TensorDesc {
     }
 }
 
-/// Does the model need the CPU pass (FP4/INT4 weights or TensorRT's own ops)?
 /// Does the model need the CPU pass before ONNX Runtime runs it (TensorRT's own ops, FP4 or INT4 weights)?
 fn needs_cpu_pass(s: &OnnxSummary) -> bool {
     s.op_histogram.keys().any(|k| k.starts_with("trt::"))

@@ -917,8 +917,8 @@ fn interleaved_int8(w: &IntBlocks) -> (Vec<i8>, Option<Vec<f32>>) {
 }
 
 /// A blocked DQ's scales, laid out as its codes' blocks: the values, or INT8 multiples of one step per `group`
-/// blocks under a DQ of their own (blocks with [`crate::quant::int::ScaleSteps`], in graphs for TensorRT): 8 bits a block instead of
-/// 16.
+/// blocks under a DQ of their own (blocks with [`crate::quant::int::ScaleSteps`], in graphs for TensorRT): 8 bits
+/// a block instead of 16.
 enum DqScales {
     Values(Vec<f32>),
     Steps {
